@@ -1,0 +1,5 @@
+import sys
+
+from ckpt_ir.cli import main
+
+sys.exit(main())

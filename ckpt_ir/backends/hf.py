@@ -1,0 +1,90 @@
+"""HF backend: size-capped safetensors shards + ``model.safetensors.index.json`` + ``config.json``
+(+ tokenizer/generation files copied from the source when it has them)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ckpt_ir.backends.plan import OutputFile, Plan
+from ckpt_ir.errors import VerifyError
+from ckpt_ir.families import Family, by_name
+from ckpt_ir.frontends.hf import canonical_order, names_for
+from ckpt_ir.ir import expr as E
+from ckpt_ir.ir.checkpoint import Checkpoint
+
+DEFAULT_MAX_SHARD = 5 * 1000**3
+
+
+def hf_tensors(ckpt: Checkpoint, family: Family) -> list[tuple[str, E.Expr]]:
+    """(HF name, expression) for every output tensor, in canonical order; packed HF tensors
+    (Phi-3 qkv_proj) are concatenations of their canonical parts."""
+    if ckpt.layout.tp != 1 or ckpt.layout.fused_qkv or ckpt.layout.fused_gate_up:
+        raise VerifyError(f"HF output needs an unsharded, unfused HF layout, got {ckpt.layout.describe()}; "
+                          f"the pipeline must end with gather, unfuse-qkv, unfuse-gate-up")
+    names = family.names
+    part_of: dict[str, tuple[int, object]] = {}
+    packs = []
+    for p in family.packed:
+        pat = names_for(p.parts[0])
+        for name in ckpt.tensors:
+            m = pat.match(name)
+            if m:
+                groups = m.groupdict()
+                parts = [p.format(**groups) for p in p.parts]
+                packs.append((p.hf.format(**groups), parts))
+                for i, part in enumerate(parts):
+                    part_of[part] = (i, None)
+    out: list[tuple[str, str, E.Expr]] = []
+    for hf_name, parts in packs:
+        out.append((parts[0], hf_name, E.simplify(E.Concat(tuple(ckpt.tensors[q].expr for q in parts), 0))))
+    for name, t in ckpt.tensors.items():
+        if name in part_of:
+            continue
+        hf_name = names.from_canonical(name)
+        if hf_name is None:
+            raise VerifyError(f"{name}: the {family.name} family has no HF name for this tensor")
+        out.append((name, hf_name, t.expr))
+    out.sort(key=lambda item: canonical_order(item[0]))
+    return [(hf, e) for _, hf, e in out]
+
+
+def plan(ckpt: Checkpoint, *, max_shard_size: int = DEFAULT_MAX_SHARD, hf_config_dir: str | None = None) -> Plan:
+    family = by_name(ckpt.spec.family)
+    tensors = hf_tensors(ckpt, family)
+    shards: list[list[tuple[str, E.Expr]]] = [[]]
+    size = 0
+    for name, e in tensors:
+        if shards[-1] and size + e.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, e))
+        size += e.nbytes
+    files: list[OutputFile] = []
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        files.append(OutputFile("model.safetensors", "safetensors", tuple(shards[0]), metadata=meta))
+    else:
+        n = len(shards)
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            files.append(OutputFile(fname, "safetensors", tuple(shard), metadata=meta))
+            weight_map.update({name: fname for name, _ in shard})
+        index = {"metadata": {"total_size": sum(e.nbytes for _, e in tensors)}, "weight_map": weight_map}
+        files.append(OutputFile("model.safetensors.index.json", "text", text=json.dumps(index, indent=2) + "\n"))
+    base_cfg = ckpt.hf_config
+    aux = list(ckpt.aux_files)
+    if hf_config_dir:
+        from ckpt_ir.frontends.hf import AUX_PATTERNS, read_config
+
+        base_cfg = read_config(hf_config_dir)
+        import fnmatch
+
+        aux = sorted(os.path.join(hf_config_dir, n) for n in os.listdir(hf_config_dir)
+                     if any(fnmatch.fnmatch(n, p) for p in AUX_PATTERNS))
+    cfg = family.config_from_spec(ckpt.spec, base_cfg)
+    files.append(OutputFile("config.json", "text", text=json.dumps(cfg, indent=2, sort_keys=True) + "\n"))
+    for src in aux:
+        files.append(OutputFile(os.path.basename(src), "copy", source=src))
+    return Plan(tuple(files), dict(ckpt.dropped))

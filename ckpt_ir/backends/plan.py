@@ -1,0 +1,65 @@
+"""Output plans: every file a backend will write, described before any byte is read."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from ckpt_ir.ir import expr as E
+
+
+@attrs.frozen
+class OutputFile:
+    """One file of the output.
+
+    ``kind`` is ``safetensors`` (``tensors`` in order), ``torch`` (``obj`` with
+    :class:`~ckpt_ir.io.torchzip.Tensor` placeholders whose keys index ``tensors``), ``text``, or
+    ``copy`` (of ``source``).
+    """
+
+    path: str
+    kind: str
+    tensors: tuple[tuple[str, E.Expr], ...] = ()
+    obj: Any = None
+    text: str = ""
+    source: str = ""
+    metadata: dict[str, str] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        if self.kind in ("safetensors", "torch"):
+            return sum(e.nbytes for _, e in self.tensors)
+        if self.kind == "text":
+            return len(self.text.encode())
+        import os
+
+        return os.path.getsize(self.source)
+
+    @property
+    def largest(self) -> int:
+        return max((e.nbytes for _, e in self.tensors), default=0)
+
+
+@attrs.frozen
+class Plan:
+    files: tuple[OutputFile, ...]
+    dropped: dict[str, str] = attrs.field(factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+    @property
+    def bytes_to_read(self) -> int:
+        return sum(E.bytes_read(e) for f in self.files for _, e in f.tensors)
+
+    @property
+    def peak_memory(self) -> int:
+        """Estimated peak: the largest tensor being built, plus its inputs (Concat/cast temporaries)."""
+        peak = 0
+        for f in self.files:
+            for _, e in f.tensors:
+                inputs = sum(n.nbytes for n in E.walk(e) if n is not e and not isinstance(n, E.Load))
+                peak = max(peak, e.nbytes + inputs)
+        return peak

@@ -1,0 +1,276 @@
+"""The ``ckpt-ir`` command line.  Heavy modules are imported inside the commands that need them,
+so ``ckpt-ir --help`` and ``ckpt-ir passes`` start in well under a second."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ckpt_ir.errors import CkptIrError, UsageError
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+              "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().upper()
+    num = t.rstrip("KMGTIB")
+    unit = t[len(num):]
+    try:
+        value = float(num) * SIZE_UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 5GB, 500MB, 2GiB") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return int(value)
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.replace(" ", ",").split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # usage errors exit 2 with a one-line message
+        self.print_usage(sys.stderr)
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def add_ir_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pipeline and debugging")
+    g.add_argument("--pipeline", metavar="TEXT", help="run this pass pipeline instead of the derived one, "
+                   "e.g. 'gather,unfuse-qkv,cast{dtype=bf16}'")
+    g.add_argument("--print-pipeline", action="store_true", help="print the pipeline that will run (paste it "
+                   "into --pipeline to edit it)")
+    g.add_argument("--print-ir-before", metavar="PASS", action="append", default=[], help="print the IR before PASS")
+    g.add_argument("--print-ir-after", metavar="PASS", action="append", default=[], help="print the IR after PASS")
+    g.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every pass")
+    g.add_argument("--ir-format", choices=("text", "json", "dot"), default="text", help="format of IR prints/dumps")
+    g.add_argument("--dump-ir", metavar="DIR", help="write the IR before the first pass and after each pass, "
+                   "one numbered file per pass")
+    g.add_argument("--pass-stats", action="store_true", help="print per-pass statistics (tensors, bytes, time)")
+    g.add_argument("--plugin", metavar="MODULE", action="append", default=[], help="import MODULE to register "
+                   "user passes (repeatable)")
+    g.add_argument("--allow-unused", metavar="PATTERN", action="append", default=[],
+                   help="drop source tensors matching this glob on purpose instead of failing (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ckpt_ir import __version__
+
+    p = _Parser(prog="ckpt-ir", description="Convert and reshard LLM checkpoints (HF safetensors <-> "
+                "Megatron-Core) through a typed, lazy checkpoint IR with compiler-style passes.")
+    p.add_argument("--version", action="version", version=f"ckpt-ir {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    c = sub.add_parser("convert", help="convert a checkpoint to another format or layout",
+                       description="Convert SRC (format auto-detected) into DST. The pipeline is derived from the "
+                       "source and target layouts; --print-pipeline shows it, --pipeline replaces it.")
+    c.add_argument("src", help="source checkpoint directory (HF or Megatron-Core)")
+    c.add_argument("dst", help="destination directory (written atomically)")
+    c.add_argument("--to", required=True, choices=("hf", "mcore"), help="output format")
+    c.add_argument("--dtype", help="cast floating tensors to bf16, fp16 or fp32 (default: keep)")
+    c.add_argument("--dry-run", action="store_true", help="print the plan (files, tensors, sources, bytes, "
+                   "peak memory) and write nothing")
+    c.add_argument("--overwrite", action="store_true", help="replace DST if it exists (atomically)")
+    c.add_argument("--hf-config", metavar="DIR", help="take config.json (and tokenizer files) from DIR")
+    c.add_argument("--max-shard-size", type=parse_size, default=None, help="HF output: cap per safetensors file "
+                   "(default 5GB)")
+    c.add_argument("--progress", action="store_true", default=None, help="show a progress bar (default: when "
+                   "stderr is a terminal)")
+    c.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    m = c.add_argument_group("Megatron-Core layout (with --to mcore)")
+    m.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    m.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    m.add_argument("--num-layer-list", type=int_list, help="layers per pipeline stage, e.g. 2,6")
+    m.add_argument("--vpp-layers", type=int, help="layers per virtual pipeline stage")
+    m.add_argument("--noop-layers", type=int_list, default=(), help="global indices of no-op layers, e.g. 94,95")
+    m.add_argument("--make-vocab-size-divisible-by", type=int, help="pad the vocabulary to a multiple of N*TP")
+    m.add_argument("--norm-names", choices=("local", "te"), help="norm key naming: local (input_layernorm) or te "
+                   "(linear_qkv.layer_norm_weight); default local, or the source's")
+    add_ir_flags(c)
+
+    i = sub.add_parser("inspect", help="print a checkpoint's IR (spec, layout, one line per tensor)")
+    i.add_argument("path")
+    i.add_argument("--format", choices=("text", "json", "dot"), default="text")
+    i.add_argument("--allow-unused", metavar="PATTERN", action="append", default=[])
+
+    d = sub.add_parser("diff", help="compare two checkpoints of any formats tensor by tensor",
+                       description="Exit 0 if identical, 1 if they differ.")
+    d.add_argument("a")
+    d.add_argument("b")
+    d.add_argument("--json", action="store_true", help="machine-readable report")
+    d.add_argument("--atol", type=float, default=0.0, help="treat differences up to ATOL as equal")
+
+    sub.add_parser("passes", help="list passes, their options and what they require/guarantee")
+    sub.add_parser("models", help="list supported model families")
+
+    de = sub.add_parser("demo", help="build a tiny random model, convert it HF -> mcore -> HF, verify, report")
+    de.add_argument("dir", nargs="?", default=None, help="work directory (default: a temporary one)")
+
+    from ckpt_ir.mindspeed import add_parser as add_mindspeed
+
+    add_mindspeed(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return 2
+        return COMMANDS[args.command](args)
+    except CkptIrError as e:
+        if debug:
+            raise
+        print(f"ckpt-ir: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("ckpt-ir: interrupted; nothing was written to the destination", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except OSError as e:
+        if debug:
+            raise
+        print(f"ckpt-ir: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        return 1
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import ckpt_ir.api as ck
+    from ckpt_ir.frontends.hf import read_config
+    from ckpt_ir.passes.manager import Instrumentation, load_plugin, parse_pipeline
+
+    for mod in args.plugin:
+        load_plugin(mod)
+    from ckpt_ir.io.atomic import check_destination
+
+    if not args.dry_run:
+        check_destination(args.dst, args.overwrite)
+    target = ck.Target(to=args.to, dtype=args.dtype, tp=args.tp, pp=args.pp, vpp_layers=args.vpp_layers,
+                       num_layer_list=args.num_layer_list, noop_layers=args.noop_layers,
+                       vocab_divisible_by=args.make_vocab_size_divisible_by, norm_names=args.norm_names,
+                       max_shard_size=args.max_shard_size, hf_config_dir=args.hf_config)
+    if args.hf_config and args.to == "mcore":
+        hf_cfg = read_config(args.hf_config)
+    else:
+        hf_cfg = None
+    src = ck.load(args.src, allow_unused=tuple(args.allow_unused), hf_config=hf_cfg)
+    return run_conversion(src, target, args)
+
+
+def run_conversion(src, target, args: argparse.Namespace) -> int:
+    import ckpt_ir.api as ck
+    from ckpt_ir.passes.manager import Instrumentation, parse_pipeline
+
+    pipeline = parse_pipeline(args.pipeline) if args.pipeline else ck.derive_pipeline(src, target)
+    quiet = getattr(args, "quiet", False)
+    if args.print_pipeline or not quiet and not args.dry_run:
+        print(f"pipeline: {pipeline}", file=sys.stderr)
+    inst = Instrumentation(print_before=tuple(args.print_ir_before), print_after=tuple(args.print_ir_after),
+                           print_after_all=args.print_ir_after_all, dump_dir=args.dump_ir, stats=args.pass_stats,
+                           ir_format=args.ir_format, stream=sys.stdout)
+    out = ck.run(src, pipeline, inst)
+    plan = ck.plan(out, target)
+    if args.dry_run:
+        print_plan(plan, pipeline)
+        return 0
+    progress = args.progress if args.progress is not None else (sys.stderr.isatty() and not quiet)
+    stats = ck.save(out, args.dst, target, overwrite=args.overwrite, progress=progress)
+    if not quiet:
+        gb = stats["bytes_written"] / 1e9
+        print(f"wrote {args.dst}: {len(plan.files)} files, {gb:.3f} GB in {stats['seconds']:.1f}s "
+              f"({gb / max(stats['seconds'], 1e-9):.2f} GB/s)", file=sys.stderr)
+    return 0
+
+
+def print_plan(plan, pipeline) -> None:
+    from ckpt_ir.ir.printer import describe
+
+    print(f"pipeline: {pipeline}")
+    for f in plan.files:
+        print(f"{f.path}  ({f.kind}, {f.nbytes} bytes)")
+        for name, e in f.tensors:
+            print(f"    {name}  {'x'.join(map(str, e.shape))} {e.dtype}  {e.nbytes} B  <- {describe(e)}")
+    for key, why in plan.dropped.items():
+        print(f"dropped: {key}: {why}")
+    print(f"total: {plan.nbytes} bytes to write, {plan.bytes_to_read} bytes to read, "
+          f"estimated peak memory {plan.peak_memory} bytes")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import ckpt_ir.api as ck
+    from ckpt_ir.ir.printer import render
+
+    sys.stdout.write(render(ck.load(args.path, allow_unused=tuple(args.allow_unused)), args.format))
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from ckpt_ir.diff import diff, format_report
+
+    report = diff(args.a, args.b, atol=args.atol)
+    if args.json:
+        import json
+
+        print(json.dumps(report, indent=1))
+    else:
+        print(format_report(report))
+    return 0 if report["identical"] else 1
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from ckpt_ir.passes.manager import registry
+
+    for name, cls in sorted(registry().items()):
+        print(f"{name}\n    {cls.summary}")
+        if cls.description:
+            print(f"    {cls.description}")
+        for o in cls.options:
+            d = "" if o.default is None else f" (default {o.format(o.default)})"
+            print(f"    {o.name}={o.type.__name__ if o.type is not tuple else 'i,j,..'}  {o.help}{d}"
+                  + ("  [required]" if o.required else ""))
+        print(f"    requires:   {cls.requires}\n    guarantees: {cls.guarantees}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ckpt_ir.families import all_families
+
+    for f in all_families():
+        extra = [n for n, v in (("packed qkv/gate_up", bool(f.packed)),) if v]
+        print(f"{f.name:10s} HF model_type {','.join(f.model_types):10s} {f.architecture:24s} "
+              f"MindSpeed --model-type-hf {','.join(f.mindspeed_names)}" + (f"  ({', '.join(extra)})" if extra else ""))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ckpt_ir.demo import run_demo
+
+    return run_demo(args.dir)
+
+
+def cmd_convert_ckpt(args: argparse.Namespace) -> int:
+    from ckpt_ir.mindspeed import run
+
+    return run(args)
+
+
+COMMANDS = {"convert": cmd_convert, "inspect": cmd_inspect, "diff": cmd_diff, "passes": cmd_passes,
+            "models": cmd_models, "demo": cmd_demo, "convert-ckpt": cmd_convert_ckpt}
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

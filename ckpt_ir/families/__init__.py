@@ -1,0 +1,136 @@
+"""Model families: one declarative table each, mapping HF tensor names and config keys onto the
+canonical vocabulary.  Adding a family is adding one :class:`Family` entry to a table module;
+both directions (HF -> canonical on read, canonical -> HF on write) come from the same entry.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from ckpt_ir.errors import FormatError
+from ckpt_ir.ir.names import NameTable
+from ckpt_ir.ir.spec import ModelSpec
+
+
+@attrs.frozen
+class Packed:
+    """One HF tensor that stacks several canonical tensors along dim 0 (e.g. Phi-3 ``qkv_proj`` =
+    [q; k; v]).  ``sizes`` names the ModelSpec properties giving each part's row count."""
+
+    hf: str
+    parts: tuple[str, ...]
+    sizes: tuple[str, ...]
+
+    def row_counts(self, spec: ModelSpec) -> tuple[int, ...]:
+        return tuple(getattr(spec, s) for s in self.sizes)
+
+
+@attrs.frozen
+class ConfigKey:
+    """ModelSpec field <- HF config key, with a default when the key is absent (None: required)."""
+
+    field: str
+    hf: str | None
+    default: Any = None
+
+
+@attrs.frozen(kw_only=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    architecture: str
+    tensors: tuple[tuple[str, str], ...]
+    packed: tuple[Packed, ...] = ()
+    config: tuple[ConfigKey, ...] = ()
+    # spec fields fixed by the family (e.g. qwen2 always has a qkv bias)
+    constants: tuple[tuple[str, Any], ...] = ()
+    # canonical roles present only when a spec flag is set: role prefix -> spec flag
+    optional: tuple[tuple[str, str], ...] = ()
+    # MindSpeed-LLM's --model-type-hf names for this family
+    mindspeed_names: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> NameTable:
+        return NameTable(self.tensors)
+
+    def spec_from_config(self, cfg: dict[str, Any], dtype_hint: str | None = None) -> ModelSpec:
+        from ckpt_ir.ir.dtypes import from_name
+
+        values: dict[str, Any] = dict(self.constants)
+        for key in self.config:
+            if key.field in values:
+                continue
+            raw = cfg.get(key.hf) if key.hf else None
+            if raw is None:
+                raw = key.default(cfg) if callable(key.default) else key.default
+            if raw is None:
+                raise FormatError(f"config.json: missing {key.hf!r}, required for the {self.name} family")
+            values[key.field] = raw
+        dtype = cfg.get("dtype") or cfg.get("torch_dtype")
+        values["dtype"] = from_name(dtype) if isinstance(dtype, str) else (dtype_hint or "F32")
+        values["extra"] = dict(cfg)
+        return ModelSpec(family=self.name, **values)
+
+    def config_from_spec(self, spec: ModelSpec, base: dict[str, Any] | None) -> dict[str, Any]:
+        """An HF config for ``spec``: ``base`` (the source's own config) updated, or built afresh."""
+        from ckpt_ir.ir.dtypes import hf_config_name
+
+        cfg = dict(base if base is not None else spec.extra)
+        cfg.setdefault("architectures", [self.architecture])
+        cfg["model_type"] = cfg.get("model_type") if cfg.get("model_type") in self.model_types else self.model_types[0]
+        for key in self.config:
+            if key.hf:
+                cfg[key.hf] = getattr(spec, key.field)
+        cfg["dtype" if "torch_dtype" not in cfg else "torch_dtype"] = hf_config_name(spec.dtype)
+        return cfg
+
+    def wants(self, canonical_role: str, spec: ModelSpec) -> bool:
+        for prefix, flag in self.optional:
+            if prefix in canonical_role:
+                return bool(getattr(spec, flag))
+        return True
+
+
+_REGISTRY: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    _REGISTRY[family.name] = family
+    return family
+
+
+def all_families() -> list[Family]:
+    _load_builtin()
+    return list(_REGISTRY.values())
+
+
+def by_name(name: str) -> Family:
+    _load_builtin()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    for fam in _REGISTRY.values():
+        if name in fam.model_types or name in fam.mindspeed_names:
+            return fam
+    raise FormatError(f"unknown model family {name!r}; supported: {', '.join(sorted(_REGISTRY))}")
+
+
+def for_hf_config(cfg: dict[str, Any], where: str) -> Family:
+    _load_builtin()
+    mt = cfg.get("model_type")
+    for fam in _REGISTRY.values():
+        if mt in fam.model_types:
+            return fam
+    archs = cfg.get("architectures") or []
+    for fam in _REGISTRY.values():
+        if fam.architecture in archs:
+            return fam
+    supported = sorted({t for f in _REGISTRY.values() for t in f.model_types})
+    raise FormatError(f"{where}: unsupported architecture (model_type={mt!r}, architectures={archs}); "
+                      f"supported model types: {', '.join(supported)}")
+
+
+def _load_builtin() -> None:
+    if not _REGISTRY:
+        from ckpt_ir.families import llama  # noqa: F401

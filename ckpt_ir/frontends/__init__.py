@@ -1,0 +1,36 @@
+"""Frontends: detect a checkpoint's format and lift it into the IR (headers only, no data)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ckpt_ir.errors import FormatError
+from ckpt_ir.ir.checkpoint import Checkpoint
+
+
+def detect(path: str) -> str:
+    from ckpt_ir.frontends import hf, mcore
+
+    if not os.path.exists(path):
+        raise FormatError(f"{path}: no such file or directory")
+    if not os.path.isdir(path):
+        raise FormatError(f"{path}: expected a checkpoint directory")
+    if hf.detect(path):
+        return "hf"
+    if mcore.detect(path):
+        return "mcore"
+    raise FormatError(f"{path}: not a recognised checkpoint (expected an HF directory with config.json and "
+                      f"*.safetensors, or Megatron iter_*/mp_rank_* directories)")
+
+
+def load(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, Any] | None = None) -> Checkpoint:
+    """Lift any supported checkpoint directory."""
+    fmt = detect(path)
+    if fmt == "hf":
+        from ckpt_ir.frontends import hf
+
+        return hf.lift(path, allow_unused=allow_unused, hf_config=hf_config)
+    from ckpt_ir.frontends import mcore
+
+    return mcore.lift(path, allow_unused=allow_unused, hf_config=hf_config)

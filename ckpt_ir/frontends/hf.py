@@ -1,0 +1,196 @@
+"""HF frontend: lift a transformers checkpoint directory (config.json + safetensors, sharded with an
+index or not, or ``pytorch_model*.bin`` through the safe unpickler) into the IR.
+
+Nothing is read but headers: each tensor becomes a lazy load.  Packed HF tensors (Phi-3's
+``qkv_proj``) become row-range loads of their parts, which costs nothing.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from typing import Any
+
+from ckpt_ir.errors import CoverageError, FormatError
+from ckpt_ir.families import Family, for_hf_config
+from ckpt_ir.io import safetensors as st
+from ckpt_ir.io.torchzip import TorchZip, iter_tensors
+from ckpt_ir.ir import expr as E
+from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
+from ckpt_ir.ir.layout import Layout
+from ckpt_ir.ir.names import role_of
+from ckpt_ir.ir.shapes import expected_shape
+from ckpt_ir.ir.spec import ModelSpec
+
+# side files copied next to HF output (tokenizer, generation settings, chat template)
+AUX_PATTERNS = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "vocab.json", "vocab.txt",
+                "merges.txt", "added_tokens.json", "*.model", "*.tiktoken", "chat_template.*", "preprocessor_config.json")
+# source tensors known to carry no information (recomputed by the model)
+DROP_RULES = (("*rotary_emb.inv_freq", "rotary inverse frequencies are recomputed from the config"),)
+
+
+def detect(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json")) and any(
+        n.endswith((".safetensors", ".bin")) or n.endswith(".index.json") for n in os.listdir(path))
+
+
+def read_config(path: str) -> dict[str, Any]:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FormatError(f"{path}: no config.json; an HF checkpoint directory needs one (pass --hf-config DIR "
+                          f"to take it from elsewhere)")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise FormatError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{cfg_path}: not a JSON object")
+    return cfg
+
+
+def weight_files(path: str) -> list[str]:
+    """The weight files of ``path`` in order, validated against the index when there is one."""
+    for index_name, ext in (("model.safetensors.index.json", ".safetensors"), ("pytorch_model.bin.index.json", ".bin")):
+        index = os.path.join(path, index_name)
+        if os.path.isfile(index):
+            return _files_from_index(path, index)
+    names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    if not names:
+        names = sorted(n for n in os.listdir(path) if n.endswith(".bin") and n.startswith("pytorch_model"))
+    if not names:
+        raise FormatError(f"{path}: no *.safetensors or pytorch_model*.bin weight files found")
+    return [os.path.join(path, n) for n in names]
+
+
+def _files_from_index(path: str, index: str) -> list[str]:
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        assert isinstance(weight_map, dict)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AssertionError):
+        raise FormatError(f"{index}: not a valid index (expected a JSON object with a weight_map)") from None
+    root = os.path.realpath(path)
+    files: dict[str, None] = {}
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or os.path.isabs(name) or os.sep in name or name in ("", ".", ".."):
+            raise FormatError(f"{index}: tensor {tensor} points to {name!r}, outside the checkpoint directory; "
+                              f"refusing to follow it")
+        full = os.path.join(root, name)
+        if os.path.dirname(os.path.realpath(full)) != root:
+            raise FormatError(f"{index}: tensor {tensor} points to {name!r}, which resolves outside the checkpoint "
+                              f"directory; refusing to follow it")
+        if not os.path.isfile(full):
+            raise FormatError(f"{index}: shard {name} (holding {tensor}) is missing; re-download it")
+        files.setdefault(full, None)
+    return list(files)
+
+
+def _file_tensors(path: str) -> dict[str, E.Load]:
+    if path.endswith(".safetensors"):
+        return st.read_header(path)[0]
+    z = TorchZip(path)
+    obj = z.obj.get("state_dict", z.obj) if isinstance(z.obj, dict) else None
+    if not isinstance(obj, dict):
+        raise FormatError(f"{path}: expected a state dict of tensors")
+    return {k: z.load_expr(ref, k) for k, ref in iter_tensors(obj)}
+
+
+def lift(path: str, *, hf_config: dict[str, Any] | None = None, allow_unused: tuple[str, ...] = ()) -> Checkpoint:
+    cfg = hf_config if hf_config is not None else read_config(path)
+    family = for_hf_config(cfg, os.path.join(path, "config.json"))
+    files = weight_files(path)
+    raw: dict[str, E.Load] = {}
+    for f in files:
+        for key, load in _file_tensors(f).items():
+            if key in raw:
+                raise FormatError(f"{f}: tensor {key} also appears in {raw[key].path}; duplicate tensors are ambiguous")
+            raw[key] = load
+    dtypes = {ld.dtype for ld in raw.values()}
+    spec = family.spec_from_config(cfg, dtype_hint=next(iter(dtypes)) if len(dtypes) == 1 else None)
+    tensors, dropped = map_tensors(family, spec, raw, allow_unused)
+    if spec.untied and "lm_head.weight" not in tensors:
+        raise FormatError(f"{path}: config says embeddings are untied but there is no lm_head.weight; the "
+                          f"checkpoint is incomplete")
+    layout = Layout(format="hf")
+    for name, t in tensors.items():
+        want = expected_shape(spec, layout, name)
+        if want is not None and t.shape != want:
+            src = E.loads(t.expr)[0]
+            raise FormatError(f"{src.path}: tensor {src.key} has shape {list(t.shape)} but config.json implies "
+                              f"{list(want)}; the weights do not match the config")
+    aux = tuple(sorted(os.path.join(path, n) for n in os.listdir(path)
+                       if any(fnmatch.fnmatch(n, p) for p in AUX_PATTERNS) and os.path.isfile(os.path.join(path, n))))
+    return Checkpoint(spec=spec, layout=layout, tensors=tensors, dropped=dropped, hf_config=cfg, aux_files=aux,
+                      source=path)
+
+
+def map_tensors(family: Family, spec: ModelSpec, raw: dict[str, E.Load],
+                allow_unused: tuple[str, ...]) -> tuple[dict[str, TensorNode], dict[str, str]]:
+    names = family.names
+    tensors: dict[str, TensorNode] = {}
+    dropped: dict[str, str] = {}
+    unknown: list[str] = []
+    packed = [(p, names_for(p.hf)) for p in family.packed]
+    for key, load in raw.items():
+        canon = names.to_canonical(key)
+        if canon is not None:
+            if canon == "lm_head.weight" and spec.tied_embeddings:
+                dropped[key] = "tied to the embedding (tie_word_embeddings=true)"
+                continue
+            tensors[canon] = TensorNode.whole(canon, load)
+            continue
+        hit = _unpack(key, load, spec, packed)
+        if hit is not None:
+            for canon, expr in hit:
+                tensors[canon] = TensorNode.whole(canon, expr)
+            continue
+        reason = next((why for pat, why in DROP_RULES if fnmatch.fnmatch(key, pat)), None)
+        if reason is None and any(fnmatch.fnmatch(key, p) for p in allow_unused):
+            reason = "matched --allow-unused"
+        if reason is None:
+            unknown.append(key)
+        else:
+            dropped[key] = reason
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
+        raise CoverageError(f"{len(unknown)} source tensor(s) not understood by the {family.name} family and would "
+                            f"be lost: {shown}; pass --allow-unused PATTERN to drop them on purpose")
+    return dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0], family))), dropped
+
+
+def names_for(template: str):
+    from ckpt_ir.ir.names import _compile
+
+    return _compile(template)
+
+
+def _unpack(key: str, load: E.Load, spec: ModelSpec, packed) -> list[tuple[str, E.Expr]] | None:
+    for p, pat in packed:
+        m = pat.match(key)
+        if not m:
+            continue
+        rows = p.row_counts(spec)
+        if load.shape[0] != sum(rows):
+            raise FormatError(f"{load.path}: tensor {key} has {load.shape[0]} rows, expected {sum(rows)} "
+                              f"({' + '.join(map(str, rows))}) from config.json")
+        out, pos = [], 0
+        for part, n in zip(p.parts, rows):
+            out.append((part.format(**m.groupdict()), E.simplify(E.Slice(load, 0, pos, pos + n))))
+            pos += n
+        return out
+    return None
+
+
+def canonical_order(name: str, family: Family | None = None) -> tuple:
+    """Sort key: embedding, layers in order (roles in table order), final norm, lm_head."""
+    from ckpt_ir.ir.names import ROLES, split_layer
+
+    layer, _ = split_layer(name)
+    roles = list(ROLES)
+    role = role_of(name)
+    rank = roles.index(role) if role in roles else len(roles)
+    if layer is not None:
+        return (1, layer, rank, name)
+    return ({"embed.weight": 0, "final_norm.weight": 2, "lm_head.weight": 3}.get(name, 4), 0, rank, name)

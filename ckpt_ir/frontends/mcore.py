@@ -1,0 +1,213 @@
+"""Megatron-Core frontend: lift ``torch``-format rank directories (as written by Megatron-LM,
+MindSpeed-LLM or ckpt-ir) into the IR without loading any tensor data.
+
+The layout (TP, PP, VPP, layer list, no-op layers) is read from ``args`` and checked against the
+rank directories present; local layer numbers are mapped back to model layers through the same
+placement rule the backend uses.  Tensor-parallel shards stay shards (``gather`` joins them).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections import defaultdict
+from typing import Any
+
+from ckpt_ir import mcore_format as M
+from ckpt_ir.errors import CoverageError, FormatError
+from ckpt_ir.families import by_name, for_hf_config
+from ckpt_ir.frontends.hf import canonical_order
+from ckpt_ir.io.safe_pickle import Stub
+from ckpt_ir.io.torchzip import TorchZip, iter_tensors
+from ckpt_ir.ir import expr as E
+from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
+from ckpt_ir.ir.layout import Layout, layer_slots
+from ckpt_ir.ir.names import layer_name, split_layer, split_rule
+
+
+def detect(path: str) -> bool:
+    if os.path.isfile(os.path.join(path, "latest_checkpointed_iteration.txt")):
+        return True
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    return any(n.startswith("iter_") or n == "release" or M.RANK_DIR.match(n) for n in names)
+
+
+def _iteration_dir(path: str) -> tuple[str, Any]:
+    tracker = os.path.join(path, "latest_checkpointed_iteration.txt")
+    if os.path.isfile(tracker):
+        text = open(tracker).read().strip()
+        if text == "release":
+            it: Any = "release"
+        else:
+            try:
+                it = int(text)
+            except ValueError:
+                raise FormatError(f"{tracker}: expected an iteration number or 'release', found {text!r}") from None
+        d = os.path.join(path, M.iter_dir(it))
+        if not os.path.isdir(d):
+            raise FormatError(f"{tracker}: names iteration {text} but {d} does not exist")
+        return d, it
+    names = os.listdir(path)
+    if any(M.RANK_DIR.match(n) for n in names):
+        return path, 1
+    iters = sorted(n for n in names if n.startswith("iter_") or n == "release")
+    if len(iters) > 1:
+        raise FormatError(f"{path}: several iterations ({', '.join(iters)}) and no latest_checkpointed_iteration.txt; "
+                          f"point at one iter_* directory")
+    if not iters:
+        raise FormatError(f"{path}: no iter_* directory or latest_checkpointed_iteration.txt; not a Megatron checkpoint")
+    it = "release" if iters[0] == "release" else int(iters[0][5:])
+    return os.path.join(path, iters[0]), it
+
+
+def _args_dict(args: Any, where: str) -> dict[str, Any]:
+    if args is None:
+        raise FormatError(f"{where}: checkpoint has no 'args'; ckpt-ir needs them to know the model and layout")
+    d = vars(args) if not isinstance(args, dict) else args
+    return {k: v for k, v in d.items() if not isinstance(v, Stub)}
+
+
+def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, Any] | None = None) -> Checkpoint:
+    it_dir, iteration = _iteration_dir(path)
+    ranks: dict[tuple[int, int, int], str] = {}
+    for n in sorted(os.listdir(it_dir)):
+        m = M.RANK_DIR.match(n)
+        if not m:
+            continue
+        f = os.path.join(it_dir, n, "model_optim_rng.pt")
+        if not os.path.isfile(f):
+            raise FormatError(f"{os.path.join(it_dir, n)}: rank directory has no model_optim_rng.pt")
+        ranks[(int(m.group(1)), int(m.group(2) or 0), int(m.group(3) or 0))] = f
+    if not ranks:
+        raise FormatError(f"{it_dir}: no mp_rank_* directories")
+    first = TorchZip(ranks[min(ranks)])
+    if not isinstance(first.obj, dict):
+        raise FormatError(f"{first.path}: not a Megatron checkpoint dict")
+    args = _args_dict(first.obj.get("args"), first.path)
+    tp = int(args.get("tensor_model_parallel_size", 1))
+    pp = int(args.get("pipeline_model_parallel_size", 1))
+    want = {(t, p, 0) for t in range(tp) for p in range(pp)}
+    missing = sorted(want - set(ranks))
+    if missing:
+        t, p, _ = missing[0]
+        raise FormatError(f"{it_dir}: rank directory mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "") +
+                          f" is missing (args say TP={tp}, PP={pp}); the checkpoint is incomplete")
+    extra = sorted(set(ranks) - want)
+    if extra:
+        raise FormatError(f"{it_dir}: rank directories beyond TP={tp}, PP={pp} from args (e.g. {extra[0]}); "
+                          f"the directory mixes layouts")
+    cfg = hf_config if hf_config is not None else M.hf_config_from_args(args)
+    fam_name = args.get("ckpt_ir_family") or args.get("model_type_hf")
+    family = by_name(fam_name) if fam_name else for_hf_config(cfg, first.path)
+    noop = M.int_list(args.get("noop_layers")) or ()
+    layout = Layout(format="mcore", tp=tp, pp=pp,
+                    vpp_layers=args.get("num_layers_per_virtual_pipeline_stage"),
+                    num_layer_list=M.int_list(args.get("num_layer_list")), noop_layers=noop,
+                    fused_qkv=True, fused_gate_up=True)
+    pieces: dict[str, dict[int, E.Expr]] = defaultdict(dict)
+    dropped: dict[str, str] = {}
+    unknown: list[str] = []
+    te_norms = False
+    zips = {k: (first if k == min(ranks) else None) for k in ranks}
+    for (t, p, _e), f in sorted(ranks.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        z = zips[(t, p, 0)] or TorchZip(f)
+        if not isinstance(z.obj, dict):
+            raise FormatError(f"{f}: not a Megatron checkpoint dict")
+        it2 = z.obj.get("iteration")
+        if it2 is not None and iteration != "release" and it2 != iteration:
+            raise FormatError(f"{f}: iteration {it2} but the tracker says {iteration}; the directory mixes iterations")
+        chunk_keys = sorted(k for k in z.obj if k == "model" or (k.startswith("model") and k[5:].isdigit()))
+        if not chunk_keys:
+            raise FormatError(f"{f}: no 'model' state dict in the rank file")
+        for ck in chunk_keys:
+            chunk = 0 if ck == "model" else int(ck[5:])
+            sd = z.obj[ck]
+            for key, ref in iter_tensors(sd):
+                if key.endswith(M.EXTRA_STATE):
+                    continue
+                canon = _canonical(key, p, chunk)
+                if ".layer_norm_weight" in key:
+                    te_norms = True
+                if canon is None:
+                    if any(fnmatch.fnmatch(key, pat) for pat in allow_unused):
+                        dropped[f"{f}:{ck}.{key}"] = "matched --allow-unused"
+                    else:
+                        unknown.append(f"{ck}.{key} in {os.path.relpath(f, path)}")
+                    continue
+                pieces[canon][t] = z.load_expr(ref, f"{ck}.{key}")
+            for key, v in sd.items() if isinstance(sd, dict) else ():
+                if key.endswith(M.EXTRA_STATE):
+                    dropped[f"{os.path.relpath(f, path)}:{ck}.{key}"] = "Transformer-Engine _extra_state (FP8 metadata)"
+    del zips
+    slot_of = {}
+    # map (stage, chunk, local) -> real layer using the layout's placement rule
+    spec = family.spec_from_config(cfg)
+    for s in layer_slots(spec, layout):
+        slot_of[(s.stage, s.chunk, s.local)] = s
+    tensors: dict[str, TensorNode] = {}
+    for canon_local, shards in pieces.items():
+        name = _resolve_layer(canon_local, slot_of, path)
+        if name in tensors:
+            raise FormatError(f"{path}: tensor {name} appears twice (check num_layer_list / noop_layers in args)")
+        rule = split_rule(name)
+        if sorted(shards) != list(range(tp)):
+            raise FormatError(f"{path}: tensor {name} is missing on TP rank(s) "
+                              f"{sorted(set(range(tp)) - set(shards))}")
+        if rule is None or tp == 1:
+            tensors[name] = TensorNode.whole(name, shards[0])
+            for r in range(1, tp):
+                dropped[f"{name}@tp{r}"] = "replica of TP rank 0 (replicated tensor)"
+        else:
+            tensors[name] = TensorNode(name, tuple(shards[r] for r in range(tp)), rule)
+    if spec.tied_embeddings and "lm_head.weight" in tensors:
+        del tensors["lm_head.weight"]
+        dropped["output_layer.weight"] = "copy of the tied embedding on the last pipeline stage"
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
+        raise CoverageError(f"{len(unknown)} Megatron tensor(s) have no known meaning and would be lost: {shown}; "
+                            f"pass --allow-unused PATTERN to drop them on purpose")
+    if "embed.weight" in tensors:
+        rows = tensors["embed.weight"].shape[0]
+        if rows != spec.vocab_size:
+            layout = _evolve(layout, padded_vocab=rows)
+    first_dtype = next(iter(tensors.values())).dtype if tensors else spec.dtype
+    spec = _evolve(spec, dtype=first_dtype)
+    layout = _evolve(layout, norm_names="te" if te_norms else "local")
+    ordered = dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0])))
+    return Checkpoint(spec=spec, layout=layout, tensors=ordered, dropped=dropped, hf_config=cfg, source=path,
+                      meta={"iteration": iteration if iteration != "release" else 1, "args": args})
+
+
+def _evolve(obj, **kw):
+    import attrs
+
+    return attrs.evolve(obj, **kw)
+
+
+def _canonical(key: str, stage: int, chunk: int) -> str | None:
+    """Canonical name with the *local* layer number tagged by stage/chunk (resolved later)."""
+    glob = M.GLOBAL_TABLE.to_canonical(key)
+    if glob is not None:
+        return glob
+    for table in (M.LOCAL_LAYER_TABLE, M.TE_LAYER_TABLE):
+        c = table.to_canonical(key)
+        if c is not None:
+            layer, rest = split_layer(c)
+            return f"@{stage}.{chunk}.{layer}:{rest}"
+    return None
+
+
+def _resolve_layer(name: str, slot_of: dict, path: str) -> str:
+    if not name.startswith("@"):
+        return name
+    where, rest = name[1:].split(":", 1)
+    stage, chunk, local = (int(x) for x in where.split("."))
+    slot = slot_of.get((stage, chunk, local))
+    if slot is None or slot.real is None:
+        kind = "a no-op layer" if slot is not None else "no layer"
+        raise FormatError(f"{path}: stage {stage} chunk {chunk} has local layer {local}, but the layout in args "
+                          f"puts {kind} there; args (num_layers, noop_layers, num_layer_list) do not match the weights")
+    return layer_name(slot.real, rest)

@@ -1,0 +1,93 @@
+"""Atomic output directories: write into a hidden sibling, rename into place when complete.
+
+A conversion that fails, is interrupted (Ctrl-C) or killed (SIGKILL) never leaves a directory at
+the destination: only a hidden ``.NAME.ckpt-ir-tmp-PID`` sibling, removed on any handled error and
+swept by the next run once its process is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+
+from ckpt_ir.errors import CkptIrError, UsageError
+
+TMP_TAG = ".ckpt-ir-tmp-"
+
+
+def check_destination(dst: str, overwrite: bool) -> None:
+    dst = os.path.abspath(dst)
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise UsageError(f"{dst}: exists and is not a directory; choose another destination")
+    if os.path.isdir(dst) and os.listdir(dst) and not overwrite:
+        raise UsageError(f"{dst}: destination exists and is not empty; pass --overwrite to replace it")
+    parent = os.path.dirname(dst) or "."
+    if not os.path.isdir(parent):
+        raise CkptIrError(f"{parent}: parent directory of the destination does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CkptIrError(f"{parent}: not writable; choose a destination you can write to")
+
+
+def check_free_space(dst: str, nbytes: int) -> None:
+    parent = os.path.dirname(os.path.abspath(dst)) or "."
+    free = shutil.disk_usage(parent).free
+    if nbytes > free:
+        raise CkptIrError(f"{parent}: not enough free disk space: the output needs {nbytes / 1e9:.2f} GB, "
+                          f"{free / 1e9:.2f} GB are free; free space or choose another destination")
+
+
+def _sweep_stale(parent: str, base: str) -> None:
+    prefix = f".{base}{TMP_TAG}"
+    for name in os.listdir(parent):
+        if not name.startswith(prefix):
+            continue
+        try:
+            pid = int(name[len(prefix):].split("-")[0])
+            os.kill(pid, 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+@contextlib.contextmanager
+def atomic_dir(dst: str, overwrite: bool = False) -> Iterator[str]:
+    """Yield a temporary directory; on success it becomes ``dst`` (replacing it if ``overwrite``)."""
+    dst = os.path.abspath(dst)
+    check_destination(dst, overwrite)
+    parent, base = os.path.split(dst)
+    _sweep_stale(parent, base)
+    tmp = os.path.join(parent, f".{base}{TMP_TAG}{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        if os.path.isdir(dst):
+            old = os.path.join(parent, f".{base}{TMP_TAG}{os.getpid()}-old")
+            os.rename(dst, old)
+            os.rename(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dst)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_dir(path: str) -> None:
+    for root, dirs, _files in os.walk(path):
+        for d in dirs:
+            _fsync_path(os.path.join(root, d))
+    _fsync_path(path)
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,182 @@
+"""A restricted unpickler for torch / Megatron checkpoint pickles.
+
+Only an allow-list of harmless globals is resolved.  Megatron, Transformer-Engine and MindSpeed
+classes (they appear in Megatron's ``args``: enums, config dataclasses) become inert
+:class:`Stub` objects that record their state and run nothing.  Any other global (``os.system``,
+``builtins.eval``, ``subprocess.Popen``...) is refused with a :class:`FormatError` naming the file.
+
+Tensors are not materialised: ``torch._utils._rebuild_tensor_v2`` resolves to a function that
+returns a :class:`TensorRef` (storage key, offset, shape, stride, dtype), so a checkpoint's
+structure can be read without reading, or even importing, its data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import pickle
+from typing import Any
+
+import attrs
+
+from ckpt_ir.errors import FormatError
+
+STUB_PREFIXES = ("megatron.", "transformer_engine.", "mindspeed", "apex.", "modelopt.")
+
+# storage class names -> IR dtype
+STORAGE_DTYPES = {
+    "DoubleStorage": "F64", "FloatStorage": "F32", "HalfStorage": "F16", "BFloat16Storage": "BF16",
+    "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16", "CharStorage": "I8",
+    "ByteStorage": "U8", "BoolStorage": "BOOL",
+    "Float8_e4m3fnStorage": "F8_E4M3", "Float8_e5m2Storage": "F8_E5M2",
+}
+TORCH_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+    "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+    "float": "F32", "half": "F16", "double": "F64", "long": "I64", "int": "I32",
+}
+
+
+@attrs.frozen
+class StorageRef:
+    key: str
+    dtype: str
+    numel: int
+
+
+@attrs.frozen
+class TensorRef:
+    """A tensor inside a torch zip checkpoint, not yet read."""
+
+    storage: StorageRef
+    offset: int  # in elements
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @property
+    def dtype(self) -> str:
+        return self.storage.dtype
+
+
+@attrs.frozen
+class TorchDtype:
+    """A ``torch.<dtype>`` object found in a pickle (e.g. ``args.params_dtype``)."""
+
+    name: str
+
+    @property
+    def ir(self) -> str:
+        return TORCH_DTYPES[self.name]
+
+
+class Stub:
+    """Inert stand-in for a Megatron/TE class: keeps constructor args and state, does nothing."""
+
+    _qualname = "Stub"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.kwargs = kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<{self._qualname} stub {self.args!r}>"
+
+    def __reduce__(self):  # stubs never get written back as their original class
+        return (str, (repr(self),))
+
+
+_stub_classes: dict[str, type] = {}
+
+
+def _stub_class(module: str, name: str) -> type:
+    qual = f"{module}.{name}"
+    cls = _stub_classes.get(qual)
+    if cls is None:
+        cls = type(name, (Stub,), {"_qualname": qual})
+        _stub_classes[qual] = cls
+    return cls
+
+
+def _rebuild_tensor(storage: StorageRef, offset: int, size: Any, stride: Any, *_rest: Any) -> TensorRef:
+    return TensorRef(storage, int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+
+
+def _rebuild_parameter(data: Any, *_rest: Any) -> Any:
+    return data
+
+
+def _codecs_encode(text: str, encoding: str = "latin1") -> bytes:
+    return text.encode(encoding)
+
+
+def _ordered_dict(*args: Any) -> collections.OrderedDict:
+    return collections.OrderedDict(*args)
+
+
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): _ordered_dict,
+    ("argparse", "Namespace"): argparse.Namespace,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch", "Size"): tuple,
+    ("_codecs", "encode"): _codecs_encode,
+    ("_io", "BytesIO"): io.BytesIO,
+    ("io", "BytesIO"): io.BytesIO,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+    ("builtins", "complex"): complex,
+    ("pathlib", "PosixPath"): str,
+    ("pathlib", "PurePosixPath"): str,
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, source: str, storage_dtypes: dict[str, str] | None = None) -> None:
+        super().__init__(io.BytesIO(data))
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED:
+            return _ALLOWED[(module, name)]
+        if module == "torch" and name in STORAGE_DTYPES:
+            return ("storage-class", STORAGE_DTYPES[name])
+        if module == "torch" and name in TORCH_DTYPES:
+            return TorchDtype(name)
+        if module.startswith(STUB_PREFIXES) or module == "__main__" and name in ("Namespace",):
+            return _stub_class(module, name)
+        if module == "enum" and name == "Enum":
+            return _stub_class(module, name)
+        raise FormatError(f"{self.source}: refusing to unpickle {module}.{name} (it could run code); "
+                          f"only tensors, plain containers and Megatron config objects are loaded")
+
+    def persistent_load(self, pid: Any) -> Any:
+        try:
+            kind, storage_type, key, _location, numel = pid
+        except (TypeError, ValueError):
+            raise FormatError(f"{self.source}: unexpected persistent id {pid!r} in pickle") from None
+        if kind != "storage":
+            raise FormatError(f"{self.source}: unexpected persistent id kind {kind!r} in pickle")
+        if isinstance(storage_type, tuple) and storage_type[0] == "storage-class":
+            dtype = storage_type[1]
+        elif isinstance(storage_type, TorchDtype):
+            dtype = storage_type.ir
+        else:
+            raise FormatError(f"{self.source}: unknown storage type {storage_type!r} in pickle")
+        return StorageRef(str(key), dtype, int(numel))
+
+
+def loads(data: bytes, source: str) -> Any:
+    """Unpickle ``data`` with the allow-list; errors name ``source``."""
+    try:
+        return RestrictedUnpickler(data, source).load()
+    except FormatError:
+        raise
+    except Exception as e:  # any malformed pickle
+        raise FormatError(f"{source}: cannot unpickle ({type(e).__name__}: {e}); the file is corrupt or "
+                          f"not a checkpoint") from None

@@ -1,0 +1,115 @@
+"""safetensors framing: a strict header reader and a streaming writer.
+
+We parse the header ourselves (8-byte little-endian length, JSON, then raw data) rather than use
+the safetensors package so that (a) every tensor becomes a lazy :class:`~ckpt_ir.ir.expr.Load` of a
+byte range, read later without mapping the file, and (b) a corrupt file gets an error naming the
+file and the tensor, before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Callable, Iterable
+
+from ckpt_ir.errors import FormatError
+from ckpt_ir.ir.dtypes import ITEMSIZE
+from ckpt_ir.ir.expr import Load
+
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors spec's own limit
+
+
+def read_header(path: str) -> tuple[dict[str, Load], dict[str, str]]:
+    """Tensors of one file as lazy loads (in file order), and the ``__metadata__`` dict."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise FormatError(f"{path}: only {size} bytes, too short for a safetensors header; the file "
+                                  f"is truncated or not safetensors")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise FormatError(f"{path}: header claims {n} bytes but the file has {size}; the file is "
+                                  f"corrupt or truncated: re-download it")
+            raw = f.read(n)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: safetensors header is not valid JSON ({e}); the file is corrupt") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: safetensors header is not a JSON object; the file is corrupt")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise FormatError(f"{path}: __metadata__ is not an object; the file is corrupt")
+    data_start = 8 + n
+    out: dict[str, Load] = {}
+    spans = []
+    for key, info in header.items():
+        try:
+            dtype, shape, (a, b) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            ok = dtype in ITEMSIZE and all(isinstance(s, int) and s >= 0 for s in shape) \
+                and isinstance(a, int) and isinstance(b, int) and 0 <= a <= b
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise FormatError(f"{path}: tensor {key!r} has a malformed header entry {info!r}; the file is corrupt")
+        if b - a != math.prod(shape) * ITEMSIZE[dtype]:
+            raise FormatError(f"{path}: tensor {key!r} spans {b - a} bytes but {dtype}{list(shape)} needs "
+                              f"{math.prod(shape) * ITEMSIZE[dtype]}; the file is corrupt")
+        if data_start + b > size:
+            raise FormatError(f"{path}: tensor {key!r} ends at byte {data_start + b} but the file has {size}; "
+                              f"the file is truncated: re-download it")
+        spans.append((a, b, key))
+        out[key] = Load(path, key, shape, dtype, data_start + a, "safetensors")
+    spans.sort()
+    for (a0, b0, k0), (a1, _b1, k1) in zip(spans, spans[1:]):
+        if a1 < b0:
+            raise FormatError(f"{path}: tensors {k0!r} and {k1!r} overlap; the file is corrupt")
+    ordered = dict(sorted(out.items(), key=lambda kv: kv[1].offset))
+    return ordered, {str(k): str(v) for k, v in meta.items()}
+
+
+def header_bytes(entries: Iterable[tuple[str, tuple[int, ...], str]], metadata: dict[str, str] | None) -> bytes:
+    """The 8-byte length + JSON header for tensors laid out back to back in the given order."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    pos = 0
+    for name, shape, dtype in entries:
+        nbytes = math.prod(shape) * ITEMSIZE[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write(path: str, entries: list[tuple[str, tuple[int, ...], str]], produce: Callable[[str], memoryview],
+          metadata: dict[str, str] | None = None) -> int:
+    """Stream a safetensors file: header from metadata, then each tensor's bytes from ``produce``.
+    Returns the bytes written."""
+    head = header_bytes(entries, metadata)
+    written = 0
+    with open(path, "wb", buffering=0) as f:
+        written += f.write(head)
+        for name, shape, dtype in entries:
+            buf = produce(name)
+            want = math.prod(shape) * ITEMSIZE[dtype]
+            if len(buf) != want:
+                raise FormatError(f"{path}: tensor {name} produced {len(buf)} bytes, planned {want}")
+            written += write_all(f, buf)
+        f.flush()
+        os.fsync(f.fileno())
+    return written
+
+
+def write_all(f, buf: memoryview) -> int:
+    view, done = memoryview(buf).cast("B"), 0
+    while done < len(view):
+        done += f.write(view[done:])
+    return done

@@ -1,0 +1,1 @@
+"""The IR: ModelSpec, Layout, canonical tensor names, lazy expressions, the Checkpoint container."""

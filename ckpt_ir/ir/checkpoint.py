@@ -1,0 +1,140 @@
+"""The Checkpoint container: a ModelSpec, a Layout and an ordered map of tensor nodes."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+
+from ckpt_ir.errors import VerifyError
+from ckpt_ir.ir import expr as E
+from ckpt_ir.ir.dtypes import itemsize
+from ckpt_ir.ir.layout import Layout
+from ckpt_ir.ir.names import Split, split_rule
+from ckpt_ir.ir.spec import ModelSpec
+
+
+@attrs.frozen
+class TensorNode:
+    """One logical tensor.
+
+    ``shape`` is the full (unsharded) shape.  ``shards`` holds one expression when the tensor is
+    whole, or one per tensor-parallel rank when it is split by ``split`` (each shard's shape is the
+    full shape cut along ``split.dim``).
+    """
+
+    name: str
+    shards: tuple[E.Expr, ...] = attrs.field(converter=tuple)
+    split: Split | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if not self.shards:
+            raise VerifyError(f"{self.name}: tensor has no expression")
+        if len(self.shards) > 1 and self.split is None:
+            raise VerifyError(f"{self.name}: {len(self.shards)} shards but no split rule")
+        first = self.shards[0]
+        for s in self.shards[1:]:
+            if s.shape != first.shape or s.dtype != first.dtype:
+                raise VerifyError(f"{self.name}: shards disagree ({first.shape} {first.dtype} vs {s.shape} {s.dtype})")
+
+    @classmethod
+    def whole(cls, name: str, expr: E.Expr) -> TensorNode:
+        return cls(name, (expr,), None)
+
+    @property
+    def tp(self) -> int:
+        return len(self.shards)
+
+    @property
+    def expr(self) -> E.Expr:
+        """The expression of a whole (unsharded) tensor."""
+        if len(self.shards) != 1:
+            raise VerifyError(f"{self.name}: tensor is split over {len(self.shards)} ranks; run `gather` first")
+        return self.shards[0]
+
+    @property
+    def shard_shape(self) -> tuple[int, ...]:
+        return self.shards[0].shape
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        s = list(self.shards[0].shape)
+        if self.split is not None and len(self.shards) > 1:
+            s[self.split.dim] *= len(self.shards)
+        return tuple(s)
+
+    @property
+    def dtype(self) -> str:
+        return self.shards[0].dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+    def map(self, fn) -> TensorNode:
+        """Apply ``fn`` to every shard expression."""
+        return attrs.evolve(self, shards=tuple(fn(s) for s in self.shards))
+
+
+@attrs.frozen
+class Checkpoint:
+    """What a frontend lifts, passes transform and a backend lowers.
+
+    ``dropped`` records source tensors that are deliberately not carried (name -> reason), so
+    coverage accounting can prove nothing else was lost.  ``hf_config`` is the raw HF config
+    when one is known (carried through and updated on export); ``aux_files`` are side files
+    (tokenizer, generation config) copied next to HF output.
+    """
+
+    spec: ModelSpec
+    layout: Layout
+    tensors: dict[str, TensorNode]
+    dropped: dict[str, str] = attrs.field(factory=dict)
+    hf_config: dict[str, Any] | None = None
+    aux_files: tuple[str, ...] = ()
+    source: str = ""
+    meta: dict[str, Any] = attrs.field(factory=dict)
+
+    def with_tensors(self, tensors: dict[str, TensorNode], **changes: Any) -> Checkpoint:
+        return attrs.evolve(self, tensors=tensors, **changes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def sources(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for t in self.tensors.values():
+            for s in t.shards:
+                for ld in E.loads(s):
+                    seen.setdefault(ld.path, None)
+        return list(seen)
+
+
+def shard_expr(expr: E.Expr, split: Split, tp: int) -> list[E.Expr]:
+    """Cut a whole tensor into TP shards by ``split`` (rank r takes its part of every block)."""
+    n = expr.shape[split.dim]
+    if n % (split.blocks * tp):
+        raise VerifyError(f"dim {split.dim} of size {n} does not split into {split.blocks} blocks x {tp} ranks")
+    block = n // split.blocks
+    part = block // tp
+    out = []
+    for r in range(tp):
+        pieces = [E.Slice(expr, split.dim, b * block + r * part, b * block + (r + 1) * part)
+                  for b in range(split.blocks)]
+        out.append(E.simplify(pieces[0] if len(pieces) == 1 else E.Concat(tuple(pieces), split.dim)))
+    return out
+
+
+def gather_exprs(shards: tuple[E.Expr, ...], split: Split) -> E.Expr:
+    """Inverse of :func:`shard_expr`: the whole tensor from its TP shards."""
+    tp = len(shards)
+    part = shards[0].shape[split.dim] // split.blocks
+    pieces = [E.Slice(s, split.dim, b * part, (b + 1) * part) for b in range(split.blocks) for s in shards]
+    # order: block-major, then rank
+    return E.simplify(E.Concat(tuple(pieces), split.dim)) if tp * split.blocks > 1 else shards[0]
+
+
+def rule_for(name: str) -> Split | None:
+    return split_rule(name)

@@ -1,0 +1,66 @@
+"""Dtypes are plain strings in the IR (safetensors spelling, e.g. ``BF16``) so that planning never
+needs torch.  Conversions to torch happen only where bytes are produced."""
+
+from __future__ import annotations
+
+from ckpt_ir.errors import UsageError
+
+ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1,
+}
+FLOATING = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+
+# user spellings accepted by --dtype and cast{dtype=..}
+_ALIASES = {
+    "bf16": "BF16", "bfloat16": "BF16",
+    "fp16": "F16", "float16": "F16", "half": "F16",
+    "fp32": "F32", "float32": "F32", "float": "F32",
+    "fp64": "F64", "float64": "F64",
+}
+
+_TORCH_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+_FROM_TORCH = {v: k for k, v in _TORCH_NAMES.items()}
+
+
+def parse_dtype(text: str) -> str:
+    """User spelling (``bf16``, ``float32``, ``BF16``) -> IR dtype; UsageError otherwise."""
+    key = text.strip()
+    if key.upper() in ITEMSIZE:
+        return key.upper()
+    if key.lower() in _ALIASES:
+        return _ALIASES[key.lower()]
+    raise UsageError(f"unknown dtype {text!r}: use one of bf16, fp16, fp32")
+
+
+def itemsize(dtype: str) -> int:
+    return ITEMSIZE[dtype]
+
+
+def to_torch(dtype: str):
+    import torch
+
+    return getattr(torch, _TORCH_NAMES[dtype])
+
+
+def from_torch(torch_dtype) -> str:
+    name = str(torch_dtype).removeprefix("torch.")
+    try:
+        return _FROM_TORCH[name]
+    except KeyError:
+        raise UsageError(f"unsupported tensor dtype {torch_dtype}") from None
+
+
+def hf_config_name(dtype: str) -> str:
+    """How HF config.json spells a dtype (``bfloat16``)."""
+    return _TORCH_NAMES[dtype]
+
+
+def from_name(name: str) -> str:
+    """torch-style name (``bfloat16``, ``torch.float16``) -> IR dtype."""
+    return parse_dtype(_FROM_TORCH.get(name.removeprefix("torch."), name.removeprefix("torch.")))

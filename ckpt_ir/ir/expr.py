@@ -1,0 +1,602 @@
+"""Lazy tensor expressions.
+
+Every tensor in the IR is an expression over on-disk data.  Each node knows its shape and dtype
+without reading anything, so a whole conversion can be planned, verified and printed before the
+first byte moves.  The algebra is deliberately small:
+
+    Load      bytes of one tensor (or a row range of it) in a file
+    Slice     a range along one dim
+    Concat    several expressions along one dim
+    Reshape   same elements, new shape (row-major)
+    Transpose swap two dims
+    Cast      dtype change
+    PadRows   grow dim 0 by repeating the last row (Megatron vocab padding)
+    Add, Scale, Matmul   the arithmetic a LoRA merge needs (computed in fp32 by the caller)
+
+:func:`simplify` rewrites an expression into an equivalent one that reads fewer bytes (slices are
+pushed into loads, adjacent loads merge, no-op casts vanish).  :func:`evaluate` produces a torch
+tensor; it is the only place torch is imported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+
+from ckpt_ir.errors import VerifyError
+from ckpt_ir.ir.dtypes import FLOATING, itemsize
+
+Shape = tuple[int, ...]
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise VerifyError(msg)
+
+
+def _strides(shape: Shape) -> Shape:
+    out, acc = [], 1
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= n
+    return tuple(reversed(out))
+
+
+@attrs.frozen
+class Expr:
+    """Base of all expression nodes."""
+
+    @property
+    def shape(self) -> Shape:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> str:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @property
+    def children(self) -> tuple[Expr, ...]:
+        return ()
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+
+@attrs.frozen
+class Load(Expr):
+    """A contiguous row-major tensor stored at ``offset`` bytes into ``path``.
+
+    ``key`` is the tensor's name inside the file (for printing and errors).  ``fmt`` says how the
+    file is framed (``safetensors`` or ``torch``); the bytes themselves are read the same way.
+    ``rows`` restricts the load to a range of dim 0; it is how slices become smaller reads.
+    """
+
+    path: str
+    key: str
+    full_shape: Shape = attrs.field(converter=tuple)
+    load_dtype: str
+    offset: int
+    fmt: str = "safetensors"
+    rows: tuple[int, int] | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.rows is not None:
+            a, b = self.rows
+            _check(bool(self.full_shape) and 0 <= a <= b <= self.full_shape[0],
+                   f"row range {self.rows} outside {self.key} {self.full_shape}")
+
+    @property
+    def shape(self) -> Shape:
+        if self.rows is None:
+            return self.full_shape
+        return (self.rows[1] - self.rows[0],) + self.full_shape[1:]
+
+    @property
+    def dtype(self) -> str:
+        return self.load_dtype
+
+    @property
+    def row_bytes(self) -> int:
+        return math.prod(self.full_shape[1:]) * itemsize(self.load_dtype)
+
+    @property
+    def byte_range(self) -> tuple[int, int]:
+        """Absolute [start, end) byte range in the file that this load reads."""
+        a = self.rows[0] if self.rows else 0
+        return self.offset + a * self.row_bytes, self.offset + a * self.row_bytes + self.nbytes
+
+
+@attrs.frozen
+class Slice(Expr):
+    x: Expr
+    dim: int
+    start: int
+    stop: int
+
+    def __attrs_post_init__(self) -> None:
+        _check(0 <= self.dim < len(self.x.shape), f"slice dim {self.dim} out of range for {self.x.shape}")
+        _check(0 <= self.start <= self.stop <= self.x.shape[self.dim],
+               f"slice [{self.start}:{self.stop}] outside dim {self.dim} of shape {self.x.shape}")
+
+    @property
+    def shape(self) -> Shape:
+        s = list(self.x.shape)
+        s[self.dim] = self.stop - self.start
+        return tuple(s)
+
+    @property
+    def dtype(self) -> str:
+        return self.x.dtype
+
+    @property
+    def children(self) -> tuple[Expr, ...]:
+        return (self.x,)
+
+
+@attrs.frozen
+class Concat(Expr):
+    xs: tuple[Expr, ...] = attrs.field(converter=tuple)
+    dim: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        _check(len(self.xs) > 0, "concat of nothing")
+        ref = self.xs[0]
+        for x in self.xs[1:]:
+            _check(x.dtype == ref.dtype, f"concat of mixed dtypes {ref.dtype} and {x.dtype}")
+            _check(len(x.shape) == len(ref.shape) and all(
+                a == b for d, (a, b) in enumerate(zip(x.shape, ref.shape)) if d != self.dim),
+                f"concat on dim {self.dim} of incompatible shapes {ref.shape} and {x.shape}")
+
+    @property
+    def shape(self) -> Shape:
+        s = list(self.xs[0].shape)
+        s[self.dim] = sum(x.shape[self.dim] for x in self.xs)
+        return tuple(s)
+
+    @property
+    def dtype(self) -> str:
+        return self.xs[0].dtype
+
+    @property
+    def children(self) -> tuple[Expr, ...]:
+        return self.xs
+
+
+@attrs.frozen
+class Reshape(Expr):
+    x: Expr
+    new_shape: Shape = attrs.field(converter=tuple)
+
+    def __attrs_post_init__(self) -> None:
+        _check(math.prod(self.new_shape) == self.x.numel,
+               f"reshape {self.x.shape} -> {self.new_shape} changes the element count")
+
+    @property
+    def shape(self) -> Shape:
+        return self.new_shape
+
+    @property
+    def dtype(self) -> str:
+        return self.x.dtype
+
+    @property
+    def children(self) -> tuple[Expr, ...]:
+        return (self.x,)
+
+
+@attrs.frozen
+class Transpose(Expr):
+    x: Expr
+    dim0: int
+    dim1: int
+
+    @property
+    def shape(self) -> Shape:
+        s = list(self.x.shape)
+        s[self.dim0], s[self.dim1] = s[self.dim1], s[self.dim0]
+        return tuple(s)
+
+    @property
+    def dtype(self) -> str:
+        return self.x.dtype
+
+    @property
+    def children(self) -> tuple[Expr, ...]:
+        return (self.x,)
+
+
+@attrs.frozen
+class Cast(Expr):
+    x: Expr
+    to: str
+
+    @property
+    def shape(self) -> Shape:
+        return self.x.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.to
+
+    @property
+    def children(self) -> tuple[Expr, ...]:
+        return (self.x,)
+
+
+@attrs.frozen
+class PadRows(Expr):
+    """Grow dim 0 to ``rows`` by repeating the last row (Megatron's vocab padding rule)."""
+
+    x: Expr
+    rows: int
+
+    def __attrs_post_init__(self) -> None:
+        _check(self.rows >= self.x.shape[0] > 0, f"cannot pad {self.x.shape[0]} rows to {self.rows}")
+
+    @property
+    def shape(self) -> Shape:
+        return (self.rows,) + self.x.shape[1:]
+
+    @property
+    def dtype(self) -> str:
+        return self.x.dtype
+
+    @property
+    def children(self) -> tuple[Expr, ...]:
+        return (self.x,)
+
+
+@attrs.frozen
+class Add(Expr):
+    """``a + b`` computed in fp32 and rounded once to ``a``'s dtype (LoRA merge)."""
+
+    a: Expr
+    b: Expr
+
+    def __attrs_post_init__(self) -> None:
+        _check(self.a.shape == self.b.shape, f"add of shapes {self.a.shape} and {self.b.shape}")
+
+    @property
+    def shape(self) -> Shape:
+        return self.a.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.a.dtype
+
+    @property
+    def children(self) -> tuple[Expr, ...]:
+        return (self.a, self.b)
+
+
+@attrs.frozen
+class Matmul(Expr):
+    """``a @ b`` in fp32 (the result dtype is F32)."""
+
+    a: Expr
+    b: Expr
+
+    def __attrs_post_init__(self) -> None:
+        _check(len(self.a.shape) == 2 and len(self.b.shape) == 2 and self.a.shape[1] == self.b.shape[0],
+               f"matmul of shapes {self.a.shape} and {self.b.shape}")
+
+    @property
+    def shape(self) -> Shape:
+        return (self.a.shape[0], self.b.shape[1])
+
+    @property
+    def dtype(self) -> str:
+        return "F32"
+
+    @property
+    def children(self) -> tuple[Expr, ...]:
+        return (self.a, self.b)
+
+
+@attrs.frozen
+class Scale(Expr):
+    """``x * factor`` in fp32 (the result dtype is F32)."""
+
+    x: Expr
+    factor: float
+
+    @property
+    def shape(self) -> Shape:
+        return self.x.shape
+
+    @property
+    def dtype(self) -> str:
+        return "F32"
+
+    @property
+    def children(self) -> tuple[Expr, ...]:
+        return (self.x,)
+
+
+# ---------------------------------------------------------------------------------------------
+# traversal
+
+
+def walk(expr: Expr) -> Iterator[Expr]:
+    """Every node of ``expr``, parents before children."""
+    stack = [expr]
+    while stack:
+        e = stack.pop()
+        yield e
+        stack.extend(reversed(e.children))
+
+
+def loads(expr: Expr) -> list[Load]:
+    return [e for e in walk(expr) if isinstance(e, Load)]
+
+
+def bytes_read(expr: Expr) -> int:
+    """Bytes this expression reads from disk (each load counted once per occurrence)."""
+    return sum(ld.nbytes for ld in loads(expr))
+
+
+# ---------------------------------------------------------------------------------------------
+# simplifier
+
+
+def simplify(expr: Expr) -> Expr:
+    """Rewrite bottom-up to a fixed point; the result computes the same values."""
+    kids = expr.children
+    if kids:
+        new = tuple(simplify(k) for k in kids)
+        if new != kids:
+            expr = _rebuild(expr, new)
+    while True:
+        nxt = _rewrite(expr)
+        if nxt is expr:
+            return expr
+        expr = simplify(nxt)
+
+
+def _rebuild(e: Expr, kids: tuple[Expr, ...]) -> Expr:
+    if isinstance(e, Concat):
+        return attrs.evolve(e, xs=kids)
+    if isinstance(e, (Add, Matmul)):
+        return attrs.evolve(e, a=kids[0], b=kids[1])
+    return attrs.evolve(e, x=kids[0])
+
+
+def _rewrite(e: Expr) -> Expr:
+    """One local rewrite, or ``e`` itself when none applies."""
+    if isinstance(e, Cast) and e.to == e.x.dtype:
+        return e.x
+    if isinstance(e, Reshape):
+        if e.new_shape == e.x.shape:
+            return e.x
+        if isinstance(e.x, Reshape):
+            return Reshape(e.x.x, e.new_shape)
+    if isinstance(e, Concat):
+        return _rewrite_concat(e)
+    if isinstance(e, Slice):
+        return _rewrite_slice(e)
+    return e
+
+
+def _rewrite_concat(e: Concat) -> Expr:
+    if len(e.xs) == 1:
+        return e.xs[0]
+    flat: list[Expr] = []
+    for x in e.xs:
+        if isinstance(x, Concat) and x.dim == e.dim:
+            flat.extend(x.xs)
+        elif x.shape[e.dim] > 0:
+            flat.append(x)
+    if not flat:
+        return e.xs[0]
+    merged: list[Expr] = [flat[0]]
+    for x in flat[1:]:
+        joined = _join(merged[-1], x, e.dim)
+        if joined is not None:
+            merged[-1] = joined
+        else:
+            merged.append(x)
+    if len(merged) == 1:
+        return merged[0]
+    if tuple(merged) != e.xs:
+        return Concat(tuple(merged), e.dim)
+    return e
+
+
+def _join(a: Expr, b: Expr, dim: int) -> Expr | None:
+    """Two adjacent ranges (along ``dim``) of one tensor become one: row ranges of a load, or
+    slices of one node."""
+    if isinstance(a, Slice) and isinstance(b, Slice) and a.x == b.x and a.dim == b.dim == dim \
+            and a.stop == b.start:
+        return Slice(a.x, dim, a.start, b.stop)
+    if dim != 0 or not (isinstance(a, Load) and isinstance(b, Load)):
+        return None
+    if (a.path, a.key, a.offset, a.full_shape, a.dtype) != (b.path, b.key, b.offset, b.full_shape, b.dtype):
+        return None
+    ra = a.rows or (0, a.full_shape[0])
+    rb = b.rows or (0, b.full_shape[0])
+    if ra[1] != rb[0]:
+        return None
+    rows = (ra[0], rb[1])
+    return attrs.evolve(a, rows=None if rows == (0, a.full_shape[0]) else rows)
+
+
+def _rewrite_slice(e: Slice) -> Expr:
+    x, d, a, b = e.x, e.dim, e.start, e.stop
+    if a == 0 and b == x.shape[d]:
+        return x
+    if isinstance(x, Slice) and x.dim == d:
+        return Slice(x.x, d, x.start + a, x.start + b)
+    if isinstance(x, Load) and d == 0:
+        base = x.rows[0] if x.rows else 0
+        return attrs.evolve(x, rows=(base + a, base + b))
+    if isinstance(x, Load) and d > 0 and all(n == 1 for n in x.shape[:d]):
+        # leading singleton dims: a slice on d is a contiguous row range after a reshape
+        inner = math.prod(x.shape[d + 1:])
+        flat = Reshape(x, (x.numel // inner, inner) if inner else (x.numel, 1))
+        rows = Slice(flat, 0, a, b) if inner else flat
+        return Reshape(rows, e.shape)
+    if isinstance(x, Reshape) and d == 0 and x.x.shape and x.shape[0]:
+        outer = x.numel // x.shape[0]  # elements per dim-0 row of the reshape
+        inner = x.x.numel // x.x.shape[0] if x.x.shape[0] else 0  # ... and of its source
+        if inner and outer % inner == 0:
+            k = outer // inner
+            return Reshape(Slice(x.x, 0, a * k, b * k), e.shape)
+    if isinstance(x, Concat):
+        if x.dim == d:
+            parts, pos = [], 0
+            for c in x.xs:
+                n = c.shape[d]
+                lo, hi = max(a, pos), min(b, pos + n)
+                if lo < hi:
+                    parts.append(Slice(c, d, lo - pos, hi - pos))
+                pos += n
+            return parts[0] if len(parts) == 1 else Concat(tuple(parts), d)
+        return Concat(tuple(Slice(c, d, a, b) for c in x.xs), x.dim)
+    if isinstance(x, Cast):
+        return Cast(Slice(x.x, d, a, b), x.to)
+    if isinstance(x, PadRows):
+        n = x.x.shape[0]
+        if d == 0 and b <= n:
+            return Slice(x.x, 0, a, b)
+        if d > 0:
+            return PadRows(Slice(x.x, d, a, b), x.rows)
+    if isinstance(x, Transpose) and d not in (x.dim0, x.dim1):
+        return Transpose(Slice(x.x, d, a, b), x.dim0, x.dim1)
+    if isinstance(x, Transpose):
+        other = x.dim1 if d == x.dim0 else x.dim0
+        return Transpose(Slice(x.x, other, a, b), x.dim0, x.dim1)
+    return e
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+
+class Reader:
+    """Reads byte ranges from source files.  Opens each file once, read-only, and never maps it,
+    so resident memory holds only the tensors being built, not the pages of the sources."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+        self.bytes_read = 0
+
+    def fd(self, path: str) -> int:
+        import os
+
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            self._fds[path] = fd
+        return fd
+
+    def read_into(self, path: str, start: int, buf: memoryview) -> None:
+        import os
+
+        from ckpt_ir.errors import FormatError
+
+        fd = self.fd(path)
+        want, done = len(buf), 0
+        while done < want:
+            n = os.preadv(fd, [buf[done:]], start + done)
+            if n <= 0:
+                raise FormatError(f"{path}: file ends at byte {start + done}, expected {want - done} more "
+                                  f"bytes; the file is truncated: re-download or re-save it")
+            done += n
+        self.bytes_read += want
+
+    def close(self) -> None:
+        import os
+
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def evaluate(expr: Expr, reader: Reader):
+    """Compute ``expr`` as a contiguous torch tensor."""
+    import torch
+
+    from ckpt_ir.ir.dtypes import to_torch
+
+    if isinstance(expr, (Load, Concat)) and _fillable(expr):
+        out = torch.empty(expr.shape, dtype=to_torch(expr.dtype))
+        _fill(expr, out, reader)
+        return out
+    if isinstance(expr, Load):  # pragma: no cover - every Load is fillable
+        raise AssertionError
+    if isinstance(expr, Concat):
+        return torch.cat([evaluate(x, reader) for x in expr.xs], dim=expr.dim)
+    if isinstance(expr, Slice):
+        return evaluate(expr.x, reader).narrow(expr.dim, expr.start, expr.stop - expr.start).contiguous()
+    if isinstance(expr, Reshape):
+        return evaluate(expr.x, reader).reshape(expr.new_shape).contiguous()
+    if isinstance(expr, Transpose):
+        return evaluate(expr.x, reader).transpose(expr.dim0, expr.dim1).contiguous()
+    if isinstance(expr, Cast):
+        return evaluate(expr.x, reader).to(to_torch(expr.to))
+    if isinstance(expr, PadRows):
+        x = evaluate(expr.x, reader)
+        extra = expr.rows - x.shape[0]
+        return torch.cat([x, x[-1:].expand(extra, *x.shape[1:])], dim=0) if extra else x
+    if isinstance(expr, Add):
+        a = evaluate(expr.a, reader)
+        return (a.to(torch.float32) + evaluate(expr.b, reader).to(torch.float32)).to(a.dtype)
+    if isinstance(expr, Matmul):
+        return evaluate(expr.a, reader).to(torch.float32) @ evaluate(expr.b, reader).to(torch.float32)
+    if isinstance(expr, Scale):
+        return evaluate(expr.x, reader).to(torch.float32) * expr.factor
+    raise TypeError(f"cannot evaluate {type(expr).__name__}")
+
+
+def _fillable(expr: Expr) -> bool:
+    """Loads, and dim-0 concats of fillable nodes, can be read straight into the output buffer."""
+    if isinstance(expr, Load):
+        return True
+    if isinstance(expr, Concat):
+        return expr.dim == 0 or _leading_ones(expr, expr.dim)
+    return False
+
+
+def _leading_ones(expr: Expr, dim: int) -> bool:
+    return all(n == 1 for n in expr.shape[:dim])
+
+
+def _fill(expr: Expr, out, reader: Reader) -> None:
+    """Write ``expr`` into the contiguous tensor ``out`` (same shape and dtype)."""
+    import torch
+
+    if isinstance(expr, Load):
+        if expr.nbytes:
+            start, _ = expr.byte_range
+            reader.read_into(expr.path, start, memoryview(out.view(torch.uint8).reshape(-1).numpy()))
+        return
+    if isinstance(expr, Concat) and (expr.dim == 0 or _leading_ones(expr, expr.dim)):
+        pos = 0
+        for x in expr.xs:
+            n = x.shape[expr.dim]
+            _fill(x, out.narrow(expr.dim, pos, n), reader)
+            pos += n
+        return
+    out.copy_(evaluate(expr, reader))
+
+
+def is_floating(expr: Expr) -> bool:
+    return expr.dtype in FLOATING
+
+
+def contiguous_strides(shape: Shape) -> Shape:
+    return _strides(shape)

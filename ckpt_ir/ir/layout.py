@@ -1,0 +1,163 @@
+"""Layout: how the tensors of a checkpoint are arranged (format, parallel sizes, fusion, naming).
+
+Tensor parallelism shards individual tensors (see :mod:`ckpt_ir.ir.names` for which dim).
+Pipeline placement (PP, a per-stage layer list, VPP chunks, no-op layers) never changes a tensor:
+it only decides which rank file and which local layer number a layer's tensors are written under,
+and :func:`layer_slots` computes that from the Layout alone.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from ckpt_ir.errors import LayoutError
+from ckpt_ir.ir.spec import ModelSpec
+
+FORMATS = ("hf", "mcore")
+NORM_NAMES = ("local", "te")
+
+
+@attrs.frozen(kw_only=True)
+class Layout:
+    format: str = attrs.field(validator=attrs.validators.in_(FORMATS))
+    tp: int = 1
+    pp: int = 1
+    vpp_layers: int | None = None  # layers per virtual pipeline stage (Megatron's Lv)
+    num_layer_list: tuple[int, ...] | None = attrs.field(default=None, converter=attrs.converters.optional(tuple))
+    noop_layers: tuple[int, ...] = attrs.field(default=(), converter=lambda v: tuple(sorted(v)))
+    padded_vocab: int | None = None  # rows of embedding / output layer when padded
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    norm_names: str = attrs.field(default="local", validator=attrs.validators.in_(NORM_NAMES))
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("tp", "pp"):
+            if getattr(self, name) < 1:
+                raise LayoutError(f"layout: {name} must be >= 1, got {getattr(self, name)}")
+        if self.vpp_layers is not None and self.vpp_layers < 1:
+            raise LayoutError(f"layout: --vpp-layers must be >= 1, got {self.vpp_layers}")
+        if self.vpp_layers is not None and self.num_layer_list is not None:
+            raise LayoutError("layout: a virtual pipeline (--vpp-layers) and --num-layer-list cannot be combined")
+        if self.num_layer_list is not None and self.noop_layers:
+            raise LayoutError("layout: --noop-layers and --num-layer-list cannot be combined (Megatron rejects it)")
+        if self.num_layer_list is not None:
+            if len(self.num_layer_list) != self.pp:
+                raise LayoutError(f"layout: --num-layer-list has {len(self.num_layer_list)} entries but "
+                                  f"pipeline parallel size is {self.pp}; give one layer count per stage")
+            if any(n < 1 for n in self.num_layer_list):
+                raise LayoutError(f"layout: --num-layer-list {list(self.num_layer_list)} has a stage with no layers")
+        if self.vpp_layers is not None and self.pp < 2:
+            raise LayoutError("layout: a virtual pipeline (--vpp-layers) needs pipeline parallel size >= 2")
+        if any(i < 0 for i in self.noop_layers) or len(set(self.noop_layers)) != len(self.noop_layers):
+            raise LayoutError(f"layout: --noop-layers {list(self.noop_layers)} must be distinct non-negative indices")
+
+    @property
+    def sharded(self) -> bool:
+        return self.tp > 1
+
+    def describe(self) -> str:
+        parts = [self.format, f"tp={self.tp}", f"pp={self.pp}"]
+        if self.vpp_layers:
+            parts.append(f"vpp_layers={self.vpp_layers}")
+        if self.num_layer_list:
+            parts.append("num_layer_list=" + ",".join(map(str, self.num_layer_list)))
+        if self.noop_layers:
+            parts.append("noop=" + ",".join(map(str, self.noop_layers)))
+        if self.padded_vocab:
+            parts.append(f"padded_vocab={self.padded_vocab}")
+        parts.append("qkv=" + ("fused" if self.fused_qkv else "split"))
+        parts.append("gate_up=" + ("fused" if self.fused_gate_up else "split"))
+        if self.format == "mcore":
+            parts.append(f"norms={self.norm_names}")
+        return " ".join(parts)
+
+
+@attrs.frozen
+class LayerSlot:
+    """Where one Megatron layer lives: ``real`` is the model layer index (None for a no-op layer)."""
+
+    mcore_index: int
+    real: int | None
+    stage: int
+    chunk: int
+    local: int
+
+
+def mcore_num_layers(spec: ModelSpec, layout: Layout) -> int:
+    return spec.num_layers + len(layout.noop_layers)
+
+
+def num_chunks(spec: ModelSpec, layout: Layout) -> int:
+    if layout.vpp_layers is None:
+        return 1
+    return mcore_num_layers(spec, layout) // (layout.pp * layout.vpp_layers)
+
+
+def validate(spec: ModelSpec, layout: Layout) -> None:
+    """Every check that needs both spec and layout; raises LayoutError with a one-line reason."""
+    total = mcore_num_layers(spec, layout)
+    if layout.tp > 1:
+        if spec.num_heads % layout.tp:
+            raise LayoutError(f"layout: {spec.num_heads} attention heads are not divisible by tensor parallel "
+                              f"size {layout.tp}; choose a TP that divides the head count")
+        if spec.num_kv_heads % layout.tp:
+            raise LayoutError(f"layout: {spec.num_kv_heads} query groups (KV heads) are not divisible by tensor "
+                              f"parallel size {layout.tp}; choose a TP that divides the KV head count")
+        if spec.ffn_hidden_size % layout.tp:
+            raise LayoutError(f"layout: ffn hidden size {spec.ffn_hidden_size} is not divisible by tensor "
+                              f"parallel size {layout.tp}")
+        rows = layout.padded_vocab or spec.vocab_size
+        if rows % layout.tp:
+            raise LayoutError(f"layout: vocabulary of {rows} rows does not split evenly over tensor parallel size "
+                              f"{layout.tp}; pass --make-vocab-size-divisible-by to pad it")
+    if layout.padded_vocab is not None and layout.padded_vocab < spec.vocab_size:
+        raise LayoutError(f"layout: padded vocab {layout.padded_vocab} is smaller than the vocabulary {spec.vocab_size}")
+    bad = [i for i in layout.noop_layers if i >= total]
+    if bad:
+        raise LayoutError(f"layout: no-op layer indices {bad} are outside the {total} Megatron layers "
+                          f"({spec.num_layers} real + {len(layout.noop_layers)} no-op)")
+    if layout.num_layer_list is not None:
+        if sum(layout.num_layer_list) != total:
+            raise LayoutError(f"layout: --num-layer-list {list(layout.num_layer_list)} sums to "
+                              f"{sum(layout.num_layer_list)} but the model has {total} layers")
+    elif layout.vpp_layers is not None:
+        if total % (layout.pp * layout.vpp_layers):
+            raise LayoutError(f"layout: {total} layers do not split into pipeline size {layout.pp} x "
+                              f"{layout.vpp_layers} layers per virtual stage")
+    elif total % layout.pp:
+        raise LayoutError(f"layout: {total} layers do not split evenly over pipeline parallel size {layout.pp}; "
+                          f"pass --num-layer-list to give each stage its count")
+
+
+def layer_slots(spec: ModelSpec, layout: Layout) -> list[LayerSlot]:
+    """All Megatron layer positions in global order, with their stage/chunk/local index.
+
+    Real layers fill the non-no-op positions in order; local indices count every position of the
+    chunk (no-op ones included), so a chunk's stored layer numbers have gaps where no-ops sit.
+    """
+    validate(spec, layout)
+    total = mcore_num_layers(spec, layout)
+    noop = set(layout.noop_layers)
+    where: list[tuple[int, int, int]] = [(0, 0, 0)] * total  # stage, chunk, local
+    if layout.vpp_layers is not None:
+        lv = layout.vpp_layers
+        for g in range(total):
+            block, local = divmod(g, lv)
+            chunk, stage = divmod(block, layout.pp)
+            where[g] = (stage, chunk, local)
+    else:
+        counts = layout.num_layer_list or (total // layout.pp,) * layout.pp
+        g = 0
+        for stage, n in enumerate(counts):
+            for local in range(n):
+                where[g] = (stage, 0, local)
+                g += 1
+    slots, real = [], 0
+    for g in range(total):
+        stage, chunk, local = where[g]
+        if g in noop:
+            slots.append(LayerSlot(g, None, stage, chunk, local))
+        else:
+            slots.append(LayerSlot(g, real, stage, chunk, local))
+            real += 1
+    return slots

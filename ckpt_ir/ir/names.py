@@ -1,0 +1,128 @@
+"""Canonical tensor names and their tensor-parallel split rules.
+
+A canonical name is format-neutral: ``layers.3.attn.q.weight``.  Formats map onto it through name
+tables (see :class:`NameTable`); the inverse direction is derived from the same table, never
+written twice.
+
+Each canonical *role* (the name with the layer number replaced by ``{i}``) has a split rule that
+says how tensor parallelism cuts it: along which dim, and in how many equal blocks each rank takes
+its part from (fused gate/up is two blocks: rank r holds ``[gate_r; up_r]``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import attrs
+
+
+@attrs.frozen
+class Split:
+    """Tensor-parallel rule: cut ``dim`` into TP parts, taking each rank's part from every one of
+    ``blocks`` equal blocks (1 = a plain contiguous split)."""
+
+    dim: int
+    blocks: int = 1
+
+    def describe(self) -> str:
+        kind = "column" if self.dim == 0 else "row"
+        return kind if self.blocks == 1 else f"{kind}x{self.blocks}"
+
+
+COLUMN = Split(0)
+ROW = Split(1)
+COLUMN_BLOCKS2 = Split(0, 2)
+
+# role -> split rule (None = replicated on every TP rank)
+ROLES: dict[str, Split | None] = {
+    "embed.weight": COLUMN,
+    "lm_head.weight": COLUMN,
+    "final_norm.weight": None,
+    "layers.{i}.attn_norm.weight": None,
+    "layers.{i}.attn.q.weight": COLUMN,
+    "layers.{i}.attn.k.weight": COLUMN,
+    "layers.{i}.attn.v.weight": COLUMN,
+    "layers.{i}.attn.q.bias": COLUMN,
+    "layers.{i}.attn.k.bias": COLUMN,
+    "layers.{i}.attn.v.bias": COLUMN,
+    "layers.{i}.attn.qkv.weight": COLUMN,
+    "layers.{i}.attn.qkv.bias": COLUMN,
+    "layers.{i}.attn.o.weight": ROW,
+    "layers.{i}.attn.q_norm.weight": None,
+    "layers.{i}.attn.k_norm.weight": None,
+    "layers.{i}.post_attn_norm.weight": None,
+    "layers.{i}.mlp_norm.weight": None,
+    "layers.{i}.mlp.gate.weight": COLUMN,
+    "layers.{i}.mlp.up.weight": COLUMN,
+    "layers.{i}.mlp.gate_up.weight": COLUMN_BLOCKS2,
+    "layers.{i}.mlp.down.weight": ROW,
+    "layers.{i}.post_mlp_norm.weight": None,
+}
+
+VOCAB_ROLES = frozenset({"embed.weight", "lm_head.weight"})
+NORM_SUFFIX = "norm.weight"
+
+_LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")
+
+
+def split_layer(name: str) -> tuple[int | None, str]:
+    """``layers.3.attn.q.weight`` -> (3, ``attn.q.weight``); non-layer names -> (None, name)."""
+    m = _LAYER.match(name)
+    if m:
+        return int(m.group(1)), m.group(2)
+    return None, name
+
+
+def role_of(name: str) -> str:
+    layer, rest = split_layer(name)
+    return name if layer is None else "layers.{i}." + rest
+
+
+def layer_name(layer: int, rest: str) -> str:
+    return f"layers.{layer}.{rest}"
+
+
+def split_rule(name: str) -> Split | None:
+    role = role_of(name)
+    if role not in ROLES:
+        raise KeyError(f"no tensor-parallel rule for {name!r} (role {role!r})")
+    return ROLES[role]
+
+
+def is_norm(name: str) -> bool:
+    return name.endswith(NORM_SUFFIX)
+
+
+class NameTable:
+    """A bidirectional map between one format's tensor names and canonical names.
+
+    Built from ``(format_template, canonical_template)`` pairs whose placeholders are ``{i}``
+    (layer) and ``{e}`` (expert).  Lookup in either direction uses the same pairs.
+    """
+
+    def __init__(self, pairs: Iterable[tuple[str, str]]) -> None:
+        self.pairs = tuple(pairs)
+        self._fwd = [(_compile(f), c) for f, c in self.pairs]
+        self._inv = [(_compile(c), f) for f, c in self.pairs]
+
+    def to_canonical(self, name: str) -> str | None:
+        return _lookup(self._fwd, name)
+
+    def from_canonical(self, name: str) -> str | None:
+        return _lookup(self._inv, name)
+
+
+def _compile(template: str) -> re.Pattern[str]:
+    out = re.escape(template)
+    for ph in ("i", "e"):
+        out = out.replace(re.escape("{" + ph + "}"), f"(?P<{ph}>\\d+)")
+    return re.compile("^" + out + "$")
+
+
+def _lookup(table: list[tuple[re.Pattern[str], str]], name: str) -> str | None:
+    for pat, target in table:
+        m = pat.match(name)
+        if m:
+            return target.format(**m.groupdict())
+    return None

@@ -1,0 +1,117 @@
+"""IR dumps: text (one tensor per line, aligned), JSON, and Graphviz DOT of the expression graph."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from ckpt_ir.ir import expr as E
+from ckpt_ir.ir.checkpoint import Checkpoint
+
+
+def describe(e: E.Expr) -> str:
+    """Shortest useful description of where a tensor's bytes come from."""
+    if isinstance(e, E.Load):
+        rows = f"[{e.rows[0]}:{e.rows[1]}]" if e.rows else ""
+        return f"{os.path.basename(e.path)}:{e.key}{rows}"
+    if isinstance(e, E.Slice):
+        idx = ["_"] * len(e.x.shape)
+        idx[e.dim] = f"{e.start}:{e.stop}"
+        return f"{describe(e.x)}[{','.join(idx)}]" if e.dim else f"{describe(e.x)}[{e.start}:{e.stop}]"
+    if isinstance(e, E.Concat):
+        return f"cat{e.dim}(" + ", ".join(describe(x) for x in e.xs) + ")"
+    if isinstance(e, E.Reshape):
+        return f"reshape({describe(e.x)}, {list(e.new_shape)})"
+    if isinstance(e, E.Transpose):
+        return f"transpose({describe(e.x)}, {e.dim0}, {e.dim1})"
+    if isinstance(e, E.Cast):
+        return f"cast({describe(e.x)}, {e.to})"
+    if isinstance(e, E.PadRows):
+        return f"pad_rows({describe(e.x)}, {e.rows})"
+    if isinstance(e, E.Add):
+        return f"add({describe(e.a)}, {describe(e.b)})"
+    if isinstance(e, E.Matmul):
+        return f"matmul({describe(e.a)}, {describe(e.b)})"
+    if isinstance(e, E.Scale):
+        return f"scale({describe(e.x)}, {e.factor:g})"
+    return type(e).__name__
+
+
+def to_text(ckpt: Checkpoint) -> str:
+    lines = [f"// source: {ckpt.source}", f"// spec: {ckpt.spec.family} " + " ".join(
+        f"{k}={v}" for k, v in ckpt.spec.summary().items() if k != "family"),
+        f"// layout: {ckpt.layout.describe()}",
+        f"// tensors: {len(ckpt.tensors)}  bytes: {ckpt.nbytes}"]
+    rows = []
+    for name, t in ckpt.tensors.items():
+        place = "whole" if t.split is None or t.tp == 1 else f"tp{t.tp}:{t.split.describe()}"
+        src = describe(t.shards[0]) + (f"  (+{t.tp - 1} shards)" if t.tp > 1 else "")
+        rows.append((name, "x".join(map(str, t.shape)) or "scalar", t.dtype, place, src))
+    if rows:
+        w = [max(len(r[i]) for r in rows) for i in range(4)]
+        for r in rows:
+            lines.append(f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:<{w[2]}}  {r[3]:<{w[3]}}  {r[4]}")
+    for key, why in ckpt.dropped.items():
+        lines.append(f"// dropped {key}: {why}")
+    return "\n".join(lines) + "\n"
+
+
+def expr_json(e: E.Expr) -> dict[str, Any]:
+    d: dict[str, Any] = {"op": type(e).__name__.lower(), "shape": list(e.shape), "dtype": e.dtype}
+    if isinstance(e, E.Load):
+        d.update(path=e.path, key=e.key, offset=e.offset, rows=list(e.rows) if e.rows else None)
+    elif isinstance(e, E.Slice):
+        d.update(dim=e.dim, start=e.start, stop=e.stop)
+    elif isinstance(e, E.Concat):
+        d.update(dim=e.dim)
+    elif isinstance(e, E.Cast):
+        d.update(to=e.to)
+    elif isinstance(e, E.PadRows):
+        d.update(rows=e.rows)
+    elif isinstance(e, E.Transpose):
+        d.update(dims=[e.dim0, e.dim1])
+    elif isinstance(e, E.Scale):
+        d.update(factor=e.factor)
+    if e.children:
+        d["inputs"] = [expr_json(c) for c in e.children]
+    return d
+
+
+def to_json(ckpt: Checkpoint) -> str:
+    doc = {
+        "source": ckpt.source,
+        "spec": ckpt.spec.summary(),
+        "layout": {k: (list(v) if isinstance(v, tuple) else v) for k, v in _layout_dict(ckpt).items()},
+        "tensors": [{
+            "name": name, "shape": list(t.shape), "dtype": t.dtype,
+            "split": None if t.split is None or t.tp == 1 else {"dim": t.split.dim, "blocks": t.split.blocks, "tp": t.tp},
+            "shards": [expr_json(s) for s in t.shards],
+        } for name, t in ckpt.tensors.items()],
+        "dropped": ckpt.dropped,
+    }
+    return json.dumps(doc, indent=1)
+
+
+def _layout_dict(ckpt: Checkpoint) -> dict[str, Any]:
+    import attrs
+
+    return attrs.asdict(ckpt.layout)
+
+
+def to_dot(ckpt: Checkpoint) -> str:
+    from ckpt_ir.ir.graph import expression_graph
+
+    g = expression_graph(ckpt)
+    lines = ["digraph ckpt {", "  rankdir=LR;", "  node [shape=box, fontsize=10];"]
+    for n, data in g.nodes(data=True):
+        label = data.get("label", str(n)).replace('"', "'")
+        lines.append(f'  "{n}" [label="{label}"];')
+    for a, b in g.edges():
+        lines.append(f'  "{a}" -> "{b}";')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def render(ckpt: Checkpoint, fmt: str = "text") -> str:
+    return {"text": to_text, "json": to_json, "dot": to_dot}[fmt](ckpt)

@@ -1,0 +1,39 @@
+"""Expected full (unsharded) shape of every canonical role, from the ModelSpec and Layout."""
+
+from __future__ import annotations
+
+from ckpt_ir.ir.layout import Layout
+from ckpt_ir.ir.names import role_of
+from ckpt_ir.ir.spec import ModelSpec
+
+
+def expected_shape(spec: ModelSpec, layout: Layout, name: str) -> tuple[int, ...] | None:
+    """None when the role is unknown (the verifier reports it)."""
+    h, d, f = spec.hidden_size, spec.head_dim, spec.ffn_hidden_size
+    q, kv = spec.q_size, spec.kv_size
+    vocab = layout.padded_vocab or spec.vocab_size
+    table: dict[str, tuple[int, ...]] = {
+        "embed.weight": (vocab, h),
+        "lm_head.weight": (vocab, h),
+        "final_norm.weight": (h,),
+        "layers.{i}.attn_norm.weight": (h,),
+        "layers.{i}.attn.q.weight": (q, h),
+        "layers.{i}.attn.k.weight": (kv, h),
+        "layers.{i}.attn.v.weight": (kv, h),
+        "layers.{i}.attn.q.bias": (q,),
+        "layers.{i}.attn.k.bias": (kv,),
+        "layers.{i}.attn.v.bias": (kv,),
+        "layers.{i}.attn.qkv.weight": (q + 2 * kv, h),
+        "layers.{i}.attn.qkv.bias": (q + 2 * kv,),
+        "layers.{i}.attn.o.weight": (h, q),
+        "layers.{i}.attn.q_norm.weight": (d,),
+        "layers.{i}.attn.k_norm.weight": (d,),
+        "layers.{i}.post_attn_norm.weight": (h,),
+        "layers.{i}.mlp_norm.weight": (h,),
+        "layers.{i}.mlp.gate.weight": (f, h),
+        "layers.{i}.mlp.up.weight": (f, h),
+        "layers.{i}.mlp.gate_up.weight": (2 * f, h),
+        "layers.{i}.mlp.down.weight": (h, f),
+        "layers.{i}.post_mlp_norm.weight": (h,),
+    }
+    return table.get(role_of(name))

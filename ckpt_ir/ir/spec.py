@@ -1,0 +1,66 @@
+"""ModelSpec: the hyperparameters that decide tensor shapes and semantics, format-neutral."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from ckpt_ir.errors import LayoutError
+
+
+def _positive(_inst: Any, attribute: attrs.Attribute, value: int) -> None:
+    if value is None or value <= 0:
+        raise LayoutError(f"model spec: {attribute.name} must be a positive integer, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class ModelSpec:
+    """What a checkpoint *is*, independent of how it is stored.
+
+    ``num_layers`` counts real transformer layers (no-op padding layers are a Layout matter).
+    ``vocab_size`` is the true vocabulary; a padded embedding is described by the Layout.
+    ``extra`` carries the rest of the HF config (rope settings, token ids, ...) through unchanged.
+    """
+
+    family: str
+    num_layers: int = attrs.field(validator=_positive)
+    hidden_size: int = attrs.field(validator=_positive)
+    ffn_hidden_size: int = attrs.field(validator=_positive)
+    num_heads: int = attrs.field(validator=_positive)
+    num_kv_heads: int = attrs.field(validator=_positive)
+    head_dim: int = attrs.field(validator=_positive)
+    vocab_size: int = attrs.field(validator=_positive)
+    norm_eps: float = 1e-6
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    post_norms: bool = False
+    tied_embeddings: bool = False
+    activation: str = "silu"
+    dtype: str = "F32"
+    extra: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise LayoutError(f"model spec: num_heads={self.num_heads} is not a multiple of "
+                              f"num_kv_heads={self.num_kv_heads}")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def untied(self) -> bool:
+        return not self.tied_embeddings
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def summary(self) -> dict[str, Any]:
+        """The fields that decide shapes, for dumps (``extra`` left out)."""
+        return {f.name: getattr(self, f.name) for f in attrs.fields(ModelSpec) if f.name != "extra"}

@@ -1,0 +1,49 @@
+"""The IR verifier: run after every pass; raises VerifyError naming the tensor and the pass."""
+
+from __future__ import annotations
+
+from ckpt_ir.errors import VerifyError
+from ckpt_ir.ir import layout as L
+from ckpt_ir.ir.checkpoint import Checkpoint
+from ckpt_ir.ir.names import ROLES, role_of, split_layer
+from ckpt_ir.ir.shapes import expected_shape
+
+FUSED_ONLY = {"attn.qkv.weight", "attn.qkv.bias", "mlp.gate_up.weight"}
+SPLIT_ONLY = {"attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.q.bias", "attn.k.bias", "attn.v.bias",
+              "mlp.gate.weight", "mlp.up.weight"}
+
+
+def verify(ckpt: Checkpoint, after: str = "") -> None:
+    where = f" (after pass {after!r})" if after else ""
+    spec, layout = ckpt.spec, ckpt.layout
+    try:
+        L.validate(spec, layout)
+    except Exception as e:
+        raise VerifyError(f"{e}{where}") from None
+    for name, t in ckpt.tensors.items():
+        if t.name != name:
+            raise VerifyError(f"tensor stored under {name!r} is named {t.name!r}{where}")
+        role = role_of(name)
+        if role not in ROLES:
+            raise VerifyError(f"{name}: unknown tensor role {role!r}{where}")
+        layer, rest = split_layer(name)
+        if layer is not None and not 0 <= layer < spec.num_layers:
+            raise VerifyError(f"{name}: layer {layer} outside the model's {spec.num_layers} layers{where}")
+        fused_qkv = rest in ("attn.qkv.weight", "attn.qkv.bias")
+        fused_fc1 = rest == "mlp.gate_up.weight"
+        if (fused_qkv and not layout.fused_qkv) or (fused_fc1 and not layout.fused_gate_up):
+            raise VerifyError(f"{name}: fused tensor in a layout that says unfused{where}")
+        if rest.startswith("attn.") and rest in SPLIT_ONLY and layout.fused_qkv:
+            raise VerifyError(f"{name}: separate q/k/v tensor in a layout with fused QKV{where}")
+        if rest in ("mlp.gate.weight", "mlp.up.weight") and layout.fused_gate_up:
+            raise VerifyError(f"{name}: separate gate/up tensor in a layout with fused gate/up{where}")
+        want = expected_shape(spec, layout, name)
+        if want is not None and t.shape != want:
+            raise VerifyError(f"{name}: shape {list(t.shape)} but the spec implies {list(want)}{where}")
+        split = ROLES[role]
+        if t.tp > 1 and (split is None or t.tp != layout.tp):
+            raise VerifyError(f"{name}: {t.tp} shards in a layout with tp={layout.tp}{where}")
+        if split is not None and t.tp == 1 and layout.tp > 1:
+            raise VerifyError(f"{name}: not sharded in a layout with tp={layout.tp}{where}")
+    if spec.tied_embeddings and "lm_head.weight" in ckpt.tensors:
+        raise VerifyError(f"lm_head.weight present but embeddings are tied{where}")

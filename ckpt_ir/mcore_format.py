@@ -1,0 +1,184 @@
+"""Megatron-Core ``torch`` checkpoint conventions shared by its frontend and backend: the key
+table (local and Transformer-Engine norm names), rank directory names, and ``args``.
+
+Layout on disk (Megatron-LM ``get_checkpoint_name``; MindSpeed-LLM writes the same)::
+
+    latest_checkpointed_iteration.txt            "1"
+    iter_0000001/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt
+        {"args": Namespace, "checkpoint_version": 3.0, "iteration": 1, "model": {...}}
+        (with VPP: "model0" ... "model{V-1}")
+
+Layer numbers in keys are local to the stage / VPP chunk; no-op layers leave gaps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from typing import Any
+
+from ckpt_ir.ir.layout import Layout, mcore_num_layers, num_chunks
+from ckpt_ir.ir.names import NameTable
+from ckpt_ir.ir.spec import ModelSpec
+
+D = "decoder.layers.{i}."
+C = "layers.{i}."
+
+# Per-layer order follows MindSpeed-LLM's writer (norms, attention, then MLP), so rank files list
+# keys in the same order as that converter's.
+_LAYER_KEYS = (
+    (D + "input_layernorm.weight", C + "attn_norm.weight"),
+    (D + "pre_mlp_layernorm.weight", C + "mlp_norm.weight"),
+    (D + "post_attn_norm.weight", C + "post_attn_norm.weight"),
+    (D + "post_mlp_layernorm.weight", C + "post_mlp_norm.weight"),
+    (D + "self_attention.linear_qkv.weight", C + "attn.qkv.weight"),
+    (D + "self_attention.linear_proj.weight", C + "attn.o.weight"),
+    (D + "self_attention.linear_qkv.bias", C + "attn.qkv.bias"),
+    (D + "self_attention.q_layernorm.weight", C + "attn.q_norm.weight"),
+    (D + "self_attention.k_layernorm.weight", C + "attn.k_norm.weight"),
+    (D + "mlp.linear_fc1.weight", C + "mlp.gate_up.weight"),
+    (D + "mlp.linear_fc2.weight", C + "mlp.down.weight"),
+)
+_TE_NORMS = {
+    D + "input_layernorm.weight": D + "self_attention.linear_qkv.layer_norm_weight",
+    D + "pre_mlp_layernorm.weight": D + "mlp.linear_fc1.layer_norm_weight",
+}
+PRE_LAYERS = (("embedding.word_embeddings.weight", "embed.weight"),)
+POST_LAYERS = (("decoder.final_layernorm.weight", "final_norm.weight"), ("output_layer.weight", "lm_head.weight"))
+
+LOCAL_LAYER_TABLE = NameTable(_LAYER_KEYS)
+TE_LAYER_TABLE = NameTable((_TE_NORMS.get(m, m), c) for m, c in _LAYER_KEYS)
+GLOBAL_TABLE = NameTable(PRE_LAYERS + POST_LAYERS)
+LAYER_ROLE_ORDER = tuple(c for _, c in _LAYER_KEYS)
+
+EXTRA_STATE = "._extra_state"
+
+
+def layer_table(norm_names: str) -> NameTable:
+    return TE_LAYER_TABLE if norm_names == "te" else LOCAL_LAYER_TABLE
+
+
+def rank_dir(tp: int, pp: int, layout: Layout, ep: int = 0, ep_size: int = 1) -> str:
+    name = f"mp_rank_{tp:02d}"
+    if layout.pp > 1:
+        name += f"_{pp:03d}"
+    if ep_size > 1:
+        name += f"_{ep:03d}"
+    return name
+
+
+RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
+
+
+def iter_dir(iteration: int | str) -> str:
+    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# args
+
+# Attributes that describe the conversion or Megatron itself, never an HF config key.
+_NOT_HF = frozenset({
+    "num_layers", "ffn_hidden_size", "num_query_groups", "group_query_attention", "kv_channels",
+    "padded_vocab_size", "norm_epsilon", "normalization", "swiglu", "add_qkv_bias", "add_bias_linear",
+    "qk_layernorm", "untie_embeddings_and_output_weights", "position_embedding_type",
+    "use_rotary_position_embeddings", "rotary_base", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+    "expert_model_parallel_size", "expert_tensor_parallel_size", "num_layer_list", "noop_layers",
+    "num_layers_per_virtual_pipeline_stage", "virtual_pipeline_model_parallel_size", "vpp_size", "transformer_impl",
+    "model_type_hf", "ckpt_ir_family", "ckpt_ir_hf_config", "bf16", "fp16", "params_dtype", "iteration",
+    "load_model_type", "hf_path", "load_dir", "save_dir", "seq_length", "global_batch_size", "add_position_embedding",
+    "gradient_accumulation_fusion", "tokenizer_type", "qkv_type", "fc_type", "post_norm", "moe_grouped_gemm",
+    "moe_tp_extend_ep", "mla_mm_split", "mtp_num_layers", "first_k_dense_replace", "save_layer_by_layer",
+    "etp_valid_ckpts_list", "add_rmsnorm_offset", "use_mcore_models", "make_vocab_size_divisible_by",
+})
+
+
+def build_args(spec: ModelSpec, layout: Layout, hf_config: dict[str, Any] | None, family_ms_name: str) -> argparse.Namespace:
+    """``args`` for a rank file: the HF config's plain values (as MindSpeed-LLM stores them) plus
+    the Megatron fields that Megatron-LM and MindSpeed-LLM read back."""
+    ns = argparse.Namespace()
+    cfg = dict(hf_config or spec.extra)
+    for k, v in cfg.items():
+        if isinstance(v, (int, float, str, bool, list)) and k not in _NOT_HF:
+            setattr(ns, k, v)
+    total = mcore_num_layers(spec, layout)
+    fields: dict[str, Any] = {
+        "num_layers": total,
+        "hidden_size": spec.hidden_size,
+        "ffn_hidden_size": spec.ffn_hidden_size,
+        "num_attention_heads": spec.num_heads,
+        "num_query_groups": spec.num_kv_heads,
+        "num_key_value_heads": spec.num_kv_heads,
+        "group_query_attention": spec.num_kv_heads != spec.num_heads,
+        "kv_channels": spec.head_dim,
+        "vocab_size": spec.vocab_size,
+        "padded_vocab_size": layout.padded_vocab or spec.vocab_size,
+        "norm_epsilon": spec.norm_eps,
+        "normalization": "RMSNorm",
+        "swiglu": spec.activation == "silu",
+        "add_qkv_bias": spec.qkv_bias,
+        "add_bias_linear": False,
+        "qk_layernorm": spec.qk_norm,
+        "post_norm": spec.post_norms,
+        "untie_embeddings_and_output_weights": not spec.tied_embeddings,
+        "position_embedding_type": "rope",
+        "use_rotary_position_embeddings": True,
+        "tensor_model_parallel_size": layout.tp,
+        "pipeline_model_parallel_size": layout.pp,
+        "expert_model_parallel_size": 1,
+        "transformer_impl": "transformer_engine" if layout.norm_names == "te" else "local",
+        "bf16": spec.dtype == "BF16",
+        "fp16": spec.dtype == "F16",
+        "model_type_hf": family_ms_name,
+        "ckpt_ir_family": spec.family,
+        "ckpt_ir_hf_config": json.dumps(cfg, sort_keys=True),
+    }
+    if "rope_theta" in cfg:
+        fields["rotary_base"] = cfg["rope_theta"]
+    if layout.num_layer_list:
+        fields["num_layer_list"] = ",".join(map(str, layout.num_layer_list))
+    if layout.noop_layers:
+        fields["noop_layers"] = ",".join(map(str, layout.noop_layers))
+    if layout.vpp_layers:
+        fields["num_layers_per_virtual_pipeline_stage"] = layout.vpp_layers
+        fields["virtual_pipeline_model_parallel_size"] = num_chunks(spec, layout)
+    for k, v in fields.items():
+        setattr(ns, k, v)
+    return ns
+
+
+def int_list(value: Any) -> tuple[int, ...] | None:
+    """Megatron/MindSpeed store layer lists as '2,6', '[2, 6]', a list, or None."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    text = str(value).strip().strip("[]")
+    return tuple(int(v) for v in re.split(r"[,\s]+", text) if v) or None
+
+
+def hf_config_from_args(args: dict[str, Any]) -> dict[str, Any]:
+    """Recover the HF config: our own JSON copy when present, else the HF-style keys MindSpeed-LLM
+    copies into args (with its Megatron-named fields mapped back)."""
+    raw = args.get("ckpt_ir_hf_config")
+    if isinstance(raw, str):
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            pass
+    cfg = {k: v for k, v in args.items() if k not in _NOT_HF and isinstance(v, (int, float, str, bool, list))}
+    fallbacks = {
+        "num_hidden_layers": args.get("num_layers", 0) - len(int_list(args.get("noop_layers")) or ()),
+        "intermediate_size": args.get("ffn_hidden_size"),
+        "num_key_value_heads": args.get("num_query_groups") if args.get("group_query_attention") else None,
+        "head_dim": args.get("kv_channels"),
+        "rms_norm_eps": args.get("norm_epsilon"),
+        "tie_word_embeddings": (not args["untie_embeddings_and_output_weights"])
+        if "untie_embeddings_and_output_weights" in args else None,
+        "rope_theta": args.get("rotary_base"),
+    }
+    for k, v in fallbacks.items():
+        if cfg.get(k) is None and v is not None:
+            cfg[k] = v
+    return cfg

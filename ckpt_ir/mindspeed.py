@@ -1,0 +1,116 @@
+"""``ckpt-ir convert-ckpt``: a drop-in front end accepting MindSpeed-LLM ``convert_ckpt.py`` /
+``convert_ckpt_v2.py`` flags, running the same engine as ``ckpt-ir convert``.
+
+Semantics follow the v2 converter: tensors keep their dtype unless ``--params-dtype`` is given,
+no vocabulary padding unless ``--make-vocab-size-divisible-by`` is given, and for Megatron ->
+HF the layout (TP, PP, VPP, layer list, no-op layers) is read from the checkpoint's args.  When
+``--save-dir`` is an existing HF model directory (the v1 convention), the HF output goes to
+``<save-dir>/mg2hf`` and takes config and tokenizer files from ``<save-dir>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ckpt_ir.errors import UsageError
+
+# flags the original tools take that do not change the result here
+_IGNORED_VALUE = ("--model-type", "--tokenizer-model", "--loader", "--saver", "--max-queue-size", "--megatron-path",
+                  "--ckpt-cfg-path", "--ckpt-format", "--vocab-file", "--true-vocab-size", "--schedules-method",
+                  "--input-tp-rank", "--input-pp-rank", "--first-k-dense-replace", "--num-layers", "--spec")
+_IGNORED_FLAGS = ("--use-mcore-models", "--no-checking", "--save-layer-by-layer", "--load-checkpoint-loosely",
+                  "--add-qkv-bias", "--post-norm", "--w-pack", "--add-dense-bias", "--load-hf-from-config")
+_UNSUPPORTED_VALUE = {"--lora-load": "LoRA", "--mtp-num-layers": "MTP layers"}
+_UNSUPPORTED_FLAGS = {"--moe-grouped-gemm": "MoE grouped GEMM", "--moe-tp-extend-ep": "MoE TP-extend-EP",
+                      "--mla-mm-split": "MLA", "--save-lora-to-hf": "LoRA export"}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("convert-ckpt", help="MindSpeed-LLM convert_ckpt.py compatible front end",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load-model-type", choices=("hf", "mg", "optim"), default="hf")
+    p.add_argument("--save-model-type", choices=("hf", "mg", "megatron"), default="mg")
+    p.add_argument("--load-dir", required=True)
+    p.add_argument("--save-dir", required=True)
+    p.add_argument("--model-type-hf", default=None, help="family name (checked against the checkpoint)")
+    p.add_argument("--target-tensor-parallel-size", type=int, default=1)
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
+    p.add_argument("--target-expert-parallel-size", type=int, default=1)
+    p.add_argument("--expert-tensor-parallel-size", type=int, default=None)
+    p.add_argument("--num-layer-list", default=None)
+    p.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    p.add_argument("--noop-layers", default=None)
+    p.add_argument("--params-dtype", default=None, help="cast to fp16/bf16/fp32 (default: keep)")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=None)
+    p.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local")
+    p.add_argument("--hf-cfg-dir", default=None)
+    p.add_argument("--lora-r", type=int, default=None)
+    p.add_argument("--lora-alpha", type=float, default=None)
+    p.add_argument("--lora-target-modules", nargs="*", default=[])
+    p.add_argument("--overwrite", action="store_true", help="replace --save-dir if not empty")
+    for flag in _IGNORED_VALUE:
+        p.add_argument(flag, default=None, help=argparse.SUPPRESS)
+    for flag in _IGNORED_FLAGS:
+        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    for flag in _UNSUPPORTED_VALUE:
+        p.add_argument(flag, default=None, help=argparse.SUPPRESS)
+    for flag in _UNSUPPORTED_FLAGS:
+        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    from ckpt_ir.cli import add_ir_flags
+
+    add_ir_flags(p)
+    p.add_argument("--dry-run", action="store_true")
+
+
+def _list(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(x) for x in text.replace(" ", ",").split(",") if x)
+    except ValueError:
+        raise UsageError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    import ckpt_ir.api as ck
+    from ckpt_ir.cli import run_conversion
+    from ckpt_ir.families import by_name
+    from ckpt_ir.frontends.hf import read_config
+
+    for flag, what in {**_UNSUPPORTED_VALUE, **_UNSUPPORTED_FLAGS}.items():
+        if getattr(args, flag[2:].replace("-", "_")):
+            raise UsageError(f"convert-ckpt {flag}: {what} is not supported by this version of ckpt-ir")
+    if args.target_expert_parallel_size != 1 or (args.expert_tensor_parallel_size not in (None, 1,
+                                                 args.target_tensor_parallel_size)):
+        raise UsageError("convert-ckpt: expert parallelism is not supported by this version of ckpt-ir")
+    if args.load_model_type == "optim":
+        raise UsageError("convert-ckpt --load-model-type optim: distributed-optimizer state is not supported by "
+                         "this version of ckpt-ir")
+    to = "hf" if args.save_model_type == "hf" else "mcore"
+    save_dir, hf_cfg_dir = args.save_dir, args.hf_cfg_dir
+    if to == "hf" and os.path.isfile(os.path.join(save_dir, "config.json")):
+        hf_cfg_dir = hf_cfg_dir or save_dir
+        save_dir = os.path.join(save_dir, "mg2hf")
+        print(f"convert-ckpt: {args.save_dir} is an HF model directory; writing to {save_dir}", file=sys.stderr)
+    if to == "mcore":
+        target = ck.Target(to="mcore", dtype=args.params_dtype, tp=args.target_tensor_parallel_size,
+                           pp=args.target_pipeline_parallel_size,
+                           vpp_layers=args.num_layers_per_virtual_pipeline_stage,
+                           num_layer_list=_list(args.num_layer_list) or None, noop_layers=_list(args.noop_layers),
+                           vocab_divisible_by=args.make_vocab_size_divisible_by,
+                           norm_names="te" if args.transformer_impl == "transformer_engine" else "local")
+    else:
+        target = ck.Target(to="hf", dtype=args.params_dtype, hf_config_dir=hf_cfg_dir)
+    hf_config = read_config(hf_cfg_dir) if (hf_cfg_dir and args.load_model_type == "mg") else None
+    from ckpt_ir.io.atomic import check_destination
+
+    if not args.dry_run:
+        check_destination(save_dir, args.overwrite)
+    src = ck.load(args.load_dir, allow_unused=tuple(args.allow_unused), hf_config=hf_config)
+    if args.model_type_hf and by_name(args.model_type_hf).name != src.spec.family:
+        raise UsageError(f"convert-ckpt: --model-type-hf {args.model_type_hf} but {args.load_dir} is a "
+                         f"{src.spec.family} checkpoint")
+    args.dst, args.quiet, args.progress = save_dir, False, None
+    return run_conversion(src, target, args)

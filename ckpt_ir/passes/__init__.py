@@ -1,0 +1,13 @@
+"""Built-in passes.  Importing this package registers them; ``ckpt-ir passes`` lists them."""
+
+from ckpt_ir.passes import cast, fusion, layers, parallel, vocab  # noqa: F401
+from ckpt_ir.passes.manager import (  # noqa: F401
+    Instrumentation,
+    Option,
+    Pass,
+    PassManager,
+    Pipeline,
+    parse_pipeline,
+    register_pass,
+    registry,
+)

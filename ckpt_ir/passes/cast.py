@@ -1,0 +1,37 @@
+"""cast: change the dtype of floating-point tensors."""
+
+from __future__ import annotations
+
+import attrs
+
+from ckpt_ir.ir import expr as E
+from ckpt_ir.ir.checkpoint import Checkpoint
+from ckpt_ir.ir.dtypes import FLOATING, parse_dtype
+from ckpt_ir.ir.names import is_norm
+from ckpt_ir.passes.manager import Option, Pass, register_pass
+
+
+@register_pass
+class CastPass(Pass):
+    name = "cast"
+    summary = "Cast floating-point tensors to a dtype (norms optionally kept in fp32)"
+    description = ("Every floating tensor becomes a cast of its expression; integer tensors are untouched. "
+                   "A cast to the dtype a tensor already has disappears in simplification, so a no-op cast "
+                   "costs nothing and round trips stay bit-exact.")
+    options = (
+        Option("dtype", str, None, "target dtype: bf16, fp16 or fp32", required=True),
+        Option("keep-norms", bool, False, "keep normalisation weights in fp32"),
+    )
+    requires = "any layout"
+    guarantees = "floating tensors have the target dtype; spec.dtype updated"
+
+    def run(self, ckpt: Checkpoint) -> Checkpoint:
+        to = parse_dtype(self.opt("dtype"))
+        out = {}
+        for name, t in ckpt.tensors.items():
+            if t.dtype not in FLOATING:
+                out[name] = t
+                continue
+            want = "F32" if self.opt("keep-norms") and is_norm(name) else to
+            out[name] = t.map(lambda e, w=want: E.simplify(E.Cast(e, w)))
+        return ckpt.with_tensors(out, spec=attrs.evolve(ckpt.spec, dtype=to))

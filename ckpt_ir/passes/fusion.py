@@ -1,0 +1,137 @@
+"""fuse-qkv / unfuse-qkv, fuse-gate-up / unfuse-gate-up.
+
+Megatron's fused QKV interleaves per query group: for each of the ``ng`` groups, its ``nh/ng``
+query heads, then its key head, then its value head (``d`` rows each).  A TP split of dim 0 then
+gives every rank whole groups.  The fused gate/up tensor is ``[gate; up]``; its TP split takes a
+part of each half (see the ``mlp.gate_up`` split rule), which is Megatron's per-rank
+``[gate_r; up_r]`` layout.  Each fusion is one function; the unfused form is derived by slicing,
+so ``unfuse(fuse(x))`` simplifies back to the original loads.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from ckpt_ir.errors import VerifyError
+from ckpt_ir.ir import expr as E
+from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
+from ckpt_ir.ir.names import layer_name, split_layer
+from ckpt_ir.ir.spec import ModelSpec
+from ckpt_ir.passes.manager import Pass, register_pass
+
+
+def qkv_pieces(spec: ModelSpec) -> list[tuple[str, int, int]]:
+    """The fused QKV row order as (part, start row in that part, rows), group by group."""
+    d, hpg = spec.head_dim, spec.heads_per_group
+    out = []
+    for g in range(spec.num_kv_heads):
+        out += [("q", g * hpg * d, hpg * d), ("k", g * d, d), ("v", g * d, d)]
+    return out
+
+
+def _require_whole(ckpt: Checkpoint, name: str) -> None:
+    if ckpt.layout.tp != 1:
+        raise VerifyError(f"{name} needs whole tensors (tp=1); run gather first")
+
+
+def _rebuild(ckpt: Checkpoint, replace: dict[str, dict[str, E.Expr]], drop: set[str]) -> dict[str, TensorNode]:
+    """New tensor map: ``drop`` removed; each key of ``replace`` (an anchor tensor) is followed by
+    the new tensors it maps to, so output order stays layer-major."""
+    out: dict[str, TensorNode] = {}
+    for name, t in ckpt.tensors.items():
+        if name in replace:
+            for new_name, e in replace[name].items():
+                out[new_name] = TensorNode.whole(new_name, E.simplify(e))
+        if name not in drop:
+            out[name] = t
+    return out
+
+
+@register_pass
+class FuseQKV(Pass):
+    name = "fuse-qkv"
+    summary = "Fuse separate q/k/v (weights and biases) into Megatron's per-group interleaved linear_qkv"
+    requires = "tp=1, separate q/k/v"
+    guarantees = "layers.N.attn.qkv.{weight,bias} in per-query-group [q heads; k; v] order"
+
+    def run(self, ckpt: Checkpoint) -> Checkpoint:
+        _require_whole(ckpt, self.name)
+        replace: dict[str, dict[str, E.Expr]] = {}
+        drop: set[str] = set()
+        for name in ckpt.tensors:
+            layer, rest = split_layer(name)
+            if layer is None or rest not in ("attn.q.weight", "attn.q.bias"):
+                continue
+            kind = rest.split(".")[-1]
+            parts = {p: ckpt.tensors[layer_name(layer, f"attn.{p}.{kind}")].expr for p in "qkv"}
+            fused = E.Concat(tuple(E.Slice(parts[p], 0, a, a + n) for p, a, n in qkv_pieces(ckpt.spec)), 0)
+            replace[name] = {layer_name(layer, f"attn.qkv.{kind}"): fused}
+            drop |= {layer_name(layer, f"attn.{p}.{kind}") for p in "qkv"}
+        return ckpt.with_tensors(_rebuild(ckpt, replace, drop), layout=attrs.evolve(ckpt.layout, fused_qkv=True))
+
+
+@register_pass
+class UnfuseQKV(Pass):
+    name = "unfuse-qkv"
+    summary = "Split Megatron's per-group interleaved linear_qkv into separate q/k/v"
+    requires = "tp=1, fused QKV"
+    guarantees = "layers.N.attn.{q,k,v}.{weight,bias}; no fused QKV"
+
+    def run(self, ckpt: Checkpoint) -> Checkpoint:
+        _require_whole(ckpt, self.name)
+        replace: dict[str, dict[str, E.Expr]] = {}
+        for name, t in ckpt.tensors.items():
+            layer, rest = split_layer(name)
+            if layer is None or rest not in ("attn.qkv.weight", "attn.qkv.bias"):
+                continue
+            kind = rest.split(".")[-1]
+            chunks: dict[str, list[E.Expr]] = {"q": [], "k": [], "v": []}
+            pos = 0
+            for p, _a, n in qkv_pieces(ckpt.spec):
+                chunks[p].append(E.Slice(t.expr, 0, pos, pos + n))
+                pos += n
+            replace[name] = {layer_name(layer, f"attn.{p}.{kind}"): E.Concat(tuple(xs), 0) for p, xs in chunks.items()}
+        return ckpt.with_tensors(_rebuild(ckpt, replace, set(replace)),
+                                 layout=attrs.evolve(ckpt.layout, fused_qkv=False))
+
+
+@register_pass
+class FuseGateUp(Pass):
+    name = "fuse-gate-up"
+    summary = "Fuse separate gate/up projections into one [gate; up] linear_fc1"
+    requires = "tp=1, separate gate/up"
+    guarantees = "layers.N.mlp.gate_up.weight = [gate; up] (TP splits each half: Megatron's per-rank layout)"
+
+    def run(self, ckpt: Checkpoint) -> Checkpoint:
+        _require_whole(ckpt, self.name)
+        replace, drop = {}, set()
+        for name in ckpt.tensors:
+            layer, rest = split_layer(name)
+            if layer is None or rest != "mlp.gate.weight":
+                continue
+            up = layer_name(layer, "mlp.up.weight")
+            replace[name] = {layer_name(layer, "mlp.gate_up.weight"):
+                             E.Concat((ckpt.tensors[name].expr, ckpt.tensors[up].expr), 0)}
+            drop |= {name, up}
+        return ckpt.with_tensors(_rebuild(ckpt, replace, drop), layout=attrs.evolve(ckpt.layout, fused_gate_up=True))
+
+
+@register_pass
+class UnfuseGateUp(Pass):
+    name = "unfuse-gate-up"
+    summary = "Split a fused [gate; up] linear_fc1 into separate gate and up projections"
+    requires = "tp=1, fused gate/up"
+    guarantees = "layers.N.mlp.{gate,up}.weight; no fused gate/up"
+
+    def run(self, ckpt: Checkpoint) -> Checkpoint:
+        _require_whole(ckpt, self.name)
+        replace = {}
+        for name, t in ckpt.tensors.items():
+            layer, rest = split_layer(name)
+            if layer is None or rest != "mlp.gate_up.weight":
+                continue
+            f = t.shape[0] // 2
+            replace[name] = {layer_name(layer, "mlp.gate.weight"): E.Slice(t.expr, 0, 0, f),
+                             layer_name(layer, "mlp.up.weight"): E.Slice(t.expr, 0, f, 2 * f)}
+        return ckpt.with_tensors(_rebuild(ckpt, replace, set(replace)),
+                                 layout=attrs.evolve(ckpt.layout, fused_gate_up=False))

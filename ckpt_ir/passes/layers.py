@@ -1,0 +1,51 @@
+"""select-layers: keep a subset of layers (a small debug checkpoint from a big one)."""
+
+from __future__ import annotations
+
+import attrs
+
+from ckpt_ir.errors import UsageError, VerifyError
+from ckpt_ir.ir.checkpoint import Checkpoint
+from ckpt_ir.ir.names import layer_name, split_layer
+from ckpt_ir.passes.manager import Option, Pass, register_pass
+
+
+@register_pass
+class SelectLayers(Pass):
+    name = "select-layers"
+    summary = "Keep only the listed layers (negative = from the end), renumbered from 0; spec updated"
+    options = (Option("keep", tuple, None, "layer indices to keep, e.g. 0,1,-1", required=True),)
+    requires = "pp=1, no no-op layers"
+    guarantees = "spec.num_layers = number kept; layers renumbered 0..n-1 in the given order"
+
+    def run(self, ckpt: Checkpoint) -> Checkpoint:
+        if ckpt.layout.pp != 1 or ckpt.layout.noop_layers:
+            raise VerifyError("select-layers needs pp=1 and no no-op layers; run gather and remove-noop-layers first")
+        n = ckpt.spec.num_layers
+        keep = []
+        for i in self.opt("keep"):
+            j = i + n if i < 0 else i
+            if not 0 <= j < n:
+                raise UsageError(f"select-layers: layer {i} does not exist (the model has {n} layers)")
+            if j in keep:
+                raise UsageError(f"select-layers: layer {i} listed twice")
+            keep.append(j)
+        new_index = {old: new for new, old in enumerate(keep)}
+        out = {}
+        for name, t in ckpt.tensors.items():
+            layer, rest = split_layer(name)
+            if layer is None:
+                out[name] = t
+            elif layer in new_index:
+                new = layer_name(new_index[layer], rest)
+                out[new] = attrs.evolve(t, name=new)
+        out = dict(sorted(out.items(), key=lambda kv: _order(kv[0])))
+        spec = attrs.evolve(ckpt.spec, num_layers=len(keep))
+        cfg = dict(ckpt.hf_config) if ckpt.hf_config is not None else None
+        return ckpt.with_tensors(out, spec=spec, hf_config=cfg)
+
+
+def _order(name: str):
+    from ckpt_ir.frontends.hf import canonical_order
+
+    return canonical_order(name)

@@ -1,0 +1,94 @@
+"""shard / gather: tensor parallelism (cuts tensors) and pipeline placement (layout only)."""
+
+from __future__ import annotations
+
+import attrs
+
+from ckpt_ir.errors import UsageError, VerifyError
+from ckpt_ir.ir import layout as L
+from ckpt_ir.ir.checkpoint import Checkpoint, gather_exprs, shard_expr
+from ckpt_ir.ir.names import split_rule
+from ckpt_ir.passes.manager import Option, Pass, register_pass
+
+
+@register_pass
+class Shard(Pass):
+    name = "shard"
+    summary = "Split tensors over TP ranks and place layers on PP stages / VPP chunks"
+    description = ("Column-parallel tensors (qkv, fc1, embeddings, output layer) are cut on dim 0, row-parallel "
+                   "ones (linear_proj, fc2) on dim 1, norms are replicated.  Pipeline placement only sets the "
+                   "layout: an even split, a per-stage --num-layer-list, or VPP chunks of vpp-layers each.")
+    options = (
+        Option("tp", int, 1, "tensor parallel size"),
+        Option("pp", int, 1, "pipeline parallel size"),
+        Option("vpp-layers", int, None, "layers per virtual pipeline stage"),
+        Option("num-layer-list", tuple, None, "layers per pipeline stage, e.g. 2,6"),
+    )
+    requires = "tp=1, pp=1 (run gather first)"
+    guarantees = "split tensors have tp shards; layout tp/pp/vpp/num-layer-list set"
+
+    def run(self, ckpt: Checkpoint) -> Checkpoint:
+        if ckpt.layout.tp != 1 or ckpt.layout.pp != 1:
+            raise VerifyError("shard needs a gathered checkpoint (tp=1, pp=1); run gather first")
+        layout = attrs.evolve(ckpt.layout, tp=self.opt("tp"), pp=self.opt("pp"), vpp_layers=self.opt("vpp-layers"),
+                              num_layer_list=self.opt("num-layer-list"))
+        L.validate(ckpt.spec, layout)
+        tp = layout.tp
+        out = {}
+        for name, t in ckpt.tensors.items():
+            rule = split_rule(name)
+            if rule is None or tp == 1:
+                out[name] = t
+            else:
+                out[name] = attrs.evolve(t, shards=tuple(shard_expr(t.expr, rule, tp)), split=rule)
+        return ckpt.with_tensors(out, layout=layout)
+
+
+@register_pass
+class Gather(Pass):
+    name = "gather"
+    summary = "Join TP shards into whole tensors and drop pipeline placement (tp=1, pp=1)"
+    requires = "any layout"
+    guarantees = "tp=1, pp=1, no VPP or layer list; no-op layers and vocab padding unchanged"
+
+    def run(self, ckpt: Checkpoint) -> Checkpoint:
+        out = {}
+        for name, t in ckpt.tensors.items():
+            if t.tp == 1:
+                out[name] = attrs.evolve(t, split=None)
+            else:
+                out[name] = attrs.evolve(t, shards=(gather_exprs(t.shards, t.split),), split=None)
+        layout = attrs.evolve(ckpt.layout, tp=1, pp=1, vpp_layers=None, num_layer_list=None)
+        return ckpt.with_tensors(out, layout=layout)
+
+
+@register_pass
+class InsertNoopLayers(Pass):
+    name = "insert-noop-layers"
+    summary = "Insert identity (no-op) layers at global Megatron layer indices, for pipeline balance"
+    description = ("No-op layers have no parameters: nothing is written for them, and the real layers fill the "
+                   "other positions in order, so a stage's local layer numbers have gaps at no-op slots.")
+    options = (Option("layers", tuple, None, "global Megatron indices of the no-op layers, e.g. 94,95",
+                      required=True),)
+    requires = "no no-op layers yet; no --num-layer-list"
+    guarantees = "layout.noop_layers set; Megatron num_layers = real layers + no-op count"
+
+    def run(self, ckpt: Checkpoint) -> Checkpoint:
+        if ckpt.layout.noop_layers:
+            raise UsageError("insert-noop-layers: the checkpoint already has no-op layers; run remove-noop-layers first")
+        layout = attrs.evolve(ckpt.layout, noop_layers=self.opt("layers"))
+        L.validate(ckpt.spec, layout)
+        return ckpt.with_tensors(dict(ckpt.tensors), layout=layout)
+
+
+@register_pass
+class RemoveNoopLayers(Pass):
+    name = "remove-noop-layers"
+    summary = "Remove no-op layers (the real layers keep their order)"
+    requires = "pp=1 (run gather first)"
+    guarantees = "layout.noop_layers empty"
+
+    def run(self, ckpt: Checkpoint) -> Checkpoint:
+        if ckpt.layout.pp != 1:
+            raise VerifyError("remove-noop-layers changes stage contents; run gather first")
+        return ckpt.with_tensors(dict(ckpt.tensors), layout=attrs.evolve(ckpt.layout, noop_layers=()))

@@ -1,0 +1,65 @@
+"""pad-vocab / unpad-vocab: Megatron's padded vocabulary (extra rows repeat the last row)."""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+
+from ckpt_ir.errors import UsageError, VerifyError
+from ckpt_ir.ir import expr as E
+from ckpt_ir.ir.checkpoint import Checkpoint
+from ckpt_ir.ir.names import VOCAB_ROLES
+from ckpt_ir.passes.manager import Option, Pass, register_pass
+
+
+def padded_size(vocab: int, divisible_by: int, tp: int) -> int:
+    """Megatron's ``_vocab_size_with_padding``: round up to a multiple of divisible_by * tp."""
+    multiple = divisible_by * tp
+    return math.ceil(vocab / multiple) * multiple
+
+
+@register_pass
+class PadVocab(Pass):
+    name = "pad-vocab"
+    summary = "Pad embedding and output-layer rows (copies of the last row) to a padded vocab size"
+    options = (
+        Option("size", int, None, "padded row count"),
+        Option("divisible-by", int, None, "pad to a multiple of divisible-by x tp (Megatron's rule)"),
+        Option("tp", int, 1, "tensor parallel size used with divisible-by"),
+    )
+    requires = "tp=1, unpadded vocab"
+    guarantees = "embed/lm_head have layout.padded_vocab rows; spec.vocab_size is the true size"
+
+    def run(self, ckpt: Checkpoint) -> Checkpoint:
+        if ckpt.layout.tp != 1:
+            raise VerifyError("pad-vocab needs whole tensors; run gather first")
+        if ckpt.layout.padded_vocab:
+            raise VerifyError("pad-vocab: vocabulary is already padded; run unpad-vocab first")
+        size = self.opt("size")
+        if size is None:
+            if not self.opt("divisible-by"):
+                raise UsageError("pad-vocab needs size= or divisible-by=")
+            size = padded_size(ckpt.spec.vocab_size, self.opt("divisible-by"), self.opt("tp"))
+        if size < ckpt.spec.vocab_size:
+            raise UsageError(f"pad-vocab: size {size} is smaller than the vocabulary {ckpt.spec.vocab_size}")
+        out = {n: (t.map(lambda e: E.simplify(E.PadRows(e, size))) if n in VOCAB_ROLES else t)
+               for n, t in ckpt.tensors.items()}
+        padded = size if size != ckpt.spec.vocab_size else None
+        return ckpt.with_tensors(out, layout=attrs.evolve(ckpt.layout, padded_vocab=padded))
+
+
+@register_pass
+class UnpadVocab(Pass):
+    name = "unpad-vocab"
+    summary = "Trim embedding and output-layer rows back to the true vocab size"
+    requires = "tp=1"
+    guarantees = "embed/lm_head have spec.vocab_size rows"
+
+    def run(self, ckpt: Checkpoint) -> Checkpoint:
+        if ckpt.layout.tp != 1:
+            raise VerifyError("unpad-vocab needs whole tensors; run gather first")
+        v = ckpt.spec.vocab_size
+        out = {n: (t.map(lambda e: E.simplify(E.Slice(e, 0, 0, v))) if n in VOCAB_ROLES else t)
+               for n, t in ckpt.tensors.items()}
+        return ckpt.with_tensors(out, layout=attrs.evolve(ckpt.layout, padded_vocab=None))
