@@ -82,7 +82,7 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
             opts.append(f"vpp-layers={target.vpp_layers}")
         if target.num_layer_list:
             opts.append("num-layer-list=" + ",".join(map(str, target.num_layer_list)))
-        if target.tp > 1 or target.pp > 1:
+        if target.tp > 1 or target.pp > 1 or target.vpp_layers or target.num_layer_list:
             steps.append("shard{" + " ".join(opts) + "}")
     return parse_pipeline(",".join(steps)) if steps else Pipeline()
 

@@ -16,10 +16,7 @@ SPLIT_ONLY = {"attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.q.bias", 
 def verify(ckpt: Checkpoint, after: str = "") -> None:
     where = f" (after pass {after!r})" if after else ""
     spec, layout = ckpt.spec, ckpt.layout
-    try:
-        L.validate(spec, layout)
-    except Exception as e:
-        raise VerifyError(f"{e}{where}") from None
+    L.validate(spec, layout)  # LayoutError: the user asked for an impossible layout
     for name, t in ckpt.tensors.items():
         if t.name != name:
             raise VerifyError(f"tensor stored under {name!r} is named {t.name!r}{where}")
