@@ -1,0 +1,172 @@
+"""The CLI contract: convert/inspect/diff/passes/models/convert-ckpt, dumps and dry runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.test_hf_roundtrip import assert_same_tensors
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "ckpt_ir", *args], capture_output=True, text=True, timeout=300)
+    if check and r.returncode != 0:
+        raise AssertionError(f"ckpt-ir {' '.join(args)} exited {r.returncode}\n{r.stderr}")
+    return r
+
+
+def test_help_and_listings():
+    assert "convert" in cli("--help").stdout
+    out = cli("passes").stdout
+    for name in ("cast", "select-layers", "fuse-qkv", "unfuse-qkv", "fuse-gate-up", "unfuse-gate-up", "shard",
+                 "gather", "insert-noop-layers", "remove-noop-layers", "pad-vocab", "unpad-vocab"):
+        assert f"\n{name}\n" in "\n" + out, name
+    assert "requires:" in out and "guarantees:" in out
+    models = cli("models").stdout
+    for fam in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"):
+        assert fam in models
+
+
+def test_convert_prints_every_pass_with_print_ir_after_all(hf_cache, tmp_path):
+    src = hf_cache("qwen2")
+    r = cli("convert", src, str(tmp_path / "o"), "--to", "mcore", "--tp", "2", "--pp", "2", "--print-ir-after-all")
+    for p in ("fuse-qkv", "fuse-gate-up", "shard{tp=2 pp=2}"):
+        assert f"// ----- IR after {p} -----" in r.stdout
+    assert "layers.0.attn.qkv.weight" in r.stdout and "tp2:column" in r.stdout
+
+
+def test_print_before_after_and_dump_ir(hf_cache, tmp_path):
+    src = hf_cache("llama")
+    dump = tmp_path / "dump"
+    r = cli("convert", src, str(tmp_path / "o"), "--to", "mcore", "--tp", "2", "--print-ir-before", "fuse-qkv",
+            "--print-ir-after", "shard", "--dump-ir", str(dump), "--pass-stats")
+    assert "IR before fuse-qkv" in r.stdout and "IR after shard{tp=2}" in r.stdout
+    assert "IR after fuse-qkv" not in r.stdout
+    assert sorted(os.listdir(dump)) == ["00-input.txt", "01-fuse-qkv.txt", "02-fuse-gate-up.txt", "03-shard.txt"]
+    assert "tensors" in r.stdout and "ms" in r.stdout  # the stats table
+
+
+def test_pipeline_flag_replaces_the_derived_one(hf_cache, tmp_path):
+    src = hf_cache("llama")
+    dst = tmp_path / "o"
+    cli("convert", src, str(dst), "--to", "hf", "--pipeline", "select-layers{keep=0,-1},cast{dtype=bf16}")
+    cfg = json.load(open(dst / "config.json"))
+    assert cfg["num_hidden_layers"] == 2 and cfg["dtype"] == "bfloat16"
+    a, b = load_file(os.path.join(src, "model.safetensors")), load_file(str(dst / "model.safetensors"))
+    assert torch.equal(b["model.layers.1.mlp.down_proj.weight"], a["model.layers.3.mlp.down_proj.weight"].bfloat16())
+    assert "model.layers.2.mlp.down_proj.weight" not in b
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(dst))  # transformers accepts the smaller model
+
+
+def test_print_pipeline_can_be_pasted_back(hf_cache, tmp_path):
+    src = hf_cache("llama")
+    r = cli("convert", src, str(tmp_path / "a"), "--to", "mcore", "--tp", "2", "--noop-layers", "4", "--pp", "5",
+            "--print-pipeline")
+    line = next(x for x in r.stderr.splitlines() if x.startswith("pipeline: "))
+    text = line[len("pipeline: "):]
+    assert text == "fuse-qkv,fuse-gate-up,insert-noop-layers{layers=4},shard{tp=2 pp=5}"
+    cli("convert", src, str(tmp_path / "b"), "--to", "mcore", "--pipeline", text)
+    assert cli("diff", str(tmp_path / "a"), str(tmp_path / "b")).returncode == 0
+
+
+def test_dry_run_shows_the_plan_and_writes_nothing(hf_cache, tmp_path):
+    src = hf_cache("llama")
+    dst = tmp_path / "o"
+    out = cli("convert", src, str(dst), "--to", "mcore", "--tp", "2", "--dry-run").stdout
+    assert not dst.exists()
+    assert "iter_0000001/mp_rank_01/model_optim_rng.pt" in out
+    assert "decoder.layers.0.self_attention.linear_qkv.weight" in out and "model.safetensors:" in out
+    assert "bytes to write" in out and "estimated peak memory" in out
+
+
+def test_inspect_formats(hf_cache, tmp_path):
+    src = hf_cache("qwen3")
+    text = cli("inspect", src).stdout
+    assert "layers.0.attn.q_norm.weight" in text and "// layout: hf tp=1" in text
+    doc = json.loads(cli("inspect", src, "--format", "json").stdout)
+    assert doc["spec"]["family"] == "qwen3" and any(t["name"] == "embed.weight" for t in doc["tensors"])
+    dot = cli("inspect", src, "--format", "dot").stdout
+    assert dot.startswith("digraph") and "->" in dot
+    mc = str(tmp_path / "mc")
+    cli("convert", src, mc, "--to", "mcore", "--tp", "2", "--pp", "2")
+    doc = json.loads(cli("inspect", mc, "--format", "json").stdout)
+    assert doc["layout"]["tp"] == 2 and doc["layout"]["pp"] == 2
+
+
+def test_diff_finds_one_changed_element_across_formats(hf_cache, tmp_path):
+    src = hf_cache("llama")
+    mc = str(tmp_path / "mc")
+    cli("convert", src, mc, "--to", "mcore", "--tp", "2", "--pp", "2")
+    assert cli("diff", src, mc).returncode == 0
+    changed = str(tmp_path / "changed")
+    cli("convert", src, changed, "--to", "hf")
+    sd = load_file(os.path.join(changed, "model.safetensors"))
+    sd["model.layers.2.mlp.up_proj.weight"][5, 7] += 0.25
+    save_file(sd, os.path.join(changed, "model.safetensors"), metadata={"format": "pt"})
+    r = cli("diff", mc, changed, check=False)
+    assert r.returncode == 1
+    assert "layers.2.mlp.up.weight" in r.stdout and "1 element(s) differ" in r.stdout and "[5, 7]" in r.stdout
+    doc = json.loads(cli("diff", mc, changed, "--json", check=False).stdout)
+    assert doc["identical"] is False and [d["name"] for d in doc["different"]] == ["layers.2.mlp.up.weight"]
+    assert abs(doc["different"][0]["max_abs_diff"] - 0.25) < 1e-6
+
+
+def test_overwrite_replaces_existing_output(hf_cache, tmp_path):
+    src = hf_cache("llama")
+    dst = tmp_path / "o"
+    cli("convert", src, str(dst), "--to", "hf")
+    (dst / "stale.txt").write_text("x")
+    cli("convert", src, str(dst), "--to", "mcore", "--overwrite")
+    assert not (dst / "stale.txt").exists() and (dst / "latest_checkpointed_iteration.txt").read_text() == "1"
+
+
+def test_mindspeed_drop_in_flags(hf_cache, tmp_path):
+    src = hf_cache("qwen2", layers=4)
+    ms = tmp_path / "ms"
+    cli("convert-ckpt", "--use-mcore-models", "--model-type", "GPT", "--load-model-type", "hf", "--save-model-type",
+        "mg", "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2", "--num-layer-list", "1,3",
+        "--model-type-hf", "qwen25", "--load-dir", src, "--save-dir", str(ms), "--tokenizer-model", src)
+    ours = tmp_path / "ours"
+    cli("convert", src, str(ours), "--to", "mcore", "--tp", "2", "--pp", "2", "--num-layer-list", "1,3")
+    for rank in ("mp_rank_00_000", "mp_rank_01_001"):
+        a = torch.load(ms / "iter_0000001" / rank / "model_optim_rng.pt", weights_only=False)["model"]
+        b = torch.load(ours / "iter_0000001" / rank / "model_optim_rng.pt", weights_only=False)["model"]
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # back to HF, into an HF model directory as the v1 tool did: output lands in <save-dir>/mg2hf
+    hf_dir = tmp_path / "hfdir"
+    os.makedirs(hf_dir)
+    (hf_dir / "config.json").write_text(open(os.path.join(src, "config.json")).read())
+    cli("convert-ckpt", "--load-model-type", "mg", "--save-model-type", "hf", "--model-type-hf", "qwen25",
+        "--load-dir", str(ms), "--save-dir", str(hf_dir))
+    assert_same_tensors(src, str(hf_dir / "mg2hf"))
+    r = cli("convert-ckpt", "--load-dir", src, "--save-dir", str(tmp_path / "x"), "--model-type-hf", "llama2", check=False)
+    assert r.returncode == 2 and "is a qwen2 checkpoint" in r.stderr
+
+
+def test_plugin_pass_from_the_cli(hf_cache, tmp_path, monkeypatch):
+    plugin_dir = tmp_path / "plug"
+    plugin_dir.mkdir()
+    (plugin_dir / "my_passes.py").write_text(
+        "from ckpt_ir.passes import Pass, register_pass\n"
+        "@register_pass\n"
+        "class DropFirstLayerNormScale(Pass):\n"
+        "    name = 'noop-marker'\n"
+        "    summary = 'returns the checkpoint unchanged'\n"
+        "    def run(self, ckpt):\n"
+        "        return ckpt\n")
+    env = dict(os.environ, PYTHONPATH=f"{plugin_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    src = hf_cache("llama")
+    r = subprocess.run([sys.executable, "-m", "ckpt_ir", "convert", src, str(tmp_path / "o"), "--to", "hf",
+                        "--plugin", "my_passes", "--pipeline", "noop-marker", "--print-ir-after-all"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "IR after noop-marker" in r.stdout
+    r = cli("convert", src, str(tmp_path / "p"), "--to", "hf", "--plugin", "no_such_module_xyz", check=False)
+    assert r.returncode == 2 and "cannot import" in r.stderr
