@@ -38,12 +38,10 @@ class Progress:
 
 
 def tensor_bytes(expr: E.Expr, reader: E.Reader) -> memoryview:
-    import torch
-
-    t = E.evaluate(expr, reader)
-    if tuple(t.shape) != expr.shape:
-        raise CkptIrError(f"internal: evaluated shape {tuple(t.shape)} != planned {expr.shape}")
-    return memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy())
+    arr = E.evaluate_raw(expr, reader, scratch=True)
+    if tuple(arr.shape) != expr.shape:
+        raise CkptIrError(f"internal: evaluated shape {tuple(arr.shape)} != planned {expr.shape}")
+    return memoryview(arr.reshape(-1).view("u1"))
 
 
 def write_file(out: OutputFile, root: str, reader: E.Reader, progress: Progress) -> None:
@@ -81,14 +79,98 @@ def write_file(out: OutputFile, root: str, reader: E.Reader, progress: Progress)
     progress.advance(files=1)
 
 
-def execute(plan: Plan, dst: str, *, overwrite: bool = False, progress: bool = False) -> dict[str, float]:
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def assign(files: list[OutputFile], workers: int) -> list[list[OutputFile]]:
+    """Largest files first, each to the least-loaded worker (balanced bytes per worker)."""
+    loads: list[tuple[int, int]] = [(0, w) for w in range(workers)]
+    out: list[list[OutputFile]] = [[] for _ in range(workers)]
+    for f in sorted(files, key=lambda f: -f.nbytes):
+        size, w = min(loads)
+        out[w].append(f)
+        loads[w] = (size + f.nbytes, w)
+    return out
+
+
+def _worker(files: list[OutputFile], root: str, queue) -> None:
+    """Body of a worker process: write ``files``, report bytes, then done or the error."""
+    class Relay(Progress):
+        def advance(self, nbytes: int = 0, files: int = 0) -> None:
+            queue.put(("advance", nbytes, files))
+
+    try:
+        with E.Reader() as reader:
+            for f in files:
+                write_file(f, root, reader, Relay(0, 0, False))
+        queue.put(("done", reader.bytes_read, 0))
+    except CkptIrError as e:
+        queue.put(("error", e.exit_code, str(e)))
+    except BaseException as e:  # report anything; the parent raises it
+        queue.put(("error", 1, f"{type(e).__name__}: {e}"))
+
+
+def write_files(files: list[OutputFile], root: str, bar: Progress, workers: int) -> int:
+    """Write ``files`` under ``root`` with up to ``workers`` processes; returns bytes read."""
+    tensor_files = [f for f in files if f.kind in ("safetensors", "torch")]
+    workers = max(1, min(workers, len(tensor_files)))
+    if workers == 1:
+        with E.Reader() as reader:
+            for f in files:
+                write_file(f, root, reader, bar)
+            return reader.bytes_read
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(share, root, queue), daemon=True)
+             for share in assign(tensor_files, workers)]
+    for p in procs:
+        p.start()
+    read, running, error = 0, len(procs), None
+    try:
+        while running:
+            try:
+                kind, a, b = queue.get(timeout=1.0)
+            except Exception:  # queue.Empty: check nobody died without a word
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    raise CkptIrError("a worker process died (out of memory?); rerun with --workers 1") from None
+                continue
+            if kind == "advance":
+                bar.advance(a, b)
+            elif kind == "done":
+                read += a
+                running -= 1
+            else:
+                error = error or CkptIrError(b)
+                error.exit_code = a
+                running -= 1
+                for p in procs:
+                    p.terminate()
+                break
+    finally:
+        for p in procs:
+            p.join()
+    if error:
+        raise error
+    with E.Reader() as reader:  # small text files and copies, after the data
+        for f in files:
+            if f.kind not in ("safetensors", "torch"):
+                write_file(f, root, reader, bar)
+    return read
+
+
+def execute(plan: Plan, dst: str, *, overwrite: bool = False, progress: bool = False,
+            workers: int | None = None) -> dict[str, float]:
     """Write ``plan`` to ``dst`` atomically; returns simple statistics."""
     atomic.check_destination(dst, overwrite)
     atomic.check_free_space(dst, plan.nbytes)
     bar = Progress(sum(f.nbytes for f in plan.files if f.kind in ("safetensors", "torch")), len(plan.files), progress)
     t0 = time.monotonic()
-    with atomic.atomic_dir(dst, overwrite) as tmp, E.Reader() as reader:
-        for f in plan.files:
-            write_file(f, tmp, reader, bar)
-        read = reader.bytes_read
+    with atomic.atomic_dir(dst, overwrite) as tmp:
+        read = write_files(list(plan.files), tmp, bar, workers or default_workers())
     return {"seconds": time.monotonic() - t0, "bytes_written": plan.nbytes, "bytes_read": read}

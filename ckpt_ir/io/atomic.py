@@ -79,7 +79,10 @@ def atomic_dir(dst: str, overwrite: bool = False) -> Iterator[str]:
 
 
 def _fsync_dir(path: str) -> None:
-    for root, dirs, _files in os.walk(path):
+    """fsync every file and directory below ``path`` (data first, then the directory entries)."""
+    for root, dirs, files in os.walk(path):
+        for f in files:
+            _fsync_path(os.path.join(root, f))
         for d in dirs:
             _fsync_path(os.path.join(root, d))
     _fsync_path(path)

@@ -103,9 +103,7 @@ def write(path: str, entries: list[tuple[str, tuple[int, ...], str]], produce: C
             if len(buf) != want:
                 raise FormatError(f"{path}: tensor {name} produced {len(buf)} bytes, planned {want}")
             written += write_all(f, buf)
-        f.flush()
-        os.fsync(f.fileno())
-    return written
+    return written  # made durable by atomic_dir, which fsyncs every file before the rename
 
 
 def write_all(f, buf: memoryview) -> int:

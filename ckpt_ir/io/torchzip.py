@@ -10,17 +10,16 @@ held in memory; ``torch.load`` (including ``mmap=True``) reads the result.
 
 from __future__ import annotations
 
-import collections
+import argparse
 import math
 import os
-import pickle
 import struct
 import zipfile
 from collections.abc import Callable
 from typing import Any
 
 from ckpt_ir.errors import FormatError
-from ckpt_ir.io.safe_pickle import StorageRef, TensorRef, loads
+from ckpt_ir.io.safe_pickle import TensorRef, TorchDtype, loads
 from ckpt_ir.ir.dtypes import ITEMSIZE
 from ckpt_ir.ir.expr import Load
 
@@ -128,36 +127,86 @@ _STORAGE_NAMES = {
 }
 
 
-class _Storage:
-    __slots__ = ("tensor", "index")
-
-    def __init__(self, tensor: Tensor, index: int) -> None:
-        self.tensor, self.index = tensor, index
-
-
 def _pickle(obj: Any, tensors: list[Tensor]) -> bytes:
-    import io
+    """Pickle (protocol 2) a checkpoint object the way ``torch.save`` lays it out, without
+    importing torch: tensors become ``torch._utils._rebuild_tensor_v2`` calls on persistent
+    storage references.  Only the value types a checkpoint needs are supported."""
+    out = bytearray(b"\x80\x02")
 
-    import torch
+    def glob(module: str, name: str) -> None:
+        out.extend(b"c" + module.encode() + b"\n" + name.encode() + b"\n")
 
-    class P(pickle.Pickler):
-        def reducer_override(self, o: Any) -> Any:
-            if isinstance(o, Tensor):
-                st = _Storage(o, len(tensors))
-                tensors.append(o)
-                return (torch._utils._rebuild_tensor_v2,
-                        (st, 0, o.shape, _contiguous(o.shape), False, collections.OrderedDict()))
-            return NotImplemented
+    def save(v: Any) -> None:
+        if v is None:
+            out.extend(b"N")
+        elif v is True or v is False:
+            out.extend(b"\x88" if v else b"\x89")
+        elif isinstance(v, int):
+            if -(2**31) <= v < 2**31:
+                out.extend(b"J" + struct.pack("<i", v))
+            else:
+                raw = v.to_bytes((v.bit_length() + 8) // 8, "little", signed=True)
+                out.extend(b"\x8a" + bytes([len(raw)]) + raw)
+        elif isinstance(v, float):
+            out.extend(b"G" + struct.pack(">d", v))
+        elif isinstance(v, str):
+            raw = v.encode("utf-8", "surrogatepass")
+            out.extend(b"X" + struct.pack("<I", len(raw)) + raw)
+        elif isinstance(v, bytes):
+            glob("_codecs", "encode")
+            save(v.decode("latin1"))
+            save("latin1")
+            out.extend(b"\x86R")
+        elif isinstance(v, tuple):
+            out.extend(b"(")
+            for x in v:
+                save(x)
+            out.extend(b"t")
+        elif isinstance(v, list):
+            out.extend(b"](")
+            for x in v:
+                save(x)
+            out.extend(b"e")
+        elif isinstance(v, dict):
+            out.extend(b"}(")
+            for k, x in v.items():
+                save(k)
+                save(x)
+            out.extend(b"u")
+        elif isinstance(v, argparse.Namespace):
+            glob("argparse", "Namespace")
+            out.extend(b")\x81")
+            save(dict(vars(v)))
+            out.extend(b"b")
+        elif isinstance(v, Tensor):
+            index = len(tensors)
+            tensors.append(v)
+            glob("torch._utils", "_rebuild_tensor_v2")
+            out.extend(b"(")
+            out.extend(b"(")
+            save("storage")
+            glob("torch", _STORAGE_NAMES[v.dtype])
+            save(str(index))
+            save("cpu")
+            save(math.prod(v.shape))
+            out.extend(b"tQ")
+            save(0)
+            save(tuple(v.shape))
+            save(_contiguous(v.shape))
+            save(False)
+            glob("collections", "OrderedDict")
+            out.extend(b")R")
+            out.extend(b"tR")
+        elif isinstance(v, TorchDtype):
+            glob("torch", v.name)
+        elif type(v).__name__ == "dtype" and str(v).startswith("torch."):  # a real torch.dtype
+            glob("torch", str(v)[len("torch."):])
+        else:
+            raise TypeError(f"cannot write {type(v).__name__} into a checkpoint")
 
-        def persistent_id(self, o: Any) -> Any:
-            if isinstance(o, _Storage):
-                return ("storage", getattr(torch, _STORAGE_NAMES[o.tensor.dtype]), str(o.index), "cpu",
-                        math.prod(o.tensor.shape))
-            return None
-
-    buf = io.BytesIO()
-    P(buf, protocol=2).dump(obj)
-    return buf.getvalue()
+    save(obj)
+    out.extend(b".")
+    return bytes(out)
 
 
 def write(path: str, obj: Any, produce: Callable[[Tensor], memoryview]) -> int:
@@ -183,9 +232,7 @@ def write(path: str, obj: Any, produce: Callable[[Tensor], memoryview]) -> int:
                     written += write_all(w, buf)
             _put(zf, f"{archive}/version", b"3\n")
             _put(zf, f"{archive}/.data/serialization_id", b"0" * 40)
-        raw.flush()
-        os.fsync(raw.fileno())
-    return written
+    return written  # made durable by atomic_dir, which fsyncs every file before the rename
 
 
 def _put(zf: zipfile.ZipFile, name: str, data: bytes) -> None:

@@ -487,6 +487,14 @@ class Reader:
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
         self.bytes_read = 0
+        self._scratch = bytearray()
+
+    def scratch(self, nbytes: int) -> memoryview:
+        """A reusable buffer for the tensor being produced.  Reusing it matters: touching fresh
+        pages costs more than copying the data (the kernel zeroes every new page)."""
+        if len(self._scratch) < nbytes:
+            self._scratch = bytearray(nbytes)
+        return memoryview(self._scratch)[:nbytes]
 
     def fd(self, path: str) -> int:
         import os
@@ -528,30 +536,72 @@ class Reader:
 
 def evaluate(expr: Expr, reader: Reader):
     """Compute ``expr`` as a contiguous torch tensor."""
+    return to_torch_tensor(evaluate_raw(expr, reader), expr.dtype)
+
+
+def raw_dtype(dtype: str):
+    """The numpy integer type with the item size of ``dtype``: data movement never needs to know
+    what the bits mean, so it runs in numpy (fast to import) and torch is loaded only for math."""
+    import numpy as np
+
+    return np.dtype(f"<i{itemsize(dtype)}")
+
+
+def to_torch_tensor(raw, dtype: str):
     import torch
 
     from ckpt_ir.ir.dtypes import to_torch
 
-    if isinstance(expr, (Load, Concat)) and _fillable(expr):
-        out = torch.empty(expr.shape, dtype=to_torch(expr.dtype))
+    return torch.from_numpy(raw).view(to_torch(dtype))
+
+
+def from_torch_tensor(t, dtype: str):
+    import torch
+
+    width = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[itemsize(dtype)]
+    return t.contiguous().view(width).numpy()
+
+
+def evaluate_raw(expr: Expr, reader: Reader, *, scratch: bool = False):
+    """Compute ``expr`` as a contiguous numpy array of raw items (see :func:`raw_dtype`).
+
+    With ``scratch`` the result may live in the reader's reusable buffer: it is valid only until
+    the next ``scratch`` evaluation (the streaming writers consume it before asking again)."""
+    import numpy as np
+
+    if _fillable(expr):
+        if scratch:
+            out = np.frombuffer(reader.scratch(expr.nbytes), dtype=raw_dtype(expr.dtype)).reshape(expr.shape)
+        else:
+            out = np.empty(expr.shape, dtype=raw_dtype(expr.dtype))
         _fill(expr, out, reader)
         return out
-    if isinstance(expr, Load):  # pragma: no cover - every Load is fillable
-        raise AssertionError
     if isinstance(expr, Concat):
-        return torch.cat([evaluate(x, reader) for x in expr.xs], dim=expr.dim)
+        return np.concatenate([evaluate_raw(x, reader) for x in expr.xs], axis=expr.dim)
     if isinstance(expr, Slice):
-        return evaluate(expr.x, reader).narrow(expr.dim, expr.start, expr.stop - expr.start).contiguous()
+        x = evaluate_raw(expr.x, reader)
+        index = [slice(None)] * x.ndim
+        index[expr.dim] = slice(expr.start, expr.stop)
+        return np.ascontiguousarray(x[tuple(index)])
     if isinstance(expr, Reshape):
-        return evaluate(expr.x, reader).reshape(expr.new_shape).contiguous()
+        return evaluate_raw(expr.x, reader).reshape(expr.new_shape)
     if isinstance(expr, Transpose):
-        return evaluate(expr.x, reader).transpose(expr.dim0, expr.dim1).contiguous()
+        return np.ascontiguousarray(np.swapaxes(evaluate_raw(expr.x, reader), expr.dim0, expr.dim1))
+    if isinstance(expr, PadRows):
+        x = evaluate_raw(expr.x, reader)
+        extra = expr.rows - x.shape[0]
+        return np.concatenate([x, np.repeat(x[-1:], extra, axis=0)]) if extra else x
+    return from_torch_tensor(_evaluate_math(expr, reader), expr.dtype)
+
+
+def _evaluate_math(expr: Expr, reader: Reader):
+    """Nodes whose bits change: casts and LoRA arithmetic (fp32 accumulation), in torch."""
+    import torch
+
+    from ckpt_ir.ir.dtypes import to_torch
+
     if isinstance(expr, Cast):
         return evaluate(expr.x, reader).to(to_torch(expr.to))
-    if isinstance(expr, PadRows):
-        x = evaluate(expr.x, reader)
-        extra = expr.rows - x.shape[0]
-        return torch.cat([x, x[-1:].expand(extra, *x.shape[1:])], dim=0) if extra else x
     if isinstance(expr, Add):
         a = evaluate(expr.a, reader)
         return (a.to(torch.float32) + evaluate(expr.b, reader).to(torch.float32)).to(a.dtype)
@@ -563,7 +613,7 @@ def evaluate(expr: Expr, reader: Reader):
 
 
 def _fillable(expr: Expr) -> bool:
-    """Loads, and dim-0 concats of fillable nodes, can be read straight into the output buffer."""
+    """Loads, and concats along a contiguous dim, can be read straight into the output buffer."""
     if isinstance(expr, Load):
         return True
     if isinstance(expr, Concat):
@@ -576,22 +626,27 @@ def _leading_ones(expr: Expr, dim: int) -> bool:
 
 
 def _fill(expr: Expr, out, reader: Reader) -> None:
-    """Write ``expr`` into the contiguous tensor ``out`` (same shape and dtype)."""
-    import torch
-
+    """Write ``expr`` into the contiguous raw array ``out`` (same shape)."""
     if isinstance(expr, Load):
         if expr.nbytes:
             start, _ = expr.byte_range
-            reader.read_into(expr.path, start, memoryview(out.view(torch.uint8).reshape(-1).numpy()))
+            if out.flags.c_contiguous:
+                reader.read_into(expr.path, start, memoryview(out.reshape(-1).view("u1")))
+            else:  # a strided destination: read into a temporary, then copy
+                tmp = out.copy()
+                reader.read_into(expr.path, start, memoryview(tmp.reshape(-1).view("u1")))
+                out[...] = tmp
         return
     if isinstance(expr, Concat) and (expr.dim == 0 or _leading_ones(expr, expr.dim)):
         pos = 0
+        index = [slice(None)] * out.ndim
         for x in expr.xs:
             n = x.shape[expr.dim]
-            _fill(x, out.narrow(expr.dim, pos, n), reader)
+            index[expr.dim] = slice(pos, pos + n)
+            _fill(x, out[tuple(index)], reader)
             pos += n
         return
-    out.copy_(evaluate(expr, reader))
+    out[...] = evaluate_raw(expr, reader)
 
 
 def is_floating(expr: Expr) -> bool:

@@ -1,0 +1,259 @@
+"""Run a real megatron-core ``GPTModel`` on CPU as a logits oracle for ckpt-ir's Megatron output.
+
+Not a test module: ``tests/test_megatron_oracle.py`` runs ``python tests/mcore_harness.py JOB.json
+WORLD``, which imports megatron-core once and forks ``WORLD`` ranks joined by a gloo process group
+(file-store rendezvous, so no port has to be found).  For every
+case in the job all ranks initialise Megatron's model-parallel state with that case's TP/PP, build
+the model for their own (TP rank, PP stage) with the *local* layer spec, load the matching
+``mp_rank_TT[_PPP]/model_optim_rng.pt`` written by ckpt-ir, run a forward pass (through Megatron's
+pipeline schedule when PP > 1), gather the vocab-parallel logits over TP, and the rank holding
+the last stage's logits writes them out.  Each rank also records what ``load_state_dict`` said
+(missing / unexpected keys) so the test can assert that the checkpoint matched the model exactly.
+
+The model is configured from the *HF* config (the test's ground truth), never from the ``args``
+that ckpt-ir wrote, so a wrong value in ckpt-ir's output cannot configure the oracle to agree.
+
+megatron-core 0.16 assumes CUDA in a few places; the workarounds (no edits to megatron-core):
+* RNG: ``initialize_rng_tracker(inference_rng_tracker=True)`` instead of
+  ``model_parallel_cuda_manual_seed`` (which asserts CUDA);
+* ``torch.cuda.current_device`` returns the CPU device (rotary ``inv_freq``, p2p shape buffers);
+* an explicit boolean causal mask (True = masked), since the default one is built on "cuda";
+* everything runs under a ``TorchFunctionMode`` that maps "cuda" devices to CPU and makes
+  ``Tensor.cuda()`` a no-op (pipeline schedule buffers, tied-embedding sync with PP > 1);
+* ``torch.cuda.synchronize`` is a no-op (p2p communication calls it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import traceback
+import warnings
+
+
+def _cpu_device(value):
+    import torch
+
+    if isinstance(value, torch.device) and value.type == "cuda":
+        return torch.device("cpu")
+    if isinstance(value, str) and value.startswith("cuda"):
+        return "cpu"
+    return value
+
+
+def _make_cuda_to_cpu_mode():
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class CudaToCpu(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = dict(kwargs or {})
+            if func is torch.Tensor.cuda:
+                return args[0]
+            if "device" in kwargs:
+                kwargs["device"] = _cpu_device(kwargs["device"])
+            if func is torch.Tensor.to:
+                args = tuple(_cpu_device(a) for a in args)
+            return func(*args, **kwargs)
+
+    return CudaToCpu()
+
+
+def _patch_cuda() -> None:
+    import torch
+
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *a, **k: None
+
+
+def _transformer_config(case: dict, tp: int, pp: int, vpp: int | None):
+    import torch
+    import torch.nn.functional as F
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    hf = case["hf_config"]
+    heads = hf["num_attention_heads"]
+    return TransformerConfig(
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        ffn_hidden_size=hf["intermediate_size"],
+        kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
+        normalization="RMSNorm",
+        layernorm_epsilon=hf["rms_norm_eps"],
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=case["qkv_bias"],
+        qk_layernorm=case["qk_norm"],
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        sequence_parallel=False,
+        batch_p2p_comm=False,
+    )
+
+
+def _rope_theta(hf: dict) -> float:
+    params = hf.get("rope_parameters") or {}
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _rank_file(ckpt: str, tp_rank: int, pp_rank: int, pp: int) -> str:
+    with open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")) as fh:
+        it = fh.read().strip()
+    it_dir = "release" if it == "release" else f"iter_{int(it):07d}"
+    name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
+    return os.path.join(ckpt, it_dir, name, "model_optim_rng.pt")
+
+
+def _run_case(case: dict, rank: int) -> None:
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    tp, pp, vpp = case["tp"], case["pp"], case.get("vpp")
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 virtual_pipeline_model_parallel_size=vpp, create_gloo_process_groups=False)
+    try:
+        tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+        torch.manual_seed(1234)
+        config = _transformer_config(case, tp, pp, vpp)
+        spec = get_gpt_layer_local_spec(qk_layernorm=case["qk_norm"], normalization="RMSNorm")
+        tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+        chunks = vpp or 1
+        models = []
+        for v in range(chunks):
+            vp_stage = v if vpp else None
+            models.append(GPTModel(
+                config=config, transformer_layer_spec=spec, vocab_size=case["padded_vocab"],
+                max_sequence_length=case["hf_config"].get("max_position_embeddings", 128),
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                share_embeddings_and_output_weights=case["tied"], position_embedding_type="rope",
+                rotary_base=_rope_theta(case["hf_config"]), vp_stage=vp_stage,
+            ).eval())
+
+        blob = torch.load(_rank_file(case["ckpt"], tp_rank, pp_rank, pp), map_location="cpu", weights_only=False)
+        report = {"rank": rank, "tp_rank": tp_rank, "pp_rank": pp_rank, "chunks": []}
+        for v, model in enumerate(models):
+            sd = blob["model" if chunks == 1 else f"model{v}"]
+            res = model.load_state_dict(sd, strict=False)
+            report["chunks"].append({
+                "missing": sorted(res.missing_keys), "unexpected": sorted(res.unexpected_keys),
+                "loaded": len(sd), "params": sum(1 for _ in model.parameters()),
+            })
+        report["args"] = {k: v for k, v in vars(blob["args"]).items() if isinstance(v, (int, float, str, bool))}
+
+        ids = torch.tensor(case["input_ids"], dtype=torch.long)
+        b, s = ids.shape
+        pos = torch.arange(s).unsqueeze(0).expand(b, s)
+        mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), diagonal=1)
+
+        with torch.no_grad():
+            if pp == 1:
+                logits = models[0](ids, pos, mask)
+            else:
+                def step(data_iter, model):
+                    i, p, m = next(data_iter)
+                    out = model(i, p, m)
+                    return out, lambda o, non_loss_data=False: o.detach().clone()
+
+                # one sequence per microbatch (the interleaved schedule needs >= PP microbatches)
+                micro = [(ids[j:j + 1], pos[j:j + 1], mask) for j in range(b)]
+                data = [iter(micro) for _ in models]  # every model chunk reads its own iterator
+                got = get_forward_backward_func()(
+                    forward_step_func=step, data_iterator=data if vpp else data[0],
+                    model=models if vpp else models[0], num_microbatches=b, seq_length=s,
+                    micro_batch_size=1, forward_only=True, collect_non_loss_data=True)
+                logits = torch.cat(got, dim=0) if ps.is_pipeline_last_stage(ignore_virtual=True) else None
+
+        if logits is not None:
+            group = ps.get_tensor_model_parallel_group()
+            parts = [torch.empty_like(logits) for _ in range(tp)]
+            dist.all_gather(parts, logits.contiguous(), group=group)
+            logits = torch.cat(parts, dim=-1)  # output_layer is vocab-parallel: [b, s, V/tp] per rank
+            report["logits_from_rank"] = True
+            if tp_rank == 0 and ps.get_data_parallel_rank() == 0:
+                torch.save(logits, case["out"])
+        with open(f"{case['out']}.rank{rank}.json", "w") as fh:
+            json.dump(report, fh)
+    finally:
+        dist.barrier()
+        ps.destroy_model_parallel()
+
+
+def _worker(job: dict, rank: int, world: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        _patch_cuda()
+        dist.init_process_group("gloo", init_method="file://" + job["store"], rank=rank, world_size=world)
+        with _make_cuda_to_cpu_mode():
+            for case in job["cases"]:
+                _run_case(case, rank)
+        dist.destroy_process_group()
+    except BaseException:
+        print(f"mcore_harness: rank {rank} of {world}:", file=sys.stderr)
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)  # never wait in a collective for ranks that are still alive
+    os._exit(0)
+
+
+def main(argv: list[str]) -> int:
+    """``mcore_harness.py JOB.json WORLD``: import torch and megatron-core once, then fork WORLD
+    ranks (imports cost ~7 s per process on a small CPU box; forked ranks share them)."""
+    job_path, world = argv[0], int(argv[1])
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    warnings.filterwarnings("ignore")
+    import torch
+
+    torch.set_num_threads(1)
+    import megatron.core.models.gpt  # noqa: F401  (imported before fork, shared by all ranks)
+    import megatron.core.pipeline_parallel  # noqa: F401
+
+    with open(job_path) as fh:
+        job = json.load(fh)
+    pids = {}
+    for rank in range(world):
+        pid = os.fork()
+        if pid == 0:
+            _worker(job, rank, world)  # never returns
+        pids[pid] = rank
+    failed: list[int] = []
+    while pids:
+        pid, status = os.wait()
+        rank = pids.pop(pid)
+        if os.waitstatus_to_exitcode(status) != 0 and not failed:
+            failed.append(rank)
+            for other in pids:  # the others would block in a collective forever
+                os.kill(other, signal.SIGKILL)
+    if failed:
+        print(f"mcore_harness: rank {failed[0]} failed; the other ranks were stopped", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

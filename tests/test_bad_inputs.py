@@ -1,0 +1,554 @@
+"""Bad inputs through the real command line.
+
+Every broken checkpoint or impossible request must end the same way: exit code 1 (2 for usage
+errors), exactly one ``ckpt-ir: error: ...`` line on stderr that names the file / tensor at fault,
+no Python traceback, and nothing at the destination -- neither DST nor a hidden
+``.DST.ckpt-ir-tmp-*`` sibling.
+
+Fixtures are tiny checkpoints built offline once per session (an HF Llama via transformers, and a
+TP=2 PP=2 Megatron-Core copy made by ``ckpt-ir convert``); every test corrupts its own copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TMP_TAG = ".ckpt-ir-tmp-"
+CLI_TIMEOUT = 180  # a hang fails the test instead of blocking CI
+ERROR_PREFIX = "ckpt-ir: error:"
+MCORE_ITER = "iter_0000001"
+
+# ---------------------------------------------------------------------------------------------
+# helpers (kept local: tests/conftest.py belongs to the project)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def cli(*args: object, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ckpt_ir", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=_env(), cwd=str(REPO), stdin=subprocess.DEVNULL)
+
+
+def convert(src: Path, dst: Path, *flags: object, to: str = "mcore") -> subprocess.CompletedProcess:
+    return cli("convert", src, dst, "--to", to, *flags)
+
+
+def tmp_siblings(dst: Path) -> list[str]:
+    if not dst.parent.is_dir():
+        return []
+    return sorted(n for n in os.listdir(dst.parent) if n.startswith(f".{dst.name}{TMP_TAG}"))
+
+
+def assert_clean_error(res: subprocess.CompletedProcess, dst: Path | None, *, code: int = 1,
+                       names: tuple[str, ...] = ()) -> str:
+    """The one-line error contract; returns the message."""
+    err = res.stderr
+    assert "Traceback" not in err, f"traceback on stderr:\n{err}"
+    assert res.returncode == code, f"exit code {res.returncode}, expected {code}\nstderr:\n{err}"
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ERROR_PREFIX in ln]
+    assert len(errors) == 1, f"expected exactly one '{ERROR_PREFIX}' line, got:\n{err}"
+    assert errors[0].startswith(ERROR_PREFIX) and lines[-1] == errors[0], f"error is not the last line:\n{err}"
+    msg = errors[0]
+    for n in names:
+        assert str(n) in msg, f"error message does not name {n!r}: {msg}"
+    if dst is not None:
+        assert not dst.exists(), f"{dst} was left behind"
+        assert not tmp_siblings(dst), f"temporary directories left behind: {tmp_siblings(dst)}"
+    return msg
+
+
+def assert_ok(res: subprocess.CompletedProcess) -> None:
+    assert res.returncode == 0 and "Traceback" not in res.stderr, f"exit {res.returncode}\n{res.stderr}"
+
+
+def _fixture_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.getbasetemp() / "ckpt_ir_fixtures"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def build_tiny_hf(tmp_path_factory) -> Path:
+    """A 2-layer Llama (hidden 64, 4 heads, 2 KV heads, vocab 128), built once per session and
+    shared with test_safety.py through the session's base temp dir."""
+    root = _fixture_root(tmp_path_factory)
+    d, done = root / "hf_tiny", root / "hf_tiny.complete"
+    if not done.exists():
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        shutil.rmtree(d, ignore_errors=True)
+        torch.manual_seed(0)
+        cfg = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+        AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(d)
+        done.touch()
+    return d
+
+
+def build_tiny_mcore(tmp_path_factory) -> Path:
+    """The tiny HF model as a Megatron-Core TP=2 PP=2 checkpoint (made by ckpt-ir itself)."""
+    root = _fixture_root(tmp_path_factory)
+    d, done = root / "mcore_tp2pp2", root / "mcore_tp2pp2.complete"
+    if not done.exists():
+        shutil.rmtree(d, ignore_errors=True)
+        assert_ok(convert(build_tiny_hf(tmp_path_factory), d, "--tp", 2, "--pp", 2, "--quiet"))
+        done.touch()
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory) -> Path:
+    return build_tiny_hf(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_mcore(tmp_path_factory) -> Path:
+    return build_tiny_mcore(tmp_path_factory)
+
+
+@pytest.fixture
+def hf_src(tiny_hf, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_hf, tmp_path / "src"))
+
+
+@pytest.fixture
+def mcore_src(tiny_mcore, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_mcore, tmp_path / "src"))
+
+
+@pytest.fixture
+def dst(tmp_path) -> Path:
+    return tmp_path / "out"
+
+
+def read_st(path: Path) -> tuple[int, dict, bytes]:
+    """(header length, header dict, data bytes) of a safetensors file."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return n, json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def write_st(path: Path, header: dict, data: bytes) -> None:
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def rewrite_tensors(path: Path, edit) -> None:
+    """Load a safetensors file's tensors, let ``edit`` change the dict, save it back."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. corrupt safetensors files
+
+
+@pytest.mark.parametrize("keep", ["half", "in_header", "five_bytes", "empty"])
+def test_truncated_safetensors(hf_src, dst, keep):
+    f = hf_src / "model.safetensors"
+    n, _, _ = read_st(f)
+    size = {"half": f.stat().st_size // 2, "in_header": 8 + n // 2, "five_bytes": 5, "empty": 0}[keep]
+    with open(f, "r+b") as fh:
+        fh.truncate(size)
+    msg = assert_clean_error(convert(hf_src, dst), dst, names=("model.safetensors",))
+    assert "truncated" in msg or "corrupt" in msg, msg
+
+
+def test_truncated_safetensors_names_tensor(hf_src, dst):
+    f = hf_src / "model.safetensors"
+    _, header, _ = read_st(f)
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size - 4)
+    assert_clean_error(convert(hf_src, dst), dst, names=("model.safetensors", last))
+
+
+@pytest.mark.parametrize("garbage", [b"{this is not json", b"\xff\xfe\xfd\xfc binary", b"[1, 2, 3]",
+                                     b'{"__metadata__": 7}'])
+def test_corrupt_header(hf_src, dst, garbage):
+    f = hf_src / "model.safetensors"
+    n, _, data = read_st(f)
+    raw = garbage + b" " * (n - len(garbage))  # same length: only the content is wrong
+    f.write_bytes(struct.pack("<Q", n) + raw + data)
+    assert_clean_error(convert(hf_src, dst), dst, names=("model.safetensors",))
+
+
+@pytest.mark.parametrize("claim", ["size_plus_1", "2**64-1"])
+def test_header_length_larger_than_file(hf_src, dst, claim):
+    f = hf_src / "model.safetensors"
+    raw = f.read_bytes()
+    n = {"size_plus_1": len(raw) + 1, "2**32": 2**32, "2**63": 2**63, "2**64-1": 2**64 - 1}[claim]
+    f.write_bytes(struct.pack("<Q", n) + raw[8:])
+    msg = assert_clean_error(convert(hf_src, dst), dst, names=("model.safetensors",))
+    assert "header" in msg, msg
+
+
+def test_oversized_header(hf_src, dst):
+    """A header past the 100 MiB spec limit is refused before it is parsed -- even when it is
+    perfectly valid JSON that the file really contains."""
+    f = hf_src / "model.safetensors"
+    body = b'{"__metadata__": {"format": "pt"}'
+    n = 100 * 1024 * 1024 + 64
+    with open(f, "wb") as fh:
+        fh.write(struct.pack("<Q", n))
+        fh.write(body)
+        left, chunk = n - len(body) - 1, b" " * (1 << 20)
+        while left > 0:
+            left -= fh.write(chunk[:left])
+        fh.write(b"}")
+    msg = assert_clean_error(convert(hf_src, dst), dst, names=("model.safetensors",))
+    assert "header" in msg, msg
+
+
+def _edit_entry(f: Path, key: str, edit) -> None:
+    _, header, data = read_st(f)
+    edit(header[key])
+    write_st(f, header, data)
+
+
+@pytest.mark.parametrize("how", ["short_span", "wrong_dtype", "wrong_shape", "reversed", "past_end", "unknown_dtype",
+                                 "missing_field"])
+def test_data_offsets_do_not_match(hf_src, dst, how):
+    key = "model.layers.1.self_attn.o_proj.weight"
+    f = hf_src / "model.safetensors"
+
+    def edit(e):
+        a, b = e["data_offsets"]
+        if how == "short_span":
+            e["data_offsets"] = [a, b - 4]
+        elif how == "wrong_dtype":
+            e["dtype"] = "F16"
+        elif how == "wrong_shape":
+            e["shape"] = [64, 32]
+        elif how == "reversed":
+            e["data_offsets"] = [b, a]
+        elif how == "past_end":
+            e["data_offsets"] = [a + 10**9, b + 10**9]
+        elif how == "unknown_dtype":
+            e["dtype"] = "F31"
+        elif how == "missing_field":
+            del e["data_offsets"]
+
+    _edit_entry(f, key, edit)
+    assert_clean_error(convert(hf_src, dst), dst, names=("model.safetensors", key))
+
+
+def test_overlapping_tensors(hf_src, dst):
+    f = hf_src / "model.safetensors"
+    a_key, b_key = "model.layers.0.self_attn.o_proj.weight", "model.layers.0.self_attn.q_proj.weight"
+    _, header, data = read_st(f)
+    header[b_key]["data_offsets"] = list(header[a_key]["data_offsets"])  # same shape [64, 64]
+    write_st(f, header, data)
+    msg = assert_clean_error(convert(hf_src, dst), dst, names=("model.safetensors",))
+    assert a_key in msg or b_key in msg, msg
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. sharded index problems
+
+
+def _write_index(src: Path, remap: dict[str, str]) -> Path:
+    _, header, _ = read_st(src / "model.safetensors")
+    weight_map = {k: "model.safetensors" for k in header if k != "__metadata__"}
+    weight_map.update(remap)
+    index = src / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    return index
+
+
+def test_index_names_missing_shard(hf_src, dst):
+    _write_index(hf_src, {"model.norm.weight": "model-00002-of-00002.safetensors"})
+    assert_clean_error(convert(hf_src, dst), dst,
+                       names=("model.safetensors.index.json", "model-00002-of-00002.safetensors"))
+
+
+@pytest.mark.parametrize("where", ["dotdot", "absolute", "subdir_dotdot", "symlink_out"])
+def test_index_escapes_directory(hf_src, dst, tmp_path, where):
+    outside = tmp_path / "x.safetensors"  # a real, valid file: only the path is wrong
+    shutil.copyfile(hf_src / "model.safetensors", outside)
+    if where == "dotdot":
+        name = "../x.safetensors"
+    elif where == "absolute":
+        name = str(outside)
+    elif where == "subdir_dotdot":
+        (hf_src / "sub").mkdir()
+        name = "sub/../../x.safetensors"
+    else:
+        (hf_src / "link.safetensors").symlink_to(outside)
+        name = "link.safetensors"
+    _write_index(hf_src, {"model.norm.weight": name})
+    msg = assert_clean_error(convert(hf_src, dst), dst, names=("model.safetensors.index.json",))
+    assert name in msg, msg
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"metadata": {}}', '{"weight_map": {"model.norm.weight": 5}}'])
+def test_invalid_index(hf_src, dst, content):
+    (hf_src / "model.safetensors.index.json").write_text(content)
+    assert_clean_error(convert(hf_src, dst), dst, names=("model.safetensors.index.json",))
+
+
+def test_duplicate_tensor_across_shards(hf_src, dst):
+    shutil.copyfile(hf_src / "model.safetensors", hf_src / "model-copy.safetensors")
+    assert_clean_error(convert(hf_src, dst), dst, names=("model.safetensors",))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. checkpoint does not match its config / no usable config
+
+
+def test_tensor_shape_does_not_match_config(hf_src, dst):
+    import torch
+
+    key = "model.layers.1.self_attn.k_proj.weight"
+    rewrite_tensors(hf_src / "model.safetensors", lambda t: t.__setitem__(key, torch.zeros(16, 64)))
+    msg = assert_clean_error(convert(hf_src, dst), dst, names=("model.safetensors", key))
+    assert "config" in msg, msg
+
+
+def test_config_does_not_match_tensors(hf_src, dst):
+    cfg = json.loads((hf_src / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (hf_src / "config.json").write_text(json.dumps(cfg))
+    msg = assert_clean_error(convert(hf_src, dst), dst, names=("model.safetensors",))
+    assert "mlp" in msg and "config" in msg, msg
+
+
+def test_missing_tensor(hf_src, dst):
+    """A checkpoint lacking a weight the config requires must not become an incomplete output."""
+    rewrite_tensors(hf_src / "model.safetensors", lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
+    msg = assert_clean_error(convert(hf_src, dst), dst, names=("layers.1",))
+    assert "down_proj" in msg or "mlp.down" in msg, msg
+
+
+def test_missing_config_json(hf_src, dst):
+    (hf_src / "config.json").unlink()
+    assert_clean_error(convert(hf_src, dst), dst, names=(str(hf_src), "config.json"))
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]"])
+def test_invalid_config_json(hf_src, dst, content):
+    (hf_src / "config.json").write_text(content)
+    assert_clean_error(convert(hf_src, dst), dst, names=("config.json",))
+
+
+def test_config_missing_required_key(hf_src, dst):
+    cfg = json.loads((hf_src / "config.json").read_text())
+    del cfg["hidden_size"]
+    (hf_src / "config.json").write_text(json.dumps(cfg))
+    assert_clean_error(convert(hf_src, dst), dst, names=("config.json", "hidden_size"))
+
+
+def test_unknown_architecture(hf_src, dst):
+    cfg = json.loads((hf_src / "config.json").read_text())
+    cfg["model_type"] = "foo"
+    cfg["architectures"] = ["FooForCausalLM"]
+    (hf_src / "config.json").write_text(json.dumps(cfg))
+    msg = assert_clean_error(convert(hf_src, dst), dst, names=("config.json", "foo"))
+    assert "supported" in msg and "llama" in msg, f"message should list the supported types: {msg}"
+
+
+def test_source_does_not_exist(tmp_path, dst):
+    assert_clean_error(convert(tmp_path / "nope", dst), dst, names=("nope",))
+
+
+def test_source_is_not_a_checkpoint(tmp_path, dst):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "README.md").write_text("hello")
+    assert_clean_error(convert(tmp_path / "empty", dst), dst, names=("empty",))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. impossible layouts (exit 1, nothing written)
+
+
+@pytest.mark.parametrize("flags,words", [
+    (("--tp", 3), ("3", "heads")),
+    (("--tp", 4), ("4",)),  # 4 heads but only 2 KV heads
+    (("--pp", 2, "--num-layer-list", "1,2"), ("num-layer-list",)),
+    (("--pp", 2, "--num-layer-list", "2"), ("num-layer-list",)),
+    (("--pp", 3), ("3",)),
+    (("--pp", 2, "--vpp-layers", 1, "--num-layer-list", "1,1"), ("num-layer-list",)),
+    (("--vpp-layers", 1), ("vpp",)),
+    (("--noop-layers", "7"), ("7",)),
+])
+def test_impossible_layout(hf_src, dst, flags, words):
+    assert_clean_error(convert(hf_src, dst, *flags), dst, names=words)
+
+
+@pytest.mark.parametrize("flag,value", [("--tp", 0), ("--pp", -1)])
+def test_nonpositive_parallel_size(hf_src, dst, flag, value):
+    """TP/PP below 1 is refused (a layout error, exit 1, or a usage error, exit 2), never ignored."""
+    res = convert(hf_src, dst, flag, value)
+    assert_clean_error(res, dst, code=res.returncode if res.returncode in (1, 2) else 1, names=(flag.strip("-"),))
+
+
+@pytest.mark.parametrize("flags", [
+    ("--bogus",),
+    ("--tp", "abc"),
+    ("--num-layer-list", "1,x"),
+])
+def test_usage_errors_exit_2(hf_src, dst, flags):
+    assert_clean_error(convert(hf_src, dst, *flags), dst, code=2)
+
+
+def test_missing_to_flag_exit_2(hf_src, dst):
+    assert_clean_error(cli("convert", hf_src, dst), dst, code=2, names=("--to",))
+
+
+def test_parallel_flags_with_to_hf_exit_2(hf_src, dst):
+    assert_clean_error(convert(hf_src, dst, "--tp", 2, to="hf"), dst, code=2, names=("--tp",))
+
+
+def test_bad_dtype(hf_src, dst):
+    res = convert(hf_src, dst, "--dtype", "fp7")
+    assert res.returncode in (1, 2), res.stderr
+    assert_clean_error(res, dst, code=res.returncode, names=("fp7",))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. broken Megatron-Core inputs
+
+
+def test_megatron_missing_tp_rank(mcore_src, dst):
+    shutil.rmtree(mcore_src / MCORE_ITER / "mp_rank_01_000")
+    assert_clean_error(convert(mcore_src, dst, to="hf"), dst, names=("mp_rank_01_000",))
+
+
+def test_megatron_rank_dir_without_file(mcore_src, dst):
+    (mcore_src / MCORE_ITER / "mp_rank_01_001" / "model_optim_rng.pt").unlink()
+    assert_clean_error(convert(mcore_src, dst, to="hf"), dst, names=("mp_rank_01_001",))
+
+
+def test_megatron_extra_rank(mcore_src, dst):
+    shutil.copytree(mcore_src / MCORE_ITER / "mp_rank_01_001", mcore_src / MCORE_ITER / "mp_rank_02_001")
+    assert_clean_error(convert(mcore_src, dst, to="hf"), dst, names=(MCORE_ITER,))
+
+
+def _rewrite_rank(path: Path, edit) -> None:
+    import torch
+
+    obj = torch.load(path, map_location="cpu", weights_only=False)  # our own fixture file
+    edit(obj)
+    torch.save(obj, path)
+
+
+@pytest.mark.parametrize("rank", ["mp_rank_01_001", "mp_rank_00_000"])
+def test_megatron_mixed_iterations(mcore_src, dst, rank):
+    f = mcore_src / MCORE_ITER / rank / "model_optim_rng.pt"
+    _rewrite_rank(f, lambda o: o.__setitem__("iteration", 2))
+    msg = assert_clean_error(convert(mcore_src, dst, to="hf"), dst, names=(rank,))
+    assert "iteration" in msg, msg
+
+
+def test_megatron_tracker_points_to_missing_iteration(mcore_src, dst):
+    (mcore_src / "latest_checkpointed_iteration.txt").write_text("7\n")
+    assert_clean_error(convert(mcore_src, dst, to="hf"), dst,
+                       names=("latest_checkpointed_iteration.txt", "iter_0000007"))
+
+
+@pytest.mark.parametrize("text", ["seven", "-1"])
+def test_megatron_tracker_garbage(mcore_src, dst, text):
+    (mcore_src / "latest_checkpointed_iteration.txt").write_text(text)
+    assert_clean_error(convert(mcore_src, dst, to="hf"), dst, names=("latest_checkpointed_iteration.txt",))
+
+
+def test_megatron_rank_file_not_a_zip(mcore_src, dst):
+    f = mcore_src / MCORE_ITER / "mp_rank_00_001" / "model_optim_rng.pt"
+    f.write_bytes(b"definitely not a torch checkpoint\n" * 10)
+    assert_clean_error(convert(mcore_src, dst, to="hf"), dst, names=("mp_rank_00_001",))
+
+
+def test_megatron_rank_file_truncated(mcore_src, dst):
+    f = mcore_src / MCORE_ITER / "mp_rank_00_001" / "model_optim_rng.pt"
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size // 2)
+    assert_clean_error(convert(mcore_src, dst, to="hf"), dst, names=("mp_rank_00_001",))
+
+
+def test_megatron_args_missing(mcore_src, dst):
+    f = mcore_src / MCORE_ITER / "mp_rank_00_000" / "model_optim_rng.pt"
+    _rewrite_rank(f, lambda o: o.pop("args"))
+    assert_clean_error(convert(mcore_src, dst, to="hf"), dst, names=("mp_rank_00_000", "args"))
+
+
+def test_megatron_shard_shape_mismatch(mcore_src, dst):
+    import torch
+
+    key = "decoder.layers.0.self_attention.linear_proj.weight"
+    f = mcore_src / MCORE_ITER / "mp_rank_01_000" / "model_optim_rng.pt"
+    _rewrite_rank(f, lambda o: o["model"].__setitem__(key, torch.zeros(64, 16)))
+    assert_clean_error(convert(mcore_src, dst, to="hf"), dst)
+
+
+def test_megatron_tensor_missing_on_every_tp_rank(mcore_src, dst):
+    """Layer 1 (stage 1, local layer 0) loses linear_fc2 on both TP ranks: the output would lack
+    model.layers.1.mlp.down_proj.weight, so the conversion must fail instead."""
+    for rank in ("mp_rank_00_001", "mp_rank_01_001"):
+        _rewrite_rank(mcore_src / MCORE_ITER / rank / "model_optim_rng.pt",
+                      lambda o: o["model"].pop("decoder.layers.0.mlp.linear_fc2.weight"))
+    msg = assert_clean_error(convert(mcore_src, dst, to="hf"), dst, names=("layers.",))
+    assert "fc2" in msg or "down" in msg, msg
+
+
+def test_megatron_unknown_tensor(mcore_src, dst):
+    import torch
+
+    key = "decoder.layers.0.mlp.mystery.weight"
+    f = mcore_src / MCORE_ITER / "mp_rank_00_000" / "model_optim_rng.pt"
+    _rewrite_rank(f, lambda o: o["model"].__setitem__(key, torch.zeros(4)))
+    assert_clean_error(convert(mcore_src, dst, to="hf"), dst, names=(key, "--allow-unused"))
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. unknown extra tensors: refused unless dropped on purpose
+
+EXTRA = "model.layers.0.mlp.extra.weight"
+
+
+@pytest.fixture
+def hf_with_extra(hf_src) -> Path:
+    import torch
+
+    rewrite_tensors(hf_src / "model.safetensors", lambda t: t.__setitem__(EXTRA, torch.ones(8, 8)))
+    return hf_src
+
+
+def test_unknown_tensor_is_refused(hf_with_extra, dst):
+    assert_clean_error(convert(hf_with_extra, dst), dst, names=(EXTRA, "--allow-unused"))
+
+
+def test_unknown_tensor_dry_run_lists_it_as_dropped(hf_with_extra, dst):
+    res = convert(hf_with_extra, dst, "--allow-unused", "model.layers.0.mlp.extra*", "--dry-run")
+    assert_ok(res)
+    dropped = [ln for ln in res.stdout.splitlines() if ln.startswith("dropped:")]
+    assert any(EXTRA in ln for ln in dropped), res.stdout
+    assert not dst.exists() and not tmp_siblings(dst)
+
+
+def test_unknown_tensor_allowed_converts_without_it(hf_with_extra, dst):
+    res = convert(hf_with_extra, dst, "--allow-unused", "model.layers.0.mlp.extra*", to="hf")
+    assert_ok(res)
+    keys = set()
+    for f in dst.glob("*.safetensors"):
+        keys |= set(read_st(f)[1]) - {"__metadata__"}
+    assert keys and EXTRA not in keys
+    assert "model.layers.0.mlp.up_proj.weight" in keys
+    assert not tmp_siblings(dst)

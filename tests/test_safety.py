@@ -1,0 +1,643 @@
+"""Safety properties: the destination is replaced atomically or not at all, sources are never
+modified, pickles never run code, a killed conversion leaves nothing behind that the next run
+does not clean, and no corrupt input escapes as anything but a CkptIrError.
+
+CLI checks run ``python -m ckpt_ir`` as a subprocess; the fuzz tests call :mod:`ckpt_ir.api`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import zipfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+REPO = Path(__file__).resolve().parents[1]
+TMP_TAG = ".ckpt-ir-tmp-"
+CLI_TIMEOUT = 180
+ERROR_PREFIX = "ckpt-ir: error:"
+MCORE_ITER = "iter_0000001"
+RANKS = ("mp_rank_00_000", "mp_rank_01_000", "mp_rank_00_001", "mp_rank_01_001")
+
+# ---------------------------------------------------------------------------------------------
+# helpers (tests/conftest.py belongs to the project, so these are local; the tiny checkpoints
+# are cached under the session's base temp dir and shared with test_bad_inputs.py)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def cli_argv(*args: object) -> list[str]:
+    return [sys.executable, "-m", "ckpt_ir", *map(str, args)]
+
+
+def cli(*args: object, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_argv(*args), capture_output=True, text=True, timeout=timeout, env=_env(),
+                          cwd=str(REPO), stdin=subprocess.DEVNULL)
+
+
+def convert(src: Path, dst: Path, *flags: object, to: str = "mcore") -> subprocess.CompletedProcess:
+    return cli("convert", src, dst, "--to", to, *flags)
+
+
+def tmp_siblings(dst: Path) -> list[str]:
+    if not dst.parent.is_dir():
+        return []
+    return sorted(n for n in os.listdir(dst.parent) if n.startswith(f".{dst.name}{TMP_TAG}"))
+
+
+def assert_clean_error(res: subprocess.CompletedProcess, dst: Path | None, *, code: int = 1,
+                       names: tuple[str, ...] = ()) -> str:
+    err = res.stderr
+    assert "Traceback" not in err, f"traceback on stderr:\n{err}"
+    assert res.returncode == code, f"exit code {res.returncode}, expected {code}\nstderr:\n{err}"
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ERROR_PREFIX in ln]
+    assert len(errors) == 1, f"expected exactly one '{ERROR_PREFIX}' line, got:\n{err}"
+    assert errors[0].startswith(ERROR_PREFIX) and lines[-1] == errors[0], f"error is not the last line:\n{err}"
+    for n in names:
+        assert str(n) in errors[0], f"error message does not name {n!r}: {errors[0]}"
+    if dst is not None:
+        assert not dst.exists(), f"{dst} was left behind"
+        assert not tmp_siblings(dst), f"temporary directories left behind: {tmp_siblings(dst)}"
+    return errors[0]
+
+
+def assert_ok(res: subprocess.CompletedProcess) -> None:
+    assert res.returncode == 0 and "Traceback" not in res.stderr, f"exit {res.returncode}\n{res.stderr}"
+
+
+def _fixture_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.getbasetemp() / "ckpt_ir_fixtures"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def build_tiny_hf(tmp_path_factory) -> Path:
+    root = _fixture_root(tmp_path_factory)
+    d, done = root / "hf_tiny", root / "hf_tiny.complete"
+    if not done.exists():
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        shutil.rmtree(d, ignore_errors=True)
+        torch.manual_seed(0)
+        cfg = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+        AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(d)
+        done.touch()
+    return d
+
+
+def build_tiny_mcore(tmp_path_factory) -> Path:
+    root = _fixture_root(tmp_path_factory)
+    d, done = root / "mcore_tp2pp2", root / "mcore_tp2pp2.complete"
+    if not done.exists():
+        shutil.rmtree(d, ignore_errors=True)
+        assert_ok(convert(build_tiny_hf(tmp_path_factory), d, "--tp", 2, "--pp", 2, "--quiet"))
+        done.touch()
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory) -> Path:
+    return build_tiny_hf(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_mcore(tmp_path_factory) -> Path:
+    return build_tiny_mcore(tmp_path_factory)
+
+
+@pytest.fixture
+def hf_src(tiny_hf, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_hf, tmp_path / "src"))
+
+
+@pytest.fixture
+def mcore_src(tiny_mcore, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_mcore, tmp_path / "src"))
+
+
+@pytest.fixture
+def dst(tmp_path) -> Path:
+    return tmp_path / "out"
+
+
+def tree_digest(root: Path) -> dict[str, tuple[str, int]]:
+    """relative path -> (sha256, mode) for every file under root."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() or p.is_symlink():
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            out[str(p.relative_to(root))] = (h.hexdigest(), p.lstat().st_mode)
+    return out
+
+
+def is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. an existing destination
+
+
+def _occupy(dst: Path) -> dict[str, tuple[str, int]]:
+    dst.mkdir()
+    (dst / "keep.txt").write_text("precious\n")
+    (dst / "sub").mkdir()
+    (dst / "sub" / "data.bin").write_bytes(os.urandom(1000))
+    return tree_digest(dst)
+
+
+def test_nonempty_destination_without_overwrite_exit_2(hf_src, dst):
+    before = _occupy(dst)
+    assert_clean_error(convert(hf_src, dst), None, code=2, names=(str(dst), "--overwrite"))
+    assert tree_digest(dst) == before, "DST was modified"
+    assert not tmp_siblings(dst)
+
+
+def test_destination_is_a_file_exit_2(hf_src, dst):
+    dst.write_text("not a directory\n")
+    assert_clean_error(convert(hf_src, dst), None, code=2, names=(str(dst),))
+    assert dst.read_text() == "not a directory\n"
+    assert not tmp_siblings(dst)
+
+
+def test_empty_destination_is_used(hf_src, dst):
+    dst.mkdir()
+    assert_ok(convert(hf_src, dst, "--quiet", to="hf"))
+    assert (dst / "config.json").is_file() and list(dst.glob("*.safetensors"))
+    assert not tmp_siblings(dst)
+
+
+def test_overwrite_replaces_destination(hf_src, dst):
+    _occupy(dst)
+    assert_ok(convert(hf_src, dst, "--overwrite", "--quiet", to="hf"))
+    names = {p.name for p in dst.iterdir()}
+    assert "keep.txt" not in names and "sub" not in names, names
+    assert "config.json" in names and any(n.endswith(".safetensors") for n in names), names
+    assert not tmp_siblings(dst), "the old destination or the temp dir was left behind"
+
+
+def test_failed_overwrite_keeps_old_destination(hf_src, dst):
+    before = _occupy(dst)
+    assert_clean_error(convert(hf_src, dst, "--overwrite", "--tp", 3), None, names=("3",))
+    assert tree_digest(dst) == before, "a failed --overwrite damaged the existing destination"
+    assert not tmp_siblings(dst)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. a destination that cannot be written
+
+
+def test_destination_under_a_regular_file(hf_src, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("I am a file\n")
+    dst = blocker / "sub"
+    assert_clean_error(convert(hf_src, dst), None, names=(str(blocker),))
+    assert blocker.read_text() == "I am a file\n"
+    assert not [n for n in os.listdir(tmp_path) if TMP_TAG in n]
+
+
+def test_unwritable_destination_parent(hf_src, tmp_path):
+    """chmod 0o555 on the parent; root ignores permission bits, so there the parent is a regular
+    file instead (an unwritable location even for root)."""
+    if is_root():
+        parent = tmp_path / "locked"
+        parent.write_text("")
+    else:
+        parent = tmp_path / "locked"
+        parent.mkdir()
+        parent.chmod(0o555)
+    dst = parent / "out"
+    try:
+        assert_clean_error(convert(hf_src, dst), None, names=(str(parent),))
+        assert not dst.exists()
+        assert not [n for n in os.listdir(tmp_path) if TMP_TAG in n]
+        if parent.is_dir():
+            assert not os.listdir(parent)
+    finally:
+        if parent.is_dir():
+            parent.chmod(0o755)
+
+
+def test_destination_parent_missing(hf_src, tmp_path):
+    dst = tmp_path / "no" / "such" / "dir" / "out"
+    assert_clean_error(convert(hf_src, dst), None, names=(str(tmp_path / "no" / "such" / "dir"),))
+    assert not (tmp_path / "no").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. pickles never run code
+
+
+class _Payload:
+    """Pickles as a call of ``fn(arg)`` -- what a malicious checkpoint contains."""
+
+    def __init__(self, fn, arg) -> None:
+        self.fn, self.arg = fn, arg
+
+    def __reduce__(self):
+        return (self.fn, (self.arg,))
+
+
+def _payload(kind: str, marker: Path) -> _Payload:
+    if kind == "os.system":
+        return _Payload(os.system, f"touch {marker}")
+    if kind == "builtins.exec":
+        return _Payload(builtins.exec, f"open({str(marker)!r}, 'w').close()")
+    if kind == "builtins.eval":
+        return _Payload(builtins.eval, f"open({str(marker)!r}, 'w').close()")
+    if kind == "subprocess.call":
+        return _Payload(subprocess.call, ["touch", str(marker)])
+    raise AssertionError(kind)
+
+
+PAYLOADS = ("os.system", "builtins.exec", "builtins.eval", "subprocess.call")
+
+
+def _assert_payload_inside(path: Path, kind: str) -> None:
+    """Sanity: the file really carries the call (so a pass means it was refused, not absent)."""
+    with zipfile.ZipFile(path) as zf:
+        pkl = zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl")))
+    want = {"os.system": b"system", "builtins.exec": b"exec", "builtins.eval": b"eval",
+            "subprocess.call": b"call"}[kind]  # protocol 2 spells subprocess.call as commands.call
+    assert b"\n" + want + b"\n" in pkl
+
+
+def _hf_bin(src: Path, extra: dict | None = None, top=None) -> Path:
+    import torch
+    from safetensors.torch import load_file
+
+    sd = load_file(str(src / "model.safetensors"))
+    (src / "model.safetensors").unlink()
+    sd.update(extra or {})
+    f = src / "pytorch_model.bin"
+    torch.save(top if top is not None else sd, f)
+    return f
+
+
+def test_plain_pytorch_model_bin_is_accepted(hf_src, dst):
+    """Control for the malicious-pickle tests: a clean pytorch_model.bin loads through the safe
+    unpickler."""
+    _hf_bin(hf_src)
+    res = convert(hf_src, dst, "--dry-run")
+    assert_ok(res)
+    assert "pytorch_model.bin" in res.stdout
+
+
+@pytest.mark.parametrize("kind", PAYLOADS)
+@pytest.mark.parametrize("where", ["in_state_dict", "whole_file"])
+def test_malicious_pytorch_model_bin(hf_src, dst, tmp_path, kind, where):
+    marker = tmp_path / "pwned"
+    evil = _payload(kind, marker)
+    f = _hf_bin(hf_src, extra={"model.layers.0.mlp.evil": evil} if where == "in_state_dict" else None,
+                top=evil if where == "whole_file" else None)
+    _assert_payload_inside(f, kind)
+    msg = assert_clean_error(convert(hf_src, dst), dst, names=("pytorch_model.bin",))
+    assert "unpickle" in msg or "refus" in msg, msg
+    res = cli("inspect", hf_src)
+    assert_clean_error(res, None, names=("pytorch_model.bin",))
+    assert not marker.exists(), "the pickle payload ran"
+
+
+def _rewrite_rank(path: Path, edit) -> None:
+    import torch
+
+    obj = torch.load(path, map_location="cpu", weights_only=False)  # our own fixture file
+    edit(obj)
+    torch.save(obj, path)
+
+
+@pytest.mark.parametrize("kind", PAYLOADS)
+@pytest.mark.parametrize("rank,where", [("mp_rank_00_000", "args"), ("mp_rank_01_001", "args"),
+                                        ("mp_rank_01_001", "model")])
+def test_malicious_megatron_rank_file(mcore_src, dst, tmp_path, kind, rank, where):
+    marker = tmp_path / "pwned"
+    f = mcore_src / MCORE_ITER / rank / "model_optim_rng.pt"
+
+    def edit(obj):
+        if where == "args":
+            obj["args"] = _payload(kind, marker)
+        else:
+            obj["model"]["decoder.layers.0.mlp.evil"] = _payload(kind, marker)
+
+    _rewrite_rank(f, edit)
+    _assert_payload_inside(f, kind)
+    msg = assert_clean_error(convert(mcore_src, dst, to="hf"), dst, names=(rank,))
+    assert "unpickle" in msg or "refus" in msg, msg
+    assert not marker.exists(), "the pickle payload ran"
+
+
+def test_legacy_non_zip_pickle_is_refused(hf_src, dst, tmp_path):
+    import torch
+
+    marker = tmp_path / "pwned"
+    from safetensors.torch import load_file
+
+    sd = load_file(str(hf_src / "model.safetensors"))
+    (hf_src / "model.safetensors").unlink()
+    sd["evil"] = _payload("os.system", marker)
+    torch.save(sd, hf_src / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    assert_clean_error(convert(hf_src, dst), dst, names=("pytorch_model.bin",))
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. sources are never modified
+
+
+@pytest.mark.parametrize("case", ["hf_to_mcore_ok", "hf_to_mcore_fails", "hf_dry_run"])
+def test_hf_source_unchanged(hf_src, dst, case):
+    before = tree_digest(hf_src)
+    if case == "hf_to_mcore_ok":
+        assert_ok(convert(hf_src, dst, "--tp", 2, "--pp", 2, "--dtype", "bf16", "--quiet"))
+    elif case == "hf_to_mcore_fails":
+        assert_clean_error(convert(hf_src, dst, "--tp", 3), dst)
+    else:
+        assert_ok(convert(hf_src, dst, "--tp", 2, "--dry-run"))
+    assert tree_digest(hf_src) == before
+
+
+@pytest.mark.parametrize("case", ["mcore_to_hf_ok", "mcore_to_hf_fails"])
+def test_mcore_source_unchanged(mcore_src, dst, tmp_path, case):
+    if case == "mcore_to_hf_fails":
+        (tmp_path / "cfg").mkdir()
+        (tmp_path / "cfg" / "config.json").write_text("{broken")
+    before = tree_digest(mcore_src)
+    if case == "mcore_to_hf_ok":
+        assert_ok(convert(mcore_src, dst, "--quiet", to="hf"))
+    else:
+        assert_clean_error(convert(mcore_src, dst, "--tp", 3, "--hf-config", tmp_path / "cfg"), dst)
+    assert tree_digest(mcore_src) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. killed mid-write: nothing at DST, the next run cleans up and succeeds
+
+
+def _write_big_llama(d: Path) -> None:
+    """A ~340 MB fp32 Llama-shaped checkpoint (2 layers, hidden 1024, vocab 32000) from zeros."""
+    import torch
+    from safetensors.torch import save_file
+
+    h, ffn, vocab, layers = 1024, 2048, 32000, 2
+    d.mkdir()
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
+           "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": 16,
+           "num_key_value_heads": 16, "vocab_size": vocab, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+           "dtype": "float32", "hidden_act": "silu", "max_position_embeddings": 2048, "rope_theta": 10000.0}
+    (d / "config.json").write_text(json.dumps(cfg))
+    t = {"model.embed_tokens.weight": torch.zeros(vocab, h), "lm_head.weight": torch.zeros(vocab, h),
+         "model.norm.weight": torch.ones(h)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t.update({p + "input_layernorm.weight": torch.ones(h), p + "post_attention_layernorm.weight": torch.ones(h),
+                  p + "self_attn.q_proj.weight": torch.zeros(h, h), p + "self_attn.k_proj.weight": torch.zeros(h, h),
+                  p + "self_attn.v_proj.weight": torch.zeros(h, h), p + "self_attn.o_proj.weight": torch.zeros(h, h),
+                  p + "mlp.gate_proj.weight": torch.zeros(ffn, h), p + "mlp.up_proj.weight": torch.zeros(ffn, h),
+                  p + "mlp.down_proj.weight": torch.zeros(h, ffn)})
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def big_hf(tmp_path_factory):
+    d = tmp_path_factory.mktemp("big") / "hf_big"
+    _write_big_llama(d)
+    yield d
+    shutil.rmtree(d.parent, ignore_errors=True)  # ~340 MB: do not keep it in pytest's retained temp dirs
+
+
+def _start_and_interrupt(src: Path, dst: Path, sig: int, flags=("--tp", 2)) -> subprocess.Popen:
+    """Start a conversion, wait until its hidden temp dir holds a partly written file, then send
+    ``sig``.  Returns the finished process."""
+    proc = subprocess.Popen(cli_argv("convert", src, dst, "--to", "mcore", *flags), env=_env(), cwd=str(REPO),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            tmps = tmp_siblings(dst)
+            if tmps and any(p.is_file() and p.stat().st_size > 0 for p in (dst.parent / tmps[0]).rglob("*")):
+                break
+            time.sleep(0.002)
+        assert proc.poll() is None, (f"the conversion ended (exit {proc.returncode}) before it could be "
+                                     f"interrupted:\n{proc.stderr.read()}")
+        assert tmp_siblings(dst), "no temporary directory appeared"
+        assert not dst.exists(), "DST appeared before the conversion finished"
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc
+
+
+def test_sigkill_mid_write_then_rerun(big_hf, tmp_path):
+    dst = tmp_path / "out"
+    before = tree_digest(big_hf)
+    proc = _start_and_interrupt(big_hf, dst, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    assert not dst.exists(), "a killed conversion left a destination directory"
+    # only the hidden, PID-tagged temp dir may remain; the next run must sweep it and succeed
+    res = convert(big_hf, dst, "--tp", 2, "--quiet")
+    assert_ok(res)
+    assert (dst / "latest_checkpointed_iteration.txt").is_file()
+    assert len(list(dst.rglob("model_optim_rng.pt"))) == 2
+    assert not tmp_siblings(dst), f"stale temp dir not swept: {tmp_siblings(dst)}"
+    assert tree_digest(big_hf) == before
+    shutil.rmtree(dst)
+
+
+def test_sigint_mid_write_cleans_up(big_hf, tmp_path):
+    dst = tmp_path / "out"
+    proc = _start_and_interrupt(big_hf, dst, signal.SIGINT)
+    err = proc.stderr.read()
+    assert proc.returncode == 130, f"exit {proc.returncode}\n{err}"
+    assert "Traceback" not in err, err
+    assert "interrupted" in err, err
+    assert not dst.exists() and not tmp_siblings(dst), tmp_siblings(dst)
+
+
+# ---------------------------------------------------------------------------------------------
+# 12. fuzzing: corrupt input -> success or CkptIrError, nothing else, no hang
+
+FUZZ = settings(max_examples=50, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+EXAMPLE_TIMEOUT_S = 30
+
+
+class Hang(BaseException):
+    """Raised by the watchdog; a BaseException so that no `except Exception` can swallow it."""
+
+
+@contextlib.contextmanager
+def watchdog(seconds: float):
+    def fire(_signum, _frame):
+        raise Hang(f"example still running after {seconds}s")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def mutations(size: int, hot: list[tuple[int, int]]):
+    """Byte flips (biased toward the structural ``hot`` ranges) and an optional truncation."""
+    anywhere = st.integers(0, size - 1)
+    offset = st.one_of(*[st.integers(a, max(a, b - 1)) for a, b in hot], anywhere)
+    flips = st.lists(st.tuples(offset, st.integers(1, 255)), min_size=0, max_size=6)
+    cut = st.one_of(st.none(), st.integers(0, size - 1), *[st.integers(a, max(a, b - 1)) for a, b in hot])
+    return st.tuples(flips, cut).filter(lambda m: m[0] or m[1] is not None)
+
+
+def apply_mutation(path: Path, mutation) -> None:
+    flips, cut = mutation
+    data = bytearray(path.read_bytes())
+    for off, x in flips:
+        data[off] ^= x
+    if cut is not None:
+        del data[cut:]
+    path.write_bytes(bytes(data))
+
+
+def convert_in_process(src: Path, dst: Path, target) -> None:
+    """load -> derive -> run -> save; only CkptIrError may escape, and a failure leaves no DST."""
+    import ckpt_ir.api as ck
+    from ckpt_ir.errors import CkptIrError
+
+    try:
+        with watchdog(EXAMPLE_TIMEOUT_S):
+            ckpt = ck.load(str(src))
+            out = ck.run(ckpt, ck.derive_pipeline(ckpt, target))
+            ck.save(out, str(dst), target)
+    except CkptIrError as e:
+        event(f"refused: {type(e).__name__}: {' '.join(str(e).split()[1:4])}")
+        assert not dst.exists(), "a failed conversion left DST behind"
+        assert not tmp_siblings(dst), f"a failed conversion left {tmp_siblings(dst)}"
+        return
+    except Hang:
+        pytest.fail("conversion hung on a corrupt input")
+    except Exception:
+        pytest.fail(f"corrupt input raised a non-CkptIrError exception:\n{traceback.format_exc()}")
+    event("converted")
+    assert dst.is_dir()
+
+
+def _st_layout(path: Path) -> tuple[int, list[tuple[int, int]]]:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return len(raw), [(0, 8 + n)]
+
+
+def _pt_layout(path: Path) -> tuple[int, list[tuple[int, int]]]:
+    with zipfile.ZipFile(path) as zf:
+        infos = sorted(zf.infolist(), key=lambda i: i.header_offset)
+        first_data = next(i.header_offset for i in infos if "/data/" in i.filename)
+        start_dir = zf.start_dir
+    size = path.stat().st_size
+    return size, [(0, first_data), (start_dir, size)]  # local header + data.pkl, central directory
+
+
+def test_fuzz_safetensors(tiny_hf):
+    from ckpt_ir.api import Target
+
+    size, hot = _st_layout(tiny_hf / "model.safetensors")
+
+    @FUZZ
+    @given(mutation=mutations(size, hot))
+    def check(mutation):
+        with tempfile.TemporaryDirectory(prefix="ckpt-ir-fuzz-") as tmp:
+            src = Path(shutil.copytree(tiny_hf, Path(tmp) / "src"))
+            apply_mutation(src / "model.safetensors", mutation)
+            convert_in_process(src, Path(tmp) / "out", Target(to="mcore", tp=2, pp=2))
+
+    check()
+
+
+def _rewrite_pickle(path: Path, mutation) -> None:
+    """Mutate a rank file's data.pkl and re-zip it with correct CRCs, so the corruption reaches the
+    unpickler instead of being caught by the zip layer."""
+    with zipfile.ZipFile(path) as zf:
+        records = [(i.filename, zf.read(i)) for i in zf.infolist()]
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, data in records:
+            if name.endswith("/data.pkl"):
+                tmp = path.with_name("data.pkl")
+                tmp.write_bytes(data)
+                apply_mutation(tmp, mutation)
+                data = tmp.read_bytes()
+                tmp.unlink()
+            zf.writestr(name, data)
+
+
+def test_fuzz_megatron_pickle(tiny_mcore):
+    from ckpt_ir.api import Target
+
+    sizes = {}
+    for r in RANKS:
+        with zipfile.ZipFile(tiny_mcore / MCORE_ITER / r / "model_optim_rng.pt") as zf:
+            sizes[r] = next(i.file_size for i in zf.infolist() if i.filename.endswith("/data.pkl"))
+
+    @st.composite
+    def rank_and_mutation(draw):
+        rank = draw(st.sampled_from(RANKS))
+        return rank, draw(mutations(sizes[rank], [(0, sizes[rank])]))
+
+    @FUZZ
+    @given(case=rank_and_mutation())
+    def check(case):
+        rank, mutation = case
+        with tempfile.TemporaryDirectory(prefix="ckpt-ir-fuzz-") as tmp:
+            src = Path(shutil.copytree(tiny_mcore, Path(tmp) / "src"))
+            _rewrite_pickle(src / MCORE_ITER / rank / "model_optim_rng.pt", mutation)
+            convert_in_process(src, Path(tmp) / "out", Target(to="hf"))
+
+    check()
+
+
+def test_fuzz_megatron_rank_file(tiny_mcore):
+    from ckpt_ir.api import Target
+
+    layouts = {r: _pt_layout(tiny_mcore / MCORE_ITER / r / "model_optim_rng.pt") for r in RANKS}
+
+    @st.composite
+    def rank_and_mutation(draw):
+        rank = draw(st.sampled_from(RANKS))
+        return rank, draw(mutations(*layouts[rank]))
+
+    @FUZZ
+    @given(case=rank_and_mutation())
+    def check(case):
+        rank, mutation = case
+        with tempfile.TemporaryDirectory(prefix="ckpt-ir-fuzz-") as tmp:
+            src = Path(shutil.copytree(tiny_mcore, Path(tmp) / "src"))
+            apply_mutation(src / MCORE_ITER / rank / "model_optim_rng.pt", mutation)
+            convert_in_process(src, Path(tmp) / "out", Target(to="hf"))
+
+    check()
