@@ -134,8 +134,10 @@ def build_args(spec: ModelSpec, layout: Layout, hf_config: dict[str, Any] | None
         "ckpt_ir_family": spec.family,
         "ckpt_ir_hf_config": json.dumps(cfg, sort_keys=True),
     }
-    if "rope_theta" in cfg:
-        fields["rotary_base"] = cfg["rope_theta"]
+    # transformers 5 nests rope settings under rope_parameters; older configs keep rope_theta on top
+    theta = cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta"))
+    if theta is not None:
+        fields["rotary_base"] = theta
     if layout.num_layer_list:
         fields["num_layer_list"] = ",".join(map(str, layout.num_layer_list))
     if layout.noop_layers:

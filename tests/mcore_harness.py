@@ -25,12 +25,15 @@ megatron-core 0.16 assumes CUDA in a few places; the workarounds (no edits to me
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
 import sys
 import traceback
 import warnings
+
+TIMEOUT_MIN = 2  # a collective that waits this long has lost a peer: fail instead of hanging
 
 
 def _cpu_device(value):
@@ -132,7 +135,8 @@ def _run_case(case: dict, rank: int) -> None:
 
     tp, pp, vpp = case["tp"], case["pp"], case.get("vpp")
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 virtual_pipeline_model_parallel_size=vpp, create_gloo_process_groups=False)
+                                 virtual_pipeline_model_parallel_size=vpp, create_gloo_process_groups=False,
+                                 distributed_timeout_minutes=TIMEOUT_MIN)
     try:
         tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
         torch.manual_seed(1234)
@@ -159,7 +163,8 @@ def _run_case(case: dict, rank: int) -> None:
             res = model.load_state_dict(sd, strict=False)
             report["chunks"].append({
                 "missing": sorted(res.missing_keys), "unexpected": sorted(res.unexpected_keys),
-                "loaded": len(sd), "params": sum(1 for _ in model.parameters()),
+                "loaded": sum(not k.endswith("._extra_state") for k in sd),
+                "params": sum(1 for _ in model.parameters()),
             })
         report["args"] = {k: v for k, v in vars(blob["args"]).items() if isinstance(v, (int, float, str, bool))}
 
@@ -191,13 +196,12 @@ def _run_case(case: dict, rank: int) -> None:
             parts = [torch.empty_like(logits) for _ in range(tp)]
             dist.all_gather(parts, logits.contiguous(), group=group)
             logits = torch.cat(parts, dim=-1)  # output_layer is vocab-parallel: [b, s, V/tp] per rank
-            report["logits_from_rank"] = True
             if tp_rank == 0 and ps.get_data_parallel_rank() == 0:
                 torch.save(logits, case["out"])
         with open(f"{case['out']}.rank{rank}.json", "w") as fh:
             json.dump(report, fh)
-    finally:
         dist.barrier()
+    finally:
         ps.destroy_model_parallel()
 
 
@@ -208,7 +212,8 @@ def _worker(job: dict, rank: int, world: int) -> None:
     torch.set_num_threads(1)
     try:
         _patch_cuda()
-        dist.init_process_group("gloo", init_method="file://" + job["store"], rank=rank, world_size=world)
+        dist.init_process_group("gloo", init_method="file://" + job["store"], rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=TIMEOUT_MIN))
         with _make_cuda_to_cpu_mode():
             for case in job["cases"]:
                 _run_case(case, rank)

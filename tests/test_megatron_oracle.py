@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -135,9 +136,15 @@ def oracle(tmp_path_factory):
     job = root / "job.json"
     job.write_text(json.dumps({"store": str(root / "gloo-store"), "cases": job_cases}))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, HARNESS, str(job), str(WORLD)], capture_output=True, text=True,
-                          timeout=300, env=env)
-    assert proc.returncode == 0, f"megatron-core harness failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    # own session, so a timeout can stop the forked ranks as well as the launcher
+    proc = subprocess.Popen([sys.executable, HARNESS, str(job), str(WORLD)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    assert proc.returncode == 0, f"megatron-core harness failed:\n{out[-4000:]}\n{err[-8000:]}"
 
     results = {}
     for jc in job_cases:
@@ -203,6 +210,26 @@ def test_logits_match_transformers(oracle, case):
     assert got.shape == (len(INPUT_IDS), SEQ, r["job"]["padded_vocab"])
     assert r["job"]["padded_vocab"] >= vocab
     torch.testing.assert_close(got[..., :vocab], ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_args_describe_the_model(oracle, case):
+    """The ``args`` Megatron-LM rebuilds the model from agree with the HF config the oracle used."""
+    r = oracle[case]
+    hf, job = r["job"]["hf_config"], r["job"]
+    want = {
+        "num_layers": hf["num_hidden_layers"], "hidden_size": hf["hidden_size"],
+        "ffn_hidden_size": hf["intermediate_size"], "num_attention_heads": hf["num_attention_heads"],
+        "num_query_groups": hf["num_key_value_heads"],
+        "kv_channels": hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        "norm_epsilon": hf["rms_norm_eps"], "add_qkv_bias": job["qkv_bias"], "qk_layernorm": job["qk_norm"],
+        "untie_embeddings_and_output_weights": not job["tied"], "padded_vocab_size": job["padded_vocab"],
+        "tensor_model_parallel_size": job["tp"], "pipeline_model_parallel_size": job["pp"],
+        "transformer_impl": "local",
+        "rotary_base": (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta")),
+    }
+    for rep in r["reports"]:
+        assert {k: rep["args"].get(k) for k in want} == want
 
 
 def test_padded_vocab_is_really_padded(oracle):

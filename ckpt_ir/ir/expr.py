@@ -487,14 +487,15 @@ class Reader:
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
         self.bytes_read = 0
-        self._scratch = bytearray()
+        self._scratch: dict[str, bytearray] = {}
 
-    def scratch(self, nbytes: int) -> memoryview:
-        """A reusable buffer for the tensor being produced.  Reusing it matters: touching fresh
-        pages costs more than copying the data (the kernel zeroes every new page)."""
-        if len(self._scratch) < nbytes:
-            self._scratch = bytearray(nbytes)
-        return memoryview(self._scratch)[:nbytes]
+    def scratch(self, nbytes: int, slot: str = "out") -> memoryview:
+        """A reusable buffer (one per ``slot``) for the tensor being produced.  Reusing it matters:
+        touching fresh pages costs more than copying the data (the kernel zeroes every new page)."""
+        buf = self._scratch.get(slot)
+        if buf is None or len(buf) < nbytes:
+            buf = self._scratch[slot] = bytearray(nbytes)
+        return memoryview(buf)[:nbytes]
 
     def fd(self, path: str) -> int:
         import os
@@ -613,16 +614,8 @@ def _evaluate_math(expr: Expr, reader: Reader):
 
 
 def _fillable(expr: Expr) -> bool:
-    """Loads, and concats along a contiguous dim, can be read straight into the output buffer."""
-    if isinstance(expr, Load):
-        return True
-    if isinstance(expr, Concat):
-        return expr.dim == 0 or _leading_ones(expr, expr.dim)
-    return False
-
-
-def _leading_ones(expr: Expr, dim: int) -> bool:
-    return all(n == 1 for n in expr.shape[:dim])
+    """Loads, concats and slices of loads are read straight into (views of) the output buffer."""
+    return isinstance(expr, (Load, Concat)) or isinstance(expr, Slice) and isinstance(expr.x, Load)
 
 
 def _fill(expr: Expr, out, reader: Reader) -> None:
@@ -632,12 +625,23 @@ def _fill(expr: Expr, out, reader: Reader) -> None:
             start, _ = expr.byte_range
             if out.flags.c_contiguous:
                 reader.read_into(expr.path, start, memoryview(out.reshape(-1).view("u1")))
-            else:  # a strided destination: read into a temporary, then copy
-                tmp = out.copy()
-                reader.read_into(expr.path, start, memoryview(tmp.reshape(-1).view("u1")))
-                out[...] = tmp
+            else:  # a strided destination (concat along dim > 0): read into a staging buffer
+                import numpy as np
+
+                stage = reader.scratch(expr.nbytes, "stage")
+                reader.read_into(expr.path, start, stage)
+                out[...] = np.frombuffer(stage, dtype=out.dtype).reshape(out.shape)
         return
-    if isinstance(expr, Concat) and (expr.dim == 0 or _leading_ones(expr, expr.dim)):
+    if isinstance(expr, Slice) and isinstance(expr.x, Load):
+        import numpy as np
+
+        whole = np.frombuffer(reader.scratch(expr.x.nbytes, "slice"), dtype=out.dtype).reshape(expr.x.shape)
+        _fill(expr.x, whole, reader)
+        index = [slice(None)] * whole.ndim
+        index[expr.dim] = slice(expr.start, expr.stop)
+        out[...] = whole[tuple(index)]
+        return
+    if isinstance(expr, Concat):
         pos = 0
         index = [slice(None)] * out.ndim
         for x in expr.xs:
