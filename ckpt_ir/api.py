@@ -108,7 +108,12 @@ def plan(ckpt: Checkpoint, target: Target) -> Plan:
     return mcore.plan(ckpt)
 
 
-def save(ckpt: Checkpoint, dst: str, target: Target, *, overwrite: bool = False, progress: bool = False) -> dict:
+def save(ckpt: Checkpoint, dst: str, target: Target, *, overwrite: bool = False, progress: bool = False,
+         workers: int | None = None, max_memory: int | None = None) -> dict:
+    """Plan and write ``ckpt`` to ``dst`` (atomically).  ``workers``: parallel writer processes
+    (default: one per core); ``max_memory``: bytes of tensor data held at once (default: half
+    the available memory)."""
     from ckpt_ir.backends.execute import execute
 
-    return execute(plan(ckpt, target), dst, overwrite=overwrite, progress=progress)
+    return execute(plan(ckpt, target), dst, overwrite=overwrite, progress=progress, workers=workers,
+                   max_memory=max_memory)

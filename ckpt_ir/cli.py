@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--progress", action="store_true", default=None, help="show a progress bar (default: when "
                    "stderr is a terminal)")
     c.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    c.add_argument("--workers", type=int, default=None, help="parallel writer processes (default: one per core)")
+    c.add_argument("--max-memory", type=parse_size, default=None, help="bound on tensor data held at once, e.g. "
+                   "4GB (default: half the available memory); limits --workers")
     m = c.add_argument_group("Megatron-Core layout (with --to mcore)")
     m.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     m.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
@@ -188,8 +191,13 @@ def run_conversion(src, target, args: argparse.Namespace) -> int:
     if args.dry_run:
         print_plan(plan, pipeline)
         return 0
+    from ckpt_ir.backends.execute import distributed_world
+
+    if distributed_world()[0] != 0:
+        quiet = True
     progress = args.progress if args.progress is not None else (sys.stderr.isatty() and not quiet)
-    stats = ck.save(out, args.dst, target, overwrite=args.overwrite, progress=progress)
+    stats = ck.save(out, args.dst, target, overwrite=args.overwrite, progress=progress,
+                    workers=getattr(args, "workers", None), max_memory=getattr(args, "max_memory", None))
     if not quiet:
         gb = stats["bytes_written"] / 1e9
         print(f"wrote {args.dst}: {len(plan.files)} files, {gb:.3f} GB in {stats['seconds']:.1f}s "

@@ -146,8 +146,7 @@ def write_files(files: list[OutputFile], root: str, bar: Progress, workers: int)
                 read += a
                 running -= 1
             else:
-                error = error or CkptIrError(b)
-                error.exit_code = a
+                error = error or _error((a, b))
                 running -= 1
                 for p in procs:
                     p.terminate()
@@ -164,13 +163,119 @@ def write_files(files: list[OutputFile], root: str, bar: Progress, workers: int)
     return read
 
 
+def distributed_world() -> tuple[int, int]:
+    """(rank, world size) when launched by torchrun with more than one process, else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and "RANK" in os.environ and "MASTER_ADDR" in os.environ:
+        return int(os.environ["RANK"]), world
+    return 0, 1
+
+
+def available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 1024**3
+
+
+def default_max_memory() -> int:
+    return available_memory() // 2
+
+
+def workers_for_budget(plan: Plan, workers: int, max_memory: int) -> int:
+    """How many writers fit in ``max_memory``; a CkptIrError if not even one does."""
+    name, need = plan.largest_tensor()
+    if need > max_memory:
+        raise CkptIrError(f"tensor {name} needs about {need / 1e6:.0f} MB to produce but the memory budget is "
+                          f"{max_memory / 1e6:.0f} MB; raise --max-memory")
+    return max(1, min(workers, max_memory // max(need, 1)))
+
+
 def execute(plan: Plan, dst: str, *, overwrite: bool = False, progress: bool = False,
-            workers: int | None = None) -> dict[str, float]:
-    """Write ``plan`` to ``dst`` atomically; returns simple statistics."""
+            workers: int | None = None, max_memory: int | None = None) -> dict[str, float]:
+    """Write ``plan`` to ``dst`` atomically; returns simple statistics.  ``max_memory`` bounds
+    the tensor data held at once (it limits the number of parallel writers).  Under torchrun
+    the tensor files are split between the ranks (each rank may also use local workers)."""
+    workers = workers_for_budget(plan, workers or default_workers(), max_memory or default_max_memory())
+    rank, world = distributed_world()
+    if world > 1:
+        return _execute_distributed(plan, dst, overwrite, progress and rank == 0, 1, rank, world)
     atomic.check_destination(dst, overwrite)
     atomic.check_free_space(dst, plan.nbytes)
-    bar = Progress(sum(f.nbytes for f in plan.files if f.kind in ("safetensors", "torch")), len(plan.files), progress)
+    bar = Progress(_tensor_bytes(plan.files), len(plan.files), progress)
     t0 = time.monotonic()
     with atomic.atomic_dir(dst, overwrite) as tmp:
-        read = write_files(list(plan.files), tmp, bar, workers or default_workers())
+        read = write_files(list(plan.files), tmp, bar, workers)
     return {"seconds": time.monotonic() - t0, "bytes_written": plan.nbytes, "bytes_read": read}
+
+
+def _tensor_bytes(files) -> int:
+    return sum(f.nbytes for f in files if f.kind in ("safetensors", "torch"))
+
+
+def _execute_distributed(plan: Plan, dst: str, overwrite: bool, progress: bool, workers: int, rank: int,
+                         world: int) -> dict[str, float]:
+    """torchrun: rank 0 prepares a shared temporary directory, every rank writes its share of the
+    tensor files into it, and rank 0 writes the small files last and renames the directory."""
+    import torch.distributed as dist
+
+    t0 = time.monotonic()
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("gloo")
+    try:
+        tag = "dist-" + os.environ.get("TORCHELASTIC_RUN_ID", os.environ.get("MASTER_PORT", "0"))
+        tmp = atomic.temp_path(dst, tag)
+        status: list = [None]
+        if rank == 0:
+            try:
+                atomic.check_free_space(dst, plan.nbytes)
+                atomic.prepare(dst, overwrite, tag)
+            except CkptIrError as e:
+                status = [(e.exit_code, str(e))]
+        dist.broadcast_object_list(status, src=0)
+        if status[0]:
+            raise _error(status[0])
+        tensor_files = [f for f in plan.files if f.kind in ("safetensors", "torch")]
+        mine = assign(tensor_files, world)[rank] if tensor_files else []
+        bar = Progress(_tensor_bytes(mine), len(mine), progress)
+        mine_status, read = None, 0
+        try:
+            read = write_files(mine, tmp, bar, workers)
+        except CkptIrError as e:
+            mine_status = (e.exit_code, str(e))
+        statuses: list = [None] * world
+        dist.all_gather_object(statuses, mine_status)
+        failed = [s for s in statuses if s]
+        if rank == 0:
+            if failed:
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                try:
+                    with E.Reader() as reader:
+                        for f in plan.files:
+                            if f.kind not in ("safetensors", "torch"):
+                                write_file(f, tmp, reader, Progress(0, 0, False))
+                    atomic.commit(tmp, dst)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+        dist.barrier()
+        if failed:
+            raise _error(failed[0])
+        totals = [0] * world
+        dist.all_gather_object(totals, read)
+        return {"seconds": time.monotonic() - t0, "bytes_written": plan.nbytes, "bytes_read": sum(totals)}
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def _error(status: tuple[int, str]) -> CkptIrError:
+    err = CkptIrError(status[1])
+    err.exit_code = status[0]
+    return err

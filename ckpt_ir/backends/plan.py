@@ -56,10 +56,21 @@ class Plan:
 
     @property
     def peak_memory(self) -> int:
-        """Estimated peak: the largest tensor being built, plus its inputs (Concat/cast temporaries)."""
+        """Estimated peak bytes one writer holds: the tensor being built, plus the staging buffer
+        for its largest input, plus the temporaries of any arithmetic (casts, LoRA math)."""
         peak = 0
         for f in self.files:
             for _, e in f.tensors:
-                inputs = sum(n.nbytes for n in E.walk(e) if n is not e and not isinstance(n, E.Load))
-                peak = max(peak, e.nbytes + inputs)
+                peak = max(peak, tensor_memory(e))
         return peak
+
+    def largest_tensor(self) -> tuple[str, int]:
+        return max(((name, tensor_memory(e)) for f in self.files for name, e in f.tensors),
+                   key=lambda x: x[1], default=("", 0))
+
+
+def tensor_memory(e: E.Expr) -> int:
+    inputs = [n for n in E.walk(e) if n is not e]
+    staging = max((n.nbytes for n in inputs if isinstance(n, E.Load)), default=0)
+    temporaries = sum(n.nbytes for n in inputs if not isinstance(n, (E.Load, E.Concat, E.Slice)))
+    return e.nbytes + staging + temporaries

@@ -43,8 +43,11 @@ def _sweep_stale(parent: str, base: str) -> None:
     for name in os.listdir(parent):
         if not name.startswith(prefix):
             continue
+        tag = name[len(prefix):]
+        if tag.startswith("dist-"):
+            continue  # a torchrun job's directory: its rank 0 owns it
         try:
-            pid = int(name[len(prefix):].split("-")[0])
+            pid = int(tag.split("-")[0])
             os.kill(pid, 0)
         except (ValueError, ProcessLookupError):
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
@@ -52,27 +55,44 @@ def _sweep_stale(parent: str, base: str) -> None:
             pass
 
 
-@contextlib.contextmanager
-def atomic_dir(dst: str, overwrite: bool = False) -> Iterator[str]:
-    """Yield a temporary directory; on success it becomes ``dst`` (replacing it if ``overwrite``)."""
+def temp_path(dst: str, tag: str | None = None) -> str:
+    parent, base = os.path.split(os.path.abspath(dst))
+    return os.path.join(parent, f".{base}{TMP_TAG}{tag or os.getpid()}")
+
+
+def prepare(dst: str, overwrite: bool, tag: str | None = None) -> str:
+    """Check the destination and create a fresh temporary sibling for it."""
     dst = os.path.abspath(dst)
     check_destination(dst, overwrite)
     parent, base = os.path.split(dst)
     _sweep_stale(parent, base)
-    tmp = os.path.join(parent, f".{base}{TMP_TAG}{os.getpid()}")
+    tmp = temp_path(dst, tag)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    return tmp
+
+
+def commit(tmp: str, dst: str) -> None:
+    """Make everything under ``tmp`` durable, then rename it to ``dst`` (replacing a previous one)."""
+    dst = os.path.abspath(dst)
+    _fsync_dir(tmp)
+    if os.path.isdir(dst):
+        old = tmp + "-old"
+        os.rename(dst, old)
+        os.rename(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dst)
+    _fsync_path(os.path.dirname(dst))
+
+
+@contextlib.contextmanager
+def atomic_dir(dst: str, overwrite: bool = False) -> Iterator[str]:
+    """Yield a temporary directory; on success it becomes ``dst`` (replacing it if ``overwrite``)."""
+    tmp = prepare(dst, overwrite)
     try:
         yield tmp
-        _fsync_dir(tmp)
-        if os.path.isdir(dst):
-            old = os.path.join(parent, f".{base}{TMP_TAG}{os.getpid()}-old")
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
-        _fsync_dir(parent)
+        commit(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
