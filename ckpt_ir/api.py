@@ -20,7 +20,7 @@ from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.passes.manager import Instrumentation, PassManager, Pipeline, parse_pipeline
 from ckpt_ir.passes.vocab import padded_size
 
-__all__ = ["Target", "load", "derive_pipeline", "run", "plan", "save", "parse_pipeline"]
+__all__ = ["Target", "load", "attach_lora", "derive_pipeline", "run", "plan", "save", "parse_pipeline"]
 
 
 @attrs.frozen(kw_only=True)
@@ -38,14 +38,51 @@ class Target:
     norm_names: str | None = None  # mcore: "local" or "te"; None keeps the source's naming
     max_shard_size: int | None = None
     hf_config_dir: str | None = None
+    lora_rank: int | None = None  # user-given LoRA settings, checked against the checkpoint
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = ()
 
     def __attrs_post_init__(self) -> None:
-        if self.to not in ("hf", "mcore"):
-            raise UsageError(f"--to {self.to!r}: choose hf or mcore")
-        if self.to == "hf" and (self.tp != 1 or self.pp != 1 or self.vpp_layers or self.num_layer_list
+        if self.to not in ("hf", "mcore", "peft"):
+            raise UsageError(f"--to {self.to!r}: choose hf, mcore or peft")
+        if self.to != "mcore" and (self.tp != 1 or self.pp != 1 or self.vpp_layers or self.num_layer_list
                                 or self.noop_layers or self.vocab_divisible_by):
             raise UsageError("--tp/--pp/--vpp-layers/--num-layer-list/--noop-layers/--make-vocab-size-divisible-by "
                              "apply to --to mcore only")
+
+
+def attach_lora(base: Checkpoint, path: str) -> Checkpoint:
+    """Add the LoRA adapter at ``path`` to ``base``: a PEFT adapter directory, or a Megatron
+    checkpoint holding LoRA tensors (e.g. saved with a LoRA filter) in the same layout as the base.
+    Adapter tensors replace any LoRA the base already carries."""
+    from ckpt_ir.families import by_name
+    from ckpt_ir.frontends import peft
+    from ckpt_ir.ir.names import is_lora
+
+    if peft.detect(path):
+        if base.layout.tp != 1 or base.layout.fused_qkv or base.layout.fused_gate_up:
+            base = run(base, derive_pipeline(base, Target(to="hf")))
+        tensors, rank, alpha = peft.lift_adapter(path, by_name(base.spec.family), base.spec)
+    else:
+        adapter = load(path)
+        if adapter.spec.lora_rank is None:
+            raise UsageError(f"--lora-load {path}: no LoRA tensors found there")
+        la, lb = adapter.layout, base.layout
+        if (la.tp, la.pp, la.vpp_layers, la.num_layer_list, la.noop_layers) != \
+                (lb.tp, lb.pp, lb.vpp_layers, lb.num_layer_list, lb.noop_layers):
+            raise UsageError(f"--lora-load {path}: adapter layout ({la.describe()}) differs from the base "
+                             f"({lb.describe()}); both must come from the same training layout")
+        tensors = {n: t for n, t in adapter.tensors.items() if is_lora(n)}
+        rank, alpha = adapter.spec.lora_rank, adapter.spec.lora_alpha
+    missing = sorted({n.rsplit(".lora_", 1)[0] + ".weight" for n in tensors} - set(base.tensors))
+    if missing:
+        raise UsageError(f"--lora-load {path}: adapter targets {', '.join(missing[:3])} which the base lacks")
+    merged = {n: t for n, t in base.tensors.items() if not is_lora(n)}
+    merged.update(tensors)
+    from ckpt_ir.frontends.hf import canonical_order
+
+    ordered = dict(sorted(merged.items(), key=lambda kv: canonical_order(kv[0])))
+    return attrs.evolve(base, tensors=ordered, spec=attrs.evolve(base.spec, lora_rank=rank, lora_alpha=alpha))
 
 
 def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
@@ -59,7 +96,16 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
         steps.append("remove-noop-layers")
     if lay.padded_vocab:
         steps.append("unpad-vocab")
-    if target.to == "hf":
+    if src.spec.lora_rank is not None and target.to != "peft":
+        opts = []
+        if target.lora_alpha is not None:
+            opts.append(f"alpha={target.lora_alpha:g}")
+        if target.lora_rank is not None:
+            opts.append(f"rank={target.lora_rank}")
+        if target.lora_targets:
+            opts.append("targets=" + ",".join(target.lora_targets))
+        steps.append("lora-merge" + ("{" + " ".join(opts) + "}" if opts else ""))
+    if target.to in ("hf", "peft"):
         if lay.fused_gate_up:
             steps.append("unfuse-gate-up")
         if lay.fused_qkv:
@@ -94,6 +140,11 @@ def run(ckpt: Checkpoint, pipeline: Pipeline | str, instrumentation: Instrumenta
 
 
 def plan(ckpt: Checkpoint, target: Target) -> Plan:
+    if target.to == "peft":
+        from ckpt_ir.backends import peft
+        from ckpt_ir.passes.lora import apply_lora_options
+
+        return peft.plan(apply_lora_options(ckpt, target.lora_rank, target.lora_alpha, target.lora_targets))
     if target.to == "hf":
         from ckpt_ir.backends import hf
 

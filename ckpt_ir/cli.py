@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "source and target layouts; --print-pipeline shows it, --pipeline replaces it.")
     c.add_argument("src", help="source checkpoint directory (HF or Megatron-Core)")
     c.add_argument("dst", help="destination directory (written atomically)")
-    c.add_argument("--to", required=True, choices=("hf", "mcore"), help="output format")
+    c.add_argument("--to", required=True, choices=("hf", "mcore", "peft"), help="output format (peft: a LoRA-only "
+                   "adapter)")
     c.add_argument("--dtype", help="cast floating tensors to bf16, fp16 or fp32 (default: keep)")
     c.add_argument("--dry-run", action="store_true", help="print the plan (files, tensors, sources, bytes, "
                    "peak memory) and write nothing")
@@ -95,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--make-vocab-size-divisible-by", type=int, help="pad the vocabulary to a multiple of N*TP")
     m.add_argument("--norm-names", choices=("local", "te"), help="norm key naming: local (input_layernorm) or te "
                    "(linear_qkv.layer_norm_weight); default local, or the source's")
+    lo = c.add_argument_group("LoRA (merged into the weights for --to hf/mcore; exported alone for --to peft)")
+    lo.add_argument("--lora-load", metavar="DIR", help="LoRA adapter: a PEFT directory or a Megatron LoRA checkpoint")
+    lo.add_argument("--lora-r", type=int, help="LoRA rank (checked against the adapter)")
+    lo.add_argument("--lora-alpha", type=float, help="LoRA alpha (needed when the adapter does not record it)")
+    lo.add_argument("--lora-target-modules", nargs="+", default=[], metavar="MODULE",
+                    help="modules carrying LoRA, e.g. linear_qkv linear_proj linear_fc1 linear_fc2 (checked)")
     add_ir_flags(c)
 
     i = sub.add_parser("inspect", help="print a checkpoint's IR (spec, layout, one line per tensor)")
@@ -166,12 +173,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
     target = ck.Target(to=args.to, dtype=args.dtype, tp=args.tp, pp=args.pp, vpp_layers=args.vpp_layers,
                        num_layer_list=args.num_layer_list, noop_layers=args.noop_layers,
                        vocab_divisible_by=args.make_vocab_size_divisible_by, norm_names=args.norm_names,
-                       max_shard_size=args.max_shard_size, hf_config_dir=args.hf_config)
+                       max_shard_size=args.max_shard_size, hf_config_dir=args.hf_config, lora_rank=args.lora_r,
+                       lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_target_modules))
     if args.hf_config and args.to == "mcore":
         hf_cfg = read_config(args.hf_config)
     else:
         hf_cfg = None
     src = ck.load(args.src, allow_unused=tuple(args.allow_unused), hf_config=hf_cfg)
+    if args.lora_load:
+        src = ck.attach_lora(src, args.lora_load)
+    elif args.to == "peft" and src.spec.lora_rank is None:
+        raise UsageError("--to peft needs LoRA tensors: pass --lora-load DIR or a checkpoint that carries LoRA")
     return run_conversion(src, target, args)
 
 

@@ -53,6 +53,15 @@ GLOBAL_TABLE = NameTable(PRE_LAYERS + POST_LAYERS)
 LAYER_ROLE_ORDER = tuple(c for _, c in _LAYER_KEYS)
 
 EXTRA_STATE = "._extra_state"
+# Megatron / MindSpeed LoRA: X.lora_A.default.weight [r, in] and X.lora_B.default.weight [out, r]
+# beside the base X.weight, which LoRA training stores as X.base_layer.weight.
+LORA_KEY = re.compile(r"^(.*)\.lora_([AB])(?:\.default)?\.weight$")
+CANONICAL_LORA = {"A": ".lora_a.weight", "B": ".lora_b.weight"}
+
+
+def lora_key(target_key: str, which: str) -> str:
+    """``...linear_qkv.weight`` -> ``...linear_qkv.lora_A.default.weight``."""
+    return target_key[: -len(".weight")] + (".lora_A" if which == "a" else ".lora_B") + ".default.weight"
 
 
 def layer_table(norm_names: str) -> NameTable:
@@ -91,6 +100,7 @@ _NOT_HF = frozenset({
     "gradient_accumulation_fusion", "tokenizer_type", "qkv_type", "fc_type", "post_norm", "moe_grouped_gemm",
     "moe_tp_extend_ep", "mla_mm_split", "mtp_num_layers", "first_k_dense_replace", "save_layer_by_layer",
     "etp_valid_ckpts_list", "add_rmsnorm_offset", "use_mcore_models", "make_vocab_size_divisible_by",
+    "lora_r", "lora_alpha", "lora_target_modules", "lora_load", "lora_fusion", "lora_ckpt_filter",
 })
 
 
@@ -145,6 +155,10 @@ def build_args(spec: ModelSpec, layout: Layout, hf_config: dict[str, Any] | None
     if layout.vpp_layers:
         fields["num_layers_per_virtual_pipeline_stage"] = layout.vpp_layers
         fields["virtual_pipeline_model_parallel_size"] = num_chunks(spec, layout)
+    if spec.lora_rank is not None:
+        fields["lora_r"] = spec.lora_rank
+        if spec.lora_alpha is not None:
+            fields["lora_alpha"] = spec.lora_alpha
     for k, v in fields.items():
         setattr(ns, k, v)
     return ns

@@ -22,9 +22,9 @@ _IGNORED_VALUE = ("--model-type", "--tokenizer-model", "--loader", "--saver", "-
                   "--input-tp-rank", "--input-pp-rank", "--first-k-dense-replace", "--num-layers", "--spec")
 _IGNORED_FLAGS = ("--use-mcore-models", "--no-checking", "--save-layer-by-layer", "--load-checkpoint-loosely",
                   "--add-qkv-bias", "--post-norm", "--w-pack", "--add-dense-bias", "--load-hf-from-config")
-_UNSUPPORTED_VALUE = {"--lora-load": "LoRA", "--mtp-num-layers": "MTP layers"}
+_UNSUPPORTED_VALUE = {"--mtp-num-layers": "MTP layers"}
 _UNSUPPORTED_FLAGS = {"--moe-grouped-gemm": "MoE grouped GEMM", "--moe-tp-extend-ep": "MoE TP-extend-EP",
-                      "--mla-mm-split": "MLA", "--save-lora-to-hf": "LoRA export"}
+                      "--mla-mm-split": "MLA"}
 
 
 def add_parser(sub) -> None:
@@ -46,9 +46,11 @@ def add_parser(sub) -> None:
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=None)
     p.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local")
     p.add_argument("--hf-cfg-dir", default=None)
+    p.add_argument("--lora-load", default=None, help="LoRA checkpoint (Megatron) or PEFT adapter to merge")
     p.add_argument("--lora-r", type=int, default=None)
     p.add_argument("--lora-alpha", type=float, default=None)
     p.add_argument("--lora-target-modules", nargs="*", default=[])
+    p.add_argument("--save-lora-to-hf", action="store_true", help="write the LoRA weights alone as a PEFT adapter")
     p.add_argument("--overwrite", action="store_true", help="replace --save-dir if not empty")
     for flag in _IGNORED_VALUE:
         p.add_argument(flag, default=None, help=argparse.SUPPRESS)
@@ -89,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("convert-ckpt --load-model-type optim: distributed-optimizer state is not supported by "
                          "this version of ckpt-ir")
     to = "hf" if args.save_model_type == "hf" else "mcore"
+    if args.save_lora_to_hf:
+        to = "peft"
     save_dir, hf_cfg_dir = args.save_dir, args.hf_cfg_dir
     if to == "hf" and os.path.isfile(os.path.join(save_dir, "config.json")):
         hf_cfg_dir = hf_cfg_dir or save_dir
@@ -102,13 +106,19 @@ def run(args: argparse.Namespace) -> int:
                            vocab_divisible_by=args.make_vocab_size_divisible_by,
                            norm_names="te" if args.transformer_impl == "transformer_engine" else "local")
     else:
-        target = ck.Target(to="hf", dtype=args.params_dtype, hf_config_dir=hf_cfg_dir)
+        target = ck.Target(to=to, dtype=args.params_dtype, hf_config_dir=hf_cfg_dir)
+    import attrs
+
+    target = attrs.evolve(target, lora_rank=args.lora_r, lora_alpha=args.lora_alpha,
+                          lora_targets=tuple(args.lora_target_modules))
     hf_config = read_config(hf_cfg_dir) if (hf_cfg_dir and args.load_model_type == "mg") else None
     from ckpt_ir.io.atomic import check_destination
 
     if not args.dry_run:
         check_destination(save_dir, args.overwrite)
     src = ck.load(args.load_dir, allow_unused=tuple(args.allow_unused), hf_config=hf_config)
+    if args.lora_load:
+        src = ck.attach_lora(src, args.lora_load)
     if args.model_type_hf and by_name(args.model_type_hf).name != src.spec.family:
         raise UsageError(f"convert-ckpt: --model-type-hf {args.model_type_hf} but {args.load_dir} is a "
                          f"{src.spec.family} checkpoint")

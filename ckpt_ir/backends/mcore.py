@@ -45,7 +45,13 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
             if role in roles:
                 key = table.from_canonical(role.replace("{i}", str(slot.local)))
                 content[(slot.stage, slot.chunk)].append((key, roles[role]))
-        unknown = set(roles) - set(M.LAYER_ROLE_ORDER)
+                for which in ("a", "b"):  # LoRA adapters right after their base weight
+                    lora_role = role[: -len(".weight")] + f".lora_{which}.weight"
+                    if lora_role in roles:
+                        content[(slot.stage, slot.chunk)].append((M.lora_key(key, which), roles[lora_role]))
+        known = set(M.LAYER_ROLE_ORDER) | {r[: -len(".weight")] + f".lora_{w}.weight"
+                                           for r in M.LAYER_ROLE_ORDER for w in "ab"}
+        unknown = set(roles) - known
         if unknown:
             raise VerifyError(f"layer {layer}: no Megatron name for {sorted(unknown)}")
     content[last].append(("decoder.final_layernorm.weight", "final_norm.weight"))

@@ -22,7 +22,7 @@ from ckpt_ir.io.torchzip import TorchZip, iter_tensors
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.layout import Layout, layer_slots
-from ckpt_ir.ir.names import layer_name, split_layer, split_rule
+from ckpt_ir.ir.names import is_lora, layer_name, split_layer, split_rule
 
 
 def detect(path: str) -> bool:
@@ -173,8 +173,12 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
         rows = tensors["embed.weight"].shape[0]
         if rows != spec.vocab_size:
             layout = _evolve(layout, padded_vocab=rows)
-    first_dtype = next(iter(tensors.values())).dtype if tensors else spec.dtype
-    spec = _evolve(spec, dtype=first_dtype)
+    weights = [t for n, t in tensors.items() if not is_lora(n)]
+    spec = _evolve(spec, dtype=weights[0].dtype if weights else spec.dtype)
+    lora_a = [t for n, t in tensors.items() if n.endswith(".lora_a.weight")]
+    if lora_a:
+        alpha = args.get("lora_alpha")
+        spec = _evolve(spec, lora_rank=lora_a[0].shape[0], lora_alpha=float(alpha) if alpha is not None else None)
     layout = _evolve(layout, norm_names="te" if te_norms else "local")
     ordered = dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0])))
     return Checkpoint(spec=spec, layout=layout, tensors=ordered, dropped=dropped, hf_config=cfg, source=path,
@@ -189,6 +193,11 @@ def _evolve(obj, **kw):
 
 def _canonical(key: str, stage: int, chunk: int) -> str | None:
     """Canonical name with the *local* layer number tagged by stage/chunk (resolved later)."""
+    key = key.replace(".base_layer.", ".")
+    m = M.LORA_KEY.match(key)
+    if m:
+        target = _canonical(m.group(1) + ".weight", stage, chunk)
+        return None if target is None else target[: -len(".weight")] + M.CANONICAL_LORA[m.group(2)]
     glob = M.GLOBAL_TABLE.to_canonical(key)
     if glob is not None:
         return glob

@@ -60,7 +60,30 @@ ROLES: dict[str, Split | None] = {
     "layers.{i}.post_mlp_norm.weight": None,
 }
 
+# LoRA adapters attach to linear layers: ``<target>.lora_a.weight`` [r, in] and
+# ``<target>.lora_b.weight`` [out, r].  A column-parallel target keeps A whole and splits B like
+# the weight; a row-parallel target splits A like the weight (dim 1) and keeps B whole.
+LINEAR_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.gate", "mlp.up", "mlp.gate_up", "mlp.down")
+for _t in LINEAR_TARGETS:
+    _rule = ROLES[f"layers.{{i}}.{_t}.weight"]
+    assert _rule is not None
+    ROLES[f"layers.{{i}}.{_t}.lora_a.weight"] = None if _rule.dim == 0 else ROW
+    ROLES[f"layers.{{i}}.{_t}.lora_b.weight"] = _rule if _rule.dim == 0 else None
+
 VOCAB_ROLES = frozenset({"embed.weight", "lm_head.weight"})
+LORA_SUFFIXES = (".lora_a.weight", ".lora_b.weight")
+
+
+def is_lora(name: str) -> bool:
+    return name.endswith(LORA_SUFFIXES)
+
+
+def lora_target(name: str) -> str:
+    """``layers.0.attn.qkv.lora_a.weight`` -> ``layers.0.attn.qkv.weight``."""
+    for suffix in LORA_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)] + ".weight"
+    raise ValueError(name)
 NORM_SUFFIX = "norm.weight"
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")

@@ -36,4 +36,12 @@ def expected_shape(spec: ModelSpec, layout: Layout, name: str) -> tuple[int, ...
         "layers.{i}.mlp.down.weight": (h, f),
         "layers.{i}.post_mlp_norm.weight": (h,),
     }
-    return table.get(role_of(name))
+    role = role_of(name)
+    for suffix, which in ((".lora_a.weight", "a"), (".lora_b.weight", "b")):
+        if role.endswith(suffix):
+            target = table.get(role[: -len(suffix)] + ".weight")
+            r = spec.lora_rank
+            if target is None or r is None:
+                return None
+            return (r, target[1]) if which == "a" else (target[0], r)
+    return table.get(role)

@@ -38,6 +38,8 @@ class ModelSpec:
     tied_embeddings: bool = False
     activation: str = "silu"
     dtype: str = "F32"
+    lora_rank: int | None = None  # set while the checkpoint carries (unmerged) LoRA adapters
+    lora_alpha: float | None = None
     extra: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:

@@ -5,12 +5,9 @@ from __future__ import annotations
 from ckpt_ir.errors import VerifyError
 from ckpt_ir.ir import layout as L
 from ckpt_ir.ir.checkpoint import Checkpoint
-from ckpt_ir.ir.names import ROLES, role_of, split_layer
+from ckpt_ir.ir.names import ROLES, is_lora, role_of, split_layer
 from ckpt_ir.ir.shapes import expected_shape
 
-FUSED_ONLY = {"attn.qkv.weight", "attn.qkv.bias", "mlp.gate_up.weight"}
-SPLIT_ONLY = {"attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.q.bias", "attn.k.bias", "attn.v.bias",
-              "mlp.gate.weight", "mlp.up.weight"}
 
 
 def verify(ckpt: Checkpoint, after: str = "") -> None:
@@ -26,13 +23,13 @@ def verify(ckpt: Checkpoint, after: str = "") -> None:
         layer, rest = split_layer(name)
         if layer is not None and not 0 <= layer < spec.num_layers:
             raise VerifyError(f"{name}: layer {layer} outside the model's {spec.num_layers} layers{where}")
-        fused_qkv = rest in ("attn.qkv.weight", "attn.qkv.bias")
-        fused_fc1 = rest == "mlp.gate_up.weight"
+        fused_qkv = rest.startswith("attn.qkv.")
+        fused_fc1 = rest.startswith("mlp.gate_up.")
         if (fused_qkv and not layout.fused_qkv) or (fused_fc1 and not layout.fused_gate_up):
             raise VerifyError(f"{name}: fused tensor in a layout that says unfused{where}")
-        if rest.startswith("attn.") and rest in SPLIT_ONLY and layout.fused_qkv:
+        if rest.startswith(("attn.q.", "attn.k.", "attn.v.")) and layout.fused_qkv:
             raise VerifyError(f"{name}: separate q/k/v tensor in a layout with fused QKV{where}")
-        if rest in ("mlp.gate.weight", "mlp.up.weight") and layout.fused_gate_up:
+        if rest.startswith(("mlp.gate.", "mlp.up.")) and layout.fused_gate_up:
             raise VerifyError(f"{name}: separate gate/up tensor in a layout with fused gate/up{where}")
         want = expected_shape(spec, layout, name)
         if want is not None and t.shape != want:
@@ -42,5 +39,7 @@ def verify(ckpt: Checkpoint, after: str = "") -> None:
             raise VerifyError(f"{name}: {t.tp} shards in a layout with tp={layout.tp}{where}")
         if split is not None and t.tp == 1 and layout.tp > 1:
             raise VerifyError(f"{name}: not sharded in a layout with tp={layout.tp}{where}")
+        if is_lora(name) and spec.lora_rank is None:
+            raise VerifyError(f"{name}: LoRA tensor but the spec has no LoRA rank{where}")
     if spec.tied_embeddings and "lm_head.weight" in ckpt.tensors:
         raise VerifyError(f"lm_head.weight present but embeddings are tied{where}")

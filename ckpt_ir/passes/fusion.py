@@ -47,44 +47,75 @@ def _rebuild(ckpt: Checkpoint, replace: dict[str, dict[str, E.Expr]], drop: set[
     return out
 
 
+# What the fusion rules apply to, per target: tensors whose rows are output features (weight,
+# bias, LoRA B) are interleaved/stacked like the weight; LoRA A (input side) is shared.
+ROW_STACKED = ("weight", "bias", "lora_b.weight")
+SHARED = "lora_a.weight"
+
+
+def _shared(ckpt: Checkpoint, names: list[str], pass_name: str):
+    """The one expression that several parts share (LoRA A), or an error if they differ."""
+    exprs = [ckpt.tensors[n].expr for n in names]
+    if any(e != exprs[0] for e in exprs[1:]):
+        raise VerifyError(f"{pass_name}: {', '.join(names)} differ; separate LoRA A matrices cannot be fused "
+                          f"(merge the adapter first with lora-merge)")
+    return exprs[0]
+
+
+def _parts_present(ckpt: Checkpoint, layer: int, parts: tuple[str, ...], kind: str) -> bool:
+    return all(layer_name(layer, f"{p}.{kind}") in ckpt.tensors for p in parts)
+
+
 @register_pass
 class FuseQKV(Pass):
     name = "fuse-qkv"
-    summary = "Fuse separate q/k/v (weights and biases) into Megatron's per-group interleaved linear_qkv"
+    summary = "Fuse separate q/k/v (weights, biases, LoRA) into Megatron's per-group interleaved linear_qkv"
     requires = "tp=1, separate q/k/v"
-    guarantees = "layers.N.attn.qkv.{weight,bias} in per-query-group [q heads; k; v] order"
+    guarantees = "layers.N.attn.qkv.{weight,bias,lora_*} in per-query-group [q heads; k; v] order"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
         _require_whole(ckpt, self.name)
         replace: dict[str, dict[str, E.Expr]] = {}
         drop: set[str] = set()
+        parts = ("attn.q", "attn.k", "attn.v")
         for name in ckpt.tensors:
             layer, rest = split_layer(name)
-            if layer is None or rest not in ("attn.q.weight", "attn.q.bias"):
+            if layer is None or rest != "attn.q.weight":
                 continue
-            kind = rest.split(".")[-1]
-            parts = {p: ckpt.tensors[layer_name(layer, f"attn.{p}.{kind}")].expr for p in "qkv"}
-            fused = E.Concat(tuple(E.Slice(parts[p], 0, a, a + n) for p, a, n in qkv_pieces(ckpt.spec)), 0)
-            replace[name] = {layer_name(layer, f"attn.qkv.{kind}"): fused}
-            drop |= {layer_name(layer, f"attn.{p}.{kind}") for p in "qkv"}
+            new: dict[str, E.Expr] = {}
+            for kind in (*ROW_STACKED, SHARED):
+                if not _parts_present(ckpt, layer, parts, kind):
+                    continue
+                names = [layer_name(layer, f"{p}.{kind}") for p in parts]
+                drop |= set(names)
+                if kind == SHARED:
+                    new[layer_name(layer, f"attn.qkv.{kind}")] = _shared(ckpt, names, self.name)
+                    continue
+                src = dict(zip("qkv", (ckpt.tensors[n].expr for n in names)))
+                new[layer_name(layer, f"attn.qkv.{kind}")] = E.Concat(
+                    tuple(E.Slice(src[p], 0, a, a + n) for p, a, n in qkv_pieces(ckpt.spec)), 0)
+            replace[name] = new
         return ckpt.with_tensors(_rebuild(ckpt, replace, drop), layout=attrs.evolve(ckpt.layout, fused_qkv=True))
 
 
 @register_pass
 class UnfuseQKV(Pass):
     name = "unfuse-qkv"
-    summary = "Split Megatron's per-group interleaved linear_qkv into separate q/k/v"
+    summary = "Split Megatron's per-group interleaved linear_qkv (and its LoRA) into separate q/k/v"
     requires = "tp=1, fused QKV"
-    guarantees = "layers.N.attn.{q,k,v}.{weight,bias}; no fused QKV"
+    guarantees = "layers.N.attn.{q,k,v}.{weight,bias,lora_*}; LoRA A shared by q, k and v"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
         _require_whole(ckpt, self.name)
         replace: dict[str, dict[str, E.Expr]] = {}
         for name, t in ckpt.tensors.items():
             layer, rest = split_layer(name)
-            if layer is None or rest not in ("attn.qkv.weight", "attn.qkv.bias"):
+            if layer is None or not rest.startswith("attn.qkv."):
                 continue
-            kind = rest.split(".")[-1]
+            kind = rest[len("attn.qkv."):]
+            if kind == SHARED:
+                replace[name] = {layer_name(layer, f"attn.{p}.{kind}"): t.expr for p in "qkv"}
+                continue
             chunks: dict[str, list[E.Expr]] = {"q": [], "k": [], "v": []}
             pos = 0
             for p, _a, n in qkv_pieces(ckpt.spec):
@@ -98,40 +129,52 @@ class UnfuseQKV(Pass):
 @register_pass
 class FuseGateUp(Pass):
     name = "fuse-gate-up"
-    summary = "Fuse separate gate/up projections into one [gate; up] linear_fc1"
+    summary = "Fuse separate gate/up projections (and their LoRA) into one [gate; up] linear_fc1"
     requires = "tp=1, separate gate/up"
-    guarantees = "layers.N.mlp.gate_up.weight = [gate; up] (TP splits each half: Megatron's per-rank layout)"
+    guarantees = "layers.N.mlp.gate_up.* = [gate; up] (TP splits each half: Megatron's per-rank layout)"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
         _require_whole(ckpt, self.name)
-        replace, drop = {}, set()
+        replace: dict[str, dict[str, E.Expr]] = {}
+        drop: set[str] = set()
+        parts = ("mlp.gate", "mlp.up")
         for name in ckpt.tensors:
             layer, rest = split_layer(name)
             if layer is None or rest != "mlp.gate.weight":
                 continue
-            up = layer_name(layer, "mlp.up.weight")
-            replace[name] = {layer_name(layer, "mlp.gate_up.weight"):
-                             E.Concat((ckpt.tensors[name].expr, ckpt.tensors[up].expr), 0)}
-            drop |= {name, up}
+            new: dict[str, E.Expr] = {}
+            for kind in ("weight", "lora_b.weight", SHARED):
+                if not _parts_present(ckpt, layer, parts, kind):
+                    continue
+                names = [layer_name(layer, f"{p}.{kind}") for p in parts]
+                drop |= set(names)
+                fused = layer_name(layer, f"mlp.gate_up.{kind}")
+                new[fused] = (_shared(ckpt, names, self.name) if kind == SHARED
+                              else E.Concat(tuple(ckpt.tensors[n].expr for n in names), 0))
+            replace[name] = new
         return ckpt.with_tensors(_rebuild(ckpt, replace, drop), layout=attrs.evolve(ckpt.layout, fused_gate_up=True))
 
 
 @register_pass
 class UnfuseGateUp(Pass):
     name = "unfuse-gate-up"
-    summary = "Split a fused [gate; up] linear_fc1 into separate gate and up projections"
+    summary = "Split a fused [gate; up] linear_fc1 (and its LoRA) into separate gate and up projections"
     requires = "tp=1, fused gate/up"
-    guarantees = "layers.N.mlp.{gate,up}.weight; no fused gate/up"
+    guarantees = "layers.N.mlp.{gate,up}.*; LoRA A shared by gate and up"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
         _require_whole(ckpt, self.name)
-        replace = {}
+        replace: dict[str, dict[str, E.Expr]] = {}
         for name, t in ckpt.tensors.items():
             layer, rest = split_layer(name)
-            if layer is None or rest != "mlp.gate_up.weight":
+            if layer is None or not rest.startswith("mlp.gate_up."):
+                continue
+            kind = rest[len("mlp.gate_up."):]
+            if kind == SHARED:
+                replace[name] = {layer_name(layer, f"mlp.{p}.{kind}"): t.expr for p in ("gate", "up")}
                 continue
             f = t.shape[0] // 2
-            replace[name] = {layer_name(layer, "mlp.gate.weight"): E.Slice(t.expr, 0, 0, f),
-                             layer_name(layer, "mlp.up.weight"): E.Slice(t.expr, 0, f, 2 * f)}
+            replace[name] = {layer_name(layer, f"mlp.gate.{kind}"): E.Slice(t.expr, 0, 0, f),
+                             layer_name(layer, f"mlp.up.{kind}"): E.Slice(t.expr, 0, f, 2 * f)}
         return ckpt.with_tensors(_rebuild(ckpt, replace, set(replace)),
                                  layout=attrs.evolve(ckpt.layout, fused_gate_up=False))

@@ -1,0 +1,127 @@
+"""lora-merge: fold LoRA adapters into their base weights, W' = W + (alpha / r) * B @ A.
+
+The product and the sum run in fp32 and the result is rounded once to W's dtype (a bf16 model
+stays bf16 without an fp16 detour).  Fused targets need no special case: a fused QKV's B is
+interleaved exactly like its weight, and a fused gate/up's B is [B_gate; B_up] like [gate; up].
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from ckpt_ir.errors import UsageError, VerifyError
+from ckpt_ir.ir import expr as E
+from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
+from ckpt_ir.ir.names import is_lora, lora_target, split_layer
+from ckpt_ir.passes.manager import Option, Pass, register_pass
+
+# Module names --lora-target-modules takes (Megatron or HF) -> the canonical targets that carry
+# their LoRA, fused or not (q_proj's LoRA lives in linear_qkv's once fused)
+MCORE_TARGETS = {"linear_qkv": ("attn.qkv", "attn.q", "attn.k", "attn.v"), "linear_proj": ("attn.o",),
+                 "linear_fc1": ("mlp.gate_up", "mlp.gate", "mlp.up"), "linear_fc2": ("mlp.down",)}
+HF_TARGETS = {"q_proj": ("attn.q", "attn.qkv"), "k_proj": ("attn.k", "attn.qkv"), "v_proj": ("attn.v", "attn.qkv"),
+              "o_proj": ("attn.o",), "gate_proj": ("mlp.gate", "mlp.gate_up"), "up_proj": ("mlp.up", "mlp.gate_up"),
+              "down_proj": ("mlp.down",), "qkv_proj": ("attn.q", "attn.k", "attn.v", "attn.qkv"),
+              "gate_up_proj": ("mlp.gate", "mlp.up", "mlp.gate_up")}
+
+
+def lora_modules(ckpt: Checkpoint) -> set[str]:
+    """Canonical target roles (``attn.qkv``, ``mlp.down``...) that carry LoRA tensors."""
+    out = set()
+    for name in ckpt.tensors:
+        if is_lora(name):
+            out.add(split_layer(lora_target(name))[1][: -len(".weight")])
+    return out
+
+
+def check_targets(ckpt: Checkpoint, targets: tuple[str, ...]) -> None:
+    """Every listed module (Megatron or HF name) must carry LoRA, and every module carrying LoRA
+    must be listed."""
+    present = lora_modules(ckpt)
+    covered: set[str] = set()
+    absent = []
+    for t in targets:
+        roles = MCORE_TARGETS.get(t) or HF_TARGETS.get(t)
+        if roles is None:
+            raise UsageError(f"--lora-target-modules: unknown module {t!r}; use Megatron names "
+                             f"({', '.join(MCORE_TARGETS)}) or HF names ({', '.join(HF_TARGETS)})")
+        hit = present.intersection(roles)
+        if not hit:
+            absent.append(t)
+        covered |= hit
+    parts = []
+    if absent:
+        parts.append(f"no LoRA tensors for {', '.join(absent)}")
+    if present - covered:
+        names: dict[str, str] = {}
+        for table in (MCORE_TARGETS, HF_TARGETS):
+            for module, roles in table.items():
+                names.setdefault(roles[0], module)
+        parts.append("LoRA tensors for " + ", ".join(names.get(r, r) for r in sorted(present - covered))
+                     + " not in the list")
+    if parts:
+        raise UsageError(f"--lora-target-modules {' '.join(targets)} does not match the checkpoint: "
+                         + "; ".join(parts))
+
+
+def apply_lora_options(ckpt: Checkpoint, rank: int | None, alpha: float | None,
+                       targets: tuple[str, ...] = ()) -> Checkpoint:
+    """Check user-given rank / alpha / targets against the checkpoint; fill in alpha when the
+    checkpoint does not record it.  Any disagreement is an error: a wrong alpha silently scales
+    the adapter."""
+    spec = ckpt.spec
+    if spec.lora_rank is None:
+        raise UsageError("no LoRA tensors in the checkpoint; pass --lora-load DIR with the adapter")
+    if rank is not None and rank != spec.lora_rank:
+        raise UsageError(f"--lora-r {rank} given but the LoRA tensors have rank {spec.lora_rank}")
+    if alpha is not None and spec.lora_alpha is not None and float(alpha) != spec.lora_alpha:
+        raise UsageError(f"--lora-alpha {alpha:g} given but the checkpoint says lora_alpha={spec.lora_alpha:g}; "
+                         f"drop the flag or fix the checkpoint")
+    if alpha is None and spec.lora_alpha is None:
+        raise UsageError("the checkpoint does not record lora_alpha; pass --lora-alpha")
+    if targets:
+        check_targets(ckpt, targets)
+    if spec.lora_alpha is None:
+        return attrs.evolve(ckpt, spec=attrs.evolve(spec, lora_alpha=float(alpha)))
+    return ckpt
+
+
+@register_pass
+class LoraMerge(Pass):
+    name = "lora-merge"
+    summary = "Merge LoRA adapters into base weights: W + (alpha/r) * B @ A in fp32, rounded once"
+    description = ("Rank and alpha come from the checkpoint (Megatron args or adapter_config.json); options "
+                   "must agree with them.  targets= (comma list of Megatron or HF module names) must name "
+                   "exactly the modules that carry LoRA.")
+    options = (
+        Option("alpha", float, None, "LoRA alpha (default: from the checkpoint)"),
+        Option("rank", int, None, "LoRA rank r (default: from the checkpoint)"),
+        Option("targets", str, None, "modules expected to carry LoRA, e.g. linear_qkv,linear_proj"),
+    )
+    requires = "tp=1 (run gather first); LoRA tensors present"
+    guarantees = "no LoRA tensors; base weights merged, dtype unchanged"
+
+    def run(self, ckpt: Checkpoint) -> Checkpoint:
+        if ckpt.layout.tp != 1:
+            raise VerifyError("lora-merge needs whole tensors; run gather first")
+        targets = tuple(t for t in (self.opt("targets") or "").split(",") if t)
+        spec = apply_lora_options(ckpt, self.opt("rank"), self.opt("alpha"), targets).spec
+        r, alpha = spec.lora_rank, spec.lora_alpha
+        assert r is not None and alpha is not None
+        scale = alpha / r
+        out: dict[str, TensorNode] = {}
+        for name, t in ckpt.tensors.items():
+            if is_lora(name):
+                continue
+            base = name[: -len(".weight")]
+            a, b = ckpt.tensors.get(base + ".lora_a.weight"), ckpt.tensors.get(base + ".lora_b.weight")
+            if (a is None) != (b is None):
+                raise VerifyError(f"{name}: LoRA {'A' if a is None else 'B'} is missing")
+            if a is not None:
+                delta = E.Scale(E.Matmul(b.expr, a.expr), scale)
+                t = TensorNode.whole(name, E.Add(t.expr, delta))
+            out[name] = t
+        orphans = [n for n in ckpt.tensors if is_lora(n) and lora_target(n) not in ckpt.tensors]
+        if orphans:
+            raise VerifyError(f"LoRA tensors without a base weight: {', '.join(orphans[:3])}; load the base checkpoint")
+        return ckpt.with_tensors(out, spec=attrs.evolve(spec, lora_rank=None, lora_alpha=None))
