@@ -94,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--vpp-layers", type=int, help="layers per virtual pipeline stage")
     m.add_argument("--noop-layers", type=int_list, default=(), help="global indices of no-op layers, e.g. 94,95")
     m.add_argument("--make-vocab-size-divisible-by", type=int, help="pad the vocabulary to a multiple of N*TP")
-    m.add_argument("--norm-names", choices=("local", "te"), help="norm key naming: local (input_layernorm) or te "
-                   "(linear_qkv.layer_norm_weight); default local, or the source's")
+    m.add_argument("--norm-names", choices=("local", "te", "te-input"), help="norm key naming: local "
+                   "(input_layernorm, pre_mlp_layernorm), te (linear_qkv/linear_fc1.layer_norm_weight, Megatron's TE "
+                   "spec) or te-input (only the input norm fused, as MindSpeed-LLM v2 writes); default local, or "
+                   "the source's")
     lo = c.add_argument_group("LoRA (merged into the weights for --to hf/mcore; exported alone for --to peft)")
     lo.add_argument("--lora-load", metavar="DIR", help="LoRA adapter: a PEFT directory or a Megatron LoRA checkpoint")
     lo.add_argument("--lora-r", type=int, help="LoRA rank (checked against the adapter)")

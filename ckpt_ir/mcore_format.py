@@ -49,6 +49,10 @@ POST_LAYERS = (("decoder.final_layernorm.weight", "final_norm.weight"), ("output
 
 LOCAL_LAYER_TABLE = NameTable(_LAYER_KEYS)
 TE_LAYER_TABLE = NameTable((_TE_NORMS.get(m, m), c) for m, c in _LAYER_KEYS)
+# MindSpeed-LLM v2's --transformer-impl transformer_engine fuses only the input norm into
+# linear_qkv for dense layers (its pre-MLP rename applies to layers < first_k_dense_replace only)
+TE_INPUT_LAYER_TABLE = NameTable((m.replace(D + "input_layernorm.weight", _TE_NORMS[D + "input_layernorm.weight"]), c)
+                                 for m, c in _LAYER_KEYS)
 GLOBAL_TABLE = NameTable(PRE_LAYERS + POST_LAYERS)
 LAYER_ROLE_ORDER = tuple(c for _, c in _LAYER_KEYS)
 
@@ -65,7 +69,7 @@ def lora_key(target_key: str, which: str) -> str:
 
 
 def layer_table(norm_names: str) -> NameTable:
-    return TE_LAYER_TABLE if norm_names == "te" else LOCAL_LAYER_TABLE
+    return {"te": TE_LAYER_TABLE, "te-input": TE_INPUT_LAYER_TABLE}.get(norm_names, LOCAL_LAYER_TABLE)
 
 
 def rank_dir(tp: int, pp: int, layout: Layout, ep: int = 0, ep_size: int = 1) -> str:
@@ -137,7 +141,7 @@ def build_args(spec: ModelSpec, layout: Layout, hf_config: dict[str, Any] | None
         "tensor_model_parallel_size": layout.tp,
         "pipeline_model_parallel_size": layout.pp,
         "expert_model_parallel_size": 1,
-        "transformer_impl": "transformer_engine" if layout.norm_names == "te" else "local",
+        "transformer_impl": "local" if layout.norm_names == "local" else "transformer_engine",
         "bf16": spec.dtype == "BF16",
         "fp16": spec.dtype == "F16",
         "model_type_hf": family_ms_name,

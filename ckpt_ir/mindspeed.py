@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
                            vpp_layers=args.num_layers_per_virtual_pipeline_stage,
                            num_layer_list=_list(args.num_layer_list) or None, noop_layers=_list(args.noop_layers),
                            vocab_divisible_by=args.make_vocab_size_divisible_by,
-                           norm_names="te" if args.transformer_impl == "transformer_engine" else "local")
+                           norm_names="te-input" if args.transformer_impl == "transformer_engine" else "local")
     else:
         target = ck.Target(to=to, dtype=args.params_dtype, hf_config_dir=hf_cfg_dir)
     import attrs

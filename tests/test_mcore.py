@@ -168,6 +168,24 @@ def test_te_norm_names_round_trip(tmp_path):
     assert_same_tensors(src, back)
 
 
+def test_mindspeed_transformer_engine_naming_fuses_only_the_input_norm(tmp_path):
+    import subprocess
+    import sys
+
+    src = build_hf(str(tmp_path / "hf"), "llama", layers=2, vocab=VOCAB)
+    out = str(tmp_path / "mc")
+    subprocess.run([sys.executable, "-m", "ckpt_ir", "convert-ckpt", "--load-dir", src, "--save-dir", out,
+                    "--transformer-impl", "transformer_engine", "--model-type-hf", "llama2"], check=True)
+    model = rank_file(out, 0, 0, 1)["model"]
+    assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in model
+    assert "decoder.layers.0.pre_mlp_layernorm.weight" in model
+    assert ck.load(out).layout.norm_names == "te-input"
+    assert rank_file(out, 0, 0, 1)["args"].transformer_impl == "transformer_engine"
+    back = str(tmp_path / "back")
+    convert(out, back, ck.Target(to="hf"))
+    assert_same_tensors(src, back)
+
+
 def test_reads_mindspeed_style_args_without_ckpt_ir_fields(tmp_path):
     """MindSpeed-LLM's args carry the HF config keys and its own names, not ckpt-ir's JSON."""
     src = build_hf(str(tmp_path / "hf"), "qwen2", layers=4, vocab=VOCAB)

@@ -110,7 +110,7 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     pieces: dict[str, dict[int, E.Expr]] = defaultdict(dict)
     dropped: dict[str, str] = {}
     unknown: list[str] = []
-    te_norms = False
+    te_norms = te_fc1 = False
     zips = {k: (first if k == min(ranks) else None) for k in ranks}
     for (t, p, _e), f in sorted(ranks.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         z = zips[(t, p, 0)] or TorchZip(f)
@@ -129,8 +129,10 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                 if key.endswith(M.EXTRA_STATE):
                     continue
                 canon = _canonical(key, p, chunk)
-                if ".layer_norm_weight" in key:
+                if key.endswith("linear_qkv.layer_norm_weight"):
                     te_norms = True
+                if key.endswith("linear_fc1.layer_norm_weight"):
+                    te_fc1 = True
                 if canon is None:
                     if any(fnmatch.fnmatch(key, pat) for pat in allow_unused):
                         dropped[f"{f}:{ck}.{key}"] = "matched --allow-unused"
@@ -179,7 +181,7 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     if lora_a:
         alpha = args.get("lora_alpha")
         spec = _evolve(spec, lora_rank=lora_a[0].shape[0], lora_alpha=float(alpha) if alpha is not None else None)
-    layout = _evolve(layout, norm_names="te" if te_norms else "local")
+    layout = _evolve(layout, norm_names="te" if te_fc1 else "te-input" if te_norms else "local")
     ordered = dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0])))
     return Checkpoint(spec=spec, layout=layout, tensors=ordered, dropped=dropped, hf_config=cfg, source=path,
                       meta={"iteration": iteration if iteration != "release" else 1, "args": args})

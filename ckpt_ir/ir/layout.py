@@ -14,7 +14,7 @@ from ckpt_ir.errors import LayoutError
 from ckpt_ir.ir.spec import ModelSpec
 
 FORMATS = ("hf", "mcore")
-NORM_NAMES = ("local", "te")
+NORM_NAMES = ("local", "te", "te-input")
 
 
 @attrs.frozen(kw_only=True)

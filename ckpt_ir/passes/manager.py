@@ -103,8 +103,30 @@ def registry() -> dict[str, type[Pass]]:
     return dict(_PASSES)
 
 
+_entry_points_loaded = False
+
+
 def _load_builtin() -> None:
+    """Register the built-in passes, then any that installed packages declare under the
+    ``ckpt_ir.passes`` entry-point group (each entry point names a module or a Pass class)."""
+    global _entry_points_loaded
     from ckpt_ir import passes  # noqa: F401  (importing the package registers the built-in passes)
+
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="ckpt_ir.passes"):
+        try:
+            obj = ep.load()
+        except Exception as e:  # a broken plugin must not break the tool
+            import warnings
+
+            warnings.warn(f"ckpt-ir: could not load pass plugin {ep.name!r} ({e})", stacklevel=2)
+            continue
+        if isinstance(obj, type) and issubclass(obj, Pass) and obj.name not in _PASSES:
+            register_pass(obj)
 
 
 def load_plugin(module: str) -> None:
