@@ -38,6 +38,9 @@ class Target:
     norm_names: str | None = None  # mcore: "local" or "te"; None keeps the source's naming
     max_shard_size: int | None = None
     hf_config_dir: str | None = None
+    ep: int = 1
+    etp: int | None = None
+    grouped_gemm: bool = False
     lora_rank: int | None = None  # user-given LoRA settings, checked against the checkpoint
     lora_alpha: float | None = None
     lora_targets: tuple[str, ...] = ()
@@ -46,9 +49,10 @@ class Target:
         if self.to not in ("hf", "mcore", "peft"):
             raise UsageError(f"--to {self.to!r}: choose hf, mcore or peft")
         if self.to != "mcore" and (self.tp != 1 or self.pp != 1 or self.vpp_layers or self.num_layer_list
-                                or self.noop_layers or self.vocab_divisible_by):
-            raise UsageError("--tp/--pp/--vpp-layers/--num-layer-list/--noop-layers/--make-vocab-size-divisible-by "
-                             "apply to --to mcore only")
+                                   or self.noop_layers or self.vocab_divisible_by or self.ep != 1 or self.etp
+                                   or self.grouped_gemm):
+            raise UsageError("--tp/--pp/--vpp-layers/--num-layer-list/--noop-layers/--make-vocab-size-divisible-by/"
+                             "--ep/--etp/--moe-grouped-gemm apply to --to mcore only")
 
 
 def attach_lora(base: Checkpoint, path: str) -> Checkpoint:
@@ -90,8 +94,10 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
     layers and padding, unfuse), cast, then build the target layout."""
     lay = src.layout
     steps: list[str] = []
-    if lay.tp > 1 or lay.pp > 1 or lay.vpp_layers or lay.num_layer_list:
+    if lay.tp > 1 or lay.pp > 1 or lay.vpp_layers or lay.num_layer_list or lay.ep > 1 or lay.etp is not None:
         steps.append("gather")
+    if lay.grouped_gemm and not (target.to == "mcore" and target.grouped_gemm):
+        steps.append("ungroup-experts")
     if lay.noop_layers:
         steps.append("remove-noop-layers")
     if lay.padded_vocab:
@@ -123,12 +129,18 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
                 steps.append(f"pad-vocab{{size={size}}}")
         if target.noop_layers:
             steps.append("insert-noop-layers{layers=" + ",".join(map(str, target.noop_layers)) + "}")
+        if target.grouped_gemm and not lay.grouped_gemm:
+            steps.append("group-experts")
         opts = [f"tp={target.tp}", f"pp={target.pp}"]
         if target.vpp_layers:
             opts.append(f"vpp-layers={target.vpp_layers}")
         if target.num_layer_list:
             opts.append("num-layer-list=" + ",".join(map(str, target.num_layer_list)))
-        if target.tp > 1 or target.pp > 1 or target.vpp_layers or target.num_layer_list:
+        if target.ep > 1:
+            opts.append(f"ep={target.ep}")
+        if target.etp is not None and target.etp != target.tp:
+            opts.append(f"etp={target.etp}")
+        if target.tp > 1 or target.pp > 1 or target.vpp_layers or target.num_layer_list or target.ep > 1:
             steps.append("shard{" + " ".join(opts) + "}")
     return parse_pipeline(",".join(steps)) if steps else Pipeline()
 

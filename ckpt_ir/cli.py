@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--vpp-layers", type=int, help="layers per virtual pipeline stage")
     m.add_argument("--noop-layers", type=int_list, default=(), help="global indices of no-op layers, e.g. 94,95")
     m.add_argument("--make-vocab-size-divisible-by", type=int, help="pad the vocabulary to a multiple of N*TP")
+    m.add_argument("--ep", type=int, default=1, help="expert parallel size (MoE)")
+    m.add_argument("--etp", type=int, default=None, help="expert tensor parallel size: 1 (whole experts per rank) "
+                   "or the TP size (default)")
+    m.add_argument("--moe-grouped-gemm", action="store_true", help="store experts as grouped-GEMM weight1/weight2")
     m.add_argument("--norm-names", choices=("local", "te", "te-input"), help="norm key naming: local "
                    "(input_layernorm, pre_mlp_layernorm), te (linear_qkv/linear_fc1.layer_norm_weight, Megatron's TE "
                    "spec) or te-input (only the input norm fused, as MindSpeed-LLM v2 writes); default local, or "
@@ -175,7 +179,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     target = ck.Target(to=args.to, dtype=args.dtype, tp=args.tp, pp=args.pp, vpp_layers=args.vpp_layers,
                        num_layer_list=args.num_layer_list, noop_layers=args.noop_layers,
                        vocab_divisible_by=args.make_vocab_size_divisible_by, norm_names=args.norm_names,
-                       max_shard_size=args.max_shard_size, hf_config_dir=args.hf_config, lora_rank=args.lora_r,
+                       max_shard_size=args.max_shard_size, hf_config_dir=args.hf_config, ep=args.ep, etp=args.etp,
+                       grouped_gemm=args.moe_grouped_gemm, lora_rank=args.lora_r,
                        lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_target_modules))
     if args.hf_config and args.to == "mcore":
         hf_cfg = read_config(args.hf_config)

@@ -39,7 +39,17 @@ _LAYER_KEYS = (
     (D + "self_attention.k_layernorm.weight", C + "attn.k_norm.weight"),
     (D + "mlp.linear_fc1.weight", C + "mlp.gate_up.weight"),
     (D + "mlp.linear_fc2.weight", C + "mlp.down.weight"),
+    (D + "mlp.router.weight", C + "mlp.router.weight"),
+    (D + "mlp.router.expert_bias", C + "mlp.router.bias"),
+    (D + "mlp.shared_experts.gate_weight", C + "mlp.shared_gate.weight"),
+    (D + "mlp.shared_experts.linear_fc1.weight", C + "mlp.shared.gate_up.weight"),
+    (D + "mlp.shared_experts.linear_fc2.weight", C + "mlp.shared.down.weight"),
+    # {e} is the expert's index local to its EP rank; written expert by expert (fc1, fc2, fc1, ...)
+    (D + "mlp.experts.local_experts.{e}.linear_fc1.weight", C + "mlp.experts.{e}.gate_up.weight"),
+    (D + "mlp.experts.local_experts.{e}.linear_fc2.weight", C + "mlp.experts.{e}.down.weight"),
 )
+GROUPED = {"weight1": "gate_up", "weight2": "down"}  # D + "mlp.experts.weight1" holds every local expert
+GROUPED_KEY = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.(weight1|weight2)$")
 _TE_NORMS = {
     D + "input_layernorm.weight": D + "self_attention.linear_qkv.layer_norm_weight",
     D + "pre_mlp_layernorm.weight": D + "mlp.linear_fc1.layer_norm_weight",
@@ -105,6 +115,7 @@ _NOT_HF = frozenset({
     "moe_tp_extend_ep", "mla_mm_split", "mtp_num_layers", "first_k_dense_replace", "save_layer_by_layer",
     "etp_valid_ckpts_list", "add_rmsnorm_offset", "use_mcore_models", "make_vocab_size_divisible_by",
     "lora_r", "lora_alpha", "lora_target_modules", "lora_load", "lora_fusion", "lora_ckpt_filter",
+    "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
 })
 
 
@@ -159,6 +170,14 @@ def build_args(spec: ModelSpec, layout: Layout, hf_config: dict[str, Any] | None
     if layout.vpp_layers:
         fields["num_layers_per_virtual_pipeline_stage"] = layout.vpp_layers
         fields["virtual_pipeline_model_parallel_size"] = num_chunks(spec, layout)
+    if spec.num_experts:
+        fields.update({
+            "num_experts": spec.num_experts, "moe_router_topk": spec.moe_topk,
+            "moe_ffn_hidden_size": spec.moe_ffn_hidden_size, "moe_grouped_gemm": layout.grouped_gemm,
+            "expert_model_parallel_size": layout.ep, "expert_tensor_parallel_size": layout.expert_tp,
+        })
+        if spec.shared_ffn_hidden_size:
+            fields["moe_shared_expert_intermediate_size"] = spec.shared_ffn_hidden_size
     if spec.lora_rank is not None:
         fields["lora_r"] = spec.lora_rank
         if spec.lora_alpha is not None:

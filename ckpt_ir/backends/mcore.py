@@ -1,8 +1,16 @@
-"""Megatron-Core backend: one ``model_optim_rng.pt`` per (TP rank, PP stage), streamed."""
+"""Megatron-Core backend: one ``model_optim_rng.pt`` per (TP rank, PP stage, EP rank), streamed.
+
+Expert ``e`` goes to EP rank ``e // (E/EP)`` as local expert ``e % (E/EP)``; with grouped GEMM the
+local experts of a layer become ``mlp.experts.weight1`` / ``weight2``, raw memory views in
+Megatron's layout: ``weight1`` is (E_loc, H, 2F/T) viewed as [H, E_loc*2F/T] with block e the
+transpose of expert e's fc1 shard, ``weight2`` is (E_loc, F/T, H) viewed as [E_loc*F/T, H].
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
+
+import attrs
 
 from ckpt_ir import mcore_format as M
 from ckpt_ir.backends.plan import OutputFile, Plan
@@ -11,12 +19,32 @@ from ckpt_ir.families import by_name
 from ckpt_ir.io.torchzip import Tensor
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
-from ckpt_ir.ir.layout import layer_slots, num_chunks
-from ckpt_ir.ir.names import split_layer
+from ckpt_ir.ir.layout import expert_owner, expert_rank_files, layer_slots, num_chunks
+from ckpt_ir.ir.names import expert_of, role_of, split_layer
+
+
+@attrs.frozen
+class Entry:
+    """One key of a rank file: its tensor(s) and, for experts, the owning EP rank."""
+
+    key: str
+    canon: tuple[str, ...]  # one canonical tensor, or a grouped-GEMM weight's local experts in order
+    ep: int | None = None
+    grouped: str | None = None  # "weight1" / "weight2"
 
 
 def _shard(t: TensorNode, rank: int) -> E.Expr:
     return t.shards[rank] if t.tp > 1 else t.shards[0]
+
+
+def grouped_weight(kind: str, shards: list[E.Expr]) -> E.Expr:
+    """Megatron's grouped-GEMM memory view of the local experts' (TP-sharded) fc1 or fc2."""
+    # fc1 shard [2F/T, H] -> [H, 2F/T], stacked (E_loc, H, 2F/T); fc2 shard [H, F/T] -> [F/T, H]
+    blocks = [E.Transpose(s, 0, 1) for s in shards]
+    rows, cols = blocks[0].shape
+    stacked = E.Concat(tuple(E.Reshape(b, (1, rows, cols)) for b in blocks), 0)
+    shape = (rows, len(blocks) * cols) if kind == "weight1" else (len(blocks) * rows, cols)
+    return E.simplify(E.Reshape(stacked, shape))
 
 
 def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
@@ -28,57 +56,107 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
     where = {s.real: s for s in slots if s.real is not None}
     chunks = num_chunks(spec, layout)
     table = M.layer_table(layout.norm_names)
-    # (stage, chunk) -> ordered [(mcore key, canonical name)]
-    content: dict[tuple[int, int], list[tuple[str, str]]] = defaultdict(list)
-    by_layer: dict[int, dict[str, str]] = defaultdict(dict)
+    content: dict[tuple[int, int], list[Entry]] = defaultdict(list)
+    by_layer: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for name in ckpt.tensors:
-        layer, rest = split_layer(name)
+        layer, _ = split_layer(name)
         if layer is not None:
-            by_layer[layer]["layers.{i}." + rest] = name
+            by_layer[layer][role_of(name)].append(name)
     last = (layout.pp - 1, chunks - 1)
     if "embed.weight" in ckpt.tensors:
-        content[(0, 0)].append(("embedding.word_embeddings.weight", "embed.weight"))
+        content[(0, 0)].append(Entry("embedding.word_embeddings.weight", ("embed.weight",)))
+    known = set(M.LAYER_ROLE_ORDER) | {r[: -len(".weight")] + f".lora_{w}.weight" for r in M.LAYER_ROLE_ORDER
+                                       for w in "ab"}
     for layer in sorted(by_layer):
         slot = where[layer]
         roles = by_layer[layer]
-        for role in M.LAYER_ROLE_ORDER:
-            if role in roles:
-                key = table.from_canonical(role.replace("{i}", str(slot.local)))
-                content[(slot.stage, slot.chunk)].append((key, roles[role]))
-                for which in ("a", "b"):  # LoRA adapters right after their base weight
-                    lora_role = role[: -len(".weight")] + f".lora_{which}.weight"
-                    if lora_role in roles:
-                        content[(slot.stage, slot.chunk)].append((M.lora_key(key, which), roles[lora_role]))
-        known = set(M.LAYER_ROLE_ORDER) | {r[: -len(".weight")] + f".lora_{w}.weight"
-                                           for r in M.LAYER_ROLE_ORDER for w in "ab"}
         unknown = set(roles) - known
         if unknown:
             raise VerifyError(f"layer {layer}: no Megatron name for {sorted(unknown)}")
-    content[last].append(("decoder.final_layernorm.weight", "final_norm.weight"))
+        entries = content[(slot.stage, slot.chunk)]
+        for role in M.LAYER_ROLE_ORDER:
+            if "{e}" not in role:
+                for canon in roles.get(role, ()):
+                    entries.extend(_entries(ckpt, role, canon, slot.local, table, layer))
+        expert_roles = [r for r in M.LAYER_ROLE_ORDER if "{e}" in r]
+        by_expert = {expert_of(n): n for r in expert_roles for n in roles.get(r, ())}
+        for expert in sorted(by_expert):
+            for role in expert_roles:
+                canon = role.format(i=layer, e=expert)
+                if canon in ckpt.tensors:
+                    entries.extend(_entries(ckpt, role, canon, slot.local, table, layer))
+        if layout.grouped_gemm and spec.is_moe_layer(layer):
+            _group_experts(ckpt, entries, slot.local)
+    content[last].append(Entry("decoder.final_layernorm.weight", ("final_norm.weight",)))
     if "lm_head.weight" in ckpt.tensors:
-        content[last].append(("output_layer.weight", "lm_head.weight"))
+        content[last].append(Entry("output_layer.weight", ("lm_head.weight",)))
     elif spec.tied_embeddings and layout.pp > 1:
         # Megatron keeps a copy of the tied embedding on the last stage when PP > 1
-        content[last].append(("output_layer.weight", "embed.weight"))
+        content[last].append(Entry("output_layer.weight", ("embed.weight",)))
 
     family = by_name(spec.family)
     args = M.build_args(spec, layout, ckpt.hf_config, family.mindspeed_names[0] if family.mindspeed_names else spec.family)
     it = iteration if iteration is not None else ckpt.meta.get("iteration", 1)
     files: list[OutputFile] = []
+    etp = layout.expert_tp
     for stage in range(layout.pp):
-        for rank in range(layout.tp):
+        for rank, ep in expert_rank_files(layout):
             tensors: list[tuple[str, E.Expr]] = []
             models = {}
             for chunk in range(chunks):
                 sd = {}
-                for key, canon in content[(stage, chunk)]:
-                    uid = f"model{chunk}/{key}"
-                    expr = _shard(ckpt.tensors[canon], rank)
+                for entry in content[(stage, chunk)]:
+                    if entry.ep is not None and entry.ep != ep:
+                        continue
+                    shard_rank = rank if entry.ep is None or etp > 1 else 0
+                    exprs = [_shard(ckpt.tensors[c], shard_rank) for c in entry.canon]
+                    expr = grouped_weight(entry.grouped, exprs) if entry.grouped else exprs[0]
+                    uid = f"model{chunk}/{entry.key}"
                     tensors.append((uid, expr))
-                    sd[key] = Tensor(uid, expr.dtype, expr.shape)
+                    sd[entry.key] = Tensor(uid, expr.dtype, expr.shape)
                 models["model" if chunks == 1 else f"model{chunk}"] = sd
             obj = {"args": args, "checkpoint_version": 3.0, "iteration": it, **models}
-            path = f"{M.iter_dir(it)}/{M.rank_dir(rank, stage, layout)}/model_optim_rng.pt"
+            path = f"{M.iter_dir(it)}/{M.rank_dir(rank, stage, layout, ep, layout.ep)}/model_optim_rng.pt"
             files.append(OutputFile(path, "torch", tuple(tensors), obj=obj))
     files.append(OutputFile("latest_checkpointed_iteration.txt", "text", text=str(it)))
     return Plan(tuple(files), dict(ckpt.dropped))
+
+
+def _entries(ckpt: Checkpoint, role: str, canon: str, local: int, names, layer: int) -> list[Entry]:
+    expert = expert_of(canon)
+    ep = None
+    fill = {"i": str(local)}
+    if expert is not None:
+        ep, j = expert_owner(ckpt.spec, ckpt.layout, expert)
+        fill["e"] = str(j)
+    key = names.from_canonical(role.format(**fill))
+    if ckpt.spec.is_moe_layer(layer) and role == "layers.{i}.mlp_norm.weight":
+        key = M.LOCAL_LAYER_TABLE.from_canonical(role.format(**fill))  # MoE: no fused pre-MLP norm
+    out = [Entry(key, (canon,), ep)]
+    for which in ("a", "b"):  # LoRA adapters right after their base weight
+        lora = canon[: -len(".weight")] + f".lora_{which}.weight"
+        if lora in ckpt.tensors:
+            out.append(Entry(M.lora_key(key, which), (lora,), ep))
+    return out
+
+
+def _group_experts(ckpt: Checkpoint, entries: list[Entry], local: int) -> None:
+    """Replace this layer's per-expert entries by one weight1/weight2 pair per EP rank."""
+    per_ep: dict[tuple[int, str], list[str]] = defaultdict(list)
+    first = None
+    kept = []
+    for e in entries:
+        if e.ep is None or f"decoder.layers.{local}.mlp.experts.local_experts." not in e.key:
+            kept.append(e)
+            continue
+        if first is None:
+            first = len(kept)
+        kind = "weight1" if e.key.endswith("linear_fc1.weight") else "weight2"
+        if ".lora_" in e.key:
+            raise VerifyError("grouped GEMM output with unmerged expert LoRA is not supported; merge first")
+        per_ep[(e.ep, kind)].extend(e.canon)
+    grouped = [Entry(f"decoder.layers.{local}.mlp.experts.{kind}", tuple(canons), ep, kind)
+               for (ep, kind), canons in sorted(per_ep.items())]
+    if first is not None:
+        kept[first:first] = grouped
+    entries[:] = kept

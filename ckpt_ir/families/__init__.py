@@ -29,11 +29,23 @@ class Packed:
 
 @attrs.frozen
 class ConfigKey:
-    """ModelSpec field <- HF config key, with a default when the key is absent (None: required)."""
+    """ModelSpec field <- HF config key, with a default when the key is absent (None: required).
+    ``aliases``: other spellings of the key (read if the main one is absent; written back under
+    whichever spelling the source config used)."""
 
     field: str
     hf: str | None
     default: Any = None
+    aliases: tuple[str, ...] = ()
+
+    def read(self, cfg: dict[str, Any]) -> Any:
+        for k in (self.hf, *self.aliases):
+            if k and cfg.get(k) is not None:
+                return cfg[k]
+        return None
+
+    def write_key(self, cfg: dict[str, Any]) -> str | None:
+        return next((k for k in (self.hf, *self.aliases) if k and k in cfg), self.hf)
 
 
 @attrs.frozen(kw_only=True)
@@ -62,7 +74,7 @@ class Family:
         for key in self.config:
             if key.field in values:
                 continue
-            raw = cfg.get(key.hf) if key.hf else None
+            raw = key.read(cfg)
             if raw is None:
                 raw = key.default(cfg) if callable(key.default) else key.default
             if raw is None:
@@ -71,6 +83,8 @@ class Family:
         dtype = cfg.get("dtype") or cfg.get("torch_dtype")
         values["dtype"] = from_name(dtype) if isinstance(dtype, str) else (dtype_hint or "F32")
         values["extra"] = dict(cfg)
+        if values.get("num_experts") and "moe_ffn_hidden_size" in values and values["moe_ffn_hidden_size"] is None:
+            values["moe_ffn_hidden_size"] = values["ffn_hidden_size"]
         return ModelSpec(family=self.name, **values)
 
     def config_from_spec(self, spec: ModelSpec, base: dict[str, Any] | None) -> dict[str, Any]:
@@ -81,8 +95,10 @@ class Family:
         cfg.setdefault("architectures", [self.architecture])
         cfg["model_type"] = cfg.get("model_type") if cfg.get("model_type") in self.model_types else self.model_types[0]
         for key in self.config:
-            if key.hf:
-                cfg[key.hf] = getattr(spec, key.field)
+            name = key.write_key(cfg)
+            if name:
+                value = getattr(spec, key.field)
+                cfg[name] = list(value) if isinstance(value, tuple) else value
         cfg["dtype" if "torch_dtype" not in cfg else "torch_dtype"] = hf_config_name(spec.dtype)
         return cfg
 
@@ -133,4 +149,4 @@ def for_hf_config(cfg: dict[str, Any], where: str) -> Family:
 
 def _load_builtin() -> None:
     if not _REGISTRY:
-        from ckpt_ir.families import llama  # noqa: F401
+        from ckpt_ir.families import llama, moe  # noqa: F401

@@ -185,12 +185,13 @@ def _unpack(key: str, load: E.Load, spec: ModelSpec, packed) -> list[tuple[str, 
 
 def canonical_order(name: str, family: Family | None = None) -> tuple:
     """Sort key: embedding, layers in order (roles in table order), final norm, lm_head."""
-    from ckpt_ir.ir.names import ROLES, split_layer
+    from ckpt_ir.ir.names import ROLES, expert_of, split_layer
 
     layer, _ = split_layer(name)
     roles = list(ROLES)
     role = role_of(name)
     rank = roles.index(role) if role in roles else len(roles)
     if layer is not None:
-        return (1, layer, rank, name)
-    return ({"embed.weight": 0, "final_norm.weight": 2, "lm_head.weight": 3}.get(name, 4), 0, rank, name)
+        expert = expert_of(name)
+        return (1, layer, -1 if expert is None else expert, rank, name)
+    return ({"embed.weight": 0, "final_norm.weight": 2, "lm_head.weight": 3}.get(name, 4), 0, -1, rank, name)

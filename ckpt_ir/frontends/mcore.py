@@ -21,8 +21,8 @@ from ckpt_ir.io.safe_pickle import Stub
 from ckpt_ir.io.torchzip import TorchZip, iter_tensors
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
-from ckpt_ir.ir.layout import Layout, layer_slots
-from ckpt_ir.ir.names import is_lora, layer_name, split_layer, split_rule
+from ckpt_ir.ir.layout import Layout, expert_rank_files, layer_slots
+from ckpt_ir.ir.names import expert_of, is_expert, is_lora, layer_name, split_layer, split_rule
 
 
 def detect(path: str) -> bool:
@@ -72,7 +72,7 @@ def _args_dict(args: Any, where: str) -> dict[str, Any]:
 
 def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, Any] | None = None) -> Checkpoint:
     it_dir, iteration = _iteration_dir(path)
-    ranks: dict[tuple[int, int, int], str] = {}
+    found: dict[tuple[int, int | None, int | None], str] = {}
     for n in sorted(os.listdir(it_dir)):
         m = M.RANK_DIR.match(n)
         if not m:
@@ -80,40 +80,51 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
         f = os.path.join(it_dir, n, "model_optim_rng.pt")
         if not os.path.isfile(f):
             raise FormatError(f"{os.path.join(it_dir, n)}: rank directory has no model_optim_rng.pt")
-        ranks[(int(m.group(1)), int(m.group(2) or 0), int(m.group(3) or 0))] = f
-    if not ranks:
+        found[(int(m.group(1)), _int(m.group(2)), _int(m.group(3)))] = f
+    if not found:
         raise FormatError(f"{it_dir}: no mp_rank_* directories")
-    first = TorchZip(ranks[min(ranks)])
+    first = TorchZip(found[min(found, key=lambda k: (k[0], k[1] or 0, k[2] or 0))])
     if not isinstance(first.obj, dict):
         raise FormatError(f"{first.path}: not a Megatron checkpoint dict")
     args = _args_dict(first.obj.get("args"), first.path)
     tp = int(args.get("tensor_model_parallel_size", 1))
     pp = int(args.get("pipeline_model_parallel_size", 1))
-    want = {(t, p, 0) for t in range(tp) for p in range(pp)}
-    missing = sorted(want - set(ranks))
-    if missing:
-        t, p, _ = missing[0]
-        raise FormatError(f"{it_dir}: rank directory mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "") +
-                          f" is missing (args say TP={tp}, PP={pp}); the checkpoint is incomplete")
-    extra = sorted(set(ranks) - want)
-    if extra:
-        raise FormatError(f"{it_dir}: rank directories beyond TP={tp}, PP={pp} from args (e.g. {extra[0]}); "
-                          f"the directory mixes layouts")
+    ep = int(args.get("expert_model_parallel_size") or 1)
+    etp_arg = args.get("expert_tensor_parallel_size")
+    etp = None if etp_arg in (None, tp) else int(etp_arg)
     cfg = hf_config if hf_config is not None else M.hf_config_from_args(args)
     fam_name = args.get("ckpt_ir_family") or args.get("model_type_hf")
     family = by_name(fam_name) if fam_name else for_hf_config(cfg, first.path)
+    spec = family.spec_from_config(cfg)
     noop = M.int_list(args.get("noop_layers")) or ()
     layout = Layout(format="mcore", tp=tp, pp=pp,
                     vpp_layers=args.get("num_layers_per_virtual_pipeline_stage"),
                     num_layer_list=M.int_list(args.get("num_layer_list")), noop_layers=noop,
-                    fused_qkv=True, fused_gate_up=True)
+                    fused_qkv=True, fused_gate_up=True, ep=ep, etp=etp,
+                    grouped_gemm=bool(args.get("moe_grouped_gemm")) and spec.num_experts > 0)
+    # mp_rank_TT_XXX is TP+PP when PP > 1, else TP+EP: only args can tell
+    ranks = {(t, a or 0, b or 0) if b is not None or pp > 1 else (t, 0, a or 0): f for (t, a, b), f in found.items()}
+    want = {(t, p, e) for p in range(pp) for t, e in expert_rank_files(layout)}
+    missing = sorted(want - set(ranks))
+    if missing:
+        t, p, e = missing[0]
+        name = M.rank_dir(t, p, layout, e, ep)
+        raise FormatError(f"{it_dir}: rank directory {name} is missing (args say TP={tp}, PP={pp}, EP={ep}); "
+                          f"the checkpoint is incomplete")
+    extra = sorted(set(ranks) - want)
+    if extra:
+        raise FormatError(f"{it_dir}: rank directories beyond TP={tp}, PP={pp}, EP={ep} from args (e.g. "
+                          f"{M.rank_dir(extra[0][0], extra[0][1], layout, extra[0][2], max(ep, 2))}); "
+                          f"the directory mixes layouts")
+    experts_per_rank = spec.num_experts // ep if spec.num_experts else 0
+    # canonical name (layer/expert still local) -> {tp rank: expression}
     pieces: dict[str, dict[int, E.Expr]] = defaultdict(dict)
     dropped: dict[str, str] = {}
     unknown: list[str] = []
     te_norms = te_fc1 = False
-    zips = {k: (first if k == min(ranks) else None) for k in ranks}
-    for (t, p, _e), f in sorted(ranks.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        z = zips[(t, p, 0)] or TorchZip(f)
+    for (t, p, e), f in sorted(ranks.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        z = first if f == first.path else TorchZip(f)
+        rel = os.path.relpath(f, path)
         if not isinstance(z.obj, dict):
             raise FormatError(f"{f}: not a Megatron checkpoint dict")
         it2 = z.obj.get("iteration")
@@ -128,42 +139,42 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
             for key, ref in iter_tensors(sd):
                 if key.endswith(M.EXTRA_STATE):
                     continue
-                canon = _canonical(key, p, chunk)
-                if key.endswith("linear_qkv.layer_norm_weight"):
-                    te_norms = True
-                if key.endswith("linear_fc1.layer_norm_weight"):
-                    te_fc1 = True
-                if canon is None:
+                te_norms |= key.endswith("linear_qkv.layer_norm_weight")
+                te_fc1 |= key.endswith("linear_fc1.layer_norm_weight")
+                found = _lift_key(key, z.load_expr(ref, f"{ck}.{key}"), p, chunk, e, experts_per_rank)
+                if found is None:
                     if any(fnmatch.fnmatch(key, pat) for pat in allow_unused):
-                        dropped[f"{f}:{ck}.{key}"] = "matched --allow-unused"
+                        dropped[f"{rel}:{ck}.{key}"] = "matched --allow-unused"
                     else:
-                        unknown.append(f"{ck}.{key} in {os.path.relpath(f, path)}")
+                        unknown.append(f"{ck}.{key} in {rel}")
                     continue
-                pieces[canon][t] = z.load_expr(ref, f"{ck}.{key}")
-            for key, v in sd.items() if isinstance(sd, dict) else ():
+                for canon, expr, is_exp in found:
+                    # experts with expert TP = 1 are whole: they count as TP rank 0
+                    slot = 0 if is_exp and layout.expert_tp == 1 else t
+                    if slot in pieces[canon]:
+                        dropped[f"{rel}:{ck}.{key}"] = "replica of the same tensor in another EP rank's file"
+                        continue
+                    pieces[canon][slot] = expr
+            for key in sd if isinstance(sd, dict) else ():
                 if key.endswith(M.EXTRA_STATE):
-                    dropped[f"{os.path.relpath(f, path)}:{ck}.{key}"] = "Transformer-Engine _extra_state (FP8 metadata)"
-    del zips
-    slot_of = {}
-    # map (stage, chunk, local) -> real layer using the layout's placement rule
-    spec = family.spec_from_config(cfg)
-    for s in layer_slots(spec, layout):
-        slot_of[(s.stage, s.chunk, s.local)] = s
+                    dropped[f"{rel}:{ck}.{key}"] = "Transformer-Engine _extra_state (FP8 metadata)"
+    slot_of = {(s.stage, s.chunk, s.local): s for s in layer_slots(spec, layout)}
     tensors: dict[str, TensorNode] = {}
     for canon_local, shards in pieces.items():
         name = _resolve_layer(canon_local, slot_of, path)
         if name in tensors:
             raise FormatError(f"{path}: tensor {name} appears twice (check num_layer_list / noop_layers in args)")
         rule = split_rule(name)
-        if sorted(shards) != list(range(tp)):
-            raise FormatError(f"{path}: tensor {name} is missing on TP rank(s) "
-                              f"{sorted(set(range(tp)) - set(shards))}")
-        if rule is None or tp == 1:
+        n = layout.expert_tp if is_expert(name) else tp
+        if rule is None or n == 1:
             tensors[name] = TensorNode.whole(name, shards[0])
             for r in range(1, tp):
-                dropped[f"{name}@tp{r}"] = "replica of TP rank 0 (replicated tensor)"
-        else:
-            tensors[name] = TensorNode(name, tuple(shards[r] for r in range(tp)), rule)
+                if r in shards:
+                    dropped[f"{name}@tp{r}"] = "replica of TP rank 0 (replicated tensor)"
+            continue
+        if sorted(shards) != list(range(n)):
+            raise FormatError(f"{path}: tensor {name} is missing on TP rank(s) {sorted(set(range(n)) - set(shards))}")
+        tensors[name] = TensorNode(name, tuple(shards[r] for r in range(n)), rule)
     if spec.tied_embeddings and "lm_head.weight" in tensors:
         del tensors["lm_head.weight"]
         dropped["output_layer.weight"] = "copy of the tied embedding on the last pipeline stage"
@@ -187,10 +198,49 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                       meta={"iteration": iteration if iteration != "release" else 1, "args": args})
 
 
+def _int(text: str | None) -> int | None:
+    return None if text is None else int(text)
+
+
 def _evolve(obj, **kw):
     import attrs
 
     return attrs.evolve(obj, **kw)
+
+
+def _lift_key(key: str, expr: E.Expr, stage: int, chunk: int, ep: int, experts_per_rank: int):
+    """[(canonical name with its layer still local, expression, is_expert)] for one stored key,
+    or None if the key means nothing to us.  Expert indices become global here; a grouped-GEMM
+    weight yields one entry per local expert."""
+    m = M.GROUPED_KEY.match(key)
+    if m:
+        local_layer, kind = m.group(1), m.group(2)
+        out = []
+        for j, e_expr in enumerate(ungroup_weight(kind, expr, experts_per_rank)):
+            role = M.GROUPED[kind]
+            out.append((f"@{stage}.{chunk}.{local_layer}:mlp.experts.{ep * experts_per_rank + j}.{role}.weight",
+                        e_expr, True))
+        return out
+    canon = _canonical(key, stage, chunk)
+    if canon is None:
+        return None
+    expert = expert_of(canon)
+    if expert is None:
+        return [(canon, expr, False)]
+    glob = canon.replace(f".experts.{expert}.", f".experts.{ep * experts_per_rank + expert}.")
+    return [(glob, expr, True)]
+
+
+def ungroup_weight(kind: str, expr: E.Expr, experts: int) -> list[E.Expr]:
+    """Per-expert (TP-sharded) fc1 [2F/T, H] or fc2 [H, F/T] from a grouped-GEMM weight."""
+    if kind == "weight1":  # [H, E*2F/T] viewed as (E, H, 2F/T)
+        h, cols = expr.shape
+        view = E.Reshape(expr, (experts, h, cols // experts))
+    else:  # [E*F/T, H] viewed as (E, F/T, H)
+        rows, h = expr.shape
+        view = E.Reshape(expr, (experts, rows // experts, h))
+    _, a, b = view.shape
+    return [E.simplify(E.Transpose(E.Reshape(E.Slice(view, 0, j, j + 1), (a, b)), 0, 1)) for j in range(experts)]
 
 
 def _canonical(key: str, stage: int, chunk: int) -> str | None:

@@ -29,6 +29,9 @@ class Layout:
     fused_qkv: bool = False
     fused_gate_up: bool = False
     norm_names: str = attrs.field(default="local", validator=attrs.validators.in_(NORM_NAMES))
+    ep: int = 1  # expert parallel size: expert e lives on EP rank e // (E / ep)
+    etp: int | None = None  # expert tensor parallel size: None = tp (experts split like dense MLPs), or 1
+    grouped_gemm: bool = False  # experts stored as Megatron's grouped-GEMM weight1/weight2
 
     def __attrs_post_init__(self) -> None:
         for name in ("tp", "pp"):
@@ -48,12 +51,20 @@ class Layout:
                 raise LayoutError(f"layout: --num-layer-list {list(self.num_layer_list)} has a stage with no layers")
         if self.vpp_layers is not None and self.pp < 2:
             raise LayoutError("layout: a virtual pipeline (--vpp-layers) needs pipeline parallel size >= 2")
+        if self.ep < 1:
+            raise LayoutError(f"layout: expert parallel size must be >= 1, got {self.ep}")
+        if self.etp is not None and self.etp not in (1, self.tp):
+            raise LayoutError(f"layout: expert tensor parallel size must be 1 or the TP size {self.tp}, got {self.etp}")
         if any(i < 0 for i in self.noop_layers) or len(set(self.noop_layers)) != len(self.noop_layers):
             raise LayoutError(f"layout: --noop-layers {list(self.noop_layers)} must be distinct non-negative indices")
 
     @property
     def sharded(self) -> bool:
         return self.tp > 1
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
 
     def describe(self) -> str:
         parts = [self.format, f"tp={self.tp}", f"pp={self.pp}"]
@@ -67,6 +78,10 @@ class Layout:
             parts.append(f"padded_vocab={self.padded_vocab}")
         parts.append("qkv=" + ("fused" if self.fused_qkv else "split"))
         parts.append("gate_up=" + ("fused" if self.fused_gate_up else "split"))
+        if self.ep > 1 or self.etp is not None:
+            parts.append(f"ep={self.ep} etp={self.expert_tp}")
+        if self.grouped_gemm:
+            parts.append("grouped_gemm")
         if self.format == "mcore":
             parts.append(f"norms={self.norm_names}")
         return " ".join(parts)
@@ -103,13 +118,27 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
         if spec.num_kv_heads % layout.tp:
             raise LayoutError(f"layout: {spec.num_kv_heads} query groups (KV heads) are not divisible by tensor "
                               f"parallel size {layout.tp}; choose a TP that divides the KV head count")
-        if spec.ffn_hidden_size % layout.tp:
+        has_dense_mlp = spec.num_experts == 0 or bool(spec.dense_layers)
+        if has_dense_mlp and spec.ffn_hidden_size % layout.tp:
             raise LayoutError(f"layout: ffn hidden size {spec.ffn_hidden_size} is not divisible by tensor "
                               f"parallel size {layout.tp}")
         rows = layout.padded_vocab or spec.vocab_size
         if rows % layout.tp:
             raise LayoutError(f"layout: vocabulary of {rows} rows does not split evenly over tensor parallel size "
                               f"{layout.tp}; pass --make-vocab-size-divisible-by to pad it")
+    if (layout.ep > 1 or layout.grouped_gemm) and not spec.num_experts:
+        raise LayoutError("layout: expert parallelism / grouped GEMM need a mixture-of-experts model")
+    if spec.num_experts:
+        if spec.num_experts % layout.ep:
+            raise LayoutError(f"layout: {spec.num_experts} experts are not divisible by expert parallel size "
+                              f"{layout.ep}; choose an EP that divides the expert count")
+        etp = layout.expert_tp
+        if etp > 1 and spec.moe_ffn_hidden_size % etp:
+            raise LayoutError(f"layout: expert ffn size {spec.moe_ffn_hidden_size} is not divisible by expert "
+                              f"tensor parallel size {etp}")
+        if layout.tp > 1 and spec.shared_ffn_hidden_size % layout.tp:
+            raise LayoutError(f"layout: shared expert ffn size {spec.shared_ffn_hidden_size} is not divisible by "
+                              f"tensor parallel size {layout.tp}")
     if layout.padded_vocab is not None and layout.padded_vocab < spec.vocab_size:
         raise LayoutError(f"layout: padded vocab {layout.padded_vocab} is smaller than the vocabulary {spec.vocab_size}")
     bad = [i for i in layout.noop_layers if i >= total]
@@ -127,6 +156,26 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
     elif total % layout.pp:
         raise LayoutError(f"layout: {total} layers do not split evenly over pipeline parallel size {layout.pp}; "
                           f"pass --num-layer-list to give each stage its count")
+
+
+def expert_rank_files(layout: Layout) -> list[tuple[int, int]]:
+    """The (tp, ep) rank directories written for each pipeline stage.  With expert TP = 1 and
+    TP > 1, Megatron's expert grid reuses the TP ranks, so only the pairs some process owns exist:
+    (t, t % EP) when EP divides TP, else (e % TP, e) when TP divides EP."""
+    tp, ep = layout.tp, layout.ep
+    if layout.expert_tp == tp or tp == 1 or ep == 1:
+        return [(t, e) for e in range(ep) for t in range(tp)]
+    if tp % ep == 0:
+        return [(t, t % ep) for t in range(tp)]
+    if ep % tp == 0:
+        return [(e % tp, e) for e in range(ep)]
+    raise LayoutError(f"layout: with expert tensor parallel size 1, TP {tp} and EP {ep} must divide one another")
+
+
+def expert_owner(spec: ModelSpec, layout: Layout, expert: int) -> tuple[int, int]:
+    """Global expert -> (EP rank, local index)."""
+    per = spec.num_experts // layout.ep
+    return divmod(expert, per)
 
 
 def layer_slots(spec: ModelSpec, layout: Layout) -> list[LayerSlot]:

@@ -58,6 +58,19 @@ ROLES: dict[str, Split | None] = {
     "layers.{i}.mlp.gate_up.weight": COLUMN_BLOCKS2,
     "layers.{i}.mlp.down.weight": ROW,
     "layers.{i}.post_mlp_norm.weight": None,
+    # mixture of experts: router (and its score-correction bias), routed experts, shared experts.
+    # Expert tensors follow the dense MLP rules; with expert TP = 1 the shard pass leaves them whole.
+    "layers.{i}.mlp.router.weight": None,
+    "layers.{i}.mlp.router.bias": None,
+    "layers.{i}.mlp.experts.{e}.gate.weight": COLUMN,
+    "layers.{i}.mlp.experts.{e}.up.weight": COLUMN,
+    "layers.{i}.mlp.experts.{e}.gate_up.weight": COLUMN_BLOCKS2,
+    "layers.{i}.mlp.experts.{e}.down.weight": ROW,
+    "layers.{i}.mlp.shared.gate.weight": COLUMN,
+    "layers.{i}.mlp.shared.up.weight": COLUMN,
+    "layers.{i}.mlp.shared.gate_up.weight": COLUMN_BLOCKS2,
+    "layers.{i}.mlp.shared.down.weight": ROW,
+    "layers.{i}.mlp.shared_gate.weight": None,
 }
 
 # LoRA adapters attach to linear layers: ``<target>.lora_a.weight`` [r, in] and
@@ -87,6 +100,7 @@ def lora_target(name: str) -> str:
 NORM_SUFFIX = "norm.weight"
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
 
 def split_layer(name: str) -> tuple[int | None, str]:
@@ -99,7 +113,19 @@ def split_layer(name: str) -> tuple[int | None, str]:
 
 def role_of(name: str) -> str:
     layer, rest = split_layer(name)
-    return name if layer is None else "layers.{i}." + rest
+    if layer is None:
+        return name
+    return "layers.{i}." + _EXPERT.sub(".experts.{e}.", rest)
+
+
+def expert_of(name: str) -> int | None:
+    """``layers.3.mlp.experts.5.up.weight`` -> 5; None for non-expert tensors."""
+    m = _EXPERT.search(name)
+    return int(m.group(1)) if m else None
+
+
+def is_expert(name: str) -> bool:
+    return _EXPERT.search(name) is not None
 
 
 def layer_name(layer: int, rest: str) -> str:

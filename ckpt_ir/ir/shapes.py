@@ -35,6 +35,17 @@ def expected_shape(spec: ModelSpec, layout: Layout, name: str) -> tuple[int, ...
         "layers.{i}.mlp.gate_up.weight": (2 * f, h),
         "layers.{i}.mlp.down.weight": (h, f),
         "layers.{i}.post_mlp_norm.weight": (h,),
+        "layers.{i}.mlp.router.weight": (spec.num_experts, h),
+        "layers.{i}.mlp.router.bias": (spec.num_experts,),
+        "layers.{i}.mlp.experts.{e}.gate.weight": (spec.moe_ffn_hidden_size, h),
+        "layers.{i}.mlp.experts.{e}.up.weight": (spec.moe_ffn_hidden_size, h),
+        "layers.{i}.mlp.experts.{e}.gate_up.weight": (2 * spec.moe_ffn_hidden_size, h),
+        "layers.{i}.mlp.experts.{e}.down.weight": (h, spec.moe_ffn_hidden_size),
+        "layers.{i}.mlp.shared.gate.weight": (spec.shared_ffn_hidden_size, h),
+        "layers.{i}.mlp.shared.up.weight": (spec.shared_ffn_hidden_size, h),
+        "layers.{i}.mlp.shared.gate_up.weight": (2 * spec.shared_ffn_hidden_size, h),
+        "layers.{i}.mlp.shared.down.weight": (h, spec.shared_ffn_hidden_size),
+        "layers.{i}.mlp.shared_gate.weight": (1, h),
     }
     role = role_of(name)
     for suffix, which in ((".lora_a.weight", "a"), (".lora_b.weight", "b")):

@@ -38,6 +38,12 @@ class ModelSpec:
     tied_embeddings: bool = False
     activation: str = "silu"
     dtype: str = "F32"
+    # mixture of experts (num_experts = 0: a dense model)
+    num_experts: int = 0
+    moe_topk: int = 0
+    moe_ffn_hidden_size: int = 0
+    shared_ffn_hidden_size: int = 0  # 0: no shared experts
+    dense_layers: tuple[int, ...] = attrs.field(default=(), converter=tuple)  # MoE model layers with a dense MLP
     lora_rank: int | None = None  # set while the checkpoint carries (unmerged) LoRA adapters
     lora_alpha: float | None = None
     extra: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
@@ -54,6 +60,9 @@ class ModelSpec:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.dense_layers
 
     @property
     def untied(self) -> bool:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
 from ckpt_ir.errors import VerifyError
 from ckpt_ir.ir import layout as L
 from ckpt_ir.ir.checkpoint import Checkpoint
-from ckpt_ir.ir.names import ROLES, is_lora, role_of, split_layer
+from ckpt_ir.ir.names import ROLES, is_expert, is_lora, role_of, split_layer
 from ckpt_ir.ir.shapes import expected_shape
 
+
+
+SEPARATE_GATE_UP = re.compile(r"^mlp\.(?:experts\.\d+\.|shared\.)?(?:gate|up)\.")
 
 
 def verify(ckpt: Checkpoint, after: str = "") -> None:
@@ -24,21 +29,22 @@ def verify(ckpt: Checkpoint, after: str = "") -> None:
         if layer is not None and not 0 <= layer < spec.num_layers:
             raise VerifyError(f"{name}: layer {layer} outside the model's {spec.num_layers} layers{where}")
         fused_qkv = rest.startswith("attn.qkv.")
-        fused_fc1 = rest.startswith("mlp.gate_up.")
+        fused_fc1 = ".gate_up." in "." + rest
         if (fused_qkv and not layout.fused_qkv) or (fused_fc1 and not layout.fused_gate_up):
             raise VerifyError(f"{name}: fused tensor in a layout that says unfused{where}")
         if rest.startswith(("attn.q.", "attn.k.", "attn.v.")) and layout.fused_qkv:
             raise VerifyError(f"{name}: separate q/k/v tensor in a layout with fused QKV{where}")
-        if rest.startswith(("mlp.gate.", "mlp.up.")) and layout.fused_gate_up:
+        if SEPARATE_GATE_UP.match(rest) and layout.fused_gate_up:
             raise VerifyError(f"{name}: separate gate/up tensor in a layout with fused gate/up{where}")
         want = expected_shape(spec, layout, name)
         if want is not None and t.shape != want:
             raise VerifyError(f"{name}: shape {list(t.shape)} but the spec implies {list(want)}{where}")
         split = ROLES[role]
-        if t.tp > 1 and (split is None or t.tp != layout.tp):
-            raise VerifyError(f"{name}: {t.tp} shards in a layout with tp={layout.tp}{where}")
-        if split is not None and t.tp == 1 and layout.tp > 1:
-            raise VerifyError(f"{name}: not sharded in a layout with tp={layout.tp}{where}")
+        tp = layout.expert_tp if is_expert(name) else layout.tp
+        if t.tp > 1 and (split is None or t.tp != tp):
+            raise VerifyError(f"{name}: {t.tp} shards in a layout with tp={tp}{where}")
+        if split is not None and t.tp == 1 and tp > 1:
+            raise VerifyError(f"{name}: not sharded in a layout with tp={tp}{where}")
         if is_lora(name) and spec.lora_rank is None:
             raise VerifyError(f"{name}: LoRA tensor but the spec has no LoRA rank{where}")
     if spec.tied_embeddings and "lm_head.weight" in ckpt.tensors:

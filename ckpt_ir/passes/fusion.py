@@ -10,6 +10,8 @@ so ``unfuse(fuse(x))`` simplifies back to the original loads.
 
 from __future__ import annotations
 
+import re
+
 import attrs
 
 from ckpt_ir.errors import VerifyError
@@ -46,6 +48,10 @@ def _rebuild(ckpt: Checkpoint, replace: dict[str, dict[str, E.Expr]], drop: set[
             out[name] = t
     return out
 
+
+# gated MLPs: the dense one, each routed expert, and the shared experts
+GATE = re.compile(r"^(mlp\.(?:experts\.\d+\.|shared\.)?)gate\.weight$")
+GATE_UP = re.compile(r"^(mlp\.(?:experts\.\d+\.|shared\.)?)gate_up\.(.+)$")
 
 # What the fusion rules apply to, per target: tensors whose rows are output features (weight,
 # bias, LoRA B) are interleaved/stacked like the weight; LoRA A (input side) is shared.
@@ -137,18 +143,20 @@ class FuseGateUp(Pass):
         _require_whole(ckpt, self.name)
         replace: dict[str, dict[str, E.Expr]] = {}
         drop: set[str] = set()
-        parts = ("mlp.gate", "mlp.up")
         for name in ckpt.tensors:
             layer, rest = split_layer(name)
-            if layer is None or rest != "mlp.gate.weight":
+            m = GATE.match(rest) if layer is not None else None
+            if not m:
                 continue
+            mlp = m.group(1)  # the dense MLP, one expert, or the shared experts
+            parts = (mlp + "gate", mlp + "up")
             new: dict[str, E.Expr] = {}
             for kind in ("weight", "lora_b.weight", SHARED):
                 if not _parts_present(ckpt, layer, parts, kind):
                     continue
                 names = [layer_name(layer, f"{p}.{kind}") for p in parts]
                 drop |= set(names)
-                fused = layer_name(layer, f"mlp.gate_up.{kind}")
+                fused = layer_name(layer, f"{mlp}gate_up.{kind}")
                 new[fused] = (_shared(ckpt, names, self.name) if kind == SHARED
                               else E.Concat(tuple(ckpt.tensors[n].expr for n in names), 0))
             replace[name] = new
@@ -167,14 +175,15 @@ class UnfuseGateUp(Pass):
         replace: dict[str, dict[str, E.Expr]] = {}
         for name, t in ckpt.tensors.items():
             layer, rest = split_layer(name)
-            if layer is None or not rest.startswith("mlp.gate_up."):
+            m = GATE_UP.match(rest) if layer is not None else None
+            if not m:
                 continue
-            kind = rest[len("mlp.gate_up."):]
+            mlp, kind = m.group(1), m.group(2)
             if kind == SHARED:
-                replace[name] = {layer_name(layer, f"mlp.{p}.{kind}"): t.expr for p in ("gate", "up")}
+                replace[name] = {layer_name(layer, f"{mlp}{p}.{kind}"): t.expr for p in ("gate", "up")}
                 continue
             f = t.shape[0] // 2
-            replace[name] = {layer_name(layer, f"mlp.gate.{kind}"): E.Slice(t.expr, 0, 0, f),
-                             layer_name(layer, f"mlp.up.{kind}"): E.Slice(t.expr, 0, f, 2 * f)}
+            replace[name] = {layer_name(layer, f"{mlp}gate.{kind}"): E.Slice(t.expr, 0, 0, f),
+                             layer_name(layer, f"{mlp}up.{kind}"): E.Slice(t.expr, 0, f, 2 * f)}
         return ckpt.with_tensors(_rebuild(ckpt, replace, set(replace)),
                                  layout=attrs.evolve(ckpt.layout, fused_gate_up=False))

@@ -7,7 +7,7 @@ import attrs
 from ckpt_ir.errors import UsageError, VerifyError
 from ckpt_ir.ir import layout as L
 from ckpt_ir.ir.checkpoint import Checkpoint, gather_exprs, shard_expr
-from ckpt_ir.ir.names import split_rule
+from ckpt_ir.ir.names import is_expert, split_rule
 from ckpt_ir.passes.manager import Option, Pass, register_pass
 
 
@@ -23,20 +23,25 @@ class Shard(Pass):
         Option("pp", int, 1, "pipeline parallel size"),
         Option("vpp-layers", int, None, "layers per virtual pipeline stage"),
         Option("num-layer-list", tuple, None, "layers per pipeline stage, e.g. 2,6"),
+        Option("ep", int, 1, "expert parallel size (MoE)"),
+        Option("etp", int, None, "expert tensor parallel size: 1 (whole experts) or tp (default)"),
     )
     requires = "tp=1, pp=1 (run gather first)"
-    guarantees = "split tensors have tp shards; layout tp/pp/vpp/num-layer-list set"
+    guarantees = "split tensors have tp shards (experts: etp shards); layout tp/pp/vpp/layer list/ep/etp set"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
         if ckpt.layout.tp != 1 or ckpt.layout.pp != 1:
             raise VerifyError("shard needs a gathered checkpoint (tp=1, pp=1); run gather first")
+        etp = self.opt("etp")
         layout = attrs.evolve(ckpt.layout, tp=self.opt("tp"), pp=self.opt("pp"), vpp_layers=self.opt("vpp-layers"),
-                              num_layer_list=self.opt("num-layer-list"))
+                              num_layer_list=self.opt("num-layer-list"), ep=self.opt("ep"),
+                              etp=None if etp is None or etp == self.opt("tp") else etp)
         L.validate(ckpt.spec, layout)
-        tp = layout.tp
+        L.expert_rank_files(layout)  # TP/EP compatibility with expert TP = 1
         out = {}
         for name, t in ckpt.tensors.items():
             rule = split_rule(name)
+            tp = layout.expert_tp if is_expert(name) else layout.tp
             if rule is None or tp == 1:
                 out[name] = t
             else:
@@ -58,8 +63,31 @@ class Gather(Pass):
                 out[name] = attrs.evolve(t, split=None)
             else:
                 out[name] = attrs.evolve(t, shards=(gather_exprs(t.shards, t.split),), split=None)
-        layout = attrs.evolve(ckpt.layout, tp=1, pp=1, vpp_layers=None, num_layer_list=None)
+        layout = attrs.evolve(ckpt.layout, tp=1, pp=1, vpp_layers=None, num_layer_list=None, ep=1, etp=None)
         return ckpt.with_tensors(out, layout=layout)
+
+
+@register_pass
+class GroupExperts(Pass):
+    name = "group-experts"
+    summary = "Store MoE experts as Megatron grouped-GEMM weight1/weight2 (set on the layout; lowered on write)"
+    requires = "a mixture-of-experts model"
+    guarantees = "layout.grouped_gemm; tensors stay per expert in the IR"
+
+    def run(self, ckpt: Checkpoint) -> Checkpoint:
+        layout = attrs.evolve(ckpt.layout, grouped_gemm=True)
+        L.validate(ckpt.spec, layout)
+        return ckpt.with_tensors(dict(ckpt.tensors), layout=layout)
+
+
+@register_pass
+class UngroupExperts(Pass):
+    name = "ungroup-experts"
+    summary = "Store MoE experts one by one (local_experts.N) instead of grouped GEMM"
+    guarantees = "not layout.grouped_gemm"
+
+    def run(self, ckpt: Checkpoint) -> Checkpoint:
+        return ckpt.with_tensors(dict(ckpt.tensors), layout=attrs.evolve(ckpt.layout, grouped_gemm=False))
 
 
 @register_pass

@@ -1,0 +1,70 @@
+"""Mixture-of-experts decoder families: one table entry each.
+
+On disk, transformers writes one tensor per expert (``...experts.N.gate_proj.weight``); the
+canonical names are ``layers.I.mlp.experts.N.{gate,up,down}.weight``, plus ``mlp.router.*``,
+``mlp.shared.*`` and ``mlp.shared_gate.weight``.
+"""
+
+from __future__ import annotations
+
+from ckpt_ir.families import ConfigKey, Family, register
+from ckpt_ir.families.llama import ATTENTION, BASE_CONFIG, EMBED_AND_HEAD, GATED_MLP, LLAMA_NORMS, OPTIONAL, C, L
+
+
+def _config(*overrides: ConfigKey) -> tuple[ConfigKey, ...]:
+    by_field = {k.field: k for k in BASE_CONFIG}
+    by_field.update({k.field: k for k in overrides})
+    return tuple(by_field.values())
+
+
+def _qwen_dense_layers(cfg: dict) -> tuple[int, ...]:
+    """Qwen MoE: layer i is sparse iff not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0."""
+    step = cfg.get("decoder_sparse_step") or 1
+    only = set(cfg.get("mlp_only_layers") or ())
+    return tuple(i for i in range(cfg["num_hidden_layers"]) if i in only or (i + 1) % step)
+
+
+QWEN_EXPERTS = (
+    (L + "mlp.gate.weight", C + "mlp.router.weight"),
+    (L + "mlp.experts.{e}.gate_proj.weight", C + "mlp.experts.{e}.gate.weight"),
+    (L + "mlp.experts.{e}.up_proj.weight", C + "mlp.experts.{e}.up.weight"),
+    (L + "mlp.experts.{e}.down_proj.weight", C + "mlp.experts.{e}.down.weight"),
+)
+QWEN_SHARED = (
+    (L + "mlp.shared_expert.gate_proj.weight", C + "mlp.shared.gate.weight"),
+    (L + "mlp.shared_expert.up_proj.weight", C + "mlp.shared.up.weight"),
+    (L + "mlp.shared_expert.down_proj.weight", C + "mlp.shared.down.weight"),
+    (L + "mlp.shared_expert_gate.weight", C + "mlp.shared_gate.weight"),
+)
+QWEN_MOE_CONFIG = (
+    ConfigKey("num_experts", "num_experts", aliases=("num_local_experts",)),
+    ConfigKey("moe_topk", "num_experts_per_tok"),
+    ConfigKey("moe_ffn_hidden_size", "moe_intermediate_size"),
+    ConfigKey("dense_layers", None, _qwen_dense_layers),
+)
+
+register(Family(
+    name="mixtral", model_types=("mixtral",), architecture="MixtralForCausalLM",
+    tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + (
+        (L + "block_sparse_moe.gate.weight", C + "mlp.router.weight"),
+        (L + "block_sparse_moe.experts.{e}.w1.weight", C + "mlp.experts.{e}.gate.weight"),
+        (L + "block_sparse_moe.experts.{e}.w3.weight", C + "mlp.experts.{e}.up.weight"),
+        (L + "block_sparse_moe.experts.{e}.w2.weight", C + "mlp.experts.{e}.down.weight"),
+    ),
+    config=_config(ConfigKey("qkv_bias", None, False), ConfigKey("num_experts", "num_local_experts"),
+                   ConfigKey("moe_topk", "num_experts_per_tok"),
+                   ConfigKey("moe_ffn_hidden_size", "intermediate_size")),
+    optional=OPTIONAL, mindspeed_names=("mixtral",),
+))
+register(Family(
+    name="qwen2_moe", model_types=("qwen2_moe",), architecture="Qwen2MoeForCausalLM",
+    tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP + QWEN_EXPERTS + QWEN_SHARED,
+    config=_config(*QWEN_MOE_CONFIG, ConfigKey("shared_ffn_hidden_size", "shared_expert_intermediate_size", 0)),
+    constants=(("qkv_bias", True),), optional=OPTIONAL, mindspeed_names=("qwen2-moe",),
+))
+register(Family(
+    name="qwen3_moe", model_types=("qwen3_moe",), architecture="Qwen3MoeForCausalLM",
+    tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP + QWEN_EXPERTS,
+    config=_config(*QWEN_MOE_CONFIG), constants=(("qk_norm", True),), optional=OPTIONAL,
+    mindspeed_names=("qwen3-moe",),
+))
