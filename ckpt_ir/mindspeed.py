@@ -23,8 +23,7 @@ _IGNORED_VALUE = ("--model-type", "--tokenizer-model", "--loader", "--saver", "-
 _IGNORED_FLAGS = ("--use-mcore-models", "--no-checking", "--save-layer-by-layer", "--load-checkpoint-loosely",
                   "--add-qkv-bias", "--post-norm", "--w-pack", "--add-dense-bias", "--load-hf-from-config")
 _UNSUPPORTED_VALUE = {"--mtp-num-layers": "MTP layers"}
-_UNSUPPORTED_FLAGS = {"--moe-grouped-gemm": "MoE grouped GEMM", "--moe-tp-extend-ep": "MoE TP-extend-EP",
-                      "--mla-mm-split": "MLA"}
+_UNSUPPORTED_FLAGS = {"--moe-tp-extend-ep": "MoE TP-extend-EP", "--mla-mm-split": "MLA"}
 
 
 def add_parser(sub) -> None:
@@ -51,6 +50,7 @@ def add_parser(sub) -> None:
     p.add_argument("--lora-alpha", type=float, default=None)
     p.add_argument("--lora-target-modules", nargs="*", default=[])
     p.add_argument("--save-lora-to-hf", action="store_true", help="write the LoRA weights alone as a PEFT adapter")
+    p.add_argument("--moe-grouped-gemm", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace --save-dir if not empty")
     for flag in _IGNORED_VALUE:
         p.add_argument(flag, default=None, help=argparse.SUPPRESS)
@@ -84,9 +84,6 @@ def run(args: argparse.Namespace) -> int:
     for flag, what in {**_UNSUPPORTED_VALUE, **_UNSUPPORTED_FLAGS}.items():
         if getattr(args, flag[2:].replace("-", "_")):
             raise UsageError(f"convert-ckpt {flag}: {what} is not supported by this version of ckpt-ir")
-    if args.target_expert_parallel_size != 1 or (args.expert_tensor_parallel_size not in (None, 1,
-                                                 args.target_tensor_parallel_size)):
-        raise UsageError("convert-ckpt: expert parallelism is not supported by this version of ckpt-ir")
     if args.load_model_type == "optim":
         raise UsageError("convert-ckpt --load-model-type optim: distributed-optimizer state is not supported by "
                          "this version of ckpt-ir")
@@ -104,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
                            vpp_layers=args.num_layers_per_virtual_pipeline_stage,
                            num_layer_list=_list(args.num_layer_list) or None, noop_layers=_list(args.noop_layers),
                            vocab_divisible_by=args.make_vocab_size_divisible_by,
-                           norm_names="te-input" if args.transformer_impl == "transformer_engine" else "local")
+                           norm_names="te-input" if args.transformer_impl == "transformer_engine" else "local",
+                           ep=args.target_expert_parallel_size, etp=args.expert_tensor_parallel_size,
+                           grouped_gemm=args.moe_grouped_gemm)
     else:
         target = ck.Target(to=to, dtype=args.params_dtype, hf_config_dir=hf_cfg_dir)
     import attrs

@@ -60,7 +60,7 @@ register(Family(
     name="qwen2_moe", model_types=("qwen2_moe",), architecture="Qwen2MoeForCausalLM",
     tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP + QWEN_EXPERTS + QWEN_SHARED,
     config=_config(*QWEN_MOE_CONFIG, ConfigKey("shared_ffn_hidden_size", "shared_expert_intermediate_size", 0)),
-    constants=(("qkv_bias", True),), optional=OPTIONAL, mindspeed_names=("qwen2-moe",),
+    constants=(("qkv_bias", True), ("shared_expert_gate", True)), optional=OPTIONAL, mindspeed_names=("qwen2-moe",),
 ))
 register(Family(
     name="qwen3_moe", model_types=("qwen3_moe",), architecture="Qwen3MoeForCausalLM",

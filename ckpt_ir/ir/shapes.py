@@ -56,3 +56,40 @@ def expected_shape(spec: ModelSpec, layout: Layout, name: str) -> tuple[int, ...
                 return None
             return (r, target[1]) if which == "a" else (target[0], r)
     return table.get(role)
+
+
+def expected_names(spec: ModelSpec, layout: Layout) -> set[str]:
+    """Every canonical tensor the spec implies (LoRA aside), for completeness checks."""
+    split_qkv = ("attn.q", "attn.k", "attn.v")
+    names = {"embed.weight", "final_norm.weight"}
+    if not spec.tied_embeddings:
+        names.add("lm_head.weight")
+
+    def mlp(prefix: str) -> list[str]:
+        fused = [prefix + "gate_up.weight"] if layout.fused_gate_up else [prefix + "gate.weight", prefix + "up.weight"]
+        return fused + [prefix + "down.weight"]
+
+    for i in range(spec.num_layers):
+        rest = ["attn_norm.weight", "mlp_norm.weight", "attn.o.weight"]
+        qkv = ["attn.qkv"] if layout.fused_qkv else list(split_qkv)
+        rest += [q + ".weight" for q in qkv]
+        if spec.qkv_bias:
+            rest += [q + ".bias" for q in qkv]
+        if spec.qk_norm:
+            rest += ["attn.q_norm.weight", "attn.k_norm.weight"]
+        if spec.post_norms:
+            rest += ["post_attn_norm.weight", "post_mlp_norm.weight"]
+        if spec.is_moe_layer(i):
+            rest.append("mlp.router.weight")
+            if spec.router_bias:
+                rest.append("mlp.router.bias")
+            for e in range(spec.num_experts):
+                rest += mlp(f"mlp.experts.{e}.")
+            if spec.shared_ffn_hidden_size:
+                rest += mlp("mlp.shared.")
+            if spec.shared_expert_gate:
+                rest.append("mlp.shared_gate.weight")
+        else:
+            rest += mlp("mlp.")
+        names.update(f"layers.{i}.{r}" for r in rest)
+    return names

@@ -44,6 +44,8 @@ class ModelSpec:
     moe_ffn_hidden_size: int = 0
     shared_ffn_hidden_size: int = 0  # 0: no shared experts
     dense_layers: tuple[int, ...] = attrs.field(default=(), converter=tuple)  # MoE model layers with a dense MLP
+    shared_expert_gate: bool = False  # a sigmoid gate on the shared experts' output (Qwen2-MoE)
+    router_bias: bool = False  # a score-correction bias on the router (DeepSeek-V3)
     lora_rank: int | None = None  # set while the checkpoint carries (unmerged) LoRA adapters
     lora_alpha: float | None = None
     extra: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)

@@ -8,11 +8,15 @@ from ckpt_ir.errors import VerifyError
 from ckpt_ir.ir import layout as L
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.names import ROLES, is_expert, is_lora, role_of, split_layer
-from ckpt_ir.ir.shapes import expected_shape
+from ckpt_ir.ir.shapes import expected_names, expected_shape
 
 
 
 SEPARATE_GATE_UP = re.compile(r"^mlp\.(?:experts\.\d+\.|shared\.)?(?:gate|up)\.")
+
+
+def _natural(name: str) -> list:
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
 
 
 def verify(ckpt: Checkpoint, after: str = "") -> None:
@@ -47,5 +51,12 @@ def verify(ckpt: Checkpoint, after: str = "") -> None:
             raise VerifyError(f"{name}: not sharded in a layout with tp={tp}{where}")
         if is_lora(name) and spec.lora_rank is None:
             raise VerifyError(f"{name}: LoRA tensor but the spec has no LoRA rank{where}")
+    weights = {n for n in ckpt.tensors if not is_lora(n)}
+    if weights:  # a LoRA-only checkpoint has no base weights to check
+        missing = sorted(expected_names(spec, layout) - weights, key=_natural)
+        if missing:
+            more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise VerifyError(f"checkpoint is incomplete: {', '.join(missing[:3])}{more} missing for a "
+                              f"{spec.family} model with {spec.num_layers} layers{where}")
     if spec.tied_embeddings and "lm_head.weight" in ckpt.tensors:
         raise VerifyError(f"lm_head.weight present but embeddings are tied{where}")
