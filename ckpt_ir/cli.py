@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     import ckpt_ir.api as ck
     from ckpt_ir.frontends.hf import read_config
-    from ckpt_ir.passes.manager import Instrumentation, load_plugin, parse_pipeline
+    from ckpt_ir.passes.manager import load_plugin
 
     for mod in args.plugin:
         load_plugin(mod)

@@ -27,16 +27,29 @@ C = "layers.{i}."
 
 # Per-layer order follows MindSpeed-LLM's writer (norms, attention, then MLP), so rank files list
 # keys in the same order as that converter's.
-_LAYER_KEYS = (
-    (D + "input_layernorm.weight", C + "attn_norm.weight"),
-    (D + "pre_mlp_layernorm.weight", C + "mlp_norm.weight"),
-    (D + "post_attn_norm.weight", C + "post_attn_norm.weight"),
-    (D + "post_mlp_layernorm.weight", C + "post_mlp_norm.weight"),
+_ATTENTION_KEYS = (
     (D + "self_attention.linear_qkv.weight", C + "attn.qkv.weight"),
     (D + "self_attention.linear_proj.weight", C + "attn.o.weight"),
     (D + "self_attention.linear_qkv.bias", C + "attn.qkv.bias"),
     (D + "self_attention.q_layernorm.weight", C + "attn.q_norm.weight"),
     (D + "self_attention.k_layernorm.weight", C + "attn.k_norm.weight"),
+)
+# multi-latent attention: linear_qkv stacks the q (or q_a) and kv_a down-projections
+_MLA_ATTENTION_KEYS = (
+    (D + "self_attention.linear_qkv.weight", C + "attn.qkv_a.weight"),
+    (D + "self_attention.linear_proj.weight", C + "attn.o.weight"),
+    (D + "self_attention.q_layernorm.weight", C + "attn.q_a_norm.weight"),
+    (D + "self_attention.kv_layernorm.weight", C + "attn.kv_a_norm.weight"),
+    (D + "self_attention.linear_q_up_proj.weight", C + "attn.q_b.weight"),
+    (D + "self_attention.linear_kv_up_proj.weight", C + "attn.kv_b.weight"),
+)
+_NORM_KEYS = (
+    (D + "input_layernorm.weight", C + "attn_norm.weight"),
+    (D + "pre_mlp_layernorm.weight", C + "mlp_norm.weight"),
+    (D + "post_attn_norm.weight", C + "post_attn_norm.weight"),
+    (D + "post_mlp_layernorm.weight", C + "post_mlp_norm.weight"),
+)
+_MLP_KEYS = (
     (D + "mlp.linear_fc1.weight", C + "mlp.gate_up.weight"),
     (D + "mlp.linear_fc2.weight", C + "mlp.down.weight"),
     (D + "mlp.router.weight", C + "mlp.router.weight"),
@@ -48,6 +61,10 @@ _LAYER_KEYS = (
     (D + "mlp.experts.local_experts.{e}.linear_fc1.weight", C + "mlp.experts.{e}.gate_up.weight"),
     (D + "mlp.experts.local_experts.{e}.linear_fc2.weight", C + "mlp.experts.{e}.down.weight"),
 )
+# Per-layer order follows MindSpeed-LLM's writer (norms, attention, then MLP), so rank files list
+# keys in the same order as that converter's.
+_LAYER_KEYS = _NORM_KEYS + _ATTENTION_KEYS + _MLP_KEYS
+_MLA_LAYER_KEYS = _NORM_KEYS + _MLA_ATTENTION_KEYS + _MLP_KEYS
 GROUPED = {"weight1": "gate_up", "weight2": "down"}  # D + "mlp.experts.weight1" holds every local expert
 GROUPED_KEY = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.(weight1|weight2)$")
 _TE_NORMS = {
@@ -56,15 +73,32 @@ _TE_NORMS = {
 }
 PRE_LAYERS = (("embedding.word_embeddings.weight", "embed.weight"),)
 POST_LAYERS = (("decoder.final_layernorm.weight", "final_norm.weight"), ("output_layer.weight", "lm_head.weight"))
+# multi-token prediction (last stage): its transformer layer's keys are a decoder layer's under
+# mtp.layers.{k}.transformer_layer.; with MTP the main final norm is a top-level final_layernorm
+MTP_PREFIX = "mtp.layers.{k}.transformer_layer."
+MTP_KEYS = (
+    ("mtp.layers.{k}.enorm.weight", "mtp.enorm.weight"),
+    ("mtp.layers.{k}.hnorm.weight", "mtp.hnorm.weight"),
+    ("mtp.layers.{k}.eh_proj.weight", "mtp.eh_proj.weight"),
+    ("mtp.final_layernorms.{k}.weight", "mtp.norm.weight"),
+)
+MTP_FINAL_NORM = "final_layernorm.weight"
 
-LOCAL_LAYER_TABLE = NameTable(_LAYER_KEYS)
-TE_LAYER_TABLE = NameTable((_TE_NORMS.get(m, m), c) for m, c in _LAYER_KEYS)
-# MindSpeed-LLM v2's --transformer-impl transformer_engine fuses only the input norm into
-# linear_qkv for dense layers (its pre-MLP rename applies to layers < first_k_dense_replace only)
-TE_INPUT_LAYER_TABLE = NameTable((m.replace(D + "input_layernorm.weight", _TE_NORMS[D + "input_layernorm.weight"]), c)
-                                 for m, c in _LAYER_KEYS)
-GLOBAL_TABLE = NameTable(PRE_LAYERS + POST_LAYERS)
+
+def _table(keys, norm_names: str) -> NameTable:
+    if norm_names == "local":
+        return NameTable(keys)
+    renames = dict(_TE_NORMS) if norm_names == "te" else {D + "input_layernorm.weight": _TE_NORMS[D + "input_layernorm.weight"]}
+    return NameTable((renames.get(m, m), c) for m, c in keys)
+
+
+LOCAL_LAYER_TABLE = _table(_LAYER_KEYS, "local")
+TE_LAYER_TABLE = _table(_LAYER_KEYS, "te")
 LAYER_ROLE_ORDER = tuple(c for _, c in _LAYER_KEYS)
+MLA_LAYER_ROLE_ORDER = tuple(c for _, c in _MLA_LAYER_KEYS)
+READ_TABLES = (LOCAL_LAYER_TABLE, TE_LAYER_TABLE)
+MLA_READ_TABLES = (_table(_MLA_LAYER_KEYS, "local"), _table(_MLA_LAYER_KEYS, "te"))
+GLOBAL_TABLE = NameTable(PRE_LAYERS + POST_LAYERS)
 
 EXTRA_STATE = "._extra_state"
 # Megatron / MindSpeed LoRA: X.lora_A.default.weight [r, in] and X.lora_B.default.weight [out, r]
@@ -78,8 +112,14 @@ def lora_key(target_key: str, which: str) -> str:
     return target_key[: -len(".weight")] + (".lora_A" if which == "a" else ".lora_B") + ".default.weight"
 
 
-def layer_table(norm_names: str) -> NameTable:
-    return {"te": TE_LAYER_TABLE, "te-input": TE_INPUT_LAYER_TABLE}.get(norm_names, LOCAL_LAYER_TABLE)
+def layer_table(norm_names: str, mla: bool = False) -> NameTable:
+    """Decoder-layer key table for a naming (``local``, ``te``, ``te-input``; MindSpeed-LLM v2's
+    transformer_engine output fuses only the input norm for dense layers)."""
+    return _table(_MLA_LAYER_KEYS if mla else _LAYER_KEYS, norm_names)
+
+
+def role_order(mla: bool) -> tuple[str, ...]:
+    return MLA_LAYER_ROLE_ORDER if mla else LAYER_ROLE_ORDER
 
 
 def rank_dir(tp: int, pp: int, layout: Layout, ep: int = 0, ep_size: int = 1) -> str:
@@ -115,7 +155,8 @@ _NOT_HF = frozenset({
     "moe_tp_extend_ep", "mla_mm_split", "mtp_num_layers", "first_k_dense_replace", "save_layer_by_layer",
     "etp_valid_ckpts_list", "add_rmsnorm_offset", "use_mcore_models", "make_vocab_size_divisible_by",
     "lora_r", "lora_alpha", "lora_target_modules", "lora_load", "lora_fusion", "lora_ckpt_filter",
-    "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+    "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "multi_latent_attention",
+    "qk_head_dim", "qk_pos_emb_head_dim",
 })
 
 
@@ -178,6 +219,12 @@ def build_args(spec: ModelSpec, layout: Layout, hf_config: dict[str, Any] | None
         })
         if spec.shared_ffn_hidden_size:
             fields["moe_shared_expert_intermediate_size"] = spec.shared_ffn_hidden_size
+    if spec.mla:
+        fields.update({"multi_latent_attention": True, "q_lora_rank": spec.q_lora_rank or None,
+                       "kv_lora_rank": spec.kv_lora_rank, "qk_head_dim": spec.qk_nope_dim,
+                       "qk_pos_emb_head_dim": spec.qk_rope_dim, "v_head_dim": spec.v_head_dim})
+    if spec.mtp_layers:
+        fields["mtp_num_layers"] = spec.mtp_layers
     if spec.lora_rank is not None:
         fields["lora_r"] = spec.lora_rank
         if spec.lora_alpha is not None:

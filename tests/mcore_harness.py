@@ -21,10 +21,26 @@ megatron-core 0.16 assumes CUDA in a few places; the workarounds (no edits to me
 * everything runs under a ``TorchFunctionMode`` that maps "cuda" devices to CPU and makes
   ``Tensor.cuda()`` a no-op (pipeline schedule buffers, tied-embedding sync with PP > 1);
 * ``torch.cuda.synchronize`` is a no-op (p2p communication calls it).
+
+Mixture-of-experts cases (a ``"moe"`` entry in the case, plus ``"ep"`` / ``"etp"``) build the MoE
+layer with the local spec (``SequentialMLP`` experts, or the legacy ``GroupedMLP`` when
+``grouped_gemm`` is set), the ``allgather`` token dispatcher (the ``alltoall`` one needs CUDA
+streams), no capacity factor (no token dropping), no load-balancing loss; each rank loads
+``mp_rank_TT[_PPP]_EEE`` for its own (TP rank, EP rank).  Two more workarounds:
+* ``moe_utils.te_general_gemm = None``: 0.16.1's router GEMM names it even without Transformer
+  Engine (``NameError``);
+* ``GroupedMLP`` needs the CUDA-only ``grouped_gemm`` extension and asserts ``config.bf16`` in its
+  forward.  When that extension is absent the harness installs a pure-torch ``grouped_gemm.ops.gmm``
+  (same contract: ``a`` [tokens, K] split by ``batch_sizes``, row block i times ``b[i]`` [K, N])
+  before importing megatron-core, and gives each ``GroupedMLP`` a copy of the config with
+  ``bf16=True`` (the flag only gates that assert there; parameters and maths stay fp32).  The
+  weights are still read through ``GroupedMLP``'s own ``weight1.view(E_loc, H, -1)`` /
+  ``weight2.view(E_loc, -1, H)``, which is the layout under test.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -69,6 +85,59 @@ def _patch_cuda() -> None:
 
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *a, **k: None
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None  # referenced unconditionally by the router GEMM
+
+
+def _install_grouped_gemm_shim() -> None:
+    """A pure-torch stand-in for the CUDA-only ``grouped_gemm`` package (``ops.gmm`` only)."""
+    import importlib.util
+    import types
+
+    if importlib.util.find_spec("grouped_gemm") is not None:
+        return
+    import torch
+
+    def gmm(a, b, batch_sizes, trans_b=False):
+        sizes = [int(n) for n in batch_sizes.tolist()]
+        gmm.calls.append(sizes)
+        assert sum(sizes) == a.shape[0] and len(sizes) == b.shape[0]
+        outs = [x @ (w.t() if trans_b else w) for x, w in zip(torch.split(a, sizes), b)]
+        return torch.cat(outs) if outs else a.new_empty(0, b.shape[1 if trans_b else 2])
+
+    gmm.calls = []  # tokens per local expert of every call, for the test's reports
+    ops = types.ModuleType("grouped_gemm.ops")
+    ops.gmm = gmm
+    pkg = types.ModuleType("grouped_gemm")
+    pkg.ops = ops
+    sys.modules["grouped_gemm"] = pkg
+    sys.modules["grouped_gemm.ops"] = ops
+
+
+def _moe_kwargs(case: dict) -> dict:
+    moe = case.get("moe")
+    if not moe:
+        return {}
+    kw = dict(
+        num_moe_experts=moe["num_experts"],
+        moe_router_topk=moe["topk"],
+        moe_ffn_hidden_size=moe["ffn_hidden_size"],
+        moe_router_pre_softmax=moe.get("pre_softmax", False),
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type="allgather",
+        moe_expert_capacity_factor=None,
+        moe_grouped_gemm=moe.get("grouped_gemm", False),
+        moe_layer_freq=moe.get("layer_freq", 1),
+        expert_model_parallel_size=case.get("ep", 1),
+        expert_tensor_parallel_size=case.get("etp"),
+    )
+    if moe.get("shared_ffn_hidden_size"):
+        kw.update(moe_shared_expert_intermediate_size=moe["shared_ffn_hidden_size"],
+                  moe_shared_expert_gate=moe.get("shared_gate", False))
+    return kw
 
 
 def _transformer_config(case: dict, tp: int, pp: int, vpp: int | None):
@@ -108,6 +177,7 @@ def _transformer_config(case: dict, tp: int, pp: int, vpp: int | None):
         virtual_pipeline_model_parallel_size=vpp,
         sequence_parallel=False,
         batch_p2p_comm=False,
+        **_moe_kwargs(case),
     )
 
 
@@ -116,11 +186,12 @@ def _rope_theta(hf: dict) -> float:
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
-def _rank_file(ckpt: str, tp_rank: int, pp_rank: int, pp: int) -> str:
+def _rank_file(ckpt: str, tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
     with open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")) as fh:
         it = fh.read().strip()
     it_dir = "release" if it == "release" else f"iter_{int(it):07d}"
-    name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
+    name = (f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
+            + (f"_{ep_rank:03d}" if ep > 1 else ""))
     return os.path.join(ckpt, it_dir, name, "model_optim_rng.pt")
 
 
@@ -130,19 +201,28 @@ def _run_case(case: dict, rank: int) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.moe.experts import GroupedMLP
 
     tp, pp, vpp = case["tp"], case["pp"], case.get("vpp")
+    ep, moe = case.get("ep", 1), case.get("moe")
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 virtual_pipeline_model_parallel_size=vpp, create_gloo_process_groups=False,
+                                 virtual_pipeline_model_parallel_size=vpp, expert_model_parallel_size=ep,
+                                 expert_tensor_parallel_size=case.get("etp"), create_gloo_process_groups=False,
                                  distributed_timeout_minutes=TIMEOUT_MIN)
     try:
         tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
         torch.manual_seed(1234)
         config = _transformer_config(case, tp, pp, vpp)
-        spec = get_gpt_layer_local_spec(qk_layernorm=case["qk_norm"], normalization="RMSNorm")
+        if moe and moe.get("layer_freq", 1) != 1:  # dense and MoE layers mixed: per-layer specs
+            spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+        else:
+            spec = get_gpt_layer_local_spec(num_experts=moe["num_experts"] if moe else None,
+                                            moe_grouped_gemm=bool(moe and moe.get("grouped_gemm")),
+                                            qk_layernorm=case["qk_norm"], normalization="RMSNorm")
         tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+        ep_rank = ps.get_expert_model_parallel_rank()
         chunks = vpp or 1
         models = []
         for v in range(chunks):
@@ -155,9 +235,18 @@ def _run_case(case: dict, rank: int) -> None:
                 share_embeddings_and_output_weights=case["tied"], position_embedding_type="rope",
                 rotary_base=_rope_theta(case["hf_config"]), vp_stage=vp_stage,
             ).eval())
+        for model in models:
+            for module in model.modules():
+                if isinstance(module, GroupedMLP):  # see the module docstring: the bf16 assert only
+                    module.config = copy.copy(module.config)
+                    module.config.bf16 = True
 
-        blob = torch.load(_rank_file(case["ckpt"], tp_rank, pp_rank, pp), map_location="cpu", weights_only=False)
-        report = {"rank": rank, "tp_rank": tp_rank, "pp_rank": pp_rank, "chunks": []}
+        blob = torch.load(_rank_file(case["ckpt"], tp_rank, pp_rank, pp, ep_rank, ep), map_location="cpu",
+                          weights_only=False)
+        report = {"rank": rank, "tp_rank": tp_rank, "pp_rank": pp_rank, "ep_rank": ep_rank,
+                  "etp_rank": ps.get_expert_tensor_parallel_rank(), "chunks": []}
+        shim_calls = getattr(getattr(sys.modules.get("grouped_gemm.ops"), "gmm", None), "calls", None)
+        calls_before = len(shim_calls or ())
         for v, model in enumerate(models):
             sd = blob["model" if chunks == 1 else f"model{v}"]
             res = model.load_state_dict(sd, strict=False)
@@ -165,6 +254,9 @@ def _run_case(case: dict, rank: int) -> None:
                 "missing": sorted(res.missing_keys), "unexpected": sorted(res.unexpected_keys),
                 "loaded": sum(not k.endswith("._extra_state") for k in sd),
                 "params": sum(1 for _ in model.parameters()),
+                # which MLP implementation each layer got (MLP, MoELayer, SequentialMLP, GroupedMLP, ...)
+                "mlp_modules": {n: type(m).__name__ for n, m in model.named_modules()
+                                if n.endswith((".mlp", ".mlp.experts", ".mlp.shared_experts"))},
             })
         report["args"] = {k: v for k, v in vars(blob["args"]).items() if isinstance(v, (int, float, str, bool))}
 
@@ -198,6 +290,8 @@ def _run_case(case: dict, rank: int) -> None:
             logits = torch.cat(parts, dim=-1)  # output_layer is vocab-parallel: [b, s, V/tp] per rank
             if tp_rank == 0 and ps.get_data_parallel_rank() == 0:
                 torch.save(logits, case["out"])
+        if shim_calls is not None:  # grouped GEMMs this rank ran for this case (tokens per local expert)
+            report["gmm_calls"] = shim_calls[calls_before:]
         with open(f"{case['out']}.rank{rank}.json", "w") as fh:
             json.dump(report, fh)
         dist.barrier()
@@ -231,15 +325,19 @@ def main(argv: list[str]) -> int:
     ranks (imports cost ~7 s per process on a small CPU box; forked ranks share them)."""
     job_path, world = argv[0], int(argv[1])
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # megatron-core's jit_fuser is torch.compile (GroupedMLP's GLU): eager is enough for a tiny
+    # model, and compiling it in every forked rank would cost seconds of a 2-core box
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     warnings.filterwarnings("ignore")
     import torch
 
     torch.set_num_threads(1)
-    import megatron.core.models.gpt  # noqa: F401  (imported before fork, shared by all ranks)
-    import megatron.core.pipeline_parallel  # noqa: F401
-
     with open(job_path) as fh:
         job = json.load(fh)
+    if any((c.get("moe") or {}).get("grouped_gemm") for c in job["cases"]):
+        _install_grouped_gemm_shim()  # before megatron-core binds grouped_gemm.ops at import
+    import megatron.core.models.gpt  # noqa: F401  (imported before fork, shared by all ranks)
+    import megatron.core.pipeline_parallel  # noqa: F401
     pids = {}
     for rank in range(world):
         pid = os.fork()

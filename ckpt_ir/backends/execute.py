@@ -195,12 +195,25 @@ def workers_for_budget(plan: Plan, workers: int, max_memory: int) -> int:
     return max(1, min(workers, max_memory // max(need, 1)))
 
 
+def run_checks(plan: Plan) -> None:
+    """Tensors the output stores once must really be equal (compared before anything is written)."""
+    import numpy as np
+
+    with E.Reader() as reader:
+        for name, other, a, b in plan.checks:
+            if a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(E.evaluate_raw(a, reader),
+                                                                              E.evaluate_raw(b, reader)):
+                raise CkptIrError(f"{name} differs from {other}, but the target format stores them once; "
+                                  f"converting would lose it")
+
+
 def execute(plan: Plan, dst: str, *, overwrite: bool = False, progress: bool = False,
             workers: int | None = None, max_memory: int | None = None) -> dict[str, float]:
     """Write ``plan`` to ``dst`` atomically; returns simple statistics.  ``max_memory`` bounds
     the tensor data held at once (it limits the number of parallel writers).  Under torchrun
     the tensor files are split between the ranks (each rank may also use local workers)."""
     workers = workers_for_budget(plan, workers or default_workers(), max_memory or default_max_memory())
+    run_checks(plan)
     rank, world = distributed_world()
     if world > 1:
         return _execute_distributed(plan, dst, overwrite, progress and rank == 0, 1, rank, world)

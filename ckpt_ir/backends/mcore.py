@@ -55,7 +55,8 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
     slots = layer_slots(spec, layout)
     where = {s.real: s for s in slots if s.real is not None}
     chunks = num_chunks(spec, layout)
-    table = M.layer_table(layout.norm_names)
+    table = M.layer_table(layout.norm_names, spec.mla)
+    order = M.role_order(spec.mla)
     content: dict[tuple[int, int], list[Entry]] = defaultdict(list)
     by_layer: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for name in ckpt.tensors:
@@ -65,29 +66,45 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
     last = (layout.pp - 1, chunks - 1)
     if "embed.weight" in ckpt.tensors:
         content[(0, 0)].append(Entry("embedding.word_embeddings.weight", ("embed.weight",)))
-    known = set(M.LAYER_ROLE_ORDER) | {r[: -len(".weight")] + f".lora_{w}.weight" for r in M.LAYER_ROLE_ORDER
-                                       for w in "ab"}
+    mtp_roles = {f"layers.{{i}}.{c}": m for m, c in M.MTP_KEYS}
+    known = set(order) | set(mtp_roles) | {r[: -len(".weight")] + f".lora_{w}.weight" for r in order for w in "ab"} \
+        | {"layers.{i}.mtp.embed.weight", "layers.{i}.mtp.head.weight"}
+    mtp_entries: list[Entry] = []
     for layer in sorted(by_layer):
-        slot = where[layer]
         roles = by_layer[layer]
         unknown = set(roles) - known
         if unknown:
             raise VerifyError(f"layer {layer}: no Megatron name for {sorted(unknown)}")
-        entries = content[(slot.stage, slot.chunk)]
-        for role in M.LAYER_ROLE_ORDER:
+        mtp = layer >= spec.num_layers
+        local = layer - spec.num_layers if mtp else where[layer].local
+        entries = mtp_entries if mtp else content[(where[layer].stage, where[layer].chunk)]
+        start = len(entries)
+        for role in order:
             if "{e}" not in role:
                 for canon in roles.get(role, ()):
-                    entries.extend(_entries(ckpt, role, canon, slot.local, table, layer))
-        expert_roles = [r for r in M.LAYER_ROLE_ORDER if "{e}" in r]
+                    entries.extend(_entries(ckpt, role, canon, local, table, layer))
+        expert_roles = [r for r in order if "{e}" in r]
         by_expert = {expert_of(n): n for r in expert_roles for n in roles.get(r, ())}
         for expert in sorted(by_expert):
             for role in expert_roles:
                 canon = role.format(i=layer, e=expert)
                 if canon in ckpt.tensors:
-                    entries.extend(_entries(ckpt, role, canon, slot.local, table, layer))
+                    entries.extend(_entries(ckpt, role, canon, local, table, layer))
         if layout.grouped_gemm and spec.is_moe_layer(layer):
-            _group_experts(ckpt, entries, slot.local)
-    content[last].append(Entry("decoder.final_layernorm.weight", ("final_norm.weight",)))
+            _group_experts(ckpt, entries, local)
+        if mtp:  # mtp.layers.k: enorm, hnorm, eh_proj, (embedding), transformer_layer.*, final norm
+            prefix = M.MTP_PREFIX.format(k=local)
+            body = [attrs.evolve(e, key=prefix + e.key[len(f"decoder.layers.{local}."):]) for e in entries[start:]]
+            head = [Entry(m.format(k=local), (f"layers.{layer}.{c}",)) for m, c in M.MTP_KEYS[:3]]
+            if layout.pp > 1:  # the last stage needs its own copy of the embedding for MTP
+                head.append(Entry("embedding.word_embeddings.weight", (f"layers.{layer}.mtp.embed.weight",)))
+            tail = [Entry(M.MTP_KEYS[3][0].format(k=local), (f"layers.{layer}.mtp.norm.weight",))]
+            entries[start:] = head + body + tail
+    if mtp_entries:
+        at = 1 if content[last] and content[last][0].key == "embedding.word_embeddings.weight" else 0
+        content[last][at:at] = mtp_entries
+    final_norm = M.MTP_FINAL_NORM if spec.mtp_layers else "decoder.final_layernorm.weight"
+    content[last].append(Entry(final_norm, ("final_norm.weight",)))
     if "lm_head.weight" in ckpt.tensors:
         content[last].append(Entry("output_layer.weight", ("lm_head.weight",)))
     elif spec.tied_embeddings and layout.pp > 1:
@@ -119,7 +136,24 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
             path = f"{M.iter_dir(it)}/{M.rank_dir(rank, stage, layout, ep, layout.ep)}/model_optim_rng.pt"
             files.append(OutputFile(path, "torch", tuple(tensors), obj=obj))
     files.append(OutputFile("latest_checkpointed_iteration.txt", "text", text=str(it)))
-    return Plan(tuple(files), dict(ckpt.dropped))
+    return Plan(tuple(files), dict(ckpt.dropped), checks=tuple(_shared_copies(ckpt)))
+
+
+def _shared_copies(ckpt: Checkpoint):
+    """Megatron's MTP shares the main output layer (and, within one stage, the embedding), so the
+    HF copies are not stored: the plan checks they really are copies before writing."""
+    for k in range(ckpt.spec.mtp_layers):
+        layer = ckpt.spec.num_layers + k
+        pairs = [("mtp.head", "lm_head.weight")]
+        if ckpt.layout.pp == 1:
+            pairs.append(("mtp.embed", "embed.weight"))
+        for own, main in pairs:
+            name = f"layers.{layer}.{own}.weight"
+            if name in ckpt.tensors and main in ckpt.tensors:
+                a, b = ckpt.tensors[name], ckpt.tensors[main]
+                for sa, sb in zip(a.shards, b.shards):
+                    if sa != sb:
+                        yield (name, main, sa, sb)
 
 
 def _entries(ckpt: Checkpoint, role: str, canon: str, local: int, names, layer: int) -> list[Entry]:
@@ -131,7 +165,7 @@ def _entries(ckpt: Checkpoint, role: str, canon: str, local: int, names, layer: 
         fill["e"] = str(j)
     key = names.from_canonical(role.format(**fill))
     if ckpt.spec.is_moe_layer(layer) and role == "layers.{i}.mlp_norm.weight":
-        key = M.LOCAL_LAYER_TABLE.from_canonical(role.format(**fill))  # MoE: no fused pre-MLP norm
+        key = M.layer_table("local").from_canonical(role.format(**fill))  # MoE: no fused pre-MLP norm
     out = [Entry(key, (canon,), ep)]
     for which in ("a", "b"):  # LoRA adapters right after their base weight
         lora = canon[: -len(".weight")] + f".lora_{which}.weight"

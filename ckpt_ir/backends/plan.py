@@ -43,8 +43,13 @@ class OutputFile:
 
 @attrs.frozen
 class Plan:
+    """``checks``: (name, other name, expr, other expr) pairs that must hold equal values for the
+    output to be lossless (e.g. a tensor stored once because the format shares it); the executor
+    verifies them before writing anything."""
+
     files: tuple[OutputFile, ...]
     dropped: dict[str, str] = attrs.field(factory=dict)
+    checks: tuple[tuple[str, str, E.Expr, E.Expr], ...] = ()
 
     @property
     def nbytes(self) -> int:

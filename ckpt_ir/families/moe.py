@@ -8,7 +8,16 @@ canonical names are ``layers.I.mlp.experts.N.{gate,up,down}.weight``, plus ``mlp
 from __future__ import annotations
 
 from ckpt_ir.families import ConfigKey, Family, register
-from ckpt_ir.families.llama import ATTENTION, BASE_CONFIG, EMBED_AND_HEAD, GATED_MLP, LLAMA_NORMS, OPTIONAL, C, L
+from ckpt_ir.families.llama import (
+    ATTENTION,
+    BASE_CONFIG,
+    EMBED_AND_HEAD,
+    GATED_MLP,
+    LLAMA_NORMS,
+    OPTIONAL,
+    C,
+    L,
+)
 
 
 def _config(*overrides: ConfigKey) -> tuple[ConfigKey, ...]:
@@ -67,4 +76,65 @@ register(Family(
     tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP + QWEN_EXPERTS,
     config=_config(*QWEN_MOE_CONFIG), constants=(("qk_norm", True),), optional=OPTIONAL,
     mindspeed_names=("qwen3-moe",),
+))
+
+
+def _first_k_dense(cfg: dict) -> tuple[int, ...]:
+    """DeepSeek: the first ``first_k_dense_replace`` layers are dense; then every
+    ``moe_layer_freq``-th layer is MoE (MTP layers, numbered after the main ones, are MoE)."""
+    k, freq = cfg.get("first_k_dense_replace") or 0, cfg.get("moe_layer_freq") or 1
+    return tuple(i for i in range(cfg["num_hidden_layers"]) if i < k or (i - k) % freq)
+
+
+def _shared_ffn(cfg: dict) -> int:
+    return (cfg.get("n_shared_experts") or 0) * cfg["moe_intermediate_size"]
+
+
+MLA_ATTENTION = (
+    (L + "input_layernorm.weight", C + "attn_norm.weight"),
+    (L + "self_attn.q_proj.weight", C + "attn.q.weight"),
+    (L + "self_attn.q_a_proj.weight", C + "attn.q_a.weight"),
+    (L + "self_attn.q_a_layernorm.weight", C + "attn.q_a_norm.weight"),
+    (L + "self_attn.q_b_proj.weight", C + "attn.q_b.weight"),
+    (L + "self_attn.kv_a_proj_with_mqa.weight", C + "attn.kv_a.weight"),
+    (L + "self_attn.kv_a_layernorm.weight", C + "attn.kv_a_norm.weight"),
+    (L + "self_attn.kv_b_proj.weight", C + "attn.kv_b.weight"),
+    (L + "self_attn.o_proj.weight", C + "attn.o.weight"),
+)
+DEEPSEEK_MOE = (
+    (L + "mlp.gate.weight", C + "mlp.router.weight"),
+    (L + "mlp.gate.e_score_correction_bias", C + "mlp.router.bias"),
+    (L + "mlp.experts.{e}.gate_proj.weight", C + "mlp.experts.{e}.gate.weight"),
+    (L + "mlp.experts.{e}.up_proj.weight", C + "mlp.experts.{e}.up.weight"),
+    (L + "mlp.experts.{e}.down_proj.weight", C + "mlp.experts.{e}.down.weight"),
+    (L + "mlp.shared_experts.gate_proj.weight", C + "mlp.shared.gate.weight"),
+    (L + "mlp.shared_experts.up_proj.weight", C + "mlp.shared.up.weight"),
+    (L + "mlp.shared_experts.down_proj.weight", C + "mlp.shared.down.weight"),
+)
+# DeepSeek-V3's multi-token-prediction layers (model.layers.{num_hidden_layers + k}) add these to a
+# full decoder layer; embed_tokens and shared_head.head repeat the main embedding and lm_head
+MTP = (
+    (L + "enorm.weight", C + "mtp.enorm.weight"),
+    (L + "hnorm.weight", C + "mtp.hnorm.weight"),
+    (L + "eh_proj.weight", C + "mtp.eh_proj.weight"),
+    (L + "shared_head.norm.weight", C + "mtp.norm.weight"),
+    (L + "shared_head.head.weight", C + "mtp.head.weight"),
+    (L + "embed_tokens.weight", C + "mtp.embed.weight"),
+)
+
+register(Family(
+    name="deepseek_v3", model_types=("deepseek_v3",), architecture="DeepseekV3ForCausalLM",
+    tensors=EMBED_AND_HEAD + MLA_ATTENTION + LLAMA_NORMS + GATED_MLP + DEEPSEEK_MOE + MTP,
+    config=_config(
+        ConfigKey("num_experts", "n_routed_experts"), ConfigKey("moe_topk", "num_experts_per_tok"),
+        ConfigKey("moe_ffn_hidden_size", "moe_intermediate_size"),
+        ConfigKey("shared_ffn_hidden_size", None, _shared_ffn), ConfigKey("dense_layers", None, _first_k_dense),
+        ConfigKey("q_lora_rank", "q_lora_rank", 0), ConfigKey("kv_lora_rank", "kv_lora_rank"),
+        ConfigKey("qk_nope_dim", "qk_nope_head_dim"), ConfigKey("qk_rope_dim", "qk_rope_head_dim"),
+        ConfigKey("v_head_dim", "v_head_dim"), ConfigKey("head_dim", None, lambda cfg: cfg["qk_rope_head_dim"]),
+        # read-only: transformers saves no MTP weights, so the frontend counts the layers present
+        ConfigKey("mtp_layers", None, lambda cfg: cfg.get("num_nextn_predict_layers") or 0),
+        ConfigKey("qkv_bias", None, False),
+    ),
+    constants=(("router_bias", True),), optional=OPTIONAL, mindspeed_names=("deepseek3", "deepseek2"),
 ))

@@ -12,6 +12,8 @@ import json
 import os
 from typing import Any
 
+import attrs
+
 from ckpt_ir.errors import CoverageError, FormatError
 from ckpt_ir.families import Family, for_hf_config
 from ckpt_ir.io import safetensors as st
@@ -52,7 +54,7 @@ def read_config(path: str) -> dict[str, Any]:
 
 def weight_files(path: str) -> list[str]:
     """The weight files of ``path`` in order, validated against the index when there is one."""
-    for index_name, ext in (("model.safetensors.index.json", ".safetensors"), ("pytorch_model.bin.index.json", ".bin")):
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = os.path.join(path, index_name)
         if os.path.isfile(index):
             return _files_from_index(path, index)
@@ -110,6 +112,12 @@ def lift(path: str, *, hf_config: dict[str, Any] | None = None, allow_unused: tu
     dtypes = {ld.dtype for ld in raw.values()}
     spec = family.spec_from_config(cfg, dtype_hint=next(iter(dtypes)) if len(dtypes) == 1 else None)
     tensors, dropped = map_tensors(family, spec, raw, allow_unused)
+    if spec.mtp_layers:  # transformers neither loads nor saves MTP layers: count the ones present
+        from ckpt_ir.ir.names import split_layer
+
+        present = {split_layer(n)[0] for n in tensors} - {None}
+        extra = sorted(i for i in present if i >= spec.num_layers)  # type: ignore[operator]
+        spec = attrs.evolve(spec, mtp_layers=len(extra))
     if spec.untied and "lm_head.weight" not in tensors:
         raise FormatError(f"{path}: config says embeddings are untied but there is no lm_head.weight; the "
                           f"checkpoint is incomplete")

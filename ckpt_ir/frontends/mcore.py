@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from collections import defaultdict
 from typing import Any
+
+import attrs
 
 from ckpt_ir import mcore_format as M
 from ckpt_ir.errors import CoverageError, FormatError
@@ -96,6 +99,9 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     fam_name = args.get("ckpt_ir_family") or args.get("model_type_hf")
     family = by_name(fam_name) if fam_name else for_hf_config(cfg, first.path)
     spec = family.spec_from_config(cfg)
+    if args.get("mtp_num_layers") is not None:
+        spec = _evolve(spec, mtp_layers=int(args["mtp_num_layers"]))
+    tables = M.MLA_READ_TABLES if spec.mla else M.READ_TABLES
     noop = M.int_list(args.get("noop_layers")) or ()
     layout = Layout(format="mcore", tp=tp, pp=pp,
                     vpp_layers=args.get("num_layers_per_virtual_pipeline_stage"),
@@ -141,7 +147,10 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                     continue
                 te_norms |= key.endswith("linear_qkv.layer_norm_weight")
                 te_fc1 |= key.endswith("linear_fc1.layer_norm_weight")
-                found = _lift_key(key, z.load_expr(ref, f"{ck}.{key}"), p, chunk, e, experts_per_rank)
+                if key == "embedding.word_embeddings.weight" and p == pp - 1 and pp > 1 and spec.mtp_layers:
+                    found = [("@mtp.0:mtp.embed.weight", z.load_expr(ref, f"{ck}.{key}"), False)]
+                else:
+                    found = _lift_key(key, z.load_expr(ref, f"{ck}.{key}"), p, chunk, e, experts_per_rank, tables)
                 if found is None:
                     if any(fnmatch.fnmatch(key, pat) for pat in allow_unused):
                         dropped[f"{rel}:{ck}.{key}"] = "matched --allow-unused"
@@ -161,7 +170,7 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     slot_of = {(s.stage, s.chunk, s.local): s for s in layer_slots(spec, layout)}
     tensors: dict[str, TensorNode] = {}
     for canon_local, shards in pieces.items():
-        name = _resolve_layer(canon_local, slot_of, path)
+        name = _resolve_layer(canon_local, slot_of, path, spec.num_layers)
         if name in tensors:
             raise FormatError(f"{path}: tensor {name} appears twice (check num_layer_list / noop_layers in args)")
         rule = split_rule(name)
@@ -175,6 +184,11 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
         if sorted(shards) != list(range(n)):
             raise FormatError(f"{path}: tensor {name} is missing on TP rank(s) {sorted(set(range(n)) - set(shards))}")
         tensors[name] = TensorNode(name, tuple(shards[r] for r in range(n)), rule)
+    for k in range(spec.mtp_layers):  # MTP shares the main embedding / output layer in Megatron
+        for own, main in (("mtp.embed.weight", "embed.weight"), ("mtp.head.weight", "lm_head.weight")):
+            name = f"layers.{spec.num_layers + k}.{own}"
+            if name not in tensors and main in tensors:
+                tensors[name] = attrs.evolve(tensors[main], name=name)
     if spec.tied_embeddings and "lm_head.weight" in tensors:
         del tensors["lm_head.weight"]
         dropped["output_layer.weight"] = "copy of the tied embedding on the last pipeline stage"
@@ -198,6 +212,9 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                       meta={"iteration": iteration if iteration != "release" else 1, "args": args})
 
 
+MTP_LAYER_KEY = re.compile(r"^mtp\.layers\.(\d+)\.transformer_layer\.(.*)$")
+
+
 def _int(text: str | None) -> int | None:
     return None if text is None else int(text)
 
@@ -208,10 +225,21 @@ def _evolve(obj, **kw):
     return attrs.evolve(obj, **kw)
 
 
-def _lift_key(key: str, expr: E.Expr, stage: int, chunk: int, ep: int, experts_per_rank: int):
+def _lift_key(key: str, expr: E.Expr, stage: int, chunk: int, ep: int, experts_per_rank: int, tables):
     """[(canonical name with its layer still local, expression, is_expert)] for one stored key,
     or None if the key means nothing to us.  Expert indices become global here; a grouped-GEMM
-    weight yields one entry per local expert."""
+    weight yields one entry per local expert; MTP layers are tagged ``@mtp.K``."""
+    if key == M.MTP_FINAL_NORM:
+        return [("final_norm.weight", expr, False)]
+    m = MTP_LAYER_KEY.match(key)
+    if m:
+        k = m.group(1)
+        inner = _lift_key(f"decoder.layers.{k}.{m.group(2)}", expr, stage, chunk, ep, experts_per_rank, tables)
+        return None if inner is None else [(f"@mtp.{k}:" + c.split(":", 1)[1], x, is_e) for c, x, is_e in inner]
+    for template, canon in M.MTP_KEYS:
+        mm = re.match("^" + re.escape(template).replace(re.escape("{k}"), r"(\d+)") + "$", key)
+        if mm:
+            return [(f"@mtp.{mm.group(1)}:{canon}", expr, False)]
     m = M.GROUPED_KEY.match(key)
     if m:
         local_layer, kind = m.group(1), m.group(2)
@@ -221,7 +249,7 @@ def _lift_key(key: str, expr: E.Expr, stage: int, chunk: int, ep: int, experts_p
             out.append((f"@{stage}.{chunk}.{local_layer}:mlp.experts.{ep * experts_per_rank + j}.{role}.weight",
                         e_expr, True))
         return out
-    canon = _canonical(key, stage, chunk)
+    canon = _canonical(key, stage, chunk, tables)
     if canon is None:
         return None
     expert = expert_of(canon)
@@ -243,17 +271,17 @@ def ungroup_weight(kind: str, expr: E.Expr, experts: int) -> list[E.Expr]:
     return [E.simplify(E.Transpose(E.Reshape(E.Slice(view, 0, j, j + 1), (a, b)), 0, 1)) for j in range(experts)]
 
 
-def _canonical(key: str, stage: int, chunk: int) -> str | None:
+def _canonical(key: str, stage: int, chunk: int, tables=M.READ_TABLES) -> str | None:
     """Canonical name with the *local* layer number tagged by stage/chunk (resolved later)."""
     key = key.replace(".base_layer.", ".")
     m = M.LORA_KEY.match(key)
     if m:
-        target = _canonical(m.group(1) + ".weight", stage, chunk)
+        target = _canonical(m.group(1) + ".weight", stage, chunk, tables)
         return None if target is None else target[: -len(".weight")] + M.CANONICAL_LORA[m.group(2)]
     glob = M.GLOBAL_TABLE.to_canonical(key)
     if glob is not None:
         return glob
-    for table in (M.LOCAL_LAYER_TABLE, M.TE_LAYER_TABLE):
+    for table in tables:
         c = table.to_canonical(key)
         if c is not None:
             layer, rest = split_layer(c)
@@ -261,10 +289,12 @@ def _canonical(key: str, stage: int, chunk: int) -> str | None:
     return None
 
 
-def _resolve_layer(name: str, slot_of: dict, path: str) -> str:
+def _resolve_layer(name: str, slot_of: dict, path: str, main_layers: int) -> str:
     if not name.startswith("@"):
         return name
     where, rest = name[1:].split(":", 1)
+    if where.startswith("mtp."):  # multi-token-prediction layer k is model layer main_layers + k
+        return layer_name(main_layers + int(where[4:]), rest)
     stage, chunk, local = (int(x) for x in where.split("."))
     slot = slot_of.get((stage, chunk, local))
     if slot is None or slot.real is None:

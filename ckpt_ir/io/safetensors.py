@@ -67,7 +67,7 @@ def read_header(path: str) -> tuple[dict[str, Load], dict[str, str]]:
         spans.append((a, b, key))
         out[key] = Load(path, key, shape, dtype, data_start + a, "safetensors")
     spans.sort()
-    for (a0, b0, k0), (a1, _b1, k1) in zip(spans, spans[1:]):
+    for (_a0, b0, k0), (a1, _b1, k1) in zip(spans, spans[1:]):
         if a1 < b0:
             raise FormatError(f"{path}: tensors {k0!r} and {k1!r} overlap; the file is corrupt")
     ordered = dict(sorted(out.items(), key=lambda kv: kv[1].offset))

@@ -71,6 +71,23 @@ ROLES: dict[str, Split | None] = {
     "layers.{i}.mlp.shared.gate_up.weight": COLUMN_BLOCKS2,
     "layers.{i}.mlp.shared.down.weight": ROW,
     "layers.{i}.mlp.shared_gate.weight": None,
+    # multi-latent attention (DeepSeek): low-rank q and kv projections; Megatron fuses the two
+    # down-projections into one replicated linear_qkv ("qkv_a") and splits the up-projections
+    "layers.{i}.attn.q_a.weight": None,
+    "layers.{i}.attn.q_a_norm.weight": None,
+    "layers.{i}.attn.q_b.weight": COLUMN,
+    "layers.{i}.attn.kv_a.weight": None,
+    "layers.{i}.attn.kv_a_norm.weight": None,
+    "layers.{i}.attn.kv_b.weight": COLUMN,
+    "layers.{i}.attn.qkv_a.weight": None,
+    # multi-token prediction: layers numbered after the main ones carry these besides a full
+    # transformer layer; embed and head are the main model's (shared in Megatron)
+    "layers.{i}.mtp.enorm.weight": None,
+    "layers.{i}.mtp.hnorm.weight": None,
+    "layers.{i}.mtp.eh_proj.weight": COLUMN,
+    "layers.{i}.mtp.norm.weight": None,
+    "layers.{i}.mtp.embed.weight": COLUMN,
+    "layers.{i}.mtp.head.weight": COLUMN,
 }
 
 # LoRA adapters attach to linear layers: ``<target>.lora_a.weight`` [r, in] and

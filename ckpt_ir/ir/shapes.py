@@ -46,7 +46,23 @@ def expected_shape(spec: ModelSpec, layout: Layout, name: str) -> tuple[int, ...
         "layers.{i}.mlp.shared.gate_up.weight": (2 * spec.shared_ffn_hidden_size, h),
         "layers.{i}.mlp.shared.down.weight": (h, spec.shared_ffn_hidden_size),
         "layers.{i}.mlp.shared_gate.weight": (1, h),
+        "layers.{i}.attn.q_a.weight": (spec.q_lora_rank, h),
+        "layers.{i}.attn.q_a_norm.weight": (spec.q_lora_rank,),
+        "layers.{i}.attn.q_b.weight": (spec.mla_q_size, spec.q_lora_rank),
+        "layers.{i}.attn.kv_a.weight": (spec.kv_lora_rank + spec.qk_rope_dim, h),
+        "layers.{i}.attn.kv_a_norm.weight": (spec.kv_lora_rank,),
+        "layers.{i}.attn.kv_b.weight": (spec.num_heads * (spec.qk_nope_dim + spec.v_head_dim), spec.kv_lora_rank),
+        "layers.{i}.attn.qkv_a.weight": ((spec.q_lora_rank or spec.mla_q_size) + spec.kv_lora_rank + spec.qk_rope_dim, h),
+        "layers.{i}.mtp.enorm.weight": (h,),
+        "layers.{i}.mtp.hnorm.weight": (h,),
+        "layers.{i}.mtp.eh_proj.weight": (h, 2 * h),
+        "layers.{i}.mtp.norm.weight": (h,),
+        "layers.{i}.mtp.embed.weight": (vocab, h),
+        "layers.{i}.mtp.head.weight": (vocab, h),
     }
+    if spec.mla:  # MLA: q is [heads x (nope + rope), H] when not low-rank; o maps heads x v back
+        table["layers.{i}.attn.q.weight"] = (spec.mla_q_size, h)
+        table["layers.{i}.attn.o.weight"] = (h, spec.num_heads * spec.v_head_dim)
     role = role_of(name)
     for suffix, which in ((".lora_a.weight", "a"), (".lora_b.weight", "b")):
         if role.endswith(suffix):
@@ -69,10 +85,18 @@ def expected_names(spec: ModelSpec, layout: Layout) -> set[str]:
         fused = [prefix + "gate_up.weight"] if layout.fused_gate_up else [prefix + "gate.weight", prefix + "up.weight"]
         return fused + [prefix + "down.weight"]
 
-    for i in range(spec.num_layers):
+    for i in range(spec.total_layers):
         rest = ["attn_norm.weight", "mlp_norm.weight", "attn.o.weight"]
-        qkv = ["attn.qkv"] if layout.fused_qkv else list(split_qkv)
-        rest += [q + ".weight" for q in qkv]
+        if spec.mla:
+            q_down = ["attn.q_a.weight"] if spec.q_lora_rank else ["attn.q.weight"]
+            rest += ["attn.qkv_a.weight"] if layout.fused_qkv else q_down + ["attn.kv_a.weight"]
+            rest += ["attn.kv_a_norm.weight", "attn.kv_b.weight"]
+            if spec.q_lora_rank:
+                rest += ["attn.q_a_norm.weight", "attn.q_b.weight"]
+            qkv = []
+        else:
+            qkv = ["attn.qkv"] if layout.fused_qkv else list(split_qkv)
+            rest += [q + ".weight" for q in qkv]
         if spec.qkv_bias:
             rest += [q + ".bias" for q in qkv]
         if spec.qk_norm:
@@ -91,5 +115,8 @@ def expected_names(spec: ModelSpec, layout: Layout) -> set[str]:
                 rest.append("mlp.shared_gate.weight")
         else:
             rest += mlp("mlp.")
+        if i >= spec.num_layers:
+            rest += ["mtp.enorm.weight", "mtp.hnorm.weight", "mtp.eh_proj.weight", "mtp.norm.weight",
+                     "mtp.embed.weight", "mtp.head.weight"]
         names.update(f"layers.{i}.{r}" for r in rest)
     return names

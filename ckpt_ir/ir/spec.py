@@ -44,6 +44,13 @@ class ModelSpec:
     moe_ffn_hidden_size: int = 0
     shared_ffn_hidden_size: int = 0  # 0: no shared experts
     dense_layers: tuple[int, ...] = attrs.field(default=(), converter=tuple)  # MoE model layers with a dense MLP
+    # multi-latent attention (kv_lora_rank = 0: ordinary multi-head / grouped-query attention)
+    q_lora_rank: int = 0  # 0: queries are projected directly (no q_a / q_b)
+    kv_lora_rank: int = 0
+    qk_nope_dim: int = 0
+    qk_rope_dim: int = 0
+    v_head_dim: int = 0
+    mtp_layers: int = 0  # multi-token-prediction layers, numbered after the main layers
     shared_expert_gate: bool = False  # a sigmoid gate on the shared experts' output (Qwen2-MoE)
     router_bias: bool = False  # a score-correction bias on the router (DeepSeek-V3)
     lora_rank: int | None = None  # set while the checkpoint carries (unmerged) LoRA adapters
@@ -62,6 +69,19 @@ class ModelSpec:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def mla_q_size(self) -> int:
+        return self.num_heads * (self.qk_nope_dim + self.qk_rope_dim)
+
+    @property
+    def total_layers(self) -> int:
+        """Main layers plus multi-token-prediction layers (canonical layer numbers below this)."""
+        return self.num_layers + self.mtp_layers
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.num_experts > 0 and layer not in self.dense_layers

@@ -10,8 +10,6 @@ from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.names import ROLES, is_expert, is_lora, role_of, split_layer
 from ckpt_ir.ir.shapes import expected_names, expected_shape
 
-
-
 SEPARATE_GATE_UP = re.compile(r"^mlp\.(?:experts\.\d+\.|shared\.)?(?:gate|up)\.")
 
 
@@ -30,13 +28,13 @@ def verify(ckpt: Checkpoint, after: str = "") -> None:
         if role not in ROLES:
             raise VerifyError(f"{name}: unknown tensor role {role!r}{where}")
         layer, rest = split_layer(name)
-        if layer is not None and not 0 <= layer < spec.num_layers:
-            raise VerifyError(f"{name}: layer {layer} outside the model's {spec.num_layers} layers{where}")
-        fused_qkv = rest.startswith("attn.qkv.")
+        if layer is not None and not 0 <= layer < spec.total_layers:
+            raise VerifyError(f"{name}: layer {layer} outside the model's {spec.total_layers} layers{where}")
+        fused_qkv = rest.startswith(("attn.qkv.", "attn.qkv_a."))
         fused_fc1 = ".gate_up." in "." + rest
         if (fused_qkv and not layout.fused_qkv) or (fused_fc1 and not layout.fused_gate_up):
             raise VerifyError(f"{name}: fused tensor in a layout that says unfused{where}")
-        if rest.startswith(("attn.q.", "attn.k.", "attn.v.")) and layout.fused_qkv:
+        if rest.startswith(("attn.q.", "attn.k.", "attn.v.", "attn.q_a.", "attn.kv_a.")) and layout.fused_qkv:
             raise VerifyError(f"{name}: separate q/k/v tensor in a layout with fused QKV{where}")
         if SEPARATE_GATE_UP.match(rest) and layout.fused_gate_up:
             raise VerifyError(f"{name}: separate gate/up tensor in a layout with fused gate/up{where}")

@@ -72,6 +72,39 @@ def _parts_present(ckpt: Checkpoint, layer: int, parts: tuple[str, ...], kind: s
     return all(layer_name(layer, f"{p}.{kind}") in ckpt.tensors for p in parts)
 
 
+def _mla_q_down(ckpt: Checkpoint) -> str:
+    return "attn.q_a.weight" if ckpt.spec.q_lora_rank else "attn.q.weight"
+
+
+def _fuse_mla(ckpt: Checkpoint) -> Checkpoint:
+    """MLA: Megatron's linear_qkv is [q_a (or q); kv_a], the two down-projections stacked."""
+    q_down = _mla_q_down(ckpt)
+    replace: dict[str, dict[str, E.Expr]] = {}
+    drop: set[str] = set()
+    for name in ckpt.tensors:
+        layer, rest = split_layer(name)
+        if layer is None or rest != q_down:
+            continue
+        kv = layer_name(layer, "attn.kv_a.weight")
+        replace[name] = {layer_name(layer, "attn.qkv_a.weight"):
+                         E.Concat((ckpt.tensors[name].expr, ckpt.tensors[kv].expr), 0)}
+        drop |= {name, kv}
+    return ckpt.with_tensors(_rebuild(ckpt, replace, drop), layout=attrs.evolve(ckpt.layout, fused_qkv=True))
+
+
+def _unfuse_mla(ckpt: Checkpoint) -> Checkpoint:
+    q_down = _mla_q_down(ckpt)
+    q_rows = ckpt.spec.q_lora_rank or ckpt.spec.mla_q_size
+    replace: dict[str, dict[str, E.Expr]] = {}
+    for name, t in ckpt.tensors.items():
+        layer, rest = split_layer(name)
+        if layer is None or rest != "attn.qkv_a.weight":
+            continue
+        replace[name] = {layer_name(layer, q_down): E.Slice(t.expr, 0, 0, q_rows),
+                         layer_name(layer, "attn.kv_a.weight"): E.Slice(t.expr, 0, q_rows, t.shape[0])}
+    return ckpt.with_tensors(_rebuild(ckpt, replace, set(replace)), layout=attrs.evolve(ckpt.layout, fused_qkv=False))
+
+
 @register_pass
 class FuseQKV(Pass):
     name = "fuse-qkv"
@@ -81,6 +114,8 @@ class FuseQKV(Pass):
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
         _require_whole(ckpt, self.name)
+        if ckpt.spec.mla:
+            return _fuse_mla(ckpt)
         replace: dict[str, dict[str, E.Expr]] = {}
         drop: set[str] = set()
         parts = ("attn.q", "attn.k", "attn.v")
@@ -113,6 +148,8 @@ class UnfuseQKV(Pass):
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
         _require_whole(ckpt, self.name)
+        if ckpt.spec.mla:
+            return _unfuse_mla(ckpt)
         replace: dict[str, dict[str, E.Expr]] = {}
         for name, t in ckpt.tensors.items():
             layer, rest = split_layer(name)

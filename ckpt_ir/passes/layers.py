@@ -40,7 +40,9 @@ class SelectLayers(Pass):
                 new = layer_name(new_index[layer], rest)
                 out[new] = attrs.evolve(t, name=new)
         out = dict(sorted(out.items(), key=lambda kv: _order(kv[0])))
-        spec = attrs.evolve(ckpt.spec, num_layers=len(keep))
+        # multi-token-prediction layers (numbered after the main ones) are not kept
+        dense = tuple(new_index[i] for i in ckpt.spec.dense_layers if i in new_index)
+        spec = attrs.evolve(ckpt.spec, num_layers=len(keep), mtp_layers=0, dense_layers=dense)
         cfg = dict(ckpt.hf_config) if ckpt.hf_config is not None else None
         return ckpt.with_tensors(out, spec=spec, hf_config=cfg)
 
