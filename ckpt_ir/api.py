@@ -48,6 +48,10 @@ class Target:
     def __attrs_post_init__(self) -> None:
         if self.to not in ("hf", "mcore", "peft"):
             raise UsageError(f"--to {self.to!r}: choose hf, mcore or peft")
+        for flag, value in (("--tp", self.tp), ("--pp", self.pp), ("--ep", self.ep), ("--vpp-layers", self.vpp_layers),
+                            ("--etp", self.etp), ("--make-vocab-size-divisible-by", self.vocab_divisible_by)):
+            if value is not None and value < 1:
+                raise UsageError(f"{flag} must be at least 1, got {value}")
         if self.to != "mcore" and (self.tp != 1 or self.pp != 1 or self.vpp_layers or self.num_layer_list
                                    or self.noop_layers or self.vocab_divisible_by or self.ep != 1 or self.etp
                                    or self.grouped_gemm):

@@ -248,14 +248,22 @@ def hf_config_from_args(args: dict[str, Any]) -> dict[str, Any]:
     """Recover the HF config: our own JSON copy when present, else the HF-style keys MindSpeed-LLM
     copies into args (with its Megatron-named fields mapped back)."""
     raw = args.get("ckpt_ir_hf_config")
-    if isinstance(raw, str):
+    if raw is not None:
         try:
-            return json.loads(raw)
+            cfg = json.loads(raw) if isinstance(raw, str) else None
         except json.JSONDecodeError:
-            pass
+            cfg = None
+        if not isinstance(cfg, dict):
+            raise ValueError("args.ckpt_ir_hf_config is not a JSON object; the args are corrupt")
+        return cfg
     cfg = {k: v for k, v in args.items() if k not in _NOT_HF and isinstance(v, (int, float, str, bool, list))}
+    num_layers = args.get("num_layers")
+    try:
+        real_layers = num_layers - len(int_list(args.get("noop_layers")) or ()) if isinstance(num_layers, int) else None
+    except (TypeError, ValueError):
+        real_layers = None
     fallbacks = {
-        "num_hidden_layers": args.get("num_layers", 0) - len(int_list(args.get("noop_layers")) or ()),
+        "num_hidden_layers": real_layers,
         "intermediate_size": args.get("ffn_hidden_size"),
         "num_key_value_heads": args.get("num_query_groups") if args.get("group_query_attention") else None,
         "head_dim": args.get("kv_channels"),

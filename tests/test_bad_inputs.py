@@ -17,6 +17,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ TMP_TAG = ".ckpt-ir-tmp-"
 CLI_TIMEOUT = 180  # a hang fails the test instead of blocking CI
 ERROR_PREFIX = "ckpt-ir: error:"
 MCORE_ITER = "iter_0000001"
+MEMORY_CAP = 8 << 30  # address-space limit for each CLI run (stops runaway allocations)
 
 # ---------------------------------------------------------------------------------------------
 # helpers (kept local: tests/conftest.py belongs to the project)
@@ -34,12 +36,23 @@ MCORE_ITER = "iter_0000001"
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # many short CLI runs: cache bytecode outside the repo instead of recompiling every time
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = os.path.join(tempfile.gettempdir(), "ckpt-ir-tests-pycache")
     return env
+
+
+def _limit_memory() -> None:
+    """Runs in the child: a runaway allocation becomes a MemoryError (a failed test), not an OOM."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
 
 
 def cli(*args: object, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ckpt_ir", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=_env(), cwd=str(REPO), stdin=subprocess.DEVNULL)
+                          timeout=timeout, env=_env(), cwd=str(REPO), stdin=subprocess.DEVNULL,
+                          preexec_fn=_limit_memory)
 
 
 def convert(src: Path, dst: Path, *flags: object, to: str = "mcore") -> subprocess.CompletedProcess:
@@ -170,6 +183,23 @@ def test_truncated_safetensors(hf_src, dst, keep):
         fh.truncate(size)
     msg = assert_clean_error(convert(hf_src, dst), dst, names=("model.safetensors",))
     assert "truncated" in msg or "corrupt" in msg, msg
+
+
+@pytest.mark.parametrize("fmt", ["hf", "mcore"])
+def test_weight_file_is_a_fifo(request, dst, fmt):
+    """A named pipe where a weight file should be must not block the converter forever."""
+    src = request.getfixturevalue(f"{fmt}_src")
+    if fmt == "hf":
+        f, to = src / "model.safetensors", "mcore"
+    else:
+        f, to = src / MCORE_ITER / "mp_rank_00_000" / "model_optim_rng.pt", "hf"
+    f.unlink()
+    os.mkfifo(f)
+    try:
+        res = cli("convert", src, dst, "--to", to, timeout=10)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"ckpt-ir hung opening the FIFO {f}")
+    assert_clean_error(res, dst, names=(f.name,))
 
 
 def test_truncated_safetensors_names_tensor(hf_src, dst):
@@ -356,6 +386,22 @@ def test_config_missing_required_key(hf_src, dst):
     assert_clean_error(convert(hf_src, dst), dst, names=("config.json", "hidden_size"))
 
 
+@pytest.mark.parametrize("key,value,field", [
+    ("hidden_size", "64", "hidden_size"),
+    ("num_hidden_layers", "2", "num_layers"),
+    ("vocab_size", [128], "vocab_size"),
+    ("intermediate_size", {}, "ffn_hidden_size"),
+    ("num_attention_heads", 0, "num_heads"),
+])
+def test_config_value_is_invalid(hf_src, dst, key, value, field):
+    """Wrong-typed or impossible config values: a clean error that points at config.json."""
+    cfg = json.loads((hf_src / "config.json").read_text())
+    cfg[key] = value
+    (hf_src / "config.json").write_text(json.dumps(cfg))
+    msg = assert_clean_error(convert(hf_src, dst), dst, names=("config.json",))
+    assert key in msg or field in msg, msg
+
+
 def test_unknown_architecture(hf_src, dst):
     cfg = json.loads((hf_src / "config.json").read_text())
     cfg["model_type"] = "foo"
@@ -487,6 +533,34 @@ def test_megatron_args_missing(mcore_src, dst):
     f = mcore_src / MCORE_ITER / "mp_rank_00_000" / "model_optim_rng.pt"
     _rewrite_rank(f, lambda o: o.pop("args"))
     assert_clean_error(convert(mcore_src, dst, to="hf"), dst, names=("mp_rank_00_000", "args"))
+
+
+@pytest.mark.parametrize("field,value", [
+    (None, "hello"),  # args itself is not a Namespace
+    ("tensor_model_parallel_size", "abc"),
+    ("num_layer_list", "a,b"),
+    ("num_layers_per_virtual_pipeline_stage", "x"),
+    ("noop_layers", "x"),
+    ("ckpt_ir_hf_config", "[1]"),
+    ("ckpt_ir_family", "bogus"),
+    ("tensor_model_parallel_size", 10**12),  # must not enumerate 10**12 rank directories
+])
+def test_megatron_args_malformed(mcore_src, dst, field, value):
+    """args come from a file: wrong types are a corrupt checkpoint (exit 1), not a crash."""
+    f = mcore_src / MCORE_ITER / "mp_rank_00_000" / "model_optim_rng.pt"
+
+    def edit(o):
+        if field is None:
+            o["args"] = value
+        else:
+            setattr(o["args"], field, value)
+
+    _rewrite_rank(f, edit)
+    try:
+        res = cli("convert", mcore_src, dst, "--to", "hf", timeout=10)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"ckpt-ir hung on args.{field} = {value!r}")
+    assert_clean_error(res, dst)
 
 
 def test_megatron_shard_shape_mismatch(mcore_src, dst):

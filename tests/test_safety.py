@@ -24,7 +24,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +32,7 @@ TMP_TAG = ".ckpt-ir-tmp-"
 CLI_TIMEOUT = 180
 ERROR_PREFIX = "ckpt-ir: error:"
 MCORE_ITER = "iter_0000001"
+MEMORY_CAP = 8 << 30  # address-space limit for each CLI run (stops runaway allocations)
 RANKS = ("mp_rank_00_000", "mp_rank_01_000", "mp_rank_00_001", "mp_rank_01_001")
 
 # ---------------------------------------------------------------------------------------------
@@ -42,6 +43,9 @@ RANKS = ("mp_rank_00_000", "mp_rank_01_000", "mp_rank_00_001", "mp_rank_01_001")
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # many short CLI runs: cache bytecode outside the repo instead of recompiling every time
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = os.path.join(tempfile.gettempdir(), "ckpt-ir-tests-pycache")
     return env
 
 
@@ -49,9 +53,16 @@ def cli_argv(*args: object) -> list[str]:
     return [sys.executable, "-m", "ckpt_ir", *map(str, args)]
 
 
+def _limit_memory() -> None:
+    """Runs in the child: a runaway allocation becomes a MemoryError (a failed test), not an OOM."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
+
+
 def cli(*args: object, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:
     return subprocess.run(cli_argv(*args), capture_output=True, text=True, timeout=timeout, env=_env(),
-                          cwd=str(REPO), stdin=subprocess.DEVNULL)
+                          cwd=str(REPO), stdin=subprocess.DEVNULL, preexec_fn=_limit_memory)
 
 
 def convert(src: Path, dst: Path, *flags: object, to: str = "mcore") -> subprocess.CompletedProcess:
@@ -308,8 +319,7 @@ def test_plain_pytorch_model_bin_is_accepted(hf_src, dst):
     assert "pytorch_model.bin" in res.stdout
 
 
-@pytest.mark.parametrize("kind", PAYLOADS)
-@pytest.mark.parametrize("where", ["in_state_dict", "whole_file"])
+@pytest.mark.parametrize("where,kind", [("in_state_dict", k) for k in PAYLOADS] + [("whole_file", "os.system")])
 def test_malicious_pytorch_model_bin(hf_src, dst, tmp_path, kind, where):
     marker = tmp_path / "pwned"
     evil = _payload(kind, marker)
@@ -318,8 +328,9 @@ def test_malicious_pytorch_model_bin(hf_src, dst, tmp_path, kind, where):
     _assert_payload_inside(f, kind)
     msg = assert_clean_error(convert(hf_src, dst), dst, names=("pytorch_model.bin",))
     assert "unpickle" in msg or "refus" in msg, msg
-    res = cli("inspect", hf_src)
-    assert_clean_error(res, None, names=("pytorch_model.bin",))
+    if kind == "os.system":  # the read-only commands use the same loader
+        assert_clean_error(cli("inspect", hf_src), None, names=("pytorch_model.bin",))
+        assert_clean_error(cli("diff", hf_src, hf_src), None, names=("pytorch_model.bin",))
     assert not marker.exists(), "the pickle payload ran"
 
 
@@ -331,9 +342,8 @@ def _rewrite_rank(path: Path, edit) -> None:
     torch.save(obj, path)
 
 
-@pytest.mark.parametrize("kind", PAYLOADS)
-@pytest.mark.parametrize("rank,where", [("mp_rank_00_000", "args"), ("mp_rank_01_001", "args"),
-                                        ("mp_rank_01_001", "model")])
+@pytest.mark.parametrize("rank,where,kind", [("mp_rank_00_000", "args", k) for k in PAYLOADS]
+                         + [("mp_rank_01_001", "args", "os.system"), ("mp_rank_01_001", "model", "builtins.exec")])
 def test_malicious_megatron_rank_file(mcore_src, dst, tmp_path, kind, rank, where):
     marker = tmp_path / "pwned"
     f = mcore_src / MCORE_ITER / rank / "model_optim_rng.pt"
@@ -430,36 +440,78 @@ def big_hf(tmp_path_factory):
     shutil.rmtree(d.parent, ignore_errors=True)  # ~340 MB: do not keep it in pytest's retained temp dirs
 
 
-def _start_and_interrupt(src: Path, dst: Path, sig: int, flags=("--tp", 2)) -> subprocess.Popen:
-    """Start a conversion, wait until its hidden temp dir holds a partly written file, then send
-    ``sig``.  Returns the finished process."""
-    proc = subprocess.Popen(cli_argv("convert", src, dst, "--to", "mcore", *flags), env=_env(), cwd=str(REPO),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
+def _start(src: Path, dst: Path, flags) -> subprocess.Popen:
+    """A conversion in its own session / process group (so Ctrl-C can be sent to all of it)."""
+    return subprocess.Popen(cli_argv("convert", src, dst, "--to", "mcore", *flags), env=_env(), cwd=str(REPO),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                            preexec_fn=_limit_memory, start_new_session=True)
+
+
+def _wait_until_writing(proc: subprocess.Popen, dst: Path, need_data: bool) -> None:
+    """Return once the hidden temp dir exists (and, with need_data, holds a non-empty file)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
             tmps = tmp_siblings(dst)
-            if tmps and any(p.is_file() and p.stat().st_size > 0 for p in (dst.parent / tmps[0]).rglob("*")):
+            if tmps and (not need_data or any(p.is_file() and p.stat().st_size > 0
+                                              for p in (dst.parent / tmps[0]).rglob("*"))):
                 break
-            time.sleep(0.002)
-        assert proc.poll() is None, (f"the conversion ended (exit {proc.returncode}) before it could be "
-                                     f"interrupted:\n{proc.stderr.read()}")
-        assert tmp_siblings(dst), "no temporary directory appeared"
-        assert not dst.exists(), "DST appeared before the conversion finished"
-        proc.send_signal(sig)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return proc
+        except FileNotFoundError:  # renamed into place between listing and stat
+            pass
+        time.sleep(0.002)
+    if proc.poll() is not None:
+        _, err = proc.communicate()
+        pytest.fail(f"the conversion ended (exit {proc.returncode}) before it could be interrupted:\n{err}")
+    assert tmp_siblings(dst), "no temporary directory appeared"
+
+
+def _live_members(pgid: int) -> list[int]:
+    """PIDs of the process group that are still running (zombies excluded)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in "ZX":
+            out.append(int(d))
+    return out
+
+
+def _wait_group_gone(pgid: int, seconds: float) -> list[int]:
+    """Wait up to ``seconds`` for the group to end; returns the survivors (then SIGKILLed)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        alive = _live_members(pgid)
+        if not alive:
+            return []
+        time.sleep(0.02)
+    alive = _live_members(pgid)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    return alive
 
 
 def test_sigkill_mid_write_then_rerun(big_hf, tmp_path):
     dst = tmp_path / "out"
     before = tree_digest(big_hf)
-    proc = _start_and_interrupt(big_hf, dst, signal.SIGKILL)
+    proc = _start(big_hf, dst, ("--tp", 2))
+    try:
+        _wait_until_writing(proc, dst, need_data=True)  # the tmp dir holds a partly written file
+        assert not dst.exists(), "DST appeared before the conversion finished"
+        proc.kill()  # SIGKILL to the ckpt-ir process, as the OOM killer or `kill -9 PID` would
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    orphans = _wait_group_gone(proc.pid, 0.5)  # worker processes must not outlive their parent
+    if orphans:  # let the rest of the test run on a quiet directory
+        _wait_group_gone(proc.pid, 30)
     assert not dst.exists(), "a killed conversion left a destination directory"
     # only the hidden, PID-tagged temp dir may remain; the next run must sweep it and succeed
     res = convert(big_hf, dst, "--tp", 2, "--quiet")
@@ -469,42 +521,90 @@ def test_sigkill_mid_write_then_rerun(big_hf, tmp_path):
     assert not tmp_siblings(dst), f"stale temp dir not swept: {tmp_siblings(dst)}"
     assert tree_digest(big_hf) == before
     shutil.rmtree(dst)
+    assert not orphans, (f"worker processes {orphans} kept running (and writing into the temp dir) for more "
+                         f"than 0.5 s after the ckpt-ir process was SIGKILLed")
 
 
-def test_sigint_mid_write_cleans_up(big_hf, tmp_path):
-    dst = tmp_path / "out"
-    proc = _start_and_interrupt(big_hf, dst, signal.SIGINT)
-    err = proc.stderr.read()
-    assert proc.returncode == 130, f"exit {proc.returncode}\n{err}"
-    assert "Traceback" not in err, err
-    assert "interrupted" in err, err
-    assert not dst.exists() and not tmp_siblings(dst), tmp_siblings(dst)
+@pytest.mark.parametrize("how", ["ctrl_c_to_group_with_overwrite", "sigint_to_pid_fresh"])
+def test_sigint_mid_write_cleans_up(big_hf, tmp_path, how):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) or ``kill -INT PID``:
+    exit 130, one line on stderr and no traceback (workers included), no worker left running,
+    the temp dir removed; with --overwrite the old DST survives untouched.  Interrupted three
+    times (as soon as the temp dir appears, and once data is being written): the races these
+    checks catch depend on timing."""
+    existing = "overwrite" in how
+    for attempt, need_data in enumerate((False, True, False)):
+        dst = tmp_path / f"out{attempt}"
+        before = _occupy(dst) if existing else None
+        proc = _start(big_hf, dst, ("--tp", 2) + (("--overwrite",) if existing else ()))
+        try:
+            _wait_until_writing(proc, dst, need_data)
+            if how.startswith("ctrl_c"):
+                os.killpg(proc.pid, signal.SIGINT)
+            else:
+                proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        survivors = _wait_group_gone(proc.pid, 1.0)
+        where = f"(attempt {attempt}, interrupted {'while writing' if need_data else 'at start'})"
+        assert proc.returncode == 130, f"exit {proc.returncode} {where}\n{err}"
+        assert "Traceback" not in err, f"traceback {where}:\n{err}"
+        assert "interrupted" in err.strip().splitlines()[-1], err
+        assert not survivors, f"worker processes {survivors} outlived the interrupted ckpt-ir {where}"
+        assert not tmp_siblings(dst), f"temp dir left behind {where}: {tmp_siblings(dst)}"
+        if existing:
+            assert tree_digest(dst) == before, f"an interrupted --overwrite damaged the existing DST {where}"
+        else:
+            assert not dst.exists()
 
 
 # ---------------------------------------------------------------------------------------------
 # 12. fuzzing: corrupt input -> success or CkptIrError, nothing else, no hang
 
+# No shrink phase: a hanging example would cost EXAMPLE_TIMEOUT_S per shrink step.
 FUZZ = settings(max_examples=50, deadline=None, derandomize=True, database=None,
+                phases=(Phase.explicit, Phase.reuse, Phase.generate),
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-EXAMPLE_TIMEOUT_S = 30
+EXAMPLE_TIMEOUT_S = 10  # a tiny conversion takes well under a second
+EXAMPLE_MEMORY = 4 << 30  # extra address space one example may take
 
 
 class Hang(BaseException):
     """Raised by the watchdog; a BaseException so that no `except Exception` can swallow it."""
 
 
+def _address_space() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
 @contextlib.contextmanager
-def watchdog(seconds: float):
+def watchdog(seconds: float, memory: int):
+    """Fail (instead of hanging or exhausting the machine) when an example runs past ``seconds``
+    or grows its address space by more than ``memory`` bytes (that raises MemoryError)."""
+    import resource
+
     def fire(_signum, _frame):
         raise Hang(f"example still running after {seconds}s")
 
     old = signal.signal(signal.SIGALRM, fire)
+    old_limit = resource.getrlimit(resource.RLIMIT_AS)
+    guard = os.path.exists("/proc/self/statm")
+    if guard:
+        cap = _address_space() + memory
+        hard = old_limit[1]
+        resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+        if guard:
+            resource.setrlimit(resource.RLIMIT_AS, old_limit)
 
 
 def mutations(size: int, hot: list[tuple[int, int]]):
@@ -532,7 +632,7 @@ def convert_in_process(src: Path, dst: Path, target) -> None:
     from ckpt_ir.errors import CkptIrError
 
     try:
-        with watchdog(EXAMPLE_TIMEOUT_S):
+        with watchdog(EXAMPLE_TIMEOUT_S, EXAMPLE_MEMORY):
             ckpt = ck.load(str(src))
             out = ck.run(ckpt, ck.derive_pipeline(ckpt, target))
             ck.save(out, str(dst), target)
@@ -638,6 +738,58 @@ def test_fuzz_megatron_rank_file(tiny_mcore):
         with tempfile.TemporaryDirectory(prefix="ckpt-ir-fuzz-") as tmp:
             src = Path(shutil.copytree(tiny_mcore, Path(tmp) / "src"))
             apply_mutation(src / MCORE_ITER / rank / "model_optim_rng.pt", mutation)
+            convert_in_process(src, Path(tmp) / "out", Target(to="hf"))
+
+    check()
+
+
+# semantic fuzzing: well-formed files whose *values* are wrong
+
+JUNK = st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.sampled_from([2**31, 10**15, 10**12 + 0.5]),
+                 st.floats(allow_nan=True),
+                 st.text(max_size=8), st.lists(st.integers(-2, 9), max_size=3),
+                 st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "rms_norm_eps",
+               "dtype", "model_type", "architectures", "attention_bias", "rope_theta")
+ARGS_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "num_layer_list",
+             "num_layers_per_virtual_pipeline_stage", "noop_layers", "ckpt_ir_hf_config", "ckpt_ir_family",
+             "model_type_hf", "num_layers", "hidden_size", "padded_vocab_size")
+
+
+def test_fuzz_hf_config_values(tiny_hf):
+    from ckpt_ir.api import Target
+
+    base = json.loads((tiny_hf / "config.json").read_text())
+
+    @FUZZ
+    @given(edits=st.dictionaries(st.sampled_from(CONFIG_KEYS), JUNK, min_size=1, max_size=3))
+    def check(edits):
+        with tempfile.TemporaryDirectory(prefix="ckpt-ir-fuzz-") as tmp:
+            src = Path(shutil.copytree(tiny_hf, Path(tmp) / "src"))
+            (src / "config.json").write_text(json.dumps({**base, **edits}))
+            convert_in_process(src, Path(tmp) / "out", Target(to="mcore", tp=2))
+
+    check()
+
+
+def test_fuzz_megatron_args_values(tiny_mcore):
+    import torch
+
+    from ckpt_ir.api import Target
+
+    first = tiny_mcore / MCORE_ITER / RANKS[0] / "model_optim_rng.pt"
+    obj = torch.load(first, map_location="cpu", weights_only=False)
+
+    @FUZZ
+    @given(edits=st.dictionaries(st.sampled_from(ARGS_KEYS), JUNK, min_size=1, max_size=3))
+    def check(edits):
+        import argparse
+
+        with tempfile.TemporaryDirectory(prefix="ckpt-ir-fuzz-") as tmp:
+            src = Path(shutil.copytree(tiny_mcore, Path(tmp) / "src"))
+            args = argparse.Namespace(**{**vars(obj["args"]), **edits})
+            torch.save({**obj, "args": args}, src / MCORE_ITER / RANKS[0] / "model_optim_rng.pt")
             convert_in_process(src, Path(tmp) / "out", Target(to="hf"))
 
     check()

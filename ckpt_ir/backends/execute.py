@@ -98,7 +98,12 @@ def assign(files: list[OutputFile], workers: int) -> list[list[OutputFile]]:
 
 
 def _worker(files: list[OutputFile], root: str, queue) -> None:
-    """Body of a worker process: write ``files``, report bytes, then done or the error."""
+    """Body of a worker process: write ``files``, report bytes, then done or the error.
+    Ctrl-C is the parent's to handle: it terminates the workers and removes the output."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     class Relay(Progress):
         def advance(self, nbytes: int = 0, files: int = 0) -> None:
             queue.put(("advance", nbytes, files))
@@ -127,12 +132,20 @@ def write_files(files: list[OutputFile], root: str, bar: Progress, workers: int)
 
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
+    import signal
+
     procs = [ctx.Process(target=_worker, args=(share, root, queue), daemon=True)
              for share in assign(tensor_files, workers)]
-    for p in procs:
-        p.start()
     read, running, error = 0, len(procs), None
+    finished = False
     try:
+        # workers start with SIGINT blocked, so a Ctrl-C reaches only this process
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         while running:
             try:
                 kind, a, b = queue.get(timeout=1.0)
@@ -148,12 +161,14 @@ def write_files(files: list[OutputFile], root: str, bar: Progress, workers: int)
             else:
                 error = error or _error((a, b))
                 running -= 1
-                for p in procs:
-                    p.terminate()
                 break
+        finished = error is None
     finally:
         for p in procs:
-            p.join()
+            if not finished and p.is_alive():
+                p.terminate()  # an error or Ctrl-C: stop writing now, the output will be removed
+            if p.pid is not None:
+                p.join()
     if error:
         raise error
     with E.Reader() as reader:  # small text files and copies, after the data

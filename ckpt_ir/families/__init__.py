@@ -67,7 +67,8 @@ class Family:
     def names(self) -> NameTable:
         return NameTable(self.tensors)
 
-    def spec_from_config(self, cfg: dict[str, Any], dtype_hint: str | None = None) -> ModelSpec:
+    def spec_from_config(self, cfg: dict[str, Any], dtype_hint: str | None = None,
+                         where: str = "config.json") -> ModelSpec:
         from ckpt_ir.ir.dtypes import from_name
 
         values: dict[str, Any] = dict(self.constants)
@@ -75,13 +76,22 @@ class Family:
             if key.field in values:
                 continue
             raw = key.read(cfg)
+            if raw is None and callable(key.default):
+                try:
+                    raw = key.default(cfg)
+                except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+                    raise FormatError(f"{where}: cannot derive {key.field} ({type(e).__name__}: {e}); "
+                                      f"check the config values") from None
+            elif raw is None:
+                raw = key.default
             if raw is None:
-                raw = key.default(cfg) if callable(key.default) else key.default
-            if raw is None:
-                raise FormatError(f"config.json: missing {key.hf!r}, required for the {self.name} family")
-            values[key.field] = raw
+                raise FormatError(f"{where}: missing {key.hf!r}, required for the {self.name} family")
+            values[key.field] = _checked(key, raw, where)
         dtype = cfg.get("dtype") or cfg.get("torch_dtype")
-        values["dtype"] = from_name(dtype) if isinstance(dtype, str) else (dtype_hint or "F32")
+        try:
+            values["dtype"] = from_name(dtype) if isinstance(dtype, str) else (dtype_hint or "F32")
+        except Exception:
+            raise FormatError(f"{where}: unknown dtype {dtype!r}") from None
         values["extra"] = dict(cfg)
         if values.get("num_experts") and "moe_ffn_hidden_size" in values and values["moe_ffn_hidden_size"] is None:
             values["moe_ffn_hidden_size"] = values["ffn_hidden_size"]
@@ -107,6 +117,29 @@ class Family:
             if prefix in canonical_role:
                 return bool(getattr(spec, flag))
         return True
+
+
+# ModelSpec fields that must be positive integers / non-negative integers / numbers / booleans
+_POSITIVE = {"num_layers", "hidden_size", "ffn_hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size"}
+_COUNTS = {"num_experts", "moe_topk", "moe_ffn_hidden_size", "shared_ffn_hidden_size", "q_lora_rank",
+           "kv_lora_rank", "qk_nope_dim", "qk_rope_dim", "v_head_dim", "mtp_layers"}
+
+
+def _checked(key: ConfigKey, raw: Any, where: str) -> Any:
+    """Reject config values of the wrong type with a message naming the file and the key."""
+    name = key.hf or key.field
+    if key.field in _POSITIVE or key.field in _COUNTS:
+        if not isinstance(raw, int) or isinstance(raw, bool) or raw < (1 if key.field in _POSITIVE else 0):
+            kind = "a positive" if key.field in _POSITIVE else "a non-negative"
+            raise FormatError(f"{where}: {name!r} must be {kind} integer, got {raw!r}")
+    elif key.field == "norm_eps":
+        if not isinstance(raw, (int, float)) or isinstance(raw, bool) or raw <= 0:
+            raise FormatError(f"{where}: {name!r} must be a positive number, got {raw!r}")
+    elif key.field in ("tied_embeddings", "qkv_bias") and not isinstance(raw, bool):
+        raise FormatError(f"{where}: {name!r} must be true or false, got {raw!r}")
+    elif key.field == "dense_layers" and not all(isinstance(i, int) for i in raw):
+        raise FormatError(f"{where}: layer lists must hold integers, got {raw!r}")
+    return raw
 
 
 _REGISTRY: dict[str, Family] = {}

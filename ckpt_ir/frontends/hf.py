@@ -110,7 +110,8 @@ def lift(path: str, *, hf_config: dict[str, Any] | None = None, allow_unused: tu
                 raise FormatError(f"{f}: tensor {key} also appears in {raw[key].path}; duplicate tensors are ambiguous")
             raw[key] = load
     dtypes = {ld.dtype for ld in raw.values()}
-    spec = family.spec_from_config(cfg, dtype_hint=next(iter(dtypes)) if len(dtypes) == 1 else None)
+    spec = family.spec_from_config(cfg, dtype_hint=next(iter(dtypes)) if len(dtypes) == 1 else None,
+                                   where=os.path.join(path, "config.json"))
     tensors, dropped = map_tensors(family, spec, raw, allow_unused)
     if spec.mtp_layers:  # transformers neither loads nor saves MTP layers: count the ones present
         from ckpt_ir.ir.names import split_layer

@@ -69,8 +69,43 @@ def _iteration_dir(path: str) -> tuple[str, Any]:
 def _args_dict(args: Any, where: str) -> dict[str, Any]:
     if args is None:
         raise FormatError(f"{where}: checkpoint has no 'args'; ckpt-ir needs them to know the model and layout")
-    d = vars(args) if not isinstance(args, dict) else args
-    return {k: v for k, v in d.items() if not isinstance(v, Stub)}
+    if isinstance(args, dict):
+        d = args
+    elif hasattr(args, "__dict__"):
+        d = vars(args)
+    else:
+        raise FormatError(f"{where}: 'args' is a {type(args).__name__}, not Megatron's argument namespace")
+    return {k: v for k, v in d.items() if isinstance(k, str) and not isinstance(v, Stub)}
+
+
+class _Args:
+    """Typed access to Megatron ``args``: every bad value is a FormatError naming the file and key."""
+
+    def __init__(self, args: dict[str, Any], where: str) -> None:
+        self.args, self.where = args, where
+
+    def size(self, key: str, default: int | None = 1, limit: int = 1 << 16) -> int | None:
+        v = self.args.get(key)
+        if v is None:
+            return default
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= limit:
+            raise FormatError(f"{self.where}: args.{key} must be an integer from 1 to {limit}, got {v!r}")
+        return v
+
+    def layers(self, key: str) -> tuple[int, ...] | None:
+        v = self.args.get(key)
+        if v in (None, False, ""):
+            return None
+        try:
+            out = M.int_list(v)
+        except (ValueError, TypeError):
+            out = None
+            bad = True
+        else:
+            bad = out is None or any(i < 0 for i in out)
+        if bad:
+            raise FormatError(f"{self.where}: args.{key} must list layer numbers like '2,6', got {v!r}")
+        return out
 
 
 def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, Any] | None = None) -> Checkpoint:
@@ -90,22 +125,29 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     if not isinstance(first.obj, dict):
         raise FormatError(f"{first.path}: not a Megatron checkpoint dict")
     args = _args_dict(first.obj.get("args"), first.path)
-    tp = int(args.get("tensor_model_parallel_size", 1))
-    pp = int(args.get("pipeline_model_parallel_size", 1))
-    ep = int(args.get("expert_model_parallel_size") or 1)
-    etp_arg = args.get("expert_tensor_parallel_size")
-    etp = None if etp_arg in (None, tp) else int(etp_arg)
-    cfg = hf_config if hf_config is not None else M.hf_config_from_args(args)
+    a = _Args(args, first.path)
+    tp = a.size("tensor_model_parallel_size")
+    pp = a.size("pipeline_model_parallel_size")
+    ep = a.size("expert_model_parallel_size")
+    etp_arg = a.size("expert_tensor_parallel_size", None)
+    etp = None if etp_arg in (None, tp) else etp_arg
+    if tp * pp * ep > 4 * len(found):  # args claim far more ranks than there are directories
+        raise FormatError(f"{it_dir}: args say TP={tp}, PP={pp}, EP={ep} but only {len(found)} rank "
+                          f"directories exist; the checkpoint is incomplete or its args are wrong")
+    try:
+        cfg = hf_config if hf_config is not None else M.hf_config_from_args(args)
+    except ValueError as e:
+        raise FormatError(f"{first.path}: {e}") from None
     fam_name = args.get("ckpt_ir_family") or args.get("model_type_hf")
     family = by_name(fam_name) if fam_name else for_hf_config(cfg, first.path)
-    spec = family.spec_from_config(cfg)
+    spec = family.spec_from_config(cfg, where=f"{first.path} (args)")
     if args.get("mtp_num_layers") is not None:
-        spec = _evolve(spec, mtp_layers=int(args["mtp_num_layers"]))
+        spec = _evolve(spec, mtp_layers=a.size("mtp_num_layers", 0, 64) if args["mtp_num_layers"] else 0)
     tables = M.MLA_READ_TABLES if spec.mla else M.READ_TABLES
-    noop = M.int_list(args.get("noop_layers")) or ()
+    noop = a.layers("noop_layers") or ()
     layout = Layout(format="mcore", tp=tp, pp=pp,
-                    vpp_layers=args.get("num_layers_per_virtual_pipeline_stage"),
-                    num_layer_list=M.int_list(args.get("num_layer_list")), noop_layers=noop,
+                    vpp_layers=a.size("num_layers_per_virtual_pipeline_stage", None),
+                    num_layer_list=a.layers("num_layer_list"), noop_layers=noop,
                     fused_qkv=True, fused_gate_up=True, ep=ep, etp=etp,
                     grouped_gemm=bool(args.get("moe_grouped_gemm")) and spec.num_experts > 0)
     # mp_rank_TT_XXX is TP+PP when PP > 1, else TP+EP: only args can tell

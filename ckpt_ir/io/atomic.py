@@ -89,8 +89,9 @@ def commit(tmp: str, dst: str) -> None:
 @contextlib.contextmanager
 def atomic_dir(dst: str, overwrite: bool = False) -> Iterator[str]:
     """Yield a temporary directory; on success it becomes ``dst`` (replacing it if ``overwrite``)."""
-    tmp = prepare(dst, overwrite)
-    try:
+    tmp = temp_path(dst)
+    try:  # prepare inside the try: an interrupt between mkdir and yield must not leave tmp behind
+        prepare(dst, overwrite)
         yield tmp
         commit(tmp, dst)
     except BaseException:

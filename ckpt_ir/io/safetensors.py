@@ -23,6 +23,7 @@ MAX_HEADER = 100 * 1024 * 1024  # the safetensors spec's own limit
 
 def read_header(path: str) -> tuple[dict[str, Load], dict[str, str]]:
     """Tensors of one file as lazy loads (in file order), and the ``__metadata__`` dict."""
+    require_regular_file(path)
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -72,6 +73,18 @@ def read_header(path: str) -> tuple[dict[str, Load], dict[str, str]]:
             raise FormatError(f"{path}: tensors {k0!r} and {k1!r} overlap; the file is corrupt")
     ordered = dict(sorted(out.items(), key=lambda kv: kv[1].offset))
     return ordered, {str(k): str(v) for k, v in meta.items()}
+
+
+def require_regular_file(path: str) -> None:
+    """Refuse FIFOs, devices and the like before opening them (opening a FIFO would block)."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from None
+    if not stat.S_ISREG(mode):
+        raise FormatError(f"{path}: not a regular file; point ckpt-ir at the checkpoint's real files")
 
 
 def header_bytes(entries: Iterable[tuple[str, tuple[int, ...], str]], metadata: dict[str, str] | None) -> bytes:

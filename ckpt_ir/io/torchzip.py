@@ -31,6 +31,9 @@ class TorchZip:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        from ckpt_ir.io.safetensors import require_regular_file
+
+        require_regular_file(path)
         try:
             zf = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError) as e:
