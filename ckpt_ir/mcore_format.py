@@ -223,8 +223,7 @@ def build_args(spec: ModelSpec, layout: Layout, hf_config: dict[str, Any] | None
         fields.update({"multi_latent_attention": True, "q_lora_rank": spec.q_lora_rank or None,
                        "kv_lora_rank": spec.kv_lora_rank, "qk_head_dim": spec.qk_nope_dim,
                        "qk_pos_emb_head_dim": spec.qk_rope_dim, "v_head_dim": spec.v_head_dim})
-    if spec.mtp_layers:
-        fields["mtp_num_layers"] = spec.mtp_layers
+    fields["mtp_num_layers"] = spec.mtp_layers  # as MindSpeed-LLM writes it, 0 included
     if spec.lora_rank is not None:
         fields["lora_r"] = spec.lora_rank
         if spec.lora_alpha is not None:
