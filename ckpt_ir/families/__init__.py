@@ -125,13 +125,17 @@ _COUNTS = {"num_experts", "moe_topk", "moe_ffn_hidden_size", "shared_ffn_hidden_
            "kv_lora_rank", "qk_nope_dim", "qk_rope_dim", "v_head_dim", "mtp_layers"}
 
 
+_LIMIT = 1 << 24  # far above any real model's sizes or counts; guards against absurd values
+
+
 def _checked(key: ConfigKey, raw: Any, where: str) -> Any:
     """Reject config values of the wrong type with a message naming the file and the key."""
     name = key.hf or key.field
     if key.field in _POSITIVE or key.field in _COUNTS:
-        if not isinstance(raw, int) or isinstance(raw, bool) or raw < (1 if key.field in _POSITIVE else 0):
+        low = 1 if key.field in _POSITIVE else 0
+        if not isinstance(raw, int) or isinstance(raw, bool) or not low <= raw <= _LIMIT:
             kind = "a positive" if key.field in _POSITIVE else "a non-negative"
-            raise FormatError(f"{where}: {name!r} must be {kind} integer, got {raw!r}")
+            raise FormatError(f"{where}: {name!r} must be {kind} integer up to {_LIMIT}, got {raw!r}")
     elif key.field == "norm_eps":
         if not isinstance(raw, (int, float)) or isinstance(raw, bool) or raw <= 0:
             raise FormatError(f"{where}: {name!r} must be a positive number, got {raw!r}")

@@ -50,6 +50,9 @@ def verify(ckpt: Checkpoint, after: str = "") -> None:
         if is_lora(name) and spec.lora_rank is None:
             raise VerifyError(f"{name}: LoRA tensor but the spec has no LoRA rank{where}")
     weights = {n for n in ckpt.tensors if not is_lora(n)}
+    if weights and spec.total_layers > len(weights):  # cheap test before listing every expected name
+        raise VerifyError(f"checkpoint is incomplete: the spec has {spec.total_layers} layers but there are only "
+                          f"{len(weights)} tensors{where}")
     if weights:  # a LoRA-only checkpoint has no base weights to check
         missing = sorted(expected_names(spec, layout) - weights, key=_natural)
         if missing:
