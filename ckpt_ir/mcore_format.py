@@ -219,6 +219,15 @@ def build_args(spec: ModelSpec, layout: Layout, hf_config: dict[str, Any] | None
         })
         if spec.shared_ffn_hidden_size:
             fields["moe_shared_expert_intermediate_size"] = spec.shared_ffn_hidden_size
+        # Megatron's per-layer pattern: 1 = MoE, 0 = dense MLP
+        fields["moe_layer_freq"] = [0 if i in spec.dense_layers else 1 for i in range(spec.num_layers)] \
+            if spec.dense_layers else 1
+        fields["moe_shared_expert_gate"] = fields["shared_expert_gate"] = spec.shared_expert_gate
+        from ckpt_ir.families import by_name
+
+        family = by_name(spec.family)
+        if family.megatron_args:
+            fields.update(family.megatron_args(cfg))
     if spec.mla:
         fields.update({"multi_latent_attention": True, "q_lora_rank": spec.q_lora_rank or None,
                        "kv_lora_rank": spec.kv_lora_rank, "qk_head_dim": spec.qk_nope_dim,

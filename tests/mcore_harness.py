@@ -26,16 +26,18 @@ Mixture-of-experts cases (a ``"moe"`` entry in the case, plus ``"ep"`` / ``"etp"
 layer with the local spec (``SequentialMLP`` experts, or the legacy ``GroupedMLP`` when
 ``grouped_gemm`` is set), the ``allgather`` token dispatcher (the ``alltoall`` one needs CUDA
 streams), no capacity factor (no token dropping), no load-balancing loss; each rank loads
-``mp_rank_TT[_PPP]_EEE`` for its own (TP rank, EP rank).  Two more workarounds:
+``mp_rank_TT[_PPP]_EEE`` for its own (TP rank, EP rank).  More workarounds:
 * ``moe_utils.te_general_gemm = None``: 0.16.1's router GEMM names it even without Transformer
   Engine (``NameError``);
 * ``GroupedMLP`` needs the CUDA-only ``grouped_gemm`` extension and asserts ``config.bf16`` in its
-  forward.  When that extension is absent the harness installs a pure-torch ``grouped_gemm.ops.gmm``
-  (same contract: ``a`` [tokens, K] split by ``batch_sizes``, row block i times ``b[i]`` [K, N])
-  before importing megatron-core, and gives each ``GroupedMLP`` a copy of the config with
-  ``bf16=True`` (the flag only gates that assert there; parameters and maths stay fp32).  The
-  weights are still read through ``GroupedMLP``'s own ``weight1.view(E_loc, H, -1)`` /
-  ``weight2.view(E_loc, -1, H)``, which is the layout under test.
+  forward.  For jobs with grouped-GEMM cases the harness installs a pure-torch
+  ``grouped_gemm.ops.gmm`` (same contract: ``a`` [tokens, K] split by ``batch_sizes``, row block i
+  times ``b[i]`` [K, N]; it records the split sizes) before importing megatron-core, and gives
+  each ``GroupedMLP`` a copy of the config with ``bf16=True`` (the flag only gates that assert;
+  parameters and maths stay fp32).  The weights are still read through ``GroupedMLP``'s own
+  ``weight1.view(E_loc, H, -1)`` / ``weight2.view(E_loc, -1, H)``, which is the layout under test;
+* ``TORCHDYNAMO_DISABLE=1``: megatron-core's ``jit_fuser`` is ``torch.compile`` (``GroupedMLP``'s
+  GLU), which would compile in every forked rank; eager gives the reference maths.
 """
 
 from __future__ import annotations
@@ -92,12 +94,10 @@ def _patch_cuda() -> None:
 
 
 def _install_grouped_gemm_shim() -> None:
-    """A pure-torch stand-in for the CUDA-only ``grouped_gemm`` package (``ops.gmm`` only)."""
-    import importlib.util
+    """A pure-torch stand-in for the CUDA-only ``grouped_gemm`` package (``ops.gmm`` only); it
+    replaces an installed one too, whose kernels would need CUDA tensors."""
     import types
 
-    if importlib.util.find_spec("grouped_gemm") is not None:
-        return
     import torch
 
     def gmm(a, b, batch_sizes, trans_b=False):
@@ -207,6 +207,7 @@ def _run_case(case: dict, rank: int) -> None:
 
     tp, pp, vpp = case["tp"], case["pp"], case.get("vpp")
     ep, moe = case.get("ep", 1), case.get("moe")
+    groups_before = set(_process_groups())
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                  virtual_pipeline_model_parallel_size=vpp, expert_model_parallel_size=ep,
                                  expert_tensor_parallel_size=case.get("etp"), create_gloo_process_groups=False,
@@ -297,6 +298,17 @@ def _run_case(case: dict, rank: int) -> None:
         dist.barrier()
     finally:
         ps.destroy_model_parallel()
+        # destroy_model_parallel only forgets Megatron's groups: close them, or every case's gloo
+        # groups stay alive and each later case runs slower (seconds per case after ~15 cases)
+        for group in _process_groups():
+            if group not in groups_before:
+                dist.destroy_process_group(group)
+
+
+def _process_groups() -> list:
+    from torch.distributed import distributed_c10d as c10d
+
+    return [g for g in c10d._world.pg_map if g is not c10d.GroupMember.WORLD]
 
 
 def _worker(job: dict, rank: int, world: int) -> None:

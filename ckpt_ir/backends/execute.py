@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import time
+import zlib
 
 from ckpt_ir.backends.plan import OutputFile, Plan
 from ckpt_ir.errors import CkptIrError
@@ -44,6 +45,34 @@ def tensor_bytes(expr: E.Expr, reader: E.Reader) -> memoryview:
     return memoryview(arr.reshape(-1).view("u1"))
 
 
+class TensorWriter:
+    """Writes one tensor at a file offset: file-to-file in the kernel when its bytes are source
+    byte ranges (most of a conversion), else evaluated into a reused buffer and written."""
+
+    def __init__(self, reader: E.Reader, progress: Progress) -> None:
+        from ckpt_ir.io.ranges import Copier
+
+        self.reader, self.progress, self.copier = reader, progress, Copier()
+
+    def __call__(self, expr: E.Expr, fd: int, pos: int, want_crc: bool = False) -> tuple[int, int | None]:
+        from ckpt_ir.io.ranges import byte_ranges
+        from ckpt_ir.io.safetensors import write_at
+
+        ranges = byte_ranges(expr)
+        if ranges is not None:
+            n, crc = self.copier.copy(ranges, fd, pos), None
+            self.reader.bytes_read += n
+        else:
+            buf = tensor_bytes(expr, self.reader)
+            n = write_at(fd, buf, pos)
+            crc = zlib.crc32(buf) if want_crc else None
+        self.progress.advance(n)
+        return n, crc
+
+    def close(self) -> None:
+        self.copier.close()
+
+
 def write_file(out: OutputFile, root: str, reader: E.Reader, progress: Progress) -> None:
     from ckpt_ir.io import safetensors as st
     from ckpt_ir.io import torchzip
@@ -51,27 +80,19 @@ def write_file(out: OutputFile, root: str, reader: E.Reader, progress: Progress)
     path = os.path.join(root, out.path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     exprs = dict(out.tensors)
-    if out.kind == "safetensors":
-        entries = [(n, e.shape, e.dtype) for n, e in out.tensors]
-
-        def produce(name: str) -> memoryview:
-            buf = tensor_bytes(exprs[name], reader)
-            progress.advance(len(buf))
-            return buf
-
-        st.write(path, entries, produce, out.metadata)
-    elif out.kind == "torch":
-        def produce_t(t: torchzip.Tensor) -> memoryview:
-            buf = tensor_bytes(exprs[t.key], reader)
-            progress.advance(len(buf))
-            return buf
-
-        torchzip.write(path, out.obj, produce_t)
+    if out.kind in ("safetensors", "torch"):
+        writer = TensorWriter(reader, progress)
+        try:
+            if out.kind == "safetensors":
+                entries = [(n, e.shape, e.dtype) for n, e in out.tensors]
+                st.write(path, entries, lambda name, fd, pos: writer(exprs[name], fd, pos)[0], out.metadata)
+            else:
+                torchzip.write(path, out.obj, lambda t, fd, pos: writer(exprs[t.key], fd, pos, want_crc=True))
+        finally:
+            writer.close()
     elif out.kind == "text":
         with open(path, "w") as f:
             f.write(out.text)
-            f.flush()
-            os.fsync(f.fileno())
     elif out.kind == "copy":
         shutil.copyfile(out.source, path)
     else:  # pragma: no cover

@@ -62,6 +62,8 @@ class Family:
     optional: tuple[tuple[str, str], ...] = ()
     # MindSpeed-LLM's --model-type-hf names for this family
     mindspeed_names: tuple[str, ...] = ()
+    # extra Megatron args this family's semantics need (e.g. router options), from the HF config
+    megatron_args: Any = None
 
     @property
     def names(self) -> NameTable:

@@ -65,17 +65,23 @@ register(Family(
                    ConfigKey("moe_ffn_hidden_size", "intermediate_size")),
     optional=OPTIONAL, mindspeed_names=("mixtral",),
 ))
+def _qwen_router(cfg: dict) -> dict:
+    """Qwen MoE without norm_topk_prob: softmax over all experts, then top-k (not renormalised)."""
+    return {"moe_router_pre_softmax": not cfg.get("norm_topk_prob", False)}
+
+
 register(Family(
     name="qwen2_moe", model_types=("qwen2_moe",), architecture="Qwen2MoeForCausalLM",
     tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP + QWEN_EXPERTS + QWEN_SHARED,
     config=_config(*QWEN_MOE_CONFIG, ConfigKey("shared_ffn_hidden_size", "shared_expert_intermediate_size", 0)),
     constants=(("qkv_bias", True), ("shared_expert_gate", True)), optional=OPTIONAL, mindspeed_names=("qwen2-moe",),
+    megatron_args=_qwen_router,
 ))
 register(Family(
     name="qwen3_moe", model_types=("qwen3_moe",), architecture="Qwen3MoeForCausalLM",
     tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP + QWEN_EXPERTS,
     config=_config(*QWEN_MOE_CONFIG), constants=(("qk_norm", True),), optional=OPTIONAL,
-    mindspeed_names=("qwen3-moe",),
+    mindspeed_names=("qwen3-moe",), megatron_args=_qwen_router,
 ))
 
 

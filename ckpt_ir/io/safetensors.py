@@ -102,21 +102,32 @@ def header_bytes(entries: Iterable[tuple[str, tuple[int, ...], str]], metadata: 
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write(path: str, entries: list[tuple[str, tuple[int, ...], str]], produce: Callable[[str], memoryview],
+def write(path: str, entries: list[tuple[str, tuple[int, ...], str]], emit: Callable[[str, int, int], int],
           metadata: dict[str, str] | None = None) -> int:
-    """Stream a safetensors file: header from metadata, then each tensor's bytes from ``produce``.
+    """Stream a safetensors file: the header from metadata, then each tensor, written by
+    ``emit(name, fd, offset)`` at its planned offset (returning the bytes it wrote).
     Returns the bytes written."""
     head = header_bytes(entries, metadata)
-    written = 0
-    with open(path, "wb", buffering=0) as f:
-        written += f.write(head)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        pos = write_at(fd, head, 0)
         for name, shape, dtype in entries:
-            buf = produce(name)
             want = math.prod(shape) * ITEMSIZE[dtype]
-            if len(buf) != want:
-                raise FormatError(f"{path}: tensor {name} produced {len(buf)} bytes, planned {want}")
-            written += write_all(f, buf)
-    return written  # made durable by atomic_dir, which fsyncs every file before the rename
+            n = emit(name, fd, pos)
+            if n != want:
+                raise FormatError(f"{path}: tensor {name} produced {n} bytes, planned {want}")
+            pos += n
+    finally:
+        os.close(fd)
+    return pos  # made durable by atomic_dir, which fsyncs every file before the rename
+
+
+def write_at(fd: int, buf, pos: int) -> int:
+    """pwrite all of ``buf`` at ``pos``; returns its length."""
+    view, done = memoryview(buf).cast("B"), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], pos + done)
+    return done
 
 
 def write_all(f, buf: memoryview) -> int:

@@ -212,46 +212,120 @@ def _pickle(obj: Any, tensors: list[Tensor]) -> bytes:
     return bytes(out)
 
 
-def write(path: str, obj: Any, produce: Callable[[Tensor], memoryview]) -> int:
+def write(path: str, obj: Any, emit: Callable[[Tensor, int, int], tuple[int, int | None]]) -> int:
     """Write ``obj`` (dicts/lists/scalars/Namespace with :class:`Tensor` placeholders) as a torch zip
-    checkpoint, streaming each tensor's bytes from ``produce``.  Returns bytes of tensor data."""
-    from ckpt_ir.io.safetensors import write_all
-
+    checkpoint.  Each tensor's bytes are written by ``emit(tensor, fd, offset)``, which returns
+    (bytes written, their CRC-32 or None); a missing CRC is computed from the written bytes.
+    Returns bytes of tensor data."""
     tensors: list[Tensor] = []
     data_pkl = _pickle(obj, tensors)
     archive = "archive"
+    z = _ZipWriter(path)
     written = 0
-    with open(path, "wb") as raw:
-        with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            _put(zf, f"{archive}/data.pkl", data_pkl)
-            _put(zf, f"{archive}/.format_version", b"1")
-            _put(zf, f"{archive}/.storage_alignment", str(ALIGN).encode())
-            _put(zf, f"{archive}/byteorder", b"little")
-            for i, t in enumerate(tensors):
-                buf = produce(t)
-                if len(memoryview(buf).cast("B")) != t.nbytes:
-                    raise FormatError(f"{path}: tensor {t.key} produced {len(buf)} bytes, planned {t.nbytes}")
-                with _open_aligned(zf, f"{archive}/data/{i}", t.nbytes) as w:
-                    written += write_all(w, buf)
-            _put(zf, f"{archive}/version", b"3\n")
-            _put(zf, f"{archive}/.data/serialization_id", b"0" * 40)
+    try:
+        z.add(f"{archive}/data.pkl", data_pkl)
+        z.add(f"{archive}/.format_version", b"1")
+        z.add(f"{archive}/.storage_alignment", str(ALIGN).encode())
+        z.add(f"{archive}/byteorder", b"little")
+        for i, t in enumerate(tensors):
+            written += z.add_stream(f"{archive}/data/{i}", t.nbytes, lambda fd, pos, t=t: emit(t, fd, pos), t.key)
+        z.add(f"{archive}/version", b"3\n")
+        z.add(f"{archive}/.data/serialization_id", b"0" * 40)
+        z.finish()
+    finally:
+        z.close()
     return written  # made durable by atomic_dir, which fsyncs every file before the rename
 
 
-def _put(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
-    with _open_aligned(zf, name, len(data)) as w:
-        w.write(data)
+class _ZipWriter:
+    """A minimal stored (uncompressed) zip writer with 64-byte aligned record data, ZIP64 where
+    sizes or offsets need it, and positional writes so data can be copied in by the kernel."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.pos = 0
+        self.records: list[tuple[bytes, int, int, int]] = []  # name, header offset, size, crc
+
+    def _write(self, data: bytes) -> None:
+        from ckpt_ir.io.safetensors import write_at
+
+        self.pos += write_at(self.fd, data, self.pos)
+
+    def _header(self, name: bytes, size: int, crc: int) -> bytes:
+        zip64 = size >= 0xFFFFFFFF
+        extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
+        base = 30 + len(name) + len(extra) + 4  # + the padding record's own 4 bytes
+        pad = (-(self.pos + base)) % ALIGN
+        extra += struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # "FB" padding, as torch writes
+        small = 0xFFFFFFFF if zip64 else size
+        return struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if zip64 else 20, 0, 0, 0, 0x21, crc, small, small,
+                           len(name), len(extra)) + name + extra
+
+    def add(self, name: str, data: bytes) -> None:
+        import zlib
+
+        raw = name.encode()
+        crc = zlib.crc32(data)
+        self.records.append((raw, self.pos, len(data), crc))
+        self._write(self._header(raw, len(data), crc))
+        self._write(data)
+
+    def add_stream(self, name: str, size: int, emit, key: str) -> int:
+        raw = name.encode()
+        header_at = self.pos
+        header = self._header(raw, size, 0)
+        self._write(header)
+        n, crc = emit(self.fd, self.pos)
+        if n != size:
+            raise FormatError(f"{self.path}: tensor {key} produced {n} bytes, planned {size}")
+        if crc is None:
+            crc = _crc_of(self.fd, self.pos, size)
+        self.pos += size
+        os.pwrite(self.fd, struct.pack("<I", crc), header_at + 14)  # patch the local header's CRC
+        self.records.append((raw, header_at, size, crc))
+        return size
+
+    def finish(self) -> None:
+        cd_start = self.pos
+        for name, offset, size, crc in self.records:
+            big = size >= 0xFFFFFFFF or offset >= 0xFFFFFFFF
+            extra = struct.pack("<HHQQQ", 1, 24, size, size, offset) if big else b""
+            small_size = 0xFFFFFFFF if big else size
+            small_off = 0xFFFFFFFF if big else offset
+            self._write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45 if big else 20, 0, 0, 0, 0x21, crc,
+                                    small_size, small_size, len(name), len(extra), 0, 0, 0, 0, small_off)
+                        + name + extra)
+        cd_size, count = self.pos - cd_start, len(self.records)
+        if cd_start >= 0xFFFFFFFF or count >= 0xFFFF:
+            eocd64 = self.pos
+            self._write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, cd_size, cd_start))
+            self._write(struct.pack("<IIQI", 0x07064B50, 0, eocd64, 1))
+            self._write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0))
+        else:
+            self._write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, cd_size, cd_start, 0))
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
-def _open_aligned(zf: zipfile.ZipFile, name: str, size: int):
-    """Open a stored record whose data starts on a 64-byte boundary (torch mmap-loads rely on it)."""
-    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-    info.compress_type = zipfile.ZIP_STORED
-    info.file_size = size
-    zip64 = size * 1.05 > zipfile.ZIP64_LIMIT
-    start = zf.fp.tell()  # type: ignore[union-attr]
-    # local header: 30 fixed bytes + name + extra (+ 20 bytes of zip64 sizes that zipfile appends)
-    base = 30 + len(name.encode()) + (20 if zip64 else 0)
-    pad = (-(start + base + 4)) % ALIGN
-    info.extra = b"FB" + struct.pack("<H", pad) + b"Z" * pad
-    return zf.open(info, "w", force_zip64=zip64)
+def _crc_of(fd: int, start: int, size: int) -> int:
+    """CRC-32 of bytes already written (read back through a shared mapping of the page cache)."""
+    import mmap
+    import zlib
+
+    if size == 0:
+        return 0
+    page = mmap.ALLOCATIONGRANULARITY
+    crc, pos, chunk = 0, start, 256 << 20
+    while pos < start + size:
+        n = min(chunk, start + size - pos)
+        lo = pos - pos % page  # mappings start on a page boundary
+        with mmap.mmap(fd, pos + n - lo, offset=lo, access=mmap.ACCESS_READ) as m:
+            view = memoryview(m)
+            try:
+                crc = zlib.crc32(view[pos - lo:], crc)
+            finally:
+                view.release()
+        pos += n
+    return crc
