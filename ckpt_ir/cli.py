@@ -182,10 +182,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
                        max_shard_size=args.max_shard_size, hf_config_dir=args.hf_config, ep=args.ep, etp=args.etp,
                        grouped_gemm=args.moe_grouped_gemm, lora_rank=args.lora_r,
                        lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_target_modules))
-    if args.hf_config and args.to == "mcore":
-        hf_cfg = read_config(args.hf_config)
-    else:
-        hf_cfg = None
+    from ckpt_ir.frontends import detect
+
+    # --hf-config also describes a Megatron source whose args carry no HF config
+    hf_cfg = read_config(args.hf_config) if args.hf_config and detect(args.src) == "mcore" else None
     src = ck.load(args.src, allow_unused=tuple(args.allow_unused), hf_config=hf_cfg)
     if args.lora_load:
         src = ck.attach_lora(src, args.lora_load)

@@ -139,7 +139,15 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     except ValueError as e:
         raise FormatError(f"{first.path}: {e}") from None
     fam_name = args.get("ckpt_ir_family") or args.get("model_type_hf")
-    family = by_name(fam_name) if fam_name else for_hf_config(cfg, first.path)
+    if hf_config is not None:
+        family = for_hf_config(cfg, "--hf-config")
+    elif fam_name:
+        family = by_name(fam_name)
+    elif cfg.get("model_type") or cfg.get("architectures"):
+        family = for_hf_config(cfg, first.path)
+    else:
+        raise FormatError(f"{first.path}: the args do not say which model family this is (plain Megatron-LM "
+                          f"args); pass --hf-config DIR with the model's HF config.json")
     spec = family.spec_from_config(cfg, where=f"{first.path} (args)")
     if args.get("mtp_num_layers") is not None:
         spec = _evolve(spec, mtp_layers=a.size("mtp_num_layers", 0, 64) if args["mtp_num_layers"] else 0)
@@ -152,6 +160,10 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                     grouped_gemm=bool(args.get("moe_grouped_gemm")) and spec.num_experts > 0)
     # mp_rank_TT_XXX is TP+PP when PP > 1, else TP+EP: only args can tell
     ranks = {(t, a or 0, b or 0) if b is not None or pp > 1 else (t, 0, a or 0): f for (t, a, b), f in found.items()}
+    n_args = args.get("num_layers")
+    if isinstance(n_args, int) and n_args != spec.num_layers + len(noop):
+        raise FormatError(f"{first.path}: args.num_layers is {n_args} but the HF config has {spec.num_layers} layers "
+                          f"(+{len(noop)} no-op); the config does not belong to this checkpoint")
     want = {(t, p, e) for p in range(pp) for t, e in expert_rank_files(layout)}
     missing = sorted(want - set(ranks))
     if missing:
@@ -209,6 +221,14 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
             for key in sd if isinstance(sd, dict) else ():
                 if key.endswith(M.EXTRA_STATE):
                     dropped[f"{rel}:{ck}.{key}"] = "Transformer-Engine _extra_state (FP8 metadata)"
+        for key, why in (("optimizer", "optimizer settings"), ("opt_param_scheduler", "learning-rate scheduler"),
+                         ("rng_state", "random-number-generator state")):
+            if z.obj.get(key) is not None:
+                dropped[f"{rel}:{key}"] = f"{why}: not model weights; not carried by this version"
+        if os.path.isfile(os.path.join(os.path.dirname(f), "distrib_optim.pt")):
+            dropped[os.path.join(os.path.dirname(rel), "distrib_optim.pt")] = (
+                "distributed-optimizer state (fp32 masters, Adam moments): not carried by this version; "
+                "the model weights come from model_optim_rng.pt")
     slot_of = {(s.stage, s.chunk, s.local): s for s in layer_slots(spec, layout)}
     tensors: dict[str, TensorNode] = {}
     for canon_local, shards in pieces.items():

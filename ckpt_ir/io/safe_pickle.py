@@ -136,6 +136,23 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    """numpy arrays appear in Megatron's rng_state (np.random.get_state()); rebuilding one only
+    allocates an array of an allow-listed type, as torch's weights_only loader also permits."""
+    import numpy as np
+
+    reconstruct = np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own array-rebuild function
+    scalar = np.float64(0).__reduce__()[0]
+    out: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        out[(mod, "_reconstruct")] = reconstruct
+        out[(mod, "scalar")] = scalar
+    for name in ("UInt32DType", "Int64DType", "Float64DType", "Float32DType", "BoolDType", "UInt8DType"):
+        if hasattr(np.dtypes, name):
+            out[("numpy.dtypes", name)] = getattr(np.dtypes, name)
+    return out
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, source: str, storage_dtypes: dict[str, str] | None = None) -> None:
         super().__init__(io.BytesIO(data))
@@ -144,6 +161,10 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
+        if module.startswith("numpy"):
+            allowed = _numpy_globals()
+            if (module, name) in allowed:
+                return allowed[(module, name)]
         if module == "torch" and name in STORAGE_DTYPES:
             return ("storage-class", STORAGE_DTYPES[name])
         if module == "torch" and name in TORCH_DTYPES:
