@@ -16,7 +16,7 @@ from ckpt_ir.ir.dtypes import itemsize
 
 Range = tuple[str, int, int]  # (path, offset, length)
 
-MIN_AVERAGE = 4096  # below this average range length, syscalls cost more than copying in memory
+MIN_AVERAGE = 256 << 10  # below this average range length, per-call costs beat copying through memory
 
 
 def byte_ranges(expr: E.Expr) -> list[Range] | None:
