@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "peak memory) and write nothing")
     c.add_argument("--overwrite", action="store_true", help="replace DST if it exists (atomically)")
     c.add_argument("--hf-config", metavar="DIR", help="take config.json (and tokenizer files) from DIR")
+    c.add_argument("--weights-from", choices=("model", "master"), default="model", help="Megatron source: take "
+                   "the weights from the model (default) or from the distributed optimizer's fp32 master copies")
     c.add_argument("--max-shard-size", type=parse_size, default=None, help="HF output: cap per safetensors file "
                    "(default 5GB)")
     c.add_argument("--progress", action="store_true", default=None, help="show a progress bar (default: when "
@@ -186,7 +188,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     # --hf-config also describes a Megatron source whose args carry no HF config
     hf_cfg = read_config(args.hf_config) if args.hf_config and detect(args.src) == "mcore" else None
-    src = ck.load(args.src, allow_unused=tuple(args.allow_unused), hf_config=hf_cfg)
+    src = ck.load(args.src, allow_unused=tuple(args.allow_unused), hf_config=hf_cfg, weights_from=args.weights_from)
     if args.lora_load:
         src = ck.attach_lora(src, args.lora_load)
     elif args.to == "peft" and src.spec.lora_rank is None:

@@ -70,6 +70,24 @@ def test_workers_give_byte_identical_output(hf_cache, tmp_path):
     assert outs[0] == outs[1] == outs[2] and len(outs[0]) == 5
 
 
+def test_one_large_hf_file_is_written_by_several_workers_identically(tmp_path):
+    """Fewer output files than workers: the safetensors file is split into parts written at their
+    planned offsets in parallel; the bytes are the same as one writer's."""
+    src, mc = str(tmp_path / "src"), str(tmp_path / "mc")
+    synthetic_llama(src, layers=4)
+    subprocess.run([sys.executable, "-m", "ckpt_ir", "convert", src, mc, "--to", "mcore", "--tp", "2", "--quiet"],
+                   check=True)
+    outs = []
+    for w in ("1", "2"):
+        dst = str(tmp_path / f"hf{w}")
+        subprocess.run([sys.executable, "-m", "ckpt_ir", "convert", mc, dst, "--to", "hf", "--workers", w, "--quiet"],
+                       check=True)
+        outs.append(files_of(dst))
+    assert outs[0] == outs[1] and "model.safetensors" in outs[0]
+    src_files = files_of(src)
+    assert len(outs[0]["model.safetensors"]) > 0.9 * sum(len(v) for k, v in src_files.items() if k.endswith(".safetensors"))
+
+
 def test_torchrun_output_is_byte_identical_to_single_process(hf_cache, tmp_path):
     src = hf_cache("llama")
     single, dist = str(tmp_path / "single"), str(tmp_path / "dist")

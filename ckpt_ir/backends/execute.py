@@ -83,9 +83,12 @@ def write_file(out: OutputFile, root: str, reader: E.Reader, progress: Progress)
     if out.kind in ("safetensors", "torch"):
         writer = TensorWriter(reader, progress)
         try:
-            if out.kind == "safetensors":
-                entries = [(n, e.shape, e.dtype) for n, e in out.tensors]
-                st.write(path, entries, lambda name, fd, pos: writer(exprs[name], fd, pos)[0], out.metadata)
+            entries = [(n, e.shape, e.dtype) for n, e in out.tensors]
+            emit = lambda name, fd, pos: writer(exprs[name], fd, pos)[0]  # noqa: E731
+            if out.kind == "safetensors" and out.part is not None:
+                st.write_part(path, entries, *out.part, emit, out.metadata)
+            elif out.kind == "safetensors":
+                st.write(path, entries, emit, out.metadata)
             else:
                 torchzip.write(path, out.obj, lambda t, fd, pos: writer(exprs[t.key], fd, pos, want_crc=True))
         finally:
@@ -97,7 +100,7 @@ def write_file(out: OutputFile, root: str, reader: E.Reader, progress: Progress)
         shutil.copyfile(out.source, path)
     else:  # pragma: no cover
         raise AssertionError(out.kind)
-    progress.advance(files=1)
+    progress.advance(files=0 if out.part and out.part[0] > 0 else 1)
 
 
 def default_workers() -> int:
@@ -115,6 +118,31 @@ def assign(files: list[OutputFile], workers: int) -> list[list[OutputFile]]:
         size, w = min(loads)
         out[w].append(f)
         loads[w] = (size + f.nbytes, w)
+    return out
+
+
+def _split_files(files: list[OutputFile], root: str, workers: int) -> list[OutputFile]:
+    """Fewer files than workers (e.g. one large HF shard): split safetensors files into parts of
+    about equal bytes, written concurrently at their planned offsets into a pre-created file."""
+    import attrs
+
+    from ckpt_ir.io import safetensors as st
+
+    out: list[OutputFile] = []
+    for f in files:
+        if f.kind != "safetensors" or len(f.tensors) < 2:
+            out.append(f)
+            continue
+        path = os.path.join(root, f.path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        st.create(path, [(n, e.shape, e.dtype) for n, e in f.tensors], f.metadata)
+        target, lo, acc = f.nbytes / workers, 0, 0
+        for i, (_, e) in enumerate(f.tensors):
+            acc += e.nbytes
+            if acc >= target and i + 1 < len(f.tensors):
+                out.append(attrs.evolve(f, part=(lo, i + 1)))
+                lo, acc = i + 1, 0
+        out.append(attrs.evolve(f, part=(lo, len(f.tensors))))
     return out
 
 
@@ -143,6 +171,8 @@ def _worker(files: list[OutputFile], root: str, queue) -> None:
 def write_files(files: list[OutputFile], root: str, bar: Progress, workers: int) -> int:
     """Write ``files`` under ``root`` with up to ``workers`` processes; returns bytes read."""
     tensor_files = [f for f in files if f.kind in ("safetensors", "torch")]
+    if 1 < workers and len(tensor_files) < workers:
+        tensor_files = _split_files(tensor_files, root, workers)
     workers = max(1, min(workers, len(tensor_files)))
     if workers == 1:
         with E.Reader() as reader:

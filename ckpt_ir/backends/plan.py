@@ -25,11 +25,13 @@ class OutputFile:
     text: str = ""
     source: str = ""
     metadata: dict[str, str] | None = None
+    part: tuple[int, int] | None = None  # safetensors only: write just tensors [lo, hi) of a pre-created file
 
     @property
     def nbytes(self) -> int:
         if self.kind in ("safetensors", "torch"):
-            return sum(e.nbytes for _, e in self.tensors)
+            lo, hi = self.part or (0, len(self.tensors))
+            return sum(e.nbytes for _, e in self.tensors[lo:hi])
         if self.kind == "text":
             return len(self.text.encode())
         import os

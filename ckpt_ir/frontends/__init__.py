@@ -24,13 +24,20 @@ def detect(path: str) -> str:
                       f"*.safetensors, or Megatron iter_*/mp_rank_* directories)")
 
 
-def load(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, Any] | None = None) -> Checkpoint:
-    """Lift any supported checkpoint directory."""
+def load(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, Any] | None = None,
+         weights_from: str = "model") -> Checkpoint:
+    """Lift any supported checkpoint directory.  ``weights_from="master"``: a Megatron checkpoint's
+    weights come from its distributed optimizer's fp32 master copies."""
     fmt = detect(path)
+    if weights_from != "model" and fmt != "mcore":
+        from ckpt_ir.errors import UsageError
+
+        raise UsageError(f"--weights-from {weights_from}: only Megatron checkpoints with distributed-optimizer "
+                         f"state have master weights")
     if fmt == "hf":
         from ckpt_ir.frontends import hf
 
         return hf.lift(path, allow_unused=allow_unused, hf_config=hf_config)
     from ckpt_ir.frontends import mcore
 
-    return mcore.lift(path, allow_unused=allow_unused, hf_config=hf_config)
+    return mcore.lift(path, allow_unused=allow_unused, hf_config=hf_config, weights_from=weights_from)

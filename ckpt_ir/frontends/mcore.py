@@ -19,6 +19,7 @@ import attrs
 from ckpt_ir import mcore_format as M
 from ckpt_ir.errors import CoverageError, FormatError
 from ckpt_ir.families import by_name, for_hf_config
+from ckpt_ir.frontends import distopt
 from ckpt_ir.frontends.hf import canonical_order
 from ckpt_ir.io.safe_pickle import Stub
 from ckpt_ir.io.torchzip import TorchZip, iter_tensors
@@ -108,7 +109,10 @@ class _Args:
         return out
 
 
-def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, Any] | None = None) -> Checkpoint:
+def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, Any] | None = None,
+         weights_from: str = "model") -> Checkpoint:
+    """``weights_from="master"`` takes every parameter from the distributed optimizer's fp32 master
+    copy (``distrib_optim.pt``) instead of the model's (e.g. bf16) weights."""
     it_dir, iteration = _iteration_dir(path)
     found: dict[tuple[int, int | None, int | None], str] = {}
     for n in sorted(os.listdir(it_dir)):
@@ -193,6 +197,7 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
         chunk_keys = sorted(k for k in z.obj if k == "model" or (k.startswith("model") and k[5:].isdigit()))
         if not chunk_keys:
             raise FormatError(f"{f}: no 'model' state dict in the rank file")
+        masters = distopt.state_exprs(f, z, args, p, pp, "param") if weights_from == "master" else None
         for ck in chunk_keys:
             chunk = 0 if ck == "model" else int(ck[5:])
             sd = z.obj[ck]
@@ -204,7 +209,8 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                 if key == "embedding.word_embeddings.weight" and p == pp - 1 and pp > 1 and spec.mtp_layers:
                     found = [("@mtp.0:mtp.embed.weight", z.load_expr(ref, f"{ck}.{key}"), False)]
                 else:
-                    found = _lift_key(key, z.load_expr(ref, f"{ck}.{key}"), p, chunk, e, experts_per_rank, tables)
+                    expr = masters[(ck, key)] if masters is not None else z.load_expr(ref, f"{ck}.{key}")
+                    found = _lift_key(key, expr, p, chunk, e, experts_per_rank, tables)
                 if found is None:
                     if any(fnmatch.fnmatch(key, pat) for pat in allow_unused):
                         dropped[f"{rel}:{ck}.{key}"] = "matched --allow-unused"
@@ -225,7 +231,7 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                          ("rng_state", "random-number-generator state")):
             if z.obj.get(key) is not None:
                 dropped[f"{rel}:{key}"] = f"{why}: not model weights; not carried by this version"
-        if os.path.isfile(os.path.join(os.path.dirname(f), "distrib_optim.pt")):
+        if os.path.isfile(os.path.join(os.path.dirname(f), "distrib_optim.pt")) and weights_from != "master":
             dropped[os.path.join(os.path.dirname(rel), "distrib_optim.pt")] = (
                 "distributed-optimizer state (fp32 masters, Adam moments): not carried by this version; "
                 "the model weights come from model_optim_rng.pt")

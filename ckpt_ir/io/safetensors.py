@@ -122,6 +122,34 @@ def write(path: str, entries: list[tuple[str, tuple[int, ...], str]], emit: Call
     return pos  # made durable by atomic_dir, which fsyncs every file before the rename
 
 
+def create(path: str, entries: list[tuple[str, tuple[int, ...], str]], metadata: dict[str, str] | None) -> None:
+    """Create the file with its header and full length, for parts to be written concurrently."""
+    head = header_bytes(entries, metadata)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write_at(fd, head, 0)
+        os.ftruncate(fd, len(head) + sum(math.prod(s) * ITEMSIZE[d] for _, s, d in entries))
+    finally:
+        os.close(fd)
+
+
+def write_part(path: str, entries: list[tuple[str, tuple[int, ...], str]], lo: int, hi: int,
+               emit: Callable[[str, int, int], int], metadata: dict[str, str] | None = None) -> int:
+    """Write tensors ``entries[lo:hi]`` at their planned offsets in a file made by :func:`create`."""
+    pos = len(header_bytes(entries, metadata)) + sum(math.prod(s) * ITEMSIZE[d] for _, s, d in entries[:lo])
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for name, shape, dtype in entries[lo:hi]:
+            want = math.prod(shape) * ITEMSIZE[dtype]
+            n = emit(name, fd, pos)
+            if n != want:
+                raise FormatError(f"{path}: tensor {name} produced {n} bytes, planned {want}")
+            pos += n
+    finally:
+        os.close(fd)
+    return pos
+
+
 def write_at(fd: int, buf, pos: int) -> int:
     """pwrite all of ``buf`` at ``pos``; returns its length."""
     view, done = memoryview(buf).cast("B"), 0
