@@ -44,6 +44,9 @@ class Target:
     lora_rank: int | None = None  # user-given LoRA settings, checked against the checkpoint
     lora_alpha: float | None = None
     lora_targets: tuple[str, ...] = ()
+    # Megatron stores some HF tensors once (DeepSeek MTP's embedding/head copies): "check" that
+    # they are equal before writing, or "drop" them as MindSpeed-LLM does (recorded as dropped)
+    shared_copies: str = "check"
 
     def __attrs_post_init__(self) -> None:
         if self.to not in ("hf", "mcore", "peft"):
@@ -172,7 +175,7 @@ def plan(ckpt: Checkpoint, target: Target) -> Plan:
 
     if target.norm_names and ckpt.layout.norm_names != target.norm_names:
         ckpt = attrs.evolve(ckpt, layout=attrs.evolve(ckpt.layout, norm_names=target.norm_names))
-    return mcore.plan(ckpt)
+    return mcore.plan(ckpt, shared_copies=target.shared_copies)
 
 
 def save(ckpt: Checkpoint, dst: str, target: Target, *, overwrite: bool = False, progress: bool = False,

@@ -152,7 +152,7 @@ _NOT_HF = frozenset({
     "model_type_hf", "ckpt_ir_family", "ckpt_ir_hf_config", "bf16", "fp16", "params_dtype", "iteration",
     "load_model_type", "hf_path", "load_dir", "save_dir", "seq_length", "global_batch_size", "add_position_embedding",
     "gradient_accumulation_fusion", "tokenizer_type", "qkv_type", "fc_type", "post_norm", "moe_grouped_gemm",
-    "moe_tp_extend_ep", "mla_mm_split", "mtp_num_layers", "first_k_dense_replace", "save_layer_by_layer",
+    "moe_tp_extend_ep", "mla_mm_split", "mtp_num_layers", "save_layer_by_layer",
     "etp_valid_ckpts_list", "add_rmsnorm_offset", "use_mcore_models", "make_vocab_size_divisible_by",
     "lora_r", "lora_alpha", "lora_target_modules", "lora_load", "lora_fusion", "lora_ckpt_filter",
     "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "multi_latent_attention",

@@ -22,7 +22,7 @@ _IGNORED_VALUE = ("--model-type", "--tokenizer-model", "--loader", "--saver", "-
                   "--input-tp-rank", "--input-pp-rank", "--first-k-dense-replace", "--num-layers", "--spec")
 _IGNORED_FLAGS = ("--use-mcore-models", "--no-checking", "--save-layer-by-layer", "--load-checkpoint-loosely",
                   "--add-qkv-bias", "--post-norm", "--w-pack", "--add-dense-bias", "--load-hf-from-config")
-_UNSUPPORTED_VALUE = {"--mtp-num-layers": "MTP layers"}
+_UNSUPPORTED_VALUE: dict[str, str] = {}
 _UNSUPPORTED_FLAGS = {"--moe-tp-extend-ep": "MoE TP-extend-EP", "--mla-mm-split": "MLA"}
 
 
@@ -51,6 +51,8 @@ def add_parser(sub) -> None:
     p.add_argument("--lora-target-modules", nargs="*", default=[])
     p.add_argument("--save-lora-to-hf", action="store_true", help="write the LoRA weights alone as a PEFT adapter")
     p.add_argument("--moe-grouped-gemm", action="store_true")
+    p.add_argument("--mtp-num-layers", type=int, default=0, help="multi-token-prediction layers to keep (hf->mg); "
+                   "extra ones in the source are dropped with a warning, as MindSpeed-LLM does")
     p.add_argument("--overwrite", action="store_true", help="replace --save-dir if not empty")
     for flag in _IGNORED_VALUE:
         p.add_argument(flag, default=None, help=argparse.SUPPRESS)
@@ -109,15 +111,21 @@ def run(args: argparse.Namespace) -> int:
     import attrs
 
     target = attrs.evolve(target, lora_rank=args.lora_r, lora_alpha=args.lora_alpha,
-                          lora_targets=tuple(args.lora_target_modules))
+                          lora_targets=tuple(args.lora_target_modules), shared_copies="drop")
     hf_config = read_config(hf_cfg_dir) if (hf_cfg_dir and args.load_model_type == "mg") else None
     from ckpt_ir.io.atomic import check_destination
 
     if not args.dry_run:
         check_destination(save_dir, args.overwrite)
-    src = ck.load(args.load_dir, allow_unused=tuple(args.allow_unused), hf_config=hf_config)
+    src = ck.load(args.load_dir, allow_unused=tuple(args.allow_unused), hf_config=hf_config,
+                  family=args.model_type_hf)
     if args.lora_load:
         src = ck.attach_lora(src, args.lora_load)
+    if args.load_model_type == "hf" and src.spec.mtp_layers > args.mtp_num_layers:
+        print(f"convert-ckpt: warning: dropping {src.spec.mtp_layers - args.mtp_num_layers} multi-token-prediction "
+              f"layer(s) because --mtp-num-layers is {args.mtp_num_layers} (as MindSpeed-LLM does); pass "
+              f"--mtp-num-layers {src.spec.mtp_layers} to keep them", file=sys.stderr)
+        src = ck.run(src, f"drop-mtp{{keep={args.mtp_num_layers}}}")
     if args.model_type_hf and by_name(args.model_type_hf).name != src.spec.family:
         raise UsageError(f"convert-ckpt: --model-type-hf {args.model_type_hf} but {args.load_dir} is a "
                          f"{src.spec.family} checkpoint")

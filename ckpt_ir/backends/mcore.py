@@ -47,7 +47,7 @@ def grouped_weight(kind: str, shards: list[E.Expr]) -> E.Expr:
     return E.simplify(E.Reshape(stacked, shape))
 
 
-def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
+def plan(ckpt: Checkpoint, *, iteration: int | None = None, shared_copies: str = "check") -> Plan:
     spec, layout = ckpt.spec, ckpt.layout
     if not (layout.fused_qkv and layout.fused_gate_up):
         raise VerifyError("Megatron output needs fused QKV and gate/up; the pipeline must run fuse-qkv and "
@@ -136,7 +136,13 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
             path = f"{M.iter_dir(it)}/{M.rank_dir(rank, stage, layout, ep, layout.ep)}/model_optim_rng.pt"
             files.append(OutputFile(path, "torch", tuple(tensors), obj=obj))
     files.append(OutputFile("latest_checkpointed_iteration.txt", "text", text=str(it)))
-    return Plan(tuple(files), dict(ckpt.dropped), checks=tuple(_shared_copies(ckpt)))
+    copies = tuple(_shared_copies(ckpt))
+    dropped = dict(ckpt.dropped)
+    if shared_copies == "drop":  # MindSpeed-LLM's behaviour: Megatron's shared tensor is kept
+        dropped.update({name: f"stored once in Megatron (shared with {other}); not compared"
+                        for name, other, _, _ in copies})
+        copies = ()
+    return Plan(tuple(files), dropped, checks=copies)
 
 
 def _shared_copies(ckpt: Checkpoint):

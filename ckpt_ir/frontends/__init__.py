@@ -25,7 +25,7 @@ def detect(path: str) -> str:
 
 
 def load(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, Any] | None = None,
-         weights_from: str = "model") -> Checkpoint:
+         weights_from: str = "model", family: str | None = None) -> Checkpoint:
     """Lift any supported checkpoint directory.  ``weights_from="master"``: a Megatron checkpoint's
     weights come from its distributed optimizer's fp32 master copies."""
     fmt = detect(path)
@@ -37,7 +37,7 @@ def load(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     if fmt == "hf":
         from ckpt_ir.frontends import hf
 
-        return hf.lift(path, allow_unused=allow_unused, hf_config=hf_config)
+        return hf.lift(path, allow_unused=allow_unused, hf_config=hf_config, family=family)
     from ckpt_ir.frontends import mcore
 
     return mcore.lift(path, allow_unused=allow_unused, hf_config=hf_config, weights_from=weights_from)

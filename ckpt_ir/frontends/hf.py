@@ -99,9 +99,21 @@ def _file_tensors(path: str) -> dict[str, E.Load]:
     return {k: z.load_expr(ref, k) for k, ref in iter_tensors(obj)}
 
 
-def lift(path: str, *, hf_config: dict[str, Any] | None = None, allow_unused: tuple[str, ...] = ()) -> Checkpoint:
+def lift(path: str, *, hf_config: dict[str, Any] | None = None, allow_unused: tuple[str, ...] = (),
+         family: str | None = None) -> Checkpoint:
+    """``family`` names the model family when the config's model_type does not (MindSpeed-LLM's
+    --model-type-hf); a config that names a known type still wins."""
     cfg = hf_config if hf_config is not None else read_config(path)
-    family = for_hf_config(cfg, os.path.join(path, "config.json"))
+    where = os.path.join(path, "config.json")
+    try:
+        fam = for_hf_config(cfg, where)
+    except FormatError:
+        if family is None:
+            raise
+        from ckpt_ir.families import by_name
+
+        fam = by_name(family)
+    family_obj = fam
     files = weight_files(path)
     raw: dict[str, E.Load] = {}
     for f in files:
@@ -110,9 +122,8 @@ def lift(path: str, *, hf_config: dict[str, Any] | None = None, allow_unused: tu
                 raise FormatError(f"{f}: tensor {key} also appears in {raw[key].path}; duplicate tensors are ambiguous")
             raw[key] = load
     dtypes = {ld.dtype for ld in raw.values()}
-    spec = family.spec_from_config(cfg, dtype_hint=next(iter(dtypes)) if len(dtypes) == 1 else None,
-                                   where=os.path.join(path, "config.json"))
-    tensors, dropped = map_tensors(family, spec, raw, allow_unused)
+    spec = family_obj.spec_from_config(cfg, dtype_hint=next(iter(dtypes)) if len(dtypes) == 1 else None, where=where)
+    tensors, dropped = map_tensors(family_obj, spec, raw, allow_unused)
     if spec.mtp_layers:  # transformers neither loads nor saves MTP layers: count the ones present
         from ckpt_ir.ir.names import split_layer
 

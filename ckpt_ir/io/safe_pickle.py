@@ -117,8 +117,17 @@ def _ordered_dict(*args: Any) -> collections.OrderedDict:
     return collections.OrderedDict(*args)
 
 
+def _plain_dict(*_factory: Any) -> dict:
+    """``collections.defaultdict(dict)`` (MindSpeed-LLM's state dicts) loads as a plain dict: its
+    default factory is never called, so it cannot matter."""
+    return {}
+
+
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): _ordered_dict,
+    ("collections", "defaultdict"): _plain_dict,
+    ("builtins", "dict"): dict,
+    ("builtins", "list"): list,
     ("argparse", "Namespace"): argparse.Namespace,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,

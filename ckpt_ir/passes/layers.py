@@ -51,3 +51,27 @@ def _order(name: str):
     from ckpt_ir.frontends.hf import canonical_order
 
     return canonical_order(name)
+
+
+@register_pass
+class DropMtp(Pass):
+    name = "drop-mtp"
+    summary = "Keep only the first `keep` multi-token-prediction layers (the rest are recorded as dropped)"
+    options = (Option("keep", int, 0, "MTP layers to keep"),)
+    requires = "any layout"
+    guarantees = "spec.mtp_layers = min(keep, present); dropped tensors listed with the reason"
+
+    def run(self, ckpt: Checkpoint) -> Checkpoint:
+        keep = self.opt("keep")
+        if keep < 0:
+            raise UsageError("drop-mtp: keep must be >= 0")
+        limit = ckpt.spec.num_layers + min(keep, ckpt.spec.mtp_layers)
+        out, dropped = {}, dict(ckpt.dropped)
+        for name, t in ckpt.tensors.items():
+            layer, _ = split_layer(name)
+            if layer is not None and layer >= limit:
+                dropped[name] = f"multi-token-prediction layer beyond drop-mtp{{keep={keep}}}"
+            else:
+                out[name] = t
+        spec = attrs.evolve(ckpt.spec, mtp_layers=limit - ckpt.spec.num_layers)
+        return ckpt.with_tensors(out, spec=spec, dropped=dropped)
