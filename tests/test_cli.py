@@ -148,6 +148,14 @@ def test_mindspeed_drop_in_flags(hf_cache, tmp_path):
     assert_same_tensors(src, str(hf_dir / "mg2hf"))
     r = cli("convert-ckpt", "--load-dir", src, "--save-dir", str(tmp_path / "x"), "--model-type-hf", "llama2", check=False)
     assert r.returncode == 2 and "is a qwen2 checkpoint" in r.stderr
+    # MindSpeed-LLM reads no model_type from config.json: --model-type-hf names the family then
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    cfg.update(model_type="my-qwen", architectures=["X"])
+    json.dump(cfg, open(os.path.join(src, "config.json"), "w"))
+    cli("convert-ckpt", "--load-dir", src, "--save-dir", str(tmp_path / "y"), "--model-type-hf", "qwen25")
+    assert cli("diff", str(ms), str(tmp_path / "y")).returncode == 0  # same weights, another layout
+    r = cli("convert", src, str(tmp_path / "z"), "--to", "mcore", check=False)
+    assert r.returncode == 1 and "unsupported architecture" in r.stderr
 
 
 def test_plugin_pass_from_the_cli(hf_cache, tmp_path, monkeypatch):

@@ -135,3 +135,25 @@ def test_mtp_copies_that_differ_are_not_dropped(deepseek, tmp_path):
     with pytest.raises(CkptIrError, match="mtp.head.weight differs from lm_head.weight"):
         convert(src, str(dst), ck.Target(to="mcore"))
     assert not dst.exists()
+
+
+def test_mindspeed_drop_in_mtp_flag(deepseek, tmp_path):
+    """MindSpeed-LLM keeps --mtp-num-layers MTP layers (default 0) and never stores the MTP head:
+    the drop-in does the same, but says so (a warning, and the dropped list)."""
+    import subprocess
+    import sys
+
+    src = str(tmp_path / "hf")
+    shutil.copytree(deepseek, src)
+    f = os.path.join(src, "model.safetensors")
+    sd = load_file(f)
+    sd[f"model.layers.{L}.shared_head.head.weight"][0, 0] += 1  # a head that is not lm_head's copy
+    save_file(sd, f, metadata={"format": "pt"})
+    base = [sys.executable, "-m", "ckpt_ir", "convert-ckpt", "--load-dir", src, "--model-type-hf", "deepseek3"]
+    r = subprocess.run([*base, "--save-dir", str(tmp_path / "no-mtp")], capture_output=True, text=True)
+    assert r.returncode == 0 and "dropping 1 multi-token-prediction layer(s)" in r.stderr
+    assert ck.load(str(tmp_path / "no-mtp")).spec.mtp_layers == 0
+    r = subprocess.run([*base, "--save-dir", str(tmp_path / "mtp"), "--mtp-num-layers", "1",
+                        "--target-pipeline-parallel-size", "3"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert ck.load(str(tmp_path / "mtp")).spec.mtp_layers == 1
