@@ -523,3 +523,18 @@ def test_unknown_tensor_allowed_converts_without_it(hf_with_extra, dst):
     assert keys and EXTRA not in keys
     assert "model.layers.0.mlp.up_proj.weight" in keys
     assert not tmp_siblings(dst)
+
+
+def test_not_enough_free_disk_is_refused_before_writing(hf_src, dst, monkeypatch, capsys):
+    """The planned output size is compared with the free space before the first byte is written."""
+    import collections
+
+    from ckpt_ir.cli import main as cli_main
+    from ckpt_ir.io import atomic
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 1000, 1000))
+    assert cli_main(["convert", str(hf_src), str(dst), "--to", "mcore", "--tp", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "not enough free disk space" in err and "free space or choose another destination" in err
+    assert not dst.exists() and not tmp_siblings(dst)
