@@ -106,20 +106,9 @@ def write(path: str, entries: list[tuple[str, tuple[int, ...], str]], emit: Call
           metadata: dict[str, str] | None = None) -> int:
     """Stream a safetensors file: the header from metadata, then each tensor, written by
     ``emit(name, fd, offset)`` at its planned offset (returning the bytes it wrote).
-    Returns the bytes written."""
-    head = header_bytes(entries, metadata)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        pos = write_at(fd, head, 0)
-        for name, shape, dtype in entries:
-            want = math.prod(shape) * ITEMSIZE[dtype]
-            n = emit(name, fd, pos)
-            if n != want:
-                raise FormatError(f"{path}: tensor {name} produced {n} bytes, planned {want}")
-            pos += n
-    finally:
-        os.close(fd)
-    return pos  # made durable by atomic_dir, which fsyncs every file before the rename
+    Returns the file's size.  Durability comes from atomic_dir, which fsyncs before renaming."""
+    create(path, entries, metadata)
+    return write_part(path, entries, 0, len(entries), emit, metadata)
 
 
 def create(path: str, entries: list[tuple[str, tuple[int, ...], str]], metadata: dict[str, str] | None) -> None:
