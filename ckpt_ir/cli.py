@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--format", choices=("text", "json", "dot"), default="text")
     i.add_argument("--allow-unused", metavar="PATTERN", action="append", default=[])
+    i.add_argument("--hf-config", metavar="DIR", help="HF config.json describing a Megatron checkpoint whose args "
+                   "do not (plain Megatron-LM args)")
+    i.add_argument("--weights-from", choices=("model", "master"), default="model",
+                   help="Megatron source: the model's weights or the distributed optimizer's fp32 masters")
 
     d = sub.add_parser("diff", help="compare two checkpoints of any formats tensor by tensor",
                        description="Exit 0 if identical, 1 if they differ.")
@@ -244,7 +248,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import ckpt_ir.api as ck
     from ckpt_ir.ir.printer import render
 
-    sys.stdout.write(render(ck.load(args.path, allow_unused=tuple(args.allow_unused)), args.format))
+    from ckpt_ir.frontends.hf import read_config
+
+    hf_cfg = read_config(args.hf_config) if args.hf_config else None
+    ckpt = ck.load(args.path, allow_unused=tuple(args.allow_unused), hf_config=hf_cfg, weights_from=args.weights_from)
+    sys.stdout.write(render(ckpt, args.format))
     return 0
 
 

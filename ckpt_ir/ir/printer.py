@@ -39,8 +39,11 @@ def describe(e: E.Expr) -> str:
 
 
 def to_text(ckpt: Checkpoint) -> str:
+    # unset optional features (MoE, MLA, MTP, LoRA fields at 0 / None / False) are left out
+    shown = {k: v for k, v in ckpt.spec.summary().items()
+             if k != "family" and v not in (0, None, False, ()) or k in ("qkv_bias", "tied_embeddings")}
     lines = [f"// source: {ckpt.source}", f"// spec: {ckpt.spec.family} " + " ".join(
-        f"{k}={v}" for k, v in ckpt.spec.summary().items() if k != "family"),
+        f"{k}={v}" for k, v in shown.items()),
         f"// layout: {ckpt.layout.describe()}",
         f"// tensors: {len(ckpt.tensors)}  bytes: {ckpt.nbytes}"]
     rows = []
