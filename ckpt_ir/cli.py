@@ -246,9 +246,8 @@ def print_plan(plan, pipeline) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     import ckpt_ir.api as ck
-    from ckpt_ir.ir.printer import render
-
     from ckpt_ir.frontends.hf import read_config
+    from ckpt_ir.ir.printer import render
 
     hf_cfg = read_config(args.hf_config) if args.hf_config else None
     ckpt = ck.load(args.path, allow_unused=tuple(args.allow_unused), hf_config=hf_cfg, weights_from=args.weights_from)
