@@ -58,8 +58,6 @@ class Family:
     config: tuple[ConfigKey, ...] = ()
     # spec fields fixed by the family (e.g. qwen2 always has a qkv bias)
     constants: tuple[tuple[str, Any], ...] = ()
-    # canonical roles present only when a spec flag is set: role prefix -> spec flag
-    optional: tuple[tuple[str, str], ...] = ()
     # MindSpeed-LLM's --model-type-hf names for this family
     mindspeed_names: tuple[str, ...] = ()
     # extra Megatron args this family's semantics need (e.g. router options), from the HF config
@@ -114,11 +112,6 @@ class Family:
         cfg["dtype" if "torch_dtype" not in cfg else "torch_dtype"] = hf_config_name(spec.dtype)
         return cfg
 
-    def wants(self, canonical_role: str, spec: ModelSpec) -> bool:
-        for prefix, flag in self.optional:
-            if prefix in canonical_role:
-                return bool(getattr(spec, flag))
-        return True
 
 
 # ModelSpec fields that must be positive integers / non-negative integers / numbers / booleans

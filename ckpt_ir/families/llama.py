@@ -65,51 +65,49 @@ BASE_CONFIG = (
 )
 
 
-def _config(*overrides: ConfigKey) -> tuple[ConfigKey, ...]:
+def config_with(*overrides: ConfigKey) -> tuple[ConfigKey, ...]:
+    """The base llama-style config keys with some replaced or added (by ModelSpec field)."""
     by_field = {k.field: k for k in BASE_CONFIG}
     by_field.update({k.field: k for k in overrides})
     return tuple(by_field.values())
 
 
-OPTIONAL = (("attn.q_norm", "qk_norm"), ("attn.k_norm", "qk_norm"), ("attn.q.bias", "qkv_bias"),
-            ("attn.k.bias", "qkv_bias"), ("attn.v.bias", "qkv_bias"), ("post_attn_norm", "post_norms"),
-            ("post_mlp_norm", "post_norms"), ("lm_head", "untied"))
 
 LLAMA_TENSORS = EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP
 
 register(Family(
     name="llama", model_types=("llama",), architecture="LlamaForCausalLM",
-    tensors=LLAMA_TENSORS, config=_config(), optional=OPTIONAL,
+    tensors=LLAMA_TENSORS, config=config_with(),
     mindspeed_names=("llama2", "llama3", "llama"),
 ))
 register(Family(
     name="mistral", model_types=("mistral",), architecture="MistralForCausalLM",
-    tensors=LLAMA_TENSORS, config=_config(ConfigKey("qkv_bias", None, False)), optional=OPTIONAL,
+    tensors=LLAMA_TENSORS, config=config_with(ConfigKey("qkv_bias", None, False)),
     mindspeed_names=("mistral", "magistral"),
 ))
 register(Family(
     name="qwen2", model_types=("qwen2",), architecture="Qwen2ForCausalLM",
-    tensors=LLAMA_TENSORS, config=_config(), constants=(("qkv_bias", True),), optional=OPTIONAL,
+    tensors=LLAMA_TENSORS, config=config_with(), constants=(("qkv_bias", True),),
     mindspeed_names=("qwen25", "qwen2"),
 ))
 register(Family(
     name="qwen3", model_types=("qwen3",), architecture="Qwen3ForCausalLM",
-    tensors=LLAMA_TENSORS, config=_config(), constants=(("qk_norm", True),), optional=OPTIONAL,
+    tensors=LLAMA_TENSORS, config=config_with(), constants=(("qk_norm", True),),
     mindspeed_names=("qwen3",),
 ))
 register(Family(
     name="gemma", model_types=("gemma",), architecture="GemmaForCausalLM",
     tensors=LLAMA_TENSORS,
-    config=_config(ConfigKey("tied_embeddings", "tie_word_embeddings", True),
+    config=config_with(ConfigKey("tied_embeddings", "tie_word_embeddings", True),
                    ConfigKey("activation", "hidden_activation", "gelu_pytorch_tanh")),
-    optional=OPTIONAL, mindspeed_names=("gemma",),
+    mindspeed_names=("gemma",),
 ))
 register(Family(
     name="gemma2", model_types=("gemma2",), architecture="Gemma2ForCausalLM",
     tensors=EMBED_AND_HEAD + ATTENTION + SANDWICH_NORMS + GATED_MLP,
-    config=_config(ConfigKey("tied_embeddings", "tie_word_embeddings", True),
+    config=config_with(ConfigKey("tied_embeddings", "tie_word_embeddings", True),
                    ConfigKey("activation", "hidden_activation", "gelu_pytorch_tanh")),
-    constants=(("post_norms", True),), optional=OPTIONAL, mindspeed_names=("gemma2",),
+    constants=(("post_norms", True),), mindspeed_names=("gemma2",),
 ))
 register(Family(
     name="phi3", model_types=("phi3",), architecture="Phi3ForCausalLM",
@@ -120,5 +118,5 @@ register(Family(
         Packed(L + "mlp.gate_up_proj.weight", (C + "mlp.gate.weight", C + "mlp.up.weight"),
                ("ffn_hidden_size", "ffn_hidden_size")),
     ),
-    config=_config(ConfigKey("qkv_bias", None, False)), optional=OPTIONAL, mindspeed_names=("phi3.5", "phi3"),
+    config=config_with(ConfigKey("qkv_bias", None, False)), mindspeed_names=("phi3.5", "phi3"),
 ))

@@ -10,20 +10,13 @@ from __future__ import annotations
 from ckpt_ir.families import ConfigKey, Family, register
 from ckpt_ir.families.llama import (
     ATTENTION,
-    BASE_CONFIG,
     EMBED_AND_HEAD,
     GATED_MLP,
     LLAMA_NORMS,
-    OPTIONAL,
     C,
     L,
+    config_with,
 )
-
-
-def _config(*overrides: ConfigKey) -> tuple[ConfigKey, ...]:
-    by_field = {k.field: k for k in BASE_CONFIG}
-    by_field.update({k.field: k for k in overrides})
-    return tuple(by_field.values())
 
 
 def _qwen_dense_layers(cfg: dict) -> tuple[int, ...]:
@@ -60,10 +53,10 @@ register(Family(
         (L + "block_sparse_moe.experts.{e}.w3.weight", C + "mlp.experts.{e}.up.weight"),
         (L + "block_sparse_moe.experts.{e}.w2.weight", C + "mlp.experts.{e}.down.weight"),
     ),
-    config=_config(ConfigKey("qkv_bias", None, False), ConfigKey("num_experts", "num_local_experts"),
+    config=config_with(ConfigKey("qkv_bias", None, False), ConfigKey("num_experts", "num_local_experts"),
                    ConfigKey("moe_topk", "num_experts_per_tok"),
                    ConfigKey("moe_ffn_hidden_size", "intermediate_size")),
-    optional=OPTIONAL, mindspeed_names=("mixtral",),
+    mindspeed_names=("mixtral",),
 ))
 def _qwen_router(cfg: dict) -> dict:
     """Qwen MoE without norm_topk_prob: softmax over all experts, then top-k (not renormalised)."""
@@ -73,14 +66,14 @@ def _qwen_router(cfg: dict) -> dict:
 register(Family(
     name="qwen2_moe", model_types=("qwen2_moe",), architecture="Qwen2MoeForCausalLM",
     tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP + QWEN_EXPERTS + QWEN_SHARED,
-    config=_config(*QWEN_MOE_CONFIG, ConfigKey("shared_ffn_hidden_size", "shared_expert_intermediate_size", 0)),
-    constants=(("qkv_bias", True), ("shared_expert_gate", True)), optional=OPTIONAL, mindspeed_names=("qwen2-moe",),
+    config=config_with(*QWEN_MOE_CONFIG, ConfigKey("shared_ffn_hidden_size", "shared_expert_intermediate_size", 0)),
+    constants=(("qkv_bias", True), ("shared_expert_gate", True)), mindspeed_names=("qwen2-moe",),
     megatron_args=_qwen_router,
 ))
 register(Family(
     name="qwen3_moe", model_types=("qwen3_moe",), architecture="Qwen3MoeForCausalLM",
     tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP + QWEN_EXPERTS,
-    config=_config(*QWEN_MOE_CONFIG), constants=(("qk_norm", True),), optional=OPTIONAL,
+    config=config_with(*QWEN_MOE_CONFIG), constants=(("qk_norm", True),),
     mindspeed_names=("qwen3-moe",), megatron_args=_qwen_router,
 ))
 
@@ -131,7 +124,7 @@ MTP = (
 register(Family(
     name="deepseek_v3", model_types=("deepseek_v3",), architecture="DeepseekV3ForCausalLM",
     tensors=EMBED_AND_HEAD + MLA_ATTENTION + LLAMA_NORMS + GATED_MLP + DEEPSEEK_MOE + MTP,
-    config=_config(
+    config=config_with(
         ConfigKey("num_experts", "n_routed_experts"), ConfigKey("moe_topk", "num_experts_per_tok"),
         ConfigKey("moe_ffn_hidden_size", "moe_intermediate_size"),
         ConfigKey("shared_ffn_hidden_size", None, _shared_ffn), ConfigKey("dense_layers", None, _first_k_dense),
@@ -142,5 +135,5 @@ register(Family(
         ConfigKey("mtp_layers", None, lambda cfg: cfg.get("num_nextn_predict_layers") or 0),
         ConfigKey("qkv_bias", None, False),
     ),
-    constants=(("router_bias", True),), optional=OPTIONAL, mindspeed_names=("deepseek3", "deepseek2"),
+    constants=(("router_bias", True),), mindspeed_names=("deepseek3", "deepseek2"),
 ))

@@ -30,7 +30,6 @@ from ckpt_ir.io.safe_pickle import TensorRef, TorchDtype
 from ckpt_ir.io.torchzip import TorchZip, iter_tensors
 from ckpt_ir.ir import expr as E
 
-STATES = ("param", "exp_avg", "exp_avg_sq")
 ALIGN = 64
 
 

@@ -146,9 +146,3 @@ def write_at(fd: int, buf, pos: int) -> int:
         done += os.pwrite(fd, view[done:], pos + done)
     return done
 
-
-def write_all(f, buf: memoryview) -> int:
-    view, done = memoryview(buf).cast("B"), 0
-    while done < len(view):
-        done += f.write(view[done:])
-    return done

@@ -11,7 +11,7 @@ from ckpt_ir.errors import VerifyError
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.dtypes import itemsize
 from ckpt_ir.ir.layout import Layout
-from ckpt_ir.ir.names import Split, split_rule
+from ckpt_ir.ir.names import Split
 from ckpt_ir.ir.spec import ModelSpec
 
 
@@ -135,6 +135,3 @@ def gather_exprs(shards: tuple[E.Expr, ...], split: Split) -> E.Expr:
     # order: block-major, then rank
     return E.simplify(E.Concat(tuple(pieces), split.dim)) if tp * split.blocks > 1 else shards[0]
 
-
-def rule_for(name: str) -> Split | None:
-    return split_rule(name)

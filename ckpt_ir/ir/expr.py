@@ -27,7 +27,7 @@ from typing import Any
 import attrs
 
 from ckpt_ir.errors import VerifyError
-from ckpt_ir.ir.dtypes import FLOATING, itemsize
+from ckpt_ir.ir.dtypes import itemsize
 
 Shape = tuple[int, ...]
 
@@ -35,14 +35,6 @@ Shape = tuple[int, ...]
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise VerifyError(msg)
-
-
-def _strides(shape: Shape) -> Shape:
-    out, acc = [], 1
-    for n in reversed(shape):
-        out.append(acc)
-        acc *= n
-    return tuple(reversed(out))
 
 
 @attrs.frozen
@@ -652,10 +644,3 @@ def _fill(expr: Expr, out, reader: Reader) -> None:
         return
     out[...] = evaluate_raw(expr, reader)
 
-
-def is_floating(expr: Expr) -> bool:
-    return expr.dtype in FLOATING
-
-
-def contiguous_strides(shape: Shape) -> Shape:
-    return _strides(shape)

@@ -39,11 +39,3 @@ def expression_graph(ckpt: Checkpoint) -> nx.DiGraph:
             g.add_edge(node(s), name)
     return g
 
-
-def source_order(ckpt: Checkpoint) -> list[str]:
-    """Tensor names ordered by the first source file/offset they read (sequential reads)."""
-    def first(name: str) -> tuple:
-        lds = [ld for s in ckpt.tensors[name].shards for ld in E.loads(s)]
-        return min(((ld.path, ld.byte_range[0]) for ld in lds), default=("", 0))
-
-    return sorted(ckpt.tensors, key=first)

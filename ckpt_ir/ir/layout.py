@@ -59,10 +59,6 @@ class Layout:
             raise LayoutError(f"layout: --noop-layers {list(self.noop_layers)} must be distinct non-negative indices")
 
     @property
-    def sharded(self) -> bool:
-        return self.tp > 1
-
-    @property
     def expert_tp(self) -> int:
         return self.tp if self.etp is None else self.etp
 
