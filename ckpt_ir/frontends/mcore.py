@@ -109,6 +109,30 @@ class _Args:
         return out
 
 
+def spec_from_args(args: dict[str, Any], hf_config: dict[str, Any] | None, where: str):
+    """(ModelSpec, HF config) of a Megatron checkpoint from its ``args``, or from ``hf_config``
+    when given (plain Megatron-LM args do not name the model family)."""
+    a = _Args(args, where)
+    try:
+        cfg = hf_config if hf_config is not None else M.hf_config_from_args(args)
+    except ValueError as e:
+        raise FormatError(f"{where}: {e}") from None
+    fam_name = args.get("ckpt_ir_family") or args.get("model_type_hf")
+    if hf_config is not None:
+        family = for_hf_config(cfg, "--hf-config")
+    elif fam_name:
+        family = by_name(fam_name)
+    elif cfg.get("model_type") or cfg.get("architectures"):
+        family = for_hf_config(cfg, where)
+    else:
+        raise FormatError(f"{where}: the args do not say which model family this is (plain Megatron-LM "
+                          f"args); pass --hf-config DIR with the model's HF config.json")
+    spec = family.spec_from_config(cfg, where=f"{where} (args)")
+    if args.get("mtp_num_layers") is not None:
+        spec = _evolve(spec, mtp_layers=a.size("mtp_num_layers", 0, 64) if args["mtp_num_layers"] else 0)
+    return spec, cfg
+
+
 def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, Any] | None = None,
          weights_from: str = "model") -> Checkpoint:
     """``weights_from="master"`` takes every parameter from the distributed optimizer's fp32 master
@@ -138,23 +162,7 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     if tp * pp * ep > 4 * len(found):  # args claim far more ranks than there are directories
         raise FormatError(f"{it_dir}: args say TP={tp}, PP={pp}, EP={ep} but only {len(found)} rank "
                           f"directories exist; the checkpoint is incomplete or its args are wrong")
-    try:
-        cfg = hf_config if hf_config is not None else M.hf_config_from_args(args)
-    except ValueError as e:
-        raise FormatError(f"{first.path}: {e}") from None
-    fam_name = args.get("ckpt_ir_family") or args.get("model_type_hf")
-    if hf_config is not None:
-        family = for_hf_config(cfg, "--hf-config")
-    elif fam_name:
-        family = by_name(fam_name)
-    elif cfg.get("model_type") or cfg.get("architectures"):
-        family = for_hf_config(cfg, first.path)
-    else:
-        raise FormatError(f"{first.path}: the args do not say which model family this is (plain Megatron-LM "
-                          f"args); pass --hf-config DIR with the model's HF config.json")
-    spec = family.spec_from_config(cfg, where=f"{first.path} (args)")
-    if args.get("mtp_num_layers") is not None:
-        spec = _evolve(spec, mtp_layers=a.size("mtp_num_layers", 0, 64) if args["mtp_num_layers"] else 0)
+    spec, cfg = spec_from_args(args, hf_config, first.path)
     tables = M.MLA_READ_TABLES if spec.mla else M.READ_TABLES
     noop = a.layers("noop_layers") or ()
     layout = Layout(format="mcore", tp=tp, pp=pp,

@@ -85,6 +85,11 @@ class Checkpoint:
     coverage accounting can prove nothing else was lost.  ``hf_config`` is the raw HF config
     when one is known (carried through and updated on export); ``aux_files`` are side files
     (tokenizer, generation config) copied next to HF output.
+
+    ``states`` holds optimizer state as named tensor sets (``param``: fp32 master weights,
+    ``exp_avg``, ``exp_avg_sq``), each keyed and split exactly like ``tensors``; passes carry them
+    along with the weights (see ``Pass.optimizer_state``).  ``meta["optimizer"]`` keeps what a
+    training run needs besides them (optimizer param groups, LR scheduler, data-parallel setup).
     """
 
     spec: ModelSpec
@@ -95,6 +100,7 @@ class Checkpoint:
     aux_files: tuple[str, ...] = ()
     source: str = ""
     meta: dict[str, Any] = attrs.field(factory=dict)
+    states: dict[str, dict[str, TensorNode]] = attrs.field(factory=dict)
 
     def with_tensors(self, tensors: dict[str, TensorNode], **changes: Any) -> Checkpoint:
         return attrs.evolve(self, tensors=tensors, **changes)

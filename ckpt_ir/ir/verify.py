@@ -61,3 +61,19 @@ def verify(ckpt: Checkpoint, after: str = "") -> None:
                               f"{spec.family} model with {spec.num_layers} layers{where}")
     if spec.tied_embeddings and "lm_head.weight" in ckpt.tensors:
         raise VerifyError(f"lm_head.weight present but embeddings are tied{where}")
+    for set_name, state in ckpt.states.items():
+        _verify_state(ckpt, set_name, state, where)
+
+
+def _verify_state(ckpt: Checkpoint, set_name: str, state: dict, where: str) -> None:
+    """An optimizer-state tensor set must mirror the weights: same names, full shapes and split."""
+    missing = [n for n in ckpt.tensors if n not in state]
+    extra = [n for n in state if n not in ckpt.tensors]
+    if missing or extra:
+        which, names = ("has no state for", missing) if missing else ("has state for unknown", extra)
+        raise VerifyError(f"optimizer state {set_name!r} {which} {', '.join(sorted(names)[:3])}{where}")
+    for name, t in state.items():
+        w = ckpt.tensors[name]
+        if t.shape != w.shape or t.tp != w.tp:
+            raise VerifyError(f"optimizer state {set_name!r} of {name}: shape {list(t.shape)} in {t.tp} shard(s) "
+                              f"but the weight is {list(w.shape)} in {w.tp}{where}")
