@@ -47,19 +47,29 @@ class Target:
     # Megatron stores some HF tensors once (DeepSeek MTP's embedding/head copies): "check" that
     # they are equal before writing, or "drop" them as MindSpeed-LLM does (recorded as dropped)
     shared_copies: str = "check"
+    # Megatron target: carry the source's distributed-optimizer state (when it has any), laid out
+    # for data-parallel size ``dp`` (default: the source's)
+    optimizer: bool = True
+    dp: int | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.to not in ("hf", "mcore", "peft"):
             raise UsageError(f"--to {self.to!r}: choose hf, mcore or peft")
         for flag, value in (("--tp", self.tp), ("--pp", self.pp), ("--ep", self.ep), ("--vpp-layers", self.vpp_layers),
-                            ("--etp", self.etp), ("--make-vocab-size-divisible-by", self.vocab_divisible_by)):
+                            ("--etp", self.etp), ("--make-vocab-size-divisible-by", self.vocab_divisible_by),
+                            ("--target-dp", self.dp)):
             if value is not None and value < 1:
                 raise UsageError(f"{flag} must be at least 1, got {value}")
         if self.to != "mcore" and (self.tp != 1 or self.pp != 1 or self.vpp_layers or self.num_layer_list
                                    or self.noop_layers or self.vocab_divisible_by or self.ep != 1 or self.etp
-                                   or self.grouped_gemm):
+                                   or self.grouped_gemm or self.dp):
             raise UsageError("--tp/--pp/--vpp-layers/--num-layer-list/--noop-layers/--make-vocab-size-divisible-by/"
-                             "--ep/--etp/--moe-grouped-gemm apply to --to mcore only")
+                             "--ep/--etp/--moe-grouped-gemm/--target-dp apply to --to mcore only")
+
+    @property
+    def carries_optimizer(self) -> bool:
+        """Whether the source's optimizer state should be lifted for this target."""
+        return self.to == "mcore" and self.optimizer
 
 
 def attach_lora(base: Checkpoint, path: str) -> Checkpoint:
@@ -159,6 +169,9 @@ def run(ckpt: Checkpoint, pipeline: Pipeline | str, instrumentation: Instrumenta
 
 
 def plan(ckpt: Checkpoint, target: Target) -> Plan:
+    if ckpt.states and not target.carries_optimizer:
+        why = "optimizer state: only a Megatron target carries it" if target.optimizer else "--no-optimizer"
+        ckpt = attrs.evolve(ckpt, states={}, dropped={**ckpt.dropped, "optimizer state": why})
     if target.to == "peft":
         from ckpt_ir.backends import peft
         from ckpt_ir.passes.lora import apply_lora_options
@@ -175,7 +188,7 @@ def plan(ckpt: Checkpoint, target: Target) -> Plan:
 
     if target.norm_names and ckpt.layout.norm_names != target.norm_names:
         ckpt = attrs.evolve(ckpt, layout=attrs.evolve(ckpt.layout, norm_names=target.norm_names))
-    return mcore.plan(ckpt, shared_copies=target.shared_copies)
+    return mcore.plan(ckpt, shared_copies=target.shared_copies, dp=target.dp)
 
 
 def save(ckpt: Checkpoint, dst: str, target: Target, *, overwrite: bool = False, progress: bool = False,

@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--etp", type=int, default=None, help="expert tensor parallel size: 1 (whole experts per rank) "
                    "or the TP size (default)")
     m.add_argument("--moe-grouped-gemm", action="store_true", help="store experts as grouped-GEMM weight1/weight2")
+    m.add_argument("--target-dp", type=int, default=None, help="data-parallel size the optimizer state is laid out "
+                   "for (default: the source's)")
+    m.add_argument("--no-optimizer", action="store_true", help="do not carry the source's distributed-optimizer "
+                   "state (fp32 masters, Adam moments, scheduler); by default a Megatron source's state is carried")
     m.add_argument("--norm-names", choices=("local", "te", "te-input"), help="norm key naming: local "
                    "(input_layernorm, pre_mlp_layernorm), te (linear_qkv/linear_fc1.layer_norm_weight, Megatron's TE "
                    "spec) or te-input (only the input norm fused, as MindSpeed-LLM v2 writes); default local, or "
@@ -187,12 +191,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
                        vocab_divisible_by=args.make_vocab_size_divisible_by, norm_names=args.norm_names,
                        max_shard_size=args.max_shard_size, hf_config_dir=args.hf_config, ep=args.ep, etp=args.etp,
                        grouped_gemm=args.moe_grouped_gemm, lora_rank=args.lora_r,
-                       lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_target_modules))
+                       lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_target_modules),
+                       dp=args.target_dp, optimizer=not args.no_optimizer)
     from ckpt_ir.frontends import detect
 
     # --hf-config also describes a Megatron source whose args carry no HF config
-    hf_cfg = read_config(args.hf_config) if args.hf_config and detect(args.src) == "mcore" else None
-    src = ck.load(args.src, allow_unused=tuple(args.allow_unused), hf_config=hf_cfg, weights_from=args.weights_from)
+    hf_cfg = read_config(args.hf_config) if args.hf_config and detect(args.src) in ("mcore", "torch_dist") else None
+    src = ck.load(args.src, allow_unused=tuple(args.allow_unused), hf_config=hf_cfg, weights_from=args.weights_from,
+                  optimizer=target.carries_optimizer and not args.lora_load)
     if args.lora_load:
         src = ck.attach_lora(src, args.lora_load)
     elif args.to == "peft" and src.spec.lora_rank is None:

@@ -53,6 +53,8 @@ def add_parser(sub) -> None:
     p.add_argument("--moe-grouped-gemm", action="store_true")
     p.add_argument("--mtp-num-layers", type=int, default=0, help="multi-token-prediction layers to keep (hf->mg); "
                    "extra ones in the source are dropped with a warning, as MindSpeed-LLM does")
+    p.add_argument("--target-data-parallel-size", type=int, default=None, help="with --load-model-type optim: "
+                   "data-parallel size to lay the optimizer state out for (default: the source's)")
     p.add_argument("--overwrite", action="store_true", help="replace --save-dir if not empty")
     for flag in _IGNORED_VALUE:
         p.add_argument(flag, default=None, help=argparse.SUPPRESS)
@@ -86,9 +88,9 @@ def run(args: argparse.Namespace) -> int:
     for flag, what in {**_UNSUPPORTED_VALUE, **_UNSUPPORTED_FLAGS}.items():
         if getattr(args, flag[2:].replace("-", "_")):
             raise UsageError(f"convert-ckpt {flag}: {what} is not supported by this version of ckpt-ir")
-    if args.load_model_type == "optim":
-        raise UsageError("convert-ckpt --load-model-type optim: distributed-optimizer state is not supported by "
-                         "this version of ckpt-ir")
+    if args.load_model_type == "optim" and args.save_model_type == "hf":
+        raise UsageError("convert-ckpt --load-model-type optim reshards Megatron optimizer state: use "
+                         "--save-model-type mg (HF has no place for optimizer state)")
     to = "hf" if args.save_model_type == "hf" else "mcore"
     if args.save_lora_to_hf:
         to = "peft"
@@ -105,20 +107,24 @@ def run(args: argparse.Namespace) -> int:
                            vocab_divisible_by=args.make_vocab_size_divisible_by,
                            norm_names="te-input" if args.transformer_impl == "transformer_engine" else "local",
                            ep=args.target_expert_parallel_size, etp=args.expert_tensor_parallel_size,
-                           grouped_gemm=args.moe_grouped_gemm)
+                           grouped_gemm=args.moe_grouped_gemm, dp=args.target_data_parallel_size,
+                           optimizer=args.load_model_type == "optim")
     else:
         target = ck.Target(to=to, dtype=args.params_dtype, hf_config_dir=hf_cfg_dir)
     import attrs
 
     target = attrs.evolve(target, lora_rank=args.lora_r, lora_alpha=args.lora_alpha,
                           lora_targets=tuple(args.lora_target_modules), shared_copies="drop")
-    hf_config = read_config(hf_cfg_dir) if (hf_cfg_dir and args.load_model_type == "mg") else None
+    hf_config = read_config(hf_cfg_dir) if (hf_cfg_dir and args.load_model_type in ("mg", "optim")) else None
     from ckpt_ir.io.atomic import check_destination
 
     if not args.dry_run:
         check_destination(save_dir, args.overwrite)
     src = ck.load(args.load_dir, allow_unused=tuple(args.allow_unused), hf_config=hf_config,
-                  family=args.model_type_hf)
+                  family=args.model_type_hf, optimizer=args.load_model_type == "optim")
+    if args.load_model_type == "optim" and not src.states:
+        raise UsageError(f"convert-ckpt --load-model-type optim: {args.load_dir} has no distributed-optimizer state "
+                         f"(distrib_optim.pt)")
     if args.lora_load:
         src = ck.attach_lora(src, args.lora_load)
     if args.load_model_type == "hf" and src.spec.mtp_layers > args.mtp_num_layers:

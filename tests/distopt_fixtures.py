@@ -128,6 +128,23 @@ def make_distopt_checkpoint(out_dir: str, hf_dir: str, tp: int = 1, pp: int = 1,
                     seed=seed, lr=lr, save_rng=save_rng, extra_args=extra_args or {}, timeout=timeout)
 
 
+def resume_distopt_checkpoint(out_dir: str, hf_dir: str, ckpt_dir: str, tp: int = 1, pp: int = 1, dp: int = 1,
+                              bucket_size: int | None = 4096, steps: int = 0, bf16: bool = True,
+                              vocab_divisible_by: int = 128, seed: int = 1234, lr: float = 1e-2,
+                              timeout: float = 300) -> dict:
+    """Resume training from ``ckpt_dir`` (a legacy ``torch`` checkpoint with ``distrib_optim.pt``,
+    e.g. one ckpt-ir converted) the way ``megatron.training`` loads it: model weights, then
+    ``optimizer.load_state_dict`` and ``optimizer.load_parameter_state`` on a TP*PP*DP grid; run
+    ``steps`` more steps and save to ``out_dir`` with ground truth, like :func:`make_distopt_checkpoint`.
+    With ``steps=0`` the ground truth is the state megatron-core loaded."""
+    with open(os.path.join(ckpt_dir, "latest_checkpointed_iteration.txt")) as fh:
+        iteration = int(fh.read().strip())
+    return _run_job("distopt", out_dir, hf_dir, tp=tp, pp=pp, dp=dp, bucket_size=bucket_size, steps=steps,
+                    iteration=iteration, bf16=bf16, grad_reduce_in_fp32=True, init="resume",
+                    vocab_divisible_by=vocab_divisible_by, seed=seed, lr=lr, save_rng=True, extra_args={},
+                    timeout=timeout, resume_dir=os.path.abspath(ckpt_dir))
+
+
 def make_torch_dist_checkpoint(out_dir: str, hf_dir: str, tp: int = 1, pp: int = 1, dp: int = 1,
                                steps: int = 0, iteration: int = 1, bf16: bool = False, init: str = "random",
                                vocab_divisible_by: int = 128, seed: int = 1234, lr: float = 1e-2,
@@ -301,6 +318,8 @@ def _run_job(kind: str, out_dir: str, hf_dir: str, **kw) -> dict:
             if rc != 0:
                 raise RuntimeError(f"ckpt-ir convert failed ({rc})")
             job["init_dir"] = mc
+        elif kw["init"] == "resume":
+            job["init_dir"] = kw["resume_dir"]
         elif kw["init"] != "random":
             raise ValueError(f"init must be 'random' or 'hf', got {kw['init']!r}")
         job_path = os.path.join(tmp, "job.json")
@@ -482,8 +501,9 @@ def _build(job: dict):
     return gpt, config
 
 
-def _train(job: dict, gpt, config):
-    """Wrap in Float16Module (bf16) + DDP + DistributedOptimizer and run job['steps'] steps."""
+def _train(job: dict, gpt, config, built=None):
+    """Wrap in Float16Module (bf16) + DDP + DistributedOptimizer (or reuse ``built``: (model,
+    optimizer)) and run job['steps'] steps."""
     import torch
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import (
@@ -495,15 +515,18 @@ def _train(job: dict, gpt, config):
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.module import Float16Module
 
-    module = Float16Module(config, gpt) if job["bf16"] else gpt
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=job["grad_reduce_in_fp32"],
-                                               overlap_grad_reduce=True, use_distributed_optimizer=True,
-                                               bucket_size=job["bucket_size"])
-    model = DistributedDataParallel(config, ddp_config, module)
-    opt_config = OptimizerConfig(optimizer="adam", lr=job["lr"], min_lr=0.0, weight_decay=0.01, adam_beta1=0.9,
-                                 adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0, bf16=job["bf16"],
-                                 params_dtype=config.params_dtype, use_distributed_optimizer=True)
-    optimizer = get_megatron_optimizer(opt_config, [model])
+    if built is not None:
+        model, optimizer = built
+    else:
+        module = Float16Module(config, gpt) if job["bf16"] else gpt
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=job["grad_reduce_in_fp32"],
+                                                   overlap_grad_reduce=True, use_distributed_optimizer=True,
+                                                   bucket_size=job["bucket_size"])
+        model = DistributedDataParallel(config, ddp_config, module)
+        opt_config = OptimizerConfig(optimizer="adam", lr=job["lr"], min_lr=0.0, weight_decay=0.01, adam_beta1=0.9,
+                                     adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0, bf16=job["bf16"],
+                                     params_dtype=config.params_dtype, use_distributed_optimizer=True)
+        optimizer = get_megatron_optimizer(opt_config, [model])
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = model.no_sync
@@ -609,7 +632,25 @@ def _run_distopt(job: dict, rank: int) -> None:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     gpt, config = _build(job)
-    model, optimizer, losses = _train(job, gpt, config)
+    if job["init"] == "resume":  # as megatron.training.checkpointing.load_checkpoint does
+        tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+        src = os.path.join(job["init_dir"], f"iter_{job['iteration']:07d}", mp_dir_name(tp_rank, pp_rank, job["pp"]))
+        more, job["steps"] = job["steps"], 0
+        model, optimizer, _ = _train(job, gpt, config)
+        blob = torch.load(os.path.join(src, "model_optim_rng.pt"), map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(blob["optimizer"])
+        # CPU workaround: without Apex/TE, load_state_dict puts torch Adam's "step" into each
+        # param's state, which load_parameter_state then expects in the file too (a KeyError even
+        # for files megatron-core wrote itself); the step comes from param_groups, so set it aside
+        inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+        held = [(st, st.pop("step")) for o in inner for st in o.state.values() if "step" in st]
+        optimizer.load_parameter_state(os.path.join(src, "distrib_optim.pt"))
+        for st, step in held:
+            st["step"] = step
+        job["steps"] = more
+        _, _, losses = _train(job, gpt, config, (model, optimizer))
+    else:
+        model, optimizer, losses = _train(job, gpt, config)
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
     name = mp_dir_name(tp_rank, pp_rank, job["pp"])

@@ -62,6 +62,13 @@ class TensorWriter:
         if ranges is not None:
             n, crc = self.copier.copy(ranges, fd, pos), None
             self.reader.bytes_read += n
+        elif isinstance(expr, E.Concat) and expr.dim == 0:
+            # rows are contiguous in the output: write part by part (a flat optimizer buffer, a row
+            # gather) instead of building the whole tensor; the zip CRC is then read back
+            n = 0
+            for part in expr.xs:
+                n += self(part, fd, pos + n)[0]
+            return n, None
         else:
             buf = tensor_bytes(expr, self.reader)
             n = write_at(fd, buf, pos)

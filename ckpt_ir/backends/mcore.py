@@ -8,6 +8,7 @@ transpose of expert e's fc1 shard, ``weight2`` is (E_loc, F/T, H) viewed as [E_l
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 
 import attrs
@@ -16,6 +17,8 @@ from ckpt_ir import mcore_format as M
 from ckpt_ir.backends.plan import OutputFile, Plan
 from ckpt_ir.errors import VerifyError
 from ckpt_ir.families import by_name
+from ckpt_ir.frontends import distopt
+from ckpt_ir.io.safe_pickle import TORCH_DTYPES, TorchDtype
 from ckpt_ir.io.torchzip import Tensor
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
@@ -47,7 +50,10 @@ def grouped_weight(kind: str, shards: list[E.Expr]) -> E.Expr:
     return E.simplify(E.Reshape(stacked, shape))
 
 
-def plan(ckpt: Checkpoint, *, iteration: int | None = None, shared_copies: str = "check") -> Plan:
+def plan(ckpt: Checkpoint, *, iteration: int | None = None, shared_copies: str = "check",
+         dp: int | None = None) -> Plan:
+    """``ckpt.states`` (optimizer state) becomes ``distrib_optim.pt`` beside each rank file, laid
+    out for data-parallel size ``dp`` (default: the source's), plus the training entries."""
     spec, layout = ckpt.spec, ckpt.layout
     if not (layout.fused_qkv and layout.fused_gate_up):
         raise VerifyError("Megatron output needs fused QKV and gate/up; the pipeline must run fuse-qkv and "
@@ -114,6 +120,9 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None, shared_copies: str =
     family = by_name(spec.family)
     args = M.build_args(spec, layout, ckpt.hf_config, family.mindspeed_names[0] if family.mindspeed_names else spec.family)
     it = iteration if iteration is not None else ckpt.meta.get("iteration", 1)
+    optim = OptimizerOutput(ckpt, dp) if ckpt.states else None
+    if optim is not None:
+        args = optim.args(args)
     files: list[OutputFile] = []
     etp = layout.expert_tp
     for stage in range(layout.pp):
@@ -126,23 +135,129 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None, shared_copies: str =
                     if entry.ep is not None and entry.ep != ep:
                         continue
                     shard_rank = rank if entry.ep is None or etp > 1 else 0
-                    exprs = [_shard(ckpt.tensors[c], shard_rank) for c in entry.canon]
-                    expr = grouped_weight(entry.grouped, exprs) if entry.grouped else exprs[0]
+                    expr = _entry_expr(ckpt.tensors, entry, shard_rank)
                     uid = f"model{chunk}/{entry.key}"
                     tensors.append((uid, expr))
                     sd[entry.key] = Tensor(uid, expr.dtype, expr.shape)
                 models["model" if chunks == 1 else f"model{chunk}"] = sd
             obj = {"args": args, "checkpoint_version": 3.0, "iteration": it, **models}
-            path = f"{M.iter_dir(it)}/{M.rank_dir(rank, stage, layout, ep, layout.ep)}/model_optim_rng.pt"
-            files.append(OutputFile(path, "torch", tuple(tensors), obj=obj))
+            rank_dir = f"{M.iter_dir(it)}/{M.rank_dir(rank, stage, layout, ep, layout.ep)}"
+            if optim is not None:
+                obj.update(optim.training_entries((rank, stage, ep), tensors))
+                chunk_entries = [[e for e in content[(stage, c)] if e.ep is None or e.ep == ep] for c in range(chunks)]
+                files.append(optim.file(f"{rank_dir}/distrib_optim.pt", chunk_entries, stage, rank))
+            files.append(OutputFile(f"{rank_dir}/model_optim_rng.pt", "torch", tuple(tensors), obj=obj))
     files.append(OutputFile("latest_checkpointed_iteration.txt", "text", text=str(it)))
     copies = tuple(_shared_copies(ckpt))
     dropped = dict(ckpt.dropped)
+    if optim is not None:
+        dropped.update(optim.dropped)
     if shared_copies == "drop":  # MindSpeed-LLM's behaviour: Megatron's shared tensor is kept
         dropped.update({name: f"stored once in Megatron (shared with {other}); not compared"
                         for name, other, _, _ in copies})
         copies = ()
     return Plan(tuple(files), dropped, checks=copies)
+
+
+def _entry_expr(tensors: dict[str, TensorNode], entry: Entry, shard_rank: int) -> E.Expr:
+    exprs = [_shard(tensors[c], shard_rank) for c in entry.canon]
+    return grouped_weight(entry.grouped, exprs) if entry.grouped else exprs[0]
+
+
+class OptimizerOutput:
+    """Distributed-optimizer state for the target layout: one ``distrib_optim.pt`` per rank
+    directory (what data-parallel rank 0 saves: the whole buffers, coalesced over buckets), and
+    the ``optimizer`` / ``opt_param_scheduler`` entries of ``model_optim_rng.pt``."""
+
+    def __init__(self, ckpt: Checkpoint, dp: int | None) -> None:
+        meta = ckpt.meta.get("optimizer") or {}
+        self.ckpt, self.meta = ckpt, meta
+        self.resume = dict(meta.get("args") or {})
+        self.dp = dp or self.resume.get("data_parallel_size") or 1
+        if ckpt.spec.num_experts:
+            raise VerifyError("writing optimizer state for MoE models (separate expert optimizer) is not supported "
+                              "yet; convert with --no-optimizer")
+        missing = [k for k in distopt.STATE_KEYS if k not in ckpt.states]
+        if missing:
+            raise VerifyError(f"optimizer state lacks {', '.join(missing)}; Megatron's distributed optimizer needs "
+                              f"{', '.join(distopt.STATE_KEYS)}")
+        grad = meta.get("dtype_key", (None, TorchDtype("float32")))[1]
+        self.dtype_key = (TorchDtype(_TORCH_NAME[ckpt.spec.dtype]), grad)
+        self.dropped: dict[str, str] = {}
+        same_ranks = meta.get("source_layout") == (ckpt.layout.tp, ckpt.layout.pp, ckpt.layout.ep)
+        self.rng = meta.get("rng_state", {}) if same_ranks else {}
+        if not same_ranks and any(v is not None for v in meta.get("rng_state", {}).values()):
+            self.dropped["rng_state"] = ("per-rank random-number state of another parallel layout: resume with "
+                                         "--no-load-rng")
+
+    def args(self, args):
+        args = copy.copy(args)
+        for k, v in self.resume.items():
+            setattr(args, k, v)
+        args.data_parallel_size = self.dp
+        args.use_distributed_optimizer = True
+        return args
+
+    def training_entries(self, rank: tuple[int, int, int], tensors: list[tuple[str, E.Expr]]) -> dict:
+        """Entries of ``model_optim_rng.pt`` besides the model; their tensors are appended to ``tensors``."""
+        values = {"optimizer": self.meta.get("optimizer"), "opt_param_scheduler": self.meta.get("opt_param_scheduler"),
+                  "rng_state": self.rng.get(rank),
+                  "num_floating_point_operations_so_far": self.meta.get("num_floating_point_operations_so_far")}
+        out = {}
+        for key, value in values.items():
+            if value is None:
+                continue
+            if not _writable(value):
+                self.dropped[key] = "holds objects ckpt-ir cannot write back"
+                continue
+            out[key] = _placeholders(value, key, tensors)
+        return out
+
+    def file(self, path: str, chunk_entries: list[list[Entry]], stage: int, rank: int) -> OutputFile:
+        layout = self.ckpt.layout
+        tied = self.ckpt.spec.tied_embeddings
+        obj: dict = {"buckets_coalesced": True}
+        tensors: list[tuple[str, E.Expr]] = []
+        for chunk, entries in enumerate(chunk_entries):
+            bucket = distopt.bucket_size_for({**self.resume, "data_parallel_size": self.dp}, stage, chunk, self.dp)
+            shared = distopt.shared_params(tied, stage, layout.pp, chunk, len(chunk_entries))
+            group: dict = {}
+            total = 0
+            for which in distopt.STATE_KEYS:
+                params = [(e.key, _entry_expr(self.ckpt.states[which], e, rank)) for e in entries]
+                flat = distopt.flat_state(params, bucket, self.dp, shared)
+                uid = f"{chunk}/{which}"
+                tensors.append((uid, flat))
+                group[which] = Tensor(uid, flat.dtype, flat.shape)
+                total = flat.shape[0]
+            group["numel_unpadded"] = total
+            obj[chunk] = {self.dtype_key: group}
+        return OutputFile(path, "torch", tuple(tensors), obj=obj)
+
+
+_TORCH_NAME = {ir: name for name, ir in TORCH_DTYPES.items() if name not in ("float", "half", "double", "long", "int")}
+
+
+def _writable(obj) -> bool:
+    """Plain values, tensors and numpy arrays can be written back; stand-ins for unknown classes cannot."""
+    if isinstance(obj, dict):
+        return all(_writable(k) and _writable(v) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return all(_writable(v) for v in obj)
+    return obj is None or isinstance(obj, (bool, int, float, str, bytes, TorchDtype, E.Expr)) \
+        or type(obj).__module__ == "numpy"
+
+
+def _placeholders(obj, uid: str, tensors: list[tuple[str, E.Expr]]):
+    """``obj`` with each tensor expression replaced by a placeholder naming its entry in ``tensors``."""
+    if isinstance(obj, E.Expr):
+        tensors.append((uid, obj))
+        return Tensor(uid, obj.dtype, obj.shape)
+    if isinstance(obj, dict):
+        return {k: _placeholders(v, f"{uid}.{k}", tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_placeholders(v, f"{uid}.{i}", tensors) for i, v in enumerate(obj))
+    return obj
 
 
 def _shared_copies(ckpt: Checkpoint):

@@ -77,6 +77,8 @@ class Plan:
 
 
 def tensor_memory(e: E.Expr) -> int:
+    if isinstance(e, E.Concat) and e.dim == 0:  # written part by part (see TensorWriter)
+        return max(tensor_memory(x) for x in e.xs)
     inputs = [n for n in E.walk(e) if n is not e]
     staging = max((n.nbytes for n in inputs if isinstance(n, E.Load)), default=0)
     temporaries = sum(n.nbytes for n in inputs if not isinstance(n, (E.Load, E.Concat, E.Slice)))

@@ -25,9 +25,10 @@ def detect(path: str) -> str:
 
 
 def load(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, Any] | None = None,
-         weights_from: str = "model", family: str | None = None) -> Checkpoint:
+         weights_from: str = "model", family: str | None = None, optimizer: bool = False) -> Checkpoint:
     """Lift any supported checkpoint directory.  ``weights_from="master"``: a Megatron checkpoint's
-    weights come from its distributed optimizer's fp32 master copies."""
+    weights come from its distributed optimizer's fp32 master copies; ``optimizer=True``: lift its
+    optimizer state too (``Checkpoint.states``), when it has any."""
     fmt = detect(path)
     if weights_from != "model" and fmt != "mcore":
         from ckpt_ir.errors import UsageError
@@ -40,4 +41,5 @@ def load(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
         return hf.lift(path, allow_unused=allow_unused, hf_config=hf_config, family=family)
     from ckpt_ir.frontends import mcore
 
-    return mcore.lift(path, allow_unused=allow_unused, hf_config=hf_config, weights_from=weights_from)
+    return mcore.lift(path, allow_unused=allow_unused, hf_config=hf_config, weights_from=weights_from,
+                      optimizer=optimizer)

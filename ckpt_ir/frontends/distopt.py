@@ -25,12 +25,46 @@ import math
 import os
 from typing import Any
 
-from ckpt_ir.errors import FormatError
+from ckpt_ir.errors import FormatError, VerifyError
 from ckpt_ir.io.safe_pickle import TensorRef, TorchDtype
 from ckpt_ir.io.torchzip import TorchZip, iter_tensors
 from ckpt_ir.ir import expr as E
 
 ALIGN = 64
+
+# Megatron-Core's parameter registration order (named_parameters(), which DDP walks backwards)
+# within a dense transformer layer, for the local and Transformer-Engine specs.  It is not the key
+# order of every rank file (MindSpeed-LLM and ckpt-ir write linear_qkv before linear_proj), so
+# the layout is built from this order, not from the file.
+_LAYER_ORDER = tuple(f"{m}.{p}" for m, ps in (
+    ("input_layernorm", ("weight", "bias")),
+    ("self_attention.linear_proj", ("weight", "bias")),
+    ("self_attention.linear_qkv", ("layer_norm_weight", "layer_norm_bias", "weight", "bias")),
+    ("self_attention.q_layernorm", ("weight", "bias")),
+    ("self_attention.k_layernorm", ("weight", "bias")),
+    ("pre_mlp_layernorm", ("weight", "bias")),
+    ("mlp.linear_fc1", ("layer_norm_weight", "layer_norm_bias", "weight", "bias")),
+    ("mlp.linear_fc2", ("weight", "bias")),
+) for p in ps)
+_LAYER_RANK = {k: i for i, k in enumerate(_LAYER_ORDER)}
+_TOP_RANK = {"embedding.word_embeddings.weight": (0,), "decoder.final_layernorm.weight": (2,),
+             "decoder.final_layernorm.bias": (3,), "output_layer.weight": (4,)}
+
+
+def registration_order(keys: list[str]) -> list[str] | None:
+    """``keys`` (parameters of one model chunk) in Megatron-Core's registration order, or None when
+    a key is not a dense GPT parameter whose place is known."""
+    ranks = {}
+    for key in keys:
+        if key in _TOP_RANK:
+            ranks[key] = _TOP_RANK[key]
+            continue
+        parts = key.split(".", 3)
+        if len(parts) < 4 or parts[:2] != ["decoder", "layers"] or not parts[2].isdigit() \
+                or parts[3] not in _LAYER_RANK:
+            return None
+        ranks[key] = (1, int(parts[2]), _LAYER_RANK[parts[3]])
+    return sorted(keys, key=ranks.__getitem__)
 
 
 def param_offsets(params: list[tuple[str, int]], bucket_size: int | None, dp: int,
@@ -71,55 +105,109 @@ def bucket_size_for(args: dict[str, Any], stage: int, chunk: int, dp: int) -> in
     return int(size) if size else max(40_000_000, 1_000_000 * dp)
 
 
-def state_exprs(rank_file: str, z: TorchZip, args: dict[str, Any], stage: int, pp: int, which: str,
-                dp: int | None = None) -> dict[tuple[str, str], E.Expr]:
-    """(model chunk key, tensor key) -> expression of its fp32 ``which`` state (TP-local shape)."""
+STATE_KEYS = ("param", "exp_avg", "exp_avg_sq")
+
+
+def chunk_keys(obj: dict) -> list[str]:
+    """``model`` or ``model0``, ``model1``, ... (one per virtual-pipeline chunk), in chunk order."""
+    keys = [k for k in obj if k == "model" or (k.startswith("model") and k[5:].isdigit())]
+    return sorted(keys, key=lambda k: -1 if k == "model" else int(k[5:]))
+
+
+def shared_params(tied: bool, stage: int, pp: int, chunk: int, chunks: int) -> frozenset[str]:
+    """The tied embedding / output layer that DDP puts in a bucket of its own (PP > 1 only)."""
+    shared = set()
+    if tied and pp > 1:
+        if stage == 0 and chunk == 0:
+            shared.add("embedding.word_embeddings.weight")
+        if stage == pp - 1 and chunk == chunks - 1:
+            shared.add("output_layer.weight")
+    return frozenset(shared)
+
+
+def read_state(rank_file: str, z: TorchZip, args: dict[str, Any], stage: int, pp: int,
+               dp: int | None = None) -> tuple[dict[str, dict[tuple[str, str], E.Expr]], tuple]:
+    """The fp32 optimizer state of one rank directory: {state key: {(model chunk key, tensor key):
+    expression in the TP-local shape}}, and the buffers' (param dtype, grad dtype) key."""
     path = os.path.join(os.path.dirname(rank_file), "distrib_optim.pt")
     if not os.path.isfile(path):
         raise FormatError(f"{os.path.dirname(rank_file)}: no distrib_optim.pt; the checkpoint has no "
-                          f"distributed-optimizer state (use the model weights instead)")
+                          f"distributed-optimizer state (use the model weights instead, or --no-optimizer)")
     opt = TorchZip(path)
     state = opt.obj
     if isinstance(state, list):
-        raise FormatError(f"{path}: separate dense/expert optimizer states are not supported yet")
+        raise FormatError(f"{path}: separate dense/expert optimizer states (MoE) are not supported yet; "
+                          f"convert with --no-optimizer to keep the weights")
     if not isinstance(state, dict) or not state.get("buckets_coalesced"):
         raise FormatError(f"{path}: an older (per-bucket, Megatron-Core < 0.7) optimizer layout; re-save it with a "
                           f"current Megatron-Core")
     dp = dp or args.get("data_parallel_size")
     if not isinstance(dp, int) or dp < 1:
-        raise FormatError(f"{rank_file}: args do not record data_parallel_size; pass --dp")
+        raise FormatError(f"{rank_file}: args do not record data_parallel_size; the optimizer layout depends on it")
     tied = not args.get("untie_embeddings_and_output_weights", True)
-    chunk_keys = sorted(k for k in z.obj if k == "model" or (k.startswith("model") and k[5:].isdigit()))
-    out: dict[tuple[str, str], E.Expr] = {}
-    for index, ck in enumerate(chunk_keys):
+    chunks = chunk_keys(z.obj)
+    out: dict[str, dict[tuple[str, str], E.Expr]] = {k: {} for k in STATE_KEYS}
+    dtype_key: tuple = ()
+    for index, ck in enumerate(chunks):
         groups = state.get(index)
         if not isinstance(groups, dict) or len(groups) != 1:
             raise FormatError(f"{path}: expected one dtype group for model chunk {index}, found "
                               f"{len(groups) if isinstance(groups, dict) else 0}")
-        (dtypes, entry), = groups.items()
-        if not all(isinstance(d, TorchDtype) for d in dtypes):
-            raise FormatError(f"{path}: unexpected dtype key {dtypes!r}")
-        params = [(k, math.prod(ref.shape)) for k, ref in iter_tensors(z.obj[ck]) if not k.endswith("._extra_state")]
-        shapes = {k: ref.shape for k, ref in iter_tensors(z.obj[ck])}
-        shared = set()
-        if tied and pp > 1:
-            if stage == 0 and index == 0:
-                shared.add("embedding.word_embeddings.weight")
-            if stage == pp - 1 and index == len(chunk_keys) - 1:
-                shared.add("output_layer.weight")
+        (dtype_key, entry), = groups.items()
+        if not (isinstance(dtype_key, tuple) and all(isinstance(d, TorchDtype) for d in dtype_key)):
+            raise FormatError(f"{path}: unexpected dtype key {dtype_key!r}")
+        shapes = {k: ref.shape for k, ref in iter_tensors(z.obj[ck]) if not k.endswith("._extra_state")}
+        # a file Megatron wrote lists parameters in registration order; others may not
+        order = registration_order(list(shapes)) or list(shapes)
+        params = [(k, math.prod(shapes[k])) for k in order]
         size = bucket_size_for(args, stage, index, dp)
-        offsets, total = param_offsets(params, size, dp, frozenset(shared))
+        offsets, total = param_offsets(params, size, dp, shared_params(tied, stage, pp, index, len(chunks)))
         if total != entry.get("numel_unpadded"):
             raise FormatError(f"{path}: the rebuilt parameter layout holds {total} elements but the file says "
                               f"{entry.get('numel_unpadded')} (chunk {index}); bucket size {size}, DP {dp} or the "
                               f"parameter order do not match how it was saved")
-        ref = entry.get(which)
-        if not isinstance(ref, TensorRef) or ref.dtype != "F32":
-            raise FormatError(f"{path}: no fp32 {which!r} state in chunk {index}")
-        flat = opt.load_expr(ref, f"{index}.{which}")
-        if flat.shape[0] < total:
-            raise FormatError(f"{path}: {which} holds {flat.shape[0]} elements, fewer than the layout's {total}")
-        for key, numel in params:
-            off = offsets[key]
-            out[(ck, key)] = E.simplify(E.Reshape(E.Slice(flat, 0, off, off + numel), shapes[key]))
-    return out
+        for which in STATE_KEYS:
+            ref = entry.get(which)
+            if not isinstance(ref, TensorRef) or ref.dtype != "F32":
+                raise FormatError(f"{path}: no fp32 {which!r} state in chunk {index}")
+            flat = opt.load_expr(ref, f"{index}.{which}")
+            if flat.shape != (total,):
+                raise FormatError(f"{path}: {which} holds {flat.shape} elements, not the layout's {total}")
+            for key, numel in params:
+                off = offsets[key]
+                out[which][(ck, key)] = E.simplify(E.Reshape(E.Slice(flat, 0, off, off + numel), shapes[key]))
+    return out, dtype_key
+
+
+def flat_state(params: list[tuple[str, E.Expr]], bucket_size: int | None, dp: int,
+               shared: frozenset[str] = frozenset()) -> E.Expr:
+    """The coalesced 1-D buffer Megatron's distributed optimizer saves for one model chunk:
+    ``params`` (Megatron keys, each with the state of that parameter) laid out by
+    :func:`param_offsets` in registration order, alignment gaps zero.  A concatenation along
+    dim 0, so it is written piece by piece."""
+    order = registration_order([k for k, _ in params])
+    if order is None:
+        unknown = [k for k, _ in params if registration_order([k]) is None]
+        raise VerifyError(f"optimizer state: Megatron's parameter order for {unknown[0]} is not known to ckpt-ir, "
+                          f"so its place in distrib_optim.pt cannot be derived; convert with --no-optimizer")
+    exprs = dict(params)
+    params = [(k, exprs[k]) for k in order]
+    offsets, total = param_offsets([(k, e.numel) for k, e in params], bucket_size, dp, shared)
+    placed = sorted(((offsets[k], k, e) for k, e in params), key=lambda x: x[0])
+    pieces = []
+    for i, (off, _, e) in enumerate(placed):
+        end = placed[i + 1][0] if i + 1 < len(placed) else total
+        flat = E.Reshape(e, (e.numel,))
+        pieces.append(E.simplify(E.PadRows(flat, end - off, zero=True) if end - off > e.numel else flat))
+    return pieces[0] if len(pieces) == 1 else E.simplify(E.Concat(tuple(pieces), 0))
+
+
+# Megatron args that say how the optimizer state is laid out, or where training resumes
+RESUME_ARGS = ("data_parallel_size", "overlap_grad_reduce", "ddp_bucket_size", "use_distributed_optimizer",
+               "consumed_train_samples", "skipped_train_samples", "consumed_valid_samples", "train_iters",
+               "train_samples", "global_batch_size", "micro_batch_size", "seed", "lr", "min_lr")
+
+
+def training_args(args: dict[str, Any]) -> dict[str, Any]:
+    """The source run's arguments that a resumed run needs, under ``"args"``."""
+    return {"args": {k: args[k] for k in RESUME_ARGS if isinstance(args.get(k), (int, float, bool))}}

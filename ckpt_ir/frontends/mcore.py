@@ -22,7 +22,7 @@ from ckpt_ir.families import by_name, for_hf_config
 from ckpt_ir.frontends import distopt
 from ckpt_ir.frontends.hf import canonical_order
 from ckpt_ir.io.safe_pickle import Stub
-from ckpt_ir.io.torchzip import TorchZip, iter_tensors
+from ckpt_ir.io.torchzip import TorchZip, iter_tensors, with_exprs
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.layout import Layout, expert_rank_files, layer_slots
@@ -134,9 +134,10 @@ def spec_from_args(args: dict[str, Any], hf_config: dict[str, Any] | None, where
 
 
 def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, Any] | None = None,
-         weights_from: str = "model") -> Checkpoint:
+         weights_from: str = "model", optimizer: bool = False) -> Checkpoint:
     """``weights_from="master"`` takes every parameter from the distributed optimizer's fp32 master
-    copy (``distrib_optim.pt``) instead of the model's (e.g. bf16) weights."""
+    copy (``distrib_optim.pt``) instead of the model's (e.g. bf16) weights.  ``optimizer=True``
+    also lifts the distributed-optimizer state (when the checkpoint has it) into ``states``."""
     it_dir, iteration = _iteration_dir(path)
     found: dict[tuple[int, int | None, int | None], str] = {}
     for n in sorted(os.listdir(it_dir)):
@@ -189,11 +190,18 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                           f"{M.rank_dir(extra[0][0], extra[0][1], layout, extra[0][2], max(ep, 2))}); "
                           f"the directory mixes layouts")
     experts_per_rank = spec.num_experts // ep if spec.num_experts else 0
-    # canonical name (layer/expert still local) -> {tp rank: expression}
-    pieces: dict[str, dict[int, E.Expr]] = defaultdict(dict)
+    has_state = {f: os.path.isfile(os.path.join(os.path.dirname(f), "distrib_optim.pt")) for f in ranks.values()}
+    carry = optimizer and any(has_state.values())
+    if carry and not all(has_state.values()):
+        lacking = next(f for f, ok in has_state.items() if not ok)
+        raise FormatError(f"{os.path.dirname(lacking)}: no distrib_optim.pt although other rank directories have "
+                          f"one; the optimizer state is incomplete (use --no-optimizer to convert the weights)")
+    # tensor set ("" = weights, else a state key) -> canonical name (layer/expert still local) -> {tp rank: expr}
+    pieces: dict[str, dict[str, dict[int, E.Expr]]] = defaultdict(lambda: defaultdict(dict))
     dropped: dict[str, str] = {}
     unknown: list[str] = []
     te_norms = te_fc1 = False
+    opt_meta: dict[str, Any] = {"rng_state": {}}
     for (t, p, e), f in sorted(ranks.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
         z = first if f == first.path else TorchZip(f)
         rel = os.path.relpath(f, path)
@@ -202,10 +210,12 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
         it2 = z.obj.get("iteration")
         if it2 is not None and iteration != "release" and it2 != iteration:
             raise FormatError(f"{f}: iteration {it2} but the tracker says {iteration}; the directory mixes iterations")
-        chunk_keys = sorted(k for k in z.obj if k == "model" or (k.startswith("model") and k[5:].isdigit()))
+        chunk_keys = distopt.chunk_keys(z.obj)
         if not chunk_keys:
             raise FormatError(f"{f}: no 'model' state dict in the rank file")
-        masters = distopt.state_exprs(f, z, args, p, pp, "param") if weights_from == "master" else None
+        state = None
+        if weights_from == "master" or carry:
+            state, opt_meta["dtype_key"] = distopt.read_state(f, z, args, p, pp)
         for ck in chunk_keys:
             chunk = 0 if ck == "model" else int(ck[5:])
             sd = z.obj[ck]
@@ -214,60 +224,59 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                     continue
                 te_norms |= key.endswith("linear_qkv.layer_norm_weight")
                 te_fc1 |= key.endswith("linear_fc1.layer_norm_weight")
-                if key == "embedding.word_embeddings.weight" and p == pp - 1 and pp > 1 and spec.mtp_layers:
-                    found = [("@mtp.0:mtp.embed.weight", z.load_expr(ref, f"{ck}.{key}"), False)]
-                else:
-                    expr = masters[(ck, key)] if masters is not None else z.load_expr(ref, f"{ck}.{key}")
-                    found = _lift_key(key, expr, p, chunk, e, experts_per_rank, tables)
-                if found is None:
-                    if any(fnmatch.fnmatch(key, pat) for pat in allow_unused):
-                        dropped[f"{rel}:{ck}.{key}"] = "matched --allow-unused"
+                values = {"": state["param"][(ck, key)] if weights_from == "master" else z.load_expr(ref, f"{ck}.{key}")}
+                if carry:
+                    values.update({which: state[which][(ck, key)] for which in distopt.STATE_KEYS})
+                for set_name, value in values.items():
+                    if key == "embedding.word_embeddings.weight" and p == pp - 1 and pp > 1 and spec.mtp_layers:
+                        found = [("@mtp.0:mtp.embed.weight", value, False)]
                     else:
-                        unknown.append(f"{ck}.{key} in {rel}")
-                    continue
-                for canon, expr, is_exp in found:
-                    # experts with expert TP = 1 are whole: they count as TP rank 0
-                    slot = 0 if is_exp and layout.expert_tp == 1 else t
-                    if slot in pieces[canon]:
-                        dropped[f"{rel}:{ck}.{key}"] = "replica of the same tensor in another EP rank's file"
+                        found = _lift_key(key, value, p, chunk, e, experts_per_rank, tables)
+                    if found is None:
+                        if any(fnmatch.fnmatch(key, pat) for pat in allow_unused):
+                            dropped[f"{rel}:{ck}.{key}"] = "matched --allow-unused"
+                        elif not set_name:
+                            unknown.append(f"{ck}.{key} in {rel}")
                         continue
-                    pieces[canon][slot] = expr
+                    for canon, expr, is_exp in found:
+                        # experts with expert TP = 1 are whole: they count as TP rank 0
+                        slot = 0 if is_exp and layout.expert_tp == 1 else t
+                        if slot in pieces[set_name][canon]:
+                            dropped[f"{rel}:{ck}.{key}"] = "replica of the same tensor in another EP rank's file"
+                            continue
+                        pieces[set_name][canon][slot] = expr
             for key in sd if isinstance(sd, dict) else ():
                 if key.endswith(M.EXTRA_STATE):
                     dropped[f"{rel}:{ck}.{key}"] = "Transformer-Engine _extra_state (FP8 metadata)"
+        if carry:
+            opt_meta["rng_state"][(t, p, e)] = with_exprs(z.obj.get("rng_state"), z, "rng_state")
+            if f == first.path:
+                for key in ("optimizer", "opt_param_scheduler", "num_floating_point_operations_so_far"):
+                    opt_meta[key] = with_exprs(z.obj.get(key), z, key)
+            continue
         for key, why in (("optimizer", "optimizer settings"), ("opt_param_scheduler", "learning-rate scheduler"),
                          ("rng_state", "random-number-generator state")):
             if z.obj.get(key) is not None:
-                dropped[f"{rel}:{key}"] = f"{why}: not model weights; not carried by this version"
-        if os.path.isfile(os.path.join(os.path.dirname(f), "distrib_optim.pt")) and weights_from != "master":
+                dropped[f"{rel}:{key}"] = f"{why}: training state; carried only with the optimizer state " \
+                                          f"to a Megatron target"
+        if has_state[f] and weights_from != "master":
             dropped[os.path.join(os.path.dirname(rel), "distrib_optim.pt")] = (
-                "distributed-optimizer state (fp32 masters, Adam moments): not carried by this version; "
+                "distributed-optimizer state (fp32 masters, Adam moments): carried only to a Megatron target; "
                 "the model weights come from model_optim_rng.pt")
     slot_of = {(s.stage, s.chunk, s.local): s for s in layer_slots(spec, layout)}
-    tensors: dict[str, TensorNode] = {}
-    for canon_local, shards in pieces.items():
-        name = _resolve_layer(canon_local, slot_of, path, spec.num_layers)
-        if name in tensors:
-            raise FormatError(f"{path}: tensor {name} appears twice (check num_layer_list / noop_layers in args)")
-        rule = split_rule(name)
-        n = layout.expert_tp if is_expert(name) else tp
-        if rule is None or n == 1:
-            tensors[name] = TensorNode.whole(name, shards[0])
-            for r in range(1, tp):
-                if r in shards:
-                    dropped[f"{name}@tp{r}"] = "replica of TP rank 0 (replicated tensor)"
-            continue
-        if sorted(shards) != list(range(n)):
-            raise FormatError(f"{path}: tensor {name} is missing on TP rank(s) {sorted(set(range(n)) - set(shards))}")
-        tensors[name] = TensorNode(name, tuple(shards[r] for r in range(n)), rule)
-    for k in range(spec.mtp_layers):  # MTP shares the main embedding / output layer in Megatron
-        for own, main in (("mtp.embed.weight", "embed.weight"), ("mtp.head.weight", "lm_head.weight")):
-            name = f"layers.{spec.num_layers + k}.{own}"
-            if name not in tensors and main in tensors:
-                tensors[name] = attrs.evolve(tensors[main], name=name)
+    sets = {name: _assemble(set_pieces, slot_of, spec, layout, path, dropped if not name else {})
+            for name, set_pieces in pieces.items()}
+    tensors = sets.pop("", {})
     if spec.tied_embeddings and "lm_head.weight" in tensors:
-        del tensors["lm_head.weight"]
         dropped["output_layer.weight"] = "copy of the tied embedding on the last pipeline stage"
+    for s_tensors in (tensors, *sets.values()):
+        for k in range(spec.mtp_layers):  # MTP shares the main embedding / output layer in Megatron
+            for own, main in (("mtp.embed.weight", "embed.weight"), ("mtp.head.weight", "lm_head.weight")):
+                name = f"layers.{spec.num_layers + k}.{own}"
+                if name not in s_tensors and main in s_tensors:
+                    s_tensors[name] = attrs.evolve(s_tensors[main], name=name)
+        if spec.tied_embeddings:
+            s_tensors.pop("lm_head.weight", None)
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
         raise CoverageError(f"{len(unknown)} Megatron tensor(s) have no known meaning and would be lost: {shown}; "
@@ -284,8 +293,33 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
         spec = _evolve(spec, lora_rank=lora_a[0].shape[0], lora_alpha=float(alpha) if alpha is not None else None)
     layout = _evolve(layout, norm_names="te" if te_fc1 else "te-input" if te_norms else "local")
     ordered = dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0])))
+    meta: dict[str, Any] = {"iteration": iteration if iteration != "release" else 1, "args": args}
+    if sets:
+        meta["optimizer"] = {**opt_meta, "source_layout": (tp, pp, ep), **distopt.training_args(args)}
     return Checkpoint(spec=spec, layout=layout, tensors=ordered, dropped=dropped, hf_config=cfg, source=path,
-                      meta={"iteration": iteration if iteration != "release" else 1, "args": args})
+                      meta=meta, states={k: {n: v[n] for n in ordered if n in v} for k, v in sets.items()})
+
+
+def _assemble(pieces: dict[str, dict[int, E.Expr]], slot_of: dict, spec, layout: Layout, path: str,
+              dropped: dict[str, str]) -> dict[str, TensorNode]:
+    """Tensor nodes from the per-TP-rank pieces of one tensor set (model layers resolved)."""
+    tensors: dict[str, TensorNode] = {}
+    for canon_local, shards in pieces.items():
+        name = _resolve_layer(canon_local, slot_of, path, spec.num_layers)
+        if name in tensors:
+            raise FormatError(f"{path}: tensor {name} appears twice (check num_layer_list / noop_layers in args)")
+        rule = split_rule(name)
+        n = layout.expert_tp if is_expert(name) else layout.tp
+        if rule is None or n == 1:
+            tensors[name] = TensorNode.whole(name, shards[0])
+            for r in range(1, layout.tp):
+                if r in shards:
+                    dropped[f"{name}@tp{r}"] = "replica of TP rank 0 (replicated tensor)"
+            continue
+        if sorted(shards) != list(range(n)):
+            raise FormatError(f"{path}: tensor {name} is missing on TP rank(s) {sorted(set(range(n)) - set(shards))}")
+        tensors[name] = TensorNode(name, tuple(shards[r] for r in range(n)), rule)
+    return tensors
 
 
 MTP_LAYER_KEY = re.compile(r"^mtp\.layers\.(\d+)\.transformer_layer\.(.*)$")

@@ -89,6 +89,18 @@ class TorchZip:
         return Load(self.path, key, ref.shape, ref.dtype, start + ref.offset * item, "torch")
 
 
+def with_exprs(obj: Any, z: TorchZip, prefix: str) -> Any:
+    """``obj`` with every tensor reference replaced by its lazy expression (to carry small training
+    state, e.g. RNG states, into another file)."""
+    if isinstance(obj, TensorRef):
+        return z.load_expr(obj, prefix)
+    if isinstance(obj, dict):
+        return {k: with_exprs(v, z, f"{prefix}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(with_exprs(v, z, f"{prefix}.{i}") for i, v in enumerate(obj))
+    return obj
+
+
 def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
     out, acc = [], 1
     for n in reversed(shape):
@@ -200,6 +212,10 @@ def _pickle(obj: Any, tensors: list[Tensor]) -> bytes:
             glob("collections", "OrderedDict")
             out.extend(b")R")
             out.extend(b"tR")
+        elif type(v).__module__ == "numpy":  # rng_state's arrays: numpy's own pickle, inlined
+            import pickle
+
+            out.extend(pickle.dumps(v, protocol=2)[2:-1])  # without PROTO and STOP; we keep no memo
         elif isinstance(v, TorchDtype):
             glob("torch", v.name)
         elif type(v).__name__ == "dtype" and str(v).startswith("torch."):  # a real torch.dtype

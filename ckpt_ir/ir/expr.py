@@ -10,7 +10,7 @@ first byte moves.  The algebra is deliberately small:
     Reshape   same elements, new shape (row-major)
     Transpose swap two dims
     Cast      dtype change
-    PadRows   grow dim 0 by repeating the last row (Megatron vocab padding)
+    PadRows   grow dim 0 by repeating the last row (Megatron vocab padding) or with zeros
     Add, Scale, Matmul   the arithmetic a LoRA merge needs (computed in fp32 by the caller)
 
 :func:`simplify` rewrites an expression into an equivalent one that reads fewer bytes (slices are
@@ -225,10 +225,12 @@ class Cast(Expr):
 
 @attrs.frozen
 class PadRows(Expr):
-    """Grow dim 0 to ``rows`` by repeating the last row (Megatron's vocab padding rule)."""
+    """Grow dim 0 to ``rows`` by repeating the last row (Megatron's vocab padding rule), or with
+    zeros (``zero=True``: padding of optimizer state, alignment gaps in flat buffers)."""
 
     x: Expr
     rows: int
+    zero: bool = False
 
     def __attrs_post_init__(self) -> None:
         _check(self.rows >= self.x.shape[0] > 0, f"cannot pad {self.x.shape[0]} rows to {self.rows}")
@@ -459,7 +461,7 @@ def _rewrite_slice(e: Slice) -> Expr:
         if d == 0 and b <= n:
             return Slice(x.x, 0, a, b)
         if d > 0:
-            return PadRows(Slice(x.x, d, a, b), x.rows)
+            return PadRows(Slice(x.x, d, a, b), x.rows, x.zero)
     if isinstance(x, Transpose) and d not in (x.dim0, x.dim1):
         return Transpose(Slice(x.x, d, a, b), x.dim0, x.dim1)
     if isinstance(x, Transpose):
@@ -583,7 +585,10 @@ def evaluate_raw(expr: Expr, reader: Reader, *, scratch: bool = False):
     if isinstance(expr, PadRows):
         x = evaluate_raw(expr.x, reader)
         extra = expr.rows - x.shape[0]
-        return np.concatenate([x, np.repeat(x[-1:], extra, axis=0)]) if extra else x
+        if not extra:
+            return x
+        pad = np.zeros((extra,) + x.shape[1:], x.dtype) if expr.zero else np.repeat(x[-1:], extra, axis=0)
+        return np.concatenate([x, pad])
     return from_torch_tensor(_evaluate_math(expr, reader), expr.dtype)
 
 

@@ -28,7 +28,7 @@ def describe(e: E.Expr) -> str:
     if isinstance(e, E.Cast):
         return f"cast({describe(e.x)}, {e.to})"
     if isinstance(e, E.PadRows):
-        return f"pad_rows({describe(e.x)}, {e.rows})"
+        return f"pad_rows({describe(e.x)}, {e.rows}{', zeros' if e.zero else ''})"
     if isinstance(e, E.Add):
         return f"add({describe(e.a)}, {describe(e.b)})"
     if isinstance(e, E.Matmul):
@@ -71,7 +71,7 @@ def expr_json(e: E.Expr) -> dict[str, Any]:
     elif isinstance(e, E.Cast):
         d.update(to=e.to)
     elif isinstance(e, E.PadRows):
-        d.update(rows=e.rows)
+        d.update(rows=e.rows, zero=e.zero)
     elif isinstance(e, E.Transpose):
         d.update(dims=[e.dim0, e.dim1])
     elif isinstance(e, E.Scale):

@@ -24,6 +24,7 @@ class CastPass(Pass):
     )
     requires = "any layout"
     guarantees = "floating tensors have the target dtype; spec.dtype updated"
+    optimizer_state = "keep"  # master weights and moments stay fp32
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
         to = parse_dtype(self.opt("dtype"))

@@ -100,6 +100,7 @@ class LoraMerge(Pass):
     )
     requires = "tp=1 (run gather first); LoRA tensors present"
     guarantees = "no LoRA tensors; base weights merged, dtype unchanged"
+    optimizer_state = "drop"  # the adapters' state has no counterpart in the merged weights
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
         if ckpt.layout.tp != 1:

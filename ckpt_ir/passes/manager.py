@@ -2,6 +2,9 @@
 
 A pass is a small class with a ``name``, a one-line ``summary``, typed ``options``, and what it
 ``requires`` of / ``guarantees`` about the layout; it transforms a Checkpoint and returns a new one.
+Optimizer state (``Checkpoint.states``) follows every pass that moves tensors (each state set is
+run through the pass like the weights), is kept as is by passes that change values (cast), or is
+dropped where it has no meaning any more (LoRA merge): ``Pass.optimizer_state`` says which.
 Passes know nothing about printing or timing: the :class:`PassManager` verifies the IR after every
 pass and runs the instrumentation (print before/after, dumps, statistics) for all of them.
 
@@ -63,6 +66,8 @@ class Pass:
     options: ClassVar[tuple[Option, ...]] = ()
     requires: ClassVar[str] = "-"
     guarantees: ClassVar[str] = "-"
+    # what happens to optimizer-state tensor sets: "follow" (run_state on each), "keep", "drop"
+    optimizer_state: ClassVar[str] = "follow"
 
     def __init__(self, **values: Any) -> None:
         known = {o.name: o for o in self.options}
@@ -80,6 +85,12 @@ class Pass:
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def run_state(self, ckpt: Checkpoint, state: str) -> Checkpoint:
+        """The pass on optimizer-state set ``state`` (``ckpt.tensors`` holds that set's tensors, not
+        the weights).  Moving tensors works the same on weights and on their state; override where
+        the state needs other values (e.g. zeros, not copies, for padding moments)."""
+        return self.run(ckpt)
 
     def __str__(self) -> str:
         set_opts = [f"{o.name}={o.format(self.values[o.name])}" for o in self.options
@@ -241,6 +252,23 @@ class PassStat:
     bytes_changed: int
 
 
+def _carry_states(p: Pass, before: Checkpoint, after: Checkpoint) -> Checkpoint:
+    """Apply pass ``p``'s rule for optimizer state to ``after`` (the pass's result on the weights)."""
+    if not before.states:
+        return after
+    if p.optimizer_state == "keep":
+        return attrs.evolve(after, states=before.states)
+    if p.optimizer_state == "drop":
+        dropped = dict(after.dropped)
+        for set_name in before.states:
+            dropped[f"optimizer state {set_name}"] = f"no longer meaningful after {p.name}"
+        return attrs.evolve(after, states={}, dropped=dropped)
+    states = {}
+    for set_name, tensors in before.states.items():
+        states[set_name] = p.run_state(attrs.evolve(before, tensors=tensors, states={}), set_name).tensors
+    return attrs.evolve(after, states=states)
+
+
 class PassManager:
     def __init__(self, pipeline: Pipeline, instrumentation: Instrumentation | None = None,
                  verify: Callable[[Checkpoint, str], None] | None = None) -> None:
@@ -262,7 +290,7 @@ class PassManager:
             if p.name in inst.print_before:
                 inst.stream.write(f"// ----- IR before {p} -----\n{render(ckpt, inst.ir_format)}\n")
             t0 = time.perf_counter()
-            new = p.run(ckpt)
+            new = _carry_states(p, ckpt, p.run(ckpt))
             dt = time.perf_counter() - t0
             self.verify(new, str(p))
             changed = [t for name, t in new.tensors.items() if ckpt.tensors.get(name) != t]

@@ -36,6 +36,9 @@ class PadVocab(Pass):
             raise VerifyError("pad-vocab needs whole tensors; run gather first")
         if ckpt.layout.padded_vocab:
             raise VerifyError("pad-vocab: vocabulary is already padded; run unpad-vocab first")
+        return self._pad(ckpt, self._size(ckpt), zero=False)
+
+    def _size(self, ckpt: Checkpoint) -> int:
         size = self.opt("size")
         if size is None:
             if not self.opt("divisible-by"):
@@ -43,7 +46,14 @@ class PadVocab(Pass):
             size = padded_size(ckpt.spec.vocab_size, self.opt("divisible-by"), self.opt("tp"))
         if size < ckpt.spec.vocab_size:
             raise UsageError(f"pad-vocab: size {size} is smaller than the vocabulary {ckpt.spec.vocab_size}")
-        out = {n: (t.map(lambda e: E.simplify(E.PadRows(e, size))) if n in VOCAB_ROLES else t)
+        return size
+
+    def run_state(self, ckpt: Checkpoint, state: str) -> Checkpoint:
+        # master weights pad like the weights; padding rows have no optimizer history: zero moments
+        return self._pad(ckpt, self._size(ckpt), zero=state != "param")
+
+    def _pad(self, ckpt: Checkpoint, size: int, zero: bool) -> Checkpoint:
+        out = {n: (t.map(lambda e: E.simplify(E.PadRows(e, size, zero))) if n in VOCAB_ROLES else t)
                for n, t in ckpt.tensors.items()}
         padded = size if size != ckpt.spec.vocab_size else None
         return ckpt.with_tensors(out, layout=attrs.evolve(ckpt.layout, padded_vocab=padded))

@@ -1,0 +1,247 @@
+"""Distributed-optimizer state follows a reshard: checkpoints trained and saved by megatron-core's
+DistributedOptimizer are converted by ckpt-ir to another TP/PP/DP layout, then megatron-core itself
+resumes from the result (``optimizer.load_state_dict`` + ``load_parameter_state``, as
+``megatron.training`` does) and the state it loaded is compared with the source's, gathered by the
+sharding rules written out below (not by ckpt-ir)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from ckpt_ir.cli import main as cli_main
+from tests import distopt_fixtures as F
+
+STATES = ("param", "exp_avg", "exp_avg_sq")
+
+
+def _truth(out: str, tp: int, pp: int) -> dict:
+    """{(stage, local key): {tp rank: per-parameter truth}} from a fixture's ground truth."""
+    truth: dict = {}
+    for stage in range(pp):
+        for rank in range(tp):
+            gt = torch.load(os.path.join(out, "ground_truth", F.mp_dir_name(rank, stage, pp) + ".pt"),
+                            weights_only=False)
+            for key, p in gt["params"].items():
+                truth.setdefault((stage, key), {})[rank] = p
+    return truth
+
+
+def _global(truth: dict, layers_per_stage: int, field: str) -> dict:
+    """Whole (TP=1) tensors keyed by global Megatron names, gathered by Megatron's sharding rules:
+    column-parallel weights join on dim 0 (fc1 keeps [all gate; all up]), row-parallel on dim 1,
+    everything else is replicated."""
+    out = {}
+    for (stage, key), ranks in truth.items():
+        parts = [ranks[r][field] for r in sorted(ranks)]
+        if key.startswith("decoder.layers."):
+            _, _, local, rest = key.split(".", 3)
+            key = f"decoder.layers.{stage * layers_per_stage + int(local)}.{rest}"
+        if len(parts) == 1 or not any(key.endswith(s) for s in ("linear_qkv.weight", "linear_fc1.weight",
+                                                                 "linear_proj.weight", "linear_fc2.weight",
+                                                                 "word_embeddings.weight", "output_layer.weight")):
+            assert all(torch.equal(p, parts[0]) for p in parts), f"replicas of {key} differ"
+            full = parts[0]
+        elif key.endswith("linear_fc1.weight"):
+            half = parts[0].shape[0] // 2
+            full = torch.cat([p[:half] for p in parts] + [p[half:] for p in parts])
+        elif key.endswith(("linear_proj.weight", "linear_fc2.weight")):
+            full = torch.cat(parts, dim=1)
+        else:
+            full = torch.cat(parts)
+        if key in out:  # the tied output layer on the last stage: the same state as the embedding
+            assert torch.equal(out[key], full), key
+        out[key] = full
+    return out
+
+
+def _assert_same_state(a: dict, b: dict, dtype=torch.float32) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype == dtype
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """TP=2, PP=2, DP=2, bf16 with fp32 masters, hidden 72 (parameters not multiples of 64), DDP
+    buckets of 4096 elements (several per stage 0), two Adam steps."""
+    root = tmp_path_factory.mktemp("distopt")
+    hf = str(root / "hf")
+    F.make_tiny_hf_llama(hf, hidden=72, layers=4, heads=4, kv_heads=2, ffn=120, vocab=256, tied=False)
+    src = str(root / "src")
+    info = F.make_distopt_checkpoint(src, hf, tp=2, pp=2, dp=2, bucket_size=4096, steps=2, bf16=True, init="hf")
+    assert max(len(b["buckets"]) for r in info["ranks"] for b in r["buffers"]) > 1
+    return root, hf, src
+
+
+def test_tp2_pp2_dp2_to_tp1_pp4_dp1_and_back_is_bit_exact(trained):
+    root, hf, src = trained
+    pp4 = str(root / "pp4")
+    assert cli_main(["convert", src, pp4, "--to", "mcore", "--tp", "1", "--pp", "4", "--target-dp", "1",
+                     "--hf-config", hf, "--quiet"]) == 0
+    # megatron-core resumes TP=1 PP=4 DP=1 from it and holds exactly the source's state
+    resumed = str(root / "resumed_pp4")
+    F.resume_distopt_checkpoint(resumed, hf, pp4, tp=1, pp=4, dp=1, bucket_size=4096)
+    source = _truth(src, 2, 2)
+    loaded = _truth(resumed, 1, 4)
+    for field in STATES:
+        _assert_same_state(_global(source, 2, field), _global(loaded, 1, field))
+    _assert_same_state(_global(source, 2, "model_param"), _global(loaded, 1, "model_param"), torch.bfloat16)
+
+    # ... and back to TP=2 PP=2 DP=2: the very files megatron-core wrote
+    back = str(root / "back")
+    assert cli_main(["convert", pp4, back, "--to", "mcore", "--tp", "2", "--pp", "2", "--target-dp", "2",
+                     "--hf-config", hf, "--quiet"]) == 0
+    for stage in range(2):
+        for rank in range(2):
+            d = F.mp_dir_name(rank, stage, 2)
+            want = torch.load(os.path.join(src, "iter_0000002", d, "distrib_optim.pt"))
+            got = torch.load(os.path.join(back, "iter_0000002", d, "distrib_optim.pt"))  # weights_only, as megatron
+            assert list(got) == list(want) == ["buckets_coalesced", 0]
+            (key, w), = want[0].items()
+            assert list(got[0]) == [key] == [(torch.bfloat16, torch.float32)]
+            assert got[0][key]["numel_unpadded"] == w["numel_unpadded"]
+            for field in STATES:
+                assert torch.equal(got[0][key][field], w[field]), (d, field)
+            m_want = torch.load(os.path.join(src, "iter_0000002", d, "model_optim_rng.pt"), weights_only=False)
+            m_got = torch.load(os.path.join(back, "iter_0000002", d, "model_optim_rng.pt"), weights_only=False)
+            assert m_got["optimizer"] == m_want["optimizer"]
+            assert m_got["opt_param_scheduler"] == m_want["opt_param_scheduler"]
+            for k, v in m_want["model"].items():
+                if not k.endswith("_extra_state"):
+                    assert torch.equal(m_got["model"][k], v), k
+            assert m_got["args"].data_parallel_size == 2 and m_got["args"].use_distributed_optimizer
+    resumed_back = str(root / "resumed_back")
+    F.resume_distopt_checkpoint(resumed_back, hf, back, tp=2, pp=2, dp=2, bucket_size=4096)
+    again = _truth(resumed_back, 2, 2)
+    for (stage, key), ranks in source.items():
+        for rank, p in ranks.items():
+            for field in STATES:
+                assert torch.equal(again[(stage, key)][rank][field], p[field]), (stage, key, rank, field)
+
+
+def test_training_resumes_after_a_reshard(trained):
+    """Megatron-core takes further Adam steps from the converted state (nothing missing or NaN)."""
+    root, hf, src = trained
+    tp1 = str(root / "tp1pp2")
+    assert cli_main(["convert", src, tp1, "--to", "mcore", "--tp", "1", "--pp", "2", "--target-dp", "1",
+                     "--hf-config", hf, "--quiet"]) == 0
+    info = F.resume_distopt_checkpoint(str(root / "stepped"), hf, tp1, tp=1, pp=2, dp=1, bucket_size=4096, steps=1)
+    losses = [x for r in info["ranks"] for x in r["losses"] if x is not None]
+    assert losses and all(x == x and abs(x) < 1e4 for x in losses)
+    stepped = _truth(str(root / "stepped"), 1, 2)
+    start = _global(_truth(src, 2, 2), 2, "exp_avg")
+    after = _global(stepped, 2, "exp_avg")
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(after[k], start[k]) for k in start)  # it really stepped
+
+
+def test_tied_embeddings_to_another_dp_size(tmp_path):
+    """Tied embeddings: with PP > 1 DDP gives the embedding (first stage) and the output layer (last
+    stage) buckets of their own; DP=3 aligns buckets to lcm(3, 128) = 384 elements."""
+    hf = str(tmp_path / "hf")
+    F.make_tiny_hf_llama(hf, hidden=72, layers=2, heads=4, kv_heads=2, ffn=120, vocab=200, tied=True)
+    src = str(tmp_path / "src")
+    F.make_distopt_checkpoint(src, hf, tp=2, pp=1, dp=2, bucket_size=4096, steps=1, bf16=True, init="hf",
+                              vocab_divisible_by=8)
+    out = str(tmp_path / "pp2dp3")
+    assert cli_main(["convert", src, out, "--to", "mcore", "--tp", "1", "--pp", "2", "--target-dp", "3",
+                     "--make-vocab-size-divisible-by", "8", "--hf-config", hf, "--quiet"]) == 0
+    resumed = str(tmp_path / "resumed")
+    F.resume_distopt_checkpoint(resumed, hf, out, tp=1, pp=2, dp=3, bucket_size=4096, vocab_divisible_by=8)
+    source = _truth(src, 2, 1)
+    loaded = _truth(resumed, 1, 2)
+    for field in STATES:
+        want, got = _global(source, 2, field), _global(loaded, 1, field)
+        # vocab 200 is padded to 208 rows at TP=2 (a multiple of 8*2), to 200 at TP=1
+        assert want["embedding.word_embeddings.weight"].shape[0] == 208
+        want["embedding.word_embeddings.weight"] = want["embedding.word_embeddings.weight"][:200]
+        # PP > 1 keeps a copy of the tied embedding as the last stage's output layer, state included
+        assert torch.equal(got.pop("output_layer.weight"), want["embedding.word_embeddings.weight"])
+        _assert_same_state(want, got)
+
+
+def _distopt_files(root: str) -> dict:
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        if "distrib_optim.pt" in files:
+            out[os.path.relpath(dirpath, root)] = torch.load(os.path.join(dirpath, "distrib_optim.pt"))
+    return out
+
+
+def test_vpp_chunks_and_cast_round_trip(trained):
+    """Through a virtual-pipeline layout (one buffer per model chunk) and a bf16 -> fp16 cast of
+    the weights and back: the optimizer state stays fp32 and returns bit-exact."""
+    root, hf, src = trained
+    vpp = str(root / "vpp")
+    assert cli_main(["convert", src, vpp, "--to", "mcore", "--tp", "1", "--pp", "2", "--vpp-layers", "1",
+                     "--dtype", "fp16", "--hf-config", hf, "--quiet"]) == 0
+    files = _distopt_files(vpp)
+    assert set(files) == {"iter_0000002/mp_rank_00_000", "iter_0000002/mp_rank_00_001"}
+    for state in files.values():
+        assert list(state) == ["buckets_coalesced", 0, 1]  # one entry per model chunk
+        for chunk in (0, 1):
+            (key, group), = state[chunk].items()
+            assert key == (torch.float16, torch.float32)
+            assert all(group[k].dtype == torch.float32 for k in STATES)
+    back = str(root / "vpp_back")
+    assert cli_main(["convert", vpp, back, "--to", "mcore", "--tp", "2", "--pp", "2", "--dtype", "bf16",
+                     "--hf-config", hf, "--quiet"]) == 0
+    want, got = _distopt_files(src), _distopt_files(back)
+    assert want.keys() == got.keys()
+    for d in want:
+        (key, w), = want[d][0].items()
+        for field in STATES:
+            assert torch.equal(got[d][0][key][field], w[field]), (d, field)
+
+
+def test_vocab_padding_rows_get_zero_moments(trained):
+    root, hf, src = trained
+    import ckpt_ir.api as ck
+    from ckpt_ir.ir import expr as E
+
+    out = str(root / "padded")
+    assert cli_main(["convert", src, out, "--to", "mcore", "--make-vocab-size-divisible-by", "192",
+                     "--hf-config", hf, "--quiet"]) == 0
+    ckpt = ck.load(out, optimizer=True, hf_config=__import__("json").load(open(os.path.join(hf, "config.json"))))
+    with E.Reader() as reader:
+        emb = {k: E.evaluate(ckpt.states[k]["embed.weight"].expr, reader) for k in STATES}
+    assert emb["param"].shape[0] == 384
+    assert torch.equal(emb["param"][256:], emb["param"][255:256].expand(128, -1))  # like the weights
+    assert not emb["exp_avg"][256:].any() and not emb["exp_avg_sq"][256:].any()
+    source = _global(_truth(src, 2, 2), 2, "exp_avg")["embedding.word_embeddings.weight"]
+    assert torch.equal(emb["exp_avg"][:256], source)
+
+
+def test_optimizer_can_be_left_out_and_is_reported_for_hf(trained, capsys):
+    root, hf, src = trained
+    out = str(root / "weights_only")
+    assert cli_main(["convert", src, out, "--to", "mcore", "--tp", "1", "--no-optimizer", "--hf-config", hf,
+                     "--quiet"]) == 0
+    assert not _distopt_files(out)
+    m = torch.load(os.path.join(out, "iter_0000002", "mp_rank_00", "model_optim_rng.pt"), weights_only=False)
+    assert "optimizer" not in m and "opt_param_scheduler" not in m
+    assert cli_main(["convert", src, str(root / "hf_out"), "--to", "hf", "--hf-config", hf, "--dry-run"]) == 0
+    assert "distrib_optim.pt" in capsys.readouterr().out  # listed as dropped, with the reason
+    assert cli_main(["convert", src, str(root / "x"), "--to", "hf", "--target-dp", "2", "--hf-config", hf]) == 2
+
+
+def test_mindspeed_load_model_type_optim(trained):
+    root, hf, src = trained
+    out = str(root / "ms_optim")
+    assert cli_main(["convert-ckpt", "--load-model-type", "optim", "--save-model-type", "mg", "--load-dir", src,
+                     "--save-dir", out, "--target-tensor-parallel-size", "1", "--target-pipeline-parallel-size", "4",
+                     "--target-data-parallel-size", "1", "--hf-cfg-dir", hf]) == 0
+    ref = str(root / "pp4_ref")
+    assert cli_main(["convert", src, ref, "--to", "mcore", "--pp", "4", "--target-dp", "1", "--hf-config", hf,
+                     "--quiet"]) == 0
+    a, b = _distopt_files(out), _distopt_files(ref)
+    assert a.keys() == b.keys() and len(a) == 4
+    for d in a:
+        (key, x), = a[d][0].items()
+        assert all(torch.equal(x[f], b[d][0][key][f]) for f in STATES)
+    assert cli_main(["convert-ckpt", "--load-model-type", "optim", "--save-model-type", "hf", "--load-dir", src,
+                     "--save-dir", str(root / "ms_hf")]) == 2
