@@ -245,3 +245,63 @@ def test_mindspeed_load_model_type_optim(trained):
         assert all(torch.equal(x[f], b[d][0][key][f]) for f in STATES)
     assert cli_main(["convert-ckpt", "--load-model-type", "optim", "--save-model-type", "hf", "--load-dir", src,
                      "--save-dir", str(root / "ms_hf")]) == 2
+
+
+def _encode_older(gt: dict, dp: int, generation: str) -> dict:
+    """An independent writer of the older distrib_optim.pt layouts, from the documented rules
+    (reference notes A3/A4): parameters in reverse registration order with no alignment, a bucket
+    closing once it holds ``bucket_size`` elements; 0.7 concatenates the buckets without their end
+    padding, 0.5/0.6 keep a list of buckets each padded to a multiple of DP (0.5 keys the group
+    by the gradient dtype alone)."""
+    buckets, current, pos = [], [], 0
+    for name in reversed(gt["param_order"]):
+        current.append((name, pos))
+        pos += gt["params"][name]["param"].numel()
+        if gt["bucket_size"] is not None and pos >= gt["bucket_size"]:
+            buckets.append((current, pos))
+            current, pos = [], 0
+    if current:
+        buckets.append((current, pos))
+    group: dict = {}
+    for field in STATES:
+        tensors = []
+        for names, unpadded in buckets:
+            size = unpadded if generation == "0.7" else -(-unpadded // dp) * dp
+            t = torch.zeros(size)
+            for name, at in names:
+                v = gt["params"][name][field].reshape(-1)
+                t[at:at + v.numel()] = v
+            tensors.append(t)
+        group[field] = torch.cat(tensors) if generation == "0.7" else tensors
+    key = (torch.bfloat16, torch.float32)
+    if generation == "0.7":
+        return {"buckets_coalesced": True, 0: {key: {**group, "numel_unpadded": sum(n for _, n in buckets)}}}
+    if generation == "0.5":
+        key = torch.float32
+    return {"per_bucket_numel": [{key: [t.numel() for t in group["param"]]}],
+            "per_bucket_numel_unpadded": [{key: [n for _, n in buckets]}], 0: {key: group}}
+
+
+@pytest.mark.parametrize("generation", ["0.7", "0.6", "0.5"])
+def test_older_megatron_layouts_are_read(trained, generation):
+    """Optimizer files in the layouts of Megatron-Core 0.5-0.7 (no 64-element alignment; 0.5/0.6
+    per-bucket lists padded to DP) are read and rewritten in the current layout, equal to the
+    file megatron-core 0.16 wrote for the same state."""
+    import shutil
+
+    root, hf, src = trained
+    old = str(root / f"old-{generation}")
+    shutil.copytree(src, old)
+    for stage in range(2):
+        for rank in range(2):
+            d = F.mp_dir_name(rank, stage, 2)
+            gt = torch.load(os.path.join(src, "ground_truth", d + ".pt"), weights_only=False)
+            torch.save(_encode_older(gt, 2, generation), os.path.join(old, "iter_0000002", d, "distrib_optim.pt"))
+    out = str(root / f"new-{generation}")
+    assert cli_main(["convert", old, out, "--to", "mcore", "--tp", "2", "--pp", "2", "--hf-config", hf, "--quiet"]) == 0
+    want, got = _distopt_files(src), _distopt_files(out)
+    assert want.keys() == got.keys()
+    for d in want:
+        (key, w), = want[d][0].items()
+        for field in STATES:
+            assert torch.equal(got[d][0][key][field], w[field]), (d, field)

@@ -10,7 +10,7 @@ from ckpt_ir.ir.checkpoint import Checkpoint
 
 
 def detect(path: str) -> str:
-    from ckpt_ir.frontends import hf, mcore
+    from ckpt_ir.frontends import hf, mcore, torch_dist
 
     if not os.path.exists(path):
         raise FormatError(f"{path}: no such file or directory")
@@ -18,6 +18,8 @@ def detect(path: str) -> str:
         raise FormatError(f"{path}: expected a checkpoint directory")
     if hf.detect(path):
         return "hf"
+    if torch_dist.detect(path):  # before mcore: both live in Megatron iter_* directories
+        return "torch_dist"
     if mcore.detect(path):
         return "mcore"
     raise FormatError(f"{path}: not a recognised checkpoint (expected an HF directory with config.json and "
@@ -30,7 +32,7 @@ def load(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     weights come from its distributed optimizer's fp32 master copies; ``optimizer=True``: lift its
     optimizer state too (``Checkpoint.states``), when it has any."""
     fmt = detect(path)
-    if weights_from != "model" and fmt != "mcore":
+    if weights_from != "model" and fmt not in ("mcore", "torch_dist"):
         from ckpt_ir.errors import UsageError
 
         raise UsageError(f"--weights-from {weights_from}: only Megatron checkpoints with distributed-optimizer "
@@ -39,6 +41,11 @@ def load(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
         from ckpt_ir.frontends import hf
 
         return hf.lift(path, allow_unused=allow_unused, hf_config=hf_config, family=family)
+    if fmt == "torch_dist":
+        from ckpt_ir.frontends import torch_dist
+
+        return torch_dist.lift(path, allow_unused=allow_unused, hf_config=hf_config, optimizer=optimizer,
+                               weights_from=weights_from)
     from ckpt_ir.frontends import mcore
 
     return mcore.lift(path, allow_unused=allow_unused, hf_config=hf_config, weights_from=weights_from,

@@ -25,6 +25,8 @@ import math
 import os
 from typing import Any
 
+import attrs
+
 from ckpt_ir.errors import FormatError, VerifyError
 from ckpt_ir.io.safe_pickle import TensorRef, TorchDtype
 from ckpt_ir.io.torchzip import TorchZip, iter_tensors
@@ -67,34 +69,63 @@ def registration_order(keys: list[str]) -> list[str] | None:
     return sorted(keys, key=ranks.__getitem__)
 
 
+@attrs.frozen
+class Generation:
+    """How one generation of Megatron-Core laid out the buffers."""
+
+    name: str
+    align: int  # each parameter starts on a multiple of this many elements
+    pad_128: bool  # buckets end on a multiple of lcm(DP, 128) (else of DP)
+    coalesced: bool  # the file holds the buckets concatenated without end padding
+
+
+CURRENT = Generation("Megatron-Core >= 0.8", ALIGN, True, True)
+V07 = Generation("Megatron-Core 0.7", 1, True, True)
+PER_BUCKET = Generation("Megatron-Core 0.5-0.6", 1, False, False)
+
+
+@attrs.frozen
+class BufferLayout:
+    offsets: dict[str, int]  # where each parameter starts in the coalesced buffer
+    total: int  # numel_unpadded of the coalesced buffer
+    in_bucket: dict[str, tuple[int, int]]  # (bucket, offset in the bucket) of each parameter
+    bucket_sizes: tuple[int, ...]  # per bucket, elements without the end padding
+
+
 def param_offsets(params: list[tuple[str, int]], bucket_size: int | None, dp: int,
-                  shared: frozenset[str] = frozenset()) -> tuple[dict[str, int], int]:
-    """Offset of each parameter in the coalesced buffers, and the total (``numel_unpadded``)."""
+                  shared: frozenset[str] = frozenset(), gen: Generation = CURRENT) -> BufferLayout:
+    """Where each parameter (registration order, with its element count) sits in the buffers."""
     def round_up(n: int, m: int) -> int:
         return -(-n // m) * m
 
-    bucket_align = math.lcm(dp, 128)
+    bucket_align = math.lcm(dp, 128) if gen.pad_128 else dp
     offsets: dict[str, int] = {}
+    in_bucket: dict[str, tuple[int, int]] = {}
+    sizes: list[int] = []
     base = bucket_start = cursor = 0
     open_bucket = False
     end = 0
     for name, numel in reversed(params):
-        start = round_up(cursor, ALIGN)
+        start = round_up(cursor, gen.align)
         if name in shared and open_bucket:  # the shared parameter starts a bucket of its own
+            sizes.append(start - bucket_start)  # (0.8-0.19 count the alignment gap in the last bucket)
             base += start - bucket_start
             bucket_start = start = round_up(start, bucket_align)
         end = start + numel
         offsets[name] = base + start - bucket_start
+        in_bucket[name] = (len(sizes), start - bucket_start)
         open_bucket = True
         if name in shared or (bucket_size is not None and end - bucket_start >= bucket_size):
+            sizes.append(end - bucket_start)
             base += end - bucket_start
             bucket_start = cursor = round_up(end, bucket_align)
             open_bucket = False
         else:
             cursor = end
     if open_bucket:
+        sizes.append(end - bucket_start)
         base += end - bucket_start
-    return offsets, base
+    return BufferLayout(offsets, base, in_bucket, tuple(sizes))
 
 
 def bucket_size_for(args: dict[str, Any], stage: int, chunk: int, dp: int) -> int | None:
@@ -138,9 +169,10 @@ def read_state(rank_file: str, z: TorchZip, args: dict[str, Any], stage: int, pp
     if isinstance(state, list):
         raise FormatError(f"{path}: separate dense/expert optimizer states (MoE) are not supported yet; "
                           f"convert with --no-optimizer to keep the weights")
-    if not isinstance(state, dict) or not state.get("buckets_coalesced"):
-        raise FormatError(f"{path}: an older (per-bucket, Megatron-Core < 0.7) optimizer layout; re-save it with a "
-                          f"current Megatron-Core")
+    if not isinstance(state, dict) or not (state.get("buckets_coalesced") or "per_bucket_numel" in state):
+        raise FormatError(f"{path}: not a distributed-optimizer state Megatron-Core wrote (neither the coalesced nor "
+                          f"the per-bucket layout)")
+    gens = (CURRENT, V07) if state.get("buckets_coalesced") else (PER_BUCKET,)
     dp = dp or args.get("data_parallel_size")
     if not isinstance(dp, int) or dp < 1:
         raise FormatError(f"{rank_file}: args do not record data_parallel_size; the optimizer layout depends on it")
@@ -154,6 +186,8 @@ def read_state(rank_file: str, z: TorchZip, args: dict[str, Any], stage: int, pp
             raise FormatError(f"{path}: expected one dtype group for model chunk {index}, found "
                               f"{len(groups) if isinstance(groups, dict) else 0}")
         (dtype_key, entry), = groups.items()
+        if isinstance(dtype_key, TorchDtype):  # Megatron-Core 0.5 keys the group by the gradient dtype alone
+            dtype_key = (dtype_key, dtype_key)
         if not (isinstance(dtype_key, tuple) and all(isinstance(d, TorchDtype) for d in dtype_key)):
             raise FormatError(f"{path}: unexpected dtype key {dtype_key!r}")
         shapes = {k: ref.shape for k, ref in iter_tensors(z.obj[ck]) if not k.endswith("._extra_state")}
@@ -161,21 +195,37 @@ def read_state(rank_file: str, z: TorchZip, args: dict[str, Any], stage: int, pp
         order = registration_order(list(shapes)) or list(shapes)
         params = [(k, math.prod(shapes[k])) for k in order]
         size = bucket_size_for(args, stage, index, dp)
-        offsets, total = param_offsets(params, size, dp, shared_params(tied, stage, pp, index, len(chunks)))
-        if total != entry.get("numel_unpadded"):
-            raise FormatError(f"{path}: the rebuilt parameter layout holds {total} elements but the file says "
-                              f"{entry.get('numel_unpadded')} (chunk {index}); bucket size {size}, DP {dp} or the "
-                              f"parameter order do not match how it was saved")
+        shared = shared_params(tied, stage, pp, index, len(chunks))
+        if gens[0].coalesced:
+            saved: Any = entry.get("numel_unpadded")
+            layouts = [(g, param_offsets(params, size, dp, shared, g)) for g in gens]
+            found = [(g, lay) for g, lay in layouts if lay.total == saved]
+            rebuilt = layouts[0][1].total
+        else:
+            per_bucket = state.get("per_bucket_numel_unpadded")
+            saved = list(next(iter(per_bucket[index].values()))) if isinstance(per_bucket, list) \
+                and len(per_bucket) > index and isinstance(per_bucket[index], dict) and per_bucket[index] else None
+            lay = param_offsets(params, size, dp, shared, PER_BUCKET)
+            found = [(PER_BUCKET, lay)] if list(lay.bucket_sizes) == saved else []
+            rebuilt = list(lay.bucket_sizes)
+        if not found:
+            raise FormatError(f"{path}: the rebuilt parameter layout holds {rebuilt} elements but the file says "
+                              f"{saved} (chunk {index}); bucket size {size}, DP {dp} or the parameter order do not "
+                              f"match how it was saved")
+        gen, lay = found[0]
         for which in STATE_KEYS:
-            ref = entry.get(which)
-            if not isinstance(ref, TensorRef) or ref.dtype != "F32":
+            value = entry.get(which)
+            buckets = value if isinstance(value, list) and not gen.coalesced else [value]
+            if not all(isinstance(r, TensorRef) and r.dtype == "F32" for r in buckets):
                 raise FormatError(f"{path}: no fp32 {which!r} state in chunk {index}")
-            flat = opt.load_expr(ref, f"{index}.{which}")
-            if flat.shape != (total,):
-                raise FormatError(f"{path}: {which} holds {flat.shape} elements, not the layout's {total}")
+            flats = [opt.load_expr(r, f"{index}.{which}.{b}") for b, r in enumerate(buckets)]
+            want = [lay.total] if gen.coalesced else list(lay.bucket_sizes)
+            if len(flats) != len(want) or any(f.shape[0] < n or len(f.shape) != 1 for f, n in zip(flats, want)):
+                raise FormatError(f"{path}: {which} holds {[f.shape for f in flats]} elements, not the layout's {want}")
             for key, numel in params:
-                off = offsets[key]
-                out[which][(ck, key)] = E.simplify(E.Reshape(E.Slice(flat, 0, off, off + numel), shapes[key]))
+                bucket, off = (0, lay.offsets[key]) if gen.coalesced else lay.in_bucket[key]
+                piece = E.Slice(flats[bucket], 0, off, off + numel)
+                out[which][(ck, key)] = E.simplify(E.Reshape(piece, shapes[key]))
     return out, dtype_key
 
 
@@ -192,7 +242,8 @@ def flat_state(params: list[tuple[str, E.Expr]], bucket_size: int | None, dp: in
                           f"so its place in distrib_optim.pt cannot be derived; convert with --no-optimizer")
     exprs = dict(params)
     params = [(k, exprs[k]) for k in order]
-    offsets, total = param_offsets([(k, e.numel) for k, e in params], bucket_size, dp, shared)
+    lay = param_offsets([(k, e.numel) for k, e in params], bucket_size, dp, shared)
+    offsets, total = lay.offsets, lay.total
     placed = sorted(((offsets[k], k, e) for k, e in params), key=lambda x: x[0])
     pieces = []
     for i, (off, _, e) in enumerate(placed):

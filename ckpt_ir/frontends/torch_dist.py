@@ -1,0 +1,341 @@
+"""Megatron-Core ``torch_dist`` frontend (``megatron.core.dist_checkpointing``, Megatron-LM's
+default ``--ckpt-format`` since 0.9): lift an ``iter_N/`` directory into the IR without Megatron,
+torch.distributed or reading any tensor data.
+
+An iteration directory holds ``metadata.json`` (``sharded_backend: torch_dist``), ``common.pt``
+(``args``, ``iteration`` and other non-sharded state), DCP's ``.metadata`` and ``__R_K.distcp``
+data files (see :mod:`ckpt_ir.io.dcp`).  Keys are global and independent of the parallel layout
+that saved them: decoder layers are stacked on a leading axis (``decoder.layers.<key>`` is
+``[L, ...]``; ``decoder.layers.<i>.<key>`` when not stacked), MoE experts on the next one, and
+each tensor is assembled from its chunks (the TP/PP shards of the ranks that saved it).  The
+result is a TP=1, PP=1 Megatron layout with fused QKV and gate/up, exactly the tensors a TP=1
+``torch`` checkpoint would hold.
+
+Optimizer state saved with ``--dist-ckpt-optim-fully-reshardable``
+(``optimizer.state.{param,exp_avg,exp_avg_sq}.<model key>``, model shapes) lifts into
+``Checkpoint.states``.  The per-bucket ``dp_reshardable`` layout (0.15+ default) is refused when
+optimizer state is asked for; the weights still convert without it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import re
+from typing import Any
+
+import attrs
+
+from ckpt_ir import mcore_format as M
+from ckpt_ir.errors import CoverageError, FormatError
+from ckpt_ir.frontends import distopt
+from ckpt_ir.frontends.hf import canonical_order
+from ckpt_ir.frontends.mcore import _args_dict, _canonical, _iteration_dir, spec_from_args
+from ckpt_ir.io.dcp import ChunkResolver, DcpTensor, read_metadata
+from ckpt_ir.io.torchzip import TorchZip
+from ckpt_ir.ir import expr as E
+from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
+from ckpt_ir.ir.dtypes import ITEMSIZE
+from ckpt_ir.ir.layout import Layout
+from ckpt_ir.ir.names import is_lora, layer_name
+
+METADATA_JSON = "metadata.json"
+COMMON = "common.pt"
+STATE_PREFIX = "optimizer.state."
+_UNSTACKED = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_STACKED_EXPERTS = re.compile(r"^mlp\.experts\.(?:experts|local_experts)\.(linear_fc[12]\.weight)$")
+_ONE_EXPERT = re.compile(r"^mlp\.experts\.(?:experts|local_experts)\.(\d+)\.(linear_fc[12]\.weight)$")
+_REFUSED = ("re-save it with --dist-ckpt-optim-fully-reshardable, or convert the weights only "
+            "(--no-optimizer)")
+
+
+def _checkpoint_dir(path: str) -> tuple[str, Any]:
+    """(iteration directory, iteration or None) for ``path``: an ``iter_N`` directory itself or a
+    Megatron save directory (tracker file / one ``iter_*``)."""
+    if os.path.isfile(os.path.join(path, METADATA_JSON)):
+        name = os.path.basename(os.path.normpath(path))
+        return path, int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else None
+    return _iteration_dir(path)
+
+
+def detect(path: str) -> bool:
+    """A ``torch_dist`` iteration directory, or a Megatron save directory whose iteration is one."""
+    if not os.path.isdir(path):
+        return False
+    try:
+        it_dir, _ = _checkpoint_dir(path)
+    except (FormatError, OSError, ValueError):
+        return False
+    return os.path.isfile(os.path.join(it_dir, METADATA_JSON))
+
+
+def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, Any] | None = None,
+         optimizer: bool = False, weights_from: str = "model") -> Checkpoint:
+    """Lift a ``torch_dist`` checkpoint.  ``optimizer=True`` also lifts fully-reshardable
+    distributed-optimizer state into ``states``; ``weights_from="master"`` takes the weights from
+    its fp32 master copies."""
+    it_dir, iteration = _checkpoint_dir(path)
+    _check_backend(it_dir)
+    common_path = os.path.join(it_dir, COMMON)
+    if not os.path.isfile(common_path):
+        raise FormatError(f"{it_dir}: no {COMMON}; ckpt-ir reads torch_dist checkpoints that keep their common "
+                          f"state in common.pt (Megatron-Core <= 0.18)")
+    common = TorchZip(common_path).obj
+    if not isinstance(common, dict):
+        raise FormatError(f"{common_path}: not a Megatron common-state dict")
+    args = _args_dict(common.get("args"), common_path)
+    spec, cfg = spec_from_args(args, hf_config, common_path)
+    n_args = args.get("num_layers")
+    if isinstance(n_args, int) and n_args != spec.num_layers:
+        raise FormatError(f"{common_path}: args.num_layers is {n_args} but the HF config has {spec.num_layers} "
+                          f"layers; the config does not belong to this checkpoint")
+    if iteration is None:
+        iteration = common.get("iteration") if isinstance(common.get("iteration"), int) else 1
+    md = read_metadata(it_dir)
+    tables = M.MLA_READ_TABLES if spec.mla else M.READ_TABLES
+    dropped: dict[str, str] = {}
+    unknown: list[str] = []
+    model: dict[str, tuple[DcpTensor, tuple[int, ...]]] = {}
+    states: dict[str, dict[str, tuple[DcpTensor, tuple[int, ...]]]] = {}
+    other_optimizer: list[str] = []
+    te_norms = te_fc1 = False
+    for key, t in md.tensors.items():
+        if key.startswith("optimizer."):
+            which = key[len(STATE_PREFIX):].split(".", 1)[0] if key.startswith(STATE_PREFIX) else ""
+            if which in distopt.STATE_KEYS:
+                target = states.setdefault(which, {})
+                key = key[len(STATE_PREFIX) + len(which) + 1:]
+            else:
+                other_optimizer.append(key)
+                continue
+        else:
+            target = model
+        if key.endswith(M.EXTRA_STATE):
+            dropped[key] = "Transformer-Engine _extra_state (FP8 metadata)"
+            continue
+        te_norms |= key.endswith("linear_qkv.layer_norm_weight")
+        te_fc1 |= key.endswith("linear_fc1.layer_norm_weight")
+        names = _names(key, t, spec.num_layers, tables, md.path)
+        if names is None:
+            if any(fnmatch.fnmatch(key, pat) for pat in allow_unused):
+                dropped[key if target is model else f"optimizer state of {key}"] = "matched --allow-unused"
+            elif target is model:
+                unknown.append(key)
+            continue
+        for canon, index in names:
+            if canon in target:
+                raise FormatError(f"{md.path}: tensor {canon} is stored twice (as {target[canon][0].key} and {key})")
+            target[canon] = (t, index)
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
+        raise CoverageError(f"{len(unknown)} Megatron tensor(s) in {it_dir} have no known meaning and would be "
+                            f"lost: {shown}; pass --allow-unused PATTERN to drop them on purpose")
+    for key in md.objects:
+        base = key.split("/shard_", 1)[0]
+        if base.endswith(M.EXTRA_STATE):
+            dropped[base] = "Transformer-Engine _extra_state (FP8 metadata)"
+        else:
+            dropped[base] = "Megatron sharded object (rng state, optimizer bookkeeping): not model weights"
+    sharding = _sharding_type(common)
+    want_states = optimizer or weights_from == "master"
+    if want_states and (other_optimizer or (states and set(states) != set(distopt.STATE_KEYS))):
+        raise FormatError(f"{it_dir}: the distributed-optimizer state is saved as {sharding or 'an unknown type'!r} "
+                          f"(keys such as {_short((other_optimizer or sorted(states))[0])}), "
+                          f"which ckpt-ir cannot reshard; {_REFUSED}")
+    if weights_from == "master" and not states:
+        raise FormatError(f"{it_dir}: --weights-from master needs distributed-optimizer state, and this checkpoint "
+                          f"has none")
+    if not want_states:
+        for key in other_optimizer:
+            dropped[_short(key)] = "distributed-optimizer state (per-bucket layout): not requested"
+        for which in states:
+            dropped[f"{STATE_PREFIX}{which}.*"] = ("distributed-optimizer state (fp32 masters, Adam moments): "
+                                                   "carried only to a Megatron target")
+        states = {}
+    with ChunkResolver(it_dir) as resolver:
+        build = _Builder(md.path, resolver)
+        tensors = {name: TensorNode.whole(name, build(t, index)) for name, (t, index) in model.items()}
+        sets = {which: {name: TensorNode.whole(name, build(t, index)) for name, (t, index) in entries.items()}
+                for which, entries in states.items()}
+    if sets and args.get("overlap_grad_reduce"):
+        import sys
+
+        # Megatron-LM PR #5077: before the fix, fully-reshardable saves with several DDP buckets
+        # did not subtract the stripped bucket padding, so states after bucket 0 are shifted
+        sys.stderr.write(f"ckpt-ir: warning: {it_dir}: optimizer state saved with overlapped gradient reduction "
+                         f"(several DDP buckets); Megatron-Core <= 0.19 saved such fully-reshardable state shifted "
+                         f"(Megatron-LM PR #5077) and ckpt-ir carries it as saved\n")
+    if weights_from == "master":
+        tensors = dict(sets["param"])
+        if not optimizer:
+            sets = {}
+    if spec.tied_embeddings:
+        for s in (tensors, *sets.values()):
+            if s.pop("lm_head.weight", None) is not None and s is tensors:
+                dropped["output_layer.weight"] = "copy of the tied embedding"
+    for which, s in sets.items():
+        missing = sorted(set(tensors) - set(s), key=canonical_order)
+        if missing:
+            raise FormatError(f"{it_dir}: optimizer state {which!r} has no entry for {missing[0]}"
+                              f"{f' (+{len(missing) - 1} more)' if len(missing) > 1 else ''}; the optimizer state "
+                              f"is incomplete: {_REFUSED}")
+        for name in set(s) - set(tensors):
+            dropped[f"optimizer state {which} of {name}"] = "no matching model weight"
+            del s[name]
+    layout = Layout(format="mcore", fused_qkv=True, fused_gate_up=True,
+                    norm_names="te" if te_fc1 else "te-input" if te_norms else "local")
+    if "embed.weight" in tensors and tensors["embed.weight"].shape[0] != spec.vocab_size:
+        layout = attrs.evolve(layout, padded_vocab=tensors["embed.weight"].shape[0])
+    weights = [t for n, t in tensors.items() if not is_lora(n)]
+    spec = attrs.evolve(spec, dtype=weights[0].dtype if weights else spec.dtype)
+    lora_a = [t for n, t in tensors.items() if n.endswith(".lora_a.weight")]
+    if lora_a:
+        alpha = args.get("lora_alpha")
+        spec = attrs.evolve(spec, lora_rank=lora_a[0].shape[0], lora_alpha=None if alpha is None else float(alpha))
+    ordered = dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0])))
+    meta: dict[str, Any] = {"iteration": iteration if isinstance(iteration, int) else 1, "args": args,
+                            "format": "torch_dist"}
+    if sets:
+        opt = common.get("optimizer")
+        meta["optimizer"] = {
+            "optimizer": {k: v for k, v in opt.items() if k != "param_state_sharding_type"}
+            if isinstance(opt, dict) else None,
+            "opt_param_scheduler": common.get("opt_param_scheduler"),
+            "num_floating_point_operations_so_far": common.get("num_floating_point_operations_so_far"),
+            "rng_state": {}, "source_layout": None, "sharding_type": sharding, **distopt.training_args(args)}
+    else:
+        for key, why in (("optimizer", "optimizer settings"), ("opt_param_scheduler", "learning-rate scheduler")):
+            if common.get(key) is not None:
+                dropped[f"{COMMON}:{key}"] = f"{why}: training state; carried only with the optimizer state"
+    return Checkpoint(spec=spec, layout=layout, tensors=ordered, dropped=dropped, hf_config=cfg, source=path,
+                      meta=meta, states={k: {n: v[n] for n in ordered} for k, v in sets.items()})
+
+
+def _check_backend(it_dir: str) -> None:
+    path = os.path.join(it_dir, METADATA_JSON)
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{path}: cannot read ({e}); the checkpoint is corrupt") from None
+    backend = info.get("sharded_backend") if isinstance(info, dict) else None
+    if backend != "torch_dist":
+        raise FormatError(f"{path}: sharded backend {backend!r}; ckpt-ir reads only Megatron's 'torch_dist' "
+                          f"distributed checkpoints")
+
+
+def _short(key: str) -> str:
+    return key.split(".gbuf_idx_", 1)[0] + ".*" if ".gbuf_idx_" in key else key
+
+
+def _sharding_type(common: dict) -> str | None:
+    cm = common.get("content_metadata")
+    if isinstance(cm, dict) and isinstance(cm.get("distrib_optim_sharding_type"), str):
+        return cm["distrib_optim_sharding_type"]
+    opt = common.get("optimizer")
+    if isinstance(opt, dict) and isinstance(opt.get("param_state_sharding_type"), str):
+        return opt["param_state_sharding_type"]
+    return None
+
+
+def _names(key: str, t: DcpTensor, num_layers: int, tables, where: str) -> list[tuple[str, tuple[int, ...]]] | None:
+    """[(canonical name, index into the stored tensor's leading axes)] for one stored key, or None
+    when the key means nothing to us."""
+    m = _UNSTACKED.match(key)
+    if m:
+        layers = [(int(m.group(1)), m.group(2), ())]
+    elif key.startswith("decoder.layers."):
+        if not t.shape or t.shape[0] != num_layers:
+            raise FormatError(f"{where}: {key} {list(t.shape)} should stack {num_layers} layers on its first axis; "
+                              f"the checkpoint does not match its args")
+        rest = key[len("decoder.layers."):]
+        layers = [(i, rest, (i,)) for i in range(num_layers)]
+    else:
+        canon = _canonical(key, 0, 0, tables)
+        return None if canon is None else [(_resolve(canon), ())]
+    out = []
+    for i, rest, index in layers:
+        m = _STACKED_EXPERTS.match(rest)
+        if m:
+            n = t.shape[len(index)] if len(t.shape) > len(index) else 0
+            per = [(f"mlp.experts.local_experts.{e}.{m.group(1)}", index + (e,)) for e in range(n)]
+        else:
+            m = _ONE_EXPERT.match(rest)
+            per = [(f"mlp.experts.local_experts.{m.group(1)}.{m.group(2)}" if m else rest, index)]
+        for sub, idx in per:
+            canon = _canonical(f"decoder.layers.{i}.{sub}", 0, 0, tables)
+            if canon is None:
+                return None
+            out.append((_resolve(canon), idx))
+    return out
+
+
+def _resolve(canon: str) -> str:
+    """``@0.0.<layer>:<rest>`` (mcore's stage/chunk-local tag) -> ``layers.<layer>.<rest>``:
+    torch_dist layer numbers are already global."""
+    if not canon.startswith("@"):
+        return canon
+    where, rest = canon[1:].split(":", 1)
+    return layer_name(int(where.split(".")[2]), rest)
+
+
+class _Builder:
+    """Expressions for (parts of) stored tensors, assembled lazily from their chunks."""
+
+    def __init__(self, where: str, resolver: ChunkResolver) -> None:
+        self.where, self.resolver = where, resolver
+        self._offsets: dict[tuple[str, tuple[int, ...]], int] = {}
+
+    def __call__(self, t: DcpTensor, index: tuple[int, ...]) -> E.Expr:
+        """``t[index]``: the sub-tensor at ``index`` of the leading axes (a stacked layer /
+        expert); reads only the bytes of that sub-tensor."""
+        k = len(index)
+        shape = t.shape[k:]
+        if math.prod(t.shape) == 0:
+            raise FormatError(f"{self.where}: tensor {t.key} is empty {list(t.shape)}")
+        pieces = []
+        seen = set()
+        for c in t.chunks:
+            if c.offsets in seen:
+                continue
+            if all(c.offsets[d] <= index[d] < c.offsets[d] + c.sizes[d] for d in range(k)):
+                seen.add(c.offsets)
+                lin = 0
+                for d in range(k):
+                    lin = lin * c.sizes[d] + index[d] - c.offsets[d]
+                pieces.append((c.offsets[k:], c.sizes[k:], c, lin * math.prod(c.sizes[k:])))
+        return self._tile(t, (0,) * len(shape), shape, pieces)
+
+    def _load(self, t: DcpTensor, sizes: tuple[int, ...], chunk, element_offset: int) -> E.Load:
+        at = (t.key, chunk.offsets)
+        base = self._offsets.get(at)
+        if base is None:
+            base = self._offsets[at] = self.resolver.data_offset(t.key, t.dtype, chunk)
+        path = os.path.join(self.resolver.dir, chunk.file)
+        return E.Load(path, t.key, sizes, t.dtype, base + element_offset * ITEMSIZE[t.dtype], "torch")
+
+    def _tile(self, t: DcpTensor, lo: tuple[int, ...], sizes: tuple[int, ...], pieces: list) -> E.Expr:
+        """The box [lo, lo+sizes) from chunk pieces that must tile it exactly (split recursively
+        along a dim where no piece straddles a boundary)."""
+        if not pieces:
+            raise FormatError(f"{self.where}: tensor {t.key} has no chunk covering offset {list(lo)}; the checkpoint "
+                              f"is incomplete")
+        if len(pieces) == 1:
+            off, sz, chunk, elem = pieces[0]
+            if off == lo and sz == sizes:
+                return self._load(t, sz, chunk, elem)
+        for d in range(len(sizes)):
+            cuts = sorted({lo[d], lo[d] + sizes[d]} | {p[0][d] for p in pieces} | {p[0][d] + p[1][d] for p in pieces})
+            if len(cuts) < 3 or any(p[0][d] < c < p[0][d] + p[1][d] for p in pieces for c in cuts):
+                continue
+            parts = []
+            for a, b in zip(cuts, cuts[1:]):
+                sub = [p for p in pieces if a <= p[0][d] and p[0][d] + p[1][d] <= b]
+                sub_lo = lo[:d] + (a,) + lo[d + 1:]
+                sub_sizes = sizes[:d] + (b - a,) + sizes[d + 1:]
+                parts.append(self._tile(t, sub_lo, sub_sizes, sub))
+            return E.Concat(tuple(parts), d)
+        raise FormatError(f"{self.where}: the chunks of tensor {t.key} overlap or do not tile it around offset "
+                          f"{list(lo)}; the metadata is corrupt")
