@@ -134,8 +134,7 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None, shared_copies: str =
                 for entry in content[(stage, chunk)]:
                     if entry.ep is not None and entry.ep != ep:
                         continue
-                    shard_rank = rank if entry.ep is None or etp > 1 else 0
-                    expr = _entry_expr(ckpt.tensors, entry, shard_rank)
+                    expr = _entry_expr(ckpt.tensors, entry, _shard_rank(entry, rank, etp))
                     uid = f"model{chunk}/{entry.key}"
                     tensors.append((uid, expr))
                     sd[entry.key] = Tensor(uid, expr.dtype, expr.shape)
@@ -145,7 +144,7 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None, shared_copies: str =
             if optim is not None:
                 obj.update(optim.training_entries((rank, stage, ep), tensors))
                 chunk_entries = [[e for e in content[(stage, c)] if e.ep is None or e.ep == ep] for c in range(chunks)]
-                files.append(optim.file(f"{rank_dir}/distrib_optim.pt", chunk_entries, stage, rank))
+                files.append(optim.file(f"{rank_dir}/distrib_optim.pt", chunk_entries, stage, rank, ep))
             files.append(OutputFile(f"{rank_dir}/model_optim_rng.pt", "torch", tuple(tensors), obj=obj))
     files.append(OutputFile("latest_checkpointed_iteration.txt", "text", text=str(it)))
     copies = tuple(_shared_copies(ckpt))
@@ -174,14 +173,11 @@ class OptimizerOutput:
         self.ckpt, self.meta = ckpt, meta
         self.resume = dict(meta.get("args") or {})
         self.dp = dp or self.resume.get("data_parallel_size") or 1
-        if ckpt.spec.num_experts:
-            raise VerifyError("writing optimizer state for MoE models (separate expert optimizer) is not supported "
-                              "yet; convert with --no-optimizer")
         missing = [k for k in distopt.STATE_KEYS if k not in ckpt.states]
         if missing:
             raise VerifyError(f"optimizer state lacks {', '.join(missing)}; Megatron's distributed optimizer needs "
                               f"{', '.join(distopt.STATE_KEYS)}")
-        grad = meta.get("dtype_key", (None, TorchDtype("float32")))[1]
+        grad = (meta.get("dtype_key") or (None, TorchDtype("float32")))[1]
         self.dtype_key = (TorchDtype(_TORCH_NAME[ckpt.spec.dtype]), grad)
         self.dropped: dict[str, str] = {}
         same_ranks = meta.get("source_layout") == (ckpt.layout.tp, ckpt.layout.pp, ckpt.layout.ep)
@@ -213,26 +209,51 @@ class OptimizerOutput:
             out[key] = _placeholders(value, key, tensors)
         return out
 
-    def file(self, path: str, chunk_entries: list[list[Entry]], stage: int, rank: int) -> OutputFile:
-        layout = self.ckpt.layout
-        tied = self.ckpt.spec.tied_embeddings
-        obj: dict = {"buckets_coalesced": True}
+    def file(self, path: str, chunk_entries: list[list[Entry]], stage: int, rank: int, ep: int) -> OutputFile:
+        """``distrib_optim.pt`` of one rank directory.  With experts it holds ``[dense, expert]``
+        (two optimizers, each with its own buffers and data-parallel size), the dense entry None
+        where the saving process is not dense-DP rank 0."""
         tensors: list[tuple[str, E.Expr]] = []
+        if not self.ckpt.spec.num_experts:
+            obj: object = self._state(chunk_entries, stage, rank, self.dp, False, "", tensors)
+        else:
+            layout = self.ckpt.layout
+            ep_dp = distopt.expert_dp({"tensor_model_parallel_size": layout.tp, "expert_model_parallel_size": layout.ep,
+                                       "expert_tensor_parallel_size": layout.expert_tp}, self.dp)
+            # the directory is saved by the process with expert-DP rank 0 of (TP rank, EP rank);
+            # it also saves the dense state if it is dense-DP rank 0 (Megatron orders ranks TP
+            # fastest, then EP / DP): process rank = expert-TP rank + expert TP x EP rank < TP
+            writer = rank % layout.expert_tp + layout.expert_tp * ep
+            dense = self._state(chunk_entries, stage, rank, self.dp, False, "dense/", tensors) \
+                if writer < layout.tp else None
+            obj = [dense, self._state(chunk_entries, stage, rank, ep_dp, True, "expert/", tensors)]
+        return OutputFile(path, "torch", tuple(tensors), obj=obj)
+
+    def _state(self, chunk_entries: list[list[Entry]], stage: int, rank: int, dp: int, experts: bool, prefix: str,
+               tensors: list[tuple[str, E.Expr]]) -> dict:
+        layout = self.ckpt.layout
+        obj: dict = {"buckets_coalesced": True}
         for chunk, entries in enumerate(chunk_entries):
-            bucket = distopt.bucket_size_for({**self.resume, "data_parallel_size": self.dp}, stage, chunk, self.dp)
-            shared = distopt.shared_params(tied, stage, layout.pp, chunk, len(chunk_entries))
+            bucket = distopt.bucket_size_for(self.resume, stage, chunk, dp)
+            shared = frozenset() if experts else \
+                distopt.shared_params(self.ckpt.spec.tied_embeddings, stage, layout.pp, chunk, len(chunk_entries))
+            mine = [e for e in entries if distopt.is_expert_param(e.key) == experts]
             group: dict = {}
-            total = 0
             for which in distopt.STATE_KEYS:
-                params = [(e.key, _entry_expr(self.ckpt.states[which], e, rank)) for e in entries]
-                flat = distopt.flat_state(params, bucket, self.dp, shared)
-                uid = f"{chunk}/{which}"
+                params = [(e.key, _entry_expr(self.ckpt.states[which], e, _shard_rank(e, rank, layout.expert_tp)))
+                          for e in mine]
+                flat = distopt.flat_state(params, bucket, dp, shared)
+                uid = f"{prefix}{chunk}/{which}"
                 tensors.append((uid, flat))
                 group[which] = Tensor(uid, flat.dtype, flat.shape)
-                total = flat.shape[0]
-            group["numel_unpadded"] = total
+            group["numel_unpadded"] = group["param"].shape[0]
             obj[chunk] = {self.dtype_key: group}
-        return OutputFile(path, "torch", tuple(tensors), obj=obj)
+        return obj
+
+
+def _shard_rank(entry: Entry, rank: int, expert_tp: int) -> int:
+    """The TP shard a rank holds: experts with expert TP = 1 are whole (shard 0)."""
+    return rank if entry.ep is None or expert_tp > 1 else 0
 
 
 _TORCH_NAME = {ir: name for name, ir in TORCH_DTYPES.items() if name not in ("float", "half", "double", "long", "int")}

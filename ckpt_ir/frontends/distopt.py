@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any
 
 import attrs
@@ -47,26 +48,44 @@ _LAYER_ORDER = tuple(f"{m}.{p}" for m, ps in (
     ("pre_mlp_layernorm", ("weight", "bias")),
     ("mlp.linear_fc1", ("layer_norm_weight", "layer_norm_bias", "weight", "bias")),
     ("mlp.linear_fc2", ("weight", "bias")),
+    # MoE layer: router, experts (grouped weight1/weight2, or local_experts.{j}), shared experts
+    ("mlp.router", ("weight", "bias")),
+    ("mlp.experts", ("weight1", "weight2")),
+    ("mlp.experts.local_experts.*", ("linear_fc1.weight", "linear_fc2.weight")),
+    ("mlp.shared_experts", ("linear_fc1.weight", "linear_fc2.weight", "gate_weight")),
 ) for p in ps)
 _LAYER_RANK = {k: i for i, k in enumerate(_LAYER_ORDER)}
 _TOP_RANK = {"embedding.word_embeddings.weight": (0,), "decoder.final_layernorm.weight": (2,),
              "decoder.final_layernorm.bias": (3,), "output_layer.weight": (4,)}
+_LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
+
+
+def is_expert_param(key: str) -> bool:
+    """Expert weights (DDP's ``allreduce=False``): their own buffers and optimizer."""
+    return ".mlp.experts." in key
 
 
 def registration_order(keys: list[str]) -> list[str] | None:
     """``keys`` (parameters of one model chunk) in Megatron-Core's registration order, or None when
-    a key is not a dense GPT parameter whose place is known."""
+    a key is not a GPT parameter whose place is known."""
     ranks = {}
     for key in keys:
         if key in _TOP_RANK:
-            ranks[key] = _TOP_RANK[key]
+            ranks[key] = _TOP_RANK[key] + (0, 0)
             continue
         parts = key.split(".", 3)
-        if len(parts) < 4 or parts[:2] != ["decoder", "layers"] or not parts[2].isdigit() \
-                or parts[3] not in _LAYER_RANK:
+        if len(parts) < 4 or parts[:2] != ["decoder", "layers"] or not parts[2].isdigit():
             return None
-        ranks[key] = (1, int(parts[2]), _LAYER_RANK[parts[3]])
-    return sorted(keys, key=ranks.__getitem__)
+        rest, expert = parts[3], 0
+        m = _LOCAL_EXPERT.match(rest)
+        if m:
+            rest, expert = f"mlp.experts.local_experts.*.{m.group(2)}", int(m.group(1))
+        if rest not in _LAYER_RANK:
+            return None
+        # local experts come expert by expert (fc1, fc2 of expert 0, then of expert 1, ...)
+        place = _LAYER_RANK["mlp.experts.local_experts.*.linear_fc1.weight"] if m else _LAYER_RANK[rest]
+        ranks[key] = (1, int(parts[2]), place, expert, _LAYER_RANK[rest])
+    return sorted(keys, key=lambda k: ranks[k])
 
 
 @attrs.frozen
@@ -159,26 +178,52 @@ def shared_params(tied: bool, stage: int, pp: int, chunk: int, chunks: int) -> f
 def read_state(rank_file: str, z: TorchZip, args: dict[str, Any], stage: int, pp: int,
                dp: int | None = None) -> tuple[dict[str, dict[tuple[str, str], E.Expr]], tuple]:
     """The fp32 optimizer state of one rank directory: {state key: {(model chunk key, tensor key):
-    expression in the TP-local shape}}, and the buffers' (param dtype, grad dtype) key."""
+    expression in the TP-local shape}}, and the buffers' (param dtype, grad dtype) key.
+
+    With experts the file is a list ``[dense, expert]`` (two optimizers with their own buffers and
+    data-parallel groups); an entry is None in directories whose rank did not save it (the dense
+    state lives in the EP rank 0 directories only)."""
     path = os.path.join(os.path.dirname(rank_file), "distrib_optim.pt")
     if not os.path.isfile(path):
         raise FormatError(f"{os.path.dirname(rank_file)}: no distrib_optim.pt; the checkpoint has no "
                           f"distributed-optimizer state (use the model weights instead, or --no-optimizer)")
     opt = TorchZip(path)
-    state = opt.obj
-    if isinstance(state, list):
-        raise FormatError(f"{path}: separate dense/expert optimizer states (MoE) are not supported yet; "
-                          f"convert with --no-optimizer to keep the weights")
+    dp = dp or args.get("data_parallel_size")
+    if not isinstance(dp, int) or dp < 1:
+        raise FormatError(f"{rank_file}: args do not record data_parallel_size; the optimizer layout depends on it")
+    out: dict[str, dict[tuple[str, str], E.Expr]] = {k: {} for k in STATE_KEYS}
+    if isinstance(opt.obj, list):
+        if len(opt.obj) != 2:
+            raise FormatError(f"{path}: {len(opt.obj)} optimizer states; expected [dense, expert] (a split first "
+                              f"chunk from --overlap-param-gather-with-optimizer-step is not supported)")
+        groups = [(opt.obj[0], dp, False), (opt.obj[1], expert_dp(args, dp), True)]
+    else:
+        groups = [(opt.obj, dp, None)]
+    dtype_key: tuple = ()
+    for state, group_dp, experts in groups:
+        if state is not None:
+            dtype_key = _read_group(path, opt, state, z, args, stage, pp, group_dp, experts, out)
+    return out, dtype_key
+
+
+def expert_dp(args: dict[str, Any], dp: int) -> int:
+    """Data-parallel size of the expert optimizer: the ranks of one (TP x DP) group holding the
+    same experts, i.e. TP * DP / (expert TP * EP)."""
+    tp = args.get("tensor_model_parallel_size") or 1
+    ep = args.get("expert_model_parallel_size") or 1
+    etp = args.get("expert_tensor_parallel_size") or tp
+    return max(1, tp * dp // (etp * ep))
+
+
+def _read_group(path: str, opt: TorchZip, state: Any, z: TorchZip, args: dict[str, Any], stage: int, pp: int,
+                dp: int, experts: bool | None, out: dict) -> tuple:
+    """Read one optimizer's state (``experts``: only expert / only dense parameters; None: all)."""
     if not isinstance(state, dict) or not (state.get("buckets_coalesced") or "per_bucket_numel" in state):
         raise FormatError(f"{path}: not a distributed-optimizer state Megatron-Core wrote (neither the coalesced nor "
                           f"the per-bucket layout)")
     gens = (CURRENT, V07) if state.get("buckets_coalesced") else (PER_BUCKET,)
-    dp = dp or args.get("data_parallel_size")
-    if not isinstance(dp, int) or dp < 1:
-        raise FormatError(f"{rank_file}: args do not record data_parallel_size; the optimizer layout depends on it")
     tied = not args.get("untie_embeddings_and_output_weights", True)
     chunks = chunk_keys(z.obj)
-    out: dict[str, dict[tuple[str, str], E.Expr]] = {k: {} for k in STATE_KEYS}
     dtype_key: tuple = ()
     for index, ck in enumerate(chunks):
         groups = state.get(index)
@@ -190,12 +235,13 @@ def read_state(rank_file: str, z: TorchZip, args: dict[str, Any], stage: int, pp
             dtype_key = (dtype_key, dtype_key)
         if not (isinstance(dtype_key, tuple) and all(isinstance(d, TorchDtype) for d in dtype_key)):
             raise FormatError(f"{path}: unexpected dtype key {dtype_key!r}")
-        shapes = {k: ref.shape for k, ref in iter_tensors(z.obj[ck]) if not k.endswith("._extra_state")}
+        shapes = {k: ref.shape for k, ref in iter_tensors(z.obj[ck])
+                  if not k.endswith("._extra_state") and (experts is None or is_expert_param(k) == experts)}
         # a file Megatron wrote lists parameters in registration order; others may not
         order = registration_order(list(shapes)) or list(shapes)
         params = [(k, math.prod(shapes[k])) for k in order]
         size = bucket_size_for(args, stage, index, dp)
-        shared = shared_params(tied, stage, pp, index, len(chunks))
+        shared = shared_params(tied, stage, pp, index, len(chunks)) if not experts else frozenset()
         if gens[0].coalesced:
             saved: Any = entry.get("numel_unpadded")
             layouts = [(g, param_offsets(params, size, dp, shared, g)) for g in gens]
@@ -226,7 +272,7 @@ def read_state(rank_file: str, z: TorchZip, args: dict[str, Any], stage: int, pp
                 bucket, off = (0, lay.offsets[key]) if gen.coalesced else lay.in_bucket[key]
                 piece = E.Slice(flats[bucket], 0, off, off + numel)
                 out[which][(ck, key)] = E.simplify(E.Reshape(piece, shapes[key]))
-    return out, dtype_key
+    return dtype_key
 
 
 def flat_state(params: list[tuple[str, E.Expr]], bucket_size: int | None, dp: int,
@@ -235,6 +281,9 @@ def flat_state(params: list[tuple[str, E.Expr]], bucket_size: int | None, dp: in
     ``params`` (Megatron keys, each with the state of that parameter) laid out by
     :func:`param_offsets` in registration order, alignment gaps zero.  A concatenation along
     dim 0, so it is written piece by piece."""
+    if not params:
+        raise VerifyError("optimizer state: a model chunk without parameters for this optimizer (e.g. a pipeline "
+                          "stage without MoE layers) is not supported; convert with --no-optimizer")
     order = registration_order([k for k, _ in params])
     if order is None:
         unknown = [k for k, _ in params if registration_order([k]) is None]

@@ -224,8 +224,12 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                     continue
                 te_norms |= key.endswith("linear_qkv.layer_norm_weight")
                 te_fc1 |= key.endswith("linear_fc1.layer_norm_weight")
-                values = {"": state["param"][(ck, key)] if weights_from == "master" else z.load_expr(ref, f"{ck}.{key}")}
-                if carry:
+                # with experts, EP rank > 0 directories hold expert state only (their dense
+                # tensors are replicas of EP rank 0's)
+                has = state is not None and (ck, key) in state["param"]
+                values = {"": state["param"][(ck, key)] if weights_from == "master" and has
+                          else z.load_expr(ref, f"{ck}.{key}")}
+                if carry and has:
                     values.update({which: state[which][(ck, key)] for which in distopt.STATE_KEYS})
                 for set_name, value in values.items():
                     if key == "embedding.word_embeddings.weight" and p == pp - 1 and pp > 1 and spec.mtp_layers:
