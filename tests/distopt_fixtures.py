@@ -12,12 +12,13 @@ joined by a gloo process group (file-store rendezvous), like ``tests/mcore_harne
   ``--ckpt-format torch --use-distributed-optimizer``::
 
       OUT/latest_checkpointed_iteration.txt
-      OUT/iter_%07d/mp_rank_TT[_PPP]/model_optim_rng.pt   # args, model, optimizer, opt_param_scheduler, rng_state...
-      OUT/iter_%07d/mp_rank_TT[_PPP]/distrib_optim.pt     # optimizer.save_parameter_state()
-      OUT/ground_truth/mp_rank_TT[_PPP].pt                # per-parameter truth, see below
+      OUT/iter_%07d/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt   # args, model, optimizer, opt_param_scheduler, rng_state...
+      OUT/iter_%07d/mp_rank_TT[_PPP][_EEE]/distrib_optim.pt     # optimizer.save_parameter_state()
+      OUT/ground_truth/mp_rank_TT[_PPP][_EEE].pt                # per-parameter truth, see below
       OUT/fixture.json                                    # what was built (sizes, buckets, ...)
 
-  The ground truth file of each (TP, PP) rank is ``torch.save`` of::
+  The ground truth file of each rank directory written (one per (TP, PP) rank for a dense model)
+  is ``torch.save`` of::
 
       {"tp_rank", "pp_rank", "tp", "pp", "dp", "step", "bucket_size" (the one DDP used on this
        stage: None on PP stages > 0),
@@ -29,7 +30,29 @@ joined by a gloo process group (file-store rendezvous), like ``tests/mcore_harne
                          param_index_map), "coalesced_offset" (where the param starts in
                          distrib_optim.pt's coalesced 1-D tensors, computed from megatron's
                          own bucket objects, not from the A5 rule)}},
-       "param_order": [names in named_parameters() order]}
+       "param_order": [names in named_parameters() order],
+       "optimizers": [{"group": "dense"|"expert", "dp" (its DP group's size), "dp_rank", "params"}]
+                     (the chained order, i.e. that of distrib_optim.pt's list with MoE),
+       "ep_rank", "ep", "etp", "expert_dp", "dp_rank", "expert_dp_rank", "dp_sizes" {group: size}}
+
+  Every buffer entry also has ``"group"`` (``"dense"``: ``model.buffers``; ``"expert"``:
+  ``model.expert_parallel_buffers``), ``"gbuf_idx"`` (index within its group = the key in that
+  optimizer's ``distrib_optim.pt`` entry), ``"dp"`` and ``"bucket_size"``; every param has
+  ``"group"`` too, its ``gbuf_idx`` counts within its group and its state is assembled over that
+  optimizer's DP group (expert params: the expert data-parallel group).
+
+  Mixture of experts (``hf_dir`` a Mixtral: :func:`make_tiny_hf_mixtral`; ``ep``/``etp``): the
+  local spec with ``SequentialMLP`` experts, the ``allgather`` token dispatcher, no aux loss;
+  directories are ``mp_rank_TT[_PPP][_EEE]`` (``_EEE``, the EP rank, only when EP > 1; TT is the
+  TP rank even when ETP != TP).  As megatron.training (``--ckpt-format torch``): every rank creates
+  its directory, ``optimizer.save_parameter_state`` (a ``ChainedOptimizer`` of [dense, expert]
+  ``DistributedOptimizer``s) writes the list ``[dense_state, expert_state]`` on any rank that is
+  DP rank 0 of either optimizer's DP group, ``None`` for the entry where it is not; the rank with
+  expert-DP rank 0 writes ``model_optim_rng.pt`` (``optimizer`` is then a two-element list) and
+  the ground truth ``ground_truth/mp_rank_TT[_PPP][_EEE].pt``.  With ETP=TP the dense entry is
+  ``None`` in the ``_EEE > 0`` directories; with ETP < TP fewer (TP rank, EP rank) directories
+  exist at all (e.g. TP=2 EP=2 ETP=1: ``mp_rank_00_000`` and ``mp_rank_01_001``, both with dense
+  state).  ``fixture.json["layout"]`` records which rank wrote which file.
 
 * :func:`make_torch_dist_checkpoint` -- the same kind of model (optionally trained too) saved with
   ``megatron.core.dist_checkpointing.save`` in the ``torch_dist`` format (``metadata.json``,
@@ -47,9 +70,11 @@ checkpoint files -- gives the same offsets), :func:`verify_torch_dist_checkpoint
 
 Weights: random (megatron init, then every parameter overwritten with N(0, 0.02) noise -- norms
 too -- from a generator seeded by (seed, name, TP rank if the param is TP-split, PP rank), so
-replicated params agree across TP and DP ranks), or ``init="hf"``: ``hf_dir`` converted by ckpt-ir
-to Megatron (``--tp/--pp``, vocab padded like Megatron) and loaded strictly.  The model shape
-always comes from ``hf_dir/config.json`` (llama-like configs; see :func:`make_tiny_hf_llama`).
+replicated params agree across TP and DP ranks; expert params by (seed, name, expert-TP rank if
+split, PP rank, EP rank), so they agree across expert-DP ranks), or ``init="hf"``: ``hf_dir``
+converted by ckpt-ir to Megatron (``--tp/--pp`` [``--ep/--etp``], vocab padded like Megatron) and
+loaded strictly.  The model shape always comes from ``hf_dir/config.json`` (llama-like configs,
+or Mixtral; see :func:`make_tiny_hf_llama`, :func:`make_tiny_hf_mixtral`).
 
 CPU workarounds (no edits to megatron-core), on top of those in ``tests/mcore_harness.py``:
 
@@ -57,6 +82,10 @@ CPU workarounds (no edits to megatron-core), on top of those in ``tests/mcore_ha
   ``torch.cuda.{Float,Half,BFloat16}Tensor``: the TorchFunctionMode below also reports a CPU
   tensor's ``type()`` as its ``torch.cuda.*`` name (only the no-argument form);
 * ``dist_checkpointing.save`` calls ``torch.cuda.synchronize``: a no-op;
+* ``moe_utils.te_general_gemm = None`` (0.16.1's router names it without Transformer Engine), and
+  ``MoELayer`` modules run with ``training=False``: in training mode 0.16.1 refuses TP > 1 without
+  sequence parallelism, which the local spec's torch norms refuse in turn; for this configuration
+  (no aux/z loss, no sinkhorn) the flag changes nothing else, gradients flow as usual;
 * ``dist_checkpointing.save`` creates a spawn-context ``multiprocessing.Manager`` queue per rank
   (a server process that re-imports torch; orphaned by ``os._exit``): replaced by a plain
   ``queue.Queue`` (same process produces and consumes it in a synchronous save); the subprocess
@@ -107,11 +136,35 @@ def make_tiny_hf_llama(path: str, hidden: int = 72, layers: int = 2, heads: int 
     return path
 
 
+def make_tiny_hf_mixtral(path: str, hidden: int = 72, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                         ffn: int = 96, experts: int = 4, topk: int = 2, vocab: int = 256, tied: bool = False,
+                         seed: int = 0) -> str:
+    """A tiny random Mixtral (``MixtralConfig``: ``experts`` routed experts of ``ffn`` each, top-``topk``
+    routing renormalised over the chosen experts) saved with ``save_pretrained`` (fp32, every
+    parameter ~N(0, 0.5), like :func:`make_tiny_hf_llama`)."""
+    import torch
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    cfg = MixtralConfig(hidden_size=hidden, intermediate_size=ffn, num_attention_heads=heads,
+                        num_key_value_heads=kv_heads, num_hidden_layers=layers, vocab_size=vocab,
+                        num_local_experts=experts, num_experts_per_tok=topk, max_position_embeddings=128,
+                        tie_word_embeddings=tied, rms_norm_eps=1e-5, router_aux_loss_coef=0.0,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    model.save_pretrained(path)
+    return path
+
+
 def make_distopt_checkpoint(out_dir: str, hf_dir: str, tp: int = 1, pp: int = 1, dp: int = 2,
                             bucket_size: int | None = 4096, steps: int = 2, iteration: int | None = None,
                             bf16: bool = True, grad_reduce_in_fp32: bool = True, init: str = "random",
                             vocab_divisible_by: int = 128, seed: int = 1234, lr: float = 1e-2,
-                            save_rng: bool = True, extra_args: dict | None = None, timeout: float = 300) -> dict:
+                            save_rng: bool = True, extra_args: dict | None = None, timeout: float = 300,
+                            ep: int = 1, etp: int | None = None) -> dict:
     """Build a legacy ``torch``-format checkpoint with ``distrib_optim.pt`` (see the module doc).
 
     ``bucket_size`` is DDP's bucket size in elements (``None``: one bucket per buffer, which is also
@@ -121,28 +174,36 @@ def make_distopt_checkpoint(out_dir: str, hf_dir: str, tp: int = 1, pp: int = 1,
     ``steps``.  ``save_rng=False`` leaves out ``rng_state`` (``--no-save-rng``): megatron's
     ``rng_state`` holds ``np.random.get_state()`` (numpy arrays in the pickle).  Returns the parsed
     ``OUT/fixture.json``.
+
+    Mixture of experts (``hf_dir`` a Mixtral, see :func:`make_tiny_hf_mixtral`): ``ep`` is the
+    expert-parallel size and ``etp`` the expert-tensor-parallel size (``None``: ``tp``); the world
+    stays TP*PP*DP ranks, the expert data-parallel size is TP*DP/(EP*ETP).  See the module doc for
+    the ``mp_rank_TT[_PPP][_EEE]`` directories and the ``[dense, expert]`` ``distrib_optim.pt``.
     """
     return _run_job("distopt", out_dir, hf_dir, tp=tp, pp=pp, dp=dp, bucket_size=bucket_size, steps=steps,
                     iteration=steps if iteration is None else iteration, bf16=bf16,
                     grad_reduce_in_fp32=grad_reduce_in_fp32, init=init, vocab_divisible_by=vocab_divisible_by,
-                    seed=seed, lr=lr, save_rng=save_rng, extra_args=extra_args or {}, timeout=timeout)
+                    seed=seed, lr=lr, save_rng=save_rng, extra_args=extra_args or {}, timeout=timeout, ep=ep,
+                    etp=etp)
 
 
 def resume_distopt_checkpoint(out_dir: str, hf_dir: str, ckpt_dir: str, tp: int = 1, pp: int = 1, dp: int = 1,
                               bucket_size: int | None = 4096, steps: int = 0, bf16: bool = True,
                               vocab_divisible_by: int = 128, seed: int = 1234, lr: float = 1e-2,
-                              timeout: float = 300) -> dict:
+                              timeout: float = 300, ep: int = 1, etp: int | None = None) -> dict:
     """Resume training from ``ckpt_dir`` (a legacy ``torch`` checkpoint with ``distrib_optim.pt``,
     e.g. one ckpt-ir converted) the way ``megatron.training`` loads it: model weights, then
     ``optimizer.load_state_dict`` and ``optimizer.load_parameter_state`` on a TP*PP*DP grid; run
     ``steps`` more steps and save to ``out_dir`` with ground truth, like :func:`make_distopt_checkpoint`.
-    With ``steps=0`` the ground truth is the state megatron-core loaded."""
+    With ``steps=0`` the ground truth is the state megatron-core loaded.  ``ep``/``etp``: as in
+    :func:`make_distopt_checkpoint` (a MoE ``hf_dir``); each rank reads its own
+    ``mp_rank_TT[_PPP][_EEE]`` directory."""
     with open(os.path.join(ckpt_dir, "latest_checkpointed_iteration.txt")) as fh:
         iteration = int(fh.read().strip())
     return _run_job("distopt", out_dir, hf_dir, tp=tp, pp=pp, dp=dp, bucket_size=bucket_size, steps=steps,
                     iteration=iteration, bf16=bf16, grad_reduce_in_fp32=True, init="resume",
                     vocab_divisible_by=vocab_divisible_by, seed=seed, lr=lr, save_rng=True, extra_args={},
-                    timeout=timeout, resume_dir=os.path.abspath(ckpt_dir))
+                    timeout=timeout, resume_dir=os.path.abspath(ckpt_dir), ep=ep, etp=etp)
 
 
 def make_torch_dist_checkpoint(out_dir: str, hf_dir: str, tp: int = 1, pp: int = 1, dp: int = 1,
@@ -171,8 +232,9 @@ def make_torch_dist_checkpoint(out_dir: str, hf_dir: str, tp: int = 1, pp: int =
                     optim_sharding=optim_sharding, save_rng=False, extra_args=extra_args or {}, timeout=timeout)
 
 
-def mp_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
+def mp_dir_name(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
+    """``mp_rank_TT[_PPP][_EEE]``: ``_PPP`` only when PP > 1, ``_EEE`` (the EP rank) only when EP > 1."""
+    return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "") + (f"_{ep_rank:03d}" if ep > 1 else "")
 
 
 def padded_vocab(vocab: int, divisible_by: int, tp: int) -> int:
@@ -183,21 +245,25 @@ def padded_vocab(vocab: int, divisible_by: int, tp: int) -> int:
 def a5_offsets(params: list, bucket_size: int | None, dp: int, shared: set | frozenset = frozenset()) -> dict:
     """The reference doc's A5 rule (plus A4.5/A4.9 for a shared embedding), independent of megatron:
     ``params`` = [(name, numel)] in ``named_parameters()`` / state-dict order (no ``_extra_state``,
-    no frozen params); ``shared`` = names that get their own bucket (the word embedding on the first
-    stage / output_layer on the last stage when PP > 1 with tied embeddings).  Returns
+    no frozen params) of one buffer; ``dp`` = the DP size of that buffer's optimizer (the expert-DP
+    size for expert buffers); ``shared`` = names that get their own bucket (the word embedding on
+    the first stage / output_layer on the last stage when PP > 1 with tied embeddings).  Returns
     ``{"offsets": {name: offset in the coalesced tensors}, "numel_unpadded": total,
-    "buckets": [[names]]}``."""
+    "buckets": [[names]], "bucket_layout": [(offset, numel) of each bucket in the padded DDP
+    buffer], "numel": the padded buffer's size}``.  Only the padded layout depends on ``dp``
+    (bucket ends padded to lcm(dp, 128)); the coalesced offsets do not, except through A4.9."""
     def up(n, m):
         return -(-n // m) * m
 
     div = math.lcm(dp, 128)
-    offsets, buckets, cur = {}, [], []
-    base = bstart = cursor = 0
+    offsets, buckets, cur, layout = {}, [], [], []
+    base = bstart = cursor = end = 0
     for name, numel in reversed(params):
         s = up(cursor, 64)
         if name in shared and cur:  # close the previous bucket at the (64-aligned) start: A4.9
             base += s - bstart
             buckets.append(cur)
+            layout.append((bstart, up(s, div) - bstart))
             cur, bstart = [], up(s, div)
             s = bstart
         end = s + numel
@@ -206,6 +272,7 @@ def a5_offsets(params: list, bucket_size: int | None, dp: int, shared: set | fro
         if (bucket_size is not None and end - bstart >= bucket_size) or name in shared:
             base += end - bstart
             buckets.append(cur)
+            layout.append((bstart, up(end, div) - bstart))
             cur, bstart = [], up(end, div)
             cursor = bstart
         else:
@@ -213,14 +280,26 @@ def a5_offsets(params: list, bucket_size: int | None, dp: int, shared: set | fro
     if cur:
         base += end - bstart
         buckets.append(cur)
-    return {"offsets": offsets, "numel_unpadded": base, "buckets": buckets}
+        layout.append((bstart, up(end, div) - bstart))
+    return {"offsets": offsets, "numel_unpadded": base, "buckets": buckets, "bucket_layout": layout,
+            "numel": layout[-1][0] + layout[-1][1] if layout else 0}
+
+
+def is_expert_param(name: str) -> bool:
+    """Whether a Megatron parameter name is a routed-expert weight (``allreduce=False``: expert
+    buffers, expert-DP group, the expert optimizer).  The router and shared experts are dense."""
+    return ".mlp.experts." in name
 
 
 def verify_distopt_checkpoint(out_dir: str) -> dict:
     """Check a :func:`make_distopt_checkpoint` output against its ground truth: every parameter's
     slice of ``distrib_optim.pt`` at megatron's own offset equals the truth bit for bit, and
     :func:`a5_offsets` (fed only with what the checkpoint files say) gives the same offsets,
-    buckets and ``numel_unpadded``.  Raises AssertionError on a mismatch; returns a summary."""
+    buckets and ``numel_unpadded``.  With MoE, ``distrib_optim.pt`` must be the list ``[dense,
+    expert]`` with ``None`` exactly where the writing rank is not DP rank 0 of that optimizer's DP
+    group; expert params (:func:`is_expert_param`) are checked against the expert entry, their A5
+    walk uses the expert-DP size TP*DP/(EP*ETP).  Raises AssertionError on a mismatch; returns a
+    summary (MoE: per rank directory, per group)."""
     import torch
 
     with open(os.path.join(out_dir, "fixture.json")) as fh:
@@ -232,31 +311,66 @@ def verify_distopt_checkpoint(out_dir: str) -> dict:
         dopt = torch.load(os.path.join(it_dir, r["mp_dir"], "distrib_optim.pt"), weights_only=False)
         blob = torch.load(os.path.join(it_dir, r["mp_dir"], "model_optim_rng.pt"), weights_only=False)
         args = blob["args"]
-        assert isinstance(dopt, dict) and dopt["buckets_coalesced"] is True and set(dopt) == {"buckets_coalesced", 0}
-        (dkey, state), = dopt[0].items()
-        assert dkey == truth["buffers"][0]["dtype_key"], (dkey, truth["buffers"][0]["dtype_key"])
-        assert state["numel_unpadded"] == truth["buffers"][0]["numel_unpadded"] == state["param"].numel()
-        for name, t in truth["params"].items():
-            off, n = t["coalesced_offset"], t["model_param"].numel()
-            for k in ("param", "exp_avg", "exp_avg_sq"):
-                got = state[k][off:off + n].view(t["shape"])
-                assert torch.equal(got, t[k]), (r["mp_dir"], name, k)
-            assert (t["exp_avg"] != 0).any() and (t["exp_avg_sq"] != 0).any(), name
-            if args.bf16:  # the model weights are the bf16 rounding of the fp32 master
-                assert torch.equal(t["param"].to(torch.bfloat16), t["model_param"]), name
-        # A5 from the files alone
-        params = [(k, v.numel()) for k, v in blob["model"].items() if not k.endswith("_extra_state")]
-        shared = set()
-        pp = args.pipeline_model_parallel_size
-        if pp > 1 and not args.untie_embeddings_and_output_weights:
-            shared = {"embedding.word_embeddings.weight", "output_layer.weight"}
-        bsize = args.ddp_bucket_size if (args.overlap_grad_reduce and r["pp_rank"] == 0) else None
-        a5 = a5_offsets(params, bsize, args.data_parallel_size, shared)
-        assert a5["numel_unpadded"] == state["numel_unpadded"], (a5["numel_unpadded"], state["numel_unpadded"])
-        assert a5["buckets"] == [b["params"] for b in truth["buffers"][0]["buckets"]]
-        assert a5["offsets"] == {n: t["coalesced_offset"] for n, t in truth["params"].items()}
-        report[r["mp_dir"]] = {"buckets": len(a5["buckets"]), "numel_unpadded": a5["numel_unpadded"],
-                               "dtype_key": str(dkey)}
+        moe = bool(getattr(args, "num_experts", None))
+        if moe:
+            assert isinstance(dopt, list) and len(dopt) == 2, type(dopt)
+            assert [o["group"] for o in truth["optimizers"]] == ["dense", "expert"]
+            entries = dict(zip(("dense", "expert"), dopt))
+            assert isinstance(blob["optimizer"], list) and len(blob["optimizer"]) == 2
+        else:
+            assert isinstance(dopt, dict)
+            entries = {"dense": dopt}
+        tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+        ep = getattr(args, "expert_model_parallel_size", 1)
+        etp = getattr(args, "expert_tensor_parallel_size", None) or tp
+        dp_of = {"dense": args.data_parallel_size, "expert": args.data_parallel_size * tp // (ep * etp)}
+        names = [k for k, v in blob["model"].items() if not k.endswith("_extra_state")]
+        rep = {}
+        for opt in truth["optimizers"]:
+            group = opt["group"]
+            entry = entries[group]
+            assert opt["dp"] == dp_of[group], (r["mp_dir"], group, opt["dp"], dp_of[group])
+            if opt["dp_rank"] != 0:  # not DP rank 0 of this optimizer's group: megatron saves None
+                assert entry is None, (r["mp_dir"], group)
+                rep[group] = None
+                continue
+            assert isinstance(entry, dict) and entry["buckets_coalesced"] is True, (r["mp_dir"], group)
+            assert set(entry) == {"buckets_coalesced", 0}, (r["mp_dir"], group, list(entry))
+            buf = [b for b in truth["buffers"] if b.get("group", "dense") == group]
+            assert len(buf) == 1, (r["mp_dir"], group, len(buf))
+            buf = buf[0]
+            (dkey, state), = entry[0].items()
+            assert dkey == buf["dtype_key"], (dkey, buf["dtype_key"])
+            assert state["numel_unpadded"] == buf["numel_unpadded"] == state["param"].numel()
+            gparams = {n: t for n, t in truth["params"].items() if t.get("group", "dense") == group}
+            assert sorted(gparams) == sorted(opt.get("params", gparams)), (r["mp_dir"], group)
+            for name, t in gparams.items():
+                assert is_expert_param(name) == (group == "expert"), name
+                off, n = t["coalesced_offset"], t["model_param"].numel()
+                for k in ("param", "exp_avg", "exp_avg_sq"):
+                    got = state[k][off:off + n].view(t["shape"])
+                    assert torch.equal(got, t[k]), (r["mp_dir"], name, k)
+                assert (t["exp_avg"] != 0).any() and (t["exp_avg_sq"] != 0).any(), name
+                if args.bf16:  # the model weights are the bf16 rounding of the fp32 master
+                    assert torch.equal(t["param"].to(torch.bfloat16), t["model_param"]), name
+            # A5 from the files alone
+            params = [(k, blob["model"][k].numel()) for k in names if is_expert_param(k) == (group == "expert")]
+            shared = set()
+            if group == "dense" and pp > 1 and not args.untie_embeddings_and_output_weights:
+                shared = {"embedding.word_embeddings.weight", "output_layer.weight"}
+            bsize = args.ddp_bucket_size if (args.overlap_grad_reduce and r["pp_rank"] == 0) else None
+            a5 = a5_offsets(params, bsize, dp_of[group], shared)
+            assert a5["numel_unpadded"] == state["numel_unpadded"], (group, a5["numel_unpadded"],
+                                                                     state["numel_unpadded"])
+            assert a5["buckets"] == [b["params"] for b in buf["buckets"]], group
+            # the padded DDP buffer: bucket ends at multiples of lcm(DP', 128), DP' this group's DP size
+            assert a5["bucket_layout"] == [(b["offset"], b["numel"]) for b in buf["buckets"]], group
+            assert a5["numel"] == buf["numel"], (group, a5["numel"], buf["numel"])
+            assert a5["offsets"] == {n: t["coalesced_offset"] for n, t in gparams.items()}, group
+            rep[group] = {"buckets": len(a5["buckets"]), "numel_unpadded": a5["numel_unpadded"],
+                          "dtype_key": str(dkey), "dp": dp_of[group]}
+        assert sorted(n for n, _ in truth["params"].items()) == sorted(names), r["mp_dir"]
+        report[r["mp_dir"]] = rep if moe else rep["dense"]
     return report
 
 
@@ -309,12 +423,23 @@ def _run_job(kind: str, out_dir: str, hf_dir: str, **kw) -> dict:
     try:
         job = dict(kw, kind=kind, out=os.path.abspath(out_dir), hf_config=hf, store=os.path.join(tmp, "store"))
         job["padded_vocab"] = padded_vocab(hf["vocab_size"], kw["vocab_divisible_by"], kw["tp"])
+        ep, etp = kw.get("ep", 1), kw.get("etp") or kw["tp"]
+        job["ep"], job["etp"] = ep, etp
+        job["moe"] = bool(hf.get("num_local_experts"))
+        if not job["moe"] and (ep != 1 or kw.get("etp") not in (None, kw["tp"])):
+            raise ValueError("ep/etp need a mixture-of-experts hf_dir (num_local_experts in its config)")
+        if (kw["tp"] * kw["dp"]) % (ep * etp):
+            raise ValueError(f"TP*DP={kw['tp'] * kw['dp']} is not a multiple of EP*ETP={ep * etp}")
+        job["expert_dp"] = kw["tp"] * kw["dp"] // (ep * etp)
         if kw["init"] == "hf":
             mc = os.path.join(tmp, "mcore")
             from ckpt_ir.cli import main as cli_main
 
-            rc = cli_main(["convert", hf_dir, mc, "--to", "mcore", "--quiet", "--tp", str(kw["tp"]), "--pp",
-                           str(kw["pp"]), "--make-vocab-size-divisible-by", str(kw["vocab_divisible_by"])])
+            conv = ["convert", hf_dir, mc, "--to", "mcore", "--quiet", "--tp", str(kw["tp"]), "--pp",
+                    str(kw["pp"]), "--make-vocab-size-divisible-by", str(kw["vocab_divisible_by"])]
+            if job["moe"]:
+                conv += ["--ep", str(ep)] + (["--etp", str(kw["etp"])] if kw.get("etp") else [])
+            rc = cli_main(conv)
             if rc != 0:
                 raise RuntimeError(f"ckpt-ir convert failed ({rc})")
             job["init_dir"] = mc
@@ -393,6 +518,23 @@ def _patch_cuda() -> None:
 
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *a, **k: None
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None  # 0.16.1's router GEMM names it even without Transformer Engine
+
+
+def _moe_kwargs(job: dict) -> dict:
+    """TransformerConfig fields of a Mixtral (``num_local_experts``) config; {} for a dense one."""
+    hf = job["hf_config"]
+    if not hf.get("num_local_experts"):
+        return {}
+    return dict(num_moe_experts=hf["num_local_experts"], moe_router_topk=hf["num_experts_per_tok"],
+                moe_ffn_hidden_size=hf["intermediate_size"], moe_router_pre_softmax=False,
+                moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+                # the alltoall dispatcher needs CUDA streams; allgather runs on gloo
+                moe_token_dispatcher_type="allgather", moe_expert_capacity_factor=None, moe_grouped_gemm=False,
+                expert_model_parallel_size=job["ep"], expert_tensor_parallel_size=job["etp"] or job["tp"])
 
 
 def _transformer_config(job: dict):
@@ -413,7 +555,7 @@ def _transformer_config(job: dict):
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         gradient_accumulation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=job["tp"], pipeline_model_parallel_size=job["pp"], sequence_parallel=False,
-        batch_p2p_comm=False,
+        batch_p2p_comm=False, **_moe_kwargs(job),
     )
 
 
@@ -434,8 +576,14 @@ def _args_namespace(job: dict, config) -> argparse.Namespace:
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
         position_embedding_type="rope", use_rotary_position_embeddings=True, rotary_base=theta,
         tensor_model_parallel_size=job["tp"], pipeline_model_parallel_size=job["pp"], data_parallel_size=job["dp"],
-        virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=1, context_parallel_size=1,
-        transformer_impl="local", use_mcore_models=True, bf16=job["bf16"], fp16=False,
+        virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=job.get("ep", 1),
+        expert_tensor_parallel_size=job.get("etp") or job["tp"], context_parallel_size=1,
+        num_experts=config.num_moe_experts, moe_router_topk=config.moe_router_topk,
+        moe_ffn_hidden_size=config.moe_ffn_hidden_size, moe_grouped_gemm=False,
+        moe_token_dispatcher_type=config.moe_token_dispatcher_type,
+        moe_router_load_balancing_type=config.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=config.moe_aux_loss_coeff,
+        transformer_impl="local", use_mcore_models=True, sequence_parallel=False, bf16=job["bf16"], fp16=False,
         params_dtype=torch.bfloat16 if job["bf16"] else torch.float32,
         accumulate_allreduce_grads_in_fp32=job["grad_reduce_in_fp32"],
         use_distributed_optimizer=job["kind"] == "distopt" or job["steps"] > 0,
@@ -455,12 +603,20 @@ MICRO = 2  # microbatches per step (of one sequence each)
 
 
 def _perturb(model, job: dict, tp_rank: int, pp_rank: int) -> None:
+    """Expert params (``allreduce=False``) are keyed by (expert-TP rank if split, EP rank) instead
+    of the TP rank, so that their replicas (the expert-DP ranks) agree."""
     import torch
+    from megatron.core import parallel_state as ps
 
+    ep_rank = ps.get_expert_model_parallel_rank()
+    etp_rank = ps.get_expert_tensor_parallel_rank()
     with torch.no_grad():
         for name, p in model.named_parameters():
             split = bool(getattr(p, "tensor_model_parallel", False))
-            key = f"{job['seed']}|{name}|{tp_rank if split else -1}|{pp_rank}".encode()
+            if getattr(p, "allreduce", True):
+                key = f"{job['seed']}|{name}|{tp_rank if split else -1}|{pp_rank}".encode()
+            else:
+                key = f"{job['seed']}|{name}|{etp_rank if split else -1}|{pp_rank}|ep{ep_rank}".encode()
             gen = torch.Generator().manual_seed(zlib.crc32(key))
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02).to(p.dtype))
 
@@ -478,7 +634,8 @@ def _build(job: dict):
     config = _transformer_config(job)
     hf = job["hf_config"]
     theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False,
+                                    normalization="RMSNorm")
     gpt = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=job["padded_vocab"],
                    max_sequence_length=hf.get("max_position_embeddings", 128),
                    pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
@@ -486,7 +643,7 @@ def _build(job: dict):
                    position_embedding_type="rope", rotary_base=theta)
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     if job.get("init_dir"):
-        name = mp_dir_name(tp_rank, pp_rank, job["pp"])
+        name = mp_dir_name(tp_rank, pp_rank, job["pp"], ps.get_expert_model_parallel_rank(), job.get("ep", 1))
         with open(os.path.join(job["init_dir"], "latest_checkpointed_iteration.txt")) as fh:
             it = fh.read().strip()
         it_dir = "release" if it == "release" else f"iter_{int(it):07d}"
@@ -498,7 +655,21 @@ def _build(job: dict):
             raise RuntimeError(f"HF init: state dict mismatch {bad}")
     else:
         _perturb(gpt, job, tp_rank, pp_rank)
+    _moe_layers_not_training(gpt)
     return gpt, config
+
+
+def _moe_layers_not_training(gpt) -> None:
+    """0.16.1's ``MoELayer.forward`` raises in training mode when TP > 1 without sequence
+    parallelism, which the local spec's torch norms refuse.  The layer's ``training`` flag gates
+    only that check and, in the router, sinkhorn routing, the z-loss and the aux loss (none of which
+    is configured here), so the MoE layers themselves (not their submodules) run with
+    ``training=False``; gradients flow as usual."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    for module in gpt.modules():
+        if isinstance(module, MoELayer):
+            module.training = False
 
 
 def _train(job: dict, gpt, config, built=None):
@@ -567,49 +738,57 @@ def _train(job: dict, gpt, config, built=None):
 
 
 def _ground_truth(job: dict, gpt, model, optimizer) -> dict:
-    """Per parameter: fp32 master, exp_avg, exp_avg_sq assembled over DP, plus megatron's buffer layout."""
+    """Per parameter: fp32 master, exp_avg, exp_avg_sq assembled over the DP group of the optimizer
+    that owns it (dense: DP; expert: expert DP), plus megatron's buffer layout.  A collective over
+    every rank; optimizers are visited in the chained order (that of ``distrib_optim.pt``'s list)."""
     import torch
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
-    dopt = optimizer.chained_optimizers[0] if hasattr(optimizer, "chained_optimizers") else optimizer
-    assert len(getattr(optimizer, "chained_optimizers", [dopt])) == 1
-    dp_group = ps.get_data_parallel_group(with_context_parallel=True)
+    chained = list(getattr(optimizer, "chained_optimizers", [optimizer]))
     names = {p: n for n, p in gpt.named_parameters()}
-    buffers = []
-    where = {}
-    for gbuf_idx, buf in enumerate(model.buffers):
-        base = 0
-        binfo = {"dtype_key": (buf.param_dtype, buf.grad_dtype), "numel": buf.numel,
-                 "numel_unpadded": buf.numel_unpadded, "buckets": []}
-        for b_idx, bucket in enumerate(buf.buckets):
-            plist = sorted(bucket.params_list, key=lambda p: buf.param_index_map[p][0])
-            binfo["buckets"].append({"offset": bucket.offset, "numel": bucket.grad_data.numel(),
-                                     "numel_unpadded": bucket.numel_unpadded,
-                                     "params": [names[p] for p in plist]})
-            for p in plist:
-                start, end, bid = buf.param_index_map[p]
-                assert bid == b_idx
-                where[p] = dict(gbuf_idx=gbuf_idx, bucket=b_idx, buffer_start=start, buffer_end=end,
-                                coalesced_offset=base + start - bucket.offset)
-            base += bucket.numel_unpadded
-        buffers.append(binfo)
+    group_bufs = {"dense": list(model.buffers), "expert": list(getattr(model, "expert_parallel_buffers", []))}
+    buffers, where, optimizers = [], {}, []
+    for group, bufs in group_bufs.items():
+        for gbuf_idx, buf in enumerate(bufs):
+            base = 0
+            binfo = {"group": group, "gbuf_idx": gbuf_idx, "dtype_key": (buf.param_dtype, buf.grad_dtype),
+                     "numel": buf.numel, "numel_unpadded": buf.numel_unpadded,
+                     "dp": buf.data_parallel_group.size(), "bucket_size": model.bucket_size, "buckets": []}
+            for b_idx, bucket in enumerate(buf.buckets):
+                plist = sorted(bucket.params_list, key=lambda p: buf.param_index_map[p][0])
+                binfo["buckets"].append({"offset": bucket.offset, "numel": bucket.grad_data.numel(),
+                                         "numel_unpadded": bucket.numel_unpadded,
+                                         "params": [names[p] for p in plist]})
+                for p in plist:
+                    start, end, bid = buf.param_index_map[p]
+                    assert bid == b_idx
+                    where[p] = dict(group=group, gbuf_idx=gbuf_idx, bucket=b_idx, buffer_start=start,
+                                    buffer_end=end, coalesced_offset=base + start - bucket.offset)
+                base += bucket.numel_unpadded
+            buffers.append(binfo)
 
     params = {}
-    for p, name in names.items():
-        if not p.requires_grad:
-            continue
-        full = {k: torch.zeros(p.numel(), dtype=torch.float32) for k in ("param", "exp_avg", "exp_avg_sq")}
-        if p in dopt.model_param_gbuf_map:  # this DP rank owns a piece of p
-            rng = dopt._get_model_param_range_map(p)["param"]
-            tensors = dopt._get_main_param_and_optimizer_states(p)
-            for k in full:
-                full[k][rng.start:rng.end] = tensors[k].detach().float().view(-1)
-        for k in full:  # every element lives on exactly one DP rank
-            dist.all_reduce(full[k], group=dp_group)
-        params[name] = dict(shape=tuple(p.shape), model_param=p.detach().clone(),
-                            **{k: v.view(p.shape) for k, v in full.items()}, **where[p])
-    return {"buffers": buffers, "params": params,
+    for dopt in chained:
+        group = "expert" if any(b is e for b in dopt.buffers for e in group_bufs["expert"]) else "dense"
+        assert [id(b) for b in dopt.buffers] == [id(b) for b in group_bufs[group]], group
+        dp_group = dopt.data_parallel_group
+        owned = [p for buf in dopt.buffers for p in buf.params]
+        order = [p for p in names if p in set(owned)]  # named_parameters() order, same on every DP rank
+        optimizers.append({"group": group, "dp": dp_group.size(), "dp_rank": dp_group.rank(),
+                           "params": [names[p] for p in order]})
+        for p in order:
+            full = {k: torch.zeros(p.numel(), dtype=torch.float32) for k in ("param", "exp_avg", "exp_avg_sq")}
+            if p in dopt.model_param_gbuf_map:  # this DP rank owns a piece of p
+                rng = dopt._get_model_param_range_map(p)["param"]
+                tensors = dopt._get_main_param_and_optimizer_states(p)
+                for k in full:
+                    full[k][rng.start:rng.end] = tensors[k].detach().float().view(-1)
+            for k in full:  # every element lives on exactly one rank of the optimizer's DP group
+                dist.all_reduce(full[k], group=dp_group)
+            params[names[p]] = dict(shape=tuple(p.shape), model_param=p.detach().clone(),
+                                    **{k: v.view(p.shape) for k, v in full.items()}, **where[p])
+    params = {n: params[n] for p, n in names.items() if n in params}  # named_parameters() order
+    return {"buffers": buffers, "params": params, "optimizers": optimizers,
             "param_order": [n for n, p in gpt.named_parameters() if p.requires_grad]}
 
 
@@ -632,9 +811,11 @@ def _run_distopt(job: dict, rank: int) -> None:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     gpt, config = _build(job)
+    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    ep, ep_rank = job.get("ep", 1), ps.get_expert_model_parallel_rank()
+    name = mp_dir_name(tp_rank, pp_rank, job["pp"], ep_rank, ep)
     if job["init"] == "resume":  # as megatron.training.checkpointing.load_checkpoint does
-        tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-        src = os.path.join(job["init_dir"], f"iter_{job['iteration']:07d}", mp_dir_name(tp_rank, pp_rank, job["pp"]))
+        src = os.path.join(job["init_dir"], f"iter_{job['iteration']:07d}", name)
         more, job["steps"] = job["steps"], 0
         model, optimizer, _ = _train(job, gpt, config)
         blob = torch.load(os.path.join(src, "model_optim_rng.pt"), map_location="cpu", weights_only=False)
@@ -642,6 +823,7 @@ def _run_distopt(job: dict, rank: int) -> None:
         # CPU workaround: without Apex/TE, load_state_dict puts torch Adam's "step" into each
         # param's state, which load_parameter_state then expects in the file too (a KeyError even
         # for files megatron-core wrote itself); the step comes from param_groups, so set it aside
+        # (in every chained optimizer: dense and expert)
         inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
         held = [(st, st.pop("step")) for o in inner for st in o.state.values() if "step" in st]
         optimizer.load_parameter_state(os.path.join(src, "distrib_optim.pt"))
@@ -651,18 +833,24 @@ def _run_distopt(job: dict, rank: int) -> None:
         _, _, losses = _train(job, gpt, config, (model, optimizer))
     else:
         model, optimizer, losses = _train(job, gpt, config)
-    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
-    name = mp_dir_name(tp_rank, pp_rank, job["pp"])
+    # megatron.training writes model_optim_rng.pt where the expert-DP rank is 0 (with EP=1 and
+    # ETP=TP the expert-DP group is the DP group, so that is DP rank 0 as for a dense model)
+    edp_rank = ps.get_expert_data_parallel_rank()
+    writer = edp_rank == 0
     it_dir = os.path.join(job["out"], f"iter_{job['iteration']:07d}")
     ckpt_dir = os.path.join(it_dir, name)
     truth = _ground_truth(job, gpt, model, optimizer)
-    if dp_rank == 0:
-        os.makedirs(ckpt_dir, exist_ok=True)
+    os.makedirs(ckpt_dir, exist_ok=True)  # every rank, as ensure_directory_exists in save_checkpoint
     dist.barrier()
     # exactly megatron.training.checkpointing.save_checkpoint (ckpt_format='torch', DistOpt):
-    # distrib_optim.pt first (a collective over DP; DP rank 0 writes), then model_optim_rng.pt
-    optimizer.save_parameter_state(os.path.join(ckpt_dir, "distrib_optim.pt"))
+    # distrib_optim.pt first (a collective over DP; DP rank 0 writes -- with MoE, ChainedOptimizer
+    # writes [dense, expert] on any rank that is DP rank 0 of either optimizer's DP group, None for
+    # the other entry), then model_optim_rng.pt
+    dopt_path = os.path.join(ckpt_dir, "distrib_optim.pt")
+    optimizer.save_parameter_state(dopt_path)
+    # the rule of ChainedOptimizer/DistributedOptimizer.save_parameter_state: DP rank 0 of some optimizer
+    wrote_dopt = any(o["dp_rank"] == 0 for o in truth["optimizers"])
     sched = OptimizerParamScheduler(optimizer, init_lr=0.0, max_lr=job["lr"], min_lr=0.0, lr_warmup_steps=0,
                                     lr_decay_steps=100, lr_decay_style="cosine", start_wd=0.01, end_wd=0.01,
                                     wd_incr_steps=100, wd_incr_style="constant")
@@ -676,22 +864,51 @@ def _run_distopt(job: dict, rank: int) -> None:
     }
     if not job["save_rng"]:
         del state["rng_state"]
-    if dp_rank == 0:
+    dp_sizes = {o["group"]: o["dp"] for o in truth["optimizers"]}
+    info = {"rank": rank, "mp_dir": name, "tp_rank": tp_rank, "pp_rank": pp_rank, "ep_rank": ep_rank,
+            "etp_rank": ps.get_expert_tensor_parallel_rank(), "dp_rank": dp_rank, "expert_dp_rank": edp_rank,
+            "expert_dp": ps.get_expert_data_parallel_world_size(), "writer": writer,
+            "distrib_optim_writer": wrote_dopt,
+            "distrib_optim_entries": [o["group"] if o["dp_rank"] == 0 else None for o in truth["optimizers"]],
+            "optimizer_dp": [o["dp"] for o in truth["optimizers"]]}
+    if writer:
         torch.save(state, os.path.join(ckpt_dir, "model_optim_rng.pt"))
         gt_dir = os.path.join(job["out"], "ground_truth")
         os.makedirs(gt_dir, exist_ok=True)
         truth.update(tp_rank=tp_rank, pp_rank=pp_rank, tp=job["tp"], pp=job["pp"], dp=job["dp"],
+                     ep_rank=ep_rank, ep=ep, etp=job.get("etp") or job["tp"], expert_dp=info["expert_dp"],
+                     dp_rank=dp_rank, expert_dp_rank=edp_rank, dp_sizes=dp_sizes,
                      step=job["steps"], bucket_size=model.bucket_size, losses=losses,
                      model_state_dict_keys=list(state["model"].keys()))
         torch.save(truth, os.path.join(gt_dir, name + ".pt"))
-        summary = {"tp_rank": tp_rank, "pp_rank": pp_rank, "mp_dir": name, "bucket_size": model.bucket_size,
-                   "losses": losses,
-                   "buffers": [{"dtype_key": [str(d) for d in b["dtype_key"]], "numel": b["numel"],
+        summary = {"tp_rank": tp_rank, "pp_rank": pp_rank, "ep_rank": ep_rank, "mp_dir": name,
+                   "ep": ep, "etp": job.get("etp") or job["tp"], "expert_dp": info["expert_dp"],
+                   "bucket_size": model.bucket_size, "losses": losses,
+                   "distrib_optim": info["distrib_optim_entries"] if job.get("moe") else "dict",
+                   "optimizers": [{k: o[k] for k in ("group", "dp", "dp_rank")} for o in truth["optimizers"]],
+                   "buffers": [{"group": b["group"], "gbuf_idx": b["gbuf_idx"], "dp": b["dp"],
+                                "dtype_key": [str(d) for d in b["dtype_key"]], "numel": b["numel"],
                                 "numel_unpadded": b["numel_unpadded"],
                                 "buckets": [{k: v for k, v in bk.items()} for bk in b["buckets"]]}
                                for b in truth["buffers"]]}
         with open(os.path.join(job["out"], f".fixture.{name}.json"), "w") as fh:
             json.dump(summary, fh)
+    # who wrote what: every rank directory must hold both files, each from exactly one rank
+    infos = [None] * dist.get_world_size()
+    dist.all_gather_object(infos, info)
+    if rank == 0:
+        dirs = {}
+        for i in infos:
+            d = dirs.setdefault(i["mp_dir"], {"model": [], "distrib_optim": []})
+            if i["writer"]:
+                d["model"].append(i["rank"])
+            if i["distrib_optim_writer"]:
+                d["distrib_optim"].append(i["rank"])
+        bad = {k: v for k, v in dirs.items() if len(v["model"]) > 1 or len(v["distrib_optim"]) > 1}
+        if bad:
+            raise RuntimeError(f"several ranks wrote one file: {bad}")
+        with open(os.path.join(job["out"], ".layout.json"), "w") as fh:
+            json.dump({"ranks": infos, "dirs": dirs}, fh)
     dist.barrier()
     if rank == 0:
         with open(os.path.join(job["out"], "latest_checkpointed_iteration.txt"), "w") as fh:
@@ -826,6 +1043,8 @@ def _worker(job: dict, rank: int, world: int) -> None:
         with _make_cuda_to_cpu_mode():
             ps.initialize_model_parallel(tensor_model_parallel_size=job["tp"],
                                          pipeline_model_parallel_size=job["pp"],
+                                         expert_model_parallel_size=job.get("ep", 1),
+                                         expert_tensor_parallel_size=job.get("etp") or job["tp"],
                                          create_gloo_process_groups=True, distributed_timeout_minutes=TIMEOUT_MIN)
             try:
                 (_run_distopt if job["kind"] == "distopt" else _run_torch_dist)(job, rank)
@@ -854,6 +1073,11 @@ def _finish(job: dict) -> None:
         else:
             info["ranks"].append(d)
         os.remove(os.path.join(out, f))
+    layout = os.path.join(out, ".layout.json")
+    if os.path.exists(layout):  # which rank wrote which file (distopt jobs)
+        with open(layout) as fh:
+            info["layout"] = json.load(fh)
+        os.remove(layout)
     import megatron.core
 
     info["megatron_core_version"] = megatron.core.__version__

@@ -7,6 +7,7 @@ sharding rules written out below (not by ckpt-ir)."""
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -17,15 +18,26 @@ from tests import distopt_fixtures as F
 STATES = ("param", "exp_avg", "exp_avg_sq")
 
 
-def _truth(out: str, tp: int, pp: int) -> dict:
-    """{(stage, local key): {tp rank: per-parameter truth}} from a fixture's ground truth."""
+def _truth(out: str, tp: int, pp: int, ep: int = 1, experts: int = 0) -> dict:
+    """{(stage, local key): {tp rank: per-parameter truth}} from a fixture's ground truth; local
+    experts are renamed to their global index (EP rank x experts per rank + local index)."""
     truth: dict = {}
     for stage in range(pp):
         for rank in range(tp):
-            gt = torch.load(os.path.join(out, "ground_truth", F.mp_dir_name(rank, stage, pp) + ".pt"),
-                            weights_only=False)
-            for key, p in gt["params"].items():
-                truth.setdefault((stage, key), {})[rank] = p
+            for ep_rank in range(ep):
+                path = os.path.join(out, "ground_truth", F.mp_dir_name(rank, stage, pp, ep_rank, ep) + ".pt")
+                if not os.path.exists(path):
+                    continue
+                gt = torch.load(path, weights_only=False)
+                for key, p in gt["params"].items():
+                    m = re.match(r"(.*\.local_experts\.)(\d+)(\..*)", key)
+                    if m:
+                        key = f"{m.group(1)}{ep_rank * (experts // ep) + int(m.group(2))}{m.group(3)}"
+                    have = truth.setdefault((stage, key), {})
+                    if rank in have:  # a dense parameter again in another EP rank's directory
+                        assert all(torch.equal(have[rank][f], p[f]) for f in STATES), key
+                    else:
+                        have[rank] = p
     return truth
 
 
@@ -372,3 +384,41 @@ def test_state_round_trips_through_layouts(hf_cache, tmp_path, family, layouts):
             for n in want[which]:
                 assert torch.equal(got[which][n], want[which][n]), (lay, which, n)
         current = ck.load(out, optimizer=True)
+
+
+def test_moe_expert_optimizer_reshards(tmp_path):
+    """Mixtral trained by megatron-core with EP=2 and DP=4 (so expert DP = 2): a dense and an expert
+    optimizer, [dense, expert] files, None where the saving rank has no dense state.  Converted to
+    TP=2 PP=2 EP=2 with expert TP 1 and DP=1, megatron-core resumes from it holding the same state;
+    converted back, the files equal megatron-core's own.  (The source has TP=1: megatron-core on CPU
+    runs MoE with TP > 1 without sequence parallelism here, and its TP replicas of the router and
+    norms drift apart, so they would not be one state to carry.)"""
+    hf = str(tmp_path / "hf")
+    F.make_tiny_hf_mixtral(hf, hidden=72, layers=2, heads=4, kv_heads=2, ffn=100, experts=4, topk=2, vocab=256)
+    src = str(tmp_path / "src")
+    F.make_distopt_checkpoint(src, hf, tp=1, pp=1, dp=4, ep=2, bucket_size=4096, steps=2, bf16=True, init="hf")
+    out = str(tmp_path / "tp2pp2")
+    assert cli_main(["convert", src, out, "--to", "mcore", "--tp", "2", "--pp", "2", "--ep", "2", "--etp", "1",
+                     "--target-dp", "1", "--hf-config", hf, "--quiet"]) == 0
+    resumed = str(tmp_path / "resumed")
+    F.resume_distopt_checkpoint(resumed, hf, out, tp=2, pp=2, dp=1, ep=2, etp=1, bucket_size=4096)
+    source = _truth(src, 1, 1, ep=2, experts=4)
+    loaded = _truth(resumed, 2, 2, ep=2, experts=4)
+    assert any(".local_experts.3." in k for _, k in loaded)
+    for field in (*STATES, "model_param"):
+        _assert_same_state(_global(source, 2, field), _global(loaded, 1, field),
+                           torch.bfloat16 if field == "model_param" else torch.float32)
+    back = str(tmp_path / "back")
+    assert cli_main(["convert", out, back, "--to", "mcore", "--ep", "2", "--target-dp", "4", "--hf-config", hf,
+                     "--quiet"]) == 0
+    want, got = _distopt_files(src), _distopt_files(back)
+    assert want.keys() == got.keys() and len(want) == 2
+    for d in want:
+        assert [x is None for x in got[d]] == [x is None for x in want[d]], d
+        for g, w in zip(got[d], want[d]):
+            if w is None:
+                continue
+            (key, wg), = w[0].items()
+            assert list(g[0]) == [key] and g[0][key]["numel_unpadded"] == wg["numel_unpadded"]
+            for field in STATES:
+                assert torch.equal(g[0][key][field], wg[field]), (d, field)
