@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "for (default: the source's)")
     m.add_argument("--no-optimizer", action="store_true", help="do not carry the source's distributed-optimizer "
                    "state (fp32 masters, Adam moments, scheduler); by default a Megatron source's state is carried")
+    o = c.add_argument_group("Distributed-optimizer source layout (default: from the checkpoint's args)")
+    o.add_argument("--source-dp", type=int, default=None, help="data-parallel size the optimizer state was saved with")
+    o.add_argument("--source-bucket-size", type=int, default=None, help="DDP bucket size (elements) it was saved "
+                   "with; 0 for one bucket (no --overlap-grad-reduce)")
+    o.add_argument("--source-param-align", type=int, choices=(1, 64), default=None, help="elements each parameter "
+                   "starts on a multiple of: 64 (Megatron-Core >= 0.8) or 1 (older); default: whichever matches")
     m.add_argument("--norm-names", choices=("local", "te", "te-input"), help="norm key naming: local "
                    "(input_layernorm, pre_mlp_layernorm), te (linear_qkv/linear_fc1.layer_norm_weight, Megatron's TE "
                    "spec) or te-input (only the input norm fused, as MindSpeed-LLM v2 writes); default local, or "
@@ -197,8 +203,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     # --hf-config also describes a Megatron source whose args carry no HF config
     hf_cfg = read_config(args.hf_config) if args.hf_config and detect(args.src) in ("mcore", "torch_dist") else None
+    layout = {"dp": args.source_dp, "bucket_size": args.source_bucket_size, "align": args.source_param_align}
     src = ck.load(args.src, allow_unused=tuple(args.allow_unused), hf_config=hf_cfg, weights_from=args.weights_from,
-                  optimizer=target.carries_optimizer and not args.lora_load)
+                  optimizer=target.carries_optimizer and not args.lora_load, optimizer_layout=layout)
     if args.lora_load:
         src = ck.attach_lora(src, args.lora_load)
     elif args.to == "peft" and src.spec.lora_rank is None:

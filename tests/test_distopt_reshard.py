@@ -422,3 +422,39 @@ def test_moe_expert_optimizer_reshards(tmp_path):
             assert list(g[0]) == [key] and g[0][key]["numel_unpadded"] == wg["numel_unpadded"]
             for field in STATES:
                 assert torch.equal(g[0][key][field], wg[field]), (d, field)
+
+
+def test_layout_assumptions_can_be_corrected(trained):
+    """Args that misstate the DDP bucket size stop the conversion with an error naming the options;
+    giving the true values converts to the same state.  (The data-parallel size only moves bucket
+    starts, which the coalesced file strips, so a wrong DP goes unnoticed and does no harm.)"""
+    import shutil
+    import subprocess
+    import sys
+
+    root, hf, src = trained
+    wrong = str(root / "wrong_args")
+    shutil.copytree(src, wrong)
+    for stage in range(2):
+        for rank in range(2):
+            path = os.path.join(wrong, "iter_0000002", F.mp_dir_name(rank, stage, 2), "model_optim_rng.pt")
+            blob = torch.load(path, weights_only=False)
+            assert blob["args"].ddp_bucket_size == 4096
+            blob["args"].ddp_bucket_size = 8192
+            blob["args"].data_parallel_size = 3
+            torch.save(blob, path)
+    cmd = [sys.executable, "-m", "ckpt_ir", "convert", wrong, str(root / "x"), "--to", "mcore", "--hf-config", hf]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 1 and "--source-bucket-size" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not os.path.exists(str(root / "x"))
+    fixed = str(root / "fixed")
+    assert cli_main(["convert", wrong, fixed, "--to", "mcore", "--tp", "2", "--pp", "2", "--source-dp", "2",
+                     "--source-bucket-size", "4096", "--target-dp", "2", "--source-param-align", "64",
+                     "--hf-config", hf, "--quiet"]) == 0
+    want, got = _distopt_files(src), _distopt_files(fixed)
+    for d in want:
+        (key, w), = want[d][0].items()
+        assert all(torch.equal(got[d][0][key][f], w[f]) for f in STATES), d
+    assert cli_main(["convert", wrong, str(root / "y"), "--to", "mcore", "--source-dp", "2", "--source-bucket-size",
+                     "0", "--hf-config", hf, "--quiet"]) == 1  # stage 0 really had several buckets

@@ -176,7 +176,7 @@ def shared_params(tied: bool, stage: int, pp: int, chunk: int, chunks: int) -> f
 
 
 def read_state(rank_file: str, z: TorchZip, args: dict[str, Any], stage: int, pp: int,
-               dp: int | None = None) -> tuple[dict[str, dict[tuple[str, str], E.Expr]], tuple]:
+               dp: int | None = None, align: int | None = None) -> tuple[dict[str, dict[tuple[str, str], E.Expr]], tuple]:
     """The fp32 optimizer state of one rank directory: {state key: {(model chunk key, tensor key):
     expression in the TP-local shape}}, and the buffers' (param dtype, grad dtype) key.
 
@@ -202,7 +202,7 @@ def read_state(rank_file: str, z: TorchZip, args: dict[str, Any], stage: int, pp
     dtype_key: tuple = ()
     for state, group_dp, experts in groups:
         if state is not None:
-            dtype_key = _read_group(path, opt, state, z, args, stage, pp, group_dp, experts, out)
+            dtype_key = _read_group(path, opt, state, z, args, stage, pp, group_dp, experts, out, align)
     return out, dtype_key
 
 
@@ -216,12 +216,14 @@ def expert_dp(args: dict[str, Any], dp: int) -> int:
 
 
 def _read_group(path: str, opt: TorchZip, state: Any, z: TorchZip, args: dict[str, Any], stage: int, pp: int,
-                dp: int, experts: bool | None, out: dict) -> tuple:
+                dp: int, experts: bool | None, out: dict, align: int | None = None) -> tuple:
     """Read one optimizer's state (``experts``: only expert / only dense parameters; None: all)."""
     if not isinstance(state, dict) or not (state.get("buckets_coalesced") or "per_bucket_numel" in state):
         raise FormatError(f"{path}: not a distributed-optimizer state Megatron-Core wrote (neither the coalesced nor "
                           f"the per-bucket layout)")
     gens = (CURRENT, V07) if state.get("buckets_coalesced") else (PER_BUCKET,)
+    if align is not None:  # the user knows the alignment: do not try the other generation
+        gens = tuple(attrs.evolve(g, align=align) for g in gens[:1])
     tied = not args.get("untie_embeddings_and_output_weights", True)
     chunks = chunk_keys(z.obj)
     dtype_key: tuple = ()
@@ -257,7 +259,8 @@ def _read_group(path: str, opt: TorchZip, state: Any, z: TorchZip, args: dict[st
         if not found:
             raise FormatError(f"{path}: the rebuilt parameter layout holds {rebuilt} elements but the file says "
                               f"{saved} (chunk {index}); bucket size {size}, DP {dp} or the parameter order do not "
-                              f"match how it was saved")
+                              f"match how it was saved (correct args with --source-dp / --source-bucket-size / "
+                              f"--source-param-align)")
         gen, lay = found[0]
         for which in STATE_KEYS:
             value = entry.get(which)
@@ -300,6 +303,18 @@ def flat_state(params: list[tuple[str, E.Expr]], bucket_size: int | None, dp: in
         flat = E.Reshape(e, (e.numel,))
         pieces.append(E.simplify(E.PadRows(flat, end - off, zero=True) if end - off > e.numel else flat))
     return pieces[0] if len(pieces) == 1 else E.simplify(E.Concat(tuple(pieces), 0))
+
+
+def apply_overrides(args: dict[str, Any], dp: int | None = None, bucket_size: int | None = None) -> dict[str, Any]:
+    """``args`` with the user's corrections of how the optimizer state was laid out: the source's
+    data-parallel size, and its DDP bucket size (0: one bucket, i.e. no overlapped reduction)."""
+    args = dict(args)
+    if dp is not None:
+        args["data_parallel_size"] = dp
+    if bucket_size is not None:
+        args["overlap_grad_reduce"] = bucket_size > 0
+        args["ddp_bucket_size"] = bucket_size or None
+    return args
 
 
 # Megatron args that say how the optimizer state is laid out, or where training resumes

@@ -134,10 +134,13 @@ def spec_from_args(args: dict[str, Any], hf_config: dict[str, Any] | None, where
 
 
 def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, Any] | None = None,
-         weights_from: str = "model", optimizer: bool = False) -> Checkpoint:
+         weights_from: str = "model", optimizer: bool = False,
+         optimizer_layout: dict[str, int | None] | None = None) -> Checkpoint:
     """``weights_from="master"`` takes every parameter from the distributed optimizer's fp32 master
     copy (``distrib_optim.pt``) instead of the model's (e.g. bf16) weights.  ``optimizer=True``
-    also lifts the distributed-optimizer state (when the checkpoint has it) into ``states``."""
+    also lifts the distributed-optimizer state (when the checkpoint has it) into ``states``.
+    ``optimizer_layout`` corrects what args say about that state's layout: ``dp``, ``bucket_size``
+    (0: one bucket) and ``align`` (elements each parameter starts on a multiple of)."""
     it_dir, iteration = _iteration_dir(path)
     found: dict[tuple[int, int | None, int | None], str] = {}
     for n in sorted(os.listdir(it_dir)):
@@ -190,6 +193,8 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                           f"{M.rank_dir(extra[0][0], extra[0][1], layout, extra[0][2], max(ep, 2))}); "
                           f"the directory mixes layouts")
     experts_per_rank = spec.num_experts // ep if spec.num_experts else 0
+    lay = optimizer_layout or {}
+    opt_args = distopt.apply_overrides(args, lay.get("dp"), lay.get("bucket_size"))  # the run's true layout
     has_state = {f: os.path.isfile(os.path.join(os.path.dirname(f), "distrib_optim.pt")) for f in ranks.values()}
     carry = optimizer and any(has_state.values())
     if carry and not all(has_state.values()):
@@ -215,7 +220,7 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
             raise FormatError(f"{f}: no 'model' state dict in the rank file")
         state = None
         if weights_from == "master" or carry:
-            state, opt_meta["dtype_key"] = distopt.read_state(f, z, args, p, pp)
+            state, opt_meta["dtype_key"] = distopt.read_state(f, z, opt_args, p, pp, align=lay.get("align"))
         for ck in chunk_keys:
             chunk = 0 if ck == "model" else int(ck[5:])
             sd = z.obj[ck]
@@ -299,7 +304,7 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     ordered = dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0])))
     meta: dict[str, Any] = {"iteration": iteration if iteration != "release" else 1, "args": args}
     if sets:
-        meta["optimizer"] = {**opt_meta, "source_layout": (tp, pp, ep), **distopt.training_args(args)}
+        meta["optimizer"] = {**opt_meta, "source_layout": (tp, pp, ep), **distopt.training_args(opt_args)}
     return Checkpoint(spec=spec, layout=layout, tensors=ordered, dropped=dropped, hf_config=cfg, source=path,
                       meta=meta, states={k: {n: v[n] for n in ordered if n in v} for k, v in sets.items()})
 
