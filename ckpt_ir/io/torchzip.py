@@ -261,7 +261,8 @@ class _ZipWriter:
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         self.pos = 0
-        self.records: list[tuple[bytes, int, int, int]] = []  # name, header offset, size, crc
+        self.records: list[tuple[bytes, int, int, Any]] = []  # name, header offset, size, crc (or its future)
+        self._crc_pool = None
 
     def _write(self, data: bytes) -> None:
         from ckpt_ir.io.safetensors import write_at
@@ -296,13 +297,27 @@ class _ZipWriter:
         if n != size:
             raise FormatError(f"{self.path}: tensor {key} produced {n} bytes, planned {size}")
         if crc is None:
-            crc = _crc_of(self.fd, self.pos, size)
+            # bytes the kernel copied: checksum them from the page cache on a helper thread (zlib
+            # releases the GIL), overlapping the next record's copy; finish() waits for it
+            if self._crc_pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._crc_pool = ThreadPoolExecutor(1, thread_name_prefix="crc32")
+            crc = self._crc_pool.submit(_crc_of, self.fd, self.pos, size)
         self.pos += size
-        os.pwrite(self.fd, struct.pack("<I", crc), header_at + 14)  # patch the local header's CRC
         self.records.append((raw, header_at, size, crc))
         return size
 
+    def _resolve_crcs(self) -> None:
+        """Wait for pending checksums and patch them into the local headers."""
+        for i, (raw, header_at, size, crc) in enumerate(self.records):
+            if not isinstance(crc, int):
+                crc = crc.result()
+                os.pwrite(self.fd, struct.pack("<I", crc), header_at + 14)
+                self.records[i] = (raw, header_at, size, crc)
+
     def finish(self) -> None:
+        self._resolve_crcs()
         cd_start = self.pos
         for name, offset, size, crc in self.records:
             big = size >= 0xFFFFFFFF or offset >= 0xFFFFFFFF
@@ -322,6 +337,8 @@ class _ZipWriter:
             self._write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, cd_size, cd_start, 0))
 
     def close(self) -> None:
+        if self._crc_pool is not None:
+            self._crc_pool.shutdown(wait=True, cancel_futures=True)
         os.close(self.fd)
 
 
