@@ -5,7 +5,10 @@
 For each size it generates a synthetic llama-shaped HF checkpoint (random bf16, several shards),
 then runs, interleaved in each round: `cp -r SRC X && sync`, HF -> mcore TP2 PP2, mcore TP2 PP2 ->
 mcore TP1 PP4 (reshard), and mcore -> HF.  Every conversion is a fresh `ckpt-ir` process (start-up
-included) followed by `sync`.  It prints, per size and task, the median wall time, GB/s, the ratio
+included) followed by `sync`.  Each task's output is deleted right after it is timed (the TP2 PP2
+checkpoint once the round is over), so page-cache pressure does not build up across tasks;
+`--cold` also empties the page cache before every task (needs root), so that every task,
+`cp` included, reads its source from disk.  It prints, per size and task, the median wall time, GB/s, the ratio
 to cp, and the peak RSS of the converting process as a fraction of the model size.
 """
 
@@ -89,8 +92,19 @@ def du(path: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
-def timed(cmd: list[str]) -> tuple[float, int]:
+def drop_caches() -> None:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as e:
+        raise SystemExit(f"--cold: cannot drop the page cache ({e}); run as root or leave out --cold") from None
+
+
+def timed(cmd: list[str], cold: bool = False) -> tuple[float, int]:
     """Wall seconds (command + sync) and the child's peak RSS in bytes."""
+    if cold:
+        drop_caches()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -111,6 +125,7 @@ def main() -> int:
     ap.add_argument("--workdir", default="/tmp/ckpt-ir-bench")
     ap.add_argument("--keep", action="store_true", help="keep generated checkpoints")
     ap.add_argument("--extra", default="", help="extra flags for every ckpt-ir convert (e.g. '--workers 1')")
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before every task (needs root)")
     args = ap.parse_args()
     ck = [sys.executable, "-m", "ckpt_ir"]
     extra = args.extra.split()
@@ -136,15 +151,11 @@ def main() -> int:
         results: dict[str, list[tuple[float, int]]] = {k: [] for k in tasks}
         for run in range(args.runs):
             for name, (cmd, out) in tasks.items():
-                if name != "hf -> mcore tp2 pp2" or run > 0:
-                    shutil.rmtree(out, ignore_errors=True)
-                if name == "hf -> mcore tp2 pp2" and os.path.exists(out):
-                    shutil.rmtree(out)
-                results[name].append(timed(cmd))
+                shutil.rmtree(out, ignore_errors=True)
+                results[name].append(timed(cmd, args.cold))
                 print(f"[{size_text}] run {run + 1} {name}: {results[name][-1][0]:.2f}s", file=sys.stderr)
-            for name in ("mcore tp2pp2 -> tp1pp4", "mcore -> hf", "cp -r + sync"):
-                if run < args.runs - 1:
-                    shutil.rmtree(tasks[name][1], ignore_errors=True)
+                if out != tp2pp2:  # the reshard and mcore -> HF read it
+                    shutil.rmtree(out, ignore_errors=True)
         cp_time = statistics.median(t for t, _ in results["cp -r + sync"])
         for name, res in results.items():
             t = statistics.median(x for x, _ in res)

@@ -7,7 +7,6 @@ import os
 import shutil
 import sys
 import time
-import zlib
 
 from ckpt_ir.backends.plan import OutputFile, Plan
 from ckpt_ir.errors import CkptIrError
@@ -54,27 +53,23 @@ class TensorWriter:
 
         self.reader, self.progress, self.copier = reader, progress, Copier()
 
-    def __call__(self, expr: E.Expr, fd: int, pos: int, want_crc: bool = False) -> tuple[int, int | None]:
+    def __call__(self, expr: E.Expr, fd: int, pos: int) -> int:
+        """Write ``expr`` at ``pos``; returns the bytes written."""
         from ckpt_ir.io.ranges import byte_ranges
         from ckpt_ir.io.safetensors import write_at
 
         ranges = byte_ranges(expr)
         if ranges is not None:
-            n, crc = self.copier.copy(ranges, fd, pos), None
+            n = self.copier.copy(ranges, fd, pos)
             self.reader.bytes_read += n
         elif isinstance(expr, E.Concat) and expr.dim == 0:
             # rows are contiguous in the output: write part by part (a flat optimizer buffer, a row
-            # gather) instead of building the whole tensor; the zip CRC is then read back
-            n = 0
-            for part in expr.xs:
-                n += self(part, fd, pos + n)[0]
-            return n, None
+            # gather) instead of building the whole tensor
+            return sum(self(part, fd, pos + sum(p.nbytes for p in expr.xs[:i])) for i, part in enumerate(expr.xs))
         else:
-            buf = tensor_bytes(expr, self.reader)
-            n = write_at(fd, buf, pos)
-            crc = zlib.crc32(buf) if want_crc else None
+            n = write_at(fd, tensor_bytes(expr, self.reader), pos)
         self.progress.advance(n)
-        return n, crc
+        return n
 
     def close(self) -> None:
         self.copier.close()
@@ -91,13 +86,13 @@ def write_file(out: OutputFile, root: str, reader: E.Reader, progress: Progress)
         writer = TensorWriter(reader, progress)
         try:
             entries = [(n, e.shape, e.dtype) for n, e in out.tensors]
-            emit = lambda name, fd, pos: writer(exprs[name], fd, pos)[0]  # noqa: E731
+            emit = lambda name, fd, pos: writer(exprs[name], fd, pos)  # noqa: E731
             if out.kind == "safetensors" and out.part is not None:
                 st.write_part(path, entries, *out.part, emit, out.metadata)
             elif out.kind == "safetensors":
                 st.write(path, entries, emit, out.metadata)
             else:
-                torchzip.write(path, out.obj, lambda t, fd, pos: writer(exprs[t.key], fd, pos, want_crc=True))
+                torchzip.write(path, out.obj, lambda t, fd, pos: writer(exprs[t.key], fd, pos))
         finally:
             writer.close()
     elif out.kind == "text":

@@ -228,11 +228,10 @@ def _pickle(obj: Any, tensors: list[Tensor]) -> bytes:
     return bytes(out)
 
 
-def write(path: str, obj: Any, emit: Callable[[Tensor, int, int], tuple[int, int | None]]) -> int:
+def write(path: str, obj: Any, emit: Callable[[Tensor, int, int], int]) -> int:
     """Write ``obj`` (dicts/lists/scalars/Namespace with :class:`Tensor` placeholders) as a torch zip
-    checkpoint.  Each tensor's bytes are written by ``emit(tensor, fd, offset)``, which returns
-    (bytes written, their CRC-32 or None); a missing CRC is computed from the written bytes.
-    Returns bytes of tensor data."""
+    checkpoint.  Each tensor's bytes are written by ``emit(tensor, fd, offset)``, which returns the
+    bytes it wrote; their CRC-32 is computed from the written file.  Returns bytes of tensor data."""
     tensors: list[Tensor] = []
     data_pkl = _pickle(obj, tensors)
     archive = "archive"
@@ -293,17 +292,16 @@ class _ZipWriter:
         header_at = self.pos
         header = self._header(raw, size, 0)
         self._write(header)
-        n, crc = emit(self.fd, self.pos)
+        n = emit(self.fd, self.pos)
         if n != size:
             raise FormatError(f"{self.path}: tensor {key} produced {n} bytes, planned {size}")
-        if crc is None:
-            # bytes the kernel copied: checksum them from the page cache on a helper thread (zlib
-            # releases the GIL), overlapping the next record's copy; finish() waits for it
-            if self._crc_pool is None:
-                from concurrent.futures import ThreadPoolExecutor
+        # checksum the written bytes from the page cache on a helper thread (zlib releases the
+        # GIL), overlapping the next record's write; finish() waits for it
+        if self._crc_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
 
-                self._crc_pool = ThreadPoolExecutor(1, thread_name_prefix="crc32")
-            crc = self._crc_pool.submit(_crc_of, self.fd, self.pos, size)
+            self._crc_pool = ThreadPoolExecutor(1, thread_name_prefix="crc32")
+        crc = self._crc_pool.submit(_crc_of, self.fd, self.pos, size)
         self.pos += size
         self.records.append((raw, header_at, size, crc))
         return size
