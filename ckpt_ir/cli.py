@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "do not (plain Megatron-LM args)")
     i.add_argument("--weights-from", choices=("model", "master"), default="model",
                    help="Megatron source: the model's weights or the distributed optimizer's fp32 masters")
+    i.add_argument("--optimizer", action="store_true", help="also list the distributed-optimizer state tensors "
+                   "(rows named param:..., exp_avg:..., exp_avg_sq:...)")
 
     d = sub.add_parser("diff", help="compare two checkpoints of any formats tensor by tensor",
                        description="Exit 0 if identical, 1 if they differ.")
@@ -263,7 +265,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from ckpt_ir.ir.printer import render
 
     hf_cfg = read_config(args.hf_config) if args.hf_config else None
-    ckpt = ck.load(args.path, allow_unused=tuple(args.allow_unused), hf_config=hf_cfg, weights_from=args.weights_from)
+    ckpt = ck.load(args.path, allow_unused=tuple(args.allow_unused), hf_config=hf_cfg, weights_from=args.weights_from,
+                   optimizer=args.optimizer)
     sys.stdout.write(render(ckpt, args.format))
     return 0
 

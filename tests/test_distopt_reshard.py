@@ -458,3 +458,17 @@ def test_layout_assumptions_can_be_corrected(trained):
         assert all(torch.equal(got[d][0][key][f], w[f]) for f in STATES), d
     assert cli_main(["convert", wrong, str(root / "y"), "--to", "mcore", "--source-dp", "2", "--source-bucket-size",
                      "0", "--hf-config", hf, "--quiet"]) == 1  # stage 0 really had several buckets
+
+
+def test_inspect_lists_optimizer_state(trained, capsys):
+    import json
+
+    root, hf, src = trained
+    assert cli_main(["inspect", src, "--hf-config", hf, "--optimizer"]) == 0
+    out = capsys.readouterr().out
+    assert "// optimizer state: param, exp_avg, exp_avg_sq" in out
+    assert "exp_avg_sq:layers.3.mlp.down.weight" in out and "distrib_optim.pt" in out
+    assert cli_main(["inspect", src, "--hf-config", hf, "--optimizer", "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {k: [t["name"] for t in v] for k, v in doc["states"].items()} == \
+        {k: [t["name"] for t in doc["tensors"]] for k in STATES}

@@ -46,11 +46,15 @@ def to_text(ckpt: Checkpoint) -> str:
         f"{k}={v}" for k, v in shown.items()),
         f"// layout: {ckpt.layout.describe()}",
         f"// tensors: {len(ckpt.tensors)}  bytes: {ckpt.nbytes}"]
+    if ckpt.states:
+        lines.append(f"// optimizer state: {', '.join(ckpt.states)} (rows named <state>:<tensor>)")
     rows = []
-    for name, t in ckpt.tensors.items():
-        place = "whole" if t.split is None or t.tp == 1 else f"tp{t.tp}:{t.split.describe()}"
-        src = describe(t.shards[0]) + (f"  (+{t.tp - 1} shards)" if t.tp > 1 else "")
-        rows.append((name, "x".join(map(str, t.shape)) or "scalar", t.dtype, place, src))
+    named = [("", ckpt.tensors)] + [(f"{k}:", v) for k, v in ckpt.states.items()]
+    for prefix, tensors in named:
+        for name, t in tensors.items():
+            place = "whole" if t.split is None or t.tp == 1 else f"tp{t.tp}:{t.split.describe()}"
+            src = describe(t.shards[0]) + (f"  (+{t.tp - 1} shards)" if t.tp > 1 else "")
+            rows.append((prefix + name, "x".join(map(str, t.shape)) or "scalar", t.dtype, place, src))
     if rows:
         w = [max(len(r[i]) for r in rows) for i in range(4)]
         for r in rows:
@@ -82,15 +86,19 @@ def expr_json(e: E.Expr) -> dict[str, Any]:
 
 
 def to_json(ckpt: Checkpoint) -> str:
+    def tensor_list(tensors) -> list[dict[str, Any]]:
+        return [{
+            "name": name, "shape": list(t.shape), "dtype": t.dtype,
+            "split": None if t.split is None or t.tp == 1 else {"dim": t.split.dim, "blocks": t.split.blocks, "tp": t.tp},
+            "shards": [expr_json(s) for s in t.shards],
+        } for name, t in tensors.items()]
+
     doc = {
         "source": ckpt.source,
         "spec": ckpt.spec.summary(),
         "layout": {k: (list(v) if isinstance(v, tuple) else v) for k, v in _layout_dict(ckpt).items()},
-        "tensors": [{
-            "name": name, "shape": list(t.shape), "dtype": t.dtype,
-            "split": None if t.split is None or t.tp == 1 else {"dim": t.split.dim, "blocks": t.split.blocks, "tp": t.tp},
-            "shards": [expr_json(s) for s in t.shards],
-        } for name, t in ckpt.tensors.items()],
+        "tensors": tensor_list(ckpt.tensors),
+        "states": {k: tensor_list(v) for k, v in ckpt.states.items()},
         "dropped": ckpt.dropped,
     }
     return json.dumps(doc, indent=1)
