@@ -272,3 +272,20 @@ def test_mindspeed_lora_flags(tmp_path):
     cli("convert-ckpt", *common, "--save-model-type", "hf", "--save-dir", merged)
     cli("convert-ckpt", *common, "--save-model-type", "hf", "--save-lora-to-hf", "--save-dir", adapter)
     assert torch.allclose(peft_logits(base, adapter), hf_logits(merged), atol=1e-4, rtol=1e-5)
+
+
+def test_lora_training_optimizer_state_is_reported_not_carried(tmp_path):
+    """A LoRA run's distributed-optimizer state covers the adapters only (the frozen base has
+    none): converting to Megatron merges the adapters and lists that state as dropped."""
+    base = build_hf(str(tmp_path / "base"), "llama", layers=2)
+    mcore = str(tmp_path / "mcore")
+    cli("convert", base, mcore, "--to", "mcore", "--tp", "2")
+    add_megatron_lora(mcore, dict(model_spec("llama"), layers=2), tp=2, pp=1)
+    it = os.path.join(mcore, "iter_0000001")
+    for d in os.listdir(it):
+        torch.save({"buckets_coalesced": True}, os.path.join(it, d, "distrib_optim.pt"))
+    out = str(tmp_path / "merged")
+    r = cli("convert", mcore, out, "--to", "mcore", "--tp", "1", "--dry-run")
+    assert "distributed-optimizer state of LoRA adapters" in r.stdout
+    cli("convert", mcore, out, "--to", "mcore", "--tp", "1")
+    assert os.listdir(os.path.join(out, "iter_0000001", "mp_rank_00")) == ["model_optim_rng.pt"]

@@ -197,6 +197,10 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     opt_args = distopt.apply_overrides(args, lay.get("dp"), lay.get("bucket_size"))  # the run's true layout
     has_state = {f: os.path.isfile(os.path.join(os.path.dirname(f), "distrib_optim.pt")) for f in ranks.values()}
     carry = optimizer and any(has_state.values())
+    lora_run = any(M.LORA_KEY.match(k) for ck in distopt.chunk_keys(first.obj) for k, _ in iter_tensors(first.obj[ck]))
+    if carry and lora_run and weights_from != "master":
+        # LoRA training keeps optimizer state for the adapters only (frozen base weights have none)
+        carry = False
     if carry and not all(has_state.values()):
         lacking = next(f for f, ok in has_state.items() if not ok)
         raise FormatError(f"{os.path.dirname(lacking)}: no distrib_optim.pt although other rank directories have "
@@ -270,6 +274,8 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                                           f"to a Megatron target"
         if has_state[f] and weights_from != "master":
             dropped[os.path.join(os.path.dirname(rel), "distrib_optim.pt")] = (
+                "distributed-optimizer state of LoRA adapters: not carried (ckpt-ir carries full-model state)"
+                if lora_run and optimizer else
                 "distributed-optimizer state (fp32 masters, Adam moments): carried only to a Megatron target; "
                 "the model weights come from model_optim_rng.pt")
     slot_of = {(s.stage, s.chunk, s.local): s for s in layer_slots(spec, layout)}
