@@ -419,3 +419,28 @@ def test_moe_experts_stacked_on_layer_and_expert_axes(work, tmp_path, stack_laye
     assert set(got) == set(want)
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+def test_fully_reshardable_state_resumes_in_megatron_after_conversion(trained, hf72, tmp_path):
+    """torch_dist (TP=2, DP=2, fully reshardable) -> legacy torch format TP=1 PP=2 DP=1 with
+    distrib_optim.pt: megatron-core resumes from it and holds the optimizer's own state (the
+    vocabulary's padding rows excepted: they are padded afresh).  torch_dist names the norms the
+    Transformer-Engine way for every layer spec, so the local-spec target asks for local names."""
+    from tests.test_distopt_reshard import STATES, _global, _truth
+
+    out = str(tmp_path / "tp1pp2")
+    assert cli_main(["convert", trained, out, "--to", "mcore", "--pp", "2", "--target-dp", "1",
+                     "--make-vocab-size-divisible-by", "128", "--norm-names", "local", "--hf-config", hf72,
+                     "--quiet"]) == 0
+    resumed = str(tmp_path / "resumed")
+    F.resume_distopt_checkpoint(resumed, hf72, out, tp=1, pp=2, dp=1, bucket_size=None)
+    optim = [torch.load(os.path.join(trained, "ground_truth", f"mp_rank_{r:02d}.pt"), weights_only=False)["optim"]
+             for r in (0, 1)]
+    source = {(0, name): {r: optim[r]["params"][name] for r in (0, 1)} for name in optim[0]["params"]}
+    loaded = _truth(resumed, 1, 2)
+    for field in STATES:
+        want, got = _global(source, 4, field), _global(loaded, 2, field)
+        assert want.keys() == got.keys()
+        for key in want:
+            rows = 200 if key.endswith(("word_embeddings.weight", "output_layer.weight")) else None
+            assert torch.equal(got[key][:rows], want[key][:rows]), (field, key)
