@@ -237,7 +237,7 @@ class OptimizerOutput:
             bucket = distopt.bucket_size_for(self.resume, stage, chunk, dp)
             shared = frozenset() if experts else \
                 distopt.shared_params(self.ckpt.spec.tied_embeddings, stage, layout.pp, chunk, len(chunk_entries))
-            mine = [e for e in entries if distopt.is_expert_param(e.key) == experts]
+            mine = [e for e in entries if distopt.is_expert_param(e.key) == experts and not distopt.is_buffer(e.key)]
             group: dict = {}
             for which in distopt.STATE_KEYS:
                 params = [(e.key, _entry_expr(self.ckpt.states[which], e, _shard_rank(e, rank, layout.expert_tp)))

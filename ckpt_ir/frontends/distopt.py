@@ -60,6 +60,12 @@ _TOP_RANK = {"embedding.word_embeddings.weight": (0,), "decoder.final_layernorm.
 _LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 
 
+def is_buffer(key: str) -> bool:
+    """State-dict entries that are not parameters (no optimizer state): TE's ``_extra_state`` and
+    the router's ``expert_bias`` (a buffer updated from token counts)."""
+    return key.endswith(("._extra_state", ".router.expert_bias"))
+
+
 def is_expert_param(key: str) -> bool:
     """Expert weights (DDP's ``allreduce=False``): their own buffers and optimizer."""
     return ".mlp.experts." in key
@@ -238,7 +244,7 @@ def _read_group(path: str, opt: TorchZip, state: Any, z: TorchZip, args: dict[st
         if not (isinstance(dtype_key, tuple) and all(isinstance(d, TorchDtype) for d in dtype_key)):
             raise FormatError(f"{path}: unexpected dtype key {dtype_key!r}")
         shapes = {k: ref.shape for k, ref in iter_tensors(z.obj[ck])
-                  if not k.endswith("._extra_state") and (experts is None or is_expert_param(k) == experts)}
+                  if not is_buffer(k) and (experts is None or is_expert_param(k) == experts)}
         # a file Megatron wrote lists parameters in registration order; others may not
         order = registration_order(list(shapes)) or list(shapes)
         params = [(k, math.prod(shapes[k])) for k in order]
