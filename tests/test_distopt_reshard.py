@@ -472,3 +472,27 @@ def test_inspect_lists_optimizer_state(trained, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert {k: [t["name"] for t in v] for k, v in doc["states"].items()} == \
         {k: [t["name"] for t in doc["tensors"]] for k in STATES}
+
+
+def test_rng_state_is_carried_on_the_same_rank_grid(trained):
+    """A DP-only change keeps each rank's RNG state (numpy arrays and tensors written back); another
+    TP/PP grid drops it, with a note to resume with --no-load-rng."""
+    import numpy as np
+
+    root, hf, src = trained
+    same = str(root / "same_grid")
+    assert cli_main(["convert", src, same, "--to", "mcore", "--tp", "2", "--pp", "2", "--target-dp", "1",
+                     "--hf-config", hf, "--quiet"]) == 0
+    for stage in range(2):
+        for rank in range(2):
+            d = os.path.join("iter_0000002", F.mp_dir_name(rank, stage, 2), "model_optim_rng.pt")
+            want = torch.load(os.path.join(src, d), weights_only=False)["rng_state"][0]
+            got = torch.load(os.path.join(same, d), weights_only=False)["rng_state"][0]
+            assert got["random_rng_state"] == want["random_rng_state"]
+            assert all(np.array_equal(a, b) for a, b in zip(got["np_rng_state"], want["np_rng_state"]))
+            assert torch.equal(got["torch_rng_state"], want["torch_rng_state"])
+            assert all(torch.equal(got["rng_tracker_states"][k], v) for k, v in want["rng_tracker_states"].items())
+    other = str(root / "other_grid")
+    assert cli_main(["convert", src, other, "--to", "mcore", "--tp", "1", "--hf-config", hf, "--quiet"]) == 0
+    assert "rng_state" not in torch.load(os.path.join(other, "iter_0000002", "mp_rank_00", "model_optim_rng.pt"),
+                                         weights_only=False)
