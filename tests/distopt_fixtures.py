@@ -116,17 +116,11 @@ REPO = os.path.dirname(HERE)
 # ---------------------------------------------------------------------------------------------
 # public API (runs in the caller's process; megatron-core is imported only by the subprocess)
 
-def make_tiny_hf_llama(path: str, hidden: int = 72, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                       ffn: int = 120, vocab: int = 200, tied: bool = False, seed: int = 0) -> str:
-    """A tiny random llama saved with ``save_pretrained`` (fp32, every parameter random).
-    hidden=72 makes every norm 72 elements: not a multiple of 64, so DDP's 64-alignment shows."""
+def _save_random(cfg, path: str, seed: int) -> str:
+    """Save an HF model of ``cfg`` whose every parameter is ~N(0, 0.5) (fp32)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model("llama", hidden_size=hidden, intermediate_size=ffn, num_attention_heads=heads,
-                               num_key_value_heads=kv_heads, num_hidden_layers=layers, vocab_size=vocab,
-                               max_position_embeddings=128, tie_word_embeddings=tied, rms_norm_eps=1e-5,
-                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
@@ -134,6 +128,19 @@ def make_tiny_hf_llama(path: str, hidden: int = 72, layers: int = 2, heads: int 
             p.normal_(0, 0.5)
     model.save_pretrained(path)
     return path
+
+
+def make_tiny_hf_llama(path: str, hidden: int = 72, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                       ffn: int = 120, vocab: int = 200, tied: bool = False, seed: int = 0) -> str:
+    """A tiny random llama saved with ``save_pretrained`` (fp32, every parameter random).
+    hidden=72 makes every norm 72 elements: not a multiple of 64, so DDP's 64-alignment shows."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model("llama", hidden_size=hidden, intermediate_size=ffn, num_attention_heads=heads,
+                               num_key_value_heads=kv_heads, num_hidden_layers=layers, vocab_size=vocab,
+                               max_position_embeddings=128, tie_word_embeddings=tied, rms_norm_eps=1e-5,
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    return _save_random(cfg, path, seed)
 
 
 def make_tiny_hf_mixtral(path: str, hidden: int = 72, layers: int = 2, heads: int = 4, kv_heads: int = 2,
@@ -142,21 +149,14 @@ def make_tiny_hf_mixtral(path: str, hidden: int = 72, layers: int = 2, heads: in
     """A tiny random Mixtral (``MixtralConfig``: ``experts`` routed experts of ``ffn`` each, top-``topk``
     routing renormalised over the chosen experts) saved with ``save_pretrained`` (fp32, every
     parameter ~N(0, 0.5), like :func:`make_tiny_hf_llama`)."""
-    import torch
-    from transformers import AutoModelForCausalLM, MixtralConfig
+    from transformers import MixtralConfig
 
     cfg = MixtralConfig(hidden_size=hidden, intermediate_size=ffn, num_attention_heads=heads,
                         num_key_value_heads=kv_heads, num_hidden_layers=layers, vocab_size=vocab,
                         num_local_experts=experts, num_experts_per_tok=topk, max_position_embeddings=128,
                         tie_word_embeddings=tied, rms_norm_eps=1e-5, router_aux_loss_coef=0.0,
                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.5)
-    model.save_pretrained(path)
-    return path
+    return _save_random(cfg, path, seed)
 
 
 def make_distopt_checkpoint(out_dir: str, hf_dir: str, tp: int = 1, pp: int = 1, dp: int = 2,
