@@ -9,9 +9,10 @@ import os
 from ckpt_ir.backends.plan import OutputFile, Plan
 from ckpt_ir.errors import VerifyError
 from ckpt_ir.families import Family, by_name
-from ckpt_ir.frontends.hf import canonical_order, names_for
+from ckpt_ir.frontends.hf import names_for
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
+from ckpt_ir.ir.roles import canonical_order
 
 DEFAULT_MAX_SHARD = 5 * 1000**3
 

@@ -20,13 +20,13 @@ from ckpt_ir import mcore_format as M
 from ckpt_ir.errors import CoverageError, FormatError
 from ckpt_ir.families import by_name, for_hf_config
 from ckpt_ir.frontends import distopt
-from ckpt_ir.frontends.hf import canonical_order
 from ckpt_ir.io.safe_pickle import Stub
 from ckpt_ir.io.torchzip import TorchZip, iter_tensors, with_exprs
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.layout import Layout, expert_rank_files, layer_slots
-from ckpt_ir.ir.names import expert_of, is_expert, is_lora, layer_name, split_layer, split_rule
+from ckpt_ir.ir.names import expert_of, is_expert, is_lora, layer_name, split_layer
+from ckpt_ir.ir.roles import canonical_order, split_rule
 
 
 def detect(path: str) -> bool:

@@ -19,7 +19,7 @@ from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.names import layer_name, split_layer
 from ckpt_ir.ir.spec import ModelSpec
-from ckpt_ir.passes.manager import Pass, register_pass
+from ckpt_ir.passes.manager import WHOLE, Pass, register_pass
 
 
 def qkv_pieces(spec: ModelSpec) -> list[tuple[str, int, int]]:
@@ -29,11 +29,6 @@ def qkv_pieces(spec: ModelSpec) -> list[tuple[str, int, int]]:
     for g in range(spec.num_kv_heads):
         out += [("q", g * hpg * d, hpg * d), ("k", g * d, d), ("v", g * d, d)]
     return out
-
-
-def _require_whole(ckpt: Checkpoint, name: str) -> None:
-    if ckpt.layout.tp != 1:
-        raise VerifyError(f"{name} needs whole tensors (tp=1); run gather first")
 
 
 def _rebuild(ckpt: Checkpoint, replace: dict[str, dict[str, E.Expr]], drop: set[str]) -> dict[str, TensorNode]:
@@ -109,11 +104,11 @@ def _unfuse_mla(ckpt: Checkpoint) -> Checkpoint:
 class FuseQKV(Pass):
     name = "fuse-qkv"
     summary = "Fuse separate q/k/v (weights, biases, LoRA) into Megatron's per-group interleaved linear_qkv"
-    requires = "tp=1, separate q/k/v"
+    requires = (WHOLE,)
+    optimizer_state = "follow"
     guarantees = "layers.N.attn.qkv.{weight,bias,lora_*} in per-query-group [q heads; k; v] order"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        _require_whole(ckpt, self.name)
         if ckpt.spec.mla:
             return _fuse_mla(ckpt)
         replace: dict[str, dict[str, E.Expr]] = {}
@@ -143,11 +138,11 @@ class FuseQKV(Pass):
 class UnfuseQKV(Pass):
     name = "unfuse-qkv"
     summary = "Split Megatron's per-group interleaved linear_qkv (and its LoRA) into separate q/k/v"
-    requires = "tp=1, fused QKV"
+    requires = (WHOLE,)
+    optimizer_state = "follow"
     guarantees = "layers.N.attn.{q,k,v}.{weight,bias,lora_*}; LoRA A shared by q, k and v"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        _require_whole(ckpt, self.name)
         if ckpt.spec.mla:
             return _unfuse_mla(ckpt)
         replace: dict[str, dict[str, E.Expr]] = {}
@@ -173,11 +168,11 @@ class UnfuseQKV(Pass):
 class FuseGateUp(Pass):
     name = "fuse-gate-up"
     summary = "Fuse separate gate/up projections (and their LoRA) into one [gate; up] linear_fc1"
-    requires = "tp=1, separate gate/up"
+    requires = (WHOLE,)
+    optimizer_state = "follow"
     guarantees = "layers.N.mlp.gate_up.* = [gate; up] (TP splits each half: Megatron's per-rank layout)"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        _require_whole(ckpt, self.name)
         replace: dict[str, dict[str, E.Expr]] = {}
         drop: set[str] = set()
         for name in ckpt.tensors:
@@ -204,11 +199,11 @@ class FuseGateUp(Pass):
 class UnfuseGateUp(Pass):
     name = "unfuse-gate-up"
     summary = "Split a fused [gate; up] linear_fc1 (and its LoRA) into separate gate and up projections"
-    requires = "tp=1, fused gate/up"
+    requires = (WHOLE,)
+    optimizer_state = "follow"
     guarantees = "layers.N.mlp.{gate,up}.*; LoRA A shared by gate and up"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        _require_whole(ckpt, self.name)
         replace: dict[str, dict[str, E.Expr]] = {}
         for name, t in ckpt.tensors.items():
             layer, rest = split_layer(name)
