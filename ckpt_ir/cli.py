@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "do not (plain Megatron-LM args)")
     i.add_argument("--weights-from", choices=("model", "master"), default="model",
                    help="Megatron source: the model's weights or the distributed optimizer's fp32 masters")
+    add_plugin_flag(i)
     i.add_argument("--optimizer", action="store_true", help="also list the distributed-optimizer state tensors "
                    "(rows named param:..., exp_avg:..., exp_avg_sq:...)")
 
@@ -92,10 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("b")
     d.add_argument("--json", action="store_true", help="machine-readable report")
     d.add_argument("--atol", type=float, default=0.0, help="treat differences up to ATOL as equal")
+    add_plugin_flag(d)
 
     ps = sub.add_parser("passes", help="list passes, their options and what they require/guarantee")
     add_plugin_flag(ps)
-    sub.add_parser("models", help="list supported model families")
+    ms = sub.add_parser("models", help="list supported model families")
+    add_plugin_flag(ms)
 
     de = sub.add_parser("demo", help="build a tiny random model, convert it HF -> mcore -> HF, verify, report")
     de.add_argument("dir", nargs="?", default=None, help="work directory (default: a temporary one)")

@@ -194,9 +194,5 @@ def _unpack(key: str, load: E.Load, spec: ModelSpec, packed) -> list[tuple[str, 
         if load.shape[0] != sum(rows):
             raise FormatError(f"{load.path}: tensor {key} has {load.shape[0]} rows, expected {sum(rows)} "
                               f"({' + '.join(map(str, rows))}) from config.json")
-        out, pos = [], 0
-        for part, n in zip(p.parts, rows):
-            out.append((part.format(**m.groupdict()), E.simplify(E.Slice(load, 0, pos, pos + n))))
-            pos += n
-        return out
+        return [(part.format(**m.groupdict()), e) for part, e in p.rule(spec).split(load).items()]
     return None

@@ -61,6 +61,12 @@ class Expr:
     def nbytes(self) -> int:
         return self.numel * itemsize(self.dtype)
 
+    def __str__(self) -> str:
+        """The printer's form: ``cast(model.safetensors:lm_head.weight[0:64], BF16)``."""
+        from ckpt_ir.ir.printer import describe
+
+        return f"{describe(self)}  {'x'.join(map(str, self.shape)) or 'scalar'} {self.dtype}"
+
 
 @attrs.frozen
 class Load(Expr):

@@ -262,7 +262,8 @@ def _load_builtin() -> None:
 
 
 def load_plugin(module: str) -> None:
-    """Import a user module that calls :func:`register_pass` (``--plugin MODULE``)."""
+    """Import a user module that calls :func:`register_pass` or registers a model family
+    (``--plugin MODULE``)."""
     try:
         importlib.import_module(module)
     except ImportError as e:
