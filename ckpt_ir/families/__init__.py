@@ -199,7 +199,7 @@ def _load_builtin() -> None:
     _builtin_loaded = True
     from importlib.metadata import entry_points
 
-    from ckpt_ir.families import llama, moe  # noqa: F401
+    from ckpt_ir.families import llama, moe, wave_a  # noqa: F401
 
     for ep in entry_points(group="ckpt_ir.families"):
         try:
