@@ -17,12 +17,19 @@ CONFIGS = {
     "seed_oss": dict(DENSE, head_dim=32),
     "glm": dict(DENSE, head_dim=32, partial_rotary_factor=0.5),
     "glm4": dict(DENSE, head_dim=32, partial_rotary_factor=0.5),
+    "deepseek_v2": dict(DENSE, num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=4,
+                        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None,
+                        kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8),
+    "minicpm3": dict(DENSE, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
+                     qk_rope_head_dim=4, v_head_dim=8, scale_emb=2.5, scale_depth=1.4, dim_model_base=32),
 }
 # per family: the Megatron layouts to round-trip through
 LAYOUTS = {
     "seed_oss": (dict(tp=2, pp=2),),
     "glm": (dict(tp=2, pp=2), dict(tp=2, pp=2, num_layer_list=(1, 3))),
     "glm4": (dict(tp=2, pp=2), dict(tp=1, pp=2, vpp_layers=1)),
+    "deepseek_v2": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True)),
+    "minicpm3": (dict(tp=2, pp=2), dict(tp=2, pp=2, noop_layers=(2, 5))),
 }
 
 

@@ -36,12 +36,14 @@ class Packed:
 class ConfigKey:
     """ModelSpec field <- HF config key, with a default when the key is absent (None: required).
     ``aliases``: other spellings of the key (read if the main one is absent; written back under
-    whichever spelling the source config used)."""
+    whichever spelling the source config used).  ``null``: the spec value HF spells as null
+    (DeepSeek-V2-Lite's ``q_lora_rank: null`` is rank 0, no q-LoRA)."""
 
     field: str
     hf: str | None
     default: Any = None
     aliases: tuple[str, ...] = ()
+    null: Any = None
 
     def read(self, cfg: dict[str, Any]) -> Any:
         for k in (self.hf, *self.aliases):
@@ -113,7 +115,8 @@ class Family:
             name = key.write_key(cfg)
             if name:
                 value = getattr(spec, key.field)
-                cfg[name] = list(value) if isinstance(value, tuple) else value
+                cfg[name] = None if key.null is not None and value == key.null else \
+                    list(value) if isinstance(value, tuple) else value
         cfg["dtype" if "torch_dtype" not in cfg else "torch_dtype"] = hf_config_name(spec.dtype)
         return cfg
 

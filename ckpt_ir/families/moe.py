@@ -121,19 +121,26 @@ MTP = (
     (L + "embed_tokens.weight", C + "mtp.embed.weight"),
 )
 
+MLA_CONFIG = (
+    ConfigKey("q_lora_rank", "q_lora_rank", 0, null=0), ConfigKey("kv_lora_rank", "kv_lora_rank"),
+    ConfigKey("qk_nope_dim", "qk_nope_head_dim"), ConfigKey("qk_rope_dim", "qk_rope_head_dim"),
+    ConfigKey("v_head_dim", "v_head_dim"), ConfigKey("head_dim", None, lambda cfg: cfg["qk_rope_head_dim"]),
+    ConfigKey("qkv_bias", None, False),
+)
+DEEPSEEK_MOE_CONFIG = (
+    ConfigKey("num_experts", "n_routed_experts"), ConfigKey("moe_topk", "num_experts_per_tok"),
+    ConfigKey("moe_ffn_hidden_size", "moe_intermediate_size"),
+    ConfigKey("shared_ffn_hidden_size", None, _shared_ffn), ConfigKey("dense_layers", None, _first_k_dense),
+)
+DEEPSEEK_TENSORS = EMBED_AND_HEAD + MLA_ATTENTION + LLAMA_NORMS + GATED_MLP + DEEPSEEK_MOE
+
 register(Family(
     name="deepseek_v3", model_types=("deepseek_v3",), architecture="DeepseekV3ForCausalLM",
-    tensors=EMBED_AND_HEAD + MLA_ATTENTION + LLAMA_NORMS + GATED_MLP + DEEPSEEK_MOE + MTP,
+    tensors=DEEPSEEK_TENSORS + MTP,
     config=config_with(
-        ConfigKey("num_experts", "n_routed_experts"), ConfigKey("moe_topk", "num_experts_per_tok"),
-        ConfigKey("moe_ffn_hidden_size", "moe_intermediate_size"),
-        ConfigKey("shared_ffn_hidden_size", None, _shared_ffn), ConfigKey("dense_layers", None, _first_k_dense),
-        ConfigKey("q_lora_rank", "q_lora_rank", 0), ConfigKey("kv_lora_rank", "kv_lora_rank"),
-        ConfigKey("qk_nope_dim", "qk_nope_head_dim"), ConfigKey("qk_rope_dim", "qk_rope_head_dim"),
-        ConfigKey("v_head_dim", "v_head_dim"), ConfigKey("head_dim", None, lambda cfg: cfg["qk_rope_head_dim"]),
+        *DEEPSEEK_MOE_CONFIG, *MLA_CONFIG,
         # read-only: transformers saves no MTP weights, so the frontend counts the layers present
         ConfigKey("mtp_layers", None, lambda cfg: cfg.get("num_nextn_predict_layers") or 0),
-        ConfigKey("qkv_bias", None, False),
     ),
-    constants=(("router_bias", True),), mindspeed_names=("deepseek3", "deepseek2"),
+    constants=(("router_bias", True),), mindspeed_names=("deepseek3",),
 ))

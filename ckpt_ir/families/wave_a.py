@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ckpt_ir.families import ConfigKey, Family, Packed, register
 from ckpt_ir.families.llama import ATTENTION, EMBED_AND_HEAD, GATED_MLP, LLAMA_NORMS, C, L, config_with
+from ckpt_ir.families.moe import DEEPSEEK_MOE_CONFIG, DEEPSEEK_TENSORS, MLA_ATTENTION, MLA_CONFIG
 
 # GLM: the HF MLP packs [gate; up] in one gate_up_proj (same rule as Phi-3's)
 GLM_GATE_UP = Packed(L + "mlp.gate_up_proj.weight", (C + "mlp.gate.weight", C + "mlp.up.weight"),
@@ -37,4 +38,20 @@ register(Family(
     name="glm4", model_types=("glm4",), architecture="Glm4ForCausalLM",
     tensors=EMBED_AND_HEAD + ATTENTION + GLM4_NORMS + GLM_DOWN, packed=(GLM_GATE_UP,),
     config=GLM_CONFIG, constants=(("post_norms", True),), mindspeed_names=("glm4",),
+))
+
+# DeepSeek-V2: V3's tensors without MTP and without the router score bias; V2-Lite has no q-LoRA
+# (q_lora_rank null: q_proj instead of q_a / q_b), which the MLA roles already cover
+register(Family(
+    name="deepseek_v2", model_types=("deepseek_v2",), architecture="DeepseekV2ForCausalLM",
+    tensors=DEEPSEEK_TENSORS, config=config_with(*DEEPSEEK_MOE_CONFIG, *MLA_CONFIG),
+    mindspeed_names=("deepseek2", "deepseek2-lite"),
+))
+# MiniCPM3: dense MLA with q-LoRA, tied embeddings; its muP scales (scale_emb, scale_depth,
+# dim_model_base) are config values carried through unchanged
+register(Family(
+    name="minicpm3", model_types=("minicpm3",), architecture="MiniCPM3ForCausalLM",
+    tensors=EMBED_AND_HEAD + MLA_ATTENTION + LLAMA_NORMS + GATED_MLP,
+    config=config_with(*MLA_CONFIG, ConfigKey("tied_embeddings", "tie_word_embeddings", True)),
+    mindspeed_names=("minicpm3",),
 ))
