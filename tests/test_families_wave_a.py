@@ -22,6 +22,12 @@ CONFIGS = {
                         kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8),
     "minicpm3": dict(DENSE, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
                      qk_rope_head_dim=4, v_head_dim=8, scale_emb=2.5, scale_depth=1.4, dim_model_base=32),
+    "glm4_moe": dict(DENSE, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+                     n_shared_experts=1, first_k_dense_replace=1, use_qk_norm=True, attention_bias=True,
+                     partial_rotary_factor=0.5, n_group=1, topk_group=1),
+    "hunyuan_v1_dense": dict(DENSE, head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "hunyuan_v1_moe": dict(DENSE, head_dim=16, num_experts=4, moe_topk=[2, 2, 1, 2],
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
 # per family: the Megatron layouts to round-trip through
 LAYOUTS = {
@@ -29,6 +35,9 @@ LAYOUTS = {
     "glm": (dict(tp=2, pp=2), dict(tp=2, pp=2, num_layer_list=(1, 3))),
     "glm4": (dict(tp=2, pp=2), dict(tp=1, pp=2, vpp_layers=1)),
     "deepseek_v2": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True)),
+    "glm4_moe": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True)),
+    "hunyuan_v1_dense": (dict(tp=2, pp=2),),
+    "hunyuan_v1_moe": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True)),
     "minicpm3": (dict(tp=2, pp=2), dict(tp=2, pp=2, noop_layers=(2, 5))),
 }
 

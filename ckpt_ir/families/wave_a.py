@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from ckpt_ir.families import ConfigKey, Family, Packed, register
 from ckpt_ir.families.llama import ATTENTION, EMBED_AND_HEAD, GATED_MLP, LLAMA_NORMS, C, L, config_with
-from ckpt_ir.families.moe import DEEPSEEK_MOE_CONFIG, DEEPSEEK_TENSORS, MLA_ATTENTION, MLA_CONFIG
+from ckpt_ir.families.moe import (
+                     DEEPSEEK_MOE,
+                     DEEPSEEK_MOE_CONFIG,
+                     DEEPSEEK_TENSORS,
+                     MLA_ATTENTION,
+                     MLA_CONFIG,
+                     MTP,
+)
 
 # GLM: the HF MLP packs [gate; up] in one gate_up_proj (same rule as Phi-3's)
 GLM_GATE_UP = Packed(L + "mlp.gate_up_proj.weight", (C + "mlp.gate.weight", C + "mlp.up.weight"),
@@ -54,4 +61,54 @@ register(Family(
     tensors=EMBED_AND_HEAD + MLA_ATTENTION + LLAMA_NORMS + GATED_MLP,
     config=config_with(*MLA_CONFIG, ConfigKey("tied_embeddings", "tie_word_embeddings", True)),
     mindspeed_names=("minicpm3",),
+))
+# GLM-4.5 / 4.5-Air: grouped-query attention (optional q/k norm, qkv bias, partial rotary) with
+# DeepSeek-V3's MoE block (first dense layers, shared experts, router score bias) and MTP layers
+register(Family(
+    name="glm4_moe", model_types=("glm4_moe",), architecture="Glm4MoeForCausalLM",
+    tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP + DEEPSEEK_MOE + MTP,
+    config=config_with(
+        *DEEPSEEK_MOE_CONFIG, ConfigKey("qk_norm", "use_qk_norm", False),
+        ConfigKey("mtp_layers", None, lambda cfg: cfg.get("num_nextn_predict_layers") or 0),
+    ),
+    constants=(("router_bias", True),), mindspeed_names=("glm45", "glm45-air"),
+))
+
+# Hunyuan: q/k norms are "query_layernorm" / "key_layernorm" (per head, always present); the MoE
+# layer has one shared MLP as wide as the experts and a router named gate.wg
+HUNYUAN_ATTENTION = tuple((h, c) for h, c in ATTENTION if "_norm." not in h) + (
+    (L + "self_attn.query_layernorm.weight", C + "attn.q_norm.weight"),
+    (L + "self_attn.key_layernorm.weight", C + "attn.k_norm.weight"),
+)
+HUNYUAN_MOE = (
+    (L + "mlp.gate.wg.weight", C + "mlp.router.weight"),
+    (L + "mlp.experts.{e}.gate_proj.weight", C + "mlp.experts.{e}.gate.weight"),
+    (L + "mlp.experts.{e}.up_proj.weight", C + "mlp.experts.{e}.up.weight"),
+    (L + "mlp.experts.{e}.down_proj.weight", C + "mlp.experts.{e}.down.weight"),
+    (L + "mlp.shared_mlp.gate_proj.weight", C + "mlp.shared.gate.weight"),
+    (L + "mlp.shared_mlp.up_proj.weight", C + "mlp.shared.up.weight"),
+    (L + "mlp.shared_mlp.down_proj.weight", C + "mlp.shared.down.weight"),
+)
+
+
+def _hunyuan_topk(cfg: dict) -> int:
+    """moe_topk may be one value per layer; shapes do not depend on it, the list rides along."""
+    topk = cfg.get("moe_topk", 1)
+    return max(topk) if isinstance(topk, list) else topk
+
+
+register(Family(
+    name="hunyuan_v1_dense", model_types=("hunyuan_v1_dense",), architecture="HunYuanDenseV1ForCausalLM",
+    tensors=EMBED_AND_HEAD + HUNYUAN_ATTENTION + LLAMA_NORMS + GATED_MLP,
+    config=config_with(), constants=(("qk_norm", True),), mindspeed_names=("hunyuan",),
+))
+register(Family(
+    name="hunyuan_v1_moe", model_types=("hunyuan_v1_moe",), architecture="HunYuanMoEV1ForCausalLM",
+    tensors=EMBED_AND_HEAD + HUNYUAN_ATTENTION + LLAMA_NORMS + HUNYUAN_MOE,
+    config=config_with(
+        ConfigKey("num_experts", "num_experts"), ConfigKey("moe_topk", None, _hunyuan_topk),
+        ConfigKey("moe_ffn_hidden_size", "intermediate_size"),
+        ConfigKey("shared_ffn_hidden_size", "intermediate_size"),
+    ),
+    constants=(("qk_norm", True),), mindspeed_names=("hunyuan",),
 ))
