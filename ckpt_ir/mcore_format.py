@@ -32,6 +32,7 @@ C = "layers.{i}."
 _ATTENTION_KEYS = (
     (D + "self_attention.linear_qkv.weight", C + "attn.qkv.weight"),
     (D + "self_attention.linear_proj.weight", C + "attn.o.weight"),
+    (D + "self_attention.linear_proj.bias", C + "attn.o.bias"),
     (D + "self_attention.linear_qkv.bias", C + "attn.qkv.bias"),
     (D + "self_attention.q_layernorm.weight", C + "attn.q_norm.weight"),
     (D + "self_attention.k_layernorm.weight", C + "attn.k_norm.weight"),
@@ -47,7 +48,9 @@ _MLA_ATTENTION_KEYS = (
 )
 _NORM_KEYS = (
     (D + "input_layernorm.weight", C + "attn_norm.weight"),
+    (D + "input_layernorm.bias", C + "attn_norm.bias"),
     (D + "pre_mlp_layernorm.weight", C + "mlp_norm.weight"),
+    (D + "pre_mlp_layernorm.bias", C + "mlp_norm.bias"),
     (D + "post_attn_norm.weight", C + "post_attn_norm.weight"),
     (D + "post_mlp_layernorm.weight", C + "post_mlp_norm.weight"),
 )
@@ -101,9 +104,12 @@ def ungroup_experts(kind: str, expr: E.Expr, experts: int) -> list[E.Expr]:
 _TE_NORMS = {
     D + "input_layernorm.weight": D + "self_attention.linear_qkv.layer_norm_weight",
     D + "pre_mlp_layernorm.weight": D + "mlp.linear_fc1.layer_norm_weight",
+    D + "input_layernorm.bias": D + "self_attention.linear_qkv.layer_norm_bias",
+    D + "pre_mlp_layernorm.bias": D + "mlp.linear_fc1.layer_norm_bias",
 }
 PRE_LAYERS = (("embedding.word_embeddings.weight", "embed.weight"),)
-POST_LAYERS = (("decoder.final_layernorm.weight", "final_norm.weight"), ("output_layer.weight", "lm_head.weight"))
+POST_LAYERS = (("decoder.final_layernorm.weight", "final_norm.weight"), ("decoder.final_layernorm.bias", "final_norm.bias"),
+               ("output_layer.weight", "lm_head.weight"), ("output_layer.bias", "lm_head.bias"))
 # multi-token prediction (last stage): its transformer layer's keys are a decoder layer's under
 # mtp.layers.{k}.transformer_layer.; with MTP the main final norm is a top-level final_layernorm
 MTP_PREFIX = "mtp.layers.{k}.transformer_layer."
@@ -119,7 +125,8 @@ MTP_FINAL_NORM = "final_layernorm.weight"
 def _table(keys, norm_names: str) -> NameTable:
     if norm_names == "local":
         return NameTable(keys)
-    renames = dict(_TE_NORMS) if norm_names == "te" else {D + "input_layernorm.weight": _TE_NORMS[D + "input_layernorm.weight"]}
+    renames = dict(_TE_NORMS) if norm_names == "te" else \
+        {m: _TE_NORMS[m] for m in (D + "input_layernorm.weight", D + "input_layernorm.bias")}
     return NameTable((renames.get(m, m), c) for m, c in keys)
 
 
@@ -212,7 +219,7 @@ def build_args(spec: ModelSpec, layout: Layout, hf_config: dict[str, Any] | None
         "vocab_size": spec.vocab_size,
         "padded_vocab_size": layout.padded_vocab or spec.vocab_size,
         "norm_epsilon": spec.norm_eps,
-        "normalization": "RMSNorm",
+        "normalization": "LayerNorm" if spec.norm_bias else "RMSNorm",
         "swiglu": spec.activation == "silu",
         "add_qkv_bias": spec.qkv_bias,
         "add_bias_linear": False,

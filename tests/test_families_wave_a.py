@@ -28,6 +28,7 @@ CONFIGS = {
     "hunyuan_v1_dense": dict(DENSE, head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "hunyuan_v1_moe": dict(DENSE, head_dim=16, num_experts=4, moe_topk=[2, 2, 1, 2],
                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "phimoe": dict(DENSE, num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True),
 }
 # per family: the Megatron layouts to round-trip through
 LAYOUTS = {
@@ -38,6 +39,7 @@ LAYOUTS = {
     "glm4_moe": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True)),
     "hunyuan_v1_dense": (dict(tp=2, pp=2),),
     "hunyuan_v1_moe": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True)),
+    "phimoe": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True, norm_names="te")),
     "minicpm3": (dict(tp=2, pp=2), dict(tp=2, pp=2, noop_layers=(2, 5))),
 }
 
@@ -101,3 +103,22 @@ def test_glm_gate_up_rows_follow_megatron_fc1(models, tmp_path):
         half = f // 2
         want = torch.cat([hf[t * half:(t + 1) * half], hf[f + t * half:f + (t + 1) * half]])
         assert torch.equal(fc1, want)
+
+
+def test_phimoe_biases_are_carried_under_megatron_names(models, tmp_path):
+    """Every LayerNorm bias, o_proj.bias and lm_head.bias reaches the rank files (MindSpeed-LLM's
+    phi3.5-moe converter drops them): norm and row-parallel biases whole on each TP rank, the
+    output-layer bias split by vocabulary rows like its weight."""
+    src = models("phimoe")
+    hf = hf_state(src)
+    mid = str(tmp_path / "mid")
+    convert(src, mid, ck.Target(to="mcore", tp=2))
+    v = hf["lm_head.bias"].shape[0] // 2
+    for t in range(2):
+        sd = torch.load(f"{mid}/iter_0000001/mp_rank_0{t}/model_optim_rng.pt", weights_only=False)["model"]
+        assert torch.equal(sd["decoder.layers.1.input_layernorm.bias"], hf["model.layers.1.input_layernorm.bias"])
+        assert torch.equal(sd["decoder.layers.1.pre_mlp_layernorm.bias"],
+                           hf["model.layers.1.post_attention_layernorm.bias"])
+        assert torch.equal(sd["decoder.layers.1.self_attention.linear_proj.bias"], hf["model.layers.1.self_attn.o_proj.bias"])
+        assert torch.equal(sd["decoder.final_layernorm.bias"], hf["model.norm.bias"])
+        assert torch.equal(sd["output_layer.bias"], hf["lm_head.bias"][t * v:(t + 1) * v])

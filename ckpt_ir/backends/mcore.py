@@ -101,8 +101,12 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None, shared_copies: str =
         content[last][at:at] = mtp_entries
     final_norm = M.MTP_FINAL_NORM if spec.mtp_layers else "decoder.final_layernorm.weight"
     content[last].append(Entry(final_norm, ("final_norm.weight",)))
+    if "final_norm.bias" in ckpt.tensors:
+        content[last].append(Entry(final_norm[: -len("weight")] + "bias", ("final_norm.bias",)))
     if "lm_head.weight" in ckpt.tensors:
         content[last].append(Entry("output_layer.weight", ("lm_head.weight",)))
+    if "lm_head.bias" in ckpt.tensors:
+        content[last].append(Entry("output_layer.bias", ("lm_head.bias",)))
     elif spec.tied_embeddings and layout.pp > 1:
         # Megatron keeps a copy of the tied embedding on the last stage when PP > 1
         content[last].append(Entry("output_layer.weight", ("embed.weight",)))
@@ -296,7 +300,7 @@ def _entries(ckpt: Checkpoint, role: str, canon: str, local: int, names, layer: 
         ep, j = expert_owner(ckpt.spec, ckpt.layout, expert)
         fill["e"] = str(j)
     key = names.from_canonical(role.format(**fill))
-    if ckpt.spec.is_moe_layer(layer) and role == "layers.{i}.mlp_norm.weight":
+    if ckpt.spec.is_moe_layer(layer) and role in ("layers.{i}.mlp_norm.weight", "layers.{i}.mlp_norm.bias"):
         key = M.layer_table("local").from_canonical(role.format(**fill))  # MoE: no fused pre-MLP norm
     out = [Entry(key, (canon,), ep)]
     for which in ("a", "b"):  # LoRA adapters right after their base weight

@@ -45,14 +45,16 @@ QWEN_MOE_CONFIG = (
     ConfigKey("dense_layers", None, _qwen_dense_layers),
 )
 
+MIXTRAL_MOE = (
+    (L + "block_sparse_moe.gate.weight", C + "mlp.router.weight"),
+    (L + "block_sparse_moe.experts.{e}.w1.weight", C + "mlp.experts.{e}.gate.weight"),
+    (L + "block_sparse_moe.experts.{e}.w3.weight", C + "mlp.experts.{e}.up.weight"),
+    (L + "block_sparse_moe.experts.{e}.w2.weight", C + "mlp.experts.{e}.down.weight"),
+)
+
 register(Family(
     name="mixtral", model_types=("mixtral",), architecture="MixtralForCausalLM",
-    tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + (
-        (L + "block_sparse_moe.gate.weight", C + "mlp.router.weight"),
-        (L + "block_sparse_moe.experts.{e}.w1.weight", C + "mlp.experts.{e}.gate.weight"),
-        (L + "block_sparse_moe.experts.{e}.w3.weight", C + "mlp.experts.{e}.up.weight"),
-        (L + "block_sparse_moe.experts.{e}.w2.weight", C + "mlp.experts.{e}.down.weight"),
-    ),
+    tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + MIXTRAL_MOE,
     config=config_with(ConfigKey("qkv_bias", None, False), ConfigKey("num_experts", "num_local_experts"),
                    ConfigKey("moe_topk", "num_experts_per_tok"),
                    ConfigKey("moe_ffn_hidden_size", "intermediate_size")),

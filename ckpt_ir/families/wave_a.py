@@ -9,12 +9,13 @@ from __future__ import annotations
 from ckpt_ir.families import ConfigKey, Family, Packed, register
 from ckpt_ir.families.llama import ATTENTION, EMBED_AND_HEAD, GATED_MLP, LLAMA_NORMS, C, L, config_with
 from ckpt_ir.families.moe import (
-                     DEEPSEEK_MOE,
-                     DEEPSEEK_MOE_CONFIG,
-                     DEEPSEEK_TENSORS,
-                     MLA_ATTENTION,
-                     MLA_CONFIG,
-                     MTP,
+    DEEPSEEK_MOE,
+    DEEPSEEK_MOE_CONFIG,
+    DEEPSEEK_TENSORS,
+    MIXTRAL_MOE,
+    MLA_ATTENTION,
+    MLA_CONFIG,
+    MTP,
 )
 
 # GLM: the HF MLP packs [gate; up] in one gate_up_proj (same rule as Phi-3's)
@@ -111,4 +112,25 @@ register(Family(
         ConfigKey("shared_ffn_hidden_size", "intermediate_size"),
     ),
     constants=(("qk_norm", True),), mindspeed_names=("hunyuan",),
+))
+
+# PhiMoE (Phi-3.5-MoE): LayerNorm with biases everywhere, biases on q/k/v and o_proj, optional
+# lm_head bias, Mixtral's block_sparse_moe experts.  (MindSpeed-LLM's phi3.5-moe converter drops
+# the norm, o_proj and lm_head biases; they are carried here.)
+PHIMOE_BIASES = (
+    (L + "input_layernorm.bias", C + "attn_norm.bias"),
+    (L + "post_attention_layernorm.bias", C + "mlp_norm.bias"),
+    (L + "self_attn.o_proj.bias", C + "attn.o.bias"),
+    ("model.norm.bias", "final_norm.bias"),
+    ("lm_head.bias", "lm_head.bias"),
+)
+register(Family(
+    name="phimoe", model_types=("phimoe",), architecture="PhimoeForCausalLM",
+    tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + PHIMOE_BIASES + MIXTRAL_MOE,
+    config=config_with(
+        ConfigKey("num_experts", "num_local_experts"), ConfigKey("moe_topk", "num_experts_per_tok"),
+        ConfigKey("moe_ffn_hidden_size", "intermediate_size"), ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
+        ConfigKey("o_bias", "attention_bias", False), ConfigKey("lm_head_bias", "lm_head_bias", False),
+    ),
+    constants=(("norm_bias", True),), mindspeed_names=("phi3.5-moe",),
 ))

@@ -69,6 +69,10 @@ def _moe(pred: Callable[[ModelSpec, Layout], bool] = lambda s, lay: True) -> Pre
     return lambda s, lay, i: s.is_moe_layer(i) and pred(s, lay)
 
 
+def _norm_bias(s: ModelSpec, lay: Layout, i: int) -> bool:
+    return s.norm_bias
+
+
 def _mtp(s: ModelSpec, lay: Layout, i: int) -> bool:
     return i >= s.num_layers
 
@@ -102,8 +106,11 @@ def _qkv_rows(s: ModelSpec, lay: Layout) -> int:
 _BUILTIN: list[Role] = [
     Role("embed.weight", COLUMN, lambda s, lay: (_vocab(s, lay), s.hidden_size)),
     Role("lm_head.weight", COLUMN, lambda s, lay: (_vocab(s, lay), s.hidden_size), lambda s, lay, i: s.untied),
+    Role("lm_head.bias", COLUMN, lambda s, lay: (_vocab(s, lay),), lambda s, lay, i: s.untied and s.lm_head_bias),
     Role("final_norm.weight", None, lambda s, lay: (s.hidden_size,)),
+    Role("final_norm.bias", None, lambda s, lay: (s.hidden_size,), _norm_bias),
     Role(L + "attn_norm.weight", None, lambda s, lay: (s.hidden_size,)),
+    Role(L + "attn_norm.bias", None, lambda s, lay: (s.hidden_size,), _norm_bias),
     # attention: separate q/k/v (MLA without q-LoRA projects q directly), or Megatron's fused qkv
     Role(L + "attn.q.weight", COLUMN, lambda s, lay: (_q_rows(s, lay), s.hidden_size),
          lambda s, lay, i: not lay.fused_qkv and not (s.mla and s.q_lora_rank)),
@@ -116,10 +123,13 @@ _BUILTIN: list[Role] = [
          _gqa(lambda s, lay: lay.fused_qkv)),
     Role(L + "attn.qkv.bias", COLUMN, lambda s, lay: (_qkv_rows(s, lay),), _gqa(lambda s, lay: s.qkv_bias and lay.fused_qkv)),
     Role(L + "attn.o.weight", ROW, lambda s, lay: (s.hidden_size, _o_cols(s, lay))),
+    # a row-parallel layer's bias is added once after the reduction: whole on every TP rank
+    Role(L + "attn.o.bias", None, lambda s, lay: (s.hidden_size,), lambda s, lay, i: s.o_bias),
     Role(L + "attn.q_norm.weight", None, lambda s, lay: (s.head_dim,), lambda s, lay, i: s.qk_norm),
     Role(L + "attn.k_norm.weight", None, lambda s, lay: (s.head_dim,), lambda s, lay, i: s.qk_norm),
     Role(L + "post_attn_norm.weight", None, lambda s, lay: (s.hidden_size,), lambda s, lay, i: s.post_norms),
     Role(L + "mlp_norm.weight", None, lambda s, lay: (s.hidden_size,)),
+    Role(L + "mlp_norm.bias", None, lambda s, lay: (s.hidden_size,), _norm_bias),
     *_mlp_roles(L + "mlp.", lambda s: s.ffn_hidden_size, _dense_mlp),
     Role(L + "post_mlp_norm.weight", None, lambda s, lay: (s.hidden_size,), lambda s, lay, i: s.post_norms),
     # mixture of experts: router (and its score-correction bias), routed experts, shared experts.
@@ -244,7 +254,7 @@ def expected_names(spec: ModelSpec, layout: Layout) -> set[str]:
     return names
 
 
-_TOP = {"embed.weight": 0, "final_norm.weight": 2, "lm_head.weight": 3}
+_TOP = {"embed.weight": 0, "final_norm.weight": 2, "final_norm.bias": 2, "lm_head.weight": 3, "lm_head.bias": 3}
 
 
 def canonical_order(name: str) -> tuple:

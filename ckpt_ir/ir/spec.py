@@ -53,6 +53,9 @@ class ModelSpec:
     mtp_layers: int = 0  # multi-token-prediction layers, numbered after the main layers
     shared_expert_gate: bool = False  # a sigmoid gate on the shared experts' output (Qwen2-MoE)
     router_bias: bool = False  # a score-correction bias on the router (DeepSeek-V3)
+    norm_bias: bool = False  # LayerNorm with biases (every norm), not RMSNorm (PhiMoE)
+    o_bias: bool = False  # a bias on the attention output projection
+    lm_head_bias: bool = False  # a bias on the output layer (untied models)
     lora_rank: int | None = None  # set while the checkpoint carries (unmerged) LoRA adapters
     lora_alpha: float | None = None
     extra: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
