@@ -122,6 +122,16 @@ MTP_KEYS = (
 MTP_FINAL_NORM = "final_layernorm.weight"
 
 
+# MiniMax-M2's full-width q/k norms take the per-head norms' keys (Megatron-Bridge)
+_FULL_QK_NORM = {C + "attn.q_norm.weight": C + "attn.q_full_norm.weight",
+                 C + "attn.k_norm.weight": C + "attn.k_full_norm.weight"}
+
+
+def _layer_keys(mla: bool, full_qk_norm: bool):
+    keys = _MLA_LAYER_KEYS if mla else _LAYER_KEYS
+    return tuple((m, _FULL_QK_NORM.get(c, c)) for m, c in keys) if full_qk_norm else keys
+
+
 def _table(keys, norm_names: str) -> NameTable:
     if norm_names == "local":
         return NameTable(keys)
@@ -132,10 +142,7 @@ def _table(keys, norm_names: str) -> NameTable:
 
 LOCAL_LAYER_TABLE = _table(_LAYER_KEYS, "local")
 TE_LAYER_TABLE = _table(_LAYER_KEYS, "te")
-LAYER_ROLE_ORDER = tuple(c for _, c in _LAYER_KEYS)
-MLA_LAYER_ROLE_ORDER = tuple(c for _, c in _MLA_LAYER_KEYS)
 READ_TABLES = (LOCAL_LAYER_TABLE, TE_LAYER_TABLE)
-MLA_READ_TABLES = (_table(_MLA_LAYER_KEYS, "local"), _table(_MLA_LAYER_KEYS, "te"))
 GLOBAL_TABLE = NameTable(PRE_LAYERS + POST_LAYERS)
 
 EXTRA_STATE = "._extra_state"
@@ -150,14 +157,19 @@ def lora_key(target_key: str, which: str) -> str:
     return target_key[: -len(".weight")] + (".lora_A" if which == "a" else ".lora_B") + ".default.weight"
 
 
-def layer_table(norm_names: str, mla: bool = False) -> NameTable:
+def layer_table(norm_names: str, mla: bool = False, full_qk_norm: bool = False) -> NameTable:
     """Decoder-layer key table for a naming (``local``, ``te``, ``te-input``; MindSpeed-LLM v2's
     transformer_engine output fuses only the input norm for dense layers)."""
-    return _table(_MLA_LAYER_KEYS if mla else _LAYER_KEYS, norm_names)
+    return _table(_layer_keys(mla, full_qk_norm), norm_names)
 
 
-def role_order(mla: bool) -> tuple[str, ...]:
-    return MLA_LAYER_ROLE_ORDER if mla else LAYER_ROLE_ORDER
+def read_tables(spec: ModelSpec) -> tuple[NameTable, ...]:
+    """The decoder-layer tables a reader tries (local and TE norm names) for ``spec``."""
+    return tuple(layer_table(n, spec.mla, spec.qk_full_norm) for n in ("local", "te"))
+
+
+def role_order(mla: bool, full_qk_norm: bool = False) -> tuple[str, ...]:
+    return tuple(c for _, c in _layer_keys(mla, full_qk_norm))
 
 
 def rank_dir(tp: int, pp: int, layout: Layout, ep: int = 0, ep_size: int = 1) -> str:

@@ -29,6 +29,8 @@ CONFIGS = {
     "hunyuan_v1_moe": dict(DENSE, head_dim=16, num_experts=4, moe_topk=[2, 2, 1, 2],
                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "phimoe": dict(DENSE, num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True),
+    "minimax_m2": dict(DENSE, head_dim=32, num_local_experts=4, num_experts_per_tok=2,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
 # per family: the Megatron layouts to round-trip through
 LAYOUTS = {
@@ -40,6 +42,7 @@ LAYOUTS = {
     "hunyuan_v1_dense": (dict(tp=2, pp=2),),
     "hunyuan_v1_moe": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True)),
     "phimoe": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True, norm_names="te")),
+    "minimax_m2": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True)),
     "minicpm3": (dict(tp=2, pp=2), dict(tp=2, pp=2, noop_layers=(2, 5))),
 }
 
@@ -122,3 +125,21 @@ def test_phimoe_biases_are_carried_under_megatron_names(models, tmp_path):
         assert torch.equal(sd["decoder.layers.1.self_attention.linear_proj.bias"], hf["model.layers.1.self_attn.o_proj.bias"])
         assert torch.equal(sd["decoder.final_layernorm.bias"], hf["model.norm.bias"])
         assert torch.equal(sd["output_layer.bias"], hf["lm_head.bias"][t * v:(t + 1) * v])
+
+
+def test_minimax_full_width_qk_norm_splits_with_the_heads(models, tmp_path):
+    """MiniMax-M2's q_norm [heads*head_dim] / k_norm [kv_heads*head_dim] normalise the whole
+    projection; Megatron-Bridge shards them over TP like the heads they scale (rank t holds the
+    rows of its heads), under the q_layernorm / k_layernorm keys."""
+    src = models("minimax_m2")
+    hf = hf_state(src)
+    mid = str(tmp_path / "mid")
+    convert(src, mid, ck.Target(to="mcore", tp=2))
+    q, k = hf["model.layers.0.self_attn.q_norm.weight"], hf["model.layers.0.self_attn.k_norm.weight"]
+    assert q.shape == (4 * 32,) and k.shape == (2 * 32,)
+    for t in range(2):
+        sd = torch.load(f"{mid}/iter_0000001/mp_rank_0{t}/model_optim_rng.pt", weights_only=False)["model"]
+        assert torch.equal(sd["decoder.layers.0.self_attention.q_layernorm.weight"], q[t * 64:(t + 1) * 64])
+        assert torch.equal(sd["decoder.layers.0.self_attention.k_layernorm.weight"], k[t * 32:(t + 1) * 32])
+        assert torch.equal(sd["decoder.layers.0.mlp.router.expert_bias"],
+                           hf["model.layers.0.block_sparse_moe.e_score_correction_bias"])

@@ -51,8 +51,8 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None, shared_copies: str =
     slots = layer_slots(spec, layout)
     where = {s.real: s for s in slots if s.real is not None}
     chunks = num_chunks(spec, layout)
-    table = M.layer_table(layout.norm_names, spec.mla)
-    order = M.role_order(spec.mla)
+    table = M.layer_table(layout.norm_names, spec.mla, spec.qk_full_norm)
+    order = M.role_order(spec.mla, spec.qk_full_norm)
     content: dict[tuple[int, int], list[Entry]] = defaultdict(list)
     by_layer: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for name in ckpt.tensors:

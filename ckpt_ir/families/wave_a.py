@@ -98,10 +98,11 @@ def _hunyuan_topk(cfg: dict) -> int:
     return max(topk) if isinstance(topk, list) else topk
 
 
+# (MindSpeed-LLM's "hunyuan" name is given to the MoE family only, so the name picks one family)
 register(Family(
     name="hunyuan_v1_dense", model_types=("hunyuan_v1_dense",), architecture="HunYuanDenseV1ForCausalLM",
     tensors=EMBED_AND_HEAD + HUNYUAN_ATTENTION + LLAMA_NORMS + GATED_MLP,
-    config=config_with(), constants=(("qk_norm", True),), mindspeed_names=("hunyuan",),
+    config=config_with(), constants=(("qk_norm", True),),
 ))
 register(Family(
     name="hunyuan_v1_moe", model_types=("hunyuan_v1_moe",), architecture="HunYuanMoEV1ForCausalLM",
@@ -133,4 +134,21 @@ register(Family(
         ConfigKey("o_bias", "attention_bias", False), ConfigKey("lm_head_bias", "lm_head_bias", False),
     ),
     constants=(("norm_bias", True),), mindspeed_names=("phi3.5-moe",),
+))
+
+# MiniMax-M2: q/k RMSNorm over the full projection width (q_norm [heads*head_dim], k_norm
+# [kv_heads*head_dim]), Mixtral-named experts, sigmoid router with a score-correction bias
+MINIMAX_ATTENTION = tuple((h, c) for h, c in ATTENTION if "_norm." not in h) + (
+    (L + "self_attn.q_norm.weight", C + "attn.q_full_norm.weight"),
+    (L + "self_attn.k_norm.weight", C + "attn.k_full_norm.weight"),
+)
+register(Family(
+    name="minimax_m2", model_types=("minimax_m2",), architecture="MiniMaxM2ForCausalLM",
+    tensors=EMBED_AND_HEAD + MINIMAX_ATTENTION + LLAMA_NORMS + MIXTRAL_MOE
+    + ((L + "block_sparse_moe.e_score_correction_bias", C + "mlp.router.bias"),),
+    config=config_with(
+        ConfigKey("num_experts", "num_local_experts"), ConfigKey("moe_topk", "num_experts_per_tok"),
+        ConfigKey("moe_ffn_hidden_size", "intermediate_size"), ConfigKey("qkv_bias", None, False),
+    ),
+    constants=(("qk_full_norm", True), ("router_bias", True)), mindspeed_names=("minimax_m2",),
 ))

@@ -167,7 +167,7 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
         raise FormatError(f"{it_dir}: args say TP={tp}, PP={pp}, EP={ep} but only {len(found)} rank "
                           f"directories exist; the checkpoint is incomplete or its args are wrong")
     spec, cfg = spec_from_args(args, hf_config, first.path)
-    tables = M.MLA_READ_TABLES if spec.mla else M.READ_TABLES
+    tables = M.read_tables(spec)
     noop = a.layers("noop_layers") or ()
     layout = Layout(format="mcore", tp=tp, pp=pp,
                     vpp_layers=a.size("num_layers_per_virtual_pipeline_stage", None),

@@ -94,7 +94,7 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     if iteration is None:
         iteration = common.get("iteration") if isinstance(common.get("iteration"), int) else 1
     md = read_metadata(it_dir)
-    tables = M.MLA_READ_TABLES if spec.mla else M.READ_TABLES
+    tables = M.read_tables(spec)
     dropped: dict[str, str] = {}
     unknown: list[str] = []
     model: dict[str, tuple[DcpTensor, tuple[int, ...]]] = {}

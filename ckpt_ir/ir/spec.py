@@ -53,6 +53,7 @@ class ModelSpec:
     mtp_layers: int = 0  # multi-token-prediction layers, numbered after the main layers
     shared_expert_gate: bool = False  # a sigmoid gate on the shared experts' output (Qwen2-MoE)
     router_bias: bool = False  # a score-correction bias on the router (DeepSeek-V3)
+    qk_full_norm: bool = False  # q/k RMSNorm over all heads at once (MiniMax-M2), not per head
     norm_bias: bool = False  # LayerNorm with biases (every norm), not RMSNorm (PhiMoE)
     o_bias: bool = False  # a bias on the attention output projection
     lm_head_bias: bool = False  # a bias on the output layer (untied models)
