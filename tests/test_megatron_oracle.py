@@ -44,6 +44,7 @@ MODELS = {
     "llama-4l": dict(family="llama", layers=4, tied=False, vocab=128, theta=500000.0),
     "qwen2-4l": dict(family="qwen2", layers=4, tied=True, vocab=128, theta=1000000.0),
     "qwen3-4l": dict(family="qwen3", layers=4, tied=True, vocab=128, theta=1000000.0),
+    "seed_oss": dict(family="seed_oss", layers=2, tied=False, vocab=128, theta=10000000.0),
 }
 
 # case -> (model, conversion).  A conversion is CLI arguments for ``ckpt-ir convert HF OUT --to
@@ -55,6 +56,7 @@ CASES = {
     "llama-tp2pp1": ("llama", ["--tp", "2"]),
     "qwen2-tp2pp1": ("qwen2", ["--tp", "2"]),
     "qwen3-tp2pp1": ("qwen3", ["--tp", "2"]),
+    "seed_oss-tp2pp1": ("seed_oss", ["--tp", "2"]),  # qkv bias, head_dim 32 != hidden / heads
     "llama-tp2-padded-vocab": ("llama-v120", ["--tp", "2", "--make-vocab-size-divisible-by", "64"]),
     "llama-tp2pp2": ("llama-4l", ["--tp", "2", "--pp", "2"]),
     "qwen2-tp2pp2-tied": ("qwen2-4l", ["--tp", "2", "--pp", "2"]),  # output_layer copy on last stage
@@ -83,7 +85,7 @@ def _build_hf(path: str, family: str, layers: int, tied: bool, vocab: int, theta
     with open(os.path.join(path, "config.json")) as fh:
         config = json.load(fh)
     return {"dir": path, "config": config, "logits": logits, "tied": tied, "vocab": vocab,
-            "qkv_bias": family == "qwen2", "qk_norm": family == "qwen3"}
+            "qkv_bias": family in ("qwen2", "seed_oss"), "qk_norm": family == "qwen3"}
 
 
 def _convert(src: str, dst: str, args: list[str]) -> None:
@@ -181,7 +183,7 @@ EXPECTED_LAYOUT = {
     "llama-tp1pp1": (1, 1, None), "qwen2-tp1pp1": (1, 1, None), "qwen3-tp1pp1": (1, 1, None),
     "llama-tp2pp1": (2, 1, None), "qwen2-tp2pp1": (2, 1, None), "qwen3-tp2pp1": (2, 1, None),
     "llama-tp2-padded-vocab": (2, 1, None), "llama-tp2pp2": (2, 2, None), "qwen2-tp2pp2-tied": (2, 2, None),
-    "qwen3-tp1pp2-tied": (1, 2, None), "llama-tp2pp2-to-pp2vpp2": (1, 2, 2),
+    "qwen3-tp1pp2-tied": (1, 2, None), "llama-tp2pp2-to-pp2vpp2": (1, 2, 2), "seed_oss-tp2pp1": (2, 1, None),
 }
 
 
