@@ -143,3 +143,37 @@ def test_minimax_full_width_qk_norm_splits_with_the_heads(models, tmp_path):
         assert torch.equal(sd["decoder.layers.0.self_attention.k_layernorm.weight"], k[t * 32:(t + 1) * 32])
         assert torch.equal(sd["decoder.layers.0.mlp.router.expert_bias"],
                            hf["model.layers.0.block_sparse_moe.e_score_correction_bias"])
+
+
+def test_glm4_moe_mtp_layer_round_trips(models, tmp_path):
+    """GLM-4.5's released checkpoints carry MTP layers as model.layers.{num_hidden_layers}.* (a MoE
+    decoder layer plus enorm, hnorm, eh_proj, shared_head.norm and copies of the embedding and
+    head); transformers saves none, so one is written here the way the release stores it."""
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = str(tmp_path / "hf")
+    shutil.copytree(models("glm4_moe"), src)
+    f = os.path.join(src, "model.safetensors")
+    sd = load_file(f)
+    n, h = 4, CONFIGS["glm4_moe"]["hidden_size"]
+    g = torch.Generator().manual_seed(7)
+    for k in [k for k in sd if k.startswith("model.layers.1.")]:  # a MoE layer's tensors
+        sd[k.replace("model.layers.1.", f"model.layers.{n}.")] = torch.randn(sd[k].shape, generator=g)
+    for k, shape in {"enorm.weight": (h,), "hnorm.weight": (h,), "eh_proj.weight": (h, 2 * h),
+                     "shared_head.norm.weight": (h,)}.items():
+        sd[f"model.layers.{n}.{k}"] = torch.randn(shape, generator=g)
+    sd[f"model.layers.{n}.embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
+    sd[f"model.layers.{n}.shared_head.head.weight"] = sd["lm_head.weight"].clone()
+    save_file(sd, f, metadata={"format": "pt"})
+    mid, back = str(tmp_path / "mid"), str(tmp_path / "back")
+    convert(src, mid, ck.Target(to="mcore", tp=2, pp=2, ep=2, grouped_gemm=True))
+    assert ck.load(mid).spec.mtp_layers == 1
+    last = torch.load(f"{mid}/iter_0000001/mp_rank_01_001_001/model_optim_rng.pt", weights_only=False)["model"]
+    assert torch.equal(last["mtp.layers.0.enorm.weight"], sd[f"model.layers.{n}.enorm.weight"])
+    assert torch.equal(last["mtp.layers.0.transformer_layer.mlp.router.expert_bias"],
+                       sd[f"model.layers.{n}.mlp.gate.e_score_correction_bias"])
+    convert(mid, back, ck.Target(to="hf"))
+    assert_same_tensors(src, back)
