@@ -206,7 +206,7 @@ _NOT_HF = frozenset({
     "etp_valid_ckpts_list", "add_rmsnorm_offset", "use_mcore_models", "make_vocab_size_divisible_by",
     "lora_r", "lora_alpha", "lora_target_modules", "lora_load", "lora_fusion", "lora_ckpt_filter",
     "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "multi_latent_attention",
-    "qk_head_dim", "qk_pos_emb_head_dim",
+    "qk_head_dim", "qk_pos_emb_head_dim", "rotary_percent",
 })
 
 
@@ -254,6 +254,9 @@ def build_args(spec: ModelSpec, layout: Layout, hf_config: dict[str, Any] | None
     theta = cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta"))
     if theta is not None:
         fields["rotary_base"] = theta
+    partial = cfg.get("partial_rotary_factor", (cfg.get("rope_parameters") or {}).get("partial_rotary_factor"))
+    if partial is not None:  # GLM: rotary on a fraction of each head
+        fields["rotary_percent"] = partial
     if layout.num_layer_list:
         fields["num_layer_list"] = ",".join(map(str, layout.num_layer_list))
     if layout.noop_layers:

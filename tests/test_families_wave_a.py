@@ -177,3 +177,23 @@ def test_glm4_moe_mtp_layer_round_trips(models, tmp_path):
                        sd[f"model.layers.{n}.mlp.gate.e_score_correction_bias"])
     convert(mid, back, ck.Target(to="hf"))
     assert_same_tensors(src, back)
+
+
+def test_models_lists_every_family_with_its_mindspeed_names(capsys):
+    from ckpt_ir.cli import main
+
+    assert main(["models"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    want = {"seed_oss": "seed-oss", "glm": "glm4_9b", "glm4": "glm4", "deepseek_v2": "deepseek2,deepseek2-lite",
+            "minicpm3": "minicpm3", "glm4_moe": "glm45,glm45-air", "hunyuan_v1_moe": "hunyuan",
+            "minimax_m2": "minimax_m2", "phimoe": "phi3.5-moe", "mistral": "mistral,magistral"}
+    for family, names in want.items():
+        assert f"--model-type-hf {names}" in lines[family], lines.get(family)
+    assert "hunyuan_v1_dense" in lines
+
+
+def test_glm_args_carry_partial_rotary(models, tmp_path):
+    mid = str(tmp_path / "mid")
+    convert(models("glm"), mid, ck.Target(to="mcore", tp=2))
+    args = torch.load(f"{mid}/iter_0000001/mp_rank_00/model_optim_rng.pt", weights_only=False)["args"]
+    assert (args.rotary_percent, args.kv_channels, args.add_qkv_bias) == (0.5, 32, True)
