@@ -185,7 +185,7 @@ def test_models_lists_every_family_with_its_mindspeed_names(capsys):
     assert main(["models"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
     want = {"seed_oss": "seed-oss", "glm": "glm4_9b", "glm4": "glm4", "deepseek_v2": "deepseek2,deepseek2-lite",
-            "minicpm3": "minicpm3", "glm4_moe": "glm45,glm45-air", "hunyuan_v1_moe": "hunyuan",
+            "minicpm3": "minicpm3", "glm4_moe": "glm45-moe,glm45,glm45-air", "hunyuan_v1_moe": "hunyuan",
             "minimax_m2": "minimax_m2", "phimoe": "phi3.5-moe", "mistral": "mistral,magistral"}
     for family, names in want.items():
         assert f"--model-type-hf {names}" in lines[family], lines.get(family)

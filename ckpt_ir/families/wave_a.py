@@ -72,7 +72,7 @@ register(Family(
         *DEEPSEEK_MOE_CONFIG, ConfigKey("qk_norm", "use_qk_norm", False),
         ConfigKey("mtp_layers", None, lambda cfg: cfg.get("num_nextn_predict_layers") or 0),
     ),
-    constants=(("router_bias", True),), mindspeed_names=("glm45", "glm45-air"),
+    constants=(("router_bias", True),), mindspeed_names=("glm45-moe", "glm45", "glm45-air"),
 ))
 
 # Hunyuan: q/k norms are "query_layernorm" / "key_layernorm" (per head, always present); the MoE
@@ -116,7 +116,7 @@ register(Family(
 ))
 
 # PhiMoE (Phi-3.5-MoE): LayerNorm with biases everywhere, biases on q/k/v and o_proj, optional
-# lm_head bias, Mixtral's block_sparse_moe experts.  (MindSpeed-LLM's phi3.5-moe converter drops
+# lm_head bias, Mixtral's block_sparse_moe experts.  (MindSpeed-LLM's phi3.5-moe converter is reported to drop
 # the norm, o_proj and lm_head biases; they are carried here.)
 PHIMOE_BIASES = (
     (L + "input_layernorm.bias", C + "attn_norm.bias"),
