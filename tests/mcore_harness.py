@@ -164,6 +164,7 @@ def _transformer_config(case: dict, tp: int, pp: int, vpp: int | None):
         add_bias_linear=False,
         add_qkv_bias=case["qkv_bias"],
         qk_layernorm=case["qk_norm"],
+        rotary_interleaved=case.get("rotary_interleaved", False),
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
@@ -235,6 +236,7 @@ def _run_case(case: dict, rank: int) -> None:
                 post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
                 share_embeddings_and_output_weights=case["tied"], position_embedding_type="rope",
                 rotary_base=_rope_theta(case["hf_config"]), vp_stage=vp_stage,
+                rotary_percent=case.get("rotary_percent", 1.0),
             ).eval())
         for model in models:
             for module in model.modules():

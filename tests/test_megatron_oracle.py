@@ -45,6 +45,7 @@ MODELS = {
     "qwen2-4l": dict(family="qwen2", layers=4, tied=True, vocab=128, theta=1000000.0),
     "qwen3-4l": dict(family="qwen3", layers=4, tied=True, vocab=128, theta=1000000.0),
     "seed_oss": dict(family="seed_oss", layers=2, tied=False, vocab=128, theta=10000000.0),
+    "glm": dict(family="glm", layers=2, tied=False, vocab=128, theta=10000.0),
 }
 
 # case -> (model, conversion).  A conversion is CLI arguments for ``ckpt-ir convert HF OUT --to
@@ -57,6 +58,8 @@ CASES = {
     "qwen2-tp2pp1": ("qwen2", ["--tp", "2"]),
     "qwen3-tp2pp1": ("qwen3", ["--tp", "2"]),
     "seed_oss-tp2pp1": ("seed_oss", ["--tp", "2"]),  # qkv bias, head_dim 32 != hidden / heads
+    # packed HF gate_up_proj, qkv bias, rotary on half of each head's dims in interleaved pairs
+    "glm-tp2pp1": ("glm", ["--tp", "2"]),
     "llama-tp2-padded-vocab": ("llama-v120", ["--tp", "2", "--make-vocab-size-divisible-by", "64"]),
     "llama-tp2pp2": ("llama-4l", ["--tp", "2", "--pp", "2"]),
     "qwen2-tp2pp2-tied": ("qwen2-4l", ["--tp", "2", "--pp", "2"]),  # output_layer copy on last stage
@@ -85,7 +88,15 @@ def _build_hf(path: str, family: str, layers: int, tied: bool, vocab: int, theta
     with open(os.path.join(path, "config.json")) as fh:
         config = json.load(fh)
     return {"dir": path, "config": config, "logits": logits, "tied": tied, "vocab": vocab,
-            "qkv_bias": family in ("qwen2", "seed_oss"), "qk_norm": family == "qwen3"}
+            "qkv_bias": family in ("qwen2", "seed_oss", "glm"),
+            "rotary_interleaved": family == "glm", "rotary_percent": _rotary_fraction(config), "qk_norm": family == "qwen3"}
+
+
+def _rotary_fraction(config: dict) -> float:
+    """The fraction of each head's dims that rotate (GLM: partial_rotary_factor, top level or in
+    transformers 5's rope_parameters)."""
+    rope = config.get("rope_parameters") or {}
+    return float(config.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0)
 
 
 def _convert(src: str, dst: str, args: list[str]) -> None:
@@ -133,7 +144,8 @@ def oracle(tmp_path_factory):
         job_cases.append({
             "name": case, "ckpt": out, "tp": tp, "pp": pp, "vpp": vpp, "hf_config": m["config"],
             "padded_vocab": _padded_vocab(out), "tied": m["tied"], "qkv_bias": m["qkv_bias"],
-            "qk_norm": m["qk_norm"], "input_ids": INPUT_IDS, "out": str(root / "logits" / f"{case}.pt"),
+            "qk_norm": m["qk_norm"], "rotary_interleaved": m["rotary_interleaved"],
+            "rotary_percent": m["rotary_percent"], "input_ids": INPUT_IDS, "out": str(root / "logits" / f"{case}.pt"),
         })
     job = root / "job.json"
     job.write_text(json.dumps({"store": str(root / "gloo-store"), "cases": job_cases}))
@@ -184,6 +196,7 @@ EXPECTED_LAYOUT = {
     "llama-tp2pp1": (2, 1, None), "qwen2-tp2pp1": (2, 1, None), "qwen3-tp2pp1": (2, 1, None),
     "llama-tp2-padded-vocab": (2, 1, None), "llama-tp2pp2": (2, 2, None), "qwen2-tp2pp2-tied": (2, 2, None),
     "qwen3-tp1pp2-tied": (1, 2, None), "llama-tp2pp2-to-pp2vpp2": (1, 2, 2), "seed_oss-tp2pp1": (2, 1, None),
+    "glm-tp2pp1": (2, 1, None),
 }
 
 
