@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -300,6 +301,20 @@ def test_sigkill_at_each_step(src, tmp_path, reference, step, existing, renameat
 # publishing without the lock: what appeared or changed after the check is never replaced
 
 
+def _destination(tmp_path: Path, monkeypatch, renameat2: bool, before: str) -> Path:
+    """DST absent, an empty directory or a full one; renameat2 taken away unless ``renameat2``."""
+    from ckpt_ir.io import atomic
+
+    if not renameat2:
+        monkeypatch.setattr(atomic, "_RENAMEAT2", None)
+    dst = tmp_path / "out"
+    if before == "empty":
+        dst.mkdir()
+    elif before == "full":
+        occupy(dst)
+    return dst
+
+
 def _written(claim) -> str:
     from ckpt_ir.io import atomic
 
@@ -319,13 +334,7 @@ def test_publish_refuses_what_appeared_after_the_check(tmp_path, monkeypatch, re
     from ckpt_ir.errors import CkptIrError
     from ckpt_ir.io import atomic
 
-    if not renameat2:
-        monkeypatch.setattr(atomic, "_RENAMEAT2", None)
-    dst = tmp_path / "out"
-    if before == "empty":
-        dst.mkdir()
-    elif before == "full":
-        occupy(dst)
+    dst = _destination(tmp_path, monkeypatch, renameat2, before)
     with atomic.claim(str(dst), overwrite) as claim:
         tmp = _written(claim)
         if rival == "dir":
@@ -346,7 +355,7 @@ def test_publish_refuses_what_appeared_after_the_check(tmp_path, monkeypatch, re
             atomic.publish(tmp, claim)
         assert (files_of(str(dst)) if dst.is_dir() else dst.read_text()) == snapshot, "the rival's DST was replaced"
         assert "theirs" in str(snapshot) and "new.txt" not in str(snapshot)
-        os.rename(tmp, tmp_path / "ours")  # what the caller's cleanup does
+        shutil.rmtree(tmp)  # what the caller's cleanup does
     assert not leftovers(dst), leftovers(dst)
 
 
@@ -355,13 +364,7 @@ def test_publish_refuses_what_appeared_after_the_check(tmp_path, monkeypatch, re
 def test_publish_replaces_exactly_what_was_checked(tmp_path, monkeypatch, renameat2, before):
     from ckpt_ir.io import atomic
 
-    if not renameat2:
-        monkeypatch.setattr(atomic, "_RENAMEAT2", None)
-    dst = tmp_path / "out"
-    if before == "empty":
-        dst.mkdir()
-    elif before == "full":
-        occupy(dst)
+    dst = _destination(tmp_path, monkeypatch, renameat2, before)
     with atomic.claim(str(dst), before == "full") as claim:
         atomic.publish(_written(claim), claim)
     assert files_of(str(dst)) == {"new.txt": b"new\n"}
