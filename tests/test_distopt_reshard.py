@@ -338,7 +338,9 @@ def _gathered_states(path: str) -> dict:
     from ckpt_ir.ir import expr as E
 
     src = ck.load(path, optimizer=True)
-    whole = ck.run(src, ck.derive_pipeline(src, ck.Target(to="hf")))
+    # the canonical form, keeping the state (an HF target itself would drop it)
+    steps = [p for p in ck.derive_pipeline(src, ck.Target(to="hf")) if p.name != "drop-optimizer-state"]
+    whole = ck.run(src, steps)
     with E.Reader() as reader:
         return {which: {n: E.evaluate(t.expr, reader) for n, t in s.items()} for which, s in whole.states.items()}
 
