@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "peak memory) and write nothing")
     c.add_argument("--overwrite", action="store_true", help="replace DST if it exists (atomically)")
     c.add_argument("--hf-config", metavar="DIR", help="take config.json (and tokenizer files) from DIR")
+    c.add_argument("--model-type-hf", metavar="FAMILY", help="Megatron source with plain Megatron-LM args: the "
+                   "model family (llama, qwen2, mixtral, ...; see 'ckpt-ir models'); default: inferred from the args")
     c.add_argument("--weights-from", choices=("model", "master"), default="model", help="Megatron source: take "
                    "the weights from the model (default) or from the distributed optimizer's fp32 master copies")
     c.add_argument("--max-shard-size", type=parse_size, default=None, help="HF output: cap per safetensors file "
@@ -128,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--allow-unused", metavar="PATTERN", action="append", default=[])
     i.add_argument("--hf-config", metavar="DIR", help="HF config.json describing a Megatron checkpoint whose args "
                    "do not (plain Megatron-LM args)")
+    i.add_argument("--model-type-hf", metavar="FAMILY", help="model family of a Megatron checkpoint with plain "
+                   "Megatron-LM args (default: inferred from the args)")
     i.add_argument("--weights-from", choices=("model", "master"), default="model",
                    help="Megatron source: the model's weights or the distributed optimizer's fp32 masters")
     i.add_argument("--optimizer", action="store_true", help="also list the distributed-optimizer state tensors "
@@ -207,7 +211,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     hf_cfg = read_config(args.hf_config) if args.hf_config and detect(args.src) in ("mcore", "torch_dist") else None
     layout = {"dp": args.source_dp, "bucket_size": args.source_bucket_size, "align": args.source_param_align}
     src = ck.load(args.src, allow_unused=tuple(args.allow_unused), hf_config=hf_cfg, weights_from=args.weights_from,
-                  optimizer=target.carries_optimizer and not args.lora_load, optimizer_layout=layout)
+                  optimizer=target.carries_optimizer and not args.lora_load, optimizer_layout=layout,
+                  family=args.model_type_hf)
+    if src.meta.get("family_from_args") and not args.quiet:
+        print(f"ckpt-ir: {src.meta['family_from_args']}", file=sys.stderr)
     if args.lora_load:
         src = ck.attach_lora(src, args.lora_load)
     elif args.to == "peft" and src.spec.lora_rank is None:
@@ -266,7 +273,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     hf_cfg = read_config(args.hf_config) if args.hf_config else None
     ckpt = ck.load(args.path, allow_unused=tuple(args.allow_unused), hf_config=hf_cfg, weights_from=args.weights_from,
-                   optimizer=args.optimizer)
+                   optimizer=args.optimizer, family=args.model_type_hf)
+    if ckpt.meta.get("family_from_args"):
+        print(f"ckpt-ir: {ckpt.meta['family_from_args']}", file=sys.stderr)
     sys.stdout.write(render(ckpt, args.format))
     return 0
 

@@ -109,34 +109,42 @@ class _Args:
         return out
 
 
-def spec_from_args(args: dict[str, Any], hf_config: dict[str, Any] | None, where: str):
-    """(ModelSpec, HF config) of a Megatron checkpoint from its ``args``, or from ``hf_config``
-    when given (plain Megatron-LM args do not name the model family)."""
+def spec_from_args(args: dict[str, Any], hf_config: dict[str, Any] | None, where: str,
+                   family: str | None = None):
+    """(ModelSpec, HF config, why) of a Megatron checkpoint from its ``args``: from ``hf_config``
+    when given, from the HF config ckpt-ir or MindSpeed-LLM copied into the args, else (plain
+    Megatron-LM args) for ``family`` or the family inferred from the args (``why`` says which
+    and why; None when nothing was inferred)."""
+    from ckpt_ir.families import infer
+
     a = _Args(args, where)
-    try:
-        cfg = hf_config if hf_config is not None else M.hf_config_from_args(args)
-    except ValueError as e:
-        raise FormatError(f"{where}: {e}") from None
-    fam_name = args.get("ckpt_ir_family") or args.get("model_type_hf")
+    named = args.get("ckpt_ir_family") or args.get("model_type_hf")
+    why = None
     if hf_config is not None:
-        family = for_hf_config(cfg, "--hf-config")
-    elif fam_name:
-        family = by_name(fam_name)
-    elif cfg.get("model_type") or cfg.get("architectures"):
-        family = for_hf_config(cfg, where)
+        cfg, fam = hf_config, for_hf_config(hf_config, "--hf-config")
+    elif named or args.get("ckpt_ir_hf_config") is not None or args.get("model_type") or args.get("architectures"):
+        try:  # an HF config ckpt-ir or MindSpeed-LLM copied into the args
+            cfg = M.hf_config_from_args(args)
+        except ValueError as e:
+            raise FormatError(f"{where}: {e}") from None
+        fam = by_name(named) if named else for_hf_config(cfg, where)
+    elif family:
+        fam = by_name(family)
+        cfg = infer.hf_config_for(fam, args, where)
+        why = f"family {fam.name} (--model-type-hf); HF config built from args"
     else:
-        raise FormatError(f"{where}: the args do not say which model family this is (plain Megatron-LM "
-                          f"args); pass --hf-config DIR with the model's HF config.json")
-    spec = family.spec_from_config(cfg, where=f"{where} (args)")
+        fam, cfg, why = infer.infer(args, where)
+    spec = fam.spec_from_config(cfg, where=f"{where} (args)")
     if args.get("mtp_num_layers") is not None:
         spec = _evolve(spec, mtp_layers=a.size("mtp_num_layers", 0, 64) if args["mtp_num_layers"] else 0)
-    return spec, cfg
+    return spec, cfg, why
 
 
 def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, Any] | None = None,
          weights_from: str = "model", optimizer: bool = False,
-         optimizer_layout: dict[str, int | None] | None = None) -> Checkpoint:
-    """``weights_from="master"`` takes every parameter from the distributed optimizer's fp32 master
+         optimizer_layout: dict[str, int | None] | None = None, family: str | None = None) -> Checkpoint:
+    """``family``: the model family when the args do not say (default: inferred from them).
+    ``weights_from="master"`` takes every parameter from the distributed optimizer's fp32 master
     copy (``distrib_optim.pt``) instead of the model's (e.g. bf16) weights.  ``optimizer=True``
     also lifts the distributed-optimizer state (when the checkpoint has it) into ``states``.
     ``optimizer_layout`` corrects what args say about that state's layout: ``dp``, ``bucket_size``
@@ -166,7 +174,7 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     if tp * pp * ep > 4 * len(found):  # args claim far more ranks than there are directories
         raise FormatError(f"{it_dir}: args say TP={tp}, PP={pp}, EP={ep} but only {len(found)} rank "
                           f"directories exist; the checkpoint is incomplete or its args are wrong")
-    spec, cfg = spec_from_args(args, hf_config, first.path)
+    spec, cfg, inferred = spec_from_args(args, hf_config, first.path, family)
     tables = M.MLA_READ_TABLES if spec.mla else M.READ_TABLES
     noop = a.layers("noop_layers") or ()
     layout = Layout(format="mcore", tp=tp, pp=pp,
@@ -309,6 +317,8 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     layout = _evolve(layout, norm_names="te" if te_fc1 else "te-input" if te_norms else "local")
     ordered = dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0])))
     meta: dict[str, Any] = {"iteration": iteration if iteration != "release" else 1, "args": args}
+    if inferred:
+        meta["family_from_args"] = inferred
     if sets:
         meta["optimizer"] = {**opt_meta, "source_layout": (tp, pp, ep), **distopt.training_args(opt_args)}
     return Checkpoint(spec=spec, layout=layout, tensors=ordered, dropped=dropped, hf_config=cfg, source=path,

@@ -72,7 +72,7 @@ def detect(path: str) -> bool:
 
 
 def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, Any] | None = None,
-         optimizer: bool = False, weights_from: str = "model") -> Checkpoint:
+         optimizer: bool = False, weights_from: str = "model", family: str | None = None) -> Checkpoint:
     """Lift a ``torch_dist`` checkpoint.  ``optimizer=True`` also lifts fully-reshardable
     distributed-optimizer state into ``states``; ``weights_from="master"`` takes the weights from
     its fp32 master copies."""
@@ -86,7 +86,7 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     if not isinstance(common, dict):
         raise FormatError(f"{common_path}: not a Megatron common-state dict")
     args = _args_dict(common.get("args"), common_path)
-    spec, cfg = spec_from_args(args, hf_config, common_path)
+    spec, cfg, inferred = spec_from_args(args, hf_config, common_path, family)
     n_args = args.get("num_layers")
     if isinstance(n_args, int) and n_args != spec.num_layers:
         raise FormatError(f"{common_path}: args.num_layers is {n_args} but the HF config has {spec.num_layers} "
@@ -197,6 +197,8 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     ordered = dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0])))
     meta: dict[str, Any] = {"iteration": iteration if isinstance(iteration, int) else 1, "args": args,
                             "format": "torch_dist"}
+    if inferred:
+        meta["family_from_args"] = inferred
     if sets:
         opt = common.get("optimizer")
         meta["optimizer"] = {
