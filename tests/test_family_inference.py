@@ -178,3 +178,56 @@ def test_megatron_defaults_fill_absent_args():
     a = Args({"num_layers": 3, "moe_layer_freq": 2})
     assert a["untie_embeddings_and_output_weights"] is False and a.dense_layers() == (1,)
     assert Args({"use_rotary_position_embeddings": True}).position_embedding() == "rope"
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformer Engine's _extra_state (FP8 metadata) through Megatron -> Megatron
+
+
+def _add_extra_state(root: str) -> dict:
+    """Give every linear module of every rank file an ``_extra_state`` unique to (module, TP rank),
+    alternately a uint8 tensor (TE >= 2) and a BytesIO (older TE), as Transformer Engine saves them.
+    Returns {(model layer, module, TP rank): bytes}."""
+    import io
+    import re
+
+    it = os.path.join(root, "iter_0000001")
+    made = {}
+    for d in sorted(os.listdir(it)):
+        tp_rank, stage = int(d.split("_")[2]), int(d.split("_")[3]) if d.count("_") > 2 else 0
+        f = os.path.join(it, d, "model_optim_rng.pt")
+        blob = torch.load(f, weights_only=False)
+        per_stage = blob["args"].num_layers // blob["args"].pipeline_model_parallel_size
+        sd = blob["model"]
+        for k in [k for k in sd if k.endswith((".linear_qkv.weight", ".linear_fc2.weight"))]:
+            i, module = re.match(r"decoder\.layers\.(\d+)\.(.*)\.weight", k).groups()
+            layer = stage * per_stage + int(i)
+            data = f"fp8 meta of layer {layer} {module} tp{tp_rank}".encode()
+            made[(layer, module, tp_rank)] = data
+            value = torch.frombuffer(bytearray(data), dtype=torch.uint8) if layer % 2 else io.BytesIO(data)
+            sd[k[: -len("weight")] + "_extra_state"] = value
+        torch.save(blob, f)
+    return made
+
+
+def test_te_extra_state_follows_an_unchanged_module_shard(tmp_path, capsys):
+    hf = build_hf(str(tmp_path / "hf"), "llama", layers=4)
+    mc = _megatron(tmp_path, hf, "--tp", "2", "--pp", "2")
+    made = _add_extra_state(mc)
+    re_ = str(tmp_path / "pp1")  # same TP: every module shard keeps its state, under its new layer number
+    assert cli_main(["convert", mc, re_, "--to", "mcore", "--tp", "2", "--quiet"]) == 0
+    seen = {}
+    for r in range(2):
+        sd = torch.load(os.path.join(re_, "iter_0000001", f"mp_rank_{r:02d}", "model_optim_rng.pt"),
+                        weights_only=False)["model"]
+        for k, v in sd.items():
+            if k.endswith("_extra_state"):
+                layer, module = k.split(".", 3)[2], k.split(".", 3)[3][: -len("._extra_state")]
+                seen[(int(layer), module, r)] = bytes(v.numpy()) if isinstance(v, torch.Tensor) else v.getvalue()
+    assert seen == made
+    # another TP size: the FP8 state belongs to other shards; reported as dropped, not written
+    capsys.readouterr()
+    assert cli_main(["convert", mc, str(tmp_path / "tp1"), "--to", "mcore", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dropped: *._extra_state: Transformer-Engine _extra_state (FP8 metadata) of another module layout " \
+           "(TP 2 -> 1)" in out and "_extra_state  " not in out

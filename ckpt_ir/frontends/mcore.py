@@ -201,6 +201,8 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                           f"{M.rank_dir(extra[0][0], extra[0][1], layout, extra[0][2], max(ep, 2))}); "
                           f"the directory mixes layouts")
     experts_per_rank = spec.num_experts // ep if spec.num_experts else 0
+    slot_of = {(s.stage, s.chunk, s.local): s for s in layer_slots(spec, layout)}
+    extra_state: dict[tuple, Any] = {}  # (layer, module key, expert, TP slot) -> stored value
     lay = optimizer_layout or {}
     opt_args = distopt.apply_overrides(args, lay.get("dp"), lay.get("bucket_size"))  # the run's true layout
     has_state = {f: os.path.isfile(os.path.join(os.path.dirname(f), "distrib_optim.pt")) for f in ranks.values()}
@@ -268,7 +270,12 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                         pieces[set_name][canon][slot] = expr
             for key in sd if isinstance(sd, dict) else ():
                 if key.endswith(M.EXTRA_STATE):
-                    dropped[f"{rel}:{ck}.{key}"] = "Transformer-Engine _extra_state (FP8 metadata)"
+                    place = _extra_state_place(key, p, chunk, e, experts_per_rank, slot_of)
+                    if place is None:
+                        dropped[f"{rel}:{ck}.{key}"] = "Transformer-Engine _extra_state (FP8 metadata)"
+                    else:
+                        slot = 0 if place[2] is not None and layout.expert_tp == 1 else t
+                        extra_state.setdefault((*place, slot), with_exprs(sd[key], z, f"{ck}.{key}"))
         if carry:
             opt_meta["rng_state"][(t, p, e)] = with_exprs(z.obj.get("rng_state"), z, "rng_state")
             if f == first.path:
@@ -286,7 +293,6 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                 if lora_run and optimizer else
                 "distributed-optimizer state (fp32 masters, Adam moments): carried only to a Megatron target; "
                 "the model weights come from model_optim_rng.pt")
-    slot_of = {(s.stage, s.chunk, s.local): s for s in layer_slots(spec, layout)}
     sets = {name: _assemble(set_pieces, slot_of, spec, layout, path, dropped if not name else {})
             for name, set_pieces in pieces.items()}
     tensors = sets.pop("", {})
@@ -319,6 +325,8 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     meta: dict[str, Any] = {"iteration": iteration if iteration != "release" else 1, "args": args}
     if inferred:
         meta["family_from_args"] = inferred
+    if extra_state:
+        meta["extra_state"] = {"layout": M.extra_state_layout(spec, layout), "entries": extra_state}
     if sets:
         meta["optimizer"] = {**opt_meta, "source_layout": (tp, pp, ep), **distopt.training_args(opt_args)}
     return Checkpoint(spec=spec, layout=layout, tensors=ordered, dropped=dropped, hf_config=cfg, source=path,
@@ -345,6 +353,24 @@ def _assemble(pieces: dict[str, dict[int, E.Expr]], slot_of: dict, spec, layout:
             raise FormatError(f"{path}: tensor {name} is missing on TP rank(s) {sorted(set(range(n)) - set(shards))}")
         tensors[name] = TensorNode(name, tuple(shards[r] for r in range(n)), rule)
     return tensors
+
+
+_LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
+
+
+def _extra_state_place(key: str, stage: int, chunk: int, ep: int, experts_per_rank: int, slot_of: dict):
+    """(model layer or None, module key with the layer number left out, global expert or None) of
+    an ``_extra_state`` key, or None for one ckpt-ir does not place (MTP, no-op layers)."""
+    m = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", key)
+    if m is None:
+        return None if key.startswith("mtp.") else (None, key, None)
+    slot = slot_of.get((stage, chunk, int(m.group(1))))
+    if slot is None or slot.real is None:
+        return None
+    x = _LOCAL_EXPERT.match(m.group(2))
+    if x:
+        return slot.real, "mlp.experts.local_experts.{e}." + x.group(2), ep * experts_per_rank + int(x.group(1))
+    return slot.real, m.group(2), None
 
 
 MTP_LAYER_KEY = re.compile(r"^mtp\.layers\.(\d+)\.transformer_layer\.(.*)$")

@@ -11,6 +11,7 @@ held in memory; ``torch.load`` (including ``mmap=True``) reads the result.
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import struct
@@ -216,6 +217,11 @@ def _pickle(obj: Any, tensors: list[Tensor]) -> bytes:
             import pickle
 
             out.extend(pickle.dumps(v, protocol=2)[2:-1])  # without PROTO and STOP; we keep no memo
+        elif isinstance(v, io.BytesIO):  # Transformer Engine < 2's _extra_state, as pickle writes it
+            glob("_io", "BytesIO")
+            out.extend(b")\x81")
+            save((v.getvalue(), v.tell(), None))
+            out.extend(b"b")
         elif isinstance(v, TorchDtype):
             glob("torch", v.name)
         elif type(v).__name__ == "dtype" and str(v).startswith("torch."):  # a real torch.dtype
