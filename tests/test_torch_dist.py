@@ -252,15 +252,50 @@ def test_master_weights_export(trained, hf72, tmp_path):
     assert torch.equal(got["model.layers.0.self_attn.o_proj.weight"], want)
 
 
-def test_dp_reshardable_optimizer_state_is_refused_but_weights_convert(work, hf72, tmp_path, capsys):
-    out = str(work / "dp_reshardable")
+def test_dp_reshardable_state_resumes_in_megatron_after_conversion(work, hf72, tmp_path, capsys):
+    """Megatron-Core's default torch_dist optimizer layout (dp_reshardable, 0.15+): per (TP, PP) rank,
+    one 1-D tensor per DDP bucket.  A TP=2 DP=2 run with several buckets, saved by megatron-core with
+    default settings and plain Megatron-LM args, converts to the torch format TP=1 PP=2 DP=1 with no
+    --hf-config; megatron-core resumes from it holding the source optimizer's own state bit for bit."""
+    from tests.test_distopt_reshard import STATES, _global, _truth
+
+    src = str(work / "dp_reshardable")
+    F.make_torch_dist_checkpoint(src, hf72, tp=2, pp=1, dp=2, steps=2, bf16=True, init="hf",
+                                 optim_sharding="dp_reshardable", bucket_size=4096)
+    assert any(".bucket_idx_1." in k for k in read_metadata(os.path.join(src, IT)).tensors)  # several buckets
+    out = str(tmp_path / "tp1pp2")
+    capsys.readouterr()
+    assert cli_main(["convert", src, out, "--to", "mcore", "--pp", "2", "--target-dp", "1",
+                     "--make-vocab-size-divisible-by", "128", "--norm-names", "local"]) == 0
+    assert "inferred family llama from args" in capsys.readouterr().err
+    resumed = str(tmp_path / "resumed")
+    F.resume_distopt_checkpoint(resumed, hf72, out, tp=1, pp=2, dp=1, bucket_size=None)
+    optim = [torch.load(os.path.join(src, "ground_truth", f"mp_rank_{r:02d}.pt"), weights_only=False)["optim"]
+             for r in (0, 1)]
+    source = {(0, name): {r: optim[r]["params"][name] for r in (0, 1)} for name in optim[0]["params"]}
+    loaded = _truth(resumed, 1, 2)
+    for field in STATES:
+        want, got = _global(source, 4, field), _global(loaded, 2, field)
+        assert want.keys() == got.keys()
+        for key in want:
+            rows = 200 if key.endswith(("word_embeddings.weight", "output_layer.weight")) else None
+            assert torch.equal(got[key][:rows], want[key][:rows]), (field, key)
+    # the resumed optimizer holds the source's Adam step
+    blob = torch.load(os.path.join(out, "iter_0000001", "mp_rank_00_000", "model_optim_rng.pt"), weights_only=False)
+    assert blob["optimizer"]["optimizer"]["param_groups"][0]["step"] == 2
+    _to_hf(src, hf72, str(tmp_path / "hf"), "--weights-from", "master")  # the fp32 masters export too
+
+
+def test_unreadable_optimizer_layout_is_refused_but_weights_convert(work, hf72, tmp_path, capsys):
+    out = str(work / "dp_zero")
     F.make_torch_dist_checkpoint(out, hf72, tp=1, pp=1, dp=2, steps=1, bf16=True, init="hf",
-                                 optim_sharding="dp_reshardable")
+                                 optim_sharding="dp_zero_gather_scatter")
     with pytest.raises(FormatError, match="fully-reshardable"):
         ck.load(out, hf_config=_cfg(hf72), optimizer=True)
+    capsys.readouterr()
     assert cli_main(["convert", out, str(tmp_path / "m"), "--to", "mcore", "--hf-config", hf72]) == 1
     err = capsys.readouterr().err
-    assert "--dist-ckpt-optim-fully-reshardable" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert "dp_zero_gather_scatter" in err and err.count("\n") == 1 and "Traceback" not in err
     _to_hf(out, hf72, str(tmp_path / "hf"))  # HF needs no optimizer state
     assert cli_main(["convert", out, str(tmp_path / "m2"), "--to", "mcore", "--hf-config", hf72, "--no-optimizer",
                      "--quiet"]) == 0
@@ -350,7 +385,7 @@ def test_malicious_metadata_pickle_runs_nothing(tp1pp1, hf72, tmp_path, capsys):
 # mixture of experts (synthetic: megatron-core's GPT fixtures are dense)
 
 
-def _restack_to_torch_dist(mcore_dir: str, out: str, stack_layers: bool) -> None:
+def _restack_to_torch_dist(mcore_dir: str, out: str, stack_layers: bool, common_in_dcp: bool = False) -> None:
     """Write the TP=1 ``torch``-format checkpoint ``mcore_dir`` as a torch_dist one: decoder keys
     stacked on a layer axis (or kept as ``decoder.layers.<i>.``), experts on the next axis, one
     chunk per tensor (plain ``torch.distributed.checkpoint.save``, no process group)."""
@@ -392,10 +427,19 @@ def _restack_to_torch_dist(mcore_dir: str, out: str, stack_layers: bool) -> None
             sd.update({f"decoder.layers.{i}.{k}": t for i, t in v.items()})
     it = os.path.join(out, IT)
     os.makedirs(it)
+    common = {"args": blob["args"], "iteration": 1, "checkpoint_version": 3.0}
+    if common_in_dcp:  # Megatron-Core 0.19+: no common.pt, the common state is a bytes entry torch.save([state])
+        import io
+
+        buf = io.BytesIO()
+        torch.save([common], buf)
+        buf.seek(0)
+        sd["common_state/shard_0_1"] = buf
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save(sd, checkpoint_id=it, no_dist=True)
-    torch.save({"args": blob["args"], "iteration": 1, "checkpoint_version": 3.0}, os.path.join(it, "common.pt"))
+    if not common_in_dcp:
+        torch.save(common, os.path.join(it, "common.pt"))
     with open(os.path.join(it, "metadata.json"), "w") as fh:
         json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1}, fh)
     with open(os.path.join(out, "latest_checkpointed_iteration.txt"), "w") as fh:
@@ -444,3 +488,24 @@ def test_fully_reshardable_state_resumes_in_megatron_after_conversion(trained, h
         for key in want:
             rows = 200 if key.endswith(("word_embeddings.weight", "output_layer.weight")) else None
             assert torch.equal(got[key][:rows], want[key][:rows]), (field, key)
+
+
+def test_megatron_019_common_state_inside_dcp(tmp_path):
+    """Megatron-Core 0.19+ writes no common.pt: args and the rest live in the DCP bytes entry
+    ``common_state``; plain Megatron-LM args there need no --hf-config either."""
+    from tests.conftest import build_hf
+    from tests.test_family_inference import plain_args
+
+    hf = build_hf(str(tmp_path / "hf"), "qwen2", layers=2)
+    mc = str(tmp_path / "mcore")
+    assert cli_main(["convert", hf, mc, "--to", "mcore", "--quiet"]) == 0
+    plain_args(mc)
+    td = str(tmp_path / "td")
+    _restack_to_torch_dist(mc, td, True, common_in_dcp=True)
+    assert not os.path.exists(os.path.join(td, IT, "common.pt"))
+    src = ck.load(td)
+    assert src.spec.family == "qwen2" and src.spec.qkv_bias and "common_state" not in " ".join(src.dropped)
+    back = str(tmp_path / "back")
+    assert cli_main(["convert", td, back, "--to", "hf", "--quiet"]) == 0
+    got, want = load_file(os.path.join(back, "model.safetensors")), load_file(os.path.join(hf, "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
