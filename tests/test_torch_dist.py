@@ -385,7 +385,8 @@ def test_malicious_metadata_pickle_runs_nothing(tp1pp1, hf72, tmp_path, capsys):
 # mixture of experts (synthetic: megatron-core's GPT fixtures are dense)
 
 
-def _restack_to_torch_dist(mcore_dir: str, out: str, stack_layers: bool, common_in_dcp: bool = False) -> None:
+def _restack_to_torch_dist(mcore_dir: str, out: str, stack_layers: bool, common_in_dcp: bool = False,
+                           extra=None, common_extra: dict | None = None) -> None:
     """Write the TP=1 ``torch``-format checkpoint ``mcore_dir`` as a torch_dist one: decoder keys
     stacked on a layer axis (or kept as ``decoder.layers.<i>.``), experts on the next axis, one
     chunk per tensor (plain ``torch.distributed.checkpoint.save``, no process group)."""
@@ -427,7 +428,9 @@ def _restack_to_torch_dist(mcore_dir: str, out: str, stack_layers: bool, common_
             sd.update({f"decoder.layers.{i}.{k}": t for i, t in v.items()})
     it = os.path.join(out, IT)
     os.makedirs(it)
-    common = {"args": blob["args"], "iteration": 1, "checkpoint_version": 3.0}
+    common = {"args": blob["args"], "iteration": 1, "checkpoint_version": 3.0, **(common_extra or {})}
+    if extra is not None:  # more entries computed from the model's stored tensors
+        sd.update(extra(sd))
     if common_in_dcp:  # Megatron-Core 0.19+: no common.pt, the common state is a bytes entry torch.save([state])
         import io
 
@@ -509,3 +512,65 @@ def test_megatron_019_common_state_inside_dcp(tmp_path):
     assert cli_main(["convert", td, back, "--to", "hf", "--quiet"]) == 0
     got, want = load_file(os.path.join(back, "model.safetensors")), load_file(os.path.join(hf, "model.safetensors"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_megatron_014_fully_sharded_model_space_optimizer_state(tmp_path):
+    """Megatron-Core 0.8-0.14's default torch_dist optimizer layout: ``optimizer.state.
+    {fp32_param,exp_avg,exp_avg_sq}.<model key>`` stored *reformulated* -- the model-shaped tensor
+    cut into a grid of equal blocks (one per layer and TP shard), each flattened along a last axis
+    -- with the model shape in ``.metadata``'s ``mcore_data[key]['nd_reformulated_orig_global_shape']``.
+    Built here from those format facts with plain torch.distributed.checkpoint."""
+    import pickle
+
+    from tests.conftest import build_hf
+    from tests.test_family_inference import plain_args
+
+    hf = build_hf(str(tmp_path / "hf"), "llama", layers=2)
+    mc = str(tmp_path / "mcore")
+    assert cli_main(["convert", hf, mc, "--to", "mcore", "--quiet"]) == 0
+    plain_args(mc)
+    truth, shapes = {}, {}
+    gen = torch.Generator().manual_seed(3)
+
+    def reformulated(model_sd):
+        out = {}
+        for key, t in model_sd.items():
+            stacked = key.startswith("decoder.layers.")
+            grid = ((t.shape[0],) if stacked else ()) + tuple(2 if n % 2 == 0 and i == 0 else 1
+                                                             for i, n in enumerate(t.shape[int(stacked):]))
+            block = tuple(n // g for n, g in zip(t.shape, grid))
+            for stored, which in (("fp32_param", "param"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
+                g = torch.randn(t.shape, generator=gen)
+                truth[(which, key)] = g
+                r = torch.empty(grid + (math.prod(block),))
+                for idx in __import__("itertools").product(*map(range, grid)):
+                    r[idx] = g[tuple(slice(i * b, (i + 1) * b) for i, b in zip(idx, block))].reshape(-1)
+                out[f"optimizer.state.{stored}.{key}"] = r
+                shapes[f"optimizer.state.{stored}.{key}"] = tuple(t.shape)
+        return out
+
+    import math
+
+    td = str(tmp_path / "td")
+    param_groups = [{"lr": 0.01, "step": 7, "betas": (0.9, 0.95)}]
+    _restack_to_torch_dist(mc, td, True, extra=reformulated, common_extra={"optimizer": {
+        "optimizer": {"param_groups": param_groups}, "param_state_sharding_type": "fully_sharded_model_space"}})
+    meta_path = os.path.join(td, IT, ".metadata")
+    with open(meta_path, "rb") as fh:
+        md = pickle.load(fh)
+    md.mcore_data = {k: {"nd_reformulated_orig_global_shape": s} for k, s in shapes.items()}
+    with open(meta_path, "wb") as fh:
+        pickle.dump(md, fh)
+    src = ck.load(td, optimizer=True)
+    got = {w: _evaluate_all(nodes) for w, nodes in src.states.items()}
+    assert set(got) == {"param", "exp_avg", "exp_avg_sq"}
+    roles = {"decoder.layers.self_attention.linear_qkv.weight": "attn.qkv.weight",
+             "decoder.layers.mlp.linear_fc1.weight": "mlp.gate_up.weight",
+             "decoder.layers.input_layernorm.weight": "attn_norm.weight"}
+    for (which, key), g in truth.items():
+        if key == "embedding.word_embeddings.weight":
+            assert torch.equal(got[which]["embed.weight"], g)
+        elif key in roles:
+            for i in range(2):
+                assert torch.equal(got[which][f"layers.{i}.{roles[key]}"], g[i]), (which, key, i)
+    assert src.meta["optimizer"]["optimizer"]["optimizer"]["param_groups"] == param_groups

@@ -98,10 +98,11 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     te_norms = te_fc1 = False
     for key, t in md.tensors.items():
         if key.startswith("optimizer."):
-            which = key[len(STATE_PREFIX):].split(".", 1)[0] if key.startswith(STATE_PREFIX) else ""
+            stored = key[len(STATE_PREFIX):].split(".", 1)[0] if key.startswith(STATE_PREFIX) else ""
+            which = _STATE_NAMES.get(stored, stored)
             if which in distopt.STATE_KEYS:
                 target = states.setdefault(which, {})
-                key = key[len(STATE_PREFIX) + len(which) + 1:]
+                key = key[len(STATE_PREFIX) + len(stored) + 1:]
             else:
                 other_optimizer.append(key)
                 continue
@@ -159,7 +160,7 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                                                    "carried only to a Megatron target")
         states = {}
     with ChunkResolver(it_dir) as resolver:
-        build = _Builder(md.path, resolver)
+        build = _Builder(md.path, resolver, _reformulated_shapes(md))
         tensors = {name: TensorNode.whole(name, build(t, index)) for name, (t, index) in model.items()}
         sets = {which: {name: TensorNode.whole(name, build(t, index)) for name, (t, index) in entries.items()}
                 for which, entries in states.items()}
@@ -361,6 +362,22 @@ def _common_state(it_dir: str, md) -> tuple[dict, str]:
     return common, path
 
 
+# fully_sharded_model_space (Megatron-Core 0.8-0.14) calls the fp32 master copy "fp32_param"
+_STATE_NAMES = {"fp32_param": "param"}
+
+
+def _reformulated_shapes(md) -> dict[str, tuple[int, ...]]:
+    """Tensors Megatron-Core <= 0.14 stored reformulated (``mcore_data[key]
+    ['nd_reformulated_orig_global_shape']``): key -> their model shape."""
+    out = {}
+    data = md.mcore_data if isinstance(md.mcore_data, dict) else {}
+    for key, info in data.items():
+        shape = info.get("nd_reformulated_orig_global_shape") if isinstance(info, dict) else None
+        if isinstance(key, str) and isinstance(shape, (tuple, list)) and all(isinstance(n, int) for n in shape):
+            out[key] = tuple(shape)
+    return out
+
+
 def _check_backend(it_dir: str) -> None:
     path = os.path.join(it_dir, METADATA_JSON)
     try:
@@ -432,13 +449,19 @@ def _resolve(canon: str) -> str:
 class _Builder:
     """Expressions for (parts of) stored tensors, assembled lazily from their chunks."""
 
-    def __init__(self, where: str, resolver: ChunkResolver) -> None:
+    def __init__(self, where: str, resolver: ChunkResolver, reformulated: dict[str, tuple[int, ...]] | None = None) -> None:
         self.where, self.resolver = where, resolver
+        self.reformulated = reformulated or {}
         self._offsets: dict[tuple[str, tuple[int, ...]], int] = {}
 
     def __call__(self, t: DcpTensor, index: tuple[int, ...]) -> E.Expr:
         """``t[index]``: the sub-tensor at ``index`` of the leading axes (a stacked layer /
         expert); reads only the bytes of that sub-tensor."""
+        if t.key in self.reformulated:
+            return self._reformulated(t, self.reformulated[t.key], index)
+        return self._plain(t, index)
+
+    def _plain(self, t: DcpTensor, index: tuple[int, ...]) -> E.Expr:
         k = len(index)
         shape = t.shape[k:]
         if math.prod(t.shape) == 0:
@@ -455,6 +478,29 @@ class _Builder:
                     lin = lin * c.sizes[d] + index[d] - c.offsets[d]
                 pieces.append((c.offsets[k:], c.sizes[k:], c, lin * math.prod(c.sizes[k:])))
         return self._tile(t, (0,) * len(shape), shape, pieces)
+
+    def _reformulated(self, t: DcpTensor, shape: tuple[int, ...], index: tuple[int, ...]) -> E.Expr:
+        """Optimizer state Megatron-Core 0.8-0.14 saved ``fully_sharded_model_space``: the tensor of
+        model shape ``shape`` is cut into a grid of ``t.shape[:-1]`` equal blocks, each stored
+        flattened along the last axis; block ``b`` is the part at ``b * block shape``."""
+        grid = t.shape[:-1]
+        if len(grid) != len(shape) or any(n % g for n, g in zip(shape, grid)) or \
+                t.shape[-1] != math.prod(n // g for n, g in zip(shape, grid)):
+            raise FormatError(f"{self.where}: {t.key} is stored as {list(t.shape)}, which is no block grid of its "
+                              f"model shape {list(shape)}; the metadata is corrupt")
+        block = tuple(n // g for n, g in zip(shape, grid))
+        k = len(index)
+        if any(block[d] != 1 for d in range(k)):
+            raise FormatError(f"{self.where}: {t.key}: a stacked axis is split into blocks of {block[:k]}")
+
+        def tile(prefix: tuple[int, ...]) -> E.Expr:
+            d = len(prefix)
+            if d == len(grid):
+                return E.Reshape(self._plain(t, prefix), block[k:])
+            parts = [tile(prefix + (b,)) for b in range(grid[d])]
+            return parts[0] if len(parts) == 1 else E.Concat(tuple(parts), d - k)
+
+        return E.simplify(tile(tuple(index)))
 
     def _load(self, t: DcpTensor, sizes: tuple[int, ...], chunk, element_offset: int) -> E.Load:
         at = (t.key, chunk.offsets)
