@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-memory", type=parse_size, default=None, help="bound on tensor data held at once, e.g. "
                    "4GB (default: half the available memory); limits --workers")
     m = c.add_argument_group("Megatron-Core layout (with --to mcore)")
+    m.add_argument("--ckpt-format", choices=("torch", "torch_dist"), default="torch", help="Megatron checkpoint "
+                   "format, as Megatron-LM's flag: torch (mp_rank_* directories for one TP/PP layout, default) or "
+                   "torch_dist (dist_checkpointing, resharded by Megatron on load; weights only)")
     m.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     m.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     m.add_argument("--num-layer-list", type=int_list, help="layers per pipeline stage, e.g. 2,6")
@@ -204,7 +207,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                        max_shard_size=args.max_shard_size, hf_config_dir=args.hf_config, ep=args.ep, etp=args.etp,
                        grouped_gemm=args.moe_grouped_gemm, lora_rank=args.lora_r,
                        lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_target_modules),
-                       dp=args.target_dp, optimizer=not args.no_optimizer)
+                       dp=args.target_dp, optimizer=not args.no_optimizer, ckpt_format=args.ckpt_format)
     from ckpt_ir.frontends import detect
 
     # --hf-config also describes a Megatron source whose args carry no HF config

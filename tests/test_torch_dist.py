@@ -257,8 +257,6 @@ def test_dp_reshardable_state_resumes_in_megatron_after_conversion(work, hf72, t
     one 1-D tensor per DDP bucket.  A TP=2 DP=2 run with several buckets, saved by megatron-core with
     default settings and plain Megatron-LM args, converts to the torch format TP=1 PP=2 DP=1 with no
     --hf-config; megatron-core resumes from it holding the source optimizer's own state bit for bit."""
-    from tests.test_distopt_reshard import STATES, _global, _truth
-
     src = str(work / "dp_reshardable")
     F.make_torch_dist_checkpoint(src, hf72, tp=2, pp=1, dp=2, steps=2, bf16=True, init="hf",
                                  optim_sharding="dp_reshardable", bucket_size=4096)
@@ -270,16 +268,7 @@ def test_dp_reshardable_state_resumes_in_megatron_after_conversion(work, hf72, t
     assert "inferred family llama from args" in capsys.readouterr().err
     resumed = str(tmp_path / "resumed")
     F.resume_distopt_checkpoint(resumed, hf72, out, tp=1, pp=2, dp=1, bucket_size=None)
-    optim = [torch.load(os.path.join(src, "ground_truth", f"mp_rank_{r:02d}.pt"), weights_only=False)["optim"]
-             for r in (0, 1)]
-    source = {(0, name): {r: optim[r]["params"][name] for r in (0, 1)} for name in optim[0]["params"]}
-    loaded = _truth(resumed, 1, 2)
-    for field in STATES:
-        want, got = _global(source, 4, field), _global(loaded, 2, field)
-        assert want.keys() == got.keys()
-        for key in want:
-            rows = 200 if key.endswith(("word_embeddings.weight", "output_layer.weight")) else None
-            assert torch.equal(got[key][:rows], want[key][:rows]), (field, key)
+    _assert_resumed_with_source_state(src, resumed)
     # the resumed optimizer holds the source's Adam step
     blob = torch.load(os.path.join(out, "iter_0000001", "mp_rank_00_000", "model_optim_rng.pt"), weights_only=False)
     assert blob["optimizer"]["optimizer"]["param_groups"][0]["step"] == 2
@@ -473,24 +462,13 @@ def test_fully_reshardable_state_resumes_in_megatron_after_conversion(trained, h
     distrib_optim.pt: megatron-core resumes from it and holds the optimizer's own state (the
     vocabulary's padding rows excepted: they are padded afresh).  torch_dist names the norms the
     Transformer-Engine way for every layer spec, so the local-spec target asks for local names."""
-    from tests.test_distopt_reshard import STATES, _global, _truth
-
     out = str(tmp_path / "tp1pp2")
     assert cli_main(["convert", trained, out, "--to", "mcore", "--pp", "2", "--target-dp", "1",
                      "--make-vocab-size-divisible-by", "128", "--norm-names", "local", "--hf-config", hf72,
                      "--quiet"]) == 0
     resumed = str(tmp_path / "resumed")
     F.resume_distopt_checkpoint(resumed, hf72, out, tp=1, pp=2, dp=1, bucket_size=None)
-    optim = [torch.load(os.path.join(trained, "ground_truth", f"mp_rank_{r:02d}.pt"), weights_only=False)["optim"]
-             for r in (0, 1)]
-    source = {(0, name): {r: optim[r]["params"][name] for r in (0, 1)} for name in optim[0]["params"]}
-    loaded = _truth(resumed, 1, 2)
-    for field in STATES:
-        want, got = _global(source, 4, field), _global(loaded, 2, field)
-        assert want.keys() == got.keys()
-        for key in want:
-            rows = 200 if key.endswith(("word_embeddings.weight", "output_layer.weight")) else None
-            assert torch.equal(got[key][:rows], want[key][:rows]), (field, key)
+    _assert_resumed_with_source_state(trained, resumed)
 
 
 def test_megatron_019_common_state_inside_dcp(tmp_path):
@@ -574,3 +552,20 @@ def test_megatron_014_fully_sharded_model_space_optimizer_state(tmp_path):
             for i in range(2):
                 assert torch.equal(got[which][f"layers.{i}.{roles[key]}"], g[i]), (which, key, i)
     assert src.meta["optimizer"]["optimizer"]["optimizer"]["param_groups"] == param_groups
+
+
+def _assert_resumed_with_source_state(src: str, resumed: str) -> None:
+    """megatron-core resumed at TP=1 PP=2 (``resumed``) holds the TP=2 source run's own optimizer
+    state (its ground truth), except the vocabulary's padding rows (padded afresh)."""
+    from tests.test_distopt_reshard import STATES, _global, _truth
+
+    optim = [torch.load(os.path.join(src, "ground_truth", f"mp_rank_{r:02d}.pt"), weights_only=False)["optim"]
+             for r in (0, 1)]
+    source = {(0, name): {r: optim[r]["params"][name] for r in (0, 1)} for name in optim[0]["params"]}
+    loaded = _truth(resumed, 1, 2)
+    for field in STATES:
+        want, got = _global(source, 4, field), _global(loaded, 2, field)
+        assert want.keys() == got.keys()
+        for key in want:
+            rows = 200 if key.endswith(("word_embeddings.weight", "output_layer.weight")) else None
+            assert torch.equal(got[key][:rows], want[key][:rows]), (field, key)

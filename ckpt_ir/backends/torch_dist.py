@@ -1,0 +1,138 @@
+"""Megatron-Core ``torch_dist`` backend (``--to mcore --ckpt-format torch_dist``): a checkpoint
+``megatron.core.dist_checkpointing.load`` reads into a GPTModel at any TP / PP.
+
+Written as Megatron-Core 0.15-0.18 lays it out (see :mod:`ckpt_ir.frontends.torch_dist`)::
+
+    latest_checkpointed_iteration.txt
+    iter_N/metadata.json        {"sharded_backend": "torch_dist", "sharded_backend_version": 1, ...}
+    iter_N/common.pt            args, iteration, checkpoint_version, content_metadata
+    iter_N/__0_K.distcp         one torch.save blob per stored entry (tensor K, or a sharded object)
+    iter_N/.metadata            torch.distributed.checkpoint Metadata naming each entry's file, written last
+
+Keys are global: every decoder-layer tensor is stacked on a leading layer axis
+(``decoder.layers.self_attention.linear_qkv.weight`` is ``[L, ...]``), the norms named the
+Transformer-Engine way (``linear_qkv.layer_norm_weight``) whatever the layer spec, as Megatron
+saves them; each tensor is one whole chunk (Megatron reshards on load).  Every linear module also
+gets the ``_extra_state`` sharded object Megatron's modules expect (``None``: Transformer Engine
+then starts its FP8 state afresh).  Each entry is a file of its own, so files are written in
+parallel and streamed (a stacked tensor layer by layer) like every other output.
+"""
+
+from __future__ import annotations
+
+import json
+
+from ckpt_ir import mcore_format as M
+from ckpt_ir.backends.plan import OutputFile, Plan
+from ckpt_ir.errors import VerifyError
+from ckpt_ir.families import by_name
+from ckpt_ir.io.torchzip import Tensor
+from ckpt_ir.ir import expr as E
+from ckpt_ir.ir.checkpoint import Checkpoint
+from ckpt_ir.ir.names import split_layer
+
+METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
+                 "common_backend_version": 1}
+# the modules of a decoder layer whose _extra_state Megatron saves as sharded objects
+EXTRA_STATE_MODULES = ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1", "mlp.linear_fc2")
+
+
+def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
+    spec, layout = ckpt.spec, ckpt.layout
+    if layout.tp != 1 or layout.pp != 1 or layout.vpp_layers or layout.num_layer_list or layout.noop_layers \
+            or not (layout.fused_qkv and layout.fused_gate_up):
+        raise VerifyError(f"torch_dist output needs one whole, fused Megatron layout (it is resharded on load), got "
+                          f"{layout.describe()}")
+    if spec.num_experts or spec.mla or spec.mtp_layers or spec.lora_rank is not None:
+        raise VerifyError("torch_dist output supports dense GPT models (no MoE, MLA, multi-token prediction or "
+                          "unmerged LoRA) for now; write --ckpt-format torch instead")
+    table = M.layer_table("te")
+    stored: list[tuple[str, E.Expr]] = []
+    if "embed.weight" in ckpt.tensors:
+        stored.append(("embedding.word_embeddings.weight", ckpt.tensors["embed.weight"].expr))
+    layers = spec.num_layers
+    by_role: dict[str, list[str]] = {}
+    for name in ckpt.tensors:
+        layer, rest = split_layer(name)
+        if layer is not None:
+            by_role.setdefault(rest, []).append(name)
+    for role in M.role_order(False):
+        rest = role[len("layers.{i}."):]
+        names = by_role.pop(rest, [])
+        if not names:
+            continue
+        if len(names) != layers:
+            raise VerifyError(f"torch_dist stacks every layer's {rest}, but only {len(names)} of {layers} layers "
+                              f"have it")
+        key = table.from_canonical(role.format(i=0))
+        parts = [ckpt.tensors[f"layers.{i}.{rest}"].expr for i in range(layers)]
+        stacked = E.Concat(tuple(E.Reshape(p, (1, *p.shape)) for p in parts), 0)
+        stored.append(("decoder.layers." + key[len("decoder.layers.0."):], E.simplify(stacked)))
+    if by_role:
+        raise VerifyError(f"no torch_dist key for {sorted(by_role)[0]}")
+    stored.append(("decoder.final_layernorm.weight", ckpt.tensors["final_norm.weight"].expr))
+    if "lm_head.weight" in ckpt.tensors:
+        stored.append(("output_layer.weight", ckpt.tensors["lm_head.weight"].expr))
+
+    it = iteration if iteration is not None else ckpt.meta.get("iteration", 1)
+    d = M.iter_dir(it)
+    files: list[OutputFile] = []
+    entries: list[tuple[str, str, str, tuple[int, ...], str]] = []  # (key, kind, dtype, shape, data file)
+    for k, (key, expr) in enumerate(stored):
+        data = f"__0_{k}.distcp"
+        files.append(OutputFile(f"{d}/{data}", "torch", ((key, expr),), obj=Tensor(key, expr.dtype, expr.shape)))
+        entries.append((key, "tensor", expr.dtype, expr.shape, data))
+    for module in EXTRA_STATE_MODULES:
+        for i in range(layers):
+            key = f"decoder.layers.{module}._extra_state/shard_{i}_{layers}"
+            data = f"__0_{len(entries)}.distcp"
+            files.append(OutputFile(f"{d}/{data}", "torch", (), obj=[None]))  # Megatron's torch.save([state])
+            entries.append((key, "bytes", "", (), data))
+    family = by_name(spec.family)
+    args = M.build_args(spec, layout, ckpt.hf_config, family.mindspeed_names[0] if family.mindspeed_names else spec.family)
+    args.ckpt_format = "torch_dist"
+    common = {"args": args, "checkpoint_version": 3.0, "iteration": it,
+              "content_metadata": {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
+                                   "distrib_optim_sharding_type": "fully_reshardable"}}
+    files.append(OutputFile(f"{d}/common.pt", "torch", (), obj=common))
+    files.append(OutputFile(f"{d}/metadata.json", "text", text=json.dumps(METADATA_JSON)))
+    files.append(OutputFile(f"{d}/.metadata", "dcp-metadata", obj=tuple(entries)))
+    files.append(OutputFile("latest_checkpointed_iteration.txt", "text", text=str(it)))
+    dropped = dict(ckpt.dropped)
+    if ckpt.meta.get("extra_state"):
+        dropped["*._extra_state"] = "Transformer-Engine _extra_state (FP8 metadata): torch_dist output starts it afresh"
+    return Plan(tuple(files), dropped)
+
+
+def write_dcp_metadata(path: str, entries: tuple, data_dir: str) -> None:
+    """``.metadata`` for ``entries`` (key, "tensor" | "bytes", dtype, shape, data file), each one
+    whole blob of its data file (already written under ``data_dir``)."""
+    import os
+    import pickle
+
+    import torch
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    from ckpt_ir.backends.mcore import _TORCH_NAME
+
+    state, storage = {}, {}
+    for key, kind, dtype, shape, data in entries:
+        length = os.path.getsize(os.path.join(data_dir, data))
+        if kind == "bytes":
+            state[key] = BytesStorageMetadata()
+            storage[MetadataIndex(key)] = _StorageInfo(data, 0, length)
+            continue
+        zeros = torch.Size([0] * len(shape))
+        state[key] = TensorStorageMetadata(TensorProperties(dtype=getattr(torch, _TORCH_NAME[dtype])),
+                                           torch.Size(shape), [ChunkStorageMetadata(zeros, torch.Size(shape))])
+        storage[MetadataIndex(key, zeros)] = _StorageInfo(data, 0, length)
+    with open(path, "wb") as f:
+        pickle.dump(Metadata(state_dict_metadata=state, storage_data=storage), f)
