@@ -197,9 +197,6 @@ def plan(ckpt: Checkpoint, target: Target) -> Plan:
     if target.ckpt_format == "torch_dist":
         from ckpt_ir.backends import torch_dist
 
-        if ckpt.states:  # not written yet: say so instead of losing it silently
-            ckpt = attrs.evolve(ckpt, states={}, dropped={**ckpt.dropped, "optimizer state": (
-                "--ckpt-format torch_dist writes the weights only for now; use --ckpt-format torch to carry it")})
         return torch_dist.plan(ckpt)
     from ckpt_ir.backends import mcore
 

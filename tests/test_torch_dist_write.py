@@ -93,3 +93,25 @@ def test_torch_dist_output_reads_back_bit_exact(loaded, tmp_path):
 def test_torch_dist_is_layout_free():
     with pytest.raises(UsageError, match="reshards"):
         ck.Target(to="mcore", ckpt_format="torch_dist", tp=2)
+
+
+def test_optimizer_state_written_fully_reshardable_is_resumed_by_megatron(tmp_path):
+    """A megatron-core run (TP=2, DP=1, bf16 with fp32 masters, hidden 72, several DDP buckets, two
+    Adam steps) saved in the torch format with plain Megatron-LM args converts to torch_dist with
+    its optimizer state (fully reshardable); megatron-core loads model and optimizer with
+    dist_checkpointing at TP=1 PP=2 and holds the source's masters and moments bit for bit."""
+    from tests import distopt_fixtures as F
+    from tests.test_distopt_reshard import STATES, _assert_same_state, _global, _truth
+
+    hf = str(tmp_path / "hf")
+    F.make_tiny_hf_llama(hf, hidden=72, layers=4, heads=4, kv_heads=2, ffn=120, vocab=256, tied=False)
+    src = str(tmp_path / "src")
+    F.make_distopt_checkpoint(src, hf, tp=2, pp=1, dp=1, bucket_size=4096, steps=2, bf16=True, init="hf")
+    td = str(tmp_path / "td")
+    assert cli_main(["convert", src, td, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]) == 0
+    resumed = str(tmp_path / "resumed")
+    F.resume_torch_dist_checkpoint(resumed, hf, td, tp=1, pp=2, dp=1, bucket_size=4096)
+    source, loaded = _truth(src, 2, 1), _truth(resumed, 1, 2)
+    for field in STATES:
+        _assert_same_state(_global(source, 4, field), _global(loaded, 2, field))
+    _assert_same_state(_global(source, 4, "model_param"), _global(loaded, 2, "model_param"), torch.bfloat16)

@@ -15,7 +15,9 @@ Transformer-Engine way (``linear_qkv.layer_norm_weight``) whatever the layer spe
 saves them; each tensor is one whole chunk (Megatron reshards on load).  Every linear module also
 gets the ``_extra_state`` sharded object Megatron's modules expect (``None``: Transformer Engine
 then starts its FP8 state afresh).  Each entry is a file of its own, so files are written in
-parallel and streamed (a stacked tensor layer by layer) like every other output.
+parallel and streamed (a stacked tensor layer by layer) like every other output.  Optimizer state
+(``ckpt.states``) is written fully reshardable: ``optimizer.state.<state>.<model key>`` in the
+weights' shapes, the optimizer's param groups in ``common.pt``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 
 from ckpt_ir import mcore_format as M
+from ckpt_ir.backends.mcore import _placeholders
 from ckpt_ir.backends.plan import OutputFile, Plan
 from ckpt_ir.errors import VerifyError
 from ckpt_ir.families import by_name
@@ -34,6 +37,7 @@ from ckpt_ir.ir.names import split_layer
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
                  "common_backend_version": 1}
 # the modules of a decoder layer whose _extra_state Megatron saves as sharded objects
+STATE_PREFIX = "optimizer.state."
 EXTRA_STATE_MODULES = ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1", "mlp.linear_fc2")
 
 
@@ -46,34 +50,10 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
     if spec.num_experts or spec.mla or spec.mtp_layers or spec.lora_rank is not None:
         raise VerifyError("torch_dist output supports dense GPT models (no MoE, MLA, multi-token prediction or "
                           "unmerged LoRA) for now; write --ckpt-format torch instead")
-    table = M.layer_table("te")
-    stored: list[tuple[str, E.Expr]] = []
-    if "embed.weight" in ckpt.tensors:
-        stored.append(("embedding.word_embeddings.weight", ckpt.tensors["embed.weight"].expr))
+    stored = _stored(ckpt.tensors, spec.num_layers)
+    for which, nodes in ckpt.states.items():  # fully reshardable: the same keys and shapes as the weights
+        stored += [(f"{STATE_PREFIX}{which}.{key}", expr) for key, expr in _stored(nodes, spec.num_layers)]
     layers = spec.num_layers
-    by_role: dict[str, list[str]] = {}
-    for name in ckpt.tensors:
-        layer, rest = split_layer(name)
-        if layer is not None:
-            by_role.setdefault(rest, []).append(name)
-    for role in M.role_order(False):
-        rest = role[len("layers.{i}."):]
-        names = by_role.pop(rest, [])
-        if not names:
-            continue
-        if len(names) != layers:
-            raise VerifyError(f"torch_dist stacks every layer's {rest}, but only {len(names)} of {layers} layers "
-                              f"have it")
-        key = table.from_canonical(role.format(i=0))
-        parts = [ckpt.tensors[f"layers.{i}.{rest}"].expr for i in range(layers)]
-        stacked = E.Concat(tuple(E.Reshape(p, (1, *p.shape)) for p in parts), 0)
-        stored.append(("decoder.layers." + key[len("decoder.layers.0."):], E.simplify(stacked)))
-    if by_role:
-        raise VerifyError(f"no torch_dist key for {sorted(by_role)[0]}")
-    stored.append(("decoder.final_layernorm.weight", ckpt.tensors["final_norm.weight"].expr))
-    if "lm_head.weight" in ckpt.tensors:
-        stored.append(("output_layer.weight", ckpt.tensors["lm_head.weight"].expr))
-
     it = iteration if iteration is not None else ckpt.meta.get("iteration", 1)
     d = M.iter_dir(it)
     files: list[OutputFile] = []
@@ -94,14 +74,69 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
     common = {"args": args, "checkpoint_version": 3.0, "iteration": it,
               "content_metadata": {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
                                    "distrib_optim_sharding_type": "fully_reshardable"}}
-    files.append(OutputFile(f"{d}/common.pt", "torch", (), obj=common))
+    dropped = dict(ckpt.dropped)
+    if ckpt.states:
+        common.update(_training_state(ckpt, args, dropped))
+    common_tensors: list[tuple[str, E.Expr]] = []  # e.g. a tensor Adam step in the param groups
+    common = _placeholders(common, "common", common_tensors)
+    files.append(OutputFile(f"{d}/common.pt", "torch", tuple(common_tensors), obj=common))
     files.append(OutputFile(f"{d}/metadata.json", "text", text=json.dumps(METADATA_JSON)))
     files.append(OutputFile(f"{d}/.metadata", "dcp-metadata", obj=tuple(entries)))
     files.append(OutputFile("latest_checkpointed_iteration.txt", "text", text=str(it)))
-    dropped = dict(ckpt.dropped)
     if ckpt.meta.get("extra_state"):
         dropped["*._extra_state"] = "Transformer-Engine _extra_state (FP8 metadata): torch_dist output starts it afresh"
     return Plan(tuple(files), dropped)
+
+
+def _training_state(ckpt: Checkpoint, args, dropped: dict[str, str]) -> dict:
+    """The common-state entries a resumed run needs besides the optimizer tensors: the optimizer's
+    own state dict (param groups with the Adam step) marked fully reshardable, the scheduler, and
+    the training args of the source run."""
+    meta = ckpt.meta.get("optimizer") or {}
+    for k, v in (meta.get("args") or {}).items():
+        setattr(args, k, v)
+    args.use_distributed_optimizer = True
+    opt = meta.get("optimizer")
+    if isinstance(opt, list):  # [dense, expert] optimizers of a MoE run: not written here (dense models only)
+        opt = None
+    out = {"optimizer": {**(opt if isinstance(opt, dict) else {}), "param_state_sharding_type": "fully_reshardable"}}
+    for key in ("opt_param_scheduler", "num_floating_point_operations_so_far"):
+        if meta.get(key) is not None:
+            out[key] = meta[key]
+    if meta.get("rng_state"):
+        dropped["rng_state"] = "per-rank random-number state: torch_dist output leaves it out (resume with --no-load-rng)"
+    return out
+
+
+def _stored(nodes: dict, layers: int) -> list[tuple[str, E.Expr]]:
+    """(torch_dist key, expression) for one tensor set: global tensors, decoder layers stacked."""
+    table = M.layer_table("te")
+    stored: list[tuple[str, E.Expr]] = []
+    if "embed.weight" in nodes:
+        stored.append(("embedding.word_embeddings.weight", nodes["embed.weight"].expr))
+    by_role: dict[str, list[str]] = {}
+    for name in nodes:
+        layer, rest = split_layer(name)
+        if layer is not None:
+            by_role.setdefault(rest, []).append(name)
+    for role in M.role_order(False):
+        rest = role[len("layers.{i}."):]
+        names = by_role.pop(rest, [])
+        if not names:
+            continue
+        if len(names) != layers:
+            raise VerifyError(f"torch_dist stacks every layer's {rest}, but only {len(names)} of {layers} layers "
+                              f"have it")
+        key = table.from_canonical(role.format(i=0))
+        parts = [nodes[f"layers.{i}.{rest}"].expr for i in range(layers)]
+        stacked = E.Concat(tuple(E.Reshape(p, (1, *p.shape)) for p in parts), 0)
+        stored.append(("decoder.layers." + key[len("decoder.layers.0."):], E.simplify(stacked)))
+    if by_role:
+        raise VerifyError(f"no torch_dist key for {sorted(by_role)[0]}")
+    stored.append(("decoder.final_layernorm.weight", nodes["final_norm.weight"].expr))
+    if "lm_head.weight" in nodes:
+        stored.append(("output_layer.weight", nodes["lm_head.weight"].expr))
+    return stored
 
 
 def write_dcp_metadata(path: str, entries: tuple, data_dir: str) -> None:
