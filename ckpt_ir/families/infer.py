@@ -18,12 +18,7 @@ import attrs
 
 from ckpt_ir.errors import FormatError
 from ckpt_ir.families import Family, by_name
-
-
-def _int_list(value: Any) -> tuple[int, ...] | None:
-    from ckpt_ir.mcore_format import int_list
-
-    return int_list(value)
+from ckpt_ir.mcore_format import int_list as _int_list
 
 
 class Args:
