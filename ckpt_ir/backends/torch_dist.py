@@ -29,6 +29,7 @@ from ckpt_ir.backends.mcore import _placeholders
 from ckpt_ir.backends.plan import OutputFile, Plan
 from ckpt_ir.errors import VerifyError
 from ckpt_ir.families import by_name
+from ckpt_ir.io.safe_pickle import TorchDtype
 from ckpt_ir.io.torchzip import Tensor
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
@@ -141,33 +142,37 @@ def _stored(nodes: dict, layers: int) -> list[tuple[str, E.Expr]]:
 
 def write_dcp_metadata(path: str, entries: tuple, data_dir: str) -> None:
     """``.metadata`` for ``entries`` (key, "tensor" | "bytes", dtype, shape, data file), each one
-    whole blob of its data file (already written under ``data_dir``)."""
+    whole blob of its data file (already written under ``data_dir``): the pickle
+    ``torch.distributed.checkpoint`` writes, produced without importing torch (seconds)."""
     import os
-    import pickle
-
-    import torch
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import (
-        BytesStorageMetadata,
-        ChunkStorageMetadata,
-        Metadata,
-        MetadataIndex,
-        TensorProperties,
-        TensorStorageMetadata,
-    )
 
     from ckpt_ir.backends.mcore import _TORCH_NAME
+    from ckpt_ir.io.torchzip import Call, _pickle
+
+    dcp = "torch.distributed.checkpoint.metadata"
+
+    def size(dims) -> Call:
+        return Call("torch", "Size", (tuple(dims),))
+
+    def obj(name: str, module: str = dcp, **state) -> Call:
+        return Call(module, name, (), state)
 
     state, storage = {}, {}
     for key, kind, dtype, shape, data in entries:
-        length = os.path.getsize(os.path.join(data_dir, data))
+        where = obj("_StorageInfo", "torch.distributed.checkpoint.filesystem", relative_path=data, offset=0,
+                    length=os.path.getsize(os.path.join(data_dir, data)), transform_descriptors=None)
         if kind == "bytes":
-            state[key] = BytesStorageMetadata()
-            storage[MetadataIndex(key)] = _StorageInfo(data, 0, length)
+            state[key] = obj("BytesStorageMetadata")
+            storage[obj("MetadataIndex", fqn=key, offset=None, index=None)] = where
             continue
-        zeros = torch.Size([0] * len(shape))
-        state[key] = TensorStorageMetadata(TensorProperties(dtype=getattr(torch, _TORCH_NAME[dtype])),
-                                           torch.Size(shape), [ChunkStorageMetadata(zeros, torch.Size(shape))])
-        storage[MetadataIndex(key, zeros)] = _StorageInfo(data, 0, length)
+        # TensorProperties pickles as (dtype, layout, requires_grad, memory format code, pin_memory)
+        props = Call(dcp, "TensorProperties", (), (TorchDtype(_TORCH_NAME[dtype]),
+                     Call("torch.serialization", "_get_layout", ("torch.strided",)), False,
+                     Call(dcp, "_MEM_FORMAT_ENCODING", (0,)), False))
+        state[key] = obj("TensorStorageMetadata", properties=props, size=size(shape),
+                         chunks=[obj("ChunkStorageMetadata", offsets=size([0] * len(shape)), sizes=size(shape))])
+        storage[obj("MetadataIndex", fqn=key, offset=size([0] * len(shape)), index=None)] = where
+    md = obj("Metadata", state_dict_metadata=state, planner_data=None, storage_data=storage, storage_meta=None,
+             version=None)
     with open(path, "wb") as f:
-        pickle.dump(Metadata(state_dict_metadata=state, storage_data=storage), f)
+        f.write(_pickle(md, []))
