@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = c.add_argument_group("Megatron-Core layout (with --to mcore)")
     m.add_argument("--ckpt-format", choices=("torch", "torch_dist"), default="torch", help="Megatron checkpoint "
                    "format, as Megatron-LM's flag: torch (mp_rank_* directories for one TP/PP layout, default) or "
-                   "torch_dist (dist_checkpointing, resharded by Megatron on load; dense models)")
+                   "torch_dist (dist_checkpointing, resharded by Megatron on load)")
     m.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     m.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     m.add_argument("--num-layer-list", type=int_list, help="layers per pipeline stage, e.g. 2,6")

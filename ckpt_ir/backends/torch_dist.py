@@ -48,12 +48,15 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
             or not (layout.fused_qkv and layout.fused_gate_up):
         raise VerifyError(f"torch_dist output needs one whole, fused Megatron layout (it is resharded on load), got "
                           f"{layout.describe()}")
-    if spec.num_experts or spec.mla or spec.mtp_layers or spec.lora_rank is not None:
-        raise VerifyError("torch_dist output supports dense GPT models (no MoE, MLA, multi-token prediction or "
-                          "unmerged LoRA) for now; write --ckpt-format torch instead")
-    stored = _stored(ckpt.tensors, spec.num_layers)
+    if spec.mla or spec.mtp_layers or spec.lora_rank is not None or spec.dense_layers or spec.shared_ffn_hidden_size \
+            or spec.router_bias or layout.grouped_gemm:
+        raise VerifyError("torch_dist output supports dense GPTs and MoE models with every layer MoE and no shared "
+                          "experts (no MLA, multi-token prediction, router bias or unmerged LoRA) for now; write "
+                          "--ckpt-format torch instead")
+    experts = spec.num_experts
+    stored = _stored(ckpt.tensors, spec.num_layers, experts)
     for which, nodes in ckpt.states.items():  # fully reshardable: the same keys and shapes as the weights
-        stored += [(f"{STATE_PREFIX}{which}.{key}", expr) for key, expr in _stored(nodes, spec.num_layers)]
+        stored += [(f"{STATE_PREFIX}{which}.{key}", expr) for key, expr in _stored(nodes, spec.num_layers, experts)]
     layers = spec.num_layers
     it = iteration if iteration is not None else ckpt.meta.get("iteration", 1)
     d = M.iter_dir(it)
@@ -63,12 +66,18 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
         data = f"__0_{k}.distcp"
         files.append(OutputFile(f"{d}/{data}", "torch", ((key, expr),), obj=Tensor(key, expr.dtype, expr.shape)))
         entries.append((key, "tensor", expr.dtype, expr.shape, data))
-    for module in EXTRA_STATE_MODULES:
-        for i in range(layers):
-            key = f"decoder.layers.{module}._extra_state/shard_{i}_{layers}"
-            data = f"__0_{len(entries)}.distcp"
-            files.append(OutputFile(f"{d}/{data}", "torch", (), obj=[None]))  # Megatron's torch.save([state])
-            entries.append((key, "bytes", "", (), data))
+    objects = [f"decoder.layers.{m}._extra_state/shard_{i}_{layers}" for m in EXTRA_STATE_MODULES[:2]
+               for i in range(layers)]
+    if experts:  # one per expert of each layer: shard_<layer>.<expert>_<layers>.<experts>
+        objects += [f"decoder.layers.mlp.experts.experts.{m}._extra_state/shard_{i}.{e}_{layers}.{experts}"
+                    for m in ("linear_fc1", "linear_fc2") for i in range(layers) for e in range(experts)]
+    else:
+        objects += [f"decoder.layers.{m}._extra_state/shard_{i}_{layers}" for m in EXTRA_STATE_MODULES[2:]
+                    for i in range(layers)]
+    for key in objects:
+        data = f"__0_{len(entries)}.distcp"
+        files.append(OutputFile(f"{d}/{data}", "torch", (), obj=[None]))  # Megatron's torch.save([state])
+        entries.append((key, "bytes", "", (), data))
     family = by_name(spec.family)
     args = M.build_args(spec, layout, ckpt.hf_config, family.mindspeed_names[0] if family.mindspeed_names else spec.family)
     args.ckpt_format = "torch_dist"
@@ -109,8 +118,14 @@ def _training_state(ckpt: Checkpoint, args, dropped: dict[str, str]) -> dict:
     return out
 
 
-def _stored(nodes: dict, layers: int) -> list[tuple[str, E.Expr]]:
-    """(torch_dist key, expression) for one tensor set: global tensors, decoder layers stacked."""
+def _stacked(parts: list[E.Expr]) -> E.Expr:
+    return E.Concat(tuple(E.Reshape(p, (1, *p.shape)) for p in parts), 0)
+
+
+def _stored(nodes: dict, layers: int, experts: int = 0) -> list[tuple[str, E.Expr]]:
+    """(torch_dist key, expression) for one tensor set: global tensors, decoder layers stacked
+    (MoE experts on the next axis: ``decoder.layers.mlp.experts.experts.linear_fc1.weight`` is
+    ``[L, E, 2F, H]``)."""
     table = M.layer_table("te")
     stored: list[tuple[str, E.Expr]] = []
     if "embed.weight" in nodes:
@@ -122,6 +137,19 @@ def _stored(nodes: dict, layers: int) -> list[tuple[str, E.Expr]]:
             by_role.setdefault(rest, []).append(name)
     for role in M.role_order(False):
         rest = role[len("layers.{i}."):]
+        if "{e}" in rest:
+            names = [n for e in range(experts) for n in by_role.pop(rest.format(e=e), [])]
+            if not names:
+                continue
+            if len(names) != layers * experts:
+                raise VerifyError(f"torch_dist stacks every layer's experts, but {rest} exists {len(names)} times "
+                                  f"for {layers} layers x {experts} experts")
+            per_layer = [_stacked([nodes[f"layers.{i}.{rest.format(e=e)}"].expr for e in range(experts)])
+                         for i in range(layers)]
+            module = rest.split(".")[-2]  # gate_up -> linear_fc1, down -> linear_fc2
+            name = {"gate_up": "linear_fc1", "down": "linear_fc2"}[module]
+            stored.append((f"decoder.layers.mlp.experts.experts.{name}.weight", E.simplify(_stacked(per_layer))))
+            continue
         names = by_role.pop(rest, [])
         if not names:
             continue
@@ -129,8 +157,7 @@ def _stored(nodes: dict, layers: int) -> list[tuple[str, E.Expr]]:
             raise VerifyError(f"torch_dist stacks every layer's {rest}, but only {len(names)} of {layers} layers "
                               f"have it")
         key = table.from_canonical(role.format(i=0))
-        parts = [nodes[f"layers.{i}.{rest}"].expr for i in range(layers)]
-        stacked = E.Concat(tuple(E.Reshape(p, (1, *p.shape)) for p in parts), 0)
+        stacked = _stacked([nodes[f"layers.{i}.{rest}"].expr for i in range(layers)])
         stored.append(("decoder.layers." + key[len("decoder.layers.0."):], E.simplify(stacked)))
     if by_role:
         raise VerifyError(f"no torch_dist key for {sorted(by_role)[0]}")
