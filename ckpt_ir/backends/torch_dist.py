@@ -10,7 +10,8 @@ Written as Megatron-Core 0.15-0.18 lays it out (see :mod:`ckpt_ir.frontends.torc
     iter_N/.metadata            torch.distributed.checkpoint Metadata naming each entry's file, written last
 
 Keys are global: every decoder-layer tensor is stacked on a leading layer axis
-(``decoder.layers.self_attention.linear_qkv.weight`` is ``[L, ...]``), the norms named the
+(``decoder.layers.self_attention.linear_qkv.weight`` is ``[L, ...]``; MoE experts on the next
+axis, ``decoder.layers.mlp.experts.experts.linear_fc1.weight`` ``[L, E, 2F, H]``), the norms named the
 Transformer-Engine way (``linear_qkv.layer_norm_weight``) whatever the layer spec, as Megatron
 saves them; each tensor is one whole chunk (Megatron reshards on load).  Every linear module also
 gets the ``_extra_state`` sharded object Megatron's modules expect (``None``: Transformer Engine
