@@ -64,6 +64,8 @@ class Target:
     lora_load: str | None = None
     # multi-token-prediction layers to keep (None: all); MindSpeed-LLM's --mtp-num-layers
     mtp_layers: int | None = None
+    # Megatron target: "torch" (rank directories) or "torch_dist" (dist_checkpointing, resharded on load)
+    ckpt_format: str = "torch"
 
     def __attrs_post_init__(self) -> None:
         if self.to not in ("hf", "mcore", "peft"):
@@ -78,6 +80,14 @@ class Target:
                                    or self.grouped_gemm or self.dp):
             raise UsageError("--tp/--pp/--vpp-layers/--num-layer-list/--noop-layers/--make-vocab-size-divisible-by/"
                              "--ep/--etp/--moe-grouped-gemm/--target-dp apply to --to mcore only")
+        if self.ckpt_format not in ("torch", "torch_dist"):
+            raise UsageError(f"--ckpt-format {self.ckpt_format!r}: choose torch or torch_dist")
+        if self.ckpt_format == "torch_dist" and (self.to != "mcore" or self.tp != 1 or self.pp != 1 or self.vpp_layers
+                                                 or self.num_layer_list or self.noop_layers or self.ep != 1
+                                                 or self.etp or self.grouped_gemm or self.dp):
+            raise UsageError("--ckpt-format torch_dist (with --to mcore) holds whole tensors that Megatron reshards "
+                             "when it loads them: leave out --tp/--pp/--vpp-layers/--num-layer-list/--noop-layers/"
+                             "--ep/--etp/--moe-grouped-gemm/--target-dp")
 
     @property
     def carries_optimizer(self) -> bool:
@@ -259,6 +269,10 @@ def plan(ckpt: Checkpoint, target: Target) -> Plan:
         if target.max_shard_size:
             kw["max_shard_size"] = target.max_shard_size
         return hf.plan(ckpt, **kw)
+    if target.ckpt_format == "torch_dist":
+        from ckpt_ir.backends import torch_dist
+
+        return torch_dist.plan(ckpt)
     from ckpt_ir.backends import mcore
 
     return mcore.plan(ckpt, shared_copies=target.shared_copies, dp=target.dp)

@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "peak memory) and write nothing")
     c.add_argument("--overwrite", action="store_true", help="replace DST if it exists (atomically)")
     c.add_argument("--hf-config", metavar="DIR", help="take config.json (and tokenizer files) from DIR")
+    c.add_argument("--model-type-hf", metavar="FAMILY", help="Megatron source with plain Megatron-LM args: the "
+                   "model family (llama, qwen2, mixtral, ...; see 'ckpt-ir models'); default: inferred from the args")
     c.add_argument("--weights-from", choices=("model", "master"), default="model", help="Megatron source: take "
                    "the weights from the model (default) or from the distributed optimizer's fp32 master copies")
     c.add_argument("--max-shard-size", type=parse_size, default=None, help="HF output: cap per safetensors file "
@@ -43,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-memory", type=parse_size, default=None, help="bound on tensor data held at once, e.g. "
                    "4GB (default: half the available memory); limits --workers")
     m = c.add_argument_group("Megatron-Core layout (with --to mcore)")
+    m.add_argument("--ckpt-format", choices=("torch", "torch_dist"), default="torch", help="Megatron checkpoint "
+                   "format, as Megatron-LM's flag: torch (mp_rank_* directories for one TP/PP layout, default) or "
+                   "torch_dist (dist_checkpointing, resharded by Megatron on load)")
     m.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     m.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     m.add_argument("--num-layer-list", type=int_list, help="layers per pipeline stage, e.g. 2,6")
@@ -81,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--allow-unused", metavar="PATTERN", action="append", default=[])
     i.add_argument("--hf-config", metavar="DIR", help="HF config.json describing a Megatron checkpoint whose args "
                    "do not (plain Megatron-LM args)")
+    i.add_argument("--model-type-hf", metavar="FAMILY", help="model family of a Megatron checkpoint with plain "
+                   "Megatron-LM args (default: inferred from the args)")
     i.add_argument("--weights-from", choices=("model", "master"), default="model",
                    help="Megatron source: the model's weights or the distributed optimizer's fp32 masters")
     add_plugin_flag(i)
@@ -153,12 +160,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
                        max_shard_size=args.max_shard_size, hf_config_dir=args.hf_config, ep=args.ep, etp=args.etp,
                        grouped_gemm=args.moe_grouped_gemm, lora_rank=args.lora_r,
                        lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_target_modules),
-                       dp=args.target_dp, optimizer=not args.no_optimizer, lora_load=args.lora_load)
+                       dp=args.target_dp, optimizer=not args.no_optimizer, lora_load=args.lora_load,
+                       ckpt_format=args.ckpt_format)
     # --hf-config also describes a Megatron source whose args carry no HF config
     hf_cfg = read_config(args.hf_config) if args.hf_config and detect(args.src) in ("mcore", "torch_dist") else None
     layout = {"dp": args.source_dp, "bucket_size": args.source_bucket_size, "align": args.source_param_align}
     return run_conversion(args.src, target, args, {"allow_unused": tuple(args.allow_unused), "hf_config": hf_cfg,
-                                                   "weights_from": args.weights_from, "optimizer_layout": layout})
+                                                   "weights_from": args.weights_from, "optimizer_layout": layout,
+                                                   "family": args.model_type_hf})
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -168,7 +177,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     hf_cfg = read_config(args.hf_config) if args.hf_config else None
     ckpt = ck.load(args.path, allow_unused=tuple(args.allow_unused), hf_config=hf_cfg, weights_from=args.weights_from,
-                   optimizer=args.optimizer)
+                   optimizer=args.optimizer, family=args.model_type_hf)
+    if ckpt.meta.get("family_from_args"):
+        print(f"ckpt-ir: {ckpt.meta['family_from_args']}", file=sys.stderr)
     sys.stdout.write(render(ckpt, args.format))
     return 0
 

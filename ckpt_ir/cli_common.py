@@ -79,10 +79,16 @@ def run_conversion(src: Any, target: Any, args: argparse.Namespace, load_options
     from ckpt_ir.passes.manager import Instrumentation
 
     quiet = getattr(args, "quiet", False) or distributed_world()[0] != 0
+    if not isinstance(src, ck.Checkpoint):
+        if not (args.dry_run or args.print_pipeline):
+            from ckpt_ir.io.atomic import check_destination
+
+            check_destination(args.dst, args.overwrite)  # fail fast, before lifting the source
+        src = ck.load(src, **{"optimizer": target.carries_optimizer and not target.lora_load, **load_options})
+        if src.meta.get("family_from_args") and not quiet:
+            print(f"ckpt-ir: {src.meta['family_from_args']}", file=sys.stderr)
     if args.print_pipeline:
-        lifted = src if isinstance(src, ck.Checkpoint) else \
-            ck.load(src, **{"optimizer": target.carries_optimizer and not target.lora_load, **load_options})
-        print(ck.as_pipeline(args.pipeline) if args.pipeline else ck.derive_pipeline(lifted, target))
+        print(ck.as_pipeline(args.pipeline) if args.pipeline else ck.derive_pipeline(src, target))
         return 0
     inst = Instrumentation(print_before=tuple(args.print_ir_before), print_after=tuple(args.print_ir_after),
                            print_after_all=args.print_ir_after_all, dump_dir=args.dump_ir, stats=args.pass_stats,
@@ -90,7 +96,7 @@ def run_conversion(src: Any, target: Any, args: argparse.Namespace, load_options
     progress = args.progress if getattr(args, "progress", None) is not None else (sys.stderr.isatty() and not quiet)
     result = ck.convert(src, args.dst, target, pipeline=args.pipeline, instrumentation=inst, dry_run=args.dry_run,
                         overwrite=args.overwrite, progress=progress, workers=getattr(args, "workers", None),
-                        max_memory=getattr(args, "max_memory", None), load_options=load_options,
+                        max_memory=getattr(args, "max_memory", None),
                         announce=None if quiet or args.dry_run else
                         lambda p: print(f"pipeline: {p}", file=sys.stderr))
     if args.dry_run:

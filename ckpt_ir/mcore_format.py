@@ -132,6 +132,14 @@ MLA_READ_TABLES = (_table(_MLA_LAYER_KEYS, "local"), _table(_MLA_LAYER_KEYS, "te
 GLOBAL_TABLE = NameTable(PRE_LAYERS + POST_LAYERS)
 
 EXTRA_STATE = "._extra_state"
+
+
+def extra_state_layout(spec: ModelSpec, layout: Layout) -> tuple:
+    """What decides whether Transformer Engine's per-module ``_extra_state`` (FP8 scaling state of
+    one TP shard) still belongs to the same module shard after a conversion: the layers, the
+    (expert) TP sizes, the expert storage and the module types (norm naming)."""
+    return (spec.num_layers, spec.mtp_layers, layout.tp, layout.expert_tp if spec.num_experts else None,
+            layout.grouped_gemm, layout.norm_names)
 # Megatron / MindSpeed LoRA: X.lora_A.default.weight [r, in] and X.lora_B.default.weight [out, r]
 # beside the base X.weight, which LoRA training stores as X.base_layer.weight.
 LORA_KEY = re.compile(r"^(.*)\.lora_([AB])(?:\.default)?\.weight$")

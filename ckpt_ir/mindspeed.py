@@ -120,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
         check_destination(save_dir, args.overwrite)
     src = ck.load(args.load_dir, allow_unused=tuple(args.allow_unused), hf_config=hf_config,
                   family=args.model_type_hf, optimizer=target.carries_optimizer and not args.lora_load)
+    if src.meta.get("family_from_args"):
+        print(f"ckpt-ir: {src.meta['family_from_args']}", file=sys.stderr)
     if args.load_model_type == "optim" and not src.states:
         raise UsageError(f"convert-ckpt --load-model-type optim: {args.load_dir} has no distributed-optimizer state "
                          f"(distrib_optim.pt)")

@@ -92,8 +92,9 @@ def trained(tmp_path_factory):
 def test_tp2_pp2_dp2_to_tp1_pp4_dp1_and_back_is_bit_exact(trained):
     root, hf, src = trained
     pp4 = str(root / "pp4")
+    # plain Megatron-LM args, no --hf-config: the family (llama) is inferred from the args
     assert cli_main(["convert", src, pp4, "--to", "mcore", "--tp", "1", "--pp", "4", "--target-dp", "1",
-                     "--hf-config", hf, "--quiet"]) == 0
+                     "--quiet"]) == 0
     # megatron-core resumes TP=1 PP=4 DP=1 from it and holds exactly the source's state
     resumed = str(root / "resumed_pp4")
     F.resume_distopt_checkpoint(resumed, hf, pp4, tp=1, pp=4, dp=1, bucket_size=4096)
@@ -400,8 +401,9 @@ def test_moe_expert_optimizer_reshards(tmp_path):
     src = str(tmp_path / "src")
     F.make_distopt_checkpoint(src, hf, tp=1, pp=1, dp=4, ep=2, bucket_size=4096, steps=2, bf16=True, init="hf")
     out = str(tmp_path / "tp2pp2")
+    # plain Megatron-LM args, no --hf-config: the family (mixtral) is inferred from the args
     assert cli_main(["convert", src, out, "--to", "mcore", "--tp", "2", "--pp", "2", "--ep", "2", "--etp", "1",
-                     "--target-dp", "1", "--hf-config", hf, "--quiet"]) == 0
+                     "--target-dp", "1", "--quiet"]) == 0
     resumed = str(tmp_path / "resumed")
     F.resume_distopt_checkpoint(resumed, hf, out, tp=2, pp=2, dp=1, ep=2, etp=1, bucket_size=4096)
     source = _truth(src, 1, 1, ep=2, experts=4)

@@ -14,18 +14,31 @@ from ckpt_ir.cli import main as cli_main
 from tests import distopt_fixtures as F
 
 
-def test_megatron_core_checkpoint_converts_to_hf_with_its_weights(tmp_path):
+def test_megatron_core_checkpoint_converts_to_hf_with_its_weights(tmp_path, capsys):
     hf = str(tmp_path / "hf")
     F.make_tiny_hf_llama(hf, hidden=72, layers=4, heads=4, kv_heads=2, ffn=120, vocab=256, tied=False)
     out = str(tmp_path / "megatron")
     info = F.make_distopt_checkpoint(out, hf, tp=2, pp=2, dp=1, bucket_size=4096, steps=1, bf16=True,
                                      init="hf", vocab_divisible_by=128)
     assert info
-    # plain Megatron-LM args do not name the family: the error says what to do
-    assert cli_main(["convert", out, str(tmp_path / "x"), "--to", "hf"]) == 1
     back = str(tmp_path / "back")
     assert cli_main(["convert", out, back, "--to", "hf", "--hf-config", hf, "--quiet"]) == 0
     got = load_file(os.path.join(back, "model.safetensors"))
+    # plain Megatron-LM args do not name the family: it is inferred from them (and printed), with
+    # the same tensors as with --hf-config and a config transformers computes the same logits with
+    capsys.readouterr()
+    inferred = str(tmp_path / "inferred")
+    assert cli_main(["convert", out, inferred, "--to", "hf"]) == 0
+    assert "inferred family llama from args (swiglu, RMSNorm, rope, untied output layer)" in capsys.readouterr().err
+    alone = load_file(os.path.join(inferred, "model.safetensors"))
+    assert alone.keys() == got.keys() and all(torch.equal(alone[k], got[k]) for k in got)
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        la = AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32)(ids).logits
+        lb = AutoModelForCausalLM.from_pretrained(inferred, dtype=torch.float32)(ids).logits
+    assert torch.allclose(la, lb, rtol=0, atol=1e-5)
     src = ck.load(out, hf_config=__import__("json").load(open(os.path.join(hf, "config.json"))))
     assert "distrib_optim.pt" in " ".join(src.dropped)  # optimizer state is reported, not silently ignored
     # every HF tensor equals megatron-core's own (trained, bf16) parameter, gathered by the rules

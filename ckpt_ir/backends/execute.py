@@ -101,6 +101,10 @@ def write_file(out: OutputFile, root: str, reader: E.Reader, progress: Progress)
             f.write(out.text)
     elif out.kind == "copy":
         shutil.copyfile(out.source, path)
+    elif out.kind == "dcp-metadata":  # after the data files it describes (small files are written last)
+        from ckpt_ir.backends.torch_dist import write_dcp_metadata
+
+        write_dcp_metadata(path, out.obj, os.path.dirname(path))
     else:  # pragma: no cover
         raise AssertionError(out.kind)
     progress.advance(files=0 if out.part and out.part[0] > 0 else 1)

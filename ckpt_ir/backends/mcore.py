@@ -9,6 +9,7 @@ transpose of expert e's fc1 shard, ``weight2`` is (E_loc, F/T, H) viewed as [E_l
 from __future__ import annotations
 
 import copy
+import io
 from collections import defaultdict
 
 import attrs
@@ -48,6 +49,106 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None, shared_copies: str =
     if not (layout.fused_qkv and layout.fused_gate_up):
         raise VerifyError("Megatron output needs fused QKV and gate/up; the pipeline must run fuse-qkv and "
                           "fuse-gate-up")
+    content, where = rank_content(ckpt)
+    chunks = num_chunks(spec, layout)
+    family = by_name(spec.family)
+    args = M.build_args(spec, layout, ckpt.hf_config, family.mindspeed_names[0] if family.mindspeed_names else spec.family)
+    it = iteration if iteration is not None else ckpt.meta.get("iteration", 1)
+    optim = OptimizerOutput(ckpt, dp) if ckpt.states else None
+    if optim is not None:
+        args = optim.args(args)
+    files: list[OutputFile] = []
+    etp = layout.expert_tp
+    extra = ExtraState(ckpt)
+    for stage in range(layout.pp):
+        for rank, ep in expert_rank_files(layout):
+            tensors: list[tuple[str, E.Expr]] = []
+            models = {}
+            for chunk in range(chunks):
+                sd = {}
+                for entry in content[(stage, chunk)]:
+                    if entry.ep is not None and entry.ep != ep:
+                        continue
+                    expr = _entry_expr(ckpt.tensors, entry, _shard_rank(entry, rank, etp))
+                    uid = f"model{chunk}/{entry.key}"
+                    tensors.append((uid, expr))
+                    sd[entry.key] = Tensor(uid, expr.dtype, expr.shape)
+                sd.update(extra.entries(stage, chunk, rank, ep, chunk == chunks - 1 and stage == layout.pp - 1,
+                                        where, tensors))
+                models["model" if chunks == 1 else f"model{chunk}"] = sd
+            obj = {"args": args, "checkpoint_version": 3.0, "iteration": it, **models}
+            rank_dir = f"{M.iter_dir(it)}/{M.rank_dir(rank, stage, layout, ep, layout.ep)}"
+            if optim is not None:
+                obj.update(optim.training_entries((rank, stage, ep), tensors))
+                chunk_entries = [[e for e in content[(stage, c)] if e.ep is None or e.ep == ep] for c in range(chunks)]
+                files.append(optim.file(f"{rank_dir}/distrib_optim.pt", chunk_entries, stage, rank, ep))
+            files.append(OutputFile(f"{rank_dir}/model_optim_rng.pt", "torch", tuple(tensors), obj=obj))
+    files.append(OutputFile("latest_checkpointed_iteration.txt", "text", text=str(it)))
+    copies = tuple(_shared_copies(ckpt))
+    dropped = dict(ckpt.dropped)
+    dropped.update(extra.dropped)
+    if optim is not None:
+        dropped.update(optim.dropped)
+    if shared_copies == "drop":  # MindSpeed-LLM's behaviour: Megatron's shared tensor is kept
+        dropped.update({name: f"stored once in Megatron (shared with {other}); not compared"
+                        for name, other, _, _ in copies})
+        copies = ()
+    return Plan(tuple(files), dropped, checks=copies)
+
+
+class ExtraState:
+    """Transformer Engine's ``_extra_state`` (FP8 scaling state of one module shard), carried into
+    the module's new place (layer renumbered by the new PP/VPP split, expert by the new EP split)
+    when that module shard is the same: same layers, (expert) TP size, expert storage and module
+    types.  Otherwise listed as dropped: Transformer Engine starts its FP8 scaling afresh."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        info = ckpt.meta.get("extra_state") or {}
+        self.ckpt, self.entries_by_layer = ckpt, defaultdict(list)
+        self.dropped: dict[str, str] = {}
+        if not info:
+            return
+        now = M.extra_state_layout(ckpt.spec, ckpt.layout)
+        if info["layout"] != now:
+            names = ("layers", "MTP layers", "TP", "expert TP", "grouped GEMM", "norm naming")
+            what = ", ".join(f"{n} {a} -> {b}" for n, a, b in zip(names, info["layout"], now) if a != b)
+            self.dropped["*._extra_state"] = (f"Transformer-Engine _extra_state (FP8 metadata) of another module "
+                                              f"layout ({what}); Transformer Engine starts it afresh")
+            return
+        for (layer, key, expert, slot), value in info["entries"].items():
+            self.entries_by_layer[layer].append((key, expert, slot, value))
+
+    def entries(self, stage: int, chunk: int, rank: int, ep: int, last: bool, where: dict,
+                tensors: list[tuple[str, E.Expr]]) -> dict:
+        """The ``_extra_state`` keys of one model chunk of one rank file (their tensors appended to ``tensors``)."""
+        out = {}
+        spec, layout = self.ckpt.spec, self.ckpt.layout
+        places = [(layer, f"decoder.layers.{s.local}.") for layer, s in where.items() if (s.stage, s.chunk) == (stage, chunk)]
+        if (stage, chunk) == (0, 0) or last:
+            places.append((None, ""))
+        for layer, prefix in places:
+            for key, expert, slot, value in self.entries_by_layer.get(layer, ()):
+                if layer is None and not ((stage, chunk) == (0, 0) if key.startswith("embedding.") else last):
+                    continue
+                if expert is not None:
+                    owner, local = expert_owner(spec, layout, expert)
+                    if owner != ep:
+                        continue
+                    key = key.format(e=local)
+                if slot != (0 if expert is not None and layout.expert_tp == 1 else rank):
+                    continue
+                full = prefix + key
+                if not _writable(value) and not isinstance(value, io.BytesIO):
+                    self.dropped[full] = "Transformer-Engine _extra_state holding objects ckpt-ir cannot write back"
+                    continue
+                out[full] = _placeholders(value, f"extra/{stage}/{chunk}/{rank}/{ep}/{full}", tensors)
+        return out
+
+
+def rank_content(ckpt: Checkpoint) -> tuple[dict[tuple[int, int], list[Entry]], dict]:
+    """The keys of every (stage, chunk) of the Megatron layout ``ckpt.layout``, in writing order,
+    and where each model layer sits."""
+    spec, layout = ckpt.spec, ckpt.layout
     slots = layer_slots(spec, layout)
     where = {s.real: s for s in slots if s.real is not None}
     chunks = num_chunks(spec, layout)
@@ -106,46 +207,7 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None, shared_copies: str =
     elif spec.tied_embeddings and layout.pp > 1:
         # Megatron keeps a copy of the tied embedding on the last stage when PP > 1
         content[last].append(Entry("output_layer.weight", ("embed.weight",)))
-
-    family = by_name(spec.family)
-    args = M.build_args(spec, layout, ckpt.hf_config, family.mindspeed_names[0] if family.mindspeed_names else spec.family)
-    it = iteration if iteration is not None else ckpt.meta.get("iteration", 1)
-    optim = OptimizerOutput(ckpt, dp) if ckpt.states else None
-    if optim is not None:
-        args = optim.args(args)
-    files: list[OutputFile] = []
-    etp = layout.expert_tp
-    for stage in range(layout.pp):
-        for rank, ep in expert_rank_files(layout):
-            tensors: list[tuple[str, E.Expr]] = []
-            models = {}
-            for chunk in range(chunks):
-                sd = {}
-                for entry in content[(stage, chunk)]:
-                    if entry.ep is not None and entry.ep != ep:
-                        continue
-                    expr = _entry_expr(ckpt.tensors, entry, _shard_rank(entry, rank, etp))
-                    uid = f"model{chunk}/{entry.key}"
-                    tensors.append((uid, expr))
-                    sd[entry.key] = Tensor(uid, expr.dtype, expr.shape)
-                models["model" if chunks == 1 else f"model{chunk}"] = sd
-            obj = {"args": args, "checkpoint_version": 3.0, "iteration": it, **models}
-            rank_dir = f"{M.iter_dir(it)}/{M.rank_dir(rank, stage, layout, ep, layout.ep)}"
-            if optim is not None:
-                obj.update(optim.training_entries((rank, stage, ep), tensors))
-                chunk_entries = [[e for e in content[(stage, c)] if e.ep is None or e.ep == ep] for c in range(chunks)]
-                files.append(optim.file(f"{rank_dir}/distrib_optim.pt", chunk_entries, stage, rank, ep))
-            files.append(OutputFile(f"{rank_dir}/model_optim_rng.pt", "torch", tuple(tensors), obj=obj))
-    files.append(OutputFile("latest_checkpointed_iteration.txt", "text", text=str(it)))
-    copies = tuple(_shared_copies(ckpt))
-    dropped = dict(ckpt.dropped)
-    if optim is not None:
-        dropped.update(optim.dropped)
-    if shared_copies == "drop":  # MindSpeed-LLM's behaviour: Megatron's shared tensor is kept
-        dropped.update({name: f"stored once in Megatron (shared with {other}); not compared"
-                        for name, other, _, _ in copies})
-        copies = ()
-    return Plan(tuple(files), dropped, checks=copies)
+    return content, where
 
 
 def _entry_expr(tensors: dict[str, TensorNode], entry: Entry, shard_rank: int) -> E.Expr:

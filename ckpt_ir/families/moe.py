@@ -121,6 +121,13 @@ MTP = (
     (L + "embed_tokens.weight", C + "mtp.embed.weight"),
 )
 
+def _deepseek_router(cfg: dict) -> dict:
+    """DeepSeek-V3 routing: sigmoid scores with a score-correction bias, group-limited top-k, scaled."""
+    return {"moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True,
+            "moe_router_pre_softmax": False, "moe_router_topk_scaling_factor": cfg.get("routed_scaling_factor"),
+            "moe_router_num_groups": cfg.get("n_group"), "moe_router_group_topk": cfg.get("topk_group")}
+
+
 register(Family(
     name="deepseek_v3", model_types=("deepseek_v3",), architecture="DeepseekV3ForCausalLM",
     tensors=EMBED_AND_HEAD + MLA_ATTENTION + LLAMA_NORMS + GATED_MLP + DEEPSEEK_MOE + MTP,
@@ -136,4 +143,5 @@ register(Family(
         ConfigKey("qkv_bias", None, False),
     ),
     constants=(("router_bias", True),), mindspeed_names=("deepseek3", "deepseek2"),
+    megatron_args=_deepseek_router,
 ))

@@ -46,8 +46,8 @@ def load(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
         from ckpt_ir.frontends import torch_dist
 
         return torch_dist.lift(path, allow_unused=allow_unused, hf_config=hf_config, optimizer=optimizer,
-                               weights_from=weights_from)
+                               weights_from=weights_from, family=family)
     from ckpt_ir.frontends import mcore
 
     return mcore.lift(path, allow_unused=allow_unused, hf_config=hf_config, weights_from=weights_from,
-                      optimizer=optimizer, optimizer_layout=optimizer_layout)
+                      optimizer=optimizer, optimizer_layout=optimizer_layout, family=family)

@@ -109,34 +109,42 @@ class _Args:
         return out
 
 
-def spec_from_args(args: dict[str, Any], hf_config: dict[str, Any] | None, where: str):
-    """(ModelSpec, HF config) of a Megatron checkpoint from its ``args``, or from ``hf_config``
-    when given (plain Megatron-LM args do not name the model family)."""
+def spec_from_args(args: dict[str, Any], hf_config: dict[str, Any] | None, where: str,
+                   family: str | None = None):
+    """(ModelSpec, HF config, why) of a Megatron checkpoint from its ``args``: from ``hf_config``
+    when given, from the HF config ckpt-ir or MindSpeed-LLM copied into the args, else (plain
+    Megatron-LM args) for ``family`` or the family inferred from the args (``why`` says which
+    and why; None when nothing was inferred)."""
+    from ckpt_ir.families import infer
+
     a = _Args(args, where)
-    try:
-        cfg = hf_config if hf_config is not None else M.hf_config_from_args(args)
-    except ValueError as e:
-        raise FormatError(f"{where}: {e}") from None
-    fam_name = args.get("ckpt_ir_family") or args.get("model_type_hf")
+    named = args.get("ckpt_ir_family") or args.get("model_type_hf")
+    why = None
     if hf_config is not None:
-        family = for_hf_config(cfg, "--hf-config")
-    elif fam_name:
-        family = by_name(fam_name)
-    elif cfg.get("model_type") or cfg.get("architectures"):
-        family = for_hf_config(cfg, where)
+        cfg, fam = hf_config, for_hf_config(hf_config, "--hf-config")
+    elif named or args.get("ckpt_ir_hf_config") is not None or args.get("model_type") or args.get("architectures"):
+        try:  # an HF config ckpt-ir or MindSpeed-LLM copied into the args
+            cfg = M.hf_config_from_args(args)
+        except ValueError as e:
+            raise FormatError(f"{where}: {e}") from None
+        fam = by_name(named) if named else for_hf_config(cfg, where)
+    elif family:
+        fam = by_name(family)
+        cfg = infer.hf_config_for(fam, args, where)
+        why = f"family {fam.name} (--model-type-hf); HF config built from args"
     else:
-        raise FormatError(f"{where}: the args do not say which model family this is (plain Megatron-LM "
-                          f"args); pass --hf-config DIR with the model's HF config.json")
-    spec = family.spec_from_config(cfg, where=f"{where} (args)")
+        fam, cfg, why = infer.infer(args, where)
+    spec = fam.spec_from_config(cfg, where=f"{where} (args)")
     if args.get("mtp_num_layers") is not None:
         spec = _evolve(spec, mtp_layers=a.size("mtp_num_layers", 0, 64) if args["mtp_num_layers"] else 0)
-    return spec, cfg
+    return spec, cfg, why
 
 
 def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, Any] | None = None,
          weights_from: str = "model", optimizer: bool = False,
-         optimizer_layout: dict[str, int | None] | None = None) -> Checkpoint:
-    """``weights_from="master"`` takes every parameter from the distributed optimizer's fp32 master
+         optimizer_layout: dict[str, int | None] | None = None, family: str | None = None) -> Checkpoint:
+    """``family``: the model family when the args do not say (default: inferred from them).
+    ``weights_from="master"`` takes every parameter from the distributed optimizer's fp32 master
     copy (``distrib_optim.pt``) instead of the model's (e.g. bf16) weights.  ``optimizer=True``
     also lifts the distributed-optimizer state (when the checkpoint has it) into ``states``.
     ``optimizer_layout`` corrects what args say about that state's layout: ``dp``, ``bucket_size``
@@ -166,7 +174,7 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     if tp * pp * ep > 4 * len(found):  # args claim far more ranks than there are directories
         raise FormatError(f"{it_dir}: args say TP={tp}, PP={pp}, EP={ep} but only {len(found)} rank "
                           f"directories exist; the checkpoint is incomplete or its args are wrong")
-    spec, cfg = spec_from_args(args, hf_config, first.path)
+    spec, cfg, inferred = spec_from_args(args, hf_config, first.path, family)
     tables = M.MLA_READ_TABLES if spec.mla else M.READ_TABLES
     noop = a.layers("noop_layers") or ()
     layout = Layout(format="mcore", tp=tp, pp=pp,
@@ -193,6 +201,8 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                           f"{M.rank_dir(extra[0][0], extra[0][1], layout, extra[0][2], max(ep, 2))}); "
                           f"the directory mixes layouts")
     experts_per_rank = spec.num_experts // ep if spec.num_experts else 0
+    slot_of = {(s.stage, s.chunk, s.local): s for s in layer_slots(spec, layout)}
+    extra_state: dict[tuple, Any] = {}  # (layer, module key, expert, TP slot) -> stored value
     lay = optimizer_layout or {}
     opt_args = distopt.apply_overrides(args, lay.get("dp"), lay.get("bucket_size"))  # the run's true layout
     has_state = {f: os.path.isfile(os.path.join(os.path.dirname(f), "distrib_optim.pt")) for f in ranks.values()}
@@ -260,7 +270,12 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                         pieces[set_name][canon][slot] = expr
             for key in sd if isinstance(sd, dict) else ():
                 if key.endswith(M.EXTRA_STATE):
-                    dropped[f"{rel}:{ck}.{key}"] = "Transformer-Engine _extra_state (FP8 metadata)"
+                    place = _extra_state_place(key, p, chunk, e, experts_per_rank, slot_of)
+                    if place is None:
+                        dropped[f"{rel}:{ck}.{key}"] = "Transformer-Engine _extra_state (FP8 metadata)"
+                    else:
+                        slot = 0 if place[2] is not None and layout.expert_tp == 1 else t
+                        extra_state.setdefault((*place, slot), with_exprs(sd[key], z, f"{ck}.{key}"))
         if carry:
             opt_meta["rng_state"][(t, p, e)] = with_exprs(z.obj.get("rng_state"), z, "rng_state")
             if f == first.path:
@@ -278,7 +293,6 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                 if lora_run and optimizer else
                 "distributed-optimizer state (fp32 masters, Adam moments): carried only to a Megatron target; "
                 "the model weights come from model_optim_rng.pt")
-    slot_of = {(s.stage, s.chunk, s.local): s for s in layer_slots(spec, layout)}
     sets = {name: _assemble(set_pieces, slot_of, spec, layout, path, dropped if not name else {})
             for name, set_pieces in pieces.items()}
     tensors = sets.pop("", {})
@@ -309,6 +323,10 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     layout = _evolve(layout, norm_names="te" if te_fc1 else "te-input" if te_norms else "local")
     ordered = dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0])))
     meta: dict[str, Any] = {"iteration": iteration if iteration != "release" else 1, "args": args}
+    if inferred:
+        meta["family_from_args"] = inferred
+    if extra_state:
+        meta["extra_state"] = {"layout": M.extra_state_layout(spec, layout), "entries": extra_state}
     if sets:
         meta["optimizer"] = {**opt_meta, "source_layout": (tp, pp, ep), **distopt.training_args(opt_args)}
     return Checkpoint(spec=spec, layout=layout, tensors=ordered, dropped=dropped, hf_config=cfg, source=path,
@@ -335,6 +353,24 @@ def _assemble(pieces: dict[str, dict[int, E.Expr]], slot_of: dict, spec, layout:
             raise FormatError(f"{path}: tensor {name} is missing on TP rank(s) {sorted(set(range(n)) - set(shards))}")
         tensors[name] = TensorNode(name, tuple(shards[r] for r in range(n)), rule)
     return tensors
+
+
+_LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
+
+
+def _extra_state_place(key: str, stage: int, chunk: int, ep: int, experts_per_rank: int, slot_of: dict):
+    """(model layer or None, module key with the layer number left out, global expert or None) of
+    an ``_extra_state`` key, or None for one ckpt-ir does not place (MTP, no-op layers)."""
+    m = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", key)
+    if m is None:
+        return None if key.startswith("mtp.") else (None, key, None)
+    slot = slot_of.get((stage, chunk, int(m.group(1))))
+    if slot is None or slot.real is None:
+        return None
+    x = _LOCAL_EXPERT.match(m.group(2))
+    if x:
+        return slot.real, "mlp.experts.local_experts.{e}." + x.group(2), ep * experts_per_rank + int(x.group(1))
+    return slot.real, m.group(2), None
 
 
 MTP_LAYER_KEY = re.compile(r"^mtp\.layers\.(\d+)\.transformer_layer\.(.*)$")

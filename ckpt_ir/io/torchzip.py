@@ -11,6 +11,7 @@ held in memory; ``torch.load`` (including ``mmap=True``) reads the result.
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import struct
@@ -135,6 +136,17 @@ class Tensor:
         return math.prod(self.shape) * ITEMSIZE[self.dtype]
 
 
+class Call:
+    """An object to pickle as ``module.name(*args)`` (REDUCE), or, with ``state``, as
+    ``module.name.__new__`` then ``__setstate__(state)``/``__dict__`` (NEWOBJ + BUILD), as pickle
+    does for plain classes: lets objects of classes from torch be written without importing it."""
+
+    __slots__ = ("module", "name", "args", "state")
+
+    def __init__(self, module: str, name: str, args: tuple = (), state: Any = None) -> None:
+        self.module, self.name, self.args, self.state = module, name, args, state
+
+
 _STORAGE_NAMES = {
     "F64": "DoubleStorage", "F32": "FloatStorage", "F16": "HalfStorage", "BF16": "BFloat16Storage",
     "I64": "LongStorage", "I32": "IntStorage", "I16": "ShortStorage", "I8": "CharStorage",
@@ -216,6 +228,20 @@ def _pickle(obj: Any, tensors: list[Tensor]) -> bytes:
             import pickle
 
             out.extend(pickle.dumps(v, protocol=2)[2:-1])  # without PROTO and STOP; we keep no memo
+        elif isinstance(v, Call):
+            glob(v.module, v.name)
+            save(tuple(v.args))
+            if v.state is None:
+                out.extend(b"R")
+            else:
+                out.extend(b"\x81")
+                save(v.state)
+                out.extend(b"b")
+        elif isinstance(v, io.BytesIO):  # Transformer Engine < 2's _extra_state, as pickle writes it
+            glob("_io", "BytesIO")
+            out.extend(b")\x81")
+            save((v.getvalue(), v.tell(), None))
+            out.extend(b"b")
         elif isinstance(v, TorchDtype):
             glob("torch", v.name)
         elif type(v).__name__ == "dtype" and str(v).startswith("torch."):  # a real torch.dtype
