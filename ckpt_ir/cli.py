@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--workers", type=int, default=None, help="parallel writer processes (default: one per core)")
     c.add_argument("--max-memory", type=parse_size, default=None, help="bound on tensor data held at once, e.g. "
                    "4GB (default: half the available memory); limits --workers")
+    c.add_argument("--device", default="cpu", help="where casts and LoRA merges compute: cpu (default), cuda[:N] "
+                   "or npu[:N] (npu needs pip install 'ckpt-ir[npu]')")
     m = c.add_argument_group("Megatron-Core layout (with --to mcore)")
     m.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     m.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
@@ -140,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="machine-readable report")
     d.add_argument("--atol", type=float, default=0.0, help="treat differences up to ATOL as equal")
 
+    from ckpt_ir.verify import add_parser as add_verify
+
+    add_verify(sub)
     sub.add_parser("passes", help="list passes, their options and what they require/guarantee")
     sub.add_parser("models", help="list supported model families")
 
@@ -190,6 +195,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     for mod in args.plugin:
         load_plugin(mod)
+    if args.device != "cpu":
+        from ckpt_ir.device import resolve_device
+        from ckpt_ir.ir.expr import set_math_device
+
+        set_math_device(resolve_device(args.device))
     from ckpt_ir.io.atomic import check_destination
 
     if not args.dry_run:
@@ -284,6 +294,12 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0 if report["identical"] else 1
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from ckpt_ir.verify import run
+
+    return run(args)
+
+
 def cmd_passes(args: argparse.Namespace) -> int:
     from ckpt_ir.passes.manager import registry
 
@@ -321,7 +337,7 @@ def cmd_convert_ckpt(args: argparse.Namespace) -> int:
     return run(args)
 
 
-COMMANDS = {"convert": cmd_convert, "inspect": cmd_inspect, "diff": cmd_diff, "passes": cmd_passes,
+COMMANDS = {"convert": cmd_convert, "inspect": cmd_inspect, "diff": cmd_diff, "verify": cmd_verify, "passes": cmd_passes,
             "models": cmd_models, "demo": cmd_demo, "convert-ckpt": cmd_convert_ckpt}
 
 if __name__ == "__main__":  # pragma: no cover
