@@ -142,9 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="machine-readable report")
     d.add_argument("--atol", type=float, default=0.0, help="treat differences up to ATOL as equal")
 
+    from ckpt_ir.plan import add_parser as add_plan
     from ckpt_ir.verify import add_parser as add_verify
 
     add_verify(sub)
+    add_plan(sub)
     sub.add_parser("passes", help="list passes, their options and what they require/guarantee")
     sub.add_parser("models", help="list supported model families")
 
@@ -300,6 +302,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ckpt_ir.plan import run
+
+    return run(args)
+
+
 def cmd_passes(args: argparse.Namespace) -> int:
     from ckpt_ir.passes.manager import registry
 
@@ -337,7 +345,7 @@ def cmd_convert_ckpt(args: argparse.Namespace) -> int:
     return run(args)
 
 
-COMMANDS = {"convert": cmd_convert, "inspect": cmd_inspect, "diff": cmd_diff, "verify": cmd_verify, "passes": cmd_passes,
+COMMANDS = {"convert": cmd_convert, "inspect": cmd_inspect, "diff": cmd_diff, "verify": cmd_verify, "plan": cmd_plan, "passes": cmd_passes,
             "models": cmd_models, "demo": cmd_demo, "convert-ckpt": cmd_convert_ckpt}
 
 if __name__ == "__main__":  # pragma: no cover

@@ -100,7 +100,9 @@ for _t in LINEAR_TARGETS:
     ROLES[f"layers.{{i}}.{_t}.lora_a.weight"] = None if _rule.dim == 0 else ROW
     ROLES[f"layers.{{i}}.{_t}.lora_b.weight"] = _rule if _rule.dim == 0 else None
 
-VOCAB_ROLES = frozenset({"embed.weight", "lm_head.weight"})
+# tensors with one row per vocabulary entry (padded and trimmed together); DeepSeek's MTP layers
+# carry their own copies of the embedding and output layer
+VOCAB_ROLES = frozenset({"embed.weight", "lm_head.weight", "layers.{i}.mtp.embed.weight", "layers.{i}.mtp.head.weight"})
 LORA_SUFFIXES = (".lora_a.weight", ".lora_b.weight")
 
 
