@@ -23,7 +23,7 @@ import attrs
 
 from ckpt_ir.errors import CkptIrError, FormatError, UsageError
 
-# machine epsilon per IR dtype: the default tolerance when the two sides' arithmetic differs
+# machine epsilon per IR dtype
 EPS = {"F32": 2.0**-23, "BF16": 2.0**-7, "F16": 2.0**-10, "F64": 2.0**-52}
 # default tolerance when the two sides' arithmetic differs, relative to a layer's max |value|: this many
 # epsilons of the coarsest dtype involved, and never below fp32's reordering noise over a deep stack
@@ -245,15 +245,14 @@ def _malloc_trim():
         return None
 
 
-def run_side(path: str, prompt, dtype, device, *, adapter: str | None = None, hf_config: dict | None = None,
-             progress=None) -> tuple[dict[str, Any], list[str]]:
-    """Forward ``prompt`` through the model at ``path`` unit by unit; returns ({unit: output},
-    unit names in order)."""
+def run_side(side, prompt, dtype, device, *, adapter: str | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Forward ``prompt`` unit by unit through the model of ``side`` (from :func:`hf_side`);
+    returns ({unit: output}, unit names in order)."""
     import torch
 
     from ckpt_ir.ir import expr as E
 
-    ckpt, exprs = hf_side(path, hf_config)
+    ckpt, exprs = side
     config = transformers_config(ckpt)
     model = build_model(config, dtype, device, adapter)
     outputs: dict[str, Any] = {}
@@ -264,9 +263,7 @@ def run_side(path: str, prompt, dtype, device, *, adapter: str | None = None, hf
         for prefix, module in units(model):
             label = unit_label(prefix, model.base_model_prefix)
 
-            def pre(mod, _args, prefix=prefix, label=label):
-                if progress:
-                    progress(label)
+            def pre(mod, _args, prefix=prefix):
                 mat.load(prefix, mod)
 
             def post(mod, _args, out, label=label):
@@ -288,7 +285,7 @@ def run_side(path: str, prompt, dtype, device, *, adapter: str | None = None, hf
     unused = [n for n, _ in exprs if n not in mat.used and not _layer_at_least(n, model.base_model_prefix,
                                                                           ckpt.spec.num_layers)]
     if unused:
-        raise FormatError(f"verify: {path}: tensor(s) {', '.join(unused[:3])} have no place in the transformers "
+        raise FormatError(f"verify: {ckpt.source}: tensor(s) {', '.join(unused[:3])} have no place in the transformers "
                           f"model; verify cannot account for them")
     return outputs, order
 
@@ -308,7 +305,7 @@ def unit_label(prefix: str, base: str) -> str:
 
 def verify(a: str, b: str, *, tokens: int = 16, prompt_ids: tuple[int, ...] | None = None, dtype: str | None = None,
            device: str = "cpu", atol: float | None = None, adapter: str | None = None,
-           hf_config: dict | None = None, progress=None) -> dict[str, Any]:
+           hf_config: dict | None = None) -> dict[str, Any]:
     """Run both checkpoints on the same prompt; the report says where they first diverge."""
     import torch
 
@@ -323,10 +320,16 @@ def verify(a: str, b: str, *, tokens: int = 16, prompt_ids: tuple[int, ...] | No
             raise UsageError(f"--lora-load {adapter}: verify applies PEFT adapters (a directory with "
                              f"adapter_config.json); export a Megatron LoRA checkpoint with `ckpt-ir convert ... "
                              f"--to peft` first")
-    ca, _ = hf_side(a, hf_config)
-    cb, _ = hf_side(b, hf_config)
+    side_a, side_b = hf_side(a, hf_config), hf_side(b, hf_config)
+    ca, cb = side_a[0], side_b[0]
     if ca.spec.family != cb.spec.family:
         raise UsageError(f"verify: {a} is {ca.spec.family} but {b} is {cb.spec.family}; they cannot hold one model")
+    sa, sb = ca.spec.summary(), cb.spec.summary()
+    differ = [k for k in sa if k not in ("dtype", "lora_rank", "lora_alpha") and sa[k] != sb[k]]
+    if differ:
+        k = differ[0]
+        raise UsageError(f"verify: {a} and {b} are different models ({k} {sa[k]} vs {sb[k]}); compare them with "
+                         f"`ckpt-ir diff`")
     vocab = ca.spec.vocab_size
     if prompt_ids:
         bad = [i for i in prompt_ids if not 0 <= i < vocab]
@@ -342,8 +345,9 @@ def verify(a: str, b: str, *, tokens: int = 16, prompt_ids: tuple[int, ...] | No
     same_math = ca.spec.dtype == cb.spec.dtype and adapter is None
     coarsest = max((ca.spec.dtype, cb.spec.dtype, compute), key=lambda d: EPS.get(d, 0.0))
     rtol = 0.0 if same_math else max(RTOL_EPS * EPS.get(coarsest, 2.0**-7), RTOL_FLOOR)
-    out_a, order = run_side(a, prompt, torch_dtype, dev, hf_config=hf_config, progress=progress)
-    out_b, _ = run_side(b, prompt, torch_dtype, dev, adapter=adapter, hf_config=hf_config, progress=progress)
+    out_a, order = run_side(side_a, prompt, torch_dtype, dev)
+    del side_a
+    out_b, _ = run_side(side_b, prompt, torch_dtype, dev, adapter=adapter)
     rows = []
     for label in order:
         x, y = out_a[label], out_b[label]

@@ -40,7 +40,7 @@ def test_unit_by_unit_forward_equals_transformers_forward(tmp_path, family):
     """Materialising one unit at a time on a meta model computes exactly transformers' logits."""
     from transformers import AutoModelForCausalLM
 
-    from ckpt_ir.verify import run_side
+    from ckpt_ir.verify import hf_side, run_side
 
     path = str(tmp_path / family)
     if family == "mixtral":
@@ -49,7 +49,7 @@ def test_unit_by_unit_forward_equals_transformers_forward(tmp_path, family):
         build_deepseek(path, mtp=False)
     else:
         build_hf(path, family)
-    out, order = run_side(path, PROMPT, torch.float32, torch.device("cpu"))
+    out, order = run_side(hf_side(path), PROMPT, torch.float32, torch.device("cpu"))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = model(PROMPT, output_hidden_states=True)
@@ -147,6 +147,8 @@ def test_bad_requests_are_one_line_errors(hf_cache, tmp_path):
     assert r.returncode == 2 and "500 is outside the vocabulary" in r.stderr
     r = cli("verify", src, build_moe(str(tmp_path / "moe"), "mixtral"))
     assert r.returncode == 2 and "is llama but" in r.stderr
+    r = cli("verify", src, hf_cache("llama", layers=2))
+    assert r.returncode == 2 and "different models (num_layers 4 vs 2)" in r.stderr
     r = cli("verify", src, src, "--lora-load", src)
     assert r.returncode == 2 and "PEFT adapters" in r.stderr
 
