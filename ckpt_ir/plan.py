@@ -30,12 +30,12 @@ def checkpoint_from_config(config_dir: str):
     """A Checkpoint in HF layout whose tensors are shape-only placeholders for the model that
     ``config_dir/config.json`` describes (MTP layers as ``num_nextn_predict_layers`` says)."""
     from ckpt_ir.families import for_hf_config
-    from ckpt_ir.frontends.hf import aux_files, canonical_order, read_config
+    from ckpt_ir.frontends.hf import aux_files, read_config
     from ckpt_ir.ir import expr as E
     from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
     from ckpt_ir.ir.layout import Layout
     from ckpt_ir.ir.names import role_of
-    from ckpt_ir.ir.shapes import expected_names, expected_shape
+    from ckpt_ir.ir.roles import canonical_order, expected_names, expected_shape
 
     cfg = read_config(config_dir)
     where = os.path.join(config_dir, "config.json")
@@ -43,7 +43,7 @@ def checkpoint_from_config(config_dir: str):
     spec = family.spec_from_config(cfg, where=where)
     layout = Layout(format="hf")
     tensors = {}
-    for name in sorted(expected_names(spec, layout), key=lambda n: canonical_order(n, family)):
+    for name in sorted(expected_names(spec, layout), key=canonical_order):
         shape = expected_shape(spec, layout, name)
         assert shape is not None, name  # expected_names only yields roles expected_shape knows
         dtype = "F32" if role_of(name) in FP32_ROLES else spec.dtype
@@ -52,14 +52,12 @@ def checkpoint_from_config(config_dir: str):
                       source=config_dir)
 
 
-def plan_from_config(config_dir: str, target) -> tuple[Any, Any, Any]:
-    """(plan, pipeline, the IR the backend lowers) for converting the model of ``config_dir``."""
+def plan_from_config(config_dir: str, target) -> Any:
+    """``convert --dry-run`` of the model of ``config_dir``: the conversion driver itself runs on
+    the placeholder checkpoint (pipeline, target checks, backend plan) and writes nothing."""
     import ckpt_ir.api as ck
 
-    src = checkpoint_from_config(config_dir)
-    pipeline = ck.derive_pipeline(src, target)
-    out = ck.run(src, pipeline)
-    return ck.plan(out, target), pipeline, out
+    return ck.convert(checkpoint_from_config(config_dir), "", target, dry_run=True)
 
 
 def probe_disk(directory: str) -> float:
@@ -85,7 +83,7 @@ def summary(plan, pipeline, out, disk_gbps: float, disk_source: str, with_tensor
     tensor of the model once (as laid out: padded vocabulary included); ``bytes_written`` counts
     the files, where Megatron repeats replicated tensors (norms, routers, the dense part under EP)
     in every rank file that holds them."""
-    from ckpt_ir.ir.shapes import expected_shape
+    from ckpt_ir.ir.roles import expected_shape
 
     files = []
     largest = ("", (), "", 0)
@@ -183,7 +181,7 @@ def run(args) -> int:
                        vocab_divisible_by=args.make_vocab_size_divisible_by, norm_names=args.norm_names,
                        max_shard_size=args.max_shard_size, ep=args.ep, etp=args.etp,
                        grouped_gemm=args.moe_grouped_gemm)
-    plan, pipeline, out = plan_from_config(args.hf_config, target)
+    conversion = plan_from_config(args.hf_config, target)
     if args.disk_gbps is not None:
         if args.disk_gbps <= 0:
             raise UsageError(f"--disk-gbps must be positive, got {args.disk_gbps}")
@@ -192,6 +190,6 @@ def run(args) -> int:
         if not os.path.isdir(args.output_dir):
             raise UsageError(f"--output-dir {args.output_dir}: no such directory (the speed probe writes there)")
         gbps, source = probe_disk(args.output_dir), f"measured on {os.path.abspath(args.output_dir)}"
-    s = summary(plan, pipeline, out, gbps, source, args.tensors)
+    s = summary(conversion.plan, conversion.pipeline, conversion.output, gbps, source, args.tensors)
     print(json.dumps(s, indent=1) if args.format == "json" else format_text(s, args.tensors))
     return 0

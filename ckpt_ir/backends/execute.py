@@ -11,6 +11,7 @@ import time
 from ckpt_ir.backends.plan import OutputFile, Plan
 from ckpt_ir.errors import CkptIrError
 from ckpt_ir.io import atomic
+from ckpt_ir.io.atomic import stop_point
 from ckpt_ir.ir import expr as E
 
 
@@ -180,6 +181,7 @@ def write_files(files: list[OutputFile], root: str, bar: Progress, workers: int)
         with E.Reader() as reader:
             for f in files:
                 write_file(f, root, reader, bar)
+                stop_point("written")
             return reader.bytes_read
     import multiprocessing as mp
 
@@ -285,12 +287,13 @@ def execute(plan: Plan, dst: str, *, overwrite: bool = False, progress: bool = F
     rank, world = distributed_world()
     if world > 1:
         return _execute_distributed(plan, dst, overwrite, progress and rank == 0, 1, rank, world)
-    atomic.check_destination(dst, overwrite)
-    atomic.check_free_space(dst, plan.nbytes)
-    bar = Progress(_tensor_bytes(plan.files), len(plan.files), progress)
     t0 = time.monotonic()
-    with atomic.atomic_dir(dst, overwrite) as tmp:
-        read = write_files(list(plan.files), tmp, bar, workers)
+    with atomic.claim(dst, overwrite) as claim:  # held until DST is published: a rival fails now
+        stop_point("claimed")
+        atomic.check_free_space(dst, plan.nbytes)
+        bar = Progress(_tensor_bytes(plan.files), len(plan.files), progress)
+        with atomic.output_dir(claim) as tmp:
+            read = write_files(list(plan.files), tmp, bar, workers)
     return {"seconds": time.monotonic() - t0, "bytes_written": plan.nbytes, "bytes_read": read}
 
 
@@ -300,8 +303,11 @@ def _tensor_bytes(files) -> int:
 
 def _execute_distributed(plan: Plan, dst: str, overwrite: bool, progress: bool, workers: int, rank: int,
                          world: int) -> dict[str, float]:
-    """torchrun: rank 0 prepares a shared temporary directory, every rank writes its share of the
-    tensor files into it, and rank 0 writes the small files last and renames the directory."""
+    """torchrun: rank 0 claims DST and prepares a shared temporary directory, every rank writes its
+    share of the tensor files into it, and rank 0 writes the small files last and publishes the
+    directory.  Rank 0 decides each step and broadcasts the outcome, so all ranks agree on it."""
+    import contextlib
+
     import torch.distributed as dist
 
     t0 = time.monotonic()
@@ -311,49 +317,58 @@ def _execute_distributed(plan: Plan, dst: str, overwrite: bool, progress: bool, 
     try:
         tag = "dist-" + os.environ.get("TORCHELASTIC_RUN_ID", os.environ.get("MASTER_PORT", "0"))
         tmp = atomic.temp_path(dst, tag)
-        status: list = [None]
-        if rank == 0:
-            try:
-                atomic.check_free_space(dst, plan.nbytes)
-                atomic.prepare(dst, overwrite, tag)
-            except CkptIrError as e:
-                status = [(e.exit_code, str(e))]
-        dist.broadcast_object_list(status, src=0)
-        if status[0]:
-            raise _error(status[0])
-        tensor_files = [f for f in plan.files if f.kind in ("safetensors", "torch")]
-        mine = assign(tensor_files, world)[rank] if tensor_files else []
-        bar = Progress(_tensor_bytes(mine), len(mine), progress)
-        mine_status, read = None, 0
-        try:
-            read = write_files(mine, tmp, bar, workers)
-        except CkptIrError as e:
-            mine_status = (e.exit_code, str(e))
-        statuses: list = [None] * world
-        dist.all_gather_object(statuses, mine_status)
-        failed = [s for s in statuses if s]
-        if rank == 0:
-            if failed:
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
+        with contextlib.ExitStack() as held:  # rank 0 holds DST's claim until it is published
+            status: list = [None]
+            if rank == 0:
                 try:
-                    with E.Reader() as reader:
-                        for f in plan.files:
-                            if f.kind not in ("safetensors", "torch"):
-                                write_file(f, tmp, reader, Progress(0, 0, False))
-                    atomic.commit(tmp, dst)
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
-        dist.barrier()
-        if failed:
-            raise _error(failed[0])
+                    claim = held.enter_context(atomic.claim(dst, overwrite))
+                    stop_point("claimed")
+                    atomic.check_free_space(dst, plan.nbytes)
+                    atomic.prepare(claim, tag)
+                except (CkptIrError, OSError) as e:
+                    status = [_status(e)]
+            dist.broadcast_object_list(status, src=0)
+            if status[0]:
+                raise _error(status[0])
+            tensor_files = [f for f in plan.files if f.kind in ("safetensors", "torch")]
+            mine = assign(tensor_files, world)[rank] if tensor_files else []
+            bar = Progress(_tensor_bytes(mine), len(mine), progress)
+            mine_status, read = None, 0
+            try:
+                read = write_files(mine, tmp, bar, workers)
+            except CkptIrError as e:
+                mine_status = _status(e)
+            statuses: list = [None] * world
+            dist.all_gather_object(statuses, mine_status)
+            outcome = [next((s for s in statuses if s), None)]
+            if rank == 0:
+                try:
+                    if outcome[0] is None:
+                        with E.Reader() as reader:
+                            for f in plan.files:
+                                if f.kind not in ("safetensors", "torch"):
+                                    write_file(f, tmp, reader, Progress(0, 0, False))
+                        atomic.publish(tmp, claim)
+                except (CkptIrError, OSError) as e:
+                    outcome = [_status(e)]
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)  # gone after a publish; after a failure, removed
+            dist.broadcast_object_list(outcome, src=0)
+        if outcome[0]:
+            raise _error(outcome[0])
         totals = [0] * world
         dist.all_gather_object(totals, read)
         return {"seconds": time.monotonic() - t0, "bytes_written": plan.nbytes, "bytes_read": sum(totals)}
     finally:
         if owns_group:
             dist.destroy_process_group()
+
+
+def _status(e: CkptIrError | OSError) -> tuple[int, str]:
+    """An error as (exit code, one-line message) for another rank."""
+    if isinstance(e, CkptIrError):
+        return e.exit_code, str(e)
+    return 1, f"{e.filename or ''}: {e.strerror}"
 
 
 def _error(status: tuple[int, str]) -> CkptIrError:

@@ -10,10 +10,11 @@ import json
 from ckpt_ir.backends.plan import OutputFile, Plan
 from ckpt_ir.errors import UsageError, VerifyError
 from ckpt_ir.families import by_name
-from ckpt_ir.frontends.hf import canonical_order, names_for
+from ckpt_ir.frontends.hf import names_for
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.names import is_lora, lora_target
+from ckpt_ir.ir.roles import canonical_order
 
 PREFIX = "base_model.model."
 
