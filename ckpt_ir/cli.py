@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--workers", type=int, default=None, help="parallel writer processes (default: one per core)")
     c.add_argument("--max-memory", type=parse_size, default=None, help="bound on tensor data held at once, e.g. "
                    "4GB (default: half the available memory); limits --workers")
+    c.add_argument("--device", default="cpu", help="where casts and LoRA merges compute: cpu (default), cuda[:N] "
+                   "or npu[:N] (npu needs pip install 'ckpt-ir[npu]')")
     m = c.add_argument_group("Megatron-Core layout (with --to mcore)")
     m.add_argument("--ckpt-format", choices=("torch", "torch_dist"), default="torch", help="Megatron checkpoint "
                    "format, as Megatron-LM's flag: torch (mp_rank_* directories for one TP/PP layout, default) or "
@@ -102,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--atol", type=float, default=0.0, help="treat differences up to ATOL as equal")
     add_plugin_flag(d)
 
+    from ckpt_ir.plan import add_parser as add_plan
+    from ckpt_ir.verify import add_parser as add_verify
+
+    add_verify(sub)
+    add_plan(sub)
     ps = sub.add_parser("passes", help="list passes, their options and what they require/guarantee")
     add_plugin_flag(ps)
     ms = sub.add_parser("models", help="list supported model families")
@@ -154,6 +161,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from ckpt_ir.frontends import detect
     from ckpt_ir.frontends.hf import read_config
 
+    if args.device != "cpu":
+        from ckpt_ir.device import resolve_device
+        from ckpt_ir.ir.expr import set_math_device
+
+        set_math_device(resolve_device(args.device))
     target = ck.Target(to=args.to, dtype=args.dtype, tp=args.tp, pp=args.pp, vpp_layers=args.vpp_layers,
                        num_layer_list=args.num_layer_list, noop_layers=args.noop_layers,
                        vocab_divisible_by=args.make_vocab_size_divisible_by, norm_names=args.norm_names,
@@ -197,6 +209,18 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0 if report["identical"] else 1
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from ckpt_ir.verify import run
+
+    return run(args)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ckpt_ir.plan import run
+
+    return run(args)
+
+
 def cmd_passes(args: argparse.Namespace) -> int:
     from ckpt_ir.passes.manager import registry
 
@@ -235,7 +259,7 @@ def cmd_convert_ckpt(args: argparse.Namespace) -> int:
     return run(args)
 
 
-COMMANDS = {"convert": cmd_convert, "inspect": cmd_inspect, "diff": cmd_diff, "passes": cmd_passes,
+COMMANDS = {"convert": cmd_convert, "inspect": cmd_inspect, "diff": cmd_diff, "verify": cmd_verify, "plan": cmd_plan, "passes": cmd_passes,
             "models": cmd_models, "demo": cmd_demo, "convert-ckpt": cmd_convert_ckpt}
 
 if __name__ == "__main__":  # pragma: no cover

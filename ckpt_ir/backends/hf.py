@@ -75,13 +75,10 @@ def plan(ckpt: Checkpoint, *, max_shard_size: int = DEFAULT_MAX_SHARD, hf_config
     base_cfg = ckpt.hf_config
     aux = list(ckpt.aux_files)
     if hf_config_dir:
-        from ckpt_ir.frontends.hf import AUX_PATTERNS, read_config
+        from ckpt_ir.frontends.hf import aux_files, read_config
 
         base_cfg = read_config(hf_config_dir)
-        import fnmatch
-
-        aux = sorted(os.path.join(hf_config_dir, n) for n in os.listdir(hf_config_dir)
-                     if any(fnmatch.fnmatch(n, p) for p in AUX_PATTERNS))
+        aux = list(aux_files(hf_config_dir))
     cfg = family.config_from_spec(ckpt.spec, base_cfg)
     files.append(OutputFile("config.json", "text", text=json.dumps(cfg, indent=2, sort_keys=True) + "\n"))
     for src in aux:

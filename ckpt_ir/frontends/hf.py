@@ -139,10 +139,14 @@ def lift(path: str, *, hf_config: dict[str, Any] | None = None, allow_unused: tu
             src = E.loads(t.expr)[0]
             raise FormatError(f"{src.path}: tensor {src.key} has shape {list(t.shape)} but config.json implies "
                               f"{list(want)}; the weights do not match the config")
-    aux = tuple(sorted(os.path.join(path, n) for n in os.listdir(path)
-                       if any(fnmatch.fnmatch(n, p) for p in AUX_PATTERNS) and os.path.isfile(os.path.join(path, n))))
-    return Checkpoint(spec=spec, layout=layout, tensors=tensors, dropped=dropped, hf_config=cfg, aux_files=aux,
-                      source=path)
+    return Checkpoint(spec=spec, layout=layout, tensors=tensors, dropped=dropped, hf_config=cfg,
+                      aux_files=aux_files(path), source=path)
+
+
+def aux_files(path: str) -> tuple[str, ...]:
+    """The side files of ``path`` copied next to HF output (tokenizer, generation config, ...)."""
+    return tuple(sorted(os.path.join(path, n) for n in os.listdir(path)
+                        if any(fnmatch.fnmatch(n, p) for p in AUX_PATTERNS) and os.path.isfile(os.path.join(path, n))))
 
 
 def map_tensors(family: Family, spec: ModelSpec, raw: dict[str, E.Load],

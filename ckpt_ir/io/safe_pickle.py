@@ -186,6 +186,8 @@ class RestrictedUnpickler(pickle.Unpickler):
                           f"only tensors, plain containers and Megatron config objects are loaded")
 
     def persistent_load(self, pid: Any) -> Any:
+        # the location ("cpu", "cuda:N", "npu:N", ...) is where the saving process held the storage;
+        # its bytes are read from the file, so checkpoints saved from any device read anywhere
         try:
             kind, storage_type, key, _location, numel = pid
         except (TypeError, ValueError):

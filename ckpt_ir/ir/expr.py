@@ -625,22 +625,40 @@ def evaluate_raw(expr: Expr, reader: Reader, *, scratch: bool = False):
     return from_torch_tensor(_evaluate_math(expr, reader), expr.dtype)
 
 
+MATH_DEVICE: Any = None  # torch device for casts and LoRA arithmetic (None: the CPU); see set_math_device
+
+
+def set_math_device(device: Any) -> None:
+    """Run the arithmetic nodes (casts, LoRA math) on ``device`` (a torch device from
+    :func:`ckpt_ir.device.resolve_device`); results come back to host memory to be written.
+    Writer processes forked later inherit the setting."""
+    global MATH_DEVICE
+    MATH_DEVICE = None if device is None or device.type == "cpu" else device
+
+
 def _evaluate_math(expr: Expr, reader: Reader):
-    """Nodes whose bits change: casts and LoRA arithmetic (fp32 accumulation), in torch."""
+    """Nodes whose bits change: casts and LoRA arithmetic (fp32 accumulation), in torch, on
+    :data:`MATH_DEVICE` when one is set."""
     import torch
 
     from ckpt_ir.ir.dtypes import to_torch
 
+    def operand(x: Expr):
+        t = evaluate(x, reader)
+        return t if MATH_DEVICE is None else t.to(MATH_DEVICE)
+
     if isinstance(expr, Cast):
-        return evaluate(expr.x, reader).to(to_torch(expr.to))
-    if isinstance(expr, Add):
-        a = evaluate(expr.a, reader)
-        return (a.to(torch.float32) + evaluate(expr.b, reader).to(torch.float32)).to(a.dtype)
-    if isinstance(expr, Matmul):
-        return evaluate(expr.a, reader).to(torch.float32) @ evaluate(expr.b, reader).to(torch.float32)
-    if isinstance(expr, Scale):
-        return evaluate(expr.x, reader).to(torch.float32) * expr.factor
-    raise TypeError(f"cannot evaluate {type(expr).__name__}")
+        out = operand(expr.x).to(to_torch(expr.to))
+    elif isinstance(expr, Add):
+        a = operand(expr.a)
+        out = (a.to(torch.float32) + operand(expr.b).to(torch.float32)).to(a.dtype)
+    elif isinstance(expr, Matmul):
+        out = operand(expr.a).to(torch.float32) @ operand(expr.b).to(torch.float32)
+    elif isinstance(expr, Scale):
+        out = operand(expr.x).to(torch.float32) * expr.factor
+    else:
+        raise TypeError(f"cannot evaluate {type(expr).__name__}")
+    return out if MATH_DEVICE is None else out.cpu()
 
 
 def _fillable(expr: Expr) -> bool:

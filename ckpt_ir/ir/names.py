@@ -35,7 +35,9 @@ COLUMN = Split(0)
 ROW = Split(1)
 COLUMN_BLOCKS2 = Split(0, 2)
 
-VOCAB_ROLES = frozenset({"embed.weight", "lm_head.weight"})
+# tensors with one row per vocabulary entry (padded and trimmed together); DeepSeek's MTP layers
+# carry their own copies of the embedding and output layer
+VOCAB_ROLES = frozenset({"embed.weight", "lm_head.weight", "layers.{i}.mtp.embed.weight", "layers.{i}.mtp.head.weight"})
 LORA_SUFFIXES = (".lora_a.weight", ".lora_b.weight")
 
 
