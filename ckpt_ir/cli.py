@@ -229,7 +229,7 @@ def run_conversion(src, target, args: argparse.Namespace) -> int:
     out = ck.run(src, pipeline, inst)
     plan = ck.plan(out, target)
     if args.dry_run:
-        print_plan(plan, pipeline)
+        print_plan(plan, pipeline, getattr(args, "workers", None), getattr(args, "max_memory", None))
         return 0
     from ckpt_ir.backends.execute import distributed_world
 
@@ -245,7 +245,8 @@ def run_conversion(src, target, args: argparse.Namespace) -> int:
     return 0
 
 
-def print_plan(plan, pipeline) -> None:
+def print_plan(plan, pipeline, workers: int | None = None, max_memory: int | None = None) -> None:
+    from ckpt_ir.backends.execute import memory_plan
     from ckpt_ir.ir.printer import describe
 
     print(f"pipeline: {pipeline}")
@@ -255,8 +256,10 @@ def print_plan(plan, pipeline) -> None:
             print(f"    {name}  {'x'.join(map(str, e.shape))} {e.dtype}  {e.nbytes} B  <- {describe(e)}")
     for key, why in plan.dropped.items():
         print(f"dropped: {key}: {why}")
+    writers, block, need = memory_plan(plan, workers, max_memory)
     print(f"total: {plan.nbytes} bytes to write, {plan.bytes_to_read} bytes to read, "
-          f"estimated peak memory {plan.peak_memory} bytes")
+          f"estimated peak memory {need * writers} bytes ({writers} writer{'s' * (writers > 1)} of at most {need} "
+          f"bytes each; computed tensors in row blocks of {block} bytes)")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

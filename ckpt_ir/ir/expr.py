@@ -15,7 +15,13 @@ first byte moves.  The algebra is deliberately small:
 
 :func:`simplify` rewrites an expression into an equivalent one that reads fewer bytes (slices are
 pushed into loads, adjacent loads merge, no-op casts vanish).  :func:`evaluate` produces a torch
-tensor; it is the only place torch is imported.
+tensor; it is the only place torch is imported, for the LoRA arithmetic (data movement and float
+casts run in numpy).
+
+A row range of any node is a simplified ``Slice(node, 0, lo, hi)``: the writers evaluate computed
+tensors in row blocks this way (``backends.plan.row_blocks``), so a new computing node (a
+dequantization, say) streams in bounded memory once ``_rewrite_slice`` says how a row range of
+it is computed from row ranges of its inputs.
 """
 
 from __future__ import annotations
@@ -428,6 +434,8 @@ def _rewrite_slice(e: Slice) -> Expr:
         return x
     if isinstance(x, Slice) and x.dim == d:
         return Slice(x.x, d, x.start + a, x.start + b)
+    if isinstance(x, Slice) and d == 0:  # rows first: a row range of a column slice reads only those rows
+        return Slice(Slice(x.x, 0, a, b), x.dim, x.start, x.stop)
     if isinstance(x, Load) and d == 0:
         base = x.rows[0] if x.rows else 0
         return attrs.evolve(x, rows=(base + a, base + b))
@@ -460,8 +468,21 @@ def _rewrite_slice(e: Slice) -> Expr:
         n = x.x.shape[0]
         if d == 0 and b <= n:
             return Slice(x.x, 0, a, b)
+        if d == 0 and a < n:  # straddles the end: the rows kept, padded (the last row is still x's)
+            return PadRows(Slice(x.x, 0, a, n), b - a, x.zero)
+        if d == 0 and not x.zero:  # padding only: copies of the last row
+            return PadRows(Slice(x.x, 0, n - 1, n), b - a)
         if d > 0:
             return PadRows(Slice(x.x, d, a, b), x.rows, x.zero)
+    # arithmetic is elementwise in the rows of its result (a matmul's rows are those of its left
+    # operand, each computed alone: BLAS sums a row's products in the same order whatever the row
+    # count; columns are not sliced, a narrower matrix may take another kernel)
+    if isinstance(x, Scale):
+        return Scale(Slice(x.x, d, a, b), x.factor)
+    if isinstance(x, Add):
+        return Add(Slice(x.a, d, a, b), Slice(x.b, d, a, b))
+    if isinstance(x, Matmul) and d == 0:
+        return Matmul(Slice(x.a, 0, a, b), x.b)
     if isinstance(x, Transpose) and d not in (x.dim0, x.dim1):
         return Transpose(Slice(x.x, d, a, b), x.dim0, x.dim1)
     if isinstance(x, Transpose):
@@ -557,22 +578,28 @@ def from_torch_tensor(t, dtype: str):
     return t.contiguous().view(width).numpy()
 
 
-def evaluate_raw(expr: Expr, reader: Reader, *, scratch: bool = False):
+def evaluate_raw(expr: Expr, reader: Reader, *, scratch: str | None = None):
     """Compute ``expr`` as a contiguous numpy array of raw items (see :func:`raw_dtype`).
 
-    With ``scratch`` the result may live in the reader's reusable buffer: it is valid only until
-    the next ``scratch`` evaluation (the streaming writers consume it before asking again)."""
+    With ``scratch`` (a slot name) the result may live in the reader's reusable buffer of that
+    slot: it is valid only until the next evaluation into that slot (the streaming writers consume
+    it before asking again)."""
     import numpy as np
 
-    if _fillable(expr):
+    def result():
         if scratch:
-            out = np.frombuffer(reader.scratch(expr.nbytes), dtype=raw_dtype(expr.dtype)).reshape(expr.shape)
-        else:
-            out = np.empty(expr.shape, dtype=raw_dtype(expr.dtype))
+            return np.frombuffer(reader.scratch(expr.nbytes, scratch), dtype=raw_dtype(expr.dtype)).reshape(expr.shape)
+        return np.empty(expr.shape, dtype=raw_dtype(expr.dtype))
+
+    if _fillable(expr):
+        out = result()
         _fill(expr, out, reader)
         return out
     if isinstance(expr, Concat):
         return np.concatenate([evaluate_raw(x, reader) for x in expr.xs], axis=expr.dim)
+    if isinstance(expr, Slice) and expr.dim == 0 and isinstance(expr.x, PadRows) and expr.x.zero \
+            and expr.start >= expr.x.x.shape[0]:  # zero padding only: nothing to read
+        return np.zeros(expr.shape, dtype=raw_dtype(expr.dtype))
     if isinstance(expr, Slice):
         x = evaluate_raw(expr.x, reader)
         index = [slice(None)] * x.ndim
@@ -589,25 +616,42 @@ def evaluate_raw(expr: Expr, reader: Reader, *, scratch: bool = False):
             return x
         pad = np.zeros((extra,) + x.shape[1:], x.dtype) if expr.zero else np.repeat(x[-1:], extra, axis=0)
         return np.concatenate([x, pad])
-    return from_torch_tensor(_evaluate_math(expr, reader), expr.dtype)
+    from ckpt_ir.ir import casts
+
+    out = result()
+    if isinstance(expr, Cast) and casts.supported(expr.x.dtype, expr.to):  # without torch (see casts)
+        casts.cast(evaluate_raw(expr.x, reader), expr.x.dtype, expr.to, out)
+    else:
+        _evaluate_math(expr, reader, to_torch_tensor(out, expr.dtype))
+    return out
 
 
-def _evaluate_math(expr: Expr, reader: Reader):
-    """Nodes whose bits change: casts and LoRA arithmetic (fp32 accumulation), in torch."""
+def _evaluate_math(expr: Expr, reader: Reader, out) -> None:
+    """Nodes whose bits change, computed into the torch tensor ``out``: casts and LoRA arithmetic
+    (fp32 throughout, rounded once when stored into ``out``).  In-place steps keep the temporaries
+    to one fp32 copy of the result: evaluation is by row blocks of bounded size, but a block's
+    temporaries count too."""
     import torch
 
-    from ckpt_ir.ir.dtypes import to_torch
-
     if isinstance(expr, Cast):
-        return evaluate(expr.x, reader).to(to_torch(expr.to))
-    if isinstance(expr, Add):
-        a = evaluate(expr.a, reader)
-        return (a.to(torch.float32) + evaluate(expr.b, reader).to(torch.float32)).to(a.dtype)
-    if isinstance(expr, Matmul):
-        return evaluate(expr.a, reader).to(torch.float32) @ evaluate(expr.b, reader).to(torch.float32)
-    if isinstance(expr, Scale):
-        return evaluate(expr.x, reader).to(torch.float32) * expr.factor
-    raise TypeError(f"cannot evaluate {type(expr).__name__}")
+        out.copy_(evaluate(expr.x, reader))
+    elif isinstance(expr, Add):
+        acc = _fp32(expr.b, reader)
+        acc.add_(evaluate(expr.a, reader))  # a + b: IEEE addition commutes bit for bit
+        out.copy_(acc)
+    elif isinstance(expr, Matmul):
+        torch.mm(_fp32(expr.a, reader), _fp32(expr.b, reader), out=out)
+    elif isinstance(expr, Scale):
+        torch.mul(_fp32(expr.x, reader), expr.factor, out=out)
+    else:
+        raise TypeError(f"cannot evaluate {type(expr).__name__}")
+
+
+def _fp32(expr: Expr, reader: Reader):
+    """``expr`` evaluated as an fp32 tensor this caller owns (it may update it in place)."""
+    import torch
+
+    return evaluate(expr, reader).to(torch.float32)
 
 
 def _fillable(expr: Expr) -> bool:
