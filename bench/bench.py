@@ -99,9 +99,10 @@ def generate_adapter(path: str, layers: int, rank: int = 16) -> None:
     g = torch.Generator().manual_seed(1)
     tensors = {}
     for i in range(layers):
-        for name, (rows, cols) in layer_tensors(i).items():
-            if name.endswith("layernorm.weight"):
+        for name, shape in layer_tensors(i).items():
+            if len(shape) != 2:  # norms
                 continue
+            rows, cols = shape
             prefix = "base_model.model." + name[: -len(".weight")]
             tensors[prefix + ".lora_A.weight"] = ((torch.rand(rank, cols, generator=g) - 0.5) / 8).to(torch.bfloat16)
             tensors[prefix + ".lora_B.weight"] = ((torch.rand(rows, rank, generator=g) - 0.5) / 8).to(torch.bfloat16)

@@ -636,8 +636,8 @@ def _evaluate_math(expr: Expr, reader: Reader, out) -> None:
     if isinstance(expr, Cast):
         out.copy_(evaluate(expr.x, reader))
     elif isinstance(expr, Add):
-        acc = _fp32(expr.b, reader)
-        acc.add_(evaluate(expr.a, reader))  # a + b: IEEE addition commutes bit for bit
+        acc = _fp32_scratch(expr.b, reader, "acc")
+        acc.add_(_fp32_scratch(expr.a, reader, "addend"))  # a + b: IEEE addition commutes bit for bit
         out.copy_(acc)
     elif isinstance(expr, Matmul):
         torch.mm(_fp32(expr.a, reader), _fp32(expr.b, reader), out=out)
@@ -645,6 +645,21 @@ def _evaluate_math(expr: Expr, reader: Reader, out) -> None:
         torch.mul(_fp32(expr.x, reader), expr.factor, out=out)
     else:
         raise TypeError(f"cannot evaluate {type(expr).__name__}")
+
+
+def _fp32_scratch(expr: Expr, reader: Reader, slot: str):
+    """``expr`` as fp32 in the reader's buffer ``slot`` (fresh pages cost more than the math:
+    the LoRA merge reuses its buffers block after block)."""
+    import numpy as np
+    import torch
+
+    if isinstance(expr, Scale):
+        return _fp32_scratch(expr.x, reader, slot).mul_(expr.factor)
+    buf = to_torch_tensor(np.frombuffer(reader.scratch(expr.numel * 4, slot), dtype=np.int32), "F32")
+    buf = buf.view(expr.shape)
+    if isinstance(expr, Matmul):
+        return torch.mm(_fp32(expr.a, reader), _fp32(expr.b, reader), out=buf)
+    return buf.copy_(to_torch_tensor(evaluate_raw(expr, reader, scratch=slot + "-raw"), expr.dtype))
 
 
 def _fp32(expr: Expr, reader: Reader):
