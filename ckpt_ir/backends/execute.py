@@ -184,10 +184,17 @@ def _split_files(files: list[OutputFile], root: str, workers: int) -> list[Outpu
     return out
 
 
-def _worker(files: list[OutputFile], root: str, queue, block_bytes: int) -> None:
+def _worker(files: list[OutputFile], root: str, queue, block_bytes: int, threads: int) -> None:
     """Body of a worker process: write ``files``, report bytes, then done or the error.
-    Ctrl-C is the parent's to handle: it terminates the workers and removes the output."""
+    Ctrl-C is the parent's to handle: it terminates the workers and removes the output.
+    ``threads``: torch's compute threads, the worker's share of the cores (oversubscribed
+    OpenMP threads spin against each other)."""
     import signal
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
@@ -225,7 +232,8 @@ def write_files(files: list[OutputFile], root: str, bar: Progress, workers: int,
     queue = ctx.Queue()
     import signal
 
-    procs = [ctx.Process(target=_worker, args=(share, root, queue, block_bytes), daemon=True)
+    threads = max(1, default_workers() // workers)
+    procs = [ctx.Process(target=_worker, args=(share, root, queue, block_bytes, threads), daemon=True)
              for share in assign(tensor_files, workers)]
     read, running, error = 0, len(procs), None
     finished = False

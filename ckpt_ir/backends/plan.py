@@ -92,7 +92,8 @@ def tensor_memory(e: E.Expr, block_bytes: int = BLOCK_BYTES) -> int:
     parts = row_blocks(e, block_bytes)
     if len(parts) == 1:
         return working_memory(e)
-    return max(tensor_memory(p, block_bytes) for p in parts) + max(p.nbytes for p in parts)
+    evaluated = [working_memory(p) for p in parts if byte_ranges(p) is None]  # the others: kernel copies
+    return max(evaluated, default=0) + max(p.nbytes for p in parts)
 
 
 def working_memory(e: E.Expr) -> int:
@@ -104,8 +105,8 @@ def working_memory(e: E.Expr) -> int:
             total += n.nbytes
         if isinstance(n, (E.Add, E.Matmul, E.Scale)):
             total += sum(k.numel * 4 for k in n.children if k.dtype != "F32")
-        if isinstance(n, E.Cast):  # rounding's integer temporaries (ir/casts.py)
-            total += n.numel * 8
+        if isinstance(n, E.Cast):  # rounding's integer temporaries (ir/casts.py, a chunk at a time)
+            total += min(n.numel, 1 << 18) * 8
     return total
 
 
