@@ -134,21 +134,13 @@ def row_ranges(e: E.Expr, block_bytes: int) -> list[tuple[int, int]]:
     """Consecutive [lo, hi) row ranges of ``e`` whose evaluation needs about ``block_bytes`` each
     (one range for a small tensor or a scalar).
 
-    With a matmul inside, ranges start at multiples of MATMUL_ROWS and the last one takes the
-    remainder: BLAS (MKL here) then computes each block's rows with the same kernels, hence the
-    same sums, as in the whole product, where a block of a few rows alone takes another kernel
-    with another summation order (measured; tests/test_blockwise.py checks it)."""
+    With a matmul inside, ranges follow ``expr.matmul_tiles``: BLAS then computes each block's
+    rows with the same kernels, hence the same sums, as in the whole product."""
     rows = e.shape[0] if e.shape else 0
     need = working_memory(e)
     if need <= block_bytes or rows < 2:
         return [(0, rows)]
     step = max(1, block_bytes * rows // need)
     if any(isinstance(n, E.Matmul) for n in E.walk(e)):
-        step = max(MATMUL_ROWS, step - step % MATMUL_ROWS)
-        starts = list(range(0, rows - step + 1, step)) or [0]  # the last block: step to 2 * step - 1 rows
-    else:
-        starts = list(range(0, rows, step))
-    return [(lo, hi) for lo, hi in zip(starts, starts[1:] + [rows])]
-
-
-MATMUL_ROWS = 64
+        return E.matmul_tiles(rows, max(E.MATMUL_ROWS, step - step % E.MATMUL_ROWS))
+    return [(lo, min(rows, lo + step)) for lo in range(0, rows, step)]

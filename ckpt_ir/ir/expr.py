@@ -635,6 +635,8 @@ def _evaluate_math(expr: Expr, reader: Reader, out) -> None:
 
     if isinstance(expr, Cast):
         out.copy_(evaluate(expr.x, reader))
+    elif isinstance(expr, Add) and _product(expr.b) is not None:
+        _merge_by_tiles(expr.a, *_product(expr.b), reader, out)  # type: ignore[misc]
     elif isinstance(expr, Add):
         acc = _fp32_scratch(expr.b, reader, "acc")
         acc.add_(_fp32_scratch(expr.a, reader, "addend"))  # a + b: IEEE addition commutes bit for bit
@@ -645,6 +647,49 @@ def _evaluate_math(expr: Expr, reader: Reader, out) -> None:
         torch.mul(_fp32(expr.x, reader), expr.factor, out=out)
     else:
         raise TypeError(f"cannot evaluate {type(expr).__name__}")
+
+
+# rows of a matmul computed by one BLAS call: the whole product's rows come out bit for bit the
+# same when the calls start at multiples of this and the last one takes the remainder (a lone
+# call on 1-3 rows takes another kernel; measured with MKL, tests/test_blockwise.py checks it)
+MATMUL_ROWS = 64
+
+
+def matmul_tiles(rows: int, step: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of ``step`` rows (a multiple of MATMUL_ROWS), the last one taking the
+    remainder (``step`` to ``2 * step - 1`` rows)."""
+    starts = list(range(0, rows - step + 1, step)) or [0]
+    return list(zip(starts, starts[1:] + [rows]))
+
+
+def _product(e: Expr) -> tuple[Expr, Expr, float | None] | None:
+    """(B, A, factor) when ``e`` is ``B @ A`` or ``(B @ A) * factor``, else None."""
+    factor = None
+    if isinstance(e, Scale):
+        e, factor = e.x, e.factor
+    return (e.a, e.b, factor) if isinstance(e, Matmul) else None
+
+
+def _merge_by_tiles(w: Expr, b: Expr, a: Expr, factor: float | None, reader: Reader, out) -> None:
+    """``out = W + factor * (B @ A)`` (a LoRA merge) a tile of MATMUL_ROWS rows at a time: the
+    tile's fp32 temporaries stay in the CPU's cache instead of making five passes over the block
+    in memory.  Same operations, in the same order, as whole tensors."""
+    import numpy as np
+    import torch
+
+    weight = to_torch_tensor(evaluate_raw(w, reader, scratch="addend-raw"), w.dtype)
+    bf, af = _fp32(b, reader), _fp32(a, reader)
+    cols = math.prod(w.shape[1:])
+    tile = 2 * MATMUL_ROWS * cols
+    acc_buf, w32_buf = (to_torch_tensor(np.frombuffer(reader.scratch(tile * 4, slot), dtype=np.int32), "F32")
+                        for slot in ("acc", "addend"))
+    for lo, hi in matmul_tiles(w.shape[0], MATMUL_ROWS):
+        acc, w32 = acc_buf[: (hi - lo) * cols].view(hi - lo, -1), w32_buf[: (hi - lo) * cols].view(hi - lo, -1)
+        torch.mm(bf[lo:hi], af, out=acc)
+        if factor is not None:
+            acc.mul_(factor)
+        acc.add_(w32.copy_(weight[lo:hi].reshape(hi - lo, -1)))  # a + b: IEEE addition commutes bit for bit
+        out[lo:hi].view(hi - lo, -1).copy_(acc)
 
 
 def _fp32_scratch(expr: Expr, reader: Reader, slot: str):
