@@ -56,6 +56,7 @@ class TensorWriter:
         self.reader, self.progress, self.copier = reader, progress, Copier()
         self.block_bytes = block_bytes
         self._compute = None
+        self._torch_started = False
 
     def __call__(self, expr: E.Expr, fd: int, pos: int) -> int:
         """Write ``expr`` at ``pos``; returns the bytes written."""
@@ -81,6 +82,9 @@ class TensorWriter:
             from concurrent.futures import ThreadPoolExecutor
 
             self._compute = ThreadPoolExecutor(1, thread_name_prefix="compute")
+        if not self._torch_started and E.needs_torch(blocks[0]):
+            E.start_torch()
+            self._torch_started = True
 
         def produce(i: int):  # two result buffers: block i is written while block i + 1 is computed
             ranges = byte_ranges(blocks[i])
