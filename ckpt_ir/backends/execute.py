@@ -78,6 +78,10 @@ class TensorWriter:
         from ckpt_ir.io.ranges import byte_ranges
         from ckpt_ir.io.safetensors import write_at
 
+        if len(blocks) == 1:  # nothing to overlap: no hand-off to the helper thread
+            n = write_at(fd, tensor_bytes(blocks[0], self.reader), pos)
+            self.progress.advance(n)
+            return n
         if self._compute is None:
             from concurrent.futures import ThreadPoolExecutor
 

@@ -620,7 +620,10 @@ def evaluate_raw(expr: Expr, reader: Reader, *, scratch: str | None = None):
 
     out = result()
     if isinstance(expr, Cast) and casts.supported(expr.x.dtype, expr.to):  # without torch (see casts)
-        casts.cast(evaluate_raw(expr.x, reader), expr.x.dtype, expr.to, out)
+        # the input in a reused buffer too: one per slot name without its trailing digit (the
+        # writers alternate "block0" and "block1" results but evaluate one block at a time)
+        inputs = scratch and scratch.rstrip("0123456789") + "-input"
+        casts.cast(evaluate_raw(expr.x, reader, scratch=inputs), expr.x.dtype, expr.to, out)
     else:
         _evaluate_math(expr, reader, to_torch_tensor(out, expr.dtype))
     return out
