@@ -234,6 +234,8 @@ def write_files(files: list[OutputFile], root: str, bar: Progress, workers: int,
             for f in files:
                 write_file(f, root, reader, bar, block_bytes)
             return reader.bytes_read
+    if any(E.needs_torch(e) for f in tensor_files for _, e in f.tensors):
+        import torch  # noqa: F401  once, here: the forked workers share it (an import costs seconds of CPU)
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
