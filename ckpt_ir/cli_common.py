@@ -100,7 +100,7 @@ def run_conversion(src: Any, target: Any, args: argparse.Namespace, load_options
                         announce=None if quiet or args.dry_run else
                         lambda p: print(f"pipeline: {p}", file=sys.stderr))
     if args.dry_run:
-        print_plan(result.plan, result.pipeline)
+        print_plan(result.plan, result.pipeline, getattr(args, "workers", None), getattr(args, "max_memory", None))
         return 0
     if not quiet:
         stats = result.stats or {}
@@ -110,7 +110,8 @@ def run_conversion(src: Any, target: Any, args: argparse.Namespace, load_options
     return 0
 
 
-def print_plan(plan: Any, pipeline: Any) -> None:
+def print_plan(plan: Any, pipeline: Any, workers: int | None = None, max_memory: int | None = None) -> None:
+    from ckpt_ir.backends.execute import memory_plan
     from ckpt_ir.ir.printer import describe
 
     print(f"pipeline: {pipeline}")
@@ -120,5 +121,7 @@ def print_plan(plan: Any, pipeline: Any) -> None:
             print(f"    {name}  {'x'.join(map(str, e.shape))} {e.dtype}  {e.nbytes} B  <- {describe(e)}")
     for key, why in plan.dropped.items():
         print(f"dropped: {key}: {why}")
+    writers, block, need = memory_plan(plan, workers, max_memory)
     print(f"total: {plan.nbytes} bytes to write, {plan.bytes_to_read} bytes to read, "
-          f"estimated peak memory {plan.peak_memory} bytes")
+          f"estimated peak memory {need * writers} bytes ({writers} writer{'s' * (writers > 1)} of at most {need} "
+          f"bytes each; computed tensors in row blocks of {block} bytes)")

@@ -374,7 +374,7 @@ def _crc_of(fd: int, start: int, size: int) -> int:
     if size == 0:
         return 0
     page = mmap.ALLOCATIONGRANULARITY
-    crc, pos, chunk = 0, start, 256 << 20
+    crc, pos, chunk = 0, start, 4 << 20  # mapped pages count as resident: map a little at a time
     while pos < start + size:
         n = min(chunk, start + size - pos)
         lo = pos - pos % page  # mappings start on a page boundary
