@@ -243,11 +243,14 @@ def build_args(spec: ModelSpec, layout: Layout, hf_config: dict[str, Any] | None
 
 
 def int_list(value: Any) -> tuple[int, ...] | None:
-    """Megatron/MindSpeed store layer lists as '2,6', '[2, 6]', a list, or None."""
+    """Megatron/MindSpeed store layer lists as '2,6', '[2, 6]', a list, a set (MindSpeed's
+    argument validation turns ``noop_layers`` into one), or None."""
     if value is None or value == "":
         return None
+    if isinstance(value, (set, frozenset)):
+        value = sorted(value)
     if isinstance(value, (list, tuple)):
-        return tuple(int(v) for v in value)
+        return tuple(int(v) for v in value) or None
     text = str(value).strip().strip("[]")
     return tuple(int(v) for v in re.split(r"[,\s]+", text) if v) or None
 

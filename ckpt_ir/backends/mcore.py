@@ -18,6 +18,7 @@ from ckpt_ir.backends.plan import OutputFile, Plan
 from ckpt_ir.errors import VerifyError
 from ckpt_ir.families import by_name
 from ckpt_ir.frontends import distopt
+from ckpt_ir.io import torchzip
 from ckpt_ir.io.safe_pickle import TORCH_DTYPES, TorchDtype
 from ckpt_ir.io.torchzip import Tensor
 from ckpt_ir.ir import expr as E
@@ -260,13 +261,8 @@ _TORCH_NAME = {ir: name for name, ir in TORCH_DTYPES.items() if name not in ("fl
 
 
 def _writable(obj) -> bool:
-    """Plain values, tensors and numpy arrays can be written back; stand-ins for unknown classes cannot."""
-    if isinstance(obj, dict):
-        return all(_writable(k) and _writable(v) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return all(_writable(v) for v in obj)
-    return obj is None or isinstance(obj, (bool, int, float, str, bytes, TorchDtype, E.Expr)) \
-        or type(obj).__module__ == "numpy"
+    """Values ckpt-ir's writer can put back (plain values, Megatron stubs, tensors, numpy arrays)."""
+    return torchzip.writable(obj, lambda v: isinstance(v, E.Expr))
 
 
 def _placeholders(obj, uid: str, tensors: list[tuple[str, E.Expr]]):
