@@ -190,8 +190,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     for mod in args.plugin:
         load_plugin(mod)
-    from ckpt_ir.io.atomic import check_destination
+    from ckpt_ir.io.atomic import check_apart, check_destination
 
+    check_apart(args.dst, {"SRC": args.src, "--hf-config": args.hf_config, "--lora-load": args.lora_load})
     if not args.dry_run:
         check_destination(args.dst, args.overwrite)
     target = ck.Target(to=args.to, dtype=args.dtype, tp=args.tp, pp=args.pp, vpp_layers=args.vpp_layers,

@@ -116,8 +116,11 @@ def run(args: argparse.Namespace) -> int:
     target = attrs.evolve(target, lora_rank=args.lora_r, lora_alpha=args.lora_alpha,
                           lora_targets=tuple(args.lora_target_modules), shared_copies="drop")
     hf_config = read_config(hf_cfg_dir) if (hf_cfg_dir and args.load_model_type in ("mg", "optim")) else None
-    from ckpt_ir.io.atomic import check_destination
+    from ckpt_ir.io.atomic import check_apart, check_destination
 
+    into_hf_dir = save_dir != args.save_dir  # <save-dir>/mg2hf inside the HF directory is MindSpeed's convention
+    check_apart(save_dir, {"--load-dir": args.load_dir, "--lora-load": args.lora_load,
+                           "--hf-cfg-dir": None if into_hf_dir and hf_cfg_dir == args.save_dir else hf_cfg_dir})
     if not args.dry_run:
         check_destination(save_dir, args.overwrite)
     src = ck.load(args.load_dir, allow_unused=tuple(args.allow_unused), hf_config=hf_config,

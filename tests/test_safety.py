@@ -304,6 +304,47 @@ def test_mcore_source_unchanged(mcore_src, dst, tmp_path, case):
     assert tree_digest(mcore_src) == before
 
 
+def _with_side_files(src: Path) -> Path:
+    (src / "README.md").write_text("model card\n")
+    (src / "modeling_custom.py").write_text("# remote code\n")
+    return src
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("where", ["same", "inside", "contains", "same_via_symlink"])
+@pytest.mark.parametrize("command", ["convert", "convert-ckpt"])
+def test_destination_overlapping_the_source_is_refused(hf_src, tmp_path, where, overwrite, command):
+    """DST equal to SRC, inside it or containing it: exit 2 before anything happens, SRC byte-identical
+    (the in-place `convert X X --to hf --dtype fp16 --overwrite` once deleted README.md and *.py)."""
+    src = _with_side_files(hf_src)
+    dst = {"same": src, "inside": src / "out", "contains": tmp_path, "same_via_symlink": tmp_path / "link"}[where]
+    if where == "same_via_symlink":
+        dst.symlink_to(src)
+    before = tree_digest(src)
+    if command == "convert":
+        res = cli("convert", src, dst, "--to", "hf", "--dtype", "fp16", *(["--overwrite"] if overwrite else []))
+    else:
+        res = cli("convert-ckpt", "--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", src,
+                  "--save-dir", dst, *(["--overwrite"] if overwrite else []))
+    msg = assert_clean_error(res, None, code=2, names=(str(src),))
+    assert "destination" in msg
+    assert tree_digest(src) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["src"] + (["link"] if where == "same_via_symlink" else []))
+    assert not list(tmp_path.rglob(f".*{TMP_TAG}*"))
+
+
+def test_destination_overlapping_other_inputs_is_refused(mcore_src, tiny_hf, tmp_path):
+    """--hf-config and --lora-load directories are inputs too."""
+    cfg = Path(shutil.copytree(tiny_hf, tmp_path / "cfg"))
+    before = tree_digest(cfg)
+    msg = assert_clean_error(convert(mcore_src, cfg, "--hf-config", cfg, "--overwrite", to="hf"), None, code=2,
+                             names=("--hf-config",))
+    assert tree_digest(cfg) == before
+    msg = assert_clean_error(convert(mcore_src, tmp_path / "lora" / "out", "--lora-load", tmp_path / "lora", to="hf"),
+                             None, code=2, names=("--lora-load",))
+    assert "inside" in msg
+
+
 # ---------------------------------------------------------------------------------------------
 # 11. killed mid-write: nothing at DST, the next run cleans up and succeeds
 

@@ -30,6 +30,26 @@ def check_destination(dst: str, overwrite: bool) -> None:
         raise CkptIrError(f"{parent}: not writable; choose a destination you can write to")
 
 
+def check_apart(dst: str, sources: dict[str, str | None]) -> None:
+    """Refuse a destination that is one of the inputs (``{flag: path}``, e.g. SRC, --hf-config),
+    lies inside one, or contains one: replacing it would delete or change the input."""
+    out = os.path.realpath(dst)
+    for flag, path in sources.items():
+        if not path:
+            continue
+        src = os.path.realpath(path)
+        if os.path.isfile(src):  # a single weight file: its directory is the input
+            src = os.path.dirname(src)
+        how = "is" if out == src else "is inside" if _below(out, src) else "contains" if _below(src, out) else None
+        if how:
+            raise UsageError(f"{dst}: the destination {how} {flag} {path}; writing there would replace the input; "
+                             f"choose a destination outside it")
+
+
+def _below(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root and path != root
+
+
 def check_free_space(dst: str, nbytes: int) -> None:
     parent = os.path.dirname(os.path.abspath(dst)) or "."
     free = shutil.disk_usage(parent).free
