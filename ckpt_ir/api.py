@@ -20,7 +20,8 @@ from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.passes.manager import Instrumentation, PassManager, Pipeline, parse_pipeline
 from ckpt_ir.passes.vocab import padded_size
 
-__all__ = ["Target", "load", "attach_lora", "derive_pipeline", "run", "plan", "save", "parse_pipeline"]
+__all__ = ["Target", "load", "attach_lora", "derive_pipeline", "run", "plan", "save", "parse_pipeline",
+           "summarize_dropped"]
 
 
 @attrs.frozen(kw_only=True)
@@ -172,6 +173,8 @@ def plan(ckpt: Checkpoint, target: Target) -> Plan:
     if ckpt.states and not target.carries_optimizer:
         why = "optimizer state: only a Megatron target carries it" if target.optimizer else "--no-optimizer"
         ckpt = attrs.evolve(ckpt, states={}, dropped={**ckpt.dropped, "optimizer state": why})
+    if target.to != "mcore":
+        ckpt = _drop_training_state(ckpt)
     if target.to == "peft":
         from ckpt_ir.backends import peft
         from ckpt_ir.passes.lora import apply_lora_options
@@ -189,6 +192,30 @@ def plan(ckpt: Checkpoint, target: Target) -> Plan:
     if target.norm_names and ckpt.layout.norm_names != target.norm_names:
         ckpt = attrs.evolve(ckpt, layout=attrs.evolve(ckpt.layout, norm_names=target.norm_names))
     return mcore.plan(ckpt, shared_copies=target.shared_copies, dp=target.dp)
+
+
+def _drop_training_state(ckpt: Checkpoint) -> Checkpoint:
+    """An HF / PEFT target has no place for a Megatron run's training state: record what is left."""
+    training = ckpt.meta.get("training") or {}
+    present = [what for key, what in (("opt_param_scheduler", "learning-rate scheduler"),
+                                      ("num_floating_point_operations_so_far", "FLOP counter"),
+                                      ("args", "training args"))
+               if training.get(key) is not None]
+    if any(v is not None for v in (training.get("rng_state") or {}).values()):
+        present.append("RNG state")
+    if not present:
+        return ckpt
+    why = f"{', '.join(present)} of the Megatron run: an HF checkpoint has no place for them (convert to mcore to keep them)"
+    return attrs.evolve(ckpt, dropped={**ckpt.dropped, "training state": why})
+
+
+def summarize_dropped(dropped: dict[str, str]) -> list[str]:
+    """One line per kind of thing dropped (same reason), with a count and an example."""
+    kinds: dict[str, list[str]] = {}
+    for key, why in dropped.items():
+        kinds.setdefault(why, []).append(key)
+    return [f"dropped: {keys[0]}" + (f" and {len(keys) - 1} more like it" if len(keys) > 1 else "") + f": {why}"
+            for why, keys in kinds.items()]
 
 
 def save(ckpt: Checkpoint, dst: str, target: Target, *, overwrite: bool = False, progress: bool = False,

@@ -243,6 +243,8 @@ def run_conversion(src, target, args: argparse.Namespace) -> int:
         gb = stats["bytes_written"] / 1e9
         print(f"wrote {args.dst}: {len(plan.files)} files, {gb:.3f} GB in {stats['seconds']:.1f}s "
               f"({gb / max(stats['seconds'], 1e-9):.2f} GB/s)", file=sys.stderr)
+        for line in ck.summarize_dropped(plan.dropped):  # what the output lacks, and why (as inspect lists it)
+            print(line, file=sys.stderr)
     return 0
 
 

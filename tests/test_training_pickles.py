@@ -39,7 +39,8 @@ def mindspeed_training_args(base: dict) -> argparse.Namespace:
         "tokenizer_type": "PretrainedFromHF", "tokenizer_name_or_path": "/models/llama-tiny", "seq_length": 64,
         "consumed_train_samples": 4096, "consumed_valid_samples": 128, "skipped_train_samples": 0, "train_iters": 2000,
         "lr": 1.25e-6, "min_lr": 1.25e-7, "lr_decay_style": "cosine", "lr_warmup_fraction": 0.01, "seed": 1234,
-        "rampup_batch_size": None, "split": "969,30,1", "world_size": 8, "rank": 0, "local_rank": 0,
+        "rampup_batch_size": None, "split": "969,30,1", "world_size": 8, "data_parallel_size": 4, "rank": 0,
+        "local_rank": 0,
         "make_vocab_size_divisible_by": 1, "use_fused_rmsnorm": True, "swap_attention": False, "shape_order": "SBH",
         "prompt_type": "llama2", "recompute_method": None, "moe_alltoall_overlap_comm": False,
         "context_parallel_algo": "ulysses_cp_algo", "optimization_level": 2, "tokenizer_kwargs": None,
@@ -150,6 +151,31 @@ def test_rank_files_of_every_protocol_and_serialisation(noop_mcore, tmp_path, ki
     assert cli_main(["inspect", str(ckpt), *extra]) == 0
     if kind == "mindspeed":
         assert cli_main(["diff", str(ckpt), str(out)]) == 0
+
+
+def test_training_args_are_carried_through_a_reshard(noop_mcore, tmp_path):
+    """mcore -> mcore keeps every args field (Megatron's enums, sets, paths, devices written back as
+    they were) except the layout fields it changes; the scheduler travels without optimizer state."""
+    _, src, _ = noop_mcore
+    ckpt = tmp_path / "ckpt"
+    _rewrite_ranks(src, ckpt, "mindspeed", 2, False)
+    out = tmp_path / "tp1"
+    assert cli_main(["convert", str(ckpt), str(out), "--to", "mcore", "--tp", "1", "--quiet"]) == 0
+    got = torch.load(out / MCORE_ITER / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
+    want = torch.load(ckpt / MCORE_ITER / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
+    a, b = vars(got["args"]), vars(want["args"])
+    assert {k for k in b if a.get(k) != b[k]} == {"tensor_model_parallel_size", "num_layers", "noop_layers",
+                                                  "world_size"}
+    assert a["noop_layers"] is None and a["num_layers"] == 2 and a["world_size"] == 4  # 8 ranks of TP 2 -> TP 1
+    assert a["model_type"] is ModelType.encoder_or_decoder and a["attention_backend"] is AttnBackend.auto
+    assert a["exit_signal"] is signal.SIGTERM and a["device"] == torch.device("cuda", 3)
+    assert a["save"] == pathlib.PosixPath("/ckpt/llama-tiny") and a["kept_frozen"] == frozenset({3})
+    assert got["opt_param_scheduler"] == want["opt_param_scheduler"]
+    kept = tmp_path / "tp1_noop"  # the no-op layers kept: args say so in ckpt-ir's string form
+    assert cli_main(["convert", str(ckpt), str(kept), "--to", "mcore", "--tp", "1", "--noop-layers", "1,2",
+                     "--quiet"]) == 0
+    args = torch.load(kept / MCORE_ITER / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)["args"]
+    assert args.noop_layers == "1,2" and args.num_layers == 4
 
 
 def test_legacy_rank_file_offsets_are_exact(noop_mcore, tmp_path):

@@ -67,6 +67,13 @@ def _iteration_dir(path: str) -> tuple[str, Any]:
     return os.path.join(path, iters[0]), it
 
 
+def _all_args(args: Any) -> dict[str, Any]:
+    """Every field of the source's args, Megatron enums and config objects (stubs) included: an
+    mcore target carries them (see :func:`ckpt_ir.mcore_format.build_args`)."""
+    d = args if isinstance(args, dict) else vars(args) if hasattr(args, "__dict__") else {}
+    return {k: v for k, v in d.items() if isinstance(k, str)}
+
+
 def _args_dict(args: Any, where: str) -> dict[str, Any]:
     if args is None:
         raise FormatError(f"{where}: checkpoint has no 'args'; ckpt-ir needs them to know the model and layout")
@@ -210,7 +217,8 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     dropped: dict[str, str] = {}
     unknown: list[str] = []
     te_norms = te_fc1 = False
-    opt_meta: dict[str, Any] = {"rng_state": {}}
+    opt_meta: dict[str, Any] = {}
+    training: dict[str, Any] = {"rng_state": {}, "source_layout": (tp, pp, ep), "args": _all_args(first.obj.get("args"))}
     for (t, p, e), f in sorted(ranks.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
         z = first if f == first.path else TorchZip(f)
         rel = os.path.relpath(f, path)
@@ -261,17 +269,18 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
             for key in sd if isinstance(sd, dict) else ():
                 if key.endswith(M.EXTRA_STATE):
                     dropped[f"{rel}:{ck}.{key}"] = "Transformer-Engine _extra_state (FP8 metadata)"
+        # training state besides the optimizer's travels whether or not the optimizer state does
+        training["rng_state"][(t, p, e)] = with_exprs(z.obj.get("rng_state"), z, "rng_state")
+        if f == first.path:
+            for key in ("opt_param_scheduler", "num_floating_point_operations_so_far"):
+                training[key] = with_exprs(z.obj.get(key), z, key)
         if carry:
-            opt_meta["rng_state"][(t, p, e)] = with_exprs(z.obj.get("rng_state"), z, "rng_state")
             if f == first.path:
-                for key in ("optimizer", "opt_param_scheduler", "num_floating_point_operations_so_far"):
-                    opt_meta[key] = with_exprs(z.obj.get(key), z, key)
+                opt_meta["optimizer"] = with_exprs(z.obj.get("optimizer"), z, "optimizer")
             continue
-        for key, why in (("optimizer", "optimizer settings"), ("opt_param_scheduler", "learning-rate scheduler"),
-                         ("rng_state", "random-number-generator state")):
-            if z.obj.get(key) is not None:
-                dropped[f"{rel}:{key}"] = f"{why}: training state; carried only with the optimizer state " \
-                                          f"to a Megatron target"
+        if z.obj.get("optimizer") is not None:
+            dropped[f"{rel}:optimizer"] = "optimizer settings: carried only with the distributed-optimizer state " \
+                                          "to a Megatron target"
         if has_state[f] and weights_from != "master":
             dropped[os.path.join(os.path.dirname(rel), "distrib_optim.pt")] = (
                 "distributed-optimizer state of LoRA adapters: not carried (ckpt-ir carries full-model state)"
@@ -308,7 +317,7 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
         spec = _evolve(spec, lora_rank=lora_a[0].shape[0], lora_alpha=float(alpha) if alpha is not None else None)
     layout = _evolve(layout, norm_names="te" if te_fc1 else "te-input" if te_norms else "local")
     ordered = dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0])))
-    meta: dict[str, Any] = {"iteration": iteration if iteration != "release" else 1, "args": args}
+    meta: dict[str, Any] = {"iteration": iteration if iteration != "release" else 1, "args": args, "training": training}
     if sets:
         meta["optimizer"] = {**opt_meta, "source_layout": (tp, pp, ep), **distopt.training_args(opt_args)}
     return Checkpoint(spec=spec, layout=layout, tensors=ordered, dropped=dropped, hf_config=cfg, source=path,

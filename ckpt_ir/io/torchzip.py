@@ -298,6 +298,8 @@ def _pickle(obj: Any, tensors: list[Tensor]) -> bytes:
             call("builtins", type(v).__name__, (sorted(v, key=repr),))
         elif isinstance(v, slice):
             call("builtins", "slice", (v.start, v.stop, v.step))
+        elif isinstance(v, range):
+            call("builtins", "range", (v.start, v.stop, v.step))
         elif isinstance(v, complex):
             call("builtins", "complex", (v.real, v.imag))
         elif isinstance(v, bytearray):
@@ -328,7 +330,7 @@ def _pickle(obj: Any, tensors: list[Tensor]) -> bytes:
     return bytes(out)
 
 
-_LEAVES = (type(None), bool, int, float, complex, str, bytes, bytearray, slice, io.BytesIO, pathlib.PurePath, enum.Enum,
+_LEAVES = (type(None), bool, int, float, complex, str, bytes, bytearray, slice, range, io.BytesIO, pathlib.PurePath, enum.Enum,
            TorchDtype, TorchDevice, Tensor)
 
 
