@@ -173,6 +173,16 @@ def plan(ckpt: Checkpoint, target: Target) -> Plan:
     if ckpt.states and not target.carries_optimizer:
         why = "optimizer state: only a Megatron target carries it" if target.optimizer else "--no-optimizer"
         ckpt = attrs.evolve(ckpt, states={}, dropped={**ckpt.dropped, "optimizer state": why})
+    out = _plan(ckpt, target)
+    notes = ckpt.meta.get("notes")
+    if notes:  # what the user chose on purpose, kept with the output (e.g. --replicas take-rank0)
+        from ckpt_ir.backends.plan import NOTES_FILE, OutputFile
+
+        out = attrs.evolve(out, files=(*out.files, OutputFile(NOTES_FILE, "text", text="\n".join(notes) + "\n")))
+    return out
+
+
+def _plan(ckpt: Checkpoint, target: Target) -> Plan:
     if target.to != "mcore":
         ckpt = _drop_training_state(ckpt)
     if target.to == "peft":

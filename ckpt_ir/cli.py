@@ -56,6 +56,15 @@ def add_ir_flags(p: argparse.ArgumentParser) -> None:
                    "user passes (repeatable)")
     g.add_argument("--allow-unused", metavar="PATTERN", action="append", default=[],
                    help="drop source tensors matching this glob on purpose instead of failing (repeatable)")
+    add_replicas_flag(g)
+
+
+def add_replicas_flag(p) -> None:
+    p.add_argument("--replicas", choices=("check", "check-all", "take-rank0"), default="check",
+                   help="Megatron source: compare the rank files' copies of replicated tensors (norms, routers, "
+                   "biases; an error names a tensor whose copies differ): check those up to 1 MiB (default), "
+                   "check-all (also large ones, e.g. dense weights repeated in every EP rank's file), or "
+                   "take-rank0: keep the first rank's copy without comparing (recorded in the output's notes)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--format", choices=("text", "json", "dot"), default="text")
     i.add_argument("--allow-unused", metavar="PATTERN", action="append", default=[])
+    add_replicas_flag(i)
     i.add_argument("--hf-config", metavar="DIR", help="HF config.json describing a Megatron checkpoint whose args "
                    "do not (plain Megatron-LM args)")
     i.add_argument("--weights-from", choices=("model", "master"), default="model",
@@ -208,7 +218,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     hf_cfg = read_config(args.hf_config) if args.hf_config and detect(args.src) in ("mcore", "torch_dist") else None
     layout = {"dp": args.source_dp, "bucket_size": args.source_bucket_size, "align": args.source_param_align}
     src = ck.load(args.src, allow_unused=tuple(args.allow_unused), hf_config=hf_cfg, weights_from=args.weights_from,
-                  optimizer=target.carries_optimizer and not args.lora_load, optimizer_layout=layout)
+                  optimizer=target.carries_optimizer and not args.lora_load, optimizer_layout=layout,
+                  replicas=args.replicas)
     if args.lora_load:
         src = ck.attach_lora(src, args.lora_load)
     elif args.to == "peft" and src.spec.lora_rank is None:
@@ -245,6 +256,10 @@ def run_conversion(src, target, args: argparse.Namespace) -> int:
               f"({gb / max(stats['seconds'], 1e-9):.2f} GB/s)", file=sys.stderr)
         for line in ck.summarize_dropped(plan.dropped):  # what the output lacks, and why (as inspect lists it)
             print(line, file=sys.stderr)
+        from ckpt_ir.backends.plan import NOTES_FILE
+
+        for note in out.meta.get("notes", ()):
+            print(f"note: {note} (recorded in {NOTES_FILE})", file=sys.stderr)
     return 0
 
 
@@ -269,7 +284,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     hf_cfg = read_config(args.hf_config) if args.hf_config else None
     ckpt = ck.load(args.path, allow_unused=tuple(args.allow_unused), hf_config=hf_cfg, weights_from=args.weights_from,
-                   optimizer=args.optimizer)
+                   optimizer=args.optimizer, replicas=args.replicas)
     sys.stdout.write(render(ckpt, args.format))
     return 0
 

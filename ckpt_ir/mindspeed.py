@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.dry_run:
         check_destination(save_dir, args.overwrite)
     src = ck.load(args.load_dir, allow_unused=tuple(args.allow_unused), hf_config=hf_config,
-                  family=args.model_type_hf, optimizer=args.load_model_type == "optim")
+                  family=args.model_type_hf, optimizer=args.load_model_type == "optim", replicas=args.replicas)
     if args.load_model_type == "optim" and not src.states:
         raise UsageError(f"convert-ckpt --load-model-type optim: {args.load_dir} has no distributed-optimizer state "
                          f"(distrib_optim.pt)")

@@ -734,3 +734,52 @@ def test_fuzz_megatron_args_values(tiny_mcore):
             convert_in_process(src, Path(tmp) / "out", Target(to="hf"))
 
     check()
+
+
+# ---------------------------------------------------------------------------------------------
+# 13. replicated tensors are compared across rank files
+
+
+def _drift_norm(mcore_src: Path, rank: str = "mp_rank_01_000") -> Path:
+    import torch
+
+    f = mcore_src / MCORE_ITER / rank / "model_optim_rng.pt"
+    obj = torch.load(f, weights_only=False)
+    obj["model"]["decoder.layers.0.input_layernorm.weight"] += 0.02  # what real runs drift by
+    torch.save(obj, f)
+    return f
+
+
+def test_drifted_replica_is_refused_naming_tensor_and_ranks(mcore_src, dst):
+    _drift_norm(mcore_src)
+    msg = assert_clean_error(convert(mcore_src, dst, to="hf"), dst,
+                             names=("layers.0.attn_norm.weight", "mp_rank_00_000", "mp_rank_01_000",
+                                    "--replicas take-rank0"))
+    assert "differs" in msg
+    assert_clean_error(cli("inspect", mcore_src), None, names=("layers.0.attn_norm.weight",))
+
+
+def test_take_rank0_keeps_the_first_copy_and_notes_it(mcore_src, dst):
+    import torch
+    from safetensors.torch import load_file
+
+    _drift_norm(mcore_src)
+    res = convert(mcore_src, dst, "--replicas", "take-rank0", to="hf")
+    assert_ok(res)
+    assert "note: replicated tensors" in res.stderr
+    assert "--replicas take-rank0" in (dst / "ckpt-ir-notes.txt").read_text()
+    rank0 = torch.load(mcore_src / MCORE_ITER / "mp_rank_00_000" / "model_optim_rng.pt", weights_only=False)
+    assert torch.equal(load_file(str(dst / "model.safetensors"))["model.layers.0.input_layernorm.weight"],
+                       rank0["model"]["decoder.layers.0.input_layernorm.weight"])
+
+
+def test_large_replicas_are_compared_with_check_all(mcore_src, monkeypatch):
+    import ckpt_ir.api as ck
+    from ckpt_ir.errors import FormatError
+    from ckpt_ir.frontends import mcore
+
+    _drift_norm(mcore_src)
+    monkeypatch.setattr(mcore, "REPLICA_CHECK_BYTES", 0)  # every replica counts as large
+    ck.load(str(mcore_src))  # the default compares only small ones
+    with pytest.raises(FormatError, match="layers.0.attn_norm.weight"):
+        ck.load(str(mcore_src), replicas="check-all")

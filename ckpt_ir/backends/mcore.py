@@ -9,6 +9,7 @@ transpose of expert e's fc1 shard, ``weight2`` is (E_loc, F/T, H) viewed as [E_l
 from __future__ import annotations
 
 import copy
+import os
 from collections import defaultdict
 
 import attrs
@@ -151,6 +152,11 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None, shared_copies: str =
                 files.append(optim.file(f"{rank_dir}/distrib_optim.pt", chunk_entries, stage, rank, ep))
             files.append(OutputFile(f"{rank_dir}/model_optim_rng.pt", "torch", tuple(tensors), obj=obj))
     files.append(OutputFile("latest_checkpointed_iteration.txt", "text", text=str(it)))
+    from ckpt_ir.frontends.hf import MCORE_HF_DIR
+
+    # the HF side files (tokenizer, generation config, chat template, remote code, config.json):
+    # Megatron ignores the folder; an HF export restores them
+    files.extend(OutputFile(f"{MCORE_HF_DIR}/{os.path.basename(f)}", "copy", source=f) for f in ckpt.aux_files)
     copies = tuple(_shared_copies(ckpt))
     dropped = {**ckpt.dropped, **training.dropped}
     if optim is not None:

@@ -28,10 +28,11 @@ def detect(path: str) -> str:
 
 def load(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, Any] | None = None,
          weights_from: str = "model", family: str | None = None, optimizer: bool = False,
-         optimizer_layout: dict[str, int | None] | None = None) -> Checkpoint:
+         optimizer_layout: dict[str, int | None] | None = None, replicas: str = "check") -> Checkpoint:
     """Lift any supported checkpoint directory.  ``weights_from="master"``: a Megatron checkpoint's
     weights come from its distributed optimizer's fp32 master copies; ``optimizer=True``: lift its
-    optimizer state too (``Checkpoint.states``), when it has any."""
+    optimizer state too (``Checkpoint.states``), when it has any.  ``replicas``: how a Megatron
+    checkpoint's copies of replicated tensors are compared (``check``, ``check-all``, ``take-rank0``)."""
     fmt = detect(path)
     if weights_from != "model" and fmt not in ("mcore", "torch_dist"):
         from ckpt_ir.errors import UsageError
@@ -50,4 +51,4 @@ def load(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     from ckpt_ir.frontends import mcore
 
     return mcore.lift(path, allow_unused=allow_unused, hf_config=hf_config, weights_from=weights_from,
-                      optimizer=optimizer, optimizer_layout=optimizer_layout)
+                      optimizer=optimizer, optimizer_layout=optimizer_layout, replicas=replicas)

@@ -25,9 +25,23 @@ from ckpt_ir.ir.names import role_of
 from ckpt_ir.ir.shapes import expected_shape
 from ckpt_ir.ir.spec import ModelSpec
 
-# side files copied next to HF output (tokenizer, generation settings, chat template)
+# side files copied next to HF output (tokenizer, generation settings, chat template, remote code)
 AUX_PATTERNS = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "vocab.json", "vocab.txt",
-                "merges.txt", "added_tokens.json", "*.model", "*.tiktoken", "chat_template.*", "preprocessor_config.json")
+                "merges.txt", "added_tokens.json", "*.model", "*.tiktoken", "chat_template.*", "preprocessor_config.json",
+                "*.py")
+TOKENIZER_PATTERNS = ("tokenizer*", "*.model", "*.tiktoken", "vocab.json", "vocab.txt")
+# where a Megatron checkpoint written by ckpt-ir keeps the HF side files (and the source's
+# config.json); Megatron reads only latest_checkpointed_iteration.txt and iter_*/, so it ignores it
+MCORE_HF_DIR = "hf"
+
+
+def side_files(path: str, config: bool = False) -> tuple[str, ...]:
+    """The HF side files in directory ``path`` (with ``config.json`` when ``config``), sorted."""
+    if not os.path.isdir(path):
+        return ()
+    pats = AUX_PATTERNS + (("config.json",) if config else ())
+    return tuple(sorted(os.path.join(path, n) for n in os.listdir(path)
+                        if any(fnmatch.fnmatch(n, p) for p in pats) and os.path.isfile(os.path.join(path, n))))
 # source tensors known to carry no information (recomputed by the model)
 DROP_RULES = (("*rotary_emb.inv_freq", "rotary inverse frequencies are recomputed from the config"),)
 
@@ -140,8 +154,7 @@ def lift(path: str, *, hf_config: dict[str, Any] | None = None, allow_unused: tu
             src = E.loads(t.expr)[0]
             raise FormatError(f"{src.path}: tensor {src.key} has shape {list(t.shape)} but config.json implies "
                               f"{list(want)}; the weights do not match the config")
-    aux = tuple(sorted(os.path.join(path, n) for n in os.listdir(path)
-                       if any(fnmatch.fnmatch(n, p) for p in AUX_PATTERNS) and os.path.isfile(os.path.join(path, n))))
+    aux = side_files(path, config=hf_config is None)
     return Checkpoint(spec=spec, layout=layout, tensors=tensors, dropped=dropped, hf_config=cfg, aux_files=aux,
                       source=path)
 

@@ -20,7 +20,7 @@ from ckpt_ir import mcore_format as M
 from ckpt_ir.errors import CoverageError, FormatError
 from ckpt_ir.families import by_name, for_hf_config
 from ckpt_ir.frontends import distopt
-from ckpt_ir.frontends.hf import canonical_order
+from ckpt_ir.frontends.hf import MCORE_HF_DIR, canonical_order, side_files
 from ckpt_ir.io.safe_pickle import Stub
 from ckpt_ir.io.torchzip import TorchZip, iter_tensors, with_exprs
 from ckpt_ir.ir import expr as E
@@ -142,12 +142,16 @@ def spec_from_args(args: dict[str, Any], hf_config: dict[str, Any] | None, where
 
 def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, Any] | None = None,
          weights_from: str = "model", optimizer: bool = False,
-         optimizer_layout: dict[str, int | None] | None = None) -> Checkpoint:
+         optimizer_layout: dict[str, int | None] | None = None, replicas: str = "check") -> Checkpoint:
     """``weights_from="master"`` takes every parameter from the distributed optimizer's fp32 master
     copy (``distrib_optim.pt``) instead of the model's (e.g. bf16) weights.  ``optimizer=True``
     also lifts the distributed-optimizer state (when the checkpoint has it) into ``states``.
     ``optimizer_layout`` corrects what args say about that state's layout: ``dp``, ``bucket_size``
-    (0: one bucket) and ``align`` (elements each parameter starts on a multiple of)."""
+    (0: one bucket) and ``align`` (elements each parameter starts on a multiple of).
+    ``replicas``: how copies of a replicated tensor in several rank files are treated, see
+    :func:`check_replicas`."""
+    if replicas not in REPLICA_MODES:
+        raise ValueError(f"replicas={replicas!r}: choose one of {', '.join(REPLICA_MODES)}")
     it_dir, iteration = _iteration_dir(path)
     found: dict[tuple[int, int | None, int | None], str] = {}
     for n in sorted(os.listdir(it_dir)):
@@ -215,6 +219,9 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     # tensor set ("" = weights, else a state key) -> canonical name (layer/expert still local) -> {tp rank: expr}
     pieces: dict[str, dict[str, dict[int, E.Expr]]] = defaultdict(lambda: defaultdict(dict))
     dropped: dict[str, str] = {}
+    # replicated weights: (local canonical name, slot) -> rank directory, and further copies
+    labels: dict[tuple[str, int], str] = {}
+    copies: dict[tuple[str, int], list[tuple[str, E.Expr]]] = defaultdict(list)
     unknown: list[str] = []
     te_norms = te_fc1 = False
     opt_meta: dict[str, Any] = {}
@@ -264,8 +271,12 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                         slot = 0 if is_exp and layout.expert_tp == 1 else t
                         if slot in pieces[set_name][canon]:
                             dropped[f"{rel}:{ck}.{key}"] = "replica of the same tensor in another EP rank's file"
+                            if not set_name:
+                                copies[(canon, slot)].append((os.path.dirname(rel), expr))
                             continue
                         pieces[set_name][canon][slot] = expr
+                        if not set_name:
+                            labels[(canon, slot)] = os.path.dirname(rel)
             for key in sd if isinstance(sd, dict) else ():
                 if key.endswith(M.EXTRA_STATE):
                     dropped[f"{rel}:{ck}.{key}"] = "Transformer-Engine _extra_state (FP8 metadata)"
@@ -288,6 +299,13 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                 "distributed-optimizer state (fp32 masters, Adam moments): carried only to a Megatron target; "
                 "the model weights come from model_optim_rng.pt")
     slot_of = {(s.stage, s.chunk, s.local): s for s in layer_slots(spec, layout)}
+    for canon, shards in pieces[""].items():  # TP replicas of tensors no rule splits
+        name = _resolve_layer(canon, slot_of, path, spec.num_layers)
+        if split_rule(name) is None or (layout.expert_tp if is_expert(name) else layout.tp) == 1:
+            copies[(canon, 0)][:0] = [(labels[(canon, r)], x) for r, x in sorted(shards.items()) if r > 0]
+    notes = check_replicas({_resolve_layer(c, slot_of, path, spec.num_layers) + (f" (TP shard {t})" if t else ""):
+                            [(labels[(c, t)], pieces[""][c][t]), *more] for (c, t), more in copies.items() if more},
+                           replicas, it_dir)
     sets = {name: _assemble(set_pieces, slot_of, spec, layout, path, dropped if not name else {})
             for name, set_pieces in pieces.items()}
     tensors = sets.pop("", {})
@@ -318,10 +336,44 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     layout = _evolve(layout, norm_names="te" if te_fc1 else "te-input" if te_norms else "local")
     ordered = dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0])))
     meta: dict[str, Any] = {"iteration": iteration if iteration != "release" else 1, "args": args, "training": training}
+    if notes:
+        meta["notes"] = notes
     if sets:
         meta["optimizer"] = {**opt_meta, "source_layout": (tp, pp, ep), **distopt.training_args(opt_args)}
     return Checkpoint(spec=spec, layout=layout, tensors=ordered, dropped=dropped, hf_config=cfg, source=path,
+                      aux_files=side_files(os.path.join(path, MCORE_HF_DIR), config=True),
                       meta=meta, states={k: {n: v[n] for n in ordered if n in v} for k, v in sets.items()})
+
+
+REPLICA_MODES = ("check", "check-all", "take-rank0")
+REPLICA_CHECK_BYTES = 1 << 20  # replicas up to this size (norms, routers, biases) are always compared
+
+
+def check_replicas(copies: dict[str, list[tuple[str, E.Expr]]], mode: str, where: str) -> list[str]:
+    """Compare the copies of each replicated tensor (name -> [(rank directory, expression)], the
+    one kept first) by a hash of their bytes: ``check`` those up to REPLICA_CHECK_BYTES,
+    ``check-all`` every one; ``take-rank0`` compares nothing and returns the note to record.
+    Copies that differ (training drifted) are an error naming the tensor and the ranks."""
+    if mode == "take-rank0":
+        return [f"replicated tensors ({len(copies)}) taken from the first rank holding them without comparing the "
+                f"other ranks' copies (--replicas take-rank0)"] if copies else []
+    import hashlib
+
+    with E.Reader() as reader:
+        def digest(x: E.Expr) -> bytes:
+            return hashlib.sha256(E.evaluate_raw(x, reader).tobytes()).digest()
+
+        for name, versions in copies.items():
+            (first, kept), *others = versions
+            if mode == "check" and kept.nbytes > REPLICA_CHECK_BYTES:
+                continue
+            want = digest(kept)
+            for label, x in others:
+                if x.shape != kept.shape or x.dtype != kept.dtype or digest(x) != want:
+                    raise FormatError(f"{where}: replicated tensor {name} differs between {first} and {label} (the "
+                                      f"ranks drifted apart); pass --replicas take-rank0 to keep {first}'s copy on "
+                                      f"purpose")
+    return []
 
 
 def _assemble(pieces: dict[str, dict[int, E.Expr]], slot_of: dict, spec, layout: Layout, path: str,

@@ -31,7 +31,7 @@ import attrs
 from ckpt_ir import mcore_format as M
 from ckpt_ir.errors import CoverageError, FormatError
 from ckpt_ir.frontends import distopt
-from ckpt_ir.frontends.hf import canonical_order
+from ckpt_ir.frontends.hf import MCORE_HF_DIR, canonical_order, side_files
 from ckpt_ir.frontends.mcore import _args_dict, _canonical, _iteration_dir, spec_from_args
 from ckpt_ir.io.dcp import ChunkResolver, DcpTensor, read_metadata
 from ckpt_ir.io.torchzip import TorchZip
@@ -210,6 +210,7 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
             if common.get(key) is not None:
                 dropped[f"{COMMON}:{key}"] = f"{why}: training state; carried only with the optimizer state"
     return Checkpoint(spec=spec, layout=layout, tensors=ordered, dropped=dropped, hf_config=cfg, source=path,
+                      aux_files=side_files(os.path.join(path, MCORE_HF_DIR), config=True),
                       meta=meta, states={k: {n: v[n] for n in ordered} for k, v in sets.items()})
 
 
