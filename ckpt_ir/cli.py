@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a checkpoint to another format or layout",
                        description="Convert SRC (format auto-detected) into DST. The pipeline is derived from the "
                        "source and target layouts; --print-pipeline shows it, --pipeline replaces it.")
-    c.add_argument("src", help="source checkpoint directory (HF or Megatron-Core)")
-    c.add_argument("dst", help="destination directory (written atomically)")
+    c.add_argument("src", help="source checkpoint directory (HF or Megatron-Core), or one .safetensors file beside "
+                   "its config.json")
+    c.add_argument("dst", help="destination directory (written atomically; missing parents are created)")
     c.add_argument("--to", required=True, choices=("hf", "mcore", "peft"), help="output format (peft: a LoRA-only "
                    "adapter)")
     c.add_argument("--dtype", help="cast floating tensors to bf16, fp16 or fp32 (default: keep)")
@@ -149,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("b")
     d.add_argument("--json", action="store_true", help="machine-readable report")
     d.add_argument("--atol", type=float, default=0.0, help="treat differences up to ATOL as equal")
+    d.add_argument("--hf-config", metavar="DIR", help="HF config.json describing a Megatron side whose args do "
+                   "not (plain Megatron-LM args)")
 
     sub.add_parser("passes", help="list passes, their options and what they require/guarantee")
     sub.add_parser("models", help="list supported model families")
@@ -292,7 +295,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     from ckpt_ir.diff import diff, format_report
 
-    report = diff(args.a, args.b, atol=args.atol)
+    report = diff(args.a, args.b, atol=args.atol, hf_config=args.hf_config)
     if args.json:
         import json
 

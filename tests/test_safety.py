@@ -154,10 +154,11 @@ def test_unwritable_destination_parent(hf_src, tmp_path):
             parent.chmod(0o755)
 
 
-def test_destination_parent_missing(hf_src, tmp_path):
+def test_destination_parents_are_created(hf_src, tmp_path):
     dst = tmp_path / "no" / "such" / "dir" / "out"
-    assert_clean_error(convert(hf_src, dst), None, names=(str(tmp_path / "no" / "such" / "dir"),))
-    assert not (tmp_path / "no").exists()
+    assert_ok(convert(hf_src, dst, "--quiet"))
+    assert (dst / "latest_checkpointed_iteration.txt").is_file()
+    assert not [n for n in os.listdir(dst.parent) if TMP_TAG in n]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -783,3 +784,35 @@ def test_large_replicas_are_compared_with_check_all(mcore_src, monkeypatch):
     ck.load(str(mcore_src))  # the default compares only small ones
     with pytest.raises(FormatError, match="layers.0.attn_norm.weight"):
         ck.load(str(mcore_src), replicas="check-all")
+
+
+# ---------------------------------------------------------------------------------------------
+# 14. papercuts: a single weight file as SRC, memory-budget units, diff --hf-config
+
+
+def test_single_safetensors_file_as_source(hf_src, tmp_path):
+    one = tmp_path / "from_file"
+    assert_ok(convert(hf_src / "model.safetensors", one, "--tp", 2, "--quiet"))
+    whole = tmp_path / "from_dir"
+    assert_ok(convert(hf_src, whole, "--tp", 2, "--quiet"))
+    assert tree_digest(one) == tree_digest(whole)
+    assert_ok(cli("inspect", hf_src / "model.safetensors"))
+
+
+def test_memory_budget_error_has_sensible_units(hf_src, dst):
+    msg = assert_clean_error(convert(hf_src, dst, "--max-memory", "1KB"), dst)
+    assert "budget is 1 KB" in msg and " 0 MB" not in msg
+    assert "needs about 32.8 KB" in msg  # the embedding: 128 x 64 float32 = 32768 bytes
+
+
+def test_diff_takes_hf_config_for_plain_megatron_args(mcore_src, tiny_hf):
+    hf_src = tiny_hf  # read only
+    for rank in RANKS:
+        def strip(obj):
+            for k in [k for k in vars(obj["args"]) if k.startswith("ckpt_ir_")
+                      or k in ("model_type_hf", "model_type", "architectures")]:
+                delattr(obj["args"], k)
+        _rewrite_rank(mcore_src / MCORE_ITER / rank / "model_optim_rng.pt", strip)
+    assert_clean_error(cli("diff", mcore_src, hf_src), None, names=("--hf-config",))
+    res = cli("diff", mcore_src, hf_src, "--hf-config", hf_src)
+    assert res.returncode == 0 and "identical" in res.stdout, res.stdout + res.stderr

@@ -254,12 +254,21 @@ def default_max_memory() -> int:
     return available_memory() // 2
 
 
+def human_bytes(n: int) -> str:
+    """``1000`` -> ``1 KB``, ``1536000`` -> ``1.54 MB``: three significant digits, decimal units as
+    --max-memory takes them."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} bytes"
+
+
 def workers_for_budget(plan: Plan, workers: int, max_memory: int) -> int:
     """How many writers fit in ``max_memory``; a CkptIrError if not even one does."""
     name, need = plan.largest_tensor()
     if need > max_memory:
-        raise CkptIrError(f"tensor {name} needs about {need / 1e6:.0f} MB to produce but the memory budget is "
-                          f"{max_memory / 1e6:.0f} MB; raise --max-memory")
+        raise CkptIrError(f"tensor {name} needs about {human_bytes(need)} to produce but the memory budget is "
+                          f"{human_bytes(max_memory)}; raise --max-memory")
     return max(1, min(workers, max_memory // max(need, 1)))
 
 

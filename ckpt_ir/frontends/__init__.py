@@ -14,8 +14,10 @@ def detect(path: str) -> str:
 
     if not os.path.exists(path):
         raise FormatError(f"{path}: no such file or directory")
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        return "hf"  # one weight file; its directory holds config.json
     if not os.path.isdir(path):
-        raise FormatError(f"{path}: expected a checkpoint directory")
+        raise FormatError(f"{path}: expected a checkpoint directory (or one .safetensors file beside its config.json)")
     if hf.detect(path):
         return "hf"
     if torch_dist.detect(path):  # before mcore: both live in Megatron iter_* directories

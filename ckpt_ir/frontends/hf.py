@@ -116,7 +116,11 @@ def _file_tensors(path: str) -> dict[str, E.Load]:
 def lift(path: str, *, hf_config: dict[str, Any] | None = None, allow_unused: tuple[str, ...] = (),
          family: str | None = None) -> Checkpoint:
     """``family`` names the model family when the config's model_type does not (MindSpeed-LLM's
-    --model-type-hf); a config that names a known type still wins."""
+    --model-type-hf); a config that names a known type still wins.  ``path`` may also be one
+    ``.safetensors`` file: the config and side files come from its directory."""
+    files = None
+    if os.path.isfile(path):
+        files, path = [os.path.abspath(path)], os.path.dirname(os.path.abspath(path))
     cfg = hf_config if hf_config is not None else read_config(path)
     where = os.path.join(path, "config.json")
     try:
@@ -128,7 +132,7 @@ def lift(path: str, *, hf_config: dict[str, Any] | None = None, allow_unused: tu
 
         fam = by_name(family)
     family_obj = fam
-    files = weight_files(path)
+    files = files or weight_files(path)
     raw: dict[str, E.Load] = {}
     for f in files:
         for key, load in _file_tensors(f).items():

@@ -23,11 +23,20 @@ def check_destination(dst: str, overwrite: bool) -> None:
         raise UsageError(f"{dst}: exists and is not a directory; choose another destination")
     if os.path.isdir(dst) and os.listdir(dst) and not overwrite:
         raise UsageError(f"{dst}: destination exists and is not empty; pass --overwrite to replace it")
-    parent = os.path.dirname(dst) or "."
+    parent = existing_ancestor(dst)  # missing parents are created when the output is prepared
     if not os.path.isdir(parent):
-        raise CkptIrError(f"{parent}: parent directory of the destination does not exist; create it first")
+        raise CkptIrError(f"{parent}: not a directory, so the destination cannot be created below it; choose "
+                          f"another destination")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CkptIrError(f"{parent}: not writable; choose a destination you can write to")
+
+
+def existing_ancestor(path: str) -> str:
+    """The nearest parent of ``path`` that exists (a directory, or a file in the way)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    return parent
 
 
 def check_apart(dst: str, sources: dict[str, str | None]) -> None:
@@ -51,7 +60,7 @@ def _below(path: str, root: str) -> bool:
 
 
 def check_free_space(dst: str, nbytes: int) -> None:
-    parent = os.path.dirname(os.path.abspath(dst)) or "."
+    parent = existing_ancestor(dst)
     free = shutil.disk_usage(parent).free
     if nbytes > free:
         raise CkptIrError(f"{parent}: not enough free disk space: the output needs {nbytes / 1e9:.2f} GB, "
@@ -85,6 +94,7 @@ def prepare(dst: str, overwrite: bool, tag: str | None = None) -> str:
     dst = os.path.abspath(dst)
     check_destination(dst, overwrite)
     parent, base = os.path.split(dst)
+    os.makedirs(parent, exist_ok=True)
     _sweep_stale(parent, base)
     tmp = temp_path(dst, tag)
     shutil.rmtree(tmp, ignore_errors=True)
