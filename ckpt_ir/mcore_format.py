@@ -257,6 +257,8 @@ def build_args(spec: ModelSpec, layout: Layout, hf_config: dict[str, Any] | None
             from ckpt_ir.io.safe_pickle import TorchDtype
 
             fields["params_dtype"] = TorchDtype("bfloat16" if fields["bf16"] else "float16" if fields["fp16"] else "float32")
+        if "ckpt_format" in src:  # ckpt-ir writes the torch format, whatever the source was
+            fields["ckpt_format"] = "torch"
         dp, cp = src.get("data_parallel_size"), src.get("context_parallel_size") or 1
         if "world_size" in src and isinstance(dp, int) and isinstance(cp, int):
             fields["world_size"] = layout.tp * layout.pp * dp * cp
