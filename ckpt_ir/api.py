@@ -29,7 +29,7 @@ from ckpt_ir.passes.manager import FunctionPass, Instrumentation, Pass, PassMana
 from ckpt_ir.passes.vocab import padded_size
 
 __all__ = ["Checkpoint", "Target", "Conversion", "convert", "load", "attach_lora", "derive_pipeline", "run", "plan", "save",
-           "check_target", "parse_pipeline"]
+           "check_target", "parse_pipeline", "summarize_dropped"]
 
 
 @attrs.frozen(kw_only=True)
@@ -257,6 +257,18 @@ def plan(ckpt: Checkpoint, target: Target) -> Plan:
     if ckpt.states and not target.carries_optimizer:
         raise UsageError("the checkpoint still carries optimizer state, which this target does not take; "
                          "add drop-optimizer-state to the pipeline")
+    out = _plan(ckpt, target)
+    notes = ckpt.meta.get("notes")
+    if notes:  # what the user chose on purpose, kept with the output (e.g. --replicas take-rank0)
+        from ckpt_ir.backends.plan import NOTES_FILE, OutputFile
+
+        out = attrs.evolve(out, files=(*out.files, OutputFile(NOTES_FILE, "text", text="\n".join(notes) + "\n")))
+    return out
+
+
+def _plan(ckpt: Checkpoint, target: Target) -> Plan:
+    if target.to != "mcore":
+        ckpt = _drop_training_state(ckpt)
     if target.to == "peft":
         from ckpt_ir.backends import peft
         from ckpt_ir.passes.lora import apply_lora_options
@@ -276,6 +288,30 @@ def plan(ckpt: Checkpoint, target: Target) -> Plan:
     from ckpt_ir.backends import mcore
 
     return mcore.plan(ckpt, shared_copies=target.shared_copies, dp=target.dp)
+
+
+def _drop_training_state(ckpt: Checkpoint) -> Checkpoint:
+    """An HF / PEFT target has no place for a Megatron run's training state: record what is left."""
+    training = ckpt.meta.get("training") or {}
+    present = [what for key, what in (("opt_param_scheduler", "learning-rate scheduler"),
+                                      ("num_floating_point_operations_so_far", "FLOP counter"),
+                                      ("args", "training args"))
+               if training.get(key) is not None]
+    if any(v is not None for v in (training.get("rng_state") or {}).values()):
+        present.append("RNG state")
+    if not present:
+        return ckpt
+    why = f"{', '.join(present)} of the Megatron run: an HF checkpoint has no place for them (convert to mcore to keep them)"
+    return attrs.evolve(ckpt, dropped={**ckpt.dropped, "training state": why})
+
+
+def summarize_dropped(dropped: dict[str, str]) -> list[str]:
+    """One line per kind of thing dropped (same reason), with a count and an example."""
+    kinds: dict[str, list[str]] = {}
+    for key, why in dropped.items():
+        kinds.setdefault(why, []).append(key)
+    return [f"dropped: {keys[0]}" + (f" and {len(keys) - 1} more like it" if len(keys) > 1 else "") + f": {why}"
+            for why, keys in kinds.items()]
 
 
 def save(ckpt: Checkpoint | Plan, dst: str, target: Target | None = None, *, overwrite: bool = False,

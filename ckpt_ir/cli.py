@@ -7,7 +7,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ckpt_ir.cli_common import Parser, add_ir_flags, add_plugin_flag, int_list, load_plugins, parse_size
+from ckpt_ir.cli_common import (
+    Parser,
+    add_ir_flags,
+    add_plugin_flag,
+    add_replicas_flag,
+    int_list,
+    load_plugins,
+    parse_size,
+)
 from ckpt_ir.errors import CkptIrError
 
 
@@ -23,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a checkpoint to another format or layout",
                        description="Convert SRC (format auto-detected) into DST. The pipeline is derived from the "
                        "source and target layouts; --print-pipeline shows it, --pipeline replaces it.")
-    c.add_argument("src", help="source checkpoint directory (HF or Megatron-Core)")
-    c.add_argument("dst", help="destination directory (written atomically)")
+    c.add_argument("src", help="source checkpoint directory (HF or Megatron-Core), or one .safetensors file beside "
+                   "its config.json")
+    c.add_argument("dst", help="destination directory (written atomically; missing parents are created)")
     c.add_argument("--to", required=True, choices=("hf", "mcore", "peft"), help="output format (peft: a LoRA-only "
                    "adapter)")
     c.add_argument("--dtype", help="cast floating tensors to bf16, fp16 or fp32 (default: keep)")
@@ -86,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--format", choices=("text", "json", "dot"), default="text")
     i.add_argument("--allow-unused", metavar="PATTERN", action="append", default=[])
+    add_replicas_flag(i)
     i.add_argument("--hf-config", metavar="DIR", help="HF config.json describing a Megatron checkpoint whose args "
                    "do not (plain Megatron-LM args)")
     i.add_argument("--model-type-hf", metavar="FAMILY", help="model family of a Megatron checkpoint with plain "
@@ -103,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="machine-readable report")
     d.add_argument("--atol", type=float, default=0.0, help="treat differences up to ATOL as equal")
     add_plugin_flag(d)
+    d.add_argument("--hf-config", metavar="DIR", help="HF config.json describing a Megatron side whose args do "
+                   "not (plain Megatron-LM args)")
 
     from ckpt_ir.plan import add_parser as add_plan
     from ckpt_ir.verify import add_parser as add_verify
@@ -166,6 +178,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from ckpt_ir.ir.expr import set_math_device
 
         set_math_device(resolve_device(args.device))
+    from ckpt_ir.io.atomic import check_apart
+
+    check_apart(args.dst, {"SRC": args.src, "--hf-config": args.hf_config, "--lora-load": args.lora_load})
     target = ck.Target(to=args.to, dtype=args.dtype, tp=args.tp, pp=args.pp, vpp_layers=args.vpp_layers,
                        num_layer_list=args.num_layer_list, noop_layers=args.noop_layers,
                        vocab_divisible_by=args.make_vocab_size_divisible_by, norm_names=args.norm_names,
@@ -179,7 +194,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     layout = {"dp": args.source_dp, "bucket_size": args.source_bucket_size, "align": args.source_param_align}
     return run_conversion(args.src, target, args, {"allow_unused": tuple(args.allow_unused), "hf_config": hf_cfg,
                                                    "weights_from": args.weights_from, "optimizer_layout": layout,
-                                                   "family": args.model_type_hf})
+                                                   "family": args.model_type_hf, "replicas": args.replicas})
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -189,7 +204,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     hf_cfg = read_config(args.hf_config) if args.hf_config else None
     ckpt = ck.load(args.path, allow_unused=tuple(args.allow_unused), hf_config=hf_cfg, weights_from=args.weights_from,
-                   optimizer=args.optimizer, family=args.model_type_hf)
+                   optimizer=args.optimizer, family=args.model_type_hf, replicas=args.replicas)
     if ckpt.meta.get("family_from_args"):
         print(f"ckpt-ir: {ckpt.meta['family_from_args']}", file=sys.stderr)
     sys.stdout.write(render(ckpt, args.format))
@@ -199,7 +214,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     from ckpt_ir.diff import diff, format_report
 
-    report = diff(args.a, args.b, atol=args.atol)
+    report = diff(args.a, args.b, atol=args.atol, hf_config=args.hf_config)
     if args.json:
         import json
 

@@ -62,6 +62,15 @@ def add_ir_flags(p: argparse.ArgumentParser) -> None:
     add_plugin_flag(g)  # type: ignore[arg-type]
     g.add_argument("--allow-unused", metavar="PATTERN", action="append", default=[],
                    help="drop source tensors matching this glob on purpose instead of failing (repeatable)")
+    add_replicas_flag(g)  # type: ignore[arg-type]
+
+
+def add_replicas_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--replicas", choices=("check", "check-all", "take-rank0"), default="check",
+                   help="Megatron source: compare the rank files' copies of replicated tensors (norms, routers, "
+                   "biases; an error names a tensor whose copies differ): check those up to 1 MiB (default), "
+                   "check-all (also large ones, e.g. dense weights repeated in every EP rank's file), or "
+                   "take-rank0: keep the first rank's copy without comparing (recorded in the output's notes)")
 
 
 def load_plugins(args: argparse.Namespace) -> None:
@@ -107,6 +116,12 @@ def run_conversion(src: Any, target: Any, args: argparse.Namespace, load_options
         gb = stats["bytes_written"] / 1e9
         print(f"wrote {args.dst}: {len(result.plan.files)} files, {gb:.3f} GB in {stats['seconds']:.1f}s "
               f"({gb / max(stats['seconds'], 1e-9):.2f} GB/s)", file=sys.stderr)
+        for line in ck.summarize_dropped(result.plan.dropped):  # what the output lacks, and why
+            print(line, file=sys.stderr)
+        from ckpt_ir.backends.plan import NOTES_FILE
+
+        for note in result.output.meta.get("notes", ()):
+            print(f"note: {note} (recorded in {NOTES_FILE})", file=sys.stderr)
     return 0
 
 

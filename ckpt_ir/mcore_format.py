@@ -199,13 +199,27 @@ _NOT_HF = frozenset({
 })
 
 
-def build_args(spec: ModelSpec, layout: Layout, hf_config: dict[str, Any] | None, family_ms_name: str) -> argparse.Namespace:
+# layout fields a source may set and the target may not: reset to Megatron's default (None)
+_LAYOUT_ARGS = ("num_layer_list", "noop_layers", "num_layers_per_virtual_pipeline_stage",
+                "virtual_pipeline_model_parallel_size", "expert_tensor_parallel_size")
+_PLAIN = (int, float, str, bool, list)
+
+
+def build_args(spec: ModelSpec, layout: Layout, hf_config: dict[str, Any] | None, family_ms_name: str,
+               source: dict[str, Any] | None = None) -> argparse.Namespace:
     """``args`` for a rank file: the HF config's plain values (as MindSpeed-LLM stores them) plus
-    the Megatron fields that Megatron-LM and MindSpeed-LLM read back."""
-    ns = argparse.Namespace()
+    the Megatron fields that Megatron-LM and MindSpeed-LLM read back.
+
+    ``source`` (a Megatron source's args) is carried whole, so a resumed run keeps its training
+    settings and counters (``consumed_train_samples``, ``lr``, ``train_iters``, tokenizer,
+    ``make_vocab_size_divisible_by``, Megatron's enums...): only the fields this conversion
+    decides (model shape, parallel layout, dtype, ckpt-ir's own) and the HF values it copies over
+    plain source values are replaced; layout fields the target does not use become None."""
+    src = dict(source or {})
+    ns = argparse.Namespace(**src)
     cfg = dict(hf_config or spec.extra)
     for k, v in cfg.items():
-        if isinstance(v, (int, float, str, bool, list)) and k not in _NOT_HF:
+        if isinstance(v, _PLAIN) and k not in _NOT_HF and (k not in src or isinstance(src[k], _PLAIN)):
             setattr(ns, k, v)
     total = mcore_num_layers(spec, layout)
     fields: dict[str, Any] = {
@@ -276,17 +290,31 @@ def build_args(spec: ModelSpec, layout: Layout, hf_config: dict[str, Any] | None
         fields["lora_r"] = spec.lora_rank
         if spec.lora_alpha is not None:
             fields["lora_alpha"] = spec.lora_alpha
+    if src:
+        fields.update({k: None for k in _LAYOUT_ARGS if k in src and k not in fields})
+        if "params_dtype" in src:  # as Megatron derives it from --bf16 / --fp16
+            from ckpt_ir.io.safe_pickle import TorchDtype
+
+            fields["params_dtype"] = TorchDtype("bfloat16" if fields["bf16"] else "float16" if fields["fp16"] else "float32")
+        if "ckpt_format" in src:  # ckpt-ir writes the torch format, whatever the source was
+            fields["ckpt_format"] = "torch"
+        dp, cp = src.get("data_parallel_size"), src.get("context_parallel_size") or 1
+        if "world_size" in src and isinstance(dp, int) and isinstance(cp, int):
+            fields["world_size"] = layout.tp * layout.pp * dp * cp
     for k, v in fields.items():
         setattr(ns, k, v)
     return ns
 
 
 def int_list(value: Any) -> tuple[int, ...] | None:
-    """Megatron/MindSpeed store layer lists as '2,6', '[2, 6]', a list, or None."""
+    """Megatron/MindSpeed store layer lists as '2,6', '[2, 6]', a list, a set (MindSpeed's
+    argument validation turns ``noop_layers`` into one), or None."""
     if value is None or value == "":
         return None
+    if isinstance(value, (set, frozenset)):
+        value = sorted(value)
     if isinstance(value, (list, tuple)):
-        return tuple(int(v) for v in value)
+        return tuple(int(v) for v in value) or None
     text = str(value).strip().strip("[]")
     return tuple(int(v) for v in re.split(r"[,\s]+", text) if v) or None
 

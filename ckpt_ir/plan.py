@@ -30,7 +30,7 @@ def checkpoint_from_config(config_dir: str):
     """A Checkpoint in HF layout whose tensors are shape-only placeholders for the model that
     ``config_dir/config.json`` describes (MTP layers as ``num_nextn_predict_layers`` says)."""
     from ckpt_ir.families import for_hf_config
-    from ckpt_ir.frontends.hf import aux_files, read_config
+    from ckpt_ir.frontends.hf import read_config, side_files
     from ckpt_ir.ir import expr as E
     from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
     from ckpt_ir.ir.layout import Layout
@@ -48,7 +48,7 @@ def checkpoint_from_config(config_dir: str):
         assert shape is not None, name  # expected_names only yields roles expected_shape knows
         dtype = "F32" if role_of(name) in FP32_ROLES else spec.dtype
         tensors[name] = TensorNode.whole(name, E.Load(PLACEHOLDER, name, shape, dtype, 0, "placeholder"))
-    return Checkpoint(spec=spec, layout=layout, tensors=tensors, hf_config=cfg, aux_files=aux_files(config_dir),
+    return Checkpoint(spec=spec, layout=layout, tensors=tensors, hf_config=cfg, aux_files=side_files(config_dir),
                       source=config_dir)
 
 

@@ -316,6 +316,15 @@ def default_max_memory() -> int:
     return available_memory() // 2
 
 
+def human_bytes(n: int) -> str:
+    """``1000`` -> ``1 KB``, ``1536000`` -> ``1.54 MB``: three significant digits, decimal units as
+    --max-memory takes them."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} bytes"
+
+
 def block_size(max_memory: int, workers: int) -> int:
     """Row-block size for computed tensors: each writer holds about two blocks (one computed,
     one written), so ``workers`` writers fit in ``max_memory``; never above BLOCK_BYTES, never
@@ -330,8 +339,8 @@ def memory_plan(plan: Plan, workers: int | None, max_memory: int | None) -> tupl
     block = block_size(max_memory, workers)
     name, need = plan.largest_tensor(block)
     if need > max_memory:
-        raise CkptIrError(f"tensor {name} needs about {need / 1e6:.0f} MB to produce but the memory budget is "
-                          f"{max_memory / 1e6:.0f} MB; raise --max-memory")
+        raise CkptIrError(f"tensor {name} needs about {human_bytes(need)} to produce but the memory budget is "
+                          f"{human_bytes(max_memory)}; raise --max-memory")
     return max(1, min(workers, max_memory // max(need, 1))), block, need
 
 

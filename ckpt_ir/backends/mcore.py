@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 from collections import defaultdict
 
 import attrs
@@ -19,6 +20,7 @@ from ckpt_ir.backends.plan import OutputFile, Plan
 from ckpt_ir.errors import VerifyError
 from ckpt_ir.families import by_name
 from ckpt_ir.frontends import distopt
+from ckpt_ir.io import torchzip
 from ckpt_ir.io.safe_pickle import TORCH_DTYPES, TorchDtype
 from ckpt_ir.io.torchzip import Tensor
 from ckpt_ir.ir import expr as E
@@ -52,7 +54,9 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None, shared_copies: str =
     content, where = rank_content(ckpt)
     chunks = num_chunks(spec, layout)
     family = by_name(spec.family)
-    args = M.build_args(spec, layout, ckpt.hf_config, family.mindspeed_names[0] if family.mindspeed_names else spec.family)
+    training = TrainingOutput(ckpt)
+    args = M.build_args(spec, layout, ckpt.hf_config, family.mindspeed_names[0] if family.mindspeed_names else spec.family,
+                        source=training.source_args)
     it = iteration if iteration is not None else ckpt.meta.get("iteration", 1)
     optim = OptimizerOutput(ckpt, dp) if ckpt.states else None
     if optim is not None:
@@ -78,14 +82,20 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None, shared_copies: str =
                 models["model" if chunks == 1 else f"model{chunk}"] = sd
             obj = {"args": args, "checkpoint_version": 3.0, "iteration": it, **models}
             rank_dir = f"{M.iter_dir(it)}/{M.rank_dir(rank, stage, layout, ep, layout.ep)}"
+            obj.update(training.entries((rank, stage, ep), tensors))
             if optim is not None:
-                obj.update(optim.training_entries((rank, stage, ep), tensors))
+                obj.update(optim.training_entries(tensors))
                 chunk_entries = [[e for e in content[(stage, c)] if e.ep is None or e.ep == ep] for c in range(chunks)]
                 files.append(optim.file(f"{rank_dir}/distrib_optim.pt", chunk_entries, stage, rank, ep))
             files.append(OutputFile(f"{rank_dir}/model_optim_rng.pt", "torch", tuple(tensors), obj=obj))
     files.append(OutputFile("latest_checkpointed_iteration.txt", "text", text=str(it)))
+    from ckpt_ir.frontends.hf import MCORE_HF_DIR
+
+    # the HF side files (tokenizer, generation config, chat template, remote code, config.json):
+    # Megatron ignores the folder; an HF export restores them
+    files.extend(OutputFile(f"{MCORE_HF_DIR}/{os.path.basename(f)}", "copy", source=f) for f in ckpt.aux_files)
     copies = tuple(_shared_copies(ckpt))
-    dropped = dict(ckpt.dropped)
+    dropped = {**ckpt.dropped, **training.dropped}
     dropped.update(extra.dropped)
     if optim is not None:
         dropped.update(optim.dropped)
@@ -215,10 +225,48 @@ def _entry_expr(tensors: dict[str, TensorNode], entry: Entry, shard_rank: int) -
     return M.group_experts(entry.grouped, exprs) if entry.grouped else exprs[0]
 
 
+class TrainingOutput:
+    """What a resumed run needs besides weights and optimizer state, carried from a Megatron source
+    whether or not the optimizer state is: its ``args`` (see ``build_args``), the LR scheduler,
+    the FLOP counter, and each rank's RNG state when the (TP, PP, EP) grid is unchanged."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        meta = ckpt.meta.get("training") or ckpt.meta.get("optimizer") or {}  # torch_dist: with the optimizer
+        self.meta, self.dropped = meta, {}
+        args = meta.get("args") if "training" in ckpt.meta else None
+        self.source_args = None if args is None else {k: v for k, v in args.items() if torchzip.writable(v)}
+        for k in set(args or ()) - set(self.source_args or ()):
+            self.dropped[f"args.{k}"] = "holds objects ckpt-ir cannot write back"
+        same_ranks = meta.get("source_layout") == (ckpt.layout.tp, ckpt.layout.pp, ckpt.layout.ep)
+        rng = meta.get("rng_state") or {}
+        self.rng = rng if same_ranks else {}
+        if not same_ranks and any(v is not None for v in rng.values()):
+            self.dropped["rng_state"] = ("per-rank random-number state of another parallel layout: resume with "
+                                         "--no-load-rng")
+
+    def entries(self, rank: tuple[int, int, int], tensors: list[tuple[str, E.Expr]]) -> dict:
+        values = {"opt_param_scheduler": self.meta.get("opt_param_scheduler"), "rng_state": self.rng.get(rank),
+                  "num_floating_point_operations_so_far": self.meta.get("num_floating_point_operations_so_far")}
+        return _training_entries(values, tensors, self.dropped)
+
+
+def _training_entries(values: dict, tensors: list[tuple[str, E.Expr]], dropped: dict[str, str]) -> dict:
+    """Entries of ``model_optim_rng.pt`` besides the model; their tensors are appended to ``tensors``."""
+    out = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        if not _writable(value):
+            dropped[key] = "holds objects ckpt-ir cannot write back"
+            continue
+        out[key] = _placeholders(value, key, tensors)
+    return out
+
+
 class OptimizerOutput:
     """Distributed-optimizer state for the target layout: one ``distrib_optim.pt`` per rank
     directory (what data-parallel rank 0 saves: the whole buffers, coalesced over buckets), and
-    the ``optimizer`` / ``opt_param_scheduler`` entries of ``model_optim_rng.pt``."""
+    the ``optimizer`` entry of ``model_optim_rng.pt``."""
 
     def __init__(self, ckpt: Checkpoint, dp: int | None) -> None:
         meta = ckpt.meta.get("optimizer") or {}
@@ -232,34 +280,21 @@ class OptimizerOutput:
         grad = (meta.get("dtype_key") or (None, TorchDtype("float32")))[1]
         self.dtype_key = (TorchDtype(_TORCH_NAME[ckpt.spec.dtype]), grad)
         self.dropped: dict[str, str] = {}
-        same_ranks = meta.get("source_layout") == (ckpt.layout.tp, ckpt.layout.pp, ckpt.layout.ep)
-        self.rng = meta.get("rng_state", {}) if same_ranks else {}
-        if not same_ranks and any(v is not None for v in meta.get("rng_state", {}).values()):
-            self.dropped["rng_state"] = ("per-rank random-number state of another parallel layout: resume with "
-                                         "--no-load-rng")
 
     def args(self, args):
         args = copy.copy(args)
+        old_dp = getattr(args, "data_parallel_size", None)
         for k, v in self.resume.items():
             setattr(args, k, v)
+        if isinstance(getattr(args, "world_size", None), int) and isinstance(old_dp, int) and old_dp > 0:
+            args.world_size = args.world_size // old_dp * self.dp
         args.data_parallel_size = self.dp
         args.use_distributed_optimizer = True
         return args
 
-    def training_entries(self, rank: tuple[int, int, int], tensors: list[tuple[str, E.Expr]]) -> dict:
-        """Entries of ``model_optim_rng.pt`` besides the model; their tensors are appended to ``tensors``."""
-        values = {"optimizer": self.meta.get("optimizer"), "opt_param_scheduler": self.meta.get("opt_param_scheduler"),
-                  "rng_state": self.rng.get(rank),
-                  "num_floating_point_operations_so_far": self.meta.get("num_floating_point_operations_so_far")}
-        out = {}
-        for key, value in values.items():
-            if value is None:
-                continue
-            if not _writable(value):
-                self.dropped[key] = "holds objects ckpt-ir cannot write back"
-                continue
-            out[key] = _placeholders(value, key, tensors)
-        return out
+    def training_entries(self, tensors: list[tuple[str, E.Expr]]) -> dict:
+        """The ``optimizer`` entry of ``model_optim_rng.pt`` (param groups, grad scaler)."""
+        return _training_entries({"optimizer": self.meta.get("optimizer")}, tensors, self.dropped)
 
     def file(self, path: str, chunk_entries: list[list[Entry]], stage: int, rank: int, ep: int) -> OutputFile:
         """``distrib_optim.pt`` of one rank directory.  With experts it holds ``[dense, expert]``
@@ -312,13 +347,8 @@ _TORCH_NAME = {ir: name for name, ir in TORCH_DTYPES.items() if name not in ("fl
 
 
 def _writable(obj) -> bool:
-    """Plain values, tensors and numpy arrays can be written back; stand-ins for unknown classes cannot."""
-    if isinstance(obj, dict):
-        return all(_writable(k) and _writable(v) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return all(_writable(v) for v in obj)
-    return obj is None or isinstance(obj, (bool, int, float, str, bytes, TorchDtype, E.Expr)) \
-        or type(obj).__module__ == "numpy"
+    """Values ckpt-ir's writer can put back (plain values, Megatron stubs, tensors, numpy arrays)."""
+    return torchzip.writable(obj, lambda v: isinstance(v, E.Expr))
 
 
 def _placeholders(obj, uid: str, tensors: list[tuple[str, E.Expr]]):

@@ -20,6 +20,7 @@ from ckpt_ir import mcore_format as M
 from ckpt_ir.errors import CoverageError, FormatError
 from ckpt_ir.families import by_name, for_hf_config
 from ckpt_ir.frontends import distopt
+from ckpt_ir.frontends.hf import MCORE_HF_DIR, side_files
 from ckpt_ir.io.safe_pickle import Stub
 from ckpt_ir.io.torchzip import TorchZip, iter_tensors, with_exprs
 from ckpt_ir.ir import expr as E
@@ -65,6 +66,13 @@ def _iteration_dir(path: str) -> tuple[str, Any]:
         raise FormatError(f"{path}: no iter_* directory or latest_checkpointed_iteration.txt; not a Megatron checkpoint")
     it = "release" if iters[0] == "release" else int(iters[0][5:])
     return os.path.join(path, iters[0]), it
+
+
+def _all_args(args: Any) -> dict[str, Any]:
+    """Every field of the source's args, Megatron enums and config objects (stubs) included: an
+    mcore target carries them (see :func:`ckpt_ir.mcore_format.build_args`)."""
+    d = args if isinstance(args, dict) else vars(args) if hasattr(args, "__dict__") else {}
+    return {k: v for k, v in d.items() if isinstance(k, str)}
 
 
 def _args_dict(args: Any, where: str) -> dict[str, Any]:
@@ -142,13 +150,18 @@ def spec_from_args(args: dict[str, Any], hf_config: dict[str, Any] | None, where
 
 def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, Any] | None = None,
          weights_from: str = "model", optimizer: bool = False,
-         optimizer_layout: dict[str, int | None] | None = None, family: str | None = None) -> Checkpoint:
+         optimizer_layout: dict[str, int | None] | None = None, family: str | None = None,
+         replicas: str = "check") -> Checkpoint:
     """``family``: the model family when the args do not say (default: inferred from them).
     ``weights_from="master"`` takes every parameter from the distributed optimizer's fp32 master
     copy (``distrib_optim.pt``) instead of the model's (e.g. bf16) weights.  ``optimizer=True``
     also lifts the distributed-optimizer state (when the checkpoint has it) into ``states``.
     ``optimizer_layout`` corrects what args say about that state's layout: ``dp``, ``bucket_size``
-    (0: one bucket) and ``align`` (elements each parameter starts on a multiple of)."""
+    (0: one bucket) and ``align`` (elements each parameter starts on a multiple of).
+    ``replicas``: how copies of a replicated tensor in several rank files are treated, see
+    :func:`check_replicas`."""
+    if replicas not in REPLICA_MODES:
+        raise ValueError(f"replicas={replicas!r}: choose one of {', '.join(REPLICA_MODES)}")
     it_dir, iteration = _iteration_dir(path)
     found: dict[tuple[int, int | None, int | None], str] = {}
     for n in sorted(os.listdir(it_dir)):
@@ -218,9 +231,13 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     # tensor set ("" = weights, else a state key) -> canonical name (layer/expert still local) -> {tp rank: expr}
     pieces: dict[str, dict[str, dict[int, E.Expr]]] = defaultdict(lambda: defaultdict(dict))
     dropped: dict[str, str] = {}
+    # replicated weights: (local canonical name, slot) -> rank directory, and further copies
+    labels: dict[tuple[str, int], str] = {}
+    copies: dict[tuple[str, int], list[tuple[str, E.Expr]]] = defaultdict(list)
     unknown: list[str] = []
     te_norms = te_fc1 = False
-    opt_meta: dict[str, Any] = {"rng_state": {}}
+    opt_meta: dict[str, Any] = {}
+    training: dict[str, Any] = {"rng_state": {}, "source_layout": (tp, pp, ep), "args": _all_args(first.obj.get("args"))}
     for (t, p, e), f in sorted(ranks.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
         z = first if f == first.path else TorchZip(f)
         rel = os.path.relpath(f, path)
@@ -266,8 +283,12 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                         slot = 0 if is_exp and layout.expert_tp == 1 else t
                         if slot in pieces[set_name][canon]:
                             dropped[f"{rel}:{ck}.{key}"] = "replica of the same tensor in another EP rank's file"
+                            if not set_name:
+                                copies[(canon, slot)].append((os.path.dirname(rel), expr))
                             continue
                         pieces[set_name][canon][slot] = expr
+                        if not set_name:
+                            labels[(canon, slot)] = os.path.dirname(rel)
             for key in sd if isinstance(sd, dict) else ():
                 if key.endswith(M.EXTRA_STATE):
                     place = _extra_state_place(key, p, chunk, e, experts_per_rank, slot_of)
@@ -276,23 +297,31 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                     else:
                         slot = 0 if place[2] is not None and layout.expert_tp == 1 else t
                         extra_state.setdefault((*place, slot), with_exprs(sd[key], z, f"{ck}.{key}"))
+        # training state besides the optimizer's travels whether or not the optimizer state does
+        training["rng_state"][(t, p, e)] = with_exprs(z.obj.get("rng_state"), z, "rng_state")
+        if f == first.path:
+            for key in ("opt_param_scheduler", "num_floating_point_operations_so_far"):
+                training[key] = with_exprs(z.obj.get(key), z, key)
         if carry:
-            opt_meta["rng_state"][(t, p, e)] = with_exprs(z.obj.get("rng_state"), z, "rng_state")
             if f == first.path:
-                for key in ("optimizer", "opt_param_scheduler", "num_floating_point_operations_so_far"):
-                    opt_meta[key] = with_exprs(z.obj.get(key), z, key)
+                opt_meta["optimizer"] = with_exprs(z.obj.get("optimizer"), z, "optimizer")
             continue
-        for key, why in (("optimizer", "optimizer settings"), ("opt_param_scheduler", "learning-rate scheduler"),
-                         ("rng_state", "random-number-generator state")):
-            if z.obj.get(key) is not None:
-                dropped[f"{rel}:{key}"] = f"{why}: training state; carried only with the optimizer state " \
-                                          f"to a Megatron target"
+        if z.obj.get("optimizer") is not None:
+            dropped[f"{rel}:optimizer"] = "optimizer settings: carried only with the distributed-optimizer state " \
+                                          "to a Megatron target"
         if has_state[f] and weights_from != "master":
             dropped[os.path.join(os.path.dirname(rel), "distrib_optim.pt")] = (
                 "distributed-optimizer state of LoRA adapters: not carried (ckpt-ir carries full-model state)"
                 if lora_run and optimizer else
                 "distributed-optimizer state (fp32 masters, Adam moments): carried only to a Megatron target; "
                 "the model weights come from model_optim_rng.pt")
+    for canon, shards in pieces[""].items():  # TP replicas of tensors no rule splits
+        name = _resolve_layer(canon, slot_of, path, spec.num_layers)
+        if split_rule(name) is None or (layout.expert_tp if is_expert(name) else layout.tp) == 1:
+            copies[(canon, 0)][:0] = [(labels[(canon, r)], x) for r, x in sorted(shards.items()) if r > 0]
+    notes = check_replicas({_resolve_layer(c, slot_of, path, spec.num_layers) + (f" (TP shard {t})" if t else ""):
+                            [(labels[(c, t)], pieces[""][c][t]), *more] for (c, t), more in copies.items() if more},
+                           replicas, it_dir)
     sets = {name: _assemble(set_pieces, slot_of, spec, layout, path, dropped if not name else {})
             for name, set_pieces in pieces.items()}
     tensors = sets.pop("", {})
@@ -322,15 +351,49 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
         spec = _evolve(spec, lora_rank=lora_a[0].shape[0], lora_alpha=float(alpha) if alpha is not None else None)
     layout = _evolve(layout, norm_names="te" if te_fc1 else "te-input" if te_norms else "local")
     ordered = dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0])))
-    meta: dict[str, Any] = {"iteration": iteration if iteration != "release" else 1, "args": args}
+    meta: dict[str, Any] = {"iteration": iteration if iteration != "release" else 1, "args": args, "training": training}
     if inferred:
         meta["family_from_args"] = inferred
     if extra_state:
         meta["extra_state"] = {"layout": M.extra_state_layout(spec, layout), "entries": extra_state}
+    if notes:
+        meta["notes"] = notes
     if sets:
         meta["optimizer"] = {**opt_meta, "source_layout": (tp, pp, ep), **distopt.training_args(opt_args)}
     return Checkpoint(spec=spec, layout=layout, tensors=ordered, dropped=dropped, hf_config=cfg, source=path,
+                      aux_files=side_files(os.path.join(path, MCORE_HF_DIR), config=True),
                       meta=meta, states={k: {n: v[n] for n in ordered if n in v} for k, v in sets.items()})
+
+
+REPLICA_MODES = ("check", "check-all", "take-rank0")
+REPLICA_CHECK_BYTES = 1 << 20  # replicas up to this size (norms, routers, biases) are always compared
+
+
+def check_replicas(copies: dict[str, list[tuple[str, E.Expr]]], mode: str, where: str) -> list[str]:
+    """Compare the copies of each replicated tensor (name -> [(rank directory, expression)], the
+    one kept first) by a hash of their bytes: ``check`` those up to REPLICA_CHECK_BYTES,
+    ``check-all`` every one; ``take-rank0`` compares nothing and returns the note to record.
+    Copies that differ (training drifted) are an error naming the tensor and the ranks."""
+    if mode == "take-rank0":
+        return [f"replicated tensors ({len(copies)}) taken from the first rank holding them without comparing the "
+                f"other ranks' copies (--replicas take-rank0)"] if copies else []
+    import hashlib
+
+    with E.Reader() as reader:
+        def digest(x: E.Expr) -> bytes:
+            return hashlib.sha256(E.evaluate_raw(x, reader).tobytes()).digest()
+
+        for name, versions in copies.items():
+            (first, kept), *others = versions
+            if mode == "check" and kept.nbytes > REPLICA_CHECK_BYTES:
+                continue
+            want = digest(kept)
+            for label, x in others:
+                if x.shape != kept.shape or x.dtype != kept.dtype or digest(x) != want:
+                    raise FormatError(f"{where}: replicated tensor {name} differs between {first} and {label} (the "
+                                      f"ranks drifted apart); pass --replicas take-rank0 to keep {first}'s copy on "
+                                      f"purpose")
+    return []
 
 
 def _assemble(pieces: dict[str, dict[int, E.Expr]], slot_of: dict, spec, layout: Layout, path: str,

@@ -33,7 +33,8 @@ import attrs
 from ckpt_ir import mcore_format as M
 from ckpt_ir.errors import CoverageError, FormatError
 from ckpt_ir.frontends import distopt
-from ckpt_ir.frontends.mcore import _args_dict, _canonical, _iteration_dir, spec_from_args
+from ckpt_ir.frontends.hf import MCORE_HF_DIR, side_files
+from ckpt_ir.frontends.mcore import _all_args, _args_dict, _canonical, _iteration_dir, spec_from_args
 from ckpt_ir.io.dcp import ChunkResolver, DcpTensor, read_metadata
 from ckpt_ir.io.torchzip import TorchZip
 from ckpt_ir.ir import expr as E
@@ -217,18 +218,20 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
         meta["optimizer"] = {
             "optimizer": {k: v for k, v in opt.items() if k != "param_state_sharding_type"}
             if isinstance(opt, dict) else None,
-            "opt_param_scheduler": common.get("opt_param_scheduler"),
-            "num_floating_point_operations_so_far": common.get("num_floating_point_operations_so_far"),
-            "rng_state": {}, "source_layout": None, "sharding_type": sharding, **distopt.training_args(args)}
+            "source_layout": None, "sharding_type": sharding, **distopt.training_args(args)}
         if buckets:  # dp_reshardable keeps the optimizer's own state dict per (TP, PP) group: group 0's
             meta["optimizer"]["optimizer"] = _group_objects(md, "optimizer.distributed.dp_group_idx_0.")
         if dtype_key is not None:
             meta["optimizer"]["dtype_key"] = dtype_key
-    else:
-        for key, why in (("optimizer", "optimizer settings"), ("opt_param_scheduler", "learning-rate scheduler")):
-            if common.get(key) is not None:
-                dropped[f"{COMMON}:{key}"] = f"{why}: training state; carried only with the optimizer state"
+    elif common.get("optimizer") is not None:
+        dropped[f"{COMMON}:optimizer"] = "optimizer settings: carried only with the optimizer state"
+    # the training state besides the optimizer's travels either way (rng_state is sharded per rank
+    # in torch_dist and belongs to its grid: not carried)
+    meta["training"] = {"args": _all_args(common.get("args")), "opt_param_scheduler": common.get("opt_param_scheduler"),
+                        "num_floating_point_operations_so_far": common.get("num_floating_point_operations_so_far"),
+                        "rng_state": {}, "source_layout": None}
     return Checkpoint(spec=spec, layout=layout, tensors=ordered, dropped=dropped, hf_config=cfg, source=path,
+                      aux_files=side_files(os.path.join(path, MCORE_HF_DIR), config=True),
                       meta=meta, states={k: {n: v[n] for n in ordered} for k, v in sets.items()})
 
 

@@ -53,15 +53,44 @@ def check_destination(dst: str, overwrite: bool) -> None:
         raise UsageError(f"{dst}: exists and is not a directory; choose another destination")
     if os.path.isdir(dst) and os.listdir(dst) and not overwrite:
         raise UsageError(f"{dst}: destination exists and is not empty; pass --overwrite to replace it")
-    parent = os.path.dirname(dst) or "."
+    parent = existing_ancestor(dst)  # missing parents are created when the output is prepared
     if not os.path.isdir(parent):
-        raise CkptIrError(f"{parent}: parent directory of the destination does not exist; create it first")
+        raise CkptIrError(f"{parent}: not a directory, so the destination cannot be created below it; choose "
+                          f"another destination")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CkptIrError(f"{parent}: not writable; choose a destination you can write to")
 
 
+def existing_ancestor(path: str) -> str:
+    """The nearest parent of ``path`` that exists (a directory, or a file in the way)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    return parent
+
+
+def check_apart(dst: str, sources: dict[str, str | None]) -> None:
+    """Refuse a destination that is one of the inputs (``{flag: path}``, e.g. SRC, --hf-config),
+    lies inside one, or contains one: replacing it would delete or change the input."""
+    out = os.path.realpath(dst)
+    for flag, path in sources.items():
+        if not path:
+            continue
+        src = os.path.realpath(path)
+        if os.path.isfile(src):  # a single weight file: its directory is the input
+            src = os.path.dirname(src)
+        how = "is" if out == src else "is inside" if _below(out, src) else "contains" if _below(src, out) else None
+        if how:
+            raise UsageError(f"{dst}: the destination {how} {flag} {path}; writing there would replace the input; "
+                             f"choose a destination outside it")
+
+
+def _below(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root and path != root
+
+
 def check_free_space(dst: str, nbytes: int) -> None:
-    parent = os.path.dirname(os.path.abspath(dst)) or "."
+    parent = existing_ancestor(dst)
     free = shutil.disk_usage(parent).free
     if nbytes > free:
         raise CkptIrError(f"{parent}: not enough free disk space: the output needs {nbytes / 1e9:.2f} GB, "
@@ -92,7 +121,8 @@ def claim(dst: str, overwrite: bool) -> Iterator[Claim]:
     """Lock DST for this process, sweep leftovers and check DST; the lock is released (and its
     file removed) when the block ends.  A CkptIrError naming DST if another conversion holds it."""
     dst = os.path.abspath(dst)
-    check_destination(dst, overwrite)  # its clear errors first (a missing or read-only parent)
+    check_destination(dst, overwrite)  # its clear errors first (a read-only parent, a file in the way)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)  # missing parents are created
     lock = sibling(dst, LOCK_TAG)
     fd, owner = _lock(lock, dst), os.getpid()
     try:
