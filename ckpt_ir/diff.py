@@ -22,6 +22,10 @@ def diff(a: str, b: str, *, atol: float = 0.0, hf_config: str | None = None) -> 
 
     def canonical(path: str):
         c = ck.load(path, hf_config=cfg if detect(path) in ("mcore", "torch_dist") else None)
+        if c.meta.get("family_from_args"):
+            import sys
+
+            print(f"ckpt-ir: {path}: {c.meta['family_from_args']}", file=sys.stderr)
         return ck.run(c, ck.derive_pipeline(c, ck.Target(to="hf")))
 
     ca, cb = canonical(a), canonical(b)
