@@ -78,12 +78,12 @@ def attach_lora(base: Checkpoint, path: str) -> Checkpoint:
     Adapter tensors replace any LoRA the base already carries."""
     from ckpt_ir.families import by_name
     from ckpt_ir.frontends import peft
-    from ckpt_ir.ir.names import is_lora
+    from ckpt_ir.ir.names import is_lora, lora_target
 
     if peft.detect(path):
         if base.layout.tp != 1 or base.layout.fused_qkv or base.layout.fused_gate_up:
             base = run(base, derive_pipeline(base, Target(to="hf")))
-        tensors, rank, alpha = peft.lift_adapter(path, by_name(base.spec.family), base.spec)
+        tensors, spec = peft.lift_adapter(path, by_name(base.spec.family), base.spec)
     else:
         adapter = load(path)
         if adapter.spec.lora_rank is None:
@@ -94,8 +94,10 @@ def attach_lora(base: Checkpoint, path: str) -> Checkpoint:
             raise UsageError(f"--lora-load {path}: adapter layout ({la.describe()}) differs from the base "
                              f"({lb.describe()}); both must come from the same training layout")
         tensors = {n: t for n, t in adapter.tensors.items() if is_lora(n)}
-        rank, alpha = adapter.spec.lora_rank, adapter.spec.lora_alpha
-    missing = sorted({n.rsplit(".lora_", 1)[0] + ".weight" for n in tensors} - set(base.tensors))
+        a = adapter.spec
+        spec = attrs.evolve(base.spec, lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, lora_rslora=a.lora_rslora,
+                            lora_alphas=a.lora_alphas)
+    missing = sorted({lora_target(n) for n in tensors} - set(base.tensors))
     if missing:
         raise UsageError(f"--lora-load {path}: adapter targets {', '.join(missing[:3])} which the base lacks")
     merged = {n: t for n, t in base.tensors.items() if not is_lora(n)}
@@ -103,7 +105,7 @@ def attach_lora(base: Checkpoint, path: str) -> Checkpoint:
     from ckpt_ir.frontends.hf import canonical_order
 
     ordered = dict(sorted(merged.items(), key=lambda kv: canonical_order(kv[0])))
-    return attrs.evolve(base, tensors=ordered, spec=attrs.evolve(base.spec, lora_rank=rank, lora_alpha=alpha))
+    return attrs.evolve(base, tensors=ordered, spec=spec)
 
 
 def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:

@@ -12,6 +12,7 @@ first byte moves.  The algebra is deliberately small:
     Cast      dtype change
     PadRows   grow dim 0 by repeating the last row (Megatron vocab padding) or with zeros
     Add, Scale, Matmul   the arithmetic a LoRA merge needs (computed in fp32 by the caller)
+    RowRescale           each row rescaled to a given norm (DoRA's magnitude), in fp32
 
 :func:`simplify` rewrites an expression into an equivalent one that reads fewer bytes (slices are
 pushed into loads, adjacent loads merge, no-op casts vanish).  :func:`evaluate` produces a torch
@@ -315,6 +316,32 @@ class Scale(Expr):
         return (self.x,)
 
 
+@attrs.frozen
+class RowRescale(Expr):
+    """DoRA's merge: each row of the matrix ``x`` [out, in] rescaled to the norm ``magnitude[row]``,
+    ``(magnitude / ||x||_row) * x``, in fp32 (the result dtype is F32).  The norm runs over a
+    whole row, so ``x`` must hold full rows (its input dim unsplit)."""
+
+    x: Expr
+    magnitude: Expr
+
+    def __attrs_post_init__(self) -> None:
+        _check(len(self.x.shape) == 2 and self.magnitude.shape == self.x.shape[:1],
+               f"row rescale of {self.x.shape} by a magnitude of shape {self.magnitude.shape}")
+
+    @property
+    def shape(self) -> Shape:
+        return self.x.shape
+
+    @property
+    def dtype(self) -> str:
+        return "F32"
+
+    @property
+    def children(self) -> tuple[Expr, ...]:
+        return (self.x, self.magnitude)
+
+
 # ---------------------------------------------------------------------------------------------
 # traversal
 
@@ -360,6 +387,8 @@ def _rebuild(e: Expr, kids: tuple[Expr, ...]) -> Expr:
         return attrs.evolve(e, xs=kids)
     if isinstance(e, (Add, Matmul)):
         return attrs.evolve(e, a=kids[0], b=kids[1])
+    if isinstance(e, RowRescale):
+        return attrs.evolve(e, x=kids[0], magnitude=kids[1])
     return attrs.evolve(e, x=kids[0])
 
 
@@ -607,6 +636,10 @@ def _evaluate_math(expr: Expr, reader: Reader):
         return evaluate(expr.a, reader).to(torch.float32) @ evaluate(expr.b, reader).to(torch.float32)
     if isinstance(expr, Scale):
         return evaluate(expr.x, reader).to(torch.float32) * expr.factor
+    if isinstance(expr, RowRescale):  # peft's DoRA merge order: norm of the rows, m / norm, times the rows
+        x = evaluate(expr.x, reader).to(torch.float32)
+        factor = evaluate(expr.magnitude, reader).to(torch.float32) / torch.linalg.norm(x, dim=1)
+        return factor.view(-1, 1) * x
     raise TypeError(f"cannot evaluate {type(expr).__name__}")
 
 

@@ -91,29 +91,58 @@ ROLES: dict[str, Split | None] = {
 }
 
 # LoRA adapters attach to linear layers: ``<target>.lora_a.weight`` [r, in] and
-# ``<target>.lora_b.weight`` [out, r].  A column-parallel target keeps A whole and splits B like
-# the weight; a row-parallel target splits A like the weight (dim 1) and keeps B whole.
-LINEAR_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.gate", "mlp.up", "mlp.gate_up", "mlp.down")
+# ``<target>.lora_b.weight`` [out, r], and for DoRA ``<target>.lora_magnitude.weight`` [out].
+# A column-parallel target keeps A whole and splits B and the magnitude like the weight; a
+# row-parallel target splits A like the weight (dim 1) and keeps B and the magnitude whole.
+# The rank may differ per target (peft's rank_pattern): it is read from the tensors.
+LINEAR_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.gate", "mlp.up", "mlp.gate_up", "mlp.down",
+                  "mlp.experts.{e}.gate", "mlp.experts.{e}.up", "mlp.experts.{e}.gate_up", "mlp.experts.{e}.down",
+                  "mlp.shared.gate", "mlp.shared.up", "mlp.shared.gate_up", "mlp.shared.down")
 for _t in LINEAR_TARGETS:
     _rule = ROLES[f"layers.{{i}}.{_t}.weight"]
     assert _rule is not None
     ROLES[f"layers.{{i}}.{_t}.lora_a.weight"] = None if _rule.dim == 0 else ROW
     ROLES[f"layers.{{i}}.{_t}.lora_b.weight"] = _rule if _rule.dim == 0 else None
+    ROLES[f"layers.{{i}}.{_t}.lora_magnitude.weight"] = _rule if _rule.dim == 0 else None
+# A full tensor saved with the adapter (peft's modules_to_save) replaces its base tensor
+# ``<module>.<leaf>`` as ``<module>.lora_saved.<leaf>``, split like it.
+for _role, _rule in list(ROLES.items()):
+    if ".lora_" not in _role:
+        _module, _, _leaf = _role.rpartition(".")
+        ROLES[f"{_module}.lora_saved.{_leaf}"] = _rule
 
 VOCAB_ROLES = frozenset({"embed.weight", "lm_head.weight"})
-LORA_SUFFIXES = (".lora_a.weight", ".lora_b.weight")
+LORA_SUFFIXES = (".lora_a.weight", ".lora_b.weight", ".lora_magnitude.weight")
+SAVED = ".lora_saved."
 
 
 def is_lora(name: str) -> bool:
-    return name.endswith(LORA_SUFFIXES)
+    """Part of an adapter: a LoRA factor, a DoRA magnitude, or a saved tensor replacing a base one."""
+    return name.endswith(LORA_SUFFIXES) or SAVED in name
+
+
+def is_lora_factor(name: str) -> bool:
+    return name.endswith((".lora_a.weight", ".lora_b.weight"))
 
 
 def lora_target(name: str) -> str:
-    """``layers.0.attn.qkv.lora_a.weight`` -> ``layers.0.attn.qkv.weight``."""
+    """The base tensor an adapter tensor changes: ``layers.0.attn.qkv.lora_a.weight`` ->
+    ``layers.0.attn.qkv.weight``; ``lm_head.lora_saved.weight`` -> ``lm_head.weight``."""
+    if SAVED in name:
+        module, _, leaf = name.rpartition(SAVED)
+        return f"{module}.{leaf}"
     for suffix in LORA_SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)] + ".weight"
     raise ValueError(name)
+
+
+def saved_name(name: str) -> str:
+    """``lm_head.weight`` -> ``lm_head.lora_saved.weight`` (the adapter's copy replacing it)."""
+    module, _, leaf = name.rpartition(".")
+    return f"{module}{SAVED}{leaf}"
+
+
 NORM_SUFFIX = "norm.weight"
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")

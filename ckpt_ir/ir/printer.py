@@ -35,6 +35,8 @@ def describe(e: E.Expr) -> str:
         return f"matmul({describe(e.a)}, {describe(e.b)})"
     if isinstance(e, E.Scale):
         return f"scale({describe(e.x)}, {e.factor:g})"
+    if isinstance(e, E.RowRescale):
+        return f"row_rescale({describe(e.x)}, {describe(e.magnitude)})"
     return type(e).__name__
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from ckpt_ir.ir.layout import Layout
-from ckpt_ir.ir.names import role_of
+from ckpt_ir.ir.names import SAVED, is_lora, lora_target, role_of
 from ckpt_ir.ir.spec import ModelSpec
 
 
-def expected_shape(spec: ModelSpec, layout: Layout, name: str) -> tuple[int, ...] | None:
+def expected_shape(spec: ModelSpec, layout: Layout, name: str, rank: int | None = None) -> tuple[int, ...] | None:
     """None when the role is unknown (the verifier reports it)."""
     h, d, f = spec.hidden_size, spec.head_dim, spec.ffn_hidden_size
     q, kv = spec.q_size, spec.kv_size
@@ -64,13 +64,18 @@ def expected_shape(spec: ModelSpec, layout: Layout, name: str) -> tuple[int, ...
         table["layers.{i}.attn.q.weight"] = (spec.mla_q_size, h)
         table["layers.{i}.attn.o.weight"] = (h, spec.num_heads * spec.v_head_dim)
     role = role_of(name)
-    for suffix, which in ((".lora_a.weight", "a"), (".lora_b.weight", "b")):
-        if role.endswith(suffix):
-            target = table.get(role[: -len(suffix)] + ".weight")
-            r = spec.lora_rank
-            if target is None or r is None:
-                return None
-            return (r, target[1]) if which == "a" else (target[0], r)
+    if is_lora(role):  # the rank is each target's own (peft's rank_pattern): ``rank`` is read from the tensor
+        target = table.get(lora_target(role))
+        if target is None:
+            return None
+        if SAVED in role:
+            return target
+        if role.endswith(".lora_magnitude.weight"):
+            return target[:1]
+        r = rank if rank is not None else spec.lora_rank
+        if r is None:
+            return None
+        return (r, target[1]) if role.endswith(".lora_a.weight") else (target[0], r)
     return table.get(role)
 
 

@@ -54,8 +54,8 @@ GATE = re.compile(r"^(mlp\.(?:experts\.\d+\.|shared\.)?)gate\.weight$")
 GATE_UP = re.compile(r"^(mlp\.(?:experts\.\d+\.|shared\.)?)gate_up\.(.+)$")
 
 # What the fusion rules apply to, per target: tensors whose rows are output features (weight,
-# bias, LoRA B) are interleaved/stacked like the weight; LoRA A (input side) is shared.
-ROW_STACKED = ("weight", "bias", "lora_b.weight")
+# bias, LoRA B, DoRA magnitude, saved copies) are interleaved/stacked like the weight; LoRA A (input side) is shared.
+ROW_STACKED = ("weight", "bias", "lora_b.weight", "lora_magnitude.weight", "lora_saved.weight", "lora_saved.bias")
 SHARED = "lora_a.weight"
 
 

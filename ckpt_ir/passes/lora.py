@@ -1,8 +1,12 @@
-"""lora-merge: fold LoRA adapters into their base weights, W' = W + (alpha / r) * B @ A.
+"""lora-merge: fold LoRA adapters into their base weights, W' = W + s * B @ A.
 
-The product and the sum run in fp32 and the result is rounded once to W's dtype (a bf16 model
-stays bf16 without an fp16 detour).  Fused targets need no special case: a fused QKV's B is
-interleaved exactly like its weight, and a fused gate/up's B is [B_gate; B_up] like [gate; up].
+s is each target's scale (``ModelSpec.lora_scale``: alpha / r or, rank-stabilised, alpha / sqrt(r),
+with the target's own rank and alpha).  With a DoRA magnitude m the merged rows are rescaled to
+it, W' = (m / ||W + s*B@A||_row) * (W + s*B@A), in peft's operation order.  A full tensor saved
+with the adapter (modules_to_save) replaces its base tensor.  All arithmetic runs in fp32 and the
+result is rounded once to W's dtype (a bf16 model stays bf16 without an fp16 detour).  Fused
+targets need no special case: a fused QKV's B (and magnitude) is interleaved exactly like its
+weight, and a fused gate/up's B is [B_gate; B_up] like [gate; up].
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import attrs
 from ckpt_ir.errors import UsageError, VerifyError
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
-from ckpt_ir.ir.names import is_lora, lora_target, split_layer
+from ckpt_ir.ir.names import is_lora, is_lora_factor, lora_target, saved_name, split_layer
 from ckpt_ir.passes.manager import Option, Pass, register_pass
 
 # Module names --lora-target-modules takes (Megatron or HF) -> the canonical targets that carry
@@ -29,7 +33,7 @@ def lora_modules(ckpt: Checkpoint) -> set[str]:
     """Canonical target roles (``attn.qkv``, ``mlp.down``...) that carry LoRA tensors."""
     out = set()
     for name in ckpt.tensors:
-        if is_lora(name):
+        if is_lora_factor(name):
             out.add(split_layer(lora_target(name))[1][: -len(".weight")])
     return out
 
@@ -89,40 +93,51 @@ def apply_lora_options(ckpt: Checkpoint, rank: int | None, alpha: float | None,
 @register_pass
 class LoraMerge(Pass):
     name = "lora-merge"
-    summary = "Merge LoRA adapters into base weights: W + (alpha/r) * B @ A in fp32, rounded once"
+    summary = "Merge LoRA adapters into base weights: W + s * B @ A (DoRA: rescaled rows) in fp32, rounded once"
     description = ("Rank and alpha come from the checkpoint (Megatron args or adapter_config.json); options "
-                   "must agree with them.  targets= (comma list of Megatron or HF module names) must name "
-                   "exactly the modules that carry LoRA.")
+                   "must agree with them.  Per-target ranks, alphas (peft's rank/alpha_pattern), rsLoRA "
+                   "scaling, DoRA magnitudes and saved full tensors (modules_to_save) are data of the "
+                   "checkpoint.  targets= (comma list of Megatron or HF module names) must name exactly the "
+                   "modules that carry LoRA.")
     options = (
         Option("alpha", float, None, "LoRA alpha (default: from the checkpoint)"),
         Option("rank", int, None, "LoRA rank r (default: from the checkpoint)"),
         Option("targets", str, None, "modules expected to carry LoRA, e.g. linear_qkv,linear_proj"),
     )
-    requires = "tp=1 (run gather first); LoRA tensors present"
+    requires = "tp=1 (run gather first: a DoRA row norm needs whole rows of row-parallel weights); LoRA present"
     guarantees = "no LoRA tensors; base weights merged, dtype unchanged"
     optimizer_state = "drop"  # the adapters' state has no counterpart in the merged weights
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
         if ckpt.layout.tp != 1:
-            raise VerifyError("lora-merge needs whole tensors; run gather first")
+            raise VerifyError("lora-merge needs whole tensors; run gather first")  # DoRA's row norm spans the input dim
         targets = tuple(t for t in (self.opt("targets") or "").split(",") if t)
         spec = apply_lora_options(ckpt, self.opt("rank"), self.opt("alpha"), targets).spec
-        r, alpha = spec.lora_rank, spec.lora_alpha
-        assert r is not None and alpha is not None
-        scale = alpha / r
         out: dict[str, TensorNode] = {}
         for name, t in ckpt.tensors.items():
             if is_lora(name):
                 continue
-            base = name[: -len(".weight")]
-            a, b = ckpt.tensors.get(base + ".lora_a.weight"), ckpt.tensors.get(base + ".lora_b.weight")
+            saved = ckpt.tensors.get(saved_name(name))
+            if saved is not None:  # peft's modules_to_save: the trained copy replaces the base tensor
+                out[name] = TensorNode.whole(name, E.simplify(E.Cast(saved.expr, t.dtype)))
+                continue
+            out[name] = t
+            stem = name[: -len(".weight")] if name.endswith(".weight") else name
+            a, b, m = (ckpt.tensors.get(stem + s) for s in (".lora_a.weight", ".lora_b.weight", ".lora_magnitude.weight"))
             if (a is None) != (b is None):
                 raise VerifyError(f"{name}: LoRA {'A' if a is None else 'B'} is missing")
-            if a is not None:
-                delta = E.Scale(E.Matmul(b.expr, a.expr), scale)
-                t = TensorNode.whole(name, E.Add(t.expr, delta))
-            out[name] = t
+            if a is None:
+                if m is not None:
+                    raise VerifyError(f"{name}: DoRA magnitude without LoRA A and B")
+                continue
+            delta = E.Scale(E.Matmul(b.expr, a.expr), spec.lora_scale(name, a.shape[0]))
+            if m is None:
+                merged = E.Add(t.expr, delta)
+            else:  # the norm needs W + s*B@A unrounded: sum in fp32, rescale, round once
+                merged = E.Cast(E.RowRescale(E.Add(E.Cast(t.expr, "F32"), delta), m.expr), t.dtype)
+            out[name] = TensorNode.whole(name, E.simplify(merged))
         orphans = [n for n in ckpt.tensors if is_lora(n) and lora_target(n) not in ckpt.tensors]
         if orphans:
             raise VerifyError(f"LoRA tensors without a base weight: {', '.join(orphans[:3])}; load the base checkpoint")
-        return ckpt.with_tensors(out, spec=attrs.evolve(spec, lora_rank=None, lora_alpha=None))
+        return ckpt.with_tensors(out, spec=attrs.evolve(spec, lora_rank=None, lora_alpha=None, lora_rslora=False,
+                                                        lora_alphas=()))
