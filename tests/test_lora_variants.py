@@ -1,0 +1,190 @@
+"""LoRA as people train it with peft: rsLoRA, rank/alpha patterns, DoRA, modules_to_save, all of
+them together, and LoRA on MoE experts (transformers 5's fused experts via target_parameters, and
+per-expert modules as transformers 4 named them).  Every adapter is made by peft itself with
+random (non-zero) factors; the oracles are peft's own merge_and_unload written to disk by
+transformers, and peft loading the adapter ckpt-ir exports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import build_hf
+from tests.test_moe import build_moe
+
+IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
+DENSE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+VARIANTS = {
+    "rslora": dict(target_modules=DENSE, use_rslora=True),
+    "patterns": dict(target_modules=DENSE, rank_pattern={"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6},
+                     alpha_pattern={"down_proj": 3, "o_proj": 16}),
+    "dora": dict(target_modules=DENSE, use_dora=True),
+    "modules_to_save": dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+    "all": dict(target_modules=DENSE, use_rslora=True, use_dora=True, modules_to_save=["lm_head"],
+                rank_pattern={"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6}, alpha_pattern={"down_proj": 3}),
+    # transformers 5 keeps each layer's experts fused: peft reaches them with target_parameters
+    "moe": dict(target_modules=["q_proj", "o_proj"], target_parameters=["mlp.experts.gate_up_proj",
+                                                                        "mlp.experts.down_proj"],
+                use_rslora=True, alpha_pattern={"o_proj": 5}),
+}
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "ckpt_ir", *args], capture_output=True, text=True, timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(r.stderr)
+    return r
+
+
+def make_adapter(base, out: str, **options) -> None:
+    """A peft adapter on ``base`` (a path or a module) with every adapter tensor random: LoRA A,
+    B, DoRA magnitudes and the modules_to_save copies, so no part of the merge is trivial."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32) if isinstance(base, str) else base
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                                  **options))
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.2 * torch.rand_like(p))
+            elif "lora_" in n or "modules_to_save" in n:
+                p.normal_(0, 0.3)
+    peft_model.save_pretrained(out)
+
+
+def peft_merged(base: str, adapter: str, out: str) -> dict[str, torch.Tensor]:
+    """peft's merge_and_unload, saved by transformers: the tensors as they are on disk."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+    model.merge_and_unload().save_pretrained(out)
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def peft_logits(base: str, adapter: str) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def assert_equal_files(got_dir: str, want: dict[str, torch.Tensor]) -> None:
+    got = load_file(os.path.join(got_dir, "model.safetensors"))
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert torch.equal(got[k], v), (k, (got[k] - v).abs().max().item())
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    return {"dense": build_hf(str(root / "llama"), "llama", layers=2),
+            "moe": build_moe(str(root / "mixtral"), "mixtral", layers=2)}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_merges_like_peft_directly_through_mcore_and_exports(tmp_path, bases, variant):
+    base = bases["moe" if variant == "moe" else "dense"]
+    adapter = str(tmp_path / "adapter")
+    make_adapter(base, adapter, **VARIANTS[variant])
+    want = peft_merged(base, adapter, str(tmp_path / "peft-merged"))
+    changed = [k for k, v in load_file(os.path.join(base, "model.safetensors")).items() if not torch.equal(v, want[k])]
+    assert len(changed) >= 2 * len(VARIANTS[variant]["target_modules"])  # the adapter really changes the model
+
+    # HF base + PEFT adapter -> merged HF
+    cli("convert", base, str(tmp_path / "direct"), "--to", "hf", "--lora-load", adapter)
+    assert_equal_files(str(tmp_path / "direct"), want)
+
+    # through Megatron-Core TP=2 (EP=2 for the experts): an mcore base with the adapter -> HF
+    layout = ["--tp", "2"] + (["--ep", "2"] if variant == "moe" else [])
+    cli("convert", base, str(tmp_path / "mc"), "--to", "mcore", *layout)
+    cli("convert", str(tmp_path / "mc"), str(tmp_path / "via-mc"), "--to", "hf", "--lora-load", adapter)
+    assert_equal_files(str(tmp_path / "via-mc"), want)
+    if variant in ("all", "moe"):  # and merged on the way in: HF + adapter -> mcore TP=2 -> HF
+        cli("convert", base, str(tmp_path / "mc-merged"), "--to", "mcore", *layout, "--lora-load", adapter)
+        cli("convert", str(tmp_path / "mc-merged"), str(tmp_path / "back"), "--to", "hf")
+        assert_equal_files(str(tmp_path / "back"), want)
+
+    # --to peft: the exported adapter loads in peft and computes the same logits
+    exported = str(tmp_path / "exported")
+    cli("convert", str(tmp_path / "mc"), exported, "--to", "peft", "--lora-load", adapter)
+    cfg = json.load(open(os.path.join(exported, "adapter_config.json")))
+    assert cfg["use_rslora"] == bool(VARIANTS[variant].get("use_rslora"))
+    assert cfg["use_dora"] == bool(VARIANTS[variant].get("use_dora"))
+    assert torch.equal(peft_logits(base, exported), peft_logits(base, adapter))
+
+
+def test_per_expert_lora_as_transformers_4_named_it(tmp_path, bases):
+    """Adapters trained on transformers 4 target each expert's own linears
+    (``block_sparse_moe.experts.N.w1``); peft makes one here on a module tree with those names,
+    holding the mixtral base's weights, and its merge is the oracle."""
+    from peft import PeftModel
+    from torch import nn
+
+    base = bases["moe"]
+    weights = load_file(os.path.join(base, "model.safetensors"))
+
+    def tree() -> nn.Module:
+        root = nn.Module()
+        for key, w in weights.items():
+            *path, leaf = key.split(".")
+            mod = root
+            for p in path[:-1]:
+                if not hasattr(mod, p):
+                    mod.add_module(p, nn.Module())
+                mod = getattr(mod, p)
+            if not hasattr(mod, path[-1]):
+                mod.add_module(path[-1], nn.Linear(w.shape[1], w.shape[0], bias=False) if w.ndim == 2 else nn.Module())
+            holder = getattr(mod, path[-1])
+            setattr(holder, leaf, nn.Parameter(w.clone()))
+        return root
+
+    adapter = str(tmp_path / "adapter")
+    make_adapter(tree(), adapter, target_modules=["w1", "w2", "w3", "q_proj"])
+    keys = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.1.block_sparse_moe.experts.3.w2.lora_B.weight" in keys
+    merged = PeftModel.from_pretrained(tree(), adapter).merge_and_unload().state_dict()
+    out = str(tmp_path / "merged")
+    cli("convert", base, out, "--to", "hf", "--lora-load", adapter)
+    got = load_file(os.path.join(out, "model.safetensors"))
+    assert set(got) == set(merged)
+    for k in got:
+        assert torch.equal(got[k], merged[k]), k
+    assert not torch.equal(got["model.layers.1.block_sparse_moe.experts.3.w2.weight"],
+                           weights["model.layers.1.block_sparse_moe.experts.3.w2.weight"])
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    ({"peft_type": "LOHA"}, "peft_type='LOHA' is not supported"),
+    ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
+    ({"lora_bias": True}, "lora_bias=True is not supported"),
+    ({"bias": "all"}, "bias='all'"),
+    ({"use_bdlora": {"nblocks": 2}}, "use_bdlora="),
+    ({"trainable_token_indices": [1, 2]}, "trainable_token_indices="),
+    ({"rank_pattern": {"q_proj": 8}}, "q_proj has LoRA rank 4 but adapter_config.json implies r=8"),
+])
+def test_unsupported_options_are_one_line_errors(tmp_path, bases, edit, fragment):
+    adapter = str(tmp_path / "adapter")
+    make_adapter(bases["dense"], adapter, target_modules=["q_proj"])
+    path = os.path.join(adapter, "adapter_config.json")
+    cfg = json.load(open(path))
+    cfg.update(edit)
+    json.dump(cfg, open(path, "w"))
+    dst = str(tmp_path / "out")
+    r = cli("convert", bases["dense"], dst, "--to", "hf", "--lora-load", adapter, check=False)
+    assert r.returncode != 0 and fragment in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not os.path.exists(dst)
