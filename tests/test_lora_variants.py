@@ -188,3 +188,60 @@ def test_unsupported_options_are_one_line_errors(tmp_path, bases, edit, fragment
     assert r.returncode != 0 and fragment in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not os.path.exists(dst)
+
+
+def test_megatron_expert_lora_tp2_ep2_exports_fused_for_peft(tmp_path, bases):
+    """MindSpeed-LLM trains LoRA on each local expert's linear_fc1/linear_fc2 (plain LoRA: its
+    LoraConfig has no rsLoRA, DoRA or patterns).  Written here from the format rules on a
+    TP=2 EP=2 checkpoint: the merge equals W + (alpha/r) B @ A per expert, and --to peft writes
+    transformers 5's fused-expert LoRA that peft loads with the merged model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    base, mc = bases["moe"], str(tmp_path / "mc")
+    cli("convert", base, mc, "--to", "mcore", "--tp", "2", "--ep", "2")
+    r, alpha, n_experts, tp, ep = 2, 6.0, 4, 2, 2
+    local = n_experts // ep
+    g = torch.Generator().manual_seed(5)
+    full = {}  # (layer, expert, module) -> (A, B)
+    it = os.path.join(mc, "iter_0000001")
+    for d in sorted(os.listdir(it)):
+        tp_rank, ep_rank = (int(x) for x in d.split("_")[2:4])
+        path = os.path.join(it, d, "model_optim_rng.pt")
+        ck = torch.load(path, weights_only=False)
+        model = {}
+        for k, v in ck["model"].items():
+            parts = k.split(".")
+            if "local_experts" not in parts or parts[-1] != "weight":
+                model[k] = v
+                continue
+            layer, module = int(parts[2]), parts[-2]
+            expert = ep_rank * local + int(parts[parts.index("local_experts") + 1])
+            rows, cols = (2 * v.shape[0], v.shape[1]) if module == "linear_fc1" else (v.shape[0], v.shape[1] * tp)
+            if (layer, expert, module) not in full:
+                full[layer, expert, module] = (torch.randn(r, cols, generator=g), torch.randn(rows, r, generator=g))
+            A, B = full[layer, expert, module]
+            if module == "linear_fc1":  # column-parallel, [gate_t; up_t] on each rank
+                a, b = A, torch.cat([half.chunk(tp, 0)[tp_rank] for half in B.chunk(2, 0)])
+            else:  # row-parallel: A split on its input dim
+                a, b = A.chunk(tp, 1)[tp_rank], B
+            stem = k[: -len(".weight")]
+            model[stem + ".base_layer.weight"] = v
+            model[stem + ".lora_A.default.weight"] = a.contiguous()
+            model[stem + ".lora_B.default.weight"] = b.contiguous()
+        ck["model"] = model
+        ck["args"].lora_r, ck["args"].lora_alpha = r, alpha
+        torch.save(ck, path)
+    merged, adapter = str(tmp_path / "merged"), str(tmp_path / "adapter")
+    cli("convert", mc, merged, "--to", "hf", "--lora-target-modules", "linear_fc1", "linear_fc2")
+    cli("convert", mc, adapter, "--to", "peft", "--lora-r", "2", "--lora-alpha", "6")
+    cfg = json.load(open(os.path.join(adapter, "adapter_config.json")))
+    assert cfg["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    w, m = load_file(os.path.join(base, "model.safetensors")), load_file(os.path.join(merged, "model.safetensors"))
+    for (layer, e, module), (A, B) in full.items():
+        stem = f"model.layers.{layer}.block_sparse_moe.experts.{e}."
+        pairs = [("w1", B.chunk(2, 0)[0]), ("w3", B.chunk(2, 0)[1])] if module == "linear_fc1" else [("w2", B)]
+        for name, b in pairs:
+            assert torch.equal(m[stem + name + ".weight"], w[stem + name + ".weight"] + (b @ A) * (alpha / r))
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(IDS).logits
+    assert torch.allclose(peft_logits(base, adapter), want, atol=1e-4, rtol=1e-5)

@@ -16,25 +16,34 @@ import attrs
 from ckpt_ir.errors import UsageError, VerifyError
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
-from ckpt_ir.ir.names import is_lora, is_lora_factor, lora_target, saved_name, split_layer
+from ckpt_ir.ir.names import is_lora, is_lora_factor, lora_target, role_of, saved_name
 from ckpt_ir.passes.manager import Option, Pass, register_pass
 
 # Module names --lora-target-modules takes (Megatron or HF) -> the canonical targets that carry
-# their LoRA, fused or not (q_proj's LoRA lives in linear_qkv's once fused)
+# their LoRA, fused or not (q_proj's LoRA lives in linear_qkv's once fused); Megatron's and
+# transformers-4's expert linears take the same names as the dense ones
+_FC1 = ("mlp.gate_up", "mlp.gate", "mlp.up", "mlp.experts.{e}.gate_up", "mlp.experts.{e}.gate", "mlp.experts.{e}.up",
+        "mlp.shared.gate_up", "mlp.shared.gate", "mlp.shared.up")
 MCORE_TARGETS = {"linear_qkv": ("attn.qkv", "attn.q", "attn.k", "attn.v"), "linear_proj": ("attn.o",),
-                 "linear_fc1": ("mlp.gate_up", "mlp.gate", "mlp.up"), "linear_fc2": ("mlp.down",)}
+                 "linear_fc1": _FC1, "linear_fc2": ("mlp.down", "mlp.experts.{e}.down", "mlp.shared.down")}
 HF_TARGETS = {"q_proj": ("attn.q", "attn.qkv"), "k_proj": ("attn.k", "attn.qkv"), "v_proj": ("attn.v", "attn.qkv"),
-              "o_proj": ("attn.o",), "gate_proj": ("mlp.gate", "mlp.gate_up"), "up_proj": ("mlp.up", "mlp.gate_up"),
-              "down_proj": ("mlp.down",), "qkv_proj": ("attn.q", "attn.k", "attn.v", "attn.qkv"),
-              "gate_up_proj": ("mlp.gate", "mlp.up", "mlp.gate_up")}
+              "o_proj": ("attn.o",),
+              "gate_proj": ("mlp.gate", "mlp.gate_up", "mlp.experts.{e}.gate", "mlp.experts.{e}.gate_up", "mlp.shared.gate",
+                            "mlp.shared.gate_up"),
+              "up_proj": ("mlp.up", "mlp.gate_up", "mlp.experts.{e}.up", "mlp.experts.{e}.gate_up", "mlp.shared.up",
+                          "mlp.shared.gate_up"),
+              "down_proj": ("mlp.down", "mlp.experts.{e}.down", "mlp.shared.down"),
+              "qkv_proj": ("attn.q", "attn.k", "attn.v", "attn.qkv"), "gate_up_proj": _FC1,
+              "w1": ("mlp.experts.{e}.gate", "mlp.experts.{e}.gate_up"), "w3": ("mlp.experts.{e}.up", "mlp.experts.{e}.gate_up"),
+              "w2": ("mlp.experts.{e}.down",)}
 
 
 def lora_modules(ckpt: Checkpoint) -> set[str]:
-    """Canonical target roles (``attn.qkv``, ``mlp.down``...) that carry LoRA tensors."""
+    """Canonical target roles (``attn.qkv``, ``mlp.experts.{e}.down``...) that carry LoRA tensors."""
     out = set()
     for name in ckpt.tensors:
         if is_lora_factor(name):
-            out.add(split_layer(lora_target(name))[1][: -len(".weight")])
+            out.add(role_of(lora_target(name))[len("layers.{i}."): -len(".weight")])
     return out
 
 
