@@ -245,3 +245,26 @@ def test_megatron_expert_lora_tp2_ep2_exports_fused_for_peft(tmp_path, bases):
     with torch.no_grad():
         want = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(IDS).logits
     assert torch.allclose(peft_logits(base, adapter), want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind, layout", [("dense", "shard{tp=2 pp=2}"), ("dense", "shard{tp=2 pp=2 vpp-layers=1}"),
+                                          ("moe", "shard{tp=2 ep=2}"), ("moe", "shard{tp=1 ep=4}"),
+                                          ("moe", "shard{tp=2 ep=2 etp=1}")])
+def test_adapter_tensors_are_resharded_like_their_weights(tmp_path, bases, kind, layout):
+    """The adapter's tensors are IR data: sharded by their split rules (DoRA magnitudes and saved
+    copies like the rows of their weight) and gathered back, the merge is unchanged, bit for bit."""
+    import ckpt_ir.api as ck
+    from ckpt_ir.ir import expr as E
+
+    adapter = str(tmp_path / "adapter")
+    make_adapter(bases[kind], adapter, **VARIANTS["all" if kind == "dense" else "moe"])
+    src = ck.attach_lora(ck.load(bases[kind]), adapter)
+    sharded = ck.run(src, layout)
+    for name in ("layers.0.attn.q.lora_magnitude.weight", "lm_head.lora_saved.weight", "layers.0.attn.q.lora_b.weight")\
+            if kind == "dense" else ("layers.0.attn.q.lora_b.weight",):
+        assert sharded.tensors[name].tp == (1 if "{tp=1" in layout else 2), name
+    direct, via = ck.run(src, "lora-merge"), ck.run(sharded, "gather,lora-merge")
+    assert list(direct.tensors) == list(via.tensors)
+    with E.Reader() as reader:
+        for name, t in direct.tensors.items():
+            assert torch.equal(E.evaluate(t.expr, reader), E.evaluate(via.tensors[name].expr, reader)), name
