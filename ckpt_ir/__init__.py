@@ -10,6 +10,13 @@ The heavy dependencies (torch, transformers) are imported only where a command n
 
 __version__ = "0.1.0"
 
-from ckpt_ir.errors import CkptIrError, FormatError, LayoutError, UsageError  # noqa: E402
+from ckpt_ir.errors import (  # noqa: E402
+    CkptIrError,
+    CoverageError,
+    FormatError,
+    LayoutError,
+    UsageError,
+    VerifyError,
+)
 
-__all__ = ["CkptIrError", "FormatError", "LayoutError", "UsageError", "__version__"]
+__all__ = ["CkptIrError", "CoverageError", "FormatError", "LayoutError", "UsageError", "VerifyError", "__version__"]

@@ -1,14 +1,22 @@
-"""Python API: load, derive or parse a pipeline, run it, plan and save.
+"""Python API: one conversion driver, and the steps it is made of.
 
     import ckpt_ir.api as ck
+    ck.convert("Qwen2.5-0.5B", "qwen-tp2pp2", ck.Target(to="mcore", tp=2, pp=2))
+
+or step by step (load, derive or parse a pipeline, run it, plan, write):
+
     src = ck.load("Qwen2.5-0.5B")
     target = ck.Target(to="mcore", tp=2, pp=2)
     out = ck.run(src, ck.derive_pipeline(src, target))
     ck.save(out, "qwen-tp2pp2", target)
+
+Every change to the IR between the source and the output is a pass of the pipeline, so the
+pipeline printed by ``convert --print-pipeline`` is exactly what runs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -17,10 +25,11 @@ from ckpt_ir.backends.plan import Plan
 from ckpt_ir.errors import UsageError
 from ckpt_ir.frontends import load
 from ckpt_ir.ir.checkpoint import Checkpoint
-from ckpt_ir.passes.manager import Instrumentation, PassManager, Pipeline, parse_pipeline
+from ckpt_ir.passes.manager import FunctionPass, Instrumentation, Pass, PassManager, Pipeline, parse_pipeline
 from ckpt_ir.passes.vocab import padded_size
 
-__all__ = ["Target", "load", "attach_lora", "derive_pipeline", "run", "plan", "save", "parse_pipeline"]
+__all__ = ["Checkpoint", "Target", "Conversion", "convert", "load", "attach_lora", "derive_pipeline", "run", "plan", "save",
+           "check_target", "parse_pipeline"]
 
 
 @attrs.frozen(kw_only=True)
@@ -51,6 +60,10 @@ class Target:
     # for data-parallel size ``dp`` (default: the source's)
     optimizer: bool = True
     dp: int | None = None
+    # LoRA adapter to attach (a PEFT directory or a Megatron LoRA checkpoint): merged for hf/mcore
+    lora_load: str | None = None
+    # multi-token-prediction layers to keep (None: all); MindSpeed-LLM's --mtp-num-layers
+    mtp_layers: int | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.to not in ("hf", "mcore", "peft"):
@@ -73,74 +86,83 @@ class Target:
 
 
 def attach_lora(base: Checkpoint, path: str) -> Checkpoint:
-    """Add the LoRA adapter at ``path`` to ``base``: a PEFT adapter directory, or a Megatron
-    checkpoint holding LoRA tensors (e.g. saved with a LoRA filter) in the same layout as the base.
-    Adapter tensors replace any LoRA the base already carries."""
-    from ckpt_ir.families import by_name
+    """Add the LoRA adapter at ``path`` to ``base`` (the ``attach-lora`` pass, after bringing a base
+    into the whole, unfused layout a PEFT adapter's HF module names need)."""
     from ckpt_ir.frontends import peft
-    from ckpt_ir.ir.names import is_lora, lora_target
 
-    if peft.detect(path):
-        if base.layout.tp != 1 or base.layout.fused_qkv or base.layout.fused_gate_up:
-            base = run(base, derive_pipeline(base, Target(to="hf")))
-        tensors, spec = peft.lift_adapter(path, by_name(base.spec.family), base.spec)
-    else:
-        adapter = load(path)
-        if adapter.spec.lora_rank is None:
-            raise UsageError(f"--lora-load {path}: no LoRA tensors found there")
-        la, lb = adapter.layout, base.layout
-        if (la.tp, la.pp, la.vpp_layers, la.num_layer_list, la.noop_layers) != \
-                (lb.tp, lb.pp, lb.vpp_layers, lb.num_layer_list, lb.noop_layers):
-            raise UsageError(f"--lora-load {path}: adapter layout ({la.describe()}) differs from the base "
-                             f"({lb.describe()}); both must come from the same training layout")
-        tensors = {n: t for n, t in adapter.tensors.items() if is_lora(n)}
-        a = adapter.spec
-        spec = attrs.evolve(base.spec, lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, lora_rslora=a.lora_rslora,
-                            lora_alphas=a.lora_alphas)
-    missing = sorted({lora_target(n) for n in tensors} - set(base.tensors))
-    if missing:
-        raise UsageError(f"--lora-load {path}: adapter targets {', '.join(missing[:3])} which the base lacks")
-    merged = {n: t for n, t in base.tensors.items() if not is_lora(n)}
-    merged.update(tensors)
-    from ckpt_ir.frontends.hf import canonical_order
-
-    ordered = dict(sorted(merged.items(), key=lambda kv: canonical_order(kv[0])))
-    return attrs.evolve(base, tensors=ordered, spec=spec)
+    steps = _normalise(base.layout, unfuse=True) if peft.detect(path) else []
+    return run(base, ",".join([*steps, _pass_text("attach-lora", path=path)]))
 
 
-def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
-    """The standard pipeline from the source layout to the target: normalise (gather, drop no-op
-    layers and padding, unfuse), cast, then build the target layout."""
-    lay = src.layout
+def _pass_text(name: str, **options: Any) -> str:
+    """One pass of pipeline text; option values must not hold whitespace or braces."""
+    from ckpt_ir.passes.manager import registry
+
+    cls = registry()[name]
+    parts = []
+    for key, value in options.items():
+        if value is None:
+            continue
+        opt = next(o for o in cls.options if o.attribute == key)
+        text = opt.format(value)
+        if not text or any(ch.isspace() or ch in "{}" for ch in text):
+            raise UsageError(f"{name}: {opt.name} {text!r} cannot be written in pipeline text (no spaces or braces "
+                             f"allowed); rename or link it")
+        parts.append(f"{opt.name}={text}")
+    return name + ("{" + " ".join(parts) + "}" if parts else "")
+
+
+def _normalise(lay: Any, *, unfuse: bool, keep_grouped: bool = False) -> list[str]:
+    """Steps from any layout to the whole, canonical one (gathered, no no-op layers or padding;
+    unfused when ``unfuse``)."""
     steps: list[str] = []
     if lay.tp > 1 or lay.pp > 1 or lay.vpp_layers or lay.num_layer_list or lay.ep > 1 or lay.etp is not None:
         steps.append("gather")
-    if lay.grouped_gemm and not (target.to == "mcore" and target.grouped_gemm):
+    if lay.grouped_gemm and not keep_grouped:
         steps.append("ungroup-experts")
     if lay.noop_layers:
         steps.append("remove-noop-layers")
     if lay.padded_vocab:
         steps.append("unpad-vocab")
-    if src.spec.lora_rank is not None and target.to != "peft":
-        opts = []
-        if target.lora_alpha is not None:
-            opts.append(f"alpha={target.lora_alpha:g}")
-        if target.lora_rank is not None:
-            opts.append(f"rank={target.lora_rank}")
-        if target.lora_targets:
-            opts.append("targets=" + ",".join(target.lora_targets))
-        steps.append("lora-merge" + ("{" + " ".join(opts) + "}" if opts else ""))
-    if target.to in ("hf", "peft"):
-        if lay.fused_gate_up:
-            steps.append("unfuse-gate-up")
-        if lay.fused_qkv:
-            steps.append("unfuse-qkv")
+    if unfuse and lay.fused_gate_up:
+        steps.append("unfuse-gate-up")
+    if unfuse and lay.fused_qkv:
+        steps.append("unfuse-qkv")
+    return steps
+
+
+def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
+    """The standard pipeline from the source to the target, every IR change a pass: normalise
+    (gather, drop no-op layers and padding, unfuse), attach and merge LoRA, drop what the target
+    does not carry (MTP layers beyond ``mtp_layers``, optimizer state), cast, then build the
+    target layout (fuse, pad, no-op layers, grouped experts, shard, norm naming)."""
+    from ckpt_ir.frontends import peft
+
+    lay = src.layout
+    to_mcore = target.to == "mcore"
+    peft_adapter = bool(target.lora_load) and peft.detect(target.lora_load)  # type: ignore[arg-type]
+    steps: list[str] = []
+    if target.lora_load and not peft_adapter:  # a Megatron adapter shares the base's layout
+        steps.append(_pass_text("attach-lora", path=target.lora_load))
+    unfuse = target.to in ("hf", "peft") or peft_adapter
+    steps += _normalise(lay, unfuse=unfuse, keep_grouped=to_mcore and target.grouped_gemm)
+    fused_qkv, fused_gate_up = (False, False) if unfuse else (lay.fused_qkv, lay.fused_gate_up)
+    if peft_adapter:
+        steps.append(_pass_text("attach-lora", path=target.lora_load))
+    has_lora = src.spec.lora_rank is not None or bool(target.lora_load)
+    if has_lora and target.to != "peft":
+        steps.append(_pass_text("lora-merge", alpha=target.lora_alpha, rank=target.lora_rank,
+                                targets=",".join(target.lora_targets) or None))
+    if target.mtp_layers is not None and src.spec.mtp_layers > target.mtp_layers:
+        steps.append(f"drop-mtp{{keep={target.mtp_layers}}}")
+    if src.states and not target.carries_optimizer:
+        steps.append("drop-optimizer-state")
     if target.dtype:
         steps.append(f"cast{{dtype={target.dtype}}}")
-    if target.to == "mcore":
-        if not lay.fused_qkv:
+    if to_mcore:
+        if not fused_qkv:
             steps.append("fuse-qkv")
-        if not lay.fused_gate_up:
+        if not fused_gate_up:
             steps.append("fuse-gate-up")
         if target.vocab_divisible_by:
             size = padded_size(src.spec.vocab_size, target.vocab_divisible_by, target.tp)
@@ -161,19 +183,70 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
             opts.append(f"etp={target.etp}")
         if target.tp > 1 or target.pp > 1 or target.vpp_layers or target.num_layer_list or target.ep > 1:
             steps.append("shard{" + " ".join(opts) + "}")
+        if target.norm_names and target.norm_names != lay.norm_names:
+            steps.append(f"rename-norms{{names={target.norm_names}}}")
     return parse_pipeline(",".join(steps)) if steps else Pipeline()
 
 
-def run(ckpt: Checkpoint, pipeline: Pipeline | str, instrumentation: Instrumentation | None = None) -> Checkpoint:
+def run(ckpt: Checkpoint, pipeline: Pipeline | str | Sequence[Pass | Callable[[Checkpoint], Checkpoint]],
+        instrumentation: Instrumentation | None = None) -> Checkpoint:
+    """Run ``pipeline`` (pipeline text, a parsed Pipeline, or a list of pass instances and plain
+    ``Checkpoint -> Checkpoint`` functions) with verification after every step."""
+    return PassManager(as_pipeline(pipeline), instrumentation).run(ckpt)
+
+
+def as_pipeline(pipeline: Pipeline | str | Sequence[Pass | Callable[[Checkpoint], Checkpoint]]) -> Pipeline:
     if isinstance(pipeline, str):
-        pipeline = parse_pipeline(pipeline) if pipeline.strip() else Pipeline()
-    return PassManager(pipeline, instrumentation).run(ckpt)
+        return parse_pipeline(pipeline) if pipeline.strip() else Pipeline()
+    if isinstance(pipeline, Pipeline):
+        return pipeline
+    return Pipeline(p if isinstance(p, Pass) else FunctionPass(p) for p in pipeline)
+
+
+def check_target(ckpt: Checkpoint, target: Target) -> None:
+    """The IR must be what the target asks for, field by field (each target setting that differs
+    from its default is compared).  A user pipeline that builds another layout or dtype is a usage
+    error naming the fields; nothing is written."""
+    from ckpt_ir.ir.dtypes import FLOATING, parse_dtype
+
+    lay, diffs = ckpt.layout, []
+    if target.to == "mcore":
+        wanted = {"tp": (target.tp, lay.tp, 1), "pp": (target.pp, lay.pp, 1), "ep": (target.ep, lay.ep, 1),
+                  "vpp-layers": (target.vpp_layers, lay.vpp_layers, None),
+                  "num-layer-list": (target.num_layer_list, lay.num_layer_list, None),
+                  "noop-layers": (tuple(sorted(target.noop_layers)), lay.noop_layers, ()),
+                  "etp": (target.etp, lay.expert_tp if target.etp is not None else None, None),
+                  "moe-grouped-gemm": (target.grouped_gemm, lay.grouped_gemm, False),
+                  "norm-names": (target.norm_names, lay.norm_names if target.norm_names else None, None)}
+        if target.vocab_divisible_by:
+            size = padded_size(ckpt.spec.vocab_size, target.vocab_divisible_by, target.tp)
+            rows = lay.padded_vocab or ckpt.spec.vocab_size
+            wanted["make-vocab-size-divisible-by"] = (size, rows, None)
+        diffs += [f"--{k} {_show(want)} but the pipeline gives {_show(got)}"
+                  for k, (want, got, default) in wanted.items() if want != default and want != got]
+    if target.dtype:
+        want_dtype = parse_dtype(target.dtype)
+        other = sorted({t.dtype for t in ckpt.tensors.values() if t.dtype in FLOATING} - {want_dtype})
+        if other and ckpt.spec.dtype != want_dtype:
+            diffs.append(f"--dtype {target.dtype} but the pipeline gives {', '.join(other)} tensors")
+    if diffs:
+        raise UsageError("the pipeline's output differs from the target flags: " + "; ".join(diffs)
+                         + " (add the passes to --pipeline, or drop the flags)")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return "none" if value is None else str(value)
 
 
 def plan(ckpt: Checkpoint, target: Target) -> Plan:
+    """Every output file the target format gets for ``ckpt``, from metadata only.  The IR is taken
+    as it is (every change is a pass); it must match the target (:func:`check_target`)."""
+    check_target(ckpt, target)
     if ckpt.states and not target.carries_optimizer:
-        why = "optimizer state: only a Megatron target carries it" if target.optimizer else "--no-optimizer"
-        ckpt = attrs.evolve(ckpt, states={}, dropped={**ckpt.dropped, "optimizer state": why})
+        raise UsageError("the checkpoint still carries optimizer state, which this target does not take; "
+                         "add drop-optimizer-state to the pipeline")
     if target.to == "peft":
         from ckpt_ir.backends import peft
         from ckpt_ir.passes.lora import apply_lora_options
@@ -188,17 +261,63 @@ def plan(ckpt: Checkpoint, target: Target) -> Plan:
         return hf.plan(ckpt, **kw)
     from ckpt_ir.backends import mcore
 
-    if target.norm_names and ckpt.layout.norm_names != target.norm_names:
-        ckpt = attrs.evolve(ckpt, layout=attrs.evolve(ckpt.layout, norm_names=target.norm_names))
     return mcore.plan(ckpt, shared_copies=target.shared_copies, dp=target.dp)
 
 
-def save(ckpt: Checkpoint, dst: str, target: Target, *, overwrite: bool = False, progress: bool = False,
-         workers: int | None = None, max_memory: int | None = None) -> dict:
-    """Plan and write ``ckpt`` to ``dst`` (atomically).  ``workers``: parallel writer processes
-    (default: one per core); ``max_memory``: bytes of tensor data held at once (default: half
-    the available memory)."""
+def save(ckpt: Checkpoint | Plan, dst: str, target: Target | None = None, *, overwrite: bool = False,
+         progress: bool = False, workers: int | None = None, max_memory: int | None = None) -> dict:
+    """Write ``ckpt`` to ``dst`` (atomically), planning it for ``target`` -- or write an existing
+    :class:`Plan`.  ``workers``: parallel writer processes (default: one per core);
+    ``max_memory``: bytes of tensor data held at once (default: half the available memory)."""
     from ckpt_ir.backends.execute import execute
 
-    return execute(plan(ckpt, target), dst, overwrite=overwrite, progress=progress, workers=workers,
-                   max_memory=max_memory)
+    if isinstance(ckpt, Checkpoint):
+        if target is None:
+            raise TypeError("save: a Checkpoint needs a Target to be planned for")
+        ckpt = plan(ckpt, target)
+    return execute(ckpt, dst, overwrite=overwrite, progress=progress, workers=workers, max_memory=max_memory)
+
+
+@attrs.frozen
+class Conversion:
+    """What :func:`convert` did: the pipeline that ran, the output IR, its plan, and the writer's
+    statistics (None for a dry run)."""
+
+    pipeline: Pipeline
+    output: Checkpoint
+    plan: Plan
+    stats: dict | None
+
+
+def convert(src: str | Checkpoint, dst: str, target: Target, *,
+            pipeline: Pipeline | str | Sequence[Pass | Callable[[Checkpoint], Checkpoint]] | None = None,
+            instrumentation: Instrumentation | None = None, dry_run: bool = False, overwrite: bool = False,
+            progress: bool = False, workers: int | None = None, max_memory: int | None = None,
+            load_options: dict[str, Any] | None = None,
+            announce: Callable[[Pipeline], None] | None = None) -> Conversion:
+    """The conversion driver (``ckpt-ir convert``, ``convert-ckpt`` and ``demo`` all use it):
+    lift ``src``, run ``pipeline`` (default: :func:`derive_pipeline`), check the result against
+    ``target``, plan the output once, and write it to ``dst`` atomically (not when ``dry_run``).
+    ``load_options`` go to :func:`load` (``allow_unused``, ``hf_config``, ``family``,
+    ``weights_from``, ``optimizer_layout``); ``announce`` is called with the pipeline before it runs."""
+    from ckpt_ir.backends.execute import execute
+    from ckpt_ir.io.atomic import check_destination
+
+    if not dry_run:
+        check_destination(dst, overwrite)
+    if not isinstance(src, Checkpoint):
+        opts = dict(load_options or {})
+        opts.setdefault("optimizer", target.carries_optimizer and not target.lora_load)
+        src = load(src, **opts)
+    if target.to == "peft" and src.spec.lora_rank is None and not target.lora_load:
+        raise UsageError("--to peft needs LoRA tensors: pass --lora-load DIR or a checkpoint that carries LoRA")
+    steps = derive_pipeline(src, target) if pipeline is None else as_pipeline(pipeline)
+    if announce is not None:
+        announce(steps)
+    out = run(src, steps, instrumentation)
+    the_plan = plan(out, target)
+    stats = None
+    if not dry_run:
+        stats = execute(the_plan, dst, overwrite=overwrite, progress=progress, workers=workers,
+                        max_memory=max_memory)
+    return Conversion(steps, out, the_plan, stats)

@@ -7,65 +7,18 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ckpt_ir.errors import CkptIrError, UsageError
-
-SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
-              "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
-
-
-def parse_size(text: str) -> int:
-    t = text.strip().upper()
-    num = t.rstrip("KMGTIB")
-    unit = t[len(num):]
-    try:
-        value = float(num) * SIZE_UNITS[unit]
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 5GB, 500MB, 2GiB") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
-    return int(value)
-
-
-def int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.replace(" ", ",").split(",") if x)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # usage errors exit 2 with a one-line message
-        self.print_usage(sys.stderr)
-        raise UsageError(f"{self.prog}: {message}")
-
-
-def add_ir_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("pipeline and debugging")
-    g.add_argument("--pipeline", metavar="TEXT", help="run this pass pipeline instead of the derived one, "
-                   "e.g. 'gather,unfuse-qkv,cast{dtype=bf16}'")
-    g.add_argument("--print-pipeline", action="store_true", help="print the pipeline that will run (paste it "
-                   "into --pipeline to edit it)")
-    g.add_argument("--print-ir-before", metavar="PASS", action="append", default=[], help="print the IR before PASS")
-    g.add_argument("--print-ir-after", metavar="PASS", action="append", default=[], help="print the IR after PASS")
-    g.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every pass")
-    g.add_argument("--ir-format", choices=("text", "json", "dot"), default="text", help="format of IR prints/dumps")
-    g.add_argument("--dump-ir", metavar="DIR", help="write the IR before the first pass and after each pass, "
-                   "one numbered file per pass")
-    g.add_argument("--pass-stats", action="store_true", help="print per-pass statistics (tensors, bytes, time)")
-    g.add_argument("--plugin", metavar="MODULE", action="append", default=[], help="import MODULE to register "
-                   "user passes (repeatable)")
-    g.add_argument("--allow-unused", metavar="PATTERN", action="append", default=[],
-                   help="drop source tensors matching this glob on purpose instead of failing (repeatable)")
+from ckpt_ir.cli_common import Parser, add_ir_flags, add_plugin_flag, int_list, load_plugins, parse_size
+from ckpt_ir.errors import CkptIrError
 
 
 def build_parser() -> argparse.ArgumentParser:
     from ckpt_ir import __version__
 
-    p = _Parser(prog="ckpt-ir", description="Convert and reshard LLM checkpoints (HF safetensors <-> "
+    p = Parser(prog="ckpt-ir", description="Convert and reshard LLM checkpoints (HF safetensors <-> "
                 "Megatron-Core) through a typed, lazy checkpoint IR with compiler-style passes.")
     p.add_argument("--version", action="version", version=f"ckpt-ir {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     c = sub.add_parser("convert", help="convert a checkpoint to another format or layout",
                        description="Convert SRC (format auto-detected) into DST. The pipeline is derived from the "
@@ -131,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "do not (plain Megatron-LM args)")
     i.add_argument("--weights-from", choices=("model", "master"), default="model",
                    help="Megatron source: the model's weights or the distributed optimizer's fp32 masters")
+    add_plugin_flag(i)
     i.add_argument("--optimizer", action="store_true", help="also list the distributed-optimizer state tensors "
                    "(rows named param:..., exp_avg:..., exp_avg_sq:...)")
 
@@ -140,9 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("b")
     d.add_argument("--json", action="store_true", help="machine-readable report")
     d.add_argument("--atol", type=float, default=0.0, help="treat differences up to ATOL as equal")
+    add_plugin_flag(d)
 
-    sub.add_parser("passes", help="list passes, their options and what they require/guarantee")
-    sub.add_parser("models", help="list supported model families")
+    ps = sub.add_parser("passes", help="list passes, their options and what they require/guarantee")
+    add_plugin_flag(ps)
+    ms = sub.add_parser("models", help="list supported model families")
+    add_plugin_flag(ms)
 
     de = sub.add_parser("demo", help="build a tiny random model, convert it HF -> mcore -> HF, verify, report")
     de.add_argument("dir", nargs="?", default=None, help="work directory (default: a temporary one)")
@@ -162,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.command:
             parser.print_help()
             return 2
+        load_plugins(args)
         return COMMANDS[args.command](args)
     except CkptIrError as e:
         if debug:
@@ -186,78 +144,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     import ckpt_ir.api as ck
+    from ckpt_ir.cli_common import run_conversion
+    from ckpt_ir.frontends import detect
     from ckpt_ir.frontends.hf import read_config
-    from ckpt_ir.passes.manager import load_plugin
 
-    for mod in args.plugin:
-        load_plugin(mod)
-    from ckpt_ir.io.atomic import check_destination
-
-    if not args.dry_run:
-        check_destination(args.dst, args.overwrite)
     target = ck.Target(to=args.to, dtype=args.dtype, tp=args.tp, pp=args.pp, vpp_layers=args.vpp_layers,
                        num_layer_list=args.num_layer_list, noop_layers=args.noop_layers,
                        vocab_divisible_by=args.make_vocab_size_divisible_by, norm_names=args.norm_names,
                        max_shard_size=args.max_shard_size, hf_config_dir=args.hf_config, ep=args.ep, etp=args.etp,
                        grouped_gemm=args.moe_grouped_gemm, lora_rank=args.lora_r,
                        lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_target_modules),
-                       dp=args.target_dp, optimizer=not args.no_optimizer)
-    from ckpt_ir.frontends import detect
-
+                       dp=args.target_dp, optimizer=not args.no_optimizer, lora_load=args.lora_load)
     # --hf-config also describes a Megatron source whose args carry no HF config
     hf_cfg = read_config(args.hf_config) if args.hf_config and detect(args.src) in ("mcore", "torch_dist") else None
     layout = {"dp": args.source_dp, "bucket_size": args.source_bucket_size, "align": args.source_param_align}
-    src = ck.load(args.src, allow_unused=tuple(args.allow_unused), hf_config=hf_cfg, weights_from=args.weights_from,
-                  optimizer=target.carries_optimizer and not args.lora_load, optimizer_layout=layout)
-    if args.lora_load:
-        src = ck.attach_lora(src, args.lora_load)
-    elif args.to == "peft" and src.spec.lora_rank is None:
-        raise UsageError("--to peft needs LoRA tensors: pass --lora-load DIR or a checkpoint that carries LoRA")
-    return run_conversion(src, target, args)
-
-
-def run_conversion(src, target, args: argparse.Namespace) -> int:
-    import ckpt_ir.api as ck
-    from ckpt_ir.passes.manager import Instrumentation, parse_pipeline
-
-    pipeline = parse_pipeline(args.pipeline) if args.pipeline else ck.derive_pipeline(src, target)
-    quiet = getattr(args, "quiet", False)
-    if args.print_pipeline or not quiet and not args.dry_run:
-        print(f"pipeline: {pipeline}", file=sys.stderr)
-    inst = Instrumentation(print_before=tuple(args.print_ir_before), print_after=tuple(args.print_ir_after),
-                           print_after_all=args.print_ir_after_all, dump_dir=args.dump_ir, stats=args.pass_stats,
-                           ir_format=args.ir_format, stream=sys.stdout)
-    out = ck.run(src, pipeline, inst)
-    plan = ck.plan(out, target)
-    if args.dry_run:
-        print_plan(plan, pipeline)
-        return 0
-    from ckpt_ir.backends.execute import distributed_world
-
-    if distributed_world()[0] != 0:
-        quiet = True
-    progress = args.progress if args.progress is not None else (sys.stderr.isatty() and not quiet)
-    stats = ck.save(out, args.dst, target, overwrite=args.overwrite, progress=progress,
-                    workers=getattr(args, "workers", None), max_memory=getattr(args, "max_memory", None))
-    if not quiet:
-        gb = stats["bytes_written"] / 1e9
-        print(f"wrote {args.dst}: {len(plan.files)} files, {gb:.3f} GB in {stats['seconds']:.1f}s "
-              f"({gb / max(stats['seconds'], 1e-9):.2f} GB/s)", file=sys.stderr)
-    return 0
-
-
-def print_plan(plan, pipeline) -> None:
-    from ckpt_ir.ir.printer import describe
-
-    print(f"pipeline: {pipeline}")
-    for f in plan.files:
-        print(f"{f.path}  ({f.kind}, {f.nbytes} bytes)")
-        for name, e in f.tensors:
-            print(f"    {name}  {'x'.join(map(str, e.shape))} {e.dtype}  {e.nbytes} B  <- {describe(e)}")
-    for key, why in plan.dropped.items():
-        print(f"dropped: {key}: {why}")
-    print(f"total: {plan.nbytes} bytes to write, {plan.bytes_to_read} bytes to read, "
-          f"estimated peak memory {plan.peak_memory} bytes")
+    return run_conversion(args.src, target, args, {"allow_unused": tuple(args.allow_unused), "hf_config": hf_cfg,
+                                                   "weights_from": args.weights_from, "optimizer_layout": layout})
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -296,7 +198,8 @@ def cmd_passes(args: argparse.Namespace) -> int:
             d = "" if o.default is None else f" (default {o.format(o.default)})"
             print(f"    {o.name}={o.type.__name__ if o.type is not tuple else 'i,j,..'}  {o.help}{d}"
                   + ("  [required]" if o.required else ""))
-        print(f"    requires:   {cls.requires}\n    guarantees: {cls.guarantees}")
+        print(f"    requires:   {cls.describe_requires()}\n    guarantees: {cls.guarantees}\n"
+              f"    optimizer state: {cls.optimizer_state}")
     return 0
 
 

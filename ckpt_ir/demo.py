@@ -33,19 +33,13 @@ def run_demo(workdir: str | None) -> int:
     say(f"1. built a tiny random Llama (4 layers, GQA 4/2 heads) -> {hf}")
 
     t0 = time.perf_counter()
-    src = ck.load(hf)
-    target = ck.Target(to="mcore", tp=2, pp=2)
-    pipeline = ck.derive_pipeline(src, target)
-    ck.save(ck.run(src, pipeline), mc, target, overwrite=True)
-    say(f"2. HF -> Megatron-Core TP=2 PP=2 with pipeline `{pipeline}` -> {mc}")
+    first = ck.convert(hf, mc, ck.Target(to="mcore", tp=2, pp=2), overwrite=True)
+    say(f"2. HF -> Megatron-Core TP=2 PP=2 with pipeline `{first.pipeline}` -> {mc}")
     ranks = sorted(os.listdir(os.path.join(mc, "iter_0000001")))
     say(f"   rank directories: {', '.join(ranks)}")
 
-    mid = ck.load(mc)
-    to_hf = ck.Target(to="hf")
-    pipeline2 = ck.derive_pipeline(mid, to_hf)
-    ck.save(ck.run(mid, pipeline2), back, to_hf, overwrite=True)
-    say(f"3. Megatron-Core -> HF with pipeline `{pipeline2}` -> {back}  ({time.perf_counter() - t0:.2f}s)")
+    second = ck.convert(mc, back, ck.Target(to="hf"), overwrite=True)
+    say(f"3. Megatron-Core -> HF with pipeline `{second.pipeline}` -> {back}  ({time.perf_counter() - t0:.2f}s)")
 
     report = diff(hf, back)
     say(f"4. tensor-by-tensor diff: {report['equal']} tensors equal, identical={report['identical']}")

@@ -18,8 +18,10 @@ import json
 import re
 from typing import Any
 
+from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.layout import Layout, mcore_num_layers, num_chunks
 from ckpt_ir.ir.names import NameTable
+from ckpt_ir.ir.rules import Stack
 from ckpt_ir.ir.spec import ModelSpec
 
 D = "decoder.layers.{i}."
@@ -67,6 +69,35 @@ _LAYER_KEYS = _NORM_KEYS + _ATTENTION_KEYS + _MLP_KEYS
 _MLA_LAYER_KEYS = _NORM_KEYS + _MLA_ATTENTION_KEYS + _MLP_KEYS
 GROUPED = {"weight1": "gate_up", "weight2": "down"}  # D + "mlp.experts.weight1" holds every local expert
 GROUPED_KEY = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.(weight1|weight2)$")
+
+
+# Grouped GEMM stores a layer's local experts as one raw memory view: ``weight1`` is
+# (E_loc, H, 2F/T) -- block e the transpose of expert e's fc1 shard -- viewed as [H, E_loc*2F/T];
+# ``weight2`` is (E_loc, F/T, H) viewed as [E_loc*F/T, H].  One stack rule, both directions.
+def _expert_stack(experts: int) -> Stack:
+    return Stack.of((str(j), 1) for j in range(experts))
+
+
+def group_experts(kind: str, shards: list[E.Expr]) -> E.Expr:
+    """The grouped-GEMM view of the local experts' (TP-sharded) fc1 [2F/T, H] or fc2 [H, F/T]."""
+    blocks = [E.Transpose(s, 0, 1) for s in shards]
+    rows, cols = blocks[0].shape
+    stacked = _expert_stack(len(blocks)).fuse({str(j): E.Reshape(b, (1, rows, cols)) for j, b in enumerate(blocks)})
+    shape = (rows, len(blocks) * cols) if kind == "weight1" else (len(blocks) * rows, cols)
+    return E.simplify(E.Reshape(stacked, shape))
+
+
+def ungroup_experts(kind: str, expr: E.Expr, experts: int) -> list[E.Expr]:
+    """Inverse of :func:`group_experts`: each local expert's (TP-sharded) fc1 or fc2."""
+    if kind == "weight1":  # [H, E*2F/T] viewed as (E, H, 2F/T)
+        h, cols = expr.shape
+        view = E.Reshape(expr, (experts, h, cols // experts))
+    else:  # [E*F/T, H] viewed as (E, F/T, H)
+        rows, h = expr.shape
+        view = E.Reshape(expr, (experts, rows // experts, h))
+    _, a, b = view.shape
+    parts = _expert_stack(experts).split(view)
+    return [E.simplify(E.Transpose(E.Reshape(parts[str(j)], (a, b)), 0, 1)) for j in range(experts)]
 _TE_NORMS = {
     D + "input_layernorm.weight": D + "self_attention.linear_qkv.layer_norm_weight",
     D + "pre_mlp_layernorm.weight": D + "mlp.linear_fc1.layer_norm_weight",

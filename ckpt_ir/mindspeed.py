@@ -64,7 +64,7 @@ def add_parser(sub) -> None:
         p.add_argument(flag, default=None, help=argparse.SUPPRESS)
     for flag in _UNSUPPORTED_FLAGS:
         p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
-    from ckpt_ir.cli import add_ir_flags
+    from ckpt_ir.cli_common import add_ir_flags
 
     add_ir_flags(p)
     p.add_argument("--dry-run", action="store_true")
@@ -81,9 +81,10 @@ def _list(text: str | None) -> tuple[int, ...]:
 
 def run(args: argparse.Namespace) -> int:
     import ckpt_ir.api as ck
-    from ckpt_ir.cli import run_conversion
+    from ckpt_ir.cli_common import run_conversion
     from ckpt_ir.families import by_name
     from ckpt_ir.frontends.hf import read_config
+    from ckpt_ir.io.atomic import check_destination
 
     for flag, what in {**_UNSUPPORTED_VALUE, **_UNSUPPORTED_FLAGS}.items():
         if getattr(args, flag[2:].replace("-", "_")):
@@ -99,8 +100,10 @@ def run(args: argparse.Namespace) -> int:
         hf_cfg_dir = hf_cfg_dir or save_dir
         save_dir = os.path.join(save_dir, "mg2hf")
         print(f"convert-ckpt: {args.save_dir} is an HF model directory; writing to {save_dir}", file=sys.stderr)
+    common = dict(dtype=args.params_dtype, lora_rank=args.lora_r, lora_alpha=args.lora_alpha,
+                  lora_targets=tuple(args.lora_target_modules), shared_copies="drop", lora_load=args.lora_load)
     if to == "mcore":
-        target = ck.Target(to="mcore", dtype=args.params_dtype, tp=args.target_tensor_parallel_size,
+        target = ck.Target(to="mcore", tp=args.target_tensor_parallel_size,
                            pp=args.target_pipeline_parallel_size,
                            vpp_layers=args.num_layers_per_virtual_pipeline_stage,
                            num_layer_list=_list(args.num_layer_list) or None, noop_layers=_list(args.noop_layers),
@@ -108,32 +111,24 @@ def run(args: argparse.Namespace) -> int:
                            norm_names="te-input" if args.transformer_impl == "transformer_engine" else "local",
                            ep=args.target_expert_parallel_size, etp=args.expert_tensor_parallel_size,
                            grouped_gemm=args.moe_grouped_gemm, dp=args.target_data_parallel_size,
-                           optimizer=args.load_model_type == "optim")
+                           optimizer=args.load_model_type == "optim",
+                           mtp_layers=args.mtp_num_layers if args.load_model_type == "hf" else None, **common)
     else:
-        target = ck.Target(to=to, dtype=args.params_dtype, hf_config_dir=hf_cfg_dir)
-    import attrs
-
-    target = attrs.evolve(target, lora_rank=args.lora_r, lora_alpha=args.lora_alpha,
-                          lora_targets=tuple(args.lora_target_modules), shared_copies="drop")
+        target = ck.Target(to=to, hf_config_dir=hf_cfg_dir, **common)
     hf_config = read_config(hf_cfg_dir) if (hf_cfg_dir and args.load_model_type in ("mg", "optim")) else None
-    from ckpt_ir.io.atomic import check_destination
-
-    if not args.dry_run:
+    if not (args.dry_run or args.print_pipeline):
         check_destination(save_dir, args.overwrite)
     src = ck.load(args.load_dir, allow_unused=tuple(args.allow_unused), hf_config=hf_config,
-                  family=args.model_type_hf, optimizer=args.load_model_type == "optim")
+                  family=args.model_type_hf, optimizer=target.carries_optimizer and not args.lora_load)
     if args.load_model_type == "optim" and not src.states:
         raise UsageError(f"convert-ckpt --load-model-type optim: {args.load_dir} has no distributed-optimizer state "
                          f"(distrib_optim.pt)")
-    if args.lora_load:
-        src = ck.attach_lora(src, args.lora_load)
-    if args.load_model_type == "hf" and src.spec.mtp_layers > args.mtp_num_layers:
-        print(f"convert-ckpt: warning: dropping {src.spec.mtp_layers - args.mtp_num_layers} multi-token-prediction "
-              f"layer(s) because --mtp-num-layers is {args.mtp_num_layers} (as MindSpeed-LLM does); pass "
-              f"--mtp-num-layers {src.spec.mtp_layers} to keep them", file=sys.stderr)
-        src = ck.run(src, f"drop-mtp{{keep={args.mtp_num_layers}}}")
     if args.model_type_hf and by_name(args.model_type_hf).name != src.spec.family:
         raise UsageError(f"convert-ckpt: --model-type-hf {args.model_type_hf} but {args.load_dir} is a "
                          f"{src.spec.family} checkpoint")
+    if target.mtp_layers is not None and src.spec.mtp_layers > target.mtp_layers and not args.print_pipeline:
+        print(f"convert-ckpt: warning: dropping {src.spec.mtp_layers - target.mtp_layers} multi-token-prediction "
+              f"layer(s) because --mtp-num-layers is {target.mtp_layers} (as MindSpeed-LLM does); pass "
+              f"--mtp-num-layers {src.spec.mtp_layers} to keep them", file=sys.stderr)
     args.dst, args.quiet, args.progress = save_dir, False, None
-    return run_conversion(src, target, args)
+    return run_conversion(src, target, args, {})

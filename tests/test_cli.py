@@ -67,11 +67,12 @@ def test_pipeline_flag_replaces_the_derived_one(hf_cache, tmp_path):
 
 def test_print_pipeline_can_be_pasted_back(hf_cache, tmp_path):
     src = hf_cache("llama")
-    r = cli("convert", src, str(tmp_path / "a"), "--to", "mcore", "--tp", "2", "--noop-layers", "4", "--pp", "5",
-            "--print-pipeline")
-    line = next(x for x in r.stderr.splitlines() if x.startswith("pipeline: "))
-    text = line[len("pipeline: "):]
+    flags = ("--to", "mcore", "--tp", "2", "--noop-layers", "4", "--pp", "5")
+    r = cli("convert", src, str(tmp_path / "a"), *flags, "--print-pipeline")
+    text = r.stdout.strip()
     assert text == "fuse-qkv,fuse-gate-up,insert-noop-layers{layers=4},shard{tp=2 pp=5}"
+    assert not (tmp_path / "a").exists()  # --print-pipeline prints and exits
+    cli("convert", src, str(tmp_path / "a"), *flags)
     cli("convert", src, str(tmp_path / "b"), "--to", "mcore", "--pipeline", text)
     assert cli("diff", str(tmp_path / "a"), str(tmp_path / "b")).returncode == 0
 

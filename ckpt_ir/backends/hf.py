@@ -9,9 +9,10 @@ import os
 from ckpt_ir.backends.plan import OutputFile, Plan
 from ckpt_ir.errors import VerifyError
 from ckpt_ir.families import Family, by_name
-from ckpt_ir.frontends.hf import canonical_order, names_for
+from ckpt_ir.frontends.hf import names_for
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
+from ckpt_ir.ir.roles import canonical_order
 
 DEFAULT_MAX_SHARD = 5 * 1000**3
 
@@ -23,23 +24,21 @@ def hf_tensors(ckpt: Checkpoint, family: Family) -> list[tuple[str, E.Expr]]:
         raise VerifyError(f"HF output needs an unsharded, unfused HF layout, got {ckpt.layout.describe()}; "
                           f"the pipeline must end with gather, unfuse-qkv, unfuse-gate-up")
     names = family.names
-    part_of: dict[str, tuple[int, object]] = {}
-    packs = []
+    packed: set[str] = set()
+    out: list[tuple[str, str, E.Expr]] = []
     for p in family.packed:
         pat = names_for(p.parts[0])
-        for name in ckpt.tensors:
+        rule = p.rule(ckpt.spec)
+        for name in list(ckpt.tensors):
             m = pat.match(name)
             if m:
                 groups = m.groupdict()
-                parts = [p.format(**groups) for p in p.parts]
-                packs.append((p.hf.format(**groups), parts))
-                for i, part in enumerate(parts):
-                    part_of[part] = (i, None)
-    out: list[tuple[str, str, E.Expr]] = []
-    for hf_name, parts in packs:
-        out.append((parts[0], hf_name, E.simplify(E.Concat(tuple(ckpt.tensors[q].expr for q in parts), 0))))
+                parts = {template: template.format(**groups) for template in p.parts}
+                out.append((parts[p.parts[0]], p.hf.format(**groups),
+                            rule.fuse({template: ckpt.tensors[n].expr for template, n in parts.items()})))
+                packed.update(parts.values())
     for name, t in ckpt.tensors.items():
-        if name in part_of:
+        if name in packed:
             continue
         hf_name = names.from_canonical(name)
         if hf_name is None:

@@ -40,16 +40,6 @@ def _shard(t: TensorNode, rank: int) -> E.Expr:
     return t.shards[rank] if t.tp > 1 else t.shards[0]
 
 
-def grouped_weight(kind: str, shards: list[E.Expr]) -> E.Expr:
-    """Megatron's grouped-GEMM memory view of the local experts' (TP-sharded) fc1 or fc2."""
-    # fc1 shard [2F/T, H] -> [H, 2F/T], stacked (E_loc, H, 2F/T); fc2 shard [H, F/T] -> [F/T, H]
-    blocks = [E.Transpose(s, 0, 1) for s in shards]
-    rows, cols = blocks[0].shape
-    stacked = E.Concat(tuple(E.Reshape(b, (1, rows, cols)) for b in blocks), 0)
-    shape = (rows, len(blocks) * cols) if kind == "weight1" else (len(blocks) * rows, cols)
-    return E.simplify(E.Reshape(stacked, shape))
-
-
 def plan(ckpt: Checkpoint, *, iteration: int | None = None, shared_copies: str = "check",
          dp: int | None = None) -> Plan:
     """``ckpt.states`` (optimizer state) becomes ``distrib_optim.pt`` beside each rank file, laid
@@ -160,7 +150,7 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None, shared_copies: str =
 
 def _entry_expr(tensors: dict[str, TensorNode], entry: Entry, shard_rank: int) -> E.Expr:
     exprs = [_shard(tensors[c], shard_rank) for c in entry.canon]
-    return grouped_weight(entry.grouped, exprs) if entry.grouped else exprs[0]
+    return M.group_experts(entry.grouped, exprs) if entry.grouped else exprs[0]
 
 
 class OptimizerOutput:

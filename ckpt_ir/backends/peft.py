@@ -16,11 +16,12 @@ from typing import Any
 from ckpt_ir.backends.plan import OutputFile, Plan
 from ckpt_ir.errors import UsageError, VerifyError
 from ckpt_ir.families import by_name
-from ckpt_ir.frontends.hf import canonical_order, names_for
+from ckpt_ir.frontends.hf import names_for
 from ckpt_ir.frontends.peft import PREFIX
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.names import SAVED, expert_of, is_lora, lora_target, split_layer
+from ckpt_ir.ir.roles import canonical_order
 
 PEFT_KEY = {".lora_a.weight": "lora_A.weight", ".lora_b.weight": "lora_B.weight",
             ".lora_magnitude.weight": "lora_magnitude_vector"}

@@ -11,6 +11,7 @@ import attrs
 
 from ckpt_ir.errors import FormatError
 from ckpt_ir.ir.names import NameTable
+from ckpt_ir.ir.rules import Stack
 from ckpt_ir.ir.spec import ModelSpec
 
 
@@ -25,6 +26,10 @@ class Packed:
 
     def row_counts(self, spec: ModelSpec) -> tuple[int, ...]:
         return tuple(getattr(spec, s) for s in self.sizes)
+
+    def rule(self, spec: ModelSpec) -> Stack:
+        """The packed tensor as a reversible stack of its parts (keyed by canonical template)."""
+        return Stack.of(zip(self.parts, self.row_counts(spec)))
 
 
 @attrs.frozen
@@ -145,6 +150,8 @@ _REGISTRY: dict[str, Family] = {}
 
 
 def register(family: Family) -> Family:
+    """Make ``family`` known to every frontend and backend (call it from the family's table
+    module; a plugin package's module is imported by ``--plugin`` or its entry point)."""
     _REGISTRY[family.name] = family
     return family
 
@@ -179,6 +186,28 @@ def for_hf_config(cfg: dict[str, Any], where: str) -> Family:
                       f"supported model types: {', '.join(supported)}")
 
 
+_builtin_loaded = False
+
+
 def _load_builtin() -> None:
-    if not _REGISTRY:
-        from ckpt_ir.families import llama, moe  # noqa: F401
+    """Register the built-in families, then any that installed packages declare under the
+    ``ckpt_ir.families`` entry-point group (each entry point names a module that calls
+    :func:`register`, or a :class:`Family`).  ``--plugin MODULE`` imports such a module directly."""
+    global _builtin_loaded
+    if _builtin_loaded:
+        return
+    _builtin_loaded = True
+    from importlib.metadata import entry_points
+
+    from ckpt_ir.families import llama, moe  # noqa: F401
+
+    for ep in entry_points(group="ckpt_ir.families"):
+        try:
+            obj = ep.load()
+        except Exception as e:  # a broken plugin must not break the tool
+            import warnings
+
+            warnings.warn(f"ckpt-ir: could not load model-family plugin {ep.name!r} ({e})", stacklevel=2)
+            continue
+        if isinstance(obj, Family) and obj.name not in _REGISTRY:
+            register(obj)

@@ -21,8 +21,7 @@ from ckpt_ir.io.torchzip import TorchZip, iter_tensors
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.layout import Layout
-from ckpt_ir.ir.names import role_of
-from ckpt_ir.ir.shapes import expected_shape
+from ckpt_ir.ir.roles import canonical_order, expected_shape
 from ckpt_ir.ir.spec import ModelSpec
 
 # side files copied next to HF output (tokenizer, generation settings, chat template)
@@ -177,7 +176,7 @@ def map_tensors(family: Family, spec: ModelSpec, raw: dict[str, E.Load],
         shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
         raise CoverageError(f"{len(unknown)} source tensor(s) not understood by the {family.name} family and would "
                             f"be lost: {shown}; pass --allow-unused PATTERN to drop them on purpose")
-    return dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0], family))), dropped
+    return dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0]))), dropped
 
 
 def names_for(template: str):
@@ -195,23 +194,5 @@ def _unpack(key: str, load: E.Load, spec: ModelSpec, packed) -> list[tuple[str, 
         if load.shape[0] != sum(rows):
             raise FormatError(f"{load.path}: tensor {key} has {load.shape[0]} rows, expected {sum(rows)} "
                               f"({' + '.join(map(str, rows))}) from config.json")
-        out, pos = [], 0
-        for part, n in zip(p.parts, rows):
-            out.append((part.format(**m.groupdict()), E.simplify(E.Slice(load, 0, pos, pos + n))))
-            pos += n
-        return out
+        return [(part.format(**m.groupdict()), e) for part, e in p.rule(spec).split(load).items()]
     return None
-
-
-def canonical_order(name: str, family: Family | None = None) -> tuple:
-    """Sort key: embedding, layers in order (roles in table order), final norm, lm_head."""
-    from ckpt_ir.ir.names import ROLES, expert_of, split_layer
-
-    layer, _ = split_layer(name)
-    roles = list(ROLES)
-    role = role_of(name)
-    rank = roles.index(role) if role in roles else len(roles)
-    if layer is not None:
-        expert = expert_of(name)
-        return (1, layer, -1 if expert is None else expert, rank, name)
-    return ({"embed.weight": 0, "final_norm.weight": 2, "lm_head.weight": 3}.get(name, 4), 0, -1, rank, name)

@@ -20,13 +20,13 @@ from ckpt_ir import mcore_format as M
 from ckpt_ir.errors import CoverageError, FormatError
 from ckpt_ir.families import by_name, for_hf_config
 from ckpt_ir.frontends import distopt
-from ckpt_ir.frontends.hf import canonical_order
 from ckpt_ir.io.safe_pickle import Stub
 from ckpt_ir.io.torchzip import TorchZip, iter_tensors, with_exprs
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.layout import Layout, expert_rank_files, layer_slots
-from ckpt_ir.ir.names import expert_of, is_expert, is_lora, layer_name, split_layer, split_rule
+from ckpt_ir.ir.names import expert_of, is_expert, is_lora, layer_name, split_layer
+from ckpt_ir.ir.roles import canonical_order, split_rule
 
 
 def detect(path: str) -> bool:
@@ -369,7 +369,7 @@ def _lift_key(key: str, expr: E.Expr, stage: int, chunk: int, ep: int, experts_p
     if m:
         local_layer, kind = m.group(1), m.group(2)
         out = []
-        for j, e_expr in enumerate(ungroup_weight(kind, expr, experts_per_rank)):
+        for j, e_expr in enumerate(M.ungroup_experts(kind, expr, experts_per_rank)):
             role = M.GROUPED[kind]
             out.append((f"@{stage}.{chunk}.{local_layer}:mlp.experts.{ep * experts_per_rank + j}.{role}.weight",
                         e_expr, True))
@@ -382,18 +382,6 @@ def _lift_key(key: str, expr: E.Expr, stage: int, chunk: int, ep: int, experts_p
         return [(canon, expr, False)]
     glob = canon.replace(f".experts.{expert}.", f".experts.{ep * experts_per_rank + expert}.")
     return [(glob, expr, True)]
-
-
-def ungroup_weight(kind: str, expr: E.Expr, experts: int) -> list[E.Expr]:
-    """Per-expert (TP-sharded) fc1 [2F/T, H] or fc2 [H, F/T] from a grouped-GEMM weight."""
-    if kind == "weight1":  # [H, E*2F/T] viewed as (E, H, 2F/T)
-        h, cols = expr.shape
-        view = E.Reshape(expr, (experts, h, cols // experts))
-    else:  # [E*F/T, H] viewed as (E, F/T, H)
-        rows, h = expr.shape
-        view = E.Reshape(expr, (experts, rows // experts, h))
-    _, a, b = view.shape
-    return [E.simplify(E.Transpose(E.Reshape(E.Slice(view, 0, j, j + 1), (a, b)), 0, 1)) for j in range(experts)]
 
 
 def _canonical(key: str, stage: int, chunk: int, tables=M.READ_TABLES) -> str | None:

@@ -31,7 +31,6 @@ import attrs
 from ckpt_ir import mcore_format as M
 from ckpt_ir.errors import CoverageError, FormatError
 from ckpt_ir.frontends import distopt
-from ckpt_ir.frontends.hf import canonical_order
 from ckpt_ir.frontends.mcore import _args_dict, _canonical, _iteration_dir, spec_from_args
 from ckpt_ir.io.dcp import ChunkResolver, DcpTensor, read_metadata
 from ckpt_ir.io.torchzip import TorchZip
@@ -40,6 +39,7 @@ from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.dtypes import ITEMSIZE
 from ckpt_ir.ir.layout import Layout
 from ckpt_ir.ir.names import is_lora, layer_name
+from ckpt_ir.ir.roles import canonical_order
 
 METADATA_JSON = "metadata.json"
 COMMON = "common.pt"

@@ -77,7 +77,7 @@ class TensorNode:
         return attrs.evolve(self, shards=tuple(fn(s) for s in self.shards))
 
 
-@attrs.frozen
+@attrs.frozen(repr=False)
 class Checkpoint:
     """What a frontend lifts, passes transform and a backend lowers.
 
@@ -101,6 +101,16 @@ class Checkpoint:
     source: str = ""
     meta: dict[str, Any] = attrs.field(factory=dict)
     states: dict[str, dict[str, TensorNode]] = attrs.field(factory=dict)
+
+    def __str__(self) -> str:
+        """The text dump: spec and layout lines, then one aligned line per tensor."""
+        from ckpt_ir.ir.printer import to_text
+
+        return to_text(self)
+
+    def __repr__(self) -> str:
+        return (f"<Checkpoint {self.spec.family} {self.layout.describe()}: {len(self.tensors)} tensors, "
+                f"{self.nbytes} bytes" + (f", optimizer state {', '.join(self.states)}" if self.states else "") + ">")
 
     def with_tensors(self, tensors: dict[str, TensorNode], **changes: Any) -> Checkpoint:
         return attrs.evolve(self, tensors=tensors, **changes)

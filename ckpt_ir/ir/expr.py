@@ -22,6 +22,7 @@ tensor; it is the only place torch is imported.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -61,6 +62,10 @@ class Expr:
     @property
     def nbytes(self) -> int:
         return self.numel * itemsize(self.dtype)
+
+    def __str__(self) -> str:
+        """The printer's form: ``cast(model.safetensors:lm_head.weight[0:64], BF16)  64x8 BF16``."""
+        return f"{describe(self)}  {'x'.join(map(str, self.shape)) or 'scalar'} {self.dtype}"
 
 
 @attrs.frozen
@@ -501,6 +506,36 @@ def _rewrite_slice(e: Slice) -> Expr:
 
 # ---------------------------------------------------------------------------------------------
 # evaluation
+
+
+def describe(e: Expr) -> str:
+    """Shortest useful description of where a tensor's bytes come from."""
+    if isinstance(e, Load):
+        rows = f"[{e.rows[0]}:{e.rows[1]}]" if e.rows else ""
+        return f"{os.path.basename(e.path)}:{e.key}{rows}"
+    if isinstance(e, Slice):
+        idx = ["_"] * len(e.x.shape)
+        idx[e.dim] = f"{e.start}:{e.stop}"
+        return f"{describe(e.x)}[{','.join(idx)}]" if e.dim else f"{describe(e.x)}[{e.start}:{e.stop}]"
+    if isinstance(e, Concat):
+        return f"cat{e.dim}(" + ", ".join(describe(x) for x in e.xs) + ")"
+    if isinstance(e, Reshape):
+        return f"reshape({describe(e.x)}, {list(e.new_shape)})"
+    if isinstance(e, Transpose):
+        return f"transpose({describe(e.x)}, {e.dim0}, {e.dim1})"
+    if isinstance(e, Cast):
+        return f"cast({describe(e.x)}, {e.to})"
+    if isinstance(e, PadRows):
+        return f"pad_rows({describe(e.x)}, {e.rows}{', zeros' if e.zero else ''})"
+    if isinstance(e, Add):
+        return f"add({describe(e.a)}, {describe(e.b)})"
+    if isinstance(e, Matmul):
+        return f"matmul({describe(e.a)}, {describe(e.b)})"
+    if isinstance(e, Scale):
+        return f"scale({describe(e.x)}, {e.factor:g})"
+    if isinstance(e, RowRescale):
+        return f"row_rescale({describe(e.x)}, {describe(e.magnitude)})"
+    return type(e).__name__
 
 
 class Reader:

@@ -4,11 +4,14 @@ Used for DOT dumps and for ordering work so each source file is read once, in or
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import networkx as nx
 
 from ckpt_ir.ir import expr as E
-from ckpt_ir.ir.checkpoint import Checkpoint
+
+if TYPE_CHECKING:
+    from ckpt_ir.ir.checkpoint import Checkpoint
 
 
 def expression_graph(ckpt: Checkpoint) -> nx.DiGraph:

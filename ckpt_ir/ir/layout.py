@@ -19,6 +19,9 @@ NORM_NAMES = ("local", "te", "te-input")
 
 @attrs.frozen(kw_only=True)
 class Layout:
+    """``format`` names where the tensors were lifted from (hf or mcore); what is written is the
+    target's business, checked against the rest of the layout."""
+
     format: str = attrs.field(validator=attrs.validators.in_(FORMATS))
     tp: int = 1
     pp: int = 1
@@ -78,7 +81,7 @@ class Layout:
             parts.append(f"ep={self.ep} etp={self.expert_tp}")
         if self.grouped_gemm:
             parts.append("grouped_gemm")
-        if self.format == "mcore":
+        if self.format == "mcore" or self.norm_names != "local":
             parts.append(f"norms={self.norm_names}")
         return " ".join(parts)
 

@@ -4,9 +4,10 @@ A canonical name is format-neutral: ``layers.3.attn.q.weight``.  Formats map ont
 tables (see :class:`NameTable`); the inverse direction is derived from the same table, never
 written twice.
 
-Each canonical *role* (the name with the layer number replaced by ``{i}``) has a split rule that
-says how tensor parallelism cuts it: along which dim, and in how many equal blocks each rank takes
-its part from (fused gate/up is two blocks: rank r holds ``[gate_r; up_r]``).
+Each canonical *role* (the name with the layer number replaced by ``{i}``) has a row in the role
+table (:mod:`ckpt_ir.ir.roles`); its split rule (:class:`Split`) says how tensor parallelism cuts
+it: along which dim, and in how many equal blocks each rank takes its part from (fused gate/up is
+two blocks: rank r holds ``[gate_r; up_r]``).
 """
 
 from __future__ import annotations
@@ -33,83 +34,6 @@ class Split:
 COLUMN = Split(0)
 ROW = Split(1)
 COLUMN_BLOCKS2 = Split(0, 2)
-
-# role -> split rule (None = replicated on every TP rank)
-ROLES: dict[str, Split | None] = {
-    "embed.weight": COLUMN,
-    "lm_head.weight": COLUMN,
-    "final_norm.weight": None,
-    "layers.{i}.attn_norm.weight": None,
-    "layers.{i}.attn.q.weight": COLUMN,
-    "layers.{i}.attn.k.weight": COLUMN,
-    "layers.{i}.attn.v.weight": COLUMN,
-    "layers.{i}.attn.q.bias": COLUMN,
-    "layers.{i}.attn.k.bias": COLUMN,
-    "layers.{i}.attn.v.bias": COLUMN,
-    "layers.{i}.attn.qkv.weight": COLUMN,
-    "layers.{i}.attn.qkv.bias": COLUMN,
-    "layers.{i}.attn.o.weight": ROW,
-    "layers.{i}.attn.q_norm.weight": None,
-    "layers.{i}.attn.k_norm.weight": None,
-    "layers.{i}.post_attn_norm.weight": None,
-    "layers.{i}.mlp_norm.weight": None,
-    "layers.{i}.mlp.gate.weight": COLUMN,
-    "layers.{i}.mlp.up.weight": COLUMN,
-    "layers.{i}.mlp.gate_up.weight": COLUMN_BLOCKS2,
-    "layers.{i}.mlp.down.weight": ROW,
-    "layers.{i}.post_mlp_norm.weight": None,
-    # mixture of experts: router (and its score-correction bias), routed experts, shared experts.
-    # Expert tensors follow the dense MLP rules; with expert TP = 1 the shard pass leaves them whole.
-    "layers.{i}.mlp.router.weight": None,
-    "layers.{i}.mlp.router.bias": None,
-    "layers.{i}.mlp.experts.{e}.gate.weight": COLUMN,
-    "layers.{i}.mlp.experts.{e}.up.weight": COLUMN,
-    "layers.{i}.mlp.experts.{e}.gate_up.weight": COLUMN_BLOCKS2,
-    "layers.{i}.mlp.experts.{e}.down.weight": ROW,
-    "layers.{i}.mlp.shared.gate.weight": COLUMN,
-    "layers.{i}.mlp.shared.up.weight": COLUMN,
-    "layers.{i}.mlp.shared.gate_up.weight": COLUMN_BLOCKS2,
-    "layers.{i}.mlp.shared.down.weight": ROW,
-    "layers.{i}.mlp.shared_gate.weight": None,
-    # multi-latent attention (DeepSeek): low-rank q and kv projections; Megatron fuses the two
-    # down-projections into one replicated linear_qkv ("qkv_a") and splits the up-projections
-    "layers.{i}.attn.q_a.weight": None,
-    "layers.{i}.attn.q_a_norm.weight": None,
-    "layers.{i}.attn.q_b.weight": COLUMN,
-    "layers.{i}.attn.kv_a.weight": None,
-    "layers.{i}.attn.kv_a_norm.weight": None,
-    "layers.{i}.attn.kv_b.weight": COLUMN,
-    "layers.{i}.attn.qkv_a.weight": None,
-    # multi-token prediction: layers numbered after the main ones carry these besides a full
-    # transformer layer; embed and head are the main model's (shared in Megatron)
-    "layers.{i}.mtp.enorm.weight": None,
-    "layers.{i}.mtp.hnorm.weight": None,
-    "layers.{i}.mtp.eh_proj.weight": COLUMN,
-    "layers.{i}.mtp.norm.weight": None,
-    "layers.{i}.mtp.embed.weight": COLUMN,
-    "layers.{i}.mtp.head.weight": COLUMN,
-}
-
-# LoRA adapters attach to linear layers: ``<target>.lora_a.weight`` [r, in] and
-# ``<target>.lora_b.weight`` [out, r], and for DoRA ``<target>.lora_magnitude.weight`` [out].
-# A column-parallel target keeps A whole and splits B and the magnitude like the weight; a
-# row-parallel target splits A like the weight (dim 1) and keeps B and the magnitude whole.
-# The rank may differ per target (peft's rank_pattern): it is read from the tensors.
-LINEAR_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.gate", "mlp.up", "mlp.gate_up", "mlp.down",
-                  "mlp.experts.{e}.gate", "mlp.experts.{e}.up", "mlp.experts.{e}.gate_up", "mlp.experts.{e}.down",
-                  "mlp.shared.gate", "mlp.shared.up", "mlp.shared.gate_up", "mlp.shared.down")
-for _t in LINEAR_TARGETS:
-    _rule = ROLES[f"layers.{{i}}.{_t}.weight"]
-    assert _rule is not None
-    ROLES[f"layers.{{i}}.{_t}.lora_a.weight"] = None if _rule.dim == 0 else ROW
-    ROLES[f"layers.{{i}}.{_t}.lora_b.weight"] = _rule if _rule.dim == 0 else None
-    ROLES[f"layers.{{i}}.{_t}.lora_magnitude.weight"] = _rule if _rule.dim == 0 else None
-# A full tensor saved with the adapter (peft's modules_to_save) replaces its base tensor
-# ``<module>.<leaf>`` as ``<module>.lora_saved.<leaf>``, split like it.
-for _role, _rule in list(ROLES.items()):
-    if ".lora_" not in _role:
-        _module, _, _leaf = _role.rpartition(".")
-        ROLES[f"{_module}.lora_saved.{_leaf}"] = _rule
 
 VOCAB_ROLES = frozenset({"embed.weight", "lm_head.weight"})
 LORA_SUFFIXES = (".lora_a.weight", ".lora_b.weight", ".lora_magnitude.weight")
@@ -176,13 +100,6 @@ def is_expert(name: str) -> bool:
 
 def layer_name(layer: int, rest: str) -> str:
     return f"layers.{layer}.{rest}"
-
-
-def split_rule(name: str) -> Split | None:
-    role = role_of(name)
-    if role not in ROLES:
-        raise KeyError(f"no tensor-parallel rule for {name!r} (role {role!r})")
-    return ROLES[role]
 
 
 def is_norm(name: str) -> bool:

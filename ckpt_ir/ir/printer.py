@@ -3,41 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckpt_ir.ir import expr as E
-from ckpt_ir.ir.checkpoint import Checkpoint
+from ckpt_ir.ir.expr import describe
 
+if TYPE_CHECKING:
+    from ckpt_ir.ir.checkpoint import Checkpoint
 
-def describe(e: E.Expr) -> str:
-    """Shortest useful description of where a tensor's bytes come from."""
-    if isinstance(e, E.Load):
-        rows = f"[{e.rows[0]}:{e.rows[1]}]" if e.rows else ""
-        return f"{os.path.basename(e.path)}:{e.key}{rows}"
-    if isinstance(e, E.Slice):
-        idx = ["_"] * len(e.x.shape)
-        idx[e.dim] = f"{e.start}:{e.stop}"
-        return f"{describe(e.x)}[{','.join(idx)}]" if e.dim else f"{describe(e.x)}[{e.start}:{e.stop}]"
-    if isinstance(e, E.Concat):
-        return f"cat{e.dim}(" + ", ".join(describe(x) for x in e.xs) + ")"
-    if isinstance(e, E.Reshape):
-        return f"reshape({describe(e.x)}, {list(e.new_shape)})"
-    if isinstance(e, E.Transpose):
-        return f"transpose({describe(e.x)}, {e.dim0}, {e.dim1})"
-    if isinstance(e, E.Cast):
-        return f"cast({describe(e.x)}, {e.to})"
-    if isinstance(e, E.PadRows):
-        return f"pad_rows({describe(e.x)}, {e.rows}{', zeros' if e.zero else ''})"
-    if isinstance(e, E.Add):
-        return f"add({describe(e.a)}, {describe(e.b)})"
-    if isinstance(e, E.Matmul):
-        return f"matmul({describe(e.a)}, {describe(e.b)})"
-    if isinstance(e, E.Scale):
-        return f"scale({describe(e.x)}, {e.factor:g})"
-    if isinstance(e, E.RowRescale):
-        return f"row_rescale({describe(e.x)}, {describe(e.magnitude)})"
-    return type(e).__name__
+__all__ = ["describe", "render", "to_text", "to_json", "to_dot"]
 
 
 def to_text(ckpt: Checkpoint) -> str:

@@ -7,8 +7,9 @@ import re
 from ckpt_ir.errors import VerifyError
 from ckpt_ir.ir import layout as L
 from ckpt_ir.ir.checkpoint import Checkpoint
-from ckpt_ir.ir.names import ROLES, is_expert, is_lora, role_of, split_layer
-from ckpt_ir.ir.shapes import expected_names, expected_shape
+from ckpt_ir.ir.names import is_expert, is_lora, role_of, split_layer
+from ckpt_ir.ir.roles import expected_names, expected_shape
+from ckpt_ir.ir.roles import role as role_row
 
 SEPARATE_GATE_UP = re.compile(r"^mlp\.(?:experts\.\d+\.|shared\.)?(?:gate|up)\.")
 
@@ -24,9 +25,9 @@ def verify(ckpt: Checkpoint, after: str = "") -> None:
     for name, t in ckpt.tensors.items():
         if t.name != name:
             raise VerifyError(f"tensor stored under {name!r} is named {t.name!r}{where}")
-        role = role_of(name)
-        if role not in ROLES:
-            raise VerifyError(f"{name}: unknown tensor role {role!r}{where}")
+        row = role_row(name)
+        if row is None:
+            raise VerifyError(f"{name}: unknown tensor role {role_of(name)!r}{where}")
         layer, rest = split_layer(name)
         if layer is not None and not 0 <= layer < spec.total_layers:
             raise VerifyError(f"{name}: layer {layer} outside the model's {spec.total_layers} layers{where}")
@@ -42,7 +43,7 @@ def verify(ckpt: Checkpoint, after: str = "") -> None:
         want = expected_shape(spec, layout, name, rank)
         if want is not None and t.shape != want:
             raise VerifyError(f"{name}: shape {list(t.shape)} but the spec implies {list(want)}{where}")
-        split = ROLES[role]
+        split = row.split
         tp = layout.expert_tp if is_expert(name) else layout.tp
         if t.tp > 1 and (split is None or t.tp != tp):
             raise VerifyError(f"{name}: {t.tp} shards in a layout with tp={tp}{where}")

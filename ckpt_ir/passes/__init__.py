@@ -1,6 +1,6 @@
 """Built-in passes.  Importing this package registers them; ``ckpt-ir passes`` lists them."""
 
-from ckpt_ir.passes import cast, fusion, layers, lora, parallel, vocab  # noqa: F401
+from ckpt_ir.passes import carry, cast, fusion, layers, lora, parallel, vocab  # noqa: F401
 from ckpt_ir.passes.manager import (  # noqa: F401
     Instrumentation,
     Option,

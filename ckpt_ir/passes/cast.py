@@ -22,7 +22,6 @@ class CastPass(Pass):
         Option("dtype", str, None, "target dtype: bf16, fp16 or fp32", required=True),
         Option("keep-norms", bool, False, "keep normalisation weights in fp32"),
     )
-    requires = "any layout"
     guarantees = "floating tensors have the target dtype; spec.dtype updated"
     optimizer_state = "keep"  # master weights and moments stay fp32
 

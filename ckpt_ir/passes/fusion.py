@@ -4,13 +4,17 @@ Megatron's fused QKV interleaves per query group: for each of the ``ng`` groups,
 query heads, then its key head, then its value head (``d`` rows each).  A TP split of dim 0 then
 gives every rank whole groups.  The fused gate/up tensor is ``[gate; up]``; its TP split takes a
 part of each half (see the ``mlp.gate_up`` split rule), which is Megatron's per-rank
-``[gate_r; up_r]`` layout.  Each fusion is one function; the unfused form is derived by slicing,
-so ``unfuse(fuse(x))`` simplifies back to the original loads.
+``[gate_r; up_r]`` layout.  MLA's fused ``linear_qkv`` stacks the two down-projections.
+
+Each fusion is one :class:`Fusion` table entry whose layout is a reversible
+:class:`~ckpt_ir.ir.rules.Stack`: the fuse pass calls ``Stack.fuse``, the unfuse pass
+``Stack.split``, so ``unfuse(fuse(x))`` simplifies back to the original loads.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import attrs
 
@@ -18,22 +22,59 @@ from ckpt_ir.errors import VerifyError
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.names import layer_name, split_layer
+from ckpt_ir.ir.rules import Stack
 from ckpt_ir.ir.spec import ModelSpec
-from ckpt_ir.passes.manager import Pass, register_pass
+from ckpt_ir.passes.manager import WHOLE, Pass, register_pass
+
+# What a fusion applies to, per target: tensors whose rows are output features (weight, bias,
+# LoRA B, DoRA magnitude, an adapter's saved copies) are stacked by the rule; LoRA A (input side)
+# is shared by the parts.
+ROW_STACKED = ("weight", "bias", "lora_b.weight", "lora_magnitude.weight", "lora_saved.weight", "lora_saved.bias")
+SHARED = "lora_a.weight"
 
 
-def qkv_pieces(spec: ModelSpec) -> list[tuple[str, int, int]]:
-    """The fused QKV row order as (part, start row in that part, rows), group by group."""
-    d, hpg = spec.head_dim, spec.heads_per_group
-    out = []
-    for g in range(spec.num_kv_heads):
-        out += [("q", g * hpg * d, hpg * d), ("k", g * d, d), ("v", g * d, d)]
-    return out
+def qkv_rule(spec: ModelSpec, rows: int = 0) -> Stack:
+    """Megatron's per-query-group ``[q heads; k; v]`` interleave."""
+    d = spec.head_dim
+    return Stack.interleaved(spec.num_kv_heads, (("q", spec.heads_per_group * d), ("k", d), ("v", d)))
 
 
-def _require_whole(ckpt: Checkpoint, name: str) -> None:
-    if ckpt.layout.tp != 1:
-        raise VerifyError(f"{name} needs whole tensors (tp=1); run gather first")
+def gate_up_rule(spec: ModelSpec, rows: int) -> Stack:
+    return Stack.of((("gate", rows // 2), ("up", rows // 2)))
+
+
+def mla_rule(spec: ModelSpec, rows: int = 0) -> Stack:
+    """MLA: Megatron's linear_qkv is [q_a (or q); kv_a], the two down-projections stacked."""
+    q_rows = spec.q_lora_rank or spec.mla_q_size
+    return Stack.of((("q", q_rows), ("kv_a", spec.kv_lora_rank + spec.qk_rope_dim)))
+
+
+@attrs.frozen
+class Fusion:
+    """One fused form: ``parts`` (rule part name -> role stem under the prefix) stacked by ``rule``
+    into ``fused``; ``prefix`` matches where in a layer it applies (e.g. every gated MLP)."""
+
+    parts: dict[str, Callable[[ModelSpec], str]]
+    fused: str
+    rule: Callable[[ModelSpec, int], Stack]
+    prefix: re.Pattern[str] = re.compile("")
+    kinds: tuple[str, ...] = (*ROW_STACKED, SHARED)
+
+    def stems(self, spec: ModelSpec, prefix: str) -> dict[str, str]:
+        return {p: prefix + stem(spec) for p, stem in self.parts.items()}
+
+
+def _const(stem: str) -> Callable[[ModelSpec], str]:
+    return lambda spec: stem
+
+
+QKV = Fusion({"q": _const("attn.q"), "k": _const("attn.k"), "v": _const("attn.v")}, "attn.qkv", qkv_rule)
+MLA = Fusion({"q": lambda s: "attn.q_a" if s.q_lora_rank else "attn.q", "kv_a": _const("attn.kv_a")},
+             "attn.qkv_a", mla_rule, kinds=("weight",))
+# gated MLPs: the dense one, each routed expert, and the shared experts
+GATE_UP = Fusion({"gate": _const("gate"), "up": _const("up")}, "gate_up", gate_up_rule,
+                 re.compile(r"mlp\.(?:experts\.\d+\.|shared\.)?"),
+                 kinds=("weight", "lora_b.weight", "lora_magnitude.weight", "lora_saved.weight", SHARED))
 
 
 def _rebuild(ckpt: Checkpoint, replace: dict[str, dict[str, E.Expr]], drop: set[str]) -> dict[str, TensorNode]:
@@ -49,17 +90,7 @@ def _rebuild(ckpt: Checkpoint, replace: dict[str, dict[str, E.Expr]], drop: set[
     return out
 
 
-# gated MLPs: the dense one, each routed expert, and the shared experts
-GATE = re.compile(r"^(mlp\.(?:experts\.\d+\.|shared\.)?)gate\.weight$")
-GATE_UP = re.compile(r"^(mlp\.(?:experts\.\d+\.|shared\.)?)gate_up\.(.+)$")
-
-# What the fusion rules apply to, per target: tensors whose rows are output features (weight,
-# bias, LoRA B, DoRA magnitude, saved copies) are interleaved/stacked like the weight; LoRA A (input side) is shared.
-ROW_STACKED = ("weight", "bias", "lora_b.weight", "lora_magnitude.weight", "lora_saved.weight", "lora_saved.bias")
-SHARED = "lora_a.weight"
-
-
-def _shared(ckpt: Checkpoint, names: list[str], pass_name: str):
+def _shared(ckpt: Checkpoint, names: list[str], pass_name: str) -> E.Expr:
     """The one expression that several parts share (LoRA A), or an error if they differ."""
     exprs = [ckpt.tensors[n].expr for n in names]
     if any(e != exprs[0] for e in exprs[1:]):
@@ -68,159 +99,99 @@ def _shared(ckpt: Checkpoint, names: list[str], pass_name: str):
     return exprs[0]
 
 
-def _parts_present(ckpt: Checkpoint, layer: int, parts: tuple[str, ...], kind: str) -> bool:
-    return all(layer_name(layer, f"{p}.{kind}") in ckpt.tensors for p in parts)
-
-
-def _mla_q_down(ckpt: Checkpoint) -> str:
-    return "attn.q_a.weight" if ckpt.spec.q_lora_rank else "attn.q.weight"
-
-
-def _fuse_mla(ckpt: Checkpoint) -> Checkpoint:
-    """MLA: Megatron's linear_qkv is [q_a (or q); kv_a], the two down-projections stacked."""
-    q_down = _mla_q_down(ckpt)
+def fuse(ckpt: Checkpoint, f: Fusion, pass_name: str) -> dict[str, TensorNode]:
+    """Every occurrence of ``f``'s parts fused; the new tensors take the first part's place."""
+    spec = ckpt.spec
+    first = next(iter(f.parts))
+    anchor = re.compile(rf"^({f.prefix.pattern}){re.escape(f.parts[first](spec))}\.weight$")
     replace: dict[str, dict[str, E.Expr]] = {}
     drop: set[str] = set()
     for name in ckpt.tensors:
         layer, rest = split_layer(name)
-        if layer is None or rest != q_down:
+        m = anchor.match(rest) if layer is not None else None
+        if not m:
             continue
-        kv = layer_name(layer, "attn.kv_a.weight")
-        replace[name] = {layer_name(layer, "attn.qkv_a.weight"):
-                         E.Concat((ckpt.tensors[name].expr, ckpt.tensors[kv].expr), 0)}
-        drop |= {name, kv}
-    return ckpt.with_tensors(_rebuild(ckpt, replace, drop), layout=attrs.evolve(ckpt.layout, fused_qkv=True))
+        stems = f.stems(spec, m.group(1))
+        new: dict[str, E.Expr] = {}
+        for kind in f.kinds:
+            names = {p: layer_name(layer, f"{stem}.{kind}") for p, stem in stems.items()}
+            if not all(n in ckpt.tensors for n in names.values()):
+                continue
+            drop |= set(names.values())
+            target = layer_name(layer, f"{m.group(1)}{f.fused}.{kind}")
+            if kind == SHARED:
+                new[target] = _shared(ckpt, list(names.values()), pass_name)
+            else:
+                parts = {p: ckpt.tensors[n].expr for p, n in names.items()}
+                new[target] = f.rule(spec, sum(x.shape[0] for x in parts.values())).fuse(parts)
+        replace[name] = new
+    return _rebuild(ckpt, replace, drop)
 
 
-def _unfuse_mla(ckpt: Checkpoint) -> Checkpoint:
-    q_down = _mla_q_down(ckpt)
-    q_rows = ckpt.spec.q_lora_rank or ckpt.spec.mla_q_size
+def unfuse(ckpt: Checkpoint, f: Fusion) -> dict[str, TensorNode]:
+    """Every fused tensor of ``f`` split back into its parts (LoRA A shared by all of them)."""
+    spec = ckpt.spec
+    fused = re.compile(rf"^({f.prefix.pattern}){re.escape(f.fused)}\.(.+)$")
     replace: dict[str, dict[str, E.Expr]] = {}
     for name, t in ckpt.tensors.items():
         layer, rest = split_layer(name)
-        if layer is None or rest != "attn.qkv_a.weight":
+        m = fused.match(rest) if layer is not None else None
+        if not m or m.group(2) not in f.kinds:
             continue
-        replace[name] = {layer_name(layer, q_down): E.Slice(t.expr, 0, 0, q_rows),
-                         layer_name(layer, "attn.kv_a.weight"): E.Slice(t.expr, 0, q_rows, t.shape[0])}
-    return ckpt.with_tensors(_rebuild(ckpt, replace, set(replace)), layout=attrs.evolve(ckpt.layout, fused_qkv=False))
+        stems, kind = f.stems(spec, m.group(1)), m.group(2)
+        if kind == SHARED:
+            replace[name] = {layer_name(layer, f"{stem}.{kind}"): t.expr for stem in stems.values()}
+            continue
+        parts = f.rule(spec, t.shape[0]).split(t.expr)
+        replace[name] = {layer_name(layer, f"{stems[p]}.{kind}"): e for p, e in parts.items()}
+    return _rebuild(ckpt, replace, set(replace))
 
 
 @register_pass
 class FuseQKV(Pass):
     name = "fuse-qkv"
     summary = "Fuse separate q/k/v (weights, biases, LoRA) into Megatron's per-group interleaved linear_qkv"
-    requires = "tp=1, separate q/k/v"
+    requires = (WHOLE,)
+    optimizer_state = "follow"
     guarantees = "layers.N.attn.qkv.{weight,bias,lora_*} in per-query-group [q heads; k; v] order"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        _require_whole(ckpt, self.name)
-        if ckpt.spec.mla:
-            return _fuse_mla(ckpt)
-        replace: dict[str, dict[str, E.Expr]] = {}
-        drop: set[str] = set()
-        parts = ("attn.q", "attn.k", "attn.v")
-        for name in ckpt.tensors:
-            layer, rest = split_layer(name)
-            if layer is None or rest != "attn.q.weight":
-                continue
-            new: dict[str, E.Expr] = {}
-            for kind in (*ROW_STACKED, SHARED):
-                if not _parts_present(ckpt, layer, parts, kind):
-                    continue
-                names = [layer_name(layer, f"{p}.{kind}") for p in parts]
-                drop |= set(names)
-                if kind == SHARED:
-                    new[layer_name(layer, f"attn.qkv.{kind}")] = _shared(ckpt, names, self.name)
-                    continue
-                src = dict(zip("qkv", (ckpt.tensors[n].expr for n in names)))
-                new[layer_name(layer, f"attn.qkv.{kind}")] = E.Concat(
-                    tuple(E.Slice(src[p], 0, a, a + n) for p, a, n in qkv_pieces(ckpt.spec)), 0)
-            replace[name] = new
-        return ckpt.with_tensors(_rebuild(ckpt, replace, drop), layout=attrs.evolve(ckpt.layout, fused_qkv=True))
+        tensors = fuse(ckpt, MLA if ckpt.spec.mla else QKV, self.name)
+        return ckpt.with_tensors(tensors, layout=attrs.evolve(ckpt.layout, fused_qkv=True))
 
 
 @register_pass
 class UnfuseQKV(Pass):
     name = "unfuse-qkv"
     summary = "Split Megatron's per-group interleaved linear_qkv (and its LoRA) into separate q/k/v"
-    requires = "tp=1, fused QKV"
+    requires = (WHOLE,)
+    optimizer_state = "follow"
     guarantees = "layers.N.attn.{q,k,v}.{weight,bias,lora_*}; LoRA A shared by q, k and v"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        _require_whole(ckpt, self.name)
-        if ckpt.spec.mla:
-            return _unfuse_mla(ckpt)
-        replace: dict[str, dict[str, E.Expr]] = {}
-        for name, t in ckpt.tensors.items():
-            layer, rest = split_layer(name)
-            if layer is None or not rest.startswith("attn.qkv."):
-                continue
-            kind = rest[len("attn.qkv."):]
-            if kind == SHARED:
-                replace[name] = {layer_name(layer, f"attn.{p}.{kind}"): t.expr for p in "qkv"}
-                continue
-            chunks: dict[str, list[E.Expr]] = {"q": [], "k": [], "v": []}
-            pos = 0
-            for p, _a, n in qkv_pieces(ckpt.spec):
-                chunks[p].append(E.Slice(t.expr, 0, pos, pos + n))
-                pos += n
-            replace[name] = {layer_name(layer, f"attn.{p}.{kind}"): E.Concat(tuple(xs), 0) for p, xs in chunks.items()}
-        return ckpt.with_tensors(_rebuild(ckpt, replace, set(replace)),
-                                 layout=attrs.evolve(ckpt.layout, fused_qkv=False))
+        tensors = unfuse(ckpt, MLA if ckpt.spec.mla else QKV)
+        return ckpt.with_tensors(tensors, layout=attrs.evolve(ckpt.layout, fused_qkv=False))
 
 
 @register_pass
 class FuseGateUp(Pass):
     name = "fuse-gate-up"
     summary = "Fuse separate gate/up projections (and their LoRA) into one [gate; up] linear_fc1"
-    requires = "tp=1, separate gate/up"
+    requires = (WHOLE,)
+    optimizer_state = "follow"
     guarantees = "layers.N.mlp.gate_up.* = [gate; up] (TP splits each half: Megatron's per-rank layout)"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        _require_whole(ckpt, self.name)
-        replace: dict[str, dict[str, E.Expr]] = {}
-        drop: set[str] = set()
-        for name in ckpt.tensors:
-            layer, rest = split_layer(name)
-            m = GATE.match(rest) if layer is not None else None
-            if not m:
-                continue
-            mlp = m.group(1)  # the dense MLP, one expert, or the shared experts
-            parts = (mlp + "gate", mlp + "up")
-            new: dict[str, E.Expr] = {}
-            for kind in ("weight", "lora_b.weight", SHARED):
-                if not _parts_present(ckpt, layer, parts, kind):
-                    continue
-                names = [layer_name(layer, f"{p}.{kind}") for p in parts]
-                drop |= set(names)
-                fused = layer_name(layer, f"{mlp}gate_up.{kind}")
-                new[fused] = (_shared(ckpt, names, self.name) if kind == SHARED
-                              else E.Concat(tuple(ckpt.tensors[n].expr for n in names), 0))
-            replace[name] = new
-        return ckpt.with_tensors(_rebuild(ckpt, replace, drop), layout=attrs.evolve(ckpt.layout, fused_gate_up=True))
+        return ckpt.with_tensors(fuse(ckpt, GATE_UP, self.name), layout=attrs.evolve(ckpt.layout, fused_gate_up=True))
 
 
 @register_pass
 class UnfuseGateUp(Pass):
     name = "unfuse-gate-up"
     summary = "Split a fused [gate; up] linear_fc1 (and its LoRA) into separate gate and up projections"
-    requires = "tp=1, fused gate/up"
+    requires = (WHOLE,)
+    optimizer_state = "follow"
     guarantees = "layers.N.mlp.{gate,up}.*; LoRA A shared by gate and up"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        _require_whole(ckpt, self.name)
-        replace: dict[str, dict[str, E.Expr]] = {}
-        for name, t in ckpt.tensors.items():
-            layer, rest = split_layer(name)
-            m = GATE_UP.match(rest) if layer is not None else None
-            if not m:
-                continue
-            mlp, kind = m.group(1), m.group(2)
-            if kind == SHARED:
-                replace[name] = {layer_name(layer, f"{mlp}{p}.{kind}"): t.expr for p in ("gate", "up")}
-                continue
-            f = t.shape[0] // 2
-            replace[name] = {layer_name(layer, f"{mlp}gate.{kind}"): E.Slice(t.expr, 0, 0, f),
-                             layer_name(layer, f"{mlp}up.{kind}"): E.Slice(t.expr, 0, f, 2 * f)}
-        return ckpt.with_tensors(_rebuild(ckpt, replace, set(replace)),
-                                 layout=attrs.evolve(ckpt.layout, fused_gate_up=False))
+        return ckpt.with_tensors(unfuse(ckpt, GATE_UP), layout=attrs.evolve(ckpt.layout, fused_gate_up=False))

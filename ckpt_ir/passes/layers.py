@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import attrs
 
-from ckpt_ir.errors import UsageError, VerifyError
+from ckpt_ir.errors import UsageError
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.names import layer_name, split_layer
-from ckpt_ir.passes.manager import Option, Pass, register_pass
+from ckpt_ir.ir.roles import canonical_order
+from ckpt_ir.passes.manager import NO_NOOP, SINGLE_STAGE, Option, Pass, register_pass
 
 
 @register_pass
@@ -15,12 +16,11 @@ class SelectLayers(Pass):
     name = "select-layers"
     summary = "Keep only the listed layers (negative = from the end), renumbered from 0; spec updated"
     options = (Option("keep", tuple, None, "layer indices to keep, e.g. 0,1,-1", required=True),)
-    requires = "pp=1, no no-op layers"
+    requires = (SINGLE_STAGE, NO_NOOP)
     guarantees = "spec.num_layers = number kept; layers renumbered 0..n-1 in the given order"
+    optimizer_state = "follow"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        if ckpt.layout.pp != 1 or ckpt.layout.noop_layers:
-            raise VerifyError("select-layers needs pp=1 and no no-op layers; run gather and remove-noop-layers first")
         n = ckpt.spec.num_layers
         keep = []
         for i in self.opt("keep"):
@@ -39,7 +39,7 @@ class SelectLayers(Pass):
             elif layer in new_index:
                 new = layer_name(new_index[layer], rest)
                 out[new] = attrs.evolve(t, name=new)
-        out = dict(sorted(out.items(), key=lambda kv: _order(kv[0])))
+        out = dict(sorted(out.items(), key=lambda kv: canonical_order(kv[0])))
         # multi-token-prediction layers (numbered after the main ones) are not kept
         dense = tuple(new_index[i] for i in ckpt.spec.dense_layers if i in new_index)
         spec = attrs.evolve(ckpt.spec, num_layers=len(keep), mtp_layers=0, dense_layers=dense)
@@ -47,19 +47,13 @@ class SelectLayers(Pass):
         return ckpt.with_tensors(out, spec=spec, hf_config=cfg)
 
 
-def _order(name: str):
-    from ckpt_ir.frontends.hf import canonical_order
-
-    return canonical_order(name)
-
-
 @register_pass
 class DropMtp(Pass):
     name = "drop-mtp"
     summary = "Keep only the first `keep` multi-token-prediction layers (the rest are recorded as dropped)"
     options = (Option("keep", int, 0, "MTP layers to keep"),)
-    requires = "any layout"
     guarantees = "spec.mtp_layers = min(keep, present); dropped tensors listed with the reason"
+    optimizer_state = "follow"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
         keep = self.opt("keep")

@@ -17,7 +17,7 @@ from ckpt_ir.errors import UsageError, VerifyError
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.names import is_lora, is_lora_factor, lora_target, role_of, saved_name
-from ckpt_ir.passes.manager import Option, Pass, register_pass
+from ckpt_ir.passes.manager import HAS_LORA, UNFUSED, WHOLE, Option, Pass, Requirement, register_pass
 
 # Module names --lora-target-modules takes (Megatron or HF) -> the canonical targets that carry
 # their LoRA, fused or not (q_proj's LoRA lives in linear_qkv's once fused); Megatron's and
@@ -113,13 +113,12 @@ class LoraMerge(Pass):
         Option("rank", int, None, "LoRA rank r (default: from the checkpoint)"),
         Option("targets", str, None, "modules expected to carry LoRA, e.g. linear_qkv,linear_proj"),
     )
-    requires = "tp=1 (run gather first: a DoRA row norm needs whole rows of row-parallel weights); LoRA present"
+    requires = (WHOLE, HAS_LORA)  # whole: a DoRA row norm spans the input dim of row-parallel weights
     guarantees = "no LoRA tensors; base weights merged, dtype unchanged"
-    optimizer_state = "drop"  # the adapters' state has no counterpart in the merged weights
+    optimizer_state = "drop"
+    drop_reason = "the adapters' state has no counterpart in the merged weights (lora-merge)"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        if ckpt.layout.tp != 1:
-            raise VerifyError("lora-merge needs whole tensors; run gather first")  # DoRA's row norm spans the input dim
         targets = tuple(t for t in (self.opt("targets") or "").split(",") if t)
         spec = apply_lora_options(ckpt, self.opt("rank"), self.opt("alpha"), targets).spec
         out: dict[str, TensorNode] = {}
@@ -150,3 +149,50 @@ class LoraMerge(Pass):
             raise VerifyError(f"LoRA tensors without a base weight: {', '.join(orphans[:3])}; load the base checkpoint")
         return ckpt.with_tensors(out, spec=attrs.evolve(spec, lora_rank=None, lora_alpha=None, lora_rslora=False,
                                                         lora_alphas=()))
+
+
+@register_pass
+class AttachLora(Pass):
+    name = "attach-lora"
+    summary = "Add the LoRA adapter at path= (a PEFT directory or a Megatron LoRA checkpoint) to the weights"
+    description = ("A PEFT adapter names HF modules, so it attaches to whole, unfused tensors; a Megatron LoRA "
+                   "checkpoint (e.g. saved with a LoRA filter) must have the base's parallel layout.  Adapter "
+                   "tensors replace any LoRA the checkpoint already carries; only headers are read.")
+    options = (Option("path", str, None, "adapter directory", required=True),)
+    guarantees = ("adapter tensors (LoRA A/B, DoRA magnitudes, saved copies) next to their base weights; the "
+                  "spec's LoRA settings (rank, alpha, rsLoRA, per-target alphas) from the adapter")
+    optimizer_state = "follow"  # the weights are unchanged; the adapters have no state of their own here
+
+    def requirements(self) -> tuple[Requirement, ...]:
+        from ckpt_ir.frontends import peft
+
+        return (WHOLE, UNFUSED) if peft.detect(self.path) else ()
+
+    def run(self, ckpt: Checkpoint) -> Checkpoint:
+        from ckpt_ir.families import by_name
+        from ckpt_ir.frontends import load, peft
+        from ckpt_ir.ir.roles import canonical_order
+
+        path = self.path
+        if peft.detect(path):
+            tensors, spec = peft.lift_adapter(path, by_name(ckpt.spec.family), ckpt.spec)
+        else:
+            adapter = load(path)
+            if adapter.spec.lora_rank is None:
+                raise UsageError(f"--lora-load {path}: no LoRA tensors found there")
+            la, lb = adapter.layout, ckpt.layout
+            if (la.tp, la.pp, la.vpp_layers, la.num_layer_list, la.noop_layers) != \
+                    (lb.tp, lb.pp, lb.vpp_layers, lb.num_layer_list, lb.noop_layers):
+                raise UsageError(f"--lora-load {path}: adapter layout ({la.describe()}) differs from the base "
+                                 f"({lb.describe()}); both must come from the same training layout")
+            tensors = {n: t for n, t in adapter.tensors.items() if is_lora(n)}
+            a = adapter.spec
+            spec = attrs.evolve(ckpt.spec, lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, lora_rslora=a.lora_rslora,
+                                lora_alphas=a.lora_alphas)
+        missing = sorted({lora_target(n) for n in tensors} - set(ckpt.tensors))
+        if missing:
+            raise UsageError(f"--lora-load {path}: adapter targets {', '.join(missing[:3])} which the base lacks")
+        merged = {n: t for n, t in ckpt.tensors.items() if not is_lora(n)}
+        merged.update(tensors)
+        ordered = dict(sorted(merged.items(), key=lambda kv: canonical_order(kv[0])))
+        return attrs.evolve(ckpt, tensors=ordered, spec=spec)

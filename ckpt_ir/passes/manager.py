@@ -1,12 +1,19 @@
 """Pass infrastructure: registry, typed options, MLIR-style pipeline text, and instrumentation.
 
-A pass is a small class with a ``name``, a one-line ``summary``, typed ``options``, and what it
-``requires`` of / ``guarantees`` about the layout; it transforms a Checkpoint and returns a new one.
-Optimizer state (``Checkpoint.states``) follows every pass that moves tensors (each state set is
-run through the pass like the weights), is kept as is by passes that change values (cast), or is
-dropped where it has no meaning any more (LoRA merge): ``Pass.optimizer_state`` says which.
-Passes know nothing about printing or timing: the :class:`PassManager` verifies the IR after every
-pass and runs the instrumentation (print before/after, dumps, statistics) for all of them.
+A pass is a small class with a ``name``, a one-line ``summary``, typed ``options``, what it
+``requires`` of the checkpoint (:class:`Requirement` values the manager checks before running it)
+and ``guarantees`` about it; it transforms a Checkpoint and returns a new one.  Options are typed
+fields: they are validated when the pass is built, from pipeline text or from Python alike, and
+read as attributes (``self.factor`` for option ``factor``, ``self.keep_norms`` for ``keep-norms``).
+
+Optimizer state (``Checkpoint.states``) follows a pass only when the pass says so:
+``optimizer_state = "follow"`` runs each state set through the pass like the weights (passes that
+move tensors), ``"keep"`` leaves the state as it is (cast: masters and moments stay fp32), and
+``"drop"`` -- the default, for any pass that does not say -- removes it and records why, because
+Adam moments transformed as if they were weights would be wrong for a pass that changes values.
+Passes know nothing about printing or timing: the :class:`PassManager` checks requirements,
+verifies the IR after every pass and runs the instrumentation (print before/after, dumps,
+statistics) for all of them.
 
 Pipeline text: ``gather,unfuse-qkv,cast{dtype=bf16 keep-norms=true},select-layers{keep=0,1,-1}``.
 It round-trips: ``str(parse_pipeline(t))`` prints a pipeline that parses to the same thing.
@@ -22,7 +29,7 @@ from typing import Any, ClassVar, TextIO
 
 import attrs
 
-from ckpt_ir.errors import UsageError
+from ckpt_ir.errors import UsageError, VerifyError
 from ckpt_ir.ir.checkpoint import Checkpoint
 
 
@@ -34,7 +41,13 @@ class Option:
     help: str = ""
     required: bool = False
 
+    @property
+    def attribute(self) -> str:
+        """The Python attribute the value is read from: ``keep-norms`` -> ``keep_norms``."""
+        return self.name.replace("-", "_")
+
     def parse(self, text: str) -> Any:
+        """The value of this option written as pipeline text."""
         try:
             if self.type is bool:
                 if text.lower() in ("1", "true", "yes", "on"):
@@ -46,15 +59,73 @@ class Option:
                 return tuple(int(x) for x in text.split(",") if x.strip() != "")
             return self.type(text)
         except ValueError:
-            kind = {tuple: "a comma-separated list of integers"}.get(self.type, self.type.__name__)
-            raise UsageError(f"option {self.name}={text!r}: expected {kind}") from None
+            raise UsageError(f"option {self.name}={text!r}: expected {self.kind}") from None
+
+    def check(self, value: Any) -> Any:
+        """A value given from Python, validated (and widened: int for float, list for tuple)."""
+        if value is None:
+            return None
+        ok = {bool: lambda v: isinstance(v, bool),
+              int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+              float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              str: lambda v: isinstance(v, str),
+              tuple: lambda v: isinstance(v, (tuple, list)) and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                    for x in v)}.get(self.type, lambda v: True)
+        if not ok(value):
+            raise UsageError(f"option {self.name}={value!r}: expected {self.kind}")
+        if self.type is float:
+            return float(value)
+        return tuple(value) if self.type is tuple else value
+
+    @property
+    def kind(self) -> str:
+        return {tuple: "a comma-separated list of integers", bool: "true or false"}.get(self.type, self.type.__name__)
 
     def format(self, value: Any) -> str:
         if isinstance(value, tuple):
             return ",".join(map(str, value))
         if isinstance(value, bool):
             return "true" if value else "false"
+        if isinstance(value, float):
+            return f"{value:g}" if float(f"{value:g}") == value else repr(value)
         return str(value)
+
+
+@attrs.frozen
+class Requirement:
+    """A precondition of a pass, checked by the :class:`PassManager` before the pass runs.
+
+    ``holds`` tests the checkpoint; ``fix`` names the pass that establishes it (shown in the error
+    and in ``ckpt-ir passes``)."""
+
+    what: str
+    holds: Callable[[Checkpoint], bool] = attrs.field(eq=False)
+    fix: str = ""
+
+    def __str__(self) -> str:
+        return self.what + (f" (run {self.fix} first)" if self.fix else "")
+
+
+def _whole(c: Checkpoint) -> bool:
+    return c.layout.tp == 1 and c.layout.expert_tp == 1
+
+
+def _gathered(c: Checkpoint) -> bool:
+    lay = c.layout
+    return (_whole(c) and lay.pp == 1 and lay.ep == 1 and not lay.vpp_layers and not lay.num_layer_list
+            and lay.etp is None)
+
+
+WHOLE = Requirement("whole tensors (tp=1)", _whole, "gather")
+GATHERED = Requirement("a gathered checkpoint (tp=1, pp=1, ep=1)", _gathered, "gather")
+SINGLE_STAGE = Requirement("one pipeline stage (pp=1)", lambda c: c.layout.pp == 1 and not c.layout.num_layer_list,
+                           "gather")
+NO_NOOP = Requirement("no no-op layers", lambda c: not c.layout.noop_layers, "remove-noop-layers")
+UNPADDED = Requirement("an unpadded vocabulary", lambda c: not c.layout.padded_vocab, "unpad-vocab")
+UNFUSED = Requirement("separate q/k/v and gate/up tensors",
+                      lambda c: not c.layout.fused_qkv and not c.layout.fused_gate_up, "unfuse-qkv and unfuse-gate-up")
+HAS_LORA = Requirement("LoRA tensors", lambda c: c.spec.lora_rank is not None, "attach-lora")
+MOE = Requirement("a mixture-of-experts model", lambda c: bool(c.spec.num_experts))
 
 
 class Pass:
@@ -64,24 +135,54 @@ class Pass:
     summary: ClassVar[str] = ""
     description: ClassVar[str] = ""
     options: ClassVar[tuple[Option, ...]] = ()
-    requires: ClassVar[str] = "-"
+    # preconditions the manager checks (a plain string is documentation only, for older plugins)
+    requires: ClassVar[tuple[Requirement, ...] | str] = ()
     guarantees: ClassVar[str] = "-"
-    # what happens to optimizer-state tensor sets: "follow" (run_state on each), "keep", "drop"
-    optimizer_state: ClassVar[str] = "follow"
+    # what happens to optimizer-state tensor sets: "follow" (run_state on each), "keep", or "drop"
+    # (the default: a pass that does not say may change values, and moments must not be
+    # transformed as if they were weights)
+    optimizer_state: ClassVar[str] = "drop"
+    drop_reason: ClassVar[str] = ""  # why, recorded with the dropped state (when optimizer_state is "drop")
 
     def __init__(self, **values: Any) -> None:
         known = {o.name: o for o in self.options}
+        known.update({o.attribute: o for o in self.options})
         for k in values:
             if k not in known:
                 raise UsageError(f"pass {self.name}: unknown option {k!r}; options: "
-                                 f"{', '.join(known) or '(none)'}")
-        self.values = {o.name: values.get(o.name, o.default) for o in self.options}
+                                 f"{', '.join(o.name for o in self.options) or '(none)'}")
+        given = {known[k].name: known[k].check(v) for k, v in values.items()}
+        self.values = {o.name: given.get(o.name, o.default) for o in self.options}
         for o in self.options:
             if o.required and self.values[o.name] is None:
                 raise UsageError(f"pass {self.name}: option {o.name} is required")
 
+    def __getattr__(self, attr: str) -> Any:
+        for o in type(self).options:
+            if o.attribute == attr:
+                return self.__dict__["values"][o.name]
+        raise AttributeError(f"{type(self).__name__} has no attribute or option {attr!r}")
+
     def opt(self, name: str) -> Any:
         return self.values[name]
+
+    def requirements(self) -> tuple[Requirement, ...]:
+        """The preconditions of this pass instance (a pass may make them depend on its options)."""
+        return self.requires if isinstance(self.requires, tuple) else ()
+
+    @classmethod
+    def describe_requires(cls) -> str:
+        if isinstance(cls.requires, str):
+            return cls.requires or "-"
+        return "; ".join(map(str, cls.requires)) or "any checkpoint"
+
+    def check_requirements(self, ckpt: Checkpoint) -> None:
+        """Raise a one-line error naming the pass that would establish a missing precondition."""
+        for req in self.requirements():
+            if not req.holds(ckpt):
+                fix = f"; run {req.fix} before it" if req.fix else ""
+                raise VerifyError(f"pass {self}: needs {req.what}, which the checkpoint does not have "
+                                  f"({ckpt.layout.describe()}){fix}")
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -96,6 +197,26 @@ class Pass:
         set_opts = [f"{o.name}={o.format(self.values[o.name])}" for o in self.options
                     if self.values[o.name] is not None and self.values[o.name] != o.default]
         return self.name + ("{" + " ".join(set_opts) + "}" if set_opts else "")
+
+    def __repr__(self) -> str:
+        return f"<pass {self}>"
+
+
+class FunctionPass(Pass):
+    """A plain ``Checkpoint -> Checkpoint`` function used as a pass (``api.run`` accepts them)."""
+
+    optimizer_state = "drop"
+
+    def __init__(self, fn: Callable[[Checkpoint], Checkpoint]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    @property  # type: ignore[override]
+    def name(self) -> str:  # type: ignore[override]
+        return getattr(self.fn, "__name__", "function").replace("_", "-")
+
+    def run(self, ckpt: Checkpoint) -> Checkpoint:
+        return self.fn(ckpt)
 
 
 _PASSES: dict[str, type[Pass]] = {}
@@ -141,7 +262,8 @@ def _load_builtin() -> None:
 
 
 def load_plugin(module: str) -> None:
-    """Import a user module that calls :func:`register_pass` (``--plugin MODULE``)."""
+    """Import a user module that calls :func:`register_pass` or registers a model family
+    (``--plugin MODULE``)."""
     try:
         importlib.import_module(module)
     except ImportError as e:
@@ -260,8 +382,9 @@ def _carry_states(p: Pass, before: Checkpoint, after: Checkpoint) -> Checkpoint:
         return attrs.evolve(after, states=before.states)
     if p.optimizer_state == "drop":
         dropped = dict(after.dropped)
+        why = p.drop_reason or f"not carried through pass {p.name} (it does not say how optimizer state follows it)"
         for set_name in before.states:
-            dropped[f"optimizer state {set_name}"] = f"no longer meaningful after {p.name}"
+            dropped[f"optimizer state {set_name}"] = why
         return attrs.evolve(after, states={}, dropped=dropped)
     states = {}
     for set_name, tensors in before.states.items():
@@ -289,6 +412,7 @@ class PassManager:
         for n, p in enumerate(self.pipeline, 1):
             if p.name in inst.print_before:
                 inst.stream.write(f"// ----- IR before {p} -----\n{render(ckpt, inst.ir_format)}\n")
+            p.check_requirements(ckpt)
             t0 = time.perf_counter()
             new = _carry_states(p, ckpt, p.run(ckpt))
             dt = time.perf_counter() - t0

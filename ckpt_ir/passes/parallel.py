@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import attrs
 
-from ckpt_ir.errors import UsageError, VerifyError
 from ckpt_ir.ir import layout as L
 from ckpt_ir.ir.checkpoint import Checkpoint, gather_exprs, shard_expr
-from ckpt_ir.ir.names import is_expert, split_rule
-from ckpt_ir.passes.manager import Option, Pass, register_pass
+from ckpt_ir.ir.names import is_expert
+from ckpt_ir.ir.roles import split_rule
+from ckpt_ir.passes.manager import GATHERED, MOE, NO_NOOP, SINGLE_STAGE, Option, Pass, register_pass
 
 
 @register_pass
@@ -26,12 +26,11 @@ class Shard(Pass):
         Option("ep", int, 1, "expert parallel size (MoE)"),
         Option("etp", int, None, "expert tensor parallel size: 1 (whole experts) or tp (default)"),
     )
-    requires = "tp=1, pp=1 (run gather first)"
+    requires = (GATHERED,)
     guarantees = "split tensors have tp shards (experts: etp shards); layout tp/pp/vpp/layer list/ep/etp set"
+    optimizer_state = "follow"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        if ckpt.layout.tp != 1 or ckpt.layout.pp != 1:
-            raise VerifyError("shard needs a gathered checkpoint (tp=1, pp=1); run gather first")
         etp = self.opt("etp")
         layout = attrs.evolve(ckpt.layout, tp=self.opt("tp"), pp=self.opt("pp"), vpp_layers=self.opt("vpp-layers"),
                               num_layer_list=self.opt("num-layer-list"), ep=self.opt("ep"),
@@ -53,8 +52,8 @@ class Shard(Pass):
 class Gather(Pass):
     name = "gather"
     summary = "Join TP shards into whole tensors and drop pipeline placement (tp=1, pp=1)"
-    requires = "any layout"
     guarantees = "tp=1, pp=1, no VPP or layer list; no-op layers and vocab padding unchanged"
+    optimizer_state = "follow"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
         out = {}
@@ -71,8 +70,9 @@ class Gather(Pass):
 class GroupExperts(Pass):
     name = "group-experts"
     summary = "Store MoE experts as Megatron grouped-GEMM weight1/weight2 (set on the layout; lowered on write)"
-    requires = "a mixture-of-experts model"
+    requires = (MOE,)
     guarantees = "layout.grouped_gemm; tensors stay per expert in the IR"
+    optimizer_state = "follow"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
         layout = attrs.evolve(ckpt.layout, grouped_gemm=True)
@@ -85,6 +85,7 @@ class UngroupExperts(Pass):
     name = "ungroup-experts"
     summary = "Store MoE experts one by one (local_experts.N) instead of grouped GEMM"
     guarantees = "not layout.grouped_gemm"
+    optimizer_state = "follow"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
         return ckpt.with_tensors(dict(ckpt.tensors), layout=attrs.evolve(ckpt.layout, grouped_gemm=False))
@@ -98,12 +99,11 @@ class InsertNoopLayers(Pass):
                    "other positions in order, so a stage's local layer numbers have gaps at no-op slots.")
     options = (Option("layers", tuple, None, "global Megatron indices of the no-op layers, e.g. 94,95",
                       required=True),)
-    requires = "no no-op layers yet; no --num-layer-list"
+    requires = (NO_NOOP,)
     guarantees = "layout.noop_layers set; Megatron num_layers = real layers + no-op count"
+    optimizer_state = "follow"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        if ckpt.layout.noop_layers:
-            raise UsageError("insert-noop-layers: the checkpoint already has no-op layers; run remove-noop-layers first")
         layout = attrs.evolve(ckpt.layout, noop_layers=self.opt("layers"))
         L.validate(ckpt.spec, layout)
         return ckpt.with_tensors(dict(ckpt.tensors), layout=layout)
@@ -113,10 +113,9 @@ class InsertNoopLayers(Pass):
 class RemoveNoopLayers(Pass):
     name = "remove-noop-layers"
     summary = "Remove no-op layers (the real layers keep their order)"
-    requires = "pp=1 (run gather first)"
+    requires = (SINGLE_STAGE,)
     guarantees = "layout.noop_layers empty"
+    optimizer_state = "follow"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        if ckpt.layout.pp != 1:
-            raise VerifyError("remove-noop-layers changes stage contents; run gather first")
         return ckpt.with_tensors(dict(ckpt.tensors), layout=attrs.evolve(ckpt.layout, noop_layers=()))

@@ -6,11 +6,11 @@ import math
 
 import attrs
 
-from ckpt_ir.errors import UsageError, VerifyError
+from ckpt_ir.errors import UsageError
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.names import VOCAB_ROLES
-from ckpt_ir.passes.manager import Option, Pass, register_pass
+from ckpt_ir.passes.manager import UNPADDED, WHOLE, Option, Pass, register_pass
 
 
 def padded_size(vocab: int, divisible_by: int, tp: int) -> int:
@@ -28,14 +28,11 @@ class PadVocab(Pass):
         Option("divisible-by", int, None, "pad to a multiple of divisible-by x tp (Megatron's rule)"),
         Option("tp", int, 1, "tensor parallel size used with divisible-by"),
     )
-    requires = "tp=1, unpadded vocab"
+    requires = (WHOLE, UNPADDED)
     guarantees = "embed/lm_head have layout.padded_vocab rows; spec.vocab_size is the true size"
+    optimizer_state = "follow"  # see run_state: padding rows get zero moments
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        if ckpt.layout.tp != 1:
-            raise VerifyError("pad-vocab needs whole tensors; run gather first")
-        if ckpt.layout.padded_vocab:
-            raise VerifyError("pad-vocab: vocabulary is already padded; run unpad-vocab first")
         return self._pad(ckpt, self._size(ckpt), zero=False)
 
     def _size(self, ckpt: Checkpoint) -> int:
@@ -63,12 +60,11 @@ class PadVocab(Pass):
 class UnpadVocab(Pass):
     name = "unpad-vocab"
     summary = "Trim embedding and output-layer rows back to the true vocab size"
-    requires = "tp=1"
+    requires = (WHOLE,)
     guarantees = "embed/lm_head have spec.vocab_size rows"
+    optimizer_state = "follow"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        if ckpt.layout.tp != 1:
-            raise VerifyError("unpad-vocab needs whole tensors; run gather first")
         v = ckpt.spec.vocab_size
         out = {n: (t.map(lambda e: E.simplify(E.Slice(e, 0, 0, v))) if n in VOCAB_ROLES else t)
                for n, t in ckpt.tensors.items()}

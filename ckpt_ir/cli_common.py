@@ -1,0 +1,118 @@
+"""What the ``ckpt-ir`` commands share: argument types, the pipeline/debugging flags, and running a
+conversion through :func:`ckpt_ir.api.convert` with the CLI's reporting.  A leaf module: the
+command modules (``cli``, ``mindspeed``) import it, never each other."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ckpt_ir.errors import UsageError
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+              "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().upper()
+    num = t.rstrip("KMGTIB")
+    unit = t[len(num):]
+    try:
+        value = float(num) * SIZE_UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 5GB, 500MB, 2GiB") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return int(value)
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.replace(" ", ",").split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # usage errors exit 2 with a one-line message
+        self.print_usage(sys.stderr)
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def add_plugin_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugin", metavar="MODULE", action="append", default=[], help="import MODULE to register "
+                   "user passes or model families (repeatable)")
+
+
+def add_ir_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pipeline and debugging")
+    g.add_argument("--pipeline", metavar="TEXT", help="run this pass pipeline instead of the derived one, "
+                   "e.g. 'gather,unfuse-qkv,cast{dtype=bf16}'; target flags given with it are checked against "
+                   "its result")
+    g.add_argument("--print-pipeline", action="store_true", help="print the pipeline that would run and exit "
+                   "(paste it into --pipeline to edit it)")
+    g.add_argument("--print-ir-before", metavar="PASS", action="append", default=[], help="print the IR before PASS")
+    g.add_argument("--print-ir-after", metavar="PASS", action="append", default=[], help="print the IR after PASS")
+    g.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every pass")
+    g.add_argument("--ir-format", choices=("text", "json", "dot"), default="text", help="format of IR prints/dumps")
+    g.add_argument("--dump-ir", metavar="DIR", help="write the IR before the first pass and after each pass, "
+                   "one numbered file per pass")
+    g.add_argument("--pass-stats", action="store_true", help="print per-pass statistics (tensors, bytes, time)")
+    add_plugin_flag(g)  # type: ignore[arg-type]
+    g.add_argument("--allow-unused", metavar="PATTERN", action="append", default=[],
+                   help="drop source tensors matching this glob on purpose instead of failing (repeatable)")
+
+
+def load_plugins(args: argparse.Namespace) -> None:
+    from ckpt_ir.passes.manager import load_plugin
+
+    for module in getattr(args, "plugin", None) or ():
+        load_plugin(module)
+
+
+def run_conversion(src: Any, target: Any, args: argparse.Namespace, load_options: dict[str, Any]) -> int:
+    """Convert ``src`` (a path, or a lifted Checkpoint) to ``args.dst`` for ``target`` with the shared flags (pipeline, printing,
+    dry run, workers, progress) and report on stderr."""
+    import ckpt_ir.api as ck
+    from ckpt_ir.backends.execute import distributed_world
+    from ckpt_ir.passes.manager import Instrumentation
+
+    quiet = getattr(args, "quiet", False) or distributed_world()[0] != 0
+    if args.print_pipeline:
+        lifted = src if isinstance(src, ck.Checkpoint) else \
+            ck.load(src, **{"optimizer": target.carries_optimizer and not target.lora_load, **load_options})
+        print(ck.as_pipeline(args.pipeline) if args.pipeline else ck.derive_pipeline(lifted, target))
+        return 0
+    inst = Instrumentation(print_before=tuple(args.print_ir_before), print_after=tuple(args.print_ir_after),
+                           print_after_all=args.print_ir_after_all, dump_dir=args.dump_ir, stats=args.pass_stats,
+                           ir_format=args.ir_format, stream=sys.stdout)
+    progress = args.progress if getattr(args, "progress", None) is not None else (sys.stderr.isatty() and not quiet)
+    result = ck.convert(src, args.dst, target, pipeline=args.pipeline, instrumentation=inst, dry_run=args.dry_run,
+                        overwrite=args.overwrite, progress=progress, workers=getattr(args, "workers", None),
+                        max_memory=getattr(args, "max_memory", None), load_options=load_options,
+                        announce=None if quiet or args.dry_run else
+                        lambda p: print(f"pipeline: {p}", file=sys.stderr))
+    if args.dry_run:
+        print_plan(result.plan, result.pipeline)
+        return 0
+    if not quiet:
+        stats = result.stats or {}
+        gb = stats["bytes_written"] / 1e9
+        print(f"wrote {args.dst}: {len(result.plan.files)} files, {gb:.3f} GB in {stats['seconds']:.1f}s "
+              f"({gb / max(stats['seconds'], 1e-9):.2f} GB/s)", file=sys.stderr)
+    return 0
+
+
+def print_plan(plan: Any, pipeline: Any) -> None:
+    from ckpt_ir.ir.printer import describe
+
+    print(f"pipeline: {pipeline}")
+    for f in plan.files:
+        print(f"{f.path}  ({f.kind}, {f.nbytes} bytes)")
+        for name, e in f.tensors:
+            print(f"    {name}  {'x'.join(map(str, e.shape))} {e.dtype}  {e.nbytes} B  <- {describe(e)}")
+    for key, why in plan.dropped.items():
+        print(f"dropped: {key}: {why}")
+    print(f"total: {plan.nbytes} bytes to write, {plan.bytes_to_read} bytes to read, "
+          f"estimated peak memory {plan.peak_memory} bytes")

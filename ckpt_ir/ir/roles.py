@@ -1,0 +1,279 @@
+"""The role table: every fact about one canonical tensor role, in one row.
+
+A *role* is a canonical name with the layer number replaced by ``{i}`` and the expert number by
+``{e}`` (``layers.{i}.attn.q.weight``).  Each :class:`Role` says how tensor parallelism splits it,
+its full shape for a ModelSpec and Layout, and when a model has it (presence); the table's order
+is the canonical tensor order (embedding, each layer's roles in table order, final norm, head).
+The verifier, the shard/gather passes, the frontends (ordering) and the backends all read this
+table; nothing else lists roles.
+
+A model family with tensors the built-in roles do not cover adds its own with
+:func:`register_role` (from its table module, or a plugin package's), and every layer of
+ckpt-ir then knows them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from functools import lru_cache
+
+import attrs
+
+from ckpt_ir.ir.layout import Layout
+from ckpt_ir.ir.names import COLUMN, COLUMN_BLOCKS2, ROW, Split, expert_of, role_of, saved_name, split_layer
+from ckpt_ir.ir.spec import ModelSpec
+
+Shape = Callable[[ModelSpec, Layout], tuple[int, ...]]
+Presence = Callable[[ModelSpec, Layout, int], bool]
+
+
+def _always(s: ModelSpec, lay: Layout, i: int) -> bool:
+    return True
+
+
+@attrs.frozen
+class Role:
+    """One canonical role.  ``split``: the tensor-parallel rule (None: replicated on every rank).
+    ``shape``: the full shape.  ``present``: whether a model with this spec and layout has the
+    tensor in layer ``i`` (ignored for non-layer roles, which use ``i = -1``); roles a model may
+    or may not carry regardless of the spec (LoRA) have ``present=None``."""
+
+    template: str
+    split: Split | None
+    shape: Shape = attrs.field(eq=False, repr=False)
+    present: Presence | None = attrs.field(default=_always, eq=False, repr=False)
+
+    @property
+    def per_expert(self) -> bool:
+        return "{e}" in self.template
+
+
+def _vocab(s: ModelSpec, lay: Layout) -> int:
+    return lay.padded_vocab or s.vocab_size
+
+
+def _gqa(pred: Callable[[ModelSpec, Layout], bool]) -> Presence:
+    """Present in every layer of a grouped-query (non-MLA) model when ``pred`` holds."""
+    return lambda s, lay, i: not s.mla and pred(s, lay)
+
+
+def _mla(pred: Callable[[ModelSpec, Layout], bool]) -> Presence:
+    return lambda s, lay, i: s.mla and pred(s, lay)
+
+
+def _dense_mlp(fused: bool) -> Presence:
+    return lambda s, lay, i: not s.is_moe_layer(i) and lay.fused_gate_up == fused
+
+
+def _moe(pred: Callable[[ModelSpec, Layout], bool] = lambda s, lay: True) -> Presence:
+    return lambda s, lay, i: s.is_moe_layer(i) and pred(s, lay)
+
+
+def _mtp(s: ModelSpec, lay: Layout, i: int) -> bool:
+    return i >= s.num_layers
+
+
+def _mlp_roles(prefix: str, width: Callable[[ModelSpec], int], present: Callable[[bool], Presence]) -> list[Role]:
+    """gate / up / fused gate_up / down of a gated MLP (the dense one, an expert, the shared one)."""
+    return [
+        Role(prefix + "gate.weight", COLUMN, lambda s, lay: (width(s), s.hidden_size), present(False)),
+        Role(prefix + "up.weight", COLUMN, lambda s, lay: (width(s), s.hidden_size), present(False)),
+        Role(prefix + "gate_up.weight", COLUMN_BLOCKS2, lambda s, lay: (2 * width(s), s.hidden_size), present(True)),
+        Role(prefix + "down.weight", ROW, lambda s, lay: (s.hidden_size, width(s)),
+             lambda s, lay, i: present(False)(s, lay, i) or present(True)(s, lay, i)),
+    ]
+
+
+L = "layers.{i}."
+
+
+def _q_rows(s: ModelSpec, lay: Layout) -> int:
+    return s.mla_q_size if s.mla else s.q_size
+
+
+def _o_cols(s: ModelSpec, lay: Layout) -> int:
+    return s.num_heads * s.v_head_dim if s.mla else s.q_size
+
+
+def _qkv_rows(s: ModelSpec, lay: Layout) -> int:
+    return s.q_size + 2 * s.kv_size
+
+
+_BUILTIN: list[Role] = [
+    Role("embed.weight", COLUMN, lambda s, lay: (_vocab(s, lay), s.hidden_size)),
+    Role("lm_head.weight", COLUMN, lambda s, lay: (_vocab(s, lay), s.hidden_size), lambda s, lay, i: s.untied),
+    Role("final_norm.weight", None, lambda s, lay: (s.hidden_size,)),
+    Role(L + "attn_norm.weight", None, lambda s, lay: (s.hidden_size,)),
+    # attention: separate q/k/v (MLA without q-LoRA projects q directly), or Megatron's fused qkv
+    Role(L + "attn.q.weight", COLUMN, lambda s, lay: (_q_rows(s, lay), s.hidden_size),
+         lambda s, lay, i: not lay.fused_qkv and not (s.mla and s.q_lora_rank)),
+    Role(L + "attn.k.weight", COLUMN, lambda s, lay: (s.kv_size, s.hidden_size), _gqa(lambda s, lay: not lay.fused_qkv)),
+    Role(L + "attn.v.weight", COLUMN, lambda s, lay: (s.kv_size, s.hidden_size), _gqa(lambda s, lay: not lay.fused_qkv)),
+    Role(L + "attn.q.bias", COLUMN, lambda s, lay: (s.q_size,), _gqa(lambda s, lay: s.qkv_bias and not lay.fused_qkv)),
+    Role(L + "attn.k.bias", COLUMN, lambda s, lay: (s.kv_size,), _gqa(lambda s, lay: s.qkv_bias and not lay.fused_qkv)),
+    Role(L + "attn.v.bias", COLUMN, lambda s, lay: (s.kv_size,), _gqa(lambda s, lay: s.qkv_bias and not lay.fused_qkv)),
+    Role(L + "attn.qkv.weight", COLUMN, lambda s, lay: (_qkv_rows(s, lay), s.hidden_size),
+         _gqa(lambda s, lay: lay.fused_qkv)),
+    Role(L + "attn.qkv.bias", COLUMN, lambda s, lay: (_qkv_rows(s, lay),), _gqa(lambda s, lay: s.qkv_bias and lay.fused_qkv)),
+    Role(L + "attn.o.weight", ROW, lambda s, lay: (s.hidden_size, _o_cols(s, lay))),
+    Role(L + "attn.q_norm.weight", None, lambda s, lay: (s.head_dim,), lambda s, lay, i: s.qk_norm),
+    Role(L + "attn.k_norm.weight", None, lambda s, lay: (s.head_dim,), lambda s, lay, i: s.qk_norm),
+    Role(L + "post_attn_norm.weight", None, lambda s, lay: (s.hidden_size,), lambda s, lay, i: s.post_norms),
+    Role(L + "mlp_norm.weight", None, lambda s, lay: (s.hidden_size,)),
+    *_mlp_roles(L + "mlp.", lambda s: s.ffn_hidden_size, _dense_mlp),
+    Role(L + "post_mlp_norm.weight", None, lambda s, lay: (s.hidden_size,), lambda s, lay, i: s.post_norms),
+    # mixture of experts: router (and its score-correction bias), routed experts, shared experts.
+    # Expert tensors follow the dense MLP rules; with expert TP = 1 the shard pass leaves them whole.
+    Role(L + "mlp.router.weight", None, lambda s, lay: (s.num_experts, s.hidden_size), _moe()),
+    Role(L + "mlp.router.bias", None, lambda s, lay: (s.num_experts,), _moe(lambda s, lay: s.router_bias)),
+    *_mlp_roles(L + "mlp.experts.{e}.", lambda s: s.moe_ffn_hidden_size,
+                lambda fused: _moe(lambda s, lay: lay.fused_gate_up == fused)),
+    *_mlp_roles(L + "mlp.shared.", lambda s: s.shared_ffn_hidden_size,
+                lambda fused: _moe(lambda s, lay: bool(s.shared_ffn_hidden_size) and lay.fused_gate_up == fused)),
+    Role(L + "mlp.shared_gate.weight", None, lambda s, lay: (1, s.hidden_size), _moe(lambda s, lay: s.shared_expert_gate)),
+    # multi-latent attention (DeepSeek): low-rank q and kv projections; Megatron fuses the two
+    # down-projections into one replicated linear_qkv ("qkv_a") and splits the up-projections
+    Role(L + "attn.q_a.weight", None, lambda s, lay: (s.q_lora_rank, s.hidden_size),
+         _mla(lambda s, lay: bool(s.q_lora_rank) and not lay.fused_qkv)),
+    Role(L + "attn.q_a_norm.weight", None, lambda s, lay: (s.q_lora_rank,), _mla(lambda s, lay: bool(s.q_lora_rank))),
+    Role(L + "attn.q_b.weight", COLUMN, lambda s, lay: (s.mla_q_size, s.q_lora_rank),
+         _mla(lambda s, lay: bool(s.q_lora_rank))),
+    Role(L + "attn.kv_a.weight", None, lambda s, lay: (s.kv_lora_rank + s.qk_rope_dim, s.hidden_size),
+         _mla(lambda s, lay: not lay.fused_qkv)),
+    Role(L + "attn.kv_a_norm.weight", None, lambda s, lay: (s.kv_lora_rank,), _mla(lambda s, lay: True)),
+    Role(L + "attn.kv_b.weight", COLUMN, lambda s, lay: (s.num_heads * (s.qk_nope_dim + s.v_head_dim), s.kv_lora_rank),
+         _mla(lambda s, lay: True)),
+    Role(L + "attn.qkv_a.weight", None,
+         lambda s, lay: ((s.q_lora_rank or s.mla_q_size) + s.kv_lora_rank + s.qk_rope_dim, s.hidden_size),
+         _mla(lambda s, lay: lay.fused_qkv)),
+    # multi-token prediction: layers numbered after the main ones carry these besides a full
+    # transformer layer; embed and head are the main model's (shared in Megatron)
+    Role(L + "mtp.enorm.weight", None, lambda s, lay: (s.hidden_size,), _mtp),
+    Role(L + "mtp.hnorm.weight", None, lambda s, lay: (s.hidden_size,), _mtp),
+    Role(L + "mtp.eh_proj.weight", COLUMN, lambda s, lay: (s.hidden_size, 2 * s.hidden_size), _mtp),
+    Role(L + "mtp.norm.weight", None, lambda s, lay: (s.hidden_size,), _mtp),
+    Role(L + "mtp.embed.weight", COLUMN, lambda s, lay: (_vocab(s, lay), s.hidden_size), _mtp),
+    Role(L + "mtp.head.weight", COLUMN, lambda s, lay: (_vocab(s, lay), s.hidden_size), _mtp),
+]
+
+# LoRA adapters attach to linear layers: ``<target>.lora_a.weight`` [r, in] and
+# ``<target>.lora_b.weight`` [out, r], and for DoRA ``<target>.lora_magnitude.weight`` [out].
+# A column-parallel target keeps A whole and splits B and the magnitude like the weight; a
+# row-parallel target splits A like the weight (dim 1) and keeps B and the magnitude whole.
+# The rank may differ per target (peft's rank_pattern): the verifier reads it from the tensor.
+LINEAR_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.gate", "mlp.up", "mlp.gate_up", "mlp.down",
+                  "mlp.experts.{e}.gate", "mlp.experts.{e}.up", "mlp.experts.{e}.gate_up", "mlp.experts.{e}.down",
+                  "mlp.shared.gate", "mlp.shared.up", "mlp.shared.gate_up", "mlp.shared.down")
+
+_TABLE: dict[str, Role] = {}
+
+
+@lru_cache(maxsize=1)
+def _order() -> dict[str, int]:
+    return {t: n for n, t in enumerate(_TABLE)}
+
+
+def _lora_roles(target: Role) -> list[Role]:
+    rule = target.split
+    assert rule is not None
+    base = target.template[: -len(".weight")]
+
+    def a_shape(s: ModelSpec, lay: Layout) -> tuple[int, ...]:
+        return (s.lora_rank or 0, target.shape(s, lay)[1])
+
+    def b_shape(s: ModelSpec, lay: Layout) -> tuple[int, ...]:
+        return (target.shape(s, lay)[0], s.lora_rank or 0)
+
+    def m_shape(s: ModelSpec, lay: Layout) -> tuple[int, ...]:
+        return target.shape(s, lay)[:1]
+
+    return [Role(base + ".lora_a.weight", None if rule.dim == 0 else ROW, a_shape, None),
+            Role(base + ".lora_b.weight", rule if rule.dim == 0 else None, b_shape, None),
+            Role(base + ".lora_magnitude.weight", rule if rule.dim == 0 else None, m_shape, None)]
+
+
+def _saved_role(target: Role) -> Role:
+    """A full tensor saved with an adapter (peft's modules_to_save) that replaces its base tensor
+    ``<module>.<leaf>``: ``<module>.lora_saved.<leaf>``, split and shaped like it."""
+    return Role(saved_name(target.template), target.split, target.shape, None)
+
+
+def register_role(*roles: Role, lora: bool = False) -> None:
+    """Add roles to the table (a family's own tensors), each with the role of an adapter's saved
+    copy of it; ``lora=True`` also adds LoRA A/B (and DoRA magnitude) roles for each (linear
+    layers).  Registering an existing template again replaces its row in place."""
+    for role in roles:
+        _TABLE[role.template] = role
+        _TABLE[saved_name(role.template)] = _saved_role(role)
+        if lora:
+            for r in _lora_roles(role):
+                _TABLE[r.template] = r
+    _order.cache_clear()
+
+
+register_role(*_BUILTIN)
+register_role(*(r for r in _BUILTIN if r.template[len(L):] in {t + ".weight" for t in LINEAR_TARGETS}), lora=True)
+
+
+def roles() -> Iterable[Role]:
+    return _TABLE.values()
+
+
+def role(name: str) -> Role | None:
+    """The role of canonical tensor ``name`` (None when no table row covers it)."""
+    return _TABLE.get(role_of(name))
+
+
+def split_rule(name: str) -> Split | None:
+    r = role(name)
+    if r is None:
+        raise KeyError(f"no tensor-parallel rule for {name!r} (role {role_of(name)!r})")
+    return r.split
+
+
+def expected_shape(spec: ModelSpec, layout: Layout, name: str, rank: int | None = None) -> tuple[int, ...] | None:
+    """The full (unsharded) shape ``name`` must have; None when the role is unknown (the verifier
+    reports it) or LoRA without a rank.  ``rank``: a LoRA factor's own rank (peft's rank_pattern
+    gives targets different ranks), else the spec's."""
+    r = role(name)
+    if r is None or (r.present is None and spec.lora_rank is None):
+        return None
+    if rank is not None and name.endswith((".lora_a.weight", ".lora_b.weight")):
+        spec = attrs.evolve(spec, lora_rank=rank)
+    return r.shape(spec, layout)
+
+
+def expected_names(spec: ModelSpec, layout: Layout) -> set[str]:
+    """Every canonical tensor the spec implies (LoRA aside), for completeness checks."""
+    names: set[str] = set()
+    experts = range(spec.num_experts)
+    for r in _TABLE.values():
+        if r.present is None:
+            continue
+        if not r.template.startswith(L):
+            if r.present(spec, layout, -1):
+                names.add(r.template)
+            continue
+        for i in range(spec.total_layers):
+            if r.present(spec, layout, i):
+                if r.per_expert:
+                    names.update(r.template.format(i=i, e=e) for e in experts)
+                else:
+                    names.add(r.template.format(i=i))
+    return names
+
+
+_TOP = {"embed.weight": 0, "final_norm.weight": 2, "lm_head.weight": 3}
+
+
+def canonical_order(name: str) -> tuple:
+    """Sort key: embedding, layers in order (experts in order, roles in table order), final norm,
+    lm_head."""
+    order = _order()
+    role_name = role_of(name)
+    rank = order.get(role_name, len(order))
+    layer, _ = split_layer(name)
+    if layer is not None:
+        expert = expert_of(name)
+        return (1, layer, -1 if expert is None else expert, rank, name)
+    return (_TOP.get(name, 4), 0, -1, rank, name)

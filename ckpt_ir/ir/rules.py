@@ -1,0 +1,84 @@
+"""Reversible rearrangements, each written once: both directions are derived from one value.
+
+A :class:`Stack` says how one fused tensor is laid out from named parts along one dim: a sequence
+of pieces ``(part, start, size)``.  ``fuse`` builds the fused tensor from the parts, ``split``
+recovers the parts from the fused tensor; both are lazy expressions and simplify back to the
+original loads, so ``split(fuse(x)) == x`` and ``fuse(split(y)) == y`` bit for bit.
+
+Megatron's per-group interleaved QKV, the stacked ``[gate; up]`` fc1, MLA's ``[q_a; kv_a]``, HF
+packed tensors (Phi-3 ``qkv_proj`` / ``gate_up_proj``) and the grouped-GEMM expert stack are all
+Stacks; a new family's fused or packed form is a new Stack value, not new inverse code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import attrs
+
+from ckpt_ir.errors import VerifyError
+from ckpt_ir.ir import expr as E
+
+
+@attrs.frozen
+class Piece:
+    part: str
+    start: int  # first index in the part, along the stack's dim
+    size: int
+
+
+@attrs.frozen
+class Stack:
+    """A fused tensor as the concatenation, along ``dim``, of ``pieces`` of named parts."""
+
+    pieces: tuple[Piece, ...] = attrs.field(converter=tuple)
+    dim: int = 0
+
+    @classmethod
+    def of(cls, parts: Iterable[tuple[str, int]], dim: int = 0) -> Stack:
+        """Whole parts one after the other: ``[a; b; c]``."""
+        return cls(tuple(Piece(p, 0, n) for p, n in parts), dim)
+
+    @classmethod
+    def interleaved(cls, groups: int, parts: Iterable[tuple[str, int]], dim: int = 0) -> Stack:
+        """``groups`` rounds of each part's next block: ``[a_0; b_0; a_1; b_1; ...]`` (``parts``
+        gives each part's block size)."""
+        blocks = tuple(parts)
+        return cls(tuple(Piece(p, g * n, n) for g in range(groups) for p, n in blocks), dim)
+
+    def sizes(self) -> dict[str, int]:
+        """Each part's full size along ``dim``, in order of first appearance."""
+        out: dict[str, int] = {}
+        for pc in self.pieces:
+            out[pc.part] = max(out.get(pc.part, 0), pc.start + pc.size)
+        return out
+
+    @property
+    def size(self) -> int:
+        return sum(pc.size for pc in self.pieces)
+
+    def fuse(self, parts: Mapping[str, E.Expr]) -> E.Expr:
+        for name, n in self.sizes().items():
+            if name not in parts:
+                raise VerifyError(f"fusing {', '.join(self.sizes())}: part {name!r} is missing")
+            if parts[name].shape[self.dim] != n:
+                raise VerifyError(f"fusing {', '.join(self.sizes())}: part {name!r} has {parts[name].shape[self.dim]} "
+                                  f"rows on dim {self.dim}, the rule expects {n}")
+        xs = tuple(E.Slice(parts[pc.part], self.dim, pc.start, pc.start + pc.size) for pc in self.pieces)
+        return E.simplify(xs[0] if len(xs) == 1 else E.Concat(xs, self.dim))
+
+    def split(self, fused: E.Expr) -> dict[str, E.Expr]:
+        if fused.shape[self.dim] != self.size:
+            raise VerifyError(f"splitting into {', '.join(self.sizes())}: the tensor has {fused.shape[self.dim]} rows "
+                              f"on dim {self.dim}, the rule expects {self.size}")
+        found: dict[str, list[tuple[int, E.Expr]]] = {p: [] for p in self.sizes()}
+        pos = 0
+        for pc in self.pieces:
+            found[pc.part].append((pc.start, E.Slice(fused, self.dim, pos, pos + pc.size)))
+            pos += pc.size
+        out = {}
+        for part, pieces in found.items():
+            pieces.sort(key=lambda sp: sp[0])
+            xs = tuple(x for _, x in pieces)
+            out[part] = E.simplify(xs[0] if len(xs) == 1 else E.Concat(xs, self.dim))
+        return out

@@ -1,0 +1,318 @@
+"""One conversion driver, every IR change a pass: what --print-pipeline shows is what runs, a user
+pipeline is checked against the target flags, requirements and options are checked where a pass
+is built or run, and reversible rules are written once."""
+
+from __future__ import annotations
+
+import os
+import re
+import textwrap
+
+import attrs
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ckpt_ir.api as ck
+from ckpt_ir.errors import UsageError, VerifyError
+from ckpt_ir.ir import expr as E
+from ckpt_ir.ir.rules import Stack
+from tests.cli_contract import ERROR_PREFIX, cli
+from tests.conftest import files_of
+from tests.test_lora import make_peft_adapter
+
+
+def ok(*args):
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def printed_pipeline(*args) -> str:
+    r = ok(*args, "--print-pipeline")
+    assert r.stdout.count("\n") == 1, r.stdout  # one line: paste it into --pipeline
+    return r.stdout.strip()
+
+
+def assert_pipeline_round_trips(tmp_path, src, *flags):
+    """Converting with the derived pipeline and with its printed text (same flags) gives
+    byte-identical files, and --print-pipeline wrote nothing."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    a, b = tmp_path / "derived", tmp_path / "pasted"
+    text = printed_pipeline("convert", src, a, *flags)
+    assert not a.exists()
+    ok("convert", src, a, *flags)
+    ok("convert", src, b, *flags, "--pipeline", text)
+    fa, fb = files_of(str(a)), files_of(str(b))
+    assert fa.keys() == fb.keys() and all(fa[k] == fb[k] for k in fa)
+    return text
+
+
+@pytest.fixture(scope="module")
+def mcore_src(tmp_path_factory):
+    from tests.conftest import build_hf
+
+    root = tmp_path_factory.mktemp("driver")
+    hf = build_hf(str(root / "hf"), "qwen2")
+    mc = str(root / "mc")
+    ok("convert", hf, mc, "--to", "mcore", "--tp", "2", "--pp", "2", "--make-vocab-size-divisible-by", "48")
+    return hf, mc
+
+
+def test_printed_pipeline_reproduces_hf_to_mcore(mcore_src, tmp_path):
+    hf, _ = mcore_src
+    text = assert_pipeline_round_trips(tmp_path, hf, "--to", "mcore", "--tp", "2", "--pp", "2", "--dtype", "bf16",
+                                       "--norm-names", "te", "--noop-layers", "1,4")
+    assert text.endswith("rename-norms{names=te}") and "cast{dtype=bf16}" in text
+
+
+def test_printed_pipeline_reproduces_mcore_to_hf_and_reshard(mcore_src, tmp_path):
+    _, mc = mcore_src
+    text = assert_pipeline_round_trips(tmp_path / "hf", mc, "--to", "hf")
+    assert text.split(",")[:2] == ["gather", "unpad-vocab"]
+    text = assert_pipeline_round_trips(tmp_path / "mc", mc, "--to", "mcore", "--tp", "1", "--pp", "4",
+                                       "--vpp-layers", "1")
+    assert "shard{pp=4 vpp-layers=1}" in text
+
+
+def test_printed_pipeline_reproduces_lora_merges(hf_cache, tmp_path):
+    base = hf_cache("llama", layers=2)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "mc").mkdir()
+    adapter = str(tmp_path / "adapter")
+    make_peft_adapter(base, adapter)
+    text = assert_pipeline_round_trips(tmp_path / "hf", base, "--to", "hf", "--lora-load", adapter)
+    assert text == f"attach-lora{{path={adapter}}},lora-merge"
+    text = assert_pipeline_round_trips(tmp_path / "mc", base, "--to", "mcore", "--tp", "2", "--lora-load", adapter)
+    assert text.startswith(f"attach-lora{{path={adapter}}},lora-merge,fuse-qkv")
+
+
+def test_pipeline_that_disagrees_with_target_flags_is_a_usage_error(hf_cache, tmp_path):
+    src = hf_cache("llama")
+    dst = tmp_path / "o"
+    r = cli("convert", src, dst, "--to", "mcore", "--tp", "2", "--pp", "2", "--dtype", "bf16", "--norm-names", "te",
+            "--pipeline", "fuse-qkv,fuse-gate-up")
+    assert r.returncode == 2 and not dst.exists()
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith(ERROR_PREFIX)
+    for field in ("--tp 2", "--pp 2", "--dtype bf16", "--norm-names te"):
+        assert field in line, line
+    # the same pipeline with the passes the flags ask for is accepted
+    ok("convert", src, dst, "--to", "mcore", "--tp", "2", "--pp", "2", "--pipeline",
+       "fuse-qkv,fuse-gate-up,shard{tp=2 pp=2}")
+
+
+def test_print_ir_after_all_shows_every_step(hf_cache, tmp_path):
+    src = hf_cache("llama")
+    r = ok("convert", src, tmp_path / "o", "--to", "mcore", "--tp", "2", "--norm-names", "te",
+           "--print-ir-after-all")
+    steps = re.findall(r"^// ----- IR after (\S+) -----$", r.stdout, flags=re.M)
+    assert steps == ["fuse-qkv", "fuse-gate-up", "shard{tp=2}", "rename-norms{names=te}"]
+    last_layout = re.findall(r"^// layout: \w+ (.*)$", r.stdout, flags=re.M)[-1]  # after the source format
+    written = re.findall(r"^// layout: \w+ (.*)$", ok("inspect", tmp_path / "o").stdout, flags=re.M)
+    assert written == [last_layout] == ["tp=2 pp=1 qkv=fused gate_up=fused norms=te"]
+
+
+def test_requirements_are_checked_before_a_pass_runs(hf_cache, tmp_path):
+    src = hf_cache("llama")
+    r = cli("convert", src, tmp_path / "o", "--to", "hf", "--pipeline", "fuse-qkv,shard{tp=2},unfuse-qkv")
+    assert r.returncode == 1 and not (tmp_path / "o").exists()
+    assert "pass unfuse-qkv: needs whole tensors (tp=1)" in r.stderr and "run gather before it" in r.stderr
+    listing = ok("passes").stdout
+    assert re.search(r"^unfuse-qkv\n(?:    .*\n)*?    requires:   whole tensors \(tp=1\) \(run gather first\)$",
+                     listing, flags=re.M)
+
+
+def test_options_are_typed_fields_checked_at_construction():
+    from ckpt_ir.passes.cast import CastPass
+    from ckpt_ir.passes.parallel import Shard
+
+    with pytest.raises(UsageError, match="option dtype=3: expected str"):
+        CastPass(dtype=3)
+    with pytest.raises(UsageError, match="option tp='2': expected int"):
+        Shard(tp="2")
+    with pytest.raises(UsageError, match="unknown option"):
+        Shard(tpp=2)
+    p = Shard(tp=2, num_layer_list=[1, 3], pp=2)  # attribute spelling and a list for a tuple option
+    assert (p.tp, p.num_layer_list, p.vpp_layers) == (2, (1, 3), None)
+    assert str(p) == "shard{tp=2 pp=2 num-layer-list=1,3}"
+    assert str(CastPass(dtype="bf16", keep_norms=True)) == "cast{dtype=bf16 keep-norms=true}"
+
+
+def _with_fake_state(c):
+    """A checkpoint carrying an optimizer-state set that mirrors the weights."""
+    return attrs.evolve(c, states={"exp_avg": dict(c.tensors)})
+
+
+def test_optimizer_state_follows_only_passes_that_say_so(hf_cache):
+    src = _with_fake_state(ck.load(hf_cache("llama")))
+
+    def scale_head(c):  # a plain function: a value-changing pass that says nothing
+        t = c.tensors["lm_head.weight"]
+        return c.with_tensors({**c.tensors, "lm_head.weight": t.map(lambda e: E.Scale(e, 2.0))})
+
+    out = ck.run(src, [scale_head])
+    assert out.states == {} and "not carried through pass scale-head" in out.dropped["optimizer state exp_avg"]
+    moved = ck.run(src, "fuse-qkv,shard{tp=2}")
+    assert moved.states["exp_avg"]["layers.0.attn.qkv.weight"].tp == 2
+    derived = ck.derive_pipeline(src, ck.Target(to="hf"))
+    assert str(derived) == "drop-optimizer-state"
+    out = ck.run(src, derived)
+    assert out.states == {} and "drop-optimizer-state" in out.dropped["optimizer state exp_avg"]
+    with pytest.raises(UsageError, match="add drop-optimizer-state"):
+        ck.plan(src, ck.Target(to="hf"))  # nothing is dropped behind the pipeline's back
+
+
+def test_api_run_takes_text_instances_and_functions(hf_cache):
+    from ckpt_ir.passes.cast import CastPass
+
+    src = ck.load(hf_cache("llama"))
+    a = ck.run(src, "cast{dtype=bf16},fuse-qkv")
+    b = ck.run(src, [CastPass(dtype="bf16"), ck.parse_pipeline("fuse-qkv")[0]])
+    assert a.tensors == b.tensors and a.layout == b.layout
+    assert repr(a).startswith("<Checkpoint llama hf tp=1 pp=1 qkv=fused") and len(repr(a)) < 200
+    text = str(a)
+    assert text.startswith("// source: ") and "layers.0.attn.qkv.weight" in text
+    assert str(a.tensors["embed.weight"].expr) == "cast(model.safetensors:model.embed_tokens.weight, BF16)  128x64 BF16"
+
+
+def test_public_errors_are_importable_from_the_package():
+    import ckpt_ir
+
+    assert ckpt_ir.VerifyError is VerifyError and issubclass(ckpt_ir.CoverageError, ckpt_ir.CkptIrError)
+
+
+# --------------------------------------------------------------------------------------------
+# reversible rules: one value, both directions
+
+
+def _stored(tmp_path, tensors: dict[str, torch.Tensor]) -> dict[str, E.Load]:
+    path = tmp_path / "blob.bin"
+    loads, blob, off = {}, b"", 0
+    for name, t in tensors.items():
+        data = t.contiguous().numpy().tobytes()
+        loads[name] = E.Load(str(path), name, tuple(t.shape), "F32", off)
+        blob += data
+        off += len(data)
+    path.write_bytes(blob)
+    return loads
+
+
+def _ev(e):
+    with E.Reader() as r:
+        return E.evaluate(e, r)
+
+
+stack_cases = st.one_of(
+    st.builds(lambda sizes, dim, cols: ("plain", [(f"p{i}", n) for i, n in enumerate(sizes)], 1, dim, cols),
+              st.lists(st.integers(1, 5), min_size=1, max_size=4), st.integers(0, 1), st.integers(1, 4)),
+    st.builds(lambda sizes, groups, dim, cols: ("interleaved", [(f"p{i}", n) for i, n in enumerate(sizes)], groups,
+                                                dim, cols),
+              st.lists(st.integers(1, 3), min_size=1, max_size=3), st.integers(1, 4), st.integers(0, 1),
+              st.integers(1, 3)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=stack_cases, seed=st.integers(0, 2**16))
+def test_split_of_fuse_and_fuse_of_split_are_identities(tmp_path_factory, case, seed):
+    kind, parts, groups, dim, cols = case
+    rule = Stack.of(parts, dim) if kind == "plain" else Stack.interleaved(groups, parts, dim)
+    g = torch.Generator().manual_seed(seed)
+
+    def shaped(n):
+        return (n, cols) if dim == 0 else (cols, n)
+
+    sizes = rule.sizes()
+    tmp = tmp_path_factory.mktemp("stack")
+    values = {p: torch.randn(shaped(n), generator=g) for p, n in sizes.items()}
+    fused_value = torch.randn(shaped(rule.size), generator=g)
+    loads = _stored(tmp, {**values, "fused": fused_value})
+    fused = rule.fuse({p: loads[p] for p in sizes})
+    back = rule.split(fused)
+    for p in sizes:
+        assert torch.equal(_ev(back[p]), values[p])
+        if dim == 0:  # row ranges: the simplifier folds split(fuse(x)) back to the load itself
+            assert back[p] == loads[p]
+    again = rule.fuse(rule.split(loads["fused"]))
+    assert torch.equal(_ev(again), fused_value)
+    assert dim != 0 or again == loads["fused"]
+
+
+def test_megatron_qkv_rule_matches_the_documented_interleave():
+    """Per query group g: its heads_per_group query heads, then key head g, then value head g."""
+    from ckpt_ir.ir.spec import ModelSpec
+    from ckpt_ir.passes.fusion import qkv_rule
+
+    s = ModelSpec(family="llama", num_layers=1, hidden_size=8, ffn_hidden_size=8, num_heads=4, num_kv_heads=2,
+                  head_dim=2, vocab_size=8)
+    order = [(p.part, p.start, p.size) for p in qkv_rule(s).pieces]
+    assert order == [("q", 0, 4), ("k", 0, 2), ("v", 0, 2), ("q", 4, 4), ("k", 2, 2), ("v", 2, 2)]
+
+
+# --------------------------------------------------------------------------------------------
+# plugins from a package outside ckpt_ir
+
+
+def _plugin_dir(tmp_path, module: str, code: str) -> str:
+    d = tmp_path / "plugins"
+    d.mkdir(exist_ok=True)
+    (d / f"{module}.py").write_text(textwrap.dedent(code))
+    return str(d)
+
+
+def test_convert_ckpt_and_passes_load_plugins(hf_cache, tmp_path, monkeypatch):
+    from tests.test_docs import code_blocks
+
+    pass_code = code_blocks("writing-a-pass.md")[0]
+    monkeypatch.setenv("PYTHONPATH", _plugin_dir(tmp_path, "my_passes", pass_code) + os.pathsep
+                       + os.environ.get("PYTHONPATH", ""))
+    listing = ok("passes", "--plugin", "my_passes").stdout
+    assert "scale-tensors\n    Multiply tensors" in listing and "optimizer state: drop" in listing
+    src = hf_cache("llama")
+    out = tmp_path / "mg"
+    tail = "fuse-qkv,fuse-gate-up,shard{tp=2}"
+    assert printed_pipeline("convert", src, tmp_path / "x", "--to", "mcore", "--tp", "2") == tail
+    ok("convert-ckpt", "--load-dir", src, "--save-dir", out, "--target-tensor-parallel-size", "2",
+       "--plugin", "my_passes", "--pipeline", "scale-tensors{pattern=lm_head.weight factor=0.5}," + tail)
+    back = tmp_path / "back"
+    ok("convert", out, back, "--to", "hf")
+    from safetensors.torch import load_file
+
+    a = load_file(os.path.join(src, "model.safetensors"))
+    b = load_file(str(back / "model.safetensors"))
+    assert torch.equal(b["lm_head.weight"], a["lm_head.weight"] * 0.5)
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "lm_head.weight")
+
+
+def test_adding_a_family_example_runs_from_a_plugin_package(tmp_path, monkeypatch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.test_docs import code_blocks
+
+    family_code = code_blocks("adding-a-family.md")[0]
+    monkeypatch.setenv("PYTHONPATH", _plugin_dir(tmp_path, "my_families", family_code) + os.pathsep
+                       + os.environ.get("PYTHONPATH", ""))
+    cfg = AutoConfig.for_model("granite", hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                               num_key_value_heads=2, num_hidden_layers=4, vocab_size=128,
+                               embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078,
+                               logits_scaling=8.0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    hf = str(tmp_path / "granite")
+    model.save_pretrained(hf)
+    assert "granite" not in ok("models").stdout and "granite" in ok("models", "--plugin", "my_families").stdout
+    r = cli("convert", hf, tmp_path / "x", "--to", "mcore")
+    assert r.returncode == 1 and "model_type='granite'" in r.stderr  # unknown without the plugin
+    mc, back = tmp_path / "mc", tmp_path / "back"
+    ok("convert", hf, mc, "--to", "mcore", "--tp", "2", "--pp", "2", "--plugin", "my_families")
+    ok("convert", mc, back, "--to", "hf", "--plugin", "my_families")
+    assert ok("diff", hf, back, "--plugin", "my_families").returncode == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(str(back), dtype=torch.float32)
+    assert reloaded.config.logits_scaling == 8.0 and reloaded.config.residual_multiplier == 0.22
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
