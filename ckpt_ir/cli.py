@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "spec) or te-input (only the input norm fused, as MindSpeed-LLM v2 writes); default local, or "
                    "the source's")
     lo = c.add_argument_group("LoRA (merged into the weights for --to hf/mcore; exported alone for --to peft)")
-    lo.add_argument("--lora-load", metavar="DIR", help="LoRA adapter: a PEFT directory or a Megatron LoRA checkpoint")
+    lo.add_argument("--lora-load", metavar="DIR", help="LoRA adapter: a PEFT directory (rsLoRA, rank/alpha patterns, DoRA, "
+                    "modules_to_save, MoE experts) or a Megatron LoRA checkpoint")
     lo.add_argument("--lora-r", type=int, help="LoRA rank (checked against the adapter)")
     lo.add_argument("--lora-alpha", type=float, help="LoRA alpha (needed when the adapter does not record it)")
     lo.add_argument("--lora-target-modules", nargs="+", default=[], metavar="MODULE",

@@ -12,6 +12,7 @@ first byte moves.  The algebra is deliberately small:
     Cast      dtype change
     PadRows   grow dim 0 by repeating the last row (Megatron vocab padding) or with zeros
     Add, Scale, Matmul   the arithmetic a LoRA merge needs (computed in fp32 by the caller)
+    RowRescale           each row rescaled to a given norm (DoRA's magnitude), in fp32
 
 :func:`simplify` rewrites an expression into an equivalent one that reads fewer bytes (slices are
 pushed into loads, adjacent loads merge, no-op casts vanish).  :func:`evaluate` produces a torch
@@ -326,6 +327,32 @@ class Scale(Expr):
         return (self.x,)
 
 
+@attrs.frozen
+class RowRescale(Expr):
+    """DoRA's merge: each row of the matrix ``x`` [out, in] rescaled to the norm ``magnitude[row]``,
+    ``(magnitude / ||x||_row) * x``, in fp32 (the result dtype is F32).  The norm runs over a
+    whole row, so ``x`` must hold full rows (its input dim unsplit)."""
+
+    x: Expr
+    magnitude: Expr
+
+    def __attrs_post_init__(self) -> None:
+        _check(len(self.x.shape) == 2 and self.magnitude.shape == self.x.shape[:1],
+               f"row rescale of {self.x.shape} by a magnitude of shape {self.magnitude.shape}")
+
+    @property
+    def shape(self) -> Shape:
+        return self.x.shape
+
+    @property
+    def dtype(self) -> str:
+        return "F32"
+
+    @property
+    def children(self) -> tuple[Expr, ...]:
+        return (self.x, self.magnitude)
+
+
 # ---------------------------------------------------------------------------------------------
 # traversal
 
@@ -371,6 +398,8 @@ def _rebuild(e: Expr, kids: tuple[Expr, ...]) -> Expr:
         return attrs.evolve(e, xs=kids)
     if isinstance(e, (Add, Matmul)):
         return attrs.evolve(e, a=kids[0], b=kids[1])
+    if isinstance(e, RowRescale):
+        return attrs.evolve(e, x=kids[0], magnitude=kids[1])
     return attrs.evolve(e, x=kids[0])
 
 
@@ -525,6 +554,8 @@ def describe(e: Expr) -> str:
         return f"matmul({describe(e.a)}, {describe(e.b)})"
     if isinstance(e, Scale):
         return f"scale({describe(e.x)}, {e.factor:g})"
+    if isinstance(e, RowRescale):
+        return f"row_rescale({describe(e.x)}, {describe(e.magnitude)})"
     return type(e).__name__
 
 
@@ -677,7 +708,7 @@ def needs_torch(expr: Expr) -> bool:
     """Whether evaluating ``expr`` runs torch (the LoRA arithmetic, casts numpy cannot do)."""
     from ckpt_ir.ir import casts
 
-    return any(isinstance(n, (Add, Matmul, Scale)) or isinstance(n, Cast) and
+    return any(isinstance(n, (Add, Matmul, Scale, RowRescale)) or isinstance(n, Cast) and
                (MATH_DEVICE is not None or not casts.supported(n.x.dtype, n.to)) for n in walk(expr))
 
 
@@ -712,6 +743,9 @@ def _evaluate_math(expr: Expr, reader: Reader, out) -> None:
         torch.mm(_fp32(expr.a, reader), _fp32(expr.b, reader), out=out)
     elif isinstance(expr, Scale):
         torch.mul(_fp32(expr.x, reader), expr.factor, out=out)
+    elif isinstance(expr, RowRescale):  # peft's DoRA merge order: norm of the rows, m / norm, times the rows
+        x = _fp32(expr.x, reader)
+        torch.mul((_fp32(expr.magnitude, reader) / torch.linalg.norm(x, dim=1)).view(-1, 1), x, out=out)
     else:
         raise TypeError(f"cannot evaluate {type(expr).__name__}")
 
@@ -724,7 +758,7 @@ def _evaluate_on_device(expr: Expr, reader: Reader):
     from ckpt_ir.ir.dtypes import to_torch
 
     def operand(x: Expr):
-        if isinstance(x, (Cast, Add, Matmul, Scale)):
+        if isinstance(x, (Cast, Add, Matmul, Scale, RowRescale)):
             return _evaluate_on_device(x, reader)
         return evaluate(x, reader).to(MATH_DEVICE)
 
@@ -737,6 +771,10 @@ def _evaluate_on_device(expr: Expr, reader: Reader):
         return operand(expr.a).to(torch.float32) @ operand(expr.b).to(torch.float32)
     if isinstance(expr, Scale):
         return operand(expr.x).to(torch.float32) * expr.factor
+    if isinstance(expr, RowRescale):  # peft's DoRA merge order: norm of the rows, m / norm, times the rows
+        x = operand(expr.x).to(torch.float32)
+        factor = operand(expr.magnitude).to(torch.float32) / torch.linalg.norm(x, dim=1)
+        return factor.view(-1, 1) * x
     raise TypeError(f"cannot evaluate {type(expr).__name__}")
 
 
