@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from typing import Any
 
+import attrs
+
+from ckpt_ir.errors import FormatError
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.layout import Layout, mcore_num_layers, num_chunks
-from ckpt_ir.ir.names import NameTable
+from ckpt_ir.ir.names import NameTable, expert_of, layer_name, split_layer
 from ckpt_ir.ir.rules import Stack
 from ckpt_ir.ir.spec import ModelSpec
 
@@ -351,3 +355,124 @@ def hf_config_from_args(args: dict[str, Any]) -> dict[str, Any]:
         if cfg.get(k) is None and v is not None:
             cfg[k] = v
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# reading: the shared end of the torch and torch_dist frontends
+
+
+def iteration_dir(path: str) -> tuple[str, Any]:
+    """(the iteration directory, its iteration) of a Megatron checkpoint: the one
+    ``latest_checkpointed_iteration.txt`` names, the only ``iter_*``, or ``path`` itself."""
+    tracker = os.path.join(path, "latest_checkpointed_iteration.txt")
+    if os.path.isfile(tracker):
+        text = open(tracker).read().strip()
+        if text == "release":
+            it: Any = "release"
+        else:
+            try:
+                it = int(text)
+            except ValueError:
+                raise FormatError(f"{tracker}: expected an iteration number or 'release', found {text!r}") from None
+        d = os.path.join(path, iter_dir(it))
+        if not os.path.isdir(d):
+            raise FormatError(f"{tracker}: names iteration {text} but {d} does not exist")
+        return d, it
+    names = os.listdir(path)
+    if any(RANK_DIR.match(n) for n in names):
+        return path, 1
+    iters = sorted(n for n in names if n.startswith("iter_") or n == "release")
+    if len(iters) > 1:
+        raise FormatError(f"{path}: several iterations ({', '.join(iters)}) and no latest_checkpointed_iteration.txt; "
+                          f"point at one iter_* directory")
+    if not iters:
+        raise FormatError(f"{path}: no iter_* directory or latest_checkpointed_iteration.txt; not a Megatron checkpoint")
+    it = "release" if iters[0] == "release" else int(iters[0][5:])
+    return os.path.join(path, iters[0]), it
+
+
+def all_args(args: Any) -> dict[str, Any]:
+    """Every field of the source's args, Megatron enums and config objects (stubs) included: an
+    mcore target carries them (see :func:`build_args`)."""
+    d = args if isinstance(args, dict) else vars(args) if hasattr(args, "__dict__") else {}
+    return {k: v for k, v in d.items() if isinstance(k, str)}
+
+
+def args_dict(args: Any, where: str) -> dict[str, Any]:
+    """The plain values of Megatron's ``args`` (inert stand-ins of Megatron classes left out)."""
+    from ckpt_ir.io.safe_pickle import Stub
+
+    if args is None:
+        raise FormatError(f"{where}: checkpoint has no 'args'; ckpt-ir needs them to know the model and layout")
+    if isinstance(args, dict):
+        d = args
+    elif hasattr(args, "__dict__"):
+        d = vars(args)
+    else:
+        raise FormatError(f"{where}: 'args' is a {type(args).__name__}, not Megatron's argument namespace")
+    return {k: v for k, v in d.items() if isinstance(k, str) and not isinstance(v, Stub)}
+
+
+@attrs.frozen
+class LocalName:
+    """A canonical name read from a Megatron key whose layer number is still the rank file's own:
+    local layer ``local`` of pipeline stage ``stage`` / virtual chunk ``chunk``, or, with ``mtp``,
+    multi-token-prediction layer ``local``.  The layout resolves it to the model's layer."""
+
+    rest: str  # the canonical name below the layer, e.g. attn.qkv.weight
+    local: int
+    stage: int = 0
+    chunk: int = 0
+    mtp: bool = False
+
+    def resolve(self, slot_of: dict, main_layers: int, where: str) -> str:
+        """The canonical name; ``slot_of`` maps (stage, chunk, local) to the layout's layer slot."""
+        if self.mtp:  # multi-token-prediction layer k is model layer main_layers + k
+            return layer_name(main_layers + self.local, self.rest)
+        slot = slot_of.get((self.stage, self.chunk, self.local))
+        if slot is None or slot.real is None:
+            kind = "a no-op layer" if slot is not None else "no layer"
+            raise FormatError(f"{where}: stage {self.stage} chunk {self.chunk} has local layer {self.local}, but the "
+                              f"layout in args puts {kind} there; args (num_layers, noop_layers, num_layer_list) do "
+                              f"not match the weights")
+        return layer_name(slot.real, self.rest)
+
+    def __str__(self) -> str:
+        where = f"mtp {self.local}" if self.mtp else f"stage {self.stage} chunk {self.chunk} local {self.local}"
+        return f"layers.<{where}>.{self.rest}"
+
+
+def canonical_key(key: str, stage: int = 0, chunk: int = 0, tables=READ_TABLES) -> str | LocalName | None:
+    """The canonical name of Megatron key ``key`` in a rank file of ``stage`` / ``chunk`` (layer
+    keys as :class:`LocalName`), or None if the key means nothing to ckpt-ir."""
+    key = key.replace(".base_layer.", ".")
+    m = LORA_KEY.match(key)
+    if m:
+        target = canonical_key(m.group(1) + ".weight", stage, chunk, tables)
+        if target is None:
+            return None
+        suffix = CANONICAL_LORA[m.group(2)]
+        if isinstance(target, LocalName):
+            return attrs.evolve(target, rest=target.rest[: -len(".weight")] + suffix)
+        return target[: -len(".weight")] + suffix
+    glob = GLOBAL_TABLE.to_canonical(key)
+    if glob is not None:
+        return glob
+    for table in tables:
+        c = table.to_canonical(key)
+        if c is not None:
+            layer, rest = split_layer(c)
+            assert layer is not None
+            return LocalName(rest, layer, stage, chunk)
+    return None
+
+
+def with_global_expert(name: str | LocalName, first_expert: int) -> tuple[str | LocalName, bool]:
+    """(``name`` with a rank-local expert number made global by adding ``first_expert``, whether
+    it is an expert tensor)."""
+    rest = name.rest if isinstance(name, LocalName) else name
+    expert = expert_of(rest)
+    if expert is None:
+        return name, False
+    rest = rest.replace(f".experts.{expert}.", f".experts.{first_expert + expert}.")
+    return (attrs.evolve(name, rest=rest) if isinstance(name, LocalName) else rest), True

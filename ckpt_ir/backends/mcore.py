@@ -21,10 +21,11 @@ from ckpt_ir.errors import VerifyError
 from ckpt_ir.families import by_name
 from ckpt_ir.frontends import distopt
 from ckpt_ir.io import torchzip
-from ckpt_ir.io.safe_pickle import TORCH_DTYPES, TorchDtype
+from ckpt_ir.io.safe_pickle import TorchDtype
 from ckpt_ir.io.torchzip import Tensor
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
+from ckpt_ir.ir.dtypes import torch_name
 from ckpt_ir.ir.layout import expert_owner, expert_rank_files, layer_slots, num_chunks
 from ckpt_ir.ir.names import expert_of, role_of, split_layer
 
@@ -151,7 +152,7 @@ class ExtraState:
                 if not _writable(value) and not isinstance(value, io.BytesIO):
                     self.dropped[full] = "Transformer-Engine _extra_state holding objects ckpt-ir cannot write back"
                     continue
-                out[full] = _placeholders(value, f"extra/{stage}/{chunk}/{rank}/{ep}/{full}", tensors)
+                out[full] = placeholders(value, f"extra/{stage}/{chunk}/{rank}/{ep}/{full}", tensors)
         return out
 
 
@@ -259,7 +260,7 @@ def _training_entries(values: dict, tensors: list[tuple[str, E.Expr]], dropped: 
         if not _writable(value):
             dropped[key] = "holds objects ckpt-ir cannot write back"
             continue
-        out[key] = _placeholders(value, key, tensors)
+        out[key] = placeholders(value, key, tensors)
     return out
 
 
@@ -278,7 +279,7 @@ class OptimizerOutput:
             raise VerifyError(f"optimizer state lacks {', '.join(missing)}; Megatron's distributed optimizer needs "
                               f"{', '.join(distopt.STATE_KEYS)}")
         grad = (meta.get("dtype_key") or (None, TorchDtype("float32")))[1]
-        self.dtype_key = (TorchDtype(_TORCH_NAME[ckpt.spec.dtype]), grad)
+        self.dtype_key = (TorchDtype(torch_name(ckpt.spec.dtype)), grad)
         self.dropped: dict[str, str] = {}
 
     def args(self, args):
@@ -343,7 +344,6 @@ def _shard_rank(entry: Entry, rank: int, expert_tp: int) -> int:
     return rank if entry.ep is None or expert_tp > 1 else 0
 
 
-_TORCH_NAME = {ir: name for name, ir in TORCH_DTYPES.items() if name not in ("float", "half", "double", "long", "int")}
 
 
 def _writable(obj) -> bool:
@@ -351,15 +351,15 @@ def _writable(obj) -> bool:
     return torchzip.writable(obj, lambda v: isinstance(v, E.Expr))
 
 
-def _placeholders(obj, uid: str, tensors: list[tuple[str, E.Expr]]):
+def placeholders(obj, uid: str, tensors: list[tuple[str, E.Expr]]):
     """``obj`` with each tensor expression replaced by a placeholder naming its entry in ``tensors``."""
     if isinstance(obj, E.Expr):
         tensors.append((uid, obj))
         return Tensor(uid, obj.dtype, obj.shape)
     if isinstance(obj, dict):
-        return {k: _placeholders(v, f"{uid}.{k}", tensors) for k, v in obj.items()}
+        return {k: placeholders(v, f"{uid}.{k}", tensors) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_placeholders(v, f"{uid}.{i}", tensors) for i, v in enumerate(obj))
+        return type(obj)(placeholders(v, f"{uid}.{i}", tensors) for i, v in enumerate(obj))
     return obj
 
 

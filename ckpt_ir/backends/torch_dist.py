@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 
 from ckpt_ir import mcore_format as M
-from ckpt_ir.backends.mcore import _placeholders
+from ckpt_ir.backends.mcore import placeholders
 from ckpt_ir.backends.plan import OutputFile, Plan
 from ckpt_ir.errors import VerifyError
 from ckpt_ir.families import by_name
@@ -34,6 +34,7 @@ from ckpt_ir.io.safe_pickle import TorchDtype
 from ckpt_ir.io.torchzip import Tensor
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
+from ckpt_ir.ir.dtypes import torch_name
 from ckpt_ir.ir.names import split_layer
 
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
@@ -89,7 +90,7 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
     if ckpt.states:
         common.update(_training_state(ckpt, args, dropped))
     common_tensors: list[tuple[str, E.Expr]] = []  # e.g. a tensor Adam step in the param groups
-    common = _placeholders(common, "common", common_tensors)
+    common = placeholders(common, "common", common_tensors)
     files.append(OutputFile(f"{d}/common.pt", "torch", tuple(common_tensors), obj=common))
     files.append(OutputFile(f"{d}/metadata.json", "text", text=json.dumps(METADATA_JSON)))
     files.append(OutputFile(f"{d}/.metadata", "dcp-metadata", obj=tuple(entries)))
@@ -174,7 +175,6 @@ def write_dcp_metadata(path: str, entries: tuple, data_dir: str) -> None:
     ``torch.distributed.checkpoint`` writes, produced without importing torch (seconds)."""
     import os
 
-    from ckpt_ir.backends.mcore import _TORCH_NAME
     from ckpt_ir.io.torchzip import Call, _pickle
 
     dcp = "torch.distributed.checkpoint.metadata"
@@ -194,7 +194,7 @@ def write_dcp_metadata(path: str, entries: tuple, data_dir: str) -> None:
             storage[obj("MetadataIndex", fqn=key, offset=None, index=None)] = where
             continue
         # TensorProperties pickles as (dtype, layout, requires_grad, memory format code, pin_memory)
-        props = Call(dcp, "TensorProperties", (), (TorchDtype(_TORCH_NAME[dtype]),
+        props = Call(dcp, "TensorProperties", (), (TorchDtype(torch_name(dtype)),
                      Call("torch.serialization", "_get_layout", ("torch.strided",)), False,
                      Call(dcp, "_MEM_FORMAT_ENCODING", (0,)), False))
         state[key] = obj("TensorStorageMetadata", properties=props, size=size(shape),

@@ -21,12 +21,11 @@ from ckpt_ir.errors import CoverageError, FormatError
 from ckpt_ir.families import by_name, for_hf_config
 from ckpt_ir.frontends import distopt
 from ckpt_ir.frontends.hf import MCORE_HF_DIR, side_files
-from ckpt_ir.io.safe_pickle import Stub
 from ckpt_ir.io.torchzip import TorchZip, iter_tensors, with_exprs
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.layout import Layout, expert_rank_files, layer_slots
-from ckpt_ir.ir.names import expert_of, is_expert, is_lora, layer_name, split_layer
+from ckpt_ir.ir.names import is_expert, is_lora
 from ckpt_ir.ir.roles import canonical_order, split_rule
 
 
@@ -38,53 +37,6 @@ def detect(path: str) -> bool:
     except OSError:
         return False
     return any(n.startswith("iter_") or n == "release" or M.RANK_DIR.match(n) for n in names)
-
-
-def _iteration_dir(path: str) -> tuple[str, Any]:
-    tracker = os.path.join(path, "latest_checkpointed_iteration.txt")
-    if os.path.isfile(tracker):
-        text = open(tracker).read().strip()
-        if text == "release":
-            it: Any = "release"
-        else:
-            try:
-                it = int(text)
-            except ValueError:
-                raise FormatError(f"{tracker}: expected an iteration number or 'release', found {text!r}") from None
-        d = os.path.join(path, M.iter_dir(it))
-        if not os.path.isdir(d):
-            raise FormatError(f"{tracker}: names iteration {text} but {d} does not exist")
-        return d, it
-    names = os.listdir(path)
-    if any(M.RANK_DIR.match(n) for n in names):
-        return path, 1
-    iters = sorted(n for n in names if n.startswith("iter_") or n == "release")
-    if len(iters) > 1:
-        raise FormatError(f"{path}: several iterations ({', '.join(iters)}) and no latest_checkpointed_iteration.txt; "
-                          f"point at one iter_* directory")
-    if not iters:
-        raise FormatError(f"{path}: no iter_* directory or latest_checkpointed_iteration.txt; not a Megatron checkpoint")
-    it = "release" if iters[0] == "release" else int(iters[0][5:])
-    return os.path.join(path, iters[0]), it
-
-
-def _all_args(args: Any) -> dict[str, Any]:
-    """Every field of the source's args, Megatron enums and config objects (stubs) included: an
-    mcore target carries them (see :func:`ckpt_ir.mcore_format.build_args`)."""
-    d = args if isinstance(args, dict) else vars(args) if hasattr(args, "__dict__") else {}
-    return {k: v for k, v in d.items() if isinstance(k, str)}
-
-
-def _args_dict(args: Any, where: str) -> dict[str, Any]:
-    if args is None:
-        raise FormatError(f"{where}: checkpoint has no 'args'; ckpt-ir needs them to know the model and layout")
-    if isinstance(args, dict):
-        d = args
-    elif hasattr(args, "__dict__"):
-        d = vars(args)
-    else:
-        raise FormatError(f"{where}: 'args' is a {type(args).__name__}, not Megatron's argument namespace")
-    return {k: v for k, v in d.items() if isinstance(k, str) and not isinstance(v, Stub)}
 
 
 class _Args:
@@ -162,7 +114,7 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     :func:`check_replicas`."""
     if replicas not in REPLICA_MODES:
         raise ValueError(f"replicas={replicas!r}: choose one of {', '.join(REPLICA_MODES)}")
-    it_dir, iteration = _iteration_dir(path)
+    it_dir, iteration = M.iteration_dir(path)
     found: dict[tuple[int, int | None, int | None], str] = {}
     for n in sorted(os.listdir(it_dir)):
         m = M.RANK_DIR.match(n)
@@ -177,7 +129,7 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     first = TorchZip(found[min(found, key=lambda k: (k[0], k[1] or 0, k[2] or 0))])
     if not isinstance(first.obj, dict):
         raise FormatError(f"{first.path}: not a Megatron checkpoint dict")
-    args = _args_dict(first.obj.get("args"), first.path)
+    args = M.args_dict(first.obj.get("args"), first.path)
     a = _Args(args, first.path)
     tp = a.size("tensor_model_parallel_size")
     pp = a.size("pipeline_model_parallel_size")
@@ -237,7 +189,7 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     unknown: list[str] = []
     te_norms = te_fc1 = False
     opt_meta: dict[str, Any] = {}
-    training: dict[str, Any] = {"rng_state": {}, "source_layout": (tp, pp, ep), "args": _all_args(first.obj.get("args"))}
+    training: dict[str, Any] = {"rng_state": {}, "source_layout": (tp, pp, ep), "args": M.all_args(first.obj.get("args"))}
     for (t, p, e), f in sorted(ranks.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
         z = first if f == first.path else TorchZip(f)
         rel = os.path.relpath(f, path)
@@ -269,7 +221,7 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                     values.update({which: state[which][(ck, key)] for which in distopt.STATE_KEYS})
                 for set_name, value in values.items():
                     if key == "embedding.word_embeddings.weight" and p == pp - 1 and pp > 1 and spec.mtp_layers:
-                        found = [("@mtp.0:mtp.embed.weight", value, False)]
+                        found = [(M.LocalName("mtp.embed.weight", 0, mtp=True), value, False)]
                     else:
                         found = _lift_key(key, value, p, chunk, e, experts_per_rank, tables)
                     if found is None:
@@ -452,65 +404,33 @@ def _evolve(obj, **kw):
 def _lift_key(key: str, expr: E.Expr, stage: int, chunk: int, ep: int, experts_per_rank: int, tables):
     """[(canonical name with its layer still local, expression, is_expert)] for one stored key,
     or None if the key means nothing to us.  Expert indices become global here; a grouped-GEMM
-    weight yields one entry per local expert; MTP layers are tagged ``@mtp.K``."""
+    weight yields one entry per local expert; layers stay local (:class:`~ckpt_ir.mcore_format.LocalName`)."""
     if key == M.MTP_FINAL_NORM:
         return [("final_norm.weight", expr, False)]
     m = MTP_LAYER_KEY.match(key)
     if m:
         k = m.group(1)
         inner = _lift_key(f"decoder.layers.{k}.{m.group(2)}", expr, stage, chunk, ep, experts_per_rank, tables)
-        return None if inner is None else [(f"@mtp.{k}:" + c.split(":", 1)[1], x, is_e) for c, x, is_e in inner]
+        return None if inner is None else [(M.LocalName(c.rest, int(k), mtp=True), x, is_e) for c, x, is_e in inner]
     for template, canon in M.MTP_KEYS:
         mm = re.match("^" + re.escape(template).replace(re.escape("{k}"), r"(\d+)") + "$", key)
         if mm:
-            return [(f"@mtp.{mm.group(1)}:{canon}", expr, False)]
+            return [(M.LocalName(canon, int(mm.group(1)), mtp=True), expr, False)]
     m = M.GROUPED_KEY.match(key)
     if m:
         local_layer, kind = m.group(1), m.group(2)
         out = []
         for j, e_expr in enumerate(M.ungroup_experts(kind, expr, experts_per_rank)):
             role = M.GROUPED[kind]
-            out.append((f"@{stage}.{chunk}.{local_layer}:mlp.experts.{ep * experts_per_rank + j}.{role}.weight",
-                        e_expr, True))
+            out.append((M.LocalName(f"mlp.experts.{ep * experts_per_rank + j}.{role}.weight", int(local_layer), stage,
+                                    chunk), e_expr, True))
         return out
-    canon = _canonical(key, stage, chunk, tables)
+    canon = M.canonical_key(key, stage, chunk, tables)
     if canon is None:
         return None
-    expert = expert_of(canon)
-    if expert is None:
-        return [(canon, expr, False)]
-    glob = canon.replace(f".experts.{expert}.", f".experts.{ep * experts_per_rank + expert}.")
-    return [(glob, expr, True)]
+    name, is_expert_tensor = M.with_global_expert(canon, ep * experts_per_rank)
+    return [(name, expr, is_expert_tensor)]
 
 
-def _canonical(key: str, stage: int, chunk: int, tables=M.READ_TABLES) -> str | None:
-    """Canonical name with the *local* layer number tagged by stage/chunk (resolved later)."""
-    key = key.replace(".base_layer.", ".")
-    m = M.LORA_KEY.match(key)
-    if m:
-        target = _canonical(m.group(1) + ".weight", stage, chunk, tables)
-        return None if target is None else target[: -len(".weight")] + M.CANONICAL_LORA[m.group(2)]
-    glob = M.GLOBAL_TABLE.to_canonical(key)
-    if glob is not None:
-        return glob
-    for table in tables:
-        c = table.to_canonical(key)
-        if c is not None:
-            layer, rest = split_layer(c)
-            return f"@{stage}.{chunk}.{layer}:{rest}"
-    return None
-
-
-def _resolve_layer(name: str, slot_of: dict, path: str, main_layers: int) -> str:
-    if not name.startswith("@"):
-        return name
-    where, rest = name[1:].split(":", 1)
-    if where.startswith("mtp."):  # multi-token-prediction layer k is model layer main_layers + k
-        return layer_name(main_layers + int(where[4:]), rest)
-    stage, chunk, local = (int(x) for x in where.split("."))
-    slot = slot_of.get((stage, chunk, local))
-    if slot is None or slot.real is None:
-        kind = "a no-op layer" if slot is not None else "no layer"
-        raise FormatError(f"{path}: stage {stage} chunk {chunk} has local layer {local}, but the layout in args "
-                          f"puts {kind} there; args (num_layers, noop_layers, num_layer_list) do not match the weights")
-    return layer_name(slot.real, rest)
+def _resolve_layer(name: str | M.LocalName, slot_of: dict, path: str, main_layers: int) -> str:
+    return name if isinstance(name, str) else name.resolve(slot_of, main_layers, path)

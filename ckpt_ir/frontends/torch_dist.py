@@ -34,7 +34,7 @@ from ckpt_ir import mcore_format as M
 from ckpt_ir.errors import CoverageError, FormatError
 from ckpt_ir.frontends import distopt
 from ckpt_ir.frontends.hf import MCORE_HF_DIR, side_files
-from ckpt_ir.frontends.mcore import _all_args, _args_dict, _canonical, _iteration_dir, spec_from_args
+from ckpt_ir.frontends.mcore import spec_from_args
 from ckpt_ir.io.dcp import ChunkResolver, DcpTensor, read_metadata
 from ckpt_ir.io.torchzip import TorchZip
 from ckpt_ir.ir import expr as E
@@ -61,7 +61,7 @@ def _checkpoint_dir(path: str) -> tuple[str, Any]:
     if os.path.isfile(os.path.join(path, METADATA_JSON)):
         name = os.path.basename(os.path.normpath(path))
         return path, int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else None
-    return _iteration_dir(path)
+    return M.iteration_dir(path)
 
 
 def detect(path: str) -> bool:
@@ -84,7 +84,7 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     _check_backend(it_dir)
     md = read_metadata(it_dir)
     common, common_path = _common_state(it_dir, md)
-    args = _args_dict(common.get("args"), common_path)
+    args = M.args_dict(common.get("args"), common_path)
     spec, cfg, inferred = spec_from_args(args, hf_config, common_path, family)
     n_args = args.get("num_layers")
     if isinstance(n_args, int) and n_args != spec.num_layers:
@@ -227,7 +227,7 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
         dropped[f"{COMMON}:optimizer"] = "optimizer settings: carried only with the optimizer state"
     # the training state besides the optimizer's travels either way (rng_state is sharded per rank
     # in torch_dist and belongs to its grid: not carried)
-    meta["training"] = {"args": _all_args(common.get("args")), "opt_param_scheduler": common.get("opt_param_scheduler"),
+    meta["training"] = {"args": M.all_args(common.get("args")), "opt_param_scheduler": common.get("opt_param_scheduler"),
                         "num_floating_point_operations_so_far": common.get("num_floating_point_operations_so_far"),
                         "rng_state": {}, "source_layout": None}
     return Checkpoint(spec=spec, layout=layout, tensors=ordered, dropped=dropped, hf_config=cfg, source=path,
@@ -423,7 +423,7 @@ def _names(key: str, t: DcpTensor, num_layers: int, tables, where: str) -> list[
         rest = key[len("decoder.layers."):]
         layers = [(i, rest, (i,)) for i in range(num_layers)]
     else:
-        canon = _canonical(key, 0, 0, tables)
+        canon = M.canonical_key(key, 0, 0, tables)
         return None if canon is None else [(_resolve(canon), ())]
     out = []
     for i, rest, index in layers:
@@ -435,20 +435,16 @@ def _names(key: str, t: DcpTensor, num_layers: int, tables, where: str) -> list[
             m = _ONE_EXPERT.match(rest)
             per = [(f"mlp.experts.local_experts.{m.group(1)}.{m.group(2)}" if m else rest, index)]
         for sub, idx in per:
-            canon = _canonical(f"decoder.layers.{i}.{sub}", 0, 0, tables)
+            canon = M.canonical_key(f"decoder.layers.{i}.{sub}", 0, 0, tables)
             if canon is None:
                 return None
             out.append((_resolve(canon), idx))
     return out
 
 
-def _resolve(canon: str) -> str:
-    """``@0.0.<layer>:<rest>`` (mcore's stage/chunk-local tag) -> ``layers.<layer>.<rest>``:
-    torch_dist layer numbers are already global."""
-    if not canon.startswith("@"):
-        return canon
-    where, rest = canon[1:].split(":", 1)
-    return layer_name(int(where.split(".")[2]), rest)
+def _resolve(canon: str | M.LocalName) -> str:
+    """torch_dist layer numbers are already global: a "local" layer is the model's layer."""
+    return canon if isinstance(canon, str) else layer_name(canon.local, canon.rest)
 
 
 class _Builder:
