@@ -10,6 +10,12 @@ checkpoint once the round is over), so page-cache pressure does not build up acr
 `--cold` also empties the page cache before every task (needs root), so that every task,
 `cp` included, reads its source from disk.  It prints, per size and task, the median wall time, GB/s, the ratio
 to cp, and the peak RSS of the converting process as a fraction of the model size.
+
+`--tasks move,compute,wide` chooses the task groups: `move` (the layout conversions above), `compute`
+(bf16 -> fp32 and fp32 -> bf16 casts, a rank-16 LoRA merge on every linear, HF -> mcore TP2 in fp32
+with vocab padding; each against `cp -r` + `sync` of a directory with the output's bytes, made
+once beforehand) and `wide` (a 152k-vocab, 4096-hidden, 1-layer model converted HF -> mcore TP2
+fp32 with `--make-vocab-size-divisible-by 128`: peak memory with embeddings of 1.2 GB per shard).
 """
 
 from __future__ import annotations
@@ -25,6 +31,14 @@ import time
 
 HIDDEN, FFN, HEADS, KV_HEADS, VOCAB = 2048, 5632, 16, 4, 32000
 HEAD_DIM = HIDDEN // HEADS
+# the wide-vocabulary model of the memory benchmark (Qwen2.5-7B's vocabulary and width)
+SHAPES = {"llama": (HIDDEN, FFN, HEADS, KV_HEADS, VOCAB), "wide": (4096, 11008, 32, 8, 152064)}
+
+
+def use_shape(name: str) -> None:
+    global HIDDEN, FFN, HEADS, KV_HEADS, VOCAB, HEAD_DIM
+    HIDDEN, FFN, HEADS, KV_HEADS, VOCAB = SHAPES[name]
+    HEAD_DIM = HIDDEN // HEADS
 
 
 def parse_size(text: str) -> int:
@@ -47,14 +61,15 @@ def layer_tensors(i: int) -> dict[str, tuple[int, ...]]:
     }
 
 
-def generate(path: str, size: int) -> int:
-    """A llama-shaped bf16 HF checkpoint of about ``size`` bytes; returns its layer count."""
+def generate(path: str, size: int, layers: int | None = None) -> int:
+    """A llama-shaped bf16 HF checkpoint of about ``size`` bytes (or of ``layers`` layers);
+    returns its layer count."""
     import torch
     from safetensors.torch import save_file
 
     per_layer = sum(2 * n for shape in layer_tensors(0).values() for n in [_numel(shape)])
     fixed = 2 * 2 * VOCAB * HIDDEN + 2 * HIDDEN
-    layers = max(4, round((size - fixed) / per_layer / 4) * 4)
+    layers = layers or max(4, round((size - fixed) / per_layer / 4) * 4)
     os.makedirs(path, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     weight_map: dict[str, str] = {}
@@ -79,6 +94,30 @@ def generate(path: str, size: int) -> int:
                "tie_word_embeddings": False, "max_position_embeddings": 4096, "rope_theta": 10000.0},
               open(os.path.join(path, "config.json"), "w"))
     return layers
+
+
+def generate_adapter(path: str, layers: int, rank: int = 16) -> None:
+    """A PEFT LoRA adapter of ``rank`` on every linear of every layer (random A and B, bf16)."""
+    import torch
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    g = torch.Generator().manual_seed(1)
+    tensors = {}
+    for i in range(layers):
+        for name, shape in layer_tensors(i).items():
+            if len(shape) != 2:  # norms
+                continue
+            rows, cols = shape
+            prefix = "base_model.model." + name[: -len(".weight")]
+            tensors[prefix + ".lora_A.weight"] = ((torch.rand(rank, cols, generator=g) - 0.5) / 8).to(torch.bfloat16)
+            tensors[prefix + ".lora_B.weight"] = ((torch.rand(rows, rank, generator=g) - 0.5) / 8).to(torch.bfloat16)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(LINEARS),
+               "base_model_name_or_path": "bench"}, open(os.path.join(path, "adapter_config.json"), "w"))
+
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -121,8 +160,13 @@ def timed(cmd: list[str], cold: bool = False) -> tuple[float, int]:
 
 
 def main() -> int:
-    if len(sys.argv) == 4 and sys.argv[1] == "--generate":
-        print(generate(sys.argv[2], int(sys.argv[3])))
+    if len(sys.argv) >= 4 and sys.argv[1] == "--generate":
+        if len(sys.argv) == 6:  # --generate PATH SIZE SHAPE LAYERS
+            use_shape(sys.argv[4])
+        print(generate(sys.argv[2], int(sys.argv[3]), int(sys.argv[5]) if len(sys.argv) == 6 else None))
+        return 0
+    if len(sys.argv) == 4 and sys.argv[1] == "--adapter":
+        generate_adapter(sys.argv[2], int(sys.argv[3]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1G", help="comma-separated model sizes, e.g. 1G,2G,4G")
@@ -131,47 +175,87 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep generated checkpoints")
     ap.add_argument("--extra", default="", help="extra flags for every ckpt-ir convert (e.g. '--workers 1')")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before every task (needs root)")
+    ap.add_argument("--tasks", default="move", help="comma list of task groups: move (layout conversions), "
+                    "compute (casts, LoRA merge, fp32 + vocab padding), wide (wide-vocab model, memory)")
     args = ap.parse_args()
-    ck = [sys.executable, "-m", "ckpt_ir"]
-    extra = args.extra.split()
+    groups = set(args.tasks.split(","))
     rows = []
     for size_text in args.sizes.split(","):
         root = os.path.join(args.workdir, size_text)
         shutil.rmtree(root, ignore_errors=True)
-        src = os.path.join(root, "hf")
-        # generate in a child process: the parent stays small, so children's peak RSS is their own
-        # (Linux carries a parent's RSS high-water mark into forked children)
-        layers = int(subprocess.check_output([sys.executable, __file__, "--generate", src, str(parse_size(size_text))]))
-        nbytes = du(src)
-        print(f"[{size_text}] generated {nbytes / 1e9:.2f} GB, {layers} layers", file=sys.stderr)
-        tp2pp2, tp1pp4, back = (os.path.join(root, n) for n in ("tp2pp2", "tp1pp4", "back"))
-        tasks = {
-            "cp -r + sync": (["cp", "-r", src, os.path.join(root, "cp")], os.path.join(root, "cp")),
-            "hf -> mcore tp2 pp2": (ck + ["convert", src, tp2pp2, "--to", "mcore", "--tp", "2", "--pp", "2",
-                                          "--quiet", *extra], tp2pp2),
-            "mcore tp2pp2 -> tp1pp4": (ck + ["convert", tp2pp2, tp1pp4, "--to", "mcore", "--tp", "1", "--pp", "4",
-                                             "--quiet", *extra], tp1pp4),
-            "mcore -> hf": (ck + ["convert", tp2pp2, back, "--to", "hf", "--quiet", *extra], back),
-        }
-        results: dict[str, list[tuple[float, int]]] = {k: [] for k in tasks}
-        for run in range(args.runs):
-            for name, (cmd, out) in tasks.items():
-                shutil.rmtree(out, ignore_errors=True)
-                results[name].append(timed(cmd, args.cold))
-                print(f"[{size_text}] run {run + 1} {name}: {results[name][-1][0]:.2f}s", file=sys.stderr)
-                if out != tp2pp2:  # the reshard and mcore -> HF read it
-                    shutil.rmtree(out, ignore_errors=True)
-        cp_time = statistics.median(t for t, _ in results["cp -r + sync"])
-        for name, res in results.items():
-            t = statistics.median(x for x, _ in res)
-            rss = max(r for _, r in res)
-            rows.append((size_text, name, t, nbytes / t / 1e9, t / cp_time, rss / 1e6, rss / nbytes))
+        if groups & {"move", "compute"}:
+            rows += bench_model(root, size_text, parse_size(size_text), "llama", groups - {"wide"}, args)
+        if "wide" in groups:
+            rows += bench_model(root + "-wide", size_text + "w", 0, "wide", {"wide"}, args)
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    print(f"\n{'size':>5} {'task':26s} {'median s':>9} {'GB/s':>6} {'x cp':>6} {'peak RSS MB':>12} {'RSS/model':>10}")
+            shutil.rmtree(root + "-wide", ignore_errors=True)
+    print(f"\n{'size':>5} {'task':34s} {'median s':>9} {'GB/s':>6} {'x cp':>6} {'peak RSS MB':>12} {'RSS/model':>10}")
     for size_text, name, t, gbps, ratio, rss_mb, frac in rows:
-        print(f"{size_text:>5} {name:26s} {t:9.2f} {gbps:6.2f} {ratio:6.2f} {rss_mb:12.0f} {frac:10.1%}")
+        print(f"{size_text:>5} {name:34s} {t:9.2f} {gbps:6.2f} {ratio:6.2f} {rss_mb:12.0f} {frac:10.1%}")
     return 0
+
+
+def bench_model(root: str, label: str, size: int, shape: str, groups: set[str], args) -> list[tuple]:
+    """Generate one model, time the selected task groups in interleaved rounds; table rows."""
+    ck = [sys.executable, "-m", "ckpt_ir"]
+    extra = args.extra.split()
+    src = os.path.join(root, "hf")
+    # generate in a child process: the parent stays small, so children's peak RSS is their own
+    # (Linux carries a parent's RSS high-water mark into forked children)
+    gen = [sys.executable, __file__, "--generate", src, str(size)] + (["wide", "1"] if shape == "wide" else [])
+    layers = int(subprocess.check_output(gen))
+    nbytes = du(src)
+    print(f"[{label}] generated {nbytes / 1e9:.2f} GB, {layers} layers ({shape})", file=sys.stderr)
+    out = {n: os.path.join(root, n) for n in ("tp2pp2", "tp1pp4", "back", "fp32", "bf16", "merged", "padded")}
+    convert = lambda *a: ck + ["convert", *a, "--quiet", *extra]  # noqa: E731
+    pad_flags = ["--to", "mcore", "--tp", "2", "--dtype", "fp32", "--make-vocab-size-divisible-by", "128"]
+    # task name -> (command, output, the cp task whose bytes equal the output's)
+    tasks: dict[str, tuple[list[str], str, str]] = {}
+    refs: dict[str, str] = {"cp -r + sync": src}
+    if groups & {"move", "compute"}:
+        tasks["cp -r + sync"] = (["cp", "-r", src, os.path.join(root, "cp")], os.path.join(root, "cp"), "")
+    if "move" in groups:
+        tasks["hf -> mcore tp2 pp2"] = (convert(src, out["tp2pp2"], "--to", "mcore", "--tp", "2", "--pp", "2"),
+                                        out["tp2pp2"], "cp -r + sync")
+        tasks["mcore tp2pp2 -> tp1pp4"] = (convert(out["tp2pp2"], out["tp1pp4"], "--to", "mcore", "--tp", "1",
+                                                   "--pp", "4"), out["tp1pp4"], "cp -r + sync")
+        tasks["mcore -> hf"] = (convert(out["tp2pp2"], out["back"], "--to", "hf"), out["back"], "cp -r + sync")
+    if "compute" in groups:
+        # references with the outputs' bytes, made once (untimed): cp of them is the baseline
+        fp32_ref, padded_ref, adapter = (os.path.join(root, n) for n in ("ref-fp32", "ref-padded", "adapter"))
+        subprocess.run(convert(src, fp32_ref, "--to", "hf", "--dtype", "fp32"), check=True, env=CHILD_ENV)
+        subprocess.run(convert(src, padded_ref, *pad_flags), check=True, env=CHILD_ENV)
+        subprocess.run([sys.executable, __file__, "--adapter", adapter, str(layers)], check=True)
+        refs.update({"cp -r fp32 + sync": fp32_ref, "cp -r fp32 mcore + sync": padded_ref})
+        for name in ("cp -r fp32 + sync", "cp -r fp32 mcore + sync"):
+            tasks[name] = (["cp", "-r", refs[name], os.path.join(root, "cp2")], os.path.join(root, "cp2"), "")
+        tasks["cast bf16 -> fp32"] = (convert(src, out["fp32"], "--to", "hf", "--dtype", "fp32"), out["fp32"],
+                                      "cp -r fp32 + sync")
+        tasks["cast fp32 -> bf16"] = (convert(fp32_ref, out["bf16"], "--to", "hf", "--dtype", "bf16"), out["bf16"],
+                                      "cp -r + sync")
+        tasks["lora merge (r16, all linears)"] = (convert(src, out["merged"], "--to", "hf", "--lora-load", adapter),
+                                                  out["merged"], "cp -r + sync")
+        tasks["hf -> mcore tp2 fp32 vocab pad"] = (convert(src, out["padded"], *pad_flags), out["padded"],
+                                                   "cp -r fp32 mcore + sync")
+    if "wide" in groups:
+        tasks["hf -> mcore tp2 fp32 vocab pad"] = (convert(src, out["padded"], *pad_flags), out["padded"], "")
+    results: dict[str, list[tuple[float, int]]] = {k: [] for k in tasks}
+    for run in range(args.runs):
+        for name, (cmd, dst, _) in tasks.items():
+            shutil.rmtree(dst, ignore_errors=True)
+            results[name].append(timed(cmd, args.cold))
+            print(f"[{label}] run {run + 1} {name}: {results[name][-1][0]:.2f}s", file=sys.stderr)
+            if dst != out["tp2pp2"]:  # the reshard and mcore -> HF read it
+                shutil.rmtree(dst, ignore_errors=True)
+    rows = []
+    for name, res in results.items():
+        t = statistics.median(x for x, _ in res)
+        base = tasks[name][2] or (name if name in refs else "")
+        ratio = t / statistics.median(x for x, _ in results[base]) if base in results else float("nan")
+        rss = max(r for _, r in res)
+        rows.append((label, name, t, nbytes / t / 1e9, ratio, rss / 1e6, rss / nbytes))
+    return rows
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from ckpt_ir.passes.manager import FunctionPass, Instrumentation, Pass, PassMana
 from ckpt_ir.passes.vocab import padded_size
 
 __all__ = ["Checkpoint", "Target", "Conversion", "convert", "load", "attach_lora", "derive_pipeline", "run", "plan", "save",
-           "check_target", "parse_pipeline"]
+           "check_target", "parse_pipeline", "summarize_dropped"]
 
 
 @attrs.frozen(kw_only=True)
@@ -64,6 +64,8 @@ class Target:
     lora_load: str | None = None
     # multi-token-prediction layers to keep (None: all); MindSpeed-LLM's --mtp-num-layers
     mtp_layers: int | None = None
+    # Megatron target: "torch" (rank directories) or "torch_dist" (dist_checkpointing, resharded on load)
+    ckpt_format: str = "torch"
 
     def __attrs_post_init__(self) -> None:
         if self.to not in ("hf", "mcore", "peft"):
@@ -78,6 +80,14 @@ class Target:
                                    or self.grouped_gemm or self.dp):
             raise UsageError("--tp/--pp/--vpp-layers/--num-layer-list/--noop-layers/--make-vocab-size-divisible-by/"
                              "--ep/--etp/--moe-grouped-gemm/--target-dp apply to --to mcore only")
+        if self.ckpt_format not in ("torch", "torch_dist"):
+            raise UsageError(f"--ckpt-format {self.ckpt_format!r}: choose torch or torch_dist")
+        if self.ckpt_format == "torch_dist" and (self.to != "mcore" or self.tp != 1 or self.pp != 1 or self.vpp_layers
+                                                 or self.num_layer_list or self.noop_layers or self.ep != 1
+                                                 or self.etp or self.grouped_gemm or self.dp):
+            raise UsageError("--ckpt-format torch_dist (with --to mcore) holds whole tensors that Megatron reshards "
+                             "when it loads them: leave out --tp/--pp/--vpp-layers/--num-layer-list/--noop-layers/"
+                             "--ep/--etp/--moe-grouped-gemm/--target-dp")
 
     @property
     def carries_optimizer(self) -> bool:
@@ -247,6 +257,18 @@ def plan(ckpt: Checkpoint, target: Target) -> Plan:
     if ckpt.states and not target.carries_optimizer:
         raise UsageError("the checkpoint still carries optimizer state, which this target does not take; "
                          "add drop-optimizer-state to the pipeline")
+    out = _plan(ckpt, target)
+    notes = ckpt.meta.get("notes")
+    if notes:  # what the user chose on purpose, kept with the output (e.g. --replicas take-rank0)
+        from ckpt_ir.backends.plan import NOTES_FILE, OutputFile
+
+        out = attrs.evolve(out, files=(*out.files, OutputFile(NOTES_FILE, "text", text="\n".join(notes) + "\n")))
+    return out
+
+
+def _plan(ckpt: Checkpoint, target: Target) -> Plan:
+    if target.to != "mcore":
+        ckpt = _drop_training_state(ckpt)
     if target.to == "peft":
         from ckpt_ir.backends import peft
         from ckpt_ir.passes.lora import apply_lora_options
@@ -259,9 +281,37 @@ def plan(ckpt: Checkpoint, target: Target) -> Plan:
         if target.max_shard_size:
             kw["max_shard_size"] = target.max_shard_size
         return hf.plan(ckpt, **kw)
+    if target.ckpt_format == "torch_dist":
+        from ckpt_ir.backends import torch_dist
+
+        return torch_dist.plan(ckpt)
     from ckpt_ir.backends import mcore
 
     return mcore.plan(ckpt, shared_copies=target.shared_copies, dp=target.dp)
+
+
+def _drop_training_state(ckpt: Checkpoint) -> Checkpoint:
+    """An HF / PEFT target has no place for a Megatron run's training state: record what is left."""
+    training = ckpt.meta.get("training") or {}
+    present = [what for key, what in (("opt_param_scheduler", "learning-rate scheduler"),
+                                      ("num_floating_point_operations_so_far", "FLOP counter"),
+                                      ("args", "training args"))
+               if training.get(key) is not None]
+    if any(v is not None for v in (training.get("rng_state") or {}).values()):
+        present.append("RNG state")
+    if not present:
+        return ckpt
+    why = f"{', '.join(present)} of the Megatron run: an HF checkpoint has no place for them (convert to mcore to keep them)"
+    return attrs.evolve(ckpt, dropped={**ckpt.dropped, "training state": why})
+
+
+def summarize_dropped(dropped: dict[str, str]) -> list[str]:
+    """One line per kind of thing dropped (same reason), with a count and an example."""
+    kinds: dict[str, list[str]] = {}
+    for key, why in dropped.items():
+        kinds.setdefault(why, []).append(key)
+    return [f"dropped: {keys[0]}" + (f" and {len(keys) - 1} more like it" if len(keys) > 1 else "") + f": {why}"
+            for why, keys in kinds.items()]
 
 
 def save(ckpt: Checkpoint | Plan, dst: str, target: Target | None = None, *, overwrite: bool = False,

@@ -7,7 +7,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ckpt_ir.cli_common import Parser, add_ir_flags, add_plugin_flag, int_list, load_plugins, parse_size
+from ckpt_ir.cli_common import (
+    Parser,
+    add_ir_flags,
+    add_plugin_flag,
+    add_replicas_flag,
+    int_list,
+    load_plugins,
+    parse_size,
+)
 from ckpt_ir.errors import CkptIrError
 
 
@@ -23,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a checkpoint to another format or layout",
                        description="Convert SRC (format auto-detected) into DST. The pipeline is derived from the "
                        "source and target layouts; --print-pipeline shows it, --pipeline replaces it.")
-    c.add_argument("src", help="source checkpoint directory (HF or Megatron-Core)")
-    c.add_argument("dst", help="destination directory (written atomically)")
+    c.add_argument("src", help="source checkpoint directory (HF or Megatron-Core), or one .safetensors file beside "
+                   "its config.json")
+    c.add_argument("dst", help="destination directory (written atomically; missing parents are created)")
     c.add_argument("--to", required=True, choices=("hf", "mcore", "peft"), help="output format (peft: a LoRA-only "
                    "adapter)")
     c.add_argument("--dtype", help="cast floating tensors to bf16, fp16 or fp32 (default: keep)")
@@ -32,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "peak memory) and write nothing")
     c.add_argument("--overwrite", action="store_true", help="replace DST if it exists (atomically)")
     c.add_argument("--hf-config", metavar="DIR", help="take config.json (and tokenizer files) from DIR")
+    c.add_argument("--model-type-hf", metavar="FAMILY", help="Megatron source with plain Megatron-LM args: the "
+                   "model family (llama, qwen2, mixtral, ...; see 'ckpt-ir models'); default: inferred from the args")
     c.add_argument("--weights-from", choices=("model", "master"), default="model", help="Megatron source: take "
                    "the weights from the model (default) or from the distributed optimizer's fp32 master copies")
     c.add_argument("--max-shard-size", type=parse_size, default=None, help="HF output: cap per safetensors file "
@@ -42,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--workers", type=int, default=None, help="parallel writer processes (default: one per core)")
     c.add_argument("--max-memory", type=parse_size, default=None, help="bound on tensor data held at once, e.g. "
                    "4GB (default: half the available memory); limits --workers")
+    c.add_argument("--device", default="cpu", help="where casts and LoRA merges compute: cpu (default), cuda[:N] "
+                   "or npu[:N] (npu needs pip install 'ckpt-ir[npu]')")
     m = c.add_argument_group("Megatron-Core layout (with --to mcore)")
+    m.add_argument("--ckpt-format", choices=("torch", "torch_dist"), default="torch", help="Megatron checkpoint "
+                   "format, as Megatron-LM's flag: torch (mp_rank_* directories for one TP/PP layout, default) or "
+                   "torch_dist (dist_checkpointing, resharded by Megatron on load)")
     m.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     m.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     m.add_argument("--num-layer-list", type=int_list, help="layers per pipeline stage, e.g. 2,6")
@@ -68,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "spec) or te-input (only the input norm fused, as MindSpeed-LLM v2 writes); default local, or "
                    "the source's")
     lo = c.add_argument_group("LoRA (merged into the weights for --to hf/mcore; exported alone for --to peft)")
-    lo.add_argument("--lora-load", metavar="DIR", help="LoRA adapter: a PEFT directory or a Megatron LoRA checkpoint")
+    lo.add_argument("--lora-load", metavar="DIR", help="LoRA adapter: a PEFT directory (rsLoRA, rank/alpha patterns, DoRA, "
+                    "modules_to_save, MoE experts) or a Megatron LoRA checkpoint")
     lo.add_argument("--lora-r", type=int, help="LoRA rank (checked against the adapter)")
     lo.add_argument("--lora-alpha", type=float, help="LoRA alpha (needed when the adapter does not record it)")
     lo.add_argument("--lora-target-modules", nargs="+", default=[], metavar="MODULE",
@@ -79,8 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--format", choices=("text", "json", "dot"), default="text")
     i.add_argument("--allow-unused", metavar="PATTERN", action="append", default=[])
+    add_replicas_flag(i)
     i.add_argument("--hf-config", metavar="DIR", help="HF config.json describing a Megatron checkpoint whose args "
                    "do not (plain Megatron-LM args)")
+    i.add_argument("--model-type-hf", metavar="FAMILY", help="model family of a Megatron checkpoint with plain "
+                   "Megatron-LM args (default: inferred from the args)")
     i.add_argument("--weights-from", choices=("model", "master"), default="model",
                    help="Megatron source: the model's weights or the distributed optimizer's fp32 masters")
     add_plugin_flag(i)
@@ -94,7 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="machine-readable report")
     d.add_argument("--atol", type=float, default=0.0, help="treat differences up to ATOL as equal")
     add_plugin_flag(d)
+    d.add_argument("--hf-config", metavar="DIR", help="HF config.json describing a Megatron side whose args do "
+                   "not (plain Megatron-LM args)")
 
+    from ckpt_ir.plan import add_parser as add_plan
+    from ckpt_ir.verify import add_parser as add_verify
+
+    add_verify(sub)
+    add_plan(sub)
     ps = sub.add_parser("passes", help="list passes, their options and what they require/guarantee")
     add_plugin_flag(ps)
     ms = sub.add_parser("models", help="list supported model families")
@@ -147,18 +174,28 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from ckpt_ir.frontends import detect
     from ckpt_ir.frontends.hf import read_config
 
+    if args.device != "cpu":
+        from ckpt_ir.device import resolve_device
+        from ckpt_ir.ir.expr import set_math_device
+
+        set_math_device(resolve_device(args.device))
+    from ckpt_ir.io.atomic import check_apart
+
+    check_apart(args.dst, {"SRC": args.src, "--hf-config": args.hf_config, "--lora-load": args.lora_load})
     target = ck.Target(to=args.to, dtype=args.dtype, tp=args.tp, pp=args.pp, vpp_layers=args.vpp_layers,
                        num_layer_list=args.num_layer_list, noop_layers=args.noop_layers,
                        vocab_divisible_by=args.make_vocab_size_divisible_by, norm_names=args.norm_names,
                        max_shard_size=args.max_shard_size, hf_config_dir=args.hf_config, ep=args.ep, etp=args.etp,
                        grouped_gemm=args.moe_grouped_gemm, lora_rank=args.lora_r,
                        lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_target_modules),
-                       dp=args.target_dp, optimizer=not args.no_optimizer, lora_load=args.lora_load)
+                       dp=args.target_dp, optimizer=not args.no_optimizer, lora_load=args.lora_load,
+                       ckpt_format=args.ckpt_format)
     # --hf-config also describes a Megatron source whose args carry no HF config
     hf_cfg = read_config(args.hf_config) if args.hf_config and detect(args.src) in ("mcore", "torch_dist") else None
     layout = {"dp": args.source_dp, "bucket_size": args.source_bucket_size, "align": args.source_param_align}
     return run_conversion(args.src, target, args, {"allow_unused": tuple(args.allow_unused), "hf_config": hf_cfg,
-                                                   "weights_from": args.weights_from, "optimizer_layout": layout})
+                                                   "weights_from": args.weights_from, "optimizer_layout": layout,
+                                                   "family": args.model_type_hf, "replicas": args.replicas})
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -168,7 +205,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     hf_cfg = read_config(args.hf_config) if args.hf_config else None
     ckpt = ck.load(args.path, allow_unused=tuple(args.allow_unused), hf_config=hf_cfg, weights_from=args.weights_from,
-                   optimizer=args.optimizer)
+                   optimizer=args.optimizer, family=args.model_type_hf, replicas=args.replicas)
+    if ckpt.meta.get("family_from_args"):
+        print(f"ckpt-ir: {ckpt.meta['family_from_args']}", file=sys.stderr)
     sys.stdout.write(render(ckpt, args.format))
     return 0
 
@@ -176,7 +215,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     from ckpt_ir.diff import diff, format_report
 
-    report = diff(args.a, args.b, atol=args.atol)
+    report = diff(args.a, args.b, atol=args.atol, hf_config=args.hf_config)
     if args.json:
         import json
 
@@ -184,6 +223,18 @@ def cmd_diff(args: argparse.Namespace) -> int:
     else:
         print(format_report(report))
     return 0 if report["identical"] else 1
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from ckpt_ir.verify import run
+
+    return run(args)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ckpt_ir.plan import run
+
+    return run(args)
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
@@ -224,7 +275,7 @@ def cmd_convert_ckpt(args: argparse.Namespace) -> int:
     return run(args)
 
 
-COMMANDS = {"convert": cmd_convert, "inspect": cmd_inspect, "diff": cmd_diff, "passes": cmd_passes,
+COMMANDS = {"convert": cmd_convert, "inspect": cmd_inspect, "diff": cmd_diff, "verify": cmd_verify, "plan": cmd_plan, "passes": cmd_passes,
             "models": cmd_models, "demo": cmd_demo, "convert-ckpt": cmd_convert_ckpt}
 
 if __name__ == "__main__":  # pragma: no cover

@@ -62,6 +62,15 @@ def add_ir_flags(p: argparse.ArgumentParser) -> None:
     add_plugin_flag(g)  # type: ignore[arg-type]
     g.add_argument("--allow-unused", metavar="PATTERN", action="append", default=[],
                    help="drop source tensors matching this glob on purpose instead of failing (repeatable)")
+    add_replicas_flag(g)  # type: ignore[arg-type]
+
+
+def add_replicas_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--replicas", choices=("check", "check-all", "take-rank0"), default="check",
+                   help="Megatron source: compare the rank files' copies of replicated tensors (norms, routers, "
+                   "biases; an error names a tensor whose copies differ): check those up to 1 MiB (default), "
+                   "check-all (also large ones, e.g. dense weights repeated in every EP rank's file), or "
+                   "take-rank0: keep the first rank's copy without comparing (recorded in the output's notes)")
 
 
 def load_plugins(args: argparse.Namespace) -> None:
@@ -79,10 +88,16 @@ def run_conversion(src: Any, target: Any, args: argparse.Namespace, load_options
     from ckpt_ir.passes.manager import Instrumentation
 
     quiet = getattr(args, "quiet", False) or distributed_world()[0] != 0
+    if not isinstance(src, ck.Checkpoint):
+        if not (args.dry_run or args.print_pipeline):
+            from ckpt_ir.io.atomic import check_destination
+
+            check_destination(args.dst, args.overwrite)  # fail fast, before lifting the source
+        src = ck.load(src, **{"optimizer": target.carries_optimizer and not target.lora_load, **load_options})
+        if src.meta.get("family_from_args") and not quiet:
+            print(f"ckpt-ir: {src.meta['family_from_args']}", file=sys.stderr)
     if args.print_pipeline:
-        lifted = src if isinstance(src, ck.Checkpoint) else \
-            ck.load(src, **{"optimizer": target.carries_optimizer and not target.lora_load, **load_options})
-        print(ck.as_pipeline(args.pipeline) if args.pipeline else ck.derive_pipeline(lifted, target))
+        print(ck.as_pipeline(args.pipeline) if args.pipeline else ck.derive_pipeline(src, target))
         return 0
     inst = Instrumentation(print_before=tuple(args.print_ir_before), print_after=tuple(args.print_ir_after),
                            print_after_all=args.print_ir_after_all, dump_dir=args.dump_ir, stats=args.pass_stats,
@@ -90,21 +105,28 @@ def run_conversion(src: Any, target: Any, args: argparse.Namespace, load_options
     progress = args.progress if getattr(args, "progress", None) is not None else (sys.stderr.isatty() and not quiet)
     result = ck.convert(src, args.dst, target, pipeline=args.pipeline, instrumentation=inst, dry_run=args.dry_run,
                         overwrite=args.overwrite, progress=progress, workers=getattr(args, "workers", None),
-                        max_memory=getattr(args, "max_memory", None), load_options=load_options,
+                        max_memory=getattr(args, "max_memory", None),
                         announce=None if quiet or args.dry_run else
                         lambda p: print(f"pipeline: {p}", file=sys.stderr))
     if args.dry_run:
-        print_plan(result.plan, result.pipeline)
+        print_plan(result.plan, result.pipeline, getattr(args, "workers", None), getattr(args, "max_memory", None))
         return 0
     if not quiet:
         stats = result.stats or {}
         gb = stats["bytes_written"] / 1e9
         print(f"wrote {args.dst}: {len(result.plan.files)} files, {gb:.3f} GB in {stats['seconds']:.1f}s "
               f"({gb / max(stats['seconds'], 1e-9):.2f} GB/s)", file=sys.stderr)
+        for line in ck.summarize_dropped(result.plan.dropped):  # what the output lacks, and why
+            print(line, file=sys.stderr)
+        from ckpt_ir.backends.plan import NOTES_FILE
+
+        for note in result.output.meta.get("notes", ()):
+            print(f"note: {note} (recorded in {NOTES_FILE})", file=sys.stderr)
     return 0
 
 
-def print_plan(plan: Any, pipeline: Any) -> None:
+def print_plan(plan: Any, pipeline: Any, workers: int | None = None, max_memory: int | None = None) -> None:
+    from ckpt_ir.backends.execute import memory_plan
     from ckpt_ir.ir.printer import describe
 
     print(f"pipeline: {pipeline}")
@@ -114,5 +136,7 @@ def print_plan(plan: Any, pipeline: Any) -> None:
             print(f"    {name}  {'x'.join(map(str, e.shape))} {e.dtype}  {e.nbytes} B  <- {describe(e)}")
     for key, why in plan.dropped.items():
         print(f"dropped: {key}: {why}")
+    writers, block, need = memory_plan(plan, workers, max_memory)
     print(f"total: {plan.nbytes} bytes to write, {plan.bytes_to_read} bytes to read, "
-          f"estimated peak memory {plan.peak_memory} bytes")
+          f"estimated peak memory {need * writers} bytes ({writers} writer{'s' * (writers > 1)} of at most {need} "
+          f"bytes each; computed tensors in row blocks of {block} bytes)")

@@ -8,14 +8,24 @@ from __future__ import annotations
 from typing import Any
 
 
-def diff(a: str, b: str, *, atol: float = 0.0) -> dict[str, Any]:
+def diff(a: str, b: str, *, atol: float = 0.0, hf_config: str | None = None) -> dict[str, Any]:
+    """``hf_config``: a directory whose config.json describes a Megatron side whose args do not
+    (plain Megatron-LM args), as ``convert --hf-config``."""
     import torch
 
     import ckpt_ir.api as ck
+    from ckpt_ir.frontends import detect
+    from ckpt_ir.frontends.hf import read_config
     from ckpt_ir.ir import expr as E
 
+    cfg = read_config(hf_config) if hf_config else None
+
     def canonical(path: str):
-        c = ck.load(path)
+        c = ck.load(path, hf_config=cfg if detect(path) in ("mcore", "torch_dist") else None)
+        if c.meta.get("family_from_args"):
+            import sys
+
+            print(f"ckpt-ir: {path}: {c.meta['family_from_args']}", file=sys.stderr)
         return ck.run(c, ck.derive_pipeline(c, ck.Target(to="hf")))
 
     ca, cb = canonical(a), canonical(b)

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from typing import Any
 
+import attrs
+
+from ckpt_ir.errors import FormatError
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.layout import Layout, mcore_num_layers, num_chunks
-from ckpt_ir.ir.names import NameTable
+from ckpt_ir.ir.names import NameTable, expert_of, layer_name, split_layer
 from ckpt_ir.ir.rules import Stack
 from ckpt_ir.ir.spec import ModelSpec
 
@@ -146,6 +150,14 @@ READ_TABLES = (LOCAL_LAYER_TABLE, TE_LAYER_TABLE)
 GLOBAL_TABLE = NameTable(PRE_LAYERS + POST_LAYERS)
 
 EXTRA_STATE = "._extra_state"
+
+
+def extra_state_layout(spec: ModelSpec, layout: Layout) -> tuple:
+    """What decides whether Transformer Engine's per-module ``_extra_state`` (FP8 scaling state of
+    one TP shard) still belongs to the same module shard after a conversion: the layers, the
+    (expert) TP sizes, the expert storage and the module types (norm naming)."""
+    return (spec.num_layers, spec.mtp_layers, layout.tp, layout.expert_tp if spec.num_experts else None,
+            layout.grouped_gemm, layout.norm_names)
 # Megatron / MindSpeed LoRA: X.lora_A.default.weight [r, in] and X.lora_B.default.weight [out, r]
 # beside the base X.weight, which LoRA training stores as X.base_layer.weight.
 LORA_KEY = re.compile(r"^(.*)\.lora_([AB])(?:\.default)?\.weight$")
@@ -210,13 +222,27 @@ _NOT_HF = frozenset({
 })
 
 
-def build_args(spec: ModelSpec, layout: Layout, hf_config: dict[str, Any] | None, family_ms_name: str) -> argparse.Namespace:
+# layout fields a source may set and the target may not: reset to Megatron's default (None)
+_LAYOUT_ARGS = ("num_layer_list", "noop_layers", "num_layers_per_virtual_pipeline_stage",
+                "virtual_pipeline_model_parallel_size", "expert_tensor_parallel_size")
+_PLAIN = (int, float, str, bool, list)
+
+
+def build_args(spec: ModelSpec, layout: Layout, hf_config: dict[str, Any] | None, family_ms_name: str,
+               source: dict[str, Any] | None = None) -> argparse.Namespace:
     """``args`` for a rank file: the HF config's plain values (as MindSpeed-LLM stores them) plus
-    the Megatron fields that Megatron-LM and MindSpeed-LLM read back."""
-    ns = argparse.Namespace()
+    the Megatron fields that Megatron-LM and MindSpeed-LLM read back.
+
+    ``source`` (a Megatron source's args) is carried whole, so a resumed run keeps its training
+    settings and counters (``consumed_train_samples``, ``lr``, ``train_iters``, tokenizer,
+    ``make_vocab_size_divisible_by``, Megatron's enums...): only the fields this conversion
+    decides (model shape, parallel layout, dtype, ckpt-ir's own) and the HF values it copies over
+    plain source values are replaced; layout fields the target does not use become None."""
+    src = dict(source or {})
+    ns = argparse.Namespace(**src)
     cfg = dict(hf_config or spec.extra)
     for k, v in cfg.items():
-        if isinstance(v, (int, float, str, bool, list)) and k not in _NOT_HF:
+        if isinstance(v, _PLAIN) and k not in _NOT_HF and (k not in src or isinstance(src[k], _PLAIN)):
             setattr(ns, k, v)
     total = mcore_num_layers(spec, layout)
     fields: dict[str, Any] = {
@@ -290,17 +316,31 @@ def build_args(spec: ModelSpec, layout: Layout, hf_config: dict[str, Any] | None
         fields["lora_r"] = spec.lora_rank
         if spec.lora_alpha is not None:
             fields["lora_alpha"] = spec.lora_alpha
+    if src:
+        fields.update({k: None for k in _LAYOUT_ARGS if k in src and k not in fields})
+        if "params_dtype" in src:  # as Megatron derives it from --bf16 / --fp16
+            from ckpt_ir.io.safe_pickle import TorchDtype
+
+            fields["params_dtype"] = TorchDtype("bfloat16" if fields["bf16"] else "float16" if fields["fp16"] else "float32")
+        if "ckpt_format" in src:  # ckpt-ir writes the torch format, whatever the source was
+            fields["ckpt_format"] = "torch"
+        dp, cp = src.get("data_parallel_size"), src.get("context_parallel_size") or 1
+        if "world_size" in src and isinstance(dp, int) and isinstance(cp, int):
+            fields["world_size"] = layout.tp * layout.pp * dp * cp
     for k, v in fields.items():
         setattr(ns, k, v)
     return ns
 
 
 def int_list(value: Any) -> tuple[int, ...] | None:
-    """Megatron/MindSpeed store layer lists as '2,6', '[2, 6]', a list, or None."""
+    """Megatron/MindSpeed store layer lists as '2,6', '[2, 6]', a list, a set (MindSpeed's
+    argument validation turns ``noop_layers`` into one), or None."""
     if value is None or value == "":
         return None
+    if isinstance(value, (set, frozenset)):
+        value = sorted(value)
     if isinstance(value, (list, tuple)):
-        return tuple(int(v) for v in value)
+        return tuple(int(v) for v in value) or None
     text = str(value).strip().strip("[]")
     return tuple(int(v) for v in re.split(r"[,\s]+", text) if v) or None
 
@@ -337,3 +377,124 @@ def hf_config_from_args(args: dict[str, Any]) -> dict[str, Any]:
         if cfg.get(k) is None and v is not None:
             cfg[k] = v
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# reading: the shared end of the torch and torch_dist frontends
+
+
+def iteration_dir(path: str) -> tuple[str, Any]:
+    """(the iteration directory, its iteration) of a Megatron checkpoint: the one
+    ``latest_checkpointed_iteration.txt`` names, the only ``iter_*``, or ``path`` itself."""
+    tracker = os.path.join(path, "latest_checkpointed_iteration.txt")
+    if os.path.isfile(tracker):
+        text = open(tracker).read().strip()
+        if text == "release":
+            it: Any = "release"
+        else:
+            try:
+                it = int(text)
+            except ValueError:
+                raise FormatError(f"{tracker}: expected an iteration number or 'release', found {text!r}") from None
+        d = os.path.join(path, iter_dir(it))
+        if not os.path.isdir(d):
+            raise FormatError(f"{tracker}: names iteration {text} but {d} does not exist")
+        return d, it
+    names = os.listdir(path)
+    if any(RANK_DIR.match(n) for n in names):
+        return path, 1
+    iters = sorted(n for n in names if n.startswith("iter_") or n == "release")
+    if len(iters) > 1:
+        raise FormatError(f"{path}: several iterations ({', '.join(iters)}) and no latest_checkpointed_iteration.txt; "
+                          f"point at one iter_* directory")
+    if not iters:
+        raise FormatError(f"{path}: no iter_* directory or latest_checkpointed_iteration.txt; not a Megatron checkpoint")
+    it = "release" if iters[0] == "release" else int(iters[0][5:])
+    return os.path.join(path, iters[0]), it
+
+
+def all_args(args: Any) -> dict[str, Any]:
+    """Every field of the source's args, Megatron enums and config objects (stubs) included: an
+    mcore target carries them (see :func:`build_args`)."""
+    d = args if isinstance(args, dict) else vars(args) if hasattr(args, "__dict__") else {}
+    return {k: v for k, v in d.items() if isinstance(k, str)}
+
+
+def args_dict(args: Any, where: str) -> dict[str, Any]:
+    """The plain values of Megatron's ``args`` (inert stand-ins of Megatron classes left out)."""
+    from ckpt_ir.io.safe_pickle import Stub
+
+    if args is None:
+        raise FormatError(f"{where}: checkpoint has no 'args'; ckpt-ir needs them to know the model and layout")
+    if isinstance(args, dict):
+        d = args
+    elif hasattr(args, "__dict__"):
+        d = vars(args)
+    else:
+        raise FormatError(f"{where}: 'args' is a {type(args).__name__}, not Megatron's argument namespace")
+    return {k: v for k, v in d.items() if isinstance(k, str) and not isinstance(v, Stub)}
+
+
+@attrs.frozen
+class LocalName:
+    """A canonical name read from a Megatron key whose layer number is still the rank file's own:
+    local layer ``local`` of pipeline stage ``stage`` / virtual chunk ``chunk``, or, with ``mtp``,
+    multi-token-prediction layer ``local``.  The layout resolves it to the model's layer."""
+
+    rest: str  # the canonical name below the layer, e.g. attn.qkv.weight
+    local: int
+    stage: int = 0
+    chunk: int = 0
+    mtp: bool = False
+
+    def resolve(self, slot_of: dict, main_layers: int, where: str) -> str:
+        """The canonical name; ``slot_of`` maps (stage, chunk, local) to the layout's layer slot."""
+        if self.mtp:  # multi-token-prediction layer k is model layer main_layers + k
+            return layer_name(main_layers + self.local, self.rest)
+        slot = slot_of.get((self.stage, self.chunk, self.local))
+        if slot is None or slot.real is None:
+            kind = "a no-op layer" if slot is not None else "no layer"
+            raise FormatError(f"{where}: stage {self.stage} chunk {self.chunk} has local layer {self.local}, but the "
+                              f"layout in args puts {kind} there; args (num_layers, noop_layers, num_layer_list) do "
+                              f"not match the weights")
+        return layer_name(slot.real, self.rest)
+
+    def __str__(self) -> str:
+        where = f"mtp {self.local}" if self.mtp else f"stage {self.stage} chunk {self.chunk} local {self.local}"
+        return f"layers.<{where}>.{self.rest}"
+
+
+def canonical_key(key: str, stage: int = 0, chunk: int = 0, tables=READ_TABLES) -> str | LocalName | None:
+    """The canonical name of Megatron key ``key`` in a rank file of ``stage`` / ``chunk`` (layer
+    keys as :class:`LocalName`), or None if the key means nothing to ckpt-ir."""
+    key = key.replace(".base_layer.", ".")
+    m = LORA_KEY.match(key)
+    if m:
+        target = canonical_key(m.group(1) + ".weight", stage, chunk, tables)
+        if target is None:
+            return None
+        suffix = CANONICAL_LORA[m.group(2)]
+        if isinstance(target, LocalName):
+            return attrs.evolve(target, rest=target.rest[: -len(".weight")] + suffix)
+        return target[: -len(".weight")] + suffix
+    glob = GLOBAL_TABLE.to_canonical(key)
+    if glob is not None:
+        return glob
+    for table in tables:
+        c = table.to_canonical(key)
+        if c is not None:
+            layer, rest = split_layer(c)
+            assert layer is not None
+            return LocalName(rest, layer, stage, chunk)
+    return None
+
+
+def with_global_expert(name: str | LocalName, first_expert: int) -> tuple[str | LocalName, bool]:
+    """(``name`` with a rank-local expert number made global by adding ``first_expert``, whether
+    it is an expert tensor)."""
+    rest = name.rest if isinstance(name, LocalName) else name
+    expert = expert_of(rest)
+    if expert is None:
+        return name, False
+    rest = rest.replace(f".experts.{expert}.", f".experts.{first_expert + expert}.")
+    return (attrs.evolve(name, rest=rest) if isinstance(name, LocalName) else rest), True

@@ -116,10 +116,18 @@ def run(args: argparse.Namespace) -> int:
     else:
         target = ck.Target(to=to, hf_config_dir=hf_cfg_dir, **common)
     hf_config = read_config(hf_cfg_dir) if (hf_cfg_dir and args.load_model_type in ("mg", "optim")) else None
+    from ckpt_ir.io.atomic import check_apart
+
+    into_hf_dir = save_dir != args.save_dir  # <save-dir>/mg2hf inside the HF directory is MindSpeed's convention
+    check_apart(save_dir, {"--load-dir": args.load_dir, "--lora-load": args.lora_load,
+                           "--hf-cfg-dir": None if into_hf_dir and hf_cfg_dir == args.save_dir else hf_cfg_dir})
     if not (args.dry_run or args.print_pipeline):
         check_destination(save_dir, args.overwrite)
     src = ck.load(args.load_dir, allow_unused=tuple(args.allow_unused), hf_config=hf_config,
-                  family=args.model_type_hf, optimizer=target.carries_optimizer and not args.lora_load)
+                  family=args.model_type_hf, optimizer=target.carries_optimizer and not args.lora_load,
+                  replicas=args.replicas)
+    if src.meta.get("family_from_args"):
+        print(f"ckpt-ir: {src.meta['family_from_args']}", file=sys.stderr)
     if args.load_model_type == "optim" and not src.states:
         raise UsageError(f"convert-ckpt --load-model-type optim: {args.load_dir} has no distributed-optimizer state "
                          f"(distrib_optim.pt)")

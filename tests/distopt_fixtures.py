@@ -206,6 +206,23 @@ def resume_distopt_checkpoint(out_dir: str, hf_dir: str, ckpt_dir: str, tp: int 
                     timeout=timeout, resume_dir=os.path.abspath(ckpt_dir), ep=ep, etp=etp)
 
 
+def resume_torch_dist_checkpoint(out_dir: str, hf_dir: str, ckpt_dir: str, tp: int = 1, pp: int = 1, dp: int = 1,
+                                 bucket_size: int | None = 4096, steps: int = 0, bf16: bool = True,
+                                 vocab_divisible_by: int = 128, seed: int = 1234, lr: float = 1e-2,
+                                 timeout: float = 300) -> dict:
+    """Like :func:`resume_distopt_checkpoint` for a ``torch_dist`` checkpoint with fully-reshardable
+    optimizer state: ``dist_checkpointing.load`` of the model's and the optimizer's sharded state
+    dicts (``optimizer.sharded_state_dict(..., is_loading=True)``), then ``load_state_dict`` of
+    both, as ``megatron.training`` loads ``--ckpt-format torch_dist``; saved to ``out_dir`` in the
+    legacy format with ground truth."""
+    with open(os.path.join(ckpt_dir, "latest_checkpointed_iteration.txt")) as fh:
+        iteration = int(fh.read().strip())
+    return _run_job("distopt", out_dir, hf_dir, tp=tp, pp=pp, dp=dp, bucket_size=bucket_size, steps=steps,
+                    iteration=iteration, bf16=bf16, grad_reduce_in_fp32=True, init="resume_torch_dist",
+                    vocab_divisible_by=vocab_divisible_by, seed=seed, lr=lr, save_rng=True, extra_args={},
+                    timeout=timeout, resume_dir=os.path.abspath(ckpt_dir), ep=1, etp=None)
+
+
 def make_torch_dist_checkpoint(out_dir: str, hf_dir: str, tp: int = 1, pp: int = 1, dp: int = 1,
                                steps: int = 0, iteration: int = 1, bf16: bool = False, init: str = "random",
                                vocab_divisible_by: int = 128, seed: int = 1234, lr: float = 1e-2,
@@ -443,7 +460,7 @@ def _run_job(kind: str, out_dir: str, hf_dir: str, **kw) -> dict:
             if rc != 0:
                 raise RuntimeError(f"ckpt-ir convert failed ({rc})")
             job["init_dir"] = mc
-        elif kw["init"] == "resume":
+        elif kw["init"] in ("resume", "resume_torch_dist"):
             job["init_dir"] = kw["resume_dir"]
         elif kw["init"] != "random":
             raise ValueError(f"init must be 'random' or 'hf', got {kw['init']!r}")
@@ -642,7 +659,7 @@ def _build(job: dict):
                    share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
                    position_embedding_type="rope", rotary_base=theta)
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    if job.get("init_dir"):
+    if job.get("init_dir") and job["init"] != "resume_torch_dist":  # (torch_dist: loaded with the optimizer)
         name = mp_dir_name(tp_rank, pp_rank, job["pp"], ps.get_expert_model_parallel_rank(), job.get("ep", 1))
         with open(os.path.join(job["init_dir"], "latest_checkpointed_iteration.txt")) as fh:
             it = fh.read().strip()
@@ -827,6 +844,40 @@ def _run_distopt(job: dict, rank: int) -> None:
         inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
         held = [(st, st.pop("step")) for o in inner for st in o.state.values() if "step" in st]
         optimizer.load_parameter_state(os.path.join(src, "distrib_optim.pt"))
+        for st, step in held:
+            st["step"] = step
+        job["steps"] = more
+        _, _, losses = _train(job, gpt, config, (model, optimizer))
+    elif job["init"] == "resume_torch_dist":  # as load_checkpoint does for --ckpt-format torch_dist
+        from megatron.core import dist_checkpointing
+
+        src = os.path.join(job["init_dir"], f"iter_{job['iteration']:07d}")
+        more, job["steps"] = job["steps"], 0
+        model, optimizer, _ = _train(job, gpt, config)
+        metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
+                    "distrib_optim_sharding_type": "fully_reshardable"}
+        # CPU workaround: without Apex/TE, DistributedOptimizer.state_dict() reads the Adam step from
+        # the (still empty) per-param state; give it dummy state first, as megatron-core itself does
+        # for dist-checkpoint loads (real values are then loaded over it)
+        for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+            o._init_optimizer_states_with_dummy_values()
+        model_sd = gpt.sharded_state_dict(metadata=metadata)
+        state = {"model": model_sd,
+                 "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=metadata)}
+        loaded = dist_checkpointing.load(state, src)
+        res = gpt.load_state_dict(loaded["model"], strict=False)
+        bad = [k for k in res.missing_keys + res.unexpected_keys if not k.endswith("_extra_state")]
+        if bad:
+            raise RuntimeError(f"torch_dist resume: state dict mismatch {bad}")
+        # load_state_dict in two halves, with the CPU workaround of the torch-format resume above
+        # (the Adam step lives in param_groups; set aside from the per-param state meanwhile)
+        opt_sd = dict(loaded["optimizer"])
+        param_state = opt_sd.pop("param_state")
+        optimizer.load_state_dict(opt_sd)
+        inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+        held = [(st, st.pop("step")) for o in inner for st in o.state.values() if "step" in st]
+        for o in getattr(optimizer, "chained_optimizers", [optimizer])[:1]:  # dense models: one optimizer
+            o.load_parameter_state_from_fully_reshardable(param_state)
         for st, step in held:
             st["step"] = step
         job["steps"] = more

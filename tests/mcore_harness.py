@@ -244,8 +244,11 @@ def _run_case(case: dict, rank: int) -> None:
                     module.config = copy.copy(module.config)
                     module.config.bf16 = True
 
-        blob = torch.load(_rank_file(case["ckpt"], tp_rank, pp_rank, pp, ep_rank, ep), map_location="cpu",
-                          weights_only=False)
+        if case.get("torch_dist"):  # ckpt-ir's torch_dist output, read by megatron-core's own loader
+            blob = _load_torch_dist(case["ckpt"], models)
+        else:
+            blob = torch.load(_rank_file(case["ckpt"], tp_rank, pp_rank, pp, ep_rank, ep), map_location="cpu",
+                              weights_only=False)
         report = {"rank": rank, "tp_rank": tp_rank, "pp_rank": pp_rank, "ep_rank": ep_rank,
                   "etp_rank": ps.get_expert_tensor_parallel_rank(), "chunks": []}
         shim_calls = getattr(getattr(sys.modules.get("grouped_gemm.ops"), "gmm", None), "calls", None)
@@ -305,6 +308,23 @@ def _run_case(case: dict, rank: int) -> None:
         for group in _process_groups():
             if group not in groups_before:
                 dist.destroy_process_group(group)
+
+
+def _load_torch_dist(root: str, models: list) -> dict:
+    """``megatron.core.dist_checkpointing.load`` of the model's sharded state dict from ``root``'s
+    latest iteration (as megatron.training does for --ckpt-format torch_dist), shaped like a
+    torch-format rank file: {"args", "model"} (the model entry what load returned)."""
+    from megatron.core import dist_checkpointing
+
+    with open(os.path.join(root, "latest_checkpointed_iteration.txt")) as fh:
+        it_dir = os.path.join(root, f"iter_{int(fh.read().strip()):07d}")
+    if len(models) != 1:
+        raise NotImplementedError("torch_dist cases with virtual pipeline stages")
+    common = dist_checkpointing.load_common_state_dict(it_dir)
+    sharded = models[0].sharded_state_dict(metadata={"singleton_local_shards": False})
+    loaded = dist_checkpointing.load(sharded, it_dir)  # strict: assume_ok_unexpected (missing keys raise)
+    # load returns the common state merged with the model's tensors
+    return {"args": common["args"], "model": {k: v for k, v in loaded.items() if k not in common}}
 
 
 def _process_groups() -> list:

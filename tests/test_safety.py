@@ -154,10 +154,11 @@ def test_unwritable_destination_parent(hf_src, tmp_path):
             parent.chmod(0o755)
 
 
-def test_destination_parent_missing(hf_src, tmp_path):
+def test_destination_parents_are_created(hf_src, tmp_path):
     dst = tmp_path / "no" / "such" / "dir" / "out"
-    assert_clean_error(convert(hf_src, dst), None, names=(str(tmp_path / "no" / "such" / "dir"),))
-    assert not (tmp_path / "no").exists()
+    assert_ok(convert(hf_src, dst, "--quiet"))
+    assert (dst / "latest_checkpointed_iteration.txt").is_file()
+    assert not [n for n in os.listdir(dst.parent) if TMP_TAG in n]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,6 +303,47 @@ def test_mcore_source_unchanged(mcore_src, dst, tmp_path, case):
     else:
         assert_clean_error(convert(mcore_src, dst, "--tp", 3, "--hf-config", tmp_path / "cfg"), dst)
     assert tree_digest(mcore_src) == before
+
+
+def _with_side_files(src: Path) -> Path:
+    (src / "README.md").write_text("model card\n")
+    (src / "modeling_custom.py").write_text("# remote code\n")
+    return src
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("where", ["same", "inside", "contains", "same_via_symlink"])
+@pytest.mark.parametrize("command", ["convert", "convert-ckpt"])
+def test_destination_overlapping_the_source_is_refused(hf_src, tmp_path, where, overwrite, command):
+    """DST equal to SRC, inside it or containing it: exit 2 before anything happens, SRC byte-identical
+    (the in-place `convert X X --to hf --dtype fp16 --overwrite` once deleted README.md and *.py)."""
+    src = _with_side_files(hf_src)
+    dst = {"same": src, "inside": src / "out", "contains": tmp_path, "same_via_symlink": tmp_path / "link"}[where]
+    if where == "same_via_symlink":
+        dst.symlink_to(src)
+    before = tree_digest(src)
+    if command == "convert":
+        res = cli("convert", src, dst, "--to", "hf", "--dtype", "fp16", *(["--overwrite"] if overwrite else []))
+    else:
+        res = cli("convert-ckpt", "--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", src,
+                  "--save-dir", dst, *(["--overwrite"] if overwrite else []))
+    msg = assert_clean_error(res, None, code=2, names=(str(src),))
+    assert "destination" in msg
+    assert tree_digest(src) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["src"] + (["link"] if where == "same_via_symlink" else []))
+    assert not list(tmp_path.rglob(f".*{TMP_TAG}*"))
+
+
+def test_destination_overlapping_other_inputs_is_refused(mcore_src, tiny_hf, tmp_path):
+    """--hf-config and --lora-load directories are inputs too."""
+    cfg = Path(shutil.copytree(tiny_hf, tmp_path / "cfg"))
+    before = tree_digest(cfg)
+    msg = assert_clean_error(convert(mcore_src, cfg, "--hf-config", cfg, "--overwrite", to="hf"), None, code=2,
+                             names=("--hf-config",))
+    assert tree_digest(cfg) == before
+    msg = assert_clean_error(convert(mcore_src, tmp_path / "lora" / "out", "--lora-load", tmp_path / "lora", to="hf"),
+                             None, code=2, names=("--lora-load",))
+    assert "inside" in msg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -693,3 +735,85 @@ def test_fuzz_megatron_args_values(tiny_mcore):
             convert_in_process(src, Path(tmp) / "out", Target(to="hf"))
 
     check()
+
+
+# ---------------------------------------------------------------------------------------------
+# 13. replicated tensors are compared across rank files
+
+
+def _drift_norm(mcore_src: Path, rank: str = "mp_rank_01_000") -> Path:
+    import torch
+
+    f = mcore_src / MCORE_ITER / rank / "model_optim_rng.pt"
+    obj = torch.load(f, weights_only=False)
+    obj["model"]["decoder.layers.0.input_layernorm.weight"] += 0.02  # what real runs drift by
+    torch.save(obj, f)
+    return f
+
+
+def test_drifted_replica_is_refused_naming_tensor_and_ranks(mcore_src, dst):
+    _drift_norm(mcore_src)
+    msg = assert_clean_error(convert(mcore_src, dst, to="hf"), dst,
+                             names=("layers.0.attn_norm.weight", "mp_rank_00_000", "mp_rank_01_000",
+                                    "--replicas take-rank0"))
+    assert "differs" in msg
+    assert_clean_error(cli("inspect", mcore_src), None, names=("layers.0.attn_norm.weight",))
+
+
+def test_take_rank0_keeps_the_first_copy_and_notes_it(mcore_src, dst):
+    import torch
+    from safetensors.torch import load_file
+
+    _drift_norm(mcore_src)
+    res = convert(mcore_src, dst, "--replicas", "take-rank0", to="hf")
+    assert_ok(res)
+    assert "note: replicated tensors" in res.stderr
+    assert "--replicas take-rank0" in (dst / "ckpt-ir-notes.txt").read_text()
+    rank0 = torch.load(mcore_src / MCORE_ITER / "mp_rank_00_000" / "model_optim_rng.pt", weights_only=False)
+    assert torch.equal(load_file(str(dst / "model.safetensors"))["model.layers.0.input_layernorm.weight"],
+                       rank0["model"]["decoder.layers.0.input_layernorm.weight"])
+
+
+def test_large_replicas_are_compared_with_check_all(mcore_src, monkeypatch):
+    import ckpt_ir.api as ck
+    from ckpt_ir.errors import FormatError
+    from ckpt_ir.frontends import mcore
+
+    _drift_norm(mcore_src)
+    monkeypatch.setattr(mcore, "REPLICA_CHECK_BYTES", 0)  # every replica counts as large
+    ck.load(str(mcore_src))  # the default compares only small ones
+    with pytest.raises(FormatError, match="layers.0.attn_norm.weight"):
+        ck.load(str(mcore_src), replicas="check-all")
+
+
+# ---------------------------------------------------------------------------------------------
+# 14. papercuts: a single weight file as SRC, memory-budget units, diff --hf-config
+
+
+def test_single_safetensors_file_as_source(hf_src, tmp_path):
+    one = tmp_path / "from_file"
+    assert_ok(convert(hf_src / "model.safetensors", one, "--tp", 2, "--quiet"))
+    whole = tmp_path / "from_dir"
+    assert_ok(convert(hf_src, whole, "--tp", 2, "--quiet"))
+    assert tree_digest(one) == tree_digest(whole)
+    assert_ok(cli("inspect", hf_src / "model.safetensors"))
+
+
+def test_memory_budget_error_has_sensible_units(hf_src, dst):
+    msg = assert_clean_error(convert(hf_src, dst, "--max-memory", "1KB"), dst)
+    assert "budget is 1 KB" in msg and " 0 MB" not in msg
+    assert "needs about 32.8 KB" in msg  # the embedding: 128 x 64 float32 = 32768 bytes
+
+
+def test_diff_takes_hf_config_for_plain_megatron_args(mcore_src, tiny_hf):
+    hf_src = tiny_hf  # read only
+    for rank in RANKS:
+        def strip(obj):
+            for k in [k for k in vars(obj["args"]) if k.startswith("ckpt_ir_")
+                      or k in ("model_type_hf", "model_type", "architectures")]:
+                delattr(obj["args"], k)
+        _rewrite_rank(mcore_src / MCORE_ITER / rank / "model_optim_rng.pt", strip)
+    res = cli("diff", mcore_src, hf_src)  # the family is inferred from the plain args
+    assert res.returncode == 0 and "inferred family llama" in res.stderr, res.stdout + res.stderr
+    res = cli("diff", mcore_src, hf_src, "--hf-config", hf_src)
+    assert res.returncode == 0 and "identical" in res.stdout, res.stdout + res.stderr

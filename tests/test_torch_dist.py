@@ -252,15 +252,39 @@ def test_master_weights_export(trained, hf72, tmp_path):
     assert torch.equal(got["model.layers.0.self_attn.o_proj.weight"], want)
 
 
-def test_dp_reshardable_optimizer_state_is_refused_but_weights_convert(work, hf72, tmp_path, capsys):
-    out = str(work / "dp_reshardable")
+def test_dp_reshardable_state_resumes_in_megatron_after_conversion(work, hf72, tmp_path, capsys):
+    """Megatron-Core's default torch_dist optimizer layout (dp_reshardable, 0.15+): per (TP, PP) rank,
+    one 1-D tensor per DDP bucket.  A TP=2 DP=2 run with several buckets, saved by megatron-core with
+    default settings and plain Megatron-LM args, converts to the torch format TP=1 PP=2 DP=1 with no
+    --hf-config; megatron-core resumes from it holding the source optimizer's own state bit for bit."""
+    src = str(work / "dp_reshardable")
+    F.make_torch_dist_checkpoint(src, hf72, tp=2, pp=1, dp=2, steps=2, bf16=True, init="hf",
+                                 optim_sharding="dp_reshardable", bucket_size=4096)
+    assert any(".bucket_idx_1." in k for k in read_metadata(os.path.join(src, IT)).tensors)  # several buckets
+    out = str(tmp_path / "tp1pp2")
+    capsys.readouterr()
+    assert cli_main(["convert", src, out, "--to", "mcore", "--pp", "2", "--target-dp", "1",
+                     "--make-vocab-size-divisible-by", "128", "--norm-names", "local"]) == 0
+    assert "inferred family llama from args" in capsys.readouterr().err
+    resumed = str(tmp_path / "resumed")
+    F.resume_distopt_checkpoint(resumed, hf72, out, tp=1, pp=2, dp=1, bucket_size=None)
+    _assert_resumed_with_source_state(src, resumed)
+    # the resumed optimizer holds the source's Adam step
+    blob = torch.load(os.path.join(out, "iter_0000001", "mp_rank_00_000", "model_optim_rng.pt"), weights_only=False)
+    assert blob["optimizer"]["optimizer"]["param_groups"][0]["step"] == 2
+    _to_hf(src, hf72, str(tmp_path / "hf"), "--weights-from", "master")  # the fp32 masters export too
+
+
+def test_unreadable_optimizer_layout_is_refused_but_weights_convert(work, hf72, tmp_path, capsys):
+    out = str(work / "dp_zero")
     F.make_torch_dist_checkpoint(out, hf72, tp=1, pp=1, dp=2, steps=1, bf16=True, init="hf",
-                                 optim_sharding="dp_reshardable")
+                                 optim_sharding="dp_zero_gather_scatter")
     with pytest.raises(FormatError, match="fully-reshardable"):
         ck.load(out, hf_config=_cfg(hf72), optimizer=True)
+    capsys.readouterr()
     assert cli_main(["convert", out, str(tmp_path / "m"), "--to", "mcore", "--hf-config", hf72]) == 1
     err = capsys.readouterr().err
-    assert "--dist-ckpt-optim-fully-reshardable" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert "dp_zero_gather_scatter" in err and err.count("\n") == 1 and "Traceback" not in err
     _to_hf(out, hf72, str(tmp_path / "hf"))  # HF needs no optimizer state
     assert cli_main(["convert", out, str(tmp_path / "m2"), "--to", "mcore", "--hf-config", hf72, "--no-optimizer",
                      "--quiet"]) == 0
@@ -350,7 +374,8 @@ def test_malicious_metadata_pickle_runs_nothing(tp1pp1, hf72, tmp_path, capsys):
 # mixture of experts (synthetic: megatron-core's GPT fixtures are dense)
 
 
-def _restack_to_torch_dist(mcore_dir: str, out: str, stack_layers: bool) -> None:
+def _restack_to_torch_dist(mcore_dir: str, out: str, stack_layers: bool, common_in_dcp: bool = False,
+                           extra=None, common_extra: dict | None = None) -> None:
     """Write the TP=1 ``torch``-format checkpoint ``mcore_dir`` as a torch_dist one: decoder keys
     stacked on a layer axis (or kept as ``decoder.layers.<i>.``), experts on the next axis, one
     chunk per tensor (plain ``torch.distributed.checkpoint.save``, no process group)."""
@@ -392,10 +417,21 @@ def _restack_to_torch_dist(mcore_dir: str, out: str, stack_layers: bool) -> None
             sd.update({f"decoder.layers.{i}.{k}": t for i, t in v.items()})
     it = os.path.join(out, IT)
     os.makedirs(it)
+    common = {"args": blob["args"], "iteration": 1, "checkpoint_version": 3.0, **(common_extra or {})}
+    if extra is not None:  # more entries computed from the model's stored tensors
+        sd.update(extra(sd))
+    if common_in_dcp:  # Megatron-Core 0.19+: no common.pt, the common state is a bytes entry torch.save([state])
+        import io
+
+        buf = io.BytesIO()
+        torch.save([common], buf)
+        buf.seek(0)
+        sd["common_state/shard_0_1"] = buf
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save(sd, checkpoint_id=it, no_dist=True)
-    torch.save({"args": blob["args"], "iteration": 1, "checkpoint_version": 3.0}, os.path.join(it, "common.pt"))
+    if not common_in_dcp:
+        torch.save(common, os.path.join(it, "common.pt"))
     with open(os.path.join(it, "metadata.json"), "w") as fh:
         json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1}, fh)
     with open(os.path.join(out, "latest_checkpointed_iteration.txt"), "w") as fh:
@@ -426,15 +462,104 @@ def test_fully_reshardable_state_resumes_in_megatron_after_conversion(trained, h
     distrib_optim.pt: megatron-core resumes from it and holds the optimizer's own state (the
     vocabulary's padding rows excepted: they are padded afresh).  torch_dist names the norms the
     Transformer-Engine way for every layer spec, so the local-spec target asks for local names."""
-    from tests.test_distopt_reshard import STATES, _global, _truth
-
     out = str(tmp_path / "tp1pp2")
     assert cli_main(["convert", trained, out, "--to", "mcore", "--pp", "2", "--target-dp", "1",
                      "--make-vocab-size-divisible-by", "128", "--norm-names", "local", "--hf-config", hf72,
                      "--quiet"]) == 0
     resumed = str(tmp_path / "resumed")
     F.resume_distopt_checkpoint(resumed, hf72, out, tp=1, pp=2, dp=1, bucket_size=None)
-    optim = [torch.load(os.path.join(trained, "ground_truth", f"mp_rank_{r:02d}.pt"), weights_only=False)["optim"]
+    _assert_resumed_with_source_state(trained, resumed)
+
+
+def test_megatron_019_common_state_inside_dcp(tmp_path):
+    """Megatron-Core 0.19+ writes no common.pt: args and the rest live in the DCP bytes entry
+    ``common_state``; plain Megatron-LM args there need no --hf-config either."""
+    from tests.conftest import build_hf
+    from tests.test_family_inference import plain_args
+
+    hf = build_hf(str(tmp_path / "hf"), "qwen2", layers=2)
+    mc = str(tmp_path / "mcore")
+    assert cli_main(["convert", hf, mc, "--to", "mcore", "--quiet"]) == 0
+    plain_args(mc)
+    td = str(tmp_path / "td")
+    _restack_to_torch_dist(mc, td, True, common_in_dcp=True)
+    assert not os.path.exists(os.path.join(td, IT, "common.pt"))
+    src = ck.load(td)
+    assert src.spec.family == "qwen2" and src.spec.qkv_bias and "common_state" not in " ".join(src.dropped)
+    back = str(tmp_path / "back")
+    assert cli_main(["convert", td, back, "--to", "hf", "--quiet"]) == 0
+    got, want = load_file(os.path.join(back, "model.safetensors")), load_file(os.path.join(hf, "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_megatron_014_fully_sharded_model_space_optimizer_state(tmp_path):
+    """Megatron-Core 0.8-0.14's default torch_dist optimizer layout: ``optimizer.state.
+    {fp32_param,exp_avg,exp_avg_sq}.<model key>`` stored *reformulated* -- the model-shaped tensor
+    cut into a grid of equal blocks (one per layer and TP shard), each flattened along a last axis
+    -- with the model shape in ``.metadata``'s ``mcore_data[key]['nd_reformulated_orig_global_shape']``.
+    Built here from those format facts with plain torch.distributed.checkpoint."""
+    import pickle
+
+    from tests.conftest import build_hf
+    from tests.test_family_inference import plain_args
+
+    hf = build_hf(str(tmp_path / "hf"), "llama", layers=2)
+    mc = str(tmp_path / "mcore")
+    assert cli_main(["convert", hf, mc, "--to", "mcore", "--quiet"]) == 0
+    plain_args(mc)
+    truth, shapes = {}, {}
+    gen = torch.Generator().manual_seed(3)
+
+    def reformulated(model_sd):
+        out = {}
+        for key, t in model_sd.items():
+            stacked = key.startswith("decoder.layers.")
+            grid = ((t.shape[0],) if stacked else ()) + tuple(2 if n % 2 == 0 and i == 0 else 1
+                                                             for i, n in enumerate(t.shape[int(stacked):]))
+            block = tuple(n // g for n, g in zip(t.shape, grid))
+            for stored, which in (("fp32_param", "param"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
+                g = torch.randn(t.shape, generator=gen)
+                truth[(which, key)] = g
+                r = torch.empty(grid + (math.prod(block),))
+                for idx in __import__("itertools").product(*map(range, grid)):
+                    r[idx] = g[tuple(slice(i * b, (i + 1) * b) for i, b in zip(idx, block))].reshape(-1)
+                out[f"optimizer.state.{stored}.{key}"] = r
+                shapes[f"optimizer.state.{stored}.{key}"] = tuple(t.shape)
+        return out
+
+    import math
+
+    td = str(tmp_path / "td")
+    param_groups = [{"lr": 0.01, "step": 7, "betas": (0.9, 0.95)}]
+    _restack_to_torch_dist(mc, td, True, extra=reformulated, common_extra={"optimizer": {
+        "optimizer": {"param_groups": param_groups}, "param_state_sharding_type": "fully_sharded_model_space"}})
+    meta_path = os.path.join(td, IT, ".metadata")
+    with open(meta_path, "rb") as fh:
+        md = pickle.load(fh)
+    md.mcore_data = {k: {"nd_reformulated_orig_global_shape": s} for k, s in shapes.items()}
+    with open(meta_path, "wb") as fh:
+        pickle.dump(md, fh)
+    src = ck.load(td, optimizer=True)
+    got = {w: _evaluate_all(nodes) for w, nodes in src.states.items()}
+    assert set(got) == {"param", "exp_avg", "exp_avg_sq"}
+    roles = {"decoder.layers.self_attention.linear_qkv.weight": "attn.qkv.weight",
+             "decoder.layers.mlp.linear_fc1.weight": "mlp.gate_up.weight",
+             "decoder.layers.input_layernorm.weight": "attn_norm.weight"}
+    for (which, key), g in truth.items():
+        if key == "embedding.word_embeddings.weight":
+            assert torch.equal(got[which]["embed.weight"], g)
+        elif key in roles:
+            for i in range(2):
+                assert torch.equal(got[which][f"layers.{i}.{roles[key]}"], g[i]), (which, key, i)
+    assert src.meta["optimizer"]["optimizer"]["optimizer"]["param_groups"] == param_groups
+
+
+def _assert_resumed_with_source_state(src: str, resumed: str) -> None:
+    """megatron-core resumed at TP=1 PP=2 (``resumed``) holds the TP=2 source run's own optimizer
+    state (its ground truth), except the vocabulary's padding rows (padded afresh)."""
+    from tests.test_distopt_reshard import STATES, _global, _truth
+
+    optim = [torch.load(os.path.join(src, "ground_truth", f"mp_rank_{r:02d}.pt"), weights_only=False)["optim"]
              for r in (0, 1)]
     source = {(0, name): {r: optim[r]["params"][name] for r in (0, 1)} for name in optim[0]["params"]}
     loaded = _truth(resumed, 1, 2)

@@ -8,9 +8,10 @@ import shutil
 import sys
 import time
 
-from ckpt_ir.backends.plan import OutputFile, Plan
+from ckpt_ir.backends.plan import BLOCK_BYTES, MIN_BLOCK_BYTES, OutputFile, Plan, row_blocks
 from ckpt_ir.errors import CkptIrError
 from ckpt_ir.io import atomic
+from ckpt_ir.io.atomic import stop_point
 from ckpt_ir.ir import expr as E
 
 
@@ -37,8 +38,8 @@ class Progress:
             sys.stderr.flush()
 
 
-def tensor_bytes(expr: E.Expr, reader: E.Reader) -> memoryview:
-    arr = E.evaluate_raw(expr, reader, scratch=True)
+def tensor_bytes(expr: E.Expr, reader: E.Reader, slot: str = "out") -> memoryview:
+    arr = E.evaluate_raw(expr, reader, scratch=slot)
     if tuple(arr.shape) != expr.shape:
         raise CkptIrError(f"internal: evaluated shape {tuple(arr.shape)} != planned {expr.shape}")
     return memoryview(arr.reshape(-1).view("u1"))
@@ -46,36 +47,80 @@ def tensor_bytes(expr: E.Expr, reader: E.Reader) -> memoryview:
 
 class TensorWriter:
     """Writes one tensor at a file offset: file-to-file in the kernel when its bytes are source
-    byte ranges (most of a conversion), else evaluated into a reused buffer and written."""
+    byte ranges (most of a conversion), else evaluated in row blocks of bounded memory into reused
+    buffers and written as produced, the next block computed on a helper thread (torch and numpy
+    release the GIL) while this one is written."""
 
-    def __init__(self, reader: E.Reader, progress: Progress) -> None:
+    def __init__(self, reader: E.Reader, progress: Progress, block_bytes: int = BLOCK_BYTES) -> None:
         from ckpt_ir.io.ranges import Copier
 
         self.reader, self.progress, self.copier = reader, progress, Copier()
+        self.block_bytes = block_bytes
+        self._compute = None
+        self._torch_started = False
 
     def __call__(self, expr: E.Expr, fd: int, pos: int) -> int:
         """Write ``expr`` at ``pos``; returns the bytes written."""
         from ckpt_ir.io.ranges import byte_ranges
-        from ckpt_ir.io.safetensors import write_at
 
         ranges = byte_ranges(expr)
         if ranges is not None:
             n = self.copier.copy(ranges, fd, pos)
             self.reader.bytes_read += n
-        elif isinstance(expr, E.Concat) and expr.dim == 0:
+            self.progress.advance(n)
+            return n
+        if isinstance(expr, E.Concat) and expr.dim == 0:
             # rows are contiguous in the output: write part by part (a flat optimizer buffer, a row
             # gather) instead of building the whole tensor
             return sum(self(part, fd, pos + sum(p.nbytes for p in expr.xs[:i])) for i, part in enumerate(expr.xs))
-        else:
-            n = write_at(fd, tensor_bytes(expr, self.reader), pos)
-        self.progress.advance(n)
-        return n
+        return self._write_blocks(row_blocks(expr, self.block_bytes), fd, pos)
+
+    def _write_blocks(self, blocks: tuple[E.Expr, ...], fd: int, pos: int) -> int:
+        from ckpt_ir.io.ranges import byte_ranges
+        from ckpt_ir.io.safetensors import write_at
+
+        if len(blocks) == 1:  # nothing to overlap: no hand-off to the helper thread
+            n = write_at(fd, tensor_bytes(blocks[0], self.reader), pos)
+            self.progress.advance(n)
+            return n
+        if self._compute is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._compute = ThreadPoolExecutor(1, thread_name_prefix="compute")
+        if not self._torch_started and E.needs_torch(blocks[0]):
+            E.start_torch()
+            self._torch_started = True
+
+        def produce(i: int):  # two result buffers: block i is written while block i + 1 is computed
+            ranges = byte_ranges(blocks[i])
+            return ranges if ranges is not None else tensor_bytes(blocks[i], self.reader, f"block{i % 2}")
+
+        start, copied, pending = pos, 0, self._compute.submit(produce, 0)
+        try:
+            for i in range(len(blocks)):
+                data = pending.result()
+                pending = self._compute.submit(produce, i + 1) if i + 1 < len(blocks) else None
+                if isinstance(data, list):
+                    n = self.copier.copy(data, fd, pos)
+                    copied += n
+                else:
+                    n = write_at(fd, data, pos)
+                self.progress.advance(n)
+                pos += n
+        finally:
+            if pending is not None:  # an error: let the helper finish before the buffers go away
+                pending.cancel() or pending.exception()
+        self.reader.bytes_read += copied  # the helper is idle now: no race on the count
+        return pos - start
 
     def close(self) -> None:
         self.copier.close()
+        if self._compute is not None:
+            self._compute.shutdown(wait=True)
 
 
-def write_file(out: OutputFile, root: str, reader: E.Reader, progress: Progress) -> None:
+def write_file(out: OutputFile, root: str, reader: E.Reader, progress: Progress,
+               block_bytes: int = BLOCK_BYTES) -> None:
     from ckpt_ir.io import safetensors as st
     from ckpt_ir.io import torchzip
 
@@ -83,7 +128,7 @@ def write_file(out: OutputFile, root: str, reader: E.Reader, progress: Progress)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     exprs = dict(out.tensors)
     if out.kind in ("safetensors", "torch"):
-        writer = TensorWriter(reader, progress)
+        writer = TensorWriter(reader, progress, block_bytes)
         try:
             entries = [(n, e.shape, e.dtype) for n, e in out.tensors]
             emit = lambda name, fd, pos: writer(exprs[name], fd, pos)  # noqa: E731
@@ -100,6 +145,10 @@ def write_file(out: OutputFile, root: str, reader: E.Reader, progress: Progress)
             f.write(out.text)
     elif out.kind == "copy":
         shutil.copyfile(out.source, path)
+    elif out.kind == "dcp-metadata":  # after the data files it describes (small files are written last)
+        from ckpt_ir.backends.torch_dist import write_dcp_metadata
+
+        write_dcp_metadata(path, out.obj, os.path.dirname(path))
     else:  # pragma: no cover
         raise AssertionError(out.kind)
     progress.advance(files=0 if out.part and out.part[0] > 0 else 1)
@@ -148,10 +197,17 @@ def _split_files(files: list[OutputFile], root: str, workers: int) -> list[Outpu
     return out
 
 
-def _worker(files: list[OutputFile], root: str, queue) -> None:
+def _worker(files: list[OutputFile], root: str, queue, block_bytes: int, threads: int) -> None:
     """Body of a worker process: write ``files``, report bytes, then done or the error.
-    Ctrl-C is the parent's to handle: it terminates the workers and removes the output."""
+    Ctrl-C is the parent's to handle: it terminates the workers and removes the output.
+    ``threads``: torch's compute threads, the worker's share of the cores (oversubscribed
+    OpenMP threads spin against each other)."""
     import signal
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
@@ -162,7 +218,7 @@ def _worker(files: list[OutputFile], root: str, queue) -> None:
     try:
         with E.Reader() as reader:
             for f in files:
-                write_file(f, root, reader, Relay(0, 0, False))
+                write_file(f, root, reader, Relay(0, 0, False), block_bytes)
         queue.put(("done", reader.bytes_read, 0))
     except CkptIrError as e:
         queue.put(("error", e.exit_code, str(e)))
@@ -170,8 +226,10 @@ def _worker(files: list[OutputFile], root: str, queue) -> None:
         queue.put(("error", 1, f"{type(e).__name__}: {e}"))
 
 
-def write_files(files: list[OutputFile], root: str, bar: Progress, workers: int) -> int:
-    """Write ``files`` under ``root`` with up to ``workers`` processes; returns bytes read."""
+def write_files(files: list[OutputFile], root: str, bar: Progress, workers: int,
+                block_bytes: int = BLOCK_BYTES) -> int:
+    """Write ``files`` under ``root`` with up to ``workers`` processes, computed tensors in row
+    blocks of about ``block_bytes``; returns bytes read."""
     tensor_files = [f for f in files if f.kind in ("safetensors", "torch")]
     if 1 < workers and len(tensor_files) < workers:
         tensor_files = _split_files(tensor_files, root, workers)
@@ -179,15 +237,19 @@ def write_files(files: list[OutputFile], root: str, bar: Progress, workers: int)
     if workers == 1:
         with E.Reader() as reader:
             for f in files:
-                write_file(f, root, reader, bar)
+                write_file(f, root, reader, bar, block_bytes)
+                stop_point("written")
             return reader.bytes_read
+    if any(E.needs_torch(e) for f in tensor_files for _, e in f.tensors):
+        import torch  # noqa: F401  once, here: the forked workers share it (an import costs seconds of CPU)
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     import signal
 
-    procs = [ctx.Process(target=_worker, args=(share, root, queue), daemon=True)
+    threads = max(1, default_workers() // workers)
+    procs = [ctx.Process(target=_worker, args=(share, root, queue, block_bytes, threads), daemon=True)
              for share in assign(tensor_files, workers)]
     read, running, error = 0, len(procs), None
     finished = False
@@ -254,23 +316,52 @@ def default_max_memory() -> int:
     return available_memory() // 2
 
 
-def workers_for_budget(plan: Plan, workers: int, max_memory: int) -> int:
-    """How many writers fit in ``max_memory``; a CkptIrError if not even one does."""
-    name, need = plan.largest_tensor()
+def human_bytes(n: int) -> str:
+    """``1000`` -> ``1 KB``, ``1536000`` -> ``1.54 MB``: three significant digits, decimal units as
+    --max-memory takes them."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} bytes"
+
+
+def block_size(max_memory: int, workers: int) -> int:
+    """Row-block size for computed tensors: each writer holds about two blocks (one computed,
+    one written), so ``workers`` writers fit in ``max_memory``; never above BLOCK_BYTES, never
+    below MIN_BLOCK_BYTES (per-block costs would dominate)."""
+    return max(MIN_BLOCK_BYTES, min(BLOCK_BYTES, max_memory // (2 * max(workers, 1))))
+
+
+def memory_plan(plan: Plan, workers: int | None, max_memory: int | None) -> tuple[int, int, int]:
+    """(writers, row-block bytes, peak bytes per writer) for ``plan`` within ``max_memory``; a
+    CkptIrError if not even one writer fits."""
+    workers, max_memory = workers or default_workers(), max_memory or default_max_memory()
+    block = block_size(max_memory, workers)
+    name, need = plan.largest_tensor(block)
     if need > max_memory:
-        raise CkptIrError(f"tensor {name} needs about {need / 1e6:.0f} MB to produce but the memory budget is "
-                          f"{max_memory / 1e6:.0f} MB; raise --max-memory")
-    return max(1, min(workers, max_memory // max(need, 1)))
+        raise CkptIrError(f"tensor {name} needs about {human_bytes(need)} to produce but the memory budget is "
+                          f"{human_bytes(max_memory)}; raise --max-memory")
+    return max(1, min(workers, max_memory // max(need, 1))), block, need
 
 
 def run_checks(plan: Plan) -> None:
     """Tensors the output stores once must really be equal (compared before anything is written)."""
     import numpy as np
 
+    from ckpt_ir.backends.plan import row_ranges
+
+    def equal(a: E.Expr, b: E.Expr, reader: E.Reader) -> bool:  # row block by row block
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if not a.shape:
+            return np.array_equal(E.evaluate_raw(a, reader), E.evaluate_raw(b, reader))
+        return all(np.array_equal(E.evaluate_raw(E.simplify(E.Slice(a, 0, lo, hi)), reader),
+                                  E.evaluate_raw(E.simplify(E.Slice(b, 0, lo, hi)), reader))
+                   for lo, hi in row_ranges(a, BLOCK_BYTES))
+
     with E.Reader() as reader:
         for name, other, a, b in plan.checks:
-            if a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(E.evaluate_raw(a, reader),
-                                                                              E.evaluate_raw(b, reader)):
+            if not equal(a, b, reader):
                 raise CkptIrError(f"{name} differs from {other}, but the target format stores them once; "
                                   f"converting would lose it")
 
@@ -280,17 +371,18 @@ def execute(plan: Plan, dst: str, *, overwrite: bool = False, progress: bool = F
     """Write ``plan`` to ``dst`` atomically; returns simple statistics.  ``max_memory`` bounds
     the tensor data held at once (it limits the number of parallel writers).  Under torchrun
     the tensor files are split between the ranks (each rank may also use local workers)."""
-    workers = workers_for_budget(plan, workers or default_workers(), max_memory or default_max_memory())
+    workers, block, _ = memory_plan(plan, workers, max_memory)
     run_checks(plan)
     rank, world = distributed_world()
     if world > 1:
-        return _execute_distributed(plan, dst, overwrite, progress and rank == 0, 1, rank, world)
-    atomic.check_destination(dst, overwrite)
-    atomic.check_free_space(dst, plan.nbytes)
-    bar = Progress(_tensor_bytes(plan.files), len(plan.files), progress)
+        return _execute_distributed(plan, dst, overwrite, progress and rank == 0, 1, rank, world, block)
     t0 = time.monotonic()
-    with atomic.atomic_dir(dst, overwrite) as tmp:
-        read = write_files(list(plan.files), tmp, bar, workers)
+    with atomic.claim(dst, overwrite) as claim:  # held until DST is published: a rival fails now
+        stop_point("claimed")
+        atomic.check_free_space(dst, plan.nbytes)
+        bar = Progress(_tensor_bytes(plan.files), len(plan.files), progress)
+        with atomic.output_dir(claim) as tmp:
+            read = write_files(list(plan.files), tmp, bar, workers, block)
     return {"seconds": time.monotonic() - t0, "bytes_written": plan.nbytes, "bytes_read": read}
 
 
@@ -299,9 +391,12 @@ def _tensor_bytes(files) -> int:
 
 
 def _execute_distributed(plan: Plan, dst: str, overwrite: bool, progress: bool, workers: int, rank: int,
-                         world: int) -> dict[str, float]:
-    """torchrun: rank 0 prepares a shared temporary directory, every rank writes its share of the
-    tensor files into it, and rank 0 writes the small files last and renames the directory."""
+                         world: int, block_bytes: int) -> dict[str, float]:
+    """torchrun: rank 0 claims DST and prepares a shared temporary directory, every rank writes its
+    share of the tensor files into it, and rank 0 writes the small files last and publishes the
+    directory.  Rank 0 decides each step and broadcasts the outcome, so all ranks agree on it."""
+    import contextlib
+
     import torch.distributed as dist
 
     t0 = time.monotonic()
@@ -311,49 +406,58 @@ def _execute_distributed(plan: Plan, dst: str, overwrite: bool, progress: bool, 
     try:
         tag = "dist-" + os.environ.get("TORCHELASTIC_RUN_ID", os.environ.get("MASTER_PORT", "0"))
         tmp = atomic.temp_path(dst, tag)
-        status: list = [None]
-        if rank == 0:
-            try:
-                atomic.check_free_space(dst, plan.nbytes)
-                atomic.prepare(dst, overwrite, tag)
-            except CkptIrError as e:
-                status = [(e.exit_code, str(e))]
-        dist.broadcast_object_list(status, src=0)
-        if status[0]:
-            raise _error(status[0])
-        tensor_files = [f for f in plan.files if f.kind in ("safetensors", "torch")]
-        mine = assign(tensor_files, world)[rank] if tensor_files else []
-        bar = Progress(_tensor_bytes(mine), len(mine), progress)
-        mine_status, read = None, 0
-        try:
-            read = write_files(mine, tmp, bar, workers)
-        except CkptIrError as e:
-            mine_status = (e.exit_code, str(e))
-        statuses: list = [None] * world
-        dist.all_gather_object(statuses, mine_status)
-        failed = [s for s in statuses if s]
-        if rank == 0:
-            if failed:
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
+        with contextlib.ExitStack() as held:  # rank 0 holds DST's claim until it is published
+            status: list = [None]
+            if rank == 0:
                 try:
-                    with E.Reader() as reader:
-                        for f in plan.files:
-                            if f.kind not in ("safetensors", "torch"):
-                                write_file(f, tmp, reader, Progress(0, 0, False))
-                    atomic.commit(tmp, dst)
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
-        dist.barrier()
-        if failed:
-            raise _error(failed[0])
+                    claim = held.enter_context(atomic.claim(dst, overwrite))
+                    stop_point("claimed")
+                    atomic.check_free_space(dst, plan.nbytes)
+                    atomic.prepare(claim, tag)
+                except (CkptIrError, OSError) as e:
+                    status = [_status(e)]
+            dist.broadcast_object_list(status, src=0)
+            if status[0]:
+                raise _error(status[0])
+            tensor_files = [f for f in plan.files if f.kind in ("safetensors", "torch")]
+            mine = assign(tensor_files, world)[rank] if tensor_files else []
+            bar = Progress(_tensor_bytes(mine), len(mine), progress)
+            mine_status, read = None, 0
+            try:
+                read = write_files(mine, tmp, bar, workers, block_bytes)
+            except CkptIrError as e:
+                mine_status = _status(e)
+            statuses: list = [None] * world
+            dist.all_gather_object(statuses, mine_status)
+            outcome = [next((s for s in statuses if s), None)]
+            if rank == 0:
+                try:
+                    if outcome[0] is None:
+                        with E.Reader() as reader:
+                            for f in plan.files:
+                                if f.kind not in ("safetensors", "torch"):
+                                    write_file(f, tmp, reader, Progress(0, 0, False))
+                        atomic.publish(tmp, claim)
+                except (CkptIrError, OSError) as e:
+                    outcome = [_status(e)]
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)  # gone after a publish; after a failure, removed
+            dist.broadcast_object_list(outcome, src=0)
+        if outcome[0]:
+            raise _error(outcome[0])
         totals = [0] * world
         dist.all_gather_object(totals, read)
         return {"seconds": time.monotonic() - t0, "bytes_written": plan.nbytes, "bytes_read": sum(totals)}
     finally:
         if owns_group:
             dist.destroy_process_group()
+
+
+def _status(e: CkptIrError | OSError) -> tuple[int, str]:
+    """An error as (exit code, one-line message) for another rank."""
+    if isinstance(e, CkptIrError):
+        return e.exit_code, str(e)
+    return 1, f"{e.filename or ''}: {e.strerror}"
 
 
 def _error(status: tuple[int, str]) -> CkptIrError:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 
@@ -73,17 +74,20 @@ def plan(ckpt: Checkpoint, *, max_shard_size: int = DEFAULT_MAX_SHARD, hf_config
         index = {"metadata": {"total_size": sum(e.nbytes for _, e in tensors)}, "weight_map": weight_map}
         files.append(OutputFile("model.safetensors.index.json", "text", text=json.dumps(index, indent=2) + "\n"))
     base_cfg = ckpt.hf_config
-    aux = list(ckpt.aux_files)
-    if hf_config_dir:
-        from ckpt_ir.frontends.hf import AUX_PATTERNS, read_config
+    aux = [f for f in ckpt.aux_files if os.path.basename(f) != "config.json"]  # written from the IR below
+    if hf_config_dir:  # an explicit --hf-config wins over the source's side files
+        from ckpt_ir.frontends.hf import read_config, side_files
 
         base_cfg = read_config(hf_config_dir)
-        import fnmatch
-
-        aux = sorted(os.path.join(hf_config_dir, n) for n in os.listdir(hf_config_dir)
-                     if any(fnmatch.fnmatch(n, p) for p in AUX_PATTERNS))
+        aux = list(side_files(hf_config_dir))
     cfg = family.config_from_spec(ckpt.spec, base_cfg)
     files.append(OutputFile("config.json", "text", text=json.dumps(cfg, indent=2, sort_keys=True) + "\n"))
     for src in aux:
         files.append(OutputFile(os.path.basename(src), "copy", source=src))
-    return Plan(tuple(files), dict(ckpt.dropped))
+    dropped = dict(ckpt.dropped)
+    from ckpt_ir.frontends.hf import TOKENIZER_PATTERNS
+
+    if not any(fnmatch.fnmatch(os.path.basename(f), p) for f in aux for p in TOKENIZER_PATTERNS):
+        dropped["tokenizer"] = "the source has no tokenizer files, so neither has the output; pass --hf-config DIR " \
+                               "to copy them from DIR"
+    return Plan(tuple(files), dropped)

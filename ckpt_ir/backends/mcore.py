@@ -9,6 +9,8 @@ transpose of expert e's fc1 shard, ``weight2`` is (E_loc, F/T, H) viewed as [E_l
 from __future__ import annotations
 
 import copy
+import io
+import os
 from collections import defaultdict
 
 import attrs
@@ -18,10 +20,12 @@ from ckpt_ir.backends.plan import OutputFile, Plan
 from ckpt_ir.errors import VerifyError
 from ckpt_ir.families import by_name
 from ckpt_ir.frontends import distopt
-from ckpt_ir.io.safe_pickle import TORCH_DTYPES, TorchDtype
+from ckpt_ir.io import torchzip
+from ckpt_ir.io.safe_pickle import TorchDtype
 from ckpt_ir.io.torchzip import Tensor
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
+from ckpt_ir.ir.dtypes import torch_name
 from ckpt_ir.ir.layout import expert_owner, expert_rank_files, layer_slots, num_chunks
 from ckpt_ir.ir.names import expert_of, role_of, split_layer
 
@@ -48,6 +52,114 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None, shared_copies: str =
     if not (layout.fused_qkv and layout.fused_gate_up):
         raise VerifyError("Megatron output needs fused QKV and gate/up; the pipeline must run fuse-qkv and "
                           "fuse-gate-up")
+    content, where = rank_content(ckpt)
+    chunks = num_chunks(spec, layout)
+    family = by_name(spec.family)
+    training = TrainingOutput(ckpt)
+    args = M.build_args(spec, layout, ckpt.hf_config, family.mindspeed_names[0] if family.mindspeed_names else spec.family,
+                        source=training.source_args)
+    it = iteration if iteration is not None else ckpt.meta.get("iteration", 1)
+    optim = OptimizerOutput(ckpt, dp) if ckpt.states else None
+    if optim is not None:
+        args = optim.args(args)
+    files: list[OutputFile] = []
+    etp = layout.expert_tp
+    extra = ExtraState(ckpt)
+    for stage in range(layout.pp):
+        for rank, ep in expert_rank_files(layout):
+            tensors: list[tuple[str, E.Expr]] = []
+            models = {}
+            for chunk in range(chunks):
+                sd = {}
+                for entry in content[(stage, chunk)]:
+                    if entry.ep is not None and entry.ep != ep:
+                        continue
+                    expr = _entry_expr(ckpt.tensors, entry, _shard_rank(entry, rank, etp))
+                    uid = f"model{chunk}/{entry.key}"
+                    tensors.append((uid, expr))
+                    sd[entry.key] = Tensor(uid, expr.dtype, expr.shape)
+                sd.update(extra.entries(stage, chunk, rank, ep, chunk == chunks - 1 and stage == layout.pp - 1,
+                                        where, tensors))
+                models["model" if chunks == 1 else f"model{chunk}"] = sd
+            obj = {"args": args, "checkpoint_version": 3.0, "iteration": it, **models}
+            rank_dir = f"{M.iter_dir(it)}/{M.rank_dir(rank, stage, layout, ep, layout.ep)}"
+            obj.update(training.entries((rank, stage, ep), tensors))
+            if optim is not None:
+                obj.update(optim.training_entries(tensors))
+                chunk_entries = [[e for e in content[(stage, c)] if e.ep is None or e.ep == ep] for c in range(chunks)]
+                files.append(optim.file(f"{rank_dir}/distrib_optim.pt", chunk_entries, stage, rank, ep))
+            files.append(OutputFile(f"{rank_dir}/model_optim_rng.pt", "torch", tuple(tensors), obj=obj))
+    files.append(OutputFile("latest_checkpointed_iteration.txt", "text", text=str(it)))
+    from ckpt_ir.frontends.hf import MCORE_HF_DIR
+
+    # the HF side files (tokenizer, generation config, chat template, remote code, config.json):
+    # Megatron ignores the folder; an HF export restores them
+    files.extend(OutputFile(f"{MCORE_HF_DIR}/{os.path.basename(f)}", "copy", source=f) for f in ckpt.aux_files)
+    copies = tuple(_shared_copies(ckpt))
+    dropped = {**ckpt.dropped, **training.dropped}
+    dropped.update(extra.dropped)
+    if optim is not None:
+        dropped.update(optim.dropped)
+    if shared_copies == "drop":  # MindSpeed-LLM's behaviour: Megatron's shared tensor is kept
+        dropped.update({name: f"stored once in Megatron (shared with {other}); not compared"
+                        for name, other, _, _ in copies})
+        copies = ()
+    return Plan(tuple(files), dropped, checks=copies)
+
+
+class ExtraState:
+    """Transformer Engine's ``_extra_state`` (FP8 scaling state of one module shard), carried into
+    the module's new place (layer renumbered by the new PP/VPP split, expert by the new EP split)
+    when that module shard is the same: same layers, (expert) TP size, expert storage and module
+    types.  Otherwise listed as dropped: Transformer Engine starts its FP8 scaling afresh."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        info = ckpt.meta.get("extra_state") or {}
+        self.ckpt, self.entries_by_layer = ckpt, defaultdict(list)
+        self.dropped: dict[str, str] = {}
+        if not info:
+            return
+        now = M.extra_state_layout(ckpt.spec, ckpt.layout)
+        if info["layout"] != now:
+            names = ("layers", "MTP layers", "TP", "expert TP", "grouped GEMM", "norm naming")
+            what = ", ".join(f"{n} {a} -> {b}" for n, a, b in zip(names, info["layout"], now) if a != b)
+            self.dropped["*._extra_state"] = (f"Transformer-Engine _extra_state (FP8 metadata) of another module "
+                                              f"layout ({what}); Transformer Engine starts it afresh")
+            return
+        for (layer, key, expert, slot), value in info["entries"].items():
+            self.entries_by_layer[layer].append((key, expert, slot, value))
+
+    def entries(self, stage: int, chunk: int, rank: int, ep: int, last: bool, where: dict,
+                tensors: list[tuple[str, E.Expr]]) -> dict:
+        """The ``_extra_state`` keys of one model chunk of one rank file (their tensors appended to ``tensors``)."""
+        out = {}
+        spec, layout = self.ckpt.spec, self.ckpt.layout
+        places = [(layer, f"decoder.layers.{s.local}.") for layer, s in where.items() if (s.stage, s.chunk) == (stage, chunk)]
+        if (stage, chunk) == (0, 0) or last:
+            places.append((None, ""))
+        for layer, prefix in places:
+            for key, expert, slot, value in self.entries_by_layer.get(layer, ()):
+                if layer is None and not ((stage, chunk) == (0, 0) if key.startswith("embedding.") else last):
+                    continue
+                if expert is not None:
+                    owner, local = expert_owner(spec, layout, expert)
+                    if owner != ep:
+                        continue
+                    key = key.format(e=local)
+                if slot != (0 if expert is not None and layout.expert_tp == 1 else rank):
+                    continue
+                full = prefix + key
+                if not _writable(value) and not isinstance(value, io.BytesIO):
+                    self.dropped[full] = "Transformer-Engine _extra_state holding objects ckpt-ir cannot write back"
+                    continue
+                out[full] = placeholders(value, f"extra/{stage}/{chunk}/{rank}/{ep}/{full}", tensors)
+        return out
+
+
+def rank_content(ckpt: Checkpoint) -> tuple[dict[tuple[int, int], list[Entry]], dict]:
+    """The keys of every (stage, chunk) of the Megatron layout ``ckpt.layout``, in writing order,
+    and where each model layer sits."""
+    spec, layout = ckpt.spec, ckpt.layout
     slots = layer_slots(spec, layout)
     where = {s.real: s for s in slots if s.real is not None}
     chunks = num_chunks(spec, layout)
@@ -110,46 +222,7 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None, shared_copies: str =
     elif spec.tied_embeddings and layout.pp > 1:
         # Megatron keeps a copy of the tied embedding on the last stage when PP > 1
         content[last].append(Entry("output_layer.weight", ("embed.weight",)))
-
-    family = by_name(spec.family)
-    args = M.build_args(spec, layout, ckpt.hf_config, family.mindspeed_names[0] if family.mindspeed_names else spec.family)
-    it = iteration if iteration is not None else ckpt.meta.get("iteration", 1)
-    optim = OptimizerOutput(ckpt, dp) if ckpt.states else None
-    if optim is not None:
-        args = optim.args(args)
-    files: list[OutputFile] = []
-    etp = layout.expert_tp
-    for stage in range(layout.pp):
-        for rank, ep in expert_rank_files(layout):
-            tensors: list[tuple[str, E.Expr]] = []
-            models = {}
-            for chunk in range(chunks):
-                sd = {}
-                for entry in content[(stage, chunk)]:
-                    if entry.ep is not None and entry.ep != ep:
-                        continue
-                    expr = _entry_expr(ckpt.tensors, entry, _shard_rank(entry, rank, etp))
-                    uid = f"model{chunk}/{entry.key}"
-                    tensors.append((uid, expr))
-                    sd[entry.key] = Tensor(uid, expr.dtype, expr.shape)
-                models["model" if chunks == 1 else f"model{chunk}"] = sd
-            obj = {"args": args, "checkpoint_version": 3.0, "iteration": it, **models}
-            rank_dir = f"{M.iter_dir(it)}/{M.rank_dir(rank, stage, layout, ep, layout.ep)}"
-            if optim is not None:
-                obj.update(optim.training_entries((rank, stage, ep), tensors))
-                chunk_entries = [[e for e in content[(stage, c)] if e.ep is None or e.ep == ep] for c in range(chunks)]
-                files.append(optim.file(f"{rank_dir}/distrib_optim.pt", chunk_entries, stage, rank, ep))
-            files.append(OutputFile(f"{rank_dir}/model_optim_rng.pt", "torch", tuple(tensors), obj=obj))
-    files.append(OutputFile("latest_checkpointed_iteration.txt", "text", text=str(it)))
-    copies = tuple(_shared_copies(ckpt))
-    dropped = dict(ckpt.dropped)
-    if optim is not None:
-        dropped.update(optim.dropped)
-    if shared_copies == "drop":  # MindSpeed-LLM's behaviour: Megatron's shared tensor is kept
-        dropped.update({name: f"stored once in Megatron (shared with {other}); not compared"
-                        for name, other, _, _ in copies})
-        copies = ()
-    return Plan(tuple(files), dropped, checks=copies)
+    return content, where
 
 
 def _entry_expr(tensors: dict[str, TensorNode], entry: Entry, shard_rank: int) -> E.Expr:
@@ -157,10 +230,48 @@ def _entry_expr(tensors: dict[str, TensorNode], entry: Entry, shard_rank: int) -
     return M.group_experts(entry.grouped, exprs) if entry.grouped else exprs[0]
 
 
+class TrainingOutput:
+    """What a resumed run needs besides weights and optimizer state, carried from a Megatron source
+    whether or not the optimizer state is: its ``args`` (see ``build_args``), the LR scheduler,
+    the FLOP counter, and each rank's RNG state when the (TP, PP, EP) grid is unchanged."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        meta = ckpt.meta.get("training") or ckpt.meta.get("optimizer") or {}  # torch_dist: with the optimizer
+        self.meta, self.dropped = meta, {}
+        args = meta.get("args") if "training" in ckpt.meta else None
+        self.source_args = None if args is None else {k: v for k, v in args.items() if torchzip.writable(v)}
+        for k in set(args or ()) - set(self.source_args or ()):
+            self.dropped[f"args.{k}"] = "holds objects ckpt-ir cannot write back"
+        same_ranks = meta.get("source_layout") == (ckpt.layout.tp, ckpt.layout.pp, ckpt.layout.ep)
+        rng = meta.get("rng_state") or {}
+        self.rng = rng if same_ranks else {}
+        if not same_ranks and any(v is not None for v in rng.values()):
+            self.dropped["rng_state"] = ("per-rank random-number state of another parallel layout: resume with "
+                                         "--no-load-rng")
+
+    def entries(self, rank: tuple[int, int, int], tensors: list[tuple[str, E.Expr]]) -> dict:
+        values = {"opt_param_scheduler": self.meta.get("opt_param_scheduler"), "rng_state": self.rng.get(rank),
+                  "num_floating_point_operations_so_far": self.meta.get("num_floating_point_operations_so_far")}
+        return _training_entries(values, tensors, self.dropped)
+
+
+def _training_entries(values: dict, tensors: list[tuple[str, E.Expr]], dropped: dict[str, str]) -> dict:
+    """Entries of ``model_optim_rng.pt`` besides the model; their tensors are appended to ``tensors``."""
+    out = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        if not _writable(value):
+            dropped[key] = "holds objects ckpt-ir cannot write back"
+            continue
+        out[key] = placeholders(value, key, tensors)
+    return out
+
+
 class OptimizerOutput:
     """Distributed-optimizer state for the target layout: one ``distrib_optim.pt`` per rank
     directory (what data-parallel rank 0 saves: the whole buffers, coalesced over buckets), and
-    the ``optimizer`` / ``opt_param_scheduler`` entries of ``model_optim_rng.pt``."""
+    the ``optimizer`` entry of ``model_optim_rng.pt``."""
 
     def __init__(self, ckpt: Checkpoint, dp: int | None) -> None:
         meta = ckpt.meta.get("optimizer") or {}
@@ -172,36 +283,23 @@ class OptimizerOutput:
             raise VerifyError(f"optimizer state lacks {', '.join(missing)}; Megatron's distributed optimizer needs "
                               f"{', '.join(distopt.STATE_KEYS)}")
         grad = (meta.get("dtype_key") or (None, TorchDtype("float32")))[1]
-        self.dtype_key = (TorchDtype(_TORCH_NAME[ckpt.spec.dtype]), grad)
+        self.dtype_key = (TorchDtype(torch_name(ckpt.spec.dtype)), grad)
         self.dropped: dict[str, str] = {}
-        same_ranks = meta.get("source_layout") == (ckpt.layout.tp, ckpt.layout.pp, ckpt.layout.ep)
-        self.rng = meta.get("rng_state", {}) if same_ranks else {}
-        if not same_ranks and any(v is not None for v in meta.get("rng_state", {}).values()):
-            self.dropped["rng_state"] = ("per-rank random-number state of another parallel layout: resume with "
-                                         "--no-load-rng")
 
     def args(self, args):
         args = copy.copy(args)
+        old_dp = getattr(args, "data_parallel_size", None)
         for k, v in self.resume.items():
             setattr(args, k, v)
+        if isinstance(getattr(args, "world_size", None), int) and isinstance(old_dp, int) and old_dp > 0:
+            args.world_size = args.world_size // old_dp * self.dp
         args.data_parallel_size = self.dp
         args.use_distributed_optimizer = True
         return args
 
-    def training_entries(self, rank: tuple[int, int, int], tensors: list[tuple[str, E.Expr]]) -> dict:
-        """Entries of ``model_optim_rng.pt`` besides the model; their tensors are appended to ``tensors``."""
-        values = {"optimizer": self.meta.get("optimizer"), "opt_param_scheduler": self.meta.get("opt_param_scheduler"),
-                  "rng_state": self.rng.get(rank),
-                  "num_floating_point_operations_so_far": self.meta.get("num_floating_point_operations_so_far")}
-        out = {}
-        for key, value in values.items():
-            if value is None:
-                continue
-            if not _writable(value):
-                self.dropped[key] = "holds objects ckpt-ir cannot write back"
-                continue
-            out[key] = _placeholders(value, key, tensors)
-        return out
+    def training_entries(self, tensors: list[tuple[str, E.Expr]]) -> dict:
+        """The ``optimizer`` entry of ``model_optim_rng.pt`` (param groups, grad scaler)."""
+        return _training_entries({"optimizer": self.meta.get("optimizer")}, tensors, self.dropped)
 
     def file(self, path: str, chunk_entries: list[list[Entry]], stage: int, rank: int, ep: int) -> OutputFile:
         """``distrib_optim.pt`` of one rank directory.  With experts it holds ``[dense, expert]``
@@ -250,28 +348,22 @@ def _shard_rank(entry: Entry, rank: int, expert_tp: int) -> int:
     return rank if entry.ep is None or expert_tp > 1 else 0
 
 
-_TORCH_NAME = {ir: name for name, ir in TORCH_DTYPES.items() if name not in ("float", "half", "double", "long", "int")}
 
 
 def _writable(obj) -> bool:
-    """Plain values, tensors and numpy arrays can be written back; stand-ins for unknown classes cannot."""
-    if isinstance(obj, dict):
-        return all(_writable(k) and _writable(v) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return all(_writable(v) for v in obj)
-    return obj is None or isinstance(obj, (bool, int, float, str, bytes, TorchDtype, E.Expr)) \
-        or type(obj).__module__ == "numpy"
+    """Values ckpt-ir's writer can put back (plain values, Megatron stubs, tensors, numpy arrays)."""
+    return torchzip.writable(obj, lambda v: isinstance(v, E.Expr))
 
 
-def _placeholders(obj, uid: str, tensors: list[tuple[str, E.Expr]]):
+def placeholders(obj, uid: str, tensors: list[tuple[str, E.Expr]]):
     """``obj`` with each tensor expression replaced by a placeholder naming its entry in ``tensors``."""
     if isinstance(obj, E.Expr):
         tensors.append((uid, obj))
         return Tensor(uid, obj.dtype, obj.shape)
     if isinstance(obj, dict):
-        return {k: _placeholders(v, f"{uid}.{k}", tensors) for k, v in obj.items()}
+        return {k: placeholders(v, f"{uid}.{k}", tensors) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_placeholders(v, f"{uid}.{i}", tensors) for i, v in enumerate(obj))
+        return type(obj)(placeholders(v, f"{uid}.{i}", tensors) for i, v in enumerate(obj))
     return obj
 
 

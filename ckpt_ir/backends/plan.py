@@ -8,6 +8,8 @@ import attrs
 
 from ckpt_ir.ir import expr as E
 
+NOTES_FILE = "ckpt-ir-notes.txt"  # written beside the output when the user chose something on purpose
+
 
 @attrs.frozen
 class OutputFile:
@@ -34,6 +36,8 @@ class OutputFile:
             return sum(e.nbytes for _, e in self.tensors[lo:hi])
         if self.kind == "text":
             return len(self.text.encode())
+        if self.kind == "dcp-metadata":
+            return 0  # a few hundred bytes per entry, known once the data files are written
         import os
 
         return os.path.getsize(self.source)
@@ -61,25 +65,86 @@ class Plan:
     def bytes_to_read(self) -> int:
         return sum(E.bytes_read(e) for f in self.files for _, e in f.tensors)
 
-    @property
-    def peak_memory(self) -> int:
-        """Estimated peak bytes one writer holds: the tensor being built, plus the staging buffer
-        for its largest input, plus the temporaries of any arithmetic (casts, LoRA math)."""
-        peak = 0
-        for f in self.files:
-            for _, e in f.tensors:
-                peak = max(peak, tensor_memory(e))
-        return peak
+    def peak_memory(self, block_bytes: int | None = None) -> int:
+        """Estimated peak bytes of tensor data one writer holds (see :func:`tensor_memory`)."""
+        return self.largest_tensor(block_bytes)[1]
 
-    def largest_tensor(self) -> tuple[str, int]:
-        return max(((name, tensor_memory(e)) for f in self.files for name, e in f.tensors),
+    def largest_tensor(self, block_bytes: int | None = None) -> tuple[str, int]:
+        """The tensor that needs the most memory to write, and that memory."""
+        block = block_bytes or BLOCK_BYTES
+        return max(((name, tensor_memory(e, block)) for f in self.files for name, e in f.tensors),
                    key=lambda x: x[1], default=("", 0))
 
 
-def tensor_memory(e: E.Expr) -> int:
+# Computed tensors are evaluated and written in row blocks that each need about this much memory
+# (their result, inputs and temporaries): large enough that per-block costs vanish, small enough
+# that memory does not depend on any tensor's size.  --max-memory lowers it, down to MIN_BLOCK_BYTES.
+BLOCK_BYTES = 32 << 20
+MIN_BLOCK_BYTES = 1 << 20
+
+
+def tensor_memory(e: E.Expr, block_bytes: int = BLOCK_BYTES) -> int:
+    """Peak bytes a writer holds to write ``e``: nothing for byte ranges copied in the kernel, the
+    largest part of a row-wise concatenation, else the largest row block's working memory plus the
+    previous block's result (written while the next one is computed)."""
+    from ckpt_ir.io.ranges import byte_ranges
+
+    if byte_ranges(e) is not None:
+        return 0
     if isinstance(e, E.Concat) and e.dim == 0:  # written part by part (see TensorWriter)
-        return max(tensor_memory(x) for x in e.xs)
-    inputs = [n for n in E.walk(e) if n is not e]
-    staging = max((n.nbytes for n in inputs if isinstance(n, E.Load)), default=0)
-    temporaries = sum(n.nbytes for n in inputs if not isinstance(n, (E.Load, E.Concat, E.Slice)))
-    return e.nbytes + staging + temporaries
+        return max(tensor_memory(x, block_bytes) for x in e.xs)
+    parts = row_blocks(e, block_bytes)
+    if len(parts) == 1:
+        return working_memory(e)
+    evaluated = [working_memory(p) for p in parts if byte_ranges(p) is None]  # the others: kernel copies
+    return max(evaluated, default=0) + max(p.nbytes for p in parts)
+
+
+def working_memory(e: E.Expr) -> int:
+    """An upper bound on the bytes evaluating ``e`` whole holds: its result, every intermediate
+    node's value, and the fp32 copies the arithmetic makes of narrower operands."""
+    total = e.nbytes
+    for n in E.walk(e):
+        if n is not e and not isinstance(n, E.Reshape):  # a reshape is a view
+            total += n.nbytes
+        if isinstance(n, (E.Add, E.Matmul, E.Scale)):
+            total += sum(k.numel * 4 for k in n.children if k.dtype != "F32")
+        if isinstance(n, E.Cast):  # rounding's integer temporaries (ir/casts.py, a chunk at a time)
+            total += min(n.numel, 1 << 18) * 8
+    return total
+
+
+def row_blocks(e: E.Expr, block_bytes: int) -> tuple[E.Expr, ...]:
+    """``e`` as consecutive row ranges (simplified slices of dim 0) that each need about
+    ``block_bytes`` to evaluate, or ``(e,)`` when it is small or row ranges do not help.
+
+    Any expression whose row ranges simplify into the same computation on row ranges of its
+    inputs streams this way: loads, casts, padding, concatenations, the LoRA arithmetic, and a
+    new computing node once ``expr._rewrite_slice`` knows how a row range of it is computed.
+    Where the slice cannot be pushed down (a transpose of the rows, say) each block would need
+    the whole input: the tensor is then evaluated whole, and the plan's memory says so."""
+    ranges = row_ranges(e, block_bytes)
+    if len(ranges) < 2:
+        return (e,)
+    need = working_memory(e)
+    parts = tuple(E.simplify(E.Slice(e, 0, lo, hi)) for lo, hi in ranges)
+    rereads = sum(E.bytes_read(p) for p in parts) - E.bytes_read(e)
+    if max(working_memory(p) for p in parts) >= need or rereads > E.bytes_read(e) + len(parts) * (1 << 20):
+        return (e,)
+    return parts
+
+
+def row_ranges(e: E.Expr, block_bytes: int) -> list[tuple[int, int]]:
+    """Consecutive [lo, hi) row ranges of ``e`` whose evaluation needs about ``block_bytes`` each
+    (one range for a small tensor or a scalar).
+
+    With a matmul inside, ranges follow ``expr.matmul_tiles``: BLAS then computes each block's
+    rows with the same kernels, hence the same sums, as in the whole product."""
+    rows = e.shape[0] if e.shape else 0
+    need = working_memory(e)
+    if need <= block_bytes or rows < 2:
+        return [(0, rows)]
+    step = max(1, block_bytes * rows // need)
+    if any(isinstance(n, E.Matmul) for n in E.walk(e)):
+        return E.matmul_tiles(rows, max(E.MATMUL_ROWS, step - step % E.MATMUL_ROWS))
+    return [(lo, min(rows, lo + step)) for lo in range(0, rows, step)]

@@ -123,6 +123,13 @@ MTP = (
     (L + "embed_tokens.weight", C + "mtp.embed.weight"),
 )
 
+def _deepseek_router(cfg: dict) -> dict:
+    """DeepSeek-V3 routing: sigmoid scores with a score-correction bias, group-limited top-k, scaled."""
+    return {"moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True,
+            "moe_router_pre_softmax": False, "moe_router_topk_scaling_factor": cfg.get("routed_scaling_factor"),
+            "moe_router_num_groups": cfg.get("n_group"), "moe_router_group_topk": cfg.get("topk_group")}
+
+
 MLA_CONFIG = (
     ConfigKey("q_lora_rank", "q_lora_rank", 0, null=0), ConfigKey("kv_lora_rank", "kv_lora_rank"),
     ConfigKey("qk_nope_dim", "qk_nope_head_dim"), ConfigKey("qk_rope_dim", "qk_rope_head_dim"),
@@ -145,4 +152,5 @@ register(Family(
         ConfigKey("mtp_layers", None, lambda cfg: cfg.get("num_nextn_predict_layers") or 0),
     ),
     constants=(("router_bias", True),), mindspeed_names=("deepseek3",),
+    megatron_args=_deepseek_router,
 ))

@@ -16,6 +16,7 @@ from ckpt_ir.families.moe import (
     MLA_ATTENTION,
     MLA_CONFIG,
     MTP,
+    _deepseek_router,
 )
 
 # GLM: the HF MLP packs [gate; up] in one gate_up_proj (same rule as Phi-3's)
@@ -73,6 +74,7 @@ register(Family(
         ConfigKey("mtp_layers", None, lambda cfg: cfg.get("num_nextn_predict_layers") or 0),
     ),
     constants=(("router_bias", True),), mindspeed_names=("glm45-moe", "glm45", "glm45-air"),
+    megatron_args=_deepseek_router,  # sigmoid scores + score bias, group-limited top-k, scaled
 ))
 
 # Hunyuan: q/k norms are "query_layernorm" / "key_layernorm" (per head, always present); the MoE
@@ -151,4 +153,5 @@ register(Family(
         ConfigKey("moe_ffn_hidden_size", "intermediate_size"), ConfigKey("qkv_bias", None, False),
     ),
     constants=(("qk_full_norm", True), ("router_bias", True)), mindspeed_names=("minimax_m2",),
+    megatron_args=_deepseek_router,  # sigmoid scores with a score-correction bias
 ))

@@ -14,8 +14,10 @@ def detect(path: str) -> str:
 
     if not os.path.exists(path):
         raise FormatError(f"{path}: no such file or directory")
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        return "hf"  # one weight file; its directory holds config.json
     if not os.path.isdir(path):
-        raise FormatError(f"{path}: expected a checkpoint directory")
+        raise FormatError(f"{path}: expected a checkpoint directory (or one .safetensors file beside its config.json)")
     if hf.detect(path):
         return "hf"
     if torch_dist.detect(path):  # before mcore: both live in Megatron iter_* directories
@@ -28,10 +30,11 @@ def detect(path: str) -> str:
 
 def load(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, Any] | None = None,
          weights_from: str = "model", family: str | None = None, optimizer: bool = False,
-         optimizer_layout: dict[str, int | None] | None = None) -> Checkpoint:
+         optimizer_layout: dict[str, int | None] | None = None, replicas: str = "check") -> Checkpoint:
     """Lift any supported checkpoint directory.  ``weights_from="master"``: a Megatron checkpoint's
     weights come from its distributed optimizer's fp32 master copies; ``optimizer=True``: lift its
-    optimizer state too (``Checkpoint.states``), when it has any."""
+    optimizer state too (``Checkpoint.states``), when it has any.  ``replicas``: how a Megatron
+    checkpoint's copies of replicated tensors are compared (``check``, ``check-all``, ``take-rank0``)."""
     fmt = detect(path)
     if weights_from != "model" and fmt not in ("mcore", "torch_dist"):
         from ckpt_ir.errors import UsageError
@@ -46,8 +49,8 @@ def load(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
         from ckpt_ir.frontends import torch_dist
 
         return torch_dist.lift(path, allow_unused=allow_unused, hf_config=hf_config, optimizer=optimizer,
-                               weights_from=weights_from)
+                               weights_from=weights_from, family=family)
     from ckpt_ir.frontends import mcore
 
     return mcore.lift(path, allow_unused=allow_unused, hf_config=hf_config, weights_from=weights_from,
-                      optimizer=optimizer, optimizer_layout=optimizer_layout)
+                      optimizer=optimizer, optimizer_layout=optimizer_layout, family=family, replicas=replicas)

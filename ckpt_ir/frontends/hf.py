@@ -24,9 +24,25 @@ from ckpt_ir.ir.layout import Layout
 from ckpt_ir.ir.roles import canonical_order, expected_shape
 from ckpt_ir.ir.spec import ModelSpec
 
-# side files copied next to HF output (tokenizer, generation settings, chat template)
+# side files copied next to HF output (tokenizer, generation settings, chat template, remote code)
 AUX_PATTERNS = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "vocab.json", "vocab.txt",
-                "merges.txt", "added_tokens.json", "*.model", "*.tiktoken", "chat_template.*", "preprocessor_config.json")
+                "merges.txt", "added_tokens.json", "*.model", "*.tiktoken", "chat_template.*", "preprocessor_config.json",
+                "*.py")
+TOKENIZER_PATTERNS = ("tokenizer*", "*.model", "*.tiktoken", "vocab.json", "vocab.txt")
+# where a Megatron checkpoint written by ckpt-ir keeps the HF side files (and the source's
+# config.json); Megatron reads only latest_checkpointed_iteration.txt and iter_*/, so it ignores it
+MCORE_HF_DIR = "hf"
+
+
+def side_files(path: str, config: bool = False) -> tuple[str, ...]:
+    """The HF side files in directory ``path`` (with ``config.json`` when ``config``), sorted."""
+    if not os.path.isdir(path):
+        return ()
+    pats = AUX_PATTERNS + (("config.json",) if config else ())
+    return tuple(sorted(os.path.join(path, n) for n in os.listdir(path)
+                        if any(fnmatch.fnmatch(n, p) for p in pats) and os.path.isfile(os.path.join(path, n))))
+
+
 # source tensors known to carry no information (recomputed by the model)
 DROP_RULES = (("*rotary_emb.inv_freq", "rotary inverse frequencies are recomputed from the config"),)
 
@@ -101,7 +117,11 @@ def _file_tensors(path: str) -> dict[str, E.Load]:
 def lift(path: str, *, hf_config: dict[str, Any] | None = None, allow_unused: tuple[str, ...] = (),
          family: str | None = None) -> Checkpoint:
     """``family`` names the model family when the config's model_type does not (MindSpeed-LLM's
-    --model-type-hf); a config that names a known type still wins."""
+    --model-type-hf); a config that names a known type still wins.  ``path`` may also be one
+    ``.safetensors`` file: the config and side files come from its directory."""
+    files = None
+    if os.path.isfile(path):
+        files, path = [os.path.abspath(path)], os.path.dirname(os.path.abspath(path))
     cfg = hf_config if hf_config is not None else read_config(path)
     where = os.path.join(path, "config.json")
     try:
@@ -113,7 +133,7 @@ def lift(path: str, *, hf_config: dict[str, Any] | None = None, allow_unused: tu
 
         fam = by_name(family)
     family_obj = fam
-    files = weight_files(path)
+    files = files or weight_files(path)
     raw: dict[str, E.Load] = {}
     for f in files:
         for key, load in _file_tensors(f).items():
@@ -139,8 +159,7 @@ def lift(path: str, *, hf_config: dict[str, Any] | None = None, allow_unused: tu
             src = E.loads(t.expr)[0]
             raise FormatError(f"{src.path}: tensor {src.key} has shape {list(t.shape)} but config.json implies "
                               f"{list(want)}; the weights do not match the config")
-    aux = tuple(sorted(os.path.join(path, n) for n in os.listdir(path)
-                       if any(fnmatch.fnmatch(n, p) for p in AUX_PATTERNS) and os.path.isfile(os.path.join(path, n))))
+    aux = side_files(path, config=hf_config is None)
     return Checkpoint(spec=spec, layout=layout, tensors=tensors, dropped=dropped, hf_config=cfg, aux_files=aux,
                       source=path)
 

@@ -20,12 +20,12 @@ from ckpt_ir import mcore_format as M
 from ckpt_ir.errors import CoverageError, FormatError
 from ckpt_ir.families import by_name, for_hf_config
 from ckpt_ir.frontends import distopt
-from ckpt_ir.io.safe_pickle import Stub
+from ckpt_ir.frontends.hf import MCORE_HF_DIR, side_files
 from ckpt_ir.io.torchzip import TorchZip, iter_tensors, with_exprs
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.layout import Layout, expert_rank_files, layer_slots
-from ckpt_ir.ir.names import expert_of, is_expert, is_lora, layer_name, split_layer
+from ckpt_ir.ir.names import is_expert, is_lora
 from ckpt_ir.ir.roles import canonical_order, split_rule
 
 
@@ -37,46 +37,6 @@ def detect(path: str) -> bool:
     except OSError:
         return False
     return any(n.startswith("iter_") or n == "release" or M.RANK_DIR.match(n) for n in names)
-
-
-def _iteration_dir(path: str) -> tuple[str, Any]:
-    tracker = os.path.join(path, "latest_checkpointed_iteration.txt")
-    if os.path.isfile(tracker):
-        text = open(tracker).read().strip()
-        if text == "release":
-            it: Any = "release"
-        else:
-            try:
-                it = int(text)
-            except ValueError:
-                raise FormatError(f"{tracker}: expected an iteration number or 'release', found {text!r}") from None
-        d = os.path.join(path, M.iter_dir(it))
-        if not os.path.isdir(d):
-            raise FormatError(f"{tracker}: names iteration {text} but {d} does not exist")
-        return d, it
-    names = os.listdir(path)
-    if any(M.RANK_DIR.match(n) for n in names):
-        return path, 1
-    iters = sorted(n for n in names if n.startswith("iter_") or n == "release")
-    if len(iters) > 1:
-        raise FormatError(f"{path}: several iterations ({', '.join(iters)}) and no latest_checkpointed_iteration.txt; "
-                          f"point at one iter_* directory")
-    if not iters:
-        raise FormatError(f"{path}: no iter_* directory or latest_checkpointed_iteration.txt; not a Megatron checkpoint")
-    it = "release" if iters[0] == "release" else int(iters[0][5:])
-    return os.path.join(path, iters[0]), it
-
-
-def _args_dict(args: Any, where: str) -> dict[str, Any]:
-    if args is None:
-        raise FormatError(f"{where}: checkpoint has no 'args'; ckpt-ir needs them to know the model and layout")
-    if isinstance(args, dict):
-        d = args
-    elif hasattr(args, "__dict__"):
-        d = vars(args)
-    else:
-        raise FormatError(f"{where}: 'args' is a {type(args).__name__}, not Megatron's argument namespace")
-    return {k: v for k, v in d.items() if isinstance(k, str) and not isinstance(v, Stub)}
 
 
 class _Args:
@@ -109,39 +69,52 @@ class _Args:
         return out
 
 
-def spec_from_args(args: dict[str, Any], hf_config: dict[str, Any] | None, where: str):
-    """(ModelSpec, HF config) of a Megatron checkpoint from its ``args``, or from ``hf_config``
-    when given (plain Megatron-LM args do not name the model family)."""
+def spec_from_args(args: dict[str, Any], hf_config: dict[str, Any] | None, where: str,
+                   family: str | None = None):
+    """(ModelSpec, HF config, why) of a Megatron checkpoint from its ``args``: from ``hf_config``
+    when given, from the HF config ckpt-ir or MindSpeed-LLM copied into the args, else (plain
+    Megatron-LM args) for ``family`` or the family inferred from the args (``why`` says which
+    and why; None when nothing was inferred)."""
+    from ckpt_ir.families import infer
+
     a = _Args(args, where)
-    try:
-        cfg = hf_config if hf_config is not None else M.hf_config_from_args(args)
-    except ValueError as e:
-        raise FormatError(f"{where}: {e}") from None
-    fam_name = args.get("ckpt_ir_family") or args.get("model_type_hf")
+    named = args.get("ckpt_ir_family") or args.get("model_type_hf")
+    why = None
     if hf_config is not None:
-        family = for_hf_config(cfg, "--hf-config")
-    elif fam_name:
-        family = by_name(fam_name)
-    elif cfg.get("model_type") or cfg.get("architectures"):
-        family = for_hf_config(cfg, where)
+        cfg, fam = hf_config, for_hf_config(hf_config, "--hf-config")
+    elif named or args.get("ckpt_ir_hf_config") is not None or args.get("model_type") or args.get("architectures"):
+        try:  # an HF config ckpt-ir or MindSpeed-LLM copied into the args
+            cfg = M.hf_config_from_args(args)
+        except ValueError as e:
+            raise FormatError(f"{where}: {e}") from None
+        fam = by_name(named) if named else for_hf_config(cfg, where)
+    elif family:
+        fam = by_name(family)
+        cfg = infer.hf_config_for(fam, args, where)
+        why = f"family {fam.name} (--model-type-hf); HF config built from args"
     else:
-        raise FormatError(f"{where}: the args do not say which model family this is (plain Megatron-LM "
-                          f"args); pass --hf-config DIR with the model's HF config.json")
-    spec = family.spec_from_config(cfg, where=f"{where} (args)")
+        fam, cfg, why = infer.infer(args, where)
+    spec = fam.spec_from_config(cfg, where=f"{where} (args)")
     if args.get("mtp_num_layers") is not None:
         spec = _evolve(spec, mtp_layers=a.size("mtp_num_layers", 0, 64) if args["mtp_num_layers"] else 0)
-    return spec, cfg
+    return spec, cfg, why
 
 
 def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, Any] | None = None,
          weights_from: str = "model", optimizer: bool = False,
-         optimizer_layout: dict[str, int | None] | None = None) -> Checkpoint:
-    """``weights_from="master"`` takes every parameter from the distributed optimizer's fp32 master
+         optimizer_layout: dict[str, int | None] | None = None, family: str | None = None,
+         replicas: str = "check") -> Checkpoint:
+    """``family``: the model family when the args do not say (default: inferred from them).
+    ``weights_from="master"`` takes every parameter from the distributed optimizer's fp32 master
     copy (``distrib_optim.pt``) instead of the model's (e.g. bf16) weights.  ``optimizer=True``
     also lifts the distributed-optimizer state (when the checkpoint has it) into ``states``.
     ``optimizer_layout`` corrects what args say about that state's layout: ``dp``, ``bucket_size``
-    (0: one bucket) and ``align`` (elements each parameter starts on a multiple of)."""
-    it_dir, iteration = _iteration_dir(path)
+    (0: one bucket) and ``align`` (elements each parameter starts on a multiple of).
+    ``replicas``: how copies of a replicated tensor in several rank files are treated, see
+    :func:`check_replicas`."""
+    if replicas not in REPLICA_MODES:
+        raise ValueError(f"replicas={replicas!r}: choose one of {', '.join(REPLICA_MODES)}")
+    it_dir, iteration = M.iteration_dir(path)
     found: dict[tuple[int, int | None, int | None], str] = {}
     for n in sorted(os.listdir(it_dir)):
         m = M.RANK_DIR.match(n)
@@ -156,7 +129,7 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     first = TorchZip(found[min(found, key=lambda k: (k[0], k[1] or 0, k[2] or 0))])
     if not isinstance(first.obj, dict):
         raise FormatError(f"{first.path}: not a Megatron checkpoint dict")
-    args = _args_dict(first.obj.get("args"), first.path)
+    args = M.args_dict(first.obj.get("args"), first.path)
     a = _Args(args, first.path)
     tp = a.size("tensor_model_parallel_size")
     pp = a.size("pipeline_model_parallel_size")
@@ -166,7 +139,7 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     if tp * pp * ep > 4 * len(found):  # args claim far more ranks than there are directories
         raise FormatError(f"{it_dir}: args say TP={tp}, PP={pp}, EP={ep} but only {len(found)} rank "
                           f"directories exist; the checkpoint is incomplete or its args are wrong")
-    spec, cfg = spec_from_args(args, hf_config, first.path)
+    spec, cfg, inferred = spec_from_args(args, hf_config, first.path, family)
     tables = M.read_tables(spec)
     noop = a.layers("noop_layers") or ()
     layout = Layout(format="mcore", tp=tp, pp=pp,
@@ -193,6 +166,8 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                           f"{M.rank_dir(extra[0][0], extra[0][1], layout, extra[0][2], max(ep, 2))}); "
                           f"the directory mixes layouts")
     experts_per_rank = spec.num_experts // ep if spec.num_experts else 0
+    slot_of = {(s.stage, s.chunk, s.local): s for s in layer_slots(spec, layout)}
+    extra_state: dict[tuple, Any] = {}  # (layer, module key, expert, TP slot) -> stored value
     lay = optimizer_layout or {}
     opt_args = distopt.apply_overrides(args, lay.get("dp"), lay.get("bucket_size"))  # the run's true layout
     has_state = {f: os.path.isfile(os.path.join(os.path.dirname(f), "distrib_optim.pt")) for f in ranks.values()}
@@ -208,9 +183,13 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     # tensor set ("" = weights, else a state key) -> canonical name (layer/expert still local) -> {tp rank: expr}
     pieces: dict[str, dict[str, dict[int, E.Expr]]] = defaultdict(lambda: defaultdict(dict))
     dropped: dict[str, str] = {}
+    # replicated weights: (local canonical name, slot) -> rank directory, and further copies
+    labels: dict[tuple[str, int], str] = {}
+    copies: dict[tuple[str, int], list[tuple[str, E.Expr]]] = defaultdict(list)
     unknown: list[str] = []
     te_norms = te_fc1 = False
-    opt_meta: dict[str, Any] = {"rng_state": {}}
+    opt_meta: dict[str, Any] = {}
+    training: dict[str, Any] = {"rng_state": {}, "source_layout": (tp, pp, ep), "args": M.all_args(first.obj.get("args"))}
     for (t, p, e), f in sorted(ranks.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
         z = first if f == first.path else TorchZip(f)
         rel = os.path.relpath(f, path)
@@ -242,7 +221,7 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                     values.update({which: state[which][(ck, key)] for which in distopt.STATE_KEYS})
                 for set_name, value in values.items():
                     if key == "embedding.word_embeddings.weight" and p == pp - 1 and pp > 1 and spec.mtp_layers:
-                        found = [("@mtp.0:mtp.embed.weight", value, False)]
+                        found = [(M.LocalName("mtp.embed.weight", 0, mtp=True), value, False)]
                     else:
                         found = _lift_key(key, value, p, chunk, e, experts_per_rank, tables)
                     if found is None:
@@ -256,29 +235,45 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                         slot = 0 if is_exp and layout.expert_tp == 1 else t
                         if slot in pieces[set_name][canon]:
                             dropped[f"{rel}:{ck}.{key}"] = "replica of the same tensor in another EP rank's file"
+                            if not set_name:
+                                copies[(canon, slot)].append((os.path.dirname(rel), expr))
                             continue
                         pieces[set_name][canon][slot] = expr
+                        if not set_name:
+                            labels[(canon, slot)] = os.path.dirname(rel)
             for key in sd if isinstance(sd, dict) else ():
                 if key.endswith(M.EXTRA_STATE):
-                    dropped[f"{rel}:{ck}.{key}"] = "Transformer-Engine _extra_state (FP8 metadata)"
+                    place = _extra_state_place(key, p, chunk, e, experts_per_rank, slot_of)
+                    if place is None:
+                        dropped[f"{rel}:{ck}.{key}"] = "Transformer-Engine _extra_state (FP8 metadata)"
+                    else:
+                        slot = 0 if place[2] is not None and layout.expert_tp == 1 else t
+                        extra_state.setdefault((*place, slot), with_exprs(sd[key], z, f"{ck}.{key}"))
+        # training state besides the optimizer's travels whether or not the optimizer state does
+        training["rng_state"][(t, p, e)] = with_exprs(z.obj.get("rng_state"), z, "rng_state")
+        if f == first.path:
+            for key in ("opt_param_scheduler", "num_floating_point_operations_so_far"):
+                training[key] = with_exprs(z.obj.get(key), z, key)
         if carry:
-            opt_meta["rng_state"][(t, p, e)] = with_exprs(z.obj.get("rng_state"), z, "rng_state")
             if f == first.path:
-                for key in ("optimizer", "opt_param_scheduler", "num_floating_point_operations_so_far"):
-                    opt_meta[key] = with_exprs(z.obj.get(key), z, key)
+                opt_meta["optimizer"] = with_exprs(z.obj.get("optimizer"), z, "optimizer")
             continue
-        for key, why in (("optimizer", "optimizer settings"), ("opt_param_scheduler", "learning-rate scheduler"),
-                         ("rng_state", "random-number-generator state")):
-            if z.obj.get(key) is not None:
-                dropped[f"{rel}:{key}"] = f"{why}: training state; carried only with the optimizer state " \
-                                          f"to a Megatron target"
+        if z.obj.get("optimizer") is not None:
+            dropped[f"{rel}:optimizer"] = "optimizer settings: carried only with the distributed-optimizer state " \
+                                          "to a Megatron target"
         if has_state[f] and weights_from != "master":
             dropped[os.path.join(os.path.dirname(rel), "distrib_optim.pt")] = (
                 "distributed-optimizer state of LoRA adapters: not carried (ckpt-ir carries full-model state)"
                 if lora_run and optimizer else
                 "distributed-optimizer state (fp32 masters, Adam moments): carried only to a Megatron target; "
                 "the model weights come from model_optim_rng.pt")
-    slot_of = {(s.stage, s.chunk, s.local): s for s in layer_slots(spec, layout)}
+    for canon, shards in pieces[""].items():  # TP replicas of tensors no rule splits
+        name = _resolve_layer(canon, slot_of, path, spec.num_layers)
+        if split_rule(name) is None or (layout.expert_tp if is_expert(name) else layout.tp) == 1:
+            copies[(canon, 0)][:0] = [(labels[(canon, r)], x) for r, x in sorted(shards.items()) if r > 0]
+    notes = check_replicas({_resolve_layer(c, slot_of, path, spec.num_layers) + (f" (TP shard {t})" if t else ""):
+                            [(labels[(c, t)], pieces[""][c][t]), *more] for (c, t), more in copies.items() if more},
+                           replicas, it_dir)
     sets = {name: _assemble(set_pieces, slot_of, spec, layout, path, dropped if not name else {})
             for name, set_pieces in pieces.items()}
     tensors = sets.pop("", {})
@@ -308,11 +303,49 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
         spec = _evolve(spec, lora_rank=lora_a[0].shape[0], lora_alpha=float(alpha) if alpha is not None else None)
     layout = _evolve(layout, norm_names="te" if te_fc1 else "te-input" if te_norms else "local")
     ordered = dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0])))
-    meta: dict[str, Any] = {"iteration": iteration if iteration != "release" else 1, "args": args}
+    meta: dict[str, Any] = {"iteration": iteration if iteration != "release" else 1, "args": args, "training": training}
+    if inferred:
+        meta["family_from_args"] = inferred
+    if extra_state:
+        meta["extra_state"] = {"layout": M.extra_state_layout(spec, layout), "entries": extra_state}
+    if notes:
+        meta["notes"] = notes
     if sets:
         meta["optimizer"] = {**opt_meta, "source_layout": (tp, pp, ep), **distopt.training_args(opt_args)}
     return Checkpoint(spec=spec, layout=layout, tensors=ordered, dropped=dropped, hf_config=cfg, source=path,
+                      aux_files=side_files(os.path.join(path, MCORE_HF_DIR), config=True),
                       meta=meta, states={k: {n: v[n] for n in ordered if n in v} for k, v in sets.items()})
+
+
+REPLICA_MODES = ("check", "check-all", "take-rank0")
+REPLICA_CHECK_BYTES = 1 << 20  # replicas up to this size (norms, routers, biases) are always compared
+
+
+def check_replicas(copies: dict[str, list[tuple[str, E.Expr]]], mode: str, where: str) -> list[str]:
+    """Compare the copies of each replicated tensor (name -> [(rank directory, expression)], the
+    one kept first) by a hash of their bytes: ``check`` those up to REPLICA_CHECK_BYTES,
+    ``check-all`` every one; ``take-rank0`` compares nothing and returns the note to record.
+    Copies that differ (training drifted) are an error naming the tensor and the ranks."""
+    if mode == "take-rank0":
+        return [f"replicated tensors ({len(copies)}) taken from the first rank holding them without comparing the "
+                f"other ranks' copies (--replicas take-rank0)"] if copies else []
+    import hashlib
+
+    with E.Reader() as reader:
+        def digest(x: E.Expr) -> bytes:
+            return hashlib.sha256(E.evaluate_raw(x, reader).tobytes()).digest()
+
+        for name, versions in copies.items():
+            (first, kept), *others = versions
+            if mode == "check" and kept.nbytes > REPLICA_CHECK_BYTES:
+                continue
+            want = digest(kept)
+            for label, x in others:
+                if x.shape != kept.shape or x.dtype != kept.dtype or digest(x) != want:
+                    raise FormatError(f"{where}: replicated tensor {name} differs between {first} and {label} (the "
+                                      f"ranks drifted apart); pass --replicas take-rank0 to keep {first}'s copy on "
+                                      f"purpose")
+    return []
 
 
 def _assemble(pieces: dict[str, dict[int, E.Expr]], slot_of: dict, spec, layout: Layout, path: str,
@@ -337,6 +370,24 @@ def _assemble(pieces: dict[str, dict[int, E.Expr]], slot_of: dict, spec, layout:
     return tensors
 
 
+_LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
+
+
+def _extra_state_place(key: str, stage: int, chunk: int, ep: int, experts_per_rank: int, slot_of: dict):
+    """(model layer or None, module key with the layer number left out, global expert or None) of
+    an ``_extra_state`` key, or None for one ckpt-ir does not place (MTP, no-op layers)."""
+    m = re.match(r"^decoder\.layers\.(\d+)\.(.+)$", key)
+    if m is None:
+        return None if key.startswith("mtp.") else (None, key, None)
+    slot = slot_of.get((stage, chunk, int(m.group(1))))
+    if slot is None or slot.real is None:
+        return None
+    x = _LOCAL_EXPERT.match(m.group(2))
+    if x:
+        return slot.real, "mlp.experts.local_experts.{e}." + x.group(2), ep * experts_per_rank + int(x.group(1))
+    return slot.real, m.group(2), None
+
+
 MTP_LAYER_KEY = re.compile(r"^mtp\.layers\.(\d+)\.transformer_layer\.(.*)$")
 
 
@@ -353,65 +404,33 @@ def _evolve(obj, **kw):
 def _lift_key(key: str, expr: E.Expr, stage: int, chunk: int, ep: int, experts_per_rank: int, tables):
     """[(canonical name with its layer still local, expression, is_expert)] for one stored key,
     or None if the key means nothing to us.  Expert indices become global here; a grouped-GEMM
-    weight yields one entry per local expert; MTP layers are tagged ``@mtp.K``."""
+    weight yields one entry per local expert; layers stay local (:class:`~ckpt_ir.mcore_format.LocalName`)."""
     if key == M.MTP_FINAL_NORM:
         return [("final_norm.weight", expr, False)]
     m = MTP_LAYER_KEY.match(key)
     if m:
         k = m.group(1)
         inner = _lift_key(f"decoder.layers.{k}.{m.group(2)}", expr, stage, chunk, ep, experts_per_rank, tables)
-        return None if inner is None else [(f"@mtp.{k}:" + c.split(":", 1)[1], x, is_e) for c, x, is_e in inner]
+        return None if inner is None else [(M.LocalName(c.rest, int(k), mtp=True), x, is_e) for c, x, is_e in inner]
     for template, canon in M.MTP_KEYS:
         mm = re.match("^" + re.escape(template).replace(re.escape("{k}"), r"(\d+)") + "$", key)
         if mm:
-            return [(f"@mtp.{mm.group(1)}:{canon}", expr, False)]
+            return [(M.LocalName(canon, int(mm.group(1)), mtp=True), expr, False)]
     m = M.GROUPED_KEY.match(key)
     if m:
         local_layer, kind = m.group(1), m.group(2)
         out = []
         for j, e_expr in enumerate(M.ungroup_experts(kind, expr, experts_per_rank)):
             role = M.GROUPED[kind]
-            out.append((f"@{stage}.{chunk}.{local_layer}:mlp.experts.{ep * experts_per_rank + j}.{role}.weight",
-                        e_expr, True))
+            out.append((M.LocalName(f"mlp.experts.{ep * experts_per_rank + j}.{role}.weight", int(local_layer), stage,
+                                    chunk), e_expr, True))
         return out
-    canon = _canonical(key, stage, chunk, tables)
+    canon = M.canonical_key(key, stage, chunk, tables)
     if canon is None:
         return None
-    expert = expert_of(canon)
-    if expert is None:
-        return [(canon, expr, False)]
-    glob = canon.replace(f".experts.{expert}.", f".experts.{ep * experts_per_rank + expert}.")
-    return [(glob, expr, True)]
+    name, is_expert_tensor = M.with_global_expert(canon, ep * experts_per_rank)
+    return [(name, expr, is_expert_tensor)]
 
 
-def _canonical(key: str, stage: int, chunk: int, tables=M.READ_TABLES) -> str | None:
-    """Canonical name with the *local* layer number tagged by stage/chunk (resolved later)."""
-    key = key.replace(".base_layer.", ".")
-    m = M.LORA_KEY.match(key)
-    if m:
-        target = _canonical(m.group(1) + ".weight", stage, chunk, tables)
-        return None if target is None else target[: -len(".weight")] + M.CANONICAL_LORA[m.group(2)]
-    glob = M.GLOBAL_TABLE.to_canonical(key)
-    if glob is not None:
-        return glob
-    for table in tables:
-        c = table.to_canonical(key)
-        if c is not None:
-            layer, rest = split_layer(c)
-            return f"@{stage}.{chunk}.{layer}:{rest}"
-    return None
-
-
-def _resolve_layer(name: str, slot_of: dict, path: str, main_layers: int) -> str:
-    if not name.startswith("@"):
-        return name
-    where, rest = name[1:].split(":", 1)
-    if where.startswith("mtp."):  # multi-token-prediction layer k is model layer main_layers + k
-        return layer_name(main_layers + int(where[4:]), rest)
-    stage, chunk, local = (int(x) for x in where.split("."))
-    slot = slot_of.get((stage, chunk, local))
-    if slot is None or slot.real is None:
-        kind = "a no-op layer" if slot is not None else "no layer"
-        raise FormatError(f"{path}: stage {stage} chunk {chunk} has local layer {local}, but the layout in args "
-                          f"puts {kind} there; args (num_layers, noop_layers, num_layer_list) do not match the weights")
-    return layer_name(slot.real, rest)
+def _resolve_layer(name: str | M.LocalName, slot_of: dict, path: str, main_layers: int) -> str:
+    return name if isinstance(name, str) else name.resolve(slot_of, main_layers, path)

@@ -1,21 +1,50 @@
 """PEFT adapter frontend: ``adapter_config.json`` + ``adapter_model.safetensors`` (or ``.bin``)
-lifted as canonical LoRA tensors that attach to a base checkpoint of the same family."""
+lifted as canonical adapter tensors that attach to a base checkpoint of the same family.
+
+What peft's options mean for the merge becomes data of the IR: each target's rank is its A's rows
+(``rank_pattern`` is checked against them), its alpha a per-target entry of the spec when
+``alpha_pattern`` changes it, ``use_rslora`` a spec flag, DoRA's ``lora_magnitude_vector`` a
+``lora_magnitude`` tensor, and a ``modules_to_save`` copy a ``lora_saved`` tensor.  LoRA on
+transformers-5 fused MoE experts (``target_parameters``) becomes per-expert LoRA: slices of the
+fused factors, exactly the products peft's einsum forms.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+from typing import Any
+
+import attrs
 
 from ckpt_ir.errors import CoverageError, FormatError
 from ckpt_ir.families import Family
 from ckpt_ir.frontends.hf import _file_tensors, names_for
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import TensorNode
+from ckpt_ir.ir.names import layer_name, saved_name
 from ckpt_ir.ir.spec import ModelSpec
 
 PREFIX = "base_model.model."
-KEY = re.compile(r"^(.*)\.lora_([AB])(?:\.default)?\.weight$")
+KEY = re.compile(r"^(.*)\.(lora_A|lora_B|lora_magnitude_vector)(?:\.default)?(?:\.weight)?$")
+SUFFIX = {"lora_A": ".lora_a.weight", "lora_B": ".lora_b.weight", "lora_magnitude_vector": ".lora_magnitude.weight"}
+# transformers 5 keeps a MoE layer's experts fused in one module, ``model.layers.N.mlp.experts``,
+# with gate_up_proj [E, 2F, H] ([gate; up] rows per expert) and down_proj [E, H, F]; peft's
+# target_parameters wraps each targeted parameter in a ParamWrapper, nested in the order the
+# module declares them, so their LoRA keys differ only by ``.base_layer`` repeats.  A [E*r, in]
+# holds expert e's rows at e*r..(e+1)*r; B [out, r*E] its columns at e, e+E, ... (peft's einsum).
+FUSED_EXPERTS = re.compile(r"^(?P<stem>model\.layers\.(?P<i>\d+)\.mlp\.experts)(?:\.base_layer)*$")
+
+# adapter_config.json keys that do not change what the adapter adds to the weights
+HARMLESS = {"auto_mapping", "base_model_name_or_path", "ensure_weight_tying", "eva_config", "exclude_modules",
+            "inference_mode", "layers_pattern", "layers_to_transform", "loftq_config", "lora_dropout",
+            "megatron_config", "megatron_core", "peft_version", "qalora_group_size", "revision", "task_type",
+            "target_modules"}
+SUPPORTED = {"peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "use_dora",
+             "modules_to_save", "target_parameters", "init_lora_weights", "bias"}
+# initialisations that change the base weights too (the adapter then applies to a different base)
+SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
 
 def detect(path: str) -> bool:
@@ -23,63 +52,147 @@ def detect(path: str) -> bool:
 
 
 def read_config(path: str) -> dict:
+    """adapter_config.json; any option that changes the adapter's math and is not supported is a
+    one-line error naming it."""
+    where = f"{path}/adapter_config.json"
     try:
         cfg = json.load(open(os.path.join(path, "adapter_config.json")))
     except (OSError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}/adapter_config.json: cannot read ({e})") from None
+        raise FormatError(f"{where}: cannot read ({e})") from None
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise FormatError(f"{path}: adapter type {cfg.get('peft_type')!r} is not LoRA")
-    for flag, what in (("use_dora", "DoRA"), ("use_rslora", "rank-stabilised LoRA"), ("fan_in_fan_out", "fan_in_fan_out")):
-        if cfg.get(flag):
-            raise FormatError(f"{path}: {what} adapters are not supported")
-    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise FormatError(f"{path}: per-module rank_pattern/alpha_pattern are not supported")
+        raise FormatError(f"{where}: peft_type={cfg.get('peft_type')!r} is not supported; only LoRA adapters "
+                          f"(with rsLoRA, DoRA, rank/alpha patterns, modules_to_save) merge")
+    init = cfg.get("init_lora_weights", True)
+    if init not in SAFE_INITS:
+        raise FormatError(f"{where}: init_lora_weights={init!r} changes the base weights at initialisation; "
+                          f"save the adapter with peft's path_initial_model_for_weight_conversion first")
+    if cfg.get("bias", "none") != "none":
+        raise FormatError(f"{where}: bias={cfg['bias']!r} (trained base biases) is not supported")
+    for key, value in cfg.items():
+        if value and key not in HARMLESS and key not in SUPPORTED:
+            raise FormatError(f"{where}: {key}={value!r} is not supported (it changes what the adapter computes)")
     return cfg
 
 
-def lift_adapter(path: str, family: Family, spec: ModelSpec) -> tuple[dict[str, TensorNode], int, float | None]:
-    """Canonical LoRA tensors of a PEFT adapter, its rank and alpha."""
+def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """peft's rank_pattern / alpha_pattern lookup: the first key (in order) that matches the end
+    of the module name at a dot boundary, as a regular expression."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def lift_adapter(path: str, family: Family, spec: ModelSpec) -> tuple[dict[str, TensorNode], ModelSpec]:
+    """Canonical adapter tensors of a PEFT adapter, and ``spec`` with its LoRA settings."""
     cfg = read_config(path)
     files = [os.path.join(path, n) for n in ("adapter_model.safetensors", "adapter_model.bin")
              if os.path.isfile(os.path.join(path, n))]
     if not files:
         raise FormatError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
     raw = _file_tensors(files[0])
+    r_default, alpha_default = cfg.get("r"), cfg.get("lora_alpha")
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    to_save = cfg.get("modules_to_save") or []
     names = family.names
     out: dict[str, TensorNode] = {}
+    alphas: dict[str, float] = {}  # canonical target weight -> its alpha, where not the default
+    fused: dict[str, dict[str, E.Expr]] = {}
     unknown = []
+
+    def add(name: str, expr: E.Expr) -> None:
+        out[name] = TensorNode.whole(name, expr)
+
+    def check(module: str, rank: int, targets: list[str]) -> None:
+        want = pattern_value(rank_pattern, module, r_default)
+        if want is not None and rank != want:
+            raise FormatError(f"{files[0]}: {module} has LoRA rank {rank} but adapter_config.json implies r={want}")
+        alpha = pattern_value(alpha_pattern, module, alpha_default)
+        if alpha is not None and alpha != alpha_default:
+            alphas.update((t, float(alpha)) for t in targets)
+
     for key, load in raw.items():
-        m = KEY.match(key[len(PREFIX):] if key.startswith(PREFIX) else key)
+        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        m = KEY.match(k)
         if not m:
-            unknown.append(key)
+            canon = names.to_canonical(k)
+            owner = k.rsplit(".", 1)[0]
+            if canon is not None and any(owner == s or owner.endswith("." + s) for s in to_save):
+                add(saved_name(canon), load)  # modules_to_save: a full copy replacing the base tensor
+            else:
+                unknown.append(key)
             continue
         module, which = m.group(1), m.group(2)
-        suffix = ".lora_a.weight" if which == "A" else ".lora_b.weight"
+        if FUSED_EXPERTS.match(module):
+            fused.setdefault(module, {})[which] = load
+            continue
+        suffix = SUFFIX[which]
         canon = names.to_canonical(module + ".weight")
         if canon is not None:
-            out[canon[: -len(".weight")] + suffix] = TensorNode.whole(canon[: -len(".weight")] + suffix, load)
+            add(canon[: -len(".weight")] + suffix, load)
+            if which == "lora_A":
+                check(module, load.shape[0], [canon])
             continue
-        for p in family.packed:  # e.g. Phi-3 qkv_proj: A shared by the parts, B stacked like the weight
+        for p in family.packed:  # e.g. Phi-3 qkv_proj: A shared by the parts, B (and m) stacked like the weight
             mm = names_for(p.hf).match(module + ".weight")
             if not mm:
                 continue
-            pos = 0
+            pos, parts = 0, []
             for part, n in zip(p.parts, p.row_counts(spec)):
-                name = part.format(**mm.groupdict())[: -len(".weight")] + suffix
-                expr = load if which == "A" else E.simplify(E.Slice(load, 0, pos, pos + n))
-                out[name] = TensorNode.whole(name, expr)
+                parts.append(part.format(**mm.groupdict()))
+                expr = load if which == "lora_A" else E.simplify(E.Slice(load, 0, pos, pos + n))
+                add(parts[-1][: -len(".weight")] + suffix, expr)
                 pos += n
+            if which == "lora_A":
+                check(module, load.shape[0], parts)
             break
         else:
             unknown.append(key)
     if unknown:
         raise CoverageError(f"{files[0]}: {len(unknown)} adapter tensor(s) not understood and would be lost: "
                             f"{', '.join(unknown[:5])}")
-    ranks = {t.shape[0] for n, t in out.items() if n.endswith(".lora_a.weight")}
-    if len(ranks) != 1:
-        raise FormatError(f"{path}: LoRA A matrices have ranks {sorted(ranks)}; expected one rank")
-    r = ranks.pop()
-    if cfg.get("r") not in (None, r):
-        raise FormatError(f"{path}: adapter_config.json says r={cfg['r']} but the tensors have rank {r}")
-    alpha = cfg.get("lora_alpha")
-    return out, r, float(alpha) if alpha is not None else None
+    for module, factors in sorted(fused.items()):
+        if set(factors) != {"lora_A", "lora_B"}:
+            raise FormatError(f"{files[0]}: {module}: fused-expert LoRA needs lora_A and lora_B (and no DoRA)")
+        param, split = _split_fused_experts(module, factors["lora_A"], factors["lora_B"], spec, files[0])
+        for name, expr in split.items():
+            add(name, expr)
+        check(f"{FUSED_EXPERTS.match(module).group('stem')}.{param}",  # type: ignore[union-attr]
+              factors["lora_A"].shape[0] // spec.num_experts,
+              [n[: -len(".lora_a.weight")] + ".weight" for n in split if n.endswith(".lora_a.weight")])
+    if not out:
+        raise FormatError(f"{files[0]}: the adapter holds no tensors")
+    ranks = sorted({t.shape[0] for n, t in out.items() if n.endswith(".lora_a.weight")})
+    r = r_default if r_default is not None else (ranks[0] if len(ranks) == 1 else None)
+    if r is None:
+        raise FormatError(f"{path}: adapter_config.json gives no r and the LoRA ranks differ ({ranks})")
+    return out, attrs.evolve(spec, lora_rank=r, lora_alpha=None if alpha_default is None else float(alpha_default),
+                             lora_rslora=bool(cfg.get("use_rslora")), lora_alphas=tuple(alphas.items()))
+
+
+def _split_fused_experts(module: str, a: E.Expr, b: E.Expr, spec: ModelSpec,
+                         where: str) -> tuple[str, dict[str, E.Expr]]:
+    """The fused parameter's name and its per-expert LoRA.  Which parameter: from the shapes,
+    which always differ (in = H, out = 2F for gate_up_proj; in = F, out = H for down_proj)."""
+    n, h, f = spec.num_experts, spec.hidden_size, spec.moe_ffn_hidden_size
+    layer = int(FUSED_EXPERTS.match(module).group("i"))  # type: ignore[union-attr]
+    (rows, into), out_rows = a.shape, b.shape[0]
+    if not n or rows % n or b.shape[1] != rows:
+        raise FormatError(f"{where}: {module}: LoRA shapes {list(a.shape)}, {list(b.shape)} do not fit {n} experts")
+    if (into, out_rows) == (h, 2 * f):
+        param, parts = "gate_up_proj", (("gate", 0, f), ("up", f, 2 * f))
+    elif (into, out_rows) == (f, h):
+        param, parts = "down_proj", (("down", 0, h),)
+    else:
+        raise FormatError(f"{where}: {module}: LoRA shapes {list(a.shape)}, {list(b.shape)} match neither "
+                          f"gate_up_proj [{2 * f}, {h}] nor down_proj [{h}, {f}] of the experts")
+    r = rows // n
+    out: dict[str, E.Expr] = {}
+    for e in range(n):
+        a_e = E.simplify(E.Slice(a, 0, e * r, (e + 1) * r))
+        b_e = E.Reshape(E.Slice(E.Reshape(b, (out_rows, r, n)), 2, e, e + 1), (out_rows, r))
+        for part, lo, hi in parts:
+            stem = layer_name(layer, f"mlp.experts.{e}.{part}")
+            out[stem + ".lora_a.weight"] = a_e
+            out[stem + ".lora_b.weight"] = E.simplify(E.Slice(b_e, 0, lo, hi))
+    return param, out

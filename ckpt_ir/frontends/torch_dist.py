@@ -12,9 +12,11 @@ result is a TP=1, PP=1 Megatron layout with fused QKV and gate/up, exactly the t
 ``torch`` checkpoint would hold.
 
 Optimizer state saved with ``--dist-ckpt-optim-fully-reshardable``
-(``optimizer.state.{param,exp_avg,exp_avg_sq}.<model key>``, model shapes) lifts into
-``Checkpoint.states``.  The per-bucket ``dp_reshardable`` layout (0.15+ default) is refused when
-optimizer state is asked for; the weights still convert without it.
+(``optimizer.state.{param,exp_avg,exp_avg_sq}.<model key>``, model shapes), in the per-bucket
+``dp_reshardable`` layout (0.15+ default, dense GPTs) or reformulated ``fully_sharded_model_space``
+(0.8-0.14 default) lifts into ``Checkpoint.states``; other layouts are refused when optimizer state
+is asked for (the weights still convert without it).  Megatron-Core 0.19+ keeps the common state
+(args, ...) in the DCP entry ``common_state`` instead of ``common.pt``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ import attrs
 from ckpt_ir import mcore_format as M
 from ckpt_ir.errors import CoverageError, FormatError
 from ckpt_ir.frontends import distopt
-from ckpt_ir.frontends.mcore import _args_dict, _canonical, _iteration_dir, spec_from_args
+from ckpt_ir.frontends.hf import MCORE_HF_DIR, side_files
+from ckpt_ir.frontends.mcore import spec_from_args
 from ckpt_ir.io.dcp import ChunkResolver, DcpTensor, read_metadata
 from ckpt_ir.io.torchzip import TorchZip
 from ckpt_ir.ir import expr as E
@@ -43,6 +46,7 @@ from ckpt_ir.ir.roles import canonical_order
 
 METADATA_JSON = "metadata.json"
 COMMON = "common.pt"
+COMMON_STATE = "common_state"  # Megatron-Core 0.19+: the common state as a DCP bytes entry
 STATE_PREFIX = "optimizer.state."
 _UNSTACKED = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _STACKED_EXPERTS = re.compile(r"^mlp\.experts\.(?:experts|local_experts)\.(linear_fc[12]\.weight)$")
@@ -57,7 +61,7 @@ def _checkpoint_dir(path: str) -> tuple[str, Any]:
     if os.path.isfile(os.path.join(path, METADATA_JSON)):
         name = os.path.basename(os.path.normpath(path))
         return path, int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else None
-    return _iteration_dir(path)
+    return M.iteration_dir(path)
 
 
 def detect(path: str) -> bool:
@@ -72,28 +76,22 @@ def detect(path: str) -> bool:
 
 
 def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, Any] | None = None,
-         optimizer: bool = False, weights_from: str = "model") -> Checkpoint:
+         optimizer: bool = False, weights_from: str = "model", family: str | None = None) -> Checkpoint:
     """Lift a ``torch_dist`` checkpoint.  ``optimizer=True`` also lifts fully-reshardable
     distributed-optimizer state into ``states``; ``weights_from="master"`` takes the weights from
     its fp32 master copies."""
     it_dir, iteration = _checkpoint_dir(path)
     _check_backend(it_dir)
-    common_path = os.path.join(it_dir, COMMON)
-    if not os.path.isfile(common_path):
-        raise FormatError(f"{it_dir}: no {COMMON}; ckpt-ir reads torch_dist checkpoints that keep their common "
-                          f"state in common.pt (Megatron-Core <= 0.18)")
-    common = TorchZip(common_path).obj
-    if not isinstance(common, dict):
-        raise FormatError(f"{common_path}: not a Megatron common-state dict")
-    args = _args_dict(common.get("args"), common_path)
-    spec, cfg = spec_from_args(args, hf_config, common_path)
+    md = read_metadata(it_dir)
+    common, common_path = _common_state(it_dir, md)
+    args = M.args_dict(common.get("args"), common_path)
+    spec, cfg, inferred = spec_from_args(args, hf_config, common_path, family)
     n_args = args.get("num_layers")
     if isinstance(n_args, int) and n_args != spec.num_layers:
         raise FormatError(f"{common_path}: args.num_layers is {n_args} but the HF config has {spec.num_layers} "
                           f"layers; the config does not belong to this checkpoint")
     if iteration is None:
         iteration = common.get("iteration") if isinstance(common.get("iteration"), int) else 1
-    md = read_metadata(it_dir)
     tables = M.read_tables(spec)
     dropped: dict[str, str] = {}
     unknown: list[str] = []
@@ -103,10 +101,11 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     te_norms = te_fc1 = False
     for key, t in md.tensors.items():
         if key.startswith("optimizer."):
-            which = key[len(STATE_PREFIX):].split(".", 1)[0] if key.startswith(STATE_PREFIX) else ""
+            stored = key[len(STATE_PREFIX):].split(".", 1)[0] if key.startswith(STATE_PREFIX) else ""
+            which = _STATE_NAMES.get(stored, stored)
             if which in distopt.STATE_KEYS:
                 target = states.setdefault(which, {})
-                key = key[len(STATE_PREFIX) + len(which) + 1:]
+                key = key[len(STATE_PREFIX) + len(stored) + 1:]
             else:
                 other_optimizer.append(key)
                 continue
@@ -134,17 +133,26 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                             f"lost: {shown}; pass --allow-unused PATTERN to drop them on purpose")
     for key in md.objects:
         base = key.split("/shard_", 1)[0]
+        if base == COMMON_STATE:
+            continue
         if base.endswith(M.EXTRA_STATE):
             dropped[base] = "Transformer-Engine _extra_state (FP8 metadata)"
         else:
             dropped[base] = "Megatron sharded object (rng state, optimizer bookkeeping): not model weights"
     sharding = _sharding_type(common)
     want_states = optimizer or weights_from == "master"
+    buckets = _bucket_keys(other_optimizer) if want_states and not states else None
+    if buckets:
+        other_optimizer = []
     if want_states and (other_optimizer or (states and set(states) != set(distopt.STATE_KEYS))):
         raise FormatError(f"{it_dir}: the distributed-optimizer state is saved as {sharding or 'an unknown type'!r} "
                           f"(keys such as {_short((other_optimizer or sorted(states))[0])}), "
                           f"which ckpt-ir cannot reshard; {_REFUSED}")
-    if weights_from == "master" and not states:
+    if want_states and sharding and not states and not buckets and not other_optimizer:
+        # e.g. dp_zero_gather_scatter: the whole state pickled as one object per model-parallel rank
+        raise FormatError(f"{it_dir}: the distributed-optimizer state is saved as {sharding!r}, which ckpt-ir cannot "
+                          f"read; {_REFUSED}")
+    if weights_from == "master" and not states and not buckets:
         raise FormatError(f"{it_dir}: --weights-from master needs distributed-optimizer state, and this checkpoint "
                           f"has none")
     if not want_states:
@@ -155,11 +163,17 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                                                    "carried only to a Megatron target")
         states = {}
     with ChunkResolver(it_dir) as resolver:
-        build = _Builder(md.path, resolver)
+        build = _Builder(md.path, resolver, _reformulated_shapes(md))
         tensors = {name: TensorNode.whole(name, build(t, index)) for name, (t, index) in model.items()}
         sets = {which: {name: TensorNode.whole(name, build(t, index)) for name, (t, index) in entries.items()}
                 for which, entries in states.items()}
-    if sets and args.get("overlap_grad_reduce"):
+        dtype_key = None
+        if buckets:
+            norm_names = "te" if te_fc1 else "te-input" if te_norms else "local"
+            sets, dtype_key = _bucket_states(buckets, md, build, spec, tensors, args, norm_names, it_dir)
+            for key in [k for k in dropped if k.startswith("optimizer.distributed.")]:
+                del dropped[key]
+    if sets and args.get("overlap_grad_reduce") and not buckets:
         import sys
 
         # Megatron-LM PR #5077: before the fix, fully-reshardable saves with several DDP buckets
@@ -197,20 +211,176 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     ordered = dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0])))
     meta: dict[str, Any] = {"iteration": iteration if isinstance(iteration, int) else 1, "args": args,
                             "format": "torch_dist"}
+    if inferred:
+        meta["family_from_args"] = inferred
     if sets:
         opt = common.get("optimizer")
         meta["optimizer"] = {
             "optimizer": {k: v for k, v in opt.items() if k != "param_state_sharding_type"}
             if isinstance(opt, dict) else None,
-            "opt_param_scheduler": common.get("opt_param_scheduler"),
-            "num_floating_point_operations_so_far": common.get("num_floating_point_operations_so_far"),
-            "rng_state": {}, "source_layout": None, "sharding_type": sharding, **distopt.training_args(args)}
-    else:
-        for key, why in (("optimizer", "optimizer settings"), ("opt_param_scheduler", "learning-rate scheduler")):
-            if common.get(key) is not None:
-                dropped[f"{COMMON}:{key}"] = f"{why}: training state; carried only with the optimizer state"
+            "source_layout": None, "sharding_type": sharding, **distopt.training_args(args)}
+        if buckets:  # dp_reshardable keeps the optimizer's own state dict per (TP, PP) group: group 0's
+            meta["optimizer"]["optimizer"] = _group_objects(md, "optimizer.distributed.dp_group_idx_0.")
+        if dtype_key is not None:
+            meta["optimizer"]["dtype_key"] = dtype_key
+    elif common.get("optimizer") is not None:
+        dropped[f"{COMMON}:optimizer"] = "optimizer settings: carried only with the optimizer state"
+    # the training state besides the optimizer's travels either way (rng_state is sharded per rank
+    # in torch_dist and belongs to its grid: not carried)
+    meta["training"] = {"args": M.all_args(common.get("args")), "opt_param_scheduler": common.get("opt_param_scheduler"),
+                        "num_floating_point_operations_so_far": common.get("num_floating_point_operations_so_far"),
+                        "rng_state": {}, "source_layout": None}
     return Checkpoint(spec=spec, layout=layout, tensors=ordered, dropped=dropped, hf_config=cfg, source=path,
+                      aux_files=side_files(os.path.join(path, MCORE_HF_DIR), config=True),
                       meta=meta, states={k: {n: v[n] for n in ordered} for k, v in sets.items()})
+
+
+_BUCKET = re.compile(r"^optimizer\.distributed\.dp_group_idx_(\d+)\.gbuf_idx_(\d+)\.dtype_(\(.+\))\.bucket_idx_(\d+)"
+                     r"\.(\w+)$")
+
+
+def _bucket_keys(keys: list[str]) -> dict[tuple[int, int, int], dict[str, str]] | None:
+    """dp_reshardable (Megatron-Core 0.15+ default) optimizer keys: (model-parallel rank, buffer,
+    bucket) -> {state: key}; None when ``keys`` are not (only) that layout."""
+    out: dict[tuple[int, int, int], dict[str, str]] = {}
+    for key in keys:
+        m = _BUCKET.match(key)
+        if m is None:
+            return None
+        out.setdefault((int(m.group(1)), int(m.group(2)), int(m.group(4))), {})[m.group(5)] = key
+    return out or None
+
+
+def _group_objects(md, prefix: str) -> dict[str, Any]:
+    """The DistributedOptimizer's own state dict (``optimizer`` param groups, ...) that dp_reshardable
+    saves as sharded objects ``<prefix><key>`` (each ``torch.save([value])``)."""
+    from ckpt_ir.io.dcp import read_object
+
+    out = {}
+    for key in md.objects:
+        base = key.split("/shard_", 1)[0]
+        if base.startswith(prefix) and not base[len(prefix):].startswith("per_bucket_numel"):
+            value = read_object(md, key)
+            out[base[len(prefix):]] = value[0] if isinstance(value, list) and len(value) == 1 else value
+    return out
+
+
+def _bucket_states(buckets, md, build, spec, tensors: dict[str, TensorNode], args: dict[str, Any], norm_names: str,
+                   where: str) -> tuple[dict[str, dict[str, TensorNode]], tuple]:
+    """Optimizer state saved ``dp_reshardable``: for each (TP rank, PP stage) -- model-parallel rank
+    TP rank + TP x stage -- and each model chunk's buffer, one 1-D tensor per DDP bucket holding
+    that bucket without its end padding, i.e. ``distrib_optim.pt``'s coalesced buffer cut at the
+    bucket ends.  Parameters are placed as in ``distrib_optim.pt`` (the order of the layer spec
+    the run used: args.transformer_impl), then their TP shards are gathered."""
+    # the Megatron keys of each rank, as the torch-format writer places them
+    from ckpt_ir.backends.mcore import rank_content
+    from ckpt_ir.io.safe_pickle import TorchDtype
+    from ckpt_ir.ir.checkpoint import gather_exprs
+    from ckpt_ir.ir.names import split_rule
+
+    a = lambda k, d=1: args.get(k) or d  # noqa: E731
+    tp, pp, dp = a("tensor_model_parallel_size"), a("pipeline_model_parallel_size"), a("data_parallel_size")
+    if spec.num_experts or spec.mla or spec.mtp_layers or a("context_parallel_size") != 1:
+        raise FormatError(f"{where}: dp_reshardable optimizer state of MoE / MLA / MTP or context-parallel runs is "
+                          f"not supported yet; {_REFUSED}")
+    # the parameter order follows the modules the run built, not the (always TE-style) torch_dist names
+    order_names = "local" if args.get("transformer_impl") == "local" else norm_names
+    layout = Layout(format="mcore", tp=tp, pp=pp, vpp_layers=args.get("num_layers_per_virtual_pipeline_stage"),
+                    fused_qkv=True, fused_gate_up=True, norm_names=order_names)
+    view = Checkpoint(spec=spec, layout=layout, tensors=tensors)
+    content, _ = rank_content(view)
+    chunks = 1 + max(c for _, c in content)
+    tied = spec.tied_embeddings
+    shards: dict[str, dict[str, dict[int, E.Expr]]] = {w: {} for w in distopt.STATE_KEYS}
+    dtype_key = None
+    for (stage, chunk), entries in sorted(content.items()):
+        for rank in range(tp):
+            group = rank + tp * stage
+            local = {}
+            for e in entries:
+                whole, rule = tensors[e.canon[0]].shape, split_rule(e.canon[0])
+                shape = list(whole)
+                if rule is not None and tp > 1:
+                    shape[rule.dim] //= tp
+                local[e.key] = (e.canon[0], tuple(shape))
+            keys = distopt.registration_order(list(local)) or list(local)
+            params = [(k, math.prod(local[k][1])) for k in keys if not distopt.is_buffer(k)]
+            shared = distopt.shared_params(tied, stage, pp, chunk, chunks)
+            lay = distopt.param_offsets(params, distopt.bucket_size_for(args, stage, chunk, dp), dp, shared)
+            stored = [buckets.get((group, chunk, b)) for b in range(len(lay.bucket_sizes))]
+            extra = [b for (g, c, b) in buckets if (g, c) == (group, chunk) and b >= len(lay.bucket_sizes)]
+            if any(s is None or set(s) != set(distopt.STATE_KEYS) for s in stored) or extra:
+                raise FormatError(f"{where}: dp_reshardable state of model-parallel rank {group} chunk {chunk} does not "
+                                  f"have the {len(lay.bucket_sizes)} buckets the parameter layout gives (DP {dp}, bucket "
+                                  f"size {distopt.bucket_size_for(args, stage, chunk, dp)}); the args do not match how "
+                                  f"it was saved")
+            for size, keys_of in zip(lay.bucket_sizes, stored):
+                for key in keys_of.values():
+                    dcp_t = md.tensors[key]
+                    if dcp_t.shape != (size,) or dcp_t.dtype != "F32":
+                        raise FormatError(f"{where}: {key} is {dcp_t.dtype} {list(dcp_t.shape)}, but the rebuilt "
+                                          f"parameter layout gives F32 [{size}] for that bucket; the args do not match "
+                                          f"how the optimizer state was saved")
+                    dtype_key = dtype_key or _dtype_key(key)
+            for k, numel in params:
+                b, off = lay.in_bucket[k]
+                canon, shape = local[k]
+                for which in distopt.STATE_KEYS:
+                    flat = build(md.tensors[stored[b][which]], ())
+                    piece = E.simplify(E.Reshape(E.Slice(flat, 0, off, off + numel), shape))
+                    shards[which].setdefault(canon, {}).setdefault(rank, piece)
+    sets: dict[str, dict[str, TensorNode]] = {}
+    for which, by_name in shards.items():
+        nodes = {}
+        for canon, ranks in by_name.items():
+            rule = split_rule(canon)
+            parts = tuple(ranks[r] for r in range(tp)) if rule is not None and tp > 1 else (ranks[0],)
+            nodes[canon] = TensorNode.whole(canon, gather_exprs(parts, rule) if len(parts) > 1 else parts[0])
+        sets[which] = nodes
+    if dtype_key is None:
+        raise FormatError(f"{where}: no dp_reshardable optimizer state found")
+    return sets, tuple(TorchDtype(d.strip().removeprefix("torch.")) for d in dtype_key.strip("()").split(","))
+
+
+def _dtype_key(key: str) -> str:
+    return _BUCKET.match(key).group(3)
+
+
+def _common_state(it_dir: str, md) -> tuple[dict, str]:
+    """The non-sharded state (args, iteration, scheduler, ...): ``common.pt`` up to Megatron-Core
+    0.18; from 0.19 the DCP bytes entry ``common_state`` (``torch.save([state])``)."""
+    from ckpt_ir.io.dcp import read_object
+
+    path = os.path.join(it_dir, COMMON)
+    if os.path.isfile(path):
+        common = TorchZip(path).obj
+    else:
+        key = next((k for k in md.objects if k.split("/shard_", 1)[0] == COMMON_STATE), None)
+        if key is None:
+            raise FormatError(f"{it_dir}: neither {COMMON} (Megatron-Core <= 0.18) nor a {COMMON_STATE} entry "
+                              f"(0.19+); the checkpoint's common state (args) is missing")
+        path = f"{md.path}/.metadata ({COMMON_STATE})"
+        value = read_object(md, key)
+        common = value[0] if isinstance(value, list) and len(value) == 1 else value
+    if not isinstance(common, dict):
+        raise FormatError(f"{path}: not a Megatron common-state dict")
+    return common, path
+
+
+# fully_sharded_model_space (Megatron-Core 0.8-0.14) calls the fp32 master copy "fp32_param"
+_STATE_NAMES = {"fp32_param": "param"}
+
+
+def _reformulated_shapes(md) -> dict[str, tuple[int, ...]]:
+    """Tensors Megatron-Core <= 0.14 stored reformulated (``mcore_data[key]
+    ['nd_reformulated_orig_global_shape']``): key -> their model shape."""
+    out = {}
+    data = md.mcore_data if isinstance(md.mcore_data, dict) else {}
+    for key, info in data.items():
+        shape = info.get("nd_reformulated_orig_global_shape") if isinstance(info, dict) else None
+        if isinstance(key, str) and isinstance(shape, (tuple, list)) and all(isinstance(n, int) for n in shape):
+            out[key] = tuple(shape)
+    return out
 
 
 def _check_backend(it_dir: str) -> None:
@@ -253,7 +423,7 @@ def _names(key: str, t: DcpTensor, num_layers: int, tables, where: str) -> list[
         rest = key[len("decoder.layers."):]
         layers = [(i, rest, (i,)) for i in range(num_layers)]
     else:
-        canon = _canonical(key, 0, 0, tables)
+        canon = M.canonical_key(key, 0, 0, tables)
         return None if canon is None else [(_resolve(canon), ())]
     out = []
     for i, rest, index in layers:
@@ -265,32 +435,34 @@ def _names(key: str, t: DcpTensor, num_layers: int, tables, where: str) -> list[
             m = _ONE_EXPERT.match(rest)
             per = [(f"mlp.experts.local_experts.{m.group(1)}.{m.group(2)}" if m else rest, index)]
         for sub, idx in per:
-            canon = _canonical(f"decoder.layers.{i}.{sub}", 0, 0, tables)
+            canon = M.canonical_key(f"decoder.layers.{i}.{sub}", 0, 0, tables)
             if canon is None:
                 return None
             out.append((_resolve(canon), idx))
     return out
 
 
-def _resolve(canon: str) -> str:
-    """``@0.0.<layer>:<rest>`` (mcore's stage/chunk-local tag) -> ``layers.<layer>.<rest>``:
-    torch_dist layer numbers are already global."""
-    if not canon.startswith("@"):
-        return canon
-    where, rest = canon[1:].split(":", 1)
-    return layer_name(int(where.split(".")[2]), rest)
+def _resolve(canon: str | M.LocalName) -> str:
+    """torch_dist layer numbers are already global: a "local" layer is the model's layer."""
+    return canon if isinstance(canon, str) else layer_name(canon.local, canon.rest)
 
 
 class _Builder:
     """Expressions for (parts of) stored tensors, assembled lazily from their chunks."""
 
-    def __init__(self, where: str, resolver: ChunkResolver) -> None:
+    def __init__(self, where: str, resolver: ChunkResolver, reformulated: dict[str, tuple[int, ...]] | None = None) -> None:
         self.where, self.resolver = where, resolver
+        self.reformulated = reformulated or {}
         self._offsets: dict[tuple[str, tuple[int, ...]], int] = {}
 
     def __call__(self, t: DcpTensor, index: tuple[int, ...]) -> E.Expr:
         """``t[index]``: the sub-tensor at ``index`` of the leading axes (a stacked layer /
         expert); reads only the bytes of that sub-tensor."""
+        if t.key in self.reformulated:
+            return self._reformulated(t, self.reformulated[t.key], index)
+        return self._plain(t, index)
+
+    def _plain(self, t: DcpTensor, index: tuple[int, ...]) -> E.Expr:
         k = len(index)
         shape = t.shape[k:]
         if math.prod(t.shape) == 0:
@@ -307,6 +479,29 @@ class _Builder:
                     lin = lin * c.sizes[d] + index[d] - c.offsets[d]
                 pieces.append((c.offsets[k:], c.sizes[k:], c, lin * math.prod(c.sizes[k:])))
         return self._tile(t, (0,) * len(shape), shape, pieces)
+
+    def _reformulated(self, t: DcpTensor, shape: tuple[int, ...], index: tuple[int, ...]) -> E.Expr:
+        """Optimizer state Megatron-Core 0.8-0.14 saved ``fully_sharded_model_space``: the tensor of
+        model shape ``shape`` is cut into a grid of ``t.shape[:-1]`` equal blocks, each stored
+        flattened along the last axis; block ``b`` is the part at ``b * block shape``."""
+        grid = t.shape[:-1]
+        if len(grid) != len(shape) or any(n % g for n, g in zip(shape, grid)) or \
+                t.shape[-1] != math.prod(n // g for n, g in zip(shape, grid)):
+            raise FormatError(f"{self.where}: {t.key} is stored as {list(t.shape)}, which is no block grid of its "
+                              f"model shape {list(shape)}; the metadata is corrupt")
+        block = tuple(n // g for n, g in zip(shape, grid))
+        k = len(index)
+        if any(block[d] != 1 for d in range(k)):
+            raise FormatError(f"{self.where}: {t.key}: a stacked axis is split into blocks of {block[:k]}")
+
+        def tile(prefix: tuple[int, ...]) -> E.Expr:
+            d = len(prefix)
+            if d == len(grid):
+                return E.Reshape(self._plain(t, prefix), block[k:])
+            parts = [tile(prefix + (b,)) for b in range(grid[d])]
+            return parts[0] if len(parts) == 1 else E.Concat(tuple(parts), d - k)
+
+        return E.simplify(tile(tuple(index)))
 
     def _load(self, t: DcpTensor, sizes: tuple[int, ...], chunk, element_offset: int) -> E.Load:
         at = (t.key, chunk.offsets)

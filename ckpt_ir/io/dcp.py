@@ -186,6 +186,8 @@ class DcpMetadata:
     tensors: dict[str, DcpTensor]
     objects: tuple[str, ...]
     mcore_data: Any = None
+    # bytes entry -> (data file relative to the checkpoint directory, byte offset, length)
+    object_storage: dict[str, tuple[str, int, int]] = attrs.field(factory=dict)
 
 
 def read_metadata(ckpt_dir: str) -> DcpMetadata:
@@ -217,16 +219,64 @@ def read_metadata(ckpt_dir: str) -> DcpMetadata:
         where[(index.__dict__.get("fqn"), None if off is None else tuple(off))] = info
     tensors: dict[str, DcpTensor] = {}
     objects: list[str] = []
+    object_storage: dict[str, tuple[str, int, int]] = {}
     for key, entry in sdm.items():
         if not isinstance(key, str):
             raise FormatError(f"{path}: non-string key {key!r} in metadata; the file is corrupt")
         if isinstance(entry, _BytesStorageMetadata):
             objects.append(key)
+            info = where.get((key, None))
+            i = info.__dict__ if info is not None else {}
+            rel, off, length = i.get("relative_path"), i.get("offset"), i.get("length")
+            if isinstance(rel, str) and isinstance(off, int) and isinstance(length, int) and not os.path.isabs(rel) \
+                    and ".." not in rel.split("/") and off >= 0 and length >= 0 and not i.get("transform_descriptors"):
+                object_storage[key] = (rel, off, length)
             continue
         if not isinstance(entry, _TensorStorageMetadata):
             raise FormatError(f"{path}: entry {key} is a {type(entry).__name__}; expected tensor or bytes metadata")
         tensors[key] = _tensor(path, key, entry, where)
-    return DcpMetadata(ckpt_dir, tensors, tuple(objects), md.__dict__.get("mcore_data"))
+    return DcpMetadata(ckpt_dir, tensors, tuple(objects), md.__dict__.get("mcore_data"), object_storage)
+
+
+def read_object(md: DcpMetadata, key: str) -> Any:
+    """A bytes entry Megatron saved (a ShardedObject: ``torch.save([value])``), unpickled through the
+    allow-list; only plain values (no tensors) are accepted."""
+    where = md.object_storage.get(key)
+    path = os.path.join(md.path, where[0]) if where else md.path
+    if where is None or not os.path.isfile(path):
+        raise FormatError(f"{md.path}: entry {key} has no readable storage location; the checkpoint is incomplete")
+    rel, off, length = where
+    with open(path, "rb") as f:
+        if off + length > os.fstat(f.fileno()).st_size:
+            raise FormatError(f"{path}: entry {key} runs past the end of the file; the file is truncated")
+        f.seek(off)
+        blob = f.read(length)
+    obj: Any = io.BytesIO(blob)
+    for _ in range(2):  # Megatron's torch.save([value]), possibly inside DCP's own torch.save of the BytesIO
+        if not isinstance(obj, io.BytesIO):
+            break
+        try:
+            with zipfile.ZipFile(obj) as zf:
+                pkl = [i for i in zf.infolist() if i.filename.endswith("/data.pkl")]
+                if not pkl:
+                    raise FormatError(f"{path}: entry {key} is not a torch.save blob (no data.pkl)")
+                obj = safe_loads(zf.read(pkl[0]), f"{path} ({key})")
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise FormatError(f"{path}: entry {key} is not a readable torch.save blob ({e}); the file is "
+                              f"corrupt") from None
+    if _has_tensor(obj):
+        raise FormatError(f"{path}: entry {key} holds tensors; ckpt-ir reads only plain values from sharded objects")
+    return obj
+
+
+def _has_tensor(obj: Any) -> bool:
+    if isinstance(obj, TensorRef):
+        return True
+    if isinstance(obj, dict):
+        return any(_has_tensor(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_has_tensor(v) for v in obj)
+    return False
 
 
 def _tensor(path: str, key: str, entry: _TensorStorageMetadata, where: dict) -> DcpTensor:

@@ -11,15 +11,19 @@ held in memory; ``torch.load`` (including ``mmap=True``) reads the result.
 from __future__ import annotations
 
 import argparse
+import enum
+import io
 import math
 import os
+import pathlib
 import struct
+import types
 import zipfile
 from collections.abc import Callable
 from typing import Any
 
 from ckpt_ir.errors import FormatError
-from ckpt_ir.io.safe_pickle import TensorRef, TorchDtype, loads
+from ckpt_ir.io.safe_pickle import Stub, TensorRef, TorchDevice, TorchDtype, loads
 from ckpt_ir.ir.dtypes import ITEMSIZE
 from ckpt_ir.ir.expr import Load
 
@@ -34,11 +38,13 @@ class TorchZip:
         from ckpt_ir.io.safetensors import require_regular_file
 
         require_regular_file(path)
+        if not zipfile.is_zipfile(path):
+            self.obj, self.offsets = _read_legacy(path)
+            return
         try:
             zf = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError) as e:
-            raise FormatError(f"{path}: not a readable torch checkpoint ({e}); it may be truncated or a legacy "
-                              f"non-zip torch.save file: re-save it with a current torch") from None
+            raise FormatError(f"{path}: not a readable torch checkpoint ({e}); it may be truncated") from None
         with zf:
             infos = zf.infolist()
             pkl = [i for i in infos if i.filename.endswith("/data.pkl")]
@@ -89,6 +95,62 @@ class TorchZip:
         return Load(self.path, key, ref.shape, ref.dtype, start + ref.offset * item, "torch")
 
 
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
+
+
+def _read_legacy(path: str) -> tuple[Any, dict[str, tuple[int, int]]]:
+    """The pre-zip ``torch.save`` format (``_use_new_zipfile_serialization=False``): five pickles
+    in a row (magic number, protocol version, system info, the object, its storage keys), then
+    each storage in key order as an 8-byte little-endian element count and its raw bytes."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        try:
+            magic = loads(f, path)
+        except FormatError:
+            magic = None
+        if magic != LEGACY_MAGIC:
+            raise FormatError(f"{path}: not a torch checkpoint (neither a zip archive nor the legacy torch.save "
+                              f"format); it may be truncated or corrupt")
+        loads(f, path)  # protocol version
+        info = loads(f, path)
+        if not isinstance(info, dict) or not info.get("little_endian", True):
+            raise FormatError(f"{path}: legacy torch checkpoint written on a big-endian machine; re-save it")
+        obj = loads(f, path)
+        keys = loads(f, path)
+        if not isinstance(keys, list):
+            raise FormatError(f"{path}: legacy torch checkpoint has no storage key list; the file is corrupt")
+        refs = {}
+        for _, ref in _tensor_refs(obj):
+            refs.setdefault(ref.storage.key, ref.storage)
+        offsets: dict[str, tuple[int, int]] = {}
+        pos = f.tell()
+        for key in keys:
+            f.seek(pos)
+            head = f.read(8)
+            if len(head) < 8:
+                raise FormatError(f"{path}: storage {key} runs past the end of the file; the file is truncated")
+            numel = struct.unpack("<q", head)[0]
+            storage = refs.get(str(key))
+            nbytes = numel * (ITEMSIZE[storage.dtype] if storage is not None else 1)
+            if numel < 0 or pos + 8 + nbytes > size:
+                raise FormatError(f"{path}: storage {key} runs past the end of the file; the file is truncated")
+            offsets[str(key)] = (pos + 8, nbytes)
+            pos += 8 + nbytes
+    return obj, offsets
+
+
+def _tensor_refs(obj: Any, prefix: str = ""):
+    """(path, TensorRef) for every tensor anywhere in ``obj`` (dicts, lists, tuples, namespaces)."""
+    if isinstance(obj, TensorRef):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensor_refs(v, f"{prefix}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensor_refs(v, f"{prefix}.{i}")
+
+
 def with_exprs(obj: Any, z: TorchZip, prefix: str) -> Any:
     """``obj`` with every tensor reference replaced by its lazy expression (to carry small training
     state, e.g. RNG states, into another file)."""
@@ -135,6 +197,17 @@ class Tensor:
         return math.prod(self.shape) * ITEMSIZE[self.dtype]
 
 
+class Call:
+    """An object to pickle as ``module.name(*args)`` (REDUCE), or, with ``state``, as
+    ``module.name.__new__`` then ``__setstate__(state)``/``__dict__`` (NEWOBJ + BUILD), as pickle
+    does for plain classes: lets objects of classes from torch be written without importing it."""
+
+    __slots__ = ("module", "name", "args", "state")
+
+    def __init__(self, module: str, name: str, args: tuple = (), state: Any = None) -> None:
+        self.module, self.name, self.args, self.state = module, name, args, state
+
+
 _STORAGE_NAMES = {
     "F64": "DoubleStorage", "F32": "FloatStorage", "F16": "HalfStorage", "BF16": "BFloat16Storage",
     "I64": "LongStorage", "I32": "IntStorage", "I16": "ShortStorage", "I8": "CharStorage",
@@ -151,8 +224,18 @@ def _pickle(obj: Any, tensors: list[Tensor]) -> bytes:
     def glob(module: str, name: str) -> None:
         out.extend(b"c" + module.encode() + b"\n" + name.encode() + b"\n")
 
+    def call(module: str, name: str, call_args: tuple, state: Any = None) -> None:
+        glob(module, name)
+        save(call_args)
+        out.extend(b"R")
+        if state is not None:
+            save(state)
+            out.extend(b"b")
+
     def save(v: Any) -> None:
-        if v is None:
+        if isinstance(v, enum.Enum):  # an allow-listed enum (signal.Signals), by value as pickle does
+            call(type(v).__module__, type(v).__qualname__, (v.value,))
+        elif v is None:
             out.extend(b"N")
         elif v is True or v is False:
             out.extend(b"\x88" if v else b"\x89")
@@ -216,16 +299,86 @@ def _pickle(obj: Any, tensors: list[Tensor]) -> bytes:
             import pickle
 
             out.extend(pickle.dumps(v, protocol=2)[2:-1])  # without PROTO and STOP; we keep no memo
+        elif isinstance(v, Call):
+            glob(v.module, v.name)
+            save(tuple(v.args))
+            if v.state is None:
+                out.extend(b"R")
+            else:
+                out.extend(b"\x81")
+                save(v.state)
+                out.extend(b"b")
+        elif isinstance(v, io.BytesIO):  # Transformer Engine < 2's _extra_state, as pickle writes it
+            glob("_io", "BytesIO")
+            out.extend(b")\x81")
+            save((v.getvalue(), v.tell(), None))
+            out.extend(b"b")
         elif isinstance(v, TorchDtype):
             glob("torch", v.name)
         elif type(v).__name__ == "dtype" and str(v).startswith("torch."):  # a real torch.dtype
             glob("torch", str(v)[len("torch."):])
+        elif isinstance(v, TorchDevice):
+            call("torch", "device", (v.type,) if v.index is None else (v.type, v.index))
+        elif isinstance(v, (set, frozenset)):
+            call("builtins", type(v).__name__, (sorted(v, key=repr),))
+        elif isinstance(v, slice):
+            call("builtins", "slice", (v.start, v.stop, v.step))
+        elif isinstance(v, range):
+            call("builtins", "range", (v.start, v.stop, v.step))
+        elif isinstance(v, complex):
+            call("builtins", "complex", (v.real, v.imag))
+        elif isinstance(v, bytearray):
+            call("builtins", "bytearray", (bytes(v),))
+        elif isinstance(v, io.BytesIO):
+            call("_io", "BytesIO", (v.getvalue(),))
+        elif isinstance(v, types.SimpleNamespace):
+            call("types", "SimpleNamespace", (), dict(vars(v)))
+        elif isinstance(v, pathlib.PurePath):  # loaded as pure paths; real args hold concrete ones
+            call("pathlib", "PosixPath" if isinstance(v, pathlib.PurePosixPath) else "PureWindowsPath", v.parts)
+        elif isinstance(v, Stub):  # a Megatron enum / config object, as the source pickled it
+            if v.member is not None:
+                call("builtins", "getattr", (_StubClass(v), v.member))
+                return
+            glob(v._module, v._name)
+            save(tuple(v.args))
+            out.extend(b"R" if v.built else b"\x81")
+            if hasattr(v, "state"):
+                save(v.state)
+                out.extend(b"b")
+        elif isinstance(v, _StubClass):
+            glob(v.stub._module, v.stub._name)
         else:
             raise TypeError(f"cannot write {type(v).__name__} into a checkpoint")
 
     save(obj)
     out.extend(b".")
     return bytes(out)
+
+
+_LEAVES = (type(None), bool, int, float, complex, str, bytes, bytearray, slice, range, io.BytesIO, pathlib.PurePath, enum.Enum,
+           TorchDtype, TorchDevice, Tensor)
+
+
+def writable(obj: Any, leaf: Callable[[Any], bool] = lambda _: False) -> bool:
+    """Whether :func:`write` can write ``obj`` (``leaf`` accepts more leaf values, e.g. expressions
+    that become :class:`Tensor` placeholders)."""
+    if isinstance(obj, dict):
+        return all(writable(k, leaf) and writable(v, leaf) for k, v in obj.items())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return all(writable(v, leaf) for v in obj)
+    if isinstance(obj, (argparse.Namespace, types.SimpleNamespace)):
+        return writable(vars(obj), leaf)
+    if isinstance(obj, Stub):
+        return writable(obj.args, leaf) and writable(getattr(obj, "state", None), leaf)
+    return isinstance(obj, _LEAVES) or type(obj).__module__ == "numpy" or leaf(obj) \
+        or type(obj).__name__ == "dtype" and str(obj).startswith("torch.")
+
+
+class _StubClass:
+    """The class of a stub (for ``getattr(cls, member)``)."""
+
+    def __init__(self, stub: Stub) -> None:
+        self.stub = stub
 
 
 def write(path: str, obj: Any, emit: Callable[[Tensor, int, int], int]) -> int:
@@ -348,7 +501,7 @@ def _crc_of(fd: int, start: int, size: int) -> int:
     if size == 0:
         return 0
     page = mmap.ALLOCATIONGRANULARITY
-    crc, pos, chunk = 0, start, 256 << 20
+    crc, pos, chunk = 0, start, 4 << 20  # mapped pages count as resident: map a little at a time
     while pos < start + size:
         n = min(chunk, start + size - pos)
         lo = pos - pos % page  # mappings start on a page boundary

@@ -84,12 +84,16 @@ class Checkpoint:
     ``dropped`` records source tensors that are deliberately not carried (name -> reason), so
     coverage accounting can prove nothing else was lost.  ``hf_config`` is the raw HF config
     when one is known (carried through and updated on export); ``aux_files`` are side files
-    (tokenizer, generation config) copied next to HF output.
+    (tokenizer, generation config, chat template, remote code) copied next to HF output, or into
+    a Megatron output's ``hf/`` folder.
 
     ``states`` holds optimizer state as named tensor sets (``param``: fp32 master weights,
     ``exp_avg``, ``exp_avg_sq``), each keyed and split exactly like ``tensors``; passes carry them
-    along with the weights (see ``Pass.optimizer_state``).  ``meta["optimizer"]`` keeps what a
-    training run needs besides them (optimizer param groups, LR scheduler, data-parallel setup).
+    along with the weights (see ``Pass.optimizer_state``).  ``meta["optimizer"]`` keeps what the
+    optimizer needs besides them (param groups, data-parallel setup); ``meta["training"]`` what a
+    resumed run needs with or without them (the source's full args, LR scheduler, FLOP counter,
+    per-rank RNG state and the rank grid it belongs to); ``meta["notes"]`` choices recorded in
+    the output (``ckpt-ir-notes.txt``).
     """
 
     spec: ModelSpec

@@ -56,6 +56,11 @@ def from_torch(torch_dtype) -> str:
         raise UsageError(f"unsupported tensor dtype {torch_dtype}") from None
 
 
+def torch_name(dtype: str) -> str:
+    """torch's name of a dtype (``bfloat16``), as pickles of ``torch.dtype`` record it."""
+    return _TORCH_NAMES[dtype]
+
+
 def hf_config_name(dtype: str) -> str:
     """How HF config.json spells a dtype (``bfloat16``)."""
     return _TORCH_NAMES[dtype]

@@ -12,10 +12,17 @@ first byte moves.  The algebra is deliberately small:
     Cast      dtype change
     PadRows   grow dim 0 by repeating the last row (Megatron vocab padding) or with zeros
     Add, Scale, Matmul   the arithmetic a LoRA merge needs (computed in fp32 by the caller)
+    RowRescale           each row rescaled to a given norm (DoRA's magnitude), in fp32
 
 :func:`simplify` rewrites an expression into an equivalent one that reads fewer bytes (slices are
 pushed into loads, adjacent loads merge, no-op casts vanish).  :func:`evaluate` produces a torch
-tensor; it is the only place torch is imported.
+tensor; it is the only place torch is imported, for the LoRA arithmetic (data movement and float
+casts run in numpy).
+
+A row range of any node is a simplified ``Slice(node, 0, lo, hi)``: the writers evaluate computed
+tensors in row blocks this way (``backends.plan.row_blocks``), so a new computing node (a
+dequantization, say) streams in bounded memory once ``_rewrite_slice`` says how a row range of
+it is computed from row ranges of its inputs.
 """
 
 from __future__ import annotations
@@ -320,6 +327,32 @@ class Scale(Expr):
         return (self.x,)
 
 
+@attrs.frozen
+class RowRescale(Expr):
+    """DoRA's merge: each row of the matrix ``x`` [out, in] rescaled to the norm ``magnitude[row]``,
+    ``(magnitude / ||x||_row) * x``, in fp32 (the result dtype is F32).  The norm runs over a
+    whole row, so ``x`` must hold full rows (its input dim unsplit)."""
+
+    x: Expr
+    magnitude: Expr
+
+    def __attrs_post_init__(self) -> None:
+        _check(len(self.x.shape) == 2 and self.magnitude.shape == self.x.shape[:1],
+               f"row rescale of {self.x.shape} by a magnitude of shape {self.magnitude.shape}")
+
+    @property
+    def shape(self) -> Shape:
+        return self.x.shape
+
+    @property
+    def dtype(self) -> str:
+        return "F32"
+
+    @property
+    def children(self) -> tuple[Expr, ...]:
+        return (self.x, self.magnitude)
+
+
 # ---------------------------------------------------------------------------------------------
 # traversal
 
@@ -365,6 +398,8 @@ def _rebuild(e: Expr, kids: tuple[Expr, ...]) -> Expr:
         return attrs.evolve(e, xs=kids)
     if isinstance(e, (Add, Matmul)):
         return attrs.evolve(e, a=kids[0], b=kids[1])
+    if isinstance(e, RowRescale):
+        return attrs.evolve(e, x=kids[0], magnitude=kids[1])
     return attrs.evolve(e, x=kids[0])
 
 
@@ -433,6 +468,8 @@ def _rewrite_slice(e: Slice) -> Expr:
         return x
     if isinstance(x, Slice) and x.dim == d:
         return Slice(x.x, d, x.start + a, x.start + b)
+    if isinstance(x, Slice) and d == 0:  # rows first: a row range of a column slice reads only those rows
+        return Slice(Slice(x.x, 0, a, b), x.dim, x.start, x.stop)
     if isinstance(x, Load) and d == 0:
         base = x.rows[0] if x.rows else 0
         return attrs.evolve(x, rows=(base + a, base + b))
@@ -465,8 +502,21 @@ def _rewrite_slice(e: Slice) -> Expr:
         n = x.x.shape[0]
         if d == 0 and b <= n:
             return Slice(x.x, 0, a, b)
+        if d == 0 and a < n:  # straddles the end: the rows kept, padded (the last row is still x's)
+            return PadRows(Slice(x.x, 0, a, n), b - a, x.zero)
+        if d == 0 and not x.zero:  # padding only: copies of the last row
+            return PadRows(Slice(x.x, 0, n - 1, n), b - a)
         if d > 0:
             return PadRows(Slice(x.x, d, a, b), x.rows, x.zero)
+    # arithmetic is elementwise in the rows of its result (a matmul's rows are those of its left
+    # operand, each computed alone: BLAS sums a row's products in the same order whatever the row
+    # count; columns are not sliced, a narrower matrix may take another kernel)
+    if isinstance(x, Scale):
+        return Scale(Slice(x.x, d, a, b), x.factor)
+    if isinstance(x, Add):
+        return Add(Slice(x.a, d, a, b), Slice(x.b, d, a, b))
+    if isinstance(x, Matmul) and d == 0:
+        return Matmul(Slice(x.a, 0, a, b), x.b)
     if isinstance(x, Transpose) and d not in (x.dim0, x.dim1):
         return Transpose(Slice(x.x, d, a, b), x.dim0, x.dim1)
     if isinstance(x, Transpose):
@@ -504,6 +554,8 @@ def describe(e: Expr) -> str:
         return f"matmul({describe(e.a)}, {describe(e.b)})"
     if isinstance(e, Scale):
         return f"scale({describe(e.x)}, {e.factor:g})"
+    if isinstance(e, RowRescale):
+        return f"row_rescale({describe(e.x)}, {describe(e.magnitude)})"
     return type(e).__name__
 
 
@@ -590,22 +642,28 @@ def from_torch_tensor(t, dtype: str):
     return t.contiguous().view(width).numpy()
 
 
-def evaluate_raw(expr: Expr, reader: Reader, *, scratch: bool = False):
+def evaluate_raw(expr: Expr, reader: Reader, *, scratch: str | None = None):
     """Compute ``expr`` as a contiguous numpy array of raw items (see :func:`raw_dtype`).
 
-    With ``scratch`` the result may live in the reader's reusable buffer: it is valid only until
-    the next ``scratch`` evaluation (the streaming writers consume it before asking again)."""
+    With ``scratch`` (a slot name) the result may live in the reader's reusable buffer of that
+    slot: it is valid only until the next evaluation into that slot (the streaming writers consume
+    it before asking again)."""
     import numpy as np
 
-    if _fillable(expr):
+    def result():
         if scratch:
-            out = np.frombuffer(reader.scratch(expr.nbytes), dtype=raw_dtype(expr.dtype)).reshape(expr.shape)
-        else:
-            out = np.empty(expr.shape, dtype=raw_dtype(expr.dtype))
+            return np.frombuffer(reader.scratch(expr.nbytes, scratch), dtype=raw_dtype(expr.dtype)).reshape(expr.shape)
+        return np.empty(expr.shape, dtype=raw_dtype(expr.dtype))
+
+    if _fillable(expr):
+        out = result()
         _fill(expr, out, reader)
         return out
     if isinstance(expr, Concat):
         return np.concatenate([evaluate_raw(x, reader) for x in expr.xs], axis=expr.dim)
+    if isinstance(expr, Slice) and expr.dim == 0 and isinstance(expr.x, PadRows) and expr.x.zero \
+            and expr.start >= expr.x.x.shape[0]:  # zero padding only: nothing to read
+        return np.zeros(expr.shape, dtype=raw_dtype(expr.dtype))
     if isinstance(expr, Slice):
         x = evaluate_raw(expr.x, reader)
         index = [slice(None)] * x.ndim
@@ -622,25 +680,167 @@ def evaluate_raw(expr: Expr, reader: Reader, *, scratch: bool = False):
             return x
         pad = np.zeros((extra,) + x.shape[1:], x.dtype) if expr.zero else np.repeat(x[-1:], extra, axis=0)
         return np.concatenate([x, pad])
-    return from_torch_tensor(_evaluate_math(expr, reader), expr.dtype)
+    from ckpt_ir.ir import casts
+
+    out = result()
+    if isinstance(expr, Cast) and casts.supported(expr.x.dtype, expr.to) and MATH_DEVICE is None:  # numpy casts
+        # the input in a reused buffer too: one per slot name without its trailing digit (the
+        # writers alternate "block0" and "block1" results but evaluate one block at a time)
+        inputs = scratch and scratch.rstrip("0123456789") + "-input"
+        casts.cast(evaluate_raw(expr.x, reader, scratch=inputs), expr.x.dtype, expr.to, out)
+    else:
+        _evaluate_math(expr, reader, to_torch_tensor(out, expr.dtype))
+    return out
 
 
-def _evaluate_math(expr: Expr, reader: Reader):
-    """Nodes whose bits change: casts and LoRA arithmetic (fp32 accumulation), in torch."""
+MATH_DEVICE: Any = None  # torch device for casts and LoRA arithmetic (None: the CPU); see set_math_device
+
+
+def set_math_device(device: Any) -> None:
+    """Run the arithmetic nodes (casts, LoRA math) on ``device`` (a torch device from
+    :func:`ckpt_ir.device.resolve_device`); results come back to host memory to be written.
+    Writer processes forked later inherit the setting."""
+    global MATH_DEVICE
+    MATH_DEVICE = None if device is None or device.type == "cpu" else device
+
+
+def needs_torch(expr: Expr) -> bool:
+    """Whether evaluating ``expr`` runs torch (the LoRA arithmetic, casts numpy cannot do)."""
+    from ckpt_ir.ir import casts
+
+    return any(isinstance(n, (Add, Matmul, Scale, RowRescale)) or isinstance(n, Cast) and
+               (MATH_DEVICE is not None or not casts.supported(n.x.dtype, n.to)) for n in walk(expr))
+
+
+def start_torch() -> None:
+    """Import torch and start its thread pool from this (the main) thread.  Started first from a
+    helper thread, OpenMP made the LoRA merge 30 times slower on two busy cores (measured: 24 s
+    instead of 0.8 s for 180 MB); call this before computing on a helper thread."""
+    import torch
+
+    torch.ones(1 << 16).add_(1)  # large enough for a parallel region
+
+
+def _evaluate_math(expr: Expr, reader: Reader, out) -> None:
+    """Nodes whose bits change, computed into the torch tensor ``out``: casts and LoRA arithmetic
+    (fp32 throughout, rounded once when stored into ``out``).  In-place steps keep the temporaries
+    to one fp32 copy of the result: evaluation is by row blocks of bounded size, but a block's
+    temporaries count too."""
+    import torch
+
+    if MATH_DEVICE is not None:
+        out.copy_(_evaluate_on_device(expr, reader).cpu())
+        return
+    if isinstance(expr, Cast):
+        out.copy_(evaluate(expr.x, reader))
+    elif isinstance(expr, Add) and _product(expr.b) is not None:
+        _merge_by_tiles(expr.a, *_product(expr.b), reader, out)  # type: ignore[misc]
+    elif isinstance(expr, Add):
+        acc = _fp32_scratch(expr.b, reader, "acc")
+        acc.add_(_fp32_scratch(expr.a, reader, "addend"))  # a + b: IEEE addition commutes bit for bit
+        out.copy_(acc)
+    elif isinstance(expr, Matmul):
+        torch.mm(_fp32(expr.a, reader), _fp32(expr.b, reader), out=out)
+    elif isinstance(expr, Scale):
+        torch.mul(_fp32(expr.x, reader), expr.factor, out=out)
+    elif isinstance(expr, RowRescale):  # peft's DoRA merge order: norm of the rows, m / norm, times the rows
+        x = _fp32(expr.x, reader)
+        torch.mul((_fp32(expr.magnitude, reader) / torch.linalg.norm(x, dim=1)).view(-1, 1), x, out=out)
+    else:
+        raise TypeError(f"cannot evaluate {type(expr).__name__}")
+
+
+def _evaluate_on_device(expr: Expr, reader: Reader):
+    """``expr``'s arithmetic on :data:`MATH_DEVICE` (``--device``): the same fp32 operations, one
+    block at a time; the operands travel to the device and the result comes back."""
     import torch
 
     from ckpt_ir.ir.dtypes import to_torch
 
+    def operand(x: Expr):
+        if isinstance(x, (Cast, Add, Matmul, Scale, RowRescale)):
+            return _evaluate_on_device(x, reader)
+        return evaluate(x, reader).to(MATH_DEVICE)
+
     if isinstance(expr, Cast):
-        return evaluate(expr.x, reader).to(to_torch(expr.to))
+        return operand(expr.x).to(to_torch(expr.to))
     if isinstance(expr, Add):
-        a = evaluate(expr.a, reader)
-        return (a.to(torch.float32) + evaluate(expr.b, reader).to(torch.float32)).to(a.dtype)
+        a = operand(expr.a)
+        return (a.to(torch.float32) + operand(expr.b).to(torch.float32)).to(a.dtype)
     if isinstance(expr, Matmul):
-        return evaluate(expr.a, reader).to(torch.float32) @ evaluate(expr.b, reader).to(torch.float32)
+        return operand(expr.a).to(torch.float32) @ operand(expr.b).to(torch.float32)
     if isinstance(expr, Scale):
-        return evaluate(expr.x, reader).to(torch.float32) * expr.factor
+        return operand(expr.x).to(torch.float32) * expr.factor
+    if isinstance(expr, RowRescale):  # peft's DoRA merge order: norm of the rows, m / norm, times the rows
+        x = operand(expr.x).to(torch.float32)
+        factor = operand(expr.magnitude).to(torch.float32) / torch.linalg.norm(x, dim=1)
+        return factor.view(-1, 1) * x
     raise TypeError(f"cannot evaluate {type(expr).__name__}")
+
+
+# rows of a matmul computed by one BLAS call: the whole product's rows come out bit for bit the
+# same when the calls start at multiples of this and the last one takes the remainder (a lone
+# call on 1-3 rows takes another kernel; measured with MKL, tests/test_blockwise.py checks it)
+MATMUL_ROWS = 64
+
+
+def matmul_tiles(rows: int, step: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of ``step`` rows (a multiple of MATMUL_ROWS), the last one taking the
+    remainder (``step`` to ``2 * step - 1`` rows)."""
+    starts = list(range(0, rows - step + 1, step)) or [0]
+    return list(zip(starts, starts[1:] + [rows]))
+
+
+def _product(e: Expr) -> tuple[Expr, Expr, float | None] | None:
+    """(B, A, factor) when ``e`` is ``B @ A`` or ``(B @ A) * factor``, else None."""
+    factor = None
+    if isinstance(e, Scale):
+        e, factor = e.x, e.factor
+    return (e.a, e.b, factor) if isinstance(e, Matmul) else None
+
+
+def _merge_by_tiles(w: Expr, b: Expr, a: Expr, factor: float | None, reader: Reader, out) -> None:
+    """``out = W + factor * (B @ A)`` (a LoRA merge) a tile of MATMUL_ROWS rows at a time: the
+    tile's fp32 temporaries stay in the CPU's cache instead of making five passes over the block
+    in memory.  Same operations, in the same order, as whole tensors."""
+    import numpy as np
+    import torch
+
+    weight = to_torch_tensor(evaluate_raw(w, reader, scratch="addend-raw"), w.dtype)
+    bf, af = _fp32(b, reader), _fp32(a, reader)
+    cols = math.prod(w.shape[1:])
+    tile = 2 * MATMUL_ROWS * cols
+    acc_buf, w32_buf = (to_torch_tensor(np.frombuffer(reader.scratch(tile * 4, slot), dtype=np.int32), "F32")
+                        for slot in ("acc", "addend"))
+    for lo, hi in matmul_tiles(w.shape[0], MATMUL_ROWS):
+        acc, w32 = acc_buf[: (hi - lo) * cols].view(hi - lo, -1), w32_buf[: (hi - lo) * cols].view(hi - lo, -1)
+        torch.mm(bf[lo:hi], af, out=acc)
+        if factor is not None:
+            acc.mul_(factor)
+        acc.add_(w32.copy_(weight[lo:hi].reshape(hi - lo, -1)))  # a + b: IEEE addition commutes bit for bit
+        out[lo:hi].view(hi - lo, -1).copy_(acc)
+
+
+def _fp32_scratch(expr: Expr, reader: Reader, slot: str):
+    """``expr`` as fp32 in the reader's buffer ``slot`` (fresh pages cost more than the math:
+    the LoRA merge reuses its buffers block after block)."""
+    import numpy as np
+    import torch
+
+    if isinstance(expr, Scale):
+        return _fp32_scratch(expr.x, reader, slot).mul_(expr.factor)
+    buf = to_torch_tensor(np.frombuffer(reader.scratch(expr.numel * 4, slot), dtype=np.int32), "F32")
+    buf = buf.view(expr.shape)
+    if isinstance(expr, Matmul):
+        return torch.mm(_fp32(expr.a, reader), _fp32(expr.b, reader), out=buf)
+    return buf.copy_(to_torch_tensor(evaluate_raw(expr, reader, scratch=slot + "-raw"), expr.dtype))
+
+
+def _fp32(expr: Expr, reader: Reader):
+    """``expr`` evaluated as an fp32 tensor this caller owns (it may update it in place)."""
+    import torch
+
+    return evaluate(expr, reader).to(torch.float32)
 
 
 def _fillable(expr: Expr) -> bool:

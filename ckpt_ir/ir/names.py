@@ -35,20 +35,40 @@ COLUMN = Split(0)
 ROW = Split(1)
 COLUMN_BLOCKS2 = Split(0, 2)
 
-VOCAB_ROLES = frozenset({"embed.weight", "lm_head.weight"})
-LORA_SUFFIXES = (".lora_a.weight", ".lora_b.weight")
+# tensors with one row per vocabulary entry (padded and trimmed together); DeepSeek's MTP layers
+# carry their own copies of the embedding and output layer
+VOCAB_ROLES = frozenset({"embed.weight", "lm_head.weight", "layers.{i}.mtp.embed.weight", "layers.{i}.mtp.head.weight"})
+LORA_SUFFIXES = (".lora_a.weight", ".lora_b.weight", ".lora_magnitude.weight")
+SAVED = ".lora_saved."
 
 
 def is_lora(name: str) -> bool:
-    return name.endswith(LORA_SUFFIXES)
+    """Part of an adapter: a LoRA factor, a DoRA magnitude, or a saved tensor replacing a base one."""
+    return name.endswith(LORA_SUFFIXES) or SAVED in name
+
+
+def is_lora_factor(name: str) -> bool:
+    return name.endswith((".lora_a.weight", ".lora_b.weight"))
 
 
 def lora_target(name: str) -> str:
-    """``layers.0.attn.qkv.lora_a.weight`` -> ``layers.0.attn.qkv.weight``."""
+    """The base tensor an adapter tensor changes: ``layers.0.attn.qkv.lora_a.weight`` ->
+    ``layers.0.attn.qkv.weight``; ``lm_head.lora_saved.weight`` -> ``lm_head.weight``."""
+    if SAVED in name:
+        module, _, leaf = name.rpartition(SAVED)
+        return f"{module}.{leaf}"
     for suffix in LORA_SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)] + ".weight"
     raise ValueError(name)
+
+
+def saved_name(name: str) -> str:
+    """``lm_head.weight`` -> ``lm_head.lora_saved.weight`` (the adapter's copy replacing it)."""
+    module, _, leaf = name.rpartition(".")
+    return f"{module}{SAVED}{leaf}"
+
+
 NORM_SUFFIX = "norm.weight"
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")

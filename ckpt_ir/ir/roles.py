@@ -20,7 +20,7 @@ from functools import lru_cache
 import attrs
 
 from ckpt_ir.ir.layout import Layout
-from ckpt_ir.ir.names import COLUMN, COLUMN_BLOCKS2, ROW, Split, expert_of, role_of, split_layer
+from ckpt_ir.ir.names import COLUMN, COLUMN_BLOCKS2, ROW, Split, expert_of, role_of, saved_name, split_layer
 from ckpt_ir.ir.spec import ModelSpec
 
 Shape = Callable[[ModelSpec, Layout], tuple[int, ...]]
@@ -171,9 +171,13 @@ _BUILTIN: list[Role] = [
 ]
 
 # LoRA adapters attach to linear layers: ``<target>.lora_a.weight`` [r, in] and
-# ``<target>.lora_b.weight`` [out, r].  A column-parallel target keeps A whole and splits B like
-# the weight; a row-parallel target splits A like the weight (dim 1) and keeps B whole.
-LINEAR_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.gate", "mlp.up", "mlp.gate_up", "mlp.down")
+# ``<target>.lora_b.weight`` [out, r], and for DoRA ``<target>.lora_magnitude.weight`` [out].
+# A column-parallel target keeps A whole and splits B and the magnitude like the weight; a
+# row-parallel target splits A like the weight (dim 1) and keeps B and the magnitude whole.
+# The rank may differ per target (peft's rank_pattern): the verifier reads it from the tensor.
+LINEAR_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.gate", "mlp.up", "mlp.gate_up", "mlp.down",
+                  "mlp.experts.{e}.gate", "mlp.experts.{e}.up", "mlp.experts.{e}.gate_up", "mlp.experts.{e}.down",
+                  "mlp.shared.gate", "mlp.shared.up", "mlp.shared.gate_up", "mlp.shared.down")
 
 _TABLE: dict[str, Role] = {}
 
@@ -194,15 +198,27 @@ def _lora_roles(target: Role) -> list[Role]:
     def b_shape(s: ModelSpec, lay: Layout) -> tuple[int, ...]:
         return (target.shape(s, lay)[0], s.lora_rank or 0)
 
+    def m_shape(s: ModelSpec, lay: Layout) -> tuple[int, ...]:
+        return target.shape(s, lay)[:1]
+
     return [Role(base + ".lora_a.weight", None if rule.dim == 0 else ROW, a_shape, None),
-            Role(base + ".lora_b.weight", rule if rule.dim == 0 else None, b_shape, None)]
+            Role(base + ".lora_b.weight", rule if rule.dim == 0 else None, b_shape, None),
+            Role(base + ".lora_magnitude.weight", rule if rule.dim == 0 else None, m_shape, None)]
+
+
+def _saved_role(target: Role) -> Role:
+    """A full tensor saved with an adapter (peft's modules_to_save) that replaces its base tensor
+    ``<module>.<leaf>``: ``<module>.lora_saved.<leaf>``, split and shaped like it."""
+    return Role(saved_name(target.template), target.split, target.shape, None)
 
 
 def register_role(*roles: Role, lora: bool = False) -> None:
-    """Add roles to the table (a family's own tensors); ``lora=True`` also adds LoRA A/B roles for
-    each (linear layers).  Registering an existing template again replaces its row in place."""
+    """Add roles to the table (a family's own tensors), each with the role of an adapter's saved
+    copy of it; ``lora=True`` also adds LoRA A/B (and DoRA magnitude) roles for each (linear
+    layers).  Registering an existing template again replaces its row in place."""
     for role in roles:
         _TABLE[role.template] = role
+        _TABLE[saved_name(role.template)] = _saved_role(role)
         if lora:
             for r in _lora_roles(role):
                 _TABLE[r.template] = r
@@ -229,12 +245,15 @@ def split_rule(name: str) -> Split | None:
     return r.split
 
 
-def expected_shape(spec: ModelSpec, layout: Layout, name: str) -> tuple[int, ...] | None:
+def expected_shape(spec: ModelSpec, layout: Layout, name: str, rank: int | None = None) -> tuple[int, ...] | None:
     """The full (unsharded) shape ``name`` must have; None when the role is unknown (the verifier
-    reports it) or LoRA without a rank."""
+    reports it) or LoRA without a rank.  ``rank``: a LoRA factor's own rank (peft's rank_pattern
+    gives targets different ranks), else the spec's."""
     r = role(name)
     if r is None or (r.present is None and spec.lora_rank is None):
         return None
+    if rank is not None and name.endswith((".lora_a.weight", ".lora_b.weight")):
+        spec = attrs.evolve(spec, lora_rank=rank)
     return r.shape(spec, layout)
 
 

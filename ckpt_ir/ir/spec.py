@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
@@ -59,12 +60,25 @@ class ModelSpec:
     lm_head_bias: bool = False  # a bias on the output layer (untied models)
     lora_rank: int | None = None  # set while the checkpoint carries (unmerged) LoRA adapters
     lora_alpha: float | None = None
+    # LoRA scaling: alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA; r is each target's own
+    # rank (its A's rows) and alpha the default above unless a target has its own (peft's
+    # alpha_pattern), keyed by the target's canonical weight name
+    lora_rslora: bool = False
+    lora_alphas: tuple[tuple[str, float], ...] = attrs.field(default=(), converter=lambda v: tuple(sorted(v)))
     extra: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise LayoutError(f"model spec: num_heads={self.num_heads} is not a multiple of "
                               f"num_kv_heads={self.num_kv_heads}")
+
+    def lora_scale(self, target: str, rank: int) -> float:
+        """The factor of ``B @ A`` for the LoRA on ``target`` (a canonical weight name) of rank
+        ``rank``, computed as peft does (alpha / r or alpha / math.sqrt(r), one division)."""
+        alpha = dict(self.lora_alphas).get(target, self.lora_alpha)
+        if alpha is None:
+            raise LayoutError(f"{target}: the checkpoint does not record lora_alpha; pass --lora-alpha")
+        return alpha / math.sqrt(rank) if self.lora_rslora else alpha / rank
 
     @property
     def q_size(self) -> int:

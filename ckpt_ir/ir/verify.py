@@ -39,7 +39,8 @@ def verify(ckpt: Checkpoint, after: str = "") -> None:
             raise VerifyError(f"{name}: separate q/k/v tensor in a layout with fused QKV{where}")
         if SEPARATE_GATE_UP.match(rest) and layout.fused_gate_up:
             raise VerifyError(f"{name}: separate gate/up tensor in a layout with fused gate/up{where}")
-        want = expected_shape(spec, layout, name)
+        rank = t.shape[0] if name.endswith(".lora_a.weight") else t.shape[1] if name.endswith(".lora_b.weight") else None
+        want = expected_shape(spec, layout, name, rank)
         if want is not None and t.shape != want:
             raise VerifyError(f"{name}: shape {list(t.shape)} but the spec implies {list(want)}{where}")
         split = row.split
@@ -50,6 +51,9 @@ def verify(ckpt: Checkpoint, after: str = "") -> None:
             raise VerifyError(f"{name}: not sharded in a layout with tp={tp}{where}")
         if is_lora(name) and spec.lora_rank is None:
             raise VerifyError(f"{name}: LoRA tensor but the spec has no LoRA rank{where}")
+    for target, _ in spec.lora_alphas:
+        if target[: -len(".weight")] + ".lora_a.weight" not in ckpt.tensors:
+            raise VerifyError(f"the spec has a LoRA alpha for {target}, which carries no LoRA{where}")
     weights = {n for n in ckpt.tensors if not is_lora(n)}
     if weights and spec.total_layers > len(weights):  # cheap test before listing every expected name
         raise VerifyError(f"checkpoint is incomplete: the spec has {spec.total_layers} layers but there are only "

@@ -27,8 +27,9 @@ from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.passes.manager import WHOLE, Pass, register_pass
 
 # What a fusion applies to, per target: tensors whose rows are output features (weight, bias,
-# LoRA B) are stacked by the rule; LoRA A (input side) is shared by the parts.
-ROW_STACKED = ("weight", "bias", "lora_b.weight")
+# LoRA B, DoRA magnitude, an adapter's saved copies) are stacked by the rule; LoRA A (input side)
+# is shared by the parts.
+ROW_STACKED = ("weight", "bias", "lora_b.weight", "lora_magnitude.weight", "lora_saved.weight", "lora_saved.bias")
 SHARED = "lora_a.weight"
 
 
@@ -72,7 +73,8 @@ MLA = Fusion({"q": lambda s: "attn.q_a" if s.q_lora_rank else "attn.q", "kv_a": 
              "attn.qkv_a", mla_rule, kinds=("weight",))
 # gated MLPs: the dense one, each routed expert, and the shared experts
 GATE_UP = Fusion({"gate": _const("gate"), "up": _const("up")}, "gate_up", gate_up_rule,
-                 re.compile(r"mlp\.(?:experts\.\d+\.|shared\.)?"), kinds=("weight", "lora_b.weight", SHARED))
+                 re.compile(r"mlp\.(?:experts\.\d+\.|shared\.)?"),
+                 kinds=("weight", "lora_b.weight", "lora_magnitude.weight", "lora_saved.weight", SHARED))
 
 
 def _rebuild(ckpt: Checkpoint, replace: dict[str, dict[str, E.Expr]], drop: set[str]) -> dict[str, TensorNode]:

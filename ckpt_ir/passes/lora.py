@@ -1,8 +1,12 @@
-"""lora-merge: fold LoRA adapters into their base weights, W' = W + (alpha / r) * B @ A.
+"""lora-merge: fold LoRA adapters into their base weights, W' = W + s * B @ A.
 
-The product and the sum run in fp32 and the result is rounded once to W's dtype (a bf16 model
-stays bf16 without an fp16 detour).  Fused targets need no special case: a fused QKV's B is
-interleaved exactly like its weight, and a fused gate/up's B is [B_gate; B_up] like [gate; up].
+s is each target's scale (``ModelSpec.lora_scale``: alpha / r or, rank-stabilised, alpha / sqrt(r),
+with the target's own rank and alpha).  With a DoRA magnitude m the merged rows are rescaled to
+it, W' = (m / ||W + s*B@A||_row) * (W + s*B@A), in peft's operation order.  A full tensor saved
+with the adapter (modules_to_save) replaces its base tensor.  All arithmetic runs in fp32 and the
+result is rounded once to W's dtype (a bf16 model stays bf16 without an fp16 detour).  Fused
+targets need no special case: a fused QKV's B (and magnitude) is interleaved exactly like its
+weight, and a fused gate/up's B is [B_gate; B_up] like [gate; up].
 """
 
 from __future__ import annotations
@@ -12,25 +16,34 @@ import attrs
 from ckpt_ir.errors import UsageError, VerifyError
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
-from ckpt_ir.ir.names import is_lora, lora_target, split_layer
+from ckpt_ir.ir.names import is_lora, is_lora_factor, lora_target, role_of, saved_name
 from ckpt_ir.passes.manager import HAS_LORA, UNFUSED, WHOLE, Option, Pass, Requirement, register_pass
 
 # Module names --lora-target-modules takes (Megatron or HF) -> the canonical targets that carry
-# their LoRA, fused or not (q_proj's LoRA lives in linear_qkv's once fused)
+# their LoRA, fused or not (q_proj's LoRA lives in linear_qkv's once fused); Megatron's and
+# transformers-4's expert linears take the same names as the dense ones
+_FC1 = ("mlp.gate_up", "mlp.gate", "mlp.up", "mlp.experts.{e}.gate_up", "mlp.experts.{e}.gate", "mlp.experts.{e}.up",
+        "mlp.shared.gate_up", "mlp.shared.gate", "mlp.shared.up")
 MCORE_TARGETS = {"linear_qkv": ("attn.qkv", "attn.q", "attn.k", "attn.v"), "linear_proj": ("attn.o",),
-                 "linear_fc1": ("mlp.gate_up", "mlp.gate", "mlp.up"), "linear_fc2": ("mlp.down",)}
+                 "linear_fc1": _FC1, "linear_fc2": ("mlp.down", "mlp.experts.{e}.down", "mlp.shared.down")}
 HF_TARGETS = {"q_proj": ("attn.q", "attn.qkv"), "k_proj": ("attn.k", "attn.qkv"), "v_proj": ("attn.v", "attn.qkv"),
-              "o_proj": ("attn.o",), "gate_proj": ("mlp.gate", "mlp.gate_up"), "up_proj": ("mlp.up", "mlp.gate_up"),
-              "down_proj": ("mlp.down",), "qkv_proj": ("attn.q", "attn.k", "attn.v", "attn.qkv"),
-              "gate_up_proj": ("mlp.gate", "mlp.up", "mlp.gate_up")}
+              "o_proj": ("attn.o",),
+              "gate_proj": ("mlp.gate", "mlp.gate_up", "mlp.experts.{e}.gate", "mlp.experts.{e}.gate_up", "mlp.shared.gate",
+                            "mlp.shared.gate_up"),
+              "up_proj": ("mlp.up", "mlp.gate_up", "mlp.experts.{e}.up", "mlp.experts.{e}.gate_up", "mlp.shared.up",
+                          "mlp.shared.gate_up"),
+              "down_proj": ("mlp.down", "mlp.experts.{e}.down", "mlp.shared.down"),
+              "qkv_proj": ("attn.q", "attn.k", "attn.v", "attn.qkv"), "gate_up_proj": _FC1,
+              "w1": ("mlp.experts.{e}.gate", "mlp.experts.{e}.gate_up"), "w3": ("mlp.experts.{e}.up", "mlp.experts.{e}.gate_up"),
+              "w2": ("mlp.experts.{e}.down",)}
 
 
 def lora_modules(ckpt: Checkpoint) -> set[str]:
-    """Canonical target roles (``attn.qkv``, ``mlp.down``...) that carry LoRA tensors."""
+    """Canonical target roles (``attn.qkv``, ``mlp.experts.{e}.down``...) that carry LoRA tensors."""
     out = set()
     for name in ckpt.tensors:
-        if is_lora(name):
-            out.add(split_layer(lora_target(name))[1][: -len(".weight")])
+        if is_lora_factor(name):
+            out.add(role_of(lora_target(name))[len("layers.{i}."): -len(".weight")])
     return out
 
 
@@ -89,16 +102,18 @@ def apply_lora_options(ckpt: Checkpoint, rank: int | None, alpha: float | None,
 @register_pass
 class LoraMerge(Pass):
     name = "lora-merge"
-    summary = "Merge LoRA adapters into base weights: W + (alpha/r) * B @ A in fp32, rounded once"
+    summary = "Merge LoRA adapters into base weights: W + s * B @ A (DoRA: rescaled rows) in fp32, rounded once"
     description = ("Rank and alpha come from the checkpoint (Megatron args or adapter_config.json); options "
-                   "must agree with them.  targets= (comma list of Megatron or HF module names) must name "
-                   "exactly the modules that carry LoRA.")
+                   "must agree with them.  Per-target ranks, alphas (peft's rank/alpha_pattern), rsLoRA "
+                   "scaling, DoRA magnitudes and saved full tensors (modules_to_save) are data of the "
+                   "checkpoint.  targets= (comma list of Megatron or HF module names) must name exactly the "
+                   "modules that carry LoRA.")
     options = (
         Option("alpha", float, None, "LoRA alpha (default: from the checkpoint)"),
         Option("rank", int, None, "LoRA rank r (default: from the checkpoint)"),
         Option("targets", str, None, "modules expected to carry LoRA, e.g. linear_qkv,linear_proj"),
     )
-    requires = (WHOLE, HAS_LORA)
+    requires = (WHOLE, HAS_LORA)  # whole: a DoRA row norm spans the input dim of row-parallel weights
     guarantees = "no LoRA tensors; base weights merged, dtype unchanged"
     optimizer_state = "drop"
     drop_reason = "the adapters' state has no counterpart in the merged weights (lora-merge)"
@@ -106,25 +121,34 @@ class LoraMerge(Pass):
     def run(self, ckpt: Checkpoint) -> Checkpoint:
         targets = tuple(t for t in (self.opt("targets") or "").split(",") if t)
         spec = apply_lora_options(ckpt, self.opt("rank"), self.opt("alpha"), targets).spec
-        r, alpha = spec.lora_rank, spec.lora_alpha
-        assert r is not None and alpha is not None
-        scale = alpha / r
         out: dict[str, TensorNode] = {}
         for name, t in ckpt.tensors.items():
             if is_lora(name):
                 continue
-            base = name[: -len(".weight")]
-            a, b = ckpt.tensors.get(base + ".lora_a.weight"), ckpt.tensors.get(base + ".lora_b.weight")
+            saved = ckpt.tensors.get(saved_name(name))
+            if saved is not None:  # peft's modules_to_save: the trained copy replaces the base tensor
+                out[name] = TensorNode.whole(name, E.simplify(E.Cast(saved.expr, t.dtype)))
+                continue
+            out[name] = t
+            stem = name[: -len(".weight")] if name.endswith(".weight") else name
+            a, b, m = (ckpt.tensors.get(stem + s) for s in (".lora_a.weight", ".lora_b.weight", ".lora_magnitude.weight"))
             if (a is None) != (b is None):
                 raise VerifyError(f"{name}: LoRA {'A' if a is None else 'B'} is missing")
-            if a is not None:
-                delta = E.Scale(E.Matmul(b.expr, a.expr), scale)
-                t = TensorNode.whole(name, E.Add(t.expr, delta))
-            out[name] = t
+            if a is None:
+                if m is not None:
+                    raise VerifyError(f"{name}: DoRA magnitude without LoRA A and B")
+                continue
+            delta = E.Scale(E.Matmul(b.expr, a.expr), spec.lora_scale(name, a.shape[0]))
+            if m is None:
+                merged = E.Add(t.expr, delta)
+            else:  # the norm needs W + s*B@A unrounded: sum in fp32, rescale, round once
+                merged = E.Cast(E.RowRescale(E.Add(E.Cast(t.expr, "F32"), delta), m.expr), t.dtype)
+            out[name] = TensorNode.whole(name, E.simplify(merged))
         orphans = [n for n in ckpt.tensors if is_lora(n) and lora_target(n) not in ckpt.tensors]
         if orphans:
             raise VerifyError(f"LoRA tensors without a base weight: {', '.join(orphans[:3])}; load the base checkpoint")
-        return ckpt.with_tensors(out, spec=attrs.evolve(spec, lora_rank=None, lora_alpha=None))
+        return ckpt.with_tensors(out, spec=attrs.evolve(spec, lora_rank=None, lora_alpha=None, lora_rslora=False,
+                                                        lora_alphas=()))
 
 
 @register_pass
@@ -135,7 +159,8 @@ class AttachLora(Pass):
                    "checkpoint (e.g. saved with a LoRA filter) must have the base's parallel layout.  Adapter "
                    "tensors replace any LoRA the checkpoint already carries; only headers are read.")
     options = (Option("path", str, None, "adapter directory", required=True),)
-    guarantees = "LoRA A/B tensors next to their base weights; spec.lora_rank/lora_alpha from the adapter"
+    guarantees = ("adapter tensors (LoRA A/B, DoRA magnitudes, saved copies) next to their base weights; the "
+                  "spec's LoRA settings (rank, alpha, rsLoRA, per-target alphas) from the adapter")
     optimizer_state = "follow"  # the weights are unchanged; the adapters have no state of their own here
 
     def requirements(self) -> tuple[Requirement, ...]:
@@ -150,7 +175,7 @@ class AttachLora(Pass):
 
         path = self.path
         if peft.detect(path):
-            tensors, rank, alpha = peft.lift_adapter(path, by_name(ckpt.spec.family), ckpt.spec)
+            tensors, spec = peft.lift_adapter(path, by_name(ckpt.spec.family), ckpt.spec)
         else:
             adapter = load(path)
             if adapter.spec.lora_rank is None:
@@ -161,11 +186,13 @@ class AttachLora(Pass):
                 raise UsageError(f"--lora-load {path}: adapter layout ({la.describe()}) differs from the base "
                                  f"({lb.describe()}); both must come from the same training layout")
             tensors = {n: t for n, t in adapter.tensors.items() if is_lora(n)}
-            rank, alpha = adapter.spec.lora_rank, adapter.spec.lora_alpha
+            a = adapter.spec
+            spec = attrs.evolve(ckpt.spec, lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, lora_rslora=a.lora_rslora,
+                                lora_alphas=a.lora_alphas)
         missing = sorted({lora_target(n) for n in tensors} - set(ckpt.tensors))
         if missing:
             raise UsageError(f"--lora-load {path}: adapter targets {', '.join(missing[:3])} which the base lacks")
         merged = {n: t for n, t in ckpt.tensors.items() if not is_lora(n)}
         merged.update(tensors)
         ordered = dict(sorted(merged.items(), key=lambda kv: canonical_order(kv[0])))
-        return attrs.evolve(ckpt, tensors=ordered, spec=attrs.evolve(ckpt.spec, lora_rank=rank, lora_alpha=alpha))
+        return attrs.evolve(ckpt, tensors=ordered, spec=spec)

@@ -9,7 +9,7 @@ import attrs
 from ckpt_ir.errors import UsageError
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
-from ckpt_ir.ir.names import VOCAB_ROLES
+from ckpt_ir.ir.names import VOCAB_ROLES, role_of
 from ckpt_ir.passes.manager import UNPADDED, WHOLE, Option, Pass, register_pass
 
 
@@ -50,7 +50,7 @@ class PadVocab(Pass):
         return self._pad(ckpt, self._size(ckpt), zero=state != "param")
 
     def _pad(self, ckpt: Checkpoint, size: int, zero: bool) -> Checkpoint:
-        out = {n: (t.map(lambda e: E.simplify(E.PadRows(e, size, zero))) if n in VOCAB_ROLES else t)
+        out = {n: (t.map(lambda e: E.simplify(E.PadRows(e, size, zero))) if role_of(n) in VOCAB_ROLES else t)
                for n, t in ckpt.tensors.items()}
         padded = size if size != ckpt.spec.vocab_size else None
         return ckpt.with_tensors(out, layout=attrs.evolve(ckpt.layout, padded_vocab=padded))
@@ -66,6 +66,6 @@ class UnpadVocab(Pass):
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
         v = ckpt.spec.vocab_size
-        out = {n: (t.map(lambda e: E.simplify(E.Slice(e, 0, 0, v))) if n in VOCAB_ROLES else t)
+        out = {n: (t.map(lambda e: E.simplify(E.Slice(e, 0, 0, v))) if role_of(n) in VOCAB_ROLES else t)
                for n, t in ckpt.tensors.items()}
         return ckpt.with_tensors(out, layout=attrs.evolve(ckpt.layout, padded_vocab=None))

@@ -1,0 +1,437 @@
+"""``ckpt-ir verify A B``: prove two checkpoints hold the same model by running it.
+
+Each side is lifted and brought to HF layout by the standard pipeline, lazily (Megatron layouts
+are gathered by expressions, nothing is read yet).  The transformers model of the family is built
+with its parameters on the meta device; a forward hook pair on every top-level unit (embedding,
+each decoder layer, final norm, lm_head) materialises that unit's weights from the IR just before
+it runs and returns them to the meta device right after, so peak memory is about one layer plus
+activations.  The model's own forward (rotary embeddings, masks, family quirks) runs unchanged;
+checkpoint names become module parameters through transformers' own weight-conversion rules (fused
+MoE experts), so the oracle shares no layout code with the converter.  The hidden state after
+every unit is recorded for both sides and compared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+
+from ckpt_ir.errors import CkptIrError, FormatError, UsageError
+
+# machine epsilon per IR dtype
+EPS = {"F32": 2.0**-23, "BF16": 2.0**-7, "F16": 2.0**-10, "F64": 2.0**-52}
+# default tolerance when the two sides' arithmetic differs, relative to a layer's max |value|: this many
+# epsilons of the coarsest dtype involved, and never below fp32's reordering noise over a deep stack
+RTOL_EPS, RTOL_FLOOR = 16, 1e-5
+
+
+@attrs.frozen
+class Row:
+    """One compared point of the forward: a unit's output on both sides."""
+
+    name: str
+    max_abs_diff: float
+    scale: float  # max |value| over both sides, for relative tolerances
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+
+def hf_side(path: str, hf_config: dict | None = None):
+    """``path`` lifted and lowered to HF layout lazily: (checkpoint, [(HF name, expression)])."""
+    import ckpt_ir.api as ck
+    from ckpt_ir.backends.hf import hf_tensors
+    from ckpt_ir.families import by_name
+
+    src = ck.load(path, hf_config=hf_config)
+    out = ck.run(src, ck.derive_pipeline(src, ck.Target(to="hf")))
+    return out, hf_tensors(out, by_name(out.spec.family))
+
+
+def transformers_config(ckpt) -> Any:
+    """The transformers config of ``ckpt``'s model (as the HF backend would write it); refuses a
+    family whose architecture transformers does not implement (remote code)."""
+    import transformers
+
+    from ckpt_ir.families import by_name
+
+    family = by_name(ckpt.spec.family)
+    cfg = family.config_from_spec(ckpt.spec, ckpt.hf_config)
+    if cfg.get("auto_map") or not hasattr(transformers, family.architecture):
+        raise UsageError(f"verify: {family.architecture} ({ckpt.spec.family}) is not implemented by transformers "
+                         f"{transformers.__version__} (remote code is never run); verify needs a built-in class")
+    cfg = {k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version", "auto_map")}
+    return transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device but real buffers (rotary
+    frequencies are computed at construction and needed by the forward)."""
+    import torch
+
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(self, name, param):
+        register(self, name, param)
+        if param is not None and not param.is_meta:
+            self._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+
+    torch.nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def build_model(config, dtype, device, adapter: str | None):
+    """The causal-LM model with meta parameters; with ``adapter`` wrapped by PEFT (its LoRA weights
+    loaded, they are small) so the adapter is applied at run time as peft does."""
+    import transformers
+
+    with parameters_on_meta():
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    for name, buf in model.named_buffers():
+        if not buf.is_meta and buf.device != device:
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = buf.to(device)
+    if adapter is None:
+        return model
+    import torch
+    from peft import PeftModel
+    from peft.utils import load_peft_weights
+
+    # peft places new adapter weights on the base layer's device (meta here) and warns that loading
+    # into meta is a no-op: load them ourselves
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = PeftModel.from_pretrained(model, adapter)
+    peft_model.eval()
+    for key, value in load_peft_weights(adapter, device="cpu").items():
+        name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+        owner, _, leaf = name.rpartition(".")
+        try:
+            module = peft_model.get_submodule(owner)
+        except AttributeError:
+            raise FormatError(f"{adapter}: adapter tensor {key} has no place in the model") from None
+        module._parameters[leaf] = torch.nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False)
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name and p.is_meta:
+            raise FormatError(f"{adapter}: the adapter has no tensor for {name}; it does not match the model")
+    return peft_model.base_model.model
+
+
+def units(model) -> list[tuple[str, Any]]:
+    """(checkpoint-name prefix, module) for every unit materialised at once: the direct children
+    of the decoder stack that hold weights (decoder layers one by one), then the LM head."""
+    import torch
+
+    base_prefix = model.base_model_prefix
+    base = getattr(model, base_prefix)
+    out = []
+    for name, child in base.named_children():
+        if isinstance(child, torch.nn.ModuleList):
+            out += [(f"{base_prefix}.{name}.{i}.", layer) for i, layer in enumerate(child)]
+        elif any(t.is_meta for t in child.state_dict().values()):
+            out.append((f"{base_prefix}.{name}.", child))
+    for name, child in model.named_children():
+        if child is not base and any(t.is_meta for t in child.state_dict().values()):
+            out.append((f"{name}.", child))
+    return out
+
+
+def conversion(model):
+    """transformers' checkpoint -> module rules for this model (renamings, fused-expert converters)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    return renamings, converters
+
+
+def convert_names(model, rules, tensors: dict[str, Any]) -> dict[str, Any]:
+    """Checkpoint tensors (full HF names) -> module state (full module names), as from_pretrained does."""
+    import copy
+
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    renamings, converters = rules
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    pending: dict[str, Any] = {}
+    for key in sorted(tensors):
+        new, pattern = rename_source_key(key, renamings, converters)
+        if pattern is None:
+            op, pattern = pending.setdefault(new, WeightRenaming(key, new)), key
+        else:
+            op = pending.setdefault(new, copy.deepcopy(by_pattern[pattern]))
+        op.add_tensor(new, key, pattern, tensors[key])
+    out: dict[str, Any] = {}
+    for first, op in pending.items():
+        for name, value in op.convert(first, model=model, config=model.config).items():
+            out[name] = value[0] if isinstance(value, list) else value
+    return out
+
+
+class Materialiser:
+    """Hooks that give a unit its weights from the IR just before it runs and take them back after."""
+
+    def __init__(self, model, exprs: list[tuple[str, Any]], reader, dtype, device, tied: bool) -> None:
+        self.model, self.reader, self.dtype, self.device = model, reader, dtype, device
+        self.exprs = dict(exprs)
+        if tied and "lm_head.weight" not in self.exprs:
+            self.exprs["lm_head.weight"] = self.exprs[f"{model.base_model_prefix}.embed_tokens.weight"]
+        self.rules = conversion(model)
+        self.used: set[str] = set()
+
+    def load(self, prefix: str, module) -> None:
+        from ckpt_ir.ir import expr as E
+
+        names = [n for n in self.exprs if n.startswith(prefix)]
+        self.used.update(names)
+        tensors = {n: E.evaluate(self.exprs[n], self.reader).to(device=self.device, dtype=self.dtype) for n in names}
+        state = {k[len(prefix):]: v for k, v in convert_names(self.model, self.rules, tensors).items()}
+        del tensors
+        want = {k for k, v in module.state_dict().items() if v.is_meta}
+        for k in list(state):  # a PEFT-wrapped projection keeps its base weight one level down
+            if k not in want:
+                stem, _, leaf = k.rpartition(".")
+                if f"{stem}.base_layer.{leaf}" in want:
+                    state[f"{stem}.base_layer.{leaf}"] = state.pop(k)
+        missing, unexpected = sorted(want - set(state)), sorted(set(state) - set(module.state_dict()))
+        if missing or unexpected:
+            raise FormatError(f"verify: {prefix.rstrip('.')}: the checkpoint does not fill the transformers module "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        module.load_state_dict(state, strict=False, assign=True)
+
+    @staticmethod
+    def unload(module) -> None:
+        import torch
+
+        for path, sub in module.named_modules():
+            if "lora_" in path:  # PEFT adapter weights stay loaded (they are small)
+                continue
+            for leaf, p in list(sub._parameters.items()):
+                if p is not None and not p.is_meta:
+                    sub._parameters[leaf] = torch.nn.Parameter(p.to("meta"), requires_grad=False)
+        release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand the freed unit's heap pages back to the OS (glibc keeps blocks under its 32 MB mmap
+    threshold, such as one projection's weight, in the heap), so resident memory falls back
+    after every unit instead of staying at its high-water mark."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None).malloc_trim  # the C library this process already uses (glibc)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+def run_side(side, prompt, dtype, device, *, adapter: str | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Forward ``prompt`` unit by unit through the model of ``side`` (from :func:`hf_side`);
+    returns ({unit: output}, unit names in order)."""
+    import torch
+
+    from ckpt_ir.ir import expr as E
+
+    ckpt, exprs = side
+    config = transformers_config(ckpt)
+    model = build_model(config, dtype, device, adapter)
+    outputs: dict[str, Any] = {}
+    order: list[str] = []
+    handles = []
+    with E.Reader() as reader:
+        mat = Materialiser(model, exprs, reader, dtype, device, ckpt.spec.tied_embeddings)
+        for prefix, module in units(model):
+            label = unit_label(prefix, model.base_model_prefix)
+
+            def pre(mod, _args, prefix=prefix):
+                mat.load(prefix, mod)
+
+            def post(mod, _args, out, label=label):
+                if label != "lm_head":  # its output is the logits (before any soft-capping)
+                    h = out[0] if isinstance(out, tuple) else out
+                    outputs[label] = h.detach().to("cpu", torch.float32)
+                    order.append(label)
+                mat.unload(mod)
+
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=prompt.to(device), use_cache=False).logits
+        finally:
+            for h in handles:
+                h.remove()
+    outputs["logits"] = logits.detach().to("cpu", torch.float32)
+    order.append("logits")
+    unused = [n for n, _ in exprs if n not in mat.used and not _layer_at_least(n, model.base_model_prefix,
+                                                                          ckpt.spec.num_layers)]
+    if unused:
+        raise FormatError(f"verify: {ckpt.source}: tensor(s) {', '.join(unused[:3])} have no place in the transformers "
+                          f"model; verify cannot account for them")
+    return outputs, order
+
+
+def _layer_at_least(name: str, base: str, first: int) -> bool:
+    """Whether ``name`` belongs to a decoder layer numbered ``first`` or later (MTP layers)."""
+    prefix = f"{base}.layers."
+    return name.startswith(prefix) and int(name[len(prefix):].split(".", 1)[0]) >= first
+
+
+def unit_label(prefix: str, base: str) -> str:
+    p = prefix.rstrip(".")
+    if p.startswith(f"{base}.layers."):
+        return "layer " + p.rsplit(".", 1)[1]
+    return {f"{base}.embed_tokens": "embeddings", f"{base}.norm": "final norm", "lm_head": "lm_head"}.get(p, p)
+
+
+def verify(a: str, b: str, *, tokens: int = 16, prompt_ids: tuple[int, ...] | None = None, dtype: str | None = None,
+           device: str = "cpu", atol: float | None = None, adapter: str | None = None,
+           hf_config: dict | None = None) -> dict[str, Any]:
+    """Run both checkpoints on the same prompt; the report says where they first diverge."""
+    import torch
+
+    from ckpt_ir.device import resolve_device
+    from ckpt_ir.ir.dtypes import from_name, to_torch
+
+    dev = resolve_device(device)
+    if adapter is not None:
+        from ckpt_ir.frontends import peft
+
+        if not peft.detect(adapter):
+            raise UsageError(f"--lora-load {adapter}: verify applies PEFT adapters (a directory with "
+                             f"adapter_config.json); export a Megatron LoRA checkpoint with `ckpt-ir convert ... "
+                             f"--to peft` first")
+    side_a, side_b = hf_side(a, hf_config), hf_side(b, hf_config)
+    ca, cb = side_a[0], side_b[0]
+    if ca.spec.family != cb.spec.family:
+        raise UsageError(f"verify: {a} is {ca.spec.family} but {b} is {cb.spec.family}; they cannot hold one model")
+    sa, sb = ca.spec.summary(), cb.spec.summary()
+    differ = [k for k in sa if k not in ("dtype", "lora_rank", "lora_alpha") and sa[k] != sb[k]]
+    if differ:
+        k = differ[0]
+        raise UsageError(f"verify: {a} and {b} are different models ({k} {sa[k]} vs {sb[k]}); compare them with "
+                         f"`ckpt-ir diff`")
+    vocab = ca.spec.vocab_size
+    if prompt_ids:
+        bad = [i for i in prompt_ids if not 0 <= i < vocab]
+        if bad:
+            raise UsageError(f"--prompt-ids: {bad[0]} is outside the vocabulary [0, {vocab})")
+        prompt = torch.tensor([list(prompt_ids)], dtype=torch.long)
+    else:
+        if tokens < 1:
+            raise UsageError(f"--tokens must be at least 1, got {tokens}")
+        prompt = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(1234))
+    compute = from_name(dtype) if dtype else (ca.spec.dtype if ca.spec.dtype == cb.spec.dtype else "F32")
+    torch_dtype = to_torch(compute)
+    same_math = ca.spec.dtype == cb.spec.dtype and adapter is None
+    coarsest = max((ca.spec.dtype, cb.spec.dtype, compute), key=lambda d: EPS.get(d, 0.0))
+    rtol = 0.0 if same_math else max(RTOL_EPS * EPS.get(coarsest, 2.0**-7), RTOL_FLOOR)
+    out_a, order = run_side(side_a, prompt, torch_dtype, dev)
+    del side_a
+    out_b, _ = run_side(side_b, prompt, torch_dtype, dev, adapter=adapter)
+    rows = []
+    for label in order:
+        x, y = out_a[label], out_b[label]
+        if x.shape != y.shape:
+            raise CkptIrError(f"verify: {label}: output shapes differ ({list(x.shape)} vs {list(y.shape)})")
+        diff = float((x.double() - y.double()).abs().max())
+        scale = float(max(x.abs().max(), y.abs().max()))
+        tol = atol if atol is not None else rtol * max(scale, 1.0)
+        rows.append(Row(label, diff, scale, tol))
+    la, lb = out_a["logits"][0], out_b["logits"][0]
+    agree = int((la.argmax(-1) == lb.argmax(-1)).sum())
+    first_bad = next((r.name for r in rows if not r.ok), None)
+    return {"a": a, "b": b, "family": ca.spec.family, "tokens": int(prompt.shape[1]), "compute_dtype": compute,
+            "dtypes": [ca.spec.dtype, cb.spec.dtype], "tolerance": "atol" if atol is not None else
+            (f"{rtol:.3g} x max|h| ({RTOL_EPS} x eps({coarsest}), at least {RTOL_FLOOR:g})" if rtol else "exact"),
+            "rows": [attrs.asdict(r) | {"ok": r.ok} for r in rows],
+            "logits_max_abs_diff": rows[-1].max_abs_diff, "top1_agreement": agree,
+            "first_divergent": first_bad, "ok": first_bad is None,
+            "not_compared": not_compared(ca)}
+
+
+def not_compared(ckpt) -> list[str]:
+    """Weights the transformers model has no module for (DeepSeek's MTP layers)."""
+    if ckpt.spec.mtp_layers:
+        return [f"{ckpt.spec.mtp_layers} multi-token-prediction layer(s): transformers builds no module for them "
+                f"(compare them with `ckpt-ir diff`)"]
+    return []
+
+
+def format_report(r: dict[str, Any]) -> str:
+    lines = [f"verify {r['a']} vs {r['b']}: {r['family']}, {r['tokens']} tokens, compute {r['compute_dtype']}, "
+             f"tolerance {r['tolerance']}"]
+    width = max(len(x["name"]) for x in r["rows"])
+    for x in r["rows"]:
+        mark = "ok" if x["ok"] else "DIVERGES"
+        lines.append(f"  {x['name']:<{width}}  max|diff| {x['max_abs_diff']:.6g}  (max|h| {x['scale']:.4g}, "
+                     f"tol {x['tolerance']:.3g})  {mark}")
+    lines.append(f"logits max|diff| {r['logits_max_abs_diff']:.6g}, top-1 agreement {r['top1_agreement']}/{r['tokens']}")
+    for n in r["not_compared"]:
+        lines.append(f"not compared: {n}")
+    lines.append("OK: the outputs agree" if r["ok"] else f"DIVERGED: first at {r['first_divergent']}")
+    return "\n".join(lines)
+
+
+
+def add_parser(sub) -> None:
+    from ckpt_ir.cli import int_list
+
+    v = sub.add_parser("verify", help="run two checkpoints of one model through transformers, layer by layer, "
+                       "and compare", description="Prove that A and B (any formats and layouts) hold the same "
+                       "model: the transformers model runs on a fixed prompt with one layer's weights in memory at "
+                       "a time; per-layer max |diff| of hidden states, logits max |diff| and top-1 agreement are "
+                       "reported. Exit 0 within the tolerance, 1 beyond it (the first divergent layer is named).")
+    v.add_argument("a", help="reference checkpoint directory (HF or Megatron)")
+    v.add_argument("b", help="checkpoint to check against it")
+    v.add_argument("--tokens", type=int, default=16, help="prompt length (default 16; random ids, fixed seed)")
+    v.add_argument("--prompt-ids", type=int_list, default=None, metavar="IDS", help="the prompt as token ids, "
+                   "e.g. 1,2,3 (overrides --tokens)")
+    v.add_argument("--dtype", help="compute in this dtype, e.g. fp32 (default: the checkpoints' dtype when they "
+                   "agree, else fp32)")
+    v.add_argument("--device", default="cpu", help="where the forward runs: cpu (default), cuda[:N] or npu[:N] "
+                   "(npu needs pip install 'ckpt-ir[npu]')")
+    v.add_argument("--atol", type=float, default=None, help="largest max |diff| accepted per layer (default: 0 when "
+                   f"both sides share a dtype and no adapter is applied, else {RTOL_EPS} x the coarsest dtype's "
+                   f"epsilon, at least {RTOL_FLOOR:g}, times the layer's max |value|)")
+    v.add_argument("--lora-load", metavar="DIR", help="apply this PEFT adapter to B at run time (peft), e.g. to "
+                   "check a merged A against BASE + adapter")
+    v.add_argument("--hf-config", metavar="DIR", help="HF config.json for Megatron sides whose args carry none")
+    v.add_argument("--json", action="store_true", help="machine-readable report")
+
+
+def run(args) -> int:
+    """The ``verify`` command."""
+    import json
+    import sys
+
+    from ckpt_ir.frontends.hf import read_config
+
+    hf_cfg = read_config(args.hf_config) if args.hf_config else None
+    report = verify(args.a, args.b, tokens=args.tokens, prompt_ids=args.prompt_ids, dtype=args.dtype,
+                    device=args.device, atol=args.atol, adapter=args.lora_load, hf_config=hf_cfg)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(format_report(report))
+    sys.stdout.flush()
+    return 0 if report["ok"] else 1

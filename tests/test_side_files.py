@@ -1,0 +1,132 @@
+"""Files around the weights: HF -> mcore keeps the HF side files (tokenizer, generation config,
+chat template, remote code, config.json) in the checkpoint's ``hf/`` folder, mcore -> HF restores
+them byte for byte, ``--hf-config`` wins and copies remote code, and an output without a
+tokenizer says so."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from ckpt_ir.cli import main as cli_main
+from tests.cli_contract import build_tiny_hf
+
+SIDE = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+        "chat_template.jinja")
+
+
+def _add_tokenizer(d) -> None:
+    """A real (word-level) fast tokenizer, a generation config and a chat template, saved by
+    transformers itself."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "hello", "world", "ckpt", "ir"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    fast.save_pretrained(d)
+    GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9, bos_token_id=1, eos_token_id=2).save_pretrained(d)
+
+
+@pytest.fixture(scope="module")
+def hf_with_tokenizer(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok") / "hf"
+    shutil.copytree(build_tiny_hf(tmp_path_factory), d)
+    _add_tokenizer(d)
+    assert all((d / n).is_file() for n in SIDE), sorted(os.listdir(d))
+    return d
+
+
+def test_side_files_survive_hf_mcore_hf(hf_with_tokenizer, tmp_path, capsys):
+    src = hf_with_tokenizer
+    mc = tmp_path / "mcore"
+    assert cli_main(["convert", str(src), str(mc), "--to", "mcore", "--tp", "2", "--quiet"]) == 0
+    assert sorted(os.listdir(mc / "hf")) == sorted((*SIDE, "config.json"))  # the documented place
+    back = tmp_path / "back"
+    capsys.readouterr()
+    assert cli_main(["convert", str(mc), str(back), "--to", "hf"]) == 0  # no --hf-config
+    assert "tokenizer" not in capsys.readouterr().err  # nothing to report
+    for name in SIDE:
+        assert (back / name).read_bytes() == (src / name).read_bytes(), name
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(back)
+    assert tok("hello world ckpt").input_ids == AutoTokenizer.from_pretrained(src)("hello world ckpt").input_ids
+    assert tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False) == "hello"
+    assert GenerationConfig.from_pretrained(back).temperature == 0.6
+    # mcore -> mcore keeps them too
+    again = tmp_path / "mcore_tp1"
+    assert cli_main(["convert", str(mc), str(again), "--to", "mcore", "--quiet"]) == 0
+    assert all((again / "hf" / n).read_bytes() == (src / n).read_bytes() for n in SIDE)
+
+
+def test_explicit_hf_config_wins(hf_with_tokenizer, tmp_path):
+    mc = tmp_path / "mcore"
+    assert cli_main(["convert", str(hf_with_tokenizer), str(mc), "--to", "mcore", "--quiet"]) == 0
+    other = tmp_path / "other"
+    shutil.copytree(hf_with_tokenizer, other)
+    (other / "chat_template.jinja").write_text("{{ 'other template' }}")
+    back = tmp_path / "back"
+    assert cli_main(["convert", str(mc), str(back), "--to", "hf", "--hf-config", str(other), "--quiet"]) == 0
+    assert (back / "chat_template.jinja").read_text() == "{{ 'other template' }}"
+
+
+def test_output_without_tokenizer_says_so(tmp_path_factory, tmp_path, capsys):
+    src = build_tiny_hf(tmp_path_factory)  # weights and config only
+    capsys.readouterr()
+    assert cli_main(["convert", str(src), str(tmp_path / "out"), "--to", "hf", "--dtype", "bf16"]) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("dropped:") and "tokenizer" in ln]
+    assert len(lines) == 1 and "--hf-config" in lines[0], lines
+
+
+CONFIGURATION = '''from transformers import LlamaConfig
+
+
+class TinyConfig(LlamaConfig):
+    model_type = "llama"
+'''
+MODELING = '''from transformers import LlamaForCausalLM
+
+from .configuration_tiny import TinyConfig
+
+
+class TinyForCausalLM(LlamaForCausalLM):
+    config_class = TinyConfig
+    remote_marker = "tiny remote code"
+'''
+
+
+@pytest.mark.parametrize("how", ["round_trip", "hf_config"])
+def test_remote_code_model_keeps_auto_map_and_code(tmp_path_factory, tmp_path, how):
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "remote"
+    shutil.copytree(build_tiny_hf(tmp_path_factory), src)
+    (src / "configuration_tiny.py").write_text(CONFIGURATION)
+    (src / "modeling_tiny.py").write_text(MODELING)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "configuration_tiny.TinyConfig",
+                       "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}
+    (src / "config.json").write_text(json.dumps(cfg))
+    mc = tmp_path / "mcore"
+    assert cli_main(["convert", str(src), str(mc), "--to", "mcore", "--tp", "2", "--quiet"]) == 0
+    if how == "hf_config":  # the code comes from --hf-config, not from the checkpoint's hf/ folder
+        shutil.rmtree(mc / "hf")
+    back = tmp_path / "back"
+    extra = ["--hf-config", str(src)] if how == "hf_config" else []
+    assert cli_main(["convert", str(mc), str(back), "--to", "hf", "--quiet", *extra]) == 0
+    assert json.loads((back / "config.json").read_text())["auto_map"] == cfg["auto_map"]
+    for name in ("configuration_tiny.py", "modeling_tiny.py"):
+        assert (back / name).read_bytes() == (src / name).read_bytes()
+    model = AutoModelForCausalLM.from_pretrained(back, trust_remote_code=True, dtype=torch.float32)
+    assert type(model).remote_marker == "tiny remote code"  # the remote class, not transformers' own
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    ids = torch.arange(8).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)

@@ -1,0 +1,142 @@
+"""``--to mcore --ckpt-format torch_dist``: megatron-core's own ``dist_checkpointing.load`` reads
+ckpt-ir's output into a GPTModel's sharded state dict at two different TP/PP layouts (CPU, gloo,
+``tests/mcore_harness.py``), and the model's logits equal transformers' on the source; from HF
+and from a ``torch``-format checkpoint (plain Megatron-LM args, no HF config)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ckpt_ir.api as ck
+from ckpt_ir.cli import main as cli_main
+from ckpt_ir.errors import UsageError
+from tests.test_family_inference import plain_args
+from tests.test_megatron_oracle import HARNESS, INPUT_IDS, WORLD, _build_hf
+
+LAYOUTS = ((1, 1), (2, 2))
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("torch-dist-write")
+    models = {"llama": _build_hf(str(root / "llama"), "llama", 4, False, 128, 500000.0, seed=3),
+              "qwen2": _build_hf(str(root / "qwen2"), "qwen2", 4, True, 128, 1000000.0, seed=4)}
+    outs = {}
+    for name, m in models.items():  # HF -> torch_dist
+        outs[name] = str(root / f"{name}-td")
+        assert cli_main(["convert", m["dir"], outs[name], "--to", "mcore", "--ckpt-format", "torch_dist",
+                         "--quiet"]) == 0
+    # torch format TP=2 PP=2 with plain Megatron-LM args -> torch_dist (the family inferred)
+    mc = str(root / "llama-tp2pp2")
+    assert cli_main(["convert", models["llama"]["dir"], mc, "--to", "mcore", "--tp", "2", "--pp", "2", "--quiet"]) == 0
+    plain_args(mc)
+    outs["llama-from-torch"] = str(root / "llama-from-torch-td")
+    assert cli_main(["convert", mc, outs["llama-from-torch"], "--to", "mcore", "--ckpt-format", "torch_dist",
+                     "--quiet"]) == 0
+    cases = []
+    for name, out in outs.items():
+        m = models[name.split("-")[0]]
+        for tp, pp in LAYOUTS:
+            cases.append({"name": f"{name}-tp{tp}pp{pp}", "ckpt": out, "tp": tp, "pp": pp, "vpp": None,
+                          "torch_dist": True, "hf_config": m["config"], "padded_vocab": 128, "tied": m["tied"],
+                          "qkv_bias": m["qkv_bias"], "qk_norm": m["qk_norm"], "input_ids": INPUT_IDS,
+                          "out": str(root / f"{name}-tp{tp}pp{pp}.pt"), "ref": name.split("-")[0]})
+    job = root / "job.json"
+    job.write_text(json.dumps({"store": str(root / "gloo-store"), "cases": cases}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen([sys.executable, HARNESS, str(job), str(WORLD)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    assert proc.returncode == 0, f"megatron-core harness failed:\n{out[-4000:]}\n{err[-8000:]}"
+    results = {}
+    for c in cases:
+        reports = [json.load(open(f"{c['out']}.rank{r}.json")) for r in range(WORLD)]
+        results[c["name"]] = (torch.load(c["out"]), models[c["ref"]]["logits"], reports)
+    return results, outs
+
+
+@pytest.mark.parametrize("source", ["llama", "qwen2", "llama-from-torch"])
+@pytest.mark.parametrize("tp, pp", LAYOUTS)
+def test_megatron_loads_torch_dist_with_the_source_logits(loaded, source, tp, pp):
+    results, _ = loaded
+    logits, ref, reports = results[f"{source}-tp{tp}pp{pp}"]
+    for r in reports:  # every parameter of every rank's model came from the checkpoint
+        for chunk in r["chunks"]:
+            assert chunk["missing"] == [] and chunk["unexpected"] == [], chunk
+    assert logits.shape == ref.shape
+    assert torch.allclose(logits, ref, rtol=0, atol=1e-4), (logits - ref).abs().max()
+
+
+def test_torch_dist_output_reads_back_bit_exact(loaded, tmp_path):
+    _, outs = loaded
+    back = str(tmp_path / "back")
+    assert cli_main(["convert", outs["llama-from-torch"], back, "--to", "hf", "--quiet"]) == 0
+    direct = str(tmp_path / "direct")
+    assert cli_main(["convert", outs["llama"], direct, "--to", "hf", "--quiet"]) == 0
+    from safetensors.torch import load_file
+
+    a, b = load_file(os.path.join(back, "model.safetensors")), load_file(os.path.join(direct, "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torch_dist_is_layout_free():
+    with pytest.raises(UsageError, match="reshards"):
+        ck.Target(to="mcore", ckpt_format="torch_dist", tp=2)
+
+
+def test_optimizer_state_written_fully_reshardable_is_resumed_by_megatron(tmp_path):
+    """A megatron-core run (TP=2, DP=1, bf16 with fp32 masters, hidden 72, several DDP buckets, two
+    Adam steps) saved in the torch format with plain Megatron-LM args converts to torch_dist with
+    its optimizer state (fully reshardable); megatron-core loads model and optimizer with
+    dist_checkpointing at TP=1 PP=2 and holds the source's masters and moments bit for bit."""
+    from tests import distopt_fixtures as F
+    from tests.test_distopt_reshard import STATES, _assert_same_state, _global, _truth
+
+    hf = str(tmp_path / "hf")
+    F.make_tiny_hf_llama(hf, hidden=72, layers=4, heads=4, kv_heads=2, ffn=120, vocab=256, tied=False)
+    src = str(tmp_path / "src")
+    F.make_distopt_checkpoint(src, hf, tp=2, pp=1, dp=1, bucket_size=4096, steps=2, bf16=True, init="hf")
+    td = str(tmp_path / "td")
+    assert cli_main(["convert", src, td, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]) == 0
+    resumed = str(tmp_path / "resumed")
+    F.resume_torch_dist_checkpoint(resumed, hf, td, tp=1, pp=2, dp=1, bucket_size=4096)
+    source, loaded = _truth(src, 2, 1), _truth(resumed, 1, 2)
+    for field in STATES:
+        _assert_same_state(_global(source, 4, field), _global(loaded, 2, field))
+    _assert_same_state(_global(source, 4, "model_param"), _global(loaded, 2, "model_param"), torch.bfloat16)
+
+
+def test_moe_output_equals_megatron_cores_own_save(tmp_path):
+    """Mixtral (every layer MoE): ckpt-ir's torch_dist output of the HF model holds exactly what
+    megatron-core's own dist_checkpointing.save writes for that model (a GPTModel initialised from
+    it): the same keys, stacked shapes ([L, E, 2F, H] experts), sharded objects and values."""
+    from tests import distopt_fixtures as F
+
+    hf = F.make_tiny_hf_mixtral(str(tmp_path / "hf"), hidden=64, layers=2, heads=4, kv_heads=2, ffn=48, experts=4,
+                                topk=2, vocab=128)
+    theirs = str(tmp_path / "megatron")
+    F.make_torch_dist_checkpoint(theirs, hf, tp=1, pp=1, dp=1, init="hf")
+    mine = str(tmp_path / "mine")
+    assert cli_main(["convert", hf, mine, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]) == 0
+    from ckpt_ir.io.dcp import read_metadata
+
+    a, b = read_metadata(os.path.join(theirs, "iter_0000001")), read_metadata(os.path.join(mine, "iter_0000001"))
+    assert {k: t.shape for k, t in a.tensors.items()} == {k: t.shape for k, t in b.tensors.items()}
+    assert "decoder.layers.mlp.experts.experts.linear_fc1.weight" in b.tensors and set(a.objects) == set(b.objects)
+    x, y = F.read_torch_dist(os.path.join(theirs, "iter_0000001")), F.read_torch_dist(os.path.join(mine, "iter_0000001"))
+    for k, v in x.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, y[k]), k
+        else:
+            assert v == y[k], k
