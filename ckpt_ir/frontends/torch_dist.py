@@ -276,7 +276,7 @@ def _bucket_states(buckets, md, build, spec, tensors: dict[str, TensorNode], arg
     from ckpt_ir.backends.mcore import rank_content
     from ckpt_ir.io.safe_pickle import TorchDtype
     from ckpt_ir.ir.checkpoint import gather_exprs
-    from ckpt_ir.ir.names import split_rule
+    from ckpt_ir.ir.roles import split_rule
 
     a = lambda k, d=1: args.get(k) or d  # noqa: E731
     tp, pp, dp = a("tensor_model_parallel_size"), a("pipeline_model_parallel_size"), a("data_parallel_size")
