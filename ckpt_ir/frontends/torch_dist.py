@@ -30,9 +30,9 @@ from typing import Any
 
 import attrs
 
+from ckpt_ir import mcore_distopt as distopt
 from ckpt_ir import mcore_format as M
 from ckpt_ir.errors import CoverageError, FormatError
-from ckpt_ir.frontends import distopt
 from ckpt_ir.frontends.hf import MCORE_HF_DIR, side_files
 from ckpt_ir.frontends.mcore import spec_from_args
 from ckpt_ir.io.dcp import ChunkResolver, DcpTensor, read_metadata
