@@ -15,11 +15,11 @@ from collections import defaultdict
 
 import attrs
 
+from ckpt_ir import mcore_distopt as distopt
 from ckpt_ir import mcore_format as M
 from ckpt_ir.backends.plan import OutputFile, Plan
 from ckpt_ir.errors import VerifyError
 from ckpt_ir.families import by_name
-from ckpt_ir.frontends import distopt
 from ckpt_ir.io import torchzip
 from ckpt_ir.io.safe_pickle import TorchDtype
 from ckpt_ir.io.torchzip import Tensor

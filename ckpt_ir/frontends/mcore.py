@@ -16,10 +16,10 @@ from typing import Any
 
 import attrs
 
+from ckpt_ir import mcore_distopt as distopt
 from ckpt_ir import mcore_format as M
 from ckpt_ir.errors import CoverageError, FormatError
 from ckpt_ir.families import by_name, for_hf_config
-from ckpt_ir.frontends import distopt
 from ckpt_ir.frontends.hf import MCORE_HF_DIR, side_files
 from ckpt_ir.io.torchzip import TorchZip, iter_tensors, with_exprs
 from ckpt_ir.ir import expr as E

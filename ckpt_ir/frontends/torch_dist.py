@@ -30,9 +30,9 @@ from typing import Any
 
 import attrs
 
+from ckpt_ir import mcore_distopt as distopt
 from ckpt_ir import mcore_format as M
 from ckpt_ir.errors import CoverageError, FormatError
-from ckpt_ir.frontends import distopt
 from ckpt_ir.frontends.hf import MCORE_HF_DIR, side_files
 from ckpt_ir.frontends.mcore import spec_from_args
 from ckpt_ir.io.dcp import ChunkResolver, DcpTensor, read_metadata
@@ -276,7 +276,7 @@ def _bucket_states(buckets, md, build, spec, tensors: dict[str, TensorNode], arg
     from ckpt_ir.backends.mcore import rank_content
     from ckpt_ir.io.safe_pickle import TorchDtype
     from ckpt_ir.ir.checkpoint import gather_exprs
-    from ckpt_ir.ir.names import split_rule
+    from ckpt_ir.ir.roles import split_rule
 
     a = lambda k, d=1: args.get(k) or d  # noqa: E731
     tp, pp, dp = a("tensor_model_parallel_size"), a("pipeline_model_parallel_size"), a("data_parallel_size")
