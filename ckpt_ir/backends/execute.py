@@ -7,12 +7,16 @@ import os
 import shutil
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from ckpt_ir.backends.plan import BLOCK_BYTES, MIN_BLOCK_BYTES, OutputFile, Plan, row_blocks
 from ckpt_ir.errors import CkptIrError
 from ckpt_ir.io import atomic
 from ckpt_ir.io.atomic import stop_point
 from ckpt_ir.ir import expr as E
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 
 class Progress:
@@ -56,7 +60,7 @@ class TensorWriter:
 
         self.reader, self.progress, self.copier = reader, progress, Copier()
         self.block_bytes = block_bytes
-        self._compute = None
+        self._compute: ThreadPoolExecutor | None = None
         self._torch_started = False
 
     def __call__(self, expr: E.Expr, fd: int, pos: int) -> int:
@@ -95,9 +99,11 @@ class TensorWriter:
             ranges = byte_ranges(blocks[i])
             return ranges if ranges is not None else tensor_bytes(blocks[i], self.reader, f"block{i % 2}")
 
+        pending: Future | None
         start, copied, pending = pos, 0, self._compute.submit(produce, 0)
         try:
             for i in range(len(blocks)):
+                assert pending is not None  # block i was submitted (None only after the last one)
                 data = pending.result()
                 pending = self._compute.submit(produce, i + 1) if i + 1 < len(blocks) else None
                 if isinstance(data, list):

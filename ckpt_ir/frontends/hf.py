@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-from typing import Any
+from typing import Any, cast
 
 import attrs
 
@@ -146,8 +146,8 @@ def lift(path: str, *, hf_config: dict[str, Any] | None = None, allow_unused: tu
     if spec.mtp_layers:  # transformers neither loads nor saves MTP layers: count the ones present
         from ckpt_ir.ir.names import split_layer
 
-        present = {split_layer(n)[0] for n in tensors} - {None}
-        extra = sorted(i for i in present if i >= spec.num_layers)  # type: ignore[operator]
+        present = cast("set[int]", {split_layer(n)[0] for n in tensors} - {None})
+        extra = sorted(i for i in present if i >= spec.num_layers)
         spec = attrs.evolve(spec, mtp_layers=len(extra))
     if spec.untied and "lm_head.weight" not in tensors:
         raise FormatError(f"{path}: config says embeddings are untied but there is no lm_head.weight; the "

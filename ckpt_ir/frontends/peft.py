@@ -179,6 +179,7 @@ def _split_fused_experts(module: str, a: E.Expr, b: E.Expr, spec: ModelSpec,
     (rows, into), out_rows = a.shape, b.shape[0]
     if not n or rows % n or b.shape[1] != rows:
         raise FormatError(f"{where}: {module}: LoRA shapes {list(a.shape)}, {list(b.shape)} do not fit {n} experts")
+    parts: tuple[tuple[str, int, int], ...]
     if (into, out_rows) == (h, 2 * f):
         param, parts = "gate_up_proj", (("gate", 0, f), ("up", f, 2 * f))
     elif (into, out_rows) == (f, h):

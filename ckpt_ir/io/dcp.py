@@ -211,7 +211,7 @@ def read_metadata(ckpt_dir: str) -> DcpMetadata:
     storage = md.__dict__.get("storage_data")
     if not isinstance(sdm, dict) or not isinstance(storage, dict):
         raise FormatError(f"{path}: metadata lacks state_dict_metadata / storage_data; the file is corrupt")
-    where: dict[tuple[str, tuple[int, ...] | None], _StorageInfo] = {}
+    where: dict[tuple[Any, tuple[int, ...] | None], _StorageInfo] = {}  # fqn as stored: looked up by str keys
     for index, info in storage.items():
         if not isinstance(index, _MetadataIndex) or not isinstance(info, _StorageInfo):
             raise FormatError(f"{path}: malformed storage_data entry; the file is corrupt")

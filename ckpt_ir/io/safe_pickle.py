@@ -182,8 +182,9 @@ def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
         raise ValueError(f"copyreg._reconstructor({cls!r}, {base!r}) is not a plain object")
     if base is object:
         return object.__new__(cls)
-    obj = base.__new__(cls, state)
-    base.__init__(obj, state)
+    # base is a builtin container (dict, list, ...) taking state; mypy only sees object's signatures
+    obj = base.__new__(cls, state)  # type: ignore[call-arg]
+    base.__init__(obj, state)  # type: ignore[call-arg]
     return obj
 
 

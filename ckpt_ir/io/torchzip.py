@@ -20,18 +20,23 @@ import struct
 import types
 import zipfile
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckpt_ir.errors import FormatError
-from ckpt_ir.io.safe_pickle import Stub, TensorRef, TorchDevice, TorchDtype, loads
+from ckpt_ir.io.safe_pickle import StorageRef, Stub, TensorRef, TorchDevice, TorchDtype, loads
 from ckpt_ir.ir.dtypes import ITEMSIZE
 from ckpt_ir.ir.expr import Load
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 ALIGN = 64
 
 
 class TorchZip:
     """An opened torch zip checkpoint: its unpickled object and the file offset of each storage."""
+
+    offsets: dict[str, tuple[int, int]]
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -51,7 +56,7 @@ class TorchZip:
             if not pkl:
                 raise FormatError(f"{path}: zip has no data.pkl; not a torch checkpoint")
             prefix = pkl[0].filename[: -len("data.pkl")]
-            self.offsets: dict[str, tuple[int, int]] = {}
+            self.offsets = {}
             size = os.path.getsize(path)
             with open(path, "rb") as f:
                 for info in infos:
@@ -119,7 +124,7 @@ def _read_legacy(path: str) -> tuple[Any, dict[str, tuple[int, int]]]:
         keys = loads(f, path)
         if not isinstance(keys, list):
             raise FormatError(f"{path}: legacy torch checkpoint has no storage key list; the file is corrupt")
-        refs = {}
+        refs: dict[str, StorageRef] = {}
         for _, ref in _tensor_refs(obj):
             refs.setdefault(ref.storage.key, ref.storage)
         offsets: dict[str, tuple[int, int]] = {}
@@ -414,7 +419,7 @@ class _ZipWriter:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         self.pos = 0
         self.records: list[tuple[bytes, int, int, Any]] = []  # name, header offset, size, crc (or its future)
-        self._crc_pool = None
+        self._crc_pool: ThreadPoolExecutor | None = None
 
     def _write(self, data: bytes) -> None:
         from ckpt_ir.io.safetensors import write_at

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -15,6 +16,10 @@ from ckpt_ir.ir.names import Split
 from ckpt_ir.ir.spec import ModelSpec
 
 
+def _exprs(v: Iterable[E.Expr]) -> tuple[E.Expr, ...]:
+    return tuple(v)
+
+
 @attrs.frozen
 class TensorNode:
     """One logical tensor.
@@ -25,7 +30,7 @@ class TensorNode:
     """
 
     name: str
-    shards: tuple[E.Expr, ...] = attrs.field(converter=tuple)
+    shards: tuple[E.Expr, ...] = attrs.field(converter=_exprs)
     split: Split | None = None
 
     def __attrs_post_init__(self) -> None:

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, cast
 
 import attrs
 
@@ -38,6 +38,14 @@ from ckpt_ir.errors import VerifyError
 from ckpt_ir.ir.dtypes import itemsize
 
 Shape = tuple[int, ...]
+
+
+def _shape(v: Iterable[int]) -> Shape:
+    return tuple(v)
+
+
+def _exprs(v: Iterable[Expr]) -> tuple[Expr, ...]:
+    return tuple(v)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -85,7 +93,7 @@ class Load(Expr):
 
     path: str
     key: str
-    full_shape: Shape = attrs.field(converter=tuple)
+    full_shape: Shape = attrs.field(converter=_shape)
     load_dtype: str
     offset: int
     fmt: str = "safetensors"
@@ -147,7 +155,7 @@ class Slice(Expr):
 
 @attrs.frozen
 class Concat(Expr):
-    xs: tuple[Expr, ...] = attrs.field(converter=tuple)
+    xs: tuple[Expr, ...] = attrs.field(converter=_exprs)
     dim: int = 0
 
     def __attrs_post_init__(self) -> None:
@@ -177,7 +185,7 @@ class Concat(Expr):
 @attrs.frozen
 class Reshape(Expr):
     x: Expr
-    new_shape: Shape = attrs.field(converter=tuple)
+    new_shape: Shape = attrs.field(converter=_shape)
 
     def __attrs_post_init__(self) -> None:
         _check(math.prod(self.new_shape) == self.x.numel,
@@ -400,7 +408,7 @@ def _rebuild(e: Expr, kids: tuple[Expr, ...]) -> Expr:
         return attrs.evolve(e, a=kids[0], b=kids[1])
     if isinstance(e, RowRescale):
         return attrs.evolve(e, x=kids[0], magnitude=kids[1])
-    return attrs.evolve(e, x=kids[0])
+    return attrs.evolve(cast(Any, e), x=kids[0])  # every other node kind keeps its one child in x
 
 
 def _rewrite(e: Expr) -> Expr:
@@ -733,8 +741,8 @@ def _evaluate_math(expr: Expr, reader: Reader, out) -> None:
         return
     if isinstance(expr, Cast):
         out.copy_(evaluate(expr.x, reader))
-    elif isinstance(expr, Add) and _product(expr.b) is not None:
-        _merge_by_tiles(expr.a, *_product(expr.b), reader, out)  # type: ignore[misc]
+    elif isinstance(expr, Add) and (product := _product(expr.b)) is not None:
+        _merge_by_tiles(expr.a, *product, reader, out)
     elif isinstance(expr, Add):
         acc = _fp32_scratch(expr.b, reader, "acc")
         acc.add_(_fp32_scratch(expr.a, reader, "addend"))  # a + b: IEEE addition commutes bit for bit
@@ -793,9 +801,10 @@ def matmul_tiles(rows: int, step: int) -> list[tuple[int, int]]:
 
 def _product(e: Expr) -> tuple[Expr, Expr, float | None] | None:
     """(B, A, factor) when ``e`` is ``B @ A`` or ``(B @ A) * factor``, else None."""
-    factor = None
+    factor: float | None = None
     if isinstance(e, Scale):
-        e, factor = e.x, e.factor
+        factor = e.factor
+        e = e.x
     return (e.a, e.b, factor) if isinstance(e, Matmul) else None
 
 

@@ -27,11 +27,15 @@ class Piece:
     size: int
 
 
+def _pieces(v: Iterable[Piece]) -> tuple[Piece, ...]:
+    return tuple(v)
+
+
 @attrs.frozen
 class Stack:
     """A fused tensor as the concatenation, along ``dim``, of ``pieces`` of named parts."""
 
-    pieces: tuple[Piece, ...] = attrs.field(converter=tuple)
+    pieces: tuple[Piece, ...] = attrs.field(converter=_pieces)
     dim: int = 0
 
     @classmethod

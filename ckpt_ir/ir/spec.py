@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -13,6 +14,10 @@ from ckpt_ir.errors import LayoutError
 def _positive(_inst: Any, attribute: attrs.Attribute, value: int) -> None:
     if value is None or value <= 0:
         raise LayoutError(f"model spec: {attribute.name} must be a positive integer, got {value!r}")
+
+
+def _int_tuple(v: Iterable[int]) -> tuple[int, ...]:
+    return tuple(v)
 
 
 @attrs.frozen(kw_only=True)
@@ -44,7 +49,7 @@ class ModelSpec:
     moe_topk: int = 0
     moe_ffn_hidden_size: int = 0
     shared_ffn_hidden_size: int = 0  # 0: no shared experts
-    dense_layers: tuple[int, ...] = attrs.field(default=(), converter=tuple)  # MoE model layers with a dense MLP
+    dense_layers: tuple[int, ...] = attrs.field(default=(), converter=_int_tuple)  # MoE model layers with a dense MLP
     # multi-latent attention (kv_lora_rank = 0: ordinary multi-head / grouped-query attention)
     q_lora_rank: int = 0  # 0: queries are projected directly (no q_a / q_b)
     kv_lora_rank: int = 0

@@ -111,6 +111,7 @@ def fuse(ckpt: Checkpoint, f: Fusion, pass_name: str) -> dict[str, TensorNode]:
         m = anchor.match(rest) if layer is not None else None
         if not m:
             continue
+        assert layer is not None  # m is only matched for a layer's tensor
         stems = f.stems(spec, m.group(1))
         new: dict[str, E.Expr] = {}
         for kind in f.kinds:
@@ -138,6 +139,7 @@ def unfuse(ckpt: Checkpoint, f: Fusion) -> dict[str, TensorNode]:
         m = fused.match(rest) if layer is not None else None
         if not m or m.group(2) not in f.kinds:
             continue
+        assert layer is not None  # m is only matched for a layer's tensor
         stems, kind = f.stems(spec, m.group(1)), m.group(2)
         if kind == SHARED:
             replace[name] = {layer_name(layer, f"{stem}.{kind}"): t.expr for stem in stems.values()}

@@ -95,6 +95,7 @@ def apply_lora_options(ckpt: Checkpoint, rank: int | None, alpha: float | None,
     if targets:
         check_targets(ckpt, targets)
     if spec.lora_alpha is None:
+        assert alpha is not None  # both None was refused above
         return attrs.evolve(ckpt, spec=attrs.evolve(spec, lora_alpha=float(alpha)))
     return ckpt
 
@@ -138,7 +139,9 @@ class LoraMerge(Pass):
                 if m is not None:
                     raise VerifyError(f"{name}: DoRA magnitude without LoRA A and B")
                 continue
+            assert b is not None  # a and b are both present or both missing (checked above)
             delta = E.Scale(E.Matmul(b.expr, a.expr), spec.lora_scale(name, a.shape[0]))
+            merged: E.Expr
             if m is None:
                 merged = E.Add(t.expr, delta)
             else:  # the norm needs W + s*B@A unrounded: sum in fp32, rescale, round once

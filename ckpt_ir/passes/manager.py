@@ -36,7 +36,7 @@ from ckpt_ir.ir.checkpoint import Checkpoint
 @attrs.frozen
 class Option:
     name: str
-    type: type  # int, float, str, bool, or tuple (a comma list of ints)
+    type: type[Any]  # int, float, str, bool, or tuple (a comma list of ints)
     default: Any = None
     help: str = ""
     required: bool = False

@@ -61,6 +61,7 @@ class Gather(Pass):
             if t.tp == 1:
                 out[name] = attrs.evolve(t, split=None)
             else:
+                assert t.split is not None  # TensorNode refuses several shards without a split rule
                 out[name] = attrs.evolve(t, shards=(gather_exprs(t.shards, t.split),), split=None)
         layout = attrs.evolve(ckpt.layout, tp=1, pp=1, vpp_layers=None, num_layer_list=None, ep=1, etp=None)
         return ckpt.with_tensors(out, layout=layout)
