@@ -48,7 +48,7 @@ def checkpoint_from_config(config_dir: str):
         assert shape is not None, name  # expected_names only yields roles expected_shape knows
         dtype = "F32" if role_of(name) in FP32_ROLES else spec.dtype
         tensors[name] = TensorNode.whole(name, E.Load(PLACEHOLDER, name, shape, dtype, 0, "placeholder"))
-    return Checkpoint(spec=spec, layout=layout, tensors=tensors, hf_config=cfg, aux_files=side_files(config_dir),
+    return Checkpoint(spec=spec, layout=layout, tensors=tensors, hf_config=cfg, aux_files=side_files(config_dir, config=True),
                       source=config_dir)
 
 
@@ -115,7 +115,7 @@ def summary(plan, pipeline, out, disk_gbps: float, disk_source: str, with_tensor
         "padded_vocab": layout.padded_vocab,
         "bytes_written": written,
         "largest_tensor": {"name": largest[0], "shape": list(largest[1]), "dtype": largest[2], "bytes": largest[3]},
-        "peak_memory_per_writer": plan.peak_memory,
+        "peak_memory_per_writer": plan.peak_memory(),
         "disk_gbps": disk_gbps,
         "disk_gbps_source": disk_source,
         "expected_seconds": written / (disk_gbps * 1e9),

@@ -54,6 +54,8 @@ def _ranges(e: E.Expr) -> list[Range] | None:
             return None
         return [r[i] for i in range(outer) for r in rows]  # type: ignore[index]
     if isinstance(e, E.Slice):
+        if e.dim > 0 and e.nbytes < MIN_AVERAGE * math.prod(e.shape[: e.dim]):
+            return None  # one short range per row, which never merge (a gap follows each): not worth listing
         return _rows(e, e.dim) if e.dim > 0 else None
     return None
 
