@@ -86,13 +86,28 @@ def generate(path: str, size: int, layers: int | None = None) -> int:
         weight_map.update({n: name for n in shard})
         del tensors
     total = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
-    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map},
-              open(os.path.join(path, "model.safetensors.index.json"), "w"))
-    json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-               "intermediate_size": FFN, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
-               "num_hidden_layers": layers, "vocab_size": VOCAB, "rms_norm_eps": 1e-5, "dtype": "bfloat16",
-               "tie_word_embeddings": False, "max_position_embeddings": 4096, "rope_theta": 10000.0},
-              open(os.path.join(path, "config.json"), "w"))
+    json.dump(
+        {"metadata": {"total_size": total}, "weight_map": weight_map},
+        open(os.path.join(path, "model.safetensors.index.json"), "w"),
+    )
+    json.dump(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": HIDDEN,
+            "intermediate_size": FFN,
+            "num_attention_heads": HEADS,
+            "num_key_value_heads": KV_HEADS,
+            "num_hidden_layers": layers,
+            "vocab_size": VOCAB,
+            "rms_norm_eps": 1e-5,
+            "dtype": "bfloat16",
+            "tie_word_embeddings": False,
+            "max_position_embeddings": 4096,
+            "rope_theta": 10000.0,
+        },
+        open(os.path.join(path, "config.json"), "w"),
+    )
     return layers
 
 
@@ -110,11 +125,23 @@ def generate_adapter(path: str, layers: int, rank: int = 16) -> None:
                 continue
             rows, cols = shape
             prefix = "base_model.model." + name[: -len(".weight")]
-            tensors[prefix + ".lora_A.weight"] = ((torch.rand(rank, cols, generator=g) - 0.5) / 8).to(torch.bfloat16)
-            tensors[prefix + ".lora_B.weight"] = ((torch.rand(rows, rank, generator=g) - 0.5) / 8).to(torch.bfloat16)
+            tensors[prefix + ".lora_A.weight"] = ((torch.rand(rank, cols, generator=g) - 0.5) / 8).to(
+                torch.bfloat16
+            )
+            tensors[prefix + ".lora_B.weight"] = ((torch.rand(rows, rank, generator=g) - 0.5) / 8).to(
+                torch.bfloat16
+            )
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
-    json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(LINEARS),
-               "base_model_name_or_path": "bench"}, open(os.path.join(path, "adapter_config.json"), "w"))
+    json.dump(
+        {
+            "peft_type": "LORA",
+            "r": rank,
+            "lora_alpha": 2 * rank,
+            "target_modules": list(LINEARS),
+            "base_model_name_or_path": "bench",
+        },
+        open(os.path.join(path, "adapter_config.json"), "w"),
+    )
 
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -142,7 +169,9 @@ def drop_caches() -> None:
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
     except OSError as e:
-        raise SystemExit(f"--cold: cannot drop the page cache ({e}); run as root or leave out --cold") from None
+        raise SystemExit(
+            f"--cold: cannot drop the page cache ({e}); run as root or leave out --cold"
+        ) from None
 
 
 def timed(cmd: list[str], cold: bool = False) -> tuple[float, int]:
@@ -175,8 +204,12 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep generated checkpoints")
     ap.add_argument("--extra", default="", help="extra flags for every ckpt-ir convert (e.g. '--workers 1')")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before every task (needs root)")
-    ap.add_argument("--tasks", default="move", help="comma list of task groups: move (layout conversions), "
-                    "compute (casts, LoRA merge, fp32 + vocab padding), wide (wide-vocab model, memory)")
+    ap.add_argument(
+        "--tasks",
+        default="move",
+        help="comma list of task groups: move (layout conversions), "
+        "compute (casts, LoRA merge, fp32 + vocab padding), wide (wide-vocab model, memory)",
+    )
     args = ap.parse_args()
     groups = set(args.tasks.split(","))
     rows = []
@@ -190,7 +223,9 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
             shutil.rmtree(root + "-wide", ignore_errors=True)
-    print(f"\n{'size':>5} {'task':34s} {'median s':>9} {'GB/s':>6} {'x cp':>6} {'peak RSS MB':>12} {'RSS/model':>10}")
+    print(
+        f"\n{'size':>5} {'task':34s} {'median s':>9} {'GB/s':>6} {'x cp':>6} {'peak RSS MB':>12} {'RSS/model':>10}"
+    )
     for size_text, name, t, gbps, ratio, rss_mb, frac in rows:
         print(f"{size_text:>5} {name:34s} {t:9.2f} {gbps:6.2f} {ratio:6.2f} {rss_mb:12.0f} {frac:10.1%}")
     return 0
@@ -203,7 +238,9 @@ def bench_model(root: str, label: str, size: int, shape: str, groups: set[str], 
     src = os.path.join(root, "hf")
     # generate in a child process: the parent stays small, so children's peak RSS is their own
     # (Linux carries a parent's RSS high-water mark into forked children)
-    gen = [sys.executable, __file__, "--generate", src, str(size)] + (["wide", "1"] if shape == "wide" else [])
+    gen = [sys.executable, __file__, "--generate", src, str(size)] + (
+        ["wide", "1"] if shape == "wide" else []
+    )
     layers = int(subprocess.check_output(gen))
     nbytes = du(src)
     print(f"[{label}] generated {nbytes / 1e9:.2f} GB, {layers} layers ({shape})", file=sys.stderr)
@@ -216,11 +253,21 @@ def bench_model(root: str, label: str, size: int, shape: str, groups: set[str], 
     if groups & {"move", "compute"}:
         tasks["cp -r + sync"] = (["cp", "-r", src, os.path.join(root, "cp")], os.path.join(root, "cp"), "")
     if "move" in groups:
-        tasks["hf -> mcore tp2 pp2"] = (convert(src, out["tp2pp2"], "--to", "mcore", "--tp", "2", "--pp", "2"),
-                                        out["tp2pp2"], "cp -r + sync")
-        tasks["mcore tp2pp2 -> tp1pp4"] = (convert(out["tp2pp2"], out["tp1pp4"], "--to", "mcore", "--tp", "1",
-                                                   "--pp", "4"), out["tp1pp4"], "cp -r + sync")
-        tasks["mcore -> hf"] = (convert(out["tp2pp2"], out["back"], "--to", "hf"), out["back"], "cp -r + sync")
+        tasks["hf -> mcore tp2 pp2"] = (
+            convert(src, out["tp2pp2"], "--to", "mcore", "--tp", "2", "--pp", "2"),
+            out["tp2pp2"],
+            "cp -r + sync",
+        )
+        tasks["mcore tp2pp2 -> tp1pp4"] = (
+            convert(out["tp2pp2"], out["tp1pp4"], "--to", "mcore", "--tp", "1", "--pp", "4"),
+            out["tp1pp4"],
+            "cp -r + sync",
+        )
+        tasks["mcore -> hf"] = (
+            convert(out["tp2pp2"], out["back"], "--to", "hf"),
+            out["back"],
+            "cp -r + sync",
+        )
     if "compute" in groups:
         # references with the outputs' bytes, made once (untimed): cp of them is the baseline
         fp32_ref, padded_ref, adapter = (os.path.join(root, n) for n in ("ref-fp32", "ref-padded", "adapter"))
@@ -230,14 +277,26 @@ def bench_model(root: str, label: str, size: int, shape: str, groups: set[str], 
         refs.update({"cp -r fp32 + sync": fp32_ref, "cp -r fp32 mcore + sync": padded_ref})
         for name in ("cp -r fp32 + sync", "cp -r fp32 mcore + sync"):
             tasks[name] = (["cp", "-r", refs[name], os.path.join(root, "cp2")], os.path.join(root, "cp2"), "")
-        tasks["cast bf16 -> fp32"] = (convert(src, out["fp32"], "--to", "hf", "--dtype", "fp32"), out["fp32"],
-                                      "cp -r fp32 + sync")
-        tasks["cast fp32 -> bf16"] = (convert(fp32_ref, out["bf16"], "--to", "hf", "--dtype", "bf16"), out["bf16"],
-                                      "cp -r + sync")
-        tasks["lora merge (r16, all linears)"] = (convert(src, out["merged"], "--to", "hf", "--lora-load", adapter),
-                                                  out["merged"], "cp -r + sync")
-        tasks["hf -> mcore tp2 fp32 vocab pad"] = (convert(src, out["padded"], *pad_flags), out["padded"],
-                                                   "cp -r fp32 mcore + sync")
+        tasks["cast bf16 -> fp32"] = (
+            convert(src, out["fp32"], "--to", "hf", "--dtype", "fp32"),
+            out["fp32"],
+            "cp -r fp32 + sync",
+        )
+        tasks["cast fp32 -> bf16"] = (
+            convert(fp32_ref, out["bf16"], "--to", "hf", "--dtype", "bf16"),
+            out["bf16"],
+            "cp -r + sync",
+        )
+        tasks["lora merge (r16, all linears)"] = (
+            convert(src, out["merged"], "--to", "hf", "--lora-load", adapter),
+            out["merged"],
+            "cp -r + sync",
+        )
+        tasks["hf -> mcore tp2 fp32 vocab pad"] = (
+            convert(src, out["padded"], *pad_flags),
+            out["padded"],
+            "cp -r fp32 mcore + sync",
+        )
     if "wide" in groups:
         tasks["hf -> mcore tp2 fp32 vocab pad"] = (convert(src, out["padded"], *pad_flags), out["padded"], "")
     results: dict[str, list[tuple[float, int]]] = {k: [] for k in tasks}

@@ -40,19 +40,44 @@ def main() -> int:
     shutil.rmtree(args.workdir, ignore_errors=True)
     os.makedirs(args.workdir)
     here = os.path.dirname(os.path.abspath(__file__))
-    layers = subprocess.run([sys.executable, os.path.join(here, "bench.py"), "--generate", hf,
-                             str(parse_size(args.size))], check=True, capture_output=True, text=True).stdout.strip()
-    subprocess.run([sys.executable, "-m", "ckpt_ir", "convert", hf, mc, "--to", "mcore", "--tp", "2", "--pp", "2",
-                    "--quiet"], check=True, env=CHILD_ENV)
+    layers = subprocess.run(
+        [sys.executable, os.path.join(here, "bench.py"), "--generate", hf, str(parse_size(args.size))],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ckpt_ir",
+            "convert",
+            hf,
+            mc,
+            "--to",
+            "mcore",
+            "--tp",
+            "2",
+            "--pp",
+            "2",
+            "--quiet",
+        ],
+        check=True,
+        env=CHILD_ENV,
+    )
     nbytes = du(hf)
     base_t, base_rss = timed([sys.executable, "-c", BASELINE, hf])
     t, rss = timed([sys.executable, "-m", "ckpt_ir", "verify", hf, mc])
     print(f"model: {layers} layers, {nbytes / 1e9:.3f} GB (bf16)")
-    print(f"verify HF vs mcore TP2 PP2: {t:.1f}s, peak RSS {rss / 1e6:.0f} MB = {rss / nbytes:.1%} of the model "
-          f"(target < 40%)")
-    print(f"fixed cost (torch + transformers imported, model built on meta): peak RSS {base_rss / 1e6:.0f} MB = "
-          f"{base_rss / nbytes:.1%}; verify above it: {(rss - base_rss) / 1e6:.0f} MB = "
-          f"{(rss - base_rss) / nbytes:.1%}")
+    print(
+        f"verify HF vs mcore TP2 PP2: {t:.1f}s, peak RSS {rss / 1e6:.0f} MB = {rss / nbytes:.1%} of the model "
+        f"(target < 40%)"
+    )
+    print(
+        f"fixed cost (torch + transformers imported, model built on meta): peak RSS {base_rss / 1e6:.0f} MB = "
+        f"{base_rss / nbytes:.1%}; verify above it: {(rss - base_rss) / 1e6:.0f} MB = "
+        f"{(rss - base_rss) / nbytes:.1%}"
+    )
     shutil.rmtree(args.workdir, ignore_errors=True)
     return 0 if rss < 0.4 * nbytes else 1
 

@@ -19,4 +19,12 @@ from ckpt_ir.errors import (  # noqa: E402
     VerifyError,
 )
 
-__all__ = ["CkptIrError", "CoverageError", "FormatError", "LayoutError", "UsageError", "VerifyError", "__version__"]
+__all__ = [
+    "CkptIrError",
+    "CoverageError",
+    "FormatError",
+    "LayoutError",
+    "UsageError",
+    "VerifyError",
+    "__version__",
+]

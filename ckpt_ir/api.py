@@ -28,8 +28,21 @@ from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.passes.manager import FunctionPass, Instrumentation, Pass, PassManager, Pipeline, parse_pipeline
 from ckpt_ir.passes.vocab import padded_size
 
-__all__ = ["Checkpoint", "Target", "Conversion", "convert", "load", "attach_lora", "derive_pipeline", "run", "plan", "save",
-           "check_target", "parse_pipeline", "summarize_dropped"]
+__all__ = [
+    "Checkpoint",
+    "Target",
+    "Conversion",
+    "convert",
+    "load",
+    "attach_lora",
+    "derive_pipeline",
+    "run",
+    "plan",
+    "save",
+    "check_target",
+    "parse_pipeline",
+    "summarize_dropped",
+]
 
 
 @attrs.frozen(kw_only=True)
@@ -70,24 +83,52 @@ class Target:
     def __attrs_post_init__(self) -> None:
         if self.to not in ("hf", "mcore", "peft"):
             raise UsageError(f"--to {self.to!r}: choose hf, mcore or peft")
-        for flag, value in (("--tp", self.tp), ("--pp", self.pp), ("--ep", self.ep), ("--vpp-layers", self.vpp_layers),
-                            ("--etp", self.etp), ("--make-vocab-size-divisible-by", self.vocab_divisible_by),
-                            ("--target-dp", self.dp)):
+        for flag, value in (
+            ("--tp", self.tp),
+            ("--pp", self.pp),
+            ("--ep", self.ep),
+            ("--vpp-layers", self.vpp_layers),
+            ("--etp", self.etp),
+            ("--make-vocab-size-divisible-by", self.vocab_divisible_by),
+            ("--target-dp", self.dp),
+        ):
             if value is not None and value < 1:
                 raise UsageError(f"{flag} must be at least 1, got {value}")
-        if self.to != "mcore" and (self.tp != 1 or self.pp != 1 or self.vpp_layers or self.num_layer_list
-                                   or self.noop_layers or self.vocab_divisible_by or self.ep != 1 or self.etp
-                                   or self.grouped_gemm or self.dp):
-            raise UsageError("--tp/--pp/--vpp-layers/--num-layer-list/--noop-layers/--make-vocab-size-divisible-by/"
-                             "--ep/--etp/--moe-grouped-gemm/--target-dp apply to --to mcore only")
+        if self.to != "mcore" and (
+            self.tp != 1
+            or self.pp != 1
+            or self.vpp_layers
+            or self.num_layer_list
+            or self.noop_layers
+            or self.vocab_divisible_by
+            or self.ep != 1
+            or self.etp
+            or self.grouped_gemm
+            or self.dp
+        ):
+            raise UsageError(
+                "--tp/--pp/--vpp-layers/--num-layer-list/--noop-layers/--make-vocab-size-divisible-by/"
+                "--ep/--etp/--moe-grouped-gemm/--target-dp apply to --to mcore only"
+            )
         if self.ckpt_format not in ("torch", "torch_dist"):
             raise UsageError(f"--ckpt-format {self.ckpt_format!r}: choose torch or torch_dist")
-        if self.ckpt_format == "torch_dist" and (self.to != "mcore" or self.tp != 1 or self.pp != 1 or self.vpp_layers
-                                                 or self.num_layer_list or self.noop_layers or self.ep != 1
-                                                 or self.etp or self.grouped_gemm or self.dp):
-            raise UsageError("--ckpt-format torch_dist (with --to mcore) holds whole tensors that Megatron reshards "
-                             "when it loads them: leave out --tp/--pp/--vpp-layers/--num-layer-list/--noop-layers/"
-                             "--ep/--etp/--moe-grouped-gemm/--target-dp")
+        if self.ckpt_format == "torch_dist" and (
+            self.to != "mcore"
+            or self.tp != 1
+            or self.pp != 1
+            or self.vpp_layers
+            or self.num_layer_list
+            or self.noop_layers
+            or self.ep != 1
+            or self.etp
+            or self.grouped_gemm
+            or self.dp
+        ):
+            raise UsageError(
+                "--ckpt-format torch_dist (with --to mcore) holds whole tensors that Megatron reshards "
+                "when it loads them: leave out --tp/--pp/--vpp-layers/--num-layer-list/--noop-layers/"
+                "--ep/--etp/--moe-grouped-gemm/--target-dp"
+            )
 
     @property
     def carries_optimizer(self) -> bool:
@@ -116,8 +157,10 @@ def _pass_text(name: str, **options: Any) -> str:
         opt = next(o for o in cls.options if o.attribute == key)
         text = opt.format(value)
         if not text or any(ch.isspace() or ch in "{}" for ch in text):
-            raise UsageError(f"{name}: {opt.name} {text!r} cannot be written in pipeline text (no spaces or braces "
-                             f"allowed); rename or link it")
+            raise UsageError(
+                f"{name}: {opt.name} {text!r} cannot be written in pipeline text (no spaces or braces "
+                f"allowed); rename or link it"
+            )
         parts.append(f"{opt.name}={text}")
     return name + ("{" + " ".join(parts) + "}" if parts else "")
 
@@ -161,8 +204,14 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
         steps.append(_pass_text("attach-lora", path=target.lora_load))
     has_lora = src.spec.lora_rank is not None or bool(target.lora_load)
     if has_lora and target.to != "peft":
-        steps.append(_pass_text("lora-merge", alpha=target.lora_alpha, rank=target.lora_rank,
-                                targets=",".join(target.lora_targets) or None))
+        steps.append(
+            _pass_text(
+                "lora-merge",
+                alpha=target.lora_alpha,
+                rank=target.lora_rank,
+                targets=",".join(target.lora_targets) or None,
+            )
+        )
     if target.mtp_layers is not None and src.spec.mtp_layers > target.mtp_layers:
         steps.append(f"drop-mtp{{keep={target.mtp_layers}}}")
     if src.states and not target.carries_optimizer:
@@ -198,8 +247,11 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
     return parse_pipeline(",".join(steps)) if steps else Pipeline()
 
 
-def run(ckpt: Checkpoint, pipeline: Pipeline | str | Sequence[Pass | Callable[[Checkpoint], Checkpoint]],
-        instrumentation: Instrumentation | None = None) -> Checkpoint:
+def run(
+    ckpt: Checkpoint,
+    pipeline: Pipeline | str | Sequence[Pass | Callable[[Checkpoint], Checkpoint]],
+    instrumentation: Instrumentation | None = None,
+) -> Checkpoint:
     """Run ``pipeline`` (pipeline text, a parsed Pipeline, or a list of pass instances and plain
     ``Checkpoint -> Checkpoint`` functions) with verification after every step."""
     return PassManager(as_pipeline(pipeline), instrumentation).run(ckpt)
@@ -221,27 +273,37 @@ def check_target(ckpt: Checkpoint, target: Target) -> None:
 
     lay, diffs = ckpt.layout, []
     if target.to == "mcore":
-        wanted = {"tp": (target.tp, lay.tp, 1), "pp": (target.pp, lay.pp, 1), "ep": (target.ep, lay.ep, 1),
-                  "vpp-layers": (target.vpp_layers, lay.vpp_layers, None),
-                  "num-layer-list": (target.num_layer_list, lay.num_layer_list, None),
-                  "noop-layers": (tuple(sorted(target.noop_layers)), lay.noop_layers, ()),
-                  "etp": (target.etp, lay.expert_tp if target.etp is not None else None, None),
-                  "moe-grouped-gemm": (target.grouped_gemm, lay.grouped_gemm, False),
-                  "norm-names": (target.norm_names, lay.norm_names if target.norm_names else None, None)}
+        wanted = {
+            "tp": (target.tp, lay.tp, 1),
+            "pp": (target.pp, lay.pp, 1),
+            "ep": (target.ep, lay.ep, 1),
+            "vpp-layers": (target.vpp_layers, lay.vpp_layers, None),
+            "num-layer-list": (target.num_layer_list, lay.num_layer_list, None),
+            "noop-layers": (tuple(sorted(target.noop_layers)), lay.noop_layers, ()),
+            "etp": (target.etp, lay.expert_tp if target.etp is not None else None, None),
+            "moe-grouped-gemm": (target.grouped_gemm, lay.grouped_gemm, False),
+            "norm-names": (target.norm_names, lay.norm_names if target.norm_names else None, None),
+        }
         if target.vocab_divisible_by:
             size = padded_size(ckpt.spec.vocab_size, target.vocab_divisible_by, target.tp)
             rows = lay.padded_vocab or ckpt.spec.vocab_size
             wanted["make-vocab-size-divisible-by"] = (size, rows, None)
-        diffs += [f"--{k} {_show(want)} but the pipeline gives {_show(got)}"
-                  for k, (want, got, default) in wanted.items() if want != default and want != got]
+        diffs += [
+            f"--{k} {_show(want)} but the pipeline gives {_show(got)}"
+            for k, (want, got, default) in wanted.items()
+            if want != default and want != got
+        ]
     if target.dtype:
         want_dtype = parse_dtype(target.dtype)
         other = sorted({t.dtype for t in ckpt.tensors.values() if t.dtype in FLOATING} - {want_dtype})
         if other and ckpt.spec.dtype != want_dtype:
             diffs.append(f"--dtype {target.dtype} but the pipeline gives {', '.join(other)} tensors")
     if diffs:
-        raise UsageError("the pipeline's output differs from the target flags: " + "; ".join(diffs)
-                         + " (add the passes to --pipeline, or drop the flags)")
+        raise UsageError(
+            "the pipeline's output differs from the target flags: "
+            + "; ".join(diffs)
+            + " (add the passes to --pipeline, or drop the flags)"
+        )
 
 
 def _show(value: Any) -> str:
@@ -255,14 +317,18 @@ def plan(ckpt: Checkpoint, target: Target) -> Plan:
     as it is (every change is a pass); it must match the target (:func:`check_target`)."""
     check_target(ckpt, target)
     if ckpt.states and not target.carries_optimizer:
-        raise UsageError("the checkpoint still carries optimizer state, which this target does not take; "
-                         "add drop-optimizer-state to the pipeline")
+        raise UsageError(
+            "the checkpoint still carries optimizer state, which this target does not take; "
+            "add drop-optimizer-state to the pipeline"
+        )
     out = _plan(ckpt, target)
     notes = ckpt.meta.get("notes")
     if notes:  # what the user chose on purpose, kept with the output (e.g. --replicas take-rank0)
         from ckpt_ir.backends.plan import NOTES_FILE, OutputFile
 
-        out = attrs.evolve(out, files=(*out.files, OutputFile(NOTES_FILE, "text", text="\n".join(notes) + "\n")))
+        out = attrs.evolve(
+            out, files=(*out.files, OutputFile(NOTES_FILE, "text", text="\n".join(notes) + "\n"))
+        )
     return out
 
 
@@ -293,10 +359,15 @@ def _plan(ckpt: Checkpoint, target: Target) -> Plan:
 def _drop_training_state(ckpt: Checkpoint) -> Checkpoint:
     """An HF / PEFT target has no place for a Megatron run's training state: record what is left."""
     training = ckpt.meta.get("training") or {}
-    present = [what for key, what in (("opt_param_scheduler", "learning-rate scheduler"),
-                                      ("num_floating_point_operations_so_far", "FLOP counter"),
-                                      ("args", "training args"))
-               if training.get(key) is not None]
+    present = [
+        what
+        for key, what in (
+            ("opt_param_scheduler", "learning-rate scheduler"),
+            ("num_floating_point_operations_so_far", "FLOP counter"),
+            ("args", "training args"),
+        )
+        if training.get(key) is not None
+    ]
     if any(v is not None for v in (training.get("rng_state") or {}).values()):
         present.append("RNG state")
     if not present:
@@ -310,12 +381,22 @@ def summarize_dropped(dropped: dict[str, str]) -> list[str]:
     kinds: dict[str, list[str]] = {}
     for key, why in dropped.items():
         kinds.setdefault(why, []).append(key)
-    return [f"dropped: {keys[0]}" + (f" and {len(keys) - 1} more like it" if len(keys) > 1 else "") + f": {why}"
-            for why, keys in kinds.items()]
+    return [
+        f"dropped: {keys[0]}" + (f" and {len(keys) - 1} more like it" if len(keys) > 1 else "") + f": {why}"
+        for why, keys in kinds.items()
+    ]
 
 
-def save(ckpt: Checkpoint | Plan, dst: str, target: Target | None = None, *, overwrite: bool = False,
-         progress: bool = False, workers: int | None = None, max_memory: int | None = None) -> dict:
+def save(
+    ckpt: Checkpoint | Plan,
+    dst: str,
+    target: Target | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+    workers: int | None = None,
+    max_memory: int | None = None,
+) -> dict:
     """Write ``ckpt`` to ``dst`` (atomically), planning it for ``target`` -- or write an existing
     :class:`Plan`.  ``workers``: parallel writer processes (default: one per core);
     ``max_memory``: bytes of tensor data held at once (default: half the available memory)."""
@@ -339,12 +420,21 @@ class Conversion:
     stats: dict | None
 
 
-def convert(src: str | Checkpoint, dst: str, target: Target, *,
-            pipeline: Pipeline | str | Sequence[Pass | Callable[[Checkpoint], Checkpoint]] | None = None,
-            instrumentation: Instrumentation | None = None, dry_run: bool = False, overwrite: bool = False,
-            progress: bool = False, workers: int | None = None, max_memory: int | None = None,
-            load_options: dict[str, Any] | None = None,
-            announce: Callable[[Pipeline], None] | None = None) -> Conversion:
+def convert(
+    src: str | Checkpoint,
+    dst: str,
+    target: Target,
+    *,
+    pipeline: Pipeline | str | Sequence[Pass | Callable[[Checkpoint], Checkpoint]] | None = None,
+    instrumentation: Instrumentation | None = None,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+    workers: int | None = None,
+    max_memory: int | None = None,
+    load_options: dict[str, Any] | None = None,
+    announce: Callable[[Pipeline], None] | None = None,
+) -> Conversion:
     """The conversion driver (``ckpt-ir convert``, ``convert-ckpt`` and ``demo`` all use it):
     lift ``src``, run ``pipeline`` (default: :func:`derive_pipeline`), check the result against
     ``target``, plan the output once, and write it to ``dst`` atomically (not when ``dry_run``).
@@ -360,7 +450,9 @@ def convert(src: str | Checkpoint, dst: str, target: Target, *,
         opts.setdefault("optimizer", target.carries_optimizer and not target.lora_load)
         src = load(src, **opts)
     if target.to == "peft" and src.spec.lora_rank is None and not target.lora_load:
-        raise UsageError("--to peft needs LoRA tensors: pass --lora-load DIR or a checkpoint that carries LoRA")
+        raise UsageError(
+            "--to peft needs LoRA tensors: pass --lora-load DIR or a checkpoint that carries LoRA"
+        )
     steps = derive_pipeline(src, target) if pipeline is None else as_pipeline(pipeline)
     if announce is not None:
         announce(steps)
@@ -368,6 +460,7 @@ def convert(src: str | Checkpoint, dst: str, target: Target, *,
     the_plan = plan(out, target)
     stats = None
     if not dry_run:
-        stats = execute(the_plan, dst, overwrite=overwrite, progress=progress, workers=workers,
-                        max_memory=max_memory)
+        stats = execute(
+            the_plan, dst, overwrite=overwrite, progress=progress, workers=workers, max_memory=max_memory
+        )
     return Conversion(steps, out, the_plan, stats)

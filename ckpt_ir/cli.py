@@ -22,74 +22,170 @@ from ckpt_ir.errors import CkptIrError
 def build_parser() -> argparse.ArgumentParser:
     from ckpt_ir import __version__
 
-    p = Parser(prog="ckpt-ir", description="Convert and reshard LLM checkpoints (HF safetensors <-> "
-                "Megatron-Core) through a typed, lazy checkpoint IR with compiler-style passes.")
+    p = Parser(
+        prog="ckpt-ir",
+        description="Convert and reshard LLM checkpoints (HF safetensors <-> "
+        "Megatron-Core) through a typed, lazy checkpoint IR with compiler-style passes.",
+    )
     p.add_argument("--version", action="version", version=f"ckpt-ir {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
-    c = sub.add_parser("convert", help="convert a checkpoint to another format or layout",
-                       description="Convert SRC (format auto-detected) into DST. The pipeline is derived from the "
-                       "source and target layouts; --print-pipeline shows it, --pipeline replaces it.")
-    c.add_argument("src", help="source checkpoint directory (HF or Megatron-Core), or one .safetensors file beside "
-                   "its config.json")
+    c = sub.add_parser(
+        "convert",
+        help="convert a checkpoint to another format or layout",
+        description="Convert SRC (format auto-detected) into DST. The pipeline is derived from the "
+        "source and target layouts; --print-pipeline shows it, --pipeline replaces it.",
+    )
+    c.add_argument(
+        "src",
+        help="source checkpoint directory (HF or Megatron-Core), or one .safetensors file beside "
+        "its config.json",
+    )
     c.add_argument("dst", help="destination directory (written atomically; missing parents are created)")
-    c.add_argument("--to", required=True, choices=("hf", "mcore", "peft"), help="output format (peft: a LoRA-only "
-                   "adapter)")
+    c.add_argument(
+        "--to",
+        required=True,
+        choices=("hf", "mcore", "peft"),
+        help="output format (peft: a LoRA-only adapter)",
+    )
     c.add_argument("--dtype", help="cast floating tensors to bf16, fp16 or fp32 (default: keep)")
-    c.add_argument("--dry-run", action="store_true", help="print the plan (files, tensors, sources, bytes, "
-                   "peak memory) and write nothing")
+    c.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (files, tensors, sources, bytes, peak memory) and write nothing",
+    )
     c.add_argument("--overwrite", action="store_true", help="replace DST if it exists (atomically)")
     c.add_argument("--hf-config", metavar="DIR", help="take config.json (and tokenizer files) from DIR")
-    c.add_argument("--model-type-hf", metavar="FAMILY", help="Megatron source with plain Megatron-LM args: the "
-                   "model family (llama, qwen2, mixtral, ...; see 'ckpt-ir models'); default: inferred from the args")
-    c.add_argument("--weights-from", choices=("model", "master"), default="model", help="Megatron source: take "
-                   "the weights from the model (default) or from the distributed optimizer's fp32 master copies")
-    c.add_argument("--max-shard-size", type=parse_size, default=None, help="HF output: cap per safetensors file "
-                   "(default 5GB)")
-    c.add_argument("--progress", action="store_true", default=None, help="show a progress bar (default: when "
-                   "stderr is a terminal)")
+    c.add_argument(
+        "--model-type-hf",
+        metavar="FAMILY",
+        help="Megatron source with plain Megatron-LM args: the "
+        "model family (llama, qwen2, mixtral, ...; see 'ckpt-ir models'); default: inferred from the args",
+    )
+    c.add_argument(
+        "--weights-from",
+        choices=("model", "master"),
+        default="model",
+        help="Megatron source: take "
+        "the weights from the model (default) or from the distributed optimizer's fp32 master copies",
+    )
+    c.add_argument(
+        "--max-shard-size",
+        type=parse_size,
+        default=None,
+        help="HF output: cap per safetensors file (default 5GB)",
+    )
+    c.add_argument(
+        "--progress",
+        action="store_true",
+        default=None,
+        help="show a progress bar (default: when stderr is a terminal)",
+    )
     c.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    c.add_argument("--workers", type=int, default=None, help="parallel writer processes (default: one per core)")
-    c.add_argument("--max-memory", type=parse_size, default=None, help="bound on tensor data held at once, e.g. "
-                   "4GB (default: half the available memory); limits --workers")
-    c.add_argument("--device", default="cpu", help="where casts and LoRA merges compute: cpu (default), cuda[:N] "
-                   "or npu[:N] (npu needs pip install 'ckpt-ir[npu]')")
+    c.add_argument(
+        "--workers", type=int, default=None, help="parallel writer processes (default: one per core)"
+    )
+    c.add_argument(
+        "--max-memory",
+        type=parse_size,
+        default=None,
+        help="bound on tensor data held at once, e.g. "
+        "4GB (default: half the available memory); limits --workers",
+    )
+    c.add_argument(
+        "--device",
+        default="cpu",
+        help="where casts and LoRA merges compute: cpu (default), cuda[:N] "
+        "or npu[:N] (npu needs pip install 'ckpt-ir[npu]')",
+    )
     m = c.add_argument_group("Megatron-Core layout (with --to mcore)")
-    m.add_argument("--ckpt-format", choices=("torch", "torch_dist"), default="torch", help="Megatron checkpoint "
-                   "format, as Megatron-LM's flag: torch (mp_rank_* directories for one TP/PP layout, default) or "
-                   "torch_dist (dist_checkpointing, resharded by Megatron on load)")
+    m.add_argument(
+        "--ckpt-format",
+        choices=("torch", "torch_dist"),
+        default="torch",
+        help="Megatron checkpoint "
+        "format, as Megatron-LM's flag: torch (mp_rank_* directories for one TP/PP layout, default) or "
+        "torch_dist (dist_checkpointing, resharded by Megatron on load)",
+    )
     m.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     m.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     m.add_argument("--num-layer-list", type=int_list, help="layers per pipeline stage, e.g. 2,6")
     m.add_argument("--vpp-layers", type=int, help="layers per virtual pipeline stage")
-    m.add_argument("--noop-layers", type=int_list, default=(), help="global indices of no-op layers, e.g. 94,95")
-    m.add_argument("--make-vocab-size-divisible-by", type=int, help="pad the vocabulary to a multiple of N*TP")
+    m.add_argument(
+        "--noop-layers", type=int_list, default=(), help="global indices of no-op layers, e.g. 94,95"
+    )
+    m.add_argument(
+        "--make-vocab-size-divisible-by", type=int, help="pad the vocabulary to a multiple of N*TP"
+    )
     m.add_argument("--ep", type=int, default=1, help="expert parallel size (MoE)")
-    m.add_argument("--etp", type=int, default=None, help="expert tensor parallel size: 1 (whole experts per rank) "
-                   "or the TP size (default)")
-    m.add_argument("--moe-grouped-gemm", action="store_true", help="store experts as grouped-GEMM weight1/weight2")
-    m.add_argument("--target-dp", type=int, default=None, help="data-parallel size the optimizer state is laid out "
-                   "for (default: the source's)")
-    m.add_argument("--no-optimizer", action="store_true", help="do not carry the source's distributed-optimizer "
-                   "state (fp32 masters, Adam moments, scheduler); by default a Megatron source's state is carried")
+    m.add_argument(
+        "--etp",
+        type=int,
+        default=None,
+        help="expert tensor parallel size: 1 (whole experts per rank) or the TP size (default)",
+    )
+    m.add_argument(
+        "--moe-grouped-gemm", action="store_true", help="store experts as grouped-GEMM weight1/weight2"
+    )
+    m.add_argument(
+        "--target-dp",
+        type=int,
+        default=None,
+        help="data-parallel size the optimizer state is laid out for (default: the source's)",
+    )
+    m.add_argument(
+        "--no-optimizer",
+        action="store_true",
+        help="do not carry the source's distributed-optimizer "
+        "state (fp32 masters, Adam moments, scheduler); by default a Megatron source's state is carried",
+    )
     o = c.add_argument_group("Distributed-optimizer source layout (default: from the checkpoint's args)")
-    o.add_argument("--source-dp", type=int, default=None, help="data-parallel size the optimizer state was saved with")
-    o.add_argument("--source-bucket-size", type=int, default=None, help="DDP bucket size (elements) it was saved "
-                   "with; 0 for one bucket (no --overlap-grad-reduce)")
-    o.add_argument("--source-param-align", type=int, choices=(1, 64), default=None, help="elements each parameter "
-                   "starts on a multiple of: 64 (Megatron-Core >= 0.8) or 1 (older); default: whichever matches")
-    m.add_argument("--norm-names", choices=("local", "te", "te-input"), help="norm key naming: local "
-                   "(input_layernorm, pre_mlp_layernorm), te (linear_qkv/linear_fc1.layer_norm_weight, Megatron's TE "
-                   "spec) or te-input (only the input norm fused, as MindSpeed-LLM v2 writes); default local, or "
-                   "the source's")
-    lo = c.add_argument_group("LoRA (merged into the weights for --to hf/mcore; exported alone for --to peft)")
-    lo.add_argument("--lora-load", metavar="DIR", help="LoRA adapter: a PEFT directory (rsLoRA, rank/alpha patterns, DoRA, "
-                    "modules_to_save, MoE experts) or a Megatron LoRA checkpoint")
+    o.add_argument(
+        "--source-dp", type=int, default=None, help="data-parallel size the optimizer state was saved with"
+    )
+    o.add_argument(
+        "--source-bucket-size",
+        type=int,
+        default=None,
+        help="DDP bucket size (elements) it was saved with; 0 for one bucket (no --overlap-grad-reduce)",
+    )
+    o.add_argument(
+        "--source-param-align",
+        type=int,
+        choices=(1, 64),
+        default=None,
+        help="elements each parameter "
+        "starts on a multiple of: 64 (Megatron-Core >= 0.8) or 1 (older); default: whichever matches",
+    )
+    m.add_argument(
+        "--norm-names",
+        choices=("local", "te", "te-input"),
+        help="norm key naming: local "
+        "(input_layernorm, pre_mlp_layernorm), te (linear_qkv/linear_fc1.layer_norm_weight, Megatron's TE "
+        "spec) or te-input (only the input norm fused, as MindSpeed-LLM v2 writes); default local, or "
+        "the source's",
+    )
+    lo = c.add_argument_group(
+        "LoRA (merged into the weights for --to hf/mcore; exported alone for --to peft)"
+    )
+    lo.add_argument(
+        "--lora-load",
+        metavar="DIR",
+        help="LoRA adapter: a PEFT directory (rsLoRA, rank/alpha patterns, DoRA, "
+        "modules_to_save, MoE experts) or a Megatron LoRA checkpoint",
+    )
     lo.add_argument("--lora-r", type=int, help="LoRA rank (checked against the adapter)")
-    lo.add_argument("--lora-alpha", type=float, help="LoRA alpha (needed when the adapter does not record it)")
-    lo.add_argument("--lora-target-modules", nargs="+", default=[], metavar="MODULE",
-                    help="modules carrying LoRA, e.g. linear_qkv linear_proj linear_fc1 linear_fc2 (checked)")
+    lo.add_argument(
+        "--lora-alpha", type=float, help="LoRA alpha (needed when the adapter does not record it)"
+    )
+    lo.add_argument(
+        "--lora-target-modules",
+        nargs="+",
+        default=[],
+        metavar="MODULE",
+        help="modules carrying LoRA, e.g. linear_qkv linear_proj linear_fc1 linear_fc2 (checked)",
+    )
     add_ir_flags(c)
 
     i = sub.add_parser("inspect", help="print a checkpoint's IR (spec, layout, one line per tensor)")
@@ -97,25 +193,46 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--format", choices=("text", "json", "dot"), default="text")
     i.add_argument("--allow-unused", metavar="PATTERN", action="append", default=[])
     add_replicas_flag(i)
-    i.add_argument("--hf-config", metavar="DIR", help="HF config.json describing a Megatron checkpoint whose args "
-                   "do not (plain Megatron-LM args)")
-    i.add_argument("--model-type-hf", metavar="FAMILY", help="model family of a Megatron checkpoint with plain "
-                   "Megatron-LM args (default: inferred from the args)")
-    i.add_argument("--weights-from", choices=("model", "master"), default="model",
-                   help="Megatron source: the model's weights or the distributed optimizer's fp32 masters")
+    i.add_argument(
+        "--hf-config",
+        metavar="DIR",
+        help="HF config.json describing a Megatron checkpoint whose args do not (plain Megatron-LM args)",
+    )
+    i.add_argument(
+        "--model-type-hf",
+        metavar="FAMILY",
+        help="model family of a Megatron checkpoint with plain "
+        "Megatron-LM args (default: inferred from the args)",
+    )
+    i.add_argument(
+        "--weights-from",
+        choices=("model", "master"),
+        default="model",
+        help="Megatron source: the model's weights or the distributed optimizer's fp32 masters",
+    )
     add_plugin_flag(i)
-    i.add_argument("--optimizer", action="store_true", help="also list the distributed-optimizer state tensors "
-                   "(rows named param:..., exp_avg:..., exp_avg_sq:...)")
+    i.add_argument(
+        "--optimizer",
+        action="store_true",
+        help="also list the distributed-optimizer state tensors "
+        "(rows named param:..., exp_avg:..., exp_avg_sq:...)",
+    )
 
-    d = sub.add_parser("diff", help="compare two checkpoints of any formats tensor by tensor",
-                       description="Exit 0 if identical, 1 if they differ.")
+    d = sub.add_parser(
+        "diff",
+        help="compare two checkpoints of any formats tensor by tensor",
+        description="Exit 0 if identical, 1 if they differ.",
+    )
     d.add_argument("a")
     d.add_argument("b")
     d.add_argument("--json", action="store_true", help="machine-readable report")
     d.add_argument("--atol", type=float, default=0.0, help="treat differences up to ATOL as equal")
     add_plugin_flag(d)
-    d.add_argument("--hf-config", metavar="DIR", help="HF config.json describing a Megatron side whose args do "
-                   "not (plain Megatron-LM args)")
+    d.add_argument(
+        "--hf-config",
+        metavar="DIR",
+        help="HF config.json describing a Megatron side whose args do not (plain Megatron-LM args)",
+    )
 
     from ckpt_ir.plan import add_parser as add_plan
     from ckpt_ir.verify import add_parser as add_verify
@@ -127,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     ms = sub.add_parser("models", help="list supported model families")
     add_plugin_flag(ms)
 
-    de = sub.add_parser("demo", help="build a tiny random model, convert it HF -> mcore -> HF, verify, report")
+    de = sub.add_parser(
+        "demo", help="build a tiny random model, convert it HF -> mcore -> HF, verify, report"
+    )
     de.add_argument("dir", nargs="?", default=None, help="work directory (default: a temporary one)")
 
     from ckpt_ir.mindspeed import add_parser as add_mindspeed
@@ -182,20 +301,49 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from ckpt_ir.io.atomic import check_apart
 
     check_apart(args.dst, {"SRC": args.src, "--hf-config": args.hf_config, "--lora-load": args.lora_load})
-    target = ck.Target(to=args.to, dtype=args.dtype, tp=args.tp, pp=args.pp, vpp_layers=args.vpp_layers,
-                       num_layer_list=args.num_layer_list, noop_layers=args.noop_layers,
-                       vocab_divisible_by=args.make_vocab_size_divisible_by, norm_names=args.norm_names,
-                       max_shard_size=args.max_shard_size, hf_config_dir=args.hf_config, ep=args.ep, etp=args.etp,
-                       grouped_gemm=args.moe_grouped_gemm, lora_rank=args.lora_r,
-                       lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_target_modules),
-                       dp=args.target_dp, optimizer=not args.no_optimizer, lora_load=args.lora_load,
-                       ckpt_format=args.ckpt_format)
+    target = ck.Target(
+        to=args.to,
+        dtype=args.dtype,
+        tp=args.tp,
+        pp=args.pp,
+        vpp_layers=args.vpp_layers,
+        num_layer_list=args.num_layer_list,
+        noop_layers=args.noop_layers,
+        vocab_divisible_by=args.make_vocab_size_divisible_by,
+        norm_names=args.norm_names,
+        max_shard_size=args.max_shard_size,
+        hf_config_dir=args.hf_config,
+        ep=args.ep,
+        etp=args.etp,
+        grouped_gemm=args.moe_grouped_gemm,
+        lora_rank=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_targets=tuple(args.lora_target_modules),
+        dp=args.target_dp,
+        optimizer=not args.no_optimizer,
+        lora_load=args.lora_load,
+        ckpt_format=args.ckpt_format,
+    )
     # --hf-config also describes a Megatron source whose args carry no HF config
-    hf_cfg = read_config(args.hf_config) if args.hf_config and detect(args.src) in ("mcore", "torch_dist") else None
+    hf_cfg = (
+        read_config(args.hf_config)
+        if args.hf_config and detect(args.src) in ("mcore", "torch_dist")
+        else None
+    )
     layout = {"dp": args.source_dp, "bucket_size": args.source_bucket_size, "align": args.source_param_align}
-    return run_conversion(args.src, target, args, {"allow_unused": tuple(args.allow_unused), "hf_config": hf_cfg,
-                                                   "weights_from": args.weights_from, "optimizer_layout": layout,
-                                                   "family": args.model_type_hf, "replicas": args.replicas})
+    return run_conversion(
+        args.src,
+        target,
+        args,
+        {
+            "allow_unused": tuple(args.allow_unused),
+            "hf_config": hf_cfg,
+            "weights_from": args.weights_from,
+            "optimizer_layout": layout,
+            "family": args.model_type_hf,
+            "replicas": args.replicas,
+        },
+    )
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -204,8 +352,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from ckpt_ir.ir.printer import render
 
     hf_cfg = read_config(args.hf_config) if args.hf_config else None
-    ckpt = ck.load(args.path, allow_unused=tuple(args.allow_unused), hf_config=hf_cfg, weights_from=args.weights_from,
-                   optimizer=args.optimizer, family=args.model_type_hf, replicas=args.replicas)
+    ckpt = ck.load(
+        args.path,
+        allow_unused=tuple(args.allow_unused),
+        hf_config=hf_cfg,
+        weights_from=args.weights_from,
+        optimizer=args.optimizer,
+        family=args.model_type_hf,
+        replicas=args.replicas,
+    )
     if ckpt.meta.get("family_from_args"):
         print(f"ckpt-ir: {ckpt.meta['family_from_args']}", file=sys.stderr)
     sys.stdout.write(render(ckpt, args.format))
@@ -246,10 +401,14 @@ def cmd_passes(args: argparse.Namespace) -> int:
             print(f"    {cls.description}")
         for o in cls.options:
             d = "" if o.default is None else f" (default {o.format(o.default)})"
-            print(f"    {o.name}={o.type.__name__ if o.type is not tuple else 'i,j,..'}  {o.help}{d}"
-                  + ("  [required]" if o.required else ""))
-        print(f"    requires:   {cls.describe_requires()}\n    guarantees: {cls.guarantees}\n"
-              f"    optimizer state: {cls.optimizer_state}")
+            print(
+                f"    {o.name}={o.type.__name__ if o.type is not tuple else 'i,j,..'}  {o.help}{d}"
+                + ("  [required]" if o.required else "")
+            )
+        print(
+            f"    requires:   {cls.describe_requires()}\n    guarantees: {cls.guarantees}\n"
+            f"    optimizer state: {cls.optimizer_state}"
+        )
     return 0
 
 
@@ -258,8 +417,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     for f in all_families():
         extra = [n for n, v in (("packed qkv/gate_up", bool(f.packed)),) if v]
-        print(f"{f.name:10s} HF model_type {','.join(f.model_types):10s} {f.architecture:24s} "
-              f"MindSpeed --model-type-hf {','.join(f.mindspeed_names)}" + (f"  ({', '.join(extra)})" if extra else ""))
+        print(
+            f"{f.name:10s} HF model_type {','.join(f.model_types):10s} {f.architecture:24s} "
+            f"MindSpeed --model-type-hf {','.join(f.mindspeed_names)}"
+            + (f"  ({', '.join(extra)})" if extra else "")
+        )
     return 0
 
 
@@ -275,8 +437,17 @@ def cmd_convert_ckpt(args: argparse.Namespace) -> int:
     return run(args)
 
 
-COMMANDS = {"convert": cmd_convert, "inspect": cmd_inspect, "diff": cmd_diff, "verify": cmd_verify, "plan": cmd_plan, "passes": cmd_passes,
-            "models": cmd_models, "demo": cmd_demo, "convert-ckpt": cmd_convert_ckpt}
+COMMANDS = {
+    "convert": cmd_convert,
+    "inspect": cmd_inspect,
+    "diff": cmd_diff,
+    "verify": cmd_verify,
+    "plan": cmd_plan,
+    "passes": cmd_passes,
+    "models": cmd_models,
+    "demo": cmd_demo,
+    "convert-ckpt": cmd_convert_ckpt,
+}
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -21,9 +21,17 @@ def run_demo(workdir: str | None) -> int:
     hf, mc, back = (os.path.join(root, n) for n in ("hf", "mcore-tp2-pp2", "hf-roundtrip"))
     say = lambda msg: print(msg, flush=True)  # noqa: E731
     say(f"ckpt-ir demo in {root}")
-    cfg = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                               num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                               max_position_embeddings=128, tie_word_embeddings=False)
+    cfg = AutoConfig.for_model(
+        "llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
@@ -39,7 +47,9 @@ def run_demo(workdir: str | None) -> int:
     say(f"   rank directories: {', '.join(ranks)}")
 
     second = ck.convert(mc, back, ck.Target(to="hf"), overwrite=True)
-    say(f"3. Megatron-Core -> HF with pipeline `{second.pipeline}` -> {back}  ({time.perf_counter() - t0:.2f}s)")
+    say(
+        f"3. Megatron-Core -> HF with pipeline `{second.pipeline}` -> {back}  ({time.perf_counter() - t0:.2f}s)"
+    )
 
     report = diff(hf, back)
     say(f"4. tensor-by-tensor diff: {report['equal']} tensors equal, identical={report['identical']}")

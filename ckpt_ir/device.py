@@ -18,8 +18,10 @@ def resolve_device(name: str):
         return torch.device(name)
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}, "
-                             f"{'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'}); use --device cpu")
+            raise UsageError(
+                f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}, "
+                f"{'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'}); use --device cpu"
+            )
         if index and int(index) >= torch.cuda.device_count():
             raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
         return torch.device(name)
@@ -27,8 +29,10 @@ def resolve_device(name: str):
         try:
             import torch_npu  # noqa: F401
         except ImportError:
-            raise UsageError(f"--device {name}: torch_npu is not installed; pip install 'ckpt-ir[npu]' on an Ascend "
-                             f"machine, or use --device cpu") from None
+            raise UsageError(
+                f"--device {name}: torch_npu is not installed; pip install 'ckpt-ir[npu]' on an Ascend "
+                f"machine, or use --device cpu"
+            ) from None
         npu = getattr(torch, "npu", None)  # torch_npu registers torch.npu on import
         if npu is None or not npu.is_available():
             raise UsageError(f"--device {name}: torch_npu found no Ascend NPU; use --device cpu")

@@ -31,21 +31,27 @@ def diff(a: str, b: str, *, atol: float = 0.0, hf_config: str | None = None) -> 
     ca, cb = canonical(a), canonical(b)
     names_a, names_b = set(ca.tensors), set(cb.tensors)
     report: dict[str, Any] = {
-        "a": a, "b": b,
-        "only_in_a": sorted(names_a - names_b), "only_in_b": sorted(names_b - names_a),
-        "mismatched": [], "different": [], "equal": 0,
+        "a": a,
+        "b": b,
+        "only_in_a": sorted(names_a - names_b),
+        "only_in_b": sorted(names_b - names_a),
+        "mismatched": [],
+        "different": [],
+        "equal": 0,
     }
     spec_a, spec_b = ca.spec.summary(), cb.spec.summary()
-    report["spec_differences"] = {k: [spec_a[k], spec_b[k]] for k in spec_a if spec_a[k] != spec_b.get(k)
-                                  and k != "dtype"}
+    report["spec_differences"] = {
+        k: [spec_a[k], spec_b[k]] for k in spec_a if spec_a[k] != spec_b.get(k) and k != "dtype"
+    }
     with E.Reader() as reader:
         for name in ca.tensors:
             if name not in cb.tensors:
                 continue
             ta, tb = ca.tensors[name], cb.tensors[name]
             if ta.shape != tb.shape or ta.dtype != tb.dtype:
-                report["mismatched"].append({"name": name, "a": [list(ta.shape), ta.dtype],
-                                             "b": [list(tb.shape), tb.dtype]})
+                report["mismatched"].append(
+                    {"name": name, "a": [list(ta.shape), ta.dtype], "b": [list(tb.shape), tb.dtype]}
+                )
                 continue
             va, vb = E.evaluate(ta.expr, reader), E.evaluate(tb.expr, reader)
             if torch.equal(va, vb):
@@ -57,10 +63,21 @@ def diff(a: str, b: str, *, atol: float = 0.0, hf_config: str | None = None) -> 
                 report["equal"] += 1
                 continue
             idx = int(d.argmax())
-            report["different"].append({"name": name, "max_abs_diff": max_abs, "elements_differing":
-                                        int((d > atol).sum()), "first_max_at": list(_unravel(idx, ta.shape))})
-    report["identical"] = not (report["only_in_a"] or report["only_in_b"] or report["mismatched"]
-                               or report["different"] or report["spec_differences"])
+            report["different"].append(
+                {
+                    "name": name,
+                    "max_abs_diff": max_abs,
+                    "elements_differing": int((d > atol).sum()),
+                    "first_max_at": list(_unravel(idx, ta.shape)),
+                }
+            )
+    report["identical"] = not (
+        report["only_in_a"]
+        or report["only_in_b"]
+        or report["mismatched"]
+        or report["different"]
+        or report["spec_differences"]
+    )
     return report
 
 
@@ -81,12 +98,16 @@ def format_report(r: dict[str, Any]) -> str:
     for m in r["mismatched"]:
         lines.append(f"shape/dtype: {m['name']}: A {m['a'][0]} {m['a'][1]} vs B {m['b'][0]} {m['b'][1]}")
     for d in r["different"]:
-        lines.append(f"values: {d['name']}: max |A-B| = {d['max_abs_diff']:.6g} at {d['first_max_at']}, "
-                     f"{d['elements_differing']} element(s) differ")
+        lines.append(
+            f"values: {d['name']}: max |A-B| = {d['max_abs_diff']:.6g} at {d['first_max_at']}, "
+            f"{d['elements_differing']} element(s) differ"
+        )
     for k, (va, vb) in r["spec_differences"].items():
         lines.append(f"spec: {k}: A {va} vs B {vb}")
     total = r["equal"] + len(r["different"]) + len(r["mismatched"])
     verdict = "identical" if r["identical"] else "DIFFERENT"
-    lines.append(f"{verdict}: {r['equal']}/{total} common tensors equal, {len(r['only_in_a'])} only in A, "
-                 f"{len(r['only_in_b'])} only in B")
+    lines.append(
+        f"{verdict}: {r['equal']}/{total} common tensors equal, {len(r['only_in_a'])} only in A, "
+        f"{len(r['only_in_b'])} only in B"
+    )
     return "\n".join(lines)

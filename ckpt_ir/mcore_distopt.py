@@ -39,24 +39,32 @@ ALIGN = 64
 # within a dense transformer layer, for the local and Transformer-Engine specs.  It is not the key
 # order of every rank file (MindSpeed-LLM and ckpt-ir write linear_qkv before linear_proj), so
 # the layout is built from this order, not from the file.
-_LAYER_ORDER = tuple(f"{m}.{p}" for m, ps in (
-    ("input_layernorm", ("weight", "bias")),
-    ("self_attention.linear_proj", ("weight", "bias")),
-    ("self_attention.linear_qkv", ("layer_norm_weight", "layer_norm_bias", "weight", "bias")),
-    ("self_attention.q_layernorm", ("weight", "bias")),
-    ("self_attention.k_layernorm", ("weight", "bias")),
-    ("pre_mlp_layernorm", ("weight", "bias")),
-    ("mlp.linear_fc1", ("layer_norm_weight", "layer_norm_bias", "weight", "bias")),
-    ("mlp.linear_fc2", ("weight", "bias")),
-    # MoE layer: router, experts (grouped weight1/weight2, or local_experts.{j}), shared experts
-    ("mlp.router", ("weight", "bias")),
-    ("mlp.experts", ("weight1", "weight2")),
-    ("mlp.experts.local_experts.*", ("linear_fc1.weight", "linear_fc2.weight")),
-    ("mlp.shared_experts", ("linear_fc1.weight", "linear_fc2.weight", "gate_weight")),
-) for p in ps)
+_LAYER_ORDER = tuple(
+    f"{m}.{p}"
+    for m, ps in (
+        ("input_layernorm", ("weight", "bias")),
+        ("self_attention.linear_proj", ("weight", "bias")),
+        ("self_attention.linear_qkv", ("layer_norm_weight", "layer_norm_bias", "weight", "bias")),
+        ("self_attention.q_layernorm", ("weight", "bias")),
+        ("self_attention.k_layernorm", ("weight", "bias")),
+        ("pre_mlp_layernorm", ("weight", "bias")),
+        ("mlp.linear_fc1", ("layer_norm_weight", "layer_norm_bias", "weight", "bias")),
+        ("mlp.linear_fc2", ("weight", "bias")),
+        # MoE layer: router, experts (grouped weight1/weight2, or local_experts.{j}), shared experts
+        ("mlp.router", ("weight", "bias")),
+        ("mlp.experts", ("weight1", "weight2")),
+        ("mlp.experts.local_experts.*", ("linear_fc1.weight", "linear_fc2.weight")),
+        ("mlp.shared_experts", ("linear_fc1.weight", "linear_fc2.weight", "gate_weight")),
+    )
+    for p in ps
+)
 _LAYER_RANK = {k: i for i, k in enumerate(_LAYER_ORDER)}
-_TOP_RANK = {"embedding.word_embeddings.weight": (0,), "decoder.final_layernorm.weight": (2,),
-             "decoder.final_layernorm.bias": (3,), "output_layer.weight": (4,)}
+_TOP_RANK = {
+    "embedding.word_embeddings.weight": (0,),
+    "decoder.final_layernorm.weight": (2,),
+    "decoder.final_layernorm.bias": (3,),
+    "output_layer.weight": (4,),
+}
 _LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 
 
@@ -117,9 +125,15 @@ class BufferLayout:
     bucket_sizes: tuple[int, ...]  # per bucket, elements without the end padding
 
 
-def param_offsets(params: list[tuple[str, int]], bucket_size: int | None, dp: int,
-                  shared: frozenset[str] = frozenset(), gen: Generation = CURRENT) -> BufferLayout:
+def param_offsets(
+    params: list[tuple[str, int]],
+    bucket_size: int | None,
+    dp: int,
+    shared: frozenset[str] = frozenset(),
+    gen: Generation = CURRENT,
+) -> BufferLayout:
     """Where each parameter (registration order, with its element count) sits in the buffers."""
+
     def round_up(n: int, m: int) -> int:
         return -(-n // m) * m
 
@@ -181,8 +195,15 @@ def shared_params(tied: bool, stage: int, pp: int, chunk: int, chunks: int) -> f
     return frozenset(shared)
 
 
-def read_state(rank_file: str, z: TorchZip, args: dict[str, Any], stage: int, pp: int,
-               dp: int | None = None, align: int | None = None) -> tuple[dict[str, dict[tuple[str, str], E.Expr]], tuple]:
+def read_state(
+    rank_file: str,
+    z: TorchZip,
+    args: dict[str, Any],
+    stage: int,
+    pp: int,
+    dp: int | None = None,
+    align: int | None = None,
+) -> tuple[dict[str, dict[tuple[str, str], E.Expr]], tuple]:
     """The fp32 optimizer state of one rank directory: {state key: {(model chunk key, tensor key):
     expression in the TP-local shape}}, and the buffers' (param dtype, grad dtype) key.
 
@@ -191,17 +212,23 @@ def read_state(rank_file: str, z: TorchZip, args: dict[str, Any], stage: int, pp
     state lives in the EP rank 0 directories only)."""
     path = os.path.join(os.path.dirname(rank_file), "distrib_optim.pt")
     if not os.path.isfile(path):
-        raise FormatError(f"{os.path.dirname(rank_file)}: no distrib_optim.pt; the checkpoint has no "
-                          f"distributed-optimizer state (use the model weights instead, or --no-optimizer)")
+        raise FormatError(
+            f"{os.path.dirname(rank_file)}: no distrib_optim.pt; the checkpoint has no "
+            f"distributed-optimizer state (use the model weights instead, or --no-optimizer)"
+        )
     opt = TorchZip(path)
     dp = dp or args.get("data_parallel_size")
     if not isinstance(dp, int) or dp < 1:
-        raise FormatError(f"{rank_file}: args do not record data_parallel_size; the optimizer layout depends on it")
+        raise FormatError(
+            f"{rank_file}: args do not record data_parallel_size; the optimizer layout depends on it"
+        )
     out: dict[str, dict[tuple[str, str], E.Expr]] = {k: {} for k in STATE_KEYS}
     if isinstance(opt.obj, list):
         if len(opt.obj) != 2:
-            raise FormatError(f"{path}: {len(opt.obj)} optimizer states; expected [dense, expert] (a split first "
-                              f"chunk from --overlap-param-gather-with-optimizer-step is not supported)")
+            raise FormatError(
+                f"{path}: {len(opt.obj)} optimizer states; expected [dense, expert] (a split first "
+                f"chunk from --overlap-param-gather-with-optimizer-step is not supported)"
+            )
         groups = [(opt.obj[0], dp, False), (opt.obj[1], expert_dp(args, dp), True)]
     else:
         groups = [(opt.obj, dp, None)]
@@ -221,12 +248,25 @@ def expert_dp(args: dict[str, Any], dp: int) -> int:
     return max(1, tp * dp // (etp * ep))
 
 
-def _read_group(path: str, opt: TorchZip, state: Any, z: TorchZip, args: dict[str, Any], stage: int, pp: int,
-                dp: int, experts: bool | None, out: dict, align: int | None = None) -> tuple:
+def _read_group(
+    path: str,
+    opt: TorchZip,
+    state: Any,
+    z: TorchZip,
+    args: dict[str, Any],
+    stage: int,
+    pp: int,
+    dp: int,
+    experts: bool | None,
+    out: dict,
+    align: int | None = None,
+) -> tuple:
     """Read one optimizer's state (``experts``: only expert / only dense parameters; None: all)."""
     if not isinstance(state, dict) or not (state.get("buckets_coalesced") or "per_bucket_numel" in state):
-        raise FormatError(f"{path}: not a distributed-optimizer state Megatron-Core wrote (neither the coalesced nor "
-                          f"the per-bucket layout)")
+        raise FormatError(
+            f"{path}: not a distributed-optimizer state Megatron-Core wrote (neither the coalesced nor "
+            f"the per-bucket layout)"
+        )
     gens = (CURRENT, V07) if state.get("buckets_coalesced") else (PER_BUCKET,)
     if align is not None:  # the user knows the alignment: do not try the other generation
         gens = tuple(attrs.evolve(g, align=align) for g in gens[:1])
@@ -236,15 +276,20 @@ def _read_group(path: str, opt: TorchZip, state: Any, z: TorchZip, args: dict[st
     for index, ck in enumerate(chunks):
         groups = state.get(index)
         if not isinstance(groups, dict) or len(groups) != 1:
-            raise FormatError(f"{path}: expected one dtype group for model chunk {index}, found "
-                              f"{len(groups) if isinstance(groups, dict) else 0}")
-        (dtype_key, entry), = groups.items()
+            raise FormatError(
+                f"{path}: expected one dtype group for model chunk {index}, found "
+                f"{len(groups) if isinstance(groups, dict) else 0}"
+            )
+        ((dtype_key, entry),) = groups.items()
         if isinstance(dtype_key, TorchDtype):  # Megatron-Core 0.5 keys the group by the gradient dtype alone
             dtype_key = (dtype_key, dtype_key)
         if not (isinstance(dtype_key, tuple) and all(isinstance(d, TorchDtype) for d in dtype_key)):
             raise FormatError(f"{path}: unexpected dtype key {dtype_key!r}")
-        shapes = {k: ref.shape for k, ref in iter_tensors(z.obj[ck])
-                  if not is_buffer(k) and (experts is None or is_expert_param(k) == experts)}
+        shapes = {
+            k: ref.shape
+            for k, ref in iter_tensors(z.obj[ck])
+            if not is_buffer(k) and (experts is None or is_expert_param(k) == experts)
+        }
         # a file Megatron wrote lists parameters in registration order; others may not
         order = registration_order(list(shapes)) or list(shapes)
         params = [(k, math.prod(shapes[k])) for k in order]
@@ -257,16 +302,24 @@ def _read_group(path: str, opt: TorchZip, state: Any, z: TorchZip, args: dict[st
             rebuilt = layouts[0][1].total
         else:
             per_bucket = state.get("per_bucket_numel_unpadded")
-            saved = list(next(iter(per_bucket[index].values()))) if isinstance(per_bucket, list) \
-                and len(per_bucket) > index and isinstance(per_bucket[index], dict) and per_bucket[index] else None
+            saved = (
+                list(next(iter(per_bucket[index].values())))
+                if isinstance(per_bucket, list)
+                and len(per_bucket) > index
+                and isinstance(per_bucket[index], dict)
+                and per_bucket[index]
+                else None
+            )
             lay = param_offsets(params, size, dp, shared, PER_BUCKET)
             found = [(PER_BUCKET, lay)] if list(lay.bucket_sizes) == saved else []
             rebuilt = list(lay.bucket_sizes)
         if not found:
-            raise FormatError(f"{path}: the rebuilt parameter layout holds {rebuilt} elements but the file says "
-                              f"{saved} (chunk {index}); bucket size {size}, DP {dp} or the parameter order do not "
-                              f"match how it was saved (correct args with --source-dp / --source-bucket-size / "
-                              f"--source-param-align)")
+            raise FormatError(
+                f"{path}: the rebuilt parameter layout holds {rebuilt} elements but the file says "
+                f"{saved} (chunk {index}); bucket size {size}, DP {dp} or the parameter order do not "
+                f"match how it was saved (correct args with --source-dp / --source-bucket-size / "
+                f"--source-param-align)"
+            )
         gen, lay = found[0]
         for which in STATE_KEYS:
             value = entry.get(which)
@@ -275,8 +328,12 @@ def _read_group(path: str, opt: TorchZip, state: Any, z: TorchZip, args: dict[st
                 raise FormatError(f"{path}: no fp32 {which!r} state in chunk {index}")
             flats = [opt.load_expr(r, f"{index}.{which}.{b}") for b, r in enumerate(buckets)]
             want = [lay.total] if gen.coalesced else list(lay.bucket_sizes)
-            if len(flats) != len(want) or any(f.shape[0] < n or len(f.shape) != 1 for f, n in zip(flats, want)):
-                raise FormatError(f"{path}: {which} holds {[f.shape for f in flats]} elements, not the layout's {want}")
+            if len(flats) != len(want) or any(
+                f.shape[0] < n or len(f.shape) != 1 for f, n in zip(flats, want)
+            ):
+                raise FormatError(
+                    f"{path}: {which} holds {[f.shape for f in flats]} elements, not the layout's {want}"
+                )
             for key, numel in params:
                 bucket, off = (0, lay.offsets[key]) if gen.coalesced else lay.in_bucket[key]
                 piece = E.Slice(flats[bucket], 0, off, off + numel)
@@ -284,20 +341,25 @@ def _read_group(path: str, opt: TorchZip, state: Any, z: TorchZip, args: dict[st
     return dtype_key
 
 
-def flat_state(params: list[tuple[str, E.Expr]], bucket_size: int | None, dp: int,
-               shared: frozenset[str] = frozenset()) -> E.Expr:
+def flat_state(
+    params: list[tuple[str, E.Expr]], bucket_size: int | None, dp: int, shared: frozenset[str] = frozenset()
+) -> E.Expr:
     """The coalesced 1-D buffer Megatron's distributed optimizer saves for one model chunk:
     ``params`` (Megatron keys, each with the state of that parameter) laid out by
     :func:`param_offsets` in registration order, alignment gaps zero.  A concatenation along
     dim 0, so it is written piece by piece."""
     if not params:
-        raise VerifyError("optimizer state: a model chunk without parameters for this optimizer (e.g. a pipeline "
-                          "stage without MoE layers) is not supported; convert with --no-optimizer")
+        raise VerifyError(
+            "optimizer state: a model chunk without parameters for this optimizer (e.g. a pipeline "
+            "stage without MoE layers) is not supported; convert with --no-optimizer"
+        )
     order = registration_order([k for k, _ in params])
     if order is None:
         unknown = [k for k, _ in params if registration_order([k]) is None]
-        raise VerifyError(f"optimizer state: Megatron's parameter order for {unknown[0]} is not known to ckpt-ir, "
-                          f"so its place in distrib_optim.pt cannot be derived; convert with --no-optimizer")
+        raise VerifyError(
+            f"optimizer state: Megatron's parameter order for {unknown[0]} is not known to ckpt-ir, "
+            f"so its place in distrib_optim.pt cannot be derived; convert with --no-optimizer"
+        )
     exprs = dict(params)
     params = [(k, exprs[k]) for k in order]
     lay = param_offsets([(k, e.numel) for k, e in params], bucket_size, dp, shared)
@@ -311,7 +373,9 @@ def flat_state(params: list[tuple[str, E.Expr]], bucket_size: int | None, dp: in
     return pieces[0] if len(pieces) == 1 else E.simplify(E.Concat(tuple(pieces), 0))
 
 
-def apply_overrides(args: dict[str, Any], dp: int | None = None, bucket_size: int | None = None) -> dict[str, Any]:
+def apply_overrides(
+    args: dict[str, Any], dp: int | None = None, bucket_size: int | None = None
+) -> dict[str, Any]:
     """``args`` with the user's corrections of how the optimizer state was laid out: the source's
     data-parallel size, and its DDP bucket size (0: one bucket, i.e. no overlapped reduction)."""
     args = dict(args)
@@ -324,9 +388,22 @@ def apply_overrides(args: dict[str, Any], dp: int | None = None, bucket_size: in
 
 
 # Megatron args that say how the optimizer state is laid out, or where training resumes
-RESUME_ARGS = ("data_parallel_size", "overlap_grad_reduce", "ddp_bucket_size", "use_distributed_optimizer",
-               "consumed_train_samples", "skipped_train_samples", "consumed_valid_samples", "train_iters",
-               "train_samples", "global_batch_size", "micro_batch_size", "seed", "lr", "min_lr")
+RESUME_ARGS = (
+    "data_parallel_size",
+    "overlap_grad_reduce",
+    "ddp_bucket_size",
+    "use_distributed_optimizer",
+    "consumed_train_samples",
+    "skipped_train_samples",
+    "consumed_valid_samples",
+    "train_iters",
+    "train_samples",
+    "global_batch_size",
+    "micro_batch_size",
+    "seed",
+    "lr",
+    "min_lr",
+)
 
 
 def training_args(args: dict[str, Any]) -> dict[str, Any]:

@@ -89,7 +89,9 @@ def group_experts(kind: str, shards: list[E.Expr]) -> E.Expr:
     """The grouped-GEMM view of the local experts' (TP-sharded) fc1 [2F/T, H] or fc2 [H, F/T]."""
     blocks = [E.Transpose(s, 0, 1) for s in shards]
     rows, cols = blocks[0].shape
-    stacked = _expert_stack(len(blocks)).fuse({str(j): E.Reshape(b, (1, rows, cols)) for j, b in enumerate(blocks)})
+    stacked = _expert_stack(len(blocks)).fuse(
+        {str(j): E.Reshape(b, (1, rows, cols)) for j, b in enumerate(blocks)}
+    )
     shape = (rows, len(blocks) * cols) if kind == "weight1" else (len(blocks) * rows, cols)
     return E.simplify(E.Reshape(stacked, shape))
 
@@ -105,6 +107,8 @@ def ungroup_experts(kind: str, expr: E.Expr, experts: int) -> list[E.Expr]:
     _, a, b = view.shape
     parts = _expert_stack(experts).split(view)
     return [E.simplify(E.Transpose(E.Reshape(parts[str(j)], (a, b)), 0, 1)) for j in range(experts)]
+
+
 _TE_NORMS = {
     D + "input_layernorm.weight": D + "self_attention.linear_qkv.layer_norm_weight",
     D + "pre_mlp_layernorm.weight": D + "mlp.linear_fc1.layer_norm_weight",
@@ -112,8 +116,12 @@ _TE_NORMS = {
     D + "pre_mlp_layernorm.bias": D + "mlp.linear_fc1.layer_norm_bias",
 }
 PRE_LAYERS = (("embedding.word_embeddings.weight", "embed.weight"),)
-POST_LAYERS = (("decoder.final_layernorm.weight", "final_norm.weight"), ("decoder.final_layernorm.bias", "final_norm.bias"),
-               ("output_layer.weight", "lm_head.weight"), ("output_layer.bias", "lm_head.bias"))
+POST_LAYERS = (
+    ("decoder.final_layernorm.weight", "final_norm.weight"),
+    ("decoder.final_layernorm.bias", "final_norm.bias"),
+    ("output_layer.weight", "lm_head.weight"),
+    ("output_layer.bias", "lm_head.bias"),
+)
 # multi-token prediction (last stage): its transformer layer's keys are a decoder layer's under
 # mtp.layers.{k}.transformer_layer.; with MTP the main final norm is a top-level final_layernorm
 MTP_PREFIX = "mtp.layers.{k}.transformer_layer."
@@ -127,8 +135,10 @@ MTP_FINAL_NORM = "final_layernorm.weight"
 
 
 # MiniMax-M2's full-width q/k norms take the per-head norms' keys (Megatron-Bridge)
-_FULL_QK_NORM = {C + "attn.q_norm.weight": C + "attn.q_full_norm.weight",
-                 C + "attn.k_norm.weight": C + "attn.k_full_norm.weight"}
+_FULL_QK_NORM = {
+    C + "attn.q_norm.weight": C + "attn.q_full_norm.weight",
+    C + "attn.k_norm.weight": C + "attn.k_full_norm.weight",
+}
 
 
 def _layer_keys(mla: bool, full_qk_norm: bool):
@@ -139,8 +149,11 @@ def _layer_keys(mla: bool, full_qk_norm: bool):
 def _table(keys, norm_names: str) -> NameTable:
     if norm_names == "local":
         return NameTable(keys)
-    renames = dict(_TE_NORMS) if norm_names == "te" else \
-        {m: _TE_NORMS[m] for m in (D + "input_layernorm.weight", D + "input_layernorm.bias")}
+    renames = (
+        dict(_TE_NORMS)
+        if norm_names == "te"
+        else {m: _TE_NORMS[m] for m in (D + "input_layernorm.weight", D + "input_layernorm.bias")}
+    )
     return NameTable((renames.get(m, m), c) for m, c in keys)
 
 
@@ -156,8 +169,16 @@ def extra_state_layout(spec: ModelSpec, layout: Layout) -> tuple:
     """What decides whether Transformer Engine's per-module ``_extra_state`` (FP8 scaling state of
     one TP shard) still belongs to the same module shard after a conversion: the layers, the
     (expert) TP sizes, the expert storage and the module types (norm naming)."""
-    return (spec.num_layers, spec.mtp_layers, layout.tp, layout.expert_tp if spec.num_experts else None,
-            layout.grouped_gemm, layout.norm_names)
+    return (
+        spec.num_layers,
+        spec.mtp_layers,
+        layout.tp,
+        layout.expert_tp if spec.num_experts else None,
+        layout.grouped_gemm,
+        layout.norm_names,
+    )
+
+
 # Megatron / MindSpeed LoRA: X.lora_A.default.weight [r, in] and X.lora_B.default.weight [out, r]
 # beside the base X.weight, which LoRA training stores as X.base_layer.weight.
 LORA_KEY = re.compile(r"^(.*)\.lora_([AB])(?:\.default)?\.weight$")
@@ -204,32 +225,97 @@ def iter_dir(iteration: int | str) -> str:
 # args
 
 # Attributes that describe the conversion or Megatron itself, never an HF config key.
-_NOT_HF = frozenset({
-    "num_layers", "ffn_hidden_size", "num_query_groups", "group_query_attention", "kv_channels",
-    "padded_vocab_size", "norm_epsilon", "normalization", "swiglu", "add_qkv_bias", "add_bias_linear",
-    "qk_layernorm", "untie_embeddings_and_output_weights", "position_embedding_type",
-    "use_rotary_position_embeddings", "rotary_base", "tensor_model_parallel_size", "pipeline_model_parallel_size",
-    "expert_model_parallel_size", "expert_tensor_parallel_size", "num_layer_list", "noop_layers",
-    "num_layers_per_virtual_pipeline_stage", "virtual_pipeline_model_parallel_size", "vpp_size", "transformer_impl",
-    "model_type_hf", "ckpt_ir_family", "ckpt_ir_hf_config", "bf16", "fp16", "params_dtype", "iteration",
-    "load_model_type", "hf_path", "load_dir", "save_dir", "seq_length", "global_batch_size", "add_position_embedding",
-    "gradient_accumulation_fusion", "tokenizer_type", "qkv_type", "fc_type", "post_norm", "moe_grouped_gemm",
-    "moe_tp_extend_ep", "mla_mm_split", "mtp_num_layers", "save_layer_by_layer",
-    "etp_valid_ckpts_list", "add_rmsnorm_offset", "use_mcore_models", "make_vocab_size_divisible_by",
-    "lora_r", "lora_alpha", "lora_target_modules", "lora_load", "lora_fusion", "lora_ckpt_filter",
-    "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "multi_latent_attention",
-    "qk_head_dim", "qk_pos_emb_head_dim", "rotary_percent",
-})
+_NOT_HF = frozenset(
+    {
+        "num_layers",
+        "ffn_hidden_size",
+        "num_query_groups",
+        "group_query_attention",
+        "kv_channels",
+        "padded_vocab_size",
+        "norm_epsilon",
+        "normalization",
+        "swiglu",
+        "add_qkv_bias",
+        "add_bias_linear",
+        "qk_layernorm",
+        "untie_embeddings_and_output_weights",
+        "position_embedding_type",
+        "use_rotary_position_embeddings",
+        "rotary_base",
+        "tensor_model_parallel_size",
+        "pipeline_model_parallel_size",
+        "expert_model_parallel_size",
+        "expert_tensor_parallel_size",
+        "num_layer_list",
+        "noop_layers",
+        "num_layers_per_virtual_pipeline_stage",
+        "virtual_pipeline_model_parallel_size",
+        "vpp_size",
+        "transformer_impl",
+        "model_type_hf",
+        "ckpt_ir_family",
+        "ckpt_ir_hf_config",
+        "bf16",
+        "fp16",
+        "params_dtype",
+        "iteration",
+        "load_model_type",
+        "hf_path",
+        "load_dir",
+        "save_dir",
+        "seq_length",
+        "global_batch_size",
+        "add_position_embedding",
+        "gradient_accumulation_fusion",
+        "tokenizer_type",
+        "qkv_type",
+        "fc_type",
+        "post_norm",
+        "moe_grouped_gemm",
+        "moe_tp_extend_ep",
+        "mla_mm_split",
+        "mtp_num_layers",
+        "save_layer_by_layer",
+        "etp_valid_ckpts_list",
+        "add_rmsnorm_offset",
+        "use_mcore_models",
+        "make_vocab_size_divisible_by",
+        "lora_r",
+        "lora_alpha",
+        "lora_target_modules",
+        "lora_load",
+        "lora_fusion",
+        "lora_ckpt_filter",
+        "moe_router_topk",
+        "moe_ffn_hidden_size",
+        "moe_shared_expert_intermediate_size",
+        "multi_latent_attention",
+        "qk_head_dim",
+        "qk_pos_emb_head_dim",
+        "rotary_percent",
+    }
+)
 
 
 # layout fields a source may set and the target may not: reset to Megatron's default (None)
-_LAYOUT_ARGS = ("num_layer_list", "noop_layers", "num_layers_per_virtual_pipeline_stage",
-                "virtual_pipeline_model_parallel_size", "expert_tensor_parallel_size")
+_LAYOUT_ARGS = (
+    "num_layer_list",
+    "noop_layers",
+    "num_layers_per_virtual_pipeline_stage",
+    "virtual_pipeline_model_parallel_size",
+    "expert_tensor_parallel_size",
+)
 _PLAIN = (int, float, str, bool, list)
 
 
-def build_args(spec: ModelSpec, layout: Layout, hf_config: dict[str, Any] | None, family_ms_name: str,
-               source: dict[str, Any] | None = None) -> argparse.Namespace:
+def build_args(
+    spec: ModelSpec,
+    layout: Layout,
+    hf_config: dict[str, Any] | None,
+    family_ms_name: str,
+    source: dict[str, Any] | None = None,
+) -> argparse.Namespace:
     """``args`` for a rank file: the HF config's plain values (as MindSpeed-LLM stores them) plus
     the Megatron fields that Megatron-LM and MindSpeed-LLM read back.
 
@@ -280,7 +366,9 @@ def build_args(spec: ModelSpec, layout: Layout, hf_config: dict[str, Any] | None
     theta = cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta"))
     if theta is not None:
         fields["rotary_base"] = theta
-    partial = cfg.get("partial_rotary_factor", (cfg.get("rope_parameters") or {}).get("partial_rotary_factor"))
+    partial = cfg.get(
+        "partial_rotary_factor", (cfg.get("rope_parameters") or {}).get("partial_rotary_factor")
+    )
     if partial is not None:  # GLM: rotary on a fraction of each head
         fields["rotary_percent"] = partial
     if layout.num_layer_list:
@@ -291,16 +379,22 @@ def build_args(spec: ModelSpec, layout: Layout, hf_config: dict[str, Any] | None
         fields["num_layers_per_virtual_pipeline_stage"] = layout.vpp_layers
         fields["virtual_pipeline_model_parallel_size"] = num_chunks(spec, layout)
     if spec.num_experts:
-        fields.update({
-            "num_experts": spec.num_experts, "moe_router_topk": spec.moe_topk,
-            "moe_ffn_hidden_size": spec.moe_ffn_hidden_size, "moe_grouped_gemm": layout.grouped_gemm,
-            "expert_model_parallel_size": layout.ep, "expert_tensor_parallel_size": layout.expert_tp,
-        })
+        fields.update(
+            {
+                "num_experts": spec.num_experts,
+                "moe_router_topk": spec.moe_topk,
+                "moe_ffn_hidden_size": spec.moe_ffn_hidden_size,
+                "moe_grouped_gemm": layout.grouped_gemm,
+                "expert_model_parallel_size": layout.ep,
+                "expert_tensor_parallel_size": layout.expert_tp,
+            }
+        )
         if spec.shared_ffn_hidden_size:
             fields["moe_shared_expert_intermediate_size"] = spec.shared_ffn_hidden_size
         # Megatron's per-layer pattern: 1 = MoE, 0 = dense MLP
-        fields["moe_layer_freq"] = [0 if i in spec.dense_layers else 1 for i in range(spec.num_layers)] \
-            if spec.dense_layers else 1
+        fields["moe_layer_freq"] = (
+            [0 if i in spec.dense_layers else 1 for i in range(spec.num_layers)] if spec.dense_layers else 1
+        )
         fields["moe_shared_expert_gate"] = fields["shared_expert_gate"] = spec.shared_expert_gate
         from ckpt_ir.families import by_name
 
@@ -308,9 +402,16 @@ def build_args(spec: ModelSpec, layout: Layout, hf_config: dict[str, Any] | None
         if family.megatron_args:
             fields.update(family.megatron_args(cfg))
     if spec.mla:
-        fields.update({"multi_latent_attention": True, "q_lora_rank": spec.q_lora_rank or None,
-                       "kv_lora_rank": spec.kv_lora_rank, "qk_head_dim": spec.qk_nope_dim,
-                       "qk_pos_emb_head_dim": spec.qk_rope_dim, "v_head_dim": spec.v_head_dim})
+        fields.update(
+            {
+                "multi_latent_attention": True,
+                "q_lora_rank": spec.q_lora_rank or None,
+                "kv_lora_rank": spec.kv_lora_rank,
+                "qk_head_dim": spec.qk_nope_dim,
+                "qk_pos_emb_head_dim": spec.qk_rope_dim,
+                "v_head_dim": spec.v_head_dim,
+            }
+        )
     fields["mtp_num_layers"] = spec.mtp_layers  # as MindSpeed-LLM writes it, 0 included
     if spec.lora_rank is not None:
         fields["lora_r"] = spec.lora_rank
@@ -321,7 +422,9 @@ def build_args(spec: ModelSpec, layout: Layout, hf_config: dict[str, Any] | None
         if "params_dtype" in src:  # as Megatron derives it from --bf16 / --fp16
             from ckpt_ir.io.safe_pickle import TorchDtype
 
-            fields["params_dtype"] = TorchDtype("bfloat16" if fields["bf16"] else "float16" if fields["fp16"] else "float32")
+            fields["params_dtype"] = TorchDtype(
+                "bfloat16" if fields["bf16"] else "float16" if fields["fp16"] else "float32"
+            )
         if "ckpt_format" in src:  # ckpt-ir writes the torch format, whatever the source was
             fields["ckpt_format"] = "torch"
         dp, cp = src.get("data_parallel_size"), src.get("context_parallel_size") or 1
@@ -360,7 +463,9 @@ def hf_config_from_args(args: dict[str, Any]) -> dict[str, Any]:
     cfg = {k: v for k, v in args.items() if k not in _NOT_HF and isinstance(v, (int, float, str, bool, list))}
     num_layers = args.get("num_layers")
     try:
-        real_layers = num_layers - len(int_list(args.get("noop_layers")) or ()) if isinstance(num_layers, int) else None
+        real_layers = (
+            num_layers - len(int_list(args.get("noop_layers")) or ()) if isinstance(num_layers, int) else None
+        )
     except (TypeError, ValueError):
         real_layers = None
     fallbacks = {
@@ -370,7 +475,8 @@ def hf_config_from_args(args: dict[str, Any]) -> dict[str, Any]:
         "head_dim": args.get("kv_channels"),
         "rms_norm_eps": args.get("norm_epsilon"),
         "tie_word_embeddings": (not args["untie_embeddings_and_output_weights"])
-        if "untie_embeddings_and_output_weights" in args else None,
+        if "untie_embeddings_and_output_weights" in args
+        else None,
         "rope_theta": args.get("rotary_base"),
     }
     for k, v in fallbacks.items():
@@ -395,7 +501,9 @@ def iteration_dir(path: str) -> tuple[str, Any]:
             try:
                 it = int(text)
             except ValueError:
-                raise FormatError(f"{tracker}: expected an iteration number or 'release', found {text!r}") from None
+                raise FormatError(
+                    f"{tracker}: expected an iteration number or 'release', found {text!r}"
+                ) from None
         d = os.path.join(path, iter_dir(it))
         if not os.path.isdir(d):
             raise FormatError(f"{tracker}: names iteration {text} but {d} does not exist")
@@ -405,10 +513,14 @@ def iteration_dir(path: str) -> tuple[str, Any]:
         return path, 1
     iters = sorted(n for n in names if n.startswith("iter_") or n == "release")
     if len(iters) > 1:
-        raise FormatError(f"{path}: several iterations ({', '.join(iters)}) and no latest_checkpointed_iteration.txt; "
-                          f"point at one iter_* directory")
+        raise FormatError(
+            f"{path}: several iterations ({', '.join(iters)}) and no latest_checkpointed_iteration.txt; "
+            f"point at one iter_* directory"
+        )
     if not iters:
-        raise FormatError(f"{path}: no iter_* directory or latest_checkpointed_iteration.txt; not a Megatron checkpoint")
+        raise FormatError(
+            f"{path}: no iter_* directory or latest_checkpointed_iteration.txt; not a Megatron checkpoint"
+        )
     it = "release" if iters[0] == "release" else int(iters[0][5:])
     return os.path.join(path, iters[0]), it
 
@@ -425,7 +537,9 @@ def args_dict(args: Any, where: str) -> dict[str, Any]:
     from ckpt_ir.io.safe_pickle import Stub
 
     if args is None:
-        raise FormatError(f"{where}: checkpoint has no 'args'; ckpt-ir needs them to know the model and layout")
+        raise FormatError(
+            f"{where}: checkpoint has no 'args'; ckpt-ir needs them to know the model and layout"
+        )
     if isinstance(args, dict):
         d = args
     elif hasattr(args, "__dict__"):
@@ -454,13 +568,17 @@ class LocalName:
         slot = slot_of.get((self.stage, self.chunk, self.local))
         if slot is None or slot.real is None:
             kind = "a no-op layer" if slot is not None else "no layer"
-            raise FormatError(f"{where}: stage {self.stage} chunk {self.chunk} has local layer {self.local}, but the "
-                              f"layout in args puts {kind} there; args (num_layers, noop_layers, num_layer_list) do "
-                              f"not match the weights")
+            raise FormatError(
+                f"{where}: stage {self.stage} chunk {self.chunk} has local layer {self.local}, but the "
+                f"layout in args puts {kind} there; args (num_layers, noop_layers, num_layer_list) do "
+                f"not match the weights"
+            )
         return layer_name(slot.real, self.rest)
 
     def __str__(self) -> str:
-        where = f"mtp {self.local}" if self.mtp else f"stage {self.stage} chunk {self.chunk} local {self.local}"
+        where = (
+            f"mtp {self.local}" if self.mtp else f"stage {self.stage} chunk {self.chunk} local {self.local}"
+        )
         return f"layers.<{where}>.{self.rest}"
 
 

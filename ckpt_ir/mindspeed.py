@@ -17,18 +17,46 @@ import sys
 from ckpt_ir.errors import UsageError
 
 # flags the original tools take that do not change the result here
-_IGNORED_VALUE = ("--model-type", "--tokenizer-model", "--loader", "--saver", "--max-queue-size", "--megatron-path",
-                  "--ckpt-cfg-path", "--ckpt-format", "--vocab-file", "--true-vocab-size", "--schedules-method",
-                  "--input-tp-rank", "--input-pp-rank", "--first-k-dense-replace", "--num-layers", "--spec")
-_IGNORED_FLAGS = ("--use-mcore-models", "--no-checking", "--save-layer-by-layer", "--load-checkpoint-loosely",
-                  "--add-qkv-bias", "--post-norm", "--w-pack", "--add-dense-bias", "--load-hf-from-config")
+_IGNORED_VALUE = (
+    "--model-type",
+    "--tokenizer-model",
+    "--loader",
+    "--saver",
+    "--max-queue-size",
+    "--megatron-path",
+    "--ckpt-cfg-path",
+    "--ckpt-format",
+    "--vocab-file",
+    "--true-vocab-size",
+    "--schedules-method",
+    "--input-tp-rank",
+    "--input-pp-rank",
+    "--first-k-dense-replace",
+    "--num-layers",
+    "--spec",
+)
+_IGNORED_FLAGS = (
+    "--use-mcore-models",
+    "--no-checking",
+    "--save-layer-by-layer",
+    "--load-checkpoint-loosely",
+    "--add-qkv-bias",
+    "--post-norm",
+    "--w-pack",
+    "--add-dense-bias",
+    "--load-hf-from-config",
+)
 _UNSUPPORTED_VALUE: dict[str, str] = {}
 _UNSUPPORTED_FLAGS = {"--moe-tp-extend-ep": "MoE TP-extend-EP", "--mla-mm-split": "MLA"}
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("convert-ckpt", help="MindSpeed-LLM convert_ckpt.py compatible front end",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "convert-ckpt",
+        help="MindSpeed-LLM convert_ckpt.py compatible front end",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--load-model-type", choices=("hf", "mg", "optim"), default="hf")
     p.add_argument("--save-model-type", choices=("hf", "mg", "megatron"), default="mg")
     p.add_argument("--load-dir", required=True)
@@ -49,12 +77,24 @@ def add_parser(sub) -> None:
     p.add_argument("--lora-r", type=int, default=None)
     p.add_argument("--lora-alpha", type=float, default=None)
     p.add_argument("--lora-target-modules", nargs="*", default=[])
-    p.add_argument("--save-lora-to-hf", action="store_true", help="write the LoRA weights alone as a PEFT adapter")
+    p.add_argument(
+        "--save-lora-to-hf", action="store_true", help="write the LoRA weights alone as a PEFT adapter"
+    )
     p.add_argument("--moe-grouped-gemm", action="store_true")
-    p.add_argument("--mtp-num-layers", type=int, default=0, help="multi-token-prediction layers to keep (hf->mg); "
-                   "extra ones in the source are dropped with a warning, as MindSpeed-LLM does")
-    p.add_argument("--target-data-parallel-size", type=int, default=None, help="with --load-model-type optim: "
-                   "data-parallel size to lay the optimizer state out for (default: the source's)")
+    p.add_argument(
+        "--mtp-num-layers",
+        type=int,
+        default=0,
+        help="multi-token-prediction layers to keep (hf->mg); "
+        "extra ones in the source are dropped with a warning, as MindSpeed-LLM does",
+    )
+    p.add_argument(
+        "--target-data-parallel-size",
+        type=int,
+        default=None,
+        help="with --load-model-type optim: "
+        "data-parallel size to lay the optimizer state out for (default: the source's)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --save-dir if not empty")
     for flag in _IGNORED_VALUE:
         p.add_argument(flag, default=None, help=argparse.SUPPRESS)
@@ -90,8 +130,10 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, flag[2:].replace("-", "_")):
             raise UsageError(f"convert-ckpt {flag}: {what} is not supported by this version of ckpt-ir")
     if args.load_model_type == "optim" and args.save_model_type == "hf":
-        raise UsageError("convert-ckpt --load-model-type optim reshards Megatron optimizer state: use "
-                         "--save-model-type mg (HF has no place for optimizer state)")
+        raise UsageError(
+            "convert-ckpt --load-model-type optim reshards Megatron optimizer state: use "
+            "--save-model-type mg (HF has no place for optimizer state)"
+        )
     to = "hf" if args.save_model_type == "hf" else "mcore"
     if args.save_lora_to_hf:
         to = "peft"
@@ -99,44 +141,79 @@ def run(args: argparse.Namespace) -> int:
     if to == "hf" and os.path.isfile(os.path.join(save_dir, "config.json")):
         hf_cfg_dir = hf_cfg_dir or save_dir
         save_dir = os.path.join(save_dir, "mg2hf")
-        print(f"convert-ckpt: {args.save_dir} is an HF model directory; writing to {save_dir}", file=sys.stderr)
-    common = dict(dtype=args.params_dtype, lora_rank=args.lora_r, lora_alpha=args.lora_alpha,
-                  lora_targets=tuple(args.lora_target_modules), shared_copies="drop", lora_load=args.lora_load)
+        print(
+            f"convert-ckpt: {args.save_dir} is an HF model directory; writing to {save_dir}", file=sys.stderr
+        )
+    common = dict(
+        dtype=args.params_dtype,
+        lora_rank=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_targets=tuple(args.lora_target_modules),
+        shared_copies="drop",
+        lora_load=args.lora_load,
+    )
     if to == "mcore":
-        target = ck.Target(to="mcore", tp=args.target_tensor_parallel_size,
-                           pp=args.target_pipeline_parallel_size,
-                           vpp_layers=args.num_layers_per_virtual_pipeline_stage,
-                           num_layer_list=_list(args.num_layer_list) or None, noop_layers=_list(args.noop_layers),
-                           vocab_divisible_by=args.make_vocab_size_divisible_by,
-                           norm_names="te-input" if args.transformer_impl == "transformer_engine" else "local",
-                           ep=args.target_expert_parallel_size, etp=args.expert_tensor_parallel_size,
-                           grouped_gemm=args.moe_grouped_gemm, dp=args.target_data_parallel_size,
-                           optimizer=args.load_model_type == "optim",
-                           mtp_layers=args.mtp_num_layers if args.load_model_type == "hf" else None, **common)
+        target = ck.Target(
+            to="mcore",
+            tp=args.target_tensor_parallel_size,
+            pp=args.target_pipeline_parallel_size,
+            vpp_layers=args.num_layers_per_virtual_pipeline_stage,
+            num_layer_list=_list(args.num_layer_list) or None,
+            noop_layers=_list(args.noop_layers),
+            vocab_divisible_by=args.make_vocab_size_divisible_by,
+            norm_names="te-input" if args.transformer_impl == "transformer_engine" else "local",
+            ep=args.target_expert_parallel_size,
+            etp=args.expert_tensor_parallel_size,
+            grouped_gemm=args.moe_grouped_gemm,
+            dp=args.target_data_parallel_size,
+            optimizer=args.load_model_type == "optim",
+            mtp_layers=args.mtp_num_layers if args.load_model_type == "hf" else None,
+            **common,
+        )
     else:
         target = ck.Target(to=to, hf_config_dir=hf_cfg_dir, **common)
     hf_config = read_config(hf_cfg_dir) if (hf_cfg_dir and args.load_model_type in ("mg", "optim")) else None
     from ckpt_ir.io.atomic import check_apart
 
-    into_hf_dir = save_dir != args.save_dir  # <save-dir>/mg2hf inside the HF directory is MindSpeed's convention
-    check_apart(save_dir, {"--load-dir": args.load_dir, "--lora-load": args.lora_load,
-                           "--hf-cfg-dir": None if into_hf_dir and hf_cfg_dir == args.save_dir else hf_cfg_dir})
+    into_hf_dir = (
+        save_dir != args.save_dir
+    )  # <save-dir>/mg2hf inside the HF directory is MindSpeed's convention
+    check_apart(
+        save_dir,
+        {
+            "--load-dir": args.load_dir,
+            "--lora-load": args.lora_load,
+            "--hf-cfg-dir": None if into_hf_dir and hf_cfg_dir == args.save_dir else hf_cfg_dir,
+        },
+    )
     if not (args.dry_run or args.print_pipeline):
         check_destination(save_dir, args.overwrite)
-    src = ck.load(args.load_dir, allow_unused=tuple(args.allow_unused), hf_config=hf_config,
-                  family=args.model_type_hf, optimizer=target.carries_optimizer and not args.lora_load,
-                  replicas=args.replicas)
+    src = ck.load(
+        args.load_dir,
+        allow_unused=tuple(args.allow_unused),
+        hf_config=hf_config,
+        family=args.model_type_hf,
+        optimizer=target.carries_optimizer and not args.lora_load,
+        replicas=args.replicas,
+    )
     if src.meta.get("family_from_args"):
         print(f"ckpt-ir: {src.meta['family_from_args']}", file=sys.stderr)
     if args.load_model_type == "optim" and not src.states:
-        raise UsageError(f"convert-ckpt --load-model-type optim: {args.load_dir} has no distributed-optimizer state "
-                         f"(distrib_optim.pt)")
+        raise UsageError(
+            f"convert-ckpt --load-model-type optim: {args.load_dir} has no distributed-optimizer state "
+            f"(distrib_optim.pt)"
+        )
     if args.model_type_hf and by_name(args.model_type_hf).name != src.spec.family:
-        raise UsageError(f"convert-ckpt: --model-type-hf {args.model_type_hf} but {args.load_dir} is a "
-                         f"{src.spec.family} checkpoint")
+        raise UsageError(
+            f"convert-ckpt: --model-type-hf {args.model_type_hf} but {args.load_dir} is a "
+            f"{src.spec.family} checkpoint"
+        )
     if target.mtp_layers is not None and src.spec.mtp_layers > target.mtp_layers and not args.print_pipeline:
-        print(f"convert-ckpt: warning: dropping {src.spec.mtp_layers - target.mtp_layers} multi-token-prediction "
-              f"layer(s) because --mtp-num-layers is {target.mtp_layers} (as MindSpeed-LLM does); pass "
-              f"--mtp-num-layers {src.spec.mtp_layers} to keep them", file=sys.stderr)
+        print(
+            f"convert-ckpt: warning: dropping {src.spec.mtp_layers - target.mtp_layers} multi-token-prediction "
+            f"layer(s) because --mtp-num-layers is {target.mtp_layers} (as MindSpeed-LLM does); pass "
+            f"--mtp-num-layers {src.spec.mtp_layers} to keep them",
+            file=sys.stderr,
+        )
     args.dst, args.quiet, args.progress = save_dir, False, None
     return run_conversion(src, target, args, {})

@@ -17,8 +17,20 @@ from typing import Any
 import attrs
 
 # convert's flags that describe the output layout; plan takes exactly these (same help, defaults)
-LAYOUT_FLAGS = ("--dtype", "--max-shard-size", "--tp", "--pp", "--num-layer-list", "--vpp-layers", "--noop-layers",
-                "--make-vocab-size-divisible-by", "--ep", "--etp", "--moe-grouped-gemm", "--norm-names")
+LAYOUT_FLAGS = (
+    "--dtype",
+    "--max-shard-size",
+    "--tp",
+    "--pp",
+    "--num-layer-list",
+    "--vpp-layers",
+    "--noop-layers",
+    "--make-vocab-size-divisible-by",
+    "--ep",
+    "--etp",
+    "--moe-grouped-gemm",
+    "--norm-names",
+)
 PLACEHOLDER = "<config>"  # the "file" placeholder loads read from; never opened
 PROBE_BYTES = 64 << 20
 # tensors a checkpoint stores in another dtype than the model's: transformers keeps DeepSeek's router
@@ -48,8 +60,14 @@ def checkpoint_from_config(config_dir: str):
         assert shape is not None, name  # expected_names only yields roles expected_shape knows
         dtype = "F32" if role_of(name) in FP32_ROLES else spec.dtype
         tensors[name] = TensorNode.whole(name, E.Load(PLACEHOLDER, name, shape, dtype, 0, "placeholder"))
-    return Checkpoint(spec=spec, layout=layout, tensors=tensors, hf_config=cfg, aux_files=side_files(config_dir, config=True),
-                      source=config_dir)
+    return Checkpoint(
+        spec=spec,
+        layout=layout,
+        tensors=tensors,
+        hf_config=cfg,
+        aux_files=side_files(config_dir, config=True),
+        source=config_dir,
+    )
 
 
 def plan_from_config(config_dir: str, target) -> Any:
@@ -90,8 +108,9 @@ def summary(plan, pipeline, out, disk_gbps: float, disk_source: str, with_tensor
     for f in plan.files:
         entry: dict[str, Any] = {"path": f.path, "kind": f.kind, "tensors": len(f.tensors), "bytes": f.nbytes}
         if with_tensors:
-            entry["tensor_list"] = [{"name": n, "shape": list(e.shape), "dtype": e.dtype, "bytes": e.nbytes}
-                                    for n, e in f.tensors]
+            entry["tensor_list"] = [
+                {"name": n, "shape": list(e.shape), "dtype": e.dtype, "bytes": e.nbytes} for n, e in f.tensors
+            ]
         files.append(entry)
         for name, e in f.tensors:
             if e.nbytes > largest[3]:
@@ -114,7 +133,12 @@ def summary(plan, pipeline, out, disk_gbps: float, disk_source: str, with_tensor
         "vocab_padding_bytes": padding,
         "padded_vocab": layout.padded_vocab,
         "bytes_written": written,
-        "largest_tensor": {"name": largest[0], "shape": list(largest[1]), "dtype": largest[2], "bytes": largest[3]},
+        "largest_tensor": {
+            "name": largest[0],
+            "shape": list(largest[1]),
+            "dtype": largest[2],
+            "bytes": largest[3],
+        },
         "peak_memory_per_writer": plan.peak_memory(),
         "disk_gbps": disk_gbps,
         "disk_gbps_source": disk_source,
@@ -135,8 +159,12 @@ def format_text(s: dict[str, Any], with_tensors: bool) -> str:
     lines += [
         f"files: {s['file_count']}",
         f"model bytes: {s['total_bytes']} ({s['total_bytes'] / 1e9:.3f} GB, each tensor once"
-        + (f"; vocab padded to {s['padded_vocab']}: {s['vocab_padding_bytes']} bytes of padding" if s["padded_vocab"]
-           else "") + ")",
+        + (
+            f"; vocab padded to {s['padded_vocab']}: {s['vocab_padding_bytes']} bytes of padding"
+            if s["padded_vocab"]
+            else ""
+        )
+        + ")",
         f"bytes written: {s['bytes_written']} ({s['bytes_written'] / 1e9:.3f} GB, replicated tensors in every rank "
         f"file that holds them)",
         f"largest tensor: {big['name']} {'x'.join(map(str, big['shape']))} {big['dtype']} ({big['bytes']} bytes)",
@@ -147,21 +175,39 @@ def format_text(s: dict[str, Any], with_tensors: bool) -> str:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("plan", help="plan a conversion from a config alone: files, tensors, bytes, memory, time",
-                       description="Plan converting the model that --hf-config describes, without its weights: "
-                       "the same pipeline, layout checks and backend plan as `convert --dry-run`, from config.json "
-                       "alone. Prints per output file its tensors and bytes, the totals, the largest tensor, the "
-                       "peak memory per writer and the expected time at --disk-gbps.")
-    p.add_argument("--hf-config", metavar="DIR", required=True, help="directory holding the model's config.json")
+    p = sub.add_parser(
+        "plan",
+        help="plan a conversion from a config alone: files, tensors, bytes, memory, time",
+        description="Plan converting the model that --hf-config describes, without its weights: "
+        "the same pipeline, layout checks and backend plan as `convert --dry-run`, from config.json "
+        "alone. Prints per output file its tensors and bytes, the totals, the largest tensor, the "
+        "peak memory per writer and the expected time at --disk-gbps.",
+    )
+    p.add_argument(
+        "--hf-config", metavar="DIR", required=True, help="directory holding the model's config.json"
+    )
     p.add_argument("--to", required=True, choices=("hf", "mcore"), help="output format")
-    p.add_argument("--format", choices=("text", "json"), default="text", help="json: for scripts (top-level "
-                   "total_bytes)")
-    p.add_argument("--tensors", action="store_true", help="also list every tensor of every file (name, shape, "
-                   "dtype, bytes)")
-    p.add_argument("--disk-gbps", type=float, help="output write speed in GB/s for the time estimate (default: "
-                   "measured by writing 64 MiB to --output-dir)")
-    p.add_argument("--output-dir", metavar="DIR", default=".", help="where the output would go: the filesystem the "
-                   "speed probe measures (default: the current directory)")
+    p.add_argument(
+        "--format", choices=("text", "json"), default="text", help="json: for scripts (top-level total_bytes)"
+    )
+    p.add_argument(
+        "--tensors",
+        action="store_true",
+        help="also list every tensor of every file (name, shape, dtype, bytes)",
+    )
+    p.add_argument(
+        "--disk-gbps",
+        type=float,
+        help="output write speed in GB/s for the time estimate (default: "
+        "measured by writing 64 MiB to --output-dir)",
+    )
+    p.add_argument(
+        "--output-dir",
+        metavar="DIR",
+        default=".",
+        help="where the output would go: the filesystem the "
+        "speed probe measures (default: the current directory)",
+    )
     convert = sub.choices["convert"]
     g = p.add_argument_group("output layout (as for convert)")
     for action in convert._actions:  # share convert's layout flags, so both accept exactly the same
@@ -176,11 +222,21 @@ def run(args) -> int:
     import ckpt_ir.api as ck
     from ckpt_ir.errors import UsageError
 
-    target = ck.Target(to=args.to, dtype=args.dtype, tp=args.tp, pp=args.pp, vpp_layers=args.vpp_layers,
-                       num_layer_list=args.num_layer_list, noop_layers=args.noop_layers,
-                       vocab_divisible_by=args.make_vocab_size_divisible_by, norm_names=args.norm_names,
-                       max_shard_size=args.max_shard_size, ep=args.ep, etp=args.etp,
-                       grouped_gemm=args.moe_grouped_gemm)
+    target = ck.Target(
+        to=args.to,
+        dtype=args.dtype,
+        tp=args.tp,
+        pp=args.pp,
+        vpp_layers=args.vpp_layers,
+        num_layer_list=args.num_layer_list,
+        noop_layers=args.noop_layers,
+        vocab_divisible_by=args.make_vocab_size_divisible_by,
+        norm_names=args.norm_names,
+        max_shard_size=args.max_shard_size,
+        ep=args.ep,
+        etp=args.etp,
+        grouped_gemm=args.moe_grouped_gemm,
+    )
     conversion = plan_from_config(args.hf_config, target)
     if args.disk_gbps is not None:
         if args.disk_gbps <= 0:
@@ -188,7 +244,9 @@ def run(args) -> int:
         gbps, source = args.disk_gbps, "given"
     else:
         if not os.path.isdir(args.output_dir):
-            raise UsageError(f"--output-dir {args.output_dir}: no such directory (the speed probe writes there)")
+            raise UsageError(
+                f"--output-dir {args.output_dir}: no such directory (the speed probe writes there)"
+            )
         gbps, source = probe_disk(args.output_dir), f"measured on {os.path.abspath(args.output_dir)}"
     s = summary(conversion.plan, conversion.pipeline, conversion.output, gbps, source, args.tensors)
     print(json.dumps(s, indent=1) if args.format == "json" else format_text(s, args.tensors))

@@ -65,8 +65,10 @@ def transformers_config(ckpt) -> Any:
     family = by_name(ckpt.spec.family)
     cfg = family.config_from_spec(ckpt.spec, ckpt.hf_config)
     if cfg.get("auto_map") or not hasattr(transformers, family.architecture):
-        raise UsageError(f"verify: {family.architecture} ({ckpt.spec.family}) is not implemented by transformers "
-                         f"{transformers.__version__} (remote code is never run); verify needs a built-in class")
+        raise UsageError(
+            f"verify: {family.architecture} ({ckpt.spec.family}) is not implemented by transformers "
+            f"{transformers.__version__} (remote code is never run); verify needs a built-in class"
+        )
     cfg = {k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version", "auto_map")}
     return transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
@@ -116,13 +118,17 @@ def build_model(config, dtype, device, adapter: str | None):
         peft_model = PeftModel.from_pretrained(model, adapter)
     peft_model.eval()
     for key, value in load_peft_weights(adapter, device="cpu").items():
-        name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+        name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
+            ".lora_B.weight", ".lora_B.default.weight"
+        )
         owner, _, leaf = name.rpartition(".")
         try:
             module = peft_model.get_submodule(owner)
         except AttributeError:
             raise FormatError(f"{adapter}: adapter tensor {key} has no place in the model") from None
-        module._parameters[leaf] = torch.nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False)
+        module._parameters[leaf] = torch.nn.Parameter(
+            value.to(device=device, dtype=dtype), requires_grad=False
+        )
     for name, p in peft_model.named_parameters():
         if "lora_" in name and p.is_meta:
             raise FormatError(f"{adapter}: the adapter has no tensor for {name}; it does not match the model")
@@ -198,8 +204,10 @@ class Materialiser:
 
         names = [n for n in self.exprs if n.startswith(prefix)]
         self.used.update(names)
-        tensors = {n: E.evaluate(self.exprs[n], self.reader).to(device=self.device, dtype=self.dtype) for n in names}
-        state = {k[len(prefix):]: v for k, v in convert_names(self.model, self.rules, tensors).items()}
+        tensors = {
+            n: E.evaluate(self.exprs[n], self.reader).to(device=self.device, dtype=self.dtype) for n in names
+        }
+        state = {k[len(prefix) :]: v for k, v in convert_names(self.model, self.rules, tensors).items()}
         del tensors
         want = {k for k, v in module.state_dict().items() if v.is_meta}
         for k in list(state):  # a PEFT-wrapped projection keeps its base weight one level down
@@ -209,8 +217,10 @@ class Materialiser:
                     state[f"{stem}.base_layer.{leaf}"] = state.pop(k)
         missing, unexpected = sorted(want - set(state)), sorted(set(state) - set(module.state_dict()))
         if missing or unexpected:
-            raise FormatError(f"verify: {prefix.rstrip('.')}: the checkpoint does not fill the transformers module "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise FormatError(
+                f"verify: {prefix.rstrip('.')}: the checkpoint does not fill the transformers module "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         module.load_state_dict(state, strict=False, assign=True)
 
     @staticmethod
@@ -282,30 +292,46 @@ def run_side(side, prompt, dtype, device, *, adapter: str | None = None) -> tupl
                 h.remove()
     outputs["logits"] = logits.detach().to("cpu", torch.float32)
     order.append("logits")
-    unused = [n for n, _ in exprs if n not in mat.used and not _layer_at_least(n, model.base_model_prefix,
-                                                                          ckpt.spec.num_layers)]
+    unused = [
+        n
+        for n, _ in exprs
+        if n not in mat.used and not _layer_at_least(n, model.base_model_prefix, ckpt.spec.num_layers)
+    ]
     if unused:
-        raise FormatError(f"verify: {ckpt.source}: tensor(s) {', '.join(unused[:3])} have no place in the transformers "
-                          f"model; verify cannot account for them")
+        raise FormatError(
+            f"verify: {ckpt.source}: tensor(s) {', '.join(unused[:3])} have no place in the transformers "
+            f"model; verify cannot account for them"
+        )
     return outputs, order
 
 
 def _layer_at_least(name: str, base: str, first: int) -> bool:
     """Whether ``name`` belongs to a decoder layer numbered ``first`` or later (MTP layers)."""
     prefix = f"{base}.layers."
-    return name.startswith(prefix) and int(name[len(prefix):].split(".", 1)[0]) >= first
+    return name.startswith(prefix) and int(name[len(prefix) :].split(".", 1)[0]) >= first
 
 
 def unit_label(prefix: str, base: str) -> str:
     p = prefix.rstrip(".")
     if p.startswith(f"{base}.layers."):
         return "layer " + p.rsplit(".", 1)[1]
-    return {f"{base}.embed_tokens": "embeddings", f"{base}.norm": "final norm", "lm_head": "lm_head"}.get(p, p)
+    return {f"{base}.embed_tokens": "embeddings", f"{base}.norm": "final norm", "lm_head": "lm_head"}.get(
+        p, p
+    )
 
 
-def verify(a: str, b: str, *, tokens: int = 16, prompt_ids: tuple[int, ...] | None = None, dtype: str | None = None,
-           device: str = "cpu", atol: float | None = None, adapter: str | None = None,
-           hf_config: dict | None = None) -> dict[str, Any]:
+def verify(
+    a: str,
+    b: str,
+    *,
+    tokens: int = 16,
+    prompt_ids: tuple[int, ...] | None = None,
+    dtype: str | None = None,
+    device: str = "cpu",
+    atol: float | None = None,
+    adapter: str | None = None,
+    hf_config: dict | None = None,
+) -> dict[str, Any]:
     """Run both checkpoints on the same prompt; the report says where they first diverge."""
     import torch
 
@@ -317,19 +343,25 @@ def verify(a: str, b: str, *, tokens: int = 16, prompt_ids: tuple[int, ...] | No
         from ckpt_ir.frontends import peft
 
         if not peft.detect(adapter):
-            raise UsageError(f"--lora-load {adapter}: verify applies PEFT adapters (a directory with "
-                             f"adapter_config.json); export a Megatron LoRA checkpoint with `ckpt-ir convert ... "
-                             f"--to peft` first")
+            raise UsageError(
+                f"--lora-load {adapter}: verify applies PEFT adapters (a directory with "
+                f"adapter_config.json); export a Megatron LoRA checkpoint with `ckpt-ir convert ... "
+                f"--to peft` first"
+            )
     side_a, side_b = hf_side(a, hf_config), hf_side(b, hf_config)
     ca, cb = side_a[0], side_b[0]
     if ca.spec.family != cb.spec.family:
-        raise UsageError(f"verify: {a} is {ca.spec.family} but {b} is {cb.spec.family}; they cannot hold one model")
+        raise UsageError(
+            f"verify: {a} is {ca.spec.family} but {b} is {cb.spec.family}; they cannot hold one model"
+        )
     sa, sb = ca.spec.summary(), cb.spec.summary()
     differ = [k for k in sa if k not in ("dtype", "lora_rank", "lora_alpha") and sa[k] != sb[k]]
     if differ:
         k = differ[0]
-        raise UsageError(f"verify: {a} and {b} are different models ({k} {sa[k]} vs {sb[k]}); compare them with "
-                         f"`ckpt-ir diff`")
+        raise UsageError(
+            f"verify: {a} and {b} are different models ({k} {sa[k]} vs {sb[k]}); compare them with "
+            f"`ckpt-ir diff`"
+        )
     vocab = ca.spec.vocab_size
     if prompt_ids:
         bad = [i for i in prompt_ids if not 0 <= i < vocab]
@@ -360,62 +392,110 @@ def verify(a: str, b: str, *, tokens: int = 16, prompt_ids: tuple[int, ...] | No
     la, lb = out_a["logits"][0], out_b["logits"][0]
     agree = int((la.argmax(-1) == lb.argmax(-1)).sum())
     first_bad = next((r.name for r in rows if not r.ok), None)
-    return {"a": a, "b": b, "family": ca.spec.family, "tokens": int(prompt.shape[1]), "compute_dtype": compute,
-            "dtypes": [ca.spec.dtype, cb.spec.dtype], "tolerance": "atol" if atol is not None else
-            (f"{rtol:.3g} x max|h| ({RTOL_EPS} x eps({coarsest}), at least {RTOL_FLOOR:g})" if rtol else "exact"),
-            "rows": [attrs.asdict(r) | {"ok": r.ok} for r in rows],
-            "logits_max_abs_diff": rows[-1].max_abs_diff, "top1_agreement": agree,
-            "first_divergent": first_bad, "ok": first_bad is None,
-            "not_compared": not_compared(ca)}
+    return {
+        "a": a,
+        "b": b,
+        "family": ca.spec.family,
+        "tokens": int(prompt.shape[1]),
+        "compute_dtype": compute,
+        "dtypes": [ca.spec.dtype, cb.spec.dtype],
+        "tolerance": "atol"
+        if atol is not None
+        else (
+            f"{rtol:.3g} x max|h| ({RTOL_EPS} x eps({coarsest}), at least {RTOL_FLOOR:g})"
+            if rtol
+            else "exact"
+        ),
+        "rows": [attrs.asdict(r) | {"ok": r.ok} for r in rows],
+        "logits_max_abs_diff": rows[-1].max_abs_diff,
+        "top1_agreement": agree,
+        "first_divergent": first_bad,
+        "ok": first_bad is None,
+        "not_compared": not_compared(ca),
+    }
 
 
 def not_compared(ckpt) -> list[str]:
     """Weights the transformers model has no module for (DeepSeek's MTP layers)."""
     if ckpt.spec.mtp_layers:
-        return [f"{ckpt.spec.mtp_layers} multi-token-prediction layer(s): transformers builds no module for them "
-                f"(compare them with `ckpt-ir diff`)"]
+        return [
+            f"{ckpt.spec.mtp_layers} multi-token-prediction layer(s): transformers builds no module for them "
+            f"(compare them with `ckpt-ir diff`)"
+        ]
     return []
 
 
 def format_report(r: dict[str, Any]) -> str:
-    lines = [f"verify {r['a']} vs {r['b']}: {r['family']}, {r['tokens']} tokens, compute {r['compute_dtype']}, "
-             f"tolerance {r['tolerance']}"]
+    lines = [
+        f"verify {r['a']} vs {r['b']}: {r['family']}, {r['tokens']} tokens, compute {r['compute_dtype']}, "
+        f"tolerance {r['tolerance']}"
+    ]
     width = max(len(x["name"]) for x in r["rows"])
     for x in r["rows"]:
         mark = "ok" if x["ok"] else "DIVERGES"
-        lines.append(f"  {x['name']:<{width}}  max|diff| {x['max_abs_diff']:.6g}  (max|h| {x['scale']:.4g}, "
-                     f"tol {x['tolerance']:.3g})  {mark}")
-    lines.append(f"logits max|diff| {r['logits_max_abs_diff']:.6g}, top-1 agreement {r['top1_agreement']}/{r['tokens']}")
+        lines.append(
+            f"  {x['name']:<{width}}  max|diff| {x['max_abs_diff']:.6g}  (max|h| {x['scale']:.4g}, "
+            f"tol {x['tolerance']:.3g})  {mark}"
+        )
+    lines.append(
+        f"logits max|diff| {r['logits_max_abs_diff']:.6g}, top-1 agreement {r['top1_agreement']}/{r['tokens']}"
+    )
     for n in r["not_compared"]:
         lines.append(f"not compared: {n}")
     lines.append("OK: the outputs agree" if r["ok"] else f"DIVERGED: first at {r['first_divergent']}")
     return "\n".join(lines)
 
 
-
 def add_parser(sub) -> None:
     from ckpt_ir.cli import int_list
 
-    v = sub.add_parser("verify", help="run two checkpoints of one model through transformers, layer by layer, "
-                       "and compare", description="Prove that A and B (any formats and layouts) hold the same "
-                       "model: the transformers model runs on a fixed prompt with one layer's weights in memory at "
-                       "a time; per-layer max |diff| of hidden states, logits max |diff| and top-1 agreement are "
-                       "reported. Exit 0 within the tolerance, 1 beyond it (the first divergent layer is named).")
+    v = sub.add_parser(
+        "verify",
+        help="run two checkpoints of one model through transformers, layer by layer, and compare",
+        description="Prove that A and B (any formats and layouts) hold the same "
+        "model: the transformers model runs on a fixed prompt with one layer's weights in memory at "
+        "a time; per-layer max |diff| of hidden states, logits max |diff| and top-1 agreement are "
+        "reported. Exit 0 within the tolerance, 1 beyond it (the first divergent layer is named).",
+    )
     v.add_argument("a", help="reference checkpoint directory (HF or Megatron)")
     v.add_argument("b", help="checkpoint to check against it")
-    v.add_argument("--tokens", type=int, default=16, help="prompt length (default 16; random ids, fixed seed)")
-    v.add_argument("--prompt-ids", type=int_list, default=None, metavar="IDS", help="the prompt as token ids, "
-                   "e.g. 1,2,3 (overrides --tokens)")
-    v.add_argument("--dtype", help="compute in this dtype, e.g. fp32 (default: the checkpoints' dtype when they "
-                   "agree, else fp32)")
-    v.add_argument("--device", default="cpu", help="where the forward runs: cpu (default), cuda[:N] or npu[:N] "
-                   "(npu needs pip install 'ckpt-ir[npu]')")
-    v.add_argument("--atol", type=float, default=None, help="largest max |diff| accepted per layer (default: 0 when "
-                   f"both sides share a dtype and no adapter is applied, else {RTOL_EPS} x the coarsest dtype's "
-                   f"epsilon, at least {RTOL_FLOOR:g}, times the layer's max |value|)")
-    v.add_argument("--lora-load", metavar="DIR", help="apply this PEFT adapter to B at run time (peft), e.g. to "
-                   "check a merged A against BASE + adapter")
-    v.add_argument("--hf-config", metavar="DIR", help="HF config.json for Megatron sides whose args carry none")
+    v.add_argument(
+        "--tokens", type=int, default=16, help="prompt length (default 16; random ids, fixed seed)"
+    )
+    v.add_argument(
+        "--prompt-ids",
+        type=int_list,
+        default=None,
+        metavar="IDS",
+        help="the prompt as token ids, e.g. 1,2,3 (overrides --tokens)",
+    )
+    v.add_argument(
+        "--dtype",
+        help="compute in this dtype, e.g. fp32 (default: the checkpoints' dtype when they agree, else fp32)",
+    )
+    v.add_argument(
+        "--device",
+        default="cpu",
+        help="where the forward runs: cpu (default), cuda[:N] or npu[:N] "
+        "(npu needs pip install 'ckpt-ir[npu]')",
+    )
+    v.add_argument(
+        "--atol",
+        type=float,
+        default=None,
+        help="largest max |diff| accepted per layer (default: 0 when "
+        f"both sides share a dtype and no adapter is applied, else {RTOL_EPS} x the coarsest dtype's "
+        f"epsilon, at least {RTOL_FLOOR:g}, times the layer's max |value|)",
+    )
+    v.add_argument(
+        "--lora-load",
+        metavar="DIR",
+        help="apply this PEFT adapter to B at run time (peft), e.g. to "
+        "check a merged A against BASE + adapter",
+    )
+    v.add_argument(
+        "--hf-config", metavar="DIR", help="HF config.json for Megatron sides whose args carry none"
+    )
     v.add_argument("--json", action="store_true", help="machine-readable report")
 
 
@@ -427,8 +507,17 @@ def run(args) -> int:
     from ckpt_ir.frontends.hf import read_config
 
     hf_cfg = read_config(args.hf_config) if args.hf_config else None
-    report = verify(args.a, args.b, tokens=args.tokens, prompt_ids=args.prompt_ids, dtype=args.dtype,
-                    device=args.device, atol=args.atol, adapter=args.lora_load, hf_config=hf_cfg)
+    report = verify(
+        args.a,
+        args.b,
+        tokens=args.tokens,
+        prompt_ids=args.prompt_ids,
+        dtype=args.dtype,
+        device=args.device,
+        atol=args.atol,
+        adapter=args.lora_load,
+        hf_config=hf_cfg,
+    )
     if args.json:
         print(json.dumps(report, indent=1))
     else:

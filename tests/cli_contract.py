@@ -46,8 +46,16 @@ def cli_argv(*args: object) -> list[str]:
 
 
 def cli(*args: object, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:
-    return subprocess.run(cli_argv(*args), capture_output=True, text=True, timeout=timeout, env=_env(),
-                          cwd=str(REPO), stdin=subprocess.DEVNULL, preexec_fn=_limit_memory)
+    return subprocess.run(
+        cli_argv(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+        cwd=str(REPO),
+        stdin=subprocess.DEVNULL,
+        preexec_fn=_limit_memory,
+    )
 
 
 def convert(src: Path, dst: Path, *flags: object, to: str = "mcore") -> subprocess.CompletedProcess:
@@ -60,8 +68,9 @@ def tmp_siblings(dst: Path) -> list[str]:
     return sorted(n for n in os.listdir(dst.parent) if n.startswith(f".{dst.name}{TMP_TAG}"))
 
 
-def assert_clean_error(res: subprocess.CompletedProcess, dst: Path | None, *, code: int = 1,
-                       names: tuple[str, ...] = ()) -> str:
+def assert_clean_error(
+    res: subprocess.CompletedProcess, dst: Path | None, *, code: int = 1, names: tuple[str, ...] = ()
+) -> str:
     """The one-line error contract; returns the message."""
     err = res.stderr
     assert "Traceback" not in err, f"traceback on stderr:\n{err}"
@@ -69,7 +78,9 @@ def assert_clean_error(res: subprocess.CompletedProcess, dst: Path | None, *, co
     lines = [ln for ln in err.splitlines() if ln.strip()]
     errors = [ln for ln in lines if ERROR_PREFIX in ln]
     assert len(errors) == 1, f"expected exactly one '{ERROR_PREFIX}' line, got:\n{err}"
-    assert errors[0].startswith(ERROR_PREFIX) and lines[-1] == errors[0], f"error is not the last line:\n{err}"
+    assert errors[0].startswith(ERROR_PREFIX) and lines[-1] == errors[0], (
+        f"error is not the last line:\n{err}"
+    )
     msg = errors[0]
     for n in names:
         assert str(n) in msg, f"error message does not name {n!r}: {msg}"
@@ -100,8 +111,15 @@ def build_tiny_hf(tmp_path_factory) -> Path:
 
         shutil.rmtree(d, ignore_errors=True)
         torch.manual_seed(0)
-        cfg = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+        cfg = AutoConfig.for_model(
+            "llama",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+        )
         AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(d)
         done.touch()
     return d

@@ -14,18 +14,43 @@ FAMILY_CONFIGS = {
     "llama": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),
     "mistral": dict(hidden_size=64, intermediate_size=96, num_attention_heads=8, num_key_value_heads=2),
     "qwen2": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),
-    "qwen3": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32),
-    "gemma": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=1, head_dim=16),
-    "gemma2": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
-    "seed_oss": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32),
-    "glm": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                pad_token_id=0, partial_rotary_factor=0.5),
-    "phi3": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
+    "qwen3": dict(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32
+    ),
+    "gemma": dict(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=1, head_dim=16
+    ),
+    "gemma2": dict(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16
+    ),
+    "seed_oss": dict(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32
+    ),
+    "glm": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        pad_token_id=0,
+        partial_rotary_factor=0.5,
+    ),
+    "phi3": dict(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0
+    ),
 }
 
 
-def build_hf(path: str, family: str = "llama", layers: int = 4, vocab: int = 128, tied: bool | None = None,
-             dtype: torch.dtype = torch.float32, seed: int = 0, max_shard_size: str | None = None) -> str:
+def build_hf(
+    path: str,
+    family: str = "llama",
+    layers: int = 4,
+    vocab: int = 128,
+    tied: bool | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+) -> str:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kw = dict(FAMILY_CONFIGS[family], num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=128)

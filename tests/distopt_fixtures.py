@@ -116,6 +116,7 @@ REPO = os.path.dirname(HERE)
 # ---------------------------------------------------------------------------------------------
 # public API (runs in the caller's process; megatron-core is imported only by the subprocess)
 
+
 def _save_random(cfg, path: str, seed: int) -> str:
     """Save an HF model of ``cfg`` whose every parameter is ~N(0, 0.5) (fp32)."""
     import torch
@@ -130,41 +131,94 @@ def _save_random(cfg, path: str, seed: int) -> str:
     return path
 
 
-def make_tiny_hf_llama(path: str, hidden: int = 72, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                       ffn: int = 120, vocab: int = 200, tied: bool = False, seed: int = 0) -> str:
+def make_tiny_hf_llama(
+    path: str,
+    hidden: int = 72,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    ffn: int = 120,
+    vocab: int = 200,
+    tied: bool = False,
+    seed: int = 0,
+) -> str:
     """A tiny random llama saved with ``save_pretrained`` (fp32, every parameter random).
     hidden=72 makes every norm 72 elements: not a multiple of 64, so DDP's 64-alignment shows."""
     from transformers import AutoConfig
 
-    cfg = AutoConfig.for_model("llama", hidden_size=hidden, intermediate_size=ffn, num_attention_heads=heads,
-                               num_key_value_heads=kv_heads, num_hidden_layers=layers, vocab_size=vocab,
-                               max_position_embeddings=128, tie_word_embeddings=tied, rms_norm_eps=1e-5,
-                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    cfg = AutoConfig.for_model(
+        "llama",
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        num_hidden_layers=layers,
+        vocab_size=vocab,
+        max_position_embeddings=128,
+        tie_word_embeddings=tied,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
     return _save_random(cfg, path, seed)
 
 
-def make_tiny_hf_mixtral(path: str, hidden: int = 72, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                         ffn: int = 96, experts: int = 4, topk: int = 2, vocab: int = 256, tied: bool = False,
-                         seed: int = 0) -> str:
+def make_tiny_hf_mixtral(
+    path: str,
+    hidden: int = 72,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    ffn: int = 96,
+    experts: int = 4,
+    topk: int = 2,
+    vocab: int = 256,
+    tied: bool = False,
+    seed: int = 0,
+) -> str:
     """A tiny random Mixtral (``MixtralConfig``: ``experts`` routed experts of ``ffn`` each, top-``topk``
     routing renormalised over the chosen experts) saved with ``save_pretrained`` (fp32, every
     parameter ~N(0, 0.5), like :func:`make_tiny_hf_llama`)."""
     from transformers import MixtralConfig
 
-    cfg = MixtralConfig(hidden_size=hidden, intermediate_size=ffn, num_attention_heads=heads,
-                        num_key_value_heads=kv_heads, num_hidden_layers=layers, vocab_size=vocab,
-                        num_local_experts=experts, num_experts_per_tok=topk, max_position_embeddings=128,
-                        tie_word_embeddings=tied, rms_norm_eps=1e-5, router_aux_loss_coef=0.0,
-                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    cfg = MixtralConfig(
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        num_hidden_layers=layers,
+        vocab_size=vocab,
+        num_local_experts=experts,
+        num_experts_per_tok=topk,
+        max_position_embeddings=128,
+        tie_word_embeddings=tied,
+        rms_norm_eps=1e-5,
+        router_aux_loss_coef=0.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
     return _save_random(cfg, path, seed)
 
 
-def make_distopt_checkpoint(out_dir: str, hf_dir: str, tp: int = 1, pp: int = 1, dp: int = 2,
-                            bucket_size: int | None = 4096, steps: int = 2, iteration: int | None = None,
-                            bf16: bool = True, grad_reduce_in_fp32: bool = True, init: str = "random",
-                            vocab_divisible_by: int = 128, seed: int = 1234, lr: float = 1e-2,
-                            save_rng: bool = True, extra_args: dict | None = None, timeout: float = 300,
-                            ep: int = 1, etp: int | None = None) -> dict:
+def make_distopt_checkpoint(
+    out_dir: str,
+    hf_dir: str,
+    tp: int = 1,
+    pp: int = 1,
+    dp: int = 2,
+    bucket_size: int | None = 4096,
+    steps: int = 2,
+    iteration: int | None = None,
+    bf16: bool = True,
+    grad_reduce_in_fp32: bool = True,
+    init: str = "random",
+    vocab_divisible_by: int = 128,
+    seed: int = 1234,
+    lr: float = 1e-2,
+    save_rng: bool = True,
+    extra_args: dict | None = None,
+    timeout: float = 300,
+    ep: int = 1,
+    etp: int | None = None,
+) -> dict:
     """Build a legacy ``torch``-format checkpoint with ``distrib_optim.pt`` (see the module doc).
 
     ``bucket_size`` is DDP's bucket size in elements (``None``: one bucket per buffer, which is also
@@ -180,17 +234,47 @@ def make_distopt_checkpoint(out_dir: str, hf_dir: str, tp: int = 1, pp: int = 1,
     stays TP*PP*DP ranks, the expert data-parallel size is TP*DP/(EP*ETP).  See the module doc for
     the ``mp_rank_TT[_PPP][_EEE]`` directories and the ``[dense, expert]`` ``distrib_optim.pt``.
     """
-    return _run_job("distopt", out_dir, hf_dir, tp=tp, pp=pp, dp=dp, bucket_size=bucket_size, steps=steps,
-                    iteration=steps if iteration is None else iteration, bf16=bf16,
-                    grad_reduce_in_fp32=grad_reduce_in_fp32, init=init, vocab_divisible_by=vocab_divisible_by,
-                    seed=seed, lr=lr, save_rng=save_rng, extra_args=extra_args or {}, timeout=timeout, ep=ep,
-                    etp=etp)
+    return _run_job(
+        "distopt",
+        out_dir,
+        hf_dir,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        bucket_size=bucket_size,
+        steps=steps,
+        iteration=steps if iteration is None else iteration,
+        bf16=bf16,
+        grad_reduce_in_fp32=grad_reduce_in_fp32,
+        init=init,
+        vocab_divisible_by=vocab_divisible_by,
+        seed=seed,
+        lr=lr,
+        save_rng=save_rng,
+        extra_args=extra_args or {},
+        timeout=timeout,
+        ep=ep,
+        etp=etp,
+    )
 
 
-def resume_distopt_checkpoint(out_dir: str, hf_dir: str, ckpt_dir: str, tp: int = 1, pp: int = 1, dp: int = 1,
-                              bucket_size: int | None = 4096, steps: int = 0, bf16: bool = True,
-                              vocab_divisible_by: int = 128, seed: int = 1234, lr: float = 1e-2,
-                              timeout: float = 300, ep: int = 1, etp: int | None = None) -> dict:
+def resume_distopt_checkpoint(
+    out_dir: str,
+    hf_dir: str,
+    ckpt_dir: str,
+    tp: int = 1,
+    pp: int = 1,
+    dp: int = 1,
+    bucket_size: int | None = 4096,
+    steps: int = 0,
+    bf16: bool = True,
+    vocab_divisible_by: int = 128,
+    seed: int = 1234,
+    lr: float = 1e-2,
+    timeout: float = 300,
+    ep: int = 1,
+    etp: int | None = None,
+) -> dict:
     """Resume training from ``ckpt_dir`` (a legacy ``torch`` checkpoint with ``distrib_optim.pt``,
     e.g. one ckpt-ir converted) the way ``megatron.training`` loads it: model weights, then
     ``optimizer.load_state_dict`` and ``optimizer.load_parameter_state`` on a TP*PP*DP grid; run
@@ -200,16 +284,46 @@ def resume_distopt_checkpoint(out_dir: str, hf_dir: str, ckpt_dir: str, tp: int 
     ``mp_rank_TT[_PPP][_EEE]`` directory."""
     with open(os.path.join(ckpt_dir, "latest_checkpointed_iteration.txt")) as fh:
         iteration = int(fh.read().strip())
-    return _run_job("distopt", out_dir, hf_dir, tp=tp, pp=pp, dp=dp, bucket_size=bucket_size, steps=steps,
-                    iteration=iteration, bf16=bf16, grad_reduce_in_fp32=True, init="resume",
-                    vocab_divisible_by=vocab_divisible_by, seed=seed, lr=lr, save_rng=True, extra_args={},
-                    timeout=timeout, resume_dir=os.path.abspath(ckpt_dir), ep=ep, etp=etp)
+    return _run_job(
+        "distopt",
+        out_dir,
+        hf_dir,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        bucket_size=bucket_size,
+        steps=steps,
+        iteration=iteration,
+        bf16=bf16,
+        grad_reduce_in_fp32=True,
+        init="resume",
+        vocab_divisible_by=vocab_divisible_by,
+        seed=seed,
+        lr=lr,
+        save_rng=True,
+        extra_args={},
+        timeout=timeout,
+        resume_dir=os.path.abspath(ckpt_dir),
+        ep=ep,
+        etp=etp,
+    )
 
 
-def resume_torch_dist_checkpoint(out_dir: str, hf_dir: str, ckpt_dir: str, tp: int = 1, pp: int = 1, dp: int = 1,
-                                 bucket_size: int | None = 4096, steps: int = 0, bf16: bool = True,
-                                 vocab_divisible_by: int = 128, seed: int = 1234, lr: float = 1e-2,
-                                 timeout: float = 300) -> dict:
+def resume_torch_dist_checkpoint(
+    out_dir: str,
+    hf_dir: str,
+    ckpt_dir: str,
+    tp: int = 1,
+    pp: int = 1,
+    dp: int = 1,
+    bucket_size: int | None = 4096,
+    steps: int = 0,
+    bf16: bool = True,
+    vocab_divisible_by: int = 128,
+    seed: int = 1234,
+    lr: float = 1e-2,
+    timeout: float = 300,
+) -> dict:
     """Like :func:`resume_distopt_checkpoint` for a ``torch_dist`` checkpoint with fully-reshardable
     optimizer state: ``dist_checkpointing.load`` of the model's and the optimizer's sharded state
     dicts (``optimizer.sharded_state_dict(..., is_loading=True)``), then ``load_state_dict`` of
@@ -217,18 +331,50 @@ def resume_torch_dist_checkpoint(out_dir: str, hf_dir: str, ckpt_dir: str, tp: i
     legacy format with ground truth."""
     with open(os.path.join(ckpt_dir, "latest_checkpointed_iteration.txt")) as fh:
         iteration = int(fh.read().strip())
-    return _run_job("distopt", out_dir, hf_dir, tp=tp, pp=pp, dp=dp, bucket_size=bucket_size, steps=steps,
-                    iteration=iteration, bf16=bf16, grad_reduce_in_fp32=True, init="resume_torch_dist",
-                    vocab_divisible_by=vocab_divisible_by, seed=seed, lr=lr, save_rng=True, extra_args={},
-                    timeout=timeout, resume_dir=os.path.abspath(ckpt_dir), ep=1, etp=None)
+    return _run_job(
+        "distopt",
+        out_dir,
+        hf_dir,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        bucket_size=bucket_size,
+        steps=steps,
+        iteration=iteration,
+        bf16=bf16,
+        grad_reduce_in_fp32=True,
+        init="resume_torch_dist",
+        vocab_divisible_by=vocab_divisible_by,
+        seed=seed,
+        lr=lr,
+        save_rng=True,
+        extra_args={},
+        timeout=timeout,
+        resume_dir=os.path.abspath(ckpt_dir),
+        ep=1,
+        etp=None,
+    )
 
 
-def make_torch_dist_checkpoint(out_dir: str, hf_dir: str, tp: int = 1, pp: int = 1, dp: int = 1,
-                               steps: int = 0, iteration: int = 1, bf16: bool = False, init: str = "random",
-                               vocab_divisible_by: int = 128, seed: int = 1234, lr: float = 1e-2,
-                               fully_parallel: bool = False, optim_sharding: str | None = None,
-                               bucket_size: int | None = 4096, extra_args: dict | None = None,
-                               timeout: float = 300) -> dict:
+def make_torch_dist_checkpoint(
+    out_dir: str,
+    hf_dir: str,
+    tp: int = 1,
+    pp: int = 1,
+    dp: int = 1,
+    steps: int = 0,
+    iteration: int = 1,
+    bf16: bool = False,
+    init: str = "random",
+    vocab_divisible_by: int = 128,
+    seed: int = 1234,
+    lr: float = 1e-2,
+    fully_parallel: bool = False,
+    optim_sharding: str | None = None,
+    bucket_size: int | None = 4096,
+    extra_args: dict | None = None,
+    timeout: float = 300,
+) -> dict:
     """Build a ``torch_dist`` checkpoint of the model only (see the module doc) in
     ``OUT/iter_%07d/``.  ``steps > 0`` trains first (through the same DDP + DistributedOptimizer
     setup as :func:`make_distopt_checkpoint`; the optimizer state is not saved).
@@ -243,15 +389,37 @@ def make_torch_dist_checkpoint(out_dir: str, hf_dir: str, tp: int = 1, pp: int =
     Returns the parsed ``OUT/fixture.json``."""
     if optim_sharding and steps <= 0:
         raise ValueError("optim_sharding needs steps > 0")
-    return _run_job("torch_dist", out_dir, hf_dir, tp=tp, pp=pp, dp=dp, bucket_size=bucket_size, steps=steps,
-                    iteration=iteration, bf16=bf16, grad_reduce_in_fp32=True, init=init,
-                    vocab_divisible_by=vocab_divisible_by, seed=seed, lr=lr, fully_parallel=fully_parallel,
-                    optim_sharding=optim_sharding, save_rng=False, extra_args=extra_args or {}, timeout=timeout)
+    return _run_job(
+        "torch_dist",
+        out_dir,
+        hf_dir,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        bucket_size=bucket_size,
+        steps=steps,
+        iteration=iteration,
+        bf16=bf16,
+        grad_reduce_in_fp32=True,
+        init=init,
+        vocab_divisible_by=vocab_divisible_by,
+        seed=seed,
+        lr=lr,
+        fully_parallel=fully_parallel,
+        optim_sharding=optim_sharding,
+        save_rng=False,
+        extra_args=extra_args or {},
+        timeout=timeout,
+    )
 
 
 def mp_dir_name(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
     """``mp_rank_TT[_PPP][_EEE]``: ``_PPP`` only when PP > 1, ``_EEE`` (the EP rank) only when EP > 1."""
-    return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "") + (f"_{ep_rank:03d}" if ep > 1 else "")
+    return (
+        f"mp_rank_{tp_rank:02d}"
+        + (f"_{pp_rank:03d}" if pp > 1 else "")
+        + (f"_{ep_rank:03d}" if ep > 1 else "")
+    )
 
 
 def padded_vocab(vocab: int, divisible_by: int, tp: int) -> int:
@@ -269,6 +437,7 @@ def a5_offsets(params: list, bucket_size: int | None, dp: int, shared: set | fro
     "buckets": [[names]], "bucket_layout": [(offset, numel) of each bucket in the padded DDP
     buffer], "numel": the padded buffer's size}``.  Only the padded layout depends on ``dp``
     (bucket ends padded to lcm(dp, 128)); the coalesced offsets do not, except through A4.9."""
+
     def up(n, m):
         return -(-n // m) * m
 
@@ -298,8 +467,13 @@ def a5_offsets(params: list, bucket_size: int | None, dp: int, shared: set | fro
         base += end - bstart
         buckets.append(cur)
         layout.append((bstart, up(end, div) - bstart))
-    return {"offsets": offsets, "numel_unpadded": base, "buckets": buckets, "bucket_layout": layout,
-            "numel": layout[-1][0] + layout[-1][1] if layout else 0}
+    return {
+        "offsets": offsets,
+        "numel_unpadded": base,
+        "buckets": buckets,
+        "bucket_layout": layout,
+        "numel": layout[-1][0] + layout[-1][1] if layout else 0,
+    }
 
 
 def is_expert_param(name: str) -> bool:
@@ -356,7 +530,7 @@ def verify_distopt_checkpoint(out_dir: str) -> dict:
             buf = [b for b in truth["buffers"] if b.get("group", "dense") == group]
             assert len(buf) == 1, (r["mp_dir"], group, len(buf))
             buf = buf[0]
-            (dkey, state), = entry[0].items()
+            ((dkey, state),) = entry[0].items()
             assert dkey == buf["dtype_key"], (dkey, buf["dtype_key"])
             assert state["numel_unpadded"] == buf["numel_unpadded"] == state["param"].numel()
             gparams = {n: t for n, t in truth["params"].items() if t.get("group", "dense") == group}
@@ -365,27 +539,36 @@ def verify_distopt_checkpoint(out_dir: str) -> dict:
                 assert is_expert_param(name) == (group == "expert"), name
                 off, n = t["coalesced_offset"], t["model_param"].numel()
                 for k in ("param", "exp_avg", "exp_avg_sq"):
-                    got = state[k][off:off + n].view(t["shape"])
+                    got = state[k][off : off + n].view(t["shape"])
                     assert torch.equal(got, t[k]), (r["mp_dir"], name, k)
                 assert (t["exp_avg"] != 0).any() and (t["exp_avg_sq"] != 0).any(), name
                 if args.bf16:  # the model weights are the bf16 rounding of the fp32 master
                     assert torch.equal(t["param"].to(torch.bfloat16), t["model_param"]), name
             # A5 from the files alone
-            params = [(k, blob["model"][k].numel()) for k in names if is_expert_param(k) == (group == "expert")]
+            params = [
+                (k, blob["model"][k].numel()) for k in names if is_expert_param(k) == (group == "expert")
+            ]
             shared = set()
             if group == "dense" and pp > 1 and not args.untie_embeddings_and_output_weights:
                 shared = {"embedding.word_embeddings.weight", "output_layer.weight"}
             bsize = args.ddp_bucket_size if (args.overlap_grad_reduce and r["pp_rank"] == 0) else None
             a5 = a5_offsets(params, bsize, dp_of[group], shared)
-            assert a5["numel_unpadded"] == state["numel_unpadded"], (group, a5["numel_unpadded"],
-                                                                     state["numel_unpadded"])
+            assert a5["numel_unpadded"] == state["numel_unpadded"], (
+                group,
+                a5["numel_unpadded"],
+                state["numel_unpadded"],
+            )
             assert a5["buckets"] == [b["params"] for b in buf["buckets"]], group
             # the padded DDP buffer: bucket ends at multiples of lcm(DP', 128), DP' this group's DP size
             assert a5["bucket_layout"] == [(b["offset"], b["numel"]) for b in buf["buckets"]], group
             assert a5["numel"] == buf["numel"], (group, a5["numel"], buf["numel"])
             assert a5["offsets"] == {n: t["coalesced_offset"] for n, t in gparams.items()}, group
-            rep[group] = {"buckets": len(a5["buckets"]), "numel_unpadded": a5["numel_unpadded"],
-                          "dtype_key": str(dkey), "dp": dp_of[group]}
+            rep[group] = {
+                "buckets": len(a5["buckets"]),
+                "numel_unpadded": a5["numel_unpadded"],
+                "dtype_key": str(dkey),
+                "dp": dp_of[group],
+            }
         assert sorted(n for n, _ in truth["params"].items()) == sorted(names), r["mp_dir"]
         report[r["mp_dir"]] = rep if moe else rep["dense"]
     return report
@@ -404,8 +587,13 @@ def read_torch_dist(ckpt_dir: str, prefix: str = "") -> dict:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     md = FileSystemReader(ckpt_dir).read_metadata()
-    sd = {k: torch.empty(v.size, dtype=v.properties.dtype) if isinstance(v, TensorStorageMetadata) else io.BytesIO()
-          for k, v in md.state_dict_metadata.items() if k.startswith(prefix)}
+    sd = {
+        k: torch.empty(v.size, dtype=v.properties.dtype)
+        if isinstance(v, TensorStorageMetadata)
+        else io.BytesIO()
+        for k, v in md.state_dict_metadata.items()
+        if k.startswith(prefix)
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
         dcp.load(sd, storage_reader=FileSystemReader(ckpt_dir))
@@ -423,7 +611,7 @@ def verify_torch_dist_checkpoint(out_dir: str) -> dict:
     truth = torch.load(os.path.join(out_dir, "ground_truth_global.pt"), weights_only=True)
     got = read_torch_dist(it_dir)
     tensors = {k: v for k, v in got.items() if isinstance(v, torch.Tensor) and not k.startswith("optimizer.")}
-    assert set(tensors) == set(truth), (sorted(set(tensors) ^ set(truth)))
+    assert set(tensors) == set(truth), sorted(set(tensors) ^ set(truth))
     for k, v in truth.items():
         assert torch.equal(tensors[k], v), k
     return {"tensors": len(tensors), "other_entries": len(got) - len(tensors)}
@@ -438,7 +626,9 @@ def _run_job(kind: str, out_dir: str, hf_dir: str, **kw) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="distopt-fixture-")
     try:
-        job = dict(kw, kind=kind, out=os.path.abspath(out_dir), hf_config=hf, store=os.path.join(tmp, "store"))
+        job = dict(
+            kw, kind=kind, out=os.path.abspath(out_dir), hf_config=hf, store=os.path.join(tmp, "store")
+        )
         job["padded_vocab"] = padded_vocab(hf["vocab_size"], kw["vocab_divisible_by"], kw["tp"])
         ep, etp = kw.get("ep", 1), kw.get("etp") or kw["tp"]
         job["ep"], job["etp"] = ep, etp
@@ -452,8 +642,20 @@ def _run_job(kind: str, out_dir: str, hf_dir: str, **kw) -> dict:
             mc = os.path.join(tmp, "mcore")
             from ckpt_ir.cli import main as cli_main
 
-            conv = ["convert", hf_dir, mc, "--to", "mcore", "--quiet", "--tp", str(kw["tp"]), "--pp",
-                    str(kw["pp"]), "--make-vocab-size-divisible-by", str(kw["vocab_divisible_by"])]
+            conv = [
+                "convert",
+                hf_dir,
+                mc,
+                "--to",
+                "mcore",
+                "--quiet",
+                "--tp",
+                str(kw["tp"]),
+                "--pp",
+                str(kw["pp"]),
+                "--make-vocab-size-divisible-by",
+                str(kw["vocab_divisible_by"]),
+            ]
             if job["moe"]:
                 conv += ["--ep", str(ep)] + (["--etp", str(kw["etp"])] if kw.get("etp") else [])
             rc = cli_main(conv)
@@ -473,8 +675,14 @@ def _run_job(kind: str, out_dir: str, hf_dir: str, **kw) -> dict:
         with open(log_path, "w") as log:
             # own session: whatever the ranks leave behind (megatron's spawn-context Manager used by
             # dist_checkpointing.save) is killed with the group, and no pipe keeps us waiting
-            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), job_path, str(world)], env=env,
-                                    stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+            proc = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), job_path, str(world)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                start_new_session=True,
+            )
             try:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -496,6 +704,7 @@ def _run_job(kind: str, out_dir: str, hf_dir: str, **kw) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # subprocess side
+
 
 def _cpu_device(value):
     import torch
@@ -522,9 +731,15 @@ def _make_cuda_to_cpu_mode():
                 args = tuple(_cpu_device(a) for a in args)
             out = func(*args, **kwargs)
             # megatron's optimizers accept only 'torch.cuda.*Tensor' type strings
-            if func is torch.Tensor.type and len(args) == 1 and not kwargs and isinstance(out, str) \
-                    and out.startswith("torch.") and not out.startswith("torch.cuda."):
-                out = "torch.cuda." + out[len("torch."):]
+            if (
+                func is torch.Tensor.type
+                and len(args) == 1
+                and not kwargs
+                and isinstance(out, str)
+                and out.startswith("torch.")
+                and not out.startswith("torch.cuda.")
+            ):
+                out = "torch.cuda." + out[len("torch.") :]
             return out
 
     return CudaToCpu()
@@ -546,12 +761,20 @@ def _moe_kwargs(job: dict) -> dict:
     hf = job["hf_config"]
     if not hf.get("num_local_experts"):
         return {}
-    return dict(num_moe_experts=hf["num_local_experts"], moe_router_topk=hf["num_experts_per_tok"],
-                moe_ffn_hidden_size=hf["intermediate_size"], moe_router_pre_softmax=False,
-                moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
-                # the alltoall dispatcher needs CUDA streams; allgather runs on gloo
-                moe_token_dispatcher_type="allgather", moe_expert_capacity_factor=None, moe_grouped_gemm=False,
-                expert_model_parallel_size=job["ep"], expert_tensor_parallel_size=job["etp"] or job["tp"])
+    return dict(
+        num_moe_experts=hf["num_local_experts"],
+        moe_router_topk=hf["num_experts_per_tok"],
+        moe_ffn_hidden_size=hf["intermediate_size"],
+        moe_router_pre_softmax=False,
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        # the alltoall dispatcher needs CUDA streams; allgather runs on gloo
+        moe_token_dispatcher_type="allgather",
+        moe_expert_capacity_factor=None,
+        moe_grouped_gemm=False,
+        expert_model_parallel_size=job["ep"],
+        expert_tensor_parallel_size=job["etp"] or job["tp"],
+    )
 
 
 def _transformer_config(job: dict):
@@ -563,16 +786,35 @@ def _transformer_config(job: dict):
     heads = hf["num_attention_heads"]
     dtype = torch.bfloat16 if job["bf16"] else torch.float32
     return TransformerConfig(
-        num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"], num_attention_heads=heads,
-        num_query_groups=hf.get("num_key_value_heads") or heads, ffn_hidden_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        ffn_hidden_size=hf["intermediate_size"],
         kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
-        use_cpu_initialization=True, params_dtype=dtype, pipeline_dtype=dtype, bf16=job["bf16"],
-        normalization="RMSNorm", layernorm_epsilon=hf.get("rms_norm_eps", 1e-5), gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=False, bias_activation_fusion=False,
-        bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
-        gradient_accumulation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0,
-        tensor_model_parallel_size=job["tp"], pipeline_model_parallel_size=job["pp"], sequence_parallel=False,
-        batch_p2p_comm=False, **_moe_kwargs(job),
+        use_cpu_initialization=True,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=job["bf16"],
+        normalization="RMSNorm",
+        layernorm_epsilon=hf.get("rms_norm_eps", 1e-5),
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=job["tp"],
+        pipeline_model_parallel_size=job["pp"],
+        sequence_parallel=False,
+        batch_p2p_comm=False,
+        **_moe_kwargs(job),
     )
 
 
@@ -583,31 +825,63 @@ def _args_namespace(job: dict, config) -> argparse.Namespace:
     hf = job["hf_config"]
     theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
     ns = argparse.Namespace(
-        num_layers=config.num_layers, hidden_size=config.hidden_size, ffn_hidden_size=config.ffn_hidden_size,
-        num_attention_heads=config.num_attention_heads, num_query_groups=config.num_query_groups,
-        group_query_attention=config.num_query_groups != config.num_attention_heads, kv_channels=config.kv_channels,
-        vocab_size=hf["vocab_size"], padded_vocab_size=job["padded_vocab"],
-        make_vocab_size_divisible_by=job["vocab_divisible_by"], max_position_embeddings=hf.get("max_position_embeddings", 128),
-        norm_epsilon=config.layernorm_epsilon, normalization="RMSNorm", swiglu=True, add_qkv_bias=False,
-        add_bias_linear=False, qk_layernorm=False,
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        ffn_hidden_size=config.ffn_hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        num_query_groups=config.num_query_groups,
+        group_query_attention=config.num_query_groups != config.num_attention_heads,
+        kv_channels=config.kv_channels,
+        vocab_size=hf["vocab_size"],
+        padded_vocab_size=job["padded_vocab"],
+        make_vocab_size_divisible_by=job["vocab_divisible_by"],
+        max_position_embeddings=hf.get("max_position_embeddings", 128),
+        norm_epsilon=config.layernorm_epsilon,
+        normalization="RMSNorm",
+        swiglu=True,
+        add_qkv_bias=False,
+        add_bias_linear=False,
+        qk_layernorm=False,
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
-        position_embedding_type="rope", use_rotary_position_embeddings=True, rotary_base=theta,
-        tensor_model_parallel_size=job["tp"], pipeline_model_parallel_size=job["pp"], data_parallel_size=job["dp"],
-        virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=job.get("ep", 1),
-        expert_tensor_parallel_size=job.get("etp") or job["tp"], context_parallel_size=1,
-        num_experts=config.num_moe_experts, moe_router_topk=config.moe_router_topk,
-        moe_ffn_hidden_size=config.moe_ffn_hidden_size, moe_grouped_gemm=False,
+        position_embedding_type="rope",
+        use_rotary_position_embeddings=True,
+        rotary_base=theta,
+        tensor_model_parallel_size=job["tp"],
+        pipeline_model_parallel_size=job["pp"],
+        data_parallel_size=job["dp"],
+        virtual_pipeline_model_parallel_size=None,
+        expert_model_parallel_size=job.get("ep", 1),
+        expert_tensor_parallel_size=job.get("etp") or job["tp"],
+        context_parallel_size=1,
+        num_experts=config.num_moe_experts,
+        moe_router_topk=config.moe_router_topk,
+        moe_ffn_hidden_size=config.moe_ffn_hidden_size,
+        moe_grouped_gemm=False,
         moe_token_dispatcher_type=config.moe_token_dispatcher_type,
         moe_router_load_balancing_type=config.moe_router_load_balancing_type,
         moe_aux_loss_coeff=config.moe_aux_loss_coeff,
-        transformer_impl="local", use_mcore_models=True, sequence_parallel=False, bf16=job["bf16"], fp16=False,
+        transformer_impl="local",
+        use_mcore_models=True,
+        sequence_parallel=False,
+        bf16=job["bf16"],
+        fp16=False,
         params_dtype=torch.bfloat16 if job["bf16"] else torch.float32,
         accumulate_allreduce_grads_in_fp32=job["grad_reduce_in_fp32"],
         use_distributed_optimizer=job["kind"] == "distopt" or job["steps"] > 0,
-        overlap_grad_reduce=True, overlap_param_gather=False, ddp_bucket_size=job["bucket_size"],
+        overlap_grad_reduce=True,
+        overlap_param_gather=False,
+        ddp_bucket_size=job["bucket_size"],
         ckpt_format="torch" if job["kind"] == "distopt" else "torch_dist",
-        optimizer="adam", lr=job["lr"], adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, weight_decay=0.01,
-        clip_grad=1.0, iteration=job["iteration"], seq_length=SEQ, micro_batch_size=1,
+        optimizer="adam",
+        lr=job["lr"],
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_eps=1e-8,
+        weight_decay=0.01,
+        clip_grad=1.0,
+        iteration=job["iteration"],
+        seq_length=SEQ,
+        micro_batch_size=1,
         global_batch_size=MICRO * job["dp"],
     )
     for k, v in job["extra_args"].items():
@@ -651,21 +925,31 @@ def _build(job: dict):
     config = _transformer_config(job)
     hf = job["hf_config"]
     theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
-    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False,
-                                    normalization="RMSNorm")
-    gpt = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=job["padded_vocab"],
-                   max_sequence_length=hf.get("max_position_embeddings", 128),
-                   pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-                   share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
-                   position_embedding_type="rope", rotary_base=theta)
+    spec = get_gpt_layer_local_spec(
+        num_experts=config.num_moe_experts, moe_grouped_gemm=False, normalization="RMSNorm"
+    )
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=job["padded_vocab"],
+        max_sequence_length=hf.get("max_position_embeddings", 128),
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
+        position_embedding_type="rope",
+        rotary_base=theta,
+    )
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     if job.get("init_dir") and job["init"] != "resume_torch_dist":  # (torch_dist: loaded with the optimizer)
         name = mp_dir_name(tp_rank, pp_rank, job["pp"], ps.get_expert_model_parallel_rank(), job.get("ep", 1))
         with open(os.path.join(job["init_dir"], "latest_checkpointed_iteration.txt")) as fh:
             it = fh.read().strip()
         it_dir = "release" if it == "release" else f"iter_{int(it):07d}"
-        blob = torch.load(os.path.join(job["init_dir"], it_dir, name, "model_optim_rng.pt"), map_location="cpu",
-                          weights_only=False)
+        blob = torch.load(
+            os.path.join(job["init_dir"], it_dir, name, "model_optim_rng.pt"),
+            map_location="cpu",
+            weights_only=False,
+        )
         res = gpt.load_state_dict(blob["model"], strict=False)
         bad = [k for k in res.missing_keys + res.unexpected_keys if not k.endswith("_extra_state")]
         if bad:
@@ -707,13 +991,26 @@ def _train(job: dict, gpt, config, built=None):
         model, optimizer = built
     else:
         module = Float16Module(config, gpt) if job["bf16"] else gpt
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=job["grad_reduce_in_fp32"],
-                                                   overlap_grad_reduce=True, use_distributed_optimizer=True,
-                                                   bucket_size=job["bucket_size"])
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=job["grad_reduce_in_fp32"],
+            overlap_grad_reduce=True,
+            use_distributed_optimizer=True,
+            bucket_size=job["bucket_size"],
+        )
         model = DistributedDataParallel(config, ddp_config, module)
-        opt_config = OptimizerConfig(optimizer="adam", lr=job["lr"], min_lr=0.0, weight_decay=0.01, adam_beta1=0.9,
-                                     adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0, bf16=job["bf16"],
-                                     params_dtype=config.params_dtype, use_distributed_optimizer=True)
+        opt_config = OptimizerConfig(
+            optimizer="adam",
+            lr=job["lr"],
+            min_lr=0.0,
+            weight_decay=0.01,
+            adam_beta1=0.9,
+            adam_beta2=0.95,
+            adam_eps=1e-8,
+            clip_grad=1.0,
+            bf16=job["bf16"],
+            params_dtype=config.params_dtype,
+            use_distributed_optimizer=True,
+        )
         optimizer = get_megatron_optimizer(opt_config, [model])
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
@@ -744,9 +1041,15 @@ def _train(job: dict, gpt, config, built=None):
             data.append((t[:, :-1].contiguous(), t[:, 1:].contiguous()))
         model.zero_grad_buffer()
         optimizer.zero_grad()
-        out = get_forward_backward_func()(forward_step_func=step_fn, data_iterator=iter(data), model=model,
-                                          num_microbatches=MICRO, seq_length=SEQ, micro_batch_size=1,
-                                          forward_only=False)
+        out = get_forward_backward_func()(
+            forward_step_func=step_fn,
+            data_iterator=iter(data),
+            model=model,
+            num_microbatches=MICRO,
+            seq_length=SEQ,
+            micro_batch_size=1,
+            forward_only=False,
+        )
         ok, grad_norm, _ = optimizer.step()
         if not ok:
             raise RuntimeError("optimizer step skipped")
@@ -768,19 +1071,37 @@ def _ground_truth(job: dict, gpt, model, optimizer) -> dict:
     for group, bufs in group_bufs.items():
         for gbuf_idx, buf in enumerate(bufs):
             base = 0
-            binfo = {"group": group, "gbuf_idx": gbuf_idx, "dtype_key": (buf.param_dtype, buf.grad_dtype),
-                     "numel": buf.numel, "numel_unpadded": buf.numel_unpadded,
-                     "dp": buf.data_parallel_group.size(), "bucket_size": model.bucket_size, "buckets": []}
+            binfo = {
+                "group": group,
+                "gbuf_idx": gbuf_idx,
+                "dtype_key": (buf.param_dtype, buf.grad_dtype),
+                "numel": buf.numel,
+                "numel_unpadded": buf.numel_unpadded,
+                "dp": buf.data_parallel_group.size(),
+                "bucket_size": model.bucket_size,
+                "buckets": [],
+            }
             for b_idx, bucket in enumerate(buf.buckets):
                 plist = sorted(bucket.params_list, key=lambda p: buf.param_index_map[p][0])
-                binfo["buckets"].append({"offset": bucket.offset, "numel": bucket.grad_data.numel(),
-                                         "numel_unpadded": bucket.numel_unpadded,
-                                         "params": [names[p] for p in plist]})
+                binfo["buckets"].append(
+                    {
+                        "offset": bucket.offset,
+                        "numel": bucket.grad_data.numel(),
+                        "numel_unpadded": bucket.numel_unpadded,
+                        "params": [names[p] for p in plist],
+                    }
+                )
                 for p in plist:
                     start, end, bid = buf.param_index_map[p]
                     assert bid == b_idx
-                    where[p] = dict(group=group, gbuf_idx=gbuf_idx, bucket=b_idx, buffer_start=start,
-                                    buffer_end=end, coalesced_offset=base + start - bucket.offset)
+                    where[p] = dict(
+                        group=group,
+                        gbuf_idx=gbuf_idx,
+                        bucket=b_idx,
+                        buffer_start=start,
+                        buffer_end=end,
+                        coalesced_offset=base + start - bucket.offset,
+                    )
                 base += bucket.numel_unpadded
             buffers.append(binfo)
 
@@ -791,22 +1112,38 @@ def _ground_truth(job: dict, gpt, model, optimizer) -> dict:
         dp_group = dopt.data_parallel_group
         owned = [p for buf in dopt.buffers for p in buf.params]
         order = [p for p in names if p in set(owned)]  # named_parameters() order, same on every DP rank
-        optimizers.append({"group": group, "dp": dp_group.size(), "dp_rank": dp_group.rank(),
-                           "params": [names[p] for p in order]})
+        optimizers.append(
+            {
+                "group": group,
+                "dp": dp_group.size(),
+                "dp_rank": dp_group.rank(),
+                "params": [names[p] for p in order],
+            }
+        )
         for p in order:
-            full = {k: torch.zeros(p.numel(), dtype=torch.float32) for k in ("param", "exp_avg", "exp_avg_sq")}
+            full = {
+                k: torch.zeros(p.numel(), dtype=torch.float32) for k in ("param", "exp_avg", "exp_avg_sq")
+            }
             if p in dopt.model_param_gbuf_map:  # this DP rank owns a piece of p
                 rng = dopt._get_model_param_range_map(p)["param"]
                 tensors = dopt._get_main_param_and_optimizer_states(p)
                 for k in full:
-                    full[k][rng.start:rng.end] = tensors[k].detach().float().view(-1)
+                    full[k][rng.start : rng.end] = tensors[k].detach().float().view(-1)
             for k in full:  # every element lives on exactly one rank of the optimizer's DP group
                 dist.all_reduce(full[k], group=dp_group)
-            params[names[p]] = dict(shape=tuple(p.shape), model_param=p.detach().clone(),
-                                    **{k: v.view(p.shape) for k, v in full.items()}, **where[p])
+            params[names[p]] = dict(
+                shape=tuple(p.shape),
+                model_param=p.detach().clone(),
+                **{k: v.view(p.shape) for k, v in full.items()},
+                **where[p],
+            )
     params = {n: params[n] for p, n in names.items() if n in params}  # named_parameters() order
-    return {"buffers": buffers, "params": params, "optimizers": optimizers,
-            "param_order": [n for n, p in gpt.named_parameters() if p.requires_grad]}
+    return {
+        "buffers": buffers,
+        "params": params,
+        "optimizers": optimizers,
+        "param_order": [n for n, p in gpt.named_parameters() if p.requires_grad],
+    }
 
 
 def _rng_state():
@@ -816,9 +1153,15 @@ def _rng_state():
     import torch
     from megatron.core import tensor_parallel
 
-    return [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
-             "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": None,
-             "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states()}]
+    return [
+        {
+            "random_rng_state": random.getstate(),
+            "np_rng_state": np.random.get_state(),
+            "torch_rng_state": torch.get_rng_state(),
+            "cuda_rng_state": None,
+            "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
+        }
+    ]
 
 
 def _run_distopt(job: dict, rank: int) -> None:
@@ -854,16 +1197,21 @@ def _run_distopt(job: dict, rank: int) -> None:
         src = os.path.join(job["init_dir"], f"iter_{job['iteration']:07d}")
         more, job["steps"] = job["steps"], 0
         model, optimizer, _ = _train(job, gpt, config)
-        metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
-                    "distrib_optim_sharding_type": "fully_reshardable"}
+        metadata = {
+            "singleton_local_shards": False,
+            "chained_optim_avoid_prefix": True,
+            "distrib_optim_sharding_type": "fully_reshardable",
+        }
         # CPU workaround: without Apex/TE, DistributedOptimizer.state_dict() reads the Adam step from
         # the (still empty) per-param state; give it dummy state first, as megatron-core itself does
         # for dist-checkpoint loads (real values are then loaded over it)
         for o in getattr(optimizer, "chained_optimizers", [optimizer]):
             o._init_optimizer_states_with_dummy_values()
         model_sd = gpt.sharded_state_dict(metadata=metadata)
-        state = {"model": model_sd,
-                 "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=metadata)}
+        state = {
+            "model": model_sd,
+            "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=metadata),
+        }
         loaded = dist_checkpointing.load(state, src)
         res = gpt.load_state_dict(loaded["model"], strict=False)
         bad = [k for k in res.missing_keys + res.unexpected_keys if not k.endswith("_extra_state")]
@@ -902,46 +1250,97 @@ def _run_distopt(job: dict, rank: int) -> None:
     optimizer.save_parameter_state(dopt_path)
     # the rule of ChainedOptimizer/DistributedOptimizer.save_parameter_state: DP rank 0 of some optimizer
     wrote_dopt = any(o["dp_rank"] == 0 for o in truth["optimizers"])
-    sched = OptimizerParamScheduler(optimizer, init_lr=0.0, max_lr=job["lr"], min_lr=0.0, lr_warmup_steps=0,
-                                    lr_decay_steps=100, lr_decay_style="cosine", start_wd=0.01, end_wd=0.01,
-                                    wd_incr_steps=100, wd_incr_style="constant")
+    sched = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=job["lr"],
+        min_lr=0.0,
+        lr_warmup_steps=0,
+        lr_decay_steps=100,
+        lr_decay_style="cosine",
+        start_wd=0.01,
+        end_wd=0.01,
+        wd_incr_steps=100,
+        wd_incr_style="constant",
+    )
     for _ in range(job["steps"]):
         sched.step(increment=1)
     state = {
-        "args": _args_namespace(job, config), "checkpoint_version": 3.0, "iteration": job["iteration"],
-        "model": model.state_dict_for_save_checkpoint(), "optimizer": optimizer.state_dict(),
-        "opt_param_scheduler": sched.state_dict(), "rng_state": _rng_state(),
+        "args": _args_namespace(job, config),
+        "checkpoint_version": 3.0,
+        "iteration": job["iteration"],
+        "model": model.state_dict_for_save_checkpoint(),
+        "optimizer": optimizer.state_dict(),
+        "opt_param_scheduler": sched.state_dict(),
+        "rng_state": _rng_state(),
         "num_floating_point_operations_so_far": 0,
     }
     if not job["save_rng"]:
         del state["rng_state"]
     dp_sizes = {o["group"]: o["dp"] for o in truth["optimizers"]}
-    info = {"rank": rank, "mp_dir": name, "tp_rank": tp_rank, "pp_rank": pp_rank, "ep_rank": ep_rank,
-            "etp_rank": ps.get_expert_tensor_parallel_rank(), "dp_rank": dp_rank, "expert_dp_rank": edp_rank,
-            "expert_dp": ps.get_expert_data_parallel_world_size(), "writer": writer,
-            "distrib_optim_writer": wrote_dopt,
-            "distrib_optim_entries": [o["group"] if o["dp_rank"] == 0 else None for o in truth["optimizers"]],
-            "optimizer_dp": [o["dp"] for o in truth["optimizers"]]}
+    info = {
+        "rank": rank,
+        "mp_dir": name,
+        "tp_rank": tp_rank,
+        "pp_rank": pp_rank,
+        "ep_rank": ep_rank,
+        "etp_rank": ps.get_expert_tensor_parallel_rank(),
+        "dp_rank": dp_rank,
+        "expert_dp_rank": edp_rank,
+        "expert_dp": ps.get_expert_data_parallel_world_size(),
+        "writer": writer,
+        "distrib_optim_writer": wrote_dopt,
+        "distrib_optim_entries": [o["group"] if o["dp_rank"] == 0 else None for o in truth["optimizers"]],
+        "optimizer_dp": [o["dp"] for o in truth["optimizers"]],
+    }
     if writer:
         torch.save(state, os.path.join(ckpt_dir, "model_optim_rng.pt"))
         gt_dir = os.path.join(job["out"], "ground_truth")
         os.makedirs(gt_dir, exist_ok=True)
-        truth.update(tp_rank=tp_rank, pp_rank=pp_rank, tp=job["tp"], pp=job["pp"], dp=job["dp"],
-                     ep_rank=ep_rank, ep=ep, etp=job.get("etp") or job["tp"], expert_dp=info["expert_dp"],
-                     dp_rank=dp_rank, expert_dp_rank=edp_rank, dp_sizes=dp_sizes,
-                     step=job["steps"], bucket_size=model.bucket_size, losses=losses,
-                     model_state_dict_keys=list(state["model"].keys()))
+        truth.update(
+            tp_rank=tp_rank,
+            pp_rank=pp_rank,
+            tp=job["tp"],
+            pp=job["pp"],
+            dp=job["dp"],
+            ep_rank=ep_rank,
+            ep=ep,
+            etp=job.get("etp") or job["tp"],
+            expert_dp=info["expert_dp"],
+            dp_rank=dp_rank,
+            expert_dp_rank=edp_rank,
+            dp_sizes=dp_sizes,
+            step=job["steps"],
+            bucket_size=model.bucket_size,
+            losses=losses,
+            model_state_dict_keys=list(state["model"].keys()),
+        )
         torch.save(truth, os.path.join(gt_dir, name + ".pt"))
-        summary = {"tp_rank": tp_rank, "pp_rank": pp_rank, "ep_rank": ep_rank, "mp_dir": name,
-                   "ep": ep, "etp": job.get("etp") or job["tp"], "expert_dp": info["expert_dp"],
-                   "bucket_size": model.bucket_size, "losses": losses,
-                   "distrib_optim": info["distrib_optim_entries"] if job.get("moe") else "dict",
-                   "optimizers": [{k: o[k] for k in ("group", "dp", "dp_rank")} for o in truth["optimizers"]],
-                   "buffers": [{"group": b["group"], "gbuf_idx": b["gbuf_idx"], "dp": b["dp"],
-                                "dtype_key": [str(d) for d in b["dtype_key"]], "numel": b["numel"],
-                                "numel_unpadded": b["numel_unpadded"],
-                                "buckets": [{k: v for k, v in bk.items()} for bk in b["buckets"]]}
-                               for b in truth["buffers"]]}
+        summary = {
+            "tp_rank": tp_rank,
+            "pp_rank": pp_rank,
+            "ep_rank": ep_rank,
+            "mp_dir": name,
+            "ep": ep,
+            "etp": job.get("etp") or job["tp"],
+            "expert_dp": info["expert_dp"],
+            "bucket_size": model.bucket_size,
+            "losses": losses,
+            "distrib_optim": info["distrib_optim_entries"] if job.get("moe") else "dict",
+            "optimizers": [{k: o[k] for k in ("group", "dp", "dp_rank")} for o in truth["optimizers"]],
+            "buffers": [
+                {
+                    "group": b["group"],
+                    "gbuf_idx": b["gbuf_idx"],
+                    "dp": b["dp"],
+                    "dtype_key": [str(d) for d in b["dtype_key"]],
+                    "numel": b["numel"],
+                    "numel_unpadded": b["numel_unpadded"],
+                    "buckets": [{k: v for k, v in bk.items()} for bk in b["buckets"]],
+                }
+                for b in truth["buffers"]
+            ],
+        }
         with open(os.path.join(job["out"], f".fixture.{name}.json"), "w") as fh:
             json.dump(summary, fh)
     # who wrote what: every rank directory must hold both files, each from exactly one rank
@@ -999,14 +1398,28 @@ def _run_torch_dist(job: dict, rank: int) -> None:
     local = []
     for sh in nested_values(sharded):
         assert isinstance(sh, ShardedTensor)
-        local.append({"key": sh.key, "data": sh.data.detach().clone(), "global_shape": tuple(sh.global_shape),
-                      "global_offset": tuple(sh.global_offset), "axis_fragmentations": tuple(sh.axis_fragmentations),
-                      "prepend_axis_num": sh.prepend_axis_num, "replica_id": sh.replica_id,
-                      "flattened_range": None if sh.flattened_range is None else
-                      (sh.flattened_range.start, sh.flattened_range.stop)})
-    state = {"model": model_sd, "args": _args_namespace(job, config), "checkpoint_version": 3.0,
-             "iteration": job["iteration"], "num_floating_point_operations_so_far": 0,
-             "content_metadata": metadata}
+        local.append(
+            {
+                "key": sh.key,
+                "data": sh.data.detach().clone(),
+                "global_shape": tuple(sh.global_shape),
+                "global_offset": tuple(sh.global_offset),
+                "axis_fragmentations": tuple(sh.axis_fragmentations),
+                "prepend_axis_num": sh.prepend_axis_num,
+                "replica_id": sh.replica_id,
+                "flattened_range": None
+                if sh.flattened_range is None
+                else (sh.flattened_range.start, sh.flattened_range.stop),
+            }
+        )
+    state = {
+        "model": model_sd,
+        "args": _args_namespace(job, config),
+        "checkpoint_version": 3.0,
+        "iteration": job["iteration"],
+        "num_floating_point_operations_so_far": 0,
+        "content_metadata": metadata,
+    }
     optim_truth = None
     if job.get("optim_sharding"):
         optim_truth = _ground_truth(job, gpt, model, optimizer)
@@ -1019,17 +1432,26 @@ def _run_torch_dist(job: dict, rank: int) -> None:
         )
 
         save_strategy = FullyParallelSaveStrategyWrapper(
-            get_default_save_sharded_strategy("torch_dist"), ps.get_data_parallel_group(with_context_parallel=True),
-            True)
+            get_default_save_sharded_strategy("torch_dist"),
+            ps.get_data_parallel_group(with_context_parallel=True),
+            True,
+        )
     _use_in_process_results_queue()
     dist_checkpointing.save(state, it_dir, sharded_strategy=save_strategy)
     gt_dir = os.path.join(job["out"], "ground_truth")
     if dp_rank == 0:
         os.makedirs(gt_dir, exist_ok=True)
-        torch.save({"tp_rank": tp_rank, "pp_rank": pp_rank, "model": gpt.state_dict_for_save_checkpoint(),
-                    "losses": losses, "optim": optim_truth,
-                    "bucket_size": None if model is None else model.bucket_size},
-                   os.path.join(gt_dir, name + ".pt"))
+        torch.save(
+            {
+                "tp_rank": tp_rank,
+                "pp_rank": pp_rank,
+                "model": gpt.state_dict_for_save_checkpoint(),
+                "losses": losses,
+                "optim": optim_truth,
+                "bucket_size": None if model is None else model.bucket_size,
+            },
+            os.path.join(gt_dir, name + ".pt"),
+        )
     # global truth: gather every rank's shards on rank 0
     shards = [None] * dist.get_world_size()
     dist.all_gather_object(shards, local)
@@ -1087,16 +1509,24 @@ def _worker(job: dict, rank: int, world: int) -> None:
     torch.set_num_threads(1)
     try:
         _patch_cuda()
-        dist.init_process_group("gloo", init_method="file://" + job["store"], rank=rank, world_size=world,
-                                timeout=datetime.timedelta(minutes=TIMEOUT_MIN))
+        dist.init_process_group(
+            "gloo",
+            init_method="file://" + job["store"],
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(minutes=TIMEOUT_MIN),
+        )
         from megatron.core import parallel_state as ps
 
         with _make_cuda_to_cpu_mode():
-            ps.initialize_model_parallel(tensor_model_parallel_size=job["tp"],
-                                         pipeline_model_parallel_size=job["pp"],
-                                         expert_model_parallel_size=job.get("ep", 1),
-                                         expert_tensor_parallel_size=job.get("etp") or job["tp"],
-                                         create_gloo_process_groups=True, distributed_timeout_minutes=TIMEOUT_MIN)
+            ps.initialize_model_parallel(
+                tensor_model_parallel_size=job["tp"],
+                pipeline_model_parallel_size=job["pp"],
+                expert_model_parallel_size=job.get("ep", 1),
+                expert_tensor_parallel_size=job.get("etp") or job["tp"],
+                create_gloo_process_groups=True,
+                distributed_timeout_minutes=TIMEOUT_MIN,
+            )
             try:
                 (_run_distopt if job["kind"] == "distopt" else _run_torch_dist)(job, rank)
             finally:

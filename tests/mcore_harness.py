@@ -135,8 +135,10 @@ def _moe_kwargs(case: dict) -> dict:
         expert_tensor_parallel_size=case.get("etp"),
     )
     if moe.get("shared_ffn_hidden_size"):
-        kw.update(moe_shared_expert_intermediate_size=moe["shared_ffn_hidden_size"],
-                  moe_shared_expert_gate=moe.get("shared_gate", False))
+        kw.update(
+            moe_shared_expert_intermediate_size=moe["shared_ffn_hidden_size"],
+            moe_shared_expert_gate=moe.get("shared_gate", False),
+        )
     return kw
 
 
@@ -191,8 +193,11 @@ def _rank_file(ckpt: str, tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0,
     with open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")) as fh:
         it = fh.read().strip()
     it_dir = "release" if it == "release" else f"iter_{int(it):07d}"
-    name = (f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
-            + (f"_{ep_rank:03d}" if ep > 1 else ""))
+    name = (
+        f"mp_rank_{tp_rank:02d}"
+        + (f"_{pp_rank:03d}" if pp > 1 else "")
+        + (f"_{ep_rank:03d}" if ep > 1 else "")
+    )
     return os.path.join(ckpt, it_dir, name, "model_optim_rng.pt")
 
 
@@ -209,10 +214,15 @@ def _run_case(case: dict, rank: int) -> None:
     tp, pp, vpp = case["tp"], case["pp"], case.get("vpp")
     ep, moe = case.get("ep", 1), case.get("moe")
     groups_before = set(_process_groups())
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 virtual_pipeline_model_parallel_size=vpp, expert_model_parallel_size=ep,
-                                 expert_tensor_parallel_size=case.get("etp"), create_gloo_process_groups=False,
-                                 distributed_timeout_minutes=TIMEOUT_MIN)
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=case.get("etp"),
+        create_gloo_process_groups=False,
+        distributed_timeout_minutes=TIMEOUT_MIN,
+    )
     try:
         tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
         torch.manual_seed(1234)
@@ -220,24 +230,33 @@ def _run_case(case: dict, rank: int) -> None:
         if moe and moe.get("layer_freq", 1) != 1:  # dense and MoE layers mixed: per-layer specs
             spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
         else:
-            spec = get_gpt_layer_local_spec(num_experts=moe["num_experts"] if moe else None,
-                                            moe_grouped_gemm=bool(moe and moe.get("grouped_gemm")),
-                                            qk_layernorm=case["qk_norm"], normalization="RMSNorm")
+            spec = get_gpt_layer_local_spec(
+                num_experts=moe["num_experts"] if moe else None,
+                moe_grouped_gemm=bool(moe and moe.get("grouped_gemm")),
+                qk_layernorm=case["qk_norm"],
+                normalization="RMSNorm",
+            )
         tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         ep_rank = ps.get_expert_model_parallel_rank()
         chunks = vpp or 1
         models = []
         for v in range(chunks):
             vp_stage = v if vpp else None
-            models.append(GPTModel(
-                config=config, transformer_layer_spec=spec, vocab_size=case["padded_vocab"],
-                max_sequence_length=case["hf_config"].get("max_position_embeddings", 128),
-                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-                share_embeddings_and_output_weights=case["tied"], position_embedding_type="rope",
-                rotary_base=_rope_theta(case["hf_config"]), vp_stage=vp_stage,
-                rotary_percent=case.get("rotary_percent", 1.0),
-            ).eval())
+            models.append(
+                GPTModel(
+                    config=config,
+                    transformer_layer_spec=spec,
+                    vocab_size=case["padded_vocab"],
+                    max_sequence_length=case["hf_config"].get("max_position_embeddings", 128),
+                    pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                    post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                    share_embeddings_and_output_weights=case["tied"],
+                    position_embedding_type="rope",
+                    rotary_base=_rope_theta(case["hf_config"]),
+                    vp_stage=vp_stage,
+                    rotary_percent=case.get("rotary_percent", 1.0),
+                ).eval()
+            )
         for model in models:
             for module in model.modules():
                 if isinstance(module, GroupedMLP):  # see the module docstring: the bf16 assert only
@@ -247,24 +266,41 @@ def _run_case(case: dict, rank: int) -> None:
         if case.get("torch_dist"):  # ckpt-ir's torch_dist output, read by megatron-core's own loader
             blob = _load_torch_dist(case["ckpt"], models)
         else:
-            blob = torch.load(_rank_file(case["ckpt"], tp_rank, pp_rank, pp, ep_rank, ep), map_location="cpu",
-                              weights_only=False)
-        report = {"rank": rank, "tp_rank": tp_rank, "pp_rank": pp_rank, "ep_rank": ep_rank,
-                  "etp_rank": ps.get_expert_tensor_parallel_rank(), "chunks": []}
+            blob = torch.load(
+                _rank_file(case["ckpt"], tp_rank, pp_rank, pp, ep_rank, ep),
+                map_location="cpu",
+                weights_only=False,
+            )
+        report = {
+            "rank": rank,
+            "tp_rank": tp_rank,
+            "pp_rank": pp_rank,
+            "ep_rank": ep_rank,
+            "etp_rank": ps.get_expert_tensor_parallel_rank(),
+            "chunks": [],
+        }
         shim_calls = getattr(getattr(sys.modules.get("grouped_gemm.ops"), "gmm", None), "calls", None)
         calls_before = len(shim_calls or ())
         for v, model in enumerate(models):
             sd = blob["model" if chunks == 1 else f"model{v}"]
             res = model.load_state_dict(sd, strict=False)
-            report["chunks"].append({
-                "missing": sorted(res.missing_keys), "unexpected": sorted(res.unexpected_keys),
-                "loaded": sum(not k.endswith("._extra_state") for k in sd),
-                "params": sum(1 for _ in model.parameters()),
-                # which MLP implementation each layer got (MLP, MoELayer, SequentialMLP, GroupedMLP, ...)
-                "mlp_modules": {n: type(m).__name__ for n, m in model.named_modules()
-                                if n.endswith((".mlp", ".mlp.experts", ".mlp.shared_experts"))},
-            })
-        report["args"] = {k: v for k, v in vars(blob["args"]).items() if isinstance(v, (int, float, str, bool))}
+            report["chunks"].append(
+                {
+                    "missing": sorted(res.missing_keys),
+                    "unexpected": sorted(res.unexpected_keys),
+                    "loaded": sum(not k.endswith("._extra_state") for k in sd),
+                    "params": sum(1 for _ in model.parameters()),
+                    # which MLP implementation each layer got (MLP, MoELayer, SequentialMLP, GroupedMLP, ...)
+                    "mlp_modules": {
+                        n: type(m).__name__
+                        for n, m in model.named_modules()
+                        if n.endswith((".mlp", ".mlp.experts", ".mlp.shared_experts"))
+                    },
+                }
+            )
+        report["args"] = {
+            k: v for k, v in vars(blob["args"]).items() if isinstance(v, (int, float, str, bool))
+        }
 
         ids = torch.tensor(case["input_ids"], dtype=torch.long)
         b, s = ids.shape
@@ -275,18 +311,25 @@ def _run_case(case: dict, rank: int) -> None:
             if pp == 1:
                 logits = models[0](ids, pos, mask)
             else:
+
                 def step(data_iter, model):
                     i, p, m = next(data_iter)
                     out = model(i, p, m)
                     return out, lambda o, non_loss_data=False: o.detach().clone()
 
                 # one sequence per microbatch (the interleaved schedule needs >= PP microbatches)
-                micro = [(ids[j:j + 1], pos[j:j + 1], mask) for j in range(b)]
+                micro = [(ids[j : j + 1], pos[j : j + 1], mask) for j in range(b)]
                 data = [iter(micro) for _ in models]  # every model chunk reads its own iterator
                 got = get_forward_backward_func()(
-                    forward_step_func=step, data_iterator=data if vpp else data[0],
-                    model=models if vpp else models[0], num_microbatches=b, seq_length=s,
-                    micro_batch_size=1, forward_only=True, collect_non_loss_data=True)
+                    forward_step_func=step,
+                    data_iterator=data if vpp else data[0],
+                    model=models if vpp else models[0],
+                    num_microbatches=b,
+                    seq_length=s,
+                    micro_batch_size=1,
+                    forward_only=True,
+                    collect_non_loss_data=True,
+                )
                 logits = torch.cat(got, dim=0) if ps.is_pipeline_last_stage(ignore_virtual=True) else None
 
         if logits is not None:
@@ -340,8 +383,13 @@ def _worker(job: dict, rank: int, world: int) -> None:
     torch.set_num_threads(1)
     try:
         _patch_cuda()
-        dist.init_process_group("gloo", init_method="file://" + job["store"], rank=rank, world_size=world,
-                                timeout=datetime.timedelta(minutes=TIMEOUT_MIN))
+        dist.init_process_group(
+            "gloo",
+            init_method="file://" + job["store"],
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(minutes=TIMEOUT_MIN),
+        )
         with _make_cuda_to_cpu_mode():
             for case in job["cases"]:
                 _run_case(case, rank)
@@ -372,6 +420,7 @@ def main(argv: list[str]) -> int:
         _install_grouped_gemm_shim()  # before megatron-core binds grouped_gemm.ops at import
     import megatron.core.models.gpt  # noqa: F401  (imported before fork, shared by all ranks)
     import megatron.core.pipeline_parallel  # noqa: F401
+
     pids = {}
     for rank in range(world):
         pid = os.fork()

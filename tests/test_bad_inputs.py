@@ -49,7 +49,7 @@ def read_st(path: Path) -> tuple[int, dict, bytes]:
     """(header length, header dict, data bytes) of a safetensors file."""
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    return n, json.loads(raw[8:8 + n]), raw[8 + n:]
+    return n, json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def write_st(path: Path, header: dict, data: bytes) -> None:
@@ -108,8 +108,9 @@ def test_truncated_safetensors_names_tensor(hf_src, dst):
     assert_clean_error(convert(hf_src, dst), dst, names=("model.safetensors", last))
 
 
-@pytest.mark.parametrize("garbage", [b"{this is not json", b"\xff\xfe\xfd\xfc binary", b"[1, 2, 3]",
-                                     b'{"__metadata__": 7}'])
+@pytest.mark.parametrize(
+    "garbage", [b"{this is not json", b"\xff\xfe\xfd\xfc binary", b"[1, 2, 3]", b'{"__metadata__": 7}']
+)
 def test_corrupt_header(hf_src, dst, garbage):
     f = hf_src / "model.safetensors"
     n, _, data = read_st(f)
@@ -151,8 +152,10 @@ def _edit_entry(f: Path, key: str, edit) -> None:
     write_st(f, header, data)
 
 
-@pytest.mark.parametrize("how", ["short_span", "wrong_dtype", "wrong_shape", "reversed", "past_end", "unknown_dtype",
-                                 "missing_field"])
+@pytest.mark.parametrize(
+    "how",
+    ["short_span", "wrong_dtype", "wrong_shape", "reversed", "past_end", "unknown_dtype", "missing_field"],
+)
 def test_data_offsets_do_not_match(hf_src, dst, how):
     key = "model.layers.1.self_attn.o_proj.weight"
     f = hf_src / "model.safetensors"
@@ -203,8 +206,9 @@ def _write_index(src: Path, remap: dict[str, str]) -> Path:
 
 def test_index_names_missing_shard(hf_src, dst):
     _write_index(hf_src, {"model.norm.weight": "model-00002-of-00002.safetensors"})
-    assert_clean_error(convert(hf_src, dst), dst,
-                       names=("model.safetensors.index.json", "model-00002-of-00002.safetensors"))
+    assert_clean_error(
+        convert(hf_src, dst), dst, names=("model.safetensors.index.json", "model-00002-of-00002.safetensors")
+    )
 
 
 @pytest.mark.parametrize("where", ["dotdot", "absolute", "subdir_dotdot", "symlink_out"])
@@ -226,7 +230,9 @@ def test_index_escapes_directory(hf_src, dst, tmp_path, where):
     assert name in msg, msg
 
 
-@pytest.mark.parametrize("content", ["{not json", '{"metadata": {}}', '{"weight_map": {"model.norm.weight": 5}}'])
+@pytest.mark.parametrize(
+    "content", ["{not json", '{"metadata": {}}', '{"weight_map": {"model.norm.weight": 5}}']
+)
 def test_invalid_index(hf_src, dst, content):
     (hf_src / "model.safetensors.index.json").write_text(content)
     assert_clean_error(convert(hf_src, dst), dst, names=("model.safetensors.index.json",))
@@ -283,13 +289,16 @@ def test_config_missing_required_key(hf_src, dst):
     assert_clean_error(convert(hf_src, dst), dst, names=("config.json", "hidden_size"))
 
 
-@pytest.mark.parametrize("key,value,field", [
-    ("hidden_size", "64", "hidden_size"),
-    ("num_hidden_layers", "2", "num_layers"),
-    ("vocab_size", [128], "vocab_size"),
-    ("intermediate_size", {}, "ffn_hidden_size"),
-    ("num_attention_heads", 0, "num_heads"),
-])
+@pytest.mark.parametrize(
+    "key,value,field",
+    [
+        ("hidden_size", "64", "hidden_size"),
+        ("num_hidden_layers", "2", "num_layers"),
+        ("vocab_size", [128], "vocab_size"),
+        ("intermediate_size", {}, "ffn_hidden_size"),
+        ("num_attention_heads", 0, "num_heads"),
+    ],
+)
 def test_config_value_is_invalid(hf_src, dst, key, value, field):
     """Wrong-typed or impossible config values: a clean error that points at config.json."""
     cfg = json.loads((hf_src / "config.json").read_text())
@@ -322,16 +331,19 @@ def test_source_is_not_a_checkpoint(tmp_path, dst):
 # 4. impossible layouts (exit 1, nothing written)
 
 
-@pytest.mark.parametrize("flags,words", [
-    (("--tp", 3), ("3", "heads")),
-    (("--tp", 4), ("4",)),  # 4 heads but only 2 KV heads
-    (("--pp", 2, "--num-layer-list", "1,2"), ("num-layer-list",)),
-    (("--pp", 2, "--num-layer-list", "2"), ("num-layer-list",)),
-    (("--pp", 3), ("3",)),
-    (("--pp", 2, "--vpp-layers", 1, "--num-layer-list", "1,1"), ("num-layer-list",)),
-    (("--vpp-layers", 1), ("vpp",)),
-    (("--noop-layers", "7"), ("7",)),
-])
+@pytest.mark.parametrize(
+    "flags,words",
+    [
+        (("--tp", 3), ("3", "heads")),
+        (("--tp", 4), ("4",)),  # 4 heads but only 2 KV heads
+        (("--pp", 2, "--num-layer-list", "1,2"), ("num-layer-list",)),
+        (("--pp", 2, "--num-layer-list", "2"), ("num-layer-list",)),
+        (("--pp", 3), ("3",)),
+        (("--pp", 2, "--vpp-layers", 1, "--num-layer-list", "1,1"), ("num-layer-list",)),
+        (("--vpp-layers", 1), ("vpp",)),
+        (("--noop-layers", "7"), ("7",)),
+    ],
+)
 def test_impossible_layout(hf_src, dst, flags, words):
     assert_clean_error(convert(hf_src, dst, *flags), dst, names=words)
 
@@ -340,14 +352,19 @@ def test_impossible_layout(hf_src, dst, flags, words):
 def test_nonpositive_parallel_size(hf_src, dst, flag, value):
     """TP/PP below 1 is refused (a layout error, exit 1, or a usage error, exit 2), never ignored."""
     res = convert(hf_src, dst, flag, value)
-    assert_clean_error(res, dst, code=res.returncode if res.returncode in (1, 2) else 1, names=(flag.strip("-"),))
+    assert_clean_error(
+        res, dst, code=res.returncode if res.returncode in (1, 2) else 1, names=(flag.strip("-"),)
+    )
 
 
-@pytest.mark.parametrize("flags", [
-    ("--bogus",),
-    ("--tp", "abc"),
-    ("--num-layer-list", "1,x"),
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--bogus",),
+        ("--tp", "abc"),
+        ("--num-layer-list", "1,x"),
+    ],
+)
 def test_usage_errors_exit_2(hf_src, dst, flags):
     assert_clean_error(convert(hf_src, dst, *flags), dst, code=2)
 
@@ -403,8 +420,9 @@ def test_megatron_mixed_iterations(mcore_src, dst, rank):
 
 def test_megatron_tracker_points_to_missing_iteration(mcore_src, dst):
     (mcore_src / "latest_checkpointed_iteration.txt").write_text("7\n")
-    assert_clean_error(convert(mcore_src, dst, to="hf"), dst,
-                       names=("latest_checkpointed_iteration.txt", "iter_0000007"))
+    assert_clean_error(
+        convert(mcore_src, dst, to="hf"), dst, names=("latest_checkpointed_iteration.txt", "iter_0000007")
+    )
 
 
 @pytest.mark.parametrize("text", ["seven", "-1"])
@@ -432,16 +450,19 @@ def test_megatron_args_missing(mcore_src, dst):
     assert_clean_error(convert(mcore_src, dst, to="hf"), dst, names=("mp_rank_00_000", "args"))
 
 
-@pytest.mark.parametrize("field,value", [
-    (None, "hello"),  # args itself is not a Namespace
-    ("tensor_model_parallel_size", "abc"),
-    ("num_layer_list", "a,b"),
-    ("num_layers_per_virtual_pipeline_stage", "x"),
-    ("noop_layers", "x"),
-    ("ckpt_ir_hf_config", "[1]"),
-    ("ckpt_ir_family", "bogus"),
-    ("tensor_model_parallel_size", 10**12),  # must not enumerate 10**12 rank directories
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        (None, "hello"),  # args itself is not a Namespace
+        ("tensor_model_parallel_size", "abc"),
+        ("num_layer_list", "a,b"),
+        ("num_layers_per_virtual_pipeline_stage", "x"),
+        ("noop_layers", "x"),
+        ("ckpt_ir_hf_config", "[1]"),
+        ("ckpt_ir_family", "bogus"),
+        ("tensor_model_parallel_size", 10**12),  # must not enumerate 10**12 rank directories
+    ],
+)
 def test_megatron_args_malformed(mcore_src, dst, field, value):
     """args come from a file: wrong types are a corrupt checkpoint (exit 1), not a crash."""
     f = mcore_src / MCORE_ITER / "mp_rank_00_000" / "model_optim_rng.pt"
@@ -473,8 +494,10 @@ def test_megatron_tensor_missing_on_every_tp_rank(mcore_src, dst):
     """Layer 1 (stage 1, local layer 0) loses linear_fc2 on both TP ranks: the output would lack
     model.layers.1.mlp.down_proj.weight, so the conversion must fail instead."""
     for rank in ("mp_rank_00_001", "mp_rank_01_001"):
-        _rewrite_rank(mcore_src / MCORE_ITER / rank / "model_optim_rng.pt",
-                      lambda o: o["model"].pop("decoder.layers.0.mlp.linear_fc2.weight"))
+        _rewrite_rank(
+            mcore_src / MCORE_ITER / rank / "model_optim_rng.pt",
+            lambda o: o["model"].pop("decoder.layers.0.mlp.linear_fc2.weight"),
+        )
     msg = assert_clean_error(convert(mcore_src, dst, to="hf"), dst, names=("layers.",))
     assert "fc2" in msg or "down" in msg, msg
 

@@ -48,10 +48,16 @@ CASES = {
     "lora merge fp32": (dict(family="llama"), dict(to="hf"), "lora"),
     "lora merge bf16": (dict(family="qwen2", dtype=torch.bfloat16), dict(to="hf"), "lora"),
     "lora merge into mcore tp2": (dict(family="llama"), dict(to="mcore", tp=2), "lora"),
-    "pad vocab tp2 fp32": (dict(family="llama", dtype=torch.bfloat16, vocab=130),
-                           dict(to="mcore", tp=2, dtype="fp32", vocab_divisible_by=128), None),
-    "pad vocab tp2 pp2 (a shard of padding only)": (dict(family="qwen2", vocab=130),
-                                                    dict(to="mcore", tp=2, pp=2, vocab_divisible_by=256), None),
+    "pad vocab tp2 fp32": (
+        dict(family="llama", dtype=torch.bfloat16, vocab=130),
+        dict(to="mcore", tp=2, dtype="fp32", vocab_divisible_by=128),
+        None,
+    ),
+    "pad vocab tp2 pp2 (a shard of padding only)": (
+        dict(family="qwen2", vocab=130),
+        dict(to="mcore", tp=2, pp=2, vocab_divisible_by=256),
+        None,
+    ),
 }
 
 
@@ -82,9 +88,11 @@ def test_blocked_padding_and_cast_match_torch(hf_cache, tmp_path):
     w = load_file(os.path.join(src, "model.safetensors"))["model.embed_tokens.weight"].float()
     padded = torch.cat([w, w[-1:].expand(256 - 130, -1)])
     for rank in range(2):
-        sd = torch.load(os.path.join(dst, f"iter_0000001/mp_rank_0{rank}/model_optim_rng.pt"), weights_only=False)
+        sd = torch.load(
+            os.path.join(dst, f"iter_0000001/mp_rank_0{rank}/model_optim_rng.pt"), weights_only=False
+        )
         got = sd["model"]["embedding.word_embeddings.weight"]
-        assert got.dtype == torch.float32 and torch.equal(got, padded[rank * 128:(rank + 1) * 128])
+        assert got.dtype == torch.float32 and torch.equal(got, padded[rank * 128 : (rank + 1) * 128])
 
 
 @pytest.mark.parametrize("rows", [64, 130, 1027, 5003])
@@ -97,7 +105,9 @@ def test_matmul_row_blocks_are_bit_identical_to_the_whole_product(tmp_path, rows
         b, a = torch.randn(rows, r), torch.randn(r, cols)
         path = tmp_path / f"{cols}-{r}.bin"
         path.write_bytes(b.numpy().tobytes() + a.numpy().tobytes())
-        e = E.Matmul(E.Load(str(path), "b", (rows, r), "F32", 0), E.Load(str(path), "a", (r, cols), "F32", b.nbytes))
+        e = E.Matmul(
+            E.Load(str(path), "b", (rows, r), "F32", 0), E.Load(str(path), "a", (r, cols), "F32", b.nbytes)
+        )
         with E.Reader() as reader:
             whole = E.evaluate(e, reader)
             assert torch.equal(whole, b @ a)
@@ -107,7 +117,10 @@ def test_matmul_row_blocks_are_bit_identical_to_the_whole_product(tmp_path, rows
                 assert len(ranges) > 1 or rows < 128 or block_bytes > 2048
                 assert all(lo % 64 == 0 and hi - lo >= min(rows, 64) for lo, hi in ranges)
                 for lo, hi in ranges:
-                    assert torch.equal(E.evaluate(E.simplify(E.Slice(e, 0, lo, hi)), reader), whole[lo:hi]), (lo, hi)
+                    assert torch.equal(E.evaluate(E.simplify(E.Slice(e, 0, lo, hi)), reader), whole[lo:hi]), (
+                        lo,
+                        hi,
+                    )
 
 
 @pytest.mark.parametrize("src", ["F32", "BF16", "F16"])
@@ -119,10 +132,28 @@ def test_numpy_casts_equal_torch_bit_for_bit(src):
 
     if src == "F32":
         rng = np.random.default_rng(0)
-        special = [0, 0x80000000, 0x7F800000, 0xFF800000, 0x7F800001, 0xFFC00123, 0x7FA00000, 1, 0x007FFFFF,
-                   0x33800000, 0x477FF000, 0x477FEFFF, 0x477FF001, 0x3F808000, 0x3F818000, 0x7F7FFFFF, 0x387FFFFF]
-        raw = np.concatenate([rng.integers(0, 2**32, 1 << 21, dtype=np.uint64).astype(np.uint32),
-                              np.array(special, np.uint32)]).view(np.int32)
+        special = [
+            0,
+            0x80000000,
+            0x7F800000,
+            0xFF800000,
+            0x7F800001,
+            0xFFC00123,
+            0x7FA00000,
+            1,
+            0x007FFFFF,
+            0x33800000,
+            0x477FF000,
+            0x477FEFFF,
+            0x477FF001,
+            0x3F808000,
+            0x3F818000,
+            0x7F7FFFFF,
+            0x387FFFFF,
+        ]
+        raw = np.concatenate(
+            [rng.integers(0, 2**32, 1 << 21, dtype=np.uint64).astype(np.uint32), np.array(special, np.uint32)]
+        ).view(np.int32)
     else:
         raw = np.arange(-(2**15), 2**15, dtype=np.int16)
     for dst in casts.FLOATS:
@@ -138,20 +169,49 @@ def wide_model(path: str, vocab: int, hidden: int = 512) -> None:
     """A 1-layer llama with a wide fp32 vocabulary (the embedding dominates)."""
     os.makedirs(path)
     rng = np.random.default_rng(0)
-    ffn, shapes = 2 * hidden, {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
-                               "model.norm.weight": (hidden,)}
+    ffn, shapes = (
+        2 * hidden,
+        {
+            "model.embed_tokens.weight": (vocab, hidden),
+            "lm_head.weight": (vocab, hidden),
+            "model.norm.weight": (hidden,),
+        },
+    )
     p = "model.layers.0."
-    shapes.update({p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
-                   p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (hidden, hidden),
-                   p + "self_attn.v_proj.weight": (hidden, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
-                   p + "mlp.gate_proj.weight": (ffn, hidden), p + "mlp.up_proj.weight": (ffn, hidden),
-                   p + "mlp.down_proj.weight": (hidden, ffn)})
-    save_file({n: rng.standard_normal(s, dtype=np.float32) for n, s in shapes.items()},
-              os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    json.dump({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
-               "intermediate_size": ffn, "num_attention_heads": 8, "num_key_value_heads": 8, "num_hidden_layers": 1,
-               "vocab_size": vocab, "rms_norm_eps": 1e-5, "dtype": "float32", "tie_word_embeddings": False},
-              open(os.path.join(path, "config.json"), "w"))
+    shapes.update(
+        {
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (hidden, hidden),
+            p + "self_attn.k_proj.weight": (hidden, hidden),
+            p + "self_attn.v_proj.weight": (hidden, hidden),
+            p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "mlp.gate_proj.weight": (ffn, hidden),
+            p + "mlp.up_proj.weight": (ffn, hidden),
+            p + "mlp.down_proj.weight": (hidden, ffn),
+        }
+    )
+    save_file(
+        {n: rng.standard_normal(s, dtype=np.float32) for n, s in shapes.items()},
+        os.path.join(path, "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    json.dump(
+        {
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": hidden,
+            "intermediate_size": ffn,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 8,
+            "num_hidden_layers": 1,
+            "vocab_size": vocab,
+            "rms_norm_eps": 1e-5,
+            "dtype": "float32",
+            "tie_word_embeddings": False,
+        },
+        open(os.path.join(path, "config.json"), "w"),
+    )
 
 
 def test_computed_tensor_larger_than_the_budget_is_written_within_it(tmp_path):
@@ -164,12 +224,29 @@ def test_computed_tensor_larger_than_the_budget_is_written_within_it(tmp_path):
     rss = {}
     for name, src in (("small", small), ("big", big)):
         dst = str(tmp_path / f"out-{name}")
-        args = ("convert", src, dst, "--to", "mcore", "--dtype", "bf16", "--make-vocab-size-divisible-by", "128",
-                "--max-memory", str(budget), "--workers", "1", "--quiet")
+        args = (
+            "convert",
+            src,
+            dst,
+            "--to",
+            "mcore",
+            "--dtype",
+            "bf16",
+            "--make-vocab-size-divisible-by",
+            "128",
+            "--max-memory",
+            str(budget),
+            "--workers",
+            "1",
+            "--quiet",
+        )
         r, rss[name] = run_measured(*args)
         assert r.returncode == 0, r.stderr
-    emb = torch.load(os.path.join(tmp_path / "out-big", "iter_0000001/mp_rank_00/model_optim_rng.pt"),
-                     weights_only=False, mmap=True)["model"]["embedding.word_embeddings.weight"]
+    emb = torch.load(
+        os.path.join(tmp_path / "out-big", "iter_0000001/mp_rank_00/model_optim_rng.pt"),
+        weights_only=False,
+        mmap=True,
+    )["model"]["embedding.word_embeddings.weight"]
     assert emb.dtype == torch.bfloat16 and emb.shape == (65024, 512) and emb.nbytes > 1.9 * budget
     w = load_file(os.path.join(big, "model.safetensors"))["model.embed_tokens.weight"]
     assert torch.equal(emb[:65000], w.to(torch.bfloat16)) and torch.equal(emb[-1], emb[64999])
@@ -179,9 +256,28 @@ def test_computed_tensor_larger_than_the_budget_is_written_within_it(tmp_path):
 def test_dry_run_reports_the_bound_for_computed_tensors(tmp_path):
     src = str(tmp_path / "m")
     wide_model(src, 65000)
-    out = subprocess.run([sys.executable, "-m", "ckpt_ir", "convert", src, str(tmp_path / "o"), "--to", "mcore",
-                          "--dtype", "bf16", "--max-memory", "32MB", "--workers", "1", "--dry-run"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ckpt_ir",
+            "convert",
+            src,
+            str(tmp_path / "o"),
+            "--to",
+            "mcore",
+            "--dtype",
+            "bf16",
+            "--max-memory",
+            "32MB",
+            "--workers",
+            "1",
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     line = out.strip().splitlines()[-1]
     peak = int(line.split("estimated peak memory ")[1].split()[0])
     assert "row blocks of 16000000 bytes" in line and 0 < peak <= 32_000_000, line

@@ -23,8 +23,20 @@ def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def test_help_and_listings():
     assert "convert" in cli("--help").stdout
     out = cli("passes").stdout
-    for name in ("cast", "select-layers", "fuse-qkv", "unfuse-qkv", "fuse-gate-up", "unfuse-gate-up", "shard",
-                 "gather", "insert-noop-layers", "remove-noop-layers", "pad-vocab", "unpad-vocab"):
+    for name in (
+        "cast",
+        "select-layers",
+        "fuse-qkv",
+        "unfuse-qkv",
+        "fuse-gate-up",
+        "unfuse-gate-up",
+        "shard",
+        "gather",
+        "insert-noop-layers",
+        "remove-noop-layers",
+        "pad-vocab",
+        "unpad-vocab",
+    ):
         assert f"\n{name}\n" in "\n" + out, name
     assert "requires:" in out and "guarantees:" in out
     models = cli("models").stdout
@@ -34,7 +46,9 @@ def test_help_and_listings():
 
 def test_convert_prints_every_pass_with_print_ir_after_all(hf_cache, tmp_path):
     src = hf_cache("qwen2")
-    r = cli("convert", src, str(tmp_path / "o"), "--to", "mcore", "--tp", "2", "--pp", "2", "--print-ir-after-all")
+    r = cli(
+        "convert", src, str(tmp_path / "o"), "--to", "mcore", "--tp", "2", "--pp", "2", "--print-ir-after-all"
+    )
     for p in ("fuse-qkv", "fuse-gate-up", "shard{tp=2 pp=2}"):
         assert f"// ----- IR after {p} -----" in r.stdout
     assert "layers.0.attn.qkv.weight" in r.stdout and "tp2:column" in r.stdout
@@ -43,11 +57,30 @@ def test_convert_prints_every_pass_with_print_ir_after_all(hf_cache, tmp_path):
 def test_print_before_after_and_dump_ir(hf_cache, tmp_path):
     src = hf_cache("llama")
     dump = tmp_path / "dump"
-    r = cli("convert", src, str(tmp_path / "o"), "--to", "mcore", "--tp", "2", "--print-ir-before", "fuse-qkv",
-            "--print-ir-after", "shard", "--dump-ir", str(dump), "--pass-stats")
+    r = cli(
+        "convert",
+        src,
+        str(tmp_path / "o"),
+        "--to",
+        "mcore",
+        "--tp",
+        "2",
+        "--print-ir-before",
+        "fuse-qkv",
+        "--print-ir-after",
+        "shard",
+        "--dump-ir",
+        str(dump),
+        "--pass-stats",
+    )
     assert "IR before fuse-qkv" in r.stdout and "IR after shard{tp=2}" in r.stdout
     assert "IR after fuse-qkv" not in r.stdout
-    assert sorted(os.listdir(dump)) == ["00-input.txt", "01-fuse-qkv.txt", "02-fuse-gate-up.txt", "03-shard.txt"]
+    assert sorted(os.listdir(dump)) == [
+        "00-input.txt",
+        "01-fuse-qkv.txt",
+        "02-fuse-gate-up.txt",
+        "03-shard.txt",
+    ]
     assert "tensors" in r.stdout and "ms" in r.stdout  # the stats table
 
 
@@ -58,7 +91,9 @@ def test_pipeline_flag_replaces_the_derived_one(hf_cache, tmp_path):
     cfg = json.load(open(dst / "config.json"))
     assert cfg["num_hidden_layers"] == 2 and cfg["dtype"] == "bfloat16"
     a, b = load_file(os.path.join(src, "model.safetensors")), load_file(str(dst / "model.safetensors"))
-    assert torch.equal(b["model.layers.1.mlp.down_proj.weight"], a["model.layers.3.mlp.down_proj.weight"].bfloat16())
+    assert torch.equal(
+        b["model.layers.1.mlp.down_proj.weight"], a["model.layers.3.mlp.down_proj.weight"].bfloat16()
+    )
     assert "model.layers.2.mlp.down_proj.weight" not in b
     from transformers import AutoModelForCausalLM
 
@@ -131,9 +166,30 @@ def test_overwrite_replaces_existing_output(hf_cache, tmp_path):
 def test_mindspeed_drop_in_flags(hf_cache, tmp_path):
     src = hf_cache("qwen2", layers=4)
     ms = tmp_path / "ms"
-    cli("convert-ckpt", "--use-mcore-models", "--model-type", "GPT", "--load-model-type", "hf", "--save-model-type",
-        "mg", "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2", "--num-layer-list", "1,3",
-        "--model-type-hf", "qwen25", "--load-dir", src, "--save-dir", str(ms), "--tokenizer-model", src)
+    cli(
+        "convert-ckpt",
+        "--use-mcore-models",
+        "--model-type",
+        "GPT",
+        "--load-model-type",
+        "hf",
+        "--save-model-type",
+        "mg",
+        "--target-tensor-parallel-size",
+        "2",
+        "--target-pipeline-parallel-size",
+        "2",
+        "--num-layer-list",
+        "1,3",
+        "--model-type-hf",
+        "qwen25",
+        "--load-dir",
+        src,
+        "--save-dir",
+        str(ms),
+        "--tokenizer-model",
+        src,
+    )
     ours = tmp_path / "ours"
     cli("convert", src, str(ours), "--to", "mcore", "--tp", "2", "--pp", "2", "--num-layer-list", "1,3")
     for rank in ("mp_rank_00_000", "mp_rank_01_001"):
@@ -144,10 +200,30 @@ def test_mindspeed_drop_in_flags(hf_cache, tmp_path):
     hf_dir = tmp_path / "hfdir"
     os.makedirs(hf_dir)
     (hf_dir / "config.json").write_text(open(os.path.join(src, "config.json")).read())
-    cli("convert-ckpt", "--load-model-type", "mg", "--save-model-type", "hf", "--model-type-hf", "qwen25",
-        "--load-dir", str(ms), "--save-dir", str(hf_dir))
+    cli(
+        "convert-ckpt",
+        "--load-model-type",
+        "mg",
+        "--save-model-type",
+        "hf",
+        "--model-type-hf",
+        "qwen25",
+        "--load-dir",
+        str(ms),
+        "--save-dir",
+        str(hf_dir),
+    )
     assert_same_tensors(src, str(hf_dir / "mg2hf"))
-    r = cli("convert-ckpt", "--load-dir", src, "--save-dir", str(tmp_path / "x"), "--model-type-hf", "llama2", check=False)
+    r = cli(
+        "convert-ckpt",
+        "--load-dir",
+        src,
+        "--save-dir",
+        str(tmp_path / "x"),
+        "--model-type-hf",
+        "llama2",
+        check=False,
+    )
     assert r.returncode == 2 and "is a qwen2 checkpoint" in r.stderr
     # MindSpeed-LLM reads no model_type from config.json: --model-type-hf names the family then
     cfg = json.load(open(os.path.join(src, "config.json")))
@@ -169,12 +245,30 @@ def test_plugin_pass_from_the_cli(hf_cache, tmp_path, monkeypatch):
         "    name = 'noop-marker'\n"
         "    summary = 'returns the checkpoint unchanged'\n"
         "    def run(self, ckpt):\n"
-        "        return ckpt\n")
+        "        return ckpt\n"
+    )
     env = dict(os.environ, PYTHONPATH=f"{plugin_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     src = hf_cache("llama")
-    r = subprocess.run([sys.executable, "-m", "ckpt_ir", "convert", src, str(tmp_path / "o"), "--to", "hf",
-                        "--plugin", "my_passes", "--pipeline", "noop-marker", "--print-ir-after-all"],
-                       capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ckpt_ir",
+            "convert",
+            src,
+            str(tmp_path / "o"),
+            "--to",
+            "hf",
+            "--plugin",
+            "my_passes",
+            "--pipeline",
+            "noop-marker",
+            "--print-ir-after-all",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     assert "IR after noop-marker" in r.stdout
     r = cli("convert", src, str(tmp_path / "p"), "--to", "hf", "--plugin", "no_such_module_xyz", check=False)

@@ -39,8 +39,10 @@ from tests.conftest import files_of
 LAYOUTS = {  # name -> (flags, rank directories under iter_0000001, or None for an HF output)
     "tp2": (("--to", "mcore", "--tp", "2"), ["mp_rank_00", "mp_rank_01"]),
     "tp1pp2": (("--to", "mcore", "--tp", "1", "--pp", "2"), ["mp_rank_00_000", "mp_rank_00_001"]),
-    "tp2pp2": (("--to", "mcore", "--tp", "2", "--pp", "2"),
-               ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]),
+    "tp2pp2": (
+        ("--to", "mcore", "--tp", "2", "--pp", "2"),
+        ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"],
+    ),
     "tp1": (("--to", "mcore"), ["mp_rank_00"]),
     "hf": (("--to", "hf"), None),
 }
@@ -57,10 +59,22 @@ def start(args: list[str], stop: str | None = None, python_prefix: str | None = 
     if stop:
         env["CKPT_IR_TEST_STOP_AT"] = stop
     if python_prefix:  # run the CLI after a line of Python (e.g. to take away renameat2)
-        args = [sys.executable, "-c", f"{python_prefix}; import sys; from ckpt_ir.cli import main; "
-                f"sys.exit(main(sys.argv[1:]))", *args[3:]]
-    return subprocess.Popen(args, env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+        args = [
+            sys.executable,
+            "-c",
+            f"{python_prefix}; import sys; from ckpt_ir.cli import main; sys.exit(main(sys.argv[1:]))",
+            *args[3:],
+        ]
+    return subprocess.Popen(
+        args,
+        env=env,
+        cwd=str(REPO),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def state(pid: int) -> str:
@@ -111,7 +125,9 @@ def reference(src, tmp_path_factory) -> dict[str, dict[str, bytes]]:
     root = tmp_path_factory.mktemp("reference")
     out = {}
     for name in LAYOUTS:
-        r = subprocess.run(argv(src, root / name, name), capture_output=True, text=True, env=_env(), timeout=300)
+        r = subprocess.run(
+            argv(src, root / name, name), capture_output=True, text=True, env=_env(), timeout=300
+        )
         assert_ok(r)
         out[name] = files_of(str(root / name))
     return out
@@ -159,8 +175,9 @@ def test_two_overlapping_conversions_one_wins(src, tmp_path, reference, overwrit
         wait_stopped(first)
         lock = (dst.parent / f".{dst.name}{LOCK}").read_text()
         assert f"pid {first.pid} " in lock, lock
-        second = subprocess.run(argv(src, dst, "tp1pp2", *flags), capture_output=True, text=True, env=_env(),
-                                timeout=300)
+        second = subprocess.run(
+            argv(src, dst, "tp1pp2", *flags), capture_output=True, text=True, env=_env(), timeout=300
+        )
         assert_names_dst(second, dst)
         assert f"pid {first.pid}" in second.stderr and "another conversion" in second.stderr, second.stderr
         assert leftovers(dst) == [f".{dst.name}{LOCK}"], "the loser left something beside DST"
@@ -198,8 +215,9 @@ def test_diff_confirms_the_survivor(src, tmp_path):
     dst = tmp_path / "out"
     first = start(argv(src, dst, "tp1pp2"), stop="publish")  # everything written, not yet published
     wait_stopped(first)
-    assert_names_dst(subprocess.run(argv(src, dst, "tp2"), capture_output=True, text=True, env=_env(),
-                                    timeout=300), dst)
+    assert_names_dst(
+        subprocess.run(argv(src, dst, "tp2"), capture_output=True, text=True, env=_env(), timeout=300), dst
+    )
     assert_ok(finish(first))
     report = diff(str(src), str(dst))
     assert report["identical"] and report["equal"] > 0, report
@@ -235,8 +253,9 @@ def test_many_concurrent_conversions_into_one_destination(src, tmp_path, referen
     rivals = [start(argv(src, dst, name, *flags)) for name in names[1:]]
     results = [finish(p, cont=False) for p in rivals]
     results.insert(0, finish(held))
-    assert [r.returncode == 0 for r in results] == [True] + [False] * (N - 1), \
-        [(r.returncode, r.stderr[-300:]) for r in results]
+    assert [r.returncode == 0 for r in results] == [True] + [False] * (N - 1), [
+        (r.returncode, r.stderr[-300:]) for r in results
+    ]
     for r in results[1:]:
         assert_names_dst(r, dst)
     assert_is(dst, names[0], reference)
@@ -262,9 +281,12 @@ STEPS_OVERWRITE = ["claimed", "written", "publish", "replaced"]
 NO_RENAMEAT2 = "import ckpt_ir.io.atomic as a; a._RENAMEAT2 = None"
 
 
-@pytest.mark.parametrize("step,existing,renameat2",
-                         [(s, False, True) for s in STEPS_FRESH] + [(s, True, True) for s in STEPS_OVERWRITE]
-                         + [(s, True, False) for s in ("aside", "replaced")])
+@pytest.mark.parametrize(
+    "step,existing,renameat2",
+    [(s, False, True) for s in STEPS_FRESH]
+    + [(s, True, True) for s in STEPS_OVERWRITE]
+    + [(s, True, False) for s in ("aside", "replaced")],
+)
 def test_sigkill_at_each_step(src, tmp_path, reference, step, existing, renameat2):
     dst = tmp_path / "out"
     old = occupy(dst) if existing else None
@@ -283,15 +305,22 @@ def test_sigkill_at_each_step(src, tmp_path, reference, step, existing, renameat
         assert not dst.exists()
         assert any(".ckpt-ir-old-" in n for n in leftovers(dst)), leftovers(dst)
         # ... and the next run puts the old DST back before it checks
-        res = subprocess.run(argv(src, dst, "tp1pp2"), capture_output=True, text=True, env=_env(), timeout=300)
+        res = subprocess.run(
+            argv(src, dst, "tp1pp2"), capture_output=True, text=True, env=_env(), timeout=300
+        )
         assert_clean_error(res, None, code=2, names=(str(dst), "--overwrite"))
         assert files_of(str(dst)) == old, "the old DST was not restored"
     elif existing:
         assert files_of(str(dst)) == old, "a killed --overwrite damaged the old DST"
     else:
         assert not dst.exists(), "a killed conversion left a destination"
-    res = subprocess.run(argv(src, dst, "tp1pp2", *(("--overwrite",) if dst.exists() else ())),
-                         capture_output=True, text=True, env=_env(), timeout=300)
+    res = subprocess.run(
+        argv(src, dst, "tp1pp2", *(("--overwrite",) if dst.exists() else ())),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert_ok(res)
     assert_is(dst, "tp1pp2", reference)
     assert not leftovers(dst), f"not swept: {leftovers(dst)}"
@@ -324,11 +353,19 @@ def _written(claim) -> str:
 
 
 @pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "plain-rename"])
-@pytest.mark.parametrize("before,overwrite,rival", [
-    ("absent", False, "dir"), ("absent", False, "file"), ("absent", True, "dir"),
-    ("empty", False, "fill"), ("full", True, "swap")])
-def test_publish_refuses_what_appeared_after_the_check(tmp_path, monkeypatch, renameat2, before, overwrite,
-                                                       rival):
+@pytest.mark.parametrize(
+    "before,overwrite,rival",
+    [
+        ("absent", False, "dir"),
+        ("absent", False, "file"),
+        ("absent", True, "dir"),
+        ("empty", False, "fill"),
+        ("full", True, "swap"),
+    ],
+)
+def test_publish_refuses_what_appeared_after_the_check(
+    tmp_path, monkeypatch, renameat2, before, overwrite, rival
+):
     """A writer that ignores the lock (another tool, or a filesystem without flock) acts between
     the check and the publish: the publish fails naming DST and the rival's DST is kept."""
     from ckpt_ir.errors import CkptIrError
@@ -353,7 +390,9 @@ def test_publish_refuses_what_appeared_after_the_check(tmp_path, monkeypatch, re
         snapshot = files_of(str(dst)) if dst.is_dir() else dst.read_text()
         with pytest.raises(CkptIrError, match=str(dst)):
             atomic.publish(tmp, claim)
-        assert (files_of(str(dst)) if dst.is_dir() else dst.read_text()) == snapshot, "the rival's DST was replaced"
+        assert (files_of(str(dst)) if dst.is_dir() else dst.read_text()) == snapshot, (
+            "the rival's DST was replaced"
+        )
         assert "theirs" in str(snapshot) and "new.txt" not in str(snapshot)
         shutil.rmtree(tmp)  # what the caller's cleanup does
     assert not leftovers(dst), leftovers(dst)
@@ -391,8 +430,15 @@ def test_lock_file_of_a_killed_run_does_not_block(tmp_path):
 
 
 def torchrun(src: Path, dst: Path, layout: str, stop: str | None = None) -> subprocess.Popen:
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",  # a free port
-            *argv(src, dst, layout)[1:]]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",  # a free port
+        *argv(src, dst, layout)[1:],
+    ]
     return start(args, stop=stop)
 
 
@@ -428,8 +474,10 @@ def test_torchrun_wins_over_a_later_conversion(src, tmp_path, reference):
             time.sleep(0.02)
         rank0 = int(lock.read_text().split()[1])
         wait_stopped(job, rank0)
-        assert_names_dst(subprocess.run(argv(src, dst, "tp2"), capture_output=True, text=True, env=_env(),
-                                        timeout=300), dst)
+        assert_names_dst(
+            subprocess.run(argv(src, dst, "tp2"), capture_output=True, text=True, env=_env(), timeout=300),
+            dst,
+        )
         res = finish(job, pid=rank0)
     finally:
         if job.poll() is None:

@@ -24,10 +24,27 @@ def build_deepseek(path: str, mtp: bool = True) -> str:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(
-        "deepseek_v3", hidden_size=H, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=L,
-        num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB, n_routed_experts=4, num_experts_per_tok=2,
-        n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
-        qk_rope_head_dim=4, v_head_dim=8, n_group=1, topk_group=1, max_position_embeddings=64)
+        "deepseek_v3",
+        hidden_size=H,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=L,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=VOCAB,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        n_group=1,
+        topk_group=1,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
@@ -43,7 +60,12 @@ def build_deepseek(path: str, mtp: bool = True) -> str:
         g = torch.Generator().manual_seed(5)
         for k in [k for k in sd if k.startswith("model.layers.1.")]:  # a MoE layer's structure
             sd[k.replace("model.layers.1.", f"model.layers.{L}.")] = torch.randn(sd[k].shape, generator=g)
-        extra = {"enorm.weight": (H,), "hnorm.weight": (H,), "eh_proj.weight": (H, 2 * H), "shared_head.norm.weight": (H,)}
+        extra = {
+            "enorm.weight": (H,),
+            "hnorm.weight": (H,),
+            "eh_proj.weight": (H, 2 * H),
+            "shared_head.norm.weight": (H,),
+        }
         for k, shape in extra.items():
             sd[f"model.layers.{L}.{k}"] = torch.randn(shape, generator=g)
         sd[f"model.layers.{L}.embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
@@ -62,10 +84,18 @@ def deepseek(tmp_path_factory):
     return build_deepseek(str(tmp_path_factory.mktemp("ds") / "hf"))
 
 
-@pytest.mark.parametrize("layout", [
-    dict(), dict(tp=2), dict(tp=2, ep=2), dict(pp=3), dict(tp=2, pp=3, ep=2, grouped_gemm=True),
-    dict(tp=2, ep=4, etp=1), dict(tp=2, pp=3, vocab_divisible_by=48),  # padding covers the MTP copies
-])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(),
+        dict(tp=2),
+        dict(tp=2, ep=2),
+        dict(pp=3),
+        dict(tp=2, pp=3, ep=2, grouped_gemm=True),
+        dict(tp=2, ep=4, etp=1),
+        dict(tp=2, pp=3, vocab_divisible_by=48),  # padding covers the MTP copies
+    ],
+)
 def test_round_trip_is_bit_exact_with_mtp(deepseek, tmp_path, layout):
     mc, back = str(tmp_path / "mc"), str(tmp_path / "back")
     convert(deepseek, mc, ck.Target(to="mcore", **layout))
@@ -78,33 +108,57 @@ def test_megatron_keys_follow_the_format_rules(deepseek, tmp_path):
     mc = str(tmp_path / "mc")
     convert(deepseek, mc, ck.Target(to="mcore", tp=2, pp=3))
     sd = hf_state(deepseek)
-    last = torch.load(os.path.join(mc, "iter_0000001", "mp_rank_01_002", "model_optim_rng.pt"), weights_only=False)
+    last = torch.load(
+        os.path.join(mc, "iter_0000001", "mp_rank_01_002", "model_optim_rng.pt"), weights_only=False
+    )
     model = last["model"]
     keys = list(model)
     # MTP block first on the last stage: enorm, hnorm, eh_proj, its own embedding copy, the layer, its norm
-    assert keys[:4] == ["mtp.layers.0.enorm.weight", "mtp.layers.0.hnorm.weight", "mtp.layers.0.eh_proj.weight",
-                        "embedding.word_embeddings.weight"]
+    assert keys[:4] == [
+        "mtp.layers.0.enorm.weight",
+        "mtp.layers.0.hnorm.weight",
+        "mtp.layers.0.eh_proj.weight",
+        "embedding.word_embeddings.weight",
+    ]
     assert keys[-2:] == ["final_layernorm.weight", "output_layer.weight"]
     assert "mtp.final_layernorms.0.weight" in keys and "decoder.final_layernorm.weight" not in keys
     p = "mtp.layers.0.transformer_layer.self_attention."
     h = f"model.layers.{L}.self_attn."
     # MLA: linear_qkv = [q_a; kv_a] replicated; up-projections split on dim 0; o_proj on dim 1
-    assert torch.equal(model[p + "linear_qkv.weight"], torch.cat([sd[h + "q_a_proj.weight"], sd[h + "kv_a_proj_with_mqa.weight"]]))
+    assert torch.equal(
+        model[p + "linear_qkv.weight"],
+        torch.cat([sd[h + "q_a_proj.weight"], sd[h + "kv_a_proj_with_mqa.weight"]]),
+    )
     assert torch.equal(model[p + "linear_q_up_proj.weight"], sd[h + "q_b_proj.weight"].chunk(2)[1])
     assert torch.equal(model[p + "linear_kv_up_proj.weight"], sd[h + "kv_b_proj.weight"].chunk(2)[1])
     assert torch.equal(model[p + "linear_proj.weight"], sd[h + "o_proj.weight"].chunk(2, 1)[1])
     assert torch.equal(model[p + "q_layernorm.weight"], sd[h + "q_a_layernorm.weight"])
-    assert torch.equal(model["mtp.layers.0.eh_proj.weight"], sd[f"model.layers.{L}.eh_proj.weight"].chunk(2)[1])
-    assert torch.equal(model["mtp.final_layernorms.0.weight"], sd[f"model.layers.{L}.shared_head.norm.weight"])
-    assert torch.equal(model["mtp.layers.0.transformer_layer.mlp.router.expert_bias"],
-                       sd[f"model.layers.{L}.mlp.gate.e_score_correction_bias"])
+    assert torch.equal(
+        model["mtp.layers.0.eh_proj.weight"], sd[f"model.layers.{L}.eh_proj.weight"].chunk(2)[1]
+    )
+    assert torch.equal(
+        model["mtp.final_layernorms.0.weight"], sd[f"model.layers.{L}.shared_head.norm.weight"]
+    )
+    assert torch.equal(
+        model["mtp.layers.0.transformer_layer.mlp.router.expert_bias"],
+        sd[f"model.layers.{L}.mlp.gate.e_score_correction_bias"],
+    )
     assert torch.equal(model["embedding.word_embeddings.weight"], sd["model.embed_tokens.weight"].chunk(2)[1])
     # the dense first layer keeps a dense MLP; later layers are MoE with shared experts
-    first = torch.load(os.path.join(mc, "iter_0000001", "mp_rank_00_000", "model_optim_rng.pt"),
-                       weights_only=False)["model"]
-    assert "decoder.layers.0.mlp.linear_fc1.weight" in first and "decoder.layers.0.mlp.router.weight" not in first
+    first = torch.load(
+        os.path.join(mc, "iter_0000001", "mp_rank_00_000", "model_optim_rng.pt"), weights_only=False
+    )["model"]
+    assert (
+        "decoder.layers.0.mlp.linear_fc1.weight" in first
+        and "decoder.layers.0.mlp.router.weight" not in first
+    )
     args = last["args"]
-    assert (args.multi_latent_attention, args.q_lora_rank, args.kv_lora_rank, args.mtp_num_layers) == (True, 24, 16, 1)
+    assert (args.multi_latent_attention, args.q_lora_rank, args.kv_lora_rank, args.mtp_num_layers) == (
+        True,
+        24,
+        16,
+        1,
+    )
     assert (args.qk_head_dim, args.qk_pos_emb_head_dim, args.v_head_dim) == (8, 4, 8)
 
 
@@ -149,11 +203,31 @@ def test_mindspeed_drop_in_mtp_flag(deepseek, tmp_path):
     sd = load_file(f)
     sd[f"model.layers.{L}.shared_head.head.weight"][0, 0] += 1  # a head that is not lm_head's copy
     save_file(sd, f, metadata={"format": "pt"})
-    base = [sys.executable, "-m", "ckpt_ir", "convert-ckpt", "--load-dir", src, "--model-type-hf", "deepseek3"]
+    base = [
+        sys.executable,
+        "-m",
+        "ckpt_ir",
+        "convert-ckpt",
+        "--load-dir",
+        src,
+        "--model-type-hf",
+        "deepseek3",
+    ]
     r = subprocess.run([*base, "--save-dir", str(tmp_path / "no-mtp")], capture_output=True, text=True)
     assert r.returncode == 0 and "dropping 1 multi-token-prediction layer(s)" in r.stderr
     assert ck.load(str(tmp_path / "no-mtp")).spec.mtp_layers == 0
-    r = subprocess.run([*base, "--save-dir", str(tmp_path / "mtp"), "--mtp-num-layers", "1",
-                        "--target-pipeline-parallel-size", "3"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            *base,
+            "--save-dir",
+            str(tmp_path / "mtp"),
+            "--mtp-num-layers",
+            "1",
+            "--target-pipeline-parallel-size",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert ck.load(str(tmp_path / "mtp")).spec.mtp_layers == 1

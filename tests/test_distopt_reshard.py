@@ -51,9 +51,17 @@ def _global(truth: dict, layers_per_stage: int, field: str) -> dict:
         if key.startswith("decoder.layers."):
             _, _, local, rest = key.split(".", 3)
             key = f"decoder.layers.{stage * layers_per_stage + int(local)}.{rest}"
-        if len(parts) == 1 or not any(key.endswith(s) for s in ("linear_qkv.weight", "linear_fc1.weight",
-                                                                 "linear_proj.weight", "linear_fc2.weight",
-                                                                 "word_embeddings.weight", "output_layer.weight")):
+        if len(parts) == 1 or not any(
+            key.endswith(s)
+            for s in (
+                "linear_qkv.weight",
+                "linear_fc1.weight",
+                "linear_proj.weight",
+                "linear_fc2.weight",
+                "word_embeddings.weight",
+                "output_layer.weight",
+            )
+        ):
             assert all(torch.equal(p, parts[0]) for p in parts), f"replicas of {key} differ"
             full = parts[0]
         elif key.endswith("linear_fc1.weight"):
@@ -84,7 +92,9 @@ def trained(tmp_path_factory):
     hf = str(root / "hf")
     F.make_tiny_hf_llama(hf, hidden=72, layers=4, heads=4, kv_heads=2, ffn=120, vocab=256, tied=False)
     src = str(root / "src")
-    info = F.make_distopt_checkpoint(src, hf, tp=2, pp=2, dp=2, bucket_size=4096, steps=2, bf16=True, init="hf")
+    info = F.make_distopt_checkpoint(
+        src, hf, tp=2, pp=2, dp=2, bucket_size=4096, steps=2, bf16=True, init="hf"
+    )
     assert max(len(b["buckets"]) for r in info["ranks"] for b in r["buffers"]) > 1
     return root, hf, src
 
@@ -93,8 +103,12 @@ def test_tp2_pp2_dp2_to_tp1_pp4_dp1_and_back_is_bit_exact(trained):
     root, hf, src = trained
     pp4 = str(root / "pp4")
     # plain Megatron-LM args, no --hf-config: the family (llama) is inferred from the args
-    assert cli_main(["convert", src, pp4, "--to", "mcore", "--tp", "1", "--pp", "4", "--target-dp", "1",
-                     "--quiet"]) == 0
+    assert (
+        cli_main(
+            ["convert", src, pp4, "--to", "mcore", "--tp", "1", "--pp", "4", "--target-dp", "1", "--quiet"]
+        )
+        == 0
+    )
     # megatron-core resumes TP=1 PP=4 DP=1 from it and holds exactly the source's state
     resumed = str(root / "resumed_pp4")
     F.resume_distopt_checkpoint(resumed, hf, pp4, tp=1, pp=4, dp=1, bucket_size=4096)
@@ -106,21 +120,46 @@ def test_tp2_pp2_dp2_to_tp1_pp4_dp1_and_back_is_bit_exact(trained):
 
     # ... and back to TP=2 PP=2 DP=2: the very files megatron-core wrote
     back = str(root / "back")
-    assert cli_main(["convert", pp4, back, "--to", "mcore", "--tp", "2", "--pp", "2", "--target-dp", "2",
-                     "--hf-config", hf, "--quiet"]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                pp4,
+                back,
+                "--to",
+                "mcore",
+                "--tp",
+                "2",
+                "--pp",
+                "2",
+                "--target-dp",
+                "2",
+                "--hf-config",
+                hf,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     for stage in range(2):
         for rank in range(2):
             d = F.mp_dir_name(rank, stage, 2)
             want = torch.load(os.path.join(src, "iter_0000002", d, "distrib_optim.pt"))
-            got = torch.load(os.path.join(back, "iter_0000002", d, "distrib_optim.pt"))  # weights_only, as megatron
+            got = torch.load(
+                os.path.join(back, "iter_0000002", d, "distrib_optim.pt")
+            )  # weights_only, as megatron
             assert list(got) == list(want) == ["buckets_coalesced", 0]
-            (key, w), = want[0].items()
+            ((key, w),) = want[0].items()
             assert list(got[0]) == [key] == [(torch.bfloat16, torch.float32)]
             assert got[0][key]["numel_unpadded"] == w["numel_unpadded"]
             for field in STATES:
                 assert torch.equal(got[0][key][field], w[field]), (d, field)
-            m_want = torch.load(os.path.join(src, "iter_0000002", d, "model_optim_rng.pt"), weights_only=False)
-            m_got = torch.load(os.path.join(back, "iter_0000002", d, "model_optim_rng.pt"), weights_only=False)
+            m_want = torch.load(
+                os.path.join(src, "iter_0000002", d, "model_optim_rng.pt"), weights_only=False
+            )
+            m_got = torch.load(
+                os.path.join(back, "iter_0000002", d, "model_optim_rng.pt"), weights_only=False
+            )
             assert m_got["optimizer"] == m_want["optimizer"]
             assert m_got["opt_param_scheduler"] == m_want["opt_param_scheduler"]
             for k, v in m_want["model"].items():
@@ -140,9 +179,30 @@ def test_training_resumes_after_a_reshard(trained):
     """Megatron-core takes further Adam steps from the converted state (nothing missing or NaN)."""
     root, hf, src = trained
     tp1 = str(root / "tp1pp2")
-    assert cli_main(["convert", src, tp1, "--to", "mcore", "--tp", "1", "--pp", "2", "--target-dp", "1",
-                     "--hf-config", hf, "--quiet"]) == 0
-    info = F.resume_distopt_checkpoint(str(root / "stepped"), hf, tp1, tp=1, pp=2, dp=1, bucket_size=4096, steps=1)
+    assert (
+        cli_main(
+            [
+                "convert",
+                src,
+                tp1,
+                "--to",
+                "mcore",
+                "--tp",
+                "1",
+                "--pp",
+                "2",
+                "--target-dp",
+                "1",
+                "--hf-config",
+                hf,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    info = F.resume_distopt_checkpoint(
+        str(root / "stepped"), hf, tp1, tp=1, pp=2, dp=1, bucket_size=4096, steps=1
+    )
     losses = [x for r in info["ranks"] for x in r["losses"] if x is not None]
     assert losses and all(x == x and abs(x) < 1e4 for x in losses)
     stepped = _truth(str(root / "stepped"), 1, 2)
@@ -158,11 +218,33 @@ def test_tied_embeddings_to_another_dp_size(tmp_path):
     hf = str(tmp_path / "hf")
     F.make_tiny_hf_llama(hf, hidden=72, layers=2, heads=4, kv_heads=2, ffn=120, vocab=200, tied=True)
     src = str(tmp_path / "src")
-    F.make_distopt_checkpoint(src, hf, tp=2, pp=1, dp=2, bucket_size=4096, steps=1, bf16=True, init="hf",
-                              vocab_divisible_by=8)
+    F.make_distopt_checkpoint(
+        src, hf, tp=2, pp=1, dp=2, bucket_size=4096, steps=1, bf16=True, init="hf", vocab_divisible_by=8
+    )
     out = str(tmp_path / "pp2dp3")
-    assert cli_main(["convert", src, out, "--to", "mcore", "--tp", "1", "--pp", "2", "--target-dp", "3",
-                     "--make-vocab-size-divisible-by", "8", "--hf-config", hf, "--quiet"]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                src,
+                out,
+                "--to",
+                "mcore",
+                "--tp",
+                "1",
+                "--pp",
+                "2",
+                "--target-dp",
+                "3",
+                "--make-vocab-size-divisible-by",
+                "8",
+                "--hf-config",
+                hf,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     resumed = str(tmp_path / "resumed")
     F.resume_distopt_checkpoint(resumed, hf, out, tp=1, pp=2, dp=3, bucket_size=4096, vocab_divisible_by=8)
     source = _truth(src, 2, 1)
@@ -190,23 +272,63 @@ def test_vpp_chunks_and_cast_round_trip(trained):
     the weights and back: the optimizer state stays fp32 and returns bit-exact."""
     root, hf, src = trained
     vpp = str(root / "vpp")
-    assert cli_main(["convert", src, vpp, "--to", "mcore", "--tp", "1", "--pp", "2", "--vpp-layers", "1",
-                     "--dtype", "fp16", "--hf-config", hf, "--quiet"]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                src,
+                vpp,
+                "--to",
+                "mcore",
+                "--tp",
+                "1",
+                "--pp",
+                "2",
+                "--vpp-layers",
+                "1",
+                "--dtype",
+                "fp16",
+                "--hf-config",
+                hf,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     files = _distopt_files(vpp)
     assert set(files) == {"iter_0000002/mp_rank_00_000", "iter_0000002/mp_rank_00_001"}
     for state in files.values():
         assert list(state) == ["buckets_coalesced", 0, 1]  # one entry per model chunk
         for chunk in (0, 1):
-            (key, group), = state[chunk].items()
+            ((key, group),) = state[chunk].items()
             assert key == (torch.float16, torch.float32)
             assert all(group[k].dtype == torch.float32 for k in STATES)
     back = str(root / "vpp_back")
-    assert cli_main(["convert", vpp, back, "--to", "mcore", "--tp", "2", "--pp", "2", "--dtype", "bf16",
-                     "--hf-config", hf, "--quiet"]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                vpp,
+                back,
+                "--to",
+                "mcore",
+                "--tp",
+                "2",
+                "--pp",
+                "2",
+                "--dtype",
+                "bf16",
+                "--hf-config",
+                hf,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     want, got = _distopt_files(src), _distopt_files(back)
     assert want.keys() == got.keys()
     for d in want:
-        (key, w), = want[d][0].items()
+        ((key, w),) = want[d][0].items()
         for field in STATES:
             assert torch.equal(got[d][0][key][field], w[field]), (d, field)
 
@@ -217,9 +339,26 @@ def test_vocab_padding_rows_get_zero_moments(trained):
     from ckpt_ir.ir import expr as E
 
     out = str(root / "padded")
-    assert cli_main(["convert", src, out, "--to", "mcore", "--make-vocab-size-divisible-by", "192",
-                     "--hf-config", hf, "--quiet"]) == 0
-    ckpt = ck.load(out, optimizer=True, hf_config=__import__("json").load(open(os.path.join(hf, "config.json"))))
+    assert (
+        cli_main(
+            [
+                "convert",
+                src,
+                out,
+                "--to",
+                "mcore",
+                "--make-vocab-size-divisible-by",
+                "192",
+                "--hf-config",
+                hf,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    ckpt = ck.load(
+        out, optimizer=True, hf_config=__import__("json").load(open(os.path.join(hf, "config.json")))
+    )
     with E.Reader() as reader:
         emb = {k: E.evaluate(ckpt.states[k]["embed.weight"].expr, reader) for k in STATES}
     assert emb["param"].shape[0] == 384
@@ -232,34 +371,106 @@ def test_vocab_padding_rows_get_zero_moments(trained):
 def test_optimizer_can_be_left_out_and_is_reported_for_hf(trained, capsys):
     root, hf, src = trained
     out = str(root / "weights_only")
-    assert cli_main(["convert", src, out, "--to", "mcore", "--tp", "1", "--no-optimizer", "--hf-config", hf,
-                     "--quiet"]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                src,
+                out,
+                "--to",
+                "mcore",
+                "--tp",
+                "1",
+                "--no-optimizer",
+                "--hf-config",
+                hf,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert not _distopt_files(out)
     m = torch.load(os.path.join(out, "iter_0000002", "mp_rank_00", "model_optim_rng.pt"), weights_only=False)
     assert "optimizer" not in m  # the training state besides the optimizer's is kept
-    want = torch.load(os.path.join(src, "iter_0000002", "mp_rank_00_000", "model_optim_rng.pt"), weights_only=False)
+    want = torch.load(
+        os.path.join(src, "iter_0000002", "mp_rank_00_000", "model_optim_rng.pt"), weights_only=False
+    )
     assert m["opt_param_scheduler"] == want["opt_param_scheduler"]
     assert cli_main(["convert", src, str(root / "hf_out"), "--to", "hf", "--hf-config", hf, "--dry-run"]) == 0
     assert "distrib_optim.pt" in capsys.readouterr().out  # listed as dropped, with the reason
-    assert cli_main(["convert", src, str(root / "x"), "--to", "hf", "--target-dp", "2", "--hf-config", hf]) == 2
+    assert (
+        cli_main(["convert", src, str(root / "x"), "--to", "hf", "--target-dp", "2", "--hf-config", hf]) == 2
+    )
 
 
 def test_mindspeed_load_model_type_optim(trained):
     root, hf, src = trained
     out = str(root / "ms_optim")
-    assert cli_main(["convert-ckpt", "--load-model-type", "optim", "--save-model-type", "mg", "--load-dir", src,
-                     "--save-dir", out, "--target-tensor-parallel-size", "1", "--target-pipeline-parallel-size", "4",
-                     "--target-data-parallel-size", "1", "--hf-cfg-dir", hf]) == 0
+    assert (
+        cli_main(
+            [
+                "convert-ckpt",
+                "--load-model-type",
+                "optim",
+                "--save-model-type",
+                "mg",
+                "--load-dir",
+                src,
+                "--save-dir",
+                out,
+                "--target-tensor-parallel-size",
+                "1",
+                "--target-pipeline-parallel-size",
+                "4",
+                "--target-data-parallel-size",
+                "1",
+                "--hf-cfg-dir",
+                hf,
+            ]
+        )
+        == 0
+    )
     ref = str(root / "pp4_ref")
-    assert cli_main(["convert", src, ref, "--to", "mcore", "--pp", "4", "--target-dp", "1", "--hf-config", hf,
-                     "--quiet"]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                src,
+                ref,
+                "--to",
+                "mcore",
+                "--pp",
+                "4",
+                "--target-dp",
+                "1",
+                "--hf-config",
+                hf,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     a, b = _distopt_files(out), _distopt_files(ref)
     assert a.keys() == b.keys() and len(a) == 4
     for d in a:
-        (key, x), = a[d][0].items()
+        ((key, x),) = a[d][0].items()
         assert all(torch.equal(x[f], b[d][0][key][f]) for f in STATES)
-    assert cli_main(["convert-ckpt", "--load-model-type", "optim", "--save-model-type", "hf", "--load-dir", src,
-                     "--save-dir", str(root / "ms_hf")]) == 2
+    assert (
+        cli_main(
+            [
+                "convert-ckpt",
+                "--load-model-type",
+                "optim",
+                "--save-model-type",
+                "hf",
+                "--load-dir",
+                src,
+                "--save-dir",
+                str(root / "ms_hf"),
+            ]
+        )
+        == 2
+    )
 
 
 def _encode_older(gt: dict, dp: int, generation: str) -> dict:
@@ -285,7 +496,7 @@ def _encode_older(gt: dict, dp: int, generation: str) -> dict:
             t = torch.zeros(size)
             for name, at in names:
                 v = gt["params"][name][field].reshape(-1)
-                t[at:at + v.numel()] = v
+                t[at : at + v.numel()] = v
             tensors.append(t)
         group[field] = torch.cat(tensors) if generation == "0.7" else tensors
     key = (torch.bfloat16, torch.float32)
@@ -293,8 +504,11 @@ def _encode_older(gt: dict, dp: int, generation: str) -> dict:
         return {"buckets_coalesced": True, 0: {key: {**group, "numel_unpadded": sum(n for _, n in buckets)}}}
     if generation == "0.5":
         key = torch.float32
-    return {"per_bucket_numel": [{key: [t.numel() for t in group["param"]]}],
-            "per_bucket_numel_unpadded": [{key: [n for _, n in buckets]}], 0: {key: group}}
+    return {
+        "per_bucket_numel": [{key: [t.numel() for t in group["param"]]}],
+        "per_bucket_numel_unpadded": [{key: [n for _, n in buckets]}],
+        0: {key: group},
+    }
 
 
 @pytest.mark.parametrize("generation", ["0.7", "0.6", "0.5"])
@@ -311,13 +525,20 @@ def test_older_megatron_layouts_are_read(trained, generation):
         for rank in range(2):
             d = F.mp_dir_name(rank, stage, 2)
             gt = torch.load(os.path.join(src, "ground_truth", d + ".pt"), weights_only=False)
-            torch.save(_encode_older(gt, 2, generation), os.path.join(old, "iter_0000002", d, "distrib_optim.pt"))
+            torch.save(
+                _encode_older(gt, 2, generation), os.path.join(old, "iter_0000002", d, "distrib_optim.pt")
+            )
     out = str(root / f"new-{generation}")
-    assert cli_main(["convert", old, out, "--to", "mcore", "--tp", "2", "--pp", "2", "--hf-config", hf, "--quiet"]) == 0
+    assert (
+        cli_main(
+            ["convert", old, out, "--to", "mcore", "--tp", "2", "--pp", "2", "--hf-config", hf, "--quiet"]
+        )
+        == 0
+    )
     want, got = _distopt_files(src), _distopt_files(out)
     assert want.keys() == got.keys()
     for d in want:
-        (key, w), = want[d][0].items()
+        ((key, w),) = want[d][0].items()
         for field in STATES:
             assert torch.equal(got[d][0][key][field], w[field]), (d, field)
 
@@ -329,10 +550,17 @@ def _fabricated_states(ckpt):
 
     from ckpt_ir.ir import expr as E
 
-    states = {which: {n: t.map(lambda e, f=f: E.Scale(e, f)) for n, t in ckpt.tensors.items()}
-              for which, f in zip(STATES, (1.0, 0.5, -0.25))}
-    meta = {**ckpt.meta, "optimizer": {"args": {"data_parallel_size": 2, "overlap_grad_reduce": True,
-                                                 "ddp_bucket_size": 3000}, "dtype_key": None}}
+    states = {
+        which: {n: t.map(lambda e, f=f: E.Scale(e, f)) for n, t in ckpt.tensors.items()}
+        for which, f in zip(STATES, (1.0, 0.5, -0.25))
+    }
+    meta = {
+        **ckpt.meta,
+        "optimizer": {
+            "args": {"data_parallel_size": 2, "overlap_grad_reduce": True, "ddp_bucket_size": 3000},
+            "dtype_key": None,
+        },
+    }
     return attrs.evolve(ckpt, states=states, meta=meta)
 
 
@@ -345,14 +573,25 @@ def _gathered_states(path: str) -> dict:
     steps = [p for p in ck.derive_pipeline(src, ck.Target(to="hf")) if p.name != "drop-optimizer-state"]
     whole = ck.run(src, steps)
     with E.Reader() as reader:
-        return {which: {n: E.evaluate(t.expr, reader) for n, t in s.items()} for which, s in whole.states.items()}
+        return {
+            which: {n: E.evaluate(t.expr, reader) for n, t in s.items()} for which, s in whole.states.items()
+        }
 
 
-@pytest.mark.parametrize("family,layouts", [
-    ("mixtral", [dict(tp=2, ep=2, etp=1), dict(tp=1, pp=2, ep=4, grouped_gemm=True), dict(tp=2, ep=2)]),
-    ("llama", [dict(tp=2, pp=2, vpp_layers=1), dict(num_layer_list=(1, 3), pp=2),
-               dict(tp=2, pp=2, noop_layers=(2, 5), vocab_divisible_by=48)]),
-])
+@pytest.mark.parametrize(
+    "family,layouts",
+    [
+        ("mixtral", [dict(tp=2, ep=2, etp=1), dict(tp=1, pp=2, ep=4, grouped_gemm=True), dict(tp=2, ep=2)]),
+        (
+            "llama",
+            [
+                dict(tp=2, pp=2, vpp_layers=1),
+                dict(num_layer_list=(1, 3), pp=2),
+                dict(tp=2, pp=2, noop_layers=(2, 5), vocab_divisible_by=48),
+            ],
+        ),
+    ],
+)
 def test_state_round_trips_through_layouts(hf_cache, tmp_path, family, layouts):
     """Optimizer state written for one layout reads back (and rewrites for the next) unchanged:
     dense and MoE models, expert parallelism with expert TP 1 or TP, grouped GEMM, VPP, uneven
@@ -399,24 +638,69 @@ def test_moe_expert_optimizer_reshards(tmp_path):
     runs MoE with TP > 1 without sequence parallelism here, and its TP replicas of the router and
     norms drift apart, so they would not be one state to carry.)"""
     hf = str(tmp_path / "hf")
-    F.make_tiny_hf_mixtral(hf, hidden=72, layers=2, heads=4, kv_heads=2, ffn=100, experts=4, topk=2, vocab=256)
+    F.make_tiny_hf_mixtral(
+        hf, hidden=72, layers=2, heads=4, kv_heads=2, ffn=100, experts=4, topk=2, vocab=256
+    )
     src = str(tmp_path / "src")
-    F.make_distopt_checkpoint(src, hf, tp=1, pp=1, dp=4, ep=2, bucket_size=4096, steps=2, bf16=True, init="hf")
+    F.make_distopt_checkpoint(
+        src, hf, tp=1, pp=1, dp=4, ep=2, bucket_size=4096, steps=2, bf16=True, init="hf"
+    )
     out = str(tmp_path / "tp2pp2")
     # plain Megatron-LM args, no --hf-config: the family (mixtral) is inferred from the args
-    assert cli_main(["convert", src, out, "--to", "mcore", "--tp", "2", "--pp", "2", "--ep", "2", "--etp", "1",
-                     "--target-dp", "1", "--quiet"]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                src,
+                out,
+                "--to",
+                "mcore",
+                "--tp",
+                "2",
+                "--pp",
+                "2",
+                "--ep",
+                "2",
+                "--etp",
+                "1",
+                "--target-dp",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     resumed = str(tmp_path / "resumed")
     F.resume_distopt_checkpoint(resumed, hf, out, tp=2, pp=2, dp=1, ep=2, etp=1, bucket_size=4096)
     source = _truth(src, 1, 1, ep=2, experts=4)
     loaded = _truth(resumed, 2, 2, ep=2, experts=4)
     assert any(".local_experts.3." in k for _, k in loaded)
     for field in (*STATES, "model_param"):
-        _assert_same_state(_global(source, 2, field), _global(loaded, 1, field),
-                           torch.bfloat16 if field == "model_param" else torch.float32)
+        _assert_same_state(
+            _global(source, 2, field),
+            _global(loaded, 1, field),
+            torch.bfloat16 if field == "model_param" else torch.float32,
+        )
     back = str(tmp_path / "back")
-    assert cli_main(["convert", out, back, "--to", "mcore", "--ep", "2", "--target-dp", "4", "--hf-config", hf,
-                     "--quiet"]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                out,
+                back,
+                "--to",
+                "mcore",
+                "--ep",
+                "2",
+                "--target-dp",
+                "4",
+                "--hf-config",
+                hf,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     want, got = _distopt_files(src), _distopt_files(back)
     assert want.keys() == got.keys() and len(want) == 2
     for d in want:
@@ -424,7 +708,7 @@ def test_moe_expert_optimizer_reshards(tmp_path):
         for g, w in zip(got[d], want[d]):
             if w is None:
                 continue
-            (key, wg), = w[0].items()
+            ((key, wg),) = w[0].items()
             assert list(g[0]) == [key] and g[0][key]["numel_unpadded"] == wg["numel_unpadded"]
             for field in STATES:
                 assert torch.equal(g[0][key][field], wg[field]), (d, field)
@@ -449,21 +733,73 @@ def test_layout_assumptions_can_be_corrected(trained):
             blob["args"].ddp_bucket_size = 8192
             blob["args"].data_parallel_size = 3
             torch.save(blob, path)
-    cmd = [sys.executable, "-m", "ckpt_ir", "convert", wrong, str(root / "x"), "--to", "mcore", "--hf-config", hf]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ckpt_ir",
+        "convert",
+        wrong,
+        str(root / "x"),
+        "--to",
+        "mcore",
+        "--hf-config",
+        hf,
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 1 and "--source-bucket-size" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not os.path.exists(str(root / "x"))
     fixed = str(root / "fixed")
-    assert cli_main(["convert", wrong, fixed, "--to", "mcore", "--tp", "2", "--pp", "2", "--source-dp", "2",
-                     "--source-bucket-size", "4096", "--target-dp", "2", "--source-param-align", "64",
-                     "--hf-config", hf, "--quiet"]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                wrong,
+                fixed,
+                "--to",
+                "mcore",
+                "--tp",
+                "2",
+                "--pp",
+                "2",
+                "--source-dp",
+                "2",
+                "--source-bucket-size",
+                "4096",
+                "--target-dp",
+                "2",
+                "--source-param-align",
+                "64",
+                "--hf-config",
+                hf,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     want, got = _distopt_files(src), _distopt_files(fixed)
     for d in want:
-        (key, w), = want[d][0].items()
+        ((key, w),) = want[d][0].items()
         assert all(torch.equal(got[d][0][key][f], w[f]) for f in STATES), d
-    assert cli_main(["convert", wrong, str(root / "y"), "--to", "mcore", "--source-dp", "2", "--source-bucket-size",
-                     "0", "--hf-config", hf, "--quiet"]) == 1  # stage 0 really had several buckets
+    assert (
+        cli_main(
+            [
+                "convert",
+                wrong,
+                str(root / "y"),
+                "--to",
+                "mcore",
+                "--source-dp",
+                "2",
+                "--source-bucket-size",
+                "0",
+                "--hf-config",
+                hf,
+                "--quiet",
+            ]
+        )
+        == 1
+    )  # stage 0 really had several buckets
 
 
 def test_inspect_lists_optimizer_state(trained, capsys):
@@ -476,8 +812,9 @@ def test_inspect_lists_optimizer_state(trained, capsys):
     assert "exp_avg_sq:layers.3.mlp.down.weight" in out and "distrib_optim.pt" in out
     assert cli_main(["inspect", src, "--hf-config", hf, "--optimizer", "--format", "json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert {k: [t["name"] for t in v] for k, v in doc["states"].items()} == \
-        {k: [t["name"] for t in doc["tensors"]] for k in STATES}
+    assert {k: [t["name"] for t in v] for k, v in doc["states"].items()} == {
+        k: [t["name"] for t in doc["tensors"]] for k in STATES
+    }
 
 
 def test_rng_state_is_carried_on_the_same_rank_grid(trained):
@@ -487,8 +824,27 @@ def test_rng_state_is_carried_on_the_same_rank_grid(trained):
 
     root, hf, src = trained
     same = str(root / "same_grid")
-    assert cli_main(["convert", src, same, "--to", "mcore", "--tp", "2", "--pp", "2", "--target-dp", "1",
-                     "--hf-config", hf, "--quiet"]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                src,
+                same,
+                "--to",
+                "mcore",
+                "--tp",
+                "2",
+                "--pp",
+                "2",
+                "--target-dp",
+                "1",
+                "--hf-config",
+                hf,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     for stage in range(2):
         for rank in range(2):
             d = os.path.join("iter_0000002", F.mp_dir_name(rank, stage, 2), "model_optim_rng.pt")
@@ -497,8 +853,11 @@ def test_rng_state_is_carried_on_the_same_rank_grid(trained):
             assert got["random_rng_state"] == want["random_rng_state"]
             assert all(np.array_equal(a, b) for a, b in zip(got["np_rng_state"], want["np_rng_state"]))
             assert torch.equal(got["torch_rng_state"], want["torch_rng_state"])
-            assert all(torch.equal(got["rng_tracker_states"][k], v) for k, v in want["rng_tracker_states"].items())
+            assert all(
+                torch.equal(got["rng_tracker_states"][k], v) for k, v in want["rng_tracker_states"].items()
+            )
     other = str(root / "other_grid")
     assert cli_main(["convert", src, other, "--to", "mcore", "--tp", "1", "--hf-config", hf, "--quiet"]) == 0
-    assert "rng_state" not in torch.load(os.path.join(other, "iter_0000002", "mp_rank_00", "model_optim_rng.pt"),
-                                         weights_only=False)
+    assert "rng_state" not in torch.load(
+        os.path.join(other, "iter_0000002", "mp_rank_00", "model_optim_rng.pt"), weights_only=False
+    )

@@ -20,7 +20,9 @@ def test_writing_a_pass_example(hf_cache, tmp_path):
     pass_code, usage = code_blocks("writing-a-pass.md")
     exec(compile(pass_code, "writing-a-pass.md", "exec"), {})
     src = hf_cache("llama")
-    usage = usage.replace('"my-model-scaled"', repr(str(tmp_path / "scaled"))).replace('"my-model"', repr(src))
+    usage = usage.replace('"my-model-scaled"', repr(str(tmp_path / "scaled"))).replace(
+        '"my-model"', repr(src)
+    )
     exec(compile(usage, "writing-a-pass.md", "exec"), {})
     a = load_file(os.path.join(src, "model.safetensors"))
     b = load_file(str(tmp_path / "scaled" / "model.safetensors"))

@@ -62,8 +62,22 @@ def mcore_src(tmp_path_factory):
 
 def test_printed_pipeline_reproduces_hf_to_mcore(mcore_src, tmp_path):
     hf, _ = mcore_src
-    text = assert_pipeline_round_trips(tmp_path, hf, "--to", "mcore", "--tp", "2", "--pp", "2", "--dtype", "bf16",
-                                       "--norm-names", "te", "--noop-layers", "1,4")
+    text = assert_pipeline_round_trips(
+        tmp_path,
+        hf,
+        "--to",
+        "mcore",
+        "--tp",
+        "2",
+        "--pp",
+        "2",
+        "--dtype",
+        "bf16",
+        "--norm-names",
+        "te",
+        "--noop-layers",
+        "1,4",
+    )
     assert text.endswith("rename-norms{names=te}") and "cast{dtype=bf16}" in text
 
 
@@ -71,8 +85,9 @@ def test_printed_pipeline_reproduces_mcore_to_hf_and_reshard(mcore_src, tmp_path
     _, mc = mcore_src
     text = assert_pipeline_round_trips(tmp_path / "hf", mc, "--to", "hf")
     assert text.split(",")[:2] == ["gather", "unpad-vocab"]
-    text = assert_pipeline_round_trips(tmp_path / "mc", mc, "--to", "mcore", "--tp", "1", "--pp", "4",
-                                       "--vpp-layers", "1")
+    text = assert_pipeline_round_trips(
+        tmp_path / "mc", mc, "--to", "mcore", "--tp", "1", "--pp", "4", "--vpp-layers", "1"
+    )
     assert "shard{pp=4 vpp-layers=1}" in text
 
 
@@ -84,29 +99,67 @@ def test_printed_pipeline_reproduces_lora_merges(hf_cache, tmp_path):
     make_peft_adapter(base, adapter)
     text = assert_pipeline_round_trips(tmp_path / "hf", base, "--to", "hf", "--lora-load", adapter)
     assert text == f"attach-lora{{path={adapter}}},lora-merge"
-    text = assert_pipeline_round_trips(tmp_path / "mc", base, "--to", "mcore", "--tp", "2", "--lora-load", adapter)
+    text = assert_pipeline_round_trips(
+        tmp_path / "mc", base, "--to", "mcore", "--tp", "2", "--lora-load", adapter
+    )
     assert text.startswith(f"attach-lora{{path={adapter}}},lora-merge,fuse-qkv")
 
 
 def test_pipeline_that_disagrees_with_target_flags_is_a_usage_error(hf_cache, tmp_path):
     src = hf_cache("llama")
     dst = tmp_path / "o"
-    r = cli("convert", src, dst, "--to", "mcore", "--tp", "2", "--pp", "2", "--dtype", "bf16", "--norm-names", "te",
-            "--pipeline", "fuse-qkv,fuse-gate-up")
+    r = cli(
+        "convert",
+        src,
+        dst,
+        "--to",
+        "mcore",
+        "--tp",
+        "2",
+        "--pp",
+        "2",
+        "--dtype",
+        "bf16",
+        "--norm-names",
+        "te",
+        "--pipeline",
+        "fuse-qkv,fuse-gate-up",
+    )
     assert r.returncode == 2 and not dst.exists()
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith(ERROR_PREFIX)
     for field in ("--tp 2", "--pp 2", "--dtype bf16", "--norm-names te"):
         assert field in line, line
     # the same pipeline with the passes the flags ask for is accepted
-    ok("convert", src, dst, "--to", "mcore", "--tp", "2", "--pp", "2", "--pipeline",
-       "fuse-qkv,fuse-gate-up,shard{tp=2 pp=2}")
+    ok(
+        "convert",
+        src,
+        dst,
+        "--to",
+        "mcore",
+        "--tp",
+        "2",
+        "--pp",
+        "2",
+        "--pipeline",
+        "fuse-qkv,fuse-gate-up,shard{tp=2 pp=2}",
+    )
 
 
 def test_print_ir_after_all_shows_every_step(hf_cache, tmp_path):
     src = hf_cache("llama")
-    r = ok("convert", src, tmp_path / "o", "--to", "mcore", "--tp", "2", "--norm-names", "te",
-           "--print-ir-after-all")
+    r = ok(
+        "convert",
+        src,
+        tmp_path / "o",
+        "--to",
+        "mcore",
+        "--tp",
+        "2",
+        "--norm-names",
+        "te",
+        "--print-ir-after-all",
+    )
     steps = re.findall(r"^// ----- IR after (\S+) -----$", r.stdout, flags=re.M)
     assert steps == ["fuse-qkv", "fuse-gate-up", "shard{tp=2}", "rename-norms{names=te}"]
     last_layout = re.findall(r"^// layout: \w+ (.*)$", r.stdout, flags=re.M)[-1]  # after the source format
@@ -120,8 +173,11 @@ def test_requirements_are_checked_before_a_pass_runs(hf_cache, tmp_path):
     assert r.returncode == 1 and not (tmp_path / "o").exists()
     assert "pass unfuse-qkv: needs whole tensors (tp=1)" in r.stderr and "run gather before it" in r.stderr
     listing = ok("passes").stdout
-    assert re.search(r"^unfuse-qkv\n(?:    .*\n)*?    requires:   whole tensors \(tp=1\) \(run gather first\)$",
-                     listing, flags=re.M)
+    assert re.search(
+        r"^unfuse-qkv\n(?:    .*\n)*?    requires:   whole tensors \(tp=1\) \(run gather first\)$",
+        listing,
+        flags=re.M,
+    )
 
 
 def test_options_are_typed_fields_checked_at_construction():
@@ -153,7 +209,9 @@ def test_optimizer_state_follows_only_passes_that_say_so(hf_cache):
         return c.with_tensors({**c.tensors, "lm_head.weight": t.map(lambda e: E.Scale(e, 2.0))})
 
     out = ck.run(src, [scale_head])
-    assert out.states == {} and "not carried through pass scale-head" in out.dropped["optimizer state exp_avg"]
+    assert (
+        out.states == {} and "not carried through pass scale-head" in out.dropped["optimizer state exp_avg"]
+    )
     moved = ck.run(src, "fuse-qkv,shard{tp=2}")
     assert moved.states["exp_avg"]["layers.0.attn.qkv.weight"].tp == 2
     derived = ck.derive_pipeline(src, ck.Target(to="hf"))
@@ -174,7 +232,10 @@ def test_api_run_takes_text_instances_and_functions(hf_cache):
     assert repr(a).startswith("<Checkpoint llama hf tp=1 pp=1 qkv=fused") and len(repr(a)) < 200
     text = str(a)
     assert text.startswith("// source: ") and "layers.0.attn.qkv.weight" in text
-    assert str(a.tensors["embed.weight"].expr) == "cast(model.safetensors:model.embed_tokens.weight, BF16)  128x64 BF16"
+    assert (
+        str(a.tensors["embed.weight"].expr)
+        == "cast(model.safetensors:model.embed_tokens.weight, BF16)  128x64 BF16"
+    )
 
 
 def test_public_errors_are_importable_from_the_package():
@@ -205,12 +266,26 @@ def _ev(e):
 
 
 stack_cases = st.one_of(
-    st.builds(lambda sizes, dim, cols: ("plain", [(f"p{i}", n) for i, n in enumerate(sizes)], 1, dim, cols),
-              st.lists(st.integers(1, 5), min_size=1, max_size=4), st.integers(0, 1), st.integers(1, 4)),
-    st.builds(lambda sizes, groups, dim, cols: ("interleaved", [(f"p{i}", n) for i, n in enumerate(sizes)], groups,
-                                                dim, cols),
-              st.lists(st.integers(1, 3), min_size=1, max_size=3), st.integers(1, 4), st.integers(0, 1),
-              st.integers(1, 3)))
+    st.builds(
+        lambda sizes, dim, cols: ("plain", [(f"p{i}", n) for i, n in enumerate(sizes)], 1, dim, cols),
+        st.lists(st.integers(1, 5), min_size=1, max_size=4),
+        st.integers(0, 1),
+        st.integers(1, 4),
+    ),
+    st.builds(
+        lambda sizes, groups, dim, cols: (
+            "interleaved",
+            [(f"p{i}", n) for i, n in enumerate(sizes)],
+            groups,
+            dim,
+            cols,
+        ),
+        st.lists(st.integers(1, 3), min_size=1, max_size=3),
+        st.integers(1, 4),
+        st.integers(0, 1),
+        st.integers(1, 3),
+    ),
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -244,8 +319,16 @@ def test_megatron_qkv_rule_matches_the_documented_interleave():
     from ckpt_ir.ir.spec import ModelSpec
     from ckpt_ir.passes.fusion import qkv_rule
 
-    s = ModelSpec(family="llama", num_layers=1, hidden_size=8, ffn_hidden_size=8, num_heads=4, num_kv_heads=2,
-                  head_dim=2, vocab_size=8)
+    s = ModelSpec(
+        family="llama",
+        num_layers=1,
+        hidden_size=8,
+        ffn_hidden_size=8,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=2,
+        vocab_size=8,
+    )
     order = [(p.part, p.start, p.size) for p in qkv_rule(s).pieces]
     assert order == [("q", 0, 4), ("k", 0, 2), ("v", 0, 2), ("q", 4, 4), ("k", 2, 2), ("v", 2, 2)]
 
@@ -265,16 +348,29 @@ def test_convert_ckpt_and_passes_load_plugins(hf_cache, tmp_path, monkeypatch):
     from tests.test_docs import code_blocks
 
     pass_code = code_blocks("writing-a-pass.md")[0]
-    monkeypatch.setenv("PYTHONPATH", _plugin_dir(tmp_path, "my_passes", pass_code) + os.pathsep
-                       + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv(
+        "PYTHONPATH",
+        _plugin_dir(tmp_path, "my_passes", pass_code) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     listing = ok("passes", "--plugin", "my_passes").stdout
     assert "scale-tensors\n    Multiply tensors" in listing and "optimizer state: drop" in listing
     src = hf_cache("llama")
     out = tmp_path / "mg"
     tail = "fuse-qkv,fuse-gate-up,shard{tp=2}"
     assert printed_pipeline("convert", src, tmp_path / "x", "--to", "mcore", "--tp", "2") == tail
-    ok("convert-ckpt", "--load-dir", src, "--save-dir", out, "--target-tensor-parallel-size", "2",
-       "--plugin", "my_passes", "--pipeline", "scale-tensors{pattern=lm_head.weight factor=0.5}," + tail)
+    ok(
+        "convert-ckpt",
+        "--load-dir",
+        src,
+        "--save-dir",
+        out,
+        "--target-tensor-parallel-size",
+        "2",
+        "--plugin",
+        "my_passes",
+        "--pipeline",
+        "scale-tensors{pattern=lm_head.weight factor=0.5}," + tail,
+    )
     back = tmp_path / "back"
     ok("convert", out, back, "--to", "hf")
     from safetensors.torch import load_file
@@ -291,12 +387,23 @@ def test_adding_a_family_example_runs_from_a_plugin_package(tmp_path, monkeypatc
     from tests.test_docs import code_blocks
 
     family_code = code_blocks("adding-a-family.md")[0]
-    monkeypatch.setenv("PYTHONPATH", _plugin_dir(tmp_path, "my_families", family_code) + os.pathsep
-                       + os.environ.get("PYTHONPATH", ""))
-    cfg = AutoConfig.for_model("granite", hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                               num_key_value_heads=2, num_hidden_layers=4, vocab_size=128,
-                               embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078,
-                               logits_scaling=8.0)
+    monkeypatch.setenv(
+        "PYTHONPATH",
+        _plugin_dir(tmp_path, "my_families", family_code) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    cfg = AutoConfig.for_model(
+        "granite",
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=4,
+        vocab_size=128,
+        embedding_multiplier=12.0,
+        residual_multiplier=0.22,
+        attention_multiplier=0.0078,
+        logits_scaling=8.0,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
@@ -304,7 +411,9 @@ def test_adding_a_family_example_runs_from_a_plugin_package(tmp_path, monkeypatc
             p.normal_(0, 0.5)
     hf = str(tmp_path / "granite")
     model.save_pretrained(hf)
-    assert "granite" not in ok("models").stdout and "granite" in ok("models", "--plugin", "my_families").stdout
+    assert (
+        "granite" not in ok("models").stdout and "granite" in ok("models", "--plugin", "my_families").stdout
+    )
     r = cli("convert", hf, tmp_path / "x", "--to", "mcore")
     assert r.returncode == 1 and "model_type='granite'" in r.stderr  # unknown without the plugin
     mc, back = tmp_path / "mc", tmp_path / "back"

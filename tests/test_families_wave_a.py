@@ -10,27 +10,79 @@ import torch
 import ckpt_ir.api as ck
 from tests.test_hf_roundtrip import IDS, assert_same_tensors, convert, hf_state, logits
 
-DENSE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-             max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+DENSE = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 # per family: config overrides (tiny sizes; head_dim != hidden / heads where the family allows it)
 CONFIGS = {
     "seed_oss": dict(DENSE, head_dim=32),
     "glm": dict(DENSE, head_dim=32, partial_rotary_factor=0.5),
     "glm4": dict(DENSE, head_dim=32, partial_rotary_factor=0.5),
-    "deepseek_v2": dict(DENSE, num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=4,
-                        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None,
-                        kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8),
-    "minicpm3": dict(DENSE, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
-                     qk_rope_head_dim=4, v_head_dim=8, scale_emb=2.5, scale_depth=1.4, dim_model_base=32),
-    "glm4_moe": dict(DENSE, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
-                     n_shared_experts=1, first_k_dense_replace=1, use_qk_norm=True, attention_bias=True,
-                     partial_rotary_factor=0.5, n_group=1, topk_group=1),
-    "hunyuan_v1_dense": dict(DENSE, head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-    "hunyuan_v1_moe": dict(DENSE, head_dim=16, num_experts=4, moe_topk=[2, 2, 1, 2],
-                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "deepseek_v2": dict(
+        DENSE,
+        num_key_value_heads=4,
+        moe_intermediate_size=32,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+    ),
+    "minicpm3": dict(
+        DENSE,
+        num_key_value_heads=4,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        scale_emb=2.5,
+        scale_depth=1.4,
+        dim_model_base=32,
+    ),
+    "glm4_moe": dict(
+        DENSE,
+        moe_intermediate_size=32,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        use_qk_norm=True,
+        attention_bias=True,
+        partial_rotary_factor=0.5,
+        n_group=1,
+        topk_group=1,
+    ),
+    "hunyuan_v1_dense": dict(
+        DENSE, head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}
+    ),
+    "hunyuan_v1_moe": dict(
+        DENSE,
+        head_dim=16,
+        num_experts=4,
+        moe_topk=[2, 2, 1, 2],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
     "phimoe": dict(DENSE, num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True),
-    "minimax_m2": dict(DENSE, head_dim=32, num_local_experts=4, num_experts_per_tok=2,
-                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "minimax_m2": dict(
+        DENSE,
+        head_dim=32,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
 }
 # per family: the Megatron layouts to round-trip through
 LAYOUTS = {
@@ -104,7 +156,7 @@ def test_glm_gate_up_rows_follow_megatron_fc1(models, tmp_path):
         sd = torch.load(f"{mid}/iter_0000001/mp_rank_0{t}/model_optim_rng.pt", weights_only=False)["model"]
         fc1 = sd["decoder.layers.0.mlp.linear_fc1.weight"]
         half = f // 2
-        want = torch.cat([hf[t * half:(t + 1) * half], hf[f + t * half:f + (t + 1) * half]])
+        want = torch.cat([hf[t * half : (t + 1) * half], hf[f + t * half : f + (t + 1) * half]])
         assert torch.equal(fc1, want)
 
 
@@ -119,12 +171,17 @@ def test_phimoe_biases_are_carried_under_megatron_names(models, tmp_path):
     v = hf["lm_head.bias"].shape[0] // 2
     for t in range(2):
         sd = torch.load(f"{mid}/iter_0000001/mp_rank_0{t}/model_optim_rng.pt", weights_only=False)["model"]
-        assert torch.equal(sd["decoder.layers.1.input_layernorm.bias"], hf["model.layers.1.input_layernorm.bias"])
-        assert torch.equal(sd["decoder.layers.1.pre_mlp_layernorm.bias"],
-                           hf["model.layers.1.post_attention_layernorm.bias"])
-        assert torch.equal(sd["decoder.layers.1.self_attention.linear_proj.bias"], hf["model.layers.1.self_attn.o_proj.bias"])
+        assert torch.equal(
+            sd["decoder.layers.1.input_layernorm.bias"], hf["model.layers.1.input_layernorm.bias"]
+        )
+        assert torch.equal(
+            sd["decoder.layers.1.pre_mlp_layernorm.bias"], hf["model.layers.1.post_attention_layernorm.bias"]
+        )
+        assert torch.equal(
+            sd["decoder.layers.1.self_attention.linear_proj.bias"], hf["model.layers.1.self_attn.o_proj.bias"]
+        )
         assert torch.equal(sd["decoder.final_layernorm.bias"], hf["model.norm.bias"])
-        assert torch.equal(sd["output_layer.bias"], hf["lm_head.bias"][t * v:(t + 1) * v])
+        assert torch.equal(sd["output_layer.bias"], hf["lm_head.bias"][t * v : (t + 1) * v])
 
 
 def test_minimax_full_width_qk_norm_splits_with_the_heads(models, tmp_path):
@@ -139,10 +196,12 @@ def test_minimax_full_width_qk_norm_splits_with_the_heads(models, tmp_path):
     assert q.shape == (4 * 32,) and k.shape == (2 * 32,)
     for t in range(2):
         sd = torch.load(f"{mid}/iter_0000001/mp_rank_0{t}/model_optim_rng.pt", weights_only=False)["model"]
-        assert torch.equal(sd["decoder.layers.0.self_attention.q_layernorm.weight"], q[t * 64:(t + 1) * 64])
-        assert torch.equal(sd["decoder.layers.0.self_attention.k_layernorm.weight"], k[t * 32:(t + 1) * 32])
-        assert torch.equal(sd["decoder.layers.0.mlp.router.expert_bias"],
-                           hf["model.layers.0.block_sparse_moe.e_score_correction_bias"])
+        assert torch.equal(sd["decoder.layers.0.self_attention.q_layernorm.weight"], q[t * 64 : (t + 1) * 64])
+        assert torch.equal(sd["decoder.layers.0.self_attention.k_layernorm.weight"], k[t * 32 : (t + 1) * 32])
+        assert torch.equal(
+            sd["decoder.layers.0.mlp.router.expert_bias"],
+            hf["model.layers.0.block_sparse_moe.e_score_correction_bias"],
+        )
 
 
 def test_glm4_moe_mtp_layer_round_trips(models, tmp_path):
@@ -162,8 +221,12 @@ def test_glm4_moe_mtp_layer_round_trips(models, tmp_path):
     g = torch.Generator().manual_seed(7)
     for k in [k for k in sd if k.startswith("model.layers.1.")]:  # a MoE layer's tensors
         sd[k.replace("model.layers.1.", f"model.layers.{n}.")] = torch.randn(sd[k].shape, generator=g)
-    for k, shape in {"enorm.weight": (h,), "hnorm.weight": (h,), "eh_proj.weight": (h, 2 * h),
-                     "shared_head.norm.weight": (h,)}.items():
+    for k, shape in {
+        "enorm.weight": (h,),
+        "hnorm.weight": (h,),
+        "eh_proj.weight": (h, 2 * h),
+        "shared_head.norm.weight": (h,),
+    }.items():
         sd[f"model.layers.{n}.{k}"] = torch.randn(shape, generator=g)
     sd[f"model.layers.{n}.embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
     sd[f"model.layers.{n}.shared_head.head.weight"] = sd["lm_head.weight"].clone()
@@ -171,10 +234,14 @@ def test_glm4_moe_mtp_layer_round_trips(models, tmp_path):
     mid, back = str(tmp_path / "mid"), str(tmp_path / "back")
     convert(src, mid, ck.Target(to="mcore", tp=2, pp=2, ep=2, grouped_gemm=True))
     assert ck.load(mid).spec.mtp_layers == 1
-    last = torch.load(f"{mid}/iter_0000001/mp_rank_01_001_001/model_optim_rng.pt", weights_only=False)["model"]
+    last = torch.load(f"{mid}/iter_0000001/mp_rank_01_001_001/model_optim_rng.pt", weights_only=False)[
+        "model"
+    ]
     assert torch.equal(last["mtp.layers.0.enorm.weight"], sd[f"model.layers.{n}.enorm.weight"])
-    assert torch.equal(last["mtp.layers.0.transformer_layer.mlp.router.expert_bias"],
-                       sd[f"model.layers.{n}.mlp.gate.e_score_correction_bias"])
+    assert torch.equal(
+        last["mtp.layers.0.transformer_layer.mlp.router.expert_bias"],
+        sd[f"model.layers.{n}.mlp.gate.e_score_correction_bias"],
+    )
     convert(mid, back, ck.Target(to="hf"))
     assert_same_tensors(src, back)
 
@@ -184,9 +251,18 @@ def test_models_lists_every_family_with_its_mindspeed_names(capsys):
 
     assert main(["models"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
-    want = {"seed_oss": "seed-oss", "glm": "glm4_9b", "glm4": "glm4", "deepseek_v2": "deepseek2,deepseek2-lite",
-            "minicpm3": "minicpm3", "glm4_moe": "glm45-moe,glm45,glm45-air", "hunyuan_v1_moe": "hunyuan",
-            "minimax_m2": "minimax_m2", "phimoe": "phi3.5-moe", "mistral": "mistral,magistral"}
+    want = {
+        "seed_oss": "seed-oss",
+        "glm": "glm4_9b",
+        "glm4": "glm4",
+        "deepseek_v2": "deepseek2,deepseek2-lite",
+        "minicpm3": "minicpm3",
+        "glm4_moe": "glm45-moe,glm45,glm45-air",
+        "hunyuan_v1_moe": "hunyuan",
+        "minimax_m2": "minimax_m2",
+        "phimoe": "phi3.5-moe",
+        "mistral": "mistral,magistral",
+    }
     for family, names in want.items():
         assert f"--model-type-hf {names}" in lines[family], lines.get(family)
     assert "hunyuan_v1_dense" in lines
@@ -210,11 +286,16 @@ def test_peft_adapter_merge_equals_peft_merge_and_unload(models, tmp_path, famil
 
     base = models(family)
     adapter = str(tmp_path / "adapter")
-    targets = {"glm": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"),
-               "phimoe": ("q_proj", "k_proj", "v_proj", "o_proj")}[family]
+    targets = {
+        "glm": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"),
+        "phimoe": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    }[family]
     make_peft_adapter(base, adapter, targets)
-    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-                                       adapter).merge_and_unload().state_dict()
+    merged = (
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+        .merge_and_unload()
+        .state_dict()
+    )
     out = str(tmp_path / "merged")
     cli("convert", base, out, "--to", "hf", "--lora-load", adapter)
     ours = hf_state(out)

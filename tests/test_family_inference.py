@@ -20,7 +20,8 @@ from tests.conftest import build_hf
 from tests.test_hf_roundtrip import assert_same_tensors
 
 # the model-describing args Megatron-LM's own argparse defines (megatron/training/arguments.py)
-MEGATRON_ARGS = frozenset("""
+MEGATRON_ARGS = frozenset(
+    """
 num_layers hidden_size ffn_hidden_size num_attention_heads num_query_groups group_query_attention kv_channels
 vocab_size padded_vocab_size max_position_embeddings seq_length norm_epsilon normalization swiglu add_qkv_bias
 add_bias_linear qk_layernorm untie_embeddings_and_output_weights position_embedding_type rotary_base
@@ -31,7 +32,8 @@ moe_layer_freq moe_grouped_gemm moe_router_pre_softmax moe_router_score_function
 moe_router_topk_scaling_factor moe_router_num_groups moe_router_group_topk multi_latent_attention q_lora_rank
 kv_lora_rank qk_head_dim qk_pos_emb_head_dim v_head_dim mtp_num_layers transformer_impl bf16 fp16
 make_vocab_size_divisible_by
-""".split())
+""".split()
+)
 
 
 def plain_args(root: str) -> dict:
@@ -125,33 +127,68 @@ def test_model_type_hf_chooses_explicitly(tmp_path, capsys):
         ck.load(mc, family="qwen2")
 
 
-BASE = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, swiglu=True,
-            normalization="RMSNorm", position_embedding_type="rope", add_bias_linear=False, padded_vocab_size=128)
+BASE = dict(
+    num_layers=2,
+    hidden_size=64,
+    ffn_hidden_size=128,
+    num_attention_heads=4,
+    swiglu=True,
+    normalization="RMSNorm",
+    position_embedding_type="rope",
+    add_bias_linear=False,
+    padded_vocab_size=128,
+)
 
 
-@pytest.mark.parametrize("args, family", [
-    ({}, "llama"),
-    ({"add_qkv_bias": True}, "qwen2"),
-    ({"qk_layernorm": True}, "qwen3"),
-    ({"num_experts": 4, "moe_router_topk": 2}, "mixtral"),
-    ({"num_experts": 4, "moe_router_topk": 2, "qk_layernorm": True, "moe_layer_freq": [1, 0]}, "qwen3_moe"),
-    ({"num_experts": 4, "moe_router_topk": 2, "add_qkv_bias": True, "moe_shared_expert_intermediate_size": 64,
-      "moe_shared_expert_gate": True, "moe_router_pre_softmax": True}, "qwen2_moe"),
-])
+@pytest.mark.parametrize(
+    "args, family",
+    [
+        ({}, "llama"),
+        ({"add_qkv_bias": True}, "qwen2"),
+        ({"qk_layernorm": True}, "qwen3"),
+        ({"num_experts": 4, "moe_router_topk": 2}, "mixtral"),
+        (
+            {"num_experts": 4, "moe_router_topk": 2, "qk_layernorm": True, "moe_layer_freq": [1, 0]},
+            "qwen3_moe",
+        ),
+        (
+            {
+                "num_experts": 4,
+                "moe_router_topk": 2,
+                "add_qkv_bias": True,
+                "moe_shared_expert_intermediate_size": 64,
+                "moe_shared_expert_gate": True,
+                "moe_router_pre_softmax": True,
+            },
+            "qwen2_moe",
+        ),
+    ],
+)
 def test_rule_table(args, family):
     fam, cfg, why = infer({**BASE, **args}, "args")
     assert fam.name == family and why.startswith(f"inferred family {family} from args (swiglu, RMSNorm, rope")
 
 
-@pytest.mark.parametrize("args, words", [
-    ({"normalization": "LayerNorm"}, ["args.normalization='LayerNorm'", "'RMSNorm'"]),
-    ({"swiglu": None}, ["args.swiglu=False"]),  # absent: Megatron-LM's default
-    ({"add_bias_linear": True}, ["args.add_bias_linear=True"]),
-    ({"num_experts": 4, "moe_router_topk": 2, "add_qkv_bias": True}, ["turn on: add_qkv_bias, num_experts;",
-                                                                       "qwen2 has no num_experts",
-                                                                       "mixtral has no add_qkv_bias"]),
-    ({"num_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 32}, ["look like mixtral", "ffn_hidden_size: args give 128"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        ({"normalization": "LayerNorm"}, ["args.normalization='LayerNorm'", "'RMSNorm'"]),
+        ({"swiglu": None}, ["args.swiglu=False"]),  # absent: Megatron-LM's default
+        ({"add_bias_linear": True}, ["args.add_bias_linear=True"]),
+        (
+            {"num_experts": 4, "moe_router_topk": 2, "add_qkv_bias": True},
+            [
+                "turn on: add_qkv_bias, num_experts;",
+                "qwen2 has no num_experts",
+                "mixtral has no add_qkv_bias",
+            ],
+        ),
+        (
+            {"num_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 32},
+            ["look like mixtral", "ffn_hidden_size: args give 128"],
+        ),
+    ],
+)
 def test_refusal_names_the_args(args, words):
     with pytest.raises(FormatError) as e:
         infer({**BASE, **args}, "rank.pt")
@@ -218,16 +255,23 @@ def test_te_extra_state_follows_an_unchanged_module_shard(tmp_path, capsys):
     assert cli_main(["convert", mc, re_, "--to", "mcore", "--tp", "2", "--quiet"]) == 0
     seen = {}
     for r in range(2):
-        sd = torch.load(os.path.join(re_, "iter_0000001", f"mp_rank_{r:02d}", "model_optim_rng.pt"),
-                        weights_only=False)["model"]
+        sd = torch.load(
+            os.path.join(re_, "iter_0000001", f"mp_rank_{r:02d}", "model_optim_rng.pt"), weights_only=False
+        )["model"]
         for k, v in sd.items():
             if k.endswith("_extra_state"):
                 layer, module = k.split(".", 3)[2], k.split(".", 3)[3][: -len("._extra_state")]
-                seen[(int(layer), module, r)] = bytes(v.numpy()) if isinstance(v, torch.Tensor) else v.getvalue()
+                seen[(int(layer), module, r)] = (
+                    bytes(v.numpy()) if isinstance(v, torch.Tensor) else v.getvalue()
+                )
     assert seen == made
     # another TP size: the FP8 state belongs to other shards; reported as dropped, not written
     capsys.readouterr()
     assert cli_main(["convert", mc, str(tmp_path / "tp1"), "--to", "mcore", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "dropped: *._extra_state: Transformer-Engine _extra_state (FP8 metadata) of another module layout " \
-           "(TP 2 -> 1)" in out and "_extra_state  " not in out
+    assert (
+        "dropped: *._extra_state: Transformer-Engine _extra_state (FP8 metadata) of another module layout "
+        "(TP 2 -> 1)"
+        in out
+        and "_extra_state  " not in out
+    )

@@ -73,7 +73,9 @@ def test_sharded_input_with_index(hf_cache, tmp_path):
     index = json.load(open(os.path.join(dst, "model.safetensors.index.json")))
     shards = {f for f in os.listdir(dst) if f.endswith(".safetensors")}
     assert set(index["weight_map"].values()) == shards and len(shards) > 1
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in hf_state(dst).values())
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in hf_state(dst).values()
+    )
     for f in shards:  # the cap is respected unless one tensor alone is larger
         assert os.path.getsize(os.path.join(dst, f)) < 150_000 + 40_000
     assert_same_tensors(src, dst)
@@ -115,10 +117,19 @@ def test_bin_weights_are_read_safely(hf_cache, tmp_path):
 
 def test_tokenizer_and_generation_files_are_copied(hf_cache, tmp_path):
     src = hf_cache("llama")
-    for name, text in (("tokenizer_config.json", "{}"), ("tokenizer.json", '{"x": 1}'), ("special_tokens_map.json", "{}")):
+    for name, text in (
+        ("tokenizer_config.json", "{}"),
+        ("tokenizer.json", '{"x": 1}'),
+        ("special_tokens_map.json", "{}"),
+    ):
         with open(os.path.join(src, name), "w") as f:
             f.write(text)
     dst = str(tmp_path / "out")
     convert(src, dst, ck.Target(to="hf"))
-    for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "generation_config.json"):
+    for name in (
+        "tokenizer_config.json",
+        "tokenizer.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ):
         assert open(os.path.join(src, name)).read() == open(os.path.join(dst, name)).read()

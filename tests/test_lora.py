@@ -26,13 +26,16 @@ def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return r
 
 
-def make_peft_adapter(base: str, out: str, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                     "down_proj")) -> None:
+def make_peft_adapter(
+    base: str, out: str, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=list(targets), lora_dropout=0.0))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=list(targets), lora_dropout=0.0)
+    )
     torch.manual_seed(7)
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
@@ -45,7 +48,9 @@ def peft_logits(base: str, adapter: str) -> torch.Tensor:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter
+    )
     with torch.no_grad():
         return model(IDS).logits
 
@@ -65,8 +70,11 @@ def test_merge_of_peft_adapter_equals_peft_merge_and_unload(tmp_path, family):
     base = build_hf(str(tmp_path / "base"), family, layers=2)
     adapter = str(tmp_path / "adapter")
     make_peft_adapter(base, adapter)
-    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-                                       adapter).merge_and_unload().state_dict()
+    merged = (
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+        .merge_and_unload()
+        .state_dict()
+    )
     out = str(tmp_path / "merged")
     cli("convert", base, out, "--to", "hf", "--lora-load", adapter)
     ours = load_file(os.path.join(out, "model.safetensors"))
@@ -115,15 +123,21 @@ def add_megatron_lora(mcore: str, spec: dict, tp: int, pp: int, lora_only_dir: s
         }
     for stage in range(pp):
         for rank in range(tp):
-            rel = os.path.join("iter_0000001", f"mp_rank_{rank:02d}" + (f"_{stage:03d}" if pp > 1 else ""),
-                               "model_optim_rng.pt")
+            rel = os.path.join(
+                "iter_0000001",
+                f"mp_rank_{rank:02d}" + (f"_{stage:03d}" if pp > 1 else ""),
+                "model_optim_rng.pt",
+            )
             path = os.path.join(mcore, rel)
             ckpt = torch.load(path, weights_only=False)
             model, lora_only = {}, {}
             for k, v in ckpt["model"].items():
                 parts = k.split(".")
                 module = parts[-2] if len(parts) > 2 else ""
-                if module in ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2") and parts[-1] == "weight":
+                if (
+                    module in ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+                    and parts[-1] == "weight"
+                ):
                     local = int(parts[2])
                     A, B = full[stage * layers_per_stage + local][module]
                     if module in ("linear_qkv",):
@@ -135,7 +149,10 @@ def add_megatron_lora(mcore: str, spec: dict, tp: int, pp: int, lora_only_dir: s
                         a, b = A.chunk(tp, 1)[rank], B
                     stem = k[: -len(".weight")]
                     model[stem + ".base_layer.weight"] = v
-                    for key, t in ((stem + ".lora_A.default.weight", a), (stem + ".lora_B.default.weight", b)):
+                    for key, t in (
+                        (stem + ".lora_A.default.weight", a),
+                        (stem + ".lora_B.default.weight", b),
+                    ):
                         model[key] = t.contiguous()
                         lora_only[key] = t.contiguous()
                 else:
@@ -157,8 +174,16 @@ def model_spec(family: str) -> dict:
     c = FAMILY_CONFIGS[family]
     d = c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
     q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
-    return {"hidden": c["hidden_size"], "ffn": c["intermediate_size"], "q_size": q, "qkv_rows": q + 2 * kv,
-            "layers": 4, "heads": c["num_attention_heads"], "groups": c["num_key_value_heads"], "head_dim": d}
+    return {
+        "hidden": c["hidden_size"],
+        "ffn": c["intermediate_size"],
+        "q_size": q,
+        "qkv_rows": q + 2 * kv,
+        "layers": 4,
+        "heads": c["num_attention_heads"],
+        "groups": c["num_key_value_heads"],
+        "head_dim": d,
+    }
 
 
 def deinterleave_qkv(b: torch.Tensor, spec: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -166,9 +191,9 @@ def deinterleave_qkv(b: torch.Tensor, spec: dict) -> tuple[torch.Tensor, torch.T
     d, per = spec["head_dim"], spec["heads"] // spec["groups"]
     q, k, v, pos = [], [], [], 0
     for _ in range(spec["groups"]):
-        q.append(b[pos:pos + per * d])
-        k.append(b[pos + per * d:pos + per * d + d])
-        v.append(b[pos + per * d + d:pos + per * d + 2 * d])
+        q.append(b[pos : pos + per * d])
+        k.append(b[pos + per * d : pos + per * d + d])
+        v.append(b[pos + per * d + d : pos + per * d + 2 * d])
         pos += (per + 2) * d
     return torch.cat(q), torch.cat(k), torch.cat(v)
 
@@ -182,17 +207,32 @@ def test_megatron_lora_tp2_pp2_to_peft_and_merged(tmp_path, family):
     full = add_megatron_lora(mcore, spec, tp=2, pp=2)
 
     merged, adapter = str(tmp_path / "merged"), str(tmp_path / "adapter")
-    cli("convert", mcore, merged, "--to", "hf", "--lora-target-modules", "linear_qkv", "linear_proj", "linear_fc1",
-        "linear_fc2")
+    cli(
+        "convert",
+        mcore,
+        merged,
+        "--to",
+        "hf",
+        "--lora-target-modules",
+        "linear_qkv",
+        "linear_proj",
+        "linear_fc1",
+        "linear_fc2",
+    )
     cli("convert", mcore, adapter, "--to", "peft")
     cfg = json.load(open(os.path.join(adapter, "adapter_config.json")))
     assert (cfg["r"], cfg["lora_alpha"], cfg["task_type"]) == (R, ALPHA, "CAUSAL_LM")
-    assert cfg["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert cfg["target_modules"] == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
 
     # oracle 1: peft applies the exported adapter to the HF base and matches the merged model
     assert torch.allclose(peft_logits(base, adapter), hf_logits(merged), atol=1e-4, rtol=1e-5)
     # oracle 2: merged weights equal W + (alpha/r) B A, computed here from the format rules
-    w, m = load_file(os.path.join(base, "model.safetensors")), load_file(os.path.join(merged, "model.safetensors"))
+    w, m = (
+        load_file(os.path.join(base, "model.safetensors")),
+        load_file(os.path.join(merged, "model.safetensors")),
+    )
     for layer in (0, 3):
         A, B = full[layer]["linear_qkv"]
         for name, b in zip(("q_proj", "k_proj", "v_proj"), deinterleave_qkv(B, spec)):
@@ -200,13 +240,19 @@ def test_megatron_lora_tp2_pp2_to_peft_and_merged(tmp_path, family):
             assert torch.equal(m[key], w[key] + (b @ A) * SCALE), key
         A, B = full[layer]["linear_fc1"]
         gate_b, up_b = B.chunk(2, 0)
-        assert torch.equal(m[f"model.layers.{layer}.mlp.gate_proj.weight"],
-                           w[f"model.layers.{layer}.mlp.gate_proj.weight"] + (gate_b @ A) * SCALE)
-        assert torch.equal(m[f"model.layers.{layer}.mlp.up_proj.weight"],
-                           w[f"model.layers.{layer}.mlp.up_proj.weight"] + (up_b @ A) * SCALE)
+        assert torch.equal(
+            m[f"model.layers.{layer}.mlp.gate_proj.weight"],
+            w[f"model.layers.{layer}.mlp.gate_proj.weight"] + (gate_b @ A) * SCALE,
+        )
+        assert torch.equal(
+            m[f"model.layers.{layer}.mlp.up_proj.weight"],
+            w[f"model.layers.{layer}.mlp.up_proj.weight"] + (up_b @ A) * SCALE,
+        )
         A, B = full[layer]["linear_fc2"]
-        assert torch.equal(m[f"model.layers.{layer}.mlp.down_proj.weight"],
-                           w[f"model.layers.{layer}.mlp.down_proj.weight"] + (B @ A) * SCALE)
+        assert torch.equal(
+            m[f"model.layers.{layer}.mlp.down_proj.weight"],
+            w[f"model.layers.{layer}.mlp.down_proj.weight"] + (B @ A) * SCALE,
+        )
 
 
 def test_lora_only_checkpoint_with_lora_load_matches_unified(tmp_path):
@@ -234,7 +280,19 @@ def test_flag_mismatches_are_clear_errors(tmp_path):
         (["--lora-alpha", "16"], "--lora-alpha 16 given but the checkpoint says lora_alpha=8"),
         (["--lora-target-modules", "linear_qkv", "linear_proj"], "not in the list"),
         (["--lora-target-modules", "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "q_proj"], None),
-        (["--lora-target-modules", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], None),
+        (
+            [
+                "--lora-target-modules",
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ],
+            None,
+        ),
         (["--lora-target-modules", "linear_qkv", "linear_proj", "linear_fc1"], "linear_fc2"),
         (["--lora-target-modules", "bogus"], "unknown module 'bogus'"),
     ]
@@ -247,8 +305,10 @@ def test_flag_mismatches_are_clear_errors(tmp_path):
         assert r.returncode == 2 and fragment in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert not os.path.exists(dst)
     # an adapter without a recorded alpha needs the flag
-    for stage_file in [os.path.join(mcore, "iter_0000001", d, "model_optim_rng.pt")
-                       for d in os.listdir(os.path.join(mcore, "iter_0000001"))]:
+    for stage_file in [
+        os.path.join(mcore, "iter_0000001", d, "model_optim_rng.pt")
+        for d in os.listdir(os.path.join(mcore, "iter_0000001"))
+    ]:
         ck = torch.load(stage_file, weights_only=False)
         del ck["args"].lora_alpha
         torch.save(ck, stage_file)
@@ -266,9 +326,26 @@ def test_mindspeed_lora_flags(tmp_path):
     lora_dir = str(tmp_path / "lora")
     add_megatron_lora(mcore, model_spec("qwen2"), tp=2, pp=2, lora_only_dir=lora_dir)
     merged, adapter = str(tmp_path / "merged"), str(tmp_path / "adapter")
-    common = ["--load-model-type", "mg", "--model-type-hf", "qwen25", "--load-dir", mcore, "--lora-load", lora_dir,
-              "--lora-r", str(R), "--lora-alpha", "8", "--lora-target-modules", "linear_qkv", "linear_proj",
-              "linear_fc1", "linear_fc2", "--load-checkpoint-loosely"]
+    common = [
+        "--load-model-type",
+        "mg",
+        "--model-type-hf",
+        "qwen25",
+        "--load-dir",
+        mcore,
+        "--lora-load",
+        lora_dir,
+        "--lora-r",
+        str(R),
+        "--lora-alpha",
+        "8",
+        "--lora-target-modules",
+        "linear_qkv",
+        "linear_proj",
+        "linear_fc1",
+        "linear_fc2",
+        "--load-checkpoint-loosely",
+    ]
     cli("convert-ckpt", *common, "--save-model-type", "hf", "--save-dir", merged)
     cli("convert-ckpt", *common, "--save-model-type", "hf", "--save-lora-to-hf", "--save-dir", adapter)
     assert torch.allclose(peft_logits(base, adapter), hf_logits(merged), atol=1e-4, rtol=1e-5)

@@ -23,16 +23,28 @@ DENSE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 
 VARIANTS = {
     "rslora": dict(target_modules=DENSE, use_rslora=True),
-    "patterns": dict(target_modules=DENSE, rank_pattern={"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6},
-                     alpha_pattern={"down_proj": 3, "o_proj": 16}),
+    "patterns": dict(
+        target_modules=DENSE,
+        rank_pattern={"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6},
+        alpha_pattern={"down_proj": 3, "o_proj": 16},
+    ),
     "dora": dict(target_modules=DENSE, use_dora=True),
     "modules_to_save": dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
-    "all": dict(target_modules=DENSE, use_rslora=True, use_dora=True, modules_to_save=["lm_head"],
-                rank_pattern={"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6}, alpha_pattern={"down_proj": 3}),
+    "all": dict(
+        target_modules=DENSE,
+        use_rslora=True,
+        use_dora=True,
+        modules_to_save=["lm_head"],
+        rank_pattern={"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6},
+        alpha_pattern={"down_proj": 3},
+    ),
     # transformers 5 keeps each layer's experts fused: peft reaches them with target_parameters
-    "moe": dict(target_modules=["q_proj", "o_proj"], target_parameters=["mlp.experts.gate_up_proj",
-                                                                        "mlp.experts.down_proj"],
-                use_rslora=True, alpha_pattern={"o_proj": 5}),
+    "moe": dict(
+        target_modules=["q_proj", "o_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        use_rslora=True,
+        alpha_pattern={"o_proj": 5},
+    ),
 }
 
 
@@ -50,8 +62,9 @@ def make_adapter(base, out: str, **options) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32) if isinstance(base, str) else base
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
-                                                  **options))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, **options)
+    )
     torch.manual_seed(7)
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
@@ -67,7 +80,9 @@ def peft_merged(base: str, adapter: str, out: str) -> dict[str, torch.Tensor]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter
+    )
     model.merge_and_unload().save_pretrained(out)
     return load_file(os.path.join(out, "model.safetensors"))
 
@@ -76,7 +91,9 @@ def peft_logits(base: str, adapter: str) -> torch.Tensor:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter
+    )
     with torch.no_grad():
         return model(IDS).logits
 
@@ -91,8 +108,10 @@ def assert_equal_files(got_dir: str, want: dict[str, torch.Tensor]) -> None:
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("bases")
-    return {"dense": build_hf(str(root / "llama"), "llama", layers=2),
-            "moe": build_moe(str(root / "mixtral"), "mixtral", layers=2)}
+    return {
+        "dense": build_hf(str(root / "llama"), "llama", layers=2),
+        "moe": build_moe(str(root / "mixtral"), "mixtral", layers=2),
+    }
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -101,8 +120,14 @@ def test_variant_merges_like_peft_directly_through_mcore_and_exports(tmp_path, b
     adapter = str(tmp_path / "adapter")
     make_adapter(base, adapter, **VARIANTS[variant])
     want = peft_merged(base, adapter, str(tmp_path / "peft-merged"))
-    changed = [k for k, v in load_file(os.path.join(base, "model.safetensors")).items() if not torch.equal(v, want[k])]
-    assert len(changed) >= 2 * len(VARIANTS[variant]["target_modules"])  # the adapter really changes the model
+    changed = [
+        k
+        for k, v in load_file(os.path.join(base, "model.safetensors")).items()
+        if not torch.equal(v, want[k])
+    ]
+    assert len(changed) >= 2 * len(
+        VARIANTS[variant]["target_modules"]
+    )  # the adapter really changes the model
 
     # HF base + PEFT adapter -> merged HF
     cli("convert", base, str(tmp_path / "direct"), "--to", "hf", "--lora-load", adapter)
@@ -147,7 +172,9 @@ def test_per_expert_lora_as_transformers_4_named_it(tmp_path, bases):
                     mod.add_module(p, nn.Module())
                 mod = getattr(mod, p)
             if not hasattr(mod, path[-1]):
-                mod.add_module(path[-1], nn.Linear(w.shape[1], w.shape[0], bias=False) if w.ndim == 2 else nn.Module())
+                mod.add_module(
+                    path[-1], nn.Linear(w.shape[1], w.shape[0], bias=False) if w.ndim == 2 else nn.Module()
+                )
             holder = getattr(mod, path[-1])
             setattr(holder, leaf, nn.Parameter(w.clone()))
         return root
@@ -163,19 +190,24 @@ def test_per_expert_lora_as_transformers_4_named_it(tmp_path, bases):
     assert set(got) == set(merged)
     for k in got:
         assert torch.equal(got[k], merged[k]), k
-    assert not torch.equal(got["model.layers.1.block_sparse_moe.experts.3.w2.weight"],
-                           weights["model.layers.1.block_sparse_moe.experts.3.w2.weight"])
+    assert not torch.equal(
+        got["model.layers.1.block_sparse_moe.experts.3.w2.weight"],
+        weights["model.layers.1.block_sparse_moe.experts.3.w2.weight"],
+    )
 
 
-@pytest.mark.parametrize("edit, fragment", [
-    ({"peft_type": "LOHA"}, "peft_type='LOHA' is not supported"),
-    ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
-    ({"lora_bias": True}, "lora_bias=True is not supported"),
-    ({"bias": "all"}, "bias='all'"),
-    ({"use_bdlora": {"nblocks": 2}}, "use_bdlora="),
-    ({"trainable_token_indices": [1, 2]}, "trainable_token_indices="),
-    ({"rank_pattern": {"q_proj": 8}}, "q_proj has LoRA rank 4 but adapter_config.json implies r=8"),
-])
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        ({"peft_type": "LOHA"}, "peft_type='LOHA' is not supported"),
+        ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
+        ({"lora_bias": True}, "lora_bias=True is not supported"),
+        ({"bias": "all"}, "bias='all'"),
+        ({"use_bdlora": {"nblocks": 2}}, "use_bdlora="),
+        ({"trainable_token_indices": [1, 2]}, "trainable_token_indices="),
+        ({"rank_pattern": {"q_proj": 8}}, "q_proj has LoRA rank 4 but adapter_config.json implies r=8"),
+    ],
+)
 def test_unsupported_options_are_one_line_errors(tmp_path, bases, edit, fragment):
     adapter = str(tmp_path / "adapter")
     make_adapter(bases["dense"], adapter, target_modules=["q_proj"])
@@ -217,9 +249,14 @@ def test_megatron_expert_lora_tp2_ep2_exports_fused_for_peft(tmp_path, bases):
                 continue
             layer, module = int(parts[2]), parts[-2]
             expert = ep_rank * local + int(parts[parts.index("local_experts") + 1])
-            rows, cols = (2 * v.shape[0], v.shape[1]) if module == "linear_fc1" else (v.shape[0], v.shape[1] * tp)
+            rows, cols = (
+                (2 * v.shape[0], v.shape[1]) if module == "linear_fc1" else (v.shape[0], v.shape[1] * tp)
+            )
             if (layer, expert, module) not in full:
-                full[layer, expert, module] = (torch.randn(r, cols, generator=g), torch.randn(rows, r, generator=g))
+                full[layer, expert, module] = (
+                    torch.randn(r, cols, generator=g),
+                    torch.randn(rows, r, generator=g),
+                )
             A, B = full[layer, expert, module]
             if module == "linear_fc1":  # column-parallel, [gate_t; up_t] on each rank
                 a, b = A, torch.cat([half.chunk(tp, 0)[tp_rank] for half in B.chunk(2, 0)])
@@ -237,10 +274,15 @@ def test_megatron_expert_lora_tp2_ep2_exports_fused_for_peft(tmp_path, bases):
     cli("convert", mc, adapter, "--to", "peft", "--lora-r", "2", "--lora-alpha", "6")
     cfg = json.load(open(os.path.join(adapter, "adapter_config.json")))
     assert cfg["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
-    w, m = load_file(os.path.join(base, "model.safetensors")), load_file(os.path.join(merged, "model.safetensors"))
+    w, m = (
+        load_file(os.path.join(base, "model.safetensors")),
+        load_file(os.path.join(merged, "model.safetensors")),
+    )
     for (layer, e, module), (A, B) in full.items():
         stem = f"model.layers.{layer}.block_sparse_moe.experts.{e}."
-        pairs = [("w1", B.chunk(2, 0)[0]), ("w3", B.chunk(2, 0)[1])] if module == "linear_fc1" else [("w2", B)]
+        pairs = (
+            [("w1", B.chunk(2, 0)[0]), ("w3", B.chunk(2, 0)[1])] if module == "linear_fc1" else [("w2", B)]
+        )
         for name, b in pairs:
             assert torch.equal(m[stem + name + ".weight"], w[stem + name + ".weight"] + (b @ A) * (alpha / r))
     with torch.no_grad():
@@ -248,9 +290,16 @@ def test_megatron_expert_lora_tp2_ep2_exports_fused_for_peft(tmp_path, bases):
     assert torch.allclose(peft_logits(base, adapter), want, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind, layout", [("dense", "shard{tp=2 pp=2}"), ("dense", "shard{tp=2 pp=2 vpp-layers=1}"),
-                                          ("moe", "shard{tp=2 ep=2}"), ("moe", "shard{tp=1 ep=4}"),
-                                          ("moe", "shard{tp=2 ep=2 etp=1}")])
+@pytest.mark.parametrize(
+    "kind, layout",
+    [
+        ("dense", "shard{tp=2 pp=2}"),
+        ("dense", "shard{tp=2 pp=2 vpp-layers=1}"),
+        ("moe", "shard{tp=2 ep=2}"),
+        ("moe", "shard{tp=1 ep=4}"),
+        ("moe", "shard{tp=2 ep=2 etp=1}"),
+    ],
+)
 def test_adapter_tensors_are_resharded_like_their_weights(tmp_path, bases, kind, layout):
     """The adapter's tensors are IR data: sharded by their split rules (DoRA magnitudes and saved
     copies like the rows of their weight) and gathered back, the merge is unchanged, bit for bit."""
@@ -261,8 +310,15 @@ def test_adapter_tensors_are_resharded_like_their_weights(tmp_path, bases, kind,
     make_adapter(bases[kind], adapter, **VARIANTS["all" if kind == "dense" else "moe"])
     src = ck.attach_lora(ck.load(bases[kind]), adapter)
     sharded = ck.run(src, layout)
-    for name in ("layers.0.attn.q.lora_magnitude.weight", "lm_head.lora_saved.weight", "layers.0.attn.q.lora_b.weight")\
-            if kind == "dense" else ("layers.0.attn.q.lora_b.weight",):
+    for name in (
+        (
+            "layers.0.attn.q.lora_magnitude.weight",
+            "lm_head.lora_saved.weight",
+            "layers.0.attn.q.lora_b.weight",
+        )
+        if kind == "dense"
+        else ("layers.0.attn.q.lora_b.weight",)
+    ):
         assert sharded.tensors[name].tp == (1 if "{tp=1" in layout else 2), name
     direct, via = ck.run(src, "lora-merge"), ck.run(sharded, "gather,lora-merge")
     assert list(direct.tensors) == list(via.tensors)

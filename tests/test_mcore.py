@@ -40,18 +40,21 @@ def expected_qkv(sd: dict, layer: int, tp: int, rank: int) -> torch.Tensor:
     rows = []
     for g in range(GROUPS):
         for h in range(g * per_group, (g + 1) * per_group):
-            rows.append(q[h * HEAD_DIM:(h + 1) * HEAD_DIM])
-        rows.append(k[g * HEAD_DIM:(g + 1) * HEAD_DIM])
-        rows.append(v[g * HEAD_DIM:(g + 1) * HEAD_DIM])
+            rows.append(q[h * HEAD_DIM : (h + 1) * HEAD_DIM])
+        rows.append(k[g * HEAD_DIM : (g + 1) * HEAD_DIM])
+        rows.append(v[g * HEAD_DIM : (g + 1) * HEAD_DIM])
     full = torch.cat(rows)
     n = full.shape[0] // tp
-    return full[rank * n:(rank + 1) * n]
+    return full[rank * n : (rank + 1) * n]
 
 
 def expected_fc1(sd: dict, layer: int, tp: int, rank: int) -> torch.Tensor:
-    gate, up = sd[f"model.layers.{layer}.mlp.gate_proj.weight"], sd[f"model.layers.{layer}.mlp.up_proj.weight"]
+    gate, up = (
+        sd[f"model.layers.{layer}.mlp.gate_proj.weight"],
+        sd[f"model.layers.{layer}.mlp.up_proj.weight"],
+    )
     n = FFN // tp
-    return torch.cat([gate[rank * n:(rank + 1) * n], up[rank * n:(rank + 1) * n]])
+    return torch.cat([gate[rank * n : (rank + 1) * n], up[rank * n : (rank + 1) * n]])
 
 
 def test_expected_tensors_tp2_pp2_vpp_noop(tmp_path):
@@ -63,18 +66,31 @@ def test_expected_tensors_tp2_pp2_vpp_noop(tmp_path):
     sd = hf_state(src)
     # Megatron layer -> (stage, chunk, local), and which real layer fills it
     real_of = {0: 0, 1: 1, 2: 2, 4: 3, 5: 4, 6: 5}  # 3 and 7 are no-ops
-    placement = {0: (0, 0, 0), 1: (0, 0, 1), 2: (1, 0, 0), 3: (1, 0, 1),
-                 4: (0, 1, 0), 5: (0, 1, 1), 6: (1, 1, 0), 7: (1, 1, 1)}
+    placement = {
+        0: (0, 0, 0),
+        1: (0, 0, 1),
+        2: (1, 0, 0),
+        3: (1, 0, 1),
+        4: (0, 1, 0),
+        5: (0, 1, 1),
+        6: (1, 1, 0),
+        7: (1, 1, 1),
+    }
     for stage in range(2):
         for rank in range(2):
             f = rank_file(out, rank, stage, 2)
             assert list(f)[:4] == ["args", "checkpoint_version", "iteration", "model0"]
-            assert f["checkpoint_version"] == 3.0 and f["iteration"] == 1 and set(f) == {
-                "args", "checkpoint_version", "iteration", "model0", "model1"}
+            assert (
+                f["checkpoint_version"] == 3.0
+                and f["iteration"] == 1
+                and set(f) == {"args", "checkpoint_version", "iteration", "model0", "model1"}
+            )
             for chunk in range(2):
                 want: dict[str, torch.Tensor] = {}
                 if (stage, chunk) == (0, 0):
-                    want["embedding.word_embeddings.weight"] = sd["model.embed_tokens.weight"][rank * 64:(rank + 1) * 64]
+                    want["embedding.word_embeddings.weight"] = sd["model.embed_tokens.weight"][
+                        rank * 64 : (rank + 1) * 64
+                    ]
                 for mg, (s, c, local) in placement.items():
                     if (s, c) != (stage, chunk) or mg not in real_of:
                         continue
@@ -84,17 +100,25 @@ def test_expected_tensors_tp2_pp2_vpp_noop(tmp_path):
                     want[d + "input_layernorm.weight"] = sd[h + "input_layernorm.weight"]
                     want[d + "pre_mlp_layernorm.weight"] = sd[h + "post_attention_layernorm.weight"]
                     want[d + "self_attention.linear_qkv.weight"] = expected_qkv(sd, layer, 2, rank)
-                    want[d + "self_attention.linear_proj.weight"] = \
-                        sd[h + "self_attn.o_proj.weight"][:, rank * 32:(rank + 1) * 32]
+                    want[d + "self_attention.linear_proj.weight"] = sd[h + "self_attn.o_proj.weight"][
+                        :, rank * 32 : (rank + 1) * 32
+                    ]
                     want[d + "mlp.linear_fc1.weight"] = expected_fc1(sd, layer, 2, rank)
-                    want[d + "mlp.linear_fc2.weight"] = sd[h + "mlp.down_proj.weight"][:, rank * 64:(rank + 1) * 64]
+                    want[d + "mlp.linear_fc2.weight"] = sd[h + "mlp.down_proj.weight"][
+                        :, rank * 64 : (rank + 1) * 64
+                    ]
                 if (stage, chunk) == (1, 1):
                     want["decoder.final_layernorm.weight"] = sd["model.norm.weight"]
-                    want["output_layer.weight"] = sd["lm_head.weight"][rank * 64:(rank + 1) * 64]
+                    want["output_layer.weight"] = sd["lm_head.weight"][rank * 64 : (rank + 1) * 64]
                 got = f[f"model{chunk}"]
                 assert list(got) == list(want), (stage, rank, chunk)
                 for k in want:
-                    assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (stage, rank, chunk, k)
+                    assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (
+                        stage,
+                        rank,
+                        chunk,
+                        k,
+                    )
     args = rank_file(out, 0, 0, 2)["args"]
     assert (args.num_layers, args.noop_layers, args.num_layers_per_virtual_pipeline_stage) == (8, "3,7", 2)
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (2, 2)
@@ -115,8 +139,10 @@ def test_layer_list_places_consecutive_blocks(tmp_path):
         locals_ = sorted({int(k.split(".")[2]) for k in model if k.startswith("decoder.layers.")})
         assert locals_ == list(range(len(layers)))
         for local, layer in enumerate(layers):
-            assert torch.equal(model[f"decoder.layers.{local}.self_attention.linear_qkv.bias"][:32],
-                               sd[f"model.layers.{layer}.self_attn.q_proj.bias"][:32])
+            assert torch.equal(
+                model[f"decoder.layers.{local}.self_attention.linear_qkv.bias"][:32],
+                sd[f"model.layers.{layer}.self_attn.q_proj.bias"][:32],
+            )
     assert rank_file(out, 0, 0, 3)["args"].num_layer_list == "1,3,2"
 
 
@@ -174,8 +200,23 @@ def test_mindspeed_transformer_engine_naming_fuses_only_the_input_norm(tmp_path)
 
     src = build_hf(str(tmp_path / "hf"), "llama", layers=2, vocab=VOCAB)
     out = str(tmp_path / "mc")
-    subprocess.run([sys.executable, "-m", "ckpt_ir", "convert-ckpt", "--load-dir", src, "--save-dir", out,
-                    "--transformer-impl", "transformer_engine", "--model-type-hf", "llama2"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ckpt_ir",
+            "convert-ckpt",
+            "--load-dir",
+            src,
+            "--save-dir",
+            out,
+            "--transformer-impl",
+            "transformer_engine",
+            "--model-type-hf",
+            "llama2",
+        ],
+        check=True,
+    )
     model = rank_file(out, 0, 0, 1)["model"]
     assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in model
     assert "decoder.layers.0.pre_mlp_layernorm.weight" in model
@@ -195,7 +236,13 @@ def test_reads_mindspeed_style_args_without_ckpt_ir_fields(tmp_path):
         for rank in range(2):
             path = os.path.join(out, "iter_0000001", f"mp_rank_{rank:02d}_{stage:03d}", "model_optim_rng.pt")
             f = torch.load(path, weights_only=False)
-            for k in ("ckpt_ir_family", "ckpt_ir_hf_config", "num_query_groups", "ffn_hidden_size", "padded_vocab_size"):
+            for k in (
+                "ckpt_ir_family",
+                "ckpt_ir_hf_config",
+                "num_query_groups",
+                "ffn_hidden_size",
+                "padded_vocab_size",
+            ):
                 delattr(f["args"], k)
             f["args"].model_type_hf = "qwen25"
             import collections
@@ -218,17 +265,29 @@ def layouts(draw, layers: int):
     noop: tuple[int, ...] = ()
     if mode != "list" and draw(st.booleans()):
         count = draw(st.integers(1, 2))
-        noop = tuple(sorted(draw(st.lists(st.integers(0, layers + count - 1), min_size=count, max_size=count,
-                                          unique=True))))
+        noop = tuple(
+            sorted(
+                draw(
+                    st.lists(st.integers(0, layers + count - 1), min_size=count, max_size=count, unique=True)
+                )
+            )
+        )
     total = layers + len(noop)
     if mode == "list":
         pp = draw(st.integers(1, min(4, total)))
-        cuts = sorted(draw(st.lists(st.integers(1, total - 1), min_size=pp - 1, max_size=pp - 1, unique=True)))
+        cuts = sorted(
+            draw(st.lists(st.integers(1, total - 1), min_size=pp - 1, max_size=pp - 1, unique=True))
+        )
         bounds = [0, *cuts, total]
         num_layer_list = tuple(b - a for a, b in zip(bounds, bounds[1:]))
         return dict(tp=tp, pp=pp, num_layer_list=num_layer_list)
     if mode == "vpp":
-        options = [(pp, lv) for pp in (2, 3, 4) for lv in (1, 2, 3) if total % (pp * lv) == 0 and total // (pp * lv) > 1]
+        options = [
+            (pp, lv)
+            for pp in (2, 3, 4)
+            for lv in (1, 2, 3)
+            if total % (pp * lv) == 0 and total // (pp * lv) > 1
+        ]
         if options:
             pp, lv = draw(st.sampled_from(options))
             return dict(tp=tp, pp=pp, vpp_layers=lv, noop_layers=noop)
@@ -243,8 +302,12 @@ def prop_models(tmp_path_factory):
     return {fam: build_hf(str(root / fam), fam, layers=6, vocab=100) for fam in ("llama", "qwen3", "gemma2")}
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
-          derandomize=True)
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    derandomize=True,
+)
 @given(family=st.sampled_from(["llama", "qwen3", "gemma2"]), first=layouts(6), second=layouts(6))
 def test_property_round_trips_are_bit_exact(prop_models, tmp_path_factory, family, first, second):
     """HF -> mcore(first) -> HF and HF -> mcore(first) -> mcore(second) -> HF are bit-exact."""
@@ -268,20 +331,26 @@ def small(tmp_path_factory):
     return ck.load(build_hf(str(tmp_path_factory.mktemp("v") / "hf"), "llama", layers=4, vocab=100))
 
 
-@pytest.mark.parametrize("target, fragment", [
-    (dict(tp=3), "attention heads are not divisible by tensor parallel size 3"),
-    (dict(tp=4), "query groups (KV heads) are not divisible"),
-    (dict(tp=2, vocab_divisible_by=None), None),  # 100 rows split over 2: fine
-    (dict(pp=3), "do not split evenly over pipeline parallel size 3"),
-    (dict(pp=2, num_layer_list=(1, 2)), "sums to 3 but the model has 4 layers"),
-    (dict(pp=2, num_layer_list=(1, 1, 2)), "has 3 entries but pipeline parallel size is 2"),
-    (dict(pp=2, num_layer_list=(0, 4)), "has a stage with no layers"),
-    (dict(pp=2, vpp_layers=1, num_layer_list=(2, 2)), "cannot be combined"),
-    (dict(pp=2, noop_layers=(1,), num_layer_list=(2, 3)), "--noop-layers and --num-layer-list cannot be combined"),
-    (dict(pp=1, vpp_layers=2), "needs pipeline parallel size >= 2"),
-    (dict(pp=2, vpp_layers=3), "do not split into pipeline size 2 x 3"),
-    (dict(noop_layers=(7,)), "outside the 5 Megatron layers"),
-])
+@pytest.mark.parametrize(
+    "target, fragment",
+    [
+        (dict(tp=3), "attention heads are not divisible by tensor parallel size 3"),
+        (dict(tp=4), "query groups (KV heads) are not divisible"),
+        (dict(tp=2, vocab_divisible_by=None), None),  # 100 rows split over 2: fine
+        (dict(pp=3), "do not split evenly over pipeline parallel size 3"),
+        (dict(pp=2, num_layer_list=(1, 2)), "sums to 3 but the model has 4 layers"),
+        (dict(pp=2, num_layer_list=(1, 1, 2)), "has 3 entries but pipeline parallel size is 2"),
+        (dict(pp=2, num_layer_list=(0, 4)), "has a stage with no layers"),
+        (dict(pp=2, vpp_layers=1, num_layer_list=(2, 2)), "cannot be combined"),
+        (
+            dict(pp=2, noop_layers=(1,), num_layer_list=(2, 3)),
+            "--noop-layers and --num-layer-list cannot be combined",
+        ),
+        (dict(pp=1, vpp_layers=2), "needs pipeline parallel size >= 2"),
+        (dict(pp=2, vpp_layers=3), "do not split into pipeline size 2 x 3"),
+        (dict(noop_layers=(7,)), "outside the 5 Megatron layers"),
+    ],
+)
 def test_invalid_layouts_are_refused_before_any_io(small, tmp_path, target, fragment):
     t = ck.Target(to="mcore", **target)
     dst = str(tmp_path / "out")

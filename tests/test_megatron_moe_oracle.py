@@ -49,21 +49,48 @@ INPUT_IDS = [[(7 * i + 3) % 120 for i in range(SEQ)], [(11 * i + 5) % 120 for i 
 E = 4  # routed experts per MoE layer
 TOPK = 2
 
-COMMON = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, vocab_size=128,
-              max_position_embeddings=128, rms_norm_eps=1e-5, num_experts_per_tok=TOPK,
-              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+COMMON = dict(
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_hidden_layers=2,
+    vocab_size=128,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    num_experts_per_tok=TOPK,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+)
 MODELS = {
     # experts of size intermediate_size; router renormalises its top-k
     "mixtral": dict(family="mixtral", intermediate_size=48, num_local_experts=E, tie_word_embeddings=False),
-    "mixtral-4l": dict(family="mixtral", intermediate_size=48, num_local_experts=E, tie_word_embeddings=False,
-                       num_hidden_layers=4),
+    "mixtral-4l": dict(
+        family="mixtral",
+        intermediate_size=48,
+        num_local_experts=E,
+        tie_word_embeddings=False,
+        num_hidden_layers=4,
+    ),
     # q/k norms, head_dim 32 != hidden / heads, top-k of the full softmax (norm_topk_prob false)
-    "qwen3_moe": dict(family="qwen3_moe", intermediate_size=128, moe_intermediate_size=32, num_experts=E,
-                      head_dim=32, norm_topk_prob=False, tie_word_embeddings=False),
+    "qwen3_moe": dict(
+        family="qwen3_moe",
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_experts=E,
+        head_dim=32,
+        norm_topk_prob=False,
+        tie_word_embeddings=False,
+    ),
     # qkv bias, a sigmoid-gated shared expert, layer 1 dense (mlp_only_layers), tied embeddings
-    "qwen2_moe": dict(family="qwen2_moe", intermediate_size=96, moe_intermediate_size=32, num_experts=E,
-                      shared_expert_intermediate_size=48, mlp_only_layers=[1], norm_topk_prob=False,
-                      tie_word_embeddings=True),
+    "qwen2_moe": dict(
+        family="qwen2_moe",
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_experts=E,
+        shared_expert_intermediate_size=48,
+        mlp_only_layers=[1],
+        norm_topk_prob=False,
+        tie_word_embeddings=True,
+    ),
 }
 
 # case -> (model, conversion).  A conversion is CLI arguments for ``ckpt-ir convert HF OUT --to
@@ -79,21 +106,31 @@ CASES = {
     "mixtral-tp1pp2vpp2ep2": ("mixtral-4l", ["--pp", "2", "--vpp-layers", "1", "--ep", "2"]),  # model0/model1
     "mixtral-tp2ep1": ("mixtral", ["--tp", "2"]),  # experts TP-sharded, no EP: mp_rank_TT
     "mixtral-tp2ep4-etp1": ("mixtral", ["--tp", "2", "--ep", "4", "--etp", "1"]),  # EP > TP, ranks (e % 2, e)
-    "mixtral-tp2pp2ep2-etp1": ("mixtral-4l", ["--tp", "2", "--pp", "2", "--ep", "2", "--etp", "1"]),  # (t, p, t)
+    "mixtral-tp2pp2ep2-etp1": (
+        "mixtral-4l",
+        ["--tp", "2", "--pp", "2", "--ep", "2", "--etp", "1"],
+    ),  # (t, p, t)
     # Megatron -> Megatron: grouped TP2 x EP2 back to one expert per rank, ungrouped
     "mixtral-tp2ep2-grouped-to-ep4": ("mixtral", ("from", "mixtral-tp2ep2-grouped", ["--ep", "4"])),
     # ... and expert TP 1 files (only the owned (t, e) pairs exist) back to expert TP 2
     "mixtral-tp2ep4-etp1-to-tp2ep2": ("mixtral", ("from", "mixtral-tp2ep4-etp1", ["--tp", "2", "--ep", "2"])),
     "qwen3_moe-tp1ep2": ("qwen3_moe", ["--ep", "2"]),
     "qwen3_moe-tp2ep2": ("qwen3_moe", ["--tp", "2", "--ep", "2"]),
-    "qwen3_moe-tp2ep2-etp1-grouped": ("qwen3_moe", ["--tp", "2", "--ep", "2", "--etp", "1", "--moe-grouped-gemm"]),
-    "qwen3_moe-etp1-grouped-to-tp2-grouped": ("qwen3_moe", ("from", "qwen3_moe-tp2ep2-etp1-grouped",
-                                                            ["--tp", "2", "--moe-grouped-gemm"])),
+    "qwen3_moe-tp2ep2-etp1-grouped": (
+        "qwen3_moe",
+        ["--tp", "2", "--ep", "2", "--etp", "1", "--moe-grouped-gemm"],
+    ),
+    "qwen3_moe-etp1-grouped-to-tp2-grouped": (
+        "qwen3_moe",
+        ("from", "qwen3_moe-tp2ep2-etp1-grouped", ["--tp", "2", "--moe-grouped-gemm"]),
+    ),
     "qwen2_moe-tp1ep2": ("qwen2_moe", ["--ep", "2"]),
     "qwen2_moe-tp2ep2": ("qwen2_moe", ["--tp", "2", "--ep", "2"]),
     "qwen2_moe-tp1pp2ep2": ("qwen2_moe", ["--pp", "2", "--ep", "2"]),  # dense layer 1 on stage 1, tied
-    "qwen2_moe-tp2ep2-to-etp1-grouped": ("qwen2_moe", ("from", "qwen2_moe-tp2ep2",
-                                                        ["--tp", "2", "--ep", "2", "--etp", "1", "--moe-grouped-gemm"])),
+    "qwen2_moe-tp2ep2-to-etp1-grouped": (
+        "qwen2_moe",
+        ("from", "qwen2_moe-tp2ep2", ["--tp", "2", "--ep", "2", "--etp", "1", "--moe-grouped-gemm"]),
+    ),
 }
 # (tp, pp, vpp, ep, etp, grouped) each case must come out as
 EXPECTED_LAYOUT = {
@@ -143,8 +180,13 @@ def _build_hf(path: str, family: str, seed: int, **kw) -> dict:
     model.save_pretrained(path)
     with open(os.path.join(path, "config.json")) as fh:
         config = json.load(fh)
-    return {"dir": path, "config": config, "logits": out.logits, "router_logits": out.router_logits,
-            "family": family}
+    return {
+        "dir": path,
+        "config": config,
+        "logits": out.logits,
+        "router_logits": out.router_logits,
+        "family": family,
+    }
 
 
 def _moe_config(family: str, hf: dict) -> dict:
@@ -152,13 +194,22 @@ def _moe_config(family: str, hf: dict) -> dict:
     n = hf.get("num_experts") or hf["num_local_experts"]
     layers = hf["num_hidden_layers"]
     if family == "mixtral":
-        return {"num_experts": n, "topk": hf["num_experts_per_tok"], "ffn_hidden_size": hf["intermediate_size"],
-                "pre_softmax": False}
+        return {
+            "num_experts": n,
+            "topk": hf["num_experts_per_tok"],
+            "ffn_hidden_size": hf["intermediate_size"],
+            "pre_softmax": False,
+        }
     step, only = hf.get("decoder_sparse_step") or 1, set(hf.get("mlp_only_layers") or ())
     freq = [int(i not in only and (i + 1) % step == 0) for i in range(layers)]
-    moe = {"num_experts": n, "topk": hf["num_experts_per_tok"], "ffn_hidden_size": hf["moe_intermediate_size"],
-           # renormalised top-k of a softmax == softmax of the top-k logits (Megatron's default)
-           "pre_softmax": not hf.get("norm_topk_prob", False), "layer_freq": freq if 0 in freq else 1}
+    moe = {
+        "num_experts": n,
+        "topk": hf["num_experts_per_tok"],
+        "ffn_hidden_size": hf["moe_intermediate_size"],
+        # renormalised top-k of a softmax == softmax of the top-k logits (Megatron's default)
+        "pre_softmax": not hf.get("norm_topk_prob", False),
+        "layer_freq": freq if 0 in freq else 1,
+    }
     if hf.get("shared_expert_intermediate_size"):
         moe.update(shared_ffn_hidden_size=hf["shared_expert_intermediate_size"], shared_gate=True)
     return moe
@@ -189,7 +240,10 @@ def _permute_local_experts(src: str, dst: str) -> None:
         sd = blob["model"]
         swapped = {}
         for key, value in sd.items():
-            for a, b in ((".local_experts.0.", ".local_experts.1."), (".local_experts.1.", ".local_experts.0.")):
+            for a, b in (
+                (".local_experts.0.", ".local_experts.1."),
+                (".local_experts.1.", ".local_experts.0."),
+            ):
                 if a in key:
                     key = key.replace(a, b)
                     break
@@ -212,7 +266,9 @@ def _concat_grouped_weight1(src: str, dst: str) -> None:
 
 
 def _rank_args(out: str) -> dict:
-    return vars(torch.load(os.path.join(_rank_dirs(out)[0], "model_optim_rng.pt"), weights_only=False)["args"])
+    return vars(
+        torch.load(os.path.join(_rank_dirs(out)[0], "model_optim_rng.pt"), weights_only=False)["args"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -220,8 +276,10 @@ def oracle(tmp_path_factory):
     root = tmp_path_factory.mktemp("mcore-moe-oracle")
     for sub in ("hf", "mcore", "logits"):
         os.makedirs(root / sub)
-    models = {name: _build_hf(str(root / "hf" / name), seed=100 + i, **spec)
-              for i, (name, spec) in enumerate(MODELS.items())}
+    models = {
+        name: _build_hf(str(root / "hf" / name), seed=100 + i, **spec)
+        for i, (name, spec) in enumerate(MODELS.items())
+    }
     cases = {}
     for case, (model, conversion) in CASES.items():
         out = str(root / "mcore" / case)
@@ -242,21 +300,37 @@ def oracle(tmp_path_factory):
         m = models[model]
         hf = m["config"]
         args = _rank_args(out)  # only the layout: the model itself is configured from the HF config
-        job_cases.append({
-            "name": case, "model": model, "ckpt": out, "tp": args["tensor_model_parallel_size"],
-            "pp": args["pipeline_model_parallel_size"], "vpp": args.get("virtual_pipeline_model_parallel_size"),
-            "ep": args["expert_model_parallel_size"],
-            "etp": args["expert_tensor_parallel_size"], "hf_config": hf, "padded_vocab": args["padded_vocab_size"],
-            "tied": bool(hf.get("tie_word_embeddings")), "qkv_bias": m["family"] == "qwen2_moe",
-            "qk_norm": m["family"] == "qwen3_moe",
-            "moe": {**_moe_config(m["family"], hf), "grouped_gemm": bool(args.get("moe_grouped_gemm"))},
-            "input_ids": INPUT_IDS, "out": str(root / "logits" / f"{case}.pt"),
-        })
+        job_cases.append(
+            {
+                "name": case,
+                "model": model,
+                "ckpt": out,
+                "tp": args["tensor_model_parallel_size"],
+                "pp": args["pipeline_model_parallel_size"],
+                "vpp": args.get("virtual_pipeline_model_parallel_size"),
+                "ep": args["expert_model_parallel_size"],
+                "etp": args["expert_tensor_parallel_size"],
+                "hf_config": hf,
+                "padded_vocab": args["padded_vocab_size"],
+                "tied": bool(hf.get("tie_word_embeddings")),
+                "qkv_bias": m["family"] == "qwen2_moe",
+                "qk_norm": m["family"] == "qwen3_moe",
+                "moe": {**_moe_config(m["family"], hf), "grouped_gemm": bool(args.get("moe_grouped_gemm"))},
+                "input_ids": INPUT_IDS,
+                "out": str(root / "logits" / f"{case}.pt"),
+            }
+        )
     job = root / "job.json"
     job.write_text(json.dumps({"store": str(root / "gloo-store"), "cases": job_cases}))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen([sys.executable, HARNESS, str(job), str(WORLD)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, HARNESS, str(job), str(WORLD)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -271,8 +345,15 @@ def oracle(tmp_path_factory):
             with open(f"{jc['out']}.rank{rank}.json") as fh:
                 reports.append(json.load(fh))
         m = models[jc["model"]]
-        results[jc["name"]] = {"job": jc, "reports": reports, "logits": torch.load(jc["out"]), "ref": m["logits"],
-                               "model": m, "args": _rank_args(jc["ckpt"]), "files": _rank_dirs(jc["ckpt"])}
+        results[jc["name"]] = {
+            "job": jc,
+            "reports": reports,
+            "logits": torch.load(jc["out"]),
+            "ref": m["logits"],
+            "model": m,
+            "args": _rank_args(jc["ckpt"]),
+            "files": _rank_dirs(jc["ckpt"]),
+        }
     return results
 
 
@@ -297,7 +378,14 @@ def test_checkpoint_loads_exactly(oracle, case):
     r = oracle[case]
     job = r["job"]
     tp, pp, vpp, ep, etp, grouped = EXPECTED_LAYOUT[case]
-    assert (job["tp"], job["pp"], job["vpp"], job["ep"], job["etp"], job["moe"]["grouped_gemm"]) == EXPECTED_LAYOUT[case]
+    assert (
+        job["tp"],
+        job["pp"],
+        job["vpp"],
+        job["ep"],
+        job["etp"],
+        job["moe"]["grouped_gemm"],
+    ) == EXPECTED_LAYOUT[case]
     seen = set()
     for rep in r["reports"]:
         seen.add((rep["tp_rank"], rep["pp_rank"], rep["ep_rank"]))
@@ -313,8 +401,10 @@ def test_checkpoint_loads_exactly(oracle, case):
     want = {(r_ % tp, r_ // (WORLD // pp), r_ // etp % ep) for r_ in range(WORLD)}
     assert seen == want
     names = {os.path.basename(d) for d in r["files"]}
-    assert names == {f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "") + (f"_{e:03d}" if ep > 1 else "")
-                     for t, p, e in want}
+    assert names == {
+        f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "") + (f"_{e:03d}" if ep > 1 else "")
+        for t, p, e in want
+    }
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -361,11 +451,18 @@ def test_args_describe_the_moe(oracle, case):
     job, args = r["job"], r["args"]
     moe = job["moe"]
     tp, pp, vpp, ep, etp, grouped = EXPECTED_LAYOUT[case]
-    want = {"num_experts": moe["num_experts"], "moe_router_topk": moe["topk"],
-            "moe_ffn_hidden_size": moe["ffn_hidden_size"], "moe_grouped_gemm": grouped,
-            "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "expert_model_parallel_size": ep,
-            "virtual_pipeline_model_parallel_size": vpp, "expert_tensor_parallel_size": etp,
-            "transformer_impl": "local"}
+    want = {
+        "num_experts": moe["num_experts"],
+        "moe_router_topk": moe["topk"],
+        "moe_ffn_hidden_size": moe["ffn_hidden_size"],
+        "moe_grouped_gemm": grouped,
+        "tensor_model_parallel_size": tp,
+        "pipeline_model_parallel_size": pp,
+        "expert_model_parallel_size": ep,
+        "virtual_pipeline_model_parallel_size": vpp,
+        "expert_tensor_parallel_size": etp,
+        "transformer_impl": "local",
+    }
     if moe.get("shared_ffn_hidden_size"):
         want["moe_shared_expert_intermediate_size"] = moe["shared_ffn_hidden_size"]
     assert {k: args.get(k) for k in want} == want
@@ -397,5 +494,8 @@ def test_wrong_expert_placement_is_caught(oracle, control):
     r = oracle[control]
     for rep in r["reports"]:
         (chunk,) = rep["chunks"]
-        assert chunk["unexpected"] == [] and [k for k in chunk["missing"] if not k.endswith("._extra_state")] == []
+        assert (
+            chunk["unexpected"] == []
+            and [k for k in chunk["missing"] if not k.endswith("._extra_state")] == []
+        )
     assert (r["logits"] - r["ref"]).abs().max() > 1.0

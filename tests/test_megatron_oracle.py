@@ -75,9 +75,16 @@ BROKEN = "llama-tp1pp1-wrong-qkv-layout"
 def _build_hf(path: str, family: str, layers: int, tied: bool, vocab: int, theta: float, seed: int) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(family, **FAMILY_CONFIGS[family], num_hidden_layers=layers, vocab_size=vocab,
-                               max_position_embeddings=128, tie_word_embeddings=tied, rms_norm_eps=1e-5,
-                               rope_parameters={"rope_type": "default", "rope_theta": theta})
+    cfg = AutoConfig.for_model(
+        family,
+        **FAMILY_CONFIGS[family],
+        num_hidden_layers=layers,
+        vocab_size=vocab,
+        max_position_embeddings=128,
+        tie_word_embeddings=tied,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": theta},
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -87,9 +94,17 @@ def _build_hf(path: str, family: str, layers: int, tied: bool, vocab: int, theta
     model.save_pretrained(path)
     with open(os.path.join(path, "config.json")) as fh:
         config = json.load(fh)
-    return {"dir": path, "config": config, "logits": logits, "tied": tied, "vocab": vocab,
-            "qkv_bias": family in ("qwen2", "seed_oss", "glm"),
-            "rotary_interleaved": family == "glm", "rotary_percent": _rotary_fraction(config), "qk_norm": family == "qwen3"}
+    return {
+        "dir": path,
+        "config": config,
+        "logits": logits,
+        "tied": tied,
+        "vocab": vocab,
+        "qkv_bias": family in ("qwen2", "seed_oss", "glm"),
+        "rotary_interleaved": family == "glm",
+        "rotary_percent": _rotary_fraction(config),
+        "qk_norm": family == "qwen3",
+    }
 
 
 def _rotary_fraction(config: dict) -> float:
@@ -124,7 +139,10 @@ def oracle(tmp_path_factory):
     root = tmp_path_factory.mktemp("mcore-oracle")
     for sub in ("hf", "mcore", "logits"):
         os.makedirs(root / sub)
-    models = {name: _build_hf(str(root / "hf" / name), seed=i, **spec) for i, (name, spec) in enumerate(MODELS.items())}
+    models = {
+        name: _build_hf(str(root / "hf" / name), seed=i, **spec)
+        for i, (name, spec) in enumerate(MODELS.items())
+    }
     cases = []
     for case, (model, conversion) in CASES.items():
         out = str(root / "mcore" / case)
@@ -134,25 +152,45 @@ def oracle(tmp_path_factory):
         else:
             _convert(models[model]["dir"], out, conversion)
         cases.append((case, model, out))
-    _regroup_qkv_wrongly(str(root / "mcore" / "llama-tp1pp1"), str(root / "mcore" / BROKEN), models["llama"]["config"])
+    _regroup_qkv_wrongly(
+        str(root / "mcore" / "llama-tp1pp1"), str(root / "mcore" / BROKEN), models["llama"]["config"]
+    )
     cases.append((BROKEN, "llama", str(root / "mcore" / BROKEN)))
 
     job_cases = []
     for case, model, out in cases:
         m = models[model]
         tp, pp, vpp = _layout(out)
-        job_cases.append({
-            "name": case, "ckpt": out, "tp": tp, "pp": pp, "vpp": vpp, "hf_config": m["config"],
-            "padded_vocab": _padded_vocab(out), "tied": m["tied"], "qkv_bias": m["qkv_bias"],
-            "qk_norm": m["qk_norm"], "rotary_interleaved": m["rotary_interleaved"],
-            "rotary_percent": m["rotary_percent"], "input_ids": INPUT_IDS, "out": str(root / "logits" / f"{case}.pt"),
-        })
+        job_cases.append(
+            {
+                "name": case,
+                "ckpt": out,
+                "tp": tp,
+                "pp": pp,
+                "vpp": vpp,
+                "hf_config": m["config"],
+                "padded_vocab": _padded_vocab(out),
+                "tied": m["tied"],
+                "qkv_bias": m["qkv_bias"],
+                "qk_norm": m["qk_norm"],
+                "rotary_interleaved": m["rotary_interleaved"],
+                "rotary_percent": m["rotary_percent"],
+                "input_ids": INPUT_IDS,
+                "out": str(root / "logits" / f"{case}.pt"),
+            }
+        )
     job = root / "job.json"
     job.write_text(json.dumps({"store": str(root / "gloo-store"), "cases": job_cases}))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     # own session, so a timeout can stop the forked ranks as well as the launcher
-    proc = subprocess.Popen([sys.executable, HARNESS, str(job), str(WORLD)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, HARNESS, str(job), str(WORLD)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -166,8 +204,13 @@ def oracle(tmp_path_factory):
         for rank in range(WORLD):
             with open(f"{jc['out']}.rank{rank}.json") as fh:
                 reports.append(json.load(fh))
-        results[jc["name"]] = {"job": jc, "reports": reports, "logits": torch.load(jc["out"]),
-                               "ref": models[_model_of(jc["name"])]["logits"], "vocab": models[_model_of(jc["name"])]["vocab"]}
+        results[jc["name"]] = {
+            "job": jc,
+            "reports": reports,
+            "logits": torch.load(jc["out"]),
+            "ref": models[_model_of(jc["name"])]["logits"],
+            "vocab": models[_model_of(jc["name"])]["vocab"],
+        }
     return results
 
 
@@ -183,8 +226,11 @@ def _rank_args(out: str):
 
 def _layout(out: str) -> tuple[int, int, int | None]:
     args = _rank_args(out)
-    return (args["tensor_model_parallel_size"], args["pipeline_model_parallel_size"],
-            args.get("virtual_pipeline_model_parallel_size"))
+    return (
+        args["tensor_model_parallel_size"],
+        args["pipeline_model_parallel_size"],
+        args.get("virtual_pipeline_model_parallel_size"),
+    )
 
 
 def _padded_vocab(out: str) -> int:
@@ -192,10 +238,18 @@ def _padded_vocab(out: str) -> int:
 
 
 EXPECTED_LAYOUT = {
-    "llama-tp1pp1": (1, 1, None), "qwen2-tp1pp1": (1, 1, None), "qwen3-tp1pp1": (1, 1, None),
-    "llama-tp2pp1": (2, 1, None), "qwen2-tp2pp1": (2, 1, None), "qwen3-tp2pp1": (2, 1, None),
-    "llama-tp2-padded-vocab": (2, 1, None), "llama-tp2pp2": (2, 2, None), "qwen2-tp2pp2-tied": (2, 2, None),
-    "qwen3-tp1pp2-tied": (1, 2, None), "llama-tp2pp2-to-pp2vpp2": (1, 2, 2), "seed_oss-tp2pp1": (2, 1, None),
+    "llama-tp1pp1": (1, 1, None),
+    "qwen2-tp1pp1": (1, 1, None),
+    "qwen3-tp1pp1": (1, 1, None),
+    "llama-tp2pp1": (2, 1, None),
+    "qwen2-tp2pp1": (2, 1, None),
+    "qwen3-tp2pp1": (2, 1, None),
+    "llama-tp2-padded-vocab": (2, 1, None),
+    "llama-tp2pp2": (2, 2, None),
+    "qwen2-tp2pp2-tied": (2, 2, None),
+    "qwen3-tp1pp2-tied": (1, 2, None),
+    "llama-tp2pp2-to-pp2vpp2": (1, 2, 2),
+    "seed_oss-tp2pp1": (2, 1, None),
     "glm-tp2pp1": (2, 1, None),
 }
 
@@ -233,13 +287,19 @@ def test_args_describe_the_model(oracle, case):
     r = oracle[case]
     hf, job = r["job"]["hf_config"], r["job"]
     want = {
-        "num_layers": hf["num_hidden_layers"], "hidden_size": hf["hidden_size"],
-        "ffn_hidden_size": hf["intermediate_size"], "num_attention_heads": hf["num_attention_heads"],
+        "num_layers": hf["num_hidden_layers"],
+        "hidden_size": hf["hidden_size"],
+        "ffn_hidden_size": hf["intermediate_size"],
+        "num_attention_heads": hf["num_attention_heads"],
         "num_query_groups": hf["num_key_value_heads"],
         "kv_channels": hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-        "norm_epsilon": hf["rms_norm_eps"], "add_qkv_bias": job["qkv_bias"], "qk_layernorm": job["qk_norm"],
-        "untie_embeddings_and_output_weights": not job["tied"], "padded_vocab_size": job["padded_vocab"],
-        "tensor_model_parallel_size": job["tp"], "pipeline_model_parallel_size": job["pp"],
+        "norm_epsilon": hf["rms_norm_eps"],
+        "add_qkv_bias": job["qkv_bias"],
+        "qk_layernorm": job["qk_norm"],
+        "untie_embeddings_and_output_weights": not job["tied"],
+        "padded_vocab_size": job["padded_vocab"],
+        "tensor_model_parallel_size": job["tp"],
+        "pipeline_model_parallel_size": job["pp"],
         "transformer_impl": "local",
         "rotary_base": (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta")),
     }

@@ -18,8 +18,9 @@ def test_megatron_core_checkpoint_converts_to_hf_with_its_weights(tmp_path, caps
     hf = str(tmp_path / "hf")
     F.make_tiny_hf_llama(hf, hidden=72, layers=4, heads=4, kv_heads=2, ffn=120, vocab=256, tied=False)
     out = str(tmp_path / "megatron")
-    info = F.make_distopt_checkpoint(out, hf, tp=2, pp=2, dp=1, bucket_size=4096, steps=1, bf16=True,
-                                     init="hf", vocab_divisible_by=128)
+    info = F.make_distopt_checkpoint(
+        out, hf, tp=2, pp=2, dp=1, bucket_size=4096, steps=1, bf16=True, init="hf", vocab_divisible_by=128
+    )
     assert info
     back = str(tmp_path / "back")
     assert cli_main(["convert", out, back, "--to", "hf", "--hf-config", hf, "--quiet"]) == 0
@@ -29,7 +30,10 @@ def test_megatron_core_checkpoint_converts_to_hf_with_its_weights(tmp_path, caps
     capsys.readouterr()
     inferred = str(tmp_path / "inferred")
     assert cli_main(["convert", out, inferred, "--to", "hf"]) == 0
-    assert "inferred family llama from args (swiglu, RMSNorm, rope, untied output layer)" in capsys.readouterr().err
+    assert (
+        "inferred family llama from args (swiglu, RMSNorm, rope, untied output layer)"
+        in capsys.readouterr().err
+    )
     alone = load_file(os.path.join(inferred, "model.safetensors"))
     assert alone.keys() == got.keys() and all(torch.equal(alone[k], got[k]) for k in got)
     from transformers import AutoModelForCausalLM
@@ -45,7 +49,9 @@ def test_megatron_core_checkpoint_converts_to_hf_with_its_weights(tmp_path, caps
     truth = {}
     for stage in range(2):
         for rank in range(2):
-            gt = torch.load(os.path.join(out, "ground_truth", f"mp_rank_{rank:02d}_{stage:03d}.pt"), weights_only=False)
+            gt = torch.load(
+                os.path.join(out, "ground_truth", f"mp_rank_{rank:02d}_{stage:03d}.pt"), weights_only=False
+            )
             for name, p in gt["params"].items():
                 truth.setdefault((stage, name), {})[rank] = p["model_param"]
     emb = torch.cat([truth[(0, "embedding.word_embeddings.weight")][r] for r in range(2)])[:256]
@@ -80,19 +86,32 @@ def test_fp32_masters_of_a_distributed_optimizer_export_to_hf(tmp_path):
     out = str(tmp_path / "megatron")
     F.make_distopt_checkpoint(out, hf, tp=2, pp=2, dp=2, bucket_size=4096, steps=2, bf16=True, init="hf")
     back = str(tmp_path / "masters")
-    assert cli_main(["convert", out, back, "--to", "hf", "--hf-config", hf, "--weights-from", "master", "--quiet"]) == 0
+    assert (
+        cli_main(
+            ["convert", out, back, "--to", "hf", "--hf-config", hf, "--weights-from", "master", "--quiet"]
+        )
+        == 0
+    )
     got = load_file(os.path.join(back, "model.safetensors"))
     truth = _gather_truth(out, 2, 2, "param")
     assert all(t.dtype == torch.float32 for t in got.values())
-    assert torch.equal(got["model.embed_tokens.weight"],
-                       torch.cat([truth[(0, "embedding.word_embeddings.weight")][r] for r in range(2)])[:256])
-    assert torch.equal(got["model.layers.2.self_attn.o_proj.weight"],
-                       torch.cat([truth[(1, "decoder.layers.0.self_attention.linear_proj.weight")][r] for r in range(2)], 1))
-    assert torch.equal(got["model.layers.1.input_layernorm.weight"], truth[(0, "decoder.layers.1.input_layernorm.weight")][0])
+    assert torch.equal(
+        got["model.embed_tokens.weight"],
+        torch.cat([truth[(0, "embedding.word_embeddings.weight")][r] for r in range(2)])[:256],
+    )
+    assert torch.equal(
+        got["model.layers.2.self_attn.o_proj.weight"],
+        torch.cat([truth[(1, "decoder.layers.0.self_attention.linear_proj.weight")][r] for r in range(2)], 1),
+    )
+    assert torch.equal(
+        got["model.layers.1.input_layernorm.weight"], truth[(0, "decoder.layers.1.input_layernorm.weight")][0]
+    )
     # masters differ from the bf16 model weights (so this really read the optimizer state)
     bf16 = _gather_truth(out, 2, 2, "model_param")
-    assert not torch.equal(truth[(0, "decoder.layers.1.input_layernorm.weight")][0],
-                           bf16[(0, "decoder.layers.1.input_layernorm.weight")][0].float())
+    assert not torch.equal(
+        truth[(0, "decoder.layers.1.input_layernorm.weight")][0],
+        bf16[(0, "decoder.layers.1.input_layernorm.weight")][0].float(),
+    )
     # transformers on the exported masters == transformers on the masters placed by hand
     exported = AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32)
     reference = AutoModelForCausalLM.from_config(exported.config, dtype=torch.float32)
@@ -110,10 +129,16 @@ def test_masters_with_tied_embeddings_across_stages(tmp_path):
     hf = str(tmp_path / "hf")
     F.make_tiny_hf_llama(hf, hidden=64, layers=2, heads=4, kv_heads=2, ffn=96, vocab=201, tied=True)
     out = str(tmp_path / "megatron")
-    F.make_distopt_checkpoint(out, hf, tp=1, pp=2, dp=2, bucket_size=2048, steps=1, bf16=True, init="hf",
-                              vocab_divisible_by=1)
+    F.make_distopt_checkpoint(
+        out, hf, tp=1, pp=2, dp=2, bucket_size=2048, steps=1, bf16=True, init="hf", vocab_divisible_by=1
+    )
     back = str(tmp_path / "masters")
-    assert cli_main(["convert", out, back, "--to", "hf", "--hf-config", hf, "--weights-from", "master", "--quiet"]) == 0
+    assert (
+        cli_main(
+            ["convert", out, back, "--to", "hf", "--hf-config", hf, "--weights-from", "master", "--quiet"]
+        )
+        == 0
+    )
     got = load_file(os.path.join(back, "model.safetensors"))
     truth = _gather_truth(out, 1, 2, "param")
     assert torch.equal(got["model.embed_tokens.weight"], truth[(0, "embedding.word_embeddings.weight")][0])
@@ -134,9 +159,27 @@ def test_layout_mismatch_is_a_clear_error(tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "ckpt_ir", "convert", out, str(tmp_path / "x"), "--to", "hf",
-                        "--hf-config", hf, "--weights-from", "master"], capture_output=True, text=True)
-    assert r.returncode == 1 and "rebuilt parameter layout" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ckpt_ir",
+            "convert",
+            out,
+            str(tmp_path / "x"),
+            "--to",
+            "hf",
+            "--hf-config",
+            hf,
+            "--weights-from",
+            "master",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 1 and "rebuilt parameter layout" in r.stderr and "Traceback" not in r.stderr, (
+        r.stderr
+    )
 
 
 def test_training_state_survives_a_reshard_without_the_optimizer(tmp_path, capsys):
@@ -152,24 +195,40 @@ def test_training_state_survives_a_reshard_without_the_optimizer(tmp_path, capsy
     hf = str(tmp_path / "hf")
     F.make_tiny_hf_llama(hf, hidden=64, layers=2, heads=4, kv_heads=2, ffn=96, vocab=256, tied=False)
     src = str(tmp_path / "megatron")
-    extra = {"consumed_train_samples": 64, "train_iters": 100, "tokenizer_type": "HuggingFaceTokenizer",
-             "tokenizer_model": "/models/tiny", "lr_decay_style": "cosine", "world_size": 2}
-    F.make_distopt_checkpoint(src, hf, tp=2, pp=1, dp=1, steps=3, bf16=True, init="hf", lr=1e-2, extra_args=extra)
+    extra = {
+        "consumed_train_samples": 64,
+        "train_iters": 100,
+        "tokenizer_type": "HuggingFaceTokenizer",
+        "tokenizer_model": "/models/tiny",
+        "lr_decay_style": "cosine",
+        "world_size": 2,
+    }
+    F.make_distopt_checkpoint(
+        src, hf, tp=2, pp=1, dp=1, steps=3, bf16=True, init="hf", lr=1e-2, extra_args=extra
+    )
     for f in glob.glob(os.path.join(src, "iter_*", "*", "model_optim_rng.pt")):  # a run that counted FLOPs
         obj = torch.load(f, weights_only=False)
         obj["num_floating_point_operations_so_far"] = 123456789.0
         torch.save(obj, f)
     for f in glob.glob(os.path.join(src, "iter_*", "*", "distrib_optim.pt")):
         os.remove(f)
-    rank_file = lambda root, rank: os.path.join(root, "iter_0000003", f"mp_rank_{rank:02d}", "model_optim_rng.pt")  # noqa: E731
+
+    def rank_file(root, rank):
+        return os.path.join(root, "iter_0000003", f"mp_rank_{rank:02d}", "model_optim_rng.pt")
+
     want = torch.load(rank_file(src, 0), weights_only=False)
 
     other = str(tmp_path / "tp1")
     capsys.readouterr()
-    assert cli_main(["convert", src, other, "--to", "mcore", "--tp", "1", "--no-optimizer", "--hf-config", hf]) == 0
+    assert (
+        cli_main(["convert", src, other, "--to", "mcore", "--tp", "1", "--no-optimizer", "--hf-config", hf])
+        == 0
+    )
     err = capsys.readouterr().err
     got = torch.load(rank_file(other, 0), weights_only=False)
-    assert got["iteration"] == 3 and open(os.path.join(other, "latest_checkpointed_iteration.txt")).read() == "3"
+    assert (
+        got["iteration"] == 3 and open(os.path.join(other, "latest_checkpointed_iteration.txt")).read() == "3"
+    )
     assert got["opt_param_scheduler"] == want["opt_param_scheduler"]
     assert got["num_floating_point_operations_so_far"] == 123456789.0
     a, b = vars(got["args"]), vars(want["args"])
@@ -178,8 +237,19 @@ def test_training_state_survives_a_reshard_without_the_optimizer(tmp_path, capsy
     assert changed == {"tensor_model_parallel_size", "expert_tensor_parallel_size", "world_size"}, changed
     assert a["expert_tensor_parallel_size"] is None
     assert a["tensor_model_parallel_size"] == 1 and a["world_size"] == 1
-    for k in ("consumed_train_samples", "seq_length", "lr", "train_iters", "tokenizer_type", "tokenizer_model",
-              "make_vocab_size_divisible_by", "ddp_bucket_size", "optimizer", "clip_grad", "params_dtype"):
+    for k in (
+        "consumed_train_samples",
+        "seq_length",
+        "lr",
+        "train_iters",
+        "tokenizer_type",
+        "tokenizer_model",
+        "make_vocab_size_divisible_by",
+        "ddp_bucket_size",
+        "optimizer",
+        "clip_grad",
+        "params_dtype",
+    ):
         assert a[k] == b[k], k
     assert "rng_state" not in got
     assert "dropped: rng_state: per-rank random-number state of another parallel layout" in err
@@ -188,21 +258,58 @@ def test_training_state_survives_a_reshard_without_the_optimizer(tmp_path, capsy
 
     # megatron-core's own scheduler accepts the carried state and continues the schedule
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
-    sched = OptimizerParamScheduler(opt, init_lr=0.0, max_lr=1e-2, min_lr=0.0, lr_warmup_steps=0, lr_decay_steps=100,
-                                    lr_decay_style="cosine", start_wd=0.01, end_wd=0.01, wd_incr_steps=100,
-                                    wd_incr_style="constant", use_checkpoint_opt_param_scheduler=False)
+    sched = OptimizerParamScheduler(
+        opt,
+        init_lr=0.0,
+        max_lr=1e-2,
+        min_lr=0.0,
+        lr_warmup_steps=0,
+        lr_decay_steps=100,
+        lr_decay_style="cosine",
+        start_wd=0.01,
+        end_wd=0.01,
+        wd_incr_steps=100,
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+    )
     sched.load_state_dict(got["opt_param_scheduler"])
     assert sched.num_steps == 3 and sched.num_steps == want["opt_param_scheduler"]["num_steps"]
     fresh = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
-    ref = OptimizerParamScheduler(fresh, init_lr=0.0, max_lr=1e-2, min_lr=0.0, lr_warmup_steps=0, lr_decay_steps=100,
-                                  lr_decay_style="cosine", start_wd=0.01, end_wd=0.01, wd_incr_steps=100,
-                                  wd_incr_style="constant")
+    ref = OptimizerParamScheduler(
+        fresh,
+        init_lr=0.0,
+        max_lr=1e-2,
+        min_lr=0.0,
+        lr_warmup_steps=0,
+        lr_decay_steps=100,
+        lr_decay_style="cosine",
+        start_wd=0.01,
+        end_wd=0.01,
+        wd_incr_steps=100,
+        wd_incr_style="constant",
+    )
     ref.step(increment=3)
     assert opt.param_groups[0]["lr"] == fresh.param_groups[0]["lr"] > 0
 
     same = str(tmp_path / "tp2")  # the same grid: every rank keeps its RNG state
-    assert cli_main(["convert", src, same, "--to", "mcore", "--tp", "2", "--no-optimizer", "--hf-config", hf,
-                     "--quiet"]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                src,
+                same,
+                "--to",
+                "mcore",
+                "--tp",
+                "2",
+                "--no-optimizer",
+                "--hf-config",
+                hf,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     for rank in range(2):
         w = torch.load(rank_file(src, rank), weights_only=False)["rng_state"][0]
         g = torch.load(rank_file(same, rank), weights_only=False)
@@ -214,5 +321,7 @@ def test_training_state_survives_a_reshard_without_the_optimizer(tmp_path, capsy
     capsys.readouterr()
     assert cli_main(["convert", src, str(tmp_path / "out_hf"), "--to", "hf", "--hf-config", hf]) == 0
     err = capsys.readouterr().err
-    assert "dropped: training state: learning-rate scheduler, FLOP counter, training args, RNG state of the Megatron " \
+    assert (
+        "dropped: training state: learning-rate scheduler, FLOP counter, training args, RNG state of the Megatron "
         "run" in err
+    )

@@ -35,15 +35,39 @@ def plan_files(config_dir: object, *args: object) -> tuple[dict, dict]:
     r = cli("plan", "--hf-config", config_dir, *args, "--format", "json", "--tensors", "--disk-gbps", "1")
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
-    files = {f["path"]: (f["kind"], f["bytes"], [(t["name"], t["shape"], t["dtype"], t["bytes"]) for t in f["tensor_list"]])
-             for f in s["files"]}
+    files = {
+        f["path"]: (
+            f["kind"],
+            f["bytes"],
+            [(t["name"], t["shape"], t["dtype"], t["bytes"]) for t in f["tensor_list"]],
+        )
+        for f in s["files"]
+    }
     return files, s
 
 
 CASES = {
-    "llama-tp2-pp3-padded-noop": ("llama", ["--to", "mcore", "--tp", "2", "--pp", "3", "--noop-layers", "1,5",
-                                            "--make-vocab-size-divisible-by", "48", "--dtype", "bf16"]),
-    "qwen2-vpp-te-names": ("qwen2", ["--to", "mcore", "--pp", "2", "--vpp-layers", "1", "--norm-names", "te"]),
+    "llama-tp2-pp3-padded-noop": (
+        "llama",
+        [
+            "--to",
+            "mcore",
+            "--tp",
+            "2",
+            "--pp",
+            "3",
+            "--noop-layers",
+            "1,5",
+            "--make-vocab-size-divisible-by",
+            "48",
+            "--dtype",
+            "bf16",
+        ],
+    ),
+    "qwen2-vpp-te-names": (
+        "qwen2",
+        ["--to", "mcore", "--pp", "2", "--vpp-layers", "1", "--norm-names", "te"],
+    ),
     "phi3-to-hf-sharded": ("phi3", ["--to", "hf", "--max-shard-size", "60KB"]),
     "gemma-tied-pp2": ("gemma", ["--to", "mcore", "--pp", "2"]),
     "qwen2_moe-ep2-grouped": ("qwen2_moe", ["--to", "mcore", "--tp", "2", "--ep", "2", "--moe-grouped-gemm"]),
@@ -74,8 +98,13 @@ def test_plan_from_config_equals_dry_run_of_the_checkpoint(hf_cache, tmp_path, c
 
 def test_plan_refuses_what_convert_refuses(hf_cache, tmp_path):
     src = hf_cache("llama", layers=4)
-    for flags in (["--tp", "3"], ["--pp", "3"], ["--pp", "2", "--num-layer-list", "1,2"], ["--ep", "2"],
-                  ["--pp", "2", "--vpp-layers", "3"]):
+    for flags in (
+        ["--tp", "3"],
+        ["--pp", "3"],
+        ["--pp", "2", "--num-layer-list", "1,2"],
+        ["--ep", "2"],
+        ["--pp", "2", "--vpp-layers", "3"],
+    ):
         a = cli("convert", src, tmp_path / "o", "--to", "mcore", *flags, "--dry-run")
         b = cli("plan", "--hf-config", src, "--to", "mcore", *flags, "--disk-gbps", "1")
         assert a.returncode == b.returncode != 0 and a.stderr == b.stderr and b.stderr.count("\n") == 1, flags
@@ -86,8 +115,17 @@ def test_plan_refuses_what_convert_refuses(hf_cache, tmp_path):
 
 
 def test_disk_probe_is_used_when_no_speed_is_given(hf_cache, tmp_path):
-    r = cli("plan", "--hf-config", hf_cache("llama", layers=2), "--to", "hf", "--output-dir", tmp_path, "--format",
-            "json")
+    r = cli(
+        "plan",
+        "--hf-config",
+        hf_cache("llama", layers=2),
+        "--to",
+        "hf",
+        "--output-dir",
+        tmp_path,
+        "--format",
+        "json",
+    )
     s = json.loads(r.stdout)
     assert s["disk_gbps"] > 0 and s["disk_gbps_source"].startswith("measured on")
     assert s["expected_seconds"] == pytest.approx(s["bytes_written"] / (s["disk_gbps"] * 1e9))
@@ -96,15 +134,41 @@ def test_disk_probe_is_used_when_no_speed_is_given(hf_cache, tmp_path):
 
 # the published DeepSeek-V3 config.json (deepseek-ai/DeepSeek-V3), the values that decide shapes
 DEEPSEEK_V3 = {
-    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": 7168,
-    "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
-    "num_key_value_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8,
-    "first_k_dense_replace": 3, "moe_layer_freq": 1, "q_lora_rank": 1536, "kv_lora_rank": 512,
-    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "vocab_size": 129280,
-    "num_nextn_predict_layers": 1, "n_group": 8, "topk_group": 4, "norm_topk_prob": True,
-    "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "topk_method": "noaux_tc", "rms_norm_eps": 1e-06,
-    "max_position_embeddings": 163840, "rope_theta": 10000, "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16", "hidden_act": "silu", "attention_bias": False, "bos_token_id": 0, "eos_token_id": 1,
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "n_routed_experts": 256,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 8,
+    "first_k_dense_replace": 3,
+    "moe_layer_freq": 1,
+    "q_lora_rank": 1536,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "vocab_size": 129280,
+    "num_nextn_predict_layers": 1,
+    "n_group": 8,
+    "topk_group": 4,
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 2.5,
+    "scoring_func": "sigmoid",
+    "topk_method": "noaux_tc",
+    "rms_norm_eps": 1e-06,
+    "max_position_embeddings": 163840,
+    "rope_theta": 10000,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
 }
 
 
@@ -115,7 +179,8 @@ def meta_counts(**overrides) -> tuple[int, int]:
     cfg = {k: v for k, v in {**DEEPSEEK_V3, **overrides}.items() if k not in ("model_type", "architectures")}
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(
-            transformers.AutoConfig.for_model("deepseek_v3", **cfg), dtype=torch.bfloat16)
+            transformers.AutoConfig.for_model("deepseek_v3", **cfg), dtype=torch.bfloat16
+        )
     params = dict(model.named_parameters())
     buffers = [v for k, v in model.state_dict().items() if k not in params]
     assert all(b.dtype == torch.float32 for b in buffers)  # the routers' score-correction biases
@@ -126,8 +191,27 @@ def test_deepseek_v3_671b_plans_from_its_config_in_seconds(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(DEEPSEEK_V3))
     layers = "3," + ",".join(["4"] * 14) + ",2"  # 61 layers over 16 stages
     t0 = time.monotonic()
-    r = cli("plan", "--hf-config", tmp_path, "--to", "mcore", "--tp", "8", "--pp", "16", "--ep", "64",
-            "--num-layer-list", layers, "--make-vocab-size-divisible-by", "128", "--format", "json", "--disk-gbps", "2")
+    r = cli(
+        "plan",
+        "--hf-config",
+        tmp_path,
+        "--to",
+        "mcore",
+        "--tp",
+        "8",
+        "--pp",
+        "16",
+        "--ep",
+        "64",
+        "--num-layer-list",
+        layers,
+        "--make-vocab-size-divisible-by",
+        "128",
+        "--format",
+        "json",
+        "--disk-gbps",
+        "2",
+    )
     seconds = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
@@ -147,7 +231,11 @@ def test_deepseek_v3_671b_plans_from_its_config_in_seconds(tmp_path):
     # rows added to the embedding, the output layer and the MTP layer's copies of both, in bf16
     assert s["vocab_padding_bytes"] == 4 * (padded - v) * h * 2
     assert s["total_bytes"] == 2 * (params + mtp) + 4 * (biases + one_bias) + s["vocab_padding_bytes"]
-    assert s["bytes_written"] > s["total_bytes"]  # norms, routers and the dense part repeat across TP/EP ranks
-    print(f"DeepSeek-V3 TP8 PP16 EP64 planned in {seconds:.1f}s: {s['total_bytes'] / 1e12:.3f} TB model, "
-          f"{s['bytes_written'] / 1e12:.3f} TB in {s['file_count']} files")
+    assert (
+        s["bytes_written"] > s["total_bytes"]
+    )  # norms, routers and the dense part repeat across TP/EP ranks
+    print(
+        f"DeepSeek-V3 TP8 PP16 EP64 planned in {seconds:.1f}s: {s['total_bytes'] / 1e12:.3f} TB model, "
+        f"{s['bytes_written'] / 1e12:.3f} TB in {s['file_count']} files"
+    )
     assert seconds < 300  # a hang guard; the time itself is reported, not asserted (shared CI cores)

@@ -194,8 +194,12 @@ def _assert_payload_inside(path: Path, kind: str) -> None:
     """Sanity: the file really carries the call (so a pass means it was refused, not absent)."""
     with zipfile.ZipFile(path) as zf:
         pkl = zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl")))
-    want = {"os.system": b"system", "builtins.exec": b"exec", "builtins.eval": b"eval",
-            "subprocess.call": b"call"}[kind]  # protocol 2 spells subprocess.call as commands.call
+    want = {
+        "os.system": b"system",
+        "builtins.exec": b"exec",
+        "builtins.eval": b"eval",
+        "subprocess.call": b"call",
+    }[kind]  # protocol 2 spells subprocess.call as commands.call
     assert b"\n" + want + b"\n" in pkl
 
 
@@ -220,12 +224,17 @@ def test_plain_pytorch_model_bin_is_accepted(hf_src, dst):
     assert "pytorch_model.bin" in res.stdout
 
 
-@pytest.mark.parametrize("where,kind", [("in_state_dict", k) for k in PAYLOADS] + [("whole_file", "os.system")])
+@pytest.mark.parametrize(
+    "where,kind", [("in_state_dict", k) for k in PAYLOADS] + [("whole_file", "os.system")]
+)
 def test_malicious_pytorch_model_bin(hf_src, dst, tmp_path, kind, where):
     marker = tmp_path / "pwned"
     evil = _payload(kind, marker)
-    f = _hf_bin(hf_src, extra={"model.layers.0.mlp.evil": evil} if where == "in_state_dict" else None,
-                top=evil if where == "whole_file" else None)
+    f = _hf_bin(
+        hf_src,
+        extra={"model.layers.0.mlp.evil": evil} if where == "in_state_dict" else None,
+        top=evil if where == "whole_file" else None,
+    )
     _assert_payload_inside(f, kind)
     msg = assert_clean_error(convert(hf_src, dst), dst, names=("pytorch_model.bin",))
     assert "unpickle" in msg or "refus" in msg, msg
@@ -243,8 +252,11 @@ def _rewrite_rank(path: Path, edit) -> None:
     torch.save(obj, path)
 
 
-@pytest.mark.parametrize("rank,where,kind", [("mp_rank_00_000", "args", k) for k in PAYLOADS]
-                         + [("mp_rank_01_001", "args", "os.system"), ("mp_rank_01_001", "model", "builtins.exec")])
+@pytest.mark.parametrize(
+    "rank,where,kind",
+    [("mp_rank_00_000", "args", k) for k in PAYLOADS]
+    + [("mp_rank_01_001", "args", "os.system"), ("mp_rank_01_001", "model", "builtins.exec")],
+)
 def test_malicious_megatron_rank_file(mcore_src, dst, tmp_path, kind, rank, where):
     marker = tmp_path / "pwned"
     f = mcore_src / MCORE_ITER / rank / "model_optim_rng.pt"
@@ -318,19 +330,35 @@ def test_destination_overlapping_the_source_is_refused(hf_src, tmp_path, where, 
     """DST equal to SRC, inside it or containing it: exit 2 before anything happens, SRC byte-identical
     (the in-place `convert X X --to hf --dtype fp16 --overwrite` once deleted README.md and *.py)."""
     src = _with_side_files(hf_src)
-    dst = {"same": src, "inside": src / "out", "contains": tmp_path, "same_via_symlink": tmp_path / "link"}[where]
+    dst = {"same": src, "inside": src / "out", "contains": tmp_path, "same_via_symlink": tmp_path / "link"}[
+        where
+    ]
     if where == "same_via_symlink":
         dst.symlink_to(src)
     before = tree_digest(src)
     if command == "convert":
-        res = cli("convert", src, dst, "--to", "hf", "--dtype", "fp16", *(["--overwrite"] if overwrite else []))
+        res = cli(
+            "convert", src, dst, "--to", "hf", "--dtype", "fp16", *(["--overwrite"] if overwrite else [])
+        )
     else:
-        res = cli("convert-ckpt", "--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", src,
-                  "--save-dir", dst, *(["--overwrite"] if overwrite else []))
+        res = cli(
+            "convert-ckpt",
+            "--load-model-type",
+            "hf",
+            "--save-model-type",
+            "mg",
+            "--load-dir",
+            src,
+            "--save-dir",
+            dst,
+            *(["--overwrite"] if overwrite else []),
+        )
     msg = assert_clean_error(res, None, code=2, names=(str(src),))
     assert "destination" in msg
     assert tree_digest(src) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["src"] + (["link"] if where == "same_via_symlink" else []))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["src"] + (["link"] if where == "same_via_symlink" else [])
+    )
     assert not list(tmp_path.rglob(f".*{TMP_TAG}*"))
 
 
@@ -338,11 +366,19 @@ def test_destination_overlapping_other_inputs_is_refused(mcore_src, tiny_hf, tmp
     """--hf-config and --lora-load directories are inputs too."""
     cfg = Path(shutil.copytree(tiny_hf, tmp_path / "cfg"))
     before = tree_digest(cfg)
-    msg = assert_clean_error(convert(mcore_src, cfg, "--hf-config", cfg, "--overwrite", to="hf"), None, code=2,
-                             names=("--hf-config",))
+    msg = assert_clean_error(
+        convert(mcore_src, cfg, "--hf-config", cfg, "--overwrite", to="hf"),
+        None,
+        code=2,
+        names=("--hf-config",),
+    )
     assert tree_digest(cfg) == before
-    msg = assert_clean_error(convert(mcore_src, tmp_path / "lora" / "out", "--lora-load", tmp_path / "lora", to="hf"),
-                             None, code=2, names=("--lora-load",))
+    msg = assert_clean_error(
+        convert(mcore_src, tmp_path / "lora" / "out", "--lora-load", tmp_path / "lora", to="hf"),
+        None,
+        code=2,
+        names=("--lora-load",),
+    )
     assert "inside" in msg
 
 
@@ -357,20 +393,43 @@ def _write_big_llama(d: Path) -> None:
 
     h, ffn, vocab, layers = 1024, 2048, 32000, 2
     d.mkdir()
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
-           "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": 16,
-           "num_key_value_heads": 16, "vocab_size": vocab, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-           "dtype": "float32", "hidden_act": "silu", "max_position_embeddings": 2048, "rope_theta": 10000.0}
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": h,
+        "intermediate_size": ffn,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "vocab_size": vocab,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "dtype": "float32",
+        "hidden_act": "silu",
+        "max_position_embeddings": 2048,
+        "rope_theta": 10000.0,
+    }
     (d / "config.json").write_text(json.dumps(cfg))
-    t = {"model.embed_tokens.weight": torch.zeros(vocab, h), "lm_head.weight": torch.zeros(vocab, h),
-         "model.norm.weight": torch.ones(h)}
+    t = {
+        "model.embed_tokens.weight": torch.zeros(vocab, h),
+        "lm_head.weight": torch.zeros(vocab, h),
+        "model.norm.weight": torch.ones(h),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
-        t.update({p + "input_layernorm.weight": torch.ones(h), p + "post_attention_layernorm.weight": torch.ones(h),
-                  p + "self_attn.q_proj.weight": torch.zeros(h, h), p + "self_attn.k_proj.weight": torch.zeros(h, h),
-                  p + "self_attn.v_proj.weight": torch.zeros(h, h), p + "self_attn.o_proj.weight": torch.zeros(h, h),
-                  p + "mlp.gate_proj.weight": torch.zeros(ffn, h), p + "mlp.up_proj.weight": torch.zeros(ffn, h),
-                  p + "mlp.down_proj.weight": torch.zeros(h, ffn)})
+        t.update(
+            {
+                p + "input_layernorm.weight": torch.ones(h),
+                p + "post_attention_layernorm.weight": torch.ones(h),
+                p + "self_attn.q_proj.weight": torch.zeros(h, h),
+                p + "self_attn.k_proj.weight": torch.zeros(h, h),
+                p + "self_attn.v_proj.weight": torch.zeros(h, h),
+                p + "self_attn.o_proj.weight": torch.zeros(h, h),
+                p + "mlp.gate_proj.weight": torch.zeros(ffn, h),
+                p + "mlp.up_proj.weight": torch.zeros(ffn, h),
+                p + "mlp.down_proj.weight": torch.zeros(h, ffn),
+            }
+        )
     save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
 
 
@@ -384,9 +443,17 @@ def big_hf(tmp_path_factory):
 
 def _start(src: Path, dst: Path, flags) -> subprocess.Popen:
     """A conversion in its own session / process group (so Ctrl-C can be sent to all of it)."""
-    return subprocess.Popen(cli_argv("convert", src, dst, "--to", "mcore", *flags), env=_env(), cwd=str(REPO),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-                            preexec_fn=_limit_memory, start_new_session=True)
+    return subprocess.Popen(
+        cli_argv("convert", src, dst, "--to", "mcore", *flags),
+        env=_env(),
+        cwd=str(REPO),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        preexec_fn=_limit_memory,
+        start_new_session=True,
+    )
 
 
 def _wait_until_writing(proc: subprocess.Popen, dst: Path, need_data: bool) -> None:
@@ -395,8 +462,10 @@ def _wait_until_writing(proc: subprocess.Popen, dst: Path, need_data: bool) -> N
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             tmps = tmp_siblings(dst)
-            if tmps and (not need_data or any(p.is_file() and p.stat().st_size > 0
-                                              for p in (dst.parent / tmps[0]).rglob("*"))):
+            if tmps and (
+                not need_data
+                or any(p.is_file() and p.stat().st_size > 0 for p in (dst.parent / tmps[0]).rglob("*"))
+            ):
                 break
         except FileNotFoundError:  # renamed into place between listing and stat
             pass
@@ -463,8 +532,10 @@ def test_sigkill_mid_write_then_rerun(big_hf, tmp_path):
     assert not tmp_siblings(dst), f"stale temp dir not swept: {tmp_siblings(dst)}"
     assert tree_digest(big_hf) == before
     shutil.rmtree(dst)
-    assert not orphans, (f"worker processes {orphans} kept running (and writing into the temp dir) for more "
-                         f"than 0.5 s after the ckpt-ir process was SIGKILLed")
+    assert not orphans, (
+        f"worker processes {orphans} kept running (and writing into the temp dir) for more "
+        f"than 0.5 s after the ckpt-ir process was SIGKILLed"
+    )
 
 
 @pytest.mark.parametrize("how", ["ctrl_c_to_group_with_overwrite", "sigint_to_pid_fresh"])
@@ -507,9 +578,14 @@ def test_sigint_mid_write_cleans_up(big_hf, tmp_path, how):
 # 12. fuzzing: corrupt input -> success or CkptIrError, nothing else, no hang
 
 # No shrink phase: a hanging example would cost EXAMPLE_TIMEOUT_S per shrink step.
-FUZZ = settings(max_examples=50, deadline=None, derandomize=True, database=None,
-                phases=(Phase.explicit, Phase.reuse, Phase.generate),
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=50,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=(Phase.explicit, Phase.reuse, Phase.generate),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 EXAMPLE_TIMEOUT_S = 10  # a tiny conversion takes well under a second
 EXAMPLE_MEMORY = 4 << 30  # extra address space one example may take
 
@@ -538,7 +614,9 @@ def watchdog(seconds: float, memory: int):
     if guard:
         cap = _address_space() + memory
         hard = old_limit[1]
-        resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+        resource.setrlimit(
+            resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard)
+        )
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
@@ -687,16 +765,45 @@ def test_fuzz_megatron_rank_file(tiny_mcore):
 
 # semantic fuzzing: well-formed files whose *values* are wrong
 
-JUNK = st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.sampled_from([2**31, 10**15, 10**12 + 0.5]),
-                 st.floats(allow_nan=True),
-                 st.text(max_size=8), st.lists(st.integers(-2, 9), max_size=3),
-                 st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
-CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-               "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "rms_norm_eps",
-               "dtype", "model_type", "architectures", "attention_bias", "rope_theta")
-ARGS_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "num_layer_list",
-             "num_layers_per_virtual_pipeline_stage", "noop_layers", "ckpt_ir_hf_config", "ckpt_ir_family",
-             "model_type_hf", "num_layers", "hidden_size", "padded_vocab_size")
+JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 300),
+    st.sampled_from([2**31, 10**15, 10**12 + 0.5]),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.lists(st.integers(-2, 9), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+CONFIG_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "tie_word_embeddings",
+    "rms_norm_eps",
+    "dtype",
+    "model_type",
+    "architectures",
+    "attention_bias",
+    "rope_theta",
+)
+ARGS_KEYS = (
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "num_layer_list",
+    "num_layers_per_virtual_pipeline_stage",
+    "noop_layers",
+    "ckpt_ir_hf_config",
+    "ckpt_ir_family",
+    "model_type_hf",
+    "num_layers",
+    "hidden_size",
+    "padded_vocab_size",
+)
 
 
 def test_fuzz_hf_config_values(tiny_hf):
@@ -753,9 +860,11 @@ def _drift_norm(mcore_src: Path, rank: str = "mp_rank_01_000") -> Path:
 
 def test_drifted_replica_is_refused_naming_tensor_and_ranks(mcore_src, dst):
     _drift_norm(mcore_src)
-    msg = assert_clean_error(convert(mcore_src, dst, to="hf"), dst,
-                             names=("layers.0.attn_norm.weight", "mp_rank_00_000", "mp_rank_01_000",
-                                    "--replicas take-rank0"))
+    msg = assert_clean_error(
+        convert(mcore_src, dst, to="hf"),
+        dst,
+        names=("layers.0.attn_norm.weight", "mp_rank_00_000", "mp_rank_01_000", "--replicas take-rank0"),
+    )
     assert "differs" in msg
     assert_clean_error(cli("inspect", mcore_src), None, names=("layers.0.attn_norm.weight",))
 
@@ -770,8 +879,10 @@ def test_take_rank0_keeps_the_first_copy_and_notes_it(mcore_src, dst):
     assert "note: replicated tensors" in res.stderr
     assert "--replicas take-rank0" in (dst / "ckpt-ir-notes.txt").read_text()
     rank0 = torch.load(mcore_src / MCORE_ITER / "mp_rank_00_000" / "model_optim_rng.pt", weights_only=False)
-    assert torch.equal(load_file(str(dst / "model.safetensors"))["model.layers.0.input_layernorm.weight"],
-                       rank0["model"]["decoder.layers.0.input_layernorm.weight"])
+    assert torch.equal(
+        load_file(str(dst / "model.safetensors"))["model.layers.0.input_layernorm.weight"],
+        rank0["model"]["decoder.layers.0.input_layernorm.weight"],
+    )
 
 
 def test_large_replicas_are_compared_with_check_all(mcore_src, monkeypatch):
@@ -808,10 +919,15 @@ def test_memory_budget_error_has_sensible_units(hf_src, dst):
 def test_diff_takes_hf_config_for_plain_megatron_args(mcore_src, tiny_hf):
     hf_src = tiny_hf  # read only
     for rank in RANKS:
+
         def strip(obj):
-            for k in [k for k in vars(obj["args"]) if k.startswith("ckpt_ir_")
-                      or k in ("model_type_hf", "model_type", "architectures")]:
+            for k in [
+                k
+                for k in vars(obj["args"])
+                if k.startswith("ckpt_ir_") or k in ("model_type_hf", "model_type", "architectures")
+            ]:
                 delattr(obj["args"], k)
+
         _rewrite_rank(mcore_src / MCORE_ITER / rank / "model_optim_rng.pt", strip)
     res = cli("diff", mcore_src, hf_src)  # the family is inferred from the plain args
     assert res.returncode == 0 and "inferred family llama" in res.stderr, res.stdout + res.stderr

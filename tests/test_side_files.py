@@ -15,8 +15,7 @@ import torch
 from ckpt_ir.cli import main as cli_main
 from tests.cli_contract import build_tiny_hf
 
-SIDE = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
-        "chat_template.jinja")
+SIDE = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
 
 
 def _add_tokenizer(d) -> None:
@@ -31,7 +30,9 @@ def _add_tokenizer(d) -> None:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     fast.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     fast.save_pretrained(d)
-    GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9, bos_token_id=1, eos_token_id=2).save_pretrained(d)
+    GenerationConfig(
+        do_sample=True, temperature=0.6, top_p=0.9, bos_token_id=1, eos_token_id=2
+    ).save_pretrained(d)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,9 @@ def test_side_files_survive_hf_mcore_hf(hf_with_tokenizer, tmp_path, capsys):
     from transformers import AutoTokenizer, GenerationConfig
 
     tok = AutoTokenizer.from_pretrained(back)
-    assert tok("hello world ckpt").input_ids == AutoTokenizer.from_pretrained(src)("hello world ckpt").input_ids
+    assert (
+        tok("hello world ckpt").input_ids == AutoTokenizer.from_pretrained(src)("hello world ckpt").input_ids
+    )
     assert tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False) == "hello"
     assert GenerationConfig.from_pretrained(back).temperature == 0.6
     # mcore -> mcore keeps them too
@@ -81,17 +84,19 @@ def test_output_without_tokenizer_says_so(tmp_path_factory, tmp_path, capsys):
     src = build_tiny_hf(tmp_path_factory)  # weights and config only
     capsys.readouterr()
     assert cli_main(["convert", str(src), str(tmp_path / "out"), "--to", "hf", "--dtype", "bf16"]) == 0
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("dropped:") and "tokenizer" in ln]
+    lines = [
+        ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("dropped:") and "tokenizer" in ln
+    ]
     assert len(lines) == 1 and "--hf-config" in lines[0], lines
 
 
-CONFIGURATION = '''from transformers import LlamaConfig
+CONFIGURATION = """from transformers import LlamaConfig
 
 
 class TinyConfig(LlamaConfig):
     model_type = "llama"
-'''
-MODELING = '''from transformers import LlamaForCausalLM
+"""
+MODELING = """from transformers import LlamaForCausalLM
 
 from .configuration_tiny import TinyConfig
 
@@ -99,7 +104,7 @@ from .configuration_tiny import TinyConfig
 class TinyForCausalLM(LlamaForCausalLM):
     config_class = TinyConfig
     remote_marker = "tiny remote code"
-'''
+"""
 
 
 @pytest.mark.parametrize("how", ["round_trip", "hf_config"])
@@ -111,8 +116,10 @@ def test_remote_code_model_keeps_auto_map_and_code(tmp_path_factory, tmp_path, h
     (src / "configuration_tiny.py").write_text(CONFIGURATION)
     (src / "modeling_tiny.py").write_text(MODELING)
     cfg = json.loads((src / "config.json").read_text())
-    cfg["auto_map"] = {"AutoConfig": "configuration_tiny.TinyConfig",
-                       "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}
+    cfg["auto_map"] = {
+        "AutoConfig": "configuration_tiny.TinyConfig",
+        "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM",
+    }
     (src / "config.json").write_text(json.dumps(cfg))
     mc = tmp_path / "mcore"
     assert cli_main(["convert", str(src), str(mc), "--to", "mcore", "--tp", "2", "--quiet"]) == 0

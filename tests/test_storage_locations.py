@@ -24,7 +24,9 @@ def save_as_if_from(device: str, obj, path: str, monkeypatch) -> None:
     with zipfile.ZipFile(path) as z:
         pkl = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
     assert device.encode() in pkl and b"cpu" not in pkl  # the pickle really records the device
-    with pytest.raises((RuntimeError, AttributeError)):  # and torch itself cannot load it here without a map_location
+    with pytest.raises(
+        (RuntimeError, AttributeError)
+    ):  # and torch itself cannot load it here without a map_location
         torch.load(path, weights_only=False)
 
 
@@ -54,8 +56,12 @@ def test_hf_pytorch_model_bin_saved_on_npu_reads_on_cpu(hf_cache, tmp_path, monk
     for n in os.listdir(src):
         if n.endswith(".json"):
             (binary / n).write_bytes((open(os.path.join(src, n), "rb")).read())
-    save_as_if_from("npu:3", load_file(os.path.join(src, "model.safetensors")), str(binary / "pytorch_model.bin"),
-                    monkeypatch)
+    save_as_if_from(
+        "npu:3",
+        load_file(os.path.join(src, "model.safetensors")),
+        str(binary / "pytorch_model.bin"),
+        monkeypatch,
+    )
     out = tmp_path / "out"
     r = cli("convert", binary, out, "--to", "hf")
     assert r.returncode == 0, r.stderr

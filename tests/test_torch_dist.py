@@ -32,16 +32,22 @@ LAYER_ROLES = {
     "decoder.layers.mlp.linear_fc1.weight": "mlp.gate_up.weight",
     "decoder.layers.mlp.linear_fc2.weight": "mlp.down.weight",
 }
-GLOBAL_ROLES = {"embedding.word_embeddings.weight": "embed.weight", "decoder.final_layernorm.weight": "final_norm.weight",
-                "output_layer.weight": "lm_head.weight"}
-LOCAL_NORMS = {"decoder.layers.input_layernorm.weight": "attn_norm.weight",
-               "decoder.layers.pre_mlp_layernorm.weight": "mlp_norm.weight"}
+GLOBAL_ROLES = {
+    "embedding.word_embeddings.weight": "embed.weight",
+    "decoder.final_layernorm.weight": "final_norm.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+LOCAL_NORMS = {
+    "decoder.layers.input_layernorm.weight": "attn_norm.weight",
+    "decoder.layers.pre_mlp_layernorm.weight": "mlp_norm.weight",
+}
 IT = "iter_0000001"
 
 
 def _hf(path, **kw) -> str:
-    return F.make_tiny_hf_llama(str(path), **{**dict(hidden=72, layers=4, heads=4, kv_heads=2, ffn=120, vocab=200),
-                                              **kw})
+    return F.make_tiny_hf_llama(
+        str(path), **{**dict(hidden=72, layers=4, heads=4, kv_heads=2, ffn=120, vocab=200), **kw}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +80,18 @@ def trained(work, hf72):
     megatron-core <= 0.19 saves fully-reshardable state shifted after the first bucket (Megatron-LM
     PR #5077), so only a single-bucket save holds the optimizer's true state."""
     out = str(work / "trained")
-    F.make_torch_dist_checkpoint(out, hf72, tp=2, pp=1, dp=2, steps=2, bf16=True, init="hf",
-                                 optim_sharding="fully_reshardable", bucket_size=None)
+    F.make_torch_dist_checkpoint(
+        out,
+        hf72,
+        tp=2,
+        pp=1,
+        dp=2,
+        steps=2,
+        bf16=True,
+        init="hf",
+        optim_sharding="fully_reshardable",
+        bucket_size=None,
+    )
     return out
 
 
@@ -189,10 +205,14 @@ def test_trained_bf16_checkpoint_holds_megatrons_weights(trained, hf72, tmp_path
     _check_against_global_truth(trained, tensors, 4)
     # training changed the weights (so this is not the HF init read back)
     init = load_file(os.path.join(hf72, "model.safetensors"))
-    assert not torch.equal(got["model.layers.0.mlp.down_proj.weight"],
-                           init["model.layers.0.mlp.down_proj.weight"].bfloat16())
+    assert not torch.equal(
+        got["model.layers.0.mlp.down_proj.weight"], init["model.layers.0.mlp.down_proj.weight"].bfloat16()
+    )
     # the Megatron rank files' own state dicts agree (fc2 is row-parallel: TP shards on dim 1)
-    gt = [torch.load(os.path.join(trained, "ground_truth", f"mp_rank_{r:02d}.pt"), weights_only=False) for r in (0, 1)]
+    gt = [
+        torch.load(os.path.join(trained, "ground_truth", f"mp_rank_{r:02d}.pt"), weights_only=False)
+        for r in (0, 1)
+    ]
     fc2 = torch.cat([g["model"]["decoder.layers.3.mlp.linear_fc2.weight"] for g in gt], dim=1)
     assert torch.equal(tensors["layers.3.mlp.down.weight"], fc2)
 
@@ -222,17 +242,22 @@ def test_fully_reshardable_optimizer_state_lifts_into_states(trained, hf72):
     dcp = F.read_torch_dist(os.path.join(trained, IT), "optimizer.state.")
     canon = {**GLOBAL_ROLES, **LAYER_ROLES}
     for key, t in dcp.items():
-        which, model_key = key[len("optimizer.state."):].split(".", 1)
+        which, model_key = key[len("optimizer.state.") :].split(".", 1)
         role = canon[model_key]
-        mine = got[which][role] if model_key in GLOBAL_ROLES else torch.stack(
-            [got[which][f"layers.{i}.{role}"] for i in range(4)])
+        mine = (
+            got[which][role]
+            if model_key in GLOBAL_ROLES
+            else torch.stack([got[which][f"layers.{i}.{role}"] for i in range(4)])
+        )
         assert torch.equal(mine, t), key
     # 2. the distributed optimizer's own per-parameter state (master weights and Adam moments)
-    truth = [torch.load(os.path.join(trained, "ground_truth", f"mp_rank_{r:02d}.pt"), weights_only=False)["optim"]
-             for r in (0, 1)]
+    truth = [
+        torch.load(os.path.join(trained, "ground_truth", f"mp_rank_{r:02d}.pt"), weights_only=False)["optim"]
+        for r in (0, 1)
+    ]
     for name in truth[0]["params"]:
         if name.startswith("decoder.layers."):  # plain state-dict names, local norm naming
-            i, rest = name[len("decoder.layers."):].split(".", 1)
+            i, rest = name[len("decoder.layers.") :].split(".", 1)
             canon_name = f"layers.{i}." + {**LAYER_ROLES, **LOCAL_NORMS}["decoder.layers." + rest]
         else:
             canon_name = GLOBAL_ROLES[name]
@@ -258,27 +283,58 @@ def test_dp_reshardable_state_resumes_in_megatron_after_conversion(work, hf72, t
     default settings and plain Megatron-LM args, converts to the torch format TP=1 PP=2 DP=1 with no
     --hf-config; megatron-core resumes from it holding the source optimizer's own state bit for bit."""
     src = str(work / "dp_reshardable")
-    F.make_torch_dist_checkpoint(src, hf72, tp=2, pp=1, dp=2, steps=2, bf16=True, init="hf",
-                                 optim_sharding="dp_reshardable", bucket_size=4096)
+    F.make_torch_dist_checkpoint(
+        src,
+        hf72,
+        tp=2,
+        pp=1,
+        dp=2,
+        steps=2,
+        bf16=True,
+        init="hf",
+        optim_sharding="dp_reshardable",
+        bucket_size=4096,
+    )
     assert any(".bucket_idx_1." in k for k in read_metadata(os.path.join(src, IT)).tensors)  # several buckets
     out = str(tmp_path / "tp1pp2")
     capsys.readouterr()
-    assert cli_main(["convert", src, out, "--to", "mcore", "--pp", "2", "--target-dp", "1",
-                     "--make-vocab-size-divisible-by", "128", "--norm-names", "local"]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                src,
+                out,
+                "--to",
+                "mcore",
+                "--pp",
+                "2",
+                "--target-dp",
+                "1",
+                "--make-vocab-size-divisible-by",
+                "128",
+                "--norm-names",
+                "local",
+            ]
+        )
+        == 0
+    )
     assert "inferred family llama from args" in capsys.readouterr().err
     resumed = str(tmp_path / "resumed")
     F.resume_distopt_checkpoint(resumed, hf72, out, tp=1, pp=2, dp=1, bucket_size=None)
     _assert_resumed_with_source_state(src, resumed)
     # the resumed optimizer holds the source's Adam step
-    blob = torch.load(os.path.join(out, "iter_0000001", "mp_rank_00_000", "model_optim_rng.pt"), weights_only=False)
+    blob = torch.load(
+        os.path.join(out, "iter_0000001", "mp_rank_00_000", "model_optim_rng.pt"), weights_only=False
+    )
     assert blob["optimizer"]["optimizer"]["param_groups"][0]["step"] == 2
     _to_hf(src, hf72, str(tmp_path / "hf"), "--weights-from", "master")  # the fp32 masters export too
 
 
 def test_unreadable_optimizer_layout_is_refused_but_weights_convert(work, hf72, tmp_path, capsys):
     out = str(work / "dp_zero")
-    F.make_torch_dist_checkpoint(out, hf72, tp=1, pp=1, dp=2, steps=1, bf16=True, init="hf",
-                                 optim_sharding="dp_zero_gather_scatter")
+    F.make_torch_dist_checkpoint(
+        out, hf72, tp=1, pp=1, dp=2, steps=1, bf16=True, init="hf", optim_sharding="dp_zero_gather_scatter"
+    )
     with pytest.raises(FormatError, match="fully-reshardable"):
         ck.load(out, hf_config=_cfg(hf72), optimizer=True)
     capsys.readouterr()
@@ -286,13 +342,29 @@ def test_unreadable_optimizer_layout_is_refused_but_weights_convert(work, hf72, 
     err = capsys.readouterr().err
     assert "dp_zero_gather_scatter" in err and err.count("\n") == 1 and "Traceback" not in err
     _to_hf(out, hf72, str(tmp_path / "hf"))  # HF needs no optimizer state
-    assert cli_main(["convert", out, str(tmp_path / "m2"), "--to", "mcore", "--hf-config", hf72, "--no-optimizer",
-                     "--quiet"]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                out,
+                str(tmp_path / "m2"),
+                "--to",
+                "mcore",
+                "--hf-config",
+                hf72,
+                "--no-optimizer",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
 
 
 def test_convert_to_mcore_torch_format_reads_back_bit_exact(tp2pp2, hf72, tmp_path):
     mc = str(tmp_path / "mcore")
-    assert cli_main(["convert", tp2pp2, mc, "--to", "mcore", "--tp", "2", "--hf-config", hf72, "--quiet"]) == 0
+    assert (
+        cli_main(["convert", tp2pp2, mc, "--to", "mcore", "--tp", "2", "--hf-config", hf72, "--quiet"]) == 0
+    )
     assert detect(mc) == "mcore"
     back = ck.load(mc, hf_config=_cfg(hf72))
     assert back.layout.tp == 2
@@ -305,7 +377,9 @@ def test_convert_to_mcore_torch_format_reads_back_bit_exact(tp2pp2, hf72, tmp_pa
 
 def test_optimizer_state_carries_to_mcore(trained, hf72, tmp_path):
     mc = str(tmp_path / "mcore")
-    assert cli_main(["convert", trained, mc, "--to", "mcore", "--tp", "2", "--hf-config", hf72, "--quiet"]) == 0
+    assert (
+        cli_main(["convert", trained, mc, "--to", "mcore", "--tp", "2", "--hf-config", hf72, "--quiet"]) == 0
+    )
     back = ck.load(mc, hf_config=_cfg(hf72), optimizer=True)
     assert set(back.states) == {"param", "exp_avg", "exp_avg_sq"}
     back = ck.run(back, ck.derive_pipeline(back, ck.Target(to="mcore")))
@@ -339,7 +413,10 @@ def _fails_cleanly(capsys, src: str, hf_dir: str, tmp_path, *words: str) -> str:
 def test_truncated_distcp_is_a_clear_error(tp1pp1, hf72, tmp_path, capsys):
     bad = _copy(tp1pp1, tmp_path / "bad")
     it = os.path.join(bad, IT)
-    victim = max((f for f in os.listdir(it) if f.endswith(".distcp")), key=lambda f: os.path.getsize(os.path.join(it, f)))
+    victim = max(
+        (f for f in os.listdir(it) if f.endswith(".distcp")),
+        key=lambda f: os.path.getsize(os.path.join(it, f)),
+    )
     with open(os.path.join(it, victim), "r+b") as fh:
         fh.truncate(os.path.getsize(os.path.join(it, victim)) // 2)
     _fails_cleanly(capsys, bad, hf72, tmp_path, victim, "truncated")
@@ -374,8 +451,14 @@ def test_malicious_metadata_pickle_runs_nothing(tp1pp1, hf72, tmp_path, capsys):
 # mixture of experts (synthetic: megatron-core's GPT fixtures are dense)
 
 
-def _restack_to_torch_dist(mcore_dir: str, out: str, stack_layers: bool, common_in_dcp: bool = False,
-                           extra=None, common_extra: dict | None = None) -> None:
+def _restack_to_torch_dist(
+    mcore_dir: str,
+    out: str,
+    stack_layers: bool,
+    common_in_dcp: bool = False,
+    extra=None,
+    common_extra: dict | None = None,
+) -> None:
     """Write the TP=1 ``torch``-format checkpoint ``mcore_dir`` as a torch_dist one: decoder keys
     stacked on a layer axis (or kept as ``decoder.layers.<i>.``), experts on the next axis, one
     chunk per tensor (plain ``torch.distributed.checkpoint.save``, no process group)."""
@@ -385,7 +468,9 @@ def _restack_to_torch_dist(mcore_dir: str, out: str, stack_layers: bool, common_
     import torch.distributed.checkpoint as dcp
 
     blob = torch.load(os.path.join(mcore_dir, IT, "mp_rank_00", "model_optim_rng.pt"), weights_only=False)
-    model = {k: v for k, v in blob["model"].items() if isinstance(v, torch.Tensor) and "_extra_state" not in k}
+    model = {
+        k: v for k, v in blob["model"].items() if isinstance(v, torch.Tensor) and "_extra_state" not in k
+    }
     grouped: dict = {}
     for k, v in model.items():
         m = re.match(r"^decoder\.layers\.(\d+)\.(.*)$", k)
@@ -420,7 +505,9 @@ def _restack_to_torch_dist(mcore_dir: str, out: str, stack_layers: bool, common_
     common = {"args": blob["args"], "iteration": 1, "checkpoint_version": 3.0, **(common_extra or {})}
     if extra is not None:  # more entries computed from the model's stored tensors
         sd.update(extra(sd))
-    if common_in_dcp:  # Megatron-Core 0.19+: no common.pt, the common state is a bytes entry torch.save([state])
+    if (
+        common_in_dcp
+    ):  # Megatron-Core 0.19+: no common.pt, the common state is a bytes entry torch.save([state])
         import io
 
         buf = io.BytesIO()
@@ -463,9 +550,29 @@ def test_fully_reshardable_state_resumes_in_megatron_after_conversion(trained, h
     vocabulary's padding rows excepted: they are padded afresh).  torch_dist names the norms the
     Transformer-Engine way for every layer spec, so the local-spec target asks for local names."""
     out = str(tmp_path / "tp1pp2")
-    assert cli_main(["convert", trained, out, "--to", "mcore", "--pp", "2", "--target-dp", "1",
-                     "--make-vocab-size-divisible-by", "128", "--norm-names", "local", "--hf-config", hf72,
-                     "--quiet"]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                trained,
+                out,
+                "--to",
+                "mcore",
+                "--pp",
+                "2",
+                "--target-dp",
+                "1",
+                "--make-vocab-size-divisible-by",
+                "128",
+                "--norm-names",
+                "local",
+                "--hf-config",
+                hf72,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     resumed = str(tmp_path / "resumed")
     F.resume_distopt_checkpoint(resumed, hf72, out, tp=1, pp=2, dp=1, bucket_size=None)
     _assert_resumed_with_source_state(trained, resumed)
@@ -488,7 +595,10 @@ def test_megatron_019_common_state_inside_dcp(tmp_path):
     assert src.spec.family == "qwen2" and src.spec.qkv_bias and "common_state" not in " ".join(src.dropped)
     back = str(tmp_path / "back")
     assert cli_main(["convert", td, back, "--to", "hf", "--quiet"]) == 0
-    got, want = load_file(os.path.join(back, "model.safetensors")), load_file(os.path.join(hf, "model.safetensors"))
+    got, want = (
+        load_file(os.path.join(back, "model.safetensors")),
+        load_file(os.path.join(hf, "model.safetensors")),
+    )
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
@@ -514,10 +624,15 @@ def test_megatron_014_fully_sharded_model_space_optimizer_state(tmp_path):
         out = {}
         for key, t in model_sd.items():
             stacked = key.startswith("decoder.layers.")
-            grid = ((t.shape[0],) if stacked else ()) + tuple(2 if n % 2 == 0 and i == 0 else 1
-                                                             for i, n in enumerate(t.shape[int(stacked):]))
+            grid = ((t.shape[0],) if stacked else ()) + tuple(
+                2 if n % 2 == 0 and i == 0 else 1 for i, n in enumerate(t.shape[int(stacked) :])
+            )
             block = tuple(n // g for n, g in zip(t.shape, grid))
-            for stored, which in (("fp32_param", "param"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
+            for stored, which in (
+                ("fp32_param", "param"),
+                ("exp_avg", "exp_avg"),
+                ("exp_avg_sq", "exp_avg_sq"),
+            ):
                 g = torch.randn(t.shape, generator=gen)
                 truth[(which, key)] = g
                 r = torch.empty(grid + (math.prod(block),))
@@ -531,8 +646,18 @@ def test_megatron_014_fully_sharded_model_space_optimizer_state(tmp_path):
 
     td = str(tmp_path / "td")
     param_groups = [{"lr": 0.01, "step": 7, "betas": (0.9, 0.95)}]
-    _restack_to_torch_dist(mc, td, True, extra=reformulated, common_extra={"optimizer": {
-        "optimizer": {"param_groups": param_groups}, "param_state_sharding_type": "fully_sharded_model_space"}})
+    _restack_to_torch_dist(
+        mc,
+        td,
+        True,
+        extra=reformulated,
+        common_extra={
+            "optimizer": {
+                "optimizer": {"param_groups": param_groups},
+                "param_state_sharding_type": "fully_sharded_model_space",
+            }
+        },
+    )
     meta_path = os.path.join(td, IT, ".metadata")
     with open(meta_path, "rb") as fh:
         md = pickle.load(fh)
@@ -542,9 +667,11 @@ def test_megatron_014_fully_sharded_model_space_optimizer_state(tmp_path):
     src = ck.load(td, optimizer=True)
     got = {w: _evaluate_all(nodes) for w, nodes in src.states.items()}
     assert set(got) == {"param", "exp_avg", "exp_avg_sq"}
-    roles = {"decoder.layers.self_attention.linear_qkv.weight": "attn.qkv.weight",
-             "decoder.layers.mlp.linear_fc1.weight": "mlp.gate_up.weight",
-             "decoder.layers.input_layernorm.weight": "attn_norm.weight"}
+    roles = {
+        "decoder.layers.self_attention.linear_qkv.weight": "attn.qkv.weight",
+        "decoder.layers.mlp.linear_fc1.weight": "mlp.gate_up.weight",
+        "decoder.layers.input_layernorm.weight": "attn_norm.weight",
+    }
     for (which, key), g in truth.items():
         if key == "embedding.word_embeddings.weight":
             assert torch.equal(got[which]["embed.weight"], g)
@@ -559,8 +686,10 @@ def _assert_resumed_with_source_state(src: str, resumed: str) -> None:
     state (its ground truth), except the vocabulary's padding rows (padded afresh)."""
     from tests.test_distopt_reshard import STATES, _global, _truth
 
-    optim = [torch.load(os.path.join(src, "ground_truth", f"mp_rank_{r:02d}.pt"), weights_only=False)["optim"]
-             for r in (0, 1)]
+    optim = [
+        torch.load(os.path.join(src, "ground_truth", f"mp_rank_{r:02d}.pt"), weights_only=False)["optim"]
+        for r in (0, 1)
+    ]
     source = {(0, name): {r: optim[r]["params"][name] for r in (0, 1)} for name in optim[0]["params"]}
     loaded = _truth(resumed, 1, 2)
     for field in STATES:

@@ -26,33 +26,77 @@ LAYOUTS = ((1, 1), (2, 2))
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
     root = tmp_path_factory.mktemp("torch-dist-write")
-    models = {"llama": _build_hf(str(root / "llama"), "llama", 4, False, 128, 500000.0, seed=3),
-              "qwen2": _build_hf(str(root / "qwen2"), "qwen2", 4, True, 128, 1000000.0, seed=4)}
+    models = {
+        "llama": _build_hf(str(root / "llama"), "llama", 4, False, 128, 500000.0, seed=3),
+        "qwen2": _build_hf(str(root / "qwen2"), "qwen2", 4, True, 128, 1000000.0, seed=4),
+    }
     outs = {}
     for name, m in models.items():  # HF -> torch_dist
         outs[name] = str(root / f"{name}-td")
-        assert cli_main(["convert", m["dir"], outs[name], "--to", "mcore", "--ckpt-format", "torch_dist",
-                         "--quiet"]) == 0
+        assert (
+            cli_main(
+                ["convert", m["dir"], outs[name], "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]
+            )
+            == 0
+        )
     # torch format TP=2 PP=2 with plain Megatron-LM args -> torch_dist (the family inferred)
     mc = str(root / "llama-tp2pp2")
-    assert cli_main(["convert", models["llama"]["dir"], mc, "--to", "mcore", "--tp", "2", "--pp", "2", "--quiet"]) == 0
+    assert (
+        cli_main(
+            ["convert", models["llama"]["dir"], mc, "--to", "mcore", "--tp", "2", "--pp", "2", "--quiet"]
+        )
+        == 0
+    )
     plain_args(mc)
     outs["llama-from-torch"] = str(root / "llama-from-torch-td")
-    assert cli_main(["convert", mc, outs["llama-from-torch"], "--to", "mcore", "--ckpt-format", "torch_dist",
-                     "--quiet"]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                mc,
+                outs["llama-from-torch"],
+                "--to",
+                "mcore",
+                "--ckpt-format",
+                "torch_dist",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     cases = []
     for name, out in outs.items():
         m = models[name.split("-")[0]]
         for tp, pp in LAYOUTS:
-            cases.append({"name": f"{name}-tp{tp}pp{pp}", "ckpt": out, "tp": tp, "pp": pp, "vpp": None,
-                          "torch_dist": True, "hf_config": m["config"], "padded_vocab": 128, "tied": m["tied"],
-                          "qkv_bias": m["qkv_bias"], "qk_norm": m["qk_norm"], "input_ids": INPUT_IDS,
-                          "out": str(root / f"{name}-tp{tp}pp{pp}.pt"), "ref": name.split("-")[0]})
+            cases.append(
+                {
+                    "name": f"{name}-tp{tp}pp{pp}",
+                    "ckpt": out,
+                    "tp": tp,
+                    "pp": pp,
+                    "vpp": None,
+                    "torch_dist": True,
+                    "hf_config": m["config"],
+                    "padded_vocab": 128,
+                    "tied": m["tied"],
+                    "qkv_bias": m["qkv_bias"],
+                    "qk_norm": m["qk_norm"],
+                    "input_ids": INPUT_IDS,
+                    "out": str(root / f"{name}-tp{tp}pp{pp}.pt"),
+                    "ref": name.split("-")[0],
+                }
+            )
     job = root / "job.json"
     job.write_text(json.dumps({"store": str(root / "gloo-store"), "cases": cases}))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen([sys.executable, HARNESS, str(job), str(WORLD)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, HARNESS, str(job), str(WORLD)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=400)
     except subprocess.TimeoutExpired:
@@ -86,7 +130,10 @@ def test_torch_dist_output_reads_back_bit_exact(loaded, tmp_path):
     assert cli_main(["convert", outs["llama"], direct, "--to", "hf", "--quiet"]) == 0
     from safetensors.torch import load_file
 
-    a, b = load_file(os.path.join(back, "model.safetensors")), load_file(os.path.join(direct, "model.safetensors"))
+    a, b = (
+        load_file(os.path.join(back, "model.safetensors")),
+        load_file(os.path.join(direct, "model.safetensors")),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -123,18 +170,27 @@ def test_moe_output_equals_megatron_cores_own_save(tmp_path):
     it): the same keys, stacked shapes ([L, E, 2F, H] experts), sharded objects and values."""
     from tests import distopt_fixtures as F
 
-    hf = F.make_tiny_hf_mixtral(str(tmp_path / "hf"), hidden=64, layers=2, heads=4, kv_heads=2, ffn=48, experts=4,
-                                topk=2, vocab=128)
+    hf = F.make_tiny_hf_mixtral(
+        str(tmp_path / "hf"), hidden=64, layers=2, heads=4, kv_heads=2, ffn=48, experts=4, topk=2, vocab=128
+    )
     theirs = str(tmp_path / "megatron")
     F.make_torch_dist_checkpoint(theirs, hf, tp=1, pp=1, dp=1, init="hf")
     mine = str(tmp_path / "mine")
     assert cli_main(["convert", hf, mine, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]) == 0
     from ckpt_ir.io.dcp import read_metadata
 
-    a, b = read_metadata(os.path.join(theirs, "iter_0000001")), read_metadata(os.path.join(mine, "iter_0000001"))
+    a, b = (
+        read_metadata(os.path.join(theirs, "iter_0000001")),
+        read_metadata(os.path.join(mine, "iter_0000001")),
+    )
     assert {k: t.shape for k, t in a.tensors.items()} == {k: t.shape for k, t in b.tensors.items()}
-    assert "decoder.layers.mlp.experts.experts.linear_fc1.weight" in b.tensors and set(a.objects) == set(b.objects)
-    x, y = F.read_torch_dist(os.path.join(theirs, "iter_0000001")), F.read_torch_dist(os.path.join(mine, "iter_0000001"))
+    assert "decoder.layers.mlp.experts.experts.linear_fc1.weight" in b.tensors and set(a.objects) == set(
+        b.objects
+    )
+    x, y = (
+        F.read_torch_dist(os.path.join(theirs, "iter_0000001")),
+        F.read_torch_dist(os.path.join(mine, "iter_0000001")),
+    )
     for k, v in x.items():
         if isinstance(v, torch.Tensor):
             assert torch.equal(v, y[k]), k

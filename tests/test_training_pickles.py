@@ -32,37 +32,92 @@ NOOP = {1, 2}  # no-op layers of the fixture: 2 real + 2 no-op layers
 def mindspeed_training_args(base: dict) -> argparse.Namespace:
     """What MindSpeed-LLM's pretrain_gpt.py saves: Megatron-LM's args plus its own, after its
     validation turned --noop-layers into a set (values as they are after argument parsing)."""
-    return argparse.Namespace(**{**base, **{
-        "noop_layers": set(NOOP), "num_layer_list": None, "model_type": ModelType.encoder_or_decoder,
-        "params_dtype": torch.float32, "main_grads_dtype": torch.float32, "exp_avg_dtype": torch.float32,
-        "attention_backend": AttnBackend.auto, "exit_signal": signal.SIGTERM, "data_path": ["/data/alpaca_text_document"],
-        "tokenizer_type": "PretrainedFromHF", "tokenizer_name_or_path": "/models/llama-tiny", "seq_length": 64,
-        "consumed_train_samples": 4096, "consumed_valid_samples": 128, "skipped_train_samples": 0, "train_iters": 2000,
-        "lr": 1.25e-6, "min_lr": 1.25e-7, "lr_decay_style": "cosine", "lr_warmup_fraction": 0.01, "seed": 1234,
-        "rampup_batch_size": None, "split": "969,30,1", "world_size": 8, "data_parallel_size": 4, "rank": 0,
-        "local_rank": 0,
-        "make_vocab_size_divisible_by": 1, "use_fused_rmsnorm": True, "swap_attention": False, "shape_order": "SBH",
-        "prompt_type": "llama2", "recompute_method": None, "moe_alltoall_overlap_comm": False,
-        "context_parallel_algo": "ulysses_cp_algo", "optimization_level": 2, "tokenizer_kwargs": None,
-        "save": pathlib.PosixPath("/ckpt/llama-tiny"), "load": pathlib.PosixPath("/ckpt/llama-tiny"),
-        "device": torch.device("cuda", 3), "stage": None, "is_instruction_dataset": False,
-        # the remaining inert value types a namespace can hold
-        "kept_frozen": frozenset({3}), "slice_value": slice(0, None, 2), "complex_value": 1 + 2j,
-        "raw_bytes": b"", "some_bytes": b"\x00\xff", "nested": types.SimpleNamespace(a=1, b=[1, 2]),
-        "layer_range": range(0, 4),
-    }})
+    return argparse.Namespace(
+        **{
+            **base,
+            **{
+                "noop_layers": set(NOOP),
+                "num_layer_list": None,
+                "model_type": ModelType.encoder_or_decoder,
+                "params_dtype": torch.float32,
+                "main_grads_dtype": torch.float32,
+                "exp_avg_dtype": torch.float32,
+                "attention_backend": AttnBackend.auto,
+                "exit_signal": signal.SIGTERM,
+                "data_path": ["/data/alpaca_text_document"],
+                "tokenizer_type": "PretrainedFromHF",
+                "tokenizer_name_or_path": "/models/llama-tiny",
+                "seq_length": 64,
+                "consumed_train_samples": 4096,
+                "consumed_valid_samples": 128,
+                "skipped_train_samples": 0,
+                "train_iters": 2000,
+                "lr": 1.25e-6,
+                "min_lr": 1.25e-7,
+                "lr_decay_style": "cosine",
+                "lr_warmup_fraction": 0.01,
+                "seed": 1234,
+                "rampup_batch_size": None,
+                "split": "969,30,1",
+                "world_size": 8,
+                "data_parallel_size": 4,
+                "rank": 0,
+                "local_rank": 0,
+                "make_vocab_size_divisible_by": 1,
+                "use_fused_rmsnorm": True,
+                "swap_attention": False,
+                "shape_order": "SBH",
+                "prompt_type": "llama2",
+                "recompute_method": None,
+                "moe_alltoall_overlap_comm": False,
+                "context_parallel_algo": "ulysses_cp_algo",
+                "optimization_level": 2,
+                "tokenizer_kwargs": None,
+                "save": pathlib.PosixPath("/ckpt/llama-tiny"),
+                "load": pathlib.PosixPath("/ckpt/llama-tiny"),
+                "device": torch.device("cuda", 3),
+                "stage": None,
+                "is_instruction_dataset": False,
+                # the remaining inert value types a namespace can hold
+                "kept_frozen": frozenset({3}),
+                "slice_value": slice(0, None, 2),
+                "complex_value": 1 + 2j,
+                "raw_bytes": b"",
+                "some_bytes": b"\x00\xff",
+                "nested": types.SimpleNamespace(a=1, b=[1, 2]),
+                "layer_range": range(0, 4),
+            },
+        }
+    )
 
 
 def megatron_lm_training_args(base: dict) -> argparse.Namespace:
     """Plain Megatron-LM args (no family name: the HF config comes from --hf-config)."""
     plain = {k: v for k, v in base.items() if not k.startswith("ckpt_ir_") and k != "model_type_hf"}
-    return argparse.Namespace(**{**plain, **{
-        "model_type": ModelType.encoder_or_decoder, "attention_backend": AttnBackend.auto,
-        "exit_signal": signal.SIGTERM, "params_dtype": torch.float32, "data_path": None, "mock_data": True,
-        "consumed_train_samples": 96, "train_iters": 10, "lr": 3e-4, "seq_length": 16, "seed": 1234,
-        "ckpt_format": "torch", "rerun_mode": "disabled", "timing_log_option": "minmax",
-        "use_distributed_optimizer": True, "data_parallel_size": 2, "world_size": 4,
-    }})
+    return argparse.Namespace(
+        **{
+            **plain,
+            **{
+                "model_type": ModelType.encoder_or_decoder,
+                "attention_backend": AttnBackend.auto,
+                "exit_signal": signal.SIGTERM,
+                "params_dtype": torch.float32,
+                "data_path": None,
+                "mock_data": True,
+                "consumed_train_samples": 96,
+                "train_iters": 10,
+                "lr": 3e-4,
+                "seq_length": 16,
+                "seed": 1234,
+                "ckpt_format": "torch",
+                "rerun_mode": "disabled",
+                "timing_log_option": "minmax",
+                "use_distributed_optimizer": True,
+                "data_parallel_size": 2,
+                "world_size": 4,
+            },
+        }
+    )
 
 
 def _plain(v):
@@ -113,8 +168,12 @@ def noop_mcore(tmp_path_factory):
     root = tmp_path_factory.mktemp("noop")
     hf = build_tiny_hf(tmp_path_factory)
     src = root / "mcore"
-    assert cli_main(["convert", str(hf), str(src), "--to", "mcore", "--tp", "2", "--noop-layers", "1,2",
-                     "--quiet"]) == 0
+    assert (
+        cli_main(
+            ["convert", str(hf), str(src), "--to", "mcore", "--tp", "2", "--noop-layers", "1,2", "--quiet"]
+        )
+        == 0
+    )
     ref = root / "ref"
     assert cli_main(["convert", str(src), str(ref), "--to", "hf", "--quiet"]) == 0
     return hf, src, ref
@@ -130,15 +189,18 @@ def _rewrite_ranks(src, dst, kind: str, protocol: int, zip_format: bool) -> None
         if kind == "megatron-lm":
             obj["args"].noop_layers = set(NOOP)  # MindSpeed's set, in an otherwise plain args
         # Transformer-Engine's FP8 metadata: a BytesIO (protocol >= 2 only) or empty bytes
-        obj["model"]["decoder.layers.0.self_attention.linear_proj._extra_state"] = \
+        obj["model"]["decoder.layers.0.self_attention.linear_proj._extra_state"] = (
             io.BytesIO(b"") if protocol >= 2 else b""
+        )
         obj["opt_param_scheduler"] = {"max_lr": 1.25e-6, "num_steps": 4096, "decay_style": "cosine"}
         _legacy_or_zip_save(obj, f, protocol, zip_format)
 
 
 @pytest.mark.parametrize("kind", ["mindspeed", "megatron-lm"])
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
-@pytest.mark.parametrize("protocol", range(1, pickle.HIGHEST_PROTOCOL + 1))  # torch.save cannot use 0 with tensors
+@pytest.mark.parametrize(
+    "protocol", range(1, pickle.HIGHEST_PROTOCOL + 1)
+)  # torch.save cannot use 0 with tensors
 def test_rank_files_of_every_protocol_and_serialisation(noop_mcore, tmp_path, kind, protocol, zip_format):
     hf, src, ref = noop_mcore
     ckpt = tmp_path / "ckpt"
@@ -164,16 +226,26 @@ def test_training_args_are_carried_through_a_reshard(noop_mcore, tmp_path):
     got = torch.load(out / MCORE_ITER / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
     want = torch.load(ckpt / MCORE_ITER / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
     a, b = vars(got["args"]), vars(want["args"])
-    assert {k for k in b if a.get(k) != b[k]} == {"tensor_model_parallel_size", "num_layers", "noop_layers",
-                                                  "world_size"}
-    assert a["noop_layers"] is None and a["num_layers"] == 2 and a["world_size"] == 4  # 8 ranks of TP 2 -> TP 1
+    assert {k for k in b if a.get(k) != b[k]} == {
+        "tensor_model_parallel_size",
+        "num_layers",
+        "noop_layers",
+        "world_size",
+    }
+    assert (
+        a["noop_layers"] is None and a["num_layers"] == 2 and a["world_size"] == 4
+    )  # 8 ranks of TP 2 -> TP 1
     assert a["model_type"] is ModelType.encoder_or_decoder and a["attention_backend"] is AttnBackend.auto
     assert a["exit_signal"] is signal.SIGTERM and a["device"] == torch.device("cuda", 3)
     assert a["save"] == pathlib.PosixPath("/ckpt/llama-tiny") and a["kept_frozen"] == frozenset({3})
     assert got["opt_param_scheduler"] == want["opt_param_scheduler"]
     kept = tmp_path / "tp1_noop"  # the no-op layers kept: args say so in ckpt-ir's string form
-    assert cli_main(["convert", str(ckpt), str(kept), "--to", "mcore", "--tp", "1", "--noop-layers", "1,2",
-                     "--quiet"]) == 0
+    assert (
+        cli_main(
+            ["convert", str(ckpt), str(kept), "--to", "mcore", "--tp", "1", "--noop-layers", "1,2", "--quiet"]
+        )
+        == 0
+    )
     args = torch.load(kept / MCORE_ITER / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)["args"]
     assert args.noop_layers == "1,2" and args.num_layers == 4
 
@@ -202,7 +274,7 @@ def test_legacy_rank_file_offsets_are_exact(noop_mcore, tmp_path):
 
 
 EVIL = [
-    b"c__builtin__\neval\n(S'open(\"MARKER\", \"w\").close()'\ntR.",  # builtins.eval under its py2 name
+    b'c__builtin__\neval\n(S\'open("MARKER", "w").close()\'\ntR.',  # builtins.eval under its py2 name
     b"cposix\nsystem\n(S'touch MARKER'\ntR.",  # os.system as Python 2 spelt it
     b"ccommands\ngetoutput\n(S'touch MARKER'\ntR.",  # subprocess.getoutput
     b"ccopy_reg\n_reconstructor\n(cposix\nsystem\nc__builtin__\nobject\nNtR.",
@@ -232,5 +304,7 @@ def test_malicious_legacy_rank_file(noop_mcore, tmp_path, protocol):
     obj["args"].noop_layers = set(NOOP)
     obj["args"].evil = _payload("os.system", marker)
     _legacy_or_zip_save(obj, f, protocol, False)
-    msg = assert_clean_error(convert(ckpt, tmp_path / "out", to="hf"), tmp_path / "out", names=("mp_rank_01",))
+    msg = assert_clean_error(
+        convert(ckpt, tmp_path / "out", to="hf"), tmp_path / "out", names=("mp_rank_01",)
+    )
     assert "refusing to unpickle" in msg and not marker.exists()

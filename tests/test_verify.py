@@ -67,8 +67,15 @@ def test_hf_vs_mcore_tp2pp2_is_exact_and_one_changed_element_names_its_layer(hf_
     ok(cli("convert", src, mc, "--to", "mcore", "--tp", "2", "--pp", "2"))
     code, r = report(src, mc)
     assert code == 0 and r["ok"] and r["tolerance"] == "exact"
-    assert [x["name"] for x in r["rows"]] == ["embeddings", "layer 0", "layer 1", "layer 2", "layer 3", "final norm",
-                                              "logits"]
+    assert [x["name"] for x in r["rows"]] == [
+        "embeddings",
+        "layer 0",
+        "layer 1",
+        "layer 2",
+        "layer 3",
+        "final norm",
+        "logits",
+    ]
     assert all(x["max_abs_diff"] == 0 for x in r["rows"]) and r["top1_agreement"] == r["tokens"] == 16
     # one element of layer 2's down projection, changed in a copy of the source
     bad = tmp_path / "bad"
@@ -88,8 +95,23 @@ def test_mcore_reshard_vs_mcore(hf_cache, tmp_path):
     src = hf_cache("qwen2", layers=4)
     a, b = tmp_path / "a", tmp_path / "b"
     ok(cli("convert", src, a, "--to", "mcore", "--tp", "2", "--pp", "2"))
-    ok(cli("convert", a, b, "--to", "mcore", "--tp", "1", "--pp", "4", "--vpp-layers", "1",
-           "--make-vocab-size-divisible-by", "48"))
+    ok(
+        cli(
+            "convert",
+            a,
+            b,
+            "--to",
+            "mcore",
+            "--tp",
+            "1",
+            "--pp",
+            "4",
+            "--vpp-layers",
+            "1",
+            "--make-vocab-size-divisible-by",
+            "48",
+        )
+    )
     ok(cli("verify", a, b, "--tokens", "8"))
 
 
@@ -165,8 +187,13 @@ def test_npu_is_imported_only_when_asked(hf_cache, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), os.getcwd()]))
 
     def run(*args: object) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "ckpt_ir", *map(str, args)], env=env, capture_output=True,
-                              text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "ckpt_ir", *map(str, args)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     r = run("convert", src, tmp_path / "a", "--to", "hf", "--dtype", "bf16", "--device", "cpu")
     assert r.returncode == 0, r.stderr
@@ -174,7 +201,10 @@ def test_npu_is_imported_only_when_asked(hf_cache, tmp_path):
     for cmd in (["convert", src, tmp_path / "b", "--to", "hf", "--dtype", "bf16"], ["verify", src, src]):
         r = run(*cmd, "--device", "npu:0")
         assert marker.exists() and r.returncode == 2, r.stderr
-        assert r.stderr.strip() == "ckpt-ir: error: --device npu:0: torch_npu found no Ascend NPU; use --device cpu"
+        assert (
+            r.stderr.strip()
+            == "ckpt-ir: error: --device npu:0: torch_npu found no Ascend NPU; use --device cpu"
+        )
         marker.unlink()
     assert not (tmp_path / "b").exists()
 
@@ -188,4 +218,6 @@ def test_remote_code_families_are_refused(hf_cache):
 
     c = ck.load(hf_cache("llama", layers=1))
     with pytest.raises(UsageError, match="remote code is never run"):
-        transformers_config(attrs.evolve(c, hf_config={**c.hf_config, "auto_map": {"AutoModelForCausalLM": "x.Y"}}))
+        transformers_config(
+            attrs.evolve(c, hf_config={**c.hf_config, "auto_map": {"AutoModelForCausalLM": "x.Y"}})
+        )

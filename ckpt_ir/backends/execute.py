@@ -35,8 +35,10 @@ class Progress:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
             eta = (self.total - self.done) / rate if rate > 0 else 0
-            sys.stderr.write(f"\r  {self.done / 1e9:7.2f}/{self.total / 1e9:.2f} GB  files {self.done_files}/"
-                             f"{self.files}  {rate / 1e9:5.2f} GB/s  ETA {eta:5.0f}s ")
+            sys.stderr.write(
+                f"\r  {self.done / 1e9:7.2f}/{self.total / 1e9:.2f} GB  files {self.done_files}/"
+                f"{self.files}  {rate / 1e9:5.2f} GB/s  ETA {eta:5.0f}s "
+            )
             if self.done_files == self.files:
                 sys.stderr.write("\n")
             sys.stderr.flush()
@@ -76,7 +78,9 @@ class TensorWriter:
         if isinstance(expr, E.Concat) and expr.dim == 0:
             # rows are contiguous in the output: write part by part (a flat optimizer buffer, a row
             # gather) instead of building the whole tensor
-            return sum(self(part, fd, pos + sum(p.nbytes for p in expr.xs[:i])) for i, part in enumerate(expr.xs))
+            return sum(
+                self(part, fd, pos + sum(p.nbytes for p in expr.xs[:i])) for i, part in enumerate(expr.xs)
+            )
         return self._write_blocks(row_blocks(expr, self.block_bytes), fd, pos)
 
     def _write_blocks(self, blocks: tuple[E.Expr, ...], fd: int, pos: int) -> int:
@@ -125,8 +129,9 @@ class TensorWriter:
             self._compute.shutdown(wait=True)
 
 
-def write_file(out: OutputFile, root: str, reader: E.Reader, progress: Progress,
-               block_bytes: int = BLOCK_BYTES) -> None:
+def write_file(
+    out: OutputFile, root: str, reader: E.Reader, progress: Progress, block_bytes: int = BLOCK_BYTES
+) -> None:
     from ckpt_ir.io import safetensors as st
     from ckpt_ir.io import torchzip
 
@@ -217,6 +222,7 @@ def _worker(files: list[OutputFile], root: str, queue, block_bytes: int, threads
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
     class Relay(Progress):
         def advance(self, nbytes: int = 0, files: int = 0) -> None:
             queue.put(("advance", nbytes, files))
@@ -232,8 +238,9 @@ def _worker(files: list[OutputFile], root: str, queue, block_bytes: int, threads
         queue.put(("error", 1, f"{type(e).__name__}: {e}"))
 
 
-def write_files(files: list[OutputFile], root: str, bar: Progress, workers: int,
-                block_bytes: int = BLOCK_BYTES) -> int:
+def write_files(
+    files: list[OutputFile], root: str, bar: Progress, workers: int, block_bytes: int = BLOCK_BYTES
+) -> int:
     """Write ``files`` under ``root`` with up to ``workers`` processes, computed tensors in row
     blocks of about ``block_bytes``; returns bytes read."""
     tensor_files = [f for f in files if f.kind in ("safetensors", "torch")]
@@ -255,8 +262,10 @@ def write_files(files: list[OutputFile], root: str, bar: Progress, workers: int,
     import signal
 
     threads = max(1, default_workers() // workers)
-    procs = [ctx.Process(target=_worker, args=(share, root, queue, block_bytes, threads), daemon=True)
-             for share in assign(tensor_files, workers)]
+    procs = [
+        ctx.Process(target=_worker, args=(share, root, queue, block_bytes, threads), daemon=True)
+        for share in assign(tensor_files, workers)
+    ]
     read, running, error = 0, len(procs), None
     finished = False
     try:
@@ -272,7 +281,9 @@ def write_files(files: list[OutputFile], root: str, bar: Progress, workers: int,
                 kind, a, b = queue.get(timeout=1.0)
             except Exception:  # queue.Empty: check nobody died without a word
                 if any(p.exitcode not in (None, 0) for p in procs):
-                    raise CkptIrError("a worker process died (out of memory?); rerun with --workers 1") from None
+                    raise CkptIrError(
+                        "a worker process died (out of memory?); rerun with --workers 1"
+                    ) from None
                 continue
             if kind == "advance":
                 bar.advance(a, b)
@@ -345,8 +356,10 @@ def memory_plan(plan: Plan, workers: int | None, max_memory: int | None) -> tupl
     block = block_size(max_memory, workers)
     name, need = plan.largest_tensor(block)
     if need > max_memory:
-        raise CkptIrError(f"tensor {name} needs about {human_bytes(need)} to produce but the memory budget is "
-                          f"{human_bytes(max_memory)}; raise --max-memory")
+        raise CkptIrError(
+            f"tensor {name} needs about {human_bytes(need)} to produce but the memory budget is "
+            f"{human_bytes(max_memory)}; raise --max-memory"
+        )
     return max(1, min(workers, max_memory // max(need, 1))), block, need
 
 
@@ -361,19 +374,32 @@ def run_checks(plan: Plan) -> None:
             return False
         if not a.shape:
             return np.array_equal(E.evaluate_raw(a, reader), E.evaluate_raw(b, reader))
-        return all(np.array_equal(E.evaluate_raw(E.simplify(E.Slice(a, 0, lo, hi)), reader),
-                                  E.evaluate_raw(E.simplify(E.Slice(b, 0, lo, hi)), reader))
-                   for lo, hi in row_ranges(a, BLOCK_BYTES))
+        return all(
+            np.array_equal(
+                E.evaluate_raw(E.simplify(E.Slice(a, 0, lo, hi)), reader),
+                E.evaluate_raw(E.simplify(E.Slice(b, 0, lo, hi)), reader),
+            )
+            for lo, hi in row_ranges(a, BLOCK_BYTES)
+        )
 
     with E.Reader() as reader:
         for name, other, a, b in plan.checks:
             if not equal(a, b, reader):
-                raise CkptIrError(f"{name} differs from {other}, but the target format stores them once; "
-                                  f"converting would lose it")
+                raise CkptIrError(
+                    f"{name} differs from {other}, but the target format stores them once; "
+                    f"converting would lose it"
+                )
 
 
-def execute(plan: Plan, dst: str, *, overwrite: bool = False, progress: bool = False,
-            workers: int | None = None, max_memory: int | None = None) -> dict[str, float]:
+def execute(
+    plan: Plan,
+    dst: str,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+    workers: int | None = None,
+    max_memory: int | None = None,
+) -> dict[str, float]:
     """Write ``plan`` to ``dst`` atomically; returns simple statistics.  ``max_memory`` bounds
     the tensor data held at once (it limits the number of parallel writers).  Under torchrun
     the tensor files are split between the ranks (each rank may also use local workers)."""
@@ -396,8 +422,16 @@ def _tensor_bytes(files) -> int:
     return sum(f.nbytes for f in files if f.kind in ("safetensors", "torch"))
 
 
-def _execute_distributed(plan: Plan, dst: str, overwrite: bool, progress: bool, workers: int, rank: int,
-                         world: int, block_bytes: int) -> dict[str, float]:
+def _execute_distributed(
+    plan: Plan,
+    dst: str,
+    overwrite: bool,
+    progress: bool,
+    workers: int,
+    rank: int,
+    world: int,
+    block_bytes: int,
+) -> dict[str, float]:
     """torchrun: rank 0 claims DST and prepares a shared temporary directory, every rank writes its
     share of the tensor files into it, and rank 0 writes the small files last and publishes the
     directory.  Rank 0 decides each step and broadcasts the outcome, so all ranks agree on it."""

@@ -22,8 +22,10 @@ def hf_tensors(ckpt: Checkpoint, family: Family) -> list[tuple[str, E.Expr]]:
     """(HF name, expression) for every output tensor, in canonical order; packed HF tensors
     (Phi-3 qkv_proj) are concatenations of their canonical parts."""
     if ckpt.layout.tp != 1 or ckpt.layout.fused_qkv or ckpt.layout.fused_gate_up:
-        raise VerifyError(f"HF output needs an unsharded, unfused HF layout, got {ckpt.layout.describe()}; "
-                          f"the pipeline must end with gather, unfuse-qkv, unfuse-gate-up")
+        raise VerifyError(
+            f"HF output needs an unsharded, unfused HF layout, got {ckpt.layout.describe()}; "
+            f"the pipeline must end with gather, unfuse-qkv, unfuse-gate-up"
+        )
     names = family.names
     packed: set[str] = set()
     out: list[tuple[str, str, E.Expr]] = []
@@ -35,8 +37,13 @@ def hf_tensors(ckpt: Checkpoint, family: Family) -> list[tuple[str, E.Expr]]:
             if m:
                 groups = m.groupdict()
                 parts = {template: template.format(**groups) for template in p.parts}
-                out.append((parts[p.parts[0]], p.hf.format(**groups),
-                            rule.fuse({template: ckpt.tensors[n].expr for template, n in parts.items()})))
+                out.append(
+                    (
+                        parts[p.parts[0]],
+                        p.hf.format(**groups),
+                        rule.fuse({template: ckpt.tensors[n].expr for template, n in parts.items()}),
+                    )
+                )
                 packed.update(parts.values())
     for name, t in ckpt.tensors.items():
         if name in packed:
@@ -49,7 +56,9 @@ def hf_tensors(ckpt: Checkpoint, family: Family) -> list[tuple[str, E.Expr]]:
     return [(hf, e) for _, hf, e in out]
 
 
-def plan(ckpt: Checkpoint, *, max_shard_size: int = DEFAULT_MAX_SHARD, hf_config_dir: str | None = None) -> Plan:
+def plan(
+    ckpt: Checkpoint, *, max_shard_size: int = DEFAULT_MAX_SHARD, hf_config_dir: str | None = None
+) -> Plan:
     family = by_name(ckpt.spec.family)
     tensors = hf_tensors(ckpt, family)
     shards: list[list[tuple[str, E.Expr]]] = [[]]
@@ -72,7 +81,9 @@ def plan(ckpt: Checkpoint, *, max_shard_size: int = DEFAULT_MAX_SHARD, hf_config
             files.append(OutputFile(fname, "safetensors", tuple(shard), metadata=meta))
             weight_map.update({name: fname for name, _ in shard})
         index = {"metadata": {"total_size": sum(e.nbytes for _, e in tensors)}, "weight_map": weight_map}
-        files.append(OutputFile("model.safetensors.index.json", "text", text=json.dumps(index, indent=2) + "\n"))
+        files.append(
+            OutputFile("model.safetensors.index.json", "text", text=json.dumps(index, indent=2) + "\n")
+        )
     base_cfg = ckpt.hf_config
     aux = [f for f in ckpt.aux_files if os.path.basename(f) != "config.json"]  # written from the IR below
     if hf_config_dir:  # an explicit --hf-config wins over the source's side files
@@ -88,6 +99,8 @@ def plan(ckpt: Checkpoint, *, max_shard_size: int = DEFAULT_MAX_SHARD, hf_config
     from ckpt_ir.frontends.hf import TOKENIZER_PATTERNS
 
     if not any(fnmatch.fnmatch(os.path.basename(f), p) for f in aux for p in TOKENIZER_PATTERNS):
-        dropped["tokenizer"] = "the source has no tokenizer files, so neither has the output; pass --hf-config DIR " \
-                               "to copy them from DIR"
+        dropped["tokenizer"] = (
+            "the source has no tokenizer files, so neither has the output; pass --hf-config DIR "
+            "to copy them from DIR"
+        )
     return Plan(tuple(files), dropped)

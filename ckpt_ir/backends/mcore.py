@@ -44,20 +44,27 @@ def _shard(t: TensorNode, rank: int) -> E.Expr:
     return t.shards[rank] if t.tp > 1 else t.shards[0]
 
 
-def plan(ckpt: Checkpoint, *, iteration: int | None = None, shared_copies: str = "check",
-         dp: int | None = None) -> Plan:
+def plan(
+    ckpt: Checkpoint, *, iteration: int | None = None, shared_copies: str = "check", dp: int | None = None
+) -> Plan:
     """``ckpt.states`` (optimizer state) becomes ``distrib_optim.pt`` beside each rank file, laid
     out for data-parallel size ``dp`` (default: the source's), plus the training entries."""
     spec, layout = ckpt.spec, ckpt.layout
     if not (layout.fused_qkv and layout.fused_gate_up):
-        raise VerifyError("Megatron output needs fused QKV and gate/up; the pipeline must run fuse-qkv and "
-                          "fuse-gate-up")
+        raise VerifyError(
+            "Megatron output needs fused QKV and gate/up; the pipeline must run fuse-qkv and fuse-gate-up"
+        )
     content, where = rank_content(ckpt)
     chunks = num_chunks(spec, layout)
     family = by_name(spec.family)
     training = TrainingOutput(ckpt)
-    args = M.build_args(spec, layout, ckpt.hf_config, family.mindspeed_names[0] if family.mindspeed_names else spec.family,
-                        source=training.source_args)
+    args = M.build_args(
+        spec,
+        layout,
+        ckpt.hf_config,
+        family.mindspeed_names[0] if family.mindspeed_names else spec.family,
+        source=training.source_args,
+    )
     it = iteration if iteration is not None else ckpt.meta.get("iteration", 1)
     optim = OptimizerOutput(ckpt, dp) if ckpt.states else None
     if optim is not None:
@@ -78,15 +85,20 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None, shared_copies: str =
                     uid = f"model{chunk}/{entry.key}"
                     tensors.append((uid, expr))
                     sd[entry.key] = Tensor(uid, expr.dtype, expr.shape)
-                sd.update(extra.entries(stage, chunk, rank, ep, chunk == chunks - 1 and stage == layout.pp - 1,
-                                        where, tensors))
+                sd.update(
+                    extra.entries(
+                        stage, chunk, rank, ep, chunk == chunks - 1 and stage == layout.pp - 1, where, tensors
+                    )
+                )
                 models["model" if chunks == 1 else f"model{chunk}"] = sd
             obj = {"args": args, "checkpoint_version": 3.0, "iteration": it, **models}
             rank_dir = f"{M.iter_dir(it)}/{M.rank_dir(rank, stage, layout, ep, layout.ep)}"
             obj.update(training.entries((rank, stage, ep), tensors))
             if optim is not None:
                 obj.update(optim.training_entries(tensors))
-                chunk_entries = [[e for e in content[(stage, c)] if e.ep is None or e.ep == ep] for c in range(chunks)]
+                chunk_entries = [
+                    [e for e in content[(stage, c)] if e.ep is None or e.ep == ep] for c in range(chunks)
+                ]
                 files.append(optim.file(f"{rank_dir}/distrib_optim.pt", chunk_entries, stage, rank, ep))
             files.append(OutputFile(f"{rank_dir}/model_optim_rng.pt", "torch", tuple(tensors), obj=obj))
     files.append(OutputFile("latest_checkpointed_iteration.txt", "text", text=str(it)))
@@ -94,15 +106,21 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None, shared_copies: str =
 
     # the HF side files (tokenizer, generation config, chat template, remote code, config.json):
     # Megatron ignores the folder; an HF export restores them
-    files.extend(OutputFile(f"{MCORE_HF_DIR}/{os.path.basename(f)}", "copy", source=f) for f in ckpt.aux_files)
+    files.extend(
+        OutputFile(f"{MCORE_HF_DIR}/{os.path.basename(f)}", "copy", source=f) for f in ckpt.aux_files
+    )
     copies = tuple(_shared_copies(ckpt))
     dropped = {**ckpt.dropped, **training.dropped}
     dropped.update(extra.dropped)
     if optim is not None:
         dropped.update(optim.dropped)
     if shared_copies == "drop":  # MindSpeed-LLM's behaviour: Megatron's shared tensor is kept
-        dropped.update({name: f"stored once in Megatron (shared with {other}); not compared"
-                        for name, other, _, _ in copies})
+        dropped.update(
+            {
+                name: f"stored once in Megatron (shared with {other}); not compared"
+                for name, other, _, _ in copies
+            }
+        )
         copies = ()
     return Plan(tuple(files), dropped, checks=copies)
 
@@ -123,18 +141,32 @@ class ExtraState:
         if info["layout"] != now:
             names = ("layers", "MTP layers", "TP", "expert TP", "grouped GEMM", "norm naming")
             what = ", ".join(f"{n} {a} -> {b}" for n, a, b in zip(names, info["layout"], now) if a != b)
-            self.dropped["*._extra_state"] = (f"Transformer-Engine _extra_state (FP8 metadata) of another module "
-                                              f"layout ({what}); Transformer Engine starts it afresh")
+            self.dropped["*._extra_state"] = (
+                f"Transformer-Engine _extra_state (FP8 metadata) of another module "
+                f"layout ({what}); Transformer Engine starts it afresh"
+            )
             return
         for (layer, key, expert, slot), value in info["entries"].items():
             self.entries_by_layer[layer].append((key, expert, slot, value))
 
-    def entries(self, stage: int, chunk: int, rank: int, ep: int, last: bool, where: dict,
-                tensors: list[tuple[str, E.Expr]]) -> dict:
+    def entries(
+        self,
+        stage: int,
+        chunk: int,
+        rank: int,
+        ep: int,
+        last: bool,
+        where: dict,
+        tensors: list[tuple[str, E.Expr]],
+    ) -> dict:
         """The ``_extra_state`` keys of one model chunk of one rank file (their tensors appended to ``tensors``)."""
         out = {}
         spec, layout = self.ckpt.spec, self.ckpt.layout
-        places = [(layer, f"decoder.layers.{s.local}.") for layer, s in where.items() if (s.stage, s.chunk) == (stage, chunk)]
+        places = [
+            (layer, f"decoder.layers.{s.local}.")
+            for layer, s in where.items()
+            if (s.stage, s.chunk) == (stage, chunk)
+        ]
         if (stage, chunk) == (0, 0) or last:
             places.append((None, ""))
         for layer, prefix in places:
@@ -150,7 +182,9 @@ class ExtraState:
                     continue
                 full = prefix + key
                 if not _writable(value) and not isinstance(value, io.BytesIO):
-                    self.dropped[full] = "Transformer-Engine _extra_state holding objects ckpt-ir cannot write back"
+                    self.dropped[full] = (
+                        "Transformer-Engine _extra_state holding objects ckpt-ir cannot write back"
+                    )
                     continue
                 out[full] = placeholders(value, f"extra/{stage}/{chunk}/{rank}/{ep}/{full}", tensors)
         return out
@@ -175,8 +209,12 @@ def rank_content(ckpt: Checkpoint) -> tuple[dict[tuple[int, int], list[Entry]], 
     if "embed.weight" in ckpt.tensors:
         content[(0, 0)].append(Entry("embedding.word_embeddings.weight", ("embed.weight",)))
     mtp_roles = {f"layers.{{i}}.{c}": m for m, c in M.MTP_KEYS}
-    known = set(order) | set(mtp_roles) | {r[: -len(".weight")] + f".lora_{w}.weight" for r in order for w in "ab"} \
+    known = (
+        set(order)
+        | set(mtp_roles)
+        | {r[: -len(".weight")] + f".lora_{w}.weight" for r in order for w in "ab"}
         | {"layers.{i}.mtp.embed.weight", "layers.{i}.mtp.head.weight"}
+    )
     mtp_entries: list[Entry] = []
     for layer in sorted(by_layer):
         roles = by_layer[layer]
@@ -202,7 +240,10 @@ def rank_content(ckpt: Checkpoint) -> tuple[dict[tuple[int, int], list[Entry]], 
             _group_experts(ckpt, entries, local)
         if mtp:  # mtp.layers.k: enorm, hnorm, eh_proj, (embedding), transformer_layer.*, final norm
             prefix = M.MTP_PREFIX.format(k=local)
-            body = [attrs.evolve(e, key=prefix + e.key[len(f"decoder.layers.{local}."):]) for e in entries[start:]]
+            body = [
+                attrs.evolve(e, key=prefix + e.key[len(f"decoder.layers.{local}.") :])
+                for e in entries[start:]
+            ]
             head = [Entry(m.format(k=local), (f"layers.{layer}.{c}",)) for m, c in M.MTP_KEYS[:3]]
             if layout.pp > 1:  # the last stage needs its own copy of the embedding for MTP
                 head.append(Entry("embedding.word_embeddings.weight", (f"layers.{layer}.mtp.embed.weight",)))
@@ -246,12 +287,16 @@ class TrainingOutput:
         rng = meta.get("rng_state") or {}
         self.rng = rng if same_ranks else {}
         if not same_ranks and any(v is not None for v in rng.values()):
-            self.dropped["rng_state"] = ("per-rank random-number state of another parallel layout: resume with "
-                                         "--no-load-rng")
+            self.dropped["rng_state"] = (
+                "per-rank random-number state of another parallel layout: resume with --no-load-rng"
+            )
 
     def entries(self, rank: tuple[int, int, int], tensors: list[tuple[str, E.Expr]]) -> dict:
-        values = {"opt_param_scheduler": self.meta.get("opt_param_scheduler"), "rng_state": self.rng.get(rank),
-                  "num_floating_point_operations_so_far": self.meta.get("num_floating_point_operations_so_far")}
+        values = {
+            "opt_param_scheduler": self.meta.get("opt_param_scheduler"),
+            "rng_state": self.rng.get(rank),
+            "num_floating_point_operations_so_far": self.meta.get("num_floating_point_operations_so_far"),
+        }
         return _training_entries(values, tensors, self.dropped)
 
 
@@ -280,8 +325,10 @@ class OptimizerOutput:
         self.dp = dp or self.resume.get("data_parallel_size") or 1
         missing = [k for k in distopt.STATE_KEYS if k not in ckpt.states]
         if missing:
-            raise VerifyError(f"optimizer state lacks {', '.join(missing)}; Megatron's distributed optimizer needs "
-                              f"{', '.join(distopt.STATE_KEYS)}")
+            raise VerifyError(
+                f"optimizer state lacks {', '.join(missing)}; Megatron's distributed optimizer needs "
+                f"{', '.join(distopt.STATE_KEYS)}"
+            )
         grad = (meta.get("dtype_key") or (None, TorchDtype("float32")))[1]
         self.dtype_key = (TorchDtype(torch_name(ckpt.spec.dtype)), grad)
         self.dropped: dict[str, str] = {}
@@ -310,30 +357,58 @@ class OptimizerOutput:
             obj: object = self._state(chunk_entries, stage, rank, self.dp, False, "", tensors)
         else:
             layout = self.ckpt.layout
-            ep_dp = distopt.expert_dp({"tensor_model_parallel_size": layout.tp, "expert_model_parallel_size": layout.ep,
-                                       "expert_tensor_parallel_size": layout.expert_tp}, self.dp)
+            ep_dp = distopt.expert_dp(
+                {
+                    "tensor_model_parallel_size": layout.tp,
+                    "expert_model_parallel_size": layout.ep,
+                    "expert_tensor_parallel_size": layout.expert_tp,
+                },
+                self.dp,
+            )
             # the directory is saved by the process with expert-DP rank 0 of (TP rank, EP rank);
             # it also saves the dense state if it is dense-DP rank 0 (Megatron orders ranks TP
             # fastest, then EP / DP): process rank = expert-TP rank + expert TP x EP rank < TP
             writer = rank % layout.expert_tp + layout.expert_tp * ep
-            dense = self._state(chunk_entries, stage, rank, self.dp, False, "dense/", tensors) \
-                if writer < layout.tp else None
+            dense = (
+                self._state(chunk_entries, stage, rank, self.dp, False, "dense/", tensors)
+                if writer < layout.tp
+                else None
+            )
             obj = [dense, self._state(chunk_entries, stage, rank, ep_dp, True, "expert/", tensors)]
         return OutputFile(path, "torch", tuple(tensors), obj=obj)
 
-    def _state(self, chunk_entries: list[list[Entry]], stage: int, rank: int, dp: int, experts: bool, prefix: str,
-               tensors: list[tuple[str, E.Expr]]) -> dict:
+    def _state(
+        self,
+        chunk_entries: list[list[Entry]],
+        stage: int,
+        rank: int,
+        dp: int,
+        experts: bool,
+        prefix: str,
+        tensors: list[tuple[str, E.Expr]],
+    ) -> dict:
         layout = self.ckpt.layout
         obj: dict = {"buckets_coalesced": True}
         for chunk, entries in enumerate(chunk_entries):
             bucket = distopt.bucket_size_for(self.resume, stage, chunk, dp)
-            shared = frozenset() if experts else \
-                distopt.shared_params(self.ckpt.spec.tied_embeddings, stage, layout.pp, chunk, len(chunk_entries))
-            mine = [e for e in entries if distopt.is_expert_param(e.key) == experts and not distopt.is_buffer(e.key)]
+            shared = (
+                frozenset()
+                if experts
+                else distopt.shared_params(
+                    self.ckpt.spec.tied_embeddings, stage, layout.pp, chunk, len(chunk_entries)
+                )
+            )
+            mine = [
+                e
+                for e in entries
+                if distopt.is_expert_param(e.key) == experts and not distopt.is_buffer(e.key)
+            ]
             group: dict = {}
             for which in distopt.STATE_KEYS:
-                params = [(e.key, _entry_expr(self.ckpt.states[which], e, _shard_rank(e, rank, layout.expert_tp)))
-                          for e in mine]
+                params = [
+                    (e.key, _entry_expr(self.ckpt.states[which], e, _shard_rank(e, rank, layout.expert_tp)))
+                    for e in mine
+                ]
                 flat = distopt.flat_state(params, bucket, dp, shared)
                 uid = f"{prefix}{chunk}/{which}"
                 tensors.append((uid, flat))
@@ -346,8 +421,6 @@ class OptimizerOutput:
 def _shard_rank(entry: Entry, rank: int, expert_tp: int) -> int:
     """The TP shard a rank holds: experts with expert TP = 1 are whole (shard 0)."""
     return rank if entry.ep is None or expert_tp > 1 else 0
-
-
 
 
 def _writable(obj) -> bool:
@@ -417,8 +490,10 @@ def _group_experts(ckpt: Checkpoint, entries: list[Entry], local: int) -> None:
         if ".lora_" in e.key:
             raise VerifyError("grouped GEMM output with unmerged expert LoRA is not supported; merge first")
         per_ep[(e.ep, kind)].extend(e.canon)
-    grouped = [Entry(f"decoder.layers.{local}.mlp.experts.{kind}", tuple(canons), ep, kind)
-               for (ep, kind), canons in sorted(per_ep.items())]
+    grouped = [
+        Entry(f"decoder.layers.{local}.mlp.experts.{kind}", tuple(canons), ep, kind)
+        for (ep, kind), canons in sorted(per_ep.items())
+    ]
     if first is not None:
         kept[first:first] = grouped
     entries[:] = kept

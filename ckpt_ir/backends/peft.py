@@ -23,8 +23,11 @@ from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.names import SAVED, expert_of, is_lora, lora_target, split_layer
 from ckpt_ir.ir.roles import canonical_order
 
-PEFT_KEY = {".lora_a.weight": "lora_A.weight", ".lora_b.weight": "lora_B.weight",
-            ".lora_magnitude.weight": "lora_magnitude_vector"}
+PEFT_KEY = {
+    ".lora_a.weight": "lora_A.weight",
+    ".lora_b.weight": "lora_B.weight",
+    ".lora_magnitude.weight": "lora_magnitude_vector",
+}
 # transformers 5's fused experts: parameter -> the per-expert parts stacked in its rows, in the
 # order the experts module declares them (peft nests its ParamWrappers in that order, the first
 # innermost); see ckpt_ir.frontends.peft.FUSED_EXPERTS
@@ -34,11 +37,15 @@ FUSED_PARAMS = (("gate_up_proj", ("gate", "up")), ("down_proj", ("down",)))
 def plan(ckpt: Checkpoint) -> Plan:
     spec, layout = ckpt.spec, ckpt.layout
     if layout.tp != 1 or layout.fused_qkv or layout.fused_gate_up:
-        raise VerifyError("PEFT output needs whole, unfused tensors; the pipeline must run gather, unfuse-qkv, "
-                          "unfuse-gate-up")
+        raise VerifyError(
+            "PEFT output needs whole, unfused tensors; the pipeline must run gather, unfuse-qkv, "
+            "unfuse-gate-up"
+        )
     lora = {n: t for n, t in ckpt.tensors.items() if is_lora(n)}
     if not lora:
-        raise UsageError("--to peft writes a LoRA adapter, but the checkpoint has no LoRA tensors; pass --lora-load")
+        raise UsageError(
+            "--to peft writes a LoRA adapter, but the checkpoint has no LoRA tensors; pass --lora-load"
+        )
     if spec.lora_alpha is None:
         raise UsageError("the checkpoint does not record lora_alpha; pass --lora-alpha")
     family = by_name(spec.family)
@@ -61,7 +68,7 @@ def plan(ckpt: Checkpoint) -> Plan:
             saved.add(hf.rsplit(".", 1)[0])
             entries.append((canonical_order(name), PREFIX + hf, lora[name].expr))
             continue
-        suffix = name[len(target) - len(".weight"):]
+        suffix = name[len(target) - len(".weight") :]
         if expert_of(name) is not None:
             layer = split_layer(name)[0]
             assert layer is not None
@@ -85,26 +92,47 @@ def plan(ckpt: Checkpoint) -> Plan:
         modules.add(module.rsplit(".", 1)[-1])
         entries.append((canonical_order(name), f"{PREFIX}{module}.{PEFT_KEY[suffix]}", expr))
     if len(set(dora.values())) > 1:
-        raise VerifyError("DoRA magnitudes on some LoRA targets but not on others: one adapter_config.json cannot "
-                          "say that (peft's use_dora applies to all); merge instead")
+        raise VerifyError(
+            "DoRA magnitudes on some LoRA targets but not on others: one adapter_config.json cannot "
+            "say that (peft's use_dora applies to all); merge instead"
+        )
     entries.sort(key=lambda e: (e[0], e[1]))
     tensors = tuple((k, e) for _, k, e in entries)
     r, alpha = spec.lora_rank, _number(spec.lora_alpha)
     cfg: dict[str, Any] = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
-        "target_modules": sorted(modules), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-        "inference_mode": True, "init_lora_weights": True, "modules_to_save": sorted(saved) or None,
-        "use_rslora": spec.lora_rslora, "use_dora": any(dora.values()), "layers_to_transform": None,
-        "layers_pattern": None, "target_parameters": sorted(params) or None,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(modules),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": sorted(saved) or None,
+        "use_rslora": spec.lora_rslora,
+        "use_dora": any(dora.values()),
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "target_parameters": sorted(params) or None,
         # exact module names (escaped) so that peft's regex lookup picks out one module each
         "rank_pattern": {re.escape(m): rank for m, (rank, _) in sorted(factors.items()) if rank != r},
-        "alpha_pattern": {re.escape(m): _number(a) for m, (_, a) in sorted(factors.items()) if a != spec.lora_alpha},
-        "revision": None, "base_model_name_or_path": (ckpt.hf_config or {}).get("_name_or_path") or None,
+        "alpha_pattern": {
+            re.escape(m): _number(a) for m, (_, a) in sorted(factors.items()) if a != spec.lora_alpha
+        },
+        "revision": None,
+        "base_model_name_or_path": (ckpt.hf_config or {}).get("_name_or_path") or None,
     }
     dropped = dict(ckpt.dropped)
     dropped.update({n: "base weight: not part of a LoRA adapter" for n in ckpt.tensors if not is_lora(n)})
-    return Plan((OutputFile("adapter_model.safetensors", "safetensors", tensors, metadata={"format": "pt"}),
-                 OutputFile("adapter_config.json", "text", text=json.dumps(cfg, indent=2) + "\n")), dropped)
+    return Plan(
+        (
+            OutputFile("adapter_model.safetensors", "safetensors", tensors, metadata={"format": "pt"}),
+            OutputFile("adapter_config.json", "text", text=json.dumps(cfg, indent=2) + "\n"),
+        ),
+        dropped,
+    )
 
 
 def _alpha(spec, target: str) -> float:
@@ -121,8 +149,10 @@ def _fused_experts(ckpt: Checkpoint, layer: int, suffix: str, done: set[str]):
     experts' A on rows; B puts expert e's columns at e, e+E, ... (peft's einsum layout)."""
     spec = ckpt.spec
     if suffix == ".lora_magnitude.weight":
-        raise VerifyError(f"layer {layer}: DoRA on MoE experts cannot be written for peft (its fused-expert "
-                          f"LoRA has no DoRA); merge instead")
+        raise VerifyError(
+            f"layer {layer}: DoRA on MoE experts cannot be written for peft (its fused-expert "
+            f"LoRA has no DoRA); merge instead"
+        )
     present = []
     for param, parts in FUSED_PARAMS:
         stems = [[f"layers.{layer}.mlp.experts.{e}.{p}" for e in range(spec.num_experts)] for p in parts]
@@ -130,13 +160,18 @@ def _fused_experts(ckpt: Checkpoint, layer: int, suffix: str, done: set[str]):
         if not any(have):
             continue
         if not all(have):
-            raise VerifyError(f"layer {layer}: LoRA on some experts' {'/'.join(parts)} but not all; peft's "
-                              f"fused-expert LoRA covers every expert: merge instead")
+            raise VerifyError(
+                f"layer {layer}: LoRA on some experts' {'/'.join(parts)} but not all; peft's "
+                f"fused-expert LoRA covers every expert: merge instead"
+            )
         present.append((param, parts, stems))
     out = []
     for depth, (param, parts, stems) in enumerate(present):
-        key = (f"{PREFIX}model.layers.{layer}.mlp.experts" + ".base_layer" * (len(present) - 1 - depth)
-               + (".lora_A.weight" if suffix == ".lora_a.weight" else ".lora_B.weight"))
+        key = (
+            f"{PREFIX}model.layers.{layer}.mlp.experts"
+            + ".base_layer" * (len(present) - 1 - depth)
+            + (".lora_A.weight" if suffix == ".lora_a.weight" else ".lora_B.weight")
+        )
         used = [s + suffix for group in stems for s in group]
         done.update(used)
         exprs = {n: ckpt.tensors[n].expr for n in used}
@@ -145,8 +180,10 @@ def _fused_experts(ckpt: Checkpoint, layer: int, suffix: str, done: set[str]):
             for e in range(spec.num_experts):
                 shared = {exprs[group[e] + suffix] for group in stems}
                 if len(shared) != 1:
-                    raise VerifyError(f"{stems[0][e]}: {'/'.join(parts)} have different LoRA A matrices; peft's "
-                                      f"fused {param} shares one: merge instead")
+                    raise VerifyError(
+                        f"{stems[0][e]}: {'/'.join(parts)} have different LoRA A matrices; peft's "
+                        f"fused {param} shares one: merge instead"
+                    )
                 per_expert.append(shared.pop())
             expr: E.Expr = E.simplify(E.Concat(tuple(per_expert), 0))
         else:

@@ -72,8 +72,11 @@ class Plan:
     def largest_tensor(self, block_bytes: int | None = None) -> tuple[str, int]:
         """The tensor that needs the most memory to write, and that memory."""
         block = block_bytes or BLOCK_BYTES
-        return max(((name, tensor_memory(e, block)) for f in self.files for name, e in f.tensors),
-                   key=lambda x: x[1], default=("", 0))
+        return max(
+            ((name, tensor_memory(e, block)) for f in self.files for name, e in f.tensors),
+            key=lambda x: x[1],
+            default=("", 0),
+        )
 
 
 # Computed tensors are evaluated and written in row blocks that each need about this much memory

@@ -37,28 +37,56 @@ from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.dtypes import torch_name
 from ckpt_ir.ir.names import split_layer
 
-METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
-                 "common_backend_version": 1}
+METADATA_JSON = {
+    "sharded_backend": "torch_dist",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
+}
 # the modules of a decoder layer whose _extra_state Megatron saves as sharded objects
 STATE_PREFIX = "optimizer.state."
-EXTRA_STATE_MODULES = ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1", "mlp.linear_fc2")
+EXTRA_STATE_MODULES = (
+    "self_attention.linear_proj",
+    "self_attention.linear_qkv",
+    "mlp.linear_fc1",
+    "mlp.linear_fc2",
+)
 
 
 def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
     spec, layout = ckpt.spec, ckpt.layout
-    if layout.tp != 1 or layout.pp != 1 or layout.vpp_layers or layout.num_layer_list or layout.noop_layers \
-            or not (layout.fused_qkv and layout.fused_gate_up):
-        raise VerifyError(f"torch_dist output needs one whole, fused Megatron layout (it is resharded on load), got "
-                          f"{layout.describe()}")
-    if spec.mla or spec.mtp_layers or spec.lora_rank is not None or spec.dense_layers or spec.shared_ffn_hidden_size \
-            or spec.router_bias or layout.grouped_gemm:
-        raise VerifyError("torch_dist output supports dense GPTs and MoE models with every layer MoE and no shared "
-                          "experts (no MLA, multi-token prediction, router bias or unmerged LoRA) for now; write "
-                          "--ckpt-format torch instead")
+    if (
+        layout.tp != 1
+        or layout.pp != 1
+        or layout.vpp_layers
+        or layout.num_layer_list
+        or layout.noop_layers
+        or not (layout.fused_qkv and layout.fused_gate_up)
+    ):
+        raise VerifyError(
+            f"torch_dist output needs one whole, fused Megatron layout (it is resharded on load), got "
+            f"{layout.describe()}"
+        )
+    if (
+        spec.mla
+        or spec.mtp_layers
+        or spec.lora_rank is not None
+        or spec.dense_layers
+        or spec.shared_ffn_hidden_size
+        or spec.router_bias
+        or layout.grouped_gemm
+    ):
+        raise VerifyError(
+            "torch_dist output supports dense GPTs and MoE models with every layer MoE and no shared "
+            "experts (no MLA, multi-token prediction, router bias or unmerged LoRA) for now; write "
+            "--ckpt-format torch instead"
+        )
     experts = spec.num_experts
     stored = _stored(ckpt.tensors, spec.num_layers, experts)
     for which, nodes in ckpt.states.items():  # fully reshardable: the same keys and shapes as the weights
-        stored += [(f"{STATE_PREFIX}{which}.{key}", expr) for key, expr in _stored(nodes, spec.num_layers, experts)]
+        stored += [
+            (f"{STATE_PREFIX}{which}.{key}", expr) for key, expr in _stored(nodes, spec.num_layers, experts)
+        ]
     layers = spec.num_layers
     it = iteration if iteration is not None else ckpt.meta.get("iteration", 1)
     d = M.iter_dir(it)
@@ -66,26 +94,47 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
     entries: list[tuple[str, str, str, tuple[int, ...], str]] = []  # (key, kind, dtype, shape, data file)
     for k, (key, expr) in enumerate(stored):
         data = f"__0_{k}.distcp"
-        files.append(OutputFile(f"{d}/{data}", "torch", ((key, expr),), obj=Tensor(key, expr.dtype, expr.shape)))
+        files.append(
+            OutputFile(f"{d}/{data}", "torch", ((key, expr),), obj=Tensor(key, expr.dtype, expr.shape))
+        )
         entries.append((key, "tensor", expr.dtype, expr.shape, data))
-    objects = [f"decoder.layers.{m}._extra_state/shard_{i}_{layers}" for m in EXTRA_STATE_MODULES[:2]
-               for i in range(layers)]
+    objects = [
+        f"decoder.layers.{m}._extra_state/shard_{i}_{layers}"
+        for m in EXTRA_STATE_MODULES[:2]
+        for i in range(layers)
+    ]
     if experts:  # one per expert of each layer: shard_<layer>.<expert>_<layers>.<experts>
-        objects += [f"decoder.layers.mlp.experts.experts.{m}._extra_state/shard_{i}.{e}_{layers}.{experts}"
-                    for m in ("linear_fc1", "linear_fc2") for i in range(layers) for e in range(experts)]
+        objects += [
+            f"decoder.layers.mlp.experts.experts.{m}._extra_state/shard_{i}.{e}_{layers}.{experts}"
+            for m in ("linear_fc1", "linear_fc2")
+            for i in range(layers)
+            for e in range(experts)
+        ]
     else:
-        objects += [f"decoder.layers.{m}._extra_state/shard_{i}_{layers}" for m in EXTRA_STATE_MODULES[2:]
-                    for i in range(layers)]
+        objects += [
+            f"decoder.layers.{m}._extra_state/shard_{i}_{layers}"
+            for m in EXTRA_STATE_MODULES[2:]
+            for i in range(layers)
+        ]
     for key in objects:
         data = f"__0_{len(entries)}.distcp"
         files.append(OutputFile(f"{d}/{data}", "torch", (), obj=[None]))  # Megatron's torch.save([state])
         entries.append((key, "bytes", "", (), data))
     family = by_name(spec.family)
-    args = M.build_args(spec, layout, ckpt.hf_config, family.mindspeed_names[0] if family.mindspeed_names else spec.family)
+    args = M.build_args(
+        spec, layout, ckpt.hf_config, family.mindspeed_names[0] if family.mindspeed_names else spec.family
+    )
     args.ckpt_format = "torch_dist"
-    common = {"args": args, "checkpoint_version": 3.0, "iteration": it,
-              "content_metadata": {"singleton_local_shards": False, "chained_optim_avoid_prefix": True,
-                                   "distrib_optim_sharding_type": "fully_reshardable"}}
+    common = {
+        "args": args,
+        "checkpoint_version": 3.0,
+        "iteration": it,
+        "content_metadata": {
+            "singleton_local_shards": False,
+            "chained_optim_avoid_prefix": True,
+            "distrib_optim_sharding_type": "fully_reshardable",
+        },
+    }
     dropped = dict(ckpt.dropped)
     if ckpt.states:
         common.update(_training_state(ckpt, args, dropped))
@@ -96,7 +145,9 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
     files.append(OutputFile(f"{d}/.metadata", "dcp-metadata", obj=tuple(entries)))
     files.append(OutputFile("latest_checkpointed_iteration.txt", "text", text=str(it)))
     if ckpt.meta.get("extra_state"):
-        dropped["*._extra_state"] = "Transformer-Engine _extra_state (FP8 metadata): torch_dist output starts it afresh"
+        dropped["*._extra_state"] = (
+            "Transformer-Engine _extra_state (FP8 metadata): torch_dist output starts it afresh"
+        )
     return Plan(tuple(files), dropped)
 
 
@@ -111,12 +162,19 @@ def _training_state(ckpt: Checkpoint, args, dropped: dict[str, str]) -> dict:
     opt = meta.get("optimizer")
     if isinstance(opt, list):  # [dense, expert] optimizers of a MoE run: not written here (dense models only)
         opt = None
-    out = {"optimizer": {**(opt if isinstance(opt, dict) else {}), "param_state_sharding_type": "fully_reshardable"}}
+    out = {
+        "optimizer": {
+            **(opt if isinstance(opt, dict) else {}),
+            "param_state_sharding_type": "fully_reshardable",
+        }
+    }
     for key in ("opt_param_scheduler", "num_floating_point_operations_so_far"):
         if meta.get(key) is not None:
             out[key] = meta[key]
     if meta.get("rng_state"):
-        dropped["rng_state"] = "per-rank random-number state: torch_dist output leaves it out (resume with --no-load-rng)"
+        dropped["rng_state"] = (
+            "per-rank random-number state: torch_dist output leaves it out (resume with --no-load-rng)"
+        )
     return out
 
 
@@ -138,29 +196,36 @@ def _stored(nodes: dict, layers: int, experts: int = 0) -> list[tuple[str, E.Exp
         if layer is not None:
             by_role.setdefault(rest, []).append(name)
     for role in M.role_order(False):
-        rest = role[len("layers.{i}."):]
+        rest = role[len("layers.{i}.") :]
         if "{e}" in rest:
             names = [n for e in range(experts) for n in by_role.pop(rest.format(e=e), [])]
             if not names:
                 continue
             if len(names) != layers * experts:
-                raise VerifyError(f"torch_dist stacks every layer's experts, but {rest} exists {len(names)} times "
-                                  f"for {layers} layers x {experts} experts")
-            per_layer = [_stacked([nodes[f"layers.{i}.{rest.format(e=e)}"].expr for e in range(experts)])
-                         for i in range(layers)]
+                raise VerifyError(
+                    f"torch_dist stacks every layer's experts, but {rest} exists {len(names)} times "
+                    f"for {layers} layers x {experts} experts"
+                )
+            per_layer = [
+                _stacked([nodes[f"layers.{i}.{rest.format(e=e)}"].expr for e in range(experts)])
+                for i in range(layers)
+            ]
             module = rest.split(".")[-2]  # gate_up -> linear_fc1, down -> linear_fc2
             name = {"gate_up": "linear_fc1", "down": "linear_fc2"}[module]
-            stored.append((f"decoder.layers.mlp.experts.experts.{name}.weight", E.simplify(_stacked(per_layer))))
+            stored.append(
+                (f"decoder.layers.mlp.experts.experts.{name}.weight", E.simplify(_stacked(per_layer)))
+            )
             continue
         names = by_role.pop(rest, [])
         if not names:
             continue
         if len(names) != layers:
-            raise VerifyError(f"torch_dist stacks every layer's {rest}, but only {len(names)} of {layers} layers "
-                              f"have it")
+            raise VerifyError(
+                f"torch_dist stacks every layer's {rest}, but only {len(names)} of {layers} layers have it"
+            )
         key = table.from_canonical(role.format(i=0))
         stacked = _stacked([nodes[f"layers.{i}.{rest}"].expr for i in range(layers)])
-        stored.append(("decoder.layers." + key[len("decoder.layers.0."):], E.simplify(stacked)))
+        stored.append(("decoder.layers." + key[len("decoder.layers.0.") :], E.simplify(stacked)))
     if by_role:
         raise VerifyError(f"no torch_dist key for {sorted(by_role)[0]}")
     stored.append(("decoder.final_layernorm.weight", nodes["final_norm.weight"].expr))
@@ -187,20 +252,45 @@ def write_dcp_metadata(path: str, entries: tuple, data_dir: str) -> None:
 
     state, storage = {}, {}
     for key, kind, dtype, shape, data in entries:
-        where = obj("_StorageInfo", "torch.distributed.checkpoint.filesystem", relative_path=data, offset=0,
-                    length=os.path.getsize(os.path.join(data_dir, data)), transform_descriptors=None)
+        where = obj(
+            "_StorageInfo",
+            "torch.distributed.checkpoint.filesystem",
+            relative_path=data,
+            offset=0,
+            length=os.path.getsize(os.path.join(data_dir, data)),
+            transform_descriptors=None,
+        )
         if kind == "bytes":
             state[key] = obj("BytesStorageMetadata")
             storage[obj("MetadataIndex", fqn=key, offset=None, index=None)] = where
             continue
         # TensorProperties pickles as (dtype, layout, requires_grad, memory format code, pin_memory)
-        props = Call(dcp, "TensorProperties", (), (TorchDtype(torch_name(dtype)),
-                     Call("torch.serialization", "_get_layout", ("torch.strided",)), False,
-                     Call(dcp, "_MEM_FORMAT_ENCODING", (0,)), False))
-        state[key] = obj("TensorStorageMetadata", properties=props, size=size(shape),
-                         chunks=[obj("ChunkStorageMetadata", offsets=size([0] * len(shape)), sizes=size(shape))])
+        props = Call(
+            dcp,
+            "TensorProperties",
+            (),
+            (
+                TorchDtype(torch_name(dtype)),
+                Call("torch.serialization", "_get_layout", ("torch.strided",)),
+                False,
+                Call(dcp, "_MEM_FORMAT_ENCODING", (0,)),
+                False,
+            ),
+        )
+        state[key] = obj(
+            "TensorStorageMetadata",
+            properties=props,
+            size=size(shape),
+            chunks=[obj("ChunkStorageMetadata", offsets=size([0] * len(shape)), sizes=size(shape))],
+        )
         storage[obj("MetadataIndex", fqn=key, offset=size([0] * len(shape)), index=None)] = where
-    md = obj("Metadata", state_dict_metadata=state, planner_data=None, storage_data=storage, storage_meta=None,
-             version=None)
+    md = obj(
+        "Metadata",
+        state_dict_metadata=state,
+        planner_data=None,
+        storage_data=storage,
+        storage_meta=None,
+        version=None,
+    )
     with open(path, "wb") as f:
         f.write(_pickle(md, []))

@@ -74,8 +74,9 @@ class Family:
     def names(self) -> NameTable:
         return NameTable(self.tensors)
 
-    def spec_from_config(self, cfg: dict[str, Any], dtype_hint: str | None = None,
-                         where: str = "config.json") -> ModelSpec:
+    def spec_from_config(
+        self, cfg: dict[str, Any], dtype_hint: str | None = None, where: str = "config.json"
+    ) -> ModelSpec:
         from ckpt_ir.ir.dtypes import from_name
 
         values: dict[str, Any] = dict(self.constants)
@@ -87,8 +88,10 @@ class Family:
                 try:
                     raw = key.default(cfg)
                 except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
-                    raise FormatError(f"{where}: cannot derive {key.field} ({type(e).__name__}: {e}); "
-                                      f"check the config values") from None
+                    raise FormatError(
+                        f"{where}: cannot derive {key.field} ({type(e).__name__}: {e}); "
+                        f"check the config values"
+                    ) from None
             elif raw is None:
                 raw = key.default
             if raw is None:
@@ -100,7 +103,11 @@ class Family:
         except Exception:
             raise FormatError(f"{where}: unknown dtype {dtype!r}") from None
         values["extra"] = dict(cfg)
-        if values.get("num_experts") and "moe_ffn_hidden_size" in values and values["moe_ffn_hidden_size"] is None:
+        if (
+            values.get("num_experts")
+            and "moe_ffn_hidden_size" in values
+            and values["moe_ffn_hidden_size"] is None
+        ):
             values["moe_ffn_hidden_size"] = values["ffn_hidden_size"]
         return ModelSpec(family=self.name, **values)
 
@@ -110,22 +117,46 @@ class Family:
 
         cfg = dict(base if base is not None else spec.extra)
         cfg.setdefault("architectures", [self.architecture])
-        cfg["model_type"] = cfg.get("model_type") if cfg.get("model_type") in self.model_types else self.model_types[0]
+        cfg["model_type"] = (
+            cfg.get("model_type") if cfg.get("model_type") in self.model_types else self.model_types[0]
+        )
         for key in self.config:
             name = key.write_key(cfg)
             if name:
                 value = getattr(spec, key.field)
-                cfg[name] = None if key.null is not None and value == key.null else \
-                    list(value) if isinstance(value, tuple) else value
+                cfg[name] = (
+                    None
+                    if key.null is not None and value == key.null
+                    else list(value)
+                    if isinstance(value, tuple)
+                    else value
+                )
         cfg["dtype" if "torch_dtype" not in cfg else "torch_dtype"] = hf_config_name(spec.dtype)
         return cfg
 
 
-
 # ModelSpec fields that must be positive integers / non-negative integers / numbers / booleans
-_POSITIVE = {"num_layers", "hidden_size", "ffn_hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size"}
-_COUNTS = {"num_experts", "moe_topk", "moe_ffn_hidden_size", "shared_ffn_hidden_size", "q_lora_rank",
-           "kv_lora_rank", "qk_nope_dim", "qk_rope_dim", "v_head_dim", "mtp_layers"}
+_POSITIVE = {
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "vocab_size",
+}
+_COUNTS = {
+    "num_experts",
+    "moe_topk",
+    "moe_ffn_hidden_size",
+    "shared_ffn_hidden_size",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_dim",
+    "qk_rope_dim",
+    "v_head_dim",
+    "mtp_layers",
+}
 
 
 _LIMIT = 1 << 24  # far above any real model's sizes or counts; guards against absurd values
@@ -185,8 +216,10 @@ def for_hf_config(cfg: dict[str, Any], where: str) -> Family:
         if fam.architecture in archs:
             return fam
     supported = sorted({t for f in _REGISTRY.values() for t in f.model_types})
-    raise FormatError(f"{where}: unsupported architecture (model_type={mt!r}, architectures={archs}); "
-                      f"supported model types: {', '.join(supported)}")
+    raise FormatError(
+        f"{where}: unsupported architecture (model_type={mt!r}, architectures={archs}); "
+        f"supported model types: {', '.join(supported)}"
+    )
 
 
 _builtin_loaded = False

@@ -26,13 +26,28 @@ class Args:
 
     # Megatron-LM's argparse defaults for the settings that change what the model computes
     DEFAULTS: dict[str, Any] = {
-        "swiglu": False, "normalization": "LayerNorm", "add_bias_linear": True, "add_qkv_bias": False,
-        "apply_layernorm_1p": False, "rotary_interleaved": False, "rotary_percent": 1.0, "squared_relu": False,
-        "qk_layernorm": False, "untie_embeddings_and_output_weights": False, "norm_epsilon": 1e-5,
-        "rotary_base": 10000, "moe_router_pre_softmax": False, "moe_router_score_function": "softmax",
-        "moe_router_enable_expert_bias": False, "moe_shared_expert_gate": False, "moe_layer_freq": 1,
-        "multi_latent_attention": False, "mtp_num_layers": None, "use_rope_scaling": False,
-        "q_lora_rank": None, "group_query_attention": False,
+        "swiglu": False,
+        "normalization": "LayerNorm",
+        "add_bias_linear": True,
+        "add_qkv_bias": False,
+        "apply_layernorm_1p": False,
+        "rotary_interleaved": False,
+        "rotary_percent": 1.0,
+        "squared_relu": False,
+        "qk_layernorm": False,
+        "untie_embeddings_and_output_weights": False,
+        "norm_epsilon": 1e-5,
+        "rotary_base": 10000,
+        "moe_router_pre_softmax": False,
+        "moe_router_score_function": "softmax",
+        "moe_router_enable_expert_bias": False,
+        "moe_shared_expert_gate": False,
+        "moe_layer_freq": 1,
+        "multi_latent_attention": False,
+        "mtp_num_layers": None,
+        "use_rope_scaling": False,
+        "q_lora_rank": None,
+        "group_query_attention": False,
     }
 
     def __init__(self, args: dict[str, Any]) -> None:
@@ -71,14 +86,32 @@ FEATURES = (
     # with multi-latent attention qk_layernorm means the q_a / kv_a norms, part of MLA itself
     Feature("qk_norm", "qk_layernorm", lambda a: bool(a["qk_layernorm"]) and not a["multi_latent_attention"]),
     Feature("moe", "num_experts", lambda a: bool(a["num_experts"])),
-    Feature("shared_experts", "moe_shared_expert_intermediate_size",
-            lambda a: bool(a["num_experts"] and a["moe_shared_expert_intermediate_size"])),
-    Feature("shared_expert_gate", "moe_shared_expert_gate", lambda a: bool(a["num_experts"] and a["moe_shared_expert_gate"])),
+    Feature(
+        "shared_experts",
+        "moe_shared_expert_intermediate_size",
+        lambda a: bool(a["num_experts"] and a["moe_shared_expert_intermediate_size"]),
+    ),
+    Feature(
+        "shared_expert_gate",
+        "moe_shared_expert_gate",
+        lambda a: bool(a["num_experts"] and a["moe_shared_expert_gate"]),
+    ),
     Feature("dense_layers", "moe_layer_freq", lambda a: bool(a["num_experts"] and a.dense_layers())),
-    Feature("router_pre_softmax", "moe_router_pre_softmax", lambda a: bool(a["num_experts"] and a["moe_router_pre_softmax"])),
-    Feature("sigmoid_router", "moe_router_score_function",
-            lambda a: bool(a["num_experts"]) and a["moe_router_score_function"] == "sigmoid"),
-    Feature("router_bias", "moe_router_enable_expert_bias", lambda a: bool(a["num_experts"] and a["moe_router_enable_expert_bias"])),
+    Feature(
+        "router_pre_softmax",
+        "moe_router_pre_softmax",
+        lambda a: bool(a["num_experts"] and a["moe_router_pre_softmax"]),
+    ),
+    Feature(
+        "sigmoid_router",
+        "moe_router_score_function",
+        lambda a: bool(a["num_experts"]) and a["moe_router_score_function"] == "sigmoid",
+    ),
+    Feature(
+        "router_bias",
+        "moe_router_enable_expert_bias",
+        lambda a: bool(a["num_experts"] and a["moe_router_enable_expert_bias"]),
+    ),
     Feature("mla", "multi_latent_attention", lambda a: bool(a["multi_latent_attention"])),
     Feature("mtp", "mtp_num_layers", lambda a: bool(a["mtp_num_layers"])),
     Feature("rope_scaling", "use_rope_scaling", lambda a: bool(a["use_rope_scaling"])),
@@ -86,31 +119,50 @@ FEATURES = (
 
 # (arg, value every supported family needs); anything else computes a function no family has
 REQUIRED: tuple[tuple[str, Any], ...] = (
-    ("swiglu", True), ("normalization", "RMSNorm"), ("position_embedding_type", "rope"),
-    ("add_bias_linear", False), ("apply_layernorm_1p", False), ("rotary_interleaved", False),
-    ("rotary_percent", 1.0), ("squared_relu", False),
+    ("swiglu", True),
+    ("normalization", "RMSNorm"),
+    ("position_embedding_type", "rope"),
+    ("add_bias_linear", False),
+    ("apply_layernorm_1p", False),
+    ("rotary_interleaved", False),
+    ("rotary_percent", 1.0),
+    ("squared_relu", False),
 )
 
 
 def _qwen_moe_keys(a: Args, spec: dict[str, Any]) -> dict[str, Any]:
-    return {"mlp_only_layers": list(spec["dense_layers"]), "decoder_sparse_step": 1,
-            "norm_topk_prob": not a["moe_router_pre_softmax"]}
+    return {
+        "mlp_only_layers": list(spec["dense_layers"]),
+        "decoder_sparse_step": 1,
+        "norm_topk_prob": not a["moe_router_pre_softmax"],
+    }
 
 
 def _deepseek_keys(a: Args, spec: dict[str, Any]) -> dict[str, Any]:
     dense = spec["dense_layers"]
     shared = spec["shared_ffn_hidden_size"]
-    cfg = {"first_k_dense_replace": len(dense), "moe_layer_freq": 1,
-           "n_shared_experts": shared // spec["moe_ffn_hidden_size"] if shared else 0,
-           "num_nextn_predict_layers": a["mtp_num_layers"] or 0, "scoring_func": "sigmoid",
-           "topk_method": "noaux_tc", "norm_topk_prob": True,
-           "routed_scaling_factor": a["moe_router_topk_scaling_factor"] or 1.0,
-           "n_group": a["moe_router_num_groups"] or 1, "topk_group": a["moe_router_group_topk"] or 1}
+    cfg = {
+        "first_k_dense_replace": len(dense),
+        "moe_layer_freq": 1,
+        "n_shared_experts": shared // spec["moe_ffn_hidden_size"] if shared else 0,
+        "num_nextn_predict_layers": a["mtp_num_layers"] or 0,
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "norm_topk_prob": True,
+        "routed_scaling_factor": a["moe_router_topk_scaling_factor"] or 1.0,
+        "n_group": a["moe_router_num_groups"] or 1,
+        "topk_group": a["moe_router_group_topk"] or 1,
+    }
     if a["rope_type"] == "yarn" or a["rotary_scaling_factor"]:
-        cfg["rope_scaling"] = {"type": "yarn", "factor": a["rotary_scaling_factor"] or 40,
-                               "original_max_position_embeddings": a["original_max_position_embeddings"] or 4096,
-                               "beta_fast": a["beta_fast"] or 32, "beta_slow": a["beta_slow"] or 1,
-                               "mscale": a["mscale"] or 1.0, "mscale_all_dim": a["mscale_all_dim"] or 0.0}
+        cfg["rope_scaling"] = {
+            "type": "yarn",
+            "factor": a["rotary_scaling_factor"] or 40,
+            "original_max_position_embeddings": a["original_max_position_embeddings"] or 4096,
+            "beta_fast": a["beta_fast"] or 32,
+            "beta_slow": a["beta_slow"] or 1,
+            "mscale": a["mscale"] or 1.0,
+            "mscale_all_dim": a["mscale_all_dim"] or 0.0,
+        }
     return cfg
 
 
@@ -118,9 +170,15 @@ def _llama3_rope(a: Args, spec: dict[str, Any]) -> dict[str, Any]:
     if not a["use_rope_scaling"]:
         return {}
     # Megatron-LM's --use-rope-scaling is Llama-3.1's scaling with its fixed frequency factors
-    return {"rope_scaling": {"rope_type": "llama3", "factor": float(a["rope_scaling_factor"] or 8.0),
-                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                             "original_max_position_embeddings": 8192}}
+    return {
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": float(a["rope_scaling_factor"] or 8.0),
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
+    }
 
 
 @attrs.frozen
@@ -147,10 +205,16 @@ RULES = (
     _rule("qwen2", "qkv_bias"),
     _rule("qwen3", "qk_norm"),
     _rule("mixtral", "moe"),
-    _rule("qwen2_moe", "moe qkv_bias shared_experts shared_expert_gate", "dense_layers router_pre_softmax",
-          _qwen_moe_keys),
+    _rule(
+        "qwen2_moe",
+        "moe qkv_bias shared_experts shared_expert_gate",
+        "dense_layers router_pre_softmax",
+        _qwen_moe_keys,
+    ),
     _rule("qwen3_moe", "moe qk_norm", "dense_layers router_pre_softmax", _qwen_moe_keys),
-    _rule("deepseek_v3", "moe mla sigmoid_router router_bias", "shared_experts dense_layers mtp", _deepseek_keys),
+    _rule(
+        "deepseek_v3", "moe mla sigmoid_router router_bias", "shared_experts dense_layers mtp", _deepseek_keys
+    ),
 )
 
 
@@ -159,22 +223,37 @@ def spec_values(a: Args) -> dict[str, Any]:
     heads = a["num_attention_heads"]
     mla = bool(a["multi_latent_attention"])
     v: dict[str, Any] = {
-        "num_layers": a.num_layers(), "hidden_size": a["hidden_size"], "ffn_hidden_size": a["ffn_hidden_size"],
-        "num_heads": heads, "num_kv_heads": a["num_query_groups"] if a["group_query_attention"] else heads,
+        "num_layers": a.num_layers(),
+        "hidden_size": a["hidden_size"],
+        "ffn_hidden_size": a["ffn_hidden_size"],
+        "num_heads": heads,
+        "num_kv_heads": a["num_query_groups"] if a["group_query_attention"] else heads,
         "head_dim": a["qk_pos_emb_head_dim"] if mla else a["kv_channels"] or a["hidden_size"] // heads,
-        "vocab_size": a["vocab_size"] or a["padded_vocab_size"], "norm_eps": a["norm_epsilon"],
-        "tied_embeddings": not a["untie_embeddings_and_output_weights"], "qkv_bias": bool(a["add_qkv_bias"]),
-        "qk_norm": bool(a["qk_layernorm"]) and not mla, "activation": "silu",
+        "vocab_size": a["vocab_size"] or a["padded_vocab_size"],
+        "norm_eps": a["norm_epsilon"],
+        "tied_embeddings": not a["untie_embeddings_and_output_weights"],
+        "qkv_bias": bool(a["add_qkv_bias"]),
+        "qk_norm": bool(a["qk_layernorm"]) and not mla,
+        "activation": "silu",
     }
     if a["num_experts"]:
-        v.update(num_experts=a["num_experts"], moe_topk=a["moe_router_topk"],
-                 moe_ffn_hidden_size=a["moe_ffn_hidden_size"] or a["ffn_hidden_size"],
-                 shared_ffn_hidden_size=a["moe_shared_expert_intermediate_size"] or 0,
-                 dense_layers=a.dense_layers(), shared_expert_gate=bool(a["moe_shared_expert_gate"]),
-                 router_bias=bool(a["moe_router_enable_expert_bias"]))
+        v.update(
+            num_experts=a["num_experts"],
+            moe_topk=a["moe_router_topk"],
+            moe_ffn_hidden_size=a["moe_ffn_hidden_size"] or a["ffn_hidden_size"],
+            shared_ffn_hidden_size=a["moe_shared_expert_intermediate_size"] or 0,
+            dense_layers=a.dense_layers(),
+            shared_expert_gate=bool(a["moe_shared_expert_gate"]),
+            router_bias=bool(a["moe_router_enable_expert_bias"]),
+        )
     if mla:
-        v.update(q_lora_rank=a["q_lora_rank"] or 0, kv_lora_rank=a["kv_lora_rank"], qk_nope_dim=a["qk_head_dim"],
-                 qk_rope_dim=a["qk_pos_emb_head_dim"], v_head_dim=a["v_head_dim"])
+        v.update(
+            q_lora_rank=a["q_lora_rank"] or 0,
+            kv_lora_rank=a["kv_lora_rank"],
+            qk_nope_dim=a["qk_head_dim"],
+            qk_rope_dim=a["qk_pos_emb_head_dim"],
+            v_head_dim=a["v_head_dim"],
+        )
     return v
 
 
@@ -183,10 +262,13 @@ def hf_config(family: Family, args: dict[str, Any], rule: Rule | None = None) ->
     a = Args(args)
     values = spec_values(a)
     theta = a["rotary_base"]
-    cfg: dict[str, Any] = {"model_type": family.model_types[0], "architectures": [family.architecture],
-                           "max_position_embeddings": a["max_position_embeddings"] or a["seq_length"] or 4096,
-                           "rope_theta": theta, "dtype": "bfloat16" if a["bf16"] else "float16" if a["fp16"]
-                           else "float32"}
+    cfg: dict[str, Any] = {
+        "model_type": family.model_types[0],
+        "architectures": [family.architecture],
+        "max_position_embeddings": a["max_position_embeddings"] or a["seq_length"] or 4096,
+        "rope_theta": theta,
+        "dtype": "bfloat16" if a["bf16"] else "float16" if a["fp16"] else "float32",
+    }
     for key in family.config:
         if key.hf and values.get(key.field) is not None:
             value = values[key.field]
@@ -198,8 +280,10 @@ def hf_config(family: Family, args: dict[str, Any], rule: Rule | None = None) ->
     wrong = [(f, v, getattr(spec, f)) for f, v in values.items() if getattr(spec, f) != v]
     if wrong:
         f, want, got = wrong[0]
-        raise FormatError(f"the {family.name} family cannot express these args ({f}: args give {want!r}, "
-                          f"{family.name} gives {got!r})")
+        raise FormatError(
+            f"the {family.name} family cannot express these args ({f}: args give {want!r}, "
+            f"{family.name} gives {got!r})"
+        )
     return cfg
 
 
@@ -207,9 +291,13 @@ def infer(args: dict[str, Any], where: str) -> tuple[Family, dict[str, Any], str
     """(family, HF config, one line saying why) for plain Megatron-LM ``args``; a FormatError
     naming the args when no family computes that model."""
     a = Args(args)
-    missing = [k for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads") if not args.get(k)]
+    missing = [
+        k for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads") if not args.get(k)
+    ]
     if missing:
-        raise FormatError(f"{where}: args lack {', '.join(missing)}; cannot tell the model's shape (pass --hf-config DIR)")
+        raise FormatError(
+            f"{where}: args lack {', '.join(missing)}; cannot tell the model's shape (pass --hf-config DIR)"
+        )
     have = {"position_embedding_type": a.position_embedding()}
     bad = [(k, have.get(k, a[k]), want) for k, want in REQUIRED if have.get(k, a[k]) != want]
     hint = "pass --hf-config DIR (the model's HF config.json) or --model-type-hf NAME to choose a family"
@@ -218,8 +306,15 @@ def infer(args: dict[str, Any], where: str) -> tuple[Family, dict[str, Any], str
         raise FormatError(f"{where}: no supported HF family computes this Megatron model: {shown}; {hint}")
     on = [f for f in FEATURES if f.on(a)]
     features = frozenset(f.name for f in on)
-    why = ", ".join(["swiglu", "RMSNorm", "rope"] + [f.args for f in on] +
-                    (["untied output layer"] if args.get("untie_embeddings_and_output_weights") else ["tied embeddings"]))
+    why = ", ".join(
+        ["swiglu", "RMSNorm", "rope"]
+        + [f.args for f in on]
+        + (
+            ["untied output layer"]
+            if args.get("untie_embeddings_and_output_weights")
+            else ["tied embeddings"]
+        )
+    )
     for rule in RULES:
         if rule.has <= features <= rule.has | rule.may:
             family = by_name(rule.family)
@@ -232,12 +327,16 @@ def infer(args: dict[str, Any], where: str) -> tuple[Family, dict[str, Any], str
     names = {f.name: f.args for f in FEATURES}
 
     def differs(r: Rule) -> str:
-        return " and ".join([f"needs {names[n]}" for n in sorted(r.has - features)] +
-                            [f"has no {names[n]}" for n in sorted(features - r.has - r.may)])
+        return " and ".join(
+            [f"needs {names[n]}" for n in sorted(r.has - features)]
+            + [f"has no {names[n]}" for n in sorted(features - r.has - r.may)]
+        )
 
     near = "; ".join(f"{r.family} {differs(r)}" for r in RULES if r.distance(features) == best)
-    raise FormatError(f"{where}: no supported HF family computes this Megatron model (args turn on: "
-                      f"{', '.join(f.args for f in on) or 'nothing beyond a dense GPT'}; nearest: {near}); {hint}")
+    raise FormatError(
+        f"{where}: no supported HF family computes this Megatron model (args turn on: "
+        f"{', '.join(f.args for f in on) or 'nothing beyond a dense GPT'}; nearest: {near}); {hint}"
+    )
 
 
 def hf_config_for(family: Family, args: dict[str, Any], where: str) -> dict[str, Any]:
@@ -246,4 +345,3 @@ def hf_config_for(family: Family, args: dict[str, Any], where: str) -> dict[str,
         return hf_config(family, args)
     except FormatError as e:
         raise FormatError(f"{where}: {e}") from None
-

@@ -72,51 +72,96 @@ def config_with(*overrides: ConfigKey) -> tuple[ConfigKey, ...]:
     return tuple(by_field.values())
 
 
-
 LLAMA_TENSORS = EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP
 
-register(Family(
-    name="llama", model_types=("llama",), architecture="LlamaForCausalLM",
-    tensors=LLAMA_TENSORS, config=config_with(),
-    mindspeed_names=("llama2", "llama3", "llama"),
-))
-register(Family(
-    name="mistral", model_types=("mistral",), architecture="MistralForCausalLM",
-    tensors=LLAMA_TENSORS, config=config_with(ConfigKey("qkv_bias", None, False)),
-    mindspeed_names=("mistral", "magistral"),
-))
-register(Family(
-    name="qwen2", model_types=("qwen2",), architecture="Qwen2ForCausalLM",
-    tensors=LLAMA_TENSORS, config=config_with(), constants=(("qkv_bias", True),),
-    mindspeed_names=("qwen25", "qwen2"),
-))
-register(Family(
-    name="qwen3", model_types=("qwen3",), architecture="Qwen3ForCausalLM",
-    tensors=LLAMA_TENSORS, config=config_with(), constants=(("qk_norm", True),),
-    mindspeed_names=("qwen3",),
-))
-register(Family(
-    name="gemma", model_types=("gemma",), architecture="GemmaForCausalLM",
-    tensors=LLAMA_TENSORS,
-    config=config_with(ConfigKey("tied_embeddings", "tie_word_embeddings", True),
-                   ConfigKey("activation", "hidden_activation", "gelu_pytorch_tanh")),
-    mindspeed_names=("gemma",),
-))
-register(Family(
-    name="gemma2", model_types=("gemma2",), architecture="Gemma2ForCausalLM",
-    tensors=EMBED_AND_HEAD + ATTENTION + SANDWICH_NORMS + GATED_MLP,
-    config=config_with(ConfigKey("tied_embeddings", "tie_word_embeddings", True),
-                   ConfigKey("activation", "hidden_activation", "gelu_pytorch_tanh")),
-    constants=(("post_norms", True),), mindspeed_names=("gemma2",),
-))
-register(Family(
-    name="phi3", model_types=("phi3",), architecture="Phi3ForCausalLM",
-    tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP,
-    packed=(
-        Packed(L + "self_attn.qkv_proj.weight", (C + "attn.q.weight", C + "attn.k.weight", C + "attn.v.weight"),
-               ("q_size", "kv_size", "kv_size")),
-        Packed(L + "mlp.gate_up_proj.weight", (C + "mlp.gate.weight", C + "mlp.up.weight"),
-               ("ffn_hidden_size", "ffn_hidden_size")),
-    ),
-    config=config_with(ConfigKey("qkv_bias", None, False)), mindspeed_names=("phi3.5", "phi3"),
-))
+register(
+    Family(
+        name="llama",
+        model_types=("llama",),
+        architecture="LlamaForCausalLM",
+        tensors=LLAMA_TENSORS,
+        config=config_with(),
+        mindspeed_names=("llama2", "llama3", "llama"),
+    )
+)
+register(
+    Family(
+        name="mistral",
+        model_types=("mistral",),
+        architecture="MistralForCausalLM",
+        tensors=LLAMA_TENSORS,
+        config=config_with(ConfigKey("qkv_bias", None, False)),
+        mindspeed_names=("mistral", "magistral"),
+    )
+)
+register(
+    Family(
+        name="qwen2",
+        model_types=("qwen2",),
+        architecture="Qwen2ForCausalLM",
+        tensors=LLAMA_TENSORS,
+        config=config_with(),
+        constants=(("qkv_bias", True),),
+        mindspeed_names=("qwen25", "qwen2"),
+    )
+)
+register(
+    Family(
+        name="qwen3",
+        model_types=("qwen3",),
+        architecture="Qwen3ForCausalLM",
+        tensors=LLAMA_TENSORS,
+        config=config_with(),
+        constants=(("qk_norm", True),),
+        mindspeed_names=("qwen3",),
+    )
+)
+register(
+    Family(
+        name="gemma",
+        model_types=("gemma",),
+        architecture="GemmaForCausalLM",
+        tensors=LLAMA_TENSORS,
+        config=config_with(
+            ConfigKey("tied_embeddings", "tie_word_embeddings", True),
+            ConfigKey("activation", "hidden_activation", "gelu_pytorch_tanh"),
+        ),
+        mindspeed_names=("gemma",),
+    )
+)
+register(
+    Family(
+        name="gemma2",
+        model_types=("gemma2",),
+        architecture="Gemma2ForCausalLM",
+        tensors=EMBED_AND_HEAD + ATTENTION + SANDWICH_NORMS + GATED_MLP,
+        config=config_with(
+            ConfigKey("tied_embeddings", "tie_word_embeddings", True),
+            ConfigKey("activation", "hidden_activation", "gelu_pytorch_tanh"),
+        ),
+        constants=(("post_norms", True),),
+        mindspeed_names=("gemma2",),
+    )
+)
+register(
+    Family(
+        name="phi3",
+        model_types=("phi3",),
+        architecture="Phi3ForCausalLM",
+        tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP,
+        packed=(
+            Packed(
+                L + "self_attn.qkv_proj.weight",
+                (C + "attn.q.weight", C + "attn.k.weight", C + "attn.v.weight"),
+                ("q_size", "kv_size", "kv_size"),
+            ),
+            Packed(
+                L + "mlp.gate_up_proj.weight",
+                (C + "mlp.gate.weight", C + "mlp.up.weight"),
+                ("ffn_hidden_size", "ffn_hidden_size"),
+            ),
+        ),
+        config=config_with(ConfigKey("qkv_bias", None, False)),
+        mindspeed_names=("phi3.5", "phi3"),
+    )
+)

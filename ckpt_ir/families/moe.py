@@ -52,32 +52,54 @@ MIXTRAL_MOE = (
     (L + "block_sparse_moe.experts.{e}.w2.weight", C + "mlp.experts.{e}.down.weight"),
 )
 
-register(Family(
-    name="mixtral", model_types=("mixtral",), architecture="MixtralForCausalLM",
-    tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + MIXTRAL_MOE,
-    config=config_with(ConfigKey("qkv_bias", None, False), ConfigKey("num_experts", "num_local_experts"),
-                   ConfigKey("moe_topk", "num_experts_per_tok"),
-                   ConfigKey("moe_ffn_hidden_size", "intermediate_size")),
-    mindspeed_names=("mixtral",),
-))
+register(
+    Family(
+        name="mixtral",
+        model_types=("mixtral",),
+        architecture="MixtralForCausalLM",
+        tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + MIXTRAL_MOE,
+        config=config_with(
+            ConfigKey("qkv_bias", None, False),
+            ConfigKey("num_experts", "num_local_experts"),
+            ConfigKey("moe_topk", "num_experts_per_tok"),
+            ConfigKey("moe_ffn_hidden_size", "intermediate_size"),
+        ),
+        mindspeed_names=("mixtral",),
+    )
+)
+
+
 def _qwen_router(cfg: dict) -> dict:
     """Qwen MoE without norm_topk_prob: softmax over all experts, then top-k (not renormalised)."""
     return {"moe_router_pre_softmax": not cfg.get("norm_topk_prob", False)}
 
 
-register(Family(
-    name="qwen2_moe", model_types=("qwen2_moe",), architecture="Qwen2MoeForCausalLM",
-    tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP + QWEN_EXPERTS + QWEN_SHARED,
-    config=config_with(*QWEN_MOE_CONFIG, ConfigKey("shared_ffn_hidden_size", "shared_expert_intermediate_size", 0)),
-    constants=(("qkv_bias", True), ("shared_expert_gate", True)), mindspeed_names=("qwen2-moe",),
-    megatron_args=_qwen_router,
-))
-register(Family(
-    name="qwen3_moe", model_types=("qwen3_moe",), architecture="Qwen3MoeForCausalLM",
-    tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP + QWEN_EXPERTS,
-    config=config_with(*QWEN_MOE_CONFIG), constants=(("qk_norm", True),),
-    mindspeed_names=("qwen3-moe",), megatron_args=_qwen_router,
-))
+register(
+    Family(
+        name="qwen2_moe",
+        model_types=("qwen2_moe",),
+        architecture="Qwen2MoeForCausalLM",
+        tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP + QWEN_EXPERTS + QWEN_SHARED,
+        config=config_with(
+            *QWEN_MOE_CONFIG, ConfigKey("shared_ffn_hidden_size", "shared_expert_intermediate_size", 0)
+        ),
+        constants=(("qkv_bias", True), ("shared_expert_gate", True)),
+        mindspeed_names=("qwen2-moe",),
+        megatron_args=_qwen_router,
+    )
+)
+register(
+    Family(
+        name="qwen3_moe",
+        model_types=("qwen3_moe",),
+        architecture="Qwen3MoeForCausalLM",
+        tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP + QWEN_EXPERTS,
+        config=config_with(*QWEN_MOE_CONFIG),
+        constants=(("qk_norm", True),),
+        mindspeed_names=("qwen3-moe",),
+        megatron_args=_qwen_router,
+    )
+)
 
 
 def _first_k_dense(cfg: dict) -> tuple[int, ...]:
@@ -123,34 +145,51 @@ MTP = (
     (L + "embed_tokens.weight", C + "mtp.embed.weight"),
 )
 
+
 def _deepseek_router(cfg: dict) -> dict:
     """DeepSeek-V3 routing: sigmoid scores with a score-correction bias, group-limited top-k, scaled."""
-    return {"moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True,
-            "moe_router_pre_softmax": False, "moe_router_topk_scaling_factor": cfg.get("routed_scaling_factor"),
-            "moe_router_num_groups": cfg.get("n_group"), "moe_router_group_topk": cfg.get("topk_group")}
+    return {
+        "moe_router_score_function": "sigmoid",
+        "moe_router_enable_expert_bias": True,
+        "moe_router_pre_softmax": False,
+        "moe_router_topk_scaling_factor": cfg.get("routed_scaling_factor"),
+        "moe_router_num_groups": cfg.get("n_group"),
+        "moe_router_group_topk": cfg.get("topk_group"),
+    }
 
 
 MLA_CONFIG = (
-    ConfigKey("q_lora_rank", "q_lora_rank", 0, null=0), ConfigKey("kv_lora_rank", "kv_lora_rank"),
-    ConfigKey("qk_nope_dim", "qk_nope_head_dim"), ConfigKey("qk_rope_dim", "qk_rope_head_dim"),
-    ConfigKey("v_head_dim", "v_head_dim"), ConfigKey("head_dim", None, lambda cfg: cfg["qk_rope_head_dim"]),
+    ConfigKey("q_lora_rank", "q_lora_rank", 0, null=0),
+    ConfigKey("kv_lora_rank", "kv_lora_rank"),
+    ConfigKey("qk_nope_dim", "qk_nope_head_dim"),
+    ConfigKey("qk_rope_dim", "qk_rope_head_dim"),
+    ConfigKey("v_head_dim", "v_head_dim"),
+    ConfigKey("head_dim", None, lambda cfg: cfg["qk_rope_head_dim"]),
     ConfigKey("qkv_bias", None, False),
 )
 DEEPSEEK_MOE_CONFIG = (
-    ConfigKey("num_experts", "n_routed_experts"), ConfigKey("moe_topk", "num_experts_per_tok"),
+    ConfigKey("num_experts", "n_routed_experts"),
+    ConfigKey("moe_topk", "num_experts_per_tok"),
     ConfigKey("moe_ffn_hidden_size", "moe_intermediate_size"),
-    ConfigKey("shared_ffn_hidden_size", None, _shared_ffn), ConfigKey("dense_layers", None, _first_k_dense),
+    ConfigKey("shared_ffn_hidden_size", None, _shared_ffn),
+    ConfigKey("dense_layers", None, _first_k_dense),
 )
 DEEPSEEK_TENSORS = EMBED_AND_HEAD + MLA_ATTENTION + LLAMA_NORMS + GATED_MLP + DEEPSEEK_MOE
 
-register(Family(
-    name="deepseek_v3", model_types=("deepseek_v3",), architecture="DeepseekV3ForCausalLM",
-    tensors=DEEPSEEK_TENSORS + MTP,
-    config=config_with(
-        *DEEPSEEK_MOE_CONFIG, *MLA_CONFIG,
-        # read-only: transformers saves no MTP weights, so the frontend counts the layers present
-        ConfigKey("mtp_layers", None, lambda cfg: cfg.get("num_nextn_predict_layers") or 0),
-    ),
-    constants=(("router_bias", True),), mindspeed_names=("deepseek3",),
-    megatron_args=_deepseek_router,
-))
+register(
+    Family(
+        name="deepseek_v3",
+        model_types=("deepseek_v3",),
+        architecture="DeepseekV3ForCausalLM",
+        tensors=DEEPSEEK_TENSORS + MTP,
+        config=config_with(
+            *DEEPSEEK_MOE_CONFIG,
+            *MLA_CONFIG,
+            # read-only: transformers saves no MTP weights, so the frontend counts the layers present
+            ConfigKey("mtp_layers", None, lambda cfg: cfg.get("num_nextn_predict_layers") or 0),
+        ),
+        constants=(("router_bias", True),),
+        mindspeed_names=("deepseek3",),
+        megatron_args=_deepseek_router,
+    )
+)

@@ -20,8 +20,11 @@ from ckpt_ir.families.moe import (
 )
 
 # GLM: the HF MLP packs [gate; up] in one gate_up_proj (same rule as Phi-3's)
-GLM_GATE_UP = Packed(L + "mlp.gate_up_proj.weight", (C + "mlp.gate.weight", C + "mlp.up.weight"),
-                     ("ffn_hidden_size", "ffn_hidden_size"))
+GLM_GATE_UP = Packed(
+    L + "mlp.gate_up_proj.weight",
+    (C + "mlp.gate.weight", C + "mlp.up.weight"),
+    ("ffn_hidden_size", "ffn_hidden_size"),
+)
 GLM_DOWN = ((L + "mlp.down_proj.weight", C + "mlp.down.weight"),)
 # GLM-4-0414: sandwich norms; its "post_attention_layernorm" is the pre-MLP norm
 GLM4_NORMS = (
@@ -30,52 +33,88 @@ GLM4_NORMS = (
     (L + "post_mlp_layernorm.weight", C + "post_mlp_norm.weight"),
 )
 # head_dim is its own config key (128 by default, not hidden / heads); qkv bias on by default
-GLM_CONFIG = config_with(ConfigKey("head_dim", "head_dim", 128), ConfigKey("qkv_bias", "attention_bias", True))
+GLM_CONFIG = config_with(
+    ConfigKey("head_dim", "head_dim", 128), ConfigKey("qkv_bias", "attention_bias", True)
+)
 
-register(Family(
-    name="seed_oss", model_types=("seed_oss",), architecture="SeedOssForCausalLM",
-    tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP,
-    config=config_with(ConfigKey("head_dim", "head_dim", 128), ConfigKey("qkv_bias", "attention_bias", True)),
-    mindspeed_names=("seed-oss",),
-))
-register(Family(
-    name="glm", model_types=("glm",), architecture="GlmForCausalLM",
-    tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GLM_DOWN, packed=(GLM_GATE_UP,),
-    config=GLM_CONFIG, mindspeed_names=("glm4_9b",),
-))
-register(Family(
-    name="glm4", model_types=("glm4",), architecture="Glm4ForCausalLM",
-    tensors=EMBED_AND_HEAD + ATTENTION + GLM4_NORMS + GLM_DOWN, packed=(GLM_GATE_UP,),
-    config=GLM_CONFIG, constants=(("post_norms", True),), mindspeed_names=("glm4",),
-))
+register(
+    Family(
+        name="seed_oss",
+        model_types=("seed_oss",),
+        architecture="SeedOssForCausalLM",
+        tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP,
+        config=config_with(
+            ConfigKey("head_dim", "head_dim", 128), ConfigKey("qkv_bias", "attention_bias", True)
+        ),
+        mindspeed_names=("seed-oss",),
+    )
+)
+register(
+    Family(
+        name="glm",
+        model_types=("glm",),
+        architecture="GlmForCausalLM",
+        tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GLM_DOWN,
+        packed=(GLM_GATE_UP,),
+        config=GLM_CONFIG,
+        mindspeed_names=("glm4_9b",),
+    )
+)
+register(
+    Family(
+        name="glm4",
+        model_types=("glm4",),
+        architecture="Glm4ForCausalLM",
+        tensors=EMBED_AND_HEAD + ATTENTION + GLM4_NORMS + GLM_DOWN,
+        packed=(GLM_GATE_UP,),
+        config=GLM_CONFIG,
+        constants=(("post_norms", True),),
+        mindspeed_names=("glm4",),
+    )
+)
 
 # DeepSeek-V2: V3's tensors without MTP and without the router score bias; V2-Lite has no q-LoRA
 # (q_lora_rank null: q_proj instead of q_a / q_b), which the MLA roles already cover
-register(Family(
-    name="deepseek_v2", model_types=("deepseek_v2",), architecture="DeepseekV2ForCausalLM",
-    tensors=DEEPSEEK_TENSORS, config=config_with(*DEEPSEEK_MOE_CONFIG, *MLA_CONFIG),
-    mindspeed_names=("deepseek2", "deepseek2-lite"),
-))
+register(
+    Family(
+        name="deepseek_v2",
+        model_types=("deepseek_v2",),
+        architecture="DeepseekV2ForCausalLM",
+        tensors=DEEPSEEK_TENSORS,
+        config=config_with(*DEEPSEEK_MOE_CONFIG, *MLA_CONFIG),
+        mindspeed_names=("deepseek2", "deepseek2-lite"),
+    )
+)
 # MiniCPM3: dense MLA with q-LoRA, tied embeddings; its muP scales (scale_emb, scale_depth,
 # dim_model_base) are config values carried through unchanged
-register(Family(
-    name="minicpm3", model_types=("minicpm3",), architecture="MiniCPM3ForCausalLM",
-    tensors=EMBED_AND_HEAD + MLA_ATTENTION + LLAMA_NORMS + GATED_MLP,
-    config=config_with(*MLA_CONFIG, ConfigKey("tied_embeddings", "tie_word_embeddings", True)),
-    mindspeed_names=("minicpm3",),
-))
+register(
+    Family(
+        name="minicpm3",
+        model_types=("minicpm3",),
+        architecture="MiniCPM3ForCausalLM",
+        tensors=EMBED_AND_HEAD + MLA_ATTENTION + LLAMA_NORMS + GATED_MLP,
+        config=config_with(*MLA_CONFIG, ConfigKey("tied_embeddings", "tie_word_embeddings", True)),
+        mindspeed_names=("minicpm3",),
+    )
+)
 # GLM-4.5 / 4.5-Air: grouped-query attention (optional q/k norm, qkv bias, partial rotary) with
 # DeepSeek-V3's MoE block (first dense layers, shared experts, router score bias) and MTP layers
-register(Family(
-    name="glm4_moe", model_types=("glm4_moe",), architecture="Glm4MoeForCausalLM",
-    tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP + DEEPSEEK_MOE + MTP,
-    config=config_with(
-        *DEEPSEEK_MOE_CONFIG, ConfigKey("qk_norm", "use_qk_norm", False),
-        ConfigKey("mtp_layers", None, lambda cfg: cfg.get("num_nextn_predict_layers") or 0),
-    ),
-    constants=(("router_bias", True),), mindspeed_names=("glm45-moe", "glm45", "glm45-air"),
-    megatron_args=_deepseek_router,  # sigmoid scores + score bias, group-limited top-k, scaled
-))
+register(
+    Family(
+        name="glm4_moe",
+        model_types=("glm4_moe",),
+        architecture="Glm4MoeForCausalLM",
+        tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP + DEEPSEEK_MOE + MTP,
+        config=config_with(
+            *DEEPSEEK_MOE_CONFIG,
+            ConfigKey("qk_norm", "use_qk_norm", False),
+            ConfigKey("mtp_layers", None, lambda cfg: cfg.get("num_nextn_predict_layers") or 0),
+        ),
+        constants=(("router_bias", True),),
+        mindspeed_names=("glm45-moe", "glm45", "glm45-air"),
+        megatron_args=_deepseek_router,  # sigmoid scores + score bias, group-limited top-k, scaled
+    )
+)
 
 # Hunyuan: q/k norms are "query_layernorm" / "key_layernorm" (per head, always present); the MoE
 # layer has one shared MLP as wide as the experts and a router named gate.wg
@@ -101,21 +140,32 @@ def _hunyuan_topk(cfg: dict) -> int:
 
 
 # (MindSpeed-LLM's "hunyuan" name is given to the MoE family only, so the name picks one family)
-register(Family(
-    name="hunyuan_v1_dense", model_types=("hunyuan_v1_dense",), architecture="HunYuanDenseV1ForCausalLM",
-    tensors=EMBED_AND_HEAD + HUNYUAN_ATTENTION + LLAMA_NORMS + GATED_MLP,
-    config=config_with(), constants=(("qk_norm", True),),
-))
-register(Family(
-    name="hunyuan_v1_moe", model_types=("hunyuan_v1_moe",), architecture="HunYuanMoEV1ForCausalLM",
-    tensors=EMBED_AND_HEAD + HUNYUAN_ATTENTION + LLAMA_NORMS + HUNYUAN_MOE,
-    config=config_with(
-        ConfigKey("num_experts", "num_experts"), ConfigKey("moe_topk", None, _hunyuan_topk),
-        ConfigKey("moe_ffn_hidden_size", "intermediate_size"),
-        ConfigKey("shared_ffn_hidden_size", "intermediate_size"),
-    ),
-    constants=(("qk_norm", True),), mindspeed_names=("hunyuan",),
-))
+register(
+    Family(
+        name="hunyuan_v1_dense",
+        model_types=("hunyuan_v1_dense",),
+        architecture="HunYuanDenseV1ForCausalLM",
+        tensors=EMBED_AND_HEAD + HUNYUAN_ATTENTION + LLAMA_NORMS + GATED_MLP,
+        config=config_with(),
+        constants=(("qk_norm", True),),
+    )
+)
+register(
+    Family(
+        name="hunyuan_v1_moe",
+        model_types=("hunyuan_v1_moe",),
+        architecture="HunYuanMoEV1ForCausalLM",
+        tensors=EMBED_AND_HEAD + HUNYUAN_ATTENTION + LLAMA_NORMS + HUNYUAN_MOE,
+        config=config_with(
+            ConfigKey("num_experts", "num_experts"),
+            ConfigKey("moe_topk", None, _hunyuan_topk),
+            ConfigKey("moe_ffn_hidden_size", "intermediate_size"),
+            ConfigKey("shared_ffn_hidden_size", "intermediate_size"),
+        ),
+        constants=(("qk_norm", True),),
+        mindspeed_names=("hunyuan",),
+    )
+)
 
 # PhiMoE (Phi-3.5-MoE): LayerNorm with biases everywhere, biases on q/k/v and o_proj, optional
 # lm_head bias, Mixtral's block_sparse_moe experts.  (MindSpeed-LLM's phi3.5-moe converter is reported to drop
@@ -127,16 +177,24 @@ PHIMOE_BIASES = (
     ("model.norm.bias", "final_norm.bias"),
     ("lm_head.bias", "lm_head.bias"),
 )
-register(Family(
-    name="phimoe", model_types=("phimoe",), architecture="PhimoeForCausalLM",
-    tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + PHIMOE_BIASES + MIXTRAL_MOE,
-    config=config_with(
-        ConfigKey("num_experts", "num_local_experts"), ConfigKey("moe_topk", "num_experts_per_tok"),
-        ConfigKey("moe_ffn_hidden_size", "intermediate_size"), ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
-        ConfigKey("o_bias", "attention_bias", False), ConfigKey("lm_head_bias", "lm_head_bias", False),
-    ),
-    constants=(("norm_bias", True),), mindspeed_names=("phi3.5-moe",),
-))
+register(
+    Family(
+        name="phimoe",
+        model_types=("phimoe",),
+        architecture="PhimoeForCausalLM",
+        tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + PHIMOE_BIASES + MIXTRAL_MOE,
+        config=config_with(
+            ConfigKey("num_experts", "num_local_experts"),
+            ConfigKey("moe_topk", "num_experts_per_tok"),
+            ConfigKey("moe_ffn_hidden_size", "intermediate_size"),
+            ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
+            ConfigKey("o_bias", "attention_bias", False),
+            ConfigKey("lm_head_bias", "lm_head_bias", False),
+        ),
+        constants=(("norm_bias", True),),
+        mindspeed_names=("phi3.5-moe",),
+    )
+)
 
 # MiniMax-M2: q/k RMSNorm over the full projection width (q_norm [heads*head_dim], k_norm
 # [kv_heads*head_dim]), Mixtral-named experts, sigmoid router with a score-correction bias
@@ -144,14 +202,24 @@ MINIMAX_ATTENTION = tuple((h, c) for h, c in ATTENTION if "_norm." not in h) + (
     (L + "self_attn.q_norm.weight", C + "attn.q_full_norm.weight"),
     (L + "self_attn.k_norm.weight", C + "attn.k_full_norm.weight"),
 )
-register(Family(
-    name="minimax_m2", model_types=("minimax_m2",), architecture="MiniMaxM2ForCausalLM",
-    tensors=EMBED_AND_HEAD + MINIMAX_ATTENTION + LLAMA_NORMS + MIXTRAL_MOE
-    + ((L + "block_sparse_moe.e_score_correction_bias", C + "mlp.router.bias"),),
-    config=config_with(
-        ConfigKey("num_experts", "num_local_experts"), ConfigKey("moe_topk", "num_experts_per_tok"),
-        ConfigKey("moe_ffn_hidden_size", "intermediate_size"), ConfigKey("qkv_bias", None, False),
-    ),
-    constants=(("qk_full_norm", True), ("router_bias", True)), mindspeed_names=("minimax_m2",),
-    megatron_args=_deepseek_router,  # sigmoid scores with a score-correction bias
-))
+register(
+    Family(
+        name="minimax_m2",
+        model_types=("minimax_m2",),
+        architecture="MiniMaxM2ForCausalLM",
+        tensors=EMBED_AND_HEAD
+        + MINIMAX_ATTENTION
+        + LLAMA_NORMS
+        + MIXTRAL_MOE
+        + ((L + "block_sparse_moe.e_score_correction_bias", C + "mlp.router.bias"),),
+        config=config_with(
+            ConfigKey("num_experts", "num_local_experts"),
+            ConfigKey("moe_topk", "num_experts_per_tok"),
+            ConfigKey("moe_ffn_hidden_size", "intermediate_size"),
+            ConfigKey("qkv_bias", None, False),
+        ),
+        constants=(("qk_full_norm", True), ("router_bias", True)),
+        mindspeed_names=("minimax_m2",),
+        megatron_args=_deepseek_router,  # sigmoid scores with a score-correction bias
+    )
+)

@@ -17,20 +17,32 @@ def detect(path: str) -> str:
     if os.path.isfile(path) and path.endswith(".safetensors"):
         return "hf"  # one weight file; its directory holds config.json
     if not os.path.isdir(path):
-        raise FormatError(f"{path}: expected a checkpoint directory (or one .safetensors file beside its config.json)")
+        raise FormatError(
+            f"{path}: expected a checkpoint directory (or one .safetensors file beside its config.json)"
+        )
     if hf.detect(path):
         return "hf"
     if torch_dist.detect(path):  # before mcore: both live in Megatron iter_* directories
         return "torch_dist"
     if mcore.detect(path):
         return "mcore"
-    raise FormatError(f"{path}: not a recognised checkpoint (expected an HF directory with config.json and "
-                      f"*.safetensors, or Megatron iter_*/mp_rank_* directories)")
+    raise FormatError(
+        f"{path}: not a recognised checkpoint (expected an HF directory with config.json and "
+        f"*.safetensors, or Megatron iter_*/mp_rank_* directories)"
+    )
 
 
-def load(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, Any] | None = None,
-         weights_from: str = "model", family: str | None = None, optimizer: bool = False,
-         optimizer_layout: dict[str, int | None] | None = None, replicas: str = "check") -> Checkpoint:
+def load(
+    path: str,
+    *,
+    allow_unused: tuple[str, ...] = (),
+    hf_config: dict[str, Any] | None = None,
+    weights_from: str = "model",
+    family: str | None = None,
+    optimizer: bool = False,
+    optimizer_layout: dict[str, int | None] | None = None,
+    replicas: str = "check",
+) -> Checkpoint:
     """Lift any supported checkpoint directory.  ``weights_from="master"``: a Megatron checkpoint's
     weights come from its distributed optimizer's fp32 master copies; ``optimizer=True``: lift its
     optimizer state too (``Checkpoint.states``), when it has any.  ``replicas``: how a Megatron
@@ -39,8 +51,10 @@ def load(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     if weights_from != "model" and fmt not in ("mcore", "torch_dist"):
         from ckpt_ir.errors import UsageError
 
-        raise UsageError(f"--weights-from {weights_from}: only Megatron checkpoints with distributed-optimizer "
-                         f"state have master weights")
+        raise UsageError(
+            f"--weights-from {weights_from}: only Megatron checkpoints with distributed-optimizer "
+            f"state have master weights"
+        )
     if fmt == "hf":
         from ckpt_ir.frontends import hf
 
@@ -48,9 +62,23 @@ def load(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     if fmt == "torch_dist":
         from ckpt_ir.frontends import torch_dist
 
-        return torch_dist.lift(path, allow_unused=allow_unused, hf_config=hf_config, optimizer=optimizer,
-                               weights_from=weights_from, family=family)
+        return torch_dist.lift(
+            path,
+            allow_unused=allow_unused,
+            hf_config=hf_config,
+            optimizer=optimizer,
+            weights_from=weights_from,
+            family=family,
+        )
     from ckpt_ir.frontends import mcore
 
-    return mcore.lift(path, allow_unused=allow_unused, hf_config=hf_config, weights_from=weights_from,
-                      optimizer=optimizer, optimizer_layout=optimizer_layout, family=family, replicas=replicas)
+    return mcore.lift(
+        path,
+        allow_unused=allow_unused,
+        hf_config=hf_config,
+        weights_from=weights_from,
+        optimizer=optimizer,
+        optimizer_layout=optimizer_layout,
+        family=family,
+        replicas=replicas,
+    )

@@ -25,9 +25,20 @@ from ckpt_ir.ir.roles import canonical_order, expected_shape
 from ckpt_ir.ir.spec import ModelSpec
 
 # side files copied next to HF output (tokenizer, generation settings, chat template, remote code)
-AUX_PATTERNS = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "vocab.json", "vocab.txt",
-                "merges.txt", "added_tokens.json", "*.model", "*.tiktoken", "chat_template.*", "preprocessor_config.json",
-                "*.py")
+AUX_PATTERNS = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "added_tokens.json",
+    "*.model",
+    "*.tiktoken",
+    "chat_template.*",
+    "preprocessor_config.json",
+    "*.py",
+)
 TOKENIZER_PATTERNS = ("tokenizer*", "*.model", "*.tiktoken", "vocab.json", "vocab.txt")
 # where a Megatron checkpoint written by ckpt-ir keeps the HF side files (and the source's
 # config.json); Megatron reads only latest_checkpointed_iteration.txt and iter_*/, so it ignores it
@@ -39,8 +50,13 @@ def side_files(path: str, config: bool = False) -> tuple[str, ...]:
     if not os.path.isdir(path):
         return ()
     pats = AUX_PATTERNS + (("config.json",) if config else ())
-    return tuple(sorted(os.path.join(path, n) for n in os.listdir(path)
-                        if any(fnmatch.fnmatch(n, p) for p in pats) and os.path.isfile(os.path.join(path, n))))
+    return tuple(
+        sorted(
+            os.path.join(path, n)
+            for n in os.listdir(path)
+            if any(fnmatch.fnmatch(n, p) for p in pats) and os.path.isfile(os.path.join(path, n))
+        )
+    )
 
 
 # source tensors known to carry no information (recomputed by the model)
@@ -49,14 +65,17 @@ DROP_RULES = (("*rotary_emb.inv_freq", "rotary inverse frequencies are recompute
 
 def detect(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json")) and any(
-        n.endswith((".safetensors", ".bin")) or n.endswith(".index.json") for n in os.listdir(path))
+        n.endswith((".safetensors", ".bin")) or n.endswith(".index.json") for n in os.listdir(path)
+    )
 
 
 def read_config(path: str) -> dict[str, Any]:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
-        raise FormatError(f"{path}: no config.json; an HF checkpoint directory needs one (pass --hf-config DIR "
-                          f"to take it from elsewhere)")
+        raise FormatError(
+            f"{path}: no config.json; an HF checkpoint directory needs one (pass --hf-config DIR "
+            f"to take it from elsewhere)"
+        )
     try:
         with open(cfg_path) as f:
             cfg = json.load(f)
@@ -92,12 +111,16 @@ def _files_from_index(path: str, index: str) -> list[str]:
     files: dict[str, None] = {}
     for tensor, name in weight_map.items():
         if not isinstance(name, str) or os.path.isabs(name) or os.sep in name or name in ("", ".", ".."):
-            raise FormatError(f"{index}: tensor {tensor} points to {name!r}, outside the checkpoint directory; "
-                              f"refusing to follow it")
+            raise FormatError(
+                f"{index}: tensor {tensor} points to {name!r}, outside the checkpoint directory; "
+                f"refusing to follow it"
+            )
         full = os.path.join(root, name)
         if os.path.dirname(os.path.realpath(full)) != root:
-            raise FormatError(f"{index}: tensor {tensor} points to {name!r}, which resolves outside the checkpoint "
-                              f"directory; refusing to follow it")
+            raise FormatError(
+                f"{index}: tensor {tensor} points to {name!r}, which resolves outside the checkpoint "
+                f"directory; refusing to follow it"
+            )
         if not os.path.isfile(full):
             raise FormatError(f"{index}: shard {name} (holding {tensor}) is missing; re-download it")
         files.setdefault(full, None)
@@ -114,8 +137,13 @@ def _file_tensors(path: str) -> dict[str, E.Load]:
     return {k: z.load_expr(ref, k) for k, ref in iter_tensors(obj)}
 
 
-def lift(path: str, *, hf_config: dict[str, Any] | None = None, allow_unused: tuple[str, ...] = (),
-         family: str | None = None) -> Checkpoint:
+def lift(
+    path: str,
+    *,
+    hf_config: dict[str, Any] | None = None,
+    allow_unused: tuple[str, ...] = (),
+    family: str | None = None,
+) -> Checkpoint:
     """``family`` names the model family when the config's model_type does not (MindSpeed-LLM's
     --model-type-hf); a config that names a known type still wins.  ``path`` may also be one
     ``.safetensors`` file: the config and side files come from its directory."""
@@ -138,10 +166,14 @@ def lift(path: str, *, hf_config: dict[str, Any] | None = None, allow_unused: tu
     for f in files:
         for key, load in _file_tensors(f).items():
             if key in raw:
-                raise FormatError(f"{f}: tensor {key} also appears in {raw[key].path}; duplicate tensors are ambiguous")
+                raise FormatError(
+                    f"{f}: tensor {key} also appears in {raw[key].path}; duplicate tensors are ambiguous"
+                )
             raw[key] = load
     dtypes = {ld.dtype for ld in raw.values()}
-    spec = family_obj.spec_from_config(cfg, dtype_hint=next(iter(dtypes)) if len(dtypes) == 1 else None, where=where)
+    spec = family_obj.spec_from_config(
+        cfg, dtype_hint=next(iter(dtypes)) if len(dtypes) == 1 else None, where=where
+    )
     tensors, dropped = map_tensors(family_obj, spec, raw, allow_unused)
     if spec.mtp_layers:  # transformers neither loads nor saves MTP layers: count the ones present
         from ckpt_ir.ir.names import split_layer
@@ -150,22 +182,28 @@ def lift(path: str, *, hf_config: dict[str, Any] | None = None, allow_unused: tu
         extra = sorted(i for i in present if i >= spec.num_layers)
         spec = attrs.evolve(spec, mtp_layers=len(extra))
     if spec.untied and "lm_head.weight" not in tensors:
-        raise FormatError(f"{path}: config says embeddings are untied but there is no lm_head.weight; the "
-                          f"checkpoint is incomplete")
+        raise FormatError(
+            f"{path}: config says embeddings are untied but there is no lm_head.weight; the "
+            f"checkpoint is incomplete"
+        )
     layout = Layout(format="hf")
     for name, t in tensors.items():
         want = expected_shape(spec, layout, name)
         if want is not None and t.shape != want:
             src = E.loads(t.expr)[0]
-            raise FormatError(f"{src.path}: tensor {src.key} has shape {list(t.shape)} but config.json implies "
-                              f"{list(want)}; the weights do not match the config")
+            raise FormatError(
+                f"{src.path}: tensor {src.key} has shape {list(t.shape)} but config.json implies "
+                f"{list(want)}; the weights do not match the config"
+            )
     aux = side_files(path, config=hf_config is None)
-    return Checkpoint(spec=spec, layout=layout, tensors=tensors, dropped=dropped, hf_config=cfg, aux_files=aux,
-                      source=path)
+    return Checkpoint(
+        spec=spec, layout=layout, tensors=tensors, dropped=dropped, hf_config=cfg, aux_files=aux, source=path
+    )
 
 
-def map_tensors(family: Family, spec: ModelSpec, raw: dict[str, E.Load],
-                allow_unused: tuple[str, ...]) -> tuple[dict[str, TensorNode], dict[str, str]]:
+def map_tensors(
+    family: Family, spec: ModelSpec, raw: dict[str, E.Load], allow_unused: tuple[str, ...]
+) -> tuple[dict[str, TensorNode], dict[str, str]]:
     names = family.names
     tensors: dict[str, TensorNode] = {}
     dropped: dict[str, str] = {}
@@ -193,8 +231,10 @@ def map_tensors(family: Family, spec: ModelSpec, raw: dict[str, E.Load],
             dropped[key] = reason
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
-        raise CoverageError(f"{len(unknown)} source tensor(s) not understood by the {family.name} family and would "
-                            f"be lost: {shown}; pass --allow-unused PATTERN to drop them on purpose")
+        raise CoverageError(
+            f"{len(unknown)} source tensor(s) not understood by the {family.name} family and would "
+            f"be lost: {shown}; pass --allow-unused PATTERN to drop them on purpose"
+        )
     return dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0]))), dropped
 
 
@@ -211,7 +251,9 @@ def _unpack(key: str, load: E.Load, spec: ModelSpec, packed) -> list[tuple[str, 
             continue
         rows = p.row_counts(spec)
         if load.shape[0] != sum(rows):
-            raise FormatError(f"{load.path}: tensor {key} has {load.shape[0]} rows, expected {sum(rows)} "
-                              f"({' + '.join(map(str, rows))}) from config.json")
+            raise FormatError(
+                f"{load.path}: tensor {key} has {load.shape[0]} rows, expected {sum(rows)} "
+                f"({' + '.join(map(str, rows))}) from config.json"
+            )
         return [(part.format(**m.groupdict()), e) for part, e in p.rule(spec).split(load).items()]
     return None

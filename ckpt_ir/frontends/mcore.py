@@ -69,8 +69,9 @@ class _Args:
         return out
 
 
-def spec_from_args(args: dict[str, Any], hf_config: dict[str, Any] | None, where: str,
-                   family: str | None = None):
+def spec_from_args(
+    args: dict[str, Any], hf_config: dict[str, Any] | None, where: str, family: str | None = None
+):
     """(ModelSpec, HF config, why) of a Megatron checkpoint from its ``args``: from ``hf_config``
     when given, from the HF config ckpt-ir or MindSpeed-LLM copied into the args, else (plain
     Megatron-LM args) for ``family`` or the family inferred from the args (``why`` says which
@@ -82,7 +83,12 @@ def spec_from_args(args: dict[str, Any], hf_config: dict[str, Any] | None, where
     why = None
     if hf_config is not None:
         cfg, fam = hf_config, for_hf_config(hf_config, "--hf-config")
-    elif named or args.get("ckpt_ir_hf_config") is not None or args.get("model_type") or args.get("architectures"):
+    elif (
+        named
+        or args.get("ckpt_ir_hf_config") is not None
+        or args.get("model_type")
+        or args.get("architectures")
+    ):
         try:  # an HF config ckpt-ir or MindSpeed-LLM copied into the args
             cfg = M.hf_config_from_args(args)
         except ValueError as e:
@@ -100,10 +106,17 @@ def spec_from_args(args: dict[str, Any], hf_config: dict[str, Any] | None, where
     return spec, cfg, why
 
 
-def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, Any] | None = None,
-         weights_from: str = "model", optimizer: bool = False,
-         optimizer_layout: dict[str, int | None] | None = None, family: str | None = None,
-         replicas: str = "check") -> Checkpoint:
+def lift(
+    path: str,
+    *,
+    allow_unused: tuple[str, ...] = (),
+    hf_config: dict[str, Any] | None = None,
+    weights_from: str = "model",
+    optimizer: bool = False,
+    optimizer_layout: dict[str, int | None] | None = None,
+    family: str | None = None,
+    replicas: str = "check",
+) -> Checkpoint:
     """``family``: the model family when the args do not say (default: inferred from them).
     ``weights_from="master"`` takes every parameter from the distributed optimizer's fp32 master
     copy (``distrib_optim.pt``) instead of the model's (e.g. bf16) weights.  ``optimizer=True``
@@ -137,49 +150,74 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     etp_arg = a.size("expert_tensor_parallel_size", None)
     etp = None if etp_arg in (None, tp) else etp_arg
     if tp * pp * ep > 4 * len(found):  # args claim far more ranks than there are directories
-        raise FormatError(f"{it_dir}: args say TP={tp}, PP={pp}, EP={ep} but only {len(found)} rank "
-                          f"directories exist; the checkpoint is incomplete or its args are wrong")
+        raise FormatError(
+            f"{it_dir}: args say TP={tp}, PP={pp}, EP={ep} but only {len(found)} rank "
+            f"directories exist; the checkpoint is incomplete or its args are wrong"
+        )
     spec, cfg, inferred = spec_from_args(args, hf_config, first.path, family)
     tables = M.read_tables(spec)
     noop = a.layers("noop_layers") or ()
-    layout = Layout(format="mcore", tp=tp, pp=pp,
-                    vpp_layers=a.size("num_layers_per_virtual_pipeline_stage", None),
-                    num_layer_list=a.layers("num_layer_list"), noop_layers=noop,
-                    fused_qkv=True, fused_gate_up=True, ep=ep, etp=etp,
-                    grouped_gemm=bool(args.get("moe_grouped_gemm")) and spec.num_experts > 0)
+    layout = Layout(
+        format="mcore",
+        tp=tp,
+        pp=pp,
+        vpp_layers=a.size("num_layers_per_virtual_pipeline_stage", None),
+        num_layer_list=a.layers("num_layer_list"),
+        noop_layers=noop,
+        fused_qkv=True,
+        fused_gate_up=True,
+        ep=ep,
+        etp=etp,
+        grouped_gemm=bool(args.get("moe_grouped_gemm")) and spec.num_experts > 0,
+    )
     # mp_rank_TT_XXX is TP+PP when PP > 1, else TP+EP: only args can tell
-    ranks = {(t, a or 0, b or 0) if b is not None or pp > 1 else (t, 0, a or 0): f for (t, a, b), f in found.items()}
+    ranks = {
+        (t, a or 0, b or 0) if b is not None or pp > 1 else (t, 0, a or 0): f
+        for (t, a, b), f in found.items()
+    }
     n_args = args.get("num_layers")
     if isinstance(n_args, int) and n_args != spec.num_layers + len(noop):
-        raise FormatError(f"{first.path}: args.num_layers is {n_args} but the HF config has {spec.num_layers} layers "
-                          f"(+{len(noop)} no-op); the config does not belong to this checkpoint")
+        raise FormatError(
+            f"{first.path}: args.num_layers is {n_args} but the HF config has {spec.num_layers} layers "
+            f"(+{len(noop)} no-op); the config does not belong to this checkpoint"
+        )
     want = {(t, p, e) for p in range(pp) for t, e in expert_rank_files(layout)}
     missing = sorted(want - set(ranks))
     if missing:
         t, p, e = missing[0]
         name = M.rank_dir(t, p, layout, e, ep)
-        raise FormatError(f"{it_dir}: rank directory {name} is missing (args say TP={tp}, PP={pp}, EP={ep}); "
-                          f"the checkpoint is incomplete")
+        raise FormatError(
+            f"{it_dir}: rank directory {name} is missing (args say TP={tp}, PP={pp}, EP={ep}); "
+            f"the checkpoint is incomplete"
+        )
     extra = sorted(set(ranks) - want)
     if extra:
-        raise FormatError(f"{it_dir}: rank directories beyond TP={tp}, PP={pp}, EP={ep} from args (e.g. "
-                          f"{M.rank_dir(extra[0][0], extra[0][1], layout, extra[0][2], max(ep, 2))}); "
-                          f"the directory mixes layouts")
+        raise FormatError(
+            f"{it_dir}: rank directories beyond TP={tp}, PP={pp}, EP={ep} from args (e.g. "
+            f"{M.rank_dir(extra[0][0], extra[0][1], layout, extra[0][2], max(ep, 2))}); "
+            f"the directory mixes layouts"
+        )
     experts_per_rank = spec.num_experts // ep if spec.num_experts else 0
     slot_of = {(s.stage, s.chunk, s.local): s for s in layer_slots(spec, layout)}
     extra_state: dict[tuple, Any] = {}  # (layer, module key, expert, TP slot) -> stored value
     lay = optimizer_layout or {}
     opt_args = distopt.apply_overrides(args, lay.get("dp"), lay.get("bucket_size"))  # the run's true layout
-    has_state = {f: os.path.isfile(os.path.join(os.path.dirname(f), "distrib_optim.pt")) for f in ranks.values()}
+    has_state = {
+        f: os.path.isfile(os.path.join(os.path.dirname(f), "distrib_optim.pt")) for f in ranks.values()
+    }
     carry = optimizer and any(has_state.values())
-    lora_run = any(M.LORA_KEY.match(k) for ck in distopt.chunk_keys(first.obj) for k, _ in iter_tensors(first.obj[ck]))
+    lora_run = any(
+        M.LORA_KEY.match(k) for ck in distopt.chunk_keys(first.obj) for k, _ in iter_tensors(first.obj[ck])
+    )
     if carry and lora_run and weights_from != "master":
         # LoRA training keeps optimizer state for the adapters only (frozen base weights have none)
         carry = False
     if carry and not all(has_state.values()):
         lacking = next(f for f, ok in has_state.items() if not ok)
-        raise FormatError(f"{os.path.dirname(lacking)}: no distrib_optim.pt although other rank directories have "
-                          f"one; the optimizer state is incomplete (use --no-optimizer to convert the weights)")
+        raise FormatError(
+            f"{os.path.dirname(lacking)}: no distrib_optim.pt although other rank directories have "
+            f"one; the optimizer state is incomplete (use --no-optimizer to convert the weights)"
+        )
     # tensor set ("" = weights, else a state key) -> canonical name (layer/expert still local) -> {tp rank: expr}
     pieces: dict[str, dict[str, dict[int, E.Expr]]] = defaultdict(lambda: defaultdict(dict))
     dropped: dict[str, str] = {}
@@ -189,7 +227,11 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     unknown: list[str] = []
     te_norms = te_fc1 = False
     opt_meta: dict[str, Any] = {}
-    training: dict[str, Any] = {"rng_state": {}, "source_layout": (tp, pp, ep), "args": M.all_args(first.obj.get("args"))}
+    training: dict[str, Any] = {
+        "rng_state": {},
+        "source_layout": (tp, pp, ep),
+        "args": M.all_args(first.obj.get("args")),
+    }
     for (t, p, e), f in sorted(ranks.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
         z = first if f == first.path else TorchZip(f)
         rel = os.path.relpath(f, path)
@@ -197,7 +239,9 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
             raise FormatError(f"{f}: not a Megatron checkpoint dict")
         it2 = z.obj.get("iteration")
         if it2 is not None and iteration != "release" and it2 != iteration:
-            raise FormatError(f"{f}: iteration {it2} but the tracker says {iteration}; the directory mixes iterations")
+            raise FormatError(
+                f"{f}: iteration {it2} but the tracker says {iteration}; the directory mixes iterations"
+            )
         chunk_keys = distopt.chunk_keys(z.obj)
         if not chunk_keys:
             raise FormatError(f"{f}: no 'model' state dict in the rank file")
@@ -215,12 +259,20 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                 # with experts, EP rank > 0 directories hold expert state only (their dense
                 # tensors are replicas of EP rank 0's)
                 has = state is not None and (ck, key) in state["param"]
-                values = {"": state["param"][(ck, key)] if weights_from == "master" and has
-                          else z.load_expr(ref, f"{ck}.{key}")}
+                values = {
+                    "": state["param"][(ck, key)]
+                    if weights_from == "master" and has
+                    else z.load_expr(ref, f"{ck}.{key}")
+                }
                 if carry and has:
                     values.update({which: state[which][(ck, key)] for which in distopt.STATE_KEYS})
                 for set_name, value in values.items():
-                    if key == "embedding.word_embeddings.weight" and p == pp - 1 and pp > 1 and spec.mtp_layers:
+                    if (
+                        key == "embedding.word_embeddings.weight"
+                        and p == pp - 1
+                        and pp > 1
+                        and spec.mtp_layers
+                    ):
                         found = [(M.LocalName("mtp.embed.weight", 0, mtp=True), value, False)]
                     else:
                         found = _lift_key(key, value, p, chunk, e, experts_per_rank, tables)
@@ -234,7 +286,9 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                         # experts with expert TP = 1 are whole: they count as TP rank 0
                         slot = 0 if is_exp and layout.expert_tp == 1 else t
                         if slot in pieces[set_name][canon]:
-                            dropped[f"{rel}:{ck}.{key}"] = "replica of the same tensor in another EP rank's file"
+                            dropped[f"{rel}:{ck}.{key}"] = (
+                                "replica of the same tensor in another EP rank's file"
+                            )
                             if not set_name:
                                 copies[(canon, slot)].append((os.path.dirname(rel), expr))
                             continue
@@ -259,23 +313,36 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
                 opt_meta["optimizer"] = with_exprs(z.obj.get("optimizer"), z, "optimizer")
             continue
         if z.obj.get("optimizer") is not None:
-            dropped[f"{rel}:optimizer"] = "optimizer settings: carried only with the distributed-optimizer state " \
-                                          "to a Megatron target"
+            dropped[f"{rel}:optimizer"] = (
+                "optimizer settings: carried only with the distributed-optimizer state to a Megatron target"
+            )
         if has_state[f] and weights_from != "master":
             dropped[os.path.join(os.path.dirname(rel), "distrib_optim.pt")] = (
                 "distributed-optimizer state of LoRA adapters: not carried (ckpt-ir carries full-model state)"
-                if lora_run and optimizer else
-                "distributed-optimizer state (fp32 masters, Adam moments): carried only to a Megatron target; "
-                "the model weights come from model_optim_rng.pt")
+                if lora_run and optimizer
+                else "distributed-optimizer state (fp32 masters, Adam moments): carried only to a Megatron target; "
+                "the model weights come from model_optim_rng.pt"
+            )
     for canon, shards in pieces[""].items():  # TP replicas of tensors no rule splits
         name = _resolve_layer(canon, slot_of, path, spec.num_layers)
         if split_rule(name) is None or (layout.expert_tp if is_expert(name) else layout.tp) == 1:
             copies[(canon, 0)][:0] = [(labels[(canon, r)], x) for r, x in sorted(shards.items()) if r > 0]
-    notes = check_replicas({_resolve_layer(c, slot_of, path, spec.num_layers) + (f" (TP shard {t})" if t else ""):
-                            [(labels[(c, t)], pieces[""][c][t]), *more] for (c, t), more in copies.items() if more},
-                           replicas, it_dir)
-    sets = {name: _assemble(set_pieces, slot_of, spec, layout, path, dropped if not name else {})
-            for name, set_pieces in pieces.items()}
+    notes = check_replicas(
+        {
+            _resolve_layer(c, slot_of, path, spec.num_layers) + (f" (TP shard {t})" if t else ""): [
+                (labels[(c, t)], pieces[""][c][t]),
+                *more,
+            ]
+            for (c, t), more in copies.items()
+            if more
+        },
+        replicas,
+        it_dir,
+    )
+    sets = {
+        name: _assemble(set_pieces, slot_of, spec, layout, path, dropped if not name else {})
+        for name, set_pieces in pieces.items()
+    }
     tensors = sets.pop("", {})
     if spec.tied_embeddings and "lm_head.weight" in tensors:
         dropped["output_layer.weight"] = "copy of the tied embedding on the last pipeline stage"
@@ -289,8 +356,10 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
             s_tensors.pop("lm_head.weight", None)
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
-        raise CoverageError(f"{len(unknown)} Megatron tensor(s) have no known meaning and would be lost: {shown}; "
-                            f"pass --allow-unused PATTERN to drop them on purpose")
+        raise CoverageError(
+            f"{len(unknown)} Megatron tensor(s) have no known meaning and would be lost: {shown}; "
+            f"pass --allow-unused PATTERN to drop them on purpose"
+        )
     if "embed.weight" in tensors:
         rows = tensors["embed.weight"].shape[0]
         if rows != spec.vocab_size:
@@ -300,10 +369,16 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     lora_a = [t for n, t in tensors.items() if n.endswith(".lora_a.weight")]
     if lora_a:
         alpha = args.get("lora_alpha")
-        spec = _evolve(spec, lora_rank=lora_a[0].shape[0], lora_alpha=float(alpha) if alpha is not None else None)
+        spec = _evolve(
+            spec, lora_rank=lora_a[0].shape[0], lora_alpha=float(alpha) if alpha is not None else None
+        )
     layout = _evolve(layout, norm_names="te" if te_fc1 else "te-input" if te_norms else "local")
     ordered = dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0])))
-    meta: dict[str, Any] = {"iteration": iteration if iteration != "release" else 1, "args": args, "training": training}
+    meta: dict[str, Any] = {
+        "iteration": iteration if iteration != "release" else 1,
+        "args": args,
+        "training": training,
+    }
     if inferred:
         meta["family_from_args"] = inferred
     if extra_state:
@@ -312,9 +387,17 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
         meta["notes"] = notes
     if sets:
         meta["optimizer"] = {**opt_meta, "source_layout": (tp, pp, ep), **distopt.training_args(opt_args)}
-    return Checkpoint(spec=spec, layout=layout, tensors=ordered, dropped=dropped, hf_config=cfg, source=path,
-                      aux_files=side_files(os.path.join(path, MCORE_HF_DIR), config=True),
-                      meta=meta, states={k: {n: v[n] for n in ordered if n in v} for k, v in sets.items()})
+    return Checkpoint(
+        spec=spec,
+        layout=layout,
+        tensors=ordered,
+        dropped=dropped,
+        hf_config=cfg,
+        source=path,
+        aux_files=side_files(os.path.join(path, MCORE_HF_DIR), config=True),
+        meta=meta,
+        states={k: {n: v[n] for n in ordered if n in v} for k, v in sets.items()},
+    )
 
 
 REPLICA_MODES = ("check", "check-all", "take-rank0")
@@ -327,11 +410,18 @@ def check_replicas(copies: dict[str, list[tuple[str, E.Expr]]], mode: str, where
     ``check-all`` every one; ``take-rank0`` compares nothing and returns the note to record.
     Copies that differ (training drifted) are an error naming the tensor and the ranks."""
     if mode == "take-rank0":
-        return [f"replicated tensors ({len(copies)}) taken from the first rank holding them without comparing the "
-                f"other ranks' copies (--replicas take-rank0)"] if copies else []
+        return (
+            [
+                f"replicated tensors ({len(copies)}) taken from the first rank holding them without comparing the "
+                f"other ranks' copies (--replicas take-rank0)"
+            ]
+            if copies
+            else []
+        )
     import hashlib
 
     with E.Reader() as reader:
+
         def digest(x: E.Expr) -> bytes:
             return hashlib.sha256(E.evaluate_raw(x, reader).tobytes()).digest()
 
@@ -342,20 +432,30 @@ def check_replicas(copies: dict[str, list[tuple[str, E.Expr]]], mode: str, where
             want = digest(kept)
             for label, x in others:
                 if x.shape != kept.shape or x.dtype != kept.dtype or digest(x) != want:
-                    raise FormatError(f"{where}: replicated tensor {name} differs between {first} and {label} (the "
-                                      f"ranks drifted apart); pass --replicas take-rank0 to keep {first}'s copy on "
-                                      f"purpose")
+                    raise FormatError(
+                        f"{where}: replicated tensor {name} differs between {first} and {label} (the "
+                        f"ranks drifted apart); pass --replicas take-rank0 to keep {first}'s copy on "
+                        f"purpose"
+                    )
     return []
 
 
-def _assemble(pieces: dict[str, dict[int, E.Expr]], slot_of: dict, spec, layout: Layout, path: str,
-              dropped: dict[str, str]) -> dict[str, TensorNode]:
+def _assemble(
+    pieces: dict[str, dict[int, E.Expr]],
+    slot_of: dict,
+    spec,
+    layout: Layout,
+    path: str,
+    dropped: dict[str, str],
+) -> dict[str, TensorNode]:
     """Tensor nodes from the per-TP-rank pieces of one tensor set (model layers resolved)."""
     tensors: dict[str, TensorNode] = {}
     for canon_local, shards in pieces.items():
         name = _resolve_layer(canon_local, slot_of, path, spec.num_layers)
         if name in tensors:
-            raise FormatError(f"{path}: tensor {name} appears twice (check num_layer_list / noop_layers in args)")
+            raise FormatError(
+                f"{path}: tensor {name} appears twice (check num_layer_list / noop_layers in args)"
+            )
         rule = split_rule(name)
         n = layout.expert_tp if is_expert(name) else layout.tp
         if rule is None or n == 1:
@@ -365,7 +465,9 @@ def _assemble(pieces: dict[str, dict[int, E.Expr]], slot_of: dict, spec, layout:
                     dropped[f"{name}@tp{r}"] = "replica of TP rank 0 (replicated tensor)"
             continue
         if sorted(shards) != list(range(n)):
-            raise FormatError(f"{path}: tensor {name} is missing on TP rank(s) {sorted(set(range(n)) - set(shards))}")
+            raise FormatError(
+                f"{path}: tensor {name} is missing on TP rank(s) {sorted(set(range(n)) - set(shards))}"
+            )
         tensors[name] = TensorNode(name, tuple(shards[r] for r in range(n)), rule)
     return tensors
 
@@ -384,7 +486,11 @@ def _extra_state_place(key: str, stage: int, chunk: int, ep: int, experts_per_ra
         return None
     x = _LOCAL_EXPERT.match(m.group(2))
     if x:
-        return slot.real, "mlp.experts.local_experts.{e}." + x.group(2), ep * experts_per_rank + int(x.group(1))
+        return (
+            slot.real,
+            "mlp.experts.local_experts.{e}." + x.group(2),
+            ep * experts_per_rank + int(x.group(1)),
+        )
     return slot.real, m.group(2), None
 
 
@@ -410,8 +516,14 @@ def _lift_key(key: str, expr: E.Expr, stage: int, chunk: int, ep: int, experts_p
     m = MTP_LAYER_KEY.match(key)
     if m:
         k = m.group(1)
-        inner = _lift_key(f"decoder.layers.{k}.{m.group(2)}", expr, stage, chunk, ep, experts_per_rank, tables)
-        return None if inner is None else [(M.LocalName(c.rest, int(k), mtp=True), x, is_e) for c, x, is_e in inner]
+        inner = _lift_key(
+            f"decoder.layers.{k}.{m.group(2)}", expr, stage, chunk, ep, experts_per_rank, tables
+        )
+        return (
+            None
+            if inner is None
+            else [(M.LocalName(c.rest, int(k), mtp=True), x, is_e) for c, x, is_e in inner]
+        )
     for template, canon in M.MTP_KEYS:
         mm = re.match("^" + re.escape(template).replace(re.escape("{k}"), r"(\d+)") + "$", key)
         if mm:
@@ -422,8 +534,18 @@ def _lift_key(key: str, expr: E.Expr, stage: int, chunk: int, ep: int, experts_p
         out = []
         for j, e_expr in enumerate(M.ungroup_experts(kind, expr, experts_per_rank)):
             role = M.GROUPED[kind]
-            out.append((M.LocalName(f"mlp.experts.{ep * experts_per_rank + j}.{role}.weight", int(local_layer), stage,
-                                    chunk), e_expr, True))
+            out.append(
+                (
+                    M.LocalName(
+                        f"mlp.experts.{ep * experts_per_rank + j}.{role}.weight",
+                        int(local_layer),
+                        stage,
+                        chunk,
+                    ),
+                    e_expr,
+                    True,
+                )
+            )
         return out
     canon = M.canonical_key(key, stage, chunk, tables)
     if canon is None:

@@ -28,7 +28,11 @@ from ckpt_ir.ir.spec import ModelSpec
 
 PREFIX = "base_model.model."
 KEY = re.compile(r"^(.*)\.(lora_A|lora_B|lora_magnitude_vector)(?:\.default)?(?:\.weight)?$")
-SUFFIX = {"lora_A": ".lora_a.weight", "lora_B": ".lora_b.weight", "lora_magnitude_vector": ".lora_magnitude.weight"}
+SUFFIX = {
+    "lora_A": ".lora_a.weight",
+    "lora_B": ".lora_b.weight",
+    "lora_magnitude_vector": ".lora_magnitude.weight",
+}
 # transformers 5 keeps a MoE layer's experts fused in one module, ``model.layers.N.mlp.experts``,
 # with gate_up_proj [E, 2F, H] ([gate; up] rows per expert) and down_proj [E, H, F]; peft's
 # target_parameters wraps each targeted parameter in a ParamWrapper, nested in the order the
@@ -37,12 +41,38 @@ SUFFIX = {"lora_A": ".lora_a.weight", "lora_B": ".lora_b.weight", "lora_magnitud
 FUSED_EXPERTS = re.compile(r"^(?P<stem>model\.layers\.(?P<i>\d+)\.mlp\.experts)(?:\.base_layer)*$")
 
 # adapter_config.json keys that do not change what the adapter adds to the weights
-HARMLESS = {"auto_mapping", "base_model_name_or_path", "ensure_weight_tying", "eva_config", "exclude_modules",
-            "inference_mode", "layers_pattern", "layers_to_transform", "loftq_config", "lora_dropout",
-            "megatron_config", "megatron_core", "peft_version", "qalora_group_size", "revision", "task_type",
-            "target_modules"}
-SUPPORTED = {"peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "use_dora",
-             "modules_to_save", "target_parameters", "init_lora_weights", "bias"}
+HARMLESS = {
+    "auto_mapping",
+    "base_model_name_or_path",
+    "ensure_weight_tying",
+    "eva_config",
+    "exclude_modules",
+    "inference_mode",
+    "layers_pattern",
+    "layers_to_transform",
+    "loftq_config",
+    "lora_dropout",
+    "megatron_config",
+    "megatron_core",
+    "peft_version",
+    "qalora_group_size",
+    "revision",
+    "task_type",
+    "target_modules",
+}
+SUPPORTED = {
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_dora",
+    "modules_to_save",
+    "target_parameters",
+    "init_lora_weights",
+    "bias",
+}
 # initialisations that change the base weights too (the adapter then applies to a different base)
 SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
@@ -60,17 +90,23 @@ def read_config(path: str) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise FormatError(f"{where}: cannot read ({e})") from None
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise FormatError(f"{where}: peft_type={cfg.get('peft_type')!r} is not supported; only LoRA adapters "
-                          f"(with rsLoRA, DoRA, rank/alpha patterns, modules_to_save) merge")
+        raise FormatError(
+            f"{where}: peft_type={cfg.get('peft_type')!r} is not supported; only LoRA adapters "
+            f"(with rsLoRA, DoRA, rank/alpha patterns, modules_to_save) merge"
+        )
     init = cfg.get("init_lora_weights", True)
     if init not in SAFE_INITS:
-        raise FormatError(f"{where}: init_lora_weights={init!r} changes the base weights at initialisation; "
-                          f"save the adapter with peft's path_initial_model_for_weight_conversion first")
+        raise FormatError(
+            f"{where}: init_lora_weights={init!r} changes the base weights at initialisation; "
+            f"save the adapter with peft's path_initial_model_for_weight_conversion first"
+        )
     if cfg.get("bias", "none") != "none":
         raise FormatError(f"{where}: bias={cfg['bias']!r} (trained base biases) is not supported")
     for key, value in cfg.items():
         if value and key not in HARMLESS and key not in SUPPORTED:
-            raise FormatError(f"{where}: {key}={value!r} is not supported (it changes what the adapter computes)")
+            raise FormatError(
+                f"{where}: {key}={value!r} is not supported (it changes what the adapter computes)"
+            )
     return cfg
 
 
@@ -86,8 +122,11 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 def lift_adapter(path: str, family: Family, spec: ModelSpec) -> tuple[dict[str, TensorNode], ModelSpec]:
     """Canonical adapter tensors of a PEFT adapter, and ``spec`` with its LoRA settings."""
     cfg = read_config(path)
-    files = [os.path.join(path, n) for n in ("adapter_model.safetensors", "adapter_model.bin")
-             if os.path.isfile(os.path.join(path, n))]
+    files = [
+        os.path.join(path, n)
+        for n in ("adapter_model.safetensors", "adapter_model.bin")
+        if os.path.isfile(os.path.join(path, n))
+    ]
     if not files:
         raise FormatError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
     raw = _file_tensors(files[0])
@@ -106,13 +145,15 @@ def lift_adapter(path: str, family: Family, spec: ModelSpec) -> tuple[dict[str, 
     def check(module: str, rank: int, targets: list[str]) -> None:
         want = pattern_value(rank_pattern, module, r_default)
         if want is not None and rank != want:
-            raise FormatError(f"{files[0]}: {module} has LoRA rank {rank} but adapter_config.json implies r={want}")
+            raise FormatError(
+                f"{files[0]}: {module} has LoRA rank {rank} but adapter_config.json implies r={want}"
+            )
         alpha = pattern_value(alpha_pattern, module, alpha_default)
         if alpha is not None and alpha != alpha_default:
             alphas.update((t, float(alpha)) for t in targets)
 
     for key, load in raw.items():
-        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        k = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         m = KEY.match(k)
         if not m:
             canon = names.to_canonical(k)
@@ -133,7 +174,9 @@ def lift_adapter(path: str, family: Family, spec: ModelSpec) -> tuple[dict[str, 
             if which == "lora_A":
                 check(module, load.shape[0], [canon])
             continue
-        for p in family.packed:  # e.g. Phi-3 qkv_proj: A shared by the parts, B (and m) stacked like the weight
+        for (
+            p
+        ) in family.packed:  # e.g. Phi-3 qkv_proj: A shared by the parts, B (and m) stacked like the weight
             mm = names_for(p.hf).match(module + ".weight")
             if not mm:
                 continue
@@ -149,44 +192,60 @@ def lift_adapter(path: str, family: Family, spec: ModelSpec) -> tuple[dict[str, 
         else:
             unknown.append(key)
     if unknown:
-        raise CoverageError(f"{files[0]}: {len(unknown)} adapter tensor(s) not understood and would be lost: "
-                            f"{', '.join(unknown[:5])}")
+        raise CoverageError(
+            f"{files[0]}: {len(unknown)} adapter tensor(s) not understood and would be lost: "
+            f"{', '.join(unknown[:5])}"
+        )
     for module, factors in sorted(fused.items()):
         if set(factors) != {"lora_A", "lora_B"}:
-            raise FormatError(f"{files[0]}: {module}: fused-expert LoRA needs lora_A and lora_B (and no DoRA)")
+            raise FormatError(
+                f"{files[0]}: {module}: fused-expert LoRA needs lora_A and lora_B (and no DoRA)"
+            )
         param, split = _split_fused_experts(module, factors["lora_A"], factors["lora_B"], spec, files[0])
         for name, expr in split.items():
             add(name, expr)
-        check(f"{FUSED_EXPERTS.match(module).group('stem')}.{param}",  # type: ignore[union-attr]
-              factors["lora_A"].shape[0] // spec.num_experts,
-              [n[: -len(".lora_a.weight")] + ".weight" for n in split if n.endswith(".lora_a.weight")])
+        check(
+            f"{FUSED_EXPERTS.match(module).group('stem')}.{param}",  # type: ignore[union-attr]
+            factors["lora_A"].shape[0] // spec.num_experts,
+            [n[: -len(".lora_a.weight")] + ".weight" for n in split if n.endswith(".lora_a.weight")],
+        )
     if not out:
         raise FormatError(f"{files[0]}: the adapter holds no tensors")
     ranks = sorted({t.shape[0] for n, t in out.items() if n.endswith(".lora_a.weight")})
     r = r_default if r_default is not None else (ranks[0] if len(ranks) == 1 else None)
     if r is None:
         raise FormatError(f"{path}: adapter_config.json gives no r and the LoRA ranks differ ({ranks})")
-    return out, attrs.evolve(spec, lora_rank=r, lora_alpha=None if alpha_default is None else float(alpha_default),
-                             lora_rslora=bool(cfg.get("use_rslora")), lora_alphas=tuple(alphas.items()))
+    return out, attrs.evolve(
+        spec,
+        lora_rank=r,
+        lora_alpha=None if alpha_default is None else float(alpha_default),
+        lora_rslora=bool(cfg.get("use_rslora")),
+        lora_alphas=tuple(alphas.items()),
+    )
 
 
-def _split_fused_experts(module: str, a: E.Expr, b: E.Expr, spec: ModelSpec,
-                         where: str) -> tuple[str, dict[str, E.Expr]]:
+def _split_fused_experts(
+    module: str, a: E.Expr, b: E.Expr, spec: ModelSpec, where: str
+) -> tuple[str, dict[str, E.Expr]]:
     """The fused parameter's name and its per-expert LoRA.  Which parameter: from the shapes,
     which always differ (in = H, out = 2F for gate_up_proj; in = F, out = H for down_proj)."""
     n, h, f = spec.num_experts, spec.hidden_size, spec.moe_ffn_hidden_size
     layer = int(FUSED_EXPERTS.match(module).group("i"))  # type: ignore[union-attr]
     (rows, into), out_rows = a.shape, b.shape[0]
     if not n or rows % n or b.shape[1] != rows:
-        raise FormatError(f"{where}: {module}: LoRA shapes {list(a.shape)}, {list(b.shape)} do not fit {n} experts")
+        raise FormatError(
+            f"{where}: {module}: LoRA shapes {list(a.shape)}, {list(b.shape)} do not fit {n} experts"
+        )
     parts: tuple[tuple[str, int, int], ...]
     if (into, out_rows) == (h, 2 * f):
         param, parts = "gate_up_proj", (("gate", 0, f), ("up", f, 2 * f))
     elif (into, out_rows) == (f, h):
         param, parts = "down_proj", (("down", 0, h),)
     else:
-        raise FormatError(f"{where}: {module}: LoRA shapes {list(a.shape)}, {list(b.shape)} match neither "
-                          f"gate_up_proj [{2 * f}, {h}] nor down_proj [{h}, {f}] of the experts")
+        raise FormatError(
+            f"{where}: {module}: LoRA shapes {list(a.shape)}, {list(b.shape)} match neither "
+            f"gate_up_proj [{2 * f}, {h}] nor down_proj [{h}, {f}] of the experts"
+        )
     r = rows // n
     out: dict[str, E.Expr] = {}
     for e in range(n):

@@ -51,8 +51,7 @@ STATE_PREFIX = "optimizer.state."
 _UNSTACKED = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _STACKED_EXPERTS = re.compile(r"^mlp\.experts\.(?:experts|local_experts)\.(linear_fc[12]\.weight)$")
 _ONE_EXPERT = re.compile(r"^mlp\.experts\.(?:experts|local_experts)\.(\d+)\.(linear_fc[12]\.weight)$")
-_REFUSED = ("re-save it with --dist-ckpt-optim-fully-reshardable, or convert the weights only "
-            "(--no-optimizer)")
+_REFUSED = "re-save it with --dist-ckpt-optim-fully-reshardable, or convert the weights only (--no-optimizer)"
 
 
 def _checkpoint_dir(path: str) -> tuple[str, Any]:
@@ -75,8 +74,15 @@ def detect(path: str) -> bool:
     return os.path.isfile(os.path.join(it_dir, METADATA_JSON))
 
 
-def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, Any] | None = None,
-         optimizer: bool = False, weights_from: str = "model", family: str | None = None) -> Checkpoint:
+def lift(
+    path: str,
+    *,
+    allow_unused: tuple[str, ...] = (),
+    hf_config: dict[str, Any] | None = None,
+    optimizer: bool = False,
+    weights_from: str = "model",
+    family: str | None = None,
+) -> Checkpoint:
     """Lift a ``torch_dist`` checkpoint.  ``optimizer=True`` also lifts fully-reshardable
     distributed-optimizer state into ``states``; ``weights_from="master"`` takes the weights from
     its fp32 master copies."""
@@ -88,8 +94,10 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     spec, cfg, inferred = spec_from_args(args, hf_config, common_path, family)
     n_args = args.get("num_layers")
     if isinstance(n_args, int) and n_args != spec.num_layers:
-        raise FormatError(f"{common_path}: args.num_layers is {n_args} but the HF config has {spec.num_layers} "
-                          f"layers; the config does not belong to this checkpoint")
+        raise FormatError(
+            f"{common_path}: args.num_layers is {n_args} but the HF config has {spec.num_layers} "
+            f"layers; the config does not belong to this checkpoint"
+        )
     if iteration is None:
         iteration = common.get("iteration") if isinstance(common.get("iteration"), int) else 1
     tables = M.read_tables(spec)
@@ -101,11 +109,11 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     te_norms = te_fc1 = False
     for key, t in md.tensors.items():
         if key.startswith("optimizer."):
-            stored = key[len(STATE_PREFIX):].split(".", 1)[0] if key.startswith(STATE_PREFIX) else ""
+            stored = key[len(STATE_PREFIX) :].split(".", 1)[0] if key.startswith(STATE_PREFIX) else ""
             which = _STATE_NAMES.get(stored, stored)
             if which in distopt.STATE_KEYS:
                 target = states.setdefault(which, {})
-                key = key[len(STATE_PREFIX) + len(stored) + 1:]
+                key = key[len(STATE_PREFIX) + len(stored) + 1 :]
             else:
                 other_optimizer.append(key)
                 continue
@@ -125,12 +133,16 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
             continue
         for canon, index in names:
             if canon in target:
-                raise FormatError(f"{md.path}: tensor {canon} is stored twice (as {target[canon][0].key} and {key})")
+                raise FormatError(
+                    f"{md.path}: tensor {canon} is stored twice (as {target[canon][0].key} and {key})"
+                )
             target[canon] = (t, index)
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
-        raise CoverageError(f"{len(unknown)} Megatron tensor(s) in {it_dir} have no known meaning and would be "
-                            f"lost: {shown}; pass --allow-unused PATTERN to drop them on purpose")
+        raise CoverageError(
+            f"{len(unknown)} Megatron tensor(s) in {it_dir} have no known meaning and would be "
+            f"lost: {shown}; pass --allow-unused PATTERN to drop them on purpose"
+        )
     for key in md.objects:
         base = key.split("/shard_", 1)[0]
         if base == COMMON_STATE:
@@ -145,28 +157,36 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     if buckets:
         other_optimizer = []
     if want_states and (other_optimizer or (states and set(states) != set(distopt.STATE_KEYS))):
-        raise FormatError(f"{it_dir}: the distributed-optimizer state is saved as {sharding or 'an unknown type'!r} "
-                          f"(keys such as {_short((other_optimizer or sorted(states))[0])}), "
-                          f"which ckpt-ir cannot reshard; {_REFUSED}")
+        raise FormatError(
+            f"{it_dir}: the distributed-optimizer state is saved as {sharding or 'an unknown type'!r} "
+            f"(keys such as {_short((other_optimizer or sorted(states))[0])}), "
+            f"which ckpt-ir cannot reshard; {_REFUSED}"
+        )
     if want_states and sharding and not states and not buckets and not other_optimizer:
         # e.g. dp_zero_gather_scatter: the whole state pickled as one object per model-parallel rank
-        raise FormatError(f"{it_dir}: the distributed-optimizer state is saved as {sharding!r}, which ckpt-ir cannot "
-                          f"read; {_REFUSED}")
+        raise FormatError(
+            f"{it_dir}: the distributed-optimizer state is saved as {sharding!r}, which ckpt-ir cannot "
+            f"read; {_REFUSED}"
+        )
     if weights_from == "master" and not states and not buckets:
-        raise FormatError(f"{it_dir}: --weights-from master needs distributed-optimizer state, and this checkpoint "
-                          f"has none")
+        raise FormatError(
+            f"{it_dir}: --weights-from master needs distributed-optimizer state, and this checkpoint has none"
+        )
     if not want_states:
         for key in other_optimizer:
             dropped[_short(key)] = "distributed-optimizer state (per-bucket layout): not requested"
         for which in states:
-            dropped[f"{STATE_PREFIX}{which}.*"] = ("distributed-optimizer state (fp32 masters, Adam moments): "
-                                                   "carried only to a Megatron target")
+            dropped[f"{STATE_PREFIX}{which}.*"] = (
+                "distributed-optimizer state (fp32 masters, Adam moments): carried only to a Megatron target"
+            )
         states = {}
     with ChunkResolver(it_dir) as resolver:
         build = _Builder(md.path, resolver, _reformulated_shapes(md))
         tensors = {name: TensorNode.whole(name, build(t, index)) for name, (t, index) in model.items()}
-        sets = {which: {name: TensorNode.whole(name, build(t, index)) for name, (t, index) in entries.items()}
-                for which, entries in states.items()}
+        sets = {
+            which: {name: TensorNode.whole(name, build(t, index)) for name, (t, index) in entries.items()}
+            for which, entries in states.items()
+        }
         dtype_key = None
         if buckets:
             norm_names = "te" if te_fc1 else "te-input" if te_norms else "local"
@@ -178,9 +198,11 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
 
         # Megatron-LM PR #5077: before the fix, fully-reshardable saves with several DDP buckets
         # did not subtract the stripped bucket padding, so states after bucket 0 are shifted
-        sys.stderr.write(f"ckpt-ir: warning: {it_dir}: optimizer state saved with overlapped gradient reduction "
-                         f"(several DDP buckets); Megatron-Core <= 0.19 saved such fully-reshardable state shifted "
-                         f"(Megatron-LM PR #5077) and ckpt-ir carries it as saved\n")
+        sys.stderr.write(
+            f"ckpt-ir: warning: {it_dir}: optimizer state saved with overlapped gradient reduction "
+            f"(several DDP buckets); Megatron-Core <= 0.19 saved such fully-reshardable state shifted "
+            f"(Megatron-LM PR #5077) and ckpt-ir carries it as saved\n"
+        )
     if weights_from == "master":
         tensors = dict(sets["param"])
         if not optimizer:
@@ -192,14 +214,20 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     for which, s in sets.items():
         missing = sorted(set(tensors) - set(s), key=canonical_order)
         if missing:
-            raise FormatError(f"{it_dir}: optimizer state {which!r} has no entry for {missing[0]}"
-                              f"{f' (+{len(missing) - 1} more)' if len(missing) > 1 else ''}; the optimizer state "
-                              f"is incomplete: {_REFUSED}")
+            raise FormatError(
+                f"{it_dir}: optimizer state {which!r} has no entry for {missing[0]}"
+                f"{f' (+{len(missing) - 1} more)' if len(missing) > 1 else ''}; the optimizer state "
+                f"is incomplete: {_REFUSED}"
+            )
         for name in set(s) - set(tensors):
             dropped[f"optimizer state {which} of {name}"] = "no matching model weight"
             del s[name]
-    layout = Layout(format="mcore", fused_qkv=True, fused_gate_up=True,
-                    norm_names="te" if te_fc1 else "te-input" if te_norms else "local")
+    layout = Layout(
+        format="mcore",
+        fused_qkv=True,
+        fused_gate_up=True,
+        norm_names="te" if te_fc1 else "te-input" if te_norms else "local",
+    )
     if "embed.weight" in tensors and tensors["embed.weight"].shape[0] != spec.vocab_size:
         layout = attrs.evolve(layout, padded_vocab=tensors["embed.weight"].shape[0])
     weights = [t for n, t in tensors.items() if not is_lora(n)]
@@ -207,18 +235,27 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
     lora_a = [t for n, t in tensors.items() if n.endswith(".lora_a.weight")]
     if lora_a:
         alpha = args.get("lora_alpha")
-        spec = attrs.evolve(spec, lora_rank=lora_a[0].shape[0], lora_alpha=None if alpha is None else float(alpha))
+        spec = attrs.evolve(
+            spec, lora_rank=lora_a[0].shape[0], lora_alpha=None if alpha is None else float(alpha)
+        )
     ordered = dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0])))
-    meta: dict[str, Any] = {"iteration": iteration if isinstance(iteration, int) else 1, "args": args,
-                            "format": "torch_dist"}
+    meta: dict[str, Any] = {
+        "iteration": iteration if isinstance(iteration, int) else 1,
+        "args": args,
+        "format": "torch_dist",
+    }
     if inferred:
         meta["family_from_args"] = inferred
     if sets:
         opt = common.get("optimizer")
         meta["optimizer"] = {
             "optimizer": {k: v for k, v in opt.items() if k != "param_state_sharding_type"}
-            if isinstance(opt, dict) else None,
-            "source_layout": None, "sharding_type": sharding, **distopt.training_args(args)}
+            if isinstance(opt, dict)
+            else None,
+            "source_layout": None,
+            "sharding_type": sharding,
+            **distopt.training_args(args),
+        }
         if buckets:  # dp_reshardable keeps the optimizer's own state dict per (TP, PP) group: group 0's
             meta["optimizer"]["optimizer"] = _group_objects(md, "optimizer.distributed.dp_group_idx_0.")
         if dtype_key is not None:
@@ -227,16 +264,30 @@ def lift(path: str, *, allow_unused: tuple[str, ...] = (), hf_config: dict[str, 
         dropped[f"{COMMON}:optimizer"] = "optimizer settings: carried only with the optimizer state"
     # the training state besides the optimizer's travels either way (rng_state is sharded per rank
     # in torch_dist and belongs to its grid: not carried)
-    meta["training"] = {"args": M.all_args(common.get("args")), "opt_param_scheduler": common.get("opt_param_scheduler"),
-                        "num_floating_point_operations_so_far": common.get("num_floating_point_operations_so_far"),
-                        "rng_state": {}, "source_layout": None}
-    return Checkpoint(spec=spec, layout=layout, tensors=ordered, dropped=dropped, hf_config=cfg, source=path,
-                      aux_files=side_files(os.path.join(path, MCORE_HF_DIR), config=True),
-                      meta=meta, states={k: {n: v[n] for n in ordered} for k, v in sets.items()})
+    meta["training"] = {
+        "args": M.all_args(common.get("args")),
+        "opt_param_scheduler": common.get("opt_param_scheduler"),
+        "num_floating_point_operations_so_far": common.get("num_floating_point_operations_so_far"),
+        "rng_state": {},
+        "source_layout": None,
+    }
+    return Checkpoint(
+        spec=spec,
+        layout=layout,
+        tensors=ordered,
+        dropped=dropped,
+        hf_config=cfg,
+        source=path,
+        aux_files=side_files(os.path.join(path, MCORE_HF_DIR), config=True),
+        meta=meta,
+        states={k: {n: v[n] for n in ordered} for k, v in sets.items()},
+    )
 
 
-_BUCKET = re.compile(r"^optimizer\.distributed\.dp_group_idx_(\d+)\.gbuf_idx_(\d+)\.dtype_(\(.+\))\.bucket_idx_(\d+)"
-                     r"\.(\w+)$")
+_BUCKET = re.compile(
+    r"^optimizer\.distributed\.dp_group_idx_(\d+)\.gbuf_idx_(\d+)\.dtype_(\(.+\))\.bucket_idx_(\d+)"
+    r"\.(\w+)$"
+)
 
 
 def _bucket_keys(keys: list[str]) -> dict[tuple[int, int, int], dict[str, str]] | None:
@@ -259,14 +310,22 @@ def _group_objects(md, prefix: str) -> dict[str, Any]:
     out = {}
     for key in md.objects:
         base = key.split("/shard_", 1)[0]
-        if base.startswith(prefix) and not base[len(prefix):].startswith("per_bucket_numel"):
+        if base.startswith(prefix) and not base[len(prefix) :].startswith("per_bucket_numel"):
             value = read_object(md, key)
-            out[base[len(prefix):]] = value[0] if isinstance(value, list) and len(value) == 1 else value
+            out[base[len(prefix) :]] = value[0] if isinstance(value, list) and len(value) == 1 else value
     return out
 
 
-def _bucket_states(buckets, md, build, spec, tensors: dict[str, TensorNode], args: dict[str, Any], norm_names: str,
-                   where: str) -> tuple[dict[str, dict[str, TensorNode]], tuple]:
+def _bucket_states(
+    buckets,
+    md,
+    build,
+    spec,
+    tensors: dict[str, TensorNode],
+    args: dict[str, Any],
+    norm_names: str,
+    where: str,
+) -> tuple[dict[str, dict[str, TensorNode]], tuple]:
     """Optimizer state saved ``dp_reshardable``: for each (TP rank, PP stage) -- model-parallel rank
     TP rank + TP x stage -- and each model chunk's buffer, one 1-D tensor per DDP bucket holding
     that bucket without its end padding, i.e. ``distrib_optim.pt``'s coalesced buffer cut at the
@@ -281,12 +340,21 @@ def _bucket_states(buckets, md, build, spec, tensors: dict[str, TensorNode], arg
     a = lambda k, d=1: args.get(k) or d  # noqa: E731
     tp, pp, dp = a("tensor_model_parallel_size"), a("pipeline_model_parallel_size"), a("data_parallel_size")
     if spec.num_experts or spec.mla or spec.mtp_layers or a("context_parallel_size") != 1:
-        raise FormatError(f"{where}: dp_reshardable optimizer state of MoE / MLA / MTP or context-parallel runs is "
-                          f"not supported yet; {_REFUSED}")
+        raise FormatError(
+            f"{where}: dp_reshardable optimizer state of MoE / MLA / MTP or context-parallel runs is "
+            f"not supported yet; {_REFUSED}"
+        )
     # the parameter order follows the modules the run built, not the (always TE-style) torch_dist names
     order_names = "local" if args.get("transformer_impl") == "local" else norm_names
-    layout = Layout(format="mcore", tp=tp, pp=pp, vpp_layers=args.get("num_layers_per_virtual_pipeline_stage"),
-                    fused_qkv=True, fused_gate_up=True, norm_names=order_names)
+    layout = Layout(
+        format="mcore",
+        tp=tp,
+        pp=pp,
+        vpp_layers=args.get("num_layers_per_virtual_pipeline_stage"),
+        fused_qkv=True,
+        fused_gate_up=True,
+        norm_names=order_names,
+    )
     view = Checkpoint(spec=spec, layout=layout, tensors=tensors)
     content, _ = rank_content(view)
     chunks = 1 + max(c for _, c in content)
@@ -310,17 +378,21 @@ def _bucket_states(buckets, md, build, spec, tensors: dict[str, TensorNode], arg
             stored = [buckets.get((group, chunk, b)) for b in range(len(lay.bucket_sizes))]
             extra = [b for (g, c, b) in buckets if (g, c) == (group, chunk) and b >= len(lay.bucket_sizes)]
             if any(s is None or set(s) != set(distopt.STATE_KEYS) for s in stored) or extra:
-                raise FormatError(f"{where}: dp_reshardable state of model-parallel rank {group} chunk {chunk} does not "
-                                  f"have the {len(lay.bucket_sizes)} buckets the parameter layout gives (DP {dp}, bucket "
-                                  f"size {distopt.bucket_size_for(args, stage, chunk, dp)}); the args do not match how "
-                                  f"it was saved")
+                raise FormatError(
+                    f"{where}: dp_reshardable state of model-parallel rank {group} chunk {chunk} does not "
+                    f"have the {len(lay.bucket_sizes)} buckets the parameter layout gives (DP {dp}, bucket "
+                    f"size {distopt.bucket_size_for(args, stage, chunk, dp)}); the args do not match how "
+                    f"it was saved"
+                )
             for size, keys_of in zip(lay.bucket_sizes, stored):
                 for key in keys_of.values():
                     dcp_t = md.tensors[key]
                     if dcp_t.shape != (size,) or dcp_t.dtype != "F32":
-                        raise FormatError(f"{where}: {key} is {dcp_t.dtype} {list(dcp_t.shape)}, but the rebuilt "
-                                          f"parameter layout gives F32 [{size}] for that bucket; the args do not match "
-                                          f"how the optimizer state was saved")
+                        raise FormatError(
+                            f"{where}: {key} is {dcp_t.dtype} {list(dcp_t.shape)}, but the rebuilt "
+                            f"parameter layout gives F32 [{size}] for that bucket; the args do not match "
+                            f"how the optimizer state was saved"
+                        )
                     dtype_key = dtype_key or _dtype_key(key)
             for k, numel in params:
                 b, off = lay.in_bucket[k]
@@ -357,8 +429,10 @@ def _common_state(it_dir: str, md) -> tuple[dict, str]:
     else:
         key = next((k for k in md.objects if k.split("/shard_", 1)[0] == COMMON_STATE), None)
         if key is None:
-            raise FormatError(f"{it_dir}: neither {COMMON} (Megatron-Core <= 0.18) nor a {COMMON_STATE} entry "
-                              f"(0.19+); the checkpoint's common state (args) is missing")
+            raise FormatError(
+                f"{it_dir}: neither {COMMON} (Megatron-Core <= 0.18) nor a {COMMON_STATE} entry "
+                f"(0.19+); the checkpoint's common state (args) is missing"
+            )
         path = f"{md.path}/.metadata ({COMMON_STATE})"
         value = read_object(md, key)
         common = value[0] if isinstance(value, list) and len(value) == 1 else value
@@ -378,7 +452,11 @@ def _reformulated_shapes(md) -> dict[str, tuple[int, ...]]:
     data = md.mcore_data if isinstance(md.mcore_data, dict) else {}
     for key, info in data.items():
         shape = info.get("nd_reformulated_orig_global_shape") if isinstance(info, dict) else None
-        if isinstance(key, str) and isinstance(shape, (tuple, list)) and all(isinstance(n, int) for n in shape):
+        if (
+            isinstance(key, str)
+            and isinstance(shape, (tuple, list))
+            and all(isinstance(n, int) for n in shape)
+        ):
             out[key] = tuple(shape)
     return out
 
@@ -392,8 +470,10 @@ def _check_backend(it_dir: str) -> None:
         raise FormatError(f"{path}: cannot read ({e}); the checkpoint is corrupt") from None
     backend = info.get("sharded_backend") if isinstance(info, dict) else None
     if backend != "torch_dist":
-        raise FormatError(f"{path}: sharded backend {backend!r}; ckpt-ir reads only Megatron's 'torch_dist' "
-                          f"distributed checkpoints")
+        raise FormatError(
+            f"{path}: sharded backend {backend!r}; ckpt-ir reads only Megatron's 'torch_dist' "
+            f"distributed checkpoints"
+        )
 
 
 def _short(key: str) -> str:
@@ -410,7 +490,9 @@ def _sharding_type(common: dict) -> str | None:
     return None
 
 
-def _names(key: str, t: DcpTensor, num_layers: int, tables, where: str) -> list[tuple[str, tuple[int, ...]]] | None:
+def _names(
+    key: str, t: DcpTensor, num_layers: int, tables, where: str
+) -> list[tuple[str, tuple[int, ...]]] | None:
     """[(canonical name, index into the stored tensor's leading axes)] for one stored key, or None
     when the key means nothing to us."""
     m = _UNSTACKED.match(key)
@@ -418,9 +500,11 @@ def _names(key: str, t: DcpTensor, num_layers: int, tables, where: str) -> list[
         layers = [(int(m.group(1)), m.group(2), ())]
     elif key.startswith("decoder.layers."):
         if not t.shape or t.shape[0] != num_layers:
-            raise FormatError(f"{where}: {key} {list(t.shape)} should stack {num_layers} layers on its first axis; "
-                              f"the checkpoint does not match its args")
-        rest = key[len("decoder.layers."):]
+            raise FormatError(
+                f"{where}: {key} {list(t.shape)} should stack {num_layers} layers on its first axis; "
+                f"the checkpoint does not match its args"
+            )
+        rest = key[len("decoder.layers.") :]
         layers = [(i, rest, (i,)) for i in range(num_layers)]
     else:
         canon = M.canonical_key(key, 0, 0, tables)
@@ -450,7 +534,9 @@ def _resolve(canon: str | M.LocalName) -> str:
 class _Builder:
     """Expressions for (parts of) stored tensors, assembled lazily from their chunks."""
 
-    def __init__(self, where: str, resolver: ChunkResolver, reformulated: dict[str, tuple[int, ...]] | None = None) -> None:
+    def __init__(
+        self, where: str, resolver: ChunkResolver, reformulated: dict[str, tuple[int, ...]] | None = None
+    ) -> None:
         self.where, self.resolver = where, resolver
         self.reformulated = reformulated or {}
         self._offsets: dict[tuple[str, tuple[int, ...]], int] = {}
@@ -485,10 +571,15 @@ class _Builder:
         model shape ``shape`` is cut into a grid of ``t.shape[:-1]`` equal blocks, each stored
         flattened along the last axis; block ``b`` is the part at ``b * block shape``."""
         grid = t.shape[:-1]
-        if len(grid) != len(shape) or any(n % g for n, g in zip(shape, grid)) or \
-                t.shape[-1] != math.prod(n // g for n, g in zip(shape, grid)):
-            raise FormatError(f"{self.where}: {t.key} is stored as {list(t.shape)}, which is no block grid of its "
-                              f"model shape {list(shape)}; the metadata is corrupt")
+        if (
+            len(grid) != len(shape)
+            or any(n % g for n, g in zip(shape, grid))
+            or t.shape[-1] != math.prod(n // g for n, g in zip(shape, grid))
+        ):
+            raise FormatError(
+                f"{self.where}: {t.key} is stored as {list(t.shape)}, which is no block grid of its "
+                f"model shape {list(shape)}; the metadata is corrupt"
+            )
         block = tuple(n // g for n, g in zip(shape, grid))
         k = len(index)
         if any(block[d] != 1 for d in range(k)):
@@ -515,22 +606,28 @@ class _Builder:
         """The box [lo, lo+sizes) from chunk pieces that must tile it exactly (split recursively
         along a dim where no piece straddles a boundary)."""
         if not pieces:
-            raise FormatError(f"{self.where}: tensor {t.key} has no chunk covering offset {list(lo)}; the checkpoint "
-                              f"is incomplete")
+            raise FormatError(
+                f"{self.where}: tensor {t.key} has no chunk covering offset {list(lo)}; the checkpoint "
+                f"is incomplete"
+            )
         if len(pieces) == 1:
             off, sz, chunk, elem = pieces[0]
             if off == lo and sz == sizes:
                 return self._load(t, sz, chunk, elem)
         for d in range(len(sizes)):
-            cuts = sorted({lo[d], lo[d] + sizes[d]} | {p[0][d] for p in pieces} | {p[0][d] + p[1][d] for p in pieces})
+            cuts = sorted(
+                {lo[d], lo[d] + sizes[d]} | {p[0][d] for p in pieces} | {p[0][d] + p[1][d] for p in pieces}
+            )
             if len(cuts) < 3 or any(p[0][d] < c < p[0][d] + p[1][d] for p in pieces for c in cuts):
                 continue
             parts = []
             for a, b in zip(cuts, cuts[1:]):
                 sub = [p for p in pieces if a <= p[0][d] and p[0][d] + p[1][d] <= b]
-                sub_lo = lo[:d] + (a,) + lo[d + 1:]
-                sub_sizes = sizes[:d] + (b - a,) + sizes[d + 1:]
+                sub_lo = lo[:d] + (a,) + lo[d + 1 :]
+                sub_sizes = sizes[:d] + (b - a,) + sizes[d + 1 :]
                 parts.append(self._tile(t, sub_lo, sub_sizes, sub))
             return E.Concat(tuple(parts), d)
-        raise FormatError(f"{self.where}: the chunks of tensor {t.key} overlap or do not tile it around offset "
-                          f"{list(lo)}; the metadata is corrupt")
+        raise FormatError(
+            f"{self.where}: the chunks of tensor {t.key} overlap or do not tile it around offset "
+            f"{list(lo)}; the metadata is corrupt"
+        )

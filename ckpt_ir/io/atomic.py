@@ -55,8 +55,10 @@ def check_destination(dst: str, overwrite: bool) -> None:
         raise UsageError(f"{dst}: destination exists and is not empty; pass --overwrite to replace it")
     parent = existing_ancestor(dst)  # missing parents are created when the output is prepared
     if not os.path.isdir(parent):
-        raise CkptIrError(f"{parent}: not a directory, so the destination cannot be created below it; choose "
-                          f"another destination")
+        raise CkptIrError(
+            f"{parent}: not a directory, so the destination cannot be created below it; choose "
+            f"another destination"
+        )
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CkptIrError(f"{parent}: not writable; choose a destination you can write to")
 
@@ -79,10 +81,20 @@ def check_apart(dst: str, sources: dict[str, str | None]) -> None:
         src = os.path.realpath(path)
         if os.path.isfile(src):  # a single weight file: its directory is the input
             src = os.path.dirname(src)
-        how = "is" if out == src else "is inside" if _below(out, src) else "contains" if _below(src, out) else None
+        how = (
+            "is"
+            if out == src
+            else "is inside"
+            if _below(out, src)
+            else "contains"
+            if _below(src, out)
+            else None
+        )
         if how:
-            raise UsageError(f"{dst}: the destination {how} {flag} {path}; writing there would replace the input; "
-                             f"choose a destination outside it")
+            raise UsageError(
+                f"{dst}: the destination {how} {flag} {path}; writing there would replace the input; "
+                f"choose a destination outside it"
+            )
 
 
 def _below(path: str, root: str) -> bool:
@@ -93,8 +105,10 @@ def check_free_space(dst: str, nbytes: int) -> None:
     parent = existing_ancestor(dst)
     free = shutil.disk_usage(parent).free
     if nbytes > free:
-        raise CkptIrError(f"{parent}: not enough free disk space: the output needs {nbytes / 1e9:.2f} GB, "
-                          f"{free / 1e9:.2f} GB are free; free space or choose another destination")
+        raise CkptIrError(
+            f"{parent}: not enough free disk space: the output needs {nbytes / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB are free; free space or choose another destination"
+        )
 
 
 def sibling(dst: str, tag: str) -> str:
@@ -150,8 +164,10 @@ def _lock(path: str, dst: str) -> int | None:
         except BlockingIOError:
             holder = os.pread(fd, 256, 0).decode(errors="replace").strip()
             os.close(fd)
-            raise CkptIrError(f"{dst}: another conversion{f' ({holder})' if holder else ''} is writing this "
-                              f"destination; wait for it to finish or choose another destination") from None
+            raise CkptIrError(
+                f"{dst}: another conversion{f' ({holder})' if holder else ''} is writing this "
+                f"destination; wait for it to finish or choose another destination"
+            ) from None
         except OSError as e:
             os.close(fd)
             if e.errno not in _NO_LOCKS:
@@ -191,7 +207,7 @@ def _sweep_stale(dst: str, locked: bool) -> None:
         tag = next((t for t in (TMP_TAG, OLD_TAG) if name.startswith(f".{base}{t}")), None)
         if tag is None:
             continue
-        owner = name[len(base) + 1 + len(tag):]
+        owner = name[len(base) + 1 + len(tag) :]
         if not locked and (owner.startswith("dist-") or _alive(owner.split("-")[0])):
             continue  # a torchrun job's directory is its rank 0's to remove
         path = os.path.join(parent, name)
@@ -291,8 +307,10 @@ def _place(tmp: str, dst: str) -> None:
 
 
 def _changed(dst: str) -> CkptIrError:
-    return CkptIrError(f"{dst}: the destination appeared or changed while converting (another process wrote it); "
-                       f"nothing was replaced: check it, then convert again (with --overwrite to replace it)")
+    return CkptIrError(
+        f"{dst}: the destination appeared or changed while converting (another process wrote it); "
+        f"nothing was replaced: check it, then convert again (with --overwrite to replace it)"
+    )
 
 
 def _rename_noreplace(src: str, dst: str) -> None:

@@ -146,8 +146,10 @@ class _MetadataUnpickler(pickle.Unpickler):
             return _ALLOWED[(module, name)]
         if module == "torch" and name in TORCH_DTYPES:
             return TorchDtype(name)
-        raise FormatError(f"{self.source}: refusing to unpickle {module}.{name} (it could run code); only "
-                          f"torch.distributed.checkpoint metadata is loaded")
+        raise FormatError(
+            f"{self.source}: refusing to unpickle {module}.{name} (it could run code); only "
+            f"torch.distributed.checkpoint metadata is loaded"
+        )
 
     def persistent_load(self, pid: Any) -> Any:
         raise FormatError(f"{self.source}: unexpected persistent reference in checkpoint metadata")
@@ -194,8 +196,10 @@ def read_metadata(ckpt_dir: str) -> DcpMetadata:
     """Parse ``ckpt_dir/.metadata`` (restricted unpickling; no code from the file runs)."""
     path = os.path.join(ckpt_dir, METADATA_FILE)
     if not os.path.isfile(path):
-        raise FormatError(f"{ckpt_dir}: no {METADATA_FILE} file; the torch_dist checkpoint is incomplete "
-                          f"(the save did not finish?)")
+        raise FormatError(
+            f"{ckpt_dir}: no {METADATA_FILE} file; the torch_dist checkpoint is incomplete "
+            f"(the save did not finish?)"
+        )
     with open(path, "rb") as f:
         data = f.read()
     try:
@@ -203,8 +207,9 @@ def read_metadata(ckpt_dir: str) -> DcpMetadata:
     except FormatError:
         raise
     except Exception as e:
-        raise FormatError(f"{path}: cannot unpickle ({type(e).__name__}: {e}); the file is corrupt or not DCP "
-                          f"metadata") from None
+        raise FormatError(
+            f"{path}: cannot unpickle ({type(e).__name__}: {e}); the file is corrupt or not DCP metadata"
+        ) from None
     if not isinstance(md, _Metadata):
         raise FormatError(f"{path}: holds a {type(md).__name__}, not torch.distributed.checkpoint Metadata")
     sdm = md.__dict__.get("state_dict_metadata")
@@ -228,12 +233,22 @@ def read_metadata(ckpt_dir: str) -> DcpMetadata:
             info = where.get((key, None))
             i = info.__dict__ if info is not None else {}
             rel, off, length = i.get("relative_path"), i.get("offset"), i.get("length")
-            if isinstance(rel, str) and isinstance(off, int) and isinstance(length, int) and not os.path.isabs(rel) \
-                    and ".." not in rel.split("/") and off >= 0 and length >= 0 and not i.get("transform_descriptors"):
+            if (
+                isinstance(rel, str)
+                and isinstance(off, int)
+                and isinstance(length, int)
+                and not os.path.isabs(rel)
+                and ".." not in rel.split("/")
+                and off >= 0
+                and length >= 0
+                and not i.get("transform_descriptors")
+            ):
                 object_storage[key] = (rel, off, length)
             continue
         if not isinstance(entry, _TensorStorageMetadata):
-            raise FormatError(f"{path}: entry {key} is a {type(entry).__name__}; expected tensor or bytes metadata")
+            raise FormatError(
+                f"{path}: entry {key} is a {type(entry).__name__}; expected tensor or bytes metadata"
+            )
         tensors[key] = _tensor(path, key, entry, where)
     return DcpMetadata(ckpt_dir, tensors, tuple(objects), md.__dict__.get("mcore_data"), object_storage)
 
@@ -244,7 +259,9 @@ def read_object(md: DcpMetadata, key: str) -> Any:
     where = md.object_storage.get(key)
     path = os.path.join(md.path, where[0]) if where else md.path
     if where is None or not os.path.isfile(path):
-        raise FormatError(f"{md.path}: entry {key} has no readable storage location; the checkpoint is incomplete")
+        raise FormatError(
+            f"{md.path}: entry {key} has no readable storage location; the checkpoint is incomplete"
+        )
     rel, off, length = where
     with open(path, "rb") as f:
         if off + length > os.fstat(f.fileno()).st_size:
@@ -262,10 +279,13 @@ def read_object(md: DcpMetadata, key: str) -> Any:
                     raise FormatError(f"{path}: entry {key} is not a torch.save blob (no data.pkl)")
                 obj = safe_loads(zf.read(pkl[0]), f"{path} ({key})")
         except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise FormatError(f"{path}: entry {key} is not a readable torch.save blob ({e}); the file is "
-                              f"corrupt") from None
+            raise FormatError(
+                f"{path}: entry {key} is not a readable torch.save blob ({e}); the file is corrupt"
+            ) from None
     if _has_tensor(obj):
-        raise FormatError(f"{path}: entry {key} holds tensors; ckpt-ir reads only plain values from sharded objects")
+        raise FormatError(
+            f"{path}: entry {key} holds tensors; ckpt-ir reads only plain values from sharded objects"
+        )
     return obj
 
 
@@ -293,22 +313,39 @@ def _tensor(path: str, key: str, entry: _TensorStorageMetadata, where: dict) -> 
         if not isinstance(c, _ChunkStorageMetadata):
             raise FormatError(f"{path}: tensor {key} has a malformed chunk entry")
         offsets, sizes = tuple(c.__dict__.get("offsets") or ()), tuple(c.__dict__.get("sizes") or ())
-        if len(offsets) != len(shape) or len(sizes) != len(shape) or any(
-                o < 0 or n < 0 or o + n > s for o, n, s in zip(offsets, sizes, shape)):
-            raise FormatError(f"{path}: tensor {key} {list(shape)} has a chunk at {list(offsets)} of size "
-                              f"{list(sizes)} outside it; the metadata is corrupt")
+        if (
+            len(offsets) != len(shape)
+            or len(sizes) != len(shape)
+            or any(o < 0 or n < 0 or o + n > s for o, n, s in zip(offsets, sizes, shape))
+        ):
+            raise FormatError(
+                f"{path}: tensor {key} {list(shape)} has a chunk at {list(offsets)} of size "
+                f"{list(sizes)} outside it; the metadata is corrupt"
+            )
         info = where.get((key, offsets))
         if info is None:
-            raise FormatError(f"{path}: chunk {list(offsets)} of tensor {key} has no storage entry; the metadata "
-                              f"is corrupt")
+            raise FormatError(
+                f"{path}: chunk {list(offsets)} of tensor {key} has no storage entry; the metadata is corrupt"
+            )
         i = info.__dict__
         if i.get("transform_descriptors"):
-            raise FormatError(f"{path}: chunk {list(offsets)} of tensor {key} is stored transformed "
-                              f"({i['transform_descriptors']}, e.g. compressed); ckpt-ir reads plain chunks only")
+            raise FormatError(
+                f"{path}: chunk {list(offsets)} of tensor {key} is stored transformed "
+                f"({i['transform_descriptors']}, e.g. compressed); ckpt-ir reads plain chunks only"
+            )
         rel, off, length = i.get("relative_path"), i.get("offset"), i.get("length")
-        if not isinstance(rel, str) or not isinstance(off, int) or not isinstance(length, int) \
-                or os.path.isabs(rel) or ".." in rel.split("/") or off < 0 or length < 0:
-            raise FormatError(f"{path}: chunk {list(offsets)} of tensor {key} has a malformed storage location")
+        if (
+            not isinstance(rel, str)
+            or not isinstance(off, int)
+            or not isinstance(length, int)
+            or os.path.isabs(rel)
+            or ".." in rel.split("/")
+            or off < 0
+            or length < 0
+        ):
+            raise FormatError(
+                f"{path}: chunk {list(offsets)} of tensor {key} has a malformed storage location"
+            )
         chunks.append(Chunk(offsets, sizes, rel, off, length))
     return DcpTensor(key, dtype.ir, shape, tuple(chunks))
 
@@ -359,8 +396,9 @@ class ChunkResolver:
         if f is None:
             path = os.path.join(self.dir, rel)
             if not os.path.isfile(path):
-                raise FormatError(f"{path}: data file named by {METADATA_FILE} is missing; the checkpoint is "
-                                  f"incomplete")
+                raise FormatError(
+                    f"{path}: data file named by {METADATA_FILE} is missing; the checkpoint is incomplete"
+                )
             f = self._files[rel] = open(path, "rb")
             self._sizes[rel] = os.fstat(f.fileno()).st_size
         return f, self._sizes[rel]
@@ -371,27 +409,37 @@ class ChunkResolver:
         f, size = self._open(chunk.file)
         what = f"chunk {list(chunk.offsets)} of tensor {key}"
         if chunk.offset + chunk.length > size:
-            raise FormatError(f"{path}: {what} needs bytes {chunk.offset}..{chunk.offset + chunk.length} but the "
-                              f"file has {size}; the file is truncated: re-copy or re-save the checkpoint")
+            raise FormatError(
+                f"{path}: {what} needs bytes {chunk.offset}..{chunk.offset + chunk.length} but the "
+                f"file has {size}; the file is truncated: re-copy or re-save the checkpoint"
+            )
         try:
             zf = zipfile.ZipFile(_Window(f, chunk.offset, chunk.length))  # type: ignore[arg-type]
             with zf:
                 infos = zf.infolist()
                 pkl = [i for i in infos if i.filename.endswith("/data.pkl")]
                 if not pkl:
-                    raise FormatError(f"{path}: {what} at byte {chunk.offset} is not a torch.save blob (no data.pkl)")
+                    raise FormatError(
+                        f"{path}: {what} at byte {chunk.offset} is not a torch.save blob (no data.pkl)"
+                    )
                 prefix = pkl[0].filename[: -len("data.pkl")]
                 ref = safe_loads(zf.read(pkl[0]), f"{path} ({what})")
         except (zipfile.BadZipFile, OSError, EOFError, struct.error) as e:
-            raise FormatError(f"{path}: {what} at byte {chunk.offset} is not a readable torch.save blob ({e}); "
-                              f"the file is corrupt or truncated") from None
+            raise FormatError(
+                f"{path}: {what} at byte {chunk.offset} is not a readable torch.save blob ({e}); "
+                f"the file is corrupt or truncated"
+            ) from None
         if not isinstance(ref, TensorRef):
             raise FormatError(f"{path}: {what} holds a {type(ref).__name__}, not a tensor")
         if ref.dtype != dtype or ref.shape != chunk.sizes:
-            raise FormatError(f"{path}: {what} is stored as {ref.dtype} {list(ref.shape)} but the metadata says "
-                              f"{dtype} {list(chunk.sizes)}; the checkpoint is inconsistent")
+            raise FormatError(
+                f"{path}: {what} is stored as {ref.dtype} {list(ref.shape)} but the metadata says "
+                f"{dtype} {list(chunk.sizes)}; the checkpoint is inconsistent"
+            )
         numel = math.prod(ref.shape)
-        if numel > 1 and any(st != ex for st, ex, n in zip(ref.stride, _contiguous(ref.shape), ref.shape) if n > 1):
+        if numel > 1 and any(
+            st != ex for st, ex, n in zip(ref.stride, _contiguous(ref.shape), ref.shape) if n > 1
+        ):
             raise FormatError(f"{path}: {what} is stored as a non-contiguous view (stride {ref.stride})")
         record = [i for i in infos if i.filename == f"{prefix}data/{ref.storage.key}"]
         if not record:
@@ -401,8 +449,10 @@ class ChunkResolver:
             raise FormatError(f"{path}: {what} is compressed; not a torch.save blob")
         item = ITEMSIZE[dtype]
         if (ref.offset + numel) * item > info.file_size or ref.storage.numel * item > info.file_size:
-            raise FormatError(f"{path}: {what} needs {(ref.offset + numel) * item} bytes but its storage holds "
-                              f"{info.file_size}; the file is corrupt")
+            raise FormatError(
+                f"{path}: {what} needs {(ref.offset + numel) * item} bytes but its storage holds "
+                f"{info.file_size}; the file is corrupt"
+            )
         f.seek(chunk.offset + info.header_offset)
         local = f.read(30)
         if len(local) < 30 or local[:4] != b"PK\x03\x04":

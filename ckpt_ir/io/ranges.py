@@ -71,10 +71,12 @@ def _rows(e: E.Expr, dim: int) -> list[Range] | None:
     else:
         return None
     shape = load.shape
-    inner = math.prod(shape[dim + 1:]) * item
+    inner = math.prod(shape[dim + 1 :]) * item
     row = shape[dim] * inner
     start, _ = load.byte_range
-    return [(load.path, start + r * row + lo * inner, (hi - lo) * inner) for r in range(math.prod(shape[:dim]))]
+    return [
+        (load.path, start + r * row + lo * inner, (hi - lo) * inner) for r in range(math.prod(shape[:dim]))
+    ]
 
 
 class Copier:

@@ -38,15 +38,35 @@ STUB_PREFIXES = ("megatron.", "transformer_engine.", "mindspeed", "apex.", "mode
 
 # storage class names -> IR dtype
 STORAGE_DTYPES = {
-    "DoubleStorage": "F64", "FloatStorage": "F32", "HalfStorage": "F16", "BFloat16Storage": "BF16",
-    "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16", "CharStorage": "I8",
-    "ByteStorage": "U8", "BoolStorage": "BOOL",
-    "Float8_e4m3fnStorage": "F8_E4M3", "Float8_e5m2Storage": "F8_E5M2",
+    "DoubleStorage": "F64",
+    "FloatStorage": "F32",
+    "HalfStorage": "F16",
+    "BFloat16Storage": "BF16",
+    "LongStorage": "I64",
+    "IntStorage": "I32",
+    "ShortStorage": "I16",
+    "CharStorage": "I8",
+    "ByteStorage": "U8",
+    "BoolStorage": "BOOL",
+    "Float8_e4m3fnStorage": "F8_E4M3",
+    "Float8_e5m2Storage": "F8_E5M2",
 }
 TORCH_DTYPES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
-    "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
-    "float": "F32", "half": "F16", "double": "F64", "long": "I64", "int": "I32",
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+    "float": "F32",
+    "half": "F16",
+    "double": "F64",
+    "long": "I64",
+    "int": "I32",
 }
 
 
@@ -177,8 +197,12 @@ def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
     """``copyreg._reconstructor`` (how protocols 0 and 1 pickle plain objects such as
     ``argparse.Namespace``), limited to classes the allow-list already produced: it allocates
     ``cls`` and, for a builtin base such as ``dict``, fills it from ``state``."""
-    if not (isinstance(cls, type) and isinstance(base, type) and issubclass(cls, base)
-            and (base is object or base in _INERT_TYPES)):
+    if not (
+        isinstance(cls, type)
+        and isinstance(base, type)
+        and issubclass(cls, base)
+        and (base is object or base in _INERT_TYPES)
+    ):
         raise ValueError(f"copyreg._reconstructor({cls!r}, {base!r}) is not a plain object")
     if base is object:
         return object.__new__(cls)
@@ -192,10 +216,20 @@ def _getattr(obj: Any, name: Any) -> Any:
     """``getattr(EnumClass, 'member')``: how Python 3.12+ pickles enum members.  Only members of
     allow-listed enums and of stub classes (a stub naming the member) are looked up; anything
     else is refused."""
-    if isinstance(obj, type) and issubclass(obj, enum.Enum) and isinstance(name, str) and name in obj.__members__:
+    if (
+        isinstance(obj, type)
+        and issubclass(obj, enum.Enum)
+        and isinstance(name, str)
+        and name in obj.__members__
+    ):
         return obj[name]
-    if isinstance(obj, type) and issubclass(obj, Stub) and isinstance(name, str) and name.isidentifier() \
-            and not name.startswith("_"):
+    if (
+        isinstance(obj, type)
+        and issubclass(obj, Stub)
+        and isinstance(name, str)
+        and name.isidentifier()
+        and not name.startswith("_")
+    ):
         member = object.__new__(obj)
         member.member = name
         return member
@@ -229,9 +263,16 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("signal", "Signals"): signal.Signals,  # Megatron-LM's args.exit_signal
     ("torch", "device"): _torch_device,
     # paths load as pure paths: same value and type name, no file-system access
-    **{(mod, cls): pure for mod in ("pathlib", "pathlib._local")
-       for cls, pure in (("PosixPath", pathlib.PurePosixPath), ("PurePosixPath", pathlib.PurePosixPath),
-                         ("WindowsPath", pathlib.PureWindowsPath), ("PureWindowsPath", pathlib.PureWindowsPath))},
+    **{
+        (mod, cls): pure
+        for mod in ("pathlib", "pathlib._local")
+        for cls, pure in (
+            ("PosixPath", pathlib.PurePosixPath),
+            ("PurePosixPath", pathlib.PurePosixPath),
+            ("WindowsPath", pathlib.PureWindowsPath),
+            ("PureWindowsPath", pathlib.PureWindowsPath),
+        )
+    },
 }
 # builtin types copyreg._reconstructor may use as a base (protocol 0/1 subclasses of them)
 _INERT_TYPES = (dict, list, set, frozenset, tuple, str, int, float, complex)
@@ -284,8 +325,10 @@ class RestrictedUnpickler(pickle.Unpickler):
             return _stub_class(module, name)
         if module == "enum" and name == "Enum":
             return _stub_class(module, name)
-        raise FormatError(f"{self.source}: refusing to unpickle {module}.{name} (it could run code); "
-                          f"only tensors, plain containers and Megatron config objects are loaded")
+        raise FormatError(
+            f"{self.source}: refusing to unpickle {module}.{name} (it could run code); "
+            f"only tensors, plain containers and Megatron config objects are loaded"
+        )
 
     def persistent_load(self, pid: Any) -> Any:
         # the location ("cpu", "cuda:N", "npu:N", ...) is where the saving process held the storage;
@@ -314,5 +357,6 @@ def loads(data: bytes | IO[bytes], source: str) -> Any:
     except FormatError:
         raise
     except Exception as e:  # any malformed pickle
-        raise FormatError(f"{source}: cannot unpickle ({type(e).__name__}: {e}); the file is corrupt or "
-                          f"not a checkpoint") from None
+        raise FormatError(
+            f"{source}: cannot unpickle ({type(e).__name__}: {e}); the file is corrupt or not a checkpoint"
+        ) from None

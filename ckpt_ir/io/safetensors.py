@@ -29,19 +29,25 @@ def read_header(path: str) -> tuple[dict[str, Load], dict[str, str]]:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise FormatError(f"{path}: only {size} bytes, too short for a safetensors header; the file "
-                                  f"is truncated or not safetensors")
+                raise FormatError(
+                    f"{path}: only {size} bytes, too short for a safetensors header; the file "
+                    f"is truncated or not safetensors"
+                )
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER or 8 + n > size:
-                raise FormatError(f"{path}: header claims {n} bytes but the file has {size}; the file is "
-                                  f"corrupt or truncated: re-download it")
+                raise FormatError(
+                    f"{path}: header claims {n} bytes but the file has {size}; the file is "
+                    f"corrupt or truncated: re-download it"
+                )
             raw = f.read(n)
     except OSError as e:
         raise FormatError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from None
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: safetensors header is not valid JSON ({e}); the file is corrupt") from None
+        raise FormatError(
+            f"{path}: safetensors header is not valid JSON ({e}); the file is corrupt"
+        ) from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: safetensors header is not a JSON object; the file is corrupt")
     meta = header.pop("__metadata__", None) or {}
@@ -53,18 +59,29 @@ def read_header(path: str) -> tuple[dict[str, Load], dict[str, str]]:
     for key, info in header.items():
         try:
             dtype, shape, (a, b) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            ok = dtype in ITEMSIZE and all(isinstance(s, int) and s >= 0 for s in shape) \
-                and isinstance(a, int) and isinstance(b, int) and 0 <= a <= b
+            ok = (
+                dtype in ITEMSIZE
+                and all(isinstance(s, int) and s >= 0 for s in shape)
+                and isinstance(a, int)
+                and isinstance(b, int)
+                and 0 <= a <= b
+            )
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
-            raise FormatError(f"{path}: tensor {key!r} has a malformed header entry {info!r}; the file is corrupt")
+            raise FormatError(
+                f"{path}: tensor {key!r} has a malformed header entry {info!r}; the file is corrupt"
+            )
         if b - a != math.prod(shape) * ITEMSIZE[dtype]:
-            raise FormatError(f"{path}: tensor {key!r} spans {b - a} bytes but {dtype}{list(shape)} needs "
-                              f"{math.prod(shape) * ITEMSIZE[dtype]}; the file is corrupt")
+            raise FormatError(
+                f"{path}: tensor {key!r} spans {b - a} bytes but {dtype}{list(shape)} needs "
+                f"{math.prod(shape) * ITEMSIZE[dtype]}; the file is corrupt"
+            )
         if data_start + b > size:
-            raise FormatError(f"{path}: tensor {key!r} ends at byte {data_start + b} but the file has {size}; "
-                              f"the file is truncated: re-download it")
+            raise FormatError(
+                f"{path}: tensor {key!r} ends at byte {data_start + b} but the file has {size}; "
+                f"the file is truncated: re-download it"
+            )
         spans.append((a, b, key))
         out[key] = Load(path, key, shape, dtype, data_start + a, "safetensors")
     spans.sort()
@@ -87,7 +104,9 @@ def require_regular_file(path: str) -> None:
         raise FormatError(f"{path}: not a regular file; point ckpt-ir at the checkpoint's real files")
 
 
-def header_bytes(entries: Iterable[tuple[str, tuple[int, ...], str]], metadata: dict[str, str] | None) -> bytes:
+def header_bytes(
+    entries: Iterable[tuple[str, tuple[int, ...], str]], metadata: dict[str, str] | None
+) -> bytes:
     """The 8-byte length + JSON header for tensors laid out back to back in the given order."""
     header: dict[str, object] = {}
     if metadata:
@@ -102,8 +121,12 @@ def header_bytes(entries: Iterable[tuple[str, tuple[int, ...], str]], metadata: 
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write(path: str, entries: list[tuple[str, tuple[int, ...], str]], emit: Callable[[str, int, int], int],
-          metadata: dict[str, str] | None = None) -> int:
+def write(
+    path: str,
+    entries: list[tuple[str, tuple[int, ...], str]],
+    emit: Callable[[str, int, int], int],
+    metadata: dict[str, str] | None = None,
+) -> int:
     """Stream a safetensors file: the header from metadata, then each tensor, written by
     ``emit(name, fd, offset)`` at its planned offset (returning the bytes it wrote).
     Returns the file's size.  Durability comes from atomic_dir, which fsyncs before renaming."""
@@ -111,7 +134,9 @@ def write(path: str, entries: list[tuple[str, tuple[int, ...], str]], emit: Call
     return write_part(path, entries, 0, len(entries), emit, metadata)
 
 
-def create(path: str, entries: list[tuple[str, tuple[int, ...], str]], metadata: dict[str, str] | None) -> None:
+def create(
+    path: str, entries: list[tuple[str, tuple[int, ...], str]], metadata: dict[str, str] | None
+) -> None:
     """Create the file with its header and full length, for parts to be written concurrently."""
     head = header_bytes(entries, metadata)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -122,8 +147,14 @@ def create(path: str, entries: list[tuple[str, tuple[int, ...], str]], metadata:
         os.close(fd)
 
 
-def write_part(path: str, entries: list[tuple[str, tuple[int, ...], str]], lo: int, hi: int,
-               emit: Callable[[str, int, int], int], metadata: dict[str, str] | None = None) -> int:
+def write_part(
+    path: str,
+    entries: list[tuple[str, tuple[int, ...], str]],
+    lo: int,
+    hi: int,
+    emit: Callable[[str, int, int], int],
+    metadata: dict[str, str] | None = None,
+) -> int:
     """Write tensors ``entries[lo:hi]`` at their planned offsets in a file made by :func:`create`."""
     pos = len(header_bytes(entries, metadata)) + sum(math.prod(s) * ITEMSIZE[d] for _, s, d in entries[:lo])
     fd = os.open(path, os.O_WRONLY)
@@ -148,6 +179,5 @@ def write_at(fd: int, buf, pos: int) -> int:
     """pwrite all of ``buf`` at ``pos``; returns its length."""
     view, done = memoryview(buf).cast("B"), 0
     while done < len(view):
-        done += os.pwrite(fd, view[done:done + WRITE_CHUNK], pos + done)
+        done += os.pwrite(fd, view[done : done + WRITE_CHUNK], pos + done)
     return done
-

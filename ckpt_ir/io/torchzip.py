@@ -63,17 +63,23 @@ class TorchZip:
                     if not info.filename.startswith(prefix + "data/"):
                         continue
                     if info.compress_type != zipfile.ZIP_STORED:
-                        raise FormatError(f"{path}: record {info.filename} is compressed; not a torch checkpoint")
+                        raise FormatError(
+                            f"{path}: record {info.filename} is compressed; not a torch checkpoint"
+                        )
                     f.seek(info.header_offset)
                     local = f.read(30)
                     if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                        raise FormatError(f"{path}: zip record {info.filename} is damaged; the file is corrupt")
+                        raise FormatError(
+                            f"{path}: zip record {info.filename} is damaged; the file is corrupt"
+                        )
                     name_len, extra_len = struct.unpack("<HH", local[26:30])
                     start = info.header_offset + 30 + name_len + extra_len
                     if start + info.file_size > size:
-                        raise FormatError(f"{path}: record {info.filename} runs past the end of the file; "
-                                          f"the file is truncated")
-                    self.offsets[info.filename[len(prefix) + 5:]] = (start, info.file_size)
+                        raise FormatError(
+                            f"{path}: record {info.filename} runs past the end of the file; "
+                            f"the file is truncated"
+                        )
+                    self.offsets[info.filename[len(prefix) + 5 :]] = (start, info.file_size)
             try:
                 data = zf.read(pkl[0])
             except (zipfile.BadZipFile, OSError) as e:
@@ -88,13 +94,17 @@ class TorchZip:
         start, nbytes = where
         item = ITEMSIZE[ref.dtype]
         if ref.storage.numel * item > nbytes:
-            raise FormatError(f"{self.path}: storage of tensor {key} is {nbytes} bytes, expected "
-                              f"{ref.storage.numel * item}; the file is corrupt")
+            raise FormatError(
+                f"{self.path}: storage of tensor {key} is {nbytes} bytes, expected "
+                f"{ref.storage.numel * item}; the file is corrupt"
+            )
         numel = math.prod(ref.shape)
         expected = _contiguous(ref.shape)
         if numel and any(st != ex for st, ex, n in zip(ref.stride, expected, ref.shape) if n > 1):
-            raise FormatError(f"{self.path}: tensor {key} is stored as a non-contiguous view "
-                              f"(stride {ref.stride}); re-save it with .contiguous()")
+            raise FormatError(
+                f"{self.path}: tensor {key} is stored as a non-contiguous view "
+                f"(stride {ref.stride}); re-save it with .contiguous()"
+            )
         if ref.offset + numel > ref.storage.numel:
             raise FormatError(f"{self.path}: tensor {key} reaches past its storage; the file is corrupt")
         return Load(self.path, key, ref.shape, ref.dtype, start + ref.offset * item, "torch")
@@ -114,8 +124,10 @@ def _read_legacy(path: str) -> tuple[Any, dict[str, tuple[int, int]]]:
         except FormatError:
             magic = None
         if magic != LEGACY_MAGIC:
-            raise FormatError(f"{path}: not a torch checkpoint (neither a zip archive nor the legacy torch.save "
-                              f"format); it may be truncated or corrupt")
+            raise FormatError(
+                f"{path}: not a torch checkpoint (neither a zip archive nor the legacy torch.save "
+                f"format); it may be truncated or corrupt"
+            )
         loads(f, path)  # protocol version
         info = loads(f, path)
         if not isinstance(info, dict) or not info.get("little_endian", True):
@@ -133,12 +145,16 @@ def _read_legacy(path: str) -> tuple[Any, dict[str, tuple[int, int]]]:
             f.seek(pos)
             head = f.read(8)
             if len(head) < 8:
-                raise FormatError(f"{path}: storage {key} runs past the end of the file; the file is truncated")
+                raise FormatError(
+                    f"{path}: storage {key} runs past the end of the file; the file is truncated"
+                )
             numel = struct.unpack("<q", head)[0]
             storage = refs.get(str(key))
             nbytes = numel * (ITEMSIZE[storage.dtype] if storage is not None else 1)
             if numel < 0 or pos + 8 + nbytes > size:
-                raise FormatError(f"{path}: storage {key} runs past the end of the file; the file is truncated")
+                raise FormatError(
+                    f"{path}: storage {key} runs past the end of the file; the file is truncated"
+                )
             offsets[str(key)] = (pos + 8, nbytes)
             pos += 8 + nbytes
     return obj, offsets
@@ -214,9 +230,16 @@ class Call:
 
 
 _STORAGE_NAMES = {
-    "F64": "DoubleStorage", "F32": "FloatStorage", "F16": "HalfStorage", "BF16": "BFloat16Storage",
-    "I64": "LongStorage", "I32": "IntStorage", "I16": "ShortStorage", "I8": "CharStorage",
-    "U8": "ByteStorage", "BOOL": "BoolStorage",
+    "F64": "DoubleStorage",
+    "F32": "FloatStorage",
+    "F16": "HalfStorage",
+    "BF16": "BFloat16Storage",
+    "I64": "LongStorage",
+    "I32": "IntStorage",
+    "I16": "ShortStorage",
+    "I8": "CharStorage",
+    "U8": "ByteStorage",
+    "BOOL": "BoolStorage",
 }
 
 
@@ -321,7 +344,7 @@ def _pickle(obj: Any, tensors: list[Tensor]) -> bytes:
         elif isinstance(v, TorchDtype):
             glob("torch", v.name)
         elif type(v).__name__ == "dtype" and str(v).startswith("torch."):  # a real torch.dtype
-            glob("torch", str(v)[len("torch."):])
+            glob("torch", str(v)[len("torch.") :])
         elif isinstance(v, TorchDevice):
             call("torch", "device", (v.type,) if v.index is None else (v.type, v.index))
         elif isinstance(v, (set, frozenset)):
@@ -339,7 +362,9 @@ def _pickle(obj: Any, tensors: list[Tensor]) -> bytes:
         elif isinstance(v, types.SimpleNamespace):
             call("types", "SimpleNamespace", (), dict(vars(v)))
         elif isinstance(v, pathlib.PurePath):  # loaded as pure paths; real args hold concrete ones
-            call("pathlib", "PosixPath" if isinstance(v, pathlib.PurePosixPath) else "PureWindowsPath", v.parts)
+            call(
+                "pathlib", "PosixPath" if isinstance(v, pathlib.PurePosixPath) else "PureWindowsPath", v.parts
+            )
         elif isinstance(v, Stub):  # a Megatron enum / config object, as the source pickled it
             if v.member is not None:
                 call("builtins", "getattr", (_StubClass(v), v.member))
@@ -360,8 +385,24 @@ def _pickle(obj: Any, tensors: list[Tensor]) -> bytes:
     return bytes(out)
 
 
-_LEAVES = (type(None), bool, int, float, complex, str, bytes, bytearray, slice, range, io.BytesIO, pathlib.PurePath, enum.Enum,
-           TorchDtype, TorchDevice, Tensor)
+_LEAVES = (
+    type(None),
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    bytearray,
+    slice,
+    range,
+    io.BytesIO,
+    pathlib.PurePath,
+    enum.Enum,
+    TorchDtype,
+    TorchDevice,
+    Tensor,
+)
 
 
 def writable(obj: Any, leaf: Callable[[Any], bool] = lambda _: False) -> bool:
@@ -375,8 +416,13 @@ def writable(obj: Any, leaf: Callable[[Any], bool] = lambda _: False) -> bool:
         return writable(vars(obj), leaf)
     if isinstance(obj, Stub):
         return writable(obj.args, leaf) and writable(getattr(obj, "state", None), leaf)
-    return isinstance(obj, _LEAVES) or type(obj).__module__ == "numpy" or leaf(obj) \
-        or type(obj).__name__ == "dtype" and str(obj).startswith("torch.")
+    return (
+        isinstance(obj, _LEAVES)
+        or type(obj).__module__ == "numpy"
+        or leaf(obj)
+        or type(obj).__name__ == "dtype"
+        and str(obj).startswith("torch.")
+    )
 
 
 class _StubClass:
@@ -401,7 +447,9 @@ def write(path: str, obj: Any, emit: Callable[[Tensor, int, int], int]) -> int:
         z.add(f"{archive}/.storage_alignment", str(ALIGN).encode())
         z.add(f"{archive}/byteorder", b"little")
         for i, t in enumerate(tensors):
-            written += z.add_stream(f"{archive}/data/{i}", t.nbytes, lambda fd, pos, t=t: emit(t, fd, pos), t.key)
+            written += z.add_stream(
+                f"{archive}/data/{i}", t.nbytes, lambda fd, pos, t=t: emit(t, fd, pos), t.key
+            )
         z.add(f"{archive}/version", b"3\n")
         z.add(f"{archive}/.data/serialization_id", b"0" * 40)
         z.finish()
@@ -433,8 +481,24 @@ class _ZipWriter:
         pad = (-(self.pos + base)) % ALIGN
         extra += struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # "FB" padding, as torch writes
         small = 0xFFFFFFFF if zip64 else size
-        return struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if zip64 else 20, 0, 0, 0, 0x21, crc, small, small,
-                           len(name), len(extra)) + name + extra
+        return (
+            struct.pack(
+                "<IHHHHHIIIHH",
+                0x04034B50,
+                45 if zip64 else 20,
+                0,
+                0,
+                0,
+                0x21,
+                crc,
+                small,
+                small,
+                len(name),
+                len(extra),
+            )
+            + name
+            + extra
+        )
 
     def add(self, name: str, data: bytes) -> None:
         import zlib
@@ -480,13 +544,36 @@ class _ZipWriter:
             extra = struct.pack("<HHQQQ", 1, 24, size, size, offset) if big else b""
             small_size = 0xFFFFFFFF if big else size
             small_off = 0xFFFFFFFF if big else offset
-            self._write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45 if big else 20, 0, 0, 0, 0x21, crc,
-                                    small_size, small_size, len(name), len(extra), 0, 0, 0, 0, small_off)
-                        + name + extra)
+            self._write(
+                struct.pack(
+                    "<IHHHHHHIIIHHHHHII",
+                    0x02014B50,
+                    45,
+                    45 if big else 20,
+                    0,
+                    0,
+                    0,
+                    0x21,
+                    crc,
+                    small_size,
+                    small_size,
+                    len(name),
+                    len(extra),
+                    0,
+                    0,
+                    0,
+                    0,
+                    small_off,
+                )
+                + name
+                + extra
+            )
         cd_size, count = self.pos - cd_start, len(self.records)
         if cd_start >= 0xFFFFFFFF or count >= 0xFFFF:
             eocd64 = self.pos
-            self._write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, cd_size, cd_start))
+            self._write(
+                struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, cd_size, cd_start)
+            )
             self._write(struct.pack("<IIQI", 0x07064B50, 0, eocd64, 1))
             self._write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0))
         else:
@@ -513,7 +600,7 @@ def _crc_of(fd: int, start: int, size: int) -> int:
         with mmap.mmap(fd, pos + n - lo, offset=lo, access=mmap.ACCESS_READ) as m:
             view = memoryview(m)
             try:
-                crc = zlib.crc32(view[pos - lo:], crc)
+                crc = zlib.crc32(view[pos - lo :], crc)
             finally:
                 view.release()
         pos += n

@@ -27,7 +27,7 @@ def cast(raw: np.ndarray, src: str, dst: str, out: np.ndarray) -> None:
     (raw items of ``dst``'s width, same shape)."""
     flat, flat_out = raw.reshape(-1), out.reshape(-1)
     for i in range(0, flat.size, CHUNK):
-        _cast(flat[i:i + CHUNK], src, dst, flat_out[i:i + CHUNK])
+        _cast(flat[i : i + CHUNK], src, dst, flat_out[i : i + CHUNK])
 
 
 def _cast(raw: np.ndarray, src: str, dst: str, out: np.ndarray) -> None:

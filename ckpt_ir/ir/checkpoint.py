@@ -41,7 +41,9 @@ class TensorNode:
         first = self.shards[0]
         for s in self.shards[1:]:
             if s.shape != first.shape or s.dtype != first.dtype:
-                raise VerifyError(f"{self.name}: shards disagree ({first.shape} {first.dtype} vs {s.shape} {s.dtype})")
+                raise VerifyError(
+                    f"{self.name}: shards disagree ({first.shape} {first.dtype} vs {s.shape} {s.dtype})"
+                )
 
     @classmethod
     def whole(cls, name: str, expr: E.Expr) -> TensorNode:
@@ -55,7 +57,9 @@ class TensorNode:
     def expr(self) -> E.Expr:
         """The expression of a whole (unsharded) tensor."""
         if len(self.shards) != 1:
-            raise VerifyError(f"{self.name}: tensor is split over {len(self.shards)} ranks; run `gather` first")
+            raise VerifyError(
+                f"{self.name}: tensor is split over {len(self.shards)} ranks; run `gather` first"
+            )
         return self.shards[0]
 
     @property
@@ -118,8 +122,12 @@ class Checkpoint:
         return to_text(self)
 
     def __repr__(self) -> str:
-        return (f"<Checkpoint {self.spec.family} {self.layout.describe()}: {len(self.tensors)} tensors, "
-                f"{self.nbytes} bytes" + (f", optimizer state {', '.join(self.states)}" if self.states else "") + ">")
+        return (
+            f"<Checkpoint {self.spec.family} {self.layout.describe()}: {len(self.tensors)} tensors, "
+            f"{self.nbytes} bytes"
+            + (f", optimizer state {', '.join(self.states)}" if self.states else "")
+            + ">"
+        )
 
     def with_tensors(self, tensors: dict[str, TensorNode], **changes: Any) -> Checkpoint:
         return attrs.evolve(self, tensors=tensors, **changes)
@@ -141,13 +149,17 @@ def shard_expr(expr: E.Expr, split: Split, tp: int) -> list[E.Expr]:
     """Cut a whole tensor into TP shards by ``split`` (rank r takes its part of every block)."""
     n = expr.shape[split.dim]
     if n % (split.blocks * tp):
-        raise VerifyError(f"dim {split.dim} of size {n} does not split into {split.blocks} blocks x {tp} ranks")
+        raise VerifyError(
+            f"dim {split.dim} of size {n} does not split into {split.blocks} blocks x {tp} ranks"
+        )
     block = n // split.blocks
     part = block // tp
     out = []
     for r in range(tp):
-        pieces = [E.Slice(expr, split.dim, b * block + r * part, b * block + (r + 1) * part)
-                  for b in range(split.blocks)]
+        pieces = [
+            E.Slice(expr, split.dim, b * block + r * part, b * block + (r + 1) * part)
+            for b in range(split.blocks)
+        ]
         out.append(E.simplify(pieces[0] if len(pieces) == 1 else E.Concat(tuple(pieces), split.dim)))
     return out
 
@@ -159,4 +171,3 @@ def gather_exprs(shards: tuple[E.Expr, ...], split: Split) -> E.Expr:
     pieces = [E.Slice(s, split.dim, b * part, (b + 1) * part) for b in range(split.blocks) for s in shards]
     # order: block-major, then rank
     return E.simplify(E.Concat(tuple(pieces), split.dim)) if tp * split.blocks > 1 else shards[0]
-

@@ -102,8 +102,10 @@ class Load(Expr):
     def __attrs_post_init__(self) -> None:
         if self.rows is not None:
             a, b = self.rows
-            _check(bool(self.full_shape) and 0 <= a <= b <= self.full_shape[0],
-                   f"row range {self.rows} outside {self.key} {self.full_shape}")
+            _check(
+                bool(self.full_shape) and 0 <= a <= b <= self.full_shape[0],
+                f"row range {self.rows} outside {self.key} {self.full_shape}",
+            )
 
     @property
     def shape(self) -> Shape:
@@ -135,8 +137,10 @@ class Slice(Expr):
 
     def __attrs_post_init__(self) -> None:
         _check(0 <= self.dim < len(self.x.shape), f"slice dim {self.dim} out of range for {self.x.shape}")
-        _check(0 <= self.start <= self.stop <= self.x.shape[self.dim],
-               f"slice [{self.start}:{self.stop}] outside dim {self.dim} of shape {self.x.shape}")
+        _check(
+            0 <= self.start <= self.stop <= self.x.shape[self.dim],
+            f"slice [{self.start}:{self.stop}] outside dim {self.dim} of shape {self.x.shape}",
+        )
 
     @property
     def shape(self) -> Shape:
@@ -163,9 +167,11 @@ class Concat(Expr):
         ref = self.xs[0]
         for x in self.xs[1:]:
             _check(x.dtype == ref.dtype, f"concat of mixed dtypes {ref.dtype} and {x.dtype}")
-            _check(len(x.shape) == len(ref.shape) and all(
-                a == b for d, (a, b) in enumerate(zip(x.shape, ref.shape)) if d != self.dim),
-                f"concat on dim {self.dim} of incompatible shapes {ref.shape} and {x.shape}")
+            _check(
+                len(x.shape) == len(ref.shape)
+                and all(a == b for d, (a, b) in enumerate(zip(x.shape, ref.shape)) if d != self.dim),
+                f"concat on dim {self.dim} of incompatible shapes {ref.shape} and {x.shape}",
+            )
 
     @property
     def shape(self) -> Shape:
@@ -188,8 +194,10 @@ class Reshape(Expr):
     new_shape: Shape = attrs.field(converter=_shape)
 
     def __attrs_post_init__(self) -> None:
-        _check(math.prod(self.new_shape) == self.x.numel,
-               f"reshape {self.x.shape} -> {self.new_shape} changes the element count")
+        _check(
+            math.prod(self.new_shape) == self.x.numel,
+            f"reshape {self.x.shape} -> {self.new_shape} changes the element count",
+        )
 
     @property
     def shape(self) -> Shape:
@@ -299,8 +307,10 @@ class Matmul(Expr):
     b: Expr
 
     def __attrs_post_init__(self) -> None:
-        _check(len(self.a.shape) == 2 and len(self.b.shape) == 2 and self.a.shape[1] == self.b.shape[0],
-               f"matmul of shapes {self.a.shape} and {self.b.shape}")
+        _check(
+            len(self.a.shape) == 2 and len(self.b.shape) == 2 and self.a.shape[1] == self.b.shape[0],
+            f"matmul of shapes {self.a.shape} and {self.b.shape}",
+        )
 
     @property
     def shape(self) -> Shape:
@@ -345,8 +355,10 @@ class RowRescale(Expr):
     magnitude: Expr
 
     def __attrs_post_init__(self) -> None:
-        _check(len(self.x.shape) == 2 and self.magnitude.shape == self.x.shape[:1],
-               f"row rescale of {self.x.shape} by a magnitude of shape {self.magnitude.shape}")
+        _check(
+            len(self.x.shape) == 2 and self.magnitude.shape == self.x.shape[:1],
+            f"row rescale of {self.x.shape} by a magnitude of shape {self.magnitude.shape}",
+        )
 
     @property
     def shape(self) -> Shape:
@@ -455,8 +467,13 @@ def _rewrite_concat(e: Concat) -> Expr:
 def _join(a: Expr, b: Expr, dim: int) -> Expr | None:
     """Two adjacent ranges (along ``dim``) of one tensor become one: row ranges of a load, or
     slices of one node."""
-    if isinstance(a, Slice) and isinstance(b, Slice) and a.x == b.x and a.dim == b.dim == dim \
-            and a.stop == b.start:
+    if (
+        isinstance(a, Slice)
+        and isinstance(b, Slice)
+        and a.x == b.x
+        and a.dim == b.dim == dim
+        and a.stop == b.start
+    ):
         return Slice(a.x, dim, a.start, b.stop)
     if dim != 0 or not (isinstance(a, Load) and isinstance(b, Load)):
         return None
@@ -483,7 +500,7 @@ def _rewrite_slice(e: Slice) -> Expr:
         return attrs.evolve(x, rows=(base + a, base + b))
     if isinstance(x, Load) and d > 0 and all(n == 1 for n in x.shape[:d]):
         # leading singleton dims: a slice on d is a contiguous row range after a reshape
-        inner = math.prod(x.shape[d + 1:])
+        inner = math.prod(x.shape[d + 1 :])
         flat = Reshape(x, (x.numel // inner, inner) if inner else (x.numel, 1))
         rows = Slice(flat, 0, a, b) if inner else flat
         return Reshape(rows, e.shape)
@@ -603,8 +620,10 @@ class Reader:
         while done < want:
             n = os.preadv(fd, [buf[done:]], start + done)
             if n <= 0:
-                raise FormatError(f"{path}: file ends at byte {start + done}, expected {want - done} more "
-                                  f"bytes; the file is truncated: re-download or re-save it")
+                raise FormatError(
+                    f"{path}: file ends at byte {start + done}, expected {want - done} more "
+                    f"bytes; the file is truncated: re-download or re-save it"
+                )
             done += n
         self.bytes_read += want
 
@@ -660,7 +679,9 @@ def evaluate_raw(expr: Expr, reader: Reader, *, scratch: str | None = None):
 
     def result():
         if scratch:
-            return np.frombuffer(reader.scratch(expr.nbytes, scratch), dtype=raw_dtype(expr.dtype)).reshape(expr.shape)
+            return np.frombuffer(reader.scratch(expr.nbytes, scratch), dtype=raw_dtype(expr.dtype)).reshape(
+                expr.shape
+            )
         return np.empty(expr.shape, dtype=raw_dtype(expr.dtype))
 
     if _fillable(expr):
@@ -669,8 +690,13 @@ def evaluate_raw(expr: Expr, reader: Reader, *, scratch: str | None = None):
         return out
     if isinstance(expr, Concat):
         return np.concatenate([evaluate_raw(x, reader) for x in expr.xs], axis=expr.dim)
-    if isinstance(expr, Slice) and expr.dim == 0 and isinstance(expr.x, PadRows) and expr.x.zero \
-            and expr.start >= expr.x.x.shape[0]:  # zero padding only: nothing to read
+    if (
+        isinstance(expr, Slice)
+        and expr.dim == 0
+        and isinstance(expr.x, PadRows)
+        and expr.x.zero
+        and expr.start >= expr.x.x.shape[0]
+    ):  # zero padding only: nothing to read
         return np.zeros(expr.shape, dtype=raw_dtype(expr.dtype))
     if isinstance(expr, Slice):
         x = evaluate_raw(expr.x, reader)
@@ -691,7 +717,9 @@ def evaluate_raw(expr: Expr, reader: Reader, *, scratch: str | None = None):
     from ckpt_ir.ir import casts
 
     out = result()
-    if isinstance(expr, Cast) and casts.supported(expr.x.dtype, expr.to) and MATH_DEVICE is None:  # numpy casts
+    if (
+        isinstance(expr, Cast) and casts.supported(expr.x.dtype, expr.to) and MATH_DEVICE is None
+    ):  # numpy casts
         # the input in a reused buffer too: one per slot name without its trailing digit (the
         # writers alternate "block0" and "block1" results but evaluate one block at a time)
         inputs = scratch and scratch.rstrip("0123456789") + "-input"
@@ -716,8 +744,12 @@ def needs_torch(expr: Expr) -> bool:
     """Whether evaluating ``expr`` runs torch (the LoRA arithmetic, casts numpy cannot do)."""
     from ckpt_ir.ir import casts
 
-    return any(isinstance(n, (Add, Matmul, Scale, RowRescale)) or isinstance(n, Cast) and
-               (MATH_DEVICE is not None or not casts.supported(n.x.dtype, n.to)) for n in walk(expr))
+    return any(
+        isinstance(n, (Add, Matmul, Scale, RowRescale))
+        or isinstance(n, Cast)
+        and (MATH_DEVICE is not None or not casts.supported(n.x.dtype, n.to))
+        for n in walk(expr)
+    )
 
 
 def start_torch() -> None:
@@ -819,10 +851,15 @@ def _merge_by_tiles(w: Expr, b: Expr, a: Expr, factor: float | None, reader: Rea
     bf, af = _fp32(b, reader), _fp32(a, reader)
     cols = math.prod(w.shape[1:])
     tile = 2 * MATMUL_ROWS * cols
-    acc_buf, w32_buf = (to_torch_tensor(np.frombuffer(reader.scratch(tile * 4, slot), dtype=np.int32), "F32")
-                        for slot in ("acc", "addend"))
+    acc_buf, w32_buf = (
+        to_torch_tensor(np.frombuffer(reader.scratch(tile * 4, slot), dtype=np.int32), "F32")
+        for slot in ("acc", "addend")
+    )
     for lo, hi in matmul_tiles(w.shape[0], MATMUL_ROWS):
-        acc, w32 = acc_buf[: (hi - lo) * cols].view(hi - lo, -1), w32_buf[: (hi - lo) * cols].view(hi - lo, -1)
+        acc, w32 = (
+            acc_buf[: (hi - lo) * cols].view(hi - lo, -1),
+            w32_buf[: (hi - lo) * cols].view(hi - lo, -1),
+        )
         torch.mm(bf[lo:hi], af, out=acc)
         if factor is not None:
             acc.mul_(factor)
@@ -890,4 +927,3 @@ def _fill(expr: Expr, out, reader: Reader) -> None:
             pos += n
         return
     out[...] = evaluate_raw(expr, reader)
-

@@ -41,4 +41,3 @@ def expression_graph(ckpt: Checkpoint) -> nx.DiGraph:
         for s in t.shards:
             g.add_edge(node(s), name)
     return g
-

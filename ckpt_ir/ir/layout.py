@@ -26,7 +26,9 @@ class Layout:
     tp: int = 1
     pp: int = 1
     vpp_layers: int | None = None  # layers per virtual pipeline stage (Megatron's Lv)
-    num_layer_list: tuple[int, ...] | None = attrs.field(default=None, converter=attrs.converters.optional(tuple))
+    num_layer_list: tuple[int, ...] | None = attrs.field(
+        default=None, converter=attrs.converters.optional(tuple)
+    )
     noop_layers: tuple[int, ...] = attrs.field(default=(), converter=lambda v: tuple(sorted(v)))
     padded_vocab: int | None = None  # rows of embedding / output layer when padded
     fused_qkv: bool = False
@@ -43,23 +45,35 @@ class Layout:
         if self.vpp_layers is not None and self.vpp_layers < 1:
             raise LayoutError(f"layout: --vpp-layers must be >= 1, got {self.vpp_layers}")
         if self.vpp_layers is not None and self.num_layer_list is not None:
-            raise LayoutError("layout: a virtual pipeline (--vpp-layers) and --num-layer-list cannot be combined")
+            raise LayoutError(
+                "layout: a virtual pipeline (--vpp-layers) and --num-layer-list cannot be combined"
+            )
         if self.num_layer_list is not None and self.noop_layers:
-            raise LayoutError("layout: --noop-layers and --num-layer-list cannot be combined (Megatron rejects it)")
+            raise LayoutError(
+                "layout: --noop-layers and --num-layer-list cannot be combined (Megatron rejects it)"
+            )
         if self.num_layer_list is not None:
             if len(self.num_layer_list) != self.pp:
-                raise LayoutError(f"layout: --num-layer-list has {len(self.num_layer_list)} entries but "
-                                  f"pipeline parallel size is {self.pp}; give one layer count per stage")
+                raise LayoutError(
+                    f"layout: --num-layer-list has {len(self.num_layer_list)} entries but "
+                    f"pipeline parallel size is {self.pp}; give one layer count per stage"
+                )
             if any(n < 1 for n in self.num_layer_list):
-                raise LayoutError(f"layout: --num-layer-list {list(self.num_layer_list)} has a stage with no layers")
+                raise LayoutError(
+                    f"layout: --num-layer-list {list(self.num_layer_list)} has a stage with no layers"
+                )
         if self.vpp_layers is not None and self.pp < 2:
             raise LayoutError("layout: a virtual pipeline (--vpp-layers) needs pipeline parallel size >= 2")
         if self.ep < 1:
             raise LayoutError(f"layout: expert parallel size must be >= 1, got {self.ep}")
         if self.etp is not None and self.etp not in (1, self.tp):
-            raise LayoutError(f"layout: expert tensor parallel size must be 1 or the TP size {self.tp}, got {self.etp}")
+            raise LayoutError(
+                f"layout: expert tensor parallel size must be 1 or the TP size {self.tp}, got {self.etp}"
+            )
         if any(i < 0 for i in self.noop_layers) or len(set(self.noop_layers)) != len(self.noop_layers):
-            raise LayoutError(f"layout: --noop-layers {list(self.noop_layers)} must be distinct non-negative indices")
+            raise LayoutError(
+                f"layout: --noop-layers {list(self.noop_layers)} must be distinct non-negative indices"
+            )
 
     @property
     def expert_tp(self) -> int:
@@ -112,49 +126,73 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
     total = mcore_num_layers(spec, layout)
     if layout.tp > 1:
         if spec.num_heads % layout.tp:
-            raise LayoutError(f"layout: {spec.num_heads} attention heads are not divisible by tensor parallel "
-                              f"size {layout.tp}; choose a TP that divides the head count")
+            raise LayoutError(
+                f"layout: {spec.num_heads} attention heads are not divisible by tensor parallel "
+                f"size {layout.tp}; choose a TP that divides the head count"
+            )
         if spec.num_kv_heads % layout.tp:
-            raise LayoutError(f"layout: {spec.num_kv_heads} query groups (KV heads) are not divisible by tensor "
-                              f"parallel size {layout.tp}; choose a TP that divides the KV head count")
+            raise LayoutError(
+                f"layout: {spec.num_kv_heads} query groups (KV heads) are not divisible by tensor "
+                f"parallel size {layout.tp}; choose a TP that divides the KV head count"
+            )
         has_dense_mlp = spec.num_experts == 0 or bool(spec.dense_layers)
         if has_dense_mlp and spec.ffn_hidden_size % layout.tp:
-            raise LayoutError(f"layout: ffn hidden size {spec.ffn_hidden_size} is not divisible by tensor "
-                              f"parallel size {layout.tp}")
+            raise LayoutError(
+                f"layout: ffn hidden size {spec.ffn_hidden_size} is not divisible by tensor "
+                f"parallel size {layout.tp}"
+            )
         rows = layout.padded_vocab or spec.vocab_size
         if rows % layout.tp:
-            raise LayoutError(f"layout: vocabulary of {rows} rows does not split evenly over tensor parallel size "
-                              f"{layout.tp}; pass --make-vocab-size-divisible-by to pad it")
+            raise LayoutError(
+                f"layout: vocabulary of {rows} rows does not split evenly over tensor parallel size "
+                f"{layout.tp}; pass --make-vocab-size-divisible-by to pad it"
+            )
     if (layout.ep > 1 or layout.grouped_gemm) and not spec.num_experts:
         raise LayoutError("layout: expert parallelism / grouped GEMM need a mixture-of-experts model")
     if spec.num_experts:
         if spec.num_experts % layout.ep:
-            raise LayoutError(f"layout: {spec.num_experts} experts are not divisible by expert parallel size "
-                              f"{layout.ep}; choose an EP that divides the expert count")
+            raise LayoutError(
+                f"layout: {spec.num_experts} experts are not divisible by expert parallel size "
+                f"{layout.ep}; choose an EP that divides the expert count"
+            )
         etp = layout.expert_tp
         if etp > 1 and spec.moe_ffn_hidden_size % etp:
-            raise LayoutError(f"layout: expert ffn size {spec.moe_ffn_hidden_size} is not divisible by expert "
-                              f"tensor parallel size {etp}")
+            raise LayoutError(
+                f"layout: expert ffn size {spec.moe_ffn_hidden_size} is not divisible by expert "
+                f"tensor parallel size {etp}"
+            )
         if layout.tp > 1 and spec.shared_ffn_hidden_size % layout.tp:
-            raise LayoutError(f"layout: shared expert ffn size {spec.shared_ffn_hidden_size} is not divisible by "
-                              f"tensor parallel size {layout.tp}")
+            raise LayoutError(
+                f"layout: shared expert ffn size {spec.shared_ffn_hidden_size} is not divisible by "
+                f"tensor parallel size {layout.tp}"
+            )
     if layout.padded_vocab is not None and layout.padded_vocab < spec.vocab_size:
-        raise LayoutError(f"layout: padded vocab {layout.padded_vocab} is smaller than the vocabulary {spec.vocab_size}")
+        raise LayoutError(
+            f"layout: padded vocab {layout.padded_vocab} is smaller than the vocabulary {spec.vocab_size}"
+        )
     bad = [i for i in layout.noop_layers if i >= total]
     if bad:
-        raise LayoutError(f"layout: no-op layer indices {bad} are outside the {total} Megatron layers "
-                          f"({spec.num_layers} real + {len(layout.noop_layers)} no-op)")
+        raise LayoutError(
+            f"layout: no-op layer indices {bad} are outside the {total} Megatron layers "
+            f"({spec.num_layers} real + {len(layout.noop_layers)} no-op)"
+        )
     if layout.num_layer_list is not None:
         if sum(layout.num_layer_list) != total:
-            raise LayoutError(f"layout: --num-layer-list {list(layout.num_layer_list)} sums to "
-                              f"{sum(layout.num_layer_list)} but the model has {total} layers")
+            raise LayoutError(
+                f"layout: --num-layer-list {list(layout.num_layer_list)} sums to "
+                f"{sum(layout.num_layer_list)} but the model has {total} layers"
+            )
     elif layout.vpp_layers is not None:
         if total % (layout.pp * layout.vpp_layers):
-            raise LayoutError(f"layout: {total} layers do not split into pipeline size {layout.pp} x "
-                              f"{layout.vpp_layers} layers per virtual stage")
+            raise LayoutError(
+                f"layout: {total} layers do not split into pipeline size {layout.pp} x "
+                f"{layout.vpp_layers} layers per virtual stage"
+            )
     elif total % layout.pp:
-        raise LayoutError(f"layout: {total} layers do not split evenly over pipeline parallel size {layout.pp}; "
-                          f"pass --num-layer-list to give each stage its count")
+        raise LayoutError(
+            f"layout: {total} layers do not split evenly over pipeline parallel size {layout.pp}; "
+            f"pass --num-layer-list to give each stage its count"
+        )
 
 
 def expert_rank_files(layout: Layout) -> list[tuple[int, int]]:
@@ -168,7 +206,9 @@ def expert_rank_files(layout: Layout) -> list[tuple[int, int]]:
         return [(t, t % ep) for t in range(tp)]
     if ep % tp == 0:
         return [(e % tp, e) for e in range(ep)]
-    raise LayoutError(f"layout: with expert tensor parallel size 1, TP {tp} and EP {ep} must divide one another")
+    raise LayoutError(
+        f"layout: with expert tensor parallel size 1, TP {tp} and EP {ep} must divide one another"
+    )
 
 
 def expert_owner(spec: ModelSpec, layout: Layout, expert: int) -> tuple[int, int]:

@@ -37,7 +37,9 @@ COLUMN_BLOCKS2 = Split(0, 2)
 
 # tensors with one row per vocabulary entry (padded and trimmed together); DeepSeek's MTP layers
 # carry their own copies of the embedding and output layer
-VOCAB_ROLES = frozenset({"embed.weight", "lm_head.weight", "layers.{i}.mtp.embed.weight", "layers.{i}.mtp.head.weight"})
+VOCAB_ROLES = frozenset(
+    {"embed.weight", "lm_head.weight", "layers.{i}.mtp.embed.weight", "layers.{i}.mtp.head.weight"}
+)
 LORA_SUFFIXES = (".lora_a.weight", ".lora_b.weight", ".lora_magnitude.weight")
 SAVED = ".lora_saved."
 

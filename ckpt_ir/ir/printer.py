@@ -16,12 +16,17 @@ __all__ = ["describe", "render", "to_text", "to_json", "to_dot"]
 
 def to_text(ckpt: Checkpoint) -> str:
     # unset optional features (MoE, MLA, MTP, LoRA fields at 0 / None / False) are left out
-    shown = {k: v for k, v in ckpt.spec.summary().items()
-             if k != "family" and v not in (0, None, False, ()) or k in ("qkv_bias", "tied_embeddings")}
-    lines = [f"// source: {ckpt.source}", f"// spec: {ckpt.spec.family} " + " ".join(
-        f"{k}={v}" for k, v in shown.items()),
+    shown = {
+        k: v
+        for k, v in ckpt.spec.summary().items()
+        if k != "family" and v not in (0, None, False, ()) or k in ("qkv_bias", "tied_embeddings")
+    }
+    lines = [
+        f"// source: {ckpt.source}",
+        f"// spec: {ckpt.spec.family} " + " ".join(f"{k}={v}" for k, v in shown.items()),
         f"// layout: {ckpt.layout.describe()}",
-        f"// tensors: {len(ckpt.tensors)}  bytes: {ckpt.nbytes}"]
+        f"// tensors: {len(ckpt.tensors)}  bytes: {ckpt.nbytes}",
+    ]
     if ckpt.states:
         lines.append(f"// optimizer state: {', '.join(ckpt.states)} (rows named <state>:<tensor>)")
     rows = []
@@ -63,11 +68,18 @@ def expr_json(e: E.Expr) -> dict[str, Any]:
 
 def to_json(ckpt: Checkpoint) -> str:
     def tensor_list(tensors) -> list[dict[str, Any]]:
-        return [{
-            "name": name, "shape": list(t.shape), "dtype": t.dtype,
-            "split": None if t.split is None or t.tp == 1 else {"dim": t.split.dim, "blocks": t.split.blocks, "tp": t.tp},
-            "shards": [expr_json(s) for s in t.shards],
-        } for name, t in tensors.items()]
+        return [
+            {
+                "name": name,
+                "shape": list(t.shape),
+                "dtype": t.dtype,
+                "split": None
+                if t.split is None or t.tp == 1
+                else {"dim": t.split.dim, "blocks": t.split.blocks, "tp": t.tp},
+                "shards": [expr_json(s) for s in t.shards],
+            }
+            for name, t in tensors.items()
+        ]
 
     doc = {
         "source": ckpt.source,

@@ -77,14 +77,25 @@ def _mtp(s: ModelSpec, lay: Layout, i: int) -> bool:
     return i >= s.num_layers
 
 
-def _mlp_roles(prefix: str, width: Callable[[ModelSpec], int], present: Callable[[bool], Presence]) -> list[Role]:
+def _mlp_roles(
+    prefix: str, width: Callable[[ModelSpec], int], present: Callable[[bool], Presence]
+) -> list[Role]:
     """gate / up / fused gate_up / down of a gated MLP (the dense one, an expert, the shared one)."""
     return [
         Role(prefix + "gate.weight", COLUMN, lambda s, lay: (width(s), s.hidden_size), present(False)),
         Role(prefix + "up.weight", COLUMN, lambda s, lay: (width(s), s.hidden_size), present(False)),
-        Role(prefix + "gate_up.weight", COLUMN_BLOCKS2, lambda s, lay: (2 * width(s), s.hidden_size), present(True)),
-        Role(prefix + "down.weight", ROW, lambda s, lay: (s.hidden_size, width(s)),
-             lambda s, lay, i: present(False)(s, lay, i) or present(True)(s, lay, i)),
+        Role(
+            prefix + "gate_up.weight",
+            COLUMN_BLOCKS2,
+            lambda s, lay: (2 * width(s), s.hidden_size),
+            present(True),
+        ),
+        Role(
+            prefix + "down.weight",
+            ROW,
+            lambda s, lay: (s.hidden_size, width(s)),
+            lambda s, lay, i: present(False)(s, lay, i) or present(True)(s, lay, i),
+        ),
     ]
 
 
@@ -105,23 +116,68 @@ def _qkv_rows(s: ModelSpec, lay: Layout) -> int:
 
 _BUILTIN: list[Role] = [
     Role("embed.weight", COLUMN, lambda s, lay: (_vocab(s, lay), s.hidden_size)),
-    Role("lm_head.weight", COLUMN, lambda s, lay: (_vocab(s, lay), s.hidden_size), lambda s, lay, i: s.untied),
-    Role("lm_head.bias", COLUMN, lambda s, lay: (_vocab(s, lay),), lambda s, lay, i: s.untied and s.lm_head_bias),
+    Role(
+        "lm_head.weight", COLUMN, lambda s, lay: (_vocab(s, lay), s.hidden_size), lambda s, lay, i: s.untied
+    ),
+    Role(
+        "lm_head.bias",
+        COLUMN,
+        lambda s, lay: (_vocab(s, lay),),
+        lambda s, lay, i: s.untied and s.lm_head_bias,
+    ),
     Role("final_norm.weight", None, lambda s, lay: (s.hidden_size,)),
     Role("final_norm.bias", None, lambda s, lay: (s.hidden_size,), _norm_bias),
     Role(L + "attn_norm.weight", None, lambda s, lay: (s.hidden_size,)),
     Role(L + "attn_norm.bias", None, lambda s, lay: (s.hidden_size,), _norm_bias),
     # attention: separate q/k/v (MLA without q-LoRA projects q directly), or Megatron's fused qkv
-    Role(L + "attn.q.weight", COLUMN, lambda s, lay: (_q_rows(s, lay), s.hidden_size),
-         lambda s, lay, i: not lay.fused_qkv and not (s.mla and s.q_lora_rank)),
-    Role(L + "attn.k.weight", COLUMN, lambda s, lay: (s.kv_size, s.hidden_size), _gqa(lambda s, lay: not lay.fused_qkv)),
-    Role(L + "attn.v.weight", COLUMN, lambda s, lay: (s.kv_size, s.hidden_size), _gqa(lambda s, lay: not lay.fused_qkv)),
-    Role(L + "attn.q.bias", COLUMN, lambda s, lay: (s.q_size,), _gqa(lambda s, lay: s.qkv_bias and not lay.fused_qkv)),
-    Role(L + "attn.k.bias", COLUMN, lambda s, lay: (s.kv_size,), _gqa(lambda s, lay: s.qkv_bias and not lay.fused_qkv)),
-    Role(L + "attn.v.bias", COLUMN, lambda s, lay: (s.kv_size,), _gqa(lambda s, lay: s.qkv_bias and not lay.fused_qkv)),
-    Role(L + "attn.qkv.weight", COLUMN, lambda s, lay: (_qkv_rows(s, lay), s.hidden_size),
-         _gqa(lambda s, lay: lay.fused_qkv)),
-    Role(L + "attn.qkv.bias", COLUMN, lambda s, lay: (_qkv_rows(s, lay),), _gqa(lambda s, lay: s.qkv_bias and lay.fused_qkv)),
+    Role(
+        L + "attn.q.weight",
+        COLUMN,
+        lambda s, lay: (_q_rows(s, lay), s.hidden_size),
+        lambda s, lay, i: not lay.fused_qkv and not (s.mla and s.q_lora_rank),
+    ),
+    Role(
+        L + "attn.k.weight",
+        COLUMN,
+        lambda s, lay: (s.kv_size, s.hidden_size),
+        _gqa(lambda s, lay: not lay.fused_qkv),
+    ),
+    Role(
+        L + "attn.v.weight",
+        COLUMN,
+        lambda s, lay: (s.kv_size, s.hidden_size),
+        _gqa(lambda s, lay: not lay.fused_qkv),
+    ),
+    Role(
+        L + "attn.q.bias",
+        COLUMN,
+        lambda s, lay: (s.q_size,),
+        _gqa(lambda s, lay: s.qkv_bias and not lay.fused_qkv),
+    ),
+    Role(
+        L + "attn.k.bias",
+        COLUMN,
+        lambda s, lay: (s.kv_size,),
+        _gqa(lambda s, lay: s.qkv_bias and not lay.fused_qkv),
+    ),
+    Role(
+        L + "attn.v.bias",
+        COLUMN,
+        lambda s, lay: (s.kv_size,),
+        _gqa(lambda s, lay: s.qkv_bias and not lay.fused_qkv),
+    ),
+    Role(
+        L + "attn.qkv.weight",
+        COLUMN,
+        lambda s, lay: (_qkv_rows(s, lay), s.hidden_size),
+        _gqa(lambda s, lay: lay.fused_qkv),
+    ),
+    Role(
+        L + "attn.qkv.bias",
+        COLUMN,
+        lambda s, lay: (_qkv_rows(s, lay),),
+        _gqa(lambda s, lay: s.qkv_bias and lay.fused_qkv),
+    ),
     Role(L + "attn.o.weight", ROW, lambda s, lay: (s.hidden_size, _o_cols(s, lay))),
     # a row-parallel layer's bias is added once after the reduction: whole on every TP rank
     Role(L + "attn.o.bias", None, lambda s, lay: (s.hidden_size,), lambda s, lay, i: s.o_bias),
@@ -130,7 +186,9 @@ _BUILTIN: list[Role] = [
     # full-width q/k norms (one weight over all heads): split over TP with the heads they scale
     # (Megatron-Bridge's MiniMax-M2 layout; the module all-reduces the sum of squares)
     Role(L + "attn.q_full_norm.weight", COLUMN, lambda s, lay: (s.q_size,), lambda s, lay, i: s.qk_full_norm),
-    Role(L + "attn.k_full_norm.weight", COLUMN, lambda s, lay: (s.kv_size,), lambda s, lay, i: s.qk_full_norm),
+    Role(
+        L + "attn.k_full_norm.weight", COLUMN, lambda s, lay: (s.kv_size,), lambda s, lay, i: s.qk_full_norm
+    ),
     Role(L + "post_attn_norm.weight", None, lambda s, lay: (s.hidden_size,), lambda s, lay, i: s.post_norms),
     Role(L + "mlp_norm.weight", None, lambda s, lay: (s.hidden_size,)),
     Role(L + "mlp_norm.bias", None, lambda s, lay: (s.hidden_size,), _norm_bias),
@@ -140,26 +198,61 @@ _BUILTIN: list[Role] = [
     # Expert tensors follow the dense MLP rules; with expert TP = 1 the shard pass leaves them whole.
     Role(L + "mlp.router.weight", None, lambda s, lay: (s.num_experts, s.hidden_size), _moe()),
     Role(L + "mlp.router.bias", None, lambda s, lay: (s.num_experts,), _moe(lambda s, lay: s.router_bias)),
-    *_mlp_roles(L + "mlp.experts.{e}.", lambda s: s.moe_ffn_hidden_size,
-                lambda fused: _moe(lambda s, lay: lay.fused_gate_up == fused)),
-    *_mlp_roles(L + "mlp.shared.", lambda s: s.shared_ffn_hidden_size,
-                lambda fused: _moe(lambda s, lay: bool(s.shared_ffn_hidden_size) and lay.fused_gate_up == fused)),
-    Role(L + "mlp.shared_gate.weight", None, lambda s, lay: (1, s.hidden_size), _moe(lambda s, lay: s.shared_expert_gate)),
+    *_mlp_roles(
+        L + "mlp.experts.{e}.",
+        lambda s: s.moe_ffn_hidden_size,
+        lambda fused: _moe(lambda s, lay: lay.fused_gate_up == fused),
+    ),
+    *_mlp_roles(
+        L + "mlp.shared.",
+        lambda s: s.shared_ffn_hidden_size,
+        lambda fused: _moe(lambda s, lay: bool(s.shared_ffn_hidden_size) and lay.fused_gate_up == fused),
+    ),
+    Role(
+        L + "mlp.shared_gate.weight",
+        None,
+        lambda s, lay: (1, s.hidden_size),
+        _moe(lambda s, lay: s.shared_expert_gate),
+    ),
     # multi-latent attention (DeepSeek): low-rank q and kv projections; Megatron fuses the two
     # down-projections into one replicated linear_qkv ("qkv_a") and splits the up-projections
-    Role(L + "attn.q_a.weight", None, lambda s, lay: (s.q_lora_rank, s.hidden_size),
-         _mla(lambda s, lay: bool(s.q_lora_rank) and not lay.fused_qkv)),
-    Role(L + "attn.q_a_norm.weight", None, lambda s, lay: (s.q_lora_rank,), _mla(lambda s, lay: bool(s.q_lora_rank))),
-    Role(L + "attn.q_b.weight", COLUMN, lambda s, lay: (s.mla_q_size, s.q_lora_rank),
-         _mla(lambda s, lay: bool(s.q_lora_rank))),
-    Role(L + "attn.kv_a.weight", None, lambda s, lay: (s.kv_lora_rank + s.qk_rope_dim, s.hidden_size),
-         _mla(lambda s, lay: not lay.fused_qkv)),
+    Role(
+        L + "attn.q_a.weight",
+        None,
+        lambda s, lay: (s.q_lora_rank, s.hidden_size),
+        _mla(lambda s, lay: bool(s.q_lora_rank) and not lay.fused_qkv),
+    ),
+    Role(
+        L + "attn.q_a_norm.weight",
+        None,
+        lambda s, lay: (s.q_lora_rank,),
+        _mla(lambda s, lay: bool(s.q_lora_rank)),
+    ),
+    Role(
+        L + "attn.q_b.weight",
+        COLUMN,
+        lambda s, lay: (s.mla_q_size, s.q_lora_rank),
+        _mla(lambda s, lay: bool(s.q_lora_rank)),
+    ),
+    Role(
+        L + "attn.kv_a.weight",
+        None,
+        lambda s, lay: (s.kv_lora_rank + s.qk_rope_dim, s.hidden_size),
+        _mla(lambda s, lay: not lay.fused_qkv),
+    ),
     Role(L + "attn.kv_a_norm.weight", None, lambda s, lay: (s.kv_lora_rank,), _mla(lambda s, lay: True)),
-    Role(L + "attn.kv_b.weight", COLUMN, lambda s, lay: (s.num_heads * (s.qk_nope_dim + s.v_head_dim), s.kv_lora_rank),
-         _mla(lambda s, lay: True)),
-    Role(L + "attn.qkv_a.weight", None,
-         lambda s, lay: ((s.q_lora_rank or s.mla_q_size) + s.kv_lora_rank + s.qk_rope_dim, s.hidden_size),
-         _mla(lambda s, lay: lay.fused_qkv)),
+    Role(
+        L + "attn.kv_b.weight",
+        COLUMN,
+        lambda s, lay: (s.num_heads * (s.qk_nope_dim + s.v_head_dim), s.kv_lora_rank),
+        _mla(lambda s, lay: True),
+    ),
+    Role(
+        L + "attn.qkv_a.weight",
+        None,
+        lambda s, lay: ((s.q_lora_rank or s.mla_q_size) + s.kv_lora_rank + s.qk_rope_dim, s.hidden_size),
+        _mla(lambda s, lay: lay.fused_qkv),
+    ),
     # multi-token prediction: layers numbered after the main ones carry these besides a full
     # transformer layer; embed and head are the main model's (shared in Megatron)
     Role(L + "mtp.enorm.weight", None, lambda s, lay: (s.hidden_size,), _mtp),
@@ -175,9 +268,25 @@ _BUILTIN: list[Role] = [
 # A column-parallel target keeps A whole and splits B and the magnitude like the weight; a
 # row-parallel target splits A like the weight (dim 1) and keeps B and the magnitude whole.
 # The rank may differ per target (peft's rank_pattern): the verifier reads it from the tensor.
-LINEAR_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.gate", "mlp.up", "mlp.gate_up", "mlp.down",
-                  "mlp.experts.{e}.gate", "mlp.experts.{e}.up", "mlp.experts.{e}.gate_up", "mlp.experts.{e}.down",
-                  "mlp.shared.gate", "mlp.shared.up", "mlp.shared.gate_up", "mlp.shared.down")
+LINEAR_TARGETS = (
+    "attn.q",
+    "attn.k",
+    "attn.v",
+    "attn.qkv",
+    "attn.o",
+    "mlp.gate",
+    "mlp.up",
+    "mlp.gate_up",
+    "mlp.down",
+    "mlp.experts.{e}.gate",
+    "mlp.experts.{e}.up",
+    "mlp.experts.{e}.gate_up",
+    "mlp.experts.{e}.down",
+    "mlp.shared.gate",
+    "mlp.shared.up",
+    "mlp.shared.gate_up",
+    "mlp.shared.down",
+)
 
 _TABLE: dict[str, Role] = {}
 
@@ -201,9 +310,11 @@ def _lora_roles(target: Role) -> list[Role]:
     def m_shape(s: ModelSpec, lay: Layout) -> tuple[int, ...]:
         return target.shape(s, lay)[:1]
 
-    return [Role(base + ".lora_a.weight", None if rule.dim == 0 else ROW, a_shape, None),
-            Role(base + ".lora_b.weight", rule if rule.dim == 0 else None, b_shape, None),
-            Role(base + ".lora_magnitude.weight", rule if rule.dim == 0 else None, m_shape, None)]
+    return [
+        Role(base + ".lora_a.weight", None if rule.dim == 0 else ROW, a_shape, None),
+        Role(base + ".lora_b.weight", rule if rule.dim == 0 else None, b_shape, None),
+        Role(base + ".lora_magnitude.weight", rule if rule.dim == 0 else None, m_shape, None),
+    ]
 
 
 def _saved_role(target: Role) -> Role:
@@ -226,7 +337,9 @@ def register_role(*roles: Role, lora: bool = False) -> None:
 
 
 register_role(*_BUILTIN)
-register_role(*(r for r in _BUILTIN if r.template[len(L):] in {t + ".weight" for t in LINEAR_TARGETS}), lora=True)
+register_role(
+    *(r for r in _BUILTIN if r.template[len(L) :] in {t + ".weight" for t in LINEAR_TARGETS}), lora=True
+)
 
 
 def roles() -> Iterable[Role]:
@@ -245,7 +358,9 @@ def split_rule(name: str) -> Split | None:
     return r.split
 
 
-def expected_shape(spec: ModelSpec, layout: Layout, name: str, rank: int | None = None) -> tuple[int, ...] | None:
+def expected_shape(
+    spec: ModelSpec, layout: Layout, name: str, rank: int | None = None
+) -> tuple[int, ...] | None:
     """The full (unsharded) shape ``name`` must have; None when the role is unknown (the verifier
     reports it) or LoRA without a rank.  ``rank``: a LoRA factor's own rank (peft's rank_pattern
     gives targets different ranks), else the spec's."""
@@ -277,7 +392,13 @@ def expected_names(spec: ModelSpec, layout: Layout) -> set[str]:
     return names
 
 
-_TOP = {"embed.weight": 0, "final_norm.weight": 2, "final_norm.bias": 2, "lm_head.weight": 3, "lm_head.bias": 3}
+_TOP = {
+    "embed.weight": 0,
+    "final_norm.weight": 2,
+    "final_norm.bias": 2,
+    "lm_head.weight": 3,
+    "lm_head.bias": 3,
+}
 
 
 def canonical_order(name: str) -> tuple:

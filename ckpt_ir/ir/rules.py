@@ -66,15 +66,19 @@ class Stack:
             if name not in parts:
                 raise VerifyError(f"fusing {', '.join(self.sizes())}: part {name!r} is missing")
             if parts[name].shape[self.dim] != n:
-                raise VerifyError(f"fusing {', '.join(self.sizes())}: part {name!r} has {parts[name].shape[self.dim]} "
-                                  f"rows on dim {self.dim}, the rule expects {n}")
+                raise VerifyError(
+                    f"fusing {', '.join(self.sizes())}: part {name!r} has {parts[name].shape[self.dim]} "
+                    f"rows on dim {self.dim}, the rule expects {n}"
+                )
         xs = tuple(E.Slice(parts[pc.part], self.dim, pc.start, pc.start + pc.size) for pc in self.pieces)
         return E.simplify(xs[0] if len(xs) == 1 else E.Concat(xs, self.dim))
 
     def split(self, fused: E.Expr) -> dict[str, E.Expr]:
         if fused.shape[self.dim] != self.size:
-            raise VerifyError(f"splitting into {', '.join(self.sizes())}: the tensor has {fused.shape[self.dim]} rows "
-                              f"on dim {self.dim}, the rule expects {self.size}")
+            raise VerifyError(
+                f"splitting into {', '.join(self.sizes())}: the tensor has {fused.shape[self.dim]} rows "
+                f"on dim {self.dim}, the rule expects {self.size}"
+            )
         found: dict[str, list[tuple[int, E.Expr]]] = {p: [] for p in self.sizes()}
         pos = 0
         for pc in self.pieces:

@@ -49,7 +49,9 @@ class ModelSpec:
     moe_topk: int = 0
     moe_ffn_hidden_size: int = 0
     shared_ffn_hidden_size: int = 0  # 0: no shared experts
-    dense_layers: tuple[int, ...] = attrs.field(default=(), converter=_int_tuple)  # MoE model layers with a dense MLP
+    dense_layers: tuple[int, ...] = attrs.field(
+        default=(), converter=_int_tuple
+    )  # MoE model layers with a dense MLP
     # multi-latent attention (kv_lora_rank = 0: ordinary multi-head / grouped-query attention)
     q_lora_rank: int = 0  # 0: queries are projected directly (no q_a / q_b)
     kv_lora_rank: int = 0
@@ -74,8 +76,10 @@ class ModelSpec:
 
     def __attrs_post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
-            raise LayoutError(f"model spec: num_heads={self.num_heads} is not a multiple of "
-                              f"num_kv_heads={self.num_kv_heads}")
+            raise LayoutError(
+                f"model spec: num_heads={self.num_heads} is not a multiple of "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
 
     def lora_scale(self, target: str, rank: int) -> float:
         """The factor of ``B @ A`` for the LoRA on ``target`` (a canonical weight name) of rank

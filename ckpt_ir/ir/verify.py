@@ -39,7 +39,13 @@ def verify(ckpt: Checkpoint, after: str = "") -> None:
             raise VerifyError(f"{name}: separate q/k/v tensor in a layout with fused QKV{where}")
         if SEPARATE_GATE_UP.match(rest) and layout.fused_gate_up:
             raise VerifyError(f"{name}: separate gate/up tensor in a layout with fused gate/up{where}")
-        rank = t.shape[0] if name.endswith(".lora_a.weight") else t.shape[1] if name.endswith(".lora_b.weight") else None
+        rank = (
+            t.shape[0]
+            if name.endswith(".lora_a.weight")
+            else t.shape[1]
+            if name.endswith(".lora_b.weight")
+            else None
+        )
         want = expected_shape(spec, layout, name, rank)
         if want is not None and t.shape != want:
             raise VerifyError(f"{name}: shape {list(t.shape)} but the spec implies {list(want)}{where}")
@@ -56,14 +62,18 @@ def verify(ckpt: Checkpoint, after: str = "") -> None:
             raise VerifyError(f"the spec has a LoRA alpha for {target}, which carries no LoRA{where}")
     weights = {n for n in ckpt.tensors if not is_lora(n)}
     if weights and spec.total_layers > len(weights):  # cheap test before listing every expected name
-        raise VerifyError(f"checkpoint is incomplete: the spec has {spec.total_layers} layers but there are only "
-                          f"{len(weights)} tensors{where}")
+        raise VerifyError(
+            f"checkpoint is incomplete: the spec has {spec.total_layers} layers but there are only "
+            f"{len(weights)} tensors{where}"
+        )
     if weights:  # a LoRA-only checkpoint has no base weights to check
         missing = sorted(expected_names(spec, layout) - weights, key=_natural)
         if missing:
             more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
-            raise VerifyError(f"checkpoint is incomplete: {', '.join(missing[:3])}{more} missing for a "
-                              f"{spec.family} model with {spec.num_layers} layers{where}")
+            raise VerifyError(
+                f"checkpoint is incomplete: {', '.join(missing[:3])}{more} missing for a "
+                f"{spec.family} model with {spec.num_layers} layers{where}"
+            )
     if spec.tied_embeddings and "lm_head.weight" in ckpt.tensors:
         raise VerifyError(f"lm_head.weight present but embeddings are tied{where}")
     for set_name, state in ckpt.states.items():
@@ -81,5 +91,7 @@ def _verify_state(ckpt: Checkpoint, set_name: str, state: dict, where: str) -> N
     for name, t in state.items():
         w = ckpt.tensors[name]
         if t.shape != w.shape or t.tp != w.tp:
-            raise VerifyError(f"optimizer state {set_name!r} of {name}: shape {list(t.shape)} in {t.tp} shard(s) "
-                              f"but the weight is {list(w.shape)} in {w.tp}{where}")
+            raise VerifyError(
+                f"optimizer state {set_name!r} of {name}: shape {list(t.shape)} in {t.tp} shard(s) "
+                f"but the weight is {list(w.shape)} in {w.tp}{where}"
+            )

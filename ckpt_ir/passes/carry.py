@@ -14,8 +14,10 @@ from ckpt_ir.passes.manager import Option, Pass, register_pass
 class DropOptimizerState(Pass):
     name = "drop-optimizer-state"
     summary = "Leave the distributed-optimizer state (fp32 masters, Adam moments) out, recorded as dropped"
-    description = ("Only a Megatron target carries optimizer state; the derived pipeline ends with this pass for "
-                   "other targets and with --no-optimizer.")
+    description = (
+        "Only a Megatron target carries optimizer state; the derived pipeline ends with this pass for "
+        "other targets and with --no-optimizer."
+    )
     guarantees = "no optimizer-state tensor sets; each dropped set listed in the output's notes"
     optimizer_state = "drop"
     drop_reason = "left out by drop-optimizer-state (only a Megatron target carries it; or --no-optimizer)"
@@ -28,9 +30,11 @@ class DropOptimizerState(Pass):
 class RenameNorms(Pass):
     name = "rename-norms"
     summary = "Choose Megatron's norm key naming: local, te (Transformer Engine) or te-input"
-    description = ("local: input_layernorm / pre_mlp_layernorm; te: fused into linear_qkv / linear_fc1 as "
-                   "layer_norm_weight (Megatron's TE spec); te-input: only the input norm fused (MindSpeed-LLM "
-                   "v2's transformer_engine output).  Tensors are unchanged; the Megatron backend names them.")
+    description = (
+        "local: input_layernorm / pre_mlp_layernorm; te: fused into linear_qkv / linear_fc1 as "
+        "layer_norm_weight (Megatron's TE spec); te-input: only the input norm fused (MindSpeed-LLM "
+        "v2's transformer_engine output).  Tensors are unchanged; the Megatron backend names them."
+    )
     options = (Option("names", str, None, "local, te or te-input", required=True),)
     guarantees = "layout.norm_names set"
     optimizer_state = "follow"

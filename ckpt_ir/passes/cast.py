@@ -15,9 +15,11 @@ from ckpt_ir.passes.manager import Option, Pass, register_pass
 class CastPass(Pass):
     name = "cast"
     summary = "Cast floating-point tensors to a dtype (norms optionally kept in fp32)"
-    description = ("Every floating tensor becomes a cast of its expression; integer tensors are untouched. "
-                   "A cast to the dtype a tensor already has disappears in simplification, so a no-op cast "
-                   "costs nothing and round trips stay bit-exact.")
+    description = (
+        "Every floating tensor becomes a cast of its expression; integer tensors are untouched. "
+        "A cast to the dtype a tensor already has disappears in simplification, so a no-op cast "
+        "costs nothing and round trips stay bit-exact."
+    )
     options = (
         Option("dtype", str, None, "target dtype: bf16, fp16 or fp32", required=True),
         Option("keep-norms", bool, False, "keep normalisation weights in fp32"),

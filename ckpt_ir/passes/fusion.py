@@ -29,7 +29,14 @@ from ckpt_ir.passes.manager import WHOLE, Pass, register_pass
 # What a fusion applies to, per target: tensors whose rows are output features (weight, bias,
 # LoRA B, DoRA magnitude, an adapter's saved copies) are stacked by the rule; LoRA A (input side)
 # is shared by the parts.
-ROW_STACKED = ("weight", "bias", "lora_b.weight", "lora_magnitude.weight", "lora_saved.weight", "lora_saved.bias")
+ROW_STACKED = (
+    "weight",
+    "bias",
+    "lora_b.weight",
+    "lora_magnitude.weight",
+    "lora_saved.weight",
+    "lora_saved.bias",
+)
 SHARED = "lora_a.weight"
 
 
@@ -69,15 +76,25 @@ def _const(stem: str) -> Callable[[ModelSpec], str]:
 
 
 QKV = Fusion({"q": _const("attn.q"), "k": _const("attn.k"), "v": _const("attn.v")}, "attn.qkv", qkv_rule)
-MLA = Fusion({"q": lambda s: "attn.q_a" if s.q_lora_rank else "attn.q", "kv_a": _const("attn.kv_a")},
-             "attn.qkv_a", mla_rule, kinds=("weight",))
+MLA = Fusion(
+    {"q": lambda s: "attn.q_a" if s.q_lora_rank else "attn.q", "kv_a": _const("attn.kv_a")},
+    "attn.qkv_a",
+    mla_rule,
+    kinds=("weight",),
+)
 # gated MLPs: the dense one, each routed expert, and the shared experts
-GATE_UP = Fusion({"gate": _const("gate"), "up": _const("up")}, "gate_up", gate_up_rule,
-                 re.compile(r"mlp\.(?:experts\.\d+\.|shared\.)?"),
-                 kinds=("weight", "lora_b.weight", "lora_magnitude.weight", "lora_saved.weight", SHARED))
+GATE_UP = Fusion(
+    {"gate": _const("gate"), "up": _const("up")},
+    "gate_up",
+    gate_up_rule,
+    re.compile(r"mlp\.(?:experts\.\d+\.|shared\.)?"),
+    kinds=("weight", "lora_b.weight", "lora_magnitude.weight", "lora_saved.weight", SHARED),
+)
 
 
-def _rebuild(ckpt: Checkpoint, replace: dict[str, dict[str, E.Expr]], drop: set[str]) -> dict[str, TensorNode]:
+def _rebuild(
+    ckpt: Checkpoint, replace: dict[str, dict[str, E.Expr]], drop: set[str]
+) -> dict[str, TensorNode]:
     """New tensor map: ``drop`` removed; each key of ``replace`` (an anchor tensor) is followed by
     the new tensors it maps to, so output order stays layer-major."""
     out: dict[str, TensorNode] = {}
@@ -94,8 +111,10 @@ def _shared(ckpt: Checkpoint, names: list[str], pass_name: str) -> E.Expr:
     """The one expression that several parts share (LoRA A), or an error if they differ."""
     exprs = [ckpt.tensors[n].expr for n in names]
     if any(e != exprs[0] for e in exprs[1:]):
-        raise VerifyError(f"{pass_name}: {', '.join(names)} differ; separate LoRA A matrices cannot be fused "
-                          f"(merge the adapter first with lora-merge)")
+        raise VerifyError(
+            f"{pass_name}: {', '.join(names)} differ; separate LoRA A matrices cannot be fused "
+            f"(merge the adapter first with lora-merge)"
+        )
     return exprs[0]
 
 
@@ -184,7 +203,9 @@ class FuseGateUp(Pass):
     guarantees = "layers.N.mlp.gate_up.* = [gate; up] (TP splits each half: Megatron's per-rank layout)"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        return ckpt.with_tensors(fuse(ckpt, GATE_UP, self.name), layout=attrs.evolve(ckpt.layout, fused_gate_up=True))
+        return ckpt.with_tensors(
+            fuse(ckpt, GATE_UP, self.name), layout=attrs.evolve(ckpt.layout, fused_gate_up=True)
+        )
 
 
 @register_pass

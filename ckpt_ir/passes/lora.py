@@ -22,20 +22,51 @@ from ckpt_ir.passes.manager import HAS_LORA, UNFUSED, WHOLE, Option, Pass, Requi
 # Module names --lora-target-modules takes (Megatron or HF) -> the canonical targets that carry
 # their LoRA, fused or not (q_proj's LoRA lives in linear_qkv's once fused); Megatron's and
 # transformers-4's expert linears take the same names as the dense ones
-_FC1 = ("mlp.gate_up", "mlp.gate", "mlp.up", "mlp.experts.{e}.gate_up", "mlp.experts.{e}.gate", "mlp.experts.{e}.up",
-        "mlp.shared.gate_up", "mlp.shared.gate", "mlp.shared.up")
-MCORE_TARGETS = {"linear_qkv": ("attn.qkv", "attn.q", "attn.k", "attn.v"), "linear_proj": ("attn.o",),
-                 "linear_fc1": _FC1, "linear_fc2": ("mlp.down", "mlp.experts.{e}.down", "mlp.shared.down")}
-HF_TARGETS = {"q_proj": ("attn.q", "attn.qkv"), "k_proj": ("attn.k", "attn.qkv"), "v_proj": ("attn.v", "attn.qkv"),
-              "o_proj": ("attn.o",),
-              "gate_proj": ("mlp.gate", "mlp.gate_up", "mlp.experts.{e}.gate", "mlp.experts.{e}.gate_up", "mlp.shared.gate",
-                            "mlp.shared.gate_up"),
-              "up_proj": ("mlp.up", "mlp.gate_up", "mlp.experts.{e}.up", "mlp.experts.{e}.gate_up", "mlp.shared.up",
-                          "mlp.shared.gate_up"),
-              "down_proj": ("mlp.down", "mlp.experts.{e}.down", "mlp.shared.down"),
-              "qkv_proj": ("attn.q", "attn.k", "attn.v", "attn.qkv"), "gate_up_proj": _FC1,
-              "w1": ("mlp.experts.{e}.gate", "mlp.experts.{e}.gate_up"), "w3": ("mlp.experts.{e}.up", "mlp.experts.{e}.gate_up"),
-              "w2": ("mlp.experts.{e}.down",)}
+_FC1 = (
+    "mlp.gate_up",
+    "mlp.gate",
+    "mlp.up",
+    "mlp.experts.{e}.gate_up",
+    "mlp.experts.{e}.gate",
+    "mlp.experts.{e}.up",
+    "mlp.shared.gate_up",
+    "mlp.shared.gate",
+    "mlp.shared.up",
+)
+MCORE_TARGETS = {
+    "linear_qkv": ("attn.qkv", "attn.q", "attn.k", "attn.v"),
+    "linear_proj": ("attn.o",),
+    "linear_fc1": _FC1,
+    "linear_fc2": ("mlp.down", "mlp.experts.{e}.down", "mlp.shared.down"),
+}
+HF_TARGETS = {
+    "q_proj": ("attn.q", "attn.qkv"),
+    "k_proj": ("attn.k", "attn.qkv"),
+    "v_proj": ("attn.v", "attn.qkv"),
+    "o_proj": ("attn.o",),
+    "gate_proj": (
+        "mlp.gate",
+        "mlp.gate_up",
+        "mlp.experts.{e}.gate",
+        "mlp.experts.{e}.gate_up",
+        "mlp.shared.gate",
+        "mlp.shared.gate_up",
+    ),
+    "up_proj": (
+        "mlp.up",
+        "mlp.gate_up",
+        "mlp.experts.{e}.up",
+        "mlp.experts.{e}.gate_up",
+        "mlp.shared.up",
+        "mlp.shared.gate_up",
+    ),
+    "down_proj": ("mlp.down", "mlp.experts.{e}.down", "mlp.shared.down"),
+    "qkv_proj": ("attn.q", "attn.k", "attn.v", "attn.qkv"),
+    "gate_up_proj": _FC1,
+    "w1": ("mlp.experts.{e}.gate", "mlp.experts.{e}.gate_up"),
+    "w3": ("mlp.experts.{e}.up", "mlp.experts.{e}.gate_up"),
+    "w2": ("mlp.experts.{e}.down",),
+}
 
 
 def lora_modules(ckpt: Checkpoint) -> set[str]:
@@ -43,7 +74,7 @@ def lora_modules(ckpt: Checkpoint) -> set[str]:
     out = set()
     for name in ckpt.tensors:
         if is_lora_factor(name):
-            out.add(role_of(lora_target(name))[len("layers.{i}."): -len(".weight")])
+            out.add(role_of(lora_target(name))[len("layers.{i}.") : -len(".weight")])
     return out
 
 
@@ -56,8 +87,10 @@ def check_targets(ckpt: Checkpoint, targets: tuple[str, ...]) -> None:
     for t in targets:
         roles = MCORE_TARGETS.get(t) or HF_TARGETS.get(t)
         if roles is None:
-            raise UsageError(f"--lora-target-modules: unknown module {t!r}; use Megatron names "
-                             f"({', '.join(MCORE_TARGETS)}) or HF names ({', '.join(HF_TARGETS)})")
+            raise UsageError(
+                f"--lora-target-modules: unknown module {t!r}; use Megatron names "
+                f"({', '.join(MCORE_TARGETS)}) or HF names ({', '.join(HF_TARGETS)})"
+            )
         hit = present.intersection(roles)
         if not hit:
             absent.append(t)
@@ -70,15 +103,20 @@ def check_targets(ckpt: Checkpoint, targets: tuple[str, ...]) -> None:
         for table in (MCORE_TARGETS, HF_TARGETS):
             for module, roles in table.items():
                 names.setdefault(roles[0], module)
-        parts.append("LoRA tensors for " + ", ".join(names.get(r, r) for r in sorted(present - covered))
-                     + " not in the list")
+        parts.append(
+            "LoRA tensors for "
+            + ", ".join(names.get(r, r) for r in sorted(present - covered))
+            + " not in the list"
+        )
     if parts:
-        raise UsageError(f"--lora-target-modules {' '.join(targets)} does not match the checkpoint: "
-                         + "; ".join(parts))
+        raise UsageError(
+            f"--lora-target-modules {' '.join(targets)} does not match the checkpoint: " + "; ".join(parts)
+        )
 
 
-def apply_lora_options(ckpt: Checkpoint, rank: int | None, alpha: float | None,
-                       targets: tuple[str, ...] = ()) -> Checkpoint:
+def apply_lora_options(
+    ckpt: Checkpoint, rank: int | None, alpha: float | None, targets: tuple[str, ...] = ()
+) -> Checkpoint:
     """Check user-given rank / alpha / targets against the checkpoint; fill in alpha when the
     checkpoint does not record it.  Any disagreement is an error: a wrong alpha silently scales
     the adapter."""
@@ -88,8 +126,10 @@ def apply_lora_options(ckpt: Checkpoint, rank: int | None, alpha: float | None,
     if rank is not None and rank != spec.lora_rank:
         raise UsageError(f"--lora-r {rank} given but the LoRA tensors have rank {spec.lora_rank}")
     if alpha is not None and spec.lora_alpha is not None and float(alpha) != spec.lora_alpha:
-        raise UsageError(f"--lora-alpha {alpha:g} given but the checkpoint says lora_alpha={spec.lora_alpha:g}; "
-                         f"drop the flag or fix the checkpoint")
+        raise UsageError(
+            f"--lora-alpha {alpha:g} given but the checkpoint says lora_alpha={spec.lora_alpha:g}; "
+            f"drop the flag or fix the checkpoint"
+        )
     if alpha is None and spec.lora_alpha is None:
         raise UsageError("the checkpoint does not record lora_alpha; pass --lora-alpha")
     if targets:
@@ -103,12 +143,16 @@ def apply_lora_options(ckpt: Checkpoint, rank: int | None, alpha: float | None,
 @register_pass
 class LoraMerge(Pass):
     name = "lora-merge"
-    summary = "Merge LoRA adapters into base weights: W + s * B @ A (DoRA: rescaled rows) in fp32, rounded once"
-    description = ("Rank and alpha come from the checkpoint (Megatron args or adapter_config.json); options "
-                   "must agree with them.  Per-target ranks, alphas (peft's rank/alpha_pattern), rsLoRA "
-                   "scaling, DoRA magnitudes and saved full tensors (modules_to_save) are data of the "
-                   "checkpoint.  targets= (comma list of Megatron or HF module names) must name exactly the "
-                   "modules that carry LoRA.")
+    summary = (
+        "Merge LoRA adapters into base weights: W + s * B @ A (DoRA: rescaled rows) in fp32, rounded once"
+    )
+    description = (
+        "Rank and alpha come from the checkpoint (Megatron args or adapter_config.json); options "
+        "must agree with them.  Per-target ranks, alphas (peft's rank/alpha_pattern), rsLoRA "
+        "scaling, DoRA magnitudes and saved full tensors (modules_to_save) are data of the "
+        "checkpoint.  targets= (comma list of Megatron or HF module names) must name exactly the "
+        "modules that carry LoRA."
+    )
     options = (
         Option("alpha", float, None, "LoRA alpha (default: from the checkpoint)"),
         Option("rank", int, None, "LoRA rank r (default: from the checkpoint)"),
@@ -132,7 +176,10 @@ class LoraMerge(Pass):
                 continue
             out[name] = t
             stem = name[: -len(".weight")] if name.endswith(".weight") else name
-            a, b, m = (ckpt.tensors.get(stem + s) for s in (".lora_a.weight", ".lora_b.weight", ".lora_magnitude.weight"))
+            a, b, m = (
+                ckpt.tensors.get(stem + s)
+                for s in (".lora_a.weight", ".lora_b.weight", ".lora_magnitude.weight")
+            )
             if (a is None) != (b is None):
                 raise VerifyError(f"{name}: LoRA {'A' if a is None else 'B'} is missing")
             if a is None:
@@ -149,21 +196,28 @@ class LoraMerge(Pass):
             out[name] = TensorNode.whole(name, E.simplify(merged))
         orphans = [n for n in ckpt.tensors if is_lora(n) and lora_target(n) not in ckpt.tensors]
         if orphans:
-            raise VerifyError(f"LoRA tensors without a base weight: {', '.join(orphans[:3])}; load the base checkpoint")
-        return ckpt.with_tensors(out, spec=attrs.evolve(spec, lora_rank=None, lora_alpha=None, lora_rslora=False,
-                                                        lora_alphas=()))
+            raise VerifyError(
+                f"LoRA tensors without a base weight: {', '.join(orphans[:3])}; load the base checkpoint"
+            )
+        return ckpt.with_tensors(
+            out, spec=attrs.evolve(spec, lora_rank=None, lora_alpha=None, lora_rslora=False, lora_alphas=())
+        )
 
 
 @register_pass
 class AttachLora(Pass):
     name = "attach-lora"
     summary = "Add the LoRA adapter at path= (a PEFT directory or a Megatron LoRA checkpoint) to the weights"
-    description = ("A PEFT adapter names HF modules, so it attaches to whole, unfused tensors; a Megatron LoRA "
-                   "checkpoint (e.g. saved with a LoRA filter) must have the base's parallel layout.  Adapter "
-                   "tensors replace any LoRA the checkpoint already carries; only headers are read.")
+    description = (
+        "A PEFT adapter names HF modules, so it attaches to whole, unfused tensors; a Megatron LoRA "
+        "checkpoint (e.g. saved with a LoRA filter) must have the base's parallel layout.  Adapter "
+        "tensors replace any LoRA the checkpoint already carries; only headers are read."
+    )
     options = (Option("path", str, None, "adapter directory", required=True),)
-    guarantees = ("adapter tensors (LoRA A/B, DoRA magnitudes, saved copies) next to their base weights; the "
-                  "spec's LoRA settings (rank, alpha, rsLoRA, per-target alphas) from the adapter")
+    guarantees = (
+        "adapter tensors (LoRA A/B, DoRA magnitudes, saved copies) next to their base weights; the "
+        "spec's LoRA settings (rank, alpha, rsLoRA, per-target alphas) from the adapter"
+    )
     optimizer_state = "follow"  # the weights are unchanged; the adapters have no state of their own here
 
     def requirements(self) -> tuple[Requirement, ...]:
@@ -184,17 +238,31 @@ class AttachLora(Pass):
             if adapter.spec.lora_rank is None:
                 raise UsageError(f"--lora-load {path}: no LoRA tensors found there")
             la, lb = adapter.layout, ckpt.layout
-            if (la.tp, la.pp, la.vpp_layers, la.num_layer_list, la.noop_layers) != \
-                    (lb.tp, lb.pp, lb.vpp_layers, lb.num_layer_list, lb.noop_layers):
-                raise UsageError(f"--lora-load {path}: adapter layout ({la.describe()}) differs from the base "
-                                 f"({lb.describe()}); both must come from the same training layout")
+            if (la.tp, la.pp, la.vpp_layers, la.num_layer_list, la.noop_layers) != (
+                lb.tp,
+                lb.pp,
+                lb.vpp_layers,
+                lb.num_layer_list,
+                lb.noop_layers,
+            ):
+                raise UsageError(
+                    f"--lora-load {path}: adapter layout ({la.describe()}) differs from the base "
+                    f"({lb.describe()}); both must come from the same training layout"
+                )
             tensors = {n: t for n, t in adapter.tensors.items() if is_lora(n)}
             a = adapter.spec
-            spec = attrs.evolve(ckpt.spec, lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, lora_rslora=a.lora_rslora,
-                                lora_alphas=a.lora_alphas)
+            spec = attrs.evolve(
+                ckpt.spec,
+                lora_rank=a.lora_rank,
+                lora_alpha=a.lora_alpha,
+                lora_rslora=a.lora_rslora,
+                lora_alphas=a.lora_alphas,
+            )
         missing = sorted({lora_target(n) for n in tensors} - set(ckpt.tensors))
         if missing:
-            raise UsageError(f"--lora-load {path}: adapter targets {', '.join(missing[:3])} which the base lacks")
+            raise UsageError(
+                f"--lora-load {path}: adapter targets {', '.join(missing[:3])} which the base lacks"
+            )
         merged = {n: t for n, t in ckpt.tensors.items() if not is_lora(n)}
         merged.update(tensors)
         ordered = dict(sorted(merged.items(), key=lambda kv: canonical_order(kv[0])))

@@ -65,12 +65,16 @@ class Option:
         """A value given from Python, validated (and widened: int for float, list for tuple)."""
         if value is None:
             return None
-        ok = {bool: lambda v: isinstance(v, bool),
-              int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-              float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-              str: lambda v: isinstance(v, str),
-              tuple: lambda v: isinstance(v, (tuple, list)) and all(isinstance(x, int) and not isinstance(x, bool)
-                                                                    for x in v)}.get(self.type, lambda v: True)
+        ok = {
+            bool: lambda v: isinstance(v, bool),
+            int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+            float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+            str: lambda v: isinstance(v, str),
+            tuple: lambda v: (
+                isinstance(v, (tuple, list))
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+            ),
+        }.get(self.type, lambda v: True)
         if not ok(value):
             raise UsageError(f"option {self.name}={value!r}: expected {self.kind}")
         if self.type is float:
@@ -79,7 +83,9 @@ class Option:
 
     @property
     def kind(self) -> str:
-        return {tuple: "a comma-separated list of integers", bool: "true or false"}.get(self.type, self.type.__name__)
+        return {tuple: "a comma-separated list of integers", bool: "true or false"}.get(
+            self.type, self.type.__name__
+        )
 
     def format(self, value: Any) -> str:
         if isinstance(value, tuple):
@@ -112,18 +118,28 @@ def _whole(c: Checkpoint) -> bool:
 
 def _gathered(c: Checkpoint) -> bool:
     lay = c.layout
-    return (_whole(c) and lay.pp == 1 and lay.ep == 1 and not lay.vpp_layers and not lay.num_layer_list
-            and lay.etp is None)
+    return (
+        _whole(c)
+        and lay.pp == 1
+        and lay.ep == 1
+        and not lay.vpp_layers
+        and not lay.num_layer_list
+        and lay.etp is None
+    )
 
 
 WHOLE = Requirement("whole tensors (tp=1)", _whole, "gather")
 GATHERED = Requirement("a gathered checkpoint (tp=1, pp=1, ep=1)", _gathered, "gather")
-SINGLE_STAGE = Requirement("one pipeline stage (pp=1)", lambda c: c.layout.pp == 1 and not c.layout.num_layer_list,
-                           "gather")
+SINGLE_STAGE = Requirement(
+    "one pipeline stage (pp=1)", lambda c: c.layout.pp == 1 and not c.layout.num_layer_list, "gather"
+)
 NO_NOOP = Requirement("no no-op layers", lambda c: not c.layout.noop_layers, "remove-noop-layers")
 UNPADDED = Requirement("an unpadded vocabulary", lambda c: not c.layout.padded_vocab, "unpad-vocab")
-UNFUSED = Requirement("separate q/k/v and gate/up tensors",
-                      lambda c: not c.layout.fused_qkv and not c.layout.fused_gate_up, "unfuse-qkv and unfuse-gate-up")
+UNFUSED = Requirement(
+    "separate q/k/v and gate/up tensors",
+    lambda c: not c.layout.fused_qkv and not c.layout.fused_gate_up,
+    "unfuse-qkv and unfuse-gate-up",
+)
 HAS_LORA = Requirement("LoRA tensors", lambda c: c.spec.lora_rank is not None, "attach-lora")
 MOE = Requirement("a mixture-of-experts model", lambda c: bool(c.spec.num_experts))
 
@@ -149,8 +165,10 @@ class Pass:
         known.update({o.attribute: o for o in self.options})
         for k in values:
             if k not in known:
-                raise UsageError(f"pass {self.name}: unknown option {k!r}; options: "
-                                 f"{', '.join(o.name for o in self.options) or '(none)'}")
+                raise UsageError(
+                    f"pass {self.name}: unknown option {k!r}; options: "
+                    f"{', '.join(o.name for o in self.options) or '(none)'}"
+                )
         given = {known[k].name: known[k].check(v) for k, v in values.items()}
         self.values = {o.name: given.get(o.name, o.default) for o in self.options}
         for o in self.options:
@@ -181,8 +199,10 @@ class Pass:
         for req in self.requirements():
             if not req.holds(ckpt):
                 fix = f"; run {req.fix} before it" if req.fix else ""
-                raise VerifyError(f"pass {self}: needs {req.what}, which the checkpoint does not have "
-                                  f"({ckpt.layout.describe()}){fix}")
+                raise VerifyError(
+                    f"pass {self}: needs {req.what}, which the checkpoint does not have "
+                    f"({ckpt.layout.describe()}){fix}"
+                )
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -194,8 +214,11 @@ class Pass:
         return self.run(ckpt)
 
     def __str__(self) -> str:
-        set_opts = [f"{o.name}={o.format(self.values[o.name])}" for o in self.options
-                    if self.values[o.name] is not None and self.values[o.name] != o.default]
+        set_opts = [
+            f"{o.name}={o.format(self.values[o.name])}"
+            for o in self.options
+            if self.values[o.name] is not None and self.values[o.name] != o.default
+        ]
         return self.name + ("{" + " ".join(set_opts) + "}" if set_opts else "")
 
     def __repr__(self) -> str:
@@ -296,10 +319,16 @@ def parse_pipeline(text: str) -> Pipeline:
             i += 1
         name = text[start:i]
         if not name:
-            raise _caret(text, start, "expected a pass name" if start < n else "expected a pass name after ','")
+            raise _caret(
+                text, start, "expected a pass name" if start < n else "expected a pass name after ','"
+            )
         if name not in reg:
             close = [p for p in reg if p.startswith(name[:3])]
-            hint = f" (did you mean {', '.join(close)}?)" if close else f"; known passes: {', '.join(sorted(reg))}"
+            hint = (
+                f" (did you mean {', '.join(close)}?)"
+                if close
+                else f"; known passes: {', '.join(sorted(reg))}"
+            )
             raise _caret(text, start, f"unknown pass {name!r}{hint}")
         values: dict[str, Any] = {}
         while i < n and text[i].isspace():
@@ -340,8 +369,9 @@ def _parse_options(cls: type[Pass], text: str, a: int, b: int) -> dict[str, Any]
             raise _caret(text, start, f"expected key=value in options of {cls.name}, found {token!r}")
         key, val = token.split("=", 1)
         if key not in opts:
-            raise _caret(text, start, f"pass {cls.name} has no option {key!r}; options: "
-                                      f"{', '.join(opts) or '(none)'}")
+            raise _caret(
+                text, start, f"pass {cls.name} has no option {key!r}; options: {', '.join(opts) or '(none)'}"
+            )
         try:
             values[key] = opts[key].parse(val)
         except UsageError as e:
@@ -382,7 +412,10 @@ def _carry_states(p: Pass, before: Checkpoint, after: Checkpoint) -> Checkpoint:
         return attrs.evolve(after, states=before.states)
     if p.optimizer_state == "drop":
         dropped = dict(after.dropped)
-        why = p.drop_reason or f"not carried through pass {p.name} (it does not say how optimizer state follows it)"
+        why = (
+            p.drop_reason
+            or f"not carried through pass {p.name} (it does not say how optimizer state follows it)"
+        )
         for set_name in before.states:
             dropped[f"optimizer state {set_name}"] = why
         return attrs.evolve(after, states={}, dropped=dropped)
@@ -393,8 +426,12 @@ def _carry_states(p: Pass, before: Checkpoint, after: Checkpoint) -> Checkpoint:
 
 
 class PassManager:
-    def __init__(self, pipeline: Pipeline, instrumentation: Instrumentation | None = None,
-                 verify: Callable[[Checkpoint, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        instrumentation: Instrumentation | None = None,
+        verify: Callable[[Checkpoint, str], None] | None = None,
+    ) -> None:
         from ckpt_ir.ir.verify import verify as default_verify
 
         self.pipeline = pipeline

@@ -15,9 +15,11 @@ from ckpt_ir.passes.manager import GATHERED, MOE, NO_NOOP, SINGLE_STAGE, Option,
 class Shard(Pass):
     name = "shard"
     summary = "Split tensors over TP ranks and place layers on PP stages / VPP chunks"
-    description = ("Column-parallel tensors (qkv, fc1, embeddings, output layer) are cut on dim 0, row-parallel "
-                   "ones (linear_proj, fc2) on dim 1, norms are replicated.  Pipeline placement only sets the "
-                   "layout: an even split, a per-stage --num-layer-list, or VPP chunks of vpp-layers each.")
+    description = (
+        "Column-parallel tensors (qkv, fc1, embeddings, output layer) are cut on dim 0, row-parallel "
+        "ones (linear_proj, fc2) on dim 1, norms are replicated.  Pipeline placement only sets the "
+        "layout: an even split, a per-stage --num-layer-list, or VPP chunks of vpp-layers each."
+    )
     options = (
         Option("tp", int, 1, "tensor parallel size"),
         Option("pp", int, 1, "pipeline parallel size"),
@@ -32,9 +34,15 @@ class Shard(Pass):
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
         etp = self.opt("etp")
-        layout = attrs.evolve(ckpt.layout, tp=self.opt("tp"), pp=self.opt("pp"), vpp_layers=self.opt("vpp-layers"),
-                              num_layer_list=self.opt("num-layer-list"), ep=self.opt("ep"),
-                              etp=None if etp is None or etp == self.opt("tp") else etp)
+        layout = attrs.evolve(
+            ckpt.layout,
+            tp=self.opt("tp"),
+            pp=self.opt("pp"),
+            vpp_layers=self.opt("vpp-layers"),
+            num_layer_list=self.opt("num-layer-list"),
+            ep=self.opt("ep"),
+            etp=None if etp is None or etp == self.opt("tp") else etp,
+        )
         L.validate(ckpt.spec, layout)
         L.expert_rank_files(layout)  # TP/EP compatibility with expert TP = 1
         out = {}
@@ -70,7 +78,9 @@ class Gather(Pass):
 @register_pass
 class GroupExperts(Pass):
     name = "group-experts"
-    summary = "Store MoE experts as Megatron grouped-GEMM weight1/weight2 (set on the layout; lowered on write)"
+    summary = (
+        "Store MoE experts as Megatron grouped-GEMM weight1/weight2 (set on the layout; lowered on write)"
+    )
     requires = (MOE,)
     guarantees = "layout.grouped_gemm; tensors stay per expert in the IR"
     optimizer_state = "follow"
@@ -96,10 +106,15 @@ class UngroupExperts(Pass):
 class InsertNoopLayers(Pass):
     name = "insert-noop-layers"
     summary = "Insert identity (no-op) layers at global Megatron layer indices, for pipeline balance"
-    description = ("No-op layers have no parameters: nothing is written for them, and the real layers fill the "
-                   "other positions in order, so a stage's local layer numbers have gaps at no-op slots.")
-    options = (Option("layers", tuple, None, "global Megatron indices of the no-op layers, e.g. 94,95",
-                      required=True),)
+    description = (
+        "No-op layers have no parameters: nothing is written for them, and the real layers fill the "
+        "other positions in order, so a stage's local layer numbers have gaps at no-op slots."
+    )
+    options = (
+        Option(
+            "layers", tuple, None, "global Megatron indices of the no-op layers, e.g. 94,95", required=True
+        ),
+    )
     requires = (NO_NOOP,)
     guarantees = "layout.noop_layers set; Megatron num_layers = real layers + no-op count"
     optimizer_state = "follow"

@@ -50,8 +50,10 @@ class PadVocab(Pass):
         return self._pad(ckpt, self._size(ckpt), zero=state != "param")
 
     def _pad(self, ckpt: Checkpoint, size: int, zero: bool) -> Checkpoint:
-        out = {n: (t.map(lambda e: E.simplify(E.PadRows(e, size, zero))) if role_of(n) in VOCAB_ROLES else t)
-               for n, t in ckpt.tensors.items()}
+        out = {
+            n: (t.map(lambda e: E.simplify(E.PadRows(e, size, zero))) if role_of(n) in VOCAB_ROLES else t)
+            for n, t in ckpt.tensors.items()
+        }
         padded = size if size != ckpt.spec.vocab_size else None
         return ckpt.with_tensors(out, layout=attrs.evolve(ckpt.layout, padded_vocab=padded))
 
@@ -66,6 +68,8 @@ class UnpadVocab(Pass):
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
         v = ckpt.spec.vocab_size
-        out = {n: (t.map(lambda e: E.simplify(E.Slice(e, 0, 0, v))) if role_of(n) in VOCAB_ROLES else t)
-               for n, t in ckpt.tensors.items()}
+        out = {
+            n: (t.map(lambda e: E.simplify(E.Slice(e, 0, 0, v))) if role_of(n) in VOCAB_ROLES else t)
+            for n, t in ckpt.tensors.items()
+        }
         return ckpt.with_tensors(out, layout=attrs.evolve(ckpt.layout, padded_vocab=None))
