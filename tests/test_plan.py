@@ -215,7 +215,9 @@ def test_deepseek_v3_671b_plans_from_its_config_in_seconds(tmp_path):
     seconds = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
-    assert s["file_count"] == 8 * 16 * 64 + 1
+    # every rank file, latest_checkpointed_iteration.txt, and the HF config kept in hf/
+    assert s["file_count"] == 8 * 16 * 64 + 2
+    assert sum(f["path"] == "hf/config.json" for f in s["files"]) == 1
     # transformers builds the 61 main layers (no MTP layer: it neither loads nor saves them)
     params, biases = meta_counts()
     assert params == 671_026_404_352 and biases == 58 * 256
