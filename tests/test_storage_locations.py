@@ -24,16 +24,15 @@ def save_as_if_from(device: str, obj, path: str, monkeypatch) -> None:
     with zipfile.ZipFile(path) as z:
         pkl = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
     assert device.encode() in pkl and b"cpu" not in pkl  # the pickle really records the device
-    with pytest.raises(
-        (RuntimeError, AttributeError)
-    ):  # and torch itself cannot load it here without a map_location
-        torch.load(path, weights_only=False)
+    if not (device.startswith("cuda") and torch.cuda.is_available()):
+        with pytest.raises(
+            (RuntimeError, AttributeError)
+        ):  # torch itself cannot load it here without a map_location
+            torch.load(path, weights_only=False)
 
 
 @pytest.mark.parametrize("device", ["cuda:1", "npu:0"])
 def test_megatron_rank_files_saved_on_a_device_convert_on_cpu(hf_cache, tmp_path, monkeypatch, device):
-    if device.startswith("cuda") and torch.cuda.is_available():
-        pytest.skip("this machine has CUDA: torch.load would succeed, the file proves nothing")
     src = hf_cache("llama")
     mc = tmp_path / "mc"
     assert cli("convert", src, mc, "--to", "mcore", "--tp", "2", "--pp", "2").returncode == 0
