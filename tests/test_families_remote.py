@@ -58,6 +58,25 @@ REFERENCE = {
         "mixtral",
         dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=True),
     ),
+    # GLM-4.5's MoE model has Ling 2.0's architecture: GQA, per-head q/k norm, partial rotary,
+    # DeepSeek-V3's MoE block with first dense layers, shared experts and a router score bias
+    "bailing_moe_v2": (
+        "glm4_moe",
+        dict(
+            num_key_value_heads=2,
+            head_dim=32,
+            moe_intermediate_size=32,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            use_qk_norm=True,
+            attention_bias=True,
+            partial_rotary_factor=0.5,
+            n_group=1,
+            topk_group=1,
+        ),
+    ),
 }
 
 
@@ -252,6 +271,55 @@ def pack_minicpm(sd: dict, c: dict) -> tuple[dict, dict]:
     return out, cfg
 
 
+def pack_bailing(sd: dict, c: dict) -> tuple[dict, dict]:
+    """Ling 2.0: model.word_embeddings; attention.query_key_value = [q; k; v] (+ bias with
+    use_qkv_bias), attention.query_layernorm / key_layernorm, attention.dense; the router's score
+    bias is mlp.gate.expert_bias; the rest is DeepSeek-V3's MoE names."""
+    out = {}
+    for k, v in sd.items():
+        k = k.replace("model.embed_tokens.", "model.word_embeddings.").replace(
+            "e_score_correction_bias", "expert_bias"
+        )
+        if ".self_attn.q_proj." in k:
+            qkv = [sd[k.replace("q_proj", x)] for x in ("q_proj", "k_proj", "v_proj")]
+            out[k.replace("self_attn.q_proj", "attention.query_key_value")] = torch.cat(qkv)
+        elif ".self_attn.k_proj." not in k and ".self_attn.v_proj." not in k:
+            for theirs, ours in (
+                ("q_norm", "query_layernorm"),
+                ("k_norm", "key_layernorm"),
+                ("o_proj", "dense"),
+            ):
+                k = k.replace(f"self_attn.{theirs}.", f"attention.{ours}.")
+            out[k] = v
+    cfg = _remote_config(
+        "bailing_moe",
+        "BailingMoeV2ForCausalLM",
+        "bailing_moe_v2",
+        **{k: c[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")},
+        num_hidden_layers=LAYERS,
+        num_key_value_heads=c["num_key_value_heads"],
+        head_dim=c["head_dim"],
+        rms_norm_eps=c["rms_norm_eps"],
+        hidden_act="silu",
+        use_qkv_bias=True,
+        use_bias=False,
+        use_qk_norm=True,
+        partial_rotary_factor=0.5,
+        num_experts=c["n_routed_experts"],
+        num_shared_experts=1,
+        num_experts_per_tok=2,
+        moe_intermediate_size=c["moe_intermediate_size"],
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=2.5,
+        score_function="sigmoid",
+        num_nextn_predict_layers=0,
+        tie_word_embeddings=False,
+    )
+    return out, cfg
+
+
 PACK = {
     "internlm2": pack_internlm2,
     "baichuan": pack_baichuan,
@@ -259,6 +327,7 @@ PACK = {
     "qwen": pack_qwen,
     "minicpm": pack_minicpm,
     "minicpm-moe": pack_minicpm,
+    "bailing_moe_v2": pack_bailing,
 }
 FAMILY = {"minicpm-moe": "minicpm"}  # the ckpt-ir family of each case (else the case name)
 
@@ -275,6 +344,9 @@ def build(root: str, case: str, seed: int) -> dict:
     with torch.no_grad():
         for p in model.parameters():  # norms and biases too
             p.normal_(0, 0.5)
+        for mod in model.modules():  # the router score bias is a buffer
+            if isinstance(getattr(mod, "e_score_correction_bias", None), torch.Tensor):
+                mod.e_score_correction_bias.normal_(0, 0.1)
         ref_logits = model(torch.tensor(INPUT_IDS)).logits
     ref = os.path.join(root, f"{case}-reference")
     model.save_pretrained(ref)
@@ -313,6 +385,7 @@ LAYOUTS = {
     "qwen": (dict(tp=2, pp=2), dict(tp=1, pp=2, vpp_layers=1)),
     "minicpm": (dict(tp=2, pp=2), dict(tp=2, pp=2, noop_layers=(2, 5))),
     "minicpm-moe": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True), dict(tp=2, ep=2, pp=2)),
+    "bailing_moe_v2": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True)),
 }
 CASES = [(f, i) for f in LAYOUTS for i in range(len(LAYOUTS[f]))]
 # tensors the family recomputes and ckpt-ir drops (reported), so they are absent from the output
@@ -325,7 +398,7 @@ def test_remote_hf_to_mcore_to_hf_bit_exact(models, tmp_path, case, layout):
     src = m["src"]
     c = ck.load(src)
     assert c.spec.family == FAMILY.get(case, case)
-    assert c.spec.num_experts == (4 if case == "minicpm-moe" else 0)
+    assert c.spec.num_experts == (4 if case in ("minicpm-moe", "bailing_moe_v2") else 0)
     mid, back = str(tmp_path / "mid"), str(tmp_path / "back")
     convert(src, mid, ck.Target(to="mcore", **LAYOUTS[case][layout]))
     convert(mid, back, ck.Target(to="hf"))
@@ -455,6 +528,7 @@ def test_models_lists_the_remote_families(capsys):
         "chatglm": ("chatglm", "chatglm3"),
         "qwen": ("qwen", "qwen"),
         "minicpm": ("minicpm", "minicpm,minicpm-moe"),
+        "bailing_moe_v2": ("bailing_moe_v2,bailing_moe", "bailing_mini"),
     }
     for family, (model_type, names) in want.items():
         assert f"model_type {model_type} " in lines[family], lines.get(family)
@@ -532,3 +606,45 @@ def test_megatron_logits_equal_the_reference_model(oracle, case):
             assert chunk["unexpected"] == [], chunk
     assert logits.shape == ref.shape
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-5)
+
+
+def test_bailing_rank_files(models, tmp_path):
+    """Ling 2.0, TP2: layer 0 (dense) linear_qkv / bias = per-group [q heads; k; v] of the
+    contiguous query_key_value and linear_fc1 = [gate_t; up_t]; per-head q/k layernorms whole on
+    each rank; layer 1 (MoE): router weight and expert_bias whole, shared experts split like a
+    dense MLP."""
+    m = models("bailing_moe_v2")
+    sd = m["tensors"]
+    mid = str(tmp_path / "mid")
+    convert(m["src"], mid, ck.Target(to="mcore", tp=2))
+    q, kv, groups = HEADS * 32, 2 * 32, 2
+    p0, p1 = "model.layers.0.", "model.layers.1."
+    qkv = per_group(*_split_contiguous(sd[p0 + "attention.query_key_value.weight"], q, kv), groups)
+    bias = per_group(*_split_contiguous(sd[p0 + "attention.query_key_value.bias"], q, kv), groups)
+    rows, half, shared = qkv.shape[0] // 2, F // 2, 16
+    for t in range(2):
+        r = _rank(mid, t)
+        assert torch.equal(
+            r["decoder.layers.0.self_attention.linear_qkv.weight"], qkv[t * rows : (t + 1) * rows]
+        )
+        assert torch.equal(
+            r["decoder.layers.0.self_attention.linear_qkv.bias"], bias[t * rows : (t + 1) * rows]
+        )
+        assert torch.equal(
+            r["decoder.layers.0.self_attention.q_layernorm.weight"],
+            sd[p0 + "attention.query_layernorm.weight"],
+        )
+        assert torch.equal(
+            r["decoder.layers.0.self_attention.k_layernorm.weight"], sd[p0 + "attention.key_layernorm.weight"]
+        )
+        fc1 = torch.cat([sd[p0 + f"mlp.{x}_proj.weight"][t * half : (t + 1) * half] for x in ("gate", "up")])
+        assert torch.equal(r["decoder.layers.0.mlp.linear_fc1.weight"], fc1)
+        assert torch.equal(r["decoder.layers.1.mlp.router.weight"], sd[p1 + "mlp.gate.weight"])
+        assert torch.equal(r["decoder.layers.1.mlp.router.expert_bias"], sd[p1 + "mlp.gate.expert_bias"])
+        fc1 = torch.cat(
+            [
+                sd[p1 + f"mlp.shared_experts.{x}_proj.weight"][t * shared : (t + 1) * shared]
+                for x in ("gate", "up")
+            ]
+        )
+        assert torch.equal(r["decoder.layers.1.mlp.shared_experts.linear_fc1.weight"], fc1)

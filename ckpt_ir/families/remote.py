@@ -32,6 +32,7 @@ from ckpt_ir.families.llama import (
     _kv_heads,
     config_with,
 )
+from ckpt_ir.families.moe import DEEPSEEK_MOE, _deepseek_router, _first_k_dense
 
 QKV_PARTS = (C + "attn.q.weight", C + "attn.k.weight", C + "attn.v.weight")
 QKV_BIAS_PARTS = (C + "attn.q.bias", C + "attn.k.bias", C + "attn.v.bias")
@@ -206,5 +207,53 @@ register(
             _derived("moe_ffn_hidden_size", lambda cfg: cfg["intermediate_size"]),
         ),
         mindspeed_names=("minicpm", "minicpm-moe"),
+    )
+)
+
+# Ling 2.0 (BailingMoeV2: Ling-mini / flash / 1T; config model_type "bailing_moe_v2" or
+# "bailing_moe"): query_key_value = [q heads; k heads; v heads] (the modeling file views it as
+# heads + 2 * kv_heads heads of head_dim and splits), per-head query_layernorm / key_layernorm
+# before rotary, dense output; DeepSeek-V3's MoE block (first_k_dense_replace dense layers, shared
+# experts num_shared_experts x moe_intermediate_size wide, sigmoid router with its score bias
+# stored as mlp.gate.expert_bias).  The published checkpoints have no MTP layers.
+B = "model.layers.{i}."
+register(
+    Family(
+        name="bailing_moe_v2",
+        model_types=("bailing_moe_v2", "bailing_moe"),
+        architecture="BailingMoeV2ForCausalLM",
+        tensors=(
+            ("model.word_embeddings.weight", "embed.weight"),
+            ("model.norm.weight", "final_norm.weight"),
+            ("lm_head.weight", "lm_head.weight"),
+            (B + "input_layernorm.weight", C + "attn_norm.weight"),
+            (B + "attention.query_layernorm.weight", C + "attn.q_norm.weight"),
+            (B + "attention.key_layernorm.weight", C + "attn.k_norm.weight"),
+            (B + "attention.dense.weight", C + "attn.o.weight"),
+        )
+        + LLAMA_NORMS
+        + GATED_MLP
+        + tuple((h, c) for h, c in DEEPSEEK_MOE if "e_score_correction_bias" not in h)
+        + ((B + "mlp.gate.expert_bias", C + "mlp.router.bias"),),
+        packed=(
+            Packed(B + "attention.query_key_value.weight", QKV_PARTS, QKV_ROWS),
+            Packed(B + "attention.query_key_value.bias", QKV_BIAS_PARTS, QKV_ROWS),
+        ),
+        config=config_with(
+            ConfigKey("head_dim", "head_dim", _head_dim),
+            ConfigKey("qkv_bias", "use_qkv_bias", False),
+            ConfigKey("qk_norm", "use_qk_norm", False),
+            ConfigKey("num_experts", "num_experts"),
+            ConfigKey("moe_topk", "num_experts_per_tok"),
+            ConfigKey("moe_ffn_hidden_size", "moe_intermediate_size"),
+            _derived(
+                "shared_ffn_hidden_size",
+                lambda c: (c.get("num_shared_experts") or 0) * c["moe_intermediate_size"],
+            ),
+            _derived("dense_layers", _first_k_dense),
+        ),
+        constants=(("router_bias", True),),
+        mindspeed_names=("bailing_mini",),
+        megatron_args=_deepseek_router,  # sigmoid scores + expert bias, group-limited top-k, scaled
     )
 )
