@@ -648,3 +648,29 @@ def test_bailing_rank_files(models, tmp_path):
             ]
         )
         assert torch.equal(r["decoder.layers.1.mlp.shared_experts.linear_fc1.weight"], fc1)
+
+
+@pytest.mark.parametrize(
+    "case,edit,message",
+    [
+        # Ling v1 (BailingMoeForCausalLM) has no router score bias: refused, not misread
+        ("bailing_moe_v2", lambda sd: {k: v for k, v in sd.items() if "expert_bias" not in k}, "router.bias"),
+        # InternLM2 with bias=true has wqkv / wo biases this table does not carry: refused by name
+        (
+            "internlm2",
+            lambda sd: dict(sd, **{"model.layers.0.attention.wqkv.bias": torch.zeros(2 * H)}),
+            "model.layers.0.attention.wqkv.bias",
+        ),
+    ],
+    ids=["ling-v1", "internlm2-bias"],
+)
+def test_unsupported_variants_are_refused_in_one_line(models, tmp_path, capsys, case, edit, message):
+    src = str(tmp_path / "src")
+    shutil.copytree(models(case)["src"], src)
+    f = os.path.join(src, "model.safetensors")
+    save_file(edit(load_file(f)), f)
+    capsys.readouterr()
+    assert cli_main(["convert", src, str(tmp_path / "out"), "--to", "mcore", "--tp", "2", "--quiet"]) != 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ckpt-ir: error")]
+    assert len(err) == 1 and message in err[0], err
+    assert not os.path.exists(tmp_path / "out")
