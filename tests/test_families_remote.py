@@ -51,8 +51,19 @@ BASE = dict(
 REFERENCE = {
     "internlm2": ("llama", dict(num_key_value_heads=2)),
     "baichuan": ("llama", dict(num_key_value_heads=HEADS)),
-    "chatglm": ("glm", dict(num_key_value_heads=2, head_dim=32, partial_rotary_factor=0.5)),
-    "qwen": ("qwen2", dict(num_key_value_heads=HEADS)),
+    "chatglm": (
+        "glm",
+        dict(
+            num_key_value_heads=2,
+            head_dim=32,
+            partial_rotary_factor=0.5,
+            rope_parameters={"rope_type": "default", "rope_theta": 20000.0},  # ChatGLM rope_ratio 2
+        ),
+    ),
+    "qwen": (
+        "qwen2",
+        dict(num_key_value_heads=HEADS, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    ),
     "minicpm": ("llama", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "minicpm-moe": (
         "mixtral",
@@ -206,6 +217,7 @@ def pack_chatglm(sd: dict, c: dict) -> tuple[dict, dict]:
         add_bias_linear=False,
         rmsnorm=True,
         seq_length=128,
+        rope_ratio=c["rope_parameters"]["rope_theta"] / 10000,
     )
     return out, cfg
 
@@ -240,7 +252,7 @@ def pack_qwen(sd: dict, c: dict) -> tuple[dict, dict]:
         layer_norm_epsilon=c["rms_norm_eps"],
         vocab_size=c["vocab_size"],
         no_bias=True,
-        rotary_emb_base=10000,
+        rotary_emb_base=c["rope_parameters"]["rope_theta"],
         tie_word_embeddings=False,
     )
     return out, cfg
@@ -674,3 +686,45 @@ def test_unsupported_variants_are_refused_in_one_line(models, tmp_path, capsys, 
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ckpt-ir: error")]
     assert len(err) == 1 and message in err[0], err
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "case,want",
+    [
+        # ChatGLM: interleaved pairs of half of each head, base 10000 x rope_ratio; 2 kv groups of 32
+        (
+            "chatglm",
+            dict(
+                rotary_percent=0.5,
+                rotary_interleaved=True,
+                rotary_base=20000.0,
+                num_query_groups=2,
+                kv_channels=32,
+                add_qkv_bias=True,
+                ffn_hidden_size=F,
+                untie_embeddings_and_output_weights=True,
+            ),
+        ),
+        # Qwen v1: rotary_emb_base; the MLP width is half of intermediate_size; multi-head
+        ("qwen", dict(rotary_base=1e6, ffn_hidden_size=F, num_query_groups=HEADS, add_qkv_bias=True)),
+        # InternLM2: grouped-query, no biases
+        ("internlm2", dict(num_query_groups=2, add_qkv_bias=False, ffn_hidden_size=F, swiglu=True)),
+        # Ling 2.0: DeepSeek-V3 routing, q/k layernorm, half rotary, one shared expert, first layer dense
+        (
+            "bailing_moe_v2",
+            dict(
+                moe_router_score_function="sigmoid",
+                moe_router_enable_expert_bias=True,
+                qk_layernorm=True,
+                rotary_percent=0.5,
+                moe_shared_expert_intermediate_size=32,
+                moe_layer_freq=[0, 1, 1, 1],
+            ),
+        ),
+    ],
+)
+def test_megatron_args_describe_the_model(models, tmp_path, case, want):
+    mid = str(tmp_path / "mid")
+    convert(models(case)["src"], mid, ck.Target(to="mcore", tp=2))
+    args = vars(torch.load(f"{mid}/iter_0000001/mp_rank_00/model_optim_rng.pt", weights_only=False)["args"])
+    assert {k: args.get(k) for k in want} == want

@@ -101,6 +101,16 @@ def _glm_groups(cfg: dict) -> int:
     return cfg["multi_query_group_num"] if cfg.get("multi_query_attention") else cfg["num_attention_heads"]
 
 
+def _glm_rotary(cfg: dict) -> dict:
+    """ChatGLM rotates interleaved pairs of the first half of each head (modeling_chatglm.py:
+    rot_dim = kv_channels // 2, x.reshape(..., rot_dim // 2, 2)), base 10000 x rope_ratio."""
+    return {
+        "rotary_percent": 0.5,
+        "rotary_interleaved": True,
+        "rotary_base": 10000 * (cfg.get("rope_ratio") or 1),
+    }
+
+
 # ChatGLM2/3 (and the remote-code GLM-4-9B, model_type "chatglm"): query_key_value = [q; k; v]
 # with multi_query_group_num key/value heads, not interleaved (modeling_chatglm.py splits the
 # output into [heads*d, groups*d, groups*d]); dense_h_to_4h = [gate; up] (swiglu: chunk(2), silu
@@ -140,6 +150,7 @@ register(
             _derived("activation", "silu"),
         ),
         mindspeed_names=("chatglm3",),
+        megatron_args=_glm_rotary,
     )
 )
 
@@ -181,6 +192,8 @@ register(
         ),
         constants=(("qkv_bias", True),),
         mindspeed_names=("qwen",),
+        # the rotary base is "rotary_emb_base" (10000 for Qwen-7B, 1000000 for 14B / 72B)
+        megatron_args=lambda cfg: {"rotary_base": cfg.get("rotary_emb_base") or 10000},
     )
 )
 
