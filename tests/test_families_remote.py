@@ -23,9 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -33,8 +30,9 @@ from safetensors.torch import load_file, save_file
 
 import ckpt_ir.api as ck
 from ckpt_ir.cli import main as cli_main
+from tests.mcore_harness import run_job
 from tests.test_hf_roundtrip import convert, hf_state
-from tests.test_megatron_oracle import HARNESS, INPUT_IDS, WORLD
+from tests.test_megatron_oracle import INPUT_IDS, WORLD
 
 LAYERS, H, F, HEADS, VOCAB = 4, 64, 96, 4, 128
 BASE = dict(
@@ -584,27 +582,10 @@ def oracle(models, tmp_path_factory):
                 "out": str(root / f"{case}.pt"),
             }
         )
-    job = root / "job.json"
-    job.write_text(json.dumps({"store": str(root / "gloo-store"), "cases": cases}))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(
-        [sys.executable, HARNESS, str(job), str(WORLD)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    assert proc.returncode == 0, f"megatron-core harness failed:\n{out[-4000:]}\n{err[-8000:]}"
-    results = {}
-    for c in cases:
-        reports = [json.load(open(f"{c['out']}.rank{r}.json")) for r in range(WORLD)]
-        results[c["name"]] = (torch.load(c["out"]), models(c["name"])["ref_logits"], reports)
+    results = {
+        name: (logits, models(name)["ref_logits"], reports)
+        for name, (logits, reports) in run_job(str(root), cases, WORLD).items()
+    }
     shutil.rmtree(root, ignore_errors=True)
     return results
 
