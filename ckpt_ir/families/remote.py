@@ -9,8 +9,8 @@ directory, a Megatron checkpoint's ``hf/`` folder, or ``--hf-config``), so the r
 
 Tensor names, shapes and packings come from each model's published modeling file and MindSpeed-LLM's
 ``configs/checkpoint/model_cfg.json``; the facts each entry relies on are noted beside it.  Config
-values that only the forward pass uses (ChatGLM's half-width interleaved rotary, Baichuan-13B's
-ALiBi, MiniCPM's muP scales) ride along in the config unchanged.
+values that only the forward pass uses (Baichuan2's NormHead, Baichuan-13B's ALiBi, MiniCPM's muP
+scales) ride along in the config unchanged.
 
 Derived config values are read with ``ConfigKey(field, None, fn)``: a key with no HF name is never
 written back, so the source's config.json comes back exactly as it was.
@@ -52,7 +52,6 @@ NOT_WRITTEN = (_derived("head_dim", _head_dim), ConfigKey("qkv_bias", None, Fals
 # [q heads of g; k_g; v_g] (modeling_internlm2.py: rearrange 'b q (h gs d) -> b q h gs d' with
 # gs = 2 + heads_per_group; q = [..., :gs-2, :], k = [..., -2, :], v = [..., -1, :]), which is
 # Megatron's own linear_qkv order; w1 = gate, w3 = up, w2 = down
-IL = "model.layers.{i}."
 register(
     Family(
         name="internlm2",
@@ -62,14 +61,14 @@ register(
             ("model.tok_embeddings.weight", "embed.weight"),
             ("model.norm.weight", "final_norm.weight"),
             ("output.weight", "lm_head.weight"),
-            (IL + "attention_norm.weight", C + "attn_norm.weight"),
-            (IL + "attention.wo.weight", C + "attn.o.weight"),
-            (IL + "ffn_norm.weight", C + "mlp_norm.weight"),
-            (IL + "feed_forward.w1.weight", C + "mlp.gate.weight"),
-            (IL + "feed_forward.w3.weight", C + "mlp.up.weight"),
-            (IL + "feed_forward.w2.weight", C + "mlp.down.weight"),
+            (L + "attention_norm.weight", C + "attn_norm.weight"),
+            (L + "attention.wo.weight", C + "attn.o.weight"),
+            (L + "ffn_norm.weight", C + "mlp_norm.weight"),
+            (L + "feed_forward.w1.weight", C + "mlp.gate.weight"),
+            (L + "feed_forward.w3.weight", C + "mlp.up.weight"),
+            (L + "feed_forward.w2.weight", C + "mlp.down.weight"),
         ),
-        packed=(Packed(IL + "attention.wqkv.weight", QKV_PARTS, QKV_ROWS, groups="num_kv_heads"),),
+        packed=(Packed(L + "attention.wqkv.weight", QKV_PARTS, QKV_ROWS, groups="num_kv_heads"),),
         config=config_with(*NOT_WRITTEN),
         mindspeed_names=("internlm2",),
     )
@@ -229,7 +228,6 @@ register(
 # before rotary, dense output; DeepSeek-V3's MoE block (first_k_dense_replace dense layers, shared
 # experts num_shared_experts x moe_intermediate_size wide, sigmoid router with its score bias
 # stored as mlp.gate.expert_bias).  The published checkpoints have no MTP layers.
-B = "model.layers.{i}."
 register(
     Family(
         name="bailing_moe_v2",
@@ -239,18 +237,18 @@ register(
             ("model.word_embeddings.weight", "embed.weight"),
             ("model.norm.weight", "final_norm.weight"),
             ("lm_head.weight", "lm_head.weight"),
-            (B + "input_layernorm.weight", C + "attn_norm.weight"),
-            (B + "attention.query_layernorm.weight", C + "attn.q_norm.weight"),
-            (B + "attention.key_layernorm.weight", C + "attn.k_norm.weight"),
-            (B + "attention.dense.weight", C + "attn.o.weight"),
+            (L + "input_layernorm.weight", C + "attn_norm.weight"),
+            (L + "attention.query_layernorm.weight", C + "attn.q_norm.weight"),
+            (L + "attention.key_layernorm.weight", C + "attn.k_norm.weight"),
+            (L + "attention.dense.weight", C + "attn.o.weight"),
         )
         + LLAMA_NORMS
         + GATED_MLP
         + tuple((h, c) for h, c in DEEPSEEK_MOE if "e_score_correction_bias" not in h)
-        + ((B + "mlp.gate.expert_bias", C + "mlp.router.bias"),),
+        + ((L + "mlp.gate.expert_bias", C + "mlp.router.bias"),),
         packed=(
-            Packed(B + "attention.query_key_value.weight", QKV_PARTS, QKV_ROWS),
-            Packed(B + "attention.query_key_value.bias", QKV_BIAS_PARTS, QKV_ROWS),
+            Packed(L + "attention.query_key_value.weight", QKV_PARTS, QKV_ROWS),
+            Packed(L + "attention.query_key_value.bias", QKV_BIAS_PARTS, QKV_ROWS),
         ),
         config=config_with(
             ConfigKey("head_dim", "head_dim", _head_dim),
