@@ -396,11 +396,11 @@ def build_args(
             [0 if i in spec.dense_layers else 1 for i in range(spec.num_layers)] if spec.dense_layers else 1
         )
         fields["moe_shared_expert_gate"] = fields["shared_expert_gate"] = spec.shared_expert_gate
-        from ckpt_ir.families import by_name
+    from ckpt_ir.families import by_name
 
-        family = by_name(spec.family)
-        if family.megatron_args:
-            fields.update(family.megatron_args(cfg))
+    family = by_name(spec.family)
+    if family.megatron_args:  # router options, rotary settings under family-specific config keys
+        fields.update(family.megatron_args(cfg))
     if spec.mla:
         fields.update(
             {

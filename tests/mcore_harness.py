@@ -402,6 +402,42 @@ def _worker(job: dict, rank: int, world: int) -> None:
     os._exit(0)
 
 
+def run_job(root: str, cases: list[dict], world: int = 4, timeout: int = 300) -> dict[str, tuple]:
+    """From a test: write ``cases`` as a job under ``root``, run this harness on it in its own
+    session (a timeout stops the forked ranks too) and return, per case name, (logits, the ranks'
+    reports).  Fails the calling test with the harness's output when a rank fails."""
+    import subprocess
+
+    import torch
+
+    job = os.path.join(root, "job.json")
+    with open(job, "w") as fh:
+        json.dump({"store": os.path.join(root, "gloo-store"), "cases": cases}, fh)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), job, str(world)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    assert proc.returncode == 0, f"megatron-core harness failed:\n{out[-4000:]}\n{err[-8000:]}"
+    results = {}
+    for c in cases:
+        reports = []
+        for rank in range(world):
+            with open(f"{c['out']}.rank{rank}.json") as fh:
+                reports.append(json.load(fh))
+        results[c["name"]] = (torch.load(c["out"]), reports)
+    return results
+
+
 def main(argv: list[str]) -> int:
     """``mcore_harness.py JOB.json WORLD``: import torch and megatron-core once, then fork WORLD
     ranks (imports cost ~7 s per process on a small CPU box; forked ranks share them)."""

@@ -18,18 +18,25 @@ from ckpt_ir.ir.spec import ModelSpec
 @attrs.frozen
 class Packed:
     """One HF tensor that stacks several canonical tensors along dim 0 (e.g. Phi-3 ``qkv_proj`` =
-    [q; k; v]).  ``sizes`` names the ModelSpec properties giving each part's row count."""
+    [q; k; v]).  ``sizes`` names the ModelSpec properties giving each part's row count.
+    ``groups`` names the ModelSpec property counting groups when the pack repeats per group
+    (InternLM2's ``wqkv``: for each key/value head, its query heads, then k, then v); each part's
+    rows are then split evenly over the groups."""
 
     hf: str
     parts: tuple[str, ...]
     sizes: tuple[str, ...]
+    groups: str | None = None
 
     def row_counts(self, spec: ModelSpec) -> tuple[int, ...]:
         return tuple(getattr(spec, s) for s in self.sizes)
 
     def rule(self, spec: ModelSpec) -> Stack:
         """The packed tensor as a reversible stack of its parts (keyed by canonical template)."""
-        return Stack.of(zip(self.parts, self.row_counts(spec)))
+        if self.groups is None:
+            return Stack.of(zip(self.parts, self.row_counts(spec)))
+        g = getattr(spec, self.groups)
+        return Stack.interleaved(g, ((p, n // g) for p, n in zip(self.parts, self.row_counts(spec))))
 
 
 @attrs.frozen
@@ -235,7 +242,7 @@ def _load_builtin() -> None:
     _builtin_loaded = True
     from importlib.metadata import entry_points
 
-    from ckpt_ir.families import llama, moe, wave_a  # noqa: F401
+    from ckpt_ir.families import llama, moe, remote, wave_a  # noqa: F401
 
     for ep in entry_points(group="ckpt_ir.families"):
         try:

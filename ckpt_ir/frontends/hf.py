@@ -60,7 +60,10 @@ def side_files(path: str, config: bool = False) -> tuple[str, ...]:
 
 
 # source tensors known to carry no information (recomputed by the model)
-DROP_RULES = (("*rotary_emb.inv_freq", "rotary inverse frequencies are recomputed from the config"),)
+DROP_RULES = (
+    ("*rotary_emb.inv_freq", "rotary inverse frequencies are recomputed from the config"),
+    ("*rotary_pos_emb.inv_freq", "rotary inverse frequencies are recomputed from the config"),  # ChatGLM
+)
 
 
 def detect(path: str) -> bool:
