@@ -240,3 +240,35 @@ def test_memory_budget_below_one_tensor_is_refused_before_writing(hf_cache, tmp_
     )
     assert r.returncode == 1 and "raise --max-memory" in r.stderr and "tensor " in r.stderr
     assert not dst.exists()
+
+
+def test_writeback_is_started_as_bytes_are_written(tmp_path, monkeypatch):
+    """The disk is asked to write each run of WRITEBACK_BYTES as soon as it is written (so the
+    final fsync does not wait for a whole model's flush): consecutive, non-overlapping ranges of
+    every output file, zip record headers in between included, up to its last partial run."""
+    from ckpt_ir import api
+    from ckpt_ir.io import atomic
+
+    src = str(tmp_path / "src")
+    synthetic_llama(src, layers=8)
+    runs: dict[str, list[tuple[int, int]]] = {}
+
+    def record(fd: int, offset: int, nbytes: int, flags: int) -> int:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        runs.setdefault(os.path.join(*path.split(os.sep)[-2:]), []).append((offset, nbytes))
+        return 0
+
+    threshold = 1 << 20
+    monkeypatch.setattr(atomic, "_SYNC_FILE_RANGE", record)
+    monkeypatch.setattr(atomic, "WRITEBACK_BYTES", threshold)
+    dst = tmp_path / "mc"
+    # bf16: computed tensors, written in row blocks; 1 MiB of fp32 rows per cast block at most
+    api.convert(src, str(dst), api.Target(to="mcore", tp=2, dtype="bf16"), workers=1, max_memory=4 << 20)
+    rank_files = sorted(dst.glob("iter_*/mp_rank_*/model_optim_rng.pt"))
+    assert len(rank_files) == 2 and len(runs) == 2
+    for f in rank_files:
+        got = runs[os.path.join(f.parent.name, f.name)]
+        assert got[0][0] < 1 << 16 and all(n >= threshold for _, n in got)  # from the first record on
+        assert all(a + n <= b for (a, n), (b, _) in zip(got, got[1:]))  # in order, never twice
+        largest_record = max(HIDDEN * VOCAB, HIDDEN * FFN) * 2 // 2  # bf16, split over TP2
+        assert got[-1][0] + got[-1][1] >= f.stat().st_size - threshold - largest_record - (1 << 16)

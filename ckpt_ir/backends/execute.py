@@ -62,6 +62,7 @@ class TensorWriter:
 
         self.reader, self.progress, self.copier = reader, progress, Copier()
         self.block_bytes = block_bytes
+        self.writeback = atomic.Writeback()
         self._compute: ThreadPoolExecutor | None = None
         self._torch_started = False
 
@@ -73,7 +74,7 @@ class TensorWriter:
         if ranges is not None:
             n = self.copier.copy(ranges, fd, pos)
             self.reader.bytes_read += n
-            self.progress.advance(n)
+            self._wrote(fd, pos, n)
             return n
         if isinstance(expr, E.Concat) and expr.dim == 0:
             # rows are contiguous in the output: write part by part (a flat optimizer buffer, a row
@@ -89,7 +90,7 @@ class TensorWriter:
 
         if len(blocks) == 1:  # nothing to overlap: no hand-off to the helper thread
             n = write_at(fd, tensor_bytes(blocks[0], self.reader), pos)
-            self.progress.advance(n)
+            self._wrote(fd, pos, n)
             return n
         if self._compute is None:
             from concurrent.futures import ThreadPoolExecutor
@@ -115,13 +116,17 @@ class TensorWriter:
                     copied += n
                 else:
                     n = write_at(fd, data, pos)
-                self.progress.advance(n)
+                self._wrote(fd, pos, n)
                 pos += n
         finally:
             if pending is not None:  # an error: let the helper finish before the buffers go away
                 pending.cancel() or pending.exception()
         self.reader.bytes_read += copied  # the helper is idle now: no race on the count
         return pos - start
+
+    def _wrote(self, fd: int, pos: int, nbytes: int) -> None:
+        self.progress.advance(nbytes)
+        self.writeback.wrote(fd, pos, nbytes)
 
     def close(self) -> None:
         self.copier.close()
