@@ -486,6 +486,11 @@ def _group_experts(ckpt: Checkpoint, entries: list[Entry], local: int) -> None:
             continue
         if first is None:
             first = len(kept)
+        if e.key.endswith(".bias"):
+            raise VerifyError(
+                f"{e.key}: the grouped-GEMM expert format (weight1/weight2) has no expert biases; "
+                f"convert without --grouped-gemm (per-expert local_experts keys)"
+            )
         kind = "weight1" if e.key.endswith("linear_fc1.weight") else "weight2"
         if ".lora_" in e.key:
             raise VerifyError("grouped GEMM output with unmerged expert LoRA is not supported; merge first")

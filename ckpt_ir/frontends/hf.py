@@ -209,6 +209,7 @@ def map_tensors(
     dropped: dict[str, str] = {}
     unknown: list[str] = []
     packed = [(p, names_for(p.hf)) for p in family.packed]
+    stacked = [(s, names_for(s.hf)) for s in family.stacked]
     for key, load in raw.items():
         canon = names.to_canonical(key)
         if canon is not None:
@@ -218,6 +219,8 @@ def map_tensors(
             tensors[canon] = TensorNode.whole(canon, load)
             continue
         hit = _unpack(key, load, spec, packed)
+        if hit is None:
+            hit = _unstack(key, load, spec, stacked)
         if hit is not None:
             for canon, expr in hit:
                 tensors[canon] = TensorNode.whole(canon, expr)
@@ -242,6 +245,20 @@ def names_for(template: str):
     from ckpt_ir.ir.names import _compile
 
     return _compile(template)
+
+
+def _unstack(key: str, load: E.Load, spec: ModelSpec, stacked) -> list[tuple[str, E.Expr]] | None:
+    """A tensor stacking a layer's experts (gpt-oss) as each expert's canonical parts."""
+    for stack, pat in stacked:
+        m = pat.match(key)
+        if m:
+            experts = stack.split(load, spec, f"{load.path}: tensor {key}")
+            return [
+                (p.format(e=e, **m.groupdict()), x)
+                for e, parts in enumerate(experts)
+                for p, x in parts.items()
+            ]
+    return None
 
 
 def _unpack(key: str, load: E.Load, spec: ModelSpec, packed) -> list[tuple[str, E.Expr]] | None:
