@@ -149,7 +149,7 @@ def _transformer_config(case: dict, tp: int, pp: int, vpp: int | None):
 
     hf = case["hf_config"]
     heads = hf["num_attention_heads"]
-    return TransformerConfig(
+    kw = dict(
         num_layers=hf["num_hidden_layers"],
         hidden_size=hf["hidden_size"],
         num_attention_heads=heads,
@@ -181,6 +181,29 @@ def _transformer_config(case: dict, tp: int, pp: int, vpp: int | None):
         sequence_parallel=False,
         batch_p2p_comm=False,
         **_moe_kwargs(case),
+    )
+    kw.update(_gpt_oss_kwargs(case))
+    return TransformerConfig(**kw)
+
+
+def _gpt_oss_kwargs(case: dict) -> dict:
+    """gpt-oss from its HF config: biases on every linear layer (experts' and router's too),
+    learned softmax offsets (sinks), sliding windows on the layers HF's layer_types mark
+    (Megatron's window (left, right) keeps k with q - left <= k <= q; HF keeps q - k < window),
+    and its GLU: (clamp(up) + 1) * g * sigmoid(1.702 g) with g = clamp(gate) (quick_gelu)."""
+    if not case.get("gpt_oss"):
+        return {}
+    from megatron.core.fusions.fused_bias_geglu import quick_gelu
+
+    hf = case["hf_config"]
+    return dict(
+        add_bias_linear=True,
+        softmax_type="learnable",
+        window_size=(hf["sliding_window"] - 1, 0),
+        window_attn_skip_freq=[int(t == "sliding_attention") for t in hf["layer_types"]],
+        activation_func=quick_gelu,
+        glu_linear_offset=1.0,
+        activation_func_clamp_value=hf["swiglu_limit"],
     )
 
 

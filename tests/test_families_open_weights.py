@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ckpt_ir.api as ck
-from ckpt_ir.errors import VerifyError
+from ckpt_ir.errors import LayoutError, VerifyError
 from tests.test_hf_roundtrip import IDS, assert_same_tensors, convert, hf_state, logits
 
 DENSE = dict(
@@ -56,7 +56,8 @@ LAYOUTS = {
     "gemma3_text": (dict(tp=2, pp=2), dict(tp=2, pp=2, num_layer_list=(1, 3))),
     "olmo2": (dict(tp=2, pp=2), dict(tp=1, pp=2, vpp_layers=1)),
     "olmoe": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True)),
-    "gpt_oss": (dict(tp=2, pp=2), dict(tp=2, ep=2)),
+    # megatron-core builds expert biases only with expert TP 1
+    "gpt_oss": (dict(tp=2, pp=2, etp=1), dict(tp=2, ep=2, etp=1)),
 }
 
 
@@ -109,43 +110,36 @@ def test_hf_to_mcore_to_hf_bit_exact_with_same_logits(models, tmp_path, family, 
 
 def test_gpt_oss_experts_follow_megatron_bridge(models, tmp_path):
     """HF gate_up_proj[e] is [H, 2F] with gate in the even columns and up in the odd ones; expert
-    e's Megatron fc1 is [gate; up] as [out, in] rows, TP rank t holding rows t of each half;
-    fc2 is down_proj[e] transposed, split by columns; fc2's bias whole on every TP rank; the
-    sinks (softmax_offset) split over TP with the heads; the router's bias under mlp.router.bias."""
+    e's Megatron fc1 is [gate; up] as [out, in] rows (Megatron-Bridge), its bias likewise; fc2 is
+    down_proj[e] transposed; with TP2 x EP2 and expert TP 1 the rank files are (t, ep) = (0, 0)
+    and (1, 1), each holding whole experts of its EP rank; the sinks (softmax_offset) are split
+    over TP with the heads; the router's own bias is mlp.router.bias."""
     src = models("gpt_oss")
     hf = hf_state(src)
     mid = str(tmp_path / "mid")
-    convert(src, mid, ck.Target(to="mcore", tp=2, ep=2))
+    convert(src, mid, ck.Target(to="mcore", tp=2, ep=2, etp=1))
     gu, gub = (
         hf["model.layers.1.mlp.experts.gate_up_proj"],
         hf["model.layers.1.mlp.experts.gate_up_proj_bias"],
     )
     down, downb = hf["model.layers.1.mlp.experts.down_proj"], hf["model.layers.1.mlp.experts.down_proj_bias"]
-    f, h = 96, 64
-    for t in range(2):
-        for ep in range(2):
-            sd = rank(mid, f"mp_rank_0{t}_00{ep}")["model"]
-            for local in range(2):
-                e = ep * 2 + local
-                gate, up = gu[e][:, 0::2].T, gu[e][:, 1::2].T  # [F, H] each
-                rows = slice(t * f // 2, (t + 1) * f // 2)
-                key = f"decoder.layers.1.mlp.experts.local_experts.{local}."
-                assert torch.equal(sd[key + "linear_fc1.weight"], torch.cat([gate[rows], up[rows]]))
-                assert torch.equal(
-                    sd[key + "linear_fc1.bias"], torch.cat([gub[e][0::2][rows], gub[e][1::2][rows]])
-                )
-                assert torch.equal(sd[key + "linear_fc2.weight"], down[e].T[:, rows])
-                assert sd[key + "linear_fc2.weight"].shape == (h, f // 2)
-                assert torch.equal(sd[key + "linear_fc2.bias"], downb[e])
-            sinks = hf["model.layers.1.self_attn.sinks"]
-            assert torch.equal(
-                sd["decoder.layers.1.self_attention.core_attention.softmax_offset"], sinks[t * 2 : t * 2 + 2]
-            )
-            assert torch.equal(sd["decoder.layers.1.mlp.router.bias"], hf["model.layers.1.mlp.router.bias"])
-            assert torch.equal(
-                sd["decoder.layers.1.self_attention.linear_proj.bias"],
-                hf["model.layers.1.self_attn.o_proj.bias"],
-            )
+    for t, ep in ((0, 0), (1, 1)):
+        sd = rank(mid, f"mp_rank_0{t}_00{ep}")["model"]
+        for local in range(2):
+            e = ep * 2 + local
+            key = f"decoder.layers.1.mlp.experts.local_experts.{local}."
+            assert torch.equal(sd[key + "linear_fc1.weight"], torch.cat([gu[e][:, 0::2].T, gu[e][:, 1::2].T]))
+            assert torch.equal(sd[key + "linear_fc1.bias"], torch.cat([gub[e][0::2], gub[e][1::2]]))
+            assert torch.equal(sd[key + "linear_fc2.weight"], down[e].T)
+            assert torch.equal(sd[key + "linear_fc2.bias"], downb[e])
+        sinks = hf["model.layers.1.self_attn.sinks"]
+        assert torch.equal(
+            sd["decoder.layers.1.self_attention.core_attention.softmax_offset"], sinks[t * 2 : t * 2 + 2]
+        )
+        assert torch.equal(sd["decoder.layers.1.mlp.router.bias"], hf["model.layers.1.mlp.router.bias"])
+        assert torch.equal(
+            sd["decoder.layers.1.self_attention.linear_proj.bias"], hf["model.layers.1.self_attn.o_proj.bias"]
+        )
     args = rank(mid, "mp_rank_00_000")["args"]
     assert (args.softmax_type, args.add_bias_linear, args.window_size, args.window_attn_skip_freq) == (
         "learnable",
@@ -156,10 +150,17 @@ def test_gpt_oss_experts_follow_megatron_bridge(models, tmp_path):
     assert (args.glu_linear_offset, args.activation_func_clamp_value) == (1.0, 7.0)
 
 
-def test_gpt_oss_grouped_gemm_is_refused_with_the_reason(models, tmp_path):
+def test_gpt_oss_expert_tp_and_grouped_gemm_are_refused_with_the_reason(models, tmp_path):
+    """megatron-core builds expert biases only with expert TP 1, and the legacy grouped-GEMM
+    weight1/weight2 format has no place for them: both are refused before anything is written."""
     src = models("gpt_oss")
+    with pytest.raises(
+        LayoutError, match="expert biases .* only with expert tensor parallel size 1, got 2; pass --etp 1"
+    ):
+        convert(src, str(tmp_path / "a"), ck.Target(to="mcore", tp=2))
     with pytest.raises(VerifyError, match="grouped-GEMM expert format .* has no expert biases"):
-        convert(src, str(tmp_path / "mid"), ck.Target(to="mcore", ep=2, grouped_gemm=True))
+        convert(src, str(tmp_path / "b"), ck.Target(to="mcore", ep=2, grouped_gemm=True))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_olmo2_has_only_post_norms_under_the_sandwich_keys(models, tmp_path):
