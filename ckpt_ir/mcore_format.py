@@ -145,9 +145,16 @@ _FULL_QK_NORM = {
 }
 
 
-def _layer_keys(mla: bool, full_qk_norm: bool):
+def _layer_keys(mla: bool, full_qk_norm: bool, family: str | None = None):
     keys = _MLA_LAYER_KEYS if mla else _LAYER_KEYS
-    return tuple((m, _FULL_QK_NORM.get(c, c)) for m, c in keys) if full_qk_norm else keys
+    if full_qk_norm:
+        keys = tuple((m, _FULL_QK_NORM.get(c, c)) for m, c in keys)
+    if family is not None:  # a family's own keys for some roles (Gemma 3's post norms, Megatron-Bridge)
+        from ckpt_ir.families import by_name
+
+        own = {c: m for m, c in by_name(family).megatron_keys}
+        keys = tuple((own.get(c, m), c) for m, c in keys)
+    return keys
 
 
 def _table(keys, norm_names: str) -> NameTable:
@@ -194,15 +201,17 @@ def lora_key(target_key: str, which: str) -> str:
     return target_key[: -len(".weight")] + (".lora_A" if which == "a" else ".lora_B") + ".default.weight"
 
 
-def layer_table(norm_names: str, mla: bool = False, full_qk_norm: bool = False) -> NameTable:
+def layer_table(
+    norm_names: str, mla: bool = False, full_qk_norm: bool = False, family: str | None = None
+) -> NameTable:
     """Decoder-layer key table for a naming (``local``, ``te``, ``te-input``; MindSpeed-LLM v2's
     transformer_engine output fuses only the input norm for dense layers)."""
-    return _table(_layer_keys(mla, full_qk_norm), norm_names)
+    return _table(_layer_keys(mla, full_qk_norm, family), norm_names)
 
 
 def read_tables(spec: ModelSpec) -> tuple[NameTable, ...]:
     """The decoder-layer tables a reader tries (local and TE norm names) for ``spec``."""
-    return tuple(layer_table(n, spec.mla, spec.qk_full_norm) for n in ("local", "te"))
+    return tuple(layer_table(n, spec.mla, spec.qk_full_norm, spec.family) for n in ("local", "te"))
 
 
 def role_order(mla: bool, full_qk_norm: bool = False) -> tuple[str, ...]:

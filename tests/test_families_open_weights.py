@@ -53,11 +53,15 @@ CONFIGS = {
     ),
 }
 LAYOUTS = {
-    "gemma3_text": (dict(tp=2, pp=2), dict(tp=2, pp=2, num_layer_list=(1, 3))),
+    "gemma3_text": (
+        dict(tp=2, pp=2),
+        dict(tp=2, pp=2, num_layer_list=(1, 3), norm_names="te"),
+        dict(ckpt_format="torch_dist"),
+    ),
     "olmo2": (dict(tp=2, pp=2), dict(tp=1, pp=2, vpp_layers=1)),
     "olmoe": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True)),
     # megatron-core builds expert biases only with expert TP 1
-    "gpt_oss": (dict(tp=2, pp=2, etp=1), dict(tp=2, ep=2, etp=1)),
+    "gpt_oss": (dict(tp=2, pp=2, etp=1), dict(tp=2, ep=2, etp=1), dict(ckpt_format="torch_dist")),
 }
 
 
@@ -186,16 +190,29 @@ def test_olmo2_has_only_post_norms_under_the_sandwich_keys(models, tmp_path):
         assert torch.equal(sd["decoder.layers.2.self_attention.q_layernorm.weight"], q[t * 32 : (t + 1) * 32])
 
 
-def test_gemma3_tied_head_on_the_last_stage_and_window_args(models, tmp_path):
-    """Tied embeddings: with PP the last stage carries Megatron's copy of the embedding as
-    output_layer; the args carry the sliding window, the pattern, both rope bases and the
+def test_gemma3_keys_tied_head_and_window_args(models, tmp_path):
+    """Megatron-Bridge's Gemma 3 keys (with Transformer Engine norm names): the post norms under
+    linear_proj / linear_fc2 .post_layernorm, the pre norms fused into linear_qkv / linear_fc1.
+    Tied embeddings: with PP the last stage carries Megatron's copy of the embedding as
+    output_layer.  The args carry the sliding window, the pattern, both rope bases and the
     query_pre_attn_scalar softmax scale, and the HF config comes back whole."""
     src = models("gemma3_text")
+    hf = hf_state(src)
     mid = str(tmp_path / "mid")
-    convert(src, mid, ck.Target(to="mcore", tp=2, pp=2))
-    emb = hf_state(src)["model.embed_tokens.weight"]
+    convert(src, mid, ck.Target(to="mcore", tp=2, pp=2, norm_names="te"))
     last = rank(mid, "mp_rank_01_001")["model"]
-    assert torch.equal(last["output_layer.weight"], emb[64:])
+    assert torch.equal(last["output_layer.weight"], hf["model.embed_tokens.weight"][64:])
+    bridge = {  # Megatron-Bridge gemma3_bridge.py mapping_registry; layer 3 is stage 1's local layer 1
+        "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+        "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+        "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+        "self_attention.linear_proj.post_layernorm.weight": "post_attention_layernorm.weight",
+        "mlp.linear_fc1.layer_norm_weight": "pre_feedforward_layernorm.weight",
+        "mlp.linear_fc2.post_layernorm.weight": "post_feedforward_layernorm.weight",
+    }
+    for mkey, hkey in bridge.items():
+        assert torch.equal(last[f"decoder.layers.1.{mkey}"], hf[f"model.layers.3.{hkey}"]), mkey
+    assert not [k for k in last if "post_attn_norm" in k or "post_mlp_layernorm" in k]
     args = rank(mid, "mp_rank_00_000")["args"]
     assert (args.window_size, args.window_attn_skip_freq) == ([3, 0], 2)
     assert (args.rotary_base, args.rotary_base_local) == (1000000.0, 10000.0)

@@ -197,7 +197,7 @@ def rank_content(ckpt: Checkpoint) -> tuple[dict[tuple[int, int], list[Entry]], 
     slots = layer_slots(spec, layout)
     where = {s.real: s for s in slots if s.real is not None}
     chunks = num_chunks(spec, layout)
-    table = M.layer_table(layout.norm_names, spec.mla, spec.qk_full_norm)
+    table = M.layer_table(layout.norm_names, spec.mla, spec.qk_full_norm, spec.family)
     order = M.role_order(spec.mla, spec.qk_full_norm)
     content: dict[tuple[int, int], list[Entry]] = defaultdict(list)
     by_layer: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))

@@ -136,6 +136,8 @@ class Family:
     mindspeed_names: tuple[str, ...] = ()
     # extra Megatron args this family's semantics need (e.g. router options), from the HF config
     megatron_args: Any = None
+    # (Megatron key template, canonical template): the family's own Megatron key for a role
+    megatron_keys: tuple[tuple[str, str], ...] = ()
 
     @property
     def names(self) -> NameTable:

@@ -2,8 +2,8 @@
 
 Each entry's HF names and config keys were checked against transformers 5's modeling and
 configuration files; the Megatron-Core keys and args follow Megatron-Bridge's bridges for
-gemma3, olmoe and gpt_oss (OLMo 2 has none there; it reuses the sandwich-norm keys of gemma2 /
-glm4).  Sliding windows and per-layer-type rope bases are config values carried through the HF
+gemma3, olmoe and gpt_oss (OLMo 2 has none there; it takes the post-norm keys of gemma2 / glm4,
+from MindSpeed-LLM).  Sliding windows and per-layer-type rope bases are config values carried through the HF
 config; the Megatron args name them as megatron-core's ``TransformerConfig`` fields.
 """
 
@@ -86,6 +86,14 @@ register(
         ),
         constants=(("qk_norm", True), ("post_norms", True)),
         megatron_args=_gemma3_args,
+        # Megatron-Bridge's Gemma 3 layers fold the post norms into the projections before them
+        megatron_keys=(
+            (
+                "decoder.layers.{i}.self_attention.linear_proj.post_layernorm.weight",
+                C + "post_attn_norm.weight",
+            ),
+            ("decoder.layers.{i}.mlp.linear_fc2.post_layernorm.weight", C + "post_mlp_norm.weight"),
+        ),
     )
 )
 
