@@ -4,7 +4,8 @@ Each entry's HF names and config keys were checked against transformers 5's mode
 configuration files; the Megatron-Core keys and args follow Megatron-Bridge's bridges for
 gemma3, olmoe and gpt_oss (OLMo 2 has none there; it takes the post-norm keys of gemma2 / glm4,
 from MindSpeed-LLM).  Sliding windows and per-layer-type rope bases are config values carried through the HF
-config; the Megatron args name them as megatron-core's ``TransformerConfig`` fields.
+config; the Megatron args name them as megatron-core's ``TransformerConfig`` fields where one
+exists (docs/families.md lists the rest).
 """
 
 from __future__ import annotations
