@@ -425,6 +425,40 @@ def _worker(job: dict, rank: int, world: int) -> None:
     os._exit(0)
 
 
+def run_job(root: str, cases: list[dict], world: int, timeout: int = 300) -> list[list[dict]]:
+    """For a test: run ``cases`` in one harness subprocess of ``world`` forked ranks (its own
+    session, so a timeout stops the ranks too) and return each case's per-rank reports; each
+    case's logits are at its ``out`` path."""
+    import subprocess
+
+    job = os.path.join(root, "job.json")
+    with open(job, "w") as fh:
+        json.dump({"store": os.path.join(root, "gloo-store"), "cases": cases}, fh)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), job, str(world)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    assert proc.returncode == 0, f"megatron-core harness failed:\n{out[-4000:]}\n{err[-8000:]}"
+    reports = []
+    for case in cases:
+        per_rank = []
+        for rank in range(world):
+            with open(f"{case['out']}.rank{rank}.json") as fh:
+                per_rank.append(json.load(fh))
+        reports.append(per_rank)
+    return reports
+
+
 def main(argv: list[str]) -> int:
     """``mcore_harness.py JOB.json WORLD``: import torch and megatron-core once, then fork WORLD
     ranks (imports cost ~7 s per process on a small CPU box; forked ranks share them)."""

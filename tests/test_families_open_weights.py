@@ -13,6 +13,7 @@ import torch
 
 import ckpt_ir.api as ck
 from ckpt_ir.errors import LayoutError, VerifyError
+from tests.test_families_wave_a import build
 from tests.test_hf_roundtrip import IDS, assert_same_tensors, convert, hf_state, logits
 
 DENSE = dict(
@@ -65,21 +66,6 @@ LAYOUTS = {
 }
 
 
-def build(path: str, model_type: str, layers: int = 4, seed: int = 0) -> str:
-    """A tiny model built by transformers with random values in every parameter (sinks and every
-    bias included)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.for_model(model_type, **dict(CONFIGS[model_type], num_hidden_layers=layers))
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    model.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("open-weights")
@@ -87,7 +73,7 @@ def models(tmp_path_factory):
 
     def get(model_type: str) -> str:
         if model_type not in cache:
-            cache[model_type] = build(str(root / model_type), model_type)
+            cache[model_type] = build(str(root / model_type), model_type, configs=CONFIGS)
         return cache[model_type]
 
     return get

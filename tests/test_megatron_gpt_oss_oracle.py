@@ -17,16 +17,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from ckpt_ir.cli import main as cli_main
+from tests.mcore_harness import run_job
 
-HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mcore_harness.py")
 WORLD = 4
 SEQ = 12
 INPUT_IDS = [[(7 * i + 3) % 120 for i in range(SEQ)], [(11 * i + 5) % 120 for i in range(SEQ)]]
@@ -120,27 +117,8 @@ def oracle(tmp_path_factory):
                 "out": str(root / f"{case}.pt"),
             }
         )
-    job = root / "job.json"
-    job.write_text(json.dumps({"store": str(root / "gloo-store"), "cases": jobs}))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(
-        [sys.executable, HARNESS, str(job), str(WORLD)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-    assert proc.returncode == 0, f"megatron-core harness failed:\n{stdout[-4000:]}\n{stderr[-8000:]}"
-    results = {}
-    for jc in jobs:
-        reports = [json.load(open(f"{jc['out']}.rank{r}.json")) for r in range(WORLD)]
-        results[jc["name"]] = {"reports": reports, "logits": torch.load(jc["out"])}
+    reports = run_job(str(root), jobs, WORLD)
+    results = {jc["name"]: {"reports": r, "logits": torch.load(jc["out"])} for jc, r in zip(jobs, reports)}
     return {"ref": out.logits, "routers": out.router_logits, "cases": results}
 
 
