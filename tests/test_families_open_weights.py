@@ -218,3 +218,30 @@ def test_models_lists_the_families(capsys):
     assert main(["models"]) == 0
     listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()}
     assert {"gemma3_text", "olmo2", "olmoe", "gpt_oss"} <= listed
+
+
+@pytest.mark.parametrize(
+    "change,names",
+    [
+        # config says 3 experts, the stacked tensors hold 4
+        (lambda cfg: cfg.update(num_local_experts=3), ("mlp.experts.", "3 experts")),
+        # config says a wider expert FFN than gate_up_proj's columns hold
+        (lambda cfg: cfg.update(intermediate_size=64), ("gate_up_proj (shape [4, 64, 192])", "gate.weight")),
+    ],
+    ids=["expert-count", "ffn-width"],
+)
+def test_gpt_oss_stacked_experts_that_do_not_match_the_config_are_one_line_errors(
+    models, tmp_path, change, names
+):
+    import shutil
+
+    from tests.cli_contract import assert_clean_error
+    from tests.cli_contract import convert as cli_convert
+
+    src = tmp_path / "src"
+    shutil.copytree(models("gpt_oss"), src)
+    cfg = json.load(open(src / "config.json"))
+    change(cfg)
+    (src / "config.json").write_text(json.dumps(cfg))
+    dst = tmp_path / "out"
+    assert_clean_error(cli_convert(src, dst, "--ep", "2"), dst, names=("model.safetensors", *names))

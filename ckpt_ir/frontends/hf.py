@@ -191,8 +191,14 @@ def lift(
         want = expected_shape(spec, layout, name)
         if want is not None and t.shape != want:
             src = E.loads(t.expr)[0]
+            # a packed / stacked HF tensor: name the part of it that does not fit
+            what = (
+                ""
+                if isinstance(t.expr, E.Load) and not t.expr.rows
+                else f" (shape {list(src.full_shape)}) as {name}"
+            )
             raise FormatError(
-                f"{src.path}: tensor {src.key} has shape {list(t.shape)} but config.json implies "
+                f"{src.path}: tensor {src.key}{what} has shape {list(t.shape)} but config.json implies "
                 f"{list(want)}; the weights do not match the config"
             )
     aux = side_files(path, config=hf_config is None)
