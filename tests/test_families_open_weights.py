@@ -245,3 +245,23 @@ def test_gpt_oss_stacked_experts_that_do_not_match_the_config_are_one_line_error
     (src / "config.json").write_text(json.dumps(cfg))
     dst = tmp_path / "out"
     assert_clean_error(cli_convert(src, dst, "--ep", "2"), dst, names=("model.safetensors", *names))
+
+
+def test_gemma3_args_from_a_transformers_4_config():
+    """Released Gemma 3 configs written by transformers 4 keep the global rope base in rope_theta,
+    the sliding one in rope_local_base_freq and the layer pattern as sliding_window_pattern (every
+    6th layer global); transformers 5 nests rope_parameters per layer type and lists layer_types."""
+    from ckpt_ir.families import by_name
+
+    args = by_name("gemma3_text").megatron_args
+    old = {"rope_theta": 1e6, "rope_local_base_freq": 1e4, "sliding_window": 512, "sliding_window_pattern": 6}
+    assert {
+        k: args(old)[k] for k in ("rotary_base", "rotary_base_local", "window_size", "window_attn_skip_freq")
+    } == {
+        "rotary_base": 1e6,
+        "rotary_base_local": 1e4,
+        "window_size": [511, 0],
+        "window_attn_skip_freq": 6,
+    }
+    irregular = dict(CONFIGS["gemma3_text"], layer_types=["full_attention", "sliding_attention"])
+    assert args(irregular)["window_attn_skip_freq"] == [0, 1]  # Megatron's per-layer list, 1 = sliding
