@@ -265,3 +265,17 @@ def test_gemma3_args_from_a_transformers_4_config():
     }
     irregular = dict(CONFIGS["gemma3_text"], layer_types=["full_attention", "sliding_attention"])
     assert args(irregular)["window_attn_skip_freq"] == [0, 1]  # Megatron's per-layer list, 1 = sliding
+
+
+def test_gpt_oss_bf16_round_trip_is_bit_exact(models, tmp_path):
+    """The bf16 form (as the hub's dequantized gpt-oss checkpoints store it) through TP2 x PP2 x
+    EP2 and back: every byte equal, the config's dtype kept."""
+    from transformers import AutoModelForCausalLM
+
+    src, mid, back = (str(tmp_path / n) for n in ("bf16", "mid", "back"))
+    AutoModelForCausalLM.from_pretrained(models("gpt_oss"), dtype=torch.bfloat16).save_pretrained(src)
+    convert(src, mid, ck.Target(to="mcore", tp=2, pp=2, ep=2, etp=1))
+    convert(mid, back, ck.Target(to="hf"))
+    assert_same_tensors(src, back)
+    assert hf_state(back)["model.layers.0.mlp.experts.gate_up_proj"].dtype == torch.bfloat16
+    assert json.load(open(f"{back}/config.json"))["dtype"] == "bfloat16"
