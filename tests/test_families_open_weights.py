@@ -279,3 +279,31 @@ def test_gpt_oss_bf16_round_trip_is_bit_exact(models, tmp_path):
     assert_same_tensors(src, back)
     assert hf_state(back)["model.layers.0.mlp.experts.gate_up_proj"].dtype == torch.bfloat16
     assert json.load(open(f"{back}/config.json"))["dtype"] == "bfloat16"
+
+
+def test_gpt_oss_attention_lora_merges_like_peft_and_expert_lora_is_refused(models, tmp_path):
+    """A peft adapter on gpt-oss's biased q/k/v/o merges (through Megatron TP2 x EP2) to exactly
+    peft's merge_and_unload.  LoRA on the stacked experts (target_parameters) is refused in one
+    line: its [E, H, 2F] interleaved layout is not the one ckpt-ir's fused-expert LoRA split reads."""
+    from tests.cli_contract import assert_clean_error
+    from tests.cli_contract import convert as cli_convert
+    from tests.test_lora_variants import assert_equal_files, make_adapter, peft_merged
+
+    base = models("gpt_oss")
+    adapter, mid, out = (str(tmp_path / n) for n in ("adapter", "mid", "out"))
+    make_adapter(base, adapter, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    want = peft_merged(base, adapter, str(tmp_path / "peft"))
+    assert (
+        cli_convert(base, mid, "--tp", "2", "--ep", "2", "--etp", "1", "--lora-load", adapter).returncode == 0
+    )
+    assert cli_convert(mid, out, to="hf").returncode == 0
+    assert_equal_files(out, want)
+
+    experts = str(tmp_path / "experts")
+    make_adapter(base, experts, target_parameters=["mlp.experts.gate_up_proj"])
+    dst = tmp_path / "refused"
+    assert_clean_error(
+        cli_convert(base, dst, "--lora-load", experts, to="hf"),
+        dst,
+        names=("stacked experts", "merge_and_unload"),
+    )
