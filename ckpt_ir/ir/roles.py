@@ -218,17 +218,14 @@ _BUILTIN: list[Role] = [
     ),
     # expert biases (gpt-oss): gate/up biases split like their weights' rows; down is row-parallel,
     # its bias added once after the reduction (whole on every TP rank)
-    Role(
-        L + "mlp.experts.{e}.gate.bias",
-        COLUMN,
-        lambda s, lay: (s.moe_ffn_hidden_size,),
-        _moe(lambda s, lay: s.expert_bias and not lay.fused_gate_up),
-    ),
-    Role(
-        L + "mlp.experts.{e}.up.bias",
-        COLUMN,
-        lambda s, lay: (s.moe_ffn_hidden_size,),
-        _moe(lambda s, lay: s.expert_bias and not lay.fused_gate_up),
+    *(
+        Role(
+            L + f"mlp.experts.{{e}}.{part}.bias",
+            COLUMN,
+            lambda s, lay: (s.moe_ffn_hidden_size,),
+            _moe(lambda s, lay: s.expert_bias and not lay.fused_gate_up),
+        )
+        for part in ("gate", "up")
     ),
     Role(
         L + "mlp.experts.{e}.gate_up.bias",
