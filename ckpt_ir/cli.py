@@ -416,7 +416,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     from ckpt_ir.families import all_families
 
     for f in all_families():
-        extra = [n for n, v in (("packed qkv/gate_up", bool(f.packed)),) if v]
+        extra = [
+            n for n, v in (("packed qkv/gate_up", bool(f.packed)), ("stacked experts", bool(f.stacked))) if v
+        ]
         print(
             f"{f.name:10s} HF model_type {','.join(f.model_types):10s} {f.architecture:24s} "
             f"MindSpeed --model-type-hf {','.join(f.mindspeed_names)}"

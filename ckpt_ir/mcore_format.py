@@ -40,6 +40,7 @@ _ATTENTION_KEYS = (
     (D + "self_attention.linear_qkv.bias", C + "attn.qkv.bias"),
     (D + "self_attention.q_layernorm.weight", C + "attn.q_norm.weight"),
     (D + "self_attention.k_layernorm.weight", C + "attn.k_norm.weight"),
+    (D + "self_attention.core_attention.softmax_offset", C + "attn.sinks"),
 )
 # multi-latent attention: linear_qkv stacks the q (or q_a) and kv_a down-projections
 _MLA_ATTENTION_KEYS = (
@@ -63,12 +64,15 @@ _MLP_KEYS = (
     (D + "mlp.linear_fc2.weight", C + "mlp.down.weight"),
     (D + "mlp.router.weight", C + "mlp.router.weight"),
     (D + "mlp.router.expert_bias", C + "mlp.router.bias"),
+    (D + "mlp.router.bias", C + "mlp.router.logit_bias"),
     (D + "mlp.shared_experts.gate_weight", C + "mlp.shared_gate.weight"),
     (D + "mlp.shared_experts.linear_fc1.weight", C + "mlp.shared.gate_up.weight"),
     (D + "mlp.shared_experts.linear_fc2.weight", C + "mlp.shared.down.weight"),
     # {e} is the expert's index local to its EP rank; written expert by expert (fc1, fc2, fc1, ...)
     (D + "mlp.experts.local_experts.{e}.linear_fc1.weight", C + "mlp.experts.{e}.gate_up.weight"),
+    (D + "mlp.experts.local_experts.{e}.linear_fc1.bias", C + "mlp.experts.{e}.gate_up.bias"),
     (D + "mlp.experts.local_experts.{e}.linear_fc2.weight", C + "mlp.experts.{e}.down.weight"),
+    (D + "mlp.experts.local_experts.{e}.linear_fc2.bias", C + "mlp.experts.{e}.down.bias"),
 )
 # Per-layer order follows MindSpeed-LLM's writer (norms, attention, then MLP), so rank files list
 # keys in the same order as that converter's.
@@ -141,9 +145,16 @@ _FULL_QK_NORM = {
 }
 
 
-def _layer_keys(mla: bool, full_qk_norm: bool):
+def _layer_keys(mla: bool, full_qk_norm: bool, family: str | None = None):
     keys = _MLA_LAYER_KEYS if mla else _LAYER_KEYS
-    return tuple((m, _FULL_QK_NORM.get(c, c)) for m, c in keys) if full_qk_norm else keys
+    if full_qk_norm:
+        keys = tuple((m, _FULL_QK_NORM.get(c, c)) for m, c in keys)
+    if family is not None:  # a family's own keys for some roles (Gemma 3's post norms, Megatron-Bridge)
+        from ckpt_ir.families import by_name
+
+        own = {c: m for m, c in by_name(family).megatron_keys}
+        keys = tuple((own.get(c, m), c) for m, c in keys)
+    return keys
 
 
 def _table(keys, norm_names: str) -> NameTable:
@@ -190,15 +201,17 @@ def lora_key(target_key: str, which: str) -> str:
     return target_key[: -len(".weight")] + (".lora_A" if which == "a" else ".lora_B") + ".default.weight"
 
 
-def layer_table(norm_names: str, mla: bool = False, full_qk_norm: bool = False) -> NameTable:
+def layer_table(
+    norm_names: str, mla: bool = False, full_qk_norm: bool = False, family: str | None = None
+) -> NameTable:
     """Decoder-layer key table for a naming (``local``, ``te``, ``te-input``; MindSpeed-LLM v2's
     transformer_engine output fuses only the input norm for dense layers)."""
-    return _table(_layer_keys(mla, full_qk_norm), norm_names)
+    return _table(_layer_keys(mla, full_qk_norm, family), norm_names)
 
 
 def read_tables(spec: ModelSpec) -> tuple[NameTable, ...]:
     """The decoder-layer tables a reader tries (local and TE norm names) for ``spec``."""
-    return tuple(layer_table(n, spec.mla, spec.qk_full_norm) for n in ("local", "te"))
+    return tuple(layer_table(n, spec.mla, spec.qk_full_norm, spec.family) for n in ("local", "te"))
 
 
 def role_order(mla: bool, full_qk_norm: bool = False) -> tuple[str, ...]:
@@ -396,11 +409,6 @@ def build_args(
             [0 if i in spec.dense_layers else 1 for i in range(spec.num_layers)] if spec.dense_layers else 1
         )
         fields["moe_shared_expert_gate"] = fields["shared_expert_gate"] = spec.shared_expert_gate
-    from ckpt_ir.families import by_name
-
-    family = by_name(spec.family)
-    if family.megatron_args:  # router options, rotary settings under family-specific config keys
-        fields.update(family.megatron_args(cfg))
     if spec.mla:
         fields.update(
             {
@@ -412,6 +420,11 @@ def build_args(
                 "v_head_dim": spec.v_head_dim,
             }
         )
+    from ckpt_ir.families import by_name
+
+    family = by_name(spec.family)
+    if family.megatron_args:  # the family's own settings (router, windows, rope bases, ...)
+        fields.update(family.megatron_args(cfg))
     fields["mtp_num_layers"] = spec.mtp_layers  # as MindSpeed-LLM writes it, 0 included
     if spec.lora_rank is not None:
         fields["lora_r"] = spec.lora_rank

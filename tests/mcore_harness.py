@@ -149,7 +149,7 @@ def _transformer_config(case: dict, tp: int, pp: int, vpp: int | None):
 
     hf = case["hf_config"]
     heads = hf["num_attention_heads"]
-    return TransformerConfig(
+    kw = dict(
         num_layers=hf["num_hidden_layers"],
         hidden_size=hf["hidden_size"],
         num_attention_heads=heads,
@@ -181,6 +181,29 @@ def _transformer_config(case: dict, tp: int, pp: int, vpp: int | None):
         sequence_parallel=False,
         batch_p2p_comm=False,
         **_moe_kwargs(case),
+    )
+    kw.update(_gpt_oss_kwargs(case))
+    return TransformerConfig(**kw)
+
+
+def _gpt_oss_kwargs(case: dict) -> dict:
+    """gpt-oss from its HF config: biases on every linear layer (experts' and router's too),
+    learned softmax offsets (sinks), sliding windows on the layers HF's layer_types mark
+    (Megatron's window (left, right) keeps k with q - left <= k <= q; HF keeps q - k < window),
+    and its GLU: (clamp(up) + 1) * g * sigmoid(1.702 g) with g = clamp(gate) (quick_gelu)."""
+    if not case.get("gpt_oss"):
+        return {}
+    from megatron.core.fusions.fused_bias_geglu import quick_gelu
+
+    hf = case["hf_config"]
+    return dict(
+        add_bias_linear=True,
+        softmax_type="learnable",
+        window_size=(hf["sliding_window"] - 1, 0),
+        window_attn_skip_freq=[int(t == "sliding_attention") for t in hf["layer_types"]],
+        activation_func=quick_gelu,
+        glu_linear_offset=1.0,
+        activation_func_clamp_value=hf["swiglu_limit"],
     )
 
 
@@ -402,13 +425,11 @@ def _worker(job: dict, rank: int, world: int) -> None:
     os._exit(0)
 
 
-def run_job(root: str, cases: list[dict], world: int = 4, timeout: int = 300) -> dict[str, tuple]:
-    """From a test: write ``cases`` as a job under ``root``, run this harness on it in its own
-    session (a timeout stops the forked ranks too) and return, per case name, (logits, the ranks'
-    reports).  Fails the calling test with the harness's output when a rank fails."""
+def run_job(root: str, cases: list[dict], world: int, timeout: int = 300) -> list[list[dict]]:
+    """For a test: run ``cases`` in one harness subprocess of ``world`` forked ranks (its own
+    session, so a timeout stops the ranks too) and return each case's per-rank reports; each
+    case's logits are at its ``out`` path."""
     import subprocess
-
-    import torch
 
     job = os.path.join(root, "job.json")
     with open(job, "w") as fh:
@@ -428,14 +449,14 @@ def run_job(root: str, cases: list[dict], world: int = 4, timeout: int = 300) ->
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
     assert proc.returncode == 0, f"megatron-core harness failed:\n{out[-4000:]}\n{err[-8000:]}"
-    results = {}
-    for c in cases:
-        reports = []
+    reports = []
+    for case in cases:
+        per_rank = []
         for rank in range(world):
-            with open(f"{c['out']}.rank{rank}.json") as fh:
-                reports.append(json.load(fh))
-        results[c["name"]] = (torch.load(c["out"]), reports)
-    return results
+            with open(f"{case['out']}.rank{rank}.json") as fh:
+                per_rank.append(json.load(fh))
+        reports.append(per_rank)
+    return reports
 
 
 def main(argv: list[str]) -> int:

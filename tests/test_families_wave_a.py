@@ -99,12 +99,14 @@ LAYOUTS = {
 }
 
 
-def build(path: str, model_type: str, layers: int = 4, seed: int = 0) -> str:
-    """A tiny model built by transformers, random values in every parameter and buffer the
-    checkpoint stores (router score biases too)."""
+def build(path: str, model_type: str, layers: int = 4, seed: int = 0, configs: dict | None = None) -> str:
+    """A tiny model built by transformers (config overrides from ``configs``, this module's
+    CONFIGS by default), random values in every parameter and buffer the checkpoint stores
+    (router score biases too)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(model_type, **dict(CONFIGS[model_type], num_hidden_layers=layers))
+    overrides = (CONFIGS if configs is None else configs)[model_type]
+    cfg = AutoConfig.for_model(model_type, **dict(overrides, num_hidden_layers=layers))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():

@@ -31,18 +31,15 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from ckpt_ir.cli import main as cli_main
+from tests.mcore_harness import run_job
 
 assert importlib.util.find_spec("megatron.core") is not None, "install the test extra: pip install -e .[test]"
 
-HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mcore_harness.py")
 WORLD = 4
 SEQ = 12
 INPUT_IDS = [[(7 * i + 3) % 120 for i in range(SEQ)], [(11 * i + 5) % 120 for i in range(SEQ)]]
@@ -320,34 +317,14 @@ def oracle(tmp_path_factory):
                 "out": str(root / "logits" / f"{case}.pt"),
             }
         )
-    job = root / "job.json"
-    job.write_text(json.dumps({"store": str(root / "gloo-store"), "cases": job_cases}))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(
-        [sys.executable, HARNESS, str(job), str(WORLD)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    assert proc.returncode == 0, f"megatron-core harness failed:\n{out[-4000:]}\n{err[-8000:]}"
+    reports = run_job(str(root), job_cases, WORLD)
 
     results = {}
-    for jc in job_cases:
-        reports = []
-        for rank in range(WORLD):
-            with open(f"{jc['out']}.rank{rank}.json") as fh:
-                reports.append(json.load(fh))
+    for jc, per_rank in zip(job_cases, reports):
         m = models[jc["model"]]
         results[jc["name"]] = {
             "job": jc,
-            "reports": reports,
+            "reports": per_rank,
             "logits": torch.load(jc["out"]),
             "ref": m["logits"],
             "model": m,

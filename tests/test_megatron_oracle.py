@@ -15,21 +15,18 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import FAMILY_CONFIGS
 
 from ckpt_ir.cli import main as cli_main
+from tests.mcore_harness import run_job
 
 # megatron-core is a declared test dependency (the ``test`` extra): a missing one is an error, not a
 # skip.  Only the harness subprocess imports it (importing it here too would cost seconds).
 assert importlib.util.find_spec("megatron.core") is not None, "install the test extra: pip install -e .[test]"
 
-HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mcore_harness.py")
 WORLD = 4
 SEQ = 12
 # fixed token ids, batch 2 (two microbatches of one under PP); vocab >= 120 in every model
@@ -179,34 +176,13 @@ def oracle(tmp_path_factory):
                 "out": str(root / "logits" / f"{case}.pt"),
             }
         )
-    job = root / "job.json"
-    job.write_text(json.dumps({"store": str(root / "gloo-store"), "cases": job_cases}))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    # own session, so a timeout can stop the forked ranks as well as the launcher
-    proc = subprocess.Popen(
-        [sys.executable, HARNESS, str(job), str(WORLD)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    assert proc.returncode == 0, f"megatron-core harness failed:\n{out[-4000:]}\n{err[-8000:]}"
+    reports = run_job(str(root), job_cases, WORLD)
 
     results = {}
-    for jc in job_cases:
-        reports = []
-        for rank in range(WORLD):
-            with open(f"{jc['out']}.rank{rank}.json") as fh:
-                reports.append(json.load(fh))
+    for jc, per_rank in zip(job_cases, reports):
         results[jc["name"]] = {
             "job": jc,
-            "reports": reports,
+            "reports": per_rank,
             "logits": torch.load(jc["out"]),
             "ref": models[_model_of(jc["name"])]["logits"],
             "vocab": models[_model_of(jc["name"])]["vocab"],

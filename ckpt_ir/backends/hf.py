@@ -45,6 +45,18 @@ def hf_tensors(ckpt: Checkpoint, family: Family) -> list[tuple[str, E.Expr]]:
                     )
                 )
                 packed.update(parts.values())
+    for st in family.stacked:  # gpt-oss: one HF tensor per layer holds every expert's parts
+        pat = names_for(st.parts[0].replace("{e}", "0"))
+        for name in list(ckpt.tensors):
+            m = pat.match(name)
+            if m:
+                experts = [
+                    {p: p.format(e=e, **m.groupdict()) for p in st.parts}
+                    for e in range(ckpt.spec.num_experts)
+                ]
+                exprs = [{p: ckpt.tensors[n].expr for p, n in ex.items()} for ex in experts]
+                out.append((name, st.hf.format(**m.groupdict()), st.fuse(exprs)))
+                packed.update(n for ex in experts for n in ex.values())
     for name, t in ckpt.tensors.items():
         if name in packed:
             continue

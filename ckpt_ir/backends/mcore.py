@@ -197,7 +197,7 @@ def rank_content(ckpt: Checkpoint) -> tuple[dict[tuple[int, int], list[Entry]], 
     slots = layer_slots(spec, layout)
     where = {s.real: s for s in slots if s.real is not None}
     chunks = num_chunks(spec, layout)
-    table = M.layer_table(layout.norm_names, spec.mla, spec.qk_full_norm)
+    table = M.layer_table(layout.norm_names, spec.mla, spec.qk_full_norm, spec.family)
     order = M.role_order(spec.mla, spec.qk_full_norm)
     content: dict[tuple[int, int], list[Entry]] = defaultdict(list)
     by_layer: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
@@ -486,6 +486,11 @@ def _group_experts(ckpt: Checkpoint, entries: list[Entry], local: int) -> None:
             continue
         if first is None:
             first = len(kept)
+        if e.key.endswith(".bias"):
+            raise VerifyError(
+                f"{e.key}: the grouped-GEMM expert format (weight1/weight2) has no expert biases; "
+                f"convert without --grouped-gemm (per-expert local_experts keys)"
+            )
         kind = "weight1" if e.key.endswith("linear_fc1.weight") else "weight2"
         if ".lora_" in e.key:
             raise VerifyError("grouped GEMM output with unmerged expert LoRA is not supported; merge first")

@@ -82,10 +82,11 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
             "--ckpt-format torch instead"
         )
     experts = spec.num_experts
-    stored = _stored(ckpt.tensors, spec.num_layers, experts)
+    stored = _stored(ckpt.tensors, spec.num_layers, experts, spec.family)
     for which, nodes in ckpt.states.items():  # fully reshardable: the same keys and shapes as the weights
         stored += [
-            (f"{STATE_PREFIX}{which}.{key}", expr) for key, expr in _stored(nodes, spec.num_layers, experts)
+            (f"{STATE_PREFIX}{which}.{key}", expr)
+            for key, expr in _stored(nodes, spec.num_layers, experts, spec.family)
         ]
     layers = spec.num_layers
     it = iteration if iteration is not None else ckpt.meta.get("iteration", 1)
@@ -182,11 +183,13 @@ def _stacked(parts: list[E.Expr]) -> E.Expr:
     return E.Concat(tuple(E.Reshape(p, (1, *p.shape)) for p in parts), 0)
 
 
-def _stored(nodes: dict, layers: int, experts: int = 0) -> list[tuple[str, E.Expr]]:
+def _stored(
+    nodes: dict, layers: int, experts: int = 0, family: str | None = None
+) -> list[tuple[str, E.Expr]]:
     """(torch_dist key, expression) for one tensor set: global tensors, decoder layers stacked
     (MoE experts on the next axis: ``decoder.layers.mlp.experts.experts.linear_fc1.weight`` is
     ``[L, E, 2F, H]``)."""
-    table = M.layer_table("te")
+    table = M.layer_table("te", family=family)
     stored: list[tuple[str, E.Expr]] = []
     if "embed.weight" in nodes:
         stored.append(("embedding.word_embeddings.weight", nodes["embed.weight"].expr))
@@ -210,10 +213,10 @@ def _stored(nodes: dict, layers: int, experts: int = 0) -> list[tuple[str, E.Exp
                 _stacked([nodes[f"layers.{i}.{rest.format(e=e)}"].expr for e in range(experts)])
                 for i in range(layers)
             ]
-            module = rest.split(".")[-2]  # gate_up -> linear_fc1, down -> linear_fc2
+            module, kind = rest.split(".")[-2:]  # gate_up -> linear_fc1, down -> linear_fc2; weight / bias
             name = {"gate_up": "linear_fc1", "down": "linear_fc2"}[module]
             stored.append(
-                (f"decoder.layers.mlp.experts.experts.{name}.weight", E.simplify(_stacked(per_layer)))
+                (f"decoder.layers.mlp.experts.experts.{name}.{kind}", E.simplify(_stacked(per_layer)))
             )
             continue
         names = by_role.pop(rest, [])

@@ -5,11 +5,14 @@ both directions (HF -> canonical on read, canonical -> HF on write) come from th
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
 
 from ckpt_ir.errors import FormatError
+from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.names import NameTable
 from ckpt_ir.ir.rules import Stack
 from ckpt_ir.ir.spec import ModelSpec
@@ -37,6 +40,68 @@ class Packed:
             return Stack.of(zip(self.parts, self.row_counts(spec)))
         g = getattr(spec, self.groups)
         return Stack.interleaved(g, ((p, n // g) for p, n in zip(self.parts, self.row_counts(spec))))
+
+
+@attrs.frozen
+class ExpertStack:
+    """One HF tensor holding a layer's experts along dim 0 (gpt-oss ``mlp.experts.gate_up_proj``
+    [E, H, 2F]); expert ``e`` of it holds ``parts`` (canonical templates with ``{i}`` and ``{e}``)
+    along its last dim, one after the other or, ``interleaved``, alternating element by element
+    (gpt-oss: gate = ``[..., 0::2]``, up = ``[..., 1::2]``).  ``transposed``: HF stores each
+    expert's matrix as [in, out] (``x @ W``), the canonical form is [out, in].
+
+    Both directions are two :class:`Stack` rules (experts along dim 0, parts along the last dim of a
+    reshaped view), so reading and writing are each other's inverse.  ``split`` takes any
+    expression of the stacked HF shape: a load of the tensor, or one computed from another
+    storage of it (a dequantized MXFP4 block / scale pair)."""
+
+    hf: str
+    parts: tuple[str, ...]
+    transposed: bool = False
+    interleaved: bool = False
+
+    def _parts_rule(self, width: int) -> Stack:
+        n = width // len(self.parts)
+        if self.interleaved:  # (rows * n, k): column j holds part j
+            return Stack.of(((p, 1) for p in self.parts), dim=1)
+        return Stack.of(((p, n) for p in self.parts), dim=1)
+
+    def split(self, stacked: E.Expr, spec: ModelSpec, where: str) -> list[dict[str, E.Expr]]:
+        """Per expert, each part's canonical-form expression (keyed by part template)."""
+        k, width = len(self.parts), stacked.shape[-1]
+        if stacked.shape[0] != spec.num_experts or width % k:
+            raise FormatError(
+                f"{where}: shape {list(stacked.shape)} does not hold {spec.num_experts} experts of "
+                f"{k} equal part(s) along the last dim, as config.json implies"
+            )
+        lead, n = stacked.shape[1:-1], width // k
+        rows = math.prod(lead)
+        experts = Stack.of((str(e), 1) for e in range(spec.num_experts)).split(stacked)
+        out = []
+        for e in range(spec.num_experts):
+            view = E.Reshape(experts[str(e)], (rows * n, k) if self.interleaved else (rows, width))
+            parts = {}
+            for p, x in self._parts_rule(width).split(view).items():
+                x = E.Reshape(x, (*lead, n))
+                parts[p] = E.simplify(E.Transpose(x, 0, 1) if self.transposed and lead else x)
+            out.append(parts)
+        return out
+
+    def fuse(self, experts: Sequence[Mapping[str, E.Expr]]) -> E.Expr:
+        """The stacked HF tensor from each expert's canonical parts (the inverse of ``split``)."""
+        blocks = []
+        for parts in experts:
+            views = {}
+            for p, x in parts.items():
+                x = E.Transpose(x, 0, 1) if self.transposed and len(x.shape) > 1 else x
+                lead, n = x.shape[:-1], x.shape[-1]
+                views[p] = E.Reshape(
+                    x, (math.prod(lead) * n, 1) if self.interleaved else (math.prod(lead), n)
+                )
+            width = n * len(self.parts)
+            blocks.append(E.Reshape(self._parts_rule(width).fuse(views), (1, *lead, width)))
+        stack = Stack.of((str(e), 1) for e in range(len(blocks)))
+        return E.simplify(stack.fuse({str(e): b for e, b in enumerate(blocks)}))
 
 
 @attrs.frozen
@@ -69,6 +134,8 @@ class Family:
     architecture: str
     tensors: tuple[tuple[str, str], ...]
     packed: tuple[Packed, ...] = ()
+    # HF tensors that stack a layer's experts (gpt-oss)
+    stacked: tuple[ExpertStack, ...] = ()
     config: tuple[ConfigKey, ...] = ()
     # spec fields fixed by the family (e.g. qwen2 always has a qkv bias)
     constants: tuple[tuple[str, Any], ...] = ()
@@ -76,6 +143,8 @@ class Family:
     mindspeed_names: tuple[str, ...] = ()
     # extra Megatron args this family's semantics need (e.g. router options), from the HF config
     megatron_args: Any = None
+    # (Megatron key template, canonical template): the family's own Megatron key for a role
+    megatron_keys: tuple[tuple[str, str], ...] = ()
 
     @property
     def names(self) -> NameTable:
@@ -242,7 +311,7 @@ def _load_builtin() -> None:
     _builtin_loaded = True
     from importlib.metadata import entry_points
 
-    from ckpt_ir.families import llama, moe, remote, wave_a  # noqa: F401
+    from ckpt_ir.families import llama, moe, open_weights, remote, wave_a  # noqa: F401
 
     for ep in entry_points(group="ckpt_ir.families"):
         try:

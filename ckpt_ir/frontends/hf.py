@@ -194,8 +194,14 @@ def lift(
         want = expected_shape(spec, layout, name)
         if want is not None and t.shape != want:
             src = E.loads(t.expr)[0]
+            # a packed / stacked HF tensor: name the part of it that does not fit
+            what = (
+                ""
+                if isinstance(t.expr, E.Load) and not t.expr.rows
+                else f" (shape {list(src.full_shape)}) as {name}"
+            )
             raise FormatError(
-                f"{src.path}: tensor {src.key} has shape {list(t.shape)} but config.json implies "
+                f"{src.path}: tensor {src.key}{what} has shape {list(t.shape)} but config.json implies "
                 f"{list(want)}; the weights do not match the config"
             )
     aux = side_files(path, config=hf_config is None)
@@ -212,6 +218,7 @@ def map_tensors(
     dropped: dict[str, str] = {}
     unknown: list[str] = []
     packed = [(p, names_for(p.hf)) for p in family.packed]
+    stacked = [(s, names_for(s.hf)) for s in family.stacked]
     for key, load in raw.items():
         canon = names.to_canonical(key)
         if canon is not None:
@@ -221,6 +228,8 @@ def map_tensors(
             tensors[canon] = TensorNode.whole(canon, load)
             continue
         hit = _unpack(key, load, spec, packed)
+        if hit is None:
+            hit = _unstack(key, load, spec, stacked)
         if hit is not None:
             for canon, expr in hit:
                 tensors[canon] = TensorNode.whole(canon, expr)
@@ -245,6 +254,20 @@ def names_for(template: str):
     from ckpt_ir.ir.names import _compile
 
     return _compile(template)
+
+
+def _unstack(key: str, load: E.Load, spec: ModelSpec, stacked) -> list[tuple[str, E.Expr]] | None:
+    """A tensor stacking a layer's experts (gpt-oss) as each expert's canonical parts."""
+    for stack, pat in stacked:
+        m = pat.match(key)
+        if m:
+            experts = stack.split(load, spec, f"{load.path}: tensor {key}")
+            return [
+                (p.format(e=e, **m.groupdict()), x)
+                for e, parts in enumerate(experts)
+                for p, x in parts.items()
+            ]
+    return None
 
 
 def _unpack(key: str, load: E.Load, spec: ModelSpec, packed) -> list[tuple[str, E.Expr]] | None:

@@ -229,6 +229,13 @@ def _split_fused_experts(
 ) -> tuple[str, dict[str, E.Expr]]:
     """The fused parameter's name and its per-expert LoRA.  Which parameter: from the shapes,
     which always differ (in = H, out = 2F for gate_up_proj; in = F, out = H for down_proj)."""
+    from ckpt_ir.families import by_name
+
+    if by_name(spec.family).stacked:  # gpt-oss: [E, H, 2F], gate / up interleaved, not the layout below
+        raise FormatError(
+            f"{where}: {module}: LoRA on the {spec.family} family's stacked experts (target_parameters) "
+            f"is not supported; merge it with peft's merge_and_unload first"
+        )
     n, h, f = spec.num_experts, spec.hidden_size, spec.moe_ffn_hidden_size
     layer = int(FUSED_EXPERTS.match(module).group("i"))  # type: ignore[union-attr]
     (rows, into), out_rows = a.shape, b.shape[0]

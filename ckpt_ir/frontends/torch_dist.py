@@ -49,8 +49,10 @@ COMMON = "common.pt"
 COMMON_STATE = "common_state"  # Megatron-Core 0.19+: the common state as a DCP bytes entry
 STATE_PREFIX = "optimizer.state."
 _UNSTACKED = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-_STACKED_EXPERTS = re.compile(r"^mlp\.experts\.(?:experts|local_experts)\.(linear_fc[12]\.weight)$")
-_ONE_EXPERT = re.compile(r"^mlp\.experts\.(?:experts|local_experts)\.(\d+)\.(linear_fc[12]\.weight)$")
+_STACKED_EXPERTS = re.compile(r"^mlp\.experts\.(?:experts|local_experts)\.(linear_fc[12]\.(?:weight|bias))$")
+_ONE_EXPERT = re.compile(
+    r"^mlp\.experts\.(?:experts|local_experts)\.(\d+)\.(linear_fc[12]\.(?:weight|bias))$"
+)
 _REFUSED = "re-save it with --dist-ckpt-optim-fully-reshardable, or convert the weights only (--no-optimizer)"
 
 

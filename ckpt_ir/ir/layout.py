@@ -161,6 +161,11 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
                 f"layout: expert ffn size {spec.moe_ffn_hidden_size} is not divisible by expert "
                 f"tensor parallel size {etp}"
             )
+        if etp > 1 and spec.expert_bias:  # megatron-core asserts "Bias in Moe is only supported when ETP==1"
+            raise LayoutError(
+                f"layout: megatron-core supports expert biases (gpt-oss) only with expert tensor "
+                f"parallel size 1, got {etp}; pass --etp 1"
+            )
         if layout.tp > 1 and spec.shared_ffn_hidden_size % layout.tp:
             raise LayoutError(
                 f"layout: shared expert ffn size {spec.shared_ffn_hidden_size} is not divisible by "

@@ -73,6 +73,10 @@ def _norm_bias(s: ModelSpec, lay: Layout, i: int) -> bool:
     return s.norm_bias
 
 
+def _pre_norm(s: ModelSpec, lay: Layout, i: int) -> bool:
+    return s.pre_norms
+
+
 def _mtp(s: ModelSpec, lay: Layout, i: int) -> bool:
     return i >= s.num_layers
 
@@ -127,7 +131,7 @@ _BUILTIN: list[Role] = [
     ),
     Role("final_norm.weight", None, lambda s, lay: (s.hidden_size,)),
     Role("final_norm.bias", None, lambda s, lay: (s.hidden_size,), _norm_bias),
-    Role(L + "attn_norm.weight", None, lambda s, lay: (s.hidden_size,)),
+    Role(L + "attn_norm.weight", None, lambda s, lay: (s.hidden_size,), _pre_norm),
     Role(L + "attn_norm.bias", None, lambda s, lay: (s.hidden_size,), _norm_bias),
     # attention: separate q/k/v (MLA without q-LoRA projects q directly), or Megatron's fused qkv
     Role(
@@ -189,8 +193,10 @@ _BUILTIN: list[Role] = [
     Role(
         L + "attn.k_full_norm.weight", COLUMN, lambda s, lay: (s.kv_size,), lambda s, lay, i: s.qk_full_norm
     ),
+    # attention sinks (gpt-oss): one learned softmax offset per head, split over TP with the heads
+    Role(L + "attn.sinks", COLUMN, lambda s, lay: (s.num_heads,), lambda s, lay, i: s.attn_sinks),
     Role(L + "post_attn_norm.weight", None, lambda s, lay: (s.hidden_size,), lambda s, lay, i: s.post_norms),
-    Role(L + "mlp_norm.weight", None, lambda s, lay: (s.hidden_size,)),
+    Role(L + "mlp_norm.weight", None, lambda s, lay: (s.hidden_size,), _pre_norm),
     Role(L + "mlp_norm.bias", None, lambda s, lay: (s.hidden_size,), _norm_bias),
     *_mlp_roles(L + "mlp.", lambda s: s.ffn_hidden_size, _dense_mlp),
     Role(L + "post_mlp_norm.weight", None, lambda s, lay: (s.hidden_size,), lambda s, lay, i: s.post_norms),
@@ -198,10 +204,40 @@ _BUILTIN: list[Role] = [
     # Expert tensors follow the dense MLP rules; with expert TP = 1 the shard pass leaves them whole.
     Role(L + "mlp.router.weight", None, lambda s, lay: (s.num_experts, s.hidden_size), _moe()),
     Role(L + "mlp.router.bias", None, lambda s, lay: (s.num_experts,), _moe(lambda s, lay: s.router_bias)),
+    # the router linear's own bias (gpt-oss), added to the logits; not a score-correction bias
+    Role(
+        L + "mlp.router.logit_bias",
+        None,
+        lambda s, lay: (s.num_experts,),
+        _moe(lambda s, lay: s.router_logit_bias),
+    ),
     *_mlp_roles(
         L + "mlp.experts.{e}.",
         lambda s: s.moe_ffn_hidden_size,
         lambda fused: _moe(lambda s, lay: lay.fused_gate_up == fused),
+    ),
+    # expert biases (gpt-oss): gate/up biases split like their weights' rows; down is row-parallel,
+    # its bias added once after the reduction (whole on every TP rank)
+    *(
+        Role(
+            L + f"mlp.experts.{{e}}.{part}.bias",
+            COLUMN,
+            lambda s, lay: (s.moe_ffn_hidden_size,),
+            _moe(lambda s, lay: s.expert_bias and not lay.fused_gate_up),
+        )
+        for part in ("gate", "up")
+    ),
+    Role(
+        L + "mlp.experts.{e}.gate_up.bias",
+        COLUMN_BLOCKS2,
+        lambda s, lay: (2 * s.moe_ffn_hidden_size,),
+        _moe(lambda s, lay: s.expert_bias and lay.fused_gate_up),
+    ),
+    Role(
+        L + "mlp.experts.{e}.down.bias",
+        None,
+        lambda s, lay: (s.hidden_size,),
+        _moe(lambda s, lay: s.expert_bias),
     ),
     *_mlp_roles(
         L + "mlp.shared.",

@@ -65,6 +65,10 @@ class ModelSpec:
     norm_bias: bool = False  # LayerNorm with biases (every norm), not RMSNorm (PhiMoE)
     o_bias: bool = False  # a bias on the attention output projection
     lm_head_bias: bool = False  # a bias on the output layer (untied models)
+    pre_norms: bool = True  # norms before attention and MLP (OLMo 2 has only the post norms)
+    attn_sinks: bool = False  # a learned per-head softmax offset ("sinks", gpt-oss)
+    router_logit_bias: bool = False  # a bias of the router's linear layer itself (gpt-oss)
+    expert_bias: bool = False  # biases on the routed experts' gate/up and down projections (gpt-oss)
     lora_rank: int | None = None  # set while the checkpoint carries (unmerged) LoRA adapters
     lora_alpha: float | None = None
     # LoRA scaling: alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA; r is each target's own

@@ -88,7 +88,7 @@ GATE_UP = Fusion(
     "gate_up",
     gate_up_rule,
     re.compile(r"mlp\.(?:experts\.\d+\.|shared\.)?"),
-    kinds=("weight", "lora_b.weight", "lora_magnitude.weight", "lora_saved.weight", SHARED),
+    kinds=("weight", "bias", "lora_b.weight", "lora_magnitude.weight", "lora_saved.weight", SHARED),
 )
 
 
