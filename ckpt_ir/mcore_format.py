@@ -49,6 +49,13 @@ _MLA_ATTENTION_KEYS = (
     (D + "self_attention.kv_layernorm.weight", C + "attn.kv_a_norm.weight"),
     (D + "self_attention.linear_q_up_proj.weight", C + "attn.q_b.weight"),
     (D + "self_attention.linear_kv_up_proj.weight", C + "attn.kv_b.weight"),
+    # DSA indexer, under MindSpeed-LLM's names (megatron-core's own DSAIndexer calls the same
+    # tensors core_attention.indexer.linear_wq_b / linear_wk / k_norm / linear_weights_proj)
+    (D + "self_attention.dsa_indexer.wq_b.weight", C + "attn.indexer.wq_b.weight"),
+    (D + "self_attention.dsa_indexer.wk.weight", C + "attn.indexer.wk.weight"),
+    (D + "self_attention.dsa_indexer.k_norm.weight", C + "attn.indexer.k_norm.weight"),
+    (D + "self_attention.dsa_indexer.k_norm.bias", C + "attn.indexer.k_norm.bias"),
+    (D + "self_attention.dsa_indexer.weights_proj.weight", C + "attn.indexer.weights_proj.weight"),
 )
 _NORM_KEYS = (
     (D + "input_layernorm.weight", C + "attn_norm.weight"),
@@ -412,6 +419,8 @@ def build_args(
                 "v_head_dim": spec.v_head_dim,
             }
         )
+    if spec.index_heads:  # DSA: the indexer sizes ride along from the HF config (index_n_heads, ...)
+        fields["enable_dsa_indexer"] = True
     fields["mtp_num_layers"] = spec.mtp_layers  # as MindSpeed-LLM writes it, 0 included
     if spec.lora_rank is not None:
         fields["lora_r"] = spec.lora_rank

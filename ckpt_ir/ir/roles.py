@@ -73,6 +73,10 @@ def _norm_bias(s: ModelSpec, lay: Layout, i: int) -> bool:
     return s.norm_bias
 
 
+def _indexer(s: ModelSpec, lay: Layout, i: int) -> bool:
+    return s.has_indexer(i)
+
+
 def _mtp(s: ModelSpec, lay: Layout, i: int) -> bool:
     return i >= s.num_layers
 
@@ -252,6 +256,20 @@ _BUILTIN: list[Role] = [
         None,
         lambda s, lay: ((s.q_lora_rank or s.mla_q_size) + s.kv_lora_rank + s.qk_rope_dim, s.hidden_size),
         _mla(lambda s, lay: lay.fused_qkv),
+    ),
+    # DeepSeek sparse attention's lightning indexer (V3.2, GLM-5): small projections beside MLA,
+    # duplicated on every TP rank in Megatron (MindSpeed-LLM and megatron-core's DSAIndexer alike)
+    Role(
+        L + "attn.indexer.wq_b.weight",
+        None,
+        lambda s, lay: (s.index_heads * s.index_head_dim, s.q_lora_rank),
+        _indexer,
+    ),
+    Role(L + "attn.indexer.wk.weight", None, lambda s, lay: (s.index_head_dim, s.hidden_size), _indexer),
+    Role(L + "attn.indexer.k_norm.weight", None, lambda s, lay: (s.index_head_dim,), _indexer),
+    Role(L + "attn.indexer.k_norm.bias", None, lambda s, lay: (s.index_head_dim,), _indexer),
+    Role(
+        L + "attn.indexer.weights_proj.weight", None, lambda s, lay: (s.index_heads, s.hidden_size), _indexer
     ),
     # multi-token prediction: layers numbered after the main ones carry these besides a full
     # transformer layer; embed and head are the main model's (shared in Megatron)

@@ -59,6 +59,11 @@ class ModelSpec:
     qk_rope_dim: int = 0
     v_head_dim: int = 0
     mtp_layers: int = 0  # multi-token-prediction layers, numbered after the main layers
+    # DeepSeek sparse attention (DSA): a lightning indexer beside MLA (index_heads = 0: none);
+    # layers in shared_index_layers reuse the previous layer's top-k and have no indexer (GLM-5)
+    index_heads: int = 0
+    index_head_dim: int = 0
+    shared_index_layers: tuple[int, ...] = attrs.field(default=(), converter=_int_tuple)
     shared_expert_gate: bool = False  # a sigmoid gate on the shared experts' output (Qwen2-MoE)
     router_bias: bool = False  # a score-correction bias on the router (DeepSeek-V3)
     qk_full_norm: bool = False  # q/k RMSNorm over all heads at once (MiniMax-M2), not per head
@@ -109,6 +114,9 @@ class ModelSpec:
     def total_layers(self) -> int:
         """Main layers plus multi-token-prediction layers (canonical layer numbers below this)."""
         return self.num_layers + self.mtp_layers
+
+    def has_indexer(self, layer: int) -> bool:
+        return self.index_heads > 0 and layer not in self.shared_index_layers
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.num_experts > 0 and layer not in self.dense_layers
