@@ -40,6 +40,18 @@ _ATTENTION_KEYS = (
     (D + "self_attention.linear_qkv.bias", C + "attn.qkv.bias"),
     (D + "self_attention.q_layernorm.weight", C + "attn.q_norm.weight"),
     (D + "self_attention.k_layernorm.weight", C + "attn.k_norm.weight"),
+    # gated attention (Qwen3-Next, MindSpeed-LLM's qkv_type "mix"): q (with its gate), k, v unfused
+    (D + "self_attention.q_proj.weight", C + "attn.q.weight"),
+    (D + "self_attention.k_proj.weight", C + "attn.k.weight"),
+    (D + "self_attention.v_proj.weight", C + "attn.v.weight"),
+    # gated-delta-net linear attention layers (MindSpeed-LLM's qwen3-next names, HF packing)
+    (D + "self_attention.in_proj_qkvz.weight", C + "attn.gdn.in_qkvz.weight"),
+    (D + "self_attention.in_proj_ba.weight", C + "attn.gdn.in_ba.weight"),
+    (D + "self_attention.conv1d.weight", C + "attn.gdn.conv1d.weight"),
+    (D + "self_attention.A_log", C + "attn.gdn.A_log"),
+    (D + "self_attention.dt_bias", C + "attn.gdn.dt_bias"),
+    (D + "self_attention.norm.weight", C + "attn.gdn.norm.weight"),
+    (D + "self_attention.out_proj.weight", C + "attn.gdn.out.weight"),
 )
 # multi-latent attention: linear_qkv stacks the q (or q_a) and kv_a down-projections
 _MLA_ATTENTION_KEYS = (

@@ -52,11 +52,27 @@ CONFIGS = {
     # layers 1 and 3 reuse the previous layer's top-k and carry no indexer
     "glm_moe_dsa": dict(DSA, indexer_types=["full", "shared", "full", "shared"]),
     "hy_v3": dict(BASE, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2),
+    # layers 0-2 gated-delta-net, layer 3 gated full attention; 2 key heads, 4 value heads
+    "qwen3_next": dict(
+        BASE,
+        head_dim=16,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        num_experts=4,
+        num_experts_per_tok=2,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=12,
+        linear_conv_kernel_dim=4,
+    ),
 }
 LAYOUTS = {
     "deepseek_v32": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True)),
     "glm_moe_dsa": (dict(tp=2, pp=2, num_layer_list=(1, 3)), dict(tp=2, ep=2, grouped_gemm=True)),
     "hy_v3": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True)),
+    # gated-delta-net layers: TP 1 only (MindSpeed-LLM's qwen3-next layout)
+    "qwen3_next": (dict(pp=2, num_layer_list=(3, 1)), dict(ep=2, grouped_gemm=True)),
 }
 
 
@@ -209,5 +225,67 @@ def test_models_lists_wave_b_families_with_mindspeed_names(capsys):
 
     assert main(["models"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
-    for family, names in {"deepseek_v32": "deepseek32", "glm_moe_dsa": "glm5", "hy_v3": "HYV3"}.items():
+    names_of = {
+        "deepseek_v32": "deepseek32",
+        "glm_moe_dsa": "glm5",
+        "hy_v3": "HYV3",
+        "qwen3_next": "qwen3-next",
+    }
+    for family, names in names_of.items():
         assert f"--model-type-hf {names}" in lines[family], lines.get(family)
+
+
+def test_qwen3_next_layers_under_mindspeed_names(models, tmp_path):
+    """MindSpeed-LLM's qwen3-next layout (qkv_type "mix", convert_hf2mg.py): a gated-delta-net
+    layer's HF tensors are copied whole to self_attention.{in_proj_qkvz, in_proj_ba, conv1d,
+    A_log, dt_bias, norm, out_proj}; a full-attention layer keeps q_proj (with its gate rows),
+    k_proj and v_proj unfused beside linear_proj and the q/k layernorms."""
+    src = models("qwen3_next")
+    hf = hf_state(src)
+    mid = str(tmp_path / "mid")
+    convert(src, mid, ck.Target(to="mcore", ep=2))
+    sd = _rank(mid, "mp_rank_00_000")["model"]
+    gdn = {
+        "in_proj_qkvz.weight": "in_proj_qkvz.weight",
+        "in_proj_ba.weight": "in_proj_ba.weight",
+        "conv1d.weight": "conv1d.weight",
+        "A_log": "A_log",
+        "dt_bias": "dt_bias",
+        "norm.weight": "norm.weight",
+        "out_proj.weight": "out_proj.weight",
+    }
+    for i in (0, 1, 2):
+        attn = {k for k in sd if k.startswith(f"decoder.layers.{i}.self_attention.")}
+        assert attn == {f"decoder.layers.{i}.self_attention.{m}" for m in gdn}
+        for m, h in gdn.items():
+            assert torch.equal(
+                sd[f"decoder.layers.{i}.self_attention.{m}"], hf[f"model.layers.{i}.linear_attn.{h}"]
+            )
+    full = {
+        "q_proj.weight": "q_proj.weight",
+        "k_proj.weight": "k_proj.weight",
+        "v_proj.weight": "v_proj.weight",
+        "linear_proj.weight": "o_proj.weight",
+        "q_layernorm.weight": "q_norm.weight",
+        "k_layernorm.weight": "k_norm.weight",
+    }
+    assert {k for k in sd if k.startswith("decoder.layers.3.self_attention.")} == {
+        f"decoder.layers.3.self_attention.{m}" for m in full
+    }
+    for m, h in full.items():
+        assert torch.equal(sd[f"decoder.layers.3.self_attention.{m}"], hf[f"model.layers.3.self_attn.{h}"])
+    assert sd["decoder.layers.3.self_attention.q_proj.weight"].shape == (2 * 4 * 16, 64)  # [q; gate] per head
+    assert torch.equal(
+        sd["decoder.layers.0.mlp.shared_experts.gate_weight"],
+        hf["model.layers.0.mlp.shared_expert_gate.weight"],
+    )
+
+
+def test_qwen3_next_refuses_tensor_parallelism_in_one_line(models, tmp_path):
+    from tests.cli_contract import assert_clean_error
+    from tests.cli_contract import convert as cli_convert
+
+    out = tmp_path / "out"
+    assert_clean_error(
+        cli_convert(models("qwen3_next"), out, "--tp", "2"), out, names=("gated-delta-net", "--tp 1")
+    )

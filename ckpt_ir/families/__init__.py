@@ -158,6 +158,11 @@ _COUNTS = {
     "mtp_layers",
     "index_heads",
     "index_head_dim",
+    "linear_k_heads",
+    "linear_v_heads",
+    "linear_k_dim",
+    "linear_v_dim",
+    "linear_conv_kernel",
 }
 
 
@@ -177,7 +182,9 @@ def _checked(key: ConfigKey, raw: Any, where: str) -> Any:
             raise FormatError(f"{where}: {name!r} must be a positive number, got {raw!r}")
     elif key.field in ("tied_embeddings", "qkv_bias") and not isinstance(raw, bool):
         raise FormatError(f"{where}: {name!r} must be true or false, got {raw!r}")
-    elif key.field in ("dense_layers", "shared_index_layers") and not all(isinstance(i, int) for i in raw):
+    elif key.field in ("dense_layers", "shared_index_layers", "linear_layers") and not all(
+        isinstance(i, int) for i in raw
+    ):
         raise FormatError(f"{where}: layer lists must hold integers, got {raw!r}")
     return raw
 

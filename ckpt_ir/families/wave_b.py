@@ -13,8 +13,12 @@ from ckpt_ir.families.moe import (
     DEEPSEEK_TENSORS,
     MLA_CONFIG,
     MTP,
+    QWEN_EXPERTS,
+    QWEN_MOE_CONFIG,
+    QWEN_SHARED,
     _deepseek_router,
     _first_k_dense,
+    _qwen_router,
 )
 
 
@@ -146,5 +150,59 @@ register(
         constants=(("qk_norm", True), ("router_bias", True)),
         mindspeed_names=("HYV3",),
         megatron_args=_hy_v3_router,
+    )
+)
+
+
+def _linear_layers(cfg: dict) -> tuple[int, ...]:
+    """Qwen3-Next: the "linear_attention" entries of layer_types, else every layer but each
+    full_attention_interval-th (transformers' and MindSpeed-LLM's rule)."""
+    types = cfg.get("layer_types")
+    if types is not None:
+        return tuple(i for i, t in enumerate(types) if t == "linear_attention")
+    step = cfg.get("full_attention_interval") or 4
+    return tuple(i for i in range(cfg["num_hidden_layers"]) if (i + 1) % step)
+
+
+# Qwen3-Next: gated-delta-net layers (linear_attn.*) and gated full attention (q_proj yields
+# [q; gate] per head) in a Qwen2-MoE block (shared expert with a sigmoid gate)
+GATED_DELTA_NET = tuple(
+    (L + f"linear_attn.{h}", C + f"attn.gdn.{c}")
+    for h, c in (
+        ("in_proj_qkvz.weight", "in_qkvz.weight"),
+        ("in_proj_ba.weight", "in_ba.weight"),
+        ("conv1d.weight", "conv1d.weight"),
+        ("A_log", "A_log"),
+        ("dt_bias", "dt_bias"),
+        ("norm.weight", "norm.weight"),
+        ("out_proj.weight", "out.weight"),
+    )
+)
+register(
+    Family(
+        name="qwen3_next",
+        model_types=("qwen3_next",),
+        architecture="Qwen3NextForCausalLM",
+        tensors=EMBED_AND_HEAD
+        + ATTENTION
+        + LLAMA_NORMS
+        + GATED_MLP
+        + QWEN_EXPERTS
+        + QWEN_SHARED
+        + GATED_DELTA_NET,
+        config=config_with(
+            *QWEN_MOE_CONFIG,
+            ConfigKey("shared_ffn_hidden_size", "shared_expert_intermediate_size", 0),
+            ConfigKey("head_dim", "head_dim", 256),
+            ConfigKey("linear_layers", None, _linear_layers),
+            ConfigKey("linear_k_heads", "linear_num_key_heads", 16),
+            ConfigKey("linear_v_heads", "linear_num_value_heads", 32),
+            ConfigKey("linear_k_dim", "linear_key_head_dim", 128),
+            ConfigKey("linear_v_dim", "linear_value_head_dim", 128),
+            ConfigKey("linear_conv_kernel", "linear_conv_kernel_dim", 4),
+        ),
+        constants=(("qk_norm", True), ("shared_expert_gate", True), ("attn_gate", True)),
+        mindspeed_names=("qwen3-next",),
+        megatron_args=_qwen_router,
     )
 )
