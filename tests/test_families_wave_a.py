@@ -99,12 +99,14 @@ LAYOUTS = {
 }
 
 
-def build(path: str, model_type: str, layers: int = 4, seed: int = 0) -> str:
-    """A tiny model built by transformers, random values in every parameter and buffer the
-    checkpoint stores (router score biases too)."""
+def build(path: str, model_type: str, layers: int = 4, seed: int = 0, config: dict | None = None) -> str:
+    """A tiny model built by transformers (``config``: overrides, default this module's
+    CONFIGS entry), random values in every parameter and buffer the checkpoint stores (router
+    score biases too)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(model_type, **dict(CONFIGS[model_type], num_hidden_layers=layers))
+    overrides = CONFIGS[model_type] if config is None else config
+    cfg = AutoConfig.for_model(model_type, **dict(overrides, num_hidden_layers=layers))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ckpt_ir.api as ck
+from tests.test_families_wave_a import build
 from tests.test_hf_roundtrip import IDS, assert_same_tensors, convert, hf_state, logits
 
 BASE = dict(
@@ -76,24 +77,6 @@ LAYOUTS = {
 }
 
 
-def build(path: str, model_type: str, layers: int = 4, seed: int = 0) -> str:
-    """A tiny model built by transformers, random values in every parameter and score-bias buffer."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.for_model(model_type, **dict(CONFIGS[model_type], num_hidden_layers=layers))
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-        for m in model.modules():
-            for name in ("e_score_correction_bias", "expert_bias"):
-                if isinstance(getattr(m, name, None), torch.Tensor):
-                    getattr(m, name).normal_(0, 0.1)
-    model.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("wave-b")
@@ -101,7 +84,7 @@ def models(tmp_path_factory):
 
     def get(model_type: str) -> str:
         if model_type not in cache:
-            cache[model_type] = build(str(root / model_type), model_type)
+            cache[model_type] = build(str(root / model_type), model_type, config=CONFIGS[model_type])
         return cache[model_type]
 
     return get

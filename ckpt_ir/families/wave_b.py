@@ -20,6 +20,7 @@ from ckpt_ir.families.moe import (
     _first_k_dense,
     _qwen_router,
 )
+from ckpt_ir.families.wave_a import HUNYUAN_MOE
 
 
 def _mlp_dense_layers(cfg: dict) -> tuple[int, ...]:
@@ -122,12 +123,7 @@ def _hy_v3_dense_layers(cfg: dict) -> tuple[int, ...]:
 HY_V3_MOE = (
     (L + "mlp.router.gate.weight", C + "mlp.router.weight"),
     (L + "mlp.expert_bias", C + "mlp.router.bias"),
-    (L + "mlp.experts.{e}.gate_proj.weight", C + "mlp.experts.{e}.gate.weight"),
-    (L + "mlp.experts.{e}.up_proj.weight", C + "mlp.experts.{e}.up.weight"),
-    (L + "mlp.experts.{e}.down_proj.weight", C + "mlp.experts.{e}.down.weight"),
-    (L + "mlp.shared_mlp.gate_proj.weight", C + "mlp.shared.gate.weight"),
-    (L + "mlp.shared_mlp.up_proj.weight", C + "mlp.shared.up.weight"),
-    (L + "mlp.shared_mlp.down_proj.weight", C + "mlp.shared.down.weight"),
+    *HUNYUAN_MOE[1:],  # experts and shared_mlp as in Hunyuan V1
 )
 register(
     Family(
