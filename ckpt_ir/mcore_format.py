@@ -41,6 +41,18 @@ _ATTENTION_KEYS = (
     (D + "self_attention.q_layernorm.weight", C + "attn.q_norm.weight"),
     (D + "self_attention.k_layernorm.weight", C + "attn.k_norm.weight"),
     (D + "self_attention.core_attention.softmax_offset", C + "attn.sinks"),
+    # gated attention (Qwen3-Next, MindSpeed-LLM's qkv_type "mix"): q (with its gate), k, v unfused
+    (D + "self_attention.q_proj.weight", C + "attn.q.weight"),
+    (D + "self_attention.k_proj.weight", C + "attn.k.weight"),
+    (D + "self_attention.v_proj.weight", C + "attn.v.weight"),
+    # gated-delta-net linear attention layers (MindSpeed-LLM's qwen3-next names, HF packing)
+    (D + "self_attention.in_proj_qkvz.weight", C + "attn.gdn.in_qkvz.weight"),
+    (D + "self_attention.in_proj_ba.weight", C + "attn.gdn.in_ba.weight"),
+    (D + "self_attention.conv1d.weight", C + "attn.gdn.conv1d.weight"),
+    (D + "self_attention.A_log", C + "attn.gdn.A_log"),
+    (D + "self_attention.dt_bias", C + "attn.gdn.dt_bias"),
+    (D + "self_attention.norm.weight", C + "attn.gdn.norm.weight"),
+    (D + "self_attention.out_proj.weight", C + "attn.gdn.out.weight"),
 )
 # multi-latent attention: linear_qkv stacks the q (or q_a) and kv_a down-projections
 _MLA_ATTENTION_KEYS = (
@@ -50,6 +62,13 @@ _MLA_ATTENTION_KEYS = (
     (D + "self_attention.kv_layernorm.weight", C + "attn.kv_a_norm.weight"),
     (D + "self_attention.linear_q_up_proj.weight", C + "attn.q_b.weight"),
     (D + "self_attention.linear_kv_up_proj.weight", C + "attn.kv_b.weight"),
+    # DSA indexer, under MindSpeed-LLM's names (megatron-core's own DSAIndexer calls the same
+    # tensors core_attention.indexer.linear_wq_b / linear_wk / k_norm / linear_weights_proj)
+    (D + "self_attention.dsa_indexer.wq_b.weight", C + "attn.indexer.wq_b.weight"),
+    (D + "self_attention.dsa_indexer.wk.weight", C + "attn.indexer.wk.weight"),
+    (D + "self_attention.dsa_indexer.k_norm.weight", C + "attn.indexer.k_norm.weight"),
+    (D + "self_attention.dsa_indexer.k_norm.bias", C + "attn.indexer.k_norm.bias"),
+    (D + "self_attention.dsa_indexer.weights_proj.weight", C + "attn.indexer.weights_proj.weight"),
 )
 _NORM_KEYS = (
     (D + "input_layernorm.weight", C + "attn_norm.weight"),
@@ -425,6 +444,8 @@ def build_args(
     family = by_name(spec.family)
     if family.megatron_args:  # the family's own settings (router, windows, rope bases, ...)
         fields.update(family.megatron_args(cfg))
+    if spec.index_heads:  # DSA: the indexer sizes ride along from the HF config (index_n_heads, ...)
+        fields["enable_dsa_indexer"] = True
     fields["mtp_num_layers"] = spec.mtp_layers  # as MindSpeed-LLM writes it, 0 included
     if spec.lora_rank is not None:
         fields["lora_r"] = spec.lora_rank

@@ -139,6 +139,12 @@ def _moe_kwargs(case: dict) -> dict:
             moe_shared_expert_intermediate_size=moe["shared_ffn_hidden_size"],
             moe_shared_expert_gate=moe.get("shared_gate", False),
         )
+    if moe.get("score_function"):  # sigmoid routing with a score-correction bias (HYV3)
+        kw.update(
+            moe_router_score_function=moe["score_function"],
+            moe_router_enable_expert_bias=moe.get("expert_bias", False),
+            moe_router_topk_scaling_factor=moe.get("scaling_factor"),
+        )
     return kw
 
 
@@ -312,7 +318,8 @@ def _run_case(case: dict, rank: int) -> None:
                     "missing": sorted(res.missing_keys),
                     "unexpected": sorted(res.unexpected_keys),
                     "loaded": sum(not k.endswith("._extra_state") for k in sd),
-                    "params": sum(1 for _ in model.parameters()),
+                    # parameters and persistent buffers (a router's expert_bias)
+                    "params": sum(not k.endswith("._extra_state") for k in model.state_dict()),
                     # which MLP implementation each layer got (MLP, MoELayer, SequentialMLP, GroupedMLP, ...)
                     "mlp_modules": {
                         n: type(m).__name__

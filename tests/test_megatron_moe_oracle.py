@@ -3,7 +3,9 @@ checkpoints must load into a real megatron-core ``GPTModel`` with MoE layers (lo
 gloo) and give the same logits as transformers on the source HF model.
 
 Models: mixtral; qwen3_moe (q/k norms, ``norm_topk_prob=false``); qwen2_moe (qkv bias, a
-sigmoid-gated shared expert, a dense layer via ``mlp_only_layers``, tied embeddings).  Layouts:
+sigmoid-gated shared expert, a dense layer via ``mlp_only_layers``, tied embeddings); hy_v3 (q/k
+norms, sigmoid routing with a random score-correction bias, renormalised and scaled top-k, an
+ungated shared expert, a dense first layer).  Layouts:
 expert parallelism alone (TP1 x EP2, EP4), with tensor parallelism (TP2 x EP2 with expert TP 2
 and expert TP 1, TP2 x EP4 with expert TP 1, TP2 without EP), with pipeline parallelism (PP2 x EP2,
 PP2 x VPP2 x EP2, TP2 x PP2 x EP2 with expert TP 1), experts stored one by one
@@ -88,6 +90,17 @@ MODELS = {
         norm_topk_prob=False,
         tie_word_embeddings=True,
     ),
+    # Hunyuan V3: q/k norms, sigmoid router with a score-correction bias (random here), renormalised
+    # and scaled top-k, an ungated shared expert, layer 0 dense (mlp_layer_types)
+    "hy_v3": dict(
+        family="hy_v3",
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_experts=E,
+        head_dim=32,
+        router_scaling_factor=1.7,
+        tie_word_embeddings=False,
+    ),
 }
 
 # case -> (model, conversion).  A conversion is CLI arguments for ``ckpt-ir convert HF OUT --to
@@ -128,6 +141,8 @@ CASES = {
         "qwen2_moe",
         ("from", "qwen2_moe-tp2ep2", ["--tp", "2", "--ep", "2", "--etp", "1", "--moe-grouped-gemm"]),
     ),
+    "hy_v3-tp2ep2-grouped": ("hy_v3", ["--tp", "2", "--ep", "2", "--moe-grouped-gemm"]),
+    "hy_v3-tp1pp2ep2": ("hy_v3", ["--pp", "2", "--ep", "2"]),  # dense layer 0 on stage 0
 }
 # (tp, pp, vpp, ep, etp, grouped) each case must come out as
 EXPECTED_LAYOUT = {
@@ -152,6 +167,8 @@ EXPECTED_LAYOUT = {
     "qwen2_moe-tp2ep2": (2, 1, None, 2, 2, False),
     "qwen2_moe-tp1pp2ep2": (1, 2, None, 2, 1, False),
     "qwen2_moe-tp2ep2-to-etp1-grouped": (2, 1, None, 2, 1, True),
+    "hy_v3-tp2ep2-grouped": (2, 1, None, 2, 2, True),
+    "hy_v3-tp1pp2ep2": (1, 2, None, 2, 1, False),
 }
 assert EXPECTED_LAYOUT.keys() == CASES.keys()
 
@@ -173,6 +190,9 @@ def _build_hf(path: str, family: str, seed: int, **kw) -> dict:
     with torch.no_grad():
         for p in model.parameters():  # router, norms, biases, gates too
             p.normal_(0, 0.5)
+        for m in model.modules():  # HYV3's router score-correction bias is a buffer
+            if isinstance(getattr(m, "e_score_correction_bias", None), torch.Tensor):
+                m.e_score_correction_bias.normal_(0, 0.1)
         out = model(torch.tensor(INPUT_IDS), output_router_logits=True)
     model.save_pretrained(path)
     with open(os.path.join(path, "config.json")) as fh:
@@ -182,6 +202,16 @@ def _build_hf(path: str, family: str, seed: int, **kw) -> dict:
         "config": config,
         "logits": out.logits,
         "router_logits": out.router_logits,
+        # what each MoE layer's top-k is taken over: the logits, or HYV3's sigmoid + score bias
+        "choice_scores": [
+            torch.sigmoid(r.float()) + b
+            for r, b in zip(
+                [r for r in out.router_logits if r is not None],
+                [m.e_score_correction_bias for m in model.modules() if hasattr(m, "e_score_correction_bias")],
+            )
+        ]
+        if family == "hy_v3"
+        else [r for r in out.router_logits if r is not None],
         "family": family,
     }
 
@@ -190,6 +220,18 @@ def _moe_config(family: str, hf: dict) -> dict:
     """Megatron MoE settings derived from the HF config alone."""
     n = hf.get("num_experts") or hf["num_local_experts"]
     layers = hf["num_hidden_layers"]
+    if family == "hy_v3":
+        return {
+            "num_experts": n,
+            "topk": hf["num_experts_per_tok"],
+            "ffn_hidden_size": hf["moe_intermediate_size"],
+            "pre_softmax": False,
+            "layer_freq": [int(t == "sparse") for t in hf["mlp_layer_types"]],
+            "shared_ffn_hidden_size": hf["moe_intermediate_size"] * hf["num_shared_experts"],
+            "score_function": "sigmoid",
+            "expert_bias": True,
+            "scaling_factor": hf["router_scaling_factor"],
+        }
     if family == "mixtral":
         return {
             "num_experts": n,
@@ -311,7 +353,7 @@ def oracle(tmp_path_factory):
                 "padded_vocab": args["padded_vocab_size"],
                 "tied": bool(hf.get("tie_word_embeddings")),
                 "qkv_bias": m["family"] == "qwen2_moe",
-                "qk_norm": m["family"] == "qwen3_moe",
+                "qk_norm": m["family"] in ("qwen3_moe", "hy_v3"),
                 "moe": {**_moe_config(m["family"], hf), "grouped_gemm": bool(args.get("moe_grouped_gemm"))},
                 "input_ids": INPUT_IDS,
                 "out": str(root / "logits" / f"{case}.pt"),
@@ -340,10 +382,10 @@ def test_reference_routing_is_not_a_near_tie(oracle, model):
     (k+1)-th router scores of every token are well apart, so fp32 rounding differences between
     the two implementations cannot flip an expert choice."""
     case = next(c for c, (m, _) in CASES.items() if m == model)
-    routers = [r for r in oracle[case]["model"]["router_logits"] if r is not None]
+    routers = oracle[case]["model"]["choice_scores"]
     assert routers
-    for logits in routers:
-        top = logits.float().topk(TOPK + 1, dim=-1).values
+    for scores in routers:
+        top = scores.float().topk(TOPK + 1, dim=-1).values
         assert (top[:, TOPK - 1] - top[:, TOPK]).min() > 1e-3
 
 

@@ -232,6 +232,13 @@ _COUNTS = {
     "qk_rope_dim",
     "v_head_dim",
     "mtp_layers",
+    "index_heads",
+    "index_head_dim",
+    "linear_k_heads",
+    "linear_v_heads",
+    "linear_k_dim",
+    "linear_v_dim",
+    "linear_conv_kernel",
 }
 
 
@@ -251,7 +258,9 @@ def _checked(key: ConfigKey, raw: Any, where: str) -> Any:
             raise FormatError(f"{where}: {name!r} must be a positive number, got {raw!r}")
     elif key.field in ("tied_embeddings", "qkv_bias") and not isinstance(raw, bool):
         raise FormatError(f"{where}: {name!r} must be true or false, got {raw!r}")
-    elif key.field == "dense_layers" and not all(isinstance(i, int) for i in raw):
+    elif key.field in ("dense_layers", "shared_index_layers", "linear_layers") and not all(
+        isinstance(i, int) for i in raw
+    ):
         raise FormatError(f"{where}: layer lists must hold integers, got {raw!r}")
     return raw
 
@@ -311,7 +320,7 @@ def _load_builtin() -> None:
     _builtin_loaded = True
     from importlib.metadata import entry_points
 
-    from ckpt_ir.families import llama, moe, open_weights, remote, wave_a  # noqa: F401
+    from ckpt_ir.families import llama, moe, open_weights, remote, wave_a, wave_b  # noqa: F401
 
     for ep in entry_points(group="ckpt_ir.families"):
         try:

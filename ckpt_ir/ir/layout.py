@@ -124,6 +124,12 @@ def num_chunks(spec: ModelSpec, layout: Layout) -> int:
 def validate(spec: ModelSpec, layout: Layout) -> None:
     """Every check that needs both spec and layout; raises LayoutError with a one-line reason."""
     total = mcore_num_layers(spec, layout)
+    if layout.tp > 1 and spec.linear_layers:
+        raise LayoutError(
+            f"layout: {spec.family}'s gated-delta-net layers convert only with tensor parallel size 1 "
+            f"(MindSpeed-LLM's layout keeps in_proj_qkvz / conv1d whole; megatron-core's GatedDeltaNet "
+            f"packs a different in_proj); use --tp 1 (PP and EP are supported)"
+        )
     if layout.tp > 1:
         if spec.num_heads % layout.tp:
             raise LayoutError(

@@ -53,8 +53,23 @@ def _vocab(s: ModelSpec, lay: Layout) -> int:
 
 
 def _gqa(pred: Callable[[ModelSpec, Layout], bool]) -> Presence:
-    """Present in every layer of a grouped-query (non-MLA) model when ``pred`` holds."""
-    return lambda s, lay, i: not s.mla and pred(s, lay)
+    """Present in every attention layer of a grouped-query (non-MLA) model when ``pred`` holds."""
+    return lambda s, lay, i: not s.mla and s.has_attention(i) and pred(s, lay)
+
+
+def _attn(pred: Callable[[ModelSpec, Layout], bool]) -> Presence:
+    """Present in every attention layer (not the gated-delta-net ones) when ``pred`` holds."""
+    return lambda s, lay, i: s.has_attention(i) and pred(s, lay)
+
+
+def _split_qkv(s: ModelSpec, lay: Layout) -> bool:
+    """Separate q / k / v: unfused layouts, and gated attention, which Megatron (MindSpeed-LLM's
+    qwen3-next) keeps as q_proj / k_proj / v_proj."""
+    return not lay.fused_qkv or s.attn_gate
+
+
+def _linear(s: ModelSpec, lay: Layout, i: int) -> bool:
+    return not s.has_attention(i)
 
 
 def _mla(pred: Callable[[ModelSpec, Layout], bool]) -> Presence:
@@ -75,6 +90,10 @@ def _norm_bias(s: ModelSpec, lay: Layout, i: int) -> bool:
 
 def _pre_norm(s: ModelSpec, lay: Layout, i: int) -> bool:
     return s.pre_norms
+
+
+def _indexer(s: ModelSpec, lay: Layout, i: int) -> bool:
+    return s.has_indexer(i)
 
 
 def _mtp(s: ModelSpec, lay: Layout, i: int) -> bool:
@@ -107,7 +126,7 @@ L = "layers.{i}."
 
 
 def _q_rows(s: ModelSpec, lay: Layout) -> int:
-    return s.mla_q_size if s.mla else s.q_size
+    return s.mla_q_size if s.mla else 2 * s.q_size if s.attn_gate else s.q_size
 
 
 def _o_cols(s: ModelSpec, lay: Layout) -> int:
@@ -138,60 +157,70 @@ _BUILTIN: list[Role] = [
         L + "attn.q.weight",
         COLUMN,
         lambda s, lay: (_q_rows(s, lay), s.hidden_size),
-        lambda s, lay, i: not lay.fused_qkv and not (s.mla and s.q_lora_rank),
+        lambda s, lay, i: s.has_attention(i) and _split_qkv(s, lay) and not (s.mla and s.q_lora_rank),
     ),
     Role(
         L + "attn.k.weight",
         COLUMN,
         lambda s, lay: (s.kv_size, s.hidden_size),
-        _gqa(lambda s, lay: not lay.fused_qkv),
+        _gqa(_split_qkv),
     ),
     Role(
         L + "attn.v.weight",
         COLUMN,
         lambda s, lay: (s.kv_size, s.hidden_size),
-        _gqa(lambda s, lay: not lay.fused_qkv),
+        _gqa(_split_qkv),
     ),
     Role(
         L + "attn.q.bias",
         COLUMN,
         lambda s, lay: (s.q_size,),
-        _gqa(lambda s, lay: s.qkv_bias and not lay.fused_qkv),
+        _gqa(lambda s, lay: s.qkv_bias and _split_qkv(s, lay)),
     ),
     Role(
         L + "attn.k.bias",
         COLUMN,
         lambda s, lay: (s.kv_size,),
-        _gqa(lambda s, lay: s.qkv_bias and not lay.fused_qkv),
+        _gqa(lambda s, lay: s.qkv_bias and _split_qkv(s, lay)),
     ),
     Role(
         L + "attn.v.bias",
         COLUMN,
         lambda s, lay: (s.kv_size,),
-        _gqa(lambda s, lay: s.qkv_bias and not lay.fused_qkv),
+        _gqa(lambda s, lay: s.qkv_bias and _split_qkv(s, lay)),
     ),
     Role(
         L + "attn.qkv.weight",
         COLUMN,
         lambda s, lay: (_qkv_rows(s, lay), s.hidden_size),
-        _gqa(lambda s, lay: lay.fused_qkv),
+        _gqa(lambda s, lay: not _split_qkv(s, lay)),
     ),
     Role(
         L + "attn.qkv.bias",
         COLUMN,
         lambda s, lay: (_qkv_rows(s, lay),),
-        _gqa(lambda s, lay: s.qkv_bias and lay.fused_qkv),
+        _gqa(lambda s, lay: s.qkv_bias and not _split_qkv(s, lay)),
     ),
-    Role(L + "attn.o.weight", ROW, lambda s, lay: (s.hidden_size, _o_cols(s, lay))),
+    Role(
+        L + "attn.o.weight", ROW, lambda s, lay: (s.hidden_size, _o_cols(s, lay)), _attn(lambda s, lay: True)
+    ),
     # a row-parallel layer's bias is added once after the reduction: whole on every TP rank
-    Role(L + "attn.o.bias", None, lambda s, lay: (s.hidden_size,), lambda s, lay, i: s.o_bias),
-    Role(L + "attn.q_norm.weight", None, lambda s, lay: (s.head_dim,), lambda s, lay, i: s.qk_norm),
-    Role(L + "attn.k_norm.weight", None, lambda s, lay: (s.head_dim,), lambda s, lay, i: s.qk_norm),
+    Role(L + "attn.o.bias", None, lambda s, lay: (s.hidden_size,), _attn(lambda s, lay: s.o_bias)),
+    Role(L + "attn.q_norm.weight", None, lambda s, lay: (s.head_dim,), _attn(lambda s, lay: s.qk_norm)),
+    Role(L + "attn.k_norm.weight", None, lambda s, lay: (s.head_dim,), _attn(lambda s, lay: s.qk_norm)),
     # full-width q/k norms (one weight over all heads): split over TP with the heads they scale
     # (Megatron-Bridge's MiniMax-M2 layout; the module all-reduces the sum of squares)
-    Role(L + "attn.q_full_norm.weight", COLUMN, lambda s, lay: (s.q_size,), lambda s, lay, i: s.qk_full_norm),
     Role(
-        L + "attn.k_full_norm.weight", COLUMN, lambda s, lay: (s.kv_size,), lambda s, lay, i: s.qk_full_norm
+        L + "attn.q_full_norm.weight",
+        COLUMN,
+        lambda s, lay: (s.q_size,),
+        _attn(lambda s, lay: s.qk_full_norm),
+    ),
+    Role(
+        L + "attn.k_full_norm.weight",
+        COLUMN,
+        lambda s, lay: (s.kv_size,),
+        _attn(lambda s, lay: s.qk_full_norm),
     ),
     # attention sinks (gpt-oss): one learned softmax offset per head, split over TP with the heads
     Role(L + "attn.sinks", COLUMN, lambda s, lay: (s.num_heads,), lambda s, lay, i: s.attn_sinks),
@@ -288,6 +317,40 @@ _BUILTIN: list[Role] = [
         None,
         lambda s, lay: ((s.q_lora_rank or s.mla_q_size) + s.kv_lora_rank + s.qk_rope_dim, s.hidden_size),
         _mla(lambda s, lay: lay.fused_qkv),
+    ),
+    # gated-delta-net linear attention (Qwen3-Next), in the HF / MindSpeed-LLM packing: in_qkvz
+    # [q; k; v; z] rows per key-head group, in_ba [b; a] per group, conv1d over [q; k; v] channels.
+    # Only TP = 1 is supported (ir/layout.py refuses more), so the split rules are never applied.
+    Role(
+        L + "attn.gdn.in_qkvz.weight",
+        COLUMN,
+        lambda s, lay: (2 * s.linear_qk_size + 2 * s.linear_v_size, s.hidden_size),
+        _linear,
+    ),
+    Role(L + "attn.gdn.in_ba.weight", COLUMN, lambda s, lay: (2 * s.linear_v_heads, s.hidden_size), _linear),
+    Role(
+        L + "attn.gdn.conv1d.weight",
+        COLUMN,
+        lambda s, lay: (2 * s.linear_qk_size + s.linear_v_size, 1, s.linear_conv_kernel),
+        _linear,
+    ),
+    Role(L + "attn.gdn.A_log", COLUMN, lambda s, lay: (s.linear_v_heads,), _linear),
+    Role(L + "attn.gdn.dt_bias", COLUMN, lambda s, lay: (s.linear_v_heads,), _linear),
+    Role(L + "attn.gdn.norm.weight", None, lambda s, lay: (s.linear_v_dim,), _linear),
+    Role(L + "attn.gdn.out.weight", ROW, lambda s, lay: (s.hidden_size, s.linear_v_size), _linear),
+    # DeepSeek sparse attention's lightning indexer (V3.2, GLM-5): small projections beside MLA,
+    # duplicated on every TP rank in Megatron (MindSpeed-LLM and megatron-core's DSAIndexer alike)
+    Role(
+        L + "attn.indexer.wq_b.weight",
+        None,
+        lambda s, lay: (s.index_heads * s.index_head_dim, s.q_lora_rank),
+        _indexer,
+    ),
+    Role(L + "attn.indexer.wk.weight", None, lambda s, lay: (s.index_head_dim, s.hidden_size), _indexer),
+    Role(L + "attn.indexer.k_norm.weight", None, lambda s, lay: (s.index_head_dim,), _indexer),
+    Role(L + "attn.indexer.k_norm.bias", None, lambda s, lay: (s.index_head_dim,), _indexer),
+    Role(
+        L + "attn.indexer.weights_proj.weight", None, lambda s, lay: (s.index_heads, s.hidden_size), _indexer
     ),
     # multi-token prediction: layers numbered after the main ones carry these besides a full
     # transformer layer; embed and head are the main model's (shared in Megatron)

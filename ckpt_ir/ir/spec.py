@@ -59,6 +59,20 @@ class ModelSpec:
     qk_rope_dim: int = 0
     v_head_dim: int = 0
     mtp_layers: int = 0  # multi-token-prediction layers, numbered after the main layers
+    # DeepSeek sparse attention (DSA): a lightning indexer beside MLA (index_heads = 0: none);
+    # layers in shared_index_layers reuse the previous layer's top-k and have no indexer (GLM-5)
+    index_heads: int = 0
+    index_head_dim: int = 0
+    shared_index_layers: tuple[int, ...] = attrs.field(default=(), converter=_int_tuple)
+    # gated-delta-net linear attention (Qwen3-Next): the layers that have it instead of attention,
+    # its key / value heads and head sizes, and its causal conv1d kernel width
+    linear_layers: tuple[int, ...] = attrs.field(default=(), converter=_int_tuple)
+    linear_k_heads: int = 0
+    linear_v_heads: int = 0
+    linear_k_dim: int = 0
+    linear_v_dim: int = 0
+    linear_conv_kernel: int = 0
+    attn_gate: bool = False  # q_proj also yields a sigmoid output gate: per head [q; gate] rows
     shared_expert_gate: bool = False  # a sigmoid gate on the shared experts' output (Qwen2-MoE)
     router_bias: bool = False  # a score-correction bias on the router (DeepSeek-V3)
     qk_full_norm: bool = False  # q/k RMSNorm over all heads at once (MiniMax-M2), not per head
@@ -113,6 +127,21 @@ class ModelSpec:
     def total_layers(self) -> int:
         """Main layers plus multi-token-prediction layers (canonical layer numbers below this)."""
         return self.num_layers + self.mtp_layers
+
+    def has_attention(self, layer: int) -> bool:
+        """Whether ``layer`` has (softmax) attention, not gated-delta-net linear attention."""
+        return layer not in self.linear_layers
+
+    @property
+    def linear_qk_size(self) -> int:
+        return self.linear_k_heads * self.linear_k_dim
+
+    @property
+    def linear_v_size(self) -> int:
+        return self.linear_v_heads * self.linear_v_dim
+
+    def has_indexer(self, layer: int) -> bool:
+        return self.index_heads > 0 and layer not in self.shared_index_layers
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.num_experts > 0 and layer not in self.dense_layers

@@ -35,7 +35,8 @@ def verify(ckpt: Checkpoint, after: str = "") -> None:
         fused_fc1 = ".gate_up." in "." + rest
         if (fused_qkv and not layout.fused_qkv) or (fused_fc1 and not layout.fused_gate_up):
             raise VerifyError(f"{name}: fused tensor in a layout that says unfused{where}")
-        if rest.startswith(("attn.q.", "attn.k.", "attn.v.", "attn.q_a.", "attn.kv_a.")) and layout.fused_qkv:
+        separate = rest.startswith(("attn.q.", "attn.k.", "attn.v.", "attn.q_a.", "attn.kv_a."))
+        if separate and layout.fused_qkv and not spec.attn_gate:  # gated attention keeps q/k/v apart
             raise VerifyError(f"{name}: separate q/k/v tensor in a layout with fused QKV{where}")
         if SEPARATE_GATE_UP.match(rest) and layout.fused_gate_up:
             raise VerifyError(f"{name}: separate gate/up tensor in a layout with fused gate/up{where}")

@@ -177,7 +177,10 @@ class FuseQKV(Pass):
     guarantees = "layers.N.attn.qkv.{weight,bias,lora_*} in per-query-group [q heads; k; v] order"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        tensors = fuse(ckpt, MLA if ckpt.spec.mla else QKV, self.name)
+        # gated attention (Qwen3-Next) stays q_proj / k_proj / v_proj in Megatron (MindSpeed-LLM)
+        tensors = (
+            ckpt.tensors if ckpt.spec.attn_gate else fuse(ckpt, MLA if ckpt.spec.mla else QKV, self.name)
+        )
         return ckpt.with_tensors(tensors, layout=attrs.evolve(ckpt.layout, fused_qkv=True))
 
 

@@ -42,7 +42,16 @@ class SelectLayers(Pass):
         out = dict(sorted(out.items(), key=lambda kv: canonical_order(kv[0])))
         # multi-token-prediction layers (numbered after the main ones) are not kept
         dense = tuple(new_index[i] for i in ckpt.spec.dense_layers if i in new_index)
-        spec = attrs.evolve(ckpt.spec, num_layers=len(keep), mtp_layers=0, dense_layers=dense)
+        shared = tuple(new_index[i] for i in ckpt.spec.shared_index_layers if i in new_index)
+        linear = tuple(new_index[i] for i in ckpt.spec.linear_layers if i in new_index)
+        spec = attrs.evolve(
+            ckpt.spec,
+            num_layers=len(keep),
+            mtp_layers=0,
+            dense_layers=dense,
+            shared_index_layers=shared,
+            linear_layers=linear,
+        )
         cfg = dict(ckpt.hf_config) if ckpt.hf_config is not None else None
         return ckpt.with_tensors(out, spec=spec, hf_config=cfg)
 

@@ -1,0 +1,274 @@
+"""Wave-B families: tiny random models built and saved by transformers convert HF -> Megatron-Core
+(a PP layout, and TP2 x EP2 where the family allows it) -> HF bit-exactly, and transformers'
+logits on the result equal the original's.  The DSA indexer's rank-file keys and replication
+are checked against MindSpeed-LLM's layout (format facts written here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import ckpt_ir.api as ck
+from tests.test_families_wave_a import build
+from tests.test_hf_roundtrip import IDS, assert_same_tensors, convert, hf_state, logits
+
+BASE = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+# MLA + DSA: index_topk (4) below the prompt length (12), so the indexer's choice changes logits
+DSA = dict(
+    BASE,
+    num_key_value_heads=4,
+    moe_intermediate_size=32,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    q_lora_rank=24,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    n_group=1,
+    topk_group=1,
+    index_n_heads=2,
+    index_head_dim=16,
+    index_topk=4,
+)
+CONFIGS = {
+    "deepseek_v32": DSA,
+    # layers 1 and 3 reuse the previous layer's top-k and carry no indexer
+    "glm_moe_dsa": dict(DSA, indexer_types=["full", "shared", "full", "shared"]),
+    "hy_v3": dict(BASE, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2),
+    # layers 0-2 gated-delta-net, layer 3 gated full attention; 2 key heads, 4 value heads
+    "qwen3_next": dict(
+        BASE,
+        head_dim=16,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        num_experts=4,
+        num_experts_per_tok=2,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=12,
+        linear_conv_kernel_dim=4,
+    ),
+}
+LAYOUTS = {
+    "deepseek_v32": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True)),
+    "glm_moe_dsa": (dict(tp=2, pp=2, num_layer_list=(1, 3)), dict(tp=2, ep=2, grouped_gemm=True)),
+    "hy_v3": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True)),
+    # gated-delta-net layers: TP 1 only (MindSpeed-LLM's qwen3-next layout)
+    "qwen3_next": (dict(pp=2, num_layer_list=(3, 1)), dict(ep=2, grouped_gemm=True)),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wave-b")
+    cache: dict[str, str] = {}
+
+    def get(model_type: str) -> str:
+        if model_type not in cache:
+            cache[model_type] = build(str(root / model_type), model_type, configs=CONFIGS)
+        return cache[model_type]
+
+    return get
+
+
+CASES = [(f, i) for f in CONFIGS for i in range(len(LAYOUTS[f]))]
+
+
+@pytest.mark.parametrize("family,layout", CASES, ids=[f"{f}-{i}" for f, i in CASES])
+def test_hf_to_mcore_to_hf_bit_exact_with_same_logits(models, tmp_path, family, layout):
+    src = models(family)
+    assert ck.load(src).spec.family == family
+    mid, back = str(tmp_path / "mid"), str(tmp_path / "back")
+    convert(src, mid, ck.Target(to="mcore", **LAYOUTS[family][layout]))
+    convert(mid, back, ck.Target(to="hf"))
+    assert_same_tensors(src, back)
+    assert torch.equal(logits(src, IDS), logits(back, IDS))
+
+
+def _rank(mid: str, name: str) -> dict:
+    return torch.load(f"{mid}/iter_0000001/{name}/model_optim_rng.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v32", "glm_moe_dsa"])
+def test_dsa_indexer_is_whole_on_every_tp_rank_under_mindspeed_names(models, tmp_path, family):
+    """MindSpeed-LLM (convert_hf2mg.py) clones the indexer's wq_b, wk, k_norm (weight and bias)
+    and weights_proj whole onto every TP rank under self_attention.dsa_indexer.*; GLM-5's
+    "shared" layers have none, and the args say enable_dsa_indexer."""
+    src = models(family)
+    hf = hf_state(src)
+    mid = str(tmp_path / "mid")
+    convert(src, mid, ck.Target(to="mcore", tp=2))
+    full = [0, 2] if family == "glm_moe_dsa" else [0, 1, 2, 3]
+    for t in range(2):
+        rank = _rank(mid, f"mp_rank_0{t}")
+        sd = rank["model"]
+        assert rank["args"].enable_dsa_indexer is True
+        for i in range(4):
+            keys = {k for k in sd if k.startswith(f"decoder.layers.{i}.self_attention.dsa_indexer.")}
+            if i not in full:
+                assert keys == set()
+                continue
+            want = {
+                f"decoder.layers.{i}.self_attention.dsa_indexer.{t}": hf[
+                    f"model.layers.{i}.self_attn.indexer.{t}"
+                ]
+                for t in ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight")
+            }
+            assert keys == set(want)
+            for k, v in want.items():
+                assert torch.equal(sd[k], v), k
+
+
+def test_glm_moe_dsa_shared_indexer_layers_come_from_the_config(models):
+    spec = ck.load(models("glm_moe_dsa")).spec
+    assert spec.shared_index_layers == (1, 3) and spec.index_heads == 2 and spec.index_head_dim == 16
+    assert ck.load(models("deepseek_v32")).spec.shared_index_layers == ()
+
+
+def test_deepseek_v32_mtp_layer_with_indexer_round_trips(models, tmp_path):
+    """A DeepSeek-V3.2 MTP layer (model.layers.{num_hidden_layers}.*, as the release stores it:
+    a MoE decoder layer with its indexer, enorm, hnorm, eh_proj, shared_head and embedding copies)
+    goes to mtp.layers.0.transformer_layer.* and back unchanged."""
+    src = str(tmp_path / "hf")
+    shutil.copytree(models("deepseek_v32"), src)
+    f = os.path.join(src, "model.safetensors")
+    sd = load_file(f)
+    n, h = 4, BASE["hidden_size"]
+    g = torch.Generator().manual_seed(7)
+    for k in [k for k in sd if k.startswith("model.layers.1.")]:
+        sd[k.replace("model.layers.1.", f"model.layers.{n}.")] = torch.randn(sd[k].shape, generator=g)
+    for k, shape in {
+        "enorm.weight": (h,),
+        "hnorm.weight": (h,),
+        "eh_proj.weight": (h, 2 * h),
+        "shared_head.norm.weight": (h,),
+    }.items():
+        sd[f"model.layers.{n}.{k}"] = torch.randn(shape, generator=g)
+    sd[f"model.layers.{n}.embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
+    sd[f"model.layers.{n}.shared_head.head.weight"] = sd["lm_head.weight"].clone()
+    save_file(sd, f, metadata={"format": "pt"})
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    json.dump(dict(cfg, num_nextn_predict_layers=1), open(os.path.join(src, "config.json"), "w"))
+    mid, back = str(tmp_path / "mid"), str(tmp_path / "back")
+    convert(src, mid, ck.Target(to="mcore", tp=2, pp=2, ep=2, grouped_gemm=True))
+    assert ck.load(mid).spec.mtp_layers == 1
+    last = _rank(mid, "mp_rank_01_001_001")["model"]
+    assert torch.equal(
+        last["mtp.layers.0.transformer_layer.self_attention.dsa_indexer.wq_b.weight"],
+        sd[f"model.layers.{n}.self_attn.indexer.wq_b.weight"],
+    )
+    convert(mid, back, ck.Target(to="hf"))
+    assert_same_tensors(src, back)
+
+
+def test_hy_v3_router_and_shared_experts_under_megatron_names(models, tmp_path):
+    """HYV3's router (mlp.router.gate), score bias (mlp.expert_bias) and shared_mlp reach the
+    MindSpeed keys; layer 0 (mlp_layer_types "dense") is a dense MLP."""
+    src = models("hy_v3")
+    hf = hf_state(src)
+    mid = str(tmp_path / "mid")
+    convert(src, mid, ck.Target(to="mcore", tp=2))
+    sd = _rank(mid, "mp_rank_00")["model"]
+    assert torch.equal(sd["decoder.layers.1.mlp.router.weight"], hf["model.layers.1.mlp.router.gate.weight"])
+    assert torch.equal(sd["decoder.layers.1.mlp.router.expert_bias"], hf["model.layers.1.mlp.expert_bias"])
+    f = hf["model.layers.1.mlp.shared_mlp.gate_proj.weight"].shape[0] // 2
+    assert torch.equal(
+        sd["decoder.layers.1.mlp.shared_experts.linear_fc1.weight"],
+        torch.cat(
+            [
+                hf["model.layers.1.mlp.shared_mlp.gate_proj.weight"][:f],
+                hf["model.layers.1.mlp.shared_mlp.up_proj.weight"][:f],
+            ]
+        ),
+    )
+    assert "decoder.layers.0.mlp.router.weight" not in sd and "decoder.layers.0.mlp.linear_fc1.weight" in sd
+
+
+def test_models_lists_wave_b_families_with_mindspeed_names(capsys):
+    from ckpt_ir.cli import main
+
+    assert main(["models"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    names_of = {
+        "deepseek_v32": "deepseek32",
+        "glm_moe_dsa": "glm5",
+        "hy_v3": "HYV3",
+        "qwen3_next": "qwen3-next",
+    }
+    for family, names in names_of.items():
+        assert f"--model-type-hf {names}" in lines[family], lines.get(family)
+
+
+def test_qwen3_next_layers_under_mindspeed_names(models, tmp_path):
+    """MindSpeed-LLM's qwen3-next layout (qkv_type "mix", convert_hf2mg.py): a gated-delta-net
+    layer's HF tensors are copied whole to self_attention.{in_proj_qkvz, in_proj_ba, conv1d,
+    A_log, dt_bias, norm, out_proj}; a full-attention layer keeps q_proj (with its gate rows),
+    k_proj and v_proj unfused beside linear_proj and the q/k layernorms."""
+    src = models("qwen3_next")
+    hf = hf_state(src)
+    mid = str(tmp_path / "mid")
+    convert(src, mid, ck.Target(to="mcore", ep=2))
+    sd = _rank(mid, "mp_rank_00_000")["model"]
+    gdn = {
+        "in_proj_qkvz.weight": "in_proj_qkvz.weight",
+        "in_proj_ba.weight": "in_proj_ba.weight",
+        "conv1d.weight": "conv1d.weight",
+        "A_log": "A_log",
+        "dt_bias": "dt_bias",
+        "norm.weight": "norm.weight",
+        "out_proj.weight": "out_proj.weight",
+    }
+    for i in (0, 1, 2):
+        attn = {k for k in sd if k.startswith(f"decoder.layers.{i}.self_attention.")}
+        assert attn == {f"decoder.layers.{i}.self_attention.{m}" for m in gdn}
+        for m, h in gdn.items():
+            assert torch.equal(
+                sd[f"decoder.layers.{i}.self_attention.{m}"], hf[f"model.layers.{i}.linear_attn.{h}"]
+            )
+    full = {
+        "q_proj.weight": "q_proj.weight",
+        "k_proj.weight": "k_proj.weight",
+        "v_proj.weight": "v_proj.weight",
+        "linear_proj.weight": "o_proj.weight",
+        "q_layernorm.weight": "q_norm.weight",
+        "k_layernorm.weight": "k_norm.weight",
+    }
+    assert {k for k in sd if k.startswith("decoder.layers.3.self_attention.")} == {
+        f"decoder.layers.3.self_attention.{m}" for m in full
+    }
+    for m, h in full.items():
+        assert torch.equal(sd[f"decoder.layers.3.self_attention.{m}"], hf[f"model.layers.3.self_attn.{h}"])
+    assert sd["decoder.layers.3.self_attention.q_proj.weight"].shape == (2 * 4 * 16, 64)  # [q; gate] per head
+    assert torch.equal(
+        sd["decoder.layers.0.mlp.shared_experts.gate_weight"],
+        hf["model.layers.0.mlp.shared_expert_gate.weight"],
+    )
+
+
+def test_qwen3_next_refuses_tensor_parallelism_in_one_line(models, tmp_path):
+    from tests.cli_contract import assert_clean_error
+    from tests.cli_contract import convert as cli_convert
+
+    out = tmp_path / "out"
+    assert_clean_error(
+        cli_convert(models("qwen3_next"), out, "--tp", "2"), out, names=("gated-delta-net", "--tp 1")
+    )
