@@ -22,6 +22,10 @@ megatron-core 0.16 assumes CUDA in a few places; the workarounds (no edits to me
   ``Tensor.cuda()`` a no-op (pipeline schedule buffers, tied-embedding sync with PP > 1);
 * ``torch.cuda.synchronize`` is a no-op (p2p communication calls it).
 
+A case with ``"gpt": true`` builds a generic GPT that no HF family computes: LayerNorm (with
+biases), a GELU MLP without gating, learned absolute position embeddings and biases on every linear
+layer (``hf_config`` then only gives the sizes).
+
 Mixture-of-experts cases (a ``"moe"`` entry in the case, plus ``"ep"`` / ``"etp"``) build the MoE
 layer with the local spec (``SequentialMLP`` experts, or the legacy ``GroupedMLP`` when
 ``grouped_gemm`` is set), the ``allgather`` token dispatcher (the ``alltoall`` one needs CUDA
@@ -159,11 +163,11 @@ def _transformer_config(case: dict, tp: int, pp: int, vpp: int | None):
         use_cpu_initialization=True,
         params_dtype=torch.float32,
         pipeline_dtype=torch.float32,
-        normalization="RMSNorm",
+        normalization="LayerNorm" if case.get("gpt") else "RMSNorm",
         layernorm_epsilon=hf["rms_norm_eps"],
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
+        gated_linear_unit=not case.get("gpt"),
+        activation_func=F.gelu if case.get("gpt") else F.silu,
+        add_bias_linear=bool(case.get("gpt")),
         add_qkv_bias=case["qkv_bias"],
         qk_layernorm=case["qk_norm"],
         rotary_interleaved=case.get("rotary_interleaved", False),
@@ -234,7 +238,7 @@ def _run_case(case: dict, rank: int) -> None:
                 num_experts=moe["num_experts"] if moe else None,
                 moe_grouped_gemm=bool(moe and moe.get("grouped_gemm")),
                 qk_layernorm=case["qk_norm"],
-                normalization="RMSNorm",
+                normalization=config.normalization,
             )
         tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         ep_rank = ps.get_expert_model_parallel_rank()
@@ -251,7 +255,7 @@ def _run_case(case: dict, rank: int) -> None:
                     pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
                     post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
                     share_embeddings_and_output_weights=case["tied"],
-                    position_embedding_type="rope",
+                    position_embedding_type="learned_absolute" if case.get("gpt") else "rope",
                     rotary_base=_rope_theta(case["hf_config"]),
                     vp_stage=vp_stage,
                     rotary_percent=case.get("rotary_percent", 1.0),
