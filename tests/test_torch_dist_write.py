@@ -196,3 +196,94 @@ def test_moe_output_equals_megatron_cores_own_save(tmp_path):
             assert torch.equal(v, y[k]), k
         else:
             assert v == y[k], k
+
+
+# torch_dist written at TP1 EP1 (no layout), loaded by megatron-core at these (tp, pp, ep) layouts
+MOE_LAYOUTS = ((2, 1, 2), (1, 2, 2))
+
+
+@pytest.fixture(scope="module")
+def moe_loaded(tmp_path_factory):
+    """Qwen2-MoE with a dense layer (mlp_only_layers, so Megatron saves per-layer keys), a
+    sigmoid-gated shared expert, qkv bias and tied embeddings: HF -> torch_dist, then megatron-core's
+    dist_checkpointing.load into GPTModels at other TP / PP / EP, run forward."""
+    from tests import test_megatron_moe_oracle as O
+
+    root = tmp_path_factory.mktemp("torch-dist-moe")
+    m = O._build_hf(
+        str(root / "hf"),
+        "qwen2_moe",
+        seed=5,
+        **{k: v for k, v in O.MODELS["qwen2_moe"].items() if k != "family"},
+    )
+    out = str(root / "td")
+    assert (
+        cli_main(["convert", m["dir"], out, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]) == 0
+    )
+    cases = [
+        {
+            "name": f"tp{tp}pp{pp}ep{ep}",
+            "ckpt": out,
+            "tp": tp,
+            "pp": pp,
+            "vpp": None,
+            "ep": ep,
+            "etp": tp,
+            "torch_dist": True,
+            "hf_config": m["config"],
+            "padded_vocab": 128,
+            "tied": True,
+            "qkv_bias": True,
+            "qk_norm": False,
+            "moe": {**O._moe_config("qwen2_moe", m["config"]), "grouped_gemm": False},
+            "input_ids": O.INPUT_IDS,
+            "out": str(root / f"tp{tp}pp{pp}ep{ep}.pt"),
+        }
+        for tp, pp, ep in MOE_LAYOUTS
+    ]
+    job = root / "job.json"
+    job.write_text(json.dumps({"store": str(root / "gloo-store"), "cases": cases}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(
+        [sys.executable, HARNESS, str(job), str(WORLD)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        stdout, err = proc.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, err = proc.communicate()
+    assert proc.returncode == 0, f"megatron-core harness failed:\n{stdout[-4000:]}\n{err[-8000:]}"
+    return (
+        out,
+        m,
+        {
+            c["name"]: (
+                torch.load(c["out"]),
+                [json.load(open(f"{c['out']}.rank{r}.json")) for r in range(WORLD)],
+            )
+            for c in cases
+        },
+    )
+
+
+@pytest.mark.parametrize("tp, pp, ep", MOE_LAYOUTS)
+def test_moe_with_dense_layers_and_shared_experts_loads_with_the_source_logits(moe_loaded, tp, pp, ep):
+    from ckpt_ir.io.dcp import read_metadata
+
+    out, m, results = moe_loaded
+    keys = read_metadata(os.path.join(out, "iter_0000001")).tensors
+    # a dense layer among MoE ones: per-layer keys, experts stacked on their own axis
+    assert "decoder.layers.1.mlp.linear_fc1.weight" in keys
+    assert keys["decoder.layers.0.mlp.experts.experts.linear_fc1.weight"].shape[0] == 4
+    assert "decoder.layers.0.mlp.shared_experts.gate_weight" in keys
+    logits, reports = results[f"tp{tp}pp{pp}ep{ep}"]
+    for r in reports:
+        for chunk in r["chunks"]:
+            assert chunk["missing"] == [] and chunk["unexpected"] == [], chunk
+    assert {"MoELayer", "MLP"} <= {t for r in reports for c in r["chunks"] for t in c["mlp_modules"].values()}
+    torch.testing.assert_close(logits, m["logits"], atol=1e-4, rtol=1e-5)
