@@ -26,6 +26,10 @@ A case with ``"gpt": true`` builds a generic GPT that no HF family computes: Lay
 biases), a GELU MLP without gating, learned absolute position embeddings and biases on every linear
 layer (``hf_config`` then only gives the sizes).
 
+``"config_extra"`` adds TransformerConfig fields (e.g. ``mtp_num_layers``: the GPTModel then gets
+the multi-token-prediction block of its last layer's spec); ``"load_only"`` saves each rank's
+loaded tensors to ``OUT.rank<R>.sd.pt`` instead of running the forward pass.
+
 Mixture-of-experts cases (a ``"moe"`` entry in the case, plus ``"ep"`` / ``"etp"``) build the MoE
 layer with the local spec (``SequentialMLP`` experts, or the legacy ``GroupedMLP`` when
 ``grouped_gemm`` is set), the ``allgather`` token dispatcher (the ``alltoall`` one needs CUDA
@@ -185,6 +189,7 @@ def _transformer_config(case: dict, tp: int, pp: int, vpp: int | None):
         sequence_parallel=False,
         batch_p2p_comm=False,
         **_moe_kwargs(case),
+        **case.get("config_extra", {}),
     )
 
 
@@ -211,7 +216,11 @@ def _run_case(case: dict, rank: int) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
+        get_gpt_layer_local_spec,
+        get_gpt_mtp_block_spec,
+    )
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.moe.experts import GroupedMLP
 
@@ -243,6 +252,9 @@ def _run_case(case: dict, rank: int) -> None:
         tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         ep_rank = ps.get_expert_model_parallel_rank()
         chunks = vpp or 1
+        mtp = {}
+        if config.mtp_num_layers:  # multi-token prediction: the decoder's last layer spec, on the last stage
+            mtp["mtp_block_spec"] = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False)
         models = []
         for v in range(chunks):
             vp_stage = v if vpp else None
@@ -259,6 +271,7 @@ def _run_case(case: dict, rank: int) -> None:
                     rotary_base=_rope_theta(case["hf_config"]),
                     vp_stage=vp_stage,
                     rotary_percent=case.get("rotary_percent", 1.0),
+                    **mtp,
                 ).eval()
             )
         for model in models:
@@ -305,6 +318,15 @@ def _run_case(case: dict, rank: int) -> None:
         report["args"] = {
             k: v for k, v in vars(blob["args"]).items() if isinstance(v, (int, float, str, bool))
         }
+        if case.get("load_only"):  # the rank's loaded tensors are the result (no forward pass)
+            torch.save(
+                {k: v for k, v in blob["model"].items() if isinstance(v, torch.Tensor)},
+                f"{case['out']}.rank{rank}.sd.pt",
+            )
+            with open(f"{case['out']}.rank{rank}.json", "w") as fh:
+                json.dump(report, fh)
+            dist.barrier()
+            return
 
         ids = torch.tensor(case["input_ids"], dtype=torch.long)
         b, s = ids.shape

@@ -287,3 +287,149 @@ def test_moe_with_dense_layers_and_shared_experts_loads_with_the_source_logits(m
             assert chunk["missing"] == [] and chunk["unexpected"] == [], chunk
     assert {"MoELayer", "MLP"} <= {t for r in reports for c in r["chunks"] for t in c["mlp_modules"].values()}
     torch.testing.assert_close(logits, m["logits"], atol=1e-4, rtol=1e-5)
+
+
+def _glm4_moe_with_mtp(path: str) -> dict:
+    """GLM-4.5-style: a dense first layer, MoE layers with a shared expert and a router score bias,
+    q/k norms, qkv bias, and one MTP layer stored as GLM-4.5's release does (model.layers.{L}.*:
+    a MoE decoder layer plus enorm, hnorm, eh_proj, shared_head.norm; transformers saves none)."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.test_families_wave_a import CONFIGS, build
+
+    build(path, "glm4_moe")
+    f = os.path.join(path, "model.safetensors")
+    sd = load_file(f)
+    n, h = 4, CONFIGS["glm4_moe"]["hidden_size"]
+    g = torch.Generator().manual_seed(7)
+    for k in [k for k in sd if k.startswith("model.layers.1.")]:
+        sd[k.replace("model.layers.1.", f"model.layers.{n}.")] = torch.randn(sd[k].shape, generator=g)
+    for k, shape in {"enorm": (h,), "hnorm": (h,), "eh_proj": (h, 2 * h), "shared_head.norm": (h,)}.items():
+        sd[f"model.layers.{n}.{k}.weight"] = torch.randn(shape, generator=g)
+    sd[f"model.layers.{n}.embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
+    sd[f"model.layers.{n}.shared_head.head.weight"] = sd["lm_head.weight"].clone()
+    save_file(sd, f, metadata={"format": "pt"})
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg["num_nextn_predict_layers"] = 1
+    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    return {"config": cfg, "tensors": sd}
+
+
+def test_moe_with_mtp_loads_into_megatron_core_at_another_ep(tmp_path):
+    """torch_dist written whole (EP1) is loaded by megatron-core's dist_checkpointing into a GPTModel
+    with an MTP block at EP2; every loaded tensor that the HF source names is checked against it
+    by Megatron's layouts written out here (fc1 = [gate; up], qkv interleaved per query group,
+    global expert 2*ep_rank + j on EP rank ep_rank)."""
+    m = _glm4_moe_with_mtp(str(tmp_path / "hf"))
+    out = str(tmp_path / "td")
+    assert (
+        cli_main(
+            ["convert", str(tmp_path / "hf"), out, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]
+        )
+        == 0
+    )
+    from ckpt_ir.io.dcp import read_metadata
+
+    md = read_metadata(os.path.join(out, "iter_0000001"))
+    assert "mtp.layers.0.transformer_layer.mlp.experts.experts.linear_fc1.weight" in md.tensors
+    assert (
+        "mtp.layers.0.final_layernorm.weight" in md.tensors
+        and "decoder.layers.0.mlp.linear_fc1.weight" in md.tensors
+    )
+    cfg = m["config"]
+    case = {
+        "name": "glm4_moe-mtp-ep2",
+        "ckpt": out,
+        "tp": 1,
+        "pp": 1,
+        "vpp": None,
+        "ep": 2,
+        "etp": 1,
+        "torch_dist": True,
+        "load_only": True,
+        "hf_config": {**cfg, "rms_norm_eps": cfg["rms_norm_eps"]},
+        "padded_vocab": 128,
+        "tied": False,
+        "qkv_bias": True,
+        "qk_norm": True,
+        "moe": {
+            "num_experts": 4,
+            "topk": 2,
+            "ffn_hidden_size": 32,
+            "layer_freq": [0, 1, 1, 1],
+            "shared_ffn_hidden_size": 32,
+        },
+        "config_extra": {
+            "mtp_num_layers": 1,
+            "moe_router_score_function": "sigmoid",
+            "moe_router_enable_expert_bias": True,
+        },
+        "input_ids": [[1, 2, 3]],
+        "out": str(tmp_path / "mtp"),
+    }
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"store": str(tmp_path / "gloo-store"), "cases": [case]}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, HARNESS, str(job), str(WORLD)], capture_output=True, text=True, env=env, timeout=400
+    )
+    assert proc.returncode == 0, (
+        f"megatron-core harness failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    )
+    hf, d = m["tensors"], 16  # head_dim = 64 / 4
+    for rank in range(WORLD):
+        report = json.load(open(f"{case['out']}.rank{rank}.json"))
+        assert all(c["missing"] == [] and c["unexpected"] == [] for c in report["chunks"]), report
+        sd = torch.load(f"{case['out']}.rank{rank}.sd.pt")
+        ep_rank = report["ep_rank"]
+
+        def fc1(p: str) -> torch.Tensor:
+            return torch.cat([hf[p + "gate_proj.weight"], hf[p + "up_proj.weight"]])
+
+        def qkv(i: int, kind: str) -> torch.Tensor:
+            q, k, v = (hf[f"model.layers.{i}.self_attn.{x}_proj.{kind}"] for x in "qkv")
+            groups = 2
+            hpg = q.shape[0] // d // groups
+            return torch.cat(
+                [
+                    t
+                    for g in range(groups)
+                    for t in (
+                        q[g * hpg * d : (g + 1) * hpg * d],
+                        k[g * d : (g + 1) * d],
+                        v[g * d : (g + 1) * d],
+                    )
+                ]
+            )
+
+        want = {
+            "decoder.layers.0.mlp.linear_fc1.weight": fc1("model.layers.0.mlp."),
+            "decoder.layers.2.self_attention.linear_qkv.weight": qkv(2, "weight"),
+            "decoder.layers.2.self_attention.linear_qkv.bias": qkv(2, "bias"),
+            "decoder.layers.1.mlp.shared_experts.linear_fc2.weight": hf[
+                "model.layers.1.mlp.shared_experts.down_proj.weight"
+            ],
+            "decoder.layers.3.mlp.router.expert_bias": hf["model.layers.3.mlp.gate.e_score_correction_bias"],
+            "mtp.layers.0.enorm.weight": hf["model.layers.4.enorm.weight"],
+            "mtp.layers.0.hnorm.weight": hf["model.layers.4.hnorm.weight"],
+            "mtp.layers.0.eh_proj.weight": hf["model.layers.4.eh_proj.weight"],
+            "mtp.layers.0.final_layernorm.weight": hf["model.layers.4.shared_head.norm.weight"],
+            "mtp.layers.0.transformer_layer.self_attention.linear_proj.weight": hf[
+                "model.layers.4.self_attn.o_proj.weight"
+            ],
+            "mtp.layers.0.transformer_layer.self_attention.q_layernorm.weight": hf[
+                "model.layers.4.self_attn.q_norm.weight"
+            ],
+            "mtp.layers.0.transformer_layer.mlp.router.weight": hf["model.layers.4.mlp.gate.weight"],
+        }
+        for j in range(2):
+            e = 2 * ep_rank + j
+            want[f"decoder.layers.2.mlp.experts.local_experts.{j}.linear_fc1.weight"] = fc1(
+                f"model.layers.2.mlp.experts.{e}."
+            )
+            want[f"mtp.layers.0.transformer_layer.mlp.experts.local_experts.{j}.linear_fc2.weight"] = hf[
+                f"model.layers.4.mlp.experts.{e}.down_proj.weight"
+            ]
+        for key, value in want.items():
+            assert key in sd, (rank, key, sorted(sd)[:50])
+            assert torch.equal(sd[key], value.to(sd[key].dtype)), (rank, key)
