@@ -132,6 +132,15 @@ def logits(gpt):
         _convert(src, out, *flags)
         tp, pp = int(flags[1]), int(flags[3])
         outs[name] = (out, tp, pp, 2 if "--vpp-layers" in flags else None)
+    # torch_dist, loaded by megatron-core's dist_checkpointing at TP1 PP2
+    td = str(root / "td")
+    assert (
+        cli_main(
+            ["convert", src, td, "--to", "mcore", "--ckpt-format", "torch_dist", "--no-optimizer", "--quiet"]
+        )
+        == 0
+    )
+    outs["torch_dist-tp1pp2"] = (td, 1, 2, None)
     cases = [
         {
             "name": name,
@@ -147,6 +156,7 @@ def logits(gpt):
             "qk_norm": False,
             "input_ids": [[(7 * i + 3) % 256 for i in range(12)], [(11 * i + 5) % 256 for i in range(12)]],
             "out": str(root / f"{name}.logits.pt"),
+            "torch_dist": name.startswith("torch_dist"),
         }
         for name, (out, tp, pp, vpp) in outs.items()
     ]
@@ -173,7 +183,7 @@ def logits(gpt):
     }
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout", [*sorted(LAYOUTS), "torch_dist-tp1pp2"])
 def test_megatron_core_computes_the_source_logits_after_a_reshard(logits, layout):
     ref, ref_reports = logits["src"]
     got, reports = logits[layout]
@@ -183,3 +193,26 @@ def test_megatron_core_computes_the_source_logits_after_a_reshard(logits, layout
     # random N(0, 0.02) weights give small logits: the tolerance is far below their spread
     assert ref.shape == got.shape == (2, 12, 256) and ref.std() > 5e-3
     assert torch.allclose(got, ref, rtol=0, atol=1e-6), (got - ref).abs().max()
+
+
+def test_torch_dist_round_trip_with_optimizer_state_is_bit_exact(gpt):
+    """torch (TP2 PP2) -> torch_dist (optimizer state fully reshardable) -> torch (TP2 PP2, local
+    norm names): the very tensors megatron-core wrote, optimizer state included."""
+    root, _, src = gpt
+    td, back = str(root / "td_opt"), str(root / "td_back")
+    assert cli_main(["convert", src, td, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]) == 0
+    _convert(td, back, "--tp", "2", "--pp", "2", "--norm-names", "local")
+    for stage in range(2):
+        for rank in range(2):
+            d = F.mp_dir_name(rank, stage, 2)
+            want = torch.load(os.path.join(src, "iter_0000001", d, "model_optim_rng.pt"), weights_only=False)
+            got = torch.load(os.path.join(back, "iter_0000001", d, "model_optim_rng.pt"), weights_only=False)
+            keys = [k for k in want["model"] if not k.endswith("_extra_state")]
+            assert sorted(keys) == sorted(k for k in got["model"] if not k.endswith("_extra_state"))
+            for k in keys:
+                assert torch.equal(got["model"][k], want["model"][k]), (d, k)
+            o_want = torch.load(os.path.join(src, "iter_0000001", d, "distrib_optim.pt"))
+            o_got = torch.load(os.path.join(back, "iter_0000001", d, "distrib_optim.pt"))
+            ((key, w),) = o_want[0].items()
+            for field in STATES:
+                assert torch.equal(o_got[0][key][field], w[field]), (d, field)

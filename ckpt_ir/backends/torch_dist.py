@@ -31,7 +31,7 @@ from ckpt_ir.backends.plan import OutputFile, Plan
 from ckpt_ir.errors import VerifyError
 from ckpt_ir.families import by_name
 from ckpt_ir.io.safe_pickle import TorchDtype
-from ckpt_ir.io.torchzip import Tensor
+from ckpt_ir.io.torchzip import Tensor, writable
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.dtypes import torch_name
@@ -88,8 +88,14 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
         files.append(OutputFile(f"{d}/{data}", "torch", (), obj=[None]))  # Megatron's torch.save([state])
         entries.append((key, "bytes", "", (), data))
     family = by_name(spec.family)
+    # a Megatron source's args travel whole (training settings; what an args-only model computes)
+    source = (ckpt.meta.get("training") or {}).get("args")
     args = M.build_args(
-        spec, layout, ckpt.hf_config, family.mindspeed_names[0] if family.mindspeed_names else spec.family
+        spec,
+        layout,
+        ckpt.hf_config,
+        family.mindspeed_names[0] if family.mindspeed_names else spec.family,
+        source={k: v for k, v in source.items() if writable(v)} if source else None,
     )
     args.ckpt_format = "torch_dist"
     common = {
@@ -226,7 +232,11 @@ def _stored(nodes: dict, spec, layers: int, experts: int = 0) -> tuple[list[tupl
         for i, entries in enumerate(per_layer):
             stored += [(f"decoder.layers.{i}.{key}", E.simplify(x)) for key, x, _ in entries]
             own_objects(f"decoder.layers.{i}.", entries)
-    stored.append(("decoder.final_layernorm.weight", nodes["final_norm.weight"].expr))
+    stored += [
+        (f"decoder.final_layernorm.{w}", nodes[f"final_norm.{w}"].expr)
+        for w in ("weight", "bias")
+        if f"final_norm.{w}" in nodes
+    ]
     for k in range(spec.mtp_layers):
         layer, prefix = layers + k, f"mtp.layers.{k}."
         head = [
@@ -245,8 +255,11 @@ def _stored(nodes: dict, spec, layers: int, experts: int = 0) -> tuple[list[tupl
         )
         stored += [(prefix + key, E.simplify(x)) for key, x, _ in head + body + tail]
         own_objects(prefix, head + body)
-    if "lm_head.weight" in nodes:
-        stored.append(("output_layer.weight", nodes["lm_head.weight"].expr))
+    stored += [
+        (f"output_layer.{w}", nodes[f"lm_head.{w}"].expr)
+        for w in ("weight", "bias")
+        if f"lm_head.{w}" in nodes
+    ]
     left = sorted(n for n in nodes if split_layer(n)[0] is not None and n not in used)
     if left:
         raise VerifyError(f"no torch_dist key for {left[0]}")
