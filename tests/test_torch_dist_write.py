@@ -433,3 +433,45 @@ def test_moe_with_mtp_loads_into_megatron_core_at_another_ep(tmp_path):
         for key, value in want.items():
             assert key in sd, (rank, key, sorted(sd)[:50])
             assert torch.equal(sd[key], value.to(sd[key].dtype)), (rank, key)
+
+
+def test_moe_layer_norm_follows_the_layer_spec(moe_loaded, tmp_path):
+    """Megatron-Core's Transformer-Engine layer spec gives a MoE layer its own pre-MLP norm module
+    (``pre_mlp_layernorm``, no key map), the local spec maps it to ``mlp.linear_fc1.layer_norm_*``
+    (gpt_layer_specs.py): the written key follows the norm naming the output's args name."""
+    from ckpt_ir.io.dcp import read_metadata
+
+    out, m, _ = moe_loaded
+    local = read_metadata(os.path.join(out, "iter_0000001")).tensors
+    assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in local  # MoE layer, local spec
+    te = str(tmp_path / "te")
+    assert (
+        cli_main(
+            [
+                "convert",
+                m["dir"],
+                te,
+                "--to",
+                "mcore",
+                "--ckpt-format",
+                "torch_dist",
+                "--norm-names",
+                "te",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    keys = read_metadata(os.path.join(te, "iter_0000001")).tensors
+    assert "decoder.layers.0.pre_mlp_layernorm.weight" in keys  # MoE layer: a norm module of its own
+    assert "decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in keys  # dense layer: fused into fc1
+    assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" not in keys
+    back = str(tmp_path / "back")  # and it reads back to the source's tensors
+    assert cli_main(["convert", te, back, "--to", "hf", "--quiet"]) == 0
+    from safetensors.torch import load_file
+
+    a, b = (
+        load_file(os.path.join(m["dir"], "model.safetensors")),
+        load_file(os.path.join(back, "model.safetensors")),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -67,11 +67,12 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
             "unmerged LoRA; write --ckpt-format torch instead"
         )
     experts = spec.num_experts
-    stored, objects = _stored(ckpt.tensors, spec, spec.num_layers, experts)
+    te = layout.norm_names != "local"  # the layer spec the written args name (transformer_impl)
+    stored, objects = _stored(ckpt.tensors, spec, spec.num_layers, experts, te)
     for which, nodes in ckpt.states.items():  # fully reshardable: the same keys and shapes as the weights
         stored += [
             (f"{STATE_PREFIX}{which}.{key}", expr)
-            for key, expr in _stored(nodes, spec, spec.num_layers, experts)[0]
+            for key, expr in _stored(nodes, spec, spec.num_layers, experts, te)[0]
         ]
     it = iteration if iteration is not None else ckpt.meta.get("iteration", 1)
     d = M.iter_dir(it)
@@ -155,14 +156,20 @@ def _stacked(parts: list[E.Expr]) -> E.Expr:
     return E.Concat(tuple(E.Reshape(p, (1, *p.shape)) for p in parts), 0)
 
 
-def _layer_entries(nodes: dict, spec, layer: int, table, used: set[str]) -> list[tuple[str, E.Expr, bool]]:
+def _layer_entries(
+    nodes: dict, spec, layer: int, table, used: set[str], te: bool
+) -> list[tuple[str, E.Expr, bool]]:
     """(key below the layer, expression, stacked over experts) of one transformer layer's tensors:
-    each routed-expert tensor is stacked on a leading expert axis (``[E, 2F, H]``)."""
+    each routed-expert tensor is stacked on a leading expert axis (``[E, 2F, H]``).  A MoE layer's
+    pre-MLP norm is ``pre_mlp_layernorm`` with the Transformer-Engine layer spec (``te``: a
+    module of its own), ``mlp.linear_fc1.layer_norm_*`` with the local one (its key map)."""
     out: list[tuple[str, E.Expr, bool]] = []
     here = f"layers.{layer}."
+    local = M.layer_table("local")
     for role in M.role_order(spec.mla, spec.qk_full_norm, spec.gated_mlp):
         rest = role[len("layers.{i}.") :]
-        key = table.from_canonical(role.format(i=0, e=0))[len("decoder.layers.0.") :]
+        names = local if te and spec.is_moe_layer(layer) and rest.startswith("mlp_norm.") else table
+        key = names.from_canonical(role.format(i=0, e=0))[len("decoder.layers.0.") :]
         if "{e}" in rest:
             names = [here + rest.format(e=e) for e in range(spec.num_experts)]
             have = [n for n in names if n in nodes]
@@ -179,7 +186,9 @@ def _layer_entries(nodes: dict, spec, layer: int, table, used: set[str]) -> list
     return out
 
 
-def _stored(nodes: dict, spec, layers: int, experts: int = 0) -> tuple[list[tuple[str, E.Expr]], list[str]]:
+def _stored(
+    nodes: dict, spec, layers: int, experts: int = 0, te: bool = False
+) -> tuple[list[tuple[str, E.Expr]], list[str]]:
     """(torch_dist key, expression) for one tensor set, and the keys of the ``_extra_state``
     objects Megatron's linear modules save beside them.  Decoder layers are stacked on a leading
     layer axis (``decoder.layers.<key>`` ``[L, ...]``) when every layer has the same modules, as
@@ -197,7 +206,7 @@ def _stored(nodes: dict, spec, layers: int, experts: int = 0) -> tuple[list[tupl
         if name in nodes:
             stored.append((key, nodes[name].expr))
     used: set[str] = set()
-    per_layer = [_layer_entries(nodes, spec, i, table, used) for i in range(layers)]
+    per_layer = [_layer_entries(nodes, spec, i, table, used, te) for i in range(layers)]
 
     def linear(key: str) -> bool:  # a module whose _extra_state Megatron saves
         module = key[: -len(".weight")].rsplit(".", 1)[-1]
@@ -245,7 +254,7 @@ def _stored(nodes: dict, spec, layers: int, experts: int = 0) -> tuple[list[tupl
         ]
         body = [
             (f"transformer_layer.{key}", x, e)
-            for key, x, e in _layer_entries(nodes, spec, layer, table, used)
+            for key, x, e in _layer_entries(nodes, spec, layer, table, used, te)
         ]
         tail = [("final_layernorm.weight", nodes[f"layers.{layer}.mtp.norm.weight"].expr, False)]
         # the MTP block's own embedding and head are the main model's (shared in Megatron)
