@@ -62,6 +62,41 @@ import warnings
 TIMEOUT_MIN = 2  # a collective that waits this long has lost a peer: fail instead of hanging
 
 
+def run_job(root, cases: list[dict], world: int = 4, timeout: float = 400) -> list[tuple[object, list[dict]]]:
+    """Run ``cases`` in one harness subprocess (from a test): per case, the logits it wrote (None
+    for load-only cases) and every rank's report.  A failing harness fails with its output."""
+    import subprocess
+
+    import torch
+
+    job = os.path.join(str(root), "job.json")
+    with open(job, "w") as fh:
+        json.dump({"store": os.path.join(str(root), "gloo-store"), "cases": cases}, fh)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), job, str(world)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    assert proc.returncode == 0, f"megatron-core harness failed:\n{out[-4000:]}\n{err[-8000:]}"
+    results = []
+    for c in cases:
+        reports = []
+        for r in range(world):
+            with open(f"{c['out']}.rank{r}.json") as fh:
+                reports.append(json.load(fh))
+        results.append((None if c.get("load_only") else torch.load(c["out"]), reports))
+    return results
+
+
 def _cpu_device(value):
     import torch
 

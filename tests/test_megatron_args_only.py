@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from ckpt_ir.cli import main as cli_main
 from tests import distopt_fixtures as F
-from tests.test_megatron_oracle import HARNESS, WORLD
+from tests.mcore_harness import run_job
+from tests.test_megatron_oracle import WORLD
 
 SIZES = dict(
     num_hidden_layers=4,
@@ -59,6 +57,27 @@ def gpt(tmp_path_factory):
     return root, str(sizes), src
 
 
+def _assert_same_files(src: str, back: str) -> None:
+    """``back`` holds the very model tensors, optimizer settings and distrib_optim.pt buffers that
+    megatron-core wrote to ``src`` (TP2 PP2)."""
+    for stage in range(2):
+        for rank in range(2):
+            d = F.mp_dir_name(rank, stage, 2)
+            want = torch.load(os.path.join(src, "iter_0000001", d, "model_optim_rng.pt"), weights_only=False)
+            got = torch.load(os.path.join(back, "iter_0000001", d, "model_optim_rng.pt"), weights_only=False)
+            keys = [k for k in want["model"] if not k.endswith("_extra_state")]
+            assert sorted(keys) == sorted(k for k in got["model"] if not k.endswith("_extra_state"))
+            for k in keys:
+                assert torch.equal(got["model"][k], want["model"][k]), (d, k)
+            assert got["optimizer"] == want["optimizer"]
+            o_want = torch.load(os.path.join(src, "iter_0000001", d, "distrib_optim.pt"))
+            o_got = torch.load(os.path.join(back, "iter_0000001", d, "distrib_optim.pt"))
+            ((key, w),) = o_want[0].items()
+            assert list(o_got[0]) == [key] and o_got[0][key]["numel_unpadded"] == w["numel_unpadded"]
+            for field in STATES:
+                assert torch.equal(o_got[0][key][field], w[field]), (d, field)
+
+
 def _convert(src: str, dst: str, *flags: str) -> None:
     assert cli_main(["convert", src, dst, "--to", "mcore", "--target-dp", "1", "--quiet", *flags]) == 0
 
@@ -90,25 +109,13 @@ def test_round_trip_with_optimizer_state_is_bit_exact_and_resumes(gpt):
     tp1, back = str(root / "rt_tp1"), str(root / "rt_back")
     _convert(src, tp1, "--tp", "1", "--pp", "1")
     _convert(tp1, back, "--tp", "2", "--pp", "2")
-    for stage in range(2):
-        for rank in range(2):
-            d = F.mp_dir_name(rank, stage, 2)
-            want = torch.load(os.path.join(src, "iter_0000001", d, "model_optim_rng.pt"), weights_only=False)
-            got = torch.load(os.path.join(back, "iter_0000001", d, "model_optim_rng.pt"), weights_only=False)
-            keys = [k for k in want["model"] if not k.endswith("_extra_state")]
-            assert sorted(keys) == sorted(k for k in got["model"] if not k.endswith("_extra_state"))
-            assert any(k.endswith("linear_fc1.bias") for k in keys)  # the args-only tensors are there
-            for k in keys:
-                assert torch.equal(got["model"][k], want["model"][k]), (d, k)
-            assert got["optimizer"] == want["optimizer"]
-            assert got["args"].normalization == "LayerNorm" and got["args"].swiglu is False
-            assert got["args"].position_embedding_type == "learned_absolute"
-            o_want = torch.load(os.path.join(src, "iter_0000001", d, "distrib_optim.pt"))
-            o_got = torch.load(os.path.join(back, "iter_0000001", d, "distrib_optim.pt"))
-            ((key, w),) = o_want[0].items()
-            assert list(o_got[0]) == [key] and o_got[0][key]["numel_unpadded"] == w["numel_unpadded"]
-            for field in STATES:
-                assert torch.equal(o_got[0][key][field], w[field]), (d, field)
+    _assert_same_files(src, back)
+    got = torch.load(
+        os.path.join(back, "iter_0000001", "mp_rank_00_000", "model_optim_rng.pt"), weights_only=False
+    )
+    assert any(k.endswith("linear_fc1.bias") for k in got["model"])  # the args-only tensors are there
+    assert got["args"].normalization == "LayerNorm" and got["args"].swiglu is False
+    assert got["args"].position_embedding_type == "learned_absolute"
     # megatron-core itself resumes the round-tripped files with the source's state, parameter by parameter
     resumed = str(root / "resumed")
     F.resume_distopt_checkpoint(resumed, sizes, back, tp=2, pp=2, dp=1, bucket_size=4096, gpt=True)
@@ -160,27 +167,7 @@ def logits(gpt):
         }
         for name, (out, tp, pp, vpp) in outs.items()
     ]
-    job = root / "job.json"
-    job.write_text(json.dumps({"store": str(root / "gloo-store"), "cases": cases}))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(
-        [sys.executable, HARNESS, str(job), str(WORLD)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=400)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    assert proc.returncode == 0, f"megatron-core harness failed:\n{out[-4000:]}\n{err[-8000:]}"
-    return {
-        c["name"]: (torch.load(c["out"]), [json.load(open(f"{c['out']}.rank{r}.json")) for r in range(WORLD)])
-        for c in cases
-    }
+    return {c["name"]: result for c, result in zip(cases, run_job(root, cases, WORLD))}
 
 
 @pytest.mark.parametrize("layout", [*sorted(LAYOUTS), "torch_dist-tp1pp2"])
@@ -202,17 +189,4 @@ def test_torch_dist_round_trip_with_optimizer_state_is_bit_exact(gpt):
     td, back = str(root / "td_opt"), str(root / "td_back")
     assert cli_main(["convert", src, td, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]) == 0
     _convert(td, back, "--tp", "2", "--pp", "2", "--norm-names", "local")
-    for stage in range(2):
-        for rank in range(2):
-            d = F.mp_dir_name(rank, stage, 2)
-            want = torch.load(os.path.join(src, "iter_0000001", d, "model_optim_rng.pt"), weights_only=False)
-            got = torch.load(os.path.join(back, "iter_0000001", d, "model_optim_rng.pt"), weights_only=False)
-            keys = [k for k in want["model"] if not k.endswith("_extra_state")]
-            assert sorted(keys) == sorted(k for k in got["model"] if not k.endswith("_extra_state"))
-            for k in keys:
-                assert torch.equal(got["model"][k], want["model"][k]), (d, k)
-            o_want = torch.load(os.path.join(src, "iter_0000001", d, "distrib_optim.pt"))
-            o_got = torch.load(os.path.join(back, "iter_0000001", d, "distrib_optim.pt"))
-            ((key, w),) = o_want[0].items()
-            for field in STATES:
-                assert torch.equal(o_got[0][key][field], w[field]), (d, field)
+    _assert_same_files(src, back)

@@ -17,6 +17,7 @@ import torch
 import ckpt_ir.api as ck
 from ckpt_ir.cli import main as cli_main
 from ckpt_ir.errors import UsageError
+from tests.mcore_harness import run_job
 from tests.test_family_inference import plain_args
 from tests.test_megatron_oracle import HARNESS, INPUT_IDS, WORLD, _build_hf
 
@@ -241,34 +242,7 @@ def moe_loaded(tmp_path_factory):
         }
         for tp, pp, ep in MOE_LAYOUTS
     ]
-    job = root / "job.json"
-    job.write_text(json.dumps({"store": str(root / "gloo-store"), "cases": cases}))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(
-        [sys.executable, HARNESS, str(job), str(WORLD)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        stdout, err = proc.communicate(timeout=400)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, err = proc.communicate()
-    assert proc.returncode == 0, f"megatron-core harness failed:\n{stdout[-4000:]}\n{err[-8000:]}"
-    return (
-        out,
-        m,
-        {
-            c["name"]: (
-                torch.load(c["out"]),
-                [json.load(open(f"{c['out']}.rank{r}.json")) for r in range(WORLD)],
-            )
-            for c in cases
-        },
-    )
+    return out, m, {c["name"]: result for c, result in zip(cases, run_job(root, cases, WORLD))}
 
 
 @pytest.mark.parametrize("tp, pp, ep", MOE_LAYOUTS)
@@ -367,18 +341,10 @@ def test_moe_with_mtp_loads_into_megatron_core_at_another_ep(tmp_path):
         "input_ids": [[1, 2, 3]],
         "out": str(tmp_path / "mtp"),
     }
-    job = tmp_path / "job.json"
-    job.write_text(json.dumps({"store": str(tmp_path / "gloo-store"), "cases": [case]}))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, HARNESS, str(job), str(WORLD)], capture_output=True, text=True, env=env, timeout=400
-    )
-    assert proc.returncode == 0, (
-        f"megatron-core harness failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-    )
+    ((_, reports),) = run_job(tmp_path, [case], WORLD)
     hf, d = m["tensors"], 16  # head_dim = 64 / 4
     for rank in range(WORLD):
-        report = json.load(open(f"{case['out']}.rank{rank}.json"))
+        report = reports[rank]
         assert all(c["missing"] == [] and c["unexpected"] == [] for c in report["chunks"]), report
         sd = torch.load(f"{case['out']}.rank{rank}.sd.pt")
         ep_rank = report["ep_rank"]
