@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +16,7 @@ from ckpt_ir.cli import main as cli_main
 from ckpt_ir.errors import UsageError
 from tests.mcore_harness import run_job
 from tests.test_family_inference import plain_args
-from tests.test_megatron_oracle import HARNESS, INPUT_IDS, WORLD, _build_hf
+from tests.test_megatron_oracle import INPUT_IDS, WORLD, _build_hf
 
 LAYOUTS = ((1, 1), (2, 2))
 
@@ -87,27 +84,10 @@ def loaded(tmp_path_factory):
                     "ref": name.split("-")[0],
                 }
             )
-    job = root / "job.json"
-    job.write_text(json.dumps({"store": str(root / "gloo-store"), "cases": cases}))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(
-        [sys.executable, HARNESS, str(job), str(WORLD)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=400)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    assert proc.returncode == 0, f"megatron-core harness failed:\n{out[-4000:]}\n{err[-8000:]}"
-    results = {}
-    for c in cases:
-        reports = [json.load(open(f"{c['out']}.rank{r}.json")) for r in range(WORLD)]
-        results[c["name"]] = (torch.load(c["out"]), models[c["ref"]]["logits"], reports)
+    results = {
+        c["name"]: (logits, models[c["ref"]]["logits"], reports)
+        for c, (logits, reports) in zip(cases, run_job(root, cases, WORLD))
+    }
     return results, outs
 
 
