@@ -236,6 +236,7 @@ def _load_builtin() -> None:
     from importlib.metadata import entry_points
 
     from ckpt_ir.families import llama, moe, wave_a  # noqa: F401
+    from ckpt_ir.families import infer  # noqa: F401  (the args-only family, listed last)
 
     for ep in entry_points(group="ckpt_ir.families"):
         try:
