@@ -233,10 +233,11 @@ def _load_builtin() -> None:
     if _builtin_loaded:
         return
     _builtin_loaded = True
+    from importlib import import_module
     from importlib.metadata import entry_points
 
-    from ckpt_ir.families import llama, moe, wave_a  # noqa: F401
-    from ckpt_ir.families import infer  # noqa: F401  (the args-only family, listed last)
+    for module in ("llama", "moe", "wave_a", "infer"):  # infer: the args-only family, listed last
+        import_module(f"ckpt_ir.families.{module}")
 
     for ep in entry_points(group="ckpt_ir.families"):
         try:
