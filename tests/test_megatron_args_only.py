@@ -190,3 +190,21 @@ def test_torch_dist_round_trip_with_optimizer_state_is_bit_exact(gpt):
     assert cli_main(["convert", src, td, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]) == 0
     _convert(td, back, "--tp", "2", "--pp", "2", "--norm-names", "local")
     _assert_same_files(src, back)
+
+
+def test_noop_layers_and_vocab_padding_round_trip_bit_exact(gpt):
+    """Through TP1 PP2 with two no-op layers and the vocabulary padded to 384 rows (zero rows, zero
+    moments), then back to TP2 PP2 padded to 256: the very files megatron-core wrote."""
+    root, _, src = gpt
+    mid, back = str(root / "noop"), str(root / "noop_back")
+    _convert(
+        src, mid, "--tp", "1", "--pp", "2", "--noop-layers", "4,5", "--make-vocab-size-divisible-by", "384"
+    )
+    blob = torch.load(
+        os.path.join(mid, "iter_0000001", "mp_rank_00_000", "model_optim_rng.pt"), weights_only=False
+    )
+    assert (
+        blob["model"]["embedding.word_embeddings.weight"].shape == (384, 72) and blob["args"].num_layers == 6
+    )
+    _convert(mid, back, "--tp", "2", "--pp", "2", "--make-vocab-size-divisible-by", "128")
+    _assert_same_files(src, back)
