@@ -26,7 +26,9 @@ A case with ``"gpt": true`` builds a generic GPT that no HF family computes: Lay
 biases), a GELU MLP without gating, learned absolute position embeddings and biases on every linear
 layer (``hf_config`` then only gives the sizes).
 
-``"config_extra"`` adds TransformerConfig fields (e.g. ``mtp_num_layers``: the GPTModel then gets
+``"mla"`` (MLATransformerConfig fields: ``q_lora_rank``, ``kv_lora_rank``, ...) builds
+multi-latent attention, load-only (see :func:`_patch_mla_construction`).  ``"config_extra"`` adds
+TransformerConfig fields (e.g. ``mtp_num_layers``: the GPTModel then gets
 the multi-token-prediction block of its last layer's spec); ``"load_only"`` saves each rank's
 loaded tensors to ``OUT.rank<R>.sd.pt`` instead of running the forward pass.
 
@@ -125,6 +127,23 @@ def _make_cuda_to_cpu_mode():
     return CudaToCpu()
 
 
+def _patch_mla_construction() -> None:
+    """megatron-core 0.16.1 cannot build multi-latent attention without Transformer Engine: its
+    local core attention rejects the ``k_channels`` / ``v_channels`` MLA passes, and MLA checks
+    ``isinstance(linear_proj, TELinear)`` against a placeholder.  For load-only cases (the module
+    parameters and sharded state dict are untouched; no forward pass runs) both are bypassed."""
+    from megatron.core.transformer import multi_latent_attention as mla
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    init = DotProductAttention.__init__
+
+    def accept(self, *args, k_channels=None, v_channels=None, **kwargs):
+        init(self, *args, **kwargs)
+
+    DotProductAttention.__init__ = accept
+    mla.TELinear = type("NoTELinear", (), {})
+
+
 def _patch_cuda() -> None:
     import torch
 
@@ -188,11 +207,11 @@ def _moe_kwargs(case: dict) -> dict:
 def _transformer_config(case: dict, tp: int, pp: int, vpp: int | None):
     import torch
     import torch.nn.functional as F
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     hf = case["hf_config"]
     heads = hf["num_attention_heads"]
-    return TransformerConfig(
+    return (MLATransformerConfig if case.get("mla") else TransformerConfig)(
         num_layers=hf["num_hidden_layers"],
         hidden_size=hf["hidden_size"],
         num_attention_heads=heads,
@@ -225,6 +244,7 @@ def _transformer_config(case: dict, tp: int, pp: int, vpp: int | None):
         batch_p2p_comm=False,
         **_moe_kwargs(case),
         **case.get("config_extra", {}),
+        **({"multi_latent_attention": True, **case["mla"]} if case.get("mla") else {}),
     )
 
 
@@ -480,6 +500,10 @@ def main(argv: list[str]) -> int:
     if any((c.get("moe") or {}).get("grouped_gemm") for c in job["cases"]):
         _install_grouped_gemm_shim()  # before megatron-core binds grouped_gemm.ops at import
     import megatron.core.models.gpt  # noqa: F401  (imported before fork, shared by all ranks)
+
+    if any(c.get("mla") for c in job["cases"]):
+        assert all(c.get("load_only") for c in job["cases"] if c.get("mla")), "MLA cases are load-only"
+        _patch_mla_construction()
     import megatron.core.pipeline_parallel  # noqa: F401
 
     pids = {}

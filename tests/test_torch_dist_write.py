@@ -421,3 +421,94 @@ def test_moe_layer_norm_follows_the_layer_spec(moe_loaded, tmp_path):
         load_file(os.path.join(back, "model.safetensors")),
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mla_moe_mtp_loads_into_megatron_core_at_another_ep(tmp_path):
+    """DeepSeek-V3 (multi-latent attention with q-LoRA, a dense first layer, shared expert, router
+    score bias, one MTP layer) written whole is loaded by megatron-core's dist_checkpointing at EP2
+    into a GPTModel with MLA (megatron-core's own keys: linear_q_down_proj, linear_kv_down_proj,
+    q/kv_layernorm; the torch format's fused linear_qkv is split) and an MTP block.  Load only:
+    megatron-core 0.16.1 builds MLA without Transformer Engine only with the harness's patches."""
+    from tests.test_deepseek import build_deepseek
+
+    src = build_deepseek(str(tmp_path / "hf"))
+    out = str(tmp_path / "td")
+    assert cli_main(["convert", src, out, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]) == 0
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    case = {
+        "name": "deepseek-ep2",
+        "ckpt": out,
+        "tp": 1,
+        "pp": 1,
+        "vpp": None,
+        "ep": 2,
+        "etp": 1,
+        "torch_dist": True,
+        "load_only": True,
+        "hf_config": cfg,
+        "padded_vocab": 128,
+        "tied": False,
+        "qkv_bias": False,
+        "qk_norm": True,
+        "moe": {
+            "num_experts": 4,
+            "topk": 2,
+            "ffn_hidden_size": 32,
+            "layer_freq": [0, 1, 1],
+            "shared_ffn_hidden_size": 32,
+        },
+        "mla": {
+            "q_lora_rank": 24,
+            "kv_lora_rank": 16,
+            "qk_head_dim": 8,
+            "qk_pos_emb_head_dim": 4,
+            "v_head_dim": 8,
+        },
+        "config_extra": {
+            "mtp_num_layers": 1,
+            "moe_router_score_function": "sigmoid",
+            "moe_router_enable_expert_bias": True,
+        },
+        "input_ids": [[1, 2, 3]],
+        "out": str(tmp_path / "mla"),
+    }
+    ((_, reports),) = run_job(tmp_path, [case], WORLD)
+    from safetensors.torch import load_file
+
+    hf = load_file(os.path.join(src, "model.safetensors"))
+    for rank in range(WORLD):
+        assert all(c["missing"] == [] and c["unexpected"] == [] for c in reports[rank]["chunks"]), reports[
+            rank
+        ]
+        sd = torch.load(f"{case['out']}.rank{rank}.sd.pt")
+        ep_rank = reports[rank]["ep_rank"]
+        want = {}
+        for prefix, i in (("decoder.layers.1.", 1), ("mtp.layers.0.transformer_layer.", 3)):
+            a = f"model.layers.{i}.self_attn."
+            want.update(
+                {
+                    prefix + "self_attention.linear_q_down_proj.weight": hf[a + "q_a_proj.weight"],
+                    prefix + "self_attention.linear_q_up_proj.weight": hf[a + "q_b_proj.weight"],
+                    prefix + "self_attention.linear_kv_down_proj.weight": hf[a + "kv_a_proj_with_mqa.weight"],
+                    prefix + "self_attention.linear_kv_up_proj.weight": hf[a + "kv_b_proj.weight"],
+                    prefix + "self_attention.q_layernorm.weight": hf[a + "q_a_layernorm.weight"],
+                    prefix + "self_attention.kv_layernorm.weight": hf[a + "kv_a_layernorm.weight"],
+                    prefix + "self_attention.linear_proj.weight": hf[a + "o_proj.weight"],
+                    prefix + "pre_mlp_layernorm.weight": hf[
+                        f"model.layers.{i}.post_attention_layernorm.weight"
+                    ],
+                }
+            )
+            for j in range(2):
+                e = f"model.layers.{i}.mlp.experts.{2 * ep_rank + j}."
+                want[prefix + f"mlp.experts.local_experts.{j}.linear_fc1.weight"] = torch.cat(
+                    [hf[e + "gate_proj.weight"], hf[e + "up_proj.weight"]]
+                )
+        want["decoder.layers.0.input_layernorm.weight"] = hf["model.layers.0.input_layernorm.weight"]
+        want["decoder.layers.0.pre_mlp_layernorm.weight"] = hf[
+            "model.layers.0.post_attention_layernorm.weight"
+        ]
+        want["mtp.layers.0.eh_proj.weight"] = hf["model.layers.3.eh_proj.weight"]
+        for key, value in want.items():
+            assert key in sd, (rank, key)
+            assert torch.equal(sd[key], value.to(sd[key].dtype)), (rank, key)

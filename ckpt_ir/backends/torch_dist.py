@@ -36,6 +36,7 @@ from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.dtypes import torch_name
 from ckpt_ir.ir.names import split_layer
+from ckpt_ir.passes.fusion import mla_rule
 
 METADATA_JSON = {
     "sharded_backend": "torch_dist",
@@ -60,11 +61,11 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
             f"torch_dist output needs one whole, fused Megatron layout (it is resharded on load), got "
             f"{layout.describe()}"
         )
-    if spec.mla or spec.lora_rank is not None or layout.grouped_gemm:
+    if spec.lora_rank is not None or layout.grouped_gemm:
         raise VerifyError(
             "torch_dist output supports dense GPTs, MoE models (dense layers, shared experts, router "
-            "bias) and multi-token prediction, not yet multi-latent attention, grouped-GEMM experts or "
-            "unmerged LoRA; write --ckpt-format torch instead"
+            "bias), multi-latent attention and multi-token prediction, not yet grouped-GEMM experts "
+            "or unmerged LoRA; write --ckpt-format torch instead"
         )
     experts = spec.num_experts
     te = layout.norm_names != "local"  # the layer spec the written args name (transformer_impl)
@@ -168,8 +169,19 @@ def _layer_entries(
     local = M.layer_table("local")
     for role in M.role_order(spec.mla, spec.qk_full_norm, spec.gated_mlp):
         rest = role[len("layers.{i}.") :]
+        if spec.mla and rest == "attn.qkv_a.weight" and here + rest in nodes:
+            # Megatron-Core keeps MLA's two down-projections apart (the torch format's linear_qkv
+            # is MindSpeed-LLM's fusion of them)
+            parts = mla_rule(spec).split(nodes[here + rest].expr)
+            q = "linear_q_down_proj" if spec.q_lora_rank else "linear_q_proj"
+            out.append((f"self_attention.{q}.weight", E.simplify(parts["q"]), False))
+            out.append(("self_attention.linear_kv_down_proj.weight", E.simplify(parts["kv_a"]), False))
+            used.add(here + rest)
+            continue
         names = local if te and spec.is_moe_layer(layer) and rest.startswith("mlp_norm.") else table
         key = names.from_canonical(role.format(i=0, e=0))[len("decoder.layers.0.") :]
+        if spec.mla:
+            key = _mla_key(rest, te, spec.is_moe_layer(layer)) or key
         if "{e}" in rest:
             names = [here + rest.format(e=e) for e in range(spec.num_experts)]
             have = [n for n in names if n in nodes]
@@ -184,6 +196,30 @@ def _layer_entries(
             out.append((key, nodes[here + rest].expr, False))
             used.add(here + rest)
     return out
+
+
+# Megatron-Core's MLA layer keys that differ from the torch format's (local layer spec: every norm
+# a module of its own; Transformer Engine: the q/kv norms fused into the up-projections, and a
+# dense layer's pre-MLP norm into fc1)
+_MLA_LOCAL = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "mlp_norm.weight": "pre_mlp_layernorm.weight",
+    "attn.q_b.weight": "self_attention.linear_q_up_proj.weight",
+    "attn.kv_b.weight": "self_attention.linear_kv_up_proj.weight",
+    "attn.q_a_norm.weight": "self_attention.q_layernorm.weight",
+    "attn.kv_a_norm.weight": "self_attention.kv_layernorm.weight",
+}
+_MLA_TE = {
+    **_MLA_LOCAL,
+    "attn.q_a_norm.weight": "self_attention.linear_q_up_proj.layer_norm_weight",
+    "attn.kv_a_norm.weight": "self_attention.linear_kv_up_proj.layer_norm_weight",
+}
+
+
+def _mla_key(rest: str, te: bool, moe: bool) -> str | None:
+    if te and not moe and rest == "mlp_norm.weight":
+        return "mlp.linear_fc1.layer_norm_weight"
+    return (_MLA_TE if te else _MLA_LOCAL).get(rest)
 
 
 def _stored(
