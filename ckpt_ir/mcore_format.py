@@ -52,6 +52,25 @@ _MLA_ATTENTION_KEYS = (
     (D + "self_attention.linear_q_up_proj.weight", C + "attn.q_b.weight"),
     (D + "self_attention.linear_kv_up_proj.weight", C + "attn.kv_b.weight"),
 )
+# Megatron-Core's own MLA modules, as torch_dist stores them (keys below ``decoder.layers.<i>.``):
+# the two down-projections apart (the torch format keeps MindSpeed-LLM's fused linear_qkv) and
+# every norm a module of its own; with Transformer Engine the q / kv norms are fused into the
+# up-projections (MCORE_MLA_TE_NORMS)
+MCORE_MLA_KEYS = (
+    ("input_layernorm.weight", "attn_norm.weight"),
+    ("self_attention.linear_q_down_proj.weight", "attn.q_a.weight"),
+    ("self_attention.linear_q_proj.weight", "attn.q.weight"),
+    ("self_attention.linear_kv_down_proj.weight", "attn.kv_a.weight"),
+    ("self_attention.q_layernorm.weight", "attn.q_a_norm.weight"),
+    ("self_attention.kv_layernorm.weight", "attn.kv_a_norm.weight"),
+    ("self_attention.linear_q_up_proj.weight", "attn.q_b.weight"),
+    ("self_attention.linear_kv_up_proj.weight", "attn.kv_b.weight"),
+    ("pre_mlp_layernorm.weight", "mlp_norm.weight"),
+)
+MCORE_MLA_TE_NORMS = (
+    ("self_attention.linear_q_up_proj.layer_norm_weight", "attn.q_a_norm.weight"),
+    ("self_attention.linear_kv_up_proj.layer_norm_weight", "attn.kv_a_norm.weight"),
+)
 _NORM_KEYS = (
     (D + "input_layernorm.weight", C + "attn_norm.weight"),
     (D + "input_layernorm.bias", C + "attn_norm.bias"),

@@ -428,7 +428,8 @@ def test_mla_moe_mtp_loads_into_megatron_core_at_another_ep(tmp_path):
     score bias, one MTP layer) written whole is loaded by megatron-core's dist_checkpointing at EP2
     into a GPTModel with MLA (megatron-core's own keys: linear_q_down_proj, linear_kv_down_proj,
     q/kv_layernorm; the torch format's fused linear_qkv is split) and an MTP block.  Load only:
-    megatron-core 0.16.1 builds MLA without Transformer Engine only with the harness's patches."""
+    megatron-core 0.16.1 builds MLA without Transformer Engine only with the harness's patches.
+    Read back by ckpt-ir, the output converts to the source HF tensors bit for bit."""
     from tests.test_deepseek import build_deepseek
 
     src = build_deepseek(str(tmp_path / "hf"))
@@ -512,3 +513,8 @@ def test_mla_moe_mtp_loads_into_megatron_core_at_another_ep(tmp_path):
         for key, value in want.items():
             assert key in sd, (rank, key)
             assert torch.equal(sd[key], value.to(sd[key].dtype)), (rank, key)
+    # ckpt-ir reads megatron-core's MLA and MTP keys back: HF -> torch_dist -> HF is bit-exact
+    back = str(tmp_path / "back")
+    assert cli_main(["convert", out, back, "--to", "hf", "--quiet"]) == 0
+    again = load_file(os.path.join(back, "model.safetensors"))
+    assert again.keys() == hf.keys() and all(torch.equal(again[k], hf[k]) for k in hf)

@@ -173,9 +173,9 @@ def _layer_entries(
             # Megatron-Core keeps MLA's two down-projections apart (the torch format's linear_qkv
             # is MindSpeed-LLM's fusion of them)
             parts = mla_rule(spec).split(nodes[here + rest].expr)
-            q = "linear_q_down_proj" if spec.q_lora_rank else "linear_q_proj"
-            out.append((f"self_attention.{q}.weight", E.simplify(parts["q"]), False))
-            out.append(("self_attention.linear_kv_down_proj.weight", E.simplify(parts["kv_a"]), False))
+            q = _mla_key("attn.q_a.weight" if spec.q_lora_rank else "attn.q.weight", te, False)
+            out.append((str(q), E.simplify(parts["q"]), False))
+            out.append((str(_mla_key("attn.kv_a.weight", te, False)), E.simplify(parts["kv_a"]), False))
             used.add(here + rest)
             continue
         names = local if te and spec.is_moe_layer(layer) and rest.startswith("mlp_norm.") else table
@@ -198,28 +198,12 @@ def _layer_entries(
     return out
 
 
-# Megatron-Core's MLA layer keys that differ from the torch format's (local layer spec: every norm
-# a module of its own; Transformer Engine: the q/kv norms fused into the up-projections, and a
-# dense layer's pre-MLP norm into fc1)
-_MLA_LOCAL = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "mlp_norm.weight": "pre_mlp_layernorm.weight",
-    "attn.q_b.weight": "self_attention.linear_q_up_proj.weight",
-    "attn.kv_b.weight": "self_attention.linear_kv_up_proj.weight",
-    "attn.q_a_norm.weight": "self_attention.q_layernorm.weight",
-    "attn.kv_a_norm.weight": "self_attention.kv_layernorm.weight",
-}
-_MLA_TE = {
-    **_MLA_LOCAL,
-    "attn.q_a_norm.weight": "self_attention.linear_q_up_proj.layer_norm_weight",
-    "attn.kv_a_norm.weight": "self_attention.linear_kv_up_proj.layer_norm_weight",
-}
-
-
 def _mla_key(rest: str, te: bool, moe: bool) -> str | None:
-    if te and not moe and rest == "mlp_norm.weight":
+    """Megatron-Core's key of an MLA layer's tensor where it differs from the torch format's."""
+    if te and not moe and rest == "mlp_norm.weight":  # a dense layer's pre-MLP norm fused into fc1
         return "mlp.linear_fc1.layer_norm_weight"
-    return (_MLA_TE if te else _MLA_LOCAL).get(rest)
+    keys = {c: m for m, c in M.MCORE_MLA_KEYS} | ({c: m for m, c in M.MCORE_MLA_TE_NORMS} if te else {})
+    return keys.get(rest)
 
 
 def _stored(

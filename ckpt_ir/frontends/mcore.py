@@ -355,11 +355,7 @@ def lift(
     if spec.tied_embeddings and "lm_head.weight" in tensors:
         dropped["output_layer.weight"] = "copy of the tied embedding on the last pipeline stage"
     for s_tensors in (tensors, *sets.values()):
-        for k in range(spec.mtp_layers):  # MTP shares the main embedding / output layer in Megatron
-            for own, main in (("mtp.embed.weight", "embed.weight"), ("mtp.head.weight", "lm_head.weight")):
-                name = f"layers.{spec.num_layers + k}.{own}"
-                if name not in s_tensors and main in s_tensors:
-                    s_tensors[name] = attrs.evolve(s_tensors[main], name=name)
+        add_mtp_copies(spec, s_tensors)
         if spec.tied_embeddings:
             s_tensors.pop("lm_head.weight", None)
     if unknown:
@@ -406,6 +402,16 @@ def lift(
         meta=meta,
         states={k: {n: v[n] for n in ordered if n in v} for k, v in sets.items()},
     )
+
+
+def add_mtp_copies(spec, tensors: dict[str, TensorNode]) -> None:
+    """MTP layers share the main embedding / output layer in Megatron: give each its canonical
+    copies (an HF target writes them as the released checkpoints do)."""
+    for k in range(spec.mtp_layers):
+        for own, main in (("mtp.embed.weight", "embed.weight"), ("mtp.head.weight", "lm_head.weight")):
+            name = f"layers.{spec.num_layers + k}.{own}"
+            if name not in tensors and main in tensors:
+                tensors[name] = attrs.evolve(tensors[main], name=name)
 
 
 REPLICA_MODES = ("check", "check-all", "take-rank0")
