@@ -98,10 +98,15 @@ def test_the_model_is_recognised_as_args_only_and_hf_is_refused(gpt, capsys, tmp
     hf = tmp_path / "hf"
     assert cli_main(["convert", src, str(hf), "--to", "hf"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cannot write an HF checkpoint" in err and "args.normalization" in err, (
-        err
-    )
+    assert (
+        err.count("\n") == 1
+        and "no HF checkpoint (or transformers model) for it" in err
+        and "args.normalization" in err
+    ), err
     assert not hf.exists()
+    assert cli_main(["verify", src, src]) == 1  # transformers has no model for it either
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "args.normalization" in err, err
 
 
 def test_round_trip_with_optimizer_state_is_bit_exact_and_resumes(gpt):

@@ -405,6 +405,6 @@ def require_hf(spec: ModelSpec, source: str, why: str | None) -> None:
     """Refuse an HF target for a model only its Megatron args describe, in one line naming them."""
     if spec.family == MEGATRON.name:
         raise FormatError(
-            f"{source}: cannot write an HF checkpoint: {why or args_only('--model-type-hf megatron')}; "
+            f"{source}: no HF checkpoint (or transformers model) for it: {why or args_only('--model-type-hf megatron')}; "
             f"convert it --to mcore, or pass --hf-config DIR / --model-type-hf NAME to choose a family"
         )
