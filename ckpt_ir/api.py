@@ -332,7 +332,16 @@ def plan(ckpt: Checkpoint, target: Target) -> Plan:
     return out
 
 
+def check_family(ckpt: Checkpoint, target: Target) -> None:
+    """An HF / PEFT target needs an HF family: refuse a model only its Megatron args describe."""
+    if target.to != "mcore":
+        from ckpt_ir.families.infer import require_hf
+
+        require_hf(ckpt.spec, ckpt.source or "the checkpoint", ckpt.meta.get("family_from_args"))
+
+
 def _plan(ckpt: Checkpoint, target: Target) -> Plan:
+    check_family(ckpt, target)
     if target.to != "mcore":
         ckpt = _drop_training_state(ckpt)
     if target.to == "peft":
@@ -449,6 +458,7 @@ def convert(
         opts = dict(load_options or {})
         opts.setdefault("optimizer", target.carries_optimizer and not target.lora_load)
         src = load(src, **opts)
+    check_family(src, target)
     if target.to == "peft" and src.spec.lora_rank is None and not target.lora_load:
         raise UsageError(
             "--to peft needs LoRA tensors: pass --lora-load DIR or a checkpoint that carries LoRA"

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-type-hf",
         metavar="FAMILY",
         help="Megatron source with plain Megatron-LM args: the "
-        "model family (llama, qwen2, mixtral, ...; see 'ckpt-ir models'); default: inferred from the args",
+        "model family (llama, qwen2, mixtral, ...; see 'ckpt-ir models'; megatron: the args alone, "
+        "Megatron targets only); default: inferred from the args, megatron when no HF family computes it",
     )
     c.add_argument(
         "--weights-from",

@@ -136,6 +136,7 @@ def run_conversion(src: Any, target: Any, args: argparse.Namespace, load_options
 
             check_destination(args.dst, args.overwrite)  # fail fast, before lifting the source
         src = ck.load(src, **{"optimizer": target.carries_optimizer and not target.lora_load, **load_options})
+        ck.check_family(src, target)
         if src.meta.get("family_from_args") and not quiet:
             print(f"ckpt-ir: {src.meta['family_from_args']}", file=sys.stderr)
     if args.print_pipeline:

@@ -53,14 +53,21 @@ _LAYER_ORDER = tuple(
         # MoE layer: router, experts (grouped weight1/weight2, or local_experts.{j}), shared experts
         ("mlp.router", ("weight", "bias")),
         ("mlp.experts", ("weight1", "weight2")),
-        ("mlp.experts.local_experts.*", ("linear_fc1.weight", "linear_fc2.weight")),
-        ("mlp.shared_experts", ("linear_fc1.weight", "linear_fc2.weight", "gate_weight")),
+        (
+            "mlp.experts.local_experts.*",
+            ("linear_fc1.weight", "linear_fc1.bias", "linear_fc2.weight", "linear_fc2.bias"),
+        ),
+        (
+            "mlp.shared_experts",
+            ("linear_fc1.weight", "linear_fc1.bias", "linear_fc2.weight", "linear_fc2.bias", "gate_weight"),
+        ),
     )
     for p in ps
 )
 _LAYER_RANK = {k: i for i, k in enumerate(_LAYER_ORDER)}
 _TOP_RANK = {
     "embedding.word_embeddings.weight": (0,),
+    "embedding.position_embeddings.weight": (0, 1),  # LanguageModelEmbedding registers it second
     "decoder.final_layernorm.weight": (2,),
     "decoder.final_layernorm.bias": (3,),
     "output_layer.weight": (4,),

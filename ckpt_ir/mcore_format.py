@@ -53,6 +53,8 @@ _ATTENTION_KEYS = (
     (D + "self_attention.dt_bias", C + "attn.gdn.dt_bias"),
     (D + "self_attention.norm.weight", C + "attn.gdn.norm.weight"),
     (D + "self_attention.out_proj.weight", C + "attn.gdn.out.weight"),
+    (D + "self_attention.q_layernorm.bias", C + "attn.q_norm.bias"),
+    (D + "self_attention.k_layernorm.bias", C + "attn.k_norm.bias"),
 )
 # multi-latent attention: linear_qkv stacks the q (or q_a) and kv_a down-projections
 _MLA_ATTENTION_KEYS = (
@@ -70,6 +72,25 @@ _MLA_ATTENTION_KEYS = (
     (D + "self_attention.dsa_indexer.k_norm.bias", C + "attn.indexer.k_norm.bias"),
     (D + "self_attention.dsa_indexer.weights_proj.weight", C + "attn.indexer.weights_proj.weight"),
 )
+# Megatron-Core's own MLA modules, as torch_dist stores them (keys below ``decoder.layers.<i>.``):
+# the two down-projections apart (the torch format keeps MindSpeed-LLM's fused linear_qkv) and
+# every norm a module of its own; with Transformer Engine the q / kv norms are fused into the
+# up-projections (MCORE_MLA_TE_NORMS)
+MCORE_MLA_KEYS = (
+    ("input_layernorm.weight", "attn_norm.weight"),
+    ("self_attention.linear_q_down_proj.weight", "attn.q_a.weight"),
+    ("self_attention.linear_q_proj.weight", "attn.q.weight"),
+    ("self_attention.linear_kv_down_proj.weight", "attn.kv_a.weight"),
+    ("self_attention.q_layernorm.weight", "attn.q_a_norm.weight"),
+    ("self_attention.kv_layernorm.weight", "attn.kv_a_norm.weight"),
+    ("self_attention.linear_q_up_proj.weight", "attn.q_b.weight"),
+    ("self_attention.linear_kv_up_proj.weight", "attn.kv_b.weight"),
+    ("pre_mlp_layernorm.weight", "mlp_norm.weight"),
+)
+MCORE_MLA_TE_NORMS = (
+    ("self_attention.linear_q_up_proj.layer_norm_weight", "attn.q_a_norm.weight"),
+    ("self_attention.linear_kv_up_proj.layer_norm_weight", "attn.kv_a_norm.weight"),
+)
 _NORM_KEYS = (
     (D + "input_layernorm.weight", C + "attn_norm.weight"),
     (D + "input_layernorm.bias", C + "attn_norm.bias"),
@@ -80,13 +101,17 @@ _NORM_KEYS = (
 )
 _MLP_KEYS = (
     (D + "mlp.linear_fc1.weight", C + "mlp.gate_up.weight"),
+    (D + "mlp.linear_fc1.bias", C + "mlp.gate_up.bias"),
     (D + "mlp.linear_fc2.weight", C + "mlp.down.weight"),
+    (D + "mlp.linear_fc2.bias", C + "mlp.down.bias"),
     (D + "mlp.router.weight", C + "mlp.router.weight"),
     (D + "mlp.router.expert_bias", C + "mlp.router.bias"),
     (D + "mlp.router.bias", C + "mlp.router.logit_bias"),
     (D + "mlp.shared_experts.gate_weight", C + "mlp.shared_gate.weight"),
     (D + "mlp.shared_experts.linear_fc1.weight", C + "mlp.shared.gate_up.weight"),
+    (D + "mlp.shared_experts.linear_fc1.bias", C + "mlp.shared.gate_up.bias"),
     (D + "mlp.shared_experts.linear_fc2.weight", C + "mlp.shared.down.weight"),
+    (D + "mlp.shared_experts.linear_fc2.bias", C + "mlp.shared.down.bias"),
     # {e} is the expert's index local to its EP rank; written expert by expert (fc1, fc2, fc1, ...)
     (D + "mlp.experts.local_experts.{e}.linear_fc1.weight", C + "mlp.experts.{e}.gate_up.weight"),
     (D + "mlp.experts.local_experts.{e}.linear_fc1.bias", C + "mlp.experts.{e}.gate_up.bias"),
@@ -138,7 +163,10 @@ _TE_NORMS = {
     D + "input_layernorm.bias": D + "self_attention.linear_qkv.layer_norm_bias",
     D + "pre_mlp_layernorm.bias": D + "mlp.linear_fc1.layer_norm_bias",
 }
-PRE_LAYERS = (("embedding.word_embeddings.weight", "embed.weight"),)
+PRE_LAYERS = (
+    ("embedding.word_embeddings.weight", "embed.weight"),
+    ("embedding.position_embeddings.weight", "pos_embed.weight"),
+)
 POST_LAYERS = (
     ("decoder.final_layernorm.weight", "final_norm.weight"),
     ("decoder.final_layernorm.bias", "final_norm.bias"),
@@ -164,7 +192,8 @@ _FULL_QK_NORM = {
 }
 
 
-def _layer_keys(mla: bool, full_qk_norm: bool, family: str | None = None):
+def _layer_keys(mla: bool, full_qk_norm: bool, family: str | None = None, gated: bool = True):
+    """The decoder-layer keys; a plain (not gated) MLP's linear_fc1 is the canonical fc1."""
     keys = _MLA_LAYER_KEYS if mla else _LAYER_KEYS
     if full_qk_norm:
         keys = tuple((m, _FULL_QK_NORM.get(c, c)) for m, c in keys)
@@ -173,7 +202,7 @@ def _layer_keys(mla: bool, full_qk_norm: bool, family: str | None = None):
 
         own = {c: m for m, c in by_name(family).megatron_keys}
         keys = tuple((own.get(c, m), c) for m, c in keys)
-    return keys
+    return keys if gated else tuple((m, c.replace(".gate_up.", ".fc1.")) for m, c in keys)
 
 
 def _table(keys, norm_names: str) -> NameTable:
@@ -221,20 +250,29 @@ def lora_key(target_key: str, which: str) -> str:
 
 
 def layer_table(
-    norm_names: str, mla: bool = False, full_qk_norm: bool = False, family: str | None = None
+    norm_names: str,
+    mla: bool = False,
+    full_qk_norm: bool = False,
+    family: str | None = None,
+    gated: bool = True,
 ) -> NameTable:
     """Decoder-layer key table for a naming (``local``, ``te``, ``te-input``; MindSpeed-LLM v2's
     transformer_engine output fuses only the input norm for dense layers)."""
-    return _table(_layer_keys(mla, full_qk_norm, family), norm_names)
+    return _table(_layer_keys(mla, full_qk_norm, family, gated), norm_names)
+
+
+def spec_layer_table(norm_names: str, spec: ModelSpec) -> NameTable:
+    """:func:`layer_table` for the model ``spec`` describes."""
+    return layer_table(norm_names, spec.mla, spec.qk_full_norm, spec.family, spec.gated_mlp)
 
 
 def read_tables(spec: ModelSpec) -> tuple[NameTable, ...]:
     """The decoder-layer tables a reader tries (local and TE norm names) for ``spec``."""
-    return tuple(layer_table(n, spec.mla, spec.qk_full_norm, spec.family) for n in ("local", "te"))
+    return tuple(spec_layer_table(n, spec) for n in ("local", "te"))
 
 
-def role_order(mla: bool, full_qk_norm: bool = False) -> tuple[str, ...]:
-    return tuple(c for _, c in _layer_keys(mla, full_qk_norm))
+def role_order(mla: bool, full_qk_norm: bool = False, gated: bool = True) -> tuple[str, ...]:
+    return tuple(c for _, c in _layer_keys(mla, full_qk_norm, gated=gated))
 
 
 def rank_dir(tp: int, pp: int, layout: Layout, ep: int = 0, ep_size: int = 1) -> str:
@@ -464,9 +502,31 @@ def build_args(
         dp, cp = src.get("data_parallel_size"), src.get("context_parallel_size") or 1
         if "world_size" in src and isinstance(dp, int) and isinstance(cp, int):
             fields["world_size"] = layout.tp * layout.pp * dp * cp
+    if spec.family == "megatron":  # described by the source's args: keep what decides the maths
+        for k in _ARGS_ONLY_KEEP:
+            fields.pop(k, None)
     for k, v in fields.items():
         setattr(ns, k, v)
     return ns
+
+
+# what a family-less (args-only) model's own args say and a spec does not fully capture
+# (position type, activation, rotary settings), or that would name an HF family it has not
+_ARGS_ONLY_KEEP = (
+    "normalization",
+    "swiglu",
+    "add_qkv_bias",
+    "add_bias_linear",
+    "qk_layernorm",
+    "post_norm",
+    "position_embedding_type",
+    "use_rotary_position_embeddings",
+    "rotary_base",
+    "rotary_percent",
+    "model_type_hf",
+    "ckpt_ir_hf_config",
+    "num_key_value_heads",
+)
 
 
 def int_list(value: Any) -> tuple[int, ...] | None:

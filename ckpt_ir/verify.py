@@ -51,6 +51,7 @@ def hf_side(path: str, hf_config: dict | None = None):
     from ckpt_ir.families import by_name
 
     src = ck.load(path, hf_config=hf_config)
+    ck.check_family(src, ck.Target(to="hf"))  # transformers computes HF families only
     out = ck.run(src, ck.derive_pipeline(src, ck.Target(to="hf")))
     return out, hf_tensors(out, by_name(out.spec.family))
 

@@ -218,6 +218,7 @@ def make_distopt_checkpoint(
     timeout: float = 300,
     ep: int = 1,
     etp: int | None = None,
+    gpt: bool = False,
 ) -> dict:
     """Build a legacy ``torch``-format checkpoint with ``distrib_optim.pt`` (see the module doc).
 
@@ -233,6 +234,10 @@ def make_distopt_checkpoint(
     expert-parallel size and ``etp`` the expert-tensor-parallel size (``None``: ``tp``); the world
     stays TP*PP*DP ranks, the expert data-parallel size is TP*DP/(EP*ETP).  See the module doc for
     the ``mp_rank_TT[_PPP][_EEE]`` directories and the ``[dense, expert]`` ``distrib_optim.pt``.
+
+    ``gpt=True``: a generic GPT with no HF family instead of a llama (LayerNorm with biases, GELU
+    MLP without gating, learned absolute position embeddings, biases on every linear layer; the
+    args say so as Megatron-LM's would); ``hf_dir/config.json`` then only gives the sizes.
     """
     return _run_job(
         "distopt",
@@ -255,6 +260,7 @@ def make_distopt_checkpoint(
         timeout=timeout,
         ep=ep,
         etp=etp,
+        gpt=gpt,
     )
 
 
@@ -274,6 +280,7 @@ def resume_distopt_checkpoint(
     timeout: float = 300,
     ep: int = 1,
     etp: int | None = None,
+    gpt: bool = False,
 ) -> dict:
     """Resume training from ``ckpt_dir`` (a legacy ``torch`` checkpoint with ``distrib_optim.pt``,
     e.g. one ckpt-ir converted) the way ``megatron.training`` loads it: model weights, then
@@ -306,6 +313,7 @@ def resume_distopt_checkpoint(
         resume_dir=os.path.abspath(ckpt_dir),
         ep=ep,
         etp=etp,
+        gpt=gpt,
     )
 
 
@@ -796,11 +804,11 @@ def _transformer_config(job: dict):
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=job["bf16"],
-        normalization="RMSNorm",
+        normalization="LayerNorm" if job.get("gpt") else "RMSNorm",
         layernorm_epsilon=hf.get("rms_norm_eps", 1e-5),
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
+        gated_linear_unit=not job.get("gpt"),
+        activation_func=F.gelu if job.get("gpt") else F.silu,
+        add_bias_linear=bool(job.get("gpt")),
         add_qkv_bias=False,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
@@ -837,14 +845,14 @@ def _args_namespace(job: dict, config) -> argparse.Namespace:
         make_vocab_size_divisible_by=job["vocab_divisible_by"],
         max_position_embeddings=hf.get("max_position_embeddings", 128),
         norm_epsilon=config.layernorm_epsilon,
-        normalization="RMSNorm",
-        swiglu=True,
+        normalization="LayerNorm" if job.get("gpt") else "RMSNorm",
+        swiglu=not job.get("gpt"),
         add_qkv_bias=False,
-        add_bias_linear=False,
+        add_bias_linear=bool(job.get("gpt")),
         qk_layernorm=False,
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
-        position_embedding_type="rope",
-        use_rotary_position_embeddings=True,
+        position_embedding_type="learned_absolute" if job.get("gpt") else "rope",
+        use_rotary_position_embeddings=not job.get("gpt"),
         rotary_base=theta,
         tensor_model_parallel_size=job["tp"],
         pipeline_model_parallel_size=job["pp"],
@@ -926,7 +934,7 @@ def _build(job: dict):
     hf = job["hf_config"]
     theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
     spec = get_gpt_layer_local_spec(
-        num_experts=config.num_moe_experts, moe_grouped_gemm=False, normalization="RMSNorm"
+        num_experts=config.num_moe_experts, moe_grouped_gemm=False, normalization=config.normalization
     )
     gpt = GPTModel(
         config=config,
@@ -936,7 +944,7 @@ def _build(job: dict):
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
-        position_embedding_type="rope",
+        position_embedding_type="learned_absolute" if job.get("gpt") else "rope",
         rotary_base=theta,
     )
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()

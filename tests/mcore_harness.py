@@ -22,6 +22,16 @@ megatron-core 0.16 assumes CUDA in a few places; the workarounds (no edits to me
   ``Tensor.cuda()`` a no-op (pipeline schedule buffers, tied-embedding sync with PP > 1);
 * ``torch.cuda.synchronize`` is a no-op (p2p communication calls it).
 
+A case with ``"gpt": true`` builds a generic GPT that no HF family computes: LayerNorm (with
+biases), a GELU MLP without gating, learned absolute position embeddings and biases on every linear
+layer (``hf_config`` then only gives the sizes).
+
+``"mla"`` (MLATransformerConfig fields: ``q_lora_rank``, ``kv_lora_rank``, ...) builds
+multi-latent attention, load-only (see :func:`_patch_mla_construction`).  ``"config_extra"`` adds
+TransformerConfig fields (e.g. ``mtp_num_layers``: the GPTModel then gets
+the multi-token-prediction block of its last layer's spec); ``"load_only"`` saves each rank's
+loaded tensors to ``OUT.rank<R>.sd.pt`` instead of running the forward pass.
+
 Mixture-of-experts cases (a ``"moe"`` entry in the case, plus ``"ep"`` / ``"etp"``) build the MoE
 layer with the local spec (``SequentialMLP`` experts, or the legacy ``GroupedMLP`` when
 ``grouped_gemm`` is set), the ``allgather`` token dispatcher (the ``alltoall`` one needs CUDA
@@ -54,6 +64,41 @@ import warnings
 TIMEOUT_MIN = 2  # a collective that waits this long has lost a peer: fail instead of hanging
 
 
+def run_job(root, cases: list[dict], world: int = 4, timeout: float = 400) -> list[tuple[object, list[dict]]]:
+    """Run ``cases`` in one harness subprocess (from a test): per case, the logits it wrote (None
+    for load-only cases) and every rank's report.  A failing harness fails with its output."""
+    import subprocess
+
+    import torch
+
+    job = os.path.join(str(root), "job.json")
+    with open(job, "w") as fh:
+        json.dump({"store": os.path.join(str(root), "gloo-store"), "cases": cases}, fh)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), job, str(world)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    assert proc.returncode == 0, f"megatron-core harness failed:\n{out[-4000:]}\n{err[-8000:]}"
+    results = []
+    for c in cases:
+        reports = []
+        for r in range(world):
+            with open(f"{c['out']}.rank{r}.json") as fh:
+                reports.append(json.load(fh))
+        results.append((None if c.get("load_only") else torch.load(c["out"]), reports))
+    return results
+
+
 def _cpu_device(value):
     import torch
 
@@ -80,6 +125,23 @@ def _make_cuda_to_cpu_mode():
             return func(*args, **kwargs)
 
     return CudaToCpu()
+
+
+def _patch_mla_construction() -> None:
+    """megatron-core 0.16.1 cannot build multi-latent attention without Transformer Engine: its
+    local core attention rejects the ``k_channels`` / ``v_channels`` MLA passes, and MLA checks
+    ``isinstance(linear_proj, TELinear)`` against a placeholder.  For load-only cases (the module
+    parameters and sharded state dict are untouched; no forward pass runs) both are bypassed."""
+    from megatron.core.transformer import multi_latent_attention as mla
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    init = DotProductAttention.__init__
+
+    def accept(self, *args, k_channels=None, v_channels=None, **kwargs):
+        init(self, *args, **kwargs)
+
+    DotProductAttention.__init__ = accept
+    mla.TELinear = type("NoTELinear", (), {})
 
 
 def _patch_cuda() -> None:
@@ -151,7 +213,7 @@ def _moe_kwargs(case: dict) -> dict:
 def _transformer_config(case: dict, tp: int, pp: int, vpp: int | None):
     import torch
     import torch.nn.functional as F
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     hf = case["hf_config"]
     heads = hf["num_attention_heads"]
@@ -165,11 +227,11 @@ def _transformer_config(case: dict, tp: int, pp: int, vpp: int | None):
         use_cpu_initialization=True,
         params_dtype=torch.float32,
         pipeline_dtype=torch.float32,
-        normalization="RMSNorm",
+        normalization="LayerNorm" if case.get("gpt") else "RMSNorm",
         layernorm_epsilon=hf["rms_norm_eps"],
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
+        gated_linear_unit=not case.get("gpt"),
+        activation_func=F.gelu if case.get("gpt") else F.silu,
+        add_bias_linear=bool(case.get("gpt")),
         add_qkv_bias=case["qkv_bias"],
         qk_layernorm=case["qk_norm"],
         rotary_interleaved=case.get("rotary_interleaved", False),
@@ -187,9 +249,11 @@ def _transformer_config(case: dict, tp: int, pp: int, vpp: int | None):
         sequence_parallel=False,
         batch_p2p_comm=False,
         **_moe_kwargs(case),
+        **case.get("config_extra", {}),
+        **({"multi_latent_attention": True, **case["mla"]} if case.get("mla") else {}),
     )
     kw.update(_gpt_oss_kwargs(case))
-    return TransformerConfig(**kw)
+    return (MLATransformerConfig if case.get("mla") else TransformerConfig)(**kw)
 
 
 def _gpt_oss_kwargs(case: dict) -> dict:
@@ -236,7 +300,11 @@ def _run_case(case: dict, rank: int) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
+        get_gpt_layer_local_spec,
+        get_gpt_mtp_block_spec,
+    )
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.moe.experts import GroupedMLP
 
@@ -263,11 +331,14 @@ def _run_case(case: dict, rank: int) -> None:
                 num_experts=moe["num_experts"] if moe else None,
                 moe_grouped_gemm=bool(moe and moe.get("grouped_gemm")),
                 qk_layernorm=case["qk_norm"],
-                normalization="RMSNorm",
+                normalization=config.normalization,
             )
         tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         ep_rank = ps.get_expert_model_parallel_rank()
         chunks = vpp or 1
+        mtp = {}
+        if config.mtp_num_layers:  # multi-token prediction: the decoder's last layer spec, on the last stage
+            mtp["mtp_block_spec"] = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False)
         models = []
         for v in range(chunks):
             vp_stage = v if vpp else None
@@ -280,10 +351,11 @@ def _run_case(case: dict, rank: int) -> None:
                     pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
                     post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
                     share_embeddings_and_output_weights=case["tied"],
-                    position_embedding_type="rope",
+                    position_embedding_type="learned_absolute" if case.get("gpt") else "rope",
                     rotary_base=_rope_theta(case["hf_config"]),
                     vp_stage=vp_stage,
                     rotary_percent=case.get("rotary_percent", 1.0),
+                    **mtp,
                 ).eval()
             )
         for model in models:
@@ -331,6 +403,15 @@ def _run_case(case: dict, rank: int) -> None:
         report["args"] = {
             k: v for k, v in vars(blob["args"]).items() if isinstance(v, (int, float, str, bool))
         }
+        if case.get("load_only"):  # the rank's loaded tensors are the result (no forward pass)
+            torch.save(
+                {k: v for k, v in blob["model"].items() if isinstance(v, torch.Tensor)},
+                f"{case['out']}.rank{rank}.sd.pt",
+            )
+            with open(f"{case['out']}.rank{rank}.json", "w") as fh:
+                json.dump(report, fh)
+            dist.barrier()
+            return
 
         ids = torch.tensor(case["input_ids"], dtype=torch.long)
         b, s = ids.shape
@@ -432,40 +513,6 @@ def _worker(job: dict, rank: int, world: int) -> None:
     os._exit(0)
 
 
-def run_job(root: str, cases: list[dict], world: int, timeout: int = 300) -> list[list[dict]]:
-    """For a test: run ``cases`` in one harness subprocess of ``world`` forked ranks (its own
-    session, so a timeout stops the ranks too) and return each case's per-rank reports; each
-    case's logits are at its ``out`` path."""
-    import subprocess
-
-    job = os.path.join(root, "job.json")
-    with open(job, "w") as fh:
-        json.dump({"store": os.path.join(root, "gloo-store"), "cases": cases}, fh)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), job, str(world)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    assert proc.returncode == 0, f"megatron-core harness failed:\n{out[-4000:]}\n{err[-8000:]}"
-    reports = []
-    for case in cases:
-        per_rank = []
-        for rank in range(world):
-            with open(f"{case['out']}.rank{rank}.json") as fh:
-                per_rank.append(json.load(fh))
-        reports.append(per_rank)
-    return reports
-
-
 def main(argv: list[str]) -> int:
     """``mcore_harness.py JOB.json WORLD``: import torch and megatron-core once, then fork WORLD
     ranks (imports cost ~7 s per process on a small CPU box; forked ranks share them)."""
@@ -483,6 +530,10 @@ def main(argv: list[str]) -> int:
     if any((c.get("moe") or {}).get("grouped_gemm") for c in job["cases"]):
         _install_grouped_gemm_shim()  # before megatron-core binds grouped_gemm.ops at import
     import megatron.core.models.gpt  # noqa: F401  (imported before fork, shared by all ranks)
+
+    if any(c.get("mla") for c in job["cases"]):
+        assert all(c.get("load_only") for c in job["cases"] if c.get("mla")), "MLA cases are load-only"
+        _patch_mla_construction()
     import megatron.core.pipeline_parallel  # noqa: F401
 
     pids = {}

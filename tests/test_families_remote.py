@@ -583,8 +583,8 @@ def oracle(models, tmp_path_factory):
             }
         )
     results = {
-        c["name"]: (torch.load(c["out"]), models(c["name"])["ref_logits"], reports)
-        for c, reports in zip(cases, run_job(str(root), cases, WORLD))
+        c["name"]: (logits, models(c["name"])["ref_logits"], reports)
+        for c, (logits, reports) in zip(cases, run_job(str(root), cases, WORLD))
     }
     shutil.rmtree(root, ignore_errors=True)
     return results

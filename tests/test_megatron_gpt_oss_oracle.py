@@ -117,7 +117,7 @@ def oracle(tmp_path_factory):
                 "out": str(root / f"{case}.pt"),
             }
         )
-    reports = run_job(str(root), jobs, WORLD)
+    reports = [per_rank for _, per_rank in run_job(str(root), jobs, WORLD)]
     results = {jc["name"]: {"reports": r, "logits": torch.load(jc["out"])} for jc, r in zip(jobs, reports)}
     return {"ref": out.logits, "routers": out.router_logits, "cases": results}
 

@@ -359,7 +359,7 @@ def oracle(tmp_path_factory):
                 "out": str(root / "logits" / f"{case}.pt"),
             }
         )
-    reports = run_job(str(root), job_cases, WORLD)
+    reports = [per_rank for _, per_rank in run_job(str(root), job_cases, WORLD)]
 
     results = {}
     for jc, per_rank in zip(job_cases, reports):

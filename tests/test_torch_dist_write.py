@@ -5,6 +5,7 @@ and from a ``torch``-format checkpoint (plain Megatron-LM args, no HF config).""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -83,10 +84,10 @@ def loaded(tmp_path_factory):
                     "ref": name.split("-")[0],
                 }
             )
-    reports = run_job(str(root), cases, WORLD, timeout=400)
-    results = {}
-    for c, per_rank in zip(cases, reports):
-        results[c["name"]] = (torch.load(c["out"]), models[c["ref"]]["logits"], per_rank)
+    results = {
+        c["name"]: (logits, models[c["ref"]]["logits"], reports)
+        for c, (logits, reports) in zip(cases, run_job(root, cases, WORLD))
+    }
     return results, outs
 
 
@@ -176,3 +177,344 @@ def test_moe_output_equals_megatron_cores_own_save(tmp_path):
             assert torch.equal(v, y[k]), k
         else:
             assert v == y[k], k
+
+
+# torch_dist written at TP1 EP1 (no layout), loaded by megatron-core at these (tp, pp, ep) layouts
+MOE_LAYOUTS = ((2, 1, 2), (1, 2, 2))
+
+
+@pytest.fixture(scope="module")
+def moe_loaded(tmp_path_factory):
+    """Qwen2-MoE with a dense layer (mlp_only_layers, so Megatron saves per-layer keys), a
+    sigmoid-gated shared expert, qkv bias and tied embeddings: HF -> torch_dist, then megatron-core's
+    dist_checkpointing.load into GPTModels at other TP / PP / EP, run forward."""
+    from tests import test_megatron_moe_oracle as O
+
+    root = tmp_path_factory.mktemp("torch-dist-moe")
+    m = O._build_hf(
+        str(root / "hf"),
+        "qwen2_moe",
+        seed=5,
+        **{k: v for k, v in O.MODELS["qwen2_moe"].items() if k != "family"},
+    )
+    out = str(root / "td")
+    assert (
+        cli_main(["convert", m["dir"], out, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]) == 0
+    )
+    cases = [
+        {
+            "name": f"tp{tp}pp{pp}ep{ep}",
+            "ckpt": out,
+            "tp": tp,
+            "pp": pp,
+            "vpp": None,
+            "ep": ep,
+            "etp": tp,
+            "torch_dist": True,
+            "hf_config": m["config"],
+            "padded_vocab": 128,
+            "tied": True,
+            "qkv_bias": True,
+            "qk_norm": False,
+            "moe": {**O._moe_config("qwen2_moe", m["config"]), "grouped_gemm": False},
+            "input_ids": O.INPUT_IDS,
+            "out": str(root / f"tp{tp}pp{pp}ep{ep}.pt"),
+        }
+        for tp, pp, ep in MOE_LAYOUTS
+    ]
+    return out, m, {c["name"]: result for c, result in zip(cases, run_job(root, cases, WORLD))}
+
+
+@pytest.mark.parametrize("tp, pp, ep", MOE_LAYOUTS)
+def test_moe_with_dense_layers_and_shared_experts_loads_with_the_source_logits(moe_loaded, tp, pp, ep):
+    from ckpt_ir.io.dcp import read_metadata
+
+    out, m, results = moe_loaded
+    keys = read_metadata(os.path.join(out, "iter_0000001")).tensors
+    # a dense layer among MoE ones: per-layer keys, experts stacked on their own axis
+    assert "decoder.layers.1.mlp.linear_fc1.weight" in keys
+    assert keys["decoder.layers.0.mlp.experts.experts.linear_fc1.weight"].shape[0] == 4
+    assert "decoder.layers.0.mlp.shared_experts.gate_weight" in keys
+    logits, reports = results[f"tp{tp}pp{pp}ep{ep}"]
+    for r in reports:
+        for chunk in r["chunks"]:
+            assert chunk["missing"] == [] and chunk["unexpected"] == [], chunk
+    assert {"MoELayer", "MLP"} <= {t for r in reports for c in r["chunks"] for t in c["mlp_modules"].values()}
+    torch.testing.assert_close(logits, m["logits"], atol=1e-4, rtol=1e-5)
+
+
+def _glm4_moe_with_mtp(path: str) -> dict:
+    """GLM-4.5-style: a dense first layer, MoE layers with a shared expert and a router score bias,
+    q/k norms, qkv bias, and one MTP layer stored as GLM-4.5's release does (model.layers.{L}.*:
+    a MoE decoder layer plus enorm, hnorm, eh_proj, shared_head.norm; transformers saves none)."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.test_families_wave_a import CONFIGS, build
+
+    build(path, "glm4_moe")
+    f = os.path.join(path, "model.safetensors")
+    sd = load_file(f)
+    n, h = 4, CONFIGS["glm4_moe"]["hidden_size"]
+    g = torch.Generator().manual_seed(7)
+    for k in [k for k in sd if k.startswith("model.layers.1.")]:
+        sd[k.replace("model.layers.1.", f"model.layers.{n}.")] = torch.randn(sd[k].shape, generator=g)
+    for k, shape in {"enorm": (h,), "hnorm": (h,), "eh_proj": (h, 2 * h), "shared_head.norm": (h,)}.items():
+        sd[f"model.layers.{n}.{k}.weight"] = torch.randn(shape, generator=g)
+    sd[f"model.layers.{n}.embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
+    sd[f"model.layers.{n}.shared_head.head.weight"] = sd["lm_head.weight"].clone()
+    save_file(sd, f, metadata={"format": "pt"})
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg["num_nextn_predict_layers"] = 1
+    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    return {"config": cfg, "tensors": sd}
+
+
+def test_moe_with_mtp_loads_into_megatron_core_at_another_ep(tmp_path):
+    """torch_dist written whole (EP1) is loaded by megatron-core's dist_checkpointing into a GPTModel
+    with an MTP block at EP2; every loaded tensor that the HF source names is checked against it
+    by Megatron's layouts written out here (fc1 = [gate; up], qkv interleaved per query group,
+    global expert 2*ep_rank + j on EP rank ep_rank)."""
+    m = _glm4_moe_with_mtp(str(tmp_path / "hf"))
+    out = str(tmp_path / "td")
+    assert (
+        cli_main(
+            ["convert", str(tmp_path / "hf"), out, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]
+        )
+        == 0
+    )
+    from ckpt_ir.io.dcp import read_metadata
+
+    md = read_metadata(os.path.join(out, "iter_0000001"))
+    assert "mtp.layers.0.transformer_layer.mlp.experts.experts.linear_fc1.weight" in md.tensors
+    assert (
+        "mtp.layers.0.final_layernorm.weight" in md.tensors
+        and "decoder.layers.0.mlp.linear_fc1.weight" in md.tensors
+    )
+    cfg = m["config"]
+    case = {
+        "name": "glm4_moe-mtp-ep2",
+        "ckpt": out,
+        "tp": 1,
+        "pp": 1,
+        "vpp": None,
+        "ep": 2,
+        "etp": 1,
+        "torch_dist": True,
+        "load_only": True,
+        "hf_config": {**cfg, "rms_norm_eps": cfg["rms_norm_eps"]},
+        "padded_vocab": 128,
+        "tied": False,
+        "qkv_bias": True,
+        "qk_norm": True,
+        "moe": {
+            "num_experts": 4,
+            "topk": 2,
+            "ffn_hidden_size": 32,
+            "layer_freq": [0, 1, 1, 1],
+            "shared_ffn_hidden_size": 32,
+        },
+        "config_extra": {
+            "mtp_num_layers": 1,
+            "moe_router_score_function": "sigmoid",
+            "moe_router_enable_expert_bias": True,
+        },
+        "input_ids": [[1, 2, 3]],
+        "out": str(tmp_path / "mtp"),
+    }
+    ((_, reports),) = run_job(tmp_path, [case], WORLD)
+    hf, d = m["tensors"], 16  # head_dim = 64 / 4
+    for rank in range(WORLD):
+        report = reports[rank]
+        assert all(c["missing"] == [] and c["unexpected"] == [] for c in report["chunks"]), report
+        sd = torch.load(f"{case['out']}.rank{rank}.sd.pt")
+        ep_rank = report["ep_rank"]
+
+        def fc1(p: str) -> torch.Tensor:
+            return torch.cat([hf[p + "gate_proj.weight"], hf[p + "up_proj.weight"]])
+
+        def qkv(i: int, kind: str) -> torch.Tensor:
+            q, k, v = (hf[f"model.layers.{i}.self_attn.{x}_proj.{kind}"] for x in "qkv")
+            groups = 2
+            hpg = q.shape[0] // d // groups
+            return torch.cat(
+                [
+                    t
+                    for g in range(groups)
+                    for t in (
+                        q[g * hpg * d : (g + 1) * hpg * d],
+                        k[g * d : (g + 1) * d],
+                        v[g * d : (g + 1) * d],
+                    )
+                ]
+            )
+
+        want = {
+            "decoder.layers.0.mlp.linear_fc1.weight": fc1("model.layers.0.mlp."),
+            "decoder.layers.2.self_attention.linear_qkv.weight": qkv(2, "weight"),
+            "decoder.layers.2.self_attention.linear_qkv.bias": qkv(2, "bias"),
+            "decoder.layers.1.mlp.shared_experts.linear_fc2.weight": hf[
+                "model.layers.1.mlp.shared_experts.down_proj.weight"
+            ],
+            "decoder.layers.3.mlp.router.expert_bias": hf["model.layers.3.mlp.gate.e_score_correction_bias"],
+            "mtp.layers.0.enorm.weight": hf["model.layers.4.enorm.weight"],
+            "mtp.layers.0.hnorm.weight": hf["model.layers.4.hnorm.weight"],
+            "mtp.layers.0.eh_proj.weight": hf["model.layers.4.eh_proj.weight"],
+            "mtp.layers.0.final_layernorm.weight": hf["model.layers.4.shared_head.norm.weight"],
+            "mtp.layers.0.transformer_layer.self_attention.linear_proj.weight": hf[
+                "model.layers.4.self_attn.o_proj.weight"
+            ],
+            "mtp.layers.0.transformer_layer.self_attention.q_layernorm.weight": hf[
+                "model.layers.4.self_attn.q_norm.weight"
+            ],
+            "mtp.layers.0.transformer_layer.mlp.router.weight": hf["model.layers.4.mlp.gate.weight"],
+        }
+        for j in range(2):
+            e = 2 * ep_rank + j
+            want[f"decoder.layers.2.mlp.experts.local_experts.{j}.linear_fc1.weight"] = fc1(
+                f"model.layers.2.mlp.experts.{e}."
+            )
+            want[f"mtp.layers.0.transformer_layer.mlp.experts.local_experts.{j}.linear_fc2.weight"] = hf[
+                f"model.layers.4.mlp.experts.{e}.down_proj.weight"
+            ]
+        for key, value in want.items():
+            assert key in sd, (rank, key, sorted(sd)[:50])
+            assert torch.equal(sd[key], value.to(sd[key].dtype)), (rank, key)
+
+
+def test_moe_layer_norm_follows_the_layer_spec(moe_loaded, tmp_path):
+    """Megatron-Core's Transformer-Engine layer spec gives a MoE layer its own pre-MLP norm module
+    (``pre_mlp_layernorm``, no key map), the local spec maps it to ``mlp.linear_fc1.layer_norm_*``
+    (gpt_layer_specs.py): the written key follows the norm naming the output's args name."""
+    from ckpt_ir.io.dcp import read_metadata
+
+    out, m, _ = moe_loaded
+    local = read_metadata(os.path.join(out, "iter_0000001")).tensors
+    assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in local  # MoE layer, local spec
+    te = str(tmp_path / "te")
+    assert (
+        cli_main(
+            [
+                "convert",
+                m["dir"],
+                te,
+                "--to",
+                "mcore",
+                "--ckpt-format",
+                "torch_dist",
+                "--norm-names",
+                "te",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    keys = read_metadata(os.path.join(te, "iter_0000001")).tensors
+    assert "decoder.layers.0.pre_mlp_layernorm.weight" in keys  # MoE layer: a norm module of its own
+    assert "decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in keys  # dense layer: fused into fc1
+    assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" not in keys
+    back = str(tmp_path / "back")  # and it reads back to the source's tensors
+    assert cli_main(["convert", te, back, "--to", "hf", "--quiet"]) == 0
+    from safetensors.torch import load_file
+
+    a, b = (
+        load_file(os.path.join(m["dir"], "model.safetensors")),
+        load_file(os.path.join(back, "model.safetensors")),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mla_moe_mtp_loads_into_megatron_core_at_another_ep(tmp_path):
+    """DeepSeek-V3 (multi-latent attention with q-LoRA, a dense first layer, shared expert, router
+    score bias, one MTP layer) written whole is loaded by megatron-core's dist_checkpointing at EP2
+    into a GPTModel with MLA (megatron-core's own keys: linear_q_down_proj, linear_kv_down_proj,
+    q/kv_layernorm; the torch format's fused linear_qkv is split) and an MTP block.  Load only:
+    megatron-core 0.16.1 builds MLA without Transformer Engine only with the harness's patches.
+    Read back by ckpt-ir, the output converts to the source HF tensors bit for bit."""
+    from tests.test_deepseek import build_deepseek
+
+    src = build_deepseek(str(tmp_path / "hf"))
+    out = str(tmp_path / "td")
+    assert cli_main(["convert", src, out, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]) == 0
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    case = {
+        "name": "deepseek-ep2",
+        "ckpt": out,
+        "tp": 1,
+        "pp": 1,
+        "vpp": None,
+        "ep": 2,
+        "etp": 1,
+        "torch_dist": True,
+        "load_only": True,
+        "hf_config": cfg,
+        "padded_vocab": 128,
+        "tied": False,
+        "qkv_bias": False,
+        "qk_norm": True,
+        "moe": {
+            "num_experts": 4,
+            "topk": 2,
+            "ffn_hidden_size": 32,
+            "layer_freq": [0, 1, 1],
+            "shared_ffn_hidden_size": 32,
+        },
+        "mla": {
+            "q_lora_rank": 24,
+            "kv_lora_rank": 16,
+            "qk_head_dim": 8,
+            "qk_pos_emb_head_dim": 4,
+            "v_head_dim": 8,
+        },
+        "config_extra": {
+            "mtp_num_layers": 1,
+            "moe_router_score_function": "sigmoid",
+            "moe_router_enable_expert_bias": True,
+        },
+        "input_ids": [[1, 2, 3]],
+        "out": str(tmp_path / "mla"),
+    }
+    ((_, reports),) = run_job(tmp_path, [case], WORLD)
+    from safetensors.torch import load_file
+
+    hf = load_file(os.path.join(src, "model.safetensors"))
+    for rank in range(WORLD):
+        assert all(c["missing"] == [] and c["unexpected"] == [] for c in reports[rank]["chunks"]), reports[
+            rank
+        ]
+        sd = torch.load(f"{case['out']}.rank{rank}.sd.pt")
+        ep_rank = reports[rank]["ep_rank"]
+        want = {}
+        for prefix, i in (("decoder.layers.1.", 1), ("mtp.layers.0.transformer_layer.", 3)):
+            a = f"model.layers.{i}.self_attn."
+            want.update(
+                {
+                    prefix + "self_attention.linear_q_down_proj.weight": hf[a + "q_a_proj.weight"],
+                    prefix + "self_attention.linear_q_up_proj.weight": hf[a + "q_b_proj.weight"],
+                    prefix + "self_attention.linear_kv_down_proj.weight": hf[a + "kv_a_proj_with_mqa.weight"],
+                    prefix + "self_attention.linear_kv_up_proj.weight": hf[a + "kv_b_proj.weight"],
+                    prefix + "self_attention.q_layernorm.weight": hf[a + "q_a_layernorm.weight"],
+                    prefix + "self_attention.kv_layernorm.weight": hf[a + "kv_a_layernorm.weight"],
+                    prefix + "self_attention.linear_proj.weight": hf[a + "o_proj.weight"],
+                    prefix + "pre_mlp_layernorm.weight": hf[
+                        f"model.layers.{i}.post_attention_layernorm.weight"
+                    ],
+                }
+            )
+            for j in range(2):
+                e = f"model.layers.{i}.mlp.experts.{2 * ep_rank + j}."
+                want[prefix + f"mlp.experts.local_experts.{j}.linear_fc1.weight"] = torch.cat(
+                    [hf[e + "gate_proj.weight"], hf[e + "up_proj.weight"]]
+                )
+        want["decoder.layers.0.input_layernorm.weight"] = hf["model.layers.0.input_layernorm.weight"]
+        want["decoder.layers.0.pre_mlp_layernorm.weight"] = hf[
+            "model.layers.0.post_attention_layernorm.weight"
+        ]
+        want["mtp.layers.0.eh_proj.weight"] = hf["model.layers.3.eh_proj.weight"]
+        for key, value in want.items():
+            assert key in sd, (rank, key)
+            assert torch.equal(sd[key], value.to(sd[key].dtype)), (rank, key)
+    # ckpt-ir reads megatron-core's MLA and MTP keys back: HF -> torch_dist -> HF is bit-exact
+    back = str(tmp_path / "back")
+    assert cli_main(["convert", out, back, "--to", "hf", "--quiet"]) == 0
+    again = load_file(os.path.join(back, "model.safetensors"))
+    assert again.keys() == hf.keys() and all(torch.equal(again[k], hf[k]) for k in hf)

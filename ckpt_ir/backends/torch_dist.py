@@ -31,11 +31,12 @@ from ckpt_ir.backends.plan import OutputFile, Plan
 from ckpt_ir.errors import VerifyError
 from ckpt_ir.families import by_name
 from ckpt_ir.io.safe_pickle import TorchDtype
-from ckpt_ir.io.torchzip import Tensor
+from ckpt_ir.io.torchzip import Tensor, writable
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.dtypes import torch_name
 from ckpt_ir.ir.names import split_layer
+from ckpt_ir.passes.fusion import mla_rule
 
 METADATA_JSON = {
     "sharded_backend": "torch_dist",
@@ -43,14 +44,7 @@ METADATA_JSON = {
     "common_backend": "torch",
     "common_backend_version": 1,
 }
-# the modules of a decoder layer whose _extra_state Megatron saves as sharded objects
 STATE_PREFIX = "optimizer.state."
-EXTRA_STATE_MODULES = (
-    "self_attention.linear_proj",
-    "self_attention.linear_qkv",
-    "mlp.linear_fc1",
-    "mlp.linear_fc2",
-)
 
 
 def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
@@ -67,28 +61,20 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
             f"torch_dist output needs one whole, fused Megatron layout (it is resharded on load), got "
             f"{layout.describe()}"
         )
-    if (
-        spec.mla
-        or spec.mtp_layers
-        or spec.lora_rank is not None
-        or spec.dense_layers
-        or spec.shared_ffn_hidden_size
-        or spec.router_bias
-        or layout.grouped_gemm
-    ):
+    if spec.lora_rank is not None or layout.grouped_gemm:
         raise VerifyError(
-            "torch_dist output supports dense GPTs and MoE models with every layer MoE and no shared "
-            "experts (no MLA, multi-token prediction, router bias or unmerged LoRA) for now; write "
-            "--ckpt-format torch instead"
+            "torch_dist output supports dense GPTs, MoE models (dense layers, shared experts, router "
+            "bias), multi-latent attention and multi-token prediction, not yet grouped-GEMM experts "
+            "or unmerged LoRA; write --ckpt-format torch instead"
         )
     experts = spec.num_experts
-    stored = _stored(ckpt.tensors, spec.num_layers, experts, spec.family)
+    te = layout.norm_names != "local"  # the layer spec the written args name (transformer_impl)
+    stored, objects = _stored(ckpt.tensors, spec, spec.num_layers, experts, te)
     for which, nodes in ckpt.states.items():  # fully reshardable: the same keys and shapes as the weights
         stored += [
             (f"{STATE_PREFIX}{which}.{key}", expr)
-            for key, expr in _stored(nodes, spec.num_layers, experts, spec.family)
+            for key, expr in _stored(nodes, spec, spec.num_layers, experts, te)[0]
         ]
-    layers = spec.num_layers
     it = iteration if iteration is not None else ckpt.meta.get("iteration", 1)
     d = M.iter_dir(it)
     files: list[OutputFile] = []
@@ -99,31 +85,19 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
             OutputFile(f"{d}/{data}", "torch", ((key, expr),), obj=Tensor(key, expr.dtype, expr.shape))
         )
         entries.append((key, "tensor", expr.dtype, expr.shape, data))
-    objects = [
-        f"decoder.layers.{m}._extra_state/shard_{i}_{layers}"
-        for m in EXTRA_STATE_MODULES[:2]
-        for i in range(layers)
-    ]
-    if experts:  # one per expert of each layer: shard_<layer>.<expert>_<layers>.<experts>
-        objects += [
-            f"decoder.layers.mlp.experts.experts.{m}._extra_state/shard_{i}.{e}_{layers}.{experts}"
-            for m in ("linear_fc1", "linear_fc2")
-            for i in range(layers)
-            for e in range(experts)
-        ]
-    else:
-        objects += [
-            f"decoder.layers.{m}._extra_state/shard_{i}_{layers}"
-            for m in EXTRA_STATE_MODULES[2:]
-            for i in range(layers)
-        ]
     for key in objects:
         data = f"__0_{len(entries)}.distcp"
         files.append(OutputFile(f"{d}/{data}", "torch", (), obj=[None]))  # Megatron's torch.save([state])
         entries.append((key, "bytes", "", (), data))
     family = by_name(spec.family)
+    # a Megatron source's args travel whole (training settings; what an args-only model computes)
+    source = (ckpt.meta.get("training") or {}).get("args")
     args = M.build_args(
-        spec, layout, ckpt.hf_config, family.mindspeed_names[0] if family.mindspeed_names else spec.family
+        spec,
+        layout,
+        ckpt.hf_config,
+        family.mindspeed_names[0] if family.mindspeed_names else spec.family,
+        source={k: v for k, v in source.items() if writable(v)} if source else None,
     )
     args.ckpt_format = "torch_dist"
     common = {
@@ -183,58 +157,142 @@ def _stacked(parts: list[E.Expr]) -> E.Expr:
     return E.Concat(tuple(E.Reshape(p, (1, *p.shape)) for p in parts), 0)
 
 
-def _stored(
-    nodes: dict, layers: int, experts: int = 0, family: str | None = None
-) -> list[tuple[str, E.Expr]]:
-    """(torch_dist key, expression) for one tensor set: global tensors, decoder layers stacked
-    (MoE experts on the next axis: ``decoder.layers.mlp.experts.experts.linear_fc1.weight`` is
-    ``[L, E, 2F, H]``)."""
-    table = M.layer_table("te", family=family)
-    stored: list[tuple[str, E.Expr]] = []
-    if "embed.weight" in nodes:
-        stored.append(("embedding.word_embeddings.weight", nodes["embed.weight"].expr))
-    by_role: dict[str, list[str]] = {}
-    for name in nodes:
-        layer, rest = split_layer(name)
-        if layer is not None:
-            by_role.setdefault(rest, []).append(name)
-    for role in M.role_order(False):
+def _layer_entries(
+    nodes: dict, spec, layer: int, table, used: set[str], te: bool
+) -> list[tuple[str, E.Expr, bool]]:
+    """(key below the layer, expression, stacked over experts) of one transformer layer's tensors:
+    each routed-expert tensor is stacked on a leading expert axis (``[E, 2F, H]``).  A MoE layer's
+    pre-MLP norm is ``pre_mlp_layernorm`` with the Transformer-Engine layer spec (``te``: a
+    module of its own), ``mlp.linear_fc1.layer_norm_*`` with the local one (its key map)."""
+    out: list[tuple[str, E.Expr, bool]] = []
+    here = f"layers.{layer}."
+    local = M.layer_table("local")
+    for role in M.role_order(spec.mla, spec.qk_full_norm, spec.gated_mlp):
         rest = role[len("layers.{i}.") :]
+        if spec.mla and rest == "attn.qkv_a.weight" and here + rest in nodes:
+            # Megatron-Core keeps MLA's two down-projections apart (the torch format's linear_qkv
+            # is MindSpeed-LLM's fusion of them)
+            parts = mla_rule(spec).split(nodes[here + rest].expr)
+            q = _mla_key("attn.q_a.weight" if spec.q_lora_rank else "attn.q.weight", te, False)
+            out.append((str(q), E.simplify(parts["q"]), False))
+            out.append((str(_mla_key("attn.kv_a.weight", te, False)), E.simplify(parts["kv_a"]), False))
+            used.add(here + rest)
+            continue
+        names = local if te and spec.is_moe_layer(layer) and rest.startswith("mlp_norm.") else table
+        key = names.from_canonical(role.format(i=0, e=0))[len("decoder.layers.0.") :]
+        if spec.mla:
+            key = _mla_key(rest, te, spec.is_moe_layer(layer)) or key
         if "{e}" in rest:
-            names = [n for e in range(experts) for n in by_role.pop(rest.format(e=e), [])]
-            if not names:
+            names = [here + rest.format(e=e) for e in range(spec.num_experts)]
+            have = [n for n in names if n in nodes]
+            if not have:
                 continue
-            if len(names) != layers * experts:
-                raise VerifyError(
-                    f"torch_dist stacks every layer's experts, but {rest} exists {len(names)} times "
-                    f"for {layers} layers x {experts} experts"
-                )
-            per_layer = [
-                _stacked([nodes[f"layers.{i}.{rest.format(e=e)}"].expr for e in range(experts)])
-                for i in range(layers)
-            ]
-            module, kind = rest.split(".")[-2:]  # gate_up -> linear_fc1, down -> linear_fc2; weight / bias
-            name = {"gate_up": "linear_fc1", "down": "linear_fc2"}[module]
-            stored.append(
-                (f"decoder.layers.mlp.experts.experts.{name}.{kind}", E.simplify(_stacked(per_layer)))
-            )
-            continue
-        names = by_role.pop(rest, [])
-        if not names:
-            continue
-        if len(names) != layers:
+            if len(have) != len(names):
+                raise VerifyError(f"torch_dist stacks a layer's experts, but layer {layer} lacks some {rest}")
+            key = "mlp.experts.experts." + key.split(".local_experts.0.", 1)[1]
+            out.append((key, _stacked([nodes[n].expr for n in names]), True))
+            used.update(names)
+        elif here + rest in nodes:
+            out.append((key, nodes[here + rest].expr, False))
+            used.add(here + rest)
+    return out
+
+
+def _mla_key(rest: str, te: bool, moe: bool) -> str | None:
+    """Megatron-Core's key of an MLA layer's tensor where it differs from the torch format's."""
+    if te and not moe and rest == "mlp_norm.weight":  # a dense layer's pre-MLP norm fused into fc1
+        return "mlp.linear_fc1.layer_norm_weight"
+    keys = {c: m for m, c in M.MCORE_MLA_KEYS} | ({c: m for m, c in M.MCORE_MLA_TE_NORMS} if te else {})
+    return keys.get(rest)
+
+
+def _stored(
+    nodes: dict, spec, layers: int, experts: int = 0, te: bool = False
+) -> tuple[list[tuple[str, E.Expr]], list[str]]:
+    """(torch_dist key, expression) for one tensor set, and the keys of the ``_extra_state``
+    objects Megatron's linear modules save beside them.  Decoder layers are stacked on a leading
+    layer axis (``decoder.layers.<key>`` ``[L, ...]``) when every layer has the same modules, as
+    Megatron-Core saves a homogeneous block; with dense and MoE layers mixed (``moe_layer_freq`` a
+    pattern) each layer has its own keys (``decoder.layers.<i>.<key>``).  Multi-token-prediction
+    layers are ``mtp.layers.<k>.{enorm,hnorm,eh_proj,final_layernorm}`` around a
+    ``transformer_layer``."""
+    table = M.spec_layer_table("te", spec)
+    stored: list[tuple[str, E.Expr]] = []
+    objects: list[str] = []
+    for name, key in (
+        ("embed.weight", "embedding.word_embeddings.weight"),
+        ("pos_embed.weight", "embedding.position_embeddings.weight"),
+    ):
+        if name in nodes:
+            stored.append((key, nodes[name].expr))
+    used: set[str] = set()
+    per_layer = [_layer_entries(nodes, spec, i, table, used, te) for i in range(layers)]
+
+    def linear(key: str) -> bool:  # a module whose _extra_state Megatron saves
+        module = key[: -len(".weight")].rsplit(".", 1)[-1]
+        return key.endswith(".weight") and (module.startswith("linear_") or module == "eh_proj")
+
+    def own_objects(prefix: str, entries) -> None:
+        for key, expr, by_expert in entries:
+            if linear(key):
+                base = f"{prefix}{key[: -len('.weight')]}._extra_state"
+                n = expr.shape[0] if by_expert else 1
+                objects.extend(f"{base}/shard_{e}_{n}" for e in range(n))
+
+    if not spec.dense_layers:  # homogeneous: one stacked key per module
+        first = per_layer[0] if per_layer else []
+        shapes = [[(k, x.shape) for k, x, _ in entries] for entries in per_layer]
+        if any(s != shapes[0] for s in shapes):
             raise VerifyError(
-                f"torch_dist stacks every layer's {rest}, but only {len(names)} of {layers} layers have it"
+                "torch_dist stacks the decoder layers, but they do not all hold the same tensors"
             )
-        key = table.from_canonical(role.format(i=0))
-        stacked = _stacked([nodes[f"layers.{i}.{rest}"].expr for i in range(layers)])
-        stored.append(("decoder.layers." + key[len("decoder.layers.0.") :], E.simplify(stacked)))
-    if by_role:
-        raise VerifyError(f"no torch_dist key for {sorted(by_role)[0]}")
-    stored.append(("decoder.final_layernorm.weight", nodes["final_norm.weight"].expr))
-    if "lm_head.weight" in nodes:
-        stored.append(("output_layer.weight", nodes["lm_head.weight"].expr))
-    return stored
+        for n, (key, _, by_expert) in enumerate(first):
+            stored.append(
+                ("decoder.layers." + key, E.simplify(_stacked([entries[n][1] for entries in per_layer])))
+            )
+            if linear(key):
+                base = f"decoder.layers.{key[: -len('.weight')]}._extra_state"
+                objects.extend(
+                    f"{base}/shard_{i}.{e}_{layers}.{experts}" if by_expert else f"{base}/shard_{i}_{layers}"
+                    for i in range(layers)
+                    for e in range(experts if by_expert else 1)
+                )
+    else:
+        for i, entries in enumerate(per_layer):
+            stored += [(f"decoder.layers.{i}.{key}", E.simplify(x)) for key, x, _ in entries]
+            own_objects(f"decoder.layers.{i}.", entries)
+    stored += [
+        (f"decoder.final_layernorm.{w}", nodes[f"final_norm.{w}"].expr)
+        for w in ("weight", "bias")
+        if f"final_norm.{w}" in nodes
+    ]
+    for k in range(spec.mtp_layers):
+        layer, prefix = layers + k, f"mtp.layers.{k}."
+        head = [
+            (m.format(k=k)[len(prefix) :], nodes[f"layers.{layer}.{c}"].expr, False)
+            for m, c in M.MTP_KEYS[:3]
+        ]
+        body = [
+            (f"transformer_layer.{key}", x, e)
+            for key, x, e in _layer_entries(nodes, spec, layer, table, used, te)
+        ]
+        tail = [("final_layernorm.weight", nodes[f"layers.{layer}.mtp.norm.weight"].expr, False)]
+        # the MTP block's own embedding and head are the main model's (shared in Megatron)
+        used.update(
+            f"layers.{layer}.{c}"
+            for c in (*(c for _, c in M.MTP_KEYS), "mtp.embed.weight", "mtp.head.weight")
+        )
+        stored += [(prefix + key, E.simplify(x)) for key, x, _ in head + body + tail]
+        own_objects(prefix, head + body)
+    stored += [
+        (f"output_layer.{w}", nodes[f"lm_head.{w}"].expr)
+        for w in ("weight", "bias")
+        if f"lm_head.{w}" in nodes
+    ]
+    left = sorted(n for n in nodes if split_layer(n)[0] is not None and n not in used)
+    if left:
+        raise VerifyError(f"no torch_dist key for {left[0]}")
+    return stored, objects
 
 
 def write_dcp_metadata(path: str, entries: tuple, data_dir: str) -> None:

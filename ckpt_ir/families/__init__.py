@@ -318,9 +318,19 @@ def _load_builtin() -> None:
     if _builtin_loaded:
         return
     _builtin_loaded = True
+    from importlib import import_module
     from importlib.metadata import entry_points
 
-    from ckpt_ir.families import llama, moe, open_weights, remote, wave_a, wave_b  # noqa: F401
+    for module in (
+        "llama",
+        "moe",
+        "wave_a",
+        "wave_b",
+        "open_weights",
+        "remote",
+        "infer",
+    ):  # infer: the args-only family, last
+        import_module(f"ckpt_ir.families.{module}")
 
     for ep in entry_points(group="ckpt_ir.families"):
         try:

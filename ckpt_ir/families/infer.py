@@ -16,9 +16,27 @@ from typing import Any
 
 import attrs
 
-from ckpt_ir.errors import FormatError
-from ckpt_ir.families import Family, by_name
+from ckpt_ir.errors import CkptIrError, FormatError
+from ckpt_ir.families import Family, by_name, register
+from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.mcore_format import int_list as _int_list
+
+
+class NoFamily(FormatError):
+    """No HF family computes the model the args describe (the args alone still describe it);
+    ``detail`` names the args that decide it."""
+
+    def __init__(self, where: str, detail: str, hint: str) -> None:
+        super().__init__(f"{where}: no supported HF family computes this Megatron model ({detail}); {hint}")
+        self.detail = detail
+
+
+# Any model Megatron-Core builds, described by its args alone: every tensor Megatron writes has a
+# role (whose split rule is Megatron's own), so Megatron targets need no HF family; it has no HF
+# names, and an HF target is refused (see :func:`require_hf`).
+MEGATRON = register(
+    Family(name="megatron", model_types=(), architecture="(none: Megatron targets only)", tensors=())
+)
 
 
 class Args:
@@ -303,7 +321,7 @@ def infer(args: dict[str, Any], where: str) -> tuple[Family, dict[str, Any], str
     hint = "pass --hf-config DIR (the model's HF config.json) or --model-type-hf NAME to choose a family"
     if bad:
         shown = ", ".join(f"args.{k}={v!r} (needs {w!r})" for k, v, w in bad)
-        raise FormatError(f"{where}: no supported HF family computes this Megatron model: {shown}; {hint}")
+        raise NoFamily(where, shown, hint)
     on = [f for f in FEATURES if f.on(a)]
     features = frozenset(f.name for f in on)
     why = ", ".join(
@@ -321,7 +339,7 @@ def infer(args: dict[str, Any], where: str) -> tuple[Family, dict[str, Any], str
             try:
                 cfg = hf_config(family, args, rule)
             except FormatError as e:
-                raise FormatError(f"{where}: the args look like {rule.family} but {e}; {hint}") from None
+                raise NoFamily(where, f"the args look like {rule.family} but {e}", hint) from None
             return family, cfg, f"inferred family {rule.family} from args ({why})"
     best = min(r.distance(features) for r in RULES)
     names = {f.name: f.args for f in FEATURES}
@@ -333,10 +351,8 @@ def infer(args: dict[str, Any], where: str) -> tuple[Family, dict[str, Any], str
         )
 
     near = "; ".join(f"{r.family} {differs(r)}" for r in RULES if r.distance(features) == best)
-    raise FormatError(
-        f"{where}: no supported HF family computes this Megatron model (args turn on: "
-        f"{', '.join(f.args for f in on) or 'nothing beyond a dense GPT'}; nearest: {near}); {hint}"
-    )
+    detail = f"args turn on: {', '.join(f.args for f in on) or 'nothing beyond a dense GPT'}; nearest: {near}"
+    raise NoFamily(where, detail, hint)
 
 
 def hf_config_for(family: Family, args: dict[str, Any], where: str) -> dict[str, Any]:
@@ -345,3 +361,50 @@ def hf_config_for(family: Family, args: dict[str, Any], where: str) -> dict[str,
         return hf_config(family, args)
     except FormatError as e:
         raise FormatError(f"{where}: {e}") from None
+
+
+def megatron_spec(args: dict[str, Any], where: str) -> ModelSpec:
+    """The :data:`MEGATRON` family's spec of the model plain Megatron-LM ``args`` describe: shapes
+    from :func:`spec_values`, and the switches that decide which tensors exist (biases, LayerNorm,
+    gated MLP, learned positions) from the args themselves."""
+    a = Args(args)
+    missing = [
+        k for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads") if not args.get(k)
+    ]
+    if missing or not (a["vocab_size"] or a["padded_vocab_size"]):
+        raise FormatError(
+            f"{where}: args lack {', '.join(missing) or 'vocab_size'}; cannot tell the model's shape"
+        )
+    values = spec_values(a)
+    bias = bool(a["add_bias_linear"])
+    learned = a.position_embedding() == "learned_absolute"
+    values.update(
+        activation="silu" if a["swiglu"] else "relu2" if a["squared_relu"] else "gelu",
+        gated_mlp=bool(a["swiglu"]),
+        qkv_bias=bias or bool(a["add_qkv_bias"]),
+        o_bias=bias,
+        mlp_bias=bias,
+        norm_bias=a["normalization"] == "LayerNorm",
+        position_embeddings=(a["max_position_embeddings"] or a["seq_length"] or 0) if learned else 0,
+    )
+    if learned and not values["position_embeddings"]:
+        raise FormatError(f"{where}: learned absolute positions but args lack max_position_embeddings")
+    dtype = "BF16" if a["bf16"] else "F16" if a["fp16"] else "F32"
+    try:
+        return ModelSpec(family=MEGATRON.name, dtype=dtype, **values)
+    except (TypeError, ValueError, CkptIrError) as e:
+        raise FormatError(f"{where}: the args do not describe a model ckpt-ir can lay out ({e})") from None
+
+
+def args_only(detail: str) -> str:
+    """The line saying a model is resharded from its args alone, and why (``detail``: the args)."""
+    return f"no HF family computes this Megatron model ({detail}): family megatron, Megatron targets only"
+
+
+def require_hf(spec: ModelSpec, source: str, why: str | None) -> None:
+    """Refuse an HF target for a model only its Megatron args describe, in one line naming them."""
+    if spec.family == MEGATRON.name:
+        raise FormatError(
+            f"{source}: no HF checkpoint (or transformers model) for it: {why or args_only('--model-type-hf megatron')}; "
+            f"convert it --to mcore, or pass --hf-config DIR / --model-type-hf NAME to choose a family"
+        )

@@ -81,7 +81,10 @@ def spec_from_args(
     a = _Args(args, where)
     named = args.get("ckpt_ir_family") or args.get("model_type_hf")
     why = None
-    if hf_config is not None:
+    if hf_config is None and infer.MEGATRON.name in (family, named):
+        spec, cfg = infer.megatron_spec(args, where), None
+        why = "family megatron (Megatron targets only): the model is described by its args alone"
+    elif hf_config is not None:
         cfg, fam = hf_config, for_hf_config(hf_config, "--hf-config")
     elif (
         named
@@ -99,8 +102,13 @@ def spec_from_args(
         cfg = infer.hf_config_for(fam, args, where)
         why = f"family {fam.name} (--model-type-hf); HF config built from args"
     else:
-        fam, cfg, why = infer.infer(args, where)
-    spec = fam.spec_from_config(cfg, where=f"{where} (args)")
+        try:
+            fam, cfg, why = infer.infer(args, where)
+        except infer.NoFamily as e:
+            # resharding needs no HF family: the args describe every tensor Megatron wrote
+            spec, cfg, why = infer.megatron_spec(args, where), None, infer.args_only(e.detail)
+    if cfg is not None:
+        spec = fam.spec_from_config(cfg, where=f"{where} (args)")
     if args.get("mtp_num_layers") is not None:
         spec = _evolve(spec, mtp_layers=a.size("mtp_num_layers", 0, 64) if args["mtp_num_layers"] else 0)
     return spec, cfg, why
@@ -347,11 +355,7 @@ def lift(
     if spec.tied_embeddings and "lm_head.weight" in tensors:
         dropped["output_layer.weight"] = "copy of the tied embedding on the last pipeline stage"
     for s_tensors in (tensors, *sets.values()):
-        for k in range(spec.mtp_layers):  # MTP shares the main embedding / output layer in Megatron
-            for own, main in (("mtp.embed.weight", "embed.weight"), ("mtp.head.weight", "lm_head.weight")):
-                name = f"layers.{spec.num_layers + k}.{own}"
-                if name not in s_tensors and main in s_tensors:
-                    s_tensors[name] = attrs.evolve(s_tensors[main], name=name)
+        add_mtp_copies(spec, s_tensors)
         if spec.tied_embeddings:
             s_tensors.pop("lm_head.weight", None)
     if unknown:
@@ -398,6 +402,16 @@ def lift(
         meta=meta,
         states={k: {n: v[n] for n in ordered if n in v} for k, v in sets.items()},
     )
+
+
+def add_mtp_copies(spec, tensors: dict[str, TensorNode]) -> None:
+    """MTP layers share the main embedding / output layer in Megatron: give each its canonical
+    copies (an HF target writes them as the released checkpoints do)."""
+    for k in range(spec.mtp_layers):
+        for own, main in (("mtp.embed.weight", "embed.weight"), ("mtp.head.weight", "lm_head.weight")):
+            name = f"layers.{spec.num_layers + k}.{own}"
+            if name not in tensors and main in tensors:
+                tensors[name] = attrs.evolve(tensors[main], name=name)
 
 
 REPLICA_MODES = ("check", "check-all", "take-rank0")

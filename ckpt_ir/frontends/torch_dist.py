@@ -34,7 +34,7 @@ from ckpt_ir import mcore_distopt as distopt
 from ckpt_ir import mcore_format as M
 from ckpt_ir.errors import CoverageError, FormatError
 from ckpt_ir.frontends.hf import MCORE_HF_DIR, side_files
-from ckpt_ir.frontends.mcore import spec_from_args
+from ckpt_ir.frontends.mcore import add_mtp_copies, spec_from_args
 from ckpt_ir.io.dcp import ChunkResolver, DcpTensor, read_metadata
 from ckpt_ir.io.torchzip import TorchZip
 from ckpt_ir.ir import expr as E
@@ -126,7 +126,7 @@ def lift(
             continue
         te_norms |= key.endswith("linear_qkv.layer_norm_weight")
         te_fc1 |= key.endswith("linear_fc1.layer_norm_weight")
-        names = _names(key, t, spec.num_layers, tables, md.path)
+        names = _names(key, t, spec.num_layers, tables, md.path, spec.mla)
         if names is None:
             if any(fnmatch.fnmatch(key, pat) for pat in allow_unused):
                 dropped[key if target is model else f"optimizer state of {key}"] = "matched --allow-unused"
@@ -209,6 +209,10 @@ def lift(
         tensors = dict(sets["param"])
         if not optimizer:
             sets = {}
+    for s in (tensors, *sets.values()):
+        if spec.mla:
+            _fuse_mla(spec, s)
+        add_mtp_copies(spec, s)
     if spec.tied_embeddings:
         for s in (tensors, *sets.values()):
             if s.pop("lm_head.weight", None) is not None and s is tensors:
@@ -493,12 +497,20 @@ def _sharding_type(common: dict) -> str | None:
 
 
 def _names(
-    key: str, t: DcpTensor, num_layers: int, tables, where: str
+    key: str, t: DcpTensor, num_layers: int, tables, where: str, mla: bool = False
 ) -> list[tuple[str, tuple[int, ...]]] | None:
     """[(canonical name, index into the stored tensor's leading axes)] for one stored key, or None
-    when the key means nothing to us."""
-    m = _UNSTACKED.match(key)
+    when the key means nothing to us.  Multi-token-prediction layer k (``mtp.layers.<k>.``) is
+    model layer ``num_layers + k``; ``mla``: Megatron-Core's own MLA keys."""
+    m = _MTP.match(key)
     if m:
+        layer, rest = num_layers + int(m.group(1)), m.group(2)
+        if rest in _MTP_OWN:
+            return [(layer_name(layer, _MTP_OWN[rest]), ())]
+        if not rest.startswith("transformer_layer."):
+            return None
+        layers = [(layer, rest[len("transformer_layer.") :], ())]
+    elif (m := _UNSTACKED.match(key)) is not None:
         layers = [(int(m.group(1)), m.group(2), ())]
     elif key.startswith("decoder.layers."):
         if not t.shape or t.shape[0] != num_layers:
@@ -521,11 +533,43 @@ def _names(
             m = _ONE_EXPERT.match(rest)
             per = [(f"mlp.experts.local_experts.{m.group(1)}.{m.group(2)}" if m else rest, index)]
         for sub, idx in per:
+            if mla and sub in _MLA_READ:
+                out.append((layer_name(i, _MLA_READ[sub]), idx))
+                continue
             canon = M.canonical_key(f"decoder.layers.{i}.{sub}", 0, 0, tables)
             if canon is None:
                 return None
             out.append((_resolve(canon), idx))
     return out
+
+
+_MTP = re.compile(r"^mtp\.layers\.(\d+)\.(.+)$")
+# an MTP layer's own modules around its transformer layer (Megatron-Core's names)
+_MTP_OWN = {
+    "enorm.weight": "mtp.enorm.weight",
+    "hnorm.weight": "mtp.hnorm.weight",
+    "eh_proj.weight": "mtp.eh_proj.weight",
+    "final_layernorm.weight": "mtp.norm.weight",
+}
+_MLA_READ = dict(M.MCORE_MLA_KEYS + M.MCORE_MLA_TE_NORMS)
+
+
+def _fuse_mla(spec, nodes: dict[str, TensorNode]) -> None:
+    """Megatron-Core's separate MLA down-projections as the fused ``attn.qkv_a`` a Megatron layout
+    holds (the torch format's linear_qkv)."""
+    from ckpt_ir.passes.fusion import mla_rule
+
+    q = "attn.q_a.weight" if spec.q_lora_rank else "attn.q.weight"
+    for i in range(spec.total_layers):
+        parts = {p: nodes.pop(layer_name(i, c), None) for p, c in (("q", q), ("kv_a", "attn.kv_a.weight"))}
+        if all(parts.values()):
+            name = layer_name(i, "attn.qkv_a.weight")
+            fused = mla_rule(spec).fuse({p: n.expr for p, n in parts.items() if n is not None})
+            nodes[name] = TensorNode.whole(name, E.simplify(fused))
+        else:
+            nodes.update(
+                {layer_name(i, c): n for (p, n), c in zip(parts.items(), (q, "attn.kv_a.weight")) if n}
+            )
 
 
 def _resolve(canon: str | M.LocalName) -> str:

@@ -103,22 +103,36 @@ def _mtp(s: ModelSpec, lay: Layout, i: int) -> bool:
 def _mlp_roles(
     prefix: str, width: Callable[[ModelSpec], int], present: Callable[[bool], Presence]
 ) -> list[Role]:
-    """gate / up / fused gate_up / down of a gated MLP (the dense one, an expert, the shared one)."""
+    """The MLP (the dense one, an expert, the shared one): gated (gate / up, or Megatron's fused
+    gate_up) or plain (one fc1, e.g. GELU), then down; with ``mlp_bias`` their biases (a
+    row-parallel layer's bias is added once after the reduction: whole on every TP rank)."""
+
+    def gated(fused: bool) -> Presence:
+        return lambda s, lay, i: s.gated_mlp and present(fused)(s, lay, i)
+
+    def anywhere(s: ModelSpec, lay: Layout, i: int) -> bool:
+        return present(False)(s, lay, i) or present(True)(s, lay, i)
+
+    def plain(s: ModelSpec, lay: Layout, i: int) -> bool:
+        return not s.gated_mlp and anywhere(s, lay, i)
+
+    def biased(p: Presence) -> Presence:
+        return lambda s, lay, i: s.mlp_bias and p(s, lay, i)
+
     return [
-        Role(prefix + "gate.weight", COLUMN, lambda s, lay: (width(s), s.hidden_size), present(False)),
-        Role(prefix + "up.weight", COLUMN, lambda s, lay: (width(s), s.hidden_size), present(False)),
+        Role(prefix + "gate.weight", COLUMN, lambda s, lay: (width(s), s.hidden_size), gated(False)),
+        Role(prefix + "up.weight", COLUMN, lambda s, lay: (width(s), s.hidden_size), gated(False)),
         Role(
             prefix + "gate_up.weight",
             COLUMN_BLOCKS2,
             lambda s, lay: (2 * width(s), s.hidden_size),
-            present(True),
+            gated(True),
         ),
-        Role(
-            prefix + "down.weight",
-            ROW,
-            lambda s, lay: (s.hidden_size, width(s)),
-            lambda s, lay, i: present(False)(s, lay, i) or present(True)(s, lay, i),
-        ),
+        Role(prefix + "gate_up.bias", COLUMN_BLOCKS2, lambda s, lay: (2 * width(s),), biased(gated(True))),
+        Role(prefix + "fc1.weight", COLUMN, lambda s, lay: (width(s), s.hidden_size), plain),
+        Role(prefix + "fc1.bias", COLUMN, lambda s, lay: (width(s),), biased(plain)),
+        Role(prefix + "down.weight", ROW, lambda s, lay: (s.hidden_size, width(s)), anywhere),
+        Role(prefix + "down.bias", None, lambda s, lay: (s.hidden_size,), biased(anywhere)),
     ]
 
 
@@ -139,6 +153,13 @@ def _qkv_rows(s: ModelSpec, lay: Layout) -> int:
 
 _BUILTIN: list[Role] = [
     Role("embed.weight", COLUMN, lambda s, lay: (_vocab(s, lay), s.hidden_size)),
+    # learned absolute positions (Megatron's torch.nn.Embedding: not split over TP)
+    Role(
+        "pos_embed.weight",
+        None,
+        lambda s, lay: (s.position_embeddings, s.hidden_size),
+        lambda s, lay, i: s.position_embeddings > 0,
+    ),
     Role(
         "lm_head.weight", COLUMN, lambda s, lay: (_vocab(s, lay), s.hidden_size), lambda s, lay, i: s.untied
     ),
@@ -208,6 +229,18 @@ _BUILTIN: list[Role] = [
     Role(L + "attn.o.bias", None, lambda s, lay: (s.hidden_size,), _attn(lambda s, lay: s.o_bias)),
     Role(L + "attn.q_norm.weight", None, lambda s, lay: (s.head_dim,), _attn(lambda s, lay: s.qk_norm)),
     Role(L + "attn.k_norm.weight", None, lambda s, lay: (s.head_dim,), _attn(lambda s, lay: s.qk_norm)),
+    Role(
+        L + "attn.q_norm.bias",
+        None,
+        lambda s, lay: (s.head_dim,),
+        _attn(lambda s, lay: s.qk_norm and s.norm_bias),
+    ),
+    Role(
+        L + "attn.k_norm.bias",
+        None,
+        lambda s, lay: (s.head_dim,),
+        _attn(lambda s, lay: s.qk_norm and s.norm_bias),
+    ),
     # full-width q/k norms (one weight over all heads): split over TP with the heads they scale
     # (Megatron-Bridge's MiniMax-M2 layout; the module all-reduces the sum of squares)
     Role(
@@ -493,6 +526,7 @@ def expected_names(spec: ModelSpec, layout: Layout) -> set[str]:
 
 _TOP = {
     "embed.weight": 0,
+    "pos_embed.weight": 0,
     "final_norm.weight": 2,
     "final_norm.bias": 2,
     "lm_head.weight": 3,

@@ -83,6 +83,10 @@ class ModelSpec:
     attn_sinks: bool = False  # a learned per-head softmax offset ("sinks", gpt-oss)
     router_logit_bias: bool = False  # a bias of the router's linear layer itself (gpt-oss)
     expert_bias: bool = False  # biases on the routed experts' gate/up and down projections (gpt-oss)
+    # a plain Megatron GPT (--add-bias-linear, no --swiglu, learned absolute positions)
+    gated_mlp: bool = True  # fc1 = [gate; up] (SwiGLU-style); False: one fc1 (GELU MLP)
+    mlp_bias: bool = False  # biases on the MLP's fc1 / fc2
+    position_embeddings: int = 0  # rows of a learned absolute position table (0: none)
     lora_rank: int | None = None  # set while the checkpoint carries (unmerged) LoRA adapters
     lora_alpha: float | None = None
     # LoRA scaling: alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA; r is each target's own
