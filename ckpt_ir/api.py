@@ -189,12 +189,15 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
     (gather, drop no-op layers and padding, unfuse), attach and merge LoRA, drop what the target
     does not carry (MTP layers beyond ``mtp_layers``, optimizer state), cast, then build the
     target layout (fuse, pad, no-op layers, grouped experts, shard, norm naming)."""
+    from ckpt_ir import quant
     from ckpt_ir.frontends import peft
 
     lay = src.layout
     to_mcore = target.to == "mcore"
     peft_adapter = bool(target.lora_load) and peft.detect(target.lora_load)  # type: ignore[arg-type]
     steps: list[str] = []
+    if any(quant.is_dequantized(s) for t in src.tensors.values() for s in t.shards):
+        steps.append(_pass_text("dequantize", dtype=target.dtype))  # quantized storage -> compute dtype
     if target.lora_load and not peft_adapter:  # a Megatron adapter shares the base's layout
         steps.append(_pass_text("attach-lora", path=target.lora_load))
     unfuse = target.to in ("hf", "peft") or peft_adapter

@@ -23,6 +23,7 @@ from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.layout import Layout
 from ckpt_ir.ir.roles import canonical_order, expected_shape
 from ckpt_ir.ir.spec import ModelSpec
+from ckpt_ir.quant import dequantize_tensors
 
 # side files copied next to HF output (tokenizer, generation settings, chat template, remote code)
 AUX_PATTERNS = (
@@ -174,7 +175,8 @@ def lift(
     spec = family_obj.spec_from_config(
         cfg, dtype_hint=next(iter(dtypes)) if len(dtypes) == 1 else None, where=where
     )
-    tensors, dropped = map_tensors(family_obj, spec, raw, allow_unused)
+    # quantized weights and their scales become one dequantize expression under the weight's name
+    tensors, dropped = map_tensors(family_obj, spec, dequantize_tensors(raw, cfg, where), allow_unused)
     if spec.mtp_layers:  # transformers neither loads nor saves MTP layers: count the ones present
         from ckpt_ir.ir.names import split_layer
 
@@ -202,7 +204,7 @@ def lift(
 
 
 def map_tensors(
-    family: Family, spec: ModelSpec, raw: dict[str, E.Load], allow_unused: tuple[str, ...]
+    family: Family, spec: ModelSpec, raw: dict[str, E.Expr], allow_unused: tuple[str, ...]
 ) -> tuple[dict[str, TensorNode], dict[str, str]]:
     names = family.names
     tensors: dict[str, TensorNode] = {}
@@ -244,7 +246,7 @@ def names_for(template: str):
     return _compile(template)
 
 
-def _unpack(key: str, load: E.Load, spec: ModelSpec, packed) -> list[tuple[str, E.Expr]] | None:
+def _unpack(key: str, load: E.Expr, spec: ModelSpec, packed) -> list[tuple[str, E.Expr]] | None:
     for p, pat in packed:
         m = pat.match(key)
         if not m:
@@ -252,7 +254,7 @@ def _unpack(key: str, load: E.Load, spec: ModelSpec, packed) -> list[tuple[str, 
         rows = p.row_counts(spec)
         if load.shape[0] != sum(rows):
             raise FormatError(
-                f"{load.path}: tensor {key} has {load.shape[0]} rows, expected {sum(rows)} "
+                f"{E.loads(load)[0].path}: tensor {key} has {load.shape[0]} rows, expected {sum(rows)} "
                 f"({' + '.join(map(str, rows))}) from config.json"
             )
         return [(part.format(**m.groupdict()), e) for part, e in p.rule(spec).split(load).items()]
