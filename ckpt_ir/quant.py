@@ -52,7 +52,9 @@ def _fp8(raw: dict[str, E.Load], qcfg: dict[str, Any], where: str) -> dict[str, 
         if key.endswith(FP8_SCALE):
             wkey = key[: -len(FP8_SCALE)]
             if wkey not in raw:
-                raise FormatError(f"{load.path}: scale tensor {key} has no weight {wkey}; the checkpoint is incomplete")
+                raise FormatError(
+                    f"{load.path}: scale tensor {key} has no weight {wkey}; the checkpoint is incomplete"
+                )
             continue
         scale = raw.get(key + FP8_SCALE)
         if scale is None:
@@ -83,7 +85,9 @@ def _mxfp4(raw: dict[str, E.Load]) -> dict[str, E.Expr]:
         base = key[: -len(MX_BLOCKS)]
         scale = raw.get(base + MX_SCALES)
         if scale is None:
-            raise FormatError(f"{load.path}: mxfp4 tensor {key} has no {base + MX_SCALES}; the checkpoint is incomplete")
+            raise FormatError(
+                f"{load.path}: mxfp4 tensor {key} has no {base + MX_SCALES}; the checkpoint is incomplete"
+            )
         try:
             deq: E.Expr = E.Dequantize(load, scale, (1, 32), "mxfp4")
         except VerifyError as e:

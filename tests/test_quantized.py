@@ -6,7 +6,6 @@ transformers' own dequantization (``Fp8Dequantize``, ``convert_moe_packed_tensor
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 
@@ -24,7 +23,13 @@ FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 
 def _skip_fp8(key: str, t: torch.Tensor) -> bool:
     """What the released FP8 checkpoints keep unquantized: embeddings, norms, lm_head, router gates."""
-    return t.ndim != 2 or "embed" in key or "norm" in key or key.startswith("lm_head") or key.endswith("mlp.gate.weight")
+    return (
+        t.ndim != 2
+        or "embed" in key
+        or "norm" in key
+        or key.startswith("lm_head")
+        or key.endswith("mlp.gate.weight")
+    )
 
 
 def fp8_quantize(w: torch.Tensor, block: tuple[int, int], ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,3 +130,178 @@ def check_against_transformers(fp8_dir: str, out_dir: str, dtype=torch.bfloat16)
     out_cfg = json.load(open(os.path.join(out_dir, "config.json")))
     assert "quantization_config" not in out_cfg
     return n
+
+
+def transformers_load(path: str, fp8: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict transformers loads (bf16); an FP8 release with FineGrainedFP8Config(dequantize=True).
+    Comparing two loads compares checkpoints through the same loader conversions (fused experts,
+    DeepSeek's rope permutations)."""
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+
+    kw = {"quantization_config": FineGrainedFP8Config(dequantize=True)} if fp8 else {}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, **kw).state_dict()
+
+
+def assert_same_load(out_dir: str, fp8_dir: str) -> None:
+    got, want = transformers_load(out_dir), transformers_load(fp8_dir, fp8=True)
+    assert set(got) == set(want)
+    for k, t in got.items():
+        assert torch.equal(bits(t), bits(want[k])), k
+
+
+def read_all(path: str) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for n in sorted(os.listdir(path)):
+        if n.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, n)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_bf16(tmp_path_factory):
+    from tests.conftest import build_hf
+
+    return build_hf(str(tmp_path_factory.mktemp("q") / "llama"), "llama", layers=2, dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def deepseek_bf16(tmp_path_factory):
+    from tests.test_deepseek import build_deepseek
+
+    src = build_deepseek(str(tmp_path_factory.mktemp("q") / "ds"), mtp=False)
+    out = str(tmp_path_factory.mktemp("q") / "ds-bf16")
+    convert(src, out, ck.Target(to="hf", dtype="bf16"))
+    return out
+
+
+@pytest.mark.parametrize("ue8m0", [False, True])
+@pytest.mark.parametrize("model, block", [("llama_bf16", (32, 16)), ("deepseek_bf16", (4, 4))])
+def test_fp8_equals_transformers_dequantizing_loader(model, block, ue8m0, request, tmp_path):
+    """Dense and MoE, fp32 and ue8m0 scales: the bf16 output is what transformers loads from the
+    FP8 release with FineGrainedFP8Config(dequantize=True), bit for bit.  The blocks divide every
+    weight: transformers' loader derives the block from the scale grid, so it spreads partial edge
+    blocks evenly (wrong for them; test_fp8_partial_edge_blocks covers those)."""
+    fp8 = make_fp8(request.getfixturevalue(model), str(tmp_path / "fp8"), block=block, ue8m0=ue8m0)
+    pipe = ck.derive_pipeline(ck.load(fp8), ck.Target(to="hf"))
+    assert str(pipe).startswith("dequantize")
+    convert(fp8, str(tmp_path / "out"), ck.Target(to="hf"))
+    assert check_against_transformers(fp8, str(tmp_path / "out")) > 0
+    assert_same_load(str(tmp_path / "out"), fp8)
+
+
+@pytest.mark.parametrize("block", [(48, 40), (128, 128), (7, 96)])
+def test_fp8_partial_edge_blocks(llama_bf16, block, tmp_path):
+    """Blocks that do not divide the weights (the last row/column blocks are partial) and blocks
+    larger than the weights; checked against Fp8Dequantize on the zero-padded weight."""
+    fp8 = make_fp8(llama_bf16, str(tmp_path / "fp8"), block=block)
+    convert(fp8, str(tmp_path / "out"), ck.Target(to="hf"))
+    assert check_against_transformers(fp8, str(tmp_path / "out")) == 14
+
+
+def test_fp8_to_fp32(llama_bf16, tmp_path):
+    fp8 = make_fp8(llama_bf16, str(tmp_path / "fp8"), block=(32, 32))
+    convert(fp8, str(tmp_path / "out"), ck.Target(to="hf", dtype="fp32"))
+    assert check_against_transformers(fp8, str(tmp_path / "out"), dtype=torch.float32) == 14
+    assert json.load(open(tmp_path / "out" / "config.json"))["dtype"] == "float32"
+
+
+def test_fp8_to_megatron_and_back_is_the_dequantized_model(deepseek_bf16, tmp_path):
+    """FP8 HF -> Megatron TP2 x EP2 -> HF gives the dequantized bf16 weights bit-exact; the rank
+    files hold ordinary bf16 weights."""
+    fp8 = make_fp8(deepseek_bf16, str(tmp_path / "fp8"), block=(4, 4), ue8m0=True)
+    mc = str(tmp_path / "mcore")
+    convert(fp8, mc, ck.Target(to="mcore", tp=2, ep=2))
+    ranks = [os.path.join(r, f) for r, _, fs in os.walk(mc) for f in fs if f == "model_optim_rng.pt"]
+    assert len(ranks) == 4
+    sd = torch.load(ranks[0], weights_only=False)["model"]
+    assert {v.dtype for v in sd.values() if isinstance(v, torch.Tensor)} == {torch.bfloat16}
+    convert(mc, str(tmp_path / "back"), ck.Target(to="hf"))
+    assert check_against_transformers(fp8, str(tmp_path / "back")) > 0
+    assert_same_load(str(tmp_path / "back"), fp8)
+
+
+def test_row_blocks_of_a_dequantized_weight(tmp_path):
+    """Any row range of a dequantize expression simplifies to reads of whole scale blocks and
+    evaluates to the same values as the whole tensor (the writers' row-block evaluation)."""
+    w = torch.randn(150, 70)
+    q, s = fp8_quantize(w, (32, 16), ue8m0=False)
+    f = str(tmp_path / "m.safetensors")
+    save_file({"x.weight": q, "x.weight_scale_inv": s}, f)
+    from ckpt_ir.io.safetensors import read_header
+
+    raw = read_header(f)[0]
+    deq = dequantize_tensors(
+        raw, {"quantization_config": {"quant_method": "fp8", "weight_block_size": [32, 16]}}, "cfg"
+    )
+    e = E.Cast(deq["x.weight"], "BF16")
+    with E.Reader() as r:
+        whole = E.evaluate(E.simplify(e), r)
+        assert torch.equal(bits(whole), bits(transformers_dequantize(q, s, (32, 16), torch.bfloat16)))
+        for a, b in [(0, 1), (5, 37), (31, 33), (64, 96), (140, 150), (0, 150)]:
+            part = E.simplify(E.Slice(e, 0, a, b))
+            lds = E.loads(part)
+            assert max(ld.shape[0] for ld in lds if ld.key == "x.weight") <= b - a + 2 * 32
+            assert torch.equal(bits(E.evaluate(part, r)), bits(whole[a:b])), (a, b)
+
+
+def _write_fp8(tmp_path, tensors: dict[str, torch.Tensor]) -> str:
+    from tests.conftest import build_hf
+
+    d = build_hf(str(tmp_path / "m"), "llama", layers=1, dtype=torch.bfloat16)
+    fp8 = make_fp8(d, str(tmp_path / "fp8"), block=(32, 32))
+    f = os.path.join(fp8, "model.safetensors")
+    sd = load_file(f)
+    sd.update(tensors)
+    for k in [k for k, v in tensors.items() if v is None]:
+        del sd[k]
+    save_file({k: v for k, v in sd.items() if v is not None}, f)
+    return fp8
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"model.layers.0.mlp.up_proj.weight_scale_inv": None},
+            "has no model.layers.0.mlp.up_proj.weight_scale_inv",
+        ),
+        (
+            {"model.layers.0.mlp.up_proj.weight_scale_inv": torch.ones(3, 2)},
+            "scale tensor model.layers.0.mlp.up_proj.weight_scale_inv does not fit",
+        ),
+        (
+            {"model.layers.0.mlp.up_proj.weight": None},
+            "scale tensor model.layers.0.mlp.up_proj.weight_scale_inv has no weight",
+        ),
+    ],
+)
+def test_bad_scales_are_one_line_errors(tmp_path, change, message):
+    fp8 = _write_fp8(tmp_path, change)
+    with pytest.raises(CkptIrError) as err:
+        ck.load(fp8)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_mxfp4_equals_transformers_conversion(tmp_path):
+    """gpt-oss stores experts as MXFP4 ``*_blocks`` [experts, out, groups, 16] and e8m0
+    ``*_scales`` [experts, out, groups]; the dequantized [experts, in, out] bf16 tensor equals
+    transformers' convert_moe_packed_tensors, whole and by row blocks."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 40, 4, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(110, 140, (3, 40, 4), dtype=torch.uint8, generator=g)
+    f = str(tmp_path / "m.safetensors")
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    save_file({name + "_blocks": blocks, name + "_scales": scales, "other": torch.ones(2)}, f)
+    from ckpt_ir.io.safetensors import read_header
+
+    lifted = dequantize_tensors(read_header(f)[0], {"quantization_config": {"quant_method": "mxfp4"}}, "cfg")
+    assert set(lifted) == {name, "other"}
+    e = E.Cast(lifted[name], "BF16")
+    want = convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)
+    assert e.shape == tuple(want.shape) == (3, 128, 40)
+    with E.Reader() as r:
+        assert torch.equal(bits(E.evaluate(E.simplify(e), r)), bits(want))
+        for a, b in [(0, 1), (1, 3)]:
+            assert torch.equal(bits(E.evaluate(E.simplify(E.Slice(e, 0, a, b)), r)), bits(want[a:b]))

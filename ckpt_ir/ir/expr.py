@@ -49,6 +49,11 @@ def _exprs(v: Iterable[Expr]) -> tuple[Expr, ...]:
     return tuple(v)
 
 
+def _block(v: Iterable[int]) -> tuple[int, int]:
+    a, b = v
+    return (a, b)
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise VerifyError(msg)
@@ -387,7 +392,7 @@ class Dequantize(Expr):
 
     q: Expr
     scale: Expr
-    block: tuple[int, int] = attrs.field(converter=tuple)
+    block: tuple[int, int] = attrs.field(converter=_block)
     scheme: str = "fp8"
 
     def __attrs_post_init__(self) -> None:
@@ -400,7 +405,10 @@ class Dequantize(Expr):
         else:
             _check(self.scheme == "fp8", f"unknown quantization scheme {self.scheme!r}")
             want = qs[:-2] + tuple(-(-n // b) for n, b in zip(qs[-2:], self.block)) if len(qs) >= 2 else None
-            _check(want == ss, f"fp8 weight of shape {qs} in {list(self.block)} blocks needs scales {want}, got {ss}")
+            _check(
+                want == ss,
+                f"fp8 weight of shape {qs} in {list(self.block)} blocks needs scales {want}, got {ss}",
+            )
 
     @property
     def shape(self) -> Shape:
@@ -602,8 +610,7 @@ def _rewrite_slice(e: Slice) -> Expr:
         step = x.block[0] if x.scheme == "fp8" and len(x.shape) == 2 else 1
         lo, hi = a // step * step, min(-(-b // step) * step, x.shape[0])
         if (lo, hi) != (0, x.shape[0]):
-            inner = x.rows(lo, hi)
-            return Slice(inner, 0, a - lo, b - lo)
+            return Slice(x.rows(lo, hi), 0, a - lo, b - lo)
     if isinstance(x, Transpose) and d not in (x.dim0, x.dim1):
         return Transpose(Slice(x.x, d, a, b), x.dim0, x.dim1)
     if isinstance(x, Transpose):

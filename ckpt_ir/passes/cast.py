@@ -49,8 +49,12 @@ class DequantizePass(Pass):
         "target dtype, rounded once as transformers' own dequantization does; the config's "
         "quantization_config is dropped, so the output is an ordinary checkpoint."
     )
-    options = (Option("dtype", str, None, "target dtype: bf16 or fp32 (default: the config's compute dtype)"),)
-    guarantees = "no tensor is quantized; spec.dtype is the target dtype; hf_config has no quantization_config"
+    options = (
+        Option("dtype", str, None, "target dtype: bf16 or fp32 (default: the config's compute dtype)"),
+    )
+    guarantees = (
+        "no tensor is quantized; spec.dtype is the target dtype; hf_config has no quantization_config"
+    )
     optimizer_state = "keep"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
@@ -58,7 +62,9 @@ class DequantizePass(Pass):
 
         to = parse_dtype(self.opt("dtype")) if self.opt("dtype") else ckpt.spec.dtype
         out = {
-            name: t.map(lambda e: E.simplify(E.Cast(e, to))) if any(is_dequantized(s) for s in t.shards) else t
+            name: t.map(lambda e: E.simplify(E.Cast(e, to)))
+            if any(is_dequantized(s) for s in t.shards)
+            else t
             for name, t in ckpt.tensors.items()
         }
         cfg = ckpt.hf_config and {k: v for k, v in ckpt.hf_config.items() if k != "quantization_config"}
