@@ -9,7 +9,10 @@ so the families see an ordinary checkpoint.  The ``dequantize`` pass casts them 
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+import attrs
 
 from ckpt_ir.errors import FormatError, VerifyError
 from ckpt_ir.ir import expr as E
@@ -99,3 +102,66 @@ def _mxfp4(raw: dict[str, E.Load]) -> dict[str, E.Expr]:
 
 def is_dequantized(e: E.Expr) -> bool:
     return any(isinstance(n, E.Dequantize) for n in E.walk(e))
+
+
+# what the FP8 releases keep unquantized besides 1-D tensors: embeddings, norms, the output head
+# (DeepSeek's MTP copy of it too) and the MoE router gates
+_KEEP = re.compile(r"(embed|norm|lm_head|shared_head\.head|\.gate\.weight$|\.router\.weight$)")
+
+
+@attrs.frozen
+class Fp8Output:
+    """``--quantize fp8``: the tile size and the scale format of the written weights."""
+
+    block: tuple[int, int] = (128, 128)
+    scale_fmt: str = "float"
+
+    def config(self, unquantized: list[str]) -> dict[str, Any]:
+        return {
+            "quant_method": "fp8",
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "weight_block_size": list(self.block),
+            "scale_fmt": self.scale_fmt,
+            "modules_to_not_convert": unquantized,
+        }
+
+    def tensors(self, tensors: list[tuple[str, E.Expr]]) -> tuple[list[tuple[str, E.Expr]], dict[str, Any]]:
+        """The HF tensors with the quantized ones as FP8 values + ``*_scale_inv``, and the
+        quantization_config.  Quantized: the weights the source stored quantized, or (from an
+        unquantized source) every 2-D linear weight but embeddings, norms, lm_head and router gates.
+        A weight already stored in this form passes through byte for byte."""
+        from_release = any(is_dequantized(e) for _, e in tensors)
+        out: list[tuple[str, E.Expr]] = []
+        unquantized: list[str] = []
+        for name, e in tensors:
+            if from_release:
+                pick = is_dequantized(e)
+            else:
+                pick = name.endswith(".weight") and len(e.shape) == 2 and not _KEEP.search(name)
+            if not pick or len(e.shape) != 2:
+                out.append((name, e))
+                if name.endswith(".weight") and len(e.shape) == 2:
+                    unquantized.append(name.removesuffix(".weight"))
+                continue
+            same = self._stored(e)
+            if same is not None:
+                out += [(name, same.q), (name + FP8_SCALE, same.scale)]
+            else:
+                out += [
+                    (name, E.Quantize(e, self.block, self.scale_fmt, "weight")),
+                    (name + FP8_SCALE, E.Quantize(e, self.block, self.scale_fmt, "scale")),
+                ]
+        return out, self.config(unquantized)
+
+    def _stored(self, e: E.Expr) -> E.Dequantize | None:
+        """The stored FP8 form of ``e`` when it is exactly that (same tiles, same scale format)."""
+        scale_dtype = "F8_E8M0" if self.scale_fmt == "ue8m0" else "F32"
+        if (
+            isinstance(e, E.Dequantize)
+            and e.scheme == "fp8"
+            and e.block == self.block
+            and e.scale.dtype == scale_dtype
+        ):
+            return e
+        return None

@@ -305,3 +305,68 @@ def test_mxfp4_equals_transformers_conversion(tmp_path):
         assert torch.equal(bits(E.evaluate(E.simplify(e), r)), bits(want))
         for a, b in [(0, 1), (1, 3)]:
             assert torch.equal(bits(E.evaluate(E.simplify(E.Slice(e, 0, a, b)), r)), bits(want[a:b]))
+
+
+def fp8_quantize_transformers(t: torch.Tensor, block: int, fmt: str) -> dict[str, torch.Tensor]:
+    from types import SimpleNamespace
+
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    qcfg = SimpleNamespace(weight_block_size=(block, block), scale_fmt=fmt)
+    return Fp8Quantize(SimpleNamespace(quantization_config=qcfg)).convert({"w.weight": t})
+
+
+@pytest.mark.parametrize("fmt", ["float", "ue8m0"])
+def test_quantize_equals_transformers_fp8_quantize(llama_bf16, fmt, tmp_path):
+    """``--quantize fp8`` from a bf16 model: every linear but embeddings and lm_head, weights and
+    scales byte for byte as transformers' Fp8Quantize; transformers loads the result back (to the
+    values its own dequantization gives)."""
+    out = str(tmp_path / "q")
+    convert(llama_bf16, out, ck.Target(to="hf", quantize="fp8", quant_block_size=32, quant_scale_fmt=fmt))
+    got, src = read_all(out), read_all(llama_bf16)
+    quantized = {k for k in src if k + "_scale_inv" in got}
+    assert quantized == {k for k in src if k.endswith("proj.weight")}  # 7 linears x 2 layers
+    assert len(quantized) == 14
+    for k in quantized:
+        want = fp8_quantize_transformers(src[k], 32, fmt)
+        assert got[k].dtype == torch.float8_e4m3fn and torch.equal(bits(got[k]), bits(want["w.weight"])), k
+        scale = got[k + "_scale_inv"]
+        assert scale.dtype == want["w.weight_scale_inv"].dtype and torch.equal(
+            bits(scale), bits(want["w.weight_scale_inv"])
+        ), k
+    qcfg = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    assert (
+        qcfg["quant_method"] == "fp8" and qcfg["weight_block_size"] == [32, 32] and qcfg["scale_fmt"] == fmt
+    )
+    convert(out, str(tmp_path / "deq"), ck.Target(to="hf"))  # and back: our reading agrees with transformers'
+    assert check_against_transformers(out, str(tmp_path / "deq")) == 14
+    assert_same_load(str(tmp_path / "deq"), out)
+
+
+def test_quantize_partial_edge_blocks_streams_in_row_blocks(llama_bf16, tmp_path):
+    """A block that does not divide the weights (partial edge tiles, as DeepSeek's kernels
+    allow): dequantizing what was written gives the weight back within FP8 precision, and the
+    scale tensor computed in row steps equals the one computed whole."""
+    out = str(tmp_path / "q")
+    convert(llama_bf16, out, ck.Target(to="hf", quantize="fp8", quant_block_size=48))
+    got, src = read_all(out), read_all(llama_bf16)
+    k = "model.layers.0.mlp.down_proj.weight"  # 64 x 128: 2 x 3 tiles, the last ones partial
+    assert got[k + "_scale_inv"].shape == (2, 3)
+    back = transformers_dequantize(got[k], got[k + "_scale_inv"], (48, 48), torch.float32)
+    assert torch.allclose(back, src[k].float(), rtol=0.07, atol=1e-6)
+    e = E.Quantize(E.Load("x", "x", (100, 40), "F32", 0), (16, 16), "float", "scale")
+    for a, b in [(0, 1), (2, 7)]:
+        part = E.simplify(E.Slice(e, 0, a, b))
+        assert isinstance(part, E.Quantize) and part.x.shape == (min(b * 16, 100) - a * 16, 40)
+
+
+def test_fp8_release_round_trips_byte_for_byte(deepseek_bf16, tmp_path):
+    """An FP8 release written again with its own tile and scale format is the same bytes, the
+    same modules quantized (the release's choice, not the default rule)."""
+    fp8 = make_fp8(deepseek_bf16, str(tmp_path / "fp8"), block=(16, 16), ue8m0=True)
+    out = str(tmp_path / "out")
+    convert(fp8, out, ck.Target(to="hf", quantize="fp8", quant_block_size=16, quant_scale_fmt="ue8m0"))
+    got, src = read_all(out), read_all(fp8)
+    assert set(got) == set(src)
+    for k, t in src.items():
+        assert torch.equal(bits(got[k]), bits(t)), k

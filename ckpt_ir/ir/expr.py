@@ -14,6 +14,7 @@ first byte moves.  The algebra is deliberately small:
     Add, Scale, Matmul   the arithmetic a LoRA merge needs (computed in fp32 by the caller)
     RowRescale           each row rescaled to a given norm (DoRA's magnitude), in fp32
     Dequantize           block-quantized weights (FP8 + per-block scales, MXFP4) to fp32
+    Quantize             FP8 block quantization of a weight: its fp8 values or its scales
 
 :func:`simplify` rewrites an expression into an equivalent one that reads fewer bytes (slices are
 pushed into loads, adjacent loads merge, no-op casts vanish).  :func:`evaluate` produces a torch
@@ -434,6 +435,40 @@ class Dequantize(Expr):
         return Dequantize(Slice(self.q, 0, a, b), Slice(self.scale, 0, sa, sb), self.block, self.scheme)
 
 
+@attrs.frozen
+class Quantize(Expr):
+    """FP8 block quantization of the 2-D weight ``x`` as transformers' ``Fp8Quantize`` computes it
+    (per ``block`` tile: inverse scale absmax / 448, ue8m0 rounds it up to a power of two; values
+    divided by it, clamped, rounded to float8_e4m3fn).  ``part`` ``weight`` is the F8_E4M3 values
+    (``x``'s shape), ``scale`` the inverse scales (one per tile, F32 or F8_E8M0 for ue8m0); edge
+    tiles may be partial."""
+
+    x: Expr
+    block: tuple[int, int] = attrs.field(converter=_block)
+    scale_fmt: str = "float"
+    part: str = "weight"
+
+    def __attrs_post_init__(self) -> None:
+        _check(len(self.x.shape) == 2, f"fp8 quantization of a tensor of shape {self.x.shape} (needs 2-D)")
+        _check(self.scale_fmt in ("float", "ue8m0"), f"unknown fp8 scale format {self.scale_fmt!r}")
+
+    @property
+    def shape(self) -> Shape:
+        if self.part == "weight":
+            return self.x.shape
+        return tuple(-(-n // b) for n, b in zip(self.x.shape, self.block))
+
+    @property
+    def dtype(self) -> str:
+        if self.part == "weight":
+            return "F8_E4M3"
+        return "F8_E8M0" if self.scale_fmt == "ue8m0" else "F32"
+
+    @property
+    def children(self) -> tuple[Expr, ...]:
+        return (self.x,)
+
+
 # ---------------------------------------------------------------------------------------------
 # traversal
 
@@ -611,6 +646,13 @@ def _rewrite_slice(e: Slice) -> Expr:
         lo, hi = a // step * step, min(-(-b // step) * step, x.shape[0])
         if (lo, hi) != (0, x.shape[0]):
             return Slice(x.rows(lo, hi), 0, a - lo, b - lo)
+    if isinstance(x, Quantize) and d == 0:  # whole tiles again: a row of scales covers block[0] rows
+        b0, n = x.block[0], x.x.shape[0]
+        if x.part == "scale":
+            return attrs.evolve(x, x=Slice(x.x, 0, a * b0, min(b * b0, n)))
+        lo, hi = a // b0 * b0, min(-(-b // b0) * b0, n)
+        if (lo, hi) != (0, n):
+            return Slice(attrs.evolve(x, x=Slice(x.x, 0, lo, hi)), 0, a - lo, b - lo)
     if isinstance(x, Transpose) and d not in (x.dim0, x.dim1):
         return Transpose(Slice(x.x, d, a, b), x.dim0, x.dim1)
     if isinstance(x, Transpose):
@@ -650,6 +692,8 @@ def describe(e: Expr) -> str:
         return f"scale({describe(e.x)}, {e.factor:g})"
     if isinstance(e, RowRescale):
         return f"row_rescale({describe(e.x)}, {describe(e.magnitude)})"
+    if isinstance(e, Quantize):
+        return f"quantize_fp8_{e.part}({describe(e.x)}, block={list(e.block)}, {e.scale_fmt})"
     if isinstance(e, Dequantize):
         return f"dequantize_{e.scheme}({describe(e.q)}, {describe(e.scale)}, block={list(e.block)})"
     return type(e).__name__
@@ -816,7 +860,7 @@ def needs_torch(expr: Expr) -> bool:
     from ckpt_ir.ir import casts
 
     return any(
-        isinstance(n, (Add, Matmul, Scale, RowRescale, Dequantize))
+        isinstance(n, (Add, Matmul, Scale, RowRescale, Dequantize, Quantize))
         or isinstance(n, Cast)
         and (MATH_DEVICE is not None or not casts.supported(n.x.dtype, n.to))
         for n in walk(expr)
@@ -859,6 +903,14 @@ def _evaluate_math(expr: Expr, reader: Reader, out) -> None:
         torch.mul((_fp32(expr.magnitude, reader) / torch.linalg.norm(x, dim=1)).view(-1, 1), x, out=out)
     elif isinstance(expr, Dequantize):
         _dequantize(expr, evaluate(expr.q, reader), evaluate(expr.scale, reader), out)
+    elif isinstance(expr, Quantize) and expr.part == "scale":  # a few scale rows per step: bounded memory
+        b0, n = expr.block[0], expr.x.shape[0]
+        step = max(1, QUANTIZE_ELEMENTS // max(1, b0 * expr.x.shape[1]))
+        for r in range(0, expr.shape[0], step):
+            rows = attrs.evolve(expr, x=simplify(Slice(expr.x, 0, r * b0, min((r + step) * b0, n))))
+            _quantize(rows, _fp32(rows.x, reader), out[r : r + step])
+    elif isinstance(expr, Quantize):
+        _quantize(expr, _fp32(expr.x, reader), out)
     else:
         raise TypeError(f"cannot evaluate {type(expr).__name__}")
 
@@ -871,7 +923,7 @@ def _evaluate_on_device(expr: Expr, reader: Reader):
     from ckpt_ir.ir.dtypes import to_torch
 
     def operand(x: Expr):
-        if isinstance(x, (Cast, Add, Matmul, Scale, RowRescale, Dequantize)):
+        if isinstance(x, (Cast, Add, Matmul, Scale, RowRescale, Dequantize, Quantize)):
             return _evaluate_on_device(x, reader)
         return evaluate(x, reader).to(MATH_DEVICE)
 
@@ -892,6 +944,10 @@ def _evaluate_on_device(expr: Expr, reader: Reader):
         out = torch.empty(expr.shape, dtype=torch.float32, device=MATH_DEVICE)
         _dequantize(expr, operand(expr.q), operand(expr.scale), out)
         return out
+    if isinstance(expr, Quantize):
+        out = torch.empty(expr.shape, dtype=to_torch(expr.dtype), device=MATH_DEVICE)
+        _quantize(expr, operand(expr.x).to(torch.float32), out)
+        return out
     raise TypeError(f"cannot evaluate {type(expr).__name__}")
 
 
@@ -907,6 +963,36 @@ def _scales_fp32(scale):
     if scale.dtype == torch.uint8:
         return torch.exp2(scale.to(torch.float32) - 127.0)
     return scale.to(torch.float32)
+
+
+QUANTIZE_ELEMENTS = 1 << 24  # weight elements quantized per step when computing only the scales
+
+
+def _quantize(expr: Quantize, x, out) -> None:
+    """transformers' Fp8Quantize on the fp32 weight ``x``, step for step (so the bytes agree), on
+    the weight zero-padded to whole tiles (padding changes no tile's absmax), cropped back."""
+    import torch
+
+    rows, cols = x.shape
+    b0, b1 = expr.block
+    pr, pc = -rows % b0, -cols % b1
+    tiles = torch.nn.functional.pad(x, (0, pc, 0, pr)).reshape((rows + pr) // b0, b0, (cols + pc) // b1, b1)
+    f8 = torch.finfo(torch.float8_e4m3fn)
+    max_abs = tiles.abs().amax(dim=(-3, -1))
+    ones = torch.ones_like(max_abs)
+    scales = torch.where(max_abs > 0, f8.max / torch.where(max_abs > 0, max_abs, ones), ones)
+    inv = (1.0 / scales).to(torch.float32)
+    if expr.scale_fmt == "ue8m0":  # a power of two; the forward scale is its exact reciprocal
+        inv = torch.pow(2.0, torch.ceil(torch.log2(inv.clamp(min=torch.finfo(torch.float32).tiny))))
+        inv = inv.to(torch.float8_e8m0fnu)
+        scales = 1.0 / inv.to(torch.float32)
+    if expr.part == "scale":
+        out.copy_(inv)
+        return
+    q = torch.clamp(tiles * scales.unsqueeze(-1).unsqueeze(-3), min=f8.min, max=f8.max).to(
+        torch.float8_e4m3fn
+    )
+    out.copy_(q.reshape(rows + pr, cols + pc)[:rows, :cols])
 
 
 def _dequantize(expr: Dequantize, q, scale, out) -> None:
