@@ -43,13 +43,18 @@ def dequantize_tensors(raw: dict[str, E.Load], cfg: dict[str, Any], where: str) 
     )
 
 
-def _fp8(raw: dict[str, E.Load], qcfg: dict[str, Any], where: str) -> dict[str, E.Expr]:
+def _block(qcfg: dict[str, Any], where: str) -> tuple[int, int]:
     block = qcfg.get("weight_block_size")
     if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
         raise FormatError(
             f"{where}: quantization_config.weight_block_size is {block!r}; only block-scaled fp8 "
             f"([rows, cols] of positive integers) is supported"
         )
+    return (block[0], block[1])
+
+
+def _fp8(raw: dict[str, E.Load], qcfg: dict[str, Any], where: str) -> dict[str, E.Expr]:
+    block = _block(qcfg, where)
     out: dict[str, E.Expr] = {}
     for key, load in raw.items():
         if key.endswith(FP8_SCALE):
@@ -71,7 +76,7 @@ def _fp8(raw: dict[str, E.Load], qcfg: dict[str, Any], where: str) -> dict[str, 
         if load.dtype != "F8_E4M3":
             raise FormatError(f"{load.path}: tensor {key} is {load.dtype} but has a scale; expected F8_E4M3")
         try:
-            out[key] = E.Dequantize(load, scale, tuple(block), "fp8")
+            out[key] = E.Dequantize(load, scale, block, "fp8")
         except VerifyError as e:
             raise FormatError(f"{scale.path}: scale tensor {scale.key} does not fit {key}: {e}") from None
     return out
@@ -105,8 +110,28 @@ def is_dequantized(e: E.Expr) -> bool:
 
 
 # what the FP8 releases keep unquantized besides 1-D tensors: embeddings, norms, the output head
-# (DeepSeek's MTP copy of it too) and the MoE router gates
-_KEEP = re.compile(r"(embed|norm|lm_head|shared_head\.head|\.gate\.weight$|\.router\.weight$)")
+# (DeepSeek's MTP copy of it too) and the MoE router gates (HF ``mlp.gate``, canonical ``mlp.router``;
+# a canonical ``mlp.gate`` is a dense MLP's gate projection)
+_KEEP = re.compile(r"(embed|norm|head\.weight$|\.router\.weight$)")
+_HF_ROUTER = re.compile(r"(mlp|block_sparse_moe)\.gate\.weight$")
+
+
+def fp8_by_default(name: str, shape: tuple[int, ...], canonical: bool = False) -> bool:
+    """Whether a weight is quantized when no release says otherwise: every 2-D linear weight
+    but those above (``name`` is an HF name, or canonical when ``canonical``)."""
+    keep = _KEEP.search(name) or not canonical and _HF_ROUTER.search(name)
+    return name.endswith(".weight") and len(shape) == 2 and not keep
+
+
+def fp8_placeholder(load: E.Expr, qcfg: dict[str, Any], where: str) -> E.Expr:
+    """``plan`` from an FP8 release's config: the placeholder ``load`` stored as fp8 values + scales."""
+    assert isinstance(load, E.Load)
+    block = _block(qcfg, where)
+    grid = tuple(-(-n // b) for n, b in zip(load.shape, block))
+    scale_dtype = "F8_E8M0" if qcfg.get("scale_fmt") == "ue8m0" else "F32"
+    q = attrs.evolve(load, load_dtype="F8_E4M3")
+    scale = attrs.evolve(load, key=load.key + FP8_SCALE, full_shape=grid, load_dtype=scale_dtype)
+    return E.Dequantize(q, scale, block, "fp8")
 
 
 @attrs.frozen
@@ -138,7 +163,7 @@ class Fp8Output:
             if from_release:
                 pick = is_dequantized(e)
             else:
-                pick = name.endswith(".weight") and len(e.shape) == 2 and not _KEEP.search(name)
+                pick = fp8_by_default(name, e.shape)
             if not pick or len(e.shape) != 2:
                 out.append((name, e))
                 if name.endswith(".weight") and len(e.shape) == 2:
