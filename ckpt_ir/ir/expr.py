@@ -1011,8 +1011,14 @@ def _dequantize(expr: Dequantize, q, scale, out) -> None:
         return
     rows, cols = expr.shape[-2:]
     b0, b1 = expr.block
-    s = s.repeat_interleave(b0, dim=-2)[..., :rows, :].repeat_interleave(b1, dim=-1)[..., :cols]
-    torch.mul(q.to(torch.float32), s, out=out)
+    # scales repeated over rows only, broadcast over each tile's columns through a view of ``out``:
+    # no temporary of the weight's size besides ``out`` itself
+    s = s.repeat_interleave(b0, dim=-2)[..., :rows, :]
+    out.copy_(q)
+    full = cols // b1
+    out[..., : full * b1].unflatten(-1, (full, b1)).mul_(s[..., :full, None])
+    if cols % b1:
+        out[..., full * b1 :].mul_(s[..., full:])
 
 
 # rows of a matmul computed by one BLAS call: the whole product's rows come out bit for bit the
