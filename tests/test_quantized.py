@@ -370,3 +370,33 @@ def test_fp8_release_round_trips_byte_for_byte(deepseek_bf16, tmp_path):
     assert set(got) == set(src)
     for k, t in src.items():
         assert torch.equal(bits(got[k]), bits(t)), k
+
+
+def test_cli_dry_run_reports_both_forms_and_bad_scale_exits(llama_bf16, tmp_path):
+    """``convert --dry-run`` of an FP8 release: the bytes read are the stored tensors (fp8 +
+    scales + unquantized), the bytes written the bf16 model; a bad scale is one line, exit 1."""
+    import re
+
+    from tests.cli_contract import cli
+
+    fp8 = make_fp8(llama_bf16, str(tmp_path / "fp8"), block=(32, 32))
+    r = cli("convert", fp8, tmp_path / "out", "--to", "hf", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"total: (\d+) bytes to write, (\d+) bytes to read", r.stdout)
+    assert m, r.stdout
+    stored = read_all(fp8)
+    assert int(m[2]) == sum(t.numel() * t.element_size() for t in stored.values())
+    bf16 = sum(t.numel() * 2 for k, t in stored.items() if not k.endswith("_scale_inv"))
+    assert bf16 < int(m[1]) < bf16 + 10_000  # the tensors plus config.json and the index
+    assert "dequantize" in r.stdout
+    sd = load_file(os.path.join(fp8, "model.safetensors"))
+    sd["model.layers.1.self_attn.o_proj.weight_scale_inv"] = torch.ones(1, 1)
+    save_file(sd, os.path.join(fp8, "model.safetensors"))
+    r = cli("convert", fp8, tmp_path / "out", "--to", "hf")
+    assert r.returncode != 0 and not (tmp_path / "out").exists()
+    assert (
+        "model.layers.1.self_attn.o_proj.weight_scale_inv" in r.stderr
+        and len(r.stderr.strip().splitlines()) == 1
+    )
+    r = cli("convert", "--help")
+    assert "--quantize" in r.stdout and "--quant-scale-fmt" in r.stdout

@@ -965,7 +965,7 @@ def _scales_fp32(scale):
     return scale.to(torch.float32)
 
 
-QUANTIZE_ELEMENTS = 1 << 24  # weight elements quantized per step when computing only the scales
+QUANTIZE_ELEMENTS = 1 << 22  # weight elements quantized per step when computing only the scales
 
 
 def _quantize(expr: Quantize, x, out) -> None:
