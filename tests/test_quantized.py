@@ -400,3 +400,19 @@ def test_cli_dry_run_reports_both_forms_and_bad_scale_exits(llama_bf16, tmp_path
     )
     r = cli("convert", "--help")
     assert "--quantize" in r.stdout and "--quant-scale-fmt" in r.stdout
+
+
+def test_megatron_to_fp8_quantizes_what_a_release_quantizes(deepseek_bf16, tmp_path):
+    """From a Megatron checkpoint (no quantization left): ``--quantize fp8`` picks every linear but
+    embeddings, norms, lm_head and the router gates, the modules a DeepSeek release quantizes,
+    and transformers loads the result."""
+    fp8 = make_fp8(deepseek_bf16, str(tmp_path / "fp8"), block=(4, 4))
+    convert(fp8, str(tmp_path / "mc"), ck.Target(to="mcore", tp=2, ep=2))
+    out = str(tmp_path / "out")
+    convert(str(tmp_path / "mc"), out, ck.Target(to="hf", quantize="fp8", quant_block_size=4))
+    got, release = read_all(out), read_all(fp8)
+    assert {k for k in got if k.endswith("_scale_inv")} == {k for k in release if k.endswith("_scale_inv")}
+    assert {k: (t.dtype, t.shape) for k, t in got.items()} == {
+        k: (t.dtype, t.shape) for k, t in release.items()
+    }
+    assert len(transformers_load(out, fp8=True)) == len(transformers_load(fp8, fp8=True))
