@@ -79,10 +79,21 @@ class Target:
     mtp_layers: int | None = None
     # Megatron target: "torch" (rank directories) or "torch_dist" (dist_checkpointing, resharded on load)
     ckpt_format: str = "torch"
+    # HF target: "fp8" writes block-scaled FP8 weights (tiles of quant_block_size, scales float|ue8m0)
+    quantize: str | None = None
+    quant_block_size: int = 128
+    quant_scale_fmt: str = "float"
 
     def __attrs_post_init__(self) -> None:
         if self.to not in ("hf", "mcore", "peft"):
             raise UsageError(f"--to {self.to!r}: choose hf, mcore or peft")
+        if self.quantize is not None and (self.quantize != "fp8" or self.to != "hf"):
+            raise UsageError(f"--quantize {self.quantize}: only fp8, and only with --to hf")
+        if self.quant_scale_fmt not in ("float", "ue8m0") or self.quant_block_size < 1:
+            raise UsageError(
+                f"--quant-scale-fmt {self.quant_scale_fmt} / --quant-block-size {self.quant_block_size}: "
+                f"use float or ue8m0 and a positive block size"
+            )
         for flag, value in (
             ("--tp", self.tp),
             ("--pp", self.pp),
@@ -189,12 +200,15 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
     (gather, drop no-op layers and padding, unfuse), attach and merge LoRA, drop what the target
     does not carry (MTP layers beyond ``mtp_layers``, optimizer state), cast, then build the
     target layout (fuse, pad, no-op layers, grouped experts, shard, norm naming)."""
+    from ckpt_ir import quant
     from ckpt_ir.frontends import peft
 
     lay = src.layout
     to_mcore = target.to == "mcore"
     peft_adapter = bool(target.lora_load) and peft.detect(target.lora_load)  # type: ignore[arg-type]
     steps: list[str] = []
+    if not target.quantize and any(quant.is_dequantized(s) for t in src.tensors.values() for s in t.shards):
+        steps.append(_pass_text("dequantize", dtype=target.dtype))  # quantized storage -> compute dtype
     if target.lora_load and not peft_adapter:  # a Megatron adapter shares the base's layout
         steps.append(_pass_text("attach-lora", path=target.lora_load))
     unfuse = target.to in ("hf", "peft") or peft_adapter
@@ -353,6 +367,11 @@ def _plan(ckpt: Checkpoint, target: Target) -> Plan:
         from ckpt_ir.backends import hf
 
         kw: dict[str, Any] = {"hf_config_dir": target.hf_config_dir}
+        if target.quantize:
+            from ckpt_ir.quant import Fp8Output
+
+            b = target.quant_block_size
+            kw["quantize"] = Fp8Output((b, b), target.quant_scale_fmt)
         if target.max_shard_size:
             kw["max_shard_size"] = target.max_shard_size
         return hf.plan(ckpt, **kw)

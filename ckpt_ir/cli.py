@@ -49,7 +49,24 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("hf", "mcore", "peft"),
         help="output format (peft: a LoRA-only adapter)",
     )
-    c.add_argument("--dtype", help="cast floating tensors to bf16, fp16 or fp32 (default: keep)")
+    c.add_argument(
+        "--dtype",
+        help="cast floating tensors to bf16, fp16 or fp32 (default: keep; an FP8/MXFP4 source is "
+        "dequantized to its config's compute dtype)",
+    )
+    c.add_argument(
+        "--quantize",
+        choices=("fp8",),
+        help="--to hf: write block-scaled FP8 weights + weight_scale_inv (the modules the source "
+        "release quantized, or every linear but embeddings, norms, lm_head and router gates)",
+    )
+    c.add_argument("--quant-block-size", type=int, default=128, help="--quantize: tile size (default 128)")
+    c.add_argument(
+        "--quant-scale-fmt",
+        choices=("float", "ue8m0"),
+        default="float",
+        help="--quantize: inverse scales as fp32 or as powers of two (ue8m0)",
+    )
     c.add_argument(
         "--dry-run",
         action="store_true",
@@ -324,6 +341,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         optimizer=not args.no_optimizer,
         lora_load=args.lora_load,
         ckpt_format=args.ckpt_format,
+        quantize=args.quantize,
+        quant_block_size=args.quant_block_size,
+        quant_scale_fmt=args.quant_scale_fmt,
     )
     # --hf-config also describes a Megatron source whose args carry no HF config
     hf_cfg = (

@@ -30,6 +30,9 @@ LAYOUT_FLAGS = (
     "--etp",
     "--moe-grouped-gemm",
     "--norm-names",
+    "--quantize",
+    "--quant-block-size",
+    "--quant-scale-fmt",
 )
 PLACEHOLDER = "<config>"  # the "file" placeholder loads read from; never opened
 PROBE_BYTES = 64 << 20
@@ -48,6 +51,7 @@ def checkpoint_from_config(config_dir: str):
     from ckpt_ir.ir.layout import Layout
     from ckpt_ir.ir.names import role_of
     from ckpt_ir.ir.roles import canonical_order, expected_names, expected_shape
+    from ckpt_ir.quant import fp8_by_default, fp8_placeholder, quant_method
 
     cfg = read_config(config_dir)
     where = os.path.join(config_dir, "config.json")
@@ -60,6 +64,13 @@ def checkpoint_from_config(config_dir: str):
         assert shape is not None, name  # expected_names only yields roles expected_shape knows
         dtype = "F32" if role_of(name) in FP32_ROLES else spec.dtype
         tensors[name] = TensorNode.whole(name, E.Load(PLACEHOLDER, name, shape, dtype, 0, "placeholder"))
+    if quant_method(cfg) == "fp8":  # an FP8 release: its linears stored as fp8 values + scales
+        tensors = {
+            name: TensorNode.whole(name, fp8_placeholder(t.expr, cfg["quantization_config"], where))
+            if fp8_by_default(name, t.shape, canonical=True)
+            else t
+            for name, t in tensors.items()
+        }
     return Checkpoint(
         spec=spec,
         layout=layout,
@@ -133,6 +144,7 @@ def summary(plan, pipeline, out, disk_gbps: float, disk_source: str, with_tensor
         "vocab_padding_bytes": padding,
         "padded_vocab": layout.padded_vocab,
         "bytes_written": written,
+        "bytes_read": plan.bytes_to_read,
         "largest_tensor": {
             "name": largest[0],
             "shape": list(largest[1]),
@@ -167,6 +179,8 @@ def format_text(s: dict[str, Any], with_tensors: bool) -> str:
         + ")",
         f"bytes written: {s['bytes_written']} ({s['bytes_written'] / 1e9:.3f} GB, replicated tensors in every rank "
         f"file that holds them)",
+        f"bytes read: {s['bytes_read']} ({s['bytes_read'] / 1e9:.3f} GB of source tensors; the stored form, "
+        f"quantized for an FP8 release)",
         f"largest tensor: {big['name']} {'x'.join(map(str, big['shape']))} {big['dtype']} ({big['bytes']} bytes)",
         f"peak memory per writer: {s['peak_memory_per_writer']} bytes",
         f"expected write time: {s['expected_seconds']:.1f}s at {s['disk_gbps']:.2f} GB/s ({s['disk_gbps_source']})",
@@ -236,6 +250,9 @@ def run(args) -> int:
         ep=args.ep,
         etp=args.etp,
         grouped_gemm=args.moe_grouped_gemm,
+        quantize=args.quantize,
+        quant_block_size=args.quant_block_size,
+        quant_scale_fmt=args.quant_scale_fmt,
     )
     conversion = plan_from_config(args.hf_config, target)
     if args.disk_gbps is not None:

@@ -241,3 +241,32 @@ def test_deepseek_v3_671b_plans_from_its_config_in_seconds(tmp_path):
         f"{s['bytes_written'] / 1e12:.3f} TB in {s['file_count']} files"
     )
     assert seconds < 300  # a hang guard; the time itself is reported, not asserted (shared CI cores)
+
+
+def test_deepseek_v3_fp8_release_plans_both_forms(tmp_path):
+    """The published DeepSeek-V3 config with its fp8 quantization_config: the plan reads the FP8
+    form (fp8 linears + one fp32 scale per 128x128 tile, the rest bf16) and writes bf16."""
+    qcfg = {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+    }
+    (tmp_path / "config.json").write_text(json.dumps({**DEEPSEEK_V3, "quantization_config": qcfg}))
+    r = cli("plan", "--hf-config", tmp_path, "--to", "hf", "--format", "json", "--disk-gbps", "2")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["pipeline"].startswith("dequantize")
+    # the linears of the released checkpoint, from the config: attention (MLA) of 62 layers (61 +
+    # MTP), the dense MLPs of 3 layers, 256 routed + 1 shared expert in 59 MoE layers, eh_proj
+    h, heads, qk, v = 7168, 128, 128 + 64, 128
+    attn = [(1536, h), (heads * qk, 1536), (512 + 64, h), (heads * (128 + v), 512), (h, heads * v)]
+    dense = [(18432, h), (18432, h), (h, 18432)]
+    expert = [(2048, h), (2048, h), (h, 2048)]
+    linears = attn * 62 + dense * 3 + expert * 257 * 59 + [(h, 2 * h)]
+    fp8 = sum(a * b for a, b in linears)
+    scales = sum(-(-a // 128) * -(-b // 128) for a, b in linears)
+    assert s["bytes_read"] == s["total_bytes"] - fp8 + 4 * scales  # fp8: 1 byte instead of 2; scales fp32
+    print(
+        f"DeepSeek-V3 FP8 release: {s['bytes_read'] / 1e9:.1f} GB read, {s['bytes_written'] / 1e9:.1f} GB bf16 written"
+    )

@@ -14,6 +14,7 @@ from ckpt_ir.frontends.hf import names_for
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.roles import canonical_order
+from ckpt_ir.quant import Fp8Output
 
 DEFAULT_MAX_SHARD = 5 * 1000**3
 
@@ -69,10 +70,17 @@ def hf_tensors(ckpt: Checkpoint, family: Family) -> list[tuple[str, E.Expr]]:
 
 
 def plan(
-    ckpt: Checkpoint, *, max_shard_size: int = DEFAULT_MAX_SHARD, hf_config_dir: str | None = None
+    ckpt: Checkpoint,
+    *,
+    max_shard_size: int = DEFAULT_MAX_SHARD,
+    hf_config_dir: str | None = None,
+    quantize: Fp8Output | None = None,
 ) -> Plan:
     family = by_name(ckpt.spec.family)
     tensors = hf_tensors(ckpt, family)
+    quant_cfg = None
+    if quantize is not None:
+        tensors, quant_cfg = quantize.tensors(tensors)
     shards: list[list[tuple[str, E.Expr]]] = [[]]
     size = 0
     for name, e in tensors:
@@ -104,6 +112,9 @@ def plan(
         base_cfg = read_config(hf_config_dir)
         aux = list(side_files(hf_config_dir))
     cfg = family.config_from_spec(ckpt.spec, base_cfg)
+    cfg.pop("quantization_config", None)  # describes the written tensors only when they are quantized
+    if quant_cfg is not None:
+        cfg["quantization_config"] = quant_cfg
     files.append(OutputFile("config.json", "text", text=json.dumps(cfg, indent=2, sort_keys=True) + "\n"))
     for src in aux:
         files.append(OutputFile(os.path.basename(src), "copy", source=src))

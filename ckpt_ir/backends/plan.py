@@ -112,6 +112,8 @@ def working_memory(e: E.Expr) -> int:
             total += n.nbytes
         if isinstance(n, (E.Add, E.Matmul, E.Scale)):
             total += sum(k.numel * 4 for k in n.children if k.dtype != "F32")
+        if isinstance(n, E.Quantize):  # fp32 temporaries: the weight, padded, its |x|, its scaled values
+            total += n.x.numel * 4 * 4
         if isinstance(n, E.Cast):  # rounding's integer temporaries (ir/casts.py, a chunk at a time)
             total += min(n.numel, 1 << 18) * 8
     return total

@@ -23,6 +23,7 @@ from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.layout import Layout
 from ckpt_ir.ir.roles import canonical_order, expected_shape
 from ckpt_ir.ir.spec import ModelSpec
+from ckpt_ir.quant import dequantize_tensors
 
 # side files copied next to HF output (tokenizer, generation settings, chat template, remote code)
 AUX_PATTERNS = (
@@ -177,7 +178,8 @@ def lift(
     spec = family_obj.spec_from_config(
         cfg, dtype_hint=next(iter(dtypes)) if len(dtypes) == 1 else None, where=where
     )
-    tensors, dropped = map_tensors(family_obj, spec, raw, allow_unused)
+    # quantized weights and their scales become one dequantize expression under the weight's name
+    tensors, dropped = map_tensors(family_obj, spec, dequantize_tensors(raw, cfg, where), allow_unused)
     if spec.mtp_layers:  # transformers neither loads nor saves MTP layers: count the ones present
         from ckpt_ir.ir.names import split_layer
 
@@ -211,7 +213,7 @@ def lift(
 
 
 def map_tensors(
-    family: Family, spec: ModelSpec, raw: dict[str, E.Load], allow_unused: tuple[str, ...]
+    family: Family, spec: ModelSpec, raw: dict[str, E.Expr], allow_unused: tuple[str, ...]
 ) -> tuple[dict[str, TensorNode], dict[str, str]]:
     names = family.names
     tensors: dict[str, TensorNode] = {}
@@ -256,12 +258,12 @@ def names_for(template: str):
     return _compile(template)
 
 
-def _unstack(key: str, load: E.Load, spec: ModelSpec, stacked) -> list[tuple[str, E.Expr]] | None:
+def _unstack(key: str, load: E.Expr, spec: ModelSpec, stacked) -> list[tuple[str, E.Expr]] | None:
     """A tensor stacking a layer's experts (gpt-oss) as each expert's canonical parts."""
     for stack, pat in stacked:
         m = pat.match(key)
         if m:
-            experts = stack.split(load, spec, f"{load.path}: tensor {key}")
+            experts = stack.split(load, spec, f"{E.loads(load)[0].path}: tensor {key}")
             return [
                 (p.format(e=e, **m.groupdict()), x)
                 for e, parts in enumerate(experts)
@@ -270,7 +272,7 @@ def _unstack(key: str, load: E.Load, spec: ModelSpec, stacked) -> list[tuple[str
     return None
 
 
-def _unpack(key: str, load: E.Load, spec: ModelSpec, packed) -> list[tuple[str, E.Expr]] | None:
+def _unpack(key: str, load: E.Expr, spec: ModelSpec, packed) -> list[tuple[str, E.Expr]] | None:
     for p, pat in packed:
         m = pat.match(key)
         if not m:
@@ -278,7 +280,7 @@ def _unpack(key: str, load: E.Load, spec: ModelSpec, packed) -> list[tuple[str, 
         rows = p.row_counts(spec)
         if load.shape[0] != sum(rows):
             raise FormatError(
-                f"{load.path}: tensor {key} has {load.shape[0]} rows, expected {sum(rows)} "
+                f"{E.loads(load)[0].path}: tensor {key} has {load.shape[0]} rows, expected {sum(rows)} "
                 f"({' + '.join(map(str, rows))}) from config.json"
             )
         return [(part.format(**m.groupdict()), e) for part, e in p.rule(spec).split(load).items()]

@@ -18,6 +18,7 @@ ITEMSIZE = {
     "BOOL": 1,
     "F8_E4M3": 1,
     "F8_E5M2": 1,
+    "F8_E8M0": 1,  # power-of-two scales (ue8m0) of block-quantized weights
 }
 FLOATING = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
@@ -48,6 +49,7 @@ _TORCH_NAMES = {
     "BOOL": "bool",
     "F8_E4M3": "float8_e4m3fn",
     "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
 }
 _FROM_TORCH = {v: k for k, v in _TORCH_NAMES.items()}
 

@@ -13,6 +13,8 @@ first byte moves.  The algebra is deliberately small:
     PadRows   grow dim 0 by repeating the last row (Megatron vocab padding) or with zeros
     Add, Scale, Matmul   the arithmetic a LoRA merge needs (computed in fp32 by the caller)
     RowRescale           each row rescaled to a given norm (DoRA's magnitude), in fp32
+    Dequantize           block-quantized weights (FP8 + per-block scales, MXFP4) to fp32
+    Quantize             FP8 block quantization of a weight: its fp8 values or its scales
 
 :func:`simplify` rewrites an expression into an equivalent one that reads fewer bytes (slices are
 pushed into loads, adjacent loads merge, no-op casts vanish).  :func:`evaluate` produces a torch
@@ -46,6 +48,11 @@ def _shape(v: Iterable[int]) -> Shape:
 
 def _exprs(v: Iterable[Expr]) -> tuple[Expr, ...]:
     return tuple(v)
+
+
+def _block(v: Iterable[int]) -> tuple[int, int]:
+    a, b = v
+    return (a, b)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -373,6 +380,95 @@ class RowRescale(Expr):
         return (self.x, self.magnitude)
 
 
+@attrs.frozen
+class Dequantize(Expr):
+    """A block-quantized weight times its per-block scales, exactly in fp32 (the result dtype is
+    F32; a cast to the compute dtype follows, rounding once as transformers does).
+
+    ``scheme`` ``fp8``: ``q`` is float8_e4m3 [..., rows, cols] and ``scale`` holds one inverse scale
+    per ``block`` = (b0, b1) tile [..., ceil(rows/b0), ceil(cols/b1)] (fp32, ue8m0 ``F8_E8M0`` or
+    raw e8m0 bytes ``U8``); edge tiles may be partial.  ``mxfp4``: ``q`` holds two e2m1 values per
+    byte [..., groups, 16] and ``scale`` one e8m0 exponent byte per group of 32 [..., groups]; the
+    result is [..., groups * 32]."""
+
+    q: Expr
+    scale: Expr
+    block: tuple[int, int] = attrs.field(converter=_block)
+    scheme: str = "fp8"
+
+    def __attrs_post_init__(self) -> None:
+        qs, ss = self.q.shape, self.scale.shape
+        if self.scheme == "mxfp4":
+            _check(
+                len(qs) >= 2 and qs[-1] == 16 and ss == qs[:-1],
+                f"mxfp4 blocks of shape {qs} need scales of shape {qs[:-1]}, got {ss}",
+            )
+        else:
+            _check(self.scheme == "fp8", f"unknown quantization scheme {self.scheme!r}")
+            want = qs[:-2] + tuple(-(-n // b) for n, b in zip(qs[-2:], self.block)) if len(qs) >= 2 else None
+            _check(
+                want == ss,
+                f"fp8 weight of shape {qs} in {list(self.block)} blocks needs scales {want}, got {ss}",
+            )
+
+    @property
+    def shape(self) -> Shape:
+        qs = self.q.shape
+        return qs[:-2] + (qs[-2] * 32,) if self.scheme == "mxfp4" else qs
+
+    @property
+    def dtype(self) -> str:
+        return "F32"
+
+    @property
+    def children(self) -> tuple[Expr, ...]:
+        return (self.q, self.scale)
+
+    def rows(self, a: int, b: int) -> Dequantize:
+        """Rows [a, b) of dim 0 of the weight and their scales; for a 2-D fp8 weight [a, b) must
+        start and end on block boundaries (or at the last row)."""
+        if self.scheme == "fp8" and len(self.shape) == 2:
+            b0 = self.block[0]
+            sa, sb = a // b0, -(-b // b0)
+        else:
+            sa, sb = a, b
+        return Dequantize(Slice(self.q, 0, a, b), Slice(self.scale, 0, sa, sb), self.block, self.scheme)
+
+
+@attrs.frozen
+class Quantize(Expr):
+    """FP8 block quantization of the 2-D weight ``x`` as transformers' ``Fp8Quantize`` computes it
+    (per ``block`` tile: inverse scale absmax / 448, ue8m0 rounds it up to a power of two; values
+    divided by it, clamped, rounded to float8_e4m3fn).  ``part`` ``weight`` is the F8_E4M3 values
+    (``x``'s shape), ``scale`` the inverse scales (one per tile, F32 or F8_E8M0 for ue8m0); edge
+    tiles may be partial."""
+
+    x: Expr
+    block: tuple[int, int] = attrs.field(converter=_block)
+    scale_fmt: str = "float"
+    part: str = "weight"
+
+    def __attrs_post_init__(self) -> None:
+        _check(len(self.x.shape) == 2, f"fp8 quantization of a tensor of shape {self.x.shape} (needs 2-D)")
+        _check(self.scale_fmt in ("float", "ue8m0"), f"unknown fp8 scale format {self.scale_fmt!r}")
+
+    @property
+    def shape(self) -> Shape:
+        if self.part == "weight":
+            return self.x.shape
+        return tuple(-(-n // b) for n, b in zip(self.x.shape, self.block))
+
+    @property
+    def dtype(self) -> str:
+        if self.part == "weight":
+            return "F8_E4M3"
+        return "F8_E8M0" if self.scale_fmt == "ue8m0" else "F32"
+
+    @property
+    def children(self) -> tuple[Expr, ...]:
+        return (self.x,)
+
+
 # ---------------------------------------------------------------------------------------------
 # traversal
 
@@ -420,6 +516,8 @@ def _rebuild(e: Expr, kids: tuple[Expr, ...]) -> Expr:
         return attrs.evolve(e, a=kids[0], b=kids[1])
     if isinstance(e, RowRescale):
         return attrs.evolve(e, x=kids[0], magnitude=kids[1])
+    if isinstance(e, Dequantize):
+        return attrs.evolve(e, q=kids[0], scale=kids[1])
     return attrs.evolve(cast(Any, e), x=kids[0])  # every other node kind keeps its one child in x
 
 
@@ -542,6 +640,19 @@ def _rewrite_slice(e: Slice) -> Expr:
         return Add(Slice(x.a, d, a, b), Slice(x.b, d, a, b))
     if isinstance(x, Matmul) and d == 0:
         return Matmul(Slice(x.a, 0, a, b), x.b)
+    if isinstance(x, Dequantize) and d == 0:
+        # whole scale blocks: a row range of a 2-D fp8 weight widens to block boundaries
+        step = x.block[0] if x.scheme == "fp8" and len(x.shape) == 2 else 1
+        lo, hi = a // step * step, min(-(-b // step) * step, x.shape[0])
+        if (lo, hi) != (0, x.shape[0]):
+            return Slice(x.rows(lo, hi), 0, a - lo, b - lo)
+    if isinstance(x, Quantize) and d == 0:  # whole tiles again: a row of scales covers block[0] rows
+        b0, n = x.block[0], x.x.shape[0]
+        if x.part == "scale":
+            return attrs.evolve(x, x=Slice(x.x, 0, a * b0, min(b * b0, n)))
+        lo, hi = a // b0 * b0, min(-(-b // b0) * b0, n)
+        if (lo, hi) != (0, n):
+            return Slice(attrs.evolve(x, x=Slice(x.x, 0, lo, hi)), 0, a - lo, b - lo)
     if isinstance(x, Transpose) and d not in (x.dim0, x.dim1):
         return Transpose(Slice(x.x, d, a, b), x.dim0, x.dim1)
     if isinstance(x, Transpose):
@@ -581,6 +692,10 @@ def describe(e: Expr) -> str:
         return f"scale({describe(e.x)}, {e.factor:g})"
     if isinstance(e, RowRescale):
         return f"row_rescale({describe(e.x)}, {describe(e.magnitude)})"
+    if isinstance(e, Quantize):
+        return f"quantize_fp8_{e.part}({describe(e.x)}, block={list(e.block)}, {e.scale_fmt})"
+    if isinstance(e, Dequantize):
+        return f"dequantize_{e.scheme}({describe(e.q)}, {describe(e.scale)}, block={list(e.block)})"
     return type(e).__name__
 
 
@@ -745,7 +860,7 @@ def needs_torch(expr: Expr) -> bool:
     from ckpt_ir.ir import casts
 
     return any(
-        isinstance(n, (Add, Matmul, Scale, RowRescale))
+        isinstance(n, (Add, Matmul, Scale, RowRescale, Dequantize, Quantize))
         or isinstance(n, Cast)
         and (MATH_DEVICE is not None or not casts.supported(n.x.dtype, n.to))
         for n in walk(expr)
@@ -786,6 +901,16 @@ def _evaluate_math(expr: Expr, reader: Reader, out) -> None:
     elif isinstance(expr, RowRescale):  # peft's DoRA merge order: norm of the rows, m / norm, times the rows
         x = _fp32(expr.x, reader)
         torch.mul((_fp32(expr.magnitude, reader) / torch.linalg.norm(x, dim=1)).view(-1, 1), x, out=out)
+    elif isinstance(expr, Dequantize):
+        _dequantize(expr, evaluate(expr.q, reader), evaluate(expr.scale, reader), out)
+    elif isinstance(expr, Quantize) and expr.part == "scale":  # a few scale rows per step: bounded memory
+        b0, n = expr.block[0], expr.x.shape[0]
+        step = max(1, QUANTIZE_ELEMENTS // max(1, b0 * expr.x.shape[1]))
+        for r in range(0, expr.shape[0], step):
+            rows = attrs.evolve(expr, x=simplify(Slice(expr.x, 0, r * b0, min((r + step) * b0, n))))
+            _quantize(rows, _fp32(rows.x, reader), out[r : r + step])
+    elif isinstance(expr, Quantize):
+        _quantize(expr, _fp32(expr.x, reader), out)
     else:
         raise TypeError(f"cannot evaluate {type(expr).__name__}")
 
@@ -798,7 +923,7 @@ def _evaluate_on_device(expr: Expr, reader: Reader):
     from ckpt_ir.ir.dtypes import to_torch
 
     def operand(x: Expr):
-        if isinstance(x, (Cast, Add, Matmul, Scale, RowRescale)):
+        if isinstance(x, (Cast, Add, Matmul, Scale, RowRescale, Dequantize, Quantize)):
             return _evaluate_on_device(x, reader)
         return evaluate(x, reader).to(MATH_DEVICE)
 
@@ -815,7 +940,85 @@ def _evaluate_on_device(expr: Expr, reader: Reader):
         x = operand(expr.x).to(torch.float32)
         factor = operand(expr.magnitude).to(torch.float32) / torch.linalg.norm(x, dim=1)
         return factor.view(-1, 1) * x
+    if isinstance(expr, Dequantize):
+        out = torch.empty(expr.shape, dtype=torch.float32, device=MATH_DEVICE)
+        _dequantize(expr, operand(expr.q), operand(expr.scale), out)
+        return out
+    if isinstance(expr, Quantize):
+        out = torch.empty(expr.shape, dtype=to_torch(expr.dtype), device=MATH_DEVICE)
+        _quantize(expr, operand(expr.x).to(torch.float32), out)
+        return out
     raise TypeError(f"cannot evaluate {type(expr).__name__}")
+
+
+# the 16 values of an e2m1 nibble (MXFP4), by bit pattern
+FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def _scales_fp32(scale):
+    """Per-block scales as fp32: fp32 as stored, ue8m0 (float8_e8m0fnu) exactly, raw e8m0 bytes
+    as ``2 ** (byte - 127)`` (transformers' reading of uint8 scales)."""
+    import torch
+
+    if scale.dtype == torch.uint8:
+        return torch.exp2(scale.to(torch.float32) - 127.0)
+    return scale.to(torch.float32)
+
+
+QUANTIZE_ELEMENTS = 1 << 22  # weight elements quantized per step when computing only the scales
+
+
+def _quantize(expr: Quantize, x, out) -> None:
+    """transformers' Fp8Quantize on the fp32 weight ``x``, step for step (so the bytes agree), on
+    the weight zero-padded to whole tiles (padding changes no tile's absmax), cropped back."""
+    import torch
+
+    rows, cols = x.shape
+    b0, b1 = expr.block
+    pr, pc = -rows % b0, -cols % b1
+    tiles = torch.nn.functional.pad(x, (0, pc, 0, pr)).reshape((rows + pr) // b0, b0, (cols + pc) // b1, b1)
+    f8 = torch.finfo(torch.float8_e4m3fn)
+    max_abs = tiles.abs().amax(dim=(-3, -1))
+    ones = torch.ones_like(max_abs)
+    scales = torch.where(max_abs > 0, f8.max / torch.where(max_abs > 0, max_abs, ones), ones)
+    inv = (1.0 / scales).to(torch.float32)
+    if expr.scale_fmt == "ue8m0":  # a power of two; the forward scale is its exact reciprocal
+        inv = torch.pow(2.0, torch.ceil(torch.log2(inv.clamp(min=torch.finfo(torch.float32).tiny))))
+        inv = inv.to(torch.float8_e8m0fnu)
+        scales = 1.0 / inv.to(torch.float32)
+    if expr.part == "scale":
+        out.copy_(inv)
+        return
+    q = torch.clamp(tiles * scales.unsqueeze(-1).unsqueeze(-3), min=f8.min, max=f8.max).to(
+        torch.float8_e4m3fn
+    )
+    out.copy_(q.reshape(rows + pr, cols + pc)[:rows, :cols])
+
+
+def _dequantize(expr: Dequantize, q, scale, out) -> None:
+    """``out`` (fp32, ``expr``'s shape) = the quantized values times their block's scale, the
+    product rounded once in fp32 (transformers' Fp8Dequantize and MXFP4 conversion)."""
+    import torch
+
+    s = _scales_fp32(scale)
+    if expr.scheme == "mxfp4":
+        lut = torch.tensor(FP4_E2M1, dtype=torch.float32, device=q.device)
+        u8 = q.view(torch.uint8)
+        pairs = out.view(*u8.shape, 2)
+        pairs[..., 0] = lut[(u8 & 0x0F).long()]
+        pairs[..., 1] = lut[(u8 >> 4).long()]
+        out.view(*u8.shape[:-1], 32).mul_(s.unsqueeze(-1))
+        return
+    rows, cols = expr.shape[-2:]
+    b0, b1 = expr.block
+    # scales repeated over rows only, broadcast over each tile's columns through a view of ``out``:
+    # no temporary of the weight's size besides ``out`` itself
+    s = s.repeat_interleave(b0, dim=-2)[..., :rows, :]
+    out.copy_(q)
+    full = cols // b1
+    out[..., : full * b1].unflatten(-1, (full, b1)).mul_(s[..., :full, None])
+    if cols % b1:
+        out[..., full * b1 :].mul_(s[..., full:])
 
 
 # rows of a matmul computed by one BLAS call: the whole product's rows come out bit for bit the

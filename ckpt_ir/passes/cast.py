@@ -37,3 +37,35 @@ class CastPass(Pass):
             want = "F32" if self.opt("keep-norms") and is_norm(name) else to
             out[name] = t.map(lambda e, w=want: E.simplify(E.Cast(e, w)))
         return ckpt.with_tensors(out, spec=attrs.evolve(ckpt.spec, dtype=to))
+
+
+@register_pass
+class DequantizePass(Pass):
+    name = "dequantize"
+    summary = "Dequantize block-quantized weights (FP8, MXFP4) to the compute dtype"
+    description = (
+        "Every weight the HF frontend lifted from quantized storage (a dequantize expression: the "
+        "stored values times their block scales, exactly in fp32) becomes a cast of it to the "
+        "target dtype, rounded once as transformers' own dequantization does; the config's "
+        "quantization_config is dropped, so the output is an ordinary checkpoint."
+    )
+    options = (
+        Option("dtype", str, None, "target dtype: bf16 or fp32 (default: the config's compute dtype)"),
+    )
+    guarantees = (
+        "no tensor is quantized; spec.dtype is the target dtype; hf_config has no quantization_config"
+    )
+    optimizer_state = "keep"
+
+    def run(self, ckpt: Checkpoint) -> Checkpoint:
+        from ckpt_ir.quant import is_dequantized
+
+        to = parse_dtype(self.opt("dtype")) if self.opt("dtype") else ckpt.spec.dtype
+        out = {
+            name: t.map(lambda e: E.simplify(E.Cast(e, to)))
+            if any(is_dequantized(s) for s in t.shards)
+            else t
+            for name, t in ckpt.tensors.items()
+        }
+        cfg = ckpt.hf_config and {k: v for k, v in ckpt.hf_config.items() if k != "quantization_config"}
+        return ckpt.with_tensors(out, spec=attrs.evolve(ckpt.spec, dtype=to), hf_config=cfg)
