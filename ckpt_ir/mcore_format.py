@@ -61,6 +61,8 @@ _NORM_KEYS = (
 _MLP_KEYS = (
     (D + "mlp.linear_fc1.weight", C + "mlp.gate_up.weight"),
     (D + "mlp.linear_fc2.weight", C + "mlp.down.weight"),
+    (D + "mlp.linear_fc1.bias", C + "mlp.fc1.bias"),
+    (D + "mlp.linear_fc2.bias", C + "mlp.down.bias"),
     (D + "mlp.router.weight", C + "mlp.router.weight"),
     (D + "mlp.router.expert_bias", C + "mlp.router.bias"),
     (D + "mlp.shared_experts.gate_weight", C + "mlp.shared_gate.weight"),
@@ -115,7 +117,12 @@ _TE_NORMS = {
     D + "input_layernorm.bias": D + "self_attention.linear_qkv.layer_norm_bias",
     D + "pre_mlp_layernorm.bias": D + "mlp.linear_fc1.layer_norm_bias",
 }
-PRE_LAYERS = (("embedding.word_embeddings.weight", "embed.weight"),)
+PRE_LAYERS = (
+    ("embedding.word_embeddings.weight", "embed.weight"),
+    # BLOOM's embedding LayerNorm (MindSpeed-LLM's module path)
+    ("embedding.word_embeddings.norm.weight", "embed_norm.weight"),
+    ("embedding.word_embeddings.norm.bias", "embed_norm.bias"),
+)
 POST_LAYERS = (
     ("decoder.final_layernorm.weight", "final_norm.weight"),
     ("decoder.final_layernorm.bias", "final_norm.bias"),
@@ -141,9 +148,14 @@ _FULL_QK_NORM = {
 }
 
 
-def _layer_keys(mla: bool, full_qk_norm: bool):
+# a non-gated MLP's linear_fc1 is its fc1 alone (BLOOM)
+_PLAIN_FC1 = {C + "mlp.gate_up.weight": C + "mlp.fc1.weight"}
+
+
+def _layer_keys(mla: bool, full_qk_norm: bool, gated: bool = True):
     keys = _MLA_LAYER_KEYS if mla else _LAYER_KEYS
-    return tuple((m, _FULL_QK_NORM.get(c, c)) for m, c in keys) if full_qk_norm else keys
+    keys = tuple((m, _FULL_QK_NORM.get(c, c)) for m, c in keys) if full_qk_norm else keys
+    return keys if gated else tuple((m, _PLAIN_FC1.get(c, c)) for m, c in keys)
 
 
 def _table(keys, norm_names: str) -> NameTable:
@@ -190,19 +202,21 @@ def lora_key(target_key: str, which: str) -> str:
     return target_key[: -len(".weight")] + (".lora_A" if which == "a" else ".lora_B") + ".default.weight"
 
 
-def layer_table(norm_names: str, mla: bool = False, full_qk_norm: bool = False) -> NameTable:
+def layer_table(
+    norm_names: str, mla: bool = False, full_qk_norm: bool = False, gated: bool = True
+) -> NameTable:
     """Decoder-layer key table for a naming (``local``, ``te``, ``te-input``; MindSpeed-LLM v2's
     transformer_engine output fuses only the input norm for dense layers)."""
-    return _table(_layer_keys(mla, full_qk_norm), norm_names)
+    return _table(_layer_keys(mla, full_qk_norm, gated), norm_names)
 
 
 def read_tables(spec: ModelSpec) -> tuple[NameTable, ...]:
     """The decoder-layer tables a reader tries (local and TE norm names) for ``spec``."""
-    return tuple(layer_table(n, spec.mla, spec.qk_full_norm) for n in ("local", "te"))
+    return tuple(layer_table(n, spec.mla, spec.qk_full_norm, spec.gated_mlp) for n in ("local", "te"))
 
 
-def role_order(mla: bool, full_qk_norm: bool = False) -> tuple[str, ...]:
-    return tuple(c for _, c in _layer_keys(mla, full_qk_norm))
+def role_order(mla: bool, full_qk_norm: bool = False, gated: bool = True) -> tuple[str, ...]:
+    return tuple(c for _, c in _layer_keys(mla, full_qk_norm, gated))
 
 
 def rank_dir(tp: int, pp: int, layout: Layout, ep: int = 0, ep_size: int = 1) -> str:
@@ -396,11 +410,11 @@ def build_args(
             [0 if i in spec.dense_layers else 1 for i in range(spec.num_layers)] if spec.dense_layers else 1
         )
         fields["moe_shared_expert_gate"] = fields["shared_expert_gate"] = spec.shared_expert_gate
-        from ckpt_ir.families import by_name
+    from ckpt_ir.families import by_name
 
-        family = by_name(spec.family)
-        if family.megatron_args:
-            fields.update(family.megatron_args(cfg))
+    family = by_name(spec.family)
+    if family.megatron_args:  # e.g. router options, BLOOM's ALiBi and biases
+        fields.update(family.megatron_args(cfg))
     if spec.mla:
         fields.update(
             {

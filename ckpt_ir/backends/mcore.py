@@ -197,8 +197,8 @@ def rank_content(ckpt: Checkpoint) -> tuple[dict[tuple[int, int], list[Entry]], 
     slots = layer_slots(spec, layout)
     where = {s.real: s for s in slots if s.real is not None}
     chunks = num_chunks(spec, layout)
-    table = M.layer_table(layout.norm_names, spec.mla, spec.qk_full_norm)
-    order = M.role_order(spec.mla, spec.qk_full_norm)
+    table = M.layer_table(layout.norm_names, spec.mla, spec.qk_full_norm, spec.gated_mlp)
+    order = M.role_order(spec.mla, spec.qk_full_norm, spec.gated_mlp)
     content: dict[tuple[int, int], list[Entry]] = defaultdict(list)
     by_layer: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for name in ckpt.tensors:
@@ -208,6 +208,7 @@ def rank_content(ckpt: Checkpoint) -> tuple[dict[tuple[int, int], list[Entry]], 
     last = (layout.pp - 1, chunks - 1)
     if "embed.weight" in ckpt.tensors:
         content[(0, 0)].append(Entry("embedding.word_embeddings.weight", ("embed.weight",)))
+    content[(0, 0)].extend(Entry(key, (canon,)) for key, canon in M.PRE_LAYERS[1:] if canon in ckpt.tensors)
     mtp_roles = {f"layers.{{i}}.{c}": m for m, c in M.MTP_KEYS}
     known = (
         set(order)

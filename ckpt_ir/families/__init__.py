@@ -23,13 +23,20 @@ class Packed:
     hf: str
     parts: tuple[str, ...]
     sizes: tuple[str, ...]
+    # the ModelSpec property giving a number of rounds the parts are interleaved in (BLOOM's
+    # query_key_value is [q; k; v] of head 0, then of head 1, ...); "": whole parts in turn
+    groups: str = ""
 
     def row_counts(self, spec: ModelSpec) -> tuple[int, ...]:
         return tuple(getattr(spec, s) for s in self.sizes)
 
     def rule(self, spec: ModelSpec) -> Stack:
         """The packed tensor as a reversible stack of its parts (keyed by canonical template)."""
-        return Stack.of(zip(self.parts, self.row_counts(spec)))
+        rows = self.row_counts(spec)
+        if not self.groups:
+            return Stack.of(zip(self.parts, rows))
+        g = getattr(spec, self.groups)
+        return Stack.interleaved(g, ((p, n // g) for p, n in zip(self.parts, rows)))
 
 
 @attrs.frozen

@@ -62,7 +62,12 @@ def _mla(pred: Callable[[ModelSpec, Layout], bool]) -> Presence:
 
 
 def _dense_mlp(fused: bool) -> Presence:
-    return lambda s, lay, i: not s.is_moe_layer(i) and lay.fused_gate_up == fused
+    return lambda s, lay, i: not s.is_moe_layer(i) and s.gated_mlp and lay.fused_gate_up == fused
+
+
+def _plain_mlp(pred: Callable[[ModelSpec], bool]) -> Presence:
+    """A dense layer's non-gated MLP (one fc1, no gate) when ``pred`` holds."""
+    return lambda s, lay, i: not s.is_moe_layer(i) and not s.gated_mlp and pred(s)
 
 
 def _moe(pred: Callable[[ModelSpec, Layout], bool] = lambda s, lay: True) -> Presence:
@@ -78,9 +83,13 @@ def _mtp(s: ModelSpec, lay: Layout, i: int) -> bool:
 
 
 def _mlp_roles(
-    prefix: str, width: Callable[[ModelSpec], int], present: Callable[[bool], Presence]
+    prefix: str,
+    width: Callable[[ModelSpec], int],
+    present: Callable[[bool], Presence],
+    plain: Presence = lambda s, lay, i: False,
 ) -> list[Role]:
-    """gate / up / fused gate_up / down of a gated MLP (the dense one, an expert, the shared one)."""
+    """gate / up / fused gate_up / down of a gated MLP (the dense one, an expert, the shared one);
+    ``plain``: where a non-gated MLP also has this down projection."""
     return [
         Role(prefix + "gate.weight", COLUMN, lambda s, lay: (width(s), s.hidden_size), present(False)),
         Role(prefix + "up.weight", COLUMN, lambda s, lay: (width(s), s.hidden_size), present(False)),
@@ -94,7 +103,7 @@ def _mlp_roles(
             prefix + "down.weight",
             ROW,
             lambda s, lay: (s.hidden_size, width(s)),
-            lambda s, lay, i: present(False)(s, lay, i) or present(True)(s, lay, i),
+            lambda s, lay, i: present(False)(s, lay, i) or present(True)(s, lay, i) or plain(s, lay, i),
         ),
     ]
 
@@ -124,6 +133,14 @@ _BUILTIN: list[Role] = [
         COLUMN,
         lambda s, lay: (_vocab(s, lay),),
         lambda s, lay, i: s.untied and s.lm_head_bias,
+    ),
+    # BLOOM normalises the embedding output (LayerNorm with a bias)
+    Role("embed_norm.weight", None, lambda s, lay: (s.hidden_size,), lambda s, lay, i: s.embed_norm),
+    Role(
+        "embed_norm.bias",
+        None,
+        lambda s, lay: (s.hidden_size,),
+        lambda s, lay, i: s.embed_norm and s.norm_bias,
     ),
     Role("final_norm.weight", None, lambda s, lay: (s.hidden_size,)),
     Role("final_norm.bias", None, lambda s, lay: (s.hidden_size,), _norm_bias),
@@ -192,7 +209,23 @@ _BUILTIN: list[Role] = [
     Role(L + "post_attn_norm.weight", None, lambda s, lay: (s.hidden_size,), lambda s, lay, i: s.post_norms),
     Role(L + "mlp_norm.weight", None, lambda s, lay: (s.hidden_size,)),
     Role(L + "mlp_norm.bias", None, lambda s, lay: (s.hidden_size,), _norm_bias),
-    *_mlp_roles(L + "mlp.", lambda s: s.ffn_hidden_size, _dense_mlp),
+    # a non-gated MLP (BLOOM): fc1 -> activation -> down, biases on both; Megatron's linear_fc1 is
+    # then fc1 alone, split over TP as one block
+    Role(
+        L + "mlp.fc1.weight",
+        COLUMN,
+        lambda s, lay: (s.ffn_hidden_size, s.hidden_size),
+        _plain_mlp(lambda s: True),
+    ),
+    Role(L + "mlp.fc1.bias", COLUMN, lambda s, lay: (s.ffn_hidden_size,), _plain_mlp(lambda s: s.mlp_bias)),
+    *_mlp_roles(L + "mlp.", lambda s: s.ffn_hidden_size, _dense_mlp, _plain_mlp(lambda s: True)),
+    # row-parallel: added once after the reduction, whole on every TP rank
+    Role(
+        L + "mlp.down.bias",
+        None,
+        lambda s, lay: (s.hidden_size,),
+        lambda s, lay, i: not s.is_moe_layer(i) and s.mlp_bias,
+    ),
     Role(L + "post_mlp_norm.weight", None, lambda s, lay: (s.hidden_size,), lambda s, lay, i: s.post_norms),
     # mixture of experts: router (and its score-correction bias), routed experts, shared experts.
     # Expert tensors follow the dense MLP rules; with expert TP = 1 the shard pass leaves them whole.
@@ -277,6 +310,7 @@ LINEAR_TARGETS = (
     "mlp.gate",
     "mlp.up",
     "mlp.gate_up",
+    "mlp.fc1",
     "mlp.down",
     "mlp.experts.{e}.gate",
     "mlp.experts.{e}.up",
@@ -394,6 +428,8 @@ def expected_names(spec: ModelSpec, layout: Layout) -> set[str]:
 
 _TOP = {
     "embed.weight": 0,
+    "embed_norm.weight": 0,
+    "embed_norm.bias": 0,
     "final_norm.weight": 2,
     "final_norm.bias": 2,
     "lm_head.weight": 3,

@@ -65,6 +65,9 @@ class ModelSpec:
     norm_bias: bool = False  # LayerNorm with biases (every norm), not RMSNorm (PhiMoE)
     o_bias: bool = False  # a bias on the attention output projection
     lm_head_bias: bool = False  # a bias on the output layer (untied models)
+    gated_mlp: bool = True  # [gate; up] MLP; False: one fc1 (BLOOM's dense_h_to_4h) then the activation
+    mlp_bias: bool = False  # biases on the dense MLP's fc1 and down projections
+    embed_norm: bool = False  # a norm right after the word embedding (BLOOM)
     lora_rank: int | None = None  # set while the checkpoint carries (unmerged) LoRA adapters
     lora_alpha: float | None = None
     # LoRA scaling: alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA; r is each target's own
