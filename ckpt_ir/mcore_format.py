@@ -37,9 +37,9 @@ _ATTENTION_KEYS = (
     (D + "self_attention.linear_qkv.weight", C + "attn.qkv.weight"),
     (D + "self_attention.linear_proj.weight", C + "attn.o.weight"),
     (D + "self_attention.linear_proj.bias", C + "attn.o.bias"),
-    (D + "self_attention.linear_qkv.bias", C + "attn.qkv.bias"),
     (D + "self_attention.q_layernorm.weight", C + "attn.q_norm.weight"),
     (D + "self_attention.k_layernorm.weight", C + "attn.k_norm.weight"),
+    (D + "self_attention.linear_qkv.bias", C + "attn.qkv.bias"),  # after the q/k norms (GLM-4.5)
 )
 # multi-latent attention: linear_qkv stacks the q (or q_a) and kv_a down-projections
 _MLA_ATTENTION_KEYS = (
@@ -141,7 +141,7 @@ MTP_KEYS = (
 MTP_FINAL_NORM = "final_layernorm.weight"
 
 
-# MiniMax-M2's full-width q/k norms take the per-head norms' keys (Megatron-Bridge)
+# MiniMax-M2's full-width q/k norms take the per-head norms' keys (MindSpeed-LLM, Megatron-Bridge)
 _FULL_QK_NORM = {
     C + "attn.q_norm.weight": C + "attn.q_full_norm.weight",
     C + "attn.k_norm.weight": C + "attn.k_full_norm.weight",

@@ -200,12 +200,10 @@ _BUILTIN: list[Role] = [
     Role(L + "attn.o.bias", None, lambda s, lay: (s.hidden_size,), lambda s, lay, i: s.o_bias),
     Role(L + "attn.q_norm.weight", None, lambda s, lay: (s.head_dim,), lambda s, lay, i: s.qk_norm),
     Role(L + "attn.k_norm.weight", None, lambda s, lay: (s.head_dim,), lambda s, lay, i: s.qk_norm),
-    # full-width q/k norms (one weight over all heads): split over TP with the heads they scale
-    # (Megatron-Bridge's MiniMax-M2 layout; the module all-reduces the sum of squares)
-    Role(L + "attn.q_full_norm.weight", COLUMN, lambda s, lay: (s.q_size,), lambda s, lay, i: s.qk_full_norm),
-    Role(
-        L + "attn.k_full_norm.weight", COLUMN, lambda s, lay: (s.kv_size,), lambda s, lay, i: s.qk_full_norm
-    ),
+    # full-width q/k norms (one weight over all heads): whole on every TP rank, as MindSpeed-LLM's
+    # minimax_m2 converter writes them (Megatron-Bridge would split them with their heads)
+    Role(L + "attn.q_full_norm.weight", None, lambda s, lay: (s.q_size,), lambda s, lay, i: s.qk_full_norm),
+    Role(L + "attn.k_full_norm.weight", None, lambda s, lay: (s.kv_size,), lambda s, lay, i: s.qk_full_norm),
     Role(L + "post_attn_norm.weight", None, lambda s, lay: (s.hidden_size,), lambda s, lay, i: s.post_norms),
     Role(L + "mlp_norm.weight", None, lambda s, lay: (s.hidden_size,)),
     Role(L + "mlp_norm.bias", None, lambda s, lay: (s.hidden_size,), _norm_bias),
