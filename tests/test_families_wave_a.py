@@ -232,6 +232,18 @@ def test_bloom_rank_files_follow_the_format_facts(models, tmp_path):
         )
 
 
+def test_bloom_verify_compares_every_unit(models, tmp_path, capsys):
+    """``ckpt-ir verify`` runs BLOOM from Megatron rank files unit by unit (its tied head is the
+    input embedding, named word_embeddings, not embed_tokens) and finds them equal to the source."""
+    from ckpt_ir.cli import main
+
+    src, mid = models("bloom"), str(tmp_path / "mid")
+    convert(src, mid, ck.Target(to="mcore", tp=2, pp=2))
+    assert main(["verify", src, mid]) == 0
+    out = capsys.readouterr().out
+    assert "transformer.h.3" in out and "transformer.ln_f" in out and "OK: the outputs agree" in out
+
+
 def test_minimax_full_width_qk_norm_is_whole_on_every_rank(models, tmp_path):
     """MiniMax-M2's q_norm [heads*head_dim] / k_norm [kv_heads*head_dim] normalise the whole
     projection; MindSpeed-LLM's converter writes them whole on every TP rank under the
