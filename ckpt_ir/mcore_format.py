@@ -37,9 +37,9 @@ _ATTENTION_KEYS = (
     (D + "self_attention.linear_qkv.weight", C + "attn.qkv.weight"),
     (D + "self_attention.linear_proj.weight", C + "attn.o.weight"),
     (D + "self_attention.linear_proj.bias", C + "attn.o.bias"),
-    (D + "self_attention.linear_qkv.bias", C + "attn.qkv.bias"),
     (D + "self_attention.q_layernorm.weight", C + "attn.q_norm.weight"),
     (D + "self_attention.k_layernorm.weight", C + "attn.k_norm.weight"),
+    (D + "self_attention.linear_qkv.bias", C + "attn.qkv.bias"),  # after the q/k norms (GLM-4.5)
     (D + "self_attention.core_attention.softmax_offset", C + "attn.sinks"),
     # gated attention (Qwen3-Next, MindSpeed-LLM's qkv_type "mix"): q (with its gate), k, v unfused
     (D + "self_attention.q_proj.weight", C + "attn.q.weight"),
@@ -166,6 +166,9 @@ _TE_NORMS = {
 PRE_LAYERS = (
     ("embedding.word_embeddings.weight", "embed.weight"),
     ("embedding.position_embeddings.weight", "pos_embed.weight"),
+    # BLOOM's embedding LayerNorm (MindSpeed-LLM's module path)
+    ("embedding.word_embeddings.norm.weight", "embed_norm.weight"),
+    ("embedding.word_embeddings.norm.bias", "embed_norm.bias"),
 )
 POST_LAYERS = (
     ("decoder.final_layernorm.weight", "final_norm.weight"),
@@ -185,7 +188,7 @@ MTP_KEYS = (
 MTP_FINAL_NORM = "final_layernorm.weight"
 
 
-# MiniMax-M2's full-width q/k norms take the per-head norms' keys (Megatron-Bridge)
+# MiniMax-M2's full-width q/k norms take the per-head norms' keys (MindSpeed-LLM, Megatron-Bridge)
 _FULL_QK_NORM = {
     C + "attn.q_norm.weight": C + "attn.q_full_norm.weight",
     C + "attn.k_norm.weight": C + "attn.k_full_norm.weight",

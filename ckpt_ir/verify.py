@@ -196,7 +196,9 @@ class Materialiser:
         self.model, self.reader, self.dtype, self.device = model, reader, dtype, device
         self.exprs = dict(exprs)
         if tied and "lm_head.weight" not in self.exprs:
-            self.exprs["lm_head.weight"] = self.exprs[f"{model.base_model_prefix}.embed_tokens.weight"]
+            # the input embedding's own name (embed_tokens for most families, BLOOM's word_embeddings)
+            embed = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+            self.exprs["lm_head.weight"] = self.exprs[f"{embed}.weight"]
         self.rules = conversion(model)
         self.used: set[str] = set()
 

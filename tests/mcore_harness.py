@@ -35,7 +35,8 @@ loaded tensors to ``OUT.rank<R>.sd.pt`` instead of running the forward pass.
 Mixture-of-experts cases (a ``"moe"`` entry in the case, plus ``"ep"`` / ``"etp"``) build the MoE
 layer with the local spec (``SequentialMLP`` experts, or the legacy ``GroupedMLP`` when
 ``grouped_gemm`` is set), the ``allgather`` token dispatcher (the ``alltoall`` one needs CUDA
-streams), no capacity factor (no token dropping), no load-balancing loss; each rank loads
+streams), no capacity factor (no token dropping), no load-balancing loss (sigmoid scores with an
+``expert_bias`` buffer, group-limited top-k and a top-k scaling factor where the case says so); each rank loads
 ``mp_rank_TT[_PPP]_EEE`` for its own (TP rank, EP rank).  More workarounds:
 * ``moe_utils.te_general_gemm = None``: 0.16.1's router GEMM names it even without Transformer
   Engine (``NameError``);
@@ -201,11 +202,13 @@ def _moe_kwargs(case: dict) -> dict:
             moe_shared_expert_intermediate_size=moe["shared_ffn_hidden_size"],
             moe_shared_expert_gate=moe.get("shared_gate", False),
         )
-    if moe.get("score_function"):  # sigmoid routing with a score-correction bias (HYV3)
+    if moe.get("score_function"):  # sigmoid routing with a score-correction bias (HYV3, GLM-4.5)
         kw.update(
             moe_router_score_function=moe["score_function"],
             moe_router_enable_expert_bias=moe.get("expert_bias", False),
             moe_router_topk_scaling_factor=moe.get("scaling_factor"),
+            moe_router_num_groups=moe.get("num_groups"),
+            moe_router_group_topk=moe.get("group_topk"),
         )
     return kw
 
@@ -392,6 +395,8 @@ def _run_case(case: dict, rank: int) -> None:
                     "loaded": sum(not k.endswith("._extra_state") for k in sd),
                     # parameters and persistent buffers (a router's expert_bias)
                     "params": sum(not k.endswith("._extra_state") for k in model.state_dict()),
+                    # of which persistent buffers the file fills (a router's expert_bias)
+                    "buffers": sum(1 for n, _ in model.named_buffers() if n in sd),
                     # which MLP implementation each layer got (MLP, MoELayer, SequentialMLP, GroupedMLP, ...)
                     "mlp_modules": {
                         n: type(m).__name__

@@ -83,6 +83,8 @@ CONFIGS = {
         num_experts_per_tok=2,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     ),
+    # BLOOM's own config keys (n_layer / n_head; no intermediate size: the MLP is 4 x hidden)
+    "bloom": dict(hidden_size=64, n_head=4, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
 # per family: the Megatron layouts to round-trip through
 LAYOUTS = {
@@ -96,6 +98,7 @@ LAYOUTS = {
     "phimoe": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True, norm_names="te")),
     "minimax_m2": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True)),
     "minicpm3": (dict(tp=2, pp=2), dict(tp=2, pp=2, noop_layers=(2, 5))),
+    "bloom": (dict(tp=2, pp=2), dict(tp=2, pp=2, num_layer_list=(1, 3)), dict(tp=1, pp=2, vpp_layers=1)),
 }
 
 
@@ -186,10 +189,67 @@ def test_phimoe_biases_are_carried_under_megatron_names(models, tmp_path):
         assert torch.equal(sd["output_layer.bias"], hf["lm_head.bias"][t * v : (t + 1) * v])
 
 
-def test_minimax_full_width_qk_norm_splits_with_the_heads(models, tmp_path):
+def test_bloom_rank_files_follow_the_format_facts(models, tmp_path):
+    """BLOOM's query_key_value is [q; k; v] head by head (transformers views its rows as
+    [heads, 3, head_dim]); Megatron's linear_qkv with one head per query group has the same order,
+    so TP rank t holds HF rows of its heads unchanged.  linear_fc1 is dense_h_to_4h alone (no
+    gate): a plain row split.  Row-parallel biases, norms and the embedding LayerNorm are whole on
+    every rank; with PP the last stage keeps a copy of the tied embedding as output_layer."""
+    src = models("bloom")
+    hf = hf_state(src)
+    mid = str(tmp_path / "mid")
+    convert(src, mid, ck.Target(to="mcore", tp=2, pp=2))
+    h, heads, d = 64, 4, 16
+    qkv = hf["transformer.h.0.self_attention.query_key_value.weight"].view(heads, 3, d, h)
+    qkv_bias = hf["transformer.h.0.self_attention.query_key_value.bias"].view(heads, 3, d)
+    fc1, f = hf["transformer.h.0.mlp.dense_h_to_4h.weight"], 4 * h // 2
+    for t in range(2):
+        first = torch.load(f"{mid}/iter_0000001/mp_rank_0{t}_000/model_optim_rng.pt", weights_only=False)
+        last = torch.load(f"{mid}/iter_0000001/mp_rank_0{t}_001/model_optim_rng.pt", weights_only=False)
+        sd = first["model"]
+        mine = slice(t * heads // 2, (t + 1) * heads // 2)
+        assert torch.equal(sd["decoder.layers.0.self_attention.linear_qkv.weight"], qkv[mine].reshape(-1, h))
+        assert torch.equal(sd["decoder.layers.0.self_attention.linear_qkv.bias"], qkv_bias[mine].reshape(-1))
+        assert torch.equal(sd["decoder.layers.0.mlp.linear_fc1.weight"], fc1[t * f : (t + 1) * f])
+        for key, name in {
+            "embedding.word_embeddings.norm.weight": "transformer.word_embeddings_layernorm.weight",
+            "embedding.word_embeddings.norm.bias": "transformer.word_embeddings_layernorm.bias",
+            "decoder.layers.0.mlp.linear_fc2.bias": "transformer.h.0.mlp.dense_4h_to_h.bias",
+            "decoder.layers.0.self_attention.linear_proj.bias": "transformer.h.0.self_attention.dense.bias",
+            "decoder.layers.0.input_layernorm.bias": "transformer.h.0.input_layernorm.bias",
+        }.items():
+            assert torch.equal(sd[key], hf[name]), key
+        v = 128 // 2
+        assert torch.equal(last["model"]["decoder.final_layernorm.bias"], hf["transformer.ln_f.bias"])
+        assert torch.equal(
+            last["model"]["output_layer.weight"],
+            hf["transformer.word_embeddings.weight"][t * v : (t + 1) * v],
+        )
+        args = first["args"]
+        assert (args.position_embedding_type, args.swiglu, args.add_bias_linear, args.ffn_hidden_size) == (
+            "alibi",
+            False,
+            True,
+            4 * h,
+        )
+
+
+def test_bloom_verify_compares_every_unit(models, tmp_path, capsys):
+    """``ckpt-ir verify`` runs BLOOM from Megatron rank files unit by unit (its tied head is the
+    input embedding, named word_embeddings, not embed_tokens) and finds them equal to the source."""
+    from ckpt_ir.cli import main
+
+    src, mid = models("bloom"), str(tmp_path / "mid")
+    convert(src, mid, ck.Target(to="mcore", tp=2, pp=2))
+    assert main(["verify", src, mid]) == 0
+    out = capsys.readouterr().out
+    assert "transformer.h.3" in out and "transformer.ln_f" in out and "OK: the outputs agree" in out
+
+
+def test_minimax_full_width_qk_norm_is_whole_on_every_rank(models, tmp_path):
     """MiniMax-M2's q_norm [heads*head_dim] / k_norm [kv_heads*head_dim] normalise the whole
-    projection; Megatron-Bridge shards them over TP like the heads they scale (rank t holds the
-    rows of its heads), under the q_layernorm / k_layernorm keys."""
+    projection; MindSpeed-LLM's converter writes them whole on every TP rank under the
+    q_layernorm / k_layernorm keys (compared bit for bit by bench/peers/mindspeed_v2.py)."""
     src = models("minimax_m2")
     hf = hf_state(src)
     mid = str(tmp_path / "mid")
@@ -198,8 +258,8 @@ def test_minimax_full_width_qk_norm_splits_with_the_heads(models, tmp_path):
     assert q.shape == (4 * 32,) and k.shape == (2 * 32,)
     for t in range(2):
         sd = torch.load(f"{mid}/iter_0000001/mp_rank_0{t}/model_optim_rng.pt", weights_only=False)["model"]
-        assert torch.equal(sd["decoder.layers.0.self_attention.q_layernorm.weight"], q[t * 64 : (t + 1) * 64])
-        assert torch.equal(sd["decoder.layers.0.self_attention.k_layernorm.weight"], k[t * 32 : (t + 1) * 32])
+        assert torch.equal(sd["decoder.layers.0.self_attention.q_layernorm.weight"], q)
+        assert torch.equal(sd["decoder.layers.0.self_attention.k_layernorm.weight"], k)
         assert torch.equal(
             sd["decoder.layers.0.mlp.router.expert_bias"],
             hf["model.layers.0.block_sparse_moe.e_score_correction_bias"],
@@ -264,6 +324,7 @@ def test_models_lists_every_family_with_its_mindspeed_names(capsys):
         "minimax_m2": "minimax_m2",
         "phimoe": "phi3.5-moe",
         "mistral": "mistral,magistral",
+        "bloom": "bloom,bloom_3b",
     }
     for family, names in want.items():
         assert f"--model-type-hf {names}" in lines[family], lines.get(family)
@@ -277,10 +338,10 @@ def test_glm_args_carry_partial_rotary(models, tmp_path):
     assert (args.rotary_percent, args.kv_channels, args.add_qkv_bias) == (0.5, 32, True)
 
 
-@pytest.mark.parametrize("family", ["glm", "phimoe"])
+@pytest.mark.parametrize("family", ["glm", "phimoe", "bloom"])
 def test_peft_adapter_merge_equals_peft_merge_and_unload(models, tmp_path, family):
-    """LoRA on the family's linear layers (GLM's packed gate_up_proj: A shared, B stacked like the
-    weight) merges to exactly what peft's merge_and_unload gives."""
+    """LoRA on the family's linear layers (GLM's packed gate_up_proj, BLOOM's query_key_value: A
+    shared, B stacked like the weight) merges to exactly what peft's merge_and_unload gives."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -291,6 +352,8 @@ def test_peft_adapter_merge_equals_peft_merge_and_unload(models, tmp_path, famil
     targets = {
         "glm": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"),
         "phimoe": ("q_proj", "k_proj", "v_proj", "o_proj"),
+        # query_key_value packs q/k/v head by head: B's rows follow that packing
+        "bloom": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
     }[family]
     make_peft_adapter(base, adapter, targets)
     merged = (

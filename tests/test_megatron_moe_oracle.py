@@ -5,7 +5,10 @@ gloo) and give the same logits as transformers on the source HF model.
 Models: mixtral; qwen3_moe (q/k norms, ``norm_topk_prob=false``); qwen2_moe (qkv bias, a
 sigmoid-gated shared expert, a dense layer via ``mlp_only_layers``, tied embeddings); hy_v3 (q/k
 norms, sigmoid routing with a random score-correction bias, renormalised and scaled top-k, an
-ungated shared expert, a dense first layer).  Layouts:
+ungated shared expert, a dense first layer); glm4_moe
+(GLM-4.5: DeepSeek-V3's router -- sigmoid scores, top-k chosen on scores plus a random
+score-correction bias, renormalised and scaled by ``routed_scaling_factor`` -- an ungated shared
+expert, a dense first layer, q/k norms, qkv bias, rotary on half of each head).  Layouts:
 expert parallelism alone (TP1 x EP2, EP4), with tensor parallelism (TP2 x EP2 with expert TP 2
 and expert TP 1, TP2 x EP4 with expert TP 1, TP2 without EP), with pipeline parallelism (PP2 x EP2,
 PP2 x VPP2 x EP2, TP2 x PP2 x EP2 with expert TP 1), experts stored one by one
@@ -101,6 +104,25 @@ MODELS = {
         router_scaling_factor=1.7,
         tie_word_embeddings=False,
     ),
+    # GLM-4.5: sigmoid router with a score-correction bias and a routed scaling factor, one shared
+    # expert, layer 0 dense (first_k_dense_replace), q/k norms, qkv bias, rotary on half of each head
+    "glm4_moe": dict(
+        family="glm4_moe",
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        n_routed_experts=E,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        use_qk_norm=True,
+        attention_bias=True,
+        head_dim=32,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "partial_rotary_factor": 0.5},
+        tie_word_embeddings=False,
+    ),
 }
 
 # case -> (model, conversion).  A conversion is CLI arguments for ``ckpt-ir convert HF OUT --to
@@ -143,6 +165,8 @@ CASES = {
     ),
     "hy_v3-tp2ep2-grouped": ("hy_v3", ["--tp", "2", "--ep", "2", "--moe-grouped-gemm"]),
     "hy_v3-tp1pp2ep2": ("hy_v3", ["--pp", "2", "--ep", "2"]),  # dense layer 0 on stage 0
+    "glm4_moe-tp2ep2-grouped": ("glm4_moe", ["--tp", "2", "--ep", "2", "--moe-grouped-gemm"]),
+    "glm4_moe-tp1pp2ep2": ("glm4_moe", ["--pp", "2", "--ep", "2"]),  # dense layer 0 on stage 0
 }
 # (tp, pp, vpp, ep, etp, grouped) each case must come out as
 EXPECTED_LAYOUT = {
@@ -169,6 +193,8 @@ EXPECTED_LAYOUT = {
     "qwen2_moe-tp2ep2-to-etp1-grouped": (2, 1, None, 2, 1, True),
     "hy_v3-tp2ep2-grouped": (2, 1, None, 2, 2, True),
     "hy_v3-tp1pp2ep2": (1, 2, None, 2, 1, False),
+    "glm4_moe-tp2ep2-grouped": (2, 1, None, 2, 2, True),
+    "glm4_moe-tp1pp2ep2": (1, 2, None, 2, 1, False),
 }
 assert EXPECTED_LAYOUT.keys() == CASES.keys()
 
@@ -187,12 +213,20 @@ def _build_hf(path: str, family: str, seed: int, **kw) -> dict:
     cfg = AutoConfig.for_model(family, **{**COMMON, **kw})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    choices: list[torch.Tensor] = []  # GLM-4.5: the scores its router ranks (sigmoid + bias)
+
+    def record(gate, inputs, output):
+        h = inputs[0].reshape(-1, gate.weight.shape[1]).float()
+        choices.append(torch.sigmoid(h @ gate.weight.float().t()) + gate.e_score_correction_bias)
+
     with torch.no_grad():
         for p in model.parameters():  # router, norms, biases, gates too
             p.normal_(0, 0.5)
-        for m in model.modules():  # HYV3's router score-correction bias is a buffer
+        for m in model.modules():  # the router score-correction bias (a buffer): random too
             if isinstance(getattr(m, "e_score_correction_bias", None), torch.Tensor):
                 m.e_score_correction_bias.normal_(0, 0.1)
+                if family == "glm4_moe":
+                    m.register_forward_hook(record)
         out = model(torch.tensor(INPUT_IDS), output_router_logits=True)
     model.save_pretrained(path)
     with open(os.path.join(path, "config.json")) as fh:
@@ -211,6 +245,8 @@ def _build_hf(path: str, family: str, seed: int, **kw) -> dict:
             )
         ]
         if family == "hy_v3"
+        else choices  # GLM-4.5's, recorded by the hook
+        if family == "glm4_moe"
         else [r for r in out.router_logits if r is not None],
         "family": family,
     }
@@ -218,7 +254,7 @@ def _build_hf(path: str, family: str, seed: int, **kw) -> dict:
 
 def _moe_config(family: str, hf: dict) -> dict:
     """Megatron MoE settings derived from the HF config alone."""
-    n = hf.get("num_experts") or hf["num_local_experts"]
+    n = hf.get("num_experts") or hf.get("n_routed_experts") or hf["num_local_experts"]
     layers = hf["num_hidden_layers"]
     if family == "hy_v3":
         return {
@@ -231,6 +267,20 @@ def _moe_config(family: str, hf: dict) -> dict:
             "score_function": "sigmoid",
             "expert_bias": True,
             "scaling_factor": hf["router_scaling_factor"],
+        }
+    if family == "glm4_moe":  # DeepSeek-V3's router: sigmoid scores, top-k on scores + bias
+        dense = hf["first_k_dense_replace"]
+        return {
+            "num_experts": n,
+            "topk": hf["num_experts_per_tok"],
+            "ffn_hidden_size": hf["moe_intermediate_size"],
+            "layer_freq": [int(i >= dense) for i in range(layers)],
+            "shared_ffn_hidden_size": hf["moe_intermediate_size"] * hf["n_shared_experts"],
+            "score_function": "sigmoid",
+            "expert_bias": True,
+            "scaling_factor": hf["routed_scaling_factor"],
+            "num_groups": hf["n_group"],
+            "group_topk": hf["topk_group"],
         }
     if family == "mixtral":
         return {
@@ -352,8 +402,9 @@ def oracle(tmp_path_factory):
                 "hf_config": hf,
                 "padded_vocab": args["padded_vocab_size"],
                 "tied": bool(hf.get("tie_word_embeddings")),
-                "qkv_bias": m["family"] == "qwen2_moe",
-                "qk_norm": m["family"] in ("qwen3_moe", "hy_v3"),
+                "qkv_bias": m["family"] in ("qwen2_moe", "glm4_moe"),
+                "qk_norm": m["family"] in ("qwen3_moe", "hy_v3") or bool(hf.get("use_qk_norm")),
+                "rotary_percent": (hf.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0),
                 "moe": {**_moe_config(m["family"], hf), "grouped_gemm": bool(args.get("moe_grouped_gemm"))},
                 "input_ids": INPUT_IDS,
                 "out": str(root / "logits" / f"{case}.pt"),
@@ -414,7 +465,8 @@ def test_checkpoint_loads_exactly(oracle, case):
             assert chunk["unexpected"] == [], f"rank {rep['rank']}: keys GPTModel does not have"
             real_missing = [k for k in chunk["missing"] if not k.endswith("._extra_state")]
             assert real_missing == [], f"rank {rep['rank']}: parameters the checkpoint lacks"
-            assert chunk["loaded"] == chunk["params"]
+            assert chunk["loaded"] == chunk["params"]  # parameters and persistent buffers
+            assert chunk["buffers"] == 0 or job["moe"].get("expert_bias")  # only the router's bias
     # Megatron's rank grids (order tp-cp-ep-dp-pp): dense tp = r % TP, pp = r // (WORLD / PP);
     # experts (etp, ep) = (r % ETP, r // ETP % EP)
     want = {(r_ % tp, r_ // (WORLD // pp), r_ // etp % ep) for r_ in range(WORLD)}

@@ -208,8 +208,7 @@ def rank_content(ckpt: Checkpoint) -> tuple[dict[tuple[int, int], list[Entry]], 
     last = (layout.pp - 1, chunks - 1)
     if "embed.weight" in ckpt.tensors:
         content[(0, 0)].append(Entry("embedding.word_embeddings.weight", ("embed.weight",)))
-    if "pos_embed.weight" in ckpt.tensors:
-        content[(0, 0)].append(Entry("embedding.position_embeddings.weight", ("pos_embed.weight",)))
+    content[(0, 0)].extend(Entry(key, (canon,)) for key, canon in M.PRE_LAYERS[1:] if canon in ckpt.tensors)
     mtp_roles = {f"layers.{{i}}.{c}": m for m, c in M.MTP_KEYS}
     known = (
         set(order)

@@ -212,5 +212,5 @@ def _packed(family, ckpt: Checkpoint, target: str, suffix: str, done: set[str]) 
                 if any(e != exprs[0] for e in exprs[1:]):
                     raise VerifyError(f"{module}: parts have different LoRA A matrices; merge instead")
                 return module, exprs[0]
-            return module, E.simplify(E.Concat(tuple(exprs), 0))
+            return module, p.rule(ckpt.spec).fuse(dict(zip(p.parts, exprs)))
     raise VerifyError(f"{target}: the {family.name} family has no HF name for this LoRA target")

@@ -223,3 +223,96 @@ register(
         megatron_args=_deepseek_router,  # sigmoid scores with a score-correction bias
     )
 )
+
+# BLOOM: LayerNorm with biases (also on the embedding output), biases on every linear layer, a
+# non-gated GELU MLP (dense_h_to_4h -> gelu -> dense_4h_to_h, 4 x hidden wide), tied embeddings
+# and ALiBi instead of rotary.  query_key_value packs [q; k; v] head by head (transformers views
+# it as [heads, 3, head_dim]), which is Megatron's per-group linear_qkv order with one head per
+# group.
+B = "transformer.h.{i}."
+BLOOM_QKV = tuple(
+    Packed(
+        B + "self_attention.query_key_value." + kind,
+        (C + "attn.q." + kind, C + "attn.k." + kind, C + "attn.v." + kind),
+        ("q_size", "kv_size", "kv_size"),
+        groups="num_heads",
+    )
+    for kind in ("weight", "bias")
+)
+BLOOM_TENSORS = (
+    ("transformer.word_embeddings.weight", "embed.weight"),
+    ("transformer.word_embeddings_layernorm.weight", "embed_norm.weight"),
+    ("transformer.word_embeddings_layernorm.bias", "embed_norm.bias"),
+    (B + "input_layernorm.weight", C + "attn_norm.weight"),
+    (B + "input_layernorm.bias", C + "attn_norm.bias"),
+    (B + "self_attention.dense.weight", C + "attn.o.weight"),
+    (B + "self_attention.dense.bias", C + "attn.o.bias"),
+    (B + "post_attention_layernorm.weight", C + "mlp_norm.weight"),
+    (B + "post_attention_layernorm.bias", C + "mlp_norm.bias"),
+    (B + "mlp.dense_h_to_4h.weight", C + "mlp.fc1.weight"),
+    (B + "mlp.dense_h_to_4h.bias", C + "mlp.fc1.bias"),
+    (B + "mlp.dense_4h_to_h.weight", C + "mlp.down.weight"),
+    (B + "mlp.dense_4h_to_h.bias", C + "mlp.down.bias"),
+    ("transformer.ln_f.weight", "final_norm.weight"),
+    ("transformer.ln_f.bias", "final_norm.bias"),
+    ("lm_head.weight", "lm_head.weight"),
+)
+
+
+def _bloom_hidden(cfg: dict) -> int:
+    return cfg.get("hidden_size") or cfg["n_embed"]
+
+
+def _bloom_args(cfg: dict) -> dict:
+    """Megatron / MindSpeed-LLM settings of BLOOM's semantics (its model_cfg.json 'bloom' entry):
+    ALiBi, biases on every linear layer, the embedding LayerNorm, GELU without gating (bloom_gelu is
+    the tanh form, Megatron's ``openai_gelu``)."""
+    return {
+        "position_embedding_type": "alibi",
+        "use_rotary_position_embeddings": False,
+        "add_bias_linear": True,
+        "embed_layernorm": True,
+        "norm_has_bias": True,
+        "fc_type": "h_to_4h",
+        "openai_gelu": True,
+        "apply_residual_connection_post_layernorm": bool(
+            cfg.get("apply_residual_connection_post_layernorm", False)
+        ),
+    }
+
+
+register(
+    Family(
+        name="bloom",
+        model_types=("bloom",),
+        architecture="BloomForCausalLM",
+        tensors=BLOOM_TENSORS,
+        packed=BLOOM_QKV,
+        config=(
+            ConfigKey("num_layers", "n_layer", aliases=("num_hidden_layers",)),
+            ConfigKey("hidden_size", "hidden_size", aliases=("n_embed",)),
+            ConfigKey("ffn_hidden_size", None, lambda cfg: 4 * _bloom_hidden(cfg)),
+            ConfigKey("num_heads", "n_head", aliases=("num_attention_heads",)),
+            ConfigKey("num_kv_heads", None, lambda cfg: cfg.get("n_head") or cfg["num_attention_heads"]),
+            ConfigKey(
+                "head_dim",
+                None,
+                lambda cfg: _bloom_hidden(cfg) // (cfg.get("n_head") or cfg["num_attention_heads"]),
+            ),
+            ConfigKey("vocab_size", "vocab_size"),
+            ConfigKey("norm_eps", "layer_norm_epsilon", 1e-5),
+            ConfigKey("tied_embeddings", "tie_word_embeddings", True),
+        ),
+        constants=(
+            ("qkv_bias", True),
+            ("o_bias", True),
+            ("mlp_bias", True),
+            ("norm_bias", True),
+            ("embed_norm", True),
+            ("gated_mlp", False),
+            ("activation", "gelu_pytorch_tanh"),  # bloom_gelu is the tanh approximation
+        ),
+        mindspeed_names=("bloom", "bloom_3b"),
+        megatron_args=_bloom_args,
+    )
+)

@@ -180,12 +180,12 @@ def lift_adapter(path: str, family: Family, spec: ModelSpec) -> tuple[dict[str, 
             mm = names_for(p.hf).match(module + ".weight")
             if not mm:
                 continue
-            pos, parts = 0, []
-            for part, n in zip(p.parts, p.row_counts(spec)):
+            # B and m rows follow the weight's packing (interleaved per head for BLOOM)
+            rows = None if which == "lora_A" else p.rule(spec).split(load)
+            parts = []
+            for part in p.parts:
                 parts.append(part.format(**mm.groupdict()))
-                expr = load if which == "lora_A" else E.simplify(E.Slice(load, 0, pos, pos + n))
-                add(parts[-1][: -len(".weight")] + suffix, expr)
-                pos += n
+                add(parts[-1][: -len(".weight")] + suffix, load if rows is None else rows[part])
             if which == "lora_A":
                 check(module, load.shape[0], parts)
             break

@@ -101,7 +101,9 @@ def _mtp(s: ModelSpec, lay: Layout, i: int) -> bool:
 
 
 def _mlp_roles(
-    prefix: str, width: Callable[[ModelSpec], int], present: Callable[[bool], Presence]
+    prefix: str,
+    width: Callable[[ModelSpec], int],
+    present: Callable[[bool], Presence],
 ) -> list[Role]:
     """The MLP (the dense one, an expert, the shared one): gated (gate / up, or Megatron's fused
     gate_up) or plain (one fc1, e.g. GELU), then down; with ``mlp_bias`` their biases (a
@@ -168,6 +170,14 @@ _BUILTIN: list[Role] = [
         COLUMN,
         lambda s, lay: (_vocab(s, lay),),
         lambda s, lay, i: s.untied and s.lm_head_bias,
+    ),
+    # BLOOM normalises the embedding output (LayerNorm with a bias)
+    Role("embed_norm.weight", None, lambda s, lay: (s.hidden_size,), lambda s, lay, i: s.embed_norm),
+    Role(
+        "embed_norm.bias",
+        None,
+        lambda s, lay: (s.hidden_size,),
+        lambda s, lay, i: s.embed_norm and s.norm_bias,
     ),
     Role("final_norm.weight", None, lambda s, lay: (s.hidden_size,)),
     Role("final_norm.bias", None, lambda s, lay: (s.hidden_size,), _norm_bias),
@@ -241,17 +251,17 @@ _BUILTIN: list[Role] = [
         lambda s, lay: (s.head_dim,),
         _attn(lambda s, lay: s.qk_norm and s.norm_bias),
     ),
-    # full-width q/k norms (one weight over all heads): split over TP with the heads they scale
-    # (Megatron-Bridge's MiniMax-M2 layout; the module all-reduces the sum of squares)
+    # full-width q/k norms (one weight over all heads): whole on every TP rank, as MindSpeed-LLM's
+    # minimax_m2 converter writes them (Megatron-Bridge would split them with their heads)
     Role(
         L + "attn.q_full_norm.weight",
-        COLUMN,
+        None,
         lambda s, lay: (s.q_size,),
         _attn(lambda s, lay: s.qk_full_norm),
     ),
     Role(
         L + "attn.k_full_norm.weight",
-        COLUMN,
+        None,
         lambda s, lay: (s.kv_size,),
         _attn(lambda s, lay: s.qk_full_norm),
     ),
@@ -260,6 +270,8 @@ _BUILTIN: list[Role] = [
     Role(L + "post_attn_norm.weight", None, lambda s, lay: (s.hidden_size,), lambda s, lay, i: s.post_norms),
     Role(L + "mlp_norm.weight", None, lambda s, lay: (s.hidden_size,), _pre_norm),
     Role(L + "mlp_norm.bias", None, lambda s, lay: (s.hidden_size,), _norm_bias),
+    # the dense MLP: gated, or plain (BLOOM, a GELU Megatron GPT: Megatron's linear_fc1 is then fc1
+    # alone, split over TP as one block), biases as the model has them
     *_mlp_roles(L + "mlp.", lambda s: s.ffn_hidden_size, _dense_mlp),
     Role(L + "post_mlp_norm.weight", None, lambda s, lay: (s.hidden_size,), lambda s, lay, i: s.post_norms),
     # mixture of experts: router (and its score-correction bias), routed experts, shared experts.
@@ -409,6 +421,7 @@ LINEAR_TARGETS = (
     "mlp.gate",
     "mlp.up",
     "mlp.gate_up",
+    "mlp.fc1",
     "mlp.down",
     "mlp.experts.{e}.gate",
     "mlp.experts.{e}.up",
@@ -527,6 +540,8 @@ def expected_names(spec: ModelSpec, layout: Layout) -> set[str]:
 _TOP = {
     "embed.weight": 0,
     "pos_embed.weight": 0,
+    "embed_norm.weight": 0,
+    "embed_norm.bias": 0,
     "final_norm.weight": 2,
     "final_norm.bias": 2,
     "lm_head.weight": 3,

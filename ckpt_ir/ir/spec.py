@@ -87,6 +87,7 @@ class ModelSpec:
     gated_mlp: bool = True  # fc1 = [gate; up] (SwiGLU-style); False: one fc1 (GELU MLP)
     mlp_bias: bool = False  # biases on the MLP's fc1 / fc2
     position_embeddings: int = 0  # rows of a learned absolute position table (0: none)
+    embed_norm: bool = False  # a norm right after the word embedding (BLOOM)
     lora_rank: int | None = None  # set while the checkpoint carries (unmerged) LoRA adapters
     lora_alpha: float | None = None
     # LoRA scaling: alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA; r is each target's own
