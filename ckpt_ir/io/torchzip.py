@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
 
 ALIGN = 64
+CRC_INLINE = 256 << 10  # records up to this size are checksummed inline, larger ones on a helper thread
 
 
 class TorchZip:
@@ -510,6 +511,8 @@ class _ZipWriter:
         self._write(data)
 
     def add_stream(self, name: str, size: int, emit, key: str) -> int:
+        import zlib
+
         raw = name.encode()
         header_at = self.pos
         header = self._header(raw, size, 0)
@@ -518,12 +521,18 @@ class _ZipWriter:
         if n != size:
             raise FormatError(f"{self.path}: tensor {key} produced {n} bytes, planned {size}")
         # checksum the written bytes from the page cache on a helper thread (zlib releases the
-        # GIL), overlapping the next record's write; finish() waits for it
-        if self._crc_pool is None:
-            from concurrent.futures import ThreadPoolExecutor
+        # GIL), overlapping the next record's write; finish() waits for it.  Small records (an
+        # MoE's norms and routers, thousands of them) inline: handing each to the thread and
+        # back costs more than its checksum
+        crc: Any
+        if size <= CRC_INLINE:
+            crc = zlib.crc32(os.pread(self.fd, size, self.pos))
+        else:
+            if self._crc_pool is None:
+                from concurrent.futures import ThreadPoolExecutor
 
-            self._crc_pool = ThreadPoolExecutor(1, thread_name_prefix="crc32")
-        crc = self._crc_pool.submit(_crc_of, self.fd, self.pos, size)
+                self._crc_pool = ThreadPoolExecutor(1, thread_name_prefix="crc32")
+            crc = self._crc_pool.submit(_crc_of, self.fd, self.pos, size)
         self.pos += size
         self.records.append((raw, header_at, size, crc))
         return size
