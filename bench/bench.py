@@ -44,6 +44,7 @@ SHAPES = {"llama": (HIDDEN, FFN, HEADS, KV_HEADS, VOCAB), "wide": (4096, 11008, 
 # FFN, vocabulary
 MOE = dict(hidden=2048, heads=32, kv_heads=4, head_dim=128, experts=128, ffn=768, vocab=151936)
 MOE_SHARD = 1_200_000_000
+TINY_MOE = dict(hidden=512, heads=8, kv_heads=2, head_dim=64, ffn=256, vocab=4096)  # --moe-tiny
 
 
 def use_shape(name: str) -> None:
@@ -306,7 +307,9 @@ def main() -> int:
             use_shape(sys.argv[4])
         print(generate(sys.argv[2], int(sys.argv[3]), int(sys.argv[5]) if len(sys.argv) == 6 else None))
         return 0
-    if len(sys.argv) == 4 and sys.argv[1] == "--generate-moe":
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "--generate-moe":
+        if sys.argv[4:] == ["tiny"]:
+            MOE.update(TINY_MOE)
         print(generate_moe(sys.argv[2], parse_size(sys.argv[3])))
         return 0
     if len(sys.argv) == 4 and sys.argv[1] == "--adapter":
@@ -325,6 +328,11 @@ def main() -> int:
         help="comma list of task groups: move (layout conversions), "
         "compute (casts, LoRA merge, fp32 + vocab padding), wide (wide-vocab model, memory), "
         "moe (Qwen3-MoE-shaped model: EP8 conversions)",
+    )
+    ap.add_argument(
+        "--moe-tiny",
+        action="store_true",
+        help="moe: narrow widths (hidden 512, experts of 256, vocab 4096) to check the benchmark quickly",
     )
     ap.add_argument(
         "--torchrun",
@@ -459,7 +467,8 @@ def bench_moe(root: str, label: str, size: int, args) -> list[tuple]:
     """The MoE model: HF -> mcore EP8, mcore EP8 -> HF, EP8 -> TP2 EP4 (and HF -> EP8 under
     torchrun), each against `cp -r` + `sync` of the source."""
     src = os.path.join(root, "hf")
-    layers = int(subprocess.check_output([sys.executable, __file__, "--generate-moe", src, str(size)]))
+    gen = [sys.executable, __file__, "--generate-moe", src, str(size)] + (["tiny"] if args.moe_tiny else [])
+    layers = int(subprocess.check_output(gen))
     nbytes = du(src)
     count = len(json.load(open(os.path.join(src, "model.safetensors.index.json")))["weight_map"])
     print(f"[{label}] generated {nbytes / 1e9:.2f} GB, {layers} MoE layers, {count} tensors", file=sys.stderr)
