@@ -97,11 +97,7 @@ def generate(path: str, size: int, layers: int | None = None) -> int:
         save_file(tensors, os.path.join(path, name), metadata={"format": "pt"})
         weight_map.update({n: name for n in shard})
         del tensors
-    total = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
-    json.dump(
-        {"metadata": {"total_size": total}, "weight_map": weight_map},
-        open(os.path.join(path, "model.safetensors.index.json"), "w"),
-    )
+    write_index(path, weight_map)
     json.dump(
         {
             "architectures": ["LlamaForCausalLM"],
@@ -190,11 +186,7 @@ def generate_moe(path: str, size: int) -> int:
                     out.write(bits.tobytes())
                     left -= bits.size
         weight_map.update({n: fname for n in names})
-    total = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
-    json.dump(
-        {"metadata": {"total_size": total}, "weight_map": weight_map},
-        open(os.path.join(path, "model.safetensors.index.json"), "w"),
-    )
+    write_index(path, weight_map)
     json.dump(
         {
             "architectures": ["Qwen3MoeForCausalLM"],
@@ -222,6 +214,14 @@ def generate_moe(path: str, size: int) -> int:
         open(os.path.join(path, "config.json"), "w"),
     )
     return layers
+
+
+def write_index(path: str, weight_map: dict[str, str]) -> None:
+    total = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    json.dump(
+        {"metadata": {"total_size": total}, "weight_map": weight_map},
+        open(os.path.join(path, "model.safetensors.index.json"), "w"),
+    )
 
 
 def generate_adapter(path: str, layers: int, rank: int = 16) -> None:

@@ -13,16 +13,8 @@ import zlib
 
 import pytest
 
+from tests.conftest import files_of
 from tests.test_moe import build_moe
-
-
-def files_of(root: str) -> dict[str, bytes]:
-    out = {}
-    for r, _, fs in os.walk(root):
-        for f in fs:
-            with open(os.path.join(r, f), "rb") as fh:
-                out[os.path.relpath(os.path.join(r, f), root)] = fh.read()
-    return out
 
 
 def convert(src: str, dst: str, *flags: str) -> None:
