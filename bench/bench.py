@@ -15,7 +15,12 @@ to cp, and the peak RSS of the converting process as a fraction of the model siz
 (bf16 -> fp32 and fp32 -> bf16 casts, a rank-16 LoRA merge on every linear, HF -> mcore TP2 in fp32
 with vocab padding; each against `cp -r` + `sync` of a directory with the output's bytes, made
 once beforehand) and `wide` (a 152k-vocab, 4096-hidden, 1-layer model converted HF -> mcore TP2
-fp32 with `--make-vocab-size-divisible-by 128`: peak memory with embeddings of 1.2 GB per shard).
+fp32 with `--make-vocab-size-divisible-by 128`: peak memory with embeddings of 1.2 GB per shard)
+and `moe` (a Qwen3-MoE-shaped checkpoint with Qwen3-30B-A3B's widths: hidden 2048, 128 experts of
+768, vocab 151936, as many layers as the size asks, about 400 tensors per layer in shards of about
+1.2 GB; timed HF -> mcore EP8, mcore EP8 -> HF and mcore EP8 -> TP2 EP4, each against `cp -r` +
+`sync` of the source).  `--torchrun N` also times HF -> mcore EP8 under `torchrun --nproc-per-node
+N` and checks that its output is byte-identical to the single-process one.
 """
 
 from __future__ import annotations
@@ -33,6 +38,13 @@ HIDDEN, FFN, HEADS, KV_HEADS, VOCAB = 2048, 5632, 16, 4, 32000
 HEAD_DIM = HIDDEN // HEADS
 # the wide-vocabulary model of the memory benchmark (Qwen2.5-7B's vocabulary and width)
 SHAPES = {"llama": (HIDDEN, FFN, HEADS, KV_HEADS, VOCAB), "wide": (4096, 11008, 32, 8, 152064)}
+
+
+# Qwen3-30B-A3B's widths (the MoE benchmark): hidden, heads, KV heads, head dim, experts, expert
+# FFN, vocabulary
+MOE = dict(hidden=2048, heads=32, kv_heads=4, head_dim=128, experts=128, ffn=768, vocab=151936)
+MOE_SHARD = 1_200_000_000
+TINY_MOE = dict(hidden=512, heads=8, kv_heads=2, head_dim=64, ffn=256, vocab=4096)  # --moe-tiny
 
 
 def use_shape(name: str) -> None:
@@ -85,11 +97,7 @@ def generate(path: str, size: int, layers: int | None = None) -> int:
         save_file(tensors, os.path.join(path, name), metadata={"format": "pt"})
         weight_map.update({n: name for n in shard})
         del tensors
-    total = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
-    json.dump(
-        {"metadata": {"total_size": total}, "weight_map": weight_map},
-        open(os.path.join(path, "model.safetensors.index.json"), "w"),
-    )
+    write_index(path, weight_map)
     json.dump(
         {
             "architectures": ["LlamaForCausalLM"],
@@ -109,6 +117,111 @@ def generate(path: str, size: int, layers: int | None = None) -> int:
         open(os.path.join(path, "config.json"), "w"),
     )
     return layers
+
+
+def moe_layer_tensors(i: int) -> dict[str, tuple[int, ...]]:
+    h, d, E, f = MOE["hidden"], MOE["head_dim"], MOE["experts"], MOE["ffn"]
+    p = f"model.layers.{i}."
+    out = {
+        p + "input_layernorm.weight": (h,),
+        p + "self_attn.q_proj.weight": (MOE["heads"] * d, h),
+        p + "self_attn.k_proj.weight": (MOE["kv_heads"] * d, h),
+        p + "self_attn.v_proj.weight": (MOE["kv_heads"] * d, h),
+        p + "self_attn.o_proj.weight": (h, MOE["heads"] * d),
+        p + "self_attn.q_norm.weight": (d,),
+        p + "self_attn.k_norm.weight": (d,),
+        p + "post_attention_layernorm.weight": (h,),
+        p + "mlp.gate.weight": (E, h),
+    }
+    for e in range(E):
+        q = f"{p}mlp.experts.{e}."
+        out.update(
+            {q + "gate_proj.weight": (f, h), q + "up_proj.weight": (f, h), q + "down_proj.weight": (h, f)}
+        )
+    return out
+
+
+def generate_moe(path: str, size: int) -> int:
+    """A Qwen3-MoE-shaped bf16 HF checkpoint of about ``size`` bytes (at least one layer), in
+    shards of about 1.2 GB as HF's ``save_pretrained`` splits them; returns its layer count.
+    Written tensor by tensor (random finite bf16 bit patterns), so generating never holds a shard."""
+    import numpy as np
+
+    h, vocab = MOE["hidden"], MOE["vocab"]
+    per_layer = 2 * sum(_numel(s) for s in moe_layer_tensors(0).values())
+    fixed = 2 * (2 * vocab * h + h)
+    layers = max(1, round((size - fixed) / per_layer))
+    tensors = {"model.embed_tokens.weight": (vocab, h)}
+    for i in range(layers):
+        tensors.update(moe_layer_tensors(i))
+    tensors.update({"model.norm.weight": (h,), "lm_head.weight": (vocab, h)})
+    shards: list[list[str]] = [[]]
+    acc = 0
+    for name, shape in tensors.items():
+        if shards[-1] and acc + 2 * _numel(shape) > MOE_SHARD:
+            shards.append([])
+            acc = 0
+        shards[-1].append(name)
+        acc += 2 * _numel(shape)
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.default_rng(0)
+    weight_map: dict[str, str] = {}
+    for k, names in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        pos = 0
+        for n in names:
+            nbytes = 2 * _numel(tensors[n])
+            header[n] = {"dtype": "BF16", "shape": list(tensors[n]), "data_offsets": [pos, pos + nbytes]}
+            pos += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(os.path.join(path, fname), "wb") as out:
+            out.write(len(raw).to_bytes(8, "little") + raw)
+            for n in names:  # |x| in [2^-31, 1): exponent 0x60-0x7e, random mantissa and sign
+                left = _numel(tensors[n])
+                while left:
+                    bits = rng.integers(0x3000, 0x3F80, size=min(left, 1 << 24), dtype=np.uint16)
+                    bits |= rng.integers(0, 2, size=bits.size, dtype=np.uint16) << 15
+                    out.write(bits.tobytes())
+                    left -= bits.size
+        weight_map.update({n: fname for n in names})
+    write_index(path, weight_map)
+    json.dump(
+        {
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "model_type": "qwen3_moe",
+            "hidden_size": h,
+            "intermediate_size": 6144,
+            "moe_intermediate_size": MOE["ffn"],
+            "num_experts": MOE["experts"],
+            "num_experts_per_tok": 8,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "norm_topk_prob": True,
+            "num_attention_heads": MOE["heads"],
+            "num_key_value_heads": MOE["kv_heads"],
+            "head_dim": MOE["head_dim"],
+            "num_hidden_layers": layers,
+            "vocab_size": vocab,
+            "rms_norm_eps": 1e-6,
+            "dtype": "bfloat16",
+            "tie_word_embeddings": False,
+            "max_position_embeddings": 40960,
+            "rope_theta": 1000000.0,
+            "attention_bias": False,
+        },
+        open(os.path.join(path, "config.json"), "w"),
+    )
+    return layers
+
+
+def write_index(path: str, weight_map: dict[str, str]) -> None:
+    total = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    json.dump(
+        {"metadata": {"total_size": total}, "weight_map": weight_map},
+        open(os.path.join(path, "model.safetensors.index.json"), "w"),
+    )
 
 
 def generate_adapter(path: str, layers: int, rank: int = 16) -> None:
@@ -194,6 +307,11 @@ def main() -> int:
             use_shape(sys.argv[4])
         print(generate(sys.argv[2], int(sys.argv[3]), int(sys.argv[5]) if len(sys.argv) == 6 else None))
         return 0
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "--generate-moe":
+        if sys.argv[4:] == ["tiny"]:
+            MOE.update(TINY_MOE)
+        print(generate_moe(sys.argv[2], parse_size(sys.argv[3])))
+        return 0
     if len(sys.argv) == 4 and sys.argv[1] == "--adapter":
         generate_adapter(sys.argv[2], int(sys.argv[3]))
         return 0
@@ -208,7 +326,20 @@ def main() -> int:
         "--tasks",
         default="move",
         help="comma list of task groups: move (layout conversions), "
-        "compute (casts, LoRA merge, fp32 + vocab padding), wide (wide-vocab model, memory)",
+        "compute (casts, LoRA merge, fp32 + vocab padding), wide (wide-vocab model, memory), "
+        "moe (Qwen3-MoE-shaped model: EP8 conversions)",
+    )
+    ap.add_argument(
+        "--moe-tiny",
+        action="store_true",
+        help="moe: narrow widths (hidden 512, experts of 256, vocab 4096) to check the benchmark quickly",
+    )
+    ap.add_argument(
+        "--torchrun",
+        type=int,
+        default=0,
+        metavar="N",
+        help="moe: also time HF -> mcore EP8 under torchrun --nproc-per-node N (outputs compared)",
     )
     args = ap.parse_args()
     groups = set(args.tasks.split(","))
@@ -220,9 +351,11 @@ def main() -> int:
             rows += bench_model(root, size_text, parse_size(size_text), "llama", groups - {"wide"}, args)
         if "wide" in groups:
             rows += bench_model(root + "-wide", size_text + "w", 0, "wide", {"wide"}, args)
+        if "moe" in groups:
+            rows += bench_moe(root + "-moe", size_text + "m", parse_size(size_text), args)
         if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
-            shutil.rmtree(root + "-wide", ignore_errors=True)
+            for suffix in ("", "-wide", "-moe"):
+                shutil.rmtree(root + suffix, ignore_errors=True)
     print(
         f"\n{'size':>5} {'task':34s} {'median s':>9} {'GB/s':>6} {'x cp':>6} {'peak RSS MB':>12} {'RSS/model':>10}"
     )
@@ -299,13 +432,26 @@ def bench_model(root: str, label: str, size: int, shape: str, groups: set[str], 
         )
     if "wide" in groups:
         tasks["hf -> mcore tp2 fp32 vocab pad"] = (convert(src, out["padded"], *pad_flags), out["padded"], "")
+    return time_tasks(tasks, refs, out["tp2pp2"], label, nbytes, args)
+
+
+def time_tasks(
+    tasks: dict[str, tuple[list[str], str, str]],
+    refs: dict[str, str],
+    kept: str,
+    label: str,
+    nbytes: int,
+    args,
+) -> list[tuple]:
+    """Run ``tasks`` (name -> command, output, baseline task) in ``args.runs`` interleaved rounds;
+    outputs are deleted once timed, except ``kept`` (read by later tasks).  Table rows."""
     results: dict[str, list[tuple[float, int]]] = {k: [] for k in tasks}
     for run in range(args.runs):
         for name, (cmd, dst, _) in tasks.items():
             shutil.rmtree(dst, ignore_errors=True)
             results[name].append(timed(cmd, args.cold))
             print(f"[{label}] run {run + 1} {name}: {results[name][-1][0]:.2f}s", file=sys.stderr)
-            if dst != out["tp2pp2"]:  # the reshard and mcore -> HF read it
+            if dst != kept:  # later tasks read it
                 shutil.rmtree(dst, ignore_errors=True)
     rows = []
     for name, res in results.items():
@@ -315,6 +461,54 @@ def bench_model(root: str, label: str, size: int, shape: str, groups: set[str], 
         rss = max(r for _, r in res)
         rows.append((label, name, t, nbytes / t / 1e9, ratio, rss / 1e6, rss / nbytes))
     return rows
+
+
+def bench_moe(root: str, label: str, size: int, args) -> list[tuple]:
+    """The MoE model: HF -> mcore EP8, mcore EP8 -> HF, EP8 -> TP2 EP4 (and HF -> EP8 under
+    torchrun), each against `cp -r` + `sync` of the source."""
+    src = os.path.join(root, "hf")
+    gen = [sys.executable, __file__, "--generate-moe", src, str(size)] + (["tiny"] if args.moe_tiny else [])
+    layers = int(subprocess.check_output(gen))
+    nbytes = du(src)
+    count = len(json.load(open(os.path.join(src, "model.safetensors.index.json")))["weight_map"])
+    print(f"[{label}] generated {nbytes / 1e9:.2f} GB, {layers} MoE layers, {count} tensors", file=sys.stderr)
+    out = {n: os.path.join(root, n) for n in ("ep8", "back", "tp2ep4", "dist", "cp")}
+    convert = lambda *a: [sys.executable, "-m", "ckpt_ir", "convert", *a, "--quiet", *args.extra.split()]  # noqa: E731
+    tasks: dict[str, tuple[list[str], str, str]] = {
+        "cp -r + sync": (["cp", "-r", src, out["cp"]], out["cp"], ""),
+        "hf -> mcore ep8": (
+            convert(src, out["ep8"], "--to", "mcore", "--ep", "8"),
+            out["ep8"],
+            "cp -r + sync",
+        ),
+        "mcore ep8 -> hf": (convert(out["ep8"], out["back"], "--to", "hf"), out["back"], "cp -r + sync"),
+        "mcore ep8 -> tp2 ep4": (
+            convert(out["ep8"], out["tp2ep4"], "--to", "mcore", "--tp", "2", "--ep", "4"),
+            out["tp2ep4"],
+            "cp -r + sync",
+        ),
+    }
+    if args.torchrun:
+        run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.torchrun)]
+        cmd = (
+            run
+            + ["--master-port", str(29500 + os.getpid() % 1000), "-m", "ckpt_ir"]
+            + convert(src, out["dist"], "--to", "mcore", "--ep", "8")[3:]
+        )
+        tasks[f"hf -> mcore ep8, torchrun x{args.torchrun}"] = (cmd, out["dist"], "cp -r + sync")
+        # compared once, untimed: the torchrun output must be the single process's, byte for byte
+        subprocess.run(convert(src, out["ep8"], "--to", "mcore", "--ep", "8"), check=True, env=CHILD_ENV)
+        subprocess.run(cmd, check=True, env=CHILD_ENV, stdout=subprocess.DEVNULL)
+        same = (
+            subprocess.run(["diff", "-rq", out["ep8"], out["dist"]], stdout=subprocess.DEVNULL).returncode
+            == 0
+        )
+        print(f"[{label}] torchrun output byte-identical to one process: {same}", file=sys.stderr)
+        if not same:
+            raise SystemExit(f"torchrun output {out['dist']} differs from {out['ep8']}")
+        shutil.rmtree(out["ep8"])
+        shutil.rmtree(out["dist"])
+    return time_tasks(tasks, {"cp -r + sync": src}, out["ep8"], label, nbytes, args)
 
 
 if __name__ == "__main__":

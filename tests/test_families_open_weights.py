@@ -7,6 +7,7 @@ per-expert [gate; up] fc1), not with ckpt-ir's own rules."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -308,3 +309,81 @@ def test_gpt_oss_attention_lora_merges_like_peft_and_expert_lora_is_refused(mode
         dst,
         names=("stacked experts", "merge_and_unload"),
     )
+
+
+def _mxfp4_gpt_oss(base: str, dst: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A gpt-oss checkpoint in the hub's form: each layer's stacked experts as MXFP4 ``*_blocks``
+    [experts, out, in / 32, 16] (two e2m1 values per byte) and e8m0 ``*_scales`` [experts, out,
+    in / 32] (random codes), ``quantization_config`` as the releases carry it; the rest as ``base``.
+    Returns the (blocks, scales) pairs by tensor name."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(base, dst)
+    g = torch.Generator().manual_seed(7)
+    pairs = {}
+    for f in sorted(os.listdir(dst)):
+        if not f.endswith(".safetensors"):
+            continue
+        sd = load_file(os.path.join(dst, f))
+        for name in [n for n in sd if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+            experts, rows_in, out = sd.pop(name).shape  # HF stores [E, in, out]
+            blocks = torch.randint(0, 256, (experts, out, rows_in // 32, 16), dtype=torch.uint8, generator=g)
+            scales = torch.randint(118, 132, (experts, out, rows_in // 32), dtype=torch.uint8, generator=g)
+            sd[name + "_blocks"], sd[name + "_scales"] = blocks, scales
+            pairs[name] = (blocks, scales)
+        save_file(sd, os.path.join(dst, f), metadata={"format": "pt"})
+    index = os.path.join(dst, "model.safetensors.index.json")
+    if os.path.exists(index):  # the shard map names the stored tensors
+        idx = json.load(open(index))
+        for name in pairs:
+            shard = idx["weight_map"].pop(name)
+            idx["weight_map"].update({name + "_blocks": shard, name + "_scales": shard})
+        json.dump(idx, open(index, "w"))
+    cfg = json.load(open(os.path.join(dst, "config.json")))
+    cfg["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
+    json.dump(cfg, open(os.path.join(dst, "config.json"), "w"))
+    return pairs
+
+
+def test_gpt_oss_mxfp4_checkpoint_dequantizes_like_transformers(models, tmp_path):
+    """The hub's MXFP4 gpt-oss: ckpt-ir's bf16 HF output holds, for every layer's stacked experts,
+    transformers' own dequantization (convert_moe_packed_tensors) bit for bit, and the rest of the
+    model unchanged; through Megatron (TP2 x EP2, expert TP 1) and back the same bytes; and
+    transformers' dequantizing MXFP4 loader computes the same logits as the converted model."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    base = models("gpt_oss")
+    mx = str(tmp_path / "mxfp4")
+    pairs = _mxfp4_gpt_oss(base, mx)
+    assert len(pairs) == 2 * 4  # gate_up and down of each of the 4 layers
+    out, mid, back = str(tmp_path / "bf16"), str(tmp_path / "mid"), str(tmp_path / "back")
+    convert(mx, out, ck.Target(to="hf", dtype="bf16"))
+    got, src = hf_state(out), hf_state(base)
+    assert "quantization_config" not in json.load(open(f"{out}/config.json"))
+    for name, (blocks, scales) in pairs.items():
+        want = convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)
+        assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], want), name
+    for name, t in src.items():
+        if name not in pairs:
+            assert torch.equal(got[name], t.to(torch.bfloat16)), name
+    convert(mx, mid, ck.Target(to="mcore", tp=2, ep=2, etp=1, dtype="bf16"))
+    convert(mid, back, ck.Target(to="hf"))
+    assert_same_tensors(out, back)
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    ref = AutoModelForCausalLM.from_pretrained(
+        mx, quantization_config=Mxfp4Config(dequantize=True), dtype=torch.bfloat16
+    ).eval()
+    ours = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        assert torch.equal(ours(IDS).logits, ref(IDS).logits)

@@ -153,7 +153,12 @@ def write_file(
             elif out.kind == "safetensors":
                 st.write(path, entries, emit, out.metadata)
             else:
-                torchzip.write(path, out.obj, lambda t, fd, pos: writer(exprs[t.key], fd, pos))
+                torchzip.write(
+                    path,
+                    out.obj,
+                    lambda t, fd, pos: writer(exprs[t.key], fd, pos),
+                    lambda t: _copied_crc(exprs[t.key]),
+                )
         finally:
             writer.close()
     elif out.kind == "text":
@@ -168,6 +173,17 @@ def write_file(
     else:  # pragma: no cover
         raise AssertionError(out.kind)
     progress.advance(files=0 if out.part and out.part[0] > 0 else 1)
+
+
+def _copied_crc(expr: E.Expr) -> int | None:
+    """The stored CRC-32 of a source zip record when ``expr`` is exactly that record's bytes."""
+    from ckpt_ir.io.ranges import byte_ranges
+    from ckpt_ir.io.torchzip import record_crc
+
+    if not isinstance(expr, E.Load) or expr.fmt != "torch":
+        return None
+    ranges = byte_ranges(expr)
+    return record_crc(*ranges[0]) if ranges and len(ranges) == 1 else None
 
 
 def default_workers() -> int:

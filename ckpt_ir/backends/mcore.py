@@ -73,14 +73,19 @@ def plan(
     etp = layout.expert_tp
     extra = ExtraState(ckpt)
     for stage in range(layout.pp):
+        # each rank file's entries (shared ones and its EP rank's experts), found once per stage
+        # rather than by scanning every expert of the stage for each of the TP x EP rank files
+        of_ep = {
+            (chunk, ep): [e for e in content[(stage, chunk)] if e.ep is None or e.ep == ep]
+            for chunk in range(chunks)
+            for ep in range(layout.ep)
+        }
         for rank, ep in expert_rank_files(layout):
             tensors: list[tuple[str, E.Expr]] = []
             models = {}
             for chunk in range(chunks):
                 sd = {}
-                for entry in content[(stage, chunk)]:
-                    if entry.ep is not None and entry.ep != ep:
-                        continue
+                for entry in of_ep[(chunk, ep)]:
                     expr = _entry_expr(ckpt.tensors, entry, _shard_rank(entry, rank, etp))
                     uid = f"model{chunk}/{entry.key}"
                     tensors.append((uid, expr))
@@ -96,9 +101,7 @@ def plan(
             obj.update(training.entries((rank, stage, ep), tensors))
             if optim is not None:
                 obj.update(optim.training_entries(tensors))
-                chunk_entries = [
-                    [e for e in content[(stage, c)] if e.ep is None or e.ep == ep] for c in range(chunks)
-                ]
+                chunk_entries = [of_ep[(c, ep)] for c in range(chunks)]
                 files.append(optim.file(f"{rank_dir}/distrib_optim.pt", chunk_entries, stage, rank, ep))
             files.append(OutputFile(f"{rank_dir}/model_optim_rng.pt", "torch", tuple(tensors), obj=obj))
     files.append(OutputFile("latest_checkpointed_iteration.txt", "text", text=str(it)))

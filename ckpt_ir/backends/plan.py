@@ -72,11 +72,46 @@ class Plan:
     def largest_tensor(self, block_bytes: int | None = None) -> tuple[str, int]:
         """The tensor that needs the most memory to write, and that memory."""
         block = block_bytes or BLOCK_BYTES
+        known: dict[tuple, int] = {}  # tensors of one form (every layer's, every rank's) cost the same
+
+        def memory(e: E.Expr) -> int:
+            key = form(e)
+            if key not in known:
+                known[key] = tensor_memory(e, block)
+            return known[key]
+
         return max(
-            ((name, tensor_memory(e, block)) for f in self.files for name, e in f.tensors),
+            ((name, memory(e)) for f in self.files for name, e in f.tensors),
             key=lambda x: x[1],
             default=("", 0),
         )
+
+
+def form(e: E.Expr) -> tuple:
+    """``e`` with its files and tensor names abstracted away: file paths numbered in order of
+    appearance, offsets relative to the first load's.  Whatever :func:`tensor_memory` computes
+    (shapes, dtypes, which byte ranges are adjacent in one file) is a function of this form."""
+    paths: dict[str, int] = {}
+    base: list[int] = []
+
+    def walk(n: E.Expr) -> tuple:
+        if isinstance(n, E.Load):
+            if not base:
+                base.append(n.offset)
+            at = paths.setdefault(n.path, len(paths))
+            return ("load", at, n.offset - base[0], n.full_shape, n.load_dtype, n.rows)
+        out: list = [type(n).__name__]
+        for field in attrs.fields(type(n)):
+            v = getattr(n, field.name)
+            if isinstance(v, E.Expr):
+                out.append(walk(v))
+            elif isinstance(v, tuple) and v and isinstance(v[0], E.Expr):
+                out.append(tuple(walk(x) for x in v))
+            else:
+                out.append(v)
+        return tuple(out)
+
+    return walk(e)
 
 
 # Computed tensors are evaluated and written in row blocks that each need about this much memory
@@ -132,7 +167,8 @@ def row_blocks(e: E.Expr, block_bytes: int) -> tuple[E.Expr, ...]:
     if len(ranges) < 2:
         return (e,)
     need = working_memory(e)
-    parts = tuple(E.simplify(E.Slice(e, 0, lo, hi)) for lo, hi in ranges)
+    whole = E.simplify(e)  # once, not once per block
+    parts = tuple(E.simplify_node(E.Slice(whole, 0, lo, hi)) for lo, hi in ranges)
     rereads = sum(E.bytes_read(p) for p in parts) - E.bytes_read(e)
     if max(working_memory(p) for p in parts) >= need or rereads > E.bytes_read(e) + len(parts) * (1 << 20):
         return (e,)

@@ -120,6 +120,8 @@ def _files_from_index(path: str, index: str) -> list[str]:
                 f"refusing to follow it"
             )
         full = os.path.join(root, name)
+        if full in files:  # checked already (an MoE index names each shard thousands of times)
+            continue
         if os.path.dirname(os.path.realpath(full)) != root:
             raise FormatError(
                 f"{index}: tensor {tensor} points to {name!r}, which resolves outside the checkpoint "

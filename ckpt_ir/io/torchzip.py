@@ -31,6 +31,17 @@ if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
 
 ALIGN = 64
+CRC_INLINE = 256 << 10  # records up to this size are checksummed inline, larger ones on a helper thread
+
+
+# CRC-32 of every storage record of the zips read, by (absolute path, data offset, size): a record
+# copied whole into an output zip keeps its checksum instead of being read back to compute it
+RECORD_CRCS: dict[tuple[str, int, int], int] = {}
+
+
+def record_crc(path: str, offset: int, size: int) -> int | None:
+    """The stored CRC-32 of the source record that is exactly these bytes, if one is."""
+    return RECORD_CRCS.get((os.path.abspath(path), offset, size))
 
 
 class TorchZip:
@@ -80,6 +91,7 @@ class TorchZip:
                             f"the file is truncated"
                         )
                     self.offsets[info.filename[len(prefix) + 5 :]] = (start, info.file_size)
+                    RECORD_CRCS[(os.path.abspath(path), start, info.file_size)] = info.CRC
             try:
                 data = zf.read(pkl[0])
             except (zipfile.BadZipFile, OSError) as e:
@@ -432,10 +444,16 @@ class _StubClass:
         self.stub = stub
 
 
-def write(path: str, obj: Any, emit: Callable[[Tensor, int, int], int]) -> int:
+def write(
+    path: str,
+    obj: Any,
+    emit: Callable[[Tensor, int, int], int],
+    known_crc: Callable[[Tensor], int | None] = lambda t: None,
+) -> int:
     """Write ``obj`` (dicts/lists/scalars/Namespace with :class:`Tensor` placeholders) as a torch zip
     checkpoint.  Each tensor's bytes are written by ``emit(tensor, fd, offset)``, which returns the
-    bytes it wrote; their CRC-32 is computed from the written file.  Returns bytes of tensor data."""
+    bytes it wrote; their CRC-32 is ``known_crc(tensor)`` (a source record copied whole) or
+    computed from the written file.  Returns bytes of tensor data."""
     tensors: list[Tensor] = []
     data_pkl = _pickle(obj, tensors)
     archive = "archive"
@@ -448,7 +466,7 @@ def write(path: str, obj: Any, emit: Callable[[Tensor, int, int], int]) -> int:
         z.add(f"{archive}/byteorder", b"little")
         for i, t in enumerate(tensors):
             written += z.add_stream(
-                f"{archive}/data/{i}", t.nbytes, lambda fd, pos, t=t: emit(t, fd, pos), t.key
+                f"{archive}/data/{i}", t.nbytes, lambda fd, pos, t=t: emit(t, fd, pos), t.key, known_crc(t)
             )
         z.add(f"{archive}/version", b"3\n")
         z.add(f"{archive}/.data/serialization_id", b"0" * 40)
@@ -509,7 +527,9 @@ class _ZipWriter:
         self._write(self._header(raw, len(data), crc))
         self._write(data)
 
-    def add_stream(self, name: str, size: int, emit, key: str) -> int:
+    def add_stream(self, name: str, size: int, emit, key: str, known: int | None = None) -> int:
+        import zlib
+
         raw = name.encode()
         header_at = self.pos
         header = self._header(raw, size, 0)
@@ -518,12 +538,22 @@ class _ZipWriter:
         if n != size:
             raise FormatError(f"{self.path}: tensor {key} produced {n} bytes, planned {size}")
         # checksum the written bytes from the page cache on a helper thread (zlib releases the
-        # GIL), overlapping the next record's write; finish() waits for it
-        if self._crc_pool is None:
-            from concurrent.futures import ThreadPoolExecutor
+        # GIL), overlapping the next record's write; finish() waits for it.  Small records (an
+        # MoE's norms and routers, thousands of them) inline: handing each to the thread and
+        # back costs more than its checksum
+        crc: Any
+        if known is not None:
+            crc = known
+        elif size <= CRC_INLINE:
+            crc = zlib.crc32(os.pread(self.fd, size, self.pos))
+        else:
+            if self._crc_pool is None:
+                from concurrent.futures import ThreadPoolExecutor
 
-            self._crc_pool = ThreadPoolExecutor(1, thread_name_prefix="crc32")
-        crc = self._crc_pool.submit(_crc_of, self.fd, self.pos, size)
+                self._crc_pool = ThreadPoolExecutor(1, thread_name_prefix="crc32")
+            crc = self._crc_pool.submit(_crc_of, self.fd, self.pos, size)
+        if isinstance(crc, int):  # known now: into the local header written before the data
+            os.pwrite(self.fd, struct.pack("<I", crc), header_at + 14)
         self.pos += size
         self.records.append((raw, header_at, size, crc))
         return size

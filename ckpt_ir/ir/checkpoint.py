@@ -155,12 +155,13 @@ def shard_expr(expr: E.Expr, split: Split, tp: int) -> list[E.Expr]:
     block = n // split.blocks
     part = block // tp
     out = []
+    expr = E.simplify(expr)  # once, not once per piece
     for r in range(tp):
         pieces = [
-            E.Slice(expr, split.dim, b * block + r * part, b * block + (r + 1) * part)
+            E.simplify_node(E.Slice(expr, split.dim, b * block + r * part, b * block + (r + 1) * part))
             for b in range(split.blocks)
         ]
-        out.append(E.simplify(pieces[0] if len(pieces) == 1 else E.Concat(tuple(pieces), split.dim)))
+        out.append(pieces[0] if len(pieces) == 1 else E.simplify_node(E.Concat(tuple(pieces), split.dim)))
     return out
 
 

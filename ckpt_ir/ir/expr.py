@@ -29,6 +29,7 @@ it is computed from row ranges of its inputs.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterable, Iterator
@@ -76,11 +77,13 @@ class Expr:
     def children(self) -> tuple[Expr, ...]:
         return ()
 
-    @property
+    # cached: planning a 671B model asks the shapes and sizes of millions of nodes, each of
+    # which would otherwise be recomputed from its children on every access
+    @functools.cached_property
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return self.numel * itemsize(self.dtype)
 
@@ -114,7 +117,7 @@ class Load(Expr):
                 f"row range {self.rows} outside {self.key} {self.full_shape}",
             )
 
-    @property
+    @functools.cached_property
     def shape(self) -> Shape:
         if self.rows is None:
             return self.full_shape
@@ -149,7 +152,7 @@ class Slice(Expr):
             f"slice [{self.start}:{self.stop}] outside dim {self.dim} of shape {self.x.shape}",
         )
 
-    @property
+    @functools.cached_property
     def shape(self) -> Shape:
         s = list(self.x.shape)
         s[self.dim] = self.stop - self.start
@@ -180,7 +183,7 @@ class Concat(Expr):
                 f"concat on dim {self.dim} of incompatible shapes {ref.shape} and {x.shape}",
             )
 
-    @property
+    @functools.cached_property
     def shape(self) -> Shape:
         s = list(self.xs[0].shape)
         s[self.dim] = sum(x.shape[self.dim] for x in self.xs)
@@ -225,7 +228,7 @@ class Transpose(Expr):
     dim0: int
     dim1: int
 
-    @property
+    @functools.cached_property
     def shape(self) -> Shape:
         s = list(self.x.shape)
         s[self.dim0], s[self.dim1] = s[self.dim1], s[self.dim0]
@@ -270,7 +273,7 @@ class PadRows(Expr):
     def __attrs_post_init__(self) -> None:
         _check(self.rows >= self.x.shape[0] > 0, f"cannot pad {self.x.shape[0]} rows to {self.rows}")
 
-    @property
+    @functools.cached_property
     def shape(self) -> Shape:
         return (self.rows,) + self.x.shape[1:]
 
@@ -319,7 +322,7 @@ class Matmul(Expr):
             f"matmul of shapes {self.a.shape} and {self.b.shape}",
         )
 
-    @property
+    @functools.cached_property
     def shape(self) -> Shape:
         return (self.a.shape[0], self.b.shape[1])
 
@@ -509,16 +512,24 @@ def simplify(expr: Expr) -> Expr:
         expr = simplify(nxt)
 
 
+def simplify_node(e: Expr) -> Expr:
+    """:func:`simplify` of a node whose children are already simplified (a slice or concatenation
+    of simplified expressions, say): the same result without walking the children again."""
+    nxt = _rewrite(e)
+    return e if nxt is e else simplify(nxt)
+
+
 def _rebuild(e: Expr, kids: tuple[Expr, ...]) -> Expr:
+    # direct constructor calls: attrs.evolve is several times slower, and planning a 671B model
+    # rebuilds hundreds of thousands of nodes
     if isinstance(e, Concat):
-        return attrs.evolve(e, xs=kids)
-    if isinstance(e, (Add, Matmul)):
-        return attrs.evolve(e, a=kids[0], b=kids[1])
-    if isinstance(e, RowRescale):
-        return attrs.evolve(e, x=kids[0], magnitude=kids[1])
+        return Concat(kids, e.dim)
+    if isinstance(e, (Add, Matmul, RowRescale)):
+        return type(e)(kids[0], kids[1])
     if isinstance(e, Dequantize):
-        return attrs.evolve(e, q=kids[0], scale=kids[1])
-    return attrs.evolve(cast(Any, e), x=kids[0])  # every other node kind keeps its one child in x
+        return Dequantize(kids[0], kids[1], e.block, e.scheme)
+    # every other node kind keeps its one child in x, its first field
+    return cast(Any, type(e))(kids[0], *(getattr(e, f.name) for f in attrs.fields(type(e))[1:]))
 
 
 def _rewrite(e: Expr) -> Expr:
@@ -595,7 +606,7 @@ def _rewrite_slice(e: Slice) -> Expr:
         return Slice(Slice(x.x, 0, a, b), x.dim, x.start, x.stop)
     if isinstance(x, Load) and d == 0:
         base = x.rows[0] if x.rows else 0
-        return attrs.evolve(x, rows=(base + a, base + b))
+        return Load(x.path, x.key, x.full_shape, x.load_dtype, x.offset, x.fmt, (base + a, base + b))
     if isinstance(x, Load) and d > 0 and all(n == 1 for n in x.shape[:d]):
         # leading singleton dims: a slice on d is a contiguous row range after a reshape
         inner = math.prod(x.shape[d + 1 :])
