@@ -416,3 +416,48 @@ def test_megatron_to_fp8_quantizes_what_a_release_quantizes(deepseek_bf16, tmp_p
         k: (t.dtype, t.shape) for k, t in release.items()
     }
     assert len(transformers_load(out, fp8=True)) == len(transformers_load(fp8, fp8=True))
+
+
+def test_megatron_core_computes_the_dequantized_models_logits(tmp_path):
+    """FP8 HF -> Megatron TP2 x PP2 holds ordinary weights: megatron-core's GPTModel, loaded from
+    the rank files, computes the logits transformers computes on the same FP8 checkpoint loaded
+    with FineGrainedFP8Config(dequantize=True) (fp32 throughout on both sides)."""
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+
+    from ckpt_ir.cli import main as cli_main
+    from tests.mcore_harness import run_job
+    from tests.test_megatron_oracle import INPUT_IDS, WORLD, _build_hf
+
+    m = _build_hf(str(tmp_path / "llama"), "llama", 4, False, 128, 500000.0, seed=5)
+    fp8 = make_fp8(m["dir"], str(tmp_path / "fp8"), block=(16, 16))
+    ref = AutoModelForCausalLM.from_pretrained(
+        fp8, quantization_config=FineGrainedFP8Config(dequantize=True), dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        want = ref(torch.tensor(INPUT_IDS)).logits
+    assert (want - m["logits"]).abs().max() > 1e-3  # quantization changed the model: a real check
+    mc = str(tmp_path / "mc")
+    args = ["convert", fp8, mc, "--to", "mcore", "--tp", "2", "--pp", "2", "--dtype", "fp32", "--quiet"]
+    assert cli_main(args) == 0
+    case = {
+        "name": "fp8-llama-tp2pp2",
+        "ckpt": mc,
+        "tp": 2,
+        "pp": 2,
+        "vpp": None,
+        "hf_config": m["config"],
+        "padded_vocab": 128,
+        "tied": False,
+        "qkv_bias": False,
+        "qk_norm": False,
+        "rotary_interleaved": False,
+        "rotary_percent": m["rotary_percent"],
+        "input_ids": INPUT_IDS,
+        "out": str(tmp_path / "logits.pt"),
+    }
+    ((got, reports),) = run_job(str(tmp_path), [case], WORLD)
+    for r in reports:  # every parameter of every rank's model came from the checkpoint
+        for chunk in r["chunks"]:
+            assert [k for k in chunk["missing"] if not k.endswith("._extra_state")] == [], chunk
+            assert chunk["unexpected"] == [], chunk
+    torch.testing.assert_close(got[..., :128], want, atol=1e-4, rtol=1e-5)
