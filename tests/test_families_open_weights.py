@@ -14,7 +14,7 @@ import torch
 
 import ckpt_ir.api as ck
 from ckpt_ir.errors import LayoutError, VerifyError
-from tests.test_families_wave_a import build
+from tests.test_families_wave_a import model_cache
 from tests.test_hf_roundtrip import IDS, assert_same_tensors, convert, hf_state, logits
 
 DENSE = dict(
@@ -69,15 +69,7 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("open-weights")
-    cache: dict[str, str] = {}
-
-    def get(model_type: str) -> str:
-        if model_type not in cache:
-            cache[model_type] = build(str(root / model_type), model_type, configs=CONFIGS)
-        return cache[model_type]
-
-    return get
+    return model_cache(tmp_path_factory, "open-weights", CONFIGS)
 
 
 def rank(mid: str, name: str) -> dict:

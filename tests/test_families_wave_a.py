@@ -4,8 +4,12 @@ result equal the original's.  Rows of packed tensors are checked against the for
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import ckpt_ir.api as ck
 from tests.test_hf_roundtrip import IDS, assert_same_tensors, convert, hf_state, logits
@@ -122,17 +126,48 @@ def build(path: str, model_type: str, layers: int = 4, seed: int = 0, configs: d
     return path
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wave-a")
+def model_cache(tmp_path_factory, name: str, configs: dict | None = None):
+    """A module fixture's getter: each family's tiny model (see :func:`build`) built once."""
+    root = tmp_path_factory.mktemp(name)
     cache: dict[str, str] = {}
 
     def get(model_type: str) -> str:
         if model_type not in cache:
-            cache[model_type] = build(str(root / model_type), model_type)
+            cache[model_type] = build(str(root / model_type), model_type, configs=configs)
         return cache[model_type]
 
     return get
+
+
+def append_mtp_layer(path: str, hidden: int) -> tuple[dict, dict]:
+    """Give the 4-layer checkpoint at ``path`` one multi-token-prediction layer as DeepSeek-V3 /
+    GLM-4.5 releases store it (transformers saves none): ``model.layers.4.*`` = a random copy of MoE
+    layer 1 plus enorm, hnorm, eh_proj and shared_head.norm, with the embedding and head repeated;
+    ``num_nextn_predict_layers`` = 1.  Returns (config, tensors)."""
+    f = os.path.join(path, "model.safetensors")
+    sd = load_file(f)
+    n = 4
+    g = torch.Generator().manual_seed(7)
+    for k in [k for k in sd if k.startswith("model.layers.1.")]:  # a MoE layer's tensors
+        sd[k.replace("model.layers.1.", f"model.layers.{n}.")] = torch.randn(sd[k].shape, generator=g)
+    for k, shape in {
+        "enorm": (hidden,),
+        "hnorm": (hidden,),
+        "eh_proj": (hidden, 2 * hidden),
+        "shared_head.norm": (hidden,),
+    }.items():
+        sd[f"model.layers.{n}.{k}.weight"] = torch.randn(shape, generator=g)
+    sd[f"model.layers.{n}.embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
+    sd[f"model.layers.{n}.shared_head.head.weight"] = sd["lm_head.weight"].clone()
+    save_file(sd, f, metadata={"format": "pt"})
+    cfg = dict(json.load(open(os.path.join(path, "config.json"))), num_nextn_predict_layers=1)
+    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    return cfg, sd
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return model_cache(tmp_path_factory, "wave-a")
 
 
 CASES = [(f, i) for f in CONFIGS for i in range(len(LAYOUTS[f]))]
@@ -270,29 +305,12 @@ def test_glm4_moe_mtp_layer_round_trips(models, tmp_path):
     """GLM-4.5's released checkpoints carry MTP layers as model.layers.{num_hidden_layers}.* (a MoE
     decoder layer plus enorm, hnorm, eh_proj, shared_head.norm and copies of the embedding and
     head); transformers saves none, so one is written here the way the release stores it."""
-    import os
     import shutil
-
-    from safetensors.torch import load_file, save_file
 
     src = str(tmp_path / "hf")
     shutil.copytree(models("glm4_moe"), src)
-    f = os.path.join(src, "model.safetensors")
-    sd = load_file(f)
-    n, h = 4, CONFIGS["glm4_moe"]["hidden_size"]
-    g = torch.Generator().manual_seed(7)
-    for k in [k for k in sd if k.startswith("model.layers.1.")]:  # a MoE layer's tensors
-        sd[k.replace("model.layers.1.", f"model.layers.{n}.")] = torch.randn(sd[k].shape, generator=g)
-    for k, shape in {
-        "enorm.weight": (h,),
-        "hnorm.weight": (h,),
-        "eh_proj.weight": (h, 2 * h),
-        "shared_head.norm.weight": (h,),
-    }.items():
-        sd[f"model.layers.{n}.{k}"] = torch.randn(shape, generator=g)
-    sd[f"model.layers.{n}.embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
-    sd[f"model.layers.{n}.shared_head.head.weight"] = sd["lm_head.weight"].clone()
-    save_file(sd, f, metadata={"format": "pt"})
+    _, sd = append_mtp_layer(src, CONFIGS["glm4_moe"]["hidden_size"])
+    n = 4  # the MTP layer's HF index
     mid, back = str(tmp_path / "mid"), str(tmp_path / "back")
     convert(src, mid, ck.Target(to="mcore", tp=2, pp=2, ep=2, grouped_gemm=True))
     assert ck.load(mid).spec.mtp_layers == 1

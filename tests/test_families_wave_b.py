@@ -5,16 +5,13 @@ are checked against MindSpeed-LLM's layout (format facts written here)."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import ckpt_ir.api as ck
-from tests.test_families_wave_a import build
+from tests.test_families_wave_a import append_mtp_layer, model_cache
 from tests.test_hf_roundtrip import IDS, assert_same_tensors, convert, hf_state, logits
 
 BASE = dict(
@@ -79,15 +76,7 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wave-b")
-    cache: dict[str, str] = {}
-
-    def get(model_type: str) -> str:
-        if model_type not in cache:
-            cache[model_type] = build(str(root / model_type), model_type, configs=CONFIGS)
-        return cache[model_type]
-
-    return get
+    return model_cache(tmp_path_factory, "wave-b", CONFIGS)
 
 
 CASES = [(f, i) for f in CONFIGS for i in range(len(LAYOUTS[f]))]
@@ -150,24 +139,8 @@ def test_deepseek_v32_mtp_layer_with_indexer_round_trips(models, tmp_path):
     goes to mtp.layers.0.transformer_layer.* and back unchanged."""
     src = str(tmp_path / "hf")
     shutil.copytree(models("deepseek_v32"), src)
-    f = os.path.join(src, "model.safetensors")
-    sd = load_file(f)
-    n, h = 4, BASE["hidden_size"]
-    g = torch.Generator().manual_seed(7)
-    for k in [k for k in sd if k.startswith("model.layers.1.")]:
-        sd[k.replace("model.layers.1.", f"model.layers.{n}.")] = torch.randn(sd[k].shape, generator=g)
-    for k, shape in {
-        "enorm.weight": (h,),
-        "hnorm.weight": (h,),
-        "eh_proj.weight": (h, 2 * h),
-        "shared_head.norm.weight": (h,),
-    }.items():
-        sd[f"model.layers.{n}.{k}"] = torch.randn(shape, generator=g)
-    sd[f"model.layers.{n}.embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
-    sd[f"model.layers.{n}.shared_head.head.weight"] = sd["lm_head.weight"].clone()
-    save_file(sd, f, metadata={"format": "pt"})
-    cfg = json.load(open(os.path.join(src, "config.json")))
-    json.dump(dict(cfg, num_nextn_predict_layers=1), open(os.path.join(src, "config.json"), "w"))
+    _, sd = append_mtp_layer(src, BASE["hidden_size"])
+    n = 4  # the MTP layer's HF index
     mid, back = str(tmp_path / "mid"), str(tmp_path / "back")
     convert(src, mid, ck.Target(to="mcore", tp=2, pp=2, ep=2, grouped_gemm=True))
     assert ck.load(mid).spec.mtp_layers == 1

@@ -247,25 +247,10 @@ def _glm4_moe_with_mtp(path: str) -> dict:
     """GLM-4.5-style: a dense first layer, MoE layers with a shared expert and a router score bias,
     q/k norms, qkv bias, and one MTP layer stored as GLM-4.5's release does (model.layers.{L}.*:
     a MoE decoder layer plus enorm, hnorm, eh_proj, shared_head.norm; transformers saves none)."""
-    from safetensors.torch import load_file, save_file
-
-    from tests.test_families_wave_a import CONFIGS, build
+    from tests.test_families_wave_a import CONFIGS, append_mtp_layer, build
 
     build(path, "glm4_moe")
-    f = os.path.join(path, "model.safetensors")
-    sd = load_file(f)
-    n, h = 4, CONFIGS["glm4_moe"]["hidden_size"]
-    g = torch.Generator().manual_seed(7)
-    for k in [k for k in sd if k.startswith("model.layers.1.")]:
-        sd[k.replace("model.layers.1.", f"model.layers.{n}.")] = torch.randn(sd[k].shape, generator=g)
-    for k, shape in {"enorm": (h,), "hnorm": (h,), "eh_proj": (h, 2 * h), "shared_head.norm": (h,)}.items():
-        sd[f"model.layers.{n}.{k}.weight"] = torch.randn(shape, generator=g)
-    sd[f"model.layers.{n}.embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
-    sd[f"model.layers.{n}.shared_head.head.weight"] = sd["lm_head.weight"].clone()
-    save_file(sd, f, metadata={"format": "pt"})
-    cfg = json.load(open(os.path.join(path, "config.json")))
-    cfg["num_nextn_predict_layers"] = 1
-    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    cfg, sd = append_mtp_layer(path, CONFIGS["glm4_moe"]["hidden_size"])
     return {"config": cfg, "tensors": sd}
 
 
