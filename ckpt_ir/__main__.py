@@ -1,5 +1,3 @@
-import sys
+from ckpt_ir.cli import run
 
-from ckpt_ir.cli import main
-
-sys.exit(main())
+run()

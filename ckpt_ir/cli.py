@@ -301,6 +301,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def run() -> None:
+    """The ``ckpt-ir`` command: :func:`main`, then leave.  Once torch is imported, the
+    interpreter's teardown (module and thread-pool finalisers) takes seconds after the work is
+    done: measured 2-3 s of wall time on two busy cores.  Nothing is pending by then (every
+    output file was fsynced and closed before its rename, every worker joined), so the process
+    leaves without it; without torch it exits normally."""
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:  # a closed pipe (``| head``): nothing left to say
+        pass
+    if "torch" in sys.modules:
+        import os
+
+        os._exit(code)
+    sys.exit(code)
+
+
 # ---------------------------------------------------------------------------------------------
 # commands
 

@@ -273,3 +273,23 @@ def test_plugin_pass_from_the_cli(hf_cache, tmp_path, monkeypatch):
     assert "IR after noop-marker" in r.stdout
     r = cli("convert", src, str(tmp_path / "p"), "--to", "hf", "--plugin", "no_such_module_xyz", check=False)
     assert r.returncode == 2 and "cannot import" in r.stderr
+
+
+def test_the_command_leaves_without_teardown_once_torch_is_loaded_keeping_exit_code_and_output():
+    """``ckpt-ir`` (cli.run) skips the interpreter's teardown after torch was imported: the exit
+    code and everything printed must survive, and teardown must really be skipped (an atexit
+    hook does not run); without torch it exits normally (the hook runs)."""
+    script = (
+        "import atexit, sys\n"
+        "if sys.argv[1] == 'torch':\n"
+        "    import torch\n"
+        "from ckpt_ir import cli\n"
+        "atexit.register(lambda: print('teardown', file=sys.stderr))\n"
+        "cli.main = lambda: (print('x' * 100000), print('done', file=sys.stderr), 3)[-1]\n"
+        "cli.run()\n"
+    )
+    for mode, teardown in (("torch", False), ("plain", True)):
+        r = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 3, (mode, r.stderr)
+        assert r.stdout == "x" * 100000 + "\n", mode
+        assert r.stderr.splitlines()[0] == "done" and ("teardown" in r.stderr) == teardown, (mode, r.stderr)
