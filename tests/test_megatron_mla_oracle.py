@@ -1,0 +1,261 @@
+"""Megatron-Core as the oracle for multi-latent attention: ckpt-ir's ``--to mcore`` (torch format)
+checkpoints of DeepSeek-V2, DeepSeek-V2-Lite and DeepSeek-V3 models load into a real megatron-core
+``GPTModel`` with MLA (local spec, CPU, gloo; ``tests/mcore_harness.py``) and give the same logits
+as transformers on the source HF model.
+
+Models (tiny, built and saved by transformers, every parameter random, fp32):
+* ``deepseek_v2``: MLA with q-LoRA, YaRN rotary with ``mscale`` / ``mscale_all_dim`` (the
+  rotary's and the softmax's scale), softmax routing not renormalised and scaled by
+  ``routed_scaling_factor``, a shared expert, a dense first layer;
+* ``deepseek_v2_lite``: MLA without q-LoRA (``q_proj``: megatron-core's ``linear_q_proj``), plain
+  rotary, the same MoE block;
+* ``deepseek_v3``: MLA with q-LoRA and YaRN, sigmoid routing with a random score-correction bias,
+  a shared expert, a dense first layer.
+Layouts: TP2 x EP2 (grouped GEMM for two of them) and a PP2 layout for each.
+
+The Megatron model is configured from the *HF* config (rotary and router settings included), and
+a separate test checks that the ``args`` ckpt-ir wrote say the same, as Megatron-LM reads them
+into ``MLATransformerConfig``.  DeepSeek rotates interleaved pairs of the rotary dims, which
+megatron-core's MLA always does (it de-interleaves before rotating halves); a control run of the
+YaRN model with plain rotary settings must differ, so the comparison sees the rotary settings.
+MiniCPM3 is not here: megatron-core 0.16 cannot express it (docs/families.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from ckpt_ir.cli import main as cli_main
+from tests.mcore_harness import run_job
+from tests.test_families_wave_a import DENSE, build
+
+assert importlib.util.find_spec("megatron.core") is not None, "install the test extra: pip install -e .[test]"
+
+WORLD = 4
+SEQ = 12
+INPUT_IDS = [[(7 * i + 3) % 120 for i in range(SEQ)], [(11 * i + 5) % 120 for i in range(SEQ)]]
+MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+MOE = dict(
+    moe_intermediate_size=32,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+)
+YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 32,
+    "beta_fast": 32,
+    "beta_slow": 1,
+}
+# (transformers model_type, config overrides)
+MODELS = {
+    "deepseek_v2": (
+        "deepseek_v2",
+        dict(
+            DENSE,
+            **MLA,
+            **MOE,
+            q_lora_rank=24,
+            routed_scaling_factor=1.5,
+            rope_parameters=dict(YARN, mscale=0.707, mscale_all_dim=0.8),
+        ),
+    ),
+    "deepseek_v2_lite": (
+        "deepseek_v2",
+        dict(DENSE, **MLA, **MOE, q_lora_rank=None, routed_scaling_factor=1.0),
+    ),
+    "deepseek_v3": (
+        "deepseek_v3",
+        dict(
+            DENSE,
+            **MLA,
+            **MOE,
+            q_lora_rank=24,
+            n_group=1,
+            topk_group=1,
+            routed_scaling_factor=2.5,
+            rope_parameters=dict(YARN, mscale=1.0, mscale_all_dim=1.0),
+        ),
+    ),
+}
+LAYERS = 4
+# case -> (model, ckpt-ir convert arguments)
+CASES = {
+    "deepseek_v2-tp2ep2": ("deepseek_v2", ["--tp", "2", "--ep", "2"]),
+    "deepseek_v2-pp2ep2": ("deepseek_v2", ["--pp", "2", "--ep", "2"]),
+    "deepseek_v2_lite-tp2ep2-grouped": ("deepseek_v2_lite", ["--tp", "2", "--ep", "2", "--moe-grouped-gemm"]),
+    "deepseek_v2_lite-tp2pp2": ("deepseek_v2_lite", ["--tp", "2", "--pp", "2"]),
+    "deepseek_v3-tp2ep2-grouped": ("deepseek_v3", ["--tp", "2", "--ep", "2", "--moe-grouped-gemm"]),
+    "deepseek_v3-tp2pp2": ("deepseek_v3", ["--tp", "2", "--pp", "2", "--num-layer-list", "1,3"]),
+}
+# the YaRN model's TP2 x EP2 files read with plain rotary settings (rope, factor 1, no mscale)
+PLAIN_ROPE = "deepseek_v2-tp2ep2-plain-rope-control"
+
+
+def _mla_config(hf: dict) -> dict:
+    """MLATransformerConfig fields from the HF config: sizes, and the rotary as megatron-core's MLA
+    computes it (YaRN's factor, original context, betas and both mscales, or plain rope)."""
+    rope = hf.get("rope_parameters") or {}
+    out = {
+        "q_lora_rank": hf["q_lora_rank"],
+        "kv_lora_rank": hf["kv_lora_rank"],
+        "qk_head_dim": hf["qk_nope_head_dim"],
+        "qk_pos_emb_head_dim": hf["qk_rope_head_dim"],
+        "v_head_dim": hf["v_head_dim"],
+    }
+    if rope.get("rope_type") == "yarn":
+        out.update(
+            rope_type="yarn",
+            rotary_scaling_factor=rope["factor"],
+            original_max_position_embeddings=rope["original_max_position_embeddings"],
+            beta_fast=rope["beta_fast"],
+            beta_slow=rope["beta_slow"],
+            mscale=rope["mscale"],
+            mscale_all_dim=rope["mscale_all_dim"],
+        )
+    else:
+        out.update(rope_type="rope", rotary_scaling_factor=1.0)
+    return out
+
+
+def _moe_config(model_type: str, hf: dict) -> dict:
+    """The MoE block from the HF config: DeepSeek-V2 keeps the top-k of a softmax over all experts
+    (Megatron's pre-softmax), DeepSeek-V3 the top-k of sigmoid scores plus the score bias."""
+    dense = hf["first_k_dense_replace"]
+    moe = {
+        "num_experts": hf["n_routed_experts"],
+        "topk": hf["num_experts_per_tok"],
+        "ffn_hidden_size": hf["moe_intermediate_size"],
+        "layer_freq": [int(i >= dense) for i in range(hf["num_hidden_layers"])],
+        "shared_ffn_hidden_size": hf["moe_intermediate_size"] * hf["n_shared_experts"],
+        "scaling_factor": hf["routed_scaling_factor"],
+    }
+    if model_type == "deepseek_v3":
+        moe.update(
+            score_function="sigmoid", expert_bias=True, num_groups=hf["n_group"], group_topk=hf["topk_group"]
+        )
+    else:
+        moe.update(score_function="softmax", pre_softmax=True)
+    return moe
+
+
+def _rank_args(out: str) -> dict:
+    it = os.path.join(out, "iter_0000001")
+    first = sorted(os.listdir(it))[0]
+    return vars(torch.load(os.path.join(it, first, "model_optim_rng.pt"), weights_only=False)["args"])
+
+
+@pytest.fixture(scope="module")
+def oracle(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("mcore-mla-oracle")
+    models = {}
+    for i, (name, (model_type, overrides)) in enumerate(MODELS.items()):
+        path = build(
+            str(root / "hf" / name), model_type, LAYERS, seed=200 + i, configs={model_type: overrides}
+        )
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            ref = model(torch.tensor(INPUT_IDS)).logits
+        with open(os.path.join(path, "config.json")) as fh:
+            models[name] = {"dir": path, "type": model_type, "config": json.load(fh), "logits": ref}
+    job, results = [], {}
+    for case, (name, conversion) in {**CASES, PLAIN_ROPE: (None, None)}.items():
+        if conversion is None:  # the control reads the deepseek_v2-tp2ep2 files
+            name, out = "deepseek_v2", results["deepseek_v2-tp2ep2"]["ckpt"]
+        else:
+            out = str(root / "mcore" / case)
+            assert (
+                cli_main(["convert", models[name]["dir"], out, "--to", "mcore", "--quiet", *conversion]) == 0
+            )
+        m, args = models[name], _rank_args(out)
+        hf = m["config"]
+        mla = _mla_config(hf)
+        if conversion is None:
+            mla.update(rope_type="rope", rotary_scaling_factor=1.0, mscale=1.0, mscale_all_dim=0.0)
+        moe = _moe_config(m["type"], hf)
+        job.append(
+            {
+                "name": case,
+                "ckpt": out,
+                # only the layout comes from the args: the model is configured from the HF config
+                "tp": args["tensor_model_parallel_size"],
+                "pp": args["pipeline_model_parallel_size"],
+                "vpp": None,
+                "ep": args["expert_model_parallel_size"],
+                "etp": args["expert_tensor_parallel_size"],
+                "hf_config": hf,
+                "padded_vocab": args["padded_vocab_size"],
+                "tied": False,
+                "qkv_bias": False,
+                "qk_norm": True,  # MLA's q_a / kv_a norms
+                "mla": mla,
+                "moe": {**moe, "grouped_gemm": bool(args.get("moe_grouped_gemm"))},
+                "config_extra": {
+                    "num_layers_in_first_pipeline_stage": 1,
+                    "num_layers_in_last_pipeline_stage": 3,
+                }
+                if "--num-layer-list" in (conversion or ())
+                else {},
+                "input_ids": INPUT_IDS,
+                "out": str(root / "logits" / f"{case}.pt"),
+            }
+        )
+        results[case] = {"ckpt": out, "model": m, "args": args}
+    os.makedirs(root / "logits")
+    for jc, (got, reports) in zip(job, run_job(str(root), job, WORLD)):
+        results[jc["name"]].update(job=jc, logits=got, reports=reports)
+    return results
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_checkpoint_loads_exactly(oracle, case):
+    """Every rank's file fills every parameter of its MLA GPTModel (q / kv down- and
+    up-projections, their norms, linear_proj, router, experts, shared expert) with no key left."""
+    r = oracle[case]
+    for rep in r["reports"]:
+        for chunk in rep["chunks"]:
+            assert chunk["unexpected"] == [], f"rank {rep['rank']}: keys GPTModel does not have"
+            assert [k for k in chunk["missing"] if not k.endswith("._extra_state")] == []
+            assert chunk["loaded"] == chunk["params"]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers(oracle, case):
+    r = oracle[case]
+    got, ref = r["logits"], r["model"]["logits"]
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
+
+
+def test_plain_rope_settings_change_the_logits(oracle):
+    """Control: the YaRN model's files under plain rotary settings give other logits, so the
+    comparison above depends on the rotary settings being right."""
+    got, ref = oracle[PLAIN_ROPE]["logits"], oracle[PLAIN_ROPE]["model"]["logits"]
+    assert (got - ref).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_args_give_megatron_the_same_model(oracle, case):
+    """The rank files' ``args`` carry the MLA sizes, rotary and router settings the oracle was
+    configured with from the HF config (the MLATransformerConfig / TransformerConfig fields
+    Megatron-LM fills from args of the same names)."""
+    r = oracle[case]
+    args, job = r["args"], r["job"]
+    for field, value in job["mla"].items():
+        assert args[field] == value, field
+    assert args["multi_latent_attention"] is True
+    moe = job["moe"]
+    assert args["moe_router_score_function"] == moe["score_function"]
+    assert bool(args["moe_router_pre_softmax"]) == moe.get("pre_softmax", False)
+    assert args["moe_router_topk_scaling_factor"] == moe["scaling_factor"]
+    assert bool(args.get("moe_router_enable_expert_bias")) == moe.get("expert_bias", False)
