@@ -95,7 +95,10 @@ CASES = {
     "deepseek_v2_lite-tp2pp2": ("deepseek_v2_lite", ["--tp", "2", "--pp", "2"]),
     "deepseek_v3-tp2ep2-grouped": ("deepseek_v3", ["--tp", "2", "--ep", "2", "--moe-grouped-gemm"]),
     "deepseek_v3-tp2pp2": ("deepseek_v3", ["--tp", "2", "--pp", "2", "--num-layer-list", "1,3"]),
+    # megatron-core's own MLA keys, loaded by its dist_checkpointing at TP2 x EP2 (no key split)
+    "deepseek_v3-torch_dist-tp2ep2": ("deepseek_v3", ["--ckpt-format", "torch_dist"]),
 }
+TORCH_DIST_LAYOUT = {"tp": 2, "pp": 1, "ep": 2, "etp": 2}
 # the YaRN model's TP2 x EP2 files read with plain rotary settings (rope, factor 1, no mscale)
 PLAIN_ROPE = "deepseek_v2-tp2ep2-plain-rope-control"
 
@@ -149,6 +152,8 @@ def _moe_config(model_type: str, hf: dict) -> dict:
 
 def _rank_args(out: str) -> dict:
     it = os.path.join(out, "iter_0000001")
+    if os.path.exists(os.path.join(it, "common.pt")):  # torch_dist
+        return vars(torch.load(os.path.join(it, "common.pt"), weights_only=False)["args"])
     first = sorted(os.listdir(it))[0]
     return vars(torch.load(os.path.join(it, first, "model_optim_rng.pt"), weights_only=False)["args"])
 
@@ -183,16 +188,25 @@ def oracle(tmp_path_factory):
         if conversion is None:
             mla.update(rope_type="rope", rotary_scaling_factor=1.0, mscale=1.0, mscale_all_dim=0.0)
         moe = _moe_config(m["type"], hf)
+        torch_dist = "torch_dist" in case
+        layout = (
+            TORCH_DIST_LAYOUT
+            if torch_dist
+            else {
+                "tp": args["tensor_model_parallel_size"],
+                "pp": args["pipeline_model_parallel_size"],
+                "ep": args["expert_model_parallel_size"],
+                "etp": args["expert_tensor_parallel_size"],
+            }
+        )
         job.append(
             {
                 "name": case,
                 "ckpt": out,
                 # only the layout comes from the args: the model is configured from the HF config
-                "tp": args["tensor_model_parallel_size"],
-                "pp": args["pipeline_model_parallel_size"],
+                **layout,
                 "vpp": None,
-                "ep": args["expert_model_parallel_size"],
-                "etp": args["expert_tensor_parallel_size"],
+                "torch_dist": torch_dist,
                 "hf_config": hf,
                 "padded_vocab": args["padded_vocab_size"],
                 "tied": False,
