@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -85,6 +86,15 @@ MODELS = {
             rope_parameters=dict(YARN, mscale=1.0, mscale_all_dim=1.0),
         ),
     ),
+    # MiniCPM3 with its muP scales made neutral (embedding x 1, residual branches x
+    # scale_depth / sqrt(layers) = 1, lm_head input / (hidden / dim_model_base) = 1): only its
+    # rotary differs from what megatron-core's MLA computes (see the MiniCPM3 tests)
+    "minicpm3": (
+        "minicpm3",
+        dict(
+            DENSE, **MLA, q_lora_rank=24, scale_emb=1.0, scale_depth=2.0, dim_model_base=DENSE["hidden_size"]
+        ),
+    ),
 }
 LAYERS = 4
 # case -> (model, ckpt-ir convert arguments)
@@ -101,6 +111,10 @@ CASES = {
 TORCH_DIST_LAYOUT = {"tp": 2, "pp": 1, "ep": 2, "etp": 2}
 # the YaRN model's TP2 x EP2 files read with plain rotary settings (rope, factor 1, no mscale)
 PLAIN_ROPE = "deepseek_v2-tp2ep2-plain-rope-control"
+# MiniCPM3 as ckpt-ir writes it, and a copy with the rotary rows of q_b and kv_a re-ordered so
+# that megatron-core's de-interleaving gives MiniCPM3's half-split order back
+MINICPM3 = "minicpm3-tp2pp2"
+MINICPM3_INTERLEAVED = "minicpm3-tp2pp2-rotary-rows-interleaved"
 
 
 def _mla_config(hf: dict) -> dict:
@@ -158,6 +172,27 @@ def _rank_args(out: str) -> dict:
     return vars(torch.load(os.path.join(it, first, "model_optim_rng.pt"), weights_only=False)["args"])
 
 
+def _interleave_rotary_rows(src: str, dst: str, hf: dict) -> None:
+    """Copy ``src`` with the rotary rows of every q_b (each local head's last qk_rope_head_dim
+    rows) and of kv_a (the fused linear_qkv's last qk_rope_head_dim rows) put in interleaved order
+    ``[r0, r_d/2, r1, r_d/2+1, ...]``: megatron-core's MLA takes the even then the odd rotary dims
+    and rotates halves, so it then rotates MiniCPM3's halves ``(r_j, r_d/2+j)``."""
+    shutil.copytree(src, dst)
+    d, nope = hf["qk_rope_head_dim"], hf["qk_nope_head_dim"]
+    order = torch.stack([torch.arange(d // 2), torch.arange(d // 2) + d // 2], dim=1).flatten()
+    it = os.path.join(dst, "iter_0000001")
+    for rank in os.listdir(it):
+        path = os.path.join(it, rank, "model_optim_rng.pt")
+        blob = torch.load(path, weights_only=False)
+        for key, w in blob["model"].items():
+            if key.endswith("linear_q_up_proj.weight"):
+                heads = w.view(-1, nope + d, w.shape[1])
+                heads[:, nope:] = heads[:, nope:][:, order].clone()
+            elif key.endswith("linear_qkv.weight"):
+                w[-d:] = w[-d:][order].clone()
+        torch.save(blob, path)
+
+
 @pytest.fixture(scope="module")
 def oracle(tmp_path_factory):
     from transformers import AutoModelForCausalLM
@@ -174,9 +209,14 @@ def oracle(tmp_path_factory):
         with open(os.path.join(path, "config.json")) as fh:
             models[name] = {"dir": path, "type": model_type, "config": json.load(fh), "logits": ref}
     job, results = [], {}
-    for case, (name, conversion) in {**CASES, PLAIN_ROPE: (None, None)}.items():
-        if conversion is None:  # the control reads the deepseek_v2-tp2ep2 files
+    controls = {PLAIN_ROPE: (None, None), MINICPM3: ("minicpm3", ["--tp", "2", "--pp", "2"])}
+    controls[MINICPM3_INTERLEAVED] = (None, None)
+    for case, (name, conversion) in {**CASES, **controls}.items():
+        if case == PLAIN_ROPE:  # reads the deepseek_v2-tp2ep2 files
             name, out = "deepseek_v2", results["deepseek_v2-tp2ep2"]["ckpt"]
+        elif case == MINICPM3_INTERLEAVED:
+            name, out = "minicpm3", str(root / "mcore" / case)
+            _interleave_rotary_rows(results[MINICPM3]["ckpt"], out, models[name]["config"])
         else:
             out = str(root / "mcore" / case)
             assert (
@@ -185,9 +225,9 @@ def oracle(tmp_path_factory):
         m, args = models[name], _rank_args(out)
         hf = m["config"]
         mla = _mla_config(hf)
-        if conversion is None:
+        if case == PLAIN_ROPE:
             mla.update(rope_type="rope", rotary_scaling_factor=1.0, mscale=1.0, mscale_all_dim=0.0)
-        moe = _moe_config(m["type"], hf)
+        moe = _moe_config(m["type"], hf) if m["type"] != "minicpm3" else None
         torch_dist = "torch_dist" in case
         layout = (
             TORCH_DIST_LAYOUT
@@ -195,8 +235,8 @@ def oracle(tmp_path_factory):
             else {
                 "tp": args["tensor_model_parallel_size"],
                 "pp": args["pipeline_model_parallel_size"],
-                "ep": args["expert_model_parallel_size"],
-                "etp": args["expert_tensor_parallel_size"],
+                "ep": args.get("expert_model_parallel_size", 1),
+                "etp": args.get("expert_tensor_parallel_size"),
             }
         )
         job.append(
@@ -209,11 +249,11 @@ def oracle(tmp_path_factory):
                 "torch_dist": torch_dist,
                 "hf_config": hf,
                 "padded_vocab": args["padded_vocab_size"],
-                "tied": False,
+                "tied": bool(hf.get("tie_word_embeddings")),
                 "qkv_bias": False,
                 "qk_norm": True,  # MLA's q_a / kv_a norms
                 "mla": mla,
-                "moe": {**moe, "grouped_gemm": bool(args.get("moe_grouped_gemm"))},
+                "moe": moe and {**moe, "grouped_gemm": bool(args.get("moe_grouped_gemm"))},
                 "config_extra": {
                     "num_layers_in_first_pipeline_stage": 1,
                     "num_layers_in_last_pipeline_stage": 3,
@@ -273,3 +313,19 @@ def test_args_give_megatron_the_same_model(oracle, case):
     assert bool(args["moe_router_pre_softmax"]) == moe.get("pre_softmax", False)
     assert args["moe_router_topk_scaling_factor"] == moe["scaling_factor"]
     assert bool(args.get("moe_router_enable_expert_bias")) == moe.get("expert_bias", False)
+
+
+def test_minicpm3_rotary_is_not_megatron_cores_mla_rotary(oracle):
+    """MiniCPM3 rotates the halves of its rotary dims; megatron-core 0.16's MLA always rotates
+    interleaved pairs (DeepSeek's order; ``rotary_interleaved`` is refused with MLA).  On the files
+    ckpt-ir writes (MindSpeed-LLM's rows, the HF order) megatron-core's logits differ from
+    transformers' even with the muP scales neutral; with the rotary rows re-ordered they agree, so
+    the rotary order is the only difference in the attention and the rest of the layout is right."""
+    written, interleaved = oracle[MINICPM3], oracle[MINICPM3_INTERLEAVED]
+    for r in (written, interleaved):
+        for rep in r["reports"]:
+            for chunk in rep["chunks"]:
+                assert chunk["unexpected"] == [] and chunk["loaded"] == chunk["params"]
+    ref = written["model"]["logits"]
+    assert (written["logits"] - ref).abs().max() > 1e-2
+    torch.testing.assert_close(interleaved["logits"], ref, atol=1e-4, rtol=1e-5)
