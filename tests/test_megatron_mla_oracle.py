@@ -88,11 +88,18 @@ MODELS = {
     ),
     # MiniCPM3 with its muP scales made neutral (embedding x 1, residual branches x
     # scale_depth / sqrt(layers) = 1, lm_head input / (hidden / dim_model_base) = 1): only its
-    # rotary differs from what megatron-core's MLA computes (see the MiniCPM3 tests)
+    # rotary differs from what megatron-core's MLA computes (see the MiniCPM3 tests).  rms_norm_eps
+    # is the q_a / kv_a norms' fixed 1e-6 (megatron-core has one epsilon for every norm)
     "minicpm3": (
         "minicpm3",
         dict(
-            DENSE, **MLA, q_lora_rank=24, scale_emb=1.0, scale_depth=2.0, dim_model_base=DENSE["hidden_size"]
+            DENSE,
+            **MLA,
+            q_lora_rank=24,
+            scale_emb=1.0,
+            scale_depth=2.0,
+            dim_model_base=DENSE["hidden_size"],
+            rms_norm_eps=1e-6,
         ),
     ),
 }
