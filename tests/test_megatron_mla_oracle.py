@@ -34,12 +34,10 @@ import torch
 from ckpt_ir.cli import main as cli_main
 from tests.mcore_harness import run_job
 from tests.test_families_wave_a import DENSE, build
+from tests.test_megatron_moe_oracle import INPUT_IDS, WORLD
 
 assert importlib.util.find_spec("megatron.core") is not None, "install the test extra: pip install -e .[test]"
 
-WORLD = 4
-SEQ = 12
-INPUT_IDS = [[(7 * i + 3) % 120 for i in range(SEQ)], [(11 * i + 5) % 120 for i in range(SEQ)]]
 MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
 MOE = dict(
     moe_intermediate_size=32,
