@@ -6,9 +6,9 @@ as transformers on the source HF model.
 Models (tiny, built and saved by transformers, every parameter random, fp32):
 * ``deepseek_v2``: MLA with q-LoRA, YaRN rotary with ``mscale`` / ``mscale_all_dim`` (the
   rotary's and the softmax's scale), softmax routing not renormalised and scaled by
-  ``routed_scaling_factor``, a shared expert, a dense first layer;
+  ``routed_scaling_factor``, ``group_limited_greedy`` args, a shared expert, a dense first layer;
 * ``deepseek_v2_lite``: MLA without q-LoRA (``q_proj``: megatron-core's ``linear_q_proj``), plain
-  rotary, the same MoE block;
+  rotary, greedy routing over 4 experts, a shared expert, a dense first layer;
 * ``deepseek_v3``: MLA with q-LoRA and YaRN, sigmoid routing with a random score-correction bias,
   a shared expert, a dense first layer.
 Layouts: TP2 x EP2 (grouped GEMM for two of them) and a PP2 layout for each.
@@ -61,9 +61,16 @@ MODELS = {
         dict(
             DENSE,
             **MLA,
-            **MOE,
+            # group-limited routing args (8 experts in 4 groups, 2 kept): with topk == topk_group,
+            # the only case where megatron-core's group score (the sum of a group's top
+            # topk / topk_group scores) is DeepSeek-V2's (its best score), grouping never changes
+            # the choice, so this checks the args, not the grouping
+            **dict(MOE, n_routed_experts=8),
             q_lora_rank=24,
             routed_scaling_factor=1.5,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
             rope_parameters=dict(YARN, mscale=0.707, mscale_all_dim=0.8),
         ),
     ),
@@ -166,6 +173,8 @@ def _moe_config(model_type: str, hf: dict) -> dict:
         )
     else:
         moe.update(score_function="softmax", pre_softmax=True)
+        if hf.get("topk_method") == "group_limited_greedy":
+            moe.update(num_groups=hf["n_group"], group_topk=hf["topk_group"])
     return moe
 
 
@@ -318,6 +327,8 @@ def test_args_give_megatron_the_same_model(oracle, case):
     assert bool(args["moe_router_pre_softmax"]) == moe.get("pre_softmax", False)
     assert args["moe_router_topk_scaling_factor"] == moe["scaling_factor"]
     assert bool(args.get("moe_router_enable_expert_bias")) == moe.get("expert_bias", False)
+    assert args["moe_router_num_groups"] == moe.get("num_groups")
+    assert args["moe_router_group_topk"] == moe.get("group_topk")
 
 
 def test_minicpm3_rotary_is_not_megatron_cores_mla_rotary(oracle):

@@ -160,9 +160,10 @@ def _deepseek_router(cfg: dict) -> dict:
 
 def _deepseek_v2_router(cfg: dict) -> dict:
     """DeepSeek-V2 routing: the top-k of a softmax over all experts, not renormalised, scaled by
-    ``routed_scaling_factor``; ``group_limited_greedy`` limits it to ``topk_group`` groups (ranked
-    by their best expert; megatron-core ranks groups by the sum of their top ``topk / topk_group``
-    scores, the same choice when ``topk == topk_group``)."""
+    ``routed_scaling_factor``; ``group_limited_greedy`` limits it to ``topk_group`` groups ranked
+    by their best expert.  megatron-core ranks groups by the sum of their top ``topk / topk_group``
+    scores, which is the best score only when ``topk == topk_group`` (where grouping changes
+    nothing), so its group-limited routing is the closest Megatron form, not DeepSeek-V2's."""
     grouped = cfg.get("topk_method") == "group_limited_greedy"
     return {
         "moe_router_score_function": "softmax",
