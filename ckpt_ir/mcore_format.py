@@ -367,6 +367,13 @@ _NOT_HF = frozenset(
         "qk_head_dim",
         "qk_pos_emb_head_dim",
         "rotary_percent",
+        # MLA's rotary (mla_rope_args); an HF config nests these under rope_parameters
+        "rope_type",
+        "rotary_scaling_factor",
+        "mscale",
+        "mscale_all_dim",
+        "beta_fast",
+        "beta_slow",
     }
 )
 
@@ -478,6 +485,7 @@ def build_args(
                 "qk_head_dim": spec.qk_nope_dim,
                 "qk_pos_emb_head_dim": spec.qk_rope_dim,
                 "v_head_dim": spec.v_head_dim,
+                **mla_rope_args(cfg),
             }
         )
     from ckpt_ir.families import by_name
@@ -511,6 +519,29 @@ def build_args(
     for k, v in fields.items():
         setattr(ns, k, v)
     return ns
+
+
+def mla_rope_args(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Multi-latent attention's rotary settings under MLATransformerConfig's field names (Megatron-LM
+    args of the same names; Megatron-Bridge's MLA mapping): megatron-core's MLA builds its own
+    rotary embedding from them, and its defaults (YaRN with factor 40) are DeepSeek-V3's, so a
+    plain rotary is written as ``rope_type`` rope.  HF's yarn ``rope_parameters`` (``rope_scaling``
+    in older configs) map one to one; other rope types have no MLA form and write nothing."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return {"rope_type": "rope", "rotary_scaling_factor": 1.0}
+    if kind != "yarn":
+        return {}
+    return {
+        "rope_type": "yarn",
+        "rotary_scaling_factor": params["factor"],
+        "original_max_position_embeddings": params.get("original_max_position_embeddings"),
+        "beta_fast": params.get("beta_fast") or 32,
+        "beta_slow": params.get("beta_slow") or 1,
+        "mscale": params.get("mscale") or 1.0,
+        "mscale_all_dim": params.get("mscale_all_dim") or 0.0,
+    }
 
 
 # what a family-less (args-only) model's own args say and a spec does not fully capture

@@ -26,8 +26,17 @@ A case with ``"gpt": true`` builds a generic GPT that no HF family computes: Lay
 biases), a GELU MLP without gating, learned absolute position embeddings and biases on every linear
 layer (``hf_config`` then only gives the sizes).
 
-``"mla"`` (MLATransformerConfig fields: ``q_lora_rank``, ``kv_lora_rank``, ...) builds
-multi-latent attention, load-only (see :func:`_patch_mla_construction`).  ``"config_extra"`` adds
+``"mla"`` (MLATransformerConfig fields: ``q_lora_rank``, ``kv_lora_rank``, ``rope_type``,
+``rotary_scaling_factor``, ``mscale``, ...) builds multi-latent attention with the local spec
+(``get_gpt_layer_local_spec(multi_latent_attention=True)``: every MLA projection a
+``ColumnParallelLinear``, the down-projections' outputs gathered over TP, local
+``DotProductAttention``), after two fixes of megatron-core bugs on the no-TE path (see
+:func:`_patch_mla_local_path`).  ``kv_channels`` is ``v_head_dim`` (the local core attention's
+output width; MLA's own softmax scale and key width are passed to it).  A torch-format rank file
+keeps MindSpeed-LLM's fused ``self_attention.linear_qkv`` = ``[q (or q_a); kv_a]`` down-projection
+whole on every TP rank; the harness splits it into megatron-core's ``linear_q_proj`` (or
+``linear_q_down_proj``) and ``linear_kv_down_proj`` and keeps this TP rank's rows of each, as
+``ColumnParallelLinear`` holds them (:func:`_split_mla_down_projections`).  ``"config_extra"`` adds
 TransformerConfig fields (e.g. ``mtp_num_layers``: the GPTModel then gets
 the multi-token-prediction block of its last layer's spec); ``"load_only"`` saves each rank's
 loaded tensors to ``OUT.rank<R>.sd.pt`` instead of running the forward pass.
@@ -128,21 +137,57 @@ def _make_cuda_to_cpu_mode():
     return CudaToCpu()
 
 
-def _patch_mla_construction() -> None:
-    """megatron-core 0.16.1 cannot build multi-latent attention without Transformer Engine: its
-    local core attention rejects the ``k_channels`` / ``v_channels`` MLA passes, and MLA checks
-    ``isinstance(linear_proj, TELinear)`` against a placeholder.  For load-only cases (the module
-    parameters and sharded state dict are untouched; no forward pass runs) both are bypassed."""
+def _patch_mla_local_path() -> None:
+    """Two megatron-core 0.16.1 bugs stop multi-latent attention without Transformer Engine (no
+    edits to megatron-core; nothing else changes):
+
+    * ``MultiLatentAttention`` builds its core attention with ``k_channels=`` / ``v_channels=``
+      keywords that only ``TEDotProductAttention`` accepts: the local ``DotProductAttention``
+      raises ``TypeError`` (megatron-core's own modelopt MLA spec pairs it with MLA all the same).
+      The local attention reads the query / key head width from the tensors and takes MLA's
+      softmax scale as an argument; only its output width comes from the config (``kv_channels``),
+      so the wrapper accepts the two keywords and checks that ``v_channels`` is ``kv_channels``.
+    * MLA tests ``isinstance(linear_proj, TELinear)`` whenever ``HAVE_TE``, which is True without
+      Transformer Engine because ``megatron.core.extensions.transformer_engine`` imports with a
+      ``MagicMock`` in its place, and ``TELinear`` is then a ``MagicMock`` instance
+      (``isinstance`` raises ``TypeError``).  A class nothing is an instance of restores the
+      intended False (the branch only serves FP8 / FP4 training)."""
     from megatron.core.transformer import multi_latent_attention as mla
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     init = DotProductAttention.__init__
 
-    def accept(self, *args, k_channels=None, v_channels=None, **kwargs):
-        init(self, *args, **kwargs)
+    def accept(self, config, *args, k_channels=None, v_channels=None, **kwargs):
+        assert v_channels in (None, config.kv_channels), (v_channels, config.kv_channels)
+        init(self, config, *args, **kwargs)
 
     DotProductAttention.__init__ = accept
-    mla.TELinear = type("NoTELinear", (), {})
+    if not isinstance(mla.TELinear, type):
+        mla.TELinear = type("NoTELinear", (), {})
+
+
+def _split_mla_down_projections(sd: dict, config, tp: int, tp_rank: int) -> dict:
+    """A torch-format rank file's MLA layers in megatron-core's local-spec form: MindSpeed-LLM's
+    fused, replicated ``linear_qkv`` [q_lora_rank (or heads * (qk_head_dim + qk_pos_emb_head_dim)
+    without q-LoRA) + kv_lora_rank + qk_pos_emb_head_dim, hidden] becomes ``linear_q_down_proj``
+    (``linear_q_proj``) and ``linear_kv_down_proj``, each cut to this TP rank's rows (they are
+    ``ColumnParallelLinear`` in the local spec)."""
+    import torch
+
+    q_rows = config.q_lora_rank or config.num_attention_heads * (
+        config.qk_head_dim + config.qk_pos_emb_head_dim
+    )
+    q_name = "linear_q_down_proj" if config.q_lora_rank else "linear_q_proj"
+    out = {}
+    for key, value in sd.items():
+        if not key.endswith("self_attention.linear_qkv.weight"):
+            out[key] = value
+            continue
+        base = key[: -len("linear_qkv.weight")]
+        q, kv = torch.split(value, [q_rows, value.shape[0] - q_rows])
+        out[base + q_name + ".weight"] = q.chunk(tp)[tp_rank].clone()
+        out[base + "linear_kv_down_proj.weight"] = kv.chunk(tp)[tp_rank].clone()
+    return out
 
 
 def _patch_cuda() -> None:
@@ -226,7 +271,10 @@ def _transformer_config(case: dict, tp: int, pp: int, vpp: int | None):
         num_attention_heads=heads,
         num_query_groups=hf.get("num_key_value_heads") or heads,
         ffn_hidden_size=hf["intermediate_size"],
-        kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
+        # MLA: the local core attention's output width (see _patch_mla_local_path)
+        kv_channels=case["mla"]["v_head_dim"]
+        if case.get("mla")
+        else hf.get("head_dim") or hf["hidden_size"] // heads,
         use_cpu_initialization=True,
         params_dtype=torch.float32,
         pipeline_dtype=torch.float32,
@@ -253,10 +301,22 @@ def _transformer_config(case: dict, tp: int, pp: int, vpp: int | None):
         batch_p2p_comm=False,
         **_moe_kwargs(case),
         **case.get("config_extra", {}),
-        **({"multi_latent_attention": True, **case["mla"]} if case.get("mla") else {}),
+        **_mla_kwargs(case),
     )
     kw.update(_gpt_oss_kwargs(case))
     return (MLATransformerConfig if case.get("mla") else TransformerConfig)(**kw)
+
+
+def _mla_kwargs(case: dict) -> dict:
+    """Multi-latent attention: the case's MLATransformerConfig fields and the rotary base (MLA
+    builds its own rotary embedding from the config, not from GPTModel's ``rotary_base``)."""
+    if not case.get("mla"):
+        return {}
+    return {
+        "multi_latent_attention": True,
+        "rotary_base": _rope_theta(case["hf_config"]),
+        **case["mla"],
+    }
 
 
 def _gpt_oss_kwargs(case: dict) -> dict:
@@ -334,6 +394,7 @@ def _run_case(case: dict, rank: int) -> None:
                 num_experts=moe["num_experts"] if moe else None,
                 moe_grouped_gemm=bool(moe and moe.get("grouped_gemm")),
                 qk_layernorm=case["qk_norm"],
+                multi_latent_attention=config.multi_latent_attention,
                 normalization=config.normalization,
             )
         tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
@@ -387,6 +448,8 @@ def _run_case(case: dict, rank: int) -> None:
         calls_before = len(shim_calls or ())
         for v, model in enumerate(models):
             sd = blob["model" if chunks == 1 else f"model{v}"]
+            if config.multi_latent_attention and not case.get("torch_dist"):
+                sd = _split_mla_down_projections(sd, config, tp, tp_rank)
             res = model.load_state_dict(sd, strict=False)
             report["chunks"].append(
                 {
@@ -539,8 +602,7 @@ def main(argv: list[str]) -> int:
     import megatron.core.models.gpt  # noqa: F401  (imported before fork, shared by all ranks)
 
     if any(c.get("mla") for c in job["cases"]):
-        assert all(c.get("load_only") for c in job["cases"] if c.get("mla")), "MLA cases are load-only"
-        _patch_mla_construction()
+        _patch_mla_local_path()
     import megatron.core.pipeline_parallel  # noqa: F401
 
     pids = {}

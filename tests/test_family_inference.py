@@ -31,7 +31,7 @@ num_experts moe_router_topk moe_ffn_hidden_size moe_shared_expert_intermediate_s
 moe_layer_freq moe_grouped_gemm moe_router_pre_softmax moe_router_score_function moe_router_enable_expert_bias
 moe_router_topk_scaling_factor moe_router_num_groups moe_router_group_topk multi_latent_attention q_lora_rank
 kv_lora_rank qk_head_dim qk_pos_emb_head_dim v_head_dim mtp_num_layers transformer_impl bf16 fp16
-make_vocab_size_divisible_by
+make_vocab_size_divisible_by rope_type rotary_scaling_factor mscale mscale_all_dim
 """.split()
 )
 
@@ -93,6 +93,9 @@ def test_plain_args_infer_the_family_and_convert_bit_exact(tmp_path, capsys, fam
     assert_same_tensors(hf, back)
     cfg = json.load(open(os.path.join(back, "config.json")))
     assert cfg["model_type"] == family
+    if family == "deepseek_v3":  # args rope_type "rope" (plain rotary): no YaRN invented
+        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+        assert rope.get("rope_type", rope.get("type", "default")) == "default", rope
     from transformers import AutoModelForCausalLM
 
     a = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)

@@ -413,8 +413,8 @@ def test_mla_moe_mtp_loads_into_megatron_core_at_another_ep(tmp_path):
     score bias, one MTP layer) written whole is loaded by megatron-core's dist_checkpointing at EP2
     into a GPTModel with MLA (megatron-core's own keys: linear_q_down_proj, linear_kv_down_proj,
     q/kv_layernorm; the torch format's fused linear_qkv is split) and an MTP block.  Load only:
-    megatron-core 0.16.1 builds MLA without Transformer Engine only with the harness's patches.
-    Read back by ckpt-ir, the output converts to the source HF tensors bit for bit."""
+    the MTP layer's tensors are what this checks (test_megatron_mla_oracle.py runs MLA forward
+    passes).  Read back by ckpt-ir, the output converts to the source HF tensors bit for bit."""
     from tests.test_deepseek import build_deepseek
 
     src = build_deepseek(str(tmp_path / "hf"))

@@ -171,7 +171,8 @@ def _deepseek_keys(a: Args, spec: dict[str, Any]) -> dict[str, Any]:
         "n_group": a["moe_router_num_groups"] or 1,
         "topk_group": a["moe_router_group_topk"] or 1,
     }
-    if a["rope_type"] == "yarn" or a["rotary_scaling_factor"]:
+    # MLA runs YaRN unless rope_type is "rope" (megatron-core's MLATransformerConfig default)
+    if a["rope_type"] != "rope" and (a["rope_type"] == "yarn" or a["rotary_scaling_factor"]):
         cfg["rope_scaling"] = {
             "type": "yarn",
             "factor": a["rotary_scaling_factor"] or 40,

@@ -158,6 +158,22 @@ def _deepseek_router(cfg: dict) -> dict:
     }
 
 
+def _deepseek_v2_router(cfg: dict) -> dict:
+    """DeepSeek-V2 routing: the top-k of a softmax over all experts, not renormalised, scaled by
+    ``routed_scaling_factor``; ``group_limited_greedy`` limits it to ``topk_group`` groups ranked
+    by their best expert.  megatron-core ranks groups by the sum of their top ``topk / topk_group``
+    scores, which is the best score only when ``topk == topk_group`` (where grouping changes
+    nothing), so its group-limited routing is the closest Megatron form, not DeepSeek-V2's."""
+    grouped = cfg.get("topk_method") == "group_limited_greedy"
+    return {
+        "moe_router_score_function": "softmax",
+        "moe_router_pre_softmax": True,
+        "moe_router_topk_scaling_factor": cfg.get("routed_scaling_factor"),
+        "moe_router_num_groups": cfg.get("n_group") if grouped else None,
+        "moe_router_group_topk": cfg.get("topk_group") if grouped else None,
+    }
+
+
 MLA_CONFIG = (
     ConfigKey("q_lora_rank", "q_lora_rank", 0, null=0),
     ConfigKey("kv_lora_rank", "kv_lora_rank"),

@@ -17,6 +17,7 @@ from ckpt_ir.families.moe import (
     MLA_CONFIG,
     MTP,
     _deepseek_router,
+    _deepseek_v2_router,
 )
 
 # GLM: the HF MLP packs [gate; up] in one gate_up_proj (same rule as Phi-3's)
@@ -83,6 +84,7 @@ register(
         tensors=DEEPSEEK_TENSORS,
         config=config_with(*DEEPSEEK_MOE_CONFIG, *MLA_CONFIG),
         mindspeed_names=("deepseek2", "deepseek2-lite"),
+        megatron_args=_deepseek_v2_router,
     )
 )
 # MiniCPM3: dense MLA with q-LoRA, tied embeddings; its muP scales (scale_emb, scale_depth,
