@@ -35,7 +35,8 @@ import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# case -> (HF model_type, MindSpeed --model-type-hf, flags shared by both converters)
+# case -> (HF model_type, MindSpeed --model-type-hf, flags shared by both converters); a
+# remote-code family's model is the remote test's packed checkpoint (tests/test_families_remote.py)
 CASES = {
     "seed-oss-tp2pp2": (
         "seed_oss",
@@ -98,6 +99,29 @@ CASES = {
         "minimax_m2",
         ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--moe-grouped-gemm"],
     ),
+    "bailing_mini-tp2pp2": (
+        "bailing_moe_v2",
+        "bailing_mini",
+        ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2"],
+    ),
+    "bailing_mini-tp2ep2-grouped": (
+        "bailing_moe_v2",
+        "bailing_mini",
+        ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--moe-grouped-gemm"],
+    ),
+    # Ling 2.0 as released (use_qkv_bias false): MindSpeed's bailing_mini entry maps no
+    # use_qkv_bias -> add_qkv_bias, so it cannot carry query_key_value.bias (see docs/families.md)
+    "bailing_mini-nobias-tp2ep2-grouped": (
+        "bailing_moe_v2-no-qkv-bias",
+        "bailing_mini",
+        ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--moe-grouped-gemm"],
+    ),
+    "plm-tp2pp2": (
+        "plm",
+        "plm",
+        ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2"],
+    ),
+    "plm-tp1pp2-layers": ("plm", "plm", ["--target-pipeline-parallel-size", "2", "--num-layer-list", "1,3"]),
 }
 
 
@@ -183,6 +207,30 @@ def compare(theirs: str, ours: str) -> list[str]:
     return out
 
 
+NO_QKV_BIAS = "-no-qkv-bias"
+
+
+def build_remote(hf: str, work: str, model_type: str) -> None:
+    """The remote test's packed checkpoint of ``model_type`` at ``hf``; with the NO_QKV_BIAS
+    suffix, Ling 2.0 as released: ``use_qkv_bias`` false and no query_key_value.bias tensors."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from tests import test_families_remote as remote
+
+    family = model_type.removesuffix(NO_QKV_BIAS)
+    os.makedirs(os.path.dirname(hf), exist_ok=True)
+    shutil.move(remote.build(tempfile.mkdtemp(dir=work), family, seed=0)["src"], hf)
+    if model_type.endswith(NO_QKV_BIAS):
+        f, c = os.path.join(hf, "model.safetensors"), os.path.join(hf, "config.json")
+        save_file({k: v for k, v in load_file(f).items() if not k.endswith("query_key_value.bias")}, f)
+        with open(c) as fh:
+            cfg = json.load(fh)
+        with open(c, "w") as fh:
+            json.dump(dict(cfg, use_qkv_bias=False), fh, indent=2)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mindspeed", required=True, help="MindSpeed-LLM checkout or bare git directory")
@@ -192,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or tempfile.mkdtemp(prefix="ms-compare-")
     os.makedirs(work, exist_ok=True)
     sys.path.insert(0, ROOT)
+    sys.path.insert(1, os.path.join(ROOT, "tests"))  # the tests import their conftest as a module
+    from tests import test_families_remote as remote
     from tests import test_families_wave_a as wave_a
 
     # MindSpeed's glm45 entry fixes first_k_dense_replace = 3 (GLM-4.5's value) instead of reading
@@ -209,7 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         model_type, ms_name, flags = CASES[case]
         hf = os.path.join(work, "hf", model_type)
         if not os.path.exists(hf):
-            wave_a.build(hf, model_type)
+            if model_type.removesuffix(NO_QKV_BIAS) in remote.PACK:
+                build_remote(hf, work, model_type)
+            else:
+                wave_a.build(hf, model_type)
         theirs, ours = os.path.join(work, "mindspeed", case), os.path.join(work, "ckpt-ir", case)
         shutil.rmtree(theirs, ignore_errors=True)
         shutil.rmtree(ours, ignore_errors=True)
