@@ -32,6 +32,7 @@ import ckpt_ir.api as ck
 from ckpt_ir.cli import main as cli_main
 from tests.mcore_harness import run_job
 from tests.test_hf_roundtrip import convert, hf_state
+from tests.test_megatron_moe_oracle import _moe_config
 from tests.test_megatron_oracle import INPUT_IDS, WORLD
 
 LAYERS, H, F, HEADS, VOCAB = 4, 64, 96, 4, 128
@@ -84,6 +85,7 @@ REFERENCE = {
             partial_rotary_factor=0.5,
             n_group=1,
             topk_group=1,
+            routed_scaling_factor=2.5,
         ),
     ),
     # PLM's attention is DeepSeek-V2-Lite's (MLA without q-LoRA); every layer dense.  Its MLP
@@ -339,7 +341,7 @@ def pack_bailing(sd: dict, c: dict) -> tuple[dict, dict]:
         first_k_dense_replace=1,
         n_group=1,
         topk_group=1,
-        routed_scaling_factor=2.5,
+        routed_scaling_factor=c["routed_scaling_factor"],
         score_function="sigmoid",
         num_nextn_predict_layers=0,
         tie_word_embeddings=False,
@@ -596,6 +598,9 @@ ORACLE = {
     "baichuan": ["--tp", "2", "--pp", "2"],
     "chatglm": ["--tp", "2"],
     "qwen": ["--tp", "2"],
+    # Ling 2.0 as GLM-4.5's MoE model: per-head q/k norm, qkv bias, half rotary, DeepSeek-V3's
+    # sigmoid router with a random score bias, shared expert, dense layer 0; experts on EP ranks
+    "bailing_moe_v2": ["--tp", "2", "--ep", "2", "--moe-grouped-gemm"],
 }
 
 
@@ -607,21 +612,44 @@ def oracle(models, tmp_path_factory):
         m = models(case)
         out = str(root / case)
         assert cli_main(["convert", m["src"], out, "--to", "mcore", "--quiet", *args]) == 0
-        glm = REFERENCE[case][0] == "glm"
+        ref_type, rc = REFERENCE[case][0], m["ref_cfg"]
+        glm = ref_type == "glm"
+        # only the layout comes from the rank files; the model is configured from the reference
+        layout = vars(
+            torch.load(
+                f"{out}/iter_0000001/{os.listdir(f'{out}/iter_0000001')[0]}/model_optim_rng.pt",
+                weights_only=False,
+            )["args"]
+        )
+        moe = ref_type == "glm4_moe"
         cases.append(
             {
                 "name": case,
                 "ckpt": out,
-                "tp": int(args[1]),
-                "pp": int(args[3]) if "--pp" in args else 1,
+                "tp": layout["tensor_model_parallel_size"],
+                "pp": layout["pipeline_model_parallel_size"],
                 "vpp": None,
-                "hf_config": m["ref_cfg"],
+                "ep": layout["expert_model_parallel_size"],
+                "etp": layout.get("expert_tensor_parallel_size"),
+                "hf_config": rc,
                 "padded_vocab": VOCAB,
                 "tied": False,
-                "qkv_bias": case in ("chatglm", "qwen"),
-                "qk_norm": False,
+                "qkv_bias": case in ("chatglm", "qwen") or bool(rc.get("attention_bias")),
+                "qk_norm": bool(rc.get("use_qk_norm")),
                 "rotary_interleaved": glm,  # GLM / ChatGLM rotate interleaved pairs of half of each head
-                "rotary_percent": 0.5 if glm else 1.0,
+                "rotary_percent": 0.5
+                if glm
+                else (rc.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0),
+                **(
+                    {
+                        "moe": {
+                            **_moe_config("glm4_moe", rc),
+                            "grouped_gemm": bool(layout.get("moe_grouped_gemm")),
+                        }
+                    }
+                    if moe
+                    else {}
+                ),
                 "input_ids": INPUT_IDS,
                 "out": str(root / f"{case}.pt"),
             }
