@@ -153,6 +153,43 @@ def test_deepseek_v32_mtp_layer_with_indexer_round_trips(models, tmp_path):
     assert_same_tensors(src, back)
 
 
+@pytest.mark.parametrize(
+    "layout",
+    [dict(tp=2, pp=2, ep=2, grouped_gemm=True), dict(tp=2, ep=2)],
+    ids=["tp2pp2ep2-grouped", "tp2ep2"],
+)
+def test_hy_v3_mtp_layer_round_trips(models, tmp_path, layout):
+    """A Hunyuan V3 MTP layer as the release stores it (model.layers.{num_hidden_layers}.*: a MoE
+    decoder layer, enorm, hnorm, eh_proj, final_layernorm; no embedding / head copies, no MTP count
+    in the config) goes to MindSpeed-LLM's mtp.layers.0.* (Megatron-Core's MTP keys; with PP the
+    last stage gets the embedding, as Megatron's MTP needs it there) and back unchanged."""
+    src = str(tmp_path / "hf")
+    shutil.copytree(models("hy_v3"), src)
+    _, sd = append_mtp_layer(src, BASE["hidden_size"], hunyuan=True)
+    n, pp = 4, layout.get("pp", 1)
+    mid, back = str(tmp_path / "mid"), str(tmp_path / "back")
+    convert(src, mid, ck.Target(to="mcore", **layout))
+    assert ck.load(mid).spec.mtp_layers == 1
+    last = _rank(mid, "mp_rank_01_001_001" if pp == 2 else "mp_rank_01_001")["model"]
+    mtp = {
+        "mtp.layers.0.enorm.weight": sd[f"model.layers.{n}.enorm.weight"],
+        "mtp.layers.0.hnorm.weight": sd[f"model.layers.{n}.hnorm.weight"],
+        "mtp.layers.0.eh_proj.weight": sd[f"model.layers.{n}.eh_proj.weight"].chunk(2)[1],  # TP rank 1
+        "mtp.final_layernorms.0.weight": sd[f"model.layers.{n}.final_layernorm.weight"],
+        "mtp.layers.0.transformer_layer.mlp.router.expert_bias": sd[f"model.layers.{n}.mlp.expert_bias"],
+        "mtp.layers.0.transformer_layer.self_attention.q_layernorm.weight": sd[
+            f"model.layers.{n}.self_attn.q_norm.weight"
+        ],
+        "final_layernorm.weight": sd["model.norm.weight"],
+    }
+    for k, v in mtp.items():
+        assert torch.equal(last[k], v), k
+    # PP 1: the main embedding; PP 2: the last stage's copy for the MTP layer
+    assert torch.equal(last["embedding.word_embeddings.weight"], sd["model.embed_tokens.weight"].chunk(2)[1])
+    convert(mid, back, ck.Target(to="hf"))
+    assert_same_tensors(src, back)
+
+
 def test_hy_v3_router_and_shared_experts_under_megatron_names(models, tmp_path):
     """HYV3's router (mlp.router.gate), score bias (mlp.expert_bias) and shared_mlp reach the
     MindSpeed keys; layer 0 (mlp_layer_types "dense") is a dense MLP."""

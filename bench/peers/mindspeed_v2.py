@@ -116,6 +116,27 @@ CASES = {
         "bailing_mini",
         ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--moe-grouped-gemm"],
     ),
+    # Hunyuan V3 with one MTP layer as the release stores it (tests/test_families_wave_b.py)
+    "HYV3-mtp-tp2pp2ep2-grouped": (
+        "hy_v3+mtp",
+        "HYV3",
+        [
+            "--target-tensor-parallel-size",
+            "2",
+            "--target-pipeline-parallel-size",
+            "2",
+            "--target-expert-parallel-size",
+            "2",
+            "--moe-grouped-gemm",
+            "--mtp-num-layers",
+            "1",
+        ],
+    ),
+    "HYV3-mtp-tp2ep2": (
+        "hy_v3+mtp",
+        "HYV3",
+        ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--mtp-num-layers", "1"],
+    ),
     "plm-tp2pp2": (
         "plm",
         "plm",
@@ -231,6 +252,22 @@ def build_remote(hf: str, work: str, model_type: str) -> None:
             json.dump(dict(cfg, use_qkv_bias=False), fh, indent=2)
 
 
+def build_hy_v3_mtp(hf: str) -> None:
+    """The wave-B test's Hunyuan V3 model with one MTP layer in the release's form.  MindSpeed's
+    HYV3 entry reads the dense layers from ``first_k_dense_replace`` (transformers' config has
+    ``mlp_layer_types`` instead): the count is added to config.json (layer 0 dense, as built)."""
+    import json
+
+    from tests import test_families_wave_a as wave_a
+    from tests import test_families_wave_b as wave_b
+
+    wave_a.build(hf, "hy_v3", configs=wave_b.CONFIGS)
+    cfg, _ = wave_a.append_mtp_layer(hf, wave_b.BASE["hidden_size"], hunyuan=True)
+    assert cfg["mlp_layer_types"] == ["dense", "sparse", "sparse", "sparse"], cfg["mlp_layer_types"]
+    with open(os.path.join(hf, "config.json"), "w") as fh:
+        json.dump(dict(cfg, first_k_dense_replace=1), fh, indent=2)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mindspeed", required=True, help="MindSpeed-LLM checkout or bare git directory")
@@ -261,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.exists(hf):
             if model_type.removesuffix(NO_QKV_BIAS) in remote.PACK:
                 build_remote(hf, work, model_type)
+            elif model_type == "hy_v3+mtp":
+                build_hy_v3_mtp(hf)
             else:
                 wave_a.build(hf, model_type)
         theirs, ours = os.path.join(work, "mindspeed", case), os.path.join(work, "ckpt-ir", case)

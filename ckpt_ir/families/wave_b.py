@@ -125,12 +125,24 @@ HY_V3_MOE = (
     (L + "mlp.expert_bias", C + "mlp.router.bias"),
     *HUNYUAN_MOE[1:],  # experts and shared_mlp as in Hunyuan V1
 )
+# its multi-token-prediction layers are model.layers.{num_hidden_layers + k} (transformers ignores
+# them): a MoE decoder layer plus DeepSeek-V3's enorm / hnorm / eh_proj, the head norm named
+# final_layernorm, and no embedding / head copies (MindSpeed-LLM's HYV3 mtp_layers_* entries)
+HY_V3_MTP = tuple(
+    (L + hf, C + c)
+    for hf, c in (
+        ("enorm.weight", "mtp.enorm.weight"),
+        ("hnorm.weight", "mtp.hnorm.weight"),
+        ("eh_proj.weight", "mtp.eh_proj.weight"),
+        ("final_layernorm.weight", "mtp.norm.weight"),
+    )
+)
 register(
     Family(
         name="hy_v3",
         model_types=("hy_v3",),
         architecture="HYV3ForCausalLM",
-        tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP + HY_V3_MOE,
+        tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP + HY_V3_MOE + HY_V3_MTP,
         config=config_with(
             ConfigKey("num_experts", "num_experts"),
             ConfigKey("moe_topk", "num_experts_per_tok"),
@@ -142,6 +154,9 @@ register(
             ),
             ConfigKey("dense_layers", None, _hy_v3_dense_layers),
             ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
+            # read-only: the release's config has no MTP count; the frontend counts the MTP layers
+            # present (a layer holding enorm / hnorm / eh_proj is one)
+            ConfigKey("mtp_layers", None, lambda cfg: cfg.get("num_nextn_predict_layers") or 0),
         ),
         constants=(("qk_norm", True), ("router_bias", True)),
         mindspeed_names=("HYV3",),
