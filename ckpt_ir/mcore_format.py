@@ -34,6 +34,11 @@ C = "layers.{i}."
 # Per-layer order follows MindSpeed-LLM's writer (norms, attention, then MLP), so rank files list
 # keys in the same order as that converter's.
 _ATTENTION_KEYS = (
+    # gated attention (Qwen3-Next, MindSpeed-LLM's qkv_type "mix"): q (with its gate), k, v unfused,
+    # first as MindSpeed writes them (a layer has either these or linear_qkv)
+    (D + "self_attention.q_proj.weight", C + "attn.q.weight"),
+    (D + "self_attention.k_proj.weight", C + "attn.k.weight"),
+    (D + "self_attention.v_proj.weight", C + "attn.v.weight"),
     (D + "self_attention.linear_qkv.weight", C + "attn.qkv.weight"),
     (D + "self_attention.linear_proj.weight", C + "attn.o.weight"),
     (D + "self_attention.linear_proj.bias", C + "attn.o.bias"),
@@ -41,16 +46,12 @@ _ATTENTION_KEYS = (
     (D + "self_attention.k_layernorm.weight", C + "attn.k_norm.weight"),
     (D + "self_attention.linear_qkv.bias", C + "attn.qkv.bias"),  # after the q/k norms (GLM-4.5)
     (D + "self_attention.core_attention.softmax_offset", C + "attn.sinks"),
-    # gated attention (Qwen3-Next, MindSpeed-LLM's qkv_type "mix"): q (with its gate), k, v unfused
-    (D + "self_attention.q_proj.weight", C + "attn.q.weight"),
-    (D + "self_attention.k_proj.weight", C + "attn.k.weight"),
-    (D + "self_attention.v_proj.weight", C + "attn.v.weight"),
     # gated-delta-net linear attention layers (MindSpeed-LLM's qwen3-next names, HF packing)
-    (D + "self_attention.in_proj_qkvz.weight", C + "attn.gdn.in_qkvz.weight"),
-    (D + "self_attention.in_proj_ba.weight", C + "attn.gdn.in_ba.weight"),
-    (D + "self_attention.conv1d.weight", C + "attn.gdn.conv1d.weight"),
     (D + "self_attention.A_log", C + "attn.gdn.A_log"),
+    (D + "self_attention.conv1d.weight", C + "attn.gdn.conv1d.weight"),
     (D + "self_attention.dt_bias", C + "attn.gdn.dt_bias"),
+    (D + "self_attention.in_proj_ba.weight", C + "attn.gdn.in_ba.weight"),
+    (D + "self_attention.in_proj_qkvz.weight", C + "attn.gdn.in_qkvz.weight"),
     (D + "self_attention.norm.weight", C + "attn.gdn.norm.weight"),
     (D + "self_attention.out_proj.weight", C + "attn.gdn.out.weight"),
     (D + "self_attention.q_layernorm.bias", C + "attn.q_norm.bias"),

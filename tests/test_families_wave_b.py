@@ -5,10 +5,12 @@ are checked against MindSpeed-LLM's layout (format facts written here)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import ckpt_ir.api as ck
 from tests.test_families_wave_a import append_mtp_layer, model_cache
@@ -186,6 +188,56 @@ def test_hy_v3_mtp_layer_round_trips(models, tmp_path, layout):
         assert torch.equal(last[k], v), k
     # PP 1: the main embedding; PP 2: the last stage's copy for the MTP layer
     assert torch.equal(last["embedding.word_embeddings.weight"], sd["model.embed_tokens.weight"].chunk(2)[1])
+    convert(mid, back, ck.Target(to="hf"))
+    assert_same_tensors(src, back)
+
+
+def append_qwen3_next_mtp_layer(path: str, hidden: int) -> dict:
+    """Give the Qwen3-Next checkpoint at ``path`` its released MTP layer (transformers ignores
+    ``^mtp.*``): ``mtp.layers.0.*`` = a random copy of full-attention MoE layer 3, plus the
+    un-numbered ``mtp.fc`` [H, 2H], ``mtp.norm``, ``mtp.pre_fc_norm_embedding`` and
+    ``mtp.pre_fc_norm_hidden``.  Returns the tensors."""
+    f = os.path.join(path, "model.safetensors")
+    sd = load_file(f)
+    g = torch.Generator().manual_seed(7)
+    for k in [k for k in sd if k.startswith("model.layers.3.")]:
+        sd[k.replace("model.layers.3.", "mtp.layers.0.")] = torch.randn(sd[k].shape, generator=g)
+    for k in ("norm", "pre_fc_norm_embedding", "pre_fc_norm_hidden"):
+        sd[f"mtp.{k}.weight"] = torch.randn(hidden, generator=g)
+    sd["mtp.fc.weight"] = torch.randn(hidden, 2 * hidden, generator=g)
+    save_file(sd, f, metadata={"format": "pt"})
+    return sd
+
+
+@pytest.mark.parametrize(
+    "layout", [dict(pp=2, num_layer_list=(3, 1)), dict(ep=2, grouped_gemm=True)], ids=["pp2", "ep2-grouped"]
+)
+def test_qwen3_next_mtp_layer_round_trips(models, tmp_path, layout):
+    """Qwen3-Next's MTP layer (mtp.layers.0.* and the un-numbered mtp.fc / norm /
+    pre_fc_norm_*, as released) goes to MindSpeed-LLM's mtp.layers.0.* on the last stage (a
+    gated full-attention MoE layer; fc = eh_proj, pre_fc_norm_embedding = enorm,
+    pre_fc_norm_hidden = hnorm, norm = the MTP head norm) and back to the same HF keys."""
+    src = str(tmp_path / "hf")
+    shutil.copytree(models("qwen3_next"), src)
+    sd = append_qwen3_next_mtp_layer(src, BASE["hidden_size"])
+    mid, back = str(tmp_path / "mid"), str(tmp_path / "back")
+    convert(src, mid, ck.Target(to="mcore", **layout))
+    assert ck.load(mid).spec.mtp_layers == 1
+    last = _rank(mid, "mp_rank_00_001")["model"]  # PP2: the last stage; EP2: EP rank 1
+    want = {
+        "mtp.layers.0.enorm.weight": sd["mtp.pre_fc_norm_embedding.weight"],
+        "mtp.layers.0.hnorm.weight": sd["mtp.pre_fc_norm_hidden.weight"],
+        "mtp.layers.0.eh_proj.weight": sd["mtp.fc.weight"],
+        "mtp.final_layernorms.0.weight": sd["mtp.norm.weight"],
+        "mtp.layers.0.transformer_layer.self_attention.q_layernorm.weight": sd[
+            "mtp.layers.0.self_attn.q_norm.weight"
+        ],
+        "mtp.layers.0.transformer_layer.mlp.shared_experts.gate_weight": sd[
+            "mtp.layers.0.mlp.shared_expert_gate.weight"
+        ],
+    }
+    for k, v in want.items():
+        assert torch.equal(last[k], v), k
     convert(mid, back, ck.Target(to="hf"))
     assert_same_tensors(src, back)
 

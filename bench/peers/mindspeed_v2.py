@@ -137,6 +137,17 @@ CASES = {
         "HYV3",
         ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--mtp-num-layers", "1"],
     ),
+    # Qwen3-Next with its MTP layer as released (tests/test_families_wave_b.py); TP 1 only
+    "qwen3-next-mtp-pp2-layers": (
+        "qwen3_next+mtp",
+        "qwen3-next",
+        ["--target-pipeline-parallel-size", "2", "--num-layer-list", "3,1", "--mtp-num-layers", "1"],
+    ),
+    "qwen3-next-mtp-ep2-grouped": (
+        "qwen3_next+mtp",
+        "qwen3-next",
+        ["--target-expert-parallel-size", "2", "--moe-grouped-gemm", "--mtp-num-layers", "1"],
+    ),
     "plm-tp2pp2": (
         "plm",
         "plm",
@@ -268,6 +279,24 @@ def build_hy_v3_mtp(hf: str) -> None:
         json.dump(dict(cfg, first_k_dense_replace=1), fh, indent=2)
 
 
+def build_qwen3_next_mtp(hf: str) -> None:
+    """The wave-B test's Qwen3-Next model with its MTP layer in the release's form.  MindSpeed
+    reads ``full_attention_interval`` (the released configs have it; transformers 5 saves
+    ``layer_types``): added to config.json, 4 as built (layers 0-2 linear, 3 full)."""
+    import json
+
+    from tests import test_families_wave_a as wave_a
+    from tests import test_families_wave_b as wave_b
+
+    wave_a.build(hf, "qwen3_next", configs=wave_b.CONFIGS)
+    wave_b.append_qwen3_next_mtp_layer(hf, wave_b.BASE["hidden_size"])
+    with open(os.path.join(hf, "config.json")) as fh:
+        cfg = json.load(fh)
+    assert cfg["layer_types"] == ["linear_attention"] * 3 + ["full_attention"], cfg["layer_types"]
+    with open(os.path.join(hf, "config.json"), "w") as fh:
+        json.dump(dict(cfg, full_attention_interval=4), fh, indent=2)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mindspeed", required=True, help="MindSpeed-LLM checkout or bare git directory")
@@ -300,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                 build_remote(hf, work, model_type)
             elif model_type == "hy_v3+mtp":
                 build_hy_v3_mtp(hf)
+            elif model_type == "qwen3_next+mtp":
+                build_qwen3_next_mtp(hf)
             else:
                 wave_a.build(hf, model_type)
         theirs, ours = os.path.join(work, "mindspeed", case), os.path.join(work, "ckpt-ir", case)

@@ -181,6 +181,8 @@ def lift(
         cfg, dtype_hint=next(iter(dtypes)) if len(dtypes) == 1 else None, where=where
     )
     # quantized weights and their scales become one dequantize expression under the weight's name
+    if family_obj.hf_rename:
+        raw = {family_obj.hf_rename(k, spec.num_layers, False): v for k, v in raw.items()}
     tensors, dropped = map_tensors(family_obj, spec, dequantize_tensors(raw, cfg, where), allow_unused)
     from ckpt_ir.ir.names import split_layer
 
