@@ -2,7 +2,8 @@
 
 Not a test (CI has no MindSpeed source): a script to run by hand where a MindSpeed-LLM checkout or
 git mirror exists.  For each case it builds a tiny random HF model with transformers (the
-wave-A test's configs), converts it with MindSpeed-LLM's own ``convert_ckpt_v2.py`` (HF -> mg, on
+wave-A / wave-B tests' configs, MTP layers appended as the releases store them) or a remote-code
+family's packed checkpoint (tests/test_families_remote.py), converts it with MindSpeed-LLM's own ``convert_ckpt_v2.py`` (HF -> mg, on
 CPU) and with ``ckpt-ir convert-ckpt`` (same flags), and reports per case: identical rank
 directories, identical keys in the same order, identical tensors; or which differ.
 
