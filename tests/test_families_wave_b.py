@@ -242,6 +242,31 @@ def test_qwen3_next_mtp_layer_round_trips(models, tmp_path, layout):
     assert_same_tensors(src, back)
 
 
+def test_qwen3_next_mtp_keys_rename_both_ways_and_refuse_a_second_unnumbered_layer():
+    """The family's rename: mtp.layers.k.X <-> model.layers.{n + k}.X and the un-numbered
+    mtp.fc / norm / pre_fc_norm_* <-> model.layers.{n}.mtp.*; main layers and other keys pass
+    through; a second MTP layer's fc has no HF name (one-line FormatError naming the key)."""
+    from ckpt_ir.errors import FormatError
+    from ckpt_ir.families import by_name
+
+    rename = by_name("qwen3_next").hf_rename
+    pairs = {
+        "mtp.layers.0.self_attn.q_proj.weight": "model.layers.4.self_attn.q_proj.weight",
+        "mtp.layers.1.mlp.gate.weight": "model.layers.5.mlp.gate.weight",
+        "mtp.fc.weight": "model.layers.4.mtp.fc.weight",
+        "mtp.pre_fc_norm_hidden.weight": "model.layers.4.mtp.pre_fc_norm_hidden.weight",
+        "model.layers.3.mtp.fc.weight": "model.layers.3.mtp.fc.weight",  # a main layer: untouched
+        "model.norm.weight": "model.norm.weight",
+        "mtp.unknown.weight": "mtp.unknown.weight",  # left for the coverage check to report
+    }
+    for hf, table in pairs.items():
+        assert rename(hf, 4, False) == table
+        if not hf.startswith("model.layers.3."):
+            assert rename(table, 4, True) == hf
+    with pytest.raises(FormatError, match=r"model\.layers\.5\.mtp\.fc\.weight"):
+        rename("model.layers.5.mtp.fc.weight", 4, True)
+
+
 def test_hy_v3_router_and_shared_experts_under_megatron_names(models, tmp_path):
     """HYV3's router (mlp.router.gate), score bias (mlp.expert_bias) and shared_mlp reach the
     MindSpeed keys; layer 0 (mlp_layer_types "dense") is a dense MLP."""
