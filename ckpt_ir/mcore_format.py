@@ -66,12 +66,13 @@ _MLA_ATTENTION_KEYS = (
     (D + "self_attention.linear_q_up_proj.weight", C + "attn.q_b.weight"),
     (D + "self_attention.linear_kv_up_proj.weight", C + "attn.kv_b.weight"),
     # DSA indexer, under MindSpeed-LLM's names (megatron-core's own DSAIndexer calls the same
-    # tensors core_attention.indexer.linear_wq_b / linear_wk / k_norm / linear_weights_proj)
-    (D + "self_attention.dsa_indexer.wq_b.weight", C + "attn.indexer.wq_b.weight"),
-    (D + "self_attention.dsa_indexer.wk.weight", C + "attn.indexer.wk.weight"),
+    # tensors core_attention.indexer.linear_wq_b / linear_wk / k_norm / linear_weights_proj), in
+    # MindSpeed's key order
     (D + "self_attention.dsa_indexer.k_norm.weight", C + "attn.indexer.k_norm.weight"),
     (D + "self_attention.dsa_indexer.k_norm.bias", C + "attn.indexer.k_norm.bias"),
     (D + "self_attention.dsa_indexer.weights_proj.weight", C + "attn.indexer.weights_proj.weight"),
+    (D + "self_attention.dsa_indexer.wk.weight", C + "attn.indexer.wk.weight"),
+    (D + "self_attention.dsa_indexer.wq_b.weight", C + "attn.indexer.wq_b.weight"),
 )
 # Megatron-Core's own MLA modules, as torch_dist stores them (keys below ``decoder.layers.<i>.``):
 # the two down-projections apart (the torch format keeps MindSpeed-LLM's fused linear_qkv) and

@@ -149,6 +149,30 @@ CASES = {
         "qwen3-next",
         ["--target-expert-parallel-size", "2", "--moe-grouped-gemm", "--mtp-num-layers", "1"],
     ),
+    "deepseek32-tp2pp2": (
+        "deepseek_v32",
+        "deepseek32",
+        ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2"],
+    ),
+    "deepseek32-tp2ep2-grouped": (
+        "deepseek_v32",
+        "deepseek32",
+        ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--moe-grouped-gemm"],
+    ),
+    "deepseek32-mtp-tp2pp2ep2": (
+        "deepseek_v32+mtp",
+        "deepseek32",
+        [
+            "--target-tensor-parallel-size",
+            "2",
+            "--target-pipeline-parallel-size",
+            "2",
+            "--target-expert-parallel-size",
+            "2",
+            "--mtp-num-layers",
+            "1",
+        ],
+    ),
     "plm-tp2pp2": (
         "plm",
         "plm",
@@ -310,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(1, os.path.join(ROOT, "tests"))  # the tests import their conftest as a module
     from tests import test_families_remote as remote
     from tests import test_families_wave_a as wave_a
+    from tests import test_families_wave_b as wave_b
 
     # MindSpeed's glm45 entry fixes first_k_dense_replace = 3 (GLM-4.5's value) instead of reading
     # the HF config, and converts num_nextn_predict_layers MTP layers (transformers saves none):
@@ -332,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
                 build_hy_v3_mtp(hf)
             elif model_type == "qwen3_next+mtp":
                 build_qwen3_next_mtp(hf)
+            elif model_type == "deepseek_v32+mtp":  # the release's MTP layer (with its indexer)
+                wave_a.build(hf, "deepseek_v32", configs=wave_b.CONFIGS)
+                wave_a.append_mtp_layer(hf, wave_b.BASE["hidden_size"])
+            elif model_type in wave_b.CONFIGS:
+                wave_a.build(hf, model_type, configs=wave_b.CONFIGS)
             else:
                 wave_a.build(hf, model_type)
         theirs, ours = os.path.join(work, "mindspeed", case), os.path.join(work, "ckpt-ir", case)
