@@ -173,6 +173,17 @@ CASES = {
             "1",
         ],
     ),
+    # MindSpeed's glm5 entry fixes first_k_dense_replace at 3 and always groups the experts
+    "glm5-tp2pp2-grouped": (
+        "glm_moe_dsa+3dense",
+        "glm5",
+        ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2", "--moe-grouped-gemm"],
+    ),
+    "glm5-tp2ep2-grouped": (
+        "glm_moe_dsa+3dense",
+        "glm5",
+        ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--moe-grouped-gemm"],
+    ),
     "plm-tp2pp2": (
         "plm",
         "plm",
@@ -360,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
             elif model_type == "deepseek_v32+mtp":  # the release's MTP layer (with its indexer)
                 wave_a.build(hf, "deepseek_v32", configs=wave_b.CONFIGS)
                 wave_a.append_mtp_layer(hf, wave_b.BASE["hidden_size"])
+            elif model_type == "glm_moe_dsa+3dense":  # GLM-5's 3 dense layers, as MindSpeed assumes
+                configs = {"glm_moe_dsa": dict(wave_b.CONFIGS["glm_moe_dsa"], first_k_dense_replace=3)}
+                wave_a.build(hf, "glm_moe_dsa", configs=configs)
             elif model_type in wave_b.CONFIGS:
                 wave_a.build(hf, model_type, configs=wave_b.CONFIGS)
             else:
