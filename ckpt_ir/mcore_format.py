@@ -34,6 +34,11 @@ C = "layers.{i}."
 # Per-layer order follows MindSpeed-LLM's writer (norms, attention, then MLP), so rank files list
 # keys in the same order as that converter's.
 _ATTENTION_KEYS = (
+    # gated attention (Qwen3-Next, MindSpeed-LLM's qkv_type "mix"): q (with its gate), k, v unfused,
+    # first as MindSpeed writes them (a layer has either these or linear_qkv)
+    (D + "self_attention.q_proj.weight", C + "attn.q.weight"),
+    (D + "self_attention.k_proj.weight", C + "attn.k.weight"),
+    (D + "self_attention.v_proj.weight", C + "attn.v.weight"),
     (D + "self_attention.linear_qkv.weight", C + "attn.qkv.weight"),
     (D + "self_attention.linear_proj.weight", C + "attn.o.weight"),
     (D + "self_attention.linear_proj.bias", C + "attn.o.bias"),
@@ -41,16 +46,12 @@ _ATTENTION_KEYS = (
     (D + "self_attention.k_layernorm.weight", C + "attn.k_norm.weight"),
     (D + "self_attention.linear_qkv.bias", C + "attn.qkv.bias"),  # after the q/k norms (GLM-4.5)
     (D + "self_attention.core_attention.softmax_offset", C + "attn.sinks"),
-    # gated attention (Qwen3-Next, MindSpeed-LLM's qkv_type "mix"): q (with its gate), k, v unfused
-    (D + "self_attention.q_proj.weight", C + "attn.q.weight"),
-    (D + "self_attention.k_proj.weight", C + "attn.k.weight"),
-    (D + "self_attention.v_proj.weight", C + "attn.v.weight"),
     # gated-delta-net linear attention layers (MindSpeed-LLM's qwen3-next names, HF packing)
-    (D + "self_attention.in_proj_qkvz.weight", C + "attn.gdn.in_qkvz.weight"),
-    (D + "self_attention.in_proj_ba.weight", C + "attn.gdn.in_ba.weight"),
-    (D + "self_attention.conv1d.weight", C + "attn.gdn.conv1d.weight"),
     (D + "self_attention.A_log", C + "attn.gdn.A_log"),
+    (D + "self_attention.conv1d.weight", C + "attn.gdn.conv1d.weight"),
     (D + "self_attention.dt_bias", C + "attn.gdn.dt_bias"),
+    (D + "self_attention.in_proj_ba.weight", C + "attn.gdn.in_ba.weight"),
+    (D + "self_attention.in_proj_qkvz.weight", C + "attn.gdn.in_qkvz.weight"),
     (D + "self_attention.norm.weight", C + "attn.gdn.norm.weight"),
     (D + "self_attention.out_proj.weight", C + "attn.gdn.out.weight"),
     (D + "self_attention.q_layernorm.bias", C + "attn.q_norm.bias"),
@@ -65,12 +66,13 @@ _MLA_ATTENTION_KEYS = (
     (D + "self_attention.linear_q_up_proj.weight", C + "attn.q_b.weight"),
     (D + "self_attention.linear_kv_up_proj.weight", C + "attn.kv_b.weight"),
     # DSA indexer, under MindSpeed-LLM's names (megatron-core's own DSAIndexer calls the same
-    # tensors core_attention.indexer.linear_wq_b / linear_wk / k_norm / linear_weights_proj)
-    (D + "self_attention.dsa_indexer.wq_b.weight", C + "attn.indexer.wq_b.weight"),
-    (D + "self_attention.dsa_indexer.wk.weight", C + "attn.indexer.wk.weight"),
+    # tensors core_attention.indexer.linear_wq_b / linear_wk / k_norm / linear_weights_proj), in
+    # MindSpeed's key order
     (D + "self_attention.dsa_indexer.k_norm.weight", C + "attn.indexer.k_norm.weight"),
     (D + "self_attention.dsa_indexer.k_norm.bias", C + "attn.indexer.k_norm.bias"),
     (D + "self_attention.dsa_indexer.weights_proj.weight", C + "attn.indexer.weights_proj.weight"),
+    (D + "self_attention.dsa_indexer.wk.weight", C + "attn.indexer.wk.weight"),
+    (D + "self_attention.dsa_indexer.wq_b.weight", C + "attn.indexer.wq_b.weight"),
 )
 # Megatron-Core's own MLA modules, as torch_dist stores them (keys below ``decoder.layers.<i>.``):
 # the two down-projections apart (the torch format keeps MindSpeed-LLM's fused linear_qkv) and

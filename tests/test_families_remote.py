@@ -1,5 +1,5 @@
 """Remote-code families (HF modeling code in the model repository, no transformers class):
-InternLM2, Baichuan/Baichuan2, ChatGLM2/3, Qwen (v1), MiniCPM and MiniCPM-MoE.
+InternLM2, Baichuan/Baichuan2, ChatGLM2/3, Qwen (v1), MiniCPM and MiniCPM-MoE, Ling 2.0, PLM.
 
 No modeling code can run here, so each checkpoint is written by the test in the family's
 published form: a random transformers model of the equivalent architecture (Llama, Qwen2, GLM,
@@ -32,6 +32,7 @@ import ckpt_ir.api as ck
 from ckpt_ir.cli import main as cli_main
 from tests.mcore_harness import run_job
 from tests.test_hf_roundtrip import convert, hf_state
+from tests.test_megatron_moe_oracle import _moe_config
 from tests.test_megatron_oracle import INPUT_IDS, WORLD
 
 LAYERS, H, F, HEADS, VOCAB = 4, 64, 96, 4, 128
@@ -84,6 +85,24 @@ REFERENCE = {
             partial_rotary_factor=0.5,
             n_group=1,
             topk_group=1,
+            routed_scaling_factor=2.5,
+        ),
+    ),
+    # PLM's attention is DeepSeek-V2-Lite's (MLA without q-LoRA); every layer dense.  Its MLP
+    # (up_proj -> relu2 -> down_proj) has no transformers equivalent: the packing drops gate_proj,
+    # so this reference's logits are not PLM's and no logits check uses them
+    "plm": (
+        "deepseek_v2",
+        dict(
+            num_key_value_heads=HEADS,
+            first_k_dense_replace=LAYERS,
+            n_routed_experts=4,
+            q_lora_rank=None,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=4,
+            v_head_dim=8,
+            tie_word_embeddings=True,
         ),
     ),
 }
@@ -322,10 +341,34 @@ def pack_bailing(sd: dict, c: dict) -> tuple[dict, dict]:
         first_k_dense_replace=1,
         n_group=1,
         topk_group=1,
-        routed_scaling_factor=2.5,
+        routed_scaling_factor=c["routed_scaling_factor"],
         score_function="sigmoid",
         num_nextn_predict_layers=0,
         tie_word_embeddings=False,
+    )
+    return out, cfg
+
+
+def pack_plm(sd: dict, c: dict) -> tuple[dict, dict]:
+    """PLM-1.8B: DeepSeek-V2-Lite's attention names (q_proj, kv_a_proj_with_mqa, kv_a_layernorm,
+    kv_b_proj, o_proj), a non-gated MLP mlp.up_proj / mlp.down_proj (squared ReLU; the released
+    checkpoint's names, as MindSpeed-LLM's "plm" entry and the PLM team's vLLM loader read them),
+    tied embeddings (no lm_head)."""
+    out = {k: v for k, v in sd.items() if ".mlp.gate_proj." not in k}
+    cfg = _remote_config(
+        "plm",
+        "PLMForCausalLM",
+        "plm",
+        **{k: c[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")},
+        **{k: c[k] for k in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")},
+        num_hidden_layers=LAYERS,
+        num_key_value_heads=c["num_attention_heads"],
+        q_lora_rank=None,
+        hidden_act="relu2",
+        rms_norm_eps=c["rms_norm_eps"],
+        rope_theta=100000.0,
+        attention_bias=False,
+        tie_word_embeddings=True,
     )
     return out, cfg
 
@@ -338,6 +381,7 @@ PACK = {
     "minicpm": pack_minicpm,
     "minicpm-moe": pack_minicpm,
     "bailing_moe_v2": pack_bailing,
+    "plm": pack_plm,
 }
 FAMILY = {"minicpm-moe": "minicpm"}  # the ckpt-ir family of each case (else the case name)
 
@@ -396,6 +440,7 @@ LAYOUTS = {
     "minicpm": (dict(tp=2, pp=2), dict(tp=2, pp=2, noop_layers=(2, 5))),
     "minicpm-moe": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True), dict(tp=2, ep=2, pp=2)),
     "bailing_moe_v2": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True)),
+    "plm": (dict(tp=2, pp=2), dict(tp=2, pp=2, num_layer_list=(1, 3)), dict(tp=1, pp=2, vpp_layers=1)),
 }
 CASES = [(f, i) for f in LAYOUTS for i in range(len(LAYOUTS[f]))]
 # tensors the family recomputes and ckpt-ir drops (reported), so they are absent from the output
@@ -539,6 +584,7 @@ def test_models_lists_the_remote_families(capsys):
         "qwen": ("qwen", "qwen"),
         "minicpm": ("minicpm", "minicpm,minicpm-moe"),
         "bailing_moe_v2": ("bailing_moe_v2,bailing_moe", "bailing_mini"),
+        "plm": ("plm", "plm"),
     }
     for family, (model_type, names) in want.items():
         assert f"model_type {model_type} " in lines[family], lines.get(family)
@@ -552,6 +598,9 @@ ORACLE = {
     "baichuan": ["--tp", "2", "--pp", "2"],
     "chatglm": ["--tp", "2"],
     "qwen": ["--tp", "2"],
+    # Ling 2.0 as GLM-4.5's MoE model: per-head q/k norm, qkv bias, half rotary, DeepSeek-V3's
+    # sigmoid router with a random score bias, shared expert, dense layer 0; experts on EP ranks
+    "bailing_moe_v2": ["--tp", "2", "--ep", "2", "--moe-grouped-gemm"],
 }
 
 
@@ -563,21 +612,44 @@ def oracle(models, tmp_path_factory):
         m = models(case)
         out = str(root / case)
         assert cli_main(["convert", m["src"], out, "--to", "mcore", "--quiet", *args]) == 0
-        glm = REFERENCE[case][0] == "glm"
+        ref_type, rc = REFERENCE[case][0], m["ref_cfg"]
+        glm = ref_type == "glm"
+        # only the layout comes from the rank files; the model is configured from the reference
+        layout = vars(
+            torch.load(
+                f"{out}/iter_0000001/{os.listdir(f'{out}/iter_0000001')[0]}/model_optim_rng.pt",
+                weights_only=False,
+            )["args"]
+        )
+        moe = ref_type == "glm4_moe"
         cases.append(
             {
                 "name": case,
                 "ckpt": out,
-                "tp": int(args[1]),
-                "pp": int(args[3]) if "--pp" in args else 1,
+                "tp": layout["tensor_model_parallel_size"],
+                "pp": layout["pipeline_model_parallel_size"],
                 "vpp": None,
-                "hf_config": m["ref_cfg"],
+                "ep": layout["expert_model_parallel_size"],
+                "etp": layout.get("expert_tensor_parallel_size"),
+                "hf_config": rc,
                 "padded_vocab": VOCAB,
                 "tied": False,
-                "qkv_bias": case in ("chatglm", "qwen"),
-                "qk_norm": False,
+                "qkv_bias": case in ("chatglm", "qwen") or bool(rc.get("attention_bias")),
+                "qk_norm": bool(rc.get("use_qk_norm")),
                 "rotary_interleaved": glm,  # GLM / ChatGLM rotate interleaved pairs of half of each head
-                "rotary_percent": 0.5 if glm else 1.0,
+                "rotary_percent": 0.5
+                if glm
+                else (rc.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0),
+                **(
+                    {
+                        "moe": {
+                            **_moe_config("glm4_moe", rc),
+                            "grouped_gemm": bool(layout.get("moe_grouped_gemm")),
+                        }
+                    }
+                    if moe
+                    else {}
+                ),
                 "input_ids": INPUT_IDS,
                 "out": str(root / f"{case}.pt"),
             }
@@ -654,8 +726,18 @@ def test_bailing_rank_files(models, tmp_path):
             lambda sd: dict(sd, **{"model.layers.0.attention.wqkv.bias": torch.zeros(2 * H)}),
             "model.layers.0.attention.wqkv.bias",
         ),
+        # PLM in the unmerged transformers port's naming (PLMMLP = CLIPMLP: mlp.fc1 / mlp.fc2): no
+        # published checkpoint has it; refused by name, not guessed
+        (
+            "plm",
+            lambda sd: {
+                k.replace("mlp.up_proj", "mlp.fc1").replace("mlp.down_proj", "mlp.fc2"): v
+                for k, v in sd.items()
+            },
+            "mlp.fc1",
+        ),
     ],
-    ids=["ling-v1", "internlm2-bias"],
+    ids=["ling-v1", "internlm2-bias", "plm-fc1-fc2"],
 )
 def test_unsupported_variants_are_refused_in_one_line(models, tmp_path, capsys, case, edit, message):
     src = str(tmp_path / "src")
@@ -702,6 +784,23 @@ def test_unsupported_variants_are_refused_in_one_line(models, tmp_path, capsys, 
                 moe_layer_freq=[0, 1, 1, 1],
             ),
         ),
+        # PLM: MLA without q-LoRA, squared-ReLU MLP without gating, tied embeddings
+        (
+            "plm",
+            dict(
+                multi_latent_attention=True,
+                q_lora_rank=None,
+                kv_lora_rank=16,
+                qk_head_dim=8,
+                qk_pos_emb_head_dim=4,
+                v_head_dim=8,
+                swiglu=False,
+                squared_relu=True,
+                ffn_hidden_size=F,
+                untie_embeddings_and_output_weights=False,
+                rotary_base=100000.0,
+            ),
+        ),
     ],
 )
 def test_megatron_args_describe_the_model(models, tmp_path, case, want):
@@ -709,3 +808,42 @@ def test_megatron_args_describe_the_model(models, tmp_path, case, want):
     convert(models(case)["src"], mid, ck.Target(to="mcore", tp=2))
     args = vars(torch.load(f"{mid}/iter_0000001/mp_rank_00/model_optim_rng.pt", weights_only=False)["args"])
     assert {k: args.get(k) for k in want} == want
+
+
+def test_plm_rank_files(models, tmp_path):
+    """PLM, TP2 (Megatron / MindSpeed-LLM's MLA and non-gated MLP layout): linear_qkv =
+    [q_proj; kv_a_proj_with_mqa] whole on each rank (the down-projections are not split),
+    kv_layernorm whole, no q_layernorm (no q-LoRA), linear_kv_up_proj = kv_b_proj rows of rank t,
+    linear_proj = o_proj columns of t, linear_fc1 = up_proj rows of t (no [gate; up] stacking),
+    linear_fc2 = down_proj columns of t; tied: no output_layer."""
+    m = models("plm")
+    sd = m["tensors"]
+    mid = str(tmp_path / "mid")
+    convert(m["src"], mid, ck.Target(to="mcore", tp=2))
+
+    def rows(w: torch.Tensor, t: int, dim: int = 0) -> torch.Tensor:
+        return w.chunk(2, dim=dim)[t]
+
+    for t in range(2):
+        r = _rank(mid, t)
+        assert "output_layer.weight" not in r
+        assert torch.equal(r["embedding.word_embeddings.weight"], rows(sd["model.embed_tokens.weight"], t))
+        for i in range(LAYERS):
+            p, key = f"model.layers.{i}.", f"decoder.layers.{i}."
+            qkv = torch.cat(
+                [sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.kv_a_proj_with_mqa.weight"]]
+            )
+            want = {
+                "self_attention.linear_qkv.weight": qkv,
+                "self_attention.kv_layernorm.weight": sd[p + "self_attn.kv_a_layernorm.weight"],
+                "self_attention.linear_kv_up_proj.weight": rows(sd[p + "self_attn.kv_b_proj.weight"], t),
+                "self_attention.linear_proj.weight": rows(sd[p + "self_attn.o_proj.weight"], t, 1),
+                "mlp.linear_fc1.weight": rows(sd[p + "mlp.up_proj.weight"], t),
+                "mlp.linear_fc2.weight": rows(sd[p + "mlp.down_proj.weight"], t, 1),
+                "input_layernorm.weight": sd[p + "input_layernorm.weight"],
+                "pre_mlp_layernorm.weight": sd[p + "post_attention_layernorm.weight"],
+            }
+            got = {k[len(key) :]: v for k, v in r.items() if k.startswith(key) and "_extra_state" not in k}
+            assert sorted(got) == sorted(want), i
+            for k, v in want.items():
+                assert torch.equal(got[k], v), (i, k)

@@ -139,11 +139,14 @@ def model_cache(tmp_path_factory, name: str, configs: dict | None = None):
     return get
 
 
-def append_mtp_layer(path: str, hidden: int) -> tuple[dict, dict]:
+def append_mtp_layer(path: str, hidden: int, hunyuan: bool = False) -> tuple[dict, dict]:
     """Give the 4-layer checkpoint at ``path`` one multi-token-prediction layer as DeepSeek-V3 /
     GLM-4.5 releases store it (transformers saves none): ``model.layers.4.*`` = a random copy of MoE
     layer 1 plus enorm, hnorm, eh_proj and shared_head.norm, with the embedding and head repeated;
-    ``num_nextn_predict_layers`` = 1.  Returns (config, tensors)."""
+    ``num_nextn_predict_layers`` = 1.  ``hunyuan``: as Hunyuan V3 stores it (MindSpeed-LLM's HYV3
+    entry; transformers ignores ``model.layers.<num_hidden_layers>.*``): the head norm is
+    ``final_layernorm``, no embedding / head copies, no MTP count in the config.
+    Returns (config, tensors)."""
     f = os.path.join(path, "model.safetensors")
     sd = load_file(f)
     n = 4
@@ -154,14 +157,17 @@ def append_mtp_layer(path: str, hidden: int) -> tuple[dict, dict]:
         "enorm": (hidden,),
         "hnorm": (hidden,),
         "eh_proj": (hidden, 2 * hidden),
-        "shared_head.norm": (hidden,),
+        "final_layernorm" if hunyuan else "shared_head.norm": (hidden,),
     }.items():
         sd[f"model.layers.{n}.{k}.weight"] = torch.randn(shape, generator=g)
-    sd[f"model.layers.{n}.embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
-    sd[f"model.layers.{n}.shared_head.head.weight"] = sd["lm_head.weight"].clone()
+    if not hunyuan:
+        sd[f"model.layers.{n}.embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
+        sd[f"model.layers.{n}.shared_head.head.weight"] = sd["lm_head.weight"].clone()
     save_file(sd, f, metadata={"format": "pt"})
-    cfg = dict(json.load(open(os.path.join(path, "config.json"))), num_nextn_predict_layers=1)
-    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    if not hunyuan:
+        cfg = dict(cfg, num_nextn_predict_layers=1)
+        json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
     return cfg, sd
 
 

@@ -5,10 +5,12 @@ are checked against MindSpeed-LLM's layout (format facts written here)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import ckpt_ir.api as ck
 from tests.test_families_wave_a import append_mtp_layer, model_cache
@@ -151,6 +153,118 @@ def test_deepseek_v32_mtp_layer_with_indexer_round_trips(models, tmp_path):
     )
     convert(mid, back, ck.Target(to="hf"))
     assert_same_tensors(src, back)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [dict(tp=2, pp=2, ep=2, grouped_gemm=True), dict(tp=2, ep=2)],
+    ids=["tp2pp2ep2-grouped", "tp2ep2"],
+)
+def test_hy_v3_mtp_layer_round_trips(models, tmp_path, layout):
+    """A Hunyuan V3 MTP layer as the release stores it (model.layers.{num_hidden_layers}.*: a MoE
+    decoder layer, enorm, hnorm, eh_proj, final_layernorm; no embedding / head copies, no MTP count
+    in the config) goes to MindSpeed-LLM's mtp.layers.0.* (Megatron-Core's MTP keys; with PP the
+    last stage gets the embedding, as Megatron's MTP needs it there) and back unchanged."""
+    src = str(tmp_path / "hf")
+    shutil.copytree(models("hy_v3"), src)
+    _, sd = append_mtp_layer(src, BASE["hidden_size"], hunyuan=True)
+    n, pp = 4, layout.get("pp", 1)
+    mid, back = str(tmp_path / "mid"), str(tmp_path / "back")
+    convert(src, mid, ck.Target(to="mcore", **layout))
+    assert ck.load(mid).spec.mtp_layers == 1
+    last = _rank(mid, "mp_rank_01_001_001" if pp == 2 else "mp_rank_01_001")["model"]
+    mtp = {
+        "mtp.layers.0.enorm.weight": sd[f"model.layers.{n}.enorm.weight"],
+        "mtp.layers.0.hnorm.weight": sd[f"model.layers.{n}.hnorm.weight"],
+        "mtp.layers.0.eh_proj.weight": sd[f"model.layers.{n}.eh_proj.weight"].chunk(2)[1],  # TP rank 1
+        "mtp.final_layernorms.0.weight": sd[f"model.layers.{n}.final_layernorm.weight"],
+        "mtp.layers.0.transformer_layer.mlp.router.expert_bias": sd[f"model.layers.{n}.mlp.expert_bias"],
+        "mtp.layers.0.transformer_layer.self_attention.q_layernorm.weight": sd[
+            f"model.layers.{n}.self_attn.q_norm.weight"
+        ],
+        "final_layernorm.weight": sd["model.norm.weight"],
+    }
+    for k, v in mtp.items():
+        assert torch.equal(last[k], v), k
+    # PP 1: the main embedding; PP 2: the last stage's copy for the MTP layer
+    assert torch.equal(last["embedding.word_embeddings.weight"], sd["model.embed_tokens.weight"].chunk(2)[1])
+    convert(mid, back, ck.Target(to="hf"))
+    assert_same_tensors(src, back)
+
+
+def append_qwen3_next_mtp_layer(path: str, hidden: int) -> dict:
+    """Give the Qwen3-Next checkpoint at ``path`` its released MTP layer (transformers ignores
+    ``^mtp.*``): ``mtp.layers.0.*`` = a random copy of full-attention MoE layer 3, plus the
+    un-numbered ``mtp.fc`` [H, 2H], ``mtp.norm``, ``mtp.pre_fc_norm_embedding`` and
+    ``mtp.pre_fc_norm_hidden``.  Returns the tensors."""
+    f = os.path.join(path, "model.safetensors")
+    sd = load_file(f)
+    g = torch.Generator().manual_seed(7)
+    for k in [k for k in sd if k.startswith("model.layers.3.")]:
+        sd[k.replace("model.layers.3.", "mtp.layers.0.")] = torch.randn(sd[k].shape, generator=g)
+    for k in ("norm", "pre_fc_norm_embedding", "pre_fc_norm_hidden"):
+        sd[f"mtp.{k}.weight"] = torch.randn(hidden, generator=g)
+    sd["mtp.fc.weight"] = torch.randn(hidden, 2 * hidden, generator=g)
+    save_file(sd, f, metadata={"format": "pt"})
+    return sd
+
+
+@pytest.mark.parametrize(
+    "layout", [dict(pp=2, num_layer_list=(3, 1)), dict(ep=2, grouped_gemm=True)], ids=["pp2", "ep2-grouped"]
+)
+def test_qwen3_next_mtp_layer_round_trips(models, tmp_path, layout):
+    """Qwen3-Next's MTP layer (mtp.layers.0.* and the un-numbered mtp.fc / norm /
+    pre_fc_norm_*, as released) goes to MindSpeed-LLM's mtp.layers.0.* on the last stage (a
+    gated full-attention MoE layer; fc = eh_proj, pre_fc_norm_embedding = enorm,
+    pre_fc_norm_hidden = hnorm, norm = the MTP head norm) and back to the same HF keys."""
+    src = str(tmp_path / "hf")
+    shutil.copytree(models("qwen3_next"), src)
+    sd = append_qwen3_next_mtp_layer(src, BASE["hidden_size"])
+    mid, back = str(tmp_path / "mid"), str(tmp_path / "back")
+    convert(src, mid, ck.Target(to="mcore", **layout))
+    assert ck.load(mid).spec.mtp_layers == 1
+    last = _rank(mid, "mp_rank_00_001")["model"]  # PP2: the last stage; EP2: EP rank 1
+    want = {
+        "mtp.layers.0.enorm.weight": sd["mtp.pre_fc_norm_embedding.weight"],
+        "mtp.layers.0.hnorm.weight": sd["mtp.pre_fc_norm_hidden.weight"],
+        "mtp.layers.0.eh_proj.weight": sd["mtp.fc.weight"],
+        "mtp.final_layernorms.0.weight": sd["mtp.norm.weight"],
+        "mtp.layers.0.transformer_layer.self_attention.q_layernorm.weight": sd[
+            "mtp.layers.0.self_attn.q_norm.weight"
+        ],
+        "mtp.layers.0.transformer_layer.mlp.shared_experts.gate_weight": sd[
+            "mtp.layers.0.mlp.shared_expert_gate.weight"
+        ],
+    }
+    for k, v in want.items():
+        assert torch.equal(last[k], v), k
+    convert(mid, back, ck.Target(to="hf"))
+    assert_same_tensors(src, back)
+
+
+def test_qwen3_next_mtp_keys_rename_both_ways_and_refuse_a_second_unnumbered_layer():
+    """The family's rename: mtp.layers.k.X <-> model.layers.{n + k}.X and the un-numbered
+    mtp.fc / norm / pre_fc_norm_* <-> model.layers.{n}.mtp.*; main layers and other keys pass
+    through; a second MTP layer's fc has no HF name (one-line FormatError naming the key)."""
+    from ckpt_ir.errors import FormatError
+    from ckpt_ir.families import by_name
+
+    rename = by_name("qwen3_next").hf_rename
+    pairs = {
+        "mtp.layers.0.self_attn.q_proj.weight": "model.layers.4.self_attn.q_proj.weight",
+        "mtp.layers.1.mlp.gate.weight": "model.layers.5.mlp.gate.weight",
+        "mtp.fc.weight": "model.layers.4.mtp.fc.weight",
+        "mtp.pre_fc_norm_hidden.weight": "model.layers.4.mtp.pre_fc_norm_hidden.weight",
+        "model.layers.3.mtp.fc.weight": "model.layers.3.mtp.fc.weight",  # a main layer: untouched
+        "model.norm.weight": "model.norm.weight",
+        "mtp.unknown.weight": "mtp.unknown.weight",  # left for the coverage check to report
+    }
+    for hf, table in pairs.items():
+        assert rename(hf, 4, False) == table
+        if not hf.startswith("model.layers.3."):
+            assert rename(table, 4, True) == hf
+    with pytest.raises(FormatError, match=r"model\.layers\.5\.mtp\.fc\.weight"):
+        rename("model.layers.5.mtp.fc.weight", 4, True)
 
 
 def test_hy_v3_router_and_shared_experts_under_megatron_names(models, tmp_path):

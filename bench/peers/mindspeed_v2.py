@@ -2,7 +2,8 @@
 
 Not a test (CI has no MindSpeed source): a script to run by hand where a MindSpeed-LLM checkout or
 git mirror exists.  For each case it builds a tiny random HF model with transformers (the
-wave-A test's configs), converts it with MindSpeed-LLM's own ``convert_ckpt_v2.py`` (HF -> mg, on
+wave-A / wave-B tests' configs, MTP layers appended as the releases store them) or a remote-code
+family's packed checkpoint (tests/test_families_remote.py), converts it with MindSpeed-LLM's own ``convert_ckpt_v2.py`` (HF -> mg, on
 CPU) and with ``ckpt-ir convert-ckpt`` (same flags), and reports per case: identical rank
 directories, identical keys in the same order, identical tensors; or which differ.
 
@@ -35,7 +36,8 @@ import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# case -> (HF model_type, MindSpeed --model-type-hf, flags shared by both converters)
+# case -> (HF model_type, MindSpeed --model-type-hf, flags shared by both converters); a
+# remote-code family's model is the remote test's packed checkpoint (tests/test_families_remote.py)
 CASES = {
     "seed-oss-tp2pp2": (
         "seed_oss",
@@ -98,6 +100,96 @@ CASES = {
         "minimax_m2",
         ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--moe-grouped-gemm"],
     ),
+    "bailing_mini-tp2pp2": (
+        "bailing_moe_v2",
+        "bailing_mini",
+        ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2"],
+    ),
+    "bailing_mini-tp2ep2-grouped": (
+        "bailing_moe_v2",
+        "bailing_mini",
+        ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--moe-grouped-gemm"],
+    ),
+    # Ling 2.0 as released (use_qkv_bias false): MindSpeed's bailing_mini entry maps no
+    # use_qkv_bias -> add_qkv_bias, so it cannot carry query_key_value.bias (see docs/families.md)
+    "bailing_mini-nobias-tp2ep2-grouped": (
+        "bailing_moe_v2-no-qkv-bias",
+        "bailing_mini",
+        ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--moe-grouped-gemm"],
+    ),
+    # Hunyuan V3 with one MTP layer as the release stores it (tests/test_families_wave_b.py)
+    "HYV3-mtp-tp2pp2ep2-grouped": (
+        "hy_v3+mtp",
+        "HYV3",
+        [
+            "--target-tensor-parallel-size",
+            "2",
+            "--target-pipeline-parallel-size",
+            "2",
+            "--target-expert-parallel-size",
+            "2",
+            "--moe-grouped-gemm",
+            "--mtp-num-layers",
+            "1",
+        ],
+    ),
+    "HYV3-mtp-tp2ep2": (
+        "hy_v3+mtp",
+        "HYV3",
+        ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--mtp-num-layers", "1"],
+    ),
+    # Qwen3-Next with its MTP layer as released (tests/test_families_wave_b.py); TP 1 only
+    "qwen3-next-mtp-pp2-layers": (
+        "qwen3_next+mtp",
+        "qwen3-next",
+        ["--target-pipeline-parallel-size", "2", "--num-layer-list", "3,1", "--mtp-num-layers", "1"],
+    ),
+    "qwen3-next-mtp-ep2-grouped": (
+        "qwen3_next+mtp",
+        "qwen3-next",
+        ["--target-expert-parallel-size", "2", "--moe-grouped-gemm", "--mtp-num-layers", "1"],
+    ),
+    "deepseek32-tp2pp2": (
+        "deepseek_v32",
+        "deepseek32",
+        ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2"],
+    ),
+    "deepseek32-tp2ep2-grouped": (
+        "deepseek_v32",
+        "deepseek32",
+        ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--moe-grouped-gemm"],
+    ),
+    "deepseek32-mtp-tp2pp2ep2": (
+        "deepseek_v32+mtp",
+        "deepseek32",
+        [
+            "--target-tensor-parallel-size",
+            "2",
+            "--target-pipeline-parallel-size",
+            "2",
+            "--target-expert-parallel-size",
+            "2",
+            "--mtp-num-layers",
+            "1",
+        ],
+    ),
+    # MindSpeed's glm5 entry fixes first_k_dense_replace at 3 and always groups the experts
+    "glm5-tp2pp2-grouped": (
+        "glm_moe_dsa+3dense",
+        "glm5",
+        ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2", "--moe-grouped-gemm"],
+    ),
+    "glm5-tp2ep2-grouped": (
+        "glm_moe_dsa+3dense",
+        "glm5",
+        ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--moe-grouped-gemm"],
+    ),
+    "plm-tp2pp2": (
+        "plm",
+        "plm",
+        ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2"],
+    ),
+    "plm-tp1pp2-layers": ("plm", "plm", ["--target-pipeline-parallel-size", "2", "--num-layer-list", "1,3"]),
 }
 
 
@@ -183,6 +275,64 @@ def compare(theirs: str, ours: str) -> list[str]:
     return out
 
 
+NO_QKV_BIAS = "-no-qkv-bias"
+
+
+def build_remote(hf: str, work: str, model_type: str) -> None:
+    """The remote test's packed checkpoint of ``model_type`` at ``hf``; with the NO_QKV_BIAS
+    suffix, Ling 2.0 as released: ``use_qkv_bias`` false and no query_key_value.bias tensors."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from tests import test_families_remote as remote
+
+    family = model_type.removesuffix(NO_QKV_BIAS)
+    os.makedirs(os.path.dirname(hf), exist_ok=True)
+    shutil.move(remote.build(tempfile.mkdtemp(dir=work), family, seed=0)["src"], hf)
+    if model_type.endswith(NO_QKV_BIAS):
+        f, c = os.path.join(hf, "model.safetensors"), os.path.join(hf, "config.json")
+        save_file({k: v for k, v in load_file(f).items() if not k.endswith("query_key_value.bias")}, f)
+        with open(c) as fh:
+            cfg = json.load(fh)
+        with open(c, "w") as fh:
+            json.dump(dict(cfg, use_qkv_bias=False), fh, indent=2)
+
+
+def build_hy_v3_mtp(hf: str) -> None:
+    """The wave-B test's Hunyuan V3 model with one MTP layer in the release's form.  MindSpeed's
+    HYV3 entry reads the dense layers from ``first_k_dense_replace`` (transformers' config has
+    ``mlp_layer_types`` instead): the count is added to config.json (layer 0 dense, as built)."""
+    import json
+
+    from tests import test_families_wave_a as wave_a
+    from tests import test_families_wave_b as wave_b
+
+    wave_a.build(hf, "hy_v3", configs=wave_b.CONFIGS)
+    cfg, _ = wave_a.append_mtp_layer(hf, wave_b.BASE["hidden_size"], hunyuan=True)
+    assert cfg["mlp_layer_types"] == ["dense", "sparse", "sparse", "sparse"], cfg["mlp_layer_types"]
+    with open(os.path.join(hf, "config.json"), "w") as fh:
+        json.dump(dict(cfg, first_k_dense_replace=1), fh, indent=2)
+
+
+def build_qwen3_next_mtp(hf: str) -> None:
+    """The wave-B test's Qwen3-Next model with its MTP layer in the release's form.  MindSpeed
+    reads ``full_attention_interval`` (the released configs have it; transformers 5 saves
+    ``layer_types``): added to config.json, 4 as built (layers 0-2 linear, 3 full)."""
+    import json
+
+    from tests import test_families_wave_a as wave_a
+    from tests import test_families_wave_b as wave_b
+
+    wave_a.build(hf, "qwen3_next", configs=wave_b.CONFIGS)
+    wave_b.append_qwen3_next_mtp_layer(hf, wave_b.BASE["hidden_size"])
+    with open(os.path.join(hf, "config.json")) as fh:
+        cfg = json.load(fh)
+    assert cfg["layer_types"] == ["linear_attention"] * 3 + ["full_attention"], cfg["layer_types"]
+    with open(os.path.join(hf, "config.json"), "w") as fh:
+        json.dump(dict(cfg, full_attention_interval=4), fh, indent=2)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mindspeed", required=True, help="MindSpeed-LLM checkout or bare git directory")
@@ -192,7 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or tempfile.mkdtemp(prefix="ms-compare-")
     os.makedirs(work, exist_ok=True)
     sys.path.insert(0, ROOT)
+    sys.path.insert(1, os.path.join(ROOT, "tests"))  # the tests import their conftest as a module
+    from tests import test_families_remote as remote
     from tests import test_families_wave_a as wave_a
+    from tests import test_families_wave_b as wave_b
 
     # MindSpeed's glm45 entry fixes first_k_dense_replace = 3 (GLM-4.5's value) instead of reading
     # the HF config, and converts num_nextn_predict_layers MTP layers (transformers saves none):
@@ -209,7 +362,22 @@ def main(argv: list[str] | None = None) -> int:
         model_type, ms_name, flags = CASES[case]
         hf = os.path.join(work, "hf", model_type)
         if not os.path.exists(hf):
-            wave_a.build(hf, model_type)
+            if model_type.removesuffix(NO_QKV_BIAS) in remote.PACK:
+                build_remote(hf, work, model_type)
+            elif model_type == "hy_v3+mtp":
+                build_hy_v3_mtp(hf)
+            elif model_type == "qwen3_next+mtp":
+                build_qwen3_next_mtp(hf)
+            elif model_type == "deepseek_v32+mtp":  # the release's MTP layer (with its indexer)
+                wave_a.build(hf, "deepseek_v32", configs=wave_b.CONFIGS)
+                wave_a.append_mtp_layer(hf, wave_b.BASE["hidden_size"])
+            elif model_type == "glm_moe_dsa+3dense":  # GLM-5's 3 dense layers, as MindSpeed assumes
+                configs = {"glm_moe_dsa": dict(wave_b.CONFIGS["glm_moe_dsa"], first_k_dense_replace=3)}
+                wave_a.build(hf, "glm_moe_dsa", configs=configs)
+            elif model_type in wave_b.CONFIGS:
+                wave_a.build(hf, model_type, configs=wave_b.CONFIGS)
+            else:
+                wave_a.build(hf, model_type)
         theirs, ours = os.path.join(work, "mindspeed", case), os.path.join(work, "ckpt-ir", case)
         shutil.rmtree(theirs, ignore_errors=True)
         shutil.rmtree(ours, ignore_errors=True)

@@ -13,8 +13,13 @@ from ckpt_ir.families import Family, by_name
 from ckpt_ir.frontends.hf import names_for
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
+from ckpt_ir.ir.names import split_layer
 from ckpt_ir.ir.roles import canonical_order
 from ckpt_ir.quant import Fp8Output
+
+# an MTP layer's embedding and output head: Megatron shares (and keeps in sync) the main ones, and
+# families like Hunyuan V3 store no HF copy of them, so a family without HF names drops them
+MTP_SHARED = ("mtp.embed.weight", "mtp.head.weight")
 
 DEFAULT_MAX_SHARD = 5 * 1000**3
 
@@ -62,10 +67,14 @@ def hf_tensors(ckpt: Checkpoint, family: Family) -> list[tuple[str, E.Expr]]:
         if name in packed:
             continue
         hf_name = names.from_canonical(name)
+        if hf_name is None and name.endswith(MTP_SHARED) and split_layer(name)[0] is not None:
+            continue  # an MTP layer's embedding / head that this family's HF layout does not copy
         if hf_name is None:
             raise VerifyError(f"{name}: the {family.name} family has no HF name for this tensor")
         out.append((name, hf_name, t.expr))
     out.sort(key=lambda item: canonical_order(item[0]))
+    if family.hf_rename:
+        return [(family.hf_rename(hf, ckpt.spec.num_layers, True), e) for _, hf, e in out]
     return [(hf, e) for _, hf, e in out]
 
 

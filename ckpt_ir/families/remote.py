@@ -32,7 +32,7 @@ from ckpt_ir.families.llama import (
     _kv_heads,
     config_with,
 )
-from ckpt_ir.families.moe import DEEPSEEK_MOE, _deepseek_router, _first_k_dense
+from ckpt_ir.families.moe import DEEPSEEK_MOE, MLA_ATTENTION, MLA_CONFIG, _deepseek_router, _first_k_dense
 
 QKV_PARTS = (C + "attn.q.weight", C + "attn.k.weight", C + "attn.v.weight")
 QKV_BIAS_PARTS = (C + "attn.q.bias", C + "attn.k.bias", C + "attn.v.bias")
@@ -266,5 +266,31 @@ register(
         constants=(("router_bias", True),),
         mindspeed_names=("bailing_mini",),
         megatron_args=_deepseek_router,  # sigmoid scores + expert bias, group-limited top-k, scaled
+    )
+)
+
+# PLM (PLM-Team/PLM-1.8B, model_type "plm", PLMForCausalLM): DeepSeek-V2-Lite's attention (MLA
+# without q-LoRA: q_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj) and a non-gated
+# squared-ReLU MLP, up_proj -> relu2 -> down_proj.  The MLP names are the released checkpoint's:
+# MindSpeed-LLM's "plm" entry (fc_type up_down), the PLM team's vLLM loader and llama.cpp's PLM
+# converter all read mlp.up_proj / mlp.down_proj; the unmerged transformers port (modular_plm.py,
+# PLMMLP = CLIPMLP) would name them fc1 / fc2, a layout no published checkpoint has, so it is not
+# read.  Megatron: squared_relu, no swiglu; the MLA args as DeepSeek-V2's.
+register(
+    Family(
+        name="plm",
+        model_types=("plm",),
+        architecture="PLMForCausalLM",
+        tensors=EMBED_AND_HEAD
+        + MLA_ATTENTION
+        + LLAMA_NORMS
+        + (
+            (L + "mlp.up_proj.weight", C + "mlp.fc1.weight"),
+            (L + "mlp.down_proj.weight", C + "mlp.down.weight"),
+        ),
+        config=config_with(*MLA_CONFIG, ConfigKey("activation", "hidden_act", "relu2")),
+        constants=(("gated_mlp", False),),
+        mindspeed_names=("plm",),
+        megatron_args=lambda cfg: {"squared_relu": cfg.get("hidden_act", "relu2") == "relu2"},
     )
 )

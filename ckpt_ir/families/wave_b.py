@@ -6,6 +6,9 @@ configuration files; Megatron names follow MindSpeed-LLM v2's ``configs/checkpoi
 
 from __future__ import annotations
 
+import re
+
+from ckpt_ir.errors import FormatError
 from ckpt_ir.families import ConfigKey, Family, register
 from ckpt_ir.families.llama import ATTENTION, EMBED_AND_HEAD, GATED_MLP, LLAMA_NORMS, C, L, config_with
 from ckpt_ir.families.moe import (
@@ -125,12 +128,24 @@ HY_V3_MOE = (
     (L + "mlp.expert_bias", C + "mlp.router.bias"),
     *HUNYUAN_MOE[1:],  # experts and shared_mlp as in Hunyuan V1
 )
+# its multi-token-prediction layers are model.layers.{num_hidden_layers + k} (transformers ignores
+# them): a MoE decoder layer plus DeepSeek-V3's enorm / hnorm / eh_proj, the head norm named
+# final_layernorm, and no embedding / head copies (MindSpeed-LLM's HYV3 mtp_layers_* entries)
+HY_V3_MTP = tuple(
+    (L + hf, C + c)
+    for hf, c in (
+        ("enorm.weight", "mtp.enorm.weight"),
+        ("hnorm.weight", "mtp.hnorm.weight"),
+        ("eh_proj.weight", "mtp.eh_proj.weight"),
+        ("final_layernorm.weight", "mtp.norm.weight"),
+    )
+)
 register(
     Family(
         name="hy_v3",
         model_types=("hy_v3",),
         architecture="HYV3ForCausalLM",
-        tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP + HY_V3_MOE,
+        tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP + HY_V3_MOE + HY_V3_MTP,
         config=config_with(
             ConfigKey("num_experts", "num_experts"),
             ConfigKey("moe_topk", "num_experts_per_tok"),
@@ -142,6 +157,9 @@ register(
             ),
             ConfigKey("dense_layers", None, _hy_v3_dense_layers),
             ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
+            # read-only: the release's config has no MTP count; the frontend counts the MTP layers
+            # present (a layer holding enorm / hnorm / eh_proj is one)
+            ConfigKey("mtp_layers", None, lambda cfg: cfg.get("num_nextn_predict_layers") or 0),
         ),
         constants=(("qk_norm", True), ("router_bias", True)),
         mindspeed_names=("HYV3",),
@@ -174,6 +192,47 @@ GATED_DELTA_NET = tuple(
         ("out_proj.weight", "out.weight"),
     )
 )
+# Qwen3-Next's multi-token-prediction layer sits outside model.layers (transformers ignores
+# ^mtp.*; MindSpeed-LLM's qwen3-next entry and its mtp_reorder_flag): its decoder layer is
+# mtp.layers.{k}.* (a full-attention MoE layer), and DeepSeek-V3's enorm / hnorm / eh_proj / head
+# norm are the un-numbered mtp.pre_fc_norm_embedding / pre_fc_norm_hidden / fc / norm, with no
+# embedding or head copies.  Renamed to model.layers.{num_hidden_layers + k}.* (own tensors under
+# model.layers.{n}.mtp.*) so the table below reads them like any layer.
+QWEN3_NEXT_MTP = tuple(
+    (L + "mtp." + hf, C + c)
+    for hf, c in (
+        ("pre_fc_norm_embedding.weight", "mtp.enorm.weight"),
+        ("pre_fc_norm_hidden.weight", "mtp.hnorm.weight"),
+        ("fc.weight", "mtp.eh_proj.weight"),
+        ("norm.weight", "mtp.norm.weight"),
+    )
+)
+_MTP_LAYER = re.compile(r"^mtp\.layers\.(\d+)\.(.+)$")
+_MTP_OWN = re.compile(r"^mtp\.(pre_fc_norm_embedding|pre_fc_norm_hidden|fc|norm)\.weight$")
+_TABLE_MTP = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def _qwen3_next_mtp_keys(key: str, num_layers: int, to_hf: bool) -> str:
+    """mtp.layers.k.X <-> model.layers.{num_layers + k}.X; mtp.fc.weight etc. <->
+    model.layers.{num_layers}.mtp.fc.weight (un-numbered: one MTP layer, as released)."""
+    if not to_hf:
+        if m := _MTP_LAYER.match(key):
+            return f"model.layers.{num_layers + int(m.group(1))}.{m.group(2)}"
+        return f"model.layers.{num_layers}.{key}" if _MTP_OWN.match(key) else key
+    m = _TABLE_MTP.match(key)
+    if not m or int(m.group(1)) < num_layers:
+        return key
+    k, rest = int(m.group(1)) - num_layers, m.group(2)
+    if not rest.startswith("mtp."):
+        return f"mtp.layers.{k}.{rest}"
+    if k:
+        raise FormatError(
+            f"{key}: Qwen3-Next's HF layout names one MTP layer's fc / norms without a number; "
+            f"MTP layer {k} cannot be written (pass --mtp-num-layers 1 / drop the others)"
+        )
+    return rest
+
+
 register(
     Family(
         name="qwen3_next",
@@ -185,7 +244,8 @@ register(
         + GATED_MLP
         + QWEN_EXPERTS
         + QWEN_SHARED
-        + GATED_DELTA_NET,
+        + GATED_DELTA_NET
+        + QWEN3_NEXT_MTP,
         config=config_with(
             *QWEN_MOE_CONFIG,
             ConfigKey("shared_ffn_hidden_size", "shared_expert_intermediate_size", 0),
@@ -200,5 +260,6 @@ register(
         constants=(("qk_norm", True), ("shared_expert_gate", True), ("attn_gate", True)),
         mindspeed_names=("qwen3-next",),
         megatron_args=_qwen_router,
+        hf_rename=_qwen3_next_mtp_keys,
     )
 )

@@ -181,13 +181,21 @@ def lift(
         cfg, dtype_hint=next(iter(dtypes)) if len(dtypes) == 1 else None, where=where
     )
     # quantized weights and their scales become one dequantize expression under the weight's name
+    if family_obj.hf_rename:
+        raw = {family_obj.hf_rename(k, spec.num_layers, False): v for k, v in raw.items()}
     tensors, dropped = map_tensors(family_obj, spec, dequantize_tensors(raw, cfg, where), allow_unused)
-    if spec.mtp_layers:  # transformers neither loads nor saves MTP layers: count the ones present
-        from ckpt_ir.ir.names import split_layer
+    from ckpt_ir.ir.names import split_layer
 
+    # transformers neither loads nor saves MTP layers: count the ones present (Hunyuan V3's config
+    # has no count at all; a layer with an MTP layer's own tensors is one)
+    if spec.mtp_layers or any(split_layer(n)[1].startswith("mtp.") for n in tensors):
         present = cast("set[int]", {split_layer(n)[0] for n in tensors} - {None})
         extra = sorted(i for i in present if i >= spec.num_layers)
         spec = attrs.evolve(spec, mtp_layers=len(extra))
+        # Hunyuan V3's MTP layers store no embedding / head copies: they are the main ones
+        from ckpt_ir.frontends.mcore import add_mtp_copies
+
+        add_mtp_copies(spec, tensors)
     if spec.untied and "lm_head.weight" not in tensors:
         raise FormatError(
             f"{path}: config says embeddings are untied but there is no lm_head.weight; the "
