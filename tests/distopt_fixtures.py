@@ -331,12 +331,15 @@ def resume_torch_dist_checkpoint(
     seed: int = 1234,
     lr: float = 1e-2,
     timeout: float = 300,
+    ep: int = 1,
+    etp: int | None = None,
 ) -> dict:
     """Like :func:`resume_distopt_checkpoint` for a ``torch_dist`` checkpoint with fully-reshardable
     optimizer state: ``dist_checkpointing.load`` of the model's and the optimizer's sharded state
     dicts (``optimizer.sharded_state_dict(..., is_loading=True)``), then ``load_state_dict`` of
     both, as ``megatron.training`` loads ``--ckpt-format torch_dist``; saved to ``out_dir`` in the
-    legacy format with ground truth."""
+    legacy format with ground truth.  ``ep``/``etp``: as in :func:`make_distopt_checkpoint` (a MoE
+    ``hf_dir``: a dense and an expert optimizer, chained)."""
     with open(os.path.join(ckpt_dir, "latest_checkpointed_iteration.txt")) as fh:
         iteration = int(fh.read().strip())
     return _run_job(
@@ -359,8 +362,8 @@ def resume_torch_dist_checkpoint(
         extra_args={},
         timeout=timeout,
         resume_dir=os.path.abspath(ckpt_dir),
-        ep=1,
-        etp=None,
+        ep=ep,
+        etp=etp,
     )
 
 
@@ -1227,12 +1230,14 @@ def _run_distopt(job: dict, rank: int) -> None:
             raise RuntimeError(f"torch_dist resume: state dict mismatch {bad}")
         # load_state_dict in two halves, with the CPU workaround of the torch-format resume above
         # (the Adam step lives in param_groups; set aside from the per-param state meanwhile)
-        opt_sd = dict(loaded["optimizer"])
-        param_state = opt_sd.pop("param_state")
+        # (a MoE model's ChainedOptimizer: {0: dense, 1: expert}, each with its own param_state)
+        chained = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+        opt_sd = loaded["optimizer"]
+        per_optimizer = [opt_sd] if len(chained) == 1 else [opt_sd[i] for i in range(len(chained))]
+        param_states = [sd.pop("param_state") for sd in per_optimizer]
         optimizer.load_state_dict(opt_sd)
-        inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
-        held = [(st, st.pop("step")) for o in inner for st in o.state.values() if "step" in st]
-        for o in getattr(optimizer, "chained_optimizers", [optimizer])[:1]:  # dense models: one optimizer
+        held = [(st, st.pop("step")) for o in chained for st in o.optimizer.state.values() if "step" in st]
+        for o, param_state in zip(chained, param_states):
             o.load_parameter_state_from_fully_reshardable(param_state)
         for st, step in held:
             st["step"] = step

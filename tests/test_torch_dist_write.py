@@ -145,6 +145,36 @@ def test_optimizer_state_written_fully_reshardable_is_resumed_by_megatron(tmp_pa
     _assert_same_state(_global(source, 4, "model_param"), _global(loaded, 2, "model_param"), torch.bfloat16)
 
 
+def test_moe_optimizer_state_written_fully_reshardable_is_resumed_by_megatron(tmp_path):
+    """Mixtral trained by megatron-core with EP=2, DP=2 (a dense and an expert DistributedOptimizer,
+    chained) saved in the torch format converts to torch_dist with its optimizer state; megatron-core
+    loads it at TP=2 PP=2 EP=2 (expert TP 1) with dist_checkpointing + ChainedOptimizer.load_state_dict
+    and holds the source's masters, Adam moments and bf16 weights bit for bit, experts included."""
+    from tests import distopt_fixtures as F
+    from tests.test_distopt_reshard import STATES, _assert_same_state, _global, _truth
+
+    hf = str(tmp_path / "hf")
+    F.make_tiny_hf_mixtral(
+        hf, hidden=72, layers=2, heads=4, kv_heads=2, ffn=100, experts=4, topk=2, vocab=256
+    )
+    src = str(tmp_path / "src")
+    F.make_distopt_checkpoint(
+        src, hf, tp=1, pp=1, dp=2, ep=2, bucket_size=4096, steps=2, bf16=True, init="hf"
+    )
+    td = str(tmp_path / "td")
+    assert cli_main(["convert", src, td, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]) == 0
+    resumed = str(tmp_path / "resumed")
+    F.resume_torch_dist_checkpoint(resumed, hf, td, tp=2, pp=2, dp=1, ep=2, etp=1, bucket_size=4096)
+    source, loaded = _truth(src, 1, 1, ep=2, experts=4), _truth(resumed, 2, 2, ep=2, experts=4)
+    assert any(".local_experts.3." in k for _, k in loaded)
+    for field in (*STATES, "model_param"):
+        _assert_same_state(
+            _global(source, 2, field),
+            _global(loaded, 1, field),
+            torch.bfloat16 if field == "model_param" else torch.float32,
+        )
+
+
 def test_moe_output_equals_megatron_cores_own_save(tmp_path):
     """Mixtral (every layer MoE): ckpt-ir's torch_dist output of the HF model holds exactly what
     megatron-core's own dist_checkpointing.save writes for that model (a GPTModel initialised from

@@ -135,13 +135,20 @@ def _training_state(ckpt: Checkpoint, args, dropped: dict[str, str]) -> dict:
         setattr(args, k, v)
     args.use_distributed_optimizer = True
     opt = meta.get("optimizer")
-    if isinstance(opt, list):  # [dense, expert] optimizers of a MoE run: not written here (dense models only)
-        opt = None
-    out = {
-        "optimizer": {
-            **(opt if isinstance(opt, dict) else {}),
+
+    def reshardable(state) -> dict:
+        return {
+            **(state if isinstance(state, dict) else {}),
             "param_state_sharding_type": "fully_reshardable",
         }
+
+    # a MoE run's ChainedOptimizer ([dense, expert] in the torch format) saves {index: state}: its
+    # fully-reshardable tensors carry no per-optimizer prefix (chained_optim_avoid_prefix), each
+    # optimizer picks its own parameters' state out of the shared optimizer.state.* keys
+    out = {
+        "optimizer": {i: reshardable(o) for i, o in enumerate(opt)}
+        if isinstance(opt, list)
+        else reshardable(opt)
     }
     for key in ("opt_param_scheduler", "num_floating_point_operations_so_far"):
         if meta.get(key) is not None:
