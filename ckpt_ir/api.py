@@ -132,13 +132,12 @@ class Target:
             or self.noop_layers
             or self.ep != 1
             or self.etp
-            or self.grouped_gemm
             or self.dp
         ):
             raise UsageError(
                 "--ckpt-format torch_dist (with --to mcore) holds whole tensors that Megatron reshards "
                 "when it loads them: leave out --tp/--pp/--vpp-layers/--num-layer-list/--noop-layers/"
-                "--ep/--etp/--moe-grouped-gemm/--target-dp"
+                "--ep/--etp/--target-dp"
             )
 
     @property

@@ -144,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="expert tensor parallel size: 1 (whole experts per rank) or the TP size (default)",
     )
     m.add_argument(
-        "--moe-grouped-gemm", action="store_true", help="store experts as grouped-GEMM weight1/weight2"
+        "--moe-grouped-gemm",
+        action="store_true",
+        help="store experts as grouped-GEMM weight1/weight2 "
+        "(torch_dist: the run builds grouped-GEMM experts, the keys stay per expert)",
     )
     m.add_argument(
         "--target-dp",

@@ -533,3 +533,55 @@ def test_mla_moe_mtp_loads_into_megatron_core_at_another_ep(tmp_path):
     assert cli_main(["convert", out, back, "--to", "hf", "--quiet"]) == 0
     again = load_file(os.path.join(back, "model.safetensors"))
     assert again.keys() == hf.keys() and all(torch.equal(again[k], hf[k]) for k in hf)
+
+
+def test_grouped_gemm_experts_load_into_megatron_cores_grouped_mlp(tmp_path):
+    """Mixtral HF -> torch_dist with --moe-grouped-gemm: the args say moe_grouped_gemm, the experts
+    keep the per-expert keys and ``[L, E, ...]`` shapes (what megatron-core's GroupedMLP maps its
+    weight1 / weight2 to in its sharded state dict), and megatron-core's dist_checkpointing.load
+    fills GroupedMLP experts (through the harness's pure-torch grouped_gemm) at TP1 EP2 and TP2
+    EP2, every local expert running, with transformers' logits."""
+    from ckpt_ir.io.dcp import read_metadata
+    from tests import test_megatron_moe_oracle as O
+
+    m = O._build_hf(
+        str(tmp_path / "hf"),
+        "mixtral",
+        seed=6,
+        **{k: v for k, v in O.MODELS["mixtral"].items() if k != "family"},
+    )
+    out = str(tmp_path / "td")
+    argv = ["convert", m["dir"], out, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]
+    assert cli_main(argv + ["--moe-grouped-gemm"]) == 0
+    it_dir = os.path.join(out, "iter_0000001")
+    assert torch.load(os.path.join(it_dir, "common.pt"), weights_only=False)["args"].moe_grouped_gemm is True
+    keys = read_metadata(it_dir).tensors
+    assert keys["decoder.layers.mlp.experts.experts.linear_fc1.weight"].shape[:2] == (2, 4)
+    cases = [
+        {
+            "name": f"tp{tp}ep{ep}",
+            "ckpt": out,
+            "tp": tp,
+            "pp": 1,
+            "vpp": None,
+            "ep": ep,
+            "etp": tp,
+            "torch_dist": True,
+            "hf_config": m["config"],
+            "padded_vocab": 128,
+            "tied": False,
+            "qkv_bias": False,
+            "qk_norm": False,
+            "moe": {**O._moe_config("mixtral", m["config"]), "grouped_gemm": True},
+            "input_ids": O.INPUT_IDS,
+            "out": str(tmp_path / f"tp{tp}ep{ep}.pt"),
+        }
+        for tp, ep in ((1, 2), (2, 2))
+    ]
+    for logits, reports in run_job(tmp_path, cases, WORLD):
+        for r in reports:
+            for chunk in r["chunks"]:
+                assert chunk["missing"] == [] and chunk["unexpected"] == [], chunk
+                assert set(chunk["mlp_modules"].values()) == {"MoELayer", "GroupedMLP"}
+            assert r["gmm_calls"] and all(n > 0 for sizes in r["gmm_calls"] for n in sizes)
+        torch.testing.assert_close(logits, m["logits"], atol=1e-4, rtol=1e-5)

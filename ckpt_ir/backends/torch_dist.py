@@ -61,12 +61,15 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
             f"torch_dist output needs one whole, fused Megatron layout (it is resharded on load), got "
             f"{layout.describe()}"
         )
-    if spec.lora_rank is not None or layout.grouped_gemm:
+    if spec.lora_rank is not None:
         raise VerifyError(
             "torch_dist output supports dense GPTs, MoE models (dense layers, shared experts, router "
-            "bias), multi-latent attention and multi-token prediction, not yet grouped-GEMM experts "
-            "or unmerged LoRA; write --ckpt-format torch instead"
+            "bias, grouped GEMM), multi-latent attention and multi-token prediction, not unmerged "
+            "LoRA; write --ckpt-format torch instead"
         )
+    # grouped-GEMM experts (layout.grouped_gemm) are written as per-expert keys all the same:
+    # Megatron-Core's GroupedMLP and TEGroupedMLP save and load the sequential experts' keys and
+    # [L, E, ...] shapes; only the args (moe_grouped_gemm) say which module the run builds
     experts = spec.num_experts
     te = layout.norm_names != "local"  # the layer spec the written args name (transformer_impl)
     stored, objects = _stored(ckpt.tensors, spec, spec.num_layers, experts, te)
@@ -104,10 +107,12 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
         "args": args,
         "checkpoint_version": 3.0,
         "iteration": it,
+        # the optimizer's sharding type only where optimizer state is written (a model-only
+        # checkpoint, e.g. from HF, holds none to describe)
         "content_metadata": {
             "singleton_local_shards": False,
             "chained_optim_avoid_prefix": True,
-            "distrib_optim_sharding_type": "fully_reshardable",
+            **({"distrib_optim_sharding_type": "fully_reshardable"} if ckpt.states else {}),
         },
     }
     dropped = dict(ckpt.dropped)
