@@ -5,6 +5,7 @@ and from a ``torch``-format checkpoint (plain Megatron-LM args, no HF config).""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
@@ -163,6 +164,15 @@ def test_moe_optimizer_state_written_fully_reshardable_is_resumed_by_megatron(tm
     )
     td = str(tmp_path / "td")
     assert cli_main(["convert", src, td, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]) == 0
+    # common.pt: one optimizer state dict per chained optimizer, the source's LR scheduler; loadable
+    # the way Megatron-Core 0.19 loads it (weights_only, argparse.Namespace allowed)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        common = torch.load(os.path.join(td, "iter_0000002", "common.pt"), weights_only=True)
+    blob = torch.load(
+        os.path.join(src, "iter_0000002", "mp_rank_00_000", "model_optim_rng.pt"), weights_only=False
+    )
+    assert sorted(common["optimizer"]) == [0, 1]
+    assert common["opt_param_scheduler"] == blob["opt_param_scheduler"]
     resumed = str(tmp_path / "resumed")
     F.resume_torch_dist_checkpoint(resumed, hf, td, tp=2, pp=2, dp=1, ep=2, etp=1, bucket_size=4096)
     source, loaded = _truth(src, 1, 1, ep=2, experts=4), _truth(resumed, 2, 2, ep=2, experts=4)
@@ -585,3 +595,14 @@ def test_grouped_gemm_experts_load_into_megatron_cores_grouped_mlp(tmp_path):
                 assert set(chunk["mlp_modules"].values()) == {"MoELayer", "GroupedMLP"}
             assert r["gmm_calls"] and all(n > 0 for sizes in r["gmm_calls"] for n in sizes)
         torch.testing.assert_close(logits, m["logits"], atol=1e-4, rtol=1e-5)
+    # a model-only output names no optimizer sharding, so it converts on (to grouped torch-format
+    # rank files, then HF) with nothing to ask for, bit for bit
+    back, hf2 = str(tmp_path / "back"), str(tmp_path / "hf2")
+    assert (
+        cli_main(["convert", out, back, "--to", "mcore", "--ep", "2", "--moe-grouped-gemm", "--quiet"]) == 0
+    )
+    assert cli_main(["convert", back, hf2, "--to", "hf", "--quiet"]) == 0
+    from safetensors.torch import load_file
+
+    a, b = (load_file(os.path.join(d, "model.safetensors")) for d in (m["dir"], hf2))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -150,15 +150,18 @@ def _training_state(ckpt: Checkpoint, args, dropped: dict[str, str]) -> dict:
     # a MoE run's ChainedOptimizer ([dense, expert] in the torch format) saves {index: state}: its
     # fully-reshardable tensors carry no per-optimizer prefix (chained_optim_avoid_prefix), each
     # optimizer picks its own parameters' state out of the shared optimizer.state.* keys
+    if isinstance(opt, dict) and opt and all(isinstance(k, int) for k in opt):  # read from torch_dist
+        opt = [opt[k] for k in sorted(opt)]
     out = {
         "optimizer": {i: reshardable(o) for i, o in enumerate(opt)}
         if isinstance(opt, list)
         else reshardable(opt)
     }
+    training = ckpt.meta.get("training") or {}
     for key in ("opt_param_scheduler", "num_floating_point_operations_so_far"):
-        if meta.get(key) is not None:
-            out[key] = meta[key]
-    if meta.get("rng_state"):
+        if training.get(key) is not None:
+            out[key] = training[key]
+    if any(v is not None for v in (training.get("rng_state") or {}).values()):
         dropped["rng_state"] = (
             "per-rank random-number state: torch_dist output leaves it out (resume with --no-load-rng)"
         )
