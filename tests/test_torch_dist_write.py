@@ -606,3 +606,74 @@ def test_grouped_gemm_experts_load_into_megatron_cores_grouped_mlp(tmp_path):
 
     a, b = (load_file(os.path.join(d, "model.safetensors")) for d in (m["dir"], hf2))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _common_state(it_dir: str) -> dict:
+    """The ``common_state`` entry's bytes, unpickled the way Megatron-Core 0.19 does
+    (``torch.load(..., weights_only=True)``, ``argparse.Namespace`` allowed), element 0."""
+    import io
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(it_dir).read_metadata()
+    ((_, where),) = [(i, w) for i, w in md.storage_data.items() if i.fqn == "common_state/shard_0_1"]
+    with open(os.path.join(it_dir, where.relative_path), "rb") as f:
+        f.seek(where.offset)
+        raw = f.read(where.length)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(io.BytesIO(raw), weights_only=True)[0]
+
+
+def test_megatron_core_0_19_layout_loads_with_the_source_logits(tmp_path):
+    """--torch-dist-version 0.19 writes Megatron-Core 0.19's own layout (from its source): no
+    common.pt, the common state as the sharded object ``common_state``, metadata.json with the
+    sharded backend only.  The common state equals the 0.15 layout's common.pt; megatron-core
+    loads the model (0.16.1's loader, with 0.19's common-state reader in the harness) at TP2 PP2
+    with transformers' logits; ckpt-ir reads it back bit for bit."""
+    m = _build_hf(str(tmp_path / "llama"), "llama", 4, False, 128, 500000.0, seed=3)
+    new, old = str(tmp_path / "v19"), str(tmp_path / "v15")
+    argv = ["convert", m["dir"], new, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]
+    assert cli_main(argv + ["--torch-dist-version", "0.19"]) == 0
+    assert (
+        cli_main(["convert", m["dir"], old, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]) == 0
+    )
+    it_dir = os.path.join(new, "iter_0000001")
+    assert not os.path.exists(os.path.join(it_dir, "common.pt"))
+    with open(os.path.join(it_dir, "metadata.json")) as f:
+        assert json.load(f) == {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
+    state = _common_state(it_dir)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        want = torch.load(os.path.join(old, "iter_0000001", "common.pt"), weights_only=True)
+    assert state.keys() == want.keys() and vars(state["args"]) == vars(want["args"])
+    assert all(state[k] == want[k] for k in state if k != "args")
+    case = {
+        "name": "v19-tp2pp2",
+        "ckpt": new,
+        "tp": 2,
+        "pp": 2,
+        "vpp": None,
+        "torch_dist": True,
+        "hf_config": m["config"],
+        "padded_vocab": 128,
+        "tied": m["tied"],
+        "qkv_bias": m["qkv_bias"],
+        "qk_norm": m["qk_norm"],
+        "input_ids": INPUT_IDS,
+        "out": str(tmp_path / "v19-tp2pp2.pt"),
+    }
+    ((logits, reports),) = run_job(tmp_path, [case], WORLD)
+    for r in reports:
+        for chunk in r["chunks"]:
+            assert chunk["missing"] == [] and chunk["unexpected"] == [], chunk
+    assert torch.allclose(logits, m["logits"], rtol=0, atol=1e-4), (logits - m["logits"]).abs().max()
+    back = str(tmp_path / "back")
+    assert cli_main(["convert", new, back, "--to", "hf", "--quiet"]) == 0
+    from safetensors.torch import load_file
+
+    a, b = (load_file(os.path.join(d, "model.safetensors")) for d in (m["dir"], back))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torch_dist_version_needs_torch_dist():
+    with pytest.raises(UsageError, match="torch-dist-version"):
+        ck.Target(to="mcore", torch_dist_version="0.19")

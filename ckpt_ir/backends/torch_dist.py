@@ -1,7 +1,8 @@
 """Megatron-Core ``torch_dist`` backend (``--to mcore --ckpt-format torch_dist``): a checkpoint
 ``megatron.core.dist_checkpointing.load`` reads into a GPTModel at any TP / PP.
 
-Written as Megatron-Core 0.15-0.18 lays it out (see :mod:`ckpt_ir.frontends.torch_dist`)::
+Written as Megatron-Core 0.15-0.18 lays it out (``version="0.15"``, which 0.19+ loads too; see
+:mod:`ckpt_ir.frontends.torch_dist`)::
 
     latest_checkpointed_iteration.txt
     iter_N/metadata.json        {"sharded_backend": "torch_dist", "sharded_backend_version": 1, ...}
@@ -19,6 +20,12 @@ then starts its FP8 state afresh).  Each entry is a file of its own, so files ar
 parallel and streamed (a stacked tensor layer by layer) like every other output.  Optimizer state
 (``ckpt.states``) is written fully reshardable: ``optimizer.state.<state>.<model key>`` in the
 weights' shapes, the optimizer's param groups in ``common.pt``.
+
+``version="0.19"`` writes Megatron-Core 0.19+'s own layout (its ``dist_checkpointing.save``):
+no ``common.pt``, the same common state stored as the sharded object ``common_state`` (global
+shape (1,), DCP key ``common_state/shard_0_1``, ``torch.save([state])`` like every sharded
+object; 0.19 loads it with ``weights_only=True``), and ``metadata.json`` holding only the two
+fields of 0.19's ``CheckpointingConfig``.
 """
 
 from __future__ import annotations
@@ -44,10 +51,12 @@ METADATA_JSON = {
     "common_backend": "torch",
     "common_backend_version": 1,
 }
+VERSIONS = ("0.15", "0.19")  # the layouts written: common.pt (0.15-0.18), common_state entry (0.19+)
+COMMON_STATE_KEY = "common_state/shard_0_1"  # ShardedObject("common_state", ..., (1,), (0,)).unique_key
 STATE_PREFIX = "optimizer.state."
 
 
-def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
+def plan(ckpt: Checkpoint, *, iteration: int | None = None, version: str = "0.15") -> Plan:
     spec, layout = ckpt.spec, ckpt.layout
     if (
         layout.tp != 1
@@ -120,8 +129,15 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
         common.update(_training_state(ckpt, args, dropped))
     common_tensors: list[tuple[str, E.Expr]] = []  # e.g. a tensor Adam step in the param groups
     common = placeholders(common, "common", common_tensors)
-    files.append(OutputFile(f"{d}/common.pt", "torch", tuple(common_tensors), obj=common))
-    files.append(OutputFile(f"{d}/metadata.json", "text", text=json.dumps(METADATA_JSON)))
+    if version == "0.19":
+        data = f"__0_{len(entries)}.distcp"
+        files.append(OutputFile(f"{d}/{data}", "torch", tuple(common_tensors), obj=[common]))
+        entries.append((COMMON_STATE_KEY, "bytes", "", (), data))
+        config = {k: METADATA_JSON[k] for k in ("sharded_backend", "sharded_backend_version")}
+    else:
+        files.append(OutputFile(f"{d}/common.pt", "torch", tuple(common_tensors), obj=common))
+        config = METADATA_JSON
+    files.append(OutputFile(f"{d}/metadata.json", "text", text=json.dumps(config)))
     files.append(OutputFile(f"{d}/.metadata", "dcp-metadata", obj=tuple(entries)))
     files.append(OutputFile("latest_checkpointed_iteration.txt", "text", text=str(it)))
     if ckpt.meta.get("extra_state"):
