@@ -18,9 +18,11 @@ from tests import distopt_fixtures as F
 STATES = ("param", "exp_avg", "exp_avg_sq")
 
 
-def _truth(out: str, tp: int, pp: int, ep: int = 1, experts: int = 0) -> dict:
+def _truth(out: str, tp: int, pp: int, ep: int = 1, experts: int = 0, grouped: tuple | None = None) -> dict:
     """{(stage, local key): {tp rank: per-parameter truth}} from a fixture's ground truth; local
-    experts are renamed to their global index (EP rank x experts per rank + local index)."""
+    experts are renamed to their global index (EP rank x experts per rank + local index).
+    ``grouped`` = (hidden, expert ffn) of a GroupedMLP run: its weight1 / weight2 truth is split
+    into the sequential experts' tensors first (:func:`distopt_fixtures.per_expert`)."""
     truth: dict = {}
     for stage in range(pp):
         for rank in range(tp):
@@ -29,6 +31,13 @@ def _truth(out: str, tp: int, pp: int, ep: int = 1, experts: int = 0) -> dict:
                 if not os.path.exists(path):
                     continue
                 gt = torch.load(path, weights_only=False)
+                if grouped:
+                    split = {}
+                    for key, p in gt["params"].items():
+                        parts = {f: F.per_expert(key, p[f], *grouped) for f in (*STATES, "model_param")}
+                        for n, (name, _) in enumerate(parts["param"]):
+                            split[name] = {f: parts[f][n][1] for f in parts}
+                    gt["params"] = split
                 for key, p in gt["params"].items():
                     m = re.match(r"(.*\.local_experts\.)(\d+)(\..*)", key)
                     if m:

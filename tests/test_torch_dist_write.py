@@ -146,11 +146,13 @@ def test_optimizer_state_written_fully_reshardable_is_resumed_by_megatron(tmp_pa
     _assert_same_state(_global(source, 4, "model_param"), _global(loaded, 2, "model_param"), torch.bfloat16)
 
 
-def test_moe_optimizer_state_written_fully_reshardable_is_resumed_by_megatron(tmp_path):
+@pytest.mark.parametrize("grouped", [False, True], ids=["sequential", "grouped-gemm"])
+def test_moe_optimizer_state_written_fully_reshardable_is_resumed_by_megatron(tmp_path, grouped):
     """Mixtral trained by megatron-core with EP=2, DP=2 (a dense and an expert DistributedOptimizer,
     chained) saved in the torch format converts to torch_dist with its optimizer state; megatron-core
     loads it at TP=2 PP=2 EP=2 (expert TP 1) with dist_checkpointing + ChainedOptimizer.load_state_dict
-    and holds the source's masters, Adam moments and bf16 weights bit for bit, experts included."""
+    and holds the source's masters, Adam moments and bf16 weights bit for bit, experts included;
+    also into grouped-GEMM experts (GroupedMLP, the output written with --moe-grouped-gemm)."""
     from tests import distopt_fixtures as F
     from tests.test_distopt_reshard import STATES, _assert_same_state, _global, _truth
 
@@ -163,7 +165,8 @@ def test_moe_optimizer_state_written_fully_reshardable_is_resumed_by_megatron(tm
         src, hf, tp=1, pp=1, dp=2, ep=2, bucket_size=4096, steps=2, bf16=True, init="hf"
     )
     td = str(tmp_path / "td")
-    assert cli_main(["convert", src, td, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]) == 0
+    argv = ["convert", src, td, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]
+    assert cli_main(argv + ["--moe-grouped-gemm"] * grouped) == 0
     # common.pt: one optimizer state dict per chained optimizer, the source's LR scheduler; loadable
     # the way Megatron-Core 0.19 loads it (weights_only, argparse.Namespace allowed)
     with torch.serialization.safe_globals([argparse.Namespace]):
@@ -174,8 +177,11 @@ def test_moe_optimizer_state_written_fully_reshardable_is_resumed_by_megatron(tm
     assert sorted(common["optimizer"]) == [0, 1]
     assert common["opt_param_scheduler"] == blob["opt_param_scheduler"]
     resumed = str(tmp_path / "resumed")
-    F.resume_torch_dist_checkpoint(resumed, hf, td, tp=2, pp=2, dp=1, ep=2, etp=1, bucket_size=4096)
-    source, loaded = _truth(src, 1, 1, ep=2, experts=4), _truth(resumed, 2, 2, ep=2, experts=4)
+    F.resume_torch_dist_checkpoint(
+        resumed, hf, td, tp=2, pp=2, dp=1, ep=2, etp=1, bucket_size=4096, grouped_gemm=grouped
+    )
+    source = _truth(src, 1, 1, ep=2, experts=4)
+    loaded = _truth(resumed, 2, 2, ep=2, experts=4, grouped=(72, 100) if grouped else None)
     assert any(".local_experts.3." in k for _, k in loaded)
     for field in (*STATES, "model_param"):
         _assert_same_state(
