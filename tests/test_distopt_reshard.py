@@ -93,6 +93,17 @@ def _assert_same_state(a: dict, b: dict, dtype=torch.float32) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
+def assert_same_training_state(source: dict, source_layers: int, loaded: dict, loaded_layers: int) -> None:
+    """Two truths (:func:`_truth`, with their layers per stage) hold the same fp32 masters and Adam
+    moments and the same bf16 weights, whole tensor by whole tensor."""
+    for field in (*STATES, "model_param"):
+        _assert_same_state(
+            _global(source, source_layers, field),
+            _global(loaded, loaded_layers, field),
+            torch.bfloat16 if field == "model_param" else torch.float32,
+        )
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """TP=2, PP=2, DP=2, bf16 with fp32 masters, hidden 72 (parameters not multiples of 64), DDP
@@ -684,12 +695,7 @@ def test_moe_expert_optimizer_reshards(tmp_path):
     source = _truth(src, 1, 1, ep=2, experts=4)
     loaded = _truth(resumed, 2, 2, ep=2, experts=4)
     assert any(".local_experts.3." in k for _, k in loaded)
-    for field in (*STATES, "model_param"):
-        _assert_same_state(
-            _global(source, 2, field),
-            _global(loaded, 1, field),
-            torch.bfloat16 if field == "model_param" else torch.float32,
-        )
+    assert_same_training_state(source, 2, loaded, 1)
     back = str(tmp_path / "back")
     assert (
         cli_main(

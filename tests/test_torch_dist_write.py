@@ -22,6 +22,25 @@ from tests.test_megatron_oracle import INPUT_IDS, WORLD, _build_hf
 LAYOUTS = ((1, 1), (2, 2))
 
 
+def _dense_case(name: str, out: str, m: dict, tp: int, pp: int, root: str) -> dict:
+    """A harness case loading the torch_dist ``out`` of the dense HF model ``m`` at (tp, pp)."""
+    return {
+        "name": name,
+        "ckpt": out,
+        "tp": tp,
+        "pp": pp,
+        "vpp": None,
+        "torch_dist": True,
+        "hf_config": m["config"],
+        "padded_vocab": 128,
+        "tied": m["tied"],
+        "qkv_bias": m["qkv_bias"],
+        "qk_norm": m["qk_norm"],
+        "input_ids": INPUT_IDS,
+        "out": os.path.join(root, f"{name}.pt"),
+    }
+
+
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
     root = tmp_path_factory.mktemp("torch-dist-write")
@@ -68,22 +87,7 @@ def loaded(tmp_path_factory):
         m = models[name.split("-")[0]]
         for tp, pp in LAYOUTS:
             cases.append(
-                {
-                    "name": f"{name}-tp{tp}pp{pp}",
-                    "ckpt": out,
-                    "tp": tp,
-                    "pp": pp,
-                    "vpp": None,
-                    "torch_dist": True,
-                    "hf_config": m["config"],
-                    "padded_vocab": 128,
-                    "tied": m["tied"],
-                    "qkv_bias": m["qkv_bias"],
-                    "qk_norm": m["qk_norm"],
-                    "input_ids": INPUT_IDS,
-                    "out": str(root / f"{name}-tp{tp}pp{pp}.pt"),
-                    "ref": name.split("-")[0],
-                }
+                {**_dense_case(f"{name}-tp{tp}pp{pp}", out, m, tp, pp, str(root)), "ref": name.split("-")[0]}
             )
     results = {
         c["name"]: (logits, models[c["ref"]]["logits"], reports)
@@ -154,7 +158,7 @@ def test_moe_optimizer_state_written_fully_reshardable_is_resumed_by_megatron(tm
     and holds the source's masters, Adam moments and bf16 weights bit for bit, experts included;
     also into grouped-GEMM experts (GroupedMLP, the output written with --moe-grouped-gemm)."""
     from tests import distopt_fixtures as F
-    from tests.test_distopt_reshard import STATES, _assert_same_state, _global, _truth
+    from tests.test_distopt_reshard import _truth, assert_same_training_state
 
     hf = str(tmp_path / "hf")
     F.make_tiny_hf_mixtral(
@@ -183,12 +187,7 @@ def test_moe_optimizer_state_written_fully_reshardable_is_resumed_by_megatron(tm
     source = _truth(src, 1, 1, ep=2, experts=4)
     loaded = _truth(resumed, 2, 2, ep=2, experts=4, grouped=(72, 100) if grouped else None)
     assert any(".local_experts.3." in k for _, k in loaded)
-    for field in (*STATES, "model_param"):
-        _assert_same_state(
-            _global(source, 2, field),
-            _global(loaded, 1, field),
-            torch.bfloat16 if field == "model_param" else torch.float32,
-        )
+    assert_same_training_state(source, 2, loaded, 1)
 
 
 def test_moe_output_equals_megatron_cores_own_save(tmp_path):
@@ -229,6 +228,33 @@ def test_moe_output_equals_megatron_cores_own_save(tmp_path):
 MOE_LAYOUTS = ((2, 1, 2), (1, 2, 2))
 
 
+def _moe_case(
+    out: str, m: dict, family: str, root: str, tp: int, pp: int, ep: int, grouped_gemm=False
+) -> dict:
+    """A harness case loading the torch_dist ``out`` of the oracle's MoE model ``m`` (HF ``family``)
+    at (tp, pp, ep), expert TP = TP."""
+    from tests import test_megatron_moe_oracle as O
+
+    return {
+        "name": f"tp{tp}pp{pp}ep{ep}",
+        "ckpt": out,
+        "tp": tp,
+        "pp": pp,
+        "vpp": None,
+        "ep": ep,
+        "etp": tp,
+        "torch_dist": True,
+        "hf_config": m["config"],
+        "padded_vocab": 128,
+        "tied": bool(m["config"].get("tie_word_embeddings")),
+        "qkv_bias": family == "qwen2_moe",
+        "qk_norm": False,
+        "moe": {**O._moe_config(family, m["config"]), "grouped_gemm": grouped_gemm},
+        "input_ids": O.INPUT_IDS,
+        "out": os.path.join(root, f"tp{tp}pp{pp}ep{ep}.pt"),
+    }
+
+
 @pytest.fixture(scope="module")
 def moe_loaded(tmp_path_factory):
     """Qwen2-MoE with a dense layer (mlp_only_layers, so Megatron saves per-layer keys), a
@@ -247,27 +273,7 @@ def moe_loaded(tmp_path_factory):
     assert (
         cli_main(["convert", m["dir"], out, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]) == 0
     )
-    cases = [
-        {
-            "name": f"tp{tp}pp{pp}ep{ep}",
-            "ckpt": out,
-            "tp": tp,
-            "pp": pp,
-            "vpp": None,
-            "ep": ep,
-            "etp": tp,
-            "torch_dist": True,
-            "hf_config": m["config"],
-            "padded_vocab": 128,
-            "tied": True,
-            "qkv_bias": True,
-            "qk_norm": False,
-            "moe": {**O._moe_config("qwen2_moe", m["config"]), "grouped_gemm": False},
-            "input_ids": O.INPUT_IDS,
-            "out": str(root / f"tp{tp}pp{pp}ep{ep}.pt"),
-        }
-        for tp, pp, ep in MOE_LAYOUTS
-    ]
+    cases = [_moe_case(out, m, "qwen2_moe", str(root), tp, pp, ep) for tp, pp, ep in MOE_LAYOUTS]
     return out, m, {c["name"]: result for c, result in zip(cases, run_job(root, cases, WORLD))}
 
 
@@ -573,27 +579,7 @@ def test_grouped_gemm_experts_load_into_megatron_cores_grouped_mlp(tmp_path):
     assert torch.load(os.path.join(it_dir, "common.pt"), weights_only=False)["args"].moe_grouped_gemm is True
     keys = read_metadata(it_dir).tensors
     assert keys["decoder.layers.mlp.experts.experts.linear_fc1.weight"].shape[:2] == (2, 4)
-    cases = [
-        {
-            "name": f"tp{tp}ep{ep}",
-            "ckpt": out,
-            "tp": tp,
-            "pp": 1,
-            "vpp": None,
-            "ep": ep,
-            "etp": tp,
-            "torch_dist": True,
-            "hf_config": m["config"],
-            "padded_vocab": 128,
-            "tied": False,
-            "qkv_bias": False,
-            "qk_norm": False,
-            "moe": {**O._moe_config("mixtral", m["config"]), "grouped_gemm": True},
-            "input_ids": O.INPUT_IDS,
-            "out": str(tmp_path / f"tp{tp}ep{ep}.pt"),
-        }
-        for tp, ep in ((1, 2), (2, 2))
-    ]
+    cases = [_moe_case(out, m, "mixtral", str(tmp_path), tp, 1, 2, grouped_gemm=True) for tp in (1, 2)]
     for logits, reports in run_job(tmp_path, cases, WORLD):
         for r in reports:
             for chunk in r["chunks"]:
@@ -652,22 +638,7 @@ def test_megatron_core_0_19_layout_loads_with_the_source_logits(tmp_path):
         want = torch.load(os.path.join(old, "iter_0000001", "common.pt"), weights_only=True)
     assert state.keys() == want.keys() and vars(state["args"]) == vars(want["args"])
     assert all(state[k] == want[k] for k in state if k != "args")
-    case = {
-        "name": "v19-tp2pp2",
-        "ckpt": new,
-        "tp": 2,
-        "pp": 2,
-        "vpp": None,
-        "torch_dist": True,
-        "hf_config": m["config"],
-        "padded_vocab": 128,
-        "tied": m["tied"],
-        "qkv_bias": m["qkv_bias"],
-        "qk_norm": m["qk_norm"],
-        "input_ids": INPUT_IDS,
-        "out": str(tmp_path / "v19-tp2pp2.pt"),
-    }
-    ((logits, reports),) = run_job(tmp_path, [case], WORLD)
+    ((logits, reports),) = run_job(tmp_path, [_dense_case("v19-tp2pp2", new, m, 2, 2, str(tmp_path))], WORLD)
     for r in reports:
         for chunk in r["chunks"]:
             assert chunk["missing"] == [] and chunk["unexpected"] == [], chunk
