@@ -79,6 +79,8 @@ class Target:
     mtp_layers: int | None = None
     # Megatron target: "torch" (rank directories) or "torch_dist" (dist_checkpointing, resharded on load)
     ckpt_format: str = "torch"
+    # torch_dist: the Megatron-Core layout written, "0.15" (0.15-0.18, common.pt) or "0.19" (no common.pt)
+    torch_dist_version: str = "0.15"
     # HF target: "fp8" writes block-scaled FP8 weights (tiles of quant_block_size, scales float|ue8m0)
     quantize: str | None = None
     quant_block_size: int = 128
@@ -123,6 +125,12 @@ class Target:
             )
         if self.ckpt_format not in ("torch", "torch_dist"):
             raise UsageError(f"--ckpt-format {self.ckpt_format!r}: choose torch or torch_dist")
+        if self.torch_dist_version not in ("0.15", "0.19") or (
+            self.torch_dist_version != "0.15" and self.ckpt_format != "torch_dist"
+        ):
+            raise UsageError(
+                f"--torch-dist-version {self.torch_dist_version}: choose 0.15 or 0.19, with --ckpt-format torch_dist"
+            )
         if self.ckpt_format == "torch_dist" and (
             self.to != "mcore"
             or self.tp != 1
@@ -132,13 +140,12 @@ class Target:
             or self.noop_layers
             or self.ep != 1
             or self.etp
-            or self.grouped_gemm
             or self.dp
         ):
             raise UsageError(
                 "--ckpt-format torch_dist (with --to mcore) holds whole tensors that Megatron reshards "
                 "when it loads them: leave out --tp/--pp/--vpp-layers/--num-layer-list/--noop-layers/"
-                "--ep/--etp/--moe-grouped-gemm/--target-dp"
+                "--ep/--etp/--target-dp"
             )
 
     @property
@@ -378,7 +385,7 @@ def _plan(ckpt: Checkpoint, target: Target) -> Plan:
     if target.ckpt_format == "torch_dist":
         from ckpt_ir.backends import torch_dist
 
-        return torch_dist.plan(ckpt)
+        return torch_dist.plan(ckpt, version=target.torch_dist_version)
     from ckpt_ir.backends import mcore
 
     return mcore.plan(ckpt, shared_copies=target.shared_copies, dp=target.dp)

@@ -126,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
         "format, as Megatron-LM's flag: torch (mp_rank_* directories for one TP/PP layout, default) or "
         "torch_dist (dist_checkpointing, resharded by Megatron on load)",
     )
+    m.add_argument(
+        "--torch-dist-version",
+        choices=("0.15", "0.19"),
+        default="0.15",
+        help="the Megatron-Core layout of torch_dist output: 0.15 (0.15-0.18, with common.pt; 0.19+ "
+        "loads it too; default) or 0.19 (0.19+ only: the common state in the DCP entry common_state)",
+    )
     m.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     m.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     m.add_argument("--num-layer-list", type=int_list, help="layers per pipeline stage, e.g. 2,6")
@@ -144,7 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="expert tensor parallel size: 1 (whole experts per rank) or the TP size (default)",
     )
     m.add_argument(
-        "--moe-grouped-gemm", action="store_true", help="store experts as grouped-GEMM weight1/weight2"
+        "--moe-grouped-gemm",
+        action="store_true",
+        help="store experts as grouped-GEMM weight1/weight2 "
+        "(torch_dist: the run builds grouped-GEMM experts, the keys stay per expert)",
     )
     m.add_argument(
         "--target-dp",
@@ -360,6 +370,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         optimizer=not args.no_optimizer,
         lora_load=args.lora_load,
         ckpt_format=args.ckpt_format,
+        torch_dist_version=args.torch_dist_version,
         quantize=args.quantize,
         quant_block_size=args.quant_block_size,
         quant_scale_fmt=args.quant_scale_fmt,

@@ -331,12 +331,19 @@ def resume_torch_dist_checkpoint(
     seed: int = 1234,
     lr: float = 1e-2,
     timeout: float = 300,
+    ep: int = 1,
+    etp: int | None = None,
+    grouped_gemm: bool = False,
 ) -> dict:
     """Like :func:`resume_distopt_checkpoint` for a ``torch_dist`` checkpoint with fully-reshardable
     optimizer state: ``dist_checkpointing.load`` of the model's and the optimizer's sharded state
     dicts (``optimizer.sharded_state_dict(..., is_loading=True)``), then ``load_state_dict`` of
     both, as ``megatron.training`` loads ``--ckpt-format torch_dist``; saved to ``out_dir`` in the
-    legacy format with ground truth."""
+    legacy format with ground truth.  ``ep``/``etp``: as in :func:`make_distopt_checkpoint` (a MoE
+    ``hf_dir``: a dense and an expert optimizer, chained).  ``grouped_gemm=True`` builds the
+    experts as megatron-core's legacy ``GroupedMLP`` (through the pure-torch ``grouped_gemm`` of
+    ``tests/mcore_harness.py``): the ground truth then holds ``mlp.experts.weight1`` ``[H, E_loc*2F]``
+    and ``weight2`` ``[E_loc*F, H]`` (see :func:`per_expert`)."""
     with open(os.path.join(ckpt_dir, "latest_checkpointed_iteration.txt")) as fh:
         iteration = int(fh.read().strip())
     return _run_job(
@@ -359,9 +366,28 @@ def resume_torch_dist_checkpoint(
         extra_args={},
         timeout=timeout,
         resume_dir=os.path.abspath(ckpt_dir),
-        ep=1,
-        etp=None,
+        ep=ep,
+        etp=etp,
+        grouped_gemm=grouped_gemm,
     )
+
+
+def per_expert(name: str, value, hidden: int, ffn: int) -> list:
+    """[(name, value)] with a ``GroupedMLP`` tensor of the local experts (``...mlp.experts.weight1``
+    ``[H, E_loc*2F]`` whose memory is viewed ``[E_loc, H, 2F]``, ``weight2`` ``[E_loc*F, H]`` viewed
+    ``[E_loc, F, H]``, as its forward views them) split into the sequential experts' ``local_experts.J.linear_fc1.weight``
+    ``[2F, H]`` / ``linear_fc2.weight`` ``[H, F]``; any other tensor as it is."""
+    import re
+
+    m = re.match(r"(.*\.mlp\.experts\.)weight([12])$", name)
+    if not m:
+        return [(name, value)]
+    if m.group(2) == "1":
+        per = value.reshape(-1, hidden, 2 * ffn).transpose(1, 2)
+    else:
+        per = value.reshape(-1, ffn, hidden).transpose(1, 2)
+    fc = "linear_fc1" if m.group(2) == "1" else "linear_fc2"
+    return [(f"{m.group(1)}local_experts.{j}.{fc}.weight", per[j].contiguous()) for j in range(per.shape[0])]
 
 
 def make_torch_dist_checkpoint(
@@ -779,7 +805,7 @@ def _moe_kwargs(job: dict) -> dict:
         # the alltoall dispatcher needs CUDA streams; allgather runs on gloo
         moe_token_dispatcher_type="allgather",
         moe_expert_capacity_factor=None,
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=bool(job.get("grouped_gemm")),
         expert_model_parallel_size=job["ep"],
         expert_tensor_parallel_size=job["etp"] or job["tp"],
     )
@@ -864,7 +890,7 @@ def _args_namespace(job: dict, config) -> argparse.Namespace:
         num_experts=config.num_moe_experts,
         moe_router_topk=config.moe_router_topk,
         moe_ffn_hidden_size=config.moe_ffn_hidden_size,
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=config.moe_grouped_gemm,
         moe_token_dispatcher_type=config.moe_token_dispatcher_type,
         moe_router_load_balancing_type=config.moe_router_load_balancing_type,
         moe_aux_loss_coeff=config.moe_aux_loss_coeff,
@@ -934,7 +960,10 @@ def _build(job: dict):
     hf = job["hf_config"]
     theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
     spec = get_gpt_layer_local_spec(
-        num_experts=config.num_moe_experts, moe_grouped_gemm=False, normalization=config.normalization
+        num_experts=config.num_moe_experts,
+        moe_grouped_gemm=config.moe_grouped_gemm,
+        moe_use_legacy_grouped_gemm=config.moe_grouped_gemm,  # GroupedMLP (TEGroupedMLP needs TE)
+        normalization=config.normalization,
     )
     gpt = GPTModel(
         config=config,
@@ -1227,12 +1256,14 @@ def _run_distopt(job: dict, rank: int) -> None:
             raise RuntimeError(f"torch_dist resume: state dict mismatch {bad}")
         # load_state_dict in two halves, with the CPU workaround of the torch-format resume above
         # (the Adam step lives in param_groups; set aside from the per-param state meanwhile)
-        opt_sd = dict(loaded["optimizer"])
-        param_state = opt_sd.pop("param_state")
+        # (a MoE model's ChainedOptimizer: {0: dense, 1: expert}, each with its own param_state)
+        chained = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+        opt_sd = loaded["optimizer"]
+        per_optimizer = [opt_sd] if len(chained) == 1 else [opt_sd[i] for i in range(len(chained))]
+        param_states = [sd.pop("param_state") for sd in per_optimizer]
         optimizer.load_state_dict(opt_sd)
-        inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
-        held = [(st, st.pop("step")) for o in inner for st in o.state.values() if "step" in st]
-        for o in getattr(optimizer, "chained_optimizers", [optimizer])[:1]:  # dense models: one optimizer
+        held = [(st, st.pop("step")) for o in chained for st in o.optimizer.state.values() if "step" in st]
+        for o, param_state in zip(chained, param_states):
             o.load_parameter_state_from_fully_reshardable(param_state)
         for st, step in held:
             st["step"] = step
@@ -1584,6 +1615,11 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     with open(job_path) as fh:
         job = json.load(fh)
+    if job.get("grouped_gemm"):  # before megatron-core binds grouped_gemm.ops at import
+        sys.path.insert(0, HERE)
+        from mcore_harness import _install_grouped_gemm_shim
+
+        _install_grouped_gemm_shim()
     import megatron.core.dist_checkpointing  # noqa: F401  (imported before fork, shared by all ranks)
     import megatron.core.distributed  # noqa: F401
     import megatron.core.models.gpt  # noqa: F401

@@ -544,11 +544,47 @@ def _load_torch_dist(root: str, models: list) -> dict:
         # a job error, not a missing feature: no test loads torch_dist with VPP (megatron-core would
         # need one sharded state dict per model chunk)
         raise ValueError(f"{root}: the harness loads torch_dist checkpoints without VPP only")
-    common = dist_checkpointing.load_common_state_dict(it_dir)
+    if os.path.exists(os.path.join(it_dir, "common.pt")):
+        strategy, common = None, dist_checkpointing.load_common_state_dict(it_dir)
+    else:  # the Megatron-Core 0.19+ layout
+        strategy = _common_state_loader()
+        common = strategy.load_common(it_dir)
     sharded = models[0].sharded_state_dict(metadata={"singleton_local_shards": False})
-    loaded = dist_checkpointing.load(sharded, it_dir)  # strict: assume_ok_unexpected (missing keys raise)
+    # strict: assume_ok_unexpected (missing keys raise)
+    loaded = dist_checkpointing.load(sharded, it_dir, common_strategy=strategy)
     # load returns the common state merged with the model's tensors
     return {"args": common["args"], "model": {k: v for k, v in loaded.items() if k not in common}}
+
+
+def _common_state_loader():
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+
+    class CommonStateLoader(TorchCommonLoadStrategy):
+        """Megatron-Core 0.19's ``load_common_state_dict`` for a checkpoint without ``common.pt``
+        (its source, ``dist_checkpointing/serialization.py``): the common state is the sharded
+        object ``common_state`` (DCP key ``common_state/shard_0_1``), read with a single-process
+        ``torch.distributed.checkpoint.load`` and ``torch.load(..., weights_only=True)`` with
+        megatron's safe globals (``argparse.Namespace`` among them), element 0 of the saved list.
+        0.16.1 reads only ``common.pt``; everything else is its own loader."""
+
+        def load_common(self, checkpoint_dir):
+            import argparse
+            import io
+
+            import torch
+            import torch.distributed.checkpoint as dcp
+
+            key = "common_state/shard_0_1"
+            state = {key: io.BytesIO()}
+            dcp.load(state, storage_reader=dcp.FileSystemReader(str(checkpoint_dir)), no_dist=True)
+            loaded = state[key]
+            if isinstance(loaded, io.BytesIO):
+                loaded.seek(0)
+                with torch.serialization.safe_globals([argparse.Namespace]):
+                    loaded = torch.load(loaded, weights_only=True)
+            return loaded[0]
+
+    return CommonStateLoader()
 
 
 def _process_groups() -> list:

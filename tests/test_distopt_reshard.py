@@ -18,9 +18,11 @@ from tests import distopt_fixtures as F
 STATES = ("param", "exp_avg", "exp_avg_sq")
 
 
-def _truth(out: str, tp: int, pp: int, ep: int = 1, experts: int = 0) -> dict:
+def _truth(out: str, tp: int, pp: int, ep: int = 1, experts: int = 0, grouped: tuple | None = None) -> dict:
     """{(stage, local key): {tp rank: per-parameter truth}} from a fixture's ground truth; local
-    experts are renamed to their global index (EP rank x experts per rank + local index)."""
+    experts are renamed to their global index (EP rank x experts per rank + local index).
+    ``grouped`` = (hidden, expert ffn) of a GroupedMLP run: its weight1 / weight2 truth is split
+    into the sequential experts' tensors first (:func:`distopt_fixtures.per_expert`)."""
     truth: dict = {}
     for stage in range(pp):
         for rank in range(tp):
@@ -29,6 +31,13 @@ def _truth(out: str, tp: int, pp: int, ep: int = 1, experts: int = 0) -> dict:
                 if not os.path.exists(path):
                     continue
                 gt = torch.load(path, weights_only=False)
+                if grouped:
+                    split = {}
+                    for key, p in gt["params"].items():
+                        parts = {f: F.per_expert(key, p[f], *grouped) for f in (*STATES, "model_param")}
+                        for n, (name, _) in enumerate(parts["param"]):
+                            split[name] = {f: parts[f][n][1] for f in parts}
+                    gt["params"] = split
                 for key, p in gt["params"].items():
                     m = re.match(r"(.*\.local_experts\.)(\d+)(\..*)", key)
                     if m:
@@ -82,6 +91,17 @@ def _assert_same_state(a: dict, b: dict, dtype=torch.float32) -> None:
     for key in a:
         assert a[key].dtype == b[key].dtype == dtype
         assert torch.equal(a[key], b[key]), key
+
+
+def assert_same_training_state(source: dict, source_layers: int, loaded: dict, loaded_layers: int) -> None:
+    """Two truths (:func:`_truth`, with their layers per stage) hold the same fp32 masters and Adam
+    moments and the same bf16 weights, whole tensor by whole tensor."""
+    for field in (*STATES, "model_param"):
+        _assert_same_state(
+            _global(source, source_layers, field),
+            _global(loaded, loaded_layers, field),
+            torch.bfloat16 if field == "model_param" else torch.float32,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -675,12 +695,7 @@ def test_moe_expert_optimizer_reshards(tmp_path):
     source = _truth(src, 1, 1, ep=2, experts=4)
     loaded = _truth(resumed, 2, 2, ep=2, experts=4)
     assert any(".local_experts.3." in k for _, k in loaded)
-    for field in (*STATES, "model_param"):
-        _assert_same_state(
-            _global(source, 2, field),
-            _global(loaded, 1, field),
-            torch.bfloat16 if field == "model_param" else torch.float32,
-        )
+    assert_same_training_state(source, 2, loaded, 1)
     back = str(tmp_path / "back")
     assert (
         cli_main(

@@ -5,6 +5,7 @@ and from a ``torch``-format checkpoint (plain Megatron-LM args, no HF config).""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
@@ -19,6 +20,25 @@ from tests.test_family_inference import plain_args
 from tests.test_megatron_oracle import INPUT_IDS, WORLD, _build_hf
 
 LAYOUTS = ((1, 1), (2, 2))
+
+
+def _dense_case(name: str, out: str, m: dict, tp: int, pp: int, root: str) -> dict:
+    """A harness case loading the torch_dist ``out`` of the dense HF model ``m`` at (tp, pp)."""
+    return {
+        "name": name,
+        "ckpt": out,
+        "tp": tp,
+        "pp": pp,
+        "vpp": None,
+        "torch_dist": True,
+        "hf_config": m["config"],
+        "padded_vocab": 128,
+        "tied": m["tied"],
+        "qkv_bias": m["qkv_bias"],
+        "qk_norm": m["qk_norm"],
+        "input_ids": INPUT_IDS,
+        "out": os.path.join(root, f"{name}.pt"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -67,22 +87,7 @@ def loaded(tmp_path_factory):
         m = models[name.split("-")[0]]
         for tp, pp in LAYOUTS:
             cases.append(
-                {
-                    "name": f"{name}-tp{tp}pp{pp}",
-                    "ckpt": out,
-                    "tp": tp,
-                    "pp": pp,
-                    "vpp": None,
-                    "torch_dist": True,
-                    "hf_config": m["config"],
-                    "padded_vocab": 128,
-                    "tied": m["tied"],
-                    "qkv_bias": m["qkv_bias"],
-                    "qk_norm": m["qk_norm"],
-                    "input_ids": INPUT_IDS,
-                    "out": str(root / f"{name}-tp{tp}pp{pp}.pt"),
-                    "ref": name.split("-")[0],
-                }
+                {**_dense_case(f"{name}-tp{tp}pp{pp}", out, m, tp, pp, str(root)), "ref": name.split("-")[0]}
             )
     results = {
         c["name"]: (logits, models[c["ref"]]["logits"], reports)
@@ -145,6 +150,46 @@ def test_optimizer_state_written_fully_reshardable_is_resumed_by_megatron(tmp_pa
     _assert_same_state(_global(source, 4, "model_param"), _global(loaded, 2, "model_param"), torch.bfloat16)
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["sequential", "grouped-gemm"])
+def test_moe_optimizer_state_written_fully_reshardable_is_resumed_by_megatron(tmp_path, grouped):
+    """Mixtral trained by megatron-core with EP=2, DP=2 (a dense and an expert DistributedOptimizer,
+    chained) saved in the torch format converts to torch_dist with its optimizer state; megatron-core
+    loads it at TP=2 PP=2 EP=2 (expert TP 1) with dist_checkpointing + ChainedOptimizer.load_state_dict
+    and holds the source's masters, Adam moments and bf16 weights bit for bit, experts included;
+    also into grouped-GEMM experts (GroupedMLP, the output written with --moe-grouped-gemm)."""
+    from tests import distopt_fixtures as F
+    from tests.test_distopt_reshard import _truth, assert_same_training_state
+
+    hf = str(tmp_path / "hf")
+    F.make_tiny_hf_mixtral(
+        hf, hidden=72, layers=2, heads=4, kv_heads=2, ffn=100, experts=4, topk=2, vocab=256
+    )
+    src = str(tmp_path / "src")
+    F.make_distopt_checkpoint(
+        src, hf, tp=1, pp=1, dp=2, ep=2, bucket_size=4096, steps=2, bf16=True, init="hf"
+    )
+    td = str(tmp_path / "td")
+    argv = ["convert", src, td, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]
+    assert cli_main(argv + ["--moe-grouped-gemm"] * grouped) == 0
+    # common.pt: one optimizer state dict per chained optimizer, the source's LR scheduler; loadable
+    # the way Megatron-Core 0.19 loads it (weights_only, argparse.Namespace allowed)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        common = torch.load(os.path.join(td, "iter_0000002", "common.pt"), weights_only=True)
+    blob = torch.load(
+        os.path.join(src, "iter_0000002", "mp_rank_00_000", "model_optim_rng.pt"), weights_only=False
+    )
+    assert sorted(common["optimizer"]) == [0, 1]
+    assert common["opt_param_scheduler"] == blob["opt_param_scheduler"]
+    resumed = str(tmp_path / "resumed")
+    F.resume_torch_dist_checkpoint(
+        resumed, hf, td, tp=2, pp=2, dp=1, ep=2, etp=1, bucket_size=4096, grouped_gemm=grouped
+    )
+    source = _truth(src, 1, 1, ep=2, experts=4)
+    loaded = _truth(resumed, 2, 2, ep=2, experts=4, grouped=(72, 100) if grouped else None)
+    assert any(".local_experts.3." in k for _, k in loaded)
+    assert_same_training_state(source, 2, loaded, 1)
+
+
 def test_moe_output_equals_megatron_cores_own_save(tmp_path):
     """Mixtral (every layer MoE): ckpt-ir's torch_dist output of the HF model holds exactly what
     megatron-core's own dist_checkpointing.save writes for that model (a GPTModel initialised from
@@ -183,6 +228,33 @@ def test_moe_output_equals_megatron_cores_own_save(tmp_path):
 MOE_LAYOUTS = ((2, 1, 2), (1, 2, 2))
 
 
+def _moe_case(
+    out: str, m: dict, family: str, root: str, tp: int, pp: int, ep: int, grouped_gemm=False
+) -> dict:
+    """A harness case loading the torch_dist ``out`` of the oracle's MoE model ``m`` (HF ``family``)
+    at (tp, pp, ep), expert TP = TP."""
+    from tests import test_megatron_moe_oracle as O
+
+    return {
+        "name": f"tp{tp}pp{pp}ep{ep}",
+        "ckpt": out,
+        "tp": tp,
+        "pp": pp,
+        "vpp": None,
+        "ep": ep,
+        "etp": tp,
+        "torch_dist": True,
+        "hf_config": m["config"],
+        "padded_vocab": 128,
+        "tied": bool(m["config"].get("tie_word_embeddings")),
+        "qkv_bias": family == "qwen2_moe",
+        "qk_norm": False,
+        "moe": {**O._moe_config(family, m["config"]), "grouped_gemm": grouped_gemm},
+        "input_ids": O.INPUT_IDS,
+        "out": os.path.join(root, f"tp{tp}pp{pp}ep{ep}.pt"),
+    }
+
+
 @pytest.fixture(scope="module")
 def moe_loaded(tmp_path_factory):
     """Qwen2-MoE with a dense layer (mlp_only_layers, so Megatron saves per-layer keys), a
@@ -201,27 +273,7 @@ def moe_loaded(tmp_path_factory):
     assert (
         cli_main(["convert", m["dir"], out, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]) == 0
     )
-    cases = [
-        {
-            "name": f"tp{tp}pp{pp}ep{ep}",
-            "ckpt": out,
-            "tp": tp,
-            "pp": pp,
-            "vpp": None,
-            "ep": ep,
-            "etp": tp,
-            "torch_dist": True,
-            "hf_config": m["config"],
-            "padded_vocab": 128,
-            "tied": True,
-            "qkv_bias": True,
-            "qk_norm": False,
-            "moe": {**O._moe_config("qwen2_moe", m["config"]), "grouped_gemm": False},
-            "input_ids": O.INPUT_IDS,
-            "out": str(root / f"tp{tp}pp{pp}ep{ep}.pt"),
-        }
-        for tp, pp, ep in MOE_LAYOUTS
-    ]
+    cases = [_moe_case(out, m, "qwen2_moe", str(root), tp, pp, ep) for tp, pp, ep in MOE_LAYOUTS]
     return out, m, {c["name"]: result for c, result in zip(cases, run_job(root, cases, WORLD))}
 
 
@@ -503,3 +555,102 @@ def test_mla_moe_mtp_loads_into_megatron_core_at_another_ep(tmp_path):
     assert cli_main(["convert", out, back, "--to", "hf", "--quiet"]) == 0
     again = load_file(os.path.join(back, "model.safetensors"))
     assert again.keys() == hf.keys() and all(torch.equal(again[k], hf[k]) for k in hf)
+
+
+def test_grouped_gemm_experts_load_into_megatron_cores_grouped_mlp(tmp_path):
+    """Mixtral HF -> torch_dist with --moe-grouped-gemm: the args say moe_grouped_gemm, the experts
+    keep the per-expert keys and ``[L, E, ...]`` shapes (what megatron-core's GroupedMLP maps its
+    weight1 / weight2 to in its sharded state dict), and megatron-core's dist_checkpointing.load
+    fills GroupedMLP experts (through the harness's pure-torch grouped_gemm) at TP1 EP2 and TP2
+    EP2, every local expert running, with transformers' logits."""
+    from ckpt_ir.io.dcp import read_metadata
+    from tests import test_megatron_moe_oracle as O
+
+    m = O._build_hf(
+        str(tmp_path / "hf"),
+        "mixtral",
+        seed=6,
+        **{k: v for k, v in O.MODELS["mixtral"].items() if k != "family"},
+    )
+    out = str(tmp_path / "td")
+    argv = ["convert", m["dir"], out, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]
+    assert cli_main(argv + ["--moe-grouped-gemm"]) == 0
+    it_dir = os.path.join(out, "iter_0000001")
+    assert torch.load(os.path.join(it_dir, "common.pt"), weights_only=False)["args"].moe_grouped_gemm is True
+    keys = read_metadata(it_dir).tensors
+    assert keys["decoder.layers.mlp.experts.experts.linear_fc1.weight"].shape[:2] == (2, 4)
+    cases = [_moe_case(out, m, "mixtral", str(tmp_path), tp, 1, 2, grouped_gemm=True) for tp in (1, 2)]
+    for logits, reports in run_job(tmp_path, cases, WORLD):
+        for r in reports:
+            for chunk in r["chunks"]:
+                assert chunk["missing"] == [] and chunk["unexpected"] == [], chunk
+                assert set(chunk["mlp_modules"].values()) == {"MoELayer", "GroupedMLP"}
+            assert r["gmm_calls"] and all(n > 0 for sizes in r["gmm_calls"] for n in sizes)
+        torch.testing.assert_close(logits, m["logits"], atol=1e-4, rtol=1e-5)
+    # a model-only output names no optimizer sharding, so it converts on (to grouped torch-format
+    # rank files, then HF) with nothing to ask for, bit for bit
+    back, hf2 = str(tmp_path / "back"), str(tmp_path / "hf2")
+    assert (
+        cli_main(["convert", out, back, "--to", "mcore", "--ep", "2", "--moe-grouped-gemm", "--quiet"]) == 0
+    )
+    assert cli_main(["convert", back, hf2, "--to", "hf", "--quiet"]) == 0
+    from safetensors.torch import load_file
+
+    a, b = (load_file(os.path.join(d, "model.safetensors")) for d in (m["dir"], hf2))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _common_state(it_dir: str) -> dict:
+    """The ``common_state`` entry's bytes, unpickled the way Megatron-Core 0.19 does
+    (``torch.load(..., weights_only=True)``, ``argparse.Namespace`` allowed), element 0."""
+    import io
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(it_dir).read_metadata()
+    ((_, where),) = [(i, w) for i, w in md.storage_data.items() if i.fqn == "common_state/shard_0_1"]
+    with open(os.path.join(it_dir, where.relative_path), "rb") as f:
+        f.seek(where.offset)
+        raw = f.read(where.length)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(io.BytesIO(raw), weights_only=True)[0]
+
+
+def test_megatron_core_0_19_layout_loads_with_the_source_logits(tmp_path):
+    """--torch-dist-version 0.19 writes Megatron-Core 0.19's own layout (from its source): no
+    common.pt, the common state as the sharded object ``common_state``, metadata.json with the
+    sharded backend only.  The common state equals the 0.15 layout's common.pt; megatron-core
+    loads the model (0.16.1's loader, with 0.19's common-state reader in the harness) at TP2 PP2
+    with transformers' logits; ckpt-ir reads it back bit for bit."""
+    m = _build_hf(str(tmp_path / "llama"), "llama", 4, False, 128, 500000.0, seed=3)
+    new, old = str(tmp_path / "v19"), str(tmp_path / "v15")
+    argv = ["convert", m["dir"], new, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]
+    assert cli_main(argv + ["--torch-dist-version", "0.19"]) == 0
+    assert (
+        cli_main(["convert", m["dir"], old, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]) == 0
+    )
+    it_dir = os.path.join(new, "iter_0000001")
+    assert not os.path.exists(os.path.join(it_dir, "common.pt"))
+    with open(os.path.join(it_dir, "metadata.json")) as f:
+        assert json.load(f) == {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
+    state = _common_state(it_dir)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        want = torch.load(os.path.join(old, "iter_0000001", "common.pt"), weights_only=True)
+    assert state.keys() == want.keys() and vars(state["args"]) == vars(want["args"])
+    assert all(state[k] == want[k] for k in state if k != "args")
+    ((logits, reports),) = run_job(tmp_path, [_dense_case("v19-tp2pp2", new, m, 2, 2, str(tmp_path))], WORLD)
+    for r in reports:
+        for chunk in r["chunks"]:
+            assert chunk["missing"] == [] and chunk["unexpected"] == [], chunk
+    assert torch.allclose(logits, m["logits"], rtol=0, atol=1e-4), (logits - m["logits"]).abs().max()
+    back = str(tmp_path / "back")
+    assert cli_main(["convert", new, back, "--to", "hf", "--quiet"]) == 0
+    from safetensors.torch import load_file
+
+    a, b = (load_file(os.path.join(d, "model.safetensors")) for d in (m["dir"], back))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torch_dist_version_needs_torch_dist():
+    with pytest.raises(UsageError, match="torch-dist-version"):
+        ck.Target(to="mcore", torch_dist_version="0.19")

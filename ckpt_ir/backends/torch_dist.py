@@ -1,7 +1,8 @@
 """Megatron-Core ``torch_dist`` backend (``--to mcore --ckpt-format torch_dist``): a checkpoint
 ``megatron.core.dist_checkpointing.load`` reads into a GPTModel at any TP / PP.
 
-Written as Megatron-Core 0.15-0.18 lays it out (see :mod:`ckpt_ir.frontends.torch_dist`)::
+Written as Megatron-Core 0.15-0.18 lays it out (``version="0.15"``, which 0.19+ loads too; see
+:mod:`ckpt_ir.frontends.torch_dist`)::
 
     latest_checkpointed_iteration.txt
     iter_N/metadata.json        {"sharded_backend": "torch_dist", "sharded_backend_version": 1, ...}
@@ -19,6 +20,12 @@ then starts its FP8 state afresh).  Each entry is a file of its own, so files ar
 parallel and streamed (a stacked tensor layer by layer) like every other output.  Optimizer state
 (``ckpt.states``) is written fully reshardable: ``optimizer.state.<state>.<model key>`` in the
 weights' shapes, the optimizer's param groups in ``common.pt``.
+
+``version="0.19"`` writes Megatron-Core 0.19+'s own layout (its ``dist_checkpointing.save``):
+no ``common.pt``, the same common state stored as the sharded object ``common_state`` (global
+shape (1,), DCP key ``common_state/shard_0_1``, ``torch.save([state])`` like every sharded
+object; 0.19 loads it with ``weights_only=True``), and ``metadata.json`` holding only the two
+fields of 0.19's ``CheckpointingConfig``.
 """
 
 from __future__ import annotations
@@ -44,10 +51,12 @@ METADATA_JSON = {
     "common_backend": "torch",
     "common_backend_version": 1,
 }
+VERSIONS = ("0.15", "0.19")  # the layouts written: common.pt (0.15-0.18), common_state entry (0.19+)
+COMMON_STATE_KEY = "common_state/shard_0_1"  # ShardedObject("common_state", ..., (1,), (0,)).unique_key
 STATE_PREFIX = "optimizer.state."
 
 
-def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
+def plan(ckpt: Checkpoint, *, iteration: int | None = None, version: str = "0.15") -> Plan:
     spec, layout = ckpt.spec, ckpt.layout
     if (
         layout.tp != 1
@@ -61,12 +70,15 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
             f"torch_dist output needs one whole, fused Megatron layout (it is resharded on load), got "
             f"{layout.describe()}"
         )
-    if spec.lora_rank is not None or layout.grouped_gemm:
+    if spec.lora_rank is not None:
         raise VerifyError(
             "torch_dist output supports dense GPTs, MoE models (dense layers, shared experts, router "
-            "bias), multi-latent attention and multi-token prediction, not yet grouped-GEMM experts "
-            "or unmerged LoRA; write --ckpt-format torch instead"
+            "bias, grouped GEMM), multi-latent attention and multi-token prediction, not unmerged "
+            "LoRA; write --ckpt-format torch instead"
         )
+    # grouped-GEMM experts (layout.grouped_gemm) are written as per-expert keys all the same:
+    # Megatron-Core's GroupedMLP and TEGroupedMLP save and load the sequential experts' keys and
+    # [L, E, ...] shapes; only the args (moe_grouped_gemm) say which module the run builds
     experts = spec.num_experts
     te = layout.norm_names != "local"  # the layer spec the written args name (transformer_impl)
     stored, objects = _stored(ckpt.tensors, spec, spec.num_layers, experts, te)
@@ -104,10 +116,12 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
         "args": args,
         "checkpoint_version": 3.0,
         "iteration": it,
+        # the optimizer's sharding type only where optimizer state is written (a model-only
+        # checkpoint, e.g. from HF, holds none to describe)
         "content_metadata": {
             "singleton_local_shards": False,
             "chained_optim_avoid_prefix": True,
-            "distrib_optim_sharding_type": "fully_reshardable",
+            **({"distrib_optim_sharding_type": "fully_reshardable"} if ckpt.states else {}),
         },
     }
     dropped = dict(ckpt.dropped)
@@ -115,8 +129,15 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
         common.update(_training_state(ckpt, args, dropped))
     common_tensors: list[tuple[str, E.Expr]] = []  # e.g. a tensor Adam step in the param groups
     common = placeholders(common, "common", common_tensors)
-    files.append(OutputFile(f"{d}/common.pt", "torch", tuple(common_tensors), obj=common))
-    files.append(OutputFile(f"{d}/metadata.json", "text", text=json.dumps(METADATA_JSON)))
+    if version == "0.19":
+        data = f"__0_{len(entries)}.distcp"
+        files.append(OutputFile(f"{d}/{data}", "torch", tuple(common_tensors), obj=[common]))
+        entries.append((COMMON_STATE_KEY, "bytes", "", (), data))
+        config = {k: METADATA_JSON[k] for k in ("sharded_backend", "sharded_backend_version")}
+    else:
+        files.append(OutputFile(f"{d}/common.pt", "torch", tuple(common_tensors), obj=common))
+        config = METADATA_JSON
+    files.append(OutputFile(f"{d}/metadata.json", "text", text=json.dumps(config)))
     files.append(OutputFile(f"{d}/.metadata", "dcp-metadata", obj=tuple(entries)))
     files.append(OutputFile("latest_checkpointed_iteration.txt", "text", text=str(it)))
     if ckpt.meta.get("extra_state"):
@@ -135,18 +156,28 @@ def _training_state(ckpt: Checkpoint, args, dropped: dict[str, str]) -> dict:
         setattr(args, k, v)
     args.use_distributed_optimizer = True
     opt = meta.get("optimizer")
-    if isinstance(opt, list):  # [dense, expert] optimizers of a MoE run: not written here (dense models only)
-        opt = None
-    out = {
-        "optimizer": {
-            **(opt if isinstance(opt, dict) else {}),
+
+    def reshardable(state) -> dict:
+        return {
+            **(state if isinstance(state, dict) else {}),
             "param_state_sharding_type": "fully_reshardable",
         }
+
+    # a MoE run's ChainedOptimizer ([dense, expert] in the torch format) saves {index: state}: its
+    # fully-reshardable tensors carry no per-optimizer prefix (chained_optim_avoid_prefix), each
+    # optimizer picks its own parameters' state out of the shared optimizer.state.* keys
+    if isinstance(opt, dict) and opt and all(isinstance(k, int) for k in opt):  # read from torch_dist
+        opt = [opt[k] for k in sorted(opt)]
+    out = {
+        "optimizer": {i: reshardable(o) for i, o in enumerate(opt)}
+        if isinstance(opt, list)
+        else reshardable(opt)
     }
+    training = ckpt.meta.get("training") or {}
     for key in ("opt_param_scheduler", "num_floating_point_operations_so_far"):
-        if meta.get(key) is not None:
-            out[key] = meta[key]
-    if meta.get("rng_state"):
+        if training.get(key) is not None:
+            out[key] = training[key]
+    if any(v is not None for v in (training.get("rng_state") or {}).values()):
         dropped["rng_state"] = (
             "per-rank random-number state: torch_dist output leaves it out (resume with --no-load-rng)"
         )
