@@ -1194,19 +1194,23 @@ def _ground_truth(job: dict, gpt, model, optimizer) -> dict:
 def _fill_optimizer_state(optimizer, job: dict) -> None:
     """Give every optimizer state element a value of its own without a training step (a model
     megatron-core cannot run forward on CPU, e.g. MLA): Adam's state is initialised as megatron-core
-    does for a checkpoint load, then each rank's fp32 masters and moments are overwritten from a
-    generator seeded by (seed, parameter, rank), exp_avg_sq non-negative."""
+    does for a checkpoint load, then each rank's piece of the fp32 masters and moments is
+    overwritten from a generator seeded by (seed, parameter, DP rank, TP rank if the parameter is
+    split, PP rank, EP rank), so that TP replicas agree as in training; exp_avg_sq non-negative."""
     import torch
-    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
 
     for dopt in getattr(optimizer, "chained_optimizers", [optimizer]):
         dopt._init_optimizer_states_with_dummy_values()
         names = {p: n for chunk in dopt.model_chunks for n, p in chunk.named_parameters()}
+        where = f"{dopt.data_parallel_group.rank()}|{ps.get_pipeline_model_parallel_rank()}"
+        where += f"|{ps.get_expert_model_parallel_rank()}"
         with torch.no_grad():
             for p in dopt.model_param_gbuf_map:
                 tensors = dopt._get_main_param_and_optimizer_states(p)
+                tp = ps.get_tensor_model_parallel_rank() if getattr(p, "tensor_model_parallel", False) else -1
                 for k in ("param", "exp_avg", "exp_avg_sq"):
-                    key = f"{job['seed']}|{names[p]}|{k}|{dist.get_rank()}".encode()
+                    key = f"{job['seed']}|{names[p]}|{k}|{where}|{tp}".encode()
                     gen = torch.Generator().manual_seed(zlib.crc32(key))
                     value = torch.randn(tensors[k].shape, generator=gen, dtype=torch.float32).mul_(0.02)
                     tensors[k].copy_(value.abs_() if k == "exp_avg_sq" else value)

@@ -60,6 +60,7 @@ def _global(truth: dict, layers_per_stage: int, field: str) -> dict:
                 "linear_fc2.weight",
                 "word_embeddings.weight",
                 "output_layer.weight",
+                "eh_proj.weight",  # multi-token prediction: column-parallel
             )
         ):
             assert all(torch.equal(p, parts[0]) for p in parts), f"replicas of {key} differ"

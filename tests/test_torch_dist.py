@@ -414,6 +414,22 @@ def test_mla_mtp_dp_reshardable_state_resumes_in_megatron_after_conversion(tmp_p
     assert "is not known to ckpt-ir" in err and "--no-optimizer" in err and err.count("\n") == 1
 
 
+def test_mtp_dp_reshardable_state_resumes_at_another_tp(work, hf72, tmp_path):
+    """A GPT with a multi-token-prediction layer saved dp_reshardable at TP=2 DP=2 (random optimizer
+    state, see above): the MTP layer's state (eh_proj split over TP like megatron-core's column-
+    parallel linear) lies after the final norm; converted to torch_dist, megatron-core resumes
+    it at TP=1 with the source's state bit for bit."""
+    src = str(tmp_path / "src")
+    F.make_torch_dist_checkpoint(
+        src, hf72, tp=2, dp=2, bf16=True, optim_sharding="dp_reshardable", fill_optimizer=True, mtp_layers=1
+    )
+    out = str(tmp_path / "td")
+    assert cli_main(["convert", src, out, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]) == 0
+    resumed = str(tmp_path / "resumed")
+    F.resume_torch_dist_checkpoint(resumed, hf72, out, tp=1, pp=1, dp=1, mtp_layers=1)
+    _assert_resumed_with_source_state(src, resumed, pp=1)
+
+
 def test_unreadable_optimizer_layout_is_refused_but_weights_convert(work, hf72, tmp_path, capsys):
     out = str(work / "dp_zero")
     F.make_torch_dist_checkpoint(
@@ -765,9 +781,10 @@ def test_megatron_014_fully_sharded_model_space_optimizer_state(tmp_path):
     assert src.meta["optimizer"]["optimizer"]["optimizer"]["param_groups"] == param_groups
 
 
-def _assert_resumed_with_source_state(src: str, resumed: str) -> None:
-    """megatron-core resumed at TP=1 PP=2 (``resumed``) holds the TP=2 source run's own optimizer
-    state (its ground truth), except the vocabulary's padding rows (padded afresh)."""
+def _assert_resumed_with_source_state(src: str, resumed: str, pp: int = 2, layers: int = 4) -> None:
+    """megatron-core resumed at TP=1 and ``pp`` stages (``resumed``) holds the TP=2 PP=1 source
+    run's own optimizer state (its ground truth), except the vocabulary's padding rows (padded
+    afresh)."""
     from tests.test_distopt_reshard import STATES, _global, _truth
 
     optim = [
@@ -775,9 +792,9 @@ def _assert_resumed_with_source_state(src: str, resumed: str) -> None:
         for r in (0, 1)
     ]
     source = {(0, name): {r: optim[r]["params"][name] for r in (0, 1)} for name in optim[0]["params"]}
-    loaded = _truth(resumed, 1, 2)
+    loaded = _truth(resumed, 1, pp)
     for field in STATES:
-        want, got = _global(source, 4, field), _global(loaded, 2, field)
+        want, got = _global(source, layers, field), _global(loaded, layers // pp, field)
         assert want.keys() == got.keys()
         for key in want:
             rows = 200 if key.endswith(("word_embeddings.weight", "output_layer.weight")) else None
