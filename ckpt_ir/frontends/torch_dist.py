@@ -13,7 +13,8 @@ result is a TP=1, PP=1 Megatron layout with fused QKV and gate/up, exactly the t
 
 Optimizer state saved with ``--dist-ckpt-optim-fully-reshardable``
 (``optimizer.state.{param,exp_avg,exp_avg_sq}.<model key>``, model shapes), in the per-bucket
-``dp_reshardable`` layout (0.15+ default, dense GPTs) or reformulated ``fully_sharded_model_space``
+``dp_reshardable`` layout (0.15+ default; MoE's chained dense + expert optimizers, MLA, MTP) or
+reformulated ``fully_sharded_model_space``
 (0.8-0.14 default) lifts into ``Checkpoint.states``; other layouts are refused when optimizer state
 is asked for (the weights still convert without it).  Megatron-Core 0.19+ keeps the common state
 (args, ...) in the DCP entry ``common_state`` instead of ``common.pt``.
