@@ -920,7 +920,8 @@ def _args_namespace(job: dict, config) -> argparse.Namespace:
         ns.multi_latent_attention, ns.qk_layernorm, ns.rope_type = True, True, "rope"
         for k, v in job["mla"].items():
             setattr(ns, k, v)
-    ns.mtp_num_layers = job.get("mtp_layers") or None
+    if job.get("mtp_layers"):
+        ns.mtp_num_layers = job["mtp_layers"]
     for k, v in job["extra_args"].items():
         setattr(ns, k, v)
     return ns

@@ -336,7 +336,7 @@ def test_moe_dp_reshardable_state_resumes_in_megatron_after_conversion(tmp_path)
     (TP, PP) rank (``chained_0.``) and the expert one per (expert TP, EP, PP) rank (``chained_1.``).
     Converted to the torch format at TP2 PP2 EP2 expert-TP 1 DP1 with no --hf-config,
     megatron-core resumes from it holding the source optimizers' own state bit for bit."""
-    from tests.test_distopt_reshard import STATES, _assert_same_state, _global, _truth
+    from tests.test_distopt_reshard import assert_moe_resumes
 
     hf = F.make_tiny_hf_mixtral(
         str(tmp_path / "hf"), hidden=72, layers=2, heads=4, kv_heads=2, ffn=100, experts=4, topk=2, vocab=256
@@ -351,17 +351,7 @@ def test_moe_dp_reshardable_state_resumes_in_megatron_after_conversion(tmp_path)
     out = str(tmp_path / "tp2pp2")
     args = ["--tp", "2", "--pp", "2", "--ep", "2", "--etp", "1", "--target-dp", "1", "--norm-names", "local"]
     assert cli_main(["convert", src, out, "--to", "mcore", "--quiet", *args]) == 0
-    resumed = str(tmp_path / "resumed")
-    F.resume_distopt_checkpoint(resumed, hf, out, tp=2, pp=2, dp=1, ep=2, etp=1, bucket_size=4096)
-    source = _truth(src, 1, 1, ep=2, experts=4)
-    loaded = _truth(resumed, 2, 2, ep=2, experts=4)
-    assert any(".local_experts.3." in k for _, k in loaded)
-    for field in (*STATES, "model_param"):
-        _assert_same_state(
-            _global(source, 2, field),
-            _global(loaded, 1, field),
-            torch.bfloat16 if field == "model_param" else torch.float32,
-        )
+    assert_moe_resumes(hf, src, out, str(tmp_path / "resumed"))
     # the optimizers' own state dicts (param groups with the Adam step) travel as [dense, expert]
     blob = torch.load(os.path.join(out, IT, "mp_rank_00_000_000", "model_optim_rng.pt"), weights_only=False)
     assert [o["optimizer"]["param_groups"][0]["step"] for o in blob["optimizer"]] == [2, 2]
@@ -412,6 +402,14 @@ def test_mla_mtp_dp_reshardable_state_resumes_in_megatron_after_conversion(tmp_p
     assert cli_main(["convert", src, str(tmp_path / "torch"), "--to", "mcore", "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "is not known to ckpt-ir" in err and "--no-optimizer" in err and err.count("\n") == 1
+    # what dp_reshardable reading does not cover yet is refused in one line, naming it
+    common = os.path.join(src, IT, "common.pt")
+    state = torch.load(common, weights_only=False)
+    state["args"].context_parallel_size = 2
+    torch.save(state, common)
+    assert cli_main(["convert", src, str(tmp_path / "cp"), *args, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "context parallelism is not supported yet" in err and err.count("\n") == 1
 
 
 def test_mtp_dp_reshardable_state_resumes_at_another_tp(work, hf72, tmp_path):
