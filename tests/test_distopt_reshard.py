@@ -61,6 +61,11 @@ def _global(truth: dict, layers_per_stage: int, field: str) -> dict:
                 "word_embeddings.weight",
                 "output_layer.weight",
                 "eh_proj.weight",  # multi-token prediction: column-parallel
+                # megatron-core's MLA with the local spec: every projection is column-parallel
+                "linear_q_down_proj.weight",
+                "linear_q_up_proj.weight",
+                "linear_kv_down_proj.weight",
+                "linear_kv_up_proj.weight",
             )
         ):
             assert all(torch.equal(p, parts[0]) for p in parts), f"replicas of {key} differ"

@@ -42,7 +42,7 @@ from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.dtypes import ITEMSIZE
 from ckpt_ir.ir.layout import Layout
-from ckpt_ir.ir.names import is_lora, layer_name
+from ckpt_ir.ir.names import COLUMN, Split, is_lora, layer_name, split_layer
 from ckpt_ir.ir.roles import canonical_order
 
 METADATA_JSON = "metadata.json"
@@ -373,8 +373,6 @@ def _bucket_states(
             ("context parallelism", a("context_parallel_size") != 1),
             ("grouped-GEMM experts", args.get("moe_grouped_gemm")),
             ("multi-token prediction with PP > 1", spec.mtp_layers and pp > 1),
-            # the local spec's MLA down-projections are column-parallel (split over TP), TE's are not
-            ("multi-latent attention with the local layer spec and TP > 1", spec.mla and tp > 1),
         )
         if yes
     ]
@@ -414,6 +412,14 @@ def _bucket_states(
                 lambda stage: [(r + etp * (e + ep * stage), r, e) for e in range(ep) for r in range(etp)],
             )
         )
+
+    def rule_of(canon: str) -> Split | None:
+        # the local spec builds MLA's down-projections as ColumnParallelLinear (split over TP);
+        # Transformer Engine's spec duplicates them (TELinear), as the split rules say
+        if order_names == "local" and split_layer(canon)[1] in ("attn.q_a.weight", "attn.kv_a.weight"):
+            return COLUMN
+        return split_rule(canon)
+
     shards: dict[str, dict[str, dict[int, E.Expr]]] = {w: {} for w in distopt.STATE_KEYS}
     n_shards: dict[str, int] = {}
     expected: set[tuple[int, int, int, int]] = set()
@@ -433,7 +439,7 @@ def _bucket_states(
                 for e in mine:
                     if ep_rank is not None and e.ep != ep_rank:
                         continue
-                    whole, rule = tensors[e.canon[0]].shape, split_rule(e.canon[0])
+                    whole, rule = tensors[e.canon[0]].shape, rule_of(e.canon[0])
                     n = etp if experts else tp
                     shape = list(whole)
                     if rule is not None and n > 1:
@@ -482,7 +488,7 @@ def _bucket_states(
     for which, by_name in shards.items():
         nodes = {}
         for canon, ranks in by_name.items():
-            rule, n = split_rule(canon), n_shards[canon]
+            rule, n = rule_of(canon), n_shards[canon]
             parts = tuple(ranks[r] for r in range(n)) if rule is not None and n > 1 else (ranks[0],)
             nodes[canon] = TensorNode.whole(canon, gather_exprs(parts, rule) if len(parts) > 1 else parts[0])
         sets[which] = nodes
@@ -501,7 +507,6 @@ def _mcore_entries(spec, entry, te: bool) -> list:
     ``linear_qkv`` for the two down-projections) and multi-token prediction (``mtp.final_layernorms.<k>``
     and a top-level ``final_layernorm`` for the main model's)."""
     from ckpt_ir.backends.torch_dist import _mla_key
-    from ckpt_ir.ir.names import split_layer
 
     if entry.key == M.MTP_FINAL_NORM or entry.key == M.MTP_FINAL_NORM[: -len("weight")] + "bias":
         return [attrs.evolve(entry, key="decoder." + entry.key)]
