@@ -355,8 +355,13 @@ def test_moe_dp_reshardable_state_resumes_in_megatron_after_conversion(tmp_path)
     # the optimizers' own state dicts (param groups with the Adam step) travel as [dense, expert]
     blob = torch.load(os.path.join(out, IT, "mp_rank_00_000_000", "model_optim_rng.pt"), weights_only=False)
     assert [o["optimizer"]["param_groups"][0]["step"] for o in blob["optimizer"]] == [2, 2]
-    # the weights alone convert too (the chained optimizer keys are not model tensors)
+    # the weights alone convert too (the chained optimizer keys are not model tensors), and the
+    # experts' fp32 masters export: expert 3 is EP rank 1's local expert 1
     _to_hf(src, hf, str(tmp_path / "hf_out"))
+    masters = _to_hf(src, hf, str(tmp_path / "hf_master"), "--weights-from", "master")
+    gt = torch.load(os.path.join(src, "ground_truth", "mp_rank_00_001.pt"), weights_only=False)["params"]
+    want = gt["decoder.layers.1.mlp.experts.local_experts.1.linear_fc2.weight"]["param"]
+    assert torch.equal(masters["model.layers.1.block_sparse_moe.experts.3.w2.weight"], want)
 
 
 MLA = dict(q_lora_rank=24, kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=8)
