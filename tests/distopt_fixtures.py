@@ -407,7 +407,7 @@ def make_torch_dist_checkpoint(
     (ground truth per ``mp_rank_TT[_PPP][_EEE]``, written where the expert-DP rank is 0).
     ``mla``: multi-latent attention with these MLATransformerConfig fields (``q_lora_rank``,
     ``kv_lora_rank``, ``qk_head_dim``, ``qk_pos_emb_head_dim``, ``v_head_dim``; q/kv norms on,
-    plain RoPE), built with the harness's MLA patches; ``mtp_layers``: that many multi-token
+    plain RoPE), built with the harness's MLA patches (``kv_channels`` = ``v_head_dim``); ``mtp_layers``: that many multi-token
     prediction layers.  ``fill_optimizer=True`` (instead of ``steps``, for models megatron-core
     cannot run forward on CPU): the optimizer state gets random values without a step.
     Returns the parsed ``OUT/fixture.json``."""
@@ -821,7 +821,8 @@ def _transformer_config(job: dict):
         num_attention_heads=heads,
         num_query_groups=hf.get("num_key_value_heads") or heads,
         ffn_hidden_size=hf["intermediate_size"],
-        kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
+        # MLA: the local core attention's output width (see mcore_harness._patch_mla_local_path)
+        kv_channels=mla["v_head_dim"] if mla else hf.get("head_dim") or hf["hidden_size"] // heads,
         use_cpu_initialization=True,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -1586,9 +1587,9 @@ def _worker(job: dict, rank: int, world: int) -> None:
     try:
         _patch_cuda()
         if job.get("mla"):  # megatron-core 0.16.1 builds MLA without Transformer Engine only so
-            from mcore_harness import _patch_mla_construction
+            from mcore_harness import _patch_mla_local_path
 
-            _patch_mla_construction()
+            _patch_mla_local_path()
         dist.init_process_group(
             "gloo",
             init_method="file://" + job["store"],
