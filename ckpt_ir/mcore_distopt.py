@@ -36,42 +36,69 @@ from ckpt_ir.ir import expr as E
 ALIGN = 64
 
 # Megatron-Core's parameter registration order (named_parameters(), which DDP walks backwards)
-# within a dense transformer layer, for the local and Transformer-Engine specs.  It is not the key
+# within a transformer layer, for the local and Transformer-Engine specs.  It is not the key
 # order of every rank file (MindSpeed-LLM and ckpt-ir write linear_qkv before linear_proj), so
 # the layout is built from this order, not from the file.
-_LAYER_ORDER = tuple(
-    f"{m}.{p}"
-    for m, ps in (
-        ("input_layernorm", ("weight", "bias")),
-        ("self_attention.linear_proj", ("weight", "bias")),
-        ("self_attention.linear_qkv", ("layer_norm_weight", "layer_norm_bias", "weight", "bias")),
-        ("self_attention.q_layernorm", ("weight", "bias")),
-        ("self_attention.k_layernorm", ("weight", "bias")),
-        ("pre_mlp_layernorm", ("weight", "bias")),
-        ("mlp.linear_fc1", ("layer_norm_weight", "layer_norm_bias", "weight", "bias")),
-        ("mlp.linear_fc2", ("weight", "bias")),
-        # MoE layer: router, experts (grouped weight1/weight2, or local_experts.{j}), shared experts
-        ("mlp.router", ("weight", "bias")),
-        ("mlp.experts", ("weight1", "weight2")),
-        (
-            "mlp.experts.local_experts.*",
-            ("linear_fc1.weight", "linear_fc1.bias", "linear_fc2.weight", "linear_fc2.bias"),
-        ),
-        (
-            "mlp.shared_experts",
-            ("linear_fc1.weight", "linear_fc1.bias", "linear_fc2.weight", "linear_fc2.bias", "gate_weight"),
-        ),
-    )
-    for p in ps
+_NORM = ("weight", "bias")
+_TE_LINEAR = ("layer_norm_weight", "layer_norm_bias", "weight", "bias")  # TE's fused norm comes first
+_ATTENTION = (
+    ("self_attention.linear_proj", ("weight", "bias")),
+    ("self_attention.linear_qkv", _TE_LINEAR),
+    ("self_attention.q_layernorm", _NORM),
+    ("self_attention.k_layernorm", _NORM),
 )
-_LAYER_RANK = {k: i for i, k in enumerate(_LAYER_ORDER)}
+# megatron-core's MLASelfAttention (multi_latent_attention.py): MultiLatentAttention registers
+# linear_proj, then the projections q (or q_down, q_up), kv_down, kv_up, then the q / kv norms
+# (IdentityOp with TE, whose up-projections carry them as layer_norm_weight).  MindSpeed-LLM's
+# fused linear_qkv is not in it: its modules' order is not known here.
+_MLA_ATTENTION = (
+    ("self_attention.linear_proj", ("weight", "bias")),
+    ("self_attention.linear_q_proj", ("weight",)),
+    ("self_attention.linear_q_down_proj", ("weight",)),
+    ("self_attention.linear_q_up_proj", _TE_LINEAR),
+    ("self_attention.linear_kv_down_proj", ("weight",)),
+    ("self_attention.linear_kv_up_proj", _TE_LINEAR),
+    ("self_attention.q_layernorm", _NORM),
+    ("self_attention.kv_layernorm", _NORM),
+)
+_MLP = (
+    ("pre_mlp_layernorm", _NORM),
+    ("mlp.linear_fc1", _TE_LINEAR),
+    ("mlp.linear_fc2", ("weight", "bias")),
+    # MoE layer: router, experts (grouped weight1/weight2, or local_experts.{j}), shared experts
+    ("mlp.router", ("weight", "bias")),
+    ("mlp.experts", ("weight1", "weight2")),
+    (
+        "mlp.experts.local_experts.*",
+        ("linear_fc1.weight", "linear_fc1.bias", "linear_fc2.weight", "linear_fc2.bias"),
+    ),
+    (
+        "mlp.shared_experts",
+        ("linear_fc1.weight", "linear_fc1.bias", "linear_fc2.weight", "linear_fc2.bias", "gate_weight"),
+    ),
+)
+
+
+def _order(modules) -> dict[str, int]:
+    keys = [f"{m}.{p}" for m, ps in (("input_layernorm", _NORM), *modules) for p in ps]
+    return {k: i for i, k in enumerate(keys)}
+
+
+_LAYER_RANK = _order(_ATTENTION + _MLP)
+_MLA_LAYER_RANK = _order(_MLA_ATTENTION + _MLP)
+_MLA_ONLY = {k for k in _MLA_LAYER_RANK if k not in _LAYER_RANK}
+# GPTModel registers embedding, decoder (layers, final norm), mtp, output_layer
 _TOP_RANK = {
     "embedding.word_embeddings.weight": (0,),
     "embedding.position_embeddings.weight": (0, 1),  # LanguageModelEmbedding registers it second
     "decoder.final_layernorm.weight": (2,),
     "decoder.final_layernorm.bias": (3,),
-    "output_layer.weight": (4,),
+    "output_layer.weight": (5,),
 }
+# megatron-core's MultiTokenPredictionLayer (mtp.layers.<k>.): enorm, hnorm, eh_proj, its
+# transformer_layer, final_layernorm (MindSpeed-LLM's mtp.final_layernorms.<k> is not in it)
+_MTP_RANK = {"enorm.weight": 0, "hnorm.weight": 1, "eh_proj.weight": 2, "final_layernorm.weight": 4}
+_MTP_LAYER = re.compile(r"^mtp\.layers\.(\d+)\.(.+)$")
 _LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 
 
@@ -88,24 +115,40 @@ def is_expert_param(key: str) -> bool:
 
 def registration_order(keys: list[str]) -> list[str] | None:
     """``keys`` (parameters of one model chunk) in Megatron-Core's registration order, or None when
-    a key is not a GPT parameter whose place is known."""
-    ranks = {}
+    a key is not a GPT parameter whose place is known.  A layer with any of megatron-core's own
+    multi-latent-attention modules is ordered as an MLA layer."""
+    ranks: dict[str, tuple] = {}
+    layers: dict[tuple, list[tuple[str, str]]] = {}  # (top rank prefix) -> [(key, key in the layer)]
     for key in keys:
         if key in _TOP_RANK:
-            ranks[key] = _TOP_RANK[key] + (0, 0)
+            ranks[key] = _TOP_RANK[key]
             continue
         parts = key.split(".", 3)
-        if len(parts) < 4 or parts[:2] != ["decoder", "layers"] or not parts[2].isdigit():
-            return None
-        rest, expert = parts[3], 0
-        m = _LOCAL_EXPERT.match(rest)
+        m = _MTP_LAYER.match(key)
         if m:
-            rest, expert = f"mlp.experts.local_experts.*.{m.group(2)}", int(m.group(1))
-        if rest not in _LAYER_RANK:
+            k, rest = int(m.group(1)), m.group(2)
+            if rest in _MTP_RANK:
+                ranks[key] = (4, k, _MTP_RANK[rest])
+            elif rest.startswith("transformer_layer."):
+                layers.setdefault((4, k, 3), []).append((key, rest[len("transformer_layer.") :]))
+            else:
+                return None
+        elif len(parts) == 4 and parts[:2] == ["decoder", "layers"] and parts[2].isdigit():
+            layers.setdefault((1, int(parts[2])), []).append((key, parts[3]))
+        else:
             return None
-        # local experts come expert by expert (fc1, fc2 of expert 0, then of expert 1, ...)
-        place = _LAYER_RANK["mlp.experts.local_experts.*.linear_fc1.weight"] if m else _LAYER_RANK[rest]
-        ranks[key] = (1, int(parts[2]), place, expert, _LAYER_RANK[rest])
+    for prefix, members in layers.items():
+        table = _MLA_LAYER_RANK if any(r in _MLA_ONLY for _, r in members) else _LAYER_RANK
+        for key, rest in members:
+            expert = 0
+            m = _LOCAL_EXPERT.match(rest)
+            if m:
+                rest, expert = f"mlp.experts.local_experts.*.{m.group(2)}", int(m.group(1))
+            if rest not in table:
+                return None
+            # local experts come expert by expert (fc1, fc2 of expert 0, then of expert 1, ...)
+            place = table["mlp.experts.local_experts.*.linear_fc1.weight"] if m else table[rest]
+            ranks[key] = prefix + (place, expert, table[rest])
     return sorted(keys, key=lambda k: ranks[k])
 
 

@@ -334,6 +334,8 @@ def resume_torch_dist_checkpoint(
     ep: int = 1,
     etp: int | None = None,
     grouped_gemm: bool = False,
+    mla: dict | None = None,
+    mtp_layers: int = 0,
 ) -> dict:
     """Like :func:`resume_distopt_checkpoint` for a ``torch_dist`` checkpoint with fully-reshardable
     optimizer state: ``dist_checkpointing.load`` of the model's and the optimizer's sharded state
@@ -343,7 +345,8 @@ def resume_torch_dist_checkpoint(
     ``hf_dir``: a dense and an expert optimizer, chained).  ``grouped_gemm=True`` builds the
     experts as megatron-core's legacy ``GroupedMLP`` (through the pure-torch ``grouped_gemm`` of
     ``tests/mcore_harness.py``): the ground truth then holds ``mlp.experts.weight1`` ``[H, E_loc*2F]``
-    and ``weight2`` ``[E_loc*F, H]`` (see :func:`per_expert`)."""
+    and ``weight2`` ``[E_loc*F, H]`` (see :func:`per_expert`).  ``mla``/``mtp_layers``: as in
+    :func:`make_torch_dist_checkpoint`."""
     with open(os.path.join(ckpt_dir, "latest_checkpointed_iteration.txt")) as fh:
         iteration = int(fh.read().strip())
     return _run_job(
@@ -369,6 +372,8 @@ def resume_torch_dist_checkpoint(
         ep=ep,
         etp=etp,
         grouped_gemm=grouped_gemm,
+        mla=mla,
+        mtp_layers=mtp_layers,
     )
 
 
@@ -408,6 +413,11 @@ def make_torch_dist_checkpoint(
     bucket_size: int | None = 4096,
     extra_args: dict | None = None,
     timeout: float = 300,
+    ep: int = 1,
+    etp: int | None = None,
+    mla: dict | None = None,
+    mtp_layers: int = 0,
+    fill_optimizer: bool = False,
 ) -> dict:
     """Build a ``torch_dist`` checkpoint of the model only (see the module doc) in
     ``OUT/iter_%07d/``.  ``steps > 0`` trains first (through the same DDP + DistributedOptimizer
@@ -419,10 +429,17 @@ def make_torch_dist_checkpoint(
     ``distrib_optim_sharding_type`` (``"dp_reshardable"``, 0.16's default, or
     ``"fully_reshardable"``, ``"fully_sharded_model_space"``, ``"dp_zero_gather_scatter"``); the
     per-parameter optimizer truth then goes into ``OUT/ground_truth/mp_rank_*.pt`` under
-    ``"optim"`` (same layout as :func:`make_distopt_checkpoint`'s ground truth).
+    ``"optim"`` (same layout as :func:`make_distopt_checkpoint`'s ground truth), its ``"params"``
+    also at the top level.  ``ep``/``etp``: a MoE ``hf_dir`` as in :func:`make_distopt_checkpoint`
+    (ground truth per ``mp_rank_TT[_PPP][_EEE]``, written where the expert-DP rank is 0).
+    ``mla``: multi-latent attention with these MLATransformerConfig fields (``q_lora_rank``,
+    ``kv_lora_rank``, ``qk_head_dim``, ``qk_pos_emb_head_dim``, ``v_head_dim``; q/kv norms on,
+    plain RoPE), built with the harness's MLA patches (``kv_channels`` = ``v_head_dim``); ``mtp_layers``: that many multi-token
+    prediction layers.  ``fill_optimizer=True`` (instead of ``steps``, for models megatron-core
+    cannot run forward on CPU): the optimizer state gets random values without a step.
     Returns the parsed ``OUT/fixture.json``."""
-    if optim_sharding and steps <= 0:
-        raise ValueError("optim_sharding needs steps > 0")
+    if optim_sharding and steps <= 0 and not fill_optimizer:
+        raise ValueError("optim_sharding needs steps > 0 or fill_optimizer")
     return _run_job(
         "torch_dist",
         out_dir,
@@ -444,6 +461,11 @@ def make_torch_dist_checkpoint(
         save_rng=False,
         extra_args=extra_args or {},
         timeout=timeout,
+        ep=ep,
+        etp=etp,
+        mla=mla,
+        mtp_layers=mtp_layers,
+        fill_optimizer=fill_optimizer,
     )
 
 
@@ -814,18 +836,20 @@ def _moe_kwargs(job: dict) -> dict:
 def _transformer_config(job: dict):
     import torch
     import torch.nn.functional as F
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     hf = job["hf_config"]
     heads = hf["num_attention_heads"]
+    mla = job.get("mla")
     dtype = torch.bfloat16 if job["bf16"] else torch.float32
-    return TransformerConfig(
+    return (MLATransformerConfig if mla else TransformerConfig)(
         num_layers=hf["num_hidden_layers"],
         hidden_size=hf["hidden_size"],
         num_attention_heads=heads,
         num_query_groups=hf.get("num_key_value_heads") or heads,
         ffn_hidden_size=hf["intermediate_size"],
-        kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
+        # MLA: the local core attention's output width (see mcore_harness._patch_mla_local_path)
+        kv_channels=mla["v_head_dim"] if mla else hf.get("head_dim") or hf["hidden_size"] // heads,
         use_cpu_initialization=True,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -848,7 +872,9 @@ def _transformer_config(job: dict):
         pipeline_model_parallel_size=job["pp"],
         sequence_parallel=False,
         batch_p2p_comm=False,
+        mtp_num_layers=job.get("mtp_layers") or None,
         **_moe_kwargs(job),
+        **({"multi_latent_attention": True, "qk_layernorm": True, "rope_type": "rope", **mla} if mla else {}),
     )
 
 
@@ -918,6 +944,12 @@ def _args_namespace(job: dict, config) -> argparse.Namespace:
         micro_batch_size=1,
         global_batch_size=MICRO * job["dp"],
     )
+    if job.get("mla"):  # Megatron-LM's MLA args (--multi-latent-attention, --q-lora-rank, ...)
+        ns.multi_latent_attention, ns.qk_layernorm, ns.rope_type = True, True, "rope"
+        for k, v in job["mla"].items():
+            setattr(ns, k, v)
+    if job.get("mtp_layers"):
+        ns.mtp_num_layers = job["mtp_layers"]
     for k, v in job["extra_args"].items():
         setattr(ns, k, v)
     return ns
@@ -952,7 +984,7 @@ def _build(job: dict):
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_mtp_block_spec
 
     tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     torch.manual_seed(job["seed"])
@@ -964,7 +996,12 @@ def _build(job: dict):
         moe_grouped_gemm=config.moe_grouped_gemm,
         moe_use_legacy_grouped_gemm=config.moe_grouped_gemm,  # GroupedMLP (TEGroupedMLP needs TE)
         normalization=config.normalization,
+        multi_latent_attention=bool(job.get("mla")),
+        qk_layernorm=bool(job.get("mla")),
     )
+    mtp = {}
+    if job.get("mtp_layers"):  # multi-token prediction: the decoder's layer spec, on the last stage
+        mtp["mtp_block_spec"] = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False)
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -975,6 +1012,7 @@ def _build(job: dict):
         share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
         position_embedding_type="learned_absolute" if job.get("gpt") else "rope",
         rotary_base=theta,
+        **mtp,
     )
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     if job.get("init_dir") and job["init"] != "resume_torch_dist":  # (torch_dist: loaded with the optimizer)
@@ -1181,6 +1219,31 @@ def _ground_truth(job: dict, gpt, model, optimizer) -> dict:
         "optimizers": optimizers,
         "param_order": [n for n, p in gpt.named_parameters() if p.requires_grad],
     }
+
+
+def _fill_optimizer_state(optimizer, job: dict) -> None:
+    """Give every optimizer state element a value of its own without a training step (a model
+    megatron-core cannot run forward on CPU, e.g. MLA): Adam's state is initialised as megatron-core
+    does for a checkpoint load, then each rank's piece of the fp32 masters and moments is
+    overwritten from a generator seeded by (seed, parameter, DP rank, TP rank if the parameter is
+    split, PP rank, EP rank), so that TP replicas agree as in training; exp_avg_sq non-negative."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    for dopt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        dopt._init_optimizer_states_with_dummy_values()
+        names = {p: n for chunk in dopt.model_chunks for n, p in chunk.named_parameters()}
+        where = f"{dopt.data_parallel_group.rank()}|{ps.get_pipeline_model_parallel_rank()}"
+        where += f"|{ps.get_expert_model_parallel_rank()}"
+        with torch.no_grad():
+            for p in dopt.model_param_gbuf_map:
+                tensors = dopt._get_main_param_and_optimizer_states(p)
+                tp = ps.get_tensor_model_parallel_rank() if getattr(p, "tensor_model_parallel", False) else -1
+                for k in ("param", "exp_avg", "exp_avg_sq"):
+                    key = f"{job['seed']}|{names[p]}|{k}|{where}|{tp}".encode()
+                    gen = torch.Generator().manual_seed(zlib.crc32(key))
+                    value = torch.randn(tensors[k].shape, generator=gen, dtype=torch.float32).mul_(0.02)
+                    tensors[k].copy_(value.abs_() if k == "exp_avg_sq" else value)
 
 
 def _rng_state():
@@ -1415,11 +1478,15 @@ def _run_torch_dist(job: dict, rank: int) -> None:
 
     gpt, config = _build(job)
     losses, model, optimizer = [], None, None
-    if job["steps"] > 0:
+    if job["steps"] > 0 or job.get("fill_optimizer"):
         model, optimizer, losses = _train(job, gpt, config)
+    if job.get("fill_optimizer"):
+        _fill_optimizer_state(optimizer, job)
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
-    name = mp_dir_name(tp_rank, pp_rank, job["pp"])
+    # one ground truth per rank directory of the torch format, written where the expert-DP rank is 0
+    # (as _run_distopt; without experts that is DP rank 0)
+    writer = ps.get_expert_data_parallel_rank() == 0
+    name = mp_dir_name(tp_rank, pp_rank, job["pp"], ps.get_expert_model_parallel_rank(), job.get("ep", 1))
     it_dir = os.path.join(job["out"], f"iter_{job['iteration']:07d}")
     if rank == 0:
         os.makedirs(it_dir, exist_ok=True)
@@ -1478,7 +1545,7 @@ def _run_torch_dist(job: dict, rank: int) -> None:
     _use_in_process_results_queue()
     dist_checkpointing.save(state, it_dir, sharded_strategy=save_strategy)
     gt_dir = os.path.join(job["out"], "ground_truth")
-    if dp_rank == 0:
+    if writer:
         os.makedirs(gt_dir, exist_ok=True)
         torch.save(
             {
@@ -1487,6 +1554,7 @@ def _run_torch_dist(job: dict, rank: int) -> None:
                 "model": gpt.state_dict_for_save_checkpoint(),
                 "losses": losses,
                 "optim": optim_truth,
+                "params": None if optim_truth is None else optim_truth["params"],
                 "bucket_size": None if model is None else model.bucket_size,
             },
             os.path.join(gt_dir, name + ".pt"),
@@ -1548,6 +1616,10 @@ def _worker(job: dict, rank: int, world: int) -> None:
     torch.set_num_threads(1)
     try:
         _patch_cuda()
+        if job.get("mla"):  # megatron-core 0.16.1 builds MLA without Transformer Engine only so
+            from mcore_harness import _patch_mla_local_path
+
+            _patch_mla_local_path()
         dist.init_process_group(
             "gloo",
             init_method="file://" + job["store"],

@@ -69,6 +69,12 @@ def _global(truth: dict, layers_per_stage: int, field: str) -> dict:
                 "linear_fc2.weight",
                 "word_embeddings.weight",
                 "output_layer.weight",
+                "eh_proj.weight",  # multi-token prediction: column-parallel
+                # megatron-core's MLA with the local spec: every projection is column-parallel
+                "linear_q_down_proj.weight",
+                "linear_q_up_proj.weight",
+                "linear_kv_down_proj.weight",
+                "linear_kv_up_proj.weight",
             )
         ):
             assert all(torch.equal(p, parts[0]) for p in parts), f"replicas of {key} differ"
@@ -650,6 +656,16 @@ def test_state_round_trips_through_layouts(hf_cache, tmp_path, family, layouts):
         current = ck.load(out, optimizer=True)
 
 
+def assert_moe_resumes(hf: str, src: str, out: str, resumed: str) -> None:
+    """megatron-core resumes ``out`` (a 2-layer, 4-expert Mixtral converted to TP2 PP2 EP2 expert-TP 1
+    DP1) into ``resumed`` holding the TP1 PP1 EP2 source run's state and weights bit for bit."""
+    F.resume_distopt_checkpoint(resumed, hf, out, tp=2, pp=2, dp=1, ep=2, etp=1, bucket_size=4096)
+    source = _truth(src, 1, 1, ep=2, experts=4)
+    loaded = _truth(resumed, 2, 2, ep=2, experts=4)
+    assert any(".local_experts.3." in k for _, k in loaded)
+    assert_same_training_state(source, 2, loaded, 1)
+
+
 def test_moe_expert_optimizer_reshards(tmp_path):
     """Mixtral trained by megatron-core with EP=2 and DP=4 (so expert DP = 2): a dense and an expert
     optimizer, [dense, expert] files, None where the saving rank has no dense state.  Converted to
@@ -690,12 +706,7 @@ def test_moe_expert_optimizer_reshards(tmp_path):
         )
         == 0
     )
-    resumed = str(tmp_path / "resumed")
-    F.resume_distopt_checkpoint(resumed, hf, out, tp=2, pp=2, dp=1, ep=2, etp=1, bucket_size=4096)
-    source = _truth(src, 1, 1, ep=2, experts=4)
-    loaded = _truth(resumed, 2, 2, ep=2, experts=4)
-    assert any(".local_experts.3." in k for _, k in loaded)
-    assert_same_training_state(source, 2, loaded, 1)
+    assert_moe_resumes(hf, src, out, str(tmp_path / "resumed"))
     back = str(tmp_path / "back")
     assert (
         cli_main(

@@ -330,6 +330,105 @@ def test_dp_reshardable_state_resumes_in_megatron_after_conversion(work, hf72, t
     _to_hf(src, hf72, str(tmp_path / "hf"), "--weights-from", "master")  # the fp32 masters export too
 
 
+def test_moe_dp_reshardable_state_resumes_in_megatron_after_conversion(tmp_path):
+    """A Mixtral trained by megatron-core with EP=2, DP=4 (expert DP 2) and saved with default
+    torch_dist settings: dp_reshardable state of Megatron's chained optimizers, the dense one per
+    (TP, PP) rank (``chained_0.``) and the expert one per (expert TP, EP, PP) rank (``chained_1.``).
+    Converted to the torch format at TP2 PP2 EP2 expert-TP 1 DP1 with no --hf-config,
+    megatron-core resumes from it holding the source optimizers' own state bit for bit."""
+    from tests.test_distopt_reshard import assert_moe_resumes
+
+    hf = F.make_tiny_hf_mixtral(
+        str(tmp_path / "hf"), hidden=72, layers=2, heads=4, kv_heads=2, ffn=100, experts=4, topk=2, vocab=256
+    )
+    src = str(tmp_path / "src")
+    F.make_torch_dist_checkpoint(
+        src, hf, tp=1, pp=1, dp=4, ep=2, steps=2, bf16=True, init="hf", optim_sharding="dp_reshardable"
+    )
+    keys = read_metadata(os.path.join(src, IT)).tensors
+    assert any(k.startswith("chained_1.optimizer.distributed.dp_group_idx_1.") for k in keys)
+    assert any(".bucket_idx_1." in k for k in keys)  # several buckets
+    out = str(tmp_path / "tp2pp2")
+    args = ["--tp", "2", "--pp", "2", "--ep", "2", "--etp", "1", "--target-dp", "1", "--norm-names", "local"]
+    assert cli_main(["convert", src, out, "--to", "mcore", "--quiet", *args]) == 0
+    assert_moe_resumes(hf, src, out, str(tmp_path / "resumed"))
+    # the optimizers' own state dicts (param groups with the Adam step) travel as [dense, expert]
+    blob = torch.load(os.path.join(out, IT, "mp_rank_00_000_000", "model_optim_rng.pt"), weights_only=False)
+    assert [o["optimizer"]["param_groups"][0]["step"] for o in blob["optimizer"]] == [2, 2]
+    # the weights alone convert too (the chained optimizer keys are not model tensors), and the
+    # experts' fp32 masters export: expert 3 is EP rank 1's local expert 1
+    _to_hf(src, hf, str(tmp_path / "hf_out"))
+    masters = _to_hf(src, hf, str(tmp_path / "hf_master"), "--weights-from", "master")
+    gt = torch.load(os.path.join(src, "ground_truth", "mp_rank_00_001.pt"), weights_only=False)["params"]
+    want = gt["decoder.layers.1.mlp.experts.local_experts.1.linear_fc2.weight"]["param"]
+    assert torch.equal(masters["model.layers.1.block_sparse_moe.experts.3.w2.weight"], want)
+
+
+MLA = dict(q_lora_rank=24, kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=8)
+
+
+def test_mla_mtp_dp_reshardable_state_resumes_in_megatron_after_conversion(tmp_path, capsys):
+    """A GPT with multi-latent attention and a multi-token-prediction layer, built by megatron-core
+    (plain Megatron-LM args, no HF family, the local layer spec: MLA's down-projections split over
+    TP) and saved dp_reshardable at TP=2 DP=2 with several buckets: its parameters lie in the order
+    megatron-core registers them (MLA: linear_proj, q_down, q_up, kv_down, kv_up, q/kv norms; the
+    MTP layer between the final norm and the output layer).  (megatron-core cannot run MLA forward
+    on CPU, so the optimizer state is random, not trained.)  Converted to torch_dist (fully
+    reshardable), megatron-core resumes it at TP=1 DP=1 holding every parameter's fp32 master and
+    Adam moments bit for bit; the torch format keeps MindSpeed-LLM's MLA / MTP modules, whose
+    order is unknown: a one-line error."""
+    hf = _hf(tmp_path / "hf", layers=2, kv_heads=4)
+    src = str(tmp_path / "src")
+    F.make_torch_dist_checkpoint(
+        src,
+        hf,
+        tp=2,
+        dp=2,
+        bf16=True,
+        optim_sharding="dp_reshardable",
+        fill_optimizer=True,
+        mla=MLA,
+        mtp_layers=1,
+    )
+    assert any(".bucket_idx_3." in k for k in read_metadata(os.path.join(src, IT)).tensors)
+    out = str(tmp_path / "td")
+    args = ["--to", "mcore", "--ckpt-format", "torch_dist", "--norm-names", "local"]
+    assert cli_main(["convert", src, out, *args, "--quiet"]) == 0
+    resumed = str(tmp_path / "resumed")
+    F.resume_torch_dist_checkpoint(resumed, hf, out, tp=1, pp=1, dp=1, mla=MLA, mtp_layers=1)
+    _assert_resumed_with_source_state(src, resumed, pp=1, layers=2)
+    loaded = torch.load(os.path.join(resumed, "ground_truth", "mp_rank_00.pt"), weights_only=False)
+    assert "mtp.layers.0.transformer_layer.self_attention.linear_q_down_proj.weight" in loaded["params"]
+    capsys.readouterr()
+    assert cli_main(["convert", src, str(tmp_path / "torch"), "--to", "mcore", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "is not known to ckpt-ir" in err and "--no-optimizer" in err and err.count("\n") == 1
+    # what dp_reshardable reading does not cover yet is refused in one line, naming it
+    common = os.path.join(src, IT, "common.pt")
+    state = torch.load(common, weights_only=False)
+    state["args"].context_parallel_size = 2
+    torch.save(state, common)
+    assert cli_main(["convert", src, str(tmp_path / "cp"), *args, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "context parallelism is not supported yet" in err and err.count("\n") == 1
+
+
+def test_mtp_dp_reshardable_state_resumes_at_another_tp(work, hf72, tmp_path):
+    """A GPT with a multi-token-prediction layer saved dp_reshardable at TP=2 DP=2 (random optimizer
+    state, see above): the MTP layer's state (eh_proj split over TP like megatron-core's column-
+    parallel linear) lies after the final norm; converted to torch_dist, megatron-core resumes
+    it at TP=1 with the source's state bit for bit."""
+    src = str(tmp_path / "src")
+    F.make_torch_dist_checkpoint(
+        src, hf72, tp=2, dp=2, bf16=True, optim_sharding="dp_reshardable", fill_optimizer=True, mtp_layers=1
+    )
+    out = str(tmp_path / "td")
+    assert cli_main(["convert", src, out, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]) == 0
+    resumed = str(tmp_path / "resumed")
+    F.resume_torch_dist_checkpoint(resumed, hf72, out, tp=1, pp=1, dp=1, mtp_layers=1)
+    _assert_resumed_with_source_state(src, resumed, pp=1)
+
+
 def test_unreadable_optimizer_layout_is_refused_but_weights_convert(work, hf72, tmp_path, capsys):
     out = str(work / "dp_zero")
     F.make_torch_dist_checkpoint(
@@ -681,9 +780,10 @@ def test_megatron_014_fully_sharded_model_space_optimizer_state(tmp_path):
     assert src.meta["optimizer"]["optimizer"]["optimizer"]["param_groups"] == param_groups
 
 
-def _assert_resumed_with_source_state(src: str, resumed: str) -> None:
-    """megatron-core resumed at TP=1 PP=2 (``resumed``) holds the TP=2 source run's own optimizer
-    state (its ground truth), except the vocabulary's padding rows (padded afresh)."""
+def _assert_resumed_with_source_state(src: str, resumed: str, pp: int = 2, layers: int = 4) -> None:
+    """megatron-core resumed at TP=1 and ``pp`` stages (``resumed``) holds the TP=2 PP=1 source
+    run's own optimizer state (its ground truth), except the vocabulary's padding rows (padded
+    afresh)."""
     from tests.test_distopt_reshard import STATES, _global, _truth
 
     optim = [
@@ -691,9 +791,9 @@ def _assert_resumed_with_source_state(src: str, resumed: str) -> None:
         for r in (0, 1)
     ]
     source = {(0, name): {r: optim[r]["params"][name] for r in (0, 1)} for name in optim[0]["params"]}
-    loaded = _truth(resumed, 1, 2)
+    loaded = _truth(resumed, 1, pp)
     for field in STATES:
-        want, got = _global(source, 4, field), _global(loaded, 2, field)
+        want, got = _global(source, layers, field), _global(loaded, layers // pp, field)
         assert want.keys() == got.keys()
         for key in want:
             rows = 200 if key.endswith(("word_embeddings.weight", "output_layer.weight")) else None

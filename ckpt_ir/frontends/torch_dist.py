@@ -13,7 +13,8 @@ result is a TP=1, PP=1 Megatron layout with fused QKV and gate/up, exactly the t
 
 Optimizer state saved with ``--dist-ckpt-optim-fully-reshardable``
 (``optimizer.state.{param,exp_avg,exp_avg_sq}.<model key>``, model shapes), in the per-bucket
-``dp_reshardable`` layout (0.15+ default, dense GPTs) or reformulated ``fully_sharded_model_space``
+``dp_reshardable`` layout (0.15+ default; MoE's chained dense + expert optimizers, MLA, MTP) or
+reformulated ``fully_sharded_model_space``
 (0.8-0.14 default) lifts into ``Checkpoint.states``; other layouts are refused when optimizer state
 is asked for (the weights still convert without it).  Megatron-Core 0.19+ keeps the common state
 (args, ...) in the DCP entry ``common_state`` instead of ``common.pt``.
@@ -41,13 +42,15 @@ from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.dtypes import ITEMSIZE
 from ckpt_ir.ir.layout import Layout
-from ckpt_ir.ir.names import is_lora, layer_name
+from ckpt_ir.ir.names import COLUMN, Split, is_lora, layer_name, split_layer
 from ckpt_ir.ir.roles import canonical_order
 
 METADATA_JSON = "metadata.json"
 COMMON = "common.pt"
 COMMON_STATE = "common_state"  # Megatron-Core 0.19+: the common state as a DCP bytes entry
 STATE_PREFIX = "optimizer.state."
+# ChainedOptimizer (MoE: [dense, expert]) prefixes each optimizer's keys unless they are fully reshardable
+_CHAINED = re.compile(r"^chained_\d+\.")
 _UNSTACKED = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _STACKED_EXPERTS = re.compile(r"^mlp\.experts\.(?:experts|local_experts)\.(linear_fc[12]\.(?:weight|bias))$")
 _ONE_EXPERT = re.compile(
@@ -110,12 +113,13 @@ def lift(
     other_optimizer: list[str] = []
     te_norms = te_fc1 = False
     for key, t in md.tensors.items():
-        if key.startswith("optimizer."):
-            stored = key[len(STATE_PREFIX) :].split(".", 1)[0] if key.startswith(STATE_PREFIX) else ""
+        plain = _CHAINED.sub("", key)  # without a chained optimizer's prefix (MoE: dense, expert)
+        if plain.startswith("optimizer."):
+            stored = plain[len(STATE_PREFIX) :].split(".", 1)[0] if plain.startswith(STATE_PREFIX) else ""
             which = _STATE_NAMES.get(stored, stored)
             if which in distopt.STATE_KEYS:
                 target = states.setdefault(which, {})
-                key = key[len(STATE_PREFIX) + len(stored) + 1 :]
+                key = plain[len(STATE_PREFIX) + len(stored) + 1 :]
             else:
                 other_optimizer.append(key)
                 continue
@@ -193,7 +197,7 @@ def lift(
         if buckets:
             norm_names = "te" if te_fc1 else "te-input" if te_norms else "local"
             sets, dtype_key = _bucket_states(buckets, md, build, spec, tensors, args, norm_names, it_dir)
-            for key in [k for k in dropped if k.startswith("optimizer.distributed.")]:
+            for key in [k for k in dropped if _CHAINED.sub("", k).startswith("optimizer.distributed.")]:
                 del dropped[key]
     if sets and args.get("overlap_grad_reduce") and not buckets:
         import sys
@@ -263,7 +267,7 @@ def lift(
             **distopt.training_args(args),
         }
         if buckets:  # dp_reshardable keeps the optimizer's own state dict per (TP, PP) group: group 0's
-            meta["optimizer"]["optimizer"] = _group_objects(md, "optimizer.distributed.dp_group_idx_0.")
+            meta["optimizer"]["optimizer"] = _optimizer_objects(md, bool(spec.num_experts))
         if dtype_key is not None:
             meta["optimizer"]["dtype_key"] = dtype_key
     elif common.get("optimizer") is not None:
@@ -291,20 +295,22 @@ def lift(
 
 
 _BUCKET = re.compile(
-    r"^optimizer\.distributed\.dp_group_idx_(\d+)\.gbuf_idx_(\d+)\.dtype_(\(.+\))\.bucket_idx_(\d+)"
-    r"\.(\w+)$"
+    r"^(?:chained_(\d+)\.)?optimizer\.distributed\.dp_group_idx_(\d+)\.gbuf_idx_(\d+)\.dtype_(\(.+\))"
+    r"\.bucket_idx_(\d+)\.(\w+)$"
 )
 
 
-def _bucket_keys(keys: list[str]) -> dict[tuple[int, int, int], dict[str, str]] | None:
-    """dp_reshardable (Megatron-Core 0.15+ default) optimizer keys: (model-parallel rank, buffer,
-    bucket) -> {state: key}; None when ``keys`` are not (only) that layout."""
-    out: dict[tuple[int, int, int], dict[str, str]] = {}
+def _bucket_keys(keys: list[str]) -> dict[tuple[int, int, int, int], dict[str, str]] | None:
+    """dp_reshardable (Megatron-Core 0.15+ default) optimizer keys: (optimizer, its model-parallel
+    rank, buffer, bucket) -> {state: key}; None when ``keys`` are not (only) that layout.  The
+    optimizer is the index in Megatron's chain (``chained_<i>.``: 0 dense, 1 expert), 0 unchained."""
+    out: dict[tuple[int, int, int, int], dict[str, str]] = {}
     for key in keys:
         m = _BUCKET.match(key)
         if m is None:
             return None
-        out.setdefault((int(m.group(1)), int(m.group(2)), int(m.group(4))), {})[m.group(5)] = key
+        at = (int(m.group(1) or 0), int(m.group(2)), int(m.group(3)), int(m.group(5)))
+        out.setdefault(at, {})[m.group(6)] = key
     return out or None
 
 
@@ -322,6 +328,14 @@ def _group_objects(md, prefix: str) -> dict[str, Any]:
     return out
 
 
+def _optimizer_objects(md, experts: bool) -> Any:
+    """dp_reshardable's optimizer state dicts of model-parallel rank 0, as the ``optimizer`` entry of a
+    torch-format ``model_optim_rng.pt`` holds them: one dict, or ``[dense, expert]`` with experts."""
+    if not experts:
+        return _group_objects(md, "optimizer.distributed.dp_group_idx_0.")
+    return [_group_objects(md, f"chained_{i}.optimizer.distributed.dp_group_idx_0.") for i in (0, 1)]
+
+
 def _bucket_states(
     buckets,
     md,
@@ -332,11 +346,16 @@ def _bucket_states(
     norm_names: str,
     where: str,
 ) -> tuple[dict[str, dict[str, TensorNode]], tuple]:
-    """Optimizer state saved ``dp_reshardable``: for each (TP rank, PP stage) -- model-parallel rank
-    TP rank + TP x stage -- and each model chunk's buffer, one 1-D tensor per DDP bucket holding
+    """Optimizer state saved ``dp_reshardable``: for each optimizer's model-parallel rank and each of
+    its buffers (one per model chunk holding its parameters), one 1-D tensor per DDP bucket holding
     that bucket without its end padding, i.e. ``distrib_optim.pt``'s coalesced buffer cut at the
-    bucket ends.  Parameters are placed as in ``distrib_optim.pt`` (the order of the layer spec
-    the run used: args.transformer_impl), then their TP shards are gathered."""
+    bucket ends.  Parameters are placed as in ``distrib_optim.pt`` (the order of the layer spec the
+    run used: args.transformer_impl), then their TP shards are gathered.
+
+    With experts Megatron chains two optimizers (``chained_0.``, ``chained_1.``): the dense one over
+    the (TP, PP) ranks, ``TP rank + TP x stage``, and the expert one over the (expert TP, EP, PP)
+    ranks, ``expert-TP rank + expert TP x (EP rank + EP x stage)``, whose buffers hold the routed
+    experts of that EP rank laid out for the expert-DP size."""
     # the Megatron keys of each rank, as the torch-format writer places them
     from ckpt_ir.backends.mcore import rank_content
     from ckpt_ir.io.safe_pickle import TorchDtype
@@ -345,74 +364,132 @@ def _bucket_states(
 
     a = lambda k, d=1: args.get(k) or d  # noqa: E731
     tp, pp, dp = a("tensor_model_parallel_size"), a("pipeline_model_parallel_size"), a("data_parallel_size")
-    if spec.num_experts or spec.mla or spec.mtp_layers or a("context_parallel_size") != 1:
-        raise FormatError(
-            f"{where}: dp_reshardable optimizer state of MoE / MLA / MTP or context-parallel runs is "
-            f"not supported yet; {_REFUSED}"
-        )
+    ep, etp = a("expert_model_parallel_size"), a("expert_tensor_parallel_size", tp)
     # the parameter order follows the modules the run built, not the (always TE-style) torch_dist names
     order_names = "local" if args.get("transformer_impl") == "local" else norm_names
+    unsupported = [
+        what
+        for what, yes in (
+            ("context parallelism", a("context_parallel_size") != 1),
+            ("grouped-GEMM experts", args.get("moe_grouped_gemm")),
+            ("multi-token prediction with PP > 1", spec.mtp_layers and pp > 1),
+        )
+        if yes
+    ]
+    if unsupported:
+        raise FormatError(
+            f"{where}: dp_reshardable optimizer state with {unsupported[0]} is not supported yet; {_REFUSED}"
+        )
     layout = Layout(
         format="mcore",
         tp=tp,
         pp=pp,
         vpp_layers=args.get("num_layers_per_virtual_pipeline_stage"),
+        ep=ep,
+        etp=None if etp == tp else etp,
         fused_qkv=True,
         fused_gate_up=True,
         norm_names=order_names,
     )
-    view = Checkpoint(spec=spec, layout=layout, tensors=tensors)
-    content, _ = rank_content(view)
+    view_tensors = dict(tensors)
+    if spec.mla:  # the torch format's fused linear_qkv, which rank_content places
+        _fuse_mla(spec, view_tensors)
+    content, _ = rank_content(Checkpoint(spec=spec, layout=layout, tensors=view_tensors))
+    content = {
+        at: [m for e in entries for m in _mcore_entries(spec, e, order_names != "local")]
+        for at, entries in content.items()
+    }
     chunks = 1 + max(c for _, c in content)
     tied = spec.tied_embeddings
+    # (optimizer, experts?, its DP size, its model-parallel ranks: (index, TP shard, EP rank) per stage)
+    optimizers = [(0, False, dp, lambda stage: [(r + tp * stage, r, None) for r in range(tp)])]
+    if spec.num_experts:
+        optimizers.append(
+            (
+                1,
+                True,
+                distopt.expert_dp(args, dp),
+                lambda stage: [(r + etp * (e + ep * stage), r, e) for e in range(ep) for r in range(etp)],
+            )
+        )
+
+    def rule_of(canon: str) -> Split | None:
+        # the local spec builds MLA's down-projections as ColumnParallelLinear (split over TP);
+        # Transformer Engine's spec duplicates them (TELinear), as the split rules say
+        if order_names == "local" and split_layer(canon)[1] in ("attn.q_a.weight", "attn.kv_a.weight"):
+            return COLUMN
+        return split_rule(canon)
+
     shards: dict[str, dict[str, dict[int, E.Expr]]] = {w: {} for w in distopt.STATE_KEYS}
+    n_shards: dict[str, int] = {}
+    expected: set[tuple[int, int, int, int]] = set()
     dtype_key = None
-    for (stage, chunk), entries in sorted(content.items()):
-        for rank in range(tp):
-            group = rank + tp * stage
-            local = {}
-            for e in entries:
-                whole, rule = tensors[e.canon[0]].shape, split_rule(e.canon[0])
-                shape = list(whole)
-                if rule is not None and tp > 1:
-                    shape[rule.dim] //= tp
-                local[e.key] = (e.canon[0], tuple(shape))
-            keys = distopt.registration_order(list(local)) or list(local)
-            params = [(k, math.prod(local[k][1])) for k in keys if not distopt.is_buffer(k)]
-            shared = distopt.shared_params(tied, stage, pp, chunk, chunks)
-            lay = distopt.param_offsets(params, distopt.bucket_size_for(args, stage, chunk, dp), dp, shared)
-            stored = [buckets.get((group, chunk, b)) for b in range(len(lay.bucket_sizes))]
-            extra = [b for (g, c, b) in buckets if (g, c) == (group, chunk) and b >= len(lay.bucket_sizes)]
-            if any(s is None or set(s) != set(distopt.STATE_KEYS) for s in stored) or extra:
-                raise FormatError(
-                    f"{where}: dp_reshardable state of model-parallel rank {group} chunk {chunk} does not "
-                    f"have the {len(lay.bucket_sizes)} buckets the parameter layout gives (DP {dp}, bucket "
-                    f"size {distopt.bucket_size_for(args, stage, chunk, dp)}); the args do not match how "
-                    f"it was saved"
-                )
-            for size, keys_of in zip(lay.bucket_sizes, stored):
-                for key in keys_of.values():
-                    dcp_t = md.tensors[key]
-                    if dcp_t.shape != (size,) or dcp_t.dtype != "F32":
-                        raise FormatError(
-                            f"{where}: {key} is {dcp_t.dtype} {list(dcp_t.shape)}, but the rebuilt "
-                            f"parameter layout gives F32 [{size}] for that bucket; the args do not match "
-                            f"how the optimizer state was saved"
-                        )
-                    dtype_key = dtype_key or _dtype_key(key)
-            for k, numel in params:
-                b, off = lay.in_bucket[k]
-                canon, shape = local[k]
-                for which in distopt.STATE_KEYS:
-                    flat = build(md.tensors[stored[b][which]], ())
-                    piece = E.simplify(E.Reshape(E.Slice(flat, 0, off, off + numel), shape))
-                    shards[which].setdefault(canon, {}).setdefault(rank, piece)
+    for opt, experts, opt_dp, mp_ranks in optimizers:
+        gbuf = {}  # (stage, chunk) -> buffer index: Megatron counts only chunks with parameters of its own
+        for stage, chunk in sorted(content):
+            mine = [
+                e
+                for e in content[(stage, chunk)]
+                if distopt.is_expert_param(e.key) == experts and not distopt.is_buffer(e.key)
+            ]
+            if mine:
+                gbuf[(stage, chunk)] = sum(1 for s, _ in gbuf if s == stage)
+            for group, shard, ep_rank in mp_ranks(stage) if mine else ():
+                local = {}
+                for e in mine:
+                    if ep_rank is not None and e.ep != ep_rank:
+                        continue
+                    whole, rule = tensors[e.canon[0]].shape, rule_of(e.canon[0])
+                    n = etp if experts else tp
+                    shape = list(whole)
+                    if rule is not None and n > 1:
+                        shape[rule.dim] //= n
+                    local[e.key] = (e.canon[0], tuple(shape))
+                    n_shards[e.canon[0]] = n
+                keys = distopt.registration_order(list(local)) or list(local)
+                params = [(k, math.prod(local[k][1])) for k in keys]
+                shared = frozenset() if experts else distopt.shared_params(tied, stage, pp, chunk, chunks)
+                size = distopt.bucket_size_for(args, stage, chunk, opt_dp)
+                lay = distopt.param_offsets(params, size, opt_dp, shared)
+                at = [(opt, group, gbuf[(stage, chunk)], b) for b in range(len(lay.bucket_sizes))]
+                expected.update(at)
+                stored = [buckets.get(k) for k in at]
+                if any(s is None or set(s) != set(distopt.STATE_KEYS) for s in stored):
+                    raise FormatError(
+                        f"{where}: dp_reshardable state of {'expert' if experts else 'dense'} optimizer "
+                        f"rank {group} chunk {chunk} does not have the {len(lay.bucket_sizes)} buckets the "
+                        f"parameter layout gives (DP {opt_dp}, bucket size {size}); the args do not "
+                        f"match how it was saved"
+                    )
+                for bucket_size, keys_of in zip(lay.bucket_sizes, stored):
+                    for key in keys_of.values():
+                        dcp_t = md.tensors[key]
+                        if dcp_t.shape != (bucket_size,) or dcp_t.dtype != "F32":
+                            raise FormatError(
+                                f"{where}: {key} is {dcp_t.dtype} {list(dcp_t.shape)}, but the rebuilt "
+                                f"parameter layout gives F32 [{bucket_size}] for that bucket; the args do "
+                                f"not match how the optimizer state was saved"
+                            )
+                        dtype_key = dtype_key or _BUCKET.match(key).group(4)
+                for k, numel in params:
+                    b, off = lay.in_bucket[k]
+                    canon, shape = local[k]
+                    for which in distopt.STATE_KEYS:
+                        flat = build(md.tensors[stored[b][which]], ())
+                        piece = E.simplify(E.Reshape(E.Slice(flat, 0, off, off + numel), shape))
+                        shards[which].setdefault(canon, {}).setdefault(shard, piece)
+    extra = sorted(set(buckets) - expected)
+    if extra:
+        raise FormatError(
+            f"{where}: dp_reshardable bucket {extra[0]} (optimizer, rank, buffer, bucket) is not in the "
+            f"parameter layout rebuilt from the args; the args do not match how it was saved"
+        )
     sets: dict[str, dict[str, TensorNode]] = {}
     for which, by_name in shards.items():
         nodes = {}
         for canon, ranks in by_name.items():
-            rule = split_rule(canon)
-            parts = tuple(ranks[r] for r in range(tp)) if rule is not None and tp > 1 else (ranks[0],)
+            rule, n = rule_of(canon), n_shards[canon]
+            parts = tuple(ranks[r] for r in range(n)) if rule is not None and n > 1 else (ranks[0],)
             nodes[canon] = TensorNode.whole(canon, gather_exprs(parts, rule) if len(parts) > 1 else parts[0])
         sets[which] = nodes
     if dtype_key is None:
@@ -420,8 +497,36 @@ def _bucket_states(
     return sets, tuple(TorchDtype(d.strip().removeprefix("torch.")) for d in dtype_key.strip("()").split(","))
 
 
-def _dtype_key(key: str) -> str:
-    return _BUCKET.match(key).group(3)
+_MTP_FINAL_NORMS = re.compile(r"^mtp\.final_layernorms\.(\d+)\.(weight|bias)$")
+_LAYER_PREFIX = re.compile(r"^(decoder\.layers\.\d+\.|mtp\.layers\.\d+\.transformer_layer\.)")
+
+
+def _mcore_entries(spec, entry, te: bool) -> list:
+    """A torch-format rank entry under the names of megatron-core's own modules, which dp_reshardable
+    lays out: the torch format keeps MindSpeed-LLM's for multi-latent attention (one fused
+    ``linear_qkv`` for the two down-projections) and multi-token prediction (``mtp.final_layernorms.<k>``
+    and a top-level ``final_layernorm`` for the main model's)."""
+    from ckpt_ir.backends.torch_dist import _mla_key
+
+    if entry.key == M.MTP_FINAL_NORM or entry.key == M.MTP_FINAL_NORM[: -len("weight")] + "bias":
+        return [attrs.evolve(entry, key="decoder." + entry.key)]
+    m = _MTP_FINAL_NORMS.match(entry.key)
+    if m:
+        return [attrs.evolve(entry, key=f"mtp.layers.{m.group(1)}.final_layernorm.{m.group(2)}")]
+    prefix = _LAYER_PREFIX.match(entry.key)
+    if not spec.mla or prefix is None or len(entry.canon) != 1:
+        return [entry]
+    layer, rest = split_layer(entry.canon[0])
+    if rest == "attn.qkv_a.weight":
+        q = "attn.q_a.weight" if spec.q_lora_rank else "attn.q.weight"
+        return [
+            attrs.evolve(
+                entry, key=prefix.group(1) + str(_mla_key(c, te, False)), canon=(layer_name(layer, c),)
+            )
+            for c in (q, "attn.kv_a.weight")
+        ]
+    key = _mla_key(rest, te, spec.is_moe_layer(layer))
+    return [entry if key is None else attrs.evolve(entry, key=prefix.group(1) + key)]
 
 
 def _common_state(it_dir: str, md) -> tuple[dict, str]:
