@@ -429,6 +429,33 @@ def test_mtp_dp_reshardable_state_resumes_at_another_tp(work, hf72, tmp_path):
     _assert_resumed_with_source_state(src, resumed, pp=1)
 
 
+def test_run_saved_without_optimizer_state_converts_to_megatron(tp1pp1, hf72, tmp_path):
+    """Megatron names the distributed optimizer's sharding type in ``content_metadata`` also when
+    the run saved no optimizer state (``--no-save-optim``): the checkpoint converts to a Megatron
+    target like a model-only one (weights only, no ``distrib_optim.pt``), not refused."""
+    src = str(tmp_path / "no_optim")
+    shutil.copytree(tp1pp1, src)
+    common = os.path.join(src, "iter_0000001", "common.pt")
+    state = torch.load(common, weights_only=False)
+    state["content_metadata"]["distrib_optim_sharding_type"] = "dp_reshardable"
+    torch.save(state, common)
+    out, plain = str(tmp_path / "m"), str(tmp_path / "plain")
+    for source, dst in ((src, out), (tp1pp1, plain)):
+        assert cli_main(["convert", source, dst, "--to", "mcore", "--hf-config", hf72, "--quiet"]) == 0
+    ranks = sorted(p for p in os.listdir(os.path.join(out, "iter_0000001")))
+    assert ranks == ["mp_rank_00"]
+    assert os.listdir(os.path.join(out, "iter_0000001", "mp_rank_00")) == ["model_optim_rng.pt"]
+    got, want = (
+        torch.load(os.path.join(d, "iter_0000001", "mp_rank_00", "model_optim_rng.pt"), weights_only=False)[
+            "model"
+        ]
+        for d in (out, plain)
+    )
+    assert got.keys() == want.keys() and all(
+        torch.equal(got[k], want[k]) for k in want if torch.is_tensor(want[k])
+    )
+
+
 def test_unreadable_optimizer_layout_is_refused_but_weights_convert(work, hf72, tmp_path, capsys):
     out = str(work / "dp_zero")
     F.make_torch_dist_checkpoint(

@@ -168,7 +168,10 @@ def lift(
             f"(keys such as {_short((other_optimizer or sorted(states))[0])}), "
             f"which ckpt-ir cannot reshard; {_REFUSED}"
         )
-    if want_states and sharding and not states and not buckets and not other_optimizer:
+    # Megatron names the sharding type in content_metadata whenever the run used the distributed
+    # optimizer, also when it saved no optimizer state (--no-save-optim): refuse only saved state
+    saved_objects = any("optimizer." in key.split("/shard_", 1)[0] for key in md.objects)
+    if want_states and sharding and not states and not buckets and not other_optimizer and saved_objects:
         # e.g. dp_zero_gather_scatter: the whole state pickled as one object per model-parallel rank
         raise FormatError(
             f"{it_dir}: the distributed-optimizer state is saved as {sharding!r}, which ckpt-ir cannot "
@@ -199,7 +202,8 @@ def lift(
             sets, dtype_key = _bucket_states(buckets, md, build, spec, tensors, args, norm_names, it_dir)
             for key in [k for k in dropped if _CHAINED.sub("", k).startswith("optimizer.distributed.")]:
                 del dropped[key]
-    if sets and args.get("overlap_grad_reduce") and not buckets:
+    # (ckpt-ir's own output, whose args name its family, is written unshifted)
+    if sets and args.get("overlap_grad_reduce") and not buckets and "ckpt_ir_family" not in args:
         import sys
 
         # Megatron-LM PR #5077: before the fix, fully-reshardable saves with several DDP buckets
