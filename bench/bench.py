@@ -19,8 +19,9 @@ fp32 with `--make-vocab-size-divisible-by 128`: peak memory with embeddings of 1
 and `moe` (a Qwen3-MoE-shaped checkpoint with Qwen3-30B-A3B's widths: hidden 2048, 128 experts of
 768, vocab 151936, as many layers as the size asks, about 400 tensors per layer in shards of about
 1.2 GB; timed HF -> mcore EP8, mcore EP8 -> HF and mcore EP8 -> TP2 EP4, each against `cp -r` +
-`sync` of the source).  `--torchrun N` also times HF -> mcore EP8 under `torchrun --nproc-per-node
-N` and checks that its output is byte-identical to the single-process one.
+`sync` of its own source, the HF or the EP8 checkpoint).  `--torchrun N` also times HF -> mcore
+EP8 under `torchrun --nproc-per-node N` and checks that its output is byte-identical to the
+single-process one.
 """
 
 from __future__ import annotations
@@ -465,7 +466,7 @@ def time_tasks(
 
 def bench_moe(root: str, label: str, size: int, args) -> list[tuple]:
     """The MoE model: HF -> mcore EP8, mcore EP8 -> HF, EP8 -> TP2 EP4 (and HF -> EP8 under
-    torchrun), each against `cp -r` + `sync` of the source."""
+    torchrun), each against `cp -r` + `sync` of its own source (the HF or the EP8 checkpoint)."""
     src = os.path.join(root, "hf")
     gen = [sys.executable, __file__, "--generate-moe", src, str(size)] + (["tiny"] if args.moe_tiny else [])
     layers = int(subprocess.check_output(gen))
@@ -481,11 +482,13 @@ def bench_moe(root: str, label: str, size: int, args) -> list[tuple]:
             out["ep8"],
             "cp -r + sync",
         ),
-        "mcore ep8 -> hf": (convert(out["ep8"], out["back"], "--to", "hf"), out["back"], "cp -r + sync"),
+        # the EP8 checkpoint is the source of the next two tasks: their yardstick is cp of it
+        "cp -r ep8 + sync": (["cp", "-r", out["ep8"], out["cp"]], out["cp"], ""),
+        "mcore ep8 -> hf": (convert(out["ep8"], out["back"], "--to", "hf"), out["back"], "cp -r ep8 + sync"),
         "mcore ep8 -> tp2 ep4": (
             convert(out["ep8"], out["tp2ep4"], "--to", "mcore", "--tp", "2", "--ep", "4"),
             out["tp2ep4"],
-            "cp -r + sync",
+            "cp -r ep8 + sync",
         ),
     }
     if args.torchrun:
