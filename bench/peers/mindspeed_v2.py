@@ -36,13 +36,23 @@ import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# the two layouts most cases use: MindSpeed-LLM v2 target flags
+TP2_PP2 = ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2"]
+TP2_EP2_GROUPED = [
+    "--target-tensor-parallel-size",
+    "2",
+    "--target-expert-parallel-size",
+    "2",
+    "--moe-grouped-gemm",
+]
+
 # case -> (HF model_type, MindSpeed --model-type-hf, flags shared by both converters); a
 # remote-code family's model is the remote test's packed checkpoint (tests/test_families_remote.py)
 CASES = {
     "seed-oss-tp2pp2": (
         "seed_oss",
         "seed-oss",
-        ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2"],
+        TP2_PP2,
     ),
     "seed-oss-tp1pp2-layers": (
         "seed_oss",
@@ -73,49 +83,49 @@ CASES = {
     "deepseek2-lite-tp2pp2": (
         "deepseek_v2",
         "deepseek2-lite",
-        ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2"],
+        TP2_PP2,
     ),
     "deepseek2-lite-tp2ep2-grouped": (
         "deepseek_v2",
         "deepseek2-lite",
-        ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--moe-grouped-gemm"],
+        TP2_EP2_GROUPED,
     ),
     "phi3.5-moe-tp2pp2": (
         "phimoe",
         "phi3.5-moe",
-        ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2"],
+        TP2_PP2,
     ),
     "phi3.5-moe-tp2ep2-grouped": (
         "phimoe",
         "phi3.5-moe",
-        ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--moe-grouped-gemm"],
+        TP2_EP2_GROUPED,
     ),
     "minimax_m2-tp2pp2": (
         "minimax_m2",
         "minimax_m2",
-        ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2"],
+        TP2_PP2,
     ),
     "minimax_m2-tp2ep2-grouped": (
         "minimax_m2",
         "minimax_m2",
-        ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--moe-grouped-gemm"],
+        TP2_EP2_GROUPED,
     ),
     "bailing_mini-tp2pp2": (
         "bailing_moe_v2",
         "bailing_mini",
-        ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2"],
+        TP2_PP2,
     ),
     "bailing_mini-tp2ep2-grouped": (
         "bailing_moe_v2",
         "bailing_mini",
-        ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--moe-grouped-gemm"],
+        TP2_EP2_GROUPED,
     ),
     # Ling 2.0 as released (use_qkv_bias false): MindSpeed's bailing_mini entry maps no
     # use_qkv_bias -> add_qkv_bias, so it cannot carry query_key_value.bias (see docs/families.md)
     "bailing_mini-nobias-tp2ep2-grouped": (
         "bailing_moe_v2-no-qkv-bias",
         "bailing_mini",
-        ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--moe-grouped-gemm"],
+        TP2_EP2_GROUPED,
     ),
     # Hunyuan V3 with one MTP layer as the release stores it (tests/test_families_wave_b.py)
     "HYV3-mtp-tp2pp2ep2-grouped": (
@@ -152,12 +162,12 @@ CASES = {
     "deepseek32-tp2pp2": (
         "deepseek_v32",
         "deepseek32",
-        ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2"],
+        TP2_PP2,
     ),
     "deepseek32-tp2ep2-grouped": (
         "deepseek_v32",
         "deepseek32",
-        ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--moe-grouped-gemm"],
+        TP2_EP2_GROUPED,
     ),
     "deepseek32-mtp-tp2pp2ep2": (
         "deepseek_v32+mtp",
@@ -182,12 +192,12 @@ CASES = {
     "glm5-tp2ep2-grouped": (
         "glm_moe_dsa+3dense",
         "glm5",
-        ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--moe-grouped-gemm"],
+        TP2_EP2_GROUPED,
     ),
     "plm-tp2pp2": (
         "plm",
         "plm",
-        ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2"],
+        TP2_PP2,
     ),
     "plm-tp1pp2-layers": ("plm", "plm", ["--target-pipeline-parallel-size", "2", "--num-layer-list", "1,3"]),
 }
