@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ckpt_ir.api as ck
-from tests.test_families_wave_a import append_mtp_layer, model_cache
-from tests.test_hf_roundtrip import IDS, assert_same_tensors, convert, hf_state, logits
+from tests.test_families_wave_a import append_mtp_layer, assert_round_trip, model_cache
+from tests.test_hf_roundtrip import assert_same_tensors, convert, hf_state
 
 BASE = dict(
     hidden_size=64,
@@ -86,13 +86,7 @@ CASES = [(f, i) for f in CONFIGS for i in range(len(LAYOUTS[f]))]
 
 @pytest.mark.parametrize("family,layout", CASES, ids=[f"{f}-{i}" for f, i in CASES])
 def test_hf_to_mcore_to_hf_bit_exact_with_same_logits(models, tmp_path, family, layout):
-    src = models(family)
-    assert ck.load(src).spec.family == family
-    mid, back = str(tmp_path / "mid"), str(tmp_path / "back")
-    convert(src, mid, ck.Target(to="mcore", **LAYOUTS[family][layout]))
-    convert(mid, back, ck.Target(to="hf"))
-    assert_same_tensors(src, back)
-    assert torch.equal(logits(src, IDS), logits(back, IDS))
+    assert_round_trip(models(family), tmp_path, family, LAYOUTS[family][layout])
 
 
 def _rank(mid: str, name: str) -> dict:
