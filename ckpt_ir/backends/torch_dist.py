@@ -204,15 +204,15 @@ def _layer_entries(
             # Megatron-Core keeps MLA's two down-projections apart (the torch format's linear_qkv
             # is MindSpeed-LLM's fusion of them)
             parts = mla_rule(spec).split(nodes[here + rest].expr)
-            q = _mla_key("attn.q_a.weight" if spec.q_lora_rank else "attn.q.weight", te, False)
+            q = mla_key("attn.q_a.weight" if spec.q_lora_rank else "attn.q.weight", te, False)
             out.append((str(q), E.simplify(parts["q"]), False))
-            out.append((str(_mla_key("attn.kv_a.weight", te, False)), E.simplify(parts["kv_a"]), False))
+            out.append((str(mla_key("attn.kv_a.weight", te, False)), E.simplify(parts["kv_a"]), False))
             used.add(here + rest)
             continue
         names = local if te and spec.is_moe_layer(layer) and rest.startswith("mlp_norm.") else table
         key = names.from_canonical(role.format(i=0, e=0))[len("decoder.layers.0.") :]
         if spec.mla:
-            key = _mla_key(rest, te, spec.is_moe_layer(layer)) or key
+            key = mla_key(rest, te, spec.is_moe_layer(layer)) or key
         if "{e}" in rest:
             names = [here + rest.format(e=e) for e in range(spec.num_experts)]
             have = [n for n in names if n in nodes]
@@ -229,7 +229,7 @@ def _layer_entries(
     return out
 
 
-def _mla_key(rest: str, te: bool, moe: bool) -> str | None:
+def mla_key(rest: str, te: bool, moe: bool) -> str | None:
     """Megatron-Core's key of an MLA layer's tensor where it differs from the torch format's."""
     if te and not moe and rest == "mlp_norm.weight":  # a dense layer's pre-MLP norm fused into fc1
         return "mlp.linear_fc1.layer_norm_weight"

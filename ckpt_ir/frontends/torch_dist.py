@@ -510,7 +510,7 @@ def _mcore_entries(spec, entry, te: bool) -> list:
     lays out: the torch format keeps MindSpeed-LLM's for multi-latent attention (one fused
     ``linear_qkv`` for the two down-projections) and multi-token prediction (``mtp.final_layernorms.<k>``
     and a top-level ``final_layernorm`` for the main model's)."""
-    from ckpt_ir.backends.torch_dist import _mla_key
+    from ckpt_ir.backends.torch_dist import mla_key
 
     if entry.key == M.MTP_FINAL_NORM or entry.key == M.MTP_FINAL_NORM[: -len("weight")] + "bias":
         return [attrs.evolve(entry, key="decoder." + entry.key)]
@@ -525,11 +525,11 @@ def _mcore_entries(spec, entry, te: bool) -> list:
         q = "attn.q_a.weight" if spec.q_lora_rank else "attn.q.weight"
         return [
             attrs.evolve(
-                entry, key=prefix.group(1) + str(_mla_key(c, te, False)), canon=(layer_name(layer, c),)
+                entry, key=prefix.group(1) + str(mla_key(c, te, False)), canon=(layer_name(layer, c),)
             )
             for c in (q, "attn.kv_a.weight")
         ]
-    key = _mla_key(rest, te, spec.is_moe_layer(layer))
+    key = mla_key(rest, te, spec.is_moe_layer(layer))
     return [entry if key is None else attrs.evolve(entry, key=prefix.group(1) + key)]
 
 
