@@ -89,17 +89,16 @@ class Plan:
 
 def form(e: E.Expr) -> tuple:
     """``e`` with its files and tensor names abstracted away: file paths numbered in order of
-    appearance, offsets relative to the first load's.  Whatever :func:`tensor_memory` computes
-    (shapes, dtypes, which byte ranges are adjacent in one file) is a function of this form."""
-    paths: dict[str, int] = {}
-    base: list[int] = []
+    appearance, offsets relative to the first load's in the same file.  Whatever
+    :func:`tensor_memory` computes (shapes, dtypes, which byte ranges are adjacent in one file)
+    is a function of this form: a LoRA merge of every layer's q_proj has one form, although its
+    weight and its factors lie at other distances from each other in each layer."""
+    base: dict[str, tuple[int, int]] = {}  # path -> (number, offset of its first load)
 
     def walk(n: E.Expr) -> tuple:
         if isinstance(n, E.Load):
-            if not base:
-                base.append(n.offset)
-            at = paths.setdefault(n.path, len(paths))
-            return ("load", at, n.offset - base[0], n.full_shape, n.load_dtype, n.rows)
+            at, first = base.setdefault(n.path, (len(base), n.offset))
+            return ("load", at, n.offset - first, n.full_shape, n.load_dtype, n.rows)
         out: list = [type(n).__name__]
         for field in attrs.fields(type(n)):
             v = getattr(n, field.name)
