@@ -32,16 +32,17 @@ def cast(raw: np.ndarray, src: str, dst: str, out: np.ndarray) -> None:
 
 def _cast(raw: np.ndarray, src: str, dst: str, out: np.ndarray) -> None:
     if src == "F32":
-        _from_f32(raw.view(np.uint32), dst, out)
+        from_f32(raw.view(np.uint32), dst, out)
     elif dst == "F32":
-        _to_f32(raw, src, out.view(np.float32))
+        to_f32(raw, src, out.view(np.float32))
     else:  # bf16 <-> fp16 goes through fp32 (exact), as torch's does; but fp16 -> bf16 writes a NaN as 0x7FC0
         wide = np.empty(raw.shape, np.float32)
-        _to_f32(raw, src, wide)
-        _from_f32(wide.view(np.uint32), dst, out, bf16_nan=0x7FC0)
+        to_f32(raw, src, wide)
+        from_f32(wide.view(np.uint32), dst, out, bf16_nan=0x7FC0)
 
 
-def _to_f32(raw: np.ndarray, src: str, out: np.ndarray) -> None:
+def to_f32(raw: np.ndarray, src: str, out: np.ndarray) -> None:
+    """One chunk of :func:`cast` to fp32: ``raw`` (1-D, ``src``'s width) into the fp32 ``out``."""
     if src == "BF16":  # the top half of an fp32: exact
         np.left_shift(raw.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
     else:
@@ -52,20 +53,23 @@ def _to_f32(raw: np.ndarray, src: str, out: np.ndarray) -> None:
             out.view(np.uint32)[nan] = ((bits & 0x8000) << 16) | 0x7FC00000 | ((bits & 0x3FF) << 13)
 
 
-def _from_f32(u: np.ndarray, dst: str, out: np.ndarray, bf16_nan: int = 0xFFFF) -> None:
+def from_f32(
+    u: np.ndarray, dst: str, out: np.ndarray, bf16_nan: int = 0xFFFF, scratch: np.ndarray | None = None
+) -> None:
+    """One chunk of :func:`cast` from fp32: the bits ``u`` (1-D uint32) into ``out`` (``dst``'s
+    width); ``scratch`` (uint32, ``u``'s size) spares an allocation."""
     out16 = out.view(np.uint16)
     if dst == "BF16":  # round to nearest even on the upper half; torch writes an fp32 NaN as 0xFFFF
-        bias = np.right_shift(u, 16)
+        bias = np.right_shift(u, 16, out=scratch)
         np.bitwise_and(bias, 1, out=bias)
         bias += 0x7FFF
         bias += u
-        np.right_shift(bias, 16, out=bias)
-        out16[...] = bias
+        np.right_shift(bias, 16, out=out16, casting="unsafe")  # the upper half: fits 16 bits
     else:
         with np.errstate(over="ignore"):  # overflow to infinity is the cast's meaning
             out16[...] = u.view(np.float32).astype(np.float16).view(np.uint16)
-    nan = np.isnan(u.view(np.float32))
-    if nan.any():
+    if u.size and np.isnan(np.maximum.reduce(u.view(np.float32))):  # a NaN propagates: one pass, no mask
+        nan = np.isnan(u.view(np.float32))
         if dst == "BF16":
             out16[nan] = bf16_nan
         else:  # quiet NaN keeping the sign and the payload's top bits
