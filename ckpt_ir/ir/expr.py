@@ -850,6 +850,8 @@ def evaluate_raw(expr: Expr, reader: Reader, *, scratch: str | None = None):
         # writers alternate "block0" and "block1" results but evaluate one block at a time)
         inputs = scratch and scratch.rstrip("0123456789") + "-input"
         casts.cast(evaluate_raw(expr.x, reader, scratch=inputs), expr.x.dtype, expr.to, out)
+    elif (merge := numpy_merge(expr)) is not None:
+        _merge_by_tiles(*merge, reader, out)
     else:
         _evaluate_math(expr, reader, to_torch_tensor(out, expr.dtype))
     return out
@@ -867,15 +869,35 @@ def set_math_device(device: Any) -> None:
 
 
 def needs_torch(expr: Expr) -> bool:
-    """Whether evaluating ``expr`` runs torch (the LoRA arithmetic, casts numpy cannot do)."""
+    """Whether evaluating ``expr`` runs torch (LoRA arithmetic without MKL, DoRA, quantization,
+    casts numpy cannot do)."""
     from ckpt_ir.ir import casts
 
-    return any(
-        isinstance(n, (Add, Matmul, Scale, RowRescale, Dequantize, Quantize))
-        or isinstance(n, Cast)
-        and (MATH_DEVICE is not None or not casts.supported(n.x.dtype, n.to))
-        for n in walk(expr)
-    )
+    if (merge := numpy_merge(expr)) is not None:
+        return any(needs_torch(x) for x in merge[:3])
+    if isinstance(expr, (Add, Matmul, Scale, RowRescale, Dequantize, Quantize)) or (
+        isinstance(expr, Cast) and (MATH_DEVICE is not None or not casts.supported(expr.x.dtype, expr.to))
+    ):
+        return True
+    return any(needs_torch(x) for x in expr.children)
+
+
+def numpy_merge(expr: Expr) -> tuple[Expr, Expr, Expr, float | None] | None:
+    """(W, B, A, factor) when ``expr`` is a LoRA merge ``W + factor * B @ A`` computed without
+    torch: fp32 products from torch's own MKL (:mod:`ckpt_ir.ir.sgemm`), scale, add and rounding
+    in numpy, the same IEEE operations in the same order, so the same bits; else None."""
+    from ckpt_ir.ir import casts, sgemm
+
+    if not isinstance(expr, Add) or MATH_DEVICE is not None or (product := _product(expr.b)) is None:
+        return None
+    b, a, factor = product
+    if (
+        all(x.dtype in casts.FLOATS for x in (expr.a, b, a))
+        and min(expr.shape) >= 2  # torch computes a 1 x 1 product as a dot product: another sum
+        and sgemm.available()
+    ):
+        return expr.a, b, a, factor
+    return None
 
 
 def start_torch() -> None:
@@ -900,7 +922,7 @@ def _evaluate_math(expr: Expr, reader: Reader, out) -> None:
     if isinstance(expr, Cast):
         out.copy_(evaluate(expr.x, reader))
     elif isinstance(expr, Add) and (product := _product(expr.b)) is not None:
-        _merge_by_tiles(expr.a, *product, reader, out)
+        _merge_by_tiles_torch(expr.a, *product, reader, out)
     elif isinstance(expr, Add):
         acc = _fp32_scratch(expr.b, reader, "acc")
         acc.add_(_fp32_scratch(expr.a, reader, "addend"))  # a + b: IEEE addition commutes bit for bit
@@ -1055,9 +1077,58 @@ def _product(e: Expr) -> tuple[Expr, Expr, float | None] | None:
 
 
 def _merge_by_tiles(w: Expr, b: Expr, a: Expr, factor: float | None, reader: Reader, out) -> None:
-    """``out = W + factor * (B @ A)`` (a LoRA merge) a tile of MATMUL_ROWS rows at a time: the
-    tile's fp32 temporaries stay in the CPU's cache instead of making five passes over the block
-    in memory.  Same operations, in the same order, as whole tensors."""
+    """``out = W + factor * (B @ A)`` (a LoRA merge; ``out`` holds raw items of W's dtype) a tile
+    of MATMUL_ROWS rows at a time, in numpy and MKL: the tile's fp32 temporaries stay in the CPU's
+    cache.  The operations and their order are :func:`_merge_by_tiles_torch`'s (torch's scalar
+    product rounds the factor to fp32 first, as here)."""
+    import numpy as np
+
+    from ckpt_ir.ir import casts, sgemm
+
+    rows, cols = w.shape[0], math.prod(w.shape[1:])
+    weight = evaluate_raw(w, reader, scratch="addend-raw").reshape(-1)
+    bf, af = (_fp32_numpy(x, reader, slot) for x, slot in ((b, "lora-b"), (a, "lora-a")))
+    tile = 2 * MATMUL_ROWS * cols
+    acc_buf, w32_buf = (
+        np.frombuffer(reader.scratch(tile * 4, slot), np.float32) for slot in ("acc", "addend")
+    )
+    bits_buf = np.frombuffer(reader.scratch(tile * 4, "rounding"), np.uint32)
+    result = out.reshape(-1)
+    scale = None if factor is None else np.float32(factor)
+    with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN are values here, as in torch
+        for lo, hi in matmul_tiles(rows, MATMUL_ROWS):
+            n, at = (hi - lo) * cols, slice(lo * cols, hi * cols)
+            acc = acc_buf[:n]
+            sgemm.matmul(bf[lo:hi], af, acc.reshape(hi - lo, cols))
+            if scale is not None:
+                np.multiply(acc, scale, out=acc)
+            # W + delta with W first: where both are NaN the first operand's NaN comes out, as the
+            # weight's does in torch's add (the sum itself commutes bit for bit)
+            if w.dtype == "F32":
+                np.add(weight[at].view(np.float32), acc, out=result[at].view(np.float32))
+            else:
+                casts.to_f32(weight[at], w.dtype, w32_buf[:n])
+                np.add(w32_buf[:n], acc, out=acc)
+                casts.from_f32(acc.view(np.uint32), w.dtype, result[at], scratch=bits_buf[:n])
+
+
+def _fp32_numpy(expr: Expr, reader: Reader, slot: str):
+    """``expr`` as a C-contiguous fp32 numpy array (in the reader's buffer ``slot`` when cast)."""
+    import numpy as np
+
+    from ckpt_ir.ir import casts
+
+    raw = evaluate_raw(expr, reader, scratch=slot + "-raw")
+    if expr.dtype == "F32":
+        return raw.view(np.float32)
+    out = np.frombuffer(reader.scratch(expr.numel * 4, slot), np.float32).reshape(expr.shape)
+    casts.cast(raw, expr.dtype, "F32", out.view(np.int32))
+    return out
+
+
+def _merge_by_tiles_torch(w: Expr, b: Expr, a: Expr, factor: float | None, reader: Reader, out) -> None:
+    """:func:`_merge_by_tiles` in torch (where MKL's ``sgemm_`` is not at hand, or on --device).
+    Same operations, in the same order, as whole tensors."""
     import numpy as np
     import torch
 
