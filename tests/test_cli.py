@@ -278,18 +278,29 @@ def test_plugin_pass_from_the_cli(hf_cache, tmp_path, monkeypatch):
 def test_the_command_leaves_without_teardown_once_torch_is_loaded_keeping_exit_code_and_output():
     """``ckpt-ir`` (cli.run) skips the interpreter's teardown after torch was imported: the exit
     code and everything printed must survive, and teardown must really be skipped (an atexit
-    hook does not run); without torch it exits normally (the hook runs)."""
+    hook does not run, nor does a finaliser).  After loading torch's library for a LoRA merge
+    without torch (ir/sgemm.py) the atexit hooks run but the slow rest of teardown is skipped;
+    with neither it exits normally (both run)."""
     script = (
         "import atexit, sys\n"
         "if sys.argv[1] == 'torch':\n"
         "    import torch\n"
+        "if sys.argv[1] == 'mkl':\n"
+        "    from ckpt_ir.ir import sgemm\n"
+        "    assert sgemm.library() is not None\n"
         "from ckpt_ir import cli\n"
+        "class Finalised:\n"
+        "    def __del__(self):\n"
+        "        print('finalised', file=sys.stderr)\n"
+        "kept = Finalised()\n"
         "atexit.register(lambda: print('teardown', file=sys.stderr))\n"
         "cli.main = lambda: (print('x' * 100000), print('done', file=sys.stderr), 3)[-1]\n"
         "cli.run()\n"
     )
-    for mode, teardown in (("torch", False), ("plain", True)):
+    for mode, hooks, finalised in (("torch", False, False), ("mkl", True, False), ("plain", True, True)):
         r = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=300)
         assert r.returncode == 3, (mode, r.stderr)
         assert r.stdout == "x" * 100000 + "\n", mode
-        assert r.stderr.splitlines()[0] == "done" and ("teardown" in r.stderr) == teardown, (mode, r.stderr)
+        lines = r.stderr.splitlines()
+        assert lines[0] == "done" and ("teardown" in lines) == hooks, (mode, r.stderr)
+        assert ("finalised" in lines) == finalised, (mode, r.stderr)
