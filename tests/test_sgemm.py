@@ -135,10 +135,11 @@ def bases(tmp_path_factory):
     }
 
 
+# case -> (adapter variant, base model, target)
 CONVERSIONS = {
-    **{f"peft {v} -> hf": (v, dict(to="hf")) for v in VARIANTS},
-    "peft rslora -> mcore tp2": ("rslora", dict(to="mcore", tp=2)),
-    "peft patterns bf16 -> hf": ("patterns", dict(to="hf")),
+    **{f"peft {v} -> hf": (v, "moe" if v == "moe" else "dense", dict(to="hf")) for v in VARIANTS},
+    "peft rslora -> mcore tp2": ("rslora", "dense", dict(to="mcore", tp=2)),
+    "peft patterns bf16 -> hf": ("patterns", "bf16", dict(to="hf")),
 }
 
 
@@ -147,8 +148,8 @@ CONVERSIONS = {
 def test_conversions_are_byte_identical_to_the_torch_evaluator(tmp_path, bases, monkeypatch, case, block):
     """The suite's LoRA variants (rsLoRA, rank/alpha patterns, DoRA, modules_to_save, fused
     experts), whole and in tiny row blocks: every output file equals the one computed by torch."""
-    variant, target = CONVERSIONS[case]
-    base = bases["moe" if variant == "moe" else "bf16" if "bf16" in case else "dense"]
+    variant, model, target = CONVERSIONS[case]
+    base = bases[model]
     adapter = str(tmp_path / "adapter")
     make_adapter(base, adapter, **VARIANTS[variant])
     fast, slow = str(tmp_path / "numpy"), str(tmp_path / "torch")

@@ -1087,7 +1087,11 @@ def _merge_by_tiles(w: Expr, b: Expr, a: Expr, factor: float | None, reader: Rea
 
     rows, cols = w.shape[0], math.prod(w.shape[1:])
     weight = evaluate_raw(w, reader, scratch="addend-raw").reshape(-1)
-    bf, af = (_fp32_numpy(x, reader, slot) for x, slot in ((b, "lora-b"), (a, "lora-a")))
+    # the factors in fp32 (a numpy cast, or the loaded bytes when they are fp32 already)
+    bf, af = (
+        evaluate_raw(simplify(Cast(x, "F32")), reader, scratch=slot).view(np.float32)
+        for x, slot in ((b, "lora-b"), (a, "lora-a"))
+    )
     tile = 2 * MATMUL_ROWS * cols
     acc_buf, w32_buf = (
         np.frombuffer(reader.scratch(tile * 4, slot), np.float32) for slot in ("acc", "addend")
@@ -1110,20 +1114,6 @@ def _merge_by_tiles(w: Expr, b: Expr, a: Expr, factor: float | None, reader: Rea
                 casts.to_f32(weight[at], w.dtype, w32_buf[:n])
                 np.add(w32_buf[:n], acc, out=acc)
                 casts.from_f32(acc.view(np.uint32), w.dtype, result[at], scratch=bits_buf[:n])
-
-
-def _fp32_numpy(expr: Expr, reader: Reader, slot: str):
-    """``expr`` as a C-contiguous fp32 numpy array (in the reader's buffer ``slot`` when cast)."""
-    import numpy as np
-
-    from ckpt_ir.ir import casts
-
-    raw = evaluate_raw(expr, reader, scratch=slot + "-raw")
-    if expr.dtype == "F32":
-        return raw.view(np.float32)
-    out = np.frombuffer(reader.scratch(expr.numel * 4, slot), np.float32).reshape(expr.shape)
-    casts.cast(raw, expr.dtype, "F32", out.view(np.int32))
-    return out
 
 
 def _merge_by_tiles_torch(w: Expr, b: Expr, a: Expr, factor: float | None, reader: Reader, out) -> None:
