@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--device",
         default="cpu",
         help="where casts and LoRA merges compute: cpu (default), cuda[:N] "
-        "or npu[:N] (npu needs pip install 'ckpt-ir[npu]')",
+        "or npu[:N] (npu needs pip install 'ckpt-ir[npu]'); on cpu a LoRA merge calls torch's "
+        "MKL without importing torch where it can (CKPT_IR_MATMUL=torch: in torch, same bytes)",
     )
     m = c.add_argument_group("Megatron-Core layout (with --to mcore)")
     m.add_argument(
