@@ -24,7 +24,7 @@ from bench import CHILD_ENV, du, parse_size, timed  # noqa: E402
 
 BASELINE = """
 import sys
-from ckpt_ir.verify import build_model, hf_side, transformers_config
+from ckpt_ir.commands.verify import build_model, hf_side, transformers_config
 import torch
 ckpt, _ = hf_side(sys.argv[1])
 build_model(transformers_config(ckpt), torch.bfloat16, torch.device("cpu"), None)

@@ -1,3 +1,3 @@
-from ckpt_ir.cli import run
+from ckpt_ir.commands.cli import run
 
 run()

@@ -356,7 +356,7 @@ def plan(ckpt: Checkpoint, target: Target) -> Plan:
 def check_family(ckpt: Checkpoint, target: Target) -> None:
     """An HF / PEFT target needs an HF family: refuse a model only its Megatron args describe."""
     if target.to != "mcore":
-        from ckpt_ir.families.infer import require_hf
+        from ckpt_ir.megatron.infer import require_hf
 
         require_hf(ckpt.spec, ckpt.source or "the checkpoint", ckpt.meta.get("family_from_args"))
 

@@ -696,7 +696,7 @@ def _run_job(kind: str, out_dir: str, hf_dir: str, **kw) -> dict:
         job["expert_dp"] = kw["tp"] * kw["dp"] // (ep * etp)
         if kw["init"] == "hf":
             mc = os.path.join(tmp, "mcore")
-            from ckpt_ir.cli import main as cli_main
+            from ckpt_ir.commands.cli import main as cli_main
 
             conv = [
                 "convert",

@@ -552,7 +552,7 @@ def test_not_enough_free_disk_is_refused_before_writing(hf_src, dst, monkeypatch
     """The planned output size is compared with the free space before the first byte is written."""
     import collections
 
-    from ckpt_ir.cli import main as cli_main
+    from ckpt_ir.commands.cli import main as cli_main
     from ckpt_ir.io import atomic
 
     usage = collections.namedtuple("usage", "total used free")

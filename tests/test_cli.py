@@ -288,7 +288,7 @@ def test_the_command_leaves_without_teardown_once_torch_is_loaded_keeping_exit_c
         "if sys.argv[1] == 'mkl':\n"
         "    from ckpt_ir.ir import sgemm\n"
         "    assert sgemm.library() is not None\n"
-        "from ckpt_ir import cli\n"
+        "from ckpt_ir.commands import cli\n"
         "class Finalised:\n"
         "    def __del__(self):\n"
         "        print('finalised', file=sys.stderr)\n"

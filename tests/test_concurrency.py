@@ -62,7 +62,7 @@ def start(args: list[str], stop: str | None = None, python_prefix: str | None = 
         args = [
             sys.executable,
             "-c",
-            f"{python_prefix}; import sys; from ckpt_ir.cli import main; sys.exit(main(sys.argv[1:]))",
+            f"{python_prefix}; import sys; from ckpt_ir.commands.cli import main; sys.exit(main(sys.argv[1:]))",
             *args[3:],
         ]
     return subprocess.Popen(
@@ -210,7 +210,7 @@ def test_two_conversions_started_together(src, tmp_path, reference):
 
 def test_diff_confirms_the_survivor(src, tmp_path):
     """The surviving DST of an overlapped pair holds every tensor of the source, bit for bit."""
-    from ckpt_ir.diff import diff
+    from ckpt_ir.commands.diff import diff
 
     dst = tmp_path / "out"
     first = start(argv(src, dst, "tp1pp2"), stop="publish")  # everything written, not yet published

@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from ckpt_ir.cli import main as cli_main
+from ckpt_ir.commands.cli import main as cli_main
 from tests import distopt_fixtures as F
 
 STATES = ("param", "exp_avg", "exp_avg_sq")

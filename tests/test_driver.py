@@ -316,8 +316,8 @@ def test_split_of_fuse_and_fuse_of_split_are_identities(tmp_path_factory, case, 
 
 def test_megatron_qkv_rule_matches_the_documented_interleave():
     """Per query group g: its heads_per_group query heads, then key head g, then value head g."""
+    from ckpt_ir.ir.rules import qkv_rule
     from ckpt_ir.ir.spec import ModelSpec
-    from ckpt_ir.passes.fusion import qkv_rule
 
     s = ModelSpec(
         family="llama",

@@ -201,7 +201,7 @@ def test_gemma3_keys_tied_head_and_window_args(models, tmp_path):
 
 
 def test_models_lists_the_families(capsys):
-    from ckpt_ir.cli import main
+    from ckpt_ir.commands.cli import main
 
     assert main(["models"]) == 0
     listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()}

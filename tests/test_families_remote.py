@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ckpt_ir.api as ck
-from ckpt_ir.cli import main as cli_main
+from ckpt_ir.commands.cli import main as cli_main
 from tests.mcore_harness import run_job
 from tests.test_hf_roundtrip import convert, hf_state
 from tests.test_megatron_moe_oracle import _moe_config

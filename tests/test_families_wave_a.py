@@ -284,7 +284,7 @@ def test_bloom_rank_files_follow_the_format_facts(models, tmp_path):
 def test_bloom_verify_compares_every_unit(models, tmp_path, capsys):
     """``ckpt-ir verify`` runs BLOOM from Megatron rank files unit by unit (its tied head is the
     input embedding, named word_embeddings, not embed_tokens) and finds them equal to the source."""
-    from ckpt_ir.cli import main
+    from ckpt_ir.commands.cli import main
 
     src, mid = models("bloom"), str(tmp_path / "mid")
     convert(src, mid, ck.Target(to="mcore", tp=2, pp=2))
@@ -339,7 +339,7 @@ def test_glm4_moe_mtp_layer_round_trips(models, tmp_path):
 
 
 def test_models_lists_every_family_with_its_mindspeed_names(capsys):
-    from ckpt_ir.cli import main
+    from ckpt_ir.commands.cli import main
 
     assert main(["models"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}

@@ -285,7 +285,7 @@ def test_hy_v3_router_and_shared_experts_under_megatron_names(models, tmp_path):
 
 
 def test_models_lists_wave_b_families_with_mindspeed_names(capsys):
-    from ckpt_ir.cli import main
+    from ckpt_ir.commands.cli import main
 
     assert main(["models"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}

@@ -20,7 +20,7 @@ import os
 import pytest
 import torch
 
-from ckpt_ir.cli import main as cli_main
+from ckpt_ir.commands.cli import main as cli_main
 from tests import distopt_fixtures as F
 from tests.mcore_harness import run_job
 from tests.test_megatron_oracle import WORLD

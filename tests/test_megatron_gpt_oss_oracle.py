@@ -21,7 +21,7 @@ import shutil
 import pytest
 import torch
 
-from ckpt_ir.cli import main as cli_main
+from ckpt_ir.commands.cli import main as cli_main
 from tests.mcore_harness import run_job
 
 WORLD = 4

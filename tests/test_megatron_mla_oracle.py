@@ -31,7 +31,7 @@ import shutil
 import pytest
 import torch
 
-from ckpt_ir.cli import main as cli_main
+from ckpt_ir.commands.cli import main as cli_main
 from tests.mcore_harness import run_job
 from tests.test_families_wave_a import DENSE, build
 from tests.test_megatron_moe_oracle import INPUT_IDS, WORLD

@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import FAMILY_CONFIGS
 
-from ckpt_ir.cli import main as cli_main
+from ckpt_ir.commands.cli import main as cli_main
 from tests.mcore_harness import run_job
 
 # megatron-core is a declared test dependency (the ``test`` extra): a missing one is an error, not a

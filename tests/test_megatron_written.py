@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import ckpt_ir.api as ck
-from ckpt_ir.cli import main as cli_main
+from ckpt_ir.commands.cli import main as cli_main
 from tests import distopt_fixtures as F
 
 

@@ -424,7 +424,7 @@ def test_megatron_core_computes_the_dequantized_models_logits(tmp_path):
     with FineGrainedFP8Config(dequantize=True) (fp32 throughout on both sides)."""
     from transformers import AutoModelForCausalLM, FineGrainedFP8Config
 
-    from ckpt_ir.cli import main as cli_main
+    from ckpt_ir.commands.cli import main as cli_main
     from tests.mcore_harness import run_job
     from tests.test_megatron_oracle import INPUT_IDS, WORLD, _build_hf
 

@@ -168,7 +168,7 @@ def test_a_lora_merge_runs_without_importing_torch(tmp_path, bases):
     make_adapter(bases["dense"], adapter, **VARIANTS["rslora"])
     script = (
         "import sys\n"
-        "from ckpt_ir.cli import main\n"
+        "from ckpt_ir.commands.cli import main\n"
         "code = main(sys.argv[1:])\n"
         "print('torch' in sys.modules, file=sys.stderr)\n"
         "sys.exit(code)\n"

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from ckpt_ir.cli import main as cli_main
+from ckpt_ir.commands.cli import main as cli_main
 from tests.cli_contract import build_tiny_hf
 
 SIDE = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import ckpt_ir.api as ck
-from ckpt_ir.cli import main as cli_main
+from ckpt_ir.commands.cli import main as cli_main
 from ckpt_ir.errors import FormatError
 from ckpt_ir.frontends import detect
 from ckpt_ir.io.dcp import read_metadata

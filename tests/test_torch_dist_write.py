@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ckpt_ir.api as ck
-from ckpt_ir.cli import main as cli_main
+from ckpt_ir.commands.cli import main as cli_main
 from ckpt_ir.errors import UsageError
 from tests.mcore_harness import run_job
 from tests.test_family_inference import plain_args

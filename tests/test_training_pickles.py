@@ -19,7 +19,7 @@ import torch
 from megatron.core.enums import ModelType
 from megatron.core.transformer.enums import AttnBackend
 
-from ckpt_ir.cli import main as cli_main
+from ckpt_ir.commands.cli import main as cli_main
 from ckpt_ir.errors import FormatError
 from ckpt_ir.io.safe_pickle import Stub, TorchDevice, TorchDtype, loads
 from ckpt_ir.io.torchzip import TorchZip

@@ -40,7 +40,7 @@ def test_unit_by_unit_forward_equals_transformers_forward(tmp_path, family):
     """Materialising one unit at a time on a meta model computes exactly transformers' logits."""
     from transformers import AutoModelForCausalLM
 
-    from ckpt_ir.verify import hf_side, run_side
+    from ckpt_ir.commands.verify import hf_side, run_side
 
     path = str(tmp_path / family)
     if family == "mixtral":
@@ -213,8 +213,8 @@ def test_remote_code_families_are_refused(hf_cache):
     import attrs
 
     import ckpt_ir.api as ck
+    from ckpt_ir.commands.verify import transformers_config
     from ckpt_ir.errors import UsageError
-    from ckpt_ir.verify import transformers_config
 
     c = ck.load(hf_cache("llama", layers=1))
     with pytest.raises(UsageError, match="remote code is never run"):

@@ -10,10 +10,9 @@ import os
 from ckpt_ir.backends.plan import OutputFile, Plan
 from ckpt_ir.errors import VerifyError
 from ckpt_ir.families import Family, by_name
-from ckpt_ir.frontends.hf import names_for
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
-from ckpt_ir.ir.names import split_layer
+from ckpt_ir.ir.names import split_layer, template_pattern
 from ckpt_ir.ir.roles import canonical_order
 from ckpt_ir.quant import Fp8Output
 
@@ -36,7 +35,7 @@ def hf_tensors(ckpt: Checkpoint, family: Family) -> list[tuple[str, E.Expr]]:
     packed: set[str] = set()
     out: list[tuple[str, str, E.Expr]] = []
     for p in family.packed:
-        pat = names_for(p.parts[0])
+        pat = template_pattern(p.parts[0])
         rule = p.rule(ckpt.spec)
         for name in list(ckpt.tensors):
             m = pat.match(name)
@@ -52,7 +51,7 @@ def hf_tensors(ckpt: Checkpoint, family: Family) -> list[tuple[str, E.Expr]]:
                 )
                 packed.update(parts.values())
     for st in family.stacked:  # gpt-oss: one HF tensor per layer holds every expert's parts
-        pat = names_for(st.parts[0].replace("{e}", "0"))
+        pat = template_pattern(st.parts[0].replace("{e}", "0"))
         for name in list(ckpt.tensors):
             m = pat.match(name)
             if m:
@@ -116,7 +115,8 @@ def plan(
     base_cfg = ckpt.hf_config
     aux = [f for f in ckpt.aux_files if os.path.basename(f) != "config.json"]  # written from the IR below
     if hf_config_dir:  # an explicit --hf-config wins over the source's side files
-        from ckpt_ir.frontends.hf import read_config, side_files
+        from ckpt_ir.frontends.hf import read_config
+        from ckpt_ir.io.side_files import side_files
 
         base_cfg = read_config(hf_config_dir)
         aux = list(side_files(hf_config_dir))
@@ -128,7 +128,7 @@ def plan(
     for src in aux:
         files.append(OutputFile(os.path.basename(src), "copy", source=src))
     dropped = dict(ckpt.dropped)
-    from ckpt_ir.frontends.hf import TOKENIZER_PATTERNS
+    from ckpt_ir.io.side_files import TOKENIZER_PATTERNS
 
     if not any(fnmatch.fnmatch(os.path.basename(f), p) for f in aux for p in TOKENIZER_PATTERNS):
         dropped["tokenizer"] = (

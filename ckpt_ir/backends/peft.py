@@ -16,11 +16,10 @@ from typing import Any
 from ckpt_ir.backends.plan import OutputFile, Plan
 from ckpt_ir.errors import UsageError, VerifyError
 from ckpt_ir.families import by_name
-from ckpt_ir.frontends.hf import names_for
 from ckpt_ir.frontends.peft import PREFIX
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
-from ckpt_ir.ir.names import SAVED, expert_of, is_lora, lora_target, split_layer
+from ckpt_ir.ir.names import SAVED, expert_of, is_lora, lora_target, split_layer, template_pattern
 from ckpt_ir.ir.roles import canonical_order
 
 PEFT_KEY = {
@@ -200,7 +199,7 @@ def _fused_experts(ckpt: Checkpoint, layer: int, suffix: str, done: set[str]):
 def _packed(family, ckpt: Checkpoint, target: str, suffix: str, done: set[str]) -> tuple[str, E.Expr]:
     for p in family.packed:
         for part in p.parts:
-            m = names_for(part).match(target)
+            m = template_pattern(part).match(target)
             if not m:
                 continue
             groups = m.groupdict()

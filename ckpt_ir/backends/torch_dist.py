@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 
-from ckpt_ir import mcore_format as M
 from ckpt_ir.backends.mcore import placeholders
 from ckpt_ir.backends.plan import OutputFile, Plan
 from ckpt_ir.errors import VerifyError
@@ -43,7 +42,9 @@ from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.dtypes import torch_name
 from ckpt_ir.ir.names import split_layer
-from ckpt_ir.passes.fusion import mla_rule
+from ckpt_ir.ir.rules import mla_rule
+from ckpt_ir.megatron import args as megatron_args
+from ckpt_ir.megatron import keys as M
 
 METADATA_JSON = {
     "sharded_backend": "torch_dist",
@@ -104,7 +105,7 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None, version: str = "0.15
     family = by_name(spec.family)
     # a Megatron source's args travel whole (training settings; what an args-only model computes)
     source = (ckpt.meta.get("training") or {}).get("args")
-    args = M.build_args(
+    args = megatron_args.build_args(
         spec,
         layout,
         ckpt.hf_config,
@@ -204,15 +205,15 @@ def _layer_entries(
             # Megatron-Core keeps MLA's two down-projections apart (the torch format's linear_qkv
             # is MindSpeed-LLM's fusion of them)
             parts = mla_rule(spec).split(nodes[here + rest].expr)
-            q = mla_key("attn.q_a.weight" if spec.q_lora_rank else "attn.q.weight", te, False)
+            q = M.mla_key("attn.q_a.weight" if spec.q_lora_rank else "attn.q.weight", te, False)
             out.append((str(q), E.simplify(parts["q"]), False))
-            out.append((str(mla_key("attn.kv_a.weight", te, False)), E.simplify(parts["kv_a"]), False))
+            out.append((str(M.mla_key("attn.kv_a.weight", te, False)), E.simplify(parts["kv_a"]), False))
             used.add(here + rest)
             continue
         names = local if te and spec.is_moe_layer(layer) and rest.startswith("mlp_norm.") else table
         key = names.from_canonical(role.format(i=0, e=0))[len("decoder.layers.0.") :]
         if spec.mla:
-            key = mla_key(rest, te, spec.is_moe_layer(layer)) or key
+            key = M.mla_key(rest, te, spec.is_moe_layer(layer)) or key
         if "{e}" in rest:
             names = [here + rest.format(e=e) for e in range(spec.num_experts)]
             have = [n for n in names if n in nodes]
@@ -227,14 +228,6 @@ def _layer_entries(
             out.append((key, nodes[here + rest].expr, False))
             used.add(here + rest)
     return out
-
-
-def mla_key(rest: str, te: bool, moe: bool) -> str | None:
-    """Megatron-Core's key of an MLA layer's tensor where it differs from the torch format's."""
-    if te and not moe and rest == "mlp_norm.weight":  # a dense layer's pre-MLP norm fused into fc1
-        return "mlp.linear_fc1.layer_norm_weight"
-    keys = {c: m for m, c in M.MCORE_MLA_KEYS} | ({c: m for m, c in M.MCORE_MLA_TE_NORMS} if te else {})
-    return keys.get(rest)
 
 
 def _stored(

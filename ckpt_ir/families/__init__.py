@@ -331,8 +331,8 @@ def _load_builtin() -> None:
         "wave_b",
         "open_weights",
         "remote",
-        "infer",
-    ):  # infer: the args-only family, last
+        "args_only",
+    ):  # the args-only family, last
         import_module(f"ckpt_ir.families.{module}")
 
     for ep in entry_points(group="ckpt_ir.families"):

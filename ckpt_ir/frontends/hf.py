@@ -16,49 +16,15 @@ import attrs
 
 from ckpt_ir.errors import CoverageError, FormatError
 from ckpt_ir.families import Family, for_hf_config
-from ckpt_ir.io import safetensors as st
-from ckpt_ir.io.torchzip import TorchZip, iter_tensors
+from ckpt_ir.io.side_files import side_files
+from ckpt_ir.io.weight_files import file_tensors
 from ckpt_ir.ir import expr as E
-from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
+from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode, add_mtp_copies
 from ckpt_ir.ir.layout import Layout
+from ckpt_ir.ir.names import template_pattern
 from ckpt_ir.ir.roles import canonical_order, expected_shape
 from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.quant import dequantize_tensors
-
-# side files copied next to HF output (tokenizer, generation settings, chat template, remote code)
-AUX_PATTERNS = (
-    "tokenizer*",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "added_tokens.json",
-    "*.model",
-    "*.tiktoken",
-    "chat_template.*",
-    "preprocessor_config.json",
-    "*.py",
-)
-TOKENIZER_PATTERNS = ("tokenizer*", "*.model", "*.tiktoken", "vocab.json", "vocab.txt")
-# where a Megatron checkpoint written by ckpt-ir keeps the HF side files (and the source's
-# config.json); Megatron reads only latest_checkpointed_iteration.txt and iter_*/, so it ignores it
-MCORE_HF_DIR = "hf"
-
-
-def side_files(path: str, config: bool = False) -> tuple[str, ...]:
-    """The HF side files in directory ``path`` (with ``config.json`` when ``config``), sorted."""
-    if not os.path.isdir(path):
-        return ()
-    pats = AUX_PATTERNS + (("config.json",) if config else ())
-    return tuple(
-        sorted(
-            os.path.join(path, n)
-            for n in os.listdir(path)
-            if any(fnmatch.fnmatch(n, p) for p in pats) and os.path.isfile(os.path.join(path, n))
-        )
-    )
-
 
 # source tensors known to carry no information (recomputed by the model)
 DROP_RULES = (
@@ -133,16 +99,6 @@ def _files_from_index(path: str, index: str) -> list[str]:
     return list(files)
 
 
-def _file_tensors(path: str) -> dict[str, E.Load]:
-    if path.endswith(".safetensors"):
-        return st.read_header(path)[0]
-    z = TorchZip(path)
-    obj = z.obj.get("state_dict", z.obj) if isinstance(z.obj, dict) else None
-    if not isinstance(obj, dict):
-        raise FormatError(f"{path}: expected a state dict of tensors")
-    return {k: z.load_expr(ref, k) for k, ref in iter_tensors(obj)}
-
-
 def lift(
     path: str,
     *,
@@ -170,7 +126,7 @@ def lift(
     files = files or weight_files(path)
     raw: dict[str, E.Load] = {}
     for f in files:
-        for key, load in _file_tensors(f).items():
+        for key, load in file_tensors(f).items():
             if key in raw:
                 raise FormatError(
                     f"{f}: tensor {key} also appears in {raw[key].path}; duplicate tensors are ambiguous"
@@ -193,7 +149,6 @@ def lift(
         extra = sorted(i for i in present if i >= spec.num_layers)
         spec = attrs.evolve(spec, mtp_layers=len(extra))
         # Hunyuan V3's MTP layers store no embedding / head copies: they are the main ones
-        from ckpt_ir.frontends.mcore import add_mtp_copies
 
         add_mtp_copies(spec, tensors)
     if spec.untied and "lm_head.weight" not in tensors:
@@ -229,8 +184,8 @@ def map_tensors(
     tensors: dict[str, TensorNode] = {}
     dropped: dict[str, str] = {}
     unknown: list[str] = []
-    packed = [(p, names_for(p.hf)) for p in family.packed]
-    stacked = [(s, names_for(s.hf)) for s in family.stacked]
+    packed = [(p, template_pattern(p.hf)) for p in family.packed]
+    stacked = [(s, template_pattern(s.hf)) for s in family.stacked]
     for key, load in raw.items():
         canon = names.to_canonical(key)
         if canon is not None:
@@ -260,12 +215,6 @@ def map_tensors(
             f"be lost: {shown}; pass --allow-unused PATTERN to drop them on purpose"
         )
     return dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0]))), dropped
-
-
-def names_for(template: str):
-    from ckpt_ir.ir.names import _compile
-
-    return _compile(template)
 
 
 def _unstack(key: str, load: E.Expr, spec: ModelSpec, stacked) -> list[tuple[str, E.Expr]] | None:

@@ -16,17 +16,18 @@ from typing import Any
 
 import attrs
 
-from ckpt_ir import mcore_distopt as distopt
-from ckpt_ir import mcore_format as M
-from ckpt_ir.errors import CoverageError, FormatError
-from ckpt_ir.families import by_name, for_hf_config
-from ckpt_ir.frontends.hf import MCORE_HF_DIR, side_files
+from ckpt_ir.errors import FormatError
 from ckpt_ir.io.torchzip import TorchZip, iter_tensors, with_exprs
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.layout import Layout, expert_rank_files, layer_slots
-from ckpt_ir.ir.names import is_expert, is_lora
-from ckpt_ir.ir.roles import canonical_order, split_rule
+from ckpt_ir.ir.names import is_expert
+from ckpt_ir.ir.roles import split_rule
+from ckpt_ir.megatron import args as megatron_args
+from ckpt_ir.megatron import distopt
+from ckpt_ir.megatron import keys as M
+from ckpt_ir.megatron import lift as lift_tail
+from ckpt_ir.megatron.lift import ArgReader, spec_from_args
 
 
 def detect(path: str) -> bool:
@@ -37,81 +38,6 @@ def detect(path: str) -> bool:
     except OSError:
         return False
     return any(n.startswith("iter_") or n == "release" or M.RANK_DIR.match(n) for n in names)
-
-
-class _Args:
-    """Typed access to Megatron ``args``: every bad value is a FormatError naming the file and key."""
-
-    def __init__(self, args: dict[str, Any], where: str) -> None:
-        self.args, self.where = args, where
-
-    def size(self, key: str, default: int | None = 1, limit: int = 1 << 16) -> int | None:
-        v = self.args.get(key)
-        if v is None:
-            return default
-        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= limit:
-            raise FormatError(f"{self.where}: args.{key} must be an integer from 1 to {limit}, got {v!r}")
-        return v
-
-    def layers(self, key: str) -> tuple[int, ...] | None:
-        v = self.args.get(key)
-        if v in (None, False, ""):
-            return None
-        try:
-            out = M.int_list(v)
-        except (ValueError, TypeError):
-            out = None
-            bad = True
-        else:
-            bad = out is None or any(i < 0 for i in out)
-        if bad:
-            raise FormatError(f"{self.where}: args.{key} must list layer numbers like '2,6', got {v!r}")
-        return out
-
-
-def spec_from_args(
-    args: dict[str, Any], hf_config: dict[str, Any] | None, where: str, family: str | None = None
-):
-    """(ModelSpec, HF config, why) of a Megatron checkpoint from its ``args``: from ``hf_config``
-    when given, from the HF config ckpt-ir or MindSpeed-LLM copied into the args, else (plain
-    Megatron-LM args) for ``family`` or the family inferred from the args (``why`` says which
-    and why; None when nothing was inferred)."""
-    from ckpt_ir.families import infer
-
-    a = _Args(args, where)
-    named = args.get("ckpt_ir_family") or args.get("model_type_hf")
-    why = None
-    if hf_config is None and infer.MEGATRON.name in (family, named):
-        spec, cfg = infer.megatron_spec(args, where), None
-        why = "family megatron (Megatron targets only): the model is described by its args alone"
-    elif hf_config is not None:
-        cfg, fam = hf_config, for_hf_config(hf_config, "--hf-config")
-    elif (
-        named
-        or args.get("ckpt_ir_hf_config") is not None
-        or args.get("model_type")
-        or args.get("architectures")
-    ):
-        try:  # an HF config ckpt-ir or MindSpeed-LLM copied into the args
-            cfg = M.hf_config_from_args(args)
-        except ValueError as e:
-            raise FormatError(f"{where}: {e}") from None
-        fam = by_name(named) if named else for_hf_config(cfg, where)
-    elif family:
-        fam = by_name(family)
-        cfg = infer.hf_config_for(fam, args, where)
-        why = f"family {fam.name} (--model-type-hf); HF config built from args"
-    else:
-        try:
-            fam, cfg, why = infer.infer(args, where)
-        except infer.NoFamily as e:
-            # resharding needs no HF family: the args describe every tensor Megatron wrote
-            spec, cfg, why = infer.megatron_spec(args, where), None, infer.args_only(e.detail)
-    if cfg is not None:
-        spec = fam.spec_from_config(cfg, where=f"{where} (args)")
-    if args.get("mtp_num_layers") is not None:
-        spec = _evolve(spec, mtp_layers=a.size("mtp_num_layers", 0, 64) if args["mtp_num_layers"] else 0)
-    return spec, cfg, why
 
 
 def lift(
@@ -150,8 +76,8 @@ def lift(
     first = TorchZip(found[min(found, key=lambda k: (k[0], k[1] or 0, k[2] or 0))])
     if not isinstance(first.obj, dict):
         raise FormatError(f"{first.path}: not a Megatron checkpoint dict")
-    args = M.args_dict(first.obj.get("args"), first.path)
-    a = _Args(args, first.path)
+    args = megatron_args.args_dict(first.obj.get("args"), first.path)
+    a = ArgReader(args, first.path)
     tp = a.size("tensor_model_parallel_size")
     pp = a.size("pipeline_model_parallel_size")
     ep = a.size("expert_model_parallel_size")
@@ -238,7 +164,7 @@ def lift(
     training: dict[str, Any] = {
         "rng_state": {},
         "source_layout": (tp, pp, ep),
-        "args": M.all_args(first.obj.get("args")),
+        "args": megatron_args.all_args(first.obj.get("args")),
     }
     for (t, p, e), f in sorted(ranks.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
         z = first if f == first.path else TorchZip(f)
@@ -352,32 +278,10 @@ def lift(
         for name, set_pieces in pieces.items()
     }
     tensors = sets.pop("", {})
-    if spec.tied_embeddings and "lm_head.weight" in tensors:
-        dropped["output_layer.weight"] = "copy of the tied embedding on the last pipeline stage"
-    for s_tensors in (tensors, *sets.values()):
-        add_mtp_copies(spec, s_tensors)
-        if spec.tied_embeddings:
-            s_tensors.pop("lm_head.weight", None)
     if unknown:
-        shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
-        raise CoverageError(
-            f"{len(unknown)} Megatron tensor(s) have no known meaning and would be lost: {shown}; "
-            f"pass --allow-unused PATTERN to drop them on purpose"
-        )
-    if "embed.weight" in tensors:
-        rows = tensors["embed.weight"].shape[0]
-        if rows != spec.vocab_size:
-            layout = _evolve(layout, padded_vocab=rows)
-    weights = [t for n, t in tensors.items() if not is_lora(n)]
-    spec = _evolve(spec, dtype=weights[0].dtype if weights else spec.dtype)
-    lora_a = [t for n, t in tensors.items() if n.endswith(".lora_a.weight")]
-    if lora_a:
-        alpha = args.get("lora_alpha")
-        spec = _evolve(
-            spec, lora_rank=lora_a[0].shape[0], lora_alpha=float(alpha) if alpha is not None else None
-        )
-    layout = _evolve(layout, norm_names="te" if te_fc1 else "te-input" if te_norms else "local")
-    ordered = dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0])))
+        raise lift_tail.unknown_tensors(unknown)
+    lift_tail.complete_tensors(spec, tensors, sets, dropped)
+    layout = attrs.evolve(layout, norm_names=lift_tail.norm_names(te_norms, te_fc1))
     meta: dict[str, Any] = {
         "iteration": iteration if iteration != "release" else 1,
         "args": args,
@@ -391,27 +295,17 @@ def lift(
         meta["notes"] = notes
     if sets:
         meta["optimizer"] = {**opt_meta, "source_layout": (tp, pp, ep), **distopt.training_args(opt_args)}
-    return Checkpoint(
-        spec=spec,
-        layout=layout,
-        tensors=ordered,
+    return lift_tail.checkpoint(
+        path,
+        spec,
+        layout,
+        tensors,
+        sets,
+        args=args,
+        cfg=cfg,
         dropped=dropped,
-        hf_config=cfg,
-        source=path,
-        aux_files=side_files(os.path.join(path, MCORE_HF_DIR), config=True),
         meta=meta,
-        states={k: {n: v[n] for n in ordered if n in v} for k, v in sets.items()},
     )
-
-
-def add_mtp_copies(spec, tensors: dict[str, TensorNode]) -> None:
-    """MTP layers share the main embedding / output layer in Megatron: give each its canonical
-    copies (an HF target writes them as the released checkpoints do)."""
-    for k in range(spec.mtp_layers):
-        for own, main in (("mtp.embed.weight", "embed.weight"), ("mtp.head.weight", "lm_head.weight")):
-            name = f"layers.{spec.num_layers + k}.{own}"
-            if name not in tensors and main in tensors:
-                tensors[name] = attrs.evolve(tensors[main], name=name)
 
 
 REPLICA_MODES = ("check", "check-all", "take-rank0")
@@ -515,16 +409,10 @@ def _int(text: str | None) -> int | None:
     return None if text is None else int(text)
 
 
-def _evolve(obj, **kw):
-    import attrs
-
-    return attrs.evolve(obj, **kw)
-
-
 def _lift_key(key: str, expr: E.Expr, stage: int, chunk: int, ep: int, experts_per_rank: int, tables):
     """[(canonical name with its layer still local, expression, is_expert)] for one stored key,
     or None if the key means nothing to us.  Expert indices become global here; a grouped-GEMM
-    weight yields one entry per local expert; layers stay local (:class:`~ckpt_ir.mcore_format.LocalName`)."""
+    weight yields one entry per local expert; layers stay local (:class:`~ckpt_ir.megatron.keys.LocalName`)."""
     if key == M.MTP_FINAL_NORM:
         return [("final_norm.weight", expr, False)]
     m = MTP_LAYER_KEY.match(key)

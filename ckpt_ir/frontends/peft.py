@@ -20,10 +20,10 @@ import attrs
 
 from ckpt_ir.errors import CoverageError, FormatError
 from ckpt_ir.families import Family
-from ckpt_ir.frontends.hf import _file_tensors, names_for
+from ckpt_ir.io.weight_files import file_tensors
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import TensorNode
-from ckpt_ir.ir.names import layer_name, saved_name
+from ckpt_ir.ir.names import layer_name, saved_name, template_pattern
 from ckpt_ir.ir.spec import ModelSpec
 
 PREFIX = "base_model.model."
@@ -129,7 +129,7 @@ def lift_adapter(path: str, family: Family, spec: ModelSpec) -> tuple[dict[str, 
     ]
     if not files:
         raise FormatError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
-    raw = _file_tensors(files[0])
+    raw = file_tensors(files[0])
     r_default, alpha_default = cfg.get("r"), cfg.get("lora_alpha")
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     to_save = cfg.get("modules_to_save") or []
@@ -177,7 +177,7 @@ def lift_adapter(path: str, family: Family, spec: ModelSpec) -> tuple[dict[str, 
         for (
             p
         ) in family.packed:  # e.g. Phi-3 qkv_proj: A shared by the parts, B (and m) stacked like the weight
-            mm = names_for(p.hf).match(module + ".weight")
+            mm = template_pattern(p.hf).match(module + ".weight")
             if not mm:
                 continue
             # B and m rows follow the weight's packing (interleaved per head for BLOOM)

@@ -31,19 +31,20 @@ from typing import Any
 
 import attrs
 
-from ckpt_ir import mcore_distopt as distopt
-from ckpt_ir import mcore_format as M
-from ckpt_ir.errors import CoverageError, FormatError
-from ckpt_ir.frontends.hf import MCORE_HF_DIR, side_files
-from ckpt_ir.frontends.mcore import add_mtp_copies, spec_from_args
+from ckpt_ir.errors import FormatError
 from ckpt_ir.io.dcp import ChunkResolver, DcpTensor, read_metadata
 from ckpt_ir.io.torchzip import TorchZip
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.dtypes import ITEMSIZE
 from ckpt_ir.ir.layout import Layout
-from ckpt_ir.ir.names import COLUMN, Split, is_lora, layer_name, split_layer
+from ckpt_ir.ir.names import COLUMN, Split, layer_name, split_layer
 from ckpt_ir.ir.roles import canonical_order
+from ckpt_ir.megatron import args as megatron_args
+from ckpt_ir.megatron import distopt
+from ckpt_ir.megatron import keys as M
+from ckpt_ir.megatron import lift as lift_tail
+from ckpt_ir.megatron.lift import spec_from_args
 
 METADATA_JSON = "metadata.json"
 COMMON = "common.pt"
@@ -95,7 +96,7 @@ def lift(
     _check_backend(it_dir)
     md = read_metadata(it_dir)
     common, common_path = _common_state(it_dir, md)
-    args = M.args_dict(common.get("args"), common_path)
+    args = megatron_args.args_dict(common.get("args"), common_path)
     spec, cfg, inferred = spec_from_args(args, hf_config, common_path, family)
     n_args = args.get("num_layers")
     if isinstance(n_args, int) and n_args != spec.num_layers:
@@ -144,11 +145,7 @@ def lift(
                 )
             target[canon] = (t, index)
     if unknown:
-        shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
-        raise CoverageError(
-            f"{len(unknown)} Megatron tensor(s) in {it_dir} have no known meaning and would be "
-            f"lost: {shown}; pass --allow-unused PATTERN to drop them on purpose"
-        )
+        raise lift_tail.unknown_tensors(unknown, it_dir)
     for key in md.objects:
         base = key.split("/shard_", 1)[0]
         if base == COMMON_STATE:
@@ -217,14 +214,10 @@ def lift(
         tensors = dict(sets["param"])
         if not optimizer:
             sets = {}
-    for s in (tensors, *sets.values()):
-        if spec.mla:
-            _fuse_mla(spec, s)
-        add_mtp_copies(spec, s)
-    if spec.tied_embeddings:
+    if spec.mla:
         for s in (tensors, *sets.values()):
-            if s.pop("lm_head.weight", None) is not None and s is tensors:
-                dropped["output_layer.weight"] = "copy of the tied embedding"
+            _fuse_mla(spec, s)
+    lift_tail.complete_tensors(spec, tensors, sets, dropped)
     for which, s in sets.items():
         missing = sorted(set(tensors) - set(s), key=canonical_order)
         if missing:
@@ -240,19 +233,8 @@ def lift(
         format="mcore",
         fused_qkv=True,
         fused_gate_up=True,
-        norm_names="te" if te_fc1 else "te-input" if te_norms else "local",
+        norm_names=lift_tail.norm_names(te_norms, te_fc1),
     )
-    if "embed.weight" in tensors and tensors["embed.weight"].shape[0] != spec.vocab_size:
-        layout = attrs.evolve(layout, padded_vocab=tensors["embed.weight"].shape[0])
-    weights = [t for n, t in tensors.items() if not is_lora(n)]
-    spec = attrs.evolve(spec, dtype=weights[0].dtype if weights else spec.dtype)
-    lora_a = [t for n, t in tensors.items() if n.endswith(".lora_a.weight")]
-    if lora_a:
-        alpha = args.get("lora_alpha")
-        spec = attrs.evolve(
-            spec, lora_rank=lora_a[0].shape[0], lora_alpha=None if alpha is None else float(alpha)
-        )
-    ordered = dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0])))
     meta: dict[str, Any] = {
         "iteration": iteration if isinstance(iteration, int) else 1,
         "args": args,
@@ -279,22 +261,14 @@ def lift(
     # the training state besides the optimizer's travels either way (rng_state is sharded per rank
     # in torch_dist and belongs to its grid: not carried)
     meta["training"] = {
-        "args": M.all_args(common.get("args")),
+        "args": megatron_args.all_args(common.get("args")),
         "opt_param_scheduler": common.get("opt_param_scheduler"),
         "num_floating_point_operations_so_far": common.get("num_floating_point_operations_so_far"),
         "rng_state": {},
         "source_layout": None,
     }
-    return Checkpoint(
-        spec=spec,
-        layout=layout,
-        tensors=ordered,
-        dropped=dropped,
-        hf_config=cfg,
-        source=path,
-        aux_files=side_files(os.path.join(path, MCORE_HF_DIR), config=True),
-        meta=meta,
-        states={k: {n: v[n] for n in ordered} for k, v in sets.items()},
+    return lift_tail.checkpoint(
+        path, spec, layout, tensors, sets, args=args, cfg=cfg, dropped=dropped, meta=meta
     )
 
 
@@ -361,10 +335,10 @@ def _bucket_states(
     ranks, ``expert-TP rank + expert TP x (EP rank + EP x stage)``, whose buffers hold the routed
     experts of that EP rank laid out for the expert-DP size."""
     # the Megatron keys of each rank, as the torch-format writer places them
-    from ckpt_ir.backends.mcore import rank_content
     from ckpt_ir.io.safe_pickle import TorchDtype
     from ckpt_ir.ir.checkpoint import gather_exprs
     from ckpt_ir.ir.roles import split_rule
+    from ckpt_ir.megatron.ranks import rank_content
 
     a = lambda k, d=1: args.get(k) or d  # noqa: E731
     tp, pp, dp = a("tensor_model_parallel_size"), a("pipeline_model_parallel_size"), a("data_parallel_size")
@@ -510,7 +484,6 @@ def _mcore_entries(spec, entry, te: bool) -> list:
     lays out: the torch format keeps MindSpeed-LLM's for multi-latent attention (one fused
     ``linear_qkv`` for the two down-projections) and multi-token prediction (``mtp.final_layernorms.<k>``
     and a top-level ``final_layernorm`` for the main model's)."""
-    from ckpt_ir.backends.torch_dist import mla_key
 
     if entry.key == M.MTP_FINAL_NORM or entry.key == M.MTP_FINAL_NORM[: -len("weight")] + "bias":
         return [attrs.evolve(entry, key="decoder." + entry.key)]
@@ -525,11 +498,11 @@ def _mcore_entries(spec, entry, te: bool) -> list:
         q = "attn.q_a.weight" if spec.q_lora_rank else "attn.q.weight"
         return [
             attrs.evolve(
-                entry, key=prefix.group(1) + str(mla_key(c, te, False)), canon=(layer_name(layer, c),)
+                entry, key=prefix.group(1) + str(M.mla_key(c, te, False)), canon=(layer_name(layer, c),)
             )
             for c in (q, "attn.kv_a.weight")
         ]
-    key = mla_key(rest, te, spec.is_moe_layer(layer))
+    key = M.mla_key(rest, te, spec.is_moe_layer(layer))
     return [entry if key is None else attrs.evolve(entry, key=prefix.group(1) + key)]
 
 
@@ -666,7 +639,7 @@ _MLA_READ = dict(M.MCORE_MLA_KEYS + M.MCORE_MLA_TE_NORMS)
 def _fuse_mla(spec, nodes: dict[str, TensorNode]) -> None:
     """Megatron-Core's separate MLA down-projections as the fused ``attn.qkv_a`` a Megatron layout
     holds (the torch format's linear_qkv)."""
-    from ckpt_ir.passes.fusion import mla_rule
+    from ckpt_ir.ir.rules import mla_rule
 
     q = "attn.q_a.weight" if spec.q_lora_rank else "attn.q.weight"
     for i in range(spec.total_layers):

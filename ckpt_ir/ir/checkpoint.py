@@ -172,3 +172,13 @@ def gather_exprs(shards: tuple[E.Expr, ...], split: Split) -> E.Expr:
     pieces = [E.Slice(s, split.dim, b * part, (b + 1) * part) for b in range(split.blocks) for s in shards]
     # order: block-major, then rank
     return E.simplify(E.Concat(tuple(pieces), split.dim)) if tp * split.blocks > 1 else shards[0]
+
+
+def add_mtp_copies(spec, tensors: dict[str, TensorNode]) -> None:
+    """MTP layers share the main embedding / output layer in Megatron: give each its canonical
+    copies (an HF target writes them as the released checkpoints do)."""
+    for k in range(spec.mtp_layers):
+        for own, main in (("mtp.embed.weight", "embed.weight"), ("mtp.head.weight", "lm_head.weight")):
+            name = f"layers.{spec.num_layers + k}.{own}"
+            if name not in tensors and main in tensors:
+                tensors[name] = attrs.evolve(tensors[main], name=name)

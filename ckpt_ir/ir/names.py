@@ -119,8 +119,8 @@ class NameTable:
 
     def __init__(self, pairs: Iterable[tuple[str, str]]) -> None:
         self.pairs = tuple(pairs)
-        self._fwd = [(_compile(f), c) for f, c in self.pairs]
-        self._inv = [(_compile(c), f) for f, c in self.pairs]
+        self._fwd = [(template_pattern(f), c) for f, c in self.pairs]
+        self._inv = [(template_pattern(c), f) for f, c in self.pairs]
 
     def to_canonical(self, name: str) -> str | None:
         return _lookup(self._fwd, name)
@@ -129,7 +129,7 @@ class NameTable:
         return _lookup(self._inv, name)
 
 
-def _compile(template: str) -> re.Pattern[str]:
+def template_pattern(template: str) -> re.Pattern[str]:
     out = re.escape(template)
     for ph in ("i", "e"):
         out = out.replace(re.escape("{" + ph + "}"), f"(?P<{ph}>\\d+)")

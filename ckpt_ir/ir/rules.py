@@ -13,8 +13,12 @@ Stacks; a new family's fused or packed form is a new Stack value, not new invers
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import attrs
+
+if TYPE_CHECKING:
+    from ckpt_ir.ir.spec import ModelSpec
 
 from ckpt_ir.errors import VerifyError
 from ckpt_ir.ir import expr as E
@@ -90,3 +94,19 @@ class Stack:
             xs = tuple(x for _, x in pieces)
             out[part] = E.simplify(xs[0] if len(xs) == 1 else E.Concat(xs, self.dim))
         return out
+
+
+def qkv_rule(spec: ModelSpec, rows: int = 0) -> Stack:
+    """Megatron's per-query-group ``[q heads; k; v]`` interleave."""
+    d = spec.head_dim
+    return Stack.interleaved(spec.num_kv_heads, (("q", spec.heads_per_group * d), ("k", d), ("v", d)))
+
+
+def gate_up_rule(spec: ModelSpec, rows: int) -> Stack:
+    return Stack.of((("gate", rows // 2), ("up", rows // 2)))
+
+
+def mla_rule(spec: ModelSpec, rows: int = 0) -> Stack:
+    """MLA: Megatron's linear_qkv is [q_a (or q); kv_a], the two down-projections stacked."""
+    q_rows = spec.q_lora_rank or spec.mla_q_size
+    return Stack.of((("q", q_rows), ("kv_a", spec.kv_lora_rank + spec.qk_rope_dim)))

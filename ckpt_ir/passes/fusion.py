@@ -22,7 +22,7 @@ from ckpt_ir.errors import VerifyError
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.names import layer_name, split_layer
-from ckpt_ir.ir.rules import Stack
+from ckpt_ir.ir.rules import Stack, gate_up_rule, mla_rule, qkv_rule
 from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.passes.manager import WHOLE, Pass, register_pass
 
@@ -38,22 +38,6 @@ ROW_STACKED = (
     "lora_saved.bias",
 )
 SHARED = "lora_a.weight"
-
-
-def qkv_rule(spec: ModelSpec, rows: int = 0) -> Stack:
-    """Megatron's per-query-group ``[q heads; k; v]`` interleave."""
-    d = spec.head_dim
-    return Stack.interleaved(spec.num_kv_heads, (("q", spec.heads_per_group * d), ("k", d), ("v", d)))
-
-
-def gate_up_rule(spec: ModelSpec, rows: int) -> Stack:
-    return Stack.of((("gate", rows // 2), ("up", rows // 2)))
-
-
-def mla_rule(spec: ModelSpec, rows: int = 0) -> Stack:
-    """MLA: Megatron's linear_qkv is [q_a (or q); kv_a], the two down-projections stacked."""
-    q_rows = spec.q_lora_rank or spec.mla_q_size
-    return Stack.of((("q", q_rows), ("kv_a", spec.kv_lora_rank + spec.qk_rope_dim)))
 
 
 @attrs.frozen

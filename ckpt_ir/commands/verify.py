@@ -450,7 +450,7 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def add_parser(sub) -> None:
-    from ckpt_ir.cli_common import int_list
+    from ckpt_ir.commands.common import int_list
 
     v = sub.add_parser(
         "verify",

@@ -45,7 +45,8 @@ def checkpoint_from_config(config_dir: str):
     """A Checkpoint in HF layout whose tensors are shape-only placeholders for the model that
     ``config_dir/config.json`` describes (MTP layers as ``num_nextn_predict_layers`` says)."""
     from ckpt_ir.families import for_hf_config
-    from ckpt_ir.frontends.hf import read_config, side_files
+    from ckpt_ir.frontends.hf import read_config
+    from ckpt_ir.io.side_files import side_files
     from ckpt_ir.ir import expr as E
     from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
     from ckpt_ir.ir.layout import Layout

@@ -104,7 +104,7 @@ def add_parser(sub) -> None:
         p.add_argument(flag, default=None, help=argparse.SUPPRESS)
     for flag in _UNSUPPORTED_FLAGS:
         p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
-    from ckpt_ir.cli_common import add_ir_flags
+    from ckpt_ir.commands.common import add_ir_flags
 
     add_ir_flags(p)
     p.add_argument("--dry-run", action="store_true")
@@ -121,7 +121,7 @@ def _list(text: str | None) -> tuple[int, ...]:
 
 def run(args: argparse.Namespace) -> int:
     import ckpt_ir.api as ck
-    from ckpt_ir.cli_common import run_conversion
+    from ckpt_ir.commands.common import run_conversion
     from ckpt_ir.families import by_name
     from ckpt_ir.frontends.hf import read_config
     from ckpt_ir.io.atomic import check_destination

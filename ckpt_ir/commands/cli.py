@@ -7,7 +7,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ckpt_ir.cli_common import (
+from ckpt_ir.commands.common import (
     Parser,
     add_ir_flags,
     add_plugin_flag,
@@ -263,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="HF config.json describing a Megatron side whose args do not (plain Megatron-LM args)",
     )
 
-    from ckpt_ir.plan import add_parser as add_plan
-    from ckpt_ir.verify import add_parser as add_verify
+    from ckpt_ir.commands.plan import add_parser as add_plan
+    from ckpt_ir.commands.verify import add_parser as add_verify
 
     add_verify(sub)
     add_plan(sub)
@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     de.add_argument("dir", nargs="?", default=None, help="work directory (default: a temporary one)")
 
-    from ckpt_ir.mindspeed import add_parser as add_mindspeed
+    from ckpt_ir.commands.mindspeed import add_parser as add_mindspeed
 
     add_mindspeed(sub)
     return p
@@ -345,7 +345,7 @@ def run() -> None:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     import ckpt_ir.api as ck
-    from ckpt_ir.cli_common import run_conversion
+    from ckpt_ir.commands.common import run_conversion
     from ckpt_ir.frontends import detect
     from ckpt_ir.frontends.hf import read_config
 
@@ -428,7 +428,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from ckpt_ir.diff import diff, format_report
+    from ckpt_ir.commands.diff import diff, format_report
 
     report = diff(args.a, args.b, atol=args.atol, hf_config=args.hf_config)
     if args.json:
@@ -441,13 +441,13 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from ckpt_ir.verify import run
+    from ckpt_ir.commands.verify import run
 
     return run(args)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from ckpt_ir.plan import run
+    from ckpt_ir.commands.plan import run
 
     return run(args)
 
@@ -488,13 +488,13 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ckpt_ir.demo import run_demo
+    from ckpt_ir.commands.demo import run_demo
 
     return run_demo(args.dir)
 
 
 def cmd_convert_ckpt(args: argparse.Namespace) -> int:
-    from ckpt_ir.mindspeed import run
+    from ckpt_ir.commands.mindspeed import run
 
     return run(args)
 

@@ -17,9 +17,10 @@ from typing import Any
 import attrs
 
 from ckpt_ir.errors import CkptIrError, FormatError
-from ckpt_ir.families import Family, by_name, register
+from ckpt_ir.families import Family, by_name
+from ckpt_ir.families.args_only import MEGATRON
 from ckpt_ir.ir.spec import ModelSpec
-from ckpt_ir.mcore_format import int_list as _int_list
+from ckpt_ir.megatron.args import int_list as _int_list
 
 
 class NoFamily(FormatError):
@@ -29,14 +30,6 @@ class NoFamily(FormatError):
     def __init__(self, where: str, detail: str, hint: str) -> None:
         super().__init__(f"{where}: no supported HF family computes this Megatron model ({detail}); {hint}")
         self.detail = detail
-
-
-# Any model Megatron-Core builds, described by its args alone: every tensor Megatron writes has a
-# role (whose split rule is Megatron's own), so Megatron targets need no HF family; it has no HF
-# names, and an HF target is refused (see :func:`require_hf`).
-MEGATRON = register(
-    Family(name="megatron", model_types=(), architecture="(none: Megatron targets only)", tensors=())
-)
 
 
 class Args:

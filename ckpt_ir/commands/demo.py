@@ -14,7 +14,7 @@ def run_demo(workdir: str | None) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import ckpt_ir.api as ck
-    from ckpt_ir.diff import diff
+    from ckpt_ir.commands.diff import diff
 
     root = workdir or tempfile.mkdtemp(prefix="ckpt-ir-demo-")
     os.makedirs(root, exist_ok=True)

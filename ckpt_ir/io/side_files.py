@@ -1,0 +1,41 @@
+"""The files beside a checkpoint's weights that travel with it: tokenizer, generation config, chat
+template, remote modeling code, processor configs.  An HF directory has them at its top; a Megatron
+checkpoint written by ckpt-ir keeps them (and the HF config) in its ``hf/`` folder."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+
+# side files copied next to HF output (tokenizer, generation settings, chat template, remote code)
+AUX_PATTERNS = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "added_tokens.json",
+    "*.model",
+    "*.tiktoken",
+    "chat_template.*",
+    "preprocessor_config.json",
+    "*.py",
+)
+
+
+TOKENIZER_PATTERNS = ("tokenizer*", "*.model", "*.tiktoken", "vocab.json", "vocab.txt")
+
+
+def side_files(path: str, config: bool = False) -> tuple[str, ...]:
+    """The HF side files in directory ``path`` (with ``config.json`` when ``config``), sorted."""
+    if not os.path.isdir(path):
+        return ()
+    pats = AUX_PATTERNS + (("config.json",) if config else ())
+    return tuple(
+        sorted(
+            os.path.join(path, n)
+            for n in os.listdir(path)
+            if any(fnmatch.fnmatch(n, p) for p in pats) and os.path.isfile(os.path.join(path, n))
+        )
+    )

@@ -1,0 +1,166 @@
+"""What the two Megatron frontends (the ``torch`` rank files and ``torch_dist``) share once their
+tensors are named: reading the model from ``args`` (:func:`spec_from_args`), completing the tensor
+sets as the IR has them (:func:`complete_tensors`), and building the Checkpoint with what the files
+say about layout, dtype, LoRA and training state (:func:`checkpoint`)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import attrs
+
+from ckpt_ir.errors import CoverageError, FormatError
+from ckpt_ir.families import by_name, for_hf_config
+from ckpt_ir.io.side_files import side_files
+from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode, add_mtp_copies
+from ckpt_ir.ir.layout import Layout
+from ckpt_ir.ir.names import is_lora
+from ckpt_ir.ir.roles import canonical_order
+from ckpt_ir.ir.spec import ModelSpec
+from ckpt_ir.megatron import args as megatron_args
+from ckpt_ir.megatron import infer
+from ckpt_ir.megatron.keys import MCORE_HF_DIR
+
+
+class ArgReader:
+    """Typed access to Megatron ``args``: every bad value is a FormatError naming the file and key."""
+
+    def __init__(self, args: dict[str, Any], where: str) -> None:
+        self.args, self.where = args, where
+
+    def size(self, key: str, default: int | None = 1, limit: int = 1 << 16) -> int | None:
+        v = self.args.get(key)
+        if v is None:
+            return default
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= limit:
+            raise FormatError(f"{self.where}: args.{key} must be an integer from 1 to {limit}, got {v!r}")
+        return v
+
+    def layers(self, key: str) -> tuple[int, ...] | None:
+        v = self.args.get(key)
+        if v in (None, False, ""):
+            return None
+        try:
+            out = megatron_args.int_list(v)
+        except (ValueError, TypeError):
+            out = None
+            bad = True
+        else:
+            bad = out is None or any(i < 0 for i in out)
+        if bad:
+            raise FormatError(f"{self.where}: args.{key} must list layer numbers like '2,6', got {v!r}")
+        return out
+
+
+def spec_from_args(
+    args: dict[str, Any], hf_config: dict[str, Any] | None, where: str, family: str | None = None
+) -> tuple[ModelSpec, dict[str, Any] | None, str | None]:
+    """(ModelSpec, HF config, why) of a Megatron checkpoint from its ``args``: from ``hf_config``
+    when given, from the HF config ckpt-ir or MindSpeed-LLM copied into the args, else (plain
+    Megatron-LM args) for ``family`` or the family inferred from the args (``why`` says which
+    and why; None when nothing was inferred)."""
+    a = ArgReader(args, where)
+    named = args.get("ckpt_ir_family") or args.get("model_type_hf")
+    why = None
+    cfg: dict[str, Any] | None
+    if hf_config is None and infer.MEGATRON.name in (family, named):
+        spec, cfg = infer.megatron_spec(args, where), None
+        why = "family megatron (Megatron targets only): the model is described by its args alone"
+    elif hf_config is not None:
+        cfg, fam = hf_config, for_hf_config(hf_config, "--hf-config")
+    elif (
+        named
+        or args.get("ckpt_ir_hf_config") is not None
+        or args.get("model_type")
+        or args.get("architectures")
+    ):
+        try:  # an HF config ckpt-ir or MindSpeed-LLM copied into the args
+            cfg = megatron_args.hf_config_from_args(args)
+        except ValueError as e:
+            raise FormatError(f"{where}: {e}") from None
+        fam = by_name(named) if named else for_hf_config(cfg, where)
+    elif family:
+        fam = by_name(family)
+        cfg = infer.hf_config_for(fam, args, where)
+        why = f"family {fam.name} (--model-type-hf); HF config built from args"
+    else:
+        try:
+            fam, cfg, why = infer.infer(args, where)
+        except infer.NoFamily as e:
+            # resharding needs no HF family: the args describe every tensor Megatron wrote
+            spec, cfg, why = infer.megatron_spec(args, where), None, infer.args_only(e.detail)
+    if cfg is not None:
+        spec = fam.spec_from_config(cfg, where=f"{where} (args)")
+    if args.get("mtp_num_layers") is not None:
+        layers = a.size("mtp_num_layers", 0, 64) if args["mtp_num_layers"] else 0
+        spec = attrs.evolve(spec, mtp_layers=layers)
+    return spec, cfg, why
+
+
+def norm_names(te_norms: bool, te_fc1: bool) -> str:
+    """The Layout's norm naming from what the keys showed: Transformer Engine's norms fused into
+    linear_qkv (``te_norms``) and into linear_fc1 (``te_fc1``), or local norm modules."""
+    return "te" if te_fc1 else "te-input" if te_norms else "local"
+
+
+def unknown_tensors(unknown: list[str], where: str = "") -> CoverageError:
+    """The error for Megatron tensors no table gives a meaning (``where``: the directory)."""
+    shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
+    return CoverageError(
+        f"{len(unknown)} Megatron tensor(s){f' in {where}' if where else ''} have no known meaning and "
+        f"would be lost: {shown}; pass --allow-unused PATTERN to drop them on purpose"
+    )
+
+
+def complete_tensors(
+    spec: ModelSpec,
+    tensors: dict[str, TensorNode],
+    sets: dict[str, dict[str, TensorNode]],
+    dropped: dict[str, str],
+) -> None:
+    """The weights and each optimizer-state set as the IR has them: MTP layers get their canonical
+    copies of the shared embedding / output layer, and a tied model's output layer (Megatron's copy
+    of the embedding on the last stage) is dropped."""
+    for s in (tensors, *sets.values()):
+        add_mtp_copies(spec, s)
+        if spec.tied_embeddings and s.pop("lm_head.weight", None) is not None and s is tensors:
+            dropped["output_layer.weight"] = "copy of the tied embedding on the last pipeline stage"
+
+
+def checkpoint(
+    path: str,
+    spec: ModelSpec,
+    layout: Layout,
+    tensors: dict[str, TensorNode],
+    sets: dict[str, dict[str, TensorNode]],
+    *,
+    args: dict[str, Any],
+    cfg: dict[str, Any] | None,
+    dropped: dict[str, str],
+    meta: dict[str, Any],
+) -> Checkpoint:
+    """The Checkpoint of a lifted Megatron model: the padded vocabulary, dtype and LoRA rank read
+    off the tensors, tensors in canonical order, and the HF side files of ``hf/``."""
+    if "embed.weight" in tensors and tensors["embed.weight"].shape[0] != spec.vocab_size:
+        layout = attrs.evolve(layout, padded_vocab=tensors["embed.weight"].shape[0])
+    weights = [t for n, t in tensors.items() if not is_lora(n)]
+    spec = attrs.evolve(spec, dtype=weights[0].dtype if weights else spec.dtype)
+    lora_a = [t for n, t in tensors.items() if n.endswith(".lora_a.weight")]
+    if lora_a:
+        alpha = args.get("lora_alpha")
+        spec = attrs.evolve(
+            spec, lora_rank=lora_a[0].shape[0], lora_alpha=None if alpha is None else float(alpha)
+        )
+    ordered = dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0])))
+    return Checkpoint(
+        spec=spec,
+        layout=layout,
+        tensors=ordered,
+        dropped=dropped,
+        hf_config=cfg,
+        source=path,
+        aux_files=side_files(os.path.join(path, MCORE_HF_DIR), config=True),
+        meta=meta,
+        states={k: {n: v[n] for n in ordered if n in v} for k, v in sets.items()},
+    )

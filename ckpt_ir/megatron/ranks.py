@@ -1,0 +1,150 @@
+"""Which keys a Megatron rank file holds: for every (pipeline stage, virtual chunk) of a layout, its
+state-dict keys in writing order and the canonical tensor(s) behind each, with the EP rank that owns
+an expert's.  The torch backend writes rank files from it and the torch_dist frontend uses it to
+order a dp_reshardable optimizer's flat buffers as the run registered its parameters."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import attrs
+
+from ckpt_ir.errors import VerifyError
+from ckpt_ir.ir.checkpoint import Checkpoint
+from ckpt_ir.ir.layout import expert_owner, layer_slots, num_chunks
+from ckpt_ir.ir.names import expert_of, role_of, split_layer
+from ckpt_ir.megatron import keys as M
+
+
+@attrs.frozen
+class Entry:
+    """One key of a rank file: its tensor(s) and, for experts, the owning EP rank."""
+
+    key: str
+    canon: tuple[str, ...]  # one canonical tensor, or a grouped-GEMM weight's local experts in order
+    ep: int | None = None
+    grouped: str | None = None  # "weight1" / "weight2"
+
+
+def rank_content(ckpt: Checkpoint) -> tuple[dict[tuple[int, int], list[Entry]], dict]:
+    """The keys of every (stage, chunk) of the Megatron layout ``ckpt.layout``, in writing order,
+    and where each model layer sits."""
+    spec, layout = ckpt.spec, ckpt.layout
+    slots = layer_slots(spec, layout)
+    where = {s.real: s for s in slots if s.real is not None}
+    chunks = num_chunks(spec, layout)
+    table = M.spec_layer_table(layout.norm_names, spec)
+    order = M.role_order(spec.mla, spec.qk_full_norm, spec.gated_mlp)
+    content: dict[tuple[int, int], list[Entry]] = defaultdict(list)
+    by_layer: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for name in ckpt.tensors:
+        layer, _ = split_layer(name)
+        if layer is not None:
+            by_layer[layer][role_of(name)].append(name)
+    last = (layout.pp - 1, chunks - 1)
+    if "embed.weight" in ckpt.tensors:
+        content[(0, 0)].append(Entry("embedding.word_embeddings.weight", ("embed.weight",)))
+    content[(0, 0)].extend(Entry(key, (canon,)) for key, canon in M.PRE_LAYERS[1:] if canon in ckpt.tensors)
+    mtp_roles = {f"layers.{{i}}.{c}": m for m, c in M.MTP_KEYS}
+    known = (
+        set(order)
+        | set(mtp_roles)
+        | {r[: -len(".weight")] + f".lora_{w}.weight" for r in order for w in "ab"}
+        | {"layers.{i}.mtp.embed.weight", "layers.{i}.mtp.head.weight"}
+    )
+    mtp_entries: list[Entry] = []
+    for layer in sorted(by_layer):
+        roles = by_layer[layer]
+        unknown = set(roles) - known
+        if unknown:
+            raise VerifyError(f"layer {layer}: no Megatron name for {sorted(unknown)}")
+        mtp = layer >= spec.num_layers
+        local = layer - spec.num_layers if mtp else where[layer].local
+        entries = mtp_entries if mtp else content[(where[layer].stage, where[layer].chunk)]
+        start = len(entries)
+        for role in order:
+            if "{e}" not in role:
+                for canon in roles.get(role, ()):
+                    entries.extend(_entries(ckpt, role, canon, local, table, layer))
+        expert_roles = [r for r in order if "{e}" in r]
+        by_expert = {expert_of(n): n for r in expert_roles for n in roles.get(r, ())}
+        for expert in sorted(by_expert):
+            for role in expert_roles:
+                canon = role.format(i=layer, e=expert)
+                if canon in ckpt.tensors:
+                    entries.extend(_entries(ckpt, role, canon, local, table, layer))
+        if layout.grouped_gemm and spec.is_moe_layer(layer):
+            _group_experts(ckpt, entries, local)
+        if mtp:  # mtp.layers.k: enorm, hnorm, eh_proj, (embedding), transformer_layer.*, final norm
+            prefix = M.MTP_PREFIX.format(k=local)
+            body = [
+                attrs.evolve(e, key=prefix + e.key[len(f"decoder.layers.{local}.") :])
+                for e in entries[start:]
+            ]
+            head = [Entry(m.format(k=local), (f"layers.{layer}.{c}",)) for m, c in M.MTP_KEYS[:3]]
+            if layout.pp > 1:  # the last stage needs its own copy of the embedding for MTP
+                head.append(Entry("embedding.word_embeddings.weight", (f"layers.{layer}.mtp.embed.weight",)))
+            tail = [Entry(M.MTP_KEYS[3][0].format(k=local), (f"layers.{layer}.mtp.norm.weight",))]
+            entries[start:] = head + body + tail
+    if mtp_entries:
+        at = 1 if content[last] and content[last][0].key == "embedding.word_embeddings.weight" else 0
+        content[last][at:at] = mtp_entries
+    final_norm = M.MTP_FINAL_NORM if spec.mtp_layers else "decoder.final_layernorm.weight"
+    content[last].append(Entry(final_norm, ("final_norm.weight",)))
+    if "final_norm.bias" in ckpt.tensors:
+        content[last].append(Entry(final_norm[: -len("weight")] + "bias", ("final_norm.bias",)))
+    if "lm_head.weight" in ckpt.tensors:
+        content[last].append(Entry("output_layer.weight", ("lm_head.weight",)))
+    if "lm_head.bias" in ckpt.tensors:
+        content[last].append(Entry("output_layer.bias", ("lm_head.bias",)))
+    elif spec.tied_embeddings and layout.pp > 1:
+        # Megatron keeps a copy of the tied embedding on the last stage when PP > 1
+        content[last].append(Entry("output_layer.weight", ("embed.weight",)))
+    return content, where
+
+
+def _entries(ckpt: Checkpoint, role: str, canon: str, local: int, names, layer: int) -> list[Entry]:
+    expert = expert_of(canon)
+    ep = None
+    fill = {"i": str(local)}
+    if expert is not None:
+        ep, j = expert_owner(ckpt.spec, ckpt.layout, expert)
+        fill["e"] = str(j)
+    key = names.from_canonical(role.format(**fill))
+    if ckpt.spec.is_moe_layer(layer) and role in ("layers.{i}.mlp_norm.weight", "layers.{i}.mlp_norm.bias"):
+        key = M.layer_table("local").from_canonical(role.format(**fill))  # MoE: no fused pre-MLP norm
+    out = [Entry(key, (canon,), ep)]
+    for which in ("a", "b"):  # LoRA adapters right after their base weight
+        lora = canon[: -len(".weight")] + f".lora_{which}.weight"
+        if lora in ckpt.tensors:
+            out.append(Entry(M.lora_key(key, which), (lora,), ep))
+    return out
+
+
+def _group_experts(ckpt: Checkpoint, entries: list[Entry], local: int) -> None:
+    """Replace this layer's per-expert entries by one weight1/weight2 pair per EP rank."""
+    per_ep: dict[tuple[int, str], list[str]] = defaultdict(list)
+    first = None
+    kept = []
+    for e in entries:
+        if e.ep is None or f"decoder.layers.{local}.mlp.experts.local_experts." not in e.key:
+            kept.append(e)
+            continue
+        if first is None:
+            first = len(kept)
+        if e.key.endswith(".bias"):
+            raise VerifyError(
+                f"{e.key}: the grouped-GEMM expert format (weight1/weight2) has no expert biases; "
+                f"convert without --grouped-gemm (per-expert local_experts keys)"
+            )
+        kind = "weight1" if e.key.endswith("linear_fc1.weight") else "weight2"
+        if ".lora_" in e.key:
+            raise VerifyError("grouped GEMM output with unmerged expert LoRA is not supported; merge first")
+        per_ep[(e.ep, kind)].extend(e.canon)
+    grouped = [
+        Entry(f"decoder.layers.{local}.mlp.experts.{kind}", tuple(canons), ep, kind)
+        for (ep, kind), canons in sorted(per_ep.items())
+    ]
+    if first is not None:
+        kept[first:first] = grouped
+    entries[:] = kept
