@@ -15,7 +15,8 @@ import torch
 import ckpt_ir.api as ck
 from ckpt_ir.commands.cli import main as cli_main
 from ckpt_ir.errors import FormatError
-from ckpt_ir.megatron.infer import Args, infer
+from ckpt_ir.megatron.args import Args
+from ckpt_ir.megatron.infer import infer
 from tests.conftest import build_hf
 from tests.test_hf_roundtrip import assert_same_tensors
 

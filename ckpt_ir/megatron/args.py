@@ -7,7 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Callable
 from typing import Any
+
+import attrs
 
 from ckpt_ir.errors import FormatError
 from ckpt_ir.ir.layout import Layout, mcore_num_layers, num_chunks
@@ -105,6 +108,253 @@ _LAYOUT_ARGS = (
 _PLAIN = (int, float, str, bool, list)
 
 
+class Args:
+    """Megatron args with Megatron-LM's defaults for the keys a checkpoint may lack."""
+
+    # Megatron-LM's argparse defaults for the settings that change what the model computes
+    DEFAULTS: dict[str, Any] = {
+        "swiglu": False,
+        "normalization": "LayerNorm",
+        "add_bias_linear": True,
+        "add_qkv_bias": False,
+        "apply_layernorm_1p": False,
+        "rotary_interleaved": False,
+        "rotary_percent": 1.0,
+        "squared_relu": False,
+        "qk_layernorm": False,
+        "untie_embeddings_and_output_weights": False,
+        "norm_epsilon": 1e-5,
+        "rotary_base": 10000,
+        "moe_router_pre_softmax": False,
+        "moe_router_score_function": "softmax",
+        "moe_router_enable_expert_bias": False,
+        "moe_shared_expert_gate": False,
+        "moe_layer_freq": 1,
+        "multi_latent_attention": False,
+        "mtp_num_layers": None,
+        "use_rope_scaling": False,
+        "q_lora_rank": None,
+        "group_query_attention": False,
+    }
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        self.args = args
+
+    def __getitem__(self, key: str) -> Any:
+        v = self.args.get(key)
+        return self.DEFAULTS.get(key) if v is None else v
+
+    def position_embedding(self) -> str:
+        v = self.args.get("position_embedding_type")
+        return v if v else ("rope" if self.args.get("use_rotary_position_embeddings") else "learned_absolute")
+
+    def dense_layers(self) -> tuple[int, ...]:
+        """Megatron's moe_layer_freq: an int N (layer i is MoE iff i % N == 0) or a 0/1 list."""
+        n = self.num_layers()
+        freq = self["moe_layer_freq"]
+        if isinstance(freq, int):
+            return tuple(i for i in range(n) if i % freq)
+        pattern = int_list(freq) or ()
+        return tuple(i for i, moe in enumerate(pattern) if not moe)
+
+    def num_layers(self) -> int:
+        return int(self.args["num_layers"]) - len(int_list(self.args.get("noop_layers")) or ())
+
+    @property
+    def mla(self) -> bool:
+        return bool(self["multi_latent_attention"])
+
+    @property
+    def moe(self) -> bool:
+        return bool(self["num_experts"])
+
+
+Writer = Callable[[ModelSpec, Layout], Any]
+Reader = Callable[[Args], dict[str, Any]]
+
+
+def _all(spec: ModelSpec) -> bool:
+    return True
+
+
+def _moe(spec: ModelSpec) -> bool:
+    return spec.num_experts > 0
+
+
+def _mla(spec: ModelSpec) -> bool:
+    return spec.mla
+
+
+@attrs.frozen
+class Field:
+    """One Megatron-LM arg that says something about the model, both ways: ``write`` is its value
+    for a ModelSpec and Layout (written when ``when`` holds for the spec), ``read`` the ModelSpec
+    values the arg gives back (``Args`` fills Megatron-LM's defaults in)."""
+
+    arg: str
+    write: Writer | None
+    read: Reader | None = None
+    when: Callable[[ModelSpec], bool] = _all
+
+
+def _spec(field: str, arg: str) -> Field:
+    """An arg that is one ModelSpec field, unchanged."""
+    return Field(arg, lambda s, lay: getattr(s, field), lambda a: {field: a[arg]})
+
+
+def _bias_linear(s: ModelSpec, lay: Layout) -> bool:
+    # megatron-core's add_bias_linear puts biases on every linear layer but the QKV's own switch
+    return s.o_bias or s.mlp_bias
+
+
+# The model's args in the order rank files list them.  Both directions come from this one table:
+# build_args writes every row, spec_values reads them back (and so does family inference).
+MODEL_FIELDS: tuple[Field, ...] = (
+    Field("num_layers", mcore_num_layers, lambda a: {"num_layers": a.num_layers()}),
+    _spec("hidden_size", "hidden_size"),
+    _spec("ffn_hidden_size", "ffn_hidden_size"),
+    _spec("num_heads", "num_attention_heads"),
+    Field(
+        "num_query_groups",
+        lambda s, lay: s.num_kv_heads,
+        lambda a: {
+            "num_kv_heads": a["num_query_groups"] if a["group_query_attention"] else a["num_attention_heads"]
+        },
+    ),
+    Field("num_key_value_heads", lambda s, lay: s.num_kv_heads),
+    Field("group_query_attention", lambda s, lay: s.num_kv_heads != s.num_heads),
+    Field(
+        "kv_channels",
+        lambda s, lay: s.head_dim,
+        lambda a: {
+            "head_dim": a["qk_pos_emb_head_dim"]
+            if a.mla
+            else a["kv_channels"] or a["hidden_size"] // a["num_attention_heads"]
+        },
+    ),
+    Field(
+        "vocab_size",
+        lambda s, lay: s.vocab_size,
+        lambda a: {"vocab_size": a["vocab_size"] or a["padded_vocab_size"]},
+    ),
+    Field("padded_vocab_size", lambda s, lay: lay.padded_vocab or s.vocab_size),
+    _spec("norm_eps", "norm_epsilon"),
+    Field(
+        "normalization",
+        lambda s, lay: "LayerNorm" if s.norm_bias else "RMSNorm",
+        lambda a: {"norm_bias": a["normalization"] == "LayerNorm"},
+    ),
+    Field(
+        "swiglu",
+        lambda s, lay: s.gated_mlp and s.activation == "silu",
+        lambda a: {
+            "gated_mlp": bool(a["swiglu"]),
+            "activation": "silu" if a["swiglu"] else "relu2" if a["squared_relu"] else "gelu",
+        },
+    ),
+    Field(
+        "add_qkv_bias",
+        lambda s, lay: s.qkv_bias,
+        lambda a: {"qkv_bias": bool(a["add_qkv_bias"] or a["add_bias_linear"])},
+    ),
+    Field(
+        "add_bias_linear",
+        _bias_linear,
+        lambda a: {"o_bias": bool(a["add_bias_linear"]), "mlp_bias": bool(a["add_bias_linear"])},
+    ),
+    Field(
+        "qk_layernorm", lambda s, lay: s.qk_norm, lambda a: {"qk_norm": bool(a["qk_layernorm"]) and not a.mla}
+    ),
+    Field("post_norm", lambda s, lay: s.post_norms),
+    Field(
+        "untie_embeddings_and_output_weights",
+        lambda s, lay: not s.tied_embeddings,
+        lambda a: {"tied_embeddings": not a["untie_embeddings_and_output_weights"]},
+    ),
+    Field(
+        "position_embedding_type",
+        lambda s, lay: "learned_absolute" if s.position_embeddings else "rope",
+        lambda a: {
+            "position_embeddings": (a["max_position_embeddings"] or a["seq_length"] or 0)
+            if a.position_embedding() == "learned_absolute"
+            else 0
+        },
+    ),
+    Field("use_rotary_position_embeddings", lambda s, lay: not s.position_embeddings),
+    Field("squared_relu", lambda s, lay: True, when=lambda s: s.activation == "relu2"),
+)
+
+# mixture of experts: written for MoE models, read when args.num_experts is set
+MOE_FIELDS: tuple[Field, ...] = (
+    _spec("num_experts", "num_experts"),
+    _spec("moe_topk", "moe_router_topk"),
+    Field(
+        "moe_ffn_hidden_size",
+        lambda s, lay: s.moe_ffn_hidden_size,
+        lambda a: {"moe_ffn_hidden_size": a["moe_ffn_hidden_size"] or a["ffn_hidden_size"]},
+    ),
+    Field("moe_grouped_gemm", lambda s, lay: lay.grouped_gemm),
+    Field("expert_model_parallel_size", lambda s, lay: lay.ep),
+    Field("expert_tensor_parallel_size", lambda s, lay: lay.expert_tp),
+    Field(
+        "moe_shared_expert_intermediate_size",
+        lambda s, lay: s.shared_ffn_hidden_size,
+        lambda a: {"shared_ffn_hidden_size": a["moe_shared_expert_intermediate_size"] or 0},
+        when=lambda s: s.shared_ffn_hidden_size > 0,
+    ),
+    # Megatron's per-layer pattern: 1 = MoE, 0 = dense MLP
+    Field(
+        "moe_layer_freq",
+        lambda s, lay: (
+            [0 if i in s.dense_layers else 1 for i in range(s.num_layers)] if s.dense_layers else 1
+        ),
+        lambda a: {"dense_layers": a.dense_layers()},
+    ),
+    Field(
+        "moe_shared_expert_gate",
+        lambda s, lay: s.shared_expert_gate,
+        lambda a: {"shared_expert_gate": bool(a["moe_shared_expert_gate"])},
+    ),
+    Field("shared_expert_gate", lambda s, lay: s.shared_expert_gate),
+    # read only: the families whose routers have the bias write it with their router settings
+    Field(
+        "moe_router_enable_expert_bias",
+        None,
+        lambda a: {"router_bias": bool(a["moe_router_enable_expert_bias"])},
+    ),
+)
+
+# multi-latent attention: written for MLA models, read when args.multi_latent_attention is set
+MLA_FIELDS: tuple[Field, ...] = (
+    Field("multi_latent_attention", lambda s, lay: True),
+    Field(
+        "q_lora_rank",
+        lambda s, lay: s.q_lora_rank or None,
+        lambda a: {"q_lora_rank": a["q_lora_rank"] or 0},
+    ),
+    _spec("kv_lora_rank", "kv_lora_rank"),
+    _spec("qk_nope_dim", "qk_head_dim"),
+    _spec("qk_rope_dim", "qk_pos_emb_head_dim"),
+    _spec("v_head_dim", "v_head_dim"),
+)
+
+
+def _written(fields: tuple[Field, ...], spec: ModelSpec, layout: Layout) -> dict[str, Any]:
+    return {f.arg: f.write(spec, layout) for f in fields if f.write is not None and f.when(spec)}
+
+
+def spec_values(a: Args) -> dict[str, Any]:
+    """The ModelSpec fields Megatron ``args`` give (with Megatron-LM's defaults), read through the
+    same table :func:`build_args` writes."""
+    v: dict[str, Any] = {}
+    groups = (MODEL_FIELDS, MOE_FIELDS if a.moe else (), MLA_FIELDS if a.mla else ())
+    for fields in groups:
+        for f in fields:
+            if f.read is not None:
+                v.update(f.read(a))
+    return v
+
+
 def build_args(
     spec: ModelSpec,
     layout: Layout,
@@ -126,38 +376,20 @@ def build_args(
     for k, v in cfg.items():
         if isinstance(v, _PLAIN) and k not in _NOT_HF and (k not in src or isinstance(src[k], _PLAIN)):
             setattr(ns, k, v)
-    total = mcore_num_layers(spec, layout)
-    fields: dict[str, Any] = {
-        "num_layers": total,
-        "hidden_size": spec.hidden_size,
-        "ffn_hidden_size": spec.ffn_hidden_size,
-        "num_attention_heads": spec.num_heads,
-        "num_query_groups": spec.num_kv_heads,
-        "num_key_value_heads": spec.num_kv_heads,
-        "group_query_attention": spec.num_kv_heads != spec.num_heads,
-        "kv_channels": spec.head_dim,
-        "vocab_size": spec.vocab_size,
-        "padded_vocab_size": layout.padded_vocab or spec.vocab_size,
-        "norm_epsilon": spec.norm_eps,
-        "normalization": "LayerNorm" if spec.norm_bias else "RMSNorm",
-        "swiglu": spec.activation == "silu",
-        "add_qkv_bias": spec.qkv_bias,
-        "add_bias_linear": False,
-        "qk_layernorm": spec.qk_norm,
-        "post_norm": spec.post_norms,
-        "untie_embeddings_and_output_weights": not spec.tied_embeddings,
-        "position_embedding_type": "rope",
-        "use_rotary_position_embeddings": True,
-        "tensor_model_parallel_size": layout.tp,
-        "pipeline_model_parallel_size": layout.pp,
-        "expert_model_parallel_size": 1,
-        "transformer_impl": "local" if layout.norm_names == "local" else "transformer_engine",
-        "bf16": spec.dtype == "BF16",
-        "fp16": spec.dtype == "F16",
-        "model_type_hf": family_ms_name,
-        "ckpt_ir_family": spec.family,
-        "ckpt_ir_hf_config": json.dumps(cfg, sort_keys=True),
-    }
+    fields = _written(MODEL_FIELDS, spec, layout)
+    fields.update(
+        {
+            "tensor_model_parallel_size": layout.tp,
+            "pipeline_model_parallel_size": layout.pp,
+            "expert_model_parallel_size": 1,
+            "transformer_impl": "local" if layout.norm_names == "local" else "transformer_engine",
+            "bf16": spec.dtype == "BF16",
+            "fp16": spec.dtype == "F16",
+            "model_type_hf": family_ms_name,
+            "ckpt_ir_family": spec.family,
+            "ckpt_ir_hf_config": json.dumps(cfg, sort_keys=True),
+        }
+    )
     # transformers 5 nests rope settings under rope_parameters; older configs keep rope_theta on top
     theta = cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta"))
     if theta is not None:
@@ -175,35 +407,10 @@ def build_args(
         fields["num_layers_per_virtual_pipeline_stage"] = layout.vpp_layers
         fields["virtual_pipeline_model_parallel_size"] = num_chunks(spec, layout)
     if spec.num_experts:
-        fields.update(
-            {
-                "num_experts": spec.num_experts,
-                "moe_router_topk": spec.moe_topk,
-                "moe_ffn_hidden_size": spec.moe_ffn_hidden_size,
-                "moe_grouped_gemm": layout.grouped_gemm,
-                "expert_model_parallel_size": layout.ep,
-                "expert_tensor_parallel_size": layout.expert_tp,
-            }
-        )
-        if spec.shared_ffn_hidden_size:
-            fields["moe_shared_expert_intermediate_size"] = spec.shared_ffn_hidden_size
-        # Megatron's per-layer pattern: 1 = MoE, 0 = dense MLP
-        fields["moe_layer_freq"] = (
-            [0 if i in spec.dense_layers else 1 for i in range(spec.num_layers)] if spec.dense_layers else 1
-        )
-        fields["moe_shared_expert_gate"] = fields["shared_expert_gate"] = spec.shared_expert_gate
+        fields.update(_written(MOE_FIELDS, spec, layout))
     if spec.mla:
-        fields.update(
-            {
-                "multi_latent_attention": True,
-                "q_lora_rank": spec.q_lora_rank or None,
-                "kv_lora_rank": spec.kv_lora_rank,
-                "qk_head_dim": spec.qk_nope_dim,
-                "qk_pos_emb_head_dim": spec.qk_rope_dim,
-                "v_head_dim": spec.v_head_dim,
-                **mla_rope_args(cfg),
-            }
-        )
+        fields.update(_written(MLA_FIELDS, spec, layout))
+        fields.update(mla_rope_args(cfg))
     from ckpt_ir.families import by_name
 
     family = by_name(spec.family)

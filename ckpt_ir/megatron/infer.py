@@ -20,7 +20,7 @@ from ckpt_ir.errors import CkptIrError, FormatError
 from ckpt_ir.families import Family, by_name
 from ckpt_ir.families.args_only import MEGATRON
 from ckpt_ir.ir.spec import ModelSpec
-from ckpt_ir.megatron.args import int_list as _int_list
+from ckpt_ir.megatron.args import Args, spec_values
 
 
 class NoFamily(FormatError):
@@ -30,59 +30,6 @@ class NoFamily(FormatError):
     def __init__(self, where: str, detail: str, hint: str) -> None:
         super().__init__(f"{where}: no supported HF family computes this Megatron model ({detail}); {hint}")
         self.detail = detail
-
-
-class Args:
-    """Megatron args with Megatron-LM's defaults for the keys a checkpoint may lack."""
-
-    # Megatron-LM's argparse defaults for the settings that change what the model computes
-    DEFAULTS: dict[str, Any] = {
-        "swiglu": False,
-        "normalization": "LayerNorm",
-        "add_bias_linear": True,
-        "add_qkv_bias": False,
-        "apply_layernorm_1p": False,
-        "rotary_interleaved": False,
-        "rotary_percent": 1.0,
-        "squared_relu": False,
-        "qk_layernorm": False,
-        "untie_embeddings_and_output_weights": False,
-        "norm_epsilon": 1e-5,
-        "rotary_base": 10000,
-        "moe_router_pre_softmax": False,
-        "moe_router_score_function": "softmax",
-        "moe_router_enable_expert_bias": False,
-        "moe_shared_expert_gate": False,
-        "moe_layer_freq": 1,
-        "multi_latent_attention": False,
-        "mtp_num_layers": None,
-        "use_rope_scaling": False,
-        "q_lora_rank": None,
-        "group_query_attention": False,
-    }
-
-    def __init__(self, args: dict[str, Any]) -> None:
-        self.args = args
-
-    def __getitem__(self, key: str) -> Any:
-        v = self.args.get(key)
-        return self.DEFAULTS.get(key) if v is None else v
-
-    def position_embedding(self) -> str:
-        v = self.args.get("position_embedding_type")
-        return v if v else ("rope" if self.args.get("use_rotary_position_embeddings") else "learned_absolute")
-
-    def dense_layers(self) -> tuple[int, ...]:
-        """Megatron's moe_layer_freq: an int N (layer i is MoE iff i % N == 0) or a 0/1 list."""
-        n = self.num_layers()
-        freq = self["moe_layer_freq"]
-        if isinstance(freq, int):
-            return tuple(i for i in range(n) if i % freq)
-        pattern = _int_list(freq) or ()
-        return tuple(i for i, moe in enumerate(pattern) if not moe)
-
-    def num_layers(self) -> int:
-        return self.args["num_layers"] - len(_int_list(self.args.get("noop_layers")) or ())
 
 
 @attrs.frozen
@@ -230,45 +177,6 @@ RULES = (
 )
 
 
-def spec_values(a: Args) -> dict[str, Any]:
-    """ModelSpec fields as the args give them (checked against what the family reads back)."""
-    heads = a["num_attention_heads"]
-    mla = bool(a["multi_latent_attention"])
-    v: dict[str, Any] = {
-        "num_layers": a.num_layers(),
-        "hidden_size": a["hidden_size"],
-        "ffn_hidden_size": a["ffn_hidden_size"],
-        "num_heads": heads,
-        "num_kv_heads": a["num_query_groups"] if a["group_query_attention"] else heads,
-        "head_dim": a["qk_pos_emb_head_dim"] if mla else a["kv_channels"] or a["hidden_size"] // heads,
-        "vocab_size": a["vocab_size"] or a["padded_vocab_size"],
-        "norm_eps": a["norm_epsilon"],
-        "tied_embeddings": not a["untie_embeddings_and_output_weights"],
-        "qkv_bias": bool(a["add_qkv_bias"]),
-        "qk_norm": bool(a["qk_layernorm"]) and not mla,
-        "activation": "silu",
-    }
-    if a["num_experts"]:
-        v.update(
-            num_experts=a["num_experts"],
-            moe_topk=a["moe_router_topk"],
-            moe_ffn_hidden_size=a["moe_ffn_hidden_size"] or a["ffn_hidden_size"],
-            shared_ffn_hidden_size=a["moe_shared_expert_intermediate_size"] or 0,
-            dense_layers=a.dense_layers(),
-            shared_expert_gate=bool(a["moe_shared_expert_gate"]),
-            router_bias=bool(a["moe_router_enable_expert_bias"]),
-        )
-    if mla:
-        v.update(
-            q_lora_rank=a["q_lora_rank"] or 0,
-            kv_lora_rank=a["kv_lora_rank"],
-            qk_nope_dim=a["qk_head_dim"],
-            qk_rope_dim=a["qk_pos_emb_head_dim"],
-            v_head_dim=a["v_head_dim"],
-        )
-    return v
-
-
 def hf_config(family: Family, args: dict[str, Any], rule: Rule | None = None) -> dict[str, Any]:
     """The HF config ``family`` needs for the model ``args`` describe, checked by reading it back."""
     a = Args(args)
@@ -370,17 +278,7 @@ def megatron_spec(args: dict[str, Any], where: str) -> ModelSpec:
             f"{where}: args lack {', '.join(missing) or 'vocab_size'}; cannot tell the model's shape"
         )
     values = spec_values(a)
-    bias = bool(a["add_bias_linear"])
     learned = a.position_embedding() == "learned_absolute"
-    values.update(
-        activation="silu" if a["swiglu"] else "relu2" if a["squared_relu"] else "gelu",
-        gated_mlp=bool(a["swiglu"]),
-        qkv_bias=bias or bool(a["add_qkv_bias"]),
-        o_bias=bias,
-        mlp_bias=bias,
-        norm_bias=a["normalization"] == "LayerNorm",
-        position_embeddings=(a["max_position_embeddings"] or a["seq_length"] or 0) if learned else 0,
-    )
     if learned and not values["position_embeddings"]:
         raise FormatError(f"{where}: learned absolute positions but args lack max_position_embeddings")
     dtype = "BF16" if a["bf16"] else "F16" if a["fp16"] else "F32"
