@@ -11,6 +11,7 @@ import attrs
 from ckpt_ir.errors import VerifyError
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.dtypes import itemsize
+from ckpt_ir.ir.expr import describe
 from ckpt_ir.ir.layout import Layout
 from ckpt_ir.ir.names import Split
 from ckpt_ir.ir.spec import ModelSpec
@@ -117,8 +118,6 @@ class Checkpoint:
 
     def __str__(self) -> str:
         """The text dump: spec and layout lines, then one aligned line per tensor."""
-        from ckpt_ir.ir.printer import to_text
-
         return to_text(self)
 
     def __repr__(self) -> str:
@@ -182,3 +181,36 @@ def add_mtp_copies(spec, tensors: dict[str, TensorNode]) -> None:
             name = f"layers.{spec.num_layers + k}.{own}"
             if name not in tensors and main in tensors:
                 tensors[name] = attrs.evolve(tensors[main], name=name)
+
+
+def to_text(ckpt: Checkpoint) -> str:
+    """The text dump of ``ckpt``: spec and layout lines, then one aligned line per tensor (its
+    shape, dtype, placement and shortest source description), then what was dropped."""
+    # unset optional features (MoE, MLA, MTP, LoRA fields at 0 / None / False) are left out
+    shown = {
+        k: v
+        for k, v in ckpt.spec.summary().items()
+        if k != "family" and v not in (0, None, False, ()) or k in ("qkv_bias", "tied_embeddings")
+    }
+    lines = [
+        f"// source: {ckpt.source}",
+        f"// spec: {ckpt.spec.family} " + " ".join(f"{k}={v}" for k, v in shown.items()),
+        f"// layout: {ckpt.layout.describe()}",
+        f"// tensors: {len(ckpt.tensors)}  bytes: {ckpt.nbytes}",
+    ]
+    if ckpt.states:
+        lines.append(f"// optimizer state: {', '.join(ckpt.states)} (rows named <state>:<tensor>)")
+    rows = []
+    named = [("", ckpt.tensors)] + [(f"{k}:", v) for k, v in ckpt.states.items()]
+    for prefix, tensors in named:
+        for name, t in tensors.items():
+            place = "whole" if t.split is None or t.tp == 1 else f"tp{t.tp}:{t.split.describe()}"
+            src = describe(t.shards[0]) + (f"  (+{t.tp - 1} shards)" if t.tp > 1 else "")
+            rows.append((prefix + name, "x".join(map(str, t.shape)) or "scalar", t.dtype, place, src))
+    if rows:
+        w = [max(len(r[i]) for r in rows) for i in range(4)]
+        for r in rows:
+            lines.append(f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:<{w[2]}}  {r[3]:<{w[3]}}  {r[4]}")
+    for key, why in ckpt.dropped.items():
+        lines.append(f"// dropped {key}: {why}")
+    return "\n".join(lines) + "\n"

@@ -3,46 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ckpt_ir.ir import expr as E
+from ckpt_ir.ir.checkpoint import Checkpoint, to_text
 from ckpt_ir.ir.expr import describe
 
-if TYPE_CHECKING:
-    from ckpt_ir.ir.checkpoint import Checkpoint
-
 __all__ = ["describe", "render", "to_text", "to_json", "to_dot"]
-
-
-def to_text(ckpt: Checkpoint) -> str:
-    # unset optional features (MoE, MLA, MTP, LoRA fields at 0 / None / False) are left out
-    shown = {
-        k: v
-        for k, v in ckpt.spec.summary().items()
-        if k != "family" and v not in (0, None, False, ()) or k in ("qkv_bias", "tied_embeddings")
-    }
-    lines = [
-        f"// source: {ckpt.source}",
-        f"// spec: {ckpt.spec.family} " + " ".join(f"{k}={v}" for k, v in shown.items()),
-        f"// layout: {ckpt.layout.describe()}",
-        f"// tensors: {len(ckpt.tensors)}  bytes: {ckpt.nbytes}",
-    ]
-    if ckpt.states:
-        lines.append(f"// optimizer state: {', '.join(ckpt.states)} (rows named <state>:<tensor>)")
-    rows = []
-    named = [("", ckpt.tensors)] + [(f"{k}:", v) for k, v in ckpt.states.items()]
-    for prefix, tensors in named:
-        for name, t in tensors.items():
-            place = "whole" if t.split is None or t.tp == 1 else f"tp{t.tp}:{t.split.describe()}"
-            src = describe(t.shards[0]) + (f"  (+{t.tp - 1} shards)" if t.tp > 1 else "")
-            rows.append((prefix + name, "x".join(map(str, t.shape)) or "scalar", t.dtype, place, src))
-    if rows:
-        w = [max(len(r[i]) for r in rows) for i in range(4)]
-        for r in rows:
-            lines.append(f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:<{w[2]}}  {r[3]:<{w[3]}}  {r[4]}")
-    for key, why in ckpt.dropped.items():
-        lines.append(f"// dropped {key}: {why}")
-    return "\n".join(lines) + "\n"
 
 
 def expr_json(e: E.Expr) -> dict[str, Any]:
