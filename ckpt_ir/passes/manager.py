@@ -262,10 +262,11 @@ _entry_points_loaded = False
 
 
 def _load_builtin() -> None:
-    """Register the built-in passes, then any that installed packages declare under the
-    ``ckpt_ir.passes`` entry-point group (each entry point names a module or a Pass class)."""
+    """Register the passes that installed packages declare under the ``ckpt_ir.passes``
+    entry-point group (each entry point names a module or a Pass class).  The built-in passes are
+    registered already: importing this module imports its package, whose ``__init__`` imports
+    every built-in pass module."""
     global _entry_points_loaded
-    from ckpt_ir import passes  # noqa: F401  (importing the package registers the built-in passes)
 
     if _entry_points_loaded:
         return
