@@ -345,7 +345,7 @@ def run() -> None:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     import ckpt_ir.api as ck
-    from ckpt_ir.commands.common import run_conversion
+    from ckpt_ir.commands.common import RunOptions, run_conversion
     from ckpt_ir.frontends import detect
     from ckpt_ir.frontends.hf import read_config
 
@@ -394,7 +394,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return run_conversion(
         args.src,
         target,
-        args,
+        RunOptions.from_args(args),
         {
             "allow_unused": tuple(args.allow_unused),
             "hf_config": hf_cfg,

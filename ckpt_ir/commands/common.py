@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
+
+import attrs
 
 from ckpt_ir.errors import UsageError
 
@@ -122,61 +125,97 @@ def load_plugins(args: argparse.Namespace) -> None:
         load_plugin(module)
 
 
-def run_conversion(src: Any, target: Any, args: argparse.Namespace, load_options: dict[str, Any]) -> int:
-    """Convert ``src`` (a path, or a lifted Checkpoint) to ``args.dst`` for ``target`` with the shared flags (pipeline, printing,
-    dry run, workers, progress) and report on stderr."""
+@attrs.frozen
+class RunOptions:
+    """How a conversion command runs and reports, independent of what it converts: where it writes,
+    the pipeline and debugging flags, and the executor's knobs.  Built from parsed arguments by
+    :meth:`from_args` (a command's own choices as keywords); the arguments are never changed."""
+
+    dst: str
+    overwrite: bool = False
+    dry_run: bool = False
+    print_pipeline: bool = False
+    pipeline: str | None = None
+    print_ir_before: tuple[str, ...] = ()
+    print_ir_after: tuple[str, ...] = ()
+    print_ir_after_all: bool = False
+    ir_format: str = "text"
+    dump_ir: str | None = None
+    pass_stats: bool = False
+    quiet: bool = False
+    progress: bool | None = None  # None: when stderr is a terminal and not quiet
+    workers: int | None = None
+    max_memory: int | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **chosen: Any) -> RunOptions:
+        """The options the shared flags give; ``chosen`` overrides (e.g. the command's own ``dst``)."""
+        given = {f.name: getattr(args, f.name) for f in attrs.fields(cls) if hasattr(args, f.name)}
+        for key in ("print_ir_before", "print_ir_after"):
+            if key in given:
+                given[key] = tuple(given[key] or ())
+        return cls(**{**given, **chosen})
+
+
+def run_conversion(
+    src: Any,
+    target: Any,
+    opts: RunOptions,
+    load_options: dict[str, Any],
+    check_source: Callable[[Any], None] | None = None,
+) -> int:
+    """Convert ``src`` (a path) to ``opts.dst`` for ``target`` with the shared flags (pipeline,
+    printing, dry run, workers, progress) and report on stderr.  The destination is checked before
+    the source is lifted; ``check_source`` then sees the lifted source before anything runs."""
     import ckpt_ir.api as ck
     from ckpt_ir.backends.execute import distributed_world
     from ckpt_ir.passes.manager import Instrumentation
 
-    quiet = getattr(args, "quiet", False) or distributed_world()[0] != 0
-    if not isinstance(src, ck.Checkpoint):
-        if not (args.dry_run or args.print_pipeline):
-            from ckpt_ir.io.atomic import check_destination
+    quiet = opts.quiet or distributed_world()[0] != 0
+    if not (opts.dry_run or opts.print_pipeline):
+        from ckpt_ir.io.atomic import check_destination
 
-            check_destination(args.dst, args.overwrite)  # fail fast, before lifting the source
-        src = ck.load(src, **{"optimizer": target.carries_optimizer and not target.lora_load, **load_options})
-        ck.check_family(src, target)
-        if src.meta.get("family_from_args") and not quiet:
-            print(f"ckpt-ir: {src.meta['family_from_args']}", file=sys.stderr)
-    if args.print_pipeline:
-        print(ck.as_pipeline(args.pipeline) if args.pipeline else ck.derive_pipeline(src, target))
+        check_destination(opts.dst, opts.overwrite)  # fail fast, before lifting the source
+    src = ck.load(src, **{"optimizer": target.carries_optimizer and not target.lora_load, **load_options})
+    ck.check_family(src, target)
+    if src.meta.get("family_from_args") and not quiet:
+        print(f"ckpt-ir: {src.meta['family_from_args']}", file=sys.stderr)
+    if check_source is not None:
+        check_source(src)
+    if opts.print_pipeline:
+        print(ck.as_pipeline(opts.pipeline) if opts.pipeline else ck.derive_pipeline(src, target))
         return 0
     inst = Instrumentation(
-        print_before=tuple(args.print_ir_before),
-        print_after=tuple(args.print_ir_after),
-        print_after_all=args.print_ir_after_all,
-        dump_dir=args.dump_ir,
-        stats=args.pass_stats,
-        ir_format=args.ir_format,
+        print_before=opts.print_ir_before,
+        print_after=opts.print_ir_after,
+        print_after_all=opts.print_ir_after_all,
+        dump_dir=opts.dump_ir,
+        stats=opts.pass_stats,
+        ir_format=opts.ir_format,
         stream=sys.stdout,
     )
-    progress = (
-        args.progress if getattr(args, "progress", None) is not None else (sys.stderr.isatty() and not quiet)
-    )
+    progress = opts.progress if opts.progress is not None else (sys.stderr.isatty() and not quiet)
     result = ck.convert(
         src,
-        args.dst,
+        opts.dst,
         target,
-        pipeline=args.pipeline,
+        pipeline=opts.pipeline,
         instrumentation=inst,
-        dry_run=args.dry_run,
-        overwrite=args.overwrite,
+        dry_run=opts.dry_run,
+        overwrite=opts.overwrite,
         progress=progress,
-        workers=getattr(args, "workers", None),
-        max_memory=getattr(args, "max_memory", None),
-        announce=None if quiet or args.dry_run else lambda p: print(f"pipeline: {p}", file=sys.stderr),
+        workers=opts.workers,
+        max_memory=opts.max_memory,
+        announce=None if quiet or opts.dry_run else lambda p: print(f"pipeline: {p}", file=sys.stderr),
     )
-    if args.dry_run:
-        print_plan(
-            result.plan, result.pipeline, getattr(args, "workers", None), getattr(args, "max_memory", None)
-        )
+    if opts.dry_run:
+        print_plan(result.plan, result.pipeline, opts.workers, opts.max_memory)
         return 0
     if not quiet:
         stats = result.stats or {}
         gb = stats["bytes_written"] / 1e9
         print(
-            f"wrote {args.dst}: {len(result.plan.files)} files, {gb:.3f} GB in {stats['seconds']:.1f}s "
+            f"wrote {opts.dst}: {len(result.plan.files)} files, {gb:.3f} GB in {stats['seconds']:.1f}s "
             f"({gb / max(stats['seconds'], 1e-9):.2f} GB/s)",
             file=sys.stderr,
         )

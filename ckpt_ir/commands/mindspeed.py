@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 
+from ckpt_ir.commands.common import RunOptions, add_ir_flags, int_list, run_conversion
 from ckpt_ir.errors import UsageError
 
 # flags the original tools take that do not change the result here
@@ -66,9 +67,9 @@ def add_parser(sub) -> None:
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
     p.add_argument("--target-expert-parallel-size", type=int, default=1)
     p.add_argument("--expert-tensor-parallel-size", type=int, default=None)
-    p.add_argument("--num-layer-list", default=None)
+    p.add_argument("--num-layer-list", type=int_list, default=None)
     p.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
-    p.add_argument("--noop-layers", default=None)
+    p.add_argument("--noop-layers", type=int_list, default=())
     p.add_argument("--params-dtype", default=None, help="cast to fp16/bf16/fp32 (default: keep)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=None)
     p.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local")
@@ -104,27 +105,14 @@ def add_parser(sub) -> None:
         p.add_argument(flag, default=None, help=argparse.SUPPRESS)
     for flag in _UNSUPPORTED_FLAGS:
         p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
-    from ckpt_ir.commands.common import add_ir_flags
-
     add_ir_flags(p)
     p.add_argument("--dry-run", action="store_true")
 
 
-def _list(text: str | None) -> tuple[int, ...]:
-    if not text:
-        return ()
-    try:
-        return tuple(int(x) for x in text.replace(" ", ",").split(",") if x)
-    except ValueError:
-        raise UsageError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def run(args: argparse.Namespace) -> int:
     import ckpt_ir.api as ck
-    from ckpt_ir.commands.common import run_conversion
     from ckpt_ir.families import by_name
     from ckpt_ir.frontends.hf import read_config
-    from ckpt_ir.io.atomic import check_destination
 
     for flag, what in {**_UNSUPPORTED_VALUE, **_UNSUPPORTED_FLAGS}.items():
         if getattr(args, flag[2:].replace("-", "_")):
@@ -158,8 +146,8 @@ def run(args: argparse.Namespace) -> int:
             tp=args.target_tensor_parallel_size,
             pp=args.target_pipeline_parallel_size,
             vpp_layers=args.num_layers_per_virtual_pipeline_stage,
-            num_layer_list=_list(args.num_layer_list) or None,
-            noop_layers=_list(args.noop_layers),
+            num_layer_list=args.num_layer_list or None,
+            noop_layers=args.noop_layers,
             vocab_divisible_by=args.make_vocab_size_divisible_by,
             norm_names="te-input" if args.transformer_impl == "transformer_engine" else "local",
             ep=args.target_expert_parallel_size,
@@ -186,34 +174,34 @@ def run(args: argparse.Namespace) -> int:
             "--hf-cfg-dir": None if into_hf_dir and hf_cfg_dir == args.save_dir else hf_cfg_dir,
         },
     )
-    if not (args.dry_run or args.print_pipeline):
-        check_destination(save_dir, args.overwrite)
-    src = ck.load(
-        args.load_dir,
+
+    def check_source(src: ck.Checkpoint) -> None:
+        """MindSpeed-LLM's own checks on the lifted source."""
+        if args.load_model_type == "optim" and not src.states:
+            raise UsageError(
+                f"convert-ckpt --load-model-type optim: {args.load_dir} has no distributed-optimizer state "
+                f"(distrib_optim.pt)"
+            )
+        if args.model_type_hf and by_name(args.model_type_hf).name != src.spec.family:
+            raise UsageError(
+                f"convert-ckpt: --model-type-hf {args.model_type_hf} but {args.load_dir} is a "
+                f"{src.spec.family} checkpoint"
+            )
+        extra_mtp = src.spec.mtp_layers - (target.mtp_layers or 0)
+        if target.mtp_layers is not None and extra_mtp > 0 and not args.print_pipeline:
+            print(
+                f"convert-ckpt: warning: dropping {extra_mtp} multi-token-prediction layer(s) because "
+                f"--mtp-num-layers is {target.mtp_layers} (as MindSpeed-LLM does); pass "
+                f"--mtp-num-layers {src.spec.mtp_layers} to keep them",
+                file=sys.stderr,
+            )
+
+    load_options = dict(
         allow_unused=tuple(args.allow_unused),
         hf_config=hf_config,
         family=args.model_type_hf,
         optimizer=target.carries_optimizer and not args.lora_load,
         replicas=args.replicas,
     )
-    if src.meta.get("family_from_args"):
-        print(f"ckpt-ir: {src.meta['family_from_args']}", file=sys.stderr)
-    if args.load_model_type == "optim" and not src.states:
-        raise UsageError(
-            f"convert-ckpt --load-model-type optim: {args.load_dir} has no distributed-optimizer state "
-            f"(distrib_optim.pt)"
-        )
-    if args.model_type_hf and by_name(args.model_type_hf).name != src.spec.family:
-        raise UsageError(
-            f"convert-ckpt: --model-type-hf {args.model_type_hf} but {args.load_dir} is a "
-            f"{src.spec.family} checkpoint"
-        )
-    if target.mtp_layers is not None and src.spec.mtp_layers > target.mtp_layers and not args.print_pipeline:
-        print(
-            f"convert-ckpt: warning: dropping {src.spec.mtp_layers - target.mtp_layers} multi-token-prediction "
-            f"layer(s) because --mtp-num-layers is {target.mtp_layers} (as MindSpeed-LLM does); pass "
-            f"--mtp-num-layers {src.spec.mtp_layers} to keep them",
-            file=sys.stderr,
-        )
-    args.dst, args.quiet, args.progress = save_dir, False, None
-    return run_conversion(src, target, args, {})
+    opts = RunOptions.from_args(args, dst=save_dir, quiet=False, progress=None)
+    return run_conversion(args.load_dir, target, opts, load_options, check_source)
