@@ -430,12 +430,15 @@ def test_adding_a_family_example_runs_from_a_plugin_package(tmp_path, monkeypatc
 def test_a_table_module_added_to_the_families_package_is_registered_in_name_order(tmp_path):
     """Built-in family modules are found, not listed: a module added to the families package (here
     on a second path of the package, so the source tree is not touched) is registered with no other
-    edit; families are listed module by module in name order, the args-only ``megatron`` last."""
+    edit; families are listed module by module in name order, then a plugin's (registered before
+    any lookup, importing nothing else), the args-only ``megatron`` last."""
     import subprocess
     import sys
 
-    for module in ("aaa_first", "zzz_last"):
-        (tmp_path / f"{module}.py").write_text(
+    package, plugins = tmp_path / "families", tmp_path / "plugins"
+    for d, module in ((package, "aaa_first"), (package, "zzz_last"), (plugins, "my_plugin")):
+        d.mkdir(exist_ok=True)
+        (d / f"{module}.py").write_text(
             "from ckpt_ir.families import Family, register\n"
             f"register(Family(name='{module}', model_types=('{module}_type',), "
             f"architecture='{module}Arch', tensors=()))\n"
@@ -444,14 +447,18 @@ def test_a_table_module_added_to_the_families_package_is_registered_in_name_orde
         "import sys\n"
         "import ckpt_ir.families as families\n"
         "families.__path__.append(sys.argv[1])\n"
+        "sys.path.append(sys.argv[2])\n"
+        "import my_plugin\n"
         "print(families.for_hf_config({'model_type': 'zzz_last_type'}, 'config.json').name)\n"
         "print(' '.join(f.name for f in families.all_families()))\n"
     )
     r = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code, str(package), str(plugins)], capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0, r.stderr
     found, listed = r.stdout.splitlines()
     names = listed.split()
     assert found == "zzz_last"
-    assert names[0] == "aaa_first" and names[-2:] == ["zzz_last", "megatron"] and "llama" in names
+    assert (
+        names[0] == "aaa_first" and names[-3:] == ["zzz_last", "my_plugin", "megatron"] and "llama" in names
+    )

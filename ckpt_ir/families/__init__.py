@@ -273,7 +273,9 @@ _REGISTRY: dict[str, Family] = {}
 
 def register(family: Family) -> Family:
     """Make ``family`` known to every frontend and backend (call it from the family's table
-    module; a plugin package's module is imported by ``--plugin`` or its entry point)."""
+    module; a plugin package's module is imported by ``--plugin`` or its entry point).  The
+    built-in families are registered first, so a plugin's come after them whatever it imports."""
+    _load_builtin()
     _REGISTRY[family.name] = family
     return family
 
