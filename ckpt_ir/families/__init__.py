@@ -1,6 +1,8 @@
 """Model families: one declarative table each, mapping HF tensor names and config keys onto the
-canonical vocabulary.  Adding a family is adding one :class:`Family` entry to a table module;
-both directions (HF -> canonical on read, canonical -> HF on write) come from the same entry.
+canonical vocabulary.  Adding a family is adding one :class:`Family` entry to the table module of
+its architecture (``dense``, ``moe``, ``mla``, ``hybrid``, ``remote_code``; the fragments they
+share are in ``blocks``); both directions (HF -> canonical on read, canonical -> HF on write)
+come from the same entry.
 """
 
 from __future__ import annotations
