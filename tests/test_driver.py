@@ -425,3 +425,44 @@ def test_adding_a_family_example_runs_from_a_plugin_package(tmp_path, monkeypatc
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
+
+
+def test_a_table_module_added_to_the_families_package_is_registered_in_name_order(tmp_path):
+    """Built-in family modules are found, not listed: a module added to the families package (here
+    on a second path of the package, so the source tree is not touched) is registered with no other
+    edit; families are listed module by module in name order, then a plugin's (registered before
+    any lookup, importing nothing else), the args-only ``megatron`` last; a plugin's family with a
+    built-in's name replaces it."""
+    import subprocess
+    import sys
+
+    package, plugins = tmp_path / "families", tmp_path / "plugins"
+    for d, module in ((package, "aaa_first"), (package, "zzz_last"), (plugins, "my_plugin")):
+        d.mkdir(exist_ok=True)
+        (d / f"{module}.py").write_text(
+            "from ckpt_ir.families import Family, register\n"
+            f"register(Family(name='{module}', model_types=('{module}_type',), "
+            f"architecture='{module}Arch', tensors=()))\n"
+        )
+    with open(plugins / "my_plugin.py", "a") as fh:  # and a replacement for a built-in family
+        fh.write("register(Family(name='llama', model_types=('llama',), architecture='Mine', tensors=()))\n")
+    code = (
+        "import sys\n"
+        "import ckpt_ir.families as families\n"
+        "families.__path__.append(sys.argv[1])\n"
+        "sys.path.append(sys.argv[2])\n"
+        "import my_plugin\n"
+        "print(families.for_hf_config({'model_type': 'zzz_last_type'}, 'config.json').name)\n"
+        "print(families.for_hf_config({'model_type': 'llama'}, 'config.json').architecture)\n"
+        "print(' '.join(f.name for f in families.all_families()))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(package), str(plugins)], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    found, llama, listed = r.stdout.splitlines()
+    names = listed.split()
+    assert found == "zzz_last" and llama == "Mine"
+    assert (
+        names[0] == "aaa_first" and names[-3:] == ["zzz_last", "my_plugin", "megatron"] and "llama" in names
+    )

@@ -32,8 +32,8 @@ import pytest
 import torch
 
 from ckpt_ir.commands.cli import main as cli_main
+from tests.family_models import DENSE, build
 from tests.mcore_harness import run_job
-from tests.test_families_wave_a import DENSE, build
 from tests.test_megatron_moe_oracle import INPUT_IDS, WORLD
 
 assert importlib.util.find_spec("megatron.core") is not None, "install the test extra: pip install -e .[test]"

@@ -306,7 +306,7 @@ def _glm4_moe_with_mtp(path: str) -> dict:
     """GLM-4.5-style: a dense first layer, MoE layers with a shared expert and a router score bias,
     q/k norms, qkv bias, and one MTP layer stored as GLM-4.5's release does (model.layers.{L}.*:
     a MoE decoder layer plus enorm, hnorm, eh_proj, shared_head.norm; transformers saves none)."""
-    from tests.test_families_wave_a import CONFIGS, append_mtp_layer, build
+    from tests.family_models import CONFIGS, append_mtp_layer, build
 
     build(path, "glm4_moe")
     cfg, sd = append_mtp_layer(path, CONFIGS["glm4_moe"]["hidden_size"])

@@ -2,8 +2,8 @@
 
 Not a test (CI has no MindSpeed source): a script to run by hand where a MindSpeed-LLM checkout or
 git mirror exists.  For each case it builds a tiny random HF model with transformers (the
-wave-A / wave-B tests' configs, MTP layers appended as the releases store them) or a remote-code
-family's packed checkpoint (tests/test_families_remote.py), converts it with MindSpeed-LLM's own ``convert_ckpt_v2.py`` (HF -> mg, on
+family tests' configs, tests/family_models.py, MTP layers appended as the releases store them) or a
+remote-code family's packed checkpoint (tests/test_families_remote_code.py), converts it with MindSpeed-LLM's own ``convert_ckpt_v2.py`` (HF -> mg, on
 CPU) and with ``ckpt-ir convert-ckpt`` (same flags), and reports per case: identical rank
 directories, identical keys in the same order, identical tensors; or which differ.
 
@@ -47,7 +47,7 @@ TP2_EP2_GROUPED = [
 ]
 
 # case -> (HF model_type, MindSpeed --model-type-hf, flags shared by both converters); a
-# remote-code family's model is the remote test's packed checkpoint (tests/test_families_remote.py)
+# remote-code family's model is the remote test's packed checkpoint (tests/test_families_remote_code.py)
 CASES = {
     "seed-oss-tp2pp2": (
         "seed_oss",
@@ -127,7 +127,7 @@ CASES = {
         "bailing_mini",
         TP2_EP2_GROUPED,
     ),
-    # Hunyuan V3 with one MTP layer as the release stores it (tests/test_families_wave_b.py)
+    # Hunyuan V3 with one MTP layer as the release stores it (tests/test_families_moe.py)
     "HYV3-mtp-tp2pp2ep2-grouped": (
         "hy_v3+mtp",
         "HYV3",
@@ -148,7 +148,7 @@ CASES = {
         "HYV3",
         ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--mtp-num-layers", "1"],
     ),
-    # Qwen3-Next with its MTP layer as released (tests/test_families_wave_b.py); TP 1 only
+    # Qwen3-Next with its MTP layer as released (tests/test_families_hybrid.py); TP 1 only
     "qwen3-next-mtp-pp2-layers": (
         "qwen3_next+mtp",
         "qwen3-next",
@@ -295,7 +295,7 @@ def build_remote(hf: str, work: str, model_type: str) -> None:
 
     from safetensors.torch import load_file, save_file
 
-    from tests import test_families_remote as remote
+    from tests import test_families_remote_code as remote
 
     family = model_type.removesuffix(NO_QKV_BIAS)
     os.makedirs(os.path.dirname(hf), exist_ok=True)
@@ -310,32 +310,31 @@ def build_remote(hf: str, work: str, model_type: str) -> None:
 
 
 def build_hy_v3_mtp(hf: str) -> None:
-    """The wave-B test's Hunyuan V3 model with one MTP layer in the release's form.  MindSpeed's
+    """The MoE tests' Hunyuan V3 model with one MTP layer in the release's form.  MindSpeed's
     HYV3 entry reads the dense layers from ``first_k_dense_replace`` (transformers' config has
     ``mlp_layer_types`` instead): the count is added to config.json (layer 0 dense, as built)."""
     import json
 
-    from tests import test_families_wave_a as wave_a
-    from tests import test_families_wave_b as wave_b
+    from tests import family_models
 
-    wave_a.build(hf, "hy_v3", configs=wave_b.CONFIGS)
-    cfg, _ = wave_a.append_mtp_layer(hf, wave_b.BASE["hidden_size"], hunyuan=True)
+    family_models.build(hf, "hy_v3")
+    cfg, _ = family_models.append_mtp_layer(hf, family_models.DENSE["hidden_size"], hunyuan=True)
     assert cfg["mlp_layer_types"] == ["dense", "sparse", "sparse", "sparse"], cfg["mlp_layer_types"]
     with open(os.path.join(hf, "config.json"), "w") as fh:
         json.dump(dict(cfg, first_k_dense_replace=1), fh, indent=2)
 
 
 def build_qwen3_next_mtp(hf: str) -> None:
-    """The wave-B test's Qwen3-Next model with its MTP layer in the release's form.  MindSpeed
+    """The hybrid tests' Qwen3-Next model with its MTP layer in the release's form.  MindSpeed
     reads ``full_attention_interval`` (the released configs have it; transformers 5 saves
     ``layer_types``): added to config.json, 4 as built (layers 0-2 linear, 3 full)."""
     import json
 
-    from tests import test_families_wave_a as wave_a
-    from tests import test_families_wave_b as wave_b
+    from tests import family_models
+    from tests.test_families_hybrid import append_qwen3_next_mtp_layer
 
-    wave_a.build(hf, "qwen3_next", configs=wave_b.CONFIGS)
-    wave_b.append_qwen3_next_mtp_layer(hf, wave_b.BASE["hidden_size"])
+    family_models.build(hf, "qwen3_next")
+    append_qwen3_next_mtp_layer(hf, family_models.DENSE["hidden_size"])
     with open(os.path.join(hf, "config.json")) as fh:
         cfg = json.load(fh)
     assert cfg["layer_types"] == ["linear_attention"] * 3 + ["full_attention"], cfg["layer_types"]
@@ -353,15 +352,14 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(work, exist_ok=True)
     sys.path.insert(0, ROOT)
     sys.path.insert(1, os.path.join(ROOT, "tests"))  # the tests import their conftest as a module
-    from tests import test_families_remote as remote
-    from tests import test_families_wave_a as wave_a
-    from tests import test_families_wave_b as wave_b
+    from tests import family_models
+    from tests import test_families_remote_code as remote
 
     # MindSpeed's glm45 entry fixes first_k_dense_replace = 3 (GLM-4.5's value) instead of reading
     # the HF config, and converts num_nextn_predict_layers MTP layers (transformers saves none):
     # the peer model matches both
-    wave_a.CONFIGS["glm4_moe"] = dict(
-        wave_a.CONFIGS["glm4_moe"], first_k_dense_replace=3, num_nextn_predict_layers=0
+    family_models.CONFIGS["glm4_moe"] = dict(
+        family_models.CONFIGS["glm4_moe"], first_k_dense_replace=3, num_nextn_predict_layers=0
     )
 
     src_dir = os.path.join(work, "mindspeed-src")
@@ -379,15 +377,13 @@ def main(argv: list[str] | None = None) -> int:
             elif model_type == "qwen3_next+mtp":
                 build_qwen3_next_mtp(hf)
             elif model_type == "deepseek_v32+mtp":  # the release's MTP layer (with its indexer)
-                wave_a.build(hf, "deepseek_v32", configs=wave_b.CONFIGS)
-                wave_a.append_mtp_layer(hf, wave_b.BASE["hidden_size"])
+                family_models.build(hf, "deepseek_v32")
+                family_models.append_mtp_layer(hf, family_models.DENSE["hidden_size"])
             elif model_type == "glm_moe_dsa+3dense":  # GLM-5's 3 dense layers, as MindSpeed assumes
-                configs = {"glm_moe_dsa": dict(wave_b.CONFIGS["glm_moe_dsa"], first_k_dense_replace=3)}
-                wave_a.build(hf, "glm_moe_dsa", configs=configs)
-            elif model_type in wave_b.CONFIGS:
-                wave_a.build(hf, model_type, configs=wave_b.CONFIGS)
+                configs = {"glm_moe_dsa": dict(family_models.CONFIGS["glm_moe_dsa"], first_k_dense_replace=3)}
+                family_models.build(hf, "glm_moe_dsa", configs=configs)
             else:
-                wave_a.build(hf, model_type)
+                family_models.build(hf, model_type)
         theirs, ours = os.path.join(work, "mindspeed", case), os.path.join(work, "ckpt-ir", case)
         shutil.rmtree(theirs, ignore_errors=True)
         shutil.rmtree(ours, ignore_errors=True)

@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan(sub)
     ps = sub.add_parser("passes", help="list passes, their options and what they require/guarantee")
     add_plugin_flag(ps)
-    ms = sub.add_parser("models", help="list supported model families")
+    ms = sub.add_parser("models", help="list supported model families, grouped by architecture")
     add_plugin_flag(ms)
 
     de = sub.add_parser(

@@ -1,6 +1,8 @@
 """Model families: one declarative table each, mapping HF tensor names and config keys onto the
-canonical vocabulary.  Adding a family is adding one :class:`Family` entry to a table module;
-both directions (HF -> canonical on read, canonical -> HF on write) come from the same entry.
+canonical vocabulary.  Adding a family is adding one :class:`Family` entry to the table module of
+its architecture (``dense``, ``moe``, ``mla``, ``hybrid``, ``remote_code``; the fragments they
+share are in ``blocks``); both directions (HF -> canonical on read, canonical -> HF on write)
+come from the same entry.
 """
 
 from __future__ import annotations
@@ -273,14 +275,17 @@ _REGISTRY: dict[str, Family] = {}
 
 def register(family: Family) -> Family:
     """Make ``family`` known to every frontend and backend (call it from the family's table
-    module; a plugin package's module is imported by ``--plugin`` or its entry point)."""
+    module; a plugin package's module is imported by ``--plugin`` or its entry point).  The
+    built-in families are registered first, so a plugin's come after them whatever it imports."""
+    _load_builtin()
     _REGISTRY[family.name] = family
     return family
 
 
 def all_families() -> list[Family]:
+    """Every family in registration order, those without an HF form (``megatron``) last."""
     _load_builtin()
-    return list(_REGISTRY.values())
+    return sorted(_REGISTRY.values(), key=lambda f: not f.model_types)
 
 
 def by_name(name: str) -> Family:
@@ -314,26 +319,20 @@ _builtin_loaded = False
 
 
 def _load_builtin() -> None:
-    """Register the built-in families, then any that installed packages declare under the
+    """Register the built-in families: every module of this package, in name order (a new table
+    module needs no other edit); then any that installed packages declare under the
     ``ckpt_ir.families`` entry-point group (each entry point names a module that calls
     :func:`register`, or a :class:`Family`).  ``--plugin MODULE`` imports such a module directly."""
     global _builtin_loaded
     if _builtin_loaded:
         return
     _builtin_loaded = True
+    import pkgutil
     from importlib import import_module
     from importlib.metadata import entry_points
 
-    for module in (
-        "llama",
-        "moe",
-        "wave_a",
-        "wave_b",
-        "open_weights",
-        "remote",
-        "args_only",
-    ):  # the args-only family, last
-        import_module(f"ckpt_ir.families.{module}")
+    for name in sorted({m.name for m in pkgutil.iter_modules(__path__)}):
+        import_module(f"{__name__}.{name}")
 
     for ep in entry_points(group="ckpt_ir.families"):
         try:

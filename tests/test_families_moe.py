@@ -1,66 +1,41 @@
-"""Gemma 3, OLMo 2, OLMoE and gpt-oss: tiny random models built and saved by transformers convert
-HF -> Megatron-Core (two layouts each, one with PP; TP2 x EP2 for the MoEs) -> HF bit-exactly with
-equal transformers logits.  The Megatron tensors are checked against the HF ones with slicing
-written here from the format facts (gpt-oss's interleaved [E, H, 2F] gate_up_proj, Megatron-Bridge's
-per-expert [gate; up] fc1), not with ckpt-ir's own rules."""
+"""Mixture-of-experts families of ``ckpt_ir/families/moe.py`` (mixtral, qwen2_moe and qwen3_moe are
+in ``test_hf_roundtrip.py`` and ``test_moe.py``): tiny random models built and saved by
+transformers (``tests/family_models.py``) convert HF -> Megatron-Core (TP2 with a PP layout, TP2 x
+EP2, grouped GEMM) -> HF bit-exactly, and transformers' logits on the result equal the original's.
+The Megatron tensors are checked against the HF ones with slicing written here from the format
+facts (gpt-oss's interleaved [E, H, 2F] gate_up_proj, Megatron-Bridge's per-expert [gate; up]
+fc1, MindSpeed-LLM's MTP and router keys), not with ckpt-ir's own rules."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
 
 import ckpt_ir.api as ck
 from ckpt_ir.errors import LayoutError, VerifyError
-from tests.test_families_wave_a import assert_round_trip, model_cache
+from tests.family_models import (
+    CONFIGS,
+    DENSE,
+    append_mtp_layer,
+    assert_lora_merge_equals_peft,
+    assert_round_trip,
+    listed_families,
+    model_cache,
+    rank,
+)
 from tests.test_hf_roundtrip import IDS, assert_same_tensors, convert, hf_state
 
-DENSE = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-    max_position_embeddings=128,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-ALTERNATING = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
-CONFIGS = {
-    # sliding window shorter than the test sequence (12), so windowed and global layers differ
-    "gemma3_text": dict(
-        DENSE,
-        head_dim=32,
-        sliding_window=4,
-        layer_types=ALTERNATING,
-        query_pre_attn_scalar=24,
-        rope_parameters={
-            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-        },
-    ),
-    "olmo2": dict(DENSE),
-    "olmoe": dict(DENSE, num_experts=4, num_experts_per_tok=2),
-    "gpt_oss": dict(
-        DENSE,
-        head_dim=32,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        sliding_window=4,
-        layer_types=ALTERNATING,
-        rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
-    ),
-}
+# per family: the Megatron layouts to round-trip through
 LAYOUTS = {
-    "gemma3_text": (
-        dict(tp=2, pp=2),
-        dict(tp=2, pp=2, num_layer_list=(1, 3), norm_names="te"),
-        dict(ckpt_format="torch_dist"),
-    ),
-    "olmo2": (dict(tp=2, pp=2), dict(tp=1, pp=2, vpp_layers=1)),
+    "glm4_moe": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True)),
+    "hunyuan_v1_moe": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True)),
+    "phimoe": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True, norm_names="te")),
+    "minimax_m2": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True)),
+    "hy_v3": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True)),
     "olmoe": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True)),
     # megatron-core builds expert biases only with expert TP 1
     "gpt_oss": (dict(tp=2, pp=2, etp=1), dict(tp=2, ep=2, etp=1), dict(ckpt_format="torch_dist")),
@@ -69,20 +44,144 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    return model_cache(tmp_path_factory, "open-weights", CONFIGS)
+    return model_cache(tmp_path_factory, "moe")
 
 
-def rank(mid: str, name: str) -> dict:
-    return torch.load(f"{mid}/iter_0000001/{name}/model_optim_rng.pt", weights_only=False)
-
-
-CASES = [(f, i) for f in CONFIGS for i in range(len(LAYOUTS[f]))]
+CASES = [(f, i) for f in LAYOUTS for i in range(len(LAYOUTS[f]))]
 
 
 @pytest.mark.parametrize("family,layout", CASES, ids=[f"{f}-{i}" for f, i in CASES])
 def test_hf_to_mcore_to_hf_bit_exact_with_same_logits(models, tmp_path, family, layout):
-    back = assert_round_trip(models(family), tmp_path, family, LAYOUTS[family][layout])
-    assert json.load(open(f"{back}/config.json"))["model_type"] == family
+    assert_round_trip(models(family), tmp_path, family, LAYOUTS[family][layout])
+
+
+def test_phimoe_biases_are_carried_under_megatron_names(models, tmp_path):
+    """Every LayerNorm bias, o_proj.bias and lm_head.bias reaches the rank files (MindSpeed-LLM's
+    phi3.5-moe converter drops them): norm and row-parallel biases whole on each TP rank, the
+    output-layer bias split by vocabulary rows like its weight."""
+    src = models("phimoe")
+    hf = hf_state(src)
+    mid = str(tmp_path / "mid")
+    convert(src, mid, ck.Target(to="mcore", tp=2))
+    v = hf["lm_head.bias"].shape[0] // 2
+    for t in range(2):
+        sd = torch.load(f"{mid}/iter_0000001/mp_rank_0{t}/model_optim_rng.pt", weights_only=False)["model"]
+        assert torch.equal(
+            sd["decoder.layers.1.input_layernorm.bias"], hf["model.layers.1.input_layernorm.bias"]
+        )
+        assert torch.equal(
+            sd["decoder.layers.1.pre_mlp_layernorm.bias"], hf["model.layers.1.post_attention_layernorm.bias"]
+        )
+        assert torch.equal(
+            sd["decoder.layers.1.self_attention.linear_proj.bias"], hf["model.layers.1.self_attn.o_proj.bias"]
+        )
+        assert torch.equal(sd["decoder.final_layernorm.bias"], hf["model.norm.bias"])
+        assert torch.equal(sd["output_layer.bias"], hf["lm_head.bias"][t * v : (t + 1) * v])
+
+
+def test_minimax_full_width_qk_norm_is_whole_on_every_rank(models, tmp_path):
+    """MiniMax-M2's q_norm [heads*head_dim] / k_norm [kv_heads*head_dim] normalise the whole
+    projection; MindSpeed-LLM's converter writes them whole on every TP rank under the
+    q_layernorm / k_layernorm keys (compared bit for bit by bench/peers/mindspeed_v2.py)."""
+    src = models("minimax_m2")
+    hf = hf_state(src)
+    mid = str(tmp_path / "mid")
+    convert(src, mid, ck.Target(to="mcore", tp=2))
+    q, k = hf["model.layers.0.self_attn.q_norm.weight"], hf["model.layers.0.self_attn.k_norm.weight"]
+    assert q.shape == (4 * 32,) and k.shape == (2 * 32,)
+    for t in range(2):
+        sd = torch.load(f"{mid}/iter_0000001/mp_rank_0{t}/model_optim_rng.pt", weights_only=False)["model"]
+        assert torch.equal(sd["decoder.layers.0.self_attention.q_layernorm.weight"], q)
+        assert torch.equal(sd["decoder.layers.0.self_attention.k_layernorm.weight"], k)
+        assert torch.equal(
+            sd["decoder.layers.0.mlp.router.expert_bias"],
+            hf["model.layers.0.block_sparse_moe.e_score_correction_bias"],
+        )
+
+
+def test_glm4_moe_mtp_layer_round_trips(models, tmp_path):
+    """GLM-4.5's released checkpoints carry MTP layers as model.layers.{num_hidden_layers}.* (a MoE
+    decoder layer plus enorm, hnorm, eh_proj, shared_head.norm and copies of the embedding and
+    head); transformers saves none, so one is written here the way the release stores it."""
+    import shutil
+
+    src = str(tmp_path / "hf")
+    shutil.copytree(models("glm4_moe"), src)
+    _, sd = append_mtp_layer(src, CONFIGS["glm4_moe"]["hidden_size"])
+    n = 4  # the MTP layer's HF index
+    mid, back = str(tmp_path / "mid"), str(tmp_path / "back")
+    convert(src, mid, ck.Target(to="mcore", tp=2, pp=2, ep=2, grouped_gemm=True))
+    assert ck.load(mid).spec.mtp_layers == 1
+    last = torch.load(f"{mid}/iter_0000001/mp_rank_01_001_001/model_optim_rng.pt", weights_only=False)[
+        "model"
+    ]
+    assert torch.equal(last["mtp.layers.0.enorm.weight"], sd[f"model.layers.{n}.enorm.weight"])
+    assert torch.equal(
+        last["mtp.layers.0.transformer_layer.mlp.router.expert_bias"],
+        sd[f"model.layers.{n}.mlp.gate.e_score_correction_bias"],
+    )
+    convert(mid, back, ck.Target(to="hf"))
+    assert_same_tensors(src, back)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [dict(tp=2, pp=2, ep=2, grouped_gemm=True), dict(tp=2, ep=2)],
+    ids=["tp2pp2ep2-grouped", "tp2ep2"],
+)
+def test_hy_v3_mtp_layer_round_trips(models, tmp_path, layout):
+    """A Hunyuan V3 MTP layer as the release stores it (model.layers.{num_hidden_layers}.*: a MoE
+    decoder layer, enorm, hnorm, eh_proj, final_layernorm; no embedding / head copies, no MTP count
+    in the config) goes to MindSpeed-LLM's mtp.layers.0.* (Megatron-Core's MTP keys; with PP the
+    last stage gets the embedding, as Megatron's MTP needs it there) and back unchanged."""
+    src = str(tmp_path / "hf")
+    shutil.copytree(models("hy_v3"), src)
+    _, sd = append_mtp_layer(src, DENSE["hidden_size"], hunyuan=True)
+    n, pp = 4, layout.get("pp", 1)
+    mid, back = str(tmp_path / "mid"), str(tmp_path / "back")
+    convert(src, mid, ck.Target(to="mcore", **layout))
+    assert ck.load(mid).spec.mtp_layers == 1
+    last = rank(mid, "mp_rank_01_001_001" if pp == 2 else "mp_rank_01_001")["model"]
+    mtp = {
+        "mtp.layers.0.enorm.weight": sd[f"model.layers.{n}.enorm.weight"],
+        "mtp.layers.0.hnorm.weight": sd[f"model.layers.{n}.hnorm.weight"],
+        "mtp.layers.0.eh_proj.weight": sd[f"model.layers.{n}.eh_proj.weight"].chunk(2)[1],  # TP rank 1
+        "mtp.final_layernorms.0.weight": sd[f"model.layers.{n}.final_layernorm.weight"],
+        "mtp.layers.0.transformer_layer.mlp.router.expert_bias": sd[f"model.layers.{n}.mlp.expert_bias"],
+        "mtp.layers.0.transformer_layer.self_attention.q_layernorm.weight": sd[
+            f"model.layers.{n}.self_attn.q_norm.weight"
+        ],
+        "final_layernorm.weight": sd["model.norm.weight"],
+    }
+    for k, v in mtp.items():
+        assert torch.equal(last[k], v), k
+    # PP 1: the main embedding; PP 2: the last stage's copy for the MTP layer
+    assert torch.equal(last["embedding.word_embeddings.weight"], sd["model.embed_tokens.weight"].chunk(2)[1])
+    convert(mid, back, ck.Target(to="hf"))
+    assert_same_tensors(src, back)
+
+
+def test_hy_v3_router_and_shared_experts_under_megatron_names(models, tmp_path):
+    """HYV3's router (mlp.router.gate), score bias (mlp.expert_bias) and shared_mlp reach the
+    MindSpeed keys; layer 0 (mlp_layer_types "dense") is a dense MLP."""
+    src = models("hy_v3")
+    hf = hf_state(src)
+    mid = str(tmp_path / "mid")
+    convert(src, mid, ck.Target(to="mcore", tp=2))
+    sd = rank(mid, "mp_rank_00")["model"]
+    assert torch.equal(sd["decoder.layers.1.mlp.router.weight"], hf["model.layers.1.mlp.router.gate.weight"])
+    assert torch.equal(sd["decoder.layers.1.mlp.router.expert_bias"], hf["model.layers.1.mlp.expert_bias"])
+    f = hf["model.layers.1.mlp.shared_mlp.gate_proj.weight"].shape[0] // 2
+    assert torch.equal(
+        sd["decoder.layers.1.mlp.shared_experts.linear_fc1.weight"],
+        torch.cat(
+            [
+                hf["model.layers.1.mlp.shared_mlp.gate_proj.weight"][:f],
+                hf["model.layers.1.mlp.shared_mlp.up_proj.weight"][:f],
+            ]
+        ),
+    )
+    assert "decoder.layers.0.mlp.router.weight" not in sd and "decoder.layers.0.mlp.linear_fc1.weight" in sd
 
 
 def test_gpt_oss_experts_follow_megatron_bridge(models, tmp_path):
@@ -140,74 +239,6 @@ def test_gpt_oss_expert_tp_and_grouped_gemm_are_refused_with_the_reason(models, 
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_olmo2_has_only_post_norms_under_the_sandwich_keys(models, tmp_path):
-    """OLMo 2 layers have no input / pre-MLP norm: none is invented in the rank files; the post
-    norms take the sandwich-norm keys and the full-width q/k norms are whole on every TP rank (as
-    MindSpeed-LLM writes MiniMax-M2's)."""
-    src = models("olmo2")
-    hf = hf_state(src)
-    mid = str(tmp_path / "mid")
-    convert(src, mid, ck.Target(to="mcore", tp=2))
-    for t in range(2):
-        sd = rank(mid, f"mp_rank_0{t}")["model"]
-        assert not [
-            k for k in sd if "input_layernorm" in k or "pre_mlp_layernorm" in k or "layer_norm_weight" in k
-        ]
-        assert torch.equal(
-            sd["decoder.layers.2.post_attn_norm.weight"], hf["model.layers.2.post_attention_layernorm.weight"]
-        )
-        assert torch.equal(
-            sd["decoder.layers.2.post_mlp_layernorm.weight"],
-            hf["model.layers.2.post_feedforward_layernorm.weight"],
-        )
-        q = hf["model.layers.2.self_attn.q_norm.weight"]
-        assert torch.equal(sd["decoder.layers.2.self_attention.q_layernorm.weight"], q)
-
-
-def test_gemma3_keys_tied_head_and_window_args(models, tmp_path):
-    """Megatron-Bridge's Gemma 3 keys (with Transformer Engine norm names): the post norms under
-    linear_proj / linear_fc2 .post_layernorm, the pre norms fused into linear_qkv / linear_fc1.
-    Tied embeddings: with PP the last stage carries Megatron's copy of the embedding as
-    output_layer.  The args carry the sliding window, the pattern, both rope bases and the
-    query_pre_attn_scalar softmax scale, and the HF config comes back whole."""
-    src = models("gemma3_text")
-    hf = hf_state(src)
-    mid = str(tmp_path / "mid")
-    convert(src, mid, ck.Target(to="mcore", tp=2, pp=2, norm_names="te"))
-    last = rank(mid, "mp_rank_01_001")["model"]
-    assert torch.equal(last["output_layer.weight"], hf["model.embed_tokens.weight"][64:])
-    bridge = {  # Megatron-Bridge gemma3_bridge.py mapping_registry; layer 3 is stage 1's local layer 1
-        "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-        "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
-        "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
-        "self_attention.linear_proj.post_layernorm.weight": "post_attention_layernorm.weight",
-        "mlp.linear_fc1.layer_norm_weight": "pre_feedforward_layernorm.weight",
-        "mlp.linear_fc2.post_layernorm.weight": "post_feedforward_layernorm.weight",
-    }
-    for mkey, hkey in bridge.items():
-        assert torch.equal(last[f"decoder.layers.1.{mkey}"], hf[f"model.layers.3.{hkey}"]), mkey
-    assert not [k for k in last if "post_attn_norm" in k or "post_mlp_layernorm" in k]
-    args = rank(mid, "mp_rank_00_000")["args"]
-    assert (args.window_size, args.window_attn_skip_freq) == ([3, 0], 2)
-    assert (args.rotary_base, args.rotary_base_local) == (1000000.0, 10000.0)
-    assert args.softmax_scale == 24**-0.5 and args.untie_embeddings_and_output_weights is False
-    back = str(tmp_path / "back")
-    convert(mid, back, ck.Target(to="hf"))
-    cfg = json.load(open(f"{back}/config.json"))
-    assert (
-        cfg["layer_types"] == ALTERNATING
-        and cfg["rope_parameters"] == CONFIGS["gemma3_text"]["rope_parameters"]
-    )
-
-
-def test_models_lists_the_families(capsys):
-    from ckpt_ir.commands.cli import main
-
-    assert main(["models"]) == 0
-    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()}
-    assert {"gemma3_text", "olmo2", "olmoe", "gpt_oss"} <= listed
-
-
 @pytest.mark.parametrize(
     "change,names",
     [
@@ -233,26 +264,6 @@ def test_gpt_oss_stacked_experts_that_do_not_match_the_config_are_one_line_error
     (src / "config.json").write_text(json.dumps(cfg))
     dst = tmp_path / "out"
     assert_clean_error(cli_convert(src, dst, "--ep", "2"), dst, names=("model.safetensors", *names))
-
-
-def test_gemma3_args_from_a_transformers_4_config():
-    """Released Gemma 3 configs written by transformers 4 keep the global rope base in rope_theta,
-    the sliding one in rope_local_base_freq and the layer pattern as sliding_window_pattern (every
-    6th layer global); transformers 5 nests rope_parameters per layer type and lists layer_types."""
-    from ckpt_ir.families import by_name
-
-    args = by_name("gemma3_text").megatron_args
-    old = {"rope_theta": 1e6, "rope_local_base_freq": 1e4, "sliding_window": 512, "sliding_window_pattern": 6}
-    assert {
-        k: args(old)[k] for k in ("rotary_base", "rotary_base_local", "window_size", "window_attn_skip_freq")
-    } == {
-        "rotary_base": 1e6,
-        "rotary_base_local": 1e4,
-        "window_size": [511, 0],
-        "window_attn_skip_freq": 6,
-    }
-    irregular = dict(CONFIGS["gemma3_text"], layer_types=["full_attention", "sliding_attention"])
-    assert args(irregular)["window_attn_skip_freq"] == [0, 1]  # Megatron's per-layer list, 1 = sliding
 
 
 def test_gpt_oss_bf16_round_trip_is_bit_exact(models, tmp_path):
@@ -373,3 +384,23 @@ def test_gpt_oss_mxfp4_checkpoint_dequantizes_like_transformers(models, tmp_path
     ours = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
     with torch.no_grad():
         assert torch.equal(ours(IDS).logits, ref(IDS).logits)
+
+
+def test_models_lists_the_moe_families_with_their_mindspeed_names(capsys):
+    lines = listed_families(capsys)
+    want = {
+        "glm4_moe": "glm45-moe,glm45,glm45-air",
+        "hunyuan_v1_moe": "hunyuan",
+        "minimax_m2": "minimax_m2",
+        "phimoe": "phi3.5-moe",
+        "hy_v3": "HYV3",
+    }
+    for family, names in want.items():
+        assert f"--model-type-hf {names}" in lines[family], lines.get(family)
+    assert {"olmoe", "gpt_oss"} <= set(lines)
+
+
+@pytest.mark.parametrize("family", ["phimoe"])
+def test_peft_adapter_merge_equals_peft_merge_and_unload(models, tmp_path, family):
+    """LoRA on the family's attention merges to exactly what peft's merge_and_unload gives."""
+    assert_lora_merge_equals_peft(models(family), tmp_path, family)

@@ -1,5 +1,8 @@
 """Remote-code families: models whose HF modeling code lives in the model repository
-(``auto_map`` in config.json), not in transformers.  One table entry each.
+(``auto_map`` in config.json), not in transformers, with their own tensor names and most with
+packed [q; k; v] / [gate; up] tensors (internlm2, baichuan, chatglm, qwen, minicpm,
+bailing_moe_v2).  One table entry each; PLM, a remote-code model with multi-latent attention, is
+in ``mla.py``.
 
 ckpt-ir never runs that code: the family is chosen from config.json's ``model_type`` (then
 ``architectures``) and the tensors are read by name.  HF output keeps ``auto_map`` (config.json
@@ -21,18 +24,20 @@ from __future__ import annotations
 from typing import Any
 
 from ckpt_ir.families import ConfigKey, Family, Packed, register
-from ckpt_ir.families.llama import (
+from ckpt_ir.families.blocks import (
+    DEEPSEEK_MOE,
     EMBED_AND_HEAD,
     GATED_MLP,
     LLAMA_NORMS,
     LLAMA_TENSORS,
     C,
     L,
-    _head_dim,
-    _kv_heads,
     config_with,
+    deepseek_router_args,
+    default_head_dim,
+    default_kv_heads,
+    first_k_dense_layers,
 )
-from ckpt_ir.families.moe import DEEPSEEK_MOE, MLA_ATTENTION, MLA_CONFIG, _deepseek_router, _first_k_dense
 
 QKV_PARTS = (C + "attn.q.weight", C + "attn.k.weight", C + "attn.v.weight")
 QKV_BIAS_PARTS = (C + "attn.q.bias", C + "attn.k.bias", C + "attn.v.bias")
@@ -46,7 +51,7 @@ def _derived(field: str, fn: Any) -> ConfigKey:
 
 
 # spec fields the llama-style config keys would otherwise add to a remote config that lacks them
-NOT_WRITTEN = (_derived("head_dim", _head_dim), ConfigKey("qkv_bias", None, False))
+NOT_WRITTEN = (_derived("head_dim", default_head_dim), ConfigKey("qkv_bias", None, False))
 
 # InternLM2: llama's model with its own names; wqkv packs per key/value head g the rows
 # [q heads of g; k_g; v_g] (modeling_internlm2.py: rearrange 'b q (h gs d) -> b q h gs d' with
@@ -90,7 +95,7 @@ register(
         + LLAMA_NORMS
         + GATED_MLP,
         packed=(Packed(L + "self_attn.W_pack.weight", QKV_PARTS, QKV_ROWS),),
-        config=config_with(*NOT_WRITTEN, _derived("num_kv_heads", _kv_heads)),
+        config=config_with(*NOT_WRITTEN, _derived("num_kv_heads", default_kv_heads)),
         mindspeed_names=("baichuan2", "baichuan"),
     )
 )
@@ -141,7 +146,7 @@ register(
             ConfigKey("ffn_hidden_size", "ffn_hidden_size"),
             ConfigKey("num_heads", "num_attention_heads"),
             _derived("num_kv_heads", _glm_groups),
-            ConfigKey("head_dim", "kv_channels", _head_dim),
+            ConfigKey("head_dim", "kv_channels", default_head_dim),
             ConfigKey("vocab_size", "padded_vocab_size"),
             ConfigKey("norm_eps", "layernorm_epsilon", 1e-5),
             ConfigKey("qkv_bias", "add_qkv_bias", False),
@@ -182,8 +187,8 @@ register(
             ConfigKey("hidden_size", "hidden_size"),
             _derived("ffn_hidden_size", lambda cfg: cfg["intermediate_size"] // 2),
             ConfigKey("num_heads", "num_attention_heads"),
-            _derived("num_kv_heads", _kv_heads),
-            ConfigKey("head_dim", "kv_channels", _head_dim),
+            _derived("num_kv_heads", default_kv_heads),
+            ConfigKey("head_dim", "kv_channels", default_head_dim),
             ConfigKey("vocab_size", "vocab_size"),
             ConfigKey("norm_eps", "layer_norm_epsilon", 1e-6),
             ConfigKey("tied_embeddings", "tie_word_embeddings", False),
@@ -251,7 +256,7 @@ register(
             Packed(L + "attention.query_key_value.bias", QKV_BIAS_PARTS, QKV_ROWS),
         ),
         config=config_with(
-            ConfigKey("head_dim", "head_dim", _head_dim),
+            ConfigKey("head_dim", "head_dim", default_head_dim),
             ConfigKey("qkv_bias", "use_qkv_bias", False),
             ConfigKey("qk_norm", "use_qk_norm", False),
             ConfigKey("num_experts", "num_experts"),
@@ -261,36 +266,10 @@ register(
                 "shared_ffn_hidden_size",
                 lambda c: (c.get("num_shared_experts") or 0) * c["moe_intermediate_size"],
             ),
-            _derived("dense_layers", _first_k_dense),
+            _derived("dense_layers", first_k_dense_layers),
         ),
         constants=(("router_bias", True),),
         mindspeed_names=("bailing_mini",),
-        megatron_args=_deepseek_router,  # sigmoid scores + expert bias, group-limited top-k, scaled
-    )
-)
-
-# PLM (PLM-Team/PLM-1.8B, model_type "plm", PLMForCausalLM): DeepSeek-V2-Lite's attention (MLA
-# without q-LoRA: q_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj) and a non-gated
-# squared-ReLU MLP, up_proj -> relu2 -> down_proj.  The MLP names are the released checkpoint's:
-# MindSpeed-LLM's "plm" entry (fc_type up_down), the PLM team's vLLM loader and llama.cpp's PLM
-# converter all read mlp.up_proj / mlp.down_proj; the unmerged transformers port (modular_plm.py,
-# PLMMLP = CLIPMLP) would name them fc1 / fc2, a layout no published checkpoint has, so it is not
-# read.  Megatron: squared_relu, no swiglu; the MLA args as DeepSeek-V2's.
-register(
-    Family(
-        name="plm",
-        model_types=("plm",),
-        architecture="PLMForCausalLM",
-        tensors=EMBED_AND_HEAD
-        + MLA_ATTENTION
-        + LLAMA_NORMS
-        + (
-            (L + "mlp.up_proj.weight", C + "mlp.fc1.weight"),
-            (L + "mlp.down_proj.weight", C + "mlp.down.weight"),
-        ),
-        config=config_with(*MLA_CONFIG, ConfigKey("activation", "hidden_act", "relu2")),
-        constants=(("gated_mlp", False),),
-        mindspeed_names=("plm",),
-        megatron_args=lambda cfg: {"squared_relu": cfg.get("hidden_act", "relu2") == "relu2"},
+        megatron_args=deepseek_router_args,  # sigmoid scores + expert bias, group-limited top-k, scaled
     )
 )

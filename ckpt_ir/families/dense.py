@@ -1,0 +1,370 @@
+"""Dense decoder families: grouped- or multi-head attention and one MLP per layer, no experts
+(llama, mistral, qwen2, qwen3, gemma, gemma2, phi3, seed_oss, glm, glm4, hunyuan_v1_dense, bloom,
+gemma3_text, olmo2).  One table entry each, built from the fragments in ``blocks.py``.
+
+Each entry's HF names and config keys were checked against transformers 5's modeling and
+configuration files; the differences from Llama are noted beside it.  Megatron names follow
+MindSpeed-LLM v2's ``configs/checkpoint/model_cfg.json``, or Megatron-Bridge's bridge where
+MindSpeed-LLM lacks the family (noted beside it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ckpt_ir.families import ConfigKey, Family, Packed, register
+from ckpt_ir.families.blocks import (
+    ATTENTION,
+    EMBED_AND_HEAD,
+    FULL_QK_NORM,
+    GATED_MLP,
+    HUNYUAN_ATTENTION,
+    LLAMA_NORMS,
+    LLAMA_TENSORS,
+    PROJECTIONS,
+    C,
+    L,
+    config_with,
+    window_skip_freq,
+)
+
+# Gemma-2 has four norms per layer; its "post_attention_layernorm" is *after* attention.
+SANDWICH_NORMS = (
+    (L + "post_attention_layernorm.weight", C + "post_attn_norm.weight"),
+    (L + "pre_feedforward_layernorm.weight", C + "mlp_norm.weight"),
+    (L + "post_feedforward_layernorm.weight", C + "post_mlp_norm.weight"),
+)
+
+register(
+    Family(
+        name="llama",
+        model_types=("llama",),
+        architecture="LlamaForCausalLM",
+        tensors=LLAMA_TENSORS,
+        config=config_with(),
+        mindspeed_names=("llama2", "llama3", "llama"),
+    )
+)
+register(
+    Family(
+        name="mistral",
+        model_types=("mistral",),
+        architecture="MistralForCausalLM",
+        tensors=LLAMA_TENSORS,
+        config=config_with(ConfigKey("qkv_bias", None, False)),
+        mindspeed_names=("mistral", "magistral"),
+    )
+)
+register(
+    Family(
+        name="qwen2",
+        model_types=("qwen2",),
+        architecture="Qwen2ForCausalLM",
+        tensors=LLAMA_TENSORS,
+        config=config_with(),
+        constants=(("qkv_bias", True),),
+        mindspeed_names=("qwen25", "qwen2"),
+    )
+)
+register(
+    Family(
+        name="qwen3",
+        model_types=("qwen3",),
+        architecture="Qwen3ForCausalLM",
+        tensors=LLAMA_TENSORS,
+        config=config_with(),
+        constants=(("qk_norm", True),),
+        mindspeed_names=("qwen3",),
+    )
+)
+register(
+    Family(
+        name="gemma",
+        model_types=("gemma",),
+        architecture="GemmaForCausalLM",
+        tensors=LLAMA_TENSORS,
+        config=config_with(
+            ConfigKey("tied_embeddings", "tie_word_embeddings", True),
+            ConfigKey("activation", "hidden_activation", "gelu_pytorch_tanh"),
+        ),
+        mindspeed_names=("gemma",),
+    )
+)
+register(
+    Family(
+        name="gemma2",
+        model_types=("gemma2",),
+        architecture="Gemma2ForCausalLM",
+        tensors=EMBED_AND_HEAD + ATTENTION + SANDWICH_NORMS + GATED_MLP,
+        config=config_with(
+            ConfigKey("tied_embeddings", "tie_word_embeddings", True),
+            ConfigKey("activation", "hidden_activation", "gelu_pytorch_tanh"),
+        ),
+        constants=(("post_norms", True),),
+        mindspeed_names=("gemma2",),
+    )
+)
+register(
+    Family(
+        name="phi3",
+        model_types=("phi3",),
+        architecture="Phi3ForCausalLM",
+        tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP,
+        packed=(
+            Packed(
+                L + "self_attn.qkv_proj.weight",
+                (C + "attn.q.weight", C + "attn.k.weight", C + "attn.v.weight"),
+                ("q_size", "kv_size", "kv_size"),
+            ),
+            Packed(
+                L + "mlp.gate_up_proj.weight",
+                (C + "mlp.gate.weight", C + "mlp.up.weight"),
+                ("ffn_hidden_size", "ffn_hidden_size"),
+            ),
+        ),
+        config=config_with(ConfigKey("qkv_bias", None, False)),
+        mindspeed_names=("phi3.5", "phi3"),
+    )
+)
+
+# GLM: the HF MLP packs [gate; up] in one gate_up_proj (same rule as Phi-3's)
+GLM_GATE_UP = Packed(
+    L + "mlp.gate_up_proj.weight",
+    (C + "mlp.gate.weight", C + "mlp.up.weight"),
+    ("ffn_hidden_size", "ffn_hidden_size"),
+)
+GLM_DOWN = ((L + "mlp.down_proj.weight", C + "mlp.down.weight"),)
+# GLM-4-0414: sandwich norms; its "post_attention_layernorm" is the pre-MLP norm
+GLM4_NORMS = (
+    (L + "post_self_attn_layernorm.weight", C + "post_attn_norm.weight"),
+    (L + "post_attention_layernorm.weight", C + "mlp_norm.weight"),
+    (L + "post_mlp_layernorm.weight", C + "post_mlp_norm.weight"),
+)
+# head_dim is its own config key (128 by default, not hidden / heads); qkv bias on by default
+GLM_CONFIG = config_with(
+    ConfigKey("head_dim", "head_dim", 128), ConfigKey("qkv_bias", "attention_bias", True)
+)
+
+register(
+    Family(
+        name="seed_oss",
+        model_types=("seed_oss",),
+        architecture="SeedOssForCausalLM",
+        tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP,
+        config=config_with(
+            ConfigKey("head_dim", "head_dim", 128), ConfigKey("qkv_bias", "attention_bias", True)
+        ),
+        mindspeed_names=("seed-oss",),
+    )
+)
+register(
+    Family(
+        name="glm",
+        model_types=("glm",),
+        architecture="GlmForCausalLM",
+        tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GLM_DOWN,
+        packed=(GLM_GATE_UP,),
+        config=GLM_CONFIG,
+        mindspeed_names=("glm4_9b",),
+    )
+)
+register(
+    Family(
+        name="glm4",
+        model_types=("glm4",),
+        architecture="Glm4ForCausalLM",
+        tensors=EMBED_AND_HEAD + ATTENTION + GLM4_NORMS + GLM_DOWN,
+        packed=(GLM_GATE_UP,),
+        config=GLM_CONFIG,
+        constants=(("post_norms", True),),
+        mindspeed_names=("glm4",),
+    )
+)
+
+# Hunyuan V1 dense: Llama with per-head q/k norms named query_layernorm / key_layernorm
+# (MindSpeed-LLM's "hunyuan" name is given to the MoE family only, so the name picks one family)
+register(
+    Family(
+        name="hunyuan_v1_dense",
+        model_types=("hunyuan_v1_dense",),
+        architecture="HunYuanDenseV1ForCausalLM",
+        tensors=EMBED_AND_HEAD + HUNYUAN_ATTENTION + LLAMA_NORMS + GATED_MLP,
+        config=config_with(),
+        constants=(("qk_norm", True),),
+    )
+)
+
+# BLOOM: LayerNorm with biases (also on the embedding output), biases on every linear layer, a
+# non-gated GELU MLP (dense_h_to_4h -> gelu -> dense_4h_to_h, 4 x hidden wide), tied embeddings
+# and ALiBi instead of rotary.  query_key_value packs [q; k; v] head by head (transformers views
+# it as [heads, 3, head_dim]), which is Megatron's per-group linear_qkv order with one head per
+# group.
+B = "transformer.h.{i}."
+BLOOM_QKV = tuple(
+    Packed(
+        B + "self_attention.query_key_value." + kind,
+        (C + "attn.q." + kind, C + "attn.k." + kind, C + "attn.v." + kind),
+        ("q_size", "kv_size", "kv_size"),
+        groups="num_heads",
+    )
+    for kind in ("weight", "bias")
+)
+BLOOM_TENSORS = (
+    ("transformer.word_embeddings.weight", "embed.weight"),
+    ("transformer.word_embeddings_layernorm.weight", "embed_norm.weight"),
+    ("transformer.word_embeddings_layernorm.bias", "embed_norm.bias"),
+    (B + "input_layernorm.weight", C + "attn_norm.weight"),
+    (B + "input_layernorm.bias", C + "attn_norm.bias"),
+    (B + "self_attention.dense.weight", C + "attn.o.weight"),
+    (B + "self_attention.dense.bias", C + "attn.o.bias"),
+    (B + "post_attention_layernorm.weight", C + "mlp_norm.weight"),
+    (B + "post_attention_layernorm.bias", C + "mlp_norm.bias"),
+    (B + "mlp.dense_h_to_4h.weight", C + "mlp.fc1.weight"),
+    (B + "mlp.dense_h_to_4h.bias", C + "mlp.fc1.bias"),
+    (B + "mlp.dense_4h_to_h.weight", C + "mlp.down.weight"),
+    (B + "mlp.dense_4h_to_h.bias", C + "mlp.down.bias"),
+    ("transformer.ln_f.weight", "final_norm.weight"),
+    ("transformer.ln_f.bias", "final_norm.bias"),
+    ("lm_head.weight", "lm_head.weight"),
+)
+
+
+def _bloom_hidden(cfg: dict) -> int:
+    return cfg.get("hidden_size") or cfg["n_embed"]
+
+
+def _bloom_args(cfg: dict) -> dict:
+    """Megatron / MindSpeed-LLM settings of BLOOM's semantics (its model_cfg.json 'bloom' entry):
+    ALiBi, biases on every linear layer, the embedding LayerNorm, GELU without gating (bloom_gelu is
+    the tanh form, Megatron's ``openai_gelu``)."""
+    return {
+        "position_embedding_type": "alibi",
+        "use_rotary_position_embeddings": False,
+        "add_bias_linear": True,
+        "embed_layernorm": True,
+        "norm_has_bias": True,
+        "fc_type": "h_to_4h",
+        "openai_gelu": True,
+        "apply_residual_connection_post_layernorm": bool(
+            cfg.get("apply_residual_connection_post_layernorm", False)
+        ),
+    }
+
+
+register(
+    Family(
+        name="bloom",
+        model_types=("bloom",),
+        architecture="BloomForCausalLM",
+        tensors=BLOOM_TENSORS,
+        packed=BLOOM_QKV,
+        config=(
+            ConfigKey("num_layers", "n_layer", aliases=("num_hidden_layers",)),
+            ConfigKey("hidden_size", "hidden_size", aliases=("n_embed",)),
+            ConfigKey("ffn_hidden_size", None, lambda cfg: 4 * _bloom_hidden(cfg)),
+            ConfigKey("num_heads", "n_head", aliases=("num_attention_heads",)),
+            ConfigKey("num_kv_heads", None, lambda cfg: cfg.get("n_head") or cfg["num_attention_heads"]),
+            ConfigKey(
+                "head_dim",
+                None,
+                lambda cfg: _bloom_hidden(cfg) // (cfg.get("n_head") or cfg["num_attention_heads"]),
+            ),
+            ConfigKey("vocab_size", "vocab_size"),
+            ConfigKey("norm_eps", "layer_norm_epsilon", 1e-5),
+            ConfigKey("tied_embeddings", "tie_word_embeddings", True),
+        ),
+        constants=(
+            ("qkv_bias", True),
+            ("o_bias", True),
+            ("mlp_bias", True),
+            ("norm_bias", True),
+            ("embed_norm", True),
+            ("gated_mlp", False),
+            ("activation", "gelu_pytorch_tanh"),  # bloom_gelu is the tanh approximation
+        ),
+        mindspeed_names=("bloom", "bloom_3b"),
+        megatron_args=_bloom_args,
+    )
+)
+
+
+# Gemma 3 and OLMo 2 are not in MindSpeed-LLM's registry: Gemma 3's Megatron-Core keys and args
+# follow Megatron-Bridge's gemma3 bridge; OLMo 2 has none there and takes the post-norm keys of
+# gemma2 / glm4 (from MindSpeed-LLM).  Sliding windows and per-layer-type rope bases are config
+# values carried through the HF config; the Megatron args name them as megatron-core's
+# ``TransformerConfig`` fields where one exists (docs/families.md lists the rest).
+def _rope(cfg: dict[str, Any], layer_type: str) -> float | None:
+    """A layer type's rope base: transformers 5 nests rope_parameters per layer type; older
+    configs keep rope_theta (global) and rope_local_base_freq (sliding) on top."""
+    params = cfg.get("rope_parameters") or {}
+    nested = params.get(layer_type) if isinstance(params.get(layer_type), dict) else None
+    if nested is not None:
+        return nested.get("rope_theta")
+    key = "rope_local_base_freq" if layer_type == "sliding_attention" else "rope_theta"
+    return cfg.get(key, params.get("rope_theta"))
+
+
+# Gemma 3: Gemma 2's sandwich norms plus per-head q/k norms; embeddings tied and scaled by
+# sqrt(hidden) in the forward (no tensor); sliding-window and global layers with their own rope bases
+def _gemma3_args(cfg: dict[str, Any]) -> dict[str, Any]:
+    scalar = cfg.get("query_pre_attn_scalar")
+    return {
+        # HF's window counts the query's own position: Megatron's (left, right) is (window - 1, 0)
+        "window_size": [cfg["sliding_window"] - 1, 0] if cfg.get("sliding_window") else None,
+        "window_attn_skip_freq": window_skip_freq(cfg),
+        "rotary_base": _rope(cfg, "full_attention"),
+        "rotary_base_local": _rope(cfg, "sliding_attention"),
+        "softmax_scale": scalar**-0.5 if scalar else None,
+        "layernorm_zero_centered_gamma": True,  # Gemma's RMSNorm scales by (1 + weight)
+        "apply_embedding_scaling": True,  # embeddings times sqrt(hidden_size)
+    }
+
+
+register(
+    Family(
+        name="gemma3_text",
+        model_types=("gemma3_text",),
+        architecture="Gemma3ForCausalLM",
+        tensors=EMBED_AND_HEAD + ATTENTION + SANDWICH_NORMS + GATED_MLP,
+        config=config_with(
+            ConfigKey("head_dim", "head_dim", 256),
+            ConfigKey("tied_embeddings", "tie_word_embeddings", True),
+            ConfigKey("activation", "hidden_activation", "gelu_pytorch_tanh"),
+        ),
+        constants=(("qk_norm", True), ("post_norms", True)),
+        megatron_args=_gemma3_args,
+        # Megatron-Bridge's Gemma 3 layers fold the post norms into the projections before them
+        megatron_keys=(
+            (
+                "decoder.layers.{i}.self_attention.linear_proj.post_layernorm.weight",
+                C + "post_attn_norm.weight",
+            ),
+            ("decoder.layers.{i}.mlp.linear_fc2.post_layernorm.weight", C + "post_mlp_norm.weight"),
+        ),
+    )
+)
+
+# OLMo 2: no pre-norms at all; the norms follow attention and the MLP ("post_attention_layernorm"
+# is after attention), q/k norms over the full projection width
+OLMO2_NORMS = (
+    (L + "post_attention_layernorm.weight", C + "post_attn_norm.weight"),
+    (L + "post_feedforward_layernorm.weight", C + "post_mlp_norm.weight"),
+)
+register(
+    Family(
+        name="olmo2",
+        model_types=("olmo2",),
+        architecture="Olmo2ForCausalLM",
+        tensors=EMBED_AND_HEAD
+        + PROJECTIONS
+        + ((L + "self_attn.o_proj.bias", C + "attn.o.bias"),)
+        + FULL_QK_NORM
+        + OLMO2_NORMS
+        + GATED_MLP,
+        config=config_with(
+            ConfigKey("norm_eps", "rms_norm_eps", 1e-5), ConfigKey("o_bias", "attention_bias", False)
+        ),
+        constants=(("pre_norms", False), ("post_norms", True), ("qk_full_norm", True)),
+        megatron_args=lambda cfg: {"post_norm_only": True},
+    )
+)

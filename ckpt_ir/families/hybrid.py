@@ -1,0 +1,124 @@
+"""Hybrid-attention families, whose layers mix attention kinds (qwen3_next: gated-delta-net
+linear-attention layers between gated full-attention layers).  One table entry each, built from
+the fragments in ``blocks.py``.
+
+Each entry's HF names and config keys were checked against transformers 5's modeling and
+configuration files; Megatron names follow MindSpeed-LLM v2's ``configs/checkpoint/model_cfg.json``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ckpt_ir.errors import FormatError
+from ckpt_ir.families import ConfigKey, Family, register
+from ckpt_ir.families.blocks import (
+    ATTENTION,
+    EMBED_AND_HEAD,
+    GATED_MLP,
+    LLAMA_NORMS,
+    QWEN_EXPERTS,
+    QWEN_MOE_CONFIG,
+    QWEN_SHARED,
+    C,
+    L,
+    config_with,
+    qwen_router_args,
+)
+
+
+def _linear_layers(cfg: dict) -> tuple[int, ...]:
+    """Qwen3-Next: the "linear_attention" entries of layer_types, else every layer but each
+    full_attention_interval-th (transformers' and MindSpeed-LLM's rule)."""
+    types = cfg.get("layer_types")
+    if types is not None:
+        return tuple(i for i, t in enumerate(types) if t == "linear_attention")
+    step = cfg.get("full_attention_interval") or 4
+    return tuple(i for i in range(cfg["num_hidden_layers"]) if (i + 1) % step)
+
+
+# Qwen3-Next: gated-delta-net layers (linear_attn.*) and gated full attention (q_proj yields
+# [q; gate] per head) in a Qwen2-MoE block (shared expert with a sigmoid gate)
+GATED_DELTA_NET = tuple(
+    (L + f"linear_attn.{h}", C + f"attn.gdn.{c}")
+    for h, c in (
+        ("in_proj_qkvz.weight", "in_qkvz.weight"),
+        ("in_proj_ba.weight", "in_ba.weight"),
+        ("conv1d.weight", "conv1d.weight"),
+        ("A_log", "A_log"),
+        ("dt_bias", "dt_bias"),
+        ("norm.weight", "norm.weight"),
+        ("out_proj.weight", "out.weight"),
+    )
+)
+# Qwen3-Next's multi-token-prediction layer sits outside model.layers (transformers ignores
+# ^mtp.*; MindSpeed-LLM's qwen3-next entry and its mtp_reorder_flag): its decoder layer is
+# mtp.layers.{k}.* (a full-attention MoE layer), and DeepSeek-V3's enorm / hnorm / eh_proj / head
+# norm are the un-numbered mtp.pre_fc_norm_embedding / pre_fc_norm_hidden / fc / norm, with no
+# embedding or head copies.  Renamed to model.layers.{num_hidden_layers + k}.* (own tensors under
+# model.layers.{n}.mtp.*) so the table below reads them like any layer.
+QWEN3_NEXT_MTP = tuple(
+    (L + "mtp." + hf, C + c)
+    for hf, c in (
+        ("pre_fc_norm_embedding.weight", "mtp.enorm.weight"),
+        ("pre_fc_norm_hidden.weight", "mtp.hnorm.weight"),
+        ("fc.weight", "mtp.eh_proj.weight"),
+        ("norm.weight", "mtp.norm.weight"),
+    )
+)
+_MTP_LAYER = re.compile(r"^mtp\.layers\.(\d+)\.(.+)$")
+_MTP_OWN = re.compile(r"^mtp\.(pre_fc_norm_embedding|pre_fc_norm_hidden|fc|norm)\.weight$")
+_TABLE_MTP = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def _qwen3_next_mtp_keys(key: str, num_layers: int, to_hf: bool) -> str:
+    """mtp.layers.k.X <-> model.layers.{num_layers + k}.X; mtp.fc.weight etc. <->
+    model.layers.{num_layers}.mtp.fc.weight (un-numbered: one MTP layer, as released)."""
+    if not to_hf:
+        if m := _MTP_LAYER.match(key):
+            return f"model.layers.{num_layers + int(m.group(1))}.{m.group(2)}"
+        return f"model.layers.{num_layers}.{key}" if _MTP_OWN.match(key) else key
+    m = _TABLE_MTP.match(key)
+    if not m or int(m.group(1)) < num_layers:
+        return key
+    k, rest = int(m.group(1)) - num_layers, m.group(2)
+    if not rest.startswith("mtp."):
+        return f"mtp.layers.{k}.{rest}"
+    if k:
+        raise FormatError(
+            f"{key}: Qwen3-Next's HF layout names one MTP layer's fc / norms without a number; "
+            f"MTP layer {k} cannot be written (pass --mtp-num-layers 1 / drop the others)"
+        )
+    return rest
+
+
+register(
+    Family(
+        name="qwen3_next",
+        model_types=("qwen3_next",),
+        architecture="Qwen3NextForCausalLM",
+        tensors=EMBED_AND_HEAD
+        + ATTENTION
+        + LLAMA_NORMS
+        + GATED_MLP
+        + QWEN_EXPERTS
+        + QWEN_SHARED
+        + GATED_DELTA_NET
+        + QWEN3_NEXT_MTP,
+        config=config_with(
+            *QWEN_MOE_CONFIG,
+            ConfigKey("shared_ffn_hidden_size", "shared_expert_intermediate_size", 0),
+            ConfigKey("head_dim", "head_dim", 256),
+            ConfigKey("linear_layers", None, _linear_layers),
+            ConfigKey("linear_k_heads", "linear_num_key_heads", 16),
+            ConfigKey("linear_v_heads", "linear_num_value_heads", 32),
+            ConfigKey("linear_k_dim", "linear_key_head_dim", 128),
+            ConfigKey("linear_v_dim", "linear_value_head_dim", 128),
+            ConfigKey("linear_conv_kernel", "linear_conv_kernel_dim", 4),
+        ),
+        constants=(("qk_norm", True), ("shared_expert_gate", True), ("attn_gate", True)),
+        mindspeed_names=("qwen3-next",),
+        megatron_args=qwen_router_args,
+        hf_rename=_qwen3_next_mtp_keys,
+    )
+)

@@ -1,0 +1,204 @@
+"""Multi-latent-attention families (deepseek_v3, deepseek_v2, minicpm3, deepseek_v32, glm_moe_dsa,
+plm): DeepSeek's MLA (q-LoRA or a plain q_proj, a compressed key/value projection), with
+DeepSeek's MoE block or a dense MLP, and DeepSeek sparse attention's lightning indexer.  One table
+entry each, built from the fragments in ``blocks.py``.
+
+Each entry's HF names and config keys were checked against transformers 5's modeling and
+configuration files (PLM, a remote-code model, against its published checkpoint: see its entry);
+Megatron names follow MindSpeed-LLM v2's ``configs/checkpoint/model_cfg.json``.
+"""
+
+from __future__ import annotations
+
+from ckpt_ir.families import ConfigKey, Family, register
+from ckpt_ir.families.blocks import (
+    DEEPSEEK_MOE,
+    DEEPSEEK_MOE_CONFIG,
+    EMBED_AND_HEAD,
+    GATED_MLP,
+    LLAMA_NORMS,
+    MTP,
+    C,
+    L,
+    config_with,
+    deepseek_router_args,
+    mlp_dense_layers,
+)
+
+MLA_ATTENTION = (
+    (L + "input_layernorm.weight", C + "attn_norm.weight"),
+    (L + "self_attn.q_proj.weight", C + "attn.q.weight"),
+    (L + "self_attn.q_a_proj.weight", C + "attn.q_a.weight"),
+    (L + "self_attn.q_a_layernorm.weight", C + "attn.q_a_norm.weight"),
+    (L + "self_attn.q_b_proj.weight", C + "attn.q_b.weight"),
+    (L + "self_attn.kv_a_proj_with_mqa.weight", C + "attn.kv_a.weight"),
+    (L + "self_attn.kv_a_layernorm.weight", C + "attn.kv_a_norm.weight"),
+    (L + "self_attn.kv_b_proj.weight", C + "attn.kv_b.weight"),
+    (L + "self_attn.o_proj.weight", C + "attn.o.weight"),
+)
+
+
+def _deepseek_v2_router(cfg: dict) -> dict:
+    """DeepSeek-V2 routing: the top-k of a softmax over all experts, not renormalised, scaled by
+    ``routed_scaling_factor``; ``group_limited_greedy`` limits it to ``topk_group`` groups ranked
+    by their best expert.  megatron-core ranks groups by the sum of their top ``topk / topk_group``
+    scores, which is the best score only when ``topk == topk_group`` (where grouping changes
+    nothing), so its group-limited routing is the closest Megatron form, not DeepSeek-V2's."""
+    grouped = cfg.get("topk_method") == "group_limited_greedy"
+    return {
+        "moe_router_score_function": "softmax",
+        "moe_router_pre_softmax": True,
+        "moe_router_topk_scaling_factor": cfg.get("routed_scaling_factor"),
+        "moe_router_num_groups": cfg.get("n_group") if grouped else None,
+        "moe_router_group_topk": cfg.get("topk_group") if grouped else None,
+    }
+
+
+MLA_CONFIG = (
+    ConfigKey("q_lora_rank", "q_lora_rank", 0, null=0),
+    ConfigKey("kv_lora_rank", "kv_lora_rank"),
+    ConfigKey("qk_nope_dim", "qk_nope_head_dim"),
+    ConfigKey("qk_rope_dim", "qk_rope_head_dim"),
+    ConfigKey("v_head_dim", "v_head_dim"),
+    ConfigKey("head_dim", None, lambda cfg: cfg["qk_rope_head_dim"]),
+    ConfigKey("qkv_bias", None, False),
+)
+DEEPSEEK_TENSORS = EMBED_AND_HEAD + MLA_ATTENTION + LLAMA_NORMS + GATED_MLP + DEEPSEEK_MOE
+
+register(
+    Family(
+        name="deepseek_v3",
+        model_types=("deepseek_v3",),
+        architecture="DeepseekV3ForCausalLM",
+        tensors=DEEPSEEK_TENSORS + MTP,
+        config=config_with(
+            *DEEPSEEK_MOE_CONFIG,
+            *MLA_CONFIG,
+            # read-only: transformers saves no MTP weights, so the frontend counts the layers present
+            ConfigKey("mtp_layers", None, lambda cfg: cfg.get("num_nextn_predict_layers") or 0),
+        ),
+        constants=(("router_bias", True),),
+        mindspeed_names=("deepseek3",),
+        megatron_args=deepseek_router_args,
+    )
+)
+
+# DeepSeek-V2: V3's tensors without MTP and without the router score bias; V2-Lite has no q-LoRA
+# (q_lora_rank null: q_proj instead of q_a / q_b), which the MLA roles already cover
+register(
+    Family(
+        name="deepseek_v2",
+        model_types=("deepseek_v2",),
+        architecture="DeepseekV2ForCausalLM",
+        tensors=DEEPSEEK_TENSORS,
+        config=config_with(*DEEPSEEK_MOE_CONFIG, *MLA_CONFIG),
+        mindspeed_names=("deepseek2", "deepseek2-lite"),
+        megatron_args=_deepseek_v2_router,
+    )
+)
+# MiniCPM3: dense MLA with q-LoRA, tied embeddings; its muP scales (scale_emb, scale_depth,
+# dim_model_base) are config values carried through unchanged
+register(
+    Family(
+        name="minicpm3",
+        model_types=("minicpm3",),
+        architecture="MiniCPM3ForCausalLM",
+        tensors=EMBED_AND_HEAD + MLA_ATTENTION + LLAMA_NORMS + GATED_MLP,
+        config=config_with(*MLA_CONFIG, ConfigKey("tied_embeddings", "tie_word_embeddings", True)),
+        mindspeed_names=("minicpm3",),
+    )
+)
+
+
+def _shared_index_layers(cfg: dict) -> tuple[int, ...]:
+    """Layers whose DSA attention reuses the previous layer's top-k and so has no indexer: the
+    ``"shared"`` entries of GLM-5's ``indexer_types``, else its ``index_topk_pattern`` ("F" / "S")
+    or ``index_topk_freq`` / ``index_skip_topk_offset`` schedule (transformers' rule); none when
+    the config names no schedule (DeepSeek-V3.2: an indexer in every layer)."""
+    types = cfg.get("indexer_types")
+    if types is None and isinstance(cfg.get("index_topk_pattern"), str):
+        types = [{"F": "full", "S": "shared"}[c] for c in cfg["index_topk_pattern"]]
+    if types is not None:
+        return tuple(i for i, t in enumerate(types) if t == "shared")
+    freq, offset = cfg.get("index_topk_freq"), cfg.get("index_skip_topk_offset")
+    if not freq or offset is None:
+        return ()
+    return tuple(i for i in range(cfg["num_hidden_layers"]) if max(i - offset + 1, 0) % max(freq, 1))
+
+
+# DeepSeek sparse attention: the lightning indexer beside MLA (LayerNorm k_norm with a bias)
+INDEXER = tuple(
+    (L + f"self_attn.indexer.{t}", C + f"attn.indexer.{t}")
+    for t in ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight")
+)
+DSA_CONFIG = (
+    *DEEPSEEK_MOE_CONFIG,
+    *MLA_CONFIG,
+    ConfigKey("dense_layers", None, mlp_dense_layers),
+    # read-only: transformers saves no MTP weights, so the frontend counts the layers present
+    ConfigKey("mtp_layers", None, lambda cfg: cfg.get("num_nextn_predict_layers") or 0),
+    ConfigKey("shared_index_layers", None, _shared_index_layers),
+)
+
+# DeepSeek-V3.2: DeepSeek-V3 (MLA with q-LoRA, shared experts, score bias, MTP) plus the indexer
+register(
+    Family(
+        name="deepseek_v32",
+        model_types=("deepseek_v32",),
+        architecture="DeepseekV32ForCausalLM",
+        tensors=DEEPSEEK_TENSORS + INDEXER + MTP,
+        config=config_with(
+            *DSA_CONFIG,
+            ConfigKey("index_heads", "index_n_heads", 64),
+            ConfigKey("index_head_dim", "index_head_dim", 128),
+        ),
+        constants=(("router_bias", True),),
+        mindspeed_names=("deepseek32",),
+        megatron_args=deepseek_router_args,
+    )
+)
+# GLM-5: the same MLA + DSA + DeepSeek MoE tensors; "shared" indexer layers carry no indexer
+register(
+    Family(
+        name="glm_moe_dsa",
+        model_types=("glm_moe_dsa",),
+        architecture="GlmMoeDsaForCausalLM",
+        tensors=DEEPSEEK_TENSORS + INDEXER + MTP,
+        config=config_with(
+            *DSA_CONFIG,
+            ConfigKey("index_heads", "index_n_heads", 32),
+            ConfigKey("index_head_dim", "index_head_dim", 128),
+            ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
+        ),
+        constants=(("router_bias", True),),
+        mindspeed_names=("glm5",),
+        megatron_args=deepseek_router_args,
+    )
+)
+
+# PLM (PLM-Team/PLM-1.8B, model_type "plm", PLMForCausalLM): a remote-code model (its modeling file
+# lives in the model repository; see remote_code.py for what that means here).  DeepSeek-V2-Lite's
+# attention (MLA without q-LoRA: q_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj) and
+# a non-gated squared-ReLU MLP, up_proj -> relu2 -> down_proj.  The MLP names are the released
+# checkpoint's: MindSpeed-LLM's "plm" entry (fc_type up_down), the PLM team's vLLM loader and
+# llama.cpp's PLM converter all read mlp.up_proj / mlp.down_proj; the unmerged transformers port
+# (modular_plm.py, PLMMLP = CLIPMLP) would name them fc1 / fc2, a layout no published checkpoint
+# has, so it is not read.  Megatron: squared_relu, no swiglu; the MLA args as DeepSeek-V2's.
+register(
+    Family(
+        name="plm",
+        model_types=("plm",),
+        architecture="PLMForCausalLM",
+        tensors=EMBED_AND_HEAD
+        + MLA_ATTENTION
+        + LLAMA_NORMS
+        + (
+            (L + "mlp.up_proj.weight", C + "mlp.fc1.weight"),
+            (L + "mlp.down_proj.weight", C + "mlp.down.weight"),
+        ),
+        config=config_with(*MLA_CONFIG, ConfigKey("activation", "hidden_act", "relu2")),
+        constants=(("gated_mlp", False),),
+        mindspeed_names=("plm",),
+        megatron_args=lambda cfg: {"squared_relu": cfg.get("hidden_act", "relu2") == "relu2"},
+    )
+)

@@ -1,0 +1,282 @@
+"""What the family tests share (``test_families_dense.py``, ``_moe``, ``_mla``, ``_hybrid``): a
+tiny random model of each family transformers implements, built and saved by transformers, and
+the round trip every family goes through (HF -> Megatron-Core at a layout -> HF bit-exact, with
+transformers' logits on the result equal to the original's)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import ckpt_ir.api as ck
+from tests.test_hf_roundtrip import IDS, assert_same_tensors, convert, hf_state, logits
+
+DENSE = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+# MLA + DSA: index_topk (4) below the prompt length (12), so the indexer's choice changes logits
+DSA = dict(
+    DENSE,
+    num_key_value_heads=4,
+    moe_intermediate_size=32,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    q_lora_rank=24,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    n_group=1,
+    topk_group=1,
+    index_n_heads=2,
+    index_head_dim=16,
+    index_topk=4,
+)
+ALTERNATING = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+# per family: config overrides (tiny sizes; head_dim != hidden / heads where the family allows it)
+CONFIGS = {
+    # dense
+    "seed_oss": dict(DENSE, head_dim=32),
+    "glm": dict(DENSE, head_dim=32, partial_rotary_factor=0.5),
+    "glm4": dict(DENSE, head_dim=32, partial_rotary_factor=0.5),
+    "hunyuan_v1_dense": dict(
+        DENSE, head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}
+    ),
+    # BLOOM's own config keys (n_layer / n_head; no intermediate size: the MLP is 4 x hidden)
+    "bloom": dict(hidden_size=64, n_head=4, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # sliding window shorter than the test sequence (12), so windowed and global layers differ
+    "gemma3_text": dict(
+        DENSE,
+        head_dim=32,
+        sliding_window=4,
+        layer_types=ALTERNATING,
+        query_pre_attn_scalar=24,
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+    ),
+    "olmo2": dict(DENSE),
+    # mixture of experts
+    "glm4_moe": dict(
+        DENSE,
+        moe_intermediate_size=32,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        use_qk_norm=True,
+        attention_bias=True,
+        partial_rotary_factor=0.5,
+        n_group=1,
+        topk_group=1,
+    ),
+    "hunyuan_v1_moe": dict(
+        DENSE,
+        head_dim=16,
+        num_experts=4,
+        moe_topk=[2, 2, 1, 2],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
+    "phimoe": dict(DENSE, num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True),
+    "minimax_m2": dict(
+        DENSE,
+        head_dim=32,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
+    "hy_v3": dict(DENSE, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2),
+    "olmoe": dict(DENSE, num_experts=4, num_experts_per_tok=2),
+    "gpt_oss": dict(
+        DENSE,
+        head_dim=32,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=4,
+        layer_types=ALTERNATING,
+        rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
+    ),
+    # multi-latent attention
+    "deepseek_v2": dict(
+        DENSE,
+        num_key_value_heads=4,
+        moe_intermediate_size=32,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+    ),
+    "minicpm3": dict(
+        DENSE,
+        num_key_value_heads=4,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        scale_emb=2.5,
+        scale_depth=1.4,
+        dim_model_base=32,
+    ),
+    "deepseek_v32": DSA,
+    # layers 1 and 3 reuse the previous layer's top-k and carry no indexer
+    "glm_moe_dsa": dict(DSA, indexer_types=["full", "shared", "full", "shared"]),
+    # hybrid: layers 0-2 gated-delta-net, layer 3 gated full attention; 2 key heads, 4 value heads
+    "qwen3_next": dict(
+        DENSE,
+        head_dim=16,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        num_experts=4,
+        num_experts_per_tok=2,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=12,
+        linear_conv_kernel_dim=4,
+    ),
+}
+
+
+def build(path: str, model_type: str, layers: int = 4, seed: int = 0, configs: dict | None = None) -> str:
+    """A tiny model built by transformers (config overrides from ``configs``, this module's
+    CONFIGS by default), random values in every parameter and buffer the checkpoint stores
+    (router score biases too)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    overrides = (CONFIGS if configs is None else configs)[model_type]
+    cfg = AutoConfig.for_model(model_type, **dict(overrides, num_hidden_layers=layers))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+        for m in model.modules():
+            if isinstance(getattr(m, "e_score_correction_bias", None), torch.Tensor):
+                m.e_score_correction_bias.normal_(0, 0.1)
+    model.save_pretrained(path)
+    return path
+
+
+def model_cache(tmp_path_factory, name: str):
+    """A module fixture's getter: each family's tiny model (see :func:`build`) built once."""
+    root = tmp_path_factory.mktemp(name)
+    cache: dict[str, str] = {}
+
+    def get(model_type: str) -> str:
+        if model_type not in cache:
+            cache[model_type] = build(str(root / model_type), model_type)
+        return cache[model_type]
+
+    return get
+
+
+def append_mtp_layer(path: str, hidden: int, hunyuan: bool = False) -> tuple[dict, dict]:
+    """Give the 4-layer checkpoint at ``path`` one multi-token-prediction layer as DeepSeek-V3 /
+    GLM-4.5 releases store it (transformers saves none): ``model.layers.4.*`` = a random copy of MoE
+    layer 1 plus enorm, hnorm, eh_proj and shared_head.norm, with the embedding and head repeated;
+    ``num_nextn_predict_layers`` = 1.  ``hunyuan``: as Hunyuan V3 stores it (MindSpeed-LLM's HYV3
+    entry; transformers ignores ``model.layers.<num_hidden_layers>.*``): the head norm is
+    ``final_layernorm``, no embedding / head copies, no MTP count in the config.
+    Returns (config, tensors)."""
+    f = os.path.join(path, "model.safetensors")
+    sd = load_file(f)
+    n = 4
+    g = torch.Generator().manual_seed(7)
+    for k in [k for k in sd if k.startswith("model.layers.1.")]:  # a MoE layer's tensors
+        sd[k.replace("model.layers.1.", f"model.layers.{n}.")] = torch.randn(sd[k].shape, generator=g)
+    for k, shape in {
+        "enorm": (hidden,),
+        "hnorm": (hidden,),
+        "eh_proj": (hidden, 2 * hidden),
+        "final_layernorm" if hunyuan else "shared_head.norm": (hidden,),
+    }.items():
+        sd[f"model.layers.{n}.{k}.weight"] = torch.randn(shape, generator=g)
+    if not hunyuan:
+        sd[f"model.layers.{n}.embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
+        sd[f"model.layers.{n}.shared_head.head.weight"] = sd["lm_head.weight"].clone()
+    save_file(sd, f, metadata={"format": "pt"})
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    if not hunyuan:
+        cfg = dict(cfg, num_nextn_predict_layers=1)
+        json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    return cfg, sd
+
+
+def assert_round_trip(src: str, tmp_path, family: str, layout: dict) -> str:
+    """HF (family ``family``) -> mcore at ``layout`` -> HF is bit-exact, computes the same
+    transformers logits and keeps the config's model_type; returns the HF output."""
+    assert ck.load(src).spec.family == family
+    mid, back = str(tmp_path / "mid"), str(tmp_path / "back")
+    convert(src, mid, ck.Target(to="mcore", **layout))
+    convert(mid, back, ck.Target(to="hf"))
+    assert_same_tensors(src, back)
+    assert torch.equal(logits(src, IDS), logits(back, IDS))
+    assert json.load(open(f"{back}/config.json"))["model_type"] == family
+    return back
+
+
+def rank(mid: str, name: str) -> dict:
+    """The rank file of rank directory ``name`` (e.g. ``mp_rank_01_001``) of the mcore checkpoint."""
+    return torch.load(f"{mid}/iter_0000001/{name}/model_optim_rng.pt", weights_only=False)
+
+
+def listed_families(capsys) -> dict[str, str]:
+    """``ckpt-ir models``'s line of each family, by family name."""
+    from ckpt_ir.commands.cli import main
+
+    assert main(["models"]) == 0
+    return {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+
+
+# the HF modules a LoRA adapter targets, per family
+LORA_TARGETS = {
+    "glm": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"),
+    "phimoe": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    # query_key_value packs q/k/v head by head: B's rows follow that packing
+    "bloom": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+}
+
+
+def assert_lora_merge_equals_peft(base: str, tmp_path, family: str) -> None:
+    """A peft adapter on the family's :data:`LORA_TARGETS` merged by ``convert --lora-load`` gives
+    exactly what peft's merge_and_unload gives."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_lora import cli, make_peft_adapter
+
+    adapter = str(tmp_path / "adapter")
+    make_peft_adapter(base, adapter, LORA_TARGETS[family])
+    merged = (
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+        .merge_and_unload()
+        .state_dict()
+    )
+    out = str(tmp_path / "merged")
+    cli("convert", base, out, "--to", "hf", "--lora-load", adapter)
+    ours = hf_state(out)
+    # in memory transformers 5 renames / fuses the MoE block (router, 3-D experts); on disk it is
+    # per expert, so the MoE tensors are compared where the names agree and attention everywhere
+    assert {k for k in ours if ".self_attn." in k or ".mlp." in k and family == "glm"} <= set(merged)
+    for k in set(ours) & set(merged):
+        assert torch.equal(ours[k], merged[k]), k
