@@ -466,3 +466,80 @@ def test_a_table_module_added_to_the_families_package_is_registered_in_name_orde
     assert (
         names[0] == "aaa_first" and names[-3:] == ["zzz_last", "my_plugin", "megatron"] and "llama" in names
     )
+
+
+def test_starcoder2_from_the_docs_gets_its_megatron_args_from_its_spec(tmp_path, monkeypatch):
+    """The StarCoder2 plugin of docs/adding-a-family.md names no Megatron arg; the rank files'
+    args still say what megatron-core must build (LayerNorm, biases on every linear layer, no
+    gating), and Megatron's own reading of those args lays out exactly the tensors written."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ckpt_ir.io.torchzip import TorchZip
+    from ckpt_ir.passes.manager import load_plugin
+    from tests.test_docs import code_blocks
+
+    plugin_dir = _plugin_dir(tmp_path, "starcoder2_family", code_blocks("adding-a-family.md")[1])
+    monkeypatch.setenv("PYTHONPATH", plugin_dir + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cfg = AutoConfig.for_model(
+        "starcoder2",
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=4,
+        vocab_size=128,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    hf, mc, back = str(tmp_path / "sc2"), tmp_path / "mc", tmp_path / "back"
+    model.save_pretrained(hf)
+    plugin = ("--plugin", "starcoder2_family")
+    ok("convert", hf, mc, "--to", "mcore", "--tp", "2", "--pp", "2", *plugin)
+    args = vars(TorchZip(str(mc / "iter_0000001" / "mp_rank_00_000" / "model_optim_rng.pt")).obj["args"])
+    assert (args["normalization"], args["add_qkv_bias"], args["add_bias_linear"], args["swiglu"]) == (
+        "LayerNorm",
+        True,
+        True,
+        False,
+    )
+    assert args["position_embedding_type"] == "rope" and not args["untie_embeddings_and_output_weights"]
+    ok("convert", mc, back, "--to", "hf", *plugin)
+    assert ok("diff", hf, back, *plugin).returncode == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(str(back), dtype=torch.float32)
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
+    # Megatron's reading of the args alone (no family, no HF config) reshards the same tensors
+    resharded = tmp_path / "args-only"
+    ok(
+        "convert",
+        mc,
+        resharded,
+        "--to",
+        "mcore",
+        "--tp",
+        "1",
+        "--pp",
+        "1",
+        "--model-type-hf",
+        "megatron",
+        *plugin,
+    )
+    same = tmp_path / "same"
+    ok("convert", mc, same, "--to", "mcore", "--tp", "1", "--pp", "1", *plugin)
+    assert (
+        files_of(str(resharded / "iter_0000001" / "mp_rank_00")).keys()
+        == files_of(str(same / "iter_0000001" / "mp_rank_00")).keys()
+    )
+    import ckpt_ir.families as families
+
+    monkeypatch.setattr(families, "_REGISTRY", dict(families._REGISTRY))  # the plugin stays in this test
+    monkeypatch.syspath_prepend(plugin_dir)
+    load_plugin("starcoder2_family")
+    a, b = ck.load(str(resharded)), ck.load(str(same))
+    assert list(a.tensors) == list(b.tensors)
+    assert all(a.tensors[n].shape == b.tensors[n].shape for n in a.tensors)
