@@ -72,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the plan (files, tensors, sources, bytes, peak memory) and write nothing",
     )
-    c.add_argument("--overwrite", action="store_true", help="replace DST if it exists (atomically)")
+    c.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace DST atomically if it holds a checkpoint (HF, Megatron, PEFT) and nothing else; "
+        "any other DST is refused naming its first foreign entry",
+    )
     c.add_argument("--hf-config", metavar="DIR", help="take config.json (and tokenizer files) from DIR")
     c.add_argument(
         "--model-type-hf",
@@ -276,7 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     de = sub.add_parser(
         "demo", help="build a tiny random model, convert it HF -> mcore -> HF, verify, report"
     )
-    de.add_argument("dir", nargs="?", default=None, help="work directory (default: a temporary one)")
+    de.add_argument(
+        "dir",
+        nargs="?",
+        default=None,
+        help="work directory; its hf/, mcore-tp2-pp2/ and hf-roundtrip/ replace only previous "
+        "checkpoints (default: a temporary one)",
+    )
 
     from ckpt_ir.mindspeed import add_parser as add_mindspeed
 

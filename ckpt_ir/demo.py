@@ -1,5 +1,8 @@
 """``ckpt-ir demo``: build a tiny random Llama with transformers, convert HF -> Megatron-Core
-(TP=2, PP=2) -> HF, and check the round trip bit for bit and the logits in transformers."""
+(TP=2, PP=2) -> HF, and check the round trip bit for bit and the logits in transformers.
+
+Its three checkpoints go to ``DIR/hf``, ``DIR/mcore-tp2-pp2`` and ``DIR/hf-roundtrip``, each
+written atomically and replacing only a previous checkpoint (as ``convert --overwrite``)."""
 
 from __future__ import annotations
 
@@ -10,15 +13,19 @@ import time
 
 
 def run_demo(workdir: str | None) -> int:
+    from ckpt_ir.io import atomic
+
+    root = workdir or tempfile.mkdtemp(prefix="ckpt-ir-demo-")
+    hf, mc, back = (os.path.join(root, n) for n in ("hf", "mcore-tp2-pp2", "hf-roundtrip"))
+    for out in (hf, mc, back):  # each replaces only a previous checkpoint: refuse before writing any
+        atomic.check_destination(out, overwrite=True)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import ckpt_ir.api as ck
     from ckpt_ir.diff import diff
 
-    root = workdir or tempfile.mkdtemp(prefix="ckpt-ir-demo-")
     os.makedirs(root, exist_ok=True)
-    hf, mc, back = (os.path.join(root, n) for n in ("hf", "mcore-tp2-pp2", "hf-roundtrip"))
     say = lambda msg: print(msg, flush=True)  # noqa: E731
     say(f"ckpt-ir demo in {root}")
     cfg = AutoConfig.for_model(
@@ -37,7 +44,8 @@ def run_demo(workdir: str | None) -> int:
     with torch.no_grad():
         for p in model.parameters():  # random norms too, so a swapped tensor cannot hide
             p.normal_(0, 0.5)
-    model.save_pretrained(hf)
+    with atomic.claim(hf, overwrite=True) as claim, atomic.output_dir(claim) as tmp:
+        model.save_pretrained(tmp)
     say(f"1. built a tiny random Llama (4 layers, GQA 4/2 heads) -> {hf}")
 
     t0 = time.perf_counter()

@@ -95,7 +95,11 @@ def add_parser(sub) -> None:
         help="with --load-model-type optim: "
         "data-parallel size to lay the optimizer state out for (default: the source's)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace --save-dir if not empty")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --save-dir that holds a checkpoint and nothing else (as convert)",
+    )
     for flag in _IGNORED_VALUE:
         p.add_argument(flag, default=None, help=argparse.SUPPRESS)
     for flag in _IGNORED_FLAGS:

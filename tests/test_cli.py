@@ -158,9 +158,10 @@ def test_overwrite_replaces_existing_output(hf_cache, tmp_path):
     src = hf_cache("llama")
     dst = tmp_path / "o"
     cli("convert", src, str(dst), "--to", "hf")
-    (dst / "stale.txt").write_text("x")
     cli("convert", src, str(dst), "--to", "mcore", "--overwrite")
-    assert not (dst / "stale.txt").exists() and (dst / "latest_checkpointed_iteration.txt").read_text() == "1"
+    assert (
+        not (dst / "config.json").exists() and (dst / "latest_checkpointed_iteration.txt").read_text() == "1"
+    )
 
 
 def test_mindspeed_drop_in_flags(hf_cache, tmp_path):

@@ -3,7 +3,9 @@
 1. **claim**: ``flock`` a lock file ``.NAME.ckpt-ir-lock`` beside DST, sweep what killed runs
    left, and check DST, before any output is written.  A second conversion into DST fails here
    with an error naming DST.  The kernel drops a lock when its holder dies (SIGKILL included), so
-   a lock file left by a killed run never blocks: the next run takes it over.
+   a lock file left by a killed run never blocks: the next run takes it over.  A non-empty DST
+   is replaced only with ``--overwrite``, and only when it holds a checkpoint and nothing else
+   (:mod:`ckpt_ir.frontends.checkpoint_dir`).
 2. **write** into a hidden sibling ``.NAME.ckpt-ir-tmp-PID`` (removed on any handled error).
 3. **publish**: fsync everything, then rename the sibling to DST with a rename that cannot
    replace anything that appeared after the check (``renameat2(RENAME_NOREPLACE)``), or, with
@@ -51,8 +53,12 @@ def check_destination(dst: str, overwrite: bool) -> None:
     dst = os.path.abspath(dst)
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise UsageError(f"{dst}: exists and is not a directory; choose another destination")
-    if os.path.isdir(dst) and os.listdir(dst) and not overwrite:
-        raise UsageError(f"{dst}: destination exists and is not empty; pass --overwrite to replace it")
+    if os.path.isdir(dst) and os.listdir(dst):
+        if not overwrite:
+            raise UsageError(f"{dst}: destination exists and is not empty; pass --overwrite to replace it")
+        from ckpt_ir.frontends.checkpoint_dir import check_replaceable
+
+        check_replaceable(dst)  # only a checkpoint, nothing else, is ever deleted
     parent = existing_ancestor(dst)  # missing parents are created when the output is prepared
     if not os.path.isdir(parent):
         raise CkptIrError(
