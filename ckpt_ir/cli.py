@@ -285,8 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
         "dir",
         nargs="?",
         default=None,
-        help="work directory; its hf/, mcore-tp2-pp2/ and hf-roundtrip/ replace only previous "
-        "checkpoints (default: a temporary one)",
+        help="work directory, kept; its hf/, mcore-tp2-pp2/ and hf-roundtrip/ replace only previous "
+        "checkpoints (default: a temporary directory, removed at the end)",
     )
 
     from ckpt_ir.mindspeed import add_parser as add_mindspeed

@@ -2,7 +2,8 @@
 (TP=2, PP=2) -> HF, and check the round trip bit for bit and the logits in transformers.
 
 Its three checkpoints go to ``DIR/hf``, ``DIR/mcore-tp2-pp2`` and ``DIR/hf-roundtrip``, each
-written atomically and replacing only a previous checkpoint (as ``convert --overwrite``)."""
+written atomically and replacing only a previous checkpoint (as ``convert --overwrite``); without
+DIR they go to a temporary directory that is removed at the end."""
 
 from __future__ import annotations
 
@@ -13,9 +14,16 @@ import time
 
 
 def run_demo(workdir: str | None) -> int:
+    """The demo in ``workdir`` (kept), or in a temporary directory removed at the end."""
+    if workdir is not None:
+        return _demo(workdir)
+    with tempfile.TemporaryDirectory(prefix="ckpt-ir-demo-") as root:
+        return _demo(root, " (temporary, removed at the end)")
+
+
+def _demo(root: str, note: str = "") -> int:
     from ckpt_ir.io import atomic
 
-    root = workdir or tempfile.mkdtemp(prefix="ckpt-ir-demo-")
     hf, mc, back = (os.path.join(root, n) for n in ("hf", "mcore-tp2-pp2", "hf-roundtrip"))
     for out in (hf, mc, back):  # each replaces only a previous checkpoint: refuse before writing any
         atomic.check_destination(out, overwrite=True)
@@ -27,7 +35,7 @@ def run_demo(workdir: str | None) -> int:
 
     os.makedirs(root, exist_ok=True)
     say = lambda msg: print(msg, flush=True)  # noqa: E731
-    say(f"ckpt-ir demo in {root}")
+    say(f"ckpt-ir demo in {root}{note}")
     cfg = AutoConfig.for_model(
         "llama",
         hidden_size=64,

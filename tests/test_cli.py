@@ -164,6 +164,36 @@ def test_overwrite_replaces_existing_output(hf_cache, tmp_path):
     )
 
 
+def _demo(*args: str, tmpdir: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TMPDIR": tmpdir}
+    return subprocess.run(
+        [sys.executable, "-m", "ckpt_ir", "demo", *args], capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+def test_demo_removes_its_temporary_directory(tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    r = _demo(tmpdir=str(tmp))
+    assert r.returncode == 0 and "demo: OK" in r.stdout, r.stdout + r.stderr
+    root = r.stdout.splitlines()[0].split(" in ", 1)[1].split(" (")[0]
+    assert os.path.dirname(root) == str(tmp), r.stdout
+    assert not os.path.exists(root) and not [n for n in os.listdir(tmp) if n.startswith("ckpt-ir")]
+
+
+def test_demo_in_a_directory_replaces_only_its_own_checkpoints(tmp_path):
+    """Run twice in DIR: the second run replaces the first one's three checkpoints and keeps the
+    user's own file in DIR."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine\n")
+    for _ in range(2):
+        r = _demo(str(work), tmpdir=str(tmp_path))
+        assert r.returncode == 0 and "demo: OK" in r.stdout, r.stdout + r.stderr
+    assert sorted(os.listdir(work)) == ["hf", "hf-roundtrip", "mcore-tp2-pp2", "notes.txt"]
+    assert (work / "notes.txt").read_text() == "mine\n"
+
+
 def test_mindspeed_drop_in_flags(hf_cache, tmp_path):
     src = hf_cache("qwen2", layers=4)
     ms = tmp_path / "ms"
