@@ -255,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "diff",
         help="compare two checkpoints of any formats tensor by tensor",
-        description="Exit 0 if identical, 1 if they differ.",
+        description="Compare A and B (any formats and layouts) tensor by tensor at the canonical "
+        "level. Exit 0 if identical, 1 if they differ, 2 if they could not be compared (a side "
+        "missing or unreadable, a bad flag).",
     )
     d.add_argument("a")
     d.add_argument("b")
@@ -439,9 +441,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from ckpt_ir.diff import diff, format_report
+    from ckpt_ir.diff import COULD_NOT_COMPARE, diff, format_report
 
-    report = diff(args.a, args.b, atol=args.atol, hf_config=args.hf_config)
+    try:
+        report = diff(args.a, args.b, atol=args.atol, hf_config=args.hf_config)
+    except CkptIrError as e:  # exit 1 says "they differ"
+        e.exit_code = COULD_NOT_COMPARE
+        raise
+    except OSError as e:
+        error = CkptIrError(f"{e.filename or f'{args.a} vs {args.b}'}: {e.strerror}; cannot compare")
+        error.exit_code = COULD_NOT_COMPARE
+        raise error from None
     if args.json:
         import json
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+COULD_NOT_COMPARE = 2  # the exit code when a side cannot be read (0: identical, 1: different)
+
 
 def diff(a: str, b: str, *, atol: float = 0.0, hf_config: str | None = None) -> dict[str, Any]:
     """``hf_config``: a directory whose config.json describes a Megatron side whose args do not

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -152,6 +153,21 @@ def test_diff_finds_one_changed_element_across_formats(hf_cache, tmp_path):
     doc = json.loads(cli("diff", mc, changed, "--json", check=False).stdout)
     assert doc["identical"] is False and [d["name"] for d in doc["different"]] == ["layers.2.mlp.up.weight"]
     assert abs(doc["different"][0]["max_abs_diff"] - 0.25) < 1e-6
+
+
+def test_diff_exits_2_when_it_cannot_compare(hf_cache, tmp_path):
+    """0 identical, 1 different (above), 2 could not compare: a missing or corrupt side."""
+    src = hf_cache("llama")
+    missing = str(tmp_path / "missing")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(src, truncated)
+    weights = truncated / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    for other, says in ((missing, f"{missing}: no such file or directory"), (truncated, "truncated")):
+        r = cli("diff", src, str(other), check=False)
+        assert r.returncode == 2, (r.returncode, r.stderr)
+        assert r.stderr.startswith("ckpt-ir: error: ") and says in r.stderr and r.stderr.count("\n") == 1
+    assert "2 if they could not be compared" in cli("diff", "--help").stdout.replace("\n", " ")
 
 
 def test_overwrite_replaces_existing_output(hf_cache, tmp_path):
