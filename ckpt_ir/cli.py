@@ -321,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         if debug:
             raise
-        print(f"ckpt-ir: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        print(f"ckpt-ir: error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 1
 
 

@@ -16,6 +16,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -288,6 +289,59 @@ def test_unwritable_destination_parent(hf_src, tmp_path):
     finally:
         if parent.is_dir():
             parent.chmod(0o755)
+
+
+# a disk that fills once a few KB are written: writes of tensor data fail as the kernel fails them,
+# with an OSError that names no file (the lock file's line and small headers still fit)
+FULL_DISK = (
+    "import errno, os, sys\n"
+    "def full(write, size):\n"
+    "    def call(*args):\n"
+    "        if size(args) > 4096: raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+    "        return write(*args)\n"
+    "    return call\n"
+    "os.pwrite = full(os.pwrite, lambda a: len(a[1]))\n"
+    "os.copy_file_range = full(os.copy_file_range, lambda a: a[2])\n"
+    "from ckpt_ir.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+@pytest.mark.parametrize("to,workers", [("hf", 1), ("mcore", 1), ("mcore", 2)])
+def test_full_disk_names_the_file_and_what_to_do(hf_src, dst, to, workers):
+    """It said `ckpt-ir: error: : No space left on device`: the OS names no file for a failed write."""
+    argv = [sys.executable, "-c", FULL_DISK, "convert", hf_src, dst, "--to", to, "--workers", workers]
+    res = subprocess.run(
+        list(map(str, argv)), capture_output=True, text=True, env=_env(), timeout=CLI_TIMEOUT
+    )
+    msg = assert_clean_error(res, dst, code=1)
+    written = "model.safetensors" if to == "hf" else "model_optim_rng.pt"
+    tmp = f"{dst.parent}/.{dst.name}{TMP_TAG}"
+    assert (
+        f": error: {tmp}" in msg
+        and f"/{written}: No space left on device; free space or choose another " in msg
+    ), msg
+
+
+def test_file_size_limit_names_the_file(hf_src, dst):
+    """A real write error from the kernel (EFBIG under a file-size limit) names the file too."""
+
+    def limit() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the error, not the signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, 16 << 10))
+
+    res = subprocess.run(
+        cli_argv("convert", hf_src, dst, "--to", "hf", "--workers", 1),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=CLI_TIMEOUT,
+        preexec_fn=limit,
+    )
+    msg = assert_clean_error(res, dst, code=1)
+    assert "/model.safetensors: File too large; the file is larger than" in msg and "ulimit -f" in msg, msg
 
 
 def test_destination_parents_are_created(hf_src, tmp_path):

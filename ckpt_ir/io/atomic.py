@@ -69,6 +69,32 @@ def check_destination(dst: str, overwrite: bool) -> None:
         raise CkptIrError(f"{parent}: not writable; choose a destination you can write to")
 
 
+# what to do when writing the output fails, by errno (default: _CHECK_DISK)
+_WRITE_ADVICE = {
+    errno.ENOSPC: "free space or choose another destination",
+    errno.EDQUOT: "free space within your disk quota or choose another destination",
+    errno.EFBIG: "the file is larger than this filesystem or your file-size limit (ulimit -f) allows; "
+    "choose another destination",
+    errno.EROFS: "choose a destination you can write to",
+    errno.EACCES: "choose a destination you can write to",
+    errno.EPERM: "choose a destination you can write to",
+}
+_CHECK_DISK = "check the disk, then convert again or choose another destination"
+
+
+@contextlib.contextmanager
+def writing(path: str) -> Iterator[None]:
+    """Turn an OSError met while writing ``path`` (part of an output) into a one-line error that
+    names the file (the OS's own errors from a write, such as a full disk, name none) and says
+    what to do."""
+    try:
+        yield
+    except OSError as e:
+        raise CkptIrError(
+            f"{e.filename or path}: {e.strerror or e}; {_WRITE_ADVICE.get(e.errno or 0, _CHECK_DISK)}"
+        ) from None
+
+
 def existing_ancestor(path: str) -> str:
     """The nearest parent of ``path`` that exists (a directory, or a file in the way)."""
     parent = os.path.dirname(os.path.abspath(path))
@@ -142,9 +168,11 @@ def claim(dst: str, overwrite: bool) -> Iterator[Claim]:
     file removed) when the block ends.  A CkptIrError naming DST if another conversion holds it."""
     dst = os.path.abspath(dst)
     check_destination(dst, overwrite)  # its clear errors first (a read-only parent, a file in the way)
-    os.makedirs(os.path.dirname(dst), exist_ok=True)  # missing parents are created
+    with writing(os.path.dirname(dst)):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)  # missing parents are created
     lock = sibling(dst, LOCK_TAG)
-    fd, owner = _lock(lock, dst), os.getpid()
+    with writing(lock):
+        fd, owner = _lock(lock, dst), os.getpid()
     try:
         _sweep_stale(dst, locked=fd is not None)
         check_destination(dst, overwrite)
@@ -246,9 +274,10 @@ def output_dir(claim: Claim) -> Iterator[str]:
     """Yield a temporary directory; on success it is published as the claimed DST."""
     tmp = temp_path(claim.dst)
     try:  # prepare inside the try: an interrupt between mkdir and yield must not leave tmp behind
-        prepare(claim)
-        yield tmp
-        publish(tmp, claim)
+        with writing(tmp):  # the files' own errors name them; this names the rest (fsync, rename)
+            prepare(claim)
+            yield tmp
+            publish(tmp, claim)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
