@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "src",
-        help="source checkpoint directory (HF or Megatron-Core), or one .safetensors file beside "
-        "its config.json",
+        help="source checkpoint directory (HF or Megatron-Core), one .safetensors file beside its "
+        "config.json, or a Hugging Face Hub id org/name[@revision] (from the local cache; downloaded "
+        "unless HF_HUB_OFFLINE=1)",
     )
     c.add_argument("dst", help="destination directory (written atomically; missing parents are created)")
     c.add_argument(
@@ -78,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace DST atomically if it holds a checkpoint (HF, Megatron, PEFT) and nothing else; "
         "any other DST is refused naming its first foreign entry",
     )
-    c.add_argument("--hf-config", metavar="DIR", help="take config.json (and tokenizer files) from DIR")
+    c.add_argument(
+        "--hf-config",
+        metavar="DIR",
+        help="take config.json (and tokenizer files) from DIR, or from a Hub id's snapshot",
+    )
     c.add_argument(
         "--model-type-hf",
         metavar="FAMILY",
@@ -206,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument(
         "--lora-load",
         metavar="DIR",
-        help="LoRA adapter: a PEFT directory (rsLoRA, rank/alpha patterns, DoRA, "
+        help="LoRA adapter: a PEFT directory or Hub id (rsLoRA, rank/alpha patterns, DoRA, "
         "modules_to_save, MoE experts) or a Megatron LoRA checkpoint",
     )
     lo.add_argument("--lora-r", type=int, help="LoRA rank (checked against the adapter)")
@@ -223,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ir_flags(c)
 
     i = sub.add_parser("inspect", help="print a checkpoint's IR (spec, layout, one line per tensor)")
-    i.add_argument("path")
+    i.add_argument("path", help="checkpoint directory (any format) or Hub id org/name[@revision]")
     i.add_argument("--format", choices=("text", "json", "dot"), default="text")
     i.add_argument("--allow-unused", metavar="PATTERN", action="append", default=[])
     add_replicas_flag(i)
@@ -259,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
         "level. Exit 0 if identical, 1 if they differ, 2 if they could not be compared (a side "
         "missing or unreadable, a bad flag).",
     )
-    d.add_argument("a")
-    d.add_argument("b")
+    d.add_argument("a", help="checkpoint directory (any format) or Hub id org/name[@revision]")
+    d.add_argument("b", help="the same for the other side")
     d.add_argument("--json", action="store_true", help="machine-readable report")
     d.add_argument("--atol", type=float, default=0.0, help="treat differences up to ATOL as equal")
     add_plugin_flag(d)
@@ -357,6 +362,8 @@ def run() -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    import attrs
+
     import ckpt_ir.api as ck
     from ckpt_ir.cli_common import run_conversion
     from ckpt_ir.frontends import detect
@@ -367,9 +374,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from ckpt_ir.ir.expr import set_math_device
 
         set_math_device(resolve_device(args.device))
-    from ckpt_ir.io.atomic import check_apart
+    from ckpt_ir.frontends.hub import resolve
+    from ckpt_ir.io.atomic import check_apart, check_destination
 
-    check_apart(args.dst, {"SRC": args.src, "--hf-config": args.hf_config, "--lora-load": args.lora_load})
     target = ck.Target(
         to=args.to,
         dtype=args.dtype,
@@ -397,6 +404,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
         quant_block_size=args.quant_block_size,
         quant_scale_fmt=args.quant_scale_fmt,
     )
+
+    def apart() -> None:
+        check_apart(args.dst, {"SRC": args.src, "--hf-config": args.hf_config, "--lora-load": args.lora_load})
+
+    apart()
+    if not (args.dry_run or args.print_pipeline):
+        check_destination(args.dst, args.overwrite)  # fail fast, before a download or lifting the source
+    args.src, args.lora_load = resolve(args.src), args.lora_load and resolve(args.lora_load)
+    args.hf_config = args.hf_config and resolve(args.hf_config, weights=False)
+    apart()  # a Hub id's snapshot too
+    target = attrs.evolve(target, hf_config_dir=args.hf_config, lora_load=args.lora_load)  # resolved
     # --hf-config also describes a Megatron source whose args carry no HF config
     hf_cfg = (
         read_config(args.hf_config)
@@ -422,9 +440,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import ckpt_ir.api as ck
     from ckpt_ir.frontends.hf import read_config
+    from ckpt_ir.frontends.hub import resolve
     from ckpt_ir.ir.printer import render
 
-    hf_cfg = read_config(args.hf_config) if args.hf_config else None
+    hf_cfg = read_config(resolve(args.hf_config, weights=False)) if args.hf_config else None
     ckpt = ck.load(
         args.path,
         allow_unused=tuple(args.allow_unused),

@@ -130,11 +130,7 @@ def run_conversion(src: Any, target: Any, args: argparse.Namespace, load_options
     from ckpt_ir.passes.manager import Instrumentation
 
     quiet = getattr(args, "quiet", False) or distributed_world()[0] != 0
-    if not isinstance(src, ck.Checkpoint):
-        if not (args.dry_run or args.print_pipeline):
-            from ckpt_ir.io.atomic import check_destination
-
-            check_destination(args.dst, args.overwrite)  # fail fast, before lifting the source
+    if not isinstance(src, ck.Checkpoint):  # its destination checked by the caller, before reading it
         src = ck.load(src, **{"optimizer": target.carries_optimizer and not target.lora_load, **load_options})
         ck.check_family(src, target)
         if src.meta.get("family_from_args") and not quiet:

@@ -59,7 +59,9 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--load-model-type", choices=("hf", "mg", "optim"), default="hf")
     p.add_argument("--save-model-type", choices=("hf", "mg", "megatron"), default="mg")
-    p.add_argument("--load-dir", required=True)
+    p.add_argument(
+        "--load-dir", required=True, help="source checkpoint directory or Hub id org/name[@revision]"
+    )
     p.add_argument("--save-dir", required=True)
     p.add_argument("--model-type-hf", default=None, help="family name (checked against the checkpoint)")
     p.add_argument("--target-tensor-parallel-size", type=int, default=1)
@@ -124,10 +126,13 @@ def _list(text: str | None) -> tuple[int, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import attrs
+
     import ckpt_ir.api as ck
     from ckpt_ir.cli_common import run_conversion
     from ckpt_ir.families import by_name
     from ckpt_ir.frontends.hf import read_config
+    from ckpt_ir.frontends.hub import resolve
     from ckpt_ir.io.atomic import check_destination
 
     for flag, what in {**_UNSUPPORTED_VALUE, **_UNSUPPORTED_FLAGS}.items():
@@ -176,22 +181,30 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         target = ck.Target(to=to, hf_config_dir=hf_cfg_dir, **common)
-    hf_config = read_config(hf_cfg_dir) if (hf_cfg_dir and args.load_model_type in ("mg", "optim")) else None
     from ckpt_ir.io.atomic import check_apart
 
     into_hf_dir = (
         save_dir != args.save_dir
     )  # <save-dir>/mg2hf inside the HF directory is MindSpeed's convention
-    check_apart(
-        save_dir,
-        {
-            "--load-dir": args.load_dir,
-            "--lora-load": args.lora_load,
-            "--hf-cfg-dir": None if into_hf_dir and hf_cfg_dir == args.save_dir else hf_cfg_dir,
-        },
-    )
+
+    def apart() -> None:
+        check_apart(
+            save_dir,
+            {
+                "--load-dir": args.load_dir,
+                "--lora-load": args.lora_load,
+                "--hf-cfg-dir": None if into_hf_dir and hf_cfg_dir == args.save_dir else hf_cfg_dir,
+            },
+        )
+
+    apart()
     if not (args.dry_run or args.print_pipeline):
-        check_destination(save_dir, args.overwrite)
+        check_destination(save_dir, args.overwrite)  # before a download or reading the source
+    args.load_dir, args.lora_load = resolve(args.load_dir), args.lora_load and resolve(args.lora_load)
+    hf_cfg_dir = hf_cfg_dir and resolve(hf_cfg_dir, weights=False)
+    apart()  # a Hub id's snapshot too
+    target = attrs.evolve(target, lora_load=args.lora_load, hf_config_dir=target.hf_config_dir and hf_cfg_dir)
+    hf_config = read_config(hf_cfg_dir) if (hf_cfg_dir and args.load_model_type in ("mg", "optim")) else None
     src = ck.load(
         args.load_dir,
         allow_unused=tuple(args.allow_unused),
