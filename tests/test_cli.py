@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -154,13 +155,59 @@ def test_diff_finds_one_changed_element_across_formats(hf_cache, tmp_path):
     assert abs(doc["different"][0]["max_abs_diff"] - 0.25) < 1e-6
 
 
+def test_diff_exits_2_when_it_cannot_compare(hf_cache, tmp_path):
+    """0 identical, 1 different (above), 2 could not compare: a missing or corrupt side."""
+    src = hf_cache("llama")
+    missing = str(tmp_path / "missing")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(src, truncated)
+    weights = truncated / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    for other, says in ((missing, f"{missing}: no such file or directory"), (truncated, "truncated")):
+        r = cli("diff", src, str(other), check=False)
+        assert r.returncode == 2, (r.returncode, r.stderr)
+        assert r.stderr.startswith("ckpt-ir: error: ") and says in r.stderr and r.stderr.count("\n") == 1
+    assert "2 if they could not be compared" in cli("diff", "--help").stdout.replace("\n", " ")
+
+
 def test_overwrite_replaces_existing_output(hf_cache, tmp_path):
     src = hf_cache("llama")
     dst = tmp_path / "o"
     cli("convert", src, str(dst), "--to", "hf")
-    (dst / "stale.txt").write_text("x")
     cli("convert", src, str(dst), "--to", "mcore", "--overwrite")
-    assert not (dst / "stale.txt").exists() and (dst / "latest_checkpointed_iteration.txt").read_text() == "1"
+    assert (
+        not (dst / "config.json").exists() and (dst / "latest_checkpointed_iteration.txt").read_text() == "1"
+    )
+
+
+def _demo(*args: str, tmpdir: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TMPDIR": tmpdir}
+    return subprocess.run(
+        [sys.executable, "-m", "ckpt_ir", "demo", *args], capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+def test_demo_removes_its_temporary_directory(tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    r = _demo(tmpdir=str(tmp))
+    assert r.returncode == 0 and "demo: OK" in r.stdout, r.stdout + r.stderr
+    root = r.stdout.splitlines()[0].split(" in ", 1)[1].split(" (")[0]
+    assert os.path.dirname(root) == str(tmp), r.stdout
+    assert not os.path.exists(root) and not [n for n in os.listdir(tmp) if n.startswith("ckpt-ir")]
+
+
+def test_demo_in_a_directory_replaces_only_its_own_checkpoints(tmp_path):
+    """Run twice in DIR: the second run replaces the first one's three checkpoints and keeps the
+    user's own file in DIR."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine\n")
+    for _ in range(2):
+        r = _demo(str(work), tmpdir=str(tmp_path))
+        assert r.returncode == 0 and "demo: OK" in r.stdout, r.stdout + r.stderr
+    assert sorted(os.listdir(work)) == ["hf", "hf-roundtrip", "mcore-tp2-pp2", "notes.txt"]
+    assert (work / "notes.txt").read_text() == "mine\n"
 
 
 def test_mindspeed_drop_in_flags(hf_cache, tmp_path):

@@ -151,10 +151,11 @@ def assert_names_dst(res: subprocess.CompletedProcess, dst: Path) -> None:
 
 
 def occupy(dst: Path) -> dict[str, bytes]:
-    dst.mkdir()
-    (dst / "old.txt").write_text("the previous checkpoint\n")
-    (dst / "sub").mkdir()
-    (dst / "sub" / "data.bin").write_bytes(os.urandom(1000))
+    """A previous checkpoint at DST (random bytes: --overwrite replaces only a checkpoint, and
+    judges it by its entries)."""
+    (dst / MCORE_ITER / "mp_rank_00").mkdir(parents=True)
+    (dst / "latest_checkpointed_iteration.txt").write_text("1")
+    (dst / MCORE_ITER / "mp_rank_00" / "model_optim_rng.pt").write_bytes(os.urandom(1000))
     return files_of(str(dst))
 
 

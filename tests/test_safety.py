@@ -16,6 +16,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -49,6 +50,7 @@ from tests.cli_contract import (  # noqa: F401  (fixtures are used by name)
     tiny_mcore,
     tmp_siblings,
 )
+from tests.conftest import files_of
 
 RANKS = ("mp_rank_00_000", "mp_rank_01_000", "mp_rank_00_001", "mp_rank_01_001")
 
@@ -103,20 +105,155 @@ def test_empty_destination_is_used(hf_src, dst):
     assert not tmp_siblings(dst)
 
 
+def _old_checkpoint(dst: Path) -> dict[str, tuple[str, int]]:
+    """A previous Megatron checkpoint at DST (random bytes: --overwrite judges a directory by its
+    entries, not by their contents)."""
+    rank = dst / MCORE_ITER / "mp_rank_00"
+    rank.mkdir(parents=True)
+    (dst / "latest_checkpointed_iteration.txt").write_text("1")
+    (rank / "model_optim_rng.pt").write_bytes(os.urandom(1000))
+    return tree_digest(dst)
+
+
 def test_overwrite_replaces_destination(hf_src, dst):
-    _occupy(dst)
+    _old_checkpoint(dst)
     assert_ok(convert(hf_src, dst, "--overwrite", "--quiet", to="hf"))
     names = {p.name for p in dst.iterdir()}
-    assert "keep.txt" not in names and "sub" not in names, names
+    assert MCORE_ITER not in names and "latest_checkpointed_iteration.txt" not in names, names
     assert "config.json" in names and any(n.endswith(".safetensors") for n in names), names
     assert not tmp_siblings(dst), "the old destination or the temp dir was left behind"
 
 
 def test_failed_overwrite_keeps_old_destination(hf_src, dst):
-    before = _occupy(dst)
+    before = _old_checkpoint(dst)
     assert_clean_error(convert(hf_src, dst, "--overwrite", "--tp", 3), None, names=("3",))
     assert tree_digest(dst) == before, "a failed --overwrite damaged the existing destination"
     assert not tmp_siblings(dst)
+
+
+def _entries(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+# Every command that writes a checkpoint: its argv for an HF and a Megatron source, and the
+# directory T it would replace; the demo writes three directories below its DIR, T the last one.
+WRITERS = {
+    "convert-hf": lambda hf, mc, t: ("convert", hf, t, "--to", "hf", "--overwrite"),
+    "convert-mcore": lambda hf, mc, t: ("convert", hf, t, "--to", "mcore", "--tp", 2, "--overwrite"),
+    "convert-torch-dist": lambda hf, mc, t: (
+        *("convert", hf, t, "--to", "mcore", "--ckpt-format", "torch_dist", "--overwrite"),
+    ),
+    "convert-peft": lambda hf, mc, t: ("convert", hf, t, "--to", "peft", "--overwrite"),
+    "convert-ckpt-hf-to-mg": lambda hf, mc, t: (
+        *("convert-ckpt", "--load-model-type", "hf", "--save-model-type", "mg"),
+        *("--load-dir", hf, "--save-dir", t, "--overwrite"),
+    ),
+    "convert-ckpt-mg-to-hf": lambda hf, mc, t: (
+        *("convert-ckpt", "--load-model-type", "mg", "--save-model-type", "hf"),
+        *("--load-dir", mc, "--save-dir", t, "--overwrite"),
+    ),
+    "demo": lambda hf, mc, t: ("demo", t.parent),
+}
+
+
+def _foreign_tree(t: Path, kind: str) -> str:
+    """A directory tree at T that --overwrite must not replace; returns the entry the error names."""
+    if kind == "files":  # the issue's case: a project directory
+        t.mkdir(parents=True)
+        (t / "notes.txt").write_text("my notes\n")
+        (t / "runs").mkdir()
+        (t / "runs" / "log.txt").write_bytes(os.urandom(300))
+        return str(t / "notes.txt")
+    if kind == "checkpoint-and-a-file":  # a checkpoint with one file of the user's deep inside
+        _old_checkpoint(t)
+        (t / MCORE_ITER / "mp_rank_00" / "notes.txt").write_text("keep me\n")
+        return str(t / MCORE_ITER / "mp_rank_00" / "notes.txt")
+    # only files a checkpoint may hold, but no checkpoint
+    t.mkdir(parents=True)
+    (t / "README.md").write_text("# my project\n")
+    (t / "tokenizer.json").write_text("{}\n")
+    return f"{t}: holds no checkpoint"
+
+
+@pytest.mark.parametrize(
+    "writer,tree",
+    [(w, "files") for w in WRITERS]
+    + [(w, "checkpoint-and-a-file") for w in WRITERS]
+    + [("convert-hf", "no-checkpoint")],
+)
+def test_overwrite_refuses_a_directory_that_is_not_only_a_checkpoint(
+    tiny_hf, tiny_mcore, tmp_path, writer, tree
+):
+    """--overwrite replaces only a directory that holds a checkpoint and nothing else: anything
+    else is refused with exit 2 naming the first foreign entry, and not one byte of it is lost."""
+    t = tmp_path / "work" / "hf-roundtrip" if writer == "demo" else tmp_path / "out"
+    named = _foreign_tree(t, tree)
+    root = t.parent if writer == "demo" else t
+    before, entries = tree_digest(root), _entries(root)
+    res = cli(*WRITERS[writer](tiny_hf, tiny_mcore, t))
+    msg = assert_clean_error(res, None, code=2, names=(named,))
+    assert "--overwrite replaces only a directory that holds" in msg, msg
+    assert tree_digest(root) == before and _entries(root) == entries, "the directory was changed"
+    assert not tmp_siblings(t)
+
+
+@pytest.fixture(scope="module")
+def hf_output(tiny_hf, tmp_path_factory) -> dict[str, bytes]:
+    """The files of ``convert tiny_hf --to hf`` into a fresh directory."""
+    out = tmp_path_factory.mktemp("hf-output") / "out"
+    assert_ok(convert(tiny_hf, out, "--quiet", to="hf"))
+    return files_of(str(out))
+
+
+def _previous(kind: str, hf_src: Path, mcore_src: Path, t: Path) -> None:
+    """A previous checkpoint of ``kind`` at T."""
+    if kind == "ckpt-ir-hf":
+        assert_ok(convert(hf_src, t, "--quiet", to="hf"))
+    elif kind == "ckpt-ir-mcore-with-notes":  # also carries hf/ and ckpt-ir-notes.txt
+        assert_ok(convert(mcore_src, t, "--replicas", "take-rank0", "--quiet"))
+        assert (t / "ckpt-ir-notes.txt").is_file() and (t / "hf" / "config.json").is_file()
+    elif kind == "ckpt-ir-torch-dist":
+        assert_ok(convert(hf_src, t, "--ckpt-format", "torch_dist", "--quiet"))
+    elif kind == "hub-snapshot":  # an HF model as the Hub holds it, files as symlinks into blobs/
+        blobs = t.parent / "blobs"
+        shutil.copytree(hf_src, blobs)
+        t.mkdir()
+        extra = ("README.md", "LICENSE", ".gitattributes", "tokenizer.json", "chat_template.jinja")
+        for name in extra:
+            (blobs / name).write_text(f"{name}\n")
+        for name in os.listdir(blobs):
+            (t / name).symlink_to(os.path.join("..", "blobs", name))
+    elif kind == "peft-adapter":
+        t.mkdir()
+        (t / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}\n')
+        (t / "adapter_model.safetensors").write_bytes(os.urandom(500))
+        (t / "README.md").write_text("# adapter\n")
+    else:  # a Megatron-LM save directory: two iterations, distributed optimizer, a release
+        for it in ("iter_0000010", "iter_0000020", "release"):
+            rank = t / it / "mp_rank_00_000"
+            rank.mkdir(parents=True)
+            (rank / "model_optim_rng.pt").write_bytes(os.urandom(300))
+            (rank / "distrib_optim.pt").write_bytes(os.urandom(300))
+        (t / "latest_checkpointed_iteration.txt").write_text("20")
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "ckpt-ir-hf",
+        "ckpt-ir-mcore-with-notes",
+        "ckpt-ir-torch-dist",
+        "hub-snapshot",
+        "peft-adapter",
+        "megatron-lm",
+    ],
+)
+def test_overwrite_replaces_a_previous_checkpoint(hf_src, tiny_mcore, tmp_path, hf_output, kind):
+    t = tmp_path / "out"
+    _previous(kind, hf_src, tiny_mcore, t)
+    assert_ok(convert(hf_src, t, "--overwrite", "--quiet", to="hf"))
+    assert files_of(str(t)) == hf_output, "DST is not exactly the new output"
+    assert not tmp_siblings(t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,6 +289,59 @@ def test_unwritable_destination_parent(hf_src, tmp_path):
     finally:
         if parent.is_dir():
             parent.chmod(0o755)
+
+
+# a disk that fills once a few KB are written: writes of tensor data fail as the kernel fails them,
+# with an OSError that names no file (the lock file's line and small headers still fit)
+FULL_DISK = (
+    "import errno, os, sys\n"
+    "def full(write, size):\n"
+    "    def call(*args):\n"
+    "        if size(args) > 4096: raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+    "        return write(*args)\n"
+    "    return call\n"
+    "os.pwrite = full(os.pwrite, lambda a: len(a[1]))\n"
+    "os.copy_file_range = full(os.copy_file_range, lambda a: a[2])\n"
+    "from ckpt_ir.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+@pytest.mark.parametrize("to,workers", [("hf", 1), ("mcore", 1), ("mcore", 2)])
+def test_full_disk_names_the_file_and_what_to_do(hf_src, dst, to, workers):
+    """It said `ckpt-ir: error: : No space left on device`: the OS names no file for a failed write."""
+    argv = [sys.executable, "-c", FULL_DISK, "convert", hf_src, dst, "--to", to, "--workers", workers]
+    res = subprocess.run(
+        list(map(str, argv)), capture_output=True, text=True, env=_env(), timeout=CLI_TIMEOUT
+    )
+    msg = assert_clean_error(res, dst, code=1)
+    written = "model.safetensors" if to == "hf" else "model_optim_rng.pt"
+    tmp = f"{dst.parent}/.{dst.name}{TMP_TAG}"
+    assert (
+        f": error: {tmp}" in msg
+        and f"/{written}: No space left on device; free space or choose another " in msg
+    ), msg
+
+
+def test_file_size_limit_names_the_file(hf_src, dst):
+    """A real write error from the kernel (EFBIG under a file-size limit) names the file too."""
+
+    def limit() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the error, not the signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, 16 << 10))
+
+    res = subprocess.run(
+        cli_argv("convert", hf_src, dst, "--to", "hf", "--workers", 1),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=CLI_TIMEOUT,
+        preexec_fn=limit,
+    )
+    msg = assert_clean_error(res, dst, code=1)
+    assert "/model.safetensors: File too large; the file is larger than" in msg and "ulimit -f" in msg, msg
 
 
 def test_destination_parents_are_created(hf_src, tmp_path):
@@ -548,7 +738,7 @@ def test_sigint_mid_write_cleans_up(big_hf, tmp_path, how):
     existing = "overwrite" in how
     for attempt, need_data in enumerate((False, True, False)):
         dst = tmp_path / f"out{attempt}"
-        before = _occupy(dst) if existing else None
+        before = _old_checkpoint(dst) if existing else None
         proc = _start(big_hf, dst, ("--tp", 2) + (("--overwrite",) if existing else ()))
         try:
             _wait_until_writing(proc, dst, need_data)

@@ -137,10 +137,17 @@ class TensorWriter:
 def write_file(
     out: OutputFile, root: str, reader: E.Reader, progress: Progress, block_bytes: int = BLOCK_BYTES
 ) -> None:
+    """Write ``out`` under ``root``; an OSError (a full disk) becomes an error naming the file."""
+    path = os.path.join(root, out.path)
+    with atomic.writing(path):
+        _write_file(out, path, reader, progress, block_bytes)
+    progress.advance(files=0 if out.part and out.part[0] > 0 else 1)
+
+
+def _write_file(out: OutputFile, path: str, reader: E.Reader, progress: Progress, block_bytes: int) -> None:
     from ckpt_ir.io import safetensors as st
     from ckpt_ir.io import torchzip
 
-    path = os.path.join(root, out.path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     exprs = dict(out.tensors)
     if out.kind in ("safetensors", "torch"):
@@ -172,7 +179,6 @@ def write_file(
         write_dcp_metadata(path, out.obj, os.path.dirname(path))
     else:  # pragma: no cover
         raise AssertionError(out.kind)
-    progress.advance(files=0 if out.part and out.part[0] > 0 else 1)
 
 
 def _copied_crc(expr: E.Expr) -> int | None:
@@ -217,8 +223,9 @@ def _split_files(files: list[OutputFile], root: str, workers: int) -> list[Outpu
             out.append(f)
             continue
         path = os.path.join(root, f.path)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        st.create(path, [(n, e.shape, e.dtype) for n, e in f.tensors], f.metadata)
+        with atomic.writing(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            st.create(path, [(n, e.shape, e.dtype) for n, e in f.tensors], f.metadata)
         target, lo, acc = f.nbytes / workers, 0, 0
         for i, (_, e) in enumerate(f.tensors):
             acc += e.nbytes
@@ -474,7 +481,8 @@ def _execute_distributed(
                     claim = held.enter_context(atomic.claim(dst, overwrite))
                     stop_point("claimed")
                     atomic.check_free_space(dst, plan.nbytes)
-                    atomic.prepare(claim, tag)
+                    with atomic.writing(tmp):
+                        atomic.prepare(claim, tag)
                 except (CkptIrError, OSError) as e:
                     status = [_status(e)]
             dist.broadcast_object_list(status, src=0)
@@ -498,7 +506,8 @@ def _execute_distributed(
                             for f in plan.files:
                                 if f.kind not in ("safetensors", "torch"):
                                     write_file(f, tmp, reader, Progress(0, 0, False))
-                        atomic.publish(tmp, claim)
+                        with atomic.writing(tmp):
+                            atomic.publish(tmp, claim)
                 except (CkptIrError, OSError) as e:
                     outcome = [_status(e)]
                 finally:

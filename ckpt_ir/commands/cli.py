@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "src",
-        help="source checkpoint directory (HF or Megatron-Core), or one .safetensors file beside "
-        "its config.json",
+        help="source checkpoint directory (HF or Megatron-Core), one .safetensors file beside its "
+        "config.json, or a Hugging Face Hub id org/name[@revision] (from the local cache; downloaded "
+        "unless HF_HUB_OFFLINE=1)",
     )
     c.add_argument("dst", help="destination directory (written atomically; missing parents are created)")
     c.add_argument(
@@ -72,8 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the plan (files, tensors, sources, bytes, peak memory) and write nothing",
     )
-    c.add_argument("--overwrite", action="store_true", help="replace DST if it exists (atomically)")
-    c.add_argument("--hf-config", metavar="DIR", help="take config.json (and tokenizer files) from DIR")
+    c.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace DST atomically if it holds a checkpoint (HF, Megatron, PEFT) and nothing else; "
+        "any other DST is refused naming its first foreign entry",
+    )
+    c.add_argument(
+        "--hf-config",
+        metavar="DIR",
+        help="take config.json (and tokenizer files) from DIR, or from a Hub id's snapshot",
+    )
     c.add_argument(
         "--model-type-hf",
         metavar="FAMILY",
@@ -201,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument(
         "--lora-load",
         metavar="DIR",
-        help="LoRA adapter: a PEFT directory (rsLoRA, rank/alpha patterns, DoRA, "
+        help="LoRA adapter: a PEFT directory or Hub id (rsLoRA, rank/alpha patterns, DoRA, "
         "modules_to_save, MoE experts) or a Megatron LoRA checkpoint",
     )
     lo.add_argument("--lora-r", type=int, help="LoRA rank (checked against the adapter)")
@@ -218,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ir_flags(c)
 
     i = sub.add_parser("inspect", help="print a checkpoint's IR (spec, layout, one line per tensor)")
-    i.add_argument("path")
+    i.add_argument("path", help="checkpoint directory (any format) or Hub id org/name[@revision]")
     i.add_argument("--format", choices=("text", "json", "dot"), default="text")
     i.add_argument("--allow-unused", metavar="PATTERN", action="append", default=[])
     add_replicas_flag(i)
@@ -250,10 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "diff",
         help="compare two checkpoints of any formats tensor by tensor",
-        description="Exit 0 if identical, 1 if they differ.",
+        description="Compare A and B (any formats and layouts) tensor by tensor at the canonical "
+        "level. Exit 0 if identical, 1 if they differ, 2 if they could not be compared (a side "
+        "missing or unreadable, a bad flag).",
     )
-    d.add_argument("a")
-    d.add_argument("b")
+    d.add_argument("a", help="checkpoint directory (any format) or Hub id org/name[@revision]")
+    d.add_argument("b", help="the same for the other side")
     d.add_argument("--json", action="store_true", help="machine-readable report")
     d.add_argument("--atol", type=float, default=0.0, help="treat differences up to ATOL as equal")
     add_plugin_flag(d)
@@ -276,7 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     de = sub.add_parser(
         "demo", help="build a tiny random model, convert it HF -> mcore -> HF, verify, report"
     )
-    de.add_argument("dir", nargs="?", default=None, help="work directory (default: a temporary one)")
+    de.add_argument(
+        "dir",
+        nargs="?",
+        default=None,
+        help="work directory, kept; its hf/, mcore-tp2-pp2/ and hf-roundtrip/ replace only previous "
+        "checkpoints (default: a temporary directory, removed at the end)",
+    )
 
     from ckpt_ir.commands.mindspeed import add_parser as add_mindspeed
 
@@ -308,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         if debug:
             raise
-        print(f"ckpt-ir: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        print(f"ckpt-ir: error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 1
 
 
@@ -344,8 +362,10 @@ def run() -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    import attrs
+
     import ckpt_ir.api as ck
-    from ckpt_ir.commands.common import RunOptions, run_conversion
+    from ckpt_ir.commands.common import RunOptions, resolve_sources, run_conversion
     from ckpt_ir.frontends import detect
     from ckpt_ir.frontends.hf import read_config
 
@@ -354,9 +374,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from ckpt_ir.ir.expr import set_math_device
 
         set_math_device(resolve_device(args.device))
-    from ckpt_ir.io.atomic import check_apart
-
-    check_apart(args.dst, {"SRC": args.src, "--hf-config": args.hf_config, "--lora-load": args.lora_load})
     target = ck.Target(
         to=args.to,
         dtype=args.dtype,
@@ -384,17 +401,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
         quant_block_size=args.quant_block_size,
         quant_scale_fmt=args.quant_scale_fmt,
     )
-    # --hf-config also describes a Megatron source whose args carry no HF config
-    hf_cfg = (
-        read_config(args.hf_config)
-        if args.hf_config and detect(args.src) in ("mcore", "torch_dist")
-        else None
+
+    opts = RunOptions.from_args(args)
+    found = resolve_sources(
+        opts,
+        {"SRC": args.src, "--hf-config": args.hf_config, "--lora-load": args.lora_load},
+        ("--hf-config",),
     )
+    src, hf_config = found["SRC"], found["--hf-config"]
+    target = attrs.evolve(target, hf_config_dir=hf_config, lora_load=found["--lora-load"])
+    # --hf-config also describes a Megatron source whose args carry no HF config
+    hf_cfg = read_config(hf_config) if hf_config and detect(src) in ("mcore", "torch_dist") else None
     layout = {"dp": args.source_dp, "bucket_size": args.source_bucket_size, "align": args.source_param_align}
     return run_conversion(
-        args.src,
+        src,
         target,
-        RunOptions.from_args(args),
+        opts,
         {
             "allow_unused": tuple(args.allow_unused),
             "hf_config": hf_cfg,
@@ -409,9 +431,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import ckpt_ir.api as ck
     from ckpt_ir.frontends.hf import read_config
+    from ckpt_ir.frontends.hub import resolve
     from ckpt_ir.ir.printer import render
 
-    hf_cfg = read_config(args.hf_config) if args.hf_config else None
+    hf_cfg = read_config(resolve(args.hf_config, weights=False)) if args.hf_config else None
     ckpt = ck.load(
         args.path,
         allow_unused=tuple(args.allow_unused),
@@ -428,9 +451,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from ckpt_ir.commands.diff import diff, format_report
+    from ckpt_ir.commands.diff import COULD_NOT_COMPARE, diff, format_report
 
-    report = diff(args.a, args.b, atol=args.atol, hf_config=args.hf_config)
+    try:
+        report = diff(args.a, args.b, atol=args.atol, hf_config=args.hf_config)
+    except CkptIrError as e:  # exit 1 says "they differ"
+        e.exit_code = COULD_NOT_COMPARE
+        raise
+    except OSError as e:
+        error = CkptIrError(f"{e.filename or f'{args.a} vs {args.b}'}: {e.strerror}; cannot compare")
+        error.exit_code = COULD_NOT_COMPARE
+        raise error from None
     if args.json:
         import json
 

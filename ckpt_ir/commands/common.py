@@ -157,6 +157,30 @@ class RunOptions:
         return cls(**{**given, **chosen})
 
 
+def resolve_sources(
+    opts: RunOptions,
+    sources: dict[str, str | None],
+    configs: tuple[str, ...] = (),
+    inside: tuple[str, ...] = (),
+) -> dict[str, str | None]:
+    """The sources of a conversion (flag -> path or Hub id) as local paths, after the checks that
+    must come first: no source overlaps the destination, and the destination may be written
+    (before anything is downloaded or read).  ``configs`` name the sources of which only the
+    config is needed (no weights are downloaded); ``inside`` those allowed inside the destination."""
+    from ckpt_ir.frontends.hub import resolve
+    from ckpt_ir.io.atomic import check_apart, check_destination
+
+    def apart(paths: dict[str, str | None]) -> None:
+        check_apart(opts.dst, {flag: p for flag, p in paths.items() if flag not in inside})
+
+    apart(sources)
+    if not (opts.dry_run or opts.print_pipeline):
+        check_destination(opts.dst, opts.overwrite)  # fail fast, before a download or lifting the source
+    resolved = {flag: p and resolve(p, weights=flag not in configs) for flag, p in sources.items()}
+    apart(resolved)  # a Hub id's snapshot too
+    return resolved
+
+
 def run_conversion(
     src: Any,
     target: Any,
@@ -164,18 +188,14 @@ def run_conversion(
     load_options: dict[str, Any],
     check_source: Callable[[Any], None] | None = None,
 ) -> int:
-    """Convert ``src`` (a path) to ``opts.dst`` for ``target`` with the shared flags (pipeline,
-    printing, dry run, workers, progress) and report on stderr.  The destination is checked before
-    the source is lifted; ``check_source`` then sees the lifted source before anything runs."""
+    """Convert ``src`` (a path: see :func:`resolve_sources`) to ``opts.dst`` for ``target`` with the
+    shared flags (pipeline, printing, dry run, workers, progress) and report on stderr;
+    ``check_source`` sees the lifted source before anything runs."""
     import ckpt_ir.api as ck
     from ckpt_ir.backends.execute import distributed_world
     from ckpt_ir.passes.manager import Instrumentation
 
     quiet = opts.quiet or distributed_world()[0] != 0
-    if not (opts.dry_run or opts.print_pipeline):
-        from ckpt_ir.io.atomic import check_destination
-
-        check_destination(opts.dst, opts.overwrite)  # fail fast, before lifting the source
     src = ck.load(src, **{"optimizer": target.carries_optimizer and not target.lora_load, **load_options})
     ck.check_family(src, target)
     if src.meta.get("family_from_args") and not quiet:

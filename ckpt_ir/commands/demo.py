@@ -1,5 +1,9 @@
 """``ckpt-ir demo``: build a tiny random Llama with transformers, convert HF -> Megatron-Core
-(TP=2, PP=2) -> HF, and check the round trip bit for bit and the logits in transformers."""
+(TP=2, PP=2) -> HF, and check the round trip bit for bit and the logits in transformers.
+
+Its three checkpoints go to ``DIR/hf``, ``DIR/mcore-tp2-pp2`` and ``DIR/hf-roundtrip``, each
+written atomically and replacing only a previous checkpoint (as ``convert --overwrite``); without
+DIR they go to a temporary directory that is removed at the end."""
 
 from __future__ import annotations
 
@@ -10,17 +14,28 @@ import time
 
 
 def run_demo(workdir: str | None) -> int:
+    """The demo in ``workdir`` (kept), or in a temporary directory removed at the end."""
+    if workdir is not None:
+        return _demo(workdir)
+    with tempfile.TemporaryDirectory(prefix="ckpt-ir-demo-") as root:
+        return _demo(root, " (temporary, removed at the end)")
+
+
+def _demo(root: str, note: str = "") -> int:
+    from ckpt_ir.io import atomic
+
+    hf, mc, back = (os.path.join(root, n) for n in ("hf", "mcore-tp2-pp2", "hf-roundtrip"))
+    for out in (hf, mc, back):  # each replaces only a previous checkpoint: refuse before writing any
+        atomic.check_destination(out, overwrite=True)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import ckpt_ir.api as ck
     from ckpt_ir.commands.diff import diff
 
-    root = workdir or tempfile.mkdtemp(prefix="ckpt-ir-demo-")
     os.makedirs(root, exist_ok=True)
-    hf, mc, back = (os.path.join(root, n) for n in ("hf", "mcore-tp2-pp2", "hf-roundtrip"))
     say = lambda msg: print(msg, flush=True)  # noqa: E731
-    say(f"ckpt-ir demo in {root}")
+    say(f"ckpt-ir demo in {root}{note}")
     cfg = AutoConfig.for_model(
         "llama",
         hidden_size=64,
@@ -37,7 +52,8 @@ def run_demo(workdir: str | None) -> int:
     with torch.no_grad():
         for p in model.parameters():  # random norms too, so a swapped tensor cannot hide
             p.normal_(0, 0.5)
-    model.save_pretrained(hf)
+    with atomic.claim(hf, overwrite=True) as claim, atomic.output_dir(claim) as tmp:
+        model.save_pretrained(tmp)
     say(f"1. built a tiny random Llama (4 layers, GQA 4/2 heads) -> {hf}")
 
     t0 = time.perf_counter()

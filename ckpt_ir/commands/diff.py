@@ -7,20 +7,24 @@ from __future__ import annotations
 
 from typing import Any
 
+COULD_NOT_COMPARE = 2  # the exit code when a side cannot be read (0: identical, 1: different)
+
 
 def diff(a: str, b: str, *, atol: float = 0.0, hf_config: str | None = None) -> dict[str, Any]:
     """``hf_config``: a directory whose config.json describes a Megatron side whose args do not
-    (plain Megatron-LM args), as ``convert --hf-config``."""
+    (plain Megatron-LM args), as ``convert --hf-config``.  Each may be a Hugging Face Hub id."""
     import torch
 
     import ckpt_ir.api as ck
     from ckpt_ir.frontends import detect
     from ckpt_ir.frontends.hf import read_config
+    from ckpt_ir.frontends.hub import resolve
     from ckpt_ir.ir import expr as E
 
-    cfg = read_config(hf_config) if hf_config else None
+    cfg = read_config(resolve(hf_config, weights=False)) if hf_config else None
 
     def canonical(path: str):
+        path = resolve(path)
         c = ck.load(path, hf_config=cfg if detect(path) in ("mcore", "torch_dist") else None)
         if c.meta.get("family_from_args"):
             import sys

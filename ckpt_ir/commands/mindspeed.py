@@ -14,7 +14,9 @@ import argparse
 import os
 import sys
 
-from ckpt_ir.commands.common import RunOptions, add_ir_flags, int_list, run_conversion
+import attrs
+
+from ckpt_ir.commands.common import RunOptions, add_ir_flags, int_list, resolve_sources, run_conversion
 from ckpt_ir.errors import UsageError
 
 # flags the original tools take that do not change the result here
@@ -60,7 +62,9 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--load-model-type", choices=("hf", "mg", "optim"), default="hf")
     p.add_argument("--save-model-type", choices=("hf", "mg", "megatron"), default="mg")
-    p.add_argument("--load-dir", required=True)
+    p.add_argument(
+        "--load-dir", required=True, help="source checkpoint directory or Hub id org/name[@revision]"
+    )
     p.add_argument("--save-dir", required=True)
     p.add_argument("--model-type-hf", default=None, help="family name (checked against the checkpoint)")
     p.add_argument("--target-tensor-parallel-size", type=int, default=1)
@@ -96,7 +100,11 @@ def add_parser(sub) -> None:
         help="with --load-model-type optim: "
         "data-parallel size to lay the optimizer state out for (default: the source's)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace --save-dir if not empty")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --save-dir that holds a checkpoint and nothing else (as convert)",
+    )
     for flag in _IGNORED_VALUE:
         p.add_argument(flag, default=None, help=argparse.SUPPRESS)
     for flag in _IGNORED_FLAGS:
@@ -160,20 +168,20 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         target = ck.Target(to=to, hf_config_dir=hf_cfg_dir, **common)
-    hf_config = read_config(hf_cfg_dir) if (hf_cfg_dir and args.load_model_type in ("mg", "optim")) else None
-    from ckpt_ir.io.atomic import check_apart
-
-    into_hf_dir = (
-        save_dir != args.save_dir
-    )  # <save-dir>/mg2hf inside the HF directory is MindSpeed's convention
-    check_apart(
-        save_dir,
-        {
-            "--load-dir": args.load_dir,
-            "--lora-load": args.lora_load,
-            "--hf-cfg-dir": None if into_hf_dir and hf_cfg_dir == args.save_dir else hf_cfg_dir,
-        },
+    opts = RunOptions.from_args(args, dst=save_dir, quiet=False, progress=None)
+    # <save-dir>/mg2hf inside the HF directory is MindSpeed's convention
+    into_hf_dir = save_dir != args.save_dir
+    found = resolve_sources(
+        opts,
+        {"--load-dir": args.load_dir, "--lora-load": args.lora_load, "--hf-cfg-dir": hf_cfg_dir},
+        configs=("--hf-cfg-dir",),
+        inside=("--hf-cfg-dir",) if into_hf_dir and hf_cfg_dir == args.save_dir else (),
     )
+    load_dir, hf_cfg_dir = found["--load-dir"], found["--hf-cfg-dir"]
+    target = attrs.evolve(
+        target, lora_load=found["--lora-load"], hf_config_dir=target.hf_config_dir and hf_cfg_dir
+    )
+    hf_config = read_config(hf_cfg_dir) if (hf_cfg_dir and args.load_model_type in ("mg", "optim")) else None
 
     def check_source(src: ck.Checkpoint) -> None:
         """MindSpeed-LLM's own checks on the lifted source."""
@@ -200,8 +208,7 @@ def run(args: argparse.Namespace) -> int:
         allow_unused=tuple(args.allow_unused),
         hf_config=hf_config,
         family=args.model_type_hf,
-        optimizer=target.carries_optimizer and not args.lora_load,
+        optimizer=target.carries_optimizer and not target.lora_load,
         replicas=args.replicas,
     )
-    opts = RunOptions.from_args(args, dst=save_dir, quiet=False, progress=None)
-    return run_conversion(args.load_dir, target, opts, load_options, check_source)
+    return run_conversion(load_dir, target, opts, load_options, check_source)

@@ -199,7 +199,11 @@ def add_parser(sub) -> None:
         "peak memory per writer and the expected time at --disk-gbps.",
     )
     p.add_argument(
-        "--hf-config", metavar="DIR", required=True, help="directory holding the model's config.json"
+        "--hf-config",
+        metavar="DIR",
+        required=True,
+        help="directory holding the model's config.json, or a Hub id org/name[@revision] (only its "
+        "config and side files are downloaded)",
     )
     p.add_argument("--to", required=True, choices=("hf", "mcore"), help="output format")
     p.add_argument(
@@ -255,7 +259,9 @@ def run(args) -> int:
         quant_block_size=args.quant_block_size,
         quant_scale_fmt=args.quant_scale_fmt,
     )
-    conversion = plan_from_config(args.hf_config, target)
+    from ckpt_ir.frontends.hub import resolve
+
+    conversion = plan_from_config(resolve(args.hf_config, weights=False), target)
     if args.disk_gbps is not None:
         if args.disk_gbps <= 0:
             raise UsageError(f"--disk-gbps must be positive, got {args.disk_gbps}")

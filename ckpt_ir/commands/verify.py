@@ -344,7 +344,9 @@ def verify(
     dev = resolve_device(device)
     if adapter is not None:
         from ckpt_ir.frontends import peft
+        from ckpt_ir.frontends.hub import resolve
 
+        adapter = resolve(adapter)
         if not peft.detect(adapter):
             raise UsageError(
                 f"--lora-load {adapter}: verify applies PEFT adapters (a directory with "
@@ -460,7 +462,7 @@ def add_parser(sub) -> None:
         "a time; per-layer max |diff| of hidden states, logits max |diff| and top-1 agreement are "
         "reported. Exit 0 within the tolerance, 1 beyond it (the first divergent layer is named).",
     )
-    v.add_argument("a", help="reference checkpoint directory (HF or Megatron)")
+    v.add_argument("a", help="reference checkpoint directory (HF or Megatron) or Hub id org/name[@revision]")
     v.add_argument("b", help="checkpoint to check against it")
     v.add_argument(
         "--tokens", type=int, default=16, help="prompt length (default 16; random ids, fixed seed)"
@@ -493,7 +495,7 @@ def add_parser(sub) -> None:
     v.add_argument(
         "--lora-load",
         metavar="DIR",
-        help="apply this PEFT adapter to B at run time (peft), e.g. to "
+        help="apply this PEFT adapter (directory or Hub id) to B at run time (peft), e.g. to "
         "check a merged A against BASE + adapter",
     )
     v.add_argument(
@@ -508,8 +510,9 @@ def run(args) -> int:
     import sys
 
     from ckpt_ir.frontends.hf import read_config
+    from ckpt_ir.frontends.hub import resolve
 
-    hf_cfg = read_config(args.hf_config) if args.hf_config else None
+    hf_cfg = read_config(resolve(args.hf_config, weights=False)) if args.hf_config else None
     report = verify(
         args.a,
         args.b,

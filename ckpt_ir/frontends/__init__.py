@@ -46,7 +46,11 @@ def load(
     """Lift any supported checkpoint directory.  ``weights_from="master"``: a Megatron checkpoint's
     weights come from its distributed optimizer's fp32 master copies; ``optimizer=True``: lift its
     optimizer state too (``Checkpoint.states``), when it has any.  ``replicas``: how a Megatron
-    checkpoint's copies of replicated tensors are compared (``check``, ``check-all``, ``take-rank0``)."""
+    checkpoint's copies of replicated tensors are compared (``check``, ``check-all``, ``take-rank0``).
+    ``path`` may also be a Hugging Face Hub id, ``org/name[@revision]`` (:func:`hub.resolve`)."""
+    from ckpt_ir.frontends.hub import resolve
+
+    path = resolve(path)
     fmt = detect(path)
     if weights_from != "model" and fmt not in ("mcore", "torch_dist"):
         from ckpt_ir.errors import UsageError

@@ -71,6 +71,10 @@ def weight_files(path: str) -> list[str]:
 
 
 def _files_from_index(path: str, index: str) -> list[str]:
+    """The files the index names, each in ``path`` (as itself, or as a Hugging Face cache snapshot's
+    link into the cache's blobs)."""
+    from ckpt_ir.frontends.hub import is_cache_blob
+
     try:
         with open(index) as f:
             weight_map = json.load(f)["weight_map"]
@@ -88,7 +92,7 @@ def _files_from_index(path: str, index: str) -> list[str]:
         full = os.path.join(root, name)
         if full in files:  # checked already (an MoE index names each shard thousands of times)
             continue
-        if os.path.dirname(os.path.realpath(full)) != root:
+        if os.path.dirname(os.path.realpath(full)) != root and not is_cache_blob(full, root):
             raise FormatError(
                 f"{index}: tensor {tensor} points to {name!r}, which resolves outside the checkpoint "
                 f"directory; refusing to follow it"

@@ -3,7 +3,9 @@
 1. **claim**: ``flock`` a lock file ``.NAME.ckpt-ir-lock`` beside DST, sweep what killed runs
    left, and check DST, before any output is written.  A second conversion into DST fails here
    with an error naming DST.  The kernel drops a lock when its holder dies (SIGKILL included), so
-   a lock file left by a killed run never blocks: the next run takes it over.
+   a lock file left by a killed run never blocks: the next run takes it over.  A non-empty DST
+   is replaced only with ``--overwrite``, and only when it holds a checkpoint and nothing else
+   (:mod:`ckpt_ir.frontends.checkpoint_dir`).
 2. **write** into a hidden sibling ``.NAME.ckpt-ir-tmp-PID`` (removed on any handled error).
 3. **publish**: fsync everything, then rename the sibling to DST with a rename that cannot
    replace anything that appeared after the check (``renameat2(RENAME_NOREPLACE)``), or, with
@@ -51,8 +53,12 @@ def check_destination(dst: str, overwrite: bool) -> None:
     dst = os.path.abspath(dst)
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise UsageError(f"{dst}: exists and is not a directory; choose another destination")
-    if os.path.isdir(dst) and os.listdir(dst) and not overwrite:
-        raise UsageError(f"{dst}: destination exists and is not empty; pass --overwrite to replace it")
+    if os.path.isdir(dst) and os.listdir(dst):
+        if not overwrite:
+            raise UsageError(f"{dst}: destination exists and is not empty; pass --overwrite to replace it")
+        from ckpt_ir.frontends.checkpoint_dir import check_replaceable
+
+        check_replaceable(dst)  # only a checkpoint, nothing else, is ever deleted
     parent = existing_ancestor(dst)  # missing parents are created when the output is prepared
     if not os.path.isdir(parent):
         raise CkptIrError(
@@ -61,6 +67,32 @@ def check_destination(dst: str, overwrite: bool) -> None:
         )
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CkptIrError(f"{parent}: not writable; choose a destination you can write to")
+
+
+# what to do when writing the output fails, by errno (default: _CHECK_DISK)
+_WRITE_ADVICE = {
+    errno.ENOSPC: "free space or choose another destination",
+    errno.EDQUOT: "free space within your disk quota or choose another destination",
+    errno.EFBIG: "the file is larger than this filesystem or your file-size limit (ulimit -f) allows; "
+    "choose another destination",
+    errno.EROFS: "choose a destination you can write to",
+    errno.EACCES: "choose a destination you can write to",
+    errno.EPERM: "choose a destination you can write to",
+}
+_CHECK_DISK = "check the disk, then convert again or choose another destination"
+
+
+@contextlib.contextmanager
+def writing(path: str) -> Iterator[None]:
+    """Turn an OSError met while writing ``path`` (part of an output) into a one-line error that
+    names the file (the OS's own errors from a write, such as a full disk, name none) and says
+    what to do."""
+    try:
+        yield
+    except OSError as e:
+        raise CkptIrError(
+            f"{e.filename or path}: {e.strerror or e}; {_WRITE_ADVICE.get(e.errno or 0, _CHECK_DISK)}"
+        ) from None
 
 
 def existing_ancestor(path: str) -> str:
@@ -136,9 +168,11 @@ def claim(dst: str, overwrite: bool) -> Iterator[Claim]:
     file removed) when the block ends.  A CkptIrError naming DST if another conversion holds it."""
     dst = os.path.abspath(dst)
     check_destination(dst, overwrite)  # its clear errors first (a read-only parent, a file in the way)
-    os.makedirs(os.path.dirname(dst), exist_ok=True)  # missing parents are created
+    with writing(os.path.dirname(dst)):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)  # missing parents are created
     lock = sibling(dst, LOCK_TAG)
-    fd, owner = _lock(lock, dst), os.getpid()
+    with writing(lock):
+        fd, owner = _lock(lock, dst), os.getpid()
     try:
         _sweep_stale(dst, locked=fd is not None)
         check_destination(dst, overwrite)
@@ -240,9 +274,10 @@ def output_dir(claim: Claim) -> Iterator[str]:
     """Yield a temporary directory; on success it is published as the claimed DST."""
     tmp = temp_path(claim.dst)
     try:  # prepare inside the try: an interrupt between mkdir and yield must not leave tmp behind
-        prepare(claim)
-        yield tmp
-        publish(tmp, claim)
+        with writing(tmp):  # the files' own errors name them; this names the rest (fsync, rename)
+            prepare(claim)
+            yield tmp
+            publish(tmp, claim)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
