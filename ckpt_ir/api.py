@@ -345,7 +345,8 @@ def plan(ckpt: Checkpoint, target: Target) -> Plan:
     out = _plan(ckpt, target)
     notes = ckpt.meta.get("notes")
     if notes:  # what the user chose on purpose, kept with the output (e.g. --replicas take-rank0)
-        from ckpt_ir.backends.plan import NOTES_FILE, OutputFile
+        from ckpt_ir.backends.plan import OutputFile
+        from ckpt_ir.io.side_files import NOTES_FILE
 
         out = attrs.evolve(
             out, files=(*out.files, OutputFile(NOTES_FILE, "text", text="\n".join(notes) + "\n"))
@@ -476,10 +477,11 @@ def convert(
     ``load_options`` go to :func:`load` (``allow_unused``, ``hf_config``, ``family``,
     ``weights_from``, ``optimizer_layout``); ``announce`` is called with the pipeline before it runs."""
     from ckpt_ir.backends.execute import execute
+    from ckpt_ir.frontends import check_replaceable
     from ckpt_ir.io.atomic import check_destination
 
     if not dry_run:
-        check_destination(dst, overwrite)
+        check_destination(dst, overwrite, check_replaceable)
     if not isinstance(src, Checkpoint):
         opts = dict(load_options or {})
         opts.setdefault("optimizer", target.carries_optimizer and not target.lora_load)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from ckpt_ir.frontends import check_replaceable
 from tests.cli_contract import (  # noqa: F401  (fixtures are used by name)
     ERROR_PREFIX,
     MCORE_ITER,
@@ -373,7 +374,7 @@ def test_publish_refuses_what_appeared_after_the_check(
     from ckpt_ir.io import atomic
 
     dst = _destination(tmp_path, monkeypatch, renameat2, before)
-    with atomic.claim(str(dst), overwrite) as claim:
+    with atomic.claim(str(dst), overwrite, check_replaceable) as claim:
         tmp = _written(claim)
         if rival == "dir":
             dst.mkdir()
@@ -405,7 +406,7 @@ def test_publish_replaces_exactly_what_was_checked(tmp_path, monkeypatch, rename
     from ckpt_ir.io import atomic
 
     dst = _destination(tmp_path, monkeypatch, renameat2, before)
-    with atomic.claim(str(dst), before == "full") as claim:
+    with atomic.claim(str(dst), before == "full", check_replaceable) as claim:
         atomic.publish(_written(claim), claim)
     assert files_of(str(dst)) == {"new.txt": b"new\n"}
     assert not leftovers(dst), leftovers(dst)
@@ -418,10 +419,10 @@ def test_lock_file_of_a_killed_run_does_not_block(tmp_path):
 
     dst = tmp_path / "out"
     (tmp_path / f".out{LOCK}").write_text("pid 999999 on elsewhere\n")
-    with atomic.claim(str(dst), False):
+    with atomic.claim(str(dst), False, check_replaceable):
         assert f"pid {os.getpid()} " in (tmp_path / f".out{LOCK}").read_text()
         with pytest.raises(CkptIrError, match=f"{dst}: another conversion \\(pid {os.getpid()} "):
-            with atomic.claim(str(dst), False):
+            with atomic.claim(str(dst), False, check_replaceable):
                 pass
     assert not leftovers(dst)
 

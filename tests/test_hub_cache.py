@@ -220,8 +220,8 @@ def online(monkeypatch, tmp_path):
 
 
 def test_download_asks_for_the_checkpoint_files_only(online):
-    from ckpt_ir.frontends.checkpoint_dir import HF_FILES
-    from ckpt_ir.frontends.hub import resolve
+    from ckpt_ir.io.hub import resolve
+    from ckpt_ir.io.side_files import HF_FILES
 
     snapshot, calls = online
     (snapshot / "config.json").write_text("{}")
@@ -234,7 +234,7 @@ def test_download_asks_for_the_checkpoint_files_only(online):
 
 
 def test_download_takes_bin_weights_only_without_safetensors(online):
-    from ckpt_ir.frontends.hub import resolve
+    from ckpt_ir.io.hub import resolve
 
     snapshot, calls = online
     (snapshot / "config.json").write_text("{}")
@@ -244,7 +244,7 @@ def test_download_takes_bin_weights_only_without_safetensors(online):
 
 
 def test_download_for_a_config_takes_no_weights(online):
-    from ckpt_ir.frontends.hub import resolve
+    from ckpt_ir.io.hub import resolve
 
     snapshot, calls = online
     (snapshot / "config.json").write_text("{}")
@@ -255,7 +255,7 @@ def test_download_for_a_config_takes_no_weights(online):
 
 
 def test_an_existing_path_is_never_a_hub_id(tmp_path, monkeypatch, online):
-    from ckpt_ir.frontends.hub import resolve
+    from ckpt_ir.io.hub import resolve
 
     _, calls = online
     monkeypatch.chdir(tmp_path)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from ckpt_ir.backends.plan import BLOCK_BYTES, MIN_BLOCK_BYTES, OutputFile, Plan, row_blocks
 from ckpt_ir.errors import CkptIrError
+from ckpt_ir.frontends import check_replaceable
 from ckpt_ir.io import atomic
 from ckpt_ir.io.atomic import stop_point
 from ckpt_ir.ir import expr as E
@@ -437,7 +438,9 @@ def execute(
     if world > 1:
         return _execute_distributed(plan, dst, overwrite, progress and rank == 0, 1, rank, world, block)
     t0 = time.monotonic()
-    with atomic.claim(dst, overwrite) as claim:  # held until DST is published: a rival fails now
+    with atomic.claim(
+        dst, overwrite, check_replaceable
+    ) as claim:  # held until DST is published: a rival fails now
         stop_point("claimed")
         atomic.check_free_space(dst, plan.nbytes)
         bar = Progress(_tensor_bytes(plan.files), len(plan.files), progress)
@@ -478,7 +481,7 @@ def _execute_distributed(
             status: list = [None]
             if rank == 0:
                 try:
-                    claim = held.enter_context(atomic.claim(dst, overwrite))
+                    claim = held.enter_context(atomic.claim(dst, overwrite, check_replaceable))
                     stop_point("claimed")
                     atomic.check_free_space(dst, plan.nbytes)
                     with atomic.writing(tmp):

@@ -8,8 +8,6 @@ import attrs
 
 from ckpt_ir.ir import expr as E
 
-NOTES_FILE = "ckpt-ir-notes.txt"  # written beside the output when the user chose something on purpose
-
 
 @attrs.frozen
 class OutputFile:

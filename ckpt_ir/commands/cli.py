@@ -408,7 +408,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         {"SRC": args.src, "--hf-config": args.hf_config, "--lora-load": args.lora_load},
         ("--hf-config",),
     )
-    src, hf_config = found["SRC"], found["--hf-config"]
+    src, hf_config = found["SRC"] or args.src, found["--hf-config"]
     target = attrs.evolve(target, hf_config_dir=hf_config, lora_load=found["--lora-load"])
     # --hf-config also describes a Megatron source whose args carry no HF config
     hf_cfg = read_config(hf_config) if hf_config and detect(src) in ("mcore", "torch_dist") else None
@@ -431,7 +431,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import ckpt_ir.api as ck
     from ckpt_ir.frontends.hf import read_config
-    from ckpt_ir.frontends.hub import resolve
+    from ckpt_ir.io.hub import resolve
     from ckpt_ir.ir.printer import render
 
     hf_cfg = read_config(resolve(args.hf_config, weights=False)) if args.hf_config else None

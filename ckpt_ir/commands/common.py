@@ -167,15 +167,18 @@ def resolve_sources(
     must come first: no source overlaps the destination, and the destination may be written
     (before anything is downloaded or read).  ``configs`` name the sources of which only the
     config is needed (no weights are downloaded); ``inside`` those allowed inside the destination."""
-    from ckpt_ir.frontends.hub import resolve
+    from ckpt_ir.frontends import check_replaceable
     from ckpt_ir.io.atomic import check_apart, check_destination
+    from ckpt_ir.io.hub import resolve
 
     def apart(paths: dict[str, str | None]) -> None:
         check_apart(opts.dst, {flag: p for flag, p in paths.items() if flag not in inside})
 
     apart(sources)
     if not (opts.dry_run or opts.print_pipeline):
-        check_destination(opts.dst, opts.overwrite)  # fail fast, before a download or lifting the source
+        check_destination(
+            opts.dst, opts.overwrite, check_replaceable
+        )  # fail fast, before a download or lifting the source
     resolved = {flag: p and resolve(p, weights=flag not in configs) for flag, p in sources.items()}
     apart(resolved)  # a Hub id's snapshot too
     return resolved
@@ -241,7 +244,7 @@ def run_conversion(
         )
         for line in ck.summarize_dropped(result.plan.dropped):  # what the output lacks, and why
             print(line, file=sys.stderr)
-        from ckpt_ir.backends.plan import NOTES_FILE
+        from ckpt_ir.io.side_files import NOTES_FILE
 
         for note in result.output.meta.get("notes", ()):
             print(f"note: {note} (recorded in {NOTES_FILE})", file=sys.stderr)

@@ -22,11 +22,12 @@ def run_demo(workdir: str | None) -> int:
 
 
 def _demo(root: str, note: str = "") -> int:
+    from ckpt_ir.frontends import check_replaceable
     from ckpt_ir.io import atomic
 
     hf, mc, back = (os.path.join(root, n) for n in ("hf", "mcore-tp2-pp2", "hf-roundtrip"))
     for out in (hf, mc, back):  # each replaces only a previous checkpoint: refuse before writing any
-        atomic.check_destination(out, overwrite=True)
+        atomic.check_destination(out, True, check_replaceable)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -52,7 +53,7 @@ def _demo(root: str, note: str = "") -> int:
     with torch.no_grad():
         for p in model.parameters():  # random norms too, so a swapped tensor cannot hide
             p.normal_(0, 0.5)
-    with atomic.claim(hf, overwrite=True) as claim, atomic.output_dir(claim) as tmp:
+    with atomic.claim(hf, True, check_replaceable) as claim, atomic.output_dir(claim) as tmp:
         model.save_pretrained(tmp)
     say(f"1. built a tiny random Llama (4 layers, GQA 4/2 heads) -> {hf}")
 

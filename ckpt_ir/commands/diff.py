@@ -18,7 +18,7 @@ def diff(a: str, b: str, *, atol: float = 0.0, hf_config: str | None = None) -> 
     import ckpt_ir.api as ck
     from ckpt_ir.frontends import detect
     from ckpt_ir.frontends.hf import read_config
-    from ckpt_ir.frontends.hub import resolve
+    from ckpt_ir.io.hub import resolve
     from ckpt_ir.ir import expr as E
 
     cfg = read_config(resolve(hf_config, weights=False)) if hf_config else None

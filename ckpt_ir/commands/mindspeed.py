@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         configs=("--hf-cfg-dir",),
         inside=("--hf-cfg-dir",) if into_hf_dir and hf_cfg_dir == args.save_dir else (),
     )
-    load_dir, hf_cfg_dir = found["--load-dir"], found["--hf-cfg-dir"]
+    load_dir, hf_cfg_dir = found["--load-dir"] or args.load_dir, found["--hf-cfg-dir"]
     target = attrs.evolve(
         target, lora_load=found["--lora-load"], hf_config_dir=target.hf_config_dir and hf_cfg_dir
     )

@@ -259,7 +259,7 @@ def run(args) -> int:
         quant_block_size=args.quant_block_size,
         quant_scale_fmt=args.quant_scale_fmt,
     )
-    from ckpt_ir.frontends.hub import resolve
+    from ckpt_ir.io.hub import resolve
 
     conversion = plan_from_config(resolve(args.hf_config, weights=False), target)
     if args.disk_gbps is not None:

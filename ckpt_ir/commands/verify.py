@@ -344,7 +344,7 @@ def verify(
     dev = resolve_device(device)
     if adapter is not None:
         from ckpt_ir.frontends import peft
-        from ckpt_ir.frontends.hub import resolve
+        from ckpt_ir.io.hub import resolve
 
         adapter = resolve(adapter)
         if not peft.detect(adapter):
@@ -510,7 +510,7 @@ def run(args) -> int:
     import sys
 
     from ckpt_ir.frontends.hf import read_config
-    from ckpt_ir.frontends.hub import resolve
+    from ckpt_ir.io.hub import resolve
 
     hf_cfg = read_config(resolve(args.hf_config, weights=False)) if args.hf_config else None
     report = verify(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from typing import Any
 
-from ckpt_ir.errors import FormatError
+from ckpt_ir.errors import FormatError, UsageError
+from ckpt_ir.io.side_files import HF_FILES, NOTES_FILE
 from ckpt_ir.ir.checkpoint import Checkpoint
+from ckpt_ir.megatron.keys import DIRECTORY_ENTRIES
 
 
 def detect(path: str) -> str:
@@ -48,7 +51,7 @@ def load(
     optimizer state too (``Checkpoint.states``), when it has any.  ``replicas``: how a Megatron
     checkpoint's copies of replicated tensors are compared (``check``, ``check-all``, ``take-rank0``).
     ``path`` may also be a Hugging Face Hub id, ``org/name[@revision]`` (:func:`hub.resolve`)."""
-    from ckpt_ir.frontends.hub import resolve
+    from ckpt_ir.io.hub import resolve
 
     path = resolve(path)
     fmt = detect(path)
@@ -86,3 +89,58 @@ def load(
         family=family,
         replicas=replicas,
     )
+
+
+# An entry is (name pattern, what a directory of that name holds); None: a file, not a directory.
+Entries = tuple[tuple[str, "Entries | None"], ...]
+
+# What a checkpoint directory holds, and nothing else: the directories ``--overwrite`` replaces.
+# A directory holds a checkpoint when a frontend recognises it (HF: ``config.json`` and weights;
+# Megatron: the tracker file or an iteration directory, ``torch`` or ``torch_dist``; PEFT:
+# ``adapter_config.json``) and every entry in it, at every depth, is one that such a checkpoint
+# holds.  A previous ckpt-ir output is one of these formats, with its notes file where it
+# records a choice.
+CHECKPOINT_ENTRIES: Entries = (
+    *((p, None) for p in HF_FILES),
+    *DIRECTORY_ENTRIES,
+    (NOTES_FILE, None),
+)
+
+
+def foreign_entry(path: str, entries: Entries = CHECKPOINT_ENTRIES) -> str | None:
+    """The first entry under directory ``path`` (depth first, in name order) that ``entries``
+    do not describe, as a path relative to ``path``; None if there is none."""
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        is_dir = entry.is_dir(follow_symlinks=False)  # a symlink is a file here: removing it removes a link
+        for pattern, inner in entries:
+            if fnmatch.fnmatchcase(entry.name, pattern) and (inner is not None) == is_dir:
+                break
+        else:
+            return entry.name
+        found = foreign_entry(entry.path, inner) if inner is not None else None
+        if found is not None:
+            return os.path.join(entry.name, found)
+    return None
+
+
+def holds_checkpoint(path: str) -> bool:
+    """Whether a frontend recognises directory ``path`` as a checkpoint (HF, Megatron or PEFT)."""
+    from ckpt_ir.frontends import hf, mcore, peft
+
+    return hf.detect(path) or mcore.detect(path) or peft.detect(path)
+
+
+def check_replaceable(path: str) -> None:
+    """Refuse (exit 2) to replace directory ``path`` unless it holds a checkpoint and nothing else."""
+    foreign = foreign_entry(path)
+    if foreign is not None:
+        raise UsageError(
+            f"{os.path.join(path, foreign)}: not part of a checkpoint, and --overwrite replaces only a "
+            f"directory that holds a checkpoint and nothing else; move it out of {path} or choose "
+            f"another destination"
+        )
+    if not holds_checkpoint(path):
+        raise UsageError(
+            f"{path}: holds no checkpoint (HF, Megatron or PEFT), and --overwrite replaces only a "
+            f"directory that holds one; choose another destination"
+        )

@@ -73,7 +73,7 @@ def weight_files(path: str) -> list[str]:
 def _files_from_index(path: str, index: str) -> list[str]:
     """The files the index names, each in ``path`` (as itself, or as a Hugging Face cache snapshot's
     link into the cache's blobs)."""
-    from ckpt_ir.frontends.hub import is_cache_blob
+    from ckpt_ir.io.hub import is_cache_blob
 
     try:
         with open(index) as f:

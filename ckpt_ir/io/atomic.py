@@ -5,7 +5,7 @@
    with an error naming DST.  The kernel drops a lock when its holder dies (SIGKILL included), so
    a lock file left by a killed run never blocks: the next run takes it over.  A non-empty DST
    is replaced only with ``--overwrite``, and only when it holds a checkpoint and nothing else
-   (:mod:`ckpt_ir.frontends.checkpoint_dir`).
+   (:func:`ckpt_ir.frontends.check_replaceable`, which callers pass in).
 2. **write** into a hidden sibling ``.NAME.ckpt-ir-tmp-PID`` (removed on any handled error).
 3. **publish**: fsync everything, then rename the sibling to DST with a rename that cannot
    replace anything that appeared after the check (``renameat2(RENAME_NOREPLACE)``), or, with
@@ -30,7 +30,7 @@ import os
 import shutil
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import attrs
 
@@ -49,16 +49,17 @@ def stop_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
-def check_destination(dst: str, overwrite: bool) -> None:
+def check_destination(dst: str, overwrite: bool, replaceable: Callable[[str], None]) -> None:
+    """Refuse a destination that cannot be written, or that is not empty unless ``overwrite``;
+    ``replaceable`` then raises unless the directory may be replaced (only a checkpoint may:
+    :func:`ckpt_ir.frontends.check_replaceable`)."""
     dst = os.path.abspath(dst)
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise UsageError(f"{dst}: exists and is not a directory; choose another destination")
     if os.path.isdir(dst) and os.listdir(dst):
         if not overwrite:
             raise UsageError(f"{dst}: destination exists and is not empty; pass --overwrite to replace it")
-        from ckpt_ir.frontends.checkpoint_dir import check_replaceable
-
-        check_replaceable(dst)  # only a checkpoint, nothing else, is ever deleted
+        replaceable(dst)  # only a checkpoint, nothing else, is ever deleted
     parent = existing_ancestor(dst)  # missing parents are created when the output is prepared
     if not os.path.isdir(parent):
         raise CkptIrError(
@@ -163,11 +164,13 @@ class Claim:
 
 
 @contextlib.contextmanager
-def claim(dst: str, overwrite: bool) -> Iterator[Claim]:
+def claim(dst: str, overwrite: bool, replaceable: Callable[[str], None]) -> Iterator[Claim]:
     """Lock DST for this process, sweep leftovers and check DST; the lock is released (and its
     file removed) when the block ends.  A CkptIrError naming DST if another conversion holds it."""
     dst = os.path.abspath(dst)
-    check_destination(dst, overwrite)  # its clear errors first (a read-only parent, a file in the way)
+    check_destination(
+        dst, overwrite, replaceable
+    )  # its clear errors first (a read-only parent, a file in the way)
     with writing(os.path.dirname(dst)):
         os.makedirs(os.path.dirname(dst), exist_ok=True)  # missing parents are created
     lock = sibling(dst, LOCK_TAG)
@@ -175,7 +178,7 @@ def claim(dst: str, overwrite: bool) -> Iterator[Claim]:
         fd, owner = _lock(lock, dst), os.getpid()
     try:
         _sweep_stale(dst, locked=fd is not None)
-        check_destination(dst, overwrite)
+        check_destination(dst, overwrite, replaceable)
         yield Claim(dst, overwrite, fd, _identity(dst))
     finally:
         if fd is not None and os.getpid() == owner:  # not in a forked writer

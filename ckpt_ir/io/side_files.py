@@ -39,3 +39,28 @@ def side_files(path: str, config: bool = False) -> tuple[str, ...]:
             if any(fnmatch.fnmatch(n, p) for p in pats) and os.path.isfile(os.path.join(path, n))
         )
     )
+
+
+# the files of an HF model or a PEFT adapter: weights and their index, configs, the tokenizer,
+# processor, chat-template and remote-code side files, what a Hub snapshot adds (model card, licence,
+# git attributes)
+HF_FILES = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+    "config.json",
+    "generation_config.json",
+    "processor_config.json",
+    *AUX_PATTERNS,
+    "adapter_config.json",
+    "adapter_model.bin",
+    "README.md",
+    "LICENSE*",
+    "NOTICE*",
+    "USE_POLICY.md",
+    ".gitattributes",
+)
+
+# written beside an output when the user chose something on purpose (the notes printed as "note:")
+NOTES_FILE = "ckpt-ir-notes.txt"

@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 
 from ckpt_ir.errors import FormatError
+from ckpt_ir.io.side_files import AUX_PATTERNS
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.layout import Layout
 from ckpt_ir.ir.names import NameTable, expert_of, layer_name, split_layer
@@ -414,3 +415,20 @@ def mla_key(rest: str, te: bool, moe: bool) -> str | None:
 # where a Megatron checkpoint written by ckpt-ir keeps the HF side files (and the source's
 # config.json); Megatron reads only latest_checkpointed_iteration.txt and iter_*/, so it ignores it
 MCORE_HF_DIR = "hf"
+
+
+# What a Megatron checkpoint directory holds (name pattern, what a directory of that name holds;
+# None: a file), for --overwrite, which replaces only a directory holding a checkpoint and nothing else
+TRACKER = "latest_checkpointed_iteration.txt"
+RANK_ENTRIES: tuple = (("model_optim_rng.pt", None), ("distrib_optim.pt", None))
+# an iteration: rank directories (torch format) or torch_dist's files
+ITERATION_ENTRIES: tuple = (
+    ("mp_rank_[0-9][0-9]*", RANK_ENTRIES),
+    *((p, None) for p in ("*.distcp", ".metadata", "metadata.json", "common.pt")),
+)
+DIRECTORY_ENTRIES: tuple = (
+    (TRACKER, None),
+    ("iter_[0-9]*", ITERATION_ENTRIES),
+    ("release", ITERATION_ENTRIES),
+    (MCORE_HF_DIR, tuple((p, None) for p in ("config.json", *AUX_PATTERNS))),  # ckpt-ir's side files
+)

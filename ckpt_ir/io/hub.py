@@ -11,11 +11,14 @@ cache's ``blobs/`` (``models--org--name/snapshots/<commit>/f -> ../../blobs/<has
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 
 from ckpt_ir.errors import CkptIrError
 
+# the weight files of an HF model or PEFT adapter (a snapshot without any holds no checkpoint)
+WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "adapter_model.bin")
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 
 
@@ -36,7 +39,7 @@ def resolve(source: str, *, weights: bool = True) -> str:
         RevisionNotFoundError,
     )
 
-    from ckpt_ir.frontends.checkpoint_dir import HF_FILES, holds_checkpoint
+    from ckpt_ir.io.side_files import HF_FILES
 
     repo, revision = match["repo"], match["revision"]
     cache, offline = constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE
@@ -84,7 +87,7 @@ def resolve(source: str, *, weights: bool = True) -> str:
             f"{source}: no such file or directory, not in the Hugging Face cache {cache}, and the Hub "
             f"could not be reached ({reason}); check the network, or download it where there is one"
         ) from None
-    if weights and not holds_checkpoint(path):
+    if weights and not any(fnmatch.fnmatch(n, p) for n in os.listdir(path) for p in WEIGHTS):
         raise CkptIrError(
             f"{source}: the cached snapshot {path} holds no weights (only "
             f"{', '.join(sorted(os.listdir(path))) or 'nothing'}); "
