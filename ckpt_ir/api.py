@@ -107,6 +107,12 @@ class Target:
         ):
             if value is not None and value < 1:
                 raise UsageError(f"{flag} must be at least 1, got {value}")
+        for flag, values, least in (
+            ("--num-layer-list", self.num_layer_list, 1),
+            ("--noop-layers", self.noop_layers, 0),
+        ):
+            if values and min(values) < least:
+                raise UsageError(f"{flag} entries must be at least {least}, got {','.join(map(str, values))}")
         if self.to != "mcore" and (
             self.tp != 1
             or self.pp != 1
@@ -172,7 +178,7 @@ def _pass_text(name: str, **options: Any) -> str:
     for key, value in options.items():
         if value is None:
             continue
-        opt = next(o for o in cls.options if o.attribute == key)
+        opt = next(o for o in cls.options() if o.attribute == key)
         text = opt.format(value)
         if not text or any(ch.isspace() or ch in "{}" for ch in text):
             raise UsageError(

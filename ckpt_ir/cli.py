@@ -459,12 +459,10 @@ def cmd_passes(args: argparse.Namespace) -> int:
         print(f"{name}\n    {cls.summary}")
         if cls.description:
             print(f"    {cls.description}")
-        for o in cls.options:
-            d = "" if o.default is None else f" (default {o.format(o.default)})"
-            print(
-                f"    {o.name}={o.type.__name__ if o.type is not tuple else 'i,j,..'}  {o.help}{d}"
-                + ("  [required]" if o.required else "")
-            )
+        for o in cls.options():
+            d = "" if o.required or o.default is None else f" (default {o.format(o.default)})"
+            tags = ["required"] * o.required + [o.kind] * (o.allowed is not None)
+            print(f"    {o.name}={o.metavar}  {o.help}{d}" + (f"  [{'; '.join(tags)}]" if tags else ""))
         print(
             f"    requires:   {cls.describe_requires()}\n    guarantees: {cls.guarantees}\n"
             f"    optimizer state: {cls.optimizer_state}"

@@ -184,11 +184,11 @@ def test_options_are_typed_fields_checked_at_construction():
     from ckpt_ir.passes.cast import CastPass
     from ckpt_ir.passes.parallel import Shard
 
-    with pytest.raises(UsageError, match="option dtype=3: expected str"):
+    with pytest.raises(UsageError, match="pass cast: option dtype=3: expected a floating dtype"):
         CastPass(dtype=3)
-    with pytest.raises(UsageError, match="option tp='2': expected int"):
+    with pytest.raises(UsageError, match="pass shard: option tp='2': expected int >= 1"):
         Shard(tp="2")
-    with pytest.raises(UsageError, match="unknown option"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'tpp'"):
         Shard(tpp=2)
     p = Shard(tp=2, num_layer_list=[1, 3], pp=2)  # attribute spelling and a list for a tuple option
     assert (p.tp, p.num_layer_list, p.vpp_layers) == (2, (1, 3), None)
