@@ -66,8 +66,8 @@ def add_ir_flags(p: argparse.ArgumentParser) -> None:
         "--pipeline",
         metavar="TEXT",
         help="run this pass pipeline instead of the derived one, "
-        "e.g. 'gather,unfuse-qkv,cast{dtype=bf16}'; target flags given with it are checked against "
-        "its result",
+        "e.g. 'gather,unfuse-qkv,cast{dtype=bf16}' (a value with spaces or braces in double quotes: "
+        'attach-lora{path="my adapter"}); target flags given with it are checked against its result',
     )
     g.add_argument(
         "--print-pipeline",
@@ -130,6 +130,8 @@ def run_conversion(src: Any, target: Any, args: argparse.Namespace, load_options
     from ckpt_ir.passes.manager import Instrumentation
 
     quiet = getattr(args, "quiet", False) or distributed_world()[0] != 0
+    # a bad --pipeline (syntax, pass, option value) stops before the source is read
+    pipeline = None if args.pipeline is None else ck.as_pipeline(args.pipeline)
     if not isinstance(src, ck.Checkpoint):
         if not (args.dry_run or args.print_pipeline):
             from ckpt_ir.io.atomic import check_destination
@@ -140,7 +142,7 @@ def run_conversion(src: Any, target: Any, args: argparse.Namespace, load_options
         if src.meta.get("family_from_args") and not quiet:
             print(f"ckpt-ir: {src.meta['family_from_args']}", file=sys.stderr)
     if args.print_pipeline:
-        print(ck.as_pipeline(args.pipeline) if args.pipeline else ck.derive_pipeline(src, target))
+        print(pipeline if pipeline is not None else ck.derive_pipeline(src, target))
         return 0
     inst = Instrumentation(
         print_before=tuple(args.print_ir_before),
@@ -158,7 +160,7 @@ def run_conversion(src: Any, target: Any, args: argparse.Namespace, load_options
         src,
         args.dst,
         target,
-        pipeline=args.pipeline,
+        pipeline=pipeline,
         instrumentation=inst,
         dry_run=args.dry_run,
         overwrite=args.overwrite,

@@ -10,7 +10,7 @@ from ckpt_ir.passes import Pass, option, parse_pipeline, register_pass
 from ckpt_ir.passes.carry import RenameNorms
 from ckpt_ir.passes.cast import CastPass
 from ckpt_ir.passes.layers import DropMtp
-from ckpt_ir.passes.lora import LoraMerge
+from ckpt_ir.passes.lora import AttachLora, LoraMerge
 from ckpt_ir.passes.parallel import InsertNoopLayers, Shard
 from ckpt_ir.passes.vocab import PadVocab
 
@@ -24,6 +24,8 @@ from ckpt_ir.passes.vocab import PadVocab
         "cast{dtype=bf16 keep-norms=true},select-layers{keep=0,1,-1}",
         "fuse-qkv,fuse-gate-up,pad-vocab{size=256},insert-noop-layers{layers=3,5},shard{tp=2 pp=2 vpp-layers=2}",
         "shard{tp=2 pp=2 num-layer-list=1,3}",
+        'attach-lora{path="my adapter"},lora-merge{targets=linear_qkv,linear_proj}',
+        'attach-lora{path="a{b}c"},attach-lora{path="say \\"hi\\" \\\\ bye"},attach-lora{path=""}',
     ],
 )
 def test_round_trip(text):
@@ -54,6 +56,8 @@ def test_options_are_typed():
         ("gather unfuse-qkv", 8, "expected ','"),
         ("cast", 1, "option dtype is required"),
         ("select-layers{keep=a,b}", 20, "comma-separated list of integers"),
+        ('attach-lora{path="my adapter}', 18, "unclosed '\"'"),
+        ('attach-lora{path="my"adapter}', 22, "expected a space or '}' after a quoted value"),
         # values are checked where the pipeline is parsed, naming the pass, the option and what it takes
         ("gather,shard{tp=-2}", 17, "pass shard: option tp=-2: expected int >= 1"),
         ("shard{tp=2 ep=0}", 15, "pass shard: option ep=0: expected int >= 1"),
@@ -116,6 +120,16 @@ def test_option_values_from_python_are_checked_when_the_pass_is_built():
     assert (
         CastPass(dtype="bfloat16").dtype == "bfloat16" and RenameNorms(names="te-input").names == "te-input"
     )
+
+
+def test_printed_values_are_quoted_where_pipeline_text_needs_it():
+    """A value with a space, a brace or a quote prints in double quotes and parses back to it."""
+    path = 'my {odd} "adapter" \\dir'
+    p = AttachLora(path=path)
+    assert str(p) == 'attach-lora{path="my {odd} \\"adapter\\" \\\\dir"}'
+    (back,) = parse_pipeline(str(p))
+    assert back == p and back.path == path
+    assert str(AttachLora(path="/plain/dir,with,commas")) == "attach-lora{path=/plain/dir,with,commas}"
 
 
 def test_parsed_pipeline_equals_the_one_its_text_parses_to():

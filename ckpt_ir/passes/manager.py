@@ -155,14 +155,23 @@ class Option:
         return value
 
     def format(self, value: Any) -> str:
-        """``value`` as pipeline text."""
+        """``value`` as pipeline text (a string in double quotes where it needs them)."""
         if isinstance(value, tuple):
             return ",".join(map(str, value))
         if isinstance(value, bool):
             return "true" if value else "false"
         if isinstance(value, float):
             return f"{value:g}" if float(f"{value:g}") == value else repr(value)
-        return str(value)
+        return quote(str(value))
+
+
+def quote(text: str) -> str:
+    """``text`` as an option value of pipeline text: as it is, or in double quotes (a backslash or
+    double quote inside escaped by a backslash) when it is empty or holds whitespace, a brace or a
+    double quote."""
+    if text and not any(c.isspace() or c in '{}"' for c in text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _value_type(cls: type, field: str, hint: Any) -> tuple[type[Any], bool]:
@@ -411,7 +420,8 @@ def _caret(text: str, pos: int, msg: str) -> UsageError:
 
 
 def parse_pipeline(text: str) -> Pipeline:
-    """Parse ``a,b{k=v k2=v2},c``; errors point at the bad token."""
+    """Parse ``a,b{k=v k2=v2},c`` (a value with spaces or braces in double quotes:
+    ``attach-lora{path="my adapter"}``); errors point at the bad token."""
     reg = registry()
     out = Pipeline()
     i, n = 0, len(text)
@@ -434,15 +444,12 @@ def parse_pipeline(text: str) -> Pipeline:
                 else f"; known passes: {', '.join(sorted(reg))}"
             )
             raise _caret(text, start, f"unknown pass {name!r}{hint}")
-        values: dict[str, Any] = {}
+        tokens: list[tuple[str, int, str, int]] = []
         while i < n and text[i].isspace():
             i += 1
         if i < n and text[i] == "{":
-            close_at = text.find("}", i)
-            if close_at < 0:
-                raise _caret(text, i, "unclosed '{'")
-            values = _parse_options(reg[name], text, i + 1, close_at)
-            i = close_at + 1
+            tokens, i = _option_tokens(reg[name], text, i)
+        values = _parse_options(reg[name], text, tokens)
         missing = [o.name for o in reg[name].options() if o.required and o.attribute not in values]
         if missing:
             raise _caret(text, start, f"pass {name}: option {missing[0]} is required")
@@ -459,31 +466,66 @@ def parse_pipeline(text: str) -> Pipeline:
         i += 1
 
 
-def _parse_options(cls: type[Pass], text: str, a: int, b: int) -> dict[str, Any]:
+def _option_tokens(cls: type[Pass], text: str, brace: int) -> tuple[list[tuple[str, int, str, int]], int]:
+    """The ``key=value`` tokens of the option block opening at ``brace``, as (key, where it starts,
+    value text unquoted, where it starts), and the index after the closing brace."""
+    tokens: list[tuple[str, int, str, int]] = []
+    i, n = brace + 1, len(text)
+    while True:
+        while i < n and text[i].isspace():
+            i += 1
+        if i == n:
+            raise _caret(text, brace, "unclosed '{'")
+        if text[i] == "}":
+            return tokens, i + 1
+        start = i
+        while i < n and not text[i].isspace() and text[i] not in "=}":
+            i += 1
+        if i == n:
+            raise _caret(text, brace, "unclosed '{'")
+        if text[i] != "=":
+            raise _caret(text, start, f"expected key=value in options of {cls.name}, found {text[start:i]!r}")
+        i += 1
+        at = i
+        if i < n and text[i] == '"':
+            value, i = _quoted(text, i)
+            if i < n and not text[i].isspace() and text[i] != "}":
+                raise _caret(text, i, "expected a space or '}' after a quoted value")
+        else:
+            while i < n and not text[i].isspace() and text[i] != "}":
+                i += 1
+            value = text[at:i]
+        tokens.append((text[start : at - 1], start, value, at))
+
+
+def _quoted(text: str, quote_at: int) -> tuple[str, int]:
+    """The string in double quotes at ``quote_at`` (backslash escapes the next character), and the
+    index after its closing quote."""
+    chars = []
+    i = quote_at + 1
+    while i < len(text) and text[i] != '"':
+        if text[i] == "\\" and i + 1 < len(text):
+            i += 1
+        chars.append(text[i])
+        i += 1
+    if i == len(text):
+        raise _caret(text, quote_at, "unclosed '\"'")
+    return "".join(chars), i + 1
+
+
+def _parse_options(cls: type[Pass], text: str, tokens: list[tuple[str, int, str, int]]) -> dict[str, Any]:
     """Typed, checked option values by attribute name."""
     opts = {o.name: o for o in cls.options()}
     values: dict[str, Any] = {}
-    i = a
-    while i < b:
-        while i < b and text[i].isspace():
-            i += 1
-        if i >= b:
-            break
-        start = i
-        while i < b and not text[i].isspace():
-            i += 1
-        token = text[start:i]
-        if "=" not in token:
-            raise _caret(text, start, f"expected key=value in options of {cls.name}, found {token!r}")
-        key, val = token.split("=", 1)
+    for key, start, value, at in tokens:
         if key not in opts:
             raise _caret(
                 text, start, f"pass {cls.name} has no option {key!r}; options: {', '.join(opts) or '(none)'}"
             )
         try:
-            values[opts[key].attribute] = opts[key].parse(val)
+            values[opts[key].attribute] = opts[key].parse(value)
         except UsageError as e:
-            raise _caret(text, start + len(key) + 1, str(e)) from None
+            raise _caret(text, at, str(e)) from None
     return values
 
 
