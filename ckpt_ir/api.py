@@ -32,6 +32,10 @@ from ckpt_ir.passes.fusion import FuseGateUp, FuseQKV, UnfuseGateUp, UnfuseQKV
 from ckpt_ir.passes.layers import DropMtp
 from ckpt_ir.passes.lora import AttachLora, LoraMerge
 from ckpt_ir.passes.manager import (
+    GATHERED,
+    NO_NOOP,
+    UNFUSED,
+    UNPADDED,
     FunctionPass,
     Instrumentation,
     Pass,
@@ -301,10 +305,15 @@ def as_pipeline(pipeline: PipelineLike) -> Pipeline:
     return out
 
 
+# what an HF checkpoint or a PEFT adapter is: every Megatron arrangement of the tensors undone
+HF_LAYOUT = (GATHERED, NO_NOOP, UNPADDED, UNFUSED)
+
+
 def check_target(ckpt: Checkpoint, target: Target) -> None:
-    """The IR must be what the target asks for, field by field (each target setting that differs
-    from its default is compared).  A user pipeline that builds another layout or dtype is a usage
-    error naming the fields; nothing is written."""
+    """The IR must be what the target asks for, field by field: for Megatron each target setting
+    that differs from its default, for HF and PEFT the layout those formats have (whole, unfused,
+    unpadded tensors, no no-op layers), and the dtype.  A user pipeline that builds another layout
+    or dtype is a usage error naming the fields; nothing is written."""
     from ckpt_ir.ir.dtypes import FLOATING, parse_dtype
 
     lay, diffs = ckpt.layout, []
@@ -329,6 +338,12 @@ def check_target(ckpt: Checkpoint, target: Target) -> None:
             for k, (want, got, default) in wanted.items()
             if want != default and want != got
         ]
+    else:
+        missing = [f"{req.what} (from {req.fix})" for req in HF_LAYOUT if not req.holds(ckpt)]
+        if missing:
+            diffs.append(
+                f"--to {target.to} needs {', '.join(missing)} but the pipeline gives {lay.describe()}"
+            )
     if target.dtype:
         want_dtype = parse_dtype(target.dtype)
         other = sorted({t.dtype for t in ckpt.tensors.values() if t.dtype in FLOATING} - {want_dtype})
@@ -338,7 +353,7 @@ def check_target(ckpt: Checkpoint, target: Target) -> None:
         raise UsageError(
             "the pipeline's output differs from the target flags: "
             + "; ".join(diffs)
-            + " (add the passes to --pipeline, or drop the flags)"
+            + " (add the passes to --pipeline, or change the flags)"
         )
 
 

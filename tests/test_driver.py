@@ -137,6 +137,27 @@ def test_a_bad_option_value_is_a_usage_error_before_the_source_is_read(tmp_path)
     assert lines[-1].endswith("^") and "no-such-model" not in r.stderr
 
 
+@pytest.mark.parametrize(
+    "pipeline, needs",
+    [
+        ("fuse-qkv", "separate q/k/v and gate/up tensors (from unfuse-qkv and unfuse-gate-up)"),
+        ("pad-vocab{size=192}", "an unpadded vocabulary (from unpad-vocab)"),
+        ("shard{pp=2}", "a gathered checkpoint (tp=1, pp=1, ep=1) (from gather)"),
+    ],
+)
+def test_hf_target_checks_the_layout_a_user_pipeline_leaves(hf_cache, tmp_path, pipeline, needs):
+    """--to hf needs whole, unfused, unpadded tensors: a user pipeline that leaves another layout is
+    a usage error from the target check (exit 2) naming what is missing, before anything is written."""
+    src = hf_cache("llama")
+    r = cli("convert", src, tmp_path / "o", "--to", "hf", "--pipeline", pipeline)
+    assert r.returncode == 2 and not (tmp_path / "o").exists()
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith(
+        f"{ERROR_PREFIX} the pipeline's output differs from the target flags: --to hf needs {needs}"
+    )
+    assert "but the pipeline gives hf tp=1" in line
+
+
 def test_pipeline_that_disagrees_with_target_flags_is_a_usage_error(hf_cache, tmp_path):
     src = hf_cache("llama")
     dst = tmp_path / "o"
