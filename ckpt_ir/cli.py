@@ -239,7 +239,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="model",
         help="Megatron source: the model's weights or the distributed optimizer's fp32 masters",
     )
-    add_plugin_flag(i)
     i.add_argument(
         "--optimizer",
         action="store_true",
@@ -256,7 +255,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("b")
     d.add_argument("--json", action="store_true", help="machine-readable report")
     d.add_argument("--atol", type=float, default=0.0, help="treat differences up to ATOL as equal")
-    add_plugin_flag(d)
     d.add_argument(
         "--hf-config",
         metavar="DIR",
@@ -268,10 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_verify(sub)
     add_plan(sub)
-    ps = sub.add_parser("passes", help="list passes, their options and what they require/guarantee")
-    add_plugin_flag(ps)
-    ms = sub.add_parser("models", help="list supported model families")
-    add_plugin_flag(ms)
+    sub.add_parser("passes", help="list passes, their options and what they require/guarantee")
+    sub.add_parser("models", help="list supported model families")
 
     de = sub.add_parser(
         "demo", help="build a tiny random model, convert it HF -> mcore -> HF, verify, report"
@@ -281,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ckpt_ir.mindspeed import add_parser as add_mindspeed
 
     add_mindspeed(sub)
+    for command in sub.choices.values():  # every command imports user passes and families
+        add_plugin_flag(command)
     return p
 
 

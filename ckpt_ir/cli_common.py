@@ -92,7 +92,6 @@ def add_ir_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--pass-stats", action="store_true", help="print per-pass statistics (tensors, bytes, time)"
     )
-    add_plugin_flag(g)  # type: ignore[arg-type]
     g.add_argument(
         "--allow-unused",
         metavar="PATTERN",
