@@ -25,8 +25,33 @@ from ckpt_ir.backends.plan import Plan
 from ckpt_ir.errors import UsageError
 from ckpt_ir.frontends import load
 from ckpt_ir.ir.checkpoint import Checkpoint
-from ckpt_ir.passes.manager import FunctionPass, Instrumentation, Pass, PassManager, Pipeline, parse_pipeline
-from ckpt_ir.passes.vocab import padded_size
+from ckpt_ir.ir.layout import Layout
+from ckpt_ir.passes.carry import DropOptimizerState, RenameNorms
+from ckpt_ir.passes.cast import CastPass, DequantizePass
+from ckpt_ir.passes.fusion import FuseGateUp, FuseQKV, UnfuseGateUp, UnfuseQKV
+from ckpt_ir.passes.layers import DropMtp
+from ckpt_ir.passes.lora import AttachLora, LoraMerge
+from ckpt_ir.passes.manager import (
+    GATHERED,
+    NO_NOOP,
+    UNFUSED,
+    UNPADDED,
+    FunctionPass,
+    Instrumentation,
+    Pass,
+    PassManager,
+    Pipeline,
+    parse_pipeline,
+)
+from ckpt_ir.passes.parallel import (
+    Gather,
+    GroupExperts,
+    InsertNoopLayers,
+    RemoveNoopLayers,
+    Shard,
+    UngroupExperts,
+)
+from ckpt_ir.passes.vocab import PadVocab, UnpadVocab, padded_size
 
 __all__ = [
     "Checkpoint",
@@ -107,6 +132,12 @@ class Target:
         ):
             if value is not None and value < 1:
                 raise UsageError(f"{flag} must be at least 1, got {value}")
+        for flag, values, least in (
+            ("--num-layer-list", self.num_layer_list, 1),
+            ("--noop-layers", self.noop_layers, 0),
+        ):
+            if values and min(values) < least:
+                raise UsageError(f"{flag} entries must be at least {least}, got {','.join(map(str, values))}")
         if self.to != "mcore" and (
             self.tp != 1
             or self.pp != 1
@@ -160,45 +191,25 @@ def attach_lora(base: Checkpoint, path: str) -> Checkpoint:
     from ckpt_ir.frontends import peft
 
     steps = _normalise(base.layout, unfuse=True) if peft.detect(path) else []
-    return run(base, ",".join([*steps, _pass_text("attach-lora", path=path)]))
+    return run(base, [*steps, AttachLora(path=path)])
 
 
-def _pass_text(name: str, **options: Any) -> str:
-    """One pass of pipeline text; option values must not hold whitespace or braces."""
-    from ckpt_ir.passes.manager import registry
-
-    cls = registry()[name]
-    parts = []
-    for key, value in options.items():
-        if value is None:
-            continue
-        opt = next(o for o in cls.options if o.attribute == key)
-        text = opt.format(value)
-        if not text or any(ch.isspace() or ch in "{}" for ch in text):
-            raise UsageError(
-                f"{name}: {opt.name} {text!r} cannot be written in pipeline text (no spaces or braces "
-                f"allowed); rename or link it"
-            )
-        parts.append(f"{opt.name}={text}")
-    return name + ("{" + " ".join(parts) + "}" if parts else "")
-
-
-def _normalise(lay: Any, *, unfuse: bool, keep_grouped: bool = False) -> list[str]:
+def _normalise(lay: Layout, *, unfuse: bool, keep_grouped: bool = False) -> list[Pass]:
     """Steps from any layout to the whole, canonical one (gathered, no no-op layers or padding;
     unfused when ``unfuse``)."""
-    steps: list[str] = []
+    steps: list[Pass] = []
     if lay.tp > 1 or lay.pp > 1 or lay.vpp_layers or lay.num_layer_list or lay.ep > 1 or lay.etp is not None:
-        steps.append("gather")
+        steps.append(Gather())
     if lay.grouped_gemm and not keep_grouped:
-        steps.append("ungroup-experts")
+        steps.append(UngroupExperts())
     if lay.noop_layers:
-        steps.append("remove-noop-layers")
+        steps.append(RemoveNoopLayers())
     if lay.padded_vocab:
-        steps.append("unpad-vocab")
+        steps.append(UnpadVocab())
     if unfuse and lay.fused_gate_up:
-        steps.append("unfuse-gate-up")
+        steps.append(UnfuseGateUp())
     if unfuse and lay.fused_qkv:
-        steps.append("unfuse-qkv")
+        steps.append(UnfuseQKV())
     return steps
 
 
@@ -212,84 +223,97 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
 
     lay = src.layout
     to_mcore = target.to == "mcore"
+    attach = [AttachLora(path=target.lora_load)] if target.lora_load else []
     peft_adapter = bool(target.lora_load) and peft.detect(target.lora_load)  # type: ignore[arg-type]
-    steps: list[str] = []
+    steps: list[Pass] = []
     if not target.quantize and any(quant.is_dequantized(s) for t in src.tensors.values() for s in t.shards):
-        steps.append(_pass_text("dequantize", dtype=target.dtype))  # quantized storage -> compute dtype
-    if target.lora_load and not peft_adapter:  # a Megatron adapter shares the base's layout
-        steps.append(_pass_text("attach-lora", path=target.lora_load))
+        steps.append(DequantizePass(dtype=target.dtype))  # quantized storage -> compute dtype
+    if not peft_adapter:  # a Megatron adapter shares the base's layout
+        steps += attach
     unfuse = target.to in ("hf", "peft") or peft_adapter
     steps += _normalise(lay, unfuse=unfuse, keep_grouped=to_mcore and target.grouped_gemm)
     fused_qkv, fused_gate_up = (False, False) if unfuse else (lay.fused_qkv, lay.fused_gate_up)
     if peft_adapter:
-        steps.append(_pass_text("attach-lora", path=target.lora_load))
+        steps += attach
     has_lora = src.spec.lora_rank is not None or bool(target.lora_load)
     if has_lora and target.to != "peft":
-        steps.append(
-            _pass_text(
-                "lora-merge",
-                alpha=target.lora_alpha,
-                rank=target.lora_rank,
-                targets=",".join(target.lora_targets) or None,
-            )
-        )
+        targets = ",".join(target.lora_targets) or None
+        steps.append(LoraMerge(alpha=target.lora_alpha, rank=target.lora_rank, targets=targets))
     if target.mtp_layers is not None and src.spec.mtp_layers > target.mtp_layers:
-        steps.append(f"drop-mtp{{keep={target.mtp_layers}}}")
+        steps.append(DropMtp(keep=target.mtp_layers))
     if src.states and not target.carries_optimizer:
-        steps.append("drop-optimizer-state")
+        steps.append(DropOptimizerState())
     if target.dtype:
-        steps.append(f"cast{{dtype={target.dtype}}}")
+        steps.append(CastPass(dtype=target.dtype))
     if to_mcore:
         if not fused_qkv:
-            steps.append("fuse-qkv")
+            steps.append(FuseQKV())
         if not fused_gate_up:
-            steps.append("fuse-gate-up")
+            steps.append(FuseGateUp())
         if target.vocab_divisible_by:
             size = padded_size(src.spec.vocab_size, target.vocab_divisible_by, target.tp)
             if size != src.spec.vocab_size:
-                steps.append(f"pad-vocab{{size={size}}}")
+                steps.append(PadVocab(size=size))
         if target.noop_layers:
-            steps.append("insert-noop-layers{layers=" + ",".join(map(str, target.noop_layers)) + "}")
+            steps.append(InsertNoopLayers(layers=target.noop_layers))
         if target.grouped_gemm and not lay.grouped_gemm:
-            steps.append("group-experts")
-        opts = [f"tp={target.tp}", f"pp={target.pp}"]
-        if target.vpp_layers:
-            opts.append(f"vpp-layers={target.vpp_layers}")
-        if target.num_layer_list:
-            opts.append("num-layer-list=" + ",".join(map(str, target.num_layer_list)))
-        if target.ep > 1:
-            opts.append(f"ep={target.ep}")
-        if target.etp is not None and target.etp != target.tp:
-            opts.append(f"etp={target.etp}")
+            steps.append(GroupExperts())
         if target.tp > 1 or target.pp > 1 or target.vpp_layers or target.num_layer_list or target.ep > 1:
-            steps.append("shard{" + " ".join(opts) + "}")
+            steps.append(
+                Shard(
+                    tp=target.tp,
+                    pp=target.pp,
+                    vpp_layers=target.vpp_layers,
+                    num_layer_list=target.num_layer_list,
+                    ep=target.ep,
+                    etp=None if target.etp == target.tp else target.etp,
+                )
+            )
         if target.norm_names and target.norm_names != lay.norm_names:
-            steps.append(f"rename-norms{{names={target.norm_names}}}")
-    return parse_pipeline(",".join(steps)) if steps else Pipeline()
+            steps.append(RenameNorms(names=target.norm_names))
+    return Pipeline(steps)
+
+
+# what run and convert take as a pipeline: text, or a list of texts, pass instances and plain
+# Checkpoint -> Checkpoint functions (a Pipeline is such a list)
+PipelineLike = str | Sequence[str | Pass | Callable[[Checkpoint], Checkpoint]]
 
 
 def run(
-    ckpt: Checkpoint,
-    pipeline: Pipeline | str | Sequence[Pass | Callable[[Checkpoint], Checkpoint]],
-    instrumentation: Instrumentation | None = None,
+    ckpt: Checkpoint, pipeline: PipelineLike, instrumentation: Instrumentation | None = None
 ) -> Checkpoint:
-    """Run ``pipeline`` (pipeline text, a parsed Pipeline, or a list of pass instances and plain
-    ``Checkpoint -> Checkpoint`` functions) with verification after every step."""
+    """Run ``pipeline`` (pipeline text, or a list of pipeline texts, pass instances and plain
+    ``Checkpoint -> Checkpoint`` functions, in order) with verification after every step."""
     return PassManager(as_pipeline(pipeline), instrumentation).run(ckpt)
 
 
-def as_pipeline(pipeline: Pipeline | str | Sequence[Pass | Callable[[Checkpoint], Checkpoint]]) -> Pipeline:
+def as_pipeline(pipeline: PipelineLike) -> Pipeline:
+    """``pipeline`` as a :class:`Pipeline` of pass instances (a function becomes a
+    :class:`~ckpt_ir.passes.manager.FunctionPass`)."""
     if isinstance(pipeline, str):
         return parse_pipeline(pipeline) if pipeline.strip() else Pipeline()
-    if isinstance(pipeline, Pipeline):
-        return pipeline
-    return Pipeline(p if isinstance(p, Pass) else FunctionPass(p) for p in pipeline)
+    out = Pipeline()
+    for step in pipeline:
+        if isinstance(step, (str, Pass)):
+            out += as_pipeline(step) if isinstance(step, str) else [step]
+        elif callable(step):
+            out.append(FunctionPass(step))
+        else:
+            raise TypeError(
+                f"pipeline step {step!r}: expected pipeline text, a Pass or a Checkpoint -> Checkpoint function"
+            )
+    return out
+
+
+# what an HF checkpoint or a PEFT adapter is: every Megatron arrangement of the tensors undone
+HF_LAYOUT = (GATHERED, NO_NOOP, UNPADDED, UNFUSED)
 
 
 def check_target(ckpt: Checkpoint, target: Target) -> None:
-    """The IR must be what the target asks for, field by field (each target setting that differs
-    from its default is compared).  A user pipeline that builds another layout or dtype is a usage
-    error naming the fields; nothing is written."""
+    """The IR must be what the target asks for, field by field: for Megatron each target setting
+    that differs from its default, for HF and PEFT the layout those formats have (whole, unfused,
+    unpadded tensors, no no-op layers), and the dtype.  A user pipeline that builds another layout
+    or dtype is a usage error naming the fields; nothing is written."""
     from ckpt_ir.ir.dtypes import FLOATING, parse_dtype
 
     lay, diffs = ckpt.layout, []
@@ -314,6 +338,12 @@ def check_target(ckpt: Checkpoint, target: Target) -> None:
             for k, (want, got, default) in wanted.items()
             if want != default and want != got
         ]
+    else:
+        missing = [f"{req.what} (from {req.fix})" for req in HF_LAYOUT if not req.holds(ckpt)]
+        if missing:
+            diffs.append(
+                f"--to {target.to} needs {', '.join(missing)} but the pipeline gives {lay.describe()}"
+            )
     if target.dtype:
         want_dtype = parse_dtype(target.dtype)
         other = sorted({t.dtype for t in ckpt.tensors.values() if t.dtype in FLOATING} - {want_dtype})
@@ -323,7 +353,7 @@ def check_target(ckpt: Checkpoint, target: Target) -> None:
         raise UsageError(
             "the pipeline's output differs from the target flags: "
             + "; ".join(diffs)
-            + " (add the passes to --pipeline, or drop the flags)"
+            + " (add the passes to --pipeline, or change the flags)"
         )
 
 
@@ -461,7 +491,7 @@ def convert(
     dst: str,
     target: Target,
     *,
-    pipeline: Pipeline | str | Sequence[Pass | Callable[[Checkpoint], Checkpoint]] | None = None,
+    pipeline: PipelineLike | None = None,
     instrumentation: Instrumentation | None = None,
     dry_run: bool = False,
     overwrite: bool = False,
@@ -480,6 +510,7 @@ def convert(
     from ckpt_ir.frontends import check_replaceable
     from ckpt_ir.io.atomic import check_destination
 
+    given = None if pipeline is None else as_pipeline(pipeline)  # a bad one stops before any read
     if not dry_run:
         check_destination(dst, overwrite, check_replaceable)
     if not isinstance(src, Checkpoint):
@@ -491,7 +522,7 @@ def convert(
         raise UsageError(
             "--to peft needs LoRA tensors: pass --lora-load DIR or a checkpoint that carries LoRA"
         )
-    steps = derive_pipeline(src, target) if pipeline is None else as_pipeline(pipeline)
+    steps = derive_pipeline(src, target) if given is None else given
     if announce is not None:
         announce(steps)
     out = run(src, steps, instrumentation)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -320,6 +321,37 @@ def test_plugin_pass_from_the_cli(hf_cache, tmp_path, monkeypatch):
     assert "IR after noop-marker" in r.stdout
     r = cli("convert", src, str(tmp_path / "p"), "--to", "hf", "--plugin", "no_such_module_xyz", check=False)
     assert r.returncode == 2 and "cannot import" in r.stderr
+
+
+# each command with its required arguments (the paths need not exist: --plugin is imported first)
+EVERY_COMMAND = [
+    ["convert", "a", "b", "--to", "hf"],
+    ["inspect", "a"],
+    ["diff", "a", "b"],
+    ["verify", "a", "b"],
+    ["plan", "--hf-config", "a", "--to", "mcore"],
+    ["passes"],
+    ["models"],
+    ["demo"],
+    ["convert-ckpt", "--load-dir", "a", "--save-dir", "b"],
+]
+
+
+@pytest.mark.parametrize("command", EVERY_COMMAND, ids=lambda c: c[0])
+def test_every_command_takes_plugin(command):
+    r = cli(*command, "--plugin", "no_such_module_xyz", check=False)
+    assert r.returncode == 2
+    assert (
+        r.stderr.strip()
+        .splitlines()[-1]
+        .startswith("ckpt-ir: error: --plugin no_such_module_xyz: cannot import it")
+    ), r.stderr
+
+
+def test_every_command_is_in_the_plugin_test():
+    from ckpt_ir.cli import COMMANDS
+
+    assert sorted(c[0] for c in EVERY_COMMAND) == sorted(COMMANDS)
 
 
 def test_the_command_leaves_without_teardown_once_torch_is_loaded_keeping_exit_code_and_output():

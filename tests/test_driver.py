@@ -105,6 +105,59 @@ def test_printed_pipeline_reproduces_lora_merges(hf_cache, tmp_path):
     assert text.startswith(f"attach-lora{{path={adapter}}},lora-merge,fuse-qkv")
 
 
+def test_derived_pipeline_quotes_a_lora_path_that_needs_it(hf_cache, tmp_path):
+    """An adapter directory with a space and braces: the printed pipeline quotes it, and pasted
+    into --pipeline it converts to the same bytes as the derived one."""
+    base = hf_cache("llama", layers=2)
+    adapter = str(tmp_path / "my {lora} adapter")
+    make_peft_adapter(base, adapter)
+    text = assert_pipeline_round_trips(tmp_path / "hf", base, "--to", "hf", "--lora-load", adapter)
+    assert text == f'attach-lora{{path="{adapter}"}},lora-merge'
+    src = ck.load(base)
+    derived = ck.derive_pipeline(src, ck.Target(to="hf", lora_load=adapter))
+    assert ck.parse_pipeline(text) == derived
+
+
+def test_a_bad_option_value_is_a_usage_error_before_the_source_is_read(tmp_path):
+    """The pipeline is parsed, and its option values checked, first: the source here does not
+    even exist, and the error is the option's (exit 2), not the source's."""
+    missing = tmp_path / "no-such-model"
+    r = cli(
+        "convert",
+        missing,
+        tmp_path / "o",
+        "--to",
+        "mcore",
+        "--pipeline",
+        "fuse-qkv,fuse-gate-up,shard{tp=-2}",
+    )
+    assert r.returncode == 2 and not (tmp_path / "o").exists()
+    lines = r.stderr.strip().splitlines()
+    assert lines[0] == f"{ERROR_PREFIX} pipeline: pass shard: option tp=-2: expected int >= 1 at column 32"
+    assert lines[-1].endswith("^") and "no-such-model" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "pipeline, needs",
+    [
+        ("fuse-qkv", "separate q/k/v and gate/up tensors (from unfuse-qkv and unfuse-gate-up)"),
+        ("pad-vocab{size=192}", "an unpadded vocabulary (from unpad-vocab)"),
+        ("shard{pp=2}", "a gathered checkpoint (tp=1, pp=1, ep=1) (from gather)"),
+    ],
+)
+def test_hf_target_checks_the_layout_a_user_pipeline_leaves(hf_cache, tmp_path, pipeline, needs):
+    """--to hf needs whole, unfused, unpadded tensors: a user pipeline that leaves another layout is
+    a usage error from the target check (exit 2) naming what is missing, before anything is written."""
+    src = hf_cache("llama")
+    r = cli("convert", src, tmp_path / "o", "--to", "hf", "--pipeline", pipeline)
+    assert r.returncode == 2 and not (tmp_path / "o").exists()
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith(
+        f"{ERROR_PREFIX} the pipeline's output differs from the target flags: --to hf needs {needs}"
+    )
+    assert "but the pipeline gives hf tp=1" in line
+
+
 def test_pipeline_that_disagrees_with_target_flags_is_a_usage_error(hf_cache, tmp_path):
     src = hf_cache("llama")
     dst = tmp_path / "o"
@@ -184,11 +237,11 @@ def test_options_are_typed_fields_checked_at_construction():
     from ckpt_ir.passes.cast import CastPass
     from ckpt_ir.passes.parallel import Shard
 
-    with pytest.raises(UsageError, match="option dtype=3: expected str"):
+    with pytest.raises(UsageError, match="pass cast: option dtype=3: expected a floating dtype"):
         CastPass(dtype=3)
-    with pytest.raises(UsageError, match="option tp='2': expected int"):
+    with pytest.raises(UsageError, match="pass shard: option tp='2': expected int >= 1"):
         Shard(tp="2")
-    with pytest.raises(UsageError, match="unknown option"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'tpp'"):
         Shard(tpp=2)
     p = Shard(tp=2, num_layer_list=[1, 3], pp=2)  # attribute spelling and a list for a tuple option
     assert (p.tp, p.num_layer_list, p.vpp_layers) == (2, (1, 3), None)
@@ -236,6 +289,21 @@ def test_api_run_takes_text_instances_and_functions(hf_cache):
         str(a.tensors["embed.weight"].expr)
         == "cast(model.safetensors:model.embed_tokens.weight, BF16)  128x64 BF16"
     )
+
+
+def test_api_run_takes_a_list_of_pipeline_texts_pass_instances_and_functions(hf_cache):
+    from ckpt_ir.passes.cast import CastPass
+
+    src = ck.load(hf_cache("llama"))
+    want = ck.run(src, "cast{dtype=bf16},fuse-qkv,fuse-gate-up")
+    for pipeline in (
+        ["cast{dtype=bf16}", "fuse-qkv,fuse-gate-up"],
+        [CastPass(dtype="bf16"), "fuse-qkv", lambda c: ck.run(c, "fuse-gate-up")],
+    ):
+        got = ck.run(src, pipeline)
+        assert got.tensors == want.tensors and got.layout == want.layout
+    with pytest.raises(TypeError, match="pipeline step 3: expected pipeline text, a Pass or a Checkpoint"):
+        ck.run(src, ["gather", 3])
 
 
 def test_public_errors_are_importable_from_the_package():

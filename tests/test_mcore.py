@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckpt_ir.api as ck
-from ckpt_ir.errors import LayoutError
+from ckpt_ir.errors import LayoutError, UsageError
 from tests.conftest import build_hf
 from tests.test_hf_roundtrip import assert_same_tensors, hf_state
 
@@ -340,7 +340,6 @@ def small(tmp_path_factory):
         (dict(pp=3), "do not split evenly over pipeline parallel size 3"),
         (dict(pp=2, num_layer_list=(1, 2)), "sums to 3 but the model has 4 layers"),
         (dict(pp=2, num_layer_list=(1, 1, 2)), "has 3 entries but pipeline parallel size is 2"),
-        (dict(pp=2, num_layer_list=(0, 4)), "has a stage with no layers"),
         (dict(pp=2, vpp_layers=1, num_layer_list=(2, 2)), "cannot be combined"),
         (
             dict(pp=2, noop_layers=(1,), num_layer_list=(2, 3)),
@@ -361,6 +360,20 @@ def test_invalid_layouts_are_refused_before_any_io(small, tmp_path, target, frag
         ck.run(small, ck.derive_pipeline(small, t))
     assert fragment in str(err.value) and "\n" not in str(err.value)
     assert not os.path.exists(dst)
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        (dict(pp=2, num_layer_list=(0, 4)), "--num-layer-list entries must be at least 1, got 0,4"),
+        (dict(noop_layers=(3, -1)), "--noop-layers entries must be at least 0, got 3,-1"),
+    ],
+)
+def test_layer_list_flags_out_of_range_are_usage_errors(target, message):
+    """Checked by the target, naming the flag, before a pass is built from it."""
+    with pytest.raises(UsageError) as err:
+        ck.Target(to="mcore", **target)
+    assert str(err.value) == message
 
 
 def test_vocab_not_divisible_by_tp_asks_for_padding(tmp_path):

@@ -249,7 +249,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="model",
         help="Megatron source: the model's weights or the distributed optimizer's fp32 masters",
     )
-    add_plugin_flag(i)
     i.add_argument(
         "--optimizer",
         action="store_true",
@@ -268,7 +267,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("b", help="the same for the other side")
     d.add_argument("--json", action="store_true", help="machine-readable report")
     d.add_argument("--atol", type=float, default=0.0, help="treat differences up to ATOL as equal")
-    add_plugin_flag(d)
     d.add_argument(
         "--hf-config",
         metavar="DIR",
@@ -280,10 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_verify(sub)
     add_plan(sub)
-    ps = sub.add_parser("passes", help="list passes, their options and what they require/guarantee")
-    add_plugin_flag(ps)
-    ms = sub.add_parser("models", help="list supported model families, grouped by architecture")
-    add_plugin_flag(ms)
+    sub.add_parser("passes", help="list passes, their options and what they require/guarantee")
+    sub.add_parser("models", help="list supported model families, grouped by architecture")
 
     de = sub.add_parser(
         "demo", help="build a tiny random model, convert it HF -> mcore -> HF, verify, report"
@@ -299,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ckpt_ir.commands.mindspeed import add_parser as add_mindspeed
 
     add_mindspeed(sub)
+    for command in sub.choices.values():  # every command imports user passes and families
+        add_plugin_flag(command)
     return p
 
 
@@ -490,12 +488,10 @@ def cmd_passes(args: argparse.Namespace) -> int:
         print(f"{name}\n    {cls.summary}")
         if cls.description:
             print(f"    {cls.description}")
-        for o in cls.options:
-            d = "" if o.default is None else f" (default {o.format(o.default)})"
-            print(
-                f"    {o.name}={o.type.__name__ if o.type is not tuple else 'i,j,..'}  {o.help}{d}"
-                + ("  [required]" if o.required else "")
-            )
+        for o in cls.options():
+            d = "" if o.required or o.default is None else f" (default {o.format(o.default)})"
+            tags = ["required"] * o.required + [o.kind] * (o.allowed is not None)
+            print(f"    {o.name}={o.metavar}  {o.help}{d}" + (f"  [{'; '.join(tags)}]" if tags else ""))
         print(
             f"    requires:   {cls.describe_requires()}\n    guarantees: {cls.guarantees}\n"
             f"    optimizer state: {cls.optimizer_state}"

@@ -69,8 +69,8 @@ def add_ir_flags(p: argparse.ArgumentParser) -> None:
         "--pipeline",
         metavar="TEXT",
         help="run this pass pipeline instead of the derived one, "
-        "e.g. 'gather,unfuse-qkv,cast{dtype=bf16}'; target flags given with it are checked against "
-        "its result",
+        "e.g. 'gather,unfuse-qkv,cast{dtype=bf16}' (a value with spaces or braces in double quotes: "
+        'attach-lora{path="my adapter"}); target flags given with it are checked against its result',
     )
     g.add_argument(
         "--print-pipeline",
@@ -95,7 +95,6 @@ def add_ir_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--pass-stats", action="store_true", help="print per-pass statistics (tensors, bytes, time)"
     )
-    add_plugin_flag(g)  # type: ignore[arg-type]
     g.add_argument(
         "--allow-unused",
         metavar="PATTERN",
@@ -167,6 +166,7 @@ def resolve_sources(
     must come first: no source overlaps the destination, and the destination may be written
     (before anything is downloaded or read).  ``configs`` name the sources of which only the
     config is needed (no weights are downloaded); ``inside`` those allowed inside the destination."""
+    import ckpt_ir.api as ck
     from ckpt_ir.frontends import check_replaceable
     from ckpt_ir.io.atomic import check_apart, check_destination
     from ckpt_ir.io.hub import resolve
@@ -174,6 +174,8 @@ def resolve_sources(
     def apart(paths: dict[str, str | None]) -> None:
         check_apart(opts.dst, {flag: p for flag, p in paths.items() if flag not in inside})
 
+    if opts.pipeline is not None:
+        ck.as_pipeline(opts.pipeline)  # a bad --pipeline stops before anything is downloaded or read
     apart(sources)
     if not (opts.dry_run or opts.print_pipeline):
         check_destination(
@@ -199,6 +201,8 @@ def run_conversion(
     from ckpt_ir.passes.manager import Instrumentation
 
     quiet = opts.quiet or distributed_world()[0] != 0
+    # a bad --pipeline (syntax, pass, option value) stops before the source is read
+    pipeline = None if opts.pipeline is None else ck.as_pipeline(opts.pipeline)
     src = ck.load(src, **{"optimizer": target.carries_optimizer and not target.lora_load, **load_options})
     ck.check_family(src, target)
     if src.meta.get("family_from_args") and not quiet:
@@ -206,7 +210,7 @@ def run_conversion(
     if check_source is not None:
         check_source(src)
     if opts.print_pipeline:
-        print(ck.as_pipeline(opts.pipeline) if opts.pipeline else ck.derive_pipeline(src, target))
+        print(pipeline if pipeline is not None else ck.derive_pipeline(src, target))
         return 0
     inst = Instrumentation(
         print_before=opts.print_ir_before,
@@ -222,7 +226,7 @@ def run_conversion(
         src,
         opts.dst,
         target,
-        pipeline=opts.pipeline,
+        pipeline=pipeline,
         instrumentation=inst,
         dry_run=opts.dry_run,
         overwrite=opts.overwrite,

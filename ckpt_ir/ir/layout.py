@@ -27,7 +27,7 @@ class Layout:
     pp: int = 1
     vpp_layers: int | None = None  # layers per virtual pipeline stage (Megatron's Lv)
     num_layer_list: tuple[int, ...] | None = attrs.field(
-        default=None, converter=attrs.converters.optional(tuple)
+        default=None, converter=lambda v: None if v is None else tuple(v)
     )
     noop_layers: tuple[int, ...] = attrs.field(default=(), converter=lambda v: tuple(sorted(v)))
     padded_vocab: int | None = None  # rows of embedding / output layer when padded

@@ -7,7 +7,7 @@ import attrs
 
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.layout import NORM_NAMES
-from ckpt_ir.passes.manager import Option, Pass, register_pass
+from ckpt_ir.passes.manager import Pass, one_of, option, register_pass
 
 
 @register_pass
@@ -27,6 +27,7 @@ class DropOptimizerState(Pass):
 
 
 @register_pass
+@attrs.frozen
 class RenameNorms(Pass):
     name = "rename-norms"
     summary = "Choose Megatron's norm key naming: local, te (Transformer Engine) or te-input"
@@ -35,13 +36,10 @@ class RenameNorms(Pass):
         "layer_norm_weight (Megatron's TE spec); te-input: only the input norm fused (MindSpeed-LLM "
         "v2's transformer_engine output).  Tensors are unchanged; the Megatron backend names them."
     )
-    options = (Option("names", str, None, "local, te or te-input", required=True),)
     guarantees = "layout.norm_names set"
     optimizer_state = "follow"
 
-    def run(self, ckpt: Checkpoint) -> Checkpoint:
-        from ckpt_ir.errors import UsageError
+    names: str = option(help="norm key naming", allowed=one_of(*NORM_NAMES))
 
-        if self.names not in NORM_NAMES:
-            raise UsageError(f"rename-norms: names={self.names!r}; choose {', '.join(NORM_NAMES)}")
+    def run(self, ckpt: Checkpoint) -> Checkpoint:
         return ckpt.with_tensors(dict(ckpt.tensors), layout=attrs.evolve(ckpt.layout, norm_names=self.names))

@@ -8,22 +8,24 @@ from ckpt_ir.errors import UsageError
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.names import layer_name, split_layer
 from ckpt_ir.ir.roles import canonical_order
-from ckpt_ir.passes.manager import NO_NOOP, SINGLE_STAGE, Option, Pass, register_pass
+from ckpt_ir.passes.manager import NO_NOOP, SINGLE_STAGE, Pass, at_least, option, register_pass
 
 
 @register_pass
+@attrs.frozen
 class SelectLayers(Pass):
     name = "select-layers"
     summary = "Keep only the listed layers (negative = from the end), renumbered from 0; spec updated"
-    options = (Option("keep", tuple, None, "layer indices to keep, e.g. 0,1,-1", required=True),)
     requires = (SINGLE_STAGE, NO_NOOP)
     guarantees = "spec.num_layers = number kept; layers renumbered 0..n-1 in the given order"
     optimizer_state = "follow"
 
+    keep: tuple[int, ...] = option(help="layer indices to keep, e.g. 0,1,-1")
+
     def run(self, ckpt: Checkpoint) -> Checkpoint:
         n = ckpt.spec.num_layers
         keep = []
-        for i in self.opt("keep"):
+        for i in self.keep:
             j = i + n if i < 0 else i
             if not 0 <= j < n:
                 raise UsageError(f"select-layers: layer {i} does not exist (the model has {n} layers)")
@@ -57,17 +59,17 @@ class SelectLayers(Pass):
 
 
 @register_pass
+@attrs.frozen
 class DropMtp(Pass):
     name = "drop-mtp"
     summary = "Keep only the first `keep` multi-token-prediction layers (the rest are recorded as dropped)"
-    options = (Option("keep", int, 0, "MTP layers to keep"),)
     guarantees = "spec.mtp_layers = min(keep, present); dropped tensors listed with the reason"
     optimizer_state = "follow"
 
+    keep: int = option(0, help="MTP layers to keep", allowed=at_least(0))
+
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        keep = self.opt("keep")
-        if keep < 0:
-            raise UsageError("drop-mtp: keep must be >= 0")
+        keep = self.keep
         limit = ckpt.spec.num_layers + min(keep, ckpt.spec.mtp_layers)
         out, dropped = {}, dict(ckpt.dropped)
         for name, t in ckpt.tensors.items():

@@ -17,7 +17,16 @@ from ckpt_ir.errors import UsageError, VerifyError
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.names import is_lora, is_lora_factor, lora_target, role_of, saved_name
-from ckpt_ir.passes.manager import HAS_LORA, UNFUSED, WHOLE, Option, Pass, Requirement, register_pass
+from ckpt_ir.passes.manager import (
+    HAS_LORA,
+    UNFUSED,
+    WHOLE,
+    Pass,
+    Requirement,
+    at_least,
+    option,
+    register_pass,
+)
 
 # Module names --lora-target-modules takes (Megatron or HF) -> the canonical targets that carry
 # their LoRA, fused or not (q_proj's LoRA lives in linear_qkv's once fused); Megatron's and
@@ -141,6 +150,7 @@ def apply_lora_options(
 
 
 @register_pass
+@attrs.frozen
 class LoraMerge(Pass):
     name = "lora-merge"
     summary = (
@@ -153,19 +163,18 @@ class LoraMerge(Pass):
         "checkpoint.  targets= (comma list of Megatron or HF module names) must name exactly the "
         "modules that carry LoRA."
     )
-    options = (
-        Option("alpha", float, None, "LoRA alpha (default: from the checkpoint)"),
-        Option("rank", int, None, "LoRA rank r (default: from the checkpoint)"),
-        Option("targets", str, None, "modules expected to carry LoRA, e.g. linear_qkv,linear_proj"),
-    )
     requires = (WHOLE, HAS_LORA)  # whole: a DoRA row norm spans the input dim of row-parallel weights
     guarantees = "no LoRA tensors; base weights merged, dtype unchanged"
     optimizer_state = "drop"
     drop_reason = "the adapters' state has no counterpart in the merged weights (lora-merge)"
 
+    alpha: float | None = option(None, help="LoRA alpha (default: from the checkpoint)")
+    rank: int | None = option(None, help="LoRA rank r (default: from the checkpoint)", allowed=at_least(1))
+    targets: str | None = option(None, help="modules expected to carry LoRA, e.g. linear_qkv,linear_proj")
+
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        targets = tuple(t for t in (self.opt("targets") or "").split(",") if t)
-        spec = apply_lora_options(ckpt, self.opt("rank"), self.opt("alpha"), targets).spec
+        targets = tuple(t for t in (self.targets or "").split(",") if t)
+        spec = apply_lora_options(ckpt, self.rank, self.alpha, targets).spec
         out: dict[str, TensorNode] = {}
         for name, t in ckpt.tensors.items():
             if is_lora(name):
@@ -205,6 +214,7 @@ class LoraMerge(Pass):
 
 
 @register_pass
+@attrs.frozen
 class AttachLora(Pass):
     name = "attach-lora"
     summary = "Add the LoRA adapter at path= (a PEFT directory or a Megatron LoRA checkpoint) to the weights"
@@ -213,12 +223,13 @@ class AttachLora(Pass):
         "checkpoint (e.g. saved with a LoRA filter) must have the base's parallel layout.  Adapter "
         "tensors replace any LoRA the checkpoint already carries; only headers are read."
     )
-    options = (Option("path", str, None, "adapter directory", required=True),)
     guarantees = (
         "adapter tensors (LoRA A/B, DoRA magnitudes, saved copies) next to their base weights; the "
         "spec's LoRA settings (rank, alpha, rsLoRA, per-target alphas) from the adapter"
     )
     optimizer_state = "follow"  # the weights are unchanged; the adapters have no state of their own here
+
+    path: str = option(help="adapter directory")
 
     def requirements(self) -> tuple[Requirement, ...]:
         from ckpt_ir.frontends import peft

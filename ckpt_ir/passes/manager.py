@@ -1,10 +1,11 @@
 """Pass infrastructure: registry, typed options, MLIR-style pipeline text, and instrumentation.
 
-A pass is a small class with a ``name``, a one-line ``summary``, typed ``options``, what it
+A pass is a small frozen attrs class with a ``name``, a one-line ``summary``, what it
 ``requires`` of the checkpoint (:class:`Requirement` values the manager checks before running it)
-and ``guarantees`` about it; it transforms a Checkpoint and returns a new one.  Options are typed
-fields: they are validated when the pass is built, from pipeline text or from Python alike, and
-read as attributes (``self.factor`` for option ``factor``, ``self.keep_norms`` for ``keep-norms``).
+and ``guarantees`` about it, and its options as typed fields (:func:`option`); it transforms a
+Checkpoint and returns a new one.  Option values are checked when the pass is built, from pipeline
+text or from Python alike (``Shard(tp=-2)`` and ``shard{tp=-2}`` are usage errors naming the pass,
+the option and what it takes), and read as attributes (``self.keep_norms`` for ``keep-norms``).
 
 Optimizer state (``Checkpoint.states``) follows a pass only when the pass says so:
 ``optimizer_state = "follow"`` runs each state set through the pass like the weights (passes that
@@ -24,30 +25,101 @@ from __future__ import annotations
 import importlib
 import sys
 import time
+import types
+import typing
 from collections.abc import Callable
-from typing import Any, ClassVar, TextIO
+from typing import Any, ClassVar, TextIO, TypeVar
 
 import attrs
 
 from ckpt_ir.errors import UsageError, VerifyError
 from ckpt_ir.ir.checkpoint import Checkpoint
 
+OPTION = "ckpt_ir.option"  # attrs metadata key of an option field
+
+
+@attrs.frozen
+class Allowed:
+    """The values an option takes beyond its type: a test and what it says (``{type}`` stands for
+    the option's type) in errors and in ``ckpt-ir passes``.  For a tuple option the test applies
+    to each element."""
+
+    what: str
+    holds: Callable[[Any], bool] = attrs.field(eq=False)
+
+
+def one_of(*choices: str) -> Allowed:
+    return Allowed("one of " + ", ".join(choices), lambda v: v in choices)
+
+
+def at_least(n: int) -> Allowed:
+    return Allowed(f"{{type}} >= {n}", lambda v: v >= n)
+
+
+@attrs.frozen
+class _OptionMeta:
+    name: str | None
+    help: str
+    allowed: Allowed | None
+
+
+def option(
+    default: Any = attrs.NOTHING, *, help: str, allowed: Allowed | None = None, name: str | None = None
+) -> Any:
+    """A pass option: a keyword-only attrs field whose annotation is its type (``bool``, ``int``,
+    ``float``, ``str`` or ``tuple[int, ...]``, each optionally ``| None``); without a default it is
+    required.  ``name`` is its pipeline spelling (default: the field's, ``_`` as ``-``); ``help``
+    is shown by ``ckpt-ir passes``; ``allowed`` limits its values.  The value is checked (and an
+    int widened to float, a list to a tuple) when the pass is built, from pipeline text or from
+    Python alike: a bad one is a :class:`UsageError` naming the pass, the option and what it takes."""
+    return attrs.field(
+        default=default,
+        kw_only=True,
+        converter=attrs.Converter(_checked, takes_self=True, takes_field=True),
+        metadata={OPTION: _OptionMeta(name, help, allowed)},
+    )
+
+
+def _checked(value: Any, instance: Any, field: attrs.Attribute) -> Any:
+    return next(o for o in options_of(type(instance)) if o.attribute == field.name).check(value)
+
 
 @attrs.frozen
 class Option:
-    name: str
-    type: type[Any]  # int, float, str, bool, or tuple (a comma list of ints)
-    default: Any = None
+    """One option of a pass as pipeline text, ``ckpt-ir passes`` and errors see it, derived from an
+    :func:`option` field of the pass class."""
+
+    owner: str  # the pass's name
+    name: str  # pipeline spelling: keep-norms
+    attribute: str  # the field: keep_norms
+    type: type[Any]  # bool, int, float, str, or tuple (of ints)
+    optional: bool  # None is a value
+    default: Any  # attrs.NOTHING when required
     help: str = ""
-    required: bool = False
+    allowed: Allowed | None = None
 
     @property
-    def attribute(self) -> str:
-        """The Python attribute the value is read from: ``keep-norms`` -> ``keep_norms``."""
-        return self.name.replace("-", "_")
+    def required(self) -> bool:
+        return self.default is attrs.NOTHING
+
+    @property
+    def metavar(self) -> str:
+        return "i,j,.." if self.type is tuple else self.type.__name__
+
+    @property
+    def kind(self) -> str:
+        """What the option takes, e.g. ``int >= 1`` or ``one of local, te, te-input``."""
+        base = {tuple: "a comma-separated list of integers", bool: "true or false"}.get(
+            self.type, self.type.__name__
+        )
+        return self.allowed.what.format(type=base) if self.allowed else base
+
+    def error(self, value: Any) -> UsageError:
+        shown = self.format(value) if isinstance(value, tuple) else repr(value)
+        return UsageError(f"pass {self.owner}: option {self.name}={shown}: expected {self.kind}")
 
     def parse(self, text: str) -> Any:
-        """The value of this option written as pipeline text."""
+        """The value of this option written as pipeline text, checked."""
         try:
             if self.type is bool:
                 if text.lower() in ("1", "true", "yes", "on"):
@@ -56,14 +128,14 @@ class Option:
                     return False
                 raise ValueError
             if self.type is tuple:
-                return tuple(int(x) for x in text.split(",") if x.strip() != "")
-            return self.type(text)
+                return self.check(tuple(int(x) for x in text.split(",") if x.strip() != ""))
+            return self.check(self.type(text))
         except ValueError:
-            raise UsageError(f"option {self.name}={text!r}: expected {self.kind}") from None
+            raise self.error(text) from None
 
     def check(self, value: Any) -> Any:
         """A value given from Python, validated (and widened: int for float, list for tuple)."""
-        if value is None:
+        if value is None and self.optional:
             return None
         ok = {
             bool: lambda v: isinstance(v, bool),
@@ -74,27 +146,79 @@ class Option:
                 isinstance(v, (tuple, list))
                 and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
             ),
-        }.get(self.type, lambda v: True)
+        }[self.type]
         if not ok(value):
-            raise UsageError(f"option {self.name}={value!r}: expected {self.kind}")
-        if self.type is float:
-            return float(value)
-        return tuple(value) if self.type is tuple else value
-
-    @property
-    def kind(self) -> str:
-        return {tuple: "a comma-separated list of integers", bool: "true or false"}.get(
-            self.type, self.type.__name__
-        )
+            raise self.error(value)
+        value = float(value) if self.type is float else tuple(value) if self.type is tuple else value
+        if self.allowed and not all(map(self.allowed.holds, value if self.type is tuple else (value,))):
+            raise self.error(value)
+        return value
 
     def format(self, value: Any) -> str:
+        """``value`` as pipeline text (a string in double quotes where it needs them)."""
         if isinstance(value, tuple):
             return ",".join(map(str, value))
         if isinstance(value, bool):
             return "true" if value else "false"
         if isinstance(value, float):
             return f"{value:g}" if float(f"{value:g}") == value else repr(value)
-        return str(value)
+        return quote(str(value))
+
+
+def quote(text: str) -> str:
+    """``text`` as an option value of pipeline text: as it is, or in double quotes (a backslash or
+    double quote inside escaped by a backslash) when it is empty or holds whitespace, a brace or a
+    double quote."""
+    if text and not any(c.isspace() or c in '{}"' for c in text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _value_type(cls: type, field: str, hint: Any) -> tuple[type[Any], bool]:
+    """(type, whether None is allowed) of an option annotated ``hint``."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    rest = [a for a in args if a is not type(None)]
+    if len(rest) == 1 and rest[0] in (bool, int, float, str):
+        return rest[0], len(rest) < len(args)
+    if len(rest) == 1 and typing.get_origin(rest[0]) is tuple and typing.get_args(rest[0]) == (int, ...):
+        return tuple, len(rest) < len(args)
+    raise TypeError(
+        f"pass {cls.__name__}: option {field} is {hint}; an option is bool, int, float, str or "
+        f"tuple[int, ...], or one of those | None"
+    )
+
+
+_OPTIONS: dict[type, tuple[Option, ...]] = {}
+
+
+def options_of(cls: type) -> tuple[Option, ...]:
+    """The options of pass class ``cls``: its :func:`option` fields, in declaration order."""
+    if cls not in _OPTIONS:
+        _OPTIONS[cls] = _derive_options(cls) if attrs.has(cls) else ()
+    return _OPTIONS[cls]
+
+
+def _derive_options(cls: type) -> tuple[Option, ...]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in attrs.fields(cls):
+        meta = f.metadata.get(OPTION)
+        if meta is None:
+            continue
+        kind, optional = _value_type(cls, f.name, hints[f.name])
+        out.append(
+            Option(
+                owner=getattr(cls, "name", "") or cls.__name__,
+                name=meta.name or f.name.replace("_", "-"),
+                attribute=f.name,
+                type=kind,
+                optional=optional,
+                default=f.default,
+                help=meta.help,
+                allowed=meta.allowed,
+            )
+        )
+    return tuple(out)
 
 
 @attrs.frozen
@@ -144,13 +268,14 @@ HAS_LORA = Requirement("LoRA tensors", lambda c: c.spec.lora_rank is not None, "
 MOE = Requirement("a mixture-of-experts model", lambda c: bool(c.spec.num_experts))
 
 
+@attrs.frozen
 class Pass:
-    """Base class.  Subclasses set the class attributes and implement :meth:`run`."""
+    """Base class.  Subclasses set the class attributes, declare their options as :func:`option`
+    fields of an ``@attrs.frozen`` class, and implement :meth:`run`."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    options: ClassVar[tuple[Option, ...]] = ()
     # preconditions the manager checks (a plain string is documentation only, for older plugins)
     requires: ClassVar[tuple[Requirement, ...] | str] = ()
     guarantees: ClassVar[str] = "-"
@@ -160,29 +285,9 @@ class Pass:
     optimizer_state: ClassVar[str] = "drop"
     drop_reason: ClassVar[str] = ""  # why, recorded with the dropped state (when optimizer_state is "drop")
 
-    def __init__(self, **values: Any) -> None:
-        known = {o.name: o for o in self.options}
-        known.update({o.attribute: o for o in self.options})
-        for k in values:
-            if k not in known:
-                raise UsageError(
-                    f"pass {self.name}: unknown option {k!r}; options: "
-                    f"{', '.join(o.name for o in self.options) or '(none)'}"
-                )
-        given = {known[k].name: known[k].check(v) for k, v in values.items()}
-        self.values = {o.name: given.get(o.name, o.default) for o in self.options}
-        for o in self.options:
-            if o.required and self.values[o.name] is None:
-                raise UsageError(f"pass {self.name}: option {o.name} is required")
-
-    def __getattr__(self, attr: str) -> Any:
-        for o in type(self).options:
-            if o.attribute == attr:
-                return self.__dict__["values"][o.name]
-        raise AttributeError(f"{type(self).__name__} has no attribute or option {attr!r}")
-
-    def opt(self, name: str) -> Any:
-        return self.values[name]
+    @classmethod
+    def options(cls) -> tuple[Option, ...]:
+        return options_of(cls)
 
     def requirements(self) -> tuple[Requirement, ...]:
         """The preconditions of this pass instance (a pass may make them depend on its options)."""
@@ -214,25 +319,21 @@ class Pass:
         return self.run(ckpt)
 
     def __str__(self) -> str:
-        set_opts = [
-            f"{o.name}={o.format(self.values[o.name])}"
-            for o in self.options
-            if self.values[o.name] is not None and self.values[o.name] != o.default
-        ]
+        """Pipeline text: the name, and the options whose values differ from their defaults."""
+        set_opts = []
+        for o in self.options():
+            value = getattr(self, o.attribute)
+            if value is not None and value != o.default:
+                set_opts.append(f"{o.name}={o.format(value)}")
         return self.name + ("{" + " ".join(set_opts) + "}" if set_opts else "")
 
-    def __repr__(self) -> str:
-        return f"<pass {self}>"
 
-
+@attrs.frozen
 class FunctionPass(Pass):
     """A plain ``Checkpoint -> Checkpoint`` function used as a pass (``api.run`` accepts them)."""
 
     optimizer_state = "drop"
-
-    def __init__(self, fn: Callable[[Checkpoint], Checkpoint]) -> None:
-        super().__init__()
-        self.fn = fn
+    fn: Callable[[Checkpoint], Checkpoint]
 
     @property  # type: ignore[override]
     def name(self) -> str:  # type: ignore[override]
@@ -243,12 +344,24 @@ class FunctionPass(Pass):
 
 
 _PASSES: dict[str, type[Pass]] = {}
+_FIELD = type(attrs.field())  # an option() not yet made a field by @attrs.frozen
+P = TypeVar("P", bound=Pass)
 
 
-def register_pass(cls: type[Pass]) -> type[Pass]:
+def register_pass(cls: type[P]) -> type[P]:
     """Class decorator: make a pass available by name to pipelines, the CLI and ``ckpt-ir passes``."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
+    if isinstance(getattr(cls, "options", None), tuple):
+        raise TypeError(
+            f"pass {cls.name}: declare options as fields (name: type = option(...)), not as an "
+            f"options tuple; see docs/writing-a-pass.md"
+        )
+    if any(isinstance(v, _FIELD) for v in vars(cls).values()):
+        raise TypeError(
+            f"pass {cls.name}: a class with option fields needs @attrs.frozen under @register_pass"
+        )
+    options_of(cls)  # an option of a type pipeline text cannot give fails here, not when used
     _PASSES[cls.name] = cls
     return cls
 
@@ -308,7 +421,8 @@ def _caret(text: str, pos: int, msg: str) -> UsageError:
 
 
 def parse_pipeline(text: str) -> Pipeline:
-    """Parse ``a,b{k=v k2=v2},c``; errors point at the bad token."""
+    """Parse ``a,b{k=v k2=v2},c`` (a value with spaces or braces in double quotes:
+    ``attach-lora{path="my adapter"}``); errors point at the bad token."""
     reg = registry()
     out = Pipeline()
     i, n = 0, len(text)
@@ -331,15 +445,15 @@ def parse_pipeline(text: str) -> Pipeline:
                 else f"; known passes: {', '.join(sorted(reg))}"
             )
             raise _caret(text, start, f"unknown pass {name!r}{hint}")
-        values: dict[str, Any] = {}
+        tokens: list[tuple[str, int, str, int]] = []
         while i < n and text[i].isspace():
             i += 1
         if i < n and text[i] == "{":
-            close_at = text.find("}", i)
-            if close_at < 0:
-                raise _caret(text, i, "unclosed '{'")
-            values = _parse_options(reg[name], text, i + 1, close_at)
-            i = close_at + 1
+            tokens, i = _option_tokens(reg[name], text, i)
+        values = _parse_options(reg[name], text, tokens)
+        missing = [o.name for o in reg[name].options() if o.required and o.attribute not in values]
+        if missing:
+            raise _caret(text, start, f"pass {name}: option {missing[0]} is required")
         try:
             out.append(reg[name](**values))
         except UsageError as e:
@@ -353,30 +467,66 @@ def parse_pipeline(text: str) -> Pipeline:
         i += 1
 
 
-def _parse_options(cls: type[Pass], text: str, a: int, b: int) -> dict[str, Any]:
-    opts = {o.name: o for o in cls.options}
-    values: dict[str, Any] = {}
-    i = a
-    while i < b:
-        while i < b and text[i].isspace():
+def _option_tokens(cls: type[Pass], text: str, brace: int) -> tuple[list[tuple[str, int, str, int]], int]:
+    """The ``key=value`` tokens of the option block opening at ``brace``, as (key, where it starts,
+    value text unquoted, where it starts), and the index after the closing brace."""
+    tokens: list[tuple[str, int, str, int]] = []
+    i, n = brace + 1, len(text)
+    while True:
+        while i < n and text[i].isspace():
             i += 1
-        if i >= b:
-            break
+        if i == n:
+            raise _caret(text, brace, "unclosed '{'")
+        if text[i] == "}":
+            return tokens, i + 1
         start = i
-        while i < b and not text[i].isspace():
+        while i < n and not text[i].isspace() and text[i] not in "=}":
             i += 1
-        token = text[start:i]
-        if "=" not in token:
-            raise _caret(text, start, f"expected key=value in options of {cls.name}, found {token!r}")
-        key, val = token.split("=", 1)
+        if i == n:
+            raise _caret(text, brace, "unclosed '{'")
+        if text[i] != "=":
+            raise _caret(text, start, f"expected key=value in options of {cls.name}, found {text[start:i]!r}")
+        i += 1
+        at = i
+        if i < n and text[i] == '"':
+            value, i = _quoted(text, i)
+            if i < n and not text[i].isspace() and text[i] != "}":
+                raise _caret(text, i, "expected a space or '}' after a quoted value")
+        else:
+            while i < n and not text[i].isspace() and text[i] != "}":
+                i += 1
+            value = text[at:i]
+        tokens.append((text[start : at - 1], start, value, at))
+
+
+def _quoted(text: str, quote_at: int) -> tuple[str, int]:
+    """The string in double quotes at ``quote_at`` (backslash escapes the next character), and the
+    index after its closing quote."""
+    chars = []
+    i = quote_at + 1
+    while i < len(text) and text[i] != '"':
+        if text[i] == "\\" and i + 1 < len(text):
+            i += 1
+        chars.append(text[i])
+        i += 1
+    if i == len(text):
+        raise _caret(text, quote_at, "unclosed '\"'")
+    return "".join(chars), i + 1
+
+
+def _parse_options(cls: type[Pass], text: str, tokens: list[tuple[str, int, str, int]]) -> dict[str, Any]:
+    """Typed, checked option values by attribute name."""
+    opts = {o.name: o for o in cls.options()}
+    values: dict[str, Any] = {}
+    for key, start, value, at in tokens:
         if key not in opts:
             raise _caret(
                 text, start, f"pass {cls.name} has no option {key!r}; options: {', '.join(opts) or '(none)'}"
             )
         try:
-            values[key] = opts[key].parse(val)
+            values[opts[key].attribute] = opts[key].parse(value)
         except UsageError as e:
-            raise _caret(text, start + len(key) + 1, str(e)) from None
+            raise _caret(text, at, str(e)) from None
     return values
 
 

@@ -8,10 +8,11 @@ from ckpt_ir.ir import layout as L
 from ckpt_ir.ir.checkpoint import Checkpoint, gather_exprs, shard_expr
 from ckpt_ir.ir.names import is_expert
 from ckpt_ir.ir.roles import split_rule
-from ckpt_ir.passes.manager import GATHERED, MOE, NO_NOOP, SINGLE_STAGE, Option, Pass, register_pass
+from ckpt_ir.passes.manager import GATHERED, MOE, NO_NOOP, SINGLE_STAGE, Pass, at_least, option, register_pass
 
 
 @register_pass
+@attrs.frozen
 class Shard(Pass):
     name = "shard"
     summary = "Split tensors over TP ranks and place layers on PP stages / VPP chunks"
@@ -20,28 +21,31 @@ class Shard(Pass):
         "ones (linear_proj, fc2) on dim 1, norms are replicated.  Pipeline placement only sets the "
         "layout: an even split, a per-stage --num-layer-list, or VPP chunks of vpp-layers each."
     )
-    options = (
-        Option("tp", int, 1, "tensor parallel size"),
-        Option("pp", int, 1, "pipeline parallel size"),
-        Option("vpp-layers", int, None, "layers per virtual pipeline stage"),
-        Option("num-layer-list", tuple, None, "layers per pipeline stage, e.g. 2,6"),
-        Option("ep", int, 1, "expert parallel size (MoE)"),
-        Option("etp", int, None, "expert tensor parallel size: 1 (whole experts) or tp (default)"),
-    )
     requires = (GATHERED,)
     guarantees = "split tensors have tp shards (experts: etp shards); layout tp/pp/vpp/layer list/ep/etp set"
     optimizer_state = "follow"
 
+    tp: int = option(1, help="tensor parallel size", allowed=at_least(1))
+    pp: int = option(1, help="pipeline parallel size", allowed=at_least(1))
+    vpp_layers: int | None = option(None, help="layers per virtual pipeline stage", allowed=at_least(1))
+    num_layer_list: tuple[int, ...] | None = option(
+        None, help="layers per pipeline stage, e.g. 2,6", allowed=at_least(1)
+    )
+    ep: int = option(1, help="expert parallel size (MoE)", allowed=at_least(1))
+    etp: int | None = option(
+        None, help="expert tensor parallel size: 1 (whole experts) or tp (default)", allowed=at_least(1)
+    )
+
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        etp = self.opt("etp")
+        etp = self.etp
         layout = attrs.evolve(
             ckpt.layout,
-            tp=self.opt("tp"),
-            pp=self.opt("pp"),
-            vpp_layers=self.opt("vpp-layers"),
-            num_layer_list=self.opt("num-layer-list"),
-            ep=self.opt("ep"),
-            etp=None if etp is None or etp == self.opt("tp") else etp,
+            tp=self.tp,
+            pp=self.pp,
+            vpp_layers=self.vpp_layers,
+            num_layer_list=self.num_layer_list,
+            ep=self.ep,
+            etp=None if etp is None or etp == self.tp else etp,
         )
         L.validate(ckpt.spec, layout)
         L.expert_rank_files(layout)  # TP/EP compatibility with expert TP = 1
@@ -103,6 +107,7 @@ class UngroupExperts(Pass):
 
 
 @register_pass
+@attrs.frozen
 class InsertNoopLayers(Pass):
     name = "insert-noop-layers"
     summary = "Insert identity (no-op) layers at global Megatron layer indices, for pipeline balance"
@@ -110,17 +115,16 @@ class InsertNoopLayers(Pass):
         "No-op layers have no parameters: nothing is written for them, and the real layers fill the "
         "other positions in order, so a stage's local layer numbers have gaps at no-op slots."
     )
-    options = (
-        Option(
-            "layers", tuple, None, "global Megatron indices of the no-op layers, e.g. 94,95", required=True
-        ),
-    )
     requires = (NO_NOOP,)
     guarantees = "layout.noop_layers set; Megatron num_layers = real layers + no-op count"
     optimizer_state = "follow"
 
+    layers: tuple[int, ...] = option(
+        help="global Megatron indices of the no-op layers, e.g. 94,95", allowed=at_least(0)
+    )
+
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        layout = attrs.evolve(ckpt.layout, noop_layers=self.opt("layers"))
+        layout = attrs.evolve(ckpt.layout, noop_layers=self.layers)
         L.validate(ckpt.spec, layout)
         return ckpt.with_tensors(dict(ckpt.tensors), layout=layout)
 

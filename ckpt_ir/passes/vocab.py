@@ -10,7 +10,7 @@ from ckpt_ir.errors import UsageError
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.names import VOCAB_ROLES, role_of
-from ckpt_ir.passes.manager import UNPADDED, WHOLE, Option, Pass, register_pass
+from ckpt_ir.passes.manager import UNPADDED, WHOLE, Pass, at_least, option, register_pass
 
 
 def padded_size(vocab: int, divisible_by: int, tp: int) -> int:
@@ -20,27 +20,32 @@ def padded_size(vocab: int, divisible_by: int, tp: int) -> int:
 
 
 @register_pass
+@attrs.frozen
 class PadVocab(Pass):
     name = "pad-vocab"
     summary = "Pad embedding and output-layer rows (copies of the last row) to a padded vocab size"
-    options = (
-        Option("size", int, None, "padded row count"),
-        Option("divisible-by", int, None, "pad to a multiple of divisible-by x tp (Megatron's rule)"),
-        Option("tp", int, 1, "tensor parallel size used with divisible-by"),
-    )
     requires = (WHOLE, UNPADDED)
     guarantees = "embed/lm_head have layout.padded_vocab rows; spec.vocab_size is the true size"
     optimizer_state = "follow"  # see run_state: padding rows get zero moments
+
+    size: int | None = option(None, help="padded row count", allowed=at_least(1))
+    divisible_by: int | None = option(
+        None, help="pad to a multiple of divisible-by x tp (Megatron's rule)", allowed=at_least(1)
+    )
+    tp: int = option(1, help="tensor parallel size used with divisible-by", allowed=at_least(1))
+
+    def __attrs_post_init__(self) -> None:
+        if self.size is None and self.divisible_by is None:
+            raise UsageError("pass pad-vocab: give option size= or divisible-by=")
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
         return self._pad(ckpt, self._size(ckpt), zero=False)
 
     def _size(self, ckpt: Checkpoint) -> int:
-        size = self.opt("size")
+        size = self.size
         if size is None:
-            if not self.opt("divisible-by"):
-                raise UsageError("pad-vocab needs size= or divisible-by=")
-            size = padded_size(ckpt.spec.vocab_size, self.opt("divisible-by"), self.opt("tp"))
+            assert self.divisible_by is not None  # one of them is given (__attrs_post_init__)
+            size = padded_size(ckpt.spec.vocab_size, self.divisible_by, self.tp)
         if size < ckpt.spec.vocab_size:
             raise UsageError(f"pad-vocab: size {size} is smaller than the vocabulary {ckpt.spec.vocab_size}")
         return size
