@@ -349,7 +349,7 @@ def test_every_command_takes_plugin(command):
 
 
 def test_every_command_is_in_the_plugin_test():
-    from ckpt_ir.cli import COMMANDS
+    from ckpt_ir.commands.cli import COMMANDS
 
     assert sorted(c[0] for c in EVERY_COMMAND) == sorted(COMMANDS)
 

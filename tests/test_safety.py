@@ -302,7 +302,7 @@ FULL_DISK = (
     "    return call\n"
     "os.pwrite = full(os.pwrite, lambda a: len(a[1]))\n"
     "os.copy_file_range = full(os.copy_file_range, lambda a: a[2])\n"
-    "from ckpt_ir.cli import main\n"
+    "from ckpt_ir.commands.cli import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
 
