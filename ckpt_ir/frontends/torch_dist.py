@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -349,8 +350,8 @@ def _bucket_states(
         what
         for what, yes in (
             ("context parallelism", a("context_parallel_size") != 1),
-            ("grouped-GEMM experts", args.get("moe_grouped_gemm")),
-            ("multi-token prediction with PP > 1", spec.mtp_layers and pp > 1),
+            ("grouped-GEMM experts", bool(args.get("moe_grouped_gemm"))),
+            ("multi-token prediction with PP > 1", spec.mtp_layers > 0 and pp > 1),
         )
         if yes
     ]
@@ -380,7 +381,9 @@ def _bucket_states(
     chunks = 1 + max(c for _, c in content)
     tied = spec.tied_embeddings
     # (optimizer, experts?, its DP size, its model-parallel ranks: (index, TP shard, EP rank) per stage)
-    optimizers = [(0, False, dp, lambda stage: [(r + tp * stage, r, None) for r in range(tp)])]
+    optimizers: list[tuple[int, bool, int, Callable[[int], list[tuple[int, int, int | None]]]]] = [
+        (0, False, dp, lambda stage: [(r + tp * stage, r, None) for r in range(tp)])
+    ]
     if spec.num_experts:
         optimizers.append(
             (
@@ -403,7 +406,9 @@ def _bucket_states(
     expected: set[tuple[int, int, int, int]] = set()
     dtype_key = None
     for opt, experts, opt_dp, mp_ranks in optimizers:
-        gbuf = {}  # (stage, chunk) -> buffer index: Megatron counts only chunks with parameters of its own
+        gbuf: dict[
+            tuple[int, int], int
+        ] = {}  # (stage, chunk) -> buffer index: Megatron counts only chunks with parameters of its own
         for stage, chunk in sorted(content):
             mine = [
                 e
@@ -419,10 +424,10 @@ def _bucket_states(
                         continue
                     whole, rule = tensors[e.canon[0]].shape, rule_of(e.canon[0])
                     n = etp if experts else tp
-                    shape = list(whole)
+                    local_shape = list(whole)
                     if rule is not None and n > 1:
-                        shape[rule.dim] //= n
-                    local[e.key] = (e.canon[0], tuple(shape))
+                        local_shape[rule.dim] //= n
+                    local[e.key] = (e.canon[0], tuple(local_shape))
                     n_shards[e.canon[0]] = n
                 keys = distopt.registration_order(list(local)) or list(local)
                 params = [(k, math.prod(local[k][1])) for k in keys]
@@ -448,7 +453,9 @@ def _bucket_states(
                                 f"parameter layout gives F32 [{bucket_size}] for that bucket; the args do "
                                 f"not match how the optimizer state was saved"
                             )
-                        dtype_key = dtype_key or _BUCKET.match(key).group(4)
+                        m = _BUCKET.match(key)
+                        assert m is not None  # _bucket_keys kept only the keys it matched
+                        dtype_key = dtype_key or m.group(4)
                 for k, numel in params:
                     b, off = lay.in_bucket[k]
                     canon, shape = local[k]
@@ -467,8 +474,12 @@ def _bucket_states(
         nodes = {}
         for canon, ranks in by_name.items():
             rule, n = rule_of(canon), n_shards[canon]
-            parts = tuple(ranks[r] for r in range(n)) if rule is not None and n > 1 else (ranks[0],)
-            nodes[canon] = TensorNode.whole(canon, gather_exprs(parts, rule) if len(parts) > 1 else parts[0])
+            whole_expr = (
+                gather_exprs(tuple(ranks[r] for r in range(n)), rule)
+                if rule is not None and n > 1
+                else ranks[0]
+            )
+            nodes[canon] = TensorNode.whole(canon, whole_expr)
         sets[which] = nodes
     if dtype_key is None:
         raise FormatError(f"{where}: no dp_reshardable optimizer state found")
@@ -494,6 +505,7 @@ def _mcore_entries(spec, entry, te: bool) -> list:
     if not spec.mla or prefix is None or len(entry.canon) != 1:
         return [entry]
     layer, rest = split_layer(entry.canon[0])
+    assert layer is not None  # a decoder / MTP layer's key names a layer's tensor
     if rest == "attn.qkv_a.weight":
         q = "attn.q_a.weight" if spec.q_lora_rank else "attn.q.weight"
         return [
@@ -584,6 +596,7 @@ def _names(
     """[(canonical name, index into the stored tensor's leading axes)] for one stored key, or None
     when the key means nothing to us.  Multi-token-prediction layer k (``mtp.layers.<k>.``) is
     model layer ``num_layers + k``; ``mla``: Megatron-Core's own MLA keys."""
+    layers: list[tuple[int, str, tuple[int, ...]]]  # (model layer, key below it, index into the stack)
     m = _MTP.match(key)
     if m:
         layer, rest = num_layers + int(m.group(1)), m.group(2)
@@ -605,7 +618,7 @@ def _names(
     else:
         canon = M.canonical_key(key, 0, 0, tables)
         return None if canon is None else [(_resolve(canon), ())]
-    out = []
+    out: list[tuple[str, tuple[int, ...]]] = []
     for i, rest, index in layers:
         m = _STACKED_EXPERTS.match(rest)
         if m:

@@ -195,9 +195,12 @@ _FULL_QK_NORM = {
 }
 
 
-def _layer_keys(mla: bool, full_qk_norm: bool, family: str | None = None, gated: bool = True):
+KeyPairs = tuple[tuple[str, str], ...]  # (Megatron key template, canonical template)
+
+
+def _layer_keys(mla: bool, full_qk_norm: bool, family: str | None = None, gated: bool = True) -> KeyPairs:
     """The decoder-layer keys; a plain (not gated) MLP's linear_fc1 is the canonical fc1."""
-    keys = _MLA_LAYER_KEYS if mla else _LAYER_KEYS
+    keys: KeyPairs = _MLA_LAYER_KEYS if mla else _LAYER_KEYS
     if full_qk_norm:
         keys = tuple((m, _FULL_QK_NORM.get(c, c)) for m, c in keys)
     if family is not None:  # a family's own keys for some roles (Gemma 3's post norms, Megatron-Bridge)
@@ -208,7 +211,7 @@ def _layer_keys(mla: bool, full_qk_norm: bool, family: str | None = None, gated:
     return keys if gated else tuple((m, c.replace(".gate_up.", ".fc1.")) for m, c in keys)
 
 
-def _table(keys, norm_names: str) -> NameTable:
+def _table(keys: KeyPairs, norm_names: str) -> NameTable:
     if norm_names == "local":
         return NameTable(keys)
     renames = (
