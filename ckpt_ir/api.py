@@ -474,7 +474,7 @@ def convert(
     lift ``src``, run ``pipeline`` (default: :func:`derive_pipeline`), check the result against
     ``target``, plan the output once, and write it to ``dst`` atomically (not when ``dry_run``).
     ``load_options`` go to :func:`load` (``allow_unused``, ``hf_config``, ``family``,
-    ``weights_from``, ``optimizer_layout``); ``announce`` is called with the pipeline before it runs."""
+    ``weights_from``, ``optimizer_layout``, ``iteration``); ``announce`` is called with the pipeline before it runs."""
     from ckpt_ir.backends.execute import execute
     from ckpt_ir.io.atomic import check_destination
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from ckpt_ir.commands.common import (
     Parser,
     add_ir_flags,
+    add_iteration_flag,
     add_plugin_flag,
     add_replicas_flag,
     int_list,
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="source checkpoint directory (HF or Megatron-Core), or one .safetensors file beside "
         "its config.json",
     )
+    add_iteration_flag(c)
     c.add_argument("dst", help="destination directory (written atomically; missing parents are created)")
     c.add_argument(
         "--to",
@@ -219,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="print a checkpoint's IR (spec, layout, one line per tensor)")
     i.add_argument("path")
+    add_iteration_flag(i)
     i.add_argument("--format", choices=("text", "json", "dot"), default="text")
     i.add_argument("--allow-unused", metavar="PATTERN", action="append", default=[])
     add_replicas_flag(i)
@@ -254,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("a")
     d.add_argument("b")
+    add_iteration_flag(d, "A or B")
     d.add_argument("--json", action="store_true", help="machine-readable report")
     d.add_argument("--atol", type=float, default=0.0, help="treat differences up to ATOL as equal")
     add_plugin_flag(d)
@@ -387,7 +391,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     # --hf-config also describes a Megatron source whose args carry no HF config
     hf_cfg = (
         read_config(args.hf_config)
-        if args.hf_config and detect(args.src) in ("mcore", "torch_dist")
+        if args.hf_config and detect(args.src, args.iteration) in ("mcore", "torch_dist")
         else None
     )
     layout = {"dp": args.source_dp, "bucket_size": args.source_bucket_size, "align": args.source_param_align}
@@ -402,6 +406,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             "optimizer_layout": layout,
             "family": args.model_type_hf,
             "replicas": args.replicas,
+            "iteration": args.iteration,
         },
     )
 
@@ -420,6 +425,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         optimizer=args.optimizer,
         family=args.model_type_hf,
         replicas=args.replicas,
+        iteration=args.iteration,
     )
     if ckpt.meta.get("family_from_args"):
         print(f"ckpt-ir: {ckpt.meta['family_from_args']}", file=sys.stderr)
@@ -430,7 +436,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     from ckpt_ir.commands.diff import diff, format_report
 
-    report = diff(args.a, args.b, atol=args.atol, hf_config=args.hf_config)
+    report = diff(args.a, args.b, atol=args.atol, hf_config=args.hf_config, iteration=args.iteration)
     if args.json:
         import json
 

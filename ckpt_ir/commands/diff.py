@@ -8,9 +8,17 @@ from __future__ import annotations
 from typing import Any
 
 
-def diff(a: str, b: str, *, atol: float = 0.0, hf_config: str | None = None) -> dict[str, Any]:
+def diff(
+    a: str,
+    b: str,
+    *,
+    atol: float = 0.0,
+    hf_config: str | None = None,
+    iteration: int | str | None = None,
+) -> dict[str, Any]:
     """``hf_config``: a directory whose config.json describes a Megatron side whose args do not
-    (plain Megatron-LM args), as ``convert --hf-config``."""
+    (plain Megatron-LM args), as ``convert --hf-config``; ``iteration``: the iteration read from
+    each Megatron side that is a save directory (default its latest)."""
     import torch
 
     import ckpt_ir.api as ck
@@ -21,7 +29,8 @@ def diff(a: str, b: str, *, atol: float = 0.0, hf_config: str | None = None) -> 
     cfg = read_config(hf_config) if hf_config else None
 
     def canonical(path: str):
-        c = ck.load(path, hf_config=cfg if detect(path) in ("mcore", "torch_dist") else None)
+        megatron = detect(path, iteration) in ("mcore", "torch_dist")
+        c = ck.load(path, hf_config=cfg if megatron else None, iteration=iteration if megatron else None)
         if c.meta.get("family_from_args"):
             import sys
 

@@ -9,7 +9,9 @@ from ckpt_ir.errors import FormatError
 from ckpt_ir.ir.checkpoint import Checkpoint
 
 
-def detect(path: str) -> str:
+def detect(path: str, iteration: int | str | None = None) -> str:
+    """The format of the checkpoint at ``path`` (``iteration``: the one of a Megatron save
+    directory that decides between ``torch_dist`` and ``mcore``, default the latest)."""
     from ckpt_ir.frontends import hf, mcore, torch_dist
 
     if not os.path.exists(path):
@@ -22,7 +24,7 @@ def detect(path: str) -> str:
         )
     if hf.detect(path):
         return "hf"
-    if torch_dist.detect(path):  # before mcore: both live in Megatron iter_* directories
+    if torch_dist.detect(path, iteration):  # before mcore: both live in Megatron iter_* directories
         return "torch_dist"
     if mcore.detect(path):
         return "mcore"
@@ -42,12 +44,19 @@ def load(
     optimizer: bool = False,
     optimizer_layout: dict[str, int | None] | None = None,
     replicas: str = "check",
+    iteration: int | str | None = None,
 ) -> Checkpoint:
     """Lift any supported checkpoint directory.  ``weights_from="master"``: a Megatron checkpoint's
     weights come from its distributed optimizer's fp32 master copies; ``optimizer=True``: lift its
     optimizer state too (``Checkpoint.states``), when it has any.  ``replicas``: how a Megatron
-    checkpoint's copies of replicated tensors are compared (``check``, ``check-all``, ``take-rank0``)."""
-    fmt = detect(path)
+    checkpoint's copies of replicated tensors are compared (``check``, ``check-all``, ``take-rank0``).
+    ``iteration``: which iteration of a Megatron save directory to read (a number or ``release``;
+    default the latest)."""
+    fmt = detect(path, iteration)
+    if iteration is not None and fmt not in ("mcore", "torch_dist"):
+        from ckpt_ir.errors import UsageError
+
+        raise UsageError(f"{path}: an HF checkpoint has no iterations; only a Megatron checkpoint has")
     if weights_from != "model" and fmt not in ("mcore", "torch_dist"):
         from ckpt_ir.errors import UsageError
 
@@ -69,6 +78,7 @@ def load(
             optimizer=optimizer,
             weights_from=weights_from,
             family=family,
+            iteration=iteration,
         )
     from ckpt_ir.frontends import mcore
 
@@ -81,4 +91,5 @@ def load(
         optimizer_layout=optimizer_layout,
         family=family,
         replicas=replicas,
+        iteration=iteration,
     )

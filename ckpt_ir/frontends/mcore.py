@@ -32,7 +32,7 @@ from ckpt_ir.megatron.lift import ArgReader, spec_from_args
 
 
 def detect(path: str) -> bool:
-    if os.path.isfile(os.path.join(path, "latest_checkpointed_iteration.txt")):
+    if os.path.isfile(os.path.join(path, M.TRACKER)):
         return True
     try:
         names = os.listdir(path)
@@ -51,8 +51,10 @@ def lift(
     optimizer_layout: dict[str, int | None] | None = None,
     family: str | None = None,
     replicas: str = "check",
+    iteration: int | str | None = None,
 ) -> Checkpoint:
-    """``family``: the model family when the args do not say (default: inferred from them).
+    """``iteration``: which iteration of a save directory to read (a number or ``release``; default
+    the latest, see :func:`~ckpt_ir.megatron.keys.iteration_dir`).  ``family``: the model family when the args do not say (default: inferred from them).
     ``weights_from="master"`` takes every parameter from the distributed optimizer's fp32 master
     copy (``distrib_optim.pt``) instead of the model's (e.g. bf16) weights.  ``optimizer=True``
     also lifts the distributed-optimizer state (when the checkpoint has it) into ``states``.
@@ -62,7 +64,7 @@ def lift(
     :func:`check_replicas`."""
     if replicas not in REPLICA_MODES:
         raise ValueError(f"replicas={replicas!r}: choose one of {', '.join(REPLICA_MODES)}")
-    it_dir, iteration = M.iteration_dir(path)
+    it_dir, iteration = M.iteration_dir(path, iteration)
     found: dict[tuple[int, int | None, int | None], str] = {}
     for n in sorted(os.listdir(it_dir)):
         m = M.RANK_DIR.match(n)
@@ -79,6 +81,10 @@ def lift(
         raise FormatError(f"{first.path}: not a Megatron checkpoint dict")
     args = megatron_args.args_dict(first.obj.get("args"), first.path)
     a = ArgReader(args, first.path)
+    said_by = it_dir  # what gives the iteration every rank file must hold
+    if iteration is None:  # an iteration directory whose name does not say which: its files do
+        said_by, stored = first.path, first.obj.get("iteration")
+        iteration = stored if isinstance(stored, int) else 1
     tp = a.size("tensor_model_parallel_size")
     pp = a.size("pipeline_model_parallel_size")
     ep = a.size("expert_model_parallel_size")
@@ -175,7 +181,7 @@ def lift(
         it2 = z.obj.get("iteration")
         if it2 is not None and iteration != "release" and it2 != iteration:
             raise FormatError(
-                f"{f}: iteration {it2} but the tracker says {iteration}; the directory mixes iterations"
+                f"{f}: iteration {it2}, but {said_by} is iteration {iteration}; the directory mixes iterations"
             )
         chunk_keys = distopt.chunk_keys(z.obj)
         if not chunk_keys:

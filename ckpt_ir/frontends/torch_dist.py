@@ -32,7 +32,7 @@ from typing import Any
 
 import attrs
 
-from ckpt_ir.errors import FormatError
+from ckpt_ir.errors import CkptIrError, FormatError
 from ckpt_ir.io.dcp import ChunkResolver, DcpTensor, read_metadata
 from ckpt_ir.io.torchzip import TorchZip
 from ckpt_ir.ir import expr as E
@@ -47,7 +47,7 @@ from ckpt_ir.megatron import keys as M
 from ckpt_ir.megatron import lift as lift_tail
 from ckpt_ir.megatron.lift import spec_from_args
 
-METADATA_JSON = "metadata.json"
+METADATA_JSON = M.TORCH_DIST_METADATA
 COMMON = "common.pt"
 COMMON_STATE = "common_state"  # Megatron-Core 0.19+: the common state as a DCP bytes entry
 STATE_PREFIX = "optimizer.state."
@@ -61,22 +61,14 @@ _ONE_EXPERT = re.compile(
 _REFUSED = "re-save it with --dist-ckpt-optim-fully-reshardable, or convert the weights only (--no-optimizer)"
 
 
-def _checkpoint_dir(path: str) -> tuple[str, Any]:
-    """(iteration directory, iteration or None) for ``path``: an ``iter_N`` directory itself or a
-    Megatron save directory (tracker file / one ``iter_*``)."""
-    if os.path.isfile(os.path.join(path, METADATA_JSON)):
-        name = os.path.basename(os.path.normpath(path))
-        return path, int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else None
-    return M.iteration_dir(path)
-
-
-def detect(path: str) -> bool:
-    """A ``torch_dist`` iteration directory, or a Megatron save directory whose iteration is one."""
+def detect(path: str, iteration: int | str | None = None) -> bool:
+    """A ``torch_dist`` iteration directory, or a Megatron save directory whose iteration (the
+    latest, or ``iteration``) is one."""
     if not os.path.isdir(path):
         return False
     try:
-        it_dir, _ = _checkpoint_dir(path)
-    except (FormatError, OSError, ValueError):
+        it_dir, _ = M.iteration_dir(path, iteration)
+    except (CkptIrError, OSError, ValueError):
         return False
     return os.path.isfile(os.path.join(it_dir, METADATA_JSON))
 
@@ -89,11 +81,12 @@ def lift(
     optimizer: bool = False,
     weights_from: str = "model",
     family: str | None = None,
+    iteration: int | str | None = None,
 ) -> Checkpoint:
-    """Lift a ``torch_dist`` checkpoint.  ``optimizer=True`` also lifts fully-reshardable
-    distributed-optimizer state into ``states``; ``weights_from="master"`` takes the weights from
-    its fp32 master copies."""
-    it_dir, iteration = _checkpoint_dir(path)
+    """Lift a ``torch_dist`` checkpoint (``iteration``: which one of a save directory, default the
+    latest).  ``optimizer=True`` also lifts fully-reshardable distributed-optimizer state into
+    ``states``; ``weights_from="master"`` takes the weights from its fp32 master copies."""
+    it_dir, iteration = M.iteration_dir(path, iteration)
     _check_backend(it_dir)
     md = read_metadata(it_dir)
     common, common_path = _common_state(it_dir, md)
