@@ -26,7 +26,7 @@ from ckpt_ir.errors import UsageError
 from ckpt_ir.frontends import load
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.passes.manager import FunctionPass, Instrumentation, Pass, PassManager, Pipeline, parse_pipeline
-from ckpt_ir.passes.vocab import padded_size
+from ckpt_ir.passes.vocab import padded_size, padding_rows
 
 __all__ = [
     "Checkpoint",
@@ -183,9 +183,9 @@ def _pass_text(name: str, **options: Any) -> str:
     return name + ("{" + " ".join(parts) + "}" if parts else "")
 
 
-def _normalise(lay: Any, *, unfuse: bool, keep_grouped: bool = False) -> list[str]:
-    """Steps from any layout to the whole, canonical one (gathered, no no-op layers or padding;
-    unfused when ``unfuse``)."""
+def _normalise(lay: Any, *, unfuse: bool, keep_grouped: bool = False, unpad: bool = True) -> list[str]:
+    """Steps from any layout to the whole, canonical one (gathered, no no-op layers; no vocabulary
+    padding when ``unpad``; unfused when ``unfuse``)."""
     steps: list[str] = []
     if lay.tp > 1 or lay.pp > 1 or lay.vpp_layers or lay.num_layer_list or lay.ep > 1 or lay.etp is not None:
         steps.append("gather")
@@ -193,7 +193,7 @@ def _normalise(lay: Any, *, unfuse: bool, keep_grouped: bool = False) -> list[st
         steps.append("ungroup-experts")
     if lay.noop_layers:
         steps.append("remove-noop-layers")
-    if lay.padded_vocab:
+    if lay.padded_vocab and unpad:
         steps.append("unpad-vocab")
     if unfuse and lay.fused_gate_up:
         steps.append("unfuse-gate-up")
@@ -204,9 +204,11 @@ def _normalise(lay: Any, *, unfuse: bool, keep_grouped: bool = False) -> list[st
 
 def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
     """The standard pipeline from the source to the target, every IR change a pass: normalise
-    (gather, drop no-op layers and padding, unfuse), attach and merge LoRA, drop what the target
-    does not carry (MTP layers beyond ``mtp_layers``, optimizer state), cast, then build the
-    target layout (fuse, pad, no-op layers, grouped experts, shard, norm naming)."""
+    (gather, drop no-op layers, unfuse; drop vocabulary padding for an HF / PEFT target), attach
+    and merge LoRA, drop what the target does not carry (MTP layers beyond ``mtp_layers``,
+    optimizer state), cast, then build the target layout (fuse, padding, no-op layers, grouped
+    experts, shard, norm naming).  A Megatron target keeps the source's padded vocabulary (its
+    padding rows as they are) unless ``vocab_divisible_by`` gives another size."""
     from ckpt_ir import quant
     from ckpt_ir.frontends import peft
 
@@ -219,7 +221,7 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
     if target.lora_load and not peft_adapter:  # a Megatron adapter shares the base's layout
         steps.append(_pass_text("attach-lora", path=target.lora_load))
     unfuse = target.to in ("hf", "peft") or peft_adapter
-    steps += _normalise(lay, unfuse=unfuse, keep_grouped=to_mcore and target.grouped_gemm)
+    steps += _normalise(lay, unfuse=unfuse, keep_grouped=to_mcore and target.grouped_gemm, unpad=not to_mcore)
     fused_qkv, fused_gate_up = (False, False) if unfuse else (lay.fused_qkv, lay.fused_gate_up)
     if peft_adapter:
         steps.append(_pass_text("attach-lora", path=target.lora_load))
@@ -244,10 +246,14 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
             steps.append("fuse-qkv")
         if not fused_gate_up:
             steps.append("fuse-gate-up")
-        if target.vocab_divisible_by:
-            size = padded_size(src.spec.vocab_size, target.vocab_divisible_by, target.tp)
-            if size != src.spec.vocab_size:
-                steps.append(f"pad-vocab{{size={size}}}")
+        rows = padding_rows(src)
+        size = (
+            padded_size(src.spec.vocab_size, target.vocab_divisible_by, target.tp)
+            if target.vocab_divisible_by
+            else rows
+        )
+        if size != rows:
+            steps.append(f"pad-vocab{{size={size}}}")
         if target.noop_layers:
             steps.append("insert-noop-layers{layers=" + ",".join(map(str, target.noop_layers)) + "}")
         if target.grouped_gemm and not lay.grouped_gemm:
@@ -307,8 +313,7 @@ def check_target(ckpt: Checkpoint, target: Target) -> None:
         }
         if target.vocab_divisible_by:
             size = padded_size(ckpt.spec.vocab_size, target.vocab_divisible_by, target.tp)
-            rows = lay.padded_vocab or ckpt.spec.vocab_size
-            wanted["make-vocab-size-divisible-by"] = (size, rows, None)
+            wanted["make-vocab-size-divisible-by"] = (size, padding_rows(ckpt), None)
         diffs += [
             f"--{k} {_show(want)} but the pipeline gives {_show(got)}"
             for k, (want, got, default) in wanted.items()

@@ -144,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--noop-layers", type=int_list, default=(), help="global indices of no-op layers, e.g. 94,95"
     )
     m.add_argument(
-        "--make-vocab-size-divisible-by", type=int, help="pad the vocabulary to a multiple of N*TP"
+        "--make-vocab-size-divisible-by",
+        type=int,
+        help="pad the vocabulary to a multiple of N*TP (new rows copy the vocabulary's last row); "
+        "default: a Megatron source's padded size, its padding rows kept as they are",
     )
     m.add_argument("--ep", type=int, default=1, help="expert parallel size (MoE)")
     m.add_argument(

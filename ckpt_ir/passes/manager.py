@@ -134,7 +134,6 @@ SINGLE_STAGE = Requirement(
     "one pipeline stage (pp=1)", lambda c: c.layout.pp == 1 and not c.layout.num_layer_list, "gather"
 )
 NO_NOOP = Requirement("no no-op layers", lambda c: not c.layout.noop_layers, "remove-noop-layers")
-UNPADDED = Requirement("an unpadded vocabulary", lambda c: not c.layout.padded_vocab, "unpad-vocab")
 UNFUSED = Requirement(
     "separate q/k/v and gate/up tensors",
     lambda c: not c.layout.fused_qkv and not c.layout.fused_gate_up,
