@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="norm key naming: local "
         "(input_layernorm, pre_mlp_layernorm), te (linear_qkv/linear_fc1.layer_norm_weight, Megatron's TE "
         "spec) or te-input (only the input norm fused, as MindSpeed-LLM v2 writes); default local, or "
-        "the source's",
+        "the source's (a torch_dist source's: the spec its args.transformer_impl names)",
     )
     lo = c.add_argument_group(
         "LoRA (merged into the weights for --to hf/mcore; exported alone for --to peft)"

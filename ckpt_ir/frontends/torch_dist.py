@@ -180,6 +180,12 @@ def lift(
                 "distributed-optimizer state (fp32 masters, Adam moments): carried only to a Megatron target"
             )
         states = {}
+    # torch_dist names a layer's norms the Transformer-Engine way whatever the layer spec (the local
+    # spec maps its keys so): the modules the run built, and so the torch format's names and the
+    # optimizer's parameter order, are those of args.transformer_impl
+    norm_names = (
+        "local" if args.get("transformer_impl") == "local" else lift_tail.norm_names(te_norms, te_fc1)
+    )
     with ChunkResolver(it_dir) as resolver:
         build = _Builder(md.path, resolver, _reformulated_shapes(md))
         tensors = {name: TensorNode.whole(name, build(t, index)) for name, (t, index) in model.items()}
@@ -189,7 +195,6 @@ def lift(
         }
         dtype_key = None
         if buckets:
-            norm_names = "te" if te_fc1 else "te-input" if te_norms else "local"
             sets, dtype_key = _bucket_states(buckets, md, build, spec, tensors, args, norm_names, it_dir)
             for key in [k for k in dropped if _CHAINED.sub("", k).startswith("optimizer.distributed.")]:
                 del dropped[key]
@@ -227,7 +232,7 @@ def lift(
         format="mcore",
         fused_qkv=True,
         fused_gate_up=True,
-        norm_names=lift_tail.norm_names(te_norms, te_fc1),
+        norm_names=norm_names,
     )
     meta: dict[str, Any] = {
         "iteration": iteration if isinstance(iteration, int) else 1,
@@ -322,7 +327,8 @@ def _bucket_states(
     its buffers (one per model chunk holding its parameters), one 1-D tensor per DDP bucket holding
     that bucket without its end padding, i.e. ``distrib_optim.pt``'s coalesced buffer cut at the
     bucket ends.  Parameters are placed as in ``distrib_optim.pt`` (the order of the layer spec the
-    run used: args.transformer_impl), then their TP shards are gathered.
+    run used, args.transformer_impl, whose norm naming is ``norm_names``), then their TP shards are
+    gathered.
 
     With experts Megatron chains two optimizers (``chained_0.``, ``chained_1.``): the dense one over
     the (TP, PP) ranks, ``TP rank + TP x stage``, and the expert one over the (expert TP, EP, PP)
@@ -337,8 +343,6 @@ def _bucket_states(
     a = lambda k, d=1: args.get(k) or d  # noqa: E731
     tp, pp, dp = a("tensor_model_parallel_size"), a("pipeline_model_parallel_size"), a("data_parallel_size")
     ep, etp = a("expert_model_parallel_size"), a("expert_tensor_parallel_size", tp)
-    # the parameter order follows the modules the run built, not the (always TE-style) torch_dist names
-    order_names = "local" if args.get("transformer_impl") == "local" else norm_names
     unsupported = [
         what
         for what, yes in (
@@ -361,14 +365,14 @@ def _bucket_states(
         etp=None if etp == tp else etp,
         fused_qkv=True,
         fused_gate_up=True,
-        norm_names=order_names,
+        norm_names=norm_names,
     )
     view_tensors = dict(tensors)
     if spec.mla:  # the torch format's fused linear_qkv, which rank_content places
         _fuse_mla(spec, view_tensors)
     content, _ = rank_content(Checkpoint(spec=spec, layout=layout, tensors=view_tensors))
     content = {
-        at: [m for e in entries for m in _mcore_entries(spec, e, order_names != "local")]
+        at: [m for e in entries for m in _mcore_entries(spec, e, norm_names != "local")]
         for at, entries in content.items()
     }
     chunks = 1 + max(c for _, c in content)
@@ -390,7 +394,7 @@ def _bucket_states(
     def rule_of(canon: str) -> Split | None:
         # the local spec builds MLA's down-projections as ColumnParallelLinear (split over TP);
         # Transformer Engine's spec duplicates them (TELinear), as the split rules say
-        if order_names == "local" and split_layer(canon)[1] in ("attn.q_a.weight", "attn.kv_a.weight"):
+        if norm_names == "local" and split_layer(canon)[1] in ("attn.q_a.weight", "attn.kv_a.weight"):
             return COLUMN
         return split_rule(canon)
 
