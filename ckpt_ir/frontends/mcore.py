@@ -54,8 +54,8 @@ def lift(
     iteration: int | str | None = None,
 ) -> Checkpoint:
     """``iteration``: which iteration of a save directory to read (a number or ``release``; default
-    the latest, see :func:`~ckpt_ir.megatron.keys.iteration_dir`).  ``family``: the model family when the args do not say (default: inferred from them).
-    ``weights_from="master"`` takes every parameter from the distributed optimizer's fp32 master
+    the latest, see :func:`~ckpt_ir.megatron.keys.iteration_dir`).  ``family``: the model family
+    when the args do not say (default: inferred from them).  ``weights_from="master"`` takes every parameter from the distributed optimizer's fp32 master
     copy (``distrib_optim.pt``) instead of the model's (e.g. bf16) weights.  ``optimizer=True``
     also lifts the distributed-optimizer state (when the checkpoint has it) into ``states``.
     ``optimizer_layout`` corrects what args say about that state's layout: ``dp``, ``bucket_size``
