@@ -51,7 +51,7 @@ from ckpt_ir.passes.parallel import (
     Shard,
     UngroupExperts,
 )
-from ckpt_ir.passes.vocab import PadVocab, UnpadVocab, padded_size
+from ckpt_ir.passes.vocab import PadVocab, UnpadVocab, padded_size, padding_rows
 
 __all__ = [
     "Checkpoint",
@@ -194,9 +194,9 @@ def attach_lora(base: Checkpoint, path: str) -> Checkpoint:
     return run(base, [*steps, AttachLora(path=path)])
 
 
-def _normalise(lay: Layout, *, unfuse: bool, keep_grouped: bool = False) -> list[Pass]:
-    """Steps from any layout to the whole, canonical one (gathered, no no-op layers or padding;
-    unfused when ``unfuse``)."""
+def _normalise(lay: Layout, *, unfuse: bool, keep_grouped: bool = False, unpad: bool = True) -> list[Pass]:
+    """Steps from any layout to the whole, canonical one (gathered, no no-op layers; no vocabulary
+    padding when ``unpad``; unfused when ``unfuse``)."""
     steps: list[Pass] = []
     if lay.tp > 1 or lay.pp > 1 or lay.vpp_layers or lay.num_layer_list or lay.ep > 1 or lay.etp is not None:
         steps.append(Gather())
@@ -204,7 +204,7 @@ def _normalise(lay: Layout, *, unfuse: bool, keep_grouped: bool = False) -> list
         steps.append(UngroupExperts())
     if lay.noop_layers:
         steps.append(RemoveNoopLayers())
-    if lay.padded_vocab:
+    if lay.padded_vocab and unpad:
         steps.append(UnpadVocab())
     if unfuse and lay.fused_gate_up:
         steps.append(UnfuseGateUp())
@@ -215,9 +215,11 @@ def _normalise(lay: Layout, *, unfuse: bool, keep_grouped: bool = False) -> list
 
 def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
     """The standard pipeline from the source to the target, every IR change a pass: normalise
-    (gather, drop no-op layers and padding, unfuse), attach and merge LoRA, drop what the target
-    does not carry (MTP layers beyond ``mtp_layers``, optimizer state), cast, then build the
-    target layout (fuse, pad, no-op layers, grouped experts, shard, norm naming)."""
+    (gather, drop no-op layers, unfuse; drop vocabulary padding for an HF / PEFT target), attach
+    and merge LoRA, drop what the target does not carry (MTP layers beyond ``mtp_layers``,
+    optimizer state), cast, then build the target layout (fuse, padding, no-op layers, grouped
+    experts, shard, norm naming).  A Megatron target keeps the source's padded vocabulary (its
+    padding rows as they are) unless ``vocab_divisible_by`` gives another size."""
     from ckpt_ir import quant
     from ckpt_ir.frontends import peft
 
@@ -231,7 +233,7 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
     if not peft_adapter:  # a Megatron adapter shares the base's layout
         steps += attach
     unfuse = target.to in ("hf", "peft") or peft_adapter
-    steps += _normalise(lay, unfuse=unfuse, keep_grouped=to_mcore and target.grouped_gemm)
+    steps += _normalise(lay, unfuse=unfuse, keep_grouped=to_mcore and target.grouped_gemm, unpad=not to_mcore)
     fused_qkv, fused_gate_up = (False, False) if unfuse else (lay.fused_qkv, lay.fused_gate_up)
     if peft_adapter:
         steps += attach
@@ -250,10 +252,14 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
             steps.append(FuseQKV())
         if not fused_gate_up:
             steps.append(FuseGateUp())
-        if target.vocab_divisible_by:
-            size = padded_size(src.spec.vocab_size, target.vocab_divisible_by, target.tp)
-            if size != src.spec.vocab_size:
-                steps.append(PadVocab(size=size))
+        rows = padding_rows(src)
+        size = (
+            padded_size(src.spec.vocab_size, target.vocab_divisible_by, target.tp)
+            if target.vocab_divisible_by
+            else rows
+        )
+        if size != rows:
+            steps.append(PadVocab(size=size))
         if target.noop_layers:
             steps.append(InsertNoopLayers(layers=target.noop_layers))
         if target.grouped_gemm and not lay.grouped_gemm:
@@ -331,8 +337,7 @@ def check_target(ckpt: Checkpoint, target: Target) -> None:
         }
         if target.vocab_divisible_by:
             size = padded_size(ckpt.spec.vocab_size, target.vocab_divisible_by, target.tp)
-            rows = lay.padded_vocab or ckpt.spec.vocab_size
-            wanted["make-vocab-size-divisible-by"] = (size, rows, None)
+            wanted["make-vocab-size-divisible-by"] = (size, padding_rows(ckpt), None)
         diffs += [
             f"--{k} {_show(want)} but the pipeline gives {_show(got)}"
             for k, (want, got, default) in wanted.items()
@@ -505,7 +510,7 @@ def convert(
     lift ``src``, run ``pipeline`` (default: :func:`derive_pipeline`), check the result against
     ``target``, plan the output once, and write it to ``dst`` atomically (not when ``dry_run``).
     ``load_options`` go to :func:`load` (``allow_unused``, ``hf_config``, ``family``,
-    ``weights_from``, ``optimizer_layout``); ``announce`` is called with the pipeline before it runs."""
+    ``weights_from``, ``optimizer_layout``, ``iteration``); ``announce`` is called with the pipeline before it runs."""
     from ckpt_ir.backends.execute import execute
     from ckpt_ir.frontends import check_replaceable
     from ckpt_ir.io.atomic import check_destination

@@ -704,6 +704,53 @@ def test_fully_reshardable_state_resumes_in_megatron_after_conversion(trained, h
     _assert_resumed_with_source_state(trained, resumed)
 
 
+def test_a_local_spec_run_converts_to_the_torch_format_under_its_own_names_and_order(trained, hf72, tmp_path):
+    """torch_dist names the norms the Transformer-Engine way whatever the layer spec (megatron-core's
+    local spec maps its keys so); the run's args (``transformer_impl='local'``) say which modules it
+    built.  With no --norm-names the torch-format output has the local spec's names and args and
+    its distributed-optimizer state in that spec's parameter order: megatron-core's local-spec
+    model loads it strictly and resumes holding the source optimizer's own state."""
+    assert ck.load(trained).meta["args"]["transformer_impl"] == "local"
+    out = str(tmp_path / "tp1pp2")
+    flags = ["--pp", "2", "--target-dp", "1", "--hf-config", hf72, "--quiet"]
+    assert cli_main(["convert", trained, out, "--to", "mcore", *flags]) == 0
+    for stage in (0, 1):
+        blob = torch.load(
+            os.path.join(out, IT, f"mp_rank_00_{stage:03d}", "model_optim_rng.pt"), weights_only=False
+        )
+        assert blob["args"].transformer_impl == "local"
+        layer_keys = [k for k in blob["model"] if k.startswith("decoder.layers.")]
+        assert [k for k in layer_keys if "layer_norm_" in k] == []
+        assert {
+            "decoder.layers.0.input_layernorm.weight",
+            "decoder.layers.0.pre_mlp_layernorm.weight",
+        } <= set(layer_keys)
+    resumed = str(tmp_path / "resumed")
+    F.resume_distopt_checkpoint(resumed, hf72, out, tp=1, pp=2, dp=1, bucket_size=None)
+    _assert_resumed_with_source_state(trained, resumed)
+
+
+@pytest.mark.parametrize("spec", ["local", "te"])
+def test_the_runs_transformer_impl_decides_the_norm_names_read_from_torch_dist(hf72, tmp_path, spec):
+    """Both torch_dist checkpoints store the norms under Transformer-Engine names; their args'
+    transformer_impl ('local' / 'transformer_engine') decides the naming lifted and written on."""
+    src = str(tmp_path / "td")
+    assert (
+        cli_main(["convert", hf72, src, "--to", "mcore", "--ckpt-format", "torch_dist", "--norm-names", spec])
+        == 0
+    )
+    stored = read_metadata(os.path.join(src, IT)).tensors
+    assert "decoder.layers.self_attention.linear_qkv.layer_norm_weight" in stored
+    assert ck.load(src).layout.norm_names == spec
+    out = str(tmp_path / "torch")
+    assert cli_main(["convert", src, out, "--to", "mcore", "--quiet"]) == 0
+    blob = torch.load(os.path.join(out, IT, "mp_rank_00", "model_optim_rng.pt"), weights_only=False)
+    assert blob["args"].transformer_impl == ("local" if spec == "local" else "transformer_engine")
+    qkv_norm = "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"
+    assert (qkv_norm in blob["model"]) == (spec == "te")
+    assert ("decoder.layers.0.input_layernorm.weight" in blob["model"]) == (spec == "local")
+
+
 def test_megatron_019_common_state_inside_dcp(tmp_path):
     """Megatron-Core 0.19+ writes no common.pt: args and the rest live in the DCP bytes entry
     ``common_state``; plain Megatron-LM args there need no --hf-config either."""

@@ -41,7 +41,7 @@ from ckpt_ir.io.torchzip import Tensor, writable
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.dtypes import torch_name
-from ckpt_ir.ir.names import split_layer
+from ckpt_ir.ir.names import NameTable, split_layer
 from ckpt_ir.ir.rules import mla_rule
 from ckpt_ir.megatron import args as megatron_args
 from ckpt_ir.megatron import keys as M
@@ -190,7 +190,7 @@ def _stacked(parts: list[E.Expr]) -> E.Expr:
 
 
 def _layer_entries(
-    nodes: dict, spec, layer: int, table, used: set[str], te: bool
+    nodes: dict, spec, layer: int, table: NameTable, used: set[str], te: bool
 ) -> list[tuple[str, E.Expr, bool]]:
     """(key below the layer, expression, stacked over experts) of one transformer layer's tensors:
     each routed-expert tensor is stacked on a leading expert axis (``[E, 2F, H]``).  A MoE layer's
@@ -211,19 +211,22 @@ def _layer_entries(
             used.add(here + rest)
             continue
         names = local if te and spec.is_moe_layer(layer) and rest.startswith("mlp_norm.") else table
-        key = names.from_canonical(role.format(i=0, e=0))[len("decoder.layers.0.") :]
+        full_key = names.from_canonical(role.format(i=0, e=0))
+        if full_key is None:
+            raise VerifyError(f"layer {layer}: no Megatron name for {rest}")
+        key = full_key[len("decoder.layers.0.") :]
         if spec.mla:
             key = M.mla_key(rest, te, spec.is_moe_layer(layer)) or key
         if "{e}" in rest:
-            names = [here + rest.format(e=e) for e in range(spec.num_experts)]
-            have = [n for n in names if n in nodes]
+            expert_names = [here + rest.format(e=e) for e in range(spec.num_experts)]
+            have = [n for n in expert_names if n in nodes]
             if not have:
                 continue
-            if len(have) != len(names):
+            if len(have) != len(expert_names):
                 raise VerifyError(f"torch_dist stacks a layer's experts, but layer {layer} lacks some {rest}")
             key = "mlp.experts.experts." + key.split(".local_experts.0.", 1)[1]
-            out.append((key, _stacked([nodes[n].expr for n in names]), True))
-            used.update(names)
+            out.append((key, _stacked([nodes[n].expr for n in expert_names]), True))
+            used.update(expert_names)
         elif here + rest in nodes:
             out.append((key, nodes[here + rest].expr, False))
             used.add(here + rest)

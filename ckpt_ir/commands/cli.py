@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from ckpt_ir.commands.common import (
     Parser,
     add_ir_flags,
+    add_iteration_flag,
     add_plugin_flag,
     add_replicas_flag,
     int_list,
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         "config.json, or a Hugging Face Hub id org/name[@revision] (from the local cache; downloaded "
         "unless HF_HUB_OFFLINE=1)",
     )
+    add_iteration_flag(c)
     c.add_argument("dst", help="destination directory (written atomically; missing parents are created)")
     c.add_argument(
         "--to",
@@ -152,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--noop-layers", type=int_list, default=(), help="global indices of no-op layers, e.g. 94,95"
     )
     m.add_argument(
-        "--make-vocab-size-divisible-by", type=int, help="pad the vocabulary to a multiple of N*TP"
+        "--make-vocab-size-divisible-by",
+        type=int,
+        help="pad the vocabulary to a multiple of N*TP (new rows copy the vocabulary's last row); "
+        "default: a Megatron source's padded size, its padding rows kept as they are",
     )
     m.add_argument("--ep", type=int, default=1, help="expert parallel size (MoE)")
     m.add_argument(
@@ -203,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="norm key naming: local "
         "(input_layernorm, pre_mlp_layernorm), te (linear_qkv/linear_fc1.layer_norm_weight, Megatron's TE "
         "spec) or te-input (only the input norm fused, as MindSpeed-LLM v2 writes); default local, or "
-        "the source's",
+        "the source's (a torch_dist source's: the spec its args.transformer_impl names)",
     )
     lo = c.add_argument_group(
         "LoRA (merged into the weights for --to hf/mcore; exported alone for --to peft)"
@@ -229,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="print a checkpoint's IR (spec, layout, one line per tensor)")
     i.add_argument("path", help="checkpoint directory (any format) or Hub id org/name[@revision]")
+    add_iteration_flag(i)
     i.add_argument("--format", choices=("text", "json", "dot"), default="text")
     i.add_argument("--allow-unused", metavar="PATTERN", action="append", default=[])
     add_replicas_flag(i)
@@ -265,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("a", help="checkpoint directory (any format) or Hub id org/name[@revision]")
     d.add_argument("b", help="the same for the other side")
+    add_iteration_flag(d, "A or B")
     d.add_argument("--json", action="store_true", help="machine-readable report")
     d.add_argument("--atol", type=float, default=0.0, help="treat differences up to ATOL as equal")
     d.add_argument(
@@ -409,7 +416,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     src, hf_config = found["SRC"] or args.src, found["--hf-config"]
     target = attrs.evolve(target, hf_config_dir=hf_config, lora_load=found["--lora-load"])
     # --hf-config also describes a Megatron source whose args carry no HF config
-    hf_cfg = read_config(hf_config) if hf_config and detect(src) in ("mcore", "torch_dist") else None
+    megatron = detect(src, args.iteration) in ("mcore", "torch_dist")
+    hf_cfg = read_config(hf_config) if hf_config and megatron else None
     layout = {"dp": args.source_dp, "bucket_size": args.source_bucket_size, "align": args.source_param_align}
     return run_conversion(
         src,
@@ -422,6 +430,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             "optimizer_layout": layout,
             "family": args.model_type_hf,
             "replicas": args.replicas,
+            "iteration": args.iteration,
         },
     )
 
@@ -441,6 +450,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         optimizer=args.optimizer,
         family=args.model_type_hf,
         replicas=args.replicas,
+        iteration=args.iteration,
     )
     if ckpt.meta.get("family_from_args"):
         print(f"ckpt-ir: {ckpt.meta['family_from_args']}", file=sys.stderr)
@@ -452,7 +462,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     from ckpt_ir.commands.diff import COULD_NOT_COMPARE, diff, format_report
 
     try:
-        report = diff(args.a, args.b, atol=args.atol, hf_config=args.hf_config)
+        report = diff(args.a, args.b, atol=args.atol, hf_config=args.hf_config, iteration=args.iteration)
     except CkptIrError as e:  # exit 1 says "they differ"
         e.exit_code = COULD_NOT_COMPARE
         raise

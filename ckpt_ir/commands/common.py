@@ -117,6 +117,30 @@ def add_replicas_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def iteration(text: str) -> int | str:
+    """``--iteration``: a Megatron iteration number or ``release``."""
+    if text == "release":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an iteration number or 'release', got {text!r}")
+    return value
+
+
+def add_iteration_flag(p: argparse.ArgumentParser, which: str = "the source") -> None:
+    p.add_argument(
+        "--iteration",
+        type=iteration,
+        metavar="N",
+        help=f"Megatron save directory as {which}: read iteration N (its iter_N directory) or release "
+        "instead of the latest (latest_checkpointed_iteration.txt); an iter_* or release directory "
+        "given as the path is read as that iteration",
+    )
+
+
 def load_plugins(args: argparse.Namespace) -> None:
     from ckpt_ir.passes.manager import load_plugin
 

@@ -1,7 +1,10 @@
 """``ckpt-ir diff``: compare two checkpoints of any formats at the canonical level.
 
-Both sides are brought to the same canonical form (gathered, unfused, unpadded) by the standard
-pipeline, lazily, and then compared tensor by tensor, one pair in memory at a time."""
+Both sides are brought to the same canonical form (gathered, unfused) by the standard pipeline,
+lazily, and then compared tensor by tensor, one pair in memory at a time.  The vocabulary padding
+rows of a Megatron checkpoint are part of it: two Megatron sides are compared with them (a
+different padded size is a shape difference); against an HF side, which has none, only the
+vocabulary's rows are."""
 
 from __future__ import annotations
 
@@ -10,9 +13,18 @@ from typing import Any
 COULD_NOT_COMPARE = 2  # the exit code when a side cannot be read (0: identical, 1: different)
 
 
-def diff(a: str, b: str, *, atol: float = 0.0, hf_config: str | None = None) -> dict[str, Any]:
+def diff(
+    a: str,
+    b: str,
+    *,
+    atol: float = 0.0,
+    hf_config: str | None = None,
+    iteration: int | str | None = None,
+) -> dict[str, Any]:
     """``hf_config``: a directory whose config.json describes a Megatron side whose args do not
-    (plain Megatron-LM args), as ``convert --hf-config``.  Each may be a Hugging Face Hub id."""
+    (plain Megatron-LM args), as ``convert --hf-config``; ``iteration``: the iteration read from
+    each Megatron side that is a save directory (default its latest).  Each side may be a Hugging
+    Face Hub id."""
     import torch
 
     import ckpt_ir.api as ck
@@ -23,16 +35,23 @@ def diff(a: str, b: str, *, atol: float = 0.0, hf_config: str | None = None) -> 
 
     cfg = read_config(resolve(hf_config, weights=False)) if hf_config else None
 
-    def canonical(path: str):
+    def lift(path: str):
         path = resolve(path)
-        c = ck.load(path, hf_config=cfg if detect(path) in ("mcore", "torch_dist") else None)
+        megatron = detect(path, iteration) in ("mcore", "torch_dist")
+        c = ck.load(path, hf_config=cfg if megatron else None, iteration=iteration if megatron else None)
         if c.meta.get("family_from_args"):
             import sys
 
             print(f"ckpt-ir: {path}: {c.meta['family_from_args']}", file=sys.stderr)
-        return ck.run(c, ck.derive_pipeline(c, ck.Target(to="hf")))
+        return c
 
-    ca, cb = canonical(a), canonical(b)
+    def canonical(c, keep_padding: bool):
+        steps = ck.derive_pipeline(c, ck.Target(to="hf"))
+        return ck.run(c, [p for p in steps if not (keep_padding and p.name == "unpad-vocab")])
+
+    la, lb = lift(a), lift(b)
+    both_megatron = la.layout.format == lb.layout.format == "mcore"
+    ca, cb = canonical(la, both_megatron), canonical(lb, both_megatron)
     names_a, names_b = set(ca.tensors), set(cb.tensors)
     report: dict[str, Any] = {
         "a": a,

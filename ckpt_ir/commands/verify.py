@@ -44,13 +44,16 @@ class Row:
         return self.max_abs_diff <= self.tolerance
 
 
-def hf_side(path: str, hf_config: dict | None = None):
-    """``path`` lifted and lowered to HF layout lazily: (checkpoint, [(HF name, expression)])."""
+def hf_side(path: str, hf_config: dict | None = None, iteration: int | str | None = None):
+    """``path`` lifted and lowered to HF layout lazily: (checkpoint, [(HF name, expression)]).
+    ``iteration``: the one read when ``path`` is a Megatron save directory (default its latest)."""
     import ckpt_ir.api as ck
     from ckpt_ir.backends.hf import hf_tensors
     from ckpt_ir.families import by_name
+    from ckpt_ir.frontends import detect
 
-    src = ck.load(path, hf_config=hf_config)
+    megatron = detect(path, iteration) in ("mcore", "torch_dist")
+    src = ck.load(path, hf_config=hf_config, iteration=iteration if megatron else None)
     ck.check_family(src, ck.Target(to="hf"))  # transformers computes HF families only
     out = ck.run(src, ck.derive_pipeline(src, ck.Target(to="hf")))
     return out, hf_tensors(out, by_name(out.spec.family))
@@ -334,8 +337,11 @@ def verify(
     atol: float | None = None,
     adapter: str | None = None,
     hf_config: dict | None = None,
+    iteration: int | str | None = None,
 ) -> dict[str, Any]:
-    """Run both checkpoints on the same prompt; the report says where they first diverge."""
+    """Run both checkpoints on the same prompt; the report says where they first diverge.
+    ``iteration``: the one read from each Megatron side that is a save directory (default its
+    latest)."""
     import torch
 
     from ckpt_ir.device import resolve_device
@@ -353,7 +359,7 @@ def verify(
                 f"adapter_config.json); export a Megatron LoRA checkpoint with `ckpt-ir convert ... "
                 f"--to peft` first"
             )
-    side_a, side_b = hf_side(a, hf_config), hf_side(b, hf_config)
+    side_a, side_b = hf_side(a, hf_config, iteration), hf_side(b, hf_config, iteration)
     ca, cb = side_a[0], side_b[0]
     if ca.spec.family != cb.spec.family:
         raise UsageError(
@@ -452,7 +458,7 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def add_parser(sub) -> None:
-    from ckpt_ir.commands.common import int_list
+    from ckpt_ir.commands.common import add_iteration_flag, int_list
 
     v = sub.add_parser(
         "verify",
@@ -502,6 +508,7 @@ def add_parser(sub) -> None:
         "--hf-config", metavar="DIR", help="HF config.json for Megatron sides whose args carry none"
     )
     v.add_argument("--json", action="store_true", help="machine-readable report")
+    add_iteration_flag(v, "A or B")
 
 
 def run(args) -> int:
@@ -523,6 +530,7 @@ def run(args) -> int:
         atol=args.atol,
         adapter=args.lora_load,
         hf_config=hf_cfg,
+        iteration=args.iteration,
     )
     if args.json:
         print(json.dumps(report, indent=1))

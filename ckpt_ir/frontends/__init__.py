@@ -12,7 +12,9 @@ from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.megatron.keys import DIRECTORY_ENTRIES
 
 
-def detect(path: str) -> str:
+def detect(path: str, iteration: int | str | None = None) -> str:
+    """The format of the checkpoint at ``path`` (``iteration``: the one of a Megatron save
+    directory that decides between ``torch_dist`` and ``mcore``, default the latest)."""
     from ckpt_ir.frontends import hf, mcore, torch_dist
 
     if not os.path.exists(path):
@@ -25,7 +27,7 @@ def detect(path: str) -> str:
         )
     if hf.detect(path):
         return "hf"
-    if torch_dist.detect(path):  # before mcore: both live in Megatron iter_* directories
+    if torch_dist.detect(path, iteration):  # before mcore: both live in Megatron iter_* directories
         return "torch_dist"
     if mcore.detect(path):
         return "mcore"
@@ -45,19 +47,22 @@ def load(
     optimizer: bool = False,
     optimizer_layout: dict[str, int | None] | None = None,
     replicas: str = "check",
+    iteration: int | str | None = None,
 ) -> Checkpoint:
     """Lift any supported checkpoint directory.  ``weights_from="master"``: a Megatron checkpoint's
     weights come from its distributed optimizer's fp32 master copies; ``optimizer=True``: lift its
     optimizer state too (``Checkpoint.states``), when it has any.  ``replicas``: how a Megatron
     checkpoint's copies of replicated tensors are compared (``check``, ``check-all``, ``take-rank0``).
-    ``path`` may also be a Hugging Face Hub id, ``org/name[@revision]`` (:func:`hub.resolve`)."""
+    ``path`` may also be a Hugging Face Hub id, ``org/name[@revision]`` (:func:`hub.resolve`).
+    ``iteration``: which iteration of a Megatron save directory to read (a number or ``release``;
+    default the latest)."""
     from ckpt_ir.io.hub import resolve
 
     path = resolve(path)
-    fmt = detect(path)
+    fmt = detect(path, iteration)
+    if iteration is not None and fmt not in ("mcore", "torch_dist"):
+        raise UsageError(f"{path}: an HF checkpoint has no iterations; only a Megatron checkpoint has")
     if weights_from != "model" and fmt not in ("mcore", "torch_dist"):
-        from ckpt_ir.errors import UsageError
-
         raise UsageError(
             f"--weights-from {weights_from}: only Megatron checkpoints with distributed-optimizer "
             f"state have master weights"
@@ -76,6 +81,7 @@ def load(
             optimizer=optimizer,
             weights_from=weights_from,
             family=family,
+            iteration=iteration,
         )
     from ckpt_ir.frontends import mcore
 
@@ -88,6 +94,7 @@ def load(
         optimizer_layout=optimizer_layout,
         family=family,
         replicas=replicas,
+        iteration=iteration,
     )
 
 

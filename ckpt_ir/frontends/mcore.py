@@ -21,8 +21,9 @@ from ckpt_ir.io.torchzip import TorchZip, iter_tensors, with_exprs
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.layout import Layout, expert_rank_files, layer_slots
-from ckpt_ir.ir.names import is_expert
+from ckpt_ir.ir.names import NameTable, is_expert
 from ckpt_ir.ir.roles import split_rule
+from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.megatron import args as megatron_args
 from ckpt_ir.megatron import distopt
 from ckpt_ir.megatron import keys as M
@@ -31,7 +32,7 @@ from ckpt_ir.megatron.lift import ArgReader, spec_from_args
 
 
 def detect(path: str) -> bool:
-    if os.path.isfile(os.path.join(path, "latest_checkpointed_iteration.txt")):
+    if os.path.isfile(os.path.join(path, M.TRACKER)):
         return True
     try:
         names = os.listdir(path)
@@ -50,9 +51,11 @@ def lift(
     optimizer_layout: dict[str, int | None] | None = None,
     family: str | None = None,
     replicas: str = "check",
+    iteration: int | str | None = None,
 ) -> Checkpoint:
-    """``family``: the model family when the args do not say (default: inferred from them).
-    ``weights_from="master"`` takes every parameter from the distributed optimizer's fp32 master
+    """``iteration``: which iteration of a save directory to read (a number or ``release``; default
+    the latest, see :func:`~ckpt_ir.megatron.keys.iteration_dir`).  ``family``: the model family
+    when the args do not say (default: inferred from them).  ``weights_from="master"`` takes every parameter from the distributed optimizer's fp32 master
     copy (``distrib_optim.pt``) instead of the model's (e.g. bf16) weights.  ``optimizer=True``
     also lifts the distributed-optimizer state (when the checkpoint has it) into ``states``.
     ``optimizer_layout`` corrects what args say about that state's layout: ``dp``, ``bucket_size``
@@ -61,7 +64,7 @@ def lift(
     :func:`check_replicas`."""
     if replicas not in REPLICA_MODES:
         raise ValueError(f"replicas={replicas!r}: choose one of {', '.join(REPLICA_MODES)}")
-    it_dir, iteration = M.iteration_dir(path)
+    it_dir, iteration = M.iteration_dir(path, iteration)
     found: dict[tuple[int, int | None, int | None], str] = {}
     for n in sorted(os.listdir(it_dir)):
         m = M.RANK_DIR.match(n)
@@ -78,6 +81,10 @@ def lift(
         raise FormatError(f"{first.path}: not a Megatron checkpoint dict")
     args = megatron_args.args_dict(first.obj.get("args"), first.path)
     a = ArgReader(args, first.path)
+    said_by = it_dir  # what gives the iteration every rank file must hold
+    if iteration is None:  # an iteration directory whose name does not say which: its files do
+        said_by, stored = first.path, first.obj.get("iteration")
+        iteration = stored if isinstance(stored, int) else 1
     tp = a.size("tensor_model_parallel_size")
     pp = a.size("pipeline_model_parallel_size")
     ep = a.size("expert_model_parallel_size")
@@ -153,11 +160,11 @@ def lift(
             f"one; the optimizer state is incomplete (use --no-optimizer to convert the weights)"
         )
     # tensor set ("" = weights, else a state key) -> canonical name (layer/expert still local) -> {tp rank: expr}
-    pieces: dict[str, dict[str, dict[int, E.Expr]]] = defaultdict(lambda: defaultdict(dict))
+    pieces: dict[str, dict[str | M.LocalName, dict[int, E.Expr]]] = defaultdict(lambda: defaultdict(dict))
     dropped: dict[str, str] = {}
     # replicated weights: (local canonical name, slot) -> rank directory, and further copies
-    labels: dict[tuple[str, int], str] = {}
-    copies: dict[tuple[str, int], list[tuple[str, E.Expr]]] = defaultdict(list)
+    labels: dict[tuple[str | M.LocalName, int], str] = {}
+    copies: dict[tuple[str | M.LocalName, int], list[tuple[str, E.Expr]]] = defaultdict(list)
     unknown: list[str] = []
     te_norms = te_fc1 = False
     opt_meta: dict[str, Any] = {}
@@ -174,7 +181,7 @@ def lift(
         it2 = z.obj.get("iteration")
         if it2 is not None and iteration != "release" and it2 != iteration:
             raise FormatError(
-                f"{f}: iteration {it2} but the tracker says {iteration}; the directory mixes iterations"
+                f"{f}: iteration {it2}, but {said_by} is iteration {iteration}; the directory mixes iterations"
             )
         chunk_keys = distopt.chunk_keys(z.obj)
         if not chunk_keys:
@@ -192,13 +199,13 @@ def lift(
                 te_fc1 |= key.endswith("linear_fc1.layer_norm_weight")
                 # with experts, EP rank > 0 directories hold expert state only (their dense
                 # tensors are replicas of EP rank 0's)
-                has = state is not None and (ck, key) in state["param"]
+                master = None if state is None else state["param"].get((ck, key))
                 values = {
-                    "": state["param"][(ck, key)]
-                    if weights_from == "master" and has
+                    "": master
+                    if weights_from == "master" and master is not None
                     else z.load_expr(ref, f"{ck}.{key}")
                 }
-                if carry and has:
+                if carry and state is not None and master is not None:
                     values.update({which: state[which][(ck, key)] for which in distopt.STATE_KEYS})
                 for set_name, value in values.items():
                     if (
@@ -207,16 +214,18 @@ def lift(
                         and pp > 1
                         and spec.mtp_layers
                     ):
-                        found = [(M.LocalName("mtp.embed.weight", 0, mtp=True), value, False)]
+                        lifted: list[tuple[str | M.LocalName, E.Expr, bool]] | None = [
+                            (M.LocalName("mtp.embed.weight", 0, mtp=True), value, False)
+                        ]
                     else:
-                        found = _lift_key(key, value, p, chunk, e, experts_per_rank, tables)
-                    if found is None:
+                        lifted = _lift_key(key, value, p, chunk, e, experts_per_rank, tables)
+                    if lifted is None:
                         if any(fnmatch.fnmatch(key, pat) for pat in allow_unused):
                             dropped[f"{rel}:{ck}.{key}"] = "matched --allow-unused"
                         elif not set_name:
                             unknown.append(f"{ck}.{key} in {rel}")
                         continue
-                    for canon, expr, is_exp in found:
+                    for canon, expr, is_exp in lifted:
                         # experts with expert TP = 1 are whole: they count as TP rank 0
                         slot = 0 if is_exp and layout.expert_tp == 1 else t
                         if slot in pieces[set_name][canon]:
@@ -349,9 +358,9 @@ def check_replicas(copies: dict[str, list[tuple[str, E.Expr]]], mode: str, where
 
 
 def _assemble(
-    pieces: dict[str, dict[int, E.Expr]],
+    pieces: dict[str | M.LocalName, dict[int, E.Expr]],
     slot_of: dict,
-    spec,
+    spec: ModelSpec,
     layout: Layout,
     path: str,
     dropped: dict[str, str],
@@ -409,7 +418,15 @@ def _int(text: str | None) -> int | None:
     return None if text is None else int(text)
 
 
-def _lift_key(key: str, expr: E.Expr, stage: int, chunk: int, ep: int, experts_per_rank: int, tables):
+def _lift_key(
+    key: str,
+    expr: E.Expr,
+    stage: int,
+    chunk: int,
+    ep: int,
+    experts_per_rank: int,
+    tables: tuple[NameTable, ...],
+) -> list[tuple[str | M.LocalName, E.Expr, bool]] | None:
     """[(canonical name with its layer still local, expression, is_expert)] for one stored key,
     or None if the key means nothing to us.  Expert indices become global here; a grouped-GEMM
     weight yields one entry per local expert; layers stay local (:class:`~ckpt_ir.megatron.keys.LocalName`)."""
@@ -421,19 +438,21 @@ def _lift_key(key: str, expr: E.Expr, stage: int, chunk: int, ep: int, experts_p
         inner = _lift_key(
             f"decoder.layers.{k}.{m.group(2)}", expr, stage, chunk, ep, experts_per_rank, tables
         )
-        return (
-            None
-            if inner is None
-            else [(M.LocalName(c.rest, int(k), mtp=True), x, is_e) for c, x, is_e in inner]
-        )
-    for template, canon in M.MTP_KEYS:
+        if inner is None:
+            return None
+        mtp: list[tuple[str | M.LocalName, E.Expr, bool]] = []
+        for c, x, is_e in inner:
+            assert isinstance(c, M.LocalName)  # a decoder.layers.<k>. key always lifts to a layer's name
+            mtp.append((M.LocalName(c.rest, int(k), mtp=True), x, is_e))
+        return mtp
+    for template, mtp_canon in M.MTP_KEYS:
         mm = re.match("^" + re.escape(template).replace(re.escape("{k}"), r"(\d+)") + "$", key)
         if mm:
-            return [(M.LocalName(canon, int(mm.group(1)), mtp=True), expr, False)]
+            return [(M.LocalName(mtp_canon, int(mm.group(1)), mtp=True), expr, False)]
     m = M.GROUPED_KEY.match(key)
     if m:
         local_layer, kind = m.group(1), m.group(2)
-        out = []
+        out: list[tuple[str | M.LocalName, E.Expr, bool]] = []
         for j, e_expr in enumerate(M.ungroup_experts(kind, expr, experts_per_rank)):
             role = M.GROUPED[kind]
             out.append(

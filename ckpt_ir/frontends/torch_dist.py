@@ -27,11 +27,12 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 
-from ckpt_ir.errors import FormatError
+from ckpt_ir.errors import CkptIrError, FormatError
 from ckpt_ir.io.dcp import ChunkResolver, DcpTensor, read_metadata
 from ckpt_ir.io.torchzip import TorchZip
 from ckpt_ir.ir import expr as E
@@ -46,7 +47,7 @@ from ckpt_ir.megatron import keys as M
 from ckpt_ir.megatron import lift as lift_tail
 from ckpt_ir.megatron.lift import spec_from_args
 
-METADATA_JSON = "metadata.json"
+METADATA_JSON = M.TORCH_DIST_METADATA
 COMMON = "common.pt"
 COMMON_STATE = "common_state"  # Megatron-Core 0.19+: the common state as a DCP bytes entry
 STATE_PREFIX = "optimizer.state."
@@ -60,22 +61,14 @@ _ONE_EXPERT = re.compile(
 _REFUSED = "re-save it with --dist-ckpt-optim-fully-reshardable, or convert the weights only (--no-optimizer)"
 
 
-def _checkpoint_dir(path: str) -> tuple[str, Any]:
-    """(iteration directory, iteration or None) for ``path``: an ``iter_N`` directory itself or a
-    Megatron save directory (tracker file / one ``iter_*``)."""
-    if os.path.isfile(os.path.join(path, METADATA_JSON)):
-        name = os.path.basename(os.path.normpath(path))
-        return path, int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else None
-    return M.iteration_dir(path)
-
-
-def detect(path: str) -> bool:
-    """A ``torch_dist`` iteration directory, or a Megatron save directory whose iteration is one."""
+def detect(path: str, iteration: int | str | None = None) -> bool:
+    """A ``torch_dist`` iteration directory, or a Megatron save directory whose iteration (the
+    latest, or ``iteration``) is one."""
     if not os.path.isdir(path):
         return False
     try:
-        it_dir, _ = _checkpoint_dir(path)
-    except (FormatError, OSError, ValueError):
+        it_dir, _ = M.iteration_dir(path, iteration)
+    except (CkptIrError, OSError, ValueError):
         return False
     return os.path.isfile(os.path.join(it_dir, METADATA_JSON))
 
@@ -88,11 +81,12 @@ def lift(
     optimizer: bool = False,
     weights_from: str = "model",
     family: str | None = None,
+    iteration: int | str | None = None,
 ) -> Checkpoint:
-    """Lift a ``torch_dist`` checkpoint.  ``optimizer=True`` also lifts fully-reshardable
-    distributed-optimizer state into ``states``; ``weights_from="master"`` takes the weights from
-    its fp32 master copies."""
-    it_dir, iteration = _checkpoint_dir(path)
+    """Lift a ``torch_dist`` checkpoint (``iteration``: which one of a save directory, default the
+    latest).  ``optimizer=True`` also lifts fully-reshardable distributed-optimizer state into
+    ``states``; ``weights_from="master"`` takes the weights from its fp32 master copies."""
+    it_dir, iteration = M.iteration_dir(path, iteration)
     _check_backend(it_dir)
     md = read_metadata(it_dir)
     common, common_path = _common_state(it_dir, md)
@@ -186,6 +180,12 @@ def lift(
                 "distributed-optimizer state (fp32 masters, Adam moments): carried only to a Megatron target"
             )
         states = {}
+    # torch_dist names a layer's norms the Transformer-Engine way whatever the layer spec (the local
+    # spec maps its keys so): the modules the run built, and so the torch format's names and the
+    # optimizer's parameter order, are those of args.transformer_impl
+    norm_names = (
+        "local" if args.get("transformer_impl") == "local" else lift_tail.norm_names(te_norms, te_fc1)
+    )
     with ChunkResolver(it_dir) as resolver:
         build = _Builder(md.path, resolver, _reformulated_shapes(md))
         tensors = {name: TensorNode.whole(name, build(t, index)) for name, (t, index) in model.items()}
@@ -195,7 +195,6 @@ def lift(
         }
         dtype_key = None
         if buckets:
-            norm_names = "te" if te_fc1 else "te-input" if te_norms else "local"
             sets, dtype_key = _bucket_states(buckets, md, build, spec, tensors, args, norm_names, it_dir)
             for key in [k for k in dropped if _CHAINED.sub("", k).startswith("optimizer.distributed.")]:
                 del dropped[key]
@@ -233,7 +232,7 @@ def lift(
         format="mcore",
         fused_qkv=True,
         fused_gate_up=True,
-        norm_names=lift_tail.norm_names(te_norms, te_fc1),
+        norm_names=norm_names,
     )
     meta: dict[str, Any] = {
         "iteration": iteration if isinstance(iteration, int) else 1,
@@ -328,7 +327,8 @@ def _bucket_states(
     its buffers (one per model chunk holding its parameters), one 1-D tensor per DDP bucket holding
     that bucket without its end padding, i.e. ``distrib_optim.pt``'s coalesced buffer cut at the
     bucket ends.  Parameters are placed as in ``distrib_optim.pt`` (the order of the layer spec the
-    run used: args.transformer_impl), then their TP shards are gathered.
+    run used, args.transformer_impl, whose norm naming is ``norm_names``), then their TP shards are
+    gathered.
 
     With experts Megatron chains two optimizers (``chained_0.``, ``chained_1.``): the dense one over
     the (TP, PP) ranks, ``TP rank + TP x stage``, and the expert one over the (expert TP, EP, PP)
@@ -343,14 +343,12 @@ def _bucket_states(
     a = lambda k, d=1: args.get(k) or d  # noqa: E731
     tp, pp, dp = a("tensor_model_parallel_size"), a("pipeline_model_parallel_size"), a("data_parallel_size")
     ep, etp = a("expert_model_parallel_size"), a("expert_tensor_parallel_size", tp)
-    # the parameter order follows the modules the run built, not the (always TE-style) torch_dist names
-    order_names = "local" if args.get("transformer_impl") == "local" else norm_names
     unsupported = [
         what
         for what, yes in (
             ("context parallelism", a("context_parallel_size") != 1),
-            ("grouped-GEMM experts", args.get("moe_grouped_gemm")),
-            ("multi-token prediction with PP > 1", spec.mtp_layers and pp > 1),
+            ("grouped-GEMM experts", bool(args.get("moe_grouped_gemm"))),
+            ("multi-token prediction with PP > 1", spec.mtp_layers > 0 and pp > 1),
         )
         if yes
     ]
@@ -367,20 +365,22 @@ def _bucket_states(
         etp=None if etp == tp else etp,
         fused_qkv=True,
         fused_gate_up=True,
-        norm_names=order_names,
+        norm_names=norm_names,
     )
     view_tensors = dict(tensors)
     if spec.mla:  # the torch format's fused linear_qkv, which rank_content places
         _fuse_mla(spec, view_tensors)
     content, _ = rank_content(Checkpoint(spec=spec, layout=layout, tensors=view_tensors))
     content = {
-        at: [m for e in entries for m in _mcore_entries(spec, e, order_names != "local")]
+        at: [m for e in entries for m in _mcore_entries(spec, e, norm_names != "local")]
         for at, entries in content.items()
     }
     chunks = 1 + max(c for _, c in content)
     tied = spec.tied_embeddings
     # (optimizer, experts?, its DP size, its model-parallel ranks: (index, TP shard, EP rank) per stage)
-    optimizers = [(0, False, dp, lambda stage: [(r + tp * stage, r, None) for r in range(tp)])]
+    optimizers: list[tuple[int, bool, int, Callable[[int], list[tuple[int, int, int | None]]]]] = [
+        (0, False, dp, lambda stage: [(r + tp * stage, r, None) for r in range(tp)])
+    ]
     if spec.num_experts:
         optimizers.append(
             (
@@ -394,7 +394,7 @@ def _bucket_states(
     def rule_of(canon: str) -> Split | None:
         # the local spec builds MLA's down-projections as ColumnParallelLinear (split over TP);
         # Transformer Engine's spec duplicates them (TELinear), as the split rules say
-        if order_names == "local" and split_layer(canon)[1] in ("attn.q_a.weight", "attn.kv_a.weight"):
+        if norm_names == "local" and split_layer(canon)[1] in ("attn.q_a.weight", "attn.kv_a.weight"):
             return COLUMN
         return split_rule(canon)
 
@@ -403,7 +403,9 @@ def _bucket_states(
     expected: set[tuple[int, int, int, int]] = set()
     dtype_key = None
     for opt, experts, opt_dp, mp_ranks in optimizers:
-        gbuf = {}  # (stage, chunk) -> buffer index: Megatron counts only chunks with parameters of its own
+        gbuf: dict[
+            tuple[int, int], int
+        ] = {}  # (stage, chunk) -> buffer index: Megatron counts only chunks with parameters of its own
         for stage, chunk in sorted(content):
             mine = [
                 e
@@ -419,10 +421,10 @@ def _bucket_states(
                         continue
                     whole, rule = tensors[e.canon[0]].shape, rule_of(e.canon[0])
                     n = etp if experts else tp
-                    shape = list(whole)
+                    local_shape = list(whole)
                     if rule is not None and n > 1:
-                        shape[rule.dim] //= n
-                    local[e.key] = (e.canon[0], tuple(shape))
+                        local_shape[rule.dim] //= n
+                    local[e.key] = (e.canon[0], tuple(local_shape))
                     n_shards[e.canon[0]] = n
                 keys = distopt.registration_order(list(local)) or list(local)
                 params = [(k, math.prod(local[k][1])) for k in keys]
@@ -448,7 +450,9 @@ def _bucket_states(
                                 f"parameter layout gives F32 [{bucket_size}] for that bucket; the args do "
                                 f"not match how the optimizer state was saved"
                             )
-                        dtype_key = dtype_key or _BUCKET.match(key).group(4)
+                        m = _BUCKET.match(key)
+                        assert m is not None  # _bucket_keys kept only the keys it matched
+                        dtype_key = dtype_key or m.group(4)
                 for k, numel in params:
                     b, off = lay.in_bucket[k]
                     canon, shape = local[k]
@@ -467,8 +471,12 @@ def _bucket_states(
         nodes = {}
         for canon, ranks in by_name.items():
             rule, n = rule_of(canon), n_shards[canon]
-            parts = tuple(ranks[r] for r in range(n)) if rule is not None and n > 1 else (ranks[0],)
-            nodes[canon] = TensorNode.whole(canon, gather_exprs(parts, rule) if len(parts) > 1 else parts[0])
+            whole_expr = (
+                gather_exprs(tuple(ranks[r] for r in range(n)), rule)
+                if rule is not None and n > 1
+                else ranks[0]
+            )
+            nodes[canon] = TensorNode.whole(canon, whole_expr)
         sets[which] = nodes
     if dtype_key is None:
         raise FormatError(f"{where}: no dp_reshardable optimizer state found")
@@ -494,6 +502,7 @@ def _mcore_entries(spec, entry, te: bool) -> list:
     if not spec.mla or prefix is None or len(entry.canon) != 1:
         return [entry]
     layer, rest = split_layer(entry.canon[0])
+    assert layer is not None  # a decoder / MTP layer's key names a layer's tensor
     if rest == "attn.qkv_a.weight":
         q = "attn.q_a.weight" if spec.q_lora_rank else "attn.q.weight"
         return [
@@ -584,6 +593,7 @@ def _names(
     """[(canonical name, index into the stored tensor's leading axes)] for one stored key, or None
     when the key means nothing to us.  Multi-token-prediction layer k (``mtp.layers.<k>.``) is
     model layer ``num_layers + k``; ``mla``: Megatron-Core's own MLA keys."""
+    layers: list[tuple[int, str, tuple[int, ...]]]  # (model layer, key below it, index into the stack)
     m = _MTP.match(key)
     if m:
         layer, rest = num_layers + int(m.group(1)), m.group(2)
@@ -605,7 +615,7 @@ def _names(
     else:
         canon = M.canonical_key(key, 0, 0, tables)
         return None if canon is None else [(_resolve(canon), ())]
-    out = []
+    out: list[tuple[str, tuple[int, ...]]] = []
     for i, rest, index in layers:
         m = _STACKED_EXPERTS.match(rest)
         if m:

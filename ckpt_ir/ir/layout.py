@@ -8,6 +8,8 @@ and :func:`layer_slots` computes that from the Layout alone.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import attrs
 
 from ckpt_ir.errors import LayoutError
@@ -15,6 +17,10 @@ from ckpt_ir.ir.spec import ModelSpec
 
 FORMATS = ("hf", "mcore")
 NORM_NAMES = ("local", "te", "te-input")
+
+
+def _layer_counts(counts: Iterable[int] | None) -> tuple[int, ...] | None:
+    return None if counts is None else tuple(counts)
 
 
 @attrs.frozen(kw_only=True)
@@ -26,9 +32,7 @@ class Layout:
     tp: int = 1
     pp: int = 1
     vpp_layers: int | None = None  # layers per virtual pipeline stage (Megatron's Lv)
-    num_layer_list: tuple[int, ...] | None = attrs.field(
-        default=None, converter=lambda v: None if v is None else tuple(v)
-    )
+    num_layer_list: tuple[int, ...] | None = attrs.field(default=None, converter=_layer_counts)
     noop_layers: tuple[int, ...] = attrs.field(default=(), converter=lambda v: tuple(sorted(v)))
     padded_vocab: int | None = None  # rows of embedding / output layer when padded
     fused_qkv: bool = False

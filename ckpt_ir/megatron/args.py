@@ -431,6 +431,12 @@ def build_args(
             fields["params_dtype"] = TorchDtype(
                 "bfloat16" if fields["bf16"] else "float16" if fields["fp16"] else "float32"
             )
+        divisor, rows = src.get("make_vocab_size_divisible_by"), fields["padded_vocab_size"]
+        if isinstance(divisor, int) and divisor > 0:  # Megatron-LM pads to a multiple of it x TP
+            from ckpt_ir.passes.vocab import padded_size
+
+            if padded_size(spec.vocab_size, divisor, layout.tp) != rows:  # one that gives these rows
+                fields["make_vocab_size_divisible_by"] = rows // layout.tp
         if "ckpt_format" in src:  # ckpt-ir writes the torch format, whatever the source was
             fields["ckpt_format"] = "torch"
         dp, cp = src.get("data_parallel_size"), src.get("context_parallel_size") or 1

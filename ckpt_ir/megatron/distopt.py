@@ -273,6 +273,7 @@ def read_state(
             f"{rank_file}: args do not record data_parallel_size; the optimizer layout depends on it"
         )
     out: dict[str, dict[tuple[str, str], E.Expr]] = {k: {} for k in STATE_KEYS}
+    groups: list[tuple[Any, int, bool | None]]  # (state, its DP size, experts only / dense only / all)
     if isinstance(opt.obj, list):
         if len(opt.obj) != 2:
             raise FormatError(
@@ -317,7 +318,7 @@ def _read_group(
             f"{path}: not a distributed-optimizer state Megatron-Core wrote (neither the coalesced nor "
             f"the per-bucket layout)"
         )
-    gens = (CURRENT, V07) if state.get("buckets_coalesced") else (PER_BUCKET,)
+    gens: tuple[Generation, ...] = (CURRENT, V07) if state.get("buckets_coalesced") else (PER_BUCKET,)
     if align is not None:  # the user knows the alignment: do not try the other generation
         gens = tuple(attrs.evolve(g, align=align) for g in gens[:1])
     tied = not args.get("untie_embeddings_and_output_weights", True)
@@ -349,7 +350,7 @@ def _read_group(
             saved: Any = entry.get("numel_unpadded")
             layouts = [(g, param_offsets(params, size, dp, shared, g)) for g in gens]
             found = [(g, lay) for g, lay in layouts if lay.total == saved]
-            rebuilt = layouts[0][1].total
+            rebuilt: int | list[int] = layouts[0][1].total
         else:
             per_bucket = state.get("per_bucket_numel_unpadded")
             saved = (

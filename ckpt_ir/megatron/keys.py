@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
 
 import attrs
 
-from ckpt_ir.errors import FormatError
+from ckpt_ir.errors import FormatError, UsageError
 from ckpt_ir.io.side_files import AUX_PATTERNS
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.layout import Layout
@@ -196,9 +195,12 @@ _FULL_QK_NORM = {
 }
 
 
-def _layer_keys(mla: bool, full_qk_norm: bool, family: str | None = None, gated: bool = True):
+KeyPairs = tuple[tuple[str, str], ...]  # (Megatron key template, canonical template)
+
+
+def _layer_keys(mla: bool, full_qk_norm: bool, family: str | None = None, gated: bool = True) -> KeyPairs:
     """The decoder-layer keys; a plain (not gated) MLP's linear_fc1 is the canonical fc1."""
-    keys = _MLA_LAYER_KEYS if mla else _LAYER_KEYS
+    keys: KeyPairs = _MLA_LAYER_KEYS if mla else _LAYER_KEYS
     if full_qk_norm:
         keys = tuple((m, _FULL_QK_NORM.get(c, c)) for m, c in keys)
     if family is not None:  # a family's own keys for some roles (Gemma 3's post norms, Megatron-Bridge)
@@ -209,7 +211,7 @@ def _layer_keys(mla: bool, full_qk_norm: bool, family: str | None = None, gated:
     return keys if gated else tuple((m, c.replace(".gate_up.", ".fc1.")) for m, c in keys)
 
 
-def _table(keys, norm_names: str) -> NameTable:
+def _table(keys: KeyPairs, norm_names: str) -> NameTable:
     if norm_names == "local":
         return NameTable(keys)
     renames = (
@@ -298,41 +300,68 @@ def iter_dir(iteration: int | str) -> str:
 # ---------------------------------------------------------------------------------------------
 # reading: the shared end of the torch and torch_dist frontends
 
+TRACKER = "latest_checkpointed_iteration.txt"
+TORCH_DIST_METADATA = "metadata.json"  # what marks a torch_dist iteration directory
+_ITER_NAME = re.compile(r"^iter_(\d+)$")
 
-def iteration_dir(path: str) -> tuple[str, Any]:
-    """(the iteration directory, its iteration) of a Megatron checkpoint: the one
-    ``latest_checkpointed_iteration.txt`` names, the only ``iter_*``, or ``path`` itself."""
-    tracker = os.path.join(path, "latest_checkpointed_iteration.txt")
+
+def iteration_of(name: str) -> int | str | None:
+    """The iteration an ``iter_N`` or ``release`` directory name stands for, else None."""
+    if name == "release":
+        return name
+    m = _ITER_NAME.match(name)
+    return int(m.group(1)) if m else None
+
+
+def iteration_dir(path: str, iteration: int | str | None = None) -> tuple[str, int | str | None]:
+    """(the iteration directory, its iteration) of the Megatron checkpoint at ``path``.  A save
+    directory gives ``iteration`` when asked (``--iteration``), else the one
+    ``latest_checkpointed_iteration.txt`` names, else its only ``iter_*`` / ``release``.  An
+    iteration directory given itself (rank directories or torch_dist files inside) is read as the
+    iteration its name says (None when the name does not say: its files do)."""
+    names = os.listdir(path)
+    present = {
+        it: n for n in names if (it := iteration_of(n)) is not None and os.path.isdir(os.path.join(path, n))
+    }
+    tracker = os.path.join(path, TRACKER)
+    if not present and not os.path.isfile(tracker):
+        if not any(RANK_DIR.match(n) for n in names) and TORCH_DIST_METADATA not in names:
+            raise FormatError(f"{path}: no iter_* directory or {TRACKER}; not a Megatron checkpoint")
+        own = iteration_of(os.path.basename(os.path.abspath(path)))
+        if iteration is not None and own is not None and iteration != own:
+            raise UsageError(
+                f"{path}: is iteration {own} itself, not {iteration}; give its save directory (the "
+                f"parent) to read another iteration"
+            )
+        return path, own if own is not None else iteration
+    if iteration is not None:
+        if iteration not in present:
+            raise UsageError(f"{path}: no iteration {iteration}; iterations present: {_listed(present)}")
+        return os.path.join(path, present[iteration]), iteration
     if os.path.isfile(tracker):
         text = open(tracker).read().strip()
-        if text == "release":
-            it: Any = "release"
-        else:
-            try:
-                it = int(text)
-            except ValueError:
-                raise FormatError(
-                    f"{tracker}: expected an iteration number or 'release', found {text!r}"
-                ) from None
-        d = os.path.join(path, iter_dir(it))
-        if not os.path.isdir(d):
-            raise FormatError(f"{tracker}: names iteration {text} but {d} does not exist")
-        return d, it
-    names = os.listdir(path)
-    if any(RANK_DIR.match(n) for n in names):
-        return path, 1
-    iters = sorted(n for n in names if n.startswith("iter_") or n == "release")
-    if len(iters) > 1:
+        it = iteration_of(text if text == "release" else f"iter_{text}")
+        if it is None:
+            raise FormatError(f"{tracker}: expected an iteration number or 'release', found {text!r}")
+        if it not in present:
+            raise FormatError(
+                f"{tracker}: names iteration {text} but {os.path.join(path, iter_dir(it))} does not "
+                f"exist (iterations present: {_listed(present)}; pick one with --iteration)"
+            )
+        return os.path.join(path, present[it]), it
+    if len(present) > 1:
         raise FormatError(
-            f"{path}: several iterations ({', '.join(iters)}) and no latest_checkpointed_iteration.txt; "
-            f"point at one iter_* directory"
+            f"{path}: several iterations ({_listed(present)}) and no {TRACKER}; pick one with "
+            f"--iteration or give its iter_* directory"
         )
-    if not iters:
-        raise FormatError(
-            f"{path}: no iter_* directory or latest_checkpointed_iteration.txt; not a Megatron checkpoint"
-        )
-    it = "release" if iters[0] == "release" else int(iters[0][5:])
-    return os.path.join(path, iters[0]), it
+    ((it, name),) = present.items()
+    return os.path.join(path, name), it
+
+
+def _listed(present: dict[int | str, str]) -> str:
+    """The iterations of a save directory, in order (release last), or "none"."""
+    order = sorted(present, key=lambda it: (isinstance(it, str), it if isinstance(it, int) else 0))
+    return ", ".join(map(str, order)) or "none"
 
 
 @attrs.frozen
@@ -419,7 +448,6 @@ MCORE_HF_DIR = "hf"
 
 # What a Megatron checkpoint directory holds (name pattern, what a directory of that name holds;
 # None: a file), for --overwrite, which replaces only a directory holding a checkpoint and nothing else
-TRACKER = "latest_checkpointed_iteration.txt"
 RANK_ENTRIES: tuple = (("model_optim_rng.pt", None), ("distrib_optim.pt", None))
 # an iteration: rank directories (torch format) or torch_dist's files
 ITERATION_ENTRIES: tuple = (

@@ -6,7 +6,7 @@ say about layout, dtype, LoRA and training state (:func:`checkpoint`)."""
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, overload
 
 import attrs
 
@@ -29,7 +29,13 @@ class ArgReader:
     def __init__(self, args: dict[str, Any], where: str) -> None:
         self.args, self.where = args, where
 
+    @overload
+    def size(self, key: str, default: int = 1, limit: int = 1 << 16) -> int: ...
+    @overload
+    def size(self, key: str, default: None, limit: int = 1 << 16) -> int | None: ...
+
     def size(self, key: str, default: int | None = 1, limit: int = 1 << 16) -> int | None:
+        """``args.<key>``, an integer from 1 to ``limit``; ``default`` when args lack it."""
         v = self.args.get(key)
         if v is None:
             return default

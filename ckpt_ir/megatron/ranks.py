@@ -67,8 +67,8 @@ def rank_content(ckpt: Checkpoint) -> tuple[dict[tuple[int, int], list[Entry]], 
                 for canon in roles.get(role, ()):
                     entries.extend(_entries(ckpt, role, canon, local, table, layer))
         expert_roles = [r for r in order if "{e}" in r]
-        by_expert = {expert_of(n): n for r in expert_roles for n in roles.get(r, ())}
-        for expert in sorted(by_expert):
+        experts = {e for r in expert_roles for n in roles.get(r, ()) if (e := expert_of(n)) is not None}
+        for expert in sorted(experts):
             for role in expert_roles:
                 canon = role.format(i=layer, e=expert)
                 if canon in ckpt.tensors:
