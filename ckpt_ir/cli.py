@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from ckpt_ir.cli_common import (
     Parser,
     add_ir_flags,
+    add_overflow_flag,
     add_plugin_flag,
     add_replicas_flag,
     int_list,
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="cast floating tensors to bf16, fp16 or fp32 (default: keep; an FP8/MXFP4 source is "
         "dequantized to its config's compute dtype)",
     )
+    add_overflow_flag(c)
     c.add_argument(
         "--quantize",
         choices=("fp8",),

@@ -115,6 +115,16 @@ def add_replicas_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_overflow_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-overflow",
+        action="store_true",
+        help="write tensors whose cast to a narrower dtype (bf16 or fp32 to fp16, fp32 to bf16) turns "
+        "finite values into inf, with a warning naming each; by default such a conversion is refused "
+        "(every overflowing tensor named) and nothing is written",
+    )
+
+
 def load_plugins(args: argparse.Namespace) -> None:
     from ckpt_ir.passes.manager import load_plugin
 
@@ -166,6 +176,7 @@ def run_conversion(src: Any, target: Any, args: argparse.Namespace, load_options
         workers=getattr(args, "workers", None),
         max_memory=getattr(args, "max_memory", None),
         announce=None if quiet or args.dry_run else lambda p: print(f"pipeline: {p}", file=sys.stderr),
+        allow_overflow=getattr(args, "allow_overflow", False),
     )
     if args.dry_run:
         print_plan(
@@ -182,6 +193,8 @@ def run_conversion(src: Any, target: Any, args: argparse.Namespace, load_options
         )
         for line in ck.summarize_dropped(result.plan.dropped):  # what the output lacks, and why
             print(line, file=sys.stderr)
+        for o in stats["overflows"]:  # written as inf on purpose (--allow-overflow)
+            print(f"warning: overflow to inf: {o}", file=sys.stderr)
         from ckpt_ir.backends.plan import NOTES_FILE
 
         for note in result.output.meta.get("notes", ()):
