@@ -238,7 +238,8 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
     if src.states and not target.carries_optimizer:
         steps.append("drop-optimizer-state")
     if target.dtype:
-        steps.append(f"cast{{dtype={target.dtype}}}")
+        # tensors the target's loader keeps in fp32 stay fp32 (DeepSeek's router, gpt-oss' norms in fp16)
+        steps.append(f"cast{{dtype={target.dtype} keep-fp32={'megatron' if to_mcore else 'transformers'}}}")
     if to_mcore:
         if not fused_qkv:
             steps.append("fuse-qkv")

@@ -2,41 +2,71 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import attrs
 
+from ckpt_ir.errors import UsageError
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.dtypes import FLOATING, parse_dtype
-from ckpt_ir.ir.names import is_norm
+from ckpt_ir.ir.names import is_norm, role_of
 from ckpt_ir.passes.manager import Option, Pass, register_pass
 
 
 @register_pass
 class CastPass(Pass):
     name = "cast"
-    summary = "Cast floating-point tensors to a dtype (norms optionally kept in fp32)"
+    summary = "Cast floating-point tensors to a dtype (norms, or what a loader keeps, in fp32)"
     description = (
         "Every floating tensor becomes a cast of its expression; integer tensors are untouched. "
         "A cast to the dtype a tensor already has disappears in simplification, so a no-op cast "
-        "costs nothing and round trips stay bit-exact."
+        "costs nothing and round trips stay bit-exact. keep-fp32=transformers keeps in fp32 what "
+        "transformers' from_pretrained keeps in fp32 in that dtype (the family's "
+        "_keep_in_fp32_modules_strict, and _keep_in_fp32_modules under fp16: DeepSeek's router); "
+        "keep-fp32=megatron what megatron-core does (the router's expert bias)."
     )
     options = (
         Option("dtype", str, None, "target dtype: bf16, fp16 or fp32", required=True),
         Option("keep-norms", bool, False, "keep normalisation weights in fp32"),
+        Option("keep-fp32", str, "none", "keep in fp32 what a loader does: transformers, megatron, none"),
     )
-    guarantees = "floating tensors have the target dtype; spec.dtype updated"
+    guarantees = "floating tensors have the target dtype (fp32 where kept); spec.dtype updated"
     optimizer_state = "keep"  # master weights and moments stay fp32
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
         to = parse_dtype(self.opt("dtype"))
+        kept = kept_in_fp32(ckpt, to, self.opt("keep-fp32"))
         out = {}
         for name, t in ckpt.tensors.items():
             if t.dtype not in FLOATING:
                 out[name] = t
                 continue
-            want = "F32" if self.opt("keep-norms") and is_norm(name) else to
+            want = "F32" if self.opt("keep-norms") and is_norm(name) or kept(name) else to
             out[name] = t.map(lambda e, w=want: E.simplify(E.Cast(e, w)))
         return ckpt.with_tensors(out, spec=attrs.evolve(ckpt.spec, dtype=to))
+
+
+def kept_in_fp32(ckpt: Checkpoint, dtype: str, loader: str) -> Callable[[str], bool]:
+    """Whether ``loader`` keeps a tensor (a canonical name of ``ckpt``) in fp32 when it loads the
+    model in ``dtype``: ``transformers`` as ``from_pretrained(..., dtype=...)`` does (its
+    ``_keep_in_fp32_modules*`` and the family's fp32 parameters), ``megatron`` as megatron-core
+    does (the router's expert bias), ``none`` nothing."""
+    from ckpt_ir.families import by_name
+    from ckpt_ir.families.transformers_fp32 import kept_in_fp32 as transformers_fp32
+    from ckpt_ir.mcore_format import KEPT_FP32
+
+    if loader == "none":
+        return lambda name: False
+    if loader == "megatron":
+        return lambda name: role_of(name) in KEPT_FP32
+    if loader != "transformers":
+        raise UsageError(f"cast: keep-fp32={loader!r}: choose transformers, megatron or none")
+    family = by_name(ckpt.spec.family)
+    pattern = transformers_fp32(family, dtype)
+    if pattern is None:
+        return lambda name: False
+    return lambda name: (hf := family.names.from_canonical(name)) is not None and bool(pattern.search(hf))
 
 
 @register_pass
