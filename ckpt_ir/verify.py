@@ -133,7 +133,9 @@ def build_model(config, dtype, device, adapter: str | None):
     weights = {
         k: v.to(device=device, dtype=dtype) for k, v in load_peft_weights(adapter, device="cpu").items()
     }
-    peft_model.load_state_dict = functools.partial(peft_model.load_state_dict, assign=True)  # type: ignore[method-assign]
+    peft_model.load_state_dict = functools.partial(  # type: ignore[method-assign]
+        peft_model.load_state_dict, assign=True
+    )
     try:
         result: Any = set_peft_model_state_dict(peft_model, weights)
     finally:

@@ -629,7 +629,8 @@ def test_allow_overflow_writes_inf_and_warns_for_each_tensor(bf16_with_large_val
     assert warnings == [
         "warning: overflow to inf: model.layers.0.mlp.down_proj.weight in model.safetensors "
         "(2 element(s) up to |x| = 999424 -> inf in F16)",
-        "warning: overflow to inf: lm_head.weight in model.safetensors (1 element(s) up to |x| = 70144 -> inf in F16)",
+        "warning: overflow to inf: lm_head.weight in model.safetensors "
+        "(1 element(s) up to |x| = 70144 -> inf in F16)",
     ]
     src = load_file(str(bf16_with_large_values / "model.safetensors"))
     out = load_file(str(dst / "model.safetensors"))
@@ -647,8 +648,8 @@ def test_fp32_to_bf16_overflow_is_refused_too(hf_src, dst):
     save_file(sd, f, metadata={"format": "pt"})
     msg = assert_clean_error(cli("convert", hf_src, dst, "--to", "hf", "--dtype", "bf16"), dst)
     assert (
-        "1 tensor(s) overflow to inf when cast: model.norm.weight in model.safetensors (1 element(s) up to |x| = 3.4e+38 -> inf in BF16)"
-        in msg
+        "1 tensor(s) overflow to inf when cast: model.norm.weight in model.safetensors "
+        "(1 element(s) up to |x| = 3.4e+38 -> inf in BF16)" in msg
     )
 
 

@@ -57,11 +57,15 @@ class Overflowed:
     max_abs: float
 
     def __str__(self) -> str:
-        return f"{self.tensor} in {self.file} ({self.count} element(s) up to |x| = {self.max_abs:.6g} -> inf in {self.dtype})"
+        return (
+            f"{self.tensor} in {self.file} ({self.count} element(s) up to |x| = {self.max_abs:.6g} "
+            f"-> inf in {self.dtype})"
+        )
 
 
 def check_overflow(overflows: list[Overflowed], allow: bool) -> None:
-    """Refuse an output in which casts overflowed to infinity, naming every such tensor, unless ``allow``."""
+    """Refuse an output in which casts overflowed to infinity, naming every such tensor, unless
+    ``allow``."""
     if overflows and not allow:
         raise CkptIrError(
             f"{len(overflows)} tensor(s) overflow to inf when cast: {'; '.join(map(str, overflows))}; "
