@@ -246,7 +246,8 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
     if src.states and not target.carries_optimizer:
         steps.append(DropOptimizerState())
     if target.dtype:
-        steps.append(CastPass(dtype=target.dtype))
+        # tensors the target's loader keeps in fp32 stay fp32 (DeepSeek's router, gpt-oss' norms in fp16)
+        steps.append(CastPass(dtype=target.dtype, keep_fp32="megatron" if to_mcore else "transformers"))
     if to_mcore:
         if not fused_qkv:
             steps.append(FuseQKV())
@@ -467,17 +468,28 @@ def save(
     progress: bool = False,
     workers: int | None = None,
     max_memory: int | None = None,
+    allow_overflow: bool = False,
 ) -> dict:
     """Write ``ckpt`` to ``dst`` (atomically), planning it for ``target`` -- or write an existing
     :class:`Plan`.  ``workers``: parallel writer processes (default: one per core);
-    ``max_memory``: bytes of tensor data held at once (default: half the available memory)."""
+    ``max_memory``: bytes of tensor data held at once (default: half the available memory);
+    ``allow_overflow``: write tensors whose cast to a narrower dtype overflowed to infinity (listed
+    in the result's ``overflows``) instead of refusing the whole output."""
     from ckpt_ir.backends.execute import execute
 
     if isinstance(ckpt, Checkpoint):
         if target is None:
             raise TypeError("save: a Checkpoint needs a Target to be planned for")
         ckpt = plan(ckpt, target)
-    return execute(ckpt, dst, overwrite=overwrite, progress=progress, workers=workers, max_memory=max_memory)
+    return execute(
+        ckpt,
+        dst,
+        overwrite=overwrite,
+        progress=progress,
+        workers=workers,
+        max_memory=max_memory,
+        allow_overflow=allow_overflow,
+    )
 
 
 @attrs.frozen
@@ -505,12 +517,14 @@ def convert(
     max_memory: int | None = None,
     load_options: dict[str, Any] | None = None,
     announce: Callable[[Pipeline], None] | None = None,
+    allow_overflow: bool = False,
 ) -> Conversion:
     """The conversion driver (``ckpt-ir convert``, ``convert-ckpt`` and ``demo`` all use it):
     lift ``src``, run ``pipeline`` (default: :func:`derive_pipeline`), check the result against
     ``target``, plan the output once, and write it to ``dst`` atomically (not when ``dry_run``).
     ``load_options`` go to :func:`load` (``allow_unused``, ``hf_config``, ``family``,
-    ``weights_from``, ``optimizer_layout``, ``iteration``); ``announce`` is called with the pipeline before it runs."""
+    ``weights_from``, ``optimizer_layout``, ``iteration``); ``announce`` is called with the pipeline
+    before it runs; ``allow_overflow`` as for :func:`save`."""
     from ckpt_ir.backends.execute import execute
     from ckpt_ir.frontends import check_replaceable
     from ckpt_ir.io.atomic import check_destination
@@ -535,6 +549,12 @@ def convert(
     stats = None
     if not dry_run:
         stats = execute(
-            the_plan, dst, overwrite=overwrite, progress=progress, workers=workers, max_memory=max_memory
+            the_plan,
+            dst,
+            overwrite=overwrite,
+            progress=progress,
+            workers=workers,
+            max_memory=max_memory,
+            allow_overflow=allow_overflow,
         )
     return Conversion(steps, out, the_plan, stats)

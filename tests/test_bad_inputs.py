@@ -561,3 +561,123 @@ def test_not_enough_free_disk_is_refused_before_writing(hf_src, dst, monkeypatch
     err = capsys.readouterr().err
     assert "not enough free disk space" in err and "free space or choose another destination" in err
     assert not dst.exists() and not tmp_siblings(dst)
+
+
+# values a bf16 source holds that fp16 cannot: (tensor, row, column) -> value; an inf of the source
+# and bf16's largest value below fp16's largest (65504) are not overflows
+OVERFLOWING = {
+    ("model.layers.0.mlp.down_proj.weight", 1, 2): 1e6,
+    ("model.layers.0.mlp.down_proj.weight", 1, 3): -3e5,
+    ("lm_head.weight", 5, 5): 7e4,
+    ("model.layers.1.self_attn.q_proj.weight", 0, 0): float("inf"),
+    ("model.layers.1.mlp.up_proj.weight", 0, 0): 65280.0,
+}
+
+
+@pytest.fixture
+def bf16_with_large_values(hf_src) -> Path:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    f = str(hf_src / "model.safetensors")
+    sd = {k: v.to(torch.bfloat16) for k, v in load_file(f).items()}
+    for (name, i, j), value in OVERFLOWING.items():
+        sd[name][i, j] = value
+    save_file(sd, f, metadata={"format": "pt"})
+    return hf_src
+
+
+@pytest.mark.parametrize(
+    "flags, names",
+    [
+        (("--to", "hf"), ("model.layers.0.mlp.down_proj.weight in model.safetensors", "lm_head.weight in")),
+        (("--to", "hf", "--workers", "2"), ("model.layers.0.mlp.down_proj.weight in", "lm_head.weight in")),
+        (
+            ("--to", "mcore", "--tp", "2"),
+            ("decoder.layers.0.mlp.linear_fc2.weight in", "output_layer.weight in"),
+        ),
+    ],
+)
+def test_cast_overflow_to_inf_is_refused_naming_every_tensor(bf16_with_large_values, dst, flags, names):
+    res = cli("convert", bf16_with_large_values, dst, "--dtype", "fp16", *flags)
+    msg = assert_clean_error(res, dst)
+    assert "2 tensor(s) overflow to inf when cast: " in msg and "pass --allow-overflow" in msg
+    down, head = (msg.index(n) for n in names)  # in the plan's order, each with its count and max |x|
+    assert down < head
+    assert "(2 element(s) up to |x| = 999424 -> inf in F16)" in msg[down:head]  # 1e6 as bf16
+    assert "(1 element(s) up to |x| = 70144 -> inf in F16)" in msg[head:]
+    assert "q_proj" not in msg and "up_proj" not in msg
+
+
+def test_cast_overflow_leaves_an_existing_destination_as_it_was(bf16_with_large_values, dst):
+    from tests.conftest import files_of
+
+    assert_ok(cli("convert", bf16_with_large_values, dst, "--to", "hf"))
+    before = files_of(str(dst))
+    res = cli("convert", bf16_with_large_values, dst, "--to", "hf", "--dtype", "fp16", "--overwrite")
+    assert_clean_error(res, None)
+    assert files_of(str(dst)) == before and not tmp_siblings(dst)
+
+
+def test_allow_overflow_writes_inf_and_warns_for_each_tensor(bf16_with_large_values, dst):
+    import torch
+    from safetensors.torch import load_file
+
+    res = cli("convert", bf16_with_large_values, dst, "--to", "hf", "--dtype", "fp16", "--allow-overflow")
+    assert_ok(res)
+    warnings = [ln for ln in res.stderr.splitlines() if ln.startswith("warning: overflow to inf: ")]
+    assert warnings == [
+        "warning: overflow to inf: model.layers.0.mlp.down_proj.weight in model.safetensors "
+        "(2 element(s) up to |x| = 999424 -> inf in F16)",
+        "warning: overflow to inf: lm_head.weight in model.safetensors "
+        "(1 element(s) up to |x| = 70144 -> inf in F16)",
+    ]
+    src = load_file(str(bf16_with_large_values / "model.safetensors"))
+    out = load_file(str(dst / "model.safetensors"))
+    for name, t in src.items():  # torch's cast, bit for bit: the overflowing elements are inf
+        assert torch.equal(out[name].view(torch.int16), t.to(torch.float16).view(torch.int16)), name
+    assert out["model.layers.0.mlp.down_proj.weight"][1, 2:4].tolist() == [float("inf"), float("-inf")]
+
+
+def test_fp32_to_bf16_overflow_is_refused_too(hf_src, dst):
+    from safetensors.torch import load_file, save_file
+
+    f = str(hf_src / "model.safetensors")
+    sd = load_file(f)
+    sd["model.norm.weight"][0] = 3.4e38  # above bf16's largest value, 3.3895e38: rounds to inf
+    save_file(sd, f, metadata={"format": "pt"})
+    msg = assert_clean_error(cli("convert", hf_src, dst, "--to", "hf", "--dtype", "bf16"), dst)
+    assert (
+        "1 tensor(s) overflow to inf when cast: model.norm.weight in model.safetensors "
+        "(1 element(s) up to |x| = 3.4e+38 -> inf in BF16)" in msg
+    )
+
+
+def test_cast_overflow_under_torchrun_is_refused_by_every_rank(bf16_with_large_values, dst):
+    """The ranks write different files; their overflows are gathered and every rank refuses."""
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    f = str(bf16_with_large_values / "model.safetensors")
+    sd = load_file(f)
+    sd["model.layers.1.mlp.down_proj.weight"][0, 100] = 2e5  # in a file the second rank writes
+    save_file(sd, f, metadata={"format": "pt"})
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+        + ["--master-port", str(29500 + (os.getpid() + 1) % 1000)]
+        + ["-m", "ckpt_ir", "convert", str(bf16_with_large_values), str(dst), "--to", "mcore"]
+        + ["--tp", "2", "--pp", "2", "--dtype", "fp16"],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        env=_env(),
+        cwd=str(REPO),
+    )
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith(ERROR_PREFIX)]
+    assert res.returncode != 0 and len(errors) == 2 and errors[0] == errors[1], res.stderr
+    assert "3 tensor(s) overflow to inf when cast: " in errors[0]
+    assert "decoder.layers.0.mlp.linear_fc2.weight in iter_0000001/mp_rank_00_000/" in errors[0]
+    assert "output_layer.weight in iter_0000001/mp_rank_00_001/" in errors[0]
+    assert "decoder.layers.0.mlp.linear_fc2.weight in iter_0000001/mp_rank_01_001/" in errors[0]
+    assert not dst.exists() and not tmp_siblings(dst)

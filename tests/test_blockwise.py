@@ -159,10 +159,38 @@ def test_numpy_casts_equal_torch_bit_for_bit(src):
     for dst in casts.FLOATS:
         if dst == src:
             continue
-        want = E.from_torch_tensor(E.to_torch_tensor(raw.copy(), src).to(to_torch(dst)), dst)
+        x = E.to_torch_tensor(raw.copy(), src)
+        y = x.to(to_torch(dst))
+        want = E.from_torch_tensor(y, dst)
         out = np.empty(raw.shape, E.raw_dtype(dst))
-        casts.cast(raw, src, dst, out)
+        overflow = casts.cast(raw, src, dst, out)
         assert np.array_equal(out, want), (src, dst, int((out != want).sum()))
+        # the overflow it reports: the finite values torch's cast made infinite, and their largest |x|
+        inf = torch.isfinite(x) & torch.isinf(y)
+        assert overflow == (int(inf.sum()), float(x[inf].abs().max()) if inf.any() else 0.0), (src, dst)
+        narrowing = {("F32", "F16"), ("F32", "BF16"), ("BF16", "F16")}
+        assert (overflow[0] > 0) == ((src, dst) in narrowing), (src, dst)
+
+
+@pytest.mark.parametrize("path", ["torch", "device"])
+def test_torch_casts_count_overflow(tmp_path, monkeypatch, path):
+    """Casts numpy does not run (from fp64 here; on --device all of them) count their overflow
+    the same way: finite values that became infinite, the largest |x|; an inf of the source is none."""
+    from ckpt_ir.io.safetensors import read_header
+
+    x = np.array([[1.0, 1e6, -7e4], [np.inf, 65519.0, 3e39]])
+    save_file({"x": x}, str(tmp_path / "x.safetensors"))
+    load = read_header(str(tmp_path / "x.safetensors"))[0]["x"]
+    if path == "device":  # the --device code path, run on the CPU
+        monkeypatch.setattr(E, "MATH_DEVICE", torch.device("cpu"))
+    for dst, want in (
+        ("F16", E.Overflow(3, 3e39)),
+        ("F32", E.Overflow(1, 3e39)),
+        ("BF16", E.Overflow(1, 3e39)),
+    ):
+        with E.Reader() as reader:
+            out = E.evaluate(E.Cast(load, dst), reader)
+        assert torch.equal(out, torch.from_numpy(x).to(out.dtype)) and reader.overflow == want, dst
 
 
 def wide_model(path: str, vocab: int, hidden: int = 512) -> None:

@@ -78,7 +78,7 @@ def test_printed_pipeline_reproduces_hf_to_mcore(mcore_src, tmp_path):
         "--noop-layers",
         "1,4",
     )
-    assert text.endswith("rename-norms{names=te}") and "cast{dtype=bf16}" in text
+    assert text.endswith("rename-norms{names=te}") and "cast{dtype=bf16 keep-fp32=megatron}" in text
 
 
 def test_printed_pipeline_reproduces_mcore_to_hf_and_reshard(mcore_src, tmp_path):

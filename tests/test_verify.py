@@ -19,6 +19,7 @@ from tests.cli_contract import cli
 from tests.conftest import build_hf
 from tests.test_deepseek import build_deepseek
 from tests.test_lora import make_peft_adapter
+from tests.test_lora_variants import VARIANTS, make_adapter
 from tests.test_moe import build_moe
 
 PROMPT = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(11))
@@ -151,6 +152,33 @@ def test_lora_merged_vs_peft_applied(hf_cache, tmp_path):
     assert code == 0 and r["rows"][1]["max_abs_diff"] > 0  # different arithmetic, within the tolerance
     code, r = report(merged, base)  # without the adapter the base is another model
     assert code == 1 and r["first_divergent"] == "layer 0"
+
+
+@pytest.mark.parametrize(
+    "variant, changed, layer",
+    [
+        ("dora", "model.layers.1.self_attn.q_proj.weight", "layer 1"),
+        ("modules_to_save", "lm_head.weight", "logits"),
+        ("moe", "model.layers.1.block_sparse_moe.experts.2.w2.weight", "layer 1"),
+    ],
+)
+def test_every_adapter_convert_merges_is_applied_by_verify(hf_cache, tmp_path, variant, changed, layer):
+    """DoRA magnitudes, modules_to_save copies and LoRA on fused experts (target_parameters), made by
+    peft: the merged model agrees with base + adapter, and one changed weight of it does not."""
+    base = build_moe(str(tmp_path / "base"), "mixtral", layers=2) if variant == "moe" else hf_cache("llama")
+    adapter, merged = str(tmp_path / "adapter"), tmp_path / "merged"
+    make_adapter(base, adapter, **VARIANTS[variant])
+    ok(cli("convert", base, merged, "--to", "hf", "--lora-load", adapter))
+    code, r = report(merged, base, "--lora-load", adapter)
+    assert code == 0 and r["ok"] and r["top1_agreement"] == r["tokens"], r
+    code, r = report(merged, base)  # the adapter changes the model: the comparison is not vacuous
+    assert code == 1
+    f = str(merged / "model.safetensors")
+    sd = load_file(f)
+    sd[changed][3, 5] += 0.5
+    save_file(sd, f, metadata={"format": "pt"})
+    code, r = report(merged, base, "--lora-load", adapter)
+    assert code == 1 and r["first_divergent"] == layer
 
 
 def test_bad_requests_are_one_line_errors(hf_cache, tmp_path):

@@ -7,7 +7,9 @@ import os
 import shutil
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import attrs
 
 from ckpt_ir.backends.plan import BLOCK_BYTES, MIN_BLOCK_BYTES, OutputFile, Plan, row_blocks
 from ckpt_ir.errors import CkptIrError
@@ -45,6 +47,33 @@ class Progress:
             sys.stderr.flush()
 
 
+@attrs.frozen
+class Overflowed:
+    """A tensor in which a cast to a narrower dtype turned finite values into infinities."""
+
+    file: str
+    tensor: str
+    dtype: str
+    count: int
+    max_abs: float
+
+    def __str__(self) -> str:
+        return (
+            f"{self.tensor} in {self.file} ({self.count} element(s) up to |x| = {self.max_abs:.6g} "
+            f"-> inf in {self.dtype})"
+        )
+
+
+def check_overflow(overflows: list[Overflowed], allow: bool) -> None:
+    """Refuse an output in which casts overflowed to infinity, naming every such tensor, unless
+    ``allow``."""
+    if overflows and not allow:
+        raise CkptIrError(
+            f"{len(overflows)} tensor(s) overflow to inf when cast: {'; '.join(map(str, overflows))}; "
+            f"nothing was written: cast to a wider dtype, or pass --allow-overflow to write them as inf"
+        )
+
+
 def tensor_bytes(expr: E.Expr, reader: E.Reader, slot: str = "out") -> memoryview:
     arr = E.evaluate_raw(expr, reader, scratch=slot)
     if tuple(arr.shape) != expr.shape:
@@ -66,6 +95,17 @@ class TensorWriter:
         self.writeback = atomic.Writeback()
         self._compute: ThreadPoolExecutor | None = None
         self._torch_started = False
+        self.overflows: list[Overflowed] = []
+
+    def tensor(self, file: str, name: str, expr: E.Expr, fd: int, pos: int) -> int:
+        """Write the tensor ``name`` of ``file`` at ``pos``; returns the bytes written.  If its casts
+        overflowed (counted by the reader while its blocks were computed), it joins ``overflows``."""
+        self.reader.overflow = E.Overflow()
+        n = self(expr, fd, pos)
+        if self.reader.overflow.count:
+            o = self.reader.overflow
+            self.overflows.append(Overflowed(file, name, expr.dtype, o.count, o.max_abs))
+        return n
 
     def __call__(self, expr: E.Expr, fd: int, pos: int) -> int:
         """Write ``expr`` at ``pos``; returns the bytes written."""
@@ -137,25 +177,30 @@ class TensorWriter:
 
 def write_file(
     out: OutputFile, root: str, reader: E.Reader, progress: Progress, block_bytes: int = BLOCK_BYTES
-) -> None:
-    """Write ``out`` under ``root``; an OSError (a full disk) becomes an error naming the file."""
+) -> list[Overflowed]:
+    """Write ``out`` under ``root``; returns its tensors whose casts overflowed.  An OSError (a full
+    disk) becomes an error naming the file."""
     path = os.path.join(root, out.path)
     with atomic.writing(path):
-        _write_file(out, path, reader, progress, block_bytes)
+        overflows = _write_file(out, path, reader, progress, block_bytes)
     progress.advance(files=0 if out.part and out.part[0] > 0 else 1)
+    return overflows
 
 
-def _write_file(out: OutputFile, path: str, reader: E.Reader, progress: Progress, block_bytes: int) -> None:
+def _write_file(
+    out: OutputFile, path: str, reader: E.Reader, progress: Progress, block_bytes: int
+) -> list[Overflowed]:
     from ckpt_ir.io import safetensors as st
     from ckpt_ir.io import torchzip
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     exprs = dict(out.tensors)
+    overflows: list[Overflowed] = []
     if out.kind in ("safetensors", "torch"):
         writer = TensorWriter(reader, progress, block_bytes)
         try:
             entries = [(n, e.shape, e.dtype) for n, e in out.tensors]
-            emit = lambda name, fd, pos: writer(exprs[name], fd, pos)  # noqa: E731
+            emit = lambda name, fd, pos: writer.tensor(out.path, name, exprs[name], fd, pos)  # noqa: E731
             if out.kind == "safetensors" and out.part is not None:
                 st.write_part(path, entries, *out.part, emit, out.metadata)
             elif out.kind == "safetensors":
@@ -164,11 +209,12 @@ def _write_file(out: OutputFile, path: str, reader: E.Reader, progress: Progress
                 torchzip.write(
                     path,
                     out.obj,
-                    lambda t, fd, pos: writer(exprs[t.key], fd, pos),
+                    lambda t, fd, pos: emit(t.key, fd, pos),
                     lambda t: _copied_crc(exprs[t.key]),
                 )
         finally:
             writer.close()
+        overflows = writer.overflows
     elif out.kind == "text":
         with open(path, "w") as f:
             f.write(out.text)
@@ -180,6 +226,7 @@ def _write_file(out: OutputFile, path: str, reader: E.Reader, progress: Progress
         write_dcp_metadata(path, out.obj, os.path.dirname(path))
     else:  # pragma: no cover
         raise AssertionError(out.kind)
+    return overflows
 
 
 def _copied_crc(expr: E.Expr) -> int | None:
@@ -257,10 +304,11 @@ def _worker(files: list[OutputFile], root: str, queue, block_bytes: int, threads
             queue.put(("advance", nbytes, files))
 
     try:
+        overflows = []
         with E.Reader() as reader:
             for f in files:
-                write_file(f, root, reader, Relay(0, 0, False), block_bytes)
-        queue.put(("done", reader.bytes_read, 0))
+                overflows += write_file(f, root, reader, Relay(0, 0, False), block_bytes)
+        queue.put(("done", reader.bytes_read, overflows))
     except CkptIrError as e:
         queue.put(("error", e.exit_code, str(e)))
     except BaseException as e:  # report anything; the parent raises it
@@ -269,19 +317,20 @@ def _worker(files: list[OutputFile], root: str, queue, block_bytes: int, threads
 
 def write_files(
     files: list[OutputFile], root: str, bar: Progress, workers: int, block_bytes: int = BLOCK_BYTES
-) -> int:
+) -> tuple[int, list[Overflowed]]:
     """Write ``files`` under ``root`` with up to ``workers`` processes, computed tensors in row
-    blocks of about ``block_bytes``; returns bytes read."""
+    blocks of about ``block_bytes``; returns bytes read and the tensors whose casts overflowed."""
     tensor_files = [f for f in files if f.kind in ("safetensors", "torch")]
     if 1 < workers and len(tensor_files) < workers:
         tensor_files = _split_files(tensor_files, root, workers)
     workers = max(1, min(workers, len(tensor_files)))
+    overflows: list[Overflowed] = []
     if workers == 1:
         with E.Reader() as reader:
             for f in files:
-                write_file(f, root, reader, bar, block_bytes)
+                overflows += write_file(f, root, reader, bar, block_bytes)
                 stop_point("written")
-            return reader.bytes_read
+            return reader.bytes_read, overflows
     if any(E.needs_torch(e) for f in tensor_files for _, e in f.tensors):
         import torch  # noqa: F401  once, here: the forked workers share it (an import costs seconds of CPU)
     import multiprocessing as mp
@@ -318,6 +367,7 @@ def write_files(
                 bar.advance(a, b)
             elif kind == "done":
                 read += a
+                overflows += b
                 running -= 1
             else:
                 error = error or _error((a, b))
@@ -336,7 +386,13 @@ def write_files(
         for f in files:
             if f.kind not in ("safetensors", "torch"):
                 write_file(f, root, reader, bar)
-    return read
+    return read, in_plan_order(overflows, files)
+
+
+def in_plan_order(overflows: list[Overflowed], files: list[OutputFile]) -> list[Overflowed]:
+    """``overflows`` (gathered from parallel writers) in the order of the plan's files and tensors."""
+    at = {(f.path, name): i for i, (f, name) in enumerate((f, n) for f in files for n, _ in f.tensors)}
+    return sorted(overflows, key=lambda o: at.get((o.file, o.tensor), len(at)))
 
 
 def distributed_world() -> tuple[int, int]:
@@ -428,15 +484,20 @@ def execute(
     progress: bool = False,
     workers: int | None = None,
     max_memory: int | None = None,
-) -> dict[str, float]:
-    """Write ``plan`` to ``dst`` atomically; returns simple statistics.  ``max_memory`` bounds
-    the tensor data held at once (it limits the number of parallel writers).  Under torchrun
-    the tensor files are split between the ranks (each rank may also use local workers)."""
+    allow_overflow: bool = False,
+) -> dict[str, Any]:
+    """Write ``plan`` to ``dst`` atomically; returns simple statistics (``overflows``: the tensors
+    whose casts overflowed to infinity, written only with ``allow_overflow``; else nothing is
+    written).  ``max_memory`` bounds the tensor data held at once (it limits the number of
+    parallel writers).  Under torchrun the tensor files are split between the ranks (each rank
+    may also use local workers)."""
     workers, block, _ = memory_plan(plan, workers, max_memory)
     run_checks(plan)
     rank, world = distributed_world()
     if world > 1:
-        return _execute_distributed(plan, dst, overwrite, progress and rank == 0, 1, rank, world, block)
+        return _execute_distributed(
+            plan, dst, overwrite, progress and rank == 0, 1, rank, world, block, allow_overflow
+        )
     t0 = time.monotonic()
     with atomic.claim(
         dst, overwrite, check_replaceable
@@ -445,8 +506,14 @@ def execute(
         atomic.check_free_space(dst, plan.nbytes)
         bar = Progress(_tensor_bytes(plan.files), len(plan.files), progress)
         with atomic.output_dir(claim) as tmp:
-            read = write_files(list(plan.files), tmp, bar, workers, block)
-    return {"seconds": time.monotonic() - t0, "bytes_written": plan.nbytes, "bytes_read": read}
+            read, overflows = write_files(list(plan.files), tmp, bar, workers, block)
+            check_overflow(overflows, allow_overflow)  # before publishing: a refusal removes tmp
+    return {
+        "seconds": time.monotonic() - t0,
+        "bytes_written": plan.nbytes,
+        "bytes_read": read,
+        "overflows": overflows,
+    }
 
 
 def _tensor_bytes(files) -> int:
@@ -462,7 +529,8 @@ def _execute_distributed(
     rank: int,
     world: int,
     block_bytes: int,
-) -> dict[str, float]:
+    allow_overflow: bool,
+) -> dict[str, Any]:
     """torchrun: rank 0 claims DST and prepares a shared temporary directory, every rank writes its
     share of the tensor files into it, and rank 0 writes the small files last and publishes the
     directory.  Rank 0 decides each step and broadcasts the outcome, so all ranks agree on it."""
@@ -495,13 +563,20 @@ def _execute_distributed(
             mine = assign(tensor_files, world)[rank] if tensor_files else []
             bar = Progress(_tensor_bytes(mine), len(mine), progress)
             mine_status, read = None, 0
+            mine_overflows: list[Overflowed] = []
             try:
-                read = write_files(mine, tmp, bar, workers, block_bytes)
+                read, mine_overflows = write_files(mine, tmp, bar, workers, block_bytes)
             except CkptIrError as e:
                 mine_status = _status(e)
             statuses: list = [None] * world
-            dist.all_gather_object(statuses, mine_status)
-            outcome = [next((s for s in statuses if s), None)]
+            dist.all_gather_object(statuses, (mine_status, mine_overflows))
+            overflows = in_plan_order([o for _, some in statuses for o in some], list(plan.files))
+            outcome = [next((s for s, _ in statuses if s), None)]
+            if outcome[0] is None:
+                try:
+                    check_overflow(overflows, allow_overflow)
+                except CkptIrError as e:
+                    outcome = [_status(e)]
             if rank == 0:
                 try:
                     if outcome[0] is None:
@@ -520,7 +595,12 @@ def _execute_distributed(
             raise _error(outcome[0])
         totals = [0] * world
         dist.all_gather_object(totals, read)
-        return {"seconds": time.monotonic() - t0, "bytes_written": plan.nbytes, "bytes_read": sum(totals)}
+        return {
+            "seconds": time.monotonic() - t0,
+            "bytes_written": plan.nbytes,
+            "bytes_read": sum(totals),
+            "overflows": overflows,
+        }
     finally:
         if owns_group:
             dist.destroy_process_group()

@@ -11,6 +11,7 @@ from ckpt_ir.commands.common import (
     Parser,
     add_ir_flags,
     add_iteration_flag,
+    add_overflow_flag,
     add_plugin_flag,
     add_replicas_flag,
     int_list,
@@ -55,8 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--dtype",
         help="cast floating tensors to bf16, fp16 or fp32 (default: keep; an FP8/MXFP4 source is "
-        "dequantized to its config's compute dtype)",
+        "dequantized to its config's compute dtype); what the target's loader keeps in fp32 stays "
+        "fp32 (HF: as transformers' from_pretrained in that dtype, e.g. DeepSeek's router; Megatron: "
+        "the router's expert_bias)",
     )
+    add_overflow_flag(c)
     c.add_argument(
         "--quantize",
         choices=("fp8",),

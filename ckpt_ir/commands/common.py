@@ -141,6 +141,16 @@ def add_iteration_flag(p: argparse.ArgumentParser, which: str = "the source") ->
     )
 
 
+def add_overflow_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-overflow",
+        action="store_true",
+        help="write tensors whose cast to a narrower dtype (bf16 or fp32 to fp16, fp32 to bf16) turns "
+        "finite values into inf, with a warning naming each; by default such a conversion is refused "
+        "(every overflowing tensor named) and nothing is written",
+    )
+
+
 def load_plugins(args: argparse.Namespace) -> None:
     from ckpt_ir.passes.manager import load_plugin
 
@@ -169,6 +179,7 @@ class RunOptions:
     progress: bool | None = None  # None: when stderr is a terminal and not quiet
     workers: int | None = None
     max_memory: int | None = None
+    allow_overflow: bool = False  # write casts that overflow to inf (with a warning each)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **chosen: Any) -> RunOptions:
@@ -258,6 +269,7 @@ def run_conversion(
         workers=opts.workers,
         max_memory=opts.max_memory,
         announce=None if quiet or opts.dry_run else lambda p: print(f"pipeline: {p}", file=sys.stderr),
+        allow_overflow=opts.allow_overflow,
     )
     if opts.dry_run:
         print_plan(result.plan, result.pipeline, opts.workers, opts.max_memory)
@@ -272,6 +284,8 @@ def run_conversion(
         )
         for line in ck.summarize_dropped(result.plan.dropped):  # what the output lacks, and why
             print(line, file=sys.stderr)
+        for o in stats["overflows"]:  # written as inf on purpose (--allow-overflow)
+            print(f"warning: overflow to inf: {o}", file=sys.stderr)
         from ckpt_ir.io.side_files import NOTES_FILE
 
         for note in result.output.meta.get("notes", ()):

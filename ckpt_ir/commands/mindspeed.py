@@ -54,6 +54,8 @@ _UNSUPPORTED_FLAGS = {"--moe-tp-extend-ep": "MoE TP-extend-EP", "--mla-mm-split"
 
 
 def add_parser(sub) -> None:
+    from ckpt_ir.commands.common import add_overflow_flag
+
     p = sub.add_parser(
         "convert-ckpt",
         help="MindSpeed-LLM convert_ckpt.py compatible front end",
@@ -75,6 +77,7 @@ def add_parser(sub) -> None:
     p.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
     p.add_argument("--noop-layers", type=int_list, default=())
     p.add_argument("--params-dtype", default=None, help="cast to fp16/bf16/fp32 (default: keep)")
+    add_overflow_flag(p)
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=None)
     p.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local")
     p.add_argument("--hf-cfg-dir", default=None)

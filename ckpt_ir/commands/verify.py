@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -42,6 +43,17 @@ class Row:
     @property
     def ok(self) -> bool:
         return self.max_abs_diff <= self.tolerance
+
+
+# where a PEFT wrapper keeps the module it wraps (a LoRA layer's base_layer, nested once per wrapped
+# parameter; a modules_to_save wrapper's original_module): removed, a wrapped name becomes the base's
+PEFT_BASE = re.compile(r"(?<![^.])(?:base_layer|original_module)\.")
+
+
+def is_adapter(name: str) -> bool:
+    """Whether a module or parameter name is part of a PEFT adapter: LoRA factors, DoRA magnitudes,
+    and the trained copies of modules_to_save (the base weights they wrap are not)."""
+    return "lora_" in name or "modules_to_save" in name
 
 
 def hf_side(path: str, hf_config: dict | None = None, iteration: int | str | None = None):
@@ -111,30 +123,30 @@ def build_model(config, dtype, device, adapter: str | None):
             model.get_submodule(owner)._buffers[leaf] = buf.to(device)
     if adapter is None:
         return model
-    import torch
     from peft import PeftModel
-    from peft.utils import load_peft_weights
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
 
-    # peft places new adapter weights on the base layer's device (meta here) and warns that loading
-    # into meta is a no-op: load them ourselves
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_model = PeftModel.from_pretrained(model, adapter)
     peft_model.eval()
-    for key, value in load_peft_weights(adapter, device="cpu").items():
-        name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
-            ".lora_B.weight", ".lora_B.default.weight"
-        )
-        owner, _, leaf = name.rpartition(".")
-        try:
-            module = peft_model.get_submodule(owner)
-        except AttributeError:
-            raise FormatError(f"{adapter}: adapter tensor {key} has no place in the model") from None
-        module._parameters[leaf] = torch.nn.Parameter(
-            value.to(device=device, dtype=dtype), requires_grad=False
-        )
+    # peft created the adapter's modules on the base layers' device (meta here) and copied nothing
+    # into them; load again with peft's own key mapping (LoRA factors, DoRA magnitudes, modules_to_save
+    # copies, transformers-5 conversions), assigning the tensors instead of copying them into meta
+    weights = {
+        k: v.to(device=device, dtype=dtype) for k, v in load_peft_weights(adapter, device="cpu").items()
+    }
+    peft_model.load_state_dict = functools.partial(  # type: ignore[method-assign]
+        peft_model.load_state_dict, assign=True
+    )
+    try:
+        result: Any = set_peft_model_state_dict(peft_model, weights)
+    finally:
+        del peft_model.load_state_dict
+    if result.unexpected_keys:
+        raise FormatError(f"{adapter}: adapter tensor {result.unexpected_keys[0]} has no place in the model")
     for name, p in peft_model.named_parameters():
-        if "lora_" in name and p.is_meta:
+        if is_adapter(name) and p.is_meta:
             raise FormatError(f"{adapter}: the adapter has no tensor for {name}; it does not match the model")
     return peft_model.base_model.model
 
@@ -216,11 +228,8 @@ class Materialiser:
         state = {k[len(prefix) :]: v for k, v in convert_names(self.model, self.rules, tensors).items()}
         del tensors
         want = {k for k, v in module.state_dict().items() if v.is_meta}
-        for k in list(state):  # a PEFT-wrapped projection keeps its base weight one level down
-            if k not in want:
-                stem, _, leaf = k.rpartition(".")
-                if f"{stem}.base_layer.{leaf}" in want:
-                    state[f"{stem}.base_layer.{leaf}"] = state.pop(k)
+        wrapped = {PEFT_BASE.sub("", k): k for k in want}  # a PEFT wrapper holds the base one level down
+        state = {wrapped.get(k, k): v for k, v in state.items()}
         missing, unexpected = sorted(want - set(state)), sorted(set(state) - set(module.state_dict()))
         if missing or unexpected:
             raise FormatError(
@@ -234,7 +243,7 @@ class Materialiser:
         import torch
 
         for path, sub in module.named_modules():
-            if "lora_" in path:  # PEFT adapter weights stay loaded (they are small)
+            if is_adapter(path):  # PEFT adapter weights stay loaded (they are small)
                 continue
             for leaf, p in list(sub._parameters.items()):
                 if p is not None and not p.is_meta:
@@ -502,7 +511,8 @@ def add_parser(sub) -> None:
         "--lora-load",
         metavar="DIR",
         help="apply this PEFT adapter (directory or Hub id) to B at run time (peft), e.g. to "
-        "check a merged A against BASE + adapter",
+        "check a merged A against BASE + adapter; every adapter convert --lora-load merges "
+        "(LoRA, rsLoRA, rank/alpha patterns, DoRA, modules_to_save, expert LoRA)",
     )
     v.add_argument(
         "--hf-config", metavar="DIR", help="HF config.json for Megatron sides whose args carry none"

@@ -150,6 +150,9 @@ class Family:
     # (key, num_layers, to_hf) -> key: HF keys outside the model.layers numbering, renamed to the
     # table's keys on read (to_hf False) and back on write (Qwen3-Next's MTP layer under mtp.*)
     hf_rename: Any = None
+    # HF name globs of tensors the family's transformers class creates in fp32 whatever dtype it
+    # loads in (its _keep_in_fp32_modules* attributes are read from transformers itself)
+    fp32_in_transformers: tuple[str, ...] = ()
 
     @property
     def names(self) -> NameTable:

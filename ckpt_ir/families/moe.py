@@ -141,6 +141,7 @@ register(
         ),
         constants=(("qk_norm", True),),
         mindspeed_names=("hunyuan",),
+        fp32_in_transformers=("mlp.gate.wg.weight",),  # nn.Linear(..., dtype=torch.float32)
     )
 )
 

@@ -3,6 +3,8 @@ needs torch.  Conversions to torch happen only where bytes are produced."""
 
 from __future__ import annotations
 
+import math
+
 from ckpt_ir.errors import UsageError
 
 ITEMSIZE = {
@@ -21,6 +23,16 @@ ITEMSIZE = {
     "F8_E8M0": 1,  # power-of-two scales (ue8m0) of block-quantized weights
 }
 FLOATING = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+# the smallest |x| a cast to each dtype rounds to infinity: its largest finite value plus half a unit
+# in the last place (a tie rounds to the even neighbour, which is infinity)
+OVERFLOW_AT = {"F32": 2.0**128 - 2.0**103, "BF16": 2.0**128 - 2.0**119, "F16": 65520.0}
+
+
+def narrows(src: str, dst: str) -> bool:
+    """Whether a cast from ``src`` to ``dst`` can turn a finite value into an infinity: ``dst``'s
+    range is smaller than ``src``'s (fp32 or bf16 to fp16, fp32 to bf16, fp64 to any of them)."""
+    return dst in OVERFLOW_AT and OVERFLOW_AT[dst] < OVERFLOW_AT.get(src, math.inf)
+
 
 # user spellings accepted by --dtype and cast{dtype=..}
 _ALIASES = {

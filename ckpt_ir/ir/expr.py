@@ -710,14 +710,30 @@ def describe(e: Expr) -> str:
     return type(e).__name__
 
 
+@attrs.define
+class Overflow:
+    """What narrowing casts turned from finite values into infinities: how many elements, and
+    the largest |x| among them."""
+
+    count: int = 0
+    max_abs: float = 0.0
+
+    def add(self, count: int, max_abs: float) -> None:
+        if count:
+            self.count += count
+            self.max_abs = max(self.max_abs, max_abs)
+
+
 class Reader:
     """Reads byte ranges from source files.  Opens each file once, read-only, and never maps it,
-    so resident memory holds only the tensors being built, not the pages of the sources."""
+    so resident memory holds only the tensors being built, not the pages of the sources.
+    ``overflow`` adds up the casts' overflows of what it evaluates (the writer resets it per tensor)."""
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
         self.bytes_read = 0
         self._scratch: dict[str, bytearray] = {}
+        self.overflow = Overflow()
 
     def scratch(self, nbytes: int, slot: str = "out") -> memoryview:
         """A reusable buffer (one per ``slot``) for the tensor being produced.  Reusing it matters:
@@ -849,7 +865,9 @@ def evaluate_raw(expr: Expr, reader: Reader, *, scratch: str | None = None):
         # the input in a reused buffer too: one per slot name without its trailing digit (the
         # writers alternate "block0" and "block1" results but evaluate one block at a time)
         inputs = scratch and scratch.rstrip("0123456789") + "-input"
-        casts.cast(evaluate_raw(expr.x, reader, scratch=inputs), expr.x.dtype, expr.to, out)
+        reader.overflow.add(
+            *casts.cast(evaluate_raw(expr.x, reader, scratch=inputs), expr.x.dtype, expr.to, out)
+        )
     elif (merge := numpy_merge(expr)) is not None:
         _merge_by_tiles(*merge, reader, out)
     else:
@@ -920,7 +938,9 @@ def _evaluate_math(expr: Expr, reader: Reader, out) -> None:
         out.copy_(_evaluate_on_device(expr, reader).cpu())
         return
     if isinstance(expr, Cast):
-        out.copy_(evaluate(expr.x, reader))
+        x = evaluate(expr.x, reader)
+        out.copy_(x)
+        _note_overflow(expr, x, out, reader)
     elif isinstance(expr, Add) and (product := _product(expr.b)) is not None:
         _merge_by_tiles_torch(expr.a, *product, reader, out)
     elif isinstance(expr, Add):
@@ -948,6 +968,19 @@ def _evaluate_math(expr: Expr, reader: Reader, out) -> None:
         raise TypeError(f"cannot evaluate {type(expr).__name__}")
 
 
+def _note_overflow(cast: Cast, x, y, reader: Reader) -> None:
+    """Record in ``reader`` the elements the cast ``x`` -> ``y`` (torch tensors) turned from finite
+    into infinite; numpy's casts count their own."""
+    import torch
+
+    from ckpt_ir.ir.dtypes import narrows
+
+    if narrows(cast.x.dtype, cast.to):
+        overflow = torch.isfinite(x) & ~torch.isfinite(y)
+        count = int(overflow.sum())
+        reader.overflow.add(count, float(x[overflow].abs().max()) if count else 0.0)
+
+
 def _evaluate_on_device(expr: Expr, reader: Reader):
     """``expr``'s arithmetic on :data:`MATH_DEVICE` (``--device``): the same fp32 operations, one
     block at a time; the operands travel to the device and the result comes back."""
@@ -961,7 +994,10 @@ def _evaluate_on_device(expr: Expr, reader: Reader):
         return evaluate(x, reader).to(MATH_DEVICE)
 
     if isinstance(expr, Cast):
-        return operand(expr.x).to(to_torch(expr.to))
+        x = operand(expr.x)
+        y = x.to(to_torch(expr.to))
+        _note_overflow(expr, x, y, reader)
+        return y
     if isinstance(expr, Add):
         a = operand(expr.a)
         return (a.to(torch.float32) + operand(expr.b).to(torch.float32)).to(a.dtype)

@@ -121,6 +121,9 @@ _MLP_KEYS = (
 # Per-layer order follows MindSpeed-LLM's writer (norms, attention, then MLP), so rank files list
 # keys in the same order as that converter's.
 _LAYER_KEYS = _NORM_KEYS + _ATTENTION_KEYS + _MLP_KEYS
+# canonical roles megatron-core keeps in fp32 whatever params_dtype: the router's expert_bias, a
+# buffer it returns to fp32 before every save and load (moe/router.py _maintain_float32_expert_bias)
+KEPT_FP32 = (C + "mlp.router.bias",)
 _MLA_LAYER_KEYS = _NORM_KEYS + _MLA_ATTENTION_KEYS + _MLP_KEYS
 GROUPED = {"weight1": "gate_up", "weight2": "down"}  # D + "mlp.experts.weight1" holds every local expert
 GROUPED_KEY = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.(weight1|weight2)$")
