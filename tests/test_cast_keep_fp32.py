@@ -14,10 +14,9 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
-from tests.test_families_open_weights import CONFIGS as OPEN_WEIGHTS
-from tests.test_families_wave_a import build
 
 from tests.cli_contract import assert_ok, cli
+from tests.family_models import build
 from tests.test_deepseek import build_deepseek
 
 TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -29,7 +28,7 @@ def source(root: str, family: str) -> str:
     if family == "deepseek_v3":
         return build_deepseek(path, mtp=False)
     if family == "gpt_oss":
-        return build(path, family, configs=OPEN_WEIGHTS)
+        return build(path, family)
     return build(path, family, layers=2)
 
 

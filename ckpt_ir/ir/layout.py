@@ -8,6 +8,7 @@ and :func:`layer_slots` computes that from the Layout alone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import attrs
@@ -264,3 +265,9 @@ def layer_slots(spec: ModelSpec, layout: Layout) -> list[LayerSlot]:
             slots.append(LayerSlot(g, real, stage, chunk, local))
             real += 1
     return slots
+
+
+def padded_size(vocab: int, divisible_by: int, tp: int) -> int:
+    """Megatron's ``_vocab_size_with_padding``: round up to a multiple of divisible_by * tp."""
+    multiple = divisible_by * tp
+    return math.ceil(vocab / multiple) * multiple

@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 
 from ckpt_ir.errors import FormatError
-from ckpt_ir.ir.layout import Layout, mcore_num_layers, num_chunks
+from ckpt_ir.ir.layout import Layout, mcore_num_layers, num_chunks, padded_size
 from ckpt_ir.ir.spec import ModelSpec
 
 # Attributes that describe the conversion or Megatron itself, never an HF config key.
@@ -433,8 +433,6 @@ def build_args(
             )
         divisor, rows = src.get("make_vocab_size_divisible_by"), fields["padded_vocab_size"]
         if isinstance(divisor, int) and divisor > 0:  # Megatron-LM pads to a multiple of it x TP
-            from ckpt_ir.passes.vocab import padded_size
-
             if padded_size(spec.vocab_size, divisor, layout.tp) != rows:  # one that gives these rows
                 fields["make_vocab_size_divisible_by"] = rows // layout.tp
         if "ckpt_format" in src:  # ckpt-ir writes the torch format, whatever the source was

@@ -4,21 +4,14 @@ and new ones copy the vocabulary's last row, as Megatron-LM's checkpoint tools p
 
 from __future__ import annotations
 
-import math
-
 import attrs
 
 from ckpt_ir.errors import UsageError
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
+from ckpt_ir.ir.layout import padded_size
 from ckpt_ir.ir.names import VOCAB_ROLES, role_of
 from ckpt_ir.passes.manager import WHOLE, Pass, at_least, option, register_pass
-
-
-def padded_size(vocab: int, divisible_by: int, tp: int) -> int:
-    """Megatron's ``_vocab_size_with_padding``: round up to a multiple of divisible_by * tp."""
-    multiple = divisible_by * tp
-    return math.ceil(vocab / multiple) * multiple
 
 
 def padding_rows(ckpt: Checkpoint) -> int:
