@@ -91,9 +91,9 @@ def plan(
             if optim is not None:
                 obj.update(optim.training_entries(tensors))
                 chunk_entries = [of_ep[(c, ep)] for c in range(chunks)]
-                files.append(optim.file(f"{rank_dir}/distrib_optim.pt", chunk_entries, stage, rank, ep))
-            files.append(OutputFile(f"{rank_dir}/model_optim_rng.pt", "torch", tuple(tensors), obj=obj))
-    files.append(OutputFile("latest_checkpointed_iteration.txt", "text", text=str(it)))
+                files.append(optim.file(f"{rank_dir}/{M.DISTOPT_FILE}", chunk_entries, stage, rank, ep))
+            files.append(OutputFile(f"{rank_dir}/{M.RANK_FILE}", "torch", tuple(tensors), obj=obj))
+    files.append(OutputFile(M.TRACKER, "text", text=str(it)))
 
     # the HF side files (tokenizer, generation config, chat template, remote code, config.json):
     # Megatron ignores the folder; an HF export restores them
@@ -154,7 +154,7 @@ class ExtraState:
         out = {}
         spec, layout = self.ckpt.spec, self.ckpt.layout
         places = [
-            (layer, f"decoder.layers.{s.local}.")
+            (layer, f"{M.LAYERS}{s.local}.")
             for layer, s in where.items()
             if (s.stage, s.chunk) == (stage, chunk)
         ]

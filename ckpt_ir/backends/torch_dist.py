@@ -140,7 +140,7 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None, version: str = "0.15
         config = METADATA_JSON
     files.append(OutputFile(f"{d}/metadata.json", "text", text=json.dumps(config)))
     files.append(OutputFile(f"{d}/.metadata", "dcp-metadata", obj=tuple(entries)))
-    files.append(OutputFile("latest_checkpointed_iteration.txt", "text", text=str(it)))
+    files.append(OutputFile(M.TRACKER, "text", text=str(it)))
     if ckpt.meta.get("extra_state"):
         dropped["*._extra_state"] = (
             "Transformer-Engine _extra_state (FP8 metadata): torch_dist output starts it afresh"
@@ -214,7 +214,7 @@ def _layer_entries(
         full_key = names.from_canonical(role.format(i=0, e=0))
         if full_key is None:
             raise VerifyError(f"layer {layer}: no Megatron name for {rest}")
-        key = full_key[len("decoder.layers.0.") :]
+        key = full_key[len(f"{M.LAYERS}0.") :]
         if spec.mla:
             key = M.mla_key(rest, te, spec.is_moe_layer(layer)) or key
         if "{e}" in rest:
@@ -247,7 +247,7 @@ def _stored(
     stored: list[tuple[str, E.Expr]] = []
     objects: list[str] = []
     for name, key in (
-        ("embed.weight", "embedding.word_embeddings.weight"),
+        ("embed.weight", M.EMBEDDING),
         ("pos_embed.weight", "embedding.position_embeddings.weight"),
     ):
         if name in nodes:
@@ -274,11 +274,9 @@ def _stored(
                 "torch_dist stacks the decoder layers, but they do not all hold the same tensors"
             )
         for n, (key, _, by_expert) in enumerate(first):
-            stored.append(
-                ("decoder.layers." + key, E.simplify(_stacked([entries[n][1] for entries in per_layer])))
-            )
+            stored.append((M.LAYERS + key, E.simplify(_stacked([entries[n][1] for entries in per_layer]))))
             if linear(key):
-                base = f"decoder.layers.{key[: -len('.weight')]}._extra_state"
+                base = f"{M.LAYERS}{key[: -len('.weight')]}{M.EXTRA_STATE}"
                 objects.extend(
                     f"{base}/shard_{i}.{e}_{layers}.{experts}" if by_expert else f"{base}/shard_{i}_{layers}"
                     for i in range(layers)
@@ -286,10 +284,10 @@ def _stored(
                 )
     else:
         for i, entries in enumerate(per_layer):
-            stored += [(f"decoder.layers.{i}.{key}", E.simplify(x)) for key, x, _ in entries]
-            own_objects(f"decoder.layers.{i}.", entries)
+            stored += [(f"{M.LAYERS}{i}.{key}", E.simplify(x)) for key, x, _ in entries]
+            own_objects(f"{M.LAYERS}{i}.", entries)
     stored += [
-        (f"decoder.final_layernorm.{w}", nodes[f"final_norm.{w}"].expr)
+        (f"{M.FINAL_NORM}{w}", nodes[f"final_norm.{w}"].expr)
         for w in ("weight", "bias")
         if f"final_norm.{w}" in nodes
     ]
@@ -312,7 +310,7 @@ def _stored(
         stored += [(prefix + key, E.simplify(x)) for key, x, _ in head + body + tail]
         own_objects(prefix, head + body)
     stored += [
-        (f"output_layer.{w}", nodes[f"lm_head.{w}"].expr)
+        (f"{M.OUTPUT_LAYER}{w}", nodes[f"lm_head.{w}"].expr)
         for w in ("weight", "bias")
         if f"lm_head.{w}" in nodes
     ]

@@ -70,7 +70,7 @@ def lift(
         m = M.RANK_DIR.match(n)
         if not m:
             continue
-        f = os.path.join(it_dir, n, "model_optim_rng.pt")
+        f = os.path.join(it_dir, n, M.RANK_FILE)
         if not os.path.isfile(f):
             raise FormatError(f"{os.path.join(it_dir, n)}: rank directory has no model_optim_rng.pt")
         found[(int(m.group(1)), _int(m.group(2)), _int(m.group(3)))] = f
@@ -143,9 +143,7 @@ def lift(
     extra_state: dict[tuple, Any] = {}  # (layer, module key, expert, TP slot) -> stored value
     lay = optimizer_layout or {}
     opt_args = distopt.apply_overrides(args, lay.get("dp"), lay.get("bucket_size"))  # the run's true layout
-    has_state = {
-        f: os.path.isfile(os.path.join(os.path.dirname(f), "distrib_optim.pt")) for f in ranks.values()
-    }
+    has_state = {f: os.path.isfile(os.path.join(os.path.dirname(f), M.DISTOPT_FILE)) for f in ranks.values()}
     carry = optimizer and any(has_state.values())
     lora_run = any(
         M.LORA_KEY.match(k) for ck in distopt.chunk_keys(first.obj) for k, _ in iter_tensors(first.obj[ck])
@@ -195,8 +193,8 @@ def lift(
             for key, ref in iter_tensors(sd):
                 if key.endswith(M.EXTRA_STATE):
                     continue
-                te_norms |= key.endswith("linear_qkv.layer_norm_weight")
-                te_fc1 |= key.endswith("linear_fc1.layer_norm_weight")
+                te_norms |= key.endswith(M.TE_QKV_NORM)
+                te_fc1 |= key.endswith(M.TE_FC1_NORM)
                 # with experts, EP rank > 0 directories hold expert state only (their dense
                 # tensors are replicas of EP rank 0's)
                 master = None if state is None else state["param"].get((ck, key))
@@ -208,12 +206,7 @@ def lift(
                 if carry and state is not None and master is not None:
                     values.update({which: state[which][(ck, key)] for which in distopt.STATE_KEYS})
                 for set_name, value in values.items():
-                    if (
-                        key == "embedding.word_embeddings.weight"
-                        and p == pp - 1
-                        and pp > 1
-                        and spec.mtp_layers
-                    ):
+                    if key == M.EMBEDDING and p == pp - 1 and pp > 1 and spec.mtp_layers:
                         lifted: list[tuple[str | M.LocalName, E.Expr, bool]] | None = [
                             (M.LocalName("mtp.embed.weight", 0, mtp=True), value, False)
                         ]
@@ -260,7 +253,7 @@ def lift(
                 "optimizer settings: carried only with the distributed-optimizer state to a Megatron target"
             )
         if has_state[f] and weights_from != "master":
-            dropped[os.path.join(os.path.dirname(rel), "distrib_optim.pt")] = (
+            dropped[os.path.join(os.path.dirname(rel), M.DISTOPT_FILE)] = (
                 "distributed-optimizer state of LoRA adapters: not carried (ckpt-ir carries full-model state)"
                 if lora_run and optimizer
                 else "distributed-optimizer state (fp32 masters, Adam moments): carried only to a Megatron target; "
@@ -435,9 +428,7 @@ def _lift_key(
     m = MTP_LAYER_KEY.match(key)
     if m:
         k = m.group(1)
-        inner = _lift_key(
-            f"decoder.layers.{k}.{m.group(2)}", expr, stage, chunk, ep, experts_per_rank, tables
-        )
+        inner = _lift_key(f"{M.LAYERS}{k}.{m.group(2)}", expr, stage, chunk, ep, experts_per_rank, tables)
         if inner is None:
             return None
         mtp: list[tuple[str | M.LocalName, E.Expr, bool]] = []

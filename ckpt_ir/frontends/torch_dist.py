@@ -123,8 +123,8 @@ def lift(
         if key.endswith(M.EXTRA_STATE):
             dropped[key] = "Transformer-Engine _extra_state (FP8 metadata)"
             continue
-        te_norms |= key.endswith("linear_qkv.layer_norm_weight")
-        te_fc1 |= key.endswith("linear_fc1.layer_norm_weight")
+        te_norms |= key.endswith(M.TE_QKV_NORM)
+        te_fc1 |= key.endswith(M.TE_FC1_NORM)
         names = _names(key, t, spec.num_layers, tables, md.path, spec.mla)
         if names is None:
             if any(fnmatch.fnmatch(key, pat) for pat in allow_unused):
@@ -604,13 +604,13 @@ def _names(
         layers = [(layer, rest[len("transformer_layer.") :], ())]
     elif (m := _UNSTACKED.match(key)) is not None:
         layers = [(int(m.group(1)), m.group(2), ())]
-    elif key.startswith("decoder.layers."):
+    elif key.startswith(M.LAYERS):
         if not t.shape or t.shape[0] != num_layers:
             raise FormatError(
                 f"{where}: {key} {list(t.shape)} should stack {num_layers} layers on its first axis; "
                 f"the checkpoint does not match its args"
             )
-        rest = key[len("decoder.layers.") :]
+        rest = key[len(M.LAYERS) :]
         layers = [(i, rest, (i,)) for i in range(num_layers)]
     else:
         canon = M.canonical_key(key, 0, 0, tables)
@@ -628,7 +628,7 @@ def _names(
             if mla and sub in _MLA_READ:
                 out.append((layer_name(i, _MLA_READ[sub]), idx))
                 continue
-            canon = M.canonical_key(f"decoder.layers.{i}.{sub}", 0, 0, tables)
+            canon = M.canonical_key(f"{M.LAYERS}{i}.{sub}", 0, 0, tables)
             if canon is None:
                 return None
             out.append((_resolve(canon), idx))

@@ -26,6 +26,16 @@ from ckpt_ir.ir.names import NameTable, expert_of, layer_name, split_layer
 from ckpt_ir.ir.rules import Stack
 from ckpt_ir.ir.spec import ModelSpec
 
+# file and key names the frontends and backends name directly
+RANK_FILE = "model_optim_rng.pt"  # a rank's model (and args, RNG, scheduler) state
+DISTOPT_FILE = "distrib_optim.pt"  # its distributed-optimizer state, beside it
+LAYERS = "decoder.layers."  # the decoder layers' keys start with it (then the local layer number)
+EMBEDDING = "embedding.word_embeddings.weight"
+FINAL_NORM = "decoder.final_layernorm."  # + weight / bias
+OUTPUT_LAYER = "output_layer."  # + weight / bias
+TE_QKV_NORM = "linear_qkv.layer_norm_weight"  # Transformer Engine's input norm, fused into linear_qkv
+TE_FC1_NORM = "linear_fc1.layer_norm_weight"  # and its pre-MLP norm, fused into linear_fc1
+
 D = "decoder.layers.{i}."
 C = "layers.{i}."
 
@@ -451,7 +461,7 @@ MCORE_HF_DIR = "hf"
 
 # What a Megatron checkpoint directory holds (name pattern, what a directory of that name holds;
 # None: a file), for --overwrite, which replaces only a directory holding a checkpoint and nothing else
-RANK_ENTRIES: tuple = (("model_optim_rng.pt", None), ("distrib_optim.pt", None))
+RANK_ENTRIES: tuple = ((RANK_FILE, None), (DISTOPT_FILE, None))
 # an iteration: rank directories (torch format) or torch_dist's files
 ITERATION_ENTRIES: tuple = (
     ("mp_rank_[0-9][0-9]*", RANK_ENTRIES),
