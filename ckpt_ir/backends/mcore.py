@@ -493,7 +493,7 @@ def _group_experts(ckpt: Checkpoint, entries: list[Entry], local: int) -> None:
         if e.key.endswith(".bias"):
             raise VerifyError(
                 f"{e.key}: the grouped-GEMM expert format (weight1/weight2) has no expert biases; "
-                f"convert without --grouped-gemm (per-expert local_experts keys)"
+                f"convert without --moe-grouped-gemm (per-expert local_experts keys)"
             )
         kind = "weight1" if e.key.endswith("linear_fc1.weight") else "weight2"
         if ".lora_" in e.key:
