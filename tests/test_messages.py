@@ -47,3 +47,28 @@ def test_every_flag_a_message_names_exists():
     unknown = {flag: where for flag, where in named_flags().items() if flag not in known}
     assert not unknown, f"messages name flags no command has: {unknown}"
     assert "--moe-grouped-gemm" in named_flags()  # the scan sees the messages
+
+
+def test_dry_run_names_each_tensor_under_the_key_its_rank_file_holds(hf_cache, tmp_path):
+    """A rank file holds its model under ``model`` (``model0``, ``model1``... only with a virtual
+    pipeline): ``--dry-run`` (and ``plan``) name each tensor ``<that key>/<Megatron key>``."""
+    import torch
+
+    from tests.cli_contract import cli
+    from tests.test_plan import dry_run_files
+
+    src = hf_cache("llama", layers=4)
+    for flags, keys, files in (
+        (["--tp", "2", "--pp", "2"], ["model"], 4),
+        (["--pp", "2", "--vpp-layers", "1"], ["model0", "model1"], 2),
+    ):
+        out = tmp_path / "-".join(flags)
+        planned = dry_run_files(src, out, "--to", "mcore", *flags)
+        assert cli("convert", src, out, "--to", "mcore", *flags).returncode == 0
+        rank_files = [path for path, (kind, _, _) in planned.items() if kind == "torch"]
+        assert len(rank_files) == files
+        for path in rank_files:
+            obj = torch.load(out / path, weights_only=False)
+            assert [k for k in obj if k.startswith("model")] == keys
+            held = [f"{k}/{name}" for k in keys for name, v in obj[k].items() if isinstance(v, torch.Tensor)]
+            assert [t[0] for t in planned[path][2]] == held, path
