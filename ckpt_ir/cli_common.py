@@ -165,11 +165,16 @@ def run_conversion(src: Any, target: Any, args: argparse.Namespace, load_options
         progress=progress,
         workers=getattr(args, "workers", None),
         max_memory=getattr(args, "max_memory", None),
-        announce=None if quiet or args.dry_run else lambda p: print(f"pipeline: {p}", file=sys.stderr),
+        announce=None
+        if quiet or args.dry_run
+        else lambda p: print(pipeline_line(p, target), file=sys.stderr),
     )
     if args.dry_run:
         print_plan(
-            result.plan, result.pipeline, getattr(args, "workers", None), getattr(args, "max_memory", None)
+            result.plan,
+            pipeline_line(result.pipeline, target),
+            getattr(args, "workers", None),
+            getattr(args, "max_memory", None),
         )
         return 0
     if not quiet:
@@ -189,11 +194,22 @@ def run_conversion(src: Any, target: Any, args: argparse.Namespace, load_options
     return 0
 
 
-def print_plan(plan: Any, pipeline: Any, workers: int | None = None, max_memory: int | None = None) -> None:
+def pipeline_line(pipeline: Any, target: Any) -> str:
+    """The ``pipeline:`` line of ``convert`` and ``plan``: the passes that run (or that none does),
+    and the quantization the HF writer adds (``--quantize`` is the backend's, not a pass)."""
+    line = f"pipeline: {str(pipeline) or '(no passes)'}"
+    if target.quantize:
+        b = target.quant_block_size
+        line += f"; then the writer quantizes to {target.quantize} ({b}x{b} blocks, {target.quant_scale_fmt} scales)"
+    return line
+
+
+def print_plan(plan: Any, line: str, workers: int | None = None, max_memory: int | None = None) -> None:
+    """``--dry-run``'s report; ``line`` is the :func:`pipeline_line`."""
     from ckpt_ir.backends.execute import memory_plan
     from ckpt_ir.ir.printer import describe
 
-    print(f"pipeline: {pipeline}")
+    print(line)
     for f in plan.files:
         print(f"{f.path}  ({f.kind}, {f.nbytes} bytes)")
         for name, e in f.tensors:

@@ -107,11 +107,13 @@ def probe_disk(directory: str) -> float:
     return PROBE_BYTES / max(seconds, 1e-9) / 1e9
 
 
-def summary(plan, pipeline, out, disk_gbps: float, disk_source: str, with_tensors: bool) -> dict[str, Any]:
+def summary(
+    plan, pipeline, out, target, disk_gbps: float, disk_source: str, with_tensors: bool
+) -> dict[str, Any]:
     """The plan as data: per file its tensors and bytes, then totals.  ``total_bytes`` counts every
     tensor of the model once (as laid out: padded vocabulary included); ``bytes_written`` counts
     the files, where Megatron repeats replicated tensors (norms, routers, the dense part under EP)
-    in every rank file that holds them."""
+    in every rank file that holds them.  ``layout`` describes the output (``target``'s format)."""
     from ckpt_ir.ir.roles import expected_shape
 
     files = []
@@ -137,7 +139,7 @@ def summary(plan, pipeline, out, disk_gbps: float, disk_source: str, with_tensor
     written = plan.nbytes
     return {
         "pipeline": str(pipeline),
-        "layout": layout.describe(),
+        "layout": attrs.evolve(layout, format=target.to).describe(),
         "files": files,
         "file_count": len(files),
         "total_bytes": out.nbytes,
@@ -159,8 +161,9 @@ def summary(plan, pipeline, out, disk_gbps: float, disk_source: str, with_tensor
     }
 
 
-def format_text(s: dict[str, Any], with_tensors: bool) -> str:
-    lines = [f"pipeline: {s['pipeline']}", f"layout: {s['layout']}"]
+def format_text(s: dict[str, Any], with_tensors: bool, pipeline_line: str) -> str:
+    """:func:`summary` for a person; ``pipeline_line`` from :func:`~ckpt_ir.cli_common.pipeline_line`."""
+    lines = [pipeline_line, f"layout: {s['layout']}"]
     for f in s["files"]:
         lines.append(f"{f['path']}  ({f['kind']}, {f['tensors']} tensors, {f['bytes']} bytes)")
         for t in f.get("tensor_list", ()) if with_tensors else ():
@@ -234,6 +237,7 @@ def run(args) -> int:
     import json
 
     import ckpt_ir.api as ck
+    from ckpt_ir.cli_common import pipeline_line
     from ckpt_ir.errors import UsageError
 
     target = ck.Target(
@@ -265,6 +269,9 @@ def run(args) -> int:
                 f"--output-dir {args.output_dir}: no such directory (the speed probe writes there)"
             )
         gbps, source = probe_disk(args.output_dir), f"measured on {os.path.abspath(args.output_dir)}"
-    s = summary(conversion.plan, conversion.pipeline, conversion.output, gbps, source, args.tensors)
-    print(json.dumps(s, indent=1) if args.format == "json" else format_text(s, args.tensors))
+    s = summary(conversion.plan, conversion.pipeline, conversion.output, target, gbps, source, args.tensors)
+    if args.format == "json":
+        print(json.dumps(s, indent=1))
+    else:
+        print(format_text(s, args.tensors, pipeline_line(conversion.pipeline, target)))
     return 0

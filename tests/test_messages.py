@@ -72,3 +72,40 @@ def test_dry_run_names_each_tensor_under_the_key_its_rank_file_holds(hf_cache, t
             assert [k for k in obj if k.startswith("model")] == keys
             held = [f"{k}/{name}" for k in keys for name, v in obj[k].items() if isinstance(v, torch.Tensor)]
             assert [t[0] for t in planned[path][2]] == held, path
+
+
+def test_plan_describes_the_layout_of_the_output(hf_cache):
+    from tests.cli_contract import cli
+
+    src = hf_cache("llama", layers=4)
+    r = cli("plan", "--hf-config", src, "--to", "mcore", "--tp", "2", "--disk-gbps", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[:2] == [
+        "pipeline: fuse-qkv,fuse-gate-up,shard{tp=2}",
+        "layout: mcore tp=2 pp=1 qkv=fused gate_up=fused norms=local",
+    ]
+    r = cli("plan", "--hf-config", src, "--to", "hf", "--disk-gbps", "1")
+    assert r.stdout.splitlines()[:2] == [
+        "pipeline: (no passes)",
+        "layout: hf tp=1 pp=1 qkv=split gate_up=split",
+    ]
+
+
+def test_pipeline_line_says_when_no_pass_runs_and_what_the_writer_quantizes(hf_cache, tmp_path):
+    """``--quantize fp8`` is done by the HF writer, not by a pass: the ``pipeline:`` line of
+    ``plan``, ``--dry-run`` and ``convert`` says so instead of printing nothing."""
+    from tests.cli_contract import cli
+
+    src = hf_cache("llama", layers=2)
+    quantized = "pipeline: (no passes); then the writer quantizes to fp8 (16x16 blocks, ue8m0 scales)"
+    flags = ["--to", "hf", "--quantize", "fp8", "--quant-block-size", "16", "--quant-scale-fmt", "ue8m0"]
+    r = cli("plan", "--hf-config", src, *flags, "--disk-gbps", "1")
+    assert r.stdout.splitlines()[0] == quantized, r.stderr
+    r = cli("convert", src, tmp_path / "q", *flags, "--dry-run")
+    assert r.stdout.splitlines()[0] == quantized, r.stderr
+    r = cli("convert", src, tmp_path / "q", *flags)
+    assert r.returncode == 0 and r.stderr.splitlines()[0] == quantized, r.stderr
+    r = cli("convert", src, tmp_path / "q16", *flags, "--dtype", "bf16", "--dry-run")
+    assert r.stdout.splitlines()[0] == quantized.replace("(no passes)", "cast{dtype=bf16}")
+    r = cli("convert", src, tmp_path / "h", "--to", "hf")
+    assert r.returncode == 0 and r.stderr.splitlines()[0] == "pipeline: (no passes)", r.stderr
