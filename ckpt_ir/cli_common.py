@@ -206,7 +206,7 @@ def pipeline_line(pipeline: Any, target: Any) -> str:
 
 def print_plan(plan: Any, line: str, workers: int | None = None, max_memory: int | None = None) -> None:
     """``--dry-run``'s report; ``line`` is the :func:`pipeline_line`."""
-    from ckpt_ir.backends.execute import memory_plan
+    from ckpt_ir.backends.execute import bytes_read, memory_plan
     from ckpt_ir.ir.printer import describe
 
     print(line)
@@ -218,7 +218,7 @@ def print_plan(plan: Any, line: str, workers: int | None = None, max_memory: int
         print(f"dropped: {key}: {why}")
     writers, block, need = memory_plan(plan, workers, max_memory)
     print(
-        f"total: {plan.nbytes} bytes to write, {plan.bytes_to_read} bytes to read, "
+        f"total: {plan.nbytes} bytes to write, {bytes_read(plan, writers, block)} bytes to read, "
         f"estimated peak memory {need * writers} bytes ({writers} writer{'s' * (writers > 1)} of at most {need} "
         f"bytes each; computed tensors in row blocks of {block} bytes)"
     )
