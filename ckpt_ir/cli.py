@@ -73,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the plan (files, tensors, sources, bytes, peak memory) and write nothing",
     )
     c.add_argument("--overwrite", action="store_true", help="replace DST if it exists (atomically)")
-    c.add_argument("--hf-config", metavar="DIR", help="take config.json (and tokenizer files) from DIR")
+    c.add_argument(
+        "--hf-config",
+        metavar="DIR",
+        help="take config.json (and tokenizer files) from DIR; for a Megatron source it describes "
+        "the model, and must fit the checkpoint's tensors",
+    )
     c.add_argument(
         "--model-type-hf",
         metavar="FAMILY",
@@ -347,7 +352,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import ckpt_ir.api as ck
     from ckpt_ir.cli_common import run_conversion
     from ckpt_ir.frontends import detect
-    from ckpt_ir.frontends.hf import read_config
 
     if args.device != "cpu":
         from ckpt_ir.device import resolve_device
@@ -385,11 +389,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         quant_scale_fmt=args.quant_scale_fmt,
     )
     # --hf-config also describes a Megatron source whose args carry no HF config
-    hf_cfg = (
-        read_config(args.hf_config)
-        if args.hf_config and detect(args.src) in ("mcore", "torch_dist")
-        else None
-    )
+    hf_cfg = args.hf_config if args.hf_config and detect(args.src) in ("mcore", "torch_dist") else None
     layout = {"dp": args.source_dp, "bucket_size": args.source_bucket_size, "align": args.source_param_align}
     return run_conversion(
         args.src,
@@ -408,14 +408,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     import ckpt_ir.api as ck
-    from ckpt_ir.frontends.hf import read_config
     from ckpt_ir.ir.printer import render
 
-    hf_cfg = read_config(args.hf_config) if args.hf_config else None
     ckpt = ck.load(
         args.path,
         allow_unused=tuple(args.allow_unused),
-        hf_config=hf_cfg,
+        hf_config=args.hf_config,
         weights_from=args.weights_from,
         optimizer=args.optimizer,
         family=args.model_type_hf,

@@ -15,13 +15,10 @@ def diff(a: str, b: str, *, atol: float = 0.0, hf_config: str | None = None) -> 
 
     import ckpt_ir.api as ck
     from ckpt_ir.frontends import detect
-    from ckpt_ir.frontends.hf import read_config
     from ckpt_ir.ir import expr as E
 
-    cfg = read_config(hf_config) if hf_config else None
-
     def canonical(path: str):
-        c = ck.load(path, hf_config=cfg if detect(path) in ("mcore", "torch_dist") else None)
+        c = ck.load(path, hf_config=hf_config if detect(path) in ("mcore", "torch_dist") else None)
         if c.meta.get("family_from_args"):
             import sys
 

@@ -123,7 +123,6 @@ def run(args: argparse.Namespace) -> int:
     import ckpt_ir.api as ck
     from ckpt_ir.cli_common import run_conversion
     from ckpt_ir.families import by_name
-    from ckpt_ir.frontends.hf import read_config
     from ckpt_ir.io.atomic import check_destination
 
     for flag, what in {**_UNSUPPORTED_VALUE, **_UNSUPPORTED_FLAGS}.items():
@@ -172,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         target = ck.Target(to=to, hf_config_dir=hf_cfg_dir, **common)
-    hf_config = read_config(hf_cfg_dir) if (hf_cfg_dir and args.load_model_type in ("mg", "optim")) else None
+    hf_config = hf_cfg_dir if (hf_cfg_dir and args.load_model_type in ("mg", "optim")) else None
     from ckpt_ir.io.atomic import check_apart
 
     into_hf_dir = (

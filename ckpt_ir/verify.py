@@ -44,7 +44,7 @@ class Row:
         return self.max_abs_diff <= self.tolerance
 
 
-def hf_side(path: str, hf_config: dict | None = None):
+def hf_side(path: str, hf_config: dict | str | None = None):
     """``path`` lifted and lowered to HF layout lazily: (checkpoint, [(HF name, expression)])."""
     import ckpt_ir.api as ck
     from ckpt_ir.backends.hf import hf_tensors
@@ -333,7 +333,7 @@ def verify(
     device: str = "cpu",
     atol: float | None = None,
     adapter: str | None = None,
-    hf_config: dict | None = None,
+    hf_config: dict | str | None = None,
 ) -> dict[str, Any]:
     """Run both checkpoints on the same prompt; the report says where they first diverge."""
     import torch
@@ -507,9 +507,6 @@ def run(args) -> int:
     import json
     import sys
 
-    from ckpt_ir.frontends.hf import read_config
-
-    hf_cfg = read_config(args.hf_config) if args.hf_config else None
     report = verify(
         args.a,
         args.b,
@@ -519,7 +516,7 @@ def run(args) -> int:
         device=args.device,
         atol=args.atol,
         adapter=args.lora_load,
-        hf_config=hf_cfg,
+        hf_config=args.hf_config,
     )
     if args.json:
         print(json.dumps(report, indent=1))

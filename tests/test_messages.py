@@ -109,3 +109,72 @@ def test_pipeline_line_says_when_no_pass_runs_and_what_the_writer_quantizes(hf_c
     assert r.stdout.splitlines()[0] == quantized.replace("(no passes)", "cast{dtype=bf16}")
     r = cli("convert", src, tmp_path / "h", "--to", "hf")
     assert r.returncode == 0 and r.stderr.splitlines()[0] == "pipeline: (no passes)", r.stderr
+
+
+def test_a_config_that_does_not_describe_the_checkpoint_says_so(hf_cache, tmp_path):
+    """``--hf-config`` of another model for a Megatron checkpoint: one line naming the config and
+    the first disagreement (a tensor the config's model needs, one it has no place for, a shape),
+    not "the checkpoint is incomplete" nor a hint to drop tensors; from the API as well."""
+    import json
+    import shutil
+
+    import pytest
+
+    import ckpt_ir.api as ck
+    from ckpt_ir.errors import FormatError
+    from tests.cli_contract import assert_clean_error, cli
+
+    llama, qwen2 = hf_cache("llama", layers=2), hf_cache("qwen2", layers=2)
+    wide = tmp_path / "llama-ffn96"
+    wide.mkdir()
+    cfg = json.loads((Path(llama) / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
+    sources = {}
+    for name, hf, flags in (
+        ("llama-mc", llama, ["--tp", "2"]),
+        ("qwen2-mc", qwen2, ["--tp", "2"]),
+        ("llama-dist", llama, ["--ckpt-format", "torch_dist"]),
+    ):
+        sources[name] = tmp_path / name
+        assert cli("convert", hf, sources[name], "--to", "mcore", *flags).returncode == 0
+    model = "a {} model as the config describes it"
+    cases = [
+        (
+            "llama-mc",
+            qwen2,
+            f"{model.format('qwen2')} has layers.0.attn.qkv.bias (+1 more), which the checkpoint lacks",
+        ),
+        (
+            "llama-dist",
+            qwen2,
+            f"{model.format('qwen2')} has layers.0.attn.qkv.bias (+1 more), which the checkpoint lacks",
+        ),
+        (
+            "qwen2-mc",
+            llama,
+            f"the checkpoint holds layers.0.attn.qkv.bias (+1 more), which {model.format('llama')} has no place for",
+        ),
+        (
+            "llama-mc",
+            wide,
+            f"layers.0.mlp.gate_up.weight is [256, 64] in the checkpoint but [192, 64] in {model.format('llama')}",
+        ),
+    ]
+    for source, config, what in cases:
+        src, out = sources[source], tmp_path / "out"
+        msg = assert_clean_error(cli("convert", src, out, "--to", "hf", "--hf-config", config), out)
+        assert msg == (
+            f"ckpt-ir: error: {config}/config.json: this config does not describe the checkpoint {src}: "
+            f"{what}; pass the config of the model the checkpoint holds"
+        )
+        for flags in (["inspect", src], ["diff", src, llama]):
+            assert cli(*flags, "--hf-config", config).stderr == msg + "\n"
+    with pytest.raises(
+        FormatError, match=r"^the given HF config: this config does not describe the checkpoint"
+    ):
+        ck.load(str(sources["llama-mc"]), hf_config=json.loads((Path(qwen2) / "config.json").read_text()))
+    shutil.rmtree(sources["qwen2-mc"])
+    assert (
+        cli("convert", sources["llama-mc"], tmp_path / "ok", "--to", "hf", "--hf-config", llama).returncode
+        == 0
+    )

@@ -36,17 +36,25 @@ def load(
     path: str,
     *,
     allow_unused: tuple[str, ...] = (),
-    hf_config: dict[str, Any] | None = None,
+    hf_config: dict[str, Any] | str | None = None,
     weights_from: str = "model",
     family: str | None = None,
     optimizer: bool = False,
     optimizer_layout: dict[str, int | None] | None = None,
     replicas: str = "check",
 ) -> Checkpoint:
-    """Lift any supported checkpoint directory.  ``weights_from="master"``: a Megatron checkpoint's
+    """Lift any supported checkpoint directory.  ``hf_config``: the HF config describing the model
+    (a directory holding config.json, or the config itself) instead of the checkpoint's own (a
+    Megatron checkpoint's args); a config that does not describe the checkpoint's tensors is an
+    error naming it.  ``weights_from="master"``: a Megatron checkpoint's
     weights come from its distributed optimizer's fp32 master copies; ``optimizer=True``: lift its
     optimizer state too (``Checkpoint.states``), when it has any.  ``replicas``: how a Megatron
     checkpoint's copies of replicated tensors are compared (``check``, ``check-all``, ``take-rank0``)."""
+    config_name = None
+    if isinstance(hf_config, str):
+        from ckpt_ir.frontends.hf import read_config
+
+        config_name, hf_config = os.path.join(hf_config, "config.json"), read_config(hf_config)
     fmt = detect(path)
     if weights_from != "model" and fmt not in ("mcore", "torch_dist"):
         from ckpt_ir.errors import UsageError
@@ -58,7 +66,9 @@ def load(
     if fmt == "hf":
         from ckpt_ir.frontends import hf
 
-        return hf.lift(path, allow_unused=allow_unused, hf_config=hf_config, family=family)
+        return hf.lift(
+            path, allow_unused=allow_unused, hf_config=hf_config, config_name=config_name, family=family
+        )
     if fmt == "torch_dist":
         from ckpt_ir.frontends import torch_dist
 
@@ -66,6 +76,7 @@ def load(
             path,
             allow_unused=allow_unused,
             hf_config=hf_config,
+            config_name=config_name,
             optimizer=optimizer,
             weights_from=weights_from,
             family=family,
@@ -76,6 +87,7 @@ def load(
         path,
         allow_unused=allow_unused,
         hf_config=hf_config,
+        config_name=config_name,
         weights_from=weights_from,
         optimizer=optimizer,
         optimizer_layout=optimizer_layout,

@@ -147,17 +147,19 @@ def lift(
     path: str,
     *,
     hf_config: dict[str, Any] | None = None,
+    config_name: str | None = None,
     allow_unused: tuple[str, ...] = (),
     family: str | None = None,
 ) -> Checkpoint:
     """``family`` names the model family when the config's model_type does not (MindSpeed-LLM's
     --model-type-hf); a config that names a known type still wins.  ``path`` may also be one
-    ``.safetensors`` file: the config and side files come from its directory."""
+    ``.safetensors`` file: the config and side files come from its directory.  ``hf_config``
+    replaces that config (``config_name`` names it in errors)."""
     files = None
     if os.path.isfile(path):
         files, path = [os.path.abspath(path)], os.path.dirname(os.path.abspath(path))
     cfg = hf_config if hf_config is not None else read_config(path)
-    where = os.path.join(path, "config.json")
+    where = config_name or (os.path.join(path, "config.json") if hf_config is None else "the given HF config")
     try:
         fam = for_hf_config(cfg, where)
     except FormatError:
@@ -213,7 +215,7 @@ def lift(
                 else f" (shape {list(src.full_shape)}) as {name}"
             )
             raise FormatError(
-                f"{src.path}: tensor {src.key}{what} has shape {list(t.shape)} but config.json implies "
+                f"{src.path}: tensor {src.key}{what} has shape {list(t.shape)} but {where} implies "
                 f"{list(want)}; the weights do not match the config"
             )
     aux = side_files(path, config=hf_config is None)

@@ -70,12 +70,16 @@ class _Args:
 
 
 def spec_from_args(
-    args: dict[str, Any], hf_config: dict[str, Any] | None, where: str, family: str | None = None
+    args: dict[str, Any],
+    hf_config: dict[str, Any] | None,
+    where: str,
+    family: str | None = None,
+    config_name: str | None = None,
 ):
     """(ModelSpec, HF config, why) of a Megatron checkpoint from its ``args``: from ``hf_config``
-    when given, from the HF config ckpt-ir or MindSpeed-LLM copied into the args, else (plain
-    Megatron-LM args) for ``family`` or the family inferred from the args (``why`` says which
-    and why; None when nothing was inferred)."""
+    (named ``config_name`` in errors) when given, from the HF config ckpt-ir or MindSpeed-LLM
+    copied into the args, else (plain Megatron-LM args) for ``family`` or the family inferred from
+    the args (``why`` says which and why; None when nothing was inferred)."""
     from ckpt_ir.families import infer
 
     a = _Args(args, where)
@@ -85,7 +89,7 @@ def spec_from_args(
         spec, cfg = infer.megatron_spec(args, where), None
         why = "family megatron (Megatron targets only): the model is described by its args alone"
     elif hf_config is not None:
-        cfg, fam = hf_config, for_hf_config(hf_config, "--hf-config")
+        cfg, fam = hf_config, for_hf_config(hf_config, config_name or "--hf-config")
     elif (
         named
         or args.get("ckpt_ir_hf_config") is not None
@@ -119,13 +123,16 @@ def lift(
     *,
     allow_unused: tuple[str, ...] = (),
     hf_config: dict[str, Any] | None = None,
+    config_name: str | None = None,
     weights_from: str = "model",
     optimizer: bool = False,
     optimizer_layout: dict[str, int | None] | None = None,
     family: str | None = None,
     replicas: str = "check",
 ) -> Checkpoint:
-    """``family``: the model family when the args do not say (default: inferred from them).
+    """``hf_config`` describes the model instead of the args (``config_name`` names it in errors;
+    it must describe the tensors, see :func:`check_config_fits`).
+    ``family``: the model family when the args do not say (default: inferred from them).
     ``weights_from="master"`` takes every parameter from the distributed optimizer's fp32 master
     copy (``distrib_optim.pt``) instead of the model's (e.g. bf16) weights.  ``optimizer=True``
     also lifts the distributed-optimizer state (when the checkpoint has it) into ``states``.
@@ -162,7 +169,7 @@ def lift(
             f"{it_dir}: args say TP={tp}, PP={pp}, EP={ep} but only {len(found)} rank "
             f"directories exist; the checkpoint is incomplete or its args are wrong"
         )
-    spec, cfg, inferred = spec_from_args(args, hf_config, first.path, family)
+    spec, cfg, inferred = spec_from_args(args, hf_config, first.path, family, config_name)
     tables = M.read_tables(spec)
     noop = a.layers("noop_layers") or ()
     layout = Layout(
@@ -358,16 +365,18 @@ def lift(
         add_mtp_copies(spec, s_tensors)
         if spec.tied_embeddings:
             s_tensors.pop("lm_head.weight", None)
+    if "embed.weight" in tensors:
+        rows = tensors["embed.weight"].shape[0]
+        if rows != spec.vocab_size:
+            layout = _evolve(layout, padded_vocab=rows)
+    if hf_config is not None:
+        check_config_fits(config_name, path, spec, layout, tensors, unknown)
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
         raise CoverageError(
             f"{len(unknown)} Megatron tensor(s) have no known meaning and would be lost: {shown}; "
             f"pass --allow-unused PATTERN to drop them on purpose"
         )
-    if "embed.weight" in tensors:
-        rows = tensors["embed.weight"].shape[0]
-        if rows != spec.vocab_size:
-            layout = _evolve(layout, padded_vocab=rows)
     weights = [t for n, t in tensors.items() if not is_lora(n)]
     spec = _evolve(spec, dtype=weights[0].dtype if weights else spec.dtype)
     lora_a = [t for n, t in tensors.items() if n.endswith(".lora_a.weight")]
@@ -402,6 +411,46 @@ def lift(
         meta=meta,
         states={k: {n: v[n] for n in ordered if n in v} for k, v in sets.items()},
     )
+
+
+def check_config_fits(
+    config_name: str | None,
+    path: str,
+    spec,
+    layout: Layout,
+    tensors: dict[str, TensorNode],
+    unknown: list[str],
+) -> None:
+    """An HF config given for a Megatron checkpoint (``--hf-config``) must describe its tensors: a
+    tensor the config's model has no place for (``unknown``: Megatron keys no rule of the family
+    maps), one it needs that the checkpoint lacks, or a shape they disagree on is a one-line error
+    naming the config and the first disagreement (not "incomplete", nor a hint to drop tensors,
+    nor tensors written beside a config that leaves them out)."""
+    from ckpt_ir.ir.roles import expected_names, expected_shape
+
+    model = f"a {spec.family} model as the config describes it"
+    expected = expected_names(spec, layout)
+    weights = {n for n in tensors if not is_lora(n)}
+    extra = unknown or sorted(weights - expected, key=canonical_order)
+    missing = sorted(expected - weights, key=canonical_order)
+    what = None
+    if extra:
+        more = f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""
+        what = f"the checkpoint holds {extra[0]}{more}, which {model} has no place for"
+    elif missing:
+        more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
+        what = f"{model} has {missing[0]}{more}, which the checkpoint lacks"
+    else:
+        for name in sorted(weights, key=canonical_order):
+            want, got = expected_shape(spec, layout, name), tensors[name].shape
+            if want is not None and got != want:
+                what = f"{name} is {list(got)} in the checkpoint but {list(want)} in {model}"
+                break
+    if what:
+        raise FormatError(
+            f"{config_name or 'the given HF config'}: this config does not describe the checkpoint "
+            f"{path}: {what}; pass the config of the model the checkpoint holds"
+        )
 
 
 def add_mtp_copies(spec, tensors: dict[str, TensorNode]) -> None:

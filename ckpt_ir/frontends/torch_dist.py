@@ -35,7 +35,7 @@ from ckpt_ir import mcore_distopt as distopt
 from ckpt_ir import mcore_format as M
 from ckpt_ir.errors import CoverageError, FormatError
 from ckpt_ir.frontends.hf import MCORE_HF_DIR, side_files
-from ckpt_ir.frontends.mcore import add_mtp_copies, spec_from_args
+from ckpt_ir.frontends.mcore import add_mtp_copies, check_config_fits, spec_from_args
 from ckpt_ir.io.dcp import ChunkResolver, DcpTensor, read_metadata
 from ckpt_ir.io.torchzip import TorchZip
 from ckpt_ir.ir import expr as E
@@ -84,19 +84,21 @@ def lift(
     *,
     allow_unused: tuple[str, ...] = (),
     hf_config: dict[str, Any] | None = None,
+    config_name: str | None = None,
     optimizer: bool = False,
     weights_from: str = "model",
     family: str | None = None,
 ) -> Checkpoint:
     """Lift a ``torch_dist`` checkpoint.  ``optimizer=True`` also lifts fully-reshardable
     distributed-optimizer state into ``states``; ``weights_from="master"`` takes the weights from
-    its fp32 master copies."""
+    its fp32 master copies.  ``hf_config`` (named ``config_name``) describes the model instead of
+    the args, and must describe the tensors (:func:`~ckpt_ir.frontends.mcore.check_config_fits`)."""
     it_dir, iteration = _checkpoint_dir(path)
     _check_backend(it_dir)
     md = read_metadata(it_dir)
     common, common_path = _common_state(it_dir, md)
     args = M.args_dict(common.get("args"), common_path)
-    spec, cfg, inferred = spec_from_args(args, hf_config, common_path, family)
+    spec, cfg, inferred = spec_from_args(args, hf_config, common_path, family, config_name)
     n_args = args.get("num_layers")
     if isinstance(n_args, int) and n_args != spec.num_layers:
         raise FormatError(
@@ -143,7 +145,7 @@ def lift(
                     f"{md.path}: tensor {canon} is stored twice (as {target[canon][0].key} and {key})"
                 )
             target[canon] = (t, index)
-    if unknown:
+    if unknown and hf_config is None:  # with a config: said by check_config_fits, below
         shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
         raise CoverageError(
             f"{len(unknown)} Megatron tensor(s) in {it_dir} have no known meaning and would be "
@@ -244,6 +246,8 @@ def lift(
     )
     if "embed.weight" in tensors and tensors["embed.weight"].shape[0] != spec.vocab_size:
         layout = attrs.evolve(layout, padded_vocab=tensors["embed.weight"].shape[0])
+    if hf_config is not None:
+        check_config_fits(config_name, path, spec, layout, tensors, unknown)
     weights = [t for n, t in tensors.items() if not is_lora(n)]
     spec = attrs.evolve(spec, dtype=weights[0].dtype if weights else spec.dtype)
     lora_a = [t for n, t in tensors.items() if n.endswith(".lora_a.weight")]
