@@ -148,6 +148,16 @@ class Target:
                 "--ep/--etp/--target-dp"
             )
 
+    def __repr__(self) -> str:
+        """The settings that differ from their defaults, as the call that makes them:
+        ``Target(to='mcore', tp=2)``."""
+        given = [
+            f"{a.name}={getattr(self, a.name)!r}"
+            for a in attrs.fields(Target)
+            if a.default is attrs.NOTHING or getattr(self, a.name) != a.default
+        ]
+        return f"Target({', '.join(given)})"
+
     @property
     def carries_optimizer(self) -> bool:
         """Whether the source's optimizer state should be lifted for this target."""
@@ -453,6 +463,12 @@ class Conversion:
     output: Checkpoint
     plan: Plan
     stats: dict | None
+
+    def __repr__(self) -> str:
+        return (
+            f"<Conversion pipeline={self.pipeline or '(no passes)'} output={self.output!r} plan={self.plan!r} "
+            f"stats={self.stats!r}>"
+        )
 
 
 def convert(

@@ -47,6 +47,12 @@ class OutputFile:
     def largest(self) -> int:
         return max((e.nbytes for _, e in self.tensors), default=0)
 
+    def __repr__(self) -> str:
+        part = f" part {self.part[0]}:{self.part[1]}" if self.part else ""
+        return (
+            f"<OutputFile {self.path} ({self.kind}{part}): {len(self.tensors)} tensors, {self.nbytes} bytes>"
+        )
+
 
 @attrs.frozen
 class Plan:
@@ -61,6 +67,14 @@ class Plan:
     @property
     def nbytes(self) -> int:
         return sum(f.nbytes for f in self.files)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Plan {len(self.files)} files, {self.nbytes} bytes to write"
+            + (f", {len(self.dropped)} dropped" if self.dropped else "")
+            + (f", {len(self.checks)} checks" if self.checks else "")
+            + ">"
+        )
 
     def peak_memory(self, block_bytes: int | None = None) -> int:
         """Estimated peak bytes of tensor data one writer holds (see :func:`tensor_memory`)."""

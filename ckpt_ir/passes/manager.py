@@ -298,8 +298,13 @@ def load_plugin(module: str) -> None:
 
 
 class Pipeline(list):
+    """Passes in order; ``str()`` is the pipeline text :func:`parse_pipeline` reads back."""
+
     def __str__(self) -> str:
         return ",".join(str(p) for p in self)
+
+    def __repr__(self) -> str:
+        return f"<Pipeline {self or '(no passes)'}>"
 
 
 def _caret(text: str, pos: int, msg: str) -> UsageError:
