@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 
 from ckpt_ir.backends.plan import Plan
-from ckpt_ir.errors import UsageError
+from ckpt_ir.errors import UsageError, option
 from ckpt_ir.frontends import load
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.passes.manager import FunctionPass, Instrumentation, Pass, PassManager, Pipeline, parse_pipeline
@@ -88,25 +88,20 @@ class Target:
 
     def __attrs_post_init__(self) -> None:
         if self.to not in ("hf", "mcore", "peft"):
-            raise UsageError(f"--to {self.to!r}: choose hf, mcore or peft")
+            raise UsageError(f"{option('to', self.to)}: choose hf, mcore or peft")
         if self.quantize is not None and (self.quantize != "fp8" or self.to != "hf"):
-            raise UsageError(f"--quantize {self.quantize}: only fp8, and only with --to hf")
+            raise UsageError(
+                f"{option('quantize', self.quantize)}: only fp8, and only with {option('to', 'hf')}"
+            )
         if self.quant_scale_fmt not in ("float", "ue8m0") or self.quant_block_size < 1:
             raise UsageError(
-                f"--quant-scale-fmt {self.quant_scale_fmt} / --quant-block-size {self.quant_block_size}: "
-                f"use float or ue8m0 and a positive block size"
+                f"{option('quant_scale_fmt', self.quant_scale_fmt)} / "
+                f"{option('quant_block_size', self.quant_block_size)}: use float or ue8m0 and a positive block size"
             )
-        for flag, value in (
-            ("--tp", self.tp),
-            ("--pp", self.pp),
-            ("--ep", self.ep),
-            ("--vpp-layers", self.vpp_layers),
-            ("--etp", self.etp),
-            ("--make-vocab-size-divisible-by", self.vocab_divisible_by),
-            ("--target-dp", self.dp),
-        ):
+        for name in ("tp", "pp", "ep", "vpp_layers", "etp", "vocab_divisible_by", "dp"):
+            value = getattr(self, name)
             if value is not None and value < 1:
-                raise UsageError(f"{flag} must be at least 1, got {value}")
+                raise UsageError(f"{option(name)} must be at least 1, got {value}")
         if self.to != "mcore" and (
             self.tp != 1
             or self.pp != 1
@@ -119,17 +114,18 @@ class Target:
             or self.grouped_gemm
             or self.dp
         ):
+            names = "tp pp vpp_layers num_layer_list noop_layers vocab_divisible_by ep etp grouped_gemm dp"
             raise UsageError(
-                "--tp/--pp/--vpp-layers/--num-layer-list/--noop-layers/--make-vocab-size-divisible-by/"
-                "--ep/--etp/--moe-grouped-gemm/--target-dp apply to --to mcore only"
+                f"{'/'.join(option(n) for n in names.split())} apply only with {option('to', 'mcore')}"
             )
         if self.ckpt_format not in ("torch", "torch_dist"):
-            raise UsageError(f"--ckpt-format {self.ckpt_format!r}: choose torch or torch_dist")
+            raise UsageError(f"{option('ckpt_format', self.ckpt_format)}: choose torch or torch_dist")
         if self.torch_dist_version not in ("0.15", "0.19") or (
             self.torch_dist_version != "0.15" and self.ckpt_format != "torch_dist"
         ):
             raise UsageError(
-                f"--torch-dist-version {self.torch_dist_version}: choose 0.15 or 0.19, with --ckpt-format torch_dist"
+                f"{option('torch_dist_version', self.torch_dist_version)}: choose 0.15 or 0.19, with "
+                f"{option('ckpt_format', 'torch_dist')}"
             )
         if self.ckpt_format == "torch_dist" and (
             self.to != "mcore"
@@ -142,10 +138,10 @@ class Target:
             or self.etp
             or self.dp
         ):
+            names = "tp pp vpp_layers num_layer_list noop_layers ep etp dp"
             raise UsageError(
-                "--ckpt-format torch_dist (with --to mcore) holds whole tensors that Megatron reshards "
-                "when it loads them: leave out --tp/--pp/--vpp-layers/--num-layer-list/--noop-layers/"
-                "--ep/--etp/--target-dp"
+                f"{option('ckpt_format', 'torch_dist')} (with {option('to', 'mcore')}) holds whole tensors that "
+                f"Megatron reshards when it loads them: leave out {'/'.join(option(n) for n in names.split())}"
             )
 
     def __repr__(self) -> str:
@@ -308,19 +304,19 @@ def check_target(ckpt: Checkpoint, target: Target) -> None:
             "tp": (target.tp, lay.tp, 1),
             "pp": (target.pp, lay.pp, 1),
             "ep": (target.ep, lay.ep, 1),
-            "vpp-layers": (target.vpp_layers, lay.vpp_layers, None),
-            "num-layer-list": (target.num_layer_list, lay.num_layer_list, None),
-            "noop-layers": (tuple(sorted(target.noop_layers)), lay.noop_layers, ()),
+            "vpp_layers": (target.vpp_layers, lay.vpp_layers, None),
+            "num_layer_list": (target.num_layer_list, lay.num_layer_list, None),
+            "noop_layers": (tuple(sorted(target.noop_layers)), lay.noop_layers, ()),
             "etp": (target.etp, lay.expert_tp if target.etp is not None else None, None),
-            "moe-grouped-gemm": (target.grouped_gemm, lay.grouped_gemm, False),
-            "norm-names": (target.norm_names, lay.norm_names if target.norm_names else None, None),
+            "grouped_gemm": (target.grouped_gemm, lay.grouped_gemm, False),
+            "norm_names": (target.norm_names, lay.norm_names if target.norm_names else None, None),
         }
         if target.vocab_divisible_by:
             size = padded_size(ckpt.spec.vocab_size, target.vocab_divisible_by, target.tp)
             rows = lay.padded_vocab or ckpt.spec.vocab_size
-            wanted["make-vocab-size-divisible-by"] = (size, rows, None)
+            wanted["vocab_divisible_by"] = (size, rows, None)
         diffs += [
-            f"--{k} {_show(want)} but the pipeline gives {_show(got)}"
+            f"{option(k, want)} but the pipeline gives {_show(got)}"
             for k, (want, got, default) in wanted.items()
             if want != default and want != got
         ]
@@ -328,12 +324,12 @@ def check_target(ckpt: Checkpoint, target: Target) -> None:
         want_dtype = parse_dtype(target.dtype)
         other = sorted({t.dtype for t in ckpt.tensors.values() if t.dtype in FLOATING} - {want_dtype})
         if other and ckpt.spec.dtype != want_dtype:
-            diffs.append(f"--dtype {target.dtype} but the pipeline gives {', '.join(other)} tensors")
+            diffs.append(f"{option('dtype', target.dtype)} but the pipeline gives {', '.join(other)} tensors")
     if diffs:
         raise UsageError(
-            "the pipeline's output differs from the target flags: "
+            "the pipeline's output differs from the target: "
             + "; ".join(diffs)
-            + " (add the passes to --pipeline, or drop the flags)"
+            + " (add the passes to the pipeline, or leave those settings out)"
         )
 
 
@@ -503,7 +499,8 @@ def convert(
     check_family(src, target)
     if target.to == "peft" and src.spec.lora_rank is None and not target.lora_load:
         raise UsageError(
-            "--to peft needs LoRA tensors: pass --lora-load DIR or a checkpoint that carries LoRA"
+            f"{option('to', 'peft')} needs LoRA tensors: pass {option('lora_load', metavar='DIR')} or a "
+            f"checkpoint that carries LoRA"
         )
     steps = derive_pipeline(src, target) if pipeline is None else as_pipeline(pipeline)
     if announce is not None:

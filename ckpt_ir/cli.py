@@ -16,7 +16,7 @@ from ckpt_ir.cli_common import (
     load_plugins,
     parse_size,
 )
-from ckpt_ir.errors import CkptIrError
+from ckpt_ir.errors import CkptIrError, command_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,13 +293,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        if not args.command:
-            parser.print_help()
-            return 2
-        load_plugins(args)
-        return COMMANDS[args.command](args)
+        with command_line():  # errors name flags (--overwrite), not Python keywords
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            if not args.command:
+                parser.print_help()
+                return 2
+            load_plugins(args)
+            return COMMANDS[args.command](args)
     except CkptIrError as e:
         if debug:
             raise

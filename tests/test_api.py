@@ -28,3 +28,81 @@ def test_public_objects_have_short_reprs(hf_cache, tmp_path):
     assert repr(done).startswith("<Conversion pipeline=(no passes) output=<Checkpoint llama hf tp=1")
     assert repr(done).endswith(f"stats={done.stats!r}>") and len(repr(done)) < 400
     assert repr(ck.Pipeline()) == "<Pipeline (no passes)>"
+
+
+def test_errors_name_settings_as_the_caller_gives_them(hf_cache, tmp_path):
+    """One message, two wordings: a Python caller reads the keyword it passes (``overwrite=True``),
+    the command line the flag (``--overwrite``)."""
+    import pytest
+
+    from ckpt_ir.errors import LayoutError, UsageError, command_line, option
+    from tests.cli_contract import cli
+
+    src = hf_cache("llama", layers=2, vocab=101)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("")
+    api_and_cli = [
+        (
+            lambda: ck.convert(src, str(out), ck.Target(to="hf")),
+            ["convert", src, out, "--to", "hf"],
+            f"{out}: destination exists and is not empty; pass overwrite=True to replace it",
+            f"{out}: destination exists and is not empty; pass --overwrite to replace it",
+        ),
+        (
+            lambda: ck.Target(to="hf", tp=2),
+            ["convert", src, tmp_path / "o", "--to", "hf", "--tp", "2"],
+            "tp/pp/vpp_layers/num_layer_list/noop_layers/vocab_divisible_by/ep/etp/grouped_gemm/dp apply "
+            "only with to='mcore'",
+            "--tp/--pp/--vpp-layers/--num-layer-list/--noop-layers/--make-vocab-size-divisible-by/--ep/--etp/"
+            "--moe-grouped-gemm/--target-dp apply only with --to mcore",
+        ),
+        (
+            lambda: ck.convert(src, str(tmp_path / "o"), ck.Target(to="mcore", tp=2)),
+            ["convert", src, tmp_path / "o", "--to", "mcore", "--tp", "2"],
+            "layout: vocabulary of 101 rows does not split evenly over tensor parallel size 2; pass "
+            "vocab_divisible_by to pad it",
+            "layout: vocabulary of 101 rows does not split evenly over tensor parallel size 2; pass "
+            "--make-vocab-size-divisible-by to pad it",
+        ),
+        (
+            lambda: ck.convert(
+                src, str(tmp_path / "o"), ck.Target(to="mcore", pp=2), pipeline="fuse-qkv,fuse-gate-up"
+            ),
+            [
+                "convert",
+                src,
+                tmp_path / "o",
+                "--to",
+                "mcore",
+                "--pp",
+                "2",
+                "--pipeline",
+                "fuse-qkv,fuse-gate-up",
+            ],
+            "the pipeline's output differs from the target: pp=2 but the pipeline gives 1 (add the passes to "
+            "the pipeline, or leave those settings out)",
+            "the pipeline's output differs from the target: --pp 2 but the pipeline gives 1 (add the passes to "
+            "the pipeline, or leave those settings out)",
+        ),
+    ]
+    for call, argv, python, command_line_words in api_and_cli:
+        with pytest.raises((UsageError, LayoutError)) as e:
+            call()
+        assert str(e.value) == python
+        r = cli(*argv)
+        assert r.returncode == e.value.exit_code and r.stderr.endswith(
+            f"ckpt-ir: error: {command_line_words}\n"
+        )
+    assert [option("optimizer", False), option("etp", 1), option("lora_load", metavar="DIR")] == [
+        "optimizer=False",
+        "etp=1",
+        "lora_load=...",
+    ]
+    with command_line():
+        assert [option("optimizer", False), option("etp", 1), option("lora_load", metavar="DIR")] == [
+            "--no-optimizer",
+            "--etp 1",
+            "--lora-load DIR",
+        ]
+    assert option("noop_layers", (3, 5)) == "noop_layers=(3, 5)"  # Python again after the command

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ckpt_ir"
-FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*(?![\w-])")
 # flags of Megatron-LM's training script that messages tell a user to pass to it (not ckpt-ir's)
 MEGATRON_LM_FLAGS = {
     "--no-load-rng",
@@ -40,13 +40,38 @@ def named_flags() -> dict[str, list[str]]:
     return found
 
 
+def option_flags() -> dict[str, list[str]]:
+    """``--flag`` -> where in ckpt_ir/ a message names a setting through ``option("name", ...)``,
+    as the command line words it."""
+    from ckpt_ir.errors import command_line, option
+
+    found: dict[str, list[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "option"):
+                continue
+            name = node.args[0]
+            if not (isinstance(name, ast.Constant) and isinstance(name.value, str)):
+                continue  # a computed name: its flag is a literal of errors.FLAGS, scanned above
+            negated = (
+                len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and node.args[1].value is False
+            )
+            with command_line():
+                flag = option(name.value, False) if negated else option(name.value)
+            found.setdefault(flag, []).append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+    return found
+
+
 def test_every_flag_a_message_names_exists():
     from ckpt_ir.cli import build_parser
 
     known = parser_flags(build_parser()) | MEGATRON_LM_FLAGS
-    unknown = {flag: where for flag, where in named_flags().items() if flag not in known}
+    named = {**named_flags(), **option_flags()}
+    unknown = {flag: where for flag, where in named.items() if flag not in known}
     assert not unknown, f"messages name flags no command has: {unknown}"
-    assert "--moe-grouped-gemm" in named_flags()  # the scan sees the messages
+    # the scans see the messages: a literal flag, a setting named through option()
+    assert "--dist-ckpt-optim-fully-reshardable" in named_flags()
+    assert {"--moe-grouped-gemm", "--no-optimizer", "--overwrite"} <= set(option_flags())
 
 
 def test_dry_run_names_each_tensor_under_the_key_its_rank_file_holds(hf_cache, tmp_path):

@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ckpt_ir.backends.plan import BLOCK_BYTES, MIN_BLOCK_BYTES, OutputFile, Plan, row_blocks
-from ckpt_ir.errors import CkptIrError
+from ckpt_ir.errors import CkptIrError, option
 from ckpt_ir.io import atomic
 from ckpt_ir.io.atomic import stop_point
 from ckpt_ir.ir import expr as E
@@ -320,7 +320,7 @@ def write_files(
             except Exception:  # queue.Empty: check nobody died without a word
                 if any(p.exitcode not in (None, 0) for p in procs):
                     raise CkptIrError(
-                        "a worker process died (out of memory?); rerun with --workers 1"
+                        f"a worker process died (out of memory?); rerun with {option('workers', 1)}"
                     ) from None
                 continue
             if kind == "advance":
@@ -396,7 +396,7 @@ def memory_plan(plan: Plan, workers: int | None, max_memory: int | None) -> tupl
     if need > max_memory:
         raise CkptIrError(
             f"tensor {name} needs about {human_bytes(need)} to produce but the memory budget is "
-            f"{human_bytes(max_memory)}; raise --max-memory"
+            f"{human_bytes(max_memory)}; raise {option('max_memory')}"
         )
     return max(1, min(workers, max_memory // max(need, 1))), block, need
 

@@ -18,7 +18,7 @@ import attrs
 from ckpt_ir import mcore_distopt as distopt
 from ckpt_ir import mcore_format as M
 from ckpt_ir.backends.plan import OutputFile, Plan
-from ckpt_ir.errors import VerifyError
+from ckpt_ir.errors import VerifyError, option
 from ckpt_ir.families import by_name
 from ckpt_ir.io import torchzip
 from ckpt_ir.io.safe_pickle import TorchDtype
@@ -494,7 +494,7 @@ def _group_experts(ckpt: Checkpoint, entries: list[Entry], local: int) -> None:
         if e.key.endswith(".bias"):
             raise VerifyError(
                 f"{e.key}: the grouped-GEMM expert format (weight1/weight2) has no expert biases; "
-                f"convert without --moe-grouped-gemm (per-expert local_experts keys)"
+                f"convert without {option('grouped_gemm')} (per-expert local_experts keys)"
             )
         kind = "weight1" if e.key.endswith("linear_fc1.weight") else "weight2"
         if ".lora_" in e.key:

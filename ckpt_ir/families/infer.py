@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from ckpt_ir.errors import CkptIrError, FormatError
+from ckpt_ir.errors import CkptIrError, FormatError, option
 from ckpt_ir.families import Family, by_name, register
 from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.mcore_format import int_list as _int_list
@@ -315,11 +315,15 @@ def infer(args: dict[str, Any], where: str) -> tuple[Family, dict[str, Any], str
     ]
     if missing:
         raise FormatError(
-            f"{where}: args lack {', '.join(missing)}; cannot tell the model's shape (pass --hf-config DIR)"
+            f"{where}: args lack {', '.join(missing)}; cannot tell the model's shape (pass "
+            f"{option('hf_config', metavar='DIR')})"
         )
     have = {"position_embedding_type": a.position_embedding()}
     bad = [(k, have.get(k, a[k]), want) for k, want in REQUIRED if have.get(k, a[k]) != want]
-    hint = "pass --hf-config DIR (the model's HF config.json) or --model-type-hf NAME to choose a family"
+    hint = (
+        f"pass {option('hf_config', metavar='DIR')} (the model's HF config.json) or "
+        f"{option('family', metavar='NAME')} to choose a family"
+    )
     if bad:
         shown = ", ".join(f"args.{k}={v!r} (needs {w!r})" for k, v, w in bad)
         raise NoFamily(where, shown, hint)
@@ -406,6 +410,7 @@ def require_hf(spec: ModelSpec, source: str, why: str | None) -> None:
     """Refuse an HF target for a model only its Megatron args describe, in one line naming them."""
     if spec.family == MEGATRON.name:
         raise FormatError(
-            f"{source}: no HF checkpoint (or transformers model) for it: {why or args_only('--model-type-hf megatron')}; "
-            f"convert it --to mcore, or pass --hf-config DIR / --model-type-hf NAME to choose a family"
+            f"{source}: no HF checkpoint (or transformers model) for it: "
+            f"{why or args_only(option('family', 'megatron'))}; convert it {option('to', 'mcore')}, or pass "
+            f"{option('hf_config', metavar='DIR')} / {option('family', metavar='NAME')} to choose a family"
         )

@@ -57,10 +57,10 @@ def load(
         config_name, hf_config = os.path.join(hf_config, "config.json"), read_config(hf_config)
     fmt = detect(path)
     if weights_from != "model" and fmt not in ("mcore", "torch_dist"):
-        from ckpt_ir.errors import UsageError
+        from ckpt_ir.errors import UsageError, option
 
         raise UsageError(
-            f"--weights-from {weights_from}: only Megatron checkpoints with distributed-optimizer "
+            f"{option('weights_from', weights_from)}: only Megatron checkpoints with distributed-optimizer "
             f"state have master weights"
         )
     if fmt == "hf":

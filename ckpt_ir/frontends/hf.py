@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import attrs
 
-from ckpt_ir.errors import CoverageError, FormatError
+from ckpt_ir.errors import CoverageError, FormatError, option
 from ckpt_ir.families import Family, for_hf_config
 from ckpt_ir.io import safetensors as st
 from ckpt_ir.io.torchzip import TorchZip, iter_tensors
@@ -77,7 +77,7 @@ def read_config(path: str) -> dict[str, Any]:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FormatError(
-            f"{path}: no config.json; an HF checkpoint directory needs one (pass --hf-config DIR "
+            f"{path}: no config.json; an HF checkpoint directory needs one (pass {option('hf_config', metavar='DIR')} "
             f"to take it from elsewhere)"
         )
     try:
@@ -250,7 +250,7 @@ def map_tensors(
             continue
         reason = next((why for pat, why in DROP_RULES if fnmatch.fnmatch(key, pat)), None)
         if reason is None and any(fnmatch.fnmatch(key, p) for p in allow_unused):
-            reason = "matched --allow-unused"
+            reason = f"matched {option('allow_unused')}"
         if reason is None:
             unknown.append(key)
         else:
@@ -259,7 +259,7 @@ def map_tensors(
         shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
         raise CoverageError(
             f"{len(unknown)} source tensor(s) not understood by the {family.name} family and would "
-            f"be lost: {shown}; pass --allow-unused PATTERN to drop them on purpose"
+            f"be lost: {shown}; pass {option('allow_unused', metavar='PATTERN')} to drop them on purpose"
         )
     return dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0]))), dropped
 

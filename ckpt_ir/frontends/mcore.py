@@ -18,7 +18,7 @@ import attrs
 
 from ckpt_ir import mcore_distopt as distopt
 from ckpt_ir import mcore_format as M
-from ckpt_ir.errors import CoverageError, FormatError
+from ckpt_ir.errors import CoverageError, FormatError, option
 from ckpt_ir.families import by_name, for_hf_config
 from ckpt_ir.frontends.hf import MCORE_HF_DIR, side_files
 from ckpt_ir.io.torchzip import TorchZip, iter_tensors, with_exprs
@@ -89,7 +89,7 @@ def spec_from_args(
         spec, cfg = infer.megatron_spec(args, where), None
         why = "family megatron (Megatron targets only): the model is described by its args alone"
     elif hf_config is not None:
-        cfg, fam = hf_config, for_hf_config(hf_config, config_name or "--hf-config")
+        cfg, fam = hf_config, for_hf_config(hf_config, config_name or option("hf_config"))
     elif (
         named
         or args.get("ckpt_ir_hf_config") is not None
@@ -104,7 +104,7 @@ def spec_from_args(
     elif family:
         fam = by_name(family)
         cfg = infer.hf_config_for(fam, args, where)
-        why = f"family {fam.name} (--model-type-hf); HF config built from args"
+        why = f"family {fam.name} ({option('family')}); HF config built from args"
     else:
         try:
             fam, cfg, why = infer.infer(args, where)
@@ -231,7 +231,7 @@ def lift(
         lacking = next(f for f, ok in has_state.items() if not ok)
         raise FormatError(
             f"{os.path.dirname(lacking)}: no distrib_optim.pt although other rank directories have "
-            f"one; the optimizer state is incomplete (use --no-optimizer to convert the weights)"
+            f"one; the optimizer state is incomplete (use {option('optimizer', False)} to convert the weights)"
         )
     # tensor set ("" = weights, else a state key) -> canonical name (layer/expert still local) -> {tp rank: expr}
     pieces: dict[str, dict[str, dict[int, E.Expr]]] = defaultdict(lambda: defaultdict(dict))
@@ -293,7 +293,7 @@ def lift(
                         found = _lift_key(key, value, p, chunk, e, experts_per_rank, tables)
                     if found is None:
                         if any(fnmatch.fnmatch(key, pat) for pat in allow_unused):
-                            dropped[f"{rel}:{ck}.{key}"] = "matched --allow-unused"
+                            dropped[f"{rel}:{ck}.{key}"] = f"matched {option('allow_unused')}"
                         elif not set_name:
                             unknown.append(f"{ck}.{key} in {rel}")
                         continue
@@ -375,7 +375,7 @@ def lift(
         shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
         raise CoverageError(
             f"{len(unknown)} Megatron tensor(s) have no known meaning and would be lost: {shown}; "
-            f"pass --allow-unused PATTERN to drop them on purpose"
+            f"pass {option('allow_unused', metavar='PATTERN')} to drop them on purpose"
         )
     weights = [t for n, t in tensors.items() if not is_lora(n)]
     spec = _evolve(spec, dtype=weights[0].dtype if weights else spec.dtype)
@@ -476,7 +476,7 @@ def check_replicas(copies: dict[str, list[tuple[str, E.Expr]]], mode: str, where
         return (
             [
                 f"replicated tensors ({len(copies)}) taken from the first rank holding them without comparing the "
-                f"other ranks' copies (--replicas take-rank0)"
+                f"other ranks' copies ({option('replicas', 'take-rank0')})"
             ]
             if copies
             else []
@@ -497,7 +497,7 @@ def check_replicas(copies: dict[str, list[tuple[str, E.Expr]]], mode: str, where
                 if x.shape != kept.shape or x.dtype != kept.dtype or digest(x) != want:
                     raise FormatError(
                         f"{where}: replicated tensor {name} differs between {first} and {label} (the "
-                        f"ranks drifted apart); pass --replicas take-rank0 to keep {first}'s copy on "
+                        f"ranks drifted apart); pass {option('replicas', 'take-rank0')} to keep {first}'s copy on "
                         f"purpose"
                     )
     return []

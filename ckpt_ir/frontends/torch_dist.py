@@ -33,7 +33,7 @@ import attrs
 
 from ckpt_ir import mcore_distopt as distopt
 from ckpt_ir import mcore_format as M
-from ckpt_ir.errors import CoverageError, FormatError
+from ckpt_ir.errors import CoverageError, FormatError, option
 from ckpt_ir.frontends.hf import MCORE_HF_DIR, side_files
 from ckpt_ir.frontends.mcore import add_mtp_copies, check_config_fits, spec_from_args
 from ckpt_ir.io.dcp import ChunkResolver, DcpTensor, read_metadata
@@ -56,7 +56,14 @@ _STACKED_EXPERTS = re.compile(r"^mlp\.experts\.(?:experts|local_experts)\.(linea
 _ONE_EXPERT = re.compile(
     r"^mlp\.experts\.(?:experts|local_experts)\.(\d+)\.(linear_fc[12]\.(?:weight|bias))$"
 )
-_REFUSED = "re-save it with --dist-ckpt-optim-fully-reshardable, or convert the weights only (--no-optimizer)"
+
+
+def _refused() -> str:
+    """What to do about optimizer state ckpt-ir cannot reshard."""
+    return (
+        "re-save it with --dist-ckpt-optim-fully-reshardable, or convert the weights only "
+        f"({option('optimizer', False)})"
+    )
 
 
 def _checkpoint_dir(path: str) -> tuple[str, Any]:
@@ -135,7 +142,9 @@ def lift(
         names = _names(key, t, spec.num_layers, tables, md.path, spec.mla)
         if names is None:
             if any(fnmatch.fnmatch(key, pat) for pat in allow_unused):
-                dropped[key if target is model else f"optimizer state of {key}"] = "matched --allow-unused"
+                dropped[key if target is model else f"optimizer state of {key}"] = (
+                    f"matched {option('allow_unused')}"
+                )
             elif target is model:
                 unknown.append(key)
             continue
@@ -149,7 +158,7 @@ def lift(
         shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
         raise CoverageError(
             f"{len(unknown)} Megatron tensor(s) in {it_dir} have no known meaning and would be "
-            f"lost: {shown}; pass --allow-unused PATTERN to drop them on purpose"
+            f"lost: {shown}; pass {option('allow_unused', metavar='PATTERN')} to drop them on purpose"
         )
     for key in md.objects:
         base = key.split("/shard_", 1)[0]
@@ -168,7 +177,7 @@ def lift(
         raise FormatError(
             f"{it_dir}: the distributed-optimizer state is saved as {sharding or 'an unknown type'!r} "
             f"(keys such as {_short((other_optimizer or sorted(states))[0])}), "
-            f"which ckpt-ir cannot reshard; {_REFUSED}"
+            f"which ckpt-ir cannot reshard; {_refused()}"
         )
     # Megatron names the sharding type in content_metadata whenever the run used the distributed
     # optimizer, also when it saved no optimizer state (--no-save-optim): refuse only saved state
@@ -177,11 +186,12 @@ def lift(
         # e.g. dp_zero_gather_scatter: the whole state pickled as one object per model-parallel rank
         raise FormatError(
             f"{it_dir}: the distributed-optimizer state is saved as {sharding!r}, which ckpt-ir cannot "
-            f"read; {_REFUSED}"
+            f"read; {_refused()}"
         )
     if weights_from == "master" and not states and not buckets:
         raise FormatError(
-            f"{it_dir}: --weights-from master needs distributed-optimizer state, and this checkpoint has none"
+            f"{it_dir}: {option('weights_from', 'master')} needs distributed-optimizer state, and this "
+            f"checkpoint has none"
         )
     if not want_states:
         for key in other_optimizer:
@@ -233,7 +243,7 @@ def lift(
             raise FormatError(
                 f"{it_dir}: optimizer state {which!r} has no entry for {missing[0]}"
                 f"{f' (+{len(missing) - 1} more)' if len(missing) > 1 else ''}; the optimizer state "
-                f"is incomplete: {_REFUSED}"
+                f"is incomplete: {_refused()}"
             )
         for name in set(s) - set(tensors):
             dropped[f"optimizer state {which} of {name}"] = "no matching model weight"
@@ -386,7 +396,7 @@ def _bucket_states(
     ]
     if unsupported:
         raise FormatError(
-            f"{where}: dp_reshardable optimizer state with {unsupported[0]} is not supported yet; {_REFUSED}"
+            f"{where}: dp_reshardable optimizer state with {unsupported[0]} is not supported yet; {_refused()}"
         )
     layout = Layout(
         format="mcore",

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 
 import attrs
 
-from ckpt_ir.errors import CkptIrError, UsageError
+from ckpt_ir.errors import CkptIrError, UsageError, option
 
 TMP_TAG = ".ckpt-ir-tmp-"
 OLD_TAG = ".ckpt-ir-old-"
@@ -52,7 +52,9 @@ def check_destination(dst: str, overwrite: bool) -> None:
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise UsageError(f"{dst}: exists and is not a directory; choose another destination")
     if os.path.isdir(dst) and os.listdir(dst) and not overwrite:
-        raise UsageError(f"{dst}: destination exists and is not empty; pass --overwrite to replace it")
+        raise UsageError(
+            f"{dst}: destination exists and is not empty; pass {option('overwrite', True)} to replace it"
+        )
     parent = existing_ancestor(dst)  # missing parents are created when the output is prepared
     if not os.path.isdir(parent):
         raise CkptIrError(
