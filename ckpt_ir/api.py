@@ -28,26 +28,57 @@ from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.passes.manager import FunctionPass, Instrumentation, Pass, PassManager, Pipeline, parse_pipeline
 from ckpt_ir.passes.vocab import padded_size
 
-__all__ = [
-    "Checkpoint",
+__all__ = [  # in the order of the API reference (docs/api.md)
+    "convert",
     "Target",
     "Conversion",
-    "convert",
     "load",
-    "attach_lora",
     "derive_pipeline",
+    "parse_pipeline",
     "run",
     "plan",
     "save",
+    "attach_lora",
     "check_target",
-    "parse_pipeline",
     "summarize_dropped",
+    "Checkpoint",
+    "Pipeline",
+    "Plan",
 ]
 
 
 @attrs.frozen(kw_only=True)
 class Target:
-    """What the user asked for.  For ``mcore``, unset parallel options mean 1 / none."""
+    """What the user asked for: the output's format and layout.  An impossible combination is a
+    :class:`~ckpt_ir.errors.UsageError` when the Target is made.
+
+    ``to``: ``"hf"``, ``"mcore"`` or ``"peft"`` (a LoRA-only adapter).  ``dtype``: cast floating
+    tensors to ``"bf16"``, ``"fp16"`` or ``"fp32"`` (None keeps the source's).
+
+    Megatron layout (``to="mcore"`` only; unset means 1 / none): ``tp``, ``pp``; ``vpp_layers``
+    (layers per virtual pipeline stage) or ``num_layer_list`` (layers per stage);
+    ``noop_layers`` (global indices of no-op layers); ``vocab_divisible_by`` (pad the vocabulary
+    to a multiple of it times ``tp``); ``norm_names`` (``"local"``, ``"te"`` or ``"te-input"``;
+    None keeps the source's); ``ep`` (expert parallel), ``etp`` (expert tensor parallel: 1 or
+    ``tp``), ``grouped_gemm`` (grouped-GEMM experts); ``ckpt_format`` (``"torch"`` rank
+    directories, or ``"torch_dist"``: whole tensors Megatron reshards on load, written for
+    Megatron-Core ``torch_dist_version`` ``"0.15"`` (0.15-0.18) or ``"0.19"``); ``optimizer``
+    (carry the source's distributed-optimizer state, when it has any) laid out for data-parallel
+    size ``dp`` (None: the source's); ``shared_copies``: tensors Megatron stores once (DeepSeek's
+    MTP embedding and head copies) are compared before writing (``"check"``) or dropped, as
+    MindSpeed-LLM does (``"drop"``); ``mtp_layers``: multi-token-prediction layers to keep (None:
+    all).
+
+    HF output: ``max_shard_size`` (bytes per safetensors file, default 5 GB); ``hf_config_dir``
+    (config.json, tokenizer and side files from that directory); ``quantize="fp8"`` writes
+    block-scaled FP8 weights in tiles of ``quant_block_size`` with ``quant_scale_fmt``
+    (``"float"`` or ``"ue8m0"``) scales.
+
+    LoRA: ``lora_load``, an adapter (a PEFT directory or a Megatron LoRA checkpoint) merged for
+    ``hf`` / ``mcore`` or exported for ``peft``; ``lora_rank``, ``lora_alpha`` and
+    ``lora_targets`` (module names) are checked against the adapter (an alpha the adapter does
+    not record is taken from here).
+    """
 
     to: str
     dtype: str | None = None
@@ -57,31 +88,22 @@ class Target:
     num_layer_list: tuple[int, ...] | None = None
     noop_layers: tuple[int, ...] = ()
     vocab_divisible_by: int | None = None
-    norm_names: str | None = None  # mcore: "local" or "te"; None keeps the source's naming
+    norm_names: str | None = None
     max_shard_size: int | None = None
     hf_config_dir: str | None = None
     ep: int = 1
     etp: int | None = None
     grouped_gemm: bool = False
-    lora_rank: int | None = None  # user-given LoRA settings, checked against the checkpoint
+    lora_rank: int | None = None
     lora_alpha: float | None = None
     lora_targets: tuple[str, ...] = ()
-    # Megatron stores some HF tensors once (DeepSeek MTP's embedding/head copies): "check" that
-    # they are equal before writing, or "drop" them as MindSpeed-LLM does (recorded as dropped)
     shared_copies: str = "check"
-    # Megatron target: carry the source's distributed-optimizer state (when it has any), laid out
-    # for data-parallel size ``dp`` (default: the source's)
     optimizer: bool = True
     dp: int | None = None
-    # LoRA adapter to attach (a PEFT directory or a Megatron LoRA checkpoint): merged for hf/mcore
     lora_load: str | None = None
-    # multi-token-prediction layers to keep (None: all); MindSpeed-LLM's --mtp-num-layers
     mtp_layers: int | None = None
-    # Megatron target: "torch" (rank directories) or "torch_dist" (dist_checkpointing, resharded on load)
     ckpt_format: str = "torch"
-    # torch_dist: the Megatron-Core layout written, "0.15" (0.15-0.18, common.pt) or "0.19" (no common.pt)
     torch_dist_version: str = "0.15"
-    # HF target: "fp8" writes block-scaled FP8 weights (tiles of quant_block_size, scales float|ue8m0)
     quantize: str | None = None
     quant_block_size: int = 128
     quant_scale_fmt: str = "float"
@@ -209,10 +231,11 @@ def _normalise(lay: Any, *, unfuse: bool, keep_grouped: bool = False) -> list[st
 
 
 def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
-    """The standard pipeline from the source to the target, every IR change a pass: normalise
-    (gather, drop no-op layers and padding, unfuse), attach and merge LoRA, drop what the target
-    does not carry (MTP layers beyond ``mtp_layers``, optimizer state), cast, then build the
-    target layout (fuse, pad, no-op layers, grouped experts, shard, norm naming)."""
+    """The standard pipeline from the source to the target, every IR change a pass: dequantize a
+    quantized source (unless the target quantizes), normalise (gather, drop no-op layers and
+    padding, unfuse), attach and merge LoRA, drop what the target does not carry (MTP layers
+    beyond ``mtp_layers``, optimizer state), cast, then build the target layout (fuse, pad,
+    no-op layers, grouped experts, shard, norm naming).  ``convert --print-pipeline`` prints it."""
     from ckpt_ir import quant
     from ckpt_ir.frontends import peft
 
@@ -438,9 +461,15 @@ def save(
     workers: int | None = None,
     max_memory: int | None = None,
 ) -> dict:
-    """Write ``ckpt`` to ``dst`` (atomically), planning it for ``target`` -- or write an existing
-    :class:`Plan`.  ``workers``: parallel writer processes (default: one per core);
-    ``max_memory``: bytes of tensor data held at once (default: half the available memory)."""
+    """Write ``ckpt`` to ``dst`` atomically as it is: planned for ``target`` (:func:`plan`), or an
+    existing :class:`Plan`.  Nothing is derived or converted here: the IR must already be what
+    ``target`` asks for (run the pipeline of :func:`derive_pipeline` first, or call
+    :func:`convert`); a layout or dtype it lacks is a :class:`~ckpt_ir.errors.UsageError` naming
+    the setting, before anything is written.  ``overwrite``: replace a non-empty ``dst``;
+    ``progress``: a progress bar on stderr; ``workers``: parallel writer processes (default: one
+    per core); ``max_memory``: bytes of tensor data held at once (default: half the available
+    memory).  Returns the writer's statistics: ``seconds``, ``bytes_written``, ``bytes_read``
+    (source bytes, each once per writer process)."""
     from ckpt_ir.backends.execute import execute
 
     if isinstance(ckpt, Checkpoint):
@@ -483,10 +512,12 @@ def convert(
     announce: Callable[[Pipeline], None] | None = None,
 ) -> Conversion:
     """The conversion driver (``ckpt-ir convert``, ``convert-ckpt`` and ``demo`` all use it):
-    lift ``src``, run ``pipeline`` (default: :func:`derive_pipeline`), check the result against
-    ``target``, plan the output once, and write it to ``dst`` atomically (not when ``dry_run``).
-    ``load_options`` go to :func:`load` (``allow_unused``, ``hf_config``, ``family``,
-    ``weights_from``, ``optimizer_layout``); ``announce`` is called with the pipeline before it runs."""
+    lift ``src`` (a path, or a lifted Checkpoint), run ``pipeline`` (default:
+    :func:`derive_pipeline`), check the result against ``target``, plan the output once, and
+    write it to ``dst`` atomically, as :func:`save` does (``dst`` is neither checked nor written
+    when ``dry_run``).  ``load_options`` go to :func:`load` (``allow_unused``, ``hf_config``,
+    ``family``, ``weights_from``, ``optimizer``, ``optimizer_layout``, ``replicas``);
+    ``announce`` is called with the pipeline before it runs.  Returns the :class:`Conversion`."""
     from ckpt_ir.backends.execute import execute
     from ckpt_ir.io.atomic import check_destination
 

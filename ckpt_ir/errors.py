@@ -18,7 +18,8 @@ class CkptIrError(Exception):
 
 
 class UsageError(CkptIrError):
-    """The command line or pipeline text is malformed (exit code 2)."""
+    """A malformed request (exit code 2): a bad setting or combination of settings, from the
+    command line or the API, or malformed pipeline text."""
 
     exit_code = 2
 

@@ -106,3 +106,42 @@ def test_errors_name_settings_as_the_caller_gives_them(hf_cache, tmp_path):
             "--lora-load DIR",
         ]
     assert option("noop_layers", (3, 5)) == "noop_layers=(3, 5)"  # Python again after the command
+
+
+def test_save_writes_the_ir_as_it_is(hf_cache, tmp_path):
+    """``save`` derives nothing (as its docstring says): an IR without the target's layout is
+    refused naming the setting, nothing written; the IR the derived pipeline made is written."""
+    import pytest
+
+    from ckpt_ir.errors import UsageError
+
+    src = ck.load(hf_cache("llama", layers=2))
+    target = ck.Target(to="mcore", tp=2)
+    with pytest.raises(UsageError, match=r"^the pipeline's output differs from the target: tp=2 but"):
+        ck.save(src, str(tmp_path / "a"), target)
+    assert not (tmp_path / "a").exists()
+    stats = ck.save(ck.run(src, ck.derive_pipeline(src, target)), str(tmp_path / "b"), target)
+    assert sorted(stats) == ["bytes_read", "bytes_written", "seconds"]
+    assert sorted(p.name for p in (tmp_path / "b" / "iter_0000001").iterdir()) == ["mp_rank_00", "mp_rank_01"]
+
+
+def test_api_reference_is_generated_from_the_docstrings():
+    """docs/api.md is what tools/api_reference.py writes from today's docstrings (a docstring
+    changed without rerunning it fails here), and it documents every public name."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("api_reference", repo / "tools" / "api_reference.py")
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    text = (repo / "docs" / "api.md").read_text()
+    assert text == tool.reference(), "docs/api.md is stale: run python tools/api_reference.py"
+    for name in ck.__all__:
+        assert f"`{name}`" in text and (getattr(ck, name).__doc__ or "").strip(), name
+    assert "Nothing is derived or converted here" in text  # save's docstring, as it now reads
+    r = subprocess.run([sys.executable, str(repo / "tools" / "api_reference.py"), "--check"], cwd=repo)
+    assert r.returncode == 0

@@ -56,9 +56,12 @@ class OutputFile:
 
 @attrs.frozen
 class Plan:
-    """``checks``: (name, other name, expr, other expr) pairs that must hold equal values for the
-    output to be lossless (e.g. a tensor stored once because the format shares it); the executor
-    verifies them before writing anything."""
+    """Every file of an output, planned from metadata before any byte is read (``--dry-run``
+    prints it): ``files`` (:class:`OutputFile`, each tensor with the expression of its bytes),
+    ``dropped`` (source tensors not carried, name -> reason), ``checks``: (name, other name,
+    expr, other expr) pairs that must hold equal values for the output to be lossless (e.g. a
+    tensor stored once because the format shares it); the executor verifies them before writing
+    anything."""
 
     files: tuple[OutputFile, ...]
     dropped: dict[str, str] = attrs.field(factory=dict)

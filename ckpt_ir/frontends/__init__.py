@@ -43,13 +43,21 @@ def load(
     optimizer_layout: dict[str, int | None] | None = None,
     replicas: str = "check",
 ) -> Checkpoint:
-    """Lift any supported checkpoint directory.  ``hf_config``: the HF config describing the model
-    (a directory holding config.json, or the config itself) instead of the checkpoint's own (a
-    Megatron checkpoint's args); a config that does not describe the checkpoint's tensors is an
-    error naming it.  ``weights_from="master"``: a Megatron checkpoint's
-    weights come from its distributed optimizer's fp32 master copies; ``optimizer=True``: lift its
-    optimizer state too (``Checkpoint.states``), when it has any.  ``replicas``: how a Megatron
-    checkpoint's copies of replicated tensors are compared (``check``, ``check-all``, ``take-rank0``)."""
+    """Lift a checkpoint (an HF directory or one ``.safetensors`` file beside its config.json,
+    Megatron ``torch`` rank directories, a ``torch_dist`` checkpoint; the format is detected)
+    into a :class:`~ckpt_ir.ir.checkpoint.Checkpoint`, reading headers only.
+
+    ``allow_unused``: glob patterns of source tensors to drop on purpose (recorded in
+    ``dropped``); any other tensor ckpt-ir does not understand is an error.  ``hf_config``: the HF
+    config describing the model (a directory holding config.json, or the config itself) instead
+    of the checkpoint's own (a Megatron checkpoint's args); a config that does not describe the
+    checkpoint's tensors is an error naming it.  ``family``: the model family when neither the
+    config nor the args name one (``ckpt-ir models`` lists them).  ``weights_from="master"``: a
+    Megatron checkpoint's weights come from its distributed optimizer's fp32 master copies;
+    ``optimizer=True``: lift its optimizer state too (``Checkpoint.states``), when it has any,
+    with ``optimizer_layout`` correcting what the args say of its layout (``dp``,
+    ``bucket_size``, ``align``).  ``replicas``: how a Megatron checkpoint's copies of replicated
+    tensors are compared (``check``, ``check-all``, ``take-rank0``)."""
     config_name = None
     if isinstance(hf_config, str):
         from ckpt_ir.frontends.hf import read_config

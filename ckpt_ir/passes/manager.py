@@ -312,7 +312,9 @@ def _caret(text: str, pos: int, msg: str) -> UsageError:
 
 
 def parse_pipeline(text: str) -> Pipeline:
-    """Parse ``a,b{k=v k2=v2},c``; errors point at the bad token."""
+    """Parse pipeline text, ``a,b{k=v k2=v2},c`` (``ckpt-ir passes`` lists the passes and their
+    options), into a :class:`Pipeline`; an unknown pass or option, or a bad value, is a
+    :class:`~ckpt_ir.errors.UsageError` pointing at the token."""
     reg = registry()
     out = Pipeline()
     i, n = 0, len(text)
