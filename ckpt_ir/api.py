@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 
 from ckpt_ir.backends.plan import Plan
-from ckpt_ir.errors import UsageError
+from ckpt_ir.errors import UsageError, setting
 from ckpt_ir.frontends import load
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.layout import Layout
@@ -53,26 +53,57 @@ from ckpt_ir.passes.parallel import (
 )
 from ckpt_ir.passes.vocab import PadVocab, UnpadVocab, padded_size, padding_rows
 
-__all__ = [
-    "Checkpoint",
+__all__ = [  # in the order of the API reference (docs/api.md)
+    "convert",
     "Target",
     "Conversion",
-    "convert",
     "load",
-    "attach_lora",
     "derive_pipeline",
+    "parse_pipeline",
     "run",
     "plan",
     "save",
+    "attach_lora",
     "check_target",
-    "parse_pipeline",
     "summarize_dropped",
+    "Checkpoint",
+    "Pipeline",
+    "Plan",
 ]
 
 
 @attrs.frozen(kw_only=True)
 class Target:
-    """What the user asked for.  For ``mcore``, unset parallel options mean 1 / none."""
+    """What the user asked for: the output's format and layout.  An impossible combination is a
+    :class:`~ckpt_ir.errors.UsageError` when the Target is made.
+
+    ``to``: ``"hf"``, ``"mcore"`` or ``"peft"`` (a LoRA-only adapter).  ``dtype``: cast floating
+    tensors to ``"bf16"``, ``"fp16"`` or ``"fp32"`` (None keeps the source's).
+
+    Megatron layout (``to="mcore"`` only; unset means 1 / none): ``tp``, ``pp``; ``vpp_layers``
+    (layers per virtual pipeline stage) or ``num_layer_list`` (layers per stage);
+    ``noop_layers`` (global indices of no-op layers); ``vocab_divisible_by`` (pad the vocabulary
+    to a multiple of it times ``tp``); ``norm_names`` (``"local"``, ``"te"`` or ``"te-input"``;
+    None keeps the source's); ``ep`` (expert parallel), ``etp`` (expert tensor parallel: 1 or
+    ``tp``), ``grouped_gemm`` (grouped-GEMM experts); ``ckpt_format`` (``"torch"`` rank
+    directories, or ``"torch_dist"``: whole tensors Megatron reshards on load, written for
+    Megatron-Core ``torch_dist_version`` ``"0.15"`` (0.15-0.18) or ``"0.19"``); ``optimizer``
+    (carry the source's distributed-optimizer state, when it has any) laid out for data-parallel
+    size ``dp`` (None: the source's); ``shared_copies``: tensors Megatron stores once (DeepSeek's
+    MTP embedding and head copies) are compared before writing (``"check"``) or dropped, as
+    MindSpeed-LLM does (``"drop"``); ``mtp_layers``: multi-token-prediction layers to keep (None:
+    all).
+
+    HF output: ``max_shard_size`` (bytes per safetensors file, default 5 GB); ``hf_config_dir``
+    (config.json, tokenizer and side files from that directory); ``quantize="fp8"`` writes
+    block-scaled FP8 weights in tiles of ``quant_block_size`` with ``quant_scale_fmt``
+    (``"float"`` or ``"ue8m0"``) scales.
+
+    LoRA: ``lora_load``, an adapter (a PEFT directory or a Megatron LoRA checkpoint) merged for
+    ``hf`` / ``mcore`` or exported for ``peft``; ``lora_rank``, ``lora_alpha`` and
+    ``lora_targets`` (module names) are checked against the adapter (an alpha the adapter does
+    not record is taken from here).
+    """
 
     to: str
     dtype: str | None = None
@@ -82,62 +113,50 @@ class Target:
     num_layer_list: tuple[int, ...] | None = None
     noop_layers: tuple[int, ...] = ()
     vocab_divisible_by: int | None = None
-    norm_names: str | None = None  # mcore: "local" or "te"; None keeps the source's naming
+    norm_names: str | None = None
     max_shard_size: int | None = None
     hf_config_dir: str | None = None
     ep: int = 1
     etp: int | None = None
     grouped_gemm: bool = False
-    lora_rank: int | None = None  # user-given LoRA settings, checked against the checkpoint
+    lora_rank: int | None = None
     lora_alpha: float | None = None
     lora_targets: tuple[str, ...] = ()
-    # Megatron stores some HF tensors once (DeepSeek MTP's embedding/head copies): "check" that
-    # they are equal before writing, or "drop" them as MindSpeed-LLM does (recorded as dropped)
     shared_copies: str = "check"
-    # Megatron target: carry the source's distributed-optimizer state (when it has any), laid out
-    # for data-parallel size ``dp`` (default: the source's)
     optimizer: bool = True
     dp: int | None = None
-    # LoRA adapter to attach (a PEFT directory or a Megatron LoRA checkpoint): merged for hf/mcore
     lora_load: str | None = None
-    # multi-token-prediction layers to keep (None: all); MindSpeed-LLM's --mtp-num-layers
     mtp_layers: int | None = None
-    # Megatron target: "torch" (rank directories) or "torch_dist" (dist_checkpointing, resharded on load)
     ckpt_format: str = "torch"
-    # torch_dist: the Megatron-Core layout written, "0.15" (0.15-0.18, common.pt) or "0.19" (no common.pt)
     torch_dist_version: str = "0.15"
-    # HF target: "fp8" writes block-scaled FP8 weights (tiles of quant_block_size, scales float|ue8m0)
     quantize: str | None = None
     quant_block_size: int = 128
     quant_scale_fmt: str = "float"
 
     def __attrs_post_init__(self) -> None:
         if self.to not in ("hf", "mcore", "peft"):
-            raise UsageError(f"--to {self.to!r}: choose hf, mcore or peft")
+            raise UsageError(f"{setting('to', self.to)}: choose hf, mcore or peft")
         if self.quantize is not None and (self.quantize != "fp8" or self.to != "hf"):
-            raise UsageError(f"--quantize {self.quantize}: only fp8, and only with --to hf")
+            raise UsageError(
+                f"{setting('quantize', self.quantize)}: only fp8, and only with {setting('to', 'hf')}"
+            )
         if self.quant_scale_fmt not in ("float", "ue8m0") or self.quant_block_size < 1:
             raise UsageError(
-                f"--quant-scale-fmt {self.quant_scale_fmt} / --quant-block-size {self.quant_block_size}: "
-                f"use float or ue8m0 and a positive block size"
+                f"{setting('quant_scale_fmt', self.quant_scale_fmt)} / "
+                f"{setting('quant_block_size', self.quant_block_size)}: use float or ue8m0 and a positive block size"
             )
-        for flag, value in (
-            ("--tp", self.tp),
-            ("--pp", self.pp),
-            ("--ep", self.ep),
-            ("--vpp-layers", self.vpp_layers),
-            ("--etp", self.etp),
-            ("--make-vocab-size-divisible-by", self.vocab_divisible_by),
-            ("--target-dp", self.dp),
-        ):
+        for name in ("tp", "pp", "ep", "vpp_layers", "etp", "vocab_divisible_by", "dp"):
+            value = getattr(self, name)
             if value is not None and value < 1:
-                raise UsageError(f"{flag} must be at least 1, got {value}")
-        for flag, values, least in (
-            ("--num-layer-list", self.num_layer_list, 1),
-            ("--noop-layers", self.noop_layers, 0),
+                raise UsageError(f"{setting(name)} must be at least 1, got {value}")
+        for name, values, least in (
+            ("num_layer_list", self.num_layer_list, 1),
+            ("noop_layers", self.noop_layers, 0),
         ):
             if values and min(values) < least:
-                raise UsageError(f"{flag} entries must be at least {least}, got {','.join(map(str, values))}")
+                raise UsageError(
+                    f"{setting(name)} entries must be at least {least}, got {','.join(map(str, values))}"
+                )
         if self.to != "mcore" and (
             self.tp != 1
             or self.pp != 1
@@ -150,17 +169,18 @@ class Target:
             or self.grouped_gemm
             or self.dp
         ):
+            names = "tp pp vpp_layers num_layer_list noop_layers vocab_divisible_by ep etp grouped_gemm dp"
             raise UsageError(
-                "--tp/--pp/--vpp-layers/--num-layer-list/--noop-layers/--make-vocab-size-divisible-by/"
-                "--ep/--etp/--moe-grouped-gemm/--target-dp apply to --to mcore only"
+                f"{'/'.join(setting(n) for n in names.split())} apply only with {setting('to', 'mcore')}"
             )
         if self.ckpt_format not in ("torch", "torch_dist"):
-            raise UsageError(f"--ckpt-format {self.ckpt_format!r}: choose torch or torch_dist")
+            raise UsageError(f"{setting('ckpt_format', self.ckpt_format)}: choose torch or torch_dist")
         if self.torch_dist_version not in ("0.15", "0.19") or (
             self.torch_dist_version != "0.15" and self.ckpt_format != "torch_dist"
         ):
             raise UsageError(
-                f"--torch-dist-version {self.torch_dist_version}: choose 0.15 or 0.19, with --ckpt-format torch_dist"
+                f"{setting('torch_dist_version', self.torch_dist_version)}: choose 0.15 or 0.19, with "
+                f"{setting('ckpt_format', 'torch_dist')}"
             )
         if self.ckpt_format == "torch_dist" and (
             self.to != "mcore"
@@ -173,11 +193,21 @@ class Target:
             or self.etp
             or self.dp
         ):
+            names = "tp pp vpp_layers num_layer_list noop_layers ep etp dp"
             raise UsageError(
-                "--ckpt-format torch_dist (with --to mcore) holds whole tensors that Megatron reshards "
-                "when it loads them: leave out --tp/--pp/--vpp-layers/--num-layer-list/--noop-layers/"
-                "--ep/--etp/--target-dp"
+                f"{setting('ckpt_format', 'torch_dist')} (with {setting('to', 'mcore')}) holds whole tensors that "
+                f"Megatron reshards when it loads them: leave out {'/'.join(setting(n) for n in names.split())}"
             )
+
+    def __repr__(self) -> str:
+        """The settings that differ from their defaults, as the call that makes them:
+        ``Target(to='mcore', tp=2)``."""
+        given = [
+            f"{a.name}={getattr(self, a.name)!r}"
+            for a in attrs.fields(Target)
+            if a.default is attrs.NOTHING or getattr(self, a.name) != a.default
+        ]
+        return f"Target({', '.join(given)})"
 
     @property
     def carries_optimizer(self) -> bool:
@@ -214,12 +244,13 @@ def _normalise(lay: Layout, *, unfuse: bool, keep_grouped: bool = False, unpad: 
 
 
 def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
-    """The standard pipeline from the source to the target, every IR change a pass: normalise
-    (gather, drop no-op layers, unfuse; drop vocabulary padding for an HF / PEFT target), attach
-    and merge LoRA, drop what the target does not carry (MTP layers beyond ``mtp_layers``,
-    optimizer state), cast, then build the target layout (fuse, padding, no-op layers, grouped
-    experts, shard, norm naming).  A Megatron target keeps the source's padded vocabulary (its
-    padding rows as they are) unless ``vocab_divisible_by`` gives another size."""
+    """The standard pipeline from the source to the target, every IR change a pass: dequantize a
+    quantized source (unless the target quantizes), normalise (gather, drop no-op layers, unfuse;
+    drop vocabulary padding for an HF / PEFT target), attach and merge LoRA, drop what the target
+    does not carry (MTP layers beyond ``mtp_layers``, optimizer state), cast, then build the target
+    layout (fuse, padding, no-op layers, grouped experts, shard, norm naming).  A Megatron target
+    keeps the source's padded vocabulary (its padding rows as they are) unless
+    ``vocab_divisible_by`` gives another size.  ``convert --print-pipeline`` prints it."""
     from ckpt_ir import quant
     from ckpt_ir.frontends import peft
 
@@ -329,18 +360,18 @@ def check_target(ckpt: Checkpoint, target: Target) -> None:
             "tp": (target.tp, lay.tp, 1),
             "pp": (target.pp, lay.pp, 1),
             "ep": (target.ep, lay.ep, 1),
-            "vpp-layers": (target.vpp_layers, lay.vpp_layers, None),
-            "num-layer-list": (target.num_layer_list, lay.num_layer_list, None),
-            "noop-layers": (tuple(sorted(target.noop_layers)), lay.noop_layers, ()),
+            "vpp_layers": (target.vpp_layers, lay.vpp_layers, None),
+            "num_layer_list": (target.num_layer_list, lay.num_layer_list, None),
+            "noop_layers": (tuple(sorted(target.noop_layers)), lay.noop_layers, ()),
             "etp": (target.etp, lay.expert_tp if target.etp is not None else None, None),
-            "moe-grouped-gemm": (target.grouped_gemm, lay.grouped_gemm, False),
-            "norm-names": (target.norm_names, lay.norm_names if target.norm_names else None, None),
+            "grouped_gemm": (target.grouped_gemm, lay.grouped_gemm, False),
+            "norm_names": (target.norm_names, lay.norm_names if target.norm_names else None, None),
         }
         if target.vocab_divisible_by:
             size = padded_size(ckpt.spec.vocab_size, target.vocab_divisible_by, target.tp)
-            wanted["make-vocab-size-divisible-by"] = (size, padding_rows(ckpt), None)
+            wanted["vocab_divisible_by"] = (size, padding_rows(ckpt), None)
         diffs += [
-            f"--{k} {_show(want)} but the pipeline gives {_show(got)}"
+            f"{setting(k, want)} but the pipeline gives {_show(got)}"
             for k, (want, got, default) in wanted.items()
             if want != default and want != got
         ]
@@ -348,18 +379,20 @@ def check_target(ckpt: Checkpoint, target: Target) -> None:
         missing = [f"{req.what} (from {req.fix})" for req in HF_LAYOUT if not req.holds(ckpt)]
         if missing:
             diffs.append(
-                f"--to {target.to} needs {', '.join(missing)} but the pipeline gives {lay.describe()}"
+                f"{setting('to', target.to)} needs {', '.join(missing)} but the pipeline gives {lay.describe()}"
             )
     if target.dtype:
         want_dtype = parse_dtype(target.dtype)
         other = sorted({t.dtype for t in ckpt.tensors.values() if t.dtype in FLOATING} - {want_dtype})
         if other and ckpt.spec.dtype != want_dtype:
-            diffs.append(f"--dtype {target.dtype} but the pipeline gives {', '.join(other)} tensors")
+            diffs.append(
+                f"{setting('dtype', target.dtype)} but the pipeline gives {', '.join(other)} tensors"
+            )
     if diffs:
         raise UsageError(
-            "the pipeline's output differs from the target flags: "
+            "the pipeline's output differs from the target: "
             + "; ".join(diffs)
-            + " (add the passes to --pipeline, or change the flags)"
+            + " (add the passes to the pipeline, or leave those settings out)"
         )
 
 
@@ -470,11 +503,17 @@ def save(
     max_memory: int | None = None,
     allow_overflow: bool = False,
 ) -> dict:
-    """Write ``ckpt`` to ``dst`` (atomically), planning it for ``target`` -- or write an existing
-    :class:`Plan`.  ``workers``: parallel writer processes (default: one per core);
-    ``max_memory``: bytes of tensor data held at once (default: half the available memory);
-    ``allow_overflow``: write tensors whose cast to a narrower dtype overflowed to infinity (listed
-    in the result's ``overflows``) instead of refusing the whole output."""
+    """Write ``ckpt`` to ``dst`` atomically as it is: planned for ``target`` (:func:`plan`), or an
+    existing :class:`Plan`.  Nothing is derived or converted here: the IR must already be what
+    ``target`` asks for (run the pipeline of :func:`derive_pipeline` first, or call
+    :func:`convert`); a layout or dtype it lacks is a :class:`~ckpt_ir.errors.UsageError` naming
+    the setting, before anything is written.  ``overwrite``: replace a non-empty ``dst`` that holds
+    a checkpoint and nothing else; ``progress``: a progress bar on stderr; ``workers``: parallel
+    writer processes (default: one per core); ``max_memory``: bytes of tensor data held at once
+    (default: half the available memory); ``allow_overflow``: write tensors whose cast to a
+    narrower dtype overflowed to infinity (listed in the result's ``overflows``) instead of
+    refusing the whole output.  Returns the writer's statistics: ``seconds``, ``bytes_written``,
+    ``bytes_read`` (source bytes, each once per writer process)."""
     from ckpt_ir.backends.execute import execute
 
     if isinstance(ckpt, Checkpoint):
@@ -502,6 +541,12 @@ class Conversion:
     plan: Plan
     stats: dict | None
 
+    def __repr__(self) -> str:
+        return (
+            f"<Conversion pipeline={self.pipeline or '(no passes)'} output={self.output!r} plan={self.plan!r} "
+            f"stats={self.stats!r}>"
+        )
+
 
 def convert(
     src: str | Checkpoint,
@@ -520,11 +565,13 @@ def convert(
     allow_overflow: bool = False,
 ) -> Conversion:
     """The conversion driver (``ckpt-ir convert``, ``convert-ckpt`` and ``demo`` all use it):
-    lift ``src``, run ``pipeline`` (default: :func:`derive_pipeline`), check the result against
-    ``target``, plan the output once, and write it to ``dst`` atomically (not when ``dry_run``).
-    ``load_options`` go to :func:`load` (``allow_unused``, ``hf_config``, ``family``,
-    ``weights_from``, ``optimizer_layout``, ``iteration``); ``announce`` is called with the pipeline
-    before it runs; ``allow_overflow`` as for :func:`save`."""
+    lift ``src`` (a path, or a lifted Checkpoint), run ``pipeline`` (default:
+    :func:`derive_pipeline`), check the result against ``target``, plan the output once, and
+    write it to ``dst`` atomically, as :func:`save` does (``dst`` is neither checked nor written
+    when ``dry_run``).  ``load_options`` go to :func:`load` (``allow_unused``, ``hf_config``,
+    ``family``, ``weights_from``, ``optimizer``, ``optimizer_layout``, ``replicas``,
+    ``iteration``); ``announce`` is called with the pipeline before it runs; ``allow_overflow`` as
+    for :func:`save`.  Returns the :class:`Conversion`."""
     from ckpt_ir.backends.execute import execute
     from ckpt_ir.frontends import check_replaceable
     from ckpt_ir.io.atomic import check_destination
@@ -539,7 +586,8 @@ def convert(
     check_family(src, target)
     if target.to == "peft" and src.spec.lora_rank is None and not target.lora_load:
         raise UsageError(
-            "--to peft needs LoRA tensors: pass --lora-load DIR or a checkpoint that carries LoRA"
+            f"{setting('to', 'peft')} needs LoRA tensors: pass {setting('lora_load', metavar='DIR')} or a "
+            f"checkpoint that carries LoRA"
         )
     steps = derive_pipeline(src, target) if given is None else given
     if announce is not None:

@@ -124,13 +124,16 @@ def fp8_by_default(name: str, shape: tuple[int, ...], canonical: bool = False) -
 
 
 def fp8_placeholder(load: E.Expr, qcfg: dict[str, Any], where: str) -> E.Expr:
-    """``plan`` from an FP8 release's config: the placeholder ``load`` stored as fp8 values + scales."""
+    """``plan`` from an FP8 release's config: the placeholder ``load`` stored as fp8 values, its
+    scales right after them."""
     assert isinstance(load, E.Load)
     block = _block(qcfg, where)
     grid = tuple(-(-n // b) for n, b in zip(load.shape, block))
     scale_dtype = "F8_E8M0" if qcfg.get("scale_fmt") == "ue8m0" else "F32"
     q = attrs.evolve(load, load_dtype="F8_E4M3")
-    scale = attrs.evolve(load, key=load.key + FP8_SCALE, full_shape=grid, load_dtype=scale_dtype)
+    scale = attrs.evolve(
+        load, key=load.key + FP8_SCALE, full_shape=grid, load_dtype=scale_dtype, offset=load.offset + q.nbytes
+    )
     return E.Dequantize(q, scale, block, "fp8")
 
 

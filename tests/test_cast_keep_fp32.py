@@ -110,7 +110,10 @@ def test_without_keep_fp32_the_cast_pass_casts_everything(tmp_path):
     assert_ok(cli("convert", src, tmp_path / "all", "--to", "hf", "--pipeline", "cast{dtype=bf16}"))
     assert set(dtypes(str(tmp_path / "all")).values()) == {"BF16"}
     r = cli("convert", src, tmp_path / "bad", "--to", "hf", "--pipeline", "cast{dtype=bf16 keep-fp32=vllm}")
-    assert r.returncode == 2 and "option keep-fp32='vllm': expected one of transformers, megatron, none" in r.stderr
+    assert (
+        r.returncode == 2
+        and "option keep-fp32='vllm': expected one of transformers, megatron, none" in r.stderr
+    )
 
 
 def test_class_attributes_read_from_source_equal_the_classes():

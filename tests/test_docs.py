@@ -40,3 +40,22 @@ def test_readme_has_exactly_the_two_setup_commands():
     assert blocks[1].strip().endswith("python -m pytest -q tests") and "torch==2.13.0" in blocks[1]
     ci = open(os.path.join(DOCS, "..", ".ci", "run")).read()
     assert "pytest -q" in ci and "tests" in ci
+
+
+def test_torch_note_says_what_the_pin_does_everywhere():
+    """The pin chooses torch's version, not its build: from PyPI, Linux x86-64 wheels are CUDA
+    builds, a CPU build comes from PyTorch's CPU index.  The README's two commands stay as they are."""
+    root = os.path.join(DOCS, "..")
+    readme = open(os.path.join(root, "README.md")).read()
+    assert re.findall(r"```bash\n(.*?)```", readme, flags=re.S)[:2] == [
+        'python -m pip install torch==2.13.0 && python -m pip install -e . "torch==2.13.0" && ckpt-ir demo\n',
+        'python -m pip install torch==2.13.0 && python -m pip install -e ".[test]" "torch==2.13.0" && '
+        "python -m pytest -q tests\n",
+    ]
+    for name in ("README.md", "docs/getting-started.md"):
+        text = " ".join(open(os.path.join(root, name)).read().split())
+        assert "takes a CPU build" not in text, name
+        assert "Linux x86-64 `torch` wheels are CUDA builds" in text, name
+        assert (
+            "python -m pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in text
+        ), name

@@ -231,7 +231,7 @@ def test_gpt_oss_expert_tp_and_grouped_gemm_are_refused_with_the_reason(models, 
     weight1/weight2 format has no place for them: both are refused before anything is written."""
     src = models("gpt_oss")
     with pytest.raises(
-        LayoutError, match="expert biases .* only with expert tensor parallel size 1, got 2; pass --etp 1"
+        LayoutError, match="expert biases .* only with expert tensor parallel size 1, got 2; pass etp=1"
     ):
         convert(src, str(tmp_path / "a"), ck.Target(to="mcore", tp=2))
     with pytest.raises(VerifyError, match="grouped-GEMM expert format .* has no expert biases"):

@@ -197,7 +197,7 @@ def test_refusal_names_the_args(args, words):
     with pytest.raises(FormatError) as e:
         infer({**BASE, **args}, "rank.pt")
     msg = str(e.value)
-    assert "\n" not in msg and "--hf-config" in msg and "--model-type-hf" in msg
+    assert "\n" not in msg and "pass hf_config=..." in msg and "family=..." in msg
     for w in words:
         assert w in msg, msg
 

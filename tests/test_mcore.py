@@ -343,7 +343,7 @@ def small(tmp_path_factory):
         (dict(pp=2, vpp_layers=1, num_layer_list=(2, 2)), "cannot be combined"),
         (
             dict(pp=2, noop_layers=(1,), num_layer_list=(2, 3)),
-            "--noop-layers and --num-layer-list cannot be combined",
+            "noop_layers and num_layer_list cannot be combined",
         ),
         (dict(pp=1, vpp_layers=2), "needs pipeline parallel size >= 2"),
         (dict(pp=2, vpp_layers=3), "do not split into pipeline size 2 x 3"),
@@ -378,6 +378,6 @@ def test_layer_list_flags_out_of_range_are_usage_errors(target, message):
 
 def test_vocab_not_divisible_by_tp_asks_for_padding(tmp_path):
     c = ck.load(build_hf(str(tmp_path / "hf"), "llama", layers=2, vocab=101))
-    with pytest.raises(LayoutError, match="make-vocab-size-divisible-by"):
+    with pytest.raises(LayoutError, match="pass vocab_divisible_by to pad it"):
         ck.run(c, ck.derive_pipeline(c, ck.Target(to="mcore", tp=2)))
     ck.run(c, ck.derive_pipeline(c, ck.Target(to="mcore", tp=2, vocab_divisible_by=1)))

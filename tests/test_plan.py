@@ -128,8 +128,79 @@ def test_disk_probe_is_used_when_no_speed_is_given(hf_cache, tmp_path):
     )
     s = json.loads(r.stdout)
     assert s["disk_gbps"] > 0 and s["disk_gbps_source"].startswith("measured on")
-    assert s["expected_seconds"] == pytest.approx(s["bytes_written"] / (s["disk_gbps"] * 1e9))
+    assert s["expected_seconds"] == pytest.approx(
+        (s["bytes_read"] + s["bytes_written"]) / (s["disk_gbps"] * 1e9)
+    )
     assert list(tmp_path.iterdir()) == []  # the probe file is gone
+
+
+def read_at_system_calls(monkeypatch, log_dir, source: str) -> None:
+    """From now on every process (this one, and the writer processes it forks) logs each byte
+    range of ``source`` it reads (pread, preadv, copy_file_range) to ``log_dir/<pid>``."""
+    import os
+
+    source = os.path.realpath(source)
+
+    def logged(call, fd_arg: int, offset_arg: int):
+        def wrapper(*args):
+            n = call(*args)
+            if os.readlink(f"/proc/self/fd/{args[fd_arg]}") == source:
+                size = n if isinstance(n, int) else len(n)
+                with open(os.path.join(log_dir, str(os.getpid())), "a") as log:
+                    log.write(f"{args[offset_arg]} {size}\n")
+            return n
+
+        return wrapper
+
+    monkeypatch.setattr(os, "pread", logged(os.pread, 0, 2))
+    monkeypatch.setattr(os, "preadv", logged(os.preadv, 0, 2))
+    monkeypatch.setattr(os, "copy_file_range", logged(os.copy_file_range, 0, 3))
+
+
+def bytes_read_per_process(log_dir) -> int:
+    """The source bytes each logged process read, each byte once per process, summed."""
+    total = 0
+    for log in log_dir.iterdir():
+        seen = bytearray(1 << 24)
+        for line in log.read_text().splitlines():
+            offset, size = map(int, line.split())
+            seen[offset : offset + size] = b"\x01" * size
+        total += sum(seen)
+    return total
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_plan_counts_the_bytes_the_conversion_reads(tmp_path, monkeypatch, workers):
+    """TP 2 x EP 2 x PP 2 rank files repeat the norms and (under EP) the attention in every file
+    that holds them.  ``plan`` and ``--dry-run`` count what the writers really read, measured
+    here at the system calls: each source byte once per writer process that needs it; with one
+    writer, every tensor once: the source's tensor bytes."""
+    import ckpt_ir.api as ck
+
+    src = build_moe(str(tmp_path / "src"), "mixtral", layers=2)
+    flags = ["--to", "mcore", "--tp", "2", "--ep", "2", "--pp", "2", "--workers", str(workers)]
+    r = cli("plan", "--hf-config", src, *flags, "--format", "json", "--disk-gbps", "1")
+    assert r.returncode == 0, r.stderr
+    planned = json.loads(r.stdout)
+    dry = cli("convert", src, tmp_path / "dry", *flags, "--dry-run")
+    dry_read = int(re.search(r"^total: \d+ bytes to write, (\d+) bytes to read", dry.stdout, re.M)[1])
+
+    weights = tmp_path / "src" / "model.safetensors"
+    source = ck.load(src)
+    (tmp_path / "reads").mkdir()
+    read_at_system_calls(monkeypatch, tmp_path / "reads", str(weights))
+    target = ck.Target(to="mcore", tp=2, ep=2, pp=2)
+    stats = ck.convert(source, str(tmp_path / "out"), target, workers=workers).stats
+    monkeypatch.undo()
+    measured = bytes_read_per_process(tmp_path / "reads")
+    assert len(list((tmp_path / "reads").iterdir())) == workers
+    assert planned["bytes_read"] == dry_read == stats["bytes_read"] == measured
+    header = 8 + int.from_bytes(weights.read_bytes()[:8], "little")
+    if workers == 1:
+        assert measured == weights.stat().st_size - header  # each tensor read once
+    else:
+        assert weights.stat().st_size - header < measured < planned["bytes_written"]
+    assert planned["expected_seconds"] == pytest.approx((measured + planned["bytes_written"]) / 1e9)
 
 
 # the published DeepSeek-V3 config.json (deepseek-ai/DeepSeek-V3), the values that decide shapes

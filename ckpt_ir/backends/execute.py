@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from ckpt_ir.backends.plan import BLOCK_BYTES, MIN_BLOCK_BYTES, OutputFile, Plan, row_blocks
-from ckpt_ir.errors import CkptIrError
+from ckpt_ir.errors import CkptIrError, setting
 from ckpt_ir.frontends import check_replaceable
 from ckpt_ir.io import atomic
 from ckpt_ir.io.atomic import stop_point
@@ -114,7 +114,7 @@ class TensorWriter:
         ranges = byte_ranges(expr)
         if ranges is not None:
             n = self.copier.copy(ranges, fd, pos)
-            self.reader.bytes_read += n
+            self.reader.ranges_read.update(ranges)
             self._wrote(fd, pos, n)
             return n
         if isinstance(expr, E.Concat) and expr.dim == 0:
@@ -146,7 +146,8 @@ class TensorWriter:
             return ranges if ranges is not None else tensor_bytes(blocks[i], self.reader, f"block{i % 2}")
 
         pending: Future | None
-        start, copied, pending = pos, 0, self._compute.submit(produce, 0)
+        copied: list = []  # source ranges copied in the kernel
+        start, pending = pos, self._compute.submit(produce, 0)
         try:
             for i in range(len(blocks)):
                 assert pending is not None  # block i was submitted (None only after the last one)
@@ -154,7 +155,7 @@ class TensorWriter:
                 pending = self._compute.submit(produce, i + 1) if i + 1 < len(blocks) else None
                 if isinstance(data, list):
                     n = self.copier.copy(data, fd, pos)
-                    copied += n
+                    copied += data
                 else:
                     n = write_at(fd, data, pos)
                 self._wrote(fd, pos, n)
@@ -162,7 +163,7 @@ class TensorWriter:
         finally:
             if pending is not None:  # an error: let the helper finish before the buffers go away
                 pending.cancel() or pending.exception()
-        self.reader.bytes_read += copied  # the helper is idle now: no race on the count
+        self.reader.ranges_read.update(copied)  # the helper is idle now: no race on the count
         return pos - start
 
     def _wrote(self, fd: int, pos: int, nbytes: int) -> None:
@@ -258,22 +259,26 @@ def assign(files: list[OutputFile], workers: int) -> list[list[OutputFile]]:
     return out
 
 
-def _split_files(files: list[OutputFile], root: str, workers: int) -> list[OutputFile]:
-    """Fewer files than workers (e.g. one large HF shard): split safetensors files into parts of
-    about equal bytes, written concurrently at their planned offsets into a pre-created file."""
-    import attrs
+def shares(files: list[OutputFile], workers: int) -> list[list[OutputFile]]:
+    """The tensor files (or parts of them) each of up to ``workers`` writer processes writes;
+    one share for a single process."""
+    tensor_files = [f for f in files if f.kind in ("safetensors", "torch")]
+    if 1 < workers and len(tensor_files) < workers:
+        tensor_files = split_files(tensor_files, workers)
+    return assign(tensor_files, max(1, min(workers, len(tensor_files))))
 
-    from ckpt_ir.io import safetensors as st
+
+def split_files(files: list[OutputFile], workers: int) -> list[OutputFile]:
+    """Fewer files than workers (e.g. one large HF shard): split safetensors files into parts of
+    about equal bytes, written concurrently at their planned offsets into a pre-created file
+    (:func:`create_parts`)."""
+    import attrs
 
     out: list[OutputFile] = []
     for f in files:
         if f.kind != "safetensors" or len(f.tensors) < 2:
             out.append(f)
             continue
-        path = os.path.join(root, f.path)
-        with atomic.writing(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            st.create(path, [(n, e.shape, e.dtype) for n, e in f.tensors], f.metadata)
         target, lo, acc = f.nbytes / workers, 0, 0
         for i, (_, e) in enumerate(f.tensors):
             acc += e.nbytes
@@ -282,6 +287,18 @@ def _split_files(files: list[OutputFile], root: str, workers: int) -> list[Outpu
                 lo, acc = i + 1, 0
         out.append(attrs.evolve(f, part=(lo, len(f.tensors))))
     return out
+
+
+def create_parts(files: list[OutputFile], root: str) -> None:
+    """Create each file that :func:`split_files` split, its tensors' bytes still to be written."""
+    from ckpt_ir.io import safetensors as st
+
+    for f in files:
+        if f.part is not None and f.part[0] == 0:
+            path = os.path.join(root, f.path)
+            with atomic.writing(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                st.create(path, [(n, e.shape, e.dtype) for n, e in f.tensors], f.metadata)
 
 
 def _worker(files: list[OutputFile], root: str, queue, block_bytes: int, threads: int) -> None:
@@ -318,19 +335,19 @@ def _worker(files: list[OutputFile], root: str, queue, block_bytes: int, threads
 def write_files(
     files: list[OutputFile], root: str, bar: Progress, workers: int, block_bytes: int = BLOCK_BYTES
 ) -> tuple[int, list[Overflowed]]:
-    """Write ``files`` under ``root`` with up to ``workers`` processes, computed tensors in row
-    blocks of about ``block_bytes``; returns bytes read and the tensors whose casts overflowed."""
-    tensor_files = [f for f in files if f.kind in ("safetensors", "torch")]
-    if 1 < workers and len(tensor_files) < workers:
-        tensor_files = _split_files(tensor_files, root, workers)
-    workers = max(1, min(workers, len(tensor_files)))
+    """Write ``files`` under ``root`` with up to ``workers`` processes (:func:`shares`), computed
+    tensors in row blocks of about ``block_bytes``; returns the source bytes read (each byte once
+    per process, as :func:`bytes_read` plans them) and the tensors whose casts overflowed."""
+    split = shares(files, workers)
     overflows: list[Overflowed] = []
-    if workers == 1:
+    if len(split) == 1:
         with E.Reader() as reader:
             for f in files:
                 overflows += write_file(f, root, reader, bar, block_bytes)
                 stop_point("written")
             return reader.bytes_read, overflows
+    create_parts([f for share in split for f in share], root)
+    tensor_files = [f for share in split for f in share]
     if any(E.needs_torch(e) for f in tensor_files for _, e in f.tensors):
         import torch  # noqa: F401  once, here: the forked workers share it (an import costs seconds of CPU)
     import multiprocessing as mp
@@ -339,10 +356,10 @@ def write_files(
     queue = ctx.Queue()
     import signal
 
-    threads = max(1, default_workers() // workers)
+    threads = max(1, default_workers() // len(split))
     procs = [
         ctx.Process(target=_worker, args=(share, root, queue, block_bytes, threads), daemon=True)
-        for share in assign(tensor_files, workers)
+        for share in split
     ]
     read, running, error = 0, len(procs), None
     finished = False
@@ -360,7 +377,7 @@ def write_files(
             except Exception:  # queue.Empty: check nobody died without a word
                 if any(p.exitcode not in (None, 0) for p in procs):
                     raise CkptIrError(
-                        "a worker process died (out of memory?); rerun with --workers 1"
+                        f"a worker process died (out of memory?); rerun with {setting('workers', 1)}"
                     ) from None
                 continue
             if kind == "advance":
@@ -443,13 +460,14 @@ def memory_plan(plan: Plan, workers: int | None, max_memory: int | None) -> tupl
     if need > max_memory:
         raise CkptIrError(
             f"tensor {name} needs about {human_bytes(need)} to produce but the memory budget is "
-            f"{human_bytes(max_memory)}; raise --max-memory"
+            f"{human_bytes(max_memory)}; raise {setting('max_memory')}"
         )
     return max(1, min(workers, max_memory // max(need, 1))), block, need
 
 
-def run_checks(plan: Plan) -> None:
-    """Tensors the output stores once must really be equal (compared before anything is written)."""
+def run_checks(plan: Plan) -> int:
+    """Tensors the output stores once must really be equal (compared before anything is written);
+    returns the source bytes read."""
     import numpy as np
 
     from ckpt_ir.backends.plan import row_ranges
@@ -474,6 +492,32 @@ def run_checks(plan: Plan) -> None:
                     f"{name} differs from {other}, but the target format stores them once; "
                     f"converting would lose it"
                 )
+        return reader.bytes_read
+
+
+def bytes_read(plan: Plan, writers: int, block_bytes: int = BLOCK_BYTES) -> int:
+    """Source bytes :func:`execute` reads for ``plan`` with ``writers`` processes: each process
+    reads each byte that its share of the files (:func:`shares`) needs once, however many of its
+    tensors repeat it (the page cache serves the repeats), and :func:`run_checks` reads what it
+    compares once.  Reading the source's headers when it is lifted is not counted."""
+    from ckpt_ir.backends.plan import SourceReads
+    from ckpt_ir.io.ranges import RangeSet
+
+    total, reads = 0, SourceReads(block_bytes)
+    for share in shares(list(plan.files), writers):
+        seen, done = RangeSet(), set()
+        for f in share:
+            lo, hi = f.part or (0, len(f.tensors))
+            for _, e in f.tensors[lo:hi]:
+                if id(e) not in done:  # a replicated tensor: one expression in every rank file
+                    done.add(id(e))
+                    seen.update(reads(e))
+        total += seen.nbytes
+    checked = RangeSet()
+    for _, _, a, b in plan.checks:
+        checked.update(E.reads(E.simplify(a)))
+        checked.update(E.reads(E.simplify(b)))
+    return total + checked.nbytes
 
 
 def execute(
@@ -492,7 +536,7 @@ def execute(
     parallel writers).  Under torchrun the tensor files are split between the ranks (each rank
     may also use local workers)."""
     workers, block, _ = memory_plan(plan, workers, max_memory)
-    run_checks(plan)
+    checked = run_checks(plan)
     rank, world = distributed_world()
     if world > 1:
         return _execute_distributed(
@@ -511,7 +555,7 @@ def execute(
     return {
         "seconds": time.monotonic() - t0,
         "bytes_written": plan.nbytes,
-        "bytes_read": read,
+        "bytes_read": checked + read,
         "overflows": overflows,
     }
 

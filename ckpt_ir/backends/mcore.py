@@ -73,10 +73,11 @@ def plan(
             tensors: list[tuple[str, E.Expr]] = []
             models = {}
             for chunk in range(chunks):
+                model_key = "model" if chunks == 1 else f"model{chunk}"  # the rank file's key
                 sd = {}
                 for entry in of_ep[(chunk, ep)]:
                     expr = _entry_expr(ckpt.tensors, entry, _shard_rank(entry, rank, etp))
-                    uid = f"model{chunk}/{entry.key}"
+                    uid = f"{model_key}/{entry.key}"
                     tensors.append((uid, expr))
                     sd[entry.key] = Tensor(uid, expr.dtype, expr.shape)
                 sd.update(
@@ -84,7 +85,7 @@ def plan(
                         stage, chunk, rank, ep, chunk == chunks - 1 and stage == layout.pp - 1, where, tensors
                     )
                 )
-                models["model" if chunks == 1 else f"model{chunk}"] = sd
+                models[model_key] = sd
             obj = {"args": args, "checkpoint_version": 3.0, "iteration": it, **models}
             rank_dir = f"{M.iter_dir(it)}/{M.rank_dir(rank, stage, layout, ep, layout.ep)}"
             obj.update(training.entries((rank, stage, ep), tensors))

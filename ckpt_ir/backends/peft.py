@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 from ckpt_ir.backends.plan import OutputFile, Plan
-from ckpt_ir.errors import UsageError, VerifyError
+from ckpt_ir.errors import UsageError, VerifyError, setting
 from ckpt_ir.families import by_name
 from ckpt_ir.frontends.peft import PREFIX
 from ckpt_ir.ir import expr as E
@@ -43,10 +43,13 @@ def plan(ckpt: Checkpoint) -> Plan:
     lora = {n: t for n, t in ckpt.tensors.items() if is_lora(n)}
     if not lora:
         raise UsageError(
-            "--to peft writes a LoRA adapter, but the checkpoint has no LoRA tensors; pass --lora-load"
+            f"{setting('to', 'peft')} writes a LoRA adapter, but the checkpoint has no LoRA tensors; pass "
+            f"{setting('lora_load', metavar='DIR')}"
         )
     if spec.lora_alpha is None:
-        raise UsageError("the checkpoint does not record lora_alpha; pass --lora-alpha")
+        raise UsageError(
+            f"the checkpoint does not record lora_alpha; pass {setting('lora_alpha', metavar='ALPHA')}"
+        )
     family = by_name(spec.family)
     names = family.names
     entries: list[tuple[tuple, str, E.Expr]] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -44,12 +45,21 @@ class OutputFile:
     def largest(self) -> int:
         return max((e.nbytes for _, e in self.tensors), default=0)
 
+    def __repr__(self) -> str:
+        part = f" part {self.part[0]}:{self.part[1]}" if self.part else ""
+        return (
+            f"<OutputFile {self.path} ({self.kind}{part}): {len(self.tensors)} tensors, {self.nbytes} bytes>"
+        )
+
 
 @attrs.frozen
 class Plan:
-    """``checks``: (name, other name, expr, other expr) pairs that must hold equal values for the
-    output to be lossless (e.g. a tensor stored once because the format shares it); the executor
-    verifies them before writing anything."""
+    """Every file of an output, planned from metadata before any byte is read (``--dry-run``
+    prints it): ``files`` (:class:`OutputFile`, each tensor with the expression of its bytes),
+    ``dropped`` (source tensors not carried, name -> reason), ``checks``: (name, other name,
+    expr, other expr) pairs that must hold equal values for the output to be lossless (e.g. a
+    tensor stored once because the format shares it); the executor verifies them before writing
+    anything."""
 
     files: tuple[OutputFile, ...]
     dropped: dict[str, str] = attrs.field(factory=dict)
@@ -59,9 +69,13 @@ class Plan:
     def nbytes(self) -> int:
         return sum(f.nbytes for f in self.files)
 
-    @property
-    def bytes_to_read(self) -> int:
-        return sum(E.bytes_read(e) for f in self.files for _, e in f.tensors)
+    def __repr__(self) -> str:
+        return (
+            f"<Plan {len(self.files)} files, {self.nbytes} bytes to write"
+            + (f", {len(self.dropped)} dropped" if self.dropped else "")
+            + (f", {len(self.checks)} checks" if self.checks else "")
+            + ">"
+        )
 
     def peak_memory(self, block_bytes: int | None = None) -> int:
         """Estimated peak bytes of tensor data one writer holds (see :func:`tensor_memory`)."""
@@ -85,13 +99,14 @@ class Plan:
         )
 
 
-def form(e: E.Expr) -> tuple:
+def form(e: E.Expr, base: dict[str, tuple[int, int]] | None = None) -> tuple:
     """``e`` with its files and tensor names abstracted away: file paths numbered in order of
     appearance, offsets relative to the first load's in the same file.  Whatever
     :func:`tensor_memory` computes (shapes, dtypes, which byte ranges are adjacent in one file)
     is a function of this form: a LoRA merge of every layer's q_proj has one form, although its
-    weight and its factors lie at other distances from each other in each layer."""
-    base: dict[str, tuple[int, int]] = {}  # path -> (number, offset of its first load)
+    weight and its factors lie at other distances from each other in each layer.  ``base``, when
+    given, receives each file's number and first offset (path -> (number, offset))."""
+    base = {} if base is None else base
 
     def walk(n: E.Expr) -> tuple:
         if isinstance(n, E.Load):
@@ -116,6 +131,51 @@ def form(e: E.Expr) -> tuple:
 # that memory does not depend on any tensor's size.  --max-memory lowers it, down to MIN_BLOCK_BYTES.
 BLOCK_BYTES = 32 << 20
 MIN_BLOCK_BYTES = 1 << 20
+
+
+def source_reads(e: E.Expr, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[str, int, int]]:
+    """The (path, offset, length) source byte ranges a writer reads to write ``e``, as
+    :class:`~ckpt_ir.backends.execute.TensorWriter` writes it: the ranges it copies in the kernel,
+    part by part for a row-wise concatenation, else what evaluating each row block reads."""
+    from ckpt_ir.io.ranges import byte_ranges
+
+    ranges = byte_ranges(e)
+    if ranges is not None:
+        yield from ranges
+    elif isinstance(e, E.Concat) and e.dim == 0:
+        for x in e.xs:
+            yield from source_reads(x, block_bytes)
+    else:
+        blocks = row_blocks(e, block_bytes)
+        for block in blocks:
+            copied = byte_ranges(block) if len(blocks) > 1 else None
+            yield from E.reads(block) if copied is None else copied
+
+
+class SourceReads:
+    """:func:`source_reads` of many tensors, worked out once per :func:`form` (every rank file's
+    copy of a norm, every expert's slice) and moved to each tensor's own files and offsets."""
+
+    def __init__(self, block_bytes: int = BLOCK_BYTES) -> None:
+        self.block_bytes = block_bytes
+        self.known: dict[tuple, tuple[list[tuple[str, int, int]], dict[str, tuple[int, int]]]] = {}
+
+    def __call__(self, e: E.Expr) -> list[tuple[str, int, int]]:
+        if isinstance(e, E.Load):  # most tensors: their stored bytes, copied or read whole
+            return list(E.reads(e))
+        base: dict[str, tuple[int, int]] = {}
+        key = form(e, base)
+        if key not in self.known:
+            self.known[key] = (list(source_reads(e, self.block_bytes)), base)
+            return self.known[key][0]
+        ranges, first = self.known[key]
+        here = {number: (path, offset) for path, (number, offset) in base.items()}
+        out = []
+        for path, offset, length in ranges:
+            number, start = first[path]
+            own, own_start = here[number]
+            out.append((own, offset - start + own_start, length))
+        return out
 
 
 def tensor_memory(e: E.Expr, block_bytes: int = BLOCK_BYTES) -> int:

@@ -34,7 +34,7 @@ import json
 
 from ckpt_ir.backends.mcore import placeholders
 from ckpt_ir.backends.plan import OutputFile, Plan
-from ckpt_ir.errors import VerifyError
+from ckpt_ir.errors import VerifyError, setting
 from ckpt_ir.families import by_name
 from ckpt_ir.io.safe_pickle import TorchDtype
 from ckpt_ir.io.torchzip import Tensor, writable
@@ -75,7 +75,7 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None, version: str = "0.15
         raise VerifyError(
             "torch_dist output supports dense GPTs, MoE models (dense layers, shared experts, router "
             "bias, grouped GEMM), multi-latent attention and multi-token prediction, not unmerged "
-            "LoRA; write --ckpt-format torch instead"
+            f"LoRA; write {setting('ckpt_format', 'torch')} instead"
         )
     # grouped-GEMM experts (layout.grouped_gemm) are written as per-expert keys all the same:
     # Megatron-Core's GroupedMLP and TEGroupedMLP save and load the sequential experts' keys and

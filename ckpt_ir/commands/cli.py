@@ -18,7 +18,7 @@ from ckpt_ir.commands.common import (
     load_plugins,
     parse_size,
 )
-from ckpt_ir.errors import CkptIrError
+from ckpt_ir.errors import CkptIrError, command_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--hf-config",
         metavar="DIR",
-        help="take config.json (and tokenizer files) from DIR, or from a Hub id's snapshot",
+        help="take config.json (and tokenizer files) from DIR, or from a Hub id's snapshot; for a "
+        "Megatron source it describes the model, and must fit the checkpoint's tensors",
     )
     c.add_argument(
         "--model-type-hf",
@@ -315,13 +316,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        if not args.command:
-            parser.print_help()
-            return 2
-        load_plugins(args)
-        return COMMANDS[args.command](args)
+        with command_line():  # errors name flags (--overwrite), not Python keywords
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            if not args.command:
+                parser.print_help()
+                return 2
+            load_plugins(args)
+            return COMMANDS[args.command](args)
     except CkptIrError as e:
         if debug:
             raise
@@ -376,7 +378,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import ckpt_ir.api as ck
     from ckpt_ir.commands.common import RunOptions, resolve_sources, run_conversion
     from ckpt_ir.frontends import detect
-    from ckpt_ir.frontends.hf import read_config
 
     if args.device != "cpu":
         from ckpt_ir.device import resolve_device
@@ -421,7 +422,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     target = attrs.evolve(target, hf_config_dir=hf_config, lora_load=found["--lora-load"])
     # --hf-config also describes a Megatron source whose args carry no HF config
     megatron = detect(src, args.iteration) in ("mcore", "torch_dist")
-    hf_cfg = read_config(hf_config) if hf_config and megatron else None
+    hf_cfg = hf_config if hf_config and megatron else None
     layout = {"dp": args.source_dp, "bucket_size": args.source_bucket_size, "align": args.source_param_align}
     return run_conversion(
         src,
@@ -441,15 +442,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     import ckpt_ir.api as ck
-    from ckpt_ir.frontends.hf import read_config
     from ckpt_ir.io.hub import resolve
     from ckpt_ir.ir.printer import render
 
-    hf_cfg = read_config(resolve(args.hf_config, weights=False)) if args.hf_config else None
     ckpt = ck.load(
         args.path,
         allow_unused=tuple(args.allow_unused),
-        hf_config=hf_cfg,
+        hf_config=args.hf_config and resolve(args.hf_config, weights=False),
         weights_from=args.weights_from,
         optimizer=args.optimizer,
         family=args.model_type_hf,

@@ -268,11 +268,13 @@ def run_conversion(
         progress=progress,
         workers=opts.workers,
         max_memory=opts.max_memory,
-        announce=None if quiet or opts.dry_run else lambda p: print(f"pipeline: {p}", file=sys.stderr),
+        announce=None
+        if quiet or opts.dry_run
+        else lambda p: print(pipeline_line(p, target), file=sys.stderr),
         allow_overflow=opts.allow_overflow,
     )
     if opts.dry_run:
-        print_plan(result.plan, result.pipeline, opts.workers, opts.max_memory)
+        print_plan(result.plan, pipeline_line(result.pipeline, target), opts.workers, opts.max_memory)
         return 0
     if not quiet:
         stats = result.stats or {}
@@ -293,11 +295,22 @@ def run_conversion(
     return 0
 
 
-def print_plan(plan: Any, pipeline: Any, workers: int | None = None, max_memory: int | None = None) -> None:
-    from ckpt_ir.backends.execute import memory_plan
+def pipeline_line(pipeline: Any, target: Any) -> str:
+    """The ``pipeline:`` line of ``convert`` and ``plan``: the passes that run (or that none does),
+    and the quantization the HF writer adds (``--quantize`` is the backend's, not a pass)."""
+    line = f"pipeline: {str(pipeline) or '(no passes)'}"
+    if target.quantize:
+        b = target.quant_block_size
+        line += f"; then the writer quantizes to {target.quantize} ({b}x{b} blocks, {target.quant_scale_fmt} scales)"
+    return line
+
+
+def print_plan(plan: Any, line: str, workers: int | None = None, max_memory: int | None = None) -> None:
+    """``--dry-run``'s report; ``line`` is the :func:`pipeline_line`."""
+    from ckpt_ir.backends.execute import bytes_read, memory_plan
     from ckpt_ir.ir.printer import describe
 
-    print(f"pipeline: {pipeline}")
+    print(line)
     for f in plan.files:
         print(f"{f.path}  ({f.kind}, {f.nbytes} bytes)")
         for name, e in f.tensors:
@@ -306,7 +319,7 @@ def print_plan(plan: Any, pipeline: Any, workers: int | None = None, max_memory:
         print(f"dropped: {key}: {why}")
     writers, block, need = memory_plan(plan, workers, max_memory)
     print(
-        f"total: {plan.nbytes} bytes to write, {plan.bytes_to_read} bytes to read, "
+        f"total: {plan.nbytes} bytes to write, {bytes_read(plan, writers, block)} bytes to read, "
         f"estimated peak memory {need * writers} bytes ({writers} writer{'s' * (writers > 1)} of at most {need} "
         f"bytes each; computed tensors in row blocks of {block} bytes)"
     )

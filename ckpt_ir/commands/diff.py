@@ -29,11 +29,10 @@ def diff(
 
     import ckpt_ir.api as ck
     from ckpt_ir.frontends import detect
-    from ckpt_ir.frontends.hf import read_config
     from ckpt_ir.io.hub import resolve
     from ckpt_ir.ir import expr as E
 
-    cfg = read_config(resolve(hf_config, weights=False)) if hf_config else None
+    cfg = resolve(hf_config, weights=False) if hf_config else None  # a directory: errors name it
 
     def lift(path: str):
         path = resolve(path)

@@ -123,7 +123,6 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import ckpt_ir.api as ck
     from ckpt_ir.families import by_name
-    from ckpt_ir.frontends.hf import read_config
 
     for flag, what in {**_UNSUPPORTED_VALUE, **_UNSUPPORTED_FLAGS}.items():
         if getattr(args, flag[2:].replace("-", "_")):
@@ -184,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     target = attrs.evolve(
         target, lora_load=found["--lora-load"], hf_config_dir=target.hf_config_dir and hf_cfg_dir
     )
-    hf_config = read_config(hf_cfg_dir) if (hf_cfg_dir and args.load_model_type in ("mg", "optim")) else None
+    hf_config = hf_cfg_dir if (hf_cfg_dir and args.load_model_type in ("mg", "optim")) else None
 
     def check_source(src: ck.Checkpoint) -> None:
         """MindSpeed-LLM's own checks on the lifted source."""

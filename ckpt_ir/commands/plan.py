@@ -34,6 +34,8 @@ LAYOUT_FLAGS = (
     "--quant-block-size",
     "--quant-scale-fmt",
 )
+# convert's flags that decide how many writer processes read the source; plan takes these too
+WRITER_FLAGS = ("--workers", "--max-memory")
 PLACEHOLDER = "<config>"  # the "file" placeholder loads read from; never opened
 PROBE_BYTES = 64 << 20
 # tensors a checkpoint stores in another dtype than the model's: transformers keeps DeepSeek's router
@@ -60,18 +62,16 @@ def checkpoint_from_config(config_dir: str):
     spec = family.spec_from_config(cfg, where=where)
     layout = Layout(format="hf")
     tensors = {}
+    offset = 0  # the tensors lie one after another, as in a weight file
     for name in sorted(expected_names(spec, layout), key=canonical_order):
         shape = expected_shape(spec, layout, name)
         assert shape is not None, name  # expected_names only yields roles expected_shape knows
         dtype = "F32" if role_of(name) in FP32_ROLES else spec.dtype
-        tensors[name] = TensorNode.whole(name, E.Load(PLACEHOLDER, name, shape, dtype, 0, "placeholder"))
-    if quant_method(cfg) == "fp8":  # an FP8 release: its linears stored as fp8 values + scales
-        tensors = {
-            name: TensorNode.whole(name, fp8_placeholder(t.expr, cfg["quantization_config"], where))
-            if fp8_by_default(name, t.shape, canonical=True)
-            else t
-            for name, t in tensors.items()
-        }
+        expr: E.Expr = E.Load(PLACEHOLDER, name, shape, dtype, offset, "placeholder")
+        if quant_method(cfg) == "fp8" and fp8_by_default(name, shape, canonical=True):
+            expr = fp8_placeholder(expr, cfg["quantization_config"], where)  # fp8 values + scales
+        tensors[name] = TensorNode.whole(name, expr)
+        offset += E.bytes_read(expr)
     return Checkpoint(
         spec=spec,
         layout=layout,
@@ -108,11 +108,25 @@ def probe_disk(directory: str) -> float:
     return PROBE_BYTES / max(seconds, 1e-9) / 1e9
 
 
-def summary(plan, pipeline, out, disk_gbps: float, disk_source: str, with_tensors: bool) -> dict[str, Any]:
+def summary(
+    plan,
+    pipeline,
+    out,
+    target,
+    disk_gbps: float,
+    disk_source: str,
+    with_tensors: bool,
+    workers: int | None = None,
+    max_memory: int | None = None,
+) -> dict[str, Any]:
     """The plan as data: per file its tensors and bytes, then totals.  ``total_bytes`` counts every
     tensor of the model once (as laid out: padded vocabulary included); ``bytes_written`` counts
     the files, where Megatron repeats replicated tensors (norms, routers, the dense part under EP)
-    in every rank file that holds them."""
+    in every rank file that holds them; ``bytes_read`` the source bytes the ``writers`` processes
+    (as ``convert`` runs them with ``workers`` and ``max_memory``) read, each byte once per
+    process.  ``layout`` describes the output (``target``'s format); ``expected_seconds`` is the
+    time to read and write those bytes at ``disk_gbps``."""
+    from ckpt_ir.backends.execute import bytes_read, memory_plan
     from ckpt_ir.ir.roles import expected_shape
 
     files = []
@@ -136,16 +150,19 @@ def summary(plan, pipeline, out, disk_gbps: float, disk_source: str, with_tensor
             if want is not None and want[0] != t.shape[0]:
                 padding += t.nbytes // t.shape[0] * (t.shape[0] - want[0])
     written = plan.nbytes
+    writers, block, _ = memory_plan(plan, workers, max_memory)
+    read = bytes_read(plan, writers, block)
     return {
         "pipeline": str(pipeline),
-        "layout": layout.describe(),
+        "layout": attrs.evolve(layout, format=target.to).describe(),
         "files": files,
         "file_count": len(files),
         "total_bytes": out.nbytes,
         "vocab_padding_bytes": padding,
         "padded_vocab": layout.padded_vocab,
         "bytes_written": written,
-        "bytes_read": plan.bytes_to_read,
+        "bytes_read": read,
+        "writers": writers,
         "largest_tensor": {
             "name": largest[0],
             "shape": list(largest[1]),
@@ -155,13 +172,14 @@ def summary(plan, pipeline, out, disk_gbps: float, disk_source: str, with_tensor
         "peak_memory_per_writer": plan.peak_memory(),
         "disk_gbps": disk_gbps,
         "disk_gbps_source": disk_source,
-        "expected_seconds": written / (disk_gbps * 1e9),
+        "expected_seconds": (read + written) / (disk_gbps * 1e9),
         "dropped": dict(plan.dropped),
     }
 
 
-def format_text(s: dict[str, Any], with_tensors: bool) -> str:
-    lines = [f"pipeline: {s['pipeline']}", f"layout: {s['layout']}"]
+def format_text(s: dict[str, Any], with_tensors: bool, pipeline_line: str) -> str:
+    """:func:`summary` for a person; ``pipeline_line`` from :func:`~ckpt_ir.commands.common.pipeline_line`."""
+    lines = [pipeline_line, f"layout: {s['layout']}"]
     for f in s["files"]:
         lines.append(f"{f['path']}  ({f['kind']}, {f['tensors']} tensors, {f['bytes']} bytes)")
         for t in f.get("tensor_list", ()) if with_tensors else ():
@@ -180,11 +198,13 @@ def format_text(s: dict[str, Any], with_tensors: bool) -> str:
         + ")",
         f"bytes written: {s['bytes_written']} ({s['bytes_written'] / 1e9:.3f} GB, replicated tensors in every rank "
         f"file that holds them)",
-        f"bytes read: {s['bytes_read']} ({s['bytes_read'] / 1e9:.3f} GB of source tensors; the stored form, "
-        f"quantized for an FP8 release)",
+        f"bytes read: {s['bytes_read']} ({s['bytes_read'] / 1e9:.3f} GB of source tensors, each byte once by each "
+        f"of {s['writers']} writer process{'es' * (s['writers'] > 1)} that needs it; the stored form, quantized "
+        f"for an FP8 release)",
         f"largest tensor: {big['name']} {'x'.join(map(str, big['shape']))} {big['dtype']} ({big['bytes']} bytes)",
         f"peak memory per writer: {s['peak_memory_per_writer']} bytes",
-        f"expected write time: {s['expected_seconds']:.1f}s at {s['disk_gbps']:.2f} GB/s ({s['disk_gbps_source']})",
+        f"expected time: {s['expected_seconds']:.1f}s to read and write these bytes at {s['disk_gbps']:.2f} GB/s "
+        f"({s['disk_gbps_source']})",
     ]
     return "\n".join(lines)
 
@@ -195,8 +215,9 @@ def add_parser(sub) -> None:
         help="plan a conversion from a config alone: files, tensors, bytes, memory, time",
         description="Plan converting the model that --hf-config describes, without its weights: "
         "the same pipeline, layout checks and backend plan as `convert --dry-run`, from config.json "
-        "alone. Prints per output file its tensors and bytes, the totals, the largest tensor, the "
-        "peak memory per writer and the expected time at --disk-gbps.",
+        "alone. Prints per output file its tensors and bytes, the totals (bytes written; source "
+        "bytes read, each once by each writer process that needs it), the largest tensor, the "
+        "peak memory per writer and the expected time to read and write at --disk-gbps.",
     )
     p.add_argument(
         "--hf-config",
@@ -217,7 +238,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--disk-gbps",
         type=float,
-        help="output write speed in GB/s for the time estimate (default: "
+        help="read and write speed in GB/s for the time estimate (default: "
         "measured by writing 64 MiB to --output-dir)",
     )
     p.add_argument(
@@ -232,6 +253,10 @@ def add_parser(sub) -> None:
     for action in convert._actions:  # share convert's layout flags, so both accept exactly the same
         if action.option_strings and action.option_strings[0] in LAYOUT_FLAGS:
             g._add_action(action)
+    w = p.add_argument_group("writer processes (as for convert; they decide the bytes read)")
+    for action in convert._actions:
+        if action.option_strings and action.option_strings[0] in WRITER_FLAGS:
+            w._add_action(action)
 
 
 def run(args) -> int:
@@ -239,6 +264,7 @@ def run(args) -> int:
     import json
 
     import ckpt_ir.api as ck
+    from ckpt_ir.commands.common import pipeline_line
     from ckpt_ir.errors import UsageError
 
     target = ck.Target(
@@ -272,6 +298,19 @@ def run(args) -> int:
                 f"--output-dir {args.output_dir}: no such directory (the speed probe writes there)"
             )
         gbps, source = probe_disk(args.output_dir), f"measured on {os.path.abspath(args.output_dir)}"
-    s = summary(conversion.plan, conversion.pipeline, conversion.output, gbps, source, args.tensors)
-    print(json.dumps(s, indent=1) if args.format == "json" else format_text(s, args.tensors))
+    s = summary(
+        conversion.plan,
+        conversion.pipeline,
+        conversion.output,
+        target,
+        gbps,
+        source,
+        args.tensors,
+        args.workers,
+        args.max_memory,
+    )
+    if args.format == "json":
+        print(json.dumps(s, indent=1))
+    else:
+        print(format_text(s, args.tensors, pipeline_line(conversion.pipeline, target)))
     return 0

@@ -56,7 +56,7 @@ def is_adapter(name: str) -> bool:
     return "lora_" in name or "modules_to_save" in name
 
 
-def hf_side(path: str, hf_config: dict | None = None, iteration: int | str | None = None):
+def hf_side(path: str, hf_config: dict | str | None = None, iteration: int | str | None = None):
     """``path`` lifted and lowered to HF layout lazily: (checkpoint, [(HF name, expression)]).
     ``iteration``: the one read when ``path`` is a Megatron save directory (default its latest)."""
     import ckpt_ir.api as ck
@@ -347,7 +347,7 @@ def verify(
     device: str = "cpu",
     atol: float | None = None,
     adapter: str | None = None,
-    hf_config: dict | None = None,
+    hf_config: dict | str | None = None,
     iteration: int | str | None = None,
 ) -> dict[str, Any]:
     """Run both checkpoints on the same prompt; the report says where they first diverge.
@@ -528,10 +528,9 @@ def run(args) -> int:
     import json
     import sys
 
-    from ckpt_ir.frontends.hf import read_config
     from ckpt_ir.io.hub import resolve
 
-    hf_cfg = read_config(resolve(args.hf_config, weights=False)) if args.hf_config else None
+    hf_cfg = resolve(args.hf_config, weights=False) if args.hf_config else None  # a directory
     report = verify(
         args.a,
         args.b,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from ckpt_ir.errors import FormatError
+from ckpt_ir.errors import FormatError, setting
 from ckpt_ir.families import ConfigKey, Family, register
 from ckpt_ir.families.blocks import (
     ATTENTION,
@@ -87,7 +87,7 @@ def _qwen3_next_mtp_keys(key: str, num_layers: int, to_hf: bool) -> str:
     if k:
         raise FormatError(
             f"{key}: Qwen3-Next's HF layout names one MTP layer's fc / norms without a number; "
-            f"MTP layer {k} cannot be written (pass --mtp-num-layers 1 / drop the others)"
+            f"MTP layer {k} cannot be written (pass {setting('mtp_layers', 1)} / drop the others)"
         )
     return rest
 

@@ -6,7 +6,7 @@ import fnmatch
 import os
 from typing import Any
 
-from ckpt_ir.errors import FormatError, UsageError
+from ckpt_ir.errors import FormatError, UsageError, setting
 from ckpt_ir.io.side_files import HF_FILES, NOTES_FILE
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.megatron.keys import DIRECTORY_ENTRIES
@@ -41,7 +41,7 @@ def load(
     path: str,
     *,
     allow_unused: tuple[str, ...] = (),
-    hf_config: dict[str, Any] | None = None,
+    hf_config: dict[str, Any] | str | None = None,
     weights_from: str = "model",
     family: str | None = None,
     optimizer: bool = False,
@@ -49,14 +49,31 @@ def load(
     replicas: str = "check",
     iteration: int | str | None = None,
 ) -> Checkpoint:
-    """Lift any supported checkpoint directory.  ``weights_from="master"``: a Megatron checkpoint's
-    weights come from its distributed optimizer's fp32 master copies; ``optimizer=True``: lift its
-    optimizer state too (``Checkpoint.states``), when it has any.  ``replicas``: how a Megatron
-    checkpoint's copies of replicated tensors are compared (``check``, ``check-all``, ``take-rank0``).
-    ``path`` may also be a Hugging Face Hub id, ``org/name[@revision]`` (:func:`hub.resolve`).
-    ``iteration``: which iteration of a Megatron save directory to read (a number or ``release``;
-    default the latest)."""
+    """Lift a checkpoint (an HF directory or one ``.safetensors`` file beside its config.json,
+    Megatron ``torch`` rank directories, a ``torch_dist`` checkpoint; the format is detected)
+    into a :class:`~ckpt_ir.ir.checkpoint.Checkpoint`, reading headers only.  ``path`` may also be
+    a Hugging Face Hub id, ``org/name[@revision]`` (:func:`ckpt_ir.io.hub.resolve`).
+
+    ``allow_unused``: glob patterns of source tensors to drop on purpose (recorded in
+    ``dropped``); any other tensor ckpt-ir does not understand is an error.  ``hf_config``: the HF
+    config describing the model (a directory holding config.json, or the config itself) instead
+    of the checkpoint's own (a Megatron checkpoint's args); a config that does not describe the
+    checkpoint's tensors is an error naming it.  ``family``: the model family when neither the
+    config nor the args name one (``ckpt-ir models`` lists them).  ``weights_from="master"``: a
+    Megatron checkpoint's weights come from its distributed optimizer's fp32 master copies;
+    ``optimizer=True``: lift its optimizer state too (``Checkpoint.states``), when it has any,
+    with ``optimizer_layout`` correcting what the args say of its layout (``dp``,
+    ``bucket_size``, ``align``).  ``replicas``: how a Megatron checkpoint's copies of replicated
+    tensors are compared (``check``, ``check-all``, ``take-rank0``).  ``iteration``: which
+    iteration of a Megatron save directory to read (a number or ``release``; default the
+    latest)."""
     from ckpt_ir.io.hub import resolve
+
+    config_name = None
+    if isinstance(hf_config, str):
+        from ckpt_ir.frontends.hf import read_config
+
+        config_name, hf_config = os.path.join(hf_config, "config.json"), read_config(hf_config)
 
     path = resolve(path)
     fmt = detect(path, iteration)
@@ -64,13 +81,15 @@ def load(
         raise UsageError(f"{path}: an HF checkpoint has no iterations; only a Megatron checkpoint has")
     if weights_from != "model" and fmt not in ("mcore", "torch_dist"):
         raise UsageError(
-            f"--weights-from {weights_from}: only Megatron checkpoints with distributed-optimizer "
+            f"{setting('weights_from', weights_from)}: only Megatron checkpoints with distributed-optimizer "
             f"state have master weights"
         )
     if fmt == "hf":
         from ckpt_ir.frontends import hf
 
-        return hf.lift(path, allow_unused=allow_unused, hf_config=hf_config, family=family)
+        return hf.lift(
+            path, allow_unused=allow_unused, hf_config=hf_config, config_name=config_name, family=family
+        )
     if fmt == "torch_dist":
         from ckpt_ir.frontends import torch_dist
 
@@ -78,6 +97,7 @@ def load(
             path,
             allow_unused=allow_unused,
             hf_config=hf_config,
+            config_name=config_name,
             optimizer=optimizer,
             weights_from=weights_from,
             family=family,
@@ -89,6 +109,7 @@ def load(
         path,
         allow_unused=allow_unused,
         hf_config=hf_config,
+        config_name=config_name,
         weights_from=weights_from,
         optimizer=optimizer,
         optimizer_layout=optimizer_layout,

@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import attrs
 
-from ckpt_ir.errors import CoverageError, FormatError
+from ckpt_ir.errors import CoverageError, FormatError, setting
 from ckpt_ir.families import Family, for_hf_config
 from ckpt_ir.io.side_files import side_files
 from ckpt_ir.io.weight_files import file_tensors
@@ -43,7 +43,7 @@ def read_config(path: str) -> dict[str, Any]:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FormatError(
-            f"{path}: no config.json; an HF checkpoint directory needs one (pass --hf-config DIR "
+            f"{path}: no config.json; an HF checkpoint directory needs one (pass {setting('hf_config', metavar='DIR')} "
             f"to take it from elsewhere)"
         )
     try:
@@ -107,17 +107,19 @@ def lift(
     path: str,
     *,
     hf_config: dict[str, Any] | None = None,
+    config_name: str | None = None,
     allow_unused: tuple[str, ...] = (),
     family: str | None = None,
 ) -> Checkpoint:
     """``family`` names the model family when the config's model_type does not (MindSpeed-LLM's
     --model-type-hf); a config that names a known type still wins.  ``path`` may also be one
-    ``.safetensors`` file: the config and side files come from its directory."""
+    ``.safetensors`` file: the config and side files come from its directory.  ``hf_config``
+    replaces that config (``config_name`` names it in errors)."""
     files = None
     if os.path.isfile(path):
         files, path = [os.path.abspath(path)], os.path.dirname(os.path.abspath(path))
     cfg = hf_config if hf_config is not None else read_config(path)
-    where = os.path.join(path, "config.json")
+    where = config_name or (os.path.join(path, "config.json") if hf_config is None else "the given HF config")
     try:
         fam = for_hf_config(cfg, where)
     except FormatError:
@@ -172,7 +174,7 @@ def lift(
                 else f" (shape {list(src.full_shape)}) as {name}"
             )
             raise FormatError(
-                f"{src.path}: tensor {src.key}{what} has shape {list(t.shape)} but config.json implies "
+                f"{src.path}: tensor {src.key}{what} has shape {list(t.shape)} but {where} implies "
                 f"{list(want)}; the weights do not match the config"
             )
     aux = side_files(path, config=hf_config is None)
@@ -207,7 +209,7 @@ def map_tensors(
             continue
         reason = next((why for pat, why in DROP_RULES if fnmatch.fnmatch(key, pat)), None)
         if reason is None and any(fnmatch.fnmatch(key, p) for p in allow_unused):
-            reason = "matched --allow-unused"
+            reason = f"matched {setting('allow_unused')}"
         if reason is None:
             unknown.append(key)
         else:
@@ -216,7 +218,7 @@ def map_tensors(
         shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
         raise CoverageError(
             f"{len(unknown)} source tensor(s) not understood by the {family.name} family and would "
-            f"be lost: {shown}; pass --allow-unused PATTERN to drop them on purpose"
+            f"be lost: {shown}; pass {setting('allow_unused', metavar='PATTERN')} to drop them on purpose"
         )
     return dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0]))), dropped
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from ckpt_ir.errors import FormatError
+from ckpt_ir.errors import FormatError, setting
 from ckpt_ir.io.torchzip import TorchZip, iter_tensors, with_exprs
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
@@ -46,6 +46,7 @@ def lift(
     *,
     allow_unused: tuple[str, ...] = (),
     hf_config: dict[str, Any] | None = None,
+    config_name: str | None = None,
     weights_from: str = "model",
     optimizer: bool = False,
     optimizer_layout: dict[str, int | None] | None = None,
@@ -54,8 +55,11 @@ def lift(
     iteration: int | str | None = None,
 ) -> Checkpoint:
     """``iteration``: which iteration of a save directory to read (a number or ``release``; default
-    the latest, see :func:`~ckpt_ir.megatron.keys.iteration_dir`).  ``family``: the model family
-    when the args do not say (default: inferred from them).  ``weights_from="master"`` takes every parameter from the distributed optimizer's fp32 master
+    the latest, see :func:`~ckpt_ir.megatron.keys.iteration_dir`).  ``hf_config`` describes the
+    model instead of the args (``config_name`` names it in errors; it must describe the tensors,
+    see :func:`~ckpt_ir.megatron.lift.check_config_fits`).  ``family``: the model family when the
+    args do not say (default: inferred from them).  ``weights_from="master"`` takes every
+    parameter from the distributed optimizer's fp32 master
     copy (``distrib_optim.pt``) instead of the model's (e.g. bf16) weights.  ``optimizer=True``
     also lifts the distributed-optimizer state (when the checkpoint has it) into ``states``.
     ``optimizer_layout`` corrects what args say about that state's layout: ``dp``, ``bucket_size``
@@ -95,7 +99,7 @@ def lift(
             f"{it_dir}: args say TP={tp}, PP={pp}, EP={ep} but only {len(found)} rank "
             f"directories exist; the checkpoint is incomplete or its args are wrong"
         )
-    spec, cfg, inferred = spec_from_args(args, hf_config, first.path, family)
+    spec, cfg, inferred = spec_from_args(args, hf_config, first.path, family, config_name)
     tables = M.read_tables(spec)
     noop = a.layers("noop_layers") or ()
     layout = Layout(
@@ -155,7 +159,7 @@ def lift(
         lacking = next(f for f, ok in has_state.items() if not ok)
         raise FormatError(
             f"{os.path.dirname(lacking)}: no distrib_optim.pt although other rank directories have "
-            f"one; the optimizer state is incomplete (use --no-optimizer to convert the weights)"
+            f"one; the optimizer state is incomplete (use {setting('optimizer', False)} to convert the weights)"
         )
     # tensor set ("" = weights, else a state key) -> canonical name (layer/expert still local) -> {tp rank: expr}
     pieces: dict[str, dict[str | M.LocalName, dict[int, E.Expr]]] = defaultdict(lambda: defaultdict(dict))
@@ -214,7 +218,7 @@ def lift(
                         lifted = _lift_key(key, value, p, chunk, e, experts_per_rank, tables)
                     if lifted is None:
                         if any(fnmatch.fnmatch(key, pat) for pat in allow_unused):
-                            dropped[f"{rel}:{ck}.{key}"] = "matched --allow-unused"
+                            dropped[f"{rel}:{ck}.{key}"] = f"matched {setting('allow_unused')}"
                         elif not set_name:
                             unknown.append(f"{ck}.{key} in {rel}")
                         continue
@@ -280,10 +284,12 @@ def lift(
         for name, set_pieces in pieces.items()
     }
     tensors = sets.pop("", {})
-    if unknown:
-        raise lift_tail.unknown_tensors(unknown)
     lift_tail.complete_tensors(spec, tensors, sets, dropped)
     layout = attrs.evolve(layout, norm_names=lift_tail.norm_names(te_norms, te_fc1))
+    if hf_config is not None:
+        lift_tail.check_config_fits(config_name, path, spec, layout, tensors, unknown)
+    if unknown:
+        raise lift_tail.unknown_tensors(unknown)
     meta: dict[str, Any] = {
         "iteration": iteration if iteration != "release" else 1,
         "args": args,
@@ -323,7 +329,7 @@ def check_replicas(copies: dict[str, list[tuple[str, E.Expr]]], mode: str, where
         return (
             [
                 f"replicated tensors ({len(copies)}) taken from the first rank holding them without comparing the "
-                f"other ranks' copies (--replicas take-rank0)"
+                f"other ranks' copies ({setting('replicas', 'take-rank0')})"
             ]
             if copies
             else []
@@ -344,7 +350,7 @@ def check_replicas(copies: dict[str, list[tuple[str, E.Expr]]], mode: str, where
                 if x.shape != kept.shape or x.dtype != kept.dtype or digest(x) != want:
                     raise FormatError(
                         f"{where}: replicated tensor {name} differs between {first} and {label} (the "
-                        f"ranks drifted apart); pass --replicas take-rank0 to keep {first}'s copy on "
+                        f"ranks drifted apart); pass {setting('replicas', 'take-rank0')} to keep {first}'s copy on "
                         f"purpose"
                     )
     return []

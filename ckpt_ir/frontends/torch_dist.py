@@ -32,7 +32,7 @@ from typing import Any
 
 import attrs
 
-from ckpt_ir.errors import CkptIrError, FormatError
+from ckpt_ir.errors import CkptIrError, FormatError, setting
 from ckpt_ir.io.dcp import ChunkResolver, DcpTensor, read_metadata
 from ckpt_ir.io.torchzip import TorchZip
 from ckpt_ir.ir import expr as E
@@ -58,7 +58,14 @@ _STACKED_EXPERTS = re.compile(r"^mlp\.experts\.(?:experts|local_experts)\.(linea
 _ONE_EXPERT = re.compile(
     r"^mlp\.experts\.(?:experts|local_experts)\.(\d+)\.(linear_fc[12]\.(?:weight|bias))$"
 )
-_REFUSED = "re-save it with --dist-ckpt-optim-fully-reshardable, or convert the weights only (--no-optimizer)"
+
+
+def _refused() -> str:
+    """What to do about optimizer state ckpt-ir cannot reshard."""
+    return (
+        "re-save it with --dist-ckpt-optim-fully-reshardable, or convert the weights only "
+        f"({setting('optimizer', False)})"
+    )
 
 
 def detect(path: str, iteration: int | str | None = None) -> bool:
@@ -78,6 +85,7 @@ def lift(
     *,
     allow_unused: tuple[str, ...] = (),
     hf_config: dict[str, Any] | None = None,
+    config_name: str | None = None,
     optimizer: bool = False,
     weights_from: str = "model",
     family: str | None = None,
@@ -85,13 +93,15 @@ def lift(
 ) -> Checkpoint:
     """Lift a ``torch_dist`` checkpoint (``iteration``: which one of a save directory, default the
     latest).  ``optimizer=True`` also lifts fully-reshardable distributed-optimizer state into
-    ``states``; ``weights_from="master"`` takes the weights from its fp32 master copies."""
+    ``states``; ``weights_from="master"`` takes the weights from its fp32 master copies.
+    ``hf_config`` (named ``config_name``) describes the model instead of the args, and must
+    describe the tensors (:func:`~ckpt_ir.megatron.lift.check_config_fits`)."""
     it_dir, iteration = M.iteration_dir(path, iteration)
     _check_backend(it_dir)
     md = read_metadata(it_dir)
     common, common_path = _common_state(it_dir, md)
     args = megatron_args.args_dict(common.get("args"), common_path)
-    spec, cfg, inferred = spec_from_args(args, hf_config, common_path, family)
+    spec, cfg, inferred = spec_from_args(args, hf_config, common_path, family, config_name)
     n_args = args.get("num_layers")
     if isinstance(n_args, int) and n_args != spec.num_layers:
         raise FormatError(
@@ -128,7 +138,9 @@ def lift(
         names = _names(key, t, spec.num_layers, tables, md.path, spec.mla)
         if names is None:
             if any(fnmatch.fnmatch(key, pat) for pat in allow_unused):
-                dropped[key if target is model else f"optimizer state of {key}"] = "matched --allow-unused"
+                dropped[key if target is model else f"optimizer state of {key}"] = (
+                    f"matched {setting('allow_unused')}"
+                )
             elif target is model:
                 unknown.append(key)
             continue
@@ -138,7 +150,7 @@ def lift(
                     f"{md.path}: tensor {canon} is stored twice (as {target[canon][0].key} and {key})"
                 )
             target[canon] = (t, index)
-    if unknown:
+    if unknown and hf_config is None:  # with a config: said by check_config_fits, below
         raise lift_tail.unknown_tensors(unknown, it_dir)
     for key in md.objects:
         base = key.split("/shard_", 1)[0]
@@ -157,7 +169,7 @@ def lift(
         raise FormatError(
             f"{it_dir}: the distributed-optimizer state is saved as {sharding or 'an unknown type'!r} "
             f"(keys such as {_short((other_optimizer or sorted(states))[0])}), "
-            f"which ckpt-ir cannot reshard; {_REFUSED}"
+            f"which ckpt-ir cannot reshard; {_refused()}"
         )
     # Megatron names the sharding type in content_metadata whenever the run used the distributed
     # optimizer, also when it saved no optimizer state (--no-save-optim): refuse only saved state
@@ -166,11 +178,12 @@ def lift(
         # e.g. dp_zero_gather_scatter: the whole state pickled as one object per model-parallel rank
         raise FormatError(
             f"{it_dir}: the distributed-optimizer state is saved as {sharding!r}, which ckpt-ir cannot "
-            f"read; {_REFUSED}"
+            f"read; {_refused()}"
         )
     if weights_from == "master" and not states and not buckets:
         raise FormatError(
-            f"{it_dir}: --weights-from master needs distributed-optimizer state, and this checkpoint has none"
+            f"{it_dir}: {setting('weights_from', 'master')} needs distributed-optimizer state, and this "
+            f"checkpoint has none"
         )
     if not want_states:
         for key in other_optimizer:
@@ -223,7 +236,7 @@ def lift(
             raise FormatError(
                 f"{it_dir}: optimizer state {which!r} has no entry for {missing[0]}"
                 f"{f' (+{len(missing) - 1} more)' if len(missing) > 1 else ''}; the optimizer state "
-                f"is incomplete: {_REFUSED}"
+                f"is incomplete: {_refused()}"
             )
         for name in set(s) - set(tensors):
             dropped[f"optimizer state {which} of {name}"] = "no matching model weight"
@@ -234,6 +247,8 @@ def lift(
         fused_gate_up=True,
         norm_names=norm_names,
     )
+    if hf_config is not None:
+        lift_tail.check_config_fits(config_name, path, spec, layout, tensors, unknown)
     meta: dict[str, Any] = {
         "iteration": iteration if isinstance(iteration, int) else 1,
         "args": args,
@@ -354,7 +369,7 @@ def _bucket_states(
     ]
     if unsupported:
         raise FormatError(
-            f"{where}: dp_reshardable optimizer state with {unsupported[0]} is not supported yet; {_REFUSED}"
+            f"{where}: dp_reshardable optimizer state with {unsupported[0]} is not supported yet; {_refused()}"
         )
     layout = Layout(
         format="mcore",

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 
 import attrs
 
-from ckpt_ir.errors import CkptIrError, UsageError
+from ckpt_ir.errors import CkptIrError, UsageError, setting
 
 TMP_TAG = ".ckpt-ir-tmp-"
 OLD_TAG = ".ckpt-ir-old-"
@@ -58,7 +58,9 @@ def check_destination(dst: str, overwrite: bool, replaceable: Callable[[str], No
         raise UsageError(f"{dst}: exists and is not a directory; choose another destination")
     if os.path.isdir(dst) and os.listdir(dst):
         if not overwrite:
-            raise UsageError(f"{dst}: destination exists and is not empty; pass --overwrite to replace it")
+            raise UsageError(
+                f"{dst}: destination exists and is not empty; pass {setting('overwrite', True)} to replace it"
+            )
         replaceable(dst)  # only a checkpoint, nothing else, is ever deleted
     parent = existing_ancestor(dst)  # missing parents are created when the output is prepared
     if not os.path.isdir(parent):

@@ -730,10 +730,18 @@ class Reader:
     ``overflow`` adds up the casts' overflows of what it evaluates (the writer resets it per tensor)."""
 
     def __init__(self) -> None:
+        from ckpt_ir.io.ranges import RangeSet
+
         self._fds: dict[str, int] = {}
-        self.bytes_read = 0
+        self.ranges_read = RangeSet()  # every source byte read (by read_into, or copied and noted)
         self._scratch: dict[str, bytearray] = {}
         self.overflow = Overflow()
+
+    @property
+    def bytes_read(self) -> int:
+        """Source bytes read, each byte once however often it was read (the page cache serves
+        repeats: a tensor replicated in many rank files, a LoRA factor every row block uses)."""
+        return self.ranges_read.nbytes
 
     def scratch(self, nbytes: int, slot: str = "out") -> memoryview:
         """A reusable buffer (one per ``slot``) for the tensor being produced.  Reusing it matters:
@@ -767,7 +775,7 @@ class Reader:
                     f"bytes; the file is truncated: re-download or re-save it"
                 )
             done += n
-        self.bytes_read += want
+        self.ranges_read.add(path, start, want)
 
     def close(self) -> None:
         import os
@@ -811,6 +819,29 @@ def from_torch_tensor(t, dtype: str):
     return t.contiguous().view(width).numpy()
 
 
+def reads(expr: Expr) -> Iterator[tuple[str, int, int]]:
+    """The (path, offset, length) byte ranges :func:`evaluate_raw` reads to compute ``expr``:
+    every load whole (a load sliced along an inner dim too), except rows of zero padding alone."""
+    if isinstance(expr, Load):
+        if expr.nbytes:
+            start, end = expr.byte_range
+            yield expr.path, start, end - start
+    elif not _zero_padding_only(expr):
+        for x in expr.children:
+            yield from reads(x)
+
+
+def _zero_padding_only(expr: Expr) -> bool:
+    """Rows of zero vocabulary padding and nothing else: evaluated without reading."""
+    return (
+        isinstance(expr, Slice)
+        and expr.dim == 0
+        and isinstance(expr.x, PadRows)
+        and expr.x.zero
+        and expr.start >= expr.x.x.shape[0]
+    )
+
+
 def evaluate_raw(expr: Expr, reader: Reader, *, scratch: str | None = None):
     """Compute ``expr`` as a contiguous numpy array of raw items (see :func:`raw_dtype`).
 
@@ -832,13 +863,7 @@ def evaluate_raw(expr: Expr, reader: Reader, *, scratch: str | None = None):
         return out
     if isinstance(expr, Concat):
         return np.concatenate([evaluate_raw(x, reader) for x in expr.xs], axis=expr.dim)
-    if (
-        isinstance(expr, Slice)
-        and expr.dim == 0
-        and isinstance(expr.x, PadRows)
-        and expr.x.zero
-        and expr.start >= expr.x.x.shape[0]
-    ):  # zero padding only: nothing to read
+    if _zero_padding_only(expr):  # nothing to read
         return np.zeros(expr.shape, dtype=raw_dtype(expr.dtype))
     if isinstance(expr, Slice):
         x = evaluate_raw(expr.x, reader)

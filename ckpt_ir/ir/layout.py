@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from ckpt_ir.errors import LayoutError
+from ckpt_ir.errors import LayoutError, setting
 from ckpt_ir.ir.spec import ModelSpec
 
 FORMATS = ("hf", "mcore")
@@ -48,27 +48,31 @@ class Layout:
             if getattr(self, name) < 1:
                 raise LayoutError(f"layout: {name} must be >= 1, got {getattr(self, name)}")
         if self.vpp_layers is not None and self.vpp_layers < 1:
-            raise LayoutError(f"layout: --vpp-layers must be >= 1, got {self.vpp_layers}")
+            raise LayoutError(f"layout: {setting('vpp_layers')} must be >= 1, got {self.vpp_layers}")
         if self.vpp_layers is not None and self.num_layer_list is not None:
             raise LayoutError(
-                "layout: a virtual pipeline (--vpp-layers) and --num-layer-list cannot be combined"
+                f"layout: a virtual pipeline ({setting('vpp_layers')}) and {setting('num_layer_list')} "
+                f"cannot be combined"
             )
         if self.num_layer_list is not None and self.noop_layers:
             raise LayoutError(
-                "layout: --noop-layers and --num-layer-list cannot be combined (Megatron rejects it)"
+                f"layout: {setting('noop_layers')} and {setting('num_layer_list')} cannot be combined "
+                f"(Megatron rejects it)"
             )
         if self.num_layer_list is not None:
             if len(self.num_layer_list) != self.pp:
                 raise LayoutError(
-                    f"layout: --num-layer-list has {len(self.num_layer_list)} entries but "
+                    f"layout: {setting('num_layer_list')} has {len(self.num_layer_list)} entries but "
                     f"pipeline parallel size is {self.pp}; give one layer count per stage"
                 )
             if any(n < 1 for n in self.num_layer_list):
                 raise LayoutError(
-                    f"layout: --num-layer-list {list(self.num_layer_list)} has a stage with no layers"
+                    f"layout: {setting('num_layer_list', self.num_layer_list)} has a stage with no layers"
                 )
         if self.vpp_layers is not None and self.pp < 2:
-            raise LayoutError("layout: a virtual pipeline (--vpp-layers) needs pipeline parallel size >= 2")
+            raise LayoutError(
+                f"layout: a virtual pipeline ({setting('vpp_layers')}) needs pipeline parallel size >= 2"
+            )
         if self.ep < 1:
             raise LayoutError(f"layout: expert parallel size must be >= 1, got {self.ep}")
         if self.etp is not None and self.etp not in (1, self.tp):
@@ -77,7 +81,7 @@ class Layout:
             )
         if any(i < 0 for i in self.noop_layers) or len(set(self.noop_layers)) != len(self.noop_layers):
             raise LayoutError(
-                f"layout: --noop-layers {list(self.noop_layers)} must be distinct non-negative indices"
+                f"layout: {setting('noop_layers', self.noop_layers)} must be distinct non-negative indices"
             )
 
     @property
@@ -133,7 +137,7 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
         raise LayoutError(
             f"layout: {spec.family}'s gated-delta-net layers convert only with tensor parallel size 1 "
             f"(MindSpeed-LLM's layout keeps in_proj_qkvz / conv1d whole; megatron-core's GatedDeltaNet "
-            f"packs a different in_proj); use --tp 1 (PP and EP are supported)"
+            f"packs a different in_proj); use {setting('tp', 1)} (PP and EP are supported)"
         )
     if layout.tp > 1:
         if spec.num_heads % layout.tp:
@@ -156,7 +160,7 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
         if rows % layout.tp:
             raise LayoutError(
                 f"layout: vocabulary of {rows} rows does not split evenly over tensor parallel size "
-                f"{layout.tp}; pass --make-vocab-size-divisible-by to pad it"
+                f"{layout.tp}; pass {setting('vocab_divisible_by')} to pad it"
             )
     if (layout.ep > 1 or layout.grouped_gemm) and not spec.num_experts:
         raise LayoutError("layout: expert parallelism / grouped GEMM need a mixture-of-experts model")
@@ -175,7 +179,7 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
         if etp > 1 and spec.expert_bias:  # megatron-core asserts "Bias in Moe is only supported when ETP==1"
             raise LayoutError(
                 f"layout: megatron-core supports expert biases (gpt-oss) only with expert tensor "
-                f"parallel size 1, got {etp}; pass --etp 1"
+                f"parallel size 1, got {etp}; pass {setting('etp', 1)}"
             )
         if layout.tp > 1 and spec.shared_ffn_hidden_size % layout.tp:
             raise LayoutError(
@@ -195,7 +199,7 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
     if layout.num_layer_list is not None:
         if sum(layout.num_layer_list) != total:
             raise LayoutError(
-                f"layout: --num-layer-list {list(layout.num_layer_list)} sums to "
+                f"layout: {setting('num_layer_list', layout.num_layer_list)} sums to "
                 f"{sum(layout.num_layer_list)} but the model has {total} layers"
             )
     elif layout.vpp_layers is not None:
@@ -207,7 +211,7 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
     elif total % layout.pp:
         raise LayoutError(
             f"layout: {total} layers do not split evenly over pipeline parallel size {layout.pp}; "
-            f"pass --num-layer-list to give each stage its count"
+            f"pass {setting('num_layer_list')} to give each stage its count"
         )
 
 

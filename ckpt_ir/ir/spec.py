@@ -8,7 +8,7 @@ from typing import Any
 
 import attrs
 
-from ckpt_ir.errors import LayoutError
+from ckpt_ir.errors import LayoutError, setting
 
 
 def _positive(_inst: Any, attribute: attrs.Attribute, value: int) -> None:
@@ -109,7 +109,9 @@ class ModelSpec:
         ``rank``, computed as peft does (alpha / r or alpha / math.sqrt(r), one division)."""
         alpha = dict(self.lora_alphas).get(target, self.lora_alpha)
         if alpha is None:
-            raise LayoutError(f"{target}: the checkpoint does not record lora_alpha; pass --lora-alpha")
+            raise LayoutError(
+                f"{target}: the checkpoint does not record lora_alpha; pass {setting('lora_alpha', metavar='ALPHA')}"
+            )
         return alpha / math.sqrt(rank) if self.lora_rslora else alpha / rank
 
     @property

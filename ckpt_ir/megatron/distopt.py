@@ -28,7 +28,7 @@ from typing import Any
 
 import attrs
 
-from ckpt_ir.errors import FormatError, VerifyError
+from ckpt_ir.errors import FormatError, VerifyError, setting
 from ckpt_ir.io.safe_pickle import TensorRef, TorchDtype
 from ckpt_ir.io.torchzip import TorchZip, iter_tensors
 from ckpt_ir.ir import expr as E
@@ -264,7 +264,7 @@ def read_state(
     if not os.path.isfile(path):
         raise FormatError(
             f"{os.path.dirname(rank_file)}: no distrib_optim.pt; the checkpoint has no "
-            f"distributed-optimizer state (use the model weights instead, or --no-optimizer)"
+            f"distributed-optimizer state (use the model weights instead, or {setting('optimizer', False)})"
         )
     opt = TorchZip(path)
     dp = dp or args.get("data_parallel_size")
@@ -368,8 +368,9 @@ def _read_group(
             raise FormatError(
                 f"{path}: the rebuilt parameter layout holds {rebuilt} elements but the file says "
                 f"{saved} (chunk {index}); bucket size {size}, DP {dp} or the parameter order do not "
-                f"match how it was saved (correct args with --source-dp / --source-bucket-size / "
-                f"--source-param-align)"
+                f"match how it was saved (correct args with "
+                + " / ".join(setting(f"optimizer_layout[{k!r}]") for k in ("dp", "bucket_size", "align"))
+                + ")"
             )
         gen, lay = found[0]
         for which in STATE_KEYS:
@@ -402,14 +403,14 @@ def flat_state(
     if not params:
         raise VerifyError(
             "optimizer state: a model chunk without parameters for this optimizer (e.g. a pipeline "
-            "stage without MoE layers) is not supported; convert with --no-optimizer"
+            f"stage without MoE layers) is not supported; convert with {setting('optimizer', False)}"
         )
     order = registration_order([k for k, _ in params])
     if order is None:
         unknown = [k for k, _ in params if registration_order([k]) is None]
         raise VerifyError(
             f"optimizer state: Megatron's parameter order for {unknown[0]} is not known to ckpt-ir, "
-            f"so its place in distrib_optim.pt cannot be derived; convert with --no-optimizer"
+            f"so its place in distrib_optim.pt cannot be derived; convert with {setting('optimizer', False)}"
         )
     exprs = dict(params)
     params = [(k, exprs[k]) for k in order]

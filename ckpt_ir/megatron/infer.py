@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from ckpt_ir.errors import CkptIrError, FormatError
+from ckpt_ir.errors import CkptIrError, FormatError, setting
 from ckpt_ir.families import Family, by_name
 from ckpt_ir.families.args_only import MEGATRON
 from ckpt_ir.ir.spec import ModelSpec
@@ -216,11 +216,15 @@ def infer(args: dict[str, Any], where: str) -> tuple[Family, dict[str, Any], str
     ]
     if missing:
         raise FormatError(
-            f"{where}: args lack {', '.join(missing)}; cannot tell the model's shape (pass --hf-config DIR)"
+            f"{where}: args lack {', '.join(missing)}; cannot tell the model's shape (pass "
+            f"{setting('hf_config', metavar='DIR')})"
         )
     have = {"position_embedding_type": a.position_embedding()}
     bad = [(k, have.get(k, a[k]), want) for k, want in REQUIRED if have.get(k, a[k]) != want]
-    hint = "pass --hf-config DIR (the model's HF config.json) or --model-type-hf NAME to choose a family"
+    hint = (
+        f"pass {setting('hf_config', metavar='DIR')} (the model's HF config.json) or "
+        f"{setting('family', metavar='NAME')} to choose a family"
+    )
     if bad:
         shown = ", ".join(f"args.{k}={v!r} (needs {w!r})" for k, v, w in bad)
         raise NoFamily(where, shown, hint)
@@ -297,6 +301,7 @@ def require_hf(spec: ModelSpec, source: str, why: str | None) -> None:
     """Refuse an HF target for a model only its Megatron args describe, in one line naming them."""
     if spec.family == MEGATRON.name:
         raise FormatError(
-            f"{source}: no HF checkpoint (or transformers model) for it: {why or args_only('--model-type-hf megatron')}; "
-            f"convert it --to mcore, or pass --hf-config DIR / --model-type-hf NAME to choose a family"
+            f"{source}: no HF checkpoint (or transformers model) for it: "
+            f"{why or args_only(setting('family', 'megatron'))}; convert it {setting('to', 'mcore')}, or pass "
+            f"{setting('hf_config', metavar='DIR')} / {setting('family', metavar='NAME')} to choose a family"
         )

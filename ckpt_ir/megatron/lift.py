@@ -10,7 +10,7 @@ from typing import Any, overload
 
 import attrs
 
-from ckpt_ir.errors import CoverageError, FormatError
+from ckpt_ir.errors import CoverageError, FormatError, setting
 from ckpt_ir.families import by_name, for_hf_config
 from ckpt_ir.io.side_files import side_files
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode, add_mtp_copies
@@ -60,10 +60,14 @@ class ArgReader:
 
 
 def spec_from_args(
-    args: dict[str, Any], hf_config: dict[str, Any] | None, where: str, family: str | None = None
+    args: dict[str, Any],
+    hf_config: dict[str, Any] | None,
+    where: str,
+    family: str | None = None,
+    config_name: str | None = None,
 ) -> tuple[ModelSpec, dict[str, Any] | None, str | None]:
     """(ModelSpec, HF config, why) of a Megatron checkpoint from its ``args``: from ``hf_config``
-    when given, from the HF config ckpt-ir or MindSpeed-LLM copied into the args, else (plain
+    (named ``config_name`` in errors) when given, from the HF config ckpt-ir or MindSpeed-LLM copied into the args, else (plain
     Megatron-LM args) for ``family`` or the family inferred from the args (``why`` says which
     and why; None when nothing was inferred)."""
     a = ArgReader(args, where)
@@ -74,7 +78,7 @@ def spec_from_args(
         spec, cfg = infer.megatron_spec(args, where), None
         why = "family megatron (Megatron targets only): the model is described by its args alone"
     elif hf_config is not None:
-        cfg, fam = hf_config, for_hf_config(hf_config, "--hf-config")
+        cfg, fam = hf_config, for_hf_config(hf_config, config_name or setting("hf_config"))
     elif (
         named
         or args.get("ckpt_ir_hf_config") is not None
@@ -89,7 +93,7 @@ def spec_from_args(
     elif family:
         fam = by_name(family)
         cfg = infer.hf_config_for(fam, args, where)
-        why = f"family {fam.name} (--model-type-hf); HF config built from args"
+        why = f"family {fam.name} ({setting('family')}); HF config built from args"
     else:
         try:
             fam, cfg, why = infer.infer(args, where)
@@ -104,6 +108,13 @@ def spec_from_args(
     return spec, cfg, why
 
 
+def padded(layout: Layout, spec: ModelSpec, tensors: dict[str, TensorNode]) -> Layout:
+    """``layout`` with the padded vocabulary size the embedding's rows give (when they are more
+    than the vocabulary)."""
+    rows = tensors["embed.weight"].shape[0] if "embed.weight" in tensors else spec.vocab_size
+    return attrs.evolve(layout, padded_vocab=rows) if rows != spec.vocab_size else layout
+
+
 def norm_names(te_norms: bool, te_fc1: bool) -> str:
     """The Layout's norm naming from what the keys showed: Transformer Engine's norms fused into
     linear_qkv (``te_norms``) and into linear_fc1 (``te_fc1``), or local norm modules."""
@@ -115,7 +126,7 @@ def unknown_tensors(unknown: list[str], where: str = "") -> CoverageError:
     shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
     return CoverageError(
         f"{len(unknown)} Megatron tensor(s){f' in {where}' if where else ''} have no known meaning and "
-        f"would be lost: {shown}; pass --allow-unused PATTERN to drop them on purpose"
+        f"would be lost: {shown}; pass {setting('allow_unused', metavar='PATTERN')} to drop them on purpose"
     )
 
 
@@ -148,8 +159,7 @@ def checkpoint(
 ) -> Checkpoint:
     """The Checkpoint of a lifted Megatron model: the padded vocabulary, dtype and LoRA rank read
     off the tensors, tensors in canonical order, and the HF side files of ``hf/``."""
-    if "embed.weight" in tensors and tensors["embed.weight"].shape[0] != spec.vocab_size:
-        layout = attrs.evolve(layout, padded_vocab=tensors["embed.weight"].shape[0])
+    layout = padded(layout, spec, tensors)
     weights = [t for n, t in tensors.items() if not is_lora(n)]
     spec = attrs.evolve(spec, dtype=weights[0].dtype if weights else spec.dtype)
     lora_a = [t for n, t in tensors.items() if n.endswith(".lora_a.weight")]
@@ -170,3 +180,44 @@ def checkpoint(
         meta=meta,
         states={k: {n: v[n] for n in ordered if n in v} for k, v in sets.items()},
     )
+
+
+def check_config_fits(
+    config_name: str | None,
+    path: str,
+    spec,
+    layout: Layout,
+    tensors: dict[str, TensorNode],
+    unknown: list[str],
+) -> None:
+    """An HF config given for a Megatron checkpoint (``--hf-config``) must describe its tensors: a
+    tensor the config's model has no place for (``unknown``: Megatron keys no rule of the family
+    maps), one it needs that the checkpoint lacks, or a shape they disagree on is a one-line error
+    naming the config and the first disagreement (not "incomplete", nor a hint to drop tensors,
+    nor tensors written beside a config that leaves them out)."""
+    from ckpt_ir.ir.roles import expected_names, expected_shape
+
+    layout = padded(layout, spec, tensors)
+    model = f"a {spec.family} model as the config describes it"
+    expected = expected_names(spec, layout)
+    weights = {n for n in tensors if not is_lora(n)}
+    extra = unknown or sorted(weights - expected, key=canonical_order)
+    missing = sorted(expected - weights, key=canonical_order)
+    what = None
+    if extra:
+        more = f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""
+        what = f"the checkpoint holds {extra[0]}{more}, which {model} has no place for"
+    elif missing:
+        more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
+        what = f"{model} has {missing[0]}{more}, which the checkpoint lacks"
+    else:
+        for name in sorted(weights, key=canonical_order):
+            want, got = expected_shape(spec, layout, name), tensors[name].shape
+            if want is not None and got != want:
+                what = f"{name} is {list(got)} in the checkpoint but {list(want)} in {model}"
+                break
+    if what:
+        raise FormatError(
+            f"{config_name or 'the given HF config'}: this config does not describe the checkpoint "
+            f"{path}: {what}; pass the config of the model the checkpoint holds"
+        )

@@ -9,7 +9,7 @@ from collections import defaultdict
 
 import attrs
 
-from ckpt_ir.errors import VerifyError
+from ckpt_ir.errors import VerifyError, setting
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.layout import expert_owner, layer_slots, num_chunks
 from ckpt_ir.ir.names import expert_of, role_of, split_layer
@@ -135,7 +135,7 @@ def _group_experts(ckpt: Checkpoint, entries: list[Entry], local: int) -> None:
         if e.key.endswith(".bias"):
             raise VerifyError(
                 f"{e.key}: the grouped-GEMM expert format (weight1/weight2) has no expert biases; "
-                f"convert without --grouped-gemm (per-expert local_experts keys)"
+                f"convert without {setting('grouped_gemm')} (per-expert local_experts keys)"
             )
         kind = "weight1" if e.key.endswith("linear_fc1.weight") else "weight2"
         if ".lora_" in e.key:

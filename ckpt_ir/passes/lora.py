@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import attrs
 
-from ckpt_ir.errors import UsageError, VerifyError
+from ckpt_ir.errors import UsageError, VerifyError, setting
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.names import is_lora, is_lora_factor, lora_target, role_of, saved_name
@@ -97,7 +97,7 @@ def check_targets(ckpt: Checkpoint, targets: tuple[str, ...]) -> None:
         roles = MCORE_TARGETS.get(t) or HF_TARGETS.get(t)
         if roles is None:
             raise UsageError(
-                f"--lora-target-modules: unknown module {t!r}; use Megatron names "
+                f"{setting('lora_targets')}: unknown module {t!r}; use Megatron names "
                 f"({', '.join(MCORE_TARGETS)}) or HF names ({', '.join(HF_TARGETS)})"
             )
         hit = present.intersection(roles)
@@ -119,7 +119,8 @@ def check_targets(ckpt: Checkpoint, targets: tuple[str, ...]) -> None:
         )
     if parts:
         raise UsageError(
-            f"--lora-target-modules {' '.join(targets)} does not match the checkpoint: " + "; ".join(parts)
+            f"{setting('lora_targets')} {' '.join(targets)} does not match the checkpoint: "
+            + "; ".join(parts)
         )
 
 
@@ -131,16 +132,22 @@ def apply_lora_options(
     the adapter."""
     spec = ckpt.spec
     if spec.lora_rank is None:
-        raise UsageError("no LoRA tensors in the checkpoint; pass --lora-load DIR with the adapter")
+        raise UsageError(
+            f"no LoRA tensors in the checkpoint; pass {setting('lora_load', metavar='DIR')} with the adapter"
+        )
     if rank is not None and rank != spec.lora_rank:
-        raise UsageError(f"--lora-r {rank} given but the LoRA tensors have rank {spec.lora_rank}")
+        raise UsageError(
+            f"{setting('lora_rank', rank)} given but the LoRA tensors have rank {spec.lora_rank}"
+        )
     if alpha is not None and spec.lora_alpha is not None and float(alpha) != spec.lora_alpha:
         raise UsageError(
-            f"--lora-alpha {alpha:g} given but the checkpoint says lora_alpha={spec.lora_alpha:g}; "
-            f"drop the flag or fix the checkpoint"
+            f"{setting('lora_alpha', alpha)} given but the checkpoint says lora_alpha={spec.lora_alpha:g}; "
+            f"leave it out or fix the checkpoint"
         )
     if alpha is None and spec.lora_alpha is None:
-        raise UsageError("the checkpoint does not record lora_alpha; pass --lora-alpha")
+        raise UsageError(
+            f"the checkpoint does not record lora_alpha; pass {setting('lora_alpha', metavar='ALPHA')}"
+        )
     if targets:
         check_targets(ckpt, targets)
     if spec.lora_alpha is None:
@@ -247,7 +254,7 @@ class AttachLora(Pass):
         else:
             adapter = load(path)
             if adapter.spec.lora_rank is None:
-                raise UsageError(f"--lora-load {path}: no LoRA tensors found there")
+                raise UsageError(f"{setting('lora_load', path)}: no LoRA tensors found there")
             la, lb = adapter.layout, ckpt.layout
             if (la.tp, la.pp, la.vpp_layers, la.num_layer_list, la.noop_layers) != (
                 lb.tp,
@@ -257,7 +264,7 @@ class AttachLora(Pass):
                 lb.noop_layers,
             ):
                 raise UsageError(
-                    f"--lora-load {path}: adapter layout ({la.describe()}) differs from the base "
+                    f"{setting('lora_load', path)}: adapter layout ({la.describe()}) differs from the base "
                     f"({lb.describe()}); both must come from the same training layout"
                 )
             tensors = {n: t for n, t in adapter.tensors.items() if is_lora(n)}
@@ -272,7 +279,7 @@ class AttachLora(Pass):
         missing = sorted({lora_target(n) for n in tensors} - set(ckpt.tensors))
         if missing:
             raise UsageError(
-                f"--lora-load {path}: adapter targets {', '.join(missing[:3])} which the base lacks"
+                f"{setting('lora_load', path)}: adapter targets {', '.join(missing[:3])} which the base lacks"
             )
         merged = {n: t for n, t in ckpt.tensors.items() if not is_lora(n)}
         merged.update(tensors)

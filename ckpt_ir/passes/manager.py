@@ -412,8 +412,13 @@ def load_plugin(module: str) -> None:
 
 
 class Pipeline(list):
+    """Passes in order; ``str()`` is the pipeline text :func:`parse_pipeline` reads back."""
+
     def __str__(self) -> str:
         return ",".join(str(p) for p in self)
+
+    def __repr__(self) -> str:
+        return f"<Pipeline {self or '(no passes)'}>"
 
 
 def _caret(text: str, pos: int, msg: str) -> UsageError:
@@ -421,8 +426,10 @@ def _caret(text: str, pos: int, msg: str) -> UsageError:
 
 
 def parse_pipeline(text: str) -> Pipeline:
-    """Parse ``a,b{k=v k2=v2},c`` (a value with spaces or braces in double quotes:
-    ``attach-lora{path="my adapter"}``); errors point at the bad token."""
+    """Parse pipeline text, ``a,b{k=v k2=v2},c`` (``ckpt-ir passes`` lists the passes and their
+    options; a value with spaces or braces in double quotes: ``attach-lora{path="my adapter"}``),
+    into a :class:`Pipeline`; an unknown pass or option, or a bad value, is a
+    :class:`~ckpt_ir.errors.UsageError` pointing at the token."""
     reg = registry()
     out = Pipeline()
     i, n = 0, len(text)
