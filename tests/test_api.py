@@ -14,13 +14,16 @@ def test_public_objects_have_short_reprs(hf_cache, tmp_path):
     assert eval(repr(target), {"Target": ck.Target}) == target
     dry = ck.convert(src, str(tmp_path / "dry"), target, dry_run=True)
     plan = dry.plan
-    assert repr(dry.pipeline) == "<Pipeline cast{dtype=bf16},fuse-qkv,fuse-gate-up,shard{tp=2}>"
+    assert (
+        repr(dry.pipeline)
+        == "<Pipeline cast{dtype=bf16 keep-fp32=megatron},fuse-qkv,fuse-gate-up,shard{tp=2}>"
+    )
     assert repr(plan) == f"<Plan 5 files, {plan.nbytes} bytes to write>"
     assert repr(plan.files[0]) == (
         f"<OutputFile iter_0000001/mp_rank_00/model_optim_rng.pt (torch): 27 tensors, {plan.files[0].nbytes} bytes>"
     )
     assert repr(dry) == (
-        "<Conversion pipeline=cast{dtype=bf16},fuse-qkv,fuse-gate-up,shard{tp=2} "
+        "<Conversion pipeline=cast{dtype=bf16 keep-fp32=megatron},fuse-qkv,fuse-gate-up,shard{tp=2} "
         f"output=<Checkpoint llama hf tp=2 pp=1 qkv=fused gate_up=fused: 27 tensors, {dry.output.nbytes} bytes> "
         f"plan={plan!r} stats=None>"
     )
@@ -121,7 +124,7 @@ def test_save_writes_the_ir_as_it_is(hf_cache, tmp_path):
         ck.save(src, str(tmp_path / "a"), target)
     assert not (tmp_path / "a").exists()
     stats = ck.save(ck.run(src, ck.derive_pipeline(src, target)), str(tmp_path / "b"), target)
-    assert sorted(stats) == ["bytes_read", "bytes_written", "seconds"]
+    assert sorted(stats) == ["bytes_read", "bytes_written", "overflows", "seconds"]
     assert sorted(p.name for p in (tmp_path / "b" / "iter_0000001").iterdir()) == ["mp_rank_00", "mp_rank_01"]
 
 

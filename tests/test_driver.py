@@ -153,7 +153,7 @@ def test_hf_target_checks_the_layout_a_user_pipeline_leaves(hf_cache, tmp_path, 
     assert r.returncode == 2 and not (tmp_path / "o").exists()
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith(
-        f"{ERROR_PREFIX} the pipeline's output differs from the target flags: --to hf needs {needs}"
+        f"{ERROR_PREFIX} the pipeline's output differs from the target: --to hf needs {needs}"
     )
     assert "but the pipeline gives hf tp=1" in line
 

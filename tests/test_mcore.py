@@ -365,8 +365,8 @@ def test_invalid_layouts_are_refused_before_any_io(small, tmp_path, target, frag
 @pytest.mark.parametrize(
     "target, message",
     [
-        (dict(pp=2, num_layer_list=(0, 4)), "--num-layer-list entries must be at least 1, got 0,4"),
-        (dict(noop_layers=(3, -1)), "--noop-layers entries must be at least 0, got 3,-1"),
+        (dict(pp=2, num_layer_list=(0, 4)), "num_layer_list entries must be at least 1, got 0,4"),
+        (dict(noop_layers=(3, -1)), "noop_layers entries must be at least 0, got 3,-1"),
     ],
 )
 def test_layer_list_flags_out_of_range_are_usage_errors(target, message):

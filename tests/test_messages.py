@@ -48,7 +48,7 @@ def option_flags() -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for path in sorted(PACKAGE.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if not (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "option"):
+            if not (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setting"):
                 continue
             name = node.args[0]
             if not (isinstance(name, ast.Constant) and isinstance(name.value, str)):
@@ -131,7 +131,9 @@ def test_pipeline_line_says_when_no_pass_runs_and_what_the_writer_quantizes(hf_c
     r = cli("convert", src, tmp_path / "q", *flags)
     assert r.returncode == 0 and r.stderr.splitlines()[0] == quantized, r.stderr
     r = cli("convert", src, tmp_path / "q16", *flags, "--dtype", "bf16", "--dry-run")
-    assert r.stdout.splitlines()[0] == quantized.replace("(no passes)", "cast{dtype=bf16}")
+    assert r.stdout.splitlines()[0] == quantized.replace(
+        "(no passes)", "cast{dtype=bf16 keep-fp32=transformers}"
+    )
     r = cli("convert", src, tmp_path / "h", "--to", "hf")
     assert r.returncode == 0 and r.stderr.splitlines()[0] == "pipeline: (no passes)", r.stderr
 

@@ -659,5 +659,5 @@ def test_megatron_core_0_19_layout_loads_with_the_source_logits(tmp_path):
 
 
 def test_torch_dist_version_needs_torch_dist():
-    with pytest.raises(UsageError, match="torch-dist-version"):
+    with pytest.raises(UsageError, match="torch_dist_version"):
         ck.Target(to="mcore", torch_dist_version="0.19")

@@ -501,7 +501,7 @@ def bytes_read(plan: Plan, writers: int, block_bytes: int = BLOCK_BYTES) -> int:
     tensors repeat it (the page cache serves the repeats), and :func:`run_checks` reads what it
     compares once.  Reading the source's headers when it is lifted is not counted."""
     from ckpt_ir.backends.plan import SourceReads
-    from ckpt_ir.io.ranges import RangeSet
+    from ckpt_ir.ir.byte_ranges import RangeSet
 
     total, reads = 0, SourceReads(block_bytes)
     for share in shares(list(plan.files), writers):

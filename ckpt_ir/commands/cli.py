@@ -327,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CkptIrError as e:
         if debug:
             raise
-        print(f"ckpt-ir: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"ckpt-ir: error: {e}\n")  # one write: ranks under torchrun share stderr
         return e.exit_code
     except KeyboardInterrupt:
         print("ckpt-ir: interrupted; nothing was written to the destination", file=sys.stderr)
@@ -337,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         if debug:
             raise
-        print(f"ckpt-ir: error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        sys.stderr.write(f"ckpt-ir: error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}\n")
         return 1
 
 

@@ -730,7 +730,7 @@ class Reader:
     ``overflow`` adds up the casts' overflows of what it evaluates (the writer resets it per tensor)."""
 
     def __init__(self) -> None:
-        from ckpt_ir.io.ranges import RangeSet
+        from ckpt_ir.ir.byte_ranges import RangeSet
 
         self._fds: dict[str, int] = {}
         self.ranges_read = RangeSet()  # every source byte read (by read_into, or copied and noted)
