@@ -1,0 +1,80 @@
+"""The test suite's own machinery: the warm megatron-core server the oracle and fixture scripts
+run in (``tests/mcore_server.py``)."""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import mcore_server
+
+
+def _script(tmp_path: Path, body: str) -> str:
+    path = tmp_path / "script.py"
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+def test_server_runs_a_script_as_python_would(tmp_path):
+    script = _script(
+        tmp_path,
+        """
+        import os, sys
+        print(__name__, sys.argv[1:], sys.path[0] == os.path.dirname(os.path.abspath(__file__)))
+        print("on stderr", file=sys.stderr)
+        sys.exit(int(sys.argv[1]))
+        """,
+    )
+    log = tmp_path / "log"
+    assert mcore_server.run(script, [3, "x y"], str(log), timeout=120) == 3
+    assert sorted(log.read_text().splitlines()) == ["__main__ ['3', 'x y'] True", "on stderr"]
+    assert mcore_server.run(script, [0], str(log), timeout=120) == 0
+
+
+def test_server_reports_a_traceback_and_keeps_serving(tmp_path):
+    script = _script(tmp_path, "raise ValueError('no such job')\n")
+    log = tmp_path / "log"
+    assert mcore_server.run(script, [], str(log), timeout=120) == 1
+    text = log.read_text()
+    assert text.startswith("Traceback") and text.endswith("ValueError: no such job\n")
+    ok = _script(tmp_path, "print('next')\n")
+    assert mcore_server.run(ok, [], str(log), timeout=120) == 0 and log.read_text() == "next\n"
+
+
+def _gone(pid: int, seconds: float = 30) -> bool:
+    """The process has ended (reaped, or a zombie waiting for its new parent)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("how", ["exits", "times_out"])
+def test_server_kills_what_a_job_leaves_running(tmp_path, how):
+    """A job's leftovers (like the Manager that dist_checkpointing.save starts) are killed with its
+    process group when it exits, and a job that runs past its timeout is killed with them."""
+    pid_file = tmp_path / "leftover.pid"
+    script = _script(
+        tmp_path,
+        f"""
+        import subprocess, sys, time
+        p = subprocess.Popen(["sleep", "600"])
+        open({str(pid_file)!r}, "w").write(str(p.pid))
+        if sys.argv[1] == "times_out":
+            time.sleep(600)
+        """,
+    )
+    start = time.monotonic()
+    rc = mcore_server.run(script, [how], str(tmp_path / "log"), timeout=10 if how == "times_out" else 120)
+    assert rc == ("timeout" if how == "times_out" else 0)
+    assert time.monotonic() - start < 120
+    assert _gone(int(pid_file.read_text()))
