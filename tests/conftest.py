@@ -1,9 +1,16 @@
-"""Shared fixtures: tiny random HF models built offline from transformers configs."""
+"""Shared fixtures: tiny random HF models built offline from transformers configs.
+
+What several files need is built once per run with :func:`built_once`, under the run's temp
+root (which pytest-xdist workers share), and only read from there.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,20 +75,36 @@ def build_hf(
     return path
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
+    """``build(DIR)`` once per test run, DIR being ``name`` under the run's temp root, which the
+    pytest-xdist workers share: the first worker to ask builds it while the others wait on a lock
+    (a build that failed is tried again by the next one to ask).  Read what it returns; copy it to
+    change it."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: <run>/popen-gwN
+    path, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            build(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def hf_cache(tmp_path_factory):
-    """build_hf with caching across the session: returns a fresh copy under tmp for each call."""
+    """build_hf, each model built once per run (:func:`built_once`): returns a fresh copy under
+    tmp for each call."""
     root = tmp_path_factory.mktemp("hf-cache")
-    cache: dict[tuple, str] = {}
     counter = [0]
 
     def get(family: str = "llama", **kw) -> str:
-        key = (family, tuple(sorted(kw.items())))
-        if key not in cache:
-            cache[key] = build_hf(str(root / f"{family}-{len(cache)}"), family, **kw)
+        name = "-".join(["hf", family, *(f"{k}={v}" for k, v in sorted(kw.items()))])
+        built = built_once(tmp_path_factory, name, lambda d: build_hf(str(d), family, **kw))
         counter[0] += 1
         dst = str(root / f"copy-{counter[0]}")
-        shutil.copytree(cache[key], dst)
+        shutil.copytree(built, dst)
         return dst
 
     return get
@@ -94,3 +117,20 @@ def files_of(path: str) -> dict[str, bytes]:
             with open(os.path.join(r, f), "rb") as fh:
                 out[os.path.relpath(os.path.join(r, f), path)] = fh.read()
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_tp2pp2dp2(tmp_path_factory) -> tuple[str, str]:
+    """(HF dir, checkpoint dir): a tiny llama (hidden 72, so no parameter is a multiple of 64; 4
+    layers, vocab 256, untied) and the checkpoint megatron-core wrote of it after two Adam steps
+    at TP=2 PP=2 DP=2 (bf16 with fp32 masters, distributed optimizer, DDP buckets of 4096
+    elements; ``tests/distopt_fixtures.py``), built once per run (:func:`built_once`)."""
+    from tests import distopt_fixtures as F
+
+    def build(root: Path) -> None:
+        hf, src = str(root / "hf"), str(root / "src")
+        F.make_tiny_hf_llama(hf, hidden=72, layers=4, heads=4, kv_heads=2, ffn=120, vocab=256, tied=False)
+        F.make_distopt_checkpoint(src, hf, tp=2, pp=2, dp=2, bucket_size=4096, steps=2, bf16=True, init="hf")
+
+    root = built_once(tmp_path_factory, "distopt-llama-tp2pp2dp2", build)
+    return str(root / "hf"), str(root / "src")

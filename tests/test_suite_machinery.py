@@ -1,15 +1,79 @@
-"""The test suite's own machinery: the warm megatron-core server the oracle and fixture scripts
-run in (``tests/mcore_server.py``)."""
+"""The test suite's own machinery: what xdist workers share (``built_once`` in
+``tests/conftest.py``) and the warm megatron-core server the oracle and fixture scripts run in
+(``tests/mcore_server.py``)."""
 
 from __future__ import annotations
 
+import os
 import textwrap
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from tests import mcore_server
+from tests.conftest import built_once
+
+
+class _Factory:
+    """A worker's ``tmp_path_factory``, as far as :func:`built_once` uses it."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+
+    def getbasetemp(self) -> Path:
+        return self.base
+
+
+def _build_in_worker(run_root: Path, worker: str, log: Path, fail: bool) -> None:
+    """Body of a forked 'xdist worker': ask for the shared directory, report what it read."""
+    os.environ["PYTEST_XDIST_WORKER"] = worker
+    base = run_root / f"popen-{worker}"
+    base.mkdir()
+
+    def build(d: Path) -> None:
+        with open(log, "a") as fh:
+            fh.write(f"{worker}\n")
+        time.sleep(0.5)  # the other workers ask meanwhile
+        if fail:
+            raise RuntimeError("build failed")
+        d.mkdir()
+        (d / "data").write_text(f"built by {worker}")
+
+    try:
+        d = built_once(cast(pytest.TempPathFactory, _Factory(base)), "shared", build)
+        (base / "read").write_text((d / "data").read_text())
+    except RuntimeError:
+        os._exit(3)
+    os._exit(0)
+
+
+def _workers(run_root: Path, log: Path, names: list[str], fail: str = "") -> list[int]:
+    pids = []
+    for name in names:
+        pid = os.fork()
+        if pid == 0:
+            _build_in_worker(run_root, name, log, fail == name)
+        pids.append(pid)
+    return [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+
+
+def test_built_once_builds_once_for_all_workers_of_a_run(tmp_path):
+    log = tmp_path / "builds"
+    assert _workers(tmp_path, log, ["gw0", "gw1", "gw2"]) == [0, 0, 0]
+    (builder,) = log.read_text().split()
+    for w in ("gw0", "gw1", "gw2"):
+        assert (tmp_path / f"popen-{w}" / "read").read_text() == f"built by {builder}"
+    assert (tmp_path / "shared" / "data").is_file()  # under the run's root, not one worker's
+
+
+def test_built_once_builds_again_after_a_failed_build(tmp_path):
+    log = tmp_path / "builds"
+    assert _workers(tmp_path, log, ["gw0"], fail="gw0") == [3]
+    assert _workers(tmp_path, log, ["gw1"]) == [0]
+    assert log.read_text().split() == ["gw0", "gw1"]
+    assert (tmp_path / "popen-gw1" / "read").read_text() == "built by gw1"
 
 
 def _script(tmp_path: Path, body: str) -> str:
