@@ -1,7 +1,11 @@
 """Shared fixtures: tiny random HF models built offline from transformers configs.
 
-What several files need is built once per run with :func:`built_once`, under the run's temp
-root (which pytest-xdist workers share), and only read from there.
+The suite runs on one pytest-xdist worker per core (``-n auto --dist loadgroup`` in
+pyproject.toml), each test in its own ``tmp_path``.  The tests that use a module-scoped fixture
+run on one worker with the rest of their file (:func:`pytest_collection_modifyitems`), so the
+fixture is built once; every other test goes to whichever worker is free.  What several files
+need is built once per run with :func:`built_once`, under the run's temp root that all workers
+share, and only read from there.
 """
 
 from __future__ import annotations
@@ -73,6 +77,18 @@ def build_hf(
     save_kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **save_kw)
     return path
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses a fixture of module (or class, package) scope, directly or through
+    another fixture, joins its file's ``xdist_group``: with ``--dist loadgroup`` the whole group
+    runs on one worker, which builds the fixture once."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)  # the fixture closure pytest resolved
+        defs = info.name2fixturedefs.values() if info is not None else ()
+        if any(d.scope in ("module", "class", "package") for ds in defs for d in ds):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
 def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:

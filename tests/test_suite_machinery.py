@@ -1,6 +1,6 @@
-"""The test suite's own machinery: what xdist workers share (``built_once`` in
-``tests/conftest.py``) and the warm megatron-core server the oracle and fixture scripts run in
-(``tests/mcore_server.py``)."""
+"""The test suite's own machinery: what xdist workers share (``built_once``), which tests stay on
+one worker (the ``xdist_group`` given in ``tests/conftest.py``), and the warm megatron-core
+server the oracle and fixture scripts run in (``tests/mcore_server.py``)."""
 
 from __future__ import annotations
 
@@ -74,6 +74,28 @@ def test_built_once_builds_again_after_a_failed_build(tmp_path):
     assert _workers(tmp_path, log, ["gw1"]) == [0]
     assert log.read_text().split() == ["gw0", "gw1"]
     assert (tmp_path / "popen-gw1" / "read").read_text() == "built by gw1"
+
+
+@pytest.fixture(scope="module")
+def built_for_the_module() -> list[str]:
+    return ["module"]
+
+
+@pytest.fixture
+def through_another_fixture(built_for_the_module) -> list[str]:
+    return [*built_for_the_module, "function"]
+
+
+def test_a_test_with_a_module_fixture_stays_with_its_file(request, through_another_fixture):
+    groups = [m.args for m in request.node.iter_markers("xdist_group")]
+    assert groups == [("tests/test_suite_machinery.py",)] and through_another_fixture == [
+        "module",
+        "function",
+    ]
+
+
+def test_a_test_without_one_goes_to_any_worker(request, tmp_path):
+    assert list(request.node.iter_markers("xdist_group")) == []
 
 
 def _script(tmp_path: Path, body: str) -> str:
