@@ -5,7 +5,9 @@ pyproject.toml), each test in its own ``tmp_path``.  The tests that use a module
 run on one worker with the rest of their file (:func:`pytest_collection_modifyitems`), so the
 fixture is built once; every other test goes to whichever worker is free.  What several files
 need is built once per run with :func:`built_once`, under the run's temp root that all workers
-share, and only read from there.
+share, and only read from there.  Each worker runs torch (and the CLI subprocesses it starts)
+on its share of the cores (:func:`worker_threads`): the OpenMP threads of two workers on the
+same two cores spin against each other.
 """
 
 from __future__ import annotations
@@ -13,11 +15,23 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
 import torch
+
+
+def worker_threads(environ: Mapping[str, str] = os.environ) -> int | None:
+    """This pytest-xdist worker's share of the cores (at least one); None outside pytest-xdist."""
+    if not environ.get("PYTEST_XDIST_WORKER"):
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // int(environ["PYTEST_XDIST_WORKER_COUNT"]))
+
+
+if threads := worker_threads():
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the CLI subprocesses this worker starts
+    torch.set_num_threads(threads)
 
 # shape parameters per family; every model gets random values in *every* parameter (norms and
 # biases too), so a swapped or dropped tensor cannot hide behind default initialisation

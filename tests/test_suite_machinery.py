@@ -1,6 +1,7 @@
 """The test suite's own machinery: what xdist workers share (``built_once``), which tests stay on
-one worker (the ``xdist_group`` given in ``tests/conftest.py``), and the warm megatron-core
-server the oracle and fixture scripts run in (``tests/mcore_server.py``)."""
+one worker (the ``xdist_group`` given in ``tests/conftest.py``), each worker's torch threads,
+and the warm megatron-core server the oracle and fixture scripts run in
+(``tests/mcore_server.py``)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+import torch
 
 from tests import mcore_server
-from tests.conftest import built_once
+from tests.conftest import built_once, worker_threads
 
 
 class _Factory:
@@ -96,6 +98,18 @@ def test_a_test_with_a_module_fixture_stays_with_its_file(request, through_anoth
 
 def test_a_test_without_one_goes_to_any_worker(request, tmp_path):
     assert list(request.node.iter_markers("xdist_group")) == []
+
+
+def test_each_worker_runs_torch_on_its_share_of_the_cores():
+    cores = len(os.sched_getaffinity(0))
+    assert worker_threads({}) is None
+    assert worker_threads({"PYTEST_XDIST_WORKER": "gw1", "PYTEST_XDIST_WORKER_COUNT": "2"}) == max(
+        1, cores // 2
+    )
+    assert worker_threads({"PYTEST_XDIST_WORKER": "gw7", "PYTEST_XDIST_WORKER_COUNT": str(cores + 1)}) == 1
+    threads = worker_threads()
+    if threads is not None:  # this test runs in a worker (the suite's default): set for it
+        assert torch.get_num_threads() == threads and os.environ["OMP_NUM_THREADS"] == str(threads)
 
 
 def _script(tmp_path: Path, body: str) -> str:
