@@ -44,8 +44,7 @@ def run(script: str, argv: list[str], log: str, timeout: float) -> int | str:
     server = _start()
     assert server.stdin is not None
     request = {"script": os.path.abspath(script), "argv": [str(a) for a in argv], "log": log}
-    server.stdin.write(json.dumps(request) + "\n")
-    server.stdin.flush()
+    server.stdin.write(json.dumps(request).encode() + b"\n")
     pid = _reply(server, time.monotonic() + 600)["pid"]  # the first one waits for the imports
     try:
         return _reply(server, time.monotonic() + timeout)["rc"]
@@ -62,7 +61,7 @@ def _start() -> subprocess.Popen:
             [sys.executable, os.path.abspath(__file__)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            text=True,
+            bufsize=0,  # unbuffered: a reply is read exactly to its newline, the next one stays in the pipe
             env=dict(os.environ, **ENV),
             start_new_session=True,  # a Ctrl-C of the test run reaches the tests, not the server
         )

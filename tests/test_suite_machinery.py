@@ -144,6 +144,22 @@ def test_server_reports_a_traceback_and_keeps_serving(tmp_path):
     assert mcore_server.run(ok, [], str(log), timeout=120) == 0 and log.read_text() == "next\n"
 
 
+def test_server_replies_that_arrive_together_are_both_read(tmp_path):
+    """The job's two replies (started, ended) may wait in the pipe together when the test process
+    comes back to read them: reading the first must leave the second to be read."""
+    import json
+
+    script = _script(tmp_path, "pass\n")
+    assert mcore_server.run(script, [], str(tmp_path / "log"), timeout=120) == 0  # the server is up
+    server = mcore_server._start()
+    assert server.stdin is not None
+    request = {"script": script, "argv": [], "log": str(tmp_path / "log")}
+    server.stdin.write(json.dumps(request).encode() + b"\n")
+    time.sleep(3)  # the job has ended: both replies are in the pipe
+    pid = mcore_server._reply(server, time.monotonic() + 5)["pid"]
+    assert mcore_server._reply(server, time.monotonic() + 5) == {"rc": 0} and pid > 0
+
+
 def _gone(pid: int, seconds: float = 30) -> bool:
     """The process has ended (reaped, or a zombie waiting for its new parent)."""
     deadline = time.monotonic() + seconds
