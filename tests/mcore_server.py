@@ -45,11 +45,11 @@ def run(script: str, argv: list[str], log: str, timeout: float) -> int | str:
     assert server.stdin is not None
     request = {"script": os.path.abspath(script), "argv": [str(a) for a in argv], "log": log}
     server.stdin.write(json.dumps(request).encode() + b"\n")
-    pid = _reply(server, time.monotonic() + 600)["pid"]  # the first one waits for the imports
+    pid = _reply(server, time.monotonic() + 600)["pid"]  # the first job waits for the imports
     try:
         return _reply(server, time.monotonic() + timeout)["rc"]
     except TimeoutError:
-        os.killpg(pid, signal.SIGKILL)
+        _killpg(pid)
         _reply(server, time.monotonic() + 60)
         return "timeout"
 
@@ -76,6 +76,13 @@ def _stop(server: subprocess.Popen) -> None:
         server.wait(timeout=30)
     except subprocess.TimeoutExpired:
         server.kill()
+
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _reply(server: subprocess.Popen, deadline: float) -> dict:
@@ -117,10 +124,7 @@ def _serve() -> None:
         replies.write(json.dumps({"pid": pid}) + "\n")
         replies.flush()
         os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # ended, not reaped: its group id stays
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _killpg(pid)
         _, status = os.waitpid(pid, 0)
         replies.write(json.dumps({"rc": os.waitstatus_to_exitcode(status)}) + "\n")
         replies.flush()
