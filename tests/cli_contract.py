@@ -1,6 +1,6 @@
 """The CLI error contract and tiny shared checkpoints for the bad-input and safety tests.
 
-Fixtures are built offline once per session (an HF Llama via transformers, and a TP=2 PP=2
+Fixtures are built offline once per run (an HF Llama via transformers, and a TP=2 PP=2
 Megatron-Core copy made by ``ckpt-ir convert``); every test corrupts its own copy.
 """
 
@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import built_once
 
 REPO = Path(__file__).resolve().parents[1]
 TMP_TAG = ".ckpt-ir-tmp-"
@@ -94,22 +96,14 @@ def assert_ok(res: subprocess.CompletedProcess) -> None:
     assert res.returncode == 0 and "Traceback" not in res.stderr, f"exit {res.returncode}\n{res.stderr}"
 
 
-def _fixture_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.getbasetemp() / "ckpt_ir_fixtures"
-    root.mkdir(exist_ok=True)
-    return root
-
-
 def build_tiny_hf(tmp_path_factory) -> Path:
-    """A 2-layer Llama (hidden 64, 4 heads, 2 KV heads, vocab 128), built once per session and
-    shared with test_safety.py through the session's base temp dir."""
-    root = _fixture_root(tmp_path_factory)
-    d, done = root / "hf_tiny", root / "hf_tiny.complete"
-    if not done.exists():
+    """A 2-layer Llama (hidden 64, 4 heads, 2 KV heads, vocab 128), built once per run and shared
+    with test_safety.py and the other files (:func:`tests.conftest.built_once`)."""
+
+    def build(d: Path) -> None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        shutil.rmtree(d, ignore_errors=True)
         torch.manual_seed(0)
         cfg = AutoConfig.for_model(
             "llama",
@@ -121,19 +115,18 @@ def build_tiny_hf(tmp_path_factory) -> Path:
             vocab_size=128,
         )
         AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(d)
-        done.touch()
-    return d
+
+    return built_once(tmp_path_factory, "hf_tiny", build)
 
 
 def build_tiny_mcore(tmp_path_factory) -> Path:
     """The tiny HF model as a Megatron-Core TP=2 PP=2 checkpoint (made by ckpt-ir itself)."""
-    root = _fixture_root(tmp_path_factory)
-    d, done = root / "mcore_tp2pp2", root / "mcore_tp2pp2.complete"
-    if not done.exists():
-        shutil.rmtree(d, ignore_errors=True)
-        assert_ok(convert(build_tiny_hf(tmp_path_factory), d, "--tp", 2, "--pp", 2, "--quiet"))
-        done.touch()
-    return d
+    src = build_tiny_hf(tmp_path_factory)
+    return built_once(
+        tmp_path_factory,
+        "mcore_tp2pp2",
+        lambda d: assert_ok(convert(src, d, "--tp", 2, "--pp", 2, "--quiet")),
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
 """Real megatron-core checkpoints with optimizer state, built on CPU, as fixtures for future tests.
 
-Not a test module.  Two public builders, each of which runs one subprocess (``python
-tests/distopt_fixtures.py JOB.json``) that imports megatron-core once and forks TP*PP*DP ranks
-joined by a gloo process group (file-store rendezvous), like ``tests/mcore_harness.py``:
+Not a test module.  Two public builders, each of which runs one process (``python
+tests/distopt_fixtures.py JOB.json WORLD``, or the same ``main`` in a fork of the warm
+megatron-core server of ``tests/mcore_server.py``, which is how the builders run it) that has
+imported megatron-core once and forks TP*PP*DP ranks joined by a gloo process group (file-store
+rendezvous), like ``tests/mcore_harness.py``:
 
 * :func:`make_distopt_checkpoint` -- a megatron-core ``GPTModel`` (local layer spec) in bf16 with
   fp32 main params, wrapped in ``Float16Module`` + ``DistributedDataParallel`` (grads in fp32,
@@ -101,7 +103,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import traceback
@@ -110,7 +111,6 @@ import zlib
 
 TIMEOUT_MIN = 2
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -725,30 +725,14 @@ def _run_job(kind: str, out_dir: str, hf_dir: str, **kw) -> dict:
         job_path = os.path.join(tmp, "job.json")
         with open(job_path, "w") as fh:
             json.dump(job, fh)
-        env = dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1")
         world = kw["tp"] * kw["pp"] * kw["dp"]
         log_path = os.path.join(tmp, "log.txt")
-        with open(log_path, "w") as log:
-            # own session: whatever the ranks leave behind (megatron's spawn-context Manager used by
-            # dist_checkpointing.save) is killed with the group, and no pipe keeps us waiting
-            proc = subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), job_path, str(world)],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-                start_new_session=True,
-            )
-            try:
-                rc = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-            finally:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
+        # a fork of the warm megatron-core server, in a session of its own: whatever the ranks
+        # leave behind (megatron's spawn-context Manager used by dist_checkpointing.save) is
+        # killed with its process group
+        from tests import mcore_server
+
+        rc = mcore_server.run(__file__, [job_path, str(world)], log_path, timeout)
         if rc != 0:
             with open(log_path) as fh:
                 raise RuntimeError(f"fixture subprocess failed ({rc}):\n{fh.read()[-6000:]}")

@@ -75,30 +75,21 @@ TIMEOUT_MIN = 2  # a collective that waits this long has lost a peer: fail inste
 
 
 def run_job(root, cases: list[dict], world: int = 4, timeout: float = 400) -> list[tuple[object, list[dict]]]:
-    """Run ``cases`` in one harness subprocess (from a test): per case, the logits it wrote (None
-    for load-only cases) and every rank's report.  A failing harness fails with its output."""
-    import subprocess
-
+    """Run ``cases`` in one harness process (from a test; a fork of the warm megatron-core server,
+    ``tests/mcore_server.py``): per case, the logits it wrote (None for load-only cases) and every
+    rank's report.  A failing harness fails with its output."""
     import torch
+
+    from tests import mcore_server
 
     job = os.path.join(str(root), "job.json")
     with open(job, "w") as fh:
         json.dump({"store": os.path.join(str(root), "gloo-store"), "cases": cases}, fh)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), job, str(world)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    assert proc.returncode == 0, f"megatron-core harness failed:\n{out[-4000:]}\n{err[-8000:]}"
+    log = os.path.join(str(root), "harness.log")
+    rc = mcore_server.run(__file__, [job, str(world)], log, timeout)
+    if rc != 0:
+        with open(log) as fh:
+            raise AssertionError(f"megatron-core harness failed ({rc}):\n{fh.read()[-12000:]}")
     results = []
     for c in cases:
         reports = []
@@ -203,7 +194,8 @@ def _patch_cuda() -> None:
 
 def _install_grouped_gemm_shim() -> None:
     """A pure-torch stand-in for the CUDA-only ``grouped_gemm`` package (``ops.gmm`` only); it
-    replaces an installed one too, whose kernels would need CUDA tensors."""
+    replaces an installed one too, whose kernels would need CUDA tensors.  Installed before
+    megatron-core is imported, or after (then megatron-core's ``grouped_gemm_util`` is rebound)."""
     import types
 
     import torch
@@ -222,6 +214,9 @@ def _install_grouped_gemm_shim() -> None:
     pkg.ops = ops
     sys.modules["grouped_gemm"] = pkg
     sys.modules["grouped_gemm.ops"] = ops
+    gg = sys.modules.get("megatron.core.transformer.moe.grouped_gemm_util")
+    if gg is not None:  # megatron-core already imported (the warm server): rebind what it bound
+        gg.grouped_gemm, gg.ops = pkg, ops
 
 
 def _moe_kwargs(case: dict) -> dict:

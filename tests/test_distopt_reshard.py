@@ -6,6 +6,7 @@ sharding rules written out below (not by ckpt-ir)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -111,18 +112,15 @@ def assert_same_training_state(source: dict, source_layers: int, loaded: dict, l
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, trained_tp2pp2dp2):
     """TP=2, PP=2, DP=2, bf16 with fp32 masters, hidden 72 (parameters not multiples of 64), DDP
-    buckets of 4096 elements (several per stage 0), two Adam steps."""
-    root = tmp_path_factory.mktemp("distopt")
-    hf = str(root / "hf")
-    F.make_tiny_hf_llama(hf, hidden=72, layers=4, heads=4, kv_heads=2, ffn=120, vocab=256, tied=False)
-    src = str(root / "src")
-    info = F.make_distopt_checkpoint(
-        src, hf, tp=2, pp=2, dp=2, bucket_size=4096, steps=2, bf16=True, init="hf"
-    )
+    buckets of 4096 elements (several per stage 0), two Adam steps (tests/conftest.py); tests
+    write their outputs under ``root``."""
+    hf, src = trained_tp2pp2dp2
+    with open(os.path.join(src, "fixture.json")) as fh:
+        info = json.load(fh)
     assert max(len(b["buckets"]) for r in info["ranks"] for b in r["buffers"]) > 1
-    return root, hf, src
+    return tmp_path_factory.mktemp("distopt"), hf, src
 
 
 def test_tp2_pp2_dp2_to_tp1_pp4_dp1_and_back_is_bit_exact(trained):

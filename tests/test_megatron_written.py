@@ -74,17 +74,15 @@ def _gather_truth(out: str, tp: int, pp: int, field: str) -> dict:
     return truth
 
 
-def test_fp32_masters_of_a_distributed_optimizer_export_to_hf(tmp_path):
+def test_fp32_masters_of_a_distributed_optimizer_export_to_hf(trained_tp2pp2dp2, tmp_path):
     """TP=2, PP=2, DP=2, several DDP buckets, hidden 72 (parameters not multiples of 64), bf16
-    training: --weights-from master exports the fp32 masters, equal to megatron-core's own."""
+    training (tests/conftest.py): --weights-from master exports the fp32 masters, equal to
+    megatron-core's own."""
     import json
 
     from transformers import AutoModelForCausalLM
 
-    hf = str(tmp_path / "hf")
-    F.make_tiny_hf_llama(hf, hidden=72, layers=4, heads=4, kv_heads=2, ffn=120, vocab=256, tied=False)
-    out = str(tmp_path / "megatron")
-    F.make_distopt_checkpoint(out, hf, tp=2, pp=2, dp=2, bucket_size=4096, steps=2, bf16=True, init="hf")
+    hf, out = trained_tp2pp2dp2
     back = str(tmp_path / "masters")
     assert (
         cli_main(
