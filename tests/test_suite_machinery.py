@@ -155,7 +155,7 @@ def test_server_replies_that_arrive_together_are_both_read(tmp_path):
     assert server.stdin is not None
     request = {"script": script, "argv": [], "log": str(tmp_path / "log")}
     server.stdin.write(json.dumps(request).encode() + b"\n")
-    time.sleep(3)  # the job has ended: both replies are in the pipe
+    time.sleep(1)  # the job (nothing to do) has ended: both replies are in the pipe
     pid = mcore_server._reply(server, time.monotonic() + 5)["pid"]
     assert mcore_server._reply(server, time.monotonic() + 5) == {"rc": 0} and pid > 0
 
@@ -190,7 +190,7 @@ def test_server_kills_what_a_job_leaves_running(tmp_path, how):
         """,
     )
     start = time.monotonic()
-    rc = mcore_server.run(script, [how], str(tmp_path / "log"), timeout=10 if how == "times_out" else 120)
+    rc = mcore_server.run(script, [how], str(tmp_path / "log"), timeout=4 if how == "times_out" else 120)
     assert rc == ("timeout" if how == "times_out" else 0)
     assert time.monotonic() - start < 120
     assert _gone(int(pid_file.read_text()))

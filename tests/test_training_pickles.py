@@ -16,8 +16,6 @@ import types
 
 import pytest
 import torch
-from megatron.core.enums import ModelType
-from megatron.core.transformer.enums import AttnBackend
 
 from ckpt_ir.commands.cli import main as cli_main
 from ckpt_ir.errors import FormatError
@@ -29,9 +27,19 @@ from tests.test_safety import _payload
 NOOP = {1, 2}  # no-op layers of the fixture: 2 real + 2 no-op layers
 
 
+def megatron_enums() -> tuple[type, type]:
+    """(ModelType, AttnBackend), imported when a test needs them: importing megatron.core costs
+    seconds, which every test process would pay while collecting this file."""
+    from megatron.core.enums import ModelType
+    from megatron.core.transformer.enums import AttnBackend
+
+    return ModelType, AttnBackend
+
+
 def mindspeed_training_args(base: dict) -> argparse.Namespace:
     """What MindSpeed-LLM's pretrain_gpt.py saves: Megatron-LM's args plus its own, after its
     validation turned --noop-layers into a set (values as they are after argument parsing)."""
+    ModelType, AttnBackend = megatron_enums()
     return argparse.Namespace(
         **{
             **base,
@@ -94,6 +102,7 @@ def mindspeed_training_args(base: dict) -> argparse.Namespace:
 def megatron_lm_training_args(base: dict) -> argparse.Namespace:
     """Plain Megatron-LM args (no family name: the HF config comes from --hf-config)."""
     plain = {k: v for k, v in base.items() if not k.startswith("ckpt_ir_") and k != "model_type_hf"}
+    ModelType, AttnBackend = megatron_enums()
     return argparse.Namespace(
         **{
             **plain,
@@ -235,6 +244,7 @@ def test_training_args_are_carried_through_a_reshard(noop_mcore, tmp_path):
     assert (
         a["noop_layers"] is None and a["num_layers"] == 2 and a["world_size"] == 4
     )  # 8 ranks of TP 2 -> TP 1
+    ModelType, AttnBackend = megatron_enums()
     assert a["model_type"] is ModelType.encoder_or_decoder and a["attention_backend"] is AttnBackend.auto
     assert a["exit_signal"] is signal.SIGTERM and a["device"] == torch.device("cuda", 3)
     assert a["save"] == pathlib.PosixPath("/ckpt/llama-tiny") and a["kept_frozen"] == frozenset({3})
