@@ -17,9 +17,12 @@ import os
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def worker_threads(environ: Mapping[str, str] = os.environ) -> int | None:
@@ -30,6 +33,8 @@ def worker_threads(environ: Mapping[str, str] = os.environ) -> int | None:
 
 
 if threads := worker_threads():
+    import torch  # not in the pytest-xdist controller, which runs no test: its start is everyone's wait
+
     os.environ["OMP_NUM_THREADS"] = str(threads)  # the CLI subprocesses this worker starts
     torch.set_num_threads(threads)
 
@@ -72,10 +77,11 @@ def build_hf(
     layers: int = 4,
     vocab: int = 128,
     tied: bool | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     seed: int = 0,
     max_shard_size: str | None = None,
 ) -> str:
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kw = dict(FAMILY_CONFIGS[family], num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=128)
@@ -87,7 +93,7 @@ def build_hf(
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.5)
-    model = model.to(dtype)
+    model = model.to(dtype or torch.float32)
     save_kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **save_kw)
     return path
