@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -103,12 +104,20 @@ def build_hf(
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that uses a fixture of module (or class, package) scope, directly or through
     another fixture, joins its file's ``xdist_group``: with ``--dist loadgroup`` the whole group
-    runs on one worker, which builds the fixture once."""
+    runs on one worker, which builds the fixture once.
+
+    pytest-xdist hands out the groups, largest first, then the other tests in collection order,
+    a few at a time to whichever worker is free.  In a worker the files with fewer tests come
+    first: their tests tend to be the long ones (a subprocess or a model each), so the run ends on
+    short tests and the workers finish together."""
     for item in items:
         info = getattr(item, "_fixtureinfo", None)  # the fixture closure pytest resolved
         defs = info.name2fixturedefs.values() if info is not None else ()
         if any(d.scope in ("module", "class", "package") for ds in defs for d in ds):
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        tests_in = Counter(item.nodeid.split("::")[0] for item in items)
+        items.sort(key=lambda item: tests_in[item.nodeid.split("::")[0]])  # stable: files stay whole
 
 
 def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
