@@ -15,11 +15,15 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def worker_threads(environ: Mapping[str, str] = os.environ) -> int | None:
@@ -30,6 +34,8 @@ def worker_threads(environ: Mapping[str, str] = os.environ) -> int | None:
 
 
 if threads := worker_threads():
+    import torch  # not in the pytest-xdist controller, which runs no test: its start is everyone's wait
+
     os.environ["OMP_NUM_THREADS"] = str(threads)  # the CLI subprocesses this worker starts
     torch.set_num_threads(threads)
 
@@ -72,10 +78,11 @@ def build_hf(
     layers: int = 4,
     vocab: int = 128,
     tied: bool | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     seed: int = 0,
     max_shard_size: str | None = None,
 ) -> str:
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kw = dict(FAMILY_CONFIGS[family], num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=128)
@@ -87,7 +94,7 @@ def build_hf(
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.5)
-    model = model.to(dtype)
+    model = model.to(dtype or torch.float32)
     save_kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **save_kw)
     return path
@@ -97,12 +104,20 @@ def build_hf(
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that uses a fixture of module (or class, package) scope, directly or through
     another fixture, joins its file's ``xdist_group``: with ``--dist loadgroup`` the whole group
-    runs on one worker, which builds the fixture once."""
+    runs on one worker, which builds the fixture once.
+
+    pytest-xdist hands out the groups, largest first, then the other tests in collection order,
+    a few at a time to whichever worker is free.  In a worker the files with fewer tests come
+    first: their tests tend to be the long ones (a subprocess or a model each), so the run ends on
+    short tests and the workers finish together."""
     for item in items:
         info = getattr(item, "_fixtureinfo", None)  # the fixture closure pytest resolved
         defs = info.name2fixturedefs.values() if info is not None else ()
         if any(d.scope in ("module", "class", "package") for ds in defs for d in ds):
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        tests_in = Counter(item.nodeid.split("::")[0] for item in items)
+        items.sort(key=lambda item: tests_in[item.nodeid.split("::")[0]])  # stable: files stay whole
 
 
 def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:

@@ -5,9 +5,11 @@ and the warm megatron-core server the oracle and fixture scripts run in
 
 from __future__ import annotations
 
+import itertools
 import os
 import textwrap
 import time
+from collections import Counter
 from pathlib import Path
 from typing import cast
 
@@ -98,6 +100,15 @@ def test_a_test_with_a_module_fixture_stays_with_its_file(request, through_anoth
 
 def test_a_test_without_one_goes_to_any_worker(request, tmp_path):
     assert list(request.node.iter_markers("xdist_group")) == []
+
+
+def test_each_files_tests_run_together_and_in_a_worker_small_files_first(request):
+    files = [item.nodeid.split("::")[0] for item in request.session.items]
+    blocks = [f for f, _ in itertools.groupby(files)]
+    tests_in = Counter(files)
+    assert len(blocks) == len(tests_in)
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the suite's default; -n 0 keeps the collection order
+        assert [tests_in[f] for f in blocks] == sorted(tests_in.values())
 
 
 def test_each_worker_runs_torch_on_its_share_of_the_cores():
