@@ -16,6 +16,7 @@ pipeline printed by ``convert --print-pipeline`` is exactly what runs.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -87,7 +88,10 @@ class Target:
     None keeps the source's); ``ep`` (expert parallel), ``etp`` (expert tensor parallel: 1 or
     ``tp``), ``grouped_gemm`` (grouped-GEMM experts); ``ckpt_format`` (``"torch"`` rank
     directories, or ``"torch_dist"``: whole tensors Megatron reshards on load, written for
-    Megatron-Core ``torch_dist_version`` ``"0.15"`` (0.15-0.18) or ``"0.19"``); ``optimizer``
+    Megatron-Core ``torch_dist_version`` ``"0.15"`` (0.15-0.18) or ``"0.19"``);
+    ``megatron_version`` (``"X.Y"``, the Megatron-Core release the output is for: ``torch`` rank
+    files name multi-token prediction as its GPTModel does, ``mtp_model_layer`` from 0.17; None
+    keeps a Megatron source's naming, else MindSpeed-LLM's); ``optimizer``
     (carry the source's distributed-optimizer state, when it has any) laid out for data-parallel
     size ``dp`` (None: the source's); ``shared_copies``: tensors Megatron stores once (DeepSeek's
     MTP embedding and head copies) are compared before writing (``"check"``) or dropped, as
@@ -129,6 +133,7 @@ class Target:
     mtp_layers: int | None = None
     ckpt_format: str = "torch"
     torch_dist_version: str = "0.15"
+    megatron_version: str | None = None
     quantize: str | None = None
     quant_block_size: int = 128
     quant_scale_fmt: str = "float"
@@ -182,6 +187,18 @@ class Target:
                 f"{setting('torch_dist_version', self.torch_dist_version)}: choose 0.15 or 0.19, with "
                 f"{setting('ckpt_format', 'torch_dist')}"
             )
+        if self.megatron_version is not None:
+            if self.to != "mcore" or re.fullmatch(r"\d+\.\d+(\.\d+)?", self.megatron_version) is None:
+                raise UsageError(
+                    f"{setting('megatron_version', self.megatron_version)}: give a Megatron-Core release as X.Y "
+                    f"(e.g. 0.17), with {setting('to', 'mcore')}"
+                )
+            if self.torch_dist_version == "0.19" and (self.megatron_release or ()) < (0, 19):
+                raise UsageError(
+                    f"{setting('torch_dist_version', '0.19')}: Megatron-Core {self.megatron_version} cannot load that "
+                    f"layout; leave out {setting('torch_dist_version', metavar='V')} (the default layout, 0.15, "
+                    f"loads in 0.15 and later)"
+                )
         if self.ckpt_format == "torch_dist" and (
             self.to != "mcore"
             or self.tp != 1
@@ -208,6 +225,11 @@ class Target:
             if a.default is attrs.NOTHING or getattr(self, a.name) != a.default
         ]
         return f"Target({', '.join(given)})"
+
+    @property
+    def megatron_release(self) -> tuple[int, ...] | None:
+        """``megatron_version`` as numbers, e.g. ``(0, 17)``."""
+        return None if self.megatron_version is None else tuple(map(int, self.megatron_version.split(".")))
 
     @property
     def carries_optimizer(self) -> bool:
@@ -458,7 +480,9 @@ def _plan(ckpt: Checkpoint, target: Target) -> Plan:
         return torch_dist.plan(ckpt, version=target.torch_dist_version)
     from ckpt_ir.backends import mcore
 
-    return mcore.plan(ckpt, shared_copies=target.shared_copies, dp=target.dp)
+    return mcore.plan(
+        ckpt, shared_copies=target.shared_copies, dp=target.dp, megatron_version=target.megatron_release
+    )
 
 
 def _drop_training_state(ckpt: Checkpoint) -> Checkpoint:

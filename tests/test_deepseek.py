@@ -4,6 +4,7 @@ multi-token-prediction layers convert both ways bit-exactly; transformers' logit
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import pytest
@@ -160,6 +161,71 @@ def test_megatron_keys_follow_the_format_rules(deepseek, tmp_path):
         1,
     )
     assert (args.qk_head_dim, args.qk_pos_emb_head_dim, args.v_head_dim) == (8, 4, 8)
+
+
+def megatron_core_names(model: dict, release: tuple[int, int]) -> dict:
+    """A rank file's state dict (MindSpeed-LLM's MTP names) under Megatron-Core's own GPTModel
+    names of ``release``, in its state-dict order.  From Megatron-LM's source: GPTModel registers
+    embedding, decoder (its final norm decoder.final_layernorm), mtp, output_layer; a
+    MultiTokenPredictionLayer registers enorm, hnorm, eh_proj, its transformer layer
+    (``transformer_layer``; ``mtp_model_layer`` from core_v0.17.0), final_layernorm."""
+    layer = "mtp_model_layer" if release >= (0, 17) else "transformer_layer"
+    renamed = {}
+    for key, value in model.items():
+        key = re.sub(r"^mtp\.layers\.(\d+)\.transformer_layer\.", rf"mtp.layers.\1.{layer}.", key)
+        key = re.sub(r"^mtp\.final_layernorms\.(\d+)\.", r"mtp.layers.\1.final_layernorm.", key)
+        renamed["decoder.final_layernorm.weight" if key == "final_layernorm.weight" else key] = value
+    modules = ("embedding.", "decoder.layers.", "decoder.", "mtp.", "output_layer.")
+    return dict(
+        sorted(renamed.items(), key=lambda kv: next(i for i, m in enumerate(modules) if kv[0].startswith(m)))
+    )
+
+
+def test_megatron_core_017_mtp_names_read_and_written(deepseek, tmp_path):
+    """Megatron-Core 0.17 renamed the MTP layer's transformer layer mtp_model_layer; its torch-format
+    files hold its GPTModel's own state dict.  Such files read bit-exact, --megatron-version 0.17
+    writes exactly them, and an mcore -> mcore conversion keeps a source's naming unless
+    --megatron-version names another release."""
+    mc, mc17, out17 = (str(tmp_path / n) for n in ("mc", "mc17", "out17"))
+    layout = dict(tp=2, pp=3)
+    convert(deepseek, mc, ck.Target(to="mcore", **layout))
+    shutil.copytree(mc, mc17)
+    ranks = sorted(os.listdir(os.path.join(mc, "iter_0000001")))
+    for r in ranks:
+        f = os.path.join(mc17, "iter_0000001", r, "model_optim_rng.pt")
+        blob = torch.load(f, weights_only=False)
+        blob["model"] = megatron_core_names(blob["model"], (0, 17))
+        torch.save(blob, f)
+    back = str(tmp_path / "back")
+    convert(mc17, back, ck.Target(to="hf"))
+    assert_same_tensors(deepseek, back)
+
+    convert(deepseek, out17, ck.Target(to="mcore", megatron_version="0.17", **layout))
+    assert sorted(os.listdir(os.path.join(out17, "iter_0000001"))) == ranks
+    for r in ranks:
+        got, want = (
+            torch.load(os.path.join(d, "iter_0000001", r, "model_optim_rng.pt"), weights_only=False)["model"]
+            for d in (out17, mc17)
+        )
+        assert list(got) == list(want), r
+        assert all(torch.equal(got[k], want[k]) for k in want), r
+
+    kept, older = str(tmp_path / "kept"), str(tmp_path / "older")
+    convert(mc17, kept, ck.Target(to="mcore"))
+    convert(mc17, older, ck.Target(to="mcore", megatron_version="0.16"))
+    keys_kept, keys_older = (
+        list(
+            torch.load(
+                os.path.join(d, "iter_0000001", "mp_rank_00", "model_optim_rng.pt"), weights_only=False
+            )["model"]
+        )
+        for d in (kept, older)
+    )
+    assert (
+        any(".mtp_model_layer." in k for k in keys_kept)
+        and "mtp.layers.0.final_layernorm.weight" in keys_kept
+    )
+    assert keys_older == [k.replace(".mtp_model_layer.", ".transformer_layer.") for k in keys_kept]
 
 
 def test_transformers_logits_unchanged_after_round_trip(tmp_path):

@@ -661,3 +661,23 @@ def test_megatron_core_0_19_layout_loads_with_the_source_logits(tmp_path):
 def test_torch_dist_version_needs_torch_dist():
     with pytest.raises(UsageError, match="torch_dist_version"):
         ck.Target(to="mcore", torch_dist_version="0.19")
+
+
+@pytest.mark.parametrize(
+    "settings, named",
+    [
+        (dict(to="hf", megatron_version="0.17"), "--megatron-version 0.17"),
+        (dict(to="mcore", megatron_version="latest"), "--megatron-version latest"),
+        (
+            dict(to="mcore", ckpt_format="torch_dist", torch_dist_version="0.19", megatron_version="0.18"),
+            "--torch-dist-version 0.19",  # a layout that release cannot load
+        ),
+    ],
+)
+def test_megatron_release_settings_that_cannot_hold_are_usage_errors(tmp_path, capsys, settings, named):
+    with pytest.raises(UsageError):
+        ck.Target(**settings)
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in settings.items()]
+    assert cli_main(["convert", str(tmp_path / "none"), str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0], err

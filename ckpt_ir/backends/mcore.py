@@ -34,16 +34,28 @@ def _shard(t: TensorNode, rank: int) -> E.Expr:
 
 
 def plan(
-    ckpt: Checkpoint, *, iteration: int | None = None, shared_copies: str = "check", dp: int | None = None
+    ckpt: Checkpoint,
+    *,
+    iteration: int | None = None,
+    shared_copies: str = "check",
+    dp: int | None = None,
+    megatron_version: tuple[int, ...] | None = None,
 ) -> Plan:
     """``ckpt.states`` (optimizer state) becomes ``distrib_optim.pt`` beside each rank file, laid
-    out for data-parallel size ``dp`` (default: the source's), plus the training entries."""
+    out for data-parallel size ``dp`` (default: the source's), plus the training entries.
+    ``megatron_version``: the Megatron-Core release whose own multi-token-prediction names the rank
+    files get (default: the source's naming, MindSpeed-LLM's for a source without one)."""
     spec, layout = ckpt.spec, ckpt.layout
     if not (layout.fused_qkv and layout.fused_gate_up):
         raise VerifyError(
             "Megatron output needs fused QKV and gate/up; the pipeline must run fuse-qkv and fuse-gate-up"
         )
-    content, where = rank_content(ckpt)
+    mtp_names = (
+        M.mtp_names(megatron_version)
+        if megatron_version is not None
+        else M.MTP_NAMES[ckpt.meta.get("mtp_names", M.MTP_MINDSPEED.name)]
+    )
+    content, where = rank_content(ckpt, mtp_names)
     chunks = num_chunks(spec, layout)
     family = by_name(spec.family)
     training = TrainingOutput(ckpt)

@@ -151,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the Megatron-Core layout of torch_dist output: 0.15 (0.15-0.18, with common.pt; 0.19+ "
         "loads it too; default) or 0.19 (0.19+ only: the common state in the DCP entry common_state)",
     )
+    m.add_argument(
+        "--megatron-version",
+        metavar="X.Y",
+        help="the Megatron-Core release the output is for: torch rank files name multi-token "
+        "prediction as its own GPTModel does (mtp.layers.K.mtp_model_layer from 0.17, "
+        "transformer_layer before); default: a Megatron source's naming, else MindSpeed-LLM's",
+    )
     m.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     m.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     m.add_argument("--num-layer-list", type=int_list, help="layers per pipeline stage, e.g. 2,6")
@@ -407,6 +414,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         lora_load=args.lora_load,
         ckpt_format=args.ckpt_format,
         torch_dist_version=args.torch_dist_version,
+        megatron_version=args.megatron_version,
         quantize=args.quantize,
         quant_block_size=args.quant_block_size,
         quant_scale_fmt=args.quant_scale_fmt,

@@ -169,6 +169,7 @@ def lift(
     copies: dict[tuple[str | M.LocalName, int], list[tuple[str, E.Expr]]] = defaultdict(list)
     unknown: list[str] = []
     te_norms = te_fc1 = False
+    mtp_keys: set[str] = set()  # which of the namings of multi-token prediction (keys.MTP_NAMES)
     opt_meta: dict[str, Any] = {}
     training: dict[str, Any] = {
         "rng_state": {},
@@ -199,6 +200,8 @@ def lift(
                     continue
                 te_norms |= key.endswith(M.TE_QKV_NORM)
                 te_fc1 |= key.endswith(M.TE_FC1_NORM)
+                if key.startswith("mtp."):
+                    mtp_keys.add(key)
                 # with experts, EP rank > 0 directories hold expert state only (their dense
                 # tensors are replicas of EP rank 0's)
                 master = None if state is None else state["param"].get((ck, key))
@@ -301,6 +304,8 @@ def lift(
         meta["extra_state"] = {"layout": M.extra_state_layout(spec, layout), "entries": extra_state}
     if notes:
         meta["notes"] = notes
+    if spec.mtp_layers:  # a Megatron target keeps it unless the target names a Megatron-Core release
+        meta["mtp_names"] = M.mtp_naming(mtp_keys).name
     if sets:
         meta["optimizer"] = {**opt_meta, "source_layout": (tp, pp, ep), **distopt.training_args(opt_args)}
     return lift_tail.checkpoint(
@@ -410,9 +415,6 @@ def _extra_state_place(key: str, stage: int, chunk: int, ep: int, experts_per_ra
     return slot.real, m.group(2), None
 
 
-MTP_LAYER_KEY = re.compile(r"^mtp\.layers\.(\d+)\.transformer_layer\.(.*)$")
-
-
 def _int(text: str | None) -> int | None:
     return None if text is None else int(text)
 
@@ -431,10 +433,10 @@ def _lift_key(
     weight yields one entry per local expert; layers stay local (:class:`~ckpt_ir.megatron.keys.LocalName`)."""
     if key == M.MTP_FINAL_NORM:
         return [("final_norm.weight", expr, False)]
-    m = MTP_LAYER_KEY.match(key)
+    m = M.MTP_LAYER_KEY.match(key)
     if m:
         k = m.group(1)
-        inner = _lift_key(f"{M.LAYERS}{k}.{m.group(2)}", expr, stage, chunk, ep, experts_per_rank, tables)
+        inner = _lift_key(f"{M.LAYERS}{k}.{m.group(3)}", expr, stage, chunk, ep, experts_per_rank, tables)
         if inner is None:
             return None
         mtp: list[tuple[str | M.LocalName, E.Expr, bool]] = []
@@ -442,7 +444,7 @@ def _lift_key(
             assert isinstance(c, M.LocalName)  # a decoder.layers.<k>. key always lifts to a layer's name
             mtp.append((M.LocalName(c.rest, int(k), mtp=True), x, is_e))
         return mtp
-    for template, mtp_canon in M.MTP_KEYS:
+    for template, mtp_canon in M.MTP_READ:
         mm = re.match("^" + re.escape(template).replace(re.escape("{k}"), r"(\d+)") + "$", key)
         if mm:
             return [(M.LocalName(mtp_canon, int(mm.group(1)), mtp=True), expr, False)]

@@ -189,16 +189,83 @@ POST_LAYERS = (
     ("output_layer.weight", "lm_head.weight"),
     ("output_layer.bias", "lm_head.bias"),
 )
-# multi-token prediction (last stage): its transformer layer's keys are a decoder layer's under
-# mtp.layers.{k}.transformer_layer.; with MTP the main final norm is a top-level final_layernorm
-MTP_PREFIX = "mtp.layers.{k}.transformer_layer."
-MTP_KEYS = (
+
+
+@attrs.frozen
+class MtpNames:
+    """How a ``torch``-format rank file names multi-token-prediction layer ``{k}`` (last stage):
+    its own ``enorm``, ``hnorm`` and ``eh_proj`` (:data:`MTP_HEAD`), its transformer layer (a
+    decoder layer's keys under ``layer``), its final ``norm``; with MTP the main model's final
+    norm is ``final_norm``.  ``megatron_order``: listed as Megatron-Core's GPTModel registers its
+    modules (the embedding, the decoder with its final norm, the MTP block, the output layer)
+    rather than as MindSpeed-LLM's converter writes them (MTP before the decoder layers)."""
+
+    name: str
+    layer: str
+    norm: str
+    final_norm: str
+    megatron_order: bool
+
+
+MTP_HEAD = (
     ("mtp.layers.{k}.enorm.weight", "mtp.enorm.weight"),
     ("mtp.layers.{k}.hnorm.weight", "mtp.hnorm.weight"),
     ("mtp.layers.{k}.eh_proj.weight", "mtp.eh_proj.weight"),
-    ("mtp.final_layernorms.{k}.weight", "mtp.norm.weight"),
 )
-MTP_FINAL_NORM = "final_layernorm.weight"
+# MindSpeed-LLM's converter (ckpt-ir's default); Megatron-Core's own GPTModel state dict
+# (MultiTokenPredictionLayer: enorm, hnorm, eh_proj, transformer_layer, final_layernorm), whose
+# transformer layer Megatron-Core 0.17 renamed mtp_model_layer (only its sharded state dict, and
+# so torch_dist, maps it back to transformer_layer)
+MTP_MINDSPEED = MtpNames(
+    "mindspeed",
+    "mtp.layers.{k}.transformer_layer.",
+    "mtp.final_layernorms.{k}.weight",
+    "final_layernorm.weight",
+    False,
+)
+MTP_MCORE = MtpNames(
+    "mcore",
+    "mtp.layers.{k}.transformer_layer.",
+    "mtp.layers.{k}.final_layernorm.weight",
+    "decoder.final_layernorm.weight",
+    True,
+)
+MTP_MCORE_017 = attrs.evolve(MTP_MCORE, name="mcore-0.17", layer="mtp.layers.{k}.mtp_model_layer.")
+MTP_NAMES = {n.name: n for n in (MTP_MINDSPEED, MTP_MCORE, MTP_MCORE_017)}
+MTP_RENAMED_IN = (0, 17)  # the Megatron-Core release that named the MTP layer mtp_model_layer
+
+
+def mtp_names(megatron_version: tuple[int, ...]) -> MtpNames:
+    """The MTP names of Megatron-Core release ``megatron_version`` (e.g. ``(0, 17)``)."""
+    return MTP_MCORE_017 if megatron_version >= MTP_RENAMED_IN else MTP_MCORE
+
+
+# what the reader accepts: every naming's transformer-layer prefix and norms
+MTP_LAYER_KEY = re.compile(
+    r"^mtp\.layers\.(\d+)\.("
+    + "|".join(sorted({n.layer.split(".")[3] for n in MTP_NAMES.values()}))
+    + r")\.(.*)$"
+)
+_MCORE_MTP_NORM = re.compile("^" + re.escape(MTP_MCORE.norm).replace(re.escape("{k}"), r"\d+") + "$")
+
+
+def mtp_naming(keys) -> MtpNames:
+    """The MTP naming that the keys of a rank file use (MindSpeed-LLM's when they do not tell)."""
+    found = MTP_MINDSPEED
+    for key in keys:
+        m = MTP_LAYER_KEY.match(key)
+        if m and m.group(2) == "mtp_model_layer":
+            return MTP_MCORE_017
+        if _MCORE_MTP_NORM.match(key):
+            found = MTP_MCORE
+    return found
+
+
+MTP_READ = MTP_HEAD + tuple(sorted({(n.norm, "mtp.norm.weight") for n in MTP_NAMES.values()}))
+# MindSpeed-LLM's names, which the torch format is written with by default
+MTP_PREFIX = MTP_MINDSPEED.layer
+MTP_KEYS = (*MTP_HEAD, (MTP_MINDSPEED.norm, "mtp.norm.weight"))
+MTP_FINAL_NORM = MTP_MINDSPEED.final_norm
 
 
 # MiniMax-M2's full-width q/k norms take the per-head norms' keys (MindSpeed-LLM, Megatron-Bridge)

@@ -26,9 +26,11 @@ class Entry:
     grouped: str | None = None  # "weight1" / "weight2"
 
 
-def rank_content(ckpt: Checkpoint) -> tuple[dict[tuple[int, int], list[Entry]], dict]:
+def rank_content(
+    ckpt: Checkpoint, mtp_names: M.MtpNames = M.MTP_MINDSPEED
+) -> tuple[dict[tuple[int, int], list[Entry]], dict]:
     """The keys of every (stage, chunk) of the Megatron layout ``ckpt.layout``, in writing order,
-    and where each model layer sits."""
+    and where each model layer sits; multi-token prediction named by ``mtp_names``."""
     spec, layout = ckpt.spec, ckpt.layout
     slots = layer_slots(spec, layout)
     where = {s.real: s for s in slots if s.real is not None}
@@ -45,10 +47,9 @@ def rank_content(ckpt: Checkpoint) -> tuple[dict[tuple[int, int], list[Entry]], 
     if "embed.weight" in ckpt.tensors:
         content[(0, 0)].append(Entry("embedding.word_embeddings.weight", ("embed.weight",)))
     content[(0, 0)].extend(Entry(key, (canon,)) for key, canon in M.PRE_LAYERS[1:] if canon in ckpt.tensors)
-    mtp_roles = {f"layers.{{i}}.{c}": m for m, c in M.MTP_KEYS}
     known = (
         set(order)
-        | set(mtp_roles)
+        | {f"layers.{{i}}.{c}" for _, c in M.MTP_KEYS}
         | {r[: -len(".weight")] + f".lora_{w}.weight" for r in order for w in "ab"}
         | {"layers.{i}.mtp.embed.weight", "layers.{i}.mtp.head.weight"}
     )
@@ -75,24 +76,28 @@ def rank_content(ckpt: Checkpoint) -> tuple[dict[tuple[int, int], list[Entry]], 
                     entries.extend(_entries(ckpt, role, canon, local, table, layer))
         if layout.grouped_gemm and spec.is_moe_layer(layer):
             _group_experts(ckpt, entries, local)
-        if mtp:  # mtp.layers.k: enorm, hnorm, eh_proj, (embedding), transformer_layer.*, final norm
-            prefix = M.MTP_PREFIX.format(k=local)
+        if mtp:  # mtp.layers.k: enorm, hnorm, eh_proj, (embedding), its transformer layer, final norm
+            prefix = mtp_names.layer.format(k=local)
             body = [
                 attrs.evolve(e, key=prefix + e.key[len(f"decoder.layers.{local}.") :])
                 for e in entries[start:]
             ]
-            head = [Entry(m.format(k=local), (f"layers.{layer}.{c}",)) for m, c in M.MTP_KEYS[:3]]
-            if layout.pp > 1:  # the last stage needs its own copy of the embedding for MTP
-                head.append(Entry("embedding.word_embeddings.weight", (f"layers.{layer}.mtp.embed.weight",)))
-            tail = [Entry(M.MTP_KEYS[3][0].format(k=local), (f"layers.{layer}.mtp.norm.weight",))]
+            head = [Entry(m.format(k=local), (f"layers.{layer}.{c}",)) for m, c in M.MTP_HEAD]
+            if layout.pp > 1 and not mtp_names.megatron_order:
+                head.append(Entry(M.EMBEDDING, (f"layers.{layer}.mtp.embed.weight",)))
+            tail = [Entry(mtp_names.norm.format(k=local), (f"layers.{layer}.mtp.norm.weight",))]
             entries[start:] = head + body + tail
-    if mtp_entries:
-        at = 1 if content[last] and content[last][0].key == "embedding.word_embeddings.weight" else 0
+    if mtp_entries and not mtp_names.megatron_order:  # MindSpeed-LLM: after the stage's embedding
+        at = 1 if content[last] and content[last][0].key == M.EMBEDDING else 0
         content[last][at:at] = mtp_entries
-    final_norm = M.MTP_FINAL_NORM if spec.mtp_layers else "decoder.final_layernorm.weight"
+    final_norm = mtp_names.final_norm if spec.mtp_layers else "decoder.final_layernorm.weight"
     content[last].append(Entry(final_norm, ("final_norm.weight",)))
     if "final_norm.bias" in ckpt.tensors:
         content[last].append(Entry(final_norm[: -len("weight")] + "bias", ("final_norm.bias",)))
+    if mtp_entries and mtp_names.megatron_order:  # GPTModel: embedding, decoder, mtp, output_layer
+        if layout.pp > 1:  # the last stage builds its own embedding for MTP
+            content[last].insert(0, Entry(M.EMBEDDING, (f"layers.{spec.num_layers}.mtp.embed.weight",)))
+        content[last].extend(mtp_entries)
     if "lm_head.weight" in ckpt.tensors:
         content[last].append(Entry("output_layer.weight", ("lm_head.weight",)))
     if "lm_head.bias" in ckpt.tensors:
