@@ -91,7 +91,8 @@ class Target:
     Megatron-Core ``torch_dist_version`` ``"0.15"`` (0.15-0.18) or ``"0.19"``);
     ``megatron_version`` (``"X.Y"``, the Megatron-Core release the output is for: ``torch`` rank
     files name multi-token prediction as its GPTModel does, ``mtp_model_layer`` from 0.17; None
-    keeps a Megatron source's naming, else MindSpeed-LLM's); ``optimizer``
+    keeps a Megatron source's naming, else MindSpeed-LLM's); ``verify_integrity`` (``torch_dist``:
+    write Megatron-Core's ``integrity.json``, the SHA-256 of every file of the iteration); ``optimizer``
     (carry the source's distributed-optimizer state, when it has any) laid out for data-parallel
     size ``dp`` (None: the source's); ``shared_copies``: tensors Megatron stores once (DeepSeek's
     MTP embedding and head copies) are compared before writing (``"check"``) or dropped, as
@@ -134,6 +135,7 @@ class Target:
     ckpt_format: str = "torch"
     torch_dist_version: str = "0.15"
     megatron_version: str | None = None
+    verify_integrity: bool = False
     quantize: str | None = None
     quant_block_size: int = 128
     quant_scale_fmt: str = "float"
@@ -199,6 +201,11 @@ class Target:
                     f"layout; leave out {setting('torch_dist_version', metavar='V')} (the default layout, 0.15, "
                     f"loads in 0.15 and later)"
                 )
+        if self.verify_integrity and (self.to != "mcore" or self.ckpt_format != "torch_dist"):
+            raise UsageError(
+                f"{setting('verify_integrity')}: only with {setting('to', 'mcore')} "
+                f"{setting('ckpt_format', 'torch_dist')} (Megatron-Core hashes only torch_dist checkpoints)"
+            )
         if self.ckpt_format == "torch_dist" and (
             self.to != "mcore"
             or self.tp != 1
@@ -477,7 +484,7 @@ def _plan(ckpt: Checkpoint, target: Target) -> Plan:
     if target.ckpt_format == "torch_dist":
         from ckpt_ir.backends import torch_dist
 
-        return torch_dist.plan(ckpt, version=target.torch_dist_version)
+        return torch_dist.plan(ckpt, version=target.torch_dist_version, integrity=target.verify_integrity)
     from ckpt_ir.backends import mcore
 
     return mcore.plan(

@@ -69,6 +69,70 @@ def test_side_files_survive_hf_mcore_hf(hf_with_tokenizer, tmp_path, capsys):
     assert all((again / "hf" / n).read_bytes() == (src / n).read_bytes() for n in SIDE)
 
 
+def _sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_torch_dist_keeps_the_tokenizer_and_megatrons_integrity_manifest(hf_with_tokenizer, tmp_path, capsys):
+    """HF -> torch_dist puts the tokenizer's files where Megatron-LM saves a run's tokenizer
+    (iter_N/tokenizer/, its save_pretrained files; checkpointing.py save_tokenizer_assets), and with
+    --verify-integrity the integrity.json of Megatron-Core 0.18+ (validation.py
+    save_integrity_manifest: SHA-256 of each file directly in the iteration directory, in name
+    order, json.dump(indent=2)).  The export takes the tokenizer from there (over hf/'s), and a
+    changed or missing file is a one-line error naming it."""
+    src = hf_with_tokenizer
+    td = tmp_path / "td"
+    argv = [
+        "convert",
+        str(src),
+        str(td),
+        "--to",
+        "mcore",
+        "--ckpt-format",
+        "torch_dist",
+        "--verify-integrity",
+    ]
+    assert cli_main([*argv, "--quiet"]) == 0
+    it = td / "iter_0000001"
+    tokenizer = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+    assert sorted(os.listdir(it / "tokenizer")) == sorted(tokenizer)
+    assert all((it / "tokenizer" / n).read_bytes() == (src / n).read_bytes() for n in tokenizer)
+    files = {p.name: _sha256(p) for p in sorted(it.iterdir()) if p.is_file() and p.name != "integrity.json"}
+    assert len(files) > 3 and "common.pt" in files and ".metadata" in files
+    assert (it / "integrity.json").read_text() == json.dumps(
+        {"algorithm": "sha256", "files": files}, indent=2
+    )
+
+    # hf/ as the torch format keeps it, holding an older tokenizer config: the iteration's wins
+    (td / "hf").mkdir()
+    (td / "hf" / "tokenizer_config.json").write_text('{"older": true}')
+    shutil.copy(src / "generation_config.json", td / "hf")
+    back = tmp_path / "back"
+    assert cli_main(["convert", str(td), str(back), "--to", "hf", "--quiet"]) == 0
+    for name in (*tokenizer, "generation_config.json"):
+        assert (back / name).read_bytes() == (src / name).read_bytes(), name
+
+    victim = sorted(it.glob("*.distcp"))[1].name
+    for damage in ("changed", "missing"):
+        bad = tmp_path / damage
+        shutil.copytree(td, bad)
+        f = bad / "iter_0000001" / victim
+        if damage == "changed":
+            data = bytearray(f.read_bytes())
+            data[-9] ^= 1
+            f.write_bytes(bytes(data))
+        else:
+            f.unlink()
+        capsys.readouterr()
+        assert cli_main(["convert", str(bad), str(tmp_path / f"{damage}-hf"), "--to", "hf"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(f) in err[0] and "integrity.json" in err[0] and damage in err[0], err
+        assert not (tmp_path / f"{damage}-hf").exists()
+    assert cli_main([*argv, "--overwrite", "--quiet"]) == 0  # its own output is a checkpoint to replace
+
+
 def test_explicit_hf_config_wins(hf_with_tokenizer, tmp_path):
     mc = tmp_path / "mcore"
     assert cli_main(["convert", str(hf_with_tokenizer), str(mc), "--to", "mcore", "--quiet"]) == 0

@@ -666,6 +666,7 @@ def test_torch_dist_version_needs_torch_dist():
 @pytest.mark.parametrize(
     "settings, named",
     [
+        (dict(to="mcore", verify_integrity=True), "--verify-integrity"),  # Megatron hashes only torch_dist
         (dict(to="hf", megatron_version="0.17"), "--megatron-version 0.17"),
         (dict(to="mcore", megatron_version="latest"), "--megatron-version latest"),
         (

@@ -225,6 +225,10 @@ def _write_file(
         from ckpt_ir.backends.torch_dist import write_dcp_metadata
 
         write_dcp_metadata(path, out.obj, os.path.dirname(path))
+    elif out.kind == "integrity":  # the plan's last file of its directory: hashes those before it
+        from ckpt_ir.megatron.integrity import write_manifest
+
+        write_manifest(os.path.dirname(path))
     else:  # pragma: no cover
         raise AssertionError(out.kind)
     return overflows

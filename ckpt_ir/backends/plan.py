@@ -15,8 +15,10 @@ class OutputFile:
     """One file of the output.
 
     ``kind`` is ``safetensors`` (``tensors`` in order), ``torch`` (``obj`` with
-    :class:`~ckpt_ir.io.torchzip.Tensor` placeholders whose keys index ``tensors``), ``text``, or
-    ``copy`` (of ``source``).
+    :class:`~ckpt_ir.io.torchzip.Tensor` placeholders whose keys index ``tensors``), ``text``,
+    ``copy`` (of ``source``), ``dcp-metadata`` (torch_dist's ``.metadata``, from the data files
+    written before it) or ``integrity`` (Megatron's ``integrity.json`` of the files written before
+    it in its directory).
     """
 
     path: str
@@ -35,8 +37,8 @@ class OutputFile:
             return sum(e.nbytes for _, e in self.tensors[lo:hi])
         if self.kind == "text":
             return len(self.text.encode())
-        if self.kind == "dcp-metadata":
-            return 0  # a few hundred bytes per entry, known once the data files are written
+        if self.kind in ("dcp-metadata", "integrity"):
+            return 0  # a few hundred bytes per entry, known once the files they describe are written
         import os
 
         return os.path.getsize(self.source)

@@ -9,6 +9,8 @@ Written as Megatron-Core 0.15-0.18 lays it out (``version="0.15"``, which 0.19+ 
     iter_N/common.pt            args, iteration, checkpoint_version, content_metadata
     iter_N/__0_K.distcp         one torch.save blob per stored entry (tensor K, or a sharded object)
     iter_N/.metadata            torch.distributed.checkpoint Metadata naming each entry's file, written last
+    iter_N/tokenizer/           the source's tokenizer files, where Megatron-LM saves a run's tokenizer
+    iter_N/integrity.json       with ``integrity``: Megatron-Core 0.18+'s SHA-256 manifest of the files above
 
 Keys are global: every decoder-layer tensor is stacked on a leading layer axis
 (``decoder.layers.self_attention.linear_qkv.weight`` is ``[L, ...]``; MoE experts on the next
@@ -31,12 +33,14 @@ fields of 0.19's ``CheckpointingConfig``.
 from __future__ import annotations
 
 import json
+import os
 
 from ckpt_ir.backends.mcore import placeholders
 from ckpt_ir.backends.plan import OutputFile, Plan
 from ckpt_ir.errors import VerifyError, setting
 from ckpt_ir.families import by_name
 from ckpt_ir.io.safe_pickle import TorchDtype
+from ckpt_ir.io.side_files import is_tokenizer_file
 from ckpt_ir.io.torchzip import Tensor, writable
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
@@ -45,6 +49,7 @@ from ckpt_ir.ir.names import NameTable, split_layer
 from ckpt_ir.ir.rules import mla_rule
 from ckpt_ir.megatron import args as megatron_args
 from ckpt_ir.megatron import keys as M
+from ckpt_ir.megatron.integrity import MANIFEST
 
 METADATA_JSON = {
     "sharded_backend": "torch_dist",
@@ -57,7 +62,11 @@ COMMON_STATE_KEY = "common_state/shard_0_1"  # ShardedObject("common_state", ...
 STATE_PREFIX = "optimizer.state."
 
 
-def plan(ckpt: Checkpoint, *, iteration: int | None = None, version: str = "0.15") -> Plan:
+def plan(
+    ckpt: Checkpoint, *, iteration: int | None = None, version: str = "0.15", integrity: bool = False
+) -> Plan:
+    """``integrity``: write Megatron-Core's ``integrity.json`` (:mod:`ckpt_ir.megatron.integrity`)
+    after every other file of the iteration."""
     spec, layout = ckpt.spec, ckpt.layout
     if (
         layout.tp != 1
@@ -141,6 +150,13 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None, version: str = "0.15
     files.append(OutputFile(f"{d}/metadata.json", "text", text=json.dumps(config)))
     files.append(OutputFile(f"{d}/.metadata", "dcp-metadata", obj=tuple(entries)))
     files.append(OutputFile(M.TRACKER, "text", text=str(it)))
+    files.extend(  # the tokenizer where Megatron-LM saves a run's
+        OutputFile(f"{d}/{M.TOKENIZER_DIR}/{os.path.basename(f)}", "copy", source=f)
+        for f in ckpt.aux_files
+        if is_tokenizer_file(f)
+    )
+    if integrity:  # last: it hashes the files written before it
+        files.append(OutputFile(f"{d}/{MANIFEST}", "integrity"))
     if ckpt.meta.get("extra_state"):
         dropped["*._extra_state"] = (
             "Transformer-Engine _extra_state (FP8 metadata): torch_dist output starts it afresh"
@@ -324,8 +340,6 @@ def write_dcp_metadata(path: str, entries: tuple, data_dir: str) -> None:
     """``.metadata`` for ``entries`` (key, "tensor" | "bytes", dtype, shape, data file), each one
     whole blob of its data file (already written under ``data_dir``): the pickle
     ``torch.distributed.checkpoint`` writes, produced without importing torch (seconds)."""
-    import os
-
     from ckpt_ir.io.torchzip import Call, _pickle
 
     dcp = "torch.distributed.checkpoint.metadata"

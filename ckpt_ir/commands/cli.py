@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
         "prediction as its own GPTModel does (mtp.layers.K.mtp_model_layer from 0.17, "
         "transformer_layer before); default: a Megatron source's naming, else MindSpeed-LLM's",
     )
+    m.add_argument(
+        "--verify-integrity",
+        action="store_true",
+        help="torch_dist output: write integrity.json, the SHA-256 of every file of the iteration, "
+        "as Megatron-LM's --verify-integrity (0.18+) does (a source's integrity.json is always checked)",
+    )
     m.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     m.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     m.add_argument("--num-layer-list", type=int_list, help="layers per pipeline stage, e.g. 2,6")
@@ -415,6 +421,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         ckpt_format=args.ckpt_format,
         torch_dist_version=args.torch_dist_version,
         megatron_version=args.megatron_version,
+        verify_integrity=args.verify_integrity,
         quantize=args.quantize,
         quant_block_size=args.quant_block_size,
         quant_scale_fmt=args.quant_scale_fmt,

@@ -17,7 +17,9 @@ Optimizer state saved with ``--dist-ckpt-optim-fully-reshardable``
 reformulated ``fully_sharded_model_space``
 (0.8-0.14 default) lifts into ``Checkpoint.states``; other layouts are refused when optimizer state
 is asked for (the weights still convert without it).  Megatron-Core 0.19+ keeps the common state
-(args, ...) in the DCP entry ``common_state`` instead of ``common.pt``.
+(args, ...) in the DCP entry ``common_state`` instead of ``common.pt``.  An ``integrity.json``
+(Megatron-Core 0.18+) is checked before anything else is read; the files of the iteration's
+``tokenizer/`` (the run's tokenizer) become side files of an HF export.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from ckpt_ir.ir.layout import Layout
 from ckpt_ir.ir.names import COLUMN, Split, layer_name, split_layer
 from ckpt_ir.ir.roles import canonical_order
 from ckpt_ir.megatron import args as megatron_args
-from ckpt_ir.megatron import distopt
+from ckpt_ir.megatron import distopt, integrity
 from ckpt_ir.megatron import keys as M
 from ckpt_ir.megatron import lift as lift_tail
 from ckpt_ir.megatron.lift import spec_from_args
@@ -97,6 +99,7 @@ def lift(
     ``hf_config`` (named ``config_name``) describes the model instead of the args, and must
     describe the tensors (:func:`~ckpt_ir.megatron.lift.check_config_fits`)."""
     it_dir, iteration = M.iteration_dir(path, iteration)
+    integrity.verify(it_dir)  # Megatron-Core 0.18+'s integrity.json, when the run wrote one
     _check_backend(it_dir)
     md = read_metadata(it_dir)
     common, common_path = _common_state(it_dir, md)
@@ -282,7 +285,16 @@ def lift(
         "source_layout": None,
     }
     return lift_tail.checkpoint(
-        path, spec, layout, tensors, sets, args=args, cfg=cfg, dropped=dropped, meta=meta
+        path,
+        spec,
+        layout,
+        tensors,
+        sets,
+        args=args,
+        cfg=cfg,
+        dropped=dropped,
+        meta=meta,
+        iteration_dir=it_dir,
     )
 
 

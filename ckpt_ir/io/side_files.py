@@ -25,6 +25,18 @@ AUX_PATTERNS = (
 
 
 TOKENIZER_PATTERNS = ("tokenizer*", "*.model", "*.tiktoken", "vocab.json", "vocab.txt")
+# every file a tokenizer's save_pretrained writes (what Megatron-LM keeps in iter_N/tokenizer/)
+TOKENIZER_FILES = (
+    *TOKENIZER_PATTERNS,
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "merges.txt",
+    "chat_template.*",
+)
+
+
+def is_tokenizer_file(path: str) -> bool:
+    return any(fnmatch.fnmatch(os.path.basename(path), p) for p in TOKENIZER_FILES)
 
 
 def side_files(path: str, config: bool = False) -> tuple[str, ...]:

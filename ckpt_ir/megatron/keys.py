@@ -25,6 +25,7 @@ from ckpt_ir.ir.layout import Layout
 from ckpt_ir.ir.names import NameTable, expert_of, layer_name, split_layer
 from ckpt_ir.ir.rules import Stack
 from ckpt_ir.ir.spec import ModelSpec
+from ckpt_ir.megatron.integrity import MANIFEST
 
 # file and key names the frontends and backends name directly
 RANK_FILE = "model_optim_rng.pt"  # a rank's model (and args, RNG, scheduler) state
@@ -524,6 +525,9 @@ def mla_key(rest: str, te: bool, moe: bool) -> str | None:
 # where a Megatron checkpoint written by ckpt-ir keeps the HF side files (and the source's
 # config.json); Megatron reads only latest_checkpointed_iteration.txt and iter_*/, so it ignores it
 MCORE_HF_DIR = "hf"
+# where Megatron-LM saves the run's tokenizer (save_tokenizer_assets: torch_dist saves, on by default
+# since 2026-08; an HF tokenizer's save_pretrained files, or a file-based tokenizer's vocabulary)
+TOKENIZER_DIR = "tokenizer"
 
 
 # What a Megatron checkpoint directory holds (name pattern, what a directory of that name holds;
@@ -532,7 +536,8 @@ RANK_ENTRIES: tuple = ((RANK_FILE, None), (DISTOPT_FILE, None))
 # an iteration: rank directories (torch format) or torch_dist's files
 ITERATION_ENTRIES: tuple = (
     ("mp_rank_[0-9][0-9]*", RANK_ENTRIES),
-    *((p, None) for p in ("*.distcp", ".metadata", "metadata.json", "common.pt")),
+    *((p, None) for p in ("*.distcp", ".metadata", "metadata.json", "common.pt", MANIFEST)),
+    (TOKENIZER_DIR, (("*", None),)),  # the run's tokenizer files
 )
 DIRECTORY_ENTRIES: tuple = (
     (TRACKER, None),

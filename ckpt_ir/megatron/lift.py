@@ -20,7 +20,7 @@ from ckpt_ir.ir.roles import canonical_order
 from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.megatron import args as megatron_args
 from ckpt_ir.megatron import infer
-from ckpt_ir.megatron.keys import MCORE_HF_DIR
+from ckpt_ir.megatron.keys import MCORE_HF_DIR, TOKENIZER_DIR
 
 
 class ArgReader:
@@ -156,9 +156,12 @@ def checkpoint(
     cfg: dict[str, Any] | None,
     dropped: dict[str, str],
     meta: dict[str, Any],
+    iteration_dir: str | None = None,
 ) -> Checkpoint:
     """The Checkpoint of a lifted Megatron model: the padded vocabulary, dtype and LoRA rank read
-    off the tensors, tensors in canonical order, and the HF side files of ``hf/``."""
+    off the tensors, tensors in canonical order, and the HF side files of ``hf/``; with
+    ``iteration_dir``, the run's tokenizer files that Megatron-LM saved in its ``tokenizer/``
+    replace those of ``hf/``."""
     layout = padded(layout, spec, tensors)
     weights = [t for n, t in tensors.items() if not is_lora(n)]
     spec = attrs.evolve(spec, dtype=weights[0].dtype if weights else spec.dtype)
@@ -176,10 +179,22 @@ def checkpoint(
         dropped=dropped,
         hf_config=cfg,
         source=path,
-        aux_files=side_files(os.path.join(path, MCORE_HF_DIR), config=True),
+        aux_files=_side_files(path, iteration_dir),
         meta=meta,
         states={k: {n: v[n] for n in ordered if n in v} for k, v in sets.items()},
     )
+
+
+def _side_files(path: str, iteration_dir: str | None) -> tuple[str, ...]:
+    """``hf/``'s side files, and every file of the iteration's ``tokenizer/`` in place of the
+    same-named ones."""
+    files = {os.path.basename(f): f for f in side_files(os.path.join(path, MCORE_HF_DIR), config=True)}
+    tokenizer = os.path.join(iteration_dir, TOKENIZER_DIR) if iteration_dir else ""
+    if os.path.isdir(tokenizer):
+        for entry in os.scandir(tokenizer):
+            if entry.is_file():
+                files[entry.name] = entry.path
+    return tuple(files[name] for name in sorted(files))
 
 
 def check_config_fits(
