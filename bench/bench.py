@@ -14,7 +14,9 @@ to cp, and the peak RSS of the converting process as a fraction of the model siz
 `--tasks move,compute,wide` chooses the task groups: `move` (the layout conversions above), `compute`
 (bf16 -> fp32 and fp32 -> bf16 casts, a rank-16 LoRA merge on every linear, HF -> mcore TP2 in fp32
 with vocab padding; each against `cp -r` + `sync` of a directory with the output's bytes, made
-once beforehand) and `wide` (a 152k-vocab, 4096-hidden, 1-layer model converted HF -> mcore TP2
+once beforehand), `dist` (HF -> torch_dist with and without `--verify-integrity`, and torch_dist
+-> HF from a checkpoint without and with `integrity.json`, which is then checked first; against
+`cp -r` + `sync` of the HF source) and `wide` (a 152k-vocab, 4096-hidden, 1-layer model converted HF -> mcore TP2
 fp32 with `--make-vocab-size-divisible-by 128`: peak memory with embeddings of 1.2 GB per shard)
 and `moe` (a Qwen3-MoE-shaped checkpoint with Qwen3-30B-A3B's widths: hidden 2048, 128 experts of
 768, vocab 151936, as many layers as the size asks, about 400 tensors per layer in shards of about
@@ -338,7 +340,8 @@ def main() -> int:
         "--tasks",
         default="move",
         help="comma list of task groups: move (layout conversions), "
-        "compute (casts, LoRA merge, fp32 + vocab padding), wide (wide-vocab model, memory), "
+        "compute (casts, LoRA merge, fp32 + vocab padding), dist (torch_dist with and without "
+        "integrity.json, written and read), wide (wide-vocab model, memory), "
         "moe (Qwen3-MoE-shaped model: EP8 conversions)",
     )
     ap.add_argument(
@@ -359,7 +362,7 @@ def main() -> int:
     for size_text in args.sizes.split(","):
         root = os.path.join(args.workdir, size_text)
         shutil.rmtree(root, ignore_errors=True)
-        if groups & {"move", "compute"}:
+        if groups & {"move", "compute", "dist"}:
             rows += bench_model(root, size_text, parse_size(size_text), "llama", groups - {"wide"}, args)
         if "wide" in groups:
             rows += bench_model(root + "-wide", size_text + "w", 0, "wide", {"wide"}, args)
@@ -389,13 +392,16 @@ def bench_model(root: str, label: str, size: int, shape: str, groups: set[str], 
     layers = int(subprocess.check_output(gen))
     nbytes = du(src)
     print(f"[{label}] generated {nbytes / 1e9:.2f} GB, {layers} layers ({shape})", file=sys.stderr)
-    out = {n: os.path.join(root, n) for n in ("tp2pp2", "tp1pp4", "back", "fp32", "bf16", "merged", "padded")}
+    out = {
+        n: os.path.join(root, n)
+        for n in ("tp2pp2", "tp1pp4", "back", "fp32", "bf16", "merged", "padded", "dist")
+    }
     convert = lambda *a: ck + ["convert", *a, "--quiet", *extra]  # noqa: E731
     pad_flags = ["--to", "mcore", "--tp", "2", "--dtype", "fp32", "--make-vocab-size-divisible-by", "128"]
     # task name -> (command, output, the cp task whose bytes equal the output's)
     tasks: dict[str, tuple[list[str], str, str]] = {}
     refs: dict[str, str] = {"cp -r + sync": src}
-    if groups & {"move", "compute"}:
+    if groups & {"move", "compute", "dist"}:
         tasks["cp -r + sync"] = (["cp", "-r", src, os.path.join(root, "cp")], os.path.join(root, "cp"), "")
     if "move" in groups:
         tasks["hf -> mcore tp2 pp2"] = (
@@ -441,6 +447,29 @@ def bench_model(root: str, label: str, size: int, shape: str, groups: set[str], 
             convert(src, out["padded"], *pad_flags),
             out["padded"],
             "cp -r fp32 mcore + sync",
+        )
+    if "dist" in groups:
+        # torch_dist with and without Megatron-Core's integrity.json (hashed after writing, checked
+        # before reading); the sources of the reading tasks are made once (untimed)
+        dist = ["--to", "mcore", "--ckpt-format", "torch_dist"]
+        plain_ref, hashed_ref = (os.path.join(root, n) for n in ("ref-dist", "ref-dist-integrity"))
+        subprocess.run(convert(src, plain_ref, *dist), check=True, env=CHILD_ENV)
+        subprocess.run(convert(src, hashed_ref, *dist, "--verify-integrity"), check=True, env=CHILD_ENV)
+        tasks["hf -> torch_dist"] = (convert(src, out["dist"], *dist), out["dist"], "cp -r + sync")
+        tasks["hf -> torch_dist --verify-integrity"] = (
+            convert(src, out["dist"], *dist, "--verify-integrity"),
+            out["dist"],
+            "cp -r + sync",
+        )
+        tasks["torch_dist -> hf"] = (
+            convert(plain_ref, out["back"], "--to", "hf"),
+            out["back"],
+            "cp -r + sync",
+        )
+        tasks["torch_dist + integrity.json -> hf"] = (
+            convert(hashed_ref, out["back"], "--to", "hf"),
+            out["back"],
+            "cp -r + sync",
         )
     if "wide" in groups:
         tasks["hf -> mcore tp2 fp32 vocab pad"] = (convert(src, out["padded"], *pad_flags), out["padded"], "")
