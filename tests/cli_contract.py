@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli_server import run_cli
 from tests.conftest import built_once
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,16 +49,7 @@ def cli_argv(*args: object) -> list[str]:
 
 
 def cli(*args: object, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        cli_argv(*args),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=_env(),
-        cwd=str(REPO),
-        stdin=subprocess.DEVNULL,
-        preexec_fn=_limit_memory,
-    )
+    return run_cli(list(args), timeout=timeout, env=_env(), cwd=REPO, memory_cap=MEMORY_CAP)
 
 
 def convert(src: Path, dst: Path, *flags: object, to: str = "mcore") -> subprocess.CompletedProcess:

@@ -12,11 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.cli_server import run_cli
 from tests.test_hf_roundtrip import assert_same_tensors
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "ckpt_ir", *args], capture_output=True, text=True, timeout=300)
+    r = run_cli(list(args), timeout=300)
     if check and r.returncode != 0:
         raise AssertionError(f"ckpt-ir {' '.join(args)} exited {r.returncode}\n{r.stderr}")
     return r

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.cli_server import run_cli
 from tests.conftest import FAMILY_CONFIGS, build_hf
 
 R, ALPHA = 4, 8.0
@@ -20,7 +20,7 @@ IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "ckpt_ir", *args], capture_output=True, text=True, timeout=300)
+    r = run_cli(list(args), timeout=300)
     if check and r.returncode != 0:
         raise AssertionError(r.stderr)
     return r

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.cli_server import run_cli
 from tests.conftest import build_hf
 from tests.test_moe import build_moe
 
@@ -49,7 +49,7 @@ VARIANTS = {
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "ckpt_ir", *args], capture_output=True, text=True, timeout=600)
+    r = run_cli(list(args), timeout=600)
     if check and r.returncode != 0:
         raise AssertionError(r.stderr)
     return r
