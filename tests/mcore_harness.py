@@ -62,6 +62,7 @@ streams), no capacity factor (no token dropping), no load-balancing loss (sigmoi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
@@ -74,10 +75,13 @@ import warnings
 TIMEOUT_MIN = 2  # a collective that waits this long has lost a peer: fail instead of hanging
 
 
-def run_job(root, cases: list[dict], world: int = 4, timeout: float = 400) -> list[tuple[object, list[dict]]]:
+def run_job(
+    root, cases: list[dict], world: int = 4, timeout: float = 400, script: str | None = None
+) -> list[tuple[object, list[dict]]]:
     """Run ``cases`` in one harness process (from a test; a fork of the warm megatron-core server,
     ``tests/mcore_server.py``): per case, the logits it wrote (None for load-only cases) and every
-    rank's report.  A failing harness fails with its output."""
+    rank's report.  ``script``: another harness built on this one (``tests/live_harness.py``).
+    A failing harness fails with its output."""
     import torch
 
     from tests import mcore_server
@@ -86,7 +90,7 @@ def run_job(root, cases: list[dict], world: int = 4, timeout: float = 400) -> li
     with open(job, "w") as fh:
         json.dump({"store": os.path.join(str(root), "gloo-store"), "cases": cases}, fh)
     log = os.path.join(str(root), "harness.log")
-    rc = mcore_server.run(__file__, [job, str(world)], log, timeout)
+    rc = mcore_server.run(script or __file__, [job, str(world)], log, timeout)
     if rc != 0:
         with open(log) as fh:
             raise AssertionError(f"megatron-core harness failed ({rc}):\n{fh.read()[-12000:]}")
@@ -352,9 +356,12 @@ def _rank_file(ckpt: str, tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0,
     return os.path.join(ckpt, it_dir, name, "model_optim_rng.pt")
 
 
-def _run_case(case: dict, rank: int) -> None:
+def build_models(case: dict, seed: int = 1234) -> list:
+    """This rank's ``GPTModel`` chunks for ``case`` (Megatron's model-parallel state initialised
+    with the case's layout): configured from the case's HF config, with the local layer spec (a
+    per-layer spec when dense and MoE layers mix), one chunk per virtual pipeline stage, in eval
+    mode, parameters initialised from ``seed``."""
     import torch
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.core.models.gpt import GPTModel
@@ -363,65 +370,67 @@ def _run_case(case: dict, rank: int) -> None:
         get_gpt_layer_local_spec,
         get_gpt_mtp_block_spec,
     )
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.moe.experts import GroupedMLP
 
     tp, pp, vpp = case["tp"], case["pp"], case.get("vpp")
-    ep, moe = case.get("ep", 1), case.get("moe")
-    groups_before = set(_process_groups())
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp,
-        expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=case.get("etp"),
-        create_gloo_process_groups=False,
-        distributed_timeout_minutes=TIMEOUT_MIN,
-    )
-    try:
-        tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
-        torch.manual_seed(1234)
-        config = _transformer_config(case, tp, pp, vpp)
-        if moe and moe.get("layer_freq", 1) != 1:  # dense and MoE layers mixed: per-layer specs
-            spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
-        else:
-            spec = get_gpt_layer_local_spec(
-                num_experts=moe["num_experts"] if moe else None,
-                moe_grouped_gemm=bool(moe and moe.get("grouped_gemm")),
-                qk_layernorm=case["qk_norm"],
-                multi_latent_attention=config.multi_latent_attention,
-                normalization=config.normalization,
-            )
+    moe = case.get("moe")
+    tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    torch.manual_seed(seed)
+    config = _transformer_config(case, tp, pp, vpp)
+    if moe and moe.get("layer_freq", 1) != 1:  # dense and MoE layers mixed: per-layer specs
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    else:
+        spec = get_gpt_layer_local_spec(
+            num_experts=moe["num_experts"] if moe else None,
+            moe_grouped_gemm=bool(moe and moe.get("grouped_gemm")),
+            qk_layernorm=case["qk_norm"],
+            multi_latent_attention=config.multi_latent_attention,
+            normalization=config.normalization,
+        )
+    mtp = {}
+    if config.mtp_num_layers:  # multi-token prediction: the decoder's last layer spec, on the last stage
+        mtp["mtp_block_spec"] = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False)
+    models = []
+    for v in range(vpp or 1):
+        vp_stage = v if vpp else None
+        models.append(
+            GPTModel(
+                config=config,
+                transformer_layer_spec=spec,
+                vocab_size=case["padded_vocab"],
+                max_sequence_length=case["hf_config"].get("max_position_embeddings", 128),
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                share_embeddings_and_output_weights=case["tied"],
+                position_embedding_type="learned_absolute" if case.get("gpt") else "rope",
+                rotary_base=_rope_theta(case["hf_config"]),
+                vp_stage=vp_stage,
+                rotary_percent=case.get("rotary_percent", 1.0),
+                **mtp,
+            ).eval()
+        )
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, GroupedMLP):  # see the module docstring: the bf16 assert only
+                module.config = copy.copy(module.config)
+                module.config.bf16 = True
+    return models
+
+
+def _run_case(case: dict, rank: int) -> None:
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    tp, pp, vpp = case["tp"], case["pp"], case.get("vpp")
+    ep = case.get("ep", 1)
+    with model_parallel(case):
+        models = build_models(case)
+        config = models[0].config
         tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         ep_rank = ps.get_expert_model_parallel_rank()
         chunks = vpp or 1
-        mtp = {}
-        if config.mtp_num_layers:  # multi-token prediction: the decoder's last layer spec, on the last stage
-            mtp["mtp_block_spec"] = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False)
-        models = []
-        for v in range(chunks):
-            vp_stage = v if vpp else None
-            models.append(
-                GPTModel(
-                    config=config,
-                    transformer_layer_spec=spec,
-                    vocab_size=case["padded_vocab"],
-                    max_sequence_length=case["hf_config"].get("max_position_embeddings", 128),
-                    pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-                    post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-                    share_embeddings_and_output_weights=case["tied"],
-                    position_embedding_type="learned_absolute" if case.get("gpt") else "rope",
-                    rotary_base=_rope_theta(case["hf_config"]),
-                    vp_stage=vp_stage,
-                    rotary_percent=case.get("rotary_percent", 1.0),
-                    **mtp,
-                ).eval()
-            )
-        for model in models:
-            for module in model.modules():
-                if isinstance(module, GroupedMLP):  # see the module docstring: the bf16 assert only
-                    module.config = copy.copy(module.config)
-                    module.config.bf16 = True
 
         if case.get("torch_dist"):  # ckpt-ir's torch_dist output, read by megatron-core's own loader
             blob = _load_torch_dist(case["ckpt"], models)
@@ -518,6 +527,27 @@ def _run_case(case: dict, rank: int) -> None:
         with open(f"{case['out']}.rank{rank}.json", "w") as fh:
             json.dump(report, fh)
         dist.barrier()
+
+
+@contextlib.contextmanager
+def model_parallel(case: dict):
+    """Megatron's model-parallel state for the case's layout (``tp``, ``pp``, ``vpp``, ``ep``,
+    ``etp``) while the block runs; its process groups are closed after it."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    groups_before = set(_process_groups())
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=case["tp"],
+        pipeline_model_parallel_size=case["pp"],
+        virtual_pipeline_model_parallel_size=case.get("vpp"),
+        expert_model_parallel_size=case.get("ep", 1),
+        expert_tensor_parallel_size=case.get("etp"),
+        create_gloo_process_groups=False,
+        distributed_timeout_minutes=TIMEOUT_MIN,
+    )
+    try:
+        yield
     finally:
         ps.destroy_model_parallel()
         # destroy_model_parallel only forgets Megatron's groups: close them, or every case's gloo
@@ -588,7 +618,7 @@ def _process_groups() -> list:
     return [g for g in c10d._world.pg_map if g is not c10d.GroupMember.WORLD]
 
 
-def _worker(job: dict, rank: int, world: int) -> None:
+def _worker(job: dict, rank: int, world: int, run_case=None) -> None:
     import torch
     import torch.distributed as dist
 
@@ -604,7 +634,7 @@ def _worker(job: dict, rank: int, world: int) -> None:
         )
         with _make_cuda_to_cpu_mode():
             for case in job["cases"]:
-                _run_case(case, rank)
+                (run_case or _run_case)(case, rank)
         dist.destroy_process_group()
     except BaseException:
         print(f"mcore_harness: rank {rank} of {world}:", file=sys.stderr)
@@ -614,9 +644,10 @@ def _worker(job: dict, rank: int, world: int) -> None:
     os._exit(0)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], run_case=None) -> int:
     """``mcore_harness.py JOB.json WORLD``: import torch and megatron-core once, then fork WORLD
-    ranks (imports cost ~7 s per process on a small CPU box; forked ranks share them)."""
+    ranks (imports cost ~7 s per process on a small CPU box; forked ranks share them), each
+    running every case of the job (``run_case(case, rank)``; default: the logits oracle's)."""
     job_path, world = argv[0], int(argv[1])
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # megatron-core's jit_fuser is torch.compile (GroupedMLP's GLU): eager is enough for a tiny
@@ -640,7 +671,7 @@ def main(argv: list[str]) -> int:
     for rank in range(world):
         pid = os.fork()
         if pid == 0:
-            _worker(job, rank, world)  # never returns
+            _worker(job, rank, world, run_case)  # never returns
         pids[pid] = rank
     failed: list[int] = []
     while pids:

@@ -1,5 +1,5 @@
-"""Write docs/api.md, the Python API reference, from the docstrings of what ``ckpt_ir.api`` exports
-(``__all__``) and of the errors it raises.
+"""Write docs/api.md, the Python API reference, from the docstrings of what ``ckpt_ir.api`` and
+``ckpt_ir.live`` export (``__all__``) and of the errors they raise.
 
     python tools/api_reference.py            # rewrite docs/api.md
     python tools/api_reference.py --check    # exit 1 when docs/api.md is not what this writes
@@ -89,6 +89,11 @@ def reference() -> str:
     ]
     for name in api.__all__:
         lines += entry(name, getattr(api, name))
+    import ckpt_ir.live as live
+
+    lines += ["# Live weights: `ckpt_ir.live`", "", markdown(inspect.getdoc(live) or ""), ""]
+    for name in live.__all__:
+        lines += entry(name, getattr(live, name))
     lines += [
         "# Errors",
         "",

@@ -194,6 +194,22 @@ class ExtraState:
         return out
 
 
+def rank_state_dicts(ckpt: Checkpoint, stage: int, rank: int, ep: int) -> list[dict[str, E.Expr]]:
+    """The model chunks of the rank file :func:`plan` writes for TP rank ``rank``, pipeline stage
+    ``stage`` and EP rank ``ep``: one state dict (key -> expression) per chunk, in writing order,
+    without Transformer Engine's ``_extra_state``."""
+    content, _ = rank_content(ckpt)
+    etp = ckpt.layout.expert_tp
+    return [
+        {
+            entry.key: _entry_expr(ckpt.tensors, entry, _shard_rank(entry, rank, etp))
+            for entry in content[(stage, chunk)]
+            if entry.ep is None or entry.ep == ep
+        }
+        for chunk in range(num_chunks(ckpt.spec, ckpt.layout))
+    ]
+
+
 def _entry_expr(tensors: dict[str, TensorNode], entry: Entry, shard_rank: int) -> E.Expr:
     exprs = [_shard(tensors[c], shard_rank) for c in entry.canon]
     return M.group_experts(entry.grouped, exprs) if entry.grouped else exprs[0]

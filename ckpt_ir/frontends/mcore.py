@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from ckpt_ir.errors import FormatError, setting
+from ckpt_ir.errors import CoverageError, FormatError, setting
 from ckpt_ir.io.torchzip import TorchZip, iter_tensors, with_exprs
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
@@ -213,21 +213,14 @@ def lift(
                 if carry and state is not None and master is not None:
                     values.update({which: state[which][(ck, key)] for which in distopt.STATE_KEYS})
                 for set_name, value in values.items():
-                    if key == M.EMBEDDING and p == pp - 1 and pp > 1 and spec.mtp_layers:
-                        lifted: list[tuple[str | M.LocalName, E.Expr, bool]] | None = [
-                            (M.LocalName("mtp.embed.weight", 0, mtp=True), value, False)
-                        ]
-                    else:
-                        lifted = _lift_key(key, value, p, chunk, e, experts_per_rank, tables)
+                    lifted = lift_rank_key(key, value, spec, layout, tables, stage=p, chunk=chunk, tp=t, ep=e)
                     if lifted is None:
                         if any(fnmatch.fnmatch(key, pat) for pat in allow_unused):
                             dropped[f"{rel}:{ck}.{key}"] = f"matched {setting('allow_unused')}"
                         elif not set_name:
                             unknown.append(f"{ck}.{key} in {rel}")
                         continue
-                    for canon, expr, is_exp in lifted:
-                        # experts with expert TP = 1 are whole: they count as TP rank 0
-                        slot = 0 if is_exp and layout.expert_tp == 1 else t
+                    for canon, expr, slot in lifted:
                         if slot in pieces[set_name][canon]:
                             dropped[f"{rel}:{ck}.{key}"] = (
                                 "replica of the same tensor in another EP rank's file"
@@ -318,6 +311,80 @@ def lift(
         cfg=cfg,
         dropped=dropped,
         meta=meta,
+    )
+
+
+def lift_rank_key(
+    key: str,
+    value: E.Expr,
+    spec: ModelSpec,
+    layout: Layout,
+    tables: tuple[NameTable, ...],
+    *,
+    stage: int,
+    chunk: int,
+    tp: int,
+    ep: int,
+) -> list[tuple[str | M.LocalName, E.Expr, int]] | None:
+    """[(canonical name with its layer still local, expression, TP slot)] for the key ``key`` of
+    model chunk ``chunk`` in the rank file of (``tp``, ``stage``, ``ep``), or None when the key
+    means nothing to us.  Experts with expert TP = 1 are whole: their slot is 0."""
+    if key == M.EMBEDDING and stage == layout.pp - 1 and layout.pp > 1 and spec.mtp_layers:
+        lifted: list[tuple[str | M.LocalName, E.Expr, bool]] | None = [
+            (M.LocalName("mtp.embed.weight", 0, mtp=True), value, False)
+        ]
+    else:
+        experts_per_rank = spec.num_experts // layout.ep if spec.num_experts else 0
+        lifted = _lift_key(key, value, stage, chunk, ep, experts_per_rank, tables)
+    if lifted is None:
+        return None
+    return [(canon, expr, 0 if is_exp and layout.expert_tp == 1 else tp) for canon, expr, is_exp in lifted]
+
+
+def lift_state_dicts(
+    ranks: dict[tuple[int, int, int], list[dict[str, E.Expr]]],
+    spec: ModelSpec,
+    layout: Layout,
+    *,
+    where: str,
+    args: dict[str, Any],
+    cfg: dict[str, Any] | None,
+    meta: dict[str, Any] | None = None,
+) -> Checkpoint:
+    """The Checkpoint of a Megatron model given as state dicts of expressions, as :func:`lift`
+    reads them from rank files: ``ranks`` maps (TP rank, stage, EP rank) to the state dict of
+    each of its model chunks (key -> expression; the tensors may live anywhere, e.g. in a training
+    job's memory, see :mod:`ckpt_ir.live`).  ``layout`` gives the parallel sizes and placement
+    (its norm naming is read off the keys); a key no table knows is a CoverageError naming it
+    (``where`` says whose it is).  Replicas (dense tensors in every EP rank's state dict, TP
+    replicas of whole tensors) are taken from the first rank holding them."""
+    tables = M.read_tables(spec)
+    slot_of = {(s.stage, s.chunk, s.local): s for s in layer_slots(spec, layout)}
+    pieces: dict[str | M.LocalName, dict[int, E.Expr]] = defaultdict(dict)
+    unknown: list[str] = []
+    te_norms = te_fc1 = False
+    for (t, p, e), chunks in sorted(ranks.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        for chunk, sd in enumerate(chunks):
+            for key, value in sd.items():
+                te_norms |= key.endswith(M.TE_QKV_NORM)
+                te_fc1 |= key.endswith(M.TE_FC1_NORM)
+                lifted = lift_rank_key(key, value, spec, layout, tables, stage=p, chunk=chunk, tp=t, ep=e)
+                if lifted is None:
+                    unknown.append(f"{key} (TP {t}, stage {p}, EP {e}, chunk {chunk})")
+                for canon, expr, slot in lifted or ():
+                    pieces[canon].setdefault(slot, expr)
+    if unknown:
+        shown = ", ".join(unknown[:3]) + (f" (+{len(unknown) - 3} more)" if len(unknown) > 3 else "")
+        raise CoverageError(
+            f"{where}: {len(unknown)} tensor(s) have no known Megatron meaning and would be lost: {shown}; "
+            f"ckpt-ir has no table for these modules (docs/live.md lists the megatron-core modules it reads)"
+        )
+    dropped: dict[str, str] = {}
+    tensors = _assemble(pieces, slot_of, spec, layout, where, dropped)
+    lift_tail.complete_tensors(spec, tensors, {}, dropped)
+    layout = attrs.evolve(layout, norm_names=lift_tail.norm_names(te_norms, te_fc1))
+    return lift_tail.checkpoint(
+        where, spec, layout, tensors, {}, args=args, cfg=cfg, dropped=dropped, meta=dict(meta or {})
     )
 
 

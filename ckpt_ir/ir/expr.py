@@ -993,9 +993,9 @@ def _evaluate_math(expr: Expr, reader: Reader, out) -> None:
         raise TypeError(f"cannot evaluate {type(expr).__name__}")
 
 
-def _note_overflow(cast: Cast, x, y, reader: Reader) -> None:
-    """Record in ``reader`` the elements the cast ``x`` -> ``y`` (torch tensors) turned from finite
-    into infinite; numpy's casts count their own."""
+def _note_overflow(cast: Cast, x, y, reader: Reader | Overflow) -> None:
+    """Record in ``reader`` (or an :class:`Overflow` tally) the elements the cast ``x`` -> ``y``
+    (torch tensors) turned from finite into infinite; numpy's casts count their own."""
     import torch
 
     from ckpt_ir.ir.dtypes import narrows
@@ -1003,25 +1003,37 @@ def _note_overflow(cast: Cast, x, y, reader: Reader) -> None:
     if narrows(cast.x.dtype, cast.to):
         overflow = torch.isfinite(x) & ~torch.isfinite(y)
         count = int(overflow.sum())
-        reader.overflow.add(count, float(x[overflow].abs().max()) if count else 0.0)
+        tally = reader.overflow if isinstance(reader, Reader) else reader
+        tally.add(count, float(x[overflow].abs().max()) if count else 0.0)
+
+
+# the nodes whose bits change: evaluated by arithmetic, not by moving bytes
+MATH_NODES = (Cast, Add, Matmul, Scale, RowRescale, Dequantize, Quantize)
 
 
 def _evaluate_on_device(expr: Expr, reader: Reader):
     """``expr``'s arithmetic on :data:`MATH_DEVICE` (``--device``): the same fp32 operations, one
     block at a time; the operands travel to the device and the result comes back."""
+
+    def operand(x: Expr):
+        if isinstance(x, MATH_NODES):
+            return _evaluate_on_device(x, reader)
+        return evaluate(x, reader).to(MATH_DEVICE)
+
+    return _torch_math(expr, operand, reader, MATH_DEVICE)
+
+
+def _torch_math(expr: Expr, operand, overflow: Reader | Overflow, device):
+    """The arithmetic node ``expr`` computed by torch on ``device`` from its operands'
+    tensors (``operand(child)``, on that device): fp32 throughout, rounded once."""
     import torch
 
     from ckpt_ir.ir.dtypes import to_torch
 
-    def operand(x: Expr):
-        if isinstance(x, (Cast, Add, Matmul, Scale, RowRescale, Dequantize, Quantize)):
-            return _evaluate_on_device(x, reader)
-        return evaluate(x, reader).to(MATH_DEVICE)
-
     if isinstance(expr, Cast):
         x = operand(expr.x)
         y = x.to(to_torch(expr.to))
-        _note_overflow(expr, x, y, reader)
+        _note_overflow(expr, x, y, overflow)
         return y
     if isinstance(expr, Add):
         a = operand(expr.a)
@@ -1035,14 +1047,87 @@ def _evaluate_on_device(expr: Expr, reader: Reader):
         factor = operand(expr.magnitude).to(torch.float32) / torch.linalg.norm(x, dim=1)
         return factor.view(-1, 1) * x
     if isinstance(expr, Dequantize):
-        out = torch.empty(expr.shape, dtype=torch.float32, device=MATH_DEVICE)
+        out = torch.empty(expr.shape, dtype=torch.float32, device=device)
         _dequantize(expr, operand(expr.q), operand(expr.scale), out)
         return out
     if isinstance(expr, Quantize):
-        out = torch.empty(expr.shape, dtype=to_torch(expr.dtype), device=MATH_DEVICE)
+        out = torch.empty(expr.shape, dtype=to_torch(expr.dtype), device=device)
         _quantize(expr, operand(expr.x).to(torch.float32), out)
         return out
     raise TypeError(f"cannot evaluate {type(expr).__name__}")
+
+
+def evaluate_tensor(expr: Expr, leaf, overflow: Overflow | None = None):
+    """``expr`` computed by torch where its leaves are (a GPU, or the CPU), for expressions over
+    tensors in memory rather than files: ``leaf(load)`` gives the tensor of a :class:`Load`
+    (its ``full_shape``; ``rows`` is applied here).  A view of one leaf (its rows, a slice, a
+    transpose) is returned as that view; other data movement is written piece by piece into one
+    new tensor of the leaves' dtype (no temporaries besides it, as :func:`evaluate_raw` fills its
+    output); arithmetic is :data:`MATH_DEVICE`'s (fp32, rounded once) on the leaves' device,
+    casts' overflows counted in ``overflow``."""
+    import torch
+
+    from ckpt_ir.ir.dtypes import to_torch
+
+    if isinstance(expr, MATH_NODES):
+        first = leaf(next(x for x in walk(expr) if isinstance(x, Load)))
+        return _torch_math(
+            expr, lambda x: evaluate_tensor(x, leaf, overflow), overflow or Overflow(), first.device
+        )
+    view = _leaf_view(expr, leaf)
+    if view is not None:
+        return view
+    first = leaf(next(x for x in walk(expr) if isinstance(x, Load)))
+    math = any(isinstance(x, MATH_NODES) for x in walk(expr))
+    out = torch.empty(expr.shape, dtype=to_torch(expr.dtype) if math else first.dtype, device=first.device)
+    _fill_tensor(expr, out, leaf, overflow)
+    return out
+
+
+def _leaf_view(expr: Expr, leaf):
+    """``expr`` as a view of its one leaf's tensor, or None when it is no such view."""
+    if isinstance(expr, Load):
+        t = leaf(expr)
+        return t if expr.rows is None else t[expr.rows[0] : expr.rows[1]]
+    if not isinstance(expr, (Slice, Transpose, Reshape)):
+        return None
+    x = _leaf_view(expr.x, leaf)
+    if x is None:
+        return None
+    if isinstance(expr, Slice):
+        return x.narrow(expr.dim, expr.start, expr.stop - expr.start)
+    if isinstance(expr, Transpose):
+        return x.transpose(expr.dim0, expr.dim1)
+    try:
+        return x.view(expr.new_shape)
+    except RuntimeError:  # strides no view can express: a copy
+        return None
+
+
+def _fill_tensor(expr: Expr, out, leaf, overflow: Overflow | None) -> None:
+    """Write ``expr`` into the tensor ``out`` (its shape; a view of a larger tensor)."""
+    view = _leaf_view(expr, leaf)
+    if view is not None:
+        out.copy_(view)
+    elif isinstance(expr, Concat):
+        pos = 0
+        for x in expr.xs:
+            n = x.shape[expr.dim]
+            _fill_tensor(x, out.narrow(expr.dim, pos, n), leaf, overflow)
+            pos += n
+    elif isinstance(expr, Transpose):
+        _fill_tensor(expr.x, out.transpose(expr.dim0, expr.dim1), leaf, overflow)
+    elif isinstance(expr, Reshape) and out.is_contiguous():
+        _fill_tensor(expr.x, out.view(expr.x.shape), leaf, overflow)
+    elif isinstance(expr, PadRows):
+        n = expr.x.shape[0]
+        _fill_tensor(expr.x, out[:n], leaf, overflow)
+        if expr.zero:
+            out[n:].zero_()
+        else:
+            out[n:].copy_(out[n - 1 : n].expand(expr.rows - n, *out.shape[1:]))
+    else:  # arithmetic, or a reshape into strided memory: computed, then copied
+        out.copy_(evaluate_tensor(expr, leaf, overflow))
 
 
 # the 16 values of an e2m1 nibble (MXFP4), by bit pattern
