@@ -375,10 +375,11 @@ register(
 )
 
 
-# The families below are in neither MindSpeed-LLM's configs/checkpoint/model_cfg.json (its InternLM3
-# example converts with --model-type-hf llama2, i.e. the llama family) nor, but where noted,
-# Megatron-Bridge: their Megatron keys are the canonical ones.  HF names and config keys from
-# transformers 5.25's modeling_<family>.py / configuration_<family>.py.
+# None of the families below is in MindSpeed-LLM's configs/checkpoint/model_cfg.json (its InternLM3
+# example converts with --model-type-hf llama2, the llama family), and Megatron-Bridge has a bridge
+# for EXAONE 4.0 alone (and the vision-language Ministral 3): their Megatron keys are the canonical
+# ones but where noted.  HF names and config keys from transformers 5.25's modeling_<family>.py /
+# configuration_<family>.py.
 
 
 def _window(cfg: dict[str, Any]) -> dict[str, Any]:
