@@ -33,10 +33,9 @@ SEQ = 12
 # fixed token ids, batch 2 (two microbatches of one under PP); vocab >= 120 in every model
 INPUT_IDS = [[(7 * i + 3) % 120 for i in range(SEQ)], [(11 * i + 5) % 120 for i in range(SEQ)]]
 
-# the dense families' models of tests/family_models.py (every bias, head_dim != hidden / heads, ...)
-DENSE = CONFIGS
 # HF models: family, layers, tied embeddings, vocab, rope theta (not Megatron's default 10000), and
-# the config (FAMILY_CONFIGS' by default)
+# the config (FAMILY_CONFIGS' by default; the issue-31 families take tests/family_models.py's, with
+# every bias, head_dim != hidden / heads, ...)
 MODELS = {
     "llama": dict(family="llama", layers=2, tied=False, vocab=128, theta=500000.0),
     "qwen2": dict(family="qwen2", layers=2, tied=True, vocab=128, theta=1000000.0),
@@ -49,17 +48,17 @@ MODELS = {
     "glm": dict(family="glm", layers=2, tied=False, vocab=128, theta=10000.0),
     # q, k, v, o and MLP biases (Megatron's add_qkv_bias and add_bias_linear)
     "internlm3": dict(
-        family="internlm3", layers=4, tied=False, vocab=128, theta=50000.0, config=DENSE["internlm3"]
+        family="internlm3", layers=4, tied=False, vocab=128, theta=50000.0, config=CONFIGS["internlm3"]
     ),
     # + rotary on interleaved pairs over the whole head, tied
     "ernie4_5": dict(
-        family="ernie4_5", layers=2, tied=True, vocab=128, theta=500000.0, config=DENSE["ernie4_5"]
+        family="ernie4_5", layers=2, tied=True, vocab=128, theta=500000.0, config=CONFIGS["ernie4_5"]
     ),
     # non-gated squared-ReLU MLP with biases
-    "arcee": dict(family="arcee", layers=2, tied=False, vocab=128, theta=10000.0, config=DENSE["arcee"]),
+    "arcee": dict(family="arcee", layers=2, tied=False, vocab=128, theta=10000.0, config=CONFIGS["arcee"]),
     # layer 3 without rotary
     "smollm3": dict(
-        family="smollm3", layers=4, tied=True, vocab=128, theta=2000000.0, config=DENSE["smollm3"]
+        family="smollm3", layers=4, tied=True, vocab=128, theta=2000000.0, config=CONFIGS["smollm3"]
     ),
     # YaRN; Llama 4's position scaling starts at original_max_position_embeddings, past the prompt
     "ministral3": dict(
@@ -69,9 +68,9 @@ MODELS = {
         vocab=128,
         theta=1000000.0,
         config=dict(
-            DENSE["ministral3"],
+            CONFIGS["ministral3"],
             rope_parameters=dict(
-                DENSE["ministral3"]["rope_parameters"], original_max_position_embeddings=16384
+                CONFIGS["ministral3"]["rope_parameters"], original_max_position_embeddings=16384
             ),
         ),
     ),
