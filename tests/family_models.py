@@ -70,6 +70,49 @@ CONFIGS = {
         },
     ),
     "olmo2": dict(DENSE),
+    # every bias Llama's attention_bias / mlp_bias add; multipliers away from 1
+    "granite": dict(
+        DENSE,
+        attention_bias=True,
+        mlp_bias=True,
+        embedding_multiplier=12.0,
+        residual_multiplier=0.22,
+        attention_multiplier=0.04,
+        logits_scaling=8.0,
+    ),
+    "internlm3": dict(DENSE, head_dim=32, attention_bias=True, mlp_bias=True),
+    "ernie4_5": dict(DENSE, head_dim=32, use_bias=True),
+    # layer 3 without rotary (every 4th by default); SmolLM3's own ids are outside the vocabulary
+    "smollm3": dict(DENSE, attention_bias=True, mlp_bias=True),
+    # YaRN, and Llama 4's query scaling from position 8 on (original_max_position_embeddings 8)
+    "ministral3": dict(
+        DENSE,
+        head_dim=32,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 1000000.0,
+            "factor": 16.0,
+            "original_max_position_embeddings": 8,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "llama_4_scaling_beta": 0.1,
+        },
+    ),
+    "arcee": dict(DENSE, attention_bias=True, mlp_bias=True),
+    "exaone4": dict(DENSE, sliding_window=4, layer_types=ALTERNATING),
+    "olmo3": dict(
+        DENSE,
+        sliding_window=4,
+        layer_types=ALTERNATING,
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 500000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+    ),
+    "cohere": dict(DENSE, use_qk_norm=True, attention_bias=True, logit_scale=0.5),
+    "cohere2": dict(DENSE, head_dim=32, sliding_window=4, layer_types=ALTERNATING, logit_scale=0.5),
     # mixture of experts
     "glm4_moe": dict(
         DENSE,

@@ -39,7 +39,10 @@ whole on every TP rank; the harness splits it into megatron-core's ``linear_q_pr
 ``ColumnParallelLinear`` holds them (:func:`_split_mla_down_projections`).  ``"config_extra"`` adds
 TransformerConfig fields (e.g. ``mtp_num_layers``: the GPTModel then gets
 the multi-token-prediction block of its last layer's spec); ``"load_only"`` saves each rank's
-loaded tensors to ``OUT.rank<R>.sd.pt`` instead of running the forward pass.
+loaded tensors to ``OUT.rank<R>.sd.pt`` instead of running the forward pass.  ``"yarn"`` (the
+fields of Megatron-Bridge's provider without their ``yarn_`` prefix: ``rotary_scaling_factor``,
+``original_max_position_embeddings``, ``beta_fast``, ...) gives the GPTModel a YaRN rotary
+embedding, which reads them off the config.
 
 Mixture-of-experts cases (a ``"moe"`` entry in the case, plus ``"ep"`` / ``"etp"``) build the MoE
 layer with the local spec (``SequentialMLP`` experts, or the legacy ``GroupedMLP`` when
@@ -303,7 +306,24 @@ def _transformer_config(case: dict, tp: int, pp: int, vpp: int | None):
         **_mla_kwargs(case),
     )
     kw.update(_gpt_oss_kwargs(case))
-    return (MLATransformerConfig if case.get("mla") else TransformerConfig)(**kw)
+    kw.update(_dense_kwargs(case))
+    config = (MLATransformerConfig if case.get("mla") else TransformerConfig)(**kw)
+    for key, value in (case.get("yarn") or {}).items():  # GPTModel's YaRN reads them off the config
+        setattr(config, f"yarn_{key}", value)
+    return config
+
+
+def _dense_kwargs(case: dict) -> dict:
+    """A dense case's MLP and biases: ``"bias_linear"`` (biases on linear_proj and both MLP
+    linears), ``"activation": "squared_relu"`` (a non-gated MLP, relu(x)^2)."""
+    from megatron.core.activations import squared_relu
+
+    kw: dict = {}
+    if case.get("bias_linear"):
+        kw["add_bias_linear"] = True
+    if case.get("activation") == "squared_relu":
+        kw.update(activation_func=squared_relu, gated_linear_unit=False)
+    return kw
 
 
 def _mla_kwargs(case: dict) -> dict:
@@ -402,7 +422,11 @@ def build_models(case: dict, seed: int = 1234) -> list:
                 pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
                 post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
                 share_embeddings_and_output_weights=case["tied"],
-                position_embedding_type="learned_absolute" if case.get("gpt") else "rope",
+                position_embedding_type="learned_absolute"
+                if case.get("gpt")
+                else "yarn"
+                if case.get("yarn")
+                else "rope",
                 rotary_base=_rope_theta(case["hf_config"]),
                 vp_stage=vp_stage,
                 rotary_percent=case.get("rotary_percent", 1.0),
@@ -472,8 +496,12 @@ def _run_case(case: dict, rank: int) -> None:
                     },
                 }
             )
-        report["args"] = {
-            k: v for k, v in vars(blob["args"]).items() if isinstance(v, (int, float, str, bool))
+        report["args"] = {  # the plain values (layer lists included)
+            k: v
+            for k, v in vars(blob["args"]).items()
+            if isinstance(v, (int, float, str, bool))
+            or isinstance(v, list)
+            and all(isinstance(x, (int, float, str, bool)) for x in v)
         }
         if case.get("load_only"):  # the rank's loaded tensors are the result (no forward pass)
             torch.save(

@@ -460,36 +460,43 @@ def test_adding_a_family_example_runs_from_a_plugin_package(tmp_path, monkeypatc
         _plugin_dir(tmp_path, "my_families", family_code) + os.pathsep + os.environ.get("PYTHONPATH", ""),
     )
     cfg = AutoConfig.for_model(
-        "granite",
+        "helium",
         hidden_size=64,
         intermediate_size=128,
         num_attention_heads=4,
         num_key_value_heads=2,
+        head_dim=16,  # Helium's o_proj is [hidden, hidden]: heads x head_dim must be hidden
         num_hidden_layers=4,
         vocab_size=128,
-        embedding_multiplier=12.0,
-        residual_multiplier=0.22,
-        attention_multiplier=0.0078,
-        logits_scaling=8.0,
+        attention_bias=True,
+        mlp_bias=True,
+        pad_token_id=0,
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.5)
-    hf = str(tmp_path / "granite")
+    hf = str(tmp_path / "helium")
     model.save_pretrained(hf)
-    assert (
-        "granite" not in ok("models").stdout and "granite" in ok("models", "--plugin", "my_families").stdout
-    )
+    assert "helium" not in ok("models").stdout and "helium" in ok("models", "--plugin", "my_families").stdout
     r = cli("convert", hf, tmp_path / "x", "--to", "mcore")
-    assert r.returncode == 1 and "model_type='granite'" in r.stderr  # unknown without the plugin
+    assert r.returncode == 1 and "model_type='helium'" in r.stderr  # unknown without the plugin
     mc, back = tmp_path / "mc", tmp_path / "back"
     ok("convert", hf, mc, "--to", "mcore", "--tp", "2", "--pp", "2", "--plugin", "my_families")
+    args = torch.load(mc / "iter_0000001" / "mp_rank_00_000" / "model_optim_rng.pt", weights_only=False)[
+        "args"
+    ]
+    assert (args.rotary_interleaved, args.kv_channels, args.add_qkv_bias, args.add_bias_linear) == (
+        True,
+        16,
+        True,
+        True,
+    )
     ok("convert", mc, back, "--to", "hf", "--plugin", "my_families")
     assert ok("diff", hf, back, "--plugin", "my_families").returncode == 0
     reloaded = AutoModelForCausalLM.from_pretrained(str(back), dtype=torch.float32)
-    assert reloaded.config.logits_scaling == 8.0 and reloaded.config.residual_multiplier == 0.22
+    assert reloaded.config.rms_norm_eps == 1e-8 and reloaded.config.mlp_bias is True
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)

@@ -21,6 +21,7 @@ import torch
 from conftest import FAMILY_CONFIGS
 
 from ckpt_ir.commands.cli import main as cli_main
+from tests.family_models import CONFIGS
 from tests.mcore_harness import run_job
 
 # megatron-core is a declared test dependency (the ``test`` extra): a missing one is an error, not a
@@ -32,7 +33,9 @@ SEQ = 12
 # fixed token ids, batch 2 (two microbatches of one under PP); vocab >= 120 in every model
 INPUT_IDS = [[(7 * i + 3) % 120 for i in range(SEQ)], [(11 * i + 5) % 120 for i in range(SEQ)]]
 
-# HF models: family, layers, tied embeddings, vocab, rope theta (not Megatron's default 10000)
+# HF models: family, layers, tied embeddings, vocab, rope theta (not Megatron's default 10000), and
+# the config (FAMILY_CONFIGS' by default; the issue-31 families take tests/family_models.py's, with
+# every bias, head_dim != hidden / heads, ...)
 MODELS = {
     "llama": dict(family="llama", layers=2, tied=False, vocab=128, theta=500000.0),
     "qwen2": dict(family="qwen2", layers=2, tied=True, vocab=128, theta=1000000.0),
@@ -43,6 +46,34 @@ MODELS = {
     "qwen3-4l": dict(family="qwen3", layers=4, tied=True, vocab=128, theta=1000000.0),
     "seed_oss": dict(family="seed_oss", layers=2, tied=False, vocab=128, theta=10000000.0),
     "glm": dict(family="glm", layers=2, tied=False, vocab=128, theta=10000.0),
+    # q, k, v, o and MLP biases (Megatron's add_qkv_bias and add_bias_linear)
+    "internlm3": dict(
+        family="internlm3", layers=4, tied=False, vocab=128, theta=50000.0, config=CONFIGS["internlm3"]
+    ),
+    # + rotary on interleaved pairs over the whole head, tied
+    "ernie4_5": dict(
+        family="ernie4_5", layers=2, tied=True, vocab=128, theta=500000.0, config=CONFIGS["ernie4_5"]
+    ),
+    # non-gated squared-ReLU MLP with biases
+    "arcee": dict(family="arcee", layers=2, tied=False, vocab=128, theta=10000.0, config=CONFIGS["arcee"]),
+    # layer 3 without rotary
+    "smollm3": dict(
+        family="smollm3", layers=4, tied=True, vocab=128, theta=2000000.0, config=CONFIGS["smollm3"]
+    ),
+    # YaRN; Llama 4's position scaling starts at original_max_position_embeddings, past the prompt
+    "ministral3": dict(
+        family="ministral3",
+        layers=2,
+        tied=False,
+        vocab=128,
+        theta=1000000.0,
+        config=dict(
+            CONFIGS["ministral3"],
+            rope_parameters=dict(
+                CONFIGS["ministral3"]["rope_parameters"], original_max_position_embeddings=16384
+            ),
+        ),
+    ),
 }
 
 # case -> (model, conversion).  A conversion is CLI arguments for ``ckpt-ir convert HF OUT --to
@@ -63,25 +94,35 @@ CASES = {
     "qwen3-tp1pp2-tied": ("qwen3-4l", ["--pp", "2"]),
     # Megatron -> Megatron: reshard the TP2/PP2 output to PP2 with two virtual stages per rank
     "llama-tp2pp2-to-pp2vpp2": ("llama-4l", ("from", "llama-tp2pp2", ["--pp", "2", "--vpp-layers", "1"])),
+    "internlm3-tp2pp2-uneven": ("internlm3", ["--tp", "2", "--pp", "2", "--num-layer-list", "1,3"]),
+    "ernie4_5-tp2-tied": ("ernie4_5", ["--tp", "2"]),
+    "arcee-tp2": ("arcee", ["--tp", "2"]),
+    "smollm3-pp2-uneven": ("smollm3", ["--pp", "2", "--num-layer-list", "3,1"]),
+    "ministral3-tp2": ("ministral3", ["--tp", "2"]),
 }
 # a deliberately broken copy of llama-tp1pp1: linear_qkv rows regrouped as [all q; all k; all v]
 # (the HF/"unfused" order) instead of Megatron's per-query-group [q_g; k_g; v_g]; must NOT match
 BROKEN = "llama-tp1pp1-wrong-qkv-layout"
 
 
-def _build_hf(path: str, family: str, layers: int, tied: bool, vocab: int, theta: float, seed: int) -> dict:
+def _build_hf(
+    path: str,
+    family: str,
+    layers: int,
+    tied: bool,
+    vocab: int,
+    theta: float,
+    seed: int,
+    config: dict | None = None,
+) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(
-        family,
-        **FAMILY_CONFIGS[family],
-        num_hidden_layers=layers,
-        vocab_size=vocab,
-        max_position_embeddings=128,
-        tie_word_embeddings=tied,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": theta},
+    kw = dict(rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": theta})
+    kw.update(FAMILY_CONFIGS[family] if config is None else config)
+    kw.update(
+        num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=128, tie_word_embeddings=tied
     )
+    cfg = AutoConfig.for_model(family, **kw)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -97,10 +138,40 @@ def _build_hf(path: str, family: str, layers: int, tied: bool, vocab: int, theta
         "logits": logits,
         "tied": tied,
         "vocab": vocab,
-        "qkv_bias": family in ("qwen2", "seed_oss", "glm"),
-        "rotary_interleaved": family == "glm",
+        **_features(family, config),
+    }
+
+
+def _features(family: str, config: dict) -> dict:
+    """What the GPTModel must compute for the HF model (transformers' modeling files: Llama's
+    attention_bias is on q, k, v and o, mlp_bias on its MLP; ERNIE 4.5's use_bias on every linear
+    layer and its rotary over interleaved pairs; Arcee's relu2 MLP has no gate; SmolLM3's
+    no_rope_layers holds 1 where a layer rotates)."""
+    rope = config.get("rope_parameters") or {}
+    biased = family in ("internlm3", "ernie4_5", "arcee", "smollm3") and bool(
+        config.get("attention_bias") or config.get("use_bias")
+    )
+    if biased:
+        assert config.get("mlp_bias") or config.get("use_bias"), "megatron-core: one switch for o and MLP"
+    return {
+        "qkv_bias": family in ("qwen2", "seed_oss", "glm") or biased,
+        "bias_linear": biased,
+        "rotary_interleaved": family in ("glm", "ernie4_5"),
         "rotary_percent": _rotary_fraction(config),
         "qk_norm": family == "qwen3",
+        "activation": "squared_relu" if config.get("hidden_act") == "relu2" else None,
+        "no_rope_freq": [1 - r for r in config["no_rope_layers"]] if family == "smollm3" else None,
+        "yarn": {
+            "rotary_scaling_factor": rope["factor"],
+            "original_max_position_embeddings": rope["original_max_position_embeddings"],
+            "beta_fast": rope["beta_fast"],
+            "beta_slow": rope["beta_slow"],
+            "mscale": rope["mscale"],
+            "mscale_all_dim": rope["mscale_all_dim"],
+            "correction_range_round_to_int": True,  # HF's yarn truncates by default
+        }
+        if rope.get("rope_type") == "yarn"
+        else None,
     }
 
 
@@ -172,6 +243,13 @@ def oracle(tmp_path_factory):
                 "qk_norm": m["qk_norm"],
                 "rotary_interleaved": m["rotary_interleaved"],
                 "rotary_percent": m["rotary_percent"],
+                "bias_linear": m["bias_linear"],
+                "activation": m["activation"],
+                "yarn": m["yarn"],
+                "config_extra": {
+                    **({"no_rope_freq": m["no_rope_freq"]} if m["no_rope_freq"] else {}),
+                    **_stage_layers(CASES[case][1] if case in CASES else ()),
+                },
                 "input_ids": INPUT_IDS,
                 "out": str(root / "logits" / f"{case}.pt"),
             }
@@ -188,6 +266,14 @@ def oracle(tmp_path_factory):
             "vocab": models[_model_of(jc["name"])]["vocab"],
         }
     return results
+
+
+def _stage_layers(conversion) -> dict:
+    """megatron-core's first / last stage sizes of a two-stage ``--num-layer-list`` conversion."""
+    if "--num-layer-list" not in conversion:
+        return {}
+    first, last = map(int, conversion[list(conversion).index("--num-layer-list") + 1].split(","))
+    return {"num_layers_in_first_pipeline_stage": first, "num_layers_in_last_pipeline_stage": last}
 
 
 def _model_of(case: str) -> str:
@@ -227,6 +313,11 @@ EXPECTED_LAYOUT = {
     "llama-tp2pp2-to-pp2vpp2": (1, 2, 2),
     "seed_oss-tp2pp1": (2, 1, None),
     "glm-tp2pp1": (2, 1, None),
+    "internlm3-tp2pp2-uneven": (2, 2, None),
+    "ernie4_5-tp2-tied": (2, 1, None),
+    "arcee-tp2": (2, 1, None),
+    "smollm3-pp2-uneven": (1, 2, None),
+    "ministral3-tp2": (2, 1, None),
 }
 
 
@@ -278,7 +369,21 @@ def test_args_describe_the_model(oracle, case):
         "pipeline_model_parallel_size": job["pp"],
         "transformer_impl": "local",
         "rotary_base": (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta")),
+        "add_bias_linear": job["bias_linear"],
+        "rotary_interleaved": job["rotary_interleaved"] or None,
+        "swiglu": job["activation"] is None,
+        "squared_relu": job["activation"] == "squared_relu" or None,
+        "no_rope_freq": job["config_extra"].get("no_rope_freq"),
+        "num_layer_list": "{num_layers_in_first_pipeline_stage},{num_layers_in_last_pipeline_stage}".format(
+            **job["config_extra"]
+        )
+        if "num_layers_in_first_pipeline_stage" in job["config_extra"]
+        else None,
+        "position_embedding_type": "yarn" if job["yarn"] else "rope",
+        **{f"yarn_{k}": v for k, v in (job["yarn"] or {}).items()},
     }
+    if job["name"].startswith("glm"):  # GLM's args do not name its interleaved rotary (not changed here)
+        want.pop("rotary_interleaved")
     for rep in r["reports"]:
         assert {k: rep["args"].get(k) for k in want} == want
 

@@ -215,7 +215,7 @@ def _layer_entries(
     out: list[tuple[str, E.Expr, bool]] = []
     here = f"layers.{layer}."
     local = M.layer_table("local")
-    for role in M.role_order(spec.mla, spec.qk_full_norm, spec.gated_mlp):
+    for role in M.role_order(spec):
         rest = role[len("layers.{i}.") :]
         if spec.mla and rest == "attn.qkv_a.weight" and here + rest in nodes:
             # Megatron-Core keeps MLA's two down-projections apart (the torch format's linear_qkv

@@ -50,6 +50,14 @@ GATED_MLP = (
 )
 LLAMA_NORMS = ((L + "post_attention_layernorm.weight", C + "mlp_norm.weight"),)
 LLAMA_TENSORS = EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP
+# transformers' LlamaAttention / LlamaMLP biases: attention_bias puts one on q, k, v (ATTENTION) and
+# o, mlp_bias on gate, up and down (Granite, InternLM3, SmolLM3, ERNIE 4.5's use_bias)
+O_BIAS = ((L + "self_attn.o_proj.bias", C + "attn.o.bias"),)
+GATED_MLP_BIASES = (
+    (L + "mlp.gate_proj.bias", C + "mlp.gate.bias"),
+    (L + "mlp.up_proj.bias", C + "mlp.up.bias"),
+    (L + "mlp.down_proj.bias", C + "mlp.down.bias"),
+)
 
 BASE_CONFIG = (
     ConfigKey("num_layers", "num_hidden_layers"),
@@ -63,6 +71,14 @@ BASE_CONFIG = (
     ConfigKey("tied_embeddings", "tie_word_embeddings", False),
     ConfigKey("qkv_bias", "attention_bias", False),
     ConfigKey("activation", "hidden_act", "silu"),
+)
+
+
+# the ModelSpec fields of those biases, read from the same keys
+LLAMA_BIAS_CONFIG = (
+    ConfigKey("qkv_bias", "attention_bias", False),
+    ConfigKey("o_bias", "attention_bias", False),
+    ConfigKey("mlp_bias", "mlp_bias", False),
 )
 
 
@@ -98,6 +114,29 @@ def window_skip_freq(cfg: dict[str, Any]) -> int | list[int] | None:
         if pattern == [int((i + 1) % n != 0) for i in range(len(types))]:
             return n
     return pattern
+
+
+def rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The (global) rope settings: transformers 5's rope_parameters, older configs' rope_scaling."""
+    return cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+
+
+def yarn_args(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A YaRN rope (rope_type "yarn") as Megatron-Bridge's provider fields, which megatron-core's
+    GPTModel reads (``position_embedding_type`` yarn, ``yarn_*``); nothing for other ropes."""
+    rope = rope_parameters(cfg)
+    if rope.get("rope_type", rope.get("type")) != "yarn":
+        return {}
+    scales = {f"yarn_{k}": rope[k] for k in ("mscale", "mscale_all_dim") if rope.get(k) is not None}
+    return {
+        "position_embedding_type": "yarn",
+        "yarn_rotary_scaling_factor": rope.get("factor"),
+        "yarn_original_max_position_embeddings": rope.get("original_max_position_embeddings"),
+        "yarn_beta_fast": rope.get("beta_fast"),
+        "yarn_beta_slow": rope.get("beta_slow"),
+        **scales,
+        "yarn_correction_range_round_to_int": bool(rope.get("truncate", True)),
+    }
 
 
 # Qwen MoE: on disk, transformers writes one tensor per expert (``...experts.N.gate_proj.weight``);

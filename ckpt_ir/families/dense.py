@@ -1,6 +1,7 @@
 """Dense decoder families: grouped- or multi-head attention and one MLP per layer, no experts
 (llama, mistral, qwen2, qwen3, gemma, gemma2, phi3, seed_oss, glm, glm4, hunyuan_v1_dense, bloom,
-gemma3_text, olmo2).  One table entry each, built from the fragments in ``blocks.py``.
+gemma3_text, olmo2, granite, internlm3, ernie4_5, smollm3, ministral3, arcee, exaone4, olmo3,
+cohere, cohere2).  One table entry each, built from the fragments in ``blocks.py``.
 
 Each entry's HF names and config keys were checked against transformers 5's modeling and
 configuration files; the differences from Llama are noted beside it.  Megatron names follow
@@ -18,15 +19,21 @@ from ckpt_ir.families.blocks import (
     EMBED_AND_HEAD,
     FULL_QK_NORM,
     GATED_MLP,
+    GATED_MLP_BIASES,
     HUNYUAN_ATTENTION,
+    LLAMA_BIAS_CONFIG,
     LLAMA_NORMS,
     LLAMA_TENSORS,
+    O_BIAS,
     PROJECTIONS,
     C,
     L,
     config_with,
     window_skip_freq,
+    yarn_args,
 )
+from ckpt_ir.ir.names import COLUMN
+from ckpt_ir.ir.roles import Role, register_role
 
 # Gemma-2 has four norms per layer; its "post_attention_layernorm" is *after* attention.
 SANDWICH_NORMS = (
@@ -320,6 +327,13 @@ def _gemma3_args(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# Megatron-Bridge's keys of post norms folded into the projection before them (its Gemma 3 and
+# EXAONE 4.0 bridges, TERowParallelLinearLayerNorm)
+BRIDGE_POST_NORM_KEYS = (
+    ("decoder.layers.{i}.self_attention.linear_proj.post_layernorm.weight", C + "post_attn_norm.weight"),
+    ("decoder.layers.{i}.mlp.linear_fc2.post_layernorm.weight", C + "post_mlp_norm.weight"),
+)
+
 register(
     Family(
         name="gemma3_text",
@@ -333,14 +347,7 @@ register(
         ),
         constants=(("qk_norm", True), ("post_norms", True)),
         megatron_args=_gemma3_args,
-        # Megatron-Bridge's Gemma 3 layers fold the post norms into the projections before them
-        megatron_keys=(
-            (
-                "decoder.layers.{i}.self_attention.linear_proj.post_layernorm.weight",
-                C + "post_attn_norm.weight",
-            ),
-            ("decoder.layers.{i}.mlp.linear_fc2.post_layernorm.weight", C + "post_mlp_norm.weight"),
-        ),
+        megatron_keys=BRIDGE_POST_NORM_KEYS,  # Megatron-Bridge gemma3_bridge.py
     )
 )
 
@@ -350,21 +357,271 @@ OLMO2_NORMS = (
     (L + "post_attention_layernorm.weight", C + "post_attn_norm.weight"),
     (L + "post_feedforward_layernorm.weight", C + "post_mlp_norm.weight"),
 )
+OLMO2_TENSORS = EMBED_AND_HEAD + PROJECTIONS + O_BIAS + FULL_QK_NORM + OLMO2_NORMS + GATED_MLP
+OLMO2_CONFIG = config_with(
+    ConfigKey("norm_eps", "rms_norm_eps", 1e-5), ConfigKey("o_bias", "attention_bias", False)
+)
+OLMO2_CONSTANTS = (("pre_norms", False), ("post_norms", True), ("qk_full_norm", True))
 register(
     Family(
         name="olmo2",
         model_types=("olmo2",),
         architecture="Olmo2ForCausalLM",
-        tensors=EMBED_AND_HEAD
-        + PROJECTIONS
-        + ((L + "self_attn.o_proj.bias", C + "attn.o.bias"),)
-        + FULL_QK_NORM
-        + OLMO2_NORMS
-        + GATED_MLP,
-        config=config_with(
-            ConfigKey("norm_eps", "rms_norm_eps", 1e-5), ConfigKey("o_bias", "attention_bias", False)
-        ),
-        constants=(("pre_norms", False), ("post_norms", True), ("qk_full_norm", True)),
+        tensors=OLMO2_TENSORS,
+        config=OLMO2_CONFIG,
+        constants=OLMO2_CONSTANTS,
         megatron_args=lambda cfg: {"post_norm_only": True},
+    )
+)
+
+
+# None of the families below is in MindSpeed-LLM's configs/checkpoint/model_cfg.json (its InternLM3
+# example converts with --model-type-hf llama2, the llama family), and Megatron-Bridge has a bridge
+# for EXAONE 4.0 alone (and the vision-language Ministral 3): their Megatron keys are the canonical
+# ones but where noted.  HF names and config keys from transformers 5.25's modeling_<family>.py /
+# configuration_<family>.py.
+
+
+def _window(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Sliding-window layers as megatron-core's TransformerConfig fields (none without a window)."""
+    window = cfg.get("sliding_window")
+    if not window:
+        return {}
+    return {"window_size": [window - 1, 0], "window_attn_skip_freq": window_skip_freq(cfg)}
+
+
+def _rotary_on_sliding_layers(cfg: dict[str, Any], everywhere_without_window: bool) -> dict[str, Any]:
+    """megatron-core's no_rope_freq (1 = no rotary) of models whose layers have rotary only where
+    layer_types says sliding_attention and the config has a window; without a window EXAONE 4.0
+    rotates in every layer (``everywhere_without_window``), Cohere 2 in none."""
+    window = cfg.get("sliding_window")
+    if not window and everywhere_without_window:
+        return {}
+    types = cfg.get("layer_types") or ()
+    return {"no_rope_freq": [int(not window or t != "sliding_attention") for t in types]}
+
+
+# Llama's tensors with its optional biases (attention_bias: q, k, v, o; mlp_bias: gate, up, down)
+LLAMA_BIASED = LLAMA_TENSORS + O_BIAS + GATED_MLP_BIASES
+
+# IBM Granite (modeling_granite.py): Llama; the embedding, residual and logits multipliers are
+# config values megatron-core has no field for (carried in the HF config); attention_multiplier is
+# the softmax scale
+register(
+    Family(
+        name="granite",
+        model_types=("granite",),
+        architecture="GraniteForCausalLM",
+        tensors=LLAMA_BIASED,
+        config=config_with(*LLAMA_BIAS_CONFIG),
+        megatron_args=lambda cfg: {"softmax_scale": cfg.get("attention_multiplier")},
+    )
+)
+
+# InternLM3 (configuration_internlm3.py; transformers runs it as LlamaForCausalLM): head_dim its own
+# key.  The hub's remote-code config names the biases qkv_bias (q, k, v) and bias (o and the MLP),
+# transformers' attention_bias and mlp_bias, which it requires equal
+register(
+    Family(
+        name="internlm3",
+        model_types=("internlm3",),
+        architecture="InternLM3ForCausalLM",
+        tensors=LLAMA_BIASED,
+        config=config_with(
+            ConfigKey("head_dim", "head_dim", 128),
+            ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
+            ConfigKey("qkv_bias", "attention_bias", False, aliases=("qkv_bias",)),
+            ConfigKey("o_bias", "mlp_bias", False, aliases=("bias",)),
+            ConfigKey("mlp_bias", "mlp_bias", False, aliases=("bias",)),
+        ),
+    )
+)
+
+# ERNIE 4.5 dense (modeling_ernie4_5.py): use_bias on every linear layer, tied embeddings, rotary on
+# interleaved pairs (Megatron's rotary_interleaved, as Megatron-Bridge's ERNIE 4.5 MoE provider
+# ernie_45_bridge.py sets it; Bridge has no dense ERNIE 4.5)
+register(
+    Family(
+        name="ernie4_5",
+        model_types=("ernie4_5",),
+        architecture="Ernie4_5ForCausalLM",
+        tensors=LLAMA_BIASED,
+        config=config_with(
+            ConfigKey("head_dim", "head_dim", 128),
+            ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
+            ConfigKey("tied_embeddings", "tie_word_embeddings", True),
+            *(ConfigKey(field, "use_bias", False) for field in ("qkv_bias", "o_bias", "mlp_bias")),
+        ),
+        megatron_args=lambda cfg: {"rotary_interleaved": True},
+    )
+)
+
+
+def _smollm3_args(cfg: dict[str, Any]) -> dict[str, Any]:
+    """SmolLM3's NoPE layers (no_rope_layers, 1 = rotary; by default every no_rope_layer_interval-th
+    layer has none) as megatron-core's no_rope_freq (1 = no rotary); its optional sliding windows."""
+    every = cfg.get("no_rope_layer_interval") or 4
+    rotary = cfg.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(cfg["num_hidden_layers"])]
+    return {
+        "no_rope_freq": [1 - int(r) for r in rotary],
+        **(_window(cfg) if cfg.get("use_sliding_window") else {}),
+    }
+
+
+# SmolLM3 (modeling_smollm3.py): Llama with rotary left out of some layers, tied embeddings
+register(
+    Family(
+        name="smollm3",
+        model_types=("smollm3",),
+        architecture="SmolLM3ForCausalLM",
+        tensors=LLAMA_BIASED,
+        config=config_with(ConfigKey("tied_embeddings", "tie_word_embeddings", True), *LLAMA_BIAS_CONFIG),
+        megatron_args=_smollm3_args,
+    )
+)
+
+# Ministral 3 (modeling_ministral3.py, the text model of Mistral 3): Mistral's tensors, head_dim its
+# own key, YaRN rope (Megatron-Bridge's provider fields; its ministral3_bridge.py maps the
+# vision-language model's language_model.* to these keys) and Llama 4's query scaling by position,
+# 1 + llama_4_scaling_beta * log(1 + floor(pos / original_max_position_embeddings)), which is 1 below
+# original_max_position_embeddings and has no megatron-core field
+register(
+    Family(
+        name="ministral3",
+        model_types=("ministral3",),
+        architecture="Ministral3ForCausalLM",
+        tensors=LLAMA_TENSORS,
+        config=config_with(
+            ConfigKey("head_dim", "head_dim", 128),
+            ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
+            ConfigKey("qkv_bias", None, False),
+        ),
+        megatron_args=lambda cfg: {**yarn_args(cfg), **_window(cfg)},
+    )
+)
+
+# Arcee AFM (modeling_arcee.py): Llama attention, a non-gated MLP up_proj -> relu2 -> down_proj
+# (Megatron's linear_fc1 is up alone, squared_relu)
+UP_DOWN_MLP = (
+    (L + "mlp.up_proj.weight", C + "mlp.fc1.weight"),
+    (L + "mlp.up_proj.bias", C + "mlp.fc1.bias"),
+    (L + "mlp.down_proj.weight", C + "mlp.down.weight"),
+    (L + "mlp.down_proj.bias", C + "mlp.down.bias"),
+)
+register(
+    Family(
+        name="arcee",
+        model_types=("arcee",),
+        architecture="ArceeForCausalLM",
+        tensors=EMBED_AND_HEAD + ATTENTION + O_BIAS + LLAMA_NORMS + UP_DOWN_MLP,
+        config=config_with(
+            ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
+            ConfigKey("activation", "hidden_act", "relu2"),
+            *LLAMA_BIAS_CONFIG,
+        ),
+        constants=(("gated_mlp", False),),
+    )
+)
+
+# EXAONE 4.0 (modeling_exaone4.py): OLMo 2's post-norm-only layers with per-head q/k norms; with a
+# sliding window, the layers layer_types marks global have no rotary.  Megatron keys and the post
+# norms' place from Megatron-Bridge's exaone4_bridge.py
+QK_NORMS = tuple((h, c) for h, c in ATTENTION if "_norm." in h)
+register(
+    Family(
+        name="exaone4",
+        model_types=("exaone4",),
+        architecture="Exaone4ForCausalLM",
+        tensors=EMBED_AND_HEAD + PROJECTIONS + QK_NORMS + OLMO2_NORMS + GATED_MLP,
+        config=config_with(ConfigKey("norm_eps", "rms_norm_eps", 1e-5), ConfigKey("qkv_bias", None, False)),
+        constants=(("pre_norms", False), ("post_norms", True), ("qk_norm", True)),
+        megatron_args=lambda cfg: {
+            "post_norm_only": True,
+            **_window(cfg),
+            **_rotary_on_sliding_layers(cfg, everywhere_without_window=True),
+        },
+        megatron_keys=BRIDGE_POST_NORM_KEYS,
+    )
+)
+
+# OLMo 3 (modeling_olmo3.py): OLMo 2's tensors; sliding-window and global layers with a rope base each
+register(
+    Family(
+        name="olmo3",
+        model_types=("olmo3",),
+        architecture="Olmo3ForCausalLM",
+        tensors=OLMO2_TENSORS,
+        config=OLMO2_CONFIG,
+        constants=OLMO2_CONSTANTS,
+        megatron_args=lambda cfg: {
+            "post_norm_only": True,
+            **_window(cfg),
+            "rotary_base": _rope(cfg, "full_attention"),
+            "rotary_base_local": _rope(cfg, "sliding_attention"),
+        },
+    )
+)
+
+
+# Cohere (Command R, modeling_cohere.py) and Cohere 2 (Command R7B / A, modeling_cohere2.py): one
+# LayerNorm per layer without a bias (a weight only, as an RMSNorm's), which attention and MLP read
+# in parallel (x + attn(n(x)) + mlp(n(x)): ModelSpec.parallel_attn_mlp, no mlp_norm); rotary on
+# interleaved pairs; the logits times logit_scale (a config value).  Cohere's use_qk_norm (Command
+# R+) adds a LayerNorm per head with weights of its own, [heads, head_dim]: roles of this family,
+# split over TP with the heads, under Megatron's q_layernorm / k_layernorm keys.  Cohere 2 has
+# sliding-window layers and rotary on those only.
+def _cohere_qk_norm(s: Any, lay: Any, i: int) -> bool:
+    return s.family == "cohere" and bool(s.extra.get("use_qk_norm")) and s.has_attention(i)
+
+
+register_role(
+    Role(C + "attn.q_head_norm.weight", COLUMN, lambda s, lay: (s.num_heads, s.head_dim), _cohere_qk_norm),
+    Role(C + "attn.k_head_norm.weight", COLUMN, lambda s, lay: (s.num_kv_heads, s.head_dim), _cohere_qk_norm),
+)
+COHERE_TENSORS = (
+    EMBED_AND_HEAD
+    + ((L + "input_layernorm.weight", C + "attn_norm.weight"),)
+    + PROJECTIONS
+    + O_BIAS
+    + GATED_MLP
+)
+COHERE_CONFIG = config_with(
+    ConfigKey("norm_eps", "layer_norm_eps", 1e-5),
+    ConfigKey("tied_embeddings", "tie_word_embeddings", True),
+    ConfigKey("o_bias", "attention_bias", False),
+)
+COHERE_ARGS = {"normalization": "LayerNorm", "rotary_interleaved": True}
+register(
+    Family(
+        name="cohere",
+        model_types=("cohere",),
+        architecture="CohereForCausalLM",
+        tensors=COHERE_TENSORS
+        + (
+            (L + "self_attn.q_norm.weight", C + "attn.q_head_norm.weight"),
+            (L + "self_attn.k_norm.weight", C + "attn.k_head_norm.weight"),
+        ),
+        config=COHERE_CONFIG,
+        constants=(("parallel_attn_mlp", True),),
+        megatron_args=lambda cfg: COHERE_ARGS,
+        megatron_keys=(
+            ("decoder.layers.{i}.self_attention.q_layernorm.weight", C + "attn.q_head_norm.weight"),
+            ("decoder.layers.{i}.self_attention.k_layernorm.weight", C + "attn.k_head_norm.weight"),
+        ),
+    )
+)
+register(
+    Family(
+        name="cohere2",
+        model_types=("cohere2",),
+        architecture="Cohere2ForCausalLM",
+        tensors=COHERE_TENSORS,
+        config=COHERE_CONFIG,
+        constants=(("parallel_attn_mlp", True),),
+        megatron_args=lambda cfg: {
+            **COHERE_ARGS,
+            **_window(cfg),
+            **_rotary_on_sliding_layers(cfg, everywhere_without_window=False),
+        },
     )
 )

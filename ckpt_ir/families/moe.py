@@ -37,7 +37,9 @@ from ckpt_ir.families.blocks import (
     deepseek_router_args,
     mlp_dense_layers,
     qwen_router_args,
+    rope_parameters,
     window_skip_freq,
+    yarn_args,
 )
 
 MIXTRAL_MOE = (
@@ -325,8 +327,7 @@ GPT_OSS_EXPERTS = (
 
 def _gpt_oss_args(cfg: dict[str, Any]) -> dict[str, Any]:
     """Megatron-Bridge's GPT-OSS provider settings, as TransformerConfig field names."""
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    yarn = rope.get("rope_type", rope.get("type")) == "yarn"
+    rope = rope_parameters(cfg)
     window = cfg.get("sliding_window")
     return {
         "add_bias_linear": True,
@@ -340,18 +341,7 @@ def _gpt_oss_args(cfg: dict[str, Any]) -> dict[str, Any]:
         "moe_router_pre_softmax": False,
         "moe_router_load_balancing_type": "none",
         "rotary_base": rope.get("rope_theta", cfg.get("rope_theta")),
-        **(
-            {
-                "position_embedding_type": "yarn",
-                "yarn_rotary_scaling_factor": rope.get("factor"),
-                "yarn_original_max_position_embeddings": rope.get("original_max_position_embeddings"),
-                "yarn_beta_fast": rope.get("beta_fast"),
-                "yarn_beta_slow": rope.get("beta_slow"),
-                "yarn_correction_range_round_to_int": bool(rope.get("truncate", True)),
-            }
-            if yarn
-            else {}
-        ),
+        **yarn_args(cfg),
     }
 
 

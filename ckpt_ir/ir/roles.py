@@ -92,6 +92,11 @@ def _pre_norm(s: ModelSpec, lay: Layout, i: int) -> bool:
     return s.pre_norms
 
 
+def _mlp_norm(s: ModelSpec, lay: Layout, i: int) -> bool:
+    """A norm of the MLP's own (not with parallel attention and MLP, which share the input norm)."""
+    return s.pre_norms and not s.parallel_attn_mlp
+
+
 def _indexer(s: ModelSpec, lay: Layout, i: int) -> bool:
     return s.has_indexer(i)
 
@@ -104,10 +109,13 @@ def _mlp_roles(
     prefix: str,
     width: Callable[[ModelSpec], int],
     present: Callable[[bool], Presence],
+    gate_up_bias: bool = False,
 ) -> list[Role]:
     """The MLP (the dense one, an expert, the shared one): gated (gate / up, or Megatron's fused
     gate_up) or plain (one fc1, e.g. GELU), then down; with ``mlp_bias`` their biases (a
-    row-parallel layer's bias is added once after the reduction: whole on every TP rank)."""
+    row-parallel layer's bias is added once after the reduction: whole on every TP rank), the
+    separate gate / up biases where ``gate_up_bias`` says the MLP may have them (Llama's
+    ``mlp_bias``; the experts' come with ``expert_bias``)."""
 
     def gated(fused: bool) -> Presence:
         return lambda s, lay, i: s.gated_mlp and present(fused)(s, lay, i)
@@ -121,9 +129,15 @@ def _mlp_roles(
     def biased(p: Presence) -> Presence:
         return lambda s, lay, i: s.mlp_bias and p(s, lay, i)
 
+    separate_biases = [
+        Role(prefix + f"{part}.bias", COLUMN, lambda s, lay: (width(s),), biased(gated(False)))
+        for part in ("gate", "up")
+        if gate_up_bias
+    ]
     return [
         Role(prefix + "gate.weight", COLUMN, lambda s, lay: (width(s), s.hidden_size), gated(False)),
         Role(prefix + "up.weight", COLUMN, lambda s, lay: (width(s), s.hidden_size), gated(False)),
+        *separate_biases,
         Role(
             prefix + "gate_up.weight",
             COLUMN_BLOCKS2,
@@ -268,11 +282,16 @@ _BUILTIN: list[Role] = [
     # attention sinks (gpt-oss): one learned softmax offset per head, split over TP with the heads
     Role(L + "attn.sinks", COLUMN, lambda s, lay: (s.num_heads,), lambda s, lay, i: s.attn_sinks),
     Role(L + "post_attn_norm.weight", None, lambda s, lay: (s.hidden_size,), lambda s, lay, i: s.post_norms),
-    Role(L + "mlp_norm.weight", None, lambda s, lay: (s.hidden_size,), _pre_norm),
-    Role(L + "mlp_norm.bias", None, lambda s, lay: (s.hidden_size,), _norm_bias),
+    Role(L + "mlp_norm.weight", None, lambda s, lay: (s.hidden_size,), _mlp_norm),
+    Role(
+        L + "mlp_norm.bias",
+        None,
+        lambda s, lay: (s.hidden_size,),
+        lambda s, lay, i: s.norm_bias and _mlp_norm(s, lay, i),
+    ),
     # the dense MLP: gated, or plain (BLOOM, a GELU Megatron GPT: Megatron's linear_fc1 is then fc1
     # alone, split over TP as one block), biases as the model has them
-    *_mlp_roles(L + "mlp.", lambda s: s.ffn_hidden_size, _dense_mlp),
+    *_mlp_roles(L + "mlp.", lambda s: s.ffn_hidden_size, _dense_mlp, gate_up_bias=True),
     Role(L + "post_mlp_norm.weight", None, lambda s, lay: (s.hidden_size,), lambda s, lay, i: s.post_norms),
     # mixture of experts: router (and its score-correction bias), routed experts, shared experts.
     # Expert tensors follow the dense MLP rules; with expert TP = 1 the shard pass leaves them whole.

@@ -284,12 +284,22 @@ def _layer_keys(mla: bool, full_qk_norm: bool, family: str | None = None, gated:
     keys: KeyPairs = _MLA_LAYER_KEYS if mla else _LAYER_KEYS
     if full_qk_norm:
         keys = tuple((m, _FULL_QK_NORM.get(c, c)) for m, c in keys)
-    if family is not None:  # a family's own keys for some roles (Gemma 3's post norms, Megatron-Bridge)
-        from ckpt_ir.families import by_name
-
-        own = {c: m for m, c in by_name(family).megatron_keys}
-        keys = tuple((own.get(c, m), c) for m, c in keys)
+    if family is not None:
+        keys = _with_family_keys(keys, family)
     return keys if gated else tuple((m, c.replace(".gate_up.", ".fc1.")) for m, c in keys)
+
+
+def _with_family_keys(keys: KeyPairs, family: str) -> KeyPairs:
+    """``keys`` with a family's own Megatron keys: for a role of the table (Gemma 3's post norms,
+    after Megatron-Bridge), or for a role the family registers, in the place of the table's role
+    whose key it takes (Cohere's per-head q/k norms under q_layernorm / k_layernorm), else last."""
+    from ckpt_ir.families import by_name
+
+    own = {c: m for m, c in by_name(family).megatron_keys}
+    claims = {m: c for c, m in own.items()}
+    out = [(own[c], c) if c in own else (m, claims[m]) if m in claims else (m, c) for m, c in keys]
+    placed = {c for _, c in out}
+    return tuple(out) + tuple((m, c) for c, m in own.items() if c not in placed)
 
 
 def _table(keys: KeyPairs, norm_names: str) -> NameTable:
@@ -358,8 +368,9 @@ def read_tables(spec: ModelSpec) -> tuple[NameTable, ...]:
     return tuple(spec_layer_table(n, spec) for n in ("local", "te"))
 
 
-def role_order(mla: bool, full_qk_norm: bool = False, gated: bool = True) -> tuple[str, ...]:
-    return tuple(c for _, c in _layer_keys(mla, full_qk_norm, gated=gated))
+def role_order(spec: ModelSpec) -> tuple[str, ...]:
+    """The decoder-layer roles of the model ``spec`` describes, in the order rank files list them."""
+    return tuple(c for _, c in _layer_keys(spec.mla, spec.qk_full_norm, spec.family, spec.gated_mlp))
 
 
 def rank_dir(tp: int, pp: int, layout: Layout, ep: int = 0, ep_size: int = 1) -> str:

@@ -36,7 +36,7 @@ def rank_content(
     where = {s.real: s for s in slots if s.real is not None}
     chunks = num_chunks(spec, layout)
     table = M.spec_layer_table(layout.norm_names, spec)
-    order = M.role_order(spec.mla, spec.qk_full_norm, spec.gated_mlp)
+    order = M.role_order(spec)
     content: dict[tuple[int, int], list[Entry]] = defaultdict(list)
     by_layer: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for name in ckpt.tensors:
