@@ -1,11 +1,15 @@
-"""Megatron-Core's keys with global layer numbers, as ``torch_dist`` (``dist_checkpointing``)
-stores them: layers stacked on a leading axis, or ``decoder.layers.<i>.`` unstacked.
+"""Megatron-Core's keys with global layer numbers, as the formats that store the whole model under
+one name per tensor use them: ``torch_dist`` (``dist_checkpointing``: layers stacked on a leading
+axis, or ``decoder.layers.<i>.`` unstacked), ``torch_dcp`` and ``fsdp_dtensor`` (the model's own
+state dict: one key per layer, experts at global indices).
 
 :func:`names` gives the canonical names one stored key holds (and where in it), for the modules
 Megatron-Core builds: dense and MoE layers (``mlp.experts.experts.*`` stacked on an expert axis,
-or one expert's ``local_experts.<e>.*``), its own multi-latent attention and multi-token-prediction
-layers (``mtp.layers.<k>.``).  :func:`fuse_mla` turns Megatron-Core's separate MLA
-down-projections into the fused ``attn.qkv_a`` the IR's Megatron layout holds.
+SequentialMLP's ``local_experts.<e>.*`` or TEGroupedMLP's ``linear_fc1.weight<e>``), its own
+multi-latent attention and multi-token-prediction layers (``mtp.layers.<k>.``, whose transformer
+layer is ``transformer_layer`` on disk, or ``mtp_model_layer``, the module's name since
+Megatron-Core 0.17).  :func:`fuse_mla` turns Megatron-Core's separate MLA down-projections into
+the fused ``attn.qkv_a`` the IR's Megatron layout holds.
 """
 
 from __future__ import annotations
@@ -23,7 +27,11 @@ _STACKED_EXPERTS = re.compile(r"^mlp\.experts\.(?:experts|local_experts)\.(linea
 _ONE_EXPERT = re.compile(
     r"^mlp\.experts\.(?:experts|local_experts)\.(\d+)\.(linear_fc[12]\.(?:weight|bias))$"
 )
+# TEGroupedMLP's per-expert parameters (the module's state dict, not its sharded one)
+_GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc[12])\.(weight|bias)(\d+)$")
 _MTP = re.compile(r"^mtp\.layers\.(\d+)\.(.+)$")
+# the transformer layer inside an MTP layer: its name on disk, and the module's own since 0.17
+MTP_INNER = ("transformer_layer.", "mtp_model_layer.")
 # an MTP layer's own modules around its transformer layer (Megatron-Core's names)
 _MTP_OWN = {
     "enorm.weight": "mtp.enorm.weight",
@@ -47,9 +55,10 @@ def names(
         layer, rest = num_layers + int(m.group(1)), m.group(2)
         if rest in _MTP_OWN:
             return [(layer_name(layer, _MTP_OWN[rest]), ())]
-        if not rest.startswith("transformer_layer."):
+        inner = next((p for p in MTP_INNER if rest.startswith(p)), None)
+        if inner is None:
             return None
-        layers = [(layer, rest[len("transformer_layer.") :], ())]
+        layers = [(layer, rest[len(inner) :], ())]
     elif (m := _UNSTACKED.match(key)) is not None:
         layers = [(int(m.group(1)), m.group(2), ())]
     elif key.startswith(M.LAYERS):
@@ -69,9 +78,12 @@ def names(
         if m:
             n = shape[len(index)] if len(shape) > len(index) else 0
             per = [(f"mlp.experts.local_experts.{e}.{m.group(1)}", index + (e,)) for e in range(n)]
+        elif (m := _ONE_EXPERT.match(rest)) is not None:
+            per = [(f"mlp.experts.local_experts.{m.group(1)}.{m.group(2)}", index)]
+        elif (m := _GROUPED_EXPERT.match(rest)) is not None:
+            per = [(f"mlp.experts.local_experts.{m.group(3)}.{m.group(1)}.{m.group(2)}", index)]
         else:
-            m = _ONE_EXPERT.match(rest)
-            per = [(f"mlp.experts.local_experts.{m.group(1)}.{m.group(2)}" if m else rest, index)]
+            per = [(rest, index)]
         for sub, idx in per:
             if mla and sub in _MLA_READ:
                 out.append((layer_name(i, _MLA_READ[sub]), idx))
@@ -102,5 +114,5 @@ def fuse_mla(spec, nodes: dict[str, TensorNode]) -> None:
 
 
 def _resolve(canon: str | M.LocalName) -> str:
-    """torch_dist layer numbers are already global: a "local" layer is the model's layer."""
+    """Global layer numbers: a "local" layer is the model's layer."""
     return canon if isinstance(canon, str) else layer_name(canon.local, canon.rest)
