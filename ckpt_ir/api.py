@@ -86,8 +86,9 @@ class Target:
     to a multiple of it times ``tp``); ``norm_names`` (``"local"``, ``"te"`` or ``"te-input"``;
     None keeps the source's); ``ep`` (expert parallel), ``etp`` (expert tensor parallel: 1 or
     ``tp``), ``grouped_gemm`` (grouped-GEMM experts); ``ckpt_format`` (``"torch"`` rank
-    directories, or ``"torch_dist"``: whole tensors Megatron reshards on load, written for
-    Megatron-Core ``torch_dist_version`` ``"0.15"`` (0.15-0.18) or ``"0.19"``); ``optimizer``
+    directories, ``"torch_dist"``: whole tensors Megatron reshards on load, written for
+    Megatron-Core ``torch_dist_version`` ``"0.15"`` (0.15-0.18) or ``"0.19"``, or
+    ``"fsdp_dtensor"``: whole tensors Megatron-FSDP loads, weights only); ``optimizer``
     (carry the source's distributed-optimizer state, when it has any) laid out for data-parallel
     size ``dp`` (None: the source's); ``shared_copies``: tensors Megatron stores once (DeepSeek's
     MTP embedding and head copies) are compared before writing (``"check"``) or dropped, as
@@ -173,8 +174,10 @@ class Target:
             raise UsageError(
                 f"{'/'.join(setting(n) for n in names.split())} apply only with {setting('to', 'mcore')}"
             )
-        if self.ckpt_format not in ("torch", "torch_dist"):
-            raise UsageError(f"{setting('ckpt_format', self.ckpt_format)}: choose torch or torch_dist")
+        if self.ckpt_format not in ("torch", "torch_dist", "fsdp_dtensor"):
+            raise UsageError(
+                f"{setting('ckpt_format', self.ckpt_format)}: choose torch, torch_dist or fsdp_dtensor"
+            )
         if self.torch_dist_version not in ("0.15", "0.19") or (
             self.torch_dist_version != "0.15" and self.ckpt_format != "torch_dist"
         ):
@@ -182,7 +185,7 @@ class Target:
                 f"{setting('torch_dist_version', self.torch_dist_version)}: choose 0.15 or 0.19, with "
                 f"{setting('ckpt_format', 'torch_dist')}"
             )
-        if self.ckpt_format == "torch_dist" and (
+        if self.ckpt_format != "torch" and (
             self.to != "mcore"
             or self.tp != 1
             or self.pp != 1
@@ -195,8 +198,8 @@ class Target:
         ):
             names = "tp pp vpp_layers num_layer_list noop_layers ep etp dp"
             raise UsageError(
-                f"{setting('ckpt_format', 'torch_dist')} (with {setting('to', 'mcore')}) holds whole tensors that "
-                f"Megatron reshards when it loads them: leave out {'/'.join(setting(n) for n in names.split())}"
+                f"{setting('ckpt_format', self.ckpt_format)} (with {setting('to', 'mcore')}) holds whole tensors "
+                f"that Megatron reshards when it loads them: leave out {'/'.join(setting(n) for n in names.split())}"
             )
 
     def __repr__(self) -> str:
@@ -456,6 +459,10 @@ def _plan(ckpt: Checkpoint, target: Target) -> Plan:
         from ckpt_ir.backends import torch_dist
 
         return torch_dist.plan(ckpt, version=target.torch_dist_version)
+    if target.ckpt_format == "fsdp_dtensor":
+        from ckpt_ir.backends import fsdp_dtensor
+
+        return fsdp_dtensor.plan(ckpt)
     from ckpt_ir.backends import mcore
 
     return mcore.plan(ckpt, shared_copies=target.shared_copies, dp=target.dp)

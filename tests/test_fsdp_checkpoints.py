@@ -19,6 +19,7 @@ import argparse
 import io
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -389,3 +390,73 @@ def test_fsdp_dtensor_with_mla_experts_and_mtp_converts_to_hf_bit_for_bit(deepse
     src = megatron_save(str(tmp_path / "fsdp"), state)
     assert convert(src, str(tmp_path / "hf"), "--to", "hf", "--hf-config", deepseek) == 0
     assert_same(hf_tensors(str(tmp_path / "hf")), hf)
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def inspector(torch_dist: dict) -> dict:
+    """Megatron-LM's checkpoint_inspector ``convert_checkpoint`` rule for model tensors (its
+    defaults, ``--swiglu``): ``model.module.<key>``, a stacked ``decoder.layers.<key>`` split into
+    ``decoder.layers.<i>.<key>``, a SwiGLU fc1 chunked into ``_w`` / ``_v``."""
+    out = {}
+    for key, value in torch_dist.items():
+        new = f"model.module.{key}"
+        if ".layers." in new and not re.search(r"layers\.(\d+)\.", new):
+            parts = {new.replace(".layers.", f".layers.{i}."): v for i, v in enumerate(value)}
+        else:
+            parts = {new: value}
+        for k, v in parts.items():
+            if re.search(r"(.*)\.mlp\.linear_fc1\.weight", k):
+                w, v_ = torch.chunk(v, 2, dim=0)
+                out[re.sub(r"((?:weight|bias)\d*)(.*)", r"\1_w\2", k)] = w
+                out[re.sub(r"((?:weight|bias)\d*)(.*)", r"\1_v\2", k)] = v_
+            else:
+                out[k] = v
+    return out
+
+
+def test_fsdp_dtensor_output_holds_what_megatrons_inspector_makes(llama, tmp_path):
+    """HF -> fsdp_dtensor (TE names) = checkpoint_inspector(the model's torch_dist checkpoint):
+    the same tensors (names, shapes, values), plus args, checkpoint_version and iteration; torch's
+    own dcp.load reads it whole."""
+    hf = hf_tensors(llama)
+    layers = llama_layers(hf)
+    torch_dist = {  # megatron-core's torch_dist keys: the decoder layers stacked on a leading axis
+        "embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
+        **{f"decoder.layers.{k}": torch.stack([lay[k] for lay in layers]) for k in layers[0]},
+        "decoder.final_layernorm.weight": hf["model.norm.weight"],
+        "output_layer.weight": hf["lm_head.weight"],
+    }
+    out = str(tmp_path / "out")
+    assert convert(llama, out, "--to", "mcore", "--ckpt-format", "fsdp_dtensor", "--norm-names", "te") == 0
+    assert open(f"{out}/latest_checkpointed_iteration.txt").read() == "1"
+    got = dcp_read(f"{out}/iter_0000001")
+    tensors = {k: v for k, v in got.items() if isinstance(v, torch.Tensor)}
+    assert_same(tensors, inspector(torch_dist))
+    assert {k for k in got if k not in tensors} == {"args", "checkpoint_version", "iteration"}
+    assert got["checkpoint_version"] == 3.0 and got["iteration"] == 1
+    assert got["args"].ckpt_format == "fsdp_dtensor" and got["args"].swiglu is True
+
+
+def test_fsdp_dtensor_output_of_mla_experts_and_mtp_is_megatron_fsdps_model(deepseek, tmp_path):
+    """DeepSeek-V3 -> fsdp_dtensor with TE names and grouped-GEMM experts holds exactly the model
+    entries Megatron-FSDP's GPTModel saves (``model.module.``, TEGroupedMLP ``weight<e>_w``, the
+    MTP layer as ``transformer_layer``); SequentialMLP experts (``local_experts.<e>``) without
+    ``--moe-grouped-gemm``; and it reads back to the HF model bit for bit."""
+    hf = hf_tensors(deepseek)
+    for grouped in (True, False):
+        out = str(tmp_path / f"out{grouped}")
+        flags = ["--moe-grouped-gemm"] if grouped else []
+        assert (
+            convert(
+                deepseek, out, "--to", "mcore", "--ckpt-format", "fsdp_dtensor", "--norm-names", "te", *flags
+            )
+            == 0
+        )
+        got = {k: v for k, v in dcp_read(f"{out}/iter_0000001").items() if isinstance(v, torch.Tensor)}
+        want = deepseek_model(hf, grouped=grouped, mtp_inner="transformer_layer")
+        assert_same(got, {f"model.module.{k}": v for k, v in want.items()})
+    assert convert(out, str(tmp_path / "back"), "--to", "hf") == 0
+    assert_same(hf_tensors(str(tmp_path / "back")), hf)

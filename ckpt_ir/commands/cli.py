@@ -140,11 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     m = c.add_argument_group("Megatron-Core layout (with --to mcore)")
     m.add_argument(
         "--ckpt-format",
-        choices=("torch", "torch_dist"),
+        choices=("torch", "torch_dist", "fsdp_dtensor"),
         default="torch",
         help="Megatron checkpoint "
-        "format, as Megatron-LM's flag: torch (mp_rank_* directories for one TP/PP layout, default) or "
-        "torch_dist (dist_checkpointing, resharded by Megatron on load)",
+        "format, as Megatron-LM's flag: torch (mp_rank_* directories for one TP/PP layout, default), "
+        "torch_dist (dist_checkpointing, resharded by Megatron on load) or fsdp_dtensor (Megatron-FSDP, "
+        "--use-megatron-fsdp; weights only)",
     )
     m.add_argument(
         "--torch-dist-version",
