@@ -281,7 +281,7 @@ def test_torch_dcp_from_fsdp_ranks_converts_to_hf_and_megatron_bit_for_bit(llama
 
 def test_which_format_comes_from_the_args_or_the_flag(llama, tmp_path, capsys):
     """Nothing on disk tells torch_dcp from fsdp_dtensor: the args say it, else --source-ckpt-format
-    (exit 2 without it, and when it contradicts the args)."""
+    (exit 2 without it, when it contradicts the args, and for another format)."""
     hf = hf_tensors(llama)
     no_args = megatron_save(str(tmp_path / "no_args"), {"iteration": IT, "model": llama_model(hf)})
     capsys.readouterr()
@@ -299,6 +299,8 @@ def test_which_format_comes_from_the_args_or_the_flag(llama, tmp_path, capsys):
     assert convert(said, str(tmp_path / "c"), "--to", "hf", "--source-ckpt-format", "fsdp_dtensor") == 2
     err = capsys.readouterr().err
     assert "say it is torch_dcp" in err and "--source-ckpt-format fsdp_dtensor" in err
+    assert convert(llama, str(tmp_path / "d"), "--to", "mcore", "--source-ckpt-format", "torch_dcp") == 2
+    assert "no Megatron DCP checkpoint" in capsys.readouterr().err
 
 
 # DeepSeek-V3 (MLA with q-LoRA, a dense first layer, routed experts with a score bias, a shared

@@ -86,6 +86,11 @@ def load(
 
     path = resolve(path)
     fmt = detect(path, iteration)
+    if source_ckpt_format is not None and fmt != "fsdp":
+        raise UsageError(
+            f"{setting('source_ckpt_format', source_ckpt_format)}: {path} is no Megatron DCP checkpoint "
+            f"(torch_dcp or fsdp_dtensor); its format is detected"
+        )
     if iteration is not None and fmt not in MEGATRON_FORMATS:
         raise UsageError(f"{path}: an HF checkpoint has no iterations; only a Megatron checkpoint has")
     if weights_from != "model" and fmt not in ("mcore", "torch_dist"):
@@ -98,11 +103,6 @@ def load(
 
         return hf.lift(
             path, allow_unused=allow_unused, hf_config=hf_config, config_name=config_name, family=family
-        )
-    if source_ckpt_format is not None and fmt != "fsdp":
-        raise UsageError(
-            f"{setting('source_ckpt_format', source_ckpt_format)}: {path} is no Megatron DCP checkpoint "
-            f"(torch_dcp or fsdp_dtensor); its format is detected"
         )
     if fmt == "fsdp":
         from ckpt_ir.frontends import fsdp
