@@ -78,8 +78,7 @@ def lift(
     it_dir, iteration = M.iteration_dir(path, iteration)
     md = read_metadata(it_dir)
     where = os.path.join(it_dir, METADATA_FILE)
-    objects = {key: key for key in md.objects}
-    raw_args = read_object(md, "args") if "args" in objects else None
+    raw_args = read_object(md, "args") if "args" in md.objects else None
     args = megatron_args.args_dict(raw_args, where) if raw_args is not None else {}
     fmt = _which(args, source_ckpt_format, where)
     if not args and hf_config is None:
@@ -193,7 +192,7 @@ def lift(
     }
     if inferred:
         meta["family_from_args"] = inferred
-    scheduler = {k[len(_SCHEDULER) :]: read_object(md, k) for k in objects if k.startswith(_SCHEDULER)}
+    scheduler = {k[len(_SCHEDULER) :]: read_object(md, k) for k in md.objects if k.startswith(_SCHEDULER)}
     meta["training"] = {
         "args": megatron_args.all_args(raw_args),
         "opt_param_scheduler": scheduler or None,
