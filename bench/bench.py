@@ -18,7 +18,7 @@ once beforehand), `dist` (HF -> torch_dist with and without `--verify-integrity`
 -> HF from a checkpoint without and with `integrity.json`, which is then checked first; against
 `cp -r` + `sync` of the HF source) and `wide` (a 152k-vocab, 4096-hidden, 1-layer model converted HF -> mcore TP2
 fp32 with `--make-vocab-size-divisible-by 128`: peak memory with embeddings of 1.2 GB per shard)
-and `moe` (a Qwen3-MoE-shaped checkpoint with Qwen3-30B-A3B's widths: hidden 2048, 128 experts of
+`fsdp` (HF -> Megatron-FSDP's `fsdp_dtensor` and back to HF) and `moe` (a Qwen3-MoE-shaped checkpoint with Qwen3-30B-A3B's widths: hidden 2048, 128 experts of
 768, vocab 151936, as many layers as the size asks, about 400 tensors per layer in shards of about
 1.2 GB; timed HF -> mcore EP8, mcore EP8 -> HF and mcore EP8 -> TP2 EP4, each against `cp -r` +
 `sync` of its own source, the HF or the EP8 checkpoint).  `--torchrun N` also times HF -> mcore
@@ -341,7 +341,7 @@ def main() -> int:
         default="move",
         help="comma list of task groups: move (layout conversions), "
         "compute (casts, LoRA merge, fp32 + vocab padding), dist (torch_dist with and without "
-        "integrity.json, written and read), wide (wide-vocab model, memory), "
+        "integrity.json, written and read), fsdp (HF -> fsdp_dtensor -> HF), wide (wide-vocab model, memory), "
         "moe (Qwen3-MoE-shaped model: EP8 conversions)",
     )
     ap.add_argument(
@@ -362,7 +362,7 @@ def main() -> int:
     for size_text in args.sizes.split(","):
         root = os.path.join(args.workdir, size_text)
         shutil.rmtree(root, ignore_errors=True)
-        if groups & {"move", "compute", "dist"}:
+        if groups & {"move", "compute", "dist", "fsdp"}:
             rows += bench_model(root, size_text, parse_size(size_text), "llama", groups - {"wide"}, args)
         if "wide" in groups:
             rows += bench_model(root + "-wide", size_text + "w", 0, "wide", {"wide"}, args)
@@ -392,16 +392,14 @@ def bench_model(root: str, label: str, size: int, shape: str, groups: set[str], 
     layers = int(subprocess.check_output(gen))
     nbytes = du(src)
     print(f"[{label}] generated {nbytes / 1e9:.2f} GB, {layers} layers ({shape})", file=sys.stderr)
-    out = {
-        n: os.path.join(root, n)
-        for n in ("tp2pp2", "tp1pp4", "back", "fp32", "bf16", "merged", "padded", "dist")
-    }
+    names = ("tp2pp2", "tp1pp4", "back", "fp32", "bf16", "merged", "padded", "dist", "fsdp", "fsdp-back")
+    out = {n: os.path.join(root, n) for n in names}
     convert = lambda *a: ck + ["convert", *a, "--quiet", *extra]  # noqa: E731
     pad_flags = ["--to", "mcore", "--tp", "2", "--dtype", "fp32", "--make-vocab-size-divisible-by", "128"]
     # task name -> (command, output, the cp task whose bytes equal the output's)
     tasks: dict[str, tuple[list[str], str, str]] = {}
     refs: dict[str, str] = {"cp -r + sync": src}
-    if groups & {"move", "compute", "dist"}:
+    if groups & {"move", "compute", "dist", "fsdp"}:
         tasks["cp -r + sync"] = (["cp", "-r", src, os.path.join(root, "cp")], os.path.join(root, "cp"), "")
     if "move" in groups:
         tasks["hf -> mcore tp2 pp2"] = (
@@ -471,21 +469,32 @@ def bench_model(root: str, label: str, size: int, shape: str, groups: set[str], 
             out["back"],
             "cp -r + sync",
         )
+    if "fsdp" in groups:  # Megatron-FSDP's fsdp_dtensor: written, and read back (SwiGLU halves)
+        tasks["hf -> fsdp_dtensor"] = (
+            convert(src, out["fsdp"], "--to", "mcore", "--ckpt-format", "fsdp_dtensor"),
+            out["fsdp"],
+            "cp -r + sync",
+        )
+        tasks["fsdp_dtensor -> hf"] = (
+            convert(out["fsdp"], out["fsdp-back"], "--to", "hf"),
+            out["fsdp-back"],
+            "cp -r + sync",
+        )
     if "wide" in groups:
         tasks["hf -> mcore tp2 fp32 vocab pad"] = (convert(src, out["padded"], *pad_flags), out["padded"], "")
-    return time_tasks(tasks, refs, out["tp2pp2"], label, nbytes, args)
+    return time_tasks(tasks, refs, (out["tp2pp2"], out["fsdp"]), label, nbytes, args)
 
 
 def time_tasks(
     tasks: dict[str, tuple[list[str], str, str]],
     refs: dict[str, str],
-    kept: str,
+    kept: tuple[str, ...],
     label: str,
     nbytes: int,
     args,
 ) -> list[tuple]:
     """Run ``tasks`` (name -> command, output, baseline task) in ``args.runs`` interleaved rounds;
-    outputs are deleted once timed, except ``kept`` (read by later tasks).  Table rows."""
+    outputs are deleted once timed, except those in ``kept`` (read by later tasks).  Table rows."""
     results: dict[str, list[tuple[float, int]]] = {k: [] for k in tasks}
     for run in range(args.runs):
         for name, (cmd, dst, _) in tasks.items():
@@ -500,7 +509,7 @@ def time_tasks(
                         read_all(path)
             results[name].append(timed(cmd, args.cold))
             print(f"[{label}] run {run + 1} {name}: {results[name][-1][0]:.2f}s", file=sys.stderr)
-            if dst != kept:  # later tasks read it
+            if dst not in kept:  # later tasks read it
                 shutil.rmtree(dst, ignore_errors=True)
     rows = []
     for name, res in results.items():
@@ -559,7 +568,7 @@ def bench_moe(root: str, label: str, size: int, args) -> list[tuple]:
             raise SystemExit(f"torchrun output {out['dist']} differs from {out['ep8']}")
         shutil.rmtree(out["ep8"])
         shutil.rmtree(out["dist"])
-    return time_tasks(tasks, {"cp -r + sync": src}, out["ep8"], label, nbytes, args)
+    return time_tasks(tasks, {"cp -r + sync": src}, (out["ep8"],), label, nbytes, args)
 
 
 if __name__ == "__main__":

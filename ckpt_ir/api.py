@@ -87,8 +87,9 @@ class Target:
     to a multiple of it times ``tp``); ``norm_names`` (``"local"``, ``"te"`` or ``"te-input"``;
     None keeps the source's); ``ep`` (expert parallel), ``etp`` (expert tensor parallel: 1 or
     ``tp``), ``grouped_gemm`` (grouped-GEMM experts); ``ckpt_format`` (``"torch"`` rank
-    directories, or ``"torch_dist"``: whole tensors Megatron reshards on load, written for
-    Megatron-Core ``torch_dist_version`` ``"0.15"`` (0.15-0.18) or ``"0.19"``);
+    directories, ``"torch_dist"``: whole tensors Megatron reshards on load, written for
+    Megatron-Core ``torch_dist_version`` ``"0.15"`` (0.15-0.18) or ``"0.19"``, or
+    ``"fsdp_dtensor"``: whole tensors Megatron-FSDP loads, weights only);
     ``megatron_version`` (``"X.Y"``, the Megatron-Core release the output is for: ``torch`` rank
     files name multi-token prediction as its GPTModel does, ``mtp_model_layer`` from 0.17; None
     keeps a Megatron source's naming, else MindSpeed-LLM's); ``verify_integrity`` (``torch_dist``:
@@ -180,8 +181,10 @@ class Target:
             raise UsageError(
                 f"{'/'.join(setting(n) for n in names.split())} apply only with {setting('to', 'mcore')}"
             )
-        if self.ckpt_format not in ("torch", "torch_dist"):
-            raise UsageError(f"{setting('ckpt_format', self.ckpt_format)}: choose torch or torch_dist")
+        if self.ckpt_format not in ("torch", "torch_dist", "fsdp_dtensor"):
+            raise UsageError(
+                f"{setting('ckpt_format', self.ckpt_format)}: choose torch, torch_dist or fsdp_dtensor"
+            )
         if self.torch_dist_version not in ("0.15", "0.19") or (
             self.torch_dist_version != "0.15" and self.ckpt_format != "torch_dist"
         ):
@@ -206,7 +209,7 @@ class Target:
                 f"{setting('verify_integrity')}: only with {setting('to', 'mcore')} "
                 f"{setting('ckpt_format', 'torch_dist')} (Megatron-Core hashes only torch_dist checkpoints)"
             )
-        if self.ckpt_format == "torch_dist" and (
+        if self.ckpt_format != "torch" and (
             self.to != "mcore"
             or self.tp != 1
             or self.pp != 1
@@ -219,8 +222,8 @@ class Target:
         ):
             names = "tp pp vpp_layers num_layer_list noop_layers ep etp dp"
             raise UsageError(
-                f"{setting('ckpt_format', 'torch_dist')} (with {setting('to', 'mcore')}) holds whole tensors that "
-                f"Megatron reshards when it loads them: leave out {'/'.join(setting(n) for n in names.split())}"
+                f"{setting('ckpt_format', self.ckpt_format)} (with {setting('to', 'mcore')}) holds whole tensors "
+                f"that Megatron reshards when it loads them: leave out {'/'.join(setting(n) for n in names.split())}"
             )
 
     def __repr__(self) -> str:
@@ -485,6 +488,10 @@ def _plan(ckpt: Checkpoint, target: Target) -> Plan:
         from ckpt_ir.backends import torch_dist
 
         return torch_dist.plan(ckpt, version=target.torch_dist_version, integrity=target.verify_integrity)
+    if target.ckpt_format == "fsdp_dtensor":
+        from ckpt_ir.backends import fsdp_dtensor
+
+        return fsdp_dtensor.plan(ckpt)
     from ckpt_ir.backends import mcore
 
     return mcore.plan(

@@ -62,11 +62,9 @@ COMMON_STATE_KEY = "common_state/shard_0_1"  # ShardedObject("common_state", ...
 STATE_PREFIX = "optimizer.state."
 
 
-def plan(
-    ckpt: Checkpoint, *, iteration: int | None = None, version: str = "0.15", integrity: bool = False
-) -> Plan:
-    """``integrity``: write Megatron-Core's ``integrity.json`` (:mod:`ckpt_ir.megatron.integrity`)
-    after every other file of the iteration."""
+def check_whole(ckpt: Checkpoint, fmt: str) -> None:
+    """Output in ``fmt`` (torch_dist, fsdp_dtensor) holds whole tensors, resharded on load: the IR
+    must be one whole, fused Megatron layout without unmerged LoRA."""
     spec, layout = ckpt.spec, ckpt.layout
     if (
         layout.tp != 1
@@ -77,15 +75,41 @@ def plan(
         or not (layout.fused_qkv and layout.fused_gate_up)
     ):
         raise VerifyError(
-            f"torch_dist output needs one whole, fused Megatron layout (it is resharded on load), got "
+            f"{fmt} output needs one whole, fused Megatron layout (it is resharded on load), got "
             f"{layout.describe()}"
         )
     if spec.lora_rank is not None:
         raise VerifyError(
-            "torch_dist output supports dense GPTs, MoE models (dense layers, shared experts, router "
+            f"{fmt} output supports dense GPTs, MoE models (dense layers, shared experts, router "
             "bias, grouped GEMM), multi-latent attention and multi-token prediction, not unmerged "
             f"LoRA; write {setting('ckpt_format', 'torch')} instead"
         )
+
+
+def output_args(ckpt: Checkpoint, fmt: str):
+    """The ``args`` output in ``fmt`` carries: the model's and layout's, over a Megatron source's
+    args (which travel whole: training settings; what an args-only model computes)."""
+    spec = ckpt.spec
+    family = by_name(spec.family)
+    source = (ckpt.meta.get("training") or {}).get("args")
+    args = megatron_args.build_args(
+        spec,
+        ckpt.layout,
+        ckpt.hf_config,
+        family.mindspeed_names[0] if family.mindspeed_names else spec.family,
+        source={k: v for k, v in source.items() if writable(v)} if source else None,
+    )
+    args.ckpt_format = fmt
+    return args
+
+
+def plan(
+    ckpt: Checkpoint, *, iteration: int | None = None, version: str = "0.15", integrity: bool = False
+) -> Plan:
+    """``integrity``: write Megatron-Core's ``integrity.json`` (:mod:`ckpt_ir.megatron.integrity`)
+    after every other file of the iteration."""
+    spec, layout = ckpt.spec, ckpt.layout
+    check_whole(ckpt, "torch_dist")
     # grouped-GEMM experts (layout.grouped_gemm) are written as per-expert keys all the same:
     # Megatron-Core's GroupedMLP and TEGroupedMLP save and load the sequential experts' keys and
     # [L, E, ...] shapes; only the args (moe_grouped_gemm) say which module the run builds
@@ -111,17 +135,7 @@ def plan(
         data = f"__0_{len(entries)}.distcp"
         files.append(OutputFile(f"{d}/{data}", "torch", (), obj=[None]))  # Megatron's torch.save([state])
         entries.append((key, "bytes", "", (), data))
-    family = by_name(spec.family)
-    # a Megatron source's args travel whole (training settings; what an args-only model computes)
-    source = (ckpt.meta.get("training") or {}).get("args")
-    args = megatron_args.build_args(
-        spec,
-        layout,
-        ckpt.hf_config,
-        family.mindspeed_names[0] if family.mindspeed_names else spec.family,
-        source={k: v for k, v in source.items() if writable(v)} if source else None,
-    )
-    args.ckpt_format = "torch_dist"
+    args = output_args(ckpt, "torch_dist")
     common = {
         "args": args,
         "checkpoint_version": 3.0,
@@ -209,10 +223,25 @@ def _layer_entries(
     nodes: dict, spec, layer: int, table: NameTable, used: set[str], te: bool
 ) -> list[tuple[str, E.Expr, bool]]:
     """(key below the layer, expression, stacked over experts) of one transformer layer's tensors:
-    each routed-expert tensor is stacked on a leading expert axis (``[E, 2F, H]``).  A MoE layer's
-    pre-MLP norm is ``pre_mlp_layernorm`` with the Transformer-Engine layer spec (``te``: a
-    module of its own), ``mlp.linear_fc1.layer_norm_*`` with the local one (its key map)."""
-    out: list[tuple[str, E.Expr, bool]] = []
+    each routed-expert tensor is stacked on a leading expert axis (``[E, 2F, H]``)."""
+    return [
+        (key, _stacked(x), True) if isinstance(x, list) else (key, x, False)
+        for key, x in layer_entries(nodes, spec, layer, table, used, te)
+    ]
+
+
+def layer_entries(
+    nodes: dict, spec, layer: int, table: NameTable, used: set[str], te: bool
+) -> list[tuple[str, E.Expr | list[E.Expr]]]:
+    """(key below the layer, expression) of one transformer layer's tensors (``nodes``; the names
+    taken are added to ``used``) under Megatron-Core's module names, norms as ``table`` names them;
+    a routed-expert tensor is the list of every expert's, under the key torch_dist stacks them
+    in (``mlp.experts.experts.linear_fc1.weight``).  Multi-latent attention has Megatron-Core's own
+    modules (with its Transformer-Engine spec when ``te``).  A MoE layer's pre-MLP norm is
+    ``pre_mlp_layernorm`` with the Transformer-Engine layer spec (``te``: a module of its own), as
+    ``table`` names it otherwise (torch_dist: ``mlp.linear_fc1.layer_norm_*``, the local spec's key
+    map)."""
+    out: list[tuple[str, E.Expr | list[E.Expr]]] = []
     here = f"layers.{layer}."
     local = M.layer_table("local")
     for role in M.role_order(spec):
@@ -222,8 +251,8 @@ def _layer_entries(
             # is MindSpeed-LLM's fusion of them)
             parts = mla_rule(spec).split(nodes[here + rest].expr)
             q = M.mla_key("attn.q_a.weight" if spec.q_lora_rank else "attn.q.weight", te, False)
-            out.append((str(q), E.simplify(parts["q"]), False))
-            out.append((str(M.mla_key("attn.kv_a.weight", te, False)), E.simplify(parts["kv_a"]), False))
+            out.append((str(q), E.simplify(parts["q"])))
+            out.append((str(M.mla_key("attn.kv_a.weight", te, False)), E.simplify(parts["kv_a"])))
             used.add(here + rest)
             continue
         names = local if te and spec.is_moe_layer(layer) and rest.startswith("mlp_norm.") else table
@@ -239,12 +268,12 @@ def _layer_entries(
             if not have:
                 continue
             if len(have) != len(expert_names):
-                raise VerifyError(f"torch_dist stacks a layer's experts, but layer {layer} lacks some {rest}")
+                raise VerifyError(f"layer {layer} has some {rest} tensors but not every expert's")
             key = "mlp.experts.experts." + key.split(".local_experts.0.", 1)[1]
-            out.append((key, _stacked([nodes[n].expr for n in expert_names]), True))
+            out.append((key, [nodes[n].expr for n in expert_names]))
             used.update(expert_names)
         elif here + rest in nodes:
-            out.append((key, nodes[here + rest].expr, False))
+            out.append((key, nodes[here + rest].expr))
             used.add(here + rest)
     return out
 

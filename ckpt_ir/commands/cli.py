@@ -14,6 +14,7 @@ from ckpt_ir.commands.common import (
     add_overflow_flag,
     add_plugin_flag,
     add_replicas_flag,
+    add_source_format_flag,
     int_list,
     load_plugins,
     parse_size,
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         "unless HF_HUB_OFFLINE=1)",
     )
     add_iteration_flag(c)
+    add_source_format_flag(c)
     c.add_argument("dst", help="destination directory (written atomically; missing parents are created)")
     c.add_argument(
         "--to",
@@ -138,11 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     m = c.add_argument_group("Megatron-Core layout (with --to mcore)")
     m.add_argument(
         "--ckpt-format",
-        choices=("torch", "torch_dist"),
+        choices=("torch", "torch_dist", "fsdp_dtensor"),
         default="torch",
         help="Megatron checkpoint "
-        "format, as Megatron-LM's flag: torch (mp_rank_* directories for one TP/PP layout, default) or "
-        "torch_dist (dist_checkpointing, resharded by Megatron on load)",
+        "format, as Megatron-LM's flag: torch (mp_rank_* directories for one TP/PP layout, default), "
+        "torch_dist (dist_checkpointing, resharded by Megatron on load) or fsdp_dtensor (Megatron-FSDP, "
+        "--use-megatron-fsdp; weights only)",
     )
     m.add_argument(
         "--torch-dist-version",
@@ -253,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="print a checkpoint's IR (spec, layout, one line per tensor)")
     i.add_argument("path", help="checkpoint directory (any format) or Hub id org/name[@revision]")
     add_iteration_flag(i)
+    add_source_format_flag(i)
     i.add_argument("--format", choices=("text", "json", "dot"), default="text")
     i.add_argument("--allow-unused", metavar="PATTERN", action="append", default=[])
     add_replicas_flag(i)
@@ -390,7 +394,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     import ckpt_ir.api as ck
     from ckpt_ir.commands.common import RunOptions, resolve_sources, run_conversion
-    from ckpt_ir.frontends import detect
+    from ckpt_ir.frontends import MEGATRON_FORMATS, detect
 
     if args.device != "cpu":
         from ckpt_ir.device import resolve_device
@@ -436,7 +440,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     src, hf_config = found["SRC"] or args.src, found["--hf-config"]
     target = attrs.evolve(target, hf_config_dir=hf_config, lora_load=found["--lora-load"])
     # --hf-config also describes a Megatron source whose args carry no HF config
-    megatron = detect(src, args.iteration) in ("mcore", "torch_dist")
+    megatron = detect(src, args.iteration) in MEGATRON_FORMATS
     hf_cfg = hf_config if hf_config and megatron else None
     layout = {"dp": args.source_dp, "bucket_size": args.source_bucket_size, "align": args.source_param_align}
     return run_conversion(
@@ -451,6 +455,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             "family": args.model_type_hf,
             "replicas": args.replicas,
             "iteration": args.iteration,
+            "source_ckpt_format": args.source_ckpt_format,
         },
     )
 
@@ -469,6 +474,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         family=args.model_type_hf,
         replicas=args.replicas,
         iteration=args.iteration,
+        source_ckpt_format=args.source_ckpt_format,
     )
     if ckpt.meta.get("family_from_args"):
         print(f"ckpt-ir: {ckpt.meta['family_from_args']}", file=sys.stderr)

@@ -141,6 +141,17 @@ def add_iteration_flag(p: argparse.ArgumentParser, which: str = "the source") ->
     )
 
 
+def add_source_format_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--source-ckpt-format",
+        choices=("torch_dcp", "fsdp_dtensor"),
+        default=None,
+        help="a Megatron DCP checkpoint (iter_N/ holding .metadata and *.distcp, no metadata.json) "
+        "whose args do not say which it is: torch_dcp (--use-torch-fsdp2) or fsdp_dtensor "
+        "(Megatron-FSDP); default: from its args",
+    )
+
+
 def add_overflow_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--allow-overflow",

@@ -11,11 +11,15 @@ from ckpt_ir.io.side_files import HF_FILES, NOTES_FILE
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.megatron.keys import DIRECTORY_ENTRIES
 
+# what detect() calls Megatron's formats: torch rank files, torch_dist, torch_dcp / fsdp_dtensor
+MEGATRON_FORMATS = ("mcore", "torch_dist", "fsdp")
+
 
 def detect(path: str, iteration: int | str | None = None) -> str:
     """The format of the checkpoint at ``path`` (``iteration``: the one of a Megatron save
-    directory that decides between ``torch_dist`` and ``mcore``, default the latest)."""
-    from ckpt_ir.frontends import hf, mcore, torch_dist
+    directory that decides between ``torch_dist``, ``fsdp`` (``torch_dcp`` / ``fsdp_dtensor``)
+    and ``mcore``, default the latest)."""
+    from ckpt_ir.frontends import fsdp, hf, mcore, torch_dist
 
     if not os.path.exists(path):
         raise FormatError(f"{path}: no such file or directory")
@@ -29,6 +33,8 @@ def detect(path: str, iteration: int | str | None = None) -> str:
         return "hf"
     if torch_dist.detect(path, iteration):  # before mcore: both live in Megatron iter_* directories
         return "torch_dist"
+    if fsdp.detect(path, iteration):  # a DCP save without torch_dist's metadata.json
+        return "fsdp"
     if mcore.detect(path):
         return "mcore"
     raise FormatError(
@@ -48,9 +54,11 @@ def load(
     optimizer_layout: dict[str, int | None] | None = None,
     replicas: str = "check",
     iteration: int | str | None = None,
+    source_ckpt_format: str | None = None,
 ) -> Checkpoint:
     """Lift a checkpoint (an HF directory or one ``.safetensors`` file beside its config.json,
-    Megatron ``torch`` rank directories, a ``torch_dist`` checkpoint; the format is detected)
+    Megatron ``torch`` rank directories, a ``torch_dist``, ``torch_dcp`` or ``fsdp_dtensor``
+    checkpoint; the format is detected)
     into a :class:`~ckpt_ir.ir.checkpoint.Checkpoint`, reading headers only.  ``path`` may also be
     a Hugging Face Hub id, ``org/name[@revision]`` (:func:`ckpt_ir.io.hub.resolve`).
 
@@ -66,7 +74,8 @@ def load(
     ``bucket_size``, ``align``).  ``replicas``: how a Megatron checkpoint's copies of replicated
     tensors are compared (``check``, ``check-all``, ``take-rank0``).  ``iteration``: which
     iteration of a Megatron save directory to read (a number or ``release``; default the
-    latest)."""
+    latest).  ``source_ckpt_format``: ``"torch_dcp"`` or ``"fsdp_dtensor"``, which of the two
+    a Megatron DCP checkpoint is when its args do not say."""
     from ckpt_ir.io.hub import resolve
 
     config_name = None
@@ -77,7 +86,12 @@ def load(
 
     path = resolve(path)
     fmt = detect(path, iteration)
-    if iteration is not None and fmt not in ("mcore", "torch_dist"):
+    if source_ckpt_format is not None and fmt != "fsdp":
+        raise UsageError(
+            f"{setting('source_ckpt_format', source_ckpt_format)}: {path} is no Megatron DCP checkpoint "
+            f"(torch_dcp or fsdp_dtensor); its format is detected"
+        )
+    if iteration is not None and fmt not in MEGATRON_FORMATS:
         raise UsageError(f"{path}: an HF checkpoint has no iterations; only a Megatron checkpoint has")
     if weights_from != "model" and fmt not in ("mcore", "torch_dist"):
         raise UsageError(
@@ -89,6 +103,19 @@ def load(
 
         return hf.lift(
             path, allow_unused=allow_unused, hf_config=hf_config, config_name=config_name, family=family
+        )
+    if fmt == "fsdp":
+        from ckpt_ir.frontends import fsdp
+
+        return fsdp.lift(
+            path,
+            allow_unused=allow_unused,
+            hf_config=hf_config,
+            config_name=config_name,
+            optimizer=optimizer,
+            family=family,
+            iteration=iteration,
+            source_ckpt_format=source_ckpt_format,
         )
     if fmt == "torch_dist":
         from ckpt_ir.frontends import torch_dist

@@ -35,16 +35,15 @@ from typing import Any
 import attrs
 
 from ckpt_ir.errors import CkptIrError, FormatError, setting
-from ckpt_ir.io.dcp import ChunkResolver, DcpTensor, read_metadata
+from ckpt_ir.io.dcp import Assembler, ChunkResolver, DcpTensor, read_metadata
 from ckpt_ir.io.torchzip import TorchZip
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
-from ckpt_ir.ir.dtypes import ITEMSIZE
 from ckpt_ir.ir.layout import Layout
 from ckpt_ir.ir.names import COLUMN, Split, layer_name, split_layer
 from ckpt_ir.ir.roles import canonical_order
 from ckpt_ir.megatron import args as megatron_args
-from ckpt_ir.megatron import distopt, integrity
+from ckpt_ir.megatron import distopt, global_keys, integrity
 from ckpt_ir.megatron import keys as M
 from ckpt_ir.megatron import lift as lift_tail
 from ckpt_ir.megatron.lift import spec_from_args
@@ -55,11 +54,6 @@ COMMON_STATE = "common_state"  # Megatron-Core 0.19+: the common state as a DCP 
 STATE_PREFIX = "optimizer.state."
 # ChainedOptimizer (MoE: [dense, expert]) prefixes each optimizer's keys unless they are fully reshardable
 _CHAINED = re.compile(r"^chained_\d+\.")
-_UNSTACKED = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-_STACKED_EXPERTS = re.compile(r"^mlp\.experts\.(?:experts|local_experts)\.(linear_fc[12]\.(?:weight|bias))$")
-_ONE_EXPERT = re.compile(
-    r"^mlp\.experts\.(?:experts|local_experts)\.(\d+)\.(linear_fc[12]\.(?:weight|bias))$"
-)
 
 
 def _refused() -> str:
@@ -138,7 +132,7 @@ def lift(
             continue
         te_norms |= key.endswith(M.TE_QKV_NORM)
         te_fc1 |= key.endswith(M.TE_FC1_NORM)
-        names = _names(key, t, spec.num_layers, tables, md.path, spec.mla)
+        names = global_keys.names(key, t.shape, spec.num_layers, tables, md.path, spec.mla)
         if names is None:
             if any(fnmatch.fnmatch(key, pat) for pat in allow_unused):
                 dropped[key if target is model else f"optimizer state of {key}"] = (
@@ -231,7 +225,7 @@ def lift(
             sets = {}
     if spec.mla:
         for s in (tensors, *sets.values()):
-            _fuse_mla(spec, s)
+            global_keys.fuse_mla(spec, s)
     lift_tail.complete_tensors(spec, tensors, sets, dropped)
     for which, s in sets.items():
         missing = sorted(set(tensors) - set(s), key=canonical_order)
@@ -396,7 +390,7 @@ def _bucket_states(
     )
     view_tensors = dict(tensors)
     if spec.mla:  # the torch format's fused linear_qkv, which rank_content places
-        _fuse_mla(spec, view_tensors)
+        global_keys.fuse_mla(spec, view_tensors)
     content, _ = rank_content(Checkpoint(spec=spec, layout=layout, tensors=view_tensors))
     content = {
         at: [m for e in entries for m in _mcore_entries(spec, e, norm_names != "local")]
@@ -614,122 +608,20 @@ def _sharding_type(common: dict) -> str | None:
     return None
 
 
-def _names(
-    key: str, t: DcpTensor, num_layers: int, tables, where: str, mla: bool = False
-) -> list[tuple[str, tuple[int, ...]]] | None:
-    """[(canonical name, index into the stored tensor's leading axes)] for one stored key, or None
-    when the key means nothing to us.  Multi-token-prediction layer k (``mtp.layers.<k>.``) is
-    model layer ``num_layers + k``; ``mla``: Megatron-Core's own MLA keys."""
-    layers: list[tuple[int, str, tuple[int, ...]]]  # (model layer, key below it, index into the stack)
-    m = _MTP.match(key)
-    if m:
-        layer, rest = num_layers + int(m.group(1)), m.group(2)
-        if rest in _MTP_OWN:
-            return [(layer_name(layer, _MTP_OWN[rest]), ())]
-        if not rest.startswith("transformer_layer."):
-            return None
-        layers = [(layer, rest[len("transformer_layer.") :], ())]
-    elif (m := _UNSTACKED.match(key)) is not None:
-        layers = [(int(m.group(1)), m.group(2), ())]
-    elif key.startswith(M.LAYERS):
-        if not t.shape or t.shape[0] != num_layers:
-            raise FormatError(
-                f"{where}: {key} {list(t.shape)} should stack {num_layers} layers on its first axis; "
-                f"the checkpoint does not match its args"
-            )
-        rest = key[len(M.LAYERS) :]
-        layers = [(i, rest, (i,)) for i in range(num_layers)]
-    else:
-        canon = M.canonical_key(key, 0, 0, tables)
-        return None if canon is None else [(_resolve(canon), ())]
-    out: list[tuple[str, tuple[int, ...]]] = []
-    for i, rest, index in layers:
-        m = _STACKED_EXPERTS.match(rest)
-        if m:
-            n = t.shape[len(index)] if len(t.shape) > len(index) else 0
-            per = [(f"mlp.experts.local_experts.{e}.{m.group(1)}", index + (e,)) for e in range(n)]
-        else:
-            m = _ONE_EXPERT.match(rest)
-            per = [(f"mlp.experts.local_experts.{m.group(1)}.{m.group(2)}" if m else rest, index)]
-        for sub, idx in per:
-            if mla and sub in _MLA_READ:
-                out.append((layer_name(i, _MLA_READ[sub]), idx))
-                continue
-            canon = M.canonical_key(f"{M.LAYERS}{i}.{sub}", 0, 0, tables)
-            if canon is None:
-                return None
-            out.append((_resolve(canon), idx))
-    return out
-
-
-_MTP = re.compile(r"^mtp\.layers\.(\d+)\.(.+)$")
-# an MTP layer's own modules around its transformer layer (Megatron-Core's names)
-_MTP_OWN = {
-    "enorm.weight": "mtp.enorm.weight",
-    "hnorm.weight": "mtp.hnorm.weight",
-    "eh_proj.weight": "mtp.eh_proj.weight",
-    "final_layernorm.weight": "mtp.norm.weight",
-}
-_MLA_READ = dict(M.MCORE_MLA_KEYS + M.MCORE_MLA_TE_NORMS)
-
-
-def _fuse_mla(spec, nodes: dict[str, TensorNode]) -> None:
-    """Megatron-Core's separate MLA down-projections as the fused ``attn.qkv_a`` a Megatron layout
-    holds (the torch format's linear_qkv)."""
-    from ckpt_ir.ir.rules import mla_rule
-
-    q = "attn.q_a.weight" if spec.q_lora_rank else "attn.q.weight"
-    for i in range(spec.total_layers):
-        parts = {p: nodes.pop(layer_name(i, c), None) for p, c in (("q", q), ("kv_a", "attn.kv_a.weight"))}
-        if all(parts.values()):
-            name = layer_name(i, "attn.qkv_a.weight")
-            fused = mla_rule(spec).fuse({p: n.expr for p, n in parts.items() if n is not None})
-            nodes[name] = TensorNode.whole(name, E.simplify(fused))
-        else:
-            nodes.update(
-                {layer_name(i, c): n for (p, n), c in zip(parts.items(), (q, "attn.kv_a.weight")) if n}
-            )
-
-
-def _resolve(canon: str | M.LocalName) -> str:
-    """torch_dist layer numbers are already global: a "local" layer is the model's layer."""
-    return canon if isinstance(canon, str) else layer_name(canon.local, canon.rest)
-
-
-class _Builder:
-    """Expressions for (parts of) stored tensors, assembled lazily from their chunks."""
+class _Builder(Assembler):
+    """An :class:`~ckpt_ir.io.dcp.Assembler` that also reads the tensors Megatron-Core <= 0.14
+    stored reformulated (``reformulated``: key -> model shape)."""
 
     def __init__(
         self, where: str, resolver: ChunkResolver, reformulated: dict[str, tuple[int, ...]] | None = None
     ) -> None:
-        self.where, self.resolver = where, resolver
+        super().__init__(where, resolver)
         self.reformulated = reformulated or {}
-        self._offsets: dict[tuple[str, tuple[int, ...]], int] = {}
 
-    def __call__(self, t: DcpTensor, index: tuple[int, ...]) -> E.Expr:
-        """``t[index]``: the sub-tensor at ``index`` of the leading axes (a stacked layer /
-        expert); reads only the bytes of that sub-tensor."""
+    def __call__(self, t: DcpTensor, index: tuple[int, ...] = ()) -> E.Expr:
         if t.key in self.reformulated:
             return self._reformulated(t, self.reformulated[t.key], index)
-        return self._plain(t, index)
-
-    def _plain(self, t: DcpTensor, index: tuple[int, ...]) -> E.Expr:
-        k = len(index)
-        shape = t.shape[k:]
-        if math.prod(t.shape) == 0:
-            raise FormatError(f"{self.where}: tensor {t.key} is empty {list(t.shape)}")
-        pieces = []
-        seen = set()
-        for c in t.chunks:
-            if c.offsets in seen:
-                continue
-            if all(c.offsets[d] <= index[d] < c.offsets[d] + c.sizes[d] for d in range(k)):
-                seen.add(c.offsets)
-                lin = 0
-                for d in range(k):
-                    lin = lin * c.sizes[d] + index[d] - c.offsets[d]
-                pieces.append((c.offsets[k:], c.sizes[k:], c, lin * math.prod(c.sizes[k:])))
-        return self._tile(t, (0,) * len(shape), shape, pieces)
+        return super().__call__(t, index)
 
     def _reformulated(self, t: DcpTensor, shape: tuple[int, ...], index: tuple[int, ...]) -> E.Expr:
         """Optimizer state Megatron-Core 0.8-0.14 saved ``fully_sharded_model_space``: the tensor of
@@ -753,46 +645,8 @@ class _Builder:
         def tile(prefix: tuple[int, ...]) -> E.Expr:
             d = len(prefix)
             if d == len(grid):
-                return E.Reshape(self._plain(t, prefix), block[k:])
+                return E.Reshape(Assembler.__call__(self, t, prefix), block[k:])
             parts = [tile(prefix + (b,)) for b in range(grid[d])]
             return parts[0] if len(parts) == 1 else E.Concat(tuple(parts), d - k)
 
         return E.simplify(tile(tuple(index)))
-
-    def _load(self, t: DcpTensor, sizes: tuple[int, ...], chunk, element_offset: int) -> E.Load:
-        at = (t.key, chunk.offsets)
-        base = self._offsets.get(at)
-        if base is None:
-            base = self._offsets[at] = self.resolver.data_offset(t.key, t.dtype, chunk)
-        path = os.path.join(self.resolver.dir, chunk.file)
-        return E.Load(path, t.key, sizes, t.dtype, base + element_offset * ITEMSIZE[t.dtype], "torch")
-
-    def _tile(self, t: DcpTensor, lo: tuple[int, ...], sizes: tuple[int, ...], pieces: list) -> E.Expr:
-        """The box [lo, lo+sizes) from chunk pieces that must tile it exactly (split recursively
-        along a dim where no piece straddles a boundary)."""
-        if not pieces:
-            raise FormatError(
-                f"{self.where}: tensor {t.key} has no chunk covering offset {list(lo)}; the checkpoint "
-                f"is incomplete"
-            )
-        if len(pieces) == 1:
-            off, sz, chunk, elem = pieces[0]
-            if off == lo and sz == sizes:
-                return self._load(t, sz, chunk, elem)
-        for d in range(len(sizes)):
-            cuts = sorted(
-                {lo[d], lo[d] + sizes[d]} | {p[0][d] for p in pieces} | {p[0][d] + p[1][d] for p in pieces}
-            )
-            if len(cuts) < 3 or any(p[0][d] < c < p[0][d] + p[1][d] for p in pieces for c in cuts):
-                continue
-            parts = []
-            for a, b in zip(cuts, cuts[1:]):
-                sub = [p for p in pieces if a <= p[0][d] and p[0][d] + p[1][d] <= b]
-                sub_lo = lo[:d] + (a,) + lo[d + 1 :]
-                sub_sizes = sizes[:d] + (b - a,) + sizes[d + 1 :]
-                parts.append(self._tile(t, sub_lo, sub_sizes, sub))
-            return E.Concat(tuple(parts), d)
-        raise FormatError(
-            f"{self.where}: the chunks of tensor {t.key} overlap or do not tile it around offset "
-            f"{list(lo)}; the metadata is corrupt"
-        )

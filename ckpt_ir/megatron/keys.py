@@ -394,6 +394,7 @@ def iter_dir(iteration: int | str) -> str:
 
 TRACKER = "latest_checkpointed_iteration.txt"
 TORCH_DIST_METADATA = "metadata.json"  # what marks a torch_dist iteration directory
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's (torch_dist, torch_dcp, fsdp_dtensor)
 _ITER_NAME = re.compile(r"^iter_(\d+)$")
 
 
@@ -409,7 +410,7 @@ def iteration_dir(path: str, iteration: int | str | None = None) -> tuple[str, i
     """(the iteration directory, its iteration) of the Megatron checkpoint at ``path``.  A save
     directory gives ``iteration`` when asked (``--iteration``), else the one
     ``latest_checkpointed_iteration.txt`` names, else its only ``iter_*`` / ``release``.  An
-    iteration directory given itself (rank directories or torch_dist files inside) is read as the
+    iteration directory given itself (rank directories or DCP files inside) is read as the
     iteration its name says (None when the name does not say: its files do)."""
     names = os.listdir(path)
     present = {
@@ -417,7 +418,7 @@ def iteration_dir(path: str, iteration: int | str | None = None) -> tuple[str, i
     }
     tracker = os.path.join(path, TRACKER)
     if not present and not os.path.isfile(tracker):
-        if not any(RANK_DIR.match(n) for n in names) and TORCH_DIST_METADATA not in names:
+        if not any(RANK_DIR.match(n) for n in names) and not {TORCH_DIST_METADATA, DCP_METADATA} & set(names):
             raise FormatError(f"{path}: no iter_* directory or {TRACKER}; not a Megatron checkpoint")
         own = iteration_of(os.path.basename(os.path.abspath(path)))
         if iteration is not None and own is not None and iteration != own:
