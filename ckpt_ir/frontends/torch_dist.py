@@ -39,7 +39,7 @@ from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.dtypes import ITEMSIZE
 from ckpt_ir.ir.layout import Layout
-from ckpt_ir.ir.names import COLUMN, Split, layer_name, split_layer
+from ckpt_ir.ir.names import Split, layer_name, split_layer
 from ckpt_ir.ir.roles import canonical_order
 from ckpt_ir.megatron import args as megatron_args
 from ckpt_ir.megatron import distopt
@@ -228,7 +228,7 @@ def lift(
             sets = {}
     if spec.mla:
         for s in (tensors, *sets.values()):
-            _fuse_mla(spec, s)
+            lift_tail.fuse_mla(spec, s)
     lift_tail.complete_tensors(spec, tensors, sets, dropped)
     for which, s in sets.items():
         missing = sorted(set(tensors) - set(s), key=canonical_order)
@@ -352,7 +352,6 @@ def _bucket_states(
     # the Megatron keys of each rank, as the torch-format writer places them
     from ckpt_ir.io.safe_pickle import TorchDtype
     from ckpt_ir.ir.checkpoint import gather_exprs
-    from ckpt_ir.ir.roles import split_rule
     from ckpt_ir.megatron.ranks import rank_content
 
     a = lambda k, d=1: args.get(k) or d  # noqa: E731
@@ -384,7 +383,7 @@ def _bucket_states(
     )
     view_tensors = dict(tensors)
     if spec.mla:  # the torch format's fused linear_qkv, which rank_content places
-        _fuse_mla(spec, view_tensors)
+        lift_tail.fuse_mla(spec, view_tensors)
     content, _ = rank_content(Checkpoint(spec=spec, layout=layout, tensors=view_tensors))
     content = {
         at: [m for e in entries for m in _mcore_entries(spec, e, norm_names != "local")]
@@ -407,11 +406,7 @@ def _bucket_states(
         )
 
     def rule_of(canon: str) -> Split | None:
-        # the local spec builds MLA's down-projections as ColumnParallelLinear (split over TP);
-        # Transformer Engine's spec duplicates them (TELinear), as the split rules say
-        if norm_names == "local" and split_layer(canon)[1] in ("attn.q_a.weight", "attn.kv_a.weight"):
-            return COLUMN
-        return split_rule(canon)
+        return M.mcore_split(canon, norm_names)
 
     shards: dict[str, dict[str, dict[int, E.Expr]]] = {w: {} for w in distopt.STATE_KEYS}
     n_shards: dict[str, int] = {}
@@ -659,24 +654,6 @@ _MTP_OWN = {
     "final_layernorm.weight": "mtp.norm.weight",
 }
 _MLA_READ = dict(M.MCORE_MLA_KEYS + M.MCORE_MLA_TE_NORMS)
-
-
-def _fuse_mla(spec, nodes: dict[str, TensorNode]) -> None:
-    """Megatron-Core's separate MLA down-projections as the fused ``attn.qkv_a`` a Megatron layout
-    holds (the torch format's linear_qkv)."""
-    from ckpt_ir.ir.rules import mla_rule
-
-    q = "attn.q_a.weight" if spec.q_lora_rank else "attn.q.weight"
-    for i in range(spec.total_layers):
-        parts = {p: nodes.pop(layer_name(i, c), None) for p, c in (("q", q), ("kv_a", "attn.kv_a.weight"))}
-        if all(parts.values()):
-            name = layer_name(i, "attn.qkv_a.weight")
-            fused = mla_rule(spec).fuse({p: n.expr for p, n in parts.items() if n is not None})
-            nodes[name] = TensorNode.whole(name, E.simplify(fused))
-        else:
-            nodes.update(
-                {layer_name(i, c): n for (p, n), c in zip(parts.items(), (q, "attn.kv_a.weight")) if n}
-            )
 
 
 def _resolve(canon: str | M.LocalName) -> str:
