@@ -20,17 +20,13 @@ from ckpt_ir.io import torchzip
 from ckpt_ir.io.safe_pickle import TorchDtype
 from ckpt_ir.io.torchzip import Tensor
 from ckpt_ir.ir import expr as E
-from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
+from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.dtypes import torch_name
 from ckpt_ir.ir.layout import expert_owner, expert_rank_files, num_chunks
 from ckpt_ir.megatron import args as megatron_args
 from ckpt_ir.megatron import distopt
 from ckpt_ir.megatron import keys as M
-from ckpt_ir.megatron.ranks import Entry, rank_content
-
-
-def _shard(t: TensorNode, rank: int) -> E.Expr:
-    return t.shards[rank] if t.tp > 1 else t.shards[0]
+from ckpt_ir.megatron.ranks import Entry, entry_expr, rank_content
 
 
 def plan(
@@ -76,7 +72,7 @@ def plan(
                 model_key = "model" if chunks == 1 else f"model{chunk}"  # the rank file's key
                 sd = {}
                 for entry in of_ep[(chunk, ep)]:
-                    expr = _entry_expr(ckpt.tensors, entry, _shard_rank(entry, rank, etp))
+                    expr = entry_expr(ckpt.tensors, entry, _shard_rank(entry, rank, etp), layout.tp)
                     uid = f"{model_key}/{entry.key}"
                     tensors.append((uid, expr))
                     sd[entry.key] = Tensor(uid, expr.dtype, expr.shape)
@@ -131,7 +127,7 @@ class ExtraState:
             return
         now = M.extra_state_layout(ckpt.spec, ckpt.layout)
         if info["layout"] != now:
-            names = ("layers", "MTP layers", "TP", "expert TP", "grouped GEMM", "norm naming")
+            names = ("layers", "MTP layers", "TP", "expert TP", "grouped GEMM", "norm naming", "MLA keys")
             what = ", ".join(f"{n} {a} -> {b}" for n, a, b in zip(names, info["layout"], now) if a != b)
             self.dropped["*._extra_state"] = (
                 f"Transformer-Engine _extra_state (FP8 metadata) of another module "
@@ -180,11 +176,6 @@ class ExtraState:
                     continue
                 out[full] = placeholders(value, f"extra/{stage}/{chunk}/{rank}/{ep}/{full}", tensors)
         return out
-
-
-def _entry_expr(tensors: dict[str, TensorNode], entry: Entry, shard_rank: int) -> E.Expr:
-    exprs = [_shard(tensors[c], shard_rank) for c in entry.canon]
-    return M.group_experts(entry.grouped, exprs) if entry.grouped else exprs[0]
 
 
 class TrainingOutput:
@@ -322,7 +313,12 @@ class OptimizerOutput:
             group: dict = {}
             for which in distopt.STATE_KEYS:
                 params = [
-                    (e.key, _entry_expr(self.ckpt.states[which], e, _shard_rank(e, rank, layout.expert_tp)))
+                    (
+                        e.key,
+                        entry_expr(
+                            self.ckpt.states[which], e, _shard_rank(e, rank, layout.expert_tp), layout.tp
+                        ),
+                    )
                     for e in mine
                 ]
                 flat = distopt.flat_state(params, bucket, dp, shared)
