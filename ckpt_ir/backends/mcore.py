@@ -14,7 +14,7 @@ import os
 from collections import defaultdict
 
 from ckpt_ir.backends.plan import OutputFile, Plan
-from ckpt_ir.errors import VerifyError
+from ckpt_ir.errors import VerifyError, setting
 from ckpt_ir.families import by_name
 from ckpt_ir.io import torchzip
 from ckpt_ir.io.safe_pickle import TorchDtype
@@ -230,6 +230,13 @@ class OptimizerOutput:
         self.ckpt, self.meta = ckpt, meta
         self.resume = dict(meta.get("args") or {})
         self.dp = dp or self.resume.get("data_parallel_size") or 1
+        if ckpt.spec.mla and ckpt.layout.mla_keys != "mcore":
+            # MindSpeed-LLM's fused linear_qkv is no module of megatron-core's: its place in the
+            # buffers (the registration order) is unknown
+            raise VerifyError(
+                f"optimizer state of multi-latent attention is written only with megatron-core's own MLA "
+                f"modules: pass {setting('mla_keys', 'mcore')}, or {setting('optimizer', False)} to leave it out"
+            )
         missing = [k for k in distopt.STATE_KEYS if k not in ckpt.states]
         if missing:
             raise VerifyError(
