@@ -267,9 +267,8 @@ def lift(
                 "the model weights come from model_optim_rng.pt"
             )
     norm_names = lift_tail.norm_names(te_norms, te_fc1 or te_mla)
-    # megatron-core's own MLA modules: the local spec splits the down-projections over TP
 
-    def rule_of(name: str) -> Split | None:
+    def rule_of(name: str) -> Split | None:  # megatron-core's local MLA spec splits more over TP
         return M.mcore_split(name, norm_names) if mcore_mla else split_rule(name)
 
     for canon, shards in pieces[""].items():  # TP replicas of tensors no rule splits

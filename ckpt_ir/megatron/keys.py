@@ -246,9 +246,9 @@ def _layer_keys(
 def _table(keys: KeyPairs, norm_names: str, mla_keys: str = "mindspeed") -> NameTable:
     if norm_names == "local":
         return NameTable(keys)
-    if (
-        mla_keys == "mcore"
-    ):  # TE's MLA: the input norm a module of its own, q / kv norms in the up-projections
+    # Transformer Engine's MLA spec: the input norm a module of its own, the q / kv norms fused
+    # into the up-projections, a dense layer's pre-MLP norm into fc1
+    if mla_keys == "mcore":
         te = {C + c: D + m for m, c in MCORE_MLA_TE_NORMS}
         fc1 = {m: _TE_NORMS[m] for m in (D + "pre_mlp_layernorm.weight", D + "pre_mlp_layernorm.bias")}
         return NameTable((te.get(c, fc1.get(m, m)), c) for m, c in keys)
@@ -305,6 +305,7 @@ def layer_table(
     """Decoder-layer key table for a naming (``local``, ``te``, ``te-input``; MindSpeed-LLM v2's
     transformer_engine output fuses only the input norm for dense layers) and, with ``mla``, the
     MLA modules' (``mindspeed``: one fused linear_qkv; ``mcore``: megatron-core's own)."""
+    mla_keys = mla_keys if mla else "mindspeed"
     return _table(_layer_keys(mla, full_qk_norm, family, gated, mla_keys), norm_names, mla_keys)
 
 
@@ -314,8 +315,8 @@ def spec_layer_table(norm_names: str, spec: ModelSpec, mla_keys: str = "mindspee
 
 
 def read_tables(spec: ModelSpec) -> tuple[NameTable, ...]:
-    """The decoder-layer tables a reader tries (local and TE norm names; for MLA both projects'
-    modules) for ``spec``."""
+    """The decoder-layer tables a reader tries (local and TE norm names; for MLA, MindSpeed-LLM's
+    and megatron-core's modules) for ``spec``."""
     kinds = ("mindspeed", "mcore") if spec.mla else ("mindspeed",)
     return tuple(spec_layer_table(n, spec, k) for k in kinds for n in ("local", "te"))
 
