@@ -26,8 +26,8 @@ from ckpt_ir.backends.plan import Plan
 from ckpt_ir.errors import UsageError, setting
 from ckpt_ir.frontends import load
 from ckpt_ir.ir.checkpoint import Checkpoint
-from ckpt_ir.ir.layout import Layout
-from ckpt_ir.passes.carry import DropOptimizerState, RenameNorms
+from ckpt_ir.ir.layout import MLA_KEYS, Layout
+from ckpt_ir.passes.carry import DropOptimizerState, RenameMla, RenameNorms
 from ckpt_ir.passes.cast import CastPass, DequantizePass
 from ckpt_ir.passes.fusion import FuseGateUp, FuseQKV, UnfuseGateUp, UnfuseQKV
 from ckpt_ir.passes.layers import DropMtp
@@ -85,7 +85,9 @@ class Target:
     (layers per virtual pipeline stage) or ``num_layer_list`` (layers per stage);
     ``noop_layers`` (global indices of no-op layers); ``vocab_divisible_by`` (pad the vocabulary
     to a multiple of it times ``tp``); ``norm_names`` (``"local"``, ``"te"`` or ``"te-input"``;
-    None keeps the source's); ``ep`` (expert parallel), ``etp`` (expert tensor parallel: 1 or
+    None keeps the source's); ``mla_keys``: whose modules multi-latent attention is written with,
+    ``"mindspeed"`` (MindSpeed-LLM's fused ``linear_qkv``) or ``"mcore"`` (megatron-core's own, as
+    Megatron-LM writes them; None keeps the source's); ``ep`` (expert parallel), ``etp`` (expert tensor parallel: 1 or
     ``tp``), ``grouped_gemm`` (grouped-GEMM experts); ``ckpt_format`` (``"torch"`` rank
     directories, ``"torch_dist"``: whole tensors Megatron reshards on load, written for
     Megatron-Core ``torch_dist_version`` ``"0.15"`` (0.15-0.18) or ``"0.19"``, or
@@ -120,6 +122,7 @@ class Target:
     noop_layers: tuple[int, ...] = ()
     vocab_divisible_by: int | None = None
     norm_names: str | None = None
+    mla_keys: str | None = None
     max_shard_size: int | None = None
     hf_config_dir: str | None = None
     ep: int = 1
@@ -165,6 +168,18 @@ class Target:
                 raise UsageError(
                     f"{setting(name)} entries must be at least {least}, got {','.join(map(str, values))}"
                 )
+        if self.mla_keys not in (None, *MLA_KEYS):
+            raise UsageError(f"{setting('mla_keys', self.mla_keys)}: choose {' or '.join(MLA_KEYS)}")
+        if self.mla_keys and (self.to != "mcore" or self.ckpt_format != "torch"):
+            raise UsageError(
+                f"{setting('mla_keys', self.mla_keys)} applies only with {setting('to', 'mcore')} in the "
+                f"torch format (torch_dist always holds megatron-core's own MLA modules)"
+            )
+        if self.mla_keys == "mcore" and self.norm_names == "te-input":
+            raise UsageError(
+                f"{setting('norm_names', 'te-input')} (MindSpeed-LLM's input norm fused into linear_qkv) has no "
+                f"place in megatron-core's MLA modules ({setting('mla_keys', 'mcore')}); use local or te"
+            )
         if self.to != "mcore" and (
             self.tp != 1
             or self.pp != 1
@@ -339,8 +354,18 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
                     etp=None if target.etp == target.tp else target.etp,
                 )
             )
+        renames: list[Pass] = []
         if target.norm_names and target.norm_names != lay.norm_names:
-            steps.append(RenameNorms(names=target.norm_names))
+            renames.append(RenameNorms(names=target.norm_names))
+        if target.mla_keys and target.mla_keys != lay.mla_keys:
+            if not src.spec.mla:
+                raise UsageError(
+                    f"{setting('mla_keys', target.mla_keys)}: {src.spec.family} has no multi-latent attention; "
+                    f"leave it out"
+                )
+            # in the order that keeps the layout valid between the two (te-input has no mcore form)
+            renames.insert(len(renames) if target.mla_keys == "mcore" else 0, RenameMla(keys=target.mla_keys))
+        steps += renames
     return Pipeline(steps)
 
 
@@ -398,6 +423,7 @@ def check_target(ckpt: Checkpoint, target: Target) -> None:
             "etp": (target.etp, lay.expert_tp if target.etp is not None else None, None),
             "grouped_gemm": (target.grouped_gemm, lay.grouped_gemm, False),
             "norm_names": (target.norm_names, lay.norm_names if target.norm_names else None, None),
+            "mla_keys": (target.mla_keys, lay.mla_keys if target.mla_keys else None, None),
         }
         if target.vocab_divisible_by:
             size = padded_size(ckpt.spec.vocab_size, target.vocab_divisible_by, target.tp)

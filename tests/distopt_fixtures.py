@@ -281,14 +281,18 @@ def resume_distopt_checkpoint(
     ep: int = 1,
     etp: int | None = None,
     gpt: bool = False,
+    mla: dict | None = None,
+    mtp_layers: int = 0,
 ) -> dict:
     """Resume training from ``ckpt_dir`` (a legacy ``torch`` checkpoint with ``distrib_optim.pt``,
-    e.g. one ckpt-ir converted) the way ``megatron.training`` loads it: model weights, then
+    e.g. one ckpt-ir converted) the way ``megatron.training`` loads it: model weights (strictly:
+    a missing or unexpected key other than ``_extra_state`` fails), then
     ``optimizer.load_state_dict`` and ``optimizer.load_parameter_state`` on a TP*PP*DP grid; run
     ``steps`` more steps and save to ``out_dir`` with ground truth, like :func:`make_distopt_checkpoint`.
     With ``steps=0`` the ground truth is the state megatron-core loaded.  ``ep``/``etp``: as in
     :func:`make_distopt_checkpoint` (a MoE ``hf_dir``); each rank reads its own
-    ``mp_rank_TT[_PPP][_EEE]`` directory."""
+    ``mp_rank_TT[_PPP][_EEE]`` directory.  ``mla``/``mtp_layers``: as in
+    :func:`make_torch_dist_checkpoint` (megatron-core's local spec; ``steps`` must be 0 for MLA)."""
     with open(os.path.join(ckpt_dir, "latest_checkpointed_iteration.txt")) as fh:
         iteration = int(fh.read().strip())
     return _run_job(
@@ -314,6 +318,8 @@ def resume_distopt_checkpoint(
         ep=ep,
         etp=etp,
         gpt=gpt,
+        mla=mla,
+        mtp_layers=mtp_layers,
     )
 
 

@@ -36,7 +36,9 @@ output width; MLA's own softmax scale and key width are passed to it).  A torch-
 keeps MindSpeed-LLM's fused ``self_attention.linear_qkv`` = ``[q (or q_a); kv_a]`` down-projection
 whole on every TP rank; the harness splits it into megatron-core's ``linear_q_proj`` (or
 ``linear_q_down_proj``) and ``linear_kv_down_proj`` and keeps this TP rank's rows of each, as
-``ColumnParallelLinear`` holds them (:func:`_split_mla_down_projections`).  ``"config_extra"`` adds
+``ColumnParallelLinear`` holds them (:func:`_split_mla_down_projections`).  A case with
+``"mla_keys": "mcore"`` (ckpt-ir's ``--mla-keys mcore`` output: megatron-core's own modules) is
+loaded as it is, with no such adaptation.  ``"config_extra"`` adds
 TransformerConfig fields (e.g. ``mtp_num_layers``: the GPTModel then gets
 the multi-token-prediction block of its last layer's spec); ``"load_only"`` saves each rank's
 loaded tensors to ``OUT.rank<R>.sd.pt`` instead of running the forward pass.  ``"yarn"`` (the
@@ -476,7 +478,11 @@ def _run_case(case: dict, rank: int) -> None:
         calls_before = len(shim_calls or ())
         for v, model in enumerate(models):
             sd = blob["model" if chunks == 1 else f"model{v}"]
-            if config.multi_latent_attention and not case.get("torch_dist"):
+            if (
+                config.multi_latent_attention
+                and not case.get("torch_dist")
+                and case.get("mla_keys") != "mcore"
+            ):
                 sd = _split_mla_down_projections(sd, config, tp, tp_rank)
             res = model.load_state_dict(sd, strict=False)
             report["chunks"].append(

@@ -377,6 +377,12 @@ def test_parallel_flags_with_to_hf_exit_2(hf_src, dst):
     assert_clean_error(convert(hf_src, dst, "--tp", 2, to="hf"), dst, code=2, names=("--tp",))
 
 
+def test_mla_keys_for_a_model_without_mla_exit_2(hf_src, dst):
+    """--mla-keys chooses multi-latent attention's modules: for a Llama it is a usage error."""
+    err = assert_clean_error(convert(hf_src, dst, "--mla-keys", "mcore"), dst, code=2, names=("--mla-keys",))
+    assert "no multi-latent attention" in err
+
+
 def test_bad_dtype(hf_src, dst):
     res = convert(hf_src, dst, "--dtype", "fp7")
     assert res.returncode in (1, 2), res.stderr

@@ -30,10 +30,13 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ckpt_ir.commands.cli import main as cli_main
-from tests.family_models import DENSE, build
+from tests.family_models import DENSE, append_mtp_layer, build
+from tests.family_models import rank as rank_file
 from tests.mcore_harness import run_job
+from tests.test_hf_roundtrip import assert_same_tensors
 from tests.test_megatron_moe_oracle import INPUT_IDS, WORLD
 
 assert importlib.util.find_spec("megatron.core") is not None, "install the test extra: pip install -e .[test]"
@@ -119,7 +122,16 @@ CASES = {
     "deepseek_v3-tp2pp2": ("deepseek_v3", ["--tp", "2", "--pp", "2", "--num-layer-list", "1,3"]),
     # megatron-core's own MLA keys, loaded by its dist_checkpointing at TP2 x EP2 (no key split)
     "deepseek_v3-torch_dist-tp2ep2": ("deepseek_v3", ["--ckpt-format", "torch_dist"]),
+    # megatron-core's own MLA modules in the torch format (--mla-keys mcore), loaded as they are:
+    # q / kv down-projections split over TP (the local spec), linear_q_proj without q-LoRA, TP1
+    "deepseek_v3-mcore-keys-tp2pp2": ("deepseek_v3", ["--tp", "2", "--pp", "2", "--mla-keys", "mcore"]),
+    "deepseek_v2_lite-mcore-keys-tp2ep2": (
+        "deepseek_v2_lite",
+        ["--tp", "2", "--ep", "2", "--mla-keys", "mcore"],
+    ),
+    "deepseek_v3-mcore-keys-pp2ep2": ("deepseek_v3", ["--pp", "2", "--ep", "2", "--mla-keys", "mcore"]),
 }
+MCORE_KEYS = [case for case in CASES if "-mcore-keys-" in case]
 TORCH_DIST_LAYOUT = {"tp": 2, "pp": 1, "ep": 2, "etp": 2}
 # the YaRN model's TP2 x EP2 files read with plain rotary settings (rope, factor 1, no mscale)
 PLAIN_ROPE = "deepseek_v2-tp2ep2-plain-rope-control"
@@ -261,6 +273,7 @@ def oracle(tmp_path_factory):
                 **layout,
                 "vpp": None,
                 "torch_dist": torch_dist,
+                "mla_keys": "mcore" if case in MCORE_KEYS else "mindspeed",
                 "hf_config": hf,
                 "padded_vocab": args["padded_vocab_size"],
                 "tied": bool(hf.get("tie_word_embeddings")),
@@ -345,3 +358,85 @@ def test_minicpm3_rotary_is_not_megatron_cores_mla_rotary(oracle):
     ref = written["model"]["logits"]
     assert (written["logits"] - ref).abs().max() > 1e-2
     torch.testing.assert_close(interleaved["logits"], ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", MCORE_KEYS)
+def test_megatron_core_keys_read_back_bit_exact(oracle, case, tmp_path):
+    """Rank files with megatron-core's own MLA modules are read with no flag (the keys say which):
+    they convert to HF bit for bit."""
+    back = str(tmp_path / "hf")
+    assert cli_main(["convert", oracle[case]["ckpt"], back, "--to", "hf", "--quiet"]) == 0
+    assert_same_tensors(oracle[case]["model"]["dir"], back)
+
+
+def test_te_spec_megatron_core_keys(tmp_path, capsys):
+    """``--mla-keys mcore --norm-names te``: the modules of megatron-core's Transformer-Engine layer
+    spec for MLA (``get_gpt_layer_with_transformer_engine_spec(multi_latent_attention=True,
+    qk_layernorm=True)``): ``input_layernorm`` a norm of its own (TENorm), the down-projections
+    ``TELinear`` duplicated (whole on every TP rank), the q / kv norms fused into the
+    up-projections (``TELayerNormColumnParallelLinear``: ``layer_norm_weight``), column-parallel
+    up-projections, row-parallel ``linear_proj``, a MoE layer's ``pre_mlp_layernorm`` a norm of its
+    own; an MTP layer's final norm inside it and the main one ``decoder.final_layernorm``
+    (megatron-core's ``MultiTokenPredictionLayer``).  Transformer Engine does not run on this CPU
+    machine, so the tensors are compared with the HF source's by those rules.  Read back with no
+    flag, resharded to TP1 the files keep that form, and convert to HF bit for bit.  MindSpeed-LLM's
+    ``te-input`` naming has no megatron-core MLA form: a usage error."""
+    model_type, overrides = MODELS["deepseek_v3"]
+    hf = build(
+        str(tmp_path / "hf"),
+        model_type,
+        LAYERS,
+        seed=9,
+        configs={model_type: dict(overrides, first_k_dense_replace=0)},
+    )
+    append_mtp_layer(hf, DENSE["hidden_size"])
+    sd = load_file(os.path.join(hf, "model.safetensors"))
+    out = str(tmp_path / "te")
+    flags = ["--to", "mcore", "--mla-keys", "mcore", "--quiet"]
+    assert cli_main(["convert", hf, out, *flags, "--tp", "2", "--norm-names", "te"]) == 0
+
+    def attention(layer: int, tp: int, r: int) -> dict:
+        h = f"model.layers.{layer}."
+        return {
+            "input_layernorm.weight": sd[h + "input_layernorm.weight"],
+            "self_attention.linear_q_down_proj.weight": sd[h + "self_attn.q_a_proj.weight"],
+            "self_attention.linear_q_up_proj.layer_norm_weight": sd[h + "self_attn.q_a_layernorm.weight"],
+            "self_attention.linear_q_up_proj.weight": sd[h + "self_attn.q_b_proj.weight"].chunk(tp)[r],
+            "self_attention.linear_kv_down_proj.weight": sd[h + "self_attn.kv_a_proj_with_mqa.weight"],
+            "self_attention.linear_kv_up_proj.layer_norm_weight": sd[h + "self_attn.kv_a_layernorm.weight"],
+            "self_attention.linear_kv_up_proj.weight": sd[h + "self_attn.kv_b_proj.weight"].chunk(tp)[r],
+            "self_attention.linear_proj.weight": sd[h + "self_attn.o_proj.weight"].chunk(tp, dim=1)[r],
+            "pre_mlp_layernorm.weight": sd[h + "post_attention_layernorm.weight"],
+        }
+
+    def check(ckpt: str, tp: int) -> None:
+        for r in range(tp):
+            model = rank_file(ckpt, f"mp_rank_{r:02d}")["model"]
+            prefixes = {f"decoder.layers.{i}.": i for i in range(LAYERS)} | {
+                "mtp.layers.0.transformer_layer.": LAYERS
+            }
+            for prefix, layer in prefixes.items():
+                got = {
+                    k[len(prefix) :]: v
+                    for k, v in model.items()
+                    if k.startswith(prefix) and not k[len(prefix) :].startswith("mlp.")
+                }
+                want = attention(layer, tp, r)
+                assert got.keys() == want.keys(), prefix
+                assert all(torch.equal(got[k], want[k]) for k in want), prefix
+            norms = {k: v for k, v in model.items() if "final_layernorm" in k}
+            assert norms.keys() == {"decoder.final_layernorm.weight", "mtp.layers.0.final_layernorm.weight"}
+            assert torch.equal(norms["decoder.final_layernorm.weight"], sd["model.norm.weight"])
+            want_norm = sd[f"model.layers.{LAYERS}.shared_head.norm.weight"]
+            assert torch.equal(norms["mtp.layers.0.final_layernorm.weight"], want_norm)
+
+    check(out, 2)
+    tp1, back = str(tmp_path / "tp1"), str(tmp_path / "back")
+    assert cli_main(["convert", out, tp1, "--to", "mcore", "--quiet"]) == 0
+    check(tp1, 1)
+    assert cli_main(["convert", tp1, back, "--to", "hf", "--quiet"]) == 0
+    assert_same_tensors(hf, back)
+    capsys.readouterr()
+    assert cli_main(["convert", hf, str(tmp_path / "bad"), *flags, "--norm-names", "te-input"]) == 2
+    err = capsys.readouterr().err
+    assert "--norm-names te-input" in err and "--mla-keys mcore" in err and err.count("\n") == 1

@@ -375,8 +375,11 @@ def test_mla_mtp_dp_reshardable_state_resumes_in_megatron_after_conversion(tmp_p
     MTP layer between the final norm and the output layer).  (megatron-core cannot run MLA forward
     on CPU, so the optimizer state is random, not trained.)  Converted to torch_dist (fully
     reshardable), megatron-core resumes it at TP=1 DP=1 holding every parameter's fp32 master and
-    Adam moments bit for bit; the torch format keeps MindSpeed-LLM's MLA / MTP modules, whose
-    order is unknown: a one-line error."""
+    Adam moments bit for bit.  So it does from the torch format with megatron-core's own MLA / MTP
+    modules (``--mla-keys mcore``) at TP=2, loading the weights strictly (the down-projections
+    split over TP); the files megatron-core then saves (its own keys, read without the switch)
+    convert to that layout byte for byte.  MindSpeed-LLM's MLA / MTP modules (the default), whose
+    order is unknown, are refused in one line."""
     hf = _hf(tmp_path / "hf", layers=2, kv_heads=4)
     src = str(tmp_path / "src")
     F.make_torch_dist_checkpoint(
@@ -399,10 +402,29 @@ def test_mla_mtp_dp_reshardable_state_resumes_in_megatron_after_conversion(tmp_p
     _assert_resumed_with_source_state(src, resumed, pp=1, layers=2)
     loaded = torch.load(os.path.join(resumed, "ground_truth", "mp_rank_00.pt"), weights_only=False)
     assert "mtp.layers.0.transformer_layer.self_attention.linear_q_down_proj.weight" in loaded["params"]
+    torch_out = str(tmp_path / "torch")
+    to_tp2 = ["--to", "mcore", "--tp", "2", "--target-dp", "1", "--quiet"]
+    assert cli_main(["convert", src, torch_out, *to_tp2, "--mla-keys", "mcore"]) == 0
+    resumed = str(tmp_path / "resumed_torch")
+    F.resume_distopt_checkpoint(resumed, hf, torch_out, tp=2, dp=1, mla=MLA, mtp_layers=1)
+    _assert_resumed_with_source_state(src, resumed, pp=1, layers=2, tp=2)
+    again = str(tmp_path / "again")
+    assert cli_main(["convert", resumed, again, "--to", "mcore", "--tp", "2", "--quiet"]) == 0
+    for rank in ("mp_rank_00", "mp_rank_01"):
+        want = torch.load(os.path.join(resumed, IT, rank, "distrib_optim.pt"))
+        got = torch.load(os.path.join(again, IT, rank, "distrib_optim.pt"))
+        ((dtypes, w),) = want[0].items()
+        assert list(got[0]) == [dtypes] and got[0][dtypes]["numel_unpadded"] == w["numel_unpadded"]
+        assert all(torch.equal(got[0][dtypes][f], w[f]) for f in ("param", "exp_avg", "exp_avg_sq"))
+        want = torch.load(os.path.join(resumed, IT, rank, "model_optim_rng.pt"), weights_only=False)["model"]
+        got = torch.load(os.path.join(again, IT, rank, "model_optim_rng.pt"), weights_only=False)["model"]
+        tensors = {k for k, v in want.items() if isinstance(v, torch.Tensor)}
+        assert tensors == {k for k, v in got.items() if isinstance(v, torch.Tensor)}
+        assert all(torch.equal(got[k], want[k]) for k in tensors)
     capsys.readouterr()
-    assert cli_main(["convert", src, str(tmp_path / "torch"), "--to", "mcore", "--quiet"]) == 1
+    assert cli_main(["convert", src, str(tmp_path / "mindspeed"), *to_tp2]) == 1
     err = capsys.readouterr().err
-    assert "is not known to ckpt-ir" in err and "--no-optimizer" in err and err.count("\n") == 1
+    assert "--mla-keys mcore" in err and "--no-optimizer" in err and err.count("\n") == 1
     # what dp_reshardable reading does not cover yet is refused in one line, naming it
     common = os.path.join(src, IT, "common.pt")
     state = torch.load(common, weights_only=False)
@@ -854,8 +876,10 @@ def test_megatron_014_fully_sharded_model_space_optimizer_state(tmp_path):
     assert src.meta["optimizer"]["optimizer"]["optimizer"]["param_groups"] == param_groups
 
 
-def _assert_resumed_with_source_state(src: str, resumed: str, pp: int = 2, layers: int = 4) -> None:
-    """megatron-core resumed at TP=1 and ``pp`` stages (``resumed``) holds the TP=2 PP=1 source
+def _assert_resumed_with_source_state(
+    src: str, resumed: str, pp: int = 2, layers: int = 4, tp: int = 1
+) -> None:
+    """megatron-core resumed at ``tp`` and ``pp`` stages (``resumed``) holds the TP=2 PP=1 source
     run's own optimizer state (its ground truth), except the vocabulary's padding rows (padded
     afresh)."""
     from tests.test_distopt_reshard import STATES, _global, _truth
@@ -865,7 +889,7 @@ def _assert_resumed_with_source_state(src: str, resumed: str, pp: int = 2, layer
         for r in (0, 1)
     ]
     source = {(0, name): {r: optim[r]["params"][name] for r in (0, 1)} for name in optim[0]["params"]}
-    loaded = _truth(resumed, 1, pp)
+    loaded = _truth(resumed, tp, pp)
     for field in STATES:
         want, got = _global(source, layers, field), _global(loaded, layers // pp, field)
         assert want.keys() == got.keys()

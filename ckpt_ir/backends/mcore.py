@@ -14,23 +14,19 @@ import os
 from collections import defaultdict
 
 from ckpt_ir.backends.plan import OutputFile, Plan
-from ckpt_ir.errors import VerifyError
+from ckpt_ir.errors import VerifyError, setting
 from ckpt_ir.families import by_name
 from ckpt_ir.io import torchzip
 from ckpt_ir.io.safe_pickle import TorchDtype
 from ckpt_ir.io.torchzip import Tensor
 from ckpt_ir.ir import expr as E
-from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
+from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.dtypes import torch_name
 from ckpt_ir.ir.layout import expert_owner, expert_rank_files, num_chunks
 from ckpt_ir.megatron import args as megatron_args
 from ckpt_ir.megatron import distopt
 from ckpt_ir.megatron import keys as M
-from ckpt_ir.megatron.ranks import Entry, rank_content
-
-
-def _shard(t: TensorNode, rank: int) -> E.Expr:
-    return t.shards[rank] if t.tp > 1 else t.shards[0]
+from ckpt_ir.megatron.ranks import Entry, entry_expr, rank_content
 
 
 def plan(
@@ -50,12 +46,7 @@ def plan(
         raise VerifyError(
             "Megatron output needs fused QKV and gate/up; the pipeline must run fuse-qkv and fuse-gate-up"
         )
-    mtp_names = (
-        M.mtp_names(megatron_version)
-        if megatron_version is not None
-        else M.MTP_NAMES[ckpt.meta.get("mtp_names", M.MTP_MINDSPEED.name)]
-    )
-    content, where = rank_content(ckpt, mtp_names)
+    content, where = rank_content(ckpt, mtp_naming(ckpt, megatron_version))
     chunks = num_chunks(spec, layout)
     family = by_name(spec.family)
     training = TrainingOutput(ckpt)
@@ -88,7 +79,7 @@ def plan(
                 model_key = "model" if chunks == 1 else f"model{chunk}"  # the rank file's key
                 sd = {}
                 for entry in of_ep[(chunk, ep)]:
-                    expr = _entry_expr(ckpt.tensors, entry, _shard_rank(entry, rank, etp))
+                    expr = entry_expr(ckpt.tensors, entry, _shard_rank(entry, rank, etp), layout.tp)
                     uid = f"{model_key}/{entry.key}"
                     tensors.append((uid, expr))
                     sd[entry.key] = Tensor(uid, expr.dtype, expr.shape)
@@ -143,7 +134,7 @@ class ExtraState:
             return
         now = M.extra_state_layout(ckpt.spec, ckpt.layout)
         if info["layout"] != now:
-            names = ("layers", "MTP layers", "TP", "expert TP", "grouped GEMM", "norm naming")
+            names = ("layers", "MTP layers", "TP", "expert TP", "grouped GEMM", "norm naming", "MLA keys")
             what = ", ".join(f"{n} {a} -> {b}" for n, a, b in zip(names, info["layout"], now) if a != b)
             self.dropped["*._extra_state"] = (
                 f"Transformer-Engine _extra_state (FP8 metadata) of another module "
@@ -198,21 +189,28 @@ def rank_state_dicts(ckpt: Checkpoint, stage: int, rank: int, ep: int) -> list[d
     """The model chunks of the rank file :func:`plan` writes for TP rank ``rank``, pipeline stage
     ``stage`` and EP rank ``ep``: one state dict (key -> expression) per chunk, in writing order,
     without Transformer Engine's ``_extra_state``."""
-    content, _ = rank_content(ckpt)
-    etp = ckpt.layout.expert_tp
+    content, _ = rank_content(ckpt, mtp_naming(ckpt))
+    layout = ckpt.layout
     return [
         {
-            entry.key: _entry_expr(ckpt.tensors, entry, _shard_rank(entry, rank, etp))
+            entry.key: entry_expr(ckpt.tensors, entry, _shard_rank(entry, rank, layout.expert_tp), layout.tp)
             for entry in content[(stage, chunk)]
             if entry.ep is None or entry.ep == ep
         }
-        for chunk in range(num_chunks(ckpt.spec, ckpt.layout))
+        for chunk in range(num_chunks(ckpt.spec, layout))
     ]
 
 
-def _entry_expr(tensors: dict[str, TensorNode], entry: Entry, shard_rank: int) -> E.Expr:
-    exprs = [_shard(tensors[c], shard_rank) for c in entry.canon]
-    return M.group_experts(entry.grouped, exprs) if entry.grouped else exprs[0]
+def mtp_naming(ckpt: Checkpoint, megatron_version: tuple[int, ...] | None = None) -> M.MtpNames:
+    """The multi-token-prediction names of the output: Megatron-Core release ``megatron_version``'s
+    when given, else the source's naming (megatron-core's own with ``--mla-keys mcore``, whose
+    modules only megatron-core's names load with), else MindSpeed-LLM's."""
+    if megatron_version is not None:
+        return M.mtp_names(megatron_version)
+    names = M.MTP_NAMES[ckpt.meta.get("mtp_names", M.MTP_MINDSPEED.name)]
+    if ckpt.layout.mla_keys == "mcore" and names is M.MTP_MINDSPEED:
+        return M.MTP_MCORE
+    return names
 
 
 class TrainingOutput:
@@ -267,6 +265,13 @@ class OptimizerOutput:
         self.ckpt, self.meta = ckpt, meta
         self.resume = dict(meta.get("args") or {})
         self.dp = dp or self.resume.get("data_parallel_size") or 1
+        if ckpt.spec.mla and ckpt.layout.mla_keys != "mcore":
+            # MindSpeed-LLM's fused linear_qkv is no module of megatron-core's: its place in the
+            # buffers (the registration order) is unknown
+            raise VerifyError(
+                f"optimizer state of multi-latent attention is written only with megatron-core's own MLA "
+                f"modules: pass {setting('mla_keys', 'mcore')}, or {setting('optimizer', False)} to leave it out"
+            )
         missing = [k for k in distopt.STATE_KEYS if k not in ckpt.states]
         if missing:
             raise VerifyError(
@@ -350,7 +355,12 @@ class OptimizerOutput:
             group: dict = {}
             for which in distopt.STATE_KEYS:
                 params = [
-                    (e.key, _entry_expr(self.ckpt.states[which], e, _shard_rank(e, rank, layout.expert_tp)))
+                    (
+                        e.key,
+                        entry_expr(
+                            self.ckpt.states[which], e, _shard_rank(e, rank, layout.expert_tp), layout.tp
+                        ),
+                    )
                     for e in mine
                 ]
                 flat = distopt.flat_state(params, bucket, dp, shared)

@@ -231,6 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
         "spec) or te-input (only the input norm fused, as MindSpeed-LLM v2 writes); default local, or "
         "the source's (a torch_dist source's: the spec its args.transformer_impl names)",
     )
+    m.add_argument(
+        "--mla-keys",
+        choices=("mindspeed", "mcore"),
+        help="multi-latent attention's modules in torch-format rank files: mindspeed (MindSpeed-LLM's: "
+        "the two down-projections fused in linear_qkv) or mcore (megatron-core's own, as Megatron-LM "
+        "writes them and its GPTModel loads: linear_q_down_proj / linear_q_proj and "
+        "linear_kv_down_proj, split over TP with --norm-names local, whole with te; MTP layers' "
+        "final_layernorm inside mtp.layers.<k>); distributed-optimizer state of MLA / MTP models "
+        "needs mcore; default mindspeed, or the source's (read from its keys)",
+    )
     lo = c.add_argument_group(
         "LoRA (merged into the weights for --to hf/mcore; exported alone for --to peft)"
     )
@@ -411,6 +421,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         noop_layers=args.noop_layers,
         vocab_divisible_by=args.make_vocab_size_divisible_by,
         norm_names=args.norm_names,
+        mla_keys=args.mla_keys,
         max_shard_size=args.max_shard_size,
         hf_config_dir=args.hf_config,
         ep=args.ep,

@@ -160,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
             noop_layers=args.noop_layers,
             vocab_divisible_by=args.make_vocab_size_divisible_by,
             norm_names="te-input" if args.transformer_impl == "transformer_engine" else "local",
+            mla_keys="mindspeed",  # MindSpeed-LLM's own MLA modules, whatever the source's
             ep=args.target_expert_parallel_size,
             etp=args.expert_tensor_parallel_size,
             grouped_gemm=args.moe_grouped_gemm,

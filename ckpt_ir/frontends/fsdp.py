@@ -175,7 +175,7 @@ def lift(
                 expr = E.Concat((build(entry[0], index), build(entry[1], index)), 0)
             tensors[canon] = TensorNode.whole(canon, expr)
     if spec.mla:
-        global_keys.fuse_mla(spec, tensors)
+        lift_tail.fuse_mla(spec, tensors)
     lift_tail.complete_tensors(spec, tensors, {}, dropped)
     layout = Layout(
         format="mcore",

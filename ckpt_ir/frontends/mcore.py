@@ -12,6 +12,7 @@ import fnmatch
 import os
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -21,7 +22,7 @@ from ckpt_ir.io.torchzip import TorchZip, iter_tensors, with_exprs
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.layout import Layout, expert_rank_files, layer_slots
-from ckpt_ir.ir.names import NameTable, is_expert
+from ckpt_ir.ir.names import NameTable, Split, is_expert
 from ckpt_ir.ir.roles import split_rule
 from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.megatron import args as megatron_args
@@ -168,7 +169,7 @@ def lift(
     labels: dict[tuple[str | M.LocalName, int], str] = {}
     copies: dict[tuple[str | M.LocalName, int], list[tuple[str, E.Expr]]] = defaultdict(list)
     unknown: list[str] = []
-    te_norms = te_fc1 = False
+    te_norms = te_fc1 = te_mla = mcore_mla = False
     mtp_keys: set[str] = set()  # which of the namings of multi-token prediction (keys.MTP_NAMES)
     opt_meta: dict[str, Any] = {}
     training: dict[str, Any] = {
@@ -202,6 +203,8 @@ def lift(
                 te_fc1 |= key.endswith(M.TE_FC1_NORM)
                 if key.startswith("mtp."):
                     mtp_keys.add(key)
+                te_mla |= key.endswith(M.TE_MLA_NORM)  # megatron-core's MLA with Transformer Engine
+                mcore_mla |= key.endswith(M.MCORE_MLA_MARK)
                 # with experts, EP rank > 0 directories hold expert state only (their dense
                 # tensors are replicas of EP rank 0's)
                 master = None if state is None else state["param"].get((ck, key))
@@ -259,9 +262,14 @@ def lift(
                 else "distributed-optimizer state (fp32 masters, Adam moments): carried only to a Megatron target; "
                 "the model weights come from model_optim_rng.pt"
             )
+    norm_names = lift_tail.norm_names(te_norms, te_fc1 or te_mla)
+
+    def rule_of(name: str) -> Split | None:  # megatron-core's local MLA spec splits more over TP
+        return M.mcore_split(name, norm_names) if mcore_mla else split_rule(name)
+
     for canon, shards in pieces[""].items():  # TP replicas of tensors no rule splits
         name = _resolve_layer(canon, slot_of, path, spec.num_layers)
-        if split_rule(name) is None or (layout.expert_tp if is_expert(name) else layout.tp) == 1:
+        if rule_of(name) is None or (layout.expert_tp if is_expert(name) else layout.tp) == 1:
             copies[(canon, 0)][:0] = [(labels[(canon, r)], x) for r, x in sorted(shards.items()) if r > 0]
     notes = check_replicas(
         {
@@ -276,12 +284,15 @@ def lift(
         it_dir,
     )
     sets = {
-        name: _assemble(set_pieces, slot_of, spec, layout, path, dropped if not name else {})
+        name: _assemble(set_pieces, slot_of, spec, layout, path, rule_of, dropped if not name else {})
         for name, set_pieces in pieces.items()
     }
     tensors = sets.pop("", {})
+    if mcore_mla:  # the down-projections as the Megatron layout's fused attn.qkv_a
+        for s in (tensors, *sets.values()):
+            lift_tail.fuse_mla(spec, s)
     lift_tail.complete_tensors(spec, tensors, sets, dropped)
-    layout = attrs.evolve(layout, norm_names=lift_tail.norm_names(te_norms, te_fc1))
+    layout = attrs.evolve(layout, norm_names=norm_names, mla_keys="mcore" if mcore_mla else "mindspeed")
     if hf_config is not None:
         lift_tail.check_config_fits(config_name, path, spec, layout, tensors, unknown)
     if unknown:
@@ -380,7 +391,7 @@ def lift_state_dicts(
             f"ckpt-ir has no table for these modules (docs/live.md lists the megatron-core modules it reads)"
         )
     dropped: dict[str, str] = {}
-    tensors = _assemble(pieces, slot_of, spec, layout, where, dropped)
+    tensors = _assemble(pieces, slot_of, spec, layout, where, split_rule, dropped)
     lift_tail.complete_tensors(spec, tensors, {}, dropped)
     layout = attrs.evolve(layout, norm_names=lift_tail.norm_names(te_norms, te_fc1))
     return lift_tail.checkpoint(
@@ -434,9 +445,11 @@ def _assemble(
     spec: ModelSpec,
     layout: Layout,
     path: str,
+    rule_of: Callable[[str], Split | None],
     dropped: dict[str, str],
 ) -> dict[str, TensorNode]:
-    """Tensor nodes from the per-TP-rank pieces of one tensor set (model layers resolved)."""
+    """Tensor nodes from the per-TP-rank pieces of one tensor set (model layers resolved), each
+    split over TP by ``rule_of`` its name."""
     tensors: dict[str, TensorNode] = {}
     for canon_local, shards in pieces.items():
         name = _resolve_layer(canon_local, slot_of, path, spec.num_layers)
@@ -444,7 +457,7 @@ def _assemble(
             raise FormatError(
                 f"{path}: tensor {name} appears twice (check num_layer_list / noop_layers in args)"
             )
-        rule = split_rule(name)
+        rule = rule_of(name)
         n = layout.expert_tp if is_expert(name) else layout.tp
         if rule is None or n == 1:
             tensors[name] = TensorNode.whole(name, shards[0])

@@ -40,7 +40,7 @@ from ckpt_ir.io.torchzip import TorchZip
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.layout import Layout
-from ckpt_ir.ir.names import COLUMN, Split, layer_name, split_layer
+from ckpt_ir.ir.names import Split, layer_name, split_layer
 from ckpt_ir.ir.roles import canonical_order
 from ckpt_ir.megatron import args as megatron_args
 from ckpt_ir.megatron import distopt, global_keys, integrity
@@ -225,7 +225,7 @@ def lift(
             sets = {}
     if spec.mla:
         for s in (tensors, *sets.values()):
-            global_keys.fuse_mla(spec, s)
+            lift_tail.fuse_mla(spec, s)
     lift_tail.complete_tensors(spec, tensors, sets, dropped)
     for which, s in sets.items():
         missing = sorted(set(tensors) - set(s), key=canonical_order)
@@ -358,7 +358,6 @@ def _bucket_states(
     # the Megatron keys of each rank, as the torch-format writer places them
     from ckpt_ir.io.safe_pickle import TorchDtype
     from ckpt_ir.ir.checkpoint import gather_exprs
-    from ckpt_ir.ir.roles import split_rule
     from ckpt_ir.megatron.ranks import rank_content
 
     a = lambda k, d=1: args.get(k) or d  # noqa: E731
@@ -390,7 +389,7 @@ def _bucket_states(
     )
     view_tensors = dict(tensors)
     if spec.mla:  # the torch format's fused linear_qkv, which rank_content places
-        global_keys.fuse_mla(spec, view_tensors)
+        lift_tail.fuse_mla(spec, view_tensors)
     content, _ = rank_content(Checkpoint(spec=spec, layout=layout, tensors=view_tensors))
     content = {
         at: [m for e in entries for m in _mcore_entries(spec, e, norm_names != "local")]
@@ -413,11 +412,7 @@ def _bucket_states(
         )
 
     def rule_of(canon: str) -> Split | None:
-        # the local spec builds MLA's down-projections as ColumnParallelLinear (split over TP);
-        # Transformer Engine's spec duplicates them (TELinear), as the split rules say
-        if norm_names == "local" and split_layer(canon)[1] in ("attn.q_a.weight", "attn.kv_a.weight"):
-            return COLUMN
-        return split_rule(canon)
+        return M.mcore_split(canon, norm_names)
 
     shards: dict[str, dict[str, dict[int, E.Expr]]] = {w: {} for w in distopt.STATE_KEYS}
     n_shards: dict[str, int] = {}

@@ -18,6 +18,9 @@ from ckpt_ir.ir.spec import ModelSpec
 
 FORMATS = ("hf", "mcore")
 NORM_NAMES = ("local", "te", "te-input")
+# whose Megatron modules multi-latent attention (and its MTP layers) are written with: MindSpeed-LLM's
+# (one fused linear_qkv for the two down-projections) or megatron-core's own (Megatron-LM's)
+MLA_KEYS = ("mindspeed", "mcore")
 
 
 def _layer_counts(counts: Iterable[int] | None) -> tuple[int, ...] | None:
@@ -39,6 +42,7 @@ class Layout:
     fused_qkv: bool = False
     fused_gate_up: bool = False
     norm_names: str = attrs.field(default="local", validator=attrs.validators.in_(NORM_NAMES))
+    mla_keys: str = attrs.field(default="mindspeed", validator=attrs.validators.in_(MLA_KEYS))
     ep: int = 1  # expert parallel size: expert e lives on EP rank e // (E / ep)
     etp: int | None = None  # expert tensor parallel size: None = tp (experts split like dense MLPs), or 1
     grouped_gemm: bool = False  # experts stored as Megatron's grouped-GEMM weight1/weight2
@@ -79,6 +83,12 @@ class Layout:
             raise LayoutError(
                 f"layout: expert tensor parallel size must be 1 or the TP size {self.tp}, got {self.etp}"
             )
+        if self.mla_keys == "mcore" and self.norm_names == "te-input":
+            raise LayoutError(
+                f"layout: {setting('norm_names', 'te-input')} (MindSpeed-LLM's input norm fused into "
+                f"linear_qkv) has no place in megatron-core's MLA modules ({setting('mla_keys', 'mcore')}); "
+                f"use {setting('norm_names', 'local')} or {setting('norm_names', 'te')}"
+            )
         if any(i < 0 for i in self.noop_layers) or len(set(self.noop_layers)) != len(self.noop_layers):
             raise LayoutError(
                 f"layout: {setting('noop_layers', self.noop_layers)} must be distinct non-negative indices"
@@ -106,6 +116,8 @@ class Layout:
             parts.append("grouped_gemm")
         if self.format == "mcore" or self.norm_names != "local":
             parts.append(f"norms={self.norm_names}")
+        if self.mla_keys != "mindspeed":
+            parts.append(f"mla_keys={self.mla_keys}")
         return " ".join(parts)
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 import re
 
 from ckpt_ir.errors import FormatError
-from ckpt_ir.ir import expr as E
-from ckpt_ir.ir.checkpoint import TensorNode
 from ckpt_ir.ir.names import layer_name
 from ckpt_ir.megatron import keys as M
 
@@ -93,24 +91,6 @@ def names(
                 return None
             out.append((_resolve(canon), idx))
     return out
-
-
-def fuse_mla(spec, nodes: dict[str, TensorNode]) -> None:
-    """Megatron-Core's separate MLA down-projections as the fused ``attn.qkv_a`` a Megatron layout
-    holds (the torch format's linear_qkv)."""
-    from ckpt_ir.ir.rules import mla_rule
-
-    q = "attn.q_a.weight" if spec.q_lora_rank else "attn.q.weight"
-    for i in range(spec.total_layers):
-        parts = {p: nodes.pop(layer_name(i, c), None) for p, c in (("q", q), ("kv_a", "attn.kv_a.weight"))}
-        if all(parts.values()):
-            name = layer_name(i, "attn.qkv_a.weight")
-            fused = mla_rule(spec).fuse({p: n.expr for p, n in parts.items() if n is not None})
-            nodes[name] = TensorNode.whole(name, E.simplify(fused))
-        else:
-            nodes.update(
-                {layer_name(i, c): n for (p, n), c in zip(parts.items(), (q, "attn.kv_a.weight")) if n}
-            )
 
 
 def _resolve(canon: str | M.LocalName) -> str:

@@ -22,7 +22,8 @@ from ckpt_ir.errors import FormatError, UsageError
 from ckpt_ir.io.side_files import AUX_PATTERNS
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.layout import Layout
-from ckpt_ir.ir.names import NameTable, expert_of, layer_name, split_layer
+from ckpt_ir.ir.names import COLUMN, NameTable, Split, expert_of, layer_name, split_layer
+from ckpt_ir.ir.roles import split_rule
 from ckpt_ir.ir.rules import Stack
 from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.megatron.integrity import MANIFEST
@@ -83,10 +84,11 @@ _MLA_ATTENTION_KEYS = (
     (D + "self_attention.dsa_indexer.wk.weight", C + "attn.indexer.wk.weight"),
     (D + "self_attention.dsa_indexer.wq_b.weight", C + "attn.indexer.wq_b.weight"),
 )
-# Megatron-Core's own MLA modules, as torch_dist stores them (keys below ``decoder.layers.<i>.``):
-# the two down-projections apart (the torch format keeps MindSpeed-LLM's fused linear_qkv) and
-# every norm a module of its own; with Transformer Engine the q / kv norms are fused into the
-# up-projections (MCORE_MLA_TE_NORMS)
+# Megatron-Core's own MLA modules (MLASelfAttention), as torch_dist stores them and Megatron-LM's
+# torch format too (keys below ``decoder.layers.<i>.``): the two down-projections apart (the torch
+# format keeps MindSpeed-LLM's fused linear_qkv unless --mla-keys mcore) and every norm a module of
+# its own; with Transformer Engine the q / kv norms are fused into the up-projections
+# (MCORE_MLA_TE_NORMS)
 MCORE_MLA_KEYS = (
     ("input_layernorm.weight", "attn_norm.weight"),
     ("self_attention.linear_q_down_proj.weight", "attn.q_a.weight"),
@@ -101,6 +103,15 @@ MCORE_MLA_KEYS = (
 MCORE_MLA_TE_NORMS = (
     ("self_attention.linear_q_up_proj.layer_norm_weight", "attn.q_a_norm.weight"),
     ("self_attention.linear_kv_up_proj.layer_norm_weight", "attn.kv_a_norm.weight"),
+)
+MCORE_MLA_MARK = "self_attention.linear_kv_down_proj.weight"  # a key only megatron-core's MLA has
+TE_MLA_NORM = "linear_kv_up_proj.layer_norm_weight"  # Transformer Engine's kv norm in megatron-core's MLA
+# megatron-core's MLA in a torch-format rank file (--mla-keys mcore): its modules' keys, each MLA
+# down-projection a tensor of its own (the DSA indexer keeps MindSpeed-LLM's names)
+_MCORE_MLA_ATTENTION_KEYS = (
+    *((D + m, C + c) for m, c in MCORE_MLA_KEYS if m.startswith("self_attention.")),
+    (D + "self_attention.linear_proj.weight", C + "attn.o.weight"),
+    *(kc for kc in _MLA_ATTENTION_KEYS if ".dsa_indexer." in kc[0]),
 )
 _NORM_KEYS = (
     (D + "input_layernorm.weight", C + "attn_norm.weight"),
@@ -136,6 +147,7 @@ _LAYER_KEYS = _NORM_KEYS + _ATTENTION_KEYS + _MLP_KEYS
 # buffer it returns to fp32 before every save and load (moe/router.py _maintain_float32_expert_bias)
 KEPT_FP32 = (C + "mlp.router.bias",)
 _MLA_LAYER_KEYS = _NORM_KEYS + _MLA_ATTENTION_KEYS + _MLP_KEYS
+_MCORE_MLA_LAYER_KEYS = _NORM_KEYS + _MCORE_MLA_ATTENTION_KEYS + _MLP_KEYS
 GROUPED = {"weight1": "gate_up", "weight2": "down"}  # D + "mlp.experts.weight1" holds every local expert
 GROUPED_KEY = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.(weight1|weight2)$")
 
@@ -279,9 +291,13 @@ _FULL_QK_NORM = {
 KeyPairs = tuple[tuple[str, str], ...]  # (Megatron key template, canonical template)
 
 
-def _layer_keys(mla: bool, full_qk_norm: bool, family: str | None = None, gated: bool = True) -> KeyPairs:
+def _layer_keys(
+    mla: bool, full_qk_norm: bool, family: str | None = None, gated: bool = True, mla_keys: str = "mindspeed"
+) -> KeyPairs:
     """The decoder-layer keys; a plain (not gated) MLP's linear_fc1 is the canonical fc1."""
-    keys: KeyPairs = _MLA_LAYER_KEYS if mla else _LAYER_KEYS
+    keys: KeyPairs = (
+        (_MCORE_MLA_LAYER_KEYS if mla_keys == "mcore" else _MLA_LAYER_KEYS) if mla else _LAYER_KEYS
+    )
     if full_qk_norm:
         keys = tuple((m, _FULL_QK_NORM.get(c, c)) for m, c in keys)
     if family is not None:
@@ -302,9 +318,15 @@ def _with_family_keys(keys: KeyPairs, family: str) -> KeyPairs:
     return tuple(out) + tuple((m, c) for c, m in own.items() if c not in placed)
 
 
-def _table(keys: KeyPairs, norm_names: str) -> NameTable:
+def _table(keys: KeyPairs, norm_names: str, mla_keys: str = "mindspeed") -> NameTable:
     if norm_names == "local":
         return NameTable(keys)
+    # Transformer Engine's MLA spec: the input norm a module of its own, the q / kv norms fused
+    # into the up-projections, a dense layer's pre-MLP norm into fc1
+    if mla_keys == "mcore":
+        te = {C + c: D + m for m, c in MCORE_MLA_TE_NORMS}
+        fc1 = {m: _TE_NORMS[m] for m in (D + "pre_mlp_layernorm.weight", D + "pre_mlp_layernorm.bias")}
+        return NameTable((te.get(c, fc1.get(m, m)), c) for m, c in keys)
     renames = (
         dict(_TE_NORMS)
         if norm_names == "te"
@@ -324,7 +346,7 @@ EXTRA_STATE = "._extra_state"
 def extra_state_layout(spec: ModelSpec, layout: Layout) -> tuple:
     """What decides whether Transformer Engine's per-module ``_extra_state`` (FP8 scaling state of
     one TP shard) still belongs to the same module shard after a conversion: the layers, the
-    (expert) TP sizes, the expert storage and the module types (norm naming)."""
+    (expert) TP sizes, the expert storage and the module types (norm naming, MLA modules)."""
     return (
         spec.num_layers,
         spec.mtp_layers,
@@ -332,6 +354,7 @@ def extra_state_layout(spec: ModelSpec, layout: Layout) -> tuple:
         layout.expert_tp if spec.num_experts else None,
         layout.grouped_gemm,
         layout.norm_names,
+        layout.mla_keys,
     )
 
 
@@ -352,25 +375,33 @@ def layer_table(
     full_qk_norm: bool = False,
     family: str | None = None,
     gated: bool = True,
+    mla_keys: str = "mindspeed",
 ) -> NameTable:
     """Decoder-layer key table for a naming (``local``, ``te``, ``te-input``; MindSpeed-LLM v2's
-    transformer_engine output fuses only the input norm for dense layers)."""
-    return _table(_layer_keys(mla, full_qk_norm, family, gated), norm_names)
+    transformer_engine output fuses only the input norm for dense layers) and, with ``mla``, the
+    MLA modules' (``mindspeed``: one fused linear_qkv; ``mcore``: megatron-core's own)."""
+    mla_keys = mla_keys if mla else "mindspeed"
+    return _table(_layer_keys(mla, full_qk_norm, family, gated, mla_keys), norm_names, mla_keys)
 
 
-def spec_layer_table(norm_names: str, spec: ModelSpec) -> NameTable:
+def spec_layer_table(norm_names: str, spec: ModelSpec, mla_keys: str = "mindspeed") -> NameTable:
     """:func:`layer_table` for the model ``spec`` describes."""
-    return layer_table(norm_names, spec.mla, spec.qk_full_norm, spec.family, spec.gated_mlp)
+    return layer_table(norm_names, spec.mla, spec.qk_full_norm, spec.family, spec.gated_mlp, mla_keys)
 
 
 def read_tables(spec: ModelSpec) -> tuple[NameTable, ...]:
-    """The decoder-layer tables a reader tries (local and TE norm names) for ``spec``."""
-    return tuple(spec_layer_table(n, spec) for n in ("local", "te"))
+    """The decoder-layer tables a reader tries (local and TE norm names; for MLA, MindSpeed-LLM's
+    and megatron-core's modules) for ``spec``."""
+    kinds = ("mindspeed", "mcore") if spec.mla else ("mindspeed",)
+    return tuple(spec_layer_table(n, spec, k) for k in kinds for n in ("local", "te"))
 
 
-def role_order(spec: ModelSpec) -> tuple[str, ...]:
-    """The decoder-layer roles of the model ``spec`` describes, in the order rank files list them."""
-    return tuple(c for _, c in _layer_keys(spec.mla, spec.qk_full_norm, spec.family, spec.gated_mlp))
+def role_order(spec: ModelSpec, mla_keys: str = "mindspeed") -> tuple[str, ...]:
+    """The decoder-layer roles of the model ``spec`` describes, in the order rank files list them
+    (``mla_keys``: MindSpeed-LLM's or megatron-core's MLA modules)."""
+    return tuple(
+        c for _, c in _layer_keys(spec.mla, spec.qk_full_norm, spec.family, spec.gated_mlp, mla_keys)
+    )
 
 
 def rank_dir(tp: int, pp: int, layout: Layout, ep: int = 0, ep_size: int = 1) -> str:
@@ -524,6 +555,21 @@ def with_global_expert(name: str | LocalName, first_expert: int) -> tuple[str | 
         return name, False
     rest = rest.replace(f".experts.{expert}.", f".experts.{first_expert + expert}.")
     return (attrs.evolve(name, rest=rest) if isinstance(name, LocalName) else rest), True
+
+
+def mla_down_parts(spec: ModelSpec) -> dict[str, str]:
+    """MLA's two down-projections, the parts of the IR's ``attn.qkv_a`` (``ir.rules.mla_rule``): part
+    name -> canonical role below the layer (``attn.q`` when queries have no low-rank projection)."""
+    return {"q": "attn.q_a.weight" if spec.q_lora_rank else "attn.q.weight", "kv_a": "attn.kv_a.weight"}
+
+
+def mcore_split(name: str, norm_names: str) -> Split | None:
+    """The TP split of canonical tensor ``name`` in megatron-core's own modules: its role's, but the
+    local layer spec builds MLA's down-projections as ColumnParallelLinear (split over TP) where
+    Transformer Engine's duplicates them (TELinear, whole on every rank, as the roles say)."""
+    if norm_names == "local" and split_layer(name)[1] in ("attn.q_a.weight", "attn.kv_a.weight"):
+        return COLUMN
+    return split_rule(name)
 
 
 def mla_key(rest: str, te: bool, moe: bool) -> str | None:

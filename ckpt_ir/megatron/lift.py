@@ -20,7 +20,7 @@ from ckpt_ir.ir.roles import canonical_order
 from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.megatron import args as megatron_args
 from ckpt_ir.megatron import infer
-from ckpt_ir.megatron.keys import MCORE_HF_DIR, TOKENIZER_DIR
+from ckpt_ir.megatron.keys import MCORE_HF_DIR, TOKENIZER_DIR, mla_down_parts
 
 
 class ArgReader:
@@ -119,6 +119,26 @@ def norm_names(te_norms: bool, te_fc1: bool) -> str:
     """The Layout's norm naming from what the keys showed: Transformer Engine's norms fused into
     linear_qkv (``te_norms``) and into linear_fc1 (``te_fc1``), or local norm modules."""
     return "te" if te_fc1 else "te-input" if te_norms else "local"
+
+
+def fuse_mla(spec: ModelSpec, nodes: dict[str, TensorNode]) -> None:
+    """Megatron-Core's own MLA modules lifted (``attn.q_a`` or ``attn.q``, and ``attn.kv_a``, TP
+    shards gathered) as the ``attn.qkv_a`` a Megatron layout holds (MindSpeed-LLM's fused
+    linear_qkv, whole on every rank); a layer without both parts is left as it is."""
+    from ckpt_ir.ir import expr as E
+    from ckpt_ir.ir.checkpoint import gather_exprs
+    from ckpt_ir.ir.names import layer_name
+    from ckpt_ir.ir.rules import mla_rule
+
+    roles = mla_down_parts(spec)
+    for i in range(spec.total_layers):
+        names = {p: layer_name(i, c) for p, c in roles.items()}
+        if not all(n in nodes for n in names.values()):
+            continue
+        parts = {p: nodes.pop(n) for p, n in names.items()}
+        exprs = {p: gather_exprs(n.shards, n.split) if n.split else n.shards[0] for p, n in parts.items()}
+        name = layer_name(i, "attn.qkv_a.weight")
+        nodes[name] = TensorNode.whole(name, E.simplify(mla_rule(spec).fuse(exprs)))
 
 
 def unknown_tensors(unknown: list[str], where: str = "") -> CoverageError:

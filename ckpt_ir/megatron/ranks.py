@@ -9,11 +9,24 @@ from collections import defaultdict
 
 import attrs
 
-from ckpt_ir.errors import VerifyError, setting
-from ckpt_ir.ir.checkpoint import Checkpoint
+from ckpt_ir.errors import LayoutError, VerifyError, setting
+from ckpt_ir.ir import expr as E
+from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode, shard_expr
 from ckpt_ir.ir.layout import expert_owner, layer_slots, num_chunks
-from ckpt_ir.ir.names import expert_of, role_of, split_layer
+from ckpt_ir.ir.names import Split, expert_of, role_of, split_layer
+from ckpt_ir.ir.rules import Stack, mla_rule
 from ckpt_ir.megatron import keys as M
+
+
+@attrs.frozen
+class Part:
+    """A key holding one part of a fused canonical tensor: with megatron-core's MLA modules
+    (``--mla-keys mcore``) each down-projection is part ``name`` (``q`` / ``kv_a``) of the IR's
+    ``attn.qkv_a`` by ``rule``, split over TP by ``split`` (None: whole on every rank)."""
+
+    name: str
+    rule: Stack
+    split: Split | None
 
 
 @attrs.frozen
@@ -24,6 +37,17 @@ class Entry:
     canon: tuple[str, ...]  # one canonical tensor, or a grouped-GEMM weight's local experts in order
     ep: int | None = None
     grouped: str | None = None  # "weight1" / "weight2"
+    part: Part | None = None
+
+
+def entry_expr(tensors: dict[str, TensorNode], entry: Entry, rank: int, tp: int) -> E.Expr:
+    """What ``entry`` holds on TP rank ``rank`` of ``tp`` (a TP shard where its tensor is split)."""
+    if entry.part is not None:  # a part of a tensor whole on every rank
+        part = entry.part.rule.split(tensors[entry.canon[0]].shards[0])[entry.part.name]
+        return shard_expr(part, entry.part.split, tp)[rank] if entry.part.split and tp > 1 else part
+    nodes = [tensors[c] for c in entry.canon]
+    exprs = [t.shards[rank] if t.tp > 1 else t.shards[0] for t in nodes]
+    return M.group_experts(entry.grouped, exprs) if entry.grouped else exprs[0]
 
 
 def rank_content(
@@ -35,14 +59,34 @@ def rank_content(
     slots = layer_slots(spec, layout)
     where = {s.real: s for s in slots if s.real is not None}
     chunks = num_chunks(spec, layout)
-    table = M.spec_layer_table(layout.norm_names, spec)
-    order = M.role_order(spec)
+    mcore_mla = spec.mla and layout.mla_keys == "mcore"
+    table = M.spec_layer_table(layout.norm_names, spec, layout.mla_keys)
+    order = M.role_order(spec, layout.mla_keys)
+    # megatron-core's MLA: a key per down-projection, each a part of the IR's attn.qkv_a
+    parts = (
+        {
+            "layers.{i}." + c: Part(p, mla_rule(spec), M.mcore_split(f"layers.0.{c}", layout.norm_names))
+            for p, c in M.mla_down_parts(spec).items()
+        }
+        if mcore_mla
+        else {}
+    )
+    for role, part in parts.items():
+        rows = part.rule.sizes()[part.name]
+        if part.split is not None and rows % layout.tp:
+            key = table.from_canonical(role.format(i=0))
+            raise LayoutError(
+                f"layout: megatron-core's local layer spec splits MLA's {key} ({rows} rows) over TP, and "
+                f"{rows} rows do not split over tensor parallel size {layout.tp}; choose another TP or "
+                f"{setting('norm_names', 'te')} (Transformer Engine's spec keeps it whole)"
+            )
     content: dict[tuple[int, int], list[Entry]] = defaultdict(list)
     by_layer: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for name in ckpt.tensors:
-        layer, _ = split_layer(name)
+        layer, rest = split_layer(name)
         if layer is not None:
-            by_layer[layer][role_of(name)].append(name)
+            for role in parts if parts and rest == "attn.qkv_a.weight" else (role_of(name),):
+                by_layer[layer][role].append(name)
     last = (layout.pp - 1, chunks - 1)
     if "embed.weight" in ckpt.tensors:
         content[(0, 0)].append(Entry("embedding.word_embeddings.weight", ("embed.weight",)))
@@ -66,7 +110,7 @@ def rank_content(
         for role in order:
             if "{e}" not in role:
                 for canon in roles.get(role, ()):
-                    entries.extend(_entries(ckpt, role, canon, local, table, layer))
+                    entries.extend(_entries(ckpt, role, canon, local, table, layer, parts.get(role)))
         expert_roles = [r for r in order if "{e}" in r]
         experts = {e for r in expert_roles for n in roles.get(r, ()) if (e := expert_of(n)) is not None}
         for expert in sorted(experts):
@@ -108,7 +152,9 @@ def rank_content(
     return content, where
 
 
-def _entries(ckpt: Checkpoint, role: str, canon: str, local: int, names, layer: int) -> list[Entry]:
+def _entries(
+    ckpt: Checkpoint, role: str, canon: str, local: int, names, layer: int, part: Part | None = None
+) -> list[Entry]:
     expert = expert_of(canon)
     ep = None
     fill = {"i": str(local)}
@@ -118,7 +164,7 @@ def _entries(ckpt: Checkpoint, role: str, canon: str, local: int, names, layer: 
     key = names.from_canonical(role.format(**fill))
     if ckpt.spec.is_moe_layer(layer) and role in ("layers.{i}.mlp_norm.weight", "layers.{i}.mlp_norm.bias"):
         key = M.layer_table("local").from_canonical(role.format(**fill))  # MoE: no fused pre-MLP norm
-    out = [Entry(key, (canon,), ep)]
+    out = [Entry(key, (canon,), ep, part=part)]
     for which in ("a", "b"):  # LoRA adapters right after their base weight
         lora = canon[: -len(".weight")] + f".lora_{which}.weight"
         if lora in ckpt.tensors:

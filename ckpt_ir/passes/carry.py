@@ -1,13 +1,13 @@
 """Passes that change what the output carries or how it names it, never a tensor's values:
-``drop-optimizer-state`` and ``rename-norms``."""
+``drop-optimizer-state``, ``rename-norms`` and ``rename-mla``."""
 
 from __future__ import annotations
 
 import attrs
 
 from ckpt_ir.ir.checkpoint import Checkpoint
-from ckpt_ir.ir.layout import NORM_NAMES
-from ckpt_ir.passes.manager import Pass, one_of, option, register_pass
+from ckpt_ir.ir.layout import MLA_KEYS, NORM_NAMES
+from ckpt_ir.passes.manager import Pass, Requirement, one_of, option, register_pass
 
 
 @register_pass
@@ -43,3 +43,27 @@ class RenameNorms(Pass):
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
         return ckpt.with_tensors(dict(ckpt.tensors), layout=attrs.evolve(ckpt.layout, norm_names=self.names))
+
+
+@register_pass
+@attrs.frozen
+class RenameMla(Pass):
+    name = "rename-mla"
+    summary = "Choose whose Megatron modules multi-latent attention is written with: mindspeed or mcore"
+    description = (
+        "mindspeed: MindSpeed-LLM's (the two down-projections fused into one linear_qkv, whole on "
+        "every TP rank; an MTP layer's final norm in mtp.final_layernorms.<k>); mcore: megatron-core's "
+        "own, as Megatron-LM writes them and its GPTModel loads (linear_q_down_proj or linear_q_proj, "
+        "and linear_kv_down_proj: split over TP with local norm names, the local layer spec; whole "
+        "with te, the Transformer-Engine spec, whose q / kv norms are the up-projections' "
+        "layer_norm_weight; mtp.layers.<k>.final_layernorm and decoder.final_layernorm).  Tensors "
+        "are unchanged; the Megatron backend names and cuts them."
+    )
+    requires = (Requirement("a multi-latent-attention model", lambda c: c.spec.mla),)
+    guarantees = "layout.mla_keys set"
+    optimizer_state = "follow"
+
+    keys: str = option(help="whose MLA modules", allowed=one_of(*MLA_KEYS))
+
+    def run(self, ckpt: Checkpoint) -> Checkpoint:
+        return ckpt.with_tensors(dict(ckpt.tensors), layout=attrs.evolve(ckpt.layout, mla_keys=self.keys))
