@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="torch",
         help="Megatron checkpoint "
         "format, as Megatron-LM's flag: torch (mp_rank_* directories for one TP/PP layout, default) or "
-        "torch_dist (dist_checkpointing, resharded by Megatron on load)",
+        "torch_dist (dist_checkpointing, resharded by Megatron on load); either keeps the HF side files "
+        "in the checkpoint's hf/ folder",
     )
     m.add_argument(
         "--torch-dist-version",

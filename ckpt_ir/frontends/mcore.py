@@ -318,6 +318,7 @@ def lift(
         cfg=cfg,
         dropped=dropped,
         meta=meta,
+        iteration_dir=it_dir,
     )
 
 
