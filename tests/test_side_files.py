@@ -146,15 +146,21 @@ def test_torch_dist_keeps_the_tokenizer_and_megatrons_integrity_manifest(hf_with
     assert cli_main([*argv, "--overwrite", "--quiet"]) == 0  # its own output is a checkpoint to replace
 
 
-def test_explicit_hf_config_wins(hf_with_tokenizer, tmp_path):
+def test_explicit_hf_config_wins(hf_with_tokenizer, tmp_path, capsys):
     mc = tmp_path / "mcore"
     assert cli_main(["convert", str(hf_with_tokenizer), str(mc), "--to", "mcore", "--quiet"]) == 0
     other = tmp_path / "other"
     shutil.copytree(hf_with_tokenizer, other)
     (other / "chat_template.jinja").write_text("{{ 'other template' }}")
+    (other / "generation_config.json").unlink()  # the checkpoint's is left out, and said so
     back = tmp_path / "back"
-    assert cli_main(["convert", str(mc), str(back), "--to", "hf", "--hf-config", str(other), "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli_main(["convert", str(mc), str(back), "--to", "hf", "--hf-config", str(other)]) == 0
     assert (back / "chat_template.jinja").read_text() == "{{ 'other template' }}"
+    assert not (back / "generation_config.json").exists()
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "generation_config.json" in ln]
+    assert len(lines) == 1 and lines[0].startswith("dropped: generation_config.json:"), lines
+    assert f"--hf-config {other}" in lines[0] and "tokenizer" not in lines[0], lines
 
 
 def test_output_without_tokenizer_says_so(tmp_path_factory, tmp_path, capsys):

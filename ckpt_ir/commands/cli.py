@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--hf-config",
         metavar="DIR",
-        help="take config.json (and tokenizer files) from DIR, or from a Hub id's snapshot; for a "
-        "Megatron source it describes the model, and must fit the checkpoint's tensors",
+        help="take config.json and the side files (tokenizer, generation config, chat template, code) "
+        "from DIR, or from a Hub id's snapshot, instead of the source's (those DIR lacks are listed as "
+        "dropped); for a Megatron source it describes the model, and must fit the checkpoint's tensors",
     )
     c.add_argument(
         "--model-type-hf",
