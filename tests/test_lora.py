@@ -219,7 +219,13 @@ def test_megatron_lora_tp2_pp2_to_peft_and_merged(tmp_path, family):
         "linear_fc1",
         "linear_fc2",
     )
-    cli("convert", mcore, adapter, "--to", "peft")
+    stderr = cli("convert", mcore, adapter, "--to", "peft").stderr
+    # the adapter alone; the base model's side files (beside its weights) are named as left out
+    assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
+    side = sorted(n for n in os.listdir(base) if not n.endswith(".safetensors"))
+    assert "config.json" in side
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("dropped:") and "side files" in ln]
+    assert len(lines) == 1 and lines[0].startswith(f"dropped: {', '.join(side)}: "), stderr
     cfg = json.load(open(os.path.join(adapter, "adapter_config.json")))
     assert (cfg["r"], cfg["lora_alpha"], cfg["task_type"]) == (R, ALPHA, "CAUSAL_LM")
     assert cfg["target_modules"] == sorted(

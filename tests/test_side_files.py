@@ -63,10 +63,19 @@ def test_side_files_survive_hf_mcore_hf(hf_with_tokenizer, tmp_path, capsys):
     )
     assert tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False) == "hello"
     assert GenerationConfig.from_pretrained(back).temperature == 0.6
-    # mcore -> mcore keeps them too
-    again = tmp_path / "mcore_tp1"
-    assert cli_main(["convert", str(mc), str(again), "--to", "mcore", "--quiet"]) == 0
-    assert all((again / "hf" / n).read_bytes() == (src / n).read_bytes() for n in SIDE)
+    # mcore -> mcore keeps them too, in every format (torch_dist, fsdp_dtensor: the same hf/ at the
+    # root), and each reads them back
+    for fmt in ("torch", "torch_dist", "fsdp_dtensor"):
+        again = tmp_path / f"mcore_{fmt}"
+        argv = ["convert", str(mc), str(again), "--to", "mcore", "--ckpt-format", fmt, "--quiet"]
+        assert cli_main(argv) == 0
+        assert sorted(os.listdir(again / "hf")) == sorted((*SIDE, "config.json")), fmt
+        assert all((again / "hf" / n).read_bytes() == (src / n).read_bytes() for n in (*SIDE, "config.json"))
+    assert (
+        cli_main(["convert", str(tmp_path / "mcore_fsdp_dtensor"), str(tmp_path / "fsdp_back"), "--to", "hf"])
+        == 0
+    )
+    assert all((tmp_path / "fsdp_back" / n).read_bytes() == (src / n).read_bytes() for n in SIDE)
 
 
 def _sha256(path) -> str:
@@ -77,11 +86,14 @@ def _sha256(path) -> str:
 
 def test_torch_dist_keeps_the_tokenizer_and_megatrons_integrity_manifest(hf_with_tokenizer, tmp_path, capsys):
     """HF -> torch_dist puts the tokenizer's files where Megatron-LM saves a run's tokenizer
-    (iter_N/tokenizer/, its save_pretrained files; checkpointing.py save_tokenizer_assets), and with
+    (iter_N/tokenizer/, its save_pretrained files; checkpointing.py save_tokenizer_assets), every
+    side file in hf/ at the checkpoint root as the torch format does (beside the tracker, outside
+    the iteration directory: Megatron reads only the tracker and iter_*), and with
     --verify-integrity the integrity.json of Megatron-Core 0.18+ (validation.py
     save_integrity_manifest: SHA-256 of each file directly in the iteration directory, in name
-    order, json.dump(indent=2)).  The export takes the tokenizer from there (over hf/'s), and a
-    changed or missing file is a one-line error naming it."""
+    order, json.dump(indent=2)).  The export takes the tokenizer from there (over hf/'s) and the
+    other side files from hf/, byte for byte, also through the torch format and from the
+    iteration directory given itself; a changed or missing file is a one-line error naming it."""
     src = hf_with_tokenizer
     td = tmp_path / "td"
     argv = [
@@ -95,6 +107,9 @@ def test_torch_dist_keeps_the_tokenizer_and_megatrons_integrity_manifest(hf_with
         "--verify-integrity",
     ]
     assert cli_main([*argv, "--quiet"]) == 0
+    assert sorted(os.listdir(td)) == ["hf", "iter_0000001", "latest_checkpointed_iteration.txt"]
+    assert sorted(os.listdir(td / "hf")) == sorted((*SIDE, "config.json"))
+    assert all((td / "hf" / n).read_bytes() == (src / n).read_bytes() for n in (*SIDE, "config.json"))
     it = td / "iter_0000001"
     tokenizer = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
     assert sorted(os.listdir(it / "tokenizer")) == sorted(tokenizer)
@@ -105,14 +120,18 @@ def test_torch_dist_keeps_the_tokenizer_and_megatrons_integrity_manifest(hf_with
         {"algorithm": "sha256", "files": files}, indent=2
     )
 
-    # hf/ as the torch format keeps it, holding an older tokenizer config: the iteration's wins
-    (td / "hf").mkdir()
+    # hf/ holding an older tokenizer config: the iteration's wins, directly and through the torch
+    # format (read from the iteration directory given itself: the hf/ beside it)
     (td / "hf" / "tokenizer_config.json").write_text('{"older": true}')
-    shutil.copy(src / "generation_config.json", td / "hf")
     back = tmp_path / "back"
     assert cli_main(["convert", str(td), str(back), "--to", "hf", "--quiet"]) == 0
-    for name in (*tokenizer, "generation_config.json"):
-        assert (back / name).read_bytes() == (src / name).read_bytes(), name
+    torch_fmt, back2 = tmp_path / "torch", tmp_path / "back2"
+    assert cli_main(["convert", str(it), str(torch_fmt), "--to", "mcore", "--quiet"]) == 0
+    assert cli_main(["convert", str(torch_fmt), str(back2), "--to", "hf", "--quiet"]) == 0
+    for out in (back, back2):
+        assert sorted(os.listdir(out)) == sorted((*SIDE, "config.json", "model.safetensors")), out
+        for name in SIDE:
+            assert (out / name).read_bytes() == (src / name).read_bytes(), (out, name)
 
     victim = sorted(it.glob("*.distcp"))[1].name
     for damage in ("changed", "missing"):
@@ -133,15 +152,21 @@ def test_torch_dist_keeps_the_tokenizer_and_megatrons_integrity_manifest(hf_with
     assert cli_main([*argv, "--overwrite", "--quiet"]) == 0  # its own output is a checkpoint to replace
 
 
-def test_explicit_hf_config_wins(hf_with_tokenizer, tmp_path):
+def test_explicit_hf_config_wins(hf_with_tokenizer, tmp_path, capsys):
     mc = tmp_path / "mcore"
     assert cli_main(["convert", str(hf_with_tokenizer), str(mc), "--to", "mcore", "--quiet"]) == 0
     other = tmp_path / "other"
     shutil.copytree(hf_with_tokenizer, other)
     (other / "chat_template.jinja").write_text("{{ 'other template' }}")
+    (other / "generation_config.json").unlink()  # the checkpoint's is left out, and said so
     back = tmp_path / "back"
-    assert cli_main(["convert", str(mc), str(back), "--to", "hf", "--hf-config", str(other), "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli_main(["convert", str(mc), str(back), "--to", "hf", "--hf-config", str(other)]) == 0
     assert (back / "chat_template.jinja").read_text() == "{{ 'other template' }}"
+    assert not (back / "generation_config.json").exists()
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "generation_config.json" in ln]
+    assert len(lines) == 1 and lines[0].startswith("dropped: generation_config.json:"), lines
+    assert f"--hf-config {other}" in lines[0] and "tokenizer" not in lines[0], lines
 
 
 def test_output_without_tokenizer_says_so(tmp_path_factory, tmp_path, capsys):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import re
 
+from ckpt_ir.backends.mcore import hf_folder
 from ckpt_ir.backends.plan import OutputFile, Plan
 from ckpt_ir.backends.torch_dist import check_whole, layer_entries, output_args
 from ckpt_ir.errors import VerifyError, setting
@@ -74,6 +75,7 @@ def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
         entries.append((key, "bytes", "", (), data))
     files.append(OutputFile(f"{d}/{METADATA_FILE}", "dcp-metadata", obj=tuple(entries)))
     files.append(OutputFile(M.TRACKER, "text", text=str(it)))
+    files.extend(hf_folder(ckpt))  # every side file, as the torch format keeps them
     dropped = dict(ckpt.dropped)
     if ckpt.meta.get("extra_state"):
         dropped["*._extra_state"] = "Transformer-Engine _extra_state: fsdp_dtensor checkpoints hold none"

@@ -8,7 +8,7 @@ import json
 import os
 
 from ckpt_ir.backends.plan import OutputFile, Plan
-from ckpt_ir.errors import VerifyError
+from ckpt_ir.errors import VerifyError, setting
 from ckpt_ir.families import Family, by_name
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
@@ -114,12 +114,20 @@ def plan(
         )
     base_cfg = ckpt.hf_config
     aux = [f for f in ckpt.aux_files if os.path.basename(f) != "config.json"]  # written from the IR below
+    dropped = dict(ckpt.dropped)
     if hf_config_dir:  # an explicit --hf-config wins over the source's side files
         from ckpt_ir.frontends.hf import read_config
         from ckpt_ir.io.side_files import side_files
 
         base_cfg = read_config(hf_config_dir)
-        aux = list(side_files(hf_config_dir))
+        given = list(side_files(hf_config_dir))
+        left = sorted({os.path.basename(f) for f in aux} - {os.path.basename(f) for f in given})
+        if left:
+            dropped[", ".join(left)] = (
+                f"side files of the source that {setting('hf_config_dir', hf_config_dir)} lacks (the "
+                f"output takes that directory's side files instead); copy them there to keep them"
+            )
+        aux = given
     cfg = family.config_from_spec(ckpt.spec, base_cfg)
     cfg.pop("quantization_config", None)  # describes the written tensors only when they are quantized
     if quant_cfg is not None:
@@ -127,10 +135,12 @@ def plan(
     files.append(OutputFile("config.json", "text", text=json.dumps(cfg, indent=2, sort_keys=True) + "\n"))
     for src in aux:
         files.append(OutputFile(os.path.basename(src), "copy", source=src))
-    dropped = dict(ckpt.dropped)
     from ckpt_ir.io.side_files import TOKENIZER_PATTERNS
 
-    if not any(fnmatch.fnmatch(os.path.basename(f), p) for f in aux for p in TOKENIZER_PATTERNS):
+    def tokenizer(files) -> bool:
+        return any(fnmatch.fnmatch(os.path.basename(f), p) for f in files for p in TOKENIZER_PATTERNS)
+
+    if not tokenizer(aux) and not tokenizer(ckpt.aux_files):
         dropped["tokenizer"] = (
             "the source has no tokenizer files, so neither has the output; pass --hf-config DIR "
             "to copy them from DIR"

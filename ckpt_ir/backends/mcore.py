@@ -99,11 +99,7 @@ def plan(
             files.append(OutputFile(f"{rank_dir}/{M.RANK_FILE}", "torch", tuple(tensors), obj=obj))
     files.append(OutputFile(M.TRACKER, "text", text=str(it)))
 
-    # the HF side files (tokenizer, generation config, chat template, remote code, config.json):
-    # Megatron ignores the folder; an HF export restores them
-    files.extend(
-        OutputFile(f"{M.MCORE_HF_DIR}/{os.path.basename(f)}", "copy", source=f) for f in ckpt.aux_files
-    )
+    files.extend(hf_folder(ckpt))
     copies = tuple(_shared_copies(ckpt))
     dropped = {**ckpt.dropped, **training.dropped}
     dropped.update(extra.dropped)
@@ -118,6 +114,14 @@ def plan(
         )
         copies = ()
     return Plan(tuple(files), dropped, checks=copies)
+
+
+def hf_folder(ckpt: Checkpoint) -> list[OutputFile]:
+    """The copies of ``ckpt``'s HF side files (tokenizer, generation config, chat template, remote
+    code, config.json) in the ``hf/`` folder at the checkpoint's root, beside
+    ``latest_checkpointed_iteration.txt``, in either format: Megatron reads only the tracker and
+    the iteration directories, so it ignores the folder; an HF export restores them."""
+    return [OutputFile(f"{M.MCORE_HF_DIR}/{os.path.basename(f)}", "copy", source=f) for f in ckpt.aux_files]
 
 
 class ExtraState:

@@ -10,6 +10,7 @@ form (``target_parameters``), the only form a transformers-5 MoE model can load.
 from __future__ import annotations
 
 import json
+import os
 import re
 from typing import Any
 
@@ -128,6 +129,11 @@ def plan(ckpt: Checkpoint) -> Plan:
     }
     dropped = dict(ckpt.dropped)
     dropped.update({n: "base weight: not part of a LoRA adapter" for n in ckpt.tensors if not is_lora(n)})
+    if ckpt.aux_files:  # the base model's, as its weights
+        dropped[", ".join(sorted(os.path.basename(f) for f in ckpt.aux_files))] = (
+            "HF side files of the base model: a PEFT adapter holds the adapter alone; load them "
+            "with the base model"
+        )
     return Plan(
         (
             OutputFile("adapter_model.safetensors", "safetensors", tensors, metadata={"format": "pt"}),

@@ -5,12 +5,14 @@ Written as Megatron-Core 0.15-0.18 lays it out (``version="0.15"``, which 0.19+ 
 :mod:`ckpt_ir.frontends.torch_dist`)::
 
     latest_checkpointed_iteration.txt
+    hf/                         the HF side files (config.json, tokenizer, generation config, chat
+                                template, remote code), as the torch format keeps them
     iter_N/metadata.json        {"sharded_backend": "torch_dist", "sharded_backend_version": 1, ...}
     iter_N/common.pt            args, iteration, checkpoint_version, content_metadata
     iter_N/__0_K.distcp         one torch.save blob per stored entry (tensor K, or a sharded object)
     iter_N/.metadata            torch.distributed.checkpoint Metadata naming each entry's file, written last
     iter_N/tokenizer/           the source's tokenizer files, where Megatron-LM saves a run's tokenizer
-    iter_N/integrity.json       with ``integrity``: Megatron-Core 0.18+'s SHA-256 manifest of the files above
+    iter_N/integrity.json       with ``integrity``: Megatron-Core 0.18+'s SHA-256 manifest of iter_N's files
 
 Keys are global: every decoder-layer tensor is stacked on a leading layer axis
 (``decoder.layers.self_attention.linear_qkv.weight`` is ``[L, ...]``; MoE experts on the next
@@ -35,7 +37,7 @@ from __future__ import annotations
 import json
 import os
 
-from ckpt_ir.backends.mcore import placeholders
+from ckpt_ir.backends.mcore import hf_folder, placeholders
 from ckpt_ir.backends.plan import OutputFile, Plan
 from ckpt_ir.errors import VerifyError, setting
 from ckpt_ir.families import by_name
@@ -164,7 +166,8 @@ def plan(
     files.append(OutputFile(f"{d}/metadata.json", "text", text=json.dumps(config)))
     files.append(OutputFile(f"{d}/.metadata", "dcp-metadata", obj=tuple(entries)))
     files.append(OutputFile(M.TRACKER, "text", text=str(it)))
-    files.extend(  # the tokenizer where Megatron-LM saves a run's
+    files.extend(hf_folder(ckpt))  # every side file, as the torch format keeps them
+    files.extend(  # the tokenizer where Megatron-LM saves a run's, too
         OutputFile(f"{d}/{M.TOKENIZER_DIR}/{os.path.basename(f)}", "copy", source=f)
         for f in ckpt.aux_files
         if is_tokenizer_file(f)

@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--hf-config",
         metavar="DIR",
-        help="take config.json (and tokenizer files) from DIR, or from a Hub id's snapshot; for a "
-        "Megatron source it describes the model, and must fit the checkpoint's tensors",
+        help="take config.json and the side files (tokenizer, generation config, chat template, code) "
+        "from DIR, or from a Hub id's snapshot, instead of the source's (those DIR lacks are listed as "
+        "dropped); for a Megatron source it describes the model, and must fit the checkpoint's tensors",
     )
     c.add_argument(
         "--model-type-hf",
@@ -145,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Megatron checkpoint "
         "format, as Megatron-LM's flag: torch (mp_rank_* directories for one TP/PP layout, default), "
         "torch_dist (dist_checkpointing, resharded by Megatron on load) or fsdp_dtensor (Megatron-FSDP, "
-        "--use-megatron-fsdp; weights only)",
+        "--use-megatron-fsdp; weights only); each keeps the HF side files in the checkpoint's hf/ folder",
     )
     m.add_argument(
         "--torch-dist-version",

@@ -201,7 +201,7 @@ def lift(
         "source_layout": None,
     }
     return lift_tail.checkpoint(
-        path, spec, layout, tensors, {}, args=args, cfg=cfg, dropped=dropped, meta=meta
+        path, spec, layout, tensors, {}, args=args, cfg=cfg, dropped=dropped, meta=meta, iteration_dir=it_dir
     )
 
 

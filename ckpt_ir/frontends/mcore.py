@@ -322,6 +322,7 @@ def lift(
         cfg=cfg,
         dropped=dropped,
         meta=meta,
+        iteration_dir=it_dir,
     )
 
 
@@ -395,7 +396,16 @@ def lift_state_dicts(
     lift_tail.complete_tensors(spec, tensors, {}, dropped)
     layout = attrs.evolve(layout, norm_names=lift_tail.norm_names(te_norms, te_fc1))
     return lift_tail.checkpoint(
-        where, spec, layout, tensors, {}, args=args, cfg=cfg, dropped=dropped, meta=dict(meta or {})
+        where,
+        spec,
+        layout,
+        tensors,
+        {},
+        args=args,
+        cfg=cfg,
+        dropped=dropped,
+        meta=dict(meta or {}),
+        iteration_dir=None,
     )
 
 

@@ -20,7 +20,7 @@ from ckpt_ir.ir.roles import canonical_order
 from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.megatron import args as megatron_args
 from ckpt_ir.megatron import infer
-from ckpt_ir.megatron.keys import MCORE_HF_DIR, TOKENIZER_DIR, mla_down_parts
+from ckpt_ir.megatron.keys import MCORE_HF_DIR, TOKENIZER_DIR, iteration_of, mla_down_parts
 
 
 class ArgReader:
@@ -176,12 +176,12 @@ def checkpoint(
     cfg: dict[str, Any] | None,
     dropped: dict[str, str],
     meta: dict[str, Any],
-    iteration_dir: str | None = None,
+    iteration_dir: str | None,
 ) -> Checkpoint:
     """The Checkpoint of a lifted Megatron model: the padded vocabulary, dtype and LoRA rank read
-    off the tensors, tensors in canonical order, and the HF side files of ``hf/``; with
-    ``iteration_dir``, the run's tokenizer files that Megatron-LM saved in its ``tokenizer/``
-    replace those of ``hf/``."""
+    off the tensors, tensors in canonical order, and the HF side files of ``hf/``, the run's
+    tokenizer files that Megatron-LM saved in ``iteration_dir``'s ``tokenizer/`` replacing those
+    of ``hf/`` (``iteration_dir`` None: a model in memory, no files beside it)."""
     layout = padded(layout, spec, tensors)
     weights = [t for n, t in tensors.items() if not is_lora(n)]
     spec = attrs.evolve(spec, dtype=weights[0].dtype if weights else spec.dtype)
@@ -199,17 +199,21 @@ def checkpoint(
         dropped=dropped,
         hf_config=cfg,
         source=path,
-        aux_files=_side_files(path, iteration_dir),
+        aux_files=() if iteration_dir is None else _side_files(path, iteration_dir),
         meta=meta,
         states={k: {n: v[n] for n in ordered if n in v} for k, v in sets.items()},
     )
 
 
-def _side_files(path: str, iteration_dir: str | None) -> tuple[str, ...]:
-    """``hf/``'s side files, and every file of the iteration's ``tokenizer/`` in place of the
-    same-named ones."""
-    files = {os.path.basename(f): f for f in side_files(os.path.join(path, MCORE_HF_DIR), config=True)}
-    tokenizer = os.path.join(iteration_dir, TOKENIZER_DIR) if iteration_dir else ""
+def _side_files(path: str, iteration_dir: str) -> tuple[str, ...]:
+    """The side files of ``hf/`` at the checkpoint's root (``path``, or the save directory of an
+    ``iter_N`` / ``release`` directory given itself), and every file of the iteration's
+    ``tokenizer/`` in place of the same-named ones."""
+    root = os.path.abspath(path)
+    if root == os.path.abspath(iteration_dir) and iteration_of(os.path.basename(root)) is not None:
+        root = os.path.dirname(root)
+    files = {os.path.basename(f): f for f in side_files(os.path.join(root, MCORE_HF_DIR), config=True)}
+    tokenizer = os.path.join(iteration_dir, TOKENIZER_DIR)
     if os.path.isdir(tokenizer):
         for entry in os.scandir(tokenizer):
             if entry.is_file():
