@@ -76,7 +76,7 @@ def export_hf(
     copy it, do not modify it.  Every rank must consume the iterator to the end (the ranks meet
     in collectives along the way)."""
     if bucket_bytes < 1:
-        raise UsageError(f"{setting('bucket_bytes', bucket_bytes)}: give a positive number of bytes")
+        raise UsageError(f"bucket_bytes={bucket_bytes!r}: give a positive number of bytes")
     job = _Job.of(models)
     ckpt = job.lift(_config(hf_config), lora_alpha)
     to = "hf" if merge_lora or ckpt.spec.lora_rank is None else "peft"
@@ -157,7 +157,7 @@ class _Job:
         chunks = [MM.unwrap(m) for m in (models if isinstance(models, (list, tuple)) else [models])]
         if not chunks or not all(hasattr(c, "config") and hasattr(c, "state_dict") for c in chunks):
             raise UsageError(
-                f"{setting('models', metavar='...')}: give this rank's megatron-core model chunks (a list of "
+                f"models: give this rank's megatron-core model chunks (a list of "
                 f"GPTModel, one per virtual pipeline stage), got {type(models).__name__}"
             )
         import torch
@@ -183,7 +183,7 @@ class _Job:
         vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
         if vpp != len(chunks):
             raise UsageError(
-                f"{setting('models', metavar='...')}: {len(chunks)} model chunk(s) given, but the virtual "
+                f"models: {len(chunks)} model chunk(s) given, but the virtual "
                 f"pipeline size is {vpp}; give every chunk of this rank, in order"
             )
         device = next((v.device for sd in states for v in sd.values()), torch.device("cpu"))

@@ -15,6 +15,8 @@ MEGATRON_LM_FLAGS = {
     "--dist-ckpt-optim-fully-reshardable",
     "--overlap-grad-reduce",
     "--overlap-param-gather-with-optimizer-step",
+    "--use-megatron-fsdp",
+    "--use-torch-fsdp2",
 }
 
 
