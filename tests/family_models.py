@@ -113,7 +113,8 @@ CONFIGS = {
     # routed experts of another family's shape (issue 31): DeepSeek-V3's MoE block with per-head q/k
     # norms (dots1), ERNIE 4.5's layer schedule (layers 1, 3 MoE) and [1, E] score bias, EXAONE's
     # sliding / rotary-free layers, Granite's stacked [out, in] experts and muP multipliers,
-    # Llama 4's stacked [in, out] experts, dense layers of another width and rotary-free layers
+    # Llama 4's stacked [in, out] experts, dense layers of another width and rotary-free layers;
+    # AFMoE below
     "dots1": dict(
         DENSE,
         head_dim=32,
@@ -174,6 +175,21 @@ CONFIGS = {
         interleave_moe_layer_step=2,
         no_rope_layer_interval=2,
         attention_bias=True,
+    ),
+    # AFMoE: an attention output gate, sandwich norms, rotary and a window on the sliding layers
+    # only (0 and 2), muP embedding scale, layer 0 dense
+    "afmoe": dict(
+        DENSE,
+        head_dim=32,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_shared_experts=1,
+        num_dense_layers=1,
+        sliding_window=4,
+        global_attn_every_n_layers=2,
+        mup_enabled=True,
+        route_scale=2.0,
     ),
     # multi-latent attention
     "deepseek_v2": dict(

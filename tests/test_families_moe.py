@@ -47,6 +47,7 @@ LAYOUTS = {
     "granitemoe": (dict(tp=2, pp=2, ep=2, num_layer_list=(3, 1), norm_names="te"),),
     "granitemoeshared": (dict(tp=2, pp=2, ep=2, num_layer_list=(1, 3), grouped_gemm=True),),
     "llama4_text": (dict(tp=2, pp=2, ep=2, num_layer_list=(3, 1)),),
+    "afmoe": (dict(tp=2, pp=2, ep=2, num_layer_list=(1, 3)),),
 }
 
 
@@ -429,6 +430,50 @@ def test_ernie_score_bias_layer_schedule_and_rotary(models, tmp_path):
         "softmax",
         [0, 1, 0, 1],
     )
+
+
+def test_afmoe_gate_sandwich_norms_and_sliding_layers(models, tmp_path):
+    """AFMoE's output gate (gate_proj [heads * head_dim, hidden], one row block per head) is split
+    over TP with the heads under self_attention.linear_gate; its four norms go to input_layernorm,
+    post_attn_norm, pre_mlp_layernorm and post_mlp_layernorm (gemma2 / glm4's keys); the router's
+    score bias to router.expert_bias.  The args: sigmoid routing scaled by route_scale, a window
+    and rotary on the sliding layers only (every global_attn_every_n_layers-th is global), the
+    muP embedding scale."""
+    src = models("afmoe")
+    hf = hf_state(src)
+    mid = str(tmp_path / "mid")
+    convert(src, mid, ck.Target(to="mcore", tp=2))
+    q = hf["model.layers.0.self_attn.q_proj.weight"].shape[0]
+    for t in range(2):
+        r = rank(mid, f"mp_rank_0{t}")
+        sd = r["model"]
+        for i in (0, 1):
+            gate = hf[f"model.layers.{i}.self_attn.gate_proj.weight"]
+            assert torch.equal(
+                sd[f"decoder.layers.{i}.self_attention.linear_gate.weight"],
+                gate[t * q // 2 : (t + 1) * q // 2],
+            )
+            for key, name in (
+                ("input_layernorm", "input_layernorm"),
+                ("post_attn_norm", "post_attention_layernorm"),
+                ("pre_mlp_layernorm", "pre_mlp_layernorm"),
+                ("post_mlp_layernorm", "post_mlp_layernorm"),
+            ):
+                assert torch.equal(
+                    sd[f"decoder.layers.{i}.{key}.weight"], hf[f"model.layers.{i}.{name}.weight"]
+                )
+        assert torch.equal(
+            sd["decoder.layers.1.mlp.router.expert_bias"], hf["model.layers.1.mlp.expert_bias"]
+        )
+        assert "decoder.layers.0.mlp.router.weight" not in sd
+    args = r["args"]
+    assert (args.moe_router_score_function, args.moe_router_topk_scaling_factor) == ("sigmoid", 2.0)
+    assert (args.window_size, args.window_attn_skip_freq, args.no_rope_freq) == (
+        [3, 0],
+        [1, 0, 1, 0],
+        [0, 1, 0, 1],
+    )
+    assert args.apply_embedding_scaling is True and args.post_norm is True
 
 
 @pytest.mark.parametrize(

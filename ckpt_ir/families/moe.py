@@ -1,7 +1,8 @@
 """Mixture-of-experts decoder families with grouped- or multi-head attention (mixtral, qwen2_moe,
 qwen3_moe, glm4_moe, dots1, ernie4_5_moe, granitemoe, granitemoeshared, llama4_text, exaone_moe,
-hunyuan_v1_moe, phimoe, minimax_m2, hy_v3, olmoe, gpt_oss).  One table entry each, built from the
-fragments in ``blocks.py``; the MoE families with multi-latent attention are in ``mla.py``.
+afmoe, hunyuan_v1_moe, phimoe, minimax_m2, hy_v3, olmoe, gpt_oss).  One table entry each, built
+from the fragments in ``blocks.py``; the MoE families with multi-latent attention are in
+``mla.py``.
 
 On disk, transformers writes one tensor per expert (``...experts.N.gate_proj.weight``) except for
 gpt-oss, Granite MoE and Llama 4, whose experts are stacked per layer (:class:`ExpertStack`); the
@@ -10,7 +11,7 @@ canonical names are ``layers.I.mlp.experts.N.{gate,up,down}.weight``, plus ``mlp
 checked against transformers 5's modeling and configuration files; Megatron names follow
 MindSpeed-LLM v2's ``configs/checkpoint/model_cfg.json``, or Megatron-Bridge's bridge where
 MindSpeed-LLM lacks the family (olmoe, gpt_oss, ernie4_5_moe, exaone_moe, llama4_text), or the
-same blocks' keys where neither has it (dots1, granitemoe, granitemoeshared).
+same blocks' keys where neither has it (dots1, granitemoe, granitemoeshared, afmoe).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from ckpt_ir.families.blocks import (
     qwen_router_args,
     window_skip_freq,
 )
+from ckpt_ir.ir.names import COLUMN
+from ckpt_ir.ir.roles import Role, register_role
 
 EXPERT = C + "mlp.experts.{e}."
 MIXTRAL_MOE = (
@@ -375,6 +378,89 @@ register(
         ),
         constants=(("qk_norm", True), ("router_bias", True)),
         megatron_args=_exaone_moe_args,
+    )
+)
+
+
+def _afmoe_args(cfg: dict) -> dict:
+    """AFMoE as megatron-core TransformerConfig fields where they exist: sigmoid router scores
+    with the score bias, top-k renormalised and scaled by route_scale; the sliding layers
+    (layer_types, else all but every global_attn_every_n_layers-th) windowed and the only ones
+    with rotary; with mup_enabled embeddings times sqrt(hidden_size) (ckpt-ir's marker, as
+    gemma3_text's)."""
+    sliding = [int(t == "sliding_attention") for t in cfg.get("layer_types") or ()]
+    window = cfg.get("sliding_window")
+    left = window - 1 if isinstance(window, int) and window > 0 and any(sliding) else None
+    return {
+        "moe_router_score_function": "sigmoid",
+        "moe_router_enable_expert_bias": True,
+        "moe_router_pre_softmax": False,
+        "moe_router_topk_scaling_factor": cfg.get("route_scale"),
+        "window_size": None if left is None else [left, 0],
+        "window_attn_skip_freq": None if left is None else sliding,
+        "no_rope_freq": [1 - s for s in sliding] or None,
+        "apply_embedding_scaling": bool(cfg.get("mup_enabled")),
+    }
+
+
+# AFMoE (Arcee Trinity; transformers models/afmoe/modular_afmoe.py): per-head q/k norms, an output
+# gate (self_attn.gate_proj [heads * head_dim, hidden]: the attention output times its sigmoid,
+# channel by channel, before o_proj; the role attn.gate, split over TP with the heads), rotary and
+# a window only on the sliding layers, sandwich norms (post_attention_layernorm after attention,
+# pre_mlp_layernorm / post_mlp_layernorm around the MLP: the post_norms roles), the first
+# num_dense_layers dense, then a sigmoid router (mlp.router.gate) with its score bias
+# (mlp.expert_bias), DeepSeek-named shared experts and Qwen-named experts.  Neither MindSpeed-LLM
+# nor Megatron-Bridge has it: keys as glm4's post norms and DeepSeek's MoE block, the gate under
+# self_attention.linear_gate (megatron-core's own gated attention packs it into linear_qkv, which
+# no consumer of these files reads: megatron-core has no sandwich norms)
+AFMOE_LAYER = (
+    (L + "input_layernorm.weight", C + "attn_norm.weight"),
+    (L + "self_attn.gate_proj.weight", C + "attn.gate.weight"),
+    (L + "post_attention_layernorm.weight", C + "post_attn_norm.weight"),
+    (L + "pre_mlp_layernorm.weight", C + "mlp_norm.weight"),
+    (L + "post_mlp_layernorm.weight", C + "post_mlp_norm.weight"),
+    (L + "mlp.router.gate.weight", C + "mlp.router.weight"),
+    (L + "mlp.expert_bias", C + "mlp.router.bias"),
+    *((h, c) for h, c in DEEPSEEK_MOE if "experts" in h),  # experts, shared_experts
+)
+register(
+    Family(
+        name="afmoe",
+        model_types=("afmoe",),
+        architecture="AfmoeForCausalLM",
+        tensors=EMBED_AND_HEAD
+        + tuple((h, c) for h, c in ATTENTION if "layernorm" not in h)
+        + GATED_MLP
+        + AFMOE_LAYER,
+        config=config_with(
+            ConfigKey("head_dim", "head_dim", 128),
+            ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
+            ConfigKey("num_experts", "num_experts"),
+            ConfigKey("moe_topk", "num_experts_per_tok"),
+            ConfigKey("moe_ffn_hidden_size", "moe_intermediate_size"),
+            ConfigKey(
+                "shared_ffn_hidden_size",
+                None,
+                lambda cfg: (cfg.get("num_shared_experts") or 0) * cfg["moe_intermediate_size"],
+            ),
+            ConfigKey(
+                "dense_layers",
+                None,
+                lambda cfg: tuple(range(min(cfg.get("num_dense_layers", 1), cfg["num_hidden_layers"]))),
+            ),
+        ),
+        constants=(("qk_norm", True), ("post_norms", True), ("router_bias", True)),
+        megatron_args=_afmoe_args,
+    )
+)
+# AFMoE's output gate, a role of its own (a future gated-attention block's part): present in the
+# attention layers of the afmoe family only
+register_role(
+    Role(
+        "layers.{i}.attn.gate.weight",
+        COLUMN,
+        lambda s, lay: (s.q_size, s.hidden_size),
+        lambda s, lay, i: s.has_attention(i) and s.family == "afmoe",
     )
 )
 
