@@ -172,7 +172,7 @@ class Family:
     architecture: str
     tensors: tuple[tuple[str, str], ...]
     packed: tuple[Packed, ...] = ()
-    # HF tensors that stack a layer's experts (gpt-oss)
+    # HF tensors that stack a layer's experts (gpt-oss, Granite MoE, Llama 4)
     stacked: tuple[ExpertStack, ...] = ()
     # HF tensors stored in another shape than their canonical one (ERNIE 4.5's [1, E] score bias)
     reshaped: tuple[Reshaped, ...] = ()
