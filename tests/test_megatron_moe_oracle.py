@@ -8,7 +8,12 @@ norms, sigmoid routing with a random score-correction bias, renormalised and sca
 ungated shared expert, a dense first layer); glm4_moe
 (GLM-4.5: DeepSeek-V3's router -- sigmoid scores, top-k chosen on scores plus a random
 score-correction bias, renormalised and scaled by ``routed_scaling_factor`` -- an ungated shared
-expert, a dense first layer, q/k norms, qkv bias, rotary on half of each head).  Layouts:
+expert, a dense first layer, q/k norms, qkv bias, rotary on half of each head); issue 31's dots1
+(the same router with Qwen3's q/k norms), exaone_moe (the same router; a sliding-window layer with
+rotary and a global one without), granitemoe and granitemoeshared (experts stacked [E, 2F, H], a
+softmax scale of its own, an ungated shared MLP; their other muP multipliers at 1) and
+llama4_text (experts stacked [E, H, 2F], top-1 sigmoid score on the expert input, a shared expert,
+a dense layer of another width, interleaved rotary, a layer without rotary or L2 q/k norm).  Layouts:
 expert parallelism alone (TP1 x EP2, EP4), with tensor parallelism (TP2 x EP2 with expert TP 2
 and expert TP 1, TP2 x EP4 with expert TP 1, TP2 without EP), with pipeline parallelism (PP2 x EP2,
 PP2 x VPP2 x EP2, TP2 x PP2 x EP2 with expert TP 1), experts stored one by one
@@ -666,7 +671,7 @@ def test_args_describe_the_moe(oracle, case):
     [
         c
         for c, (model, _) in CASES.items()
-        if MODELS[model]["family"] in ("exaone_moe", "granitemoe", "llama4_text")
+        if MODELS[model]["family"] in ("exaone_moe", "granitemoe", "granitemoeshared", "llama4_text")
     ],
 )
 def test_args_carry_the_settings_beyond_the_moe_block(oracle, case):
