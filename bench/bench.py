@@ -21,7 +21,8 @@ fp32 with `--make-vocab-size-divisible-by 128`: peak memory with embeddings of 1
 `fsdp` (HF -> Megatron-FSDP's `fsdp_dtensor` and back to HF) and `moe` (a Qwen3-MoE-shaped checkpoint with Qwen3-30B-A3B's widths: hidden 2048, 128 experts of
 768, vocab 151936, as many layers as the size asks, about 400 tensors per layer in shards of about
 1.2 GB; timed HF -> mcore EP8, mcore EP8 -> HF and mcore EP8 -> TP2 EP4, each against `cp -r` +
-`sync` of its own source, the HF or the EP8 checkpoint).  `--torchrun N` also times HF -> mcore
+`sync` of its own source, the HF or the EP8 checkpoint; `--moe-stacked`: a Llama 4 text model of
+the same widths, each layer's experts stacked in two [in, out] tensors).  `--torchrun N` also times HF -> mcore
 EP8 under `torchrun --nproc-per-node N` and checks that its output is byte-identical to the
 single-process one.
 """
@@ -122,9 +123,28 @@ def generate(path: str, size: int, layers: int | None = None) -> int:
     return layers
 
 
-def moe_layer_tensors(i: int) -> dict[str, tuple[int, ...]]:
+def moe_layer_tensors(i: int, stacked: bool = False) -> dict[str, tuple[int, ...]]:
+    """One MoE layer's HF tensors: Qwen3-MoE's, one tensor per expert; ``stacked``: Llama 4's text
+    model, each layer's experts in two [in, out] tensors (gate_up_proj [E, H, 2F], down_proj
+    [E, F, H]) and a shared expert."""
     h, d, E, f = MOE["hidden"], MOE["head_dim"], MOE["experts"], MOE["ffn"]
     p = f"model.layers.{i}."
+    if stacked:
+        q = p + "feed_forward."
+        return {
+            p + "input_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (MOE["heads"] * d, h),
+            p + "self_attn.k_proj.weight": (MOE["kv_heads"] * d, h),
+            p + "self_attn.v_proj.weight": (MOE["kv_heads"] * d, h),
+            p + "self_attn.o_proj.weight": (h, MOE["heads"] * d),
+            p + "post_attention_layernorm.weight": (h,),
+            q + "router.weight": (E, h),
+            q + "experts.gate_up_proj": (E, h, 2 * f),
+            q + "experts.down_proj": (E, f, h),
+            q + "shared_expert.gate_proj.weight": (f, h),
+            q + "shared_expert.up_proj.weight": (f, h),
+            q + "shared_expert.down_proj.weight": (h, f),
+        }
     out = {
         p + "input_layernorm.weight": (h,),
         p + "self_attn.q_proj.weight": (MOE["heads"] * d, h),
@@ -144,19 +164,20 @@ def moe_layer_tensors(i: int) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def generate_moe(path: str, size: int) -> int:
+def generate_moe(path: str, size: int, stacked: bool = False) -> int:
     """A Qwen3-MoE-shaped bf16 HF checkpoint of about ``size`` bytes (at least one layer), in
     shards of about 1.2 GB as HF's ``save_pretrained`` splits them; returns its layer count.
-    Written tensor by tensor (random finite bf16 bit patterns), so generating never holds a shard."""
+    Written tensor by tensor (random finite bf16 bit patterns), so generating never holds a shard.
+    ``stacked``: a Llama 4 text model of the same widths (see :func:`moe_layer_tensors`)."""
     import numpy as np
 
     h, vocab = MOE["hidden"], MOE["vocab"]
-    per_layer = 2 * sum(_numel(s) for s in moe_layer_tensors(0).values())
+    per_layer = 2 * sum(_numel(s) for s in moe_layer_tensors(0, stacked).values())
     fixed = 2 * (2 * vocab * h + h)
     layers = max(1, round((size - fixed) / per_layer))
     tensors = {"model.embed_tokens.weight": (vocab, h)}
     for i in range(layers):
-        tensors.update(moe_layer_tensors(i))
+        tensors.update(moe_layer_tensors(i, stacked))
     tensors.update({"model.norm.weight": (h,), "lm_head.weight": (vocab, h)})
     shards: list[list[str]] = [[]]
     acc = 0
@@ -190,6 +211,29 @@ def generate_moe(path: str, size: int) -> int:
                     left -= bits.size
         weight_map.update({n: fname for n in names})
     write_index(path, weight_map)
+    if stacked:
+        json.dump(
+            {
+                "architectures": ["Llama4ForCausalLM"],
+                "model_type": "llama4_text",
+                "hidden_size": h,
+                "intermediate_size": MOE["ffn"],
+                "intermediate_size_mlp": 4 * MOE["ffn"],
+                "num_local_experts": MOE["experts"],
+                "num_experts_per_tok": 1,
+                "interleave_moe_layer_step": 1,
+                "num_attention_heads": MOE["heads"],
+                "num_key_value_heads": MOE["kv_heads"],
+                "head_dim": MOE["head_dim"],
+                "num_hidden_layers": layers,
+                "vocab_size": vocab,
+                "rms_norm_eps": 1e-5,
+                "dtype": "bfloat16",
+                "tie_word_embeddings": False,
+            },
+            open(os.path.join(path, "config.json"), "w"),
+        )
+        return layers
     json.dump(
         {
             "architectures": ["Qwen3MoeForCausalLM"],
@@ -321,10 +365,10 @@ def main() -> int:
             use_shape(sys.argv[4])
         print(generate(sys.argv[2], int(sys.argv[3]), int(sys.argv[5]) if len(sys.argv) == 6 else None))
         return 0
-    if len(sys.argv) in (4, 5) and sys.argv[1] == "--generate-moe":
-        if sys.argv[4:] == ["tiny"]:
+    if len(sys.argv) >= 4 and sys.argv[1] == "--generate-moe":  # PATH SIZE [tiny] [stacked]
+        if "tiny" in sys.argv[4:]:
             MOE.update(TINY_MOE)
-        print(generate_moe(sys.argv[2], parse_size(sys.argv[3])))
+        print(generate_moe(sys.argv[2], parse_size(sys.argv[3]), "stacked" in sys.argv[4:]))
         return 0
     if len(sys.argv) == 4 and sys.argv[1] == "--adapter":
         generate_adapter(sys.argv[2], int(sys.argv[3]))
@@ -348,6 +392,12 @@ def main() -> int:
         "--moe-tiny",
         action="store_true",
         help="moe: narrow widths (hidden 512, experts of 256, vocab 4096) to check the benchmark quickly",
+    )
+    ap.add_argument(
+        "--moe-stacked",
+        action="store_true",
+        help="moe: a Llama 4 text model of the same widths instead, each layer's experts stacked in "
+        "two [in, out] tensors (gate_up_proj [E, H, 2F], down_proj [E, F, H])",
     )
     ap.add_argument(
         "--torchrun",
@@ -525,7 +575,11 @@ def bench_moe(root: str, label: str, size: int, args) -> list[tuple]:
     """The MoE model: HF -> mcore EP8, mcore EP8 -> HF, EP8 -> TP2 EP4 (and HF -> EP8 under
     torchrun), each against `cp -r` + `sync` of its own source (the HF or the EP8 checkpoint)."""
     src = os.path.join(root, "hf")
-    gen = [sys.executable, __file__, "--generate-moe", src, str(size)] + (["tiny"] if args.moe_tiny else [])
+    gen = (
+        [sys.executable, __file__, "--generate-moe", src, str(size)]
+        + (["tiny"] if args.moe_tiny else [])
+        + (["stacked"] if args.moe_stacked else [])
+    )
     layers = int(subprocess.check_output(gen))
     nbytes = du(src)
     count = len(json.load(open(os.path.join(src, "model.safetensors.index.json")))["weight_map"])

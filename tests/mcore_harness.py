@@ -304,9 +304,9 @@ def _transformer_config(case: dict, tp: int, pp: int, vpp: int | None):
         sequence_parallel=False,
         batch_p2p_comm=False,
         **_moe_kwargs(case),
-        **case.get("config_extra", {}),
         **_mla_kwargs(case),
     )
+    kw.update(case.get("config_extra", {}))  # may replace a field above (Llama 4's dense ffn width)
     kw.update(_gpt_oss_kwargs(case))
     kw.update(_dense_kwargs(case))
     config = (MLATransformerConfig if case.get("mla") else TransformerConfig)(**kw)
@@ -361,6 +361,25 @@ def _gpt_oss_kwargs(case: dict) -> dict:
     )
 
 
+def _no_qk_norm_without_rotary(spec, config):
+    """Llama 4 applies its weightless L2 q/k norm only in layers with rotary; megatron-core's
+    ``qk_l2_norm`` puts one in every layer, so the layers ``no_rope_freq`` marks get none (what
+    Megatron-Bridge's Llama 4 layer spec does).  The block's layer specs are this stage's."""
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    offset = get_transformer_layer_offset(config)
+    layers = []
+    for i, layer in enumerate(spec.layer_specs):
+        if config.no_rope_freq[offset + i]:
+            layer = copy.deepcopy(layer)  # the MoE layers share one spec object
+            attention = layer.submodules.self_attention.submodules
+            attention.q_layernorm = attention.k_layernorm = IdentityOp
+        layers.append(layer)
+    spec.layer_specs = layers
+    return spec
+
+
 def _rope_theta(hf: dict) -> float:
     params = hf.get("rope_parameters") or {}
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
@@ -400,7 +419,11 @@ def build_models(case: dict, seed: int = 1234) -> list:
     torch.manual_seed(seed)
     config = _transformer_config(case, tp, pp, vpp)
     if moe and moe.get("layer_freq", 1) != 1:  # dense and MoE layers mixed: per-layer specs
-        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+        spec = get_gpt_decoder_block_spec(
+            config, use_transformer_engine=False, normalization="RMSNorm", qk_l2_norm=config.qk_l2_norm
+        )
+        if config.qk_l2_norm and config.no_rope_freq:
+            spec = _no_qk_norm_without_rotary(spec, config)
     else:
         spec = get_gpt_layer_local_spec(
             num_experts=moe["num_experts"] if moe else None,

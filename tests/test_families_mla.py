@@ -29,6 +29,9 @@ LAYOUTS = {
     "minicpm3": (dict(tp=2, pp=2), dict(tp=2, pp=2, noop_layers=(2, 5))),
     "deepseek_v32": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True)),
     "glm_moe_dsa": (dict(tp=2, pp=2, num_layer_list=(1, 3)), dict(tp=2, ep=2, grouped_gemm=True)),
+    # GLM-4.7-Flash (issue 31): one conversion through TP2 x EP2 x PP2 with an uneven layer list
+    # (megatron-core's logits on its rank files: test_megatron_mla_oracle.py)
+    "glm4_moe_lite": (dict(tp=2, pp=2, ep=2, num_layer_list=(3, 1), grouped_gemm=True),),
 }
 
 
@@ -109,5 +112,6 @@ def test_models_lists_the_mla_families_with_their_mindspeed_names(capsys):
         "deepseek_v32": "deepseek32",
         "glm_moe_dsa": "glm5",
     }
+    assert "glm4_moe_lite" in lines  # no MindSpeed-LLM entry
     for family, names in want.items():
         assert f"--model-type-hf {names}" in lines[family], lines.get(family)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import ckpt_ir.api as ck
-from ckpt_ir.errors import LayoutError, VerifyError
+from ckpt_ir.errors import FormatError, LayoutError, VerifyError
 from tests.family_models import (
     CONFIGS,
     DENSE,
@@ -39,6 +39,15 @@ LAYOUTS = {
     "olmoe": (dict(tp=2, pp=2), dict(tp=2, ep=2, grouped_gemm=True)),
     # megatron-core builds expert biases only with expert TP 1
     "gpt_oss": (dict(tp=2, pp=2, etp=1), dict(tp=2, ep=2, etp=1), dict(ckpt_format="torch_dist")),
+    # issue 31's families: one conversion each through TP2 x EP2 x PP2 with an uneven layer list
+    # (megatron-core's logits on their rank files: test_megatron_moe_oracle.py)
+    "dots1": (dict(tp=2, pp=2, ep=2, num_layer_list=(1, 3), grouped_gemm=True),),
+    "ernie4_5_moe": (dict(tp=2, pp=2, ep=2, num_layer_list=(3, 1)),),
+    "exaone_moe": (dict(tp=2, pp=2, ep=2, num_layer_list=(1, 3)),),
+    "granitemoe": (dict(tp=2, pp=2, ep=2, num_layer_list=(3, 1), norm_names="te"),),
+    "granitemoeshared": (dict(tp=2, pp=2, ep=2, num_layer_list=(1, 3), grouped_gemm=True),),
+    "llama4_text": (dict(tp=2, pp=2, ep=2, num_layer_list=(3, 1)),),
+    "afmoe": (dict(tp=2, pp=2, ep=2, num_layer_list=(1, 3)),),
 }
 
 
@@ -386,6 +395,130 @@ def test_gpt_oss_mxfp4_checkpoint_dequantizes_like_transformers(models, tmp_path
         assert torch.equal(ours(IDS).logits, ref(IDS).logits)
 
 
+def test_ernie_score_bias_layer_schedule_and_rotary(models, tmp_path):
+    """ERNIE 4.5 stores each MoE layer's score bias as mlp.moe_statics.e_score_correction_bias
+    [1, E]; Megatron-Bridge's router.expert_bias is that row, [E].  MoE layers are those with
+    (i + 1) % moe_layer_interval == 0 from moe_layer_start_index on (1 and 3 here), the others a
+    dense MLP; the rotary rotates interleaved pairs (Megatron's rotary_interleaved); embeddings
+    tied (no output_layer)."""
+    src = models("ernie4_5_moe")
+    hf = hf_state(src)
+    mid = str(tmp_path / "mid")
+    convert(src, mid, ck.Target(to="mcore", tp=2))
+    r = rank(mid, "mp_rank_01")
+    sd = r["model"]
+    for i in (1, 3):
+        bias = hf[f"model.layers.{i}.mlp.moe_statics.e_score_correction_bias"]
+        assert bias.shape == (1, 4)
+        assert torch.equal(sd[f"decoder.layers.{i}.mlp.router.expert_bias"], bias[0])
+    for i in (0, 2):
+        assert f"decoder.layers.{i}.mlp.router.weight" not in sd
+        f = hf[f"model.layers.{i}.mlp.gate_proj.weight"].shape[0] // 2
+        assert torch.equal(
+            sd[f"decoder.layers.{i}.mlp.linear_fc1.weight"],
+            torch.cat(
+                [
+                    hf[f"model.layers.{i}.mlp.gate_proj.weight"][f:],
+                    hf[f"model.layers.{i}.mlp.up_proj.weight"][f:],
+                ]
+            ),
+        )
+    assert "output_layer.weight" not in sd
+    args = r["args"]
+    assert (args.rotary_interleaved, args.moe_router_score_function, args.moe_layer_freq) == (
+        True,
+        "softmax",
+        [0, 1, 0, 1],
+    )
+
+
+def test_afmoe_gate_sandwich_norms_and_sliding_layers(models, tmp_path):
+    """AFMoE's output gate (gate_proj [heads * head_dim, hidden], one row block per head) is split
+    over TP with the heads under self_attention.linear_gate; its four norms go to input_layernorm,
+    post_attn_norm, pre_mlp_layernorm and post_mlp_layernorm (gemma2 / glm4's keys); the router's
+    score bias to router.expert_bias.  The args: sigmoid routing scaled by route_scale, a window
+    and rotary on the sliding layers only (every global_attn_every_n_layers-th is global), the
+    muP embedding scale."""
+    src = models("afmoe")
+    hf = hf_state(src)
+    mid = str(tmp_path / "mid")
+    convert(src, mid, ck.Target(to="mcore", tp=2))
+    q = hf["model.layers.0.self_attn.q_proj.weight"].shape[0]
+    for t in range(2):
+        r = rank(mid, f"mp_rank_0{t}")
+        sd = r["model"]
+        for i in (0, 1):
+            gate = hf[f"model.layers.{i}.self_attn.gate_proj.weight"]
+            assert torch.equal(
+                sd[f"decoder.layers.{i}.self_attention.linear_gate.weight"],
+                gate[t * q // 2 : (t + 1) * q // 2],
+            )
+            for key, name in (
+                ("input_layernorm", "input_layernorm"),
+                ("post_attn_norm", "post_attention_layernorm"),
+                ("pre_mlp_layernorm", "pre_mlp_layernorm"),
+                ("post_mlp_layernorm", "post_mlp_layernorm"),
+            ):
+                assert torch.equal(
+                    sd[f"decoder.layers.{i}.{key}.weight"], hf[f"model.layers.{i}.{name}.weight"]
+                )
+        assert torch.equal(
+            sd["decoder.layers.1.mlp.router.expert_bias"], hf["model.layers.1.mlp.expert_bias"]
+        )
+        assert "decoder.layers.0.mlp.router.weight" not in sd
+    args = r["args"]
+    assert (args.moe_router_score_function, args.moe_router_topk_scaling_factor) == ("sigmoid", 2.0)
+    assert (args.window_size, args.window_attn_skip_freq, args.no_rope_freq) == (
+        [3, 0],
+        [1, 0, 1, 0],
+        [0, 1, 0, 1],
+    )
+    assert args.apply_embedding_scaling is True and args.post_norm is True
+
+
+@pytest.mark.parametrize(
+    "family,change,names",
+    [
+        # the score bias stored [E] instead of ERNIE's [1, E]
+        (
+            "ernie4_5_moe",
+            lambda sd, cfg: sd.update(
+                {
+                    k: v[0]
+                    for k, v in sd.items()
+                    if k.endswith("moe_statics.e_score_correction_bias") and ".layers.1." in k
+                }
+            ),
+            ("model.layers.1.mlp.moe_statics.e_score_correction_bias", "[4]", "[1, 4]"),
+        ),
+        # config says 3 experts, Granite's stacked input_linear holds 4
+        (
+            "granitemoe",
+            lambda sd, cfg: cfg.update(num_local_experts=3),
+            ("block_sparse_moe.", "3 experts", "rows"),
+        ),
+    ],
+    ids=["ernie-bias-shape", "granite-expert-count"],
+)
+def test_reshaped_and_stacked_tensors_that_do_not_match_the_config_are_one_line_errors(
+    models, tmp_path, family, change, names
+):
+    """Refused when the checkpoint is read (a FormatError: exit 1), in one line naming the file,
+    the tensor and what the config implies."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(models(family), src)
+    sd, cfg = load_file(src / "model.safetensors"), json.load(open(src / "config.json"))
+    change(sd, cfg)
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError) as err:
+        ck.load(str(src))
+    msg = str(err.value)
+    assert "\n" not in msg and all(n in msg for n in (str(src / "model.safetensors"), *names)), msg
+
+
 def test_models_lists_the_moe_families_with_their_mindspeed_names(capsys):
     lines = listed_families(capsys)
     want = {
@@ -398,6 +531,10 @@ def test_models_lists_the_moe_families_with_their_mindspeed_names(capsys):
     for family, names in want.items():
         assert f"--model-type-hf {names}" in lines[family], lines.get(family)
     assert {"olmoe", "gpt_oss"} <= set(lines)
+    # issue 31's: neither MindSpeed-LLM's model_cfg.json nor its --model-type-hf choices name them
+    assert {"dots1", "ernie4_5_moe", "exaone_moe", "granitemoe", "granitemoeshared", "llama4_text"} <= set(
+        lines
+    )
 
 
 @pytest.mark.parametrize("family", ["phimoe"])

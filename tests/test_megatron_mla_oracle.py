@@ -10,7 +10,9 @@ Models (tiny, built and saved by transformers, every parameter random, fp32):
 * ``deepseek_v2_lite``: MLA without q-LoRA (``q_proj``: megatron-core's ``linear_q_proj``), plain
   rotary, greedy routing over 4 experts, a shared expert, a dense first layer;
 * ``deepseek_v3``: MLA with q-LoRA and YaRN, sigmoid routing with a random score-correction bias,
-  a shared expert, a dense first layer.
+  a shared expert, a dense first layer;
+* ``glm4_moe_lite`` (GLM-4.7-Flash): DeepSeek-V3's MLA and router, plain rotary, dense layers
+  chosen by ``mlp_layer_types`` (0 and 2), at TP2 x PP2 (``--num-layer-list 1,3``) x EP2.
 Layouts: TP2 x EP2 (grouped GEMM for two of them) and a PP2 layout for each.
 
 The Megatron model is configured from the *HF* config (rotary and router settings included), and
@@ -94,6 +96,24 @@ MODELS = {
             rope_parameters=dict(YARN, mscale=1.0, mscale_all_dim=1.0),
         ),
     ),
+    # GLM-4.7-Flash: DeepSeek-V3's MLA and router (sigmoid scores with a random score bias,
+    # scaled), its MLP layers chosen by mlp_layer_types (layers 0 and 2 dense), plain rotary.
+    # rms_norm_eps is its q_a / kv_a norms' fixed 1e-6 (the release's 1e-5 elsewhere moves
+    # megatron-core's logits by ~1e-4: it has one epsilon for every norm)
+    "glm4_moe_lite": (
+        "glm4_moe_lite",
+        dict(
+            DENSE,
+            **MLA,
+            **{k: v for k, v in MOE.items() if k != "first_k_dense_replace"},
+            q_lora_rank=24,
+            n_group=1,
+            topk_group=1,
+            routed_scaling_factor=1.8,
+            mlp_layer_types=["dense", "sparse", "dense", "sparse"],
+            rms_norm_eps=1e-6,
+        ),
+    ),
     # MiniCPM3 with its muP scales made neutral (embedding x 1, residual branches x
     # scale_depth / sqrt(layers) = 1, lm_head input / (hidden / dim_model_base) = 1): only its
     # rotary differs from what megatron-core's MLA computes (see the MiniCPM3 tests).  rms_norm_eps
@@ -130,6 +150,10 @@ CASES = {
         ["--tp", "2", "--ep", "2", "--mla-keys", "mcore"],
     ),
     "deepseek_v3-mcore-keys-pp2ep2": ("deepseek_v3", ["--pp", "2", "--ep", "2", "--mla-keys", "mcore"]),
+    "glm4_moe_lite-tp2pp2ep2-etp1": (
+        "glm4_moe_lite",
+        ["--tp", "2", "--pp", "2", "--ep", "2", "--etp", "1", "--num-layer-list", "1,3"],
+    ),
 }
 MCORE_KEYS = [case for case in CASES if "-mcore-keys-" in case]
 TORCH_DIST_LAYOUT = {"tp": 2, "pp": 1, "ep": 2, "etp": 2}
@@ -170,16 +194,19 @@ def _mla_config(hf: dict) -> dict:
 def _moe_config(model_type: str, hf: dict) -> dict:
     """The MoE block from the HF config: DeepSeek-V2 keeps the top-k of a softmax over all experts
     (Megatron's pre-softmax), DeepSeek-V3 the top-k of sigmoid scores plus the score bias."""
-    dense = hf["first_k_dense_replace"]
+    types = hf.get("mlp_layer_types")  # GLM-4.7-Flash's; else the first first_k_dense_replace dense
+    dense = hf.get("first_k_dense_replace")
     moe = {
         "num_experts": hf["n_routed_experts"],
         "topk": hf["num_experts_per_tok"],
         "ffn_hidden_size": hf["moe_intermediate_size"],
-        "layer_freq": [int(i >= dense) for i in range(hf["num_hidden_layers"])],
+        "layer_freq": [int(t == "sparse") for t in types]
+        if types
+        else [int(i >= dense) for i in range(hf["num_hidden_layers"])],
         "shared_ffn_hidden_size": hf["moe_intermediate_size"] * hf["n_shared_experts"],
         "scaling_factor": hf["routed_scaling_factor"],
     }
-    if model_type == "deepseek_v3":
+    if model_type in ("deepseek_v3", "glm4_moe_lite"):
         moe.update(
             score_function="sigmoid", expert_bias=True, num_groups=hf["n_group"], group_topk=hf["topk_group"]
         )

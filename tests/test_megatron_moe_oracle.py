@@ -8,7 +8,12 @@ norms, sigmoid routing with a random score-correction bias, renormalised and sca
 ungated shared expert, a dense first layer); glm4_moe
 (GLM-4.5: DeepSeek-V3's router -- sigmoid scores, top-k chosen on scores plus a random
 score-correction bias, renormalised and scaled by ``routed_scaling_factor`` -- an ungated shared
-expert, a dense first layer, q/k norms, qkv bias, rotary on half of each head).  Layouts:
+expert, a dense first layer, q/k norms, qkv bias, rotary on half of each head); issue 31's dots1
+(the same router with Qwen3's q/k norms), exaone_moe (the same router; a sliding-window layer with
+rotary and a global one without), granitemoe and granitemoeshared (experts stacked [E, 2F, H], a
+softmax scale of its own, an ungated shared MLP; their other muP multipliers at 1) and
+llama4_text (experts stacked [E, H, 2F], top-1 sigmoid score on the expert input, a shared expert,
+a dense layer of another width, interleaved rotary, a layer without rotary or L2 q/k norm).  Layouts:
 expert parallelism alone (TP1 x EP2, EP4), with tensor parallelism (TP2 x EP2 with expert TP 2
 and expert TP 1, TP2 x EP4 with expert TP 1, TP2 without EP), with pipeline parallelism (PP2 x EP2,
 PP2 x VPP2 x EP2, TP2 x PP2 x EP2 with expert TP 1), experts stored one by one
@@ -123,6 +128,67 @@ MODELS = {
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "partial_rotary_factor": 0.5},
         tie_word_embeddings=False,
     ),
+    # issue 31's families, each configured here from its own config keys.  dots1: Qwen3's q/k
+    # norms with DeepSeek-V3's router (sigmoid + random score bias, renormalised, scaled), a
+    # shared expert, layer 0 dense
+    "dots1": dict(
+        family="dots1",
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        n_routed_experts=E,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        head_dim=32,
+        tie_word_embeddings=False,
+    ),
+    # EXAONE MoE: the same router and q/k norms; layer 0 sliding (window 4 < the 12 tokens, with
+    # rotary), layer 1 global without rotary (EXAONE 4's rule); layer 0 dense
+    "exaone_moe": dict(
+        family="exaone_moe",
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_experts=E,
+        num_shared_experts=1,
+        routed_scaling_factor=1.5,
+        sliding_window=4,
+        sliding_window_pattern=2,
+        head_dim=32,
+        tie_word_embeddings=False,
+    ),
+    # Granite MoE: experts stacked [E, 2F, H]; attention_multiplier (the softmax scale) not
+    # 1/sqrt(head_dim); the embedding / residual / logits multipliers neutral (megatron-core has
+    # none of them); granitemoeshared adds an ungated shared MLP
+    "granitemoe": dict(
+        family="granitemoe",
+        intermediate_size=48,
+        num_local_experts=E,
+        attention_multiplier=0.3,
+        tie_word_embeddings=False,
+    ),
+    "granitemoeshared": dict(
+        family="granitemoeshared",
+        intermediate_size=48,
+        num_local_experts=E,
+        shared_intermediate_size=40,
+        attention_multiplier=0.3,
+        tie_word_embeddings=False,
+    ),
+    # Llama 4's text model: experts stacked [E, H, 2F], top-1 sigmoid score scaling the expert's
+    # input, a shared expert; layer 0 dense of another width (intermediate_size_mlp); rotary on
+    # interleaved pairs; layer 1 without rotary and without the weightless L2 q/k norm of layer 0
+    "llama4_text": dict(
+        family="llama4_text",
+        intermediate_size=32,
+        intermediate_size_mlp=80,
+        num_local_experts=E,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=2,
+        no_rope_layer_interval=2,
+        head_dim=32,
+        tie_word_embeddings=False,
+    ),
 }
 
 # case -> (model, conversion).  A conversion is CLI arguments for ``ckpt-ir convert HF OUT --to
@@ -167,6 +233,11 @@ CASES = {
     "hy_v3-tp1pp2ep2": ("hy_v3", ["--pp", "2", "--ep", "2"]),  # dense layer 0 on stage 0
     "glm4_moe-tp2ep2-grouped": ("glm4_moe", ["--tp", "2", "--ep", "2", "--moe-grouped-gemm"]),
     "glm4_moe-tp1pp2ep2": ("glm4_moe", ["--pp", "2", "--ep", "2"]),  # dense layer 0 on stage 0
+    "dots1-tp2ep2-grouped": ("dots1", ["--tp", "2", "--ep", "2", "--moe-grouped-gemm"]),
+    "exaone_moe-tp1pp2ep2": ("exaone_moe", ["--pp", "2", "--ep", "2"]),
+    "granitemoe-tp2ep2": ("granitemoe", ["--tp", "2", "--ep", "2"]),
+    "granitemoeshared-tp1pp2ep2": ("granitemoeshared", ["--pp", "2", "--ep", "2"]),
+    "llama4_text-tp2ep2-etp1": ("llama4_text", ["--tp", "2", "--ep", "2", "--etp", "1"]),
 }
 # (tp, pp, vpp, ep, etp, grouped) each case must come out as
 EXPECTED_LAYOUT = {
@@ -195,6 +266,11 @@ EXPECTED_LAYOUT = {
     "hy_v3-tp1pp2ep2": (1, 2, None, 2, 1, False),
     "glm4_moe-tp2ep2-grouped": (2, 1, None, 2, 2, True),
     "glm4_moe-tp1pp2ep2": (1, 2, None, 2, 1, False),
+    "dots1-tp2ep2-grouped": (2, 1, None, 2, 2, True),
+    "exaone_moe-tp1pp2ep2": (1, 2, None, 2, 1, False),
+    "granitemoe-tp2ep2": (2, 1, None, 2, 2, False),
+    "granitemoeshared-tp1pp2ep2": (1, 2, None, 2, 1, False),
+    "llama4_text-tp2ep2-etp1": (2, 1, None, 2, 1, False),
 }
 assert EXPECTED_LAYOUT.keys() == CASES.keys()
 
@@ -207,13 +283,17 @@ GROUPED_CAT = "mixtral-tp1ep2-grouped-weight1-concatenated"
 CONTROLS = {SWAPPED_EP: "mixtral", PERMUTED: "mixtral", GROUPED_CAT: "mixtral"}
 
 
+# families with DeepSeek-V3's router (sigmoid scores, top-k on scores + bias, renormalised, scaled)
+DEEPSEEK_ROUTER = ("glm4_moe", "dots1", "exaone_moe")
+
+
 def _build_hf(path: str, family: str, seed: int, **kw) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(family, **{**COMMON, **kw})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    choices: list[torch.Tensor] = []  # GLM-4.5: the scores its router ranks (sigmoid + bias)
+    choices: list[torch.Tensor] = []  # DeepSeek-V3's router: the scores it ranks (sigmoid + bias)
 
     def record(gate, inputs, output):
         h = inputs[0].reshape(-1, gate.weight.shape[1]).float()
@@ -225,7 +305,7 @@ def _build_hf(path: str, family: str, seed: int, **kw) -> dict:
         for m in model.modules():  # the router score-correction bias (a buffer): random too
             if isinstance(getattr(m, "e_score_correction_bias", None), torch.Tensor):
                 m.e_score_correction_bias.normal_(0, 0.1)
-                if family == "glm4_moe":
+                if family in DEEPSEEK_ROUTER:
                     m.register_forward_hook(record)
         out = model(torch.tensor(INPUT_IDS), output_router_logits=True)
     model.save_pretrained(path)
@@ -245,8 +325,8 @@ def _build_hf(path: str, family: str, seed: int, **kw) -> dict:
             )
         ]
         if family == "hy_v3"
-        else choices  # GLM-4.5's, recorded by the hook
-        if family == "glm4_moe"
+        else choices  # recorded by the hook
+        if family in DEEPSEEK_ROUTER
         else [r for r in out.router_logits if r is not None],
         "family": family,
     }
@@ -268,26 +348,43 @@ def _moe_config(family: str, hf: dict) -> dict:
             "expert_bias": True,
             "scaling_factor": hf["router_scaling_factor"],
         }
-    if family == "glm4_moe":  # DeepSeek-V3's router: sigmoid scores, top-k on scores + bias
-        dense = hf["first_k_dense_replace"]
+    if family in DEEPSEEK_ROUTER:  # sigmoid scores, top-k on scores + bias
+        types = hf.get("mlp_layer_types")  # EXAONE's; else the first first_k_dense_replace dense
+        dense = hf.get("first_k_dense_replace")
+        shared = hf.get("n_shared_experts") or hf.get("num_shared_experts")
         return {
             "num_experts": n,
             "topk": hf["num_experts_per_tok"],
             "ffn_hidden_size": hf["moe_intermediate_size"],
-            "layer_freq": [int(i >= dense) for i in range(layers)],
-            "shared_ffn_hidden_size": hf["moe_intermediate_size"] * hf["n_shared_experts"],
+            "layer_freq": [int(t == "sparse") for t in types]
+            if types
+            else [int(i >= dense) for i in range(layers)],
+            "shared_ffn_hidden_size": hf["moe_intermediate_size"] * shared,
             "score_function": "sigmoid",
             "expert_bias": True,
             "scaling_factor": hf["routed_scaling_factor"],
             "num_groups": hf["n_group"],
             "group_topk": hf["topk_group"],
         }
-    if family == "mixtral":
-        return {
+    if family in ("mixtral", "granitemoe", "granitemoeshared"):  # softmax over the top-k logits
+        moe = {
             "num_experts": n,
             "topk": hf["num_experts_per_tok"],
             "ffn_hidden_size": hf["intermediate_size"],
             "pre_softmax": False,
+        }
+        if hf.get("shared_intermediate_size"):  # Granite's shared MLP, ungated
+            moe.update(shared_ffn_hidden_size=hf["shared_intermediate_size"])
+        return moe
+    if family == "llama4_text":  # top-1 sigmoid score; a shared expert as wide as the experts
+        moe_layers = hf["moe_layers"]
+        return {
+            "num_experts": n,
+            "topk": hf["num_experts_per_tok"],
+            "ffn_hidden_size": hf["intermediate_size"],
+            "layer_freq": [int(i in moe_layers) for i in range(layers)],
+            "shared_ffn_hidden_size": hf["intermediate_size"],
+            "score_function": "sigmoid",
         }
     step, only = hf.get("decoder_sparse_step") or 1, set(hf.get("mlp_only_layers") or ())
     freq = [int(i not in only and (i + 1) % step == 0) for i in range(layers)]
@@ -302,6 +399,32 @@ def _moe_config(family: str, hf: dict) -> dict:
     if hf.get("shared_expert_intermediate_size"):
         moe.update(shared_ffn_hidden_size=hf["shared_expert_intermediate_size"], shared_gate=True)
     return moe
+
+
+def _config_extra(family: str, hf: dict) -> dict:
+    """TransformerConfig fields beyond the MoE block, from the HF config alone: EXAONE's windows
+    (HF keeps keys with q - k < sliding_window, Megatron's (left, 0) window q - k <= left) and
+    rotary only on the sliding layers; Granite's softmax scale; Llama 4's layers without rotary
+    (no_rope_layers 0), its weightless L2 q/k norm (on the rotary layers only: the harness drops
+    it where there is no rotary) and its router score on the expert input, the dense MLP's width."""
+    if family == "exaone_moe":
+        sliding = [int(t == "sliding_attention") for t in hf["layer_types"]]
+        return {
+            "window_size": (hf["sliding_window"] - 1, 0),
+            "window_attn_skip_freq": sliding,
+            "no_rope_freq": [1 - s for s in sliding],
+        }
+    if family in ("granitemoe", "granitemoeshared"):
+        assert hf["embedding_multiplier"] == hf["residual_multiplier"] == hf["logits_scaling"] == 1.0
+        return {"softmax_scale": hf["attention_multiplier"]}
+    if family == "llama4_text":
+        return {
+            "no_rope_freq": [1 - r for r in hf["no_rope_layers"]],
+            "qk_l2_norm": hf["use_qk_norm"],
+            "moe_apply_probs_on_input": True,
+            "ffn_hidden_size": hf["intermediate_size_mlp"],
+        }
+    return {}
 
 
 def _convert(src: str, dst: str, args: list[str]) -> None:
@@ -403,8 +526,11 @@ def oracle(tmp_path_factory):
                 "padded_vocab": args["padded_vocab_size"],
                 "tied": bool(hf.get("tie_word_embeddings")),
                 "qkv_bias": m["family"] in ("qwen2_moe", "glm4_moe"),
-                "qk_norm": m["family"] in ("qwen3_moe", "hy_v3") or bool(hf.get("use_qk_norm")),
+                "qk_norm": m["family"] in ("qwen3_moe", "hy_v3", "dots1", "exaone_moe")
+                or (m["family"] == "glm4_moe" and bool(hf.get("use_qk_norm"))),
                 "rotary_percent": (hf.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0),
+                "rotary_interleaved": m["family"] == "llama4_text",
+                "config_extra": _config_extra(m["family"], hf),
                 "moe": {**_moe_config(m["family"], hf), "grouped_gemm": bool(args.get("moe_grouped_gemm"))},
                 "input_ids": INPUT_IDS,
                 "out": str(root / "logits" / f"{case}.pt"),
@@ -434,10 +560,11 @@ def test_reference_routing_is_not_a_near_tie(oracle, model):
     the two implementations cannot flip an expert choice."""
     case = next(c for c, (m, _) in CASES.items() if m == model)
     routers = oracle[case]["model"]["choice_scores"]
+    k = MODELS[model].get("num_experts_per_tok", TOPK)
     assert routers
     for scores in routers:
-        top = scores.float().topk(TOPK + 1, dim=-1).values
-        assert (top[:, TOPK - 1] - top[:, TOPK]).min() > 1e-3
+        top = scores.float().topk(k + 1, dim=-1).values
+        assert (top[:, k - 1] - top[:, k]).min() > 1e-3
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -537,6 +664,26 @@ def test_args_describe_the_moe(oracle, case):
     if moe.get("shared_ffn_hidden_size"):
         want["moe_shared_expert_intermediate_size"] = moe["shared_ffn_hidden_size"]
     assert {k: args.get(k) for k in want} == want
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        c
+        for c, (model, _) in CASES.items()
+        if MODELS[model]["family"] in ("exaone_moe", "granitemoe", "granitemoeshared", "llama4_text")
+    ],
+)
+def test_args_carry_the_settings_beyond_the_moe_block(oracle, case):
+    """The windows, rotary-free layers, softmax scale, L2 q/k norm, router score on the expert
+    input and interleaved rotary the oracle was configured with from the HF config are in the
+    rank files' ``args`` under the same TransformerConfig names (``ffn_hidden_size``: the dense
+    MLP's)."""
+    r = oracle[case]
+    args, job = r["args"], r["job"]
+    for field, value in job["config_extra"].items():
+        assert args[field] == (list(value) if isinstance(value, tuple) else value), field
+    assert bool(args.get("rotary_interleaved")) == job["rotary_interleaved"]
 
 
 def test_experts_sit_on_their_ep_rank(oracle):

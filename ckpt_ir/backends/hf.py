@@ -62,6 +62,12 @@ def hf_tensors(ckpt: Checkpoint, family: Family) -> list[tuple[str, E.Expr]]:
                 exprs = [{p: ckpt.tensors[n].expr for p, n in ex.items()} for ex in experts]
                 out.append((name, st.hf.format(**m.groupdict()), st.fuse(exprs)))
                 packed.update(n for ex in experts for n in ex.values())
+    for r in family.reshaped:  # ERNIE 4.5: the score bias [E] stored as [1, E]
+        pat = template_pattern(r.canonical)
+        for name, t in ckpt.tensors.items():
+            if m := pat.match(name):
+                out.append((name, r.hf.format(**m.groupdict()), E.Reshape(t.expr, r.shape(ckpt.spec))))
+                packed.add(name)
     for name, t in ckpt.tensors.items():
         if name in packed:
             continue

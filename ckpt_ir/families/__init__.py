@@ -8,7 +8,7 @@ come from the same entry.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -46,13 +46,16 @@ class Packed:
 
 @attrs.frozen
 class ExpertStack:
-    """One HF tensor holding a layer's experts along dim 0 (gpt-oss ``mlp.experts.gate_up_proj``
-    [E, H, 2F]); expert ``e`` of it holds ``parts`` (canonical templates with ``{i}`` and ``{e}``)
-    along its last dim, one after the other or, ``interleaved``, alternating element by element
-    (gpt-oss: gate = ``[..., 0::2]``, up = ``[..., 1::2]``).  ``transposed``: HF stores each
-    expert's matrix as [in, out] (``x @ W``), the canonical form is [out, in].
+    """One HF tensor holding a layer's experts along dim 0; expert ``e`` of it holds ``parts``
+    (canonical templates with ``{i}`` and ``{e}``) one after the other along its output dim or,
+    ``interleaved``, alternating element by element (gpt-oss: gate = ``[..., 0::2]``, up =
+    ``[..., 1::2]``).  ``transposed``: HF stores each expert's matrix as [in, out] (``x @ W``;
+    gpt-oss ``mlp.experts.gate_up_proj`` [E, H, 2F], Llama 4's [E, H, 2F]), the parts then along
+    its last dim; otherwise as the canonical [out, in], the parts along its rows (Granite MoE's
+    ``input_linear`` [E, 2F, H] = per expert [gate; up]).  1-D tensors (biases) hold the parts
+    along their one dim.
 
-    Both directions are two :class:`Stack` rules (experts along dim 0, parts along the last dim of a
+    Both directions are two :class:`Stack` rules (experts along dim 0, parts along one dim of a
     reshaped view), so reading and writing are each other's inverse.  ``split`` takes any
     expression of the stacked HF shape: a load of the tensor, or one computed from another
     storage of it (a dequantized MXFP4 block / scale pair)."""
@@ -62,23 +65,39 @@ class ExpertStack:
     transposed: bool = False
     interleaved: bool = False
 
-    def _parts_rule(self, width: int) -> Stack:
+    def _by_rows(self, ndim: int) -> bool:
+        """Whether each expert's parts are its rows: an [out, in] matrix (stacked ndim 3)."""
+        by_rows = not self.transposed and ndim == 3
+        assert not (by_rows and self.interleaved), "interleaved parts are columns of an [in, out] matrix"
+        return by_rows
+
+    def _parts_rule(self, width: int, dim: int = 1) -> Stack:
         n = width // len(self.parts)
         if self.interleaved:  # (rows * n, k): column j holds part j
             return Stack.of(((p, 1) for p in self.parts), dim=1)
-        return Stack.of(((p, n) for p in self.parts), dim=1)
+        return Stack.of(((p, n) for p in self.parts), dim=dim)
 
     def split(self, stacked: E.Expr, spec: ModelSpec, where: str) -> list[dict[str, E.Expr]]:
         """Per expert, each part's canonical-form expression (keyed by part template)."""
-        k, width = len(self.parts), stacked.shape[-1]
+        by_rows = self._by_rows(len(stacked.shape))
+        k, width = len(self.parts), stacked.shape[1 if by_rows else -1]
         if stacked.shape[0] != spec.num_experts or width % k:
             raise FormatError(
                 f"{where}: shape {list(stacked.shape)} does not hold {spec.num_experts} experts of "
-                f"{k} equal part(s) along the last dim, as config.json implies"
+                f"{k} equal part(s) along the {'rows' if by_rows else 'last dim'}, as config.json implies"
             )
+        experts = Stack.of((str(e), 1) for e in range(spec.num_experts)).split(stacked)
+        if by_rows:  # expert e is [k * n, in]: its parts one after the other along the rows
+            rule = self._parts_rule(width, dim=0)
+            return [
+                {
+                    p: E.simplify(x)
+                    for p, x in rule.split(E.Reshape(experts[str(e)], stacked.shape[1:])).items()
+                }
+                for e in range(spec.num_experts)
+            ]
         lead, n = stacked.shape[1:-1], width // k
         rows = math.prod(lead)
-        experts = Stack.of((str(e), 1) for e in range(spec.num_experts)).split(stacked)
         out = []
         for e in range(spec.num_experts):
             view = E.Reshape(experts[str(e)], (rows * n, k) if self.interleaved else (rows, width))
@@ -93,6 +112,11 @@ class ExpertStack:
         """The stacked HF tensor from each expert's canonical parts (the inverse of ``split``)."""
         blocks = []
         for parts in experts:
+            first = next(iter(parts.values()))
+            if self._by_rows(1 + len(first.shape)):
+                fused = self._parts_rule(first.shape[0] * len(self.parts), dim=0).fuse(parts)
+                blocks.append(E.Reshape(fused, (1, *fused.shape)))
+                continue
             views = {}
             for p, x in parts.items():
                 x = E.Transpose(x, 0, 1) if self.transposed and len(x.shape) > 1 else x
@@ -104,6 +128,18 @@ class ExpertStack:
             blocks.append(E.Reshape(self._parts_rule(width).fuse(views), (1, *lead, width)))
         stack = Stack.of((str(e), 1) for e in range(len(blocks)))
         return E.simplify(stack.fuse({str(e): b for e, b in enumerate(blocks)}))
+
+
+@attrs.frozen
+class Reshaped:
+    """One HF tensor holding a canonical tensor's elements, in order, in another shape (ERNIE 4.5's
+    router score bias ``mlp.moe_statics.e_score_correction_bias`` [1, E], canonical [E]).
+    ``shape`` gives the HF shape for a ModelSpec; reading views the HF tensor in the canonical
+    shape (the role's), writing views the canonical tensor in ``shape``."""
+
+    hf: str
+    canonical: str
+    shape: Callable[[ModelSpec], tuple[int, ...]]
 
 
 @attrs.frozen
@@ -136,8 +172,10 @@ class Family:
     architecture: str
     tensors: tuple[tuple[str, str], ...]
     packed: tuple[Packed, ...] = ()
-    # HF tensors that stack a layer's experts (gpt-oss)
+    # HF tensors that stack a layer's experts (gpt-oss, Granite MoE, Llama 4)
     stacked: tuple[ExpertStack, ...] = ()
+    # HF tensors stored in another shape than their canonical one (ERNIE 4.5's [1, E] score bias)
+    reshaped: tuple[Reshaped, ...] = ()
     config: tuple[ConfigKey, ...] = ()
     # spec fields fixed by the family (e.g. qwen2 always has a qkv bias)
     constants: tuple[tuple[str, Any], ...] = ()

@@ -1,5 +1,5 @@
-"""Multi-latent-attention families (deepseek_v3, deepseek_v2, minicpm3, deepseek_v32, glm_moe_dsa,
-plm): DeepSeek's MLA (q-LoRA or a plain q_proj, a compressed key/value projection), with
+"""Multi-latent-attention families (deepseek_v3, deepseek_v2, glm4_moe_lite, minicpm3, deepseek_v32,
+glm_moe_dsa, plm): DeepSeek's MLA (q-LoRA or a plain q_proj, a compressed key/value projection), with
 DeepSeek's MoE block or a dense MLP, and DeepSeek sparse attention's lightning indexer.  One table
 entry each, built from the fragments in ``blocks.py``.
 
@@ -94,6 +94,29 @@ register(
         config=config_with(*DEEPSEEK_MOE_CONFIG, *MLA_CONFIG),
         mindspeed_names=("deepseek2", "deepseek2-lite"),
         megatron_args=_deepseek_v2_router,
+    )
+)
+# GLM-4.7-Flash (transformers models/glm4_moe_lite/modular_glm4_moe_lite.py: DeepSeek-V3's
+# attention in GLM-4.5's MoE layer): DeepSeek-V3's tensors, dense layers from mlp_layer_types,
+# GLM-4.5's MTP layers (model.layers.{num_hidden_layers + k}); Megatron keys and router settings
+# as Megatron-Bridge's glm/glm47_flash_bridge.py (DeepSeek's common mapping, sigmoid router with
+# the score bias); MindSpeed-LLM has no entry for it
+register(
+    Family(
+        name="glm4_moe_lite",
+        model_types=("glm4_moe_lite",),
+        architecture="Glm4MoeLiteForCausalLM",
+        tensors=DEEPSEEK_TENSORS + MTP,
+        config=config_with(
+            *DEEPSEEK_MOE_CONFIG,
+            *MLA_CONFIG,
+            ConfigKey("dense_layers", None, mlp_dense_layers),
+            ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
+            # read-only: transformers saves no MTP weights, so the frontend counts the layers present
+            ConfigKey("mtp_layers", None, lambda cfg: cfg.get("num_nextn_predict_layers") or 0),
+        ),
+        constants=(("router_bias", True),),
+        megatron_args=deepseek_router_args,
     )
 )
 # MiniCPM3: dense MLA with q-LoRA, tied embeddings; its muP scales (scale_emb, scale_depth,

@@ -1,22 +1,24 @@
 """Mixture-of-experts decoder families with grouped- or multi-head attention (mixtral, qwen2_moe,
-qwen3_moe, glm4_moe, hunyuan_v1_moe, phimoe, minimax_m2, hy_v3, olmoe, gpt_oss).  One table entry
-each, built from the fragments in ``blocks.py``; the MoE families with multi-latent attention are
-in ``mla.py``.
+qwen3_moe, glm4_moe, dots1, ernie4_5_moe, granitemoe, granitemoeshared, llama4_text, exaone_moe,
+afmoe, hunyuan_v1_moe, phimoe, minimax_m2, hy_v3, olmoe, gpt_oss).  One table entry each, built
+from the fragments in ``blocks.py``; the MoE families with multi-latent attention are in
+``mla.py``.
 
 On disk, transformers writes one tensor per expert (``...experts.N.gate_proj.weight``) except for
-gpt-oss, whose experts are stacked per layer (:class:`ExpertStack`); the canonical names are
-``layers.I.mlp.experts.N.{gate,up,down}.weight``, plus ``mlp.router.*``, ``mlp.shared.*`` and
-``mlp.shared_gate.weight``.  Each entry's HF names and config keys were checked against
-transformers 5's modeling and configuration files; Megatron names follow MindSpeed-LLM v2's
-``configs/checkpoint/model_cfg.json``, or Megatron-Bridge's bridge where MindSpeed-LLM lacks the
-family (olmoe, gpt_oss).
+gpt-oss, Granite MoE and Llama 4, whose experts are stacked per layer (:class:`ExpertStack`); the
+canonical names are ``layers.I.mlp.experts.N.{gate,up,down}.weight``, plus ``mlp.router.*``,
+``mlp.shared.*`` and ``mlp.shared_gate.weight``.  Each entry's HF names and config keys were
+checked against transformers 5's modeling and configuration files; Megatron names follow
+MindSpeed-LLM v2's ``configs/checkpoint/model_cfg.json``, or Megatron-Bridge's bridge where
+MindSpeed-LLM lacks the family (olmoe, gpt_oss, ernie4_5_moe, exaone_moe, llama4_text), or the
+same blocks' keys where neither has it (dots1, granitemoe, granitemoeshared, afmoe).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ckpt_ir.families import ConfigKey, ExpertStack, Family, register
+from ckpt_ir.families import ConfigKey, ExpertStack, Family, Packed, Reshaped, register
 from ckpt_ir.families.blocks import (
     ATTENTION,
     DEEPSEEK_MOE,
@@ -41,7 +43,10 @@ from ckpt_ir.families.blocks import (
     window_skip_freq,
     yarn_args,
 )
+from ckpt_ir.ir.names import COLUMN
+from ckpt_ir.ir.roles import Role, register_role
 
+EXPERT = C + "mlp.experts.{e}."
 MIXTRAL_MOE = (
     (L + "block_sparse_moe.gate.weight", C + "mlp.router.weight"),
     (L + "block_sparse_moe.experts.{e}.w1.weight", C + "mlp.experts.{e}.gate.weight"),
@@ -107,6 +112,357 @@ register(
         constants=(("router_bias", True),),
         mindspeed_names=("glm45-moe", "glm45", "glm45-air"),
         megatron_args=deepseek_router_args,  # sigmoid scores + score bias, group-limited top-k, scaled
+    )
+)
+
+# dots.llm1 (transformers models/dots1/modeling_dots1.py, configuration_dots1.py): Qwen3's per-head
+# q/k norms with DeepSeek-V3's MoE block (first_k_dense_replace dense layers, shared experts, a
+# sigmoid router with a score bias under mlp.gate); no MTP layers.  Neither MindSpeed-LLM nor
+# Megatron-Bridge has it: Megatron keys as glm4_moe's (the same blocks)
+register(
+    Family(
+        name="dots1",
+        model_types=("dots1",),
+        architecture="Dots1ForCausalLM",
+        tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP + DEEPSEEK_MOE,
+        config=config_with(*DEEPSEEK_MOE_CONFIG),
+        constants=(("qk_norm", True), ("router_bias", True)),
+        megatron_args=deepseek_router_args,
+    )
+)
+
+
+def _ernie_dense_layers(cfg: dict) -> tuple[int, ...]:
+    """ERNIE 4.5: layer i is MoE iff (i + 1) % moe_layer_interval == 0 and moe_layer_start_index
+    <= i <= moe_layer_end_index (-1: the last layer), transformers' rule."""
+    n = cfg["num_hidden_layers"]
+    step, start = cfg.get("moe_layer_interval") or 1, cfg.get("moe_layer_start_index", 1)
+    end = cfg.get("moe_layer_end_index", -1)
+    end = n - 1 if end == -1 else end
+    return tuple(i for i in range(n) if (i + 1) % step or not start <= i <= end)
+
+
+# ERNIE 4.5 MoE (transformers models/ernie4_5_moe/modeling_ernie4_5_moe.py): llama attention with
+# GLM-style interleaved rotary pairs, DeepSeek's expert / shared-expert names, the router at
+# mlp.gate and its score bias as mlp.moe_statics.e_score_correction_bias [1, E] (one expert
+# group; canonical [E], a Reshaped entry), dense layers outside moe_layer_start_index ..
+# moe_layer_end_index / moe_layer_interval.  Routing: the top-k of softmax + score bias, weighted
+# by the renormalised softmax.  Megatron keys as Megatron-Bridge's ernie/ernie_45_bridge.py
+# (router.expert_bias for the bias); MindSpeed-LLM has no entry for it.  use_bias (biases on every
+# linear but the experts) is not read: such a checkpoint's bias tensors are reported as not
+# understood (the released MoE models have none)
+register(
+    Family(
+        name="ernie4_5_moe",
+        model_types=("ernie4_5_moe",),
+        architecture="Ernie4_5_MoeForCausalLM",
+        tensors=EMBED_AND_HEAD
+        + ATTENTION
+        + LLAMA_NORMS
+        + GATED_MLP
+        + tuple((h, c) for h, c in DEEPSEEK_MOE if c != C + "mlp.router.bias"),
+        reshaped=(
+            Reshaped(
+                L + "mlp.moe_statics.e_score_correction_bias",
+                C + "mlp.router.bias",
+                lambda spec: (1, spec.num_experts),
+            ),
+        ),
+        config=config_with(
+            ConfigKey("num_experts", "moe_num_experts"),
+            ConfigKey("moe_topk", "moe_k"),
+            ConfigKey("moe_ffn_hidden_size", "moe_intermediate_size"),
+            ConfigKey(
+                "shared_ffn_hidden_size",
+                None,
+                lambda cfg: (cfg.get("moe_num_shared_experts") or 0) * cfg["moe_intermediate_size"],
+            ),
+            ConfigKey("dense_layers", None, _ernie_dense_layers),
+            ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
+            ConfigKey("tied_embeddings", "tie_word_embeddings", True),
+            ConfigKey("qkv_bias", None, False),
+        ),
+        constants=(("router_bias", True),),
+        # top-k over softmax + score bias, weights renormalised: megatron-core 0.16 applies a
+        # score bias only with sigmoid scores, so the closest form is the plain softmax top-k
+        megatron_args=lambda cfg: {
+            "rotary_interleaved": True,
+            "moe_router_score_function": "softmax",
+            "moe_router_pre_softmax": False,
+        },
+    )
+)
+
+# Granite MoE (transformers models/granitemoe/modeling_granitemoe.py; granitemoeshared adds a
+# shared MLP): llama attention and norms; each layer's experts stacked in two tensors stored
+# [out, in] (block_sparse_moe.input_linear [E, 2F, H], per expert [gate; up] rows, and
+# output_linear [E, H, F]), the router at block_sparse_moe.router.layer (top-k logits, then a
+# softmax over them: megatron-core's default routing).  The muP multipliers (embedding_multiplier,
+# residual_multiplier, logits_scaling) are config values carried through; attention_multiplier,
+# the softmax scale, is megatron-core's softmax_scale.  Neither MindSpeed-LLM nor Megatron-Bridge
+# has the family: Megatron keys as Mixtral's
+GRANITE_MOE = ((L + "block_sparse_moe.router.layer.weight", C + "mlp.router.weight"),)
+GRANITE_EXPERTS = (
+    ExpertStack(L + "block_sparse_moe.input_linear.weight", (EXPERT + "gate.weight", EXPERT + "up.weight")),
+    ExpertStack(L + "block_sparse_moe.output_linear.weight", (EXPERT + "down.weight",)),
+)
+GRANITE_MOE_CONFIG = config_with(
+    ConfigKey("num_experts", "num_local_experts"),
+    ConfigKey("moe_topk", "num_experts_per_tok"),
+    ConfigKey("moe_ffn_hidden_size", "intermediate_size"),
+)
+register(
+    Family(
+        name="granitemoe",
+        model_types=("granitemoe",),
+        architecture="GraniteMoeForCausalLM",
+        tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GRANITE_MOE,
+        stacked=GRANITE_EXPERTS,
+        config=GRANITE_MOE_CONFIG,
+        megatron_args=lambda cfg: {"softmax_scale": cfg.get("attention_multiplier")},
+    )
+)
+# Granite MoE with a shared MLP beside the experts: shared_mlp.input_linear [2S, H] = [gate; up]
+# and shared_mlp.output_linear [H, S] (S = shared_intermediate_size; 0: none)
+register(
+    Family(
+        name="granitemoeshared",
+        model_types=("granitemoeshared",),
+        architecture="GraniteMoeSharedForCausalLM",
+        tensors=EMBED_AND_HEAD
+        + ATTENTION
+        + LLAMA_NORMS
+        + GRANITE_MOE
+        + ((L + "shared_mlp.output_linear.weight", C + "mlp.shared.down.weight"),),
+        packed=(
+            Packed(
+                L + "shared_mlp.input_linear.weight",
+                (C + "mlp.shared.gate.weight", C + "mlp.shared.up.weight"),
+                ("shared_ffn_hidden_size", "shared_ffn_hidden_size"),
+            ),
+        ),
+        stacked=GRANITE_EXPERTS,
+        config=GRANITE_MOE_CONFIG + (ConfigKey("shared_ffn_hidden_size", "shared_intermediate_size", 0),),
+        megatron_args=lambda cfg: {"softmax_scale": cfg.get("attention_multiplier")},
+    )
+)
+
+
+def _llama4_dense_layers(cfg: dict) -> tuple[int, ...]:
+    """Llama 4: the layers not in moe_layers (default every interleave_moe_layer_step-th)."""
+    n, step = cfg["num_hidden_layers"], cfg.get("interleave_moe_layer_step") or 1
+    moe = cfg.get("moe_layers")
+    moe = set(range(step - 1, n, step) if moe is None else moe)
+    return tuple(i for i in range(n) if i not in moe)
+
+
+def _llama4_args(cfg: dict) -> dict:
+    """Llama 4 as megatron-core TransformerConfig fields (Megatron-Bridge's Llama4ModelProvider):
+    rotary on interleaved pairs, no rotary (and no q/k norm) on every no_rope_layer_interval-th
+    layer, a weightless L2 q/k norm, top-k logits through a sigmoid (not renormalised) scaling the
+    expert's input; chunked attention beyond attention_chunk_size tokens is Bridge's own."""
+    n = cfg["num_hidden_layers"]
+    interval = cfg.get("no_rope_layer_interval") or 4
+    uses_rope = cfg.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n)]
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    return {
+        "rotary_interleaved": True,
+        "qk_l2_norm": bool(cfg.get("use_qk_norm", True)),
+        "no_rope_freq": [int(not r) for r in uses_rope],
+        "moe_router_score_function": "sigmoid",
+        "moe_router_pre_softmax": False,
+        "moe_apply_probs_on_input": True,
+        "attention_chunk_size": cfg.get("attention_chunk_size"),
+        **(
+            {"use_rope_scaling": True, "rope_scaling_factor": rope.get("factor")}
+            if rope.get("rope_type", rope.get("type")) == "llama3"
+            else {}
+        ),
+    }
+
+
+# Llama 4's text model (transformers models/llama4/modeling_llama4.py, model_type llama4_text):
+# llama attention (biases with attention_bias), the MLP under feed_forward.*: a dense MLP of
+# intermediate_size_mlp in the layers outside moe_layers, else a router, one shared expert and
+# the routed experts stacked per layer as [in, out] matrices (experts.gate_up_proj [E, H, 2F] with
+# gate then up along the last dim, experts.down_proj [E, F, H]).  Megatron keys as Mixtral's
+# per-expert ones (Megatron-Bridge's Llama4 mapping); MindSpeed-LLM has no entry for it.  The
+# multimodal release (Llama4ForConditionalGeneration, language_model.* keys) is not read
+LLAMA4_MLP = (
+    (L + "feed_forward.gate_proj.weight", C + "mlp.gate.weight"),
+    (L + "feed_forward.up_proj.weight", C + "mlp.up.weight"),
+    (L + "feed_forward.down_proj.weight", C + "mlp.down.weight"),
+    (L + "feed_forward.router.weight", C + "mlp.router.weight"),
+    (L + "feed_forward.shared_expert.gate_proj.weight", C + "mlp.shared.gate.weight"),
+    (L + "feed_forward.shared_expert.up_proj.weight", C + "mlp.shared.up.weight"),
+    (L + "feed_forward.shared_expert.down_proj.weight", C + "mlp.shared.down.weight"),
+)
+register(
+    Family(
+        name="llama4_text",
+        model_types=("llama4_text",),
+        architecture="Llama4ForCausalLM",
+        tensors=EMBED_AND_HEAD
+        + PROJECTIONS
+        + ((L + "self_attn.o_proj.bias", C + "attn.o.bias"),)
+        + ((L + "input_layernorm.weight", C + "attn_norm.weight"),)
+        + LLAMA_NORMS
+        + LLAMA4_MLP,
+        stacked=(
+            ExpertStack(
+                L + "feed_forward.experts.gate_up_proj",
+                (EXPERT + "gate.weight", EXPERT + "up.weight"),
+                transposed=True,
+            ),
+            ExpertStack(L + "feed_forward.experts.down_proj", (EXPERT + "down.weight",), transposed=True),
+        ),
+        config=config_with(
+            ConfigKey("ffn_hidden_size", "intermediate_size_mlp"),
+            ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
+            ConfigKey("o_bias", "attention_bias", False),
+            ConfigKey("num_experts", "num_local_experts"),
+            ConfigKey("moe_topk", "num_experts_per_tok"),
+            ConfigKey("moe_ffn_hidden_size", "intermediate_size"),
+            ConfigKey("shared_ffn_hidden_size", "intermediate_size"),
+            ConfigKey("dense_layers", None, _llama4_dense_layers),
+        ),
+        megatron_args=_llama4_args,
+    )
+)
+
+
+def _exaone_moe_args(cfg: dict) -> dict:
+    """EXAONE MoE as megatron-core TransformerConfig fields (Megatron-Bridge's exaone_moe
+    provider): DeepSeek-V3's router; with a sliding_window, the sliding layers (layer_types, else
+    all but every sliding_window_pattern-th) attend within it and only they have rotary."""
+    window, n = cfg.get("sliding_window"), cfg["num_hidden_layers"]
+    types = cfg.get("layer_types")
+    pattern = cfg.get("sliding_window_pattern")
+    if types is None and isinstance(pattern, int) and pattern > 0:
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    sliding = [int(t == "sliding_attention") for t in types or ()]
+    left = window - 1 if isinstance(window, int) and window > 0 and any(sliding) else None
+    return {
+        **deepseek_router_args(cfg),
+        "window_size": None if left is None else [left, 0],
+        "window_attn_skip_freq": None if left is None else sliding,
+        "no_rope_freq": None if left is None else [1 - s for s in sliding],
+    }
+
+
+# EXAONE MoE (K-EXAONE; transformers models/exaone_moe/modular_exaone_moe.py): OLMoE's pre-norm
+# layer with EXAONE 4's attention (per-head q/k norms before the rotary; with a sliding_window only
+# the sliding layers are windowed and rotated) and DeepSeek-V3's MoE block, its score bias at
+# mlp.e_score_correction_bias, dense layers from mlp_layer_types (first_k_dense_replace).
+# Megatron keys as Megatron-Bridge's exaone/exaone_moe/exaone_moe_bridge.py; MindSpeed-LLM has no
+# entry for it.  The release's MTP layer (mtp.*, a dense layer transformers ignores) is not read
+EXAONE_MOE = tuple(
+    (h.replace("mlp.gate.e_score_correction_bias", "mlp.e_score_correction_bias"), c) for h, c in DEEPSEEK_MOE
+)
+register(
+    Family(
+        name="exaone_moe",
+        model_types=("exaone_moe",),
+        architecture="ExaoneMoeForCausalLM",
+        tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP + EXAONE_MOE,
+        config=config_with(
+            ConfigKey("num_experts", "num_experts"),
+            ConfigKey("moe_topk", "num_experts_per_tok"),
+            ConfigKey("moe_ffn_hidden_size", "moe_intermediate_size"),
+            ConfigKey(
+                "shared_ffn_hidden_size",
+                None,
+                lambda cfg: (cfg.get("num_shared_experts") or 0) * cfg["moe_intermediate_size"],
+            ),
+            ConfigKey("dense_layers", None, mlp_dense_layers),
+            ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
+            ConfigKey("qkv_bias", None, False),
+        ),
+        constants=(("qk_norm", True), ("router_bias", True)),
+        megatron_args=_exaone_moe_args,
+    )
+)
+
+
+def _afmoe_args(cfg: dict) -> dict:
+    """AFMoE as megatron-core TransformerConfig fields where they exist: sigmoid router scores
+    with the score bias, top-k renormalised and scaled by route_scale; the sliding layers
+    (layer_types, else all but every global_attn_every_n_layers-th) windowed and the only ones
+    with rotary; with mup_enabled embeddings times sqrt(hidden_size) (ckpt-ir's marker, as
+    gemma3_text's)."""
+    sliding = [int(t == "sliding_attention") for t in cfg.get("layer_types") or ()]
+    window = cfg.get("sliding_window")
+    left = window - 1 if isinstance(window, int) and window > 0 and any(sliding) else None
+    return {
+        "moe_router_score_function": "sigmoid",
+        "moe_router_enable_expert_bias": True,
+        "moe_router_pre_softmax": False,
+        "moe_router_topk_scaling_factor": cfg.get("route_scale"),
+        "window_size": None if left is None else [left, 0],
+        "window_attn_skip_freq": None if left is None else sliding,
+        "no_rope_freq": [1 - s for s in sliding] or None,
+        "apply_embedding_scaling": bool(cfg.get("mup_enabled")),
+    }
+
+
+# AFMoE (Arcee Trinity; transformers models/afmoe/modular_afmoe.py): per-head q/k norms, an output
+# gate (self_attn.gate_proj [heads * head_dim, hidden]: the attention output times its sigmoid,
+# channel by channel, before o_proj; the role attn.gate, split over TP with the heads), rotary and
+# a window only on the sliding layers, sandwich norms (post_attention_layernorm after attention,
+# pre_mlp_layernorm / post_mlp_layernorm around the MLP: the post_norms roles), the first
+# num_dense_layers dense, then a sigmoid router (mlp.router.gate) with its score bias
+# (mlp.expert_bias), DeepSeek-named shared experts and Qwen-named experts.  Neither MindSpeed-LLM
+# nor Megatron-Bridge has it: keys as glm4's post norms and DeepSeek's MoE block, the gate under
+# self_attention.linear_gate (megatron-core's own gated attention packs it into linear_qkv, which
+# no consumer of these files reads: megatron-core has no sandwich norms)
+AFMOE_LAYER = (
+    (L + "input_layernorm.weight", C + "attn_norm.weight"),
+    (L + "self_attn.gate_proj.weight", C + "attn.gate.weight"),
+    (L + "post_attention_layernorm.weight", C + "post_attn_norm.weight"),
+    (L + "pre_mlp_layernorm.weight", C + "mlp_norm.weight"),
+    (L + "post_mlp_layernorm.weight", C + "post_mlp_norm.weight"),
+    (L + "mlp.router.gate.weight", C + "mlp.router.weight"),
+    (L + "mlp.expert_bias", C + "mlp.router.bias"),
+    *((h, c) for h, c in DEEPSEEK_MOE if "experts" in h),  # experts, shared_experts
+)
+register(
+    Family(
+        name="afmoe",
+        model_types=("afmoe",),
+        architecture="AfmoeForCausalLM",
+        tensors=EMBED_AND_HEAD
+        + tuple((h, c) for h, c in ATTENTION if "layernorm" not in h)
+        + GATED_MLP
+        + AFMOE_LAYER,
+        config=config_with(
+            ConfigKey("head_dim", "head_dim", 128),
+            ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
+            ConfigKey("num_experts", "num_experts"),
+            ConfigKey("moe_topk", "num_experts_per_tok"),
+            ConfigKey("moe_ffn_hidden_size", "moe_intermediate_size"),
+            ConfigKey(
+                "shared_ffn_hidden_size",
+                None,
+                lambda cfg: (cfg.get("num_shared_experts") or 0) * cfg["moe_intermediate_size"],
+            ),
+            ConfigKey(
+                "dense_layers",
+                None,
+                lambda cfg: tuple(range(min(cfg.get("num_dense_layers", 1), cfg["num_hidden_layers"]))),
+            ),
+        ),
+        constants=(("qk_norm", True), ("post_norms", True), ("router_bias", True)),
+        megatron_args=_afmoe_args,
+    )
+)
+# AFMoE's output gate, a role of its own (a future gated-attention block's part): present in the
+# attention layers of the afmoe family only
+register_role(
+    Role(
+        "layers.{i}.attn.gate.weight",
+        COLUMN,
+        lambda s, lay: (s.q_size, s.hidden_size),
+        lambda s, lay, i: s.has_attention(i) and s.family == "afmoe",
     )
 )
 
@@ -314,7 +670,6 @@ GPT_OSS_TENSORS = (
         (L + "mlp.router.bias", C + "mlp.router.logit_bias"),
     )
 )
-EXPERT = C + "mlp.experts.{e}."
 GPT_OSS_EXPERTS = (
     ExpertStack(L + "mlp.experts.gate_up_proj", (EXPERT + "gate.weight", EXPERT + "up.weight"), True, True),
     ExpertStack(

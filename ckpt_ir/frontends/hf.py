@@ -192,6 +192,7 @@ def map_tensors(
     unknown: list[str] = []
     packed = [(p, template_pattern(p.hf)) for p in family.packed]
     stacked = [(s, template_pattern(s.hf)) for s in family.stacked]
+    reshaped = [(r, template_pattern(r.hf)) for r in family.reshaped]
     for key, load in raw.items():
         canon = names.to_canonical(key)
         if canon is not None:
@@ -203,6 +204,8 @@ def map_tensors(
         hit = _unpack(key, load, spec, packed)
         if hit is None:
             hit = _unstack(key, load, spec, stacked)
+        if hit is None:
+            hit = _reshape(key, load, spec, reshaped)
         if hit is not None:
             for canon, expr in hit:
                 tensors[canon] = TensorNode.whole(canon, expr)
@@ -234,6 +237,25 @@ def _unstack(key: str, load: E.Expr, spec: ModelSpec, stacked) -> list[tuple[str
                 for e, parts in enumerate(experts)
                 for p, x in parts.items()
             ]
+    return None
+
+
+def _reshape(key: str, load: E.Expr, spec: ModelSpec, reshaped) -> list[tuple[str, E.Expr]] | None:
+    """A tensor HF stores in another shape than its canonical one (ERNIE 4.5's [1, E] score
+    bias), viewed in the canonical shape."""
+    for r, pat in reshaped:
+        m = pat.match(key)
+        if not m:
+            continue
+        canon = r.canonical.format(**m.groupdict())
+        hf_shape, want = r.shape(spec), expected_shape(spec, Layout(format="hf"), canon)
+        assert want is not None, f"{r.canonical}: not a role"
+        if load.shape != hf_shape:
+            raise FormatError(
+                f"{E.loads(load)[0].path}: tensor {key} has shape {list(load.shape)} but config.json "
+                f"implies {list(hf_shape)}; the weights do not match the config"
+            )
+        return [(canon, E.Reshape(load, want))]
     return None
 
 

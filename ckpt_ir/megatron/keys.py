@@ -56,6 +56,8 @@ _ATTENTION_KEYS = (
     (D + "self_attention.k_layernorm.weight", C + "attn.k_norm.weight"),
     (D + "self_attention.linear_qkv.bias", C + "attn.qkv.bias"),  # after the q/k norms (GLM-4.5)
     (D + "self_attention.core_attention.softmax_offset", C + "attn.sinks"),
+    # AFMoE's output gate (its own linear; megatron-core's gated attention packs it into linear_qkv)
+    (D + "self_attention.linear_gate.weight", C + "attn.gate.weight"),
     # gated-delta-net linear attention layers (MindSpeed-LLM's qwen3-next names, HF packing)
     (D + "self_attention.A_log", C + "attn.gdn.A_log"),
     (D + "self_attention.conv1d.weight", C + "attn.gdn.conv1d.weight"),
