@@ -885,3 +885,25 @@ def test_rng_state_is_carried_on_the_same_rank_grid(trained):
     assert "rng_state" not in torch.load(
         os.path.join(other, "iter_0000002", "mp_rank_00", "model_optim_rng.pt"), weights_only=False
     )
+
+
+def test_a_layer_mixing_mindspeed_and_megatron_core_mla_modules_is_refused_by_name():
+    """Each key alone has a known place, together they have none: MindSpeed-LLM's fused MLA
+    linear_qkv is not a module of megatron-core's MLASelfAttention, whose linear_kv_up_proj
+    decides the layer's order.  The error names the key, not an IndexError."""
+    from ckpt_ir.errors import VerifyError
+    from ckpt_ir.ir import expr as E
+    from ckpt_ir.megatron.distopt import flat_state
+
+    keys = (
+        "decoder.layers.0.self_attention.linear_qkv.weight",
+        "decoder.layers.0.self_attention.linear_kv_up_proj.weight",
+    )
+    params = [(k, E.Load("rank.pt", k, (4, 2), "F32", 0, "torch")) for k in keys]
+    for one in params:
+        assert flat_state([one], None, 1).shape == (8,)  # alone, each has its place
+    with pytest.raises(VerifyError) as err:
+        flat_state(params, None, 1)
+    msg = str(err.value)
+    assert f"order for {keys[0]} (in a layer with megatron-core's MLA module {keys[1]})" in msg
+    assert "\n" not in msg and msg.endswith("convert with optimizer=False")

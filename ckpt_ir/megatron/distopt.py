@@ -115,8 +115,20 @@ def is_expert_param(key: str) -> bool:
 
 def registration_order(keys: list[str]) -> list[str] | None:
     """``keys`` (parameters of one model chunk) in Megatron-Core's registration order, or None when
-    a key is not a GPT parameter whose place is known.  A layer with any of megatron-core's own
-    multi-latent-attention modules is ordered as an MLA layer."""
+    a key is not a GPT parameter whose place is known (:func:`unplaced`).  A layer with any of
+    megatron-core's own multi-latent-attention modules is ordered as an MLA layer."""
+    ranks, _ = _ranks(keys)
+    return None if ranks is None else sorted(keys, key=lambda k: ranks[k])
+
+
+def unplaced(keys: list[str]) -> str | None:
+    """Why :func:`registration_order` cannot order ``keys``: the first key whose place is not
+    known, and the MLA module that decided its layer's order when that made it unknown."""
+    return _ranks(keys)[1]
+
+
+def _ranks(keys: list[str]) -> tuple[dict[str, tuple] | None, str | None]:
+    """(each key's rank in the registration order, None), or (None, why one key has none)."""
     ranks: dict[str, tuple] = {}
     layers: dict[tuple, list[tuple[str, str]]] = {}  # (top rank prefix) -> [(key, key in the layer)]
     for key in keys:
@@ -132,24 +144,28 @@ def registration_order(keys: list[str]) -> list[str] | None:
             elif rest.startswith("transformer_layer."):
                 layers.setdefault((4, k, 3), []).append((key, rest[len("transformer_layer.") :]))
             else:
-                return None
+                return None, key
         elif len(parts) == 4 and parts[:2] == ["decoder", "layers"] and parts[2].isdigit():
             layers.setdefault((1, int(parts[2])), []).append((key, parts[3]))
         else:
-            return None
+            return None, key
     for prefix, members in layers.items():
-        table = _MLA_LAYER_RANK if any(r in _MLA_ONLY for _, r in members) else _LAYER_RANK
+        mla = next((key for key, r in members if r in _MLA_ONLY), None)
+        table = _LAYER_RANK if mla is None else _MLA_LAYER_RANK
         for key, rest in members:
             expert = 0
             m = _LOCAL_EXPERT.match(rest)
             if m:
                 rest, expert = f"mlp.experts.local_experts.*.{m.group(2)}", int(m.group(1))
             if rest not in table:
-                return None
+                return (
+                    None,
+                    key if mla is None else f"{key} (in a layer with megatron-core's MLA module {mla})",
+                )
             # local experts come expert by expert (fc1, fc2 of expert 0, then of expert 1, ...)
             place = table["mlp.experts.local_experts.*.linear_fc1.weight"] if m else table[rest]
             ranks[key] = prefix + (place, expert, table[rest])
-    return sorted(keys, key=lambda k: ranks[k])
+    return ranks, None
 
 
 @attrs.frozen
@@ -407,9 +423,8 @@ def flat_state(
         )
     order = registration_order([k for k, _ in params])
     if order is None:
-        unknown = [k for k, _ in params if registration_order([k]) is None]
         raise VerifyError(
-            f"optimizer state: Megatron's parameter order for {unknown[0]} is not known to ckpt-ir, "
+            f"optimizer state: Megatron's parameter order for {unplaced([k for k, _ in params])} is not known to ckpt-ir, "
             f"so its place in distrib_optim.pt cannot be derived; convert with {setting('optimizer', False)}"
         )
     exprs = dict(params)
