@@ -24,7 +24,9 @@ def test_public_objects_have_short_reprs(hf_cache, tmp_path):
     )
     assert repr(dry) == (
         "<Conversion pipeline=cast{dtype=bf16 keep-fp32=megatron},fuse-qkv,fuse-gate-up,shard{tp=2} "
-        f"output=<Checkpoint llama hf tp=2 pp=1 qkv=fused gate_up=fused: 27 tensors, {dry.output.nbytes} bytes> "
+        # the HF model resharded for Megatron (TP=2, fused) is of mcore kind, lifted from hf
+        f"output=<Checkpoint llama mcore tp=2 pp=1 qkv=fused gate_up=fused norms=local (from hf): 27 tensors, "
+        f"{dry.output.nbytes} bytes> "
         f"plan={plan!r} stats=None>"
     )
     done = ck.convert(src, str(tmp_path / "out"), ck.Target(to="hf"))

@@ -155,7 +155,9 @@ def test_hf_target_checks_the_layout_a_user_pipeline_leaves(hf_cache, tmp_path, 
     assert line.startswith(
         f"{ERROR_PREFIX} the pipeline's output differs from the target: --to hf needs {needs}"
     )
-    assert "but the pipeline gives hf tp=1" in line
+    assert "but the pipeline gives mcore tp=1" in line and line.endswith(
+        "(from hf) (add the passes to the pipeline, or leave those settings out)"
+    )
 
 
 def test_pipeline_that_disagrees_with_target_flags_is_a_usage_error(hf_cache, tmp_path):
@@ -215,9 +217,11 @@ def test_print_ir_after_all_shows_every_step(hf_cache, tmp_path):
     )
     steps = re.findall(r"^// ----- IR after (\S+) -----$", r.stdout, flags=re.M)
     assert steps == ["fuse-qkv", "fuse-gate-up", "shard{tp=2}", "rename-norms{names=te}"]
-    last_layout = re.findall(r"^// layout: \w+ (.*)$", r.stdout, flags=re.M)[-1]  # after the source format
-    written = re.findall(r"^// layout: \w+ (.*)$", ok("inspect", tmp_path / "o").stdout, flags=re.M)
-    assert written == [last_layout] == ["tp=2 pp=1 qkv=fused gate_up=fused norms=te"]
+    last_layout = re.findall(r"^// layout: (.*)$", r.stdout, flags=re.M)[-1]
+    written = re.findall(r"^// layout: (.*)$", ok("inspect", tmp_path / "o").stdout, flags=re.M)
+    # the same layout, in memory (lifted from the HF source) and as written
+    assert [last_layout] == ["mcore tp=2 pp=1 qkv=fused gate_up=fused norms=te (from hf)"]
+    assert written == ["mcore tp=2 pp=1 qkv=fused gate_up=fused norms=te"]
 
 
 def test_requirements_are_checked_before_a_pass_runs(hf_cache, tmp_path):
@@ -282,7 +286,7 @@ def test_api_run_takes_text_instances_and_functions(hf_cache):
     a = ck.run(src, "cast{dtype=bf16},fuse-qkv")
     b = ck.run(src, [CastPass(dtype="bf16"), ck.parse_pipeline("fuse-qkv")[0]])
     assert a.tensors == b.tensors and a.layout == b.layout
-    assert repr(a).startswith("<Checkpoint llama hf tp=1 pp=1 qkv=fused") and len(repr(a)) < 200
+    assert repr(a).startswith("<Checkpoint llama mcore tp=1 pp=1 qkv=fused") and len(repr(a)) < 200
     text = str(a)
     assert text.startswith("// source: ") and "layers.0.attn.qkv.weight" in text
     assert (

@@ -98,8 +98,19 @@ class Layout:
     def expert_tp(self) -> int:
         return self.tp if self.etp is None else self.etp
 
+    @property
+    def kind(self) -> str:
+        """The format whose layout this is: ``hf`` (whole, unfused, unpadded tensors, no no-op
+        layers, as an HF checkpoint holds them), else ``mcore``; ``format`` says where the tensors
+        were lifted from, so an HF model resharded in memory is of kind ``mcore``."""
+        return (
+            "hf" if attrs.evolve(self, format="hf", mla_keys="mindspeed") == Layout(format="hf") else "mcore"
+        )
+
     def describe(self) -> str:
-        parts = [self.format, f"tp={self.tp}", f"pp={self.pp}"]
+        """One line: the kind, its parallel sizes and fusions, and ``(from FORMAT)`` when the
+        tensors were lifted from the other format."""
+        parts = [self.kind, f"tp={self.tp}", f"pp={self.pp}"]
         if self.vpp_layers:
             parts.append(f"vpp_layers={self.vpp_layers}")
         if self.num_layer_list:
@@ -114,10 +125,12 @@ class Layout:
             parts.append(f"ep={self.ep} etp={self.expert_tp}")
         if self.grouped_gemm:
             parts.append("grouped_gemm")
-        if self.format == "mcore" or self.norm_names != "local":
+        if self.kind == "mcore":
             parts.append(f"norms={self.norm_names}")
         if self.mla_keys != "mindspeed":
             parts.append(f"mla_keys={self.mla_keys}")
+        if self.kind != self.format:
+            parts.append(f"(from {self.format})")
         return " ".join(parts)
 
 
