@@ -87,6 +87,52 @@ def test_print_before_after_and_dump_ir(hf_cache, tmp_path):
     assert "tensors" in r.stdout and "ms" in r.stdout  # the stats table
 
 
+def test_dump_ir_follows_the_output_rules(hf_cache, tmp_path):
+    """--dump-ir DIR: an existing file or non-empty DIR is refused (exit 2, one line naming it,
+    untouched) unless --overwrite, which replaces only a previous dump; the files appear as a whole."""
+    src = hf_cache("llama")
+    dump = tmp_path / "dump"
+
+    def convert(*extra: str) -> subprocess.CompletedProcess:
+        return cli(
+            "convert",
+            src,
+            str(tmp_path / "o"),
+            "--to",
+            "hf",
+            "--dry-run",
+            "--dump-ir",
+            str(dump),
+            *extra,
+            check=False,
+        )
+
+    dump.write_text("mine\n")  # a file in the way
+    r = convert()
+    assert (
+        r.returncode == 2
+        and r.stderr.count("\n") == 1
+        and f"{dump}: exists and is not a directory" in r.stderr
+    )
+    assert dump.read_text() == "mine\n"
+    dump.unlink()
+    dump.mkdir()
+    (dump / "07-stale.txt").write_text("old dump\n")
+    r = convert()
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert f"{dump}: destination exists and is not empty; pass --overwrite" in r.stderr
+    assert os.listdir(dump) == ["07-stale.txt"]
+    assert convert("--overwrite").returncode == 0
+    assert os.listdir(dump) == ["00-input.txt"]  # --to hf from hf: no passes; the stale file is gone
+    assert open(dump / "00-input.txt").read().startswith(f"// source: {src}")
+    (dump / "notes.txt").write_text("mine\n")
+    r = convert("--overwrite")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert f"{dump / 'notes.txt'}: not part of an IR dump" in r.stderr
+    assert sorted(os.listdir(dump)) == ["00-input.txt", "notes.txt"]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no lock or temporary left
+
+
 def test_pipeline_flag_replaces_the_derived_one(hf_cache, tmp_path):
     src = hf_cache("llama")
     dst = tmp_path / "o"

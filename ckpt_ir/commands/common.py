@@ -5,8 +5,10 @@ command modules (``cli``, ``mindspeed``) import it, never each other."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -90,7 +92,8 @@ def add_ir_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dump-ir",
         metavar="DIR",
-        help="write the IR before the first pass and after each pass, one numbered file per pass",
+        help="write the IR before the first pass and after each pass, one numbered file per pass, into DIR "
+        "(an existing non-empty DIR is replaced only with --overwrite, and only when it holds such a dump)",
     )
     g.add_argument(
         "--pass-stats", action="store_true", help="print per-pass statistics (tensors, bytes, time)"
@@ -227,6 +230,10 @@ def resolve_sources(
         check_destination(
             opts.dst, opts.overwrite, check_replaceable
         )  # fail fast, before a download or lifting the source
+    if opts.dump_ir and not opts.print_pipeline:  # a dry run dumps the IR too
+        from ckpt_ir.passes.manager import check_dump_replaceable
+
+        check_destination(opts.dump_ir, opts.overwrite, check_dump_replaceable)
     resolved = {flag: p and resolve(p, weights=flag not in configs) for flag, p in sources.items()}
     apart(resolved)  # a Hub id's snapshot too
     return resolved
@@ -258,32 +265,33 @@ def run_conversion(
     if opts.print_pipeline:
         print(pipeline if pipeline is not None else ck.derive_pipeline(src, target))
         return 0
-    inst = Instrumentation(
-        print_before=opts.print_ir_before,
-        print_after=opts.print_ir_after,
-        print_after_all=opts.print_ir_after_all,
-        dump_dir=opts.dump_ir,
-        stats=opts.pass_stats,
-        ir_format=opts.ir_format,
-        stream=sys.stdout,
-    )
     progress = opts.progress if opts.progress is not None else (sys.stderr.isatty() and not quiet)
-    result = ck.convert(
-        src,
-        opts.dst,
-        target,
-        pipeline=pipeline,
-        instrumentation=inst,
-        dry_run=opts.dry_run,
-        overwrite=opts.overwrite,
-        progress=progress,
-        workers=opts.workers,
-        max_memory=opts.max_memory,
-        announce=None
-        if quiet or opts.dry_run
-        else lambda p: print(pipeline_line(p, target), file=sys.stderr),
-        allow_overflow=opts.allow_overflow,
-    )
+    with dump_dir(opts.dump_ir, opts.overwrite) as dump:
+        inst = Instrumentation(
+            print_before=opts.print_ir_before,
+            print_after=opts.print_ir_after,
+            print_after_all=opts.print_ir_after_all,
+            dump_dir=dump,
+            stats=opts.pass_stats,
+            ir_format=opts.ir_format,
+            stream=sys.stdout,
+        )
+        result = ck.convert(
+            src,
+            opts.dst,
+            target,
+            pipeline=pipeline,
+            instrumentation=inst,
+            dry_run=opts.dry_run,
+            overwrite=opts.overwrite,
+            progress=progress,
+            workers=opts.workers,
+            max_memory=opts.max_memory,
+            announce=None
+            if quiet or opts.dry_run
+            else lambda p: print(pipeline_line(p, target), file=sys.stderr),
+            allow_overflow=opts.allow_overflow,
+        )
     if opts.dry_run:
         print_plan(result.plan, pipeline_line(result.pipeline, target), opts.workers, opts.max_memory)
         return 0
@@ -304,6 +312,32 @@ def run_conversion(
         for note in result.output.meta.get("notes", ()):
             print(f"note: {note} (recorded in {NOTES_FILE})", file=sys.stderr)
     return 0
+
+
+@contextlib.contextmanager
+def dump_dir(path: str | None, overwrite: bool) -> Iterator[str | None]:
+    """Where the passes dump the IR for ``--dump-ir PATH``: a temporary sibling of PATH, published
+    as PATH when the block ends, under the rules of the conversion's output (claimed, an existing
+    PATH replaced only with ``overwrite`` and only when it holds a dump).  Also when a pass fails:
+    the IR up to that pass is what a dump is for."""
+    if path is None:
+        yield None
+        return
+    from ckpt_ir.io.atomic import claim, prepare, publish, writing
+    from ckpt_ir.passes.manager import check_dump_replaceable
+
+    with claim(path, overwrite, check_dump_replaceable) as dump:
+        with writing(path):
+            tmp = prepare(dump)
+        try:
+            yield tmp
+        except BaseException:
+            with contextlib.suppress(Exception):
+                publish(tmp, dump)
+            shutil.rmtree(tmp, ignore_errors=True)  # gone once published
+            raise
+        with writing(tmp):
+            publish(tmp, dump)
 
 
 def pipeline_line(pipeline: Any, target: Any) -> str:

@@ -23,6 +23,7 @@ It round-trips: ``str(parse_pipeline(t))`` prints a pipeline that parses to the 
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 import time
 import types
@@ -541,6 +542,24 @@ def _parse_options(cls: type[Pass], text: str, tokens: list[tuple[str, int, str,
 # running
 
 
+DUMP_EXTENSIONS = {"text": "txt", "json": "json", "dot": "dot"}  # dump file name extension per --ir-format
+_DUMP_FILE = re.compile(rf"\d{{2,}}-[^/]+\.(?:{'|'.join(DUMP_EXTENSIONS.values())})")
+
+
+def check_dump_replaceable(path: str) -> None:
+    """Refuse (exit 2) to replace directory ``path`` unless it holds an IR dump (the numbered
+    files ``Instrumentation.dump_dir`` gets) and nothing else."""
+    import os
+
+    foreign = [n for n in sorted(os.listdir(path)) if not _DUMP_FILE.fullmatch(n)]
+    if foreign:
+        raise UsageError(
+            f"{os.path.join(path, foreign[0])}: not part of an IR dump, and --overwrite replaces only a "
+            f"--dump-ir directory that holds a dump and nothing else; move it out of {path} or choose "
+            f"another --dump-ir directory"
+        )
+
+
 @attrs.define
 class Instrumentation:
     """What to print or dump around passes (separate from the passes themselves)."""
@@ -630,7 +649,7 @@ class PassManager:
         from ckpt_ir.ir.printer import render
 
         os.makedirs(self.inst.dump_dir, exist_ok=True)  # type: ignore[arg-type]
-        ext = {"json": "json", "dot": "dot"}.get(self.inst.ir_format, "txt")
+        ext = DUMP_EXTENSIONS.get(self.inst.ir_format, "txt")
         with open(os.path.join(self.inst.dump_dir, f"{n:02d}-{name}.{ext}"), "w") as f:  # type: ignore[arg-type]
             f.write(render(ckpt, self.inst.ir_format))
 
