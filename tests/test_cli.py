@@ -330,6 +330,33 @@ def test_mindspeed_drop_in_flags(hf_cache, tmp_path):
     assert r.returncode == 1 and "unsupported architecture" in r.stderr
 
 
+def test_mindspeed_flags_that_change_the_output_are_honoured_or_refused(hf_cache, tmp_path):
+    """MindSpeed-LLM's v1 converter writes torch_dist with --ckpt-format torch_dist (Megatron's
+    save_checkpoint after validate_args sets use_dist_ckpt); convert-ckpt writes the same format
+    convert does, not torch rank files.  Flags that would change the output and are not done here
+    (zarr, DualPipeV placement, a layout torch_dist does not have) are usage errors."""
+    src = hf_cache("qwen2", layers=4)
+    ms, ours = tmp_path / "ms", tmp_path / "ours"
+    cli("convert-ckpt", "--load-dir", src, "--save-dir", str(ms), "--ckpt-format", "torch_dist")
+    cli("convert", src, str(ours), "--to", "mcore", "--ckpt-format", "torch_dist")
+    files = sorted(os.listdir(ms / "iter_0000001"))
+    assert ".metadata" in files and any(f.endswith(".distcp") for f in files)
+    assert not [f for f in files if f.startswith("mp_rank_")]
+    for f in files:
+        assert (ms / "iter_0000001" / f).read_bytes() == (ours / "iter_0000001" / f).read_bytes(), f
+    for flags, says in (
+        (("--ckpt-format", "zarr"), "--ckpt-format zarr: ckpt-ir does not write"),
+        (("--schedules-method", "dualpipev"), "--schedules-method: DualPipeV"),
+        (
+            ("--ckpt-format", "torch_dist", "--target-tensor-parallel-size", "2"),
+            "leave out --target-tensor-parallel-size",
+        ),
+    ):
+        r = cli("convert-ckpt", "--load-dir", src, "--save-dir", str(tmp_path / "x"), *flags, check=False)
+        assert r.returncode == 2 and says in r.stderr and r.stderr.count("\n") == 1, (flags, r.stderr)
+        assert not (tmp_path / "x").exists()
+
+
 def test_plugin_pass_from_the_cli(hf_cache, tmp_path, monkeypatch):
     plugin_dir = tmp_path / "plug"
     plugin_dir.mkdir()

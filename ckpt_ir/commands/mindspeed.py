@@ -28,10 +28,8 @@ _IGNORED_VALUE = (
     "--max-queue-size",
     "--megatron-path",
     "--ckpt-cfg-path",
-    "--ckpt-format",
     "--vocab-file",
     "--true-vocab-size",
-    "--schedules-method",
     "--input-tp-rank",
     "--input-pp-rank",
     "--first-k-dense-replace",
@@ -49,7 +47,18 @@ _IGNORED_FLAGS = (
     "--add-dense-bias",
     "--load-hf-from-config",
 )
-_UNSUPPORTED_VALUE: dict[str, str] = {}
+_UNSUPPORTED_VALUE = {"--schedules-method": "DualPipeV's layer placement (dualpipev)"}
+# what a --ckpt-format other than torch (whole tensors, resharded by Megatron on load) cannot take
+_WHOLE_TENSOR_CONFLICTS = (
+    "--target-tensor-parallel-size",
+    "--target-pipeline-parallel-size",
+    "--target-expert-parallel-size",
+    "--expert-tensor-parallel-size",
+    "--num-layer-list",
+    "--num-layers-per-virtual-pipeline-stage",
+    "--noop-layers",
+    "--target-data-parallel-size",
+)
 _UNSUPPORTED_FLAGS = {"--moe-tp-extend-ep": "MoE TP-extend-EP", "--mla-mm-split": "MLA"}
 
 
@@ -76,6 +85,14 @@ def add_parser(sub) -> None:
     p.add_argument("--num-layer-list", type=int_list, default=None)
     p.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
     p.add_argument("--noop-layers", type=int_list, default=())
+    p.add_argument(
+        "--ckpt-format",
+        choices=("torch", "torch_dist", "zarr"),
+        default="torch",
+        help="Megatron output format, as MindSpeed-LLM's v1 converter: torch rank directories, or "
+        "torch_dist whole tensors Megatron reshards on load (then without the layout flags); zarr "
+        "is refused; with --save-model-type hf the source's format is detected",
+    )
     p.add_argument("--params-dtype", default=None, help="cast to fp16/bf16/fp32 (default: keep)")
     add_overflow_flag(p)
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=None)
@@ -135,6 +152,20 @@ def run(args: argparse.Namespace) -> int:
     to = "hf" if args.save_model_type == "hf" else "mcore"
     if args.save_lora_to_hf:
         to = "peft"
+    if to == "mcore" and args.ckpt_format == "zarr":
+        raise UsageError(
+            "convert-ckpt --ckpt-format zarr: ckpt-ir does not write Megatron's zarr format (deprecated "
+            "by Megatron-Core); use --ckpt-format torch_dist or torch"
+        )
+    if to == "mcore" and args.ckpt_format != "torch":
+        given = [
+            f for f in _WHOLE_TENSOR_CONFLICTS if getattr(args, f[2:].replace("-", "_")) not in (None, (), 1)
+        ]
+        if given:
+            raise UsageError(
+                f"convert-ckpt --ckpt-format {args.ckpt_format} holds whole tensors that Megatron reshards "
+                f"when it loads them: leave out {', '.join(given)} (or write --ckpt-format torch)"
+            )
     save_dir, hf_cfg_dir = args.save_dir, args.hf_cfg_dir
     if to == "hf" and os.path.isfile(os.path.join(save_dir, "config.json")):
         hf_cfg_dir = hf_cfg_dir or save_dir
@@ -160,13 +191,15 @@ def run(args: argparse.Namespace) -> int:
             noop_layers=args.noop_layers,
             vocab_divisible_by=args.make_vocab_size_divisible_by,
             norm_names="te-input" if args.transformer_impl == "transformer_engine" else "local",
-            mla_keys="mindspeed",  # MindSpeed-LLM's own MLA modules, whatever the source's
+            # MindSpeed-LLM's own MLA modules, whatever the source's (torch_dist: megatron-core's)
+            mla_keys="mindspeed" if args.ckpt_format == "torch" else None,
             ep=args.target_expert_parallel_size,
             etp=args.expert_tensor_parallel_size,
             grouped_gemm=args.moe_grouped_gemm,
             dp=args.target_data_parallel_size,
             optimizer=args.load_model_type == "optim",
             mtp_layers=args.mtp_num_layers if args.load_model_type == "hf" else None,
+            ckpt_format=args.ckpt_format,
             **common,
         )
     else:
