@@ -29,6 +29,7 @@ import attrs
 from ckpt_ir.errors import FormatError
 from ckpt_ir.io.safe_pickle import TORCH_DTYPES, TensorRef, TorchDtype
 from ckpt_ir.io.safe_pickle import loads as safe_loads
+from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.dtypes import ITEMSIZE
 
 METADATA_FILE = ".metadata"
@@ -481,3 +482,74 @@ def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
         out.append(acc)
         acc *= n
     return tuple(reversed(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors as lazy expressions over their chunks
+
+
+class Assembler:
+    """Expressions for (parts of) stored tensors, assembled lazily from their chunks (``where``
+    names the checkpoint in errors)."""
+
+    def __init__(self, where: str, resolver: ChunkResolver) -> None:
+        self.where, self.resolver = where, resolver
+        self._offsets: dict[tuple[str, tuple[int, ...]], int] = {}
+
+    def __call__(self, t: DcpTensor, index: tuple[int, ...] = ()) -> E.Expr:
+        """``t[index]``: the sub-tensor at ``index`` of the leading axes (a stacked layer /
+        expert); reads only the bytes of that sub-tensor."""
+        k = len(index)
+        shape = t.shape[k:]
+        if math.prod(t.shape) == 0:
+            raise FormatError(f"{self.where}: tensor {t.key} is empty {list(t.shape)}")
+        pieces = []
+        seen = set()
+        for c in t.chunks:
+            if c.offsets in seen:
+                continue
+            if all(c.offsets[d] <= index[d] < c.offsets[d] + c.sizes[d] for d in range(k)):
+                seen.add(c.offsets)
+                lin = 0
+                for d in range(k):
+                    lin = lin * c.sizes[d] + index[d] - c.offsets[d]
+                pieces.append((c.offsets[k:], c.sizes[k:], c, lin * math.prod(c.sizes[k:])))
+        return self._tile(t, (0,) * len(shape), shape, pieces)
+
+    def _load(self, t: DcpTensor, sizes: tuple[int, ...], chunk, element_offset: int) -> E.Load:
+        at = (t.key, chunk.offsets)
+        base = self._offsets.get(at)
+        if base is None:
+            base = self._offsets[at] = self.resolver.data_offset(t.key, t.dtype, chunk)
+        path = os.path.join(self.resolver.dir, chunk.file)
+        return E.Load(path, t.key, sizes, t.dtype, base + element_offset * ITEMSIZE[t.dtype], "torch")
+
+    def _tile(self, t: DcpTensor, lo: tuple[int, ...], sizes: tuple[int, ...], pieces: list) -> E.Expr:
+        """The box [lo, lo+sizes) from chunk pieces that must tile it exactly (split recursively
+        along a dim where no piece straddles a boundary)."""
+        if not pieces:
+            raise FormatError(
+                f"{self.where}: tensor {t.key} has no chunk covering offset {list(lo)}; the checkpoint "
+                f"is incomplete"
+            )
+        if len(pieces) == 1:
+            off, sz, chunk, elem = pieces[0]
+            if off == lo and sz == sizes:
+                return self._load(t, sz, chunk, elem)
+        for d in range(len(sizes)):
+            cuts = sorted(
+                {lo[d], lo[d] + sizes[d]} | {p[0][d] for p in pieces} | {p[0][d] + p[1][d] for p in pieces}
+            )
+            if len(cuts) < 3 or any(p[0][d] < c < p[0][d] + p[1][d] for p in pieces for c in cuts):
+                continue
+            parts = []
+            for a, b in zip(cuts, cuts[1:]):
+                sub = [p for p in pieces if a <= p[0][d] and p[0][d] + p[1][d] <= b]
+                sub_lo = lo[:d] + (a,) + lo[d + 1 :]
+                sub_sizes = sizes[:d] + (b - a,) + sizes[d + 1 :]
+                parts.append(self._tile(t, sub_lo, sub_sizes, sub))
+            return E.Concat(tuple(parts), d)
+        raise FormatError(
+            f"{self.where}: the chunks of tensor {t.key} overlap or do not tile it around offset "
+            f"{list(lo)}; the metadata is corrupt"
+        )
