@@ -41,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "src",
-        help="source checkpoint directory (HF or Megatron-Core), one .safetensors file beside its "
-        "config.json, or a Hugging Face Hub id org/name[@revision] (from the local cache; downloaded "
-        "unless HF_HUB_OFFLINE=1)",
+        help="source checkpoint directory (HF, Megatron-Core, or a MindSpeed-LLM FSDP2 run's "
+        "global_step_N, with --hf-config), one .safetensors file beside its config.json, or a "
+        "Hugging Face Hub id org/name[@revision] (from the local cache; downloaded unless "
+        "HF_HUB_OFFLINE=1)",
     )
     add_iteration_flag(c)
     c.add_argument("dst", help="destination directory (written atomically; missing parents are created)")
@@ -89,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--hf-config",
         metavar="DIR",
         help="take config.json (and tokenizer files) from DIR, or from a Hub id's snapshot; for a "
-        "Megatron source it describes the model, and must fit the checkpoint's tensors",
+        "Megatron source it describes the model, and must fit the checkpoint's tensors; a MindSpeed-LLM "
+        "FSDP2 source needs it (the HF model the run started from)",
     )
     c.add_argument(
         "--model-type-hf",
@@ -246,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument(
         "--hf-config",
         metavar="DIR",
-        help="HF config.json describing a Megatron checkpoint whose args do not (plain Megatron-LM args)",
+        help="HF config.json describing a Megatron checkpoint whose args do not (plain Megatron-LM args), "
+        "or a MindSpeed-LLM FSDP2 checkpoint (the HF model the run started from)",
     )
     i.add_argument(
         "--model-type-hf",
@@ -282,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--hf-config",
         metavar="DIR",
-        help="HF config.json describing a Megatron side whose args do not (plain Megatron-LM args)",
+        help="HF config.json describing a Megatron side whose args do not (plain Megatron-LM args), "
+        "or a MindSpeed-LLM FSDP2 side",
     )
 
     from ckpt_ir.commands.plan import add_parser as add_plan
@@ -377,7 +381,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     import ckpt_ir.api as ck
     from ckpt_ir.commands.common import RunOptions, resolve_sources, run_conversion
-    from ckpt_ir.frontends import detect
+    from ckpt_ir.frontends import MEGATRON_FORMATS, detect
 
     if args.device != "cpu":
         from ckpt_ir.device import resolve_device
@@ -421,7 +425,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     src, hf_config = found["SRC"] or args.src, found["--hf-config"]
     target = attrs.evolve(target, hf_config_dir=hf_config, lora_load=found["--lora-load"])
     # --hf-config also describes a Megatron source whose args carry no HF config
-    megatron = detect(src, args.iteration) in ("mcore", "torch_dist")
+    megatron = detect(src, args.iteration) in MEGATRON_FORMATS
     hf_cfg = hf_config if hf_config and megatron else None
     layout = {"dp": args.source_dp, "bucket_size": args.source_bucket_size, "align": args.source_param_align}
     return run_conversion(

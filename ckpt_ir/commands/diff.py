@@ -28,7 +28,7 @@ def diff(
     import torch
 
     import ckpt_ir.api as ck
-    from ckpt_ir.frontends import detect
+    from ckpt_ir.frontends import MEGATRON_FORMATS, detect
     from ckpt_ir.io.hub import resolve
     from ckpt_ir.ir import expr as E
 
@@ -36,7 +36,7 @@ def diff(
 
     def lift(path: str):
         path = resolve(path)
-        megatron = detect(path, iteration) in ("mcore", "torch_dist")
+        megatron = detect(path, iteration) in MEGATRON_FORMATS
         c = ck.load(path, hf_config=cfg if megatron else None, iteration=iteration if megatron else None)
         if c.meta.get("family_from_args"):
             import sys

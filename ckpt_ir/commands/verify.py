@@ -62,11 +62,11 @@ def hf_side(path: str, hf_config: dict | str | None = None, iteration: int | str
     import ckpt_ir.api as ck
     from ckpt_ir.backends.hf import hf_tensors
     from ckpt_ir.families import by_name
-    from ckpt_ir.frontends import detect
+    from ckpt_ir.frontends import MEGATRON_FORMATS, detect
     from ckpt_ir.io.hub import resolve
 
     path = resolve(path)  # a Hub id: its cached snapshot
-    megatron = detect(path, iteration) in ("mcore", "torch_dist")
+    megatron = detect(path, iteration) in MEGATRON_FORMATS
     src = ck.load(path, hf_config=hf_config, iteration=iteration if megatron else None)
     ck.check_family(src, ck.Target(to="hf"))  # transformers computes HF families only
     out = ck.run(src, ck.derive_pipeline(src, ck.Target(to="hf")))

@@ -11,11 +11,15 @@ from ckpt_ir.io.side_files import HF_FILES, NOTES_FILE
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.megatron.keys import DIRECTORY_ENTRIES
 
+# the formats of training saves: no HF config of their own (--hf-config describes them, else
+# Megatron's args) and --iteration picks one of a run's saves; MindSpeed-LLM's FSDP2 ones included
+MEGATRON_FORMATS = ("mcore", "torch_dist", "mindspeed_fsdp2")
+
 
 def detect(path: str, iteration: int | str | None = None) -> str:
     """The format of the checkpoint at ``path`` (``iteration``: the one of a Megatron save
     directory that decides between ``torch_dist`` and ``mcore``, default the latest)."""
-    from ckpt_ir.frontends import hf, mcore, torch_dist
+    from ckpt_ir.frontends import hf, mcore, mindspeed_fsdp2, torch_dist
 
     if not os.path.exists(path):
         raise FormatError(f"{path}: no such file or directory")
@@ -27,13 +31,16 @@ def detect(path: str, iteration: int | str | None = None) -> str:
         )
     if hf.detect(path):
         return "hf"
+    if mindspeed_fsdp2.detect(path):  # before the Megatron formats: a DCP save in global_step_N/
+        return "mindspeed_fsdp2"
     if torch_dist.detect(path, iteration):  # before mcore: both live in Megatron iter_* directories
         return "torch_dist"
     if mcore.detect(path):
         return "mcore"
     raise FormatError(
         f"{path}: not a recognised checkpoint (expected an HF directory with config.json and "
-        f"*.safetensors, or Megatron iter_*/mp_rank_* directories)"
+        f"*.safetensors, Megatron iter_*/mp_rank_* directories, or MindSpeed-LLM FSDP2 "
+        f"global_step_* directories)"
     )
 
 
@@ -50,7 +57,8 @@ def load(
     iteration: int | str | None = None,
 ) -> Checkpoint:
     """Lift a checkpoint (an HF directory or one ``.safetensors`` file beside its config.json,
-    Megatron ``torch`` rank directories, a ``torch_dist`` checkpoint; the format is detected)
+    Megatron ``torch`` rank directories, a ``torch_dist`` checkpoint, a MindSpeed-LLM FSDP2
+    ``global_step_<N>`` directory; the format is detected)
     into a :class:`~ckpt_ir.ir.checkpoint.Checkpoint`, reading headers only.  ``path`` may also be
     a Hugging Face Hub id, ``org/name[@revision]`` (:func:`ckpt_ir.io.hub.resolve`).
 
@@ -66,7 +74,8 @@ def load(
     ``bucket_size``, ``align``).  ``replicas``: how a Megatron checkpoint's copies of replicated
     tensors are compared (``check``, ``check-all``, ``take-rank0``).  ``iteration``: which
     iteration of a Megatron save directory to read (a number or ``release``; default the
-    latest)."""
+    latest), or which ``global_step_<N>`` of a MindSpeed-LLM FSDP2 run (whose checkpoint needs
+    ``hf_config``: the HF model the run started from)."""
     from ckpt_ir.io.hub import resolve
 
     config_name = None
@@ -77,8 +86,11 @@ def load(
 
     path = resolve(path)
     fmt = detect(path, iteration)
-    if iteration is not None and fmt not in ("mcore", "torch_dist"):
-        raise UsageError(f"{path}: an HF checkpoint has no iterations; only a Megatron checkpoint has")
+    if iteration is not None and fmt not in MEGATRON_FORMATS:
+        raise UsageError(
+            f"{path}: an HF checkpoint has no iterations; only a Megatron or MindSpeed-LLM FSDP2 "
+            f"checkpoint has"
+        )
     if weights_from != "model" and fmt not in ("mcore", "torch_dist"):
         raise UsageError(
             f"{setting('weights_from', weights_from)}: only Megatron checkpoints with distributed-optimizer "
@@ -89,6 +101,20 @@ def load(
 
         return hf.lift(
             path, allow_unused=allow_unused, hf_config=hf_config, config_name=config_name, family=family
+        )
+    if fmt == "mindspeed_fsdp2":
+        from ckpt_ir.frontends import hf, mindspeed_fsdp2
+
+        where = config_name or "the given HF config"
+        step = mindspeed_fsdp2.read(path, hf_config, where, iteration, family)
+        return hf.lift(
+            step.path,
+            hf_config=hf_config,
+            config_name=config_name,
+            allow_unused=allow_unused,
+            family=family,
+            runtime=step.tensors,
+            dropped=step.dropped,
         )
     if fmt == "torch_dist":
         from ckpt_ir.frontends import torch_dist
