@@ -8,6 +8,7 @@ checked against transformers' own renaming function for every family that has an
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 
 import pytest
@@ -114,6 +115,39 @@ def test_bare_form_with_grouped_gemm_experts_to_megatron_and_back(runs, tmp_path
     assert cli_main(["convert", step, mid, "--to", "mcore", "--tp", "2", "--ep", "2", "--hf-config", hf]) == 0
     assert cli_main(["convert", mid, back, "--to", "hf"]) == 0
     assert_same_tensors(trained, back)
+
+
+def test_a_ranks_empty_shard_holds_no_data(runs, tmp_path):
+    """FSDP2 shards dim 0 over more ranks than a tensor has rows (a router of 4 experts over 3
+    ranks: rows 0-1, 2-3, and none): torch records the last rank's chunk as offset [4, 0], size
+    [0, 64], with a blob of its own."""
+    import io
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+    hf, run, trained = runs["qwen3_moe"]
+    step = str(tmp_path / "global_step_2")
+    shutil.copytree(os.path.join(run, "checkpoints", "global_step_2"), step)
+    md = dcp.FileSystemReader(step).read_metadata()
+    key = "model.model.model.layers.0.mlp.gate.weight"
+    rows, width = md.state_dict_metadata[key].size
+    blob = io.BytesIO()
+    torch.save(torch.empty(0, width), blob)
+    with open(os.path.join(step, "__2_0.distcp"), "wb") as f:
+        f.write(blob.getvalue())
+    md.state_dict_metadata[key].chunks.append(
+        ChunkStorageMetadata(torch.Size([rows, 0]), torch.Size([0, width]))
+    )
+    md.storage_data[MetadataIndex(key, torch.Size([rows, 0]), 1)] = _StorageInfo(
+        "__2_0.distcp", 0, len(blob.getvalue())
+    )
+    with open(os.path.join(step, ".metadata"), "wb") as f:
+        pickle.dump(md, f)
+    out = str(tmp_path / "hf")
+    assert cli_main(["convert", step, out, "--to", "hf", "--hf-config", hf]) == 0
+    assert_same_tensors(trained, out)
 
 
 def test_bad_requests_are_one_line_errors(runs, tmp_path, capsys):
