@@ -7,6 +7,7 @@ checked against transformers' own renaming function for every family that has an
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -88,6 +89,9 @@ def runs(tmp_path_factory):
         hf = build_moe(str(root / family), family, **extra)
         with open(os.path.join(hf, "tokenizer.json"), "w") as f:
             f.write('{"version": "1.0"}')
+        if engine:  # a release in bf16, trained (and saved) in fp32 as the backend loads it
+            cfg = json.load(open(os.path.join(hf, "config.json")))
+            json.dump(dict(cfg, dtype="bfloat16"), open(os.path.join(hf, "config.json"), "w"))
         run = str(root / f"run-{family}")
         trained = save_step(hf, os.path.join(run, "checkpoints", "global_step_2"), engine, grouped)
         out[family] = (hf, run, trained)
@@ -104,6 +108,9 @@ def test_engine_form_with_fused_experts_converts_to_hf_bit_for_bit(runs, tmp_pat
     out = str(tmp_path / "hf")
     ck.save(ck.run(src, ck.derive_pipeline(src, ck.Target(to="hf"))), out, ck.Target(to="hf"))
     assert_same_tensors(trained, out)
+    # the config says what the job saved (fp32), as save_pretrained's does, not the release's bf16
+    assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "float32"
+    assert json.load(open(os.path.join(trained, "config.json")))["dtype"] == "float32"
     # the side files of the model the run started from come along
     assert open(os.path.join(out, "tokenizer.json")).read() == '{"version": "1.0"}'
 

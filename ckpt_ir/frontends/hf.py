@@ -149,6 +149,8 @@ def lift(
     )
     rename = family_obj.hf_rename
     if runtime is not None:
+        if len(dtypes) == 1:  # the dtype the job saved, not the one of the model it started from
+            spec = attrs.evolve(spec, dtype=next(iter(dtypes)))
         raw = to_hf_names(family_obj, spec, runtime, path)
         raw = {rename(k, spec.num_layers, False): v for k, v in raw.items()} if rename else raw
     else:
