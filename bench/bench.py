@@ -24,7 +24,11 @@ fp32 with `--make-vocab-size-divisible-by 128`: peak memory with embeddings of 1
 `sync` of its own source, the HF or the EP8 checkpoint; `--moe-stacked`: a Llama 4 text model of
 the same widths, each layer's experts stacked in two [in, out] tensors).  `--torchrun N` also times HF -> mcore
 EP8 under `torchrun --nproc-per-node N` and checks that its output is byte-identical to the
-single-process one.
+single-process one.  `fsdp2`: the same MoE model as MindSpeed-LLM's FSDP2 backend saves it (fp32,
+`model.model.<name>` through its engine, transformers 5's fused experts `[E, 2F, H]` / `[E, H, F]`,
+one torch.distributed.checkpoint.save), timed to HF against `cp -r` + `sync` of the step directory
+and to mcore EP8 against `cp -r` + `sync` of an EP8 output (which repeats the embedding and head in
+every rank directory).
 """
 
 from __future__ import annotations
@@ -263,6 +267,41 @@ def generate_moe(path: str, size: int, stacked: bool = False) -> int:
     return layers
 
 
+def generate_fsdp2(hf: str, path: str) -> None:
+    """The HF checkpoint ``hf`` saved as MindSpeed-LLM's FSDP2 backend saves it at a step (see
+    ckpt_ir/frontends/mindspeed_fsdp2.py): fp32, under the running transformers 5 model's names
+    (each layer's experts fused), ``model.model.`` first, with torch.distributed.checkpoint."""
+    import re
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from safetensors import safe_open
+
+    index = json.load(open(os.path.join(hf, "model.safetensors.index.json")))["weight_map"]
+    state: dict[str, object] = {}
+    experts: dict[tuple[str, str], dict[int, object]] = {}
+    for fname in sorted(set(index.values())):
+        with safe_open(os.path.join(hf, fname), "pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name).float()
+                m = re.match(r"^(.*\.experts\.)(\d+)\.(gate|up|down)_proj\.weight$", name)
+                if m:
+                    experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = t
+                else:
+                    state["model." + name] = t
+    for (stem, part), by_expert in list(experts.items()):
+        if part == "gate":
+            up = experts[(stem, "up")]
+            fused = [torch.cat([by_expert[e], up[e]]) for e in sorted(by_expert)]
+            state[f"model.{stem}gate_up_proj"] = torch.stack(fused)
+        elif part == "down":
+            state[f"model.{stem}down_proj"] = torch.stack([by_expert[e] for e in sorted(by_expert)])
+    experts.clear()
+    dcp.save({"model": state}, storage_writer=dcp.FileSystemWriter(path, single_file_per_rank=True))
+    os.makedirs(os.path.join(path, "extra_state"))
+    torch.save({"global_step": 1}, os.path.join(path, "extra_state", "extra_state_rank_0.pt"))
+
+
 def write_index(path: str, weight_map: dict[str, str]) -> None:
     total = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     json.dump(
@@ -370,6 +409,9 @@ def main() -> int:
             MOE.update(TINY_MOE)
         print(generate_moe(sys.argv[2], parse_size(sys.argv[3]), "stacked" in sys.argv[4:]))
         return 0
+    if len(sys.argv) == 4 and sys.argv[1] == "--generate-fsdp2":  # --generate-fsdp2 HF STEP_DIR
+        generate_fsdp2(sys.argv[2], sys.argv[3])
+        return 0
     if len(sys.argv) == 4 and sys.argv[1] == "--adapter":
         generate_adapter(sys.argv[2], int(sys.argv[3]))
         return 0
@@ -386,7 +428,8 @@ def main() -> int:
         help="comma list of task groups: move (layout conversions), "
         "compute (casts, LoRA merge, fp32 + vocab padding), dist (torch_dist with and without "
         "integrity.json, written and read), fsdp (HF -> fsdp_dtensor -> HF), wide (wide-vocab model, memory), "
-        "moe (Qwen3-MoE-shaped model: EP8 conversions)",
+        "moe (Qwen3-MoE-shaped model: EP8 conversions), "
+        "fsdp2 (that model as MindSpeed-LLM's FSDP2 backend saves it: to HF and to mcore EP8)",
     )
     ap.add_argument(
         "--moe-tiny",
@@ -418,8 +461,10 @@ def main() -> int:
             rows += bench_model(root + "-wide", size_text + "w", 0, "wide", {"wide"}, args)
         if "moe" in groups:
             rows += bench_moe(root + "-moe", size_text + "m", parse_size(size_text), args)
+        if "fsdp2" in groups:
+            rows += bench_fsdp2(root + "-fsdp2", size_text + "f", parse_size(size_text), args)
         if not args.keep:
-            for suffix in ("", "-wide", "-moe"):
+            for suffix in ("", "-wide", "-moe", "-fsdp2"):
                 shutil.rmtree(root + suffix, ignore_errors=True)
     print(
         f"\n{'size':>5} {'task':34s} {'median s':>9} {'GB/s':>6} {'x cp':>6} {'peak RSS MB':>12} {'RSS/model':>10}"
@@ -623,6 +668,36 @@ def bench_moe(root: str, label: str, size: int, args) -> list[tuple]:
         shutil.rmtree(out["ep8"])
         shutil.rmtree(out["dist"])
     return time_tasks(tasks, {"cp -r + sync": src}, (out["ep8"],), label, nbytes, args)
+
+
+def bench_fsdp2(root: str, label: str, size: int, args) -> list[tuple]:
+    """The MoE model of bench_moe (``size`` in bf16, so twice that in fp32) as MindSpeed-LLM's FSDP2
+    backend saves it: to HF and to mcore EP8, each against `cp -r` + `sync` of the step directory."""
+    hf, step = os.path.join(root, "hf"), os.path.join(root, "checkpoints", "global_step_1")
+    gen = [sys.executable, __file__, "--generate-moe", hf, str(size)] + (["tiny"] if args.moe_tiny else [])
+    layers = int(subprocess.check_output(gen))
+    subprocess.run(
+        [sys.executable, __file__, "--generate-fsdp2", hf, step], check=True, stderr=subprocess.DEVNULL
+    )
+    nbytes = du(step)
+    print(f"[{label}] generated {nbytes / 1e9:.2f} GB FSDP2 step, {layers} MoE layers", file=sys.stderr)
+    out = {n: os.path.join(root, n) for n in ("hf-out", "ep8", "ref-ep8", "cp")}
+    convert = lambda *a: [sys.executable, "-m", "ckpt_ir", "convert", *a, "--quiet", *args.extra.split()]  # noqa: E731
+    to_ep8 = ("--to", "mcore", "--ep", "8", "--hf-config", hf)
+    # EP8 repeats the embedding and head in every rank directory: its yardstick is cp of its own
+    # bytes (made once, untimed), as for the compute tasks
+    subprocess.run(convert(step, out["ref-ep8"], *to_ep8), check=True, env=CHILD_ENV)
+    tasks: dict[str, tuple[list[str], str, str]] = {
+        "cp -r + sync": (["cp", "-r", step, out["cp"]], out["cp"], ""),
+        "mindspeed fsdp2 -> hf": (
+            convert(step, out["hf-out"], "--to", "hf", "--hf-config", hf),
+            out["hf-out"],
+            "cp -r + sync",
+        ),
+        "cp -r ep8 + sync": (["cp", "-r", out["ref-ep8"], out["cp"]], out["cp"], ""),
+        "mindspeed fsdp2 -> mcore ep8": (convert(step, out["ep8"], *to_ep8), out["ep8"], "cp -r ep8 + sync"),
+    }
+    return time_tasks(tasks, {"cp -r + sync": step}, (), label, nbytes, args)
 
 
 if __name__ == "__main__":

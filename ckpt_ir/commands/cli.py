@@ -42,9 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "src",
-        help="source checkpoint directory (HF or Megatron-Core), one .safetensors file beside its "
-        "config.json, or a Hugging Face Hub id org/name[@revision] (from the local cache; downloaded "
-        "unless HF_HUB_OFFLINE=1)",
+        help="source checkpoint directory (HF, Megatron-Core, or a MindSpeed-LLM FSDP2 run's "
+        "global_step_N, with --hf-config), one .safetensors file beside its config.json, or a "
+        "Hugging Face Hub id org/name[@revision] (from the local cache; downloaded unless "
+        "HF_HUB_OFFLINE=1)",
     )
     add_iteration_flag(c)
     add_source_format_flag(c)
@@ -92,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="take config.json and the side files (tokenizer, generation config, chat template, code) "
         "from DIR, or from a Hub id's snapshot, instead of the source's (those DIR lacks are listed as "
-        "dropped); for a Megatron source it describes the model, and must fit the checkpoint's tensors",
+        "dropped); for a Megatron source it describes the model, and must fit the checkpoint's tensors; "
+        "a MindSpeed-LLM FSDP2 source needs it (the HF model the run started from)",
     )
     c.add_argument(
         "--model-type-hf",
@@ -274,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument(
         "--hf-config",
         metavar="DIR",
-        help="HF config.json describing a Megatron checkpoint whose args do not (plain Megatron-LM args)",
+        help="HF config.json describing a Megatron checkpoint whose args do not (plain Megatron-LM args), "
+        "or a MindSpeed-LLM FSDP2 checkpoint (the HF model the run started from)",
     )
     i.add_argument(
         "--model-type-hf",
@@ -310,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--hf-config",
         metavar="DIR",
-        help="HF config.json describing a Megatron side whose args do not (plain Megatron-LM args)",
+        help="HF config.json describing a Megatron side whose args do not (plain Megatron-LM args), "
+        "or a MindSpeed-LLM FSDP2 side",
     )
 
     from ckpt_ir.commands.plan import add_parser as add_plan

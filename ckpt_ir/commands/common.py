@@ -140,7 +140,7 @@ def add_iteration_flag(p: argparse.ArgumentParser, which: str = "the source") ->
         metavar="N",
         help=f"Megatron save directory as {which}: read iteration N (its iter_N directory) or release "
         "instead of the latest (latest_checkpointed_iteration.txt); an iter_* or release directory "
-        "given as the path is read as that iteration",
+        "given as the path is read as that iteration. MindSpeed-LLM FSDP2 run: its global_step_N",
     )
 
 

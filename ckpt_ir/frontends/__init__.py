@@ -11,15 +11,17 @@ from ckpt_ir.io.side_files import HF_FILES, NOTES_FILE
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.megatron.keys import DIRECTORY_ENTRIES
 
-# what detect() calls Megatron's formats: torch rank files, torch_dist, torch_dcp / fsdp_dtensor
-MEGATRON_FORMATS = ("mcore", "torch_dist", "fsdp")
+# the formats of training saves: no HF config of their own (--hf-config describes them, else
+# Megatron's args) and --iteration picks one of a run's saves: torch rank files, torch_dist,
+# torch_dcp / fsdp_dtensor, MindSpeed-LLM's FSDP2 ones
+MEGATRON_FORMATS = ("mcore", "torch_dist", "fsdp", "mindspeed_fsdp2")
 
 
 def detect(path: str, iteration: int | str | None = None) -> str:
     """The format of the checkpoint at ``path`` (``iteration``: the one of a Megatron save
     directory that decides between ``torch_dist``, ``fsdp`` (``torch_dcp`` / ``fsdp_dtensor``)
     and ``mcore``, default the latest)."""
-    from ckpt_ir.frontends import fsdp, hf, mcore, torch_dist
+    from ckpt_ir.frontends import fsdp, hf, mcore, mindspeed_fsdp2, torch_dist
 
     if not os.path.exists(path):
         raise FormatError(f"{path}: no such file or directory")
@@ -31,6 +33,8 @@ def detect(path: str, iteration: int | str | None = None) -> str:
         )
     if hf.detect(path):
         return "hf"
+    if mindspeed_fsdp2.detect(path):  # before the Megatron formats: a DCP save in global_step_N/
+        return "mindspeed_fsdp2"
     if torch_dist.detect(path, iteration):  # before mcore: both live in Megatron iter_* directories
         return "torch_dist"
     if fsdp.detect(path, iteration):  # a DCP save without torch_dist's metadata.json
@@ -39,7 +43,8 @@ def detect(path: str, iteration: int | str | None = None) -> str:
         return "mcore"
     raise FormatError(
         f"{path}: not a recognised checkpoint (expected an HF directory with config.json and "
-        f"*.safetensors, or Megatron iter_*/mp_rank_* directories)"
+        f"*.safetensors, Megatron iter_*/mp_rank_* directories, or MindSpeed-LLM FSDP2 "
+        f"global_step_* directories)"
     )
 
 
@@ -58,7 +63,7 @@ def load(
 ) -> Checkpoint:
     """Lift a checkpoint (an HF directory or one ``.safetensors`` file beside its config.json,
     Megatron ``torch`` rank directories, a ``torch_dist``, ``torch_dcp`` or ``fsdp_dtensor``
-    checkpoint; the format is detected)
+    checkpoint, a MindSpeed-LLM FSDP2 ``global_step_<N>`` directory; the format is detected)
     into a :class:`~ckpt_ir.ir.checkpoint.Checkpoint`, reading headers only.  ``path`` may also be
     a Hugging Face Hub id, ``org/name[@revision]`` (:func:`ckpt_ir.io.hub.resolve`).
 
@@ -74,8 +79,9 @@ def load(
     ``bucket_size``, ``align``).  ``replicas``: how a Megatron checkpoint's copies of replicated
     tensors are compared (``check``, ``check-all``, ``take-rank0``).  ``iteration``: which
     iteration of a Megatron save directory to read (a number or ``release``; default the
-    latest).  ``source_ckpt_format``: ``"torch_dcp"`` or ``"fsdp_dtensor"``, which of the two
-    a Megatron DCP checkpoint is when its args do not say."""
+    latest), or which ``global_step_<N>`` of a MindSpeed-LLM FSDP2 run (whose checkpoint needs
+    ``hf_config``: the HF model the run started from).  ``source_ckpt_format``: ``"torch_dcp"``
+    or ``"fsdp_dtensor"``, which of the two a Megatron DCP checkpoint is when its args do not say."""
     from ckpt_ir.io.hub import resolve
 
     config_name = None
@@ -92,7 +98,10 @@ def load(
             f"(torch_dcp or fsdp_dtensor); its format is detected"
         )
     if iteration is not None and fmt not in MEGATRON_FORMATS:
-        raise UsageError(f"{path}: an HF checkpoint has no iterations; only a Megatron checkpoint has")
+        raise UsageError(
+            f"{path}: an HF checkpoint has no iterations; only a Megatron or MindSpeed-LLM FSDP2 "
+            f"checkpoint has"
+        )
     if weights_from != "model" and fmt not in ("mcore", "torch_dist"):
         raise UsageError(
             f"{setting('weights_from', weights_from)}: only Megatron checkpoints with distributed-optimizer "
@@ -116,6 +125,20 @@ def load(
             family=family,
             iteration=iteration,
             source_ckpt_format=source_ckpt_format,
+        )
+    if fmt == "mindspeed_fsdp2":
+        from ckpt_ir.frontends import hf, mindspeed_fsdp2
+
+        where = config_name or "the given HF config"
+        step = mindspeed_fsdp2.read(path, hf_config, where, iteration, family)
+        return hf.lift(
+            step.path,
+            hf_config=hf_config,
+            config_name=config_name,
+            allow_unused=allow_unused,
+            family=family,
+            runtime=step.tensors,
+            dropped=step.dropped,
         )
     if fmt == "torch_dist":
         from ckpt_ir.frontends import torch_dist

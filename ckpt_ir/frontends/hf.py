@@ -16,6 +16,7 @@ import attrs
 
 from ckpt_ir.errors import CoverageError, FormatError, setting
 from ckpt_ir.families import Family, for_hf_config
+from ckpt_ir.families.runtime import to_hf_names
 from ckpt_ir.io.side_files import side_files
 from ckpt_ir.io.weight_files import file_tensors
 from ckpt_ir.ir import expr as E
@@ -110,11 +111,16 @@ def lift(
     config_name: str | None = None,
     allow_unused: tuple[str, ...] = (),
     family: str | None = None,
+    runtime: dict[str, E.Expr] | None = None,
+    dropped: dict[str, str] | None = None,
 ) -> Checkpoint:
     """``family`` names the model family when the config's model_type does not (MindSpeed-LLM's
     --model-type-hf); a config that names a known type still wins.  ``path`` may also be one
     ``.safetensors`` file: the config and side files come from its directory.  ``hf_config``
-    replaces that config (``config_name`` names it in errors)."""
+    replaces that config (``config_name`` names it in errors).  ``runtime``: the tensors, under
+    a running transformers model's names (:mod:`ckpt_ir.families.runtime`), instead of weight
+    files in ``path`` (a training job's save); ``hf_config`` then describes them, and the side
+    files come from its directory; ``dropped``: what the reader of ``runtime`` left out."""
     files = None
     if os.path.isfile(path):
         files, path = [os.path.abspath(path)], os.path.dirname(os.path.abspath(path))
@@ -129,23 +135,30 @@ def lift(
 
         fam = by_name(family)
     family_obj = fam
-    files = files or weight_files(path)
-    raw: dict[str, E.Load] = {}
-    for f in files:
+    loads: dict[str, E.Load] = {}
+    for f in files or (weight_files(path) if runtime is None else ()):
         for key, load in file_tensors(f).items():
-            if key in raw:
+            if key in loads:
                 raise FormatError(
-                    f"{f}: tensor {key} also appears in {raw[key].path}; duplicate tensors are ambiguous"
+                    f"{f}: tensor {key} also appears in {loads[key].path}; duplicate tensors are ambiguous"
                 )
-            raw[key] = load
-    dtypes = {ld.dtype for ld in raw.values()}
+            loads[key] = load
+    dtypes = {x.dtype for x in (loads if runtime is None else runtime).values()}
     spec = family_obj.spec_from_config(
         cfg, dtype_hint=next(iter(dtypes)) if len(dtypes) == 1 else None, where=where
     )
-    # quantized weights and their scales become one dequantize expression under the weight's name
-    if family_obj.hf_rename:
-        raw = {family_obj.hf_rename(k, spec.num_layers, False): v for k, v in raw.items()}
-    tensors, dropped = map_tensors(family_obj, spec, dequantize_tensors(raw, cfg, where), allow_unused)
+    rename = family_obj.hf_rename
+    if runtime is not None:
+        if len(dtypes) == 1:  # the dtype the job saved, not the one of the model it started from
+            spec = attrs.evolve(spec, dtype=next(iter(dtypes)))
+        raw = to_hf_names(family_obj, spec, runtime, path)
+        raw = {rename(k, spec.num_layers, False): v for k, v in raw.items()} if rename else raw
+    else:
+        loads = {rename(k, spec.num_layers, False): v for k, v in loads.items()} if rename else loads
+        # quantized weights and their scales become one dequantize expression under the weight's name
+        raw = dequantize_tensors(loads, cfg, where)
+    tensors, unused = map_tensors(family_obj, spec, raw, allow_unused)
+    dropped = {**(dropped or {}), **unused}
     from ckpt_ir.ir.names import split_layer
 
     # transformers neither loads nor saves MTP layers: count the ones present (Hunyuan V3's config
@@ -177,7 +190,10 @@ def lift(
                 f"{src.path}: tensor {src.key}{what} has shape {list(t.shape)} but {where} implies "
                 f"{list(want)}; the weights do not match the config"
             )
-    aux = side_files(path, config=hf_config is None)
+    if runtime is not None:  # the side files of the model the run started from
+        aux = side_files(os.path.dirname(config_name)) if config_name else ()
+    else:
+        aux = side_files(path, config=hf_config is None)
     return Checkpoint(
         spec=spec, layout=layout, tensors=tensors, dropped=dropped, hf_config=cfg, aux_files=aux, source=path
     )

@@ -323,6 +323,8 @@ def _tensor(path: str, key: str, entry: _TensorStorageMetadata, where: dict) -> 
                 f"{path}: tensor {key} {list(shape)} has a chunk at {list(offsets)} of size "
                 f"{list(sizes)} outside it; the metadata is corrupt"
             )
+        if 0 in sizes:  # a rank's empty shard (FSDP2 over more ranks than rows): no data
+            continue
         info = where.get((key, offsets))
         if info is None:
             raise FormatError(
