@@ -299,3 +299,53 @@ def test_processor_configs_and_named_chat_templates_travel_and_the_rest_is_named
         assert templates == {"default": "{{ 'default' }}", "tool_use": "{{ 'tools' }}", "rag": "{{ 'rag' }}"}
     # an output holding the folder is a checkpoint --overwrite replaces
     convert(src, hf_hf, "--to", "hf", "--overwrite", "--quiet")
+
+
+def _adapter_with_tokenizer(base, out, added: list[str]) -> None:
+    """A PEFT adapter (made by peft) with the base's tokenizer saved beside it, as HF Trainer
+    does, after adding ``added`` tokens."""
+    from transformers import AutoTokenizer
+
+    from tests.test_lora import make_peft_adapter
+
+    make_peft_adapter(str(base), str(out), targets=("q_proj",))
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_tokens(added)
+    tok.save_pretrained(out)
+
+
+def test_lora_load_takes_the_adapters_tokenizer(hf_with_tokenizer, tmp_path, capsys):
+    """A tokenizer saved with a PEFT adapter is the one it was trained with (here an added
+    token): the merged output takes its files, says so in a note, and records it; one whose added
+    tokens lie beyond the model's 128 embedding rows stays out, named in a dropped: line."""
+    from transformers import AutoTokenizer
+
+    base = hf_with_tokenizer
+    adapter = tmp_path / "adapter"
+    _adapter_with_tokenizer(base, adapter, ["<tool>"])
+    out = tmp_path / "merged"
+    capsys.readouterr()
+    assert cli_main(["convert", str(base), str(out), "--to", "hf", "--lora-load", str(adapter)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    adapter_tok = {n: b for n, b in _tree(adapter).items() if not n.startswith(("adapter_", "README"))}
+    assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= set(adapter_tok)
+    assert all((out / n).read_bytes() == b for n, b in adapter_tok.items())
+    assert AutoTokenizer.from_pretrained(out)("hello <tool>").input_ids == [3, 7]
+    notes = [ln for ln in err if ln.startswith("note:")]
+    assert len(notes) == 1 and f"--lora-load {adapter}" in notes[0] and "tokenizer.json" in notes[0], err
+    assert (
+        notes[0].removeprefix("note: ").split(" (recorded in")[0] + "\n"
+        == (out / "ckpt-ir-notes.txt").read_text()
+    )
+
+    big = tmp_path / "adapter_big"
+    _adapter_with_tokenizer(base, big, [f"<t{i}>" for i in range(130)])  # ids 7..136
+    out = tmp_path / "merged_big"
+    capsys.readouterr()
+    assert cli_main(["convert", str(base), str(out), "--to", "hf", "--lora-load", str(big)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    for n in SIDE:
+        assert (out / n).read_bytes() == (base / n).read_bytes(), n
+    lines = [ln for ln in err if "tokenizer" in ln and ln.startswith(("dropped:", "note:"))]
+    assert len(lines) == 1 and lines[0].startswith("dropped: ") and "id 136" in lines[0], lines
+    assert "128 embedding rows" in lines[0] and f"--lora-load {big}" in lines[0], lines
