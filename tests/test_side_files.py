@@ -226,3 +226,126 @@ def test_remote_code_model_keeps_auto_map_and_code(tmp_path_factory, tmp_path, h
     ids = torch.arange(8).unsqueeze(0)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def _tree(d) -> dict[str, bytes]:
+    """Every file under ``d`` by its path relative to ``d``."""
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+# What transformers 5.25 reads beside a vision-language model (processing_utils.py: PROCESSOR_NAME,
+# the legacy IMAGE_PROCESSOR_NAME / VIDEO_PROCESSOR_NAME, AUDIO_TOKENIZER_NAME) and ModelScope's
+# configuration.json; the contents only have to come back byte for byte
+PROCESSOR_FILES = {
+    "processor_config.json": '{"image_processor": {"patch_size": 14, "merge_size": 2}}\n',
+    "preprocessor_config.json": '{"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 14}\n',
+    "video_preprocessor_config.json": '{"video_processor_type": "Qwen2VLVideoProcessor"}\n',
+    "audio_tokenizer_config.json": '{"audio_tokenizer_class": "X"}\n',
+    "configuration.json": '{"framework": "pytorch", "task": "text-generation"}\n',
+}
+
+
+def test_processor_configs_and_named_chat_templates_travel_and_the_rest_is_named(
+    hf_with_tokenizer, tmp_path, capsys
+):
+    """The processor configs, configuration.json and the additional_chat_templates/ folder
+    (transformers writes a tokenizer's named templates there, one <name>.jinja each) come back byte
+    for byte through HF -> mcore (torch TP=2, torch_dist) -> HF and HF -> HF, and the folder sits
+    in torch_dist's iter_N/tokenizer/ too (where Megatron-LM's tokenizer.save_pretrained puts it).
+    Everything else beside the weights (model card, licence, a Trainer's training_args.bin, other
+    folders) is named in one dropped: line."""
+    from transformers import AutoTokenizer
+
+    src = tmp_path / "src"
+    shutil.copytree(hf_with_tokenizer, src)
+    tok = AutoTokenizer.from_pretrained(src)
+    tok.chat_template = {"default": "{{ 'default' }}", "tool_use": "{{ 'tools' }}", "rag": "{{ 'rag' }}"}
+    tok.save_pretrained(src)
+    for name, text in PROCESSOR_FILES.items():
+        (src / name).write_text(text)
+    want = {n: b for n, b in _tree(src).items() if n != "model.safetensors"}
+    assert {"additional_chat_templates/tool_use.jinja", "additional_chat_templates/rag.jinja"} <= set(want)
+    for name in ("README.md", "LICENSE", "training_args.bin", "original/consolidated.00.pth"):
+        (src / name).parent.mkdir(exist_ok=True)
+        (src / name).write_bytes(b"x")
+
+    def convert(a, b, *extra) -> list[str]:
+        capsys.readouterr()
+        assert cli_main(["convert", str(a), str(b), *extra]) == 0
+        return capsys.readouterr().err.splitlines()
+
+    hf_hf = tmp_path / "hf_hf"
+    err = convert(src, hf_hf, "--to", "hf", "--dtype", "bf16")
+    assert [ln for ln in err if ln.startswith("dropped:")] == [
+        "dropped: LICENSE, README.md, original/, training_args.bin: not weights, config or a side file "
+        "that travels with them (tokenizer, generation and processor configs, chat templates, remote "
+        "code); copy them to the output yourself if wanted"
+    ]
+    outputs = [hf_hf]
+    for fmt, tp in (("torch", "2"), ("torch_dist", "1")):
+        mc = tmp_path / fmt
+        convert(src, mc, "--to", "mcore", "--ckpt-format", fmt, "--tp", tp, "--quiet")
+        hf_dir = {n[3:]: b for n, b in _tree(mc).items() if n.startswith("hf/")}
+        assert hf_dir == want, fmt  # the hf/ folder: every side file and config.json, nothing else
+        convert(mc, tmp_path / f"{fmt}_hf", "--to", "hf", "--quiet")
+        outputs.append(tmp_path / f"{fmt}_hf")
+    tokenizer = _tree(tmp_path / "torch_dist" / "iter_0000001" / "tokenizer")
+    assert tokenizer == {n: want[n] for n in tokenizer} and "additional_chat_templates/rag.jinja" in tokenizer
+    for out in outputs:
+        got = _tree(out)
+        assert set(got) == {*want, "model.safetensors"}, out
+        assert all(got[n] == b for n, b in want.items() if n != "config.json"), out
+        templates = AutoTokenizer.from_pretrained(out).chat_template
+        assert templates == {"default": "{{ 'default' }}", "tool_use": "{{ 'tools' }}", "rag": "{{ 'rag' }}"}
+    # an output holding the folder is a checkpoint --overwrite replaces
+    convert(src, hf_hf, "--to", "hf", "--overwrite", "--quiet")
+
+
+def _adapter_with_tokenizer(base, out, added: list[str]) -> None:
+    """A PEFT adapter (made by peft) with the base's tokenizer saved beside it, as HF Trainer
+    does, after adding ``added`` tokens."""
+    from transformers import AutoTokenizer
+
+    from tests.test_lora import make_peft_adapter
+
+    make_peft_adapter(str(base), str(out), targets=("q_proj",))
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_tokens(added)
+    tok.save_pretrained(out)
+
+
+def test_lora_load_takes_the_adapters_tokenizer(hf_with_tokenizer, tmp_path, capsys):
+    """A tokenizer saved with a PEFT adapter is the one it was trained with (here an added
+    token): the merged output takes its files, says so in a note, and records it; one whose added
+    tokens lie beyond the model's 128 embedding rows stays out, named in a dropped: line."""
+    from transformers import AutoTokenizer
+
+    base = hf_with_tokenizer
+    adapter = tmp_path / "adapter"
+    _adapter_with_tokenizer(base, adapter, ["<tool>"])
+    out = tmp_path / "merged"
+    capsys.readouterr()
+    assert cli_main(["convert", str(base), str(out), "--to", "hf", "--lora-load", str(adapter)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    adapter_tok = {n: b for n, b in _tree(adapter).items() if not n.startswith(("adapter_", "README"))}
+    assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= set(adapter_tok)
+    assert all((out / n).read_bytes() == b for n, b in adapter_tok.items())
+    assert AutoTokenizer.from_pretrained(out)("hello <tool>").input_ids == [3, 7]
+    notes = [ln for ln in err if ln.startswith("note:")]
+    assert len(notes) == 1 and f"--lora-load {adapter}" in notes[0] and "tokenizer.json" in notes[0], err
+    assert (
+        notes[0].removeprefix("note: ").split(" (recorded in")[0] + "\n"
+        == (out / "ckpt-ir-notes.txt").read_text()
+    )
+
+    big = tmp_path / "adapter_big"
+    _adapter_with_tokenizer(base, big, [f"<t{i}>" for i in range(130)])  # ids 7..136
+    out = tmp_path / "merged_big"
+    capsys.readouterr()
+    assert cli_main(["convert", str(base), str(out), "--to", "hf", "--lora-load", str(big)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    for n in SIDE:
+        assert (out / n).read_bytes() == (base / n).read_bytes(), n
+    lines = [ln for ln in err if "tokenizer" in ln and ln.startswith(("dropped:", "note:"))]
+    assert len(lines) == 1 and lines[0].startswith("dropped: ") and "id 136" in lines[0], lines
+    assert "128 embedding rows" in lines[0] and f"--lora-load {big}" in lines[0], lines

@@ -119,15 +119,16 @@ def plan(
             OutputFile("model.safetensors.index.json", "text", text=json.dumps(index, indent=2) + "\n")
         )
     base_cfg = ckpt.hf_config
-    aux = [f for f in ckpt.aux_files if os.path.basename(f) != "config.json"]  # written from the IR below
+    from ckpt_ir.io.side_files import side_file_name, side_files
+
+    aux = [f for f in ckpt.aux_files if side_file_name(f) != "config.json"]  # written from the IR below
     dropped = dict(ckpt.dropped)
     if hf_config_dir:  # an explicit --hf-config wins over the source's side files
         from ckpt_ir.frontends.hf import read_config
-        from ckpt_ir.io.side_files import side_files
 
         base_cfg = read_config(hf_config_dir)
         given = list(side_files(hf_config_dir))
-        left = sorted({os.path.basename(f) for f in aux} - {os.path.basename(f) for f in given})
+        left = sorted({side_file_name(f) for f in aux} - {side_file_name(f) for f in given})
         if left:
             dropped[", ".join(left)] = (
                 f"side files of the source that {setting('hf_config_dir', hf_config_dir)} lacks (the "
@@ -140,7 +141,7 @@ def plan(
         cfg["quantization_config"] = quant_cfg
     files.append(OutputFile("config.json", "text", text=json.dumps(cfg, indent=2, sort_keys=True) + "\n"))
     for src in aux:
-        files.append(OutputFile(os.path.basename(src), "copy", source=src))
+        files.append(OutputFile(side_file_name(src), "copy", source=src))
     from ckpt_ir.io.side_files import TOKENIZER_PATTERNS
 
     def tokenizer(files) -> bool:

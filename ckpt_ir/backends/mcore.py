@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 from collections import defaultdict
 
 from ckpt_ir.backends.plan import OutputFile, Plan
@@ -18,6 +17,7 @@ from ckpt_ir.errors import VerifyError, setting
 from ckpt_ir.families import by_name
 from ckpt_ir.io import torchzip
 from ckpt_ir.io.safe_pickle import TorchDtype
+from ckpt_ir.io.side_files import side_file_name
 from ckpt_ir.io.torchzip import Tensor
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
@@ -121,7 +121,7 @@ def hf_folder(ckpt: Checkpoint) -> list[OutputFile]:
     code, config.json) in the ``hf/`` folder at the checkpoint's root, beside
     ``latest_checkpointed_iteration.txt``, in either format: Megatron reads only the tracker and
     the iteration directories, so it ignores the folder; an HF export restores them."""
-    return [OutputFile(f"{M.MCORE_HF_DIR}/{os.path.basename(f)}", "copy", source=f) for f in ckpt.aux_files]
+    return [OutputFile(f"{M.MCORE_HF_DIR}/{side_file_name(f)}", "copy", source=f) for f in ckpt.aux_files]
 
 
 class ExtraState:

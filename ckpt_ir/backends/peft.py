@@ -10,7 +10,6 @@ form (``target_parameters``), the only form a transformers-5 MoE model can load.
 from __future__ import annotations
 
 import json
-import os
 import re
 from typing import Any
 
@@ -18,6 +17,7 @@ from ckpt_ir.backends.plan import OutputFile, Plan
 from ckpt_ir.errors import UsageError, VerifyError, setting
 from ckpt_ir.families import by_name
 from ckpt_ir.frontends.peft import PREFIX
+from ckpt_ir.io.side_files import side_file_name
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.names import SAVED, expert_of, is_lora, lora_target, split_layer, template_pattern
@@ -130,7 +130,7 @@ def plan(ckpt: Checkpoint) -> Plan:
     dropped = dict(ckpt.dropped)
     dropped.update({n: "base weight: not part of a LoRA adapter" for n in ckpt.tensors if not is_lora(n)})
     if ckpt.aux_files:  # the base model's, as its weights
-        dropped[", ".join(sorted(os.path.basename(f) for f in ckpt.aux_files))] = (
+        dropped[", ".join(sorted(side_file_name(f) for f in ckpt.aux_files))] = (
             "HF side files of the base model: a PEFT adapter holds the adapter alone; load them "
             "with the base model"
         )

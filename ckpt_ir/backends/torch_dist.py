@@ -42,7 +42,7 @@ from ckpt_ir.backends.plan import OutputFile, Plan
 from ckpt_ir.errors import VerifyError, setting
 from ckpt_ir.families import by_name
 from ckpt_ir.io.safe_pickle import TorchDtype
-from ckpt_ir.io.side_files import is_tokenizer_file
+from ckpt_ir.io.side_files import is_tokenizer_file, side_file_name
 from ckpt_ir.io.torchzip import Tensor, writable
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
@@ -168,7 +168,7 @@ def plan(
     files.append(OutputFile(M.TRACKER, "text", text=str(it)))
     files.extend(hf_folder(ckpt))  # every side file, as the torch format keeps them
     files.extend(  # the tokenizer where Megatron-LM saves a run's, too
-        OutputFile(f"{d}/{M.TOKENIZER_DIR}/{os.path.basename(f)}", "copy", source=f)
+        OutputFile(f"{d}/{M.TOKENIZER_DIR}/{side_file_name(f)}", "copy", source=f)
         for f in ckpt.aux_files
         if is_tokenizer_file(f)
     )

@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora-load",
         metavar="DIR",
         help="LoRA adapter: a PEFT directory or Hub id (rsLoRA, rank/alpha patterns, DoRA, "
-        "modules_to_save, MoE experts) or a Megatron LoRA checkpoint",
+        "modules_to_save, MoE experts) or a Megatron LoRA checkpoint; tokenizer files saved with a "
+        "PEFT adapter replace the base model's in the merged output (a note: line says so)",
     )
     lo.add_argument("--lora-r", type=int, help="LoRA rank (checked against the adapter)")
     lo.add_argument(

@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from ckpt_ir.errors import FormatError, UsageError, setting
-from ckpt_ir.io.side_files import HF_FILES, NOTES_FILE
+from ckpt_ir.io.side_files import CHAT_TEMPLATES_ENTRY, HF_FILES, NOTES_FILE
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.megatron.keys import DIRECTORY_ENTRIES
 
@@ -180,6 +180,7 @@ Entries = tuple[tuple[str, "Entries | None"], ...]
 # records a choice.
 CHECKPOINT_ENTRIES: Entries = (
     *((p, None) for p in HF_FILES),
+    CHAT_TEMPLATES_ENTRY,
     *DIRECTORY_ENTRIES,
     (NOTES_FILE, None),
 )

@@ -17,7 +17,7 @@ import attrs
 from ckpt_ir.errors import CoverageError, FormatError, setting
 from ckpt_ir.families import Family, for_hf_config
 from ckpt_ir.families.runtime import to_hf_names
-from ckpt_ir.io.side_files import side_files
+from ckpt_ir.io.side_files import left_behind, side_files
 from ckpt_ir.io.weight_files import file_tensors
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode, add_mtp_copies
@@ -194,6 +194,12 @@ def lift(
         aux = side_files(os.path.dirname(config_name)) if config_name else ()
     else:
         aux = side_files(path, config=hf_config is None)
+        left = left_behind(path)
+        if left:  # never lost silently: named in the report
+            dropped[", ".join(left)] = (
+                "not weights, config or a side file that travels with them (tokenizer, generation and "
+                "processor configs, chat templates, remote code); copy them to the output yourself if wanted"
+            )
     return Checkpoint(
         spec=spec, layout=layout, tensors=tensors, dropped=dropped, hf_config=cfg, aux_files=aux, source=path
     )

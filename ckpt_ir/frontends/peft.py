@@ -20,6 +20,7 @@ import attrs
 
 from ckpt_ir.errors import CoverageError, FormatError
 from ckpt_ir.families import Family
+from ckpt_ir.io.side_files import TOKENIZER_FILES, side_files
 from ckpt_ir.io.weight_files import file_tensors
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import TensorNode
@@ -108,6 +109,35 @@ def read_config(path: str) -> dict:
                 f"{where}: {key}={value!r} is not supported (it changes what the adapter computes)"
             )
     return cfg
+
+
+def tokenizer(path: str) -> tuple[tuple[str, ...], int | None]:
+    """The tokenizer files saved beside the adapter at ``path`` (HF Trainer saves the tokenizer it
+    trained with there), and the largest token id they know: ``tokenizer.json``'s vocabulary with
+    its added tokens (read by the tokenizers library), the added tokens of a slow tokenizer
+    (``tokenizer_config.json``'s ``added_tokens_decoder``, ``added_tokens.json``); None where no
+    file says."""
+    files = side_files(path, patterns=TOKENIZER_FILES)
+    ids: list[int] = []
+    fast = os.path.join(path, "tokenizer.json")
+    if os.path.isfile(fast):
+        from tokenizers import Tokenizer
+
+        try:
+            ids.append(Tokenizer.from_file(fast).get_vocab_size(with_added_tokens=True) - 1)
+        except Exception as e:  # the library's own error type is not public
+            raise FormatError(f"{fast}: cannot read the tokenizer ({e})") from None
+    for name, read in (
+        ("tokenizer_config.json", lambda d: d.get("added_tokens_decoder") or {}),
+        ("added_tokens.json", lambda d: {v: k for k, v in d.items()}),
+    ):
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            try:
+                ids += [int(i) for i in read(json.load(open(f)))]
+            except (ValueError, TypeError, AttributeError) as e:
+                raise FormatError(f"{f}: cannot read the added tokens ({e})") from None
+    return files, max(ids, default=None)
 
 
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:

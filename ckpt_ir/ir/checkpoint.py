@@ -94,8 +94,10 @@ class Checkpoint:
     ``dropped`` records source tensors that are deliberately not carried (name -> reason), so
     coverage accounting can prove nothing else was lost.  ``hf_config`` is the raw HF config
     when one is known (carried through and updated on export); ``aux_files`` are side files
-    (tokenizer, generation config, chat template, remote code) copied next to HF output, or into
-    a Megatron output's ``hf/`` folder.
+    (tokenizer, generation and processor configs, chat templates, remote code) copied next to HF
+    output, or into a Megatron output's ``hf/`` folder, under their names there
+    (``io.side_files.side_file_name``: ``additional_chat_templates/<name>.jinja`` for a named chat
+    template).
 
     ``states`` holds optimizer state as named tensor sets (``param``: fp32 master weights,
     ``exp_avg``, ``exp_avg_sq``), each keyed and split exactly like ``tensors``; passes carry them

@@ -19,7 +19,7 @@ import re
 import attrs
 
 from ckpt_ir.errors import FormatError, UsageError
-from ckpt_ir.io.side_files import AUX_PATTERNS
+from ckpt_ir.io.side_files import AUX_PATTERNS, CHAT_TEMPLATES_ENTRY
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.layout import Layout
 from ckpt_ir.ir.names import COLUMN, NameTable, Split, expert_of, layer_name, split_layer
@@ -597,11 +597,14 @@ RANK_ENTRIES: tuple = ((RANK_FILE, None), (DISTOPT_FILE, None))
 ITERATION_ENTRIES: tuple = (
     ("mp_rank_[0-9][0-9]*", RANK_ENTRIES),
     *((p, None) for p in ("*.distcp", ".metadata", "metadata.json", "common.pt", MANIFEST)),
-    (TOKENIZER_DIR, (("*", None),)),  # the run's tokenizer files
+    (TOKENIZER_DIR, (("*", None), CHAT_TEMPLATES_ENTRY)),  # the run's tokenizer files
 )
 DIRECTORY_ENTRIES: tuple = (
     (TRACKER, None),
     ("iter_[0-9]*", ITERATION_ENTRIES),
     ("release", ITERATION_ENTRIES),
-    (MCORE_HF_DIR, tuple((p, None) for p in ("config.json", *AUX_PATTERNS))),  # ckpt-ir's side files
+    (
+        MCORE_HF_DIR,
+        (*((p, None) for p in ("config.json", *AUX_PATTERNS)), CHAT_TEMPLATES_ENTRY),
+    ),  # ckpt-ir's side files
 )

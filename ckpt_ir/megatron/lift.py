@@ -12,7 +12,7 @@ import attrs
 
 from ckpt_ir.errors import CoverageError, FormatError, setting
 from ckpt_ir.families import by_name, for_hf_config
-from ckpt_ir.io.side_files import side_files
+from ckpt_ir.io.side_files import side_file_name, side_files
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode, add_mtp_copies
 from ckpt_ir.ir.layout import Layout
 from ckpt_ir.ir.names import is_lora
@@ -212,12 +212,9 @@ def _side_files(path: str, iteration_dir: str) -> tuple[str, ...]:
     root = os.path.abspath(path)
     if root == os.path.abspath(iteration_dir) and iteration_of(os.path.basename(root)) is not None:
         root = os.path.dirname(root)
-    files = {os.path.basename(f): f for f in side_files(os.path.join(root, MCORE_HF_DIR), config=True)}
-    tokenizer = os.path.join(iteration_dir, TOKENIZER_DIR)
-    if os.path.isdir(tokenizer):
-        for entry in os.scandir(tokenizer):
-            if entry.is_file():
-                files[entry.name] = entry.path
+    files = {side_file_name(f): f for f in side_files(os.path.join(root, MCORE_HF_DIR), config=True)}
+    tokenizer = side_files(os.path.join(iteration_dir, TOKENIZER_DIR), patterns=("*",))
+    files.update((side_file_name(f), f) for f in tokenizer)
     return tuple(files[name] for name in sorted(files))
 
 

@@ -228,11 +228,13 @@ class AttachLora(Pass):
     description = (
         "A PEFT adapter names HF modules, so it attaches to whole, unfused tensors; a Megatron LoRA "
         "checkpoint (e.g. saved with a LoRA filter) must have the base's parallel layout.  Adapter "
-        "tensors replace any LoRA the checkpoint already carries; only headers are read."
+        "tensors replace any LoRA the checkpoint already carries; only headers are read.  Tokenizer "
+        "files saved with a PEFT adapter (HF Trainer does) replace the base model's, said in a note."
     )
     guarantees = (
         "adapter tensors (LoRA A/B, DoRA magnitudes, saved copies) next to their base weights; the "
-        "spec's LoRA settings (rank, alpha, rsLoRA, per-target alphas) from the adapter"
+        "spec's LoRA settings (rank, alpha, rsLoRA, per-target alphas) from the adapter; the side "
+        "files' tokenizer is the adapter's where it saved one that fits the vocabulary"
     )
     optimizer_state = "follow"  # the weights are unchanged; the adapters have no state of their own here
 
@@ -251,6 +253,7 @@ class AttachLora(Pass):
         path = self.path
         if peft.detect(path):
             tensors, spec = peft.lift_adapter(path, by_name(ckpt.spec.family), ckpt.spec)
+            ckpt = _adapter_tokenizer(ckpt, path)
         else:
             adapter = load(path)
             if adapter.spec.lora_rank is None:
@@ -285,3 +288,41 @@ class AttachLora(Pass):
         merged.update(tensors)
         ordered = dict(sorted(merged.items(), key=lambda kv: canonical_order(kv[0])))
         return attrs.evolve(ckpt, tensors=ordered, spec=spec)
+
+
+def _adapter_tokenizer(ckpt: Checkpoint, path: str) -> Checkpoint:
+    """The tokenizer files saved with the PEFT adapter at ``path`` in place of the base model's,
+    said in a note: a tokenizer saved beside an adapter is the one it was trained with (added
+    tokens, pad token, chat template).  Nothing changes where they equal the base's same-named
+    files; they stay out, named in ``dropped``, where their tokens reach beyond the model's
+    vocabulary (the adapter resized no embeddings, so the merged model cannot embed them)."""
+    import filecmp
+
+    from ckpt_ir.frontends import peft
+    from ckpt_ir.io.side_files import is_tokenizer_file, side_file_name
+
+    theirs, top = peft.tokenizer(path)
+    base = {side_file_name(f): f for f in ckpt.aux_files if is_tokenizer_file(f)}
+    same = all(
+        side_file_name(f) in base and filecmp.cmp(f, base[side_file_name(f)], shallow=False) for f in theirs
+    )
+    if same:
+        return ckpt
+    names = ", ".join(side_file_name(f) for f in theirs)
+    where = setting("lora_load", path)
+    if top is not None and top >= ckpt.spec.vocab_size:
+        why = (
+            f"tokenizer files of the adapter {where}: its tokens reach id {top} but the model has "
+            f"{ckpt.spec.vocab_size} embedding rows, so the output keeps the base model's tokenizer"
+        )
+        return attrs.evolve(ckpt, dropped={**ckpt.dropped, names: why})
+    kept = [f for f in ckpt.aux_files if not is_tokenizer_file(f)]
+    note = (
+        f"tokenizer from the adapter {where} ({names}: saved with it, the tokenizer it was trained "
+        f"with) in place of the base model's" + (f" ({', '.join(base)})" if base else "")
+    )
+    return attrs.evolve(
+        ckpt,
+        aux_files=tuple(sorted((*kept, *theirs), key=side_file_name)),
+        meta={**ckpt.meta, "notes": [*ckpt.meta.get("notes", ()), note]},
+    )
