@@ -43,6 +43,19 @@ RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
         ("mlp.expert_bias", "mlp.e_score_correction_bias"),
         ("mlp.shared_mlp.", "mlp.shared_experts."),
     ),
+    # Granite MoE's experts are stacked in the checkpoint already ([E, 2F, H], [E, H, F]): renamed only
+    **dict.fromkeys(
+        ("granitemoe", "granitemoeshared"),
+        (
+            (".block_sparse_moe.input_linear.weight", ".block_sparse_moe.experts.gate_up_proj"),
+            (".block_sparse_moe.output_linear.weight", ".block_sparse_moe.experts.down_proj"),
+            (".block_sparse_moe.router.layer.weight", ".block_sparse_moe.router.weight"),
+        ),
+    ),
+    "ernie4_5_moe": (
+        ("mlp.moe_statics.e_score_correction_bias", "mlp.gate.moe_statics.e_score_correction_bias"),
+    ),
+    "exaone_moe": (("mlp.e_score_correction_bias", "mlp.gate.e_score_correction_bias"),),
 }
 # the fused experts' parameters: name -> the per-expert roles stacked in each expert's rows
 FUSED_EXPERTS = (("gate_up_proj", ("gate", "up")), ("down_proj", ("down",)))
