@@ -155,5 +155,6 @@ def test_iteration_values_and_sources_that_have_none(saves, capsys):
     hf = saves["hf"][1]
     assert main(["inspect", hf, "--iteration", "1"]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"ckpt-ir: error: {hf}: an HF checkpoint has no iterations; only a Megatron checkpoint has"
+        f"ckpt-ir: error: {hf}: an HF checkpoint has no iterations; only a Megatron or MindSpeed-LLM FSDP2 "
+        "checkpoint has"
     )
