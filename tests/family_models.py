@@ -140,6 +140,8 @@ CONFIGS = {
     "deepseek_v32": DSA,
     # layers 1 and 3 reuse the previous layer's top-k and carry no indexer
     "glm_moe_dsa": dict(DSA, indexer_types=["full", "shared", "full", "shared"]),
+    # classic GPT: GPT-2's own config keys (n_embd, n_head, n_inner, n_positions); tied
+    "gpt2": dict(n_embd=64, n_head=4, n_inner=96, vocab_size=128, n_positions=32),
     # hybrid: layers 0-2 gated-delta-net, layer 3 gated full attention; 2 key heads, 4 value heads
     "qwen3_next": dict(
         DENSE,

@@ -21,6 +21,7 @@ import torch
 from conftest import FAMILY_CONFIGS
 
 from ckpt_ir.commands.cli import main as cli_main
+from tests.family_models import build as build_family
 from tests.mcore_harness import run_job
 
 # megatron-core is a declared test dependency (the ``test`` extra): a missing one is an error, not a
@@ -63,6 +64,37 @@ CASES = {
     "qwen3-tp1pp2-tied": ("qwen3-4l", ["--pp", "2"]),
     # Megatron -> Megatron: reshard the TP2/PP2 output to PP2 with two virtual stages per rank
     "llama-tp2pp2-to-pp2vpp2": ("llama-4l", ("from", "llama-tp2pp2", ["--pp", "2", "--vpp-layers", "1"])),
+}
+# families with config keys of their own (models from tests/family_models.py): case -> family,
+# conversion, the harness case's settings (see mcore_harness._arch), its HF config's sizes under
+# the Llama keys the harness reads, and args the rank files must carry (None: absent)
+FAMILY_CASES = {
+    # GPT-2: learned positions, LayerNorm, biases, Conv1D weights stored [in, out], tied; gelu_new
+    # is the tanh approximation, which megatron-core's fused bias-GELU computes (Megatron-LM's
+    # default with biases: no bias_gelu_fusion arg needed)
+    "gpt2-tp2pp2": dict(
+        family="gpt2",
+        convert=["--tp", "2", "--pp", "2"],
+        harness={"gpt": True, "arch": {"bias_activation_fusion": True}, "qkv_bias": True, "tied": True},
+        sizes=lambda c: dict(
+            num_hidden_layers=c["n_layer"],
+            hidden_size=c["n_embd"],
+            num_attention_heads=c["n_head"],
+            intermediate_size=c["n_inner"],
+            rms_norm_eps=c["layer_norm_epsilon"],
+            max_position_embeddings=c["n_positions"],
+        ),
+        args=dict(
+            position_embedding_type="learned_absolute",
+            max_position_embeddings=32,
+            normalization="LayerNorm",
+            swiglu=False,
+            add_bias_linear=True,
+            add_qkv_bias=True,
+            bias_gelu_fusion=None,
+            untie_embeddings_and_output_weights=False,
+        ),
+    ),
 }
 # a deliberately broken copy of llama-tp1pp1: linear_qkv rows regrouped as [all q; all k; all v]
 # (the HF/"unfused" order) instead of Megatron's per-query-group [q_g; k_g; v_g]; must NOT match
@@ -176,16 +208,47 @@ def oracle(tmp_path_factory):
                 "out": str(root / "logits" / f"{case}.pt"),
             }
         )
+    refs = {c: (models[_model_of(c)]["logits"], models[_model_of(c)]["vocab"]) for c, _, _ in cases}
+    for i, (case, fc) in enumerate(FAMILY_CASES.items()):
+        hf = build_family(str(root / "hf" / case), fc["family"], layers=2, seed=100 + i)
+        out = str(root / "mcore" / case)
+        _convert(hf, out, fc["convert"])
+        with open(os.path.join(hf, "config.json")) as fh:
+            config = json.load(fh)
+        from transformers import AutoModelForCausalLM
+
+        with torch.no_grad():
+            model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+            refs[case] = (model(torch.tensor(INPUT_IDS)).logits, config["vocab_size"])
+        tp, pp, vpp = _layout(out)
+        job_cases.append(
+            {
+                "name": case,
+                "ckpt": out,
+                "tp": tp,
+                "pp": pp,
+                "vpp": vpp,
+                "hf_config": fc["sizes"](config),
+                "padded_vocab": _padded_vocab(out),
+                "tied": False,
+                "qkv_bias": False,
+                "qk_norm": False,
+                **fc["harness"],
+                "input_ids": INPUT_IDS,
+                "out": str(root / "logits" / f"{case}.pt"),
+            }
+        )
     reports = [per_rank for _, per_rank in run_job(str(root), job_cases, WORLD)]
 
     results = {}
     for jc, per_rank in zip(job_cases, reports):
+        ref, vocab = refs[jc["name"]]
         results[jc["name"]] = {
             "job": jc,
             "reports": per_rank,
             "logits": torch.load(jc["out"]),
-            "ref": models[_model_of(jc["name"])]["logits"],
-            "vocab": models[_model_of(jc["name"])]["vocab"],
+            "ref": ref,
+            "vocab": vocab,
         }
     return results
 
@@ -227,10 +290,11 @@ EXPECTED_LAYOUT = {
     "llama-tp2pp2-to-pp2vpp2": (1, 2, 2),
     "seed_oss-tp2pp1": (2, 1, None),
     "glm-tp2pp1": (2, 1, None),
+    "gpt2-tp2pp2": (2, 2, None),
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [*CASES, *FAMILY_CASES])
 def test_checkpoint_loads_exactly(oracle, case):
     """Every rank's state dict fills every parameter of its GPTModel stage and has no extra key."""
     r = oracle[case]
@@ -248,7 +312,7 @@ def test_checkpoint_loads_exactly(oracle, case):
     assert seen == {(t, p) for t in range(job["tp"]) for p in range(job["pp"])}
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [*CASES, *FAMILY_CASES])
 def test_logits_match_transformers(oracle, case):
     r = oracle[case]
     got, ref, vocab = r["logits"], r["ref"], r["vocab"]
@@ -280,6 +344,13 @@ def test_args_describe_the_model(oracle, case):
         "rotary_base": (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta")),
     }
     for rep in r["reports"]:
+        assert {k: rep["args"].get(k) for k in want} == want
+
+
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
+def test_family_args_describe_the_model(oracle, case):
+    want = FAMILY_CASES[case]["args"]
+    for rep in oracle[case]["reports"]:
         assert {k: rep["args"].get(k) for k in want} == want
 
 

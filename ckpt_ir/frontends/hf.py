@@ -30,6 +30,9 @@ from ckpt_ir.quant import dequantize_tensors
 DROP_RULES = (
     ("*rotary_emb.inv_freq", "rotary inverse frequencies are recomputed from the config"),
     ("*rotary_pos_emb.inv_freq", "rotary inverse frequencies are recomputed from the config"),  # ChatGLM
+    # GPT-2 checkpoints from before transformers dropped the buffers (openai-community/gpt2)
+    ("transformer.h.*.attn.bias", "GPT-2's causal-mask buffer; transformers builds the mask itself"),
+    ("transformer.h.*.attn.masked_bias", "GPT-2's masking constant; transformers builds the mask itself"),
 )
 
 
@@ -145,7 +148,8 @@ def lift(
     # quantized weights and their scales become one dequantize expression under the weight's name
     if family_obj.hf_rename:
         raw = {family_obj.hf_rename(k, spec.num_layers, False): v for k, v in raw.items()}
-    tensors, dropped = map_tensors(family_obj, spec, dequantize_tensors(raw, cfg, where), allow_unused)
+    weights = {k: family_obj.as_stored(k, x) for k, x in dequantize_tensors(raw, cfg, where).items()}
+    tensors, dropped = map_tensors(family_obj, spec, weights, allow_unused)
     from ckpt_ir.ir.names import split_layer
 
     # transformers neither loads nor saves MTP layers: count the ones present (Hunyuan V3's config

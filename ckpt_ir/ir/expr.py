@@ -545,6 +545,21 @@ def _rewrite(e: Expr) -> Expr:
         return _rewrite_concat(e)
     if isinstance(e, Slice):
         return _rewrite_slice(e)
+    if isinstance(e, Transpose):
+        return _rewrite_transpose(e)
+    return e
+
+
+def _rewrite_transpose(e: Transpose) -> Expr:
+    """A swap undone by the same swap vanishes; a swap of a concatenation along one of the swapped
+    dims is the concatenation of the swapped parts along the other (so an HF tensor stored
+    [in, out], split into parts and fused again, folds back to its load)."""
+    dims = {e.dim0, e.dim1}
+    if isinstance(e.x, Transpose) and {e.x.dim0, e.x.dim1} == dims:
+        return e.x.x
+    if isinstance(e.x, Concat) and e.x.dim in dims:
+        other = e.dim1 if e.x.dim == e.dim0 else e.dim0
+        return Concat(tuple(Transpose(x, e.dim0, e.dim1) for x in e.x.xs), other)
     return e
 
 
