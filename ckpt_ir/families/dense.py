@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ckpt_ir.families import ConfigKey, Family, Packed, register
+from ckpt_ir.families import ConfigKey, Family, Packed, Tested, register
 from ckpt_ir.families.blocks import (
     ATTENTION,
     EMBED_AND_HEAD,
@@ -43,6 +43,16 @@ register(
         tensors=LLAMA_TENSORS,
         config=config_with(),
         mindspeed_names=("llama2", "llama3", "llama"),
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2",),
+            mcore_logits=(
+                "--tp 2",
+                "--pp 2 --vpp-layers 1",
+                "--tp 1 --pp 1",
+                "--tp 2 --make-vocab-size-divisible-by 64",
+                "--tp 2 --pp 2",
+            ),
+        ),
     )
 )
 register(
@@ -53,6 +63,10 @@ register(
         tensors=LLAMA_TENSORS,
         config=config_with(ConfigKey("qkv_bias", None, False)),
         mindspeed_names=("mistral", "magistral"),
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2",),
+            mcore_missing="not run: Llama's GPTModel, which the llama cases check",
+        ),
     )
 )
 register(
@@ -64,6 +78,14 @@ register(
         config=config_with(),
         constants=(("qkv_bias", True),),
         mindspeed_names=("qwen25", "qwen2"),
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2",),
+            mcore_logits=(
+                "--tp 2",
+                "--tp 1 --pp 1",
+                "--tp 2 --pp 2",
+            ),
+        ),
     )
 )
 register(
@@ -75,6 +97,14 @@ register(
         config=config_with(),
         constants=(("qk_norm", True),),
         mindspeed_names=("qwen3",),
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2",),
+            mcore_logits=(
+                "--pp 2",
+                "--tp 2",
+                "--tp 1 --pp 1",
+            ),
+        ),
     )
 )
 register(
@@ -88,6 +118,10 @@ register(
             ConfigKey("activation", "hidden_activation", "gelu_pytorch_tanh"),
         ),
         mindspeed_names=("gemma",),
+        tested=Tested(
+            round_trip=("--pp 2",),
+            mcore_missing="no: megatron-core 0.16's GPTModel does not scale the embeddings (Gemma multiplies them by sqrt(hidden_size))",
+        ),
     )
 )
 register(
@@ -102,6 +136,10 @@ register(
         ),
         constants=(("post_norms", True),),
         mindspeed_names=("gemma2",),
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2",),
+            mcore_missing="no: no post-attention / post-MLP norms, no embedding scaling, no logit soft-capping",
+        ),
     )
 )
 register(
@@ -124,6 +162,10 @@ register(
         ),
         config=config_with(ConfigKey("qkv_bias", None, False)),
         mindspeed_names=("phi3.5", "phi3"),
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2",),
+            mcore_missing="not run: Llama's GPTModel (the packed HF tensors are ckpt-ir's side), which the llama cases check",
+        ),
     )
 )
 
@@ -155,6 +197,14 @@ register(
             ConfigKey("head_dim", "head_dim", 128), ConfigKey("qkv_bias", "attention_bias", True)
         ),
         mindspeed_names=("seed-oss",),
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2",),
+            mcore_logits=("--tp 2",),
+            mindspeed=(
+                ("seed-oss-tp1pp2-layers", "identical"),
+                ("seed-oss-tp2pp2", "identical"),
+            ),
+        ),
     )
 )
 register(
@@ -166,6 +216,13 @@ register(
         packed=(GLM_GATE_UP,),
         config=GLM_CONFIG,
         mindspeed_names=("glm4_9b",),
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --pp 2",
+                "--tp 2 --pp 2 --num-layer-list 1,3",
+            ),
+            mcore_logits=("--tp 2",),
+        ),
     )
 )
 register(
@@ -178,6 +235,13 @@ register(
         config=GLM_CONFIG,
         constants=(("post_norms", True),),
         mindspeed_names=("glm4",),
+        tested=Tested(
+            round_trip=(
+                "--pp 2 --vpp-layers 1",
+                "--tp 2 --pp 2",
+            ),
+            mcore_missing="no: GPTModel has no post-attention / post-MLP norms",
+        ),
     )
 )
 
@@ -191,6 +255,7 @@ register(
         tensors=EMBED_AND_HEAD + HUNYUAN_ATTENTION + LLAMA_NORMS + GATED_MLP,
         config=config_with(),
         constants=(("qk_norm", True),),
+        tested=Tested(round_trip=("--tp 2 --pp 2",), mcore_missing="no: q/k norm after rotary"),
     )
 )
 
@@ -284,6 +349,14 @@ register(
         ),
         mindspeed_names=("bloom", "bloom_3b"),
         megatron_args=_bloom_args,
+        tested=Tested(
+            round_trip=(
+                "--pp 2 --vpp-layers 1",
+                "--tp 2 --pp 2",
+                "--tp 2 --pp 2 --num-layer-list 1,3",
+            ),
+            mcore_missing="no: no ALiBi and no embedding LayerNorm in GPTModel",
+        ),
     )
 )
 
@@ -341,6 +414,14 @@ register(
             ),
             ("decoder.layers.{i}.mlp.linear_fc2.post_layernorm.weight", C + "post_mlp_norm.weight"),
         ),
+        tested=Tested(
+            round_trip=(
+                "--ckpt-format torch_dist",
+                "--tp 2 --pp 2",
+                "--tp 2 --pp 2 --num-layer-list 1,3 --norm-names te",
+            ),
+            mcore_missing="no: no post-attention / post-MLP norms, one rope base for all layers",
+        ),
     )
 )
 
@@ -366,5 +447,12 @@ register(
         ),
         constants=(("pre_norms", False), ("post_norms", True), ("qk_full_norm", True)),
         megatron_args=lambda cfg: {"post_norm_only": True},
+        tested=Tested(
+            round_trip=(
+                "--pp 2 --vpp-layers 1",
+                "--tp 2 --pp 2",
+            ),
+            mcore_missing="no: no post-norm-only layers, q/k norm per head only",
+        ),
     )
 )

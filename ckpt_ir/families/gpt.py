@@ -10,7 +10,7 @@ families and Megatron-Bridge no bridge for them, so their Megatron keys are mega
 
 from __future__ import annotations
 
-from ckpt_ir.families import ConfigKey, Family, Packed, register
+from ckpt_ir.families import ConfigKey, Family, Packed, Tested, register
 
 # GPT-2 (transformers models/gpt2): Conv1D layers store their weight [in, out] (x @ W + b);
 # c_attn is [q; k; v] along its output dim, weight and bias; wpe holds learned absolute positions.
@@ -91,5 +91,6 @@ register(
             ("mlp_bias", True),
             ("gated_mlp", False),
         ),
+        tested=Tested(round_trip=("--tp 2 --pp 2 --num-layer-list 1,3",), mcore_logits=("--tp 2 --pp 2",)),
     )
 )
