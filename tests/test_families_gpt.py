@@ -6,6 +6,7 @@ config in ``test_megatron_args_only.py``."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -20,6 +21,11 @@ from tests.test_hf_roundtrip import assert_same_tensors, convert, hf_state
 LAYOUTS = {
     # tied: with PP the last stage holds the output layer's copy of the embedding
     "gpt2": (dict(tp=2, pp=2, num_layer_list=(1, 3)),),
+    # tied, Transformer Engine's norm names (LayerNorm weights and biases fused into linear_qkv / fc1)
+    "starcoder2": (dict(tp=2, pp=2, num_layer_list=(3, 1), norm_names="te"),),
+    "stablelm": (dict(tp=2, pp=2),),
+    "gpt_neox": (dict(tp=2, pp=2, num_layer_list=(1, 3)),),
+    "phi": (dict(tp=2, pp=2, num_layer_list=(3, 1), norm_names="te"),),
 }
 
 
@@ -85,3 +91,72 @@ def test_gpt2_peft_adapter_merge_equals_peft_merge_and_unload(models, tmp_path):
     assert set(ours) <= set(merged)
     for k in ours:
         assert torch.equal(ours[k], merged[k]), k
+
+
+def test_gpt_neox_rank_files_follow_the_format_facts(models, tmp_path):
+    """GPT-NeoX's query_key_value is [q; k; v] head by head (transformers views its rows as
+    [heads, 3, head_dim]), which is Megatron's per-group linear_qkv order with one head per group:
+    TP rank t holds the HF rows of its heads unchanged.  The args ask for exact GELU (no fused
+    bias-GELU, whose tanh form Megatron-LM would use by default) and a quarter-head rotary; a
+    config written before transformers 5 (rotary_pct, rotary_emb_base) and the mask buffers of
+    such checkpoints (attention.bias, attention.masked_bias) are read too."""
+    src = models("gpt_neox")
+    old = str(tmp_path / "old")
+    os.makedirs(old)
+    sd = load_file(f"{src}/model.safetensors")
+    for i in range(4):
+        sd[f"gpt_neox.layers.{i}.attention.bias"] = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril()
+        sd[f"gpt_neox.layers.{i}.attention.masked_bias"] = torch.tensor(-1e9)
+    save_file(sd, f"{old}/model.safetensors", metadata={"format": "pt"})
+    with open(f"{src}/config.json") as fh:
+        cfg = json.load(fh)
+    del cfg["rope_parameters"]
+    with open(f"{old}/config.json", "w") as fh:
+        json.dump(dict(cfg, rotary_pct=0.5, rotary_emb_base=1234), fh)
+    mid = str(tmp_path / "mid")
+    convert(old, mid, ck.Target(to="mcore", tp=2))
+    h, heads, d = 64, 4, 16
+    qkv = sd["gpt_neox.layers.0.attention.query_key_value.weight"].view(heads, 3, d, h)
+    qkv_bias = sd["gpt_neox.layers.0.attention.query_key_value.bias"].view(heads, 3, d)
+    for t in range(2):
+        blob = torch.load(f"{mid}/iter_0000001/mp_rank_0{t}/model_optim_rng.pt", weights_only=False)
+        mine = slice(t * heads // 2, (t + 1) * heads // 2)
+        model = blob["model"]
+        assert torch.equal(
+            model["decoder.layers.0.self_attention.linear_qkv.weight"], qkv[mine].reshape(-1, h)
+        )
+        assert torch.equal(
+            model["decoder.layers.0.self_attention.linear_qkv.bias"], qkv_bias[mine].reshape(-1)
+        )
+        assert torch.equal(model["output_layer.weight"], sd["embed_out.weight"][t * 64 : (t + 1) * 64])
+        args = vars(blob["args"])
+        want = dict(
+            normalization="LayerNorm",
+            swiglu=False,
+            add_bias_linear=True,
+            bias_gelu_fusion=False,
+            rotary_percent=0.5,
+            rotary_base=1234,
+            untie_embeddings_and_output_weights=True,
+        )
+        assert {k: args.get(k) for k in want} == want
+    assert sorted(ck.load(old).dropped) == sorted(
+        f"gpt_neox.layers.{i}.attention.{b}" for i in range(4) for b in ("bias", "masked_bias")
+    )
+
+
+def test_stablelm_with_parallel_residual_has_no_mlp_norm(tmp_path):
+    """StableLM 2 12B's layers (use_parallel_residual): attention and MLP both read
+    input_layernorm and there is no post_attention_layernorm; the round trip is bit-exact, with
+    transformers' logits, and the rank files hold no pre-MLP norm."""
+    from tests.family_models import CONFIGS, build
+
+    configs = {"stablelm": dict(CONFIGS["stablelm"], use_parallel_residual=True)}
+    src = build(str(tmp_path / "src"), "stablelm", layers=2, configs=configs)
+    assert not any("post_attention_layernorm" in k for k in load_file(f"{src}/model.safetensors"))
+    assert_round_trip(src, tmp_path, "stablelm", dict(tp=2))
+    keys = torch.load(f"{tmp_path}/mid/iter_0000001/mp_rank_00/model_optim_rng.pt", weights_only=False)[
+        "model"
+    ]
+    assert "decoder.layers.0.input_layernorm.bias" in keys
+    assert not any("pre_mlp_layernorm" in k for k in keys)

@@ -95,6 +95,47 @@ FAMILY_CASES = {
             untie_embeddings_and_output_weights=False,
         ),
     ),
+    # StarCoder2: LayerNorm, biases everywhere, tanh GELU (fused bias-GELU), GQA, tied, a sliding
+    # window of 6 (< the 12 tokens): Megatron's window (5, 0)
+    "starcoder2-tp2pp2": dict(
+        family="starcoder2",
+        convert=["--tp", "2", "--pp", "2"],
+        harness={
+            "gpt": True,
+            "arch": {
+                "bias_activation_fusion": True,
+                "position_embedding_type": "rope",
+                "window_size": [5, 0],
+            },
+            "qkv_bias": True,
+            "tied": True,
+        },
+        sizes=lambda c: dict(c, rms_norm_eps=c["norm_epsilon"]),
+        args=dict(
+            normalization="LayerNorm",
+            swiglu=False,
+            add_bias_linear=True,
+            add_qkv_bias=True,
+            bias_gelu_fusion=None,
+            position_embedding_type="rope",
+            untie_embeddings_and_output_weights=False,
+        ),
+    ),
+    # StableLM: LayerNorm with SwiGLU, q/k/v biases only, rotary on a quarter of each head, untied
+    "stablelm-tp2": dict(
+        family="stablelm",
+        convert=["--tp", "2"],
+        harness={"arch": {"normalization": "LayerNorm"}, "qkv_bias": True, "rotary_percent": 0.25},
+        sizes=lambda c: dict(c, rms_norm_eps=c["layer_norm_eps"]),
+        args=dict(
+            normalization="LayerNorm",
+            swiglu=True,
+            add_bias_linear=False,
+            add_qkv_bias=True,
+            rotary_percent=0.25,
+            untie_embeddings_and_output_weights=True,
+        ),
+    ),
 }
 # a deliberately broken copy of llama-tp1pp1: linear_qkv rows regrouped as [all q; all k; all v]
 # (the HF/"unfused" order) instead of Megatron's per-query-group [q_g; k_g; v_g]; must NOT match
@@ -291,6 +332,8 @@ EXPECTED_LAYOUT = {
     "seed_oss-tp2pp1": (2, 1, None),
     "glm-tp2pp1": (2, 1, None),
     "gpt2-tp2pp2": (2, 2, None),
+    "starcoder2-tp2pp2": (2, 2, None),
+    "stablelm-tp2": (2, 1, None),
 }
 
 

@@ -33,6 +33,12 @@ DROP_RULES = (
     # GPT-2 checkpoints from before transformers dropped the buffers (openai-community/gpt2)
     ("transformer.h.*.attn.bias", "GPT-2's causal-mask buffer; transformers builds the mask itself"),
     ("transformer.h.*.attn.masked_bias", "GPT-2's masking constant; transformers builds the mask itself"),
+    # ... and GPT-NeoX checkpoints of that time (Pythia)
+    (
+        "gpt_neox.layers.*.attention.bias",
+        "GPT-NeoX's causal-mask buffer; transformers builds the mask itself",
+    ),
+    ("gpt_neox.layers.*.attention.masked_bias", "GPT-NeoX's masking constant; transformers builds the mask"),
 )
 
 

@@ -92,6 +92,11 @@ def _pre_norm(s: ModelSpec, lay: Layout, i: int) -> bool:
     return s.pre_norms
 
 
+def _mlp_norm(s: ModelSpec, lay: Layout, i: int) -> bool:
+    """A norm of the MLP's own (not with parallel attention and MLP, which share the input norm)."""
+    return s.pre_norms and not s.parallel_attn_mlp
+
+
 def _indexer(s: ModelSpec, lay: Layout, i: int) -> bool:
     return s.has_indexer(i)
 
@@ -268,8 +273,13 @@ _BUILTIN: list[Role] = [
     # attention sinks (gpt-oss): one learned softmax offset per head, split over TP with the heads
     Role(L + "attn.sinks", COLUMN, lambda s, lay: (s.num_heads,), lambda s, lay, i: s.attn_sinks),
     Role(L + "post_attn_norm.weight", None, lambda s, lay: (s.hidden_size,), lambda s, lay, i: s.post_norms),
-    Role(L + "mlp_norm.weight", None, lambda s, lay: (s.hidden_size,), _pre_norm),
-    Role(L + "mlp_norm.bias", None, lambda s, lay: (s.hidden_size,), _norm_bias),
+    Role(L + "mlp_norm.weight", None, lambda s, lay: (s.hidden_size,), _mlp_norm),
+    Role(
+        L + "mlp_norm.bias",
+        None,
+        lambda s, lay: (s.hidden_size,),
+        lambda s, lay, i: s.norm_bias and _mlp_norm(s, lay, i),
+    ),
     # the dense MLP: gated, or plain (BLOOM, a GELU Megatron GPT: Megatron's linear_fc1 is then fc1
     # alone, split over TP as one block), biases as the model has them
     *_mlp_roles(L + "mlp.", lambda s: s.ffn_hidden_size, _dense_mlp),

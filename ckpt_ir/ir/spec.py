@@ -80,6 +80,9 @@ class ModelSpec:
     o_bias: bool = False  # a bias on the attention output projection
     lm_head_bias: bool = False  # a bias on the output layer (untied models)
     pre_norms: bool = True  # norms before attention and MLP (OLMo 2 has only the post norms)
+    # attention and MLP read the same normed input and add to the residual together (Cohere): no
+    # pre-MLP norm of its own.  A future block (issue #29): a parallel attention + MLP layer
+    parallel_attn_mlp: bool = False
     attn_sinks: bool = False  # a learned per-head softmax offset ("sinks", gpt-oss)
     router_logit_bias: bool = False  # a bias of the router's linear layer itself (gpt-oss)
     expert_bias: bool = False  # biases on the routed experts' gate/up and down projections (gpt-oss)
