@@ -96,6 +96,18 @@ def test_noop_cast_disappears_and_slice_moves_below_cast(stored):
     assert torch.equal(ev(s), a[1:2].to(torch.bfloat16))
 
 
+def test_a_stored_transpose_split_and_fused_again_is_the_original_load(stored):
+    """A weight stored [in, out] (GPT-2's Conv1D), read transposed, split into parts along its
+    rows and written back fused and transposed, is the load itself: an HF -> HF copy of it reads
+    each byte once, as a plain copy."""
+    (la, _), (a, _) = stored
+    parts = [E.Slice(E.Transpose(la, 0, 1), 0, lo, lo + 2) for lo in (0, 2, 4)]
+    fused = E.Transpose(E.Concat(tuple(parts), 0), 0, 1)
+    assert E.simplify(fused) == la
+    assert E.simplify(E.Transpose(E.Transpose(la, 0, 1), 1, 0)) == la
+    assert torch.equal(ev(E.simplify(parts[1])), a.t()[2:4])
+
+
 def test_unpadding_a_padded_tensor_is_the_original_load(stored):
     (_, lb), _ = stored
     assert E.simplify(E.Slice(E.PadRows(lb, 8), 0, 0, 4)) == lb

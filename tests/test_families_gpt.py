@@ -160,3 +160,13 @@ def test_stablelm_with_parallel_residual_has_no_mlp_norm(tmp_path):
     ]
     assert "decoder.layers.0.input_layernorm.bias" in keys
     assert not any("pre_mlp_layernorm" in k for k in keys)
+
+
+def test_verify_runs_gpt_neox_whose_output_layer_transformers_renames(models, capsys):
+    """GPT-NeoX's checkpoint names the output layer embed_out, its module is lm_head (transformers
+    5 renames it on load): ``ckpt-ir verify`` gives each unit the tensors transformers would."""
+    from ckpt_ir.commands.cli import main
+
+    src = models("gpt_neox")
+    assert main(["verify", src, src]) == 0
+    assert "logits max|diff| 0" in capsys.readouterr().out

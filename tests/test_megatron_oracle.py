@@ -118,6 +118,7 @@ FAMILY_CASES = {
             add_qkv_bias=True,
             bias_gelu_fusion=None,
             position_embedding_type="rope",
+            window_size=[5, 0],
             untie_embeddings_and_output_weights=False,
         ),
     ),
@@ -392,9 +393,8 @@ def test_args_describe_the_model(oracle, case):
 
 @pytest.mark.parametrize("case", list(FAMILY_CASES))
 def test_family_args_describe_the_model(oracle, case):
-    want = FAMILY_CASES[case]["args"]
-    for rep in oracle[case]["reports"]:
-        assert {k: rep["args"].get(k) for k in want} == want
+    want, args = FAMILY_CASES[case]["args"], _rank_args(oracle[case]["job"]["ckpt"])
+    assert {k: args.get(k) for k in want} == want
 
 
 def test_padded_vocab_is_really_padded(oracle):
