@@ -108,6 +108,21 @@ def test_a_stored_transpose_split_and_fused_again_is_the_original_load(stored):
     assert torch.equal(ev(E.simplify(parts[1])), a.t()[2:4])
 
 
+def test_swapped_column_ranges_of_one_load_read_it_once(stored):
+    """Per-head pieces of a weight stored [in, out] (GPT-2's c_attn into Megatron's per-group
+    linear_qkv): the load is read once for all of them and each piece swapped straight into the
+    output."""
+    (la, _), (a, _) = stored
+    order = (2, 0, 4)  # not adjacent: no simplification joins them
+    e = E.Concat(tuple(E.Transpose(E.Slice(la, 1, lo, lo + 2), 0, 1) for lo in order), 0)
+    with E.Reader() as r:
+        reads = []
+        read_into = r.read_into
+        r.read_into = lambda *args: (reads.append(args[1]), read_into(*args))  # type: ignore[method-assign]
+        got = E.evaluate(e, r)
+    assert torch.equal(got, torch.cat([a.t()[lo : lo + 2] for lo in order])) and len(reads) == 1
+
+
 def test_unpadding_a_padded_tensor_is_the_original_load(stored):
     (_, lb), _ = stored
     assert E.simplify(E.Slice(E.PadRows(lb, 8), 0, 0, 4)) == lb
