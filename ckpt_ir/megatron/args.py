@@ -218,12 +218,12 @@ TANH_GELU = ("gelu_new", "gelu_fast", "gelu_pytorch_tanh")
 
 
 def _activation(a: Args) -> str:
-    """The MLP's activation Megatron-LM builds from its args.  Without --swiglu or --squared-relu
-    it is torch's exact GELU, except that with biases on the linear layers (--add-bias-linear,
-    the default) Megatron-LM fuses bias and GELU (--bias-gelu-fusion, the default), and the fused
-    kernel (megatron/core/fusions/fused_bias_gelu.py) computes the tanh approximation; so does
-    --openai-gelu (Megatron-LM's legacy models; transformers' Megatron GPT-2 converter reads both
-    flags the same way and names the fused form gelu_fast)."""
+    """The MLP's activation Megatron-LM builds from its args.  Without ``swiglu`` or
+    ``squared_relu`` it is torch's exact GELU, except that with biases on the linear layers
+    (``add_bias_linear``, the default) Megatron-LM fuses bias and GELU (``bias_gelu_fusion``, the
+    default), and the fused kernel (megatron/core/fusions/fused_bias_gelu.py) computes the tanh
+    approximation; so does ``openai_gelu`` (Megatron-LM's legacy models; transformers' Megatron
+    GPT-2 converter reads both args the same way and names the fused form gelu_fast)."""
     if a["swiglu"]:
         return "silu"
     if a["squared_relu"]:
