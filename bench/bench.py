@@ -22,7 +22,9 @@ fp32 with `--make-vocab-size-divisible-by 128`: peak memory with embeddings of 1
 768, vocab 151936, as many layers as the size asks, about 400 tensors per layer in shards of about
 1.2 GB; timed HF -> mcore EP8, mcore EP8 -> HF and mcore EP8 -> TP2 EP4, each against `cp -r` +
 `sync` of its own source, the HF or the EP8 checkpoint; `--moe-stacked`: a Llama 4 text model of
-the same widths, each layer's experts stacked in two [in, out] tensors).  `--torchrun N` also times HF -> mcore
+the same widths, each layer's experts stacked in two [in, out] tensors) and `gpt2` (GPT-2 large's
+widths, fp32, its Conv1D weights stored [in, out]: HF -> mcore TP2 PP2 and back, each against
+`cp -r` + `sync` of its source).  `--torchrun N` also times HF -> mcore
 EP8 under `torchrun --nproc-per-node N` and checks that its output is byte-identical to the
 single-process one.  `fsdp2`: the same MoE model as MindSpeed-LLM's FSDP2 backend saves it (fp32,
 `model.model.<name>` through its engine, transformers 5's fused experts `[E, 2F, H]` / `[E, H, F]`,
@@ -302,6 +304,138 @@ def generate_fsdp2(hf: str, path: str) -> None:
     torch.save({"global_step": 1}, os.path.join(path, "extra_state", "extra_state_rank_0.pt"))
 
 
+# GPT-2 large's widths (the gpt2 benchmark: Conv1D weights stored [in, out], fp32 as released; XL's 25
+# heads do not split over TP 2)
+GPT2 = dict(hidden=1280, heads=20, ffn=5120, vocab=50257, positions=1024)
+
+
+def gpt2_tensors(layers: int) -> dict[str, tuple[int, ...]]:
+    h, f = GPT2["hidden"], GPT2["ffn"]
+    out: dict[str, tuple[int, ...]] = {
+        "transformer.wte.weight": (GPT2["vocab"], h),
+        "transformer.wpe.weight": (GPT2["positions"], h),
+    }
+    for i in range(layers):
+        p = f"transformer.h.{i}."
+        out.update(
+            {
+                p + "ln_1.weight": (h,),
+                p + "ln_1.bias": (h,),
+                p + "attn.c_attn.weight": (h, 3 * h),
+                p + "attn.c_attn.bias": (3 * h,),
+                p + "attn.c_proj.weight": (h, h),
+                p + "attn.c_proj.bias": (h,),
+                p + "ln_2.weight": (h,),
+                p + "ln_2.bias": (h,),
+                p + "mlp.c_fc.weight": (h, f),
+                p + "mlp.c_fc.bias": (f,),
+                p + "mlp.c_proj.weight": (f, h),
+                p + "mlp.c_proj.bias": (h,),
+            }
+        )
+    out.update({"transformer.ln_f.weight": (h,), "transformer.ln_f.bias": (h,)})
+    return out
+
+
+def generate_gpt2(path: str, size: int) -> int:
+    """A GPT-2-large-shaped fp32 HF checkpoint (tied) of about ``size`` bytes in shards of about
+    1.2 GB, written without torch; returns its layer count."""
+    import numpy as np
+
+    per_layer = 4 * sum(_numel(s) for n, s in gpt2_tensors(1).items() if ".h." in n)
+    fixed = 4 * sum(_numel(s) for n, s in gpt2_tensors(0).items())
+    layers = max(2, round((size - fixed) / per_layer / 2) * 2)  # even: two pipeline stages
+    tensors = gpt2_tensors(layers)
+    shards: list[list[str]] = [[]]
+    acc = 0
+    for name, shape in tensors.items():
+        if shards[-1] and acc + 4 * _numel(shape) > MOE_SHARD:
+            shards.append([])
+            acc = 0
+        shards[-1].append(name)
+        acc += 4 * _numel(shape)
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.default_rng(0)
+    weight_map: dict[str, str] = {}
+    for k, names in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        pos = 0
+        for n in names:
+            nbytes = 4 * _numel(tensors[n])
+            header[n] = {"dtype": "F32", "shape": list(tensors[n]), "data_offsets": [pos, pos + nbytes]}
+            pos += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(os.path.join(path, fname), "wb") as out:
+            out.write(len(raw).to_bytes(8, "little") + raw)
+            for n in names:  # |x| in [2^-31, 1): exponent 0x60-0x7e, random mantissa and sign
+                left = _numel(tensors[n])
+                while left:
+                    bits = rng.integers(0x30000000, 0x3F800000, size=min(left, 1 << 24), dtype=np.uint32)
+                    bits |= rng.integers(0, 2, size=bits.size, dtype=np.uint32) << 31
+                    out.write(bits.tobytes())
+                    left -= bits.size
+        weight_map.update({n: fname for n in names})
+    write_index(path, weight_map)
+    json.dump(
+        {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "n_embd": GPT2["hidden"],
+            "n_head": GPT2["heads"],
+            "n_inner": None,
+            "n_layer": layers,
+            "n_positions": GPT2["positions"],
+            "vocab_size": GPT2["vocab"],
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": 1e-5,
+            "tie_word_embeddings": True,
+            "dtype": "float32",
+        },
+        open(os.path.join(path, "config.json"), "w"),
+    )
+    return layers
+
+
+def bench_gpt2(root: str, label: str, size: int, args) -> list[tuple]:
+    """GPT-2 (weights read and written transposed): HF -> mcore TP2 PP2 against `cp -r` + `sync`
+    of the HF checkpoint, mcore -> HF against `cp -r` + `sync` of the TP2 PP2 one."""
+    src = os.path.join(root, "hf")
+    layers = int(subprocess.check_output([sys.executable, __file__, "--generate-gpt2", src, str(size)]))
+    nbytes = du(src)
+    print(f"[{label}] generated {nbytes / 1e9:.2f} GB, {layers} GPT-2 large layers", file=sys.stderr)
+    out = {n: os.path.join(root, n) for n in ("tp2pp2", "back", "cp")}
+    convert = lambda *a: [sys.executable, "-m", "ckpt_ir", "convert", *a, "--quiet", *args.extra.split()]  # noqa: E731
+    tasks: dict[str, tuple[list[str], str, str]] = {
+        "cp -r + sync": (["cp", "-r", src, out["cp"]], out["cp"], ""),
+        "gpt2 hf -> mcore tp2 pp2": (
+            # GPT-2's 50257-row vocabulary padded as Megatron-LM pads it (to a multiple of 128 x TP)
+            convert(
+                src,
+                out["tp2pp2"],
+                "--to",
+                "mcore",
+                "--tp",
+                "2",
+                "--pp",
+                "2",
+                "--make-vocab-size-divisible-by",
+                "128",
+            ),
+            out["tp2pp2"],
+            "cp -r + sync",
+        ),
+        "cp -r tp2pp2 + sync": (["cp", "-r", out["tp2pp2"], out["cp"]], out["cp"], ""),
+        "gpt2 mcore tp2pp2 -> hf": (
+            convert(out["tp2pp2"], out["back"], "--to", "hf"),
+            out["back"],
+            "cp -r tp2pp2 + sync",
+        ),
+    }
+    return time_tasks(tasks, {"cp -r + sync": src}, out["tp2pp2"], label, nbytes, args)
+
+
 def write_index(path: str, weight_map: dict[str, str]) -> None:
     total = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     json.dump(
@@ -412,6 +546,9 @@ def main() -> int:
     if len(sys.argv) == 4 and sys.argv[1] == "--generate-fsdp2":  # --generate-fsdp2 HF STEP_DIR
         generate_fsdp2(sys.argv[2], sys.argv[3])
         return 0
+    if len(sys.argv) == 4 and sys.argv[1] == "--generate-gpt2":
+        print(generate_gpt2(sys.argv[2], parse_size(sys.argv[3])))
+        return 0
     if len(sys.argv) == 4 and sys.argv[1] == "--adapter":
         generate_adapter(sys.argv[2], int(sys.argv[3]))
         return 0
@@ -429,7 +566,8 @@ def main() -> int:
         "compute (casts, LoRA merge, fp32 + vocab padding), dist (torch_dist with and without "
         "integrity.json, written and read), fsdp (HF -> fsdp_dtensor -> HF), wide (wide-vocab model, memory), "
         "moe (Qwen3-MoE-shaped model: EP8 conversions), "
-        "fsdp2 (that model as MindSpeed-LLM's FSDP2 backend saves it: to HF and to mcore EP8)",
+        "fsdp2 (that model as MindSpeed-LLM's FSDP2 backend saves it: to HF and to mcore EP8), "
+        "gpt2 (GPT-2-large-shaped fp32 model: weights stored [in, out], read and written transposed)",
     )
     ap.add_argument(
         "--moe-tiny",
@@ -463,8 +601,10 @@ def main() -> int:
             rows += bench_moe(root + "-moe", size_text + "m", parse_size(size_text), args)
         if "fsdp2" in groups:
             rows += bench_fsdp2(root + "-fsdp2", size_text + "f", parse_size(size_text), args)
+        if "gpt2" in groups:
+            rows += bench_gpt2(root + "-gpt2", size_text + "g", parse_size(size_text), args)
         if not args.keep:
-            for suffix in ("", "-wide", "-moe", "-fsdp2"):
+            for suffix in ("", "-wide", "-moe", "-fsdp2", "-gpt2"):
                 shutil.rmtree(root + suffix, ignore_errors=True)
     print(
         f"\n{'size':>5} {'task':34s} {'median s':>9} {'GB/s':>6} {'x cp':>6} {'peak RSS MB':>12} {'RSS/model':>10}"

@@ -219,6 +219,8 @@ def make_distopt_checkpoint(
     ep: int = 1,
     etp: int | None = None,
     gpt: bool = False,
+    bias_gelu_fusion: bool = False,
+    init_std: float = 0.02,
 ) -> dict:
     """Build a legacy ``torch``-format checkpoint with ``distrib_optim.pt`` (see the module doc).
 
@@ -237,7 +239,10 @@ def make_distopt_checkpoint(
 
     ``gpt=True``: a generic GPT with no HF family instead of a llama (LayerNorm with biases, GELU
     MLP without gating, learned absolute position embeddings, biases on every linear layer; the
-    args say so as Megatron-LM's would); ``hf_dir/config.json`` then only gives the sizes.
+    args say so as Megatron-LM's would); ``hf_dir/config.json`` then only gives the sizes.  Its
+    GELU is torch's exact one unless ``bias_gelu_fusion`` (Megatron-LM's default, whose fused
+    kernel computes the tanh approximation); ``args.bias_gelu_fusion`` says which.
+    ``init_std``: the spread of the random initial values (``init="random"``).
     """
     return _run_job(
         "distopt",
@@ -261,6 +266,8 @@ def make_distopt_checkpoint(
         ep=ep,
         etp=etp,
         gpt=gpt,
+        bias_gelu_fusion=bias_gelu_fusion,
+        init_std=init_std,
     )
 
 
@@ -850,7 +857,8 @@ def _transformer_config(job: dict):
         activation_func=F.gelu if job.get("gpt") else F.silu,
         add_bias_linear=bool(job.get("gpt")),
         add_qkv_bias=False,
-        bias_activation_fusion=False,
+        # Megatron-LM's default for a GELU MLP with biases: fused, i.e. the tanh approximation
+        bias_activation_fusion=bool(job.get("gpt") and job.get("bias_gelu_fusion")),
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
@@ -889,6 +897,7 @@ def _args_namespace(job: dict, config) -> argparse.Namespace:
         norm_epsilon=config.layernorm_epsilon,
         normalization="LayerNorm" if job.get("gpt") else "RMSNorm",
         swiglu=not job.get("gpt"),
+        bias_gelu_fusion=config.bias_activation_fusion,
         add_qkv_bias=False,
         add_bias_linear=bool(job.get("gpt")),
         qk_layernorm=False,
@@ -951,7 +960,9 @@ MICRO = 2  # microbatches per step (of one sequence each)
 
 def _perturb(model, job: dict, tp_rank: int, pp_rank: int) -> None:
     """Expert params (``allreduce=False``) are keyed by (expert-TP rank if split, EP rank) instead
-    of the TP rank, so that their replicas (the expert-DP ranks) agree."""
+    of the TP rank, so that their replicas (the expert-DP ranks) agree.  A tied model's output
+    layer on the last stage starts as its first stage's embedding, as megatron-core makes it
+    (GPTModel's setup_embeddings_and_output_layer); the shared gradients keep them equal."""
     import torch
     from megatron.core import parallel_state as ps
 
@@ -960,12 +971,16 @@ def _perturb(model, job: dict, tp_rank: int, pp_rank: int) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             split = bool(getattr(p, "tensor_model_parallel", False))
+            stage = pp_rank
+            if name == "output_layer.weight" and job["hf_config"].get("tie_word_embeddings"):
+                name, stage = "embedding.word_embeddings.weight", 0
             if getattr(p, "allreduce", True):
-                key = f"{job['seed']}|{name}|{tp_rank if split else -1}|{pp_rank}".encode()
+                key = f"{job['seed']}|{name}|{tp_rank if split else -1}|{stage}".encode()
             else:
                 key = f"{job['seed']}|{name}|{etp_rank if split else -1}|{pp_rank}|ep{ep_rank}".encode()
             gen = torch.Generator().manual_seed(zlib.crc32(key))
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02).to(p.dtype))
+            std = job.get("init_std", 0.02)
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std).to(p.dtype))
 
 
 def _build(job: dict):

@@ -279,6 +279,16 @@ CONFIGS = {
     "deepseek_v32": DSA,
     # layers 1 and 3 reuse the previous layer's top-k and carry no indexer
     "glm_moe_dsa": dict(DSA, indexer_types=["full", "shared", "full", "shared"]),
+    # classic GPT: GPT-2's own config keys (n_embd, n_head, n_inner, n_positions); tied
+    "gpt2": dict(n_embd=64, n_head=4, n_inner=96, vocab_size=128, n_positions=32),
+    # GQA, a sliding window shorter than the test sequence (12), tied
+    "starcoder2": dict(DENSE, sliding_window=6, rope_parameters={"rope_type": "default", "rope_theta": 1e5}),
+    # rotary on a quarter of each head, q/k/v biases
+    "stablelm": dict(DENSE, use_qkv_bias=True),
+    # multi-head (GPT-NeoX has no kv heads), parallel residual (the default), rotary on a quarter
+    "gpt_neox": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, vocab_size=128),
+    # parallel attention and MLP from one LayerNorm, q/k LayerNorms, lm_head bias, half rotary
+    "phi": dict(DENSE, qk_layernorm=True),
     # hybrid: layers 0-2 gated-delta-net, layer 3 gated full attention; 2 key heads, 4 value heads
     "qwen3_next": dict(
         DENSE,

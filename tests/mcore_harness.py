@@ -22,9 +22,12 @@ megatron-core 0.16 assumes CUDA in a few places; the workarounds (no edits to me
   ``Tensor.cuda()`` a no-op (pipeline schedule buffers, tied-embedding sync with PP > 1);
 * ``torch.cuda.synchronize`` is a no-op (p2p communication calls it).
 
-A case with ``"gpt": true`` builds a generic GPT that no HF family computes: LayerNorm (with
-biases), a GELU MLP without gating, learned absolute position embeddings and biases on every linear
-layer (``hf_config`` then only gives the sizes).
+A case with ``"gpt": true`` builds a plain Megatron-LM GPT: LayerNorm (with biases), a GELU MLP
+without gating, learned absolute position embeddings and biases on every linear layer
+(``hf_config`` then only gives the sizes, under Llama's config keys).  ``"arch"`` overrides any of
+those settings (:func:`_arch`): TransformerConfig fields (``activation_func`` by name: ``silu`` or
+``gelu``; with ``bias_activation_fusion`` and biases, megatron-core's fused bias-GELU, i.e. the
+tanh approximation) and GPTModel's ``position_embedding_type``.
 
 ``"mla"`` (MLATransformerConfig fields: ``q_lora_rank``, ``kv_lora_rank``, ``rope_type``,
 ``rotary_scaling_factor``, ``mscale``, ...) builds multi-latent attention with the local spec
@@ -262,11 +265,28 @@ def _moe_kwargs(case: dict) -> dict:
     return kw
 
 
+def _arch(case: dict) -> dict:
+    """Norm, MLP, biases and positions: Llama's, or a plain Megatron-LM GPT's (``"gpt"``), with the
+    case's ``"arch"`` settings on top."""
+    gpt = bool(case.get("gpt"))
+    return {
+        "normalization": "LayerNorm" if gpt else "RMSNorm",
+        "gated_linear_unit": not gpt,
+        "activation_func": "gelu" if gpt else "silu",
+        "add_bias_linear": gpt,
+        "bias_activation_fusion": False,
+        "position_embedding_type": "learned_absolute" if gpt else "rope",
+        **case.get("arch", {}),
+    }
+
+
 def _transformer_config(case: dict, tp: int, pp: int, vpp: int | None):
     import torch
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
+    arch = {k: v for k, v in _arch(case).items() if k != "position_embedding_type"}
+    arch["activation_func"] = {"gelu": F.gelu, "silu": F.silu}[arch["activation_func"]]
     hf = case["hf_config"]
     heads = hf["num_attention_heads"]
     kw = dict(
@@ -282,15 +302,11 @@ def _transformer_config(case: dict, tp: int, pp: int, vpp: int | None):
         use_cpu_initialization=True,
         params_dtype=torch.float32,
         pipeline_dtype=torch.float32,
-        normalization="LayerNorm" if case.get("gpt") else "RMSNorm",
         layernorm_epsilon=hf["rms_norm_eps"],
-        gated_linear_unit=not case.get("gpt"),
-        activation_func=F.gelu if case.get("gpt") else F.silu,
-        add_bias_linear=bool(case.get("gpt")),
         add_qkv_bias=case["qkv_bias"],
         qk_layernorm=case["qk_norm"],
         rotary_interleaved=case.get("rotary_interleaved", False),
-        bias_activation_fusion=False,
+        **arch,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
@@ -447,11 +463,9 @@ def build_models(case: dict, seed: int = 1234) -> list:
                 pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
                 post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
                 share_embeddings_and_output_weights=case["tied"],
-                position_embedding_type="learned_absolute"
-                if case.get("gpt")
-                else "yarn"
+                position_embedding_type="yarn"
                 if case.get("yarn")
-                else "rope",
+                else _arch(case)["position_embedding_type"],
                 rotary_base=_rope_theta(case["hf_config"]),
                 vp_stage=vp_stage,
                 rotary_percent=case.get("rotary_percent", 1.0),

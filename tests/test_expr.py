@@ -96,6 +96,33 @@ def test_noop_cast_disappears_and_slice_moves_below_cast(stored):
     assert torch.equal(ev(s), a[1:2].to(torch.bfloat16))
 
 
+def test_a_stored_transpose_split_and_fused_again_is_the_original_load(stored):
+    """A weight stored [in, out] (GPT-2's Conv1D), read transposed, split into parts along its
+    rows and written back fused and transposed, is the load itself: an HF -> HF copy of it reads
+    each byte once, as a plain copy."""
+    (la, _), (a, _) = stored
+    parts = [E.Slice(E.Transpose(la, 0, 1), 0, lo, lo + 2) for lo in (0, 2, 4)]
+    fused = E.Transpose(E.Concat(tuple(parts), 0), 0, 1)
+    assert E.simplify(fused) == la
+    assert E.simplify(E.Transpose(E.Transpose(la, 0, 1), 1, 0)) == la
+    assert torch.equal(ev(E.simplify(parts[1])), a.t()[2:4])
+
+
+def test_swapped_column_ranges_of_one_load_read_it_once(stored):
+    """Per-head pieces of a weight stored [in, out] (GPT-2's c_attn into Megatron's per-group
+    linear_qkv): the load is read once for all of them and each piece swapped straight into the
+    output."""
+    (la, _), (a, _) = stored
+    order = (2, 0, 4)  # not adjacent: no simplification joins them
+    e = E.Concat(tuple(E.Transpose(E.Slice(la, 1, lo, lo + 2), 0, 1) for lo in order), 0)
+    with E.Reader() as r:
+        reads = []
+        read_into = r.read_into
+        r.read_into = lambda *args: (reads.append(args[1]), read_into(*args))  # type: ignore[method-assign]
+        got = E.evaluate(e, r)
+    assert torch.equal(got, torch.cat([a.t()[lo : lo + 2] for lo in order])) and len(reads) == 1
+
+
 def test_unpadding_a_padded_tensor_is_the_original_load(stored):
     (_, lb), _ = stored
     assert E.simplify(E.Slice(E.PadRows(lb, 8), 0, 0, 4)) == lb

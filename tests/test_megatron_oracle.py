@@ -22,6 +22,7 @@ from conftest import FAMILY_CONFIGS
 
 from ckpt_ir.commands.cli import main as cli_main
 from tests.family_models import CONFIGS
+from tests.family_models import build as build_family
 from tests.mcore_harness import run_job
 
 # megatron-core is a declared test dependency (the ``test`` extra): a missing one is an error, not a
@@ -99,6 +100,79 @@ CASES = {
     "arcee-tp2": ("arcee", ["--tp", "2"]),
     "smollm3-pp2-uneven": ("smollm3", ["--pp", "2", "--num-layer-list", "3,1"]),
     "ministral3-tp2": ("ministral3", ["--tp", "2"]),
+}
+# families with config keys of their own (models from tests/family_models.py): case -> family,
+# conversion, the harness case's settings (see mcore_harness._arch), its HF config's sizes under
+# the Llama keys the harness reads, and args the rank files must carry (None: absent)
+FAMILY_CASES = {
+    # GPT-2: learned positions, LayerNorm, biases, Conv1D weights stored [in, out], tied; gelu_new
+    # is the tanh approximation, which megatron-core's fused bias-GELU computes (Megatron-LM's
+    # default with biases: no bias_gelu_fusion arg needed)
+    "gpt2-tp2pp2": dict(
+        family="gpt2",
+        convert=["--tp", "2", "--pp", "2"],
+        harness={"gpt": True, "arch": {"bias_activation_fusion": True}, "qkv_bias": True, "tied": True},
+        sizes=lambda c: dict(
+            num_hidden_layers=c["n_layer"],
+            hidden_size=c["n_embd"],
+            num_attention_heads=c["n_head"],
+            intermediate_size=c["n_inner"],
+            rms_norm_eps=c["layer_norm_epsilon"],
+            max_position_embeddings=c["n_positions"],
+        ),
+        args=dict(
+            position_embedding_type="learned_absolute",
+            max_position_embeddings=32,
+            normalization="LayerNorm",
+            swiglu=False,
+            add_bias_linear=True,
+            add_qkv_bias=True,
+            bias_gelu_fusion=None,
+            untie_embeddings_and_output_weights=False,
+        ),
+    ),
+    # StarCoder2: LayerNorm, biases everywhere, tanh GELU (fused bias-GELU), GQA, tied, a sliding
+    # window of 6 (< the 12 tokens): Megatron's window (5, 0)
+    "starcoder2-tp2pp2": dict(
+        family="starcoder2",
+        convert=["--tp", "2", "--pp", "2"],
+        harness={
+            "gpt": True,
+            "arch": {
+                "bias_activation_fusion": True,
+                "position_embedding_type": "rope",
+                "window_size": [5, 0],
+            },
+            "qkv_bias": True,
+            "tied": True,
+        },
+        sizes=lambda c: dict(c, rms_norm_eps=c["norm_epsilon"]),
+        args=dict(
+            normalization="LayerNorm",
+            swiglu=False,
+            add_bias_linear=True,
+            add_qkv_bias=True,
+            bias_gelu_fusion=None,
+            position_embedding_type="rope",
+            window_size=[5, 0],
+            untie_embeddings_and_output_weights=False,
+        ),
+    ),
+    # StableLM: LayerNorm with SwiGLU, q/k/v biases only, rotary on a quarter of each head, untied
+    "stablelm-tp2": dict(
+        family="stablelm",
+        convert=["--tp", "2"],
+        harness={"arch": {"normalization": "LayerNorm"}, "qkv_bias": True, "rotary_percent": 0.25},
+        sizes=lambda c: dict(c, rms_norm_eps=c["layer_norm_eps"]),
+        args=dict(
+            normalization="LayerNorm",
+            swiglu=True,
+            add_bias_linear=False,
+            add_qkv_bias=True,
+            rotary_percent=0.25,
+            untie_embeddings_and_output_weights=True,
+        ),
+    ),
 }
 # a deliberately broken copy of llama-tp1pp1: linear_qkv rows regrouped as [all q; all k; all v]
 # (the HF/"unfused" order) instead of Megatron's per-query-group [q_g; k_g; v_g]; must NOT match
@@ -254,16 +328,47 @@ def oracle(tmp_path_factory):
                 "out": str(root / "logits" / f"{case}.pt"),
             }
         )
+    refs = {c: (models[_model_of(c)]["logits"], models[_model_of(c)]["vocab"]) for c, _, _ in cases}
+    for i, (case, fc) in enumerate(FAMILY_CASES.items()):
+        hf = build_family(str(root / "hf" / case), fc["family"], layers=2, seed=100 + i)
+        out = str(root / "mcore" / case)
+        _convert(hf, out, fc["convert"])
+        with open(os.path.join(hf, "config.json")) as fh:
+            config = json.load(fh)
+        from transformers import AutoModelForCausalLM
+
+        with torch.no_grad():
+            model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+            refs[case] = (model(torch.tensor(INPUT_IDS)).logits, config["vocab_size"])
+        tp, pp, vpp = _layout(out)
+        job_cases.append(
+            {
+                "name": case,
+                "ckpt": out,
+                "tp": tp,
+                "pp": pp,
+                "vpp": vpp,
+                "hf_config": fc["sizes"](config),
+                "padded_vocab": _padded_vocab(out),
+                "tied": False,
+                "qkv_bias": False,
+                "qk_norm": False,
+                **fc["harness"],
+                "input_ids": INPUT_IDS,
+                "out": str(root / "logits" / f"{case}.pt"),
+            }
+        )
     reports = [per_rank for _, per_rank in run_job(str(root), job_cases, WORLD)]
 
     results = {}
     for jc, per_rank in zip(job_cases, reports):
+        ref, vocab = refs[jc["name"]]
         results[jc["name"]] = {
             "job": jc,
             "reports": per_rank,
             "logits": torch.load(jc["out"]),
-            "ref": models[_model_of(jc["name"])]["logits"],
-            "vocab": models[_model_of(jc["name"])]["vocab"],
+            "ref": ref,
+            "vocab": vocab,
         }
     return results
 
@@ -318,10 +423,13 @@ EXPECTED_LAYOUT = {
     "arcee-tp2": (2, 1, None),
     "smollm3-pp2-uneven": (1, 2, None),
     "ministral3-tp2": (2, 1, None),
+    "gpt2-tp2pp2": (2, 2, None),
+    "starcoder2-tp2pp2": (2, 2, None),
+    "stablelm-tp2": (2, 1, None),
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [*CASES, *FAMILY_CASES])
 def test_checkpoint_loads_exactly(oracle, case):
     """Every rank's state dict fills every parameter of its GPTModel stage and has no extra key."""
     r = oracle[case]
@@ -339,7 +447,7 @@ def test_checkpoint_loads_exactly(oracle, case):
     assert seen == {(t, p) for t in range(job["tp"]) for p in range(job["pp"])}
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [*CASES, *FAMILY_CASES])
 def test_logits_match_transformers(oracle, case):
     r = oracle[case]
     got, ref, vocab = r["logits"], r["ref"], r["vocab"]
@@ -386,6 +494,12 @@ def test_args_describe_the_model(oracle, case):
         want.pop("rotary_interleaved")
     for rep in r["reports"]:
         assert {k: rep["args"].get(k) for k in want} == want
+
+
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
+def test_family_args_describe_the_model(oracle, case):
+    want, args = FAMILY_CASES[case]["args"], _rank_args(oracle[case]["job"]["ckpt"])
+    assert {k: args.get(k) for k in want} == want
 
 
 def test_padded_vocab_is_really_padded(oracle):

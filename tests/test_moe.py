@@ -217,29 +217,37 @@ def test_dense_layers_of_moe_models_keep_a_dense_mlp(tmp_path):
     assert_same_tensors(src, back)
 
 
+# the property test's families and the values each layout setting is drawn from (expert TP 1 only
+# with TP 2)
+PROPERTY_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+PROPERTY_LAYOUTS = dict(tp=(1, 2), pp=(1, 2), ep=(1, 2, 4), etp=(None, 1), grouped_gemm=(False, True))
+PROPERTY_EXAMPLES = 20
+
+
 @st.composite
 def moe_layouts(draw):
-    tp = draw(st.sampled_from([1, 2]))
-    ep = draw(st.sampled_from([1, 2, 4]))
-    etp = draw(st.sampled_from([None, 1])) if tp > 1 else None
-    return dict(tp=tp, pp=draw(st.sampled_from([1, 2])), ep=ep, etp=etp, grouped_gemm=draw(st.booleans()))
+    values = PROPERTY_LAYOUTS
+    tp = draw(st.sampled_from(values["tp"]))
+    ep = draw(st.sampled_from(values["ep"]))
+    etp = draw(st.sampled_from(values["etp"])) if tp > 1 else None
+    return dict(
+        tp=tp, pp=draw(st.sampled_from(values["pp"])), ep=ep, etp=etp, grouped_gemm=draw(st.booleans())
+    )
 
 
 @pytest.fixture(scope="module")
 def moe_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe")
-    return {f: build_moe(str(root / f), f) for f in ("mixtral", "qwen2_moe", "qwen3_moe")}
+    return {f: build_moe(str(root / f), f) for f in PROPERTY_FAMILIES}
 
 
 @settings(
-    max_examples=20,
+    max_examples=PROPERTY_EXAMPLES,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-@given(
-    family=st.sampled_from(["mixtral", "qwen2_moe", "qwen3_moe"]), first=moe_layouts(), second=moe_layouts()
-)
+@given(family=st.sampled_from(PROPERTY_FAMILIES), first=moe_layouts(), second=moe_layouts())
 def test_property_moe_round_trips_are_bit_exact(moe_models, tmp_path_factory, family, first, second):
     src = moe_models[family]
     root = tmp_path_factory.mktemp("case")

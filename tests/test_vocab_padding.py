@@ -191,3 +191,18 @@ def test_a_smaller_padded_size_drops_only_padding_rows(run, capsys):
     with pytest.raises(UsageError) as e:
         ck.run(ck.load(src), "gather,pad-vocab{size=200}")
     assert str(e.value) == "pad-vocab: size 200 is smaller than the vocabulary 250; only padding rows may go"
+
+
+def test_an_odd_vocabulary_padded_for_tp_converts_back(hf_cache, tmp_path):
+    """GPT-2's 50257 rows split over TP 2 only padded: the TP2 checkpoint (its args say the
+    padded size) goes back to HF bit for bit and reshards to TP 1."""
+    from tests.test_hf_roundtrip import assert_same_tensors
+
+    src = hf_cache("llama", layers=2, vocab=127)
+    mid = convert(src, str(tmp_path / "tp2"), "--tp", "2", "--make-vocab-size-divisible-by", "64")
+    assert rank_file(mid, "mp_rank_00")["model"]["embedding.word_embeddings.weight"].shape[0] == 64
+    back = str(tmp_path / "back")
+    assert cli_main(["convert", mid, back, "--to", "hf", "--quiet"]) == 0
+    assert_same_tensors(src, back)
+    tp1 = convert(mid, str(tmp_path / "tp1"), "--tp", "1")
+    assert rank_file(tp1, "mp_rank_00")["model"]["embedding.word_embeddings.weight"].shape[0] == 128

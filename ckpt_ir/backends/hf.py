@@ -78,6 +78,7 @@ def hf_tensors(ckpt: Checkpoint, family: Family) -> list[tuple[str, E.Expr]]:
             raise VerifyError(f"{name}: the {family.name} family has no HF name for this tensor")
         out.append((name, hf_name, t.expr))
     out.sort(key=lambda item: canonical_order(item[0]))
+    out = [(name, hf, family.as_stored(hf, e)) for name, hf, e in out]
     if family.hf_rename:
         return [(family.hf_rename(hf, ckpt.spec.num_layers, True), e) for _, hf, e in out]
     return [(hf, e) for _, hf, e in out]

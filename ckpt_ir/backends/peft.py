@@ -69,7 +69,7 @@ def plan(ckpt: Checkpoint) -> Plan:
             if hf is None:
                 raise VerifyError(f"{name}: no HF name for this saved tensor in the {family.name} family")
             saved.add(hf.rsplit(".", 1)[0])
-            entries.append((canonical_order(name), PREFIX + hf, lora[name].expr))
+            entries.append((canonical_order(name), PREFIX + hf, family.as_stored(hf, lora[name].expr)))
             continue
         suffix = name[len(target) - len(".weight") :]
         if expert_of(name) is not None:
@@ -110,7 +110,7 @@ def plan(ckpt: Checkpoint) -> Plan:
         "target_modules": sorted(modules),
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": bool(family.transposed),  # as peft sets it for GPT-2's Conv1D layers
         "inference_mode": True,
         "init_lora_weights": True,
         "modules_to_save": sorted(saved) or None,

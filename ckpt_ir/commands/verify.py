@@ -217,12 +217,16 @@ class Materialiser:
             embed = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
             self.exprs["lm_head.weight"] = self.exprs[f"{embed}.weight"]
         self.rules = conversion(model)
+        from transformers.core_model_loading import rename_source_key
+
+        # each checkpoint tensor's module name (GPT-NeoX's embed_out is the module lm_head)
+        self.module_of = {n: rename_source_key(n, *self.rules)[0] for n in self.exprs}
         self.used: set[str] = set()
 
     def load(self, prefix: str, module) -> None:
         from ckpt_ir.ir import expr as E
 
-        names = [n for n in self.exprs if n.startswith(prefix)]
+        names = [n for n in self.exprs if self.module_of[n].startswith(prefix)]
         self.used.update(names)
         tensors = {
             n: E.evaluate(self.exprs[n], self.reader).to(device=self.device, dtype=self.dtype) for n in names

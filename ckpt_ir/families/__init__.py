@@ -7,7 +7,9 @@ come from the same entry.
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -15,7 +17,7 @@ import attrs
 
 from ckpt_ir.errors import FormatError
 from ckpt_ir.ir import expr as E
-from ckpt_ir.ir.names import NameTable
+from ckpt_ir.ir.names import NameTable, template_pattern
 from ckpt_ir.ir.rules import Stack
 from ckpt_ir.ir.spec import ModelSpec
 
@@ -165,6 +167,25 @@ class ConfigKey:
         return next((k for k in (self.hf, *self.aliases) if k and k in cfg), self.hf)
 
 
+@attrs.frozen
+class Tested:
+    """What the test suite checks for a family, as ``ckpt-ir models`` reports it.  A layout is
+    ``ckpt-ir convert`` flags (``--tp 2 --pp 2 --num-layer-list 1,3``; ``--tp 1`` and ``--pp 1``
+    left out).  ``tests/test_support_matrix.py`` holds every claim to the test case that makes it,
+    and fails on a claim no test makes or a test case no claim names.
+
+    ``round_trip``: HF -> Megatron-Core at the layout -> HF is bit-exact (so transformers' logits
+    are equal).  ``mcore_logits``: megatron-core's ``GPTModel`` loads ckpt-ir's rank files at the
+    layout and gives transformers' logits; ``mcore_missing`` says why it cannot where it cannot.
+    ``mindspeed``: (case of ``bench/peers/mindspeed_v2.py``, what its rank files showed against
+    MindSpeed-LLM's own converter); a comparison run by hand, CI has no MindSpeed-LLM."""
+
+    round_trip: tuple[str, ...] = ()
+    mcore_logits: tuple[str, ...] = ()
+    mcore_missing: str = ""
+    mindspeed: tuple[tuple[str, str], ...] = ()
+
+
 @attrs.frozen(kw_only=True)
 class Family:
     name: str
@@ -191,10 +212,23 @@ class Family:
     # HF name globs of tensors the family's transformers class creates in fp32 whatever dtype it
     # loads in (its _keep_in_fp32_modules* attributes are read from transformers itself)
     fp32_in_transformers: tuple[str, ...] = ()
+    # HF name templates of weights stored [in, out] (GPT-2's Conv1D): read transposed to the
+    # canonical [out, in], written back transposed; a packed one is unpacked after the transpose
+    transposed: tuple[str, ...] = ()
+    # what the tests verify for this family (``ckpt-ir models`` shows it)
+    tested: Tested = Tested()
 
     @property
     def names(self) -> NameTable:
         return NameTable(self.tensors)
+
+    def as_stored(self, hf_name: str, x: E.Expr) -> E.Expr:
+        """``x`` with its two axes swapped when the family stores HF tensor ``hf_name`` [in, out]
+        (``transposed``): the canonical form of a stored tensor, and the stored form of a
+        canonical one (the swap is its own inverse)."""
+        if any(p.match(hf_name) for p in _patterns(self.transposed)):
+            return E.simplify(E.Transpose(x, 0, 1))
+        return x
 
     def spec_from_config(
         self, cfg: dict[str, Any], dtype_hint: str | None = None, where: str = "config.json"
@@ -285,6 +319,7 @@ _COUNTS = {
     "linear_k_dim",
     "linear_v_dim",
     "linear_conv_kernel",
+    "position_embeddings",
 }
 
 
@@ -309,6 +344,11 @@ def _checked(key: ConfigKey, raw: Any, where: str) -> Any:
     ):
         raise FormatError(f"{where}: layer lists must hold integers, got {raw!r}")
     return raw
+
+
+@functools.cache
+def _patterns(templates: tuple[str, ...]) -> list[re.Pattern[str]]:
+    return [template_pattern(t) for t in templates]
 
 
 _REGISTRY: dict[str, Family] = {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ckpt_ir.families import ConfigKey, Family, Packed, register
+from ckpt_ir.families import ConfigKey, Family, Packed, Tested, register
 from ckpt_ir.families.blocks import (
     ATTENTION,
     EMBED_AND_HEAD,
@@ -50,6 +50,16 @@ register(
         tensors=LLAMA_TENSORS,
         config=config_with(),
         mindspeed_names=("llama2", "llama3", "llama"),
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2",),
+            mcore_logits=(
+                "--tp 2",
+                "--pp 2 --vpp-layers 1",
+                "--tp 1 --pp 1",
+                "--tp 2 --make-vocab-size-divisible-by 64",
+                "--tp 2 --pp 2",
+            ),
+        ),
     )
 )
 register(
@@ -60,6 +70,10 @@ register(
         tensors=LLAMA_TENSORS,
         config=config_with(ConfigKey("qkv_bias", None, False)),
         mindspeed_names=("mistral", "magistral"),
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2",),
+            mcore_missing="not run: Llama's GPTModel, which the llama cases check",
+        ),
     )
 )
 register(
@@ -71,6 +85,14 @@ register(
         config=config_with(),
         constants=(("qkv_bias", True),),
         mindspeed_names=("qwen25", "qwen2"),
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2",),
+            mcore_logits=(
+                "--tp 2",
+                "--tp 1 --pp 1",
+                "--tp 2 --pp 2",
+            ),
+        ),
     )
 )
 register(
@@ -82,6 +104,14 @@ register(
         config=config_with(),
         constants=(("qk_norm", True),),
         mindspeed_names=("qwen3",),
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2",),
+            mcore_logits=(
+                "--pp 2",
+                "--tp 2",
+                "--tp 1 --pp 1",
+            ),
+        ),
     )
 )
 register(
@@ -95,6 +125,10 @@ register(
             ConfigKey("activation", "hidden_activation", "gelu_pytorch_tanh"),
         ),
         mindspeed_names=("gemma",),
+        tested=Tested(
+            round_trip=("--pp 2",),
+            mcore_missing="no: megatron-core 0.16's GPTModel does not scale the embeddings (Gemma multiplies them by sqrt(hidden_size))",
+        ),
     )
 )
 register(
@@ -109,6 +143,10 @@ register(
         ),
         constants=(("post_norms", True),),
         mindspeed_names=("gemma2",),
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2",),
+            mcore_missing="no: no post-attention / post-MLP norms, no embedding scaling, no logit soft-capping",
+        ),
     )
 )
 register(
@@ -131,6 +169,10 @@ register(
         ),
         config=config_with(ConfigKey("qkv_bias", None, False)),
         mindspeed_names=("phi3.5", "phi3"),
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2",),
+            mcore_missing="not run: Llama's GPTModel (the packed HF tensors are ckpt-ir's side), which the llama cases check",
+        ),
     )
 )
 
@@ -162,6 +204,14 @@ register(
             ConfigKey("head_dim", "head_dim", 128), ConfigKey("qkv_bias", "attention_bias", True)
         ),
         mindspeed_names=("seed-oss",),
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2",),
+            mcore_logits=("--tp 2",),
+            mindspeed=(
+                ("seed-oss-tp1pp2-layers", "identical"),
+                ("seed-oss-tp2pp2", "identical"),
+            ),
+        ),
     )
 )
 register(
@@ -173,6 +223,13 @@ register(
         packed=(GLM_GATE_UP,),
         config=GLM_CONFIG,
         mindspeed_names=("glm4_9b",),
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --pp 2",
+                "--tp 2 --pp 2 --num-layer-list 1,3",
+            ),
+            mcore_logits=("--tp 2",),
+        ),
     )
 )
 register(
@@ -185,6 +242,13 @@ register(
         config=GLM_CONFIG,
         constants=(("post_norms", True),),
         mindspeed_names=("glm4",),
+        tested=Tested(
+            round_trip=(
+                "--pp 2 --vpp-layers 1",
+                "--tp 2 --pp 2",
+            ),
+            mcore_missing="no: GPTModel has no post-attention / post-MLP norms",
+        ),
     )
 )
 
@@ -198,6 +262,7 @@ register(
         tensors=EMBED_AND_HEAD + HUNYUAN_ATTENTION + LLAMA_NORMS + GATED_MLP,
         config=config_with(),
         constants=(("qk_norm", True),),
+        tested=Tested(round_trip=("--tp 2 --pp 2",), mcore_missing="no: q/k norm after rotary"),
     )
 )
 
@@ -291,6 +356,14 @@ register(
         ),
         mindspeed_names=("bloom", "bloom_3b"),
         megatron_args=_bloom_args,
+        tested=Tested(
+            round_trip=(
+                "--pp 2 --vpp-layers 1",
+                "--tp 2 --pp 2",
+                "--tp 2 --pp 2 --num-layer-list 1,3",
+            ),
+            mcore_missing="no: no ALiBi and no embedding LayerNorm in GPTModel",
+        ),
     )
 )
 
@@ -348,6 +421,14 @@ register(
         constants=(("qk_norm", True), ("post_norms", True)),
         megatron_args=_gemma3_args,
         megatron_keys=BRIDGE_POST_NORM_KEYS,  # Megatron-Bridge gemma3_bridge.py
+        tested=Tested(
+            round_trip=(
+                "--ckpt-format torch_dist",
+                "--tp 2 --pp 2",
+                "--tp 2 --pp 2 --num-layer-list 1,3 --norm-names te",
+            ),
+            mcore_missing="no: no post-attention / post-MLP norms, one rope base for all layers",
+        ),
     )
 )
 
@@ -371,6 +452,13 @@ register(
         config=OLMO2_CONFIG,
         constants=OLMO2_CONSTANTS,
         megatron_args=lambda cfg: {"post_norm_only": True},
+        tested=Tested(
+            round_trip=(
+                "--pp 2 --vpp-layers 1",
+                "--tp 2 --pp 2",
+            ),
+            mcore_missing="no: no post-norm-only layers, q/k norm per head only",
+        ),
     )
 )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from ckpt_ir.errors import FormatError, setting
-from ckpt_ir.families import ConfigKey, Family, register
+from ckpt_ir.families import ConfigKey, Family, Tested, register
 from ckpt_ir.families.blocks import (
     ATTENTION,
     EMBED_AND_HEAD,
@@ -120,5 +120,16 @@ register(
         mindspeed_names=("qwen3-next",),
         megatron_args=qwen_router_args,
         hf_rename=_qwen3_next_mtp_keys,
+        tested=Tested(
+            round_trip=(
+                "--ep 2 --moe-grouped-gemm",
+                "--pp 2 --num-layer-list 3,1",
+            ),
+            mcore_missing="no: gated-delta-net layers need flash-linear-attention (Triton)",
+            mindspeed=(
+                ("qwen3-next-mtp-ep2-grouped", "identical"),
+                ("qwen3-next-mtp-pp2-layers", "identical"),
+            ),
+        ),
     )
 )

@@ -10,7 +10,7 @@ Megatron names follow MindSpeed-LLM v2's ``configs/checkpoint/model_cfg.json``.
 
 from __future__ import annotations
 
-from ckpt_ir.families import ConfigKey, Family, register
+from ckpt_ir.families import ConfigKey, Family, Tested, register
 from ckpt_ir.families.blocks import (
     DEEPSEEK_MOE,
     DEEPSEEK_MOE_CONFIG,
@@ -80,6 +80,22 @@ register(
         constants=(("router_bias", True),),
         mindspeed_names=("deepseek3",),
         megatron_args=deepseek_router_args,
+        tested=Tested(
+            round_trip=(
+                "--pp 3",
+                "--tp 2",
+                "--tp 1 --pp 1",
+                "--tp 2 --ep 2",
+                "--tp 2 --ep 4 --etp 1",
+                "--tp 2 --pp 3 --make-vocab-size-divisible-by 48",
+                "--tp 2 --pp 3 --ep 2 --moe-grouped-gemm",
+            ),
+            mcore_logits=(
+                "--ckpt-format torch_dist",
+                "--tp 2 --ep 2 --moe-grouped-gemm",
+                "--tp 2 --pp 2 --num-layer-list 1,3",
+            ),
+        ),
     )
 )
 
@@ -94,6 +110,22 @@ register(
         config=config_with(*DEEPSEEK_MOE_CONFIG, *MLA_CONFIG),
         mindspeed_names=("deepseek2", "deepseek2-lite"),
         megatron_args=_deepseek_v2_router,
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --pp 2",
+                "--tp 2 --ep 2 --moe-grouped-gemm",
+            ),
+            mcore_logits=(
+                "--pp 2 --ep 2",
+                "--tp 2 --ep 2",
+                "--tp 2 --pp 2",
+                "--tp 2 --ep 2 --moe-grouped-gemm",
+            ),
+            mindspeed=(
+                ("deepseek2-lite-tp2ep2-grouped", "identical"),
+                ("deepseek2-lite-tp2pp2", "identical"),
+            ),
+        ),
     )
 )
 # GLM-4.7-Flash (transformers models/glm4_moe_lite/modular_glm4_moe_lite.py: DeepSeek-V3's
@@ -129,6 +161,13 @@ register(
         tensors=EMBED_AND_HEAD + MLA_ATTENTION + LLAMA_NORMS + GATED_MLP,
         config=config_with(*MLA_CONFIG, ConfigKey("tied_embeddings", "tie_word_embeddings", True)),
         mindspeed_names=("minicpm3",),
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --pp 2",
+                "--tp 2 --pp 2 --noop-layers 2,5",
+            ),
+            mcore_missing="no: MLA's interleaved rotary order, muP scales, per-norm epsilons",
+        ),
     )
 )
 
@@ -178,6 +217,18 @@ register(
         constants=(("router_bias", True),),
         mindspeed_names=("deepseek32",),
         megatron_args=deepseek_router_args,
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --pp 2",
+                "--tp 2 --ep 2 --moe-grouped-gemm",
+            ),
+            mcore_missing="no: DSAttention needs fast_hadamard_transform (CUDA) and bf16",
+            mindspeed=(
+                ("deepseek32-mtp-tp2pp2ep2", "identical"),
+                ("deepseek32-tp2ep2-grouped", "identical"),
+                ("deepseek32-tp2pp2", "identical"),
+            ),
+        ),
     )
 )
 # GLM-5: the same MLA + DSA + DeepSeek MoE tensors; "shared" indexer layers carry no indexer
@@ -196,6 +247,17 @@ register(
         constants=(("router_bias", True),),
         mindspeed_names=("glm5",),
         megatron_args=deepseek_router_args,
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --ep 2 --moe-grouped-gemm",
+                "--tp 2 --pp 2 --num-layer-list 1,3",
+            ),
+            mcore_missing="no: DSAttention needs fast_hadamard_transform (CUDA) and bf16",
+            mindspeed=(
+                ("glm5-tp2ep2-grouped", "identical"),
+                ("glm5-tp2pp2-grouped", "identical"),
+            ),
+        ),
     )
 )
 
@@ -223,5 +285,17 @@ register(
         constants=(("gated_mlp", False),),
         mindspeed_names=("plm",),
         megatron_args=lambda cfg: {"squared_relu": cfg.get("hidden_act", "relu2") == "relu2"},
+        tested=Tested(
+            round_trip=(
+                "--pp 2 --vpp-layers 1",
+                "--tp 2 --pp 2",
+                "--tp 2 --pp 2 --num-layer-list 1,3",
+            ),
+            mcore_missing="not run: expressible (MLA, squared-ReLU MLP) but no transformers model gives reference logits",
+            mindspeed=(
+                ("plm-tp1pp2-layers", "identical"),
+                ("plm-tp2pp2", "identical"),
+            ),
+        ),
     )
 )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ckpt_ir.families import ConfigKey, ExpertStack, Family, Packed, Reshaped, register
+from ckpt_ir.families import ConfigKey, ExpertStack, Family, Packed, Reshaped, Tested, register
 from ckpt_ir.families.blocks import (
     ATTENTION,
     DEEPSEEK_MOE,
@@ -67,6 +67,22 @@ register(
             ConfigKey("moe_ffn_hidden_size", "intermediate_size"),
         ),
         mindspeed_names=("mixtral",),
+        tested=Tested(
+            round_trip=("random (20 pairs): --tp 1/2 --pp 1/2 --ep 1/2/4 [--etp 1] [--moe-grouped-gemm]",),
+            mcore_logits=(
+                "--ep 2",
+                "--ep 4",
+                "--tp 2",
+                "--ep 2 --moe-grouped-gemm",
+                "--pp 2 --ep 2",
+                "--tp 2 --ep 2",
+                "--tp 2 --ep 2 --moe-grouped-gemm",
+                "--pp 2 --ep 2 --vpp-layers 1",
+                "--tp 2 --ep 2 --etp 1",
+                "--tp 2 --ep 4 --etp 1",
+                "--tp 2 --pp 2 --ep 2 --etp 1",
+            ),
+        ),
     )
 )
 register(
@@ -81,6 +97,15 @@ register(
         constants=(("qkv_bias", True), ("shared_expert_gate", True)),
         mindspeed_names=("qwen2-moe",),
         megatron_args=qwen_router_args,
+        tested=Tested(
+            round_trip=("random (20 pairs): --tp 1/2 --pp 1/2 --ep 1/2/4 [--etp 1] [--moe-grouped-gemm]",),
+            mcore_logits=(
+                "--ep 2",
+                "--pp 2 --ep 2",
+                "--tp 2 --ep 2",
+                "--tp 2 --ep 2 --etp 1 --moe-grouped-gemm",
+            ),
+        ),
     )
 )
 register(
@@ -93,6 +118,15 @@ register(
         constants=(("qk_norm", True),),
         mindspeed_names=("qwen3-moe",),
         megatron_args=qwen_router_args,
+        tested=Tested(
+            round_trip=("random (20 pairs): --tp 1/2 --pp 1/2 --ep 1/2/4 [--etp 1] [--moe-grouped-gemm]",),
+            mcore_logits=(
+                "--ep 2",
+                "--tp 2 --moe-grouped-gemm",
+                "--tp 2 --ep 2",
+                "--tp 2 --ep 2 --etp 1 --moe-grouped-gemm",
+            ),
+        ),
     )
 )
 
@@ -112,6 +146,20 @@ register(
         constants=(("router_bias", True),),
         mindspeed_names=("glm45-moe", "glm45", "glm45-air"),
         megatron_args=deepseek_router_args,  # sigmoid scores + score bias, group-limited top-k, scaled
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --pp 2",
+                "--tp 2 --ep 2 --moe-grouped-gemm",
+            ),
+            mcore_logits=(
+                "--pp 2 --ep 2",
+                "--tp 2 --ep 2 --moe-grouped-gemm",
+            ),
+            mindspeed=(
+                ("glm45-tp2ep2-grouped", "identical"),
+                ("glm45-tp2pp2", "identical"),
+            ),
+        ),
     )
 )
 
@@ -500,6 +548,13 @@ register(
         constants=(("qk_norm", True),),
         mindspeed_names=("hunyuan",),
         fp32_in_transformers=("mlp.gate.wg.weight",),  # nn.Linear(..., dtype=torch.float32)
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --pp 2",
+                "--tp 2 --ep 2 --moe-grouped-gemm",
+            ),
+            mcore_missing="no: q/k norm after rotary",
+        ),
     )
 )
 
@@ -529,6 +584,20 @@ register(
         ),
         constants=(("norm_bias", True),),
         mindspeed_names=("phi3.5-moe",),
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --pp 2",
+                "--tp 2 --ep 2 --moe-grouped-gemm --norm-names te",
+            ),
+            mcore_missing="no: sparsemixer routing; o bias without MLP biases",
+            mindspeed=(
+                (
+                    "phi3.5-moe-tp2ep2-grouped",
+                    "differs: MindSpeed drops the LayerNorm, o_proj and lm_head biases",
+                ),
+                ("phi3.5-moe-tp2pp2", "differs: MindSpeed drops the LayerNorm, o_proj and lm_head biases"),
+            ),
+        ),
     )
 )
 
@@ -557,6 +626,17 @@ register(
         constants=(("qk_full_norm", True), ("router_bias", True)),
         mindspeed_names=("minimax_m2",),
         megatron_args=deepseek_router_args,  # sigmoid scores with a score-correction bias
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --pp 2",
+                "--tp 2 --ep 2 --moe-grouped-gemm",
+            ),
+            mcore_missing="no: full-width q/k norm (Megatron-Bridge's own module)",
+            mindspeed=(
+                ("minimax_m2-tp2ep2-grouped", "identical"),
+                ("minimax_m2-tp2pp2", "identical"),
+            ),
+        ),
     )
 )
 
@@ -623,6 +703,22 @@ register(
         constants=(("qk_norm", True), ("router_bias", True)),
         mindspeed_names=("HYV3",),
         megatron_args=_hy_v3_router,
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --ep 2",
+                "--tp 2 --pp 2",
+                "--tp 2 --ep 2 --moe-grouped-gemm",
+                "--tp 2 --pp 2 --ep 2 --moe-grouped-gemm",
+            ),
+            mcore_logits=(
+                "--pp 2 --ep 2",
+                "--tp 2 --ep 2 --moe-grouped-gemm",
+            ),
+            mindspeed=(
+                ("HYV3-mtp-tp2ep2", "identical"),
+                ("HYV3-mtp-tp2pp2ep2-grouped", "identical"),
+            ),
+        ),
     )
 )
 
@@ -648,6 +744,13 @@ register(
         ),
         constants=(("qk_full_norm", True),),
         megatron_args=qwen_router_args,
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --pp 2",
+                "--tp 2 --ep 2 --moe-grouped-gemm",
+            ),
+            mcore_missing="no: full-width q/k norm (Megatron-Bridge's OLMoESelfAttention)",
+        ),
     )
 )
 
@@ -718,5 +821,17 @@ register(
         ),
         constants=(("attn_sinks", True), ("router_logit_bias", True), ("expert_bias", True)),
         megatron_args=_gpt_oss_args,
+        tested=Tested(
+            round_trip=(
+                "--ckpt-format torch_dist",
+                "--tp 2 --ep 2 --etp 1",
+                "--tp 2 --pp 2 --etp 1",
+            ),
+            mcore_logits=(
+                "--pp 2 --ep 2",
+                "--tp 2 --ep 2 --etp 1",
+                "--tp 2 --pp 2 --etp 1",
+            ),
+        ),
     )
 )

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ckpt_ir.families import ConfigKey, Family, Packed, register
+from ckpt_ir.families import ConfigKey, Family, Packed, Tested, register
 from ckpt_ir.families.blocks import (
     DEEPSEEK_MOE,
     EMBED_AND_HEAD,
@@ -76,6 +76,13 @@ register(
         packed=(Packed(L + "attention.wqkv.weight", QKV_PARTS, QKV_ROWS, groups="num_kv_heads"),),
         config=config_with(*NOT_WRITTEN),
         mindspeed_names=("internlm2",),
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --pp 2",
+                "--tp 2 --pp 2 --num-layer-list 1,3",
+            ),
+            mcore_logits=("--tp 2",),
+        ),
     )
 )
 
@@ -97,6 +104,13 @@ register(
         packed=(Packed(L + "self_attn.W_pack.weight", QKV_PARTS, QKV_ROWS),),
         config=config_with(*NOT_WRITTEN, _derived("num_kv_heads", default_kv_heads)),
         mindspeed_names=("baichuan2", "baichuan"),
+        tested=Tested(
+            round_trip=(
+                "--pp 2 --vpp-layers 1",
+                "--tp 2 --pp 2",
+            ),
+            mcore_logits=("--tp 2 --pp 2",),
+        ),
     )
 )
 
@@ -155,6 +169,13 @@ register(
         ),
         mindspeed_names=("chatglm3",),
         megatron_args=_glm_rotary,
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --pp 2",
+                "--tp 2 --pp 2 --num-layer-list 3,1",
+            ),
+            mcore_logits=("--tp 2",),
+        ),
     )
 )
 
@@ -198,6 +219,13 @@ register(
         mindspeed_names=("qwen",),
         # the rotary base is "rotary_emb_base" (10000 for Qwen-7B, 1000000 for 14B / 72B)
         megatron_args=lambda cfg: {"rotary_base": cfg.get("rotary_emb_base") or 10000},
+        tested=Tested(
+            round_trip=(
+                "--pp 2 --vpp-layers 1",
+                "--tp 2 --pp 2",
+            ),
+            mcore_logits=("--tp 2",),
+        ),
     )
 )
 
@@ -224,6 +252,15 @@ register(
             _derived("moe_ffn_hidden_size", lambda cfg: cfg["intermediate_size"]),
         ),
         mindspeed_names=("minicpm", "minicpm-moe"),
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --pp 2",
+                "--tp 2 --ep 2 --moe-grouped-gemm",
+                "--tp 2 --pp 2 --ep 2",
+                "--tp 2 --pp 2 --noop-layers 2,5",
+            ),
+            mcore_missing="no: muP scales (embedding, residual branches, logits)",
+        ),
     )
 )
 
@@ -271,5 +308,17 @@ register(
         constants=(("router_bias", True),),
         mindspeed_names=("bailing_mini",),
         megatron_args=deepseek_router_args,  # sigmoid scores + expert bias, group-limited top-k, scaled
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --pp 2",
+                "--tp 2 --ep 2 --moe-grouped-gemm",
+            ),
+            mcore_logits=("--tp 2 --ep 2 --moe-grouped-gemm",),
+            mindspeed=(
+                ("bailing_mini-nobias-tp2ep2-grouped", "identical"),
+                ("bailing_mini-tp2ep2-grouped", "differs only by linear_qkv.bias, which MindSpeed drops"),
+                ("bailing_mini-tp2pp2", "differs only by linear_qkv.bias, which MindSpeed drops"),
+            ),
+        ),
     )
 )

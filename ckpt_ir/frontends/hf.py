@@ -31,6 +31,15 @@ from ckpt_ir.quant import dequantize_tensors
 DROP_RULES = (
     ("*rotary_emb.inv_freq", "rotary inverse frequencies are recomputed from the config"),
     ("*rotary_pos_emb.inv_freq", "rotary inverse frequencies are recomputed from the config"),  # ChatGLM
+    # GPT-2 checkpoints from before transformers dropped the buffers (openai-community/gpt2)
+    ("transformer.h.*.attn.bias", "GPT-2's causal-mask buffer; transformers builds the mask itself"),
+    ("transformer.h.*.attn.masked_bias", "GPT-2's masking constant; transformers builds the mask itself"),
+    # ... and GPT-NeoX checkpoints of that time (Pythia)
+    (
+        "gpt_neox.layers.*.attention.bias",
+        "GPT-NeoX's causal-mask buffer; transformers builds the mask itself",
+    ),
+    ("gpt_neox.layers.*.attention.masked_bias", "GPT-NeoX's masking constant; transformers builds the mask"),
 )
 
 
@@ -157,7 +166,8 @@ def lift(
         loads = {rename(k, spec.num_layers, False): v for k, v in loads.items()} if rename else loads
         # quantized weights and their scales become one dequantize expression under the weight's name
         raw = dequantize_tensors(loads, cfg, where)
-    tensors, unused = map_tensors(family_obj, spec, raw, allow_unused)
+    weights = {k: family_obj.as_stored(k, x) for k, x in raw.items()}  # stored [in, out]: canonical
+    tensors, unused = map_tensors(family_obj, spec, weights, allow_unused)
     dropped = {**(dropped or {}), **unused}
     from ckpt_ir.ir.names import split_layer
 

@@ -103,8 +103,11 @@ def lift(
     spec, cfg, inferred = spec_from_args(args, hf_config, first.path, family, config_name)
     tables = M.read_tables(spec)
     noop = a.layers("noop_layers") or ()
+    # the padded rows (the tensors confirm them below): an odd vocabulary splits over TP only padded
+    rows = args.get("padded_vocab_size")
     layout = Layout(
         format="mcore",
+        padded_vocab=rows if isinstance(rows, int) and rows > spec.vocab_size else None,
         tp=tp,
         pp=pp,
         vpp_layers=a.size("num_layers_per_virtual_pipeline_stage", None),

@@ -48,6 +48,10 @@ HARMLESS = {
     "ensure_weight_tying",
     "eva_config",
     "exclude_modules",
+    # peft sets it per module whatever the config says (dispatch_default in tuners/lora/layer.py):
+    # True for a Conv1D (GPT-2's weights stored [in, out]), False for an nn.Linear; A and B are
+    # [r, in] / [out, r] either way, which is the canonical [out, in] form they merge in
+    "fan_in_fan_out",
     "inference_mode",
     "layers_pattern",
     "layers_to_transform",
@@ -189,7 +193,8 @@ def lift_adapter(path: str, family: Family, spec: ModelSpec) -> tuple[dict[str, 
             canon = names.to_canonical(k)
             owner = k.rsplit(".", 1)[0]
             if canon is not None and any(owner == s or owner.endswith("." + s) for s in to_save):
-                add(saved_name(canon), load)  # modules_to_save: a full copy replacing the base tensor
+                # modules_to_save: a full copy replacing the base tensor, stored as the base is
+                add(saved_name(canon), family.as_stored(k, load))
             else:
                 unknown.append(key)
             continue

@@ -545,6 +545,21 @@ def _rewrite(e: Expr) -> Expr:
         return _rewrite_concat(e)
     if isinstance(e, Slice):
         return _rewrite_slice(e)
+    if isinstance(e, Transpose):
+        return _rewrite_transpose(e)
+    return e
+
+
+def _rewrite_transpose(e: Transpose) -> Expr:
+    """A swap undone by the same swap vanishes; a swap of a concatenation along one of the swapped
+    dims is the concatenation of the swapped parts along the other (so an HF tensor stored
+    [in, out], split into parts and fused again, folds back to its load)."""
+    dims = {e.dim0, e.dim1}
+    if isinstance(e.x, Transpose) and {e.x.dim0, e.x.dim1} == dims:
+        return e.x.x
+    if isinstance(e.x, Concat) and e.x.dim in dims:
+        other = e.dim1 if e.x.dim == e.dim0 else e.dim0
+        return Concat(tuple(Transpose(x, e.dim0, e.dim1) for x in e.x.xs), other)
     return e
 
 
@@ -735,6 +750,7 @@ class Reader:
         self._fds: dict[str, int] = {}
         self.ranges_read = RangeSet()  # every source byte read (by read_into, or copied and noted)
         self._scratch: dict[str, bytearray] = {}
+        self._held: tuple[Load, Any] | None = None  # see held()
         self.overflow = Overflow()
 
     @property
@@ -750,6 +766,18 @@ class Reader:
         if buf is None or len(buf) < nbytes:
             buf = self._scratch[slot] = bytearray(nbytes)
         return memoryview(buf)[:nbytes]
+
+    def held(self, load: Load, dtype: Any) -> Any:
+        """``load``'s values (a numpy array of ``dtype``), read once for consecutive slices of it
+        along a dim other than the rows: a weight stored [in, out] and cut into per-head column
+        ranges (GPT-2's c_attn) is then read once per output tensor, not once per head."""
+        import numpy as np
+
+        if self._held is None or self._held[0] != load:
+            whole = np.frombuffer(self.scratch(load.nbytes, "slice"), dtype=dtype).reshape(load.shape)
+            _fill(load, whole, self)
+            self._held = (load, whole)
+        return self._held[1]
 
     def fd(self, path: str) -> int:
         import os
@@ -1311,8 +1339,20 @@ def _fp32(expr: Expr, reader: Reader):
 
 
 def _fillable(expr: Expr) -> bool:
-    """Loads, concats and slices of loads are read straight into (views of) the output buffer."""
+    """Loads, concats, slices of loads and swaps of those are read straight into (views of) the
+    output buffer."""
+    if isinstance(expr, Transpose):
+        return isinstance(expr.x, Load) or isinstance(expr.x, Slice) and isinstance(expr.x.x, Load)
     return isinstance(expr, (Load, Concat)) or isinstance(expr, Slice) and isinstance(expr.x, Load)
+
+
+def _held_slice(expr: Slice, dtype: Any, reader: Reader) -> Any:
+    """A view of a slice of a load, whose values the reader holds (see :meth:`Reader.held`)."""
+    assert isinstance(expr.x, Load)
+    whole = reader.held(expr.x, dtype)
+    index = [slice(None)] * whole.ndim
+    index[expr.dim] = slice(expr.start, expr.stop)
+    return whole[tuple(index)]
 
 
 def _fill(expr: Expr, out, reader: Reader) -> None:
@@ -1330,13 +1370,17 @@ def _fill(expr: Expr, out, reader: Reader) -> None:
                 out[...] = np.frombuffer(stage, dtype=out.dtype).reshape(out.shape)
         return
     if isinstance(expr, Slice) and isinstance(expr.x, Load):
-        import numpy as np
-
-        whole = np.frombuffer(reader.scratch(expr.x.nbytes, "slice"), dtype=out.dtype).reshape(expr.x.shape)
-        _fill(expr.x, whole, reader)
-        index = [slice(None)] * whole.ndim
-        index[expr.dim] = slice(expr.start, expr.stop)
-        out[...] = whole[tuple(index)]
+        out[...] = _held_slice(expr, out.dtype, reader)
+        return
+    if isinstance(expr, Transpose) and _fillable(expr):
+        # a weight stored [in, out] (GPT-2): swapped while copied into the destination
+        src = expr.x
+        held = (
+            reader.held(src, out.dtype)
+            if isinstance(src, Load)
+            else _held_slice(cast(Slice, src), out.dtype, reader)
+        )
+        out[...] = held.swapaxes(expr.dim0, expr.dim1)
         return
     if isinstance(expr, Concat):
         pos = 0

@@ -28,6 +28,8 @@ _NOT_HF = frozenset(
         "norm_epsilon",
         "normalization",
         "swiglu",
+        "bias_gelu_fusion",
+        "openai_gelu",
         "add_qkv_bias",
         "add_bias_linear",
         "qk_layernorm",
@@ -121,6 +123,9 @@ class Args:
         "rotary_interleaved": False,
         "rotary_percent": 1.0,
         "squared_relu": False,
+        "bias_gelu_fusion": True,
+        "openai_gelu": False,
+        "apply_residual_connection_post_layernorm": False,
         "qk_layernorm": False,
         "untie_embeddings_and_output_weights": False,
         "norm_epsilon": 1e-5,
@@ -207,6 +212,26 @@ def _bias_linear(s: ModelSpec, lay: Layout) -> bool:
     return s.o_bias or s.mlp_bias
 
 
+# HF's names of GELU's tanh approximation (gelu_new, gelu_fast and gelu_pytorch_tanh compute
+# 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) in different orders); "gelu" is the exact erf form
+TANH_GELU = ("gelu_new", "gelu_fast", "gelu_pytorch_tanh")
+
+
+def _activation(a: Args) -> str:
+    """The MLP's activation Megatron-LM builds from its args.  Without ``swiglu`` or
+    ``squared_relu`` it is torch's exact GELU, except that with biases on the linear layers
+    (``add_bias_linear``, the default) Megatron-LM fuses bias and GELU (``bias_gelu_fusion``, the
+    default), and the fused kernel (megatron/core/fusions/fused_bias_gelu.py) computes the tanh
+    approximation; so does ``openai_gelu`` (Megatron-LM's legacy models; transformers' Megatron
+    GPT-2 converter reads both args the same way and names the fused form gelu_fast)."""
+    if a["swiglu"]:
+        return "silu"
+    if a["squared_relu"]:
+        return "relu2"
+    fused = a["bias_gelu_fusion"] and a["add_bias_linear"]
+    return "gelu_fast" if fused or a["openai_gelu"] else "gelu"
+
+
 # The model's args in the order rank files list them.  Both directions come from this one table:
 # build_args writes every row, spec_values reads them back (and so does family inference).
 MODEL_FIELDS: tuple[Field, ...] = (
@@ -247,10 +272,13 @@ MODEL_FIELDS: tuple[Field, ...] = (
     Field(
         "swiglu",
         lambda s, lay: s.gated_mlp and s.activation == "silu",
-        lambda a: {
-            "gated_mlp": bool(a["swiglu"]),
-            "activation": "silu" if a["swiglu"] else "relu2" if a["squared_relu"] else "gelu",
-        },
+        lambda a: {"gated_mlp": bool(a["swiglu"]), "activation": _activation(a)},
+    ),
+    # a plain GELU MLP with exact GELU: Megatron-LM must not fuse it into the tanh form
+    Field(
+        "bias_gelu_fusion",
+        lambda s, lay: False,
+        when=lambda s: not s.gated_mlp and s.activation == "gelu" and (s.mlp_bias or s.o_bias),
     ),
     Field(
         "add_qkv_bias",
@@ -281,6 +309,11 @@ MODEL_FIELDS: tuple[Field, ...] = (
         },
     ),
     Field("use_rotary_position_embeddings", lambda s, lay: not s.position_embeddings),
+    Field(
+        "max_position_embeddings",
+        lambda s, lay: s.position_embeddings,
+        when=lambda s: s.position_embeddings > 0,
+    ),
     Field("squared_relu", lambda s, lay: True, when=lambda s: s.activation == "relu2"),
 )
 
@@ -476,6 +509,7 @@ def mla_rope_args(cfg: dict[str, Any]) -> dict[str, Any]:
 _ARGS_ONLY_KEEP = (
     "normalization",
     "swiglu",
+    "bias_gelu_fusion",
     "add_qkv_bias",
     "add_bias_linear",
     "qk_layernorm",

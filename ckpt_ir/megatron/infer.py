@@ -2,9 +2,11 @@
 
 Megatron-LM's args do not name a model family; they switch features on (``add_qkv_bias``,
 ``qk_layernorm``, ``num_experts``, ``multi_latent_attention``, ...).  :data:`FEATURES` says which
-args turn each feature on, :data:`REQUIRED` the settings every supported family shares, and
-:data:`RULES` which features each family always has and which it may have.  The first rule whose
-features match is the family; the HF config that family needs is then built from the args and
+args turn each feature on, a :class:`Base` the settings a kind of model always has (:data:`LLAMA`:
+SwiGLU, RMSNorm, rotary, no biases; :data:`GPT`: GELU, LayerNorm, learned positions, biases), and
+:data:`RULES` which base and features each family always has and which it may have.  The first
+rule whose base and features match is the family; the HF config that family needs is then built
+from the args and
 checked by reading it back through the family's own table (a family that cannot express the
 args, e.g. Mixtral with ``moe_ffn_hidden_size != ffn_hidden_size``, is refused, not bent).
 """
@@ -75,16 +77,48 @@ FEATURES = (
     Feature("rope_scaling", "use_rope_scaling", lambda a: bool(a["use_rope_scaling"])),
 )
 
-# (arg, value every supported family needs); anything else computes a function no family has
-REQUIRED: tuple[tuple[str, Any], ...] = (
-    ("swiglu", True),
-    ("normalization", "RMSNorm"),
-    ("position_embedding_type", "rope"),
-    ("add_bias_linear", False),
-    ("apply_layernorm_1p", False),
-    ("rotary_interleaved", False),
-    ("rotary_percent", 1.0),
-    ("squared_relu", False),
+
+@attrs.frozen
+class Base:
+    """The Megatron-LM settings a kind of model always has (``settings``: (arg, value) pairs;
+    ``words``: how the one-line reason names them)."""
+
+    words: str
+    settings: tuple[tuple[str, Any], ...]
+
+    def mismatches(self, a: Args) -> list[tuple[str, Any, Any]]:
+        """(arg, value in the args, value needed) for every setting the args do not have."""
+        have = {"position_embedding_type": a.position_embedding()}
+        return [(k, have.get(k, a[k]), want) for k, want in self.settings if have.get(k, a[k]) != want]
+
+
+# Llama's shape (SwiGLU, RMSNorm, rotary, no biases): every family inferred from args but GPT-2
+LLAMA = Base(
+    "swiglu, RMSNorm, rope",
+    (
+        ("swiglu", True),
+        ("normalization", "RMSNorm"),
+        ("position_embedding_type", "rope"),
+        ("add_bias_linear", False),
+        ("apply_layernorm_1p", False),
+        ("rotary_interleaved", False),
+        ("rotary_percent", 1.0),
+        ("squared_relu", False),
+        ("apply_residual_connection_post_layernorm", False),
+    ),
+)
+# GPT-2's shape, Megatron-LM's defaults: GELU MLP, LayerNorm, learned absolute positions, biases
+GPT = Base(
+    "GELU, LayerNorm, learned positions, add_bias_linear",
+    (
+        ("swiglu", False),
+        ("normalization", "LayerNorm"),
+        ("position_embedding_type", "learned_absolute"),
+        ("add_bias_linear", True),
+        ("apply_layernorm_1p", False),
+        ("squared_relu", False),
+        ("apply_residual_connection_post_layernorm", False),
+    ),
 )
 
 
@@ -142,20 +176,22 @@ def _llama3_rope(a: Args, spec: dict[str, Any]) -> dict[str, Any]:
 
 @attrs.frozen
 class Rule:
-    """``family`` computes a Megatron GPT with every feature in ``has``, possibly some in ``may``,
-    and none other; ``hf_keys`` gives the HF config keys its table derives (not one per field)."""
+    """``family`` computes a Megatron GPT of shape ``base`` with every feature in ``has``, possibly
+    some in ``may``, and none other; ``hf_keys`` gives the HF config keys its table derives (not
+    one per field)."""
 
     family: str
     has: frozenset[str] = frozenset()
     may: frozenset[str] = frozenset()
     hf_keys: Callable[[Args, dict[str, Any]], dict[str, Any]] | None = None
+    base: Base = LLAMA
 
     def distance(self, features: frozenset[str]) -> int:
         return len(self.has - features) + len(features - self.has - self.may)
 
 
-def _rule(family: str, has: str = "", may: str = "", hf_keys=None) -> Rule:
-    return Rule(family, frozenset(has.split()), frozenset(may.split()), hf_keys)
+def _rule(family: str, has: str = "", may: str = "", hf_keys=None, base: Base = LLAMA) -> Rule:
+    return Rule(family, frozenset(has.split()), frozenset(may.split()), hf_keys, base)
 
 
 # first match wins: llama before mistral (the same function), so mistral/phi3 are never inferred
@@ -174,6 +210,9 @@ RULES = (
     _rule(
         "deepseek_v3", "moe mla sigmoid_router router_bias", "shared_experts dense_layers mtp", _deepseek_keys
     ),
+    # a plain Megatron-LM GPT (its examples' GPT-2 shape); Megatron-LM turns add_qkv_bias on with
+    # add_bias_linear, and GPT-2's table derives the QKV bias from the shape alone
+    _rule("gpt2", may="qkv_bias", base=GPT),
 )
 
 
@@ -186,9 +225,10 @@ def hf_config(family: Family, args: dict[str, Any], rule: Rule | None = None) ->
         "model_type": family.model_types[0],
         "architectures": [family.architecture],
         "max_position_embeddings": a["max_position_embeddings"] or a["seq_length"] or 4096,
-        "rope_theta": theta,
         "dtype": "bfloat16" if a["bf16"] else "float16" if a["fp16"] else "float32",
     }
+    if a.position_embedding() == "rope":
+        cfg["rope_theta"] = theta
     for key in family.config:
         if key.hf and values.get(key.field) is not None:
             value = values[key.field]
@@ -219,35 +259,38 @@ def infer(args: dict[str, Any], where: str) -> tuple[Family, dict[str, Any], str
             f"{where}: args lack {', '.join(missing)}; cannot tell the model's shape (pass "
             f"{setting('hf_config', metavar='DIR')})"
         )
-    have = {"position_embedding_type": a.position_embedding()}
-    bad = [(k, have.get(k, a[k]), want) for k, want in REQUIRED if have.get(k, a[k]) != want]
     hint = (
         f"pass {setting('hf_config', metavar='DIR')} (the model's HF config.json) or "
         f"{setting('family', metavar='NAME')} to choose a family"
     )
-    if bad:
-        shown = ", ".join(f"args.{k}={v!r} (needs {w!r})" for k, v, w in bad)
+    bases = list(dict.fromkeys(r.base for r in RULES))
+    bad = {b: b.mismatches(a) for b in bases}
+    fits = [b for b in bases if not bad[b]]
+    if not fits:  # the settings of the nearest shape the args miss
+        nearest = min(bases, key=lambda b: len(bad[b]))
+        shown = ", ".join(f"args.{k}={v!r} (needs {w!r})" for k, v, w in bad[nearest])
         raise NoFamily(where, shown, hint)
+    rules = [r for r in RULES if r.base in fits]
     on = [f for f in FEATURES if f.on(a)]
     features = frozenset(f.name for f in on)
-    why = ", ".join(
-        ["swiglu", "RMSNorm", "rope"]
-        + [f.args for f in on]
-        + (
-            ["untied output layer"]
-            if args.get("untie_embeddings_and_output_weights")
-            else ["tied embeddings"]
-        )
-    )
-    for rule in RULES:
+    for rule in rules:
         if rule.has <= features <= rule.has | rule.may:
+            why = ", ".join(
+                [rule.base.words]
+                + [f.args for f in on]
+                + (
+                    ["untied output layer"]
+                    if args.get("untie_embeddings_and_output_weights")
+                    else ["tied embeddings"]
+                )
+            )
             family = by_name(rule.family)
             try:
                 cfg = hf_config(family, args, rule)
             except FormatError as e:
                 raise NoFamily(where, f"the args look like {rule.family} but {e}", hint) from None
             return family, cfg, f"inferred family {rule.family} from args ({why})"
-    best = min(r.distance(features) for r in RULES)
+    best = min(r.distance(features) for r in rules)
     names = {f.name: f.args for f in FEATURES}
 
     def differs(r: Rule) -> str:
@@ -256,7 +299,7 @@ def infer(args: dict[str, Any], where: str) -> tuple[Family, dict[str, Any], str
             + [f"has no {names[n]}" for n in sorted(features - r.has - r.may)]
         )
 
-    near = "; ".join(f"{r.family} {differs(r)}" for r in RULES if r.distance(features) == best)
+    near = "; ".join(f"{r.family} {differs(r)}" for r in rules if r.distance(features) == best)
     detail = f"args turn on: {', '.join(f.args for f in on) or 'nothing beyond a dense GPT'}; nearest: {near}"
     raise NoFamily(where, detail, hint)
 
