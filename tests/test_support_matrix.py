@@ -38,8 +38,9 @@ FLAGS = {
     "vocab_divisible_by": "--make-vocab-size-divisible-by",
     "norm_names": "--norm-names",
     "ckpt_format": "--ckpt-format",
+    "mla_keys": "--mla-keys",
 }
-DEFAULTS = {"tp": 1, "pp": 1, "ep": 1, "grouped_gemm": False, "ckpt_format": "torch"}
+DEFAULTS = {"tp": 1, "pp": 1, "ep": 1, "grouped_gemm": False, "ckpt_format": "torch", "mla_keys": "mindspeed"}
 
 
 def layout(target: Mapping) -> str:
@@ -79,7 +80,7 @@ def from_flags(flags: Iterable[str]) -> str:
             tuple(int(v) for v in value.split(","))
             if field in ("num_layer_list", "noop_layers")
             else value
-            if field in ("norm_names", "ckpt_format")
+            if field in ("norm_names", "ckpt_format", "mla_keys")
             else int(value)
         )
     return layout(target)

@@ -498,6 +498,10 @@ LLAMA_BIASED = LLAMA_TENSORS + O_BIAS + GATED_MLP_BIASES
 register(
     Family(
         name="granite",
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2 --num-layer-list 1,3 --norm-names te",),
+            mcore_missing="no: the embedding, residual and logits multipliers (megatron-core has no field for them)",
+        ),
         model_types=("granite",),
         architecture="GraniteForCausalLM",
         tensors=LLAMA_BIASED,
@@ -512,6 +516,10 @@ register(
 register(
     Family(
         name="internlm3",
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2 --num-layer-list 3,1",),
+            mcore_logits=("--tp 2 --pp 2 --num-layer-list 1,3",),
+        ),
         model_types=("internlm3",),
         architecture="InternLM3ForCausalLM",
         tensors=LLAMA_BIASED,
@@ -531,6 +539,7 @@ register(
 register(
     Family(
         name="ernie4_5",
+        tested=Tested(round_trip=("--tp 2 --pp 2 --num-layer-list 1,3",), mcore_logits=("--tp 2",)),
         model_types=("ernie4_5",),
         architecture="Ernie4_5ForCausalLM",
         tensors=LLAMA_BIASED,
@@ -560,6 +569,9 @@ def _smollm3_args(cfg: dict[str, Any]) -> dict[str, Any]:
 register(
     Family(
         name="smollm3",
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2 --num-layer-list 3,1",), mcore_logits=("--pp 2 --num-layer-list 3,1",)
+        ),
         model_types=("smollm3",),
         architecture="SmolLM3ForCausalLM",
         tensors=LLAMA_BIASED,
@@ -576,6 +588,9 @@ register(
 register(
     Family(
         name="ministral3",
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2 --num-layer-list 1,3 --norm-names te",), mcore_logits=("--tp 2",)
+        ),
         model_types=("ministral3",),
         architecture="Ministral3ForCausalLM",
         tensors=LLAMA_TENSORS,
@@ -599,6 +614,7 @@ UP_DOWN_MLP = (
 register(
     Family(
         name="arcee",
+        tested=Tested(round_trip=("--tp 2 --pp 2 --num-layer-list 1,3",), mcore_logits=("--tp 2",)),
         model_types=("arcee",),
         architecture="ArceeForCausalLM",
         tensors=EMBED_AND_HEAD + ATTENTION + O_BIAS + LLAMA_NORMS + UP_DOWN_MLP,
@@ -618,6 +634,10 @@ QK_NORMS = tuple((h, c) for h, c in ATTENTION if "_norm." in h)
 register(
     Family(
         name="exaone4",
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2 --num-layer-list 1,3 --norm-names te",),
+            mcore_missing="no: post-norm-only layers",
+        ),
         model_types=("exaone4",),
         architecture="Exaone4ForCausalLM",
         tensors=EMBED_AND_HEAD + PROJECTIONS + QK_NORMS + OLMO2_NORMS + GATED_MLP,
@@ -636,6 +656,9 @@ register(
 register(
     Family(
         name="olmo3",
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2 --num-layer-list 3,1",), mcore_missing="no: post-norm-only layers"
+        ),
         model_types=("olmo3",),
         architecture="Olmo3ForCausalLM",
         tensors=OLMO2_TENSORS,
@@ -682,6 +705,10 @@ COHERE_ARGS = {"normalization": "LayerNorm", "rotary_interleaved": True}
 register(
     Family(
         name="cohere",
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2 --num-layer-list 1,3",),
+            mcore_missing="no: parallel attention and MLP on one norm, bias-free LayerNorm, logit scale",
+        ),
         model_types=("cohere",),
         architecture="CohereForCausalLM",
         tensors=COHERE_TENSORS
@@ -701,6 +728,10 @@ register(
 register(
     Family(
         name="cohere2",
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2 --num-layer-list 3,1 --norm-names te",),
+            mcore_missing="no: parallel attention and MLP on one norm, bias-free LayerNorm, logit scale",
+        ),
         model_types=("cohere2",),
         architecture="Cohere2ForCausalLM",
         tensors=COHERE_TENSORS,

@@ -94,6 +94,8 @@ register(
                 "--ckpt-format torch_dist",
                 "--tp 2 --ep 2 --moe-grouped-gemm",
                 "--tp 2 --pp 2 --num-layer-list 1,3",
+                "--tp 2 --pp 2 --mla-keys mcore",
+                "--pp 2 --ep 2 --mla-keys mcore",
             ),
         ),
     )
@@ -120,6 +122,7 @@ register(
                 "--tp 2 --ep 2",
                 "--tp 2 --pp 2",
                 "--tp 2 --ep 2 --moe-grouped-gemm",
+                "--tp 2 --ep 2 --mla-keys mcore",
             ),
             mindspeed=(
                 ("deepseek2-lite-tp2ep2-grouped", "identical"),
@@ -136,6 +139,10 @@ register(
 register(
     Family(
         name="glm4_moe_lite",
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2 --ep 2 --num-layer-list 3,1 --moe-grouped-gemm",),
+            mcore_logits=("--tp 2 --pp 2 --ep 2 --etp 1 --num-layer-list 1,3",),
+        ),
         model_types=("glm4_moe_lite",),
         architecture="Glm4MoeLiteForCausalLM",
         tensors=DEEPSEEK_TENSORS + MTP,

@@ -170,6 +170,10 @@ register(
 register(
     Family(
         name="dots1",
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2 --ep 2 --num-layer-list 1,3 --moe-grouped-gemm",),
+            mcore_logits=("--tp 2 --ep 2 --moe-grouped-gemm",),
+        ),
         model_types=("dots1",),
         architecture="Dots1ForCausalLM",
         tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP + DEEPSEEK_MOE,
@@ -202,6 +206,10 @@ def _ernie_dense_layers(cfg: dict) -> tuple[int, ...]:
 register(
     Family(
         name="ernie4_5_moe",
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2 --ep 2 --num-layer-list 3,1",),
+            mcore_missing="no: top-k over softmax scores plus a score bias (megatron-core takes an expert bias with sigmoid scores only)",
+        ),
         model_types=("ernie4_5_moe",),
         architecture="Ernie4_5_MoeForCausalLM",
         tensors=EMBED_AND_HEAD
@@ -262,6 +270,10 @@ GRANITE_MOE_CONFIG = config_with(
 register(
     Family(
         name="granitemoe",
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2 --ep 2 --num-layer-list 3,1 --norm-names te",),
+            mcore_logits=("--tp 2 --ep 2",),
+        ),
         model_types=("granitemoe",),
         architecture="GraniteMoeForCausalLM",
         tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GRANITE_MOE,
@@ -275,6 +287,10 @@ register(
 register(
     Family(
         name="granitemoeshared",
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2 --ep 2 --num-layer-list 1,3 --moe-grouped-gemm",),
+            mcore_logits=("--pp 2 --ep 2",),
+        ),
         model_types=("granitemoeshared",),
         architecture="GraniteMoeSharedForCausalLM",
         tensors=EMBED_AND_HEAD
@@ -348,6 +364,9 @@ LLAMA4_MLP = (
 register(
     Family(
         name="llama4_text",
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2 --ep 2 --num-layer-list 3,1",), mcore_logits=("--tp 2 --ep 2 --etp 1",)
+        ),
         model_types=("llama4_text",),
         architecture="Llama4ForCausalLM",
         tensors=EMBED_AND_HEAD
@@ -410,6 +429,9 @@ EXAONE_MOE = tuple(
 register(
     Family(
         name="exaone_moe",
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2 --ep 2 --num-layer-list 1,3",), mcore_logits=("--pp 2 --ep 2",)
+        ),
         model_types=("exaone_moe",),
         architecture="ExaoneMoeForCausalLM",
         tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP + EXAONE_MOE,
@@ -476,6 +498,10 @@ AFMOE_LAYER = (
 register(
     Family(
         name="afmoe",
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2 --ep 2 --num-layer-list 1,3",),
+            mcore_missing="no: attention output gate, and no post-attention / post-MLP norms",
+        ),
         model_types=("afmoe",),
         architecture="AfmoeForCausalLM",
         tensors=EMBED_AND_HEAD
