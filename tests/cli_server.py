@@ -4,8 +4,9 @@ Every CLI test runs the command as its own process (exit code, stdout and stderr
 under test), and most of such a process's time went to importing torch and transformers (about
 1.5 and 3.5 CPU-seconds on this project's two cores), hundreds of times per run.  This module
 keeps one *zygote* per test process: a child interpreter that has imported torch, safetensors and
-transformers with its modeling stack (not ckpt_ir: each command imports it afresh, as a real run does, so a test sees the
-code and the environment variables of its own invocation) and, per command, forks a process that
+transformers with its modeling stack (not ckpt_ir: each command imports it afresh, as a real run
+does, so a test sees the code and the environment variables of its own invocation) and, per
+command, forks a process that
 sets up exactly what ``subprocess.run([sys.executable, "-m", "ckpt_ir", *args])`` would give it:
 stdin from /dev/null, stdout and stderr to files, the working directory, the environment, the
 address-space limit, ``sys.argv`` and ``sys.path[0]``; then runs ``ckpt_ir`` as ``__main__``.
