@@ -31,7 +31,7 @@ kernels none of this runs) are inert modules; ``typing.override`` (Python 3.12) 
 
 Usage::
 
-    python bench/peers/megatron_fsdp.py --megatron /work/.mirror/NVIDIA+Megatron-LM/repo [--work DIR]
+    python bench/peers/megatron_fsdp.py --megatron PATH/TO/Megatron-LM [--work DIR]
 
 ``--megatron`` is a source checkout or a bare git directory (read with ``git archive HEAD``).
 """

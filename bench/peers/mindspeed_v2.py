@@ -17,7 +17,7 @@ the conversion code itself is never patched:
 
 Usage::
 
-    python bench/peers/mindspeed_v2.py --mindspeed /work/.mirror/Ascend+MindSpeed-LLM/repo \\
+    python bench/peers/mindspeed_v2.py --mindspeed PATH/TO/MindSpeed-LLM \\
         [--work /tmp/ms-compare] [--case seed-oss-tp2pp2 ...]
 
 ``--mindspeed`` is a source checkout or a bare git directory (read with ``git archive HEAD``).
