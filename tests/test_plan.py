@@ -274,6 +274,8 @@ def test_deepseek_v3_671b_plans_from_its_config_in_seconds(tmp_path):
         "16",
         "--ep",
         "64",
+        "--etp",  # experts whole on their EP rank, as MoE runs at this scale train them
+        "1",
         "--num-layer-list",
         layers,
         "--make-vocab-size-divisible-by",
@@ -286,8 +288,10 @@ def test_deepseek_v3_671b_plans_from_its_config_in_seconds(tmp_path):
     seconds = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
-    # every rank file, latest_checkpointed_iteration.txt, and the HF config kept in hf/
-    assert s["file_count"] == 8 * 16 * 64 + 2
+    # every rank file, latest_checkpointed_iteration.txt, and the HF config kept in hf/: with expert
+    # TP 1, Megatron's expert grid reuses the TP ranks, so each stage has the directories
+    # mp_rank_{e % 8}_{stage}_{e} of its 64 EP ranks
+    assert s["file_count"] == 16 * 64 + 2
     assert sum(f["path"] == "hf/config.json" for f in s["files"]) == 1
     # transformers builds the 61 main layers (no MTP layer: it neither loads nor saves them)
     params, biases = meta_counts()
@@ -308,7 +312,7 @@ def test_deepseek_v3_671b_plans_from_its_config_in_seconds(tmp_path):
         s["bytes_written"] > s["total_bytes"]
     )  # norms, routers and the dense part repeat across TP/EP ranks
     print(
-        f"DeepSeek-V3 TP8 PP16 EP64 planned in {seconds:.1f}s: {s['total_bytes'] / 1e12:.3f} TB model, "
+        f"DeepSeek-V3 TP8 PP16 EP64 ETP1 planned in {seconds:.1f}s: {s['total_bytes'] / 1e12:.3f} TB model, "
         f"{s['bytes_written'] / 1e12:.3f} TB in {s['file_count']} files"
     )
     assert seconds < 300  # a hang guard; the time itself is reported, not asserted (shared CI cores)
