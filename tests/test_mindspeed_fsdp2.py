@@ -41,7 +41,6 @@ def save_step(hf: str, step_dir: str, engine: bool, grouped_gemm: bool) -> str:
     transpose(1, 2), then flatten to 2-D).  Returns the HF checkpoint of the trained model."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-    from torch.distributed.checkpoint.stateful import Stateful
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
@@ -51,23 +50,15 @@ def save_step(hf: str, step_dir: str, engine: bool, grouped_gemm: bool) -> str:
     model(ids, labels=ids).loss.backward()
     optimizer.step()
 
-    class ModelState(Stateful):
-        def state_dict(self):
-            sd = get_model_state_dict(root)
-            for k, t in sd.items():
-                if grouped_gemm and k.endswith(("experts.gate_up_proj", "experts.down_proj")):
-                    sd[k] = t.transpose(1, 2).contiguous().view(-1, t.shape[1])
-            return sd
-
-        def load_state_dict(self, sd):
-            raise NotImplementedError
-
-    class OptimizerState(ModelState):
-        def state_dict(self):
-            return get_optimizer_state_dict(root, optimizer)
+    # what MindSpeed's CheckpointManager's Stateful wrappers hand dcp.save: the two state dicts
+    state = get_model_state_dict(root)
+    for k, t in state.items():
+        if grouped_gemm and k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            state[k] = t.transpose(1, 2).contiguous().view(-1, t.shape[1])
+    saved = {"model": state, "optimizer": get_optimizer_state_dict(root, optimizer)}
 
     writer = dcp.FileSystemWriter(step_dir, single_file_per_rank=True, sync_files=False)
-    dcp.save({"model": ModelState(), "optimizer": OptimizerState()}, storage_writer=writer)
+    dcp.save(saved, storage_writer=writer)
     os.makedirs(os.path.join(step_dir, "extra_state"))
     torch.save({"global_step": 2}, os.path.join(step_dir, "extra_state", "extra_state_rank_0.pt"))
     trained = step_dir + "-hf"

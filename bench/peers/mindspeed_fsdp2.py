@@ -38,7 +38,6 @@ def _run(rank: int, ranks: int, hf: str, step: str, trained: str, grouped: bool)
         get_model_state_dict,
         get_optimizer_state_dict,
     )
-    from torch.distributed.checkpoint.stateful import Stateful
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -64,26 +63,18 @@ def _run(rank: int, ranks: int, hf: str, step: str, trained: str, grouped: bool)
     engine(ids, labels=ids).loss.backward()
     opt.step()
 
-    class ModelState(Stateful):
-        def state_dict(self):
-            sd = get_model_state_dict(engine)
-            for k, t in sd.items():
-                if grouped and k.endswith(("experts.gate_up_proj", "experts.down_proj")):
-                    # GroupedGemmFlattenRule: transpose(1, 2), then (E*d1, d2); FSDP2 shards
-                    # MindSpeed's 2-D parameter on dim 0 like any other
-                    full = t.full_tensor().transpose(1, 2).contiguous()
-                    sd[k] = distribute_tensor(full.view(-1, full.shape[2]), mesh, [Shard(0)])
-            return sd
-
-        def load_state_dict(self, sd):
-            raise NotImplementedError
-
-    class OptimizerState(ModelState):
-        def state_dict(self):
-            return get_optimizer_state_dict(engine, opt)
+    # what MindSpeed's CheckpointManager's Stateful wrappers hand dcp.save: the two state dicts
+    state = get_model_state_dict(engine)
+    for k, t in state.items():
+        if grouped and k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            # GroupedGemmFlattenRule: transpose(1, 2), then (E*d1, d2); FSDP2 shards
+            # MindSpeed's 2-D parameter on dim 0 like any other
+            full = t.full_tensor().transpose(1, 2).contiguous()
+            state[k] = distribute_tensor(full.view(-1, full.shape[2]), mesh, [Shard(0)])
+    saved = {"model": state, "optimizer": get_optimizer_state_dict(engine, opt)}
 
     writer = dcp.FileSystemWriter(step, single_file_per_rank=True, sync_files=False)
-    dcp.save({"model": ModelState(), "optimizer": OptimizerState()}, storage_writer=writer)
+    dcp.save(saved, storage_writer=writer)
     os.makedirs(os.path.join(step, "extra_state"), exist_ok=True)
     torch.save({"global_step": 1}, os.path.join(step, "extra_state", f"extra_state_rank_{rank}.pt"))
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
