@@ -26,8 +26,9 @@ def markdown(doc: str) -> str:
 
 
 def signature(name: str, obj: object) -> str:
-    """``name(param: annotation = default, ...) -> annotation``, as the source writes the
-    annotations (the same text on every Python version)."""
+    """``name(param: annotation = default, ...) -> annotation`` (``param=default`` without an
+    annotation, as PEP 8 spaces it), as the source writes the annotations (the same text on every
+    Python version)."""
     sig = inspect.signature(obj)  # type: ignore[arg-type]
     parts, keyword_only = [], False
     for p in sig.parameters.values():
@@ -40,7 +41,9 @@ def signature(name: str, obj: object) -> str:
         if p.annotation is not p.empty:
             text += f": {p.annotation if isinstance(p.annotation, str) else inspect.formatannotation(p.annotation)}"
         if p.default is not p.empty:
-            text += " = " + ("..." if repr(p.default) == "NOTHING" else repr(p.default))  # an attrs factory
+            text += (" = " if p.annotation is not p.empty else "=") + (
+                "..." if repr(p.default) == "NOTHING" else repr(p.default)
+            )  # an attrs factory
         parts.append(text)
     ret = sig.return_annotation
     arrow = "" if ret in (sig.empty, None, "None") or inspect.isclass(obj) else f" -> {ret}"
