@@ -25,8 +25,6 @@ load); each entry is a file of its own, written in parallel and streamed.
 
 from __future__ import annotations
 
-import re
-
 from ckpt_ir.backends.mcore import hf_folder
 from ckpt_ir.backends.plan import OutputFile, Plan
 from ckpt_ir.backends.torch_dist import check_whole, layer_entries, output_args
@@ -38,8 +36,6 @@ from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.names import split_layer
 from ckpt_ir.megatron import fsdp
 from ckpt_ir.megatron import keys as M
-
-_FC1 = re.compile(r"(^|\.)linear_fc1\.(weight|bias)\d*$")
 
 
 def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
@@ -105,10 +101,7 @@ def model_entries(ckpt: Checkpoint, swiglu: bool) -> list[tuple[str, E.Expr]]:
             else:
                 out.extend(_halves(prefix + key, x, swiglu))
 
-    for name, key in (
-        ("embed.weight", M.EMBEDDING),
-        ("pos_embed.weight", "embedding.position_embeddings.weight"),
-    ):
+    for key, name in M.PRE_LAYERS[:2]:  # the word and position embeddings
         if name in nodes:
             out.append((key, nodes[name].expr))
     for i in range(spec.num_layers):
@@ -119,10 +112,10 @@ def model_entries(ckpt: Checkpoint, swiglu: bool) -> list[tuple[str, E.Expr]]:
         if f"final_norm.{w}" in nodes
     ]
     for k in range(spec.mtp_layers):
-        layer, prefix = spec.num_layers + k, f"mtp.layers.{k}."
+        layer = spec.num_layers + k
         out += [(m.format(k=k), nodes[f"layers.{layer}.{c}"].expr) for m, c in M.MTP_KEYS[:3]]
         add(M.MTP_PREFIX.format(k=k), layer_entries(nodes, spec, layer, table, used, te))
-        out.append((f"{prefix}final_layernorm.weight", nodes[f"layers.{layer}.mtp.norm.weight"].expr))
+        out.append((M.MTP_MCORE.norm.format(k=k), nodes[f"layers.{layer}.mtp.norm.weight"].expr))
         # the MTP block's own embedding and head are the main model's (shared in Megatron)
         used.update(
             f"layers.{layer}.{c}"
@@ -141,7 +134,7 @@ def model_entries(ckpt: Checkpoint, swiglu: bool) -> list[tuple[str, E.Expr]]:
 
 def _halves(key: str, expr: E.Expr, swiglu: bool) -> list[tuple[str, E.Expr]]:
     """A SwiGLU fc1 ``[gate; up]`` as Megatron-FSDP saves it, its two halves; any other tensor whole."""
-    if not (swiglu and _FC1.search(key)):
+    if not (swiglu and fsdp.is_fc1(key)):
         return [(key, expr)]
     n = expr.shape[0] // 2
     w, v = fsdp.halves(key)

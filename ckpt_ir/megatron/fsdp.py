@@ -74,6 +74,14 @@ def swiglu_half(key: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
+_FC1 = re.compile(r"(^|\.)linear_fc1\.(weight|bias)\d*$")  # an fc1 weight or bias (grouped: weight<e>)
+
+
+def is_fc1(key: str) -> bool:
+    """Whether ``key`` is an MLP's fc1 weight or bias (a dense MLP's, an expert's, TEGroupedMLP's)."""
+    return _FC1.search(key) is not None
+
+
 def halves(key: str) -> tuple[str, str]:
     """The two keys SwiGLU's fc1 ``key`` is saved under: the gate's and the up projection's."""
     return f"{key}_w", f"{key}_v"
