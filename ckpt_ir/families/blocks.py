@@ -194,6 +194,22 @@ def _shared_ffn(cfg: dict) -> int:
     return (cfg.get("n_shared_experts") or 0) * cfg["moe_intermediate_size"]
 
 
+def moe_config(
+    experts: str = "num_experts", topk: str = "num_experts_per_tok", shared: str = "num_shared_experts"
+) -> tuple[ConfigKey, ...]:
+    """A MoE block's sizes under the config's own names: the routed experts, the top-k, each
+    expert's width (``moe_intermediate_size``) and the shared experts' total width (their count,
+    ``shared``, times an expert's width; 0 without shared experts)."""
+    return (
+        ConfigKey("num_experts", experts),
+        ConfigKey("moe_topk", topk),
+        ConfigKey("moe_ffn_hidden_size", "moe_intermediate_size"),
+        ConfigKey(
+            "shared_ffn_hidden_size", None, lambda cfg: (cfg.get(shared) or 0) * cfg["moe_intermediate_size"]
+        ),
+    )
+
+
 DEEPSEEK_MOE = (
     (L + "mlp.gate.weight", C + "mlp.router.weight"),
     (L + "mlp.gate.e_score_correction_bias", C + "mlp.router.bias"),

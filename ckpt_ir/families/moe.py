@@ -38,6 +38,7 @@ from ckpt_ir.families.blocks import (
     config_with,
     deepseek_router_args,
     mlp_dense_layers,
+    moe_config,
     qwen_router_args,
     rope_parameters,
     window_skip_freq,
@@ -225,14 +226,7 @@ register(
             ),
         ),
         config=config_with(
-            ConfigKey("num_experts", "moe_num_experts"),
-            ConfigKey("moe_topk", "moe_k"),
-            ConfigKey("moe_ffn_hidden_size", "moe_intermediate_size"),
-            ConfigKey(
-                "shared_ffn_hidden_size",
-                None,
-                lambda cfg: (cfg.get("moe_num_shared_experts") or 0) * cfg["moe_intermediate_size"],
-            ),
+            *moe_config("moe_num_experts", "moe_k", "moe_num_shared_experts"),
             ConfigKey("dense_layers", None, _ernie_dense_layers),
             ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
             ConfigKey("tied_embeddings", "tie_word_embeddings", True),
@@ -436,14 +430,7 @@ register(
         architecture="ExaoneMoeForCausalLM",
         tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP + EXAONE_MOE,
         config=config_with(
-            ConfigKey("num_experts", "num_experts"),
-            ConfigKey("moe_topk", "num_experts_per_tok"),
-            ConfigKey("moe_ffn_hidden_size", "moe_intermediate_size"),
-            ConfigKey(
-                "shared_ffn_hidden_size",
-                None,
-                lambda cfg: (cfg.get("num_shared_experts") or 0) * cfg["moe_intermediate_size"],
-            ),
+            *moe_config(),
             ConfigKey("dense_layers", None, mlp_dense_layers),
             ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
             ConfigKey("qkv_bias", None, False),
@@ -511,14 +498,7 @@ register(
         config=config_with(
             ConfigKey("head_dim", "head_dim", 128),
             ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
-            ConfigKey("num_experts", "num_experts"),
-            ConfigKey("moe_topk", "num_experts_per_tok"),
-            ConfigKey("moe_ffn_hidden_size", "moe_intermediate_size"),
-            ConfigKey(
-                "shared_ffn_hidden_size",
-                None,
-                lambda cfg: (cfg.get("num_shared_experts") or 0) * cfg["moe_intermediate_size"],
-            ),
+            *moe_config(),
             ConfigKey(
                 "dense_layers",
                 None,
@@ -712,14 +692,7 @@ register(
         architecture="HYV3ForCausalLM",
         tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP + HY_V3_MOE + HY_V3_MTP,
         config=config_with(
-            ConfigKey("num_experts", "num_experts"),
-            ConfigKey("moe_topk", "num_experts_per_tok"),
-            ConfigKey("moe_ffn_hidden_size", "moe_intermediate_size"),
-            ConfigKey(
-                "shared_ffn_hidden_size",
-                None,
-                lambda cfg: (cfg.get("num_shared_experts") or 0) * cfg["moe_intermediate_size"],
-            ),
+            *moe_config(),
             ConfigKey("dense_layers", None, _hy_v3_dense_layers),
             ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
             # read-only: the release's config has no MTP count; the frontend counts the MTP layers
