@@ -320,6 +320,11 @@ _COUNTS = {
     "linear_v_dim",
     "linear_conv_kernel",
     "position_embeddings",
+    "mamba_heads",
+    "mamba_head_dim",
+    "mamba_state",
+    "mamba_groups",
+    "mamba_conv_kernel",
 }
 
 

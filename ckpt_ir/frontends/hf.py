@@ -23,7 +23,7 @@ from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode, add_mtp_copies
 from ckpt_ir.ir.layout import Layout
 from ckpt_ir.ir.names import template_pattern
-from ckpt_ir.ir.roles import canonical_order, expected_shape
+from ckpt_ir.ir.roles import canonical_order, expected_shape, is_present
 from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.quant import dequantize_tensors
 
@@ -225,8 +225,9 @@ def map_tensors(
     packed = [(p, template_pattern(p.hf)) for p in family.packed]
     stacked = [(s, template_pattern(s.hf)) for s in family.stacked]
     reshaped = [(r, template_pattern(r.hf)) for r in family.reshaped]
+    hf = Layout(format="hf")
     for key, load in raw.items():
-        canon = names.to_canonical(key)
+        canon = names.to_canonical(key, lambda c: is_present(spec, hf, c))
         if canon is not None:
             if canon == "lm_head.weight" and spec.tied_embeddings:
                 dropped[key] = "tied to the embedding (tie_word_embeddings=true)"

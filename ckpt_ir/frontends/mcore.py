@@ -268,7 +268,7 @@ def lift(
     norm_names = lift_tail.norm_names(te_norms, te_fc1 or te_mla)
 
     def rule_of(name: str) -> Split | None:  # megatron-core's local MLA spec splits more over TP
-        return M.mcore_split(name, norm_names) if mcore_mla else split_rule(name)
+        return M.mcore_split(name, norm_names, spec) if mcore_mla else split_rule(name, spec)
 
     for canon, shards in pieces[""].items():  # TP replicas of tensors no rule splits
         name = _resolve_layer(canon, slot_of, path, spec.num_layers)

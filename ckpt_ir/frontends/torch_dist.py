@@ -412,7 +412,7 @@ def _bucket_states(
         )
 
     def rule_of(canon: str) -> Split | None:
-        return M.mcore_split(canon, norm_names)
+        return M.mcore_split(canon, norm_names, spec)
 
     shards: dict[str, dict[str, dict[int, E.Expr]]] = {w: {} for w in distopt.STATE_KEYS}
     n_shards: dict[str, int] = {}

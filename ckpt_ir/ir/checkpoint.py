@@ -149,18 +149,19 @@ class Checkpoint:
 def shard_expr(expr: E.Expr, split: Split, tp: int) -> list[E.Expr]:
     """Cut a whole tensor into TP shards by ``split`` (rank r takes its part of every block)."""
     n = expr.shape[split.dim]
-    if n % (split.blocks * tp):
-        raise VerifyError(
-            f"dim {split.dim} of size {n} does not split into {split.blocks} blocks x {tp} ranks"
-        )
-    block = n // split.blocks
-    part = block // tp
+    sizes = split.part_sizes(n)
+    if sum(sizes) != n or any(size % tp for size in sizes) or (not split.sizes and n % split.blocks):
+        what = f"parts {'+'.join(map(str, sizes))}" if split.sizes else f"{split.blocks} blocks"
+        raise VerifyError(f"dim {split.dim} of size {n} does not split into {what} x {tp} ranks")
+    starts = [sum(sizes[:b]) for b in range(len(sizes))]
     out = []
     expr = E.simplify(expr)  # once, not once per piece
     for r in range(tp):
         pieces = [
-            E.simplify_node(E.Slice(expr, split.dim, b * block + r * part, b * block + (r + 1) * part))
-            for b in range(split.blocks)
+            E.simplify_node(
+                E.Slice(expr, split.dim, start + r * (size // tp), start + (r + 1) * (size // tp))
+            )
+            for start, size in zip(starts, sizes)
         ]
         out.append(pieces[0] if len(pieces) == 1 else E.simplify_node(E.Concat(tuple(pieces), split.dim)))
     return out
@@ -169,10 +170,14 @@ def shard_expr(expr: E.Expr, split: Split, tp: int) -> list[E.Expr]:
 def gather_exprs(shards: tuple[E.Expr, ...], split: Split) -> E.Expr:
     """Inverse of :func:`shard_expr`: the whole tensor from its TP shards."""
     tp = len(shards)
-    part = shards[0].shape[split.dim] // split.blocks
-    pieces = [E.Slice(s, split.dim, b * part, (b + 1) * part) for b in range(split.blocks) for s in shards]
+    if split.sizes:
+        local = [size // tp for size in split.sizes]
+    else:
+        local = [shards[0].shape[split.dim] // split.blocks] * split.blocks
+    starts = [sum(local[:b]) for b in range(len(local))]
+    pieces = [E.Slice(s, split.dim, start, start + n) for start, n in zip(starts, local) for s in shards]
     # order: block-major, then rank
-    return E.simplify(E.Concat(tuple(pieces), split.dim)) if tp * split.blocks > 1 else shards[0]
+    return E.simplify(E.Concat(tuple(pieces), split.dim)) if tp * len(local) > 1 else shards[0]
 
 
 def add_mtp_copies(spec, tensors: dict[str, TensorNode]) -> None:

@@ -13,7 +13,7 @@ two blocks: rank r holds ``[gate_r; up_r]``).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import attrs
 
@@ -21,13 +21,25 @@ import attrs
 @attrs.frozen
 class Split:
     """Tensor-parallel rule: cut ``dim`` into TP parts, taking each rank's part from every one of
-    ``blocks`` equal blocks (1 = a plain contiguous split)."""
+    ``blocks`` equal blocks (1 = a plain contiguous split), or, with ``sizes``, from every one of
+    consecutive parts of those sizes (a Mamba mixer's ``in_proj`` = [z; x; B; C; dt]: rank r
+    holds [z_r; x_r; B_r; C_r; dt_r]).  A role whose parts depend on the model carries the rule
+    without sizes; :func:`ckpt_ir.ir.roles.split_rule` fills them in for a ModelSpec."""
 
     dim: int
     blocks: int = 1
+    sizes: tuple[int, ...] = ()
+
+    def part_sizes(self, n: int) -> tuple[int, ...]:
+        """The sizes of the parts of a dim of size ``n`` (``blocks`` equal ones unless ``sizes``)."""
+        if self.sizes:
+            return self.sizes
+        return (n // self.blocks,) * self.blocks
 
     def describe(self) -> str:
         kind = "column" if self.dim == 0 else "row"
+        if self.sizes:
+            return f"{kind}[{'+'.join(map(str, self.sizes))}]"
         return kind if self.blocks == 1 else f"{kind}x{self.blocks}"
 
 
@@ -122,8 +134,21 @@ class NameTable:
         self._fwd = [(template_pattern(f), c) for f, c in self.pairs]
         self._inv = [(template_pattern(c), f) for f, c in self.pairs]
 
-    def to_canonical(self, name: str) -> str | None:
-        return _lookup(self._fwd, name)
+    def to_canonical(self, name: str, accept: Callable[[str], bool] | None = None) -> str | None:
+        """The canonical name of ``name``.  A format name several pairs map (Nemotron-H's one
+        ``norm`` per layer is the input norm of whichever block the layer holds) takes the first
+        canonical name ``accept`` accepts (the first match when none is, or without ``accept``)."""
+        if accept is None:
+            return _lookup(self._fwd, name)
+        first = None
+        for pat, target in self._fwd:
+            m = pat.match(name)
+            if m:
+                canon = target.format(**m.groupdict())
+                if accept(canon):
+                    return canon
+                first = first or canon
+        return first
 
     def from_canonical(self, name: str) -> str | None:
         return _lookup(self._inv, name)

@@ -42,7 +42,12 @@ def to_json(ckpt: Checkpoint) -> str:
                 "dtype": t.dtype,
                 "split": None
                 if t.split is None or t.tp == 1
-                else {"dim": t.split.dim, "blocks": t.split.blocks, "tp": t.tp},
+                else {
+                    "dim": t.split.dim,
+                    "blocks": t.split.blocks,
+                    **({"sizes": list(t.split.sizes)} if t.split.sizes else {}),
+                    "tp": t.tp,
+                },
                 "shards": [expr_json(s) for s in t.shards],
             }
             for name, t in tensors.items()

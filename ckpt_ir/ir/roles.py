@@ -42,6 +42,8 @@ class Role:
     split: Split | None
     shape: Shape = attrs.field(eq=False, repr=False)
     present: Presence | None = attrs.field(default=_always, eq=False, repr=False)
+    # the sizes of the parts ``split`` cuts one by one (a Mamba mixer's in_proj: z, x, B, C, dt)
+    parts: Callable[[ModelSpec], tuple[int, ...]] | None = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def per_expert(self) -> bool:
@@ -69,32 +71,42 @@ def _split_qkv(s: ModelSpec, lay: Layout) -> bool:
 
 
 def _linear(s: ModelSpec, lay: Layout, i: int) -> bool:
-    return not s.has_attention(i)
+    return s.has_block(i, "gdn")
+
+
+def _mamba(s: ModelSpec, lay: Layout, i: int) -> bool:
+    return s.has_block(i, "mamba")
 
 
 def _mla(pred: Callable[[ModelSpec, Layout], bool]) -> Presence:
-    return lambda s, lay, i: s.mla and pred(s, lay)
+    return lambda s, lay, i: s.mla and s.has_attention(i) and pred(s, lay)
 
 
 def _dense_mlp(fused: bool) -> Presence:
-    return lambda s, lay, i: not s.is_moe_layer(i) and lay.fused_gate_up == fused
+    return lambda s, lay, i: s.has_block(i, "mlp") and lay.fused_gate_up == fused
 
 
 def _moe(pred: Callable[[ModelSpec, Layout], bool] = lambda s, lay: True) -> Presence:
     return lambda s, lay, i: s.is_moe_layer(i) and pred(s, lay)
 
 
-def _norm_bias(s: ModelSpec, lay: Layout, i: int) -> bool:
-    return s.norm_bias
+def _attn_like(s: ModelSpec, i: int) -> bool:
+    """Whether layer ``i`` has an attention-like mixer (softmax, MLA or gated-delta-net), which
+    the layer's input norm feeds."""
+    return s.has_attention(i) or s.has_block(i, "gdn")
 
 
 def _pre_norm(s: ModelSpec, lay: Layout, i: int) -> bool:
-    return s.pre_norms
+    return s.pre_norms and (i < 0 or _attn_like(s, i))
+
+
+def _norm_bias(s: ModelSpec, lay: Layout, i: int) -> bool:
+    return s.norm_bias and (i < 0 or _attn_like(s, i))
 
 
 def _mlp_norm(s: ModelSpec, lay: Layout, i: int) -> bool:
     """A norm of the MLP's own (not with parallel attention and MLP, which share the input norm)."""
-    return s.pre_norms and not s.parallel_attn_mlp
+    return s.pre_norms and not s.parallel_attn_mlp and s.has_mlp(i)
 
 
 def _indexer(s: ModelSpec, lay: Layout, i: int) -> bool:
@@ -280,8 +292,13 @@ _BUILTIN: list[Role] = [
         _attn(lambda s, lay: s.qk_full_norm),
     ),
     # attention sinks (gpt-oss): one learned softmax offset per head, split over TP with the heads
-    Role(L + "attn.sinks", COLUMN, lambda s, lay: (s.num_heads,), lambda s, lay, i: s.attn_sinks),
-    Role(L + "post_attn_norm.weight", None, lambda s, lay: (s.hidden_size,), lambda s, lay, i: s.post_norms),
+    Role(L + "attn.sinks", COLUMN, lambda s, lay: (s.num_heads,), _attn(lambda s, lay: s.attn_sinks)),
+    Role(
+        L + "post_attn_norm.weight",
+        None,
+        lambda s, lay: (s.hidden_size,),
+        lambda s, lay, i: s.post_norms and _attn_like(s, i),
+    ),
     Role(L + "mlp_norm.weight", None, lambda s, lay: (s.hidden_size,), _mlp_norm),
     Role(
         L + "mlp_norm.bias",
@@ -292,7 +309,12 @@ _BUILTIN: list[Role] = [
     # the dense MLP: gated, or plain (BLOOM, a GELU Megatron GPT: Megatron's linear_fc1 is then fc1
     # alone, split over TP as one block), biases as the model has them
     *_mlp_roles(L + "mlp.", lambda s: s.ffn_hidden_size, _dense_mlp, gate_up_bias=True),
-    Role(L + "post_mlp_norm.weight", None, lambda s, lay: (s.hidden_size,), lambda s, lay, i: s.post_norms),
+    Role(
+        L + "post_mlp_norm.weight",
+        None,
+        lambda s, lay: (s.hidden_size,),
+        lambda s, lay, i: s.post_norms and s.has_mlp(i),
+    ),
     # mixture of experts: router (and its score-correction bias), routed experts, shared experts.
     # Expert tensors follow the dense MLP rules; with expert TP = 1 the shard pass leaves them whole.
     Role(L + "mlp.router.weight", None, lambda s, lay: (s.num_experts, s.hidden_size), _moe()),
@@ -402,6 +424,37 @@ _BUILTIN: list[Role] = [
     Role(L + "attn.gdn.dt_bias", COLUMN, lambda s, lay: (s.linear_v_heads,), _linear),
     Role(L + "attn.gdn.norm.weight", None, lambda s, lay: (s.linear_v_dim,), _linear),
     Role(L + "attn.gdn.out.weight", ROW, lambda s, lay: (s.hidden_size, s.linear_v_size), _linear),
+    # a Mamba-2 mixer (Mamba / attention hybrids): its own input norm, in_proj [z; x; B; C; dt] and
+    # conv1d over [x; B; C] channels, each split over TP part by part (rank r holds
+    # [z_r; x_r; B_r; C_r; dt_r], megatron-core's MambaMixer), per-head dt_bias / A_log / D, the
+    # gated RMSNorm over d (groups of d / mamba_groups, so TP divides the groups), out_proj
+    Role(L + "mamba_norm.weight", None, lambda s, lay: (s.hidden_size,), _mamba),
+    Role(
+        L + "mamba.in_proj.weight",
+        COLUMN,
+        lambda s, lay: (sum(s.mamba_in_proj_parts), s.hidden_size),
+        _mamba,
+        parts=lambda s: s.mamba_in_proj_parts,
+    ),
+    Role(
+        L + "mamba.conv1d.weight",
+        COLUMN,
+        lambda s, lay: (sum(s.mamba_conv_parts), 1, s.mamba_conv_kernel),
+        _mamba,
+        parts=lambda s: s.mamba_conv_parts,
+    ),
+    Role(
+        L + "mamba.conv1d.bias",
+        COLUMN,
+        lambda s, lay: (sum(s.mamba_conv_parts),),
+        _mamba,
+        parts=lambda s: s.mamba_conv_parts,
+    ),
+    Role(L + "mamba.dt_bias", COLUMN, lambda s, lay: (s.mamba_heads,), _mamba),
+    Role(L + "mamba.A_log", COLUMN, lambda s, lay: (s.mamba_heads,), _mamba),
+    Role(L + "mamba.D", COLUMN, lambda s, lay: (s.mamba_heads,), _mamba),
+    Role(L + "mamba.norm.weight", COLUMN, lambda s, lay: (s.mamba_inner,), _mamba),
+    Role(L + "mamba.out_proj.weight", ROW, lambda s, lay: (s.hidden_size, s.mamba_inner), _mamba),
     # DeepSeek sparse attention's lightning indexer (V3.2, GLM-5): small projections beside MLA,
     # duplicated on every TP rank in Megatron (MindSpeed-LLM and megatron-core's DSAIndexer alike)
     Role(
@@ -484,7 +537,7 @@ def _lora_roles(target: Role) -> list[Role]:
 def _saved_role(target: Role) -> Role:
     """A full tensor saved with an adapter (peft's modules_to_save) that replaces its base tensor
     ``<module>.<leaf>``: ``<module>.lora_saved.<leaf>``, split and shaped like it."""
-    return Role(saved_name(target.template), target.split, target.shape, None)
+    return Role(saved_name(target.template), target.split, target.shape, None, parts=target.parts)
 
 
 def register_role(*roles: Role, lora: bool = False) -> None:
@@ -515,11 +568,27 @@ def role(name: str) -> Role | None:
     return _TABLE.get(role_of(name))
 
 
-def split_rule(name: str) -> Split | None:
+def split_rule(name: str, spec: ModelSpec | None = None) -> Split | None:
+    """The TP rule of canonical tensor ``name``; a role cut part by part gets its parts' sizes
+    from ``spec`` (required for such a role)."""
     r = role(name)
     if r is None:
         raise KeyError(f"no tensor-parallel rule for {name!r} (role {role_of(name)!r})")
+    if r.parts is not None and r.split is not None:
+        if spec is None:
+            raise KeyError(f"{name}: its tensor-parallel parts depend on the model; pass its spec")
+        return attrs.evolve(r.split, sizes=r.parts(spec))
     return r.split
+
+
+def is_present(spec: ModelSpec, layout: Layout, name: str) -> bool:
+    """Whether a model with ``spec`` has canonical tensor ``name`` in its layer (a name no role
+    covers, or one a model may or may not carry, counts as present)."""
+    r = role(name)
+    if r is None or r.present is None:
+        return True
+    layer, _ = split_layer(name)
+    return r.present(spec, layout, -1 if layer is None else layer)
 
 
 def expected_shape(

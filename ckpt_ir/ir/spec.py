@@ -16,6 +16,11 @@ def _positive(_inst: Any, attribute: attrs.Attribute, value: int) -> None:
         raise LayoutError(f"model spec: {attribute.name} must be a positive integer, got {value!r}")
 
 
+def _non_negative(_inst: Any, attribute: attrs.Attribute, value: int) -> None:
+    if value is None or value < 0:
+        raise LayoutError(f"model spec: {attribute.name} must be a non-negative integer, got {value!r}")
+
+
 def _int_tuple(v: Iterable[int]) -> tuple[int, ...]:
     return tuple(v)
 
@@ -32,11 +37,12 @@ class ModelSpec:
     family: str
     num_layers: int = attrs.field(validator=_positive)
     hidden_size: int = attrs.field(validator=_positive)
-    ffn_hidden_size: int = attrs.field(validator=_positive)
-    num_heads: int = attrs.field(validator=_positive)
-    num_kv_heads: int = attrs.field(validator=_positive)
-    head_dim: int = attrs.field(validator=_positive)
     vocab_size: int = attrs.field(validator=_positive)
+    # the attention and MLP sizes: 0 only in a model without such blocks (Mamba-2)
+    ffn_hidden_size: int = attrs.field(default=0, validator=_non_negative)
+    num_heads: int = attrs.field(default=0, validator=_non_negative)
+    num_kv_heads: int = attrs.field(default=0, validator=_non_negative)
+    head_dim: int = attrs.field(default=0, validator=_non_negative)
     norm_eps: float = 1e-6
     qkv_bias: bool = False
     qk_norm: bool = False
@@ -72,6 +78,19 @@ class ModelSpec:
     linear_k_dim: int = 0
     linear_v_dim: int = 0
     linear_conv_kernel: int = 0
+    # Mamba-2 mixers (Mamba / attention hybrids): heads, head size, SSM state size, B/C groups and
+    # the causal conv1d's kernel width (the mixer's inner width d = mamba_heads * mamba_head_dim)
+    mamba_heads: int = 0
+    mamba_head_dim: int = 0
+    mamba_state: int = 0
+    mamba_groups: int = 0
+    mamba_conv_kernel: int = 0
+    # The blocks of each main layer, in order (names in ``ckpt_ir.ir.blocks.BLOCKS``: a mixer
+    # such as "attention" or "mamba", an MLP such as "mlp" or "moe"); empty: every layer is one
+    # mixer and one MLP, as the fields above imply (see :meth:`blocks`)
+    layer_blocks: tuple[tuple[str, ...], ...] = attrs.field(
+        default=(), converter=lambda v: tuple(tuple(b) for b in v)
+    )
     attn_gate: bool = False  # q_proj also yields a sigmoid output gate: per head [q; gate] rows
     shared_expert_gate: bool = False  # a sigmoid gate on the shared experts' output (Qwen2-MoE)
     router_bias: bool = False  # a score-correction bias on the router (DeepSeek-V3)
@@ -101,7 +120,10 @@ class ModelSpec:
     extra: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        if self.num_heads % self.num_kv_heads:
+        from ckpt_ir.ir.blocks import check_layer_blocks
+
+        check_layer_blocks(self)
+        if self.num_kv_heads and self.num_heads % self.num_kv_heads:
             raise LayoutError(
                 f"model spec: num_heads={self.num_heads} is not a multiple of "
                 f"num_kv_heads={self.num_kv_heads}"
@@ -138,9 +160,45 @@ class ModelSpec:
         """Main layers plus multi-token-prediction layers (canonical layer numbers below this)."""
         return self.num_layers + self.mtp_layers
 
+    def blocks(self, layer: int) -> tuple[str, ...]:
+        """The blocks of ``layer``: ``layer_blocks`` where it lists the layer, else one mixer
+        (gated-delta-net in ``linear_layers``, else MLA or attention) and one MLP (MoE in a model
+        with experts unless in ``dense_layers``).  Multi-token-prediction layers are the latter."""
+        if self.layer_blocks and layer < self.num_layers:
+            return self.layer_blocks[layer]
+        mixer = "gdn" if layer in self.linear_layers else "mla" if self.mla else "attention"
+        moe = self.num_experts > 0 and layer not in self.dense_layers
+        return (mixer, "moe" if moe else "mlp")
+
+    def has_block(self, layer: int, block: str) -> bool:
+        return block in self.blocks(layer)
+
     def has_attention(self, layer: int) -> bool:
-        """Whether ``layer`` has (softmax) attention, not gated-delta-net linear attention."""
-        return layer not in self.linear_layers
+        """Whether ``layer`` has (softmax) attention: multi-head / grouped-query or MLA."""
+        blocks = self.blocks(layer)
+        return "attention" in blocks or "mla" in blocks
+
+    def has_mlp(self, layer: int) -> bool:
+        """Whether ``layer`` has an MLP block of either kind (dense or experts)."""
+        blocks = self.blocks(layer)
+        return "mlp" in blocks or "moe" in blocks
+
+    @property
+    def mamba_inner(self) -> int:
+        """A Mamba-2 mixer's inner width d (z and x each have d rows of in_proj)."""
+        return self.mamba_heads * self.mamba_head_dim
+
+    @property
+    def mamba_in_proj_parts(self) -> tuple[int, ...]:
+        """Rows of a Mamba-2 mixer's in_proj: z, x (d each), B, C (groups x state each), dt (heads)."""
+        bc = self.mamba_groups * self.mamba_state
+        return (self.mamba_inner, self.mamba_inner, bc, bc, self.mamba_heads)
+
+    @property
+    def mamba_conv_parts(self) -> tuple[int, ...]:
+        """Channels of a Mamba-2 mixer's conv1d: x (d), B, C (groups x state each)."""
+        bc = self.mamba_groups * self.mamba_state
+        return (self.mamba_inner, bc, bc)
 
     @property
     def linear_qk_size(self) -> int:
@@ -154,7 +212,7 @@ class ModelSpec:
         return self.index_heads > 0 and layer not in self.shared_index_layers
 
     def is_moe_layer(self, layer: int) -> bool:
-        return self.num_experts > 0 and layer not in self.dense_layers
+        return "moe" in self.blocks(layer)
 
     @property
     def untied(self) -> bool:

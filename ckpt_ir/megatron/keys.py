@@ -37,6 +37,7 @@ FINAL_NORM = "decoder.final_layernorm."  # + weight / bias
 OUTPUT_LAYER = "output_layer."  # + weight / bias
 TE_QKV_NORM = "linear_qkv.layer_norm_weight"  # Transformer Engine's input norm, fused into linear_qkv
 TE_FC1_NORM = "linear_fc1.layer_norm_weight"  # and its pre-MLP norm, fused into linear_fc1
+HYBRID_FINAL_NORM = "decoder.final_norm.weight"  # a MambaModel's final norm (GPTModel: final_layernorm)
 
 D = "decoder.layers.{i}."
 C = "layers.{i}."
@@ -142,9 +143,27 @@ _MLP_KEYS = (
     (D + "mlp.experts.local_experts.{e}.linear_fc2.weight", C + "mlp.experts.{e}.down.weight"),
     (D + "mlp.experts.local_experts.{e}.linear_fc2.bias", C + "mlp.experts.{e}.down.bias"),
 )
+# a Mamba-2 mixer layer (megatron-core's MambaLayer; MindSpeed-LLM's Mamba-2 converter writes the
+# same keys, in its HF source's sorted order: mixer tensors, then the layer norm, as here)
+_MAMBA_KEYS = (
+    *(
+        (D + "mixer." + part, C + "mamba." + part)
+        for part in (
+            "A_log",
+            "D",
+            "conv1d.bias",
+            "conv1d.weight",
+            "dt_bias",
+            "in_proj.weight",
+            "norm.weight",
+            "out_proj.weight",
+        )
+    ),
+    (D + "norm.weight", C + "mamba_norm.weight"),
+)
 # Per-layer order follows MindSpeed-LLM's writer (norms, attention, then MLP), so rank files list
 # keys in the same order as that converter's.
-_LAYER_KEYS = _NORM_KEYS + _ATTENTION_KEYS + _MLP_KEYS
+_LAYER_KEYS = _NORM_KEYS + _ATTENTION_KEYS + _MLP_KEYS + _MAMBA_KEYS
 # canonical roles megatron-core keeps in fp32 whatever params_dtype: the router's expert_bias, a
 # buffer it returns to fp32 before every save and load (moe/router.py _maintain_float32_expert_bias)
 KEPT_FP32 = (C + "mlp.router.bias",)
@@ -186,6 +205,7 @@ def ungroup_experts(kind: str, expr: E.Expr, experts: int) -> list[E.Expr]:
 
 
 _TE_NORMS = {
+    D + "norm.weight": D + "mixer.in_proj.layer_norm_weight",  # a Mamba layer's input norm
     D + "input_layernorm.weight": D + "self_attention.linear_qkv.layer_norm_weight",
     D + "pre_mlp_layernorm.weight": D + "mlp.linear_fc1.layer_norm_weight",
     D + "input_layernorm.bias": D + "self_attention.linear_qkv.layer_norm_bias",
@@ -203,6 +223,8 @@ POST_LAYERS = (
     ("decoder.final_layernorm.bias", "final_norm.bias"),
     ("output_layer.weight", "lm_head.weight"),
     ("output_layer.bias", "lm_head.bias"),
+    # megatron-core's MambaModel (MambaStack) names its final norm final_norm
+    (HYBRID_FINAL_NORM, "final_norm.weight"),
 )
 
 
@@ -332,7 +354,7 @@ def _table(keys: KeyPairs, norm_names: str, mla_keys: str = "mindspeed") -> Name
     renames = (
         dict(_TE_NORMS)
         if norm_names == "te"
-        else {m: _TE_NORMS[m] for m in (D + "input_layernorm.weight", D + "input_layernorm.bias")}
+        else {m: _TE_NORMS[m] for m in (D + "norm.weight", D + "input_layernorm.weight", D + "input_layernorm.bias")}
     )
     return NameTable((renames.get(m, m), c) for m, c in keys)
 
@@ -565,13 +587,13 @@ def mla_down_parts(spec: ModelSpec) -> dict[str, str]:
     return {"q": "attn.q_a.weight" if spec.q_lora_rank else "attn.q.weight", "kv_a": "attn.kv_a.weight"}
 
 
-def mcore_split(name: str, norm_names: str) -> Split | None:
+def mcore_split(name: str, norm_names: str, spec: ModelSpec | None = None) -> Split | None:
     """The TP split of canonical tensor ``name`` in megatron-core's own modules: its role's, but the
     local layer spec builds MLA's down-projections as ColumnParallelLinear (split over TP) where
     Transformer Engine's duplicates them (TELinear, whole on every rank, as the roles say)."""
     if norm_names == "local" and split_layer(name)[1] in ("attn.q_a.weight", "attn.kv_a.weight"):
         return COLUMN
-    return split_rule(name)
+    return split_rule(name, spec)
 
 
 def mla_key(rest: str, te: bool, moe: bool) -> str | None:

@@ -11,6 +11,7 @@ import attrs
 
 from ckpt_ir.errors import LayoutError, VerifyError, setting
 from ckpt_ir.ir import expr as E
+from ckpt_ir.ir.blocks import is_hybrid
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode, shard_expr
 from ckpt_ir.ir.layout import expert_owner, layer_slots, num_chunks
 from ckpt_ir.ir.names import Split, expert_of, role_of, split_layer
@@ -65,7 +66,7 @@ def rank_content(
     # megatron-core's MLA: a key per down-projection, each a part of the IR's attn.qkv_a
     parts = (
         {
-            "layers.{i}." + c: Part(p, mla_rule(spec), M.mcore_split(f"layers.0.{c}", layout.norm_names))
+            "layers.{i}." + c: Part(p, mla_rule(spec), M.mcore_split(f"layers.0.{c}", layout.norm_names, spec))
             for p, c in M.mla_down_parts(spec).items()
         }
         if mcore_mla
@@ -134,7 +135,13 @@ def rank_content(
     if mtp_entries and not mtp_names.megatron_order:  # MindSpeed-LLM: after the stage's embedding
         at = 1 if content[last] and content[last][0].key == M.EMBEDDING else 0
         content[last][at:at] = mtp_entries
-    final_norm = mtp_names.final_norm if spec.mtp_layers else "decoder.final_layernorm.weight"
+    final_norm = (
+        mtp_names.final_norm
+        if spec.mtp_layers
+        else M.HYBRID_FINAL_NORM
+        if is_hybrid(spec)
+        else "decoder.final_layernorm.weight"
+    )
     content[last].append(Entry(final_norm, ("final_norm.weight",)))
     if "final_norm.bias" in ckpt.tensors:
         content[last].append(Entry(final_norm[: -len("weight")] + "bias", ("final_norm.bias",)))

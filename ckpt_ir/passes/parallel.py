@@ -51,7 +51,7 @@ class Shard(Pass):
         L.expert_rank_files(layout)  # TP/EP compatibility with expert TP = 1
         out = {}
         for name, t in ckpt.tensors.items():
-            rule = split_rule(name)
+            rule = split_rule(name, ckpt.spec)
             tp = layout.expert_tp if is_expert(name) else layout.tp
             if rule is None or tp == 1:
                 out[name] = t
