@@ -428,9 +428,9 @@ MAMBA2_CASES = {"mamba2-tp1": (1, 1), "mamba2-tp2": (2, 1), "mamba2-tp2pp2": (2,
 # replaced by the HF model and the output directory, e.g. ["convert", "{hf}", "{out}", "--to",
 # "mcore", "--tp", "2", ...]; None: ckpt-ir cannot write it yet (the case says "not supported")
 MAMBA2_CKPT_IR: dict[str, list[str] | None] = {
-    "mamba2-tp1": None,
-    "mamba2-tp2": None,
-    "mamba2-tp2pp2": None,
+    "mamba2-tp1": ["convert", "{hf}", "{out}", "--to", "mcore"],
+    "mamba2-tp2": ["convert", "{hf}", "{out}", "--to", "mcore", "--tp", "2"],
+    "mamba2-tp2pp2": ["convert", "{hf}", "{out}", "--to", "mcore", "--tp", "2", "--pp", "2"],
 }
 _LAYER = re.compile(r"^decoder\.layers\.(-?\d+)\.")
 
