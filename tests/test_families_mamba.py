@@ -6,9 +6,11 @@ facts (megatron-core ``ssm/mamba_mixer.py``; docs/reference/composed-blocks.md Â
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import ckpt_ir.api as ck
 from tests.family_models import DENSE, assert_round_trip, build, rank
@@ -117,3 +119,24 @@ def test_tp_must_divide_the_mamba_groups(models, tmp_path):
     with pytest.raises(Exception, match=r"in_proj|groups"):
         convert(models["mamba2"], str(tmp_path / "mid"), ck.Target(to="mcore", tp=4))
     assert not (tmp_path / "mid").exists()
+
+
+def test_verify_runs_a_hybrid_layer_by_layer(models, tmp_path):
+    """``ckpt-ir verify`` builds Nemotron-H from its config (config.json spells Mamba's infinite
+    time_step_limit {"__float__": "Infinity"}, decoded as transformers decodes it) and finds the
+    HF model and its Megatron TP2 PP2 conversion equal, layer by layer; a changed Mamba element
+    names its layer."""
+    from tests.cli_contract import cli
+
+    src = models["nemotron_h"]
+    mid = str(tmp_path / "mid")
+    convert(src, mid, ck.Target(to="mcore", tp=2, pp=2))
+    r = cli("verify", src, mid, "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    bad = str(tmp_path / "bad")
+    shutil.copytree(src, bad)
+    sd = load_file(f"{bad}/model.safetensors")
+    sd["backbone.layers.0.mixer.D"][3] += 1.0
+    save_file(sd, f"{bad}/model.safetensors", metadata={"format": "pt"})
+    r = cli("verify", mid, bad)
+    assert r.returncode == 1 and "first at layer 0" in r.stdout, r.stdout + r.stderr
