@@ -140,3 +140,10 @@ def test_verify_runs_a_hybrid_layer_by_layer(models, tmp_path):
     save_file(sd, f"{bad}/model.safetensors", metadata={"format": "pt"})
     r = cli("verify", mid, bad)
     assert r.returncode == 1 and "first at layer 0" in r.stdout, r.stdout + r.stderr
+
+
+def test_no_virtual_pipeline_for_mamba_models(models, tmp_path):
+    """megatron-core's MambaStack asserts it has no virtual pipeline stages: refused in one line."""
+    with pytest.raises(Exception, match="builds no virtual pipeline stages"):
+        convert(models["nemotron_h"], str(tmp_path / "mid"), ck.Target(to="mcore", pp=2, vpp_layers=1))
+    assert not (tmp_path / "mid").exists()

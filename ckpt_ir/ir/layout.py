@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import attrs
 
 from ckpt_ir.errors import LayoutError, setting
+from ckpt_ir.ir.blocks import is_hybrid
 from ckpt_ir.ir.spec import ModelSpec
 
 FORMATS = ("hf", "mcore")
@@ -158,6 +159,12 @@ def num_chunks(spec: ModelSpec, layout: Layout) -> int:
 def validate(spec: ModelSpec, layout: Layout) -> None:
     """Every check that needs both spec and layout; raises LayoutError with a one-line reason."""
     total = mcore_num_layers(spec, layout)
+    if layout.vpp_layers and is_hybrid(spec):
+        raise LayoutError(
+            f"layout: megatron-core's MambaModel, which {spec.family} converts to, builds no virtual "
+            f"pipeline stages (ssm/mamba_block.py); drop {setting('vpp_layers')} (PP with "
+            f"{setting('num_layer_list')} works)"
+        )
     if layout.tp > 1 and spec.linear_layers:
         raise LayoutError(
             f"layout: {spec.family}'s gated-delta-net layers convert only with tensor parallel size 1 "
