@@ -254,3 +254,29 @@ def test_blocks_and_sizes_are_what_transformers_builds_from_the_config(tmp_path,
         types, mlps = built["layer_types"], built.get("mlp_layer_types", ["dense"] * 4)
     want = tuple((mixers[t], "moe" if m == "sparse" else "mlp") for t, m in zip(types, mlps))
     assert c.spec.layer_blocks == want
+
+
+@pytest.mark.parametrize(
+    "family, overrides, message",
+    [
+        ("lfm2", dict(hidden_size=66, num_key_value_heads=4), "short_conv layers' hidden size 66"),
+        ("kimi_linear", dict(linear_num_heads=6), "kda layers' heads 6"),
+        (
+            "jamba",
+            dict(hidden_size=66, num_key_value_heads=4, mamba_expand=1),
+            "mamba1 layers' inner width 66",
+        ),
+    ],
+)
+def test_a_tp_the_mixer_does_not_split_over_is_a_one_line_error(family, overrides, message):
+    """Each mixer splits over TP by channels or heads (test_*_layout above): a TP that does not
+    divide them is refused before anything is read, naming the block and the size."""
+    from ckpt_ir.errors import LayoutError
+    from ckpt_ir.families import by_name
+    from ckpt_ir.ir.layout import Layout, validate
+
+    spec = by_name(family).spec_from_config(dict(CONFIGS[family], num_hidden_layers=4, **overrides))
+    with pytest.raises(
+        LayoutError, match=f"^layout: the {message} is not divisible by tensor parallel size 4;"
+    ):
+        validate(spec, Layout(format="mcore", tp=4))

@@ -175,6 +175,15 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
                 f"layout: {spec.num_kv_heads} query groups (KV heads) are not divisible by tensor "
                 f"parallel size {layout.tp}; choose a TP that divides the KV head count"
             )
+        # the mixers ckpt-ir names in Megatron itself split by channels (short_conv, mamba1) or heads
+        own = {"short_conv": ("hidden size", spec.hidden_size), "kda": ("heads", spec.kda_heads)}
+        own["mamba1"] = ("inner width", spec.mamba1_inner)
+        for block, (what, n) in own.items():
+            if n % layout.tp and any(spec.has_block(i, block) for i in range(spec.num_layers)):
+                raise LayoutError(
+                    f"layout: the {block} layers' {what} {n} is not divisible by tensor parallel size "
+                    f"{layout.tp}; choose a TP that divides it"
+                )
         has_dense_mlp = spec.num_experts == 0 or bool(spec.dense_layers)
         if has_dense_mlp and spec.ffn_hidden_size % layout.tp:
             raise LayoutError(
