@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import ckpt_ir.api as ck
 from tests.family_models import DENSE, assert_round_trip, build, rank
@@ -241,6 +243,12 @@ def test_blocks_and_sizes_are_what_transformers_builds_from_the_config(tmp_path,
     built = json.load(open(os.path.join(path, "config.json")))
     raw = dict(cfg, model_type=family, num_hidden_layers=4)
     json.dump(raw, open(os.path.join(path, "config.json"), "w"))  # as released
+    if family == "kimi_linear":  # a dense MLP under mlp.*, which transformers also loads
+        f = os.path.join(path, "model.safetensors")
+        sd = load_file(f)
+        sd = {re.sub(r"\.block_sparse_moe\.(\w+_proj)", r".mlp.\1", k): v for k, v in sd.items()}
+        assert "model.layers.0.mlp.gate_proj.weight" in sd
+        save_file(sd, f, metadata={"format": "pt"})
     c = ck.load(path)
     verify(c)  # every tensor transformers saved, of the shape the spec implies, and nothing missing
     mixers = {"conv": "short_conv", "linear_attention": "kda" if family == "kimi_linear" else "mamba1"}
