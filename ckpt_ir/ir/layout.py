@@ -175,6 +175,15 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
                 f"layout: {spec.num_kv_heads} query groups (KV heads) are not divisible by tensor "
                 f"parallel size {layout.tp}; choose a TP that divides the KV head count"
             )
+        has_dense_mlp = any(spec.has_block(i, "mlp") for i in range(spec.total_layers))
+        if any(spec.has_block(i, "mamba") for i in range(spec.num_layers)) and (
+            spec.mamba_groups % layout.tp or spec.mamba_heads % layout.tp
+        ):
+            raise LayoutError(
+                f"layout: the Mamba mixers' {spec.mamba_groups} B/C groups and {spec.mamba_heads} heads "
+                f"must both divide by tensor parallel size {layout.tp} (megatron-core's MambaMixer keeps "
+                f"whole groups on a rank); choose a TP that divides both"
+            )
         # the mixers ckpt-ir names in Megatron itself split by channels (short_conv, mamba1) or heads
         own = {"short_conv": ("hidden size", spec.hidden_size), "kda": ("heads", spec.kda_heads)}
         own["mamba1"] = ("inner width", spec.mamba1_inner)
@@ -184,7 +193,6 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
                     f"layout: the {block} layers' {what} {n} is not divisible by tensor parallel size "
                     f"{layout.tp}; choose a TP that divides it"
                 )
-        has_dense_mlp = spec.num_experts == 0 or bool(spec.dense_layers)
         if has_dense_mlp and spec.ffn_hidden_size % layout.tp:
             raise LayoutError(
                 f"layout: ffn hidden size {spec.ffn_hidden_size} is not divisible by tensor "
