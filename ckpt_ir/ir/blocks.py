@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from ckpt_ir.ir.spec import ModelSpec
 
 MIXERS = ("attention", "mla", "gdn", "mamba")
+# mixers no Megatron implementation has, each fed by the layer's input norm (attn_norm): LFM2's
+# short convolution, Kimi delta attention, Jamba's Mamba-1
+OWN_MIXERS = ("short_conv", "kda", "mamba1")
+MIXERS += OWN_MIXERS
 MLPS = ("mlp", "moe")
 BLOCKS = MIXERS + MLPS
 
@@ -63,6 +67,14 @@ def check_layer_blocks(spec: ModelSpec) -> None:
         raise LayoutError(
             "model spec: Mamba layers need mamba_heads, mamba_head_dim, mamba_state and mamba_groups"
         )
+    sizes = {
+        "short_conv": ("short_conv_kernel",),
+        "kda": ("kda_heads", "kda_head_dim", "kda_conv_kernel"),
+        "mamba1": ("mamba1_inner", "mamba1_state", "mamba1_dt_rank", "mamba1_conv_kernel"),
+    }
+    for block, fields in sizes.items():
+        if any(spec.has_block(i, block) for i in layers) and not all(getattr(spec, f) for f in fields):
+            raise LayoutError(f"model spec: {block} layers need {', '.join(fields)} (positive)")
 
 
 def from_pattern(pattern: str, where: str) -> tuple[tuple[str, ...], ...]:

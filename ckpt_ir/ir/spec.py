@@ -85,6 +85,24 @@ class ModelSpec:
     mamba_state: int = 0
     mamba_groups: int = 0
     mamba_conv_kernel: int = 0
+    # blocks no Megatron implementation has (ckpt-ir names them itself, docs/formats.md):
+    # a short convolution (LFM2): in_proj [B; C; x] of hidden rows each, a depthwise causal conv
+    # of that kernel width, out_proj, biases on all three or none
+    short_conv_kernel: int = 0
+    short_conv_bias: bool = False
+    # Kimi delta attention (Kimi Linear): heads, head size (q, k and v alike), the q / k / v
+    # convs' kernel width
+    kda_heads: int = 0
+    kda_head_dim: int = 0
+    kda_conv_kernel: int = 0
+    # a Mamba-1 mixer (Jamba): inner width d, SSM state size, the rank of dt, the conv's kernel
+    # width, a conv1d bias, in_proj / out_proj biases
+    mamba1_inner: int = 0
+    mamba1_state: int = 0
+    mamba1_dt_rank: int = 0
+    mamba1_conv_kernel: int = 0
+    mamba1_conv_bias: bool = False
+    mamba1_proj_bias: bool = False
     # The blocks of each main layer, in order (names in ``ckpt_ir.ir.blocks.BLOCKS``: a mixer
     # such as "attention" or "mamba", an MLP such as "mlp" or "moe"); empty: every layer is one
     # mixer and one MLP, as the fields above imply (see :meth:`blocks`)
@@ -199,6 +217,11 @@ class ModelSpec:
         """Channels of a Mamba-2 mixer's conv1d: x (d), B, C (groups x state each)."""
         bc = self.mamba_groups * self.mamba_state
         return (self.mamba_inner, bc, bc)
+
+    @property
+    def kda_size(self) -> int:
+        """Rows of a Kimi delta attention's q, k and v (heads x head size)."""
+        return self.kda_heads * self.kda_head_dim
 
     @property
     def linear_qk_size(self) -> int:
