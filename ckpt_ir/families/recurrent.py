@@ -142,7 +142,7 @@ def _kimi_attn_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg.get("linear_attn_config") or {}
 
 
-def _kimi_kda(key: str, top: str, default: int):
+def _kimi_kda(key: str, top: tuple[str, str], default: int) -> ConfigKey:
     """A KDA size: linear_attn_config's (which transformers lets win), else the top-level key."""
     return ConfigKey(key, None, lambda cfg: _kimi_attn_config(cfg).get(top[0], cfg.get(top[1], default)))
 
