@@ -23,9 +23,14 @@ from ckpt_ir.errors import LayoutError
 if TYPE_CHECKING:
     from ckpt_ir.ir.spec import ModelSpec
 
-MIXERS = ("attention", "mla", "gdn", "mamba")
+MIXERS = ("attention", "mla", "gdn", "mamba", "mqa")
 MLPS = ("mlp", "moe")
-BLOCKS = MIXERS + MLPS
+# blocks that extend a mixer or an MLP of their layer, or wrap the layer (DeepSeek-V4): the
+# mqa attention's KV compressor and, beside it, its lightning indexer (CSA layers: the indexer
+# has a compressor of its own, and the compressors' windows overlap), the layer's
+# hyper-connection mixers around attention and MLP, and the MoE's token-id routing table
+PARTS = ("compressor", "csa_indexer", "hc", "hash_router")
+BLOCKS = MIXERS + MLPS + PARTS
 
 # megatron-core's hybrid layer symbols (ssm/mamba_hybrid_layer_allocation.py; Megatron-LM's
 # HybridModel adds G for a gated-delta-net layer)
@@ -51,16 +56,46 @@ def check_layer_blocks(spec: ModelSpec) -> None:
                     f"{', '.join(BLOCKS)}"
                 )
     layers = range(spec.total_layers)
-    if any(spec.has_attention(i) for i in layers) and not (spec.num_heads and spec.num_kv_heads and spec.head_dim):
+    if any(spec.has_attention(i) for i in layers) and not (
+        spec.num_heads and spec.num_kv_heads and spec.head_dim
+    ):
         raise LayoutError("model spec: attention layers need num_heads, num_kv_heads and head_dim (positive)")
     if any(spec.has_block(i, "mlp") for i in layers) and not spec.ffn_hidden_size:
         raise LayoutError("model spec: MLP layers need a positive ffn_hidden_size")
+    _check_dsv4_blocks(spec)
     if any(spec.has_block(i, "mamba") for i in layers) and not (
         spec.mamba_heads and spec.mamba_head_dim and spec.mamba_state and spec.mamba_groups
     ):
         raise LayoutError(
             "model spec: Mamba layers need mamba_heads, mamba_head_dim, mamba_state and mamba_groups"
         )
+
+
+def _check_dsv4_blocks(spec: ModelSpec) -> None:
+    """DeepSeek-V4's blocks need their sizes: mqa its q rank and output groups, a compressor its
+    layer's ratio, the indexer its heads, hyper-connections their stream count."""
+    layers = range(spec.total_layers)
+    if any(spec.has_block(i, "mqa") for i in layers) and not (
+        spec.num_heads and spec.head_dim and spec.q_lora_rank and spec.mqa_o_groups and spec.mqa_o_rank
+    ):
+        raise LayoutError(
+            "model spec: mqa attention needs num_heads, head_dim, q_lora_rank, mqa_o_groups and mqa_o_rank"
+        )
+    if spec.mqa_o_groups and spec.num_heads % spec.mqa_o_groups:
+        raise LayoutError(
+            f"model spec: {spec.num_heads} heads do not form {spec.mqa_o_groups} output groups (mqa_o_groups)"
+        )
+    bad = [i for i in layers if spec.has_block(i, "compressor") and spec.compressor_ratio(i) < 1]
+    if bad:
+        raise LayoutError(
+            f"model spec: layer {bad[0]} has a compressor but no compress ratio (compressor_ratios)"
+        )
+    if any(spec.has_block(i, "csa_indexer") for i in layers) and not (
+        spec.index_heads and spec.index_head_dim
+    ):
+        raise LayoutError("model spec: csa_indexer layers need index_heads and index_head_dim")
+    if any(spec.has_block(i, "hc") for i in layers) and not spec.hc_mult:
+        raise LayoutError("model spec: hyper-connection (hc) layers need hc_mult")
 
 
 def from_pattern(pattern: str, where: str) -> tuple[tuple[str, ...], ...]:

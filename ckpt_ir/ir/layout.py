@@ -175,6 +175,11 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
                 f"layout: {spec.num_kv_heads} query groups (KV heads) are not divisible by tensor "
                 f"parallel size {layout.tp}; choose a TP that divides the KV head count"
             )
+        if spec.mqa_o_groups % layout.tp:  # DeepSeek-V4's wo_a: each rank holds whole groups of heads
+            raise LayoutError(
+                f"layout: {spec.mqa_o_groups} output groups (o_groups) are not divisible by tensor "
+                f"parallel size {layout.tp}; choose a TP that divides them"
+            )
         has_dense_mlp = spec.num_experts == 0 or bool(spec.dense_layers)
         if has_dense_mlp and spec.ffn_hidden_size % layout.tp:
             raise LayoutError(
