@@ -181,6 +181,15 @@ def hash_layers(cfg: dict[str, Any]) -> list[bool]:
     return [t == "hash_moe" for t in types]
 
 
+def _mindspeed_args(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What MindSpeed-LLM's deepseek4 converter reads from a checkpoint's args to convert it back
+    (its own names): the leading hash-routed layers, each layer's compress ratio."""
+    hashed = hash_layers(cfg)
+    leading = next((i for i, h in enumerate(hashed) if not h), len(hashed))
+    ratios = cfg.get("compress_ratios")
+    return {"n_hash_layers": leading, "compress_ratios": list(_ratios(cfg) if ratios is None else ratios)}
+
+
 def _layer_blocks(cfg: dict[str, Any]) -> tuple[tuple[str, ...], ...]:
     out = []
     for kind, hashed in zip(attention_kinds(cfg), hash_layers(cfg)):
@@ -238,6 +247,7 @@ register(
             ("router_bias", True),
         ),
         mindspeed_names=("deepseek4", "deepseek4_base"),
+        megatron_args=_mindspeed_args,
         tested=Tested(),
     )
 )
