@@ -1,5 +1,5 @@
-"""DeepSeek-V4 (``deepseek_v4``): a composition of blocks (ir/blocks.py).  Every layer holds
-DeepSeek-V4's attention (block ``mqa``: low-rank queries, one shared key/value head, a grouped
+"""Families of DeepSeek-V4's attention block ``mqa``: DeepSeek-V4 (``deepseek_v4``), a composition
+of blocks (ir/blocks.py).  Every layer holds DeepSeek-V4's attention (block ``mqa``: low-rank queries, one shared key/value head, a grouped
 low-rank output projection, per-head sinks), a KV ``compressor`` in the layers whose config says
 so (heavily compressed attention, HCA; or compressed sparse attention, CSA, whose compressor's
 windows overlap and which adds the ``csa_indexer``), the hyper-connection mixers ``hc`` around
@@ -248,6 +248,22 @@ register(
         ),
         mindspeed_names=("deepseek4", "deepseek4_base"),
         megatron_args=_mindspeed_args,
-        tested=Tested(),
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --ep 2",
+                "--tp 2 --pp 2 --etp 1 --num-layer-list 1,2",
+                "--ep 2 --moe-grouped-gemm",
+            ),
+            mcore_missing="no: megatron-core 0.16 has no DeepSeek-V4 modules (hyper-connections, KV compressors)",
+            mindspeed=(
+                ("deepseek4-mtp-tp1ep2-grouped", "identical"),
+                ("deepseek4-mtp-tp2ep2", "identical (MindSpeed adds copies outside Megatron's expert grid)"),
+                (
+                    "deepseek4-mtp-tp2ep2-grouped",
+                    "identical (MindSpeed adds copies outside Megatron's expert grid)",
+                ),
+                ("deepseek4-mtp-tp2pp2-layers", "identical"),
+            ),
+        ),
     )
 )
