@@ -49,6 +49,28 @@ with MindSpeed-LLM ``c77308a1`` (hf -> mg and mg -> hf, 0.2-0.5 s a case):
 * mg -> hf writes one ``torch_model.bin`` (a plain dict under the HF names, loadable with
   ``weights_only=True``; no config, no safetensors); at TP1 and TP2 all 39 tensors come back equal.
 
+DeepSeek-V4 (cases ``deepseek4-*``): MindSpeed-LLM's dedicated converter (``--model-type-hf
+deepseek4``, ``convert_ckpt_deepseek4.py``) on the DeepSeek-V4 tests' tiny model in the release's
+naming (tests/test_families_dsv4.py: 3 layers of compress ratios 0 / 4 / 128, the first routed by
+token id, one MTP layer, bf16, which the converter requires), both converters with the same flags
+(``--mtp-num-layers 1``; expert TP 1, that converter's default and ckpt-ir's for deepseek4).
+Besides the rank files (``run_deepseek4_case``): ckpt-ir's mg -> hf of MindSpeed's output, and
+MindSpeed's own mg -> hf (``--hf-cfg-dir``, ``--expert-tensor-parallel-size 1``) of its output
+without ``--mtp-num-layers`` and of ckpt-ir's with it.  Measured with MindSpeed-LLM ``c77308a1``
+(under 0.2 s a conversion):
+
+* rank files identical at TP2 PP2 (``--num-layer-list 1,2``), TP1 EP2 grouped, TP2 EP2 and TP2 EP2
+  grouped; at TP2 EP2 MindSpeed also writes ``mp_rank_00_001`` and ``mp_rank_01_000``, which
+  Megatron's expert grid with expert TP 1 does not have ((t, t mod EP) only): copies of TP rank
+  t's dense tensors with EP rank e's experts;
+* ckpt-ir's mg -> hf of MindSpeed's output: all 162 HF tensors equal, the MTP layer included (43
+  tensors, and the two embedding / head copies from the main ones), extra directories included;
+* MindSpeed's mg -> hf of its own output without ``--mtp-num-layers``: 119/162, the 43 MTP tensors
+  silently missing (exit 0); at TP2 EP2 (sequential experts) it fails (``KeyError: (0, 1)``);
+* MindSpeed's mg -> hf of ckpt-ir's output: 160/162, all but the MTP layer's embedding and head
+  copies (``deepseek4`` ties them: ``tie_mtp_embeddings_and_lmhead``), except at TP2 EP2 (the same
+  KeyError).
+
 The exit status is 0 when every check that ran passed: a ckpt-ir comparison that is not
 supported yet counts as not run.
 
