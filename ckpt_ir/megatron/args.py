@@ -455,9 +455,8 @@ def build_args(
     family = by_name(spec.family)
     if family.megatron_args:  # the family's own settings (router, windows, rope bases, ...)
         fields.update(family.megatron_args(cfg))
-    if (
-        spec.index_heads and spec.mla
-    ):  # DSA: the indexer sizes ride along from the HF config (index_n_heads, ...)
+    # DSA (beside MLA): the indexer sizes ride along from the HF config (index_n_heads, ...)
+    if spec.index_heads and spec.mla:
         fields["enable_dsa_indexer"] = True
     fields["mtp_num_layers"] = spec.mtp_layers  # as MindSpeed-LLM writes it, 0 included
     if spec.lora_rank is not None:
