@@ -240,8 +240,8 @@ def map_tensors(
     reshaped = [(r, template_pattern(r.hf)) for r in family.reshaped]
     hf = Layout(format="hf")
     raw = dict(raw)
-    for canon, expr in _join(family, raw):
-        tensors[canon] = TensorNode.whole(canon, expr)
+    for joined, expr in _join(family, raw):
+        tensors[joined] = TensorNode.whole(joined, expr)
     for key, load in raw.items():
         canon = names.to_canonical(key, lambda c: is_present(spec, hf, c))
         if canon is not None:

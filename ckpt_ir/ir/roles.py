@@ -23,7 +23,8 @@ from ckpt_ir.ir.layout import Layout
 from ckpt_ir.ir.names import COLUMN, COLUMN_BLOCKS2, ROW, Split, expert_of, role_of, saved_name, split_layer
 from ckpt_ir.ir.spec import ModelSpec
 
-Shape = Callable[[ModelSpec, Layout], tuple[int, ...]]
+# (spec, layout) -> shape; (spec, layout, layer) -> shape for a role with ``per_layer``
+Shape = Callable[..., tuple[int, ...]]
 Presence = Callable[[ModelSpec, Layout, int], bool]
 
 
@@ -713,7 +714,7 @@ def expected_shape(
         spec = attrs.evolve(spec, lora_rank=rank)
     if r.per_layer:
         layer, _ = split_layer(name)
-        return r.shape(spec, layout, -1 if layer is None else layer)  # type: ignore[call-arg]
+        return r.shape(spec, layout, -1 if layer is None else layer)
     return r.shape(spec, layout)
 
 
