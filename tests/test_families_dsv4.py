@@ -98,13 +98,9 @@ def release_named(src: str, dst: str, dtype: torch.dtype | None = None) -> dict[
     for k in [k for k in sd if k.startswith("layers.0.") and not k.endswith(".tid2eid")]:
         sd["mtp.0." + k[len("layers.0.") :]] = torch.randn(sd[k].shape, generator=g) * 0.3
     sd["mtp.0.ffn.gate.bias"] = torch.randn(cfg["n_routed_experts"], generator=g) * 0.1
-    own = {"enorm.weight": (h,), "hnorm.weight": (h,), "norm.weight": (h,), "e_proj.weight": (h, h)}
-    own |= {
-        "h_proj.weight": (h, h),
-        "hc_head_fn": sd["hc_head_fn"].shape,
-        "hc_head_base": sd["hc_head_base"].shape,
-    }
-    own |= {"hc_head_scale": (1,)}
+    own = dict.fromkeys(("enorm.weight", "hnorm.weight", "norm.weight"), (h,))
+    own |= dict.fromkeys(("e_proj.weight", "h_proj.weight"), (h, h))
+    own |= {f"hc_head_{t}": sd[f"hc_head_{t}"].shape for t in ("fn", "base", "scale")}
     for k, shape in own.items():
         sd[f"mtp.0.{k}"] = torch.randn(shape, generator=g) * 0.3
     sd["mtp.0.emb.tok_emb.weight"] = sd["embed.weight"].clone()
