@@ -100,6 +100,7 @@ def output_args(ckpt: Checkpoint, fmt: str):
         ckpt.hf_config,
         family.mindspeed_names[0] if family.mindspeed_names else spec.family,
         source={k: v for k, v in source.items() if writable(v)} if source else None,
+        hf_naming=ckpt.meta.get("hf_naming"),
     )
     args.ckpt_format = fmt
     return args

@@ -33,9 +33,14 @@ class Layers(Protocol):
 # mixers no Megatron implementation has, each fed by the layer's input norm (attn_norm): LFM2's
 # short convolution, Kimi delta attention, Jamba's Mamba-1
 OWN_MIXERS: tuple[str, ...] = ("short_conv", "kda", "mamba1")
-MIXERS: tuple[str, ...] = ("attention", "mla", "gdn", "mamba", *OWN_MIXERS)
+MIXERS: tuple[str, ...] = ("attention", "mla", "gdn", "mamba", "mqa", *OWN_MIXERS)
 MLPS = ("mlp", "moe")
-BLOCKS = MIXERS + MLPS
+# blocks that extend a mixer or an MLP of their layer, or wrap the layer (DeepSeek-V4): the
+# mqa attention's KV compressor and, beside it, its lightning indexer (CSA layers: the indexer
+# has a compressor of its own, and the compressors' windows overlap), the layer's
+# hyper-connection mixers around attention and MLP, and the MoE's token-id routing table
+PARTS = ("compressor", "csa_indexer", "hc", "hash_router")
+BLOCKS = MIXERS + MLPS + PARTS
 
 # megatron-core's hybrid layer symbols (ssm/mamba_hybrid_layer_allocation.py; Megatron-LM's
 # HybridModel adds G for a gated-delta-net layer)

@@ -182,6 +182,11 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
                 f"layout: {spec.num_kv_heads} query groups (KV heads) are not divisible by tensor "
                 f"parallel size {layout.tp}; choose a TP that divides the KV head count"
             )
+        if spec.mqa_o_groups % layout.tp:  # DeepSeek-V4's wo_a: each rank holds whole groups of heads
+            raise LayoutError(
+                f"layout: {spec.mqa_o_groups} output groups (o_groups) are not divisible by tensor "
+                f"parallel size {layout.tp}; choose a TP that divides them"
+            )
         has_dense_mlp = any(spec.has_block(i, "mlp") for i in range(spec.total_layers))
         if any(spec.has_block(i, "mamba") for i in range(spec.num_layers)) and (
             spec.mamba_groups % layout.tp or spec.mamba_heads % layout.tp

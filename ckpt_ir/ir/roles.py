@@ -24,7 +24,8 @@ from ckpt_ir.ir.layout import Layout
 from ckpt_ir.ir.names import COLUMN, COLUMN_BLOCKS2, ROW, Split, expert_of, role_of, saved_name, split_layer
 from ckpt_ir.ir.spec import ModelSpec
 
-Shape = Callable[[ModelSpec, Layout], tuple[int, ...]]
+# (spec, layout) -> shape; (spec, layout, layer) -> shape for a role with ``per_layer``
+Shape = Callable[..., tuple[int, ...]]
 Presence = Callable[[ModelSpec, Layout, int], bool]
 
 
@@ -45,6 +46,9 @@ class Role:
     present: Presence | None = attrs.field(default=_always, eq=False, repr=False)
     # the sizes of the parts ``split`` cuts one by one (a Mamba mixer's in_proj: z, x, B, C, dt)
     parts: Callable[[ModelSpec], tuple[int, ...]] | None = attrs.field(default=None, eq=False, repr=False)
+    # ``shape`` takes the layer too, (spec, layout, i): a block whose sizes differ from layer to
+    # layer (DeepSeek-V4's compressors, each with its layer's ratio)
+    per_layer: bool = False
 
     @property
     def per_expert(self) -> bool:
@@ -92,9 +96,9 @@ def _moe(pred: Callable[[ModelSpec, Layout], bool] = lambda s, lay: True) -> Pre
 
 
 def _attn_like(s: ModelSpec, i: int) -> bool:
-    """Whether layer ``i`` has an attention-like mixer (softmax, MLA, gated-delta-net, or one of
-    the mixers ckpt-ir names in Megatron itself), which the layer's input norm feeds."""
-    return s.has_attention(i) or any(b in ("gdn", *OWN_MIXERS) for b in s.blocks(i))
+    """Whether layer ``i`` has an attention-like mixer (softmax, MLA, gated-delta-net, DeepSeek-V4's
+    mqa, or one of the mixers ckpt-ir names in Megatron itself), which the layer's input norm feeds."""
+    return s.has_attention(i) or any(b in ("gdn", "mqa", *OWN_MIXERS) for b in s.blocks(i))
 
 
 def _pre_norm(s: ModelSpec, lay: Layout, i: int) -> bool:
@@ -322,6 +326,96 @@ _OWN_MIXER_ROLES = [
     ),
 ]
 
+
+def _hc_streams(s: ModelSpec) -> int:
+    """Rows of a layer's hyper-connection mixer: [pre (n) | post (n) | comb (n x n)]."""
+    return (2 + s.hc_mult) * s.hc_mult
+
+
+def _compressor_roles(prefix: str, head_dim: Callable[[ModelSpec], int], present: Presence) -> list[Role]:
+    """A KV compressor: kv and gate projections to its width (two series of ``head_dim`` where
+    its windows overlap), a learned position bias per slot of its window (its layer's ratio), the
+    norm of a compressed entry; whole on every TP rank (MindSpeed-LLM's deepseek4)."""
+
+    def proj(s: ModelSpec, lay: Layout, i: int) -> tuple[int, ...]:
+        return (s.compressor_width(i, head_dim(s)), s.hidden_size)
+
+    return [
+        Role(prefix + "wkv.weight", None, proj, present, per_layer=True),
+        Role(prefix + "wgate.weight", None, proj, present, per_layer=True),
+        Role(
+            prefix + "ape",
+            None,
+            lambda s, lay, i: (s.compressor_ratio(i), s.compressor_width(i, head_dim(s))),
+            present,
+            per_layer=True,
+        ),
+        Role(prefix + "norm.weight", None, lambda s, lay: (head_dim(s),), present),
+    ]
+
+
+def _hc_roles(prefix: str, rows: Callable[[ModelSpec], int], scales: int, present: Presence) -> list[Role]:
+    """Hyper-connection mixing parameters over ``hc_mult`` residual streams: fn [rows, n x H],
+    base [rows], scale [scales]; whole on every TP rank."""
+    return [
+        Role(prefix + "fn", None, lambda s, lay: (rows(s), s.hc_mult * s.hidden_size), present),
+        Role(prefix + "base", None, lambda s, lay: (rows(s),), present),
+        Role(prefix + "scale", None, lambda s, lay: (scales,), present),
+    ]
+
+
+# DeepSeek-V4.  Block mqa: low-rank queries (wq_a, q_norm, wq_b: heads split over TP), one key =
+# value head (wkv, kv_norm; whole), a grouped low-rank output projection (wo_a block-diagonal over
+# mqa_o_groups groups of heads: split over TP by groups; wo_b row-parallel), a softmax sink per
+# head.  Block compressor: the layer's KV compressor; csa_indexer: the lightning indexer with its
+# own compressor (queries from the low-rank q, per-head weights from the input).  Block hc: the
+# layer's hyper-connection mixers around attention and MLP (pre, post and comb mappings; scale
+# [3] = their three gains); the model's head (and each MTP layer's) mixes the streams into one
+# (fn [n, n x H], base [n], scale [1]).  Block hash_router: the MoE routes by a fixed table of
+# top-k experts per token id ([vocab, top_k] int64, no score bias).
+_MQA = L + "mqa."
+_DSV4_ROLES = [
+    Role(_MQA + "wq_a.weight", None, lambda s, lay: (s.q_lora_rank, s.hidden_size), _block("mqa")),
+    Role(_MQA + "q_norm.weight", None, lambda s, lay: (s.q_lora_rank,), _block("mqa")),
+    Role(_MQA + "wq_b.weight", COLUMN, lambda s, lay: (s.q_size, s.q_lora_rank), _block("mqa")),
+    Role(_MQA + "wkv.weight", None, lambda s, lay: (s.head_dim, s.hidden_size), _block("mqa")),
+    Role(_MQA + "kv_norm.weight", None, lambda s, lay: (s.head_dim,), _block("mqa")),
+    Role(
+        _MQA + "wo_a.weight",
+        COLUMN,
+        lambda s, lay: (s.mqa_o_groups * s.mqa_o_rank, s.q_size // max(s.mqa_o_groups, 1)),
+        _block("mqa"),
+    ),
+    Role(
+        _MQA + "wo_b.weight",
+        ROW,
+        lambda s, lay: (s.hidden_size, s.mqa_o_groups * s.mqa_o_rank),
+        _block("mqa"),
+    ),
+    Role(_MQA + "sinks", COLUMN, lambda s, lay: (s.num_heads,), _block("mqa")),
+    *_compressor_roles(_MQA + "compressor.", lambda s: s.head_dim, _block("compressor")),
+    Role(
+        _MQA + "indexer.wq_b.weight",
+        None,
+        lambda s, lay: (s.index_heads * s.index_head_dim, s.q_lora_rank),
+        _block("csa_indexer"),
+    ),
+    Role(
+        _MQA + "indexer.weights_proj.weight",
+        None,
+        lambda s, lay: (s.index_heads, s.hidden_size),
+        _block("csa_indexer"),
+    ),
+    *_compressor_roles(_MQA + "indexer.compressor.", lambda s: s.index_head_dim, _block("csa_indexer")),
+    Role(L + "mlp.router.tid2eid", None, lambda s, lay: (s.vocab_size, s.moe_topk), _block("hash_router")),
+    *_hc_roles(L + "hc_attn.", _hc_streams, 3, _block("hc")),
+    *_hc_roles(L + "hc_ffn.", _hc_streams, 3, _block("hc")),
+    *_hc_roles("hc_head.", lambda s: s.hc_mult, 1, lambda s, lay, i: s.hc_mult > 0),
+    *_hc_roles(
+        L + "mtp.hc_head.", lambda s: s.hc_mult, 1, lambda s, lay, i: _mtp(s, lay, i) and s.hc_mult > 0
+    ),
+]
+
 _BUILTIN: list[Role] = [
     Role("embed.weight", COLUMN, lambda s, lay: (_vocab(s, lay), s.hidden_size)),
     # learned absolute positions (Megatron's torch.nn.Embedding: not split over TP)
@@ -461,7 +555,12 @@ _BUILTIN: list[Role] = [
     # mixture of experts: router (and its score-correction bias), routed experts, shared experts.
     # Expert tensors follow the dense MLP rules; with expert TP = 1 the shard pass leaves them whole.
     Role(L + "mlp.router.weight", None, lambda s, lay: (s.num_experts, s.hidden_size), _moe()),
-    Role(L + "mlp.router.bias", None, lambda s, lay: (s.num_experts,), _moe(lambda s, lay: s.router_bias)),
+    Role(
+        L + "mlp.router.bias",
+        None,
+        lambda s, lay: (s.num_experts,),
+        lambda s, lay, i: s.is_moe_layer(i) and s.router_bias and not s.has_block(i, "hash_router"),
+    ),
     # the router linear's own bias (gpt-oss), added to the logits; not a score-correction bias
     Role(
         L + "mlp.router.logit_bias",
@@ -599,6 +698,7 @@ _BUILTIN: list[Role] = [
     Role(L + "mamba.norm.weight", COLUMN, lambda s, lay: (s.mamba_inner,), _mamba),
     Role(L + "mamba.out_proj.weight", ROW, lambda s, lay: (s.hidden_size, s.mamba_inner), _mamba),
     *_OWN_MIXER_ROLES,
+    *_DSV4_ROLES,
     # DeepSeek sparse attention's lightning indexer (V3.2, GLM-5): small projections beside MLA,
     # duplicated on every TP rank in Megatron (MindSpeed-LLM and megatron-core's DSAIndexer alike)
     Role(
@@ -681,7 +781,14 @@ def _lora_roles(target: Role) -> list[Role]:
 def _saved_role(target: Role) -> Role:
     """A full tensor saved with an adapter (peft's modules_to_save) that replaces its base tensor
     ``<module>.<leaf>``: ``<module>.lora_saved.<leaf>``, split and shaped like it."""
-    return Role(saved_name(target.template), target.split, target.shape, None, parts=target.parts)
+    return Role(
+        saved_name(target.template),
+        target.split,
+        target.shape,
+        None,
+        parts=target.parts,
+        per_layer=target.per_layer,
+    )
 
 
 def register_role(*roles: Role, lora: bool = False) -> None:
@@ -746,6 +853,9 @@ def expected_shape(
         return None
     if rank is not None and name.endswith((".lora_a.weight", ".lora_b.weight")):
         spec = attrs.evolve(spec, lora_rank=rank)
+    if r.per_layer:
+        layer, _ = split_layer(name)
+        return r.shape(spec, layout, -1 if layer is None else layer)
     return r.shape(spec, layout)
 
 

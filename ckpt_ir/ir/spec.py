@@ -110,6 +110,15 @@ class ModelSpec:
     layer_blocks: tuple[tuple[str, ...], ...] = attrs.field(
         default=(), converter=lambda v: tuple(tuple(b) for b in v)
     )
+    # DeepSeek-V4's blocks (ir/blocks.py: mqa, compressor, csa_indexer, hc, hash_router): mqa's
+    # grouped low-rank output projection (mqa_o_groups groups of heads, each projected to
+    # mqa_o_rank), each main layer's KV compress ratio (0: no compressor), the hyper-connection
+    # streams, and the blocks of every multi-token-prediction layer (empty: as blocks() derives)
+    mqa_o_groups: int = 0
+    mqa_o_rank: int = 0
+    compressor_ratios: tuple[int, ...] = attrs.field(default=(), converter=_int_tuple)
+    hc_mult: int = 0
+    mtp_blocks: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     attn_gate: bool = False  # q_proj also yields a sigmoid output gate: per head [q; gate] rows
     shared_expert_gate: bool = False  # a sigmoid gate on the shared experts' output (Qwen2-MoE)
     router_bias: bool = False  # a score-correction bias on the router (DeepSeek-V3)
@@ -183,6 +192,8 @@ class ModelSpec:
         with experts unless in ``dense_layers``).  Multi-token-prediction layers are the latter."""
         if self.layer_blocks and layer < self.num_layers:
             return self.layer_blocks[layer]
+        if self.mtp_blocks and layer >= self.num_layers:
+            return self.mtp_blocks
         mixer = "gdn" if layer in self.linear_layers else "mla" if self.mla else "attention"
         moe = self.num_experts > 0 and layer not in self.dense_layers
         return (mixer, "moe" if moe else "mlp")
@@ -230,8 +241,19 @@ class ModelSpec:
     def linear_v_size(self) -> int:
         return self.linear_v_heads * self.linear_v_dim
 
+    def compressor_ratio(self, layer: int) -> int:
+        """How many tokens layer ``layer``'s KV compressor folds into one entry (0: none)."""
+        return self.compressor_ratios[layer] if layer < len(self.compressor_ratios) else 0
+
+    def compressor_width(self, layer: int, head_dim: int) -> int:
+        """Rows of a compressor's kv / gate projections over heads of ``head_dim``: two series
+        (its windows overlap) in a layer with the lightning indexer (CSA), one otherwise (HCA)."""
+        return (2 if self.has_block(layer, "csa_indexer") else 1) * head_dim
+
     def has_indexer(self, layer: int) -> bool:
-        return self.index_heads > 0 and layer not in self.shared_index_layers
+        """Whether ``layer`` has DSA's lightning indexer beside MLA (DeepSeek-V4's indexer is the
+        csa_indexer block of its layers)."""
+        return self.mla and self.index_heads > 0 and layer not in self.shared_index_layers
 
     def is_moe_layer(self, layer: int) -> bool:
         return "moe" in self.blocks(layer)
@@ -282,3 +304,31 @@ def check_layer_blocks(spec: ModelSpec) -> None:
     for block, fields in sizes.items():
         if any(spec.has_block(i, block) for i in layers) and not all(getattr(spec, f) for f in fields):
             raise LayoutError(f"model spec: {block} layers need {', '.join(fields)} (positive)")
+    _check_dsv4_blocks(spec)
+
+
+def _check_dsv4_blocks(spec: ModelSpec) -> None:
+    """DeepSeek-V4's blocks need their sizes: mqa its q rank and output groups, a compressor its
+    layer's ratio, the indexer its heads, hyper-connections their stream count."""
+    layers = range(spec.total_layers)
+    if any(spec.has_block(i, "mqa") for i in layers) and not (
+        spec.num_heads and spec.head_dim and spec.q_lora_rank and spec.mqa_o_groups and spec.mqa_o_rank
+    ):
+        raise LayoutError(
+            "model spec: mqa attention needs num_heads, head_dim, q_lora_rank, mqa_o_groups and mqa_o_rank"
+        )
+    if spec.mqa_o_groups and spec.num_heads % spec.mqa_o_groups:
+        raise LayoutError(
+            f"model spec: {spec.num_heads} heads do not form {spec.mqa_o_groups} output groups (mqa_o_groups)"
+        )
+    bad = [i for i in layers if spec.has_block(i, "compressor") and spec.compressor_ratio(i) < 1]
+    if bad:
+        raise LayoutError(
+            f"model spec: layer {bad[0]} has a compressor but no compress ratio (compressor_ratios)"
+        )
+    if any(spec.has_block(i, "csa_indexer") for i in layers) and not (
+        spec.index_heads and spec.index_head_dim
+    ):
+        raise LayoutError("model spec: csa_indexer layers need index_heads and index_head_dim")
+    if any(spec.has_block(i, "hc") for i in layers) and not spec.hc_mult:
+        raise LayoutError("model spec: hyper-connection (hc) layers need hc_mult")

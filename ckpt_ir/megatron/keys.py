@@ -171,6 +171,49 @@ OWN_MIXER_KEYS = tuple(
     for r in roles()
     if r.template.startswith(tuple(C + b + "." for b in OWN_MIXERS)) and ".lora_" not in r.template
 )
+# DeepSeek-V4's layer (blocks mqa, compressor, csa_indexer, hc, moe, hash_router) as
+# MindSpeed-LLM's convert_ckpt_deepseek4.py writes it, in its order: norms, attention (its
+# compressor, then the indexer's), router, shared experts, the two hyper-connection mixers, experts
+_MQA = D + "self_attention."
+_MQA_LAYER_KEYS = (
+    (D + "input_layernorm.weight", C + "attn_norm.weight"),
+    (D + "pre_mlp_layernorm.weight", C + "mlp_norm.weight"),
+    (_MQA + "attn_sink", C + "mqa.sinks"),
+    (_MQA + "kv_layernorm.weight", C + "mqa.kv_norm.weight"),
+    (_MQA + "q_layernorm.weight", C + "mqa.q_norm.weight"),
+    (_MQA + "linear_o_down_proj.weight", C + "mqa.wo_a.weight"),
+    (_MQA + "linear_kv.weight", C + "mqa.wkv.weight"),
+    (_MQA + "linear_o_up_proj.weight", C + "mqa.wo_b.weight"),
+    (_MQA + "linear_q.weight", C + "mqa.wq_a.weight"),
+    (_MQA + "linear_q_up_proj.weight", C + "mqa.wq_b.weight"),
+    *(
+        (_MQA + m + t, C + c + t)
+        for m, c in (
+            ("compressor.", "mqa.compressor."),
+            ("indexer.kv_compressor.", "mqa.indexer.compressor."),
+        )
+        for t in ("ape", "norm.weight", "wgate.weight", "wkv.weight")
+    ),
+    (_MQA + "indexer.wq_b.weight", C + "mqa.indexer.wq_b.weight"),
+    (_MQA + "indexer.weights_proj.weight", C + "mqa.indexer.weights_proj.weight"),
+    (D + "mlp.router.weight", C + "mlp.router.weight"),
+    (D + "mlp.router.expert_bias", C + "mlp.router.bias"),
+    (D + "mlp.router.tid2eid", C + "mlp.router.tid2eid"),
+    *(kc for kc in _MLP_KEYS if ".shared_experts.linear_" in kc[0] and kc[0].endswith(".weight")),
+    *(
+        (D + f"{m}.{k}", C + f"{c}.{t}")
+        for m, c in (("attn_mhc", "hc_attn"), ("mlp_mhc", "hc_ffn"))
+        for k, t in (("hc_base", "base"), ("hc_fn.weight", "fn"), ("hc_scale", "scale"))
+    ),
+    *(kc for kc in _MLP_KEYS if ".experts.local_experts." in kc[0] and kc[0].endswith(".weight")),
+)
+# the hyper-connection heads of the model (last stage, after the output layer) and of each MTP layer
+HC_HEAD = tuple(
+    (f"hc_head.{k}", f"hc_head.{t}")
+    for k, t in (("hc_base", "base"), ("hc_fn.weight", "fn"), ("hc_scale", "scale"))
+)
+MTP_HC_HEAD = tuple(("mtp.layers.{k}." + k, "mtp." + c) for k, c in HC_HEAD)
+
 # Per-layer order follows MindSpeed-LLM's writer (norms, attention, then MLP), so rank files list
 # keys in the same order as that converter's.
 _LAYER_KEYS = _NORM_KEYS + _ATTENTION_KEYS + _MLP_KEYS + _MAMBA_KEYS + OWN_MIXER_KEYS
@@ -235,6 +278,7 @@ POST_LAYERS = (
     ("output_layer.bias", "lm_head.bias"),
     # megatron-core's MambaModel (MambaStack) names its final norm final_norm
     (HYBRID_FINAL_NORM, "final_norm.weight"),
+    *HC_HEAD,
 )
 
 
@@ -308,7 +352,7 @@ def mtp_naming(keys) -> MtpNames:
     return found
 
 
-MTP_READ = MTP_HEAD + tuple(sorted({(n.norm, "mtp.norm.weight") for n in MTP_NAMES.values()}))
+MTP_READ = MTP_HEAD + MTP_HC_HEAD + tuple(sorted({(n.norm, "mtp.norm.weight") for n in MTP_NAMES.values()}))
 # MindSpeed-LLM's names, which the torch format is written with by default
 MTP_PREFIX = MTP_MINDSPEED.layer
 MTP_KEYS = (*MTP_HEAD, (MTP_MINDSPEED.norm, "mtp.norm.weight"))
@@ -326,11 +370,21 @@ KeyPairs = tuple[tuple[str, str], ...]  # (Megatron key template, canonical temp
 
 
 def _layer_keys(
-    mla: bool, full_qk_norm: bool, family: str | None = None, gated: bool = True, mla_keys: str = "mindspeed"
+    mla: bool,
+    full_qk_norm: bool,
+    family: str | None = None,
+    gated: bool = True,
+    mla_keys: str = "mindspeed",
+    mqa: bool = False,
 ) -> KeyPairs:
-    """The decoder-layer keys; a plain (not gated) MLP's linear_fc1 is the canonical fc1."""
+    """The decoder-layer keys; a plain (not gated) MLP's linear_fc1 is the canonical fc1; ``mqa``:
+    DeepSeek-V4's layers (MindSpeed-LLM's modules)."""
     keys: KeyPairs = (
-        (_MCORE_MLA_LAYER_KEYS if mla_keys == "mcore" else _MLA_LAYER_KEYS) if mla else _LAYER_KEYS
+        _MQA_LAYER_KEYS
+        if mqa
+        else (_MCORE_MLA_LAYER_KEYS if mla_keys == "mcore" else _MLA_LAYER_KEYS)
+        if mla
+        else _LAYER_KEYS
     )
     if full_qk_norm:
         keys = tuple((m, _FULL_QK_NORM.get(c, c)) for m, c in keys)
@@ -413,17 +467,25 @@ def layer_table(
     family: str | None = None,
     gated: bool = True,
     mla_keys: str = "mindspeed",
+    mqa: bool = False,
 ) -> NameTable:
     """Decoder-layer key table for a naming (``local``, ``te``, ``te-input``; MindSpeed-LLM v2's
     transformer_engine output fuses only the input norm for dense layers) and, with ``mla``, the
     MLA modules' (``mindspeed``: one fused linear_qkv; ``mcore``: megatron-core's own)."""
     mla_keys = mla_keys if mla else "mindspeed"
-    return _table(_layer_keys(mla, full_qk_norm, family, gated, mla_keys), norm_names, mla_keys)
+    return _table(_layer_keys(mla, full_qk_norm, family, gated, mla_keys, mqa), norm_names, mla_keys)
+
+
+def has_mqa(spec: ModelSpec) -> bool:
+    """Whether the model's layers are DeepSeek-V4's (MindSpeed-LLM's deepseek4 modules)."""
+    return any(spec.has_block(i, "mqa") for i in range(spec.total_layers))
 
 
 def spec_layer_table(norm_names: str, spec: ModelSpec, mla_keys: str = "mindspeed") -> NameTable:
     """:func:`layer_table` for the model ``spec`` describes."""
-    return layer_table(norm_names, spec.mla, spec.qk_full_norm, spec.family, spec.gated_mlp, mla_keys)
+    return layer_table(
+        norm_names, spec.mla, spec.qk_full_norm, spec.family, spec.gated_mlp, mla_keys, has_mqa(spec)
+    )
 
 
 def read_tables(spec: ModelSpec) -> tuple[NameTable, ...]:
@@ -437,7 +499,10 @@ def role_order(spec: ModelSpec, mla_keys: str = "mindspeed") -> tuple[str, ...]:
     """The decoder-layer roles of the model ``spec`` describes, in the order rank files list them
     (``mla_keys``: MindSpeed-LLM's or megatron-core's MLA modules)."""
     return tuple(
-        c for _, c in _layer_keys(spec.mla, spec.qk_full_norm, spec.family, spec.gated_mlp, mla_keys)
+        c
+        for _, c in _layer_keys(
+            spec.mla, spec.qk_full_norm, spec.family, spec.gated_mlp, mla_keys, has_mqa(spec)
+        )
     )
 
 

@@ -200,7 +200,8 @@ def checkpoint(
         hf_config=cfg,
         source=path,
         aux_files=() if iteration_dir is None else _side_files(path, iteration_dir),
-        meta=meta,
+        # the HF naming a ckpt-ir output recorded (DeepSeek-V4 as transformers saves it)
+        meta={**meta, "hf_naming": args["ckpt_ir_hf_naming"]} if args.get("ckpt_ir_hf_naming") else meta,
         states={k: {n: v[n] for n in ordered if n in v} for k, v in sets.items()},
     )
 
