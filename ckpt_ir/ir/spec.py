@@ -55,6 +55,9 @@ class ModelSpec:
     moe_topk: int = 0
     moe_ffn_hidden_size: int = 0
     shared_ffn_hidden_size: int = 0  # 0: no shared experts
+    # zero-computation (identity) experts: the router scores num_experts + zero_experts choices,
+    # the last zero_experts of which have no weights (LongCat-Flash)
+    zero_experts: int = 0
     dense_layers: tuple[int, ...] = attrs.field(
         default=(), converter=_int_tuple
     )  # MoE model layers with a dense MLP
@@ -87,7 +90,9 @@ class ModelSpec:
     mamba_conv_kernel: int = 0
     # The blocks of each main layer, in order (names in ``ckpt_ir.ir.blocks.BLOCKS``: a mixer
     # such as "attention" or "mamba", an MLP such as "mlp" or "moe"); empty: every layer is one
-    # mixer and one MLP, as the fields above imply (see :meth:`blocks`)
+    # mixer and one MLP, as the fields above imply (see :meth:`blocks`).  A block of a layer made
+    # of sublayers names its sublayer, "sub<k>.<block>" (LongCat-Flash: "sub0.mla", "moe",
+    # "sub0.mlp", "sub1.mla", "sub1.mlp"; see ckpt_ir.ir.blocks)
     layer_blocks: tuple[tuple[str, ...], ...] = attrs.field(
         default=(), converter=lambda v: tuple(tuple(b) for b in v)
     )
@@ -161,17 +166,45 @@ class ModelSpec:
         return self.num_layers + self.mtp_layers
 
     def blocks(self, layer: int) -> tuple[str, ...]:
-        """The blocks of ``layer``: ``layer_blocks`` where it lists the layer, else one mixer
-        (gated-delta-net in ``linear_layers``, else MLA or attention) and one MLP (MoE in a model
-        with experts unless in ``dense_layers``).  Multi-token-prediction layers are the latter."""
+        """The blocks of ``layer``: ``layer_blocks`` where it lists the layer (the kinds of all its
+        sublayers' blocks too), else one mixer (gated-delta-net in ``linear_layers``, else MLA or
+        attention) and one MLP (MoE in a model with experts unless in ``dense_layers``).
+        Multi-token-prediction layers are the latter."""
         if self.layer_blocks and layer < self.num_layers:
-            return self.layer_blocks[layer]
+            from ckpt_ir.ir.blocks import kinds
+
+            return kinds(self.layer_blocks)[layer]
         mixer = "gdn" if layer in self.linear_layers else "mla" if self.mla else "attention"
         moe = self.num_experts > 0 and layer not in self.dense_layers
         return (mixer, "moe" if moe else "mlp")
 
     def has_block(self, layer: int, block: str) -> bool:
         return block in self.blocks(layer)
+
+    def sublayers(self, layer: int) -> tuple[int, ...]:
+        """The sublayers ``layer`` is made of (their numbers, in order; none for most models)."""
+        if not self.layer_blocks or layer >= self.num_layers:
+            return ()
+        from ckpt_ir.ir.blocks import sublayers
+
+        return sublayers(self.layer_blocks)[layer]
+
+    def own_norms(self, layer: int) -> bool:
+        """Whether the blocks this spec describes in ``layer`` have norms of their own: always,
+        but in :meth:`scoped` to the layer-level blocks of a layer made of sublayers, whose norms
+        are the sublayers' (LongCat-Flash's shortcut MoE reads sublayer 0's pre-MLP norm)."""
+        return True
+
+    def scoped(self, sub: int | None) -> ModelSpec:
+        """This spec seen from one part of each layer: sublayer ``sub``'s blocks, or (None) the
+        blocks outside any sublayer.  The role table asks a role's presence of the scope its
+        canonical name lies in (``layers.N.sub<k>.`` or none); a model without sublayers is its
+        own layer-level scope."""
+        if not self.layer_blocks:
+            return self
+        from ckpt_ir.ir.blocks import scoped
+
+        return scoped(self, sub)
 
     def has_attention(self, layer: int) -> bool:
         """Whether ``layer`` has (softmax) attention: multi-head / grouped-query or MLA."""
