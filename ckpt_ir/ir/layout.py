@@ -175,7 +175,7 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
                 f"layout: {spec.num_kv_heads} query groups (KV heads) are not divisible by tensor "
                 f"parallel size {layout.tp}; choose a TP that divides the KV head count"
             )
-        has_dense_mlp = spec.num_experts == 0 or bool(spec.dense_layers)
+        has_dense_mlp = any(spec.has_block(i, "mlp") for i in range(spec.num_layers))
         if has_dense_mlp and spec.ffn_hidden_size % layout.tp:
             raise LayoutError(
                 f"layout: ffn hidden size {spec.ffn_hidden_size} is not divisible by tensor "
