@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import ckpt_ir.api as ck
+from ckpt_ir.errors import FormatError
 from tests.family_models import (
     DENSE,
     append_mtp_layer,
@@ -166,6 +167,31 @@ def test_longcat_rank_files_hold_mindspeeds_longcat_layer(models, tmp_path):
         expert = 2 * e + 1  # local expert 1 of EP rank e
         gate, up = (hf[h + f"mlp.experts.{expert}.{p}_proj.weight"].chunk(2)[t] for p in ("gate", "up"))
         assert torch.equal(sd[d + "mlp.experts.local_experts.1.linear_fc1.weight"], torch.cat([gate, up]))
+
+
+@pytest.mark.parametrize("zero", [2, 0, None, "absent"])
+def test_longcat_router_rows_are_routed_plus_zero_experts(models, tmp_path, zero):
+    """LongcatFlashTopkRouter scores n_routed_experts + (zero_expert_num or 0) choices, and
+    LongcatFlashConfig's zero_expert_num defaults to 256: the 4 + 2 router rows of the model
+    match only zero_expert_num 2; other values are a one-line error naming the tensor."""
+    import json
+
+    src = str(tmp_path / "hf")
+    shutil.copytree(models("longcat_flash"), src)
+    cfg = json.load(open(f"{src}/config.json"))
+    if zero == "absent":
+        del cfg["zero_expert_num"]
+    else:
+        cfg["zero_expert_num"] = zero
+    json.dump(cfg, open(f"{src}/config.json", "w"))
+    if zero == 2:
+        assert ck.load(src).spec.zero_experts == 2
+        return
+    rows = {0: 4, None: 4, "absent": 4 + 256}[zero]
+    with pytest.raises(
+        FormatError, match=rf"router\.classifier\.weight has shape \[6, 64\] .* implies \[{rows}, 64\]"
+    ):
+        ck.load(src)
 
 
 def test_models_lists_the_mla_families_with_their_mindspeed_names(capsys):
