@@ -49,6 +49,17 @@ with MindSpeed-LLM ``c77308a1`` (hf -> mg and mg -> hf, 0.2-0.5 s a case):
 * mg -> hf writes one ``torch_model.bin`` (a plain dict under the HF names, loadable with
   ``weights_only=True``; no config, no safetensors); at TP1 and TP2 all 39 tensors come back equal.
 
+LongCat-Flash (cases ``longcat-*``): MindSpeed-LLM's dedicated converter (``--model-type-hf
+longcat``, ``convert_ckpt_longcat.py``) on the family tests' 3-layer ``longcat_flash`` model.  Besides
+the rank-file comparison, READ_BACK reads each side's files back to HF: ckpt-ir's ``convert-ckpt``
+on MindSpeed's (``--hf-cfg-dir``: its args hold the HF config under MindSpeed's names, where
+``qk_head_dim`` is ``qk_nope_head_dim`` and ``num_layers`` is taken for Megatron's) and MindSpeed's
+mg -> hf on ckpt-ir's, each against the HF tensors.  Measured with ``c77308a1``: identical rank
+files and equal tensors both ways at TP2 EP2, TP2 EP2 with expert TP 1 and grouped GEMM (its
+release recipe: only the (t, t % EP) rank directories), and TP2 PP2 with ``--num-layer-list 2,1``;
+MindSpeed's mg -> hf reads grouped GEMM and expert TP 1 only from its flags (without them:
+``KeyError: ...mlp.experts.local_experts.0.linear_fc1.weight``).
+
 The exit status is 0 when every check that ran passed: a ckpt-ir comparison that is not
 supported yet counts as not run.
 
