@@ -70,6 +70,16 @@ without ``--mtp-num-layers`` and of ckpt-ir's with it.  Measured with MindSpeed-
 * MindSpeed's mg -> hf of ckpt-ir's output: 160/162, all but the MTP layer's embedding and head
   copies (``deepseek4`` ties them: ``tie_mtp_embeddings_and_lmhead``), except at TP2 EP2 (the same
   KeyError).
+LongCat-Flash (cases ``longcat-*``): MindSpeed-LLM's dedicated converter (``--model-type-hf
+longcat``, ``convert_ckpt_longcat.py``) on the family tests' 3-layer ``longcat_flash`` model.  Besides
+the rank-file comparison, READ_BACK reads each side's files back to HF: ckpt-ir's ``convert-ckpt``
+on MindSpeed's (``--hf-cfg-dir``: its args hold the HF config under MindSpeed's names, where
+``qk_head_dim`` is ``qk_nope_head_dim`` and ``num_layers`` is taken for Megatron's) and MindSpeed's
+mg -> hf on ckpt-ir's, each against the HF tensors.  Measured with ``c77308a1``: identical rank
+files and equal tensors both ways at TP2 EP2, TP2 EP2 with expert TP 1 and grouped GEMM (its
+release recipe: only the (t, t % EP) rank directories), and TP2 PP2 with ``--num-layer-list 2,1``;
+MindSpeed's mg -> hf reads grouped GEMM and expert TP 1 only from its flags (without them:
+``KeyError: ...mlp.experts.local_experts.0.linear_fc1.weight``).
 
 The exit status is 0 when every check that ran passed: a ckpt-ir comparison that is not
 supported yet counts as not run.
@@ -284,6 +294,32 @@ CASES = {
         "deepseek4",
         [*TP2_EP2_GROUPED, "--mtp-num-layers", "1"],
     ),
+    # LongCat-Flash (3 layers, tests/family_models.py): MindSpeed's dedicated converter
+    # (convert_ckpt_longcat.py); the second case is its release recipe (expert TP 1, grouped GEMM)
+    "longcat-tp2ep2": (
+        "longcat_flash",
+        "longcat",
+        ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2"],
+    ),
+    "longcat-tp2ep2-etp1-grouped": (
+        "longcat_flash",
+        "longcat",
+        [*TP2_EP2_GROUPED, "--expert-tensor-parallel-size", "1"],
+    ),
+    "longcat-tp2pp2-layers": (
+        "longcat_flash",
+        "longcat",
+        [*TP2_PP2, "--num-layer-list", "2,1"],
+    ),
+}
+# cases whose rank files are also read back to HF both ways: ckpt-ir's convert-ckpt on MindSpeed's
+# files (with --hf-cfg-dir: MindSpeed's LongCat args rename qk_head_dim and drop num_layers) and
+# MindSpeed's own mg -> hf on ckpt-ir's, each against the HF tensors; case -> the flags MindSpeed's
+# mg -> hf needs besides its files' args (it does not read grouped GEMM or expert TP 1 from them)
+READ_BACK = {
+    "longcat-tp2ep2": [],
+    "longcat-tp2ep2-etp1-grouped": ["--moe-grouped-gemm", "--expert-tensor-parallel-size", "1"],
+    "longcat-tp2pp2-layers": [],
 }
 
 
@@ -340,6 +376,53 @@ def run_mindspeed(source: str, argv: list[str], log: str | None = None) -> None:
 def run_ckpt_ir(argv: list[str]) -> None:
     env = dict(os.environ, PYTHONPATH=ROOT)
     subprocess.run([sys.executable, "-m", "ckpt_ir", "convert-ckpt", *argv], check=True, env=env, cwd=ROOT)
+
+
+def hf_tensors(path: str) -> dict:
+    """Every tensor of the safetensors files of the HF directory ``path``."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, f)))
+    return out
+
+
+def same_hf(want: dict, got: dict) -> str | None:
+    """None when ``got`` holds exactly ``want``'s tensors (names, dtypes, values), else what differs."""
+    import torch
+
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    unequal = sorted(
+        k for k in set(want) & set(got) if got[k].dtype != want[k].dtype or not torch.equal(got[k], want[k])
+    )
+    if not (missing or extra or unequal):
+        return None
+    return f"missing {missing[:3]}, extra {extra[:3]}, unequal {unequal[:3]}"
+
+
+def read_back(case: str, source: str, work: str, hf: str, theirs: str, ours: str) -> list[str]:
+    """READ_BACK's checks of ``case``: ckpt-ir reads MindSpeed's rank files, MindSpeed reads
+    ckpt-ir's, both back to HF; [] when both give the HF tensors."""
+    want, out = hf_tensors(hf), []
+    back = os.path.join(work, "back", case)
+    shutil.rmtree(back, ignore_errors=True)
+    args = ["--load-model-type", "mg", "--save-model-type", "hf", "--hf-cfg-dir", hf]
+    run_ckpt_ir([*args, "--load-dir", theirs, "--save-dir", os.path.join(back, "ckpt-ir")])
+    bad = same_hf(want, hf_tensors(os.path.join(back, "ckpt-ir")))
+    if bad:
+        out.append(f"ckpt-ir on MindSpeed's files: {bad}")
+    ms_name = CASES[case][1]
+    argv = [*args, "--model-type-hf", ms_name, *READ_BACK[case], "--load-dir", ours]
+    try:
+        run_mindspeed(source, [*argv, "--save-dir", os.path.join(back, "mindspeed")], back + "-mindspeed.log")
+    except RuntimeError as e:
+        return [*out, f"MindSpeed on ckpt-ir's files failed: {e}"]
+    bad = same_hf(want, hf_tensors(os.path.join(back, "mindspeed")))
+    if bad:
+        out.append(f"MindSpeed on ckpt-ir's files: {bad}")
+    return out
 
 
 def rank_files(root: str) -> dict[str, str]:
@@ -879,11 +962,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{case}: {summary}", flush=True)
             continue
         diffs = compare(theirs, ours)
-        results[case] = not diffs
-        print(
-            f"{case}: " + ("identical" if not diffs else "differs:\n    " + "\n    ".join(diffs[:20])),
-            flush=True,
-        )
+        back = read_back(case, source, work, hf, theirs, ours) if case in READ_BACK else []
+        results[case] = not diffs and not back
+        line = "identical" if not diffs else "differs:\n    " + "\n    ".join(diffs[:20])
+        if case in READ_BACK:
+            line += "; read back to HF both ways: " + ("equal" if not back else "; ".join(back))
+        print(f"{case}: {line}", flush=True)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if all(results.values()) else 1

@@ -372,6 +372,7 @@ _COUNTS = {
     "moe_topk",
     "moe_ffn_hidden_size",
     "shared_ffn_hidden_size",
+    "zero_experts",
     "q_lora_rank",
     "kv_lora_rank",
     "qk_nope_dim",

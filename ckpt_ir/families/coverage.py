@@ -48,7 +48,6 @@ GAPS = {
     "blt": "a byte-level model: patcher, local encoder / decoder and a global transformer",
     "trocr": "the text decoder of a vision encoder-decoder model",
     "bert-generation": "BERT's post-LayerNorm layers used as a decoder",
-    "longcat_flash": "needs two attentions and MLPs per layer beside a shortcut MoE (docs/families.md)",
 }
 
 

@@ -12,13 +12,25 @@ the block (and the block's own variant fields say so).  A model whose layers are
 Megatron's hybrid models name a layer's blocks with one symbol each (megatron-core's
 ``hybrid_override_pattern``, e.g. ``M*M-ME``); :func:`from_pattern` and :func:`to_pattern`
 translate.
+
+A layer may also be made of *sublayers*, each an ordinary layer's blocks with norms of their own,
+beside blocks of the layer itself: a block of sublayer ``k`` is listed as ``"sub<k>.<block>"``
+(LongCat-Flash: ``("sub0.mla", "moe", "sub0.mlp", "sub1.mla", "sub1.mlp")``, two MLA + dense MLP
+sublayers and a shortcut MoE).  The roles of a sublayer's blocks (and of the norms feeding them)
+are the ordinary roles under the canonical prefix ``layers.N.sub<k>.`` (:data:`SUB`), present
+where ``ModelSpec.scoped(k)``, which sees only sublayer k's blocks, says; the roles under
+``layers.N.`` itself are asked of ``scoped(None)``, which sees only the layer-level blocks and no
+norms (they are the sublayers').
 """
 
 from __future__ import annotations
 
+import re
+from functools import lru_cache
 from typing import Protocol
 
 from ckpt_ir.errors import LayoutError
+from ckpt_ir.ir.names import SUB
 
 
 class Layers(Protocol):
@@ -46,6 +58,38 @@ BLOCKS = MIXERS + MLPS + PARTS
 # HybridModel adds G for a gated-delta-net layer)
 SYMBOLS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe", "G": "gdn"}
 _SYMBOL_OF = {b: s for s, b in SYMBOLS.items()}
+
+_ENTRY = re.compile(rf"^(?:{SUB}(\d+)\.)?([a-z0-9_]+)$")
+
+Entries = tuple[tuple[str, ...], ...]  # ModelSpec.layer_blocks
+
+
+def parse(entry: str) -> tuple[int | None, str]:
+    """(sublayer or None, block kind) of one ``layer_blocks`` entry (``"sub1.mla"`` -> (1, "mla"))."""
+    m = _ENTRY.match(entry)
+    if m is None:
+        return None, entry
+    return (None if m.group(1) is None else int(m.group(1))), m.group(2)
+
+
+@lru_cache(maxsize=64)
+def kinds(layer_blocks: Entries) -> tuple[tuple[str, ...], ...]:
+    """Each layer's block kinds, sublayer prefixes dropped."""
+    return tuple(tuple(parse(b)[1] for b in layer) for layer in layer_blocks)
+
+
+@lru_cache(maxsize=64)
+def sublayers(layer_blocks: Entries) -> tuple[tuple[int, ...], ...]:
+    """Each layer's sublayer numbers, in order of first mention."""
+    out = []
+    for layer in layer_blocks:
+        subs: list[int] = []
+        for b in layer:
+            k = parse(b)[0]
+            if k is not None and k not in subs:
+                subs.append(k)
+        out.append(tuple(subs))
+    return tuple(out)
 
 
 def from_pattern(pattern: str, where: str) -> tuple[tuple[str, ...], ...]:

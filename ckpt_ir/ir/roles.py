@@ -21,7 +21,19 @@ import attrs
 
 from ckpt_ir.ir.blocks import OWN_MIXERS
 from ckpt_ir.ir.layout import Layout
-from ckpt_ir.ir.names import COLUMN, COLUMN_BLOCKS2, ROW, Split, expert_of, role_of, saved_name, split_layer
+from ckpt_ir.ir.names import (
+    COLUMN,
+    COLUMN_BLOCKS2,
+    ROW,
+    SUB,
+    Split,
+    expert_of,
+    layer_name,
+    role_of,
+    saved_name,
+    split_layer,
+    split_sub,
+)
 from ckpt_ir.ir.spec import ModelSpec
 
 # (spec, layout) -> shape; (spec, layout, layer) -> shape for a role with ``per_layer``
@@ -49,6 +61,8 @@ class Role:
     # ``shape`` takes the layer too, (spec, layout, i): a block whose sizes differ from layer to
     # layer (DeepSeek-V4's compressors, each with its layer's ratio)
     per_layer: bool = False
+    # the sublayer whose copy of a layer role this is (``layers.{i}.sub<k>.``; None: the layer's)
+    sub: int | None = None
 
     @property
     def per_expert(self) -> bool:
@@ -102,16 +116,17 @@ def _attn_like(s: ModelSpec, i: int) -> bool:
 
 
 def _pre_norm(s: ModelSpec, lay: Layout, i: int) -> bool:
-    return s.pre_norms and (i < 0 or _attn_like(s, i))
+    return s.pre_norms and (i < 0 or _attn_like(s, i) and s.own_norms(i))
 
 
 def _norm_bias(s: ModelSpec, lay: Layout, i: int) -> bool:
-    return s.norm_bias and (i < 0 or _attn_like(s, i))
+    return s.norm_bias and (i < 0 or _attn_like(s, i) and s.own_norms(i))
 
 
 def _mlp_norm(s: ModelSpec, lay: Layout, i: int) -> bool:
-    """A norm of the MLP's own (not with parallel attention and MLP, which share the input norm)."""
-    return s.pre_norms and not s.parallel_attn_mlp and s.has_mlp(i)
+    """A norm of the MLP's own (not with parallel attention and MLP, which share the input norm,
+    nor for a layer-level MLP beside sublayers, which reads theirs)."""
+    return s.pre_norms and not s.parallel_attn_mlp and s.has_mlp(i) and s.own_norms(i)
 
 
 def _indexer(s: ModelSpec, lay: Layout, i: int) -> bool:
@@ -416,6 +431,12 @@ _DSV4_ROLES = [
     ),
 ]
 
+
+def _choices(s: ModelSpec) -> int:
+    """What a MoE router scores: the routed experts and the zero-computation ones."""
+    return s.num_experts + s.zero_experts
+
+
 _BUILTIN: list[Role] = [
     Role("embed.weight", COLUMN, lambda s, lay: (_vocab(s, lay), s.hidden_size)),
     # learned absolute positions (Megatron's torch.nn.Embedding: not split over TP)
@@ -550,22 +571,23 @@ _BUILTIN: list[Role] = [
         L + "post_mlp_norm.weight",
         None,
         lambda s, lay: (s.hidden_size,),
-        lambda s, lay, i: s.post_norms and s.has_mlp(i),
+        lambda s, lay, i: s.post_norms and s.has_mlp(i) and s.own_norms(i),
     ),
     # mixture of experts: router (and its score-correction bias), routed experts, shared experts.
     # Expert tensors follow the dense MLP rules; with expert TP = 1 the shard pass leaves them whole.
-    Role(L + "mlp.router.weight", None, lambda s, lay: (s.num_experts, s.hidden_size), _moe()),
+    # The router scores the zero-computation experts too (their rows after the real experts').
+    Role(L + "mlp.router.weight", None, lambda s, lay: (_choices(s), s.hidden_size), _moe()),
     Role(
         L + "mlp.router.bias",
         None,
-        lambda s, lay: (s.num_experts,),
+        lambda s, lay: (_choices(s),),
         lambda s, lay, i: s.is_moe_layer(i) and s.router_bias and not s.has_block(i, "hash_router"),
     ),
     # the router linear's own bias (gpt-oss), added to the logits; not a score-correction bias
     Role(
         L + "mlp.router.logit_bias",
         None,
-        lambda s, lay: (s.num_experts,),
+        lambda s, lay: (_choices(s),),
         _moe(lambda s, lay: s.router_logit_bias),
     ),
     *_mlp_roles(
@@ -750,6 +772,7 @@ LINEAR_TARGETS = (
 )
 
 _TABLE: dict[str, Role] = {}
+_SUB_ROLES: dict[tuple[str, int], Role] = {}  # layer roles copied into sublayers, made when asked
 
 
 @lru_cache(maxsize=1)
@@ -801,6 +824,7 @@ def register_role(*roles: Role, lora: bool = False) -> None:
         if lora:
             for r in _lora_roles(role):
                 _TABLE[r.template] = r
+    _SUB_ROLES.clear()
     _order.cache_clear()
 
 
@@ -815,8 +839,38 @@ def roles() -> Iterable[Role]:
 
 
 def role(name: str) -> Role | None:
-    """The role of canonical tensor ``name`` (None when no table row covers it)."""
-    return _TABLE.get(role_of(name))
+    """The role of canonical tensor ``name`` (None when no table row covers it); a name in a
+    sublayer (``layers.N.sub<k>.<role>``) has the role of ``layers.N.<role>`` copied there."""
+    template = role_of(name)
+    r = _TABLE.get(template)
+    if r is None and template.startswith(L):
+        sub, rest = split_sub(template[len(L) :])
+        if sub is not None and L + rest in _TABLE:
+            return _sub_role(L + rest, sub)
+    return r
+
+
+def _sub_role(template: str, sub: int) -> Role:
+    """Role ``template`` (``layers.{i}.<role>``) copied into sublayer ``sub``."""
+    key = (template, sub)
+    if key not in _SUB_ROLES:
+        _SUB_ROLES[key] = attrs.evolve(_TABLE[template], template=_in_sub(template, sub), sub=sub)
+    return _SUB_ROLES[key]
+
+
+def _in_sub(template: str, sub: int) -> str:
+    return f"{L}{SUB}{sub}.{template[len(L) :]}"
+
+
+def _asks(r: Role, spec: ModelSpec, layout: Layout, layer: int) -> bool:
+    """Whether layer role ``r`` is present in ``layer``: asked of the part of the layer its name
+    lies in (a sublayer, or the layer's own blocks; see ModelSpec.scoped)."""
+    assert r.present is not None
+    if layer < 0 or not spec.layer_blocks:
+        return r.sub is None and r.present(spec, layout, layer)
+    if r.sub is not None and r.sub not in spec.sublayers(layer):
+        return False
+    return r.present(spec.scoped(r.sub), layout, layer)
 
 
 def split_rule(name: str, spec: ModelSpec | None = None) -> Split | None:
@@ -839,7 +893,7 @@ def is_present(spec: ModelSpec, layout: Layout, name: str) -> bool:
     if r is None or r.present is None:
         return True
     layer, _ = split_layer(name)
-    return r.present(spec, layout, -1 if layer is None else layer)
+    return _asks(r, spec, layout, -1 if layer is None else layer)
 
 
 def expected_shape(
@@ -871,11 +925,13 @@ def expected_names(spec: ModelSpec, layout: Layout) -> set[str]:
                 names.add(r.template)
             continue
         for i in range(spec.total_layers):
-            if r.present(spec, layout, i):
-                if r.per_expert:
-                    names.update(r.template.format(i=i, e=e) for e in experts)
-                else:
-                    names.add(r.template.format(i=i))
+            for sub in (None, *spec.sublayers(i)):
+                here = r if sub is None else _sub_role(r.template, sub)
+                if _asks(here, spec, layout, i):
+                    if r.per_expert:
+                        names.update(here.template.format(i=i, e=e) for e in experts)
+                    else:
+                        names.add(here.template.format(i=i))
     return names
 
 
@@ -892,13 +948,13 @@ _TOP = {
 
 
 def canonical_order(name: str) -> tuple:
-    """Sort key: embedding, layers in order (experts in order, roles in table order), final norm,
-    lm_head."""
+    """Sort key: embedding, layers in order (experts in order; the layer's own roles, then each
+    sublayer's, each in table order), final norm, lm_head."""
     order = _order()
-    role_name = role_of(name)
-    rank = order.get(role_name, len(order))
-    layer, _ = split_layer(name)
+    layer, rest = split_layer(name)
     if layer is not None:
+        sub, rest = split_sub(rest)
+        rank = order.get(role_of(layer_name(layer, rest)), len(order))
         expert = expert_of(name)
-        return (1, layer, -1 if expert is None else expert, rank, name)
-    return (_TOP.get(name, 4), 0, -1, rank, name)
+        return (1, layer, -1 if expert is None else expert, -1 if sub is None else sub, rank, name)
+    return (_TOP.get(name, 4), 0, -1, -1, order.get(name, len(order)), name)

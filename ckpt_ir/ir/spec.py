@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from functools import lru_cache
 from typing import Any
 
 import attrs
 
 from ckpt_ir.errors import LayoutError, setting
-from ckpt_ir.ir.blocks import BLOCKS
+from ckpt_ir.ir.blocks import BLOCKS, kinds, parse, sublayers
+from ckpt_ir.ir.names import SUB
 
 
 def _positive(_inst: Any, attribute: attrs.Attribute, value: int) -> None:
@@ -56,6 +58,9 @@ class ModelSpec:
     moe_topk: int = 0
     moe_ffn_hidden_size: int = 0
     shared_ffn_hidden_size: int = 0  # 0: no shared experts
+    # zero-computation (identity) experts: the router scores num_experts + zero_experts choices,
+    # the last zero_experts of which have no weights (LongCat-Flash)
+    zero_experts: int = 0
     dense_layers: tuple[int, ...] = attrs.field(
         default=(), converter=_int_tuple
     )  # MoE model layers with a dense MLP
@@ -106,7 +111,9 @@ class ModelSpec:
     mamba1_proj_bias: bool = False
     # The blocks of each main layer, in order (names in ``ckpt_ir.ir.blocks.BLOCKS``: a mixer
     # such as "attention" or "mamba", an MLP such as "mlp" or "moe"); empty: every layer is one
-    # mixer and one MLP, as the fields above imply (see :meth:`blocks`)
+    # mixer and one MLP, as the fields above imply (see :meth:`blocks`).  A block of a layer made
+    # of sublayers names its sublayer, "sub<k>.<block>" (LongCat-Flash: "sub0.mla", "moe",
+    # "sub0.mlp", "sub1.mla", "sub1.mlp"; see ckpt_ir.ir.blocks)
     layer_blocks: tuple[tuple[str, ...], ...] = attrs.field(
         default=(), converter=lambda v: tuple(tuple(b) for b in v)
     )
@@ -187,11 +194,12 @@ class ModelSpec:
         return self.num_layers + self.mtp_layers
 
     def blocks(self, layer: int) -> tuple[str, ...]:
-        """The blocks of ``layer``: ``layer_blocks`` where it lists the layer, else one mixer
-        (gated-delta-net in ``linear_layers``, else MLA or attention) and one MLP (MoE in a model
-        with experts unless in ``dense_layers``).  Multi-token-prediction layers are the latter."""
+        """The blocks of ``layer``: ``layer_blocks`` where it lists the layer (the kinds of all its
+        sublayers' blocks too), else one mixer (gated-delta-net in ``linear_layers``, else MLA or
+        attention) and one MLP (MoE in a model with experts unless in ``dense_layers``).
+        Multi-token-prediction layers are the latter."""
         if self.layer_blocks and layer < self.num_layers:
-            return self.layer_blocks[layer]
+            return kinds(self.layer_blocks)[layer]
         if self.mtp_blocks and layer >= self.num_layers:
             return self.mtp_blocks
         mixer = "gdn" if layer in self.linear_layers else "mla" if self.mla else "attention"
@@ -200,6 +208,27 @@ class ModelSpec:
 
     def has_block(self, layer: int, block: str) -> bool:
         return block in self.blocks(layer)
+
+    def sublayers(self, layer: int) -> tuple[int, ...]:
+        """The sublayers ``layer`` is made of (their numbers, in order; none for most models)."""
+        if not self.layer_blocks or layer >= self.num_layers:
+            return ()
+        return sublayers(self.layer_blocks)[layer]
+
+    def own_norms(self, layer: int) -> bool:
+        """Whether the blocks this spec describes in ``layer`` have norms of their own: always,
+        but in :meth:`scoped` to the layer-level blocks of a layer made of sublayers, whose norms
+        are the sublayers' (LongCat-Flash's shortcut MoE reads sublayer 0's pre-MLP norm)."""
+        return True
+
+    def scoped(self, sub: int | None) -> ModelSpec:
+        """This spec seen from one part of each layer: sublayer ``sub``'s blocks, or (None) the
+        blocks outside any sublayer.  The role table asks a role's presence of the scope its
+        canonical name lies in (``layers.N.sub<k>.`` or none); a model without sublayers is its
+        own layer-level scope."""
+        if not self.layer_blocks:
+            return self
+        return scoped(self, sub)
 
     def has_attention(self, layer: int) -> bool:
         """Whether ``layer`` has (softmax) attention: multi-head / grouped-query or MLA."""
@@ -271,6 +300,37 @@ class ModelSpec:
         return {f.name: getattr(self, f.name) for f in attrs.fields(ModelSpec) if f.name != "extra"}
 
 
+def scoped(spec: ModelSpec, sub: int | None) -> ModelSpec:
+    """``spec`` seen from sublayer ``sub`` (None: the layer-level blocks), see ``ModelSpec.scoped``."""
+    if not any(sublayers(spec.layer_blocks)):
+        return spec
+    view = _scoped(spec, sub)
+    # equal specs may carry different configs (``extra`` is not compared): the view keeps its own
+    return view if view.extra is spec.extra else _scoped.__wrapped__(spec, sub)
+
+
+@lru_cache(maxsize=256)
+def _scoped(spec: ModelSpec, sub: int | None) -> ModelSpec:
+    values = {f.name: getattr(spec, f.name) for f in attrs.fields(ModelSpec)}
+    return _Scoped(**values, scope=sub)
+
+
+@attrs.frozen(kw_only=True)
+class _Scoped(ModelSpec):
+    """A ModelSpec that sees, in each layer with sublayers, only sublayer ``scope``'s blocks
+    (None: only the blocks outside the sublayers, with no norms of their own)."""
+
+    scope: int | None = None
+
+    def blocks(self, layer: int) -> tuple[str, ...]:
+        if not self.layer_blocks or layer >= self.num_layers or not self.sublayers(layer):
+            return ModelSpec.blocks(self, layer) if self.scope is None else ()
+        return tuple(k for s, k in map(parse, self.layer_blocks[layer]) if s == self.scope)
+
+    def own_norms(self, layer: int) -> bool:
+        return self.scope is not None or layer < 0 or not self.sublayers(layer)
+
+
 def check_layer_blocks(spec: ModelSpec) -> None:
     """Refuse a block list that names unknown blocks, has the wrong length, or leaves a layer
     without a block; and blocks without their sizes (attention without heads, a Mamba mixer
@@ -281,12 +341,12 @@ def check_layer_blocks(spec: ModelSpec) -> None:
                 f"model spec: layer_blocks lists {len(spec.layer_blocks)} layers but num_layers is "
                 f"{spec.num_layers}"
             )
-        for i, blocks in enumerate(spec.layer_blocks):
-            unknown = [b for b in blocks if b not in BLOCKS]
+        for i, (blocks, names) in enumerate(zip(spec.layer_blocks, kinds(spec.layer_blocks))):
+            unknown = [b for b, kind in zip(blocks, names) if kind not in BLOCKS]
             if unknown or not blocks:
                 raise LayoutError(
                     f"model spec: layer {i} has blocks {list(blocks)}; each layer needs one or more of "
-                    f"{', '.join(BLOCKS)}"
+                    f"{', '.join(BLOCKS)} (a sublayer's as {SUB}<k>.<block>)"
                 )
     layers = range(spec.total_layers)
     if any(spec.has_attention(i) for i in layers) and not (

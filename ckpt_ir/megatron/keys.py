@@ -18,7 +18,7 @@ import re
 
 import attrs
 
-from ckpt_ir.errors import FormatError, UsageError
+from ckpt_ir.errors import FormatError, LayoutError, UsageError, setting
 from ckpt_ir.io.side_files import AUX_PATTERNS, CHAT_TEMPLATES_ENTRY
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.blocks import OWN_MIXERS
@@ -368,6 +368,50 @@ _FULL_QK_NORM = {
 
 KeyPairs = tuple[tuple[str, str], ...]  # (Megatron key template, canonical template)
 
+# A layer made of sublayers (ckpt_ir.ir.blocks; LongCat-Flash): its keys block by block in the
+# layer's order, each sublayer's norms before its first block, the layer-level blocks' keys as a
+# layer's.  A sublayer's modules are MindSpeed-LLM's LongCat layer's (model_builder.py,
+# transformerlayer_type "longcat"): input_layernorm_<k>, pre_mlp_layernorm_<k>,
+# self_attention_<k>, and its dense MLP mlps_<k>.
+_MOE_ROLE = re.compile(r"^layers\.\{i\}\.mlp\.(?:router\.|shared[._]|experts\.)")
+_BLOCK_KEYS = {
+    "attention": _ATTENTION_KEYS,
+    "mla": _MLA_ATTENTION_KEYS,
+    "mlp": tuple(kc for kc in _MLP_KEYS if not _MOE_ROLE.match(kc[1])),
+    "moe": tuple(kc for kc in _MLP_KEYS if _MOE_ROLE.match(kc[1])),
+    "mamba": _MAMBA_KEYS,
+}
+SUBLAYER_MODULES = {
+    "input_layernorm": "input_layernorm_{k}",
+    "pre_mlp_layernorm": "pre_mlp_layernorm_{k}",
+    "self_attention": "self_attention_{k}",
+    "mlp": "mlps_{k}",
+}
+
+
+def _sublayer_keys(layer: tuple[str, ...]) -> KeyPairs:
+    """The keys of a layer whose ``layer_blocks`` entry is ``layer``."""
+    from ckpt_ir.ir.blocks import parse
+
+    out: list[tuple[str, str]] = []
+    seen: set[int] = set()
+    for entry in layer:
+        sub, kind = parse(entry)
+        if kind not in _BLOCK_KEYS:
+            raise LayoutError(f"a layer made of sublayers: no Megatron names for its {kind} block")
+        keys = _BLOCK_KEYS[kind]
+        if sub is None:
+            out.extend(keys)
+            continue
+        if sub not in seen:
+            seen.add(sub)
+            keys = _NORM_KEYS + keys
+        for m, c in keys:
+            module, _, rest = m[len(D) :].partition(".")
+            module = SUBLAYER_MODULES.get(module, module + "_{k}").format(k=sub)
+            out.append((f"{D}{module}.{rest}", f"{C}sub{sub}.{c[len(C) :]}"))
+    return tuple(out)
+
 
 def _layer_keys(
     mla: bool,
@@ -376,9 +420,11 @@ def _layer_keys(
     gated: bool = True,
     mla_keys: str = "mindspeed",
     mqa: bool = False,
+    sublayered: tuple[tuple[str, ...], ...] = (),
 ) -> KeyPairs:
     """The decoder-layer keys; a plain (not gated) MLP's linear_fc1 is the canonical fc1; ``mqa``:
-    DeepSeek-V4's layers (MindSpeed-LLM's modules)."""
+    DeepSeek-V4's layers (MindSpeed-LLM's modules); ``sublayered``: the distinct ``layer_blocks``
+    entries of layers made of sublayers."""
     keys: KeyPairs = (
         _MQA_LAYER_KEYS
         if mqa
@@ -386,6 +432,13 @@ def _layer_keys(
         if mla
         else _LAYER_KEYS
     )
+    if sublayered:
+        if mla_keys == "mcore":
+            raise LayoutError(
+                f"megatron-core's MLA modules ({setting('mla_keys', 'mcore')}) have no layer made of "
+                f"sublayers (MindSpeed-LLM's LongCat layer); use {setting('mla_keys', 'mindspeed')}"
+            )
+        keys = tuple(dict.fromkeys(kc for layer in sublayered for kc in _sublayer_keys(layer)))
     if full_qk_norm:
         keys = tuple((m, _FULL_QK_NORM.get(c, c)) for m, c in keys)
     if family is not None:
@@ -468,12 +521,14 @@ def layer_table(
     gated: bool = True,
     mla_keys: str = "mindspeed",
     mqa: bool = False,
+    sublayered: tuple[tuple[str, ...], ...] = (),
 ) -> NameTable:
     """Decoder-layer key table for a naming (``local``, ``te``, ``te-input``; MindSpeed-LLM v2's
     transformer_engine output fuses only the input norm for dense layers) and, with ``mla``, the
     MLA modules' (``mindspeed``: one fused linear_qkv; ``mcore``: megatron-core's own)."""
     mla_keys = mla_keys if mla else "mindspeed"
-    return _table(_layer_keys(mla, full_qk_norm, family, gated, mla_keys, mqa), norm_names, mla_keys)
+    keys = _layer_keys(mla, full_qk_norm, family, gated, mla_keys, mqa, sublayered)
+    return _table(keys, norm_names, mla_keys)
 
 
 def has_mqa(spec: ModelSpec) -> bool:
@@ -481,29 +536,39 @@ def has_mqa(spec: ModelSpec) -> bool:
     return any(spec.has_block(i, "mqa") for i in range(spec.total_layers))
 
 
+def _sublayered(spec: ModelSpec) -> tuple[tuple[str, ...], ...]:
+    """The distinct ``layer_blocks`` entries of the layers made of sublayers, in layer order."""
+    return tuple(dict.fromkeys(spec.layer_blocks[i] for i in range(spec.num_layers) if spec.sublayers(i)))
+
+
 def spec_layer_table(norm_names: str, spec: ModelSpec, mla_keys: str = "mindspeed") -> NameTable:
     """:func:`layer_table` for the model ``spec`` describes."""
     return layer_table(
-        norm_names, spec.mla, spec.qk_full_norm, spec.family, spec.gated_mlp, mla_keys, has_mqa(spec)
+        norm_names,
+        spec.mla,
+        spec.qk_full_norm,
+        spec.family,
+        spec.gated_mlp,
+        mla_keys,
+        has_mqa(spec),
+        _sublayered(spec),
     )
 
 
 def read_tables(spec: ModelSpec) -> tuple[NameTable, ...]:
     """The decoder-layer tables a reader tries (local and TE norm names; for MLA, MindSpeed-LLM's
     and megatron-core's modules) for ``spec``."""
-    kinds = ("mindspeed", "mcore") if spec.mla else ("mindspeed",)
+    kinds = ("mindspeed", "mcore") if spec.mla and not _sublayered(spec) else ("mindspeed",)
     return tuple(spec_layer_table(n, spec, k) for k in kinds for n in ("local", "te"))
 
 
 def role_order(spec: ModelSpec, mla_keys: str = "mindspeed") -> tuple[str, ...]:
     """The decoder-layer roles of the model ``spec`` describes, in the order rank files list them
     (``mla_keys``: MindSpeed-LLM's or megatron-core's MLA modules)."""
-    return tuple(
-        c
-        for _, c in _layer_keys(
-            spec.mla, spec.qk_full_norm, spec.family, spec.gated_mlp, mla_keys, has_mqa(spec)
-        )
+    keys = _layer_keys(
+        spec.mla, spec.qk_full_norm, spec.family, spec.gated_mlp, mla_keys, has_mqa(spec), _sublayered(spec)
     )
+    return tuple(c for _, c in keys)
 
 
 def rank_dir(tp: int, pp: int, layout: Layout, ep: int = 0, ep_size: int = 1) -> str:

@@ -100,7 +100,14 @@ def spec_from_args(
         except infer.NoFamily as e:
             # resharding needs no HF family: the args describe every tensor Megatron wrote
             spec, cfg, why = infer.megatron_spec(args, where), None, infer.args_only(e.detail)
-    if cfg is not None:
+    if cfg is not None and hf_config is None:
+        try:  # args keep the config under Megatron's names, not always all of it
+            spec = fam.spec_from_config(cfg, where=f"{where} (args)")
+        except FormatError as e:
+            raise FormatError(
+                f"{e}; pass {setting('hf_config', metavar='DIR')} with the model's HF config"
+            ) from None
+    elif cfg is not None:
         spec = fam.spec_from_config(cfg, where=f"{where} (args)")
     if args.get("mtp_num_layers") is not None:
         layers = a.size("mtp_num_layers", 0, 64) if args["mtp_num_layers"] else 0

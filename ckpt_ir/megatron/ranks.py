@@ -110,17 +110,24 @@ def rank_content(
         local = layer - spec.num_layers if mtp else where[layer].local
         entries = mtp_entries if mtp else content[(where[layer].stage, where[layer].chunk)]
         start = len(entries)
-        for role in order:
-            if "{e}" not in role:
-                for canon in roles.get(role, ()):
-                    entries.extend(_entries(ckpt, role, canon, local, table, layer, parts.get(role)))
         expert_roles = [r for r in order if "{e}" in r]
         experts = {e for r in expert_roles for n in roles.get(r, ()) if (e := expert_of(n)) is not None}
+        expert_entries: list[Entry] = []  # expert by expert, each expert's roles in table order
         for expert in sorted(experts):
             for role in expert_roles:
                 canon = role.format(i=layer, e=expert)
                 if canon in ckpt.tensors:
-                    entries.extend(_entries(ckpt, role, canon, local, table, layer))
+                    expert_entries.extend(_entries(ckpt, role, canon, local, table, layer))
+        # the experts come last, but in a layer made of sublayers where the table has them
+        inline = bool(spec.sublayers(layer)) and bool(expert_roles)
+        for role in order:
+            if "{e}" not in role:
+                for canon in roles.get(role, ()):
+                    entries.extend(_entries(ckpt, role, canon, local, table, layer, parts.get(role)))
+            elif inline and role == expert_roles[0]:
+                entries.extend(expert_entries)
+        if not inline:
+            entries.extend(expert_entries)
         if layout.grouped_gemm and spec.is_moe_layer(layer):
             _group_experts(ckpt, entries, local)
         if mtp:  # mtp.layers.k: enorm, hnorm, eh_proj, (embedding), its transformer layer, final norm
