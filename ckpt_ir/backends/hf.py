@@ -79,8 +79,8 @@ def hf_tensors(ckpt: Checkpoint, family: Family) -> list[tuple[str, E.Expr]]:
         out.append((name, hf_name, t.expr))
     out.sort(key=lambda item: canonical_order(item[0]))
     out = [(name, hf, family.as_stored(hf, e)) for name, hf, e in out]
-    if family.hf_rename:
-        return [(family.hf_rename(hf, ckpt.spec.num_layers, True), e) for _, hf, e in out]
+    if family.renames:
+        return [(family.table_key(hf, ckpt.spec, True), e) for _, hf, e in out]
     return [(hf, e) for _, hf, e in out]
 
 

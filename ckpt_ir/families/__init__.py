@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from ckpt_ir.errors import FormatError
+from ckpt_ir.errors import FormatError, VerifyError
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.names import NameTable, template_pattern
 from ckpt_ir.ir.rules import Stack
@@ -145,6 +145,49 @@ class Reshaped:
 
 
 @attrs.frozen
+class Sublayers:
+    """HF layers that each hold several blocks (a mixer and an MLP: Bamba, Granite-4), kept in the
+    IR at Megatron-Core's hybrid granularity, one block per canonical layer: HF layer ``i``'s
+    sub-layer ``j`` is canonical layer ``k*i + j`` (``k = len(parts)``), and ``parts[j]`` lists
+    the HF names below ``prefix`` + ``i.`` that belong to sub-layer ``j`` (each block with the
+    norm before it).  The family's tensor table then names tensors ``prefix{i}.`` with ``{i}``
+    the canonical layer; :meth:`Family.table_key` renumbers both ways."""
+
+    parts: tuple[tuple[str, ...], ...]
+    prefix: str = "model.layers."
+
+    def part_of(self, rest: str) -> int | None:
+        """The sub-layer an HF name below the layer (``mamba.in_proj.weight``) belongs to."""
+        return next((j for j, names in enumerate(self.parts) if rest.startswith(names)), None)
+
+    def to_table(self, key: str) -> str:
+        """HF key -> the table's key (canonical layer number); a key below no sub-layer stays."""
+        layer, rest = _layer_of(self.prefix, key)
+        j = None if layer is None else self.part_of(rest)
+        return key if j is None else f"{self.prefix}{len(self.parts) * layer + j}.{rest}"
+
+    def to_hf(self, key: str) -> str:
+        """The table's key -> the HF key; a tensor of the wrong sub-layer is an error."""
+        layer, rest = _layer_of(self.prefix, key)
+        if layer is None:
+            return key
+        k = len(self.parts)
+        if self.part_of(rest) != layer % k:
+            raise VerifyError(
+                f"{key}: canonical layer {layer} is sub-layer {layer % k} of HF layer {layer // k}, which "
+                f"holds {', '.join(self.parts[layer % k])}* only; the layer's blocks do not fit the HF layout"
+            )
+        return f"{self.prefix}{layer // k}.{rest}"
+
+
+def _layer_of(prefix: str, key: str) -> tuple[int | None, str]:
+    if not key.startswith(prefix):
+        return None, key
+    num, _, rest = key[len(prefix) :].partition(".")
+    return (int(num), rest) if num.isdigit() and rest else (None, key)
+
+
+@attrs.frozen
 class ConfigKey:
     """ModelSpec field <- HF config key, with a default when the key is absent (None: required).
     ``aliases``: other spellings of the key (read if the main one is absent; written back under
@@ -209,6 +252,8 @@ class Family:
     # (key, num_layers, to_hf) -> key: HF keys outside the model.layers numbering, renamed to the
     # table's keys on read (to_hf False) and back on write (Qwen3-Next's MTP layer under mtp.*)
     hf_rename: Any = None
+    # HF layers of several blocks, one canonical (Megatron hybrid) layer per block (Bamba, Granite-4)
+    sublayers: Sublayers | None = None
     # HF name globs of tensors the family's transformers class creates in fp32 whatever dtype it
     # loads in (its _keep_in_fp32_modules* attributes are read from transformers itself)
     fp32_in_transformers: tuple[str, ...] = ()
@@ -218,9 +263,35 @@ class Family:
     # what the tests verify for this family (``ckpt-ir models`` shows it)
     tested: Tested = Tested()
 
+    def __attrs_post_init__(self) -> None:
+        if self.sublayers is not None:  # every layer tensor of the table is in one sub-layer
+            prefix = self.sublayers.prefix + "{i}."
+            hf = [h for h, _ in self.tensors] + [p.hf for p in self.packed] + [st.hf for st in self.stacked]
+            stray = [
+                h for h in hf if h.startswith(prefix) and self.sublayers.part_of(h[len(prefix) :]) is None
+            ]
+            assert not stray, f"{self.name}: {stray} belong to no sub-layer"
+
     @property
     def names(self) -> NameTable:
         return NameTable(self.tensors)
+
+    def table_key(self, key: str, spec: ModelSpec, to_hf: bool) -> str:
+        """An HF key as the family's table names it (``to_hf`` False), or back: sub-layers
+        renumbered (:class:`Sublayers`), then keys outside the layer numbering (``hf_rename``,
+        given the HF layer count)."""
+        sub = self.sublayers
+        hf_layers = spec.num_layers // len(sub.parts) if sub else spec.num_layers
+        if to_hf:
+            key = sub.to_hf(key) if sub else key
+            return self.hf_rename(key, hf_layers, True) if self.hf_rename else key
+        key = self.hf_rename(key, hf_layers, False) if self.hf_rename else key
+        return sub.to_table(key) if sub else key
+
+    @property
+    def renames(self) -> bool:
+        """Whether :meth:`table_key` changes any key."""
+        return self.sublayers is not None or self.hf_rename is not None
 
     def as_stored(self, hf_name: str, x: E.Expr) -> E.Expr:
         """``x`` with its two axes swapped when the family stores HF tensor ``hf_name`` [in, out]
