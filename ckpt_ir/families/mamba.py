@@ -342,3 +342,52 @@ register(
         },
     )
 )
+
+
+def _falcon_h1_layers(cfg: dict[str, Any]) -> tuple[tuple[str, ...], ...]:
+    """Falcon-H1: every layer runs attention and a Mamba-2 mixer side by side on one input norm
+    (their outputs summed), then a gated MLP."""
+    _stock_mixer(cfg)
+    if cfg.get("projectors_bias"):
+        raise FormatError(
+            "config.json: projectors_bias is true (a Mamba out_proj bias); ckpt-ir's Mamba mixer has "
+            "none, as megatron-core's"
+        )
+    return (("attention", "mamba", "mlp"),) * cfg["num_hidden_layers"]
+
+
+# Falcon-H1 (transformers models/falcon_h1): one canonical layer per HF layer, its two mixers
+# reading input_layernorm (attn_norm; no Mamba norm of its own), the mixer's gated RMSNorm only
+# with mamba_rms_norm.  megatron-core's MambaModel has no layer of two parallel mixers, so the
+# Megatron form is Megatron-Bridge's own FalconH1 model (falconh1_bridge.py, falconh1_layer_specs.py):
+# decoder.layers.{i}.norm.weight (the shared input norm, a TENorm), mamba_mixer.* (megatron-core's
+# per-part TP splits), self_attention.linear_qkv / linear_proj, mlp.linear_fc1 with
+# pre_ff_layernorm fused (layer_norm_weight), decoder.final_norm.  The muP multipliers
+# (embedding, lm_head, key, attention / ssm in and out, mlp_multipliers, ssm_multipliers) and
+# mamba_norm_before_gate are config values carried through untouched (Megatron-Bridge's provider
+# reads them under the same names).
+register(
+    Family(
+        name="falcon_h1",
+        model_types=("falcon_h1",),
+        architecture="FalconH1ForCausalLM",
+        tensors=FINAL_LAYERNORM
+        + HYBRID_MIXERS[1:]
+        + (
+            (L + "pre_ff_layernorm.weight", C + "mlp_norm.weight"),
+            *((L + "feed_forward." + h[len(L + "mlp.") :], c) for h, c in GATED_MLP + GATED_MLP_BIASES),
+        ),
+        config=config_with(
+            ConfigKey("layer_blocks", None, _falcon_h1_layers),
+            ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
+            *LLAMA_BIAS_CONFIG,
+            *HYBRID_MAMBA_CONFIG,
+            ConfigKey("mamba_no_gated_norm", None, lambda cfg: not cfg.get("mamba_rms_norm", False)),
+        ),
+        megatron_keys=(
+            ("decoder.layers.{i}.norm.weight", C + "attn_norm.weight"),
+            *(("decoder.layers.{i}.mamba_mixer." + c[len(C + "mamba.") :], c) for _, c in MAMBA_MIXER),
+            ("decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight", C + "mlp_norm.weight"),
+        ),
+    )
+)

@@ -85,6 +85,7 @@ class ModelSpec:
     mamba_state: int = 0
     mamba_groups: int = 0
     mamba_conv_kernel: int = 0
+    mamba_no_gated_norm: bool = False  # the mixer lacks its gated RMSNorm (Falcon-H1 without mamba_rms_norm)
     # The blocks of each main layer, in order (names in ``ckpt_ir.ir.blocks.BLOCKS``: a mixer
     # such as "attention" or "mamba", an MLP such as "mlp" or "moe"); empty: every layer is one
     # mixer and one MLP, as the fields above imply (see :meth:`blocks`)
