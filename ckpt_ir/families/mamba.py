@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from ckpt_ir.errors import FormatError
-from ckpt_ir.families import ConfigKey, Family, Packed, Sublayers, register
+from ckpt_ir.families import ConfigKey, Family, Packed, Sublayers, Tested, register
 from ckpt_ir.families.blocks import (
     ATTENTION,
     EMBED_AND_HEAD,
@@ -212,6 +212,7 @@ def _stock_mixer(cfg: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+MAMBA_KERNELS = "no: megatron-core's Mamba mixer computes only with mamba_ssm's Triton kernels (GPU)"
 HYBRID_MAMBA_CONFIG = (
     ConfigKey("mamba_heads", "mamba_n_heads", 128),
     ConfigKey("mamba_head_dim", None, _mamba_head_dim),
@@ -267,6 +268,7 @@ register(
             *((L + "feed_forward." + h[len(L + "mlp.") :], c) for h, c in GATED_MLP + GATED_MLP_BIASES),
         ),
         sublayers=Sublayers((MIXER_PARTS, ("pre_ff_layernorm.", "feed_forward."))),
+        tested=Tested(round_trip=("--tp 2 --pp 2 --num-layer-list 1,3",), mcore_missing=MAMBA_KERNELS),
         config=config_with(
             ConfigKey("num_layers", None, lambda cfg: len(_bamba_layers(cfg))),
             ConfigKey("layer_blocks", None, _bamba_layers),
@@ -320,6 +322,13 @@ register(
             ),
         ),
         stacked=GRANITE_EXPERTS,
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --pp 2 --ep 2 --num-layer-list 3,1 --norm-names te",
+                "--tp 2 --pp 2 --num-layer-list 3,1",
+            ),
+            mcore_missing=MAMBA_KERNELS,
+        ),
         sublayers=Sublayers((MIXER_PARTS, ("post_attention_layernorm.", "block_sparse_moe.", "shared_mlp."))),
         config=config_with(
             ConfigKey("num_layers", None, lambda cfg: len(_granite_layers(cfg))),
@@ -383,6 +392,10 @@ register(
             *LLAMA_BIAS_CONFIG,
             *HYBRID_MAMBA_CONFIG,
             ConfigKey("mamba_no_gated_norm", None, lambda cfg: not cfg.get("mamba_rms_norm", False)),
+        ),
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2 --num-layer-list 1,2 --norm-names te",),
+            mcore_missing="no: its Megatron form is Megatron-Bridge's own FalconH1 model, not megatron-core's",
         ),
         megatron_keys=(
             ("decoder.layers.{i}.norm.weight", C + "attn_norm.weight"),
