@@ -293,3 +293,37 @@ def test_verify_builds_the_config_with_transformers_encoded_infinity(models):
     assert (
         transformers_config(ck.load(src)).time_step_limit == AutoConfig.from_pretrained(src).time_step_limit
     )
+
+
+def test_peft_adapter_on_both_sub_layers_merges_as_peft_and_exports_back(models, tmp_path):
+    """A PEFT adapter on Bamba's attention (HF layer 1's mixer) and MLPs (HF module names, HF layer
+    numbers): merged, the weights are peft's merge_and_unload; exported to PEFT again (HF base +
+    adapter -> peft), the same tensors under the same names.  (LoRA on the Mamba mixer's in_proj /
+    out_proj has no roles yet.)"""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_lora import make_peft_adapter
+
+    base, adapter = models("bamba"), str(tmp_path / "adapter")
+    make_peft_adapter(base, adapter, ("q_proj", "o_proj", "gate_proj", "down_proj"))
+    peft_merged = (
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+        .merge_and_unload()
+        .state_dict()
+    )
+    merged, again = str(tmp_path / "merged"), str(tmp_path / "again")
+    convert(base, merged, ck.Target(to="hf", lora_load=adapter))
+    ours = hf_state(merged)
+    assert set(ours) == set(peft_merged)
+    assert all(torch.equal(ours[k], peft_merged[k]) for k in ours)
+    convert(base, again, ck.Target(to="peft", lora_load=adapter))
+    assert_same_tensors_named(f"{adapter}/adapter_model.safetensors", f"{again}/adapter_model.safetensors")
+
+
+def assert_same_tensors_named(a: str, b: str) -> None:
+    from safetensors.torch import load_file
+
+    sa, sb = load_file(a), load_file(b)
+    assert sorted(sa) == sorted(sb)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
