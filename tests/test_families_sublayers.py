@@ -25,7 +25,7 @@ import torch
 
 import ckpt_ir.api as ck
 from ckpt_ir.errors import FormatError, VerifyError
-from ckpt_ir.families import by_name
+from ckpt_ir.families import Family, by_name
 from ckpt_ir.ir.blocks import to_pattern
 from tests.family_models import DENSE, assert_round_trip, build, rank
 from tests.test_hf_roundtrip import assert_same_tensors, convert, hf_state
@@ -214,7 +214,7 @@ def test_falcon_h1_layers_under_megatron_bridge_keys_without_the_mixer_norm(mode
 def test_sublayers_renumber_both_ways_and_refuse_a_block_in_the_wrong_sub_layer():
     """Bamba's table: HF layer i's mixer names are canonical layer 2i, its MLP names 2i + 1, keys
     outside the layers unchanged; back to HF, a tensor in the other sub-layer's canonical layer is a
-    one-line error naming it."""
+    one-line error naming it; a family whose table names a layer tensor in no sub-layer is refused."""
     sub = by_name("bamba").sublayers
     pairs = {
         "model.layers.3.input_layernorm.weight": "model.layers.6.input_layernorm.weight",
@@ -233,6 +233,14 @@ def test_sublayers_renumber_both_ways_and_refuse_a_block_in_the_wrong_sub_layer(
         VerifyError, match=r"^model\.layers\.7\.mamba\.D: canonical layer 7 is sub-layer 1 of HF layer 3"
     ):
         sub.to_hf("model.layers.7.mamba.D")
+    with pytest.raises(ValueError, match=r"model\.layers\.\{i\}\.mixer\.D is in no sub-layer"):
+        Family(
+            name="x",
+            model_types=(),
+            architecture="X",
+            tensors=(("model.layers.{i}.mixer.D", "layers.{i}.mamba.D"),),
+            sublayers=sub,
+        )
 
 
 @pytest.mark.parametrize(

@@ -270,7 +270,8 @@ class Family:
             stray = [
                 h for h in hf if h.startswith(prefix) and self.sublayers.part_of(h[len(prefix) :]) is None
             ]
-            assert not stray, f"{self.name}: {stray} belong to no sub-layer"
+            if stray:
+                raise ValueError(f"family {self.name}: {stray[0]} is in no sub-layer of its sublayers table")
 
     @property
     def names(self) -> NameTable:
