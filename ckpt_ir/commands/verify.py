@@ -88,18 +88,10 @@ def transformers_config(ckpt) -> Any:
             f"{transformers.__version__} (remote code is never run); verify needs a built-in class"
         )
     cfg = {k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version", "auto_map")}
-    return transformers.AutoConfig.for_model(cfg.pop("model_type"), **_special_floats(cfg))
-
-
-def _special_floats(obj: Any) -> Any:
-    """A config.json value with transformers' encoding of non-JSON floats (``{"__float__":
-    "Infinity"}``, ``"-Infinity"``, ``"NaN"``; Mamba configs' ``time_step_limit``) decoded, as
-    ``from_pretrained`` decodes it."""
-    if isinstance(obj, dict):
-        if set(obj) == {"__float__"} and obj["__float__"] in ("Infinity", "-Infinity", "NaN"):
-            return float(obj["__float__"].lower().replace("infinity", "inf"))
-        return {k: _special_floats(v) for k, v in obj.items()}
-    return [_special_floats(v) for v in obj] if isinstance(obj, list) else obj
+    # config.json spells an infinite float {"__float__": "Infinity"} (Mamba's time_step_limit):
+    # decoded as transformers' from_pretrained decodes it
+    cfg = transformers.PretrainedConfig._decode_special_floats(cfg)
+    return transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
 
 @contextlib.contextmanager

@@ -89,6 +89,18 @@ register(
             ConfigKey("layer_blocks", None, lambda cfg: (("mamba",),) * cfg["num_hidden_layers"]),
         ),
         mindspeed_names=("mamba2",),
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2 --num-layer-list 1,3",),
+            mcore_missing="no forward: megatron-core's MambaMixer computes only with mamba_ssm's Triton kernels",
+            mindspeed=(
+                ("mamba2-tp1", "identical"),
+                ("mamba2-tp2", "identical"),
+                (
+                    "mamba2-tp2pp2",
+                    "identical (less MindSpeed's PP defect: earlier layers repeated on later stages)",
+                ),
+            ),
+        ),
     )
 )
 
@@ -163,6 +175,10 @@ register(
         ),
         constants=(("gated_mlp", False), ("router_bias", True)),
         megatron_args=_nemotron_h_router_args,
+        tested=Tested(
+            round_trip=("--tp 2 --ep 2 --norm-names te", "--pp 2 --num-layer-list 3,1"),
+            mcore_missing="no forward: megatron-core's MambaMixer computes only with mamba_ssm's Triton kernels",
+        ),
     )
 )
 
@@ -212,7 +228,7 @@ def _stock_mixer(cfg: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-MAMBA_KERNELS = "no: megatron-core's Mamba mixer computes only with mamba_ssm's Triton kernels (GPU)"
+MAMBA_KERNELS = "no forward: megatron-core's MambaMixer computes only with mamba_ssm's Triton kernels"
 HYBRID_MAMBA_CONFIG = (
     ConfigKey("mamba_heads", "mamba_n_heads", 128),
     ConfigKey("mamba_head_dim", None, _mamba_head_dim),
