@@ -288,21 +288,6 @@ def test_a_running_models_tensors_are_renumbered_as_the_files_are(models):
     assert all(running.tensors[n].expr == t.expr for n, t in files.tensors.items())
 
 
-def test_verify_builds_the_config_with_transformers_encoded_infinity(models):
-    """Mamba configs save ``time_step_limit`` (0, inf) as transformers encodes non-JSON floats
-    (``{"__float__": "Infinity"}``); ``ckpt-ir verify``'s transformers config decodes it as
-    ``from_pretrained`` does."""
-    from transformers import AutoConfig
-
-    from ckpt_ir.commands.verify import transformers_config
-
-    src = models("bamba")
-    assert json.load(open(f"{src}/config.json"))["time_step_limit"][1] == {"__float__": "Infinity"}
-    assert (
-        transformers_config(ck.load(src)).time_step_limit == AutoConfig.from_pretrained(src).time_step_limit
-    )
-
-
 def test_peft_adapter_on_both_sub_layers_merges_as_peft_and_exports_back(models, tmp_path):
     """A PEFT adapter on Bamba's attention (HF layer 1's mixer) and MLPs (HF module names, HF layer
     numbers): merged, the weights are peft's merge_and_unload; exported to PEFT again (HF base +
