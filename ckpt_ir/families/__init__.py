@@ -397,6 +397,14 @@ _COUNTS = {
     "mamba_state",
     "mamba_groups",
     "mamba_conv_kernel",
+    "short_conv_kernel",
+    "kda_heads",
+    "kda_head_dim",
+    "kda_conv_kernel",
+    "mamba1_inner",
+    "mamba1_state",
+    "mamba1_dt_rank",
+    "mamba1_conv_kernel",
 }
 
 

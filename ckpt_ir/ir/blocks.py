@@ -16,14 +16,24 @@ translate.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ckpt_ir.errors import LayoutError
 
-if TYPE_CHECKING:
-    from ckpt_ir.ir.spec import ModelSpec
 
-MIXERS = ("attention", "mla", "gdn", "mamba")
+class Layers(Protocol):
+    """What the functions below read of a ModelSpec (which imports this module)."""
+
+    @property
+    def num_layers(self) -> int: ...
+
+    def blocks(self, layer: int) -> tuple[str, ...]: ...
+
+
+# mixers no Megatron implementation has, each fed by the layer's input norm (attn_norm): LFM2's
+# short convolution, Kimi delta attention, Jamba's Mamba-1
+OWN_MIXERS: tuple[str, ...] = ("short_conv", "kda", "mamba1")
+MIXERS: tuple[str, ...] = ("attention", "mla", "gdn", "mamba", *OWN_MIXERS)
 MLPS = ("mlp", "moe")
 BLOCKS = MIXERS + MLPS
 
@@ -31,38 +41,6 @@ BLOCKS = MIXERS + MLPS
 # HybridModel adds G for a gated-delta-net layer)
 SYMBOLS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe", "G": "gdn"}
 _SYMBOL_OF = {b: s for s, b in SYMBOLS.items()}
-
-
-def check_layer_blocks(spec: ModelSpec) -> None:
-    """Refuse a block list that names unknown blocks, has the wrong length, or leaves a layer
-    without a block; and blocks without their sizes (attention without heads, a Mamba mixer
-    without its dimensions)."""
-    if spec.layer_blocks:
-        if len(spec.layer_blocks) != spec.num_layers:
-            raise LayoutError(
-                f"model spec: layer_blocks lists {len(spec.layer_blocks)} layers but num_layers is "
-                f"{spec.num_layers}"
-            )
-        for i, blocks in enumerate(spec.layer_blocks):
-            unknown = [b for b in blocks if b not in BLOCKS]
-            if unknown or not blocks:
-                raise LayoutError(
-                    f"model spec: layer {i} has blocks {list(blocks)}; each layer needs one or more of "
-                    f"{', '.join(BLOCKS)}"
-                )
-    layers = range(spec.total_layers)
-    if any(spec.has_attention(i) for i in layers) and not (
-        spec.num_heads and spec.num_kv_heads and spec.head_dim
-    ):
-        raise LayoutError("model spec: attention layers need num_heads, num_kv_heads and head_dim (positive)")
-    if any(spec.has_block(i, "mlp") for i in layers) and not spec.ffn_hidden_size:
-        raise LayoutError("model spec: MLP layers need a positive ffn_hidden_size")
-    if any(spec.has_block(i, "mamba") for i in layers) and not (
-        spec.mamba_heads and spec.mamba_head_dim and spec.mamba_state and spec.mamba_groups
-    ):
-        raise LayoutError(
-            "model spec: Mamba layers need mamba_heads, mamba_head_dim, mamba_state and mamba_groups"
-        )
 
 
 def from_pattern(pattern: str, where: str) -> tuple[tuple[str, ...], ...]:
@@ -76,7 +54,7 @@ def from_pattern(pattern: str, where: str) -> tuple[tuple[str, ...], ...]:
     return tuple((SYMBOLS[c],) for c in pattern)
 
 
-def to_pattern(spec: ModelSpec) -> str:
+def to_pattern(spec: Layers) -> str:
     """The hybrid pattern of a model whose every layer is one block."""
     out = []
     for i in range(spec.num_layers):
@@ -90,6 +68,6 @@ def to_pattern(spec: ModelSpec) -> str:
     return "".join(out)
 
 
-def is_hybrid(spec: ModelSpec) -> bool:
+def is_hybrid(spec: Layers) -> bool:
     """Whether the model has Mamba mixers (a Megatron MambaModel / HybridModel, not a GPTModel)."""
     return any("mamba" in spec.blocks(i) for i in range(spec.num_layers))

@@ -191,6 +191,15 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
                 f"must both divide by tensor parallel size {layout.tp} (megatron-core's MambaMixer keeps "
                 f"whole groups on a rank); choose a TP that divides both"
             )
+        # the mixers ckpt-ir names in Megatron itself split by channels (short_conv, mamba1) or heads
+        own = {"short_conv": ("hidden size", spec.hidden_size), "kda": ("heads", spec.kda_heads)}
+        own["mamba1"] = ("inner width", spec.mamba1_inner)
+        for block, (what, n) in own.items():
+            if n % layout.tp and any(spec.has_block(i, block) for i in range(spec.num_layers)):
+                raise LayoutError(
+                    f"layout: the {block} layers' {what} {n} is not divisible by tensor parallel size "
+                    f"{layout.tp}; choose a TP that divides it"
+                )
         if has_dense_mlp and spec.ffn_hidden_size % layout.tp:
             raise LayoutError(
                 f"layout: ffn hidden size {spec.ffn_hidden_size} is not divisible by tensor "

@@ -19,6 +19,7 @@ from functools import lru_cache
 
 import attrs
 
+from ckpt_ir.ir.blocks import OWN_MIXERS
 from ckpt_ir.ir.layout import Layout
 from ckpt_ir.ir.names import COLUMN, COLUMN_BLOCKS2, ROW, Split, expert_of, role_of, saved_name, split_layer
 from ckpt_ir.ir.spec import ModelSpec
@@ -101,9 +102,9 @@ def _moe(pred: Callable[[ModelSpec, Layout], bool] = lambda s, lay: True) -> Pre
 
 
 def _attn_like(s: ModelSpec, i: int) -> bool:
-    """Whether layer ``i`` has an attention-like mixer (softmax, MLA or gated-delta-net), which
-    the layer's input norm feeds."""
-    return s.has_attention(i) or s.has_block(i, "gdn")
+    """Whether layer ``i`` has an attention-like mixer (softmax, MLA, gated-delta-net, or one of
+    the mixers ckpt-ir names in Megatron itself), which the layer's input norm feeds."""
+    return s.has_attention(i) or any(b in ("gdn", *OWN_MIXERS) for b in s.blocks(i))
 
 
 def _pre_norm(s: ModelSpec, lay: Layout, i: int) -> bool:
@@ -188,6 +189,148 @@ def _o_cols(s: ModelSpec, lay: Layout) -> int:
 def _qkv_rows(s: ModelSpec, lay: Layout) -> int:
     return s.q_size + 2 * s.kv_size
 
+
+def _block(name: str, pred: Callable[[ModelSpec], bool] = lambda s: True) -> Presence:
+    return lambda s, lay, i: s.has_block(i, name) and pred(s)
+
+
+def _short_conv_parts(s: ModelSpec) -> tuple[int, ...]:
+    return (s.hidden_size,) * 3
+
+
+def _mamba1_in_parts(s: ModelSpec) -> tuple[int, ...]:
+    return (s.mamba1_inner,) * 2
+
+
+def _short_conv_bias(s: ModelSpec) -> bool:
+    return s.short_conv_bias
+
+
+def _mamba1_proj_bias(s: ModelSpec) -> bool:
+    return s.mamba1_proj_bias
+
+
+def _kda_q(s: ModelSpec, lay: Layout) -> tuple[int, ...]:
+    return (s.kda_size, s.hidden_size)
+
+
+# Mixers no Megatron implementation has; ckpt-ir's own Megatron layout keeps each under
+# decoder.layers.N.<block>.* with the TP splits their maths allows (docs/formats.md):
+# * LFM2's short convolution: in_proj [B; C; x] (hidden rows each; y = out_proj(C * conv(B * x)),
+#   every channel on its own), split part by part so rank r holds [B_r; C_r; x_r]; the depthwise
+#   conv by channels; out_proj row-parallel (its bias added once, whole on every rank)
+# * Kimi delta attention: per-head q / k / v, their depthwise convs, beta (b), the decay's and the
+#   output gate's low-rank up-projections (f_b, g_b) and dt_bias split with the heads; the
+#   low-rank down-projections (f_a, g_a) and the per-head output norm whole; A_log one per head
+# * Mamba-1: in_proj [x; z] split part by part, conv1d / dt_proj / A_log / D by channels, x_proj
+#   (channels -> dt rank + 2 x state) row-parallel, its output's norms (dt, B, C) whole
+_OWN_MIXER_ROLES = [
+    Role(
+        L + "short_conv.in_proj.weight",
+        COLUMN,
+        lambda s, lay: (3 * s.hidden_size, s.hidden_size),
+        _block("short_conv"),
+        parts=_short_conv_parts,
+    ),
+    Role(
+        L + "short_conv.in_proj.bias",
+        COLUMN,
+        lambda s, lay: (3 * s.hidden_size,),
+        _block("short_conv", _short_conv_bias),
+        parts=_short_conv_parts,
+    ),
+    Role(
+        L + "short_conv.conv.weight",
+        COLUMN,
+        lambda s, lay: (s.hidden_size, 1, s.short_conv_kernel),
+        _block("short_conv"),
+    ),
+    Role(
+        L + "short_conv.conv.bias",
+        COLUMN,
+        lambda s, lay: (s.hidden_size,),
+        _block("short_conv", _short_conv_bias),
+    ),
+    Role(
+        L + "short_conv.out_proj.weight",
+        ROW,
+        lambda s, lay: (s.hidden_size, s.hidden_size),
+        _block("short_conv"),
+    ),
+    Role(
+        L + "short_conv.out_proj.bias",
+        None,
+        lambda s, lay: (s.hidden_size,),
+        _block("short_conv", _short_conv_bias),
+    ),
+    *(Role(L + f"kda.{p}.weight", COLUMN, _kda_q, _block("kda")) for p in ("q", "k", "v")),
+    *(
+        Role(
+            L + f"kda.{p}_conv.weight",
+            COLUMN,
+            lambda s, lay: (s.kda_size, 1, s.kda_conv_kernel),
+            _block("kda"),
+        )
+        for p in ("q", "k", "v")
+    ),
+    Role(L + "kda.b.weight", COLUMN, lambda s, lay: (s.kda_heads, s.hidden_size), _block("kda")),
+    Role(L + "kda.f_a.weight", None, lambda s, lay: (s.kda_head_dim, s.hidden_size), _block("kda")),
+    Role(L + "kda.f_b.weight", COLUMN, lambda s, lay: (s.kda_size, s.kda_head_dim), _block("kda")),
+    Role(L + "kda.g_a.weight", None, lambda s, lay: (s.kda_head_dim, s.hidden_size), _block("kda")),
+    Role(L + "kda.g_b.weight", COLUMN, lambda s, lay: (s.kda_size, s.kda_head_dim), _block("kda")),
+    Role(L + "kda.A_log", COLUMN, lambda s, lay: (s.kda_heads,), _block("kda")),
+    Role(L + "kda.dt_bias", COLUMN, lambda s, lay: (s.kda_size,), _block("kda")),
+    Role(L + "kda.o_norm.weight", None, lambda s, lay: (s.kda_head_dim,), _block("kda")),
+    Role(L + "kda.o.weight", ROW, lambda s, lay: (s.hidden_size, s.kda_size), _block("kda")),
+    Role(
+        L + "mamba1.in_proj.weight",
+        COLUMN,
+        lambda s, lay: (2 * s.mamba1_inner, s.hidden_size),
+        _block("mamba1"),
+        parts=_mamba1_in_parts,
+    ),
+    Role(
+        L + "mamba1.in_proj.bias",
+        COLUMN,
+        lambda s, lay: (2 * s.mamba1_inner,),
+        _block("mamba1", _mamba1_proj_bias),
+        parts=_mamba1_in_parts,
+    ),
+    Role(
+        L + "mamba1.conv1d.weight",
+        COLUMN,
+        lambda s, lay: (s.mamba1_inner, 1, s.mamba1_conv_kernel),
+        _block("mamba1"),
+    ),
+    Role(
+        L + "mamba1.conv1d.bias",
+        COLUMN,
+        lambda s, lay: (s.mamba1_inner,),
+        _block("mamba1", lambda s: s.mamba1_conv_bias),
+    ),
+    Role(
+        L + "mamba1.x_proj.weight",
+        ROW,
+        lambda s, lay: (s.mamba1_dt_rank + 2 * s.mamba1_state, s.mamba1_inner),
+        _block("mamba1"),
+    ),
+    Role(
+        L + "mamba1.dt_proj.weight",
+        COLUMN,
+        lambda s, lay: (s.mamba1_inner, s.mamba1_dt_rank),
+        _block("mamba1"),
+    ),
+    Role(L + "mamba1.dt_proj.bias", COLUMN, lambda s, lay: (s.mamba1_inner,), _block("mamba1")),
+    Role(L + "mamba1.A_log", COLUMN, lambda s, lay: (s.mamba1_inner, s.mamba1_state), _block("mamba1")),
+    Role(L + "mamba1.D", COLUMN, lambda s, lay: (s.mamba1_inner,), _block("mamba1")),
+    Role(L + "mamba1.dt_norm.weight", None, lambda s, lay: (s.mamba1_dt_rank,), _block("mamba1")),
+    Role(L + "mamba1.b_norm.weight", None, lambda s, lay: (s.mamba1_state,), _block("mamba1")),
+    Role(L + "mamba1.c_norm.weight", None, lambda s, lay: (s.mamba1_state,), _block("mamba1")),
+    Role(L + "mamba1.out_proj.weight", ROW, lambda s, lay: (s.hidden_size, s.mamba1_inner), _block("mamba1")),
+    Role(
+        L + "mamba1.out_proj.bias", None, lambda s, lay: (s.hidden_size,), _block("mamba1", _mamba1_proj_bias)
+    ),
+]
 
 _BUILTIN: list[Role] = [
     Role("embed.weight", COLUMN, lambda s, lay: (_vocab(s, lay), s.hidden_size)),
@@ -465,6 +608,7 @@ _BUILTIN: list[Role] = [
     Role(L + "mamba.D", COLUMN, lambda s, lay: (s.mamba_heads,), _mamba),
     Role(L + "mamba.norm.weight", COLUMN, lambda s, lay: (s.mamba_inner,), _mamba_gated_norm),
     Role(L + "mamba.out_proj.weight", ROW, lambda s, lay: (s.hidden_size, s.mamba_inner), _mamba),
+    *_OWN_MIXER_ROLES,
     # DeepSeek sparse attention's lightning indexer (V3.2, GLM-5): small projections beside MLA,
     # duplicated on every TP rank in Megatron (MindSpeed-LLM and megatron-core's DSAIndexer alike)
     Role(

@@ -9,6 +9,7 @@ from typing import Any
 import attrs
 
 from ckpt_ir.errors import LayoutError, setting
+from ckpt_ir.ir.blocks import BLOCKS
 
 
 def _positive(_inst: Any, attribute: attrs.Attribute, value: int) -> None:
@@ -86,6 +87,24 @@ class ModelSpec:
     mamba_groups: int = 0
     mamba_conv_kernel: int = 0
     mamba_no_gated_norm: bool = False  # the mixer lacks its gated RMSNorm (Falcon-H1 without mamba_rms_norm)
+    # blocks no Megatron implementation has (ckpt-ir names them itself, docs/formats.md):
+    # a short convolution (LFM2): in_proj [B; C; x] of hidden rows each, a depthwise causal conv
+    # of that kernel width, out_proj, biases on all three or none
+    short_conv_kernel: int = 0
+    short_conv_bias: bool = False
+    # Kimi delta attention (Kimi Linear): heads, head size (q, k and v alike), the q / k / v
+    # convs' kernel width
+    kda_heads: int = 0
+    kda_head_dim: int = 0
+    kda_conv_kernel: int = 0
+    # a Mamba-1 mixer (Jamba): inner width d, SSM state size, the rank of dt, the conv's kernel
+    # width, a conv1d bias, in_proj / out_proj biases
+    mamba1_inner: int = 0
+    mamba1_state: int = 0
+    mamba1_dt_rank: int = 0
+    mamba1_conv_kernel: int = 0
+    mamba1_conv_bias: bool = False
+    mamba1_proj_bias: bool = False
     # The blocks of each main layer, in order (names in ``ckpt_ir.ir.blocks.BLOCKS``: a mixer
     # such as "attention" or "mamba", an MLP such as "mlp" or "moe"); empty: every layer is one
     # mixer and one MLP, as the fields above imply (see :meth:`blocks`)
@@ -121,8 +140,6 @@ class ModelSpec:
     extra: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        from ckpt_ir.ir.blocks import check_layer_blocks
-
         check_layer_blocks(self)
         if self.num_kv_heads and self.num_heads % self.num_kv_heads:
             raise LayoutError(
@@ -202,6 +219,11 @@ class ModelSpec:
         return (self.mamba_inner, bc, bc)
 
     @property
+    def kda_size(self) -> int:
+        """Rows of a Kimi delta attention's q, k and v (heads x head size)."""
+        return self.kda_heads * self.kda_head_dim
+
+    @property
     def linear_qk_size(self) -> int:
         return self.linear_k_heads * self.linear_k_dim
 
@@ -226,3 +248,38 @@ class ModelSpec:
     def summary(self) -> dict[str, Any]:
         """The fields that decide shapes, for dumps (``extra`` left out)."""
         return {f.name: getattr(self, f.name) for f in attrs.fields(ModelSpec) if f.name != "extra"}
+
+
+def check_layer_blocks(spec: ModelSpec) -> None:
+    """Refuse a block list that names unknown blocks, has the wrong length, or leaves a layer
+    without a block; and blocks without their sizes (attention without heads, a Mamba mixer
+    without its dimensions)."""
+    if spec.layer_blocks:
+        if len(spec.layer_blocks) != spec.num_layers:
+            raise LayoutError(
+                f"model spec: layer_blocks lists {len(spec.layer_blocks)} layers but num_layers is "
+                f"{spec.num_layers}"
+            )
+        for i, blocks in enumerate(spec.layer_blocks):
+            unknown = [b for b in blocks if b not in BLOCKS]
+            if unknown or not blocks:
+                raise LayoutError(
+                    f"model spec: layer {i} has blocks {list(blocks)}; each layer needs one or more of "
+                    f"{', '.join(BLOCKS)}"
+                )
+    layers = range(spec.total_layers)
+    if any(spec.has_attention(i) for i in layers) and not (
+        spec.num_heads and spec.num_kv_heads and spec.head_dim
+    ):
+        raise LayoutError("model spec: attention layers need num_heads, num_kv_heads and head_dim (positive)")
+    # the sizes each block needs
+    sizes = {
+        "mlp": ("ffn_hidden_size",),
+        "mamba": ("mamba_heads", "mamba_head_dim", "mamba_state", "mamba_groups"),
+        "short_conv": ("short_conv_kernel",),
+        "kda": ("kda_heads", "kda_head_dim", "kda_conv_kernel"),
+        "mamba1": ("mamba1_inner", "mamba1_state", "mamba1_dt_rank", "mamba1_conv_kernel"),
+    }
+    for block, fields in sizes.items():
+        if any(spec.has_block(i, block) for i in layers) and not all(getattr(spec, f) for f in fields):
+            raise LayoutError(f"model spec: {block} layers need {', '.join(fields)} (positive)")

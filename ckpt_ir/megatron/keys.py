@@ -21,9 +21,10 @@ import attrs
 from ckpt_ir.errors import FormatError, UsageError
 from ckpt_ir.io.side_files import AUX_PATTERNS, CHAT_TEMPLATES_ENTRY
 from ckpt_ir.ir import expr as E
+from ckpt_ir.ir.blocks import OWN_MIXERS
 from ckpt_ir.ir.layout import Layout
 from ckpt_ir.ir.names import COLUMN, NameTable, Split, expert_of, layer_name, split_layer
-from ckpt_ir.ir.roles import split_rule
+from ckpt_ir.ir.roles import roles, split_rule
 from ckpt_ir.ir.rules import Stack
 from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.megatron.integrity import MANIFEST
@@ -161,14 +162,23 @@ _MAMBA_KEYS = (
     ),
     (D + "norm.weight", C + "mamba_norm.weight"),
 )
+# ckpt-ir's own names for mixers no Megatron implementation has (LFM2's short convolution, Kimi
+# delta attention, Jamba's Mamba-1; no Megatron trainer loads them): in a GPTModel-like layer
+# beside input_layernorm, pre_mlp_layernorm and the MLP, each tensor under
+# decoder.layers.N.<block>.* by its canonical name, TP-split by its role (ir/roles.py)
+OWN_MIXER_KEYS = tuple(
+    (D + r.template[len(C) :], r.template)
+    for r in roles()
+    if r.template.startswith(tuple(C + b + "." for b in OWN_MIXERS)) and ".lora_" not in r.template
+)
 # Per-layer order follows MindSpeed-LLM's writer (norms, attention, then MLP), so rank files list
 # keys in the same order as that converter's.
-_LAYER_KEYS = _NORM_KEYS + _ATTENTION_KEYS + _MLP_KEYS + _MAMBA_KEYS
+_LAYER_KEYS = _NORM_KEYS + _ATTENTION_KEYS + _MLP_KEYS + _MAMBA_KEYS + OWN_MIXER_KEYS
 # canonical roles megatron-core keeps in fp32 whatever params_dtype: the router's expert_bias, a
 # buffer it returns to fp32 before every save and load (moe/router.py _maintain_float32_expert_bias)
 KEPT_FP32 = (C + "mlp.router.bias",)
-_MLA_LAYER_KEYS = _NORM_KEYS + _MLA_ATTENTION_KEYS + _MLP_KEYS
-_MCORE_MLA_LAYER_KEYS = _NORM_KEYS + _MCORE_MLA_ATTENTION_KEYS + _MLP_KEYS
+_MLA_LAYER_KEYS = _NORM_KEYS + _MLA_ATTENTION_KEYS + _MLP_KEYS + OWN_MIXER_KEYS
+_MCORE_MLA_LAYER_KEYS = _NORM_KEYS + _MCORE_MLA_ATTENTION_KEYS + _MLP_KEYS + OWN_MIXER_KEYS
 GROUPED = {"weight1": "gate_up", "weight2": "down"}  # D + "mlp.experts.weight1" holds every local expert
 GROUPED_KEY = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.(weight1|weight2)$")
 
