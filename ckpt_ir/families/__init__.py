@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from ckpt_ir.errors import FormatError
+from ckpt_ir.errors import FormatError, VerifyError
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.names import NameTable, template_pattern
 from ckpt_ir.ir.rules import Stack
@@ -178,6 +178,51 @@ class HfNaming:
 
 
 @attrs.frozen
+class SplitLayers:
+    """HF layers that each hold several blocks (a mixer and an MLP: Bamba, Granite-4), split in the
+    IR at Megatron-Core's hybrid granularity, one block per canonical layer: HF layer ``i``'s
+    sub-layer ``j`` is canonical layer ``k*i + j`` (``k = len(parts)``), and ``parts[j]`` lists
+    the HF names below ``prefix`` + ``i.`` that belong to sub-layer ``j`` (each block with the
+    norm before it).  The family's tensor table then names tensors ``prefix{i}.`` with ``{i}``
+    the canonical layer; :meth:`Family.table_key` renumbers both ways."""
+
+    parts: tuple[tuple[str, ...], ...]
+    prefix: str = "model.layers."
+
+    def part_of(self, rest: str) -> int | None:
+        """The sub-layer an HF name below the layer (``mamba.in_proj.weight``) belongs to."""
+        return next((j for j, names in enumerate(self.parts) if rest.startswith(names)), None)
+
+    def to_table(self, key: str) -> str:
+        """HF key -> the table's key (canonical layer number); a key below no sub-layer stays."""
+        layer, rest = _layer_of(self.prefix, key)
+        j = None if layer is None else self.part_of(rest)
+        if layer is None or j is None:
+            return key
+        return f"{self.prefix}{len(self.parts) * layer + j}.{rest}"
+
+    def to_hf(self, key: str) -> str:
+        """The table's key -> the HF key; a tensor of the wrong sub-layer is an error."""
+        layer, rest = _layer_of(self.prefix, key)
+        if layer is None:
+            return key
+        k = len(self.parts)
+        if self.part_of(rest) != layer % k:
+            raise VerifyError(
+                f"{key}: canonical layer {layer} is sub-layer {layer % k} of HF layer {layer // k}, which "
+                f"holds {', '.join(self.parts[layer % k])}* only; the layer's blocks do not fit the HF layout"
+            )
+        return f"{self.prefix}{layer // k}.{rest}"
+
+
+def _layer_of(prefix: str, key: str) -> tuple[int | None, str]:
+    if not key.startswith(prefix):
+        return None, key
+    num, _, rest = key[len(prefix) :].partition(".")
+    return (int(num), rest) if num.isdigit() and rest else (None, key)
+
+
+@attrs.frozen
 class ConfigKey:
     """ModelSpec field <- HF config key, with a default when the key is absent (None: required).
     ``aliases``: other spellings of the key (read if the main one is absent; written back under
@@ -242,6 +287,8 @@ class Family:
     # (key, num_layers, to_hf) -> key: HF keys outside the model.layers numbering, renamed to the
     # table's keys on read (to_hf False) and back on write (Qwen3-Next's MTP layer under mtp.*)
     hf_rename: Any = None
+    # HF layers of several blocks, one canonical (Megatron hybrid) layer per block (Bamba, Granite-4)
+    split_layers: SplitLayers | None = None
     # HF name globs of tensors the family's transformers class creates in fp32 whatever dtype it
     # loads in (its _keep_in_fp32_modules* attributes are read from transformers itself)
     fp32_in_transformers: tuple[str, ...] = ()
@@ -254,6 +301,18 @@ class Family:
     namings: tuple[HfNaming, ...] = ()
     # what the tests verify for this family (``ckpt-ir models`` shows it)
     tested: Tested = Tested()
+
+    def __attrs_post_init__(self) -> None:
+        if self.split_layers is not None:  # every layer tensor of the table is in one sub-layer
+            prefix = self.split_layers.prefix + "{i}."
+            hf = [h for h, _ in self.tensors] + [p.hf for p in self.packed] + [st.hf for st in self.stacked]
+            stray = [
+                h for h in hf if h.startswith(prefix) and self.split_layers.part_of(h[len(prefix) :]) is None
+            ]
+            if stray:
+                raise ValueError(
+                    f"family {self.name}: {stray[0]} is in no sub-layer of its split_layers table"
+                )
 
     @property
     def names(self) -> NameTable:
@@ -287,6 +346,25 @@ class Family:
         raise FormatError(
             f"the {self.name} family has no HF naming {name!r}; known: {[n.name for n in self.namings]}"
         )
+
+    def table_key(self, key: str, spec: ModelSpec, to_hf: bool, naming: HfNaming | None = None) -> str:
+        """An HF key as the family's table names it (``to_hf`` False), or back: a key in another
+        ``naming`` than the table's renamed to the table's (DeepSeek-V4 as transformers saves it),
+        keys outside the layer numbering (``hf_rename``, given the HF layer count), then layers of
+        several blocks renumbered (:class:`SplitLayers`); writing does the same in reverse."""
+        split = self.split_layers
+        hf_layers = spec.num_layers // len(split.parts) if split else spec.num_layers
+        if to_hf:
+            key = split.to_hf(key) if split else key
+            key = self.hf_rename(key, hf_layers, True) if self.hf_rename else key
+            return naming.from_table(key) if naming else key
+        key = naming.to_table(key) if naming else key
+        key = self.hf_rename(key, hf_layers, False) if self.hf_rename else key
+        return split.to_table(key) if split else key
+
+    def renames(self, naming: HfNaming | None = None) -> bool:
+        """Whether :meth:`table_key` changes any key."""
+        return self.split_layers is not None or self.hf_rename is not None or naming is not None
 
     def as_stored(self, hf_name: str, x: E.Expr) -> E.Expr:
         """``x`` with its two axes swapped when the family stores HF tensor ``hf_name`` [in, out]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ckpt_ir.families import ConfigKey
+from ckpt_ir.families import ConfigKey, ExpertStack
 
 
 def default_head_dim(cfg: dict) -> int:
@@ -242,6 +242,16 @@ DEEPSEEK_MOE_CONFIG = (
     ConfigKey("moe_ffn_hidden_size", "moe_intermediate_size"),
     ConfigKey("shared_ffn_hidden_size", None, _shared_ffn),
     ConfigKey("dense_layers", None, first_k_dense_layers),
+)
+# Granite MoE's block (granitemoe, granitemoeshared, granitemoehybrid): each layer's experts
+# stacked in two tensors stored [out, in] (block_sparse_moe.input_linear [E, 2F, H], per expert
+# [gate; up] rows, and output_linear [E, H, F]), the router at block_sparse_moe.router.layer (top-k
+# logits, then a softmax over them: megatron-core's default routing)
+_EXPERT = C + "mlp.experts.{e}."
+GRANITE_MOE = ((L + "block_sparse_moe.router.layer.weight", C + "mlp.router.weight"),)
+GRANITE_EXPERTS = (
+    ExpertStack(L + "block_sparse_moe.input_linear.weight", (_EXPERT + "gate.weight", _EXPERT + "up.weight")),
+    ExpertStack(L + "block_sparse_moe.output_linear.weight", (_EXPERT + "down.weight",)),
 )
 # DeepSeek-V3's multi-token-prediction layers (model.layers.{num_hidden_layers + k}) add these to a
 # full decoder layer; embed_tokens and shared_head.head repeat the main embedding and lm_head

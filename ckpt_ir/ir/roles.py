@@ -97,6 +97,16 @@ def _mamba(s: ModelSpec, lay: Layout, i: int) -> bool:
     return s.has_block(i, "mamba")
 
 
+def _mamba_norm(s: ModelSpec, lay: Layout, i: int) -> bool:
+    """A Mamba layer's own input norm; beside attention (Falcon-H1's parallel mixers) the two
+    mixers read the layer's one input norm, attn_norm."""
+    return _mamba(s, lay, i) and not _attn_like(s, i)
+
+
+def _mamba_gated_norm(s: ModelSpec, lay: Layout, i: int) -> bool:
+    return _mamba(s, lay, i) and not s.mamba_no_gated_norm
+
+
 def _mla(pred: Callable[[ModelSpec, Layout], bool]) -> Presence:
     return lambda s, lay, i: s.mla and s.has_attention(i) and pred(s, lay)
 
@@ -692,7 +702,7 @@ _BUILTIN: list[Role] = [
     # conv1d over [x; B; C] channels, each split over TP part by part (rank r holds
     # [z_r; x_r; B_r; C_r; dt_r], megatron-core's MambaMixer), per-head dt_bias / A_log / D, the
     # gated RMSNorm over d (groups of d / mamba_groups, so TP divides the groups), out_proj
-    Role(L + "mamba_norm.weight", None, lambda s, lay: (s.hidden_size,), _mamba),
+    Role(L + "mamba_norm.weight", None, lambda s, lay: (s.hidden_size,), _mamba_norm),
     Role(
         L + "mamba.in_proj.weight",
         COLUMN,
@@ -717,7 +727,7 @@ _BUILTIN: list[Role] = [
     Role(L + "mamba.dt_bias", COLUMN, lambda s, lay: (s.mamba_heads,), _mamba),
     Role(L + "mamba.A_log", COLUMN, lambda s, lay: (s.mamba_heads,), _mamba),
     Role(L + "mamba.D", COLUMN, lambda s, lay: (s.mamba_heads,), _mamba),
-    Role(L + "mamba.norm.weight", COLUMN, lambda s, lay: (s.mamba_inner,), _mamba),
+    Role(L + "mamba.norm.weight", COLUMN, lambda s, lay: (s.mamba_inner,), _mamba_gated_norm),
     Role(L + "mamba.out_proj.weight", ROW, lambda s, lay: (s.hidden_size, s.mamba_inner), _mamba),
     *_OWN_MIXER_ROLES,
     *_DSV4_ROLES,

@@ -91,6 +91,7 @@ class ModelSpec:
     mamba_state: int = 0
     mamba_groups: int = 0
     mamba_conv_kernel: int = 0
+    mamba_no_gated_norm: bool = False  # the mixer lacks its gated RMSNorm (Falcon-H1 without mamba_rms_norm)
     # blocks no Megatron implementation has (ckpt-ir names them itself, docs/formats.md):
     # a short convolution (LFM2): in_proj [B; C; x] of hidden rows each, a depthwise causal conv
     # of that kernel width, out_proj, biases on all three or none

@@ -476,7 +476,12 @@ def _table(keys: KeyPairs, norm_names: str, mla_keys: str = "mindspeed") -> Name
             for m in (D + "norm.weight", D + "input_layernorm.weight", D + "input_layernorm.bias")
         }
     )
-    return NameTable((renames.get(m, m), c) for m, c in keys)
+    # the fused Mamba norm is a Mamba layer's own input norm only (Falcon-H1's norm.weight, shared
+    # by its parallel mixers, stays a module of its own, as Megatron-Bridge builds it)
+    return NameTable(
+        (m if m == D + "norm.weight" and c != C + "mamba_norm.weight" else renames.get(m, m), c)
+        for m, c in keys
+    )
 
 
 LOCAL_LAYER_TABLE = _table(_LAYER_KEYS, "local")
