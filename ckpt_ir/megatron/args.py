@@ -170,6 +170,8 @@ class Args:
         return tuple(i for i, moe in enumerate(pattern) if not moe)
 
     def num_layers(self) -> int:
+        if self.args.get("num_layers") is None and self.hybrid:  # Megatron-LM derives it from the pattern
+            return len(self.hybrid_pattern())
         return int(self.args["num_layers"]) - len(int_list(self.args.get("noop_layers")) or ())
 
     @property
