@@ -466,3 +466,20 @@ def test_torch_dist_holds_megatron_core_hybrid_keys_and_reads_back(models, tmp_p
     assert cli_main(["convert", mc, dist2, "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]) == 0
     assert cli_main(["convert", dist2, str(tmp_path / "back2"), "--to", "hf", "--quiet"]) == 0
     assert_same_tensors(hf, str(tmp_path / "back2"))
+
+
+def test_hybrid_ratios_allocate_the_layers_megatron_core_builds():
+    """Megatron-LM 0.16 runs may give only hybrid_attention_ratio / hybrid_mlp_ratio: the pattern
+    is then the one megatron-core's own allocation builds."""
+    from megatron.core.ssm.mamba_hybrid_layer_allocation import allocate_layers
+
+    from ckpt_ir.megatron.args import allocate_hybrid
+
+    for layers in (1, 2, 5, 8, 13, 24, 52):
+        for attention in (0.0, 0.08, 0.1, 0.25, 0.5, 1.0):
+            for mlp in (0.0, 0.1, 0.3, 0.5):
+                if attention + mlp <= 1:
+                    want = "".join(allocate_layers(layers, attention, mlp))
+                    assert allocate_hybrid(layers, attention, mlp) == want, (layers, attention, mlp)
+    a = Args({"num_layers": 8, "hybrid_attention_ratio": 0.25, "hybrid_mlp_ratio": 0.25}, "rank.pt")
+    assert a.hybrid and a.hybrid_pattern() == "".join(allocate_layers(8, 0.25, 0.25))
