@@ -96,6 +96,8 @@ _NOT_HF = frozenset(
         "mscale_all_dim",
         "beta_fast",
         "beta_slow",
+        # Nemotron-H's MTP pattern: Megatron-LM would build MTP layers ckpt-ir does not convert
+        "mtp_hybrid_override_pattern",
     }
 )
 
@@ -107,6 +109,9 @@ _LAYOUT_ARGS = (
     "num_layers_per_virtual_pipeline_stage",
     "virtual_pipeline_model_parallel_size",
     "expert_tensor_parallel_size",
+    # Megatron-LM's uneven first / last pipeline stages (the target's stages are num_layer_list's)
+    "decoder_first_pipeline_num_layers",
+    "decoder_last_pipeline_num_layers",
 )
 _PLAIN = (int, float, str, bool, list)
 
