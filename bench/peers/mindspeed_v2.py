@@ -422,7 +422,8 @@ MAMBA2_CONFIG = dict(
     vocab_size=128,
 )
 MAMBA2_LAYERS = 4
-# case -> (TP, PP); kept out of CASES: no ckpt-ir family claims mamba2 yet (tests/test_support_matrix.py)
+# case -> (TP, PP) of MindSpeed-LLM's dedicated Mamba-2 converter (kept out of CASES, whose entries run
+# the generic one); tests/test_support_matrix.py holds the mamba2 family's claims to them
 MAMBA2_CASES = {"mamba2-tp1": (1, 1), "mamba2-tp2": (2, 1), "mamba2-tp2pp2": (2, 2)}
 # case -> ckpt-ir's argv (after ``python -m ckpt_ir``) writing the same layout, ``{hf}`` and ``{out}``
 # replaced by the HF model and the output directory, e.g. ["convert", "{hf}", "{out}", "--to",

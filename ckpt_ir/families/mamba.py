@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from ckpt_ir.errors import FormatError
-from ckpt_ir.families import ConfigKey, Family, register
+from ckpt_ir.families import ConfigKey, Family, Tested, register
 from ckpt_ir.families.blocks import deepseek_router_args
 from ckpt_ir.ir.blocks import from_pattern
 
@@ -28,7 +28,9 @@ BACKBONE = (
     ("lm_head.weight", "lm_head.weight"),
 )
 # one norm per layer, the input norm of the layer's only block
-LAYER_NORM = tuple((B + "norm.weight", C + c) for c in ("mamba_norm.weight", "attn_norm.weight", "mlp_norm.weight"))
+LAYER_NORM = tuple(
+    (B + "norm.weight", C + c) for c in ("mamba_norm.weight", "attn_norm.weight", "mlp_norm.weight")
+)
 MAMBA_MIXER = tuple(
     (B + "mixer." + part, C + "mamba." + part)
     for part in (
@@ -74,6 +76,18 @@ register(
             ConfigKey("layer_blocks", None, lambda cfg: (("mamba",),) * cfg["num_hidden_layers"]),
         ),
         mindspeed_names=("mamba2",),
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2 --num-layer-list 1,3",),
+            mcore_missing="no forward: megatron-core's MambaMixer computes only with mamba_ssm's Triton kernels",
+            mindspeed=(
+                ("mamba2-tp1", "identical"),
+                ("mamba2-tp2", "identical"),
+                (
+                    "mamba2-tp2pp2",
+                    "identical (less MindSpeed's PP defect: earlier layers repeated on later stages)",
+                ),
+            ),
+        ),
     )
 )
 
@@ -87,7 +101,12 @@ def _nemotron_h_layers(cfg: dict[str, Any]) -> tuple[tuple[str, ...], ...]:
         if not isinstance(pattern, str):
             raise FormatError("config.json: neither layers_block_type nor hybrid_override_pattern")
         return from_pattern(pattern, "config.json")
-    kinds = {"mamba": "mamba", "linear_attention": "mamba", "attention": "attention", "full_attention": "attention"}
+    kinds = {
+        "mamba": "mamba",
+        "linear_attention": "mamba",
+        "attention": "attention",
+        "full_attention": "attention",
+    }
     kinds |= {"mlp": "mlp", "moe": "moe"}
     unknown = sorted({t for t in types if t not in kinds})
     if unknown:
@@ -143,5 +162,9 @@ register(
         ),
         constants=(("gated_mlp", False), ("router_bias", True)),
         megatron_args=_nemotron_h_router_args,
+        tested=Tested(
+            round_trip=("--tp 2 --ep 2 --norm-names te", "--pp 2 --num-layer-list 3,1"),
+            mcore_missing="no forward: megatron-core's MambaMixer computes only with mamba_ssm's Triton kernels",
+        ),
     )
 )

@@ -51,7 +51,9 @@ def check_layer_blocks(spec: ModelSpec) -> None:
                     f"{', '.join(BLOCKS)}"
                 )
     layers = range(spec.total_layers)
-    if any(spec.has_attention(i) for i in layers) and not (spec.num_heads and spec.num_kv_heads and spec.head_dim):
+    if any(spec.has_attention(i) for i in layers) and not (
+        spec.num_heads and spec.num_kv_heads and spec.head_dim
+    ):
         raise LayoutError("model spec: attention layers need num_heads, num_kv_heads and head_dim (positive)")
     if any(spec.has_block(i, "mlp") for i in layers) and not spec.ffn_hidden_size:
         raise LayoutError("model spec: MLP layers need a positive ffn_hidden_size")

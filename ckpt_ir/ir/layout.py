@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import attrs
 
 from ckpt_ir.errors import LayoutError, setting
+from ckpt_ir.ir.blocks import is_hybrid
 from ckpt_ir.ir.spec import ModelSpec
 
 FORMATS = ("hf", "mcore")
@@ -158,6 +159,12 @@ def num_chunks(spec: ModelSpec, layout: Layout) -> int:
 def validate(spec: ModelSpec, layout: Layout) -> None:
     """Every check that needs both spec and layout; raises LayoutError with a one-line reason."""
     total = mcore_num_layers(spec, layout)
+    if layout.vpp_layers and is_hybrid(spec):
+        raise LayoutError(
+            f"layout: megatron-core's MambaModel, which {spec.family} converts to, builds no virtual "
+            f"pipeline stages (ssm/mamba_block.py); drop {setting('vpp_layers')} (PP with "
+            f"{setting('num_layer_list')} works)"
+        )
     if layout.tp > 1 and spec.linear_layers:
         raise LayoutError(
             f"layout: {spec.family}'s gated-delta-net layers convert only with tensor parallel size 1 "
@@ -175,7 +182,15 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
                 f"layout: {spec.num_kv_heads} query groups (KV heads) are not divisible by tensor "
                 f"parallel size {layout.tp}; choose a TP that divides the KV head count"
             )
-        has_dense_mlp = spec.num_experts == 0 or bool(spec.dense_layers)
+        has_dense_mlp = any(spec.has_block(i, "mlp") for i in range(spec.total_layers))
+        if any(spec.has_block(i, "mamba") for i in range(spec.num_layers)) and (
+            spec.mamba_groups % layout.tp or spec.mamba_heads % layout.tp
+        ):
+            raise LayoutError(
+                f"layout: the Mamba mixers' {spec.mamba_groups} B/C groups and {spec.mamba_heads} heads "
+                f"must both divide by tensor parallel size {layout.tp} (megatron-core's MambaMixer keeps "
+                f"whole groups on a rank); choose a TP that divides both"
+            )
         if has_dense_mlp and spec.ffn_hidden_size % layout.tp:
             raise LayoutError(
                 f"layout: ffn hidden size {spec.ffn_hidden_size} is not divisible by tensor "

@@ -354,7 +354,10 @@ def _table(keys: KeyPairs, norm_names: str, mla_keys: str = "mindspeed") -> Name
     renames = (
         dict(_TE_NORMS)
         if norm_names == "te"
-        else {m: _TE_NORMS[m] for m in (D + "norm.weight", D + "input_layernorm.weight", D + "input_layernorm.bias")}
+        else {
+            m: _TE_NORMS[m]
+            for m in (D + "norm.weight", D + "input_layernorm.weight", D + "input_layernorm.bias")
+        }
     )
     return NameTable((renames.get(m, m), c) for m, c in keys)
 

@@ -66,7 +66,9 @@ def rank_content(
     # megatron-core's MLA: a key per down-projection, each a part of the IR's attn.qkv_a
     parts = (
         {
-            "layers.{i}." + c: Part(p, mla_rule(spec), M.mcore_split(f"layers.0.{c}", layout.norm_names, spec))
+            "layers.{i}." + c: Part(
+                p, mla_rule(spec), M.mcore_split(f"layers.0.{c}", layout.norm_names, spec)
+            )
             for p, c in M.mla_down_parts(spec).items()
         }
         if mcore_mla
