@@ -28,7 +28,7 @@ from tests.test_hf_roundtrip import IDS, assert_same_tensors, hf_state, logits
 
 # the tiny models: Mamba-2 mixers of 8 heads x 16, 2 groups, state 16, conv 4 (d_inner 128 = 2 x hidden)
 MAMBA = dict(hidden_size=64, vocab_size=128, conv_kernel=4, n_groups=2)
-MAMBA2 = dict(MAMBA, state_size=16, head_dim=16, expand=2, num_heads=8)
+MAMBA2 = dict(MAMBA, state_size=16, head_dim=16, expand=2, num_heads=8, tie_word_embeddings=True)
 NEMOTRON_H = dict(
     MAMBA,
     ssm_state_size=16,
@@ -483,3 +483,167 @@ def test_hybrid_ratios_allocate_the_layers_megatron_core_builds():
                     assert allocate_hybrid(layers, attention, mlp) == want, (layers, attention, mlp)
     a = Args({"num_layers": 8, "hybrid_attention_ratio": 0.25, "hybrid_mlp_ratio": 0.25}, "rank.pt")
     assert a.hybrid and a.hybrid_pattern() == "".join(allocate_layers(8, 0.25, 0.25))
+
+
+# ---------------------------------------------------------------------------------------------
+# megatron-core as the oracle (tests/mcore_hybrid.py: MambaModel built on CPU from the stock TE
+# spec with build-only stand-ins; keys, shapes and strict loads, no forward)
+
+
+def _case(args: argparse.Namespace, tp: int, pp: int, **more) -> dict:
+    """The oracle's MambaModel as ckpt-ir's written ``args`` describe it (only args, so megatron-core
+    builds the model from what the checkpoint says)."""
+    case = dict(
+        kind="mamba",
+        tp=tp,
+        pp=pp,
+        hidden=args.hidden_size,
+        heads=args.num_attention_heads,
+        groups=args.num_query_groups,
+        ffn=args.ffn_hidden_size,
+        vocab=args.padded_vocab_size,
+        tied=not args.untie_embeddings_and_output_weights,
+        kv_channels=args.kv_channels,
+        hybrid_override_pattern=args.hybrid_override_pattern,
+        mamba_state_dim=args.mamba_state_dim,
+        mamba_head_dim=args.mamba_head_dim,
+        mamba_num_groups=args.mamba_num_groups,
+        mamba_num_heads=args.mamba_num_heads,
+        gated_linear_unit=bool(args.swiglu),
+        normalization=args.normalization,
+    )
+    if getattr(args, "num_experts", None):
+        case.update(
+            num_moe_experts=args.num_experts,
+            moe_router_topk=args.moe_router_topk,
+            moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+            moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+            moe_router_score_function=args.moe_router_score_function,
+            moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
+        )
+    return dict(case, **more)
+
+
+def _args(root: str, name: str = "mp_rank_00") -> argparse.Namespace:
+    return torch.load(os.path.join(root, "iter_0000001", name, "model_optim_rng.pt"), weights_only=False)[
+        "args"
+    ]
+
+
+def _rank_file(root: str, report: dict, pp: int) -> dict:
+    name = f"mp_rank_{report['tp_rank']:02d}" + (f"_{report['pp_rank']:03d}" if pp > 1 else "")
+    return torch.load(os.path.join(root, "iter_0000001", name, "model_optim_rng.pt"), weights_only=False)[
+        "model"
+    ]
+
+
+@pytest.fixture(scope="module")
+def oracle(models, tmp_path_factory):
+    """ckpt-ir's outputs of the tiny models, and one megatron-core job over them (plus
+    megatron-core's own saves of a nemotron_h-shaped model, for ckpt-ir to read)."""
+    from tests.mcore_hybrid import mcore_keys
+
+    root = tmp_path_factory.mktemp("mamba_oracle")
+    out = {}
+    for name, src, flags in (
+        ("nemo_tp1", "nemotron_h", ()),
+        ("nemo_tp2", "nemotron_h", ("--tp", "2")),
+        ("nemo_pp2", "nemotron_h", ("--tp", "2", "--pp", "2", "--num-layer-list", "2,4")),
+        ("mamba2_tp2", "mamba2", ("--tp", "2")),
+    ):
+        out[name] = str(root / name)
+        assert (
+            cli_main(
+                ["convert", models[src], out[name], "--to", "mcore", "--norm-names", "te", "--quiet", *flags]
+            )
+            == 0
+        )
+    for name, src in (("nemo_dist", "nemotron_h"), ("mamba2_dist", "mamba2")):
+        out[name] = str(root / name)
+        assert (
+            cli_main(
+                ["convert", models[src], out[name], "--to", "mcore", "--ckpt-format", "torch_dist", "--quiet"]
+            )
+            == 0
+        )
+    nemo, mamba2 = _args(out["nemo_tp1"]), _args(out["mamba2_tp2"])
+    first2 = dict(num_layers_in_first_pipeline_stage=2)  # = --num-layer-list 2,4
+    out["mc_dist"], out["mc_torch"] = str(root / "mc_dist"), str(root / "mc_torch")
+    cases = {
+        "nemo_tp1": _case(nemo, 1, 1, ckpt=out["nemo_tp1"]),
+        "nemo_tp2": _case(nemo, 2, 1, ckpt=out["nemo_tp2"]),
+        "nemo_pp2": _case(nemo, 2, 2, ckpt=out["nemo_pp2"], **first2),
+        "nemo_dist": _case(nemo, 2, 2, ckpt=out["nemo_dist"], dump=True, **first2),
+        "mamba2_tp2": _case(mamba2, 2, 1, ckpt=out["mamba2_tp2"]),
+        "mamba2_dist": _case(mamba2, 2, 1, ckpt=out["mamba2_dist"], dump=True),
+        # megatron-core's own writers: torch_dist at TP2 x PP2 (uneven), read back whole; torch files
+        "mc_save_dist": _case(
+            nemo, 2, 2, seed=7, save={"dir": out["mc_dist"], "format": "torch_dist"}, **first2
+        ),
+        "mc_dist_whole": _case(nemo, 1, 1, ckpt=out["mc_dist"], dump=True),
+        "mc_save_torch": _case(nemo, 2, 2, seed=8, save={"dir": out["mc_torch"], "format": "torch"}),
+    }
+    job = root / "job"
+    reports = mcore_keys(list(cases.values()), job)
+    out["reports"] = dict(zip(cases, reports))
+    out["dump"] = lambda i, rank: torch.load(os.path.join(job, f"case{i}.rank{rank}.sd.pt"))
+    out["index"] = {name: i for i, name in enumerate(cases)}
+    return out
+
+
+@pytest.mark.parametrize("name, pp", [("nemo_tp1", 1), ("nemo_tp2", 1), ("nemo_pp2", 2), ("mamba2_tp2", 1)])
+def test_rank_files_hold_megatron_cores_keys_and_shapes(oracle, name, pp):
+    """Built from ckpt-ir's args alone, megatron-core's MambaModel (stock TE spec) has exactly the
+    keys and shapes of ckpt-ir's rank file on every rank; loading it misses only Transformer
+    Engine's _extra_state (an HF source has none)."""
+    for r in oracle["reports"][name]:
+        sd = _rank_file(oracle[name], r, pp)
+        assert {k: list(v.shape) for k, v in sd.items()} == r["state_dict"], (name, r["rank"])
+        load = r["load"]
+        assert load["format"] == "torch" and load["unexpected"] == [] and load["shape_mismatch"] == []
+        assert load["missing"] and all(k.endswith("._extra_state") for k in load["missing"])
+
+
+@pytest.mark.parametrize("name, ranks_of", [("nemo_dist", "nemo_pp2"), ("mamba2_dist", "mamba2_tp2")])
+def test_torch_dist_loads_strictly_and_reshards_to_the_rank_files(oracle, name, ranks_of):
+    """megatron-core's dist_checkpointing.load accepts ckpt-ir's torch_dist strictly (no missing or
+    unexpected key) at another layout, and what it loads on each rank is ckpt-ir's rank file of
+    that layout, tensor for tensor."""
+    pp = 1 + max(r["pp_rank"] for r in oracle["reports"][name])
+    for r in oracle["reports"][name]:
+        load = r["load"]
+        assert load["format"] == "torch_dist" and load["ok"], json.dumps(load)
+        assert load["missing"] == load["unexpected"] == load["state_dict_missing"] == []
+        loaded = oracle["dump"](oracle["index"][name], r["rank"])
+        want = _rank_file(oracle[ranks_of], r, pp)
+        assert sorted(loaded) == sorted(want)
+        for k, v in want.items():
+            assert torch.equal(loaded[k], v), (name, r["rank"], k)
+
+
+def test_megatron_core_written_checkpoints_convert_with_hf_config(models, oracle, tmp_path, capsys):
+    """megatron-core's own saves carry no args: with --hf-config ckpt-ir reads its torch_dist
+    (TP2 x PP2 uneven, read whole) and its torch rank files (TP2 x PP2) exactly; without, one
+    line asks for it."""
+    hf = models["nemotron_h"]
+    for src in (oracle["mc_dist"], oracle["mc_torch"]):
+        assert cli_main(["convert", src, str(tmp_path / "x"), "--to", "hf"]) != 0
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "'args'" in err and "--hf-config DIR" in err
+    whole = str(tmp_path / "whole")
+    flags = ["--to", "mcore", "--norm-names", "te", "--hf-config", hf, "--quiet"]
+    assert cli_main(["convert", oracle["mc_dist"], whole, *flags]) == 0
+    want = oracle["dump"](oracle["index"]["mc_dist_whole"], 0)  # megatron-core's own view of it
+    got = _rank_file(whole, {"tp_rank": 0, "pp_rank": 0}, 1)
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+    again = str(tmp_path / "again")
+    assert cli_main(["convert", oracle["mc_torch"], again, *flags, "--tp", "2", "--pp", "2"]) == 0
+    for r in oracle["reports"]["mc_save_torch"]:
+        if r["dp_rank"]:
+            continue
+        mc, ours = _rank_file(oracle["mc_torch"], r, 2), _rank_file(again, r, 2)
+        assert sorted(ours) == sorted(mc)  # _extra_state too: carried at the same layout
+        for k, v in mc.items():
+            assert k.endswith("._extra_state") or torch.equal(ours[k], v), k

@@ -373,6 +373,8 @@ def _stored(
         for w in ("weight", "bias")
         if f"lm_head.{w}" in nodes
     ]
+    if hybrid:  # MambaModel saves its output layer's _extra_state (GPTModel drops it), tied or not
+        objects.append(f"{M.OUTPUT_LAYER}_extra_state/shard_0_1")
     left = sorted(n for n in nodes if split_layer(n)[0] is not None and n not in used)
     if left:
         raise VerifyError(f"no torch_dist key for {left[0]}")

@@ -97,7 +97,18 @@ def lift(
     _check_backend(it_dir)
     md = read_metadata(it_dir)
     common, common_path = _common_state(it_dir, md)
-    args = megatron_args.args_dict(common.get("args"), common_path)
+    if common.get("args") is None and hf_config is not None:
+        # megatron-core's own dist_checkpointing.save (no Megatron-LM around it) keeps no args: the
+        # model is the HF config's, the layout whole
+        args: dict[str, Any] = {}
+    elif common.get("args") is None:
+        raise FormatError(
+            f"{common_path}: the checkpoint has no 'args' (megatron-core's dist_checkpointing.save "
+            f"writes none); pass {setting('hf_config', metavar='DIR')} (the model's HF config.json) to say "
+            "what model it holds"
+        )
+    else:
+        args = megatron_args.args_dict(common.get("args"), common_path)
     spec, cfg, inferred = spec_from_args(args, hf_config, common_path, family, config_name)
     n_args = args.get("num_layers")
     if isinstance(n_args, int) and n_args != spec.num_layers:
