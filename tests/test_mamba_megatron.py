@@ -647,3 +647,31 @@ def test_megatron_core_written_checkpoints_convert_with_hf_config(models, oracle
         assert sorted(ours) == sorted(mc)  # _extra_state too: carried at the same layout
         for k, v in mc.items():
             assert k.endswith("._extra_state") or torch.equal(ours[k], v), k
+
+
+def test_strided_views_read_as_blocks_of_their_storage(tmp_path):
+    """torch.save keeps a view's whole storage with its strides (MindSpeed-LLM's torch.chunk over
+    dim 1): every view that is a block of a row-major tensor reads as that block; others (a
+    transpose) are refused in one line."""
+    from ckpt_ir.io.torchzip import TorchZip, iter_tensors
+    from ckpt_ir.ir import expr as E
+
+    g = torch.arange(2 * 6 * 10, dtype=torch.float32).reshape(2, 6, 10)
+    w = torch.arange(64 * 128, dtype=torch.float32).reshape(64, 128)
+    views = {
+        "chunk": w.chunk(2, dim=1)[1],
+        "column": w[3:9, 7:8],
+        "box": g[:, 2:5, 3:7],
+        "every_other_row": g[:, ::2, :],
+    }
+    f = str(tmp_path / "views.pt")
+    torch.save({**views, "transposed": g.transpose(0, 1)}, f)
+    z = TorchZip(f)
+    with E.Reader() as reader:
+        for key, ref in iter_tensors(z.obj):
+            if key == "transposed":
+                with pytest.raises(FormatError, match="not a block of a row-major tensor"):
+                    z.load_expr(ref, key)
+                continue
+            assert not views[key].is_contiguous()
+            assert torch.equal(E.evaluate(E.simplify(z.load_expr(ref, key)), reader), views[key]), key
