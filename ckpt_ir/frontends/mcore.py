@@ -536,7 +536,8 @@ def _no_args(
     evenly; the model from ``hf_config``."""
     if hf_config is None:
         raise FormatError(
-            f"{where}: the rank file has no 'args' (as MindSpeed-LLM's Mamba-2 converter writes it); "
+            f"{where}: the rank file has no 'args' (MindSpeed-LLM's Mamba-2 converter and megatron-core's "
+            "own saves write none); "
             f"pass {setting('hf_config', metavar='DIR')} (the model's HF config.json) to say what model it holds"
         )
     if any(e is not None for _, _, e in found):
