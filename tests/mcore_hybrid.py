@@ -38,6 +38,11 @@ TransformerConfig field by its own name (``kv_channels``, ``mamba_num_heads``,
 ``gated_linear_unit``, ``normalization``, ``num_layers_in_first_pipeline_stage``,
 ``num_layers_in_last_pipeline_stage``, ...).  A key that is neither is an error.
 
+``"metadata"`` is what ``sharded_state_dict(metadata=...)`` gets (saves and loads too); the
+default ``{"singleton_local_shards": False}`` is what Megatron-LM's
+``_build_sharded_state_dict_metadata`` sets for the model (True would key SequentialMLP experts
+one by one).
+
 Checkpoints:
 
 * ``"ckpt"``: a Megatron checkpoint directory (``latest_checkpointed_iteration.txt`` and
@@ -139,6 +144,7 @@ else:  # run as a script: tests/ is sys.path[0]
     import mcore_harness as H
 
 WORLD = 4
+SHARDED_METADATA = {"singleton_local_shards": False}
 SCRIPT = os.path.abspath(__file__)
 
 # case keys that are not TransformerConfig fields
@@ -370,7 +376,7 @@ def _config(case: dict):
     unknown = sorted(k for k in case if k not in _CASE_KEYS and k not in fields)
     if unknown:
         raise ValueError(
-            f"case {case.get('out')}: {unknown} are neither case keys nor TransformerConfig fields"
+            f"case {case.get('out')}: {unknown} are neither case keys nor TransformerConfig fields: rename or drop them"
         )
     kind = case["kind"]
     if kind == "mamba":
@@ -679,9 +685,7 @@ def _load(case: dict, model, tp_rank: int, pp_rank: int, ep_rank: int) -> dict:
     it_dir = _iter_dir(case["ckpt"])
     if os.path.exists(os.path.join(it_dir, "metadata.json")):
         strategy = None if os.path.exists(os.path.join(it_dir, "common.pt")) else H._common_state_loader()
-        sharded = model.sharded_state_dict(
-            metadata=dict(case.get("metadata", {"singleton_local_shards": False}))
-        )
+        sharded = model.sharded_state_dict(metadata=dict(case.get("metadata", SHARDED_METADATA)))
         result = {"format": "torch_dist", "missing": [], "unexpected": [], "error": None}
         try:
             loaded, missing, unexpected = dist_checkpointing.load(
@@ -757,9 +761,7 @@ def _save(case: dict, model, tp_rank: int, pp_rank: int, ep_rank: int, dp_rank: 
     dist.barrier()
     if fmt == "torch_dist":
         DF._use_in_process_results_queue()  # not a spawned Manager re-importing torch per rank
-        sharded = model.sharded_state_dict(
-            metadata=dict(case.get("metadata", {"singleton_local_shards": False}))
-        )
+        sharded = model.sharded_state_dict(metadata=dict(case.get("metadata", SHARDED_METADATA)))
         dist_checkpointing.save(sharded, it_dir)
     elif dp_rank == 0:
         path = H._rank_file(root, tp_rank, pp_rank, case["pp"], ep_rank, case.get("ep", 1))
@@ -780,7 +782,7 @@ def _run_case(case: dict, rank: int) -> None:
         ep_rank, dp_rank = ps.get_expert_model_parallel_rank(), ps.get_data_parallel_rank()
         state = model.state_dict()
         kinds, offset = _layer_kinds(case, model)
-        tensors, objects = _sharded_report(model, case.get("metadata", {"singleton_local_shards": False}))
+        tensors, objects = _sharded_report(model, case.get("metadata", SHARDED_METADATA))
         report = {
             "rank": rank,
             "tp_rank": tp_rank,

@@ -115,7 +115,7 @@ def observed_round_trips() -> dict[str, set[str]]:
 
     for family, target in _module("test_hf_roundtrip").MCORE_LAYOUTS.items():
         add(family, target)
-    for name in ("dense", "moe", "mla", "hybrid", "gpt", "mamba"):
+    for name in ("dense", "moe", "mla", "hybrid", "gpt", "mamba", "recurrent", "dsv4"):
         for family, targets in _module(f"test_families_{name}").LAYOUTS.items():
             for target in targets:
                 add(family, target)
@@ -256,7 +256,7 @@ KNOWN = {
     "bert": ("encoder", None),
     "roberta": ("encoder", None),
     "mamba": ("state-space", None),
-    "jamba": ("state-space", None),
+    "jamba": ("supported", "family jamba"),
     "qwen3_5_text": ("linear attention", None),
     "gemma3": ("multimodal", "its text model gemma3_text is supported (family gemma3_text)"),
     "rwkv": ("needs a block", None),

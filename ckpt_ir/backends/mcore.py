@@ -56,6 +56,7 @@ def plan(
         ckpt.hf_config,
         family.mindspeed_names[0] if family.mindspeed_names else spec.family,
         source=training.source_args,
+        hf_naming=ckpt.meta.get("hf_naming"),
     )
     it = iteration if iteration is not None else ckpt.meta.get("iteration", 1)
     optim = OptimizerOutput(ckpt, dp) if ckpt.states else None

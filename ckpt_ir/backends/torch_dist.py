@@ -102,6 +102,7 @@ def output_args(ckpt: Checkpoint, fmt: str):
         ckpt.hf_config,
         family.mindspeed_names[0] if family.mindspeed_names else spec.family,
         source={k: v for k, v in source.items() if writable(v)} if source else None,
+        hf_naming=ckpt.meta.get("hf_naming"),
     )
     args.ckpt_format = fmt
     if fmt == "torch_dist" and is_hybrid(spec):  # stored under megatron-core's (TE) hybrid layer spec

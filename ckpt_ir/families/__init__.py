@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -145,6 +145,39 @@ class Reshaped:
 
 
 @attrs.frozen
+class Joined:
+    """One canonical tensor stored as several HF tensors side by side along ``dim`` (DeepSeek-V4's
+    MTP ``e_proj`` and ``h_proj``, each [H, H]: the two halves of the columns of ``eh_proj``
+    [H, 2H]).  ``parts``: the HF templates in order along ``dim``, equal in size."""
+
+    canonical: str
+    parts: tuple[str, ...]
+    dim: int = 1
+
+
+@attrs.frozen
+class HfNaming:
+    """Another naming of a family's HF checkpoints besides its table's (``Family.tensors``), as
+    (table's name, this naming's name) template pairs; a name no pair covers is the same in both.
+    DeepSeek-V4: the release's names and the ones transformers saves (``model.`` prefixes, the
+    attention's ``kv_norm`` as ``norm``).  Applied after ``Family.hf_rename`` on write, before it
+    on read."""
+
+    name: str
+    renames: tuple[tuple[str, str], ...]
+
+    @property
+    def table(self) -> NameTable:
+        return NameTable(self.renames)  # "canonical" side: this naming's names
+
+    def to_table(self, key: str) -> str:
+        return self.table.from_canonical(key) or key
+
+    def from_table(self, key: str) -> str:
+        return self.table.to_canonical(key) or key
+
+
+@attrs.frozen
 class ConfigKey:
     """ModelSpec field <- HF config key, with a default when the key is absent (None: required).
     ``aliases``: other spellings of the key (read if the main one is absent; written back under
@@ -215,12 +248,45 @@ class Family:
     # HF name templates of weights stored [in, out] (GPT-2's Conv1D): read transposed to the
     # canonical [out, in], written back transposed; a packed one is unpacked after the transpose
     transposed: tuple[str, ...] = ()
+    # HF tensors that together hold one canonical tensor (DeepSeek-V4's MTP e_proj / h_proj)
+    joined: tuple[Joined, ...] = ()
+    # other namings of the HF checkpoint than the table's; a checkpoint read in one is written in it
+    namings: tuple[HfNaming, ...] = ()
     # what the tests verify for this family (``ckpt-ir models`` shows it)
     tested: Tested = Tested()
 
     @property
     def names(self) -> NameTable:
         return NameTable(self.tensors)
+
+    def naming_of(self, keys: Iterable[str], where: str) -> str | None:
+        """Which of ``namings`` the HF tensor names ``keys`` are in (None: the table's own); a
+        checkpoint mixing two is a FormatError naming one key of each."""
+        keys = list(keys)
+        for naming in self.namings:
+            table = naming.table
+            theirs = next((k for k in keys if table.from_canonical(k) is not None), None)
+            if theirs is None:
+                continue
+            ours = next((k for k in keys if table.to_canonical(k) is not None), None)
+            if ours is not None:
+                raise FormatError(
+                    f"{where}: tensor names mix the {naming.name} naming ({theirs}) with the {self.name} "
+                    f"table's own ({ours}); rename them to one naming"
+                )
+            return naming.name
+        return None
+
+    def naming(self, name: str | None) -> HfNaming | None:
+        """The naming called ``name`` (None: the table's own)."""
+        if name is None:
+            return None
+        for n in self.namings:
+            if n.name == name:
+                return n
+        raise FormatError(
+            f"the {self.name} family has no HF naming {name!r}; known: {[n.name for n in self.namings]}"
+        )
 
     def as_stored(self, hf_name: str, x: E.Expr) -> E.Expr:
         """``x`` with its two axes swapped when the family stores HF tensor ``hf_name`` [in, out]
@@ -306,6 +372,7 @@ _COUNTS = {
     "moe_topk",
     "moe_ffn_hidden_size",
     "shared_ffn_hidden_size",
+    "zero_experts",
     "q_lora_rank",
     "kv_lora_rank",
     "qk_nope_dim",
@@ -325,6 +392,17 @@ _COUNTS = {
     "mamba_state",
     "mamba_groups",
     "mamba_conv_kernel",
+    "short_conv_kernel",
+    "kda_heads",
+    "kda_head_dim",
+    "kda_conv_kernel",
+    "mamba1_inner",
+    "mamba1_state",
+    "mamba1_dt_rank",
+    "mamba1_conv_kernel",
+    "mqa_o_groups",
+    "mqa_o_rank",
+    "hc_mult",
 }
 
 

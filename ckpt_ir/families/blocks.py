@@ -59,6 +59,22 @@ GATED_MLP_BIASES = (
     (L + "mlp.down_proj.bias", C + "mlp.down.bias"),
 )
 
+
+def in_sublayer(
+    pairs: tuple[tuple[str, str], ...], sub: int, modules: dict[str, str]
+) -> tuple[tuple[str, str], ...]:
+    """Layer fragment ``pairs`` (HF ``model.layers.{i}.<module>...``, canonical ``layers.{i}....``)
+    as sublayer ``sub`` of a layer made of sublayers (see ``ckpt_ir.ir.blocks``): each canonical
+    name under ``layers.{i}.sub<sub>.``, each HF name's first module below the layer renamed by
+    ``modules`` (``{k}`` the sublayer: LongCat-Flash's ``"self_attn": "self_attn.{k}"``)."""
+    out = []
+    for hf, canon in pairs:
+        module, _, rest = hf[len(L) :].partition(".")
+        module = modules.get(module, module).format(k=sub)
+        out.append((f"{L}{module}.{rest}", f"{C}sub{sub}.{canon[len(C) :]}"))
+    return tuple(out)
+
+
 BASE_CONFIG = (
     ConfigKey("num_layers", "num_hidden_layers"),
     ConfigKey("hidden_size", "hidden_size"),

@@ -157,12 +157,18 @@ def lift(
         cfg, dtype_hint=next(iter(dtypes)) if len(dtypes) == 1 else None, where=where
     )
     rename = family_obj.hf_rename
+    naming = None
     if runtime is not None:
         if len(dtypes) == 1:  # the dtype the job saved, not the one of the model it started from
             spec = attrs.evolve(spec, dtype=next(iter(dtypes)))
         raw = to_hf_names(family_obj, spec, runtime, path)
         raw = {rename(k, spec.num_layers, False): v for k, v in raw.items()} if rename else raw
     else:
+        # another naming than the family table's (DeepSeek-V4 as transformers saves it): read as the
+        # table's names, and recorded so that an HF output is written in it again
+        naming = family_obj.naming(family_obj.naming_of(loads, path))
+        if naming is not None:
+            loads = {naming.to_table(k): v for k, v in loads.items()}
         loads = {rename(k, spec.num_layers, False): v for k, v in loads.items()} if rename else loads
         # quantized weights and their scales become one dequantize expression under the weight's name
         raw = dequantize_tensors(loads, cfg, where)
@@ -211,7 +217,14 @@ def lift(
                 "processor configs, chat templates, remote code); copy them to the output yourself if wanted"
             )
     return Checkpoint(
-        spec=spec, layout=layout, tensors=tensors, dropped=dropped, hf_config=cfg, aux_files=aux, source=path
+        spec=spec,
+        layout=layout,
+        tensors=tensors,
+        dropped=dropped,
+        hf_config=cfg,
+        aux_files=aux,
+        source=path,
+        meta={} if naming is None else {"hf_naming": naming.name},
     )
 
 
@@ -226,6 +239,9 @@ def map_tensors(
     stacked = [(s, template_pattern(s.hf)) for s in family.stacked]
     reshaped = [(r, template_pattern(r.hf)) for r in family.reshaped]
     hf = Layout(format="hf")
+    raw = dict(raw)
+    for joined, expr in _join(family, raw):
+        tensors[joined] = TensorNode.whole(joined, expr)
     for key, load in raw.items():
         canon = names.to_canonical(key, lambda c: is_present(spec, hf, c))
         if canon is not None:
@@ -257,6 +273,27 @@ def map_tensors(
             f"be lost: {shown}; pass {setting('allow_unused', metavar='PATTERN')} to drop them on purpose"
         )
     return dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0]))), dropped
+
+
+def _join(family: Family, raw: dict[str, E.Expr]) -> list[tuple[str, E.Expr]]:
+    """The canonical tensors each stored as several HF tensors (``Family.joined``), their parts
+    taken out of ``raw``; a part without the others is a FormatError naming it."""
+    out = []
+    for j in family.joined:
+        first = template_pattern(j.parts[0])
+        for key in [k for k in raw if first.match(k)]:
+            groups = first.match(key).groupdict()  # type: ignore[union-attr]
+            names = [p.format(**groups) for p in j.parts]
+            missing = [n for n in names if n not in raw]
+            if missing:
+                raise FormatError(
+                    f"{E.loads(raw[key])[0].path}: tensor {key} comes without {', '.join(missing)}; "
+                    f"together they hold {j.canonical.format(**groups)}"
+                )
+            out.append(
+                (j.canonical.format(**groups), E.simplify(E.Concat(tuple(raw.pop(n) for n in names), j.dim)))
+            )
+    return out
 
 
 def _unstack(key: str, load: E.Expr, spec: ModelSpec, stacked) -> list[tuple[str, E.Expr]] | None:

@@ -97,7 +97,8 @@ def lift(
     tp = a.size("tensor_model_parallel_size")
     pp = a.size("pipeline_model_parallel_size")
     ep = a.size("expert_model_parallel_size")
-    etp_arg = a.size("expert_tensor_parallel_size", None)
+    # MindSpeed-LLM's deepseek4 converter records it as expert_tp_size (its default 1)
+    etp_arg = a.size("expert_tensor_parallel_size", None) or a.size("expert_tp_size", None)
     etp = None if etp_arg in (None, tp) else etp_arg
     if tp * pp * ep > 4 * len(found):  # args claim far more ranks than there are directories
         raise FormatError(
@@ -144,6 +145,11 @@ def lift(
             f"the checkpoint is incomplete"
         )
     extra = sorted(set(ranks) - want)
+    every_pair = {(t, p, e) for p in range(pp) for t in range(tp) for e in range(ep)}
+    if extra and layout.expert_tp == 1 and set(ranks) == every_pair:
+        # MindSpeed-LLM's deepseek4 writes every (TP, EP) pair with expert TP 1, though Megatron's
+        # expert grid uses only some: the others hold copies, read and compared as replicas
+        extra = []
     if extra:
         raise FormatError(
             f"{it_dir}: rank directories beyond TP={tp}, PP={pp}, EP={ep} from args (e.g. "

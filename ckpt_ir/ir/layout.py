@@ -182,6 +182,11 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
                 f"layout: {spec.num_kv_heads} query groups (KV heads) are not divisible by tensor "
                 f"parallel size {layout.tp}; choose a TP that divides the KV head count"
             )
+        if spec.mqa_o_groups % layout.tp:  # DeepSeek-V4's wo_a: each rank holds whole groups of heads
+            raise LayoutError(
+                f"layout: {spec.mqa_o_groups} output groups (o_groups) are not divisible by tensor "
+                f"parallel size {layout.tp}; choose a TP that divides them"
+            )
         has_dense_mlp = any(spec.has_block(i, "mlp") for i in range(spec.total_layers))
         if any(spec.has_block(i, "mamba") for i in range(spec.num_layers)) and (
             spec.mamba_groups % layout.tp or spec.mamba_heads % layout.tp
@@ -191,6 +196,15 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
                 f"must both divide by tensor parallel size {layout.tp} (megatron-core's MambaMixer keeps "
                 f"whole groups on a rank); choose a TP that divides both"
             )
+        # the mixers ckpt-ir names in Megatron itself split by channels (short_conv, mamba1) or heads
+        own = {"short_conv": ("hidden size", spec.hidden_size), "kda": ("heads", spec.kda_heads)}
+        own["mamba1"] = ("inner width", spec.mamba1_inner)
+        for block, (what, n) in own.items():
+            if n % layout.tp and any(spec.has_block(i, block) for i in range(spec.num_layers)):
+                raise LayoutError(
+                    f"layout: the {block} layers' {what} {n} is not divisible by tensor parallel size "
+                    f"{layout.tp}; choose a TP that divides it"
+                )
         if has_dense_mlp and spec.ffn_hidden_size % layout.tp:
             raise LayoutError(
                 f"layout: ffn hidden size {spec.ffn_hidden_size} is not divisible by tensor "

@@ -51,6 +51,7 @@ _NOT_HF = frozenset(
         "model_type_hf",
         "ckpt_ir_family",
         "ckpt_ir_hf_config",
+        "ckpt_ir_hf_naming",
         "bf16",
         "fp16",
         "params_dtype",
@@ -586,6 +587,7 @@ def build_args(
     hf_config: dict[str, Any] | None,
     family_ms_name: str,
     source: dict[str, Any] | None = None,
+    hf_naming: str | None = None,
 ) -> argparse.Namespace:
     """``args`` for a rank file: the HF config's plain values (as MindSpeed-LLM stores them) plus
     the Megatron fields that Megatron-LM and MindSpeed-LLM read back.
@@ -594,7 +596,9 @@ def build_args(
     settings and counters (``consumed_train_samples``, ``lr``, ``train_iters``, tokenizer,
     ``make_vocab_size_divisible_by``, Megatron's enums...): only the fields this conversion
     decides (model shape, parallel layout, dtype, ckpt-ir's own) and the HF values it copies over
-    plain source values are replaced; layout fields the target does not use become None."""
+    plain source values are replaced; layout fields the target does not use become None.
+    ``hf_naming``: the HF naming the model was read in when not its family table's (recorded as
+    ``ckpt_ir_hf_naming``, so that an HF export writes that naming again)."""
     src = dict(source or {})
     ns = argparse.Namespace(**src)
     cfg = dict(hf_config or spec.extra)
@@ -615,6 +619,8 @@ def build_args(
             "ckpt_ir_hf_config": json.dumps(cfg, sort_keys=True),
         }
     )
+    if hf_naming is not None:
+        fields["ckpt_ir_hf_naming"] = hf_naming
     # transformers 5 nests rope settings under rope_parameters; older configs keep rope_theta on top
     theta = cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta"))
     if theta is not None:
@@ -645,7 +651,8 @@ def build_args(
     family = by_name(spec.family)
     if family.megatron_args:  # the family's own settings (router, windows, rope bases, ...)
         fields.update(family.megatron_args(cfg))
-    if spec.index_heads:  # DSA: the indexer sizes ride along from the HF config (index_n_heads, ...)
+    # DSA (beside MLA): the indexer sizes ride along from the HF config (index_n_heads, ...)
+    if spec.index_heads and spec.mla:
         fields["enable_dsa_indexer"] = True
     fields["mtp_num_layers"] = spec.mtp_layers  # as MindSpeed-LLM writes it, 0 included
     if spec.lora_rank is not None:
