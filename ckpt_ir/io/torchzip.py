@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from ckpt_ir.errors import FormatError
 from ckpt_ir.io.safe_pickle import StorageRef, Stub, TensorRef, TorchDevice, TorchDtype, loads
 from ckpt_ir.ir.dtypes import ITEMSIZE
-from ckpt_ir.ir.expr import Load
+from ckpt_ir.ir.expr import Expr, Load
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
@@ -143,7 +143,7 @@ class TorchZip:
             )
         if (first + sizes[0]) * strides[0] > ref.storage.numel:
             raise FormatError(f"{self.path}: tensor {key} reaches past its storage; the file is corrupt")
-        expr = Load(
+        expr: Expr = Load(
             self.path,
             key,
             (sizes[0], *outer),

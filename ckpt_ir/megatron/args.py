@@ -511,8 +511,15 @@ def _stage_pattern(s: ModelSpec, lay: Layout) -> str:
 # Megatron layer per block (pattern symbol); megatron-core reads hybrid_override_pattern (0.16),
 # Megatron-LM's HybridModel hybrid_layer_pattern (and the older name when only it is there).
 # Nemotron-H's and Mamba-2's attention has no rotary embedding: position_embedding_type none.
+def _mamba_model(spec: ModelSpec) -> bool:
+    """Whether the model is megatron-core's MambaModel: one block per layer (its pattern symbol).
+    Falcon-H1's layers (attention and Mamba side by side, then an MLP) are Megatron-Bridge's own
+    model, which carries the Mamba sizes but no pattern."""
+    return all(len(spec.blocks(i)) == 1 for i in range(spec.num_layers))
+
+
 MAMBA_FIELDS: tuple[Field, ...] = (
-    Field("is_hybrid_model", lambda s, lay: True),
+    Field("is_hybrid_model", lambda s, lay: True, when=_mamba_model),
     Field(
         "hybrid_override_pattern",
         lambda s, lay: to_pattern(s),
@@ -520,8 +527,9 @@ MAMBA_FIELDS: tuple[Field, ...] = (
             "layer_blocks": from_pattern(a.hybrid_pattern(), a.where),
             "num_layers": len(a.hybrid_pattern()),
         },
+        when=_mamba_model,
     ),
-    Field("hybrid_layer_pattern", _stage_pattern),
+    Field("hybrid_layer_pattern", _stage_pattern, when=_mamba_model),
     _spec("mamba_state", "mamba_state_dim"),
     _spec("mamba_head_dim", "mamba_head_dim"),
     _spec("mamba_groups", "mamba_num_groups"),
@@ -533,8 +541,8 @@ MAMBA_FIELDS: tuple[Field, ...] = (
     ),
     # megatron-core's mixer has a fixed causal-conv kernel width (MambaMixer d_conv=4): no arg
     Field("mamba_d_conv", None, lambda a: {"mamba_conv_kernel": 4}),
-    Field("position_embedding_type", lambda s, lay: "none"),
-    Field("use_rotary_position_embeddings", lambda s, lay: False),
+    Field("position_embedding_type", lambda s, lay: "none", when=_mamba_model),
+    Field("use_rotary_position_embeddings", lambda s, lay: False, when=_mamba_model),
     # no attention layer (Mamba-2): megatron-core's TransformerConfig still divides by
     # num_attention_heads (kv_channels = hidden / heads) and wants a multiple of TP; the Mamba
     # heads are one for every TP the mixer allows (it needs heads % TP == 0)
@@ -574,9 +582,9 @@ def spec_values(a: Args) -> dict[str, Any]:
                 v.update(f.read(a))
     if hybrid:  # the pattern places MLP and MoE layers (not moe_layer_freq)
         v.pop("dense_layers", None)
-        for users, fields in _USED_BY:
+        for users, unused in _USED_BY:
             if not blocks.intersection(users):
-                for k in fields:
+                for k in unused:
                     v.pop(k, None)
     return v
 
