@@ -326,11 +326,14 @@ def test_megatron_core_mamba_model_loads_the_rank_files_strictly(models, tmp_pat
     """megatron-core's MambaModel (tests/mcore_hybrid.py: built on CPU, not run) of Bamba's pattern
     M-*- at TP2 x PP2 (first stage 1 layer; MindSpeed's local norm modules) and of Granite-4's
     ME*E at TP2 x EP2 (Transformer Engine naming, SequentialMLP experts, a gated shared expert)
-    has exactly the keys and shapes of ckpt-ir's rank files, but for the modules' _extra_state."""
+    has exactly the keys and shapes of ckpt-ir's rank files, but for the modules' _extra_state.
+    ckpt-ir's torch_dist of each (one tensor per global layer, the mixer part by part) loads
+    strictly into the same models with the stock TE spec (dist_checkpointing.load, no missing or
+    unexpected key), and what Granite-4's ranks load is its TP2 x EP2 rank files, tensor for tensor."""
     from tests.mcore_hybrid import load_results, mcore_keys
 
-    def case(name: str, layout: dict, **fields) -> dict:
-        mid = str(tmp_path / name)
+    def case(name: str, layout: dict, out: str | None = None, **fields) -> dict:
+        mid = str(tmp_path / (out or name))
         convert(models(name), mid, ck.Target(to="mcore", **layout))
         cfg = MODELS[name][2]
         return dict(
@@ -370,10 +373,21 @@ def test_megatron_core_mamba_model_loads_the_rank_files_strictly(models, tmp_pat
             moe_shared_expert_intermediate_size=granite["shared_intermediate_size"],
         ),
     ]
-    for reports in mcore_keys(cases, tmp_path / "oracle"):
-        for r in load_results(reports):
-            # ckpt-ir writes no _extra_state from an HF source (for any family: none to carry)
-            missing = [k for k in r["missing"] if not k.endswith("._extra_state")]
-            assert (r["error"], missing, r["unexpected"], r["shape_mismatch"]) == (None, [], [], []), r[
-                "file"
-            ]
+    dist = [{**c, "spec": "te"} for c in cases]  # torch_dist is stored under the TE names
+    for c, (name, out) in zip(dist, (("bamba", "bamba_dist"), ("granitemoehybrid", "granite_dist"))):
+        c["ckpt"] = case(name, dict(ckpt_format="torch_dist"), out)["ckpt"]
+    dist[1]["dump"] = True
+    reports = mcore_keys(cases + dist, tmp_path / "oracle")
+    for r in load_results(reports[0] + reports[1]):
+        # ckpt-ir writes no _extra_state from an HF source (for any family: none to carry)
+        missing = [k for k in r["missing"] if not k.endswith("._extra_state")]
+        assert (r["error"], missing, r["unexpected"], r["shape_mismatch"]) == (None, [], [], []), r["file"]
+    for r in load_results(reports[2] + reports[3]):
+        assert r["format"] == "torch_dist" and r["ok"] and r["error"] is None, r
+        assert r["missing"] == r["unexpected"] == r["state_dict_missing"] == [], r
+    for r in load_results(reports[3]):
+        loaded = torch.load(tmp_path / "oracle" / f"case3.rank{r['rank']}.sd.pt")
+        want = rank(cases[1]["ckpt"], f"mp_rank_{r['tp_rank']:02d}_{r['ep_rank']:03d}")["model"]
+        assert sorted(loaded) == sorted(k for k in want if not k.endswith("._extra_state"))
+        for k, v in loaded.items():
+            assert torch.equal(v, want[k]), (r["rank"], k)
