@@ -47,7 +47,7 @@ CONFIGS = {
     ),
 }
 LAYOUTS = {
-    "mamba2": (dict(tp=2, pp=2, num_layer_list=(1, 3)),),
+    "mamba2": (dict(tp=2, pp=2, num_layer_list=(1, 3)), dict(tp=2, norm_names="te")),
     "nemotron_h": (dict(tp=2, ep=2, norm_names="te"), dict(pp=2, num_layer_list=(3, 1))),
 }
 

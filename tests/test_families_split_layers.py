@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import ckpt_ir.api as ck
-from ckpt_ir.errors import FormatError, VerifyError
+from ckpt_ir.errors import FormatError, LayoutError, VerifyError
 from ckpt_ir.families import Family, by_name
 from ckpt_ir.ir.blocks import to_pattern
 from tests.family_models import DENSE, assert_round_trip, build, rank
@@ -104,8 +104,11 @@ CASES = [
     # stage 0: HF layer 0's Mamba mixer only; its MLP opens stage 1
     ("bamba", dict(tp=2, pp=2, num_layer_list=(1, 3))),
     ("granitemoehybrid", dict(tp=2, pp=2, ep=2, num_layer_list=(3, 1), norm_names="te")),
+    ("bamba", dict(tp=2, norm_names="te")),
     ("granitemoehybrid-dense", dict(tp=2, pp=2, num_layer_list=(3, 1))),
-    ("falcon_h1", dict(tp=2, pp=2, num_layer_list=(1, 2), norm_names="te")),
+    # Megatron-Bridge's FalconH1 model splits the layers evenly (no layer list, no VPP)
+    ("falcon_h1", dict(tp=2, pp=3, norm_names="te")),
+    ("falcon_h1", dict(tp=2)),
 ]
 # per family: the layouts round-tripped (the support matrix reads this)
 LAYOUTS: dict[str, tuple[dict, ...]] = {}
@@ -127,7 +130,7 @@ def models(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name,layout", CASES, ids=[m for m, _ in CASES])
+@pytest.mark.parametrize("name,layout", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
 def test_hf_to_mcore_to_hf_bit_exact_with_same_logits_and_config(models, tmp_path, name, layout):
     src = models(name)
     back = assert_round_trip(src, tmp_path, MODELS[name][0], layout)
@@ -137,7 +140,7 @@ def test_hf_to_mcore_to_hf_bit_exact_with_same_logits_and_config(models, tmp_pat
     args = rank(str(tmp_path / "mid"), first)["args"]
     hf_layers = MODELS[name][1]
     blocks = 1 if name == "falcon_h1" else 2  # Megatron layers per HF layer
-    assert args.num_layers == blocks * hf_layers == sum(layout["num_layer_list"])
+    assert args.num_layers == blocks * hf_layers == sum(layout.get("num_layer_list", (args.num_layers,)))
     assert json.loads(args.ckpt_ir_hf_config)["num_hidden_layers"] == hf_layers
 
 
@@ -209,6 +212,26 @@ def test_falcon_h1_layers_under_megatron_bridge_keys_without_the_mixer_norm(mode
             assert torch.equal(sd[f"decoder.layers.{i}.{m}"], hf[f"model.layers.{i}.{k}"]), m
     convert(mid, back, ck.Target(to="hf"))
     assert_same_tensors(src, back)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(pp=2, num_layer_list=(1, 2)),  # uneven stages
+        dict(pp=2),  # 3 layers do not split evenly over 2 stages
+        dict(pp=3, vpp_layers=1),
+        dict(pp=2, noop_layers=(3,)),
+    ],
+    ids=["uneven", "indivisible", "vpp", "noop"],
+)
+def test_falcon_h1_pipeline_is_even_as_megatron_bridge_builds_it(models, tmp_path, layout):
+    """Megatron-Bridge's FalconH1Stack gives every pipeline stage num_layers // PP layers and
+    asserts no virtual pipeline (falconh1_block.py ``_select_layers_for_pipeline_parallel``): any
+    other pipeline layout is a one-line error naming that model, and nothing is written."""
+    with pytest.raises(LayoutError) as e:
+        convert(models("falcon_h1"), str(tmp_path / "mid"), ck.Target(to="mcore", **layout))
+    assert "\n" not in str(e.value) and "FalconH1" in str(e.value) and "evenly" in str(e.value)
+    assert not (tmp_path / "mid").exists()
 
 
 def test_sublayers_renumber_both_ways_and_refuse_a_block_in_the_wrong_sub_layer():
