@@ -171,6 +171,12 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
             f"{spec.num_layers}, without {setting('num_layer_list')}, {setting('vpp_layers')} or "
             f"{setting('noop_layers')}"
         )
+    if layout.noop_layers and is_hybrid(spec):
+        raise LayoutError(
+            f"layout: megatron-core's MambaModel, which {spec.family} converts to, has no no-op layers "
+            f"(its hybrid pattern names every layer); drop {setting('noop_layers')} (PP with "
+            f"{setting('num_layer_list')} works)"
+        )
     if layout.vpp_layers and is_hybrid(spec):
         raise LayoutError(
             f"layout: megatron-core's MambaModel, which {spec.family} converts to, builds no virtual "
