@@ -16,7 +16,8 @@ Written as Megatron-Core 0.15-0.18 lays it out (``version="0.15"``, which 0.19+ 
 
 Keys are global: every decoder-layer tensor is stacked on a leading layer axis
 (``decoder.layers.self_attention.linear_qkv.weight`` is ``[L, ...]``; MoE experts on the next
-axis, ``decoder.layers.mlp.experts.experts.linear_fc1.weight`` ``[L, E, 2F, H]``), the norms named the
+axis, ``decoder.layers.mlp.experts.experts.linear_fc1.weight`` ``[L, E, 2F, H]``; layers that
+differ each under its global number, ``decoder.layers.<i>.<key>``), the norms named the
 Transformer-Engine way (``linear_qkv.layer_norm_weight``) whatever the layer spec, as Megatron
 saves them; each tensor is one whole chunk (Megatron reshards on load).  Every linear module also
 gets the ``_extra_state`` sharded object Megatron's modules expect (``None``: Transformer Engine
@@ -292,8 +293,9 @@ def _stored(
     """(torch_dist key, expression) for one tensor set, and the keys of the ``_extra_state``
     objects Megatron's linear modules save beside them.  Decoder layers are stacked on a leading
     layer axis (``decoder.layers.<key>`` ``[L, ...]``) when every layer has the same modules, as
-    Megatron-Core saves a homogeneous block; with dense and MoE layers mixed (``moe_layer_freq`` a
-    pattern) each layer has its own keys (``decoder.layers.<i>.<key>``).  Multi-token-prediction
+    Megatron-Core saves a homogeneous block; otherwise (dense and MoE layers mixed, layers of
+    different blocks, hybrid stacks) each layer has its own keys (``decoder.layers.<i>.<key>``,
+    :func:`_stacked_layers`).  Multi-token-prediction
     layers are ``mtp.layers.<k>.{enorm,hnorm,eh_proj,final_layernorm}`` around a
     ``transformer_layer``."""
     table = M.spec_layer_table("te", spec)
