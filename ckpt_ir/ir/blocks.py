@@ -51,7 +51,9 @@ def check_layer_blocks(spec: ModelSpec) -> None:
                     f"{', '.join(BLOCKS)}"
                 )
     layers = range(spec.total_layers)
-    if any(spec.has_attention(i) for i in layers) and not (spec.num_heads and spec.num_kv_heads and spec.head_dim):
+    if any(spec.has_attention(i) for i in layers) and not (
+        spec.num_heads and spec.num_kv_heads and spec.head_dim
+    ):
         raise LayoutError("model spec: attention layers need num_heads, num_kv_heads and head_dim (positive)")
     if any(spec.has_block(i, "mlp") for i in layers) and not spec.ffn_hidden_size:
         raise LayoutError("model spec: MLP layers need a positive ffn_hidden_size")
@@ -60,6 +62,17 @@ def check_layer_blocks(spec: ModelSpec) -> None:
     ):
         raise LayoutError(
             "model spec: Mamba layers need mamba_heads, mamba_head_dim, mamba_state and mamba_groups"
+        )
+    if any(spec.has_block(i, "gdn") for i in layers) and not (
+        spec.linear_k_heads
+        and spec.linear_k_dim
+        and spec.linear_v_dim
+        and spec.linear_conv_kernel
+        and spec.linear_v_heads % spec.linear_k_heads == 0 < spec.linear_v_heads
+    ):
+        raise LayoutError(
+            "model spec: gated-delta-net layers need linear_k_heads, linear_k_dim, linear_v_dim, "
+            "linear_conv_kernel and linear_v_heads, a positive multiple of linear_k_heads"
         )
 
 
@@ -91,3 +104,9 @@ def to_pattern(spec: ModelSpec) -> str:
 def is_hybrid(spec: ModelSpec) -> bool:
     """Whether the model has Mamba mixers (a Megatron MambaModel / HybridModel, not a GPTModel)."""
     return any("mamba" in spec.blocks(i) for i in range(spec.num_layers))
+
+
+def has_gdn_modules(spec: ModelSpec) -> bool:
+    """Whether the model has gated-delta-net mixers or gated attention: the modules whose Megatron
+    form ``Layout.gdn_keys`` chooses (MindSpeed-LLM's qwen3-next layout or megatron-core's)."""
+    return any("gdn" in spec.blocks(i) for i in range(spec.num_layers)) or spec.attn_gate

@@ -208,6 +208,18 @@ class ModelSpec:
     def linear_v_size(self) -> int:
         return self.linear_v_heads * self.linear_v_dim
 
+    @property
+    def gdn_in_proj_parts(self) -> tuple[int, ...]:
+        """Rows of a gated-delta-net mixer's fused in_proj (megatron-core): q, k (key heads x key
+        dim each), v, z (value heads x value dim each), b, a (one per value head)."""
+        qk, v, h = self.linear_qk_size, self.linear_v_size, self.linear_v_heads
+        return (qk, qk, v, v, h, h)
+
+    @property
+    def gdn_conv_parts(self) -> tuple[int, ...]:
+        """Channels of a gated-delta-net mixer's conv1d: q, k, v."""
+        return (self.linear_qk_size, self.linear_qk_size, self.linear_v_size)
+
     def has_indexer(self, layer: int) -> bool:
         return self.index_heads > 0 and layer not in self.shared_index_layers
 

@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 
 from ckpt_ir.errors import FormatError
+from ckpt_ir.ir.blocks import has_gdn_modules
 from ckpt_ir.ir.layout import Layout, mcore_num_layers, num_chunks, padded_size
 from ckpt_ir.ir.spec import ModelSpec
 
@@ -95,6 +96,11 @@ _NOT_HF = frozenset(
         "mscale_all_dim",
         "beta_fast",
         "beta_slow",
+        # megatron-core's gated-delta-net settings (GDN_FIELDS); the HF config has its own keys
+        "experimental_attention_variant",
+        "linear_attention_freq",
+        "attention_output_gate",
+        "apply_layernorm_1p",
     }
 )
 
@@ -372,6 +378,44 @@ MLA_FIELDS: tuple[Field, ...] = (
 )
 
 
+def _linear_attention_freq(s: ModelSpec, lay: Layout) -> int | list[int]:
+    """megatron-core's linear_attention_freq: N when every N-th layer is softmax attention and the
+    others gated-delta-net, else the 0/1 list (1 = gated-delta-net)."""
+    pattern = [int(i in s.linear_layers) for i in range(s.num_layers)]
+    for n in range(2, s.num_layers + 1):
+        if pattern == [int((i + 1) % n != 0) for i in range(s.num_layers)]:
+            return n
+    return pattern
+
+
+def _linear_layers(a: Args) -> tuple[int, ...]:
+    freq, n = a["linear_attention_freq"], a.num_layers()
+    if isinstance(freq, int):
+        return tuple(i for i in range(n) if (i + 1) % freq)
+    return tuple(i for i, linear in enumerate(int_list(freq) or ()) if linear)
+
+
+# megatron-core's gated-delta-net models (GPTModel with experimental_attention_variant
+# "gated_delta_net": Megatron-LM's args, Megatron-Bridge's qwen3_next / qwen35 providers); written
+# with its modules (Layout.gdn_keys "mcore"), read when the variant is set.  Every norm is
+# zero-centred (apply_layernorm_1p: 1 + w, as Qwen3-Next's and Qwen3.5's HF norms)
+GDN_FIELDS: tuple[Field, ...] = (
+    Field("experimental_attention_variant", lambda s, lay: "gated_delta_net"),
+    Field("linear_attention_freq", _linear_attention_freq, lambda a: {"linear_layers": _linear_layers(a)}),
+    _spec("linear_conv_kernel", "linear_conv_kernel_dim"),
+    _spec("linear_k_dim", "linear_key_head_dim"),
+    _spec("linear_v_dim", "linear_value_head_dim"),
+    _spec("linear_k_heads", "linear_num_key_heads"),
+    _spec("linear_v_heads", "linear_num_value_heads"),
+    Field(
+        "attention_output_gate",
+        lambda s, lay: s.attn_gate,
+        lambda a: {"attn_gate": bool(a["attention_output_gate"])},
+    ),
+    Field("apply_layernorm_1p", lambda s, lay: True),
+)
+
+
 def _written(fields: tuple[Field, ...], spec: ModelSpec, layout: Layout) -> dict[str, Any]:
     return {f.arg: f.write(spec, layout) for f in fields if f.write is not None and f.when(spec)}
 
@@ -380,7 +424,13 @@ def spec_values(a: Args) -> dict[str, Any]:
     """The ModelSpec fields Megatron ``args`` give (with Megatron-LM's defaults), read through the
     same table :func:`build_args` writes."""
     v: dict[str, Any] = {}
-    groups = (MODEL_FIELDS, MOE_FIELDS if a.moe else (), MLA_FIELDS if a.mla else ())
+    gdn = a["experimental_attention_variant"] == "gated_delta_net"
+    groups = (
+        MODEL_FIELDS,
+        MOE_FIELDS if a.moe else (),
+        MLA_FIELDS if a.mla else (),
+        GDN_FIELDS if gdn else (),
+    )
     for fields in groups:
         for f in fields:
             if f.read is not None:
@@ -444,6 +494,8 @@ def build_args(
     if spec.mla:
         fields.update(_written(MLA_FIELDS, spec, layout))
         fields.update(mla_rope_args(cfg))
+    if has_gdn_modules(spec) and layout.gdn_keys == "mcore":
+        fields.update(_written(GDN_FIELDS, spec, layout))
     from ckpt_ir.families import by_name
 
     family = by_name(spec.family)

@@ -66,7 +66,9 @@ def rank_content(
     # megatron-core's MLA: a key per down-projection, each a part of the IR's attn.qkv_a
     parts = (
         {
-            "layers.{i}." + c: Part(p, mla_rule(spec), M.mcore_split(f"layers.0.{c}", layout.norm_names, spec))
+            "layers.{i}." + c: Part(
+                p, mla_rule(spec), M.mcore_split(f"layers.0.{c}", layout.norm_names, spec)
+            )
             for p, c in M.mla_down_parts(spec).items()
         }
         if mcore_mla
@@ -171,6 +173,10 @@ def _entries(
     key = names.from_canonical(role.format(**fill))
     if ckpt.spec.is_moe_layer(layer) and role in ("layers.{i}.mlp_norm.weight", "layers.{i}.mlp_norm.bias"):
         key = M.layer_table("local").from_canonical(role.format(**fill))  # MoE: no fused pre-MLP norm
+    lay = ckpt.layout
+    if role == "layers.{i}.attn_norm.weight" and lay.norm_names != "local" and lay.gdn_keys == "mcore":
+        if ckpt.spec.has_block(layer, "gdn"):  # megatron-core's GatedDeltaNet fuses it into in_proj
+            key = f"decoder.layers.{local}.{M.GDN_TE_NORM}"
     out = [Entry(key, (canon,), ep, part=part)]
     for which in ("a", "b"):  # LoRA adapters right after their base weight
         lora = canon[: -len(".weight")] + f".lora_{which}.weight"
