@@ -24,7 +24,9 @@ fp32 with `--make-vocab-size-divisible-by 128`: peak memory with embeddings of 1
 `sync` of its own source, the HF or the EP8 checkpoint; `--moe-stacked`: a Llama 4 text model of
 the same widths, each layer's experts stacked in two [in, out] tensors) and `gpt2` (GPT-2 large's
 widths, fp32, its Conv1D weights stored [in, out]: HF -> mcore TP2 PP2 and back, each against
-`cp -r` + `sync` of its source).  `--torchrun N` also times HF -> mcore
+`cp -r` + `sync` of its source), `hybrid` (Nemotron-H 8B's widths, bf16, the layer pattern
+`M-M-M*-` repeated: Mamba-2 mixers, attention and squared-ReLU MLPs; HF -> mcore TP2 PP2 and back,
+each against `cp -r` + `sync` of its source).  `--torchrun N` also times HF -> mcore
 EP8 under `torchrun --nproc-per-node N` and checks that its output is byte-identical to the
 single-process one.  `fsdp2`: the same MoE model as MindSpeed-LLM's FSDP2 backend saves it (fp32,
 `model.model.<name>` through its engine, transformers 5's fused experts `[E, 2F, H]` / `[E, H, F]`,
@@ -436,6 +438,146 @@ def bench_gpt2(root: str, label: str, size: int, args) -> list[tuple]:
     return time_tasks(tasks, {"cp -r + sync": src}, out["tp2pp2"], label, nbytes, args)
 
 
+# Nemotron-H 8B's widths (the hybrid benchmark): Mamba-2 mixers of 128 heads of 64 (state 128, 8
+# groups), attention of 32 heads (8 KV heads of 128), squared-ReLU MLPs of 21504, vocab 131072
+HYBRID = dict(hidden=4096, mheads=128, mhead=64, state=128, groups=8, heads=32, kv=8, ffn=21504, vocab=131072)
+HYBRID_UNIT = "M-M-M*-"  # the pattern, repeated (Nemotron-H's is about this mix)
+
+
+def hybrid_tensors(pattern: str) -> dict[str, tuple[int, ...]]:
+    h, d = HYBRID["hidden"], HYBRID["mheads"] * HYBRID["mhead"]
+    bc, hd = HYBRID["groups"] * HYBRID["state"], HYBRID["hidden"] // HYBRID["heads"]
+    out: dict[str, tuple[int, ...]] = {"backbone.embeddings.weight": (HYBRID["vocab"], h)}
+    for i, kind in enumerate(pattern):
+        p = f"backbone.layers.{i}."
+        out[p + "norm.weight"] = (h,)
+        if kind == "M":
+            out.update(
+                {
+                    p + "mixer.A_log": (HYBRID["mheads"],),
+                    p + "mixer.D": (HYBRID["mheads"],),
+                    p + "mixer.conv1d.bias": (d + 2 * bc,),
+                    p + "mixer.conv1d.weight": (d + 2 * bc, 1, 4),
+                    p + "mixer.dt_bias": (HYBRID["mheads"],),
+                    p + "mixer.in_proj.weight": (2 * d + 2 * bc + HYBRID["mheads"], h),
+                    p + "mixer.norm.weight": (d,),
+                    p + "mixer.out_proj.weight": (h, d),
+                }
+            )
+        elif kind == "*":
+            out.update(
+                {
+                    p + "mixer.q_proj.weight": (HYBRID["heads"] * hd, h),
+                    p + "mixer.k_proj.weight": (HYBRID["kv"] * hd, h),
+                    p + "mixer.v_proj.weight": (HYBRID["kv"] * hd, h),
+                    p + "mixer.o_proj.weight": (h, HYBRID["heads"] * hd),
+                }
+            )
+        else:
+            out.update(
+                {
+                    p + "mixer.up_proj.weight": (HYBRID["ffn"], h),
+                    p + "mixer.down_proj.weight": (h, HYBRID["ffn"]),
+                }
+            )
+    out.update({"backbone.norm_f.weight": (h,), "lm_head.weight": (HYBRID["vocab"], h)})
+    return out
+
+
+def generate_hybrid(path: str, size: int) -> int:
+    """A Nemotron-H-shaped bf16 HF checkpoint (the pattern HYBRID_UNIT repeated) of about ``size``
+    bytes in shards of about 1.2 GB, written without torch; returns its layer count."""
+    import numpy as np
+
+    unit = 2 * sum(_numel(s) for n, s in hybrid_tensors(HYBRID_UNIT).items() if ".layers." in n)
+    fixed = 2 * sum(_numel(s) for s in hybrid_tensors("").values())
+    pattern = HYBRID_UNIT * max(2, round((size - fixed) / unit / 2) * 2)  # even: two pipeline stages
+    tensors = hybrid_tensors(pattern)
+    shards: list[list[str]] = [[]]
+    acc = 0
+    for name, shape in tensors.items():
+        if shards[-1] and acc + 2 * _numel(shape) > MOE_SHARD:
+            shards.append([])
+            acc = 0
+        shards[-1].append(name)
+        acc += 2 * _numel(shape)
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.default_rng(0)
+    weight_map: dict[str, str] = {}
+    for k, names in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        pos = 0
+        for n in names:
+            nbytes = 2 * _numel(tensors[n])
+            header[n] = {"dtype": "BF16", "shape": list(tensors[n]), "data_offsets": [pos, pos + nbytes]}
+            pos += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(os.path.join(path, fname), "wb") as out:
+            out.write(len(raw).to_bytes(8, "little") + raw)
+            for n in names:  # bf16 of |x| in [2^-31, 1): exponent 0x60-0x7e, random mantissa and sign
+                left = _numel(tensors[n])
+                while left:
+                    bits = rng.integers(0x3000, 0x3F80, size=min(left, 1 << 24), dtype=np.uint16)
+                    bits |= rng.integers(0, 2, size=bits.size, dtype=np.uint16) << 15
+                    out.write(bits.tobytes())
+                    left -= bits.size
+        weight_map.update({n: fname for n in names})
+    write_index(path, weight_map)
+    kinds = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
+    json.dump(
+        {
+            "architectures": ["NemotronHForCausalLM"],
+            "model_type": "nemotron_h",
+            "hidden_size": HYBRID["hidden"],
+            "layers_block_type": [kinds[c] for c in pattern],
+            "mamba_num_heads": HYBRID["mheads"],
+            "mamba_head_dim": HYBRID["mhead"],
+            "ssm_state_size": HYBRID["state"],
+            "n_groups": HYBRID["groups"],
+            "conv_kernel": 4,
+            "num_attention_heads": HYBRID["heads"],
+            "num_key_value_heads": HYBRID["kv"],
+            "head_dim": HYBRID["hidden"] // HYBRID["heads"],
+            "intermediate_size": HYBRID["ffn"],
+            "mlp_hidden_act": "relu2",
+            "vocab_size": HYBRID["vocab"],
+            "layer_norm_epsilon": 1e-5,
+            "tie_word_embeddings": False,
+            "dtype": "bfloat16",
+        },
+        open(os.path.join(path, "config.json"), "w"),
+    )
+    return len(pattern)
+
+
+def bench_hybrid(root: str, label: str, size: int, args) -> list[tuple]:
+    """The Nemotron-H-shaped hybrid: HF -> mcore TP2 PP2 against `cp -r` + `sync` of the HF
+    checkpoint, mcore -> HF against `cp -r` + `sync` of the TP2 PP2 one."""
+    src = os.path.join(root, "hf")
+    layers = int(subprocess.check_output([sys.executable, __file__, "--generate-hybrid", src, str(size)]))
+    nbytes = du(src)
+    print(f"[{label}] generated {nbytes / 1e9:.2f} GB, {layers} Nemotron-H 8B layers", file=sys.stderr)
+    out = {n: os.path.join(root, n) for n in ("tp2pp2", "back", "cp")}
+    convert = lambda *a: [sys.executable, "-m", "ckpt_ir", "convert", *a, "--quiet", *args.extra.split()]  # noqa: E731
+    tasks: dict[str, tuple[list[str], str, str]] = {
+        "cp -r + sync": (["cp", "-r", src, out["cp"]], out["cp"], ""),
+        "hybrid hf -> mcore tp2 pp2": (
+            convert(src, out["tp2pp2"], "--to", "mcore", "--tp", "2", "--pp", "2"),
+            out["tp2pp2"],
+            "cp -r + sync",
+        ),
+        "cp -r tp2pp2 + sync": (["cp", "-r", out["tp2pp2"], out["cp"]], out["cp"], ""),
+        "hybrid mcore tp2pp2 -> hf": (
+            convert(out["tp2pp2"], out["back"], "--to", "hf"),
+            out["back"],
+            "cp -r tp2pp2 + sync",
+        ),
+    }
+    return time_tasks(tasks, {"cp -r + sync": src}, out["tp2pp2"], label, nbytes, args)
+
+
 def write_index(path: str, weight_map: dict[str, str]) -> None:
     total = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     json.dump(
@@ -546,6 +688,9 @@ def main() -> int:
     if len(sys.argv) == 4 and sys.argv[1] == "--generate-fsdp2":  # --generate-fsdp2 HF STEP_DIR
         generate_fsdp2(sys.argv[2], sys.argv[3])
         return 0
+    if len(sys.argv) == 4 and sys.argv[1] == "--generate-hybrid":
+        print(generate_hybrid(sys.argv[2], parse_size(sys.argv[3])))
+        return 0
     if len(sys.argv) == 4 and sys.argv[1] == "--generate-gpt2":
         print(generate_gpt2(sys.argv[2], parse_size(sys.argv[3])))
         return 0
@@ -567,7 +712,8 @@ def main() -> int:
         "integrity.json, written and read), fsdp (HF -> fsdp_dtensor -> HF), wide (wide-vocab model, memory), "
         "moe (Qwen3-MoE-shaped model: EP8 conversions), "
         "fsdp2 (that model as MindSpeed-LLM's FSDP2 backend saves it: to HF and to mcore EP8), "
-        "gpt2 (GPT-2-large-shaped fp32 model: weights stored [in, out], read and written transposed)",
+        "gpt2 (GPT-2-large-shaped fp32 model: weights stored [in, out], read and written transposed), "
+        "hybrid (Nemotron-H-8B-shaped bf16 Mamba / attention / MLP hybrid: HF -> mcore TP2 PP2 and back)",
     )
     ap.add_argument(
         "--moe-tiny",
@@ -603,8 +749,10 @@ def main() -> int:
             rows += bench_fsdp2(root + "-fsdp2", size_text + "f", parse_size(size_text), args)
         if "gpt2" in groups:
             rows += bench_gpt2(root + "-gpt2", size_text + "g", parse_size(size_text), args)
+        if "hybrid" in groups:
+            rows += bench_hybrid(root + "-hybrid", size_text + "h", parse_size(size_text), args)
         if not args.keep:
-            for suffix in ("", "-wide", "-moe", "-fsdp2", "-gpt2"):
+            for suffix in ("", "-wide", "-moe", "-fsdp2", "-gpt2", "-hybrid"):
                 shutil.rmtree(root + suffix, ignore_errors=True)
     print(
         f"\n{'size':>5} {'task':34s} {'median s':>9} {'GB/s':>6} {'x cp':>6} {'peak RSS MB':>12} {'RSS/model':>10}"

@@ -25,9 +25,8 @@ import attrs
 from ckpt_ir.backends.plan import Plan
 from ckpt_ir.errors import UsageError, setting
 from ckpt_ir.frontends import load
-from ckpt_ir.ir.blocks import has_gdn_modules
 from ckpt_ir.ir.checkpoint import Checkpoint
-from ckpt_ir.ir.layout import GDN_KEYS, MLA_KEYS, Layout
+from ckpt_ir.ir.layout import GDN_KEYS, MLA_KEYS, Layout, has_gdn_modules
 from ckpt_ir.passes.carry import DropOptimizerState, RenameMla, RenameNorms
 from ckpt_ir.passes.cast import CastPass, DequantizePass
 from ckpt_ir.passes.fusion import FuseGateUp, FuseQKV, UnfuseGateUp, UnfuseQKV

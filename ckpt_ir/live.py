@@ -33,7 +33,7 @@ from typing import Any
 import attrs
 
 from ckpt_ir import api
-from ckpt_ir.errors import CoverageError, FormatError, UsageError, setting
+from ckpt_ir.errors import CkptIrError, CoverageError, FormatError, UsageError, setting
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.dtypes import from_torch, itemsize, to_torch
@@ -419,8 +419,9 @@ class _Job:
                 raise FormatError(f"{hf_name}: the pairs give this HF tensor twice")
             seen.add(hf_name)
             leaf = E.Load(f"{_LEAF}pair", hf_name, tuple(tensor.shape), from_torch(tensor.dtype), 0, "memory")
+            key = family.table_key(hf_name, hf.spec, False)  # as the family's table names it
             try:
-                nodes, _ = map_tensors(family, hf.spec, {hf_name: leaf}, ())
+                nodes, _ = map_tensors(family, hf.spec, {key: leaf}, (), {key: hf_name})
             except CoverageError:
                 raise FormatError(
                     f"{hf_name}: no tensor of a {family.name} model has this HF name; give the names its "
@@ -445,12 +446,21 @@ class _Job:
                                 have.pop(c, None)
         if needs:
             (v, key), leaves = next(iter(needs.items()))
-            lacking = [family.names.from_canonical(c) or c for c in sorted(leaves - have.keys())]
+            lacking = [_hf_name(family, hf.spec, c) for c in sorted(leaves - have.keys())]
             raise FormatError(
                 f"{WHERE}: chunk {v} key {key} needs {', '.join(lacking[:3])}, which the pairs did not give"
                 + (f" (+{len(needs) - 1} more keys waiting)" if len(needs) > 1 else "")
                 + "; pass every tensor of the HF checkpoint"
             )
+
+
+def _hf_name(family: Any, spec: Any, canonical: str) -> str:
+    """The HF name of a canonical tensor for messages (the canonical name when it has none)."""
+    name = family.names.from_canonical(canonical)
+    try:
+        return family.table_key(name, spec, True) if name else canonical
+    except CkptIrError:  # outside the HF layout: the canonical name says it
+        return canonical
 
 
 def _where(ld: E.Load) -> _Leaf:

@@ -303,6 +303,22 @@ CONFIGS = {
         linear_value_head_dim=12,
         linear_conv_kernel_dim=4,
     ),
+    # LongCat-Flash: two MLA + dense MLP sublayers and a shortcut MoE per layer; 4 routed experts
+    # and 2 zero-computation ones (top-2 of 6: tokens route to the identity experts too)
+    "longcat_flash": dict(
+        DENSE,
+        num_key_value_heads=4,
+        expert_ffn_hidden_size=32,
+        n_routed_experts=4,
+        zero_expert_num=2,
+        moe_topk=2,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        head_dim=4,
+        v_head_dim=8,
+    ),
 }
 # Qwen3.5 (text): Qwen3-Next's attention and gated-delta-net sizes with a dense MLP, or its MoE
 # (every layer sparse; the router renormalises the top-k)
@@ -317,14 +333,20 @@ CONFIGS["qwen3_5_moe_text"] = dict(
     num_experts=4,
     num_experts_per_tok=2,
 )
+# transformers' num_hidden_layers where a family's default (4) is not the right count: LongCat-Flash
+# derives it as 2 x num_layers (its sublayers), so 6 is 3 layers
+HF_LAYERS = {"longcat_flash": 6}
 
 
-def build(path: str, model_type: str, layers: int = 4, seed: int = 0, configs: dict | None = None) -> str:
+def build(
+    path: str, model_type: str, layers: int | None = None, seed: int = 0, configs: dict | None = None
+) -> str:
     """A tiny model built by transformers (config overrides from ``configs``, this module's
-    CONFIGS by default), random values in every parameter and buffer the checkpoint stores
-    (router score biases too)."""
+    CONFIGS by default; ``layers`` transformers' num_hidden_layers, 4 unless HF_LAYERS says),
+    random values in every parameter and buffer the checkpoint stores (router score biases too)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    layers = HF_LAYERS.get(model_type, 4) if layers is None else layers
     overrides = (CONFIGS if configs is None else configs)[model_type]
     cfg = AutoConfig.for_model(model_type, **dict(overrides, num_hidden_layers=layers))
     torch.manual_seed(seed)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import ckpt_ir.api as ck
+from ckpt_ir.errors import FormatError
 from tests.family_models import (
     DENSE,
     append_mtp_layer,
@@ -32,6 +33,12 @@ LAYOUTS = {
     # GLM-4.7-Flash (issue 31): one conversion through TP2 x EP2 x PP2 with an uneven layer list
     # (megatron-core's logits on its rank files: test_megatron_mla_oracle.py)
     "glm4_moe_lite": (dict(tp=2, pp=2, ep=2, num_layer_list=(3, 1), grouped_gemm=True),),
+    # LongCat-Flash (3 layers of two MLA sublayers + a shortcut MoE with zero experts): TP2 x EP2,
+    # and MindSpeed-LLM's release recipe (expert TP 1, grouped GEMM) over an uneven PP2
+    "longcat_flash": (
+        dict(tp=2, ep=2),
+        dict(tp=2, pp=2, ep=2, etp=1, num_layer_list=(2, 1), grouped_gemm=True),
+    ),
 }
 
 
@@ -104,6 +111,89 @@ def test_deepseek_v32_mtp_layer_with_indexer_round_trips(models, tmp_path):
     assert_same_tensors(src, back)
 
 
+def test_longcat_rank_files_hold_mindspeeds_longcat_layer(models, tmp_path):
+    """MindSpeed-LLM's LongCat layer (convert_ckpt_longcat.py, model_builder.py; measured order in
+    docs/reference/composed-blocks.md 4.2): per layer input_layernorm_0, pre_mlp_layernorm_0, the
+    MLA modules self_attention_0.* (linear_qkv = [q_a_proj; kv_a_proj_with_mqa] whole on every TP
+    rank, q_b / kv_b by rows, o_proj by columns), the router with a row per routed and zero
+    expert, this EP rank's experts, mlps_0 (fc1 [gate_r; up_r]), then sublayer 1's set."""
+    src = models("longcat_flash")
+    hf = hf_state(src)
+    spec = ck.load(src).spec
+    assert (spec.num_layers, spec.num_experts, spec.zero_experts) == (3, 4, 2)
+    mid = str(tmp_path / "mid")
+    convert(src, mid, ck.Target(to="mcore", tp=2, ep=2))
+    sub = ("input_layernorm_{k}.weight", "pre_mlp_layernorm_{k}.weight")
+    sub += tuple(
+        f"self_attention_{{k}}.{m}.weight"
+        for m in (
+            "linear_qkv",
+            "linear_proj",
+            "q_layernorm",
+            "kv_layernorm",
+            "linear_q_up_proj",
+            "linear_kv_up_proj",
+        )
+    )
+    mlps = ("mlps_{k}.linear_fc1.weight", "mlps_{k}.linear_fc2.weight")
+    experts = tuple(f"mlp.experts.local_experts.{j}.linear_fc{n}.weight" for j in range(2) for n in (1, 2))
+    layer = tuple(k.format(k=0) for k in sub) + ("mlp.router.weight", "mlp.router.expert_bias") + experts
+    layer += tuple(k.format(k=0) for k in mlps) + tuple(k.format(k=1) for k in sub + mlps)
+    want = ["embedding.word_embeddings.weight"]
+    want += [f"decoder.layers.{i}.{k}" for i in range(3) for k in layer]
+    want += ["decoder.final_layernorm.weight", "output_layer.weight"]
+    for t, e in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        sd = rank(mid, f"mp_rank_{t:02d}_{e:03d}")["model"]
+        assert [k for k in sd if not k.endswith("_extra_state")] == want
+        h, d = "model.layers.2.", "decoder.layers.2."
+        assert torch.equal(
+            sd[d + "self_attention_1.linear_qkv.weight"],
+            torch.cat(
+                [hf[h + "self_attn.1.q_a_proj.weight"], hf[h + "self_attn.1.kv_a_proj_with_mqa.weight"]]
+            ),
+        )
+        assert torch.equal(
+            sd[d + "self_attention_1.linear_kv_up_proj.weight"],
+            hf[h + "self_attn.1.kv_b_proj.weight"].chunk(2)[t],
+        )
+        assert torch.equal(
+            sd[d + "self_attention_0.linear_proj.weight"], hf[h + "self_attn.0.o_proj.weight"].chunk(2, 1)[t]
+        )
+        assert sd[d + "mlp.router.weight"].shape == (6, 64)
+        assert torch.equal(sd[d + "mlp.router.weight"], hf[h + "mlp.router.classifier.weight"])
+        assert torch.equal(sd[d + "mlp.router.expert_bias"], hf[h + "mlp.router.e_score_correction_bias"])
+        gate, up = (hf[h + f"mlps.0.{p}_proj.weight"].chunk(2)[t] for p in ("gate", "up"))
+        assert torch.equal(sd[d + "mlps_0.linear_fc1.weight"], torch.cat([gate, up]))
+        expert = 2 * e + 1  # local expert 1 of EP rank e
+        gate, up = (hf[h + f"mlp.experts.{expert}.{p}_proj.weight"].chunk(2)[t] for p in ("gate", "up"))
+        assert torch.equal(sd[d + "mlp.experts.local_experts.1.linear_fc1.weight"], torch.cat([gate, up]))
+
+
+@pytest.mark.parametrize("zero", [2, 0, None, "absent"])
+def test_longcat_router_rows_are_routed_plus_zero_experts(models, tmp_path, zero):
+    """LongcatFlashTopkRouter scores n_routed_experts + (zero_expert_num or 0) choices, and
+    LongcatFlashConfig's zero_expert_num defaults to 256: the 4 + 2 router rows of the model
+    match only zero_expert_num 2; other values are a one-line error naming the tensor."""
+    import json
+
+    src = str(tmp_path / "hf")
+    shutil.copytree(models("longcat_flash"), src)
+    cfg = json.load(open(f"{src}/config.json"))
+    if zero == "absent":
+        del cfg["zero_expert_num"]
+    else:
+        cfg["zero_expert_num"] = zero
+    json.dump(cfg, open(f"{src}/config.json", "w"))
+    if zero == 2:
+        assert ck.load(src).spec.zero_experts == 2
+        return
+    rows = {0: 4, None: 4, "absent": 4 + 256}[zero]
+    with pytest.raises(
+        FormatError, match=rf"router\.classifier\.weight has shape \[6, 64\] .* implies \[{rows}, 64\]"
+    ):
+        ck.load(src)
+
+
 def test_models_lists_the_mla_families_with_their_mindspeed_names(capsys):
     lines = listed_families(capsys)
     want = {
@@ -111,6 +201,7 @@ def test_models_lists_the_mla_families_with_their_mindspeed_names(capsys):
         "minicpm3": "minicpm3",
         "deepseek_v32": "deepseek32",
         "glm_moe_dsa": "glm5",
+        "longcat_flash": "longcat",
     }
     assert "glm4_moe_lite" in lines  # no MindSpeed-LLM entry
     for family, names in want.items():

@@ -116,7 +116,7 @@ def observed_round_trips() -> dict[str, set[str]]:
 
     for family, target in _module("test_hf_roundtrip").MCORE_LAYOUTS.items():
         add(family, target)
-    for name in ("dense", "moe", "mla", "hybrid", "gpt"):
+    for name in ("dense", "moe", "mla", "hybrid", "gpt", "mamba", "recurrent", "dsv4", "split_layers"):
         for family, targets in _module(f"test_families_{name}").LAYOUTS.items():
             for target in targets:
                 add(family, target)
@@ -177,6 +177,8 @@ def observed_mindspeed() -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for case, (_, ms_name, _) in bench.CASES.items():
         out.setdefault(by_name(ms_name).name, set()).add(case)
+    for case in bench.MAMBA2_CASES:  # MindSpeed-LLM's dedicated Mamba-2 converter
+        out.setdefault("mamba2", set()).add(case)
     return out
 
 
@@ -255,7 +257,7 @@ KNOWN = {
     "bert": ("encoder", None),
     "roberta": ("encoder", None),
     "mamba": ("state-space", None),
-    "jamba": ("state-space", None),
+    "jamba": ("supported", "family jamba"),
     "qwen3_5_text": ("supported", "family qwen3_5"),
     "qwen3_5": ("multimodal", "its text model qwen3_5_text is supported (family qwen3_5)"),
     "gemma3": ("multimodal", "its text model gemma3_text is supported (family gemma3_text)"),

@@ -49,6 +49,38 @@ with MindSpeed-LLM ``c77308a1`` (hf -> mg and mg -> hf, 0.2-0.5 s a case):
 * mg -> hf writes one ``torch_model.bin`` (a plain dict under the HF names, loadable with
   ``weights_only=True``; no config, no safetensors); at TP1 and TP2 all 39 tensors come back equal.
 
+DeepSeek-V4 (cases ``deepseek4-*``): MindSpeed-LLM's dedicated converter (``--model-type-hf
+deepseek4``, ``convert_ckpt_deepseek4.py``) on the DeepSeek-V4 tests' tiny model in the release's
+naming (tests/test_families_dsv4.py: 3 layers of compress ratios 0 / 4 / 128, the first routed by
+token id, one MTP layer, bf16, which the converter requires), both converters with the same flags
+(``--mtp-num-layers 1``; expert TP 1, that converter's default and ckpt-ir's for deepseek4).
+Besides the rank files (``run_deepseek4_case``): ckpt-ir's mg -> hf of MindSpeed's output, and
+MindSpeed's own mg -> hf (``--hf-cfg-dir``, ``--expert-tensor-parallel-size 1``) of its output
+without ``--mtp-num-layers`` and of ckpt-ir's with it.  Measured with MindSpeed-LLM ``c77308a1``
+(under 0.2 s a conversion):
+
+* rank files identical at TP2 PP2 (``--num-layer-list 1,2``), TP1 EP2 grouped, TP2 EP2 and TP2 EP2
+  grouped; at TP2 EP2 MindSpeed also writes ``mp_rank_00_001`` and ``mp_rank_01_000``, which
+  Megatron's expert grid with expert TP 1 does not have ((t, t mod EP) only): copies of TP rank
+  t's dense tensors with EP rank e's experts;
+* ckpt-ir's mg -> hf of MindSpeed's output: all 162 HF tensors equal, the MTP layer included (43
+  tensors, and the two embedding / head copies from the main ones), extra directories included;
+* MindSpeed's mg -> hf of its own output without ``--mtp-num-layers``: 119/162, the 43 MTP tensors
+  silently missing (exit 0); at TP2 EP2 (sequential experts) it fails (``KeyError: (0, 1)``);
+* MindSpeed's mg -> hf of ckpt-ir's output: 160/162, all but the MTP layer's embedding and head
+  copies (``deepseek4`` ties them: ``tie_mtp_embeddings_and_lmhead``), except at TP2 EP2 (the same
+  KeyError).
+LongCat-Flash (cases ``longcat-*``): MindSpeed-LLM's dedicated converter (``--model-type-hf
+longcat``, ``convert_ckpt_longcat.py``) on the family tests' 3-layer ``longcat_flash`` model.  Besides
+the rank-file comparison, READ_BACK reads each side's files back to HF: ckpt-ir's ``convert-ckpt``
+on MindSpeed's (``--hf-cfg-dir``: its args hold the HF config under MindSpeed's names, where
+``qk_head_dim`` is ``qk_nope_head_dim`` and ``num_layers`` is taken for Megatron's) and MindSpeed's
+mg -> hf on ckpt-ir's, each against the HF tensors.  Measured with ``c77308a1``: identical rank
+files and equal tensors both ways at TP2 EP2, TP2 EP2 with expert TP 1 and grouped GEMM (its
+release recipe: only the (t, t % EP) rank directories), and TP2 PP2 with ``--num-layer-list 2,1``;
+MindSpeed's mg -> hf reads grouped GEMM and expert TP 1 only from its flags (without them:
+``KeyError: ...mlp.experts.local_experts.0.linear_fc1.weight``).
+
 The exit status is 0 when every check that ran passed: a ckpt-ir comparison that is not
 supported yet counts as not run.
 
@@ -240,6 +272,54 @@ CASES = {
         TP2_PP2,
     ),
     "plm-tp1pp2-layers": ("plm", "plm", ["--target-pipeline-parallel-size", "2", "--num-layer-list", "1,3"]),
+    # DeepSeek-V4 in the release's naming with one MTP layer, bf16 (tests/test_families_dsv4.py);
+    # its dedicated converter: expert TP 1 by default, MTP only with --mtp-num-layers
+    "deepseek4-mtp-tp2pp2-layers": (
+        "deepseek_v4+release",
+        "deepseek4",
+        [*TP2_PP2, "--num-layer-list", "1,2", "--mtp-num-layers", "1"],
+    ),
+    "deepseek4-mtp-tp1ep2-grouped": (
+        "deepseek_v4+release",
+        "deepseek4",
+        ["--target-expert-parallel-size", "2", "--moe-grouped-gemm", "--mtp-num-layers", "1"],
+    ),
+    "deepseek4-mtp-tp2ep2": (
+        "deepseek_v4+release",
+        "deepseek4",
+        ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--mtp-num-layers", "1"],
+    ),
+    "deepseek4-mtp-tp2ep2-grouped": (
+        "deepseek_v4+release",
+        "deepseek4",
+        [*TP2_EP2_GROUPED, "--mtp-num-layers", "1"],
+    ),
+    # LongCat-Flash (3 layers, tests/family_models.py): MindSpeed's dedicated converter
+    # (convert_ckpt_longcat.py); the second case is its release recipe (expert TP 1, grouped GEMM)
+    "longcat-tp2ep2": (
+        "longcat_flash",
+        "longcat",
+        ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2"],
+    ),
+    "longcat-tp2ep2-etp1-grouped": (
+        "longcat_flash",
+        "longcat",
+        [*TP2_EP2_GROUPED, "--expert-tensor-parallel-size", "1"],
+    ),
+    "longcat-tp2pp2-layers": (
+        "longcat_flash",
+        "longcat",
+        [*TP2_PP2, "--num-layer-list", "2,1"],
+    ),
+}
+# cases whose rank files are also read back to HF both ways: ckpt-ir's convert-ckpt on MindSpeed's
+# files (with --hf-cfg-dir: MindSpeed's LongCat args rename qk_head_dim and drop num_layers) and
+# MindSpeed's own mg -> hf on ckpt-ir's, each against the HF tensors; case -> the flags MindSpeed's
+# mg -> hf needs besides its files' args (it does not read grouped GEMM or expert TP 1 from them)
+READ_BACK = {
+    "longcat-tp2ep2": [],
+    "longcat-tp2ep2-etp1-grouped": ["--moe-grouped-gemm", "--expert-tensor-parallel-size", "1"],
+    "longcat-tp2pp2-layers": [],
 }
 
 
@@ -296,6 +376,53 @@ def run_mindspeed(source: str, argv: list[str], log: str | None = None) -> None:
 def run_ckpt_ir(argv: list[str]) -> None:
     env = dict(os.environ, PYTHONPATH=ROOT)
     subprocess.run([sys.executable, "-m", "ckpt_ir", "convert-ckpt", *argv], check=True, env=env, cwd=ROOT)
+
+
+def hf_tensors(path: str) -> dict:
+    """Every tensor of the safetensors files of the HF directory ``path``."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, f)))
+    return out
+
+
+def same_hf(want: dict, got: dict) -> str | None:
+    """None when ``got`` holds exactly ``want``'s tensors (names, dtypes, values), else what differs."""
+    import torch
+
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    unequal = sorted(
+        k for k in set(want) & set(got) if got[k].dtype != want[k].dtype or not torch.equal(got[k], want[k])
+    )
+    if not (missing or extra or unequal):
+        return None
+    return f"missing {missing[:3]}, extra {extra[:3]}, unequal {unequal[:3]}"
+
+
+def read_back(case: str, source: str, work: str, hf: str, theirs: str, ours: str) -> list[str]:
+    """READ_BACK's checks of ``case``: ckpt-ir reads MindSpeed's rank files, MindSpeed reads
+    ckpt-ir's, both back to HF; [] when both give the HF tensors."""
+    want, out = hf_tensors(hf), []
+    back = os.path.join(work, "back", case)
+    shutil.rmtree(back, ignore_errors=True)
+    args = ["--load-model-type", "mg", "--save-model-type", "hf", "--hf-cfg-dir", hf]
+    run_ckpt_ir([*args, "--load-dir", theirs, "--save-dir", os.path.join(back, "ckpt-ir")])
+    bad = same_hf(want, hf_tensors(os.path.join(back, "ckpt-ir")))
+    if bad:
+        out.append(f"ckpt-ir on MindSpeed's files: {bad}")
+    ms_name = CASES[case][1]
+    argv = [*args, "--model-type-hf", ms_name, *READ_BACK[case], "--load-dir", ours]
+    try:
+        run_mindspeed(source, [*argv, "--save-dir", os.path.join(back, "mindspeed")], back + "-mindspeed.log")
+    except RuntimeError as e:
+        return [*out, f"MindSpeed on ckpt-ir's files failed: {e}"]
+    bad = same_hf(want, hf_tensors(os.path.join(back, "mindspeed")))
+    if bad:
+        out.append(f"MindSpeed on ckpt-ir's files: {bad}")
+    return out
 
 
 def rank_files(root: str) -> dict[str, str]:
@@ -407,6 +534,123 @@ def build_qwen3_next_mtp(hf: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# DeepSeek-V4 through MindSpeed-LLM's dedicated converter (convert_ckpt_deepseek4.py)
+
+
+def build_deepseek_v4_release(hf: str, work: str) -> None:
+    """The DeepSeek-V4 tests' tiny model in the release's naming with one MTP layer, in bf16 (the
+    converter refuses other dtypes); compress ratios 0 / 4 / 128 as the release's."""
+    import torch
+
+    from tests import test_families_dsv4 as dsv4
+
+    tf = dsv4.build_dsv4(tempfile.mkdtemp(dir=work), compress_rates=dsv4.RELEASE_RATES)
+    os.makedirs(os.path.dirname(hf), exist_ok=True)
+    dsv4.release_named(tf, hf, torch.bfloat16)
+
+
+def _hf_diff(want: dict, got: dict) -> tuple[list[str], list[str], list[str]]:
+    import torch
+
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    unequal = sorted(
+        k
+        for k in set(want) & set(got)
+        if want[k].dtype != got[k].dtype or want[k].shape != got[k].shape or not torch.equal(want[k], got[k])
+    )
+    return missing, extra, unequal
+
+
+def run_deepseek4_case(
+    case: str, source: str, work: str, hf: str, theirs: str, ours: str
+) -> tuple[bool, str]:
+    """Beyond the rank files: MindSpeed's every-(TP, EP) directories (expert TP 1; Megatron's
+    expert grid uses (t, t mod EP) only) checked to be copies, the rank files compared where both
+    write them; ckpt-ir's mg -> hf of MindSpeed's output (no MTP flag: the MTP layer must come
+    back); MindSpeed's own mg -> hf of it without --mtp-num-layers (its MTP drop); MindSpeed's
+    mg -> hf of ckpt-ir's output (with the flags it needs).  Returns (passed, summary)."""
+    from tests.test_hf_roundtrip import hf_state
+
+    _, _, flags = CASES[case]
+    a, b = load_ranks(theirs), load_ranks(ours)
+    ok, lines = True, []
+    extra = sorted(set(a) - set(b))
+    if extra and set(b) <= set(a):
+        tp = int(flags[flags.index("--target-tensor-parallel-size") + 1])
+        ep = int(flags[flags.index("--target-expert-parallel-size") + 1])
+        bad = []
+        for d in extra:  # mp_rank_TT_EEE: TP rank t's dense tensors, EP rank e's experts
+            t, e = (int(x) for x in d.split("_")[2:])
+            dense, experts = b[f"mp_rank_{t:02d}_{t % ep:03d}"], b[f"mp_rank_{e % tp:02d}_{e:03d}"]
+            have = {k: v for k, v in dense["model"].items() if ".experts." not in k}
+            have |= {k: v for k, v in experts["model"].items() if ".experts." in k}
+            want = {k: have[k] for k in a[d]["model"] if k in have} | have  # values compared, not order
+            bad += compare_ranks({d: {"model": a[d]["model"]}}, {d: {"model": want}}, ("MindSpeed", "copy"))
+        ok &= not bad
+        lines.append(
+            f"MindSpeed also writes {extra} (not in Megatron's expert grid): "
+            + ("copies" if not bad else "; ".join(bad[:3]))
+        )
+        a = {d: a[d] for d in b}
+    diffs = compare_ranks(a, b)
+    ok &= not diffs
+    lines.append("rank files: " + ("identical" if not diffs else "; ".join(diffs[:10])))
+    src = hf_state(hf)
+    back = os.path.join(work, "ckpt-ir-hf", case)
+    shutil.rmtree(back, ignore_errors=True)
+    run_ckpt_ir(
+        ["--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", theirs, "--save-dir", back]
+    )
+    missing, more, unequal = _hf_diff(src, hf_state(back))
+    ok &= not (missing or more or unequal)
+    lines.append(
+        f"ckpt-ir mg->hf of MindSpeed's output: {len(src) - len(missing) - len(unequal)}/{len(src)} HF tensors equal"
+        + (
+            f", missing {missing[:5]}, extra {more[:5]}, unequal {unequal[:5]}"
+            if missing or more or unequal
+            else ""
+        )
+    )
+    log = os.path.join(work, "logs", case + "-{}.log")
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    back_flags = ["--expert-tensor-parallel-size", "1"] + (
+        ["--moe-grouped-gemm"] if "--moe-grouped-gemm" in flags else []
+    )
+    common = [
+        "--load-model-type",
+        "mg",
+        "--save-model-type",
+        "hf",
+        "--model-type-hf",
+        "deepseek4",
+        "--hf-cfg-dir",
+        hf,
+    ]
+    for what, load, extra_flags in (
+        ("MindSpeed mg->hf of its own output without --mtp-num-layers", theirs, back_flags),
+        ("MindSpeed mg->hf of ckpt-ir's output", ours, ["--mtp-num-layers", "1", *back_flags]),
+    ):
+        out = os.path.join(work, "mindspeed-hf", case + ("-own" if load == theirs else "-ckpt-ir"))
+        shutil.rmtree(out, ignore_errors=True)
+        try:
+            run_mindspeed(
+                source, [*common, *extra_flags, "--load-dir", load, "--save-dir", out], log.format(what[-8:])
+            )
+        except RuntimeError as e:
+            lines.append(f"{what}: failed ({str(e).rsplit(': ', 1)[-1]})")
+            continue
+        missing, more, unequal = _hf_diff(src, hf_state(out))
+        mtp = [k for k in missing if k.startswith("mtp.")]
+        lines.append(
+            f"{what}: {len(src) - len(missing) - len(unequal)}/{len(src)} equal"
+            + (f", {len(mtp)} MTP tensors missing {mtp[:3]}" if mtp else "")
+            + (f", other missing {sorted(set(missing) - set(mtp))[:5]}" if set(missing) - set(mtp) else "")
+            + (f", unequal {unequal[:5]}" if unequal else "")
+        )
+    return ok, "\n    ".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # Mamba-2 through MindSpeed-LLM's dedicated converter (convert_ckpt_mamba2.py)
 
 # the tiny Mamba2ForCausalLM: d_inner = expand * hidden = num_heads * head_dim = 128; MindSpeed
@@ -422,7 +666,8 @@ MAMBA2_CONFIG = dict(
     vocab_size=128,
 )
 MAMBA2_LAYERS = 4
-# case -> (TP, PP); kept out of CASES: no ckpt-ir family claims mamba2 yet (tests/test_support_matrix.py)
+# case -> (TP, PP) of MindSpeed-LLM's dedicated Mamba-2 converter (kept out of CASES, whose entries run
+# the generic one); tests/test_support_matrix.py holds the mamba2 family's claims to them
 MAMBA2_CASES = {"mamba2-tp1": (1, 1), "mamba2-tp2": (2, 1), "mamba2-tp2pp2": (2, 2)}
 # case -> ckpt-ir's argv (after ``python -m ckpt_ir``) writing the same layout, ``{hf}`` and ``{out}``
 # replaced by the HF model and the output directory, e.g. ["convert", "{hf}", "{out}", "--to",
@@ -694,6 +939,8 @@ def main(argv: list[str] | None = None) -> int:
             elif model_type == "deepseek_v32+mtp":  # the release's MTP layer (with its indexer)
                 family_models.build(hf, "deepseek_v32")
                 family_models.append_mtp_layer(hf, family_models.DENSE["hidden_size"])
+            elif model_type == "deepseek_v4+release":
+                build_deepseek_v4_release(hf, work)
             elif model_type == "glm_moe_dsa+3dense":  # GLM-5's 3 dense layers, as MindSpeed assumes
                 configs = {"glm_moe_dsa": dict(family_models.CONFIGS["glm_moe_dsa"], first_k_dense_replace=3)}
                 family_models.build(hf, "glm_moe_dsa", configs=configs)
@@ -710,12 +957,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{case}: MindSpeed failed: {e}", flush=True)
             continue
         run_ckpt_ir([*common, "--load-dir", hf, "--save-dir", ours])
+        if ms_name == "deepseek4":
+            results[case], summary = run_deepseek4_case(case, source, work, hf, theirs, ours)
+            print(f"{case}: {summary}", flush=True)
+            continue
         diffs = compare(theirs, ours)
-        results[case] = not diffs
-        print(
-            f"{case}: " + ("identical" if not diffs else "differs:\n    " + "\n    ".join(diffs[:20])),
-            flush=True,
-        )
+        back = read_back(case, source, work, hf, theirs, ours) if case in READ_BACK else []
+        results[case] = not diffs and not back
+        line = "identical" if not diffs else "differs:\n    " + "\n    ".join(diffs[:20])
+        if case in READ_BACK:
+            line += "; read back to HF both ways: " + ("equal" if not back else "; ".join(back))
+        print(f"{case}: {line}", flush=True)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if all(results.values()) else 1

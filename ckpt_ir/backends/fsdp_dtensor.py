@@ -32,6 +32,7 @@ from ckpt_ir.errors import VerifyError, setting
 from ckpt_ir.io.dcp import METADATA_FILE
 from ckpt_ir.io.torchzip import Tensor
 from ckpt_ir.ir import expr as E
+from ckpt_ir.ir.blocks import is_hybrid
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.names import split_layer
 from ckpt_ir.megatron import fsdp
@@ -40,6 +41,11 @@ from ckpt_ir.megatron import keys as M
 
 def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
     check_whole(ckpt, "fsdp_dtensor")
+    if is_hybrid(ckpt.spec):
+        raise VerifyError(
+            f"fsdp_dtensor output of a hybrid (Mamba) model ({ckpt.spec.family}) is not supported yet; "
+            f"write {setting('ckpt_format', 'torch_dist')} or {setting('ckpt_format', 'torch')}"
+        )
     if ckpt.states:
         raise VerifyError(
             "fsdp_dtensor output does not carry optimizer state yet; convert the weights only "

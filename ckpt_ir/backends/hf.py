@@ -68,6 +68,15 @@ def hf_tensors(ckpt: Checkpoint, family: Family) -> list[tuple[str, E.Expr]]:
             if m := pat.match(name):
                 out.append((name, r.hf.format(**m.groupdict()), E.Reshape(t.expr, r.shape(ckpt.spec))))
                 packed.add(name)
+    for j in family.joined:  # DeepSeek-V4's MTP eh_proj: e_proj and h_proj side by side
+        pat = template_pattern(j.canonical)
+        for name, t in ckpt.tensors.items():
+            if m := pat.match(name):
+                width = t.expr.shape[j.dim] // len(j.parts)
+                for n, part in enumerate(j.parts):
+                    piece = E.simplify(E.Slice(t.expr, j.dim, n * width, (n + 1) * width))
+                    out.append((name, part.format(**m.groupdict()), piece))
+                packed.add(name)
     for name, t in ckpt.tensors.items():
         if name in packed:
             continue
@@ -79,8 +88,9 @@ def hf_tensors(ckpt: Checkpoint, family: Family) -> list[tuple[str, E.Expr]]:
         out.append((name, hf_name, t.expr))
     out.sort(key=lambda item: canonical_order(item[0]))
     out = [(name, hf, family.as_stored(hf, e)) for name, hf, e in out]
-    if family.hf_rename:
-        return [(family.hf_rename(hf, ckpt.spec.num_layers, True), e) for _, hf, e in out]
+    naming = family.naming(ckpt.meta.get("hf_naming"))  # the naming the source was read in
+    if family.renames(naming):
+        return [(family.table_key(hf, ckpt.spec, True, naming), e) for _, hf, e in out]
     return [(hf, e) for _, hf, e in out]
 
 

@@ -20,10 +20,9 @@ from ckpt_ir.io.safe_pickle import TorchDtype
 from ckpt_ir.io.side_files import side_file_name
 from ckpt_ir.io.torchzip import Tensor
 from ckpt_ir.ir import expr as E
-from ckpt_ir.ir.blocks import has_gdn_modules
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.dtypes import torch_name
-from ckpt_ir.ir.layout import expert_owner, expert_rank_files, num_chunks
+from ckpt_ir.ir.layout import expert_owner, expert_rank_files, has_gdn_modules, num_chunks
 from ckpt_ir.megatron import args as megatron_args
 from ckpt_ir.megatron import distopt
 from ckpt_ir.megatron import keys as M
@@ -57,6 +56,7 @@ def plan(
         ckpt.hf_config,
         family.mindspeed_names[0] if family.mindspeed_names else spec.family,
         source=training.source_args,
+        hf_naming=ckpt.meta.get("hf_naming"),
     )
     it = iteration if iteration is not None else ckpt.meta.get("iteration", 1)
     optim = OptimizerOutput(ckpt, dp) if ckpt.states else None

@@ -68,6 +68,7 @@ def plan(ckpt: Checkpoint) -> Plan:
             hf = names.from_canonical(target)
             if hf is None:
                 raise VerifyError(f"{name}: no HF name for this saved tensor in the {family.name} family")
+            hf = family.table_key(hf, spec, True) if family.renames() else hf
             saved.add(hf.rsplit(".", 1)[0])
             entries.append((canonical_order(name), PREFIX + hf, family.as_stored(hf, lora[name].expr)))
             continue
@@ -89,6 +90,8 @@ def plan(ckpt: Checkpoint) -> Plan:
             module, expr = hf[: -len(".weight")], lora[name].expr
         else:  # a packed HF module (Phi-3 qkv_proj): A shared, B and m stacked
             module, expr = _packed(family, ckpt, target, suffix, done)
+        if family.renames():  # the table's name as the HF checkpoint's (Family.table_key)
+            module = family.table_key(module + ".weight", spec, True)[: -len(".weight")]
         if suffix == ".lora_a.weight":
             factors[module] = (lora[name].shape[0], _alpha(spec, target))
             dora[module] = target[: -len(".weight")] + ".lora_magnitude.weight" in ckpt.tensors

@@ -45,11 +45,13 @@ from ckpt_ir.io.safe_pickle import TorchDtype
 from ckpt_ir.io.side_files import is_tokenizer_file, side_file_name
 from ckpt_ir.io.torchzip import Tensor, writable
 from ckpt_ir.ir import expr as E
+from ckpt_ir.ir.blocks import is_hybrid
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.dtypes import torch_name
 from ckpt_ir.ir.names import NameTable, split_layer
 from ckpt_ir.ir.rules import mla_rule
 from ckpt_ir.megatron import args as megatron_args
+from ckpt_ir.megatron import global_keys
 from ckpt_ir.megatron import keys as M
 from ckpt_ir.megatron.integrity import MANIFEST
 
@@ -100,8 +102,11 @@ def output_args(ckpt: Checkpoint, fmt: str):
         ckpt.hf_config,
         family.mindspeed_names[0] if family.mindspeed_names else spec.family,
         source={k: v for k, v in source.items() if writable(v)} if source else None,
+        hf_naming=ckpt.meta.get("hf_naming"),
     )
     args.ckpt_format = fmt
+    if fmt == "torch_dist" and is_hybrid(spec):  # stored under megatron-core's (TE) hybrid layer spec
+        args.spec = megatron_args.MAMBA_STACK_SPEC
     return args
 
 
@@ -301,20 +306,27 @@ def _stored(
         if name in nodes:
             stored.append((key, nodes[name].expr))
     used: set[str] = set()
-    per_layer = [_layer_entries(nodes, spec, i, table, used, te) for i in range(layers)]
+    hybrid = is_hybrid(spec)
+    per_layer = [_layer_entries(nodes, spec, i, table, used, te or hybrid) for i in range(layers)]
 
     def linear(key: str) -> bool:  # a module whose _extra_state Megatron saves
         module = key[: -len(".weight")].rsplit(".", 1)[-1]
-        return key.endswith(".weight") and (module.startswith("linear_") or module == "eh_proj")
+        return key.endswith(".weight") and (
+            module.startswith("linear_") or module == "eh_proj" or key in _MAMBA_LINEARS
+        )
 
     def own_objects(prefix: str, entries) -> None:
         for key, expr, by_expert in entries:
+            if key.endswith(".weight.z"):  # the first part of a Mamba in_proj: its module's state
+                key = key[: -len(".z")]
             if linear(key):
                 base = f"{prefix}{key[: -len('.weight')]}._extra_state"
                 n = expr.shape[0] if by_expert else 1
                 objects.extend(f"{base}/shard_{e}_{n}" for e in range(n))
 
-    if not spec.dense_layers:  # homogeneous: one stacked key per module
+    if hybrid:  # megatron-core's MambaStack saves every layer under its own global number
+        per_layer = [_mamba_parts(spec, entries) for entries in per_layer]
+    if not spec.dense_layers and not hybrid:  # homogeneous: one stacked key per module
         first = per_layer[0] if per_layer else []
         shapes = [[(k, x.shape) for k, x, _ in entries] for entries in per_layer]
         if any(s != shapes[0] for s in shapes):
@@ -335,7 +347,7 @@ def _stored(
             stored += [(f"{M.LAYERS}{i}.{key}", E.simplify(x)) for key, x, _ in entries]
             own_objects(f"{M.LAYERS}{i}.", entries)
     stored += [
-        (f"{M.FINAL_NORM}{w}", nodes[f"final_norm.{w}"].expr)
+        (M.HYBRID_FINAL_NORM if hybrid else f"{M.FINAL_NORM}{w}", nodes[f"final_norm.{w}"].expr)
         for w in ("weight", "bias")
         if f"final_norm.{w}" in nodes
     ]
@@ -362,10 +374,33 @@ def _stored(
         for w in ("weight", "bias")
         if f"lm_head.{w}" in nodes
     ]
+    if hybrid:  # MambaModel saves its output layer's _extra_state (GPTModel drops it), tied or not
+        objects.append(f"{M.OUTPUT_LAYER}_extra_state/shard_0_1")
     left = sorted(n for n in nodes if split_layer(n)[0] is not None and n not in used)
     if left:
         raise VerifyError(f"no torch_dist key for {left[0]}")
     return stored, objects
+
+
+# a Mamba layer's linear modules (Transformer Engine's in megatron-core's stock spec): their
+# _extra_state is saved beside them
+_MAMBA_LINEARS = ("mixer.in_proj.weight", "mixer.out_proj.weight")
+
+
+def _mamba_parts(spec, entries: list[tuple[str, E.Expr, bool]]) -> list[tuple[str, E.Expr, bool]]:
+    """A layer's entries with each fused Mamba mixer tensor as the parts megatron-core stores
+    (``mixer.in_proj.weight.z`` ... ``.dt``, ``mixer.conv1d.weight.x`` ...)."""
+    out = []
+    for key, expr, by_expert in entries:
+        names = global_keys.MAMBA_PARTS.get(key)
+        if names is None:
+            out.append((key, expr, by_expert))
+            continue
+        start = 0
+        for name, size in zip(names, global_keys.mamba_part_sizes(spec, key)):
+            out.append((f"{key}.{name}", E.simplify(E.Slice(expr, 0, start, start + size)), False))
+            start += size
+    return out
 
 
 def write_dcp_metadata(path: str, entries: tuple, data_dir: str) -> None:

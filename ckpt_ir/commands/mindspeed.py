@@ -60,6 +60,9 @@ _WHOLE_TENSOR_CONFLICTS = (
     "--target-data-parallel-size",
 )
 _UNSUPPORTED_FLAGS = {"--moe-tp-extend-ep": "MoE TP-extend-EP", "--mla-mm-split": "MLA"}
+# --model-type-hf values whose converter defaults --expert-tensor-parallel-size to 1, not to the TP
+# size (MindSpeed-LLM's convert_ckpt_deepseek4.py: experts whole on every TP rank)
+_EXPERT_TP_1 = ("deepseek4", "deepseek4_base")
 
 
 def add_parser(sub) -> None:
@@ -195,7 +198,9 @@ def run(args: argparse.Namespace) -> int:
             mla_keys="mindspeed" if args.ckpt_format == "torch" else None,
             gdn_keys="mindspeed" if args.ckpt_format == "torch" else None,  # its qwen3-next layout
             ep=args.target_expert_parallel_size,
-            etp=args.expert_tensor_parallel_size,
+            etp=args.expert_tensor_parallel_size
+            if args.expert_tensor_parallel_size is not None or args.model_type_hf not in _EXPERT_TP_1
+            else 1,
             grouped_gemm=args.moe_grouped_gemm,
             dp=args.target_data_parallel_size,
             optimizer=args.load_model_type == "optim",

@@ -88,6 +88,9 @@ def transformers_config(ckpt) -> Any:
             f"{transformers.__version__} (remote code is never run); verify needs a built-in class"
         )
     cfg = {k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version", "auto_map")}
+    # config.json spells an infinite float {"__float__": "Infinity"} (Mamba's time_step_limit):
+    # decoded as transformers' from_pretrained decodes it
+    cfg = transformers.PretrainedConfig._decode_special_floats(cfg)
     return transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
 
-from ckpt_ir.errors import FormatError
+from ckpt_ir.errors import FormatError, VerifyError
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.names import NameTable, template_pattern
 from ckpt_ir.ir.rules import Stack
@@ -145,6 +145,84 @@ class Reshaped:
 
 
 @attrs.frozen
+class Joined:
+    """One canonical tensor stored as several HF tensors side by side along ``dim`` (DeepSeek-V4's
+    MTP ``e_proj`` and ``h_proj``, each [H, H]: the two halves of the columns of ``eh_proj``
+    [H, 2H]).  ``parts``: the HF templates in order along ``dim``, equal in size."""
+
+    canonical: str
+    parts: tuple[str, ...]
+    dim: int = 1
+
+
+@attrs.frozen
+class HfNaming:
+    """Another naming of a family's HF checkpoints besides its table's (``Family.tensors``), as
+    (table's name, this naming's name) template pairs; a name no pair covers is the same in both.
+    DeepSeek-V4: the release's names and the ones transformers saves (``model.`` prefixes, the
+    attention's ``kv_norm`` as ``norm``).  Applied after ``Family.hf_rename`` on write, before it
+    on read."""
+
+    name: str
+    renames: tuple[tuple[str, str], ...]
+
+    @property
+    def table(self) -> NameTable:
+        return NameTable(self.renames)  # "canonical" side: this naming's names
+
+    def to_table(self, key: str) -> str:
+        return self.table.from_canonical(key) or key
+
+    def from_table(self, key: str) -> str:
+        return self.table.to_canonical(key) or key
+
+
+@attrs.frozen
+class SplitLayers:
+    """HF layers that each hold several blocks (a mixer and an MLP: Bamba, Granite-4), split in the
+    IR at Megatron-Core's hybrid granularity, one block per canonical layer: HF layer ``i``'s
+    sub-layer ``j`` is canonical layer ``k*i + j`` (``k = len(parts)``), and ``parts[j]`` lists
+    the HF names below ``prefix`` + ``i.`` that belong to sub-layer ``j`` (each block with the
+    norm before it).  The family's tensor table then names tensors ``prefix{i}.`` with ``{i}``
+    the canonical layer; :meth:`Family.table_key` renumbers both ways."""
+
+    parts: tuple[tuple[str, ...], ...]
+    prefix: str = "model.layers."
+
+    def part_of(self, rest: str) -> int | None:
+        """The sub-layer an HF name below the layer (``mamba.in_proj.weight``) belongs to."""
+        return next((j for j, names in enumerate(self.parts) if rest.startswith(names)), None)
+
+    def to_table(self, key: str) -> str:
+        """HF key -> the table's key (canonical layer number); a key below no sub-layer stays."""
+        layer, rest = _layer_of(self.prefix, key)
+        j = None if layer is None else self.part_of(rest)
+        if layer is None or j is None:
+            return key
+        return f"{self.prefix}{len(self.parts) * layer + j}.{rest}"
+
+    def to_hf(self, key: str) -> str:
+        """The table's key -> the HF key; a tensor of the wrong sub-layer is an error."""
+        layer, rest = _layer_of(self.prefix, key)
+        if layer is None:
+            return key
+        k = len(self.parts)
+        if self.part_of(rest) != layer % k:
+            raise VerifyError(
+                f"{key}: canonical layer {layer} is sub-layer {layer % k} of HF layer {layer // k}, which "
+                f"holds {', '.join(self.parts[layer % k])}* only; the layer's blocks do not fit the HF layout"
+            )
+        return f"{self.prefix}{layer // k}.{rest}"
+
+
+def _layer_of(prefix: str, key: str) -> tuple[int | None, str]:
+    if not key.startswith(prefix):
+        return None, key
+    num, _, rest = key[len(prefix) :].partition(".")
+    return (int(num), rest) if num.isdigit() and rest else (None, key)
+
+
+@attrs.frozen
 class ConfigKey:
     """ModelSpec field <- HF config key, with a default when the key is absent (None: required).
     ``aliases``: other spellings of the key (read if the main one is absent; written back under
@@ -209,18 +287,84 @@ class Family:
     # (key, num_layers, to_hf) -> key: HF keys outside the model.layers numbering, renamed to the
     # table's keys on read (to_hf False) and back on write (Qwen3-Next's MTP layer under mtp.*)
     hf_rename: Any = None
+    # HF layers of several blocks, one canonical (Megatron hybrid) layer per block (Bamba, Granite-4)
+    split_layers: SplitLayers | None = None
     # HF name globs of tensors the family's transformers class creates in fp32 whatever dtype it
     # loads in (its _keep_in_fp32_modules* attributes are read from transformers itself)
     fp32_in_transformers: tuple[str, ...] = ()
     # HF name templates of weights stored [in, out] (GPT-2's Conv1D): read transposed to the
     # canonical [out, in], written back transposed; a packed one is unpacked after the transpose
     transposed: tuple[str, ...] = ()
+    # HF tensors that together hold one canonical tensor (DeepSeek-V4's MTP e_proj / h_proj)
+    joined: tuple[Joined, ...] = ()
+    # other namings of the HF checkpoint than the table's; a checkpoint read in one is written in it
+    namings: tuple[HfNaming, ...] = ()
     # what the tests verify for this family (``ckpt-ir models`` shows it)
     tested: Tested = Tested()
+
+    def __attrs_post_init__(self) -> None:
+        if self.split_layers is not None:  # every layer tensor of the table is in one sub-layer
+            prefix = self.split_layers.prefix + "{i}."
+            hf = [h for h, _ in self.tensors] + [p.hf for p in self.packed] + [st.hf for st in self.stacked]
+            stray = [
+                h for h in hf if h.startswith(prefix) and self.split_layers.part_of(h[len(prefix) :]) is None
+            ]
+            if stray:
+                raise ValueError(
+                    f"family {self.name}: {stray[0]} is in no sub-layer of its split_layers table"
+                )
 
     @property
     def names(self) -> NameTable:
         return NameTable(self.tensors)
+
+    def naming_of(self, keys: Iterable[str], where: str) -> str | None:
+        """Which of ``namings`` the HF tensor names ``keys`` are in (None: the table's own); a
+        checkpoint mixing two is a FormatError naming one key of each."""
+        keys = list(keys)
+        for naming in self.namings:
+            table = naming.table
+            theirs = next((k for k in keys if table.from_canonical(k) is not None), None)
+            if theirs is None:
+                continue
+            ours = next((k for k in keys if table.to_canonical(k) is not None), None)
+            if ours is not None:
+                raise FormatError(
+                    f"{where}: tensor names mix the {naming.name} naming ({theirs}) with the {self.name} "
+                    f"table's own ({ours}); rename them to one naming"
+                )
+            return naming.name
+        return None
+
+    def naming(self, name: str | None) -> HfNaming | None:
+        """The naming called ``name`` (None: the table's own)."""
+        if name is None:
+            return None
+        for n in self.namings:
+            if n.name == name:
+                return n
+        raise FormatError(
+            f"the {self.name} family has no HF naming {name!r}; known: {[n.name for n in self.namings]}"
+        )
+
+    def table_key(self, key: str, spec: ModelSpec, to_hf: bool, naming: HfNaming | None = None) -> str:
+        """An HF key as the family's table names it (``to_hf`` False), or back: a key in another
+        ``naming`` than the table's renamed to the table's (DeepSeek-V4 as transformers saves it),
+        keys outside the layer numbering (``hf_rename``, given the HF layer count), then layers of
+        several blocks renumbered (:class:`SplitLayers`); writing does the same in reverse."""
+        split = self.split_layers
+        hf_layers = spec.num_layers // len(split.parts) if split else spec.num_layers
+        if to_hf:
+            key = split.to_hf(key) if split else key
+            key = self.hf_rename(key, hf_layers, True) if self.hf_rename else key
+            return naming.from_table(key) if naming else key
+        key = naming.to_table(key) if naming else key
+        key = self.hf_rename(key, hf_layers, False) if self.hf_rename else key
+        return split.to_table(key) if split else key
+
+    def renames(self, naming: HfNaming | None = None) -> bool:
+        """Whether :meth:`table_key` changes any key."""
+        return self.split_layers is not None or self.hf_rename is not None or naming is not None
 
     def as_stored(self, hf_name: str, x: E.Expr) -> E.Expr:
         """``x`` with its two axes swapped when the family stores HF tensor ``hf_name`` [in, out]
@@ -306,6 +450,7 @@ _COUNTS = {
     "moe_topk",
     "moe_ffn_hidden_size",
     "shared_ffn_hidden_size",
+    "zero_experts",
     "q_lora_rank",
     "kv_lora_rank",
     "qk_nope_dim",
@@ -325,6 +470,17 @@ _COUNTS = {
     "mamba_state",
     "mamba_groups",
     "mamba_conv_kernel",
+    "short_conv_kernel",
+    "kda_heads",
+    "kda_head_dim",
+    "kda_conv_kernel",
+    "mamba1_inner",
+    "mamba1_state",
+    "mamba1_dt_rank",
+    "mamba1_conv_kernel",
+    "mqa_o_groups",
+    "mqa_o_rank",
+    "hc_mult",
 }
 
 

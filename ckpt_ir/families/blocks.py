@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ckpt_ir.families import ConfigKey
+from ckpt_ir.families import ConfigKey, ExpertStack
 
 
 def default_head_dim(cfg: dict) -> int:
@@ -58,6 +58,22 @@ GATED_MLP_BIASES = (
     (L + "mlp.up_proj.bias", C + "mlp.up.bias"),
     (L + "mlp.down_proj.bias", C + "mlp.down.bias"),
 )
+
+
+def in_sublayer(
+    pairs: tuple[tuple[str, str], ...], sub: int, modules: dict[str, str]
+) -> tuple[tuple[str, str], ...]:
+    """Layer fragment ``pairs`` (HF ``model.layers.{i}.<module>...``, canonical ``layers.{i}....``)
+    as sublayer ``sub`` of a layer made of sublayers (see ``ckpt_ir.ir.blocks``): each canonical
+    name under ``layers.{i}.sub<sub>.``, each HF name's first module below the layer renamed by
+    ``modules`` (``{k}`` the sublayer: LongCat-Flash's ``"self_attn": "self_attn.{k}"``)."""
+    out = []
+    for hf, canon in pairs:
+        module, _, rest = hf[len(L) :].partition(".")
+        module = modules.get(module, module).format(k=sub)
+        out.append((f"{L}{module}.{rest}", f"{C}sub{sub}.{canon[len(C) :]}"))
+    return tuple(out)
+
 
 BASE_CONFIG = (
     ConfigKey("num_layers", "num_hidden_layers"),
@@ -226,6 +242,16 @@ DEEPSEEK_MOE_CONFIG = (
     ConfigKey("moe_ffn_hidden_size", "moe_intermediate_size"),
     ConfigKey("shared_ffn_hidden_size", None, _shared_ffn),
     ConfigKey("dense_layers", None, first_k_dense_layers),
+)
+# Granite MoE's block (granitemoe, granitemoeshared, granitemoehybrid): each layer's experts
+# stacked in two tensors stored [out, in] (block_sparse_moe.input_linear [E, 2F, H], per expert
+# [gate; up] rows, and output_linear [E, H, F]), the router at block_sparse_moe.router.layer (top-k
+# logits, then a softmax over them: megatron-core's default routing)
+_EXPERT = C + "mlp.experts.{e}."
+GRANITE_MOE = ((L + "block_sparse_moe.router.layer.weight", C + "mlp.router.weight"),)
+GRANITE_EXPERTS = (
+    ExpertStack(L + "block_sparse_moe.input_linear.weight", (_EXPERT + "gate.weight", _EXPERT + "up.weight")),
+    ExpertStack(L + "block_sparse_moe.output_linear.weight", (_EXPERT + "down.weight",)),
 )
 # DeepSeek-V3's multi-token-prediction layers (model.layers.{num_hidden_layers + k}) add these to a
 # full decoder layer; embed_tokens and shared_head.head repeat the main embedding and lm_head

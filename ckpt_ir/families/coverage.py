@@ -48,8 +48,6 @@ GAPS = {
     "blt": "a byte-level model: patcher, local encoder / decoder and a global transformer",
     "trocr": "the text decoder of a vision encoder-decoder model",
     "bert-generation": "BERT's post-LayerNorm layers used as a decoder",
-    "longcat_flash": "needs two attentions and MLPs per layer beside a shortcut MoE (docs/families.md)",
-    "deepseek_v4": "needs hyper-connections and compressed sparse attention (docs/families.md)",
 }
 
 

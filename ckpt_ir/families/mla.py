@@ -22,6 +22,7 @@ from ckpt_ir.families.blocks import (
     L,
     config_with,
     deepseek_router_args,
+    in_sublayer,
     mlp_dense_layers,
 )
 
@@ -302,6 +303,89 @@ register(
             mindspeed=(
                 ("plm-tp1pp2-layers", "identical"),
                 ("plm-tp2pp2", "identical"),
+            ),
+        ),
+    )
+)
+
+
+# LongCat-Flash (transformers models/longcat_flash, MindSpeed-LLM's "longcat"): every layer is two
+# sublayers, each an input norm, MLA with q-LoRA, a post-attention norm and a dense SwiGLU MLP, held
+# in ModuleLists (input_layernorm.0, self_attn.1, mlps.0, ...), and a shortcut MoE beside them that
+# reads sublayer 0's post-attention norm.  Its router scores zero_expert_num identity experts after
+# the routed ones (router rows, no weights).  Layers count in num_layers (transformers' derived
+# num_hidden_layers is twice that).  Megatron: MindSpeed-LLM's layer (model_builder.py:
+# input_layernorm_<k>, self_attention_<k>, pre_mlp_layernorm_<k>, mlps_<k>; mlp.router / experts).
+LONGCAT_LAYER = ("sub0.mla", "moe", "sub0.mlp", "sub1.mla", "sub1.mlp")
+_LONGCAT_MODULES = {
+    "input_layernorm": "input_layernorm.{k}",
+    "post_attention_layernorm": "post_attention_layernorm.{k}",
+    "self_attn": "self_attn.{k}",
+    "mlp": "mlps.{k}",
+}
+_LONGCAT_SUBLAYER = MLA_ATTENTION + LLAMA_NORMS + GATED_MLP
+
+
+def _zero_experts(cfg: dict) -> int:
+    """zero_expert_num: transformers' default (256) when absent, none when null."""
+    return 0 if "zero_expert_num" in cfg else 256
+
+
+def _longcat_router(cfg: dict) -> dict:
+    """LongCat-Flash routing (modeling_longcat_flash.py LongcatFlashTopkRouter): a softmax over the
+    routed and zero experts in fp32, top-k of the scores plus the score-correction bias, weights
+    the scores times routed_scaling_factor; MLA scales q and the kv latent by sqrt(hidden / rank).
+    The args are MindSpeed-LLM's (its LongCat pretraining script)."""
+    zero = cfg.get("zero_expert_num", _zero_experts(cfg))
+    return {
+        "moe_router_score_function": "softmax",
+        "moe_router_pre_softmax": True,
+        "moe_router_enable_expert_bias": True,
+        "moe_router_topk_scaling_factor": cfg.get("routed_scaling_factor"),
+        "moe_router_dtype": "fp32",
+        "num_zero_experts": zero or None,
+        "enable_mla_scale_q_lora": True,
+        "enable_mla_scale_kv_lora": True,
+    }
+
+
+register(
+    Family(
+        name="longcat_flash",
+        model_types=("longcat_flash",),
+        architecture="LongcatFlashForCausalLM",
+        tensors=EMBED_AND_HEAD
+        + in_sublayer(_LONGCAT_SUBLAYER, 0, _LONGCAT_MODULES)
+        + in_sublayer(_LONGCAT_SUBLAYER, 1, _LONGCAT_MODULES)
+        + (
+            (L + "mlp.router.classifier.weight", C + "mlp.router.weight"),
+            (L + "mlp.router.e_score_correction_bias", C + "mlp.router.bias"),
+            *((h, c) for h, c in DEEPSEEK_MOE if ".experts.{e}." in h),
+        ),
+        config=config_with(
+            *MLA_CONFIG,
+            ConfigKey("num_layers", "num_layers"),
+            ConfigKey("ffn_hidden_size", "ffn_hidden_size"),
+            ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
+            ConfigKey("num_experts", "n_routed_experts"),
+            ConfigKey("moe_topk", "moe_topk"),
+            ConfigKey("moe_ffn_hidden_size", "expert_ffn_hidden_size"),
+            ConfigKey("zero_experts", "zero_expert_num", _zero_experts),
+            ConfigKey("layer_blocks", None, lambda cfg: (LONGCAT_LAYER,) * cfg["num_layers"]),
+        ),
+        constants=(("router_bias", True),),
+        mindspeed_names=("longcat",),
+        megatron_args=_longcat_router,
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --ep 2",
+                "--tp 2 --pp 2 --ep 2 --etp 1 --num-layer-list 2,1 --moe-grouped-gemm",
+            ),
+            mcore_missing="no: megatron-core has no LongCat layer (MindSpeed-LLM's own layer spec; zero experts)",
+            mindspeed=(
+                ("longcat-tp2ep2", "identical; both read back to HF"),
+                ("longcat-tp2ep2-etp1-grouped", "identical; both read back to HF"),
+                ("longcat-tp2pp2-layers", "identical; both read back to HF"),
             ),
         ),
     )

@@ -26,6 +26,8 @@ from ckpt_ir.families.blocks import (
     EMBED_AND_HEAD,
     FULL_QK_NORM,
     GATED_MLP,
+    GRANITE_EXPERTS,
+    GRANITE_MOE,
     HUNYUAN_ATTENTION,
     LLAMA_NORMS,
     MTP,
@@ -244,18 +246,11 @@ register(
 )
 
 # Granite MoE (transformers models/granitemoe/modeling_granitemoe.py; granitemoeshared adds a
-# shared MLP): llama attention and norms; each layer's experts stacked in two tensors stored
-# [out, in] (block_sparse_moe.input_linear [E, 2F, H], per expert [gate; up] rows, and
-# output_linear [E, H, F]), the router at block_sparse_moe.router.layer (top-k logits, then a
-# softmax over them: megatron-core's default routing).  The muP multipliers (embedding_multiplier,
-# residual_multiplier, logits_scaling) are config values carried through; attention_multiplier,
-# the softmax scale, is megatron-core's softmax_scale.  Neither MindSpeed-LLM nor Megatron-Bridge
-# has the family: Megatron keys as Mixtral's
-GRANITE_MOE = ((L + "block_sparse_moe.router.layer.weight", C + "mlp.router.weight"),)
-GRANITE_EXPERTS = (
-    ExpertStack(L + "block_sparse_moe.input_linear.weight", (EXPERT + "gate.weight", EXPERT + "up.weight")),
-    ExpertStack(L + "block_sparse_moe.output_linear.weight", (EXPERT + "down.weight",)),
-)
+# shared MLP): llama attention and norms; Granite's stacked experts and router (GRANITE_MOE and
+# GRANITE_EXPERTS in blocks.py).  The muP multipliers (embedding_multiplier, residual_multiplier,
+# logits_scaling) are config values carried through; attention_multiplier, the softmax scale, is
+# megatron-core's softmax_scale.  Neither MindSpeed-LLM nor Megatron-Bridge has the family:
+# Megatron keys as Mixtral's
 GRANITE_MOE_CONFIG = config_with(
     ConfigKey("num_experts", "num_local_experts"),
     ConfigKey("moe_topk", "num_experts_per_tok"),

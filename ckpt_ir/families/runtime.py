@@ -44,8 +44,9 @@ RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
         ("mlp.shared_mlp.", "mlp.shared_experts."),
     ),
     # Granite MoE's experts are stacked in the checkpoint already ([E, 2F, H], [E, H, F]): renamed only
+    # (granitemoehybrid: transformers' conversion_mapping.py maps it to granitemoe's)
     **dict.fromkeys(
-        ("granitemoe", "granitemoeshared"),
+        ("granitemoe", "granitemoeshared", "granitemoehybrid"),
         (
             (".block_sparse_moe.input_linear.weight", ".block_sparse_moe.experts.gate_up_proj"),
             (".block_sparse_moe.output_linear.weight", ".block_sparse_moe.experts.down_proj"),

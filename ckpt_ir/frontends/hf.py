@@ -156,18 +156,23 @@ def lift(
     spec = family_obj.spec_from_config(
         cfg, dtype_hint=next(iter(dtypes)) if len(dtypes) == 1 else None, where=where
     )
-    rename = family_obj.hf_rename
+    # another naming than the family table's (DeepSeek-V4 as transformers saves it): read as the
+    # table's names, and recorded so that an HF output is written in it again
+    naming = None if runtime is not None else family_obj.naming(family_obj.naming_of(loads, path))
+    rename = family_obj.renames(naming)
     if runtime is not None:
         if len(dtypes) == 1:  # the dtype the job saved, not the one of the model it started from
             spec = attrs.evolve(spec, dtype=next(iter(dtypes)))
         raw = to_hf_names(family_obj, spec, runtime, path)
-        raw = {rename(k, spec.num_layers, False): v for k, v in raw.items()} if rename else raw
+        hf_names = _table_keys(family_obj, spec, raw, path) if rename else {}
+        raw = {t: raw[k] for t, k in hf_names.items()} if rename else raw
     else:
-        loads = {rename(k, spec.num_layers, False): v for k, v in loads.items()} if rename else loads
+        hf_names = _table_keys(family_obj, spec, loads, path, naming) if rename else {}
+        loads = {t: loads[k] for t, k in hf_names.items()} if rename else loads
         # quantized weights and their scales become one dequantize expression under the weight's name
         raw = dequantize_tensors(loads, cfg, where)
     weights = {k: family_obj.as_stored(k, x) for k, x in raw.items()}  # stored [in, out]: canonical
-    tensors, unused = map_tensors(family_obj, spec, weights, allow_unused)
+    tensors, unused = map_tensors(family_obj, spec, weights, allow_unused, hf_names)
     dropped = {**(dropped or {}), **unused}
     from ckpt_ir.ir.names import split_layer
 
@@ -211,13 +216,41 @@ def lift(
                 "processor configs, chat templates, remote code); copy them to the output yourself if wanted"
             )
     return Checkpoint(
-        spec=spec, layout=layout, tensors=tensors, dropped=dropped, hf_config=cfg, aux_files=aux, source=path
+        spec=spec,
+        layout=layout,
+        tensors=tensors,
+        dropped=dropped,
+        hf_config=cfg,
+        aux_files=aux,
+        source=path,
+        meta={} if naming is None else {"hf_naming": naming.name},
     )
 
 
+def _table_keys(family: Family, spec: ModelSpec, keys, path: str, naming=None) -> dict[str, str]:
+    """The family table's key of each HF key (:meth:`Family.table_key`) -> the HF key."""
+    out: dict[str, str] = {}
+    for k in keys:
+        t = family.table_key(k, spec, False, naming)
+        if t in out:
+            raise FormatError(
+                f"{path}: tensors {out[t]} and {k} are the same tensor of the {family.name} layout"
+            )
+        out[t] = k
+    return out
+
+
 def map_tensors(
-    family: Family, spec: ModelSpec, raw: dict[str, E.Expr], allow_unused: tuple[str, ...]
+    family: Family,
+    spec: ModelSpec,
+    raw: dict[str, E.Expr],
+    allow_unused: tuple[str, ...],
+    hf_names: dict[str, str] | None = None,
 ) -> tuple[dict[str, TensorNode], dict[str, str]]:
+    """The canonical tensors of ``raw`` (keyed as the family's table names them, see
+    :meth:`Family.table_key`), and the tensors dropped on purpose; ``hf_names`` gives a renamed
+    key's HF name, which ``allow_unused``, the drop rules and the messages use."""
+    hf_names = hf_names or {}
     names = family.names
     tensors: dict[str, TensorNode] = {}
     dropped: dict[str, str] = {}
@@ -226,11 +259,14 @@ def map_tensors(
     stacked = [(s, template_pattern(s.hf)) for s in family.stacked]
     reshaped = [(r, template_pattern(r.hf)) for r in family.reshaped]
     hf = Layout(format="hf")
+    raw = dict(raw)
+    for joined, expr in _join(family, raw):
+        tensors[joined] = TensorNode.whole(joined, expr)
     for key, load in raw.items():
         canon = names.to_canonical(key, lambda c: is_present(spec, hf, c))
         if canon is not None:
             if canon == "lm_head.weight" and spec.tied_embeddings:
-                dropped[key] = "tied to the embedding (tie_word_embeddings=true)"
+                dropped[hf_names.get(key, key)] = "tied to the embedding (tie_word_embeddings=true)"
                 continue
             tensors[canon] = TensorNode.whole(canon, load)
             continue
@@ -243,6 +279,7 @@ def map_tensors(
             for canon, expr in hit:
                 tensors[canon] = TensorNode.whole(canon, expr)
             continue
+        key = hf_names.get(key, key)
         reason = next((why for pat, why in DROP_RULES if fnmatch.fnmatch(key, pat)), None)
         if reason is None and any(fnmatch.fnmatch(key, p) for p in allow_unused):
             reason = f"matched {setting('allow_unused')}"
@@ -257,6 +294,27 @@ def map_tensors(
             f"be lost: {shown}; pass {setting('allow_unused', metavar='PATTERN')} to drop them on purpose"
         )
     return dict(sorted(tensors.items(), key=lambda kv: canonical_order(kv[0]))), dropped
+
+
+def _join(family: Family, raw: dict[str, E.Expr]) -> list[tuple[str, E.Expr]]:
+    """The canonical tensors each stored as several HF tensors (``Family.joined``), their parts
+    taken out of ``raw``; a part without the others is a FormatError naming it."""
+    out = []
+    for j in family.joined:
+        first = template_pattern(j.parts[0])
+        for key in [k for k in raw if first.match(k)]:
+            groups = first.match(key).groupdict()  # type: ignore[union-attr]
+            names = [p.format(**groups) for p in j.parts]
+            missing = [n for n in names if n not in raw]
+            if missing:
+                raise FormatError(
+                    f"{E.loads(raw[key])[0].path}: tensor {key} comes without {', '.join(missing)}; "
+                    f"together they hold {j.canonical.format(**groups)}"
+                )
+            out.append(
+                (j.canonical.format(**groups), E.simplify(E.Concat(tuple(raw.pop(n) for n in names), j.dim)))
+            )
+    return out
 
 
 def _unstack(key: str, load: E.Expr, spec: ModelSpec, stacked) -> list[tuple[str, E.Expr]] | None:
@@ -293,10 +351,12 @@ def _reshape(key: str, load: E.Expr, spec: ModelSpec, reshaped) -> list[tuple[st
 
 
 def _unpack(key: str, load: E.Expr, spec: ModelSpec, packed) -> list[tuple[str, E.Expr]] | None:
-    for p, pat in packed:
-        m = pat.match(key)
-        if not m:
-            continue
+    """A packed tensor's parts; of several packs of one HF name (Granite-4's shared MLP: the dense
+    MLP, or the MoE's shared experts) the first whose parts the layer has."""
+    matches = [(p, m) for p, pat in packed if (m := pat.match(key))]
+    hf = Layout(format="hf")
+    present = [(p, m) for p, m in matches if is_present(spec, hf, p.parts[0].format(**m.groupdict()))]
+    for p, m in present[:1] or matches[:1]:
         rows = p.row_counts(spec)
         if load.shape[0] != sum(rows):
             raise FormatError(

@@ -84,7 +84,11 @@ def lift(
     first = TorchZip(found[min(found, key=lambda k: (k[0], k[1] or 0, k[2] or 0))])
     if not isinstance(first.obj, dict):
         raise FormatError(f"{first.path}: not a Megatron checkpoint dict")
-    args = megatron_args.args_dict(first.obj.get("args"), first.path)
+    no_args = first.obj.get("args") is None and "model" in first.obj
+    if no_args:
+        args = _no_args(found, hf_config, first.path)
+    else:
+        args = megatron_args.args_dict(first.obj.get("args"), first.path)
     a = ArgReader(args, first.path)
     said_by = it_dir  # what gives the iteration every rank file must hold
     if iteration is None:  # an iteration directory whose name does not say which: its files do
@@ -93,7 +97,8 @@ def lift(
     tp = a.size("tensor_model_parallel_size")
     pp = a.size("pipeline_model_parallel_size")
     ep = a.size("expert_model_parallel_size")
-    etp_arg = a.size("expert_tensor_parallel_size", None)
+    # MindSpeed-LLM's deepseek4 converter records it as expert_tp_size (its default 1)
+    etp_arg = a.size("expert_tensor_parallel_size", None) or a.size("expert_tp_size", None)
     etp = None if etp_arg in (None, tp) else etp_arg
     if tp * pp * ep > 4 * len(found):  # args claim far more ranks than there are directories
         raise FormatError(
@@ -111,7 +116,7 @@ def lift(
         tp=tp,
         pp=pp,
         vpp_layers=a.size("num_layers_per_virtual_pipeline_stage", None),
-        num_layer_list=a.layers("num_layer_list"),
+        num_layer_list=a.layers("num_layer_list") or _hybrid_stages(args, pp, first.path),
         noop_layers=noop,
         fused_qkv=True,
         fused_gate_up=True,
@@ -142,6 +147,11 @@ def lift(
             f"the checkpoint is incomplete"
         )
     extra = sorted(set(ranks) - want)
+    every_pair = {(t, p, e) for p in range(pp) for t in range(tp) for e in range(ep)}
+    if extra and layout.expert_tp == 1 and set(ranks) == every_pair:
+        # MindSpeed-LLM's deepseek4 writes every (TP, EP) pair with expert TP 1, though Megatron's
+        # expert grid uses only some: the others hold copies, read and compared as replicas
+        extra = []
     if extra:
         raise FormatError(
             f"{it_dir}: rank directories beyond TP={tp}, PP={pp}, EP={ep} from args (e.g. "
@@ -222,8 +232,18 @@ def lift(
                 }
                 if carry and state is not None and master is not None:
                     values.update({which: state[which][(ck, key)] for which in distopt.STATE_KEYS})
+                at_key, at_stage = key, p
+                if no_args and (m := _NEGATIVE_LAYER.match(key)) is not None:
+                    # MindSpeed-LLM's Mamba-2 converter at PP > 1 repeats earlier stages' layers
+                    # under negative numbers: each one a copy of that layer, compared as such
+                    at_stage, local = divmod(
+                        p * (spec.num_layers // pp) + int(m.group(1)), spec.num_layers // pp
+                    )
+                    at_key = f"{M.LAYERS}{local}.{m.group(2)}"
                 for set_name, value in values.items():
-                    lifted = lift_rank_key(key, value, spec, layout, tables, stage=p, chunk=chunk, tp=t, ep=e)
+                    lifted = lift_rank_key(
+                        at_key, value, spec, layout, tables, stage=at_stage, chunk=chunk, tp=t, ep=e
+                    )
                     if lifted is None:
                         if any(fnmatch.fnmatch(key, pat) for pat in allow_unused):
                             dropped[f"{rel}:{ck}.{key}"] = f"matched {setting('allow_unused')}"
@@ -234,6 +254,8 @@ def lift(
                         if slot in pieces[set_name][canon]:
                             dropped[f"{rel}:{ck}.{key}"] = (
                                 "replica of the same tensor in another EP rank's file"
+                                if not no_args
+                                else "MindSpeed-LLM's Mamba-2 PP output: a copy of what another stage holds (a replica)"
                             )
                             if not set_name:
                                 copies[(canon, slot)].append((os.path.dirname(rel), expr))
@@ -515,6 +537,39 @@ def _extra_state_place(key: str, stage: int, chunk: int, ep: int, experts_per_ra
             ep * experts_per_rank + int(x.group(1)),
         )
     return slot.real, m.group(2), None
+
+
+_NEGATIVE_LAYER = re.compile(r"^decoder\.layers\.(-\d+)\.(.+)$")
+
+
+def _no_args(
+    found: dict[tuple[int, int | None, int | None], str], hf_config: dict[str, Any] | None, where: str
+) -> dict[str, Any]:
+    """The layout args of rank files that carry none (MindSpeed-LLM's Mamba-2 converter writes only
+    ``model``, ``checkpoint_version`` and ``iteration``): TP and PP from the directory names
+    (``mp_rank_TT`` or ``mp_rank_TT_PPP``; such files have no expert parallelism), layers split
+    evenly; the model from ``hf_config``."""
+    if hf_config is None:
+        raise FormatError(
+            f"{where}: the rank file has no 'args' (MindSpeed-LLM's Mamba-2 converter and megatron-core's "
+            "own saves write none); "
+            f"pass {setting('hf_config', metavar='DIR')} (the model's HF config.json) to say what model it holds"
+        )
+    if any(e is not None for _, _, e in found):
+        raise FormatError(
+            f"{where}: the rank file has no 'args', and directories named mp_rank_TT_PPP_EEE need them "
+            "to tell the expert-parallel layout"
+        )
+    return {
+        "tensor_model_parallel_size": 1 + max(t for t, _, _ in found),
+        "pipeline_model_parallel_size": 1 + max(p or 0 for _, p, _ in found),
+    }
+
+
+def _hybrid_stages(args: dict[str, Any], pp: int, where: str) -> tuple[int, ...] | None:
+    """A Megatron hybrid model's uneven pipeline stages, as Megatron-LM's args give them."""
+    a = megatron_args.Args(args, where)
+    return a.hybrid_stages(pp) if a.hybrid else None
 
 
 def _int(text: str | None) -> int | None:

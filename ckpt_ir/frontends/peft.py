@@ -186,10 +186,14 @@ def lift_adapter(path: str, family: Family, spec: ModelSpec) -> tuple[dict[str, 
         if alpha is not None and alpha != alpha_default:
             alphas.update((t, float(alpha)) for t in targets)
 
+    def table(hf: str) -> str:  # an HF name as the family's table names it (Family.table_key)
+        return family.table_key(hf, spec, False) if family.renames() else hf
+
     for key, load in raw.items():
         k = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         m = KEY.match(k)
         if not m:
+            k = table(k)
             canon = names.to_canonical(k)
             owner = k.rsplit(".", 1)[0]
             if canon is not None and any(owner == s or owner.endswith("." + s) for s in to_save):
@@ -203,7 +207,7 @@ def lift_adapter(path: str, family: Family, spec: ModelSpec) -> tuple[dict[str, 
             fused.setdefault(module, {})[which] = load
             continue
         suffix = SUFFIX[which]
-        canon = names.to_canonical(module + ".weight")
+        canon = names.to_canonical(table(module + ".weight"))
         if canon is not None:
             add(canon[: -len(".weight")] + suffix, load)
             if which == "lora_A":
@@ -212,7 +216,7 @@ def lift_adapter(path: str, family: Family, spec: ModelSpec) -> tuple[dict[str, 
         for (
             p
         ) in family.packed:  # e.g. Phi-3 qkv_proj: A shared by the parts, B (and m) stacked like the weight
-            mm = template_pattern(p.hf).match(module + ".weight")
+            mm = template_pattern(p.hf).match(table(module + ".weight"))
             if not mm:
                 continue
             # B and m rows follow the weight's packing (interleaved per head for BLOOM)

@@ -97,7 +97,18 @@ def lift(
     _check_backend(it_dir)
     md = read_metadata(it_dir)
     common, common_path = _common_state(it_dir, md)
-    args = megatron_args.args_dict(common.get("args"), common_path)
+    if common.get("args") is None and hf_config is not None:
+        # megatron-core's own dist_checkpointing.save (no Megatron-LM around it) keeps no args: the
+        # model is the HF config's, the layout whole
+        args: dict[str, Any] = {}
+    elif common.get("args") is None:
+        raise FormatError(
+            f"{common_path}: the checkpoint has no 'args' (megatron-core's dist_checkpointing.save "
+            f"writes none); pass {setting('hf_config', metavar='DIR')} (the model's HF config.json) to say "
+            "what model it holds"
+        )
+    else:
+        args = megatron_args.args_dict(common.get("args"), common_path)
     spec, cfg, inferred = spec_from_args(args, hf_config, common_path, family, config_name)
     n_args = args.get("num_layers")
     if isinstance(n_args, int) and n_args != spec.num_layers:
@@ -113,6 +124,8 @@ def lift(
     model: dict[str, tuple[DcpTensor, tuple[int, ...]]] = {}
     states: dict[str, dict[str, tuple[DcpTensor, tuple[int, ...]]]] = {}
     other_optimizer: list[str] = []
+    # set ("" = weights, else an optimizer state) -> Mamba mixer key -> part name -> its tensor
+    parts: dict[str, dict[str, dict[str, DcpTensor]]] = {}
     te_norms = te_fc1 = False
     for key, t in md.tensors.items():
         plain = _CHAINED.sub("", key)  # without a chained optimizer's prefix (MoE: dense, expert)
@@ -120,13 +133,17 @@ def lift(
             stored = plain[len(STATE_PREFIX) :].split(".", 1)[0] if plain.startswith(STATE_PREFIX) else ""
             which = _STATE_NAMES.get(stored, stored)
             if which in distopt.STATE_KEYS:
-                target = states.setdefault(which, {})
+                target, set_name = states.setdefault(which, {}), which
                 key = plain[len(STATE_PREFIX) + len(stored) + 1 :]
             else:
                 other_optimizer.append(key)
                 continue
         else:
-            target = model
+            target, set_name = model, ""
+        part = global_keys.MAMBA_PART_KEY.match(key)
+        if part is not None:  # one part of a Mamba mixer's fused tensor: joined below
+            parts.setdefault(set_name, {}).setdefault(part.group(1), {})[part.group(2)] = t
+            continue
         if key.endswith(M.EXTRA_STATE):
             dropped[key] = "Transformer-Engine _extra_state (FP8 metadata)"
             continue
@@ -147,6 +164,7 @@ def lift(
                     f"{md.path}: tensor {canon} is stored twice (as {target[canon][0].key} and {key})"
                 )
             target[canon] = (t, index)
+    joined = _join_mamba_parts(parts, spec, tables, md.path, unknown)
     if unknown and hf_config is None:  # with a config: said by check_config_fits, below
         raise lift_tail.unknown_tensors(unknown, it_dir)
     for key in md.objects:
@@ -203,6 +221,12 @@ def lift(
             which: {name: TensorNode.whole(name, build(t, index)) for name, (t, index) in entries.items()}
             for which, entries in states.items()
         }
+        for set_name, entries in joined.items():
+            into = tensors if not set_name else sets.setdefault(set_name, {})
+            for name, pieces in entries.items():
+                into[name] = TensorNode.whole(
+                    name, E.simplify(E.Concat(tuple(build(t, ()) for t in pieces), 0))
+                )
         dtype_key = None
         if buckets:
             sets, dtype_key = _bucket_states(buckets, md, build, spec, tensors, args, norm_names, it_dir)
@@ -290,6 +314,30 @@ def lift(
         meta=meta,
         iteration_dir=it_dir,
     )
+
+
+def _join_mamba_parts(
+    parts: dict[str, dict[str, dict[str, DcpTensor]]], spec, tables, where: str, unknown: list[str]
+) -> dict[str, dict[str, list[DcpTensor]]]:
+    """The Mamba mixer tensors megatron-core stores part by part (``mixer.in_proj.weight.z`` ...):
+    set -> canonical name -> its parts' tensors in the fused tensor's order.  A tensor with a part
+    missing or an unknown part is an error naming it."""
+    out: dict[str, dict[str, list[DcpTensor]]] = {}
+    for set_name, by_key in parts.items():
+        for key, have in by_key.items():
+            layer_key = key.split(".", 3)[3]  # below decoder.layers.<i>.
+            names = global_keys.MAMBA_PARTS[layer_key]
+            if set(have) != set(names):
+                raise FormatError(
+                    f"{where}: {key} is stored as parts {sorted(have)}, megatron-core's Mamba mixer has "
+                    f"{list(names)}; the checkpoint is incomplete"
+                )
+            canon = global_keys.names(key, (), spec.num_layers, tables, where)
+            if canon is None:
+                unknown.append(key)
+                continue
+            out.setdefault(set_name, {})[canon[0][0]] = [have[n] for n in names]
+    return out
 
 
 _BUCKET = re.compile(

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from ckpt_ir.errors import FormatError
 from ckpt_ir.io.safe_pickle import StorageRef, Stub, TensorRef, TorchDevice, TorchDtype, loads
 from ckpt_ir.ir.dtypes import ITEMSIZE
-from ckpt_ir.ir.expr import Load
+from ckpt_ir.ir.expr import Expr, Load
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
@@ -113,13 +113,48 @@ class TorchZip:
         numel = math.prod(ref.shape)
         expected = _contiguous(ref.shape)
         if numel and any(st != ex for st, ex, n in zip(ref.stride, expected, ref.shape) if n > 1):
-            raise FormatError(
-                f"{self.path}: tensor {key} is stored as a non-contiguous view "
-                f"(stride {ref.stride}); re-save it with .contiguous()"
-            )
+            return self._box_expr(ref, key, start)
         if ref.offset + numel > ref.storage.numel:
             raise FormatError(f"{self.path}: tensor {key} reaches past its storage; the file is corrupt")
         return Load(self.path, key, ref.shape, ref.dtype, start + ref.offset * item, "torch")
+
+    def _box_expr(self, ref: TensorRef, key: str, start: int):
+        """A view that is a box of a larger row-major tensor in its storage (``torch.chunk`` over a
+        later dim saves the whole tensor and a strided view, as MindSpeed-LLM's converters do for
+        row-parallel weights): that tensor's rows loaded, the box sliced out of the other dims."""
+        from ckpt_ir.ir.expr import Reshape, Slice
+
+        dims = [i for i, n in enumerate(ref.shape) if n > 1]
+        sizes, strides = [ref.shape[i] for i in dims], [ref.stride[i] for i in dims]
+        if strides[-1] != 1:  # e.g. one column: a box whose innermost dim has one element
+            sizes, strides = [*sizes, 1], [*strides, 1]
+        outer = [strides[k - 1] // strides[k] if strides[k] else 0 for k in range(1, len(sizes))]
+        box = (
+            strides[-1] == 1
+            and all(strides[k - 1] == outer[k - 1] * strides[k] for k in range(1, len(sizes)))
+            and all(p >= n for p, n in zip(outer, sizes[1:]))
+        )
+        starts = [(ref.offset // strides[k]) % outer[k - 1] for k in range(1, len(sizes))] if box else []
+        first = ref.offset // strides[0] if box else 0
+        if not box or any(a + n > p for a, n, p in zip(starts, sizes[1:], outer)):
+            raise FormatError(
+                f"{self.path}: tensor {key} is stored as a non-contiguous view (stride {ref.stride}) "
+                f"that is not a block of a row-major tensor; re-save it with .contiguous()"
+            )
+        if (first + sizes[0]) * strides[0] > ref.storage.numel:
+            raise FormatError(f"{self.path}: tensor {key} reaches past its storage; the file is corrupt")
+        expr: Expr = Load(
+            self.path,
+            key,
+            (sizes[0], *outer),
+            ref.dtype,
+            start + first * strides[0] * ITEMSIZE[ref.dtype],
+            "torch",
+        )
+        for k, (a, n) in enumerate(zip(starts, sizes[1:]), start=1):
+            if n != outer[k - 1]:
+                expr = Slice(expr, k, a, a + n)
+        return expr if expr.shape == tuple(ref.shape) else Reshape(expr, ref.shape)
 
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER

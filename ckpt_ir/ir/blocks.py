@@ -12,68 +12,84 @@ the block (and the block's own variant fields say so).  A model whose layers are
 Megatron's hybrid models name a layer's blocks with one symbol each (megatron-core's
 ``hybrid_override_pattern``, e.g. ``M*M-ME``); :func:`from_pattern` and :func:`to_pattern`
 translate.
+
+A layer may also be made of *sublayers*, each an ordinary layer's blocks with norms of their own,
+beside blocks of the layer itself: a block of sublayer ``k`` is listed as ``"sub<k>.<block>"``
+(LongCat-Flash: ``("sub0.mla", "moe", "sub0.mlp", "sub1.mla", "sub1.mlp")``, two MLA + dense MLP
+sublayers and a shortcut MoE).  The roles of a sublayer's blocks (and of the norms feeding them)
+are the ordinary roles under the canonical prefix ``layers.N.sub<k>.`` (:data:`SUB`), present
+where ``ModelSpec.scoped(k)``, which sees only sublayer k's blocks, says; the roles under
+``layers.N.`` itself are asked of ``scoped(None)``, which sees only the layer-level blocks and no
+norms (they are the sublayers').
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import re
+from functools import lru_cache
+from typing import Protocol
 
 from ckpt_ir.errors import LayoutError
+from ckpt_ir.ir.names import SUB
 
-if TYPE_CHECKING:
-    from ckpt_ir.ir.spec import ModelSpec
 
-MIXERS = ("attention", "mla", "gdn", "mamba")
+class Layers(Protocol):
+    """What the functions below read of a ModelSpec (which imports this module)."""
+
+    @property
+    def num_layers(self) -> int: ...
+
+    def blocks(self, layer: int) -> tuple[str, ...]: ...
+
+
+# mixers no Megatron implementation has, each fed by the layer's input norm (attn_norm): LFM2's
+# short convolution, Kimi delta attention, Jamba's Mamba-1
+OWN_MIXERS: tuple[str, ...] = ("short_conv", "kda", "mamba1")
+MIXERS: tuple[str, ...] = ("attention", "mla", "gdn", "mamba", "mqa", *OWN_MIXERS)
 MLPS = ("mlp", "moe")
-BLOCKS = MIXERS + MLPS
+# blocks that extend a mixer or an MLP of their layer, or wrap the layer (DeepSeek-V4): the
+# mqa attention's KV compressor and, beside it, its lightning indexer (CSA layers: the indexer
+# has a compressor of its own, and the compressors' windows overlap), the layer's
+# hyper-connection mixers around attention and MLP, and the MoE's token-id routing table
+PARTS = ("compressor", "csa_indexer", "hc", "hash_router")
+BLOCKS = MIXERS + MLPS + PARTS
 
 # megatron-core's hybrid layer symbols (ssm/mamba_hybrid_layer_allocation.py; Megatron-LM's
 # HybridModel adds G for a gated-delta-net layer)
 SYMBOLS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe", "G": "gdn"}
 _SYMBOL_OF = {b: s for s, b in SYMBOLS.items()}
 
+_ENTRY = re.compile(rf"^(?:{SUB}(\d+)\.)?([a-z0-9_]+)$")
 
-def check_layer_blocks(spec: ModelSpec) -> None:
-    """Refuse a block list that names unknown blocks, has the wrong length, or leaves a layer
-    without a block; and blocks without their sizes (attention without heads, a Mamba mixer
-    without its dimensions)."""
-    if spec.layer_blocks:
-        if len(spec.layer_blocks) != spec.num_layers:
-            raise LayoutError(
-                f"model spec: layer_blocks lists {len(spec.layer_blocks)} layers but num_layers is "
-                f"{spec.num_layers}"
-            )
-        for i, blocks in enumerate(spec.layer_blocks):
-            unknown = [b for b in blocks if b not in BLOCKS]
-            if unknown or not blocks:
-                raise LayoutError(
-                    f"model spec: layer {i} has blocks {list(blocks)}; each layer needs one or more of "
-                    f"{', '.join(BLOCKS)}"
-                )
-    layers = range(spec.total_layers)
-    if any(spec.has_attention(i) for i in layers) and not (
-        spec.num_heads and spec.num_kv_heads and spec.head_dim
-    ):
-        raise LayoutError("model spec: attention layers need num_heads, num_kv_heads and head_dim (positive)")
-    if any(spec.has_block(i, "mlp") for i in layers) and not spec.ffn_hidden_size:
-        raise LayoutError("model spec: MLP layers need a positive ffn_hidden_size")
-    if any(spec.has_block(i, "mamba") for i in layers) and not (
-        spec.mamba_heads and spec.mamba_head_dim and spec.mamba_state and spec.mamba_groups
-    ):
-        raise LayoutError(
-            "model spec: Mamba layers need mamba_heads, mamba_head_dim, mamba_state and mamba_groups"
-        )
-    if any(spec.has_block(i, "gdn") for i in layers) and not (
-        spec.linear_k_heads
-        and spec.linear_k_dim
-        and spec.linear_v_dim
-        and spec.linear_conv_kernel
-        and spec.linear_v_heads % spec.linear_k_heads == 0 < spec.linear_v_heads
-    ):
-        raise LayoutError(
-            "model spec: gated-delta-net layers need linear_k_heads, linear_k_dim, linear_v_dim, "
-            "linear_conv_kernel and linear_v_heads, a positive multiple of linear_k_heads"
-        )
+Entries = tuple[tuple[str, ...], ...]  # ModelSpec.layer_blocks
+
+
+def parse(entry: str) -> tuple[int | None, str]:
+    """(sublayer or None, block kind) of one ``layer_blocks`` entry (``"sub1.mla"`` -> (1, "mla"))."""
+    m = _ENTRY.match(entry)
+    if m is None:
+        return None, entry
+    return (None if m.group(1) is None else int(m.group(1))), m.group(2)
+
+
+@lru_cache(maxsize=64)
+def kinds(layer_blocks: Entries) -> tuple[tuple[str, ...], ...]:
+    """Each layer's block kinds, sublayer prefixes dropped."""
+    return tuple(tuple(parse(b)[1] for b in layer) for layer in layer_blocks)
+
+
+@lru_cache(maxsize=64)
+def sublayers(layer_blocks: Entries) -> tuple[tuple[int, ...], ...]:
+    """Each layer's sublayer numbers, in order of first mention."""
+    out = []
+    for layer in layer_blocks:
+        subs: list[int] = []
+        for b in layer:
+            k = parse(b)[0]
+            if k is not None and k not in subs:
+                subs.append(k)
+        out.append(tuple(subs))
+    return tuple(out)
 
 
 def from_pattern(pattern: str, where: str) -> tuple[tuple[str, ...], ...]:
@@ -87,7 +103,7 @@ def from_pattern(pattern: str, where: str) -> tuple[tuple[str, ...], ...]:
     return tuple((SYMBOLS[c],) for c in pattern)
 
 
-def to_pattern(spec: ModelSpec) -> str:
+def to_pattern(spec: Layers) -> str:
     """The hybrid pattern of a model whose every layer is one block."""
     out = []
     for i in range(spec.num_layers):
@@ -101,12 +117,6 @@ def to_pattern(spec: ModelSpec) -> str:
     return "".join(out)
 
 
-def is_hybrid(spec: ModelSpec) -> bool:
+def is_hybrid(spec: Layers) -> bool:
     """Whether the model has Mamba mixers (a Megatron MambaModel / HybridModel, not a GPTModel)."""
     return any("mamba" in spec.blocks(i) for i in range(spec.num_layers))
-
-
-def has_gdn_modules(spec: ModelSpec) -> bool:
-    """Whether the model has gated-delta-net mixers or gated attention: the modules whose Megatron
-    form ``Layout.gdn_keys`` chooses (MindSpeed-LLM's qwen3-next layout or megatron-core's)."""
-    return any("gdn" in spec.blocks(i) for i in range(spec.num_layers)) or spec.attn_gate

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import attrs
 
 from ckpt_ir.errors import LayoutError, setting
-from ckpt_ir.ir.blocks import has_gdn_modules
+from ckpt_ir.ir.blocks import is_hybrid
 from ckpt_ir.ir.spec import ModelSpec
 
 FORMATS = ("hf", "mcore")
@@ -26,6 +26,12 @@ MLA_KEYS = ("mindspeed", "mcore")
 # qwen3-next "mix" (HF's packed in_proj_qkvz / in_proj_ba, unfused gated q_proj / k_proj / v_proj,
 # whole tensors: TP 1 only) or megatron-core's own (GatedDeltaNet in_proj, gated linear_qkv, any TP)
 GDN_KEYS = ("mindspeed", "mcore")
+
+
+def has_gdn_modules(spec: ModelSpec) -> bool:
+    """Whether the model has gated-delta-net mixers or gated attention: the modules whose Megatron
+    form ``Layout.gdn_keys`` chooses (MindSpeed-LLM's qwen3-next layout or megatron-core's)."""
+    return any(spec.has_block(i, "gdn") for i in range(spec.num_layers)) or spec.attn_gate
 
 
 def _layer_counts(counts: Iterable[int] | None) -> tuple[int, ...] | None:
@@ -169,6 +175,12 @@ def num_chunks(spec: ModelSpec, layout: Layout) -> int:
 def validate(spec: ModelSpec, layout: Layout) -> None:
     """Every check that needs both spec and layout; raises LayoutError with a one-line reason."""
     total = mcore_num_layers(spec, layout)
+    if layout.vpp_layers and is_hybrid(spec):
+        raise LayoutError(
+            f"layout: megatron-core's MambaModel, which {spec.family} converts to, builds no virtual "
+            f"pipeline stages (ssm/mamba_block.py); drop {setting('vpp_layers')} (PP with "
+            f"{setting('num_layer_list')} works)"
+        )
     if layout.tp > 1 and has_gdn_modules(spec):
         if layout.gdn_keys == "mindspeed":
             raise LayoutError(
@@ -193,7 +205,29 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
                 f"layout: {spec.num_kv_heads} query groups (KV heads) are not divisible by tensor "
                 f"parallel size {layout.tp}; choose a TP that divides the KV head count"
             )
-        has_dense_mlp = spec.num_experts == 0 or bool(spec.dense_layers)
+        if spec.mqa_o_groups % layout.tp:  # DeepSeek-V4's wo_a: each rank holds whole groups of heads
+            raise LayoutError(
+                f"layout: {spec.mqa_o_groups} output groups (o_groups) are not divisible by tensor "
+                f"parallel size {layout.tp}; choose a TP that divides them"
+            )
+        has_dense_mlp = any(spec.has_block(i, "mlp") for i in range(spec.total_layers))
+        if any(spec.has_block(i, "mamba") for i in range(spec.num_layers)) and (
+            spec.mamba_groups % layout.tp or spec.mamba_heads % layout.tp
+        ):
+            raise LayoutError(
+                f"layout: the Mamba mixers' {spec.mamba_groups} B/C groups and {spec.mamba_heads} heads "
+                f"must both divide by tensor parallel size {layout.tp} (megatron-core's MambaMixer keeps "
+                f"whole groups on a rank); choose a TP that divides both"
+            )
+        # the mixers ckpt-ir names in Megatron itself split by channels (short_conv, mamba1) or heads
+        own = {"short_conv": ("hidden size", spec.hidden_size), "kda": ("heads", spec.kda_heads)}
+        own["mamba1"] = ("inner width", spec.mamba1_inner)
+        for block, (what, n) in own.items():
+            if n % layout.tp and any(spec.has_block(i, block) for i in range(spec.num_layers)):
+                raise LayoutError(
+                    f"layout: the {block} layers' {what} {n} is not divisible by tensor parallel size "
+                    f"{layout.tp}; choose a TP that divides it"
+                )
         if has_dense_mlp and spec.ffn_hidden_size % layout.tp:
             raise LayoutError(
                 f"layout: ffn hidden size {spec.ffn_hidden_size} is not divisible by tensor "

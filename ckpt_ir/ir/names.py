@@ -97,6 +97,17 @@ def split_layer(name: str) -> tuple[int | None, str]:
     return None, name
 
 
+SUB = "sub"  # a sublayer's canonical prefix below its layer: layers.N.sub<k>. (ckpt_ir.ir.blocks)
+_SUB = re.compile(rf"^{SUB}(\d+)\.(.*)$")
+
+
+def split_sub(rest: str) -> tuple[int | None, str]:
+    """``sub1.attn.q_a.weight`` -> (1, ``attn.q_a.weight``): a name below its layer split into the
+    sublayer it lies in (None: the layer itself) and the ordinary role name there."""
+    m = _SUB.match(rest)
+    return (int(m.group(1)), m.group(2)) if m else (None, rest)
+
+
 def role_of(name: str) -> str:
     layer, rest = split_layer(name)
     if layer is None:

@@ -19,11 +19,25 @@ from functools import lru_cache
 
 import attrs
 
+from ckpt_ir.ir.blocks import OWN_MIXERS
 from ckpt_ir.ir.layout import Layout
-from ckpt_ir.ir.names import COLUMN, COLUMN_BLOCKS2, ROW, Split, expert_of, role_of, saved_name, split_layer
+from ckpt_ir.ir.names import (
+    COLUMN,
+    COLUMN_BLOCKS2,
+    ROW,
+    SUB,
+    Split,
+    expert_of,
+    layer_name,
+    role_of,
+    saved_name,
+    split_layer,
+    split_sub,
+)
 from ckpt_ir.ir.spec import ModelSpec
 
-Shape = Callable[[ModelSpec, Layout], tuple[int, ...]]
+# (spec, layout) -> shape; (spec, layout, layer) -> shape for a role with ``per_layer``
+Shape = Callable[..., tuple[int, ...]]
 Presence = Callable[[ModelSpec, Layout, int], bool]
 
 
@@ -44,6 +58,11 @@ class Role:
     present: Presence | None = attrs.field(default=_always, eq=False, repr=False)
     # the sizes of the parts ``split`` cuts one by one (a Mamba mixer's in_proj: z, x, B, C, dt)
     parts: Callable[[ModelSpec], tuple[int, ...]] | None = attrs.field(default=None, eq=False, repr=False)
+    # ``shape`` takes the layer too, (spec, layout, i): a block whose sizes differ from layer to
+    # layer (DeepSeek-V4's compressors, each with its layer's ratio)
+    per_layer: bool = False
+    # the sublayer whose copy of a layer role this is (``layers.{i}.sub<k>.``; None: the layer's)
+    sub: int | None = None
 
     @property
     def per_expert(self) -> bool:
@@ -90,6 +109,16 @@ def _mamba(s: ModelSpec, lay: Layout, i: int) -> bool:
     return s.has_block(i, "mamba")
 
 
+def _mamba_norm(s: ModelSpec, lay: Layout, i: int) -> bool:
+    """A Mamba layer's own input norm; beside attention (Falcon-H1's parallel mixers) the two
+    mixers read the layer's one input norm, attn_norm."""
+    return _mamba(s, lay, i) and not _attn_like(s, i)
+
+
+def _mamba_gated_norm(s: ModelSpec, lay: Layout, i: int) -> bool:
+    return _mamba(s, lay, i) and not s.mamba_no_gated_norm
+
+
 def _mla(pred: Callable[[ModelSpec, Layout], bool]) -> Presence:
     return lambda s, lay, i: s.mla and s.has_attention(i) and pred(s, lay)
 
@@ -103,22 +132,23 @@ def _moe(pred: Callable[[ModelSpec, Layout], bool] = lambda s, lay: True) -> Pre
 
 
 def _attn_like(s: ModelSpec, i: int) -> bool:
-    """Whether layer ``i`` has an attention-like mixer (softmax, MLA or gated-delta-net), which
-    the layer's input norm feeds."""
-    return s.has_attention(i) or s.has_block(i, "gdn")
+    """Whether layer ``i`` has an attention-like mixer (softmax, MLA, gated-delta-net, DeepSeek-V4's
+    mqa, or one of the mixers ckpt-ir names in Megatron itself), which the layer's input norm feeds."""
+    return s.has_attention(i) or any(b in ("gdn", "mqa", *OWN_MIXERS) for b in s.blocks(i))
 
 
 def _pre_norm(s: ModelSpec, lay: Layout, i: int) -> bool:
-    return s.pre_norms and (i < 0 or _attn_like(s, i))
+    return s.pre_norms and (i < 0 or _attn_like(s, i) and s.own_norms(i))
 
 
 def _norm_bias(s: ModelSpec, lay: Layout, i: int) -> bool:
-    return s.norm_bias and (i < 0 or _attn_like(s, i))
+    return s.norm_bias and (i < 0 or _attn_like(s, i) and s.own_norms(i))
 
 
 def _mlp_norm(s: ModelSpec, lay: Layout, i: int) -> bool:
-    """A norm of the MLP's own (not with parallel attention and MLP, which share the input norm)."""
-    return s.pre_norms and not s.parallel_attn_mlp and s.has_mlp(i)
+    """A norm of the MLP's own (not with parallel attention and MLP, which share the input norm,
+    nor for a layer-level MLP beside sublayers, which reads theirs)."""
+    return s.pre_norms and not s.parallel_attn_mlp and s.has_mlp(i) and s.own_norms(i)
 
 
 def _indexer(s: ModelSpec, lay: Layout, i: int) -> bool:
@@ -189,6 +219,244 @@ def _o_cols(s: ModelSpec, lay: Layout) -> int:
 
 def _qkv_rows(s: ModelSpec, lay: Layout) -> int:
     return (2 if s.attn_gate else 1) * s.q_size + 2 * s.kv_size  # gated: q and its gates
+
+
+def _block(name: str, pred: Callable[[ModelSpec], bool] = lambda s: True) -> Presence:
+    return lambda s, lay, i: s.has_block(i, name) and pred(s)
+
+
+def _short_conv_parts(s: ModelSpec) -> tuple[int, ...]:
+    return (s.hidden_size,) * 3
+
+
+def _mamba1_in_parts(s: ModelSpec) -> tuple[int, ...]:
+    return (s.mamba1_inner,) * 2
+
+
+def _short_conv_bias(s: ModelSpec) -> bool:
+    return s.short_conv_bias
+
+
+def _mamba1_proj_bias(s: ModelSpec) -> bool:
+    return s.mamba1_proj_bias
+
+
+def _kda_q(s: ModelSpec, lay: Layout) -> tuple[int, ...]:
+    return (s.kda_size, s.hidden_size)
+
+
+# Mixers no Megatron implementation has; ckpt-ir's own Megatron layout keeps each under
+# decoder.layers.N.<block>.* with the TP splits their maths allows (docs/formats.md):
+# * LFM2's short convolution: in_proj [B; C; x] (hidden rows each; y = out_proj(C * conv(B * x)),
+#   every channel on its own), split part by part so rank r holds [B_r; C_r; x_r]; the depthwise
+#   conv by channels; out_proj row-parallel (its bias added once, whole on every rank)
+# * Kimi delta attention: per-head q / k / v, their depthwise convs, beta (b), the decay's and the
+#   output gate's low-rank up-projections (f_b, g_b) and dt_bias split with the heads; the
+#   low-rank down-projections (f_a, g_a) and the per-head output norm whole; A_log one per head
+# * Mamba-1: in_proj [x; z] split part by part, conv1d / dt_proj / A_log / D by channels, x_proj
+#   (channels -> dt rank + 2 x state) row-parallel, its output's norms (dt, B, C) whole
+_OWN_MIXER_ROLES = [
+    Role(
+        L + "short_conv.in_proj.weight",
+        COLUMN,
+        lambda s, lay: (3 * s.hidden_size, s.hidden_size),
+        _block("short_conv"),
+        parts=_short_conv_parts,
+    ),
+    Role(
+        L + "short_conv.in_proj.bias",
+        COLUMN,
+        lambda s, lay: (3 * s.hidden_size,),
+        _block("short_conv", _short_conv_bias),
+        parts=_short_conv_parts,
+    ),
+    Role(
+        L + "short_conv.conv.weight",
+        COLUMN,
+        lambda s, lay: (s.hidden_size, 1, s.short_conv_kernel),
+        _block("short_conv"),
+    ),
+    Role(
+        L + "short_conv.conv.bias",
+        COLUMN,
+        lambda s, lay: (s.hidden_size,),
+        _block("short_conv", _short_conv_bias),
+    ),
+    Role(
+        L + "short_conv.out_proj.weight",
+        ROW,
+        lambda s, lay: (s.hidden_size, s.hidden_size),
+        _block("short_conv"),
+    ),
+    Role(
+        L + "short_conv.out_proj.bias",
+        None,
+        lambda s, lay: (s.hidden_size,),
+        _block("short_conv", _short_conv_bias),
+    ),
+    *(Role(L + f"kda.{p}.weight", COLUMN, _kda_q, _block("kda")) for p in ("q", "k", "v")),
+    *(
+        Role(
+            L + f"kda.{p}_conv.weight",
+            COLUMN,
+            lambda s, lay: (s.kda_size, 1, s.kda_conv_kernel),
+            _block("kda"),
+        )
+        for p in ("q", "k", "v")
+    ),
+    Role(L + "kda.b.weight", COLUMN, lambda s, lay: (s.kda_heads, s.hidden_size), _block("kda")),
+    Role(L + "kda.f_a.weight", None, lambda s, lay: (s.kda_head_dim, s.hidden_size), _block("kda")),
+    Role(L + "kda.f_b.weight", COLUMN, lambda s, lay: (s.kda_size, s.kda_head_dim), _block("kda")),
+    Role(L + "kda.g_a.weight", None, lambda s, lay: (s.kda_head_dim, s.hidden_size), _block("kda")),
+    Role(L + "kda.g_b.weight", COLUMN, lambda s, lay: (s.kda_size, s.kda_head_dim), _block("kda")),
+    Role(L + "kda.A_log", COLUMN, lambda s, lay: (s.kda_heads,), _block("kda")),
+    Role(L + "kda.dt_bias", COLUMN, lambda s, lay: (s.kda_size,), _block("kda")),
+    Role(L + "kda.o_norm.weight", None, lambda s, lay: (s.kda_head_dim,), _block("kda")),
+    Role(L + "kda.o.weight", ROW, lambda s, lay: (s.hidden_size, s.kda_size), _block("kda")),
+    Role(
+        L + "mamba1.in_proj.weight",
+        COLUMN,
+        lambda s, lay: (2 * s.mamba1_inner, s.hidden_size),
+        _block("mamba1"),
+        parts=_mamba1_in_parts,
+    ),
+    Role(
+        L + "mamba1.in_proj.bias",
+        COLUMN,
+        lambda s, lay: (2 * s.mamba1_inner,),
+        _block("mamba1", _mamba1_proj_bias),
+        parts=_mamba1_in_parts,
+    ),
+    Role(
+        L + "mamba1.conv1d.weight",
+        COLUMN,
+        lambda s, lay: (s.mamba1_inner, 1, s.mamba1_conv_kernel),
+        _block("mamba1"),
+    ),
+    Role(
+        L + "mamba1.conv1d.bias",
+        COLUMN,
+        lambda s, lay: (s.mamba1_inner,),
+        _block("mamba1", lambda s: s.mamba1_conv_bias),
+    ),
+    Role(
+        L + "mamba1.x_proj.weight",
+        ROW,
+        lambda s, lay: (s.mamba1_dt_rank + 2 * s.mamba1_state, s.mamba1_inner),
+        _block("mamba1"),
+    ),
+    Role(
+        L + "mamba1.dt_proj.weight",
+        COLUMN,
+        lambda s, lay: (s.mamba1_inner, s.mamba1_dt_rank),
+        _block("mamba1"),
+    ),
+    Role(L + "mamba1.dt_proj.bias", COLUMN, lambda s, lay: (s.mamba1_inner,), _block("mamba1")),
+    Role(L + "mamba1.A_log", COLUMN, lambda s, lay: (s.mamba1_inner, s.mamba1_state), _block("mamba1")),
+    Role(L + "mamba1.D", COLUMN, lambda s, lay: (s.mamba1_inner,), _block("mamba1")),
+    Role(L + "mamba1.dt_norm.weight", None, lambda s, lay: (s.mamba1_dt_rank,), _block("mamba1")),
+    Role(L + "mamba1.b_norm.weight", None, lambda s, lay: (s.mamba1_state,), _block("mamba1")),
+    Role(L + "mamba1.c_norm.weight", None, lambda s, lay: (s.mamba1_state,), _block("mamba1")),
+    Role(L + "mamba1.out_proj.weight", ROW, lambda s, lay: (s.hidden_size, s.mamba1_inner), _block("mamba1")),
+    Role(
+        L + "mamba1.out_proj.bias", None, lambda s, lay: (s.hidden_size,), _block("mamba1", _mamba1_proj_bias)
+    ),
+]
+
+
+def _hc_streams(s: ModelSpec) -> int:
+    """Rows of a layer's hyper-connection mixer: [pre (n) | post (n) | comb (n x n)]."""
+    return (2 + s.hc_mult) * s.hc_mult
+
+
+def _compressor_roles(prefix: str, head_dim: Callable[[ModelSpec], int], present: Presence) -> list[Role]:
+    """A KV compressor: kv and gate projections to its width (two series of ``head_dim`` where
+    its windows overlap), a learned position bias per slot of its window (its layer's ratio), the
+    norm of a compressed entry; whole on every TP rank (MindSpeed-LLM's deepseek4)."""
+
+    def proj(s: ModelSpec, lay: Layout, i: int) -> tuple[int, ...]:
+        return (s.compressor_width(i, head_dim(s)), s.hidden_size)
+
+    return [
+        Role(prefix + "wkv.weight", None, proj, present, per_layer=True),
+        Role(prefix + "wgate.weight", None, proj, present, per_layer=True),
+        Role(
+            prefix + "ape",
+            None,
+            lambda s, lay, i: (s.compressor_ratio(i), s.compressor_width(i, head_dim(s))),
+            present,
+            per_layer=True,
+        ),
+        Role(prefix + "norm.weight", None, lambda s, lay: (head_dim(s),), present),
+    ]
+
+
+def _hc_roles(prefix: str, rows: Callable[[ModelSpec], int], scales: int, present: Presence) -> list[Role]:
+    """Hyper-connection mixing parameters over ``hc_mult`` residual streams: fn [rows, n x H],
+    base [rows], scale [scales]; whole on every TP rank."""
+    return [
+        Role(prefix + "fn", None, lambda s, lay: (rows(s), s.hc_mult * s.hidden_size), present),
+        Role(prefix + "base", None, lambda s, lay: (rows(s),), present),
+        Role(prefix + "scale", None, lambda s, lay: (scales,), present),
+    ]
+
+
+# DeepSeek-V4.  Block mqa: low-rank queries (wq_a, q_norm, wq_b: heads split over TP), one key =
+# value head (wkv, kv_norm; whole), a grouped low-rank output projection (wo_a block-diagonal over
+# mqa_o_groups groups of heads: split over TP by groups; wo_b row-parallel), a softmax sink per
+# head.  Block compressor: the layer's KV compressor; csa_indexer: the lightning indexer with its
+# own compressor (queries from the low-rank q, per-head weights from the input).  Block hc: the
+# layer's hyper-connection mixers around attention and MLP (pre, post and comb mappings; scale
+# [3] = their three gains); the model's head (and each MTP layer's) mixes the streams into one
+# (fn [n, n x H], base [n], scale [1]).  Block hash_router: the MoE routes by a fixed table of
+# top-k experts per token id ([vocab, top_k] int64, no score bias).
+_MQA = L + "mqa."
+_DSV4_ROLES = [
+    Role(_MQA + "wq_a.weight", None, lambda s, lay: (s.q_lora_rank, s.hidden_size), _block("mqa")),
+    Role(_MQA + "q_norm.weight", None, lambda s, lay: (s.q_lora_rank,), _block("mqa")),
+    Role(_MQA + "wq_b.weight", COLUMN, lambda s, lay: (s.q_size, s.q_lora_rank), _block("mqa")),
+    Role(_MQA + "wkv.weight", None, lambda s, lay: (s.head_dim, s.hidden_size), _block("mqa")),
+    Role(_MQA + "kv_norm.weight", None, lambda s, lay: (s.head_dim,), _block("mqa")),
+    Role(
+        _MQA + "wo_a.weight",
+        COLUMN,
+        lambda s, lay: (s.mqa_o_groups * s.mqa_o_rank, s.q_size // max(s.mqa_o_groups, 1)),
+        _block("mqa"),
+    ),
+    Role(
+        _MQA + "wo_b.weight",
+        ROW,
+        lambda s, lay: (s.hidden_size, s.mqa_o_groups * s.mqa_o_rank),
+        _block("mqa"),
+    ),
+    Role(_MQA + "sinks", COLUMN, lambda s, lay: (s.num_heads,), _block("mqa")),
+    *_compressor_roles(_MQA + "compressor.", lambda s: s.head_dim, _block("compressor")),
+    Role(
+        _MQA + "indexer.wq_b.weight",
+        None,
+        lambda s, lay: (s.index_heads * s.index_head_dim, s.q_lora_rank),
+        _block("csa_indexer"),
+    ),
+    Role(
+        _MQA + "indexer.weights_proj.weight",
+        None,
+        lambda s, lay: (s.index_heads, s.hidden_size),
+        _block("csa_indexer"),
+    ),
+    *_compressor_roles(_MQA + "indexer.compressor.", lambda s: s.index_head_dim, _block("csa_indexer")),
+    Role(L + "mlp.router.tid2eid", None, lambda s, lay: (s.vocab_size, s.moe_topk), _block("hash_router")),
+    *_hc_roles(L + "hc_attn.", _hc_streams, 3, _block("hc")),
+    *_hc_roles(L + "hc_ffn.", _hc_streams, 3, _block("hc")),
+    *_hc_roles("hc_head.", lambda s: s.hc_mult, 1, lambda s, lay, i: s.hc_mult > 0),
+    *_hc_roles(
+        L + "mtp.hc_head.", lambda s: s.hc_mult, 1, lambda s, lay, i: _mtp(s, lay, i) and s.hc_mult > 0
+    ),
+]
+
+
+def _choices(s: ModelSpec) -> int:
+    """What a MoE router scores: the routed experts and the zero-computation ones."""
+    return s.num_experts + s.zero_experts
 
 
 _BUILTIN: list[Role] = [
@@ -325,17 +593,23 @@ _BUILTIN: list[Role] = [
         L + "post_mlp_norm.weight",
         None,
         lambda s, lay: (s.hidden_size,),
-        lambda s, lay, i: s.post_norms and s.has_mlp(i),
+        lambda s, lay, i: s.post_norms and s.has_mlp(i) and s.own_norms(i),
     ),
     # mixture of experts: router (and its score-correction bias), routed experts, shared experts.
     # Expert tensors follow the dense MLP rules; with expert TP = 1 the shard pass leaves them whole.
-    Role(L + "mlp.router.weight", None, lambda s, lay: (s.num_experts, s.hidden_size), _moe()),
-    Role(L + "mlp.router.bias", None, lambda s, lay: (s.num_experts,), _moe(lambda s, lay: s.router_bias)),
+    # The router scores the zero-computation experts too (their rows after the real experts').
+    Role(L + "mlp.router.weight", None, lambda s, lay: (_choices(s), s.hidden_size), _moe()),
+    Role(
+        L + "mlp.router.bias",
+        None,
+        lambda s, lay: (_choices(s),),
+        lambda s, lay, i: s.is_moe_layer(i) and s.router_bias and not s.has_block(i, "hash_router"),
+    ),
     # the router linear's own bias (gpt-oss), added to the logits; not a score-correction bias
     Role(
         L + "mlp.router.logit_bias",
         None,
-        lambda s, lay: (s.num_experts,),
+        lambda s, lay: (_choices(s),),
         _moe(lambda s, lay: s.router_logit_bias),
     ),
     *_mlp_roles(
@@ -469,7 +743,7 @@ _BUILTIN: list[Role] = [
     # conv1d over [x; B; C] channels, each split over TP part by part (rank r holds
     # [z_r; x_r; B_r; C_r; dt_r], megatron-core's MambaMixer), per-head dt_bias / A_log / D, the
     # gated RMSNorm over d (groups of d / mamba_groups, so TP divides the groups), out_proj
-    Role(L + "mamba_norm.weight", None, lambda s, lay: (s.hidden_size,), _mamba),
+    Role(L + "mamba_norm.weight", None, lambda s, lay: (s.hidden_size,), _mamba_norm),
     Role(
         L + "mamba.in_proj.weight",
         COLUMN,
@@ -494,8 +768,10 @@ _BUILTIN: list[Role] = [
     Role(L + "mamba.dt_bias", COLUMN, lambda s, lay: (s.mamba_heads,), _mamba),
     Role(L + "mamba.A_log", COLUMN, lambda s, lay: (s.mamba_heads,), _mamba),
     Role(L + "mamba.D", COLUMN, lambda s, lay: (s.mamba_heads,), _mamba),
-    Role(L + "mamba.norm.weight", COLUMN, lambda s, lay: (s.mamba_inner,), _mamba),
+    Role(L + "mamba.norm.weight", COLUMN, lambda s, lay: (s.mamba_inner,), _mamba_gated_norm),
     Role(L + "mamba.out_proj.weight", ROW, lambda s, lay: (s.hidden_size, s.mamba_inner), _mamba),
+    *_OWN_MIXER_ROLES,
+    *_DSV4_ROLES,
     # DeepSeek sparse attention's lightning indexer (V3.2, GLM-5): small projections beside MLA,
     # duplicated on every TP rank in Megatron (MindSpeed-LLM and megatron-core's DSAIndexer alike)
     Role(
@@ -547,6 +823,7 @@ LINEAR_TARGETS = (
 )
 
 _TABLE: dict[str, Role] = {}
+_SUB_ROLES: dict[tuple[str, int], Role] = {}  # layer roles copied into sublayers, made when asked
 
 
 @lru_cache(maxsize=1)
@@ -578,7 +855,14 @@ def _lora_roles(target: Role) -> list[Role]:
 def _saved_role(target: Role) -> Role:
     """A full tensor saved with an adapter (peft's modules_to_save) that replaces its base tensor
     ``<module>.<leaf>``: ``<module>.lora_saved.<leaf>``, split and shaped like it."""
-    return Role(saved_name(target.template), target.split, target.shape, None, parts=target.parts)
+    return Role(
+        saved_name(target.template),
+        target.split,
+        target.shape,
+        None,
+        parts=target.parts,
+        per_layer=target.per_layer,
+    )
 
 
 def register_role(*roles: Role, lora: bool = False) -> None:
@@ -591,6 +875,7 @@ def register_role(*roles: Role, lora: bool = False) -> None:
         if lora:
             for r in _lora_roles(role):
                 _TABLE[r.template] = r
+    _SUB_ROLES.clear()
     _order.cache_clear()
 
 
@@ -605,8 +890,38 @@ def roles() -> Iterable[Role]:
 
 
 def role(name: str) -> Role | None:
-    """The role of canonical tensor ``name`` (None when no table row covers it)."""
-    return _TABLE.get(role_of(name))
+    """The role of canonical tensor ``name`` (None when no table row covers it); a name in a
+    sublayer (``layers.N.sub<k>.<role>``) has the role of ``layers.N.<role>`` copied there."""
+    template = role_of(name)
+    r = _TABLE.get(template)
+    if r is None and template.startswith(L):
+        sub, rest = split_sub(template[len(L) :])
+        if sub is not None and L + rest in _TABLE:
+            return _sub_role(L + rest, sub)
+    return r
+
+
+def _sub_role(template: str, sub: int) -> Role:
+    """Role ``template`` (``layers.{i}.<role>``) copied into sublayer ``sub``."""
+    key = (template, sub)
+    if key not in _SUB_ROLES:
+        _SUB_ROLES[key] = attrs.evolve(_TABLE[template], template=_in_sub(template, sub), sub=sub)
+    return _SUB_ROLES[key]
+
+
+def _in_sub(template: str, sub: int) -> str:
+    return f"{L}{SUB}{sub}.{template[len(L) :]}"
+
+
+def _asks(r: Role, spec: ModelSpec, layout: Layout, layer: int) -> bool:
+    """Whether layer role ``r`` is present in ``layer``: asked of the part of the layer its name
+    lies in (a sublayer, or the layer's own blocks; see ModelSpec.scoped)."""
+    assert r.present is not None
+    if layer < 0 or not spec.layer_blocks:
+        return r.sub is None and r.present(spec, layout, layer)
+    if r.sub is not None and r.sub not in spec.sublayers(layer):
+        return False
+    return r.present(spec.scoped(r.sub), layout, layer)
 
 
 def split_rule(name: str, spec: ModelSpec | None = None) -> Split | None:
@@ -629,7 +944,7 @@ def is_present(spec: ModelSpec, layout: Layout, name: str) -> bool:
     if r is None or r.present is None:
         return True
     layer, _ = split_layer(name)
-    return r.present(spec, layout, -1 if layer is None else layer)
+    return _asks(r, spec, layout, -1 if layer is None else layer)
 
 
 def expected_shape(
@@ -643,6 +958,9 @@ def expected_shape(
         return None
     if rank is not None and name.endswith((".lora_a.weight", ".lora_b.weight")):
         spec = attrs.evolve(spec, lora_rank=rank)
+    if r.per_layer:
+        layer, _ = split_layer(name)
+        return r.shape(spec, layout, -1 if layer is None else layer)
     return r.shape(spec, layout)
 
 
@@ -658,11 +976,13 @@ def expected_names(spec: ModelSpec, layout: Layout) -> set[str]:
                 names.add(r.template)
             continue
         for i in range(spec.total_layers):
-            if r.present(spec, layout, i):
-                if r.per_expert:
-                    names.update(r.template.format(i=i, e=e) for e in experts)
-                else:
-                    names.add(r.template.format(i=i))
+            for sub in (None, *spec.sublayers(i)):
+                here = r if sub is None else _sub_role(r.template, sub)
+                if _asks(here, spec, layout, i):
+                    if r.per_expert:
+                        names.update(here.template.format(i=i, e=e) for e in experts)
+                    else:
+                        names.add(here.template.format(i=i))
     return names
 
 
@@ -679,13 +999,13 @@ _TOP = {
 
 
 def canonical_order(name: str) -> tuple:
-    """Sort key: embedding, layers in order (experts in order, roles in table order), final norm,
-    lm_head."""
+    """Sort key: embedding, layers in order (experts in order; the layer's own roles, then each
+    sublayer's, each in table order), final norm, lm_head."""
     order = _order()
-    role_name = role_of(name)
-    rank = order.get(role_name, len(order))
-    layer, _ = split_layer(name)
+    layer, rest = split_layer(name)
     if layer is not None:
+        sub, rest = split_sub(rest)
+        rank = order.get(role_of(layer_name(layer, rest)), len(order))
         expert = expert_of(name)
-        return (1, layer, -1 if expert is None else expert, rank, name)
-    return (_TOP.get(name, 4), 0, -1, rank, name)
+        return (1, layer, -1 if expert is None else expert, -1 if sub is None else sub, rank, name)
+    return (_TOP.get(name, 4), 0, -1, -1, order.get(name, len(order)), name)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from functools import lru_cache
 from typing import Any
 
 import attrs
 
 from ckpt_ir.errors import LayoutError, setting
+from ckpt_ir.ir.blocks import BLOCKS, kinds, parse, sublayers
+from ckpt_ir.ir.names import SUB
 
 
 def _positive(_inst: Any, attribute: attrs.Attribute, value: int) -> None:
@@ -55,6 +58,9 @@ class ModelSpec:
     moe_topk: int = 0
     moe_ffn_hidden_size: int = 0
     shared_ffn_hidden_size: int = 0  # 0: no shared experts
+    # zero-computation (identity) experts: the router scores num_experts + zero_experts choices,
+    # the last zero_experts of which have no weights (LongCat-Flash)
+    zero_experts: int = 0
     dense_layers: tuple[int, ...] = attrs.field(
         default=(), converter=_int_tuple
     )  # MoE model layers with a dense MLP
@@ -85,12 +91,42 @@ class ModelSpec:
     mamba_state: int = 0
     mamba_groups: int = 0
     mamba_conv_kernel: int = 0
+    mamba_no_gated_norm: bool = False  # the mixer lacks its gated RMSNorm (Falcon-H1 without mamba_rms_norm)
+    # blocks no Megatron implementation has (ckpt-ir names them itself, docs/formats.md):
+    # a short convolution (LFM2): in_proj [B; C; x] of hidden rows each, a depthwise causal conv
+    # of that kernel width, out_proj, biases on all three or none
+    short_conv_kernel: int = 0
+    short_conv_bias: bool = False
+    # Kimi delta attention (Kimi Linear): heads, head size (q, k and v alike), the q / k / v
+    # convs' kernel width
+    kda_heads: int = 0
+    kda_head_dim: int = 0
+    kda_conv_kernel: int = 0
+    # a Mamba-1 mixer (Jamba): inner width d, SSM state size, the rank of dt, the conv's kernel
+    # width, a conv1d bias, in_proj / out_proj biases
+    mamba1_inner: int = 0
+    mamba1_state: int = 0
+    mamba1_dt_rank: int = 0
+    mamba1_conv_kernel: int = 0
+    mamba1_conv_bias: bool = False
+    mamba1_proj_bias: bool = False
     # The blocks of each main layer, in order (names in ``ckpt_ir.ir.blocks.BLOCKS``: a mixer
     # such as "attention" or "mamba", an MLP such as "mlp" or "moe"); empty: every layer is one
-    # mixer and one MLP, as the fields above imply (see :meth:`blocks`)
+    # mixer and one MLP, as the fields above imply (see :meth:`blocks`).  A block of a layer made
+    # of sublayers names its sublayer, "sub<k>.<block>" (LongCat-Flash: "sub0.mla", "moe",
+    # "sub0.mlp", "sub1.mla", "sub1.mlp"; see ckpt_ir.ir.blocks)
     layer_blocks: tuple[tuple[str, ...], ...] = attrs.field(
         default=(), converter=lambda v: tuple(tuple(b) for b in v)
     )
+    # DeepSeek-V4's blocks (ir/blocks.py: mqa, compressor, csa_indexer, hc, hash_router): mqa's
+    # grouped low-rank output projection (mqa_o_groups groups of heads, each projected to
+    # mqa_o_rank), each main layer's KV compress ratio (0: no compressor), the hyper-connection
+    # streams, and the blocks of every multi-token-prediction layer (empty: as blocks() derives)
+    mqa_o_groups: int = 0
+    mqa_o_rank: int = 0
+    compressor_ratios: tuple[int, ...] = attrs.field(default=(), converter=_int_tuple)
+    hc_mult: int = 0
+    mtp_blocks: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     attn_gate: bool = False  # q_proj also yields a sigmoid output gate: per head [q; gate] rows
     shared_expert_gate: bool = False  # a sigmoid gate on the shared experts' output (Qwen2-MoE)
     router_bias: bool = False  # a score-correction bias on the router (DeepSeek-V3)
@@ -120,8 +156,6 @@ class ModelSpec:
     extra: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        from ckpt_ir.ir.blocks import check_layer_blocks
-
         check_layer_blocks(self)
         if self.num_kv_heads and self.num_heads % self.num_kv_heads:
             raise LayoutError(
@@ -161,17 +195,41 @@ class ModelSpec:
         return self.num_layers + self.mtp_layers
 
     def blocks(self, layer: int) -> tuple[str, ...]:
-        """The blocks of ``layer``: ``layer_blocks`` where it lists the layer, else one mixer
-        (gated-delta-net in ``linear_layers``, else MLA or attention) and one MLP (MoE in a model
-        with experts unless in ``dense_layers``).  Multi-token-prediction layers are the latter."""
+        """The blocks of ``layer``: ``layer_blocks`` where it lists the layer (the kinds of all its
+        sublayers' blocks too), else one mixer (gated-delta-net in ``linear_layers``, else MLA or
+        attention) and one MLP (MoE in a model with experts unless in ``dense_layers``).
+        Multi-token-prediction layers are the latter."""
         if self.layer_blocks and layer < self.num_layers:
-            return self.layer_blocks[layer]
+            return kinds(self.layer_blocks)[layer]
+        if self.mtp_blocks and layer >= self.num_layers:
+            return self.mtp_blocks
         mixer = "gdn" if layer in self.linear_layers else "mla" if self.mla else "attention"
         moe = self.num_experts > 0 and layer not in self.dense_layers
         return (mixer, "moe" if moe else "mlp")
 
     def has_block(self, layer: int, block: str) -> bool:
         return block in self.blocks(layer)
+
+    def sublayers(self, layer: int) -> tuple[int, ...]:
+        """The sublayers ``layer`` is made of (their numbers, in order; none for most models)."""
+        if not self.layer_blocks or layer >= self.num_layers:
+            return ()
+        return sublayers(self.layer_blocks)[layer]
+
+    def own_norms(self, layer: int) -> bool:
+        """Whether the blocks this spec describes in ``layer`` have norms of their own: always,
+        but in :meth:`scoped` to the layer-level blocks of a layer made of sublayers, whose norms
+        are the sublayers' (LongCat-Flash's shortcut MoE reads sublayer 0's pre-MLP norm)."""
+        return True
+
+    def scoped(self, sub: int | None) -> ModelSpec:
+        """This spec seen from one part of each layer: sublayer ``sub``'s blocks, or (None) the
+        blocks outside any sublayer.  The role table asks a role's presence of the scope its
+        canonical name lies in (``layers.N.sub<k>.`` or none); a model without sublayers is its
+        own layer-level scope."""
+        if not self.layer_blocks:
+            return self
+        return scoped(self, sub)
 
     def has_attention(self, layer: int) -> bool:
         """Whether ``layer`` has (softmax) attention: multi-head / grouped-query or MLA."""
@@ -201,6 +259,11 @@ class ModelSpec:
         return (self.mamba_inner, bc, bc)
 
     @property
+    def kda_size(self) -> int:
+        """Rows of a Kimi delta attention's q, k and v (heads x head size)."""
+        return self.kda_heads * self.kda_head_dim
+
+    @property
     def linear_qk_size(self) -> int:
         return self.linear_k_heads * self.linear_k_dim
 
@@ -220,8 +283,19 @@ class ModelSpec:
         """Channels of a gated-delta-net mixer's conv1d: q, k, v."""
         return (self.linear_qk_size, self.linear_qk_size, self.linear_v_size)
 
+    def compressor_ratio(self, layer: int) -> int:
+        """How many tokens layer ``layer``'s KV compressor folds into one entry (0: none)."""
+        return self.compressor_ratios[layer] if layer < len(self.compressor_ratios) else 0
+
+    def compressor_width(self, layer: int, head_dim: int) -> int:
+        """Rows of a compressor's kv / gate projections over heads of ``head_dim``: two series
+        (its windows overlap) in a layer with the lightning indexer (CSA), one otherwise (HCA)."""
+        return (2 if self.has_block(layer, "csa_indexer") else 1) * head_dim
+
     def has_indexer(self, layer: int) -> bool:
-        return self.index_heads > 0 and layer not in self.shared_index_layers
+        """Whether ``layer`` has DSA's lightning indexer beside MLA (DeepSeek-V4's indexer is the
+        csa_indexer block of its layers)."""
+        return self.mla and self.index_heads > 0 and layer not in self.shared_index_layers
 
     def is_moe_layer(self, layer: int) -> bool:
         return "moe" in self.blocks(layer)
@@ -237,3 +311,103 @@ class ModelSpec:
     def summary(self) -> dict[str, Any]:
         """The fields that decide shapes, for dumps (``extra`` left out)."""
         return {f.name: getattr(self, f.name) for f in attrs.fields(ModelSpec) if f.name != "extra"}
+
+
+def scoped(spec: ModelSpec, sub: int | None) -> ModelSpec:
+    """``spec`` seen from sublayer ``sub`` (None: the layer-level blocks), see ``ModelSpec.scoped``."""
+    if not any(sublayers(spec.layer_blocks)):
+        return spec
+    view = _scoped(spec, sub)
+    # equal specs may carry different configs (``extra`` is not compared): the view keeps its own
+    return view if view.extra is spec.extra else _scoped.__wrapped__(spec, sub)
+
+
+@lru_cache(maxsize=256)
+def _scoped(spec: ModelSpec, sub: int | None) -> ModelSpec:
+    values = {f.name: getattr(spec, f.name) for f in attrs.fields(ModelSpec)}
+    return _Scoped(**values, scope=sub)
+
+
+@attrs.frozen(kw_only=True)
+class _Scoped(ModelSpec):
+    """A ModelSpec that sees, in each layer with sublayers, only sublayer ``scope``'s blocks
+    (None: only the blocks outside the sublayers, with no norms of their own)."""
+
+    scope: int | None = None
+
+    def blocks(self, layer: int) -> tuple[str, ...]:
+        if not self.layer_blocks or layer >= self.num_layers or not self.sublayers(layer):
+            return ModelSpec.blocks(self, layer) if self.scope is None else ()
+        return tuple(k for s, k in map(parse, self.layer_blocks[layer]) if s == self.scope)
+
+    def own_norms(self, layer: int) -> bool:
+        return self.scope is not None or layer < 0 or not self.sublayers(layer)
+
+
+def check_layer_blocks(spec: ModelSpec) -> None:
+    """Refuse a block list that names unknown blocks, has the wrong length, or leaves a layer
+    without a block; and blocks without their sizes (attention without heads, a Mamba mixer
+    without its dimensions)."""
+    if spec.layer_blocks:
+        if len(spec.layer_blocks) != spec.num_layers:
+            raise LayoutError(
+                f"model spec: layer_blocks lists {len(spec.layer_blocks)} layers but num_layers is "
+                f"{spec.num_layers}"
+            )
+        for i, (blocks, names) in enumerate(zip(spec.layer_blocks, kinds(spec.layer_blocks))):
+            unknown = [b for b, kind in zip(blocks, names) if kind not in BLOCKS]
+            if unknown or not blocks:
+                raise LayoutError(
+                    f"model spec: layer {i} has blocks {list(blocks)}; each layer needs one or more of "
+                    f"{', '.join(BLOCKS)} (a sublayer's as {SUB}<k>.<block>)"
+                )
+    layers = range(spec.total_layers)
+    if any(spec.has_attention(i) for i in layers) and not (
+        spec.num_heads and spec.num_kv_heads and spec.head_dim
+    ):
+        raise LayoutError("model spec: attention layers need num_heads, num_kv_heads and head_dim (positive)")
+    # the sizes each block needs
+    sizes = {
+        "mlp": ("ffn_hidden_size",),
+        "mamba": ("mamba_heads", "mamba_head_dim", "mamba_state", "mamba_groups"),
+        "gdn": ("linear_k_heads", "linear_v_heads", "linear_k_dim", "linear_v_dim", "linear_conv_kernel"),
+        "short_conv": ("short_conv_kernel",),
+        "kda": ("kda_heads", "kda_head_dim", "kda_conv_kernel"),
+        "mamba1": ("mamba1_inner", "mamba1_state", "mamba1_dt_rank", "mamba1_conv_kernel"),
+    }
+    for block, fields in sizes.items():
+        if any(spec.has_block(i, block) for i in layers) and not all(getattr(spec, f) for f in fields):
+            raise LayoutError(f"model spec: {block} layers need {', '.join(fields)} (positive)")
+    if spec.linear_k_heads and spec.linear_v_heads % spec.linear_k_heads:
+        raise LayoutError(
+            f"model spec: {spec.linear_v_heads} gated-delta-net value heads are not a multiple of its "
+            f"{spec.linear_k_heads} key heads (linear_v_heads, linear_k_heads)"
+        )
+    _check_dsv4_blocks(spec)
+
+
+def _check_dsv4_blocks(spec: ModelSpec) -> None:
+    """DeepSeek-V4's blocks need their sizes: mqa its q rank and output groups, a compressor its
+    layer's ratio, the indexer its heads, hyper-connections their stream count."""
+    layers = range(spec.total_layers)
+    if any(spec.has_block(i, "mqa") for i in layers) and not (
+        spec.num_heads and spec.head_dim and spec.q_lora_rank and spec.mqa_o_groups and spec.mqa_o_rank
+    ):
+        raise LayoutError(
+            "model spec: mqa attention needs num_heads, head_dim, q_lora_rank, mqa_o_groups and mqa_o_rank"
+        )
+    if spec.mqa_o_groups and spec.num_heads % spec.mqa_o_groups:
+        raise LayoutError(
+            f"model spec: {spec.num_heads} heads do not form {spec.mqa_o_groups} output groups (mqa_o_groups)"
+        )
+    bad = [i for i in layers if spec.has_block(i, "compressor") and spec.compressor_ratio(i) < 1]
+    if bad:
+        raise LayoutError(
+            f"model spec: layer {bad[0]} has a compressor but no compress ratio (compressor_ratios)"
+        )
+    if any(spec.has_block(i, "csa_indexer") for i in layers) and not (
+        spec.index_heads and spec.index_head_dim
+    ):
+        raise LayoutError("model spec: csa_indexer layers need index_heads and index_head_dim")
+    if any(spec.has_block(i, "hc") for i in layers) and not spec.hc_mult:
+        raise LayoutError("model spec: hyper-connection (hc) layers need hc_mult")

@@ -7,7 +7,7 @@ import re
 from ckpt_ir.errors import VerifyError
 from ckpt_ir.ir import layout as L
 from ckpt_ir.ir.checkpoint import Checkpoint
-from ckpt_ir.ir.names import is_expert, is_lora, role_of, split_layer
+from ckpt_ir.ir.names import is_expert, is_lora, role_of, split_layer, split_sub
 from ckpt_ir.ir.roles import expected_names, expected_shape
 from ckpt_ir.ir.roles import role as role_row
 
@@ -32,6 +32,7 @@ def verify(ckpt: Checkpoint, after: str = "") -> None:
         layer, rest = split_layer(name)
         if layer is not None and not 0 <= layer < spec.total_layers:
             raise VerifyError(f"{name}: layer {layer} outside the model's {spec.total_layers} layers{where}")
+        rest = split_sub(rest)[1]  # a sublayer's tensors are checked as a layer's
         fused_qkv = rest.startswith(("attn.qkv.", "attn.qkv_a.", "attn.gdn.in_"))
         fused_fc1 = ".gate_up." in "." + rest
         if (fused_qkv and not layout.fused_qkv) or (fused_fc1 and not layout.fused_gate_up):

@@ -13,8 +13,8 @@ from typing import Any
 import attrs
 
 from ckpt_ir.errors import FormatError
-from ckpt_ir.ir.blocks import has_gdn_modules
-from ckpt_ir.ir.layout import Layout, mcore_num_layers, num_chunks, padded_size
+from ckpt_ir.ir.blocks import from_pattern, is_hybrid, to_pattern
+from ckpt_ir.ir.layout import Layout, has_gdn_modules, mcore_num_layers, num_chunks, padded_size
 from ckpt_ir.ir.spec import ModelSpec
 
 # Attributes that describe the conversion or Megatron itself, never an HF config key.
@@ -51,6 +51,7 @@ _NOT_HF = frozenset(
         "model_type_hf",
         "ckpt_ir_family",
         "ckpt_ir_hf_config",
+        "ckpt_ir_hf_naming",
         "bf16",
         "fp16",
         "params_dtype",
@@ -101,6 +102,8 @@ _NOT_HF = frozenset(
         "linear_attention_freq",
         "attention_output_gate",
         "apply_layernorm_1p",
+        # Nemotron-H's MTP pattern: Megatron-LM would build MTP layers ckpt-ir does not convert
+        "mtp_hybrid_override_pattern",
     }
 )
 
@@ -112,6 +115,9 @@ _LAYOUT_ARGS = (
     "num_layers_per_virtual_pipeline_stage",
     "virtual_pipeline_model_parallel_size",
     "expert_tensor_parallel_size",
+    # Megatron-LM's uneven first / last pipeline stages (the target's stages are num_layer_list's)
+    "decoder_first_pipeline_num_layers",
+    "decoder_last_pipeline_num_layers",
 )
 _PLAIN = (int, float, str, bool, list)
 
@@ -146,10 +152,16 @@ class Args:
         "use_rope_scaling": False,
         "q_lora_rank": None,
         "group_query_attention": False,
+        # megatron-core's TransformerConfig defaults for a hybrid (Mamba) model
+        "mamba_state_dim": 128,
+        "mamba_head_dim": 64,
+        "mamba_num_groups": 8,
+        "hybrid_attention_ratio": 0.0,
+        "hybrid_mlp_ratio": 0.0,
     }
 
-    def __init__(self, args: dict[str, Any]) -> None:
-        self.args = args
+    def __init__(self, args: dict[str, Any], where: str = "args") -> None:
+        self.args, self.where = args, where
 
     def __getitem__(self, key: str) -> Any:
         v = self.args.get(key)
@@ -169,11 +181,87 @@ class Args:
         return tuple(i for i, moe in enumerate(pattern) if not moe)
 
     def num_layers(self) -> int:
+        if self.args.get("num_layers") is None and self.hybrid:  # Megatron-LM derives it from the pattern
+            return len(self.hybrid_pattern())
         return int(self.args["num_layers"]) - len(int_list(self.args.get("noop_layers")) or ())
 
     @property
     def mla(self) -> bool:
         return bool(self["multi_latent_attention"])
+
+    @property
+    def hybrid(self) -> bool:
+        """A Megatron hybrid (Mamba) model: megatron-core's MambaModel, Megatron-LM's HybridModel.
+        Megatron-LM 0.16 runs need not set is_hybrid_model; their layer pattern, hybrid ratios or
+        --spec (a mamba / hybrid stack spec) say it."""
+        spec = self.args.get("spec")
+        named = isinstance(spec, (list, tuple)) and any(
+            isinstance(s, str) and ("mamba" in s or "hybrid" in s) for s in spec
+        )
+        return bool(
+            self["is_hybrid_model"]
+            or self["hybrid_layer_pattern"]
+            or self["hybrid_override_pattern"]
+            or self["hybrid_attention_ratio"]
+            or self["hybrid_mlp_ratio"]
+            or named
+        )
+
+    def hybrid_segments(self) -> list[str]:
+        """The hybrid model's layer symbols per pipeline segment: Megatron-LM's hybrid_layer_pattern
+        (``|`` between segments), else megatron-core 0.16's hybrid_override_pattern, else the
+        pattern megatron-core allocates from hybrid_attention_ratio / hybrid_mlp_ratio (one segment)."""
+        pattern = self["hybrid_layer_pattern"] or self["hybrid_override_pattern"]
+        if pattern is not None and not isinstance(pattern, str):
+            raise FormatError(f"{self.where}: args.hybrid_layer_pattern must be a string, got {pattern!r}")
+        if pattern is None:
+            n = self.args.get("num_layers")
+            if not isinstance(n, int) or n <= 0:
+                raise FormatError(
+                    f"{self.where}: a hybrid model's args need hybrid_layer_pattern or num_layers"
+                )
+            return [
+                allocate_hybrid(n, float(self["hybrid_attention_ratio"]), float(self["hybrid_mlp_ratio"]))
+            ]
+        if "/" in pattern:
+            raise FormatError(
+                f"{self.where}: args.hybrid_layer_pattern {pattern!r} has multi-token-prediction layers "
+                "(after '/'); ckpt-ir does not convert a hybrid model's MTP layers yet"
+            )
+        return pattern.split("|")
+
+    def hybrid_pattern(self) -> str:
+        return "".join(self.hybrid_segments())
+
+    def hybrid_stages(self, pp: int) -> tuple[int, ...] | None:
+        """A hybrid model's layers per pipeline stage when not even (None: even): the pattern's
+        ``|`` segments (Megatron-LM's HybridModel), else the first / last stage sizes
+        (decoder_first_pipeline_num_layers / decoder_last_pipeline_num_layers; megatron-core's
+        MambaStack splits the layers between them evenly)."""
+        segments = self.hybrid_segments()
+        if len(segments) > 1:
+            if len(segments) != pp:
+                raise FormatError(
+                    f"{self.where}: args.hybrid_layer_pattern has {len(segments)} pipeline segments for "
+                    f"PP={pp}; virtual pipeline stages of a hybrid model are not supported"
+                )
+            return tuple(len(s) for s in segments)
+        first, last = (
+            self.args.get("decoder_first_pipeline_num_layers"),
+            self.args.get("decoder_last_pipeline_num_layers"),
+        )
+        if pp == 1 or (first is None and last is None):
+            return None
+        n = len(segments[0])
+        middle = pp - (first is not None) - (last is not None)
+        rest = n - (first or 0) - (last or 0)
+        if middle < 0 or (middle and rest % middle) or (not middle and rest):
+            raise FormatError(
+                f"{self.where}: args.decoder_first/last_pipeline_num_layers ({first}, {last}) do not split "
+                f"{n} layers over PP={pp}"
+            )
+        even = (rest // middle,) * middle if middle else ()
+        return (*(() if first is None else (first,)), *even, *(() if last is None else (last,)))
 
     @property
     def moe(self) -> bool:
@@ -416,6 +504,104 @@ GDN_FIELDS: tuple[Field, ...] = (
 )
 
 
+def allocate_hybrid(layers: int, attention: float, mlp: float) -> str:
+    """The layer pattern megatron-core 0.16 builds from hybrid ratios alone
+    (``ssm/mamba_hybrid_layer_allocation.py``): round(layers x ratio) attention layers spread
+    evenly between Mamba runs that start and end the stack, then round(layers x ratio) MLP layers
+    spread over the remaining Mamba layers, right-justified."""
+    kinds = ["M"] * layers
+    n_attn = round(layers * attention)
+    run = (layers - n_attn) / (n_attn + 1)  # Mamba layers before each attention layer, and after
+    budget = run
+    for i in range(layers):
+        if budget < 0.5:
+            kinds[i], budget = "*", budget + run
+        else:
+            budget -= 1
+    n_mlp = round(layers * mlp)
+    if n_mlp:
+        run = (layers - n_attn - n_mlp) / n_mlp
+        budget = run
+        for i in (i for i in range(layers) if kinds[i] == "M"):
+            if budget < 0.5:
+                kinds[i], budget = "-", budget + run
+            else:
+                budget -= 1
+    return "".join(kinds)
+
+
+def _no_attention(s: ModelSpec) -> bool:
+    return not any(s.has_attention(i) for i in range(s.num_layers))
+
+
+# the stock layer spec of megatron-core's MambaModel (Transformer Engine modules; Megatron-LM's
+# HybridModel keeps the name as an alias of its hybrid_stack_spec)
+MAMBA_STACK_SPEC = ["megatron.core.models.mamba.mamba_layer_specs", "mamba_stack_spec"]
+
+
+def _stage_pattern(s: ModelSpec, lay: Layout) -> str:
+    """Megatron-LM's hybrid_layer_pattern: the pattern with ``|`` between pipeline stages (their
+    layers as the rank files place them; VPP and no-op layers have no such form)."""
+    pattern = to_pattern(s)
+    if lay.pp == 1 or lay.vpp_layers or lay.noop_layers:
+        return pattern
+    counts = lay.num_layer_list or (s.num_layers // lay.pp,) * lay.pp
+    starts = [sum(counts[:k]) for k in range(len(counts) + 1)]
+    return "|".join(pattern[a:b] for a, b in zip(starts, starts[1:]))
+
+
+# hybrid (Mamba) models: written for models with Mamba layers, read when args say hybrid.  One
+# Megatron layer per block (pattern symbol); megatron-core reads hybrid_override_pattern (0.16),
+# Megatron-LM's HybridModel hybrid_layer_pattern (and the older name when only it is there).
+# Nemotron-H's and Mamba-2's attention has no rotary embedding: position_embedding_type none.
+def _mamba_model(spec: ModelSpec) -> bool:
+    """Whether the model is megatron-core's MambaModel: one block per layer (its pattern symbol).
+    Falcon-H1's layers (attention and Mamba side by side, then an MLP) are Megatron-Bridge's own
+    model, which carries the Mamba sizes but no pattern."""
+    return all(len(spec.blocks(i)) == 1 for i in range(spec.num_layers))
+
+
+MAMBA_FIELDS: tuple[Field, ...] = (
+    Field("is_hybrid_model", lambda s, lay: True, when=_mamba_model),
+    Field(
+        "hybrid_override_pattern",
+        lambda s, lay: to_pattern(s),
+        lambda a: {
+            "layer_blocks": from_pattern(a.hybrid_pattern(), a.where),
+            "num_layers": len(a.hybrid_pattern()),
+        },
+        when=_mamba_model,
+    ),
+    Field("hybrid_layer_pattern", _stage_pattern, when=_mamba_model),
+    _spec("mamba_state", "mamba_state_dim"),
+    _spec("mamba_head_dim", "mamba_head_dim"),
+    _spec("mamba_groups", "mamba_num_groups"),
+    Field(
+        "mamba_num_heads",
+        lambda s, lay: s.mamba_heads,
+        # megatron-core's default: d_inner = 2 x hidden (expand 2), heads = d_inner / head_dim
+        lambda a: {"mamba_heads": a["mamba_num_heads"] or 2 * a["hidden_size"] // a["mamba_head_dim"]},
+    ),
+    # megatron-core's mixer has a fixed causal-conv kernel width (MambaMixer d_conv=4): no arg
+    Field("mamba_d_conv", None, lambda a: {"mamba_conv_kernel": 4}),
+    Field("position_embedding_type", lambda s, lay: "none", when=_mamba_model),
+    Field("use_rotary_position_embeddings", lambda s, lay: False, when=_mamba_model),
+    # no attention layer (Mamba-2): megatron-core's TransformerConfig still divides by
+    # num_attention_heads (kv_channels = hidden / heads) and wants a multiple of TP; the Mamba
+    # heads are one for every TP the mixer allows (it needs heads % TP == 0)
+    Field("num_attention_heads", lambda s, lay: s.mamba_heads, when=_no_attention),
+    Field("num_query_groups", lambda s, lay: s.mamba_heads, when=_no_attention),
+    Field("kv_channels", lambda s, lay: s.mamba_head_dim, when=_no_attention),
+)
+# what a hybrid model's args say for blocks its pattern may lack (ModelSpec fields, and the blocks
+# that use them): without such a block they describe nothing
+_USED_BY = (
+    (("attention",), ("num_heads", "num_kv_heads", "head_dim", "qkv_bias", "o_bias", "qk_norm")),
+    (("mlp",), ("ffn_hidden_size",)),
+    (("mlp", "moe"), ("gated_mlp", "activation", "mlp_bias")),
+)
+
+
 def _written(fields: tuple[Field, ...], spec: ModelSpec, layout: Layout) -> dict[str, Any]:
     return {f.arg: f.write(spec, layout) for f in fields if f.write is not None and f.when(spec)}
 
@@ -424,17 +610,26 @@ def spec_values(a: Args) -> dict[str, Any]:
     """The ModelSpec fields Megatron ``args`` give (with Megatron-LM's defaults), read through the
     same table :func:`build_args` writes."""
     v: dict[str, Any] = {}
-    gdn = a["experimental_attention_variant"] == "gated_delta_net"
+    hybrid = a.hybrid
+    blocks = {b for layer in from_pattern(a.hybrid_pattern(), a.where) for b in layer} if hybrid else set()
+    moe = a.moe and (not hybrid or "moe" in blocks)
     groups = (
         MODEL_FIELDS,
-        MOE_FIELDS if a.moe else (),
+        MOE_FIELDS if moe else (),
         MLA_FIELDS if a.mla else (),
-        GDN_FIELDS if gdn else (),
+        MAMBA_FIELDS if hybrid else (),
+        GDN_FIELDS if a["experimental_attention_variant"] == "gated_delta_net" else (),
     )
     for fields in groups:
         for f in fields:
             if f.read is not None:
                 v.update(f.read(a))
+    if hybrid:  # the pattern places MLP and MoE layers (not moe_layer_freq)
+        v.pop("dense_layers", None)
+        for users, unused in _USED_BY:
+            if not blocks.intersection(users):
+                for k in unused:
+                    v.pop(k, None)
     return v
 
 
@@ -444,6 +639,7 @@ def build_args(
     hf_config: dict[str, Any] | None,
     family_ms_name: str,
     source: dict[str, Any] | None = None,
+    hf_naming: str | None = None,
 ) -> argparse.Namespace:
     """``args`` for a rank file: the HF config's plain values (as MindSpeed-LLM stores them) plus
     the Megatron fields that Megatron-LM and MindSpeed-LLM read back.
@@ -452,7 +648,9 @@ def build_args(
     settings and counters (``consumed_train_samples``, ``lr``, ``train_iters``, tokenizer,
     ``make_vocab_size_divisible_by``, Megatron's enums...): only the fields this conversion
     decides (model shape, parallel layout, dtype, ckpt-ir's own) and the HF values it copies over
-    plain source values are replaced; layout fields the target does not use become None."""
+    plain source values are replaced; layout fields the target does not use become None.
+    ``hf_naming``: the HF naming the model was read in when not its family table's (recorded as
+    ``ckpt_ir_hf_naming``, so that an HF export writes that naming again)."""
     src = dict(source or {})
     ns = argparse.Namespace(**src)
     cfg = dict(hf_config or spec.extra)
@@ -473,6 +671,8 @@ def build_args(
             "ckpt_ir_hf_config": json.dumps(cfg, sort_keys=True),
         }
     )
+    if hf_naming is not None:
+        fields["ckpt_ir_hf_naming"] = hf_naming
     # transformers 5 nests rope settings under rope_parameters; older configs keep rope_theta on top
     theta = cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta"))
     if theta is not None:
@@ -496,12 +696,17 @@ def build_args(
         fields.update(mla_rope_args(cfg))
     if has_gdn_modules(spec) and layout.gdn_keys == "mcore":
         fields.update(_written(GDN_FIELDS, spec, layout))
+    if is_hybrid(spec):
+        fields.update(_written(MAMBA_FIELDS, spec, layout))
+        if layout.norm_names == "te":  # megatron-core's own layer spec (Megatron-LM loads it as --spec)
+            fields["spec"] = MAMBA_STACK_SPEC
     from ckpt_ir.families import by_name
 
     family = by_name(spec.family)
     if family.megatron_args:  # the family's own settings (router, windows, rope bases, ...)
         fields.update(family.megatron_args(cfg))
-    if spec.index_heads:  # DSA: the indexer sizes ride along from the HF config (index_n_heads, ...)
+    # DSA (beside MLA): the indexer sizes ride along from the HF config (index_n_heads, ...)
+    if spec.index_heads and spec.mla:
         fields["enable_dsa_indexer"] = True
     fields["mtp_num_layers"] = spec.mtp_layers  # as MindSpeed-LLM writes it, 0 included
     if spec.lora_rank is not None:

@@ -38,6 +38,21 @@ _MTP_OWN = {
     "final_layernorm.weight": "mtp.norm.weight",
 }
 _MLA_READ = dict(M.MCORE_MLA_KEYS + M.MCORE_MLA_TE_NORMS)
+# megatron-core's Mamba mixer keeps its fused tensors in torch_dist as one global tensor per part
+# (MambaMixer.sharded_state_dict: ``<key>.z`` ... each TP-sharded on dim 0), in this order
+MAMBA_PARTS = {
+    "mixer.in_proj.weight": ("z", "x", "B", "C", "dt"),
+    "mixer.conv1d.weight": ("x", "B", "C"),
+    "mixer.conv1d.bias": ("x", "B", "C"),
+}
+MAMBA_PART_KEY = re.compile(
+    r"^(decoder\.layers\.\d+\.(?:" + "|".join(re.escape(k) for k in MAMBA_PARTS) + r"))\.(\w+)$"
+)
+
+
+def mamba_part_sizes(spec, key: str) -> tuple[int, ...]:
+    """Rows of each part of the Mamba mixer tensor ``key`` (below the layer, a MAMBA_PARTS key)."""
+    return spec.mamba_in_proj_parts if key.startswith("mixer.in_proj") else spec.mamba_conv_parts
 
 
 def names(

@@ -21,6 +21,7 @@ import attrs
 from ckpt_ir.errors import CkptIrError, FormatError, setting
 from ckpt_ir.families import Family, by_name
 from ckpt_ir.families.args_only import MEGATRON
+from ckpt_ir.ir.blocks import from_pattern
 from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.megatron.args import Args, spec_values
 
@@ -233,7 +234,7 @@ def hf_config(family: Family, args: dict[str, Any], rule: Rule | None = None) ->
         if key.hf and values.get(key.field) is not None:
             value = values[key.field]
             cfg[key.hf] = list(value) if isinstance(value, tuple) else value
-    rule = rule or next((r for r in RULES if r.family == family.name), None)
+    rule = rule or _HYBRID_RULES.get(family.name) or next((r for r in RULES if r.family == family.name), None)
     if rule is not None and rule.hf_keys is not None:
         cfg.update(rule.hf_keys(a, values))
     spec = family.spec_from_config(cfg, where=f"the {family.name} config built from args")
@@ -250,7 +251,13 @@ def hf_config(family: Family, args: dict[str, Any], rule: Rule | None = None) ->
 def infer(args: dict[str, Any], where: str) -> tuple[Family, dict[str, Any], str]:
     """(family, HF config, one line saying why) for plain Megatron-LM ``args``; a FormatError
     naming the args when no family computes that model."""
-    a = Args(args)
+    a = Args(args, where)
+    hint = (
+        f"pass {setting('hf_config', metavar='DIR')} (the model's HF config.json) or "
+        f"{setting('family', metavar='NAME')} to choose a family"
+    )
+    if a.hybrid:
+        return _infer_hybrid(a, where, hint)
     missing = [
         k for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads") if not args.get(k)
     ]
@@ -259,10 +266,6 @@ def infer(args: dict[str, Any], where: str) -> tuple[Family, dict[str, Any], str
             f"{where}: args lack {', '.join(missing)}; cannot tell the model's shape (pass "
             f"{setting('hf_config', metavar='DIR')})"
         )
-    hint = (
-        f"pass {setting('hf_config', metavar='DIR')} (the model's HF config.json) or "
-        f"{setting('family', metavar='NAME')} to choose a family"
-    )
     bases = list(dict.fromkeys(r.base for r in RULES))
     bad = {b: b.mismatches(a) for b in bases}
     fits = [b for b in bases if not bad[b]]
@@ -302,6 +305,126 @@ def infer(args: dict[str, Any], where: str) -> tuple[Family, dict[str, Any], str
     near = "; ".join(f"{r.family} {differs(r)}" for r in rules if r.distance(features) == best)
     detail = f"args turn on: {', '.join(f.args for f in on) or 'nothing beyond a dense GPT'}; nearest: {near}"
     raise NoFamily(where, detail, hint)
+
+
+def _hybrid_mismatches(a: Args, blocks: set[str]) -> list[tuple[str, Any, Any]]:
+    """(arg, value in the args, value needed) for every setting of a Megatron hybrid model that
+    Nemotron-H's and Mamba-2's HF modeling cannot compute, for the blocks its pattern has: RMSNorm
+    everywhere; no biases, rotary or q/k norms in attention (Nemotron-H's attention has no
+    position embedding); non-gated MLPs (Nemotron-H: up / down projections only); DeepSeek-style
+    routing with a score-correction bias and shared experts; and the layer norms' epsilon
+    megatron-core's Mamba mixer hard-codes for its gated norm (HF uses one epsilon for both)."""
+    out: list[tuple[str, Any, Any]] = []
+
+    def need(arg: str, want: Any, have: Any = None) -> None:
+        have = a[arg] if have is None else have
+        if have != want:
+            out.append((arg, have, want))
+
+    need("normalization", "RMSNorm")
+    need("apply_layernorm_1p", False)
+    position = a.position_embedding()
+    if position == "learned_absolute" or ("attention" in blocks and position != "none"):
+        out.append(("position_embedding_type", position, "none"))
+    if "mamba" in blocks:
+        need("norm_epsilon", 1e-5)
+    if blocks & {"attention", "mlp", "moe"}:
+        need("add_bias_linear", False)
+    if "attention" in blocks:
+        for arg in ("add_qkv_bias", "qk_layernorm", "multi_latent_attention"):
+            need(arg, False)
+    if blocks & {"mlp", "moe"}:
+        need("swiglu", False)
+    if "moe" in blocks:
+        need("moe_router_score_function", "sigmoid")
+        need("moe_router_enable_expert_bias", True)
+        need("moe_shared_expert_gate", False)
+        if not a["moe_shared_expert_intermediate_size"]:
+            out.append(("moe_shared_expert_intermediate_size", None, "shared experts"))
+    return out
+
+
+def _nemotron_h_keys(a: Args, spec: dict[str, Any]) -> dict[str, Any]:
+    """Nemotron-H's config keys beyond its table's for a hybrid pattern: the pattern under the
+    name released configs use, and sizes of blocks the pattern lacks (the HF config needs them;
+    no tensor has them)."""
+    hidden, heads = a["hidden_size"], a["num_attention_heads"] or 1
+    cfg = {
+        "hybrid_override_pattern": a.hybrid_pattern(),
+        "num_hidden_layers": len(a.hybrid_pattern()),
+        "num_attention_heads": heads,
+        "num_key_value_heads": a["num_query_groups"] if a["group_query_attention"] else heads,
+        "head_dim": a["kv_channels"] or hidden // heads,
+        "intermediate_size": a["ffn_hidden_size"] or 4 * hidden,
+        "mlp_hidden_act": spec.get("activation", "relu2"),
+        "attention_bias": False,
+        "mlp_bias": False,
+        "use_bias": False,
+        "use_conv_bias": True,
+        "num_nextn_predict_layers": 0,
+    }
+    if spec.get("num_experts"):
+        cfg.update(
+            {
+                "n_routed_experts": spec["num_experts"],
+                "norm_topk_prob": True,  # megatron-core normalises sigmoid top-k scores (topk > 1)
+                "routed_scaling_factor": a["moe_router_topk_scaling_factor"] or 1.0,
+                "n_group": a["moe_router_num_groups"] or 1,
+                "topk_group": a["moe_router_group_topk"] or 1,
+            }
+        )
+    return cfg
+
+
+def _mamba2_keys(a: Args, spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "expand": spec["mamba_heads"] * spec["mamba_head_dim"] // a["hidden_size"],
+        "use_bias": False,
+        "use_conv_bias": True,
+    }
+
+
+_HYBRID_RULES = {
+    "mamba2": Rule("mamba2", hf_keys=_mamba2_keys),
+    "nemotron_h": Rule("nemotron_h", hf_keys=_nemotron_h_keys),
+}
+
+
+def _infer_hybrid(a: Args, where: str, hint: str) -> tuple[Family, dict[str, Any], str]:
+    """A Megatron hybrid model (megatron-core's MambaModel, Megatron-LM's HybridModel): mamba2 when
+    every layer is a Mamba mixer (Mamba2ForCausalLM computes exactly that stack, and it ties
+    embeddings when asked; its config needs d_inner = expand x hidden), else nemotron_h (one
+    mixer, attention, MLP or MoE block per layer, as the pattern says; untied)."""
+    if not a["hidden_size"]:
+        raise FormatError(f"{where}: args lack hidden_size; cannot tell the model's shape")
+    pattern = a.hybrid_pattern()
+    blocks = {b for layer in from_pattern(pattern, where) for b in layer}
+    bad = _hybrid_mismatches(a, blocks)
+    if bad:
+        shown = ", ".join(f"args.{k}={v!r} (needs {w!r})" for k, v, w in bad)
+        raise NoFamily(where, f"hybrid pattern {pattern!r}: {shown}", hint)
+    if blocks - {"mamba", "attention", "mlp", "moe"}:
+        raise NoFamily(where, f"hybrid pattern {pattern!r} has gated-delta-net layers (G)", hint)
+    values = spec_values(a)
+    inner = values["mamba_heads"] * values["mamba_head_dim"]
+    tied = not a["untie_embeddings_and_output_weights"]
+    if blocks == {"mamba"} and inner % a["hidden_size"] == 0:
+        rule, why = _HYBRID_RULES["mamba2"], "Mamba layers only"
+    elif tied:
+        raise NoFamily(
+            where,
+            f"hybrid pattern {pattern!r} with tied embeddings: nemotron_h has an untied output layer, "
+            "and mamba2 needs Mamba layers only with d_inner a multiple of hidden_size",
+            hint,
+        )
+    else:
+        rule, why = _HYBRID_RULES["nemotron_h"], "Mamba, attention, MLP and MoE layers"
+    family = by_name(rule.family)
+    try:
+        cfg = hf_config(family, a.args, rule)
+    except FormatError as e:
+        raise NoFamily(where, f"the args look like {rule.family} but {e}", hint) from None
+    return family, cfg, f"inferred family {rule.family} from args (hybrid pattern {pattern!r}: {why})"
 
 
 def hf_config_for(family: Family, args: dict[str, Any], where: str) -> dict[str, Any]:

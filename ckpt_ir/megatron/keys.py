@@ -18,13 +18,13 @@ import re
 
 import attrs
 
-from ckpt_ir.errors import FormatError, UsageError
+from ckpt_ir.errors import FormatError, LayoutError, UsageError, setting
 from ckpt_ir.io.side_files import AUX_PATTERNS, CHAT_TEMPLATES_ENTRY
 from ckpt_ir.ir import expr as E
-from ckpt_ir.ir.blocks import has_gdn_modules
-from ckpt_ir.ir.layout import Layout
+from ckpt_ir.ir.blocks import OWN_MIXERS
+from ckpt_ir.ir.layout import Layout, has_gdn_modules
 from ckpt_ir.ir.names import COLUMN, NameTable, Split, expert_of, layer_name, split_layer
-from ckpt_ir.ir.roles import split_rule
+from ckpt_ir.ir.roles import roles, split_rule
 from ckpt_ir.ir.rules import Stack
 from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.megatron.integrity import MANIFEST
@@ -204,14 +204,66 @@ _MAMBA_KEYS = (
     ),
     (D + "norm.weight", C + "mamba_norm.weight"),
 )
+# ckpt-ir's own names for mixers no Megatron implementation has (LFM2's short convolution, Kimi
+# delta attention, Jamba's Mamba-1; no Megatron trainer loads them): in a GPTModel-like layer
+# beside input_layernorm, pre_mlp_layernorm and the MLP, each tensor under
+# decoder.layers.N.<block>.* by its canonical name, TP-split by its role (ir/roles.py)
+OWN_MIXER_KEYS = tuple(
+    (D + r.template[len(C) :], r.template)
+    for r in roles()
+    if r.template.startswith(tuple(C + b + "." for b in OWN_MIXERS)) and ".lora_" not in r.template
+)
+# DeepSeek-V4's layer (blocks mqa, compressor, csa_indexer, hc, moe, hash_router) as
+# MindSpeed-LLM's convert_ckpt_deepseek4.py writes it, in its order: norms, attention (its
+# compressor, then the indexer's), router, shared experts, the two hyper-connection mixers, experts
+_MQA = D + "self_attention."
+_MQA_LAYER_KEYS = (
+    (D + "input_layernorm.weight", C + "attn_norm.weight"),
+    (D + "pre_mlp_layernorm.weight", C + "mlp_norm.weight"),
+    (_MQA + "attn_sink", C + "mqa.sinks"),
+    (_MQA + "kv_layernorm.weight", C + "mqa.kv_norm.weight"),
+    (_MQA + "q_layernorm.weight", C + "mqa.q_norm.weight"),
+    (_MQA + "linear_o_down_proj.weight", C + "mqa.wo_a.weight"),
+    (_MQA + "linear_kv.weight", C + "mqa.wkv.weight"),
+    (_MQA + "linear_o_up_proj.weight", C + "mqa.wo_b.weight"),
+    (_MQA + "linear_q.weight", C + "mqa.wq_a.weight"),
+    (_MQA + "linear_q_up_proj.weight", C + "mqa.wq_b.weight"),
+    *(
+        (_MQA + m + t, C + c + t)
+        for m, c in (
+            ("compressor.", "mqa.compressor."),
+            ("indexer.kv_compressor.", "mqa.indexer.compressor."),
+        )
+        for t in ("ape", "norm.weight", "wgate.weight", "wkv.weight")
+    ),
+    (_MQA + "indexer.wq_b.weight", C + "mqa.indexer.wq_b.weight"),
+    (_MQA + "indexer.weights_proj.weight", C + "mqa.indexer.weights_proj.weight"),
+    (D + "mlp.router.weight", C + "mlp.router.weight"),
+    (D + "mlp.router.expert_bias", C + "mlp.router.bias"),
+    (D + "mlp.router.tid2eid", C + "mlp.router.tid2eid"),
+    *(kc for kc in _MLP_KEYS if ".shared_experts.linear_" in kc[0] and kc[0].endswith(".weight")),
+    *(
+        (D + f"{m}.{k}", C + f"{c}.{t}")
+        for m, c in (("attn_mhc", "hc_attn"), ("mlp_mhc", "hc_ffn"))
+        for k, t in (("hc_base", "base"), ("hc_fn.weight", "fn"), ("hc_scale", "scale"))
+    ),
+    *(kc for kc in _MLP_KEYS if ".experts.local_experts." in kc[0] and kc[0].endswith(".weight")),
+)
+# the hyper-connection heads of the model (last stage, after the output layer) and of each MTP layer
+HC_HEAD = tuple(
+    (f"hc_head.{k}", f"hc_head.{t}")
+    for k, t in (("hc_base", "base"), ("hc_fn.weight", "fn"), ("hc_scale", "scale"))
+)
+MTP_HC_HEAD = tuple(("mtp.layers.{k}." + k, "mtp." + c) for k, c in HC_HEAD)
+
 # Per-layer order follows MindSpeed-LLM's writer (norms, attention, then MLP), so rank files list
 # keys in the same order as that converter's.
-_LAYER_KEYS = _NORM_KEYS + _ATTENTION_KEYS + _MLP_KEYS + _MAMBA_KEYS
+_LAYER_KEYS = _NORM_KEYS + _ATTENTION_KEYS + _MLP_KEYS + _MAMBA_KEYS + OWN_MIXER_KEYS
 # canonical roles megatron-core keeps in fp32 whatever params_dtype: the router's expert_bias, a
 # buffer it returns to fp32 before every save and load (moe/router.py _maintain_float32_expert_bias)
 KEPT_FP32 = (C + "mlp.router.bias",)
-_MLA_LAYER_KEYS = _NORM_KEYS + _MLA_ATTENTION_KEYS + _MLP_KEYS
-_MCORE_MLA_LAYER_KEYS = _NORM_KEYS + _MCORE_MLA_ATTENTION_KEYS + _MLP_KEYS
+_MLA_LAYER_KEYS = _NORM_KEYS + _MLA_ATTENTION_KEYS + _MLP_KEYS + OWN_MIXER_KEYS
+_MCORE_MLA_LAYER_KEYS = _NORM_KEYS + _MCORE_MLA_ATTENTION_KEYS + _MLP_KEYS + OWN_MIXER_KEYS
 GROUPED = {"weight1": "gate_up", "weight2": "down"}  # D + "mlp.experts.weight1" holds every local expert
 GROUPED_KEY = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.(weight1|weight2)$")
 
@@ -268,6 +320,7 @@ POST_LAYERS = (
     ("output_layer.bias", "lm_head.bias"),
     # megatron-core's MambaModel (MambaStack) names its final norm final_norm
     (HYBRID_FINAL_NORM, "final_norm.weight"),
+    *HC_HEAD,
 )
 
 
@@ -341,7 +394,7 @@ def mtp_naming(keys) -> MtpNames:
     return found
 
 
-MTP_READ = MTP_HEAD + tuple(sorted({(n.norm, "mtp.norm.weight") for n in MTP_NAMES.values()}))
+MTP_READ = MTP_HEAD + MTP_HC_HEAD + tuple(sorted({(n.norm, "mtp.norm.weight") for n in MTP_NAMES.values()}))
 # MindSpeed-LLM's names, which the torch format is written with by default
 MTP_PREFIX = MTP_MINDSPEED.layer
 MTP_KEYS = (*MTP_HEAD, (MTP_MINDSPEED.norm, "mtp.norm.weight"))
@@ -357,14 +410,77 @@ _FULL_QK_NORM = {
 
 KeyPairs = tuple[tuple[str, str], ...]  # (Megatron key template, canonical template)
 
+# A layer made of sublayers (ckpt_ir.ir.blocks; LongCat-Flash): its keys block by block in the
+# layer's order, each sublayer's norms before its first block, the layer-level blocks' keys as a
+# layer's.  A sublayer's modules are MindSpeed-LLM's LongCat layer's (model_builder.py,
+# transformerlayer_type "longcat"): input_layernorm_<k>, pre_mlp_layernorm_<k>,
+# self_attention_<k>, and its dense MLP mlps_<k>.
+_MOE_ROLE = re.compile(r"^layers\.\{i\}\.mlp\.(?:router\.|shared[._]|experts\.)")
+_BLOCK_KEYS = {
+    "attention": _ATTENTION_KEYS,
+    "mla": _MLA_ATTENTION_KEYS,
+    "mlp": tuple(kc for kc in _MLP_KEYS if not _MOE_ROLE.match(kc[1])),
+    "moe": tuple(kc for kc in _MLP_KEYS if _MOE_ROLE.match(kc[1])),
+    "mamba": _MAMBA_KEYS,
+}
+SUBLAYER_MODULES = {
+    "input_layernorm": "input_layernorm_{k}",
+    "pre_mlp_layernorm": "pre_mlp_layernorm_{k}",
+    "self_attention": "self_attention_{k}",
+    "mlp": "mlps_{k}",
+}
+
+
+def _sublayer_keys(layer: tuple[str, ...]) -> KeyPairs:
+    """The keys of a layer whose ``layer_blocks`` entry is ``layer``."""
+    from ckpt_ir.ir.blocks import parse
+
+    out: list[tuple[str, str]] = []
+    seen: set[int] = set()
+    for entry in layer:
+        sub, kind = parse(entry)
+        if kind not in _BLOCK_KEYS:
+            raise LayoutError(f"a layer made of sublayers: no Megatron names for its {kind} block")
+        keys = _BLOCK_KEYS[kind]
+        if sub is None:
+            out.extend(keys)
+            continue
+        if sub not in seen:
+            seen.add(sub)
+            keys = _NORM_KEYS + keys
+        for m, c in keys:
+            module, _, rest = m[len(D) :].partition(".")
+            module = SUBLAYER_MODULES.get(module, module + "_{k}").format(k=sub)
+            out.append((f"{D}{module}.{rest}", f"{C}sub{sub}.{c[len(C) :]}"))
+    return tuple(out)
+
 
 def _layer_keys(
-    mla: bool, full_qk_norm: bool, family: str | None = None, gated: bool = True, mla_keys: str = "mindspeed"
+    mla: bool,
+    full_qk_norm: bool,
+    family: str | None = None,
+    gated: bool = True,
+    mla_keys: str = "mindspeed",
+    mqa: bool = False,
+    sublayered: tuple[tuple[str, ...], ...] = (),
 ) -> KeyPairs:
-    """The decoder-layer keys; a plain (not gated) MLP's linear_fc1 is the canonical fc1."""
+    """The decoder-layer keys; a plain (not gated) MLP's linear_fc1 is the canonical fc1; ``mqa``:
+    DeepSeek-V4's layers (MindSpeed-LLM's modules); ``sublayered``: the distinct ``layer_blocks``
+    entries of layers made of sublayers."""
     keys: KeyPairs = (
-        (_MCORE_MLA_LAYER_KEYS if mla_keys == "mcore" else _MLA_LAYER_KEYS) if mla else _LAYER_KEYS
+        _MQA_LAYER_KEYS
+        if mqa
+        else (_MCORE_MLA_LAYER_KEYS if mla_keys == "mcore" else _MLA_LAYER_KEYS)
+        if mla
+        else _LAYER_KEYS
     )
+    if sublayered:
+        if mla_keys == "mcore":
+            raise LayoutError(
+                f"megatron-core's MLA modules ({setting('mla_keys', 'mcore')}) have no layer made of "
+                f"sublayers (MindSpeed-LLM's LongCat layer); use {setting('mla_keys', 'mindspeed')}"
+            )
+        keys = tuple(dict.fromkeys(kc for layer in sublayered for kc in _sublayer_keys(layer)))
     if full_qk_norm:
         keys = tuple((m, _FULL_QK_NORM.get(c, c)) for m, c in keys)
     if family is not None:
@@ -402,8 +518,18 @@ def _table(keys: KeyPairs, norm_names: str, mla_keys: str = "mindspeed") -> Name
             for m in (D + "norm.weight", D + "input_layernorm.weight", D + "input_layernorm.bias")
         }
     )
-    # read only: a GatedDeltaNet layer's input norm (written per layer, see ranks.py)
-    return NameTable([*((renames.get(m, m), c) for m, c in keys), (D + GDN_TE_NORM, C + "attn_norm.weight")])
+    # the fused Mamba norm is a Mamba layer's own input norm only (Falcon-H1's norm.weight, shared
+    # by its parallel mixers, stays a module of its own, as Megatron-Bridge builds it); read only: a
+    # GatedDeltaNet layer's input norm (written per layer, see ranks.py)
+    return NameTable(
+        [
+            *(
+                (m if m == D + "norm.weight" and c != C + "mamba_norm.weight" else renames.get(m, m), c)
+                for m, c in keys
+            ),
+            (D + GDN_TE_NORM, C + "attn_norm.weight"),
+        ]
+    )
 
 
 LOCAL_LAYER_TABLE = _table(_LAYER_KEYS, "local")
@@ -447,32 +573,55 @@ def layer_table(
     family: str | None = None,
     gated: bool = True,
     mla_keys: str = "mindspeed",
+    mqa: bool = False,
+    sublayered: tuple[tuple[str, ...], ...] = (),
 ) -> NameTable:
     """Decoder-layer key table for a naming (``local``, ``te``, ``te-input``; MindSpeed-LLM v2's
     transformer_engine output fuses only the input norm for dense layers) and, with ``mla``, the
     MLA modules' (``mindspeed``: one fused linear_qkv; ``mcore``: megatron-core's own)."""
     mla_keys = mla_keys if mla else "mindspeed"
-    return _table(_layer_keys(mla, full_qk_norm, family, gated, mla_keys), norm_names, mla_keys)
+    keys = _layer_keys(mla, full_qk_norm, family, gated, mla_keys, mqa, sublayered)
+    return _table(keys, norm_names, mla_keys)
+
+
+def has_mqa(spec: ModelSpec) -> bool:
+    """Whether the model's layers are DeepSeek-V4's (MindSpeed-LLM's deepseek4 modules)."""
+    return any(spec.has_block(i, "mqa") for i in range(spec.total_layers))
+
+
+def _sublayered(spec: ModelSpec) -> tuple[tuple[str, ...], ...]:
+    """The distinct ``layer_blocks`` entries of the layers made of sublayers, in layer order."""
+    return tuple(dict.fromkeys(spec.layer_blocks[i] for i in range(spec.num_layers) if spec.sublayers(i)))
 
 
 def spec_layer_table(norm_names: str, spec: ModelSpec, mla_keys: str = "mindspeed") -> NameTable:
     """:func:`layer_table` for the model ``spec`` describes."""
-    return layer_table(norm_names, spec.mla, spec.qk_full_norm, spec.family, spec.gated_mlp, mla_keys)
+    return layer_table(
+        norm_names,
+        spec.mla,
+        spec.qk_full_norm,
+        spec.family,
+        spec.gated_mlp,
+        mla_keys,
+        has_mqa(spec),
+        _sublayered(spec),
+    )
 
 
 def read_tables(spec: ModelSpec) -> tuple[NameTable, ...]:
     """The decoder-layer tables a reader tries (local and TE norm names; for MLA, MindSpeed-LLM's
     and megatron-core's modules) for ``spec``."""
-    kinds = ("mindspeed", "mcore") if spec.mla else ("mindspeed",)
+    kinds = ("mindspeed", "mcore") if spec.mla and not _sublayered(spec) else ("mindspeed",)
     return tuple(spec_layer_table(n, spec, k) for k in kinds for n in ("local", "te"))
 
 
 def role_order(spec: ModelSpec, mla_keys: str = "mindspeed") -> tuple[str, ...]:
     """The decoder-layer roles of the model ``spec`` describes, in the order rank files list them
     (``mla_keys``: MindSpeed-LLM's or megatron-core's MLA modules)."""
-    return tuple(
-        c for _, c in _layer_keys(spec.mla, spec.qk_full_norm, spec.family, spec.gated_mlp, mla_keys)
+    keys = _layer_keys(
+        spec.mla, spec.qk_full_norm, spec.family, spec.gated_mlp, mla_keys, has_mqa(spec), _sublayered(spec)
     )
+    return tuple(c for _, c in keys)
 
 
 def rank_dir(tp: int, pp: int, layout: Layout, ep: int = 0, ep_size: int = 1) -> str:

@@ -100,7 +100,14 @@ def spec_from_args(
         except infer.NoFamily as e:
             # resharding needs no HF family: the args describe every tensor Megatron wrote
             spec, cfg, why = infer.megatron_spec(args, where), None, infer.args_only(e.detail)
-    if cfg is not None:
+    if cfg is not None and hf_config is None:
+        try:  # args keep the config under Megatron's names, not always all of it
+            spec = fam.spec_from_config(cfg, where=f"{where} (args)")
+        except FormatError as e:
+            raise FormatError(
+                f"{e}; pass {setting('hf_config', metavar='DIR')} with the model's HF config"
+            ) from None
+    elif cfg is not None:
         spec = fam.spec_from_config(cfg, where=f"{where} (args)")
     if args.get("mtp_num_layers") is not None:
         layers = a.size("mtp_num_layers", 0, 64) if args["mtp_num_layers"] else 0
@@ -200,7 +207,8 @@ def checkpoint(
         hf_config=cfg,
         source=path,
         aux_files=() if iteration_dir is None else _side_files(path, iteration_dir),
-        meta=meta,
+        # the HF naming a ckpt-ir output recorded (DeepSeek-V4 as transformers saves it)
+        meta={**meta, "hf_naming": args["ckpt_ir_hf_naming"]} if args.get("ckpt_ir_hf_naming") else meta,
         states={k: {n: v[n] for n in ordered if n in v} for k, v in sets.items()},
     )
 

@@ -96,7 +96,7 @@ def rank_content(
     content[(0, 0)].extend(Entry(key, (canon,)) for key, canon in M.PRE_LAYERS[1:] if canon in ckpt.tensors)
     known = (
         set(order)
-        | {f"layers.{{i}}.{c}" for _, c in M.MTP_KEYS}
+        | {f"layers.{{i}}.{c}" for _, c in (*M.MTP_KEYS, *M.MTP_HC_HEAD)}
         | {r[: -len(".weight")] + f".lora_{w}.weight" for r in order for w in "ab"}
         | {"layers.{i}.mtp.embed.weight", "layers.{i}.mtp.head.weight"}
     )
@@ -110,17 +110,24 @@ def rank_content(
         local = layer - spec.num_layers if mtp else where[layer].local
         entries = mtp_entries if mtp else content[(where[layer].stage, where[layer].chunk)]
         start = len(entries)
-        for role in order:
-            if "{e}" not in role:
-                for canon in roles.get(role, ()):
-                    entries.extend(_entries(ckpt, role, canon, local, table, layer, parts.get(role)))
         expert_roles = [r for r in order if "{e}" in r]
         experts = {e for r in expert_roles for n in roles.get(r, ()) if (e := expert_of(n)) is not None}
+        expert_entries: list[Entry] = []  # expert by expert, each expert's roles in table order
         for expert in sorted(experts):
             for role in expert_roles:
                 canon = role.format(i=layer, e=expert)
                 if canon in ckpt.tensors:
-                    entries.extend(_entries(ckpt, role, canon, local, table, layer))
+                    expert_entries.extend(_entries(ckpt, role, canon, local, table, layer))
+        # the experts come last, but in a layer made of sublayers where the table has them
+        inline = bool(spec.sublayers(layer)) and bool(expert_roles)
+        for role in order:
+            if "{e}" not in role:
+                for canon in roles.get(role, ()):
+                    entries.extend(_entries(ckpt, role, canon, local, table, layer, parts.get(role)))
+            elif inline and role == expert_roles[0]:
+                entries.extend(expert_entries)
+        if not inline:
+            entries.extend(expert_entries)
         if layout.grouped_gemm and spec.is_moe_layer(layer):
             _group_experts(ckpt, entries, local)
         if mtp:  # mtp.layers.k: enorm, hnorm, eh_proj, (embedding), its transformer layer, final norm
@@ -133,13 +140,18 @@ def rank_content(
             if layout.pp > 1 and not mtp_names.megatron_order:
                 head.append(Entry(M.EMBEDDING, (f"layers.{layer}.mtp.embed.weight",)))
             tail = [Entry(mtp_names.norm.format(k=local), (f"layers.{layer}.mtp.norm.weight",))]
+            tail += [  # DeepSeek-V4: the MTP layer's hyper-connection head
+                Entry(m.format(k=local), (f"layers.{layer}.{c}",))
+                for m, c in M.MTP_HC_HEAD
+                if f"layers.{layer}.{c}" in ckpt.tensors
+            ]
             entries[start:] = head + body + tail
     if mtp_entries and not mtp_names.megatron_order:  # MindSpeed-LLM: after the stage's embedding
         at = 1 if content[last] and content[last][0].key == M.EMBEDDING else 0
         content[last][at:at] = mtp_entries
     final_norm = (
         mtp_names.final_norm
-        if spec.mtp_layers
+        if spec.mtp_layers or spec.hc_mult  # MindSpeed-LLM's deepseek4: with or without MTP
         else M.HYBRID_FINAL_NORM
         if is_hybrid(spec)
         else "decoder.final_layernorm.weight"
@@ -158,6 +170,7 @@ def rank_content(
     elif spec.tied_embeddings and layout.pp > 1:
         # Megatron keeps a copy of the tied embedding on the last stage when PP > 1
         content[last].append(Entry("output_layer.weight", ("embed.weight",)))
+    content[last].extend(Entry(key, (canon,)) for key, canon in M.HC_HEAD if canon in ckpt.tensors)
     return content, where
 
 

@@ -29,7 +29,7 @@ from ckpt_ir.errors import VerifyError
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.layout import GDN_KEYS
-from ckpt_ir.ir.names import layer_name, split_layer
+from ckpt_ir.ir.names import SUB, layer_name, split_layer
 from ckpt_ir.ir.rules import (
     Stack,
     gate_up_rule,
@@ -69,6 +69,10 @@ class Fusion:
 
     def stems(self, spec: ModelSpec, prefix: str) -> dict[str, str]:
         return {p: prefix + stem(spec) for p, stem in self.parts.items()}
+
+
+# a fusion applies in a layer's sublayers too (layers.N.sub<k>.attn.q_a -> layers.N.sub<k>.attn.qkv_a)
+IN_SUBLAYER = rf"(?:{SUB}\d+\.)?"
 
 
 def _const(stem: str) -> Callable[[ModelSpec], str]:
@@ -132,7 +136,7 @@ def fuse(ckpt: Checkpoint, f: Fusion, pass_name: str) -> dict[str, TensorNode]:
     """Every occurrence of ``f``'s parts fused; the new tensors take the first part's place."""
     spec = ckpt.spec
     first = next(iter(f.parts))
-    anchor = re.compile(rf"^({f.prefix.pattern}){re.escape(f.parts[first](spec))}\.weight$")
+    anchor = re.compile(rf"^({IN_SUBLAYER}{f.prefix.pattern}){re.escape(f.parts[first](spec))}\.weight$")
     replace: dict[str, dict[str, E.Expr]] = {}
     drop: set[str] = set()
     for name in ckpt.tensors:
@@ -161,7 +165,7 @@ def fuse(ckpt: Checkpoint, f: Fusion, pass_name: str) -> dict[str, TensorNode]:
 def unfuse(ckpt: Checkpoint, f: Fusion) -> dict[str, TensorNode]:
     """Every fused tensor of ``f`` split back into its parts (LoRA A shared by all of them)."""
     spec = ckpt.spec
-    fused = re.compile(rf"^({f.prefix.pattern}){re.escape(f.fused)}\.(.+)$")
+    fused = re.compile(rf"^({IN_SUBLAYER}{f.prefix.pattern}){re.escape(f.fused)}\.(.+)$")
     replace: dict[str, dict[str, E.Expr]] = {}
     for name, t in ckpt.tensors.items():
         layer, rest = split_layer(name)
