@@ -48,6 +48,7 @@ from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.blocks import is_hybrid
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.dtypes import torch_name
+from ckpt_ir.ir.layout import has_gdn_modules
 from ckpt_ir.ir.names import NameTable, split_layer
 from ckpt_ir.ir.rules import mla_rule
 from ckpt_ir.megatron import args as megatron_args
@@ -268,6 +269,8 @@ def layer_entries(
         if full_key is None:
             raise VerifyError(f"layer {layer}: no Megatron name for {rest}")
         key = full_key[len(f"{M.LAYERS}0.") :]
+        if te and rest == "attn_norm.weight" and spec.has_block(layer, "gdn"):
+            key = M.GDN_TE_NORM  # megatron-core's GatedDeltaNet fuses the input norm into in_proj
         if spec.mla:
             key = M.mla_key(rest, te, spec.is_moe_layer(layer)) or key
         if "{e}" in rest:
@@ -312,21 +315,24 @@ def _stored(
     def linear(key: str) -> bool:  # a module whose _extra_state Megatron saves
         module = key[: -len(".weight")].rsplit(".", 1)[-1]
         return key.endswith(".weight") and (
-            module.startswith("linear_") or module == "eh_proj" or key in _MAMBA_LINEARS
+            module.startswith("linear_") or module == "eh_proj" or key in _MAMBA_LINEARS + _GDN_LINEARS
         )
 
     def own_objects(prefix: str, entries) -> None:
         for key, expr, by_expert in entries:
-            if key.endswith(".weight.z"):  # the first part of a Mamba in_proj: its module's state
-                key = key[: -len(".z")]
+            if key.endswith((".weight.z", ".in_proj.weight.query")):  # a mixer in_proj's first part
+                key = key.rsplit(".", 1)[0]
             if linear(key):
                 base = f"{prefix}{key[: -len('.weight')]}._extra_state"
                 n = expr.shape[0] if by_expert else 1
                 objects.extend(f"{base}/shard_{e}_{n}" for e in range(n))
 
-    if hybrid:  # megatron-core's MambaStack saves every layer under its own global number
+    # megatron-core's MambaStack saves every layer under its own global number, and so does a
+    # GPTModel whose layers differ (TransformerBlock: linear_attention_freq, moe_layer_freq)
+    gdn = has_gdn_modules(spec)
+    if hybrid or gdn:
         per_layer = [_mamba_parts(spec, entries) for entries in per_layer]
-    if not spec.dense_layers and not hybrid:  # homogeneous: one stacked key per module
+    if not spec.dense_layers and not hybrid and not gdn:  # homogeneous: one stacked key per module
         first = per_layer[0] if per_layer else []
         shapes = [[(k, x.shape) for k, x, _ in entries] for entries in per_layer]
         if any(s != shapes[0] for s in shapes):
@@ -385,14 +391,16 @@ def _stored(
 # a Mamba layer's linear modules (Transformer Engine's in megatron-core's stock spec): their
 # _extra_state is saved beside them
 _MAMBA_LINEARS = ("mixer.in_proj.weight", "mixer.out_proj.weight")
+_GDN_LINEARS = ("self_attention.in_proj.weight", "self_attention.out_proj.weight")  # GatedDeltaNet's
 
 
 def _mamba_parts(spec, entries: list[tuple[str, E.Expr, bool]]) -> list[tuple[str, E.Expr, bool]]:
-    """A layer's entries with each fused Mamba mixer tensor as the parts megatron-core stores
-    (``mixer.in_proj.weight.z`` ... ``.dt``, ``mixer.conv1d.weight.x`` ...)."""
+    """A layer's entries with each fused Mamba or gated-delta-net mixer tensor as the parts
+    megatron-core stores (``mixer.in_proj.weight.z`` ... ``.dt``, ``mixer.conv1d.weight.x`` ...;
+    ``self_attention.in_proj.weight.query`` ... ``.alpha``, ``self_attention.conv1d.weight.query`` ...)."""
     out = []
     for key, expr, by_expert in entries:
-        names = global_keys.MAMBA_PARTS.get(key)
+        names = global_keys.FUSED_PARTS.get(key)
         if names is None:
             out.append((key, expr, by_expert))
             continue

@@ -165,6 +165,7 @@ register(
                 "--pp 2 --num-layer-list 3,1",
                 "--tp 2 --pp 2 --num-layer-list 3,1",
                 "--tp 2 --pp 2 --ep 2 --num-layer-list 3,1",
+                "--ckpt-format torch_dist",
             ),
             mcore_missing=MCORE_MISSING,
             mindspeed=(
@@ -188,7 +189,10 @@ register(
         config=config_with(*GDN_CONFIG),
         constants=GATED_ATTENTION,
         hf_rename=_qwen3_next_mtp_keys,  # its MTP layer as Qwen3-Next's (qwen35_bridge.py)
-        tested=Tested(round_trip=("--tp 2 --pp 2 --num-layer-list 3,1",), mcore_missing=MCORE_MISSING),
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2 --num-layer-list 3,1", "--ckpt-format torch_dist"),
+            mcore_missing=MCORE_MISSING,
+        ),
     )
 )
 register(

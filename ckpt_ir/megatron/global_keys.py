@@ -45,13 +45,21 @@ MAMBA_PARTS = {
     "mixer.conv1d.weight": ("x", "B", "C"),
     "mixer.conv1d.bias": ("x", "B", "C"),
 }
-MAMBA_PART_KEY = re.compile(
-    r"^(decoder\.layers\.\d+\.(?:" + "|".join(re.escape(k) for k in MAMBA_PARTS) + r"))\.(\w+)$"
+# and so does its GatedDeltaNet (GatedDeltaNet.sharded_state_dict: ``in_proj.weight.query`` ...)
+GDN_PARTS = {
+    "self_attention.in_proj.weight": ("query", "key", "value", "z", "beta", "alpha"),
+    "self_attention.conv1d.weight": ("query", "key", "value"),
+}
+FUSED_PARTS = {**MAMBA_PARTS, **GDN_PARTS}
+MAMBA_PART_KEY = re.compile(  # a part of a Mamba or gated-delta-net mixer's tensor (FUSED_PARTS)
+    r"^(decoder\.layers\.\d+\.(?:" + "|".join(re.escape(k) for k in FUSED_PARTS) + r"))\.(\w+)$"
 )
 
 
 def mamba_part_sizes(spec, key: str) -> tuple[int, ...]:
-    """Rows of each part of the Mamba mixer tensor ``key`` (below the layer, a MAMBA_PARTS key)."""
+    """Rows of each part of the mixer tensor ``key`` (below the layer, a FUSED_PARTS key)."""
+    if key in GDN_PARTS:
+        return spec.gdn_in_proj_parts if ".in_proj." in key else spec.gdn_conv_parts
     return spec.mamba_in_proj_parts if key.startswith("mixer.in_proj") else spec.mamba_conv_parts
 
 
