@@ -502,3 +502,35 @@ def test_fsdp_dtensor_output_is_refused_in_one_line(models, tmp_path):
     with pytest.raises(VerifyError, match=r"gated-delta-net model \(qwen3_5\).*torch_dist"):
         convert(models("qwen3_5"), str(out), ck.Target(to="mcore", ckpt_format="fsdp_dtensor"))
     assert not out.exists()
+
+
+def test_live_state_dicts_of_a_tp2_gdn_model_lift_in_megatron_cores_layout(models, tmp_path):
+    """A training job's megatron-core state dicts (ckpt_ir.live reads them as lift_state_dicts
+    does here, tensors in memory) of a gated-delta-net model at TP 2: megatron-core's layout
+    (read off the keys; its args name the variant), whole tensors joined part by part, and the
+    plain norm back from out_norm."""
+    from ckpt_ir.frontends.mcore import lift_state_dicts
+    from ckpt_ir.ir.layout import Layout
+    from ckpt_ir.passes.fusion import UnfuseQKV
+
+    mid = str(tmp_path / "mid")
+    convert(models("qwen3_5"), mid, ck.Target(to="mcore", tp=2))
+    files = {r: rank(mid, f"mp_rank_0{r}") for r in (0, 1)}
+    ranks = {
+        (r, 0, 0): [{k: _memory_load(f"mem/{r}", k, v) for k, v in f["model"].items() if hasattr(v, "shape")}]
+        for r, f in files.items()
+    }
+    spec = ck.load(mid).spec
+    layout = Layout(format="mcore", tp=2, fused_qkv=True, fused_gate_up=True)
+    c = lift_state_dicts(ranks, spec, layout, where="job", args=vars(files[0]["args"]), cfg=None)
+    assert c.layout.gdn_keys == "mcore" and c.layout.norm_names == "te"
+    assert c.tensors["layers.0.attn.gdn.in_proj.weight"].shape == (2 * 16 + 2 * 48 + 2 * 4, 64)
+    whole = ck.run(c, "gather")
+    assert UnfuseQKV().run(whole).tensors["layers.0.attn.gdn.q.weight"].shape == (16, 64)
+
+
+def _memory_load(path: str, key: str, t: torch.Tensor):
+    from ckpt_ir.ir import expr as E
+    from ckpt_ir.ir.dtypes import from_torch
+
+    return E.Load(path, key, tuple(t.shape), from_torch(t.dtype), 0, "memory")

@@ -405,15 +405,18 @@ def lift_state_dicts(
     (``where`` says whose it is).  Replicas (dense tensors in every EP rank's state dict, TP
     replicas of whole tensors) are taken from the first rank holding them."""
     tables = M.read_tables(spec)
+    layout = attrs.evolve(layout, gdn_keys=M.gdn_keys_from_args(spec, args, layout.tp))
     slot_of = {(s.stage, s.chunk, s.local): s for s in layer_slots(spec, layout)}
     pieces: dict[str | M.LocalName, dict[int, E.Expr]] = defaultdict(dict)
     unknown: list[str] = []
     te_norms = te_fc1 = False
+    gdn_seen: set[str] = set()
     for (t, p, e), chunks in sorted(ranks.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
         for chunk, sd in enumerate(chunks):
             for key, value in sd.items():
-                te_norms |= key.endswith(M.TE_QKV_NORM)
+                te_norms |= key.endswith((M.TE_QKV_NORM, M.GDN_TE_NORM))
                 te_fc1 |= key.endswith(M.TE_FC1_NORM)
+                gdn_seen.add(M.gdn_keys_of(key) or "")
                 lifted = lift_rank_key(key, value, spec, layout, tables, stage=p, chunk=chunk, tp=t, ep=e)
                 if lifted is None:
                     unknown.append(f"{key} (TP {t}, stage {p}, EP {e}, chunk {chunk})")
@@ -426,9 +429,13 @@ def lift_state_dicts(
             f"ckpt-ir has no table for these modules (docs/live.md lists the megatron-core modules it reads)"
         )
     dropped: dict[str, str] = {}
-    tensors = _assemble(pieces, slot_of, spec, layout, where, split_rule, dropped)
+    tensors = _assemble(pieces, slot_of, spec, layout, where, lambda n: split_rule(n, spec), dropped)
     lift_tail.complete_tensors(spec, tensors, {}, dropped)
-    layout = attrs.evolve(layout, norm_names=lift_tail.norm_names(te_norms, te_fc1))
+    layout = attrs.evolve(
+        layout,
+        norm_names=lift_tail.norm_names(te_norms, te_fc1),
+        gdn_keys=M.gdn_keys_seen(spec, gdn_seen, layout.gdn_keys, where),
+    )
     return lift_tail.checkpoint(
         where,
         spec,
