@@ -270,6 +270,13 @@ def test_megatron_core_layout_holds_each_part_per_rank(models, tmp_path, family)
     assert args.linear_attention_freq == 4  # layers 0-2 gated-delta-net, layer 3 softmax attention
     assert args.attention_output_gate and args.apply_layernorm_1p
     assert args.transformer_impl == "transformer_engine"
+    from ckpt_ir.megatron.args import Args, spec_values
+
+    read = spec_values(Args(vars(args)))  # the same table read back
+    fields = ("linear_layers", "linear_k_heads", "linear_v_heads", "linear_k_dim", "linear_v_dim")
+    assert {f: read[f] for f in (*fields, "linear_conv_kernel", "attn_gate")} == {
+        f: getattr(spec, f) for f in (*fields, "linear_conv_kernel", "attn_gate")
+    }
 
 
 def test_zero_centred_out_norm_is_exact_where_w_minus_1_is(models, tmp_path):
