@@ -59,6 +59,9 @@ LAYOUTS = {
         dict(tp=2, ep=2),
         dict(tp=2, pp=2, num_layer_list=(1, 2), etp=1),
         dict(ep=2, grouped_gemm=True),
+        # a virtual pipeline: a no-op layer makes the 3 layers 2 stages x 2 chunks of 1, the MTP
+        # layer on the last stage
+        dict(pp=2, ep=2, vpp_layers=1, noop_layers=(3,)),
     )
 }
 
@@ -128,8 +131,8 @@ def models(tmp_path_factory):
 
 
 # (model, layout): the transformers naming at TP2 EP2 and EP2 grouped, the release naming with MTP
-# at TP2 PP2 (uneven)
-CASES = [("transformers", 0), ("release", 1), ("transformers", 2)]
+# at TP2 PP2 (uneven) and with a virtual pipeline
+CASES = [("transformers", 0), ("release", 1), ("transformers", 2), ("release", 3)]
 
 
 @pytest.mark.parametrize("model,layout", CASES, ids=[f"{m}-{i}" for m, i in CASES])
@@ -138,7 +141,7 @@ def test_hf_to_mcore_to_hf_bit_exact_in_the_source_naming_with_same_logits(model
     assert ck.load(src).spec.family == "deepseek_v4"
     mid, back = str(tmp_path / "mid"), str(tmp_path / "back")
     convert(src, mid, ck.Target(to="mcore", **LAYOUTS["deepseek_v4"][layout]))
-    args = vars(rank(mid, "mp_rank_00_000")["args"])
+    args = vars(rank(mid, sorted(os.listdir(f"{mid}/iter_0000001"))[0])["args"])  # the first rank's
     assert args.get("ckpt_ir_hf_naming") == ("transformers" if model == "transformers" else None)
     convert(mid, back, ck.Target(to="hf"))
     assert_same_tensors(src, back)  # names included: the source's naming

@@ -47,7 +47,7 @@ CONFIGS = {
     ),
 }
 LAYOUTS = {
-    "mamba2": (dict(tp=2, pp=2, num_layer_list=(1, 3)),),
+    "mamba2": (dict(tp=2, pp=2, num_layer_list=(1, 3)), dict(tp=2, norm_names="te")),
     "nemotron_h": (dict(tp=2, ep=2, norm_names="te"), dict(pp=2, num_layer_list=(3, 1))),
 }
 
@@ -142,8 +142,18 @@ def test_verify_runs_a_hybrid_layer_by_layer(models, tmp_path):
     assert r.returncode == 1 and "first at layer 0" in r.stdout, r.stdout + r.stderr
 
 
-def test_no_virtual_pipeline_for_mamba_models(models, tmp_path):
-    """megatron-core's MambaStack asserts it has no virtual pipeline stages: refused in one line."""
-    with pytest.raises(Exception, match="builds no virtual pipeline stages"):
-        convert(models["nemotron_h"], str(tmp_path / "mid"), ck.Target(to="mcore", pp=2, vpp_layers=1))
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        (dict(pp=2, vpp_layers=1), "builds no virtual pipeline stages"),
+        (dict(pp=2, noop_layers=(4, 5)), "has no no-op layers"),
+    ],
+    ids=["vpp", "noop"],
+)
+def test_no_virtual_pipeline_or_noop_layers_for_mamba_models(models, tmp_path, layout, message):
+    """megatron-core's MambaStack asserts it has no virtual pipeline stages, and its hybrid pattern
+    gives every layer a block (no no-op layers): each refused in one line."""
+    with pytest.raises(Exception, match=message) as e:
+        convert(models["nemotron_h"], str(tmp_path / "mid"), ck.Target(to="mcore", **layout))
+    assert "\n" not in str(e.value)
     assert not (tmp_path / "mid").exists()

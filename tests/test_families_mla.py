@@ -34,10 +34,12 @@ LAYOUTS = {
     # (megatron-core's logits on its rank files: test_megatron_mla_oracle.py)
     "glm4_moe_lite": (dict(tp=2, pp=2, ep=2, num_layer_list=(3, 1), grouped_gemm=True),),
     # LongCat-Flash (3 layers of two MLA sublayers + a shortcut MoE with zero experts): TP2 x EP2,
-    # and MindSpeed-LLM's release recipe (expert TP 1, grouped GEMM) over an uneven PP2
+    # MindSpeed-LLM's release recipe (expert TP 1, grouped GEMM) over an uneven PP2, and VPP
     "longcat_flash": (
         dict(tp=2, ep=2),
         dict(tp=2, pp=2, ep=2, etp=1, num_layer_list=(2, 1), grouped_gemm=True),
+        # a virtual pipeline (a no-op layer makes the 3 layers 2 stages x 2 chunks of 1)
+        dict(pp=2, vpp_layers=1, noop_layers=(3,)),
     ),
 }
 

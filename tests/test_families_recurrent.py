@@ -63,11 +63,15 @@ CONFIGS = {
     ),
 }
 
-# per family: the Megatron layouts to round-trip through
+# per family: the Megatron layouts to round-trip through (the GPTModel-like layer of ckpt-ir's own
+# names takes a virtual pipeline as any GPT layer does)
 LAYOUTS = {
-    "lfm2": (dict(tp=2, pp=2, num_layer_list=(3, 1)),),
-    "kimi_linear": (dict(tp=2, pp=2, ep=2, num_layer_list=(1, 3)),),
-    "jamba": (dict(tp=2, pp=2, ep=2, num_layer_list=(3, 1), grouped_gemm=True),),
+    "lfm2": (dict(tp=2, pp=2, num_layer_list=(3, 1)), dict(tp=2, pp=2, vpp_layers=1)),
+    "kimi_linear": (dict(tp=2, pp=2, ep=2, num_layer_list=(1, 3)), dict(pp=2, vpp_layers=1, ep=2)),
+    "jamba": (
+        dict(tp=2, pp=2, ep=2, num_layer_list=(3, 1), grouped_gemm=True),
+        dict(tp=2, pp=2, vpp_layers=1),
+    ),
 }
 
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import ckpt_ir.api as ck
-from ckpt_ir.errors import FormatError, VerifyError
+from ckpt_ir.errors import FormatError, LayoutError, VerifyError
 from ckpt_ir.families import Family, by_name
 from ckpt_ir.ir.blocks import to_pattern
 from tests.family_models import DENSE, assert_round_trip, build, rank
@@ -104,8 +104,11 @@ CASES = [
     # stage 0: HF layer 0's Mamba mixer only; its MLP opens stage 1
     ("bamba", dict(tp=2, pp=2, num_layer_list=(1, 3))),
     ("granitemoehybrid", dict(tp=2, pp=2, ep=2, num_layer_list=(3, 1), norm_names="te")),
+    ("bamba", dict(tp=2, norm_names="te")),
     ("granitemoehybrid-dense", dict(tp=2, pp=2, num_layer_list=(3, 1))),
-    ("falcon_h1", dict(tp=2, pp=2, num_layer_list=(1, 2), norm_names="te")),
+    # Megatron-Bridge's FalconH1 model splits the layers evenly (no layer list, no VPP)
+    ("falcon_h1", dict(tp=2, pp=3, norm_names="te")),
+    ("falcon_h1", dict(tp=2)),
 ]
 # per family: the layouts round-tripped (the support matrix reads this)
 LAYOUTS: dict[str, tuple[dict, ...]] = {}
@@ -127,7 +130,7 @@ def models(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name,layout", CASES, ids=[m for m, _ in CASES])
+@pytest.mark.parametrize("name,layout", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
 def test_hf_to_mcore_to_hf_bit_exact_with_same_logits_and_config(models, tmp_path, name, layout):
     src = models(name)
     back = assert_round_trip(src, tmp_path, MODELS[name][0], layout)
@@ -137,7 +140,7 @@ def test_hf_to_mcore_to_hf_bit_exact_with_same_logits_and_config(models, tmp_pat
     args = rank(str(tmp_path / "mid"), first)["args"]
     hf_layers = MODELS[name][1]
     blocks = 1 if name == "falcon_h1" else 2  # Megatron layers per HF layer
-    assert args.num_layers == blocks * hf_layers == sum(layout["num_layer_list"])
+    assert args.num_layers == blocks * hf_layers == sum(layout.get("num_layer_list", (args.num_layers,)))
     assert json.loads(args.ckpt_ir_hf_config)["num_hidden_layers"] == hf_layers
 
 
@@ -209,6 +212,26 @@ def test_falcon_h1_layers_under_megatron_bridge_keys_without_the_mixer_norm(mode
             assert torch.equal(sd[f"decoder.layers.{i}.{m}"], hf[f"model.layers.{i}.{k}"]), m
     convert(mid, back, ck.Target(to="hf"))
     assert_same_tensors(src, back)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(pp=2, num_layer_list=(1, 2)),  # uneven stages
+        dict(pp=2),  # 3 layers do not split evenly over 2 stages
+        dict(pp=3, vpp_layers=1),
+        dict(pp=2, noop_layers=(3,)),
+    ],
+    ids=["uneven", "indivisible", "vpp", "noop"],
+)
+def test_falcon_h1_pipeline_is_even_as_megatron_bridge_builds_it(models, tmp_path, layout):
+    """Megatron-Bridge's FalconH1Stack gives every pipeline stage num_layers // PP layers and
+    asserts no virtual pipeline (falconh1_block.py ``_select_layers_for_pipeline_parallel``): any
+    other pipeline layout is a one-line error naming that model, and nothing is written."""
+    with pytest.raises(LayoutError) as e:
+        convert(models("falcon_h1"), str(tmp_path / "mid"), ck.Target(to="mcore", **layout))
+    assert "\n" not in str(e.value) and "FalconH1" in str(e.value) and "evenly" in str(e.value)
+    assert not (tmp_path / "mid").exists()
 
 
 def test_sublayers_renumber_both_ways_and_refuse_a_block_in_the_wrong_sub_layer():
@@ -326,11 +349,14 @@ def test_megatron_core_mamba_model_loads_the_rank_files_strictly(models, tmp_pat
     """megatron-core's MambaModel (tests/mcore_hybrid.py: built on CPU, not run) of Bamba's pattern
     M-*- at TP2 x PP2 (first stage 1 layer; MindSpeed's local norm modules) and of Granite-4's
     ME*E at TP2 x EP2 (Transformer Engine naming, SequentialMLP experts, a gated shared expert)
-    has exactly the keys and shapes of ckpt-ir's rank files, but for the modules' _extra_state."""
+    has exactly the keys and shapes of ckpt-ir's rank files, but for the modules' _extra_state.
+    ckpt-ir's torch_dist of each (one tensor per global layer, the mixer part by part) loads
+    strictly into the same models with the stock TE spec (dist_checkpointing.load, no missing or
+    unexpected key), and what Granite-4's ranks load is its TP2 x EP2 rank files, tensor for tensor."""
     from tests.mcore_hybrid import load_results, mcore_keys
 
-    def case(name: str, layout: dict, **fields) -> dict:
-        mid = str(tmp_path / name)
+    def case(name: str, layout: dict, out: str | None = None, **fields) -> dict:
+        mid = str(tmp_path / (out or name))
         convert(models(name), mid, ck.Target(to="mcore", **layout))
         cfg = MODELS[name][2]
         return dict(
@@ -370,10 +396,21 @@ def test_megatron_core_mamba_model_loads_the_rank_files_strictly(models, tmp_pat
             moe_shared_expert_intermediate_size=granite["shared_intermediate_size"],
         ),
     ]
-    for reports in mcore_keys(cases, tmp_path / "oracle"):
-        for r in load_results(reports):
-            # ckpt-ir writes no _extra_state from an HF source (for any family: none to carry)
-            missing = [k for k in r["missing"] if not k.endswith("._extra_state")]
-            assert (r["error"], missing, r["unexpected"], r["shape_mismatch"]) == (None, [], [], []), r[
-                "file"
-            ]
+    dist = [{**c, "spec": "te"} for c in cases]  # torch_dist is stored under the TE names
+    for c, (name, out) in zip(dist, (("bamba", "bamba_dist"), ("granitemoehybrid", "granite_dist"))):
+        c["ckpt"] = case(name, dict(ckpt_format="torch_dist"), out)["ckpt"]
+    dist[1]["dump"] = True
+    reports = mcore_keys(cases + dist, tmp_path / "oracle")
+    for r in load_results(reports[0] + reports[1]):
+        # ckpt-ir writes no _extra_state from an HF source (for any family: none to carry)
+        missing = [k for k in r["missing"] if not k.endswith("._extra_state")]
+        assert (r["error"], missing, r["unexpected"], r["shape_mismatch"]) == (None, [], [], []), r["file"]
+    for r in load_results(reports[2] + reports[3]):
+        assert r["format"] == "torch_dist" and r["ok"] and r["error"] is None, r
+        assert r["missing"] == r["unexpected"] == r["state_dict_missing"] == [], r
+    for r in load_results(reports[3]):
+        loaded = torch.load(tmp_path / "oracle" / f"case3.rank{r['rank']}.sd.pt")
+        want = rank(cases[1]["ckpt"], f"mp_rank_{r['tp_rank']:02d}_{r['ep_rank']:03d}")["model"]
+        assert sorted(loaded) == sorted(k for k in want if not k.endswith("._extra_state"))
+        for k, v in loaded.items():
+            assert torch.equal(v, want[k]), (r["rank"], k)

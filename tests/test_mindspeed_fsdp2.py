@@ -168,6 +168,13 @@ def test_bad_requests_are_one_line_errors(runs, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and not os.path.exists(out)
 
 
+# families whose in-memory names ckpt-ir does not map back yet (a training job saving them is
+# reported tensor by tensor as not understood): DeepSeek-V4's conversion mapping rewrites every
+# release name and fuses its experts under other names; Kimi-Linear's renames its MoE and KDA modules
+# and concatenates the three short convolutions
+NO_RUNTIME_NAMES = {"deepseek_v4", "kimi_linear"}
+
+
 def test_in_memory_names_are_those_transformers_gives(tmp_path):
     """For every family transformers 5 renames or fuses on load, the HF names ckpt-ir gives the
     in-memory names transformers' own rename_source_key produces are the HF names again."""
@@ -175,10 +182,13 @@ def test_in_memory_names_are_those_transformers_gives(tmp_path):
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-    checked = []
+    checked, unmapped = [], []
     for family in all_families():
         mapping = [m for t in family.model_types for m in get_checkpoint_conversion_mapping(t) or ()]
         if not mapping:
+            continue
+        if family.name in NO_RUNTIME_NAMES:
+            unmapped.append(family.name)
             continue
         renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
         converters = [m for m in mapping if isinstance(m, WeightConverter)]
@@ -191,6 +201,7 @@ def test_in_memory_names_are_those_transformers_gives(tmp_path):
         hf_names = {t.format(i=0, e=e) for t, _ in family.tensors for e in (range(n) if "{e}" in t else (0,))}
         shapes = {
             "gate_up_proj": (n, 2 * spec.moe_ffn_hidden_size, spec.hidden_size),
+            "up_proj": (n, spec.moe_ffn_hidden_size, spec.hidden_size),  # plain experts (Nemotron-H)
             "down_proj": (n, spec.hidden_size, spec.moe_ffn_hidden_size),
         }
         in_memory = {}
@@ -200,4 +211,7 @@ def test_in_memory_names_are_those_transformers_gives(tmp_path):
             in_memory[runtime] = E.Load("unused", runtime, shape, "F32", 0)
         assert set(to_hf_names(family, spec, in_memory, "x")) == hf_names, family.name
         checked.append(family.name)
-    assert {"mixtral", "phimoe", "minimax_m2", "hy_v3", "qwen3_moe", "deepseek_v3"} <= set(checked)
+    assert {"mixtral", "phimoe", "minimax_m2", "hy_v3", "qwen3_moe", "deepseek_v3", "nemotron_h"} <= set(
+        checked
+    )
+    assert unmapped == sorted(NO_RUNTIME_NAMES)  # the known gap, no more

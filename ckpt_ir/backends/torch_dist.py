@@ -16,7 +16,8 @@ Written as Megatron-Core 0.15-0.18 lays it out (``version="0.15"``, which 0.19+ 
 
 Keys are global: every decoder-layer tensor is stacked on a leading layer axis
 (``decoder.layers.self_attention.linear_qkv.weight`` is ``[L, ...]``; MoE experts on the next
-axis, ``decoder.layers.mlp.experts.experts.linear_fc1.weight`` ``[L, E, 2F, H]``), the norms named the
+axis, ``decoder.layers.mlp.experts.experts.linear_fc1.weight`` ``[L, E, 2F, H]``; layers that
+differ each under its global number, ``decoder.layers.<i>.<key>``), the norms named the
 Transformer-Engine way (``linear_qkv.layer_norm_weight``) whatever the layer spec, as Megatron
 saves them; each tensor is one whole chunk (Megatron reshards on load).  Every linear module also
 gets the ``_extra_state`` sharded object Megatron's modules expect (``None``: Transformer Engine
@@ -49,7 +50,7 @@ from ckpt_ir.ir.blocks import is_hybrid
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.dtypes import torch_name
 from ckpt_ir.ir.layout import has_gdn_modules
-from ckpt_ir.ir.names import NameTable, split_layer
+from ckpt_ir.ir.names import NameTable
 from ckpt_ir.ir.rules import mla_rule
 from ckpt_ir.megatron import args as megatron_args
 from ckpt_ir.megatron import global_keys
@@ -295,17 +296,15 @@ def _stored(
     """(torch_dist key, expression) for one tensor set, and the keys of the ``_extra_state``
     objects Megatron's linear modules save beside them.  Decoder layers are stacked on a leading
     layer axis (``decoder.layers.<key>`` ``[L, ...]``) when every layer has the same modules, as
-    Megatron-Core saves a homogeneous block; with dense and MoE layers mixed (``moe_layer_freq`` a
-    pattern) each layer has its own keys (``decoder.layers.<i>.<key>``).  Multi-token-prediction
+    Megatron-Core saves a homogeneous block; otherwise (dense and MoE layers mixed, layers of
+    different blocks, hybrid stacks) each layer has its own keys (``decoder.layers.<i>.<key>``,
+    :func:`_stacked_layers`).  Multi-token-prediction
     layers are ``mtp.layers.<k>.{enorm,hnorm,eh_proj,final_layernorm}`` around a
     ``transformer_layer``."""
     table = M.spec_layer_table("te", spec)
     stored: list[tuple[str, E.Expr]] = []
     objects: list[str] = []
-    for name, key in (
-        ("embed.weight", M.EMBEDDING),
-        ("pos_embed.weight", "embedding.position_embeddings.weight"),
-    ):
+    for key, name in M.PRE_LAYERS:  # the embedding (positions, BLOOM's norm)
         if name in nodes:
             stored.append((key, nodes[name].expr))
     used: set[str] = set()
@@ -320,25 +319,18 @@ def _stored(
 
     def own_objects(prefix: str, entries) -> None:
         for key, expr, by_expert in entries:
-            if key.endswith((".weight.z", ".in_proj.weight.query")):  # a mixer in_proj's first part
-                key = key.rsplit(".", 1)[0]
+            base, _, part = key.rpartition(".")
+            if part == (global_keys.mamba_parts(base) or ("",))[0]:  # a mixer tensor's first part
+                key = base
             if linear(key):
                 base = f"{prefix}{key[: -len('.weight')]}._extra_state"
                 n = expr.shape[0] if by_expert else 1
                 objects.extend(f"{base}/shard_{e}_{n}" for e in range(n))
 
-    # megatron-core's MambaStack saves every layer under its own global number, and so does a
-    # GPTModel whose layers differ (TransformerBlock: linear_attention_freq, moe_layer_freq)
-    gdn = has_gdn_modules(spec)
-    if hybrid or gdn:
+    if is_hybrid(spec) or has_gdn_modules(spec):  # a mixer's fused tensors are stored part by part
         per_layer = [_mamba_parts(spec, entries) for entries in per_layer]
-    if not spec.dense_layers and not hybrid and not gdn:  # homogeneous: one stacked key per module
+    if _stacked_layers(spec, per_layer):  # homogeneous: one stacked key per module
         first = per_layer[0] if per_layer else []
-        shapes = [[(k, x.shape) for k, x, _ in entries] for entries in per_layer]
-        if any(s != shapes[0] for s in shapes):
-            raise VerifyError(
-                "torch_dist stacks the decoder layers, but they do not all hold the same tensors"
-            )
         for n, (key, _, by_expert) in enumerate(first):
             stored.append((M.LAYERS + key, E.simplify(_stacked([entries[n][1] for entries in per_layer]))))
             if linear(key):
@@ -368,10 +360,19 @@ def _stored(
             for key, x, e in _layer_entries(nodes, spec, layer, table, used, te)
         ]
         tail = [("final_layernorm.weight", nodes[f"layers.{layer}.mtp.norm.weight"].expr, False)]
+        tail += [  # DeepSeek-V4: the MTP layer's hyper-connection head
+            (m[len("mtp.layers.{k}.") :], nodes[f"layers.{layer}.{c}"].expr, False)
+            for m, c in M.MTP_HC_HEAD
+            if f"layers.{layer}.{c}" in nodes
+        ]
         # the MTP block's own embedding and head are the main model's (shared in Megatron)
         used.update(
             f"layers.{layer}.{c}"
-            for c in (*(c for _, c in M.MTP_KEYS), "mtp.embed.weight", "mtp.head.weight")
+            for c in (
+                *(c for _, c in (*M.MTP_KEYS, *M.MTP_HC_HEAD)),
+                "mtp.embed.weight",
+                "mtp.head.weight",
+            )
         )
         stored += [(prefix + key, E.simplify(x)) for key, x, _ in head + body + tail]
         own_objects(prefix, head + body)
@@ -382,15 +383,36 @@ def _stored(
     ]
     if hybrid:  # MambaModel saves its output layer's _extra_state (GPTModel drops it), tied or not
         objects.append(f"{M.OUTPUT_LAYER}_extra_state/shard_0_1")
-    left = sorted(n for n in nodes if split_layer(n)[0] is not None and n not in used)
+    written = {"final_norm.weight", "final_norm.bias", "lm_head.weight", "lm_head.bias"}
+    written |= {name for _, name in M.PRE_LAYERS}
+    for key, name in M.POST_LAYERS:  # after the output layer: DeepSeek-V4's hyper-connection head
+        if name in nodes and name not in written:
+            stored.append((key, nodes[name].expr))
+            written.add(name)
+    left = sorted(n for n in nodes if n not in used and n not in written)
     if left:
         raise VerifyError(f"no torch_dist key for {left[0]}")
     return stored, objects
 
 
-# a Mamba layer's linear modules (Transformer Engine's in megatron-core's stock spec): their
-# _extra_state is saved beside them
-_MAMBA_LINEARS = ("mixer.in_proj.weight", "mixer.out_proj.weight")
+def _stacked_layers(spec, per_layer: list[list[tuple[str, E.Expr, bool]]]) -> bool:
+    """Whether the decoder layers are stored stacked on a leading layer axis, as megatron-core
+    saves a block of alike layers; else each layer under its global number
+    (``decoder.layers.<i>.<key>``), as its TransformerBlock saves non-homogeneous layers (a
+    ``moe_layer_freq`` pattern, heterogeneous block specs) and its MambaStack (and
+    Megatron-Bridge's FalconH1Stack) every layer.  Layers whose keys or shapes differ (LFM2's
+    convolution and attention layers, DeepSeek-V4's compressed and sliding-window attention, ...)
+    are stored per layer, and so is every layer of a gated-delta-net model (its TransformerBlock
+    with a ``linear_attention_freq``)."""
+    if is_hybrid(spec) or spec.dense_layers or has_gdn_modules(spec):
+        return False
+    shapes = [[(k, x.shape) for k, x, _ in entries] for entries in per_layer]
+    return all(s == shapes[0] for s in shapes)
+
+
+# a Mamba mixer's linear modules (Transformer Engine's in megatron-core's stock spec and in
+# Megatron-Bridge's FalconH1 spec): their _extra_state is saved beside them
+_MAMBA_LINEARS = tuple(f"{m}.{p}_proj.weight" for m in global_keys.MAMBA_MODULES for p in ("in", "out"))
 _GDN_LINEARS = ("self_attention.in_proj.weight", "self_attention.out_proj.weight")  # GatedDeltaNet's
 
 
@@ -400,7 +422,7 @@ def _mamba_parts(spec, entries: list[tuple[str, E.Expr, bool]]) -> list[tuple[st
     ``self_attention.in_proj.weight.query`` ... ``.alpha``, ``self_attention.conv1d.weight.query`` ...)."""
     out = []
     for key, expr, by_expert in entries:
-        names = global_keys.FUSED_PARTS.get(key)
+        names = global_keys.mamba_parts(key)
         if names is None:
             out.append((key, expr, by_expert))
             continue

@@ -90,7 +90,7 @@ register(
         ),
         mindspeed_names=("mamba2",),
         tested=Tested(
-            round_trip=("--tp 2 --pp 2 --num-layer-list 1,3",),
+            round_trip=("--tp 2 --pp 2 --num-layer-list 1,3", "--tp 2 --norm-names te"),
             mcore_missing="no forward: megatron-core's MambaMixer computes only with mamba_ssm's Triton kernels",
             mindspeed=(
                 ("mamba2-tp1", "identical"),
@@ -284,7 +284,10 @@ register(
             *((L + "feed_forward." + h[len(L + "mlp.") :], c) for h, c in GATED_MLP + GATED_MLP_BIASES),
         ),
         split_layers=SplitLayers((MIXER_PARTS, ("pre_ff_layernorm.", "feed_forward."))),
-        tested=Tested(round_trip=("--tp 2 --pp 2 --num-layer-list 1,3",), mcore_missing=MAMBA_KERNELS),
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2 --num-layer-list 1,3", "--tp 2 --norm-names te"),
+            mcore_missing=MAMBA_KERNELS,
+        ),
         config=config_with(
             ConfigKey("num_layers", None, lambda cfg: len(_bamba_layers(cfg))),
             ConfigKey("layer_blocks", None, _bamba_layers),
@@ -412,7 +415,7 @@ register(
             ConfigKey("mamba_no_gated_norm", None, lambda cfg: not cfg.get("mamba_rms_norm", False)),
         ),
         tested=Tested(
-            round_trip=("--tp 2 --pp 2 --num-layer-list 1,2 --norm-names te",),
+            round_trip=("--tp 2 --pp 3 --norm-names te", "--tp 2"),
             mcore_missing="no: its Megatron form is Megatron-Bridge's own FalconH1 model, not megatron-core's",
         ),
         megatron_keys=(

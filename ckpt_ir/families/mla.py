@@ -380,6 +380,7 @@ register(
             round_trip=(
                 "--tp 2 --ep 2",
                 "--tp 2 --pp 2 --ep 2 --etp 1 --num-layer-list 2,1 --moe-grouped-gemm",
+                "--pp 2 --vpp-layers 1 --noop-layers 3",
             ),
             mcore_missing="no: megatron-core has no LongCat layer (MindSpeed-LLM's own layer spec; zero experts)",
             mindspeed=(

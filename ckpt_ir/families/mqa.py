@@ -253,6 +253,7 @@ register(
                 "--tp 2 --ep 2",
                 "--tp 2 --pp 2 --etp 1 --num-layer-list 1,2",
                 "--ep 2 --moe-grouped-gemm",
+                "--pp 2 --ep 2 --vpp-layers 1 --noop-layers 3",
             ),
             mcore_missing="no: megatron-core 0.16 has no DeepSeek-V4 modules (hyper-connections, KV compressors)",
             mindspeed=(

@@ -122,7 +122,7 @@ register(
         ),
         constants=(("qk_norm", True),),
         tested=Tested(
-            round_trip=("--tp 2 --pp 2 --num-layer-list 3,1",),
+            round_trip=("--tp 2 --pp 2 --num-layer-list 3,1", "--tp 2 --pp 2 --vpp-layers 1"),
             mcore_missing=OWN_LAYOUT.format("a short-convolution mixer"),
         ),
     )
@@ -257,7 +257,7 @@ register(
         constants=(("router_bias", True),),
         megatron_args=_kimi_router_args,
         tested=Tested(
-            round_trip=("--tp 2 --pp 2 --ep 2 --num-layer-list 1,3",),
+            round_trip=("--tp 2 --pp 2 --ep 2 --num-layer-list 1,3", "--pp 2 --ep 2 --vpp-layers 1"),
             mcore_missing=OWN_LAYOUT.format("Kimi delta attention"),
         ),
     )
@@ -343,7 +343,10 @@ register(
         ),
         megatron_args=lambda cfg: {"moe_router_pre_softmax": True},
         tested=Tested(
-            round_trip=("--tp 2 --pp 2 --ep 2 --num-layer-list 3,1 --moe-grouped-gemm",),
+            round_trip=(
+                "--tp 2 --pp 2 --ep 2 --num-layer-list 3,1 --moe-grouped-gemm",
+                "--tp 2 --pp 2 --vpp-layers 1",
+            ),
             mcore_missing=OWN_LAYOUT.format("a Mamba-1 mixer"),
         ),
     )

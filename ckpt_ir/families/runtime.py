@@ -57,9 +57,15 @@ RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
         ("mlp.moe_statics.e_score_correction_bias", "mlp.gate.moe_statics.e_score_correction_bias"),
     ),
     "exaone_moe": (("mlp.e_score_correction_bias", "mlp.gate.e_score_correction_bias"),),
+    # saved under backbone., held under model. (conversion_mapping.py)
+    **dict.fromkeys(("mamba2", "nemotron_h"), (("backbone.", "model."),)),
 }
-# the fused experts' parameters: name -> the per-expert roles stacked in each expert's rows
-FUSED_EXPERTS = (("gate_up_proj", ("gate", "up")), ("down_proj", ("down",)))
+# the fused experts' parameters: name -> the per-expert roles stacked in each expert's rows; gated
+# experts, or plain ones (Nemotron-H's squared-ReLU experts: up_proj [E, F, H], down_proj [E, H, F])
+FUSED_EXPERTS = (
+    (("gate_up_proj", ("gate", "up")), ("down_proj", ("down",))),
+    (("up_proj", ("fc1",)), ("down_proj", ("down",))),
+)
 
 
 def runtime_name(family: Family, hf_name: str) -> str:
@@ -79,11 +85,12 @@ def to_hf_names(
     fused = _fused_experts(family)
     out: dict[str, E.Expr] = {}
     for key, x in tensors.items():
-        found = next(((m, parts) for pat, parts in fused if (m := pat.match(key))), None)
+        found = next(((m, parts, down) for pat, parts, down in fused if (m := pat.match(key))), None)
         if found is None:
             parts = {names.to_canonical(key) or key: x}
         else:
-            parts = _split_experts(x, found[1], found[0].groupdict(), spec, f"{where}: tensor {key}")
+            m, templates, down = found
+            parts = _split_experts(x, templates, down, m.groupdict(), spec, f"{where}: tensor {key}")
         for name, expr in parts.items():
             if name in out:
                 raise FormatError(f"{where}: tensor {name} is stored twice (the second time as {key})")
@@ -91,27 +98,30 @@ def to_hf_names(
     return out
 
 
-def _fused_experts(family: Family) -> list[tuple[re.Pattern[str], tuple[str, ...]]]:
+def _fused_experts(family: Family) -> list[tuple[re.Pattern[str], tuple[str, ...], bool]]:
     """(pattern of a fused parameter's in-memory name, the HF templates of the expert tensors it
     stacks) for the family's per-expert tensors; none when it has none."""
     hf = {c: h for h, c in family.tensors}
-    out = []
-    for param, roles in FUSED_EXPERTS:
-        templates = tuple(hf.get(f"layers.{{i}}.mlp.experts.{{e}}.{r}.weight", "") for r in roles)
-        if not all(templates):
-            return []
-        stem = runtime_name(family, templates[0].split("{e}.", 1)[0])
-        out.append((template_pattern(stem + param), templates))
-    return out
+    for params in FUSED_EXPERTS:
+        out = []
+        for param, roles in params:
+            templates = tuple(hf.get(f"layers.{{i}}.mlp.experts.{{e}}.{r}.weight", "") for r in roles)
+            if not all(templates):
+                break
+            stem = runtime_name(family, templates[0].split("{e}.", 1)[0])
+            out.append((template_pattern(stem + param), templates, roles == ("down",)))
+        else:
+            return out
+    return []
 
 
 def _split_experts(
-    x: E.Expr, templates: tuple[str, ...], groups: dict[str, str], spec: ModelSpec, what: str
+    x: E.Expr, templates: tuple[str, ...], down: bool, groups: dict[str, str], spec: ModelSpec, what: str
 ) -> dict[str, E.Expr]:
     """Each expert's tensors (``templates``, stacked in that order in each expert's rows) from a
     fused parameter, 3-D ``[E, out, in]`` or flattened ``[E*in, out]``."""
     n, h, f = spec.num_experts, spec.hidden_size, spec.moe_ffn_hidden_size
-    out_rows, width = (len(templates) * f, h) if len(templates) > 1 else (h, f)
+    out_rows, width = (h, f) if down else (len(templates) * f, h)
     if x.shape == (n, out_rows, width):
         rows = _rows(x, out_rows)
         experts: list[E.Expr] = [E.Slice(rows, 0, e * out_rows, (e + 1) * out_rows) for e in range(n)]

@@ -279,9 +279,13 @@ def map_tensors(
             for canon, expr in hit:
                 tensors[canon] = TensorNode.whole(canon, expr)
             continue
-        key = hf_names.get(key, key)
-        reason = next((why for pat, why in DROP_RULES if fnmatch.fnmatch(key, pat)), None)
-        if reason is None and any(fnmatch.fnmatch(key, p) for p in allow_unused):
+        # the rules and --allow-unused match the HF name and the table's name for it
+        names_of = (key, hf_names[key]) if key in hf_names else (key,)
+        key = names_of[-1]
+        reason = next(
+            (why for pat, why in DROP_RULES if any(fnmatch.fnmatch(n, pat) for n in names_of)), None
+        )
+        if reason is None and any(fnmatch.fnmatch(n, p) for p in allow_unused for n in names_of):
             reason = f"matched {setting('allow_unused')}"
         if reason is None:
             unknown.append(key)

@@ -327,7 +327,8 @@ def _join_mamba_parts(
     for set_name, by_key in parts.items():
         for key, have in by_key.items():
             layer_key = key.split(".", 3)[3]  # below decoder.layers.<i>.
-            names = global_keys.FUSED_PARTS[layer_key]
+            names = global_keys.mamba_parts(layer_key)
+            assert names is not None  # MAMBA_PART_KEY matched only such keys
             if set(have) != set(names):
                 raise FormatError(
                     f"{where}: {key} is stored as parts {sorted(have)}, megatron-core's mixer has "

@@ -175,6 +175,24 @@ def num_chunks(spec: ModelSpec, layout: Layout) -> int:
 def validate(spec: ModelSpec, layout: Layout) -> None:
     """Every check that needs both spec and layout; raises LayoutError with a one-line reason."""
     total = mcore_num_layers(spec, layout)
+    parallel_mixers = is_hybrid(spec) and any(len(spec.blocks(i)) > 1 for i in range(spec.num_layers))
+    even = not (layout.vpp_layers or layout.noop_layers or spec.num_layers % layout.pp) and (
+        layout.num_layer_list is None or len(set(layout.num_layer_list)) == 1
+    )
+    if parallel_mixers and not even:  # Falcon-H1: a layer of Mamba and attention side by side
+        raise LayoutError(
+            f"layout: {spec.family}'s Megatron form, Megatron-Bridge's FalconH1 model "
+            f"(falconh1_block.py), splits its {spec.num_layers} layers evenly over the pipeline "
+            f"stages, with no virtual stages or no-op layers; use a {setting('pp')} that divides "
+            f"{spec.num_layers}, without {setting('num_layer_list')}, {setting('vpp_layers')} or "
+            f"{setting('noop_layers')}"
+        )
+    if layout.noop_layers and is_hybrid(spec):
+        raise LayoutError(
+            f"layout: megatron-core's MambaModel, which {spec.family} converts to, has no no-op layers "
+            f"(its hybrid pattern names every layer); drop {setting('noop_layers')} (PP with "
+            f"{setting('num_layer_list')} works)"
+        )
     if layout.vpp_layers and is_hybrid(spec):
         raise LayoutError(
             f"layout: megatron-core's MambaModel, which {spec.family} converts to, builds no virtual "

@@ -36,31 +36,49 @@ _MTP_OWN = {
     "hnorm.weight": "mtp.hnorm.weight",
     "eh_proj.weight": "mtp.eh_proj.weight",
     "final_layernorm.weight": "mtp.norm.weight",
+    # DeepSeek-V4's MTP hyper-connection head (MindSpeed-LLM's names)
+    **{m[len("mtp.layers.{k}.") :]: c for m, c in M.MTP_HC_HEAD},
 }
 _MLA_READ = dict(M.MCORE_MLA_KEYS + M.MCORE_MLA_TE_NORMS)
 # megatron-core's Mamba mixer keeps its fused tensors in torch_dist as one global tensor per part
-# (MambaMixer.sharded_state_dict: ``<key>.z`` ... each TP-sharded on dim 0), in this order
+# (MambaMixer.sharded_state_dict: ``<key>.z`` ... each TP-sharded on dim 0), in this order; the
+# mixer is ``mixer`` in MambaModel's MambaLayer, ``mamba_mixer`` in Megatron-Bridge's FalconH1Layer
+# (falconh1_layer.py sharded_state_dict: the same MambaMixer's sharded state dict)
+MAMBA_MODULES = ("mixer", "mamba_mixer")
 MAMBA_PARTS = {
-    "mixer.in_proj.weight": ("z", "x", "B", "C", "dt"),
-    "mixer.conv1d.weight": ("x", "B", "C"),
-    "mixer.conv1d.bias": ("x", "B", "C"),
+    "in_proj.weight": ("z", "x", "B", "C", "dt"),
+    "conv1d.weight": ("x", "B", "C"),
+    "conv1d.bias": ("x", "B", "C"),
 }
 # and so does its GatedDeltaNet (GatedDeltaNet.sharded_state_dict: ``in_proj.weight.query`` ...)
 GDN_PARTS = {
     "self_attention.in_proj.weight": ("query", "key", "value", "z", "beta", "alpha"),
     "self_attention.conv1d.weight": ("query", "key", "value"),
 }
-FUSED_PARTS = {**MAMBA_PARTS, **GDN_PARTS}
-MAMBA_PART_KEY = re.compile(  # a part of a Mamba or gated-delta-net mixer's tensor (FUSED_PARTS)
-    r"^(decoder\.layers\.\d+\.(?:" + "|".join(re.escape(k) for k in FUSED_PARTS) + r"))\.(\w+)$"
+MAMBA_PART_KEY = re.compile(  # a part of a Mamba or gated-delta-net mixer's tensor
+    r"^(decoder\.layers\.\d+\.(?:(?:"
+    + "|".join(MAMBA_MODULES)
+    + r")\.(?:"
+    + "|".join(re.escape(k) for k in MAMBA_PARTS)
+    + r")|"
+    + "|".join(re.escape(k) for k in GDN_PARTS)
+    + r"))\.(\w+)$"
 )
 
 
+def mamba_parts(key: str) -> tuple[str, ...] | None:
+    """The part names megatron-core stores the Mamba (or gated-delta-net) mixer tensor ``key``
+    (below the layer) as, or None when it is no such tensor."""
+    module, _, rest = key.partition(".")
+    return MAMBA_PARTS.get(rest) if module in MAMBA_MODULES else GDN_PARTS.get(key)
+
+
 def mamba_part_sizes(spec, key: str) -> tuple[int, ...]:
-    """Rows of each part of the mixer tensor ``key`` (below the layer, a FUSED_PARTS key)."""
+    """Rows of each part of the Mamba (or gated-delta-net) mixer tensor ``key`` (below the layer,
+    see :func:`mamba_parts`)."""
     if key in GDN_PARTS:
         return spec.gdn_in_proj_parts if ".in_proj." in key else spec.gdn_conv_parts
-    return spec.mamba_in_proj_parts if key.startswith("mixer.in_proj") else spec.mamba_conv_parts
+    return spec.mamba_in_proj_parts if key.partition(".")[2].startswith("in_proj") else spec.mamba_conv_parts
 
 
 def names(
