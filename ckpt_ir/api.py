@@ -26,7 +26,7 @@ from ckpt_ir.backends.plan import Plan
 from ckpt_ir.errors import UsageError, setting
 from ckpt_ir.frontends import load
 from ckpt_ir.ir.checkpoint import Checkpoint
-from ckpt_ir.ir.layout import MLA_KEYS, Layout
+from ckpt_ir.ir.layout import GDN_KEYS, MLA_KEYS, Layout, has_gdn_modules
 from ckpt_ir.passes.carry import DropOptimizerState, RenameMla, RenameNorms
 from ckpt_ir.passes.cast import CastPass, DequantizePass
 from ckpt_ir.passes.fusion import FuseGateUp, FuseQKV, UnfuseGateUp, UnfuseQKV
@@ -87,7 +87,10 @@ class Target:
     to a multiple of it times ``tp``); ``norm_names`` (``"local"``, ``"te"`` or ``"te-input"``;
     None keeps the source's); ``mla_keys``: whose modules multi-latent attention is written with,
     ``"mindspeed"`` (MindSpeed-LLM's fused ``linear_qkv``) or ``"mcore"`` (megatron-core's own, as
-    Megatron-LM writes them; None keeps the source's); ``ep`` (expert parallel), ``etp`` (expert tensor parallel: 1 or
+    Megatron-LM writes them; None keeps the source's); ``gdn_keys``: whose modules gated-delta-net
+    models (Qwen3-Next, Qwen3.5) are written with, ``"mindspeed"`` (MindSpeed-LLM's qwen3-next
+    layout: HF's packed projections, TP 1 only) or ``"mcore"`` (megatron-core's GatedDeltaNet and
+    gated linear_qkv, any TP); None: :func:`default_gdn_keys`; ``ep`` (expert parallel), ``etp`` (expert tensor parallel: 1 or
     ``tp``), ``grouped_gemm`` (grouped-GEMM experts); ``ckpt_format`` (``"torch"`` rank
     directories, ``"torch_dist"``: whole tensors Megatron reshards on load, written for
     Megatron-Core ``torch_dist_version`` ``"0.15"`` (0.15-0.18) or ``"0.19"``, or
@@ -123,6 +126,7 @@ class Target:
     vocab_divisible_by: int | None = None
     norm_names: str | None = None
     mla_keys: str | None = None
+    gdn_keys: str | None = None
     max_shard_size: int | None = None
     hf_config_dir: str | None = None
     ep: int = 1
@@ -174,6 +178,15 @@ class Target:
             raise UsageError(
                 f"{setting('mla_keys', self.mla_keys)} applies only with {setting('to', 'mcore')} in the "
                 f"torch format (torch_dist always holds megatron-core's own MLA modules)"
+            )
+        if self.gdn_keys not in (None, *GDN_KEYS):
+            raise UsageError(f"{setting('gdn_keys', self.gdn_keys)}: choose {' or '.join(GDN_KEYS)}")
+        if self.gdn_keys and (
+            self.to != "mcore" or self.gdn_keys == "mindspeed" and self.ckpt_format != "torch"
+        ):
+            raise UsageError(
+                f"{setting('gdn_keys', self.gdn_keys)} applies only with {setting('to', 'mcore')}, and "
+                f"MindSpeed-LLM's layout only in the torch format (torch_dist holds megatron-core's modules)"
             )
         if self.mla_keys == "mcore" and self.norm_names == "te-input":
             raise UsageError(
@@ -313,6 +326,15 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
     unfuse = target.to in ("hf", "peft") or peft_adapter
     steps += _normalise(lay, unfuse=unfuse, keep_grouped=to_mcore and target.grouped_gemm, unpad=not to_mcore)
     fused_qkv, fused_gate_up = (False, False) if unfuse else (lay.fused_qkv, lay.fused_gate_up)
+    gdn = default_gdn_keys(src, target) if to_mcore and _has_gdn(src) else None
+    if target.gdn_keys and not gdn and target.gdn_keys != lay.gdn_keys:
+        raise UsageError(
+            f"{setting('gdn_keys', target.gdn_keys)}: {src.spec.family} has no gated-delta-net layers "
+            f"or gated attention; leave it out"
+        )
+    if gdn and fused_qkv and gdn != lay.gdn_keys:  # the other Megatron modules: fused anew
+        steps.append(UnfuseQKV())
+        fused_qkv = False
     if peft_adapter:
         steps += attach
     has_lora = src.spec.lora_rank is not None or bool(target.lora_load)
@@ -328,7 +350,7 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
         steps.append(CastPass(dtype=target.dtype, keep_fp32="megatron" if to_mcore else "transformers"))
     if to_mcore:
         if not fused_qkv:
-            steps.append(FuseQKV())
+            steps.append(FuseQKV(gdn=gdn))
         if not fused_gate_up:
             steps.append(FuseGateUp())
         rows = padding_rows(src)
@@ -355,8 +377,11 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
                 )
             )
         renames: list[Pass] = []
-        if target.norm_names and target.norm_names != lay.norm_names:
-            renames.append(RenameNorms(names=target.norm_names))
+        norm_names = target.norm_names
+        if norm_names is None and gdn == "mcore" and lay.gdn_keys != "mcore":
+            norm_names = "te"  # megatron-core builds GatedDeltaNet models with Transformer Engine only
+        if norm_names and norm_names != lay.norm_names:
+            renames.append(RenameNorms(names=norm_names))
         if target.mla_keys and target.mla_keys != lay.mla_keys:
             if not src.spec.mla:
                 raise UsageError(
@@ -367,6 +392,31 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
             renames.insert(len(renames) if target.mla_keys == "mcore" else 0, RenameMla(keys=target.mla_keys))
         steps += renames
     return Pipeline(steps)
+
+
+def _has_gdn(src: Checkpoint) -> bool:
+    """Whether the model has gated-delta-net layers or gated attention (whose Megatron modules
+    ``gdn_keys`` chooses)."""
+    return has_gdn_modules(src.spec)
+
+
+def default_gdn_keys(src: Checkpoint, target: Target) -> str:
+    """Whose modules a gated-delta-net model is written with: ``target.gdn_keys`` when given, else
+    MindSpeed-LLM's where that layout can hold the target (the torch format at TP 1) and the source
+    is in it or is an HF model of a family MindSpeed-LLM converts (qwen3_next), else
+    megatron-core's.  MindSpeed-LLM users keep the layout its converter writes (and its trainer
+    loads) at TP 1; at TP > 1, in torch_dist and for families MindSpeed-LLM has no converter for
+    (qwen3_5) megatron-core's GatedDeltaNet is the one Megatron form there is (Megatron-LM,
+    Megatron-Bridge)."""
+    from ckpt_ir.families import by_name
+
+    if target.gdn_keys:
+        return target.gdn_keys
+    if target.ckpt_format != "torch" or target.tp > 1:
+        return "mcore"
+    if src.layout.fused_qkv:  # a Megatron source: its own layout
+        return src.layout.gdn_keys
+    return "mindspeed" if by_name(src.spec.family).mindspeed_names else "mcore"
 
 
 # what run and convert take as a pipeline: text, or a list of texts, pass instances and plain
@@ -424,6 +474,7 @@ def check_target(ckpt: Checkpoint, target: Target) -> None:
             "grouped_gemm": (target.grouped_gemm, lay.grouped_gemm, False),
             "norm_names": (target.norm_names, lay.norm_names if target.norm_names else None, None),
             "mla_keys": (target.mla_keys, lay.mla_keys if target.mla_keys else None, None),
+            "gdn_keys": (target.gdn_keys, lay.gdn_keys if target.gdn_keys else None, None),
         }
         if target.vocab_divisible_by:
             size = padded_size(ckpt.spec.vocab_size, target.vocab_divisible_by, target.tp)

@@ -39,6 +39,7 @@ FLAGS = {
     "norm_names": "--norm-names",
     "ckpt_format": "--ckpt-format",
     "mla_keys": "--mla-keys",
+    "gdn_keys": "--gdn-keys",
 }
 DEFAULTS = {"tp": 1, "pp": 1, "ep": 1, "grouped_gemm": False, "ckpt_format": "torch", "mla_keys": "mindspeed"}
 
@@ -80,7 +81,7 @@ def from_flags(flags: Iterable[str]) -> str:
             tuple(int(v) for v in value.split(","))
             if field in ("num_layer_list", "noop_layers")
             else value
-            if field in ("norm_names", "ckpt_format", "mla_keys")
+            if field in ("norm_names", "ckpt_format", "mla_keys", "gdn_keys")
             else int(value)
         )
     return layout(target)
@@ -129,8 +130,8 @@ def observed_round_trips() -> dict[str, set[str]]:
     for target in _parametrized(_module("test_families_moe").test_hy_v3_mtp_layer_round_trips, "layout"):
         add("hy_v3", target)
     hybrid = _module("test_families_hybrid")
-    for target in _parametrized(hybrid.test_qwen3_next_mtp_layer_round_trips, "layout"):
-        add("qwen3_next", target)
+    for family, target in hybrid.MTP_CASES.values():
+        add(family, target)
     moe = _module("test_moe")
     for family in moe.PROPERTY_FAMILIES:
         add(family, property_layouts(moe.PROPERTY_LAYOUTS, moe.PROPERTY_EXAMPLES))
@@ -257,7 +258,8 @@ KNOWN = {
     "roberta": ("encoder", None),
     "mamba": ("state-space", None),
     "jamba": ("supported", "family jamba"),
-    "qwen3_5_text": ("linear attention", None),
+    "qwen3_5_text": ("supported", "family qwen3_5"),
+    "qwen3_5": ("multimodal", "its text model qwen3_5_text is supported (family qwen3_5)"),
     "gemma3": ("multimodal", "its text model gemma3_text is supported (family gemma3_text)"),
     "rwkv": ("needs a block", None),
     "gptj": ("needs a block", None),

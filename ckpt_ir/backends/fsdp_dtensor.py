@@ -34,6 +34,7 @@ from ckpt_ir.io.torchzip import Tensor
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.blocks import is_hybrid
 from ckpt_ir.ir.checkpoint import Checkpoint
+from ckpt_ir.ir.layout import has_gdn_modules
 from ckpt_ir.ir.names import split_layer
 from ckpt_ir.megatron import fsdp
 from ckpt_ir.megatron import keys as M
@@ -41,9 +42,10 @@ from ckpt_ir.megatron import keys as M
 
 def plan(ckpt: Checkpoint, *, iteration: int | None = None) -> Plan:
     check_whole(ckpt, "fsdp_dtensor")
-    if is_hybrid(ckpt.spec):
+    if is_hybrid(ckpt.spec) or has_gdn_modules(ckpt.spec):
+        kind = "hybrid (Mamba)" if is_hybrid(ckpt.spec) else "gated-delta-net"
         raise VerifyError(
-            f"fsdp_dtensor output of a hybrid (Mamba) model ({ckpt.spec.family}) is not supported yet; "
+            f"fsdp_dtensor output of a {kind} model ({ckpt.spec.family}) is not supported yet; "
             f"write {setting('ckpt_format', 'torch_dist')} or {setting('ckpt_format', 'torch')}"
         )
     if ckpt.states:

@@ -22,7 +22,7 @@ from ckpt_ir.io.torchzip import Tensor
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.dtypes import torch_name
-from ckpt_ir.ir.layout import expert_owner, expert_rank_files, num_chunks
+from ckpt_ir.ir.layout import expert_owner, expert_rank_files, has_gdn_modules, num_chunks
 from ckpt_ir.megatron import args as megatron_args
 from ckpt_ir.megatron import distopt
 from ckpt_ir.megatron import keys as M
@@ -208,12 +208,15 @@ def rank_state_dicts(ckpt: Checkpoint, stage: int, rank: int, ep: int) -> list[d
 
 def mtp_naming(ckpt: Checkpoint, megatron_version: tuple[int, ...] | None = None) -> M.MtpNames:
     """The multi-token-prediction names of the output: Megatron-Core release ``megatron_version``'s
-    when given, else the source's naming (megatron-core's own with ``--mla-keys mcore``, whose
-    modules only megatron-core's names load with), else MindSpeed-LLM's."""
+    when given, else the source's naming (megatron-core's own with ``--mla-keys mcore`` or
+    ``--gdn-keys mcore``, whose modules only megatron-core's names load with), else MindSpeed-LLM's."""
     if megatron_version is not None:
         return M.mtp_names(megatron_version)
     names = M.MTP_NAMES[ckpt.meta.get("mtp_names", M.MTP_MINDSPEED.name)]
-    if ckpt.layout.mla_keys == "mcore" and names is M.MTP_MINDSPEED:
+    mcore = ckpt.layout.mla_keys == "mcore" or (
+        ckpt.layout.gdn_keys == "mcore" and has_gdn_modules(ckpt.spec)
+    )
+    if mcore and names is M.MTP_MINDSPEED:
         return M.MTP_MCORE
     return names
 

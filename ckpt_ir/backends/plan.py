@@ -204,7 +204,7 @@ def working_memory(e: E.Expr) -> int:
     for n in E.walk(e):
         if n is not e and not isinstance(n, E.Reshape):  # a reshape is a view
             total += n.nbytes
-        if isinstance(n, (E.Add, E.Matmul, E.Scale)):
+        if isinstance(n, (E.Add, E.Matmul, E.Scale, E.Offset)):
             total += sum(k.numel * 4 for k in n.children if k.dtype != "F32")
         if isinstance(n, E.Quantize):  # fp32 temporaries: the weight, padded, its |x|, its scaled values
             total += n.x.numel * 4 * 4

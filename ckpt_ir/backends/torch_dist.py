@@ -49,6 +49,7 @@ from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.blocks import is_hybrid
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.dtypes import torch_name
+from ckpt_ir.ir.layout import has_gdn_modules
 from ckpt_ir.ir.names import NameTable
 from ckpt_ir.ir.rules import mla_rule
 from ckpt_ir.megatron import args as megatron_args
@@ -269,6 +270,8 @@ def layer_entries(
         if full_key is None:
             raise VerifyError(f"layer {layer}: no Megatron name for {rest}")
         key = full_key[len(f"{M.LAYERS}0.") :]
+        if te and rest == "attn_norm.weight" and spec.has_block(layer, "gdn"):
+            key = M.GDN_TE_NORM  # megatron-core's GatedDeltaNet fuses the input norm into in_proj
         if spec.mla:
             key = M.mla_key(rest, te, spec.is_moe_layer(layer)) or key
         if "{e}" in rest:
@@ -311,19 +314,20 @@ def _stored(
     def linear(key: str) -> bool:  # a module whose _extra_state Megatron saves
         module = key[: -len(".weight")].rsplit(".", 1)[-1]
         return key.endswith(".weight") and (
-            module.startswith("linear_") or module == "eh_proj" or key in _MAMBA_LINEARS
+            module.startswith("linear_") or module == "eh_proj" or key in _MAMBA_LINEARS + _GDN_LINEARS
         )
 
     def own_objects(prefix: str, entries) -> None:
         for key, expr, by_expert in entries:
-            if key.endswith(".weight.z"):  # the first part of a Mamba in_proj: its module's state
-                key = key[: -len(".z")]
+            base, _, part = key.rpartition(".")
+            if part == (global_keys.mamba_parts(base) or ("",))[0]:  # a mixer tensor's first part
+                key = base
             if linear(key):
                 base = f"{prefix}{key[: -len('.weight')]}._extra_state"
                 n = expr.shape[0] if by_expert else 1
                 objects.extend(f"{base}/shard_{e}_{n}" for e in range(n))
 
-    if hybrid:  # a Mamba mixer's fused tensors are stored part by part
+    if is_hybrid(spec) or has_gdn_modules(spec):  # a mixer's fused tensors are stored part by part
         per_layer = [_mamba_parts(spec, entries) for entries in per_layer]
     if _stacked_layers(spec, per_layer):  # homogeneous: one stacked key per module
         first = per_layer[0] if per_layer else []
@@ -398,15 +402,9 @@ def _stacked_layers(spec, per_layer: list[list[tuple[str, E.Expr, bool]]]) -> bo
     ``moe_layer_freq`` pattern, heterogeneous block specs) and its MambaStack (and
     Megatron-Bridge's FalconH1Stack) every layer.  Layers whose keys or shapes differ (LFM2's
     convolution and attention layers, DeepSeek-V4's compressed and sliding-window attention, ...)
-    are stored per layer; gated-delta-net layers are refused (megatron-core's GatedDeltaNet
-    stores its in_proj part by part, a layout ckpt-ir does not write yet)."""
-    gdn = next((i for i in range(spec.num_layers) if spec.has_block(i, "gdn")), None)
-    if gdn is not None:
-        raise VerifyError(
-            f"torch_dist output of gated-delta-net layers (layer {gdn}) is not supported yet; "
-            f"write {setting('ckpt_format', 'torch')} instead"
-        )
-    if is_hybrid(spec) or spec.dense_layers:
+    are stored per layer, and so is every layer of a gated-delta-net model (its TransformerBlock
+    with a ``linear_attention_freq``)."""
+    if is_hybrid(spec) or spec.dense_layers or has_gdn_modules(spec):
         return False
     shapes = [[(k, x.shape) for k, x, _ in entries] for entries in per_layer]
     return all(s == shapes[0] for s in shapes)
@@ -415,11 +413,13 @@ def _stacked_layers(spec, per_layer: list[list[tuple[str, E.Expr, bool]]]) -> bo
 # a Mamba mixer's linear modules (Transformer Engine's in megatron-core's stock spec and in
 # Megatron-Bridge's FalconH1 spec): their _extra_state is saved beside them
 _MAMBA_LINEARS = tuple(f"{m}.{p}_proj.weight" for m in global_keys.MAMBA_MODULES for p in ("in", "out"))
+_GDN_LINEARS = ("self_attention.in_proj.weight", "self_attention.out_proj.weight")  # GatedDeltaNet's
 
 
 def _mamba_parts(spec, entries: list[tuple[str, E.Expr, bool]]) -> list[tuple[str, E.Expr, bool]]:
-    """A layer's entries with each fused Mamba mixer tensor as the parts megatron-core stores
-    (``mixer.in_proj.weight.z`` ... ``.dt``, ``mixer.conv1d.weight.x`` ...)."""
+    """A layer's entries with each fused Mamba or gated-delta-net mixer tensor as the parts
+    megatron-core stores (``mixer.in_proj.weight.z`` ... ``.dt``, ``mixer.conv1d.weight.x`` ...;
+    ``self_attention.in_proj.weight.query`` ... ``.alpha``, ``self_attention.conv1d.weight.query`` ...)."""
     out = []
     for key, expr, by_expert in entries:
         names = global_keys.mamba_parts(key)

@@ -244,6 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
         "final_layernorm inside mtp.layers.<k>); distributed-optimizer state of MLA / MTP models "
         "needs mcore; default mindspeed, or the source's (read from its keys)",
     )
+    m.add_argument(
+        "--gdn-keys",
+        choices=("mindspeed", "mcore"),
+        help="gated-delta-net models' (Qwen3-Next, Qwen3.5) modules: mindspeed (MindSpeed-LLM's qwen3-next "
+        "layout: in_proj_qkvz / in_proj_ba as HF packs them, gated attention's q_proj / k_proj / v_proj "
+        "apart; whole tensors, so TP 1 only) or mcore (megatron-core's GatedDeltaNet, as Megatron-LM and "
+        "Megatron-Bridge write it: in_proj = [q; k; v; z; b; a] split over TP part by part, out_norm "
+        "zero-centred (the HF norm - 1), gated linear_qkv = [q heads; gates; k; v] per group); default "
+        "mindspeed for qwen3_next at TP 1 (and a source in that layout), else mcore",
+    )
     lo = c.add_argument_group(
         "LoRA (merged into the weights for --to hf/mcore; exported alone for --to peft)"
     )
@@ -443,6 +453,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         vocab_divisible_by=args.make_vocab_size_divisible_by,
         norm_names=args.norm_names,
         mla_keys=args.mla_keys,
+        gdn_keys=args.gdn_keys,
         max_shard_size=args.max_shard_size,
         hf_config_dir=args.hf_config,
         ep=args.ep,

@@ -196,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
             norm_names="te-input" if args.transformer_impl == "transformer_engine" else "local",
             # MindSpeed-LLM's own MLA modules, whatever the source's (torch_dist: megatron-core's)
             mla_keys="mindspeed" if args.ckpt_format == "torch" else None,
+            gdn_keys="mindspeed" if args.ckpt_format == "torch" else None,  # its qwen3-next layout
             ep=args.target_expert_parallel_size,
             etp=args.expert_tensor_parallel_size
             if args.expert_tensor_parallel_size is not None or args.model_type_hf not in _EXPERT_TP_1

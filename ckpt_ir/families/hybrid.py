@@ -1,9 +1,11 @@
-"""Hybrid-attention families, whose layers mix attention kinds (qwen3_next: gated-delta-net
-linear-attention layers between gated full-attention layers).  One table entry each, built from
-the fragments in ``blocks.py``.
+"""Hybrid-attention families, whose layers mix attention kinds (qwen3_next, qwen3_5, qwen3_5_moe:
+gated-delta-net linear-attention layers between gated full-attention layers).  One table entry
+each, built from the fragments in ``blocks.py``.
 
 Each entry's HF names and config keys were checked against transformers 5's modeling and
-configuration files; Megatron names follow MindSpeed-LLM v2's ``configs/checkpoint/model_cfg.json``.
+configuration files; Megatron names follow MindSpeed-LLM v2's ``configs/checkpoint/model_cfg.json``
+(qwen3-next) and megatron-core's GatedDeltaNet (``ssm/gated_delta_net.py``; Megatron-Bridge's
+``qwen3_next_bridge.py`` / ``qwen35_bridge.py``), chosen by ``--gdn-keys``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import re
 
 from ckpt_ir.errors import FormatError, setting
-from ckpt_ir.families import ConfigKey, Family, Tested, register
+from ckpt_ir.families import ConfigKey, Family, Packed, Tested, register
 from ckpt_ir.families.blocks import (
     ATTENTION,
     EMBED_AND_HEAD,
@@ -37,13 +39,15 @@ def _linear_layers(cfg: dict) -> tuple[int, ...]:
     return tuple(i for i in range(cfg["num_hidden_layers"]) if (i + 1) % step)
 
 
-# Qwen3-Next: gated-delta-net layers (linear_attn.*) and gated full attention (q_proj yields
-# [q; gate] per head) in a Qwen2-MoE block (shared expert with a sigmoid gate)
-GATED_DELTA_NET = tuple(
+# Gated-delta-net layers (linear_attn.*) beside gated full attention (q_proj yields [q; gate] per
+# head).  The projections q / k / v / z (output gate) / b (beta) / a (alpha) are canonical tensors of
+# their own: Qwen3-Next packs them per key head (in_proj_qkvz [q_g; k_g; v_g; z_g], in_proj_ba
+# [b_g; a_g]: transformers' modeling_qwen3_next.py fix_query_key_value_ordering), Qwen3.5 stores
+# in_proj_qkv flat [q; k; v] and z / b / a apart (modeling_qwen3_5.py); the norm is a plain
+# (ones-initialised) RMSNorm over one head's values, the other norms are zero-centred (1 + w)
+GDN_TENSORS = tuple(
     (L + f"linear_attn.{h}", C + f"attn.gdn.{c}")
     for h, c in (
-        ("in_proj_qkvz.weight", "in_qkvz.weight"),
-        ("in_proj_ba.weight", "in_ba.weight"),
         ("conv1d.weight", "conv1d.weight"),
         ("A_log", "A_log"),
         ("dt_bias", "dt_bias"),
@@ -51,6 +55,46 @@ GATED_DELTA_NET = tuple(
         ("out_proj.weight", "out.weight"),
     )
 )
+
+
+def _gdn(parts: str) -> tuple[str, ...]:
+    """The canonical templates of gated-delta-net projections ``parts`` (e.g. "qkvz")."""
+    return tuple(f"{C}attn.gdn.{p}.weight" for p in parts)
+
+
+QWEN3_NEXT_GDN = (
+    Packed(
+        L + "linear_attn.in_proj_qkvz.weight",
+        _gdn("qkvz"),
+        ("linear_qk_size", "linear_qk_size", "linear_v_size", "linear_v_size"),
+        groups="linear_k_heads",
+    ),
+    Packed(
+        L + "linear_attn.in_proj_ba.weight",
+        _gdn("ba"),
+        ("linear_v_heads", "linear_v_heads"),
+        groups="linear_k_heads",
+    ),
+)
+QWEN3_5_GDN = (
+    Packed(
+        L + "linear_attn.in_proj_qkv.weight",
+        _gdn("qkv"),
+        ("linear_qk_size", "linear_qk_size", "linear_v_size"),
+    ),
+)
+QWEN3_5_GDN_TENSORS = GDN_TENSORS + tuple((L + f"linear_attn.in_proj_{p}.weight", _gdn(p)[0]) for p in "zba")
+GDN_CONFIG = (
+    ConfigKey("head_dim", "head_dim", 256),
+    ConfigKey("linear_layers", None, _linear_layers),
+    ConfigKey("linear_k_heads", "linear_num_key_heads", 16),
+    ConfigKey("linear_v_heads", "linear_num_value_heads", 32),
+    ConfigKey("linear_k_dim", "linear_key_head_dim", 128),
+    ConfigKey("linear_v_dim", "linear_value_head_dim", 128),
+    ConfigKey("linear_conv_kernel", "linear_conv_kernel_dim", 4),
+)
+GATED_ATTENTION = (("qk_norm", True), ("attn_gate", True))
+MCORE_MISSING = "no: gated-delta-net layers need flash-linear-attention (Triton)"
 # Qwen3-Next's multi-token-prediction layer sits outside model.layers (transformers ignores
 # ^mtp.*; MindSpeed-LLM's qwen3-next entry and its mtp_reorder_flag): its decoder layer is
 # mtp.layers.{k}.* (a full-attention MoE layer), and DeepSeek-V3's enorm / hnorm / eh_proj / head
@@ -103,20 +147,15 @@ register(
         + GATED_MLP
         + QWEN_EXPERTS
         + QWEN_SHARED
-        + GATED_DELTA_NET
+        + GDN_TENSORS
         + QWEN3_NEXT_MTP,
+        packed=QWEN3_NEXT_GDN,
         config=config_with(
             *QWEN_MOE_CONFIG,
             ConfigKey("shared_ffn_hidden_size", "shared_expert_intermediate_size", 0),
-            ConfigKey("head_dim", "head_dim", 256),
-            ConfigKey("linear_layers", None, _linear_layers),
-            ConfigKey("linear_k_heads", "linear_num_key_heads", 16),
-            ConfigKey("linear_v_heads", "linear_num_value_heads", 32),
-            ConfigKey("linear_k_dim", "linear_key_head_dim", 128),
-            ConfigKey("linear_v_dim", "linear_value_head_dim", 128),
-            ConfigKey("linear_conv_kernel", "linear_conv_kernel_dim", 4),
+            *GDN_CONFIG,
         ),
-        constants=(("qk_norm", True), ("shared_expert_gate", True), ("attn_gate", True)),
+        constants=(*GATED_ATTENTION, ("shared_expert_gate", True)),
         mindspeed_names=("qwen3-next",),
         megatron_args=qwen_router_args,
         hf_rename=_qwen3_next_mtp_keys,
@@ -124,12 +163,64 @@ register(
             round_trip=(
                 "--ep 2 --moe-grouped-gemm",
                 "--pp 2 --num-layer-list 3,1",
+                "--tp 2 --pp 2 --num-layer-list 3,1",
+                "--tp 2 --pp 2 --ep 2 --num-layer-list 3,1",
+                "--ckpt-format torch_dist",
             ),
-            mcore_missing="no: gated-delta-net layers need flash-linear-attention (Triton)",
+            mcore_missing=MCORE_MISSING,
             mindspeed=(
                 ("qwen3-next-mtp-ep2-grouped", "identical"),
                 ("qwen3-next-mtp-pp2-layers", "identical"),
             ),
         ),
+    )
+)
+# Qwen3.5 (text; the released checkpoints are the vision-language model, whose language model is
+# under model.language_model.*): Qwen3-Next's blocks with the flat GDN projections, a dense MLP
+# (Qwen3_5ForCausalLM) or a Qwen MoE whose router renormalises the top-k (Qwen3_5MoeForCausalLM);
+# no MindSpeed-LLM form, so megatron-core's modules (Megatron-Bridge's qwen35_bridge.py)
+register(
+    Family(
+        name="qwen3_5",
+        model_types=("qwen3_5_text",),
+        architecture="Qwen3_5ForCausalLM",
+        tensors=EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP + QWEN3_5_GDN_TENSORS + QWEN3_NEXT_MTP,
+        packed=QWEN3_5_GDN,
+        config=config_with(*GDN_CONFIG),
+        constants=GATED_ATTENTION,
+        hf_rename=_qwen3_next_mtp_keys,  # its MTP layer as Qwen3-Next's (qwen35_bridge.py)
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2 --num-layer-list 3,1", "--ckpt-format torch_dist"),
+            mcore_missing=MCORE_MISSING,
+        ),
+    )
+)
+register(
+    Family(
+        name="qwen3_5_moe",
+        model_types=("qwen3_5_moe_text",),
+        architecture="Qwen3_5MoeForCausalLM",
+        tensors=EMBED_AND_HEAD
+        + ATTENTION
+        + LLAMA_NORMS
+        + QWEN_EXPERTS
+        + QWEN_SHARED
+        + QWEN3_5_GDN_TENSORS
+        + QWEN3_NEXT_MTP,
+        packed=QWEN3_5_GDN,
+        hf_rename=_qwen3_next_mtp_keys,
+        # every layer MoE: no dense MLP, intermediate_size null (not read, not written)
+        config=tuple(
+            k
+            for k in config_with(
+                *QWEN_MOE_CONFIG,
+                ConfigKey("shared_ffn_hidden_size", "shared_expert_intermediate_size", 0),
+                *GDN_CONFIG,
+            )
+            if k.field != "ffn_hidden_size"
+        ),
+        constants=(*GATED_ATTENTION, ("shared_expert_gate", True)),
+        megatron_args=lambda cfg: {"moe_router_pre_softmax": False},
+        tested=Tested(round_trip=("--tp 2 --ep 2 --moe-grouped-gemm",), mcore_missing=MCORE_MISSING),
     )
 )

@@ -123,6 +123,8 @@ def lift(
         ep=ep,
         etp=etp,
         grouped_gemm=bool(args.get("moe_grouped_gemm")) and spec.num_experts > 0,
+        # gated-delta-net models: the keys say whose modules (below); MindSpeed-LLM's only at TP 1
+        gdn_keys=M.gdn_keys_from_args(spec, args, tp),
     )
     # mp_rank_TT_XXX is TP+PP when PP > 1, else TP+EP: only args can tell
     ranks = {
@@ -183,6 +185,7 @@ def lift(
     copies: dict[tuple[str | M.LocalName, int], list[tuple[str, E.Expr]]] = defaultdict(list)
     unknown: list[str] = []
     te_norms = te_fc1 = te_mla = mcore_mla = False
+    gdn_seen: set[str] = set()  # whose gated-delta-net modules the keys are (keys.gdn_keys_of)
     mtp_keys: set[str] = set()  # which of the namings of multi-token prediction (keys.MTP_NAMES)
     opt_meta: dict[str, Any] = {}
     training: dict[str, Any] = {
@@ -212,8 +215,9 @@ def lift(
             for key, ref in iter_tensors(sd):
                 if key.endswith(M.EXTRA_STATE):
                     continue
-                te_norms |= key.endswith(M.TE_QKV_NORM)
+                te_norms |= key.endswith((M.TE_QKV_NORM, M.GDN_TE_NORM))
                 te_fc1 |= key.endswith(M.TE_FC1_NORM)
+                gdn_seen.add(M.gdn_keys_of(key) or "")
                 if key.startswith("mtp."):
                     mtp_keys.add(key)
                 te_mla |= key.endswith(M.TE_MLA_NORM)  # megatron-core's MLA with Transformer Engine
@@ -317,7 +321,12 @@ def lift(
         for s in (tensors, *sets.values()):
             lift_tail.fuse_mla(spec, s)
     lift_tail.complete_tensors(spec, tensors, sets, dropped)
-    layout = attrs.evolve(layout, norm_names=norm_names, mla_keys="mcore" if mcore_mla else "mindspeed")
+    layout = attrs.evolve(
+        layout,
+        norm_names=norm_names,
+        mla_keys="mcore" if mcore_mla else "mindspeed",
+        gdn_keys=M.gdn_keys_seen(spec, gdn_seen, layout.gdn_keys, it_dir),
+    )
     if hf_config is not None:
         lift_tail.check_config_fits(config_name, path, spec, layout, tensors, unknown)
     if unknown:
@@ -396,15 +405,18 @@ def lift_state_dicts(
     (``where`` says whose it is).  Replicas (dense tensors in every EP rank's state dict, TP
     replicas of whole tensors) are taken from the first rank holding them."""
     tables = M.read_tables(spec)
+    layout = attrs.evolve(layout, gdn_keys=M.gdn_keys_from_args(spec, args, layout.tp))
     slot_of = {(s.stage, s.chunk, s.local): s for s in layer_slots(spec, layout)}
     pieces: dict[str | M.LocalName, dict[int, E.Expr]] = defaultdict(dict)
     unknown: list[str] = []
     te_norms = te_fc1 = False
+    gdn_seen: set[str] = set()
     for (t, p, e), chunks in sorted(ranks.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
         for chunk, sd in enumerate(chunks):
             for key, value in sd.items():
-                te_norms |= key.endswith(M.TE_QKV_NORM)
+                te_norms |= key.endswith((M.TE_QKV_NORM, M.GDN_TE_NORM))
                 te_fc1 |= key.endswith(M.TE_FC1_NORM)
+                gdn_seen.add(M.gdn_keys_of(key) or "")
                 lifted = lift_rank_key(key, value, spec, layout, tables, stage=p, chunk=chunk, tp=t, ep=e)
                 if lifted is None:
                     unknown.append(f"{key} (TP {t}, stage {p}, EP {e}, chunk {chunk})")
@@ -417,9 +429,13 @@ def lift_state_dicts(
             f"ckpt-ir has no table for these modules (docs/live.md lists the megatron-core modules it reads)"
         )
     dropped: dict[str, str] = {}
-    tensors = _assemble(pieces, slot_of, spec, layout, where, split_rule, dropped)
+    tensors = _assemble(pieces, slot_of, spec, layout, where, lambda n: split_rule(n, spec), dropped)
     lift_tail.complete_tensors(spec, tensors, {}, dropped)
-    layout = attrs.evolve(layout, norm_names=lift_tail.norm_names(te_norms, te_fc1))
+    layout = attrs.evolve(
+        layout,
+        norm_names=lift_tail.norm_names(te_norms, te_fc1),
+        gdn_keys=M.gdn_keys_seen(spec, gdn_seen, layout.gdn_keys, where),
+    )
     return lift_tail.checkpoint(
         where,
         spec,

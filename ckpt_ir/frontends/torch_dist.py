@@ -39,7 +39,7 @@ from ckpt_ir.io.dcp import Assembler, ChunkResolver, DcpTensor, read_metadata
 from ckpt_ir.io.torchzip import TorchZip
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
-from ckpt_ir.ir.layout import Layout
+from ckpt_ir.ir.layout import Layout, has_gdn_modules
 from ckpt_ir.ir.names import Split, layer_name, split_layer
 from ckpt_ir.ir.roles import canonical_order
 from ckpt_ir.megatron import args as megatron_args
@@ -147,7 +147,7 @@ def lift(
         if key.endswith(M.EXTRA_STATE):
             dropped[key] = "Transformer-Engine _extra_state (FP8 metadata)"
             continue
-        te_norms |= key.endswith(M.TE_QKV_NORM)
+        te_norms |= key.endswith((M.TE_QKV_NORM, M.GDN_TE_NORM))
         te_fc1 |= key.endswith(M.TE_FC1_NORM)
         names = global_keys.names(key, t.shape, spec.num_layers, tables, md.path, spec.mla)
         if names is None:
@@ -267,6 +267,7 @@ def lift(
         fused_qkv=True,
         fused_gate_up=True,
         norm_names=norm_names,
+        gdn_keys="mcore" if has_gdn_modules(spec) else "mindspeed",  # megatron-core's modules only
     )
     if hf_config is not None:
         lift_tail.check_config_fits(config_name, path, spec, layout, tensors, unknown)
@@ -330,7 +331,7 @@ def _join_mamba_parts(
             assert names is not None  # MAMBA_PART_KEY matched only such keys
             if set(have) != set(names):
                 raise FormatError(
-                    f"{where}: {key} is stored as parts {sorted(have)}, megatron-core's Mamba mixer has "
+                    f"{where}: {key} is stored as parts {sorted(have)}, megatron-core's mixer has "
                     f"{list(names)}; the checkpoint is incomplete"
                 )
             canon = global_keys.names(key, (), spec.num_layers, tables, where)

@@ -12,6 +12,7 @@ first byte moves.  The algebra is deliberately small:
     Cast      dtype change
     PadRows   grow dim 0 by repeating the last row (Megatron vocab padding) or with zeros
     Add, Scale, Matmul   the arithmetic a LoRA merge needs (computed in fp32 by the caller)
+    Offset               a constant added to every element (a zero-centred norm weight's w - 1)
     RowRescale           each row rescaled to a given norm (DoRA's magnitude), in fp32
     Dequantize           block-quantized weights (FP8 + per-block scales, MXFP4) to fp32
     Quantize             FP8 block quantization of a weight: its fp8 values or its scales
@@ -356,6 +357,29 @@ class Scale(Expr):
 
 
 @attrs.frozen
+class Offset(Expr):
+    """``x + value`` computed in fp32 and rounded once to ``x``'s dtype: a norm weight stored
+    zero-centred (megatron-core's ``layernorm_zero_centered_gamma`` computes ``1 + w``) is the
+    plain weight offset by -1, and back by +1.  Never folded away: ``(w - 1) + 1`` is ``w`` only
+    where ``w - 1`` was exact (every ``w`` in [0.5, 2], Sterbenz)."""
+
+    x: Expr
+    value: float
+
+    @property
+    def shape(self) -> Shape:
+        return self.x.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.x.dtype
+
+    @property
+    def children(self) -> tuple[Expr, ...]:
+        return (self.x,)
+
+
+@attrs.frozen
 class RowRescale(Expr):
     """DoRA's merge: each row of the matrix ``x`` [out, in] rescaled to the norm ``magnitude[row]``,
     ``(magnitude / ||x||_row) * x``, in fp32 (the result dtype is F32).  The norm runs over a
@@ -662,6 +686,8 @@ def _rewrite_slice(e: Slice) -> Expr:
     # count; columns are not sliced, a narrower matrix may take another kernel)
     if isinstance(x, Scale):
         return Scale(Slice(x.x, d, a, b), x.factor)
+    if isinstance(x, Offset):
+        return Offset(Slice(x.x, d, a, b), x.value)
     if isinstance(x, Add):
         return Add(Slice(x.a, d, a, b), Slice(x.b, d, a, b))
     if isinstance(x, Matmul) and d == 0:
@@ -716,6 +742,8 @@ def describe(e: Expr) -> str:
         return f"matmul({describe(e.a)}, {describe(e.b)})"
     if isinstance(e, Scale):
         return f"scale({describe(e.x)}, {e.factor:g})"
+    if isinstance(e, Offset):
+        return f"offset({describe(e.x)}, {e.value:+g})"
     if isinstance(e, RowRescale):
         return f"row_rescale({describe(e.x)}, {describe(e.magnitude)})"
     if isinstance(e, Quantize):
@@ -946,7 +974,7 @@ def needs_torch(expr: Expr) -> bool:
 
     if (merge := numpy_merge(expr)) is not None:
         return any(needs_torch(x) for x in merge[:3])
-    if isinstance(expr, (Add, Matmul, Scale, RowRescale, Dequantize, Quantize)) or (
+    if isinstance(expr, (Add, Matmul, Scale, Offset, RowRescale, Dequantize, Quantize)) or (
         isinstance(expr, Cast) and (MATH_DEVICE is not None or not casts.supported(expr.x.dtype, expr.to))
     ):
         return True
@@ -1004,6 +1032,8 @@ def _evaluate_math(expr: Expr, reader: Reader, out) -> None:
         torch.mm(_fp32(expr.a, reader), _fp32(expr.b, reader), out=out)
     elif isinstance(expr, Scale):
         torch.mul(_fp32(expr.x, reader), expr.factor, out=out)
+    elif isinstance(expr, Offset):
+        out.copy_(_fp32(expr.x, reader).add_(expr.value))
     elif isinstance(expr, RowRescale):  # peft's DoRA merge order: norm of the rows, m / norm, times the rows
         x = _fp32(expr.x, reader)
         torch.mul((_fp32(expr.magnitude, reader) / torch.linalg.norm(x, dim=1)).view(-1, 1), x, out=out)
@@ -1036,7 +1066,7 @@ def _note_overflow(cast: Cast, x, y, reader: Reader | Overflow) -> None:
 
 
 # the nodes whose bits change: evaluated by arithmetic, not by moving bytes
-MATH_NODES = (Cast, Add, Matmul, Scale, RowRescale, Dequantize, Quantize)
+MATH_NODES = (Cast, Add, Matmul, Scale, Offset, RowRescale, Dequantize, Quantize)
 
 
 def _evaluate_on_device(expr: Expr, reader: Reader):
@@ -1070,6 +1100,9 @@ def _torch_math(expr: Expr, operand, overflow: Reader | Overflow, device):
         return operand(expr.a).to(torch.float32) @ operand(expr.b).to(torch.float32)
     if isinstance(expr, Scale):
         return operand(expr.x).to(torch.float32) * expr.factor
+    if isinstance(expr, Offset):
+        x = operand(expr.x)
+        return (x.to(torch.float32) + expr.value).to(x.dtype)
     if isinstance(expr, RowRescale):  # peft's DoRA merge order: norm of the rows, m / norm, times the rows
         x = operand(expr.x).to(torch.float32)
         factor = operand(expr.magnitude).to(torch.float32) / torch.linalg.norm(x, dim=1)

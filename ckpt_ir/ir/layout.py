@@ -22,6 +22,16 @@ NORM_NAMES = ("local", "te", "te-input")
 # whose Megatron modules multi-latent attention (and its MTP layers) are written with: MindSpeed-LLM's
 # (one fused linear_qkv for the two down-projections) or megatron-core's own (Megatron-LM's)
 MLA_KEYS = ("mindspeed", "mcore")
+# whose Megatron modules gated-delta-net models (Qwen3-Next, Qwen3.5) are written with: MindSpeed-LLM's
+# qwen3-next "mix" (HF's packed in_proj_qkvz / in_proj_ba, unfused gated q_proj / k_proj / v_proj,
+# whole tensors: TP 1 only) or megatron-core's own (GatedDeltaNet in_proj, gated linear_qkv, any TP)
+GDN_KEYS = ("mindspeed", "mcore")
+
+
+def has_gdn_modules(spec: ModelSpec) -> bool:
+    """Whether the model has gated-delta-net mixers or gated attention: the modules whose Megatron
+    form ``Layout.gdn_keys`` chooses (MindSpeed-LLM's qwen3-next layout or megatron-core's)."""
+    return any(spec.has_block(i, "gdn") for i in range(spec.num_layers)) or spec.attn_gate
 
 
 def _layer_counts(counts: Iterable[int] | None) -> tuple[int, ...] | None:
@@ -44,6 +54,7 @@ class Layout:
     fused_gate_up: bool = False
     norm_names: str = attrs.field(default="local", validator=attrs.validators.in_(NORM_NAMES))
     mla_keys: str = attrs.field(default="mindspeed", validator=attrs.validators.in_(MLA_KEYS))
+    gdn_keys: str = attrs.field(default="mindspeed", validator=attrs.validators.in_(GDN_KEYS))
     ep: int = 1  # expert parallel size: expert e lives on EP rank e // (E / ep)
     etp: int | None = None  # expert tensor parallel size: None = tp (experts split like dense MLPs), or 1
     grouped_gemm: bool = False  # experts stored as Megatron's grouped-GEMM weight1/weight2
@@ -105,7 +116,10 @@ class Layout:
         layers, as an HF checkpoint holds them), else ``mcore``; ``format`` says where the tensors
         were lifted from, so an HF model resharded in memory is of kind ``mcore``."""
         return (
-            "hf" if attrs.evolve(self, format="hf", mla_keys="mindspeed") == Layout(format="hf") else "mcore"
+            "hf"
+            if attrs.evolve(self, format="hf", mla_keys="mindspeed", gdn_keys="mindspeed")
+            == Layout(format="hf")
+            else "mcore"
         )
 
     def describe(self) -> str:
@@ -130,6 +144,8 @@ class Layout:
             parts.append(f"norms={self.norm_names}")
         if self.mla_keys != "mindspeed":
             parts.append(f"mla_keys={self.mla_keys}")
+        if self.gdn_keys != "mindspeed":
+            parts.append(f"gdn_keys={self.gdn_keys}")
         if self.kind != self.format:
             parts.append(f"(from {self.format})")
         return " ".join(parts)
@@ -183,12 +199,19 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
             f"pipeline stages (ssm/mamba_block.py); drop {setting('vpp_layers')} (PP with "
             f"{setting('num_layer_list')} works)"
         )
-    if layout.tp > 1 and spec.linear_layers:
-        raise LayoutError(
-            f"layout: {spec.family}'s gated-delta-net layers convert only with tensor parallel size 1 "
-            f"(MindSpeed-LLM's layout keeps in_proj_qkvz / conv1d whole; megatron-core's GatedDeltaNet "
-            f"packs a different in_proj); use {setting('tp', 1)} (PP and EP are supported)"
-        )
+    if layout.tp > 1 and has_gdn_modules(spec):
+        if layout.gdn_keys == "mindspeed":
+            raise LayoutError(
+                f"layout: MindSpeed-LLM's {spec.family} layout (in_proj_qkvz / in_proj_ba, q_proj / k_proj "
+                f"/ v_proj, whole on every rank) converts only with tensor parallel size 1; use "
+                f"{setting('gdn_keys', 'mcore')} (megatron-core's GatedDeltaNet) or {setting('tp', 1)}"
+            )
+        for heads, what in ((spec.linear_k_heads, "key"), (spec.linear_v_heads, "value")):
+            if spec.linear_layers and heads % layout.tp:
+                raise LayoutError(
+                    f"layout: {heads} gated-delta-net {what} heads are not divisible by tensor parallel "
+                    f"size {layout.tp}; choose a TP that divides linear_num_{what}_heads"
+                )
     if layout.tp > 1:
         if spec.num_heads % layout.tp:
             raise LayoutError(

@@ -84,13 +84,25 @@ def _attn(pred: Callable[[ModelSpec, Layout], bool]) -> Presence:
 
 
 def _split_qkv(s: ModelSpec, lay: Layout) -> bool:
-    """Separate q / k / v: unfused layouts, and gated attention, which Megatron (MindSpeed-LLM's
-    qwen3-next) keeps as q_proj / k_proj / v_proj."""
-    return not lay.fused_qkv or s.attn_gate
+    """Separate q / k / v: unfused layouts, and gated attention in MindSpeed-LLM's qwen3-next
+    layout, which keeps q_proj / k_proj / v_proj (megatron-core fuses them with the gates)."""
+    return not lay.fused_qkv or (s.attn_gate and lay.gdn_keys == "mindspeed")
 
 
 def _linear(s: ModelSpec, lay: Layout, i: int) -> bool:
     return s.has_block(i, "gdn")
+
+
+def _gdn(fused: str | None) -> Presence:
+    """A gated-delta-net layer's tensor in the unfused layout (None), or in the fused one of
+    ``fused`` ("mindspeed" / "mcore", the layout's ``gdn_keys``)."""
+    if fused is None:
+        return lambda s, lay, i: s.has_block(i, "gdn") and not lay.fused_qkv
+    return lambda s, lay, i: s.has_block(i, "gdn") and lay.fused_qkv and lay.gdn_keys == fused
+
+
+def _gdn_plain_norm(s: ModelSpec, lay: Layout, i: int) -> bool:
+    return s.has_block(i, "gdn") and not (lay.fused_qkv and lay.gdn_keys == "mcore")
 
 
 def _mamba(s: ModelSpec, lay: Layout, i: int) -> bool:
@@ -206,7 +218,7 @@ def _o_cols(s: ModelSpec, lay: Layout) -> int:
 
 
 def _qkv_rows(s: ModelSpec, lay: Layout) -> int:
-    return s.q_size + 2 * s.kv_size
+    return (2 if s.attn_gate else 1) * s.q_size + 2 * s.kv_size  # gated: q and its gates
 
 
 def _block(name: str, pred: Callable[[ModelSpec], bool] = lambda s: True) -> Presence:
@@ -678,25 +690,54 @@ _BUILTIN: list[Role] = [
         lambda s, lay: ((s.q_lora_rank or s.mla_q_size) + s.kv_lora_rank + s.qk_rope_dim, s.hidden_size),
         _mla(lambda s, lay: lay.fused_qkv),
     ),
-    # gated-delta-net linear attention (Qwen3-Next), in the HF / MindSpeed-LLM packing: in_qkvz
-    # [q; k; v; z] rows per key-head group, in_ba [b; a] per group, conv1d over [q; k; v] channels.
-    # Only TP = 1 is supported (ir/layout.py refuses more), so the split rules are never applied.
+    # gated-delta-net linear attention (Qwen3-Next, Qwen3.5): q / k [key heads x key dim], v / z
+    # (the output gate) [value heads x value dim], b / a (beta, alpha) [value heads], each split over
+    # TP by heads; Megatron fuses them: megatron-core's in_proj [q; k; v; z; b; a] split part by
+    # part (rank r holds [q_r; k_r; v_r; z_r; b_r; a_r]), or MindSpeed-LLM's HF packing per key head
+    # (in_qkvz [q_g; k_g; v_g; z_g], in_ba [b_g; a_g]: TP 1 only).  conv1d over [q; k; v] channels
+    # (split part by part), per-value-head A_log / dt_bias; the gated RMSNorm over one head's values
+    # is plain in HF and MindSpeed-LLM and zero-centred in megatron-core (out_norm = norm - 1)
+    *(
+        Role(L + f"attn.gdn.{p}.weight", COLUMN, shape, _gdn(None))
+        for p, shape in (
+            ("q", lambda s, lay: (s.linear_qk_size, s.hidden_size)),
+            ("k", lambda s, lay: (s.linear_qk_size, s.hidden_size)),
+            ("v", lambda s, lay: (s.linear_v_size, s.hidden_size)),
+            ("z", lambda s, lay: (s.linear_v_size, s.hidden_size)),
+            ("b", lambda s, lay: (s.linear_v_heads, s.hidden_size)),
+            ("a", lambda s, lay: (s.linear_v_heads, s.hidden_size)),
+        )
+    ),
+    Role(
+        L + "attn.gdn.in_proj.weight",
+        COLUMN,
+        lambda s, lay: (sum(s.gdn_in_proj_parts), s.hidden_size),
+        _gdn("mcore"),
+        parts=lambda s: s.gdn_in_proj_parts,
+    ),
     Role(
         L + "attn.gdn.in_qkvz.weight",
         COLUMN,
         lambda s, lay: (2 * s.linear_qk_size + 2 * s.linear_v_size, s.hidden_size),
-        _linear,
+        _gdn("mindspeed"),
     ),
-    Role(L + "attn.gdn.in_ba.weight", COLUMN, lambda s, lay: (2 * s.linear_v_heads, s.hidden_size), _linear),
+    Role(
+        L + "attn.gdn.in_ba.weight",
+        COLUMN,
+        lambda s, lay: (2 * s.linear_v_heads, s.hidden_size),
+        _gdn("mindspeed"),
+    ),
     Role(
         L + "attn.gdn.conv1d.weight",
         COLUMN,
-        lambda s, lay: (2 * s.linear_qk_size + s.linear_v_size, 1, s.linear_conv_kernel),
+        lambda s, lay: (sum(s.gdn_conv_parts), 1, s.linear_conv_kernel),
         _linear,
+        parts=lambda s: s.gdn_conv_parts,
     ),
     Role(L + "attn.gdn.A_log", COLUMN, lambda s, lay: (s.linear_v_heads,), _linear),
     Role(L + "attn.gdn.dt_bias", COLUMN, lambda s, lay: (s.linear_v_heads,), _linear),
-    Role(L + "attn.gdn.norm.weight", None, lambda s, lay: (s.linear_v_dim,), _linear),
+    Role(L + "attn.gdn.norm.weight", None, lambda s, lay: (s.linear_v_dim,), _gdn_plain_norm),
+    Role(L + "attn.gdn.out_norm.weight", None, lambda s, lay: (s.linear_v_dim,), _gdn("mcore")),
     Role(L + "attn.gdn.out.weight", ROW, lambda s, lay: (s.hidden_size, s.linear_v_size), _linear),
     # a Mamba-2 mixer (Mamba / attention hybrids): its own input norm, in_proj [z; x; B; C; dt] and
     # conv1d over [x; B; C] channels, each split over TP part by part (rank r holds

@@ -271,6 +271,18 @@ class ModelSpec:
     def linear_v_size(self) -> int:
         return self.linear_v_heads * self.linear_v_dim
 
+    @property
+    def gdn_in_proj_parts(self) -> tuple[int, ...]:
+        """Rows of a gated-delta-net mixer's fused in_proj (megatron-core): q, k (key heads x key
+        dim each), v, z (value heads x value dim each), b, a (one per value head)."""
+        qk, v, h = self.linear_qk_size, self.linear_v_size, self.linear_v_heads
+        return (qk, qk, v, v, h, h)
+
+    @property
+    def gdn_conv_parts(self) -> tuple[int, ...]:
+        """Channels of a gated-delta-net mixer's conv1d: q, k, v."""
+        return (self.linear_qk_size, self.linear_qk_size, self.linear_v_size)
+
     def compressor_ratio(self, layer: int) -> int:
         """How many tokens layer ``layer``'s KV compressor folds into one entry (0: none)."""
         return self.compressor_ratios[layer] if layer < len(self.compressor_ratios) else 0
@@ -358,6 +370,7 @@ def check_layer_blocks(spec: ModelSpec) -> None:
     sizes = {
         "mlp": ("ffn_hidden_size",),
         "mamba": ("mamba_heads", "mamba_head_dim", "mamba_state", "mamba_groups"),
+        "gdn": ("linear_k_heads", "linear_v_heads", "linear_k_dim", "linear_v_dim", "linear_conv_kernel"),
         "short_conv": ("short_conv_kernel",),
         "kda": ("kda_heads", "kda_head_dim", "kda_conv_kernel"),
         "mamba1": ("mamba1_inner", "mamba1_state", "mamba1_dt_rank", "mamba1_conv_kernel"),
@@ -365,6 +378,11 @@ def check_layer_blocks(spec: ModelSpec) -> None:
     for block, fields in sizes.items():
         if any(spec.has_block(i, block) for i in layers) and not all(getattr(spec, f) for f in fields):
             raise LayoutError(f"model spec: {block} layers need {', '.join(fields)} (positive)")
+    if spec.linear_k_heads and spec.linear_v_heads % spec.linear_k_heads:
+        raise LayoutError(
+            f"model spec: {spec.linear_v_heads} gated-delta-net value heads are not a multiple of its "
+            f"{spec.linear_k_heads} key heads (linear_v_heads, linear_k_heads)"
+        )
     _check_dsv4_blocks(spec)
 
 

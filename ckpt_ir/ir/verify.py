@@ -12,6 +12,7 @@ from ckpt_ir.ir.roles import expected_names, expected_shape
 from ckpt_ir.ir.roles import role as role_row
 
 SEPARATE_GATE_UP = re.compile(r"^mlp\.(?:experts\.\d+\.|shared\.)?(?:gate|up)\.")
+SEPARATE_GDN = re.compile(r"^attn\.gdn\.[qkvzba]\.weight$")  # a gated-delta-net projection
 
 
 def _natural(name: str) -> list:
@@ -32,12 +33,14 @@ def verify(ckpt: Checkpoint, after: str = "") -> None:
         if layer is not None and not 0 <= layer < spec.total_layers:
             raise VerifyError(f"{name}: layer {layer} outside the model's {spec.total_layers} layers{where}")
         rest = split_sub(rest)[1]  # a sublayer's tensors are checked as a layer's
-        fused_qkv = rest.startswith(("attn.qkv.", "attn.qkv_a."))
+        fused_qkv = rest.startswith(("attn.qkv.", "attn.qkv_a.", "attn.gdn.in_"))
         fused_fc1 = ".gate_up." in "." + rest
         if (fused_qkv and not layout.fused_qkv) or (fused_fc1 and not layout.fused_gate_up):
             raise VerifyError(f"{name}: fused tensor in a layout that says unfused{where}")
         separate = rest.startswith(("attn.q.", "attn.k.", "attn.v.", "attn.q_a.", "attn.kv_a."))
-        if separate and layout.fused_qkv and not spec.attn_gate:  # gated attention keeps q/k/v apart
+        # MindSpeed-LLM's layout keeps gated attention's q / k / v apart
+        kept = spec.attn_gate and layout.gdn_keys == "mindspeed"
+        if (separate and not kept or SEPARATE_GDN.match(rest)) and layout.fused_qkv:
             raise VerifyError(f"{name}: separate q/k/v tensor in a layout with fused QKV{where}")
         if SEPARATE_GATE_UP.match(rest) and layout.fused_gate_up:
             raise VerifyError(f"{name}: separate gate/up tensor in a layout with fused gate/up{where}")

@@ -14,7 +14,7 @@ import attrs
 
 from ckpt_ir.errors import FormatError
 from ckpt_ir.ir.blocks import from_pattern, is_hybrid, to_pattern
-from ckpt_ir.ir.layout import Layout, mcore_num_layers, num_chunks, padded_size
+from ckpt_ir.ir.layout import Layout, has_gdn_modules, mcore_num_layers, num_chunks, padded_size
 from ckpt_ir.ir.spec import ModelSpec
 
 # Attributes that describe the conversion or Megatron itself, never an HF config key.
@@ -97,6 +97,11 @@ _NOT_HF = frozenset(
         "mscale_all_dim",
         "beta_fast",
         "beta_slow",
+        # megatron-core's gated-delta-net settings (GDN_FIELDS); the HF config has its own keys
+        "experimental_attention_variant",
+        "linear_attention_freq",
+        "attention_output_gate",
+        "apply_layernorm_1p",
         # Nemotron-H's MTP pattern: Megatron-LM would build MTP layers ckpt-ir does not convert
         "mtp_hybrid_override_pattern",
     }
@@ -461,6 +466,44 @@ MLA_FIELDS: tuple[Field, ...] = (
 )
 
 
+def _linear_attention_freq(s: ModelSpec, lay: Layout) -> int | list[int]:
+    """megatron-core's linear_attention_freq: N when every N-th layer is softmax attention and the
+    others gated-delta-net, else the 0/1 list (1 = gated-delta-net)."""
+    pattern = [int(i in s.linear_layers) for i in range(s.num_layers)]
+    for n in range(2, s.num_layers + 1):
+        if pattern == [int((i + 1) % n != 0) for i in range(s.num_layers)]:
+            return n
+    return pattern
+
+
+def _linear_layers(a: Args) -> tuple[int, ...]:
+    freq, n = a["linear_attention_freq"], a.num_layers()
+    if isinstance(freq, int):
+        return tuple(i for i in range(n) if (i + 1) % freq)
+    return tuple(i for i, linear in enumerate(int_list(freq) or ()) if linear)
+
+
+# megatron-core's gated-delta-net models (GPTModel with experimental_attention_variant
+# "gated_delta_net": Megatron-LM's args, Megatron-Bridge's qwen3_next / qwen35 providers); written
+# with its modules (Layout.gdn_keys "mcore"), read when the variant is set.  Every norm is
+# zero-centred (apply_layernorm_1p: 1 + w, as Qwen3-Next's and Qwen3.5's HF norms)
+GDN_FIELDS: tuple[Field, ...] = (
+    Field("experimental_attention_variant", lambda s, lay: "gated_delta_net"),
+    Field("linear_attention_freq", _linear_attention_freq, lambda a: {"linear_layers": _linear_layers(a)}),
+    _spec("linear_conv_kernel", "linear_conv_kernel_dim"),
+    _spec("linear_k_dim", "linear_key_head_dim"),
+    _spec("linear_v_dim", "linear_value_head_dim"),
+    _spec("linear_k_heads", "linear_num_key_heads"),
+    _spec("linear_v_heads", "linear_num_value_heads"),
+    Field(
+        "attention_output_gate",
+        lambda s, lay: s.attn_gate,
+        lambda a: {"attn_gate": bool(a["attention_output_gate"])},
+    ),
+    Field("apply_layernorm_1p", lambda s, lay: True),
+)
+
+
 def allocate_hybrid(layers: int, attention: float, mlp: float) -> str:
     """The layer pattern megatron-core 0.16 builds from hybrid ratios alone
     (``ssm/mamba_hybrid_layer_allocation.py``): round(layers x ratio) attention layers spread
@@ -575,6 +618,7 @@ def spec_values(a: Args) -> dict[str, Any]:
         MOE_FIELDS if moe else (),
         MLA_FIELDS if a.mla else (),
         MAMBA_FIELDS if hybrid else (),
+        GDN_FIELDS if a["experimental_attention_variant"] == "gated_delta_net" else (),
     )
     for fields in groups:
         for f in fields:
@@ -650,6 +694,8 @@ def build_args(
     if spec.mla:
         fields.update(_written(MLA_FIELDS, spec, layout))
         fields.update(mla_rope_args(cfg))
+    if has_gdn_modules(spec) and layout.gdn_keys == "mcore":
+        fields.update(_written(GDN_FIELDS, spec, layout))
     if is_hybrid(spec):
         fields.update(_written(MAMBA_FIELDS, spec, layout))
         if layout.norm_names == "te":  # megatron-core's own layer spec (Megatron-LM loads it as --spec)

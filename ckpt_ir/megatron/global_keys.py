@@ -50,24 +50,34 @@ MAMBA_PARTS = {
     "conv1d.weight": ("x", "B", "C"),
     "conv1d.bias": ("x", "B", "C"),
 }
-MAMBA_PART_KEY = re.compile(
-    r"^(decoder\.layers\.\d+\.(?:"
+# and so does its GatedDeltaNet (GatedDeltaNet.sharded_state_dict: ``in_proj.weight.query`` ...)
+GDN_PARTS = {
+    "self_attention.in_proj.weight": ("query", "key", "value", "z", "beta", "alpha"),
+    "self_attention.conv1d.weight": ("query", "key", "value"),
+}
+MAMBA_PART_KEY = re.compile(  # a part of a Mamba or gated-delta-net mixer's tensor
+    r"^(decoder\.layers\.\d+\.(?:(?:"
     + "|".join(MAMBA_MODULES)
     + r")\.(?:"
     + "|".join(re.escape(k) for k in MAMBA_PARTS)
+    + r")|"
+    + "|".join(re.escape(k) for k in GDN_PARTS)
     + r"))\.(\w+)$"
 )
 
 
 def mamba_parts(key: str) -> tuple[str, ...] | None:
-    """The part names megatron-core stores the Mamba mixer tensor ``key`` (below the layer) as, or
-    None when it is no such tensor."""
+    """The part names megatron-core stores the Mamba (or gated-delta-net) mixer tensor ``key``
+    (below the layer) as, or None when it is no such tensor."""
     module, _, rest = key.partition(".")
-    return MAMBA_PARTS.get(rest) if module in MAMBA_MODULES else None
+    return MAMBA_PARTS.get(rest) if module in MAMBA_MODULES else GDN_PARTS.get(key)
 
 
 def mamba_part_sizes(spec, key: str) -> tuple[int, ...]:
-    """Rows of each part of the Mamba mixer tensor ``key`` (below the layer, see :func:`mamba_parts`)."""
+    """Rows of each part of the Mamba (or gated-delta-net) mixer tensor ``key`` (below the layer,
+    see :func:`mamba_parts`)."""
+    if key in GDN_PARTS:
+        return spec.gdn_in_proj_parts if ".in_proj." in key else spec.gdn_conv_parts
     return spec.mamba_in_proj_parts if key.partition(".")[2].startswith("in_proj") else spec.mamba_conv_parts
 
 

@@ -22,7 +22,7 @@ from ckpt_ir.errors import FormatError, LayoutError, UsageError, setting
 from ckpt_ir.io.side_files import AUX_PATTERNS, CHAT_TEMPLATES_ENTRY
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.blocks import OWN_MIXERS
-from ckpt_ir.ir.layout import Layout
+from ckpt_ir.ir.layout import Layout, has_gdn_modules
 from ckpt_ir.ir.names import COLUMN, NameTable, Split, expert_of, layer_name, split_layer
 from ckpt_ir.ir.roles import roles, split_rule
 from ckpt_ir.ir.rules import Stack
@@ -39,6 +39,44 @@ OUTPUT_LAYER = "output_layer."  # + weight / bias
 TE_QKV_NORM = "linear_qkv.layer_norm_weight"  # Transformer Engine's input norm, fused into linear_qkv
 TE_FC1_NORM = "linear_fc1.layer_norm_weight"  # and its pre-MLP norm, fused into linear_fc1
 HYBRID_FINAL_NORM = "decoder.final_norm.weight"  # a MambaModel's final norm (GPTModel: final_layernorm)
+# Transformer Engine's input norm of megatron-core's GatedDeltaNet layer, fused into its in_proj
+GDN_TE_NORM = "self_attention.in_proj.layer_norm_weight"
+# keys only one of the two gated-delta-net layouts has (Layout.gdn_keys): MindSpeed-LLM's packed
+# projections and unfused gated attention, megatron-core's fused in_proj and zero-centred out_norm
+_GDN_MARKS = {
+    "mindspeed": ("self_attention.in_proj_qkvz.weight", "self_attention.q_proj.weight"),
+    "mcore": ("self_attention.in_proj.weight", "self_attention.out_norm.weight"),
+}
+
+
+def gdn_keys_of(key: str) -> str | None:
+    """Whose gated-delta-net modules a Megatron key belongs to (None: either's, or neither's)."""
+    return next((who for who, marks in _GDN_MARKS.items() if key.endswith(marks)), None)
+
+
+def gdn_keys_from_args(spec: ModelSpec, args: dict, tp: int) -> str:
+    """The gated-delta-net layout a Megatron checkpoint's args imply before its keys are read:
+    megatron-core's when its GatedDeltaNet is configured (Megatron-LM's and ckpt-ir's args) or at
+    TP > 1 (MindSpeed-LLM's layout exists only at TP 1), else MindSpeed-LLM's (the Layout default,
+    and always for a model without gated-delta-net layers or gated attention)."""
+    if not has_gdn_modules(spec):
+        return "mindspeed"
+    mcore = tp > 1 or args.get("experimental_attention_variant") == "gated_delta_net"
+    return "mcore" if mcore else "mindspeed"
+
+
+def gdn_keys_seen(spec: ModelSpec, seen: set[str], default: str, where: str) -> str:
+    """The gated-delta-net layout of the keys read (``gdn_keys_of`` of each), else ``default``."""
+    if not has_gdn_modules(spec):
+        return default
+    seen = seen - {""}
+    if len(seen) > 1:
+        raise FormatError(
+            f"{where}: the rank files mix MindSpeed-LLM's gated-delta-net keys (in_proj_qkvz, q_proj) "
+            f"with megatron-core's (in_proj, out_norm); the checkpoint is not one model"
+        )
+    return next(iter(seen), default)
+
 
 D = "decoder.layers.{i}."
 C = "layers.{i}."
@@ -60,13 +98,17 @@ _ATTENTION_KEYS = (
     (D + "self_attention.core_attention.softmax_offset", C + "attn.sinks"),
     # AFMoE's output gate (its own linear; megatron-core's gated attention packs it into linear_qkv)
     (D + "self_attention.linear_gate.weight", C + "attn.gate.weight"),
-    # gated-delta-net linear attention layers (MindSpeed-LLM's qwen3-next names, HF packing)
+    # gated-delta-net linear attention layers: MindSpeed-LLM's qwen3-next names (HF packing, the
+    # plain norm), and megatron-core's GatedDeltaNet (ssm/gated_delta_net.py: in_proj [q; k; v; z;
+    # b; a] per rank, the zero-centred out_norm; conv1d, A_log, dt_bias and out_proj alike)
     (D + "self_attention.A_log", C + "attn.gdn.A_log"),
     (D + "self_attention.conv1d.weight", C + "attn.gdn.conv1d.weight"),
     (D + "self_attention.dt_bias", C + "attn.gdn.dt_bias"),
     (D + "self_attention.in_proj_ba.weight", C + "attn.gdn.in_ba.weight"),
     (D + "self_attention.in_proj_qkvz.weight", C + "attn.gdn.in_qkvz.weight"),
     (D + "self_attention.norm.weight", C + "attn.gdn.norm.weight"),
+    (D + "self_attention.in_proj.weight", C + "attn.gdn.in_proj.weight"),
+    (D + "self_attention.out_norm.weight", C + "attn.gdn.out_norm.weight"),
     (D + "self_attention.out_proj.weight", C + "attn.gdn.out.weight"),
     (D + "self_attention.q_layernorm.bias", C + "attn.q_norm.bias"),
     (D + "self_attention.k_layernorm.bias", C + "attn.k_norm.bias"),
@@ -477,10 +519,16 @@ def _table(keys: KeyPairs, norm_names: str, mla_keys: str = "mindspeed") -> Name
         }
     )
     # the fused Mamba norm is a Mamba layer's own input norm only (Falcon-H1's norm.weight, shared
-    # by its parallel mixers, stays a module of its own, as Megatron-Bridge builds it)
+    # by its parallel mixers, stays a module of its own, as Megatron-Bridge builds it); read only: a
+    # GatedDeltaNet layer's input norm (written per layer, see ranks.py)
     return NameTable(
-        (m if m == D + "norm.weight" and c != C + "mamba_norm.weight" else renames.get(m, m), c)
-        for m, c in keys
+        [
+            *(
+                (m if m == D + "norm.weight" and c != C + "mamba_norm.weight" else renames.get(m, m), c)
+                for m, c in keys
+            ),
+            (D + GDN_TE_NORM, C + "attn_norm.weight"),
+        ]
     )
 
 

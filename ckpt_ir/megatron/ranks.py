@@ -186,6 +186,10 @@ def _entries(
     key = names.from_canonical(role.format(**fill))
     if ckpt.spec.is_moe_layer(layer) and role in ("layers.{i}.mlp_norm.weight", "layers.{i}.mlp_norm.bias"):
         key = M.layer_table("local").from_canonical(role.format(**fill))  # MoE: no fused pre-MLP norm
+    lay = ckpt.layout
+    if role == "layers.{i}.attn_norm.weight" and lay.norm_names != "local" and lay.gdn_keys == "mcore":
+        if ckpt.spec.has_block(layer, "gdn"):  # megatron-core's GatedDeltaNet fuses it into in_proj
+            key = f"decoder.layers.{local}.{M.GDN_TE_NORM}"
     out = [Entry(key, (canon,), ep, part=part)]
     for which in ("a", "b"):  # LoRA adapters right after their base weight
         lora = canon[: -len(".weight")] + f".lora_{which}.weight"

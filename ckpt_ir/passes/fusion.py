@@ -6,6 +6,13 @@ gives every rank whole groups.  The fused gate/up tensor is ``[gate; up]``; its 
 part of each half (see the ``mlp.gate_up`` split rule), which is Megatron's per-rank
 ``[gate_r; up_r]`` layout.  MLA's fused ``linear_qkv`` stacks the two down-projections.
 
+Gated-delta-net layers (Qwen3-Next, Qwen3.5) fuse their q / k / v / z / b / a projections too, into
+the Megatron modules the layout's ``gdn_keys`` names: megatron-core's GatedDeltaNet ``in_proj``
+(``[q; k; v; z; b; a]``, split over TP part by part; its zero-centred ``out_norm`` is the plain
+norm minus 1) or MindSpeed-LLM's HF packing (``in_proj_qkvz`` / ``in_proj_ba`` per key head, TP 1);
+gated attention's q (with its gates), k, v are megatron-core's linear_qkv, or stay apart in
+MindSpeed-LLM's layout.
+
 Each fusion is one :class:`Fusion` table entry whose layout is a reversible
 :class:`~ckpt_ir.ir.rules.Stack`: the fuse pass calls ``Stack.fuse``, the unfuse pass
 ``Stack.split``, so ``unfuse(fuse(x))`` simplifies back to the original loads.
@@ -21,10 +28,19 @@ import attrs
 from ckpt_ir.errors import VerifyError
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
+from ckpt_ir.ir.layout import GDN_KEYS
 from ckpt_ir.ir.names import SUB, layer_name, split_layer
-from ckpt_ir.ir.rules import Stack, gate_up_rule, mla_rule, qkv_rule
+from ckpt_ir.ir.rules import (
+    Stack,
+    gate_up_rule,
+    gdn_ba_rule,
+    gdn_in_proj_rule,
+    gdn_qkvz_rule,
+    mla_rule,
+    qkv_rule,
+)
 from ckpt_ir.ir.spec import ModelSpec
-from ckpt_ir.passes.manager import WHOLE, Pass, register_pass
+from ckpt_ir.passes.manager import WHOLE, Pass, one_of, option, register_pass
 
 # What a fusion applies to, per target: tensors whose rows are output features (weight, bias,
 # LoRA B, DoRA magnitude, an adapter's saved copies) are stacked by the rule; LoRA A (input side)
@@ -70,6 +86,16 @@ MLA = Fusion(
     mla_rule,
     kinds=("weight",),
 )
+# gated-delta-net input projections: megatron-core's one in_proj, or MindSpeed-LLM's HF packing
+GDN_IN_PROJ = Fusion(
+    {p: _const(f"attn.gdn.{p}") for p in "qkvzba"}, "attn.gdn.in_proj", gdn_in_proj_rule, kinds=("weight",)
+)
+GDN_QKVZ = Fusion(
+    {p: _const(f"attn.gdn.{p}") for p in "qkvz"}, "attn.gdn.in_qkvz", gdn_qkvz_rule, kinds=("weight",)
+)
+GDN_BA = Fusion({p: _const(f"attn.gdn.{p}") for p in "ba"}, "attn.gdn.in_ba", gdn_ba_rule, kinds=("weight",))
+# megatron-core's zero-centred GDN out_norm (layernorm_zero_centered_gamma: 1 + w) <-> HF's plain norm
+PLAIN_NORM, ZERO_CENTRED_NORM = "attn.gdn.norm.weight", "attn.gdn.out_norm.weight"
 # gated MLPs: the dense one, each routed expert, and the shared experts
 GATE_UP = Fusion(
     {"gate": _const("gate"), "up": _const("up")},
@@ -156,32 +182,95 @@ def unfuse(ckpt: Checkpoint, f: Fusion) -> dict[str, TensorNode]:
     return _rebuild(ckpt, replace, set(replace))
 
 
+def _renorm(ckpt: Checkpoint, source: str, target: str, value: float, shift: bool) -> dict[str, TensorNode]:
+    """Every layer's ``source`` norm renamed ``target``, offset by ``value`` when ``shift`` (weights
+    and fp32 master copies; not Adam's moments, which are the same for ``w`` and ``w - 1``)."""
+    out: dict[str, TensorNode] = {}
+    for name, t in ckpt.tensors.items():
+        layer, rest = split_layer(name)
+        if layer is None or rest != source:
+            out[name] = t
+            continue
+        new = layer_name(layer, target)
+        out[new] = TensorNode.whole(new, E.Offset(t.expr, value) if shift else t.expr)
+    return out
+
+
+def _fused(ckpt: Checkpoint, fusions: tuple[Fusion, ...], pass_name: str) -> dict[str, TensorNode]:
+    for f in fusions:
+        ckpt = attrs.evolve(ckpt, tensors=fuse(ckpt, f, pass_name))
+    return ckpt.tensors
+
+
+def _unfused(ckpt: Checkpoint, fusions: tuple[Fusion, ...]) -> dict[str, TensorNode]:
+    for f in fusions:
+        ckpt = attrs.evolve(ckpt, tensors=unfuse(ckpt, f))
+    return ckpt.tensors
+
+
 @register_pass
+@attrs.frozen
 class FuseQKV(Pass):
     name = "fuse-qkv"
     summary = "Fuse separate q/k/v (weights, biases, LoRA) into Megatron's per-group interleaved linear_qkv"
+    description = (
+        "Gated-delta-net models (Qwen3-Next, Qwen3.5) are fused into the modules gdn names: mcore, "
+        "megatron-core's (GatedDeltaNet in_proj = [q; k; v; z; b; a], its zero-centred out_norm = "
+        "norm - 1, gated linear_qkv per group [q heads; gates; k; v]) or mindspeed, MindSpeed-LLM's "
+        "qwen3-next layout (HF's in_proj_qkvz / in_proj_ba, q_proj / k_proj / v_proj apart; TP 1)."
+    )
     requires = (WHOLE,)
     optimizer_state = "follow"
     guarantees = "layers.N.attn.qkv.{weight,bias,lora_*} in per-query-group [q heads; k; v] order"
 
+    gdn: str | None = option(
+        None,
+        help="gated-delta-net models' Megatron modules (default: the layout's)",
+        allowed=one_of(*GDN_KEYS),
+    )
+
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        # gated attention (Qwen3-Next) stays q_proj / k_proj / v_proj in Megatron (MindSpeed-LLM)
-        tensors = (
-            ckpt.tensors if ckpt.spec.attn_gate else fuse(ckpt, MLA if ckpt.spec.mla else QKV, self.name)
-        )
-        return ckpt.with_tensors(tensors, layout=attrs.evolve(ckpt.layout, fused_qkv=True))
+        return self._run(ckpt, shift=True)
+
+    def run_state(self, ckpt: Checkpoint, state: str) -> Checkpoint:
+        return self._run(ckpt, shift=state == "param")
+
+    def _run(self, ckpt: Checkpoint, shift: bool) -> Checkpoint:
+        spec, keys = ckpt.spec, self.gdn or ckpt.layout.gdn_keys
+        mcore = keys == "mcore"
+        attention = () if spec.attn_gate and not mcore else (MLA if spec.mla else QKV,)
+        gdn = (GDN_IN_PROJ,) if mcore else (GDN_QKVZ, GDN_BA)
+        tensors = _fused(ckpt, attention + (gdn if spec.linear_layers else ()), self.name)
+        if mcore and spec.linear_layers:
+            tensors = _renorm(attrs.evolve(ckpt, tensors=tensors), PLAIN_NORM, ZERO_CENTRED_NORM, -1.0, shift)
+        return ckpt.with_tensors(tensors, layout=attrs.evolve(ckpt.layout, fused_qkv=True, gdn_keys=keys))
 
 
 @register_pass
 class UnfuseQKV(Pass):
     name = "unfuse-qkv"
     summary = "Split Megatron's per-group interleaved linear_qkv (and its LoRA) into separate q/k/v"
+    description = (
+        "Gated-delta-net layers' fused projections (either layout) split into q, k, v, z, b, a; "
+        "megatron-core's zero-centred out_norm becomes the plain norm (+ 1)."
+    )
     requires = (WHOLE,)
     optimizer_state = "follow"
     guarantees = "layers.N.attn.{q,k,v}.{weight,bias,lora_*}; LoRA A shared by q, k and v"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        tensors = unfuse(ckpt, MLA if ckpt.spec.mla else QKV)
+        return self._run(ckpt, shift=True)
+
+    def run_state(self, ckpt: Checkpoint, state: str) -> Checkpoint:
+        return self._run(ckpt, shift=state == "param")
+
+    def _run(self, ckpt: Checkpoint, shift: bool) -> Checkpoint:
+        fusions = (MLA if ckpt.spec.mla else QKV,)
+        if ckpt.spec.linear_layers:
+            fusions += (GDN_IN_PROJ, GDN_QKVZ, GDN_BA)
+        tensors = _renorm(
+            attrs.evolve(ckpt, tensors=_unfused(ckpt, fusions)), ZERO_CENTRED_NORM, PLAIN_NORM, 1.0, shift
+        )
         return ckpt.with_tensors(tensors, layout=attrs.evolve(ckpt.layout, fused_qkv=False))
 
 
