@@ -265,7 +265,7 @@ class UnfuseQKV(Pass):
         return self._run(ckpt, shift=state == "param")
 
     def _run(self, ckpt: Checkpoint, shift: bool) -> Checkpoint:
-        fusions = (MLA if ckpt.spec.mla else QKV,)
+        fusions: tuple[Fusion, ...] = (MLA if ckpt.spec.mla else QKV,)
         if ckpt.spec.linear_layers:
             fusions += (GDN_IN_PROJ, GDN_QKVZ, GDN_BA)
         tensors = _renorm(
