@@ -199,6 +199,8 @@ def to_text(ckpt: Checkpoint) -> str:
         for k, v in ckpt.spec.summary().items()
         if k != "family" and v not in (0, None, False, ()) or k in ("qkv_bias", "tied_embeddings")
     }
+    if "layer_blocks" in shown:
+        shown["layer_blocks"] = layer_blocks_text(ckpt.spec.layer_blocks)
     lines = [
         f"// source: {ckpt.source}",
         f"// spec: {ckpt.spec.family} " + " ".join(f"{k}={v}" for k, v in shown.items()),
@@ -221,3 +223,19 @@ def to_text(ckpt: Checkpoint) -> str:
     for key, why in ckpt.dropped.items():
         lines.append(f"// dropped {key}: {why}")
     return "\n".join(lines) + "\n"
+
+
+def layer_blocks_text(layer_blocks: tuple[tuple[str, ...], ...]) -> str:
+    """Each layer's blocks, ``+``-joined, runs of equal layers counted: ``mamba,moe,attention,mlp``,
+    ``(gdn+mlp)x3,attention+mlp``."""
+    runs: list[list] = []
+    for blocks in layer_blocks:
+        if runs and runs[-1][0] == blocks:
+            runs[-1][1] += 1
+        else:
+            runs.append([blocks, 1])
+    parts = []
+    for blocks, n in runs:
+        text = "+".join(blocks)
+        parts.append(text if n == 1 else f"({text})x{n}" if len(blocks) > 1 else f"{text}x{n}")
+    return ",".join(parts)
