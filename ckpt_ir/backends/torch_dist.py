@@ -48,7 +48,7 @@ from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.blocks import is_hybrid
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.dtypes import torch_name
-from ckpt_ir.ir.names import NameTable, split_layer
+from ckpt_ir.ir.names import NameTable, role_of, split_layer
 from ckpt_ir.ir.rules import mla_rule
 from ckpt_ir.megatron import args as megatron_args
 from ckpt_ir.megatron import global_keys
@@ -183,7 +183,9 @@ def plan(
         dropped["*._extra_state"] = (
             "Transformer-Engine _extra_state (FP8 metadata): torch_dist output starts it afresh"
         )
-    return Plan(tuple(files), dropped)
+    fixed = tuple(M.fixed_checks(spec, ckpt.tensors))
+    dropped.update({name: f"not stored in Megatron: {what} (checked)" for name, what, _, _ in fixed})
+    return Plan(tuple(files), dropped, checks=fixed)
 
 
 def _training_state(ckpt: Checkpoint, args, dropped: dict[str, str]) -> dict:
@@ -376,7 +378,10 @@ def _stored(
     ]
     if hybrid:  # MambaModel saves its output layer's _extra_state (GPTModel drops it), tied or not
         objects.append(f"{M.OUTPUT_LAYER}_extra_state/shard_0_1")
-    left = sorted(n for n in nodes if split_layer(n)[0] is not None and n not in used)
+    fixed = M.fixed_roles()  # not stored: Megatron's modules hold the value (checked by the plan)
+    left = sorted(
+        n for n in nodes if split_layer(n)[0] is not None and n not in used and role_of(n) not in fixed
+    )
     if left:
         raise VerifyError(f"no torch_dist key for {left[0]}")
     return stored, objects

@@ -46,6 +46,17 @@ def _always(s: ModelSpec, lay: Layout, i: int) -> bool:
 
 
 @attrs.frozen
+class Fixed:
+    """The value the architecture fixes for a tensor that one format stores and another does not
+    (transformers saves xIELU's ``beta`` as a buffer, Megatron keeps it as a Python float):
+    ``value`` in every element, in the dtype of the same layer's ``dtype_of`` role (a role below
+    the layer, e.g. ``mlp.act.alpha_p``)."""
+
+    value: float
+    dtype_of: str
+
+
+@attrs.frozen
 class Role:
     """One canonical role.  ``split``: the tensor-parallel rule (None: replicated on every rank).
     ``shape``: the full shape.  ``present``: whether a model with this spec and layout has the
@@ -63,6 +74,8 @@ class Role:
     per_layer: bool = False
     # the sublayer whose copy of a layer role this is (``layers.{i}.sub<k>.``; None: the layer's)
     sub: int | None = None
+    # a tensor whose value the architecture fixes: Megatron stores none (see ckpt_ir.megatron.keys)
+    fixed: Fixed | None = None
 
     @property
     def per_expert(self) -> bool:
@@ -442,6 +455,22 @@ _DSV4_ROLES = [
 ]
 
 
+def _xielu(s: ModelSpec, lay: Layout, i: int) -> bool:
+    return s.has_block(i, "mlp") and s.activation == "xielu"
+
+
+# xIELU, a dense MLP's learned activation (Apertus; transformers' XIELUActivation): the gains of
+# its positive and negative branches, alpha_p and alpha_n ([1] each, before their softplus), and
+# two constants of the function that transformers saves as buffers, beta = 0.5 and eps = -1e-6
+# (scalars in the alphas' dtype); whole on every TP rank
+_XIELU_ROLES = [
+    Role(L + "mlp.act.alpha_p", None, lambda s, lay: (1,), _xielu),
+    Role(L + "mlp.act.alpha_n", None, lambda s, lay: (1,), _xielu),
+    Role(L + "mlp.act.beta", None, lambda s, lay: (), _xielu, fixed=Fixed(0.5, "mlp.act.alpha_p")),
+    Role(L + "mlp.act.eps", None, lambda s, lay: (), _xielu, fixed=Fixed(-1e-6, "mlp.act.alpha_p")),
+]
+
+
 def _choices(s: ModelSpec) -> int:
     """What a MoE router scores: the routed experts and the zero-computation ones."""
     return s.num_experts + s.zero_experts
@@ -577,6 +606,7 @@ _BUILTIN: list[Role] = [
     # the dense MLP: gated, or plain (BLOOM, a GELU Megatron GPT: Megatron's linear_fc1 is then fc1
     # alone, split over TP as one block), biases as the model has them
     *_mlp_roles(L + "mlp.", lambda s: s.ffn_hidden_size, _dense_mlp, gate_up_bias=True),
+    *_XIELU_ROLES,
     Role(
         L + "post_mlp_norm.weight",
         None,

@@ -24,7 +24,7 @@ from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.blocks import OWN_MIXERS
 from ckpt_ir.ir.layout import Layout
 from ckpt_ir.ir.names import COLUMN, NameTable, Split, expert_of, layer_name, split_layer
-from ckpt_ir.ir.roles import roles, split_rule
+from ckpt_ir.ir.roles import Fixed, roles, split_rule
 from ckpt_ir.ir.rules import Stack
 from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.megatron.integrity import MANIFEST
@@ -128,6 +128,10 @@ _NORM_KEYS = (
 _MLP_KEYS = (
     (D + "mlp.linear_fc1.weight", C + "mlp.gate_up.weight"),
     (D + "mlp.linear_fc1.bias", C + "mlp.gate_up.bias"),
+    # xIELU's learned gains (Megatron-Bridge's Apertus MLP: activation_func, between fc1 and fc2);
+    # its beta and eps are Python floats there, not stored (Role.fixed, fixed_roles)
+    (D + "mlp.activation_func.alpha_p", C + "mlp.act.alpha_p"),
+    (D + "mlp.activation_func.alpha_n", C + "mlp.act.alpha_n"),
     (D + "mlp.linear_fc2.weight", C + "mlp.down.weight"),
     (D + "mlp.linear_fc2.bias", C + "mlp.down.bias"),
     (D + "mlp.router.weight", C + "mlp.router.weight"),
@@ -213,6 +217,48 @@ HC_HEAD = tuple(
     for k, t in (("hc_base", "base"), ("hc_fn.weight", "fn"), ("hc_scale", "scale"))
 )
 MTP_HC_HEAD = tuple(("mtp.layers.{k}." + k, "mtp." + c) for k, c in HC_HEAD)
+
+
+def fixed_roles() -> dict[str, Fixed]:
+    """The layer roles (``layers.{i}.<role>``) whose value the architecture fixes (``Role.fixed``):
+    Megatron stores none of them, its modules hold the value (xIELU's beta and eps).  Writers
+    check that the source holds that value (:func:`fixed_checks`), readers re-create the tensor
+    (:func:`add_fixed`)."""
+    return {r.template: r.fixed for r in roles() if r.fixed is not None and r.template.startswith(C)}
+
+
+def _fixed_expr(template: str, layer: int, fixed: Fixed, spec: ModelSpec, dtype: str) -> E.Expr:
+    from ckpt_ir.ir.roles import role
+
+    r = role(template.format(i=layer))
+    assert r is not None, template
+    return E.Fill(r.shape(spec, Layout(format="mcore")), dtype, fixed.value)
+
+
+def add_fixed(spec: ModelSpec, tensors: dict) -> None:
+    """Re-create in ``tensors`` (canonical name -> TensorNode) the fixed-value tensors of every
+    layer that has the role they take their dtype from (xIELU's alphas)."""
+    from ckpt_ir.ir.checkpoint import TensorNode
+
+    for template, fixed in fixed_roles().items():
+        for i in range(spec.total_layers):
+            name, like = template.format(i=i), layer_name(i, fixed.dtype_of)
+            if name not in tensors and like in tensors:
+                expr = _fixed_expr(template, i, fixed, spec, tensors[like].dtype)
+                tensors[name] = TensorNode.whole(name, expr)
+
+
+def fixed_checks(spec: ModelSpec, tensors: dict):
+    """(name, what, its expression, the fixed value's) of every fixed-value tensor in ``tensors``,
+    which a Megatron output leaves out: the executor checks each holds the value before writing."""
+    for template, fixed in fixed_roles().items():
+        for i in range(spec.total_layers):
+            name = template.format(i=i)
+            if name in tensors:
+                x = tensors[name].shards[0]
+                what = f"{fixed.value!r}, the value Megatron's module fixes"
+                yield name, what, x, _fixed_expr(template, i, fixed, spec, x.dtype)
+
 
 # Per-layer order follows MindSpeed-LLM's writer (norms, attention, then MLP), so rank files list
 # keys in the same order as that converter's.
