@@ -744,3 +744,49 @@ register(
         },
     )
 )
+
+
+# Apertus (modeling_apertus.py): Llama attention with per-head q/k norms (attention_bias on q, k, v
+# and o), its two norms named attention_layernorm / feedforward_layernorm, and a non-gated MLP
+# up_proj -> xIELU -> down_proj.  xIELU (transformers' XIELUActivation, hidden_act "xielu") has
+# learned gains alpha_p / alpha_n per layer and the constants beta / eps, which transformers saves as
+# buffers and Megatron keeps as floats (roles mlp.act.*, ir/roles.py; Megatron-Bridge's Apertus
+# bridge: mlp.activation_func.alpha_p / alpha_n).  The Swiss AI Megatron-LM fork's arg is xielu; the
+# default rope is llama3's scaling (megatron-core's use_rope_scaling)
+def _apertus_args(cfg: dict[str, Any]) -> dict[str, Any]:
+    rope = cfg.get("rope_parameters") or {}
+    llama3 = rope.get("rope_type", rope.get("type")) == "llama3"
+    return {
+        "xielu": cfg.get("hidden_act", "xielu") == "xielu",
+        **({"use_rope_scaling": True, "rope_scaling_factor": rope.get("factor")} if llama3 else {}),
+    }
+
+
+register(
+    Family(
+        name="apertus",
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2 --num-layer-list 1,3",),
+            mcore_missing="no: megatron-core 0.16 has no xIELU activation (Megatron-Bridge's Apertus provider brings its own)",
+        ),
+        model_types=("apertus",),
+        architecture="ApertusForCausalLM",
+        tensors=EMBED_AND_HEAD
+        + tuple((h, c) for h, c in ATTENTION if "input_layernorm" not in h)
+        + O_BIAS
+        + (
+            (L + "attention_layernorm.weight", C + "attn_norm.weight"),
+            (L + "feedforward_layernorm.weight", C + "mlp_norm.weight"),
+            (L + "mlp.up_proj.weight", C + "mlp.fc1.weight"),
+            (L + "mlp.down_proj.weight", C + "mlp.down.weight"),
+            *((L + f"mlp.act_fn.{p}", C + f"mlp.act.{p}") for p in ("alpha_p", "alpha_n", "beta", "eps")),
+        ),
+        config=config_with(
+            ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
+            ConfigKey("activation", "hidden_act", "xielu"),
+            *LLAMA_BIAS_CONFIG[:2],
+        ),
+        constants=(("gated_mlp", False), ("qk_norm", True)),
+        megatron_args=_apertus_args,
+    )
+)
