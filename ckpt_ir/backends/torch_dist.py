@@ -301,9 +301,11 @@ def _stored(
     table = M.spec_layer_table("te", spec)
     stored: list[tuple[str, E.Expr]] = []
     objects: list[str] = []
+    ple = tuple((c, m) for m, c in M.PRE_LAYERS if c.startswith("ple_"))  # Gemma 4's per-layer inputs
     for name, key in (
         ("embed.weight", M.EMBEDDING),
         ("pos_embed.weight", "embedding.position_embeddings.weight"),
+        *ple,
     ):
         if name in nodes:
             stored.append((key, nodes[name].expr))

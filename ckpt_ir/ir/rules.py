@@ -96,17 +96,24 @@ class Stack:
         return out
 
 
-def qkv_rule(spec: ModelSpec, rows: int = 0) -> Stack:
-    """Megatron's per-query-group ``[q heads; k; v]`` interleave."""
-    d = spec.head_dim
-    return Stack.interleaved(spec.num_kv_heads, (("q", spec.heads_per_group * d), ("k", d), ("v", d)))
+def qkv_rule(spec: ModelSpec, rows: int = 0, layer: int | None = None) -> Stack:
+    """Megatron's per-query-group ``[q heads; k; v]`` interleave, with ``layer``'s sizes (a
+    global_attention layer's head size and groups, value heads of ``v_head_dim``); a layer without
+    keys or values of its own (kv_shared, Gemma 4's keys-as-values) holds only the parts it has."""
+    groups, d = spec.attn_kv_heads(layer), spec.attn_head_dim(layer)
+    parts = [("q", spec.num_heads // groups * d)]
+    if layer is None or spec.attn_has_k(layer):
+        parts.append(("k", d))
+    if layer is None or spec.attn_has_v(layer):
+        parts.append(("v", spec.attn_v_dim(layer)))
+    return Stack.interleaved(groups, parts)
 
 
-def gate_up_rule(spec: ModelSpec, rows: int) -> Stack:
+def gate_up_rule(spec: ModelSpec, rows: int, layer: int | None = None) -> Stack:
     return Stack.of((("gate", rows // 2), ("up", rows // 2)))
 
 
-def mla_rule(spec: ModelSpec, rows: int = 0) -> Stack:
+def mla_rule(spec: ModelSpec, rows: int = 0, layer: int | None = None) -> Stack:
     """MLA: Megatron's linear_qkv is [q_a (or q); kv_a], the two down-projections stacked."""
     q_rows = spec.q_lora_rank or spec.mla_q_size
     return Stack.of((("q", q_rows), ("kv_a", spec.kv_lora_rank + spec.qk_rope_dim)))

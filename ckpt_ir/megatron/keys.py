@@ -260,9 +260,18 @@ def fixed_checks(spec: ModelSpec, tensors: dict):
                 yield name, what, x, _fixed_expr(template, i, fixed, spec, x.dtype)
 
 
+# Gemma 4's per-layer input (block ple) and output scale (block layer_scalar), under
+# Megatron-Bridge's names (gemma4_bridge.py, its dense model's Gemma4DenseTransformerLayer)
+_PLE_KEYS = (
+    (D + "per_layer_input_gate.weight", C + "ple.gate.weight"),
+    (D + "per_layer_projection.weight", C + "ple.proj.weight"),
+    (D + "post_per_layer_input_norm.weight", C + "ple.norm.weight"),
+    (D + "layer_scalar", C + "layer_scalar"),
+)
+
 # Per-layer order follows MindSpeed-LLM's writer (norms, attention, then MLP), so rank files list
 # keys in the same order as that converter's.
-_LAYER_KEYS = _NORM_KEYS + _ATTENTION_KEYS + _MLP_KEYS + _MAMBA_KEYS + OWN_MIXER_KEYS
+_LAYER_KEYS = _NORM_KEYS + _ATTENTION_KEYS + _MLP_KEYS + _MAMBA_KEYS + OWN_MIXER_KEYS + _PLE_KEYS
 # canonical roles megatron-core keeps in fp32 whatever params_dtype: the router's expert_bias, a
 # buffer it returns to fp32 before every save and load (moe/router.py _maintain_float32_expert_bias)
 KEPT_FP32 = (C + "mlp.router.bias",)
@@ -316,6 +325,10 @@ PRE_LAYERS = (
     # BLOOM's embedding LayerNorm (MindSpeed-LLM's module path)
     ("embedding.word_embeddings.norm.weight", "embed_norm.weight"),
     ("embedding.word_embeddings.norm.bias", "embed_norm.bias"),
+    # Gemma 4's per-layer input embeddings (Megatron-Bridge's Gemma 4 dense model, on the first stage)
+    ("per_layer_embedding.weight", "ple_embed.weight"),
+    ("per_layer_model_proj.weight", "ple_proj.weight"),
+    ("per_layer_proj_norm.weight", "ple_norm.weight"),
 )
 POST_LAYERS = (
     ("decoder.final_layernorm.weight", "final_norm.weight"),
