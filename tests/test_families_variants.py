@@ -19,10 +19,31 @@ from tests.test_hf_roundtrip import convert, hf_state
 CONFIGS = {
     # attention_bias on q, k, v and o; llama3 rope (Apertus' default) with its factor
     "apertus": dict(DENSE, attention_bias=True),
+    # Gemma 4: sliding layers 0, 2 (head_dim 16, 2 KV heads) and global layers 1, 3 (head_dim 32,
+    # 2 KV heads, keys as values); layers 2 and 3 share the keys / values of layers 0 and 1, with
+    # MLPs twice as wide; per-layer inputs of 8; a window (4) shorter than the prompt (12)
+    "gemma4_text": dict(
+        DENSE,
+        head_dim=16,
+        global_head_dim=32,
+        num_global_key_value_heads=2,
+        attention_k_eq_v=True,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        sliding_window=4,
+        num_kv_shared_layers=2,
+        use_double_wide_mlp=True,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=128,
+        final_logit_softcapping=30.0,
+    ),
 }
+# buffers the checkpoint stores that transformers initialises to constants (given random values,
+# so that carrying them is checked)
+BUFFERS = {"gemma4_text": ("layer_scalar",)}
 # per family: the Megatron layouts to round-trip through
 LAYOUTS = {
     "apertus": (dict(tp=2, pp=2, num_layer_list=(1, 3)),),
+    "gemma4_text": (dict(tp=2, pp=2, num_layer_list=(1, 3)),),
 }
 
 
@@ -33,10 +54,24 @@ def models(tmp_path_factory):
 
     def get(model_type: str) -> str:
         if model_type not in cache:
-            cache[model_type] = build(str(root / model_type), model_type, configs=CONFIGS)
+            path = build(str(root / model_type), model_type, configs=CONFIGS)
+            _randomize(path, BUFFERS.get(model_type, ()))
+            cache[model_type] = path
         return cache[model_type]
 
     return get
+
+
+def _randomize(path: str, buffers: tuple[str, ...]) -> None:
+    if not buffers:
+        return
+    f = f"{path}/model.safetensors"
+    sd = load_file(f)
+    g = torch.Generator().manual_seed(3)
+    for k in sd:
+        if k.endswith(buffers):
+            sd[k] = torch.randn(sd[k].shape, generator=g)
+    save_file(sd, f, metadata={"format": "pt"})
 
 
 CASES = [(f, i) for f in LAYOUTS for i in range(len(LAYOUTS[f]))]
@@ -70,7 +105,57 @@ def _apertus(hf: dict, cfg: dict, mid: str) -> None:
     )
 
 
-RANK_FACTS = {"apertus": _apertus}
+def _gemma4(hf: dict, cfg: dict, mid: str) -> None:
+    """Megatron-Bridge's Gemma 4 names; linear_qkv per query group [q heads; k; v] of the layer's
+    own sizes and parts: HF layer 1 (global, keys as values: [q heads of 32; k of 32], no v),
+    HF layer 2 (kv-shared: q alone); the per-layer embedding split by vocabulary rows, the
+    per-layer gate / projection / norm and layer_scalar whole on every rank."""
+    # the saved config keeps the global sizes as per_layer_config overrides: the test's own values
+    heads, groups = cfg["num_attention_heads"], CONFIGS["gemma4_text"]["num_global_key_value_heads"]
+    for t in range(2):
+        first = rank(mid, f"mp_rank_0{t}_000")["model"]
+        assert torch.equal(
+            first["per_layer_embedding.weight"], hf["model.embed_tokens_per_layer.weight"].chunk(2)[t]
+        )
+        assert torch.equal(
+            first["per_layer_model_proj.weight"], hf["model.per_layer_model_projection.weight"].chunk(2)[t]
+        )
+        sd = rank(mid, f"mp_rank_0{t}_001")["model"]  # HF layers 1, 2, 3 as local layers 0, 1, 2
+        q, k = hf["model.layers.1.self_attn.q_proj.weight"], hf["model.layers.1.self_attn.k_proj.weight"]
+        d = k.shape[0] // groups  # the global head size
+        per_group = heads // groups * d
+        g = t  # one query group per rank
+        want = torch.cat([q[g * per_group : (g + 1) * per_group], k[g * d : (g + 1) * d]])
+        assert torch.equal(sd["decoder.layers.0.self_attention.linear_qkv.weight"], want)
+        q2 = hf["model.layers.2.self_attn.q_proj.weight"]
+        assert torch.equal(sd["decoder.layers.1.self_attention.linear_qkv.weight"], q2.chunk(2)[t])
+        assert "decoder.layers.1.self_attention.k_layernorm.weight" not in sd
+        for local, layer in ((0, 1), (2, 3)):
+            for m, h in (
+                ("post_self_attn_layernorm.weight", "post_attention_layernorm.weight"),
+                ("per_layer_input_gate.weight", "per_layer_input_gate.weight"),
+                ("per_layer_projection.weight", "per_layer_projection.weight"),
+                ("post_per_layer_input_norm.weight", "post_per_layer_input_norm.weight"),
+                ("layer_scalar", "layer_scalar"),
+            ):
+                assert torch.equal(sd[f"decoder.layers.{local}.{m}"], hf[f"model.layers.{layer}.{h}"]), m
+    args = vars(rank(mid, "mp_rank_00_000")["args"])
+    sliding = [int(t == "sliding_attention") for t in cfg["layer_types"]]
+    assert (args["global_kv_channels"], args["num_global_query_groups"]) == (d, groups)
+    assert (args["attention_k_eq_v"], args["num_kv_shared_layers"]) == (True, cfg["num_kv_shared_layers"])
+    assert (args["window_attn_skip_freq"], args["softmax_scale"]) == (sliding, 1.0)
+
+
+RANK_FACTS = {"apertus": _apertus, "gemma4_text": _gemma4}
+
+
+def test_gemma4_moe_block_is_refused():
+    from ckpt_ir.errors import FormatError
+    from ckpt_ir.families import by_name
+
+    cfg = dict(CONFIGS["gemma4_text"], num_hidden_layers=4, enable_moe_block=True)
+    with pytest.raises(FormatError, match="enable_moe_block"):
+        by_name("gemma4_text").spec_from_config(cfg)
 
 
 def test_apertus_xielu_constants_other_than_megatrons_are_refused(models, tmp_path):
