@@ -36,6 +36,19 @@ CONFIGS = {
         vocab_size_per_layer_input=128,
         final_logit_softcapping=30.0,
     ),
+    # MiMo-V2-Flash: layers 0, 2 sliding (4 key / value heads, sinks), 1, 3 full (2 heads); q / k
+    # heads of 24, v heads of 16; q / k / v biases; layer 0 dense, 1-3 MoE (4 experts, top 2)
+    "mimo_v2_flash": dict(
+        DENSE,
+        head_dim=24,
+        v_head_dim=16,
+        attention_bias=True,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        sliding_window=4,
+        moe_intermediate_size=32,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+    ),
 }
 # buffers the checkpoint stores that transformers initialises to constants (given random values,
 # so that carrying them is checked)
@@ -44,6 +57,7 @@ BUFFERS = {"gemma4_text": ("layer_scalar",)}
 LAYOUTS = {
     "apertus": (dict(tp=2, pp=2, num_layer_list=(1, 3)),),
     "gemma4_text": (dict(tp=2, pp=2, num_layer_list=(1, 3)),),
+    "mimo_v2_flash": (dict(tp=2, ep=2, grouped_gemm=True), dict(pp=2, ep=2, num_layer_list=(1, 3))),
 }
 
 
@@ -81,7 +95,8 @@ CASES = [(f, i) for f in LAYOUTS for i in range(len(LAYOUTS[f]))]
 def test_hf_to_mcore_to_hf_bit_exact_with_same_logits(models, tmp_path, family, layout):
     src = models(family)
     assert_round_trip(src, tmp_path, family, LAYOUTS[family][layout])
-    RANK_FACTS[family](hf_state(src), json.load(open(f"{src}/config.json")), str(tmp_path / "mid"))
+    if layout == 0:  # the rank files of the first layout hold what the format facts say
+        RANK_FACTS[family](hf_state(src), json.load(open(f"{src}/config.json")), str(tmp_path / "mid"))
 
 
 def _apertus(hf: dict, cfg: dict, mid: str) -> None:
@@ -146,7 +161,46 @@ def _gemma4(hf: dict, cfg: dict, mid: str) -> None:
     assert (args["window_attn_skip_freq"], args["softmax_scale"]) == (sliding, 1.0)
 
 
-RANK_FACTS = {"apertus": _apertus, "gemma4_text": _gemma4}
+def _qkv_rank(parts: list[tuple[torch.Tensor, int]], groups: int, rank: int, tp: int = 2) -> torch.Tensor:
+    """TP rank ``rank``'s rows of Megatron's linear_qkv: for each of its query groups, each part's
+    rows of that group in turn (``parts``: (HF tensor, rows per group))."""
+    mine = range(rank * groups // tp, (rank + 1) * groups // tp)
+    return torch.cat([t[g * n : (g + 1) * n] for g in mine for t, n in parts])
+
+
+def _mimo(hf: dict, cfg: dict, mid: str) -> None:
+    """Megatron-Bridge's MiMo-V2-Flash layout at TP2 x EP2: a sliding layer's linear_qkv (and bias)
+    per group [q heads of 24; k of 24; v of 16] over twice the config's groups, a full layer's over
+    the config's groups; the sinks (softmax_offset) split with the heads in sliding layers only."""
+    heads, kv, d, vd = (
+        cfg["num_attention_heads"],
+        cfg["num_key_value_heads"],
+        cfg["head_dim"],
+        cfg["v_head_dim"],
+    )
+    for t in range(2):
+        sd = rank(mid, f"mp_rank_0{t}_000")["model"]
+        for layer, groups in ((0, 2 * kv), (1, kv)):
+            h = f"model.layers.{layer}.self_attn."
+            for kind in ("weight", "bias"):
+                q, k, v = (hf[h + f"{x}_proj.{kind}"] for x in "qkv")
+                want = _qkv_rank([(q, heads // groups * d), (k, d), (v, vd)], groups, t)
+                assert torch.equal(sd[f"decoder.layers.{layer}.self_attention.linear_qkv.{kind}"], want)
+        sinks = hf["model.layers.0.self_attn.attention_sink_bias"]
+        assert torch.equal(
+            sd["decoder.layers.0.self_attention.core_attention.softmax_offset"], sinks.chunk(2)[t]
+        )
+        assert "decoder.layers.1.self_attention.core_attention.softmax_offset" not in sd
+        assert torch.equal(
+            sd["decoder.layers.1.mlp.router.expert_bias"],
+            hf["model.layers.1.mlp.gate.e_score_correction_bias"],
+        )
+    args = vars(rank(mid, "mp_rank_00_000")["args"])
+    assert (args["num_query_groups"], args["swa_num_query_groups"], args["v_head_dim"]) == (kv, 2 * kv, vd)
+    assert args["hybrid_attention_pattern"] == [int(t == "sliding_attention") for t in cfg["layer_types"]]
+
+
+RANK_FACTS = {"apertus": _apertus, "gemma4_text": _gemma4, "mimo_v2_flash": _mimo}
 
 
 def test_gemma4_moe_block_is_refused():
