@@ -46,8 +46,6 @@ from ckpt_ir.families.blocks import (
     window_skip_freq,
     yarn_args,
 )
-from ckpt_ir.ir.names import COLUMN
-from ckpt_ir.ir.roles import Role, register_role
 
 EXPERT = C + "mlp.experts.{e}."
 MIXTRAL_MOE = (
@@ -504,16 +502,7 @@ register(
         megatron_args=_afmoe_args,
     )
 )
-# AFMoE's output gate, a role of its own (a future gated-attention block's part): present in the
-# attention layers of the afmoe family only
-register_role(
-    Role(
-        "layers.{i}.attn.gate.weight",
-        COLUMN,
-        lambda s, lay: (s.q_size, s.hidden_size),
-        lambda s, lay, i: s.has_attention(i) and s.family == "afmoe",
-    )
-)
+# AFMoE's output gate is the role attn.gate.weight of the out_gate block (ir/roles.py)
 
 # Hunyuan V1 MoE: Hunyuan's q/k norms; the MoE layer has one shared MLP as wide as the experts and
 # a router named gate.wg

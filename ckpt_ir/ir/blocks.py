@@ -56,7 +56,8 @@ MLPS = ("mlp", "moe")
 # Gemma 4's: kv_shared (the attention reuses an earlier layer's keys and values: no k / v
 # projections of its own), ple (the layer's gated projection of its per-layer input embedding) and
 # layer_scalar (a learned scale of the layer's output)
-PARTS = ("compressor", "csa_indexer", "hc", "hash_router", "kv_shared", "ple", "layer_scalar")
+# out_gate: a sigmoid gate on the attention's output, from a projection of its own (HY-V4, AFMoE)
+PARTS = ("compressor", "csa_indexer", "hc", "hash_router", "kv_shared", "ple", "layer_scalar", "out_gate")
 BLOCKS = MIXERS + MLPS + PARTS
 
 # megatron-core's hybrid layer symbols (ssm/mamba_hybrid_layer_allocation.py; Megatron-LM's

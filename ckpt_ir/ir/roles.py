@@ -398,8 +398,14 @@ _OWN_MIXER_ROLES = [
 
 
 def _hc_streams(s: ModelSpec) -> int:
-    """Rows of a layer's hyper-connection mixer: [pre (n) | post (n) | comb (n x n)]."""
-    return (2 + s.hc_mult) * s.hc_mult
+    """Rows of a layer's hyper-connection mixer: [pre (n) | post (n) | comb (n x n)], without
+    comb where the hc block has none (HY-V4's independent hyper-connections, ``hc_no_comb``)."""
+    return (2 if s.hc_no_comb else 2 + s.hc_mult) * s.hc_mult
+
+
+def _hc_gains(s: ModelSpec) -> int:
+    """A layer's hyper-connection gains: one per mapping (pre, post, and comb where it has one)."""
+    return 2 if s.hc_no_comb else 3
 
 
 def _compressor_roles(prefix: str, head_dim: Callable[[ModelSpec], int], present: Presence) -> list[Role]:
@@ -424,13 +430,15 @@ def _compressor_roles(prefix: str, head_dim: Callable[[ModelSpec], int], present
     ]
 
 
-def _hc_roles(prefix: str, rows: Callable[[ModelSpec], int], scales: int, present: Presence) -> list[Role]:
+def _hc_roles(
+    prefix: str, rows: Callable[[ModelSpec], int], scales: Callable[[ModelSpec], int], present: Presence
+) -> list[Role]:
     """Hyper-connection mixing parameters over ``hc_mult`` residual streams: fn [rows, n x H],
     base [rows], scale [scales]; whole on every TP rank."""
     return [
         Role(prefix + "fn", None, lambda s, lay: (rows(s), s.hc_mult * s.hidden_size), present),
         Role(prefix + "base", None, lambda s, lay: (rows(s),), present),
-        Role(prefix + "scale", None, lambda s, lay: (scales,), present),
+        Role(prefix + "scale", None, lambda s, lay: (scales(s),), present),
     ]
 
 
@@ -478,11 +486,14 @@ _DSV4_ROLES = [
     ),
     *_compressor_roles(_MQA + "indexer.compressor.", lambda s: s.index_head_dim, _block("csa_indexer")),
     Role(L + "mlp.router.tid2eid", None, lambda s, lay: (s.vocab_size, s.moe_topk), _block("hash_router")),
-    *_hc_roles(L + "hc_attn.", _hc_streams, 3, _block("hc")),
-    *_hc_roles(L + "hc_ffn.", _hc_streams, 3, _block("hc")),
-    *_hc_roles("hc_head.", lambda s: s.hc_mult, 1, lambda s, lay, i: s.hc_mult > 0),
+    *_hc_roles(L + "hc_attn.", _hc_streams, _hc_gains, _block("hc")),
+    *_hc_roles(L + "hc_ffn.", _hc_streams, _hc_gains, _block("hc")),
+    *_hc_roles("hc_head.", lambda s: s.hc_mult, lambda s: 1, lambda s, lay, i: s.hc_mult > 0),
     *_hc_roles(
-        L + "mtp.hc_head.", lambda s: s.hc_mult, 1, lambda s, lay, i: _mtp(s, lay, i) and s.hc_mult > 0
+        L + "mtp.hc_head.",
+        lambda s: s.hc_mult,
+        lambda s: 1,
+        lambda s, lay, i: _mtp(s, lay, i) and s.hc_mult > 0,
     ),
 ]
 
@@ -974,6 +985,19 @@ def register_role(*roles: Role, lora: bool = False) -> None:
 register_role(*_BUILTIN)
 register_role(
     *(r for r in _BUILTIN if r.template[len(L) :] in {t + ".weight" for t in LINEAR_TARGETS}), lora=True
+)
+# block out_gate: the attention output times the sigmoid of its own projection of the input,
+# channel by channel, before o_proj (HY-V4's MLA; AFMoE's, whose family predates the block):
+# [heads x value head size, hidden], split over TP with the heads.  Last in a layer's canonical
+# order, where AFMoE's own row was.
+register_role(
+    Role(
+        L + "attn.gate.weight",
+        COLUMN,
+        lambda s, lay, i: (_o_cols(s, i), s.hidden_size),
+        lambda s, lay, i: s.has_attention(i) and (s.has_block(i, "out_gate") or s.family == "afmoe"),
+        per_layer=True,
+    )
 )
 
 

@@ -126,6 +126,7 @@ class ModelSpec:
     mqa_o_rank: int = 0
     compressor_ratios: tuple[int, ...] = attrs.field(default=(), converter=_int_tuple)
     hc_mult: int = 0
+    hc_no_comb: bool = False  # the hc block without its comb mapping (HY-V4's independent hyper-connections)
     mtp_blocks: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     # block global_attention (Gemma 4's, MiMo-V2-Flash's full-attention layers): its head size and
     # key / value heads (0: the attention block's head_dim / num_kv_heads), and keys that are also

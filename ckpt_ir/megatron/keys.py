@@ -87,6 +87,9 @@ _MLA_ATTENTION_KEYS = (
     (D + "self_attention.dsa_indexer.weights_proj.weight", C + "attn.indexer.weights_proj.weight"),
     (D + "self_attention.dsa_indexer.wk.weight", C + "attn.indexer.wk.weight"),
     (D + "self_attention.dsa_indexer.wq_b.weight", C + "attn.indexer.wq_b.weight"),
+    # HY-V4's MLA: softmax sinks and the output gate, under the names GQA attention has them by
+    (D + "self_attention.core_attention.softmax_offset", C + "attn.sinks"),
+    (D + "self_attention.linear_gate.weight", C + "attn.gate.weight"),
 )
 # Megatron-Core's own MLA modules (MLASelfAttention), as torch_dist stores them and Megatron-LM's
 # torch format too (keys below ``decoder.layers.<i>.``): the two down-projections apart (the torch
@@ -175,6 +178,12 @@ OWN_MIXER_KEYS = tuple(
     for r in roles()
     if r.template.startswith(tuple(C + b + "." for b in OWN_MIXERS)) and ".lora_" not in r.template
 )
+# a layer's hyper-connection mixers (block hc), MindSpeed-LLM's deepseek4 modules
+_HC_KEYS = tuple(
+    (D + f"{m}.{k}", C + f"{c}.{t}")
+    for m, c in (("attn_mhc", "hc_attn"), ("mlp_mhc", "hc_ffn"))
+    for k, t in (("hc_base", "base"), ("hc_fn.weight", "fn"), ("hc_scale", "scale"))
+)
 # DeepSeek-V4's layer (blocks mqa, compressor, csa_indexer, hc, moe, hash_router) as
 # MindSpeed-LLM's convert_ckpt_deepseek4.py writes it, in its order: norms, attention (its
 # compressor, then the indexer's), router, shared experts, the two hyper-connection mixers, experts
@@ -204,11 +213,7 @@ _MQA_LAYER_KEYS = (
     (D + "mlp.router.expert_bias", C + "mlp.router.bias"),
     (D + "mlp.router.tid2eid", C + "mlp.router.tid2eid"),
     *(kc for kc in _MLP_KEYS if ".shared_experts.linear_" in kc[0] and kc[0].endswith(".weight")),
-    *(
-        (D + f"{m}.{k}", C + f"{c}.{t}")
-        for m, c in (("attn_mhc", "hc_attn"), ("mlp_mhc", "hc_ffn"))
-        for k, t in (("hc_base", "base"), ("hc_fn.weight", "fn"), ("hc_scale", "scale"))
-    ),
+    *_HC_KEYS,
     *(kc for kc in _MLP_KEYS if ".experts.local_experts." in kc[0] and kc[0].endswith(".weight")),
 )
 # the hyper-connection heads of the model (last stage, after the output layer) and of each MTP layer
@@ -275,7 +280,7 @@ _LAYER_KEYS = _NORM_KEYS + _ATTENTION_KEYS + _MLP_KEYS + _MAMBA_KEYS + OWN_MIXER
 # canonical roles megatron-core keeps in fp32 whatever params_dtype: the router's expert_bias, a
 # buffer it returns to fp32 before every save and load (moe/router.py _maintain_float32_expert_bias)
 KEPT_FP32 = (C + "mlp.router.bias",)
-_MLA_LAYER_KEYS = _NORM_KEYS + _MLA_ATTENTION_KEYS + _MLP_KEYS + OWN_MIXER_KEYS
+_MLA_LAYER_KEYS = _NORM_KEYS + _MLA_ATTENTION_KEYS + _MLP_KEYS + OWN_MIXER_KEYS + _HC_KEYS
 _MCORE_MLA_LAYER_KEYS = _NORM_KEYS + _MCORE_MLA_ATTENTION_KEYS + _MLP_KEYS + OWN_MIXER_KEYS
 GROUPED = {"weight1": "gate_up", "weight2": "down"}  # D + "mlp.experts.weight1" holds every local expert
 GROUPED_KEY = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.(weight1|weight2)$")
