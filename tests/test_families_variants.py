@@ -49,6 +49,25 @@ CONFIGS = {
         n_routed_experts=4,
         num_experts_per_tok=2,
     ),
+    # HY-V4: MLA (q-LoRA) with the DSA indexer in layers 0, 1 (2, 3 share their top-k: index_topk 4
+    # below the prompt's 12), output gate, sinks; 2 hyper-connection streams; layer 0 dense, 1-3
+    # MoE (4 stacked experts, top 2, one shared)
+    "hy_v4": dict(
+        DENSE,
+        num_key_value_heads=4,
+        moe_intermediate_size=32,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        index_n_heads=2,
+        index_head_dim=16,
+        index_topk=4,
+        hc_mult=2,
+    ),
 }
 # buffers the checkpoint stores that transformers initialises to constants (given random values,
 # so that carrying them is checked)
@@ -58,6 +77,7 @@ LAYOUTS = {
     "apertus": (dict(tp=2, pp=2, num_layer_list=(1, 3)),),
     "gemma4_text": (dict(tp=2, pp=2, num_layer_list=(1, 3)),),
     "mimo_v2_flash": (dict(tp=2, ep=2, grouped_gemm=True), dict(pp=2, ep=2, num_layer_list=(1, 3))),
+    "hy_v4": (dict(tp=2, ep=2, grouped_gemm=True), dict(pp=2, ep=2, num_layer_list=(1, 3))),
 }
 
 
@@ -200,7 +220,32 @@ def _mimo(hf: dict, cfg: dict, mid: str) -> None:
     assert args["hybrid_attention_pattern"] == [int(t == "sliding_attention") for t in cfg["layer_types"]]
 
 
-RANK_FACTS = {"apertus": _apertus, "gemma4_text": _gemma4, "mimo_v2_flash": _mimo}
+def _hy_v4(hf: dict, cfg: dict, mid: str) -> None:
+    """At TP2 x EP2: MindSpeed-LLM's MLA (linear_qkv = [q_a_proj; kv_a_proj_with_mqa] whole on
+    every rank), the sinks and the output gate's rows split with the heads, the hyper-connection
+    mixers (attn_mhc / mlp_mhc: fn [2 x streams, streams x hidden], base, scale [2]) and the head
+    mixer whole, and no indexer in the layers whose top-k is shared (2, 3)."""
+    h = "model.layers.1."
+    for t in range(2):
+        sd = rank(mid, f"mp_rank_0{t}_000")["model"]
+        d = "decoder.layers.1."
+        qkv = torch.cat([hf[h + "self_attn.q_a_proj.weight"], hf[h + "self_attn.kv_a_proj_with_mqa.weight"]])
+        assert torch.equal(sd[d + "self_attention.linear_qkv.weight"], qkv)
+        for m, x in (
+            ("core_attention.softmax_offset", "learnable_sink_param"),
+            ("linear_gate.weight", "linear_gate.weight"),
+        ):
+            assert torch.equal(sd[d + f"self_attention.{m}"], hf[h + f"self_attn.{x}"].chunk(2)[t]), m
+        for m, x in (("attn_mhc", "hc_attn_layer"), ("mlp_mhc", "hc_mlp_layer")):
+            for k, y in (("hc_fn.weight", "hc_fn"), ("hc_base", "hc_base"), ("hc_scale", "hc_scale")):
+                assert torch.equal(sd[d + f"{m}.{k}"], hf[h + f"hc_pre.{x}.{y}"]), k
+        assert torch.equal(sd["hc_head.hc_fn.weight"], hf["model.hc_pre.hc_head.hc_head_fn"])
+        assert not [
+            k for k in sd if k.startswith(("decoder.layers.2.", "decoder.layers.3.")) and ".dsa_indexer." in k
+        ]
+
+
+RANK_FACTS = {"apertus": _apertus, "gemma4_text": _gemma4, "mimo_v2_flash": _mimo, "hy_v4": _hy_v4}
 
 
 def test_gemma4_moe_block_is_refused():
