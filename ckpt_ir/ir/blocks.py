@@ -52,11 +52,11 @@ MLPS = ("mlp", "moe")
 # blocks that extend a mixer or an MLP of their layer, or wrap the layer (DeepSeek-V4): the
 # mqa attention's KV compressor and, beside it, its lightning indexer (CSA layers: the indexer
 # has a compressor of its own, and the compressors' windows overlap), the layer's
-# hyper-connection mixers around attention and MLP, and the MoE's token-id routing table; and
-# Gemma 4's: kv_shared (the attention reuses an earlier layer's keys and values: no k / v
-# projections of its own), ple (the layer's gated projection of its per-layer input embedding) and
-# layer_scalar (a learned scale of the layer's output)
-# out_gate: a sigmoid gate on the attention's output, from a projection of its own (HY-V4, AFMoE)
+# hyper-connection mixers around attention and MLP, and the MoE's token-id routing table; Gemma
+# 4's kv_shared (the attention reuses an earlier layer's keys and values: no k / v projections of
+# its own), ple (the layer's gated projection of its per-layer input embedding) and layer_scalar
+# (a learned scale of the layer's output); out_gate, a sigmoid gate on the attention's output from
+# a projection of its own (HY-V4, AFMoE)
 PARTS = ("compressor", "csa_indexer", "hc", "hash_router", "kv_shared", "ple", "layer_scalar", "out_gate")
 BLOCKS = MIXERS + MLPS + PARTS
 
