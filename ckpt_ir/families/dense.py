@@ -767,7 +767,7 @@ register(
         name="apertus",
         tested=Tested(
             round_trip=("--tp 2 --pp 2 --num-layer-list 1,3",),
-            mcore_missing="no: megatron-core 0.16 has no xIELU activation (Megatron-Bridge's Apertus provider brings its own)",
+            mcore_missing="no: megatron-core 0.16 has no xIELU activation (the Swiss AI Megatron-LM fork and Megatron-Bridge's Apertus bridge bring their own)",
         ),
         model_types=("apertus",),
         architecture="ApertusForCausalLM",
