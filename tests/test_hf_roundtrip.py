@@ -26,7 +26,9 @@ def assert_same_tensors(a: str, b: str) -> None:
     assert sorted(sa) == sorted(sb)
     for k in sa:
         assert sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape, k
-        assert torch.equal(sa[k].view(torch.uint8), sb[k].view(torch.uint8)), f"{k} differs"
+        assert torch.equal(sa[k].reshape(-1).view(torch.uint8), sb[k].reshape(-1).view(torch.uint8)), (
+            f"{k} differs"
+        )
 
 
 def logits(path: str, ids: torch.Tensor) -> torch.Tensor:

@@ -493,7 +493,7 @@ def run_checks(plan: Plan) -> int:
         for name, other, a, b in plan.checks:
             if not equal(a, b, reader):
                 raise CkptIrError(
-                    f"{name} differs from {other}, but the target format stores them once; "
+                    f"{name} differs from {other}, but the target format does not store it apart; "
                     f"converting would lose it"
                 )
         return reader.bytes_read

@@ -114,7 +114,9 @@ def plan(
             }
         )
         copies = ()
-    return Plan(tuple(files), dropped, checks=copies)
+    fixed = tuple(M.fixed_checks(spec, ckpt.tensors))
+    dropped.update({name: f"not stored in Megatron: {what} (checked)" for name, what, _, _ in fixed})
+    return Plan(tuple(files), dropped, checks=copies + fixed)
 
 
 def hf_folder(ckpt: Checkpoint) -> list[OutputFile]:

@@ -50,7 +50,7 @@ from ckpt_ir.ir.blocks import is_hybrid
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.dtypes import torch_name
 from ckpt_ir.ir.layout import has_gdn_modules
-from ckpt_ir.ir.names import NameTable
+from ckpt_ir.ir.names import NameTable, role_of
 from ckpt_ir.ir.rules import mla_rule
 from ckpt_ir.megatron import args as megatron_args
 from ckpt_ir.megatron import global_keys
@@ -185,7 +185,9 @@ def plan(
         dropped["*._extra_state"] = (
             "Transformer-Engine _extra_state (FP8 metadata): torch_dist output starts it afresh"
         )
-    return Plan(tuple(files), dropped)
+    fixed = tuple(M.fixed_checks(spec, ckpt.tensors))
+    dropped.update({name: f"not stored in Megatron: {what} (checked)" for name, what, _, _ in fixed})
+    return Plan(tuple(files), dropped, checks=fixed)
 
 
 def _training_state(ckpt: Checkpoint, args, dropped: dict[str, str]) -> dict:
@@ -389,7 +391,8 @@ def _stored(
         if name in nodes and name not in written:
             stored.append((key, nodes[name].expr))
             written.add(name)
-    left = sorted(n for n in nodes if n not in used and n not in written)
+    fixed = M.fixed_roles()  # not stored: Megatron's modules hold the value (checked by the plan)
+    left = sorted(n for n in nodes if n not in used and n not in written and role_of(n) not in fixed)
     if left:
         raise VerifyError(f"no torch_dist key for {left[0]}")
     return stored, objects

@@ -481,6 +481,10 @@ _COUNTS = {
     "mqa_o_groups",
     "mqa_o_rank",
     "hc_mult",
+    "global_head_dim",
+    "global_kv_heads",
+    "ple_dim",
+    "ple_vocab",
 }
 
 

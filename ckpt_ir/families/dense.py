@@ -744,3 +744,195 @@ register(
         },
     )
 )
+
+
+# Apertus (modeling_apertus.py): Llama attention with per-head q/k norms (attention_bias on q, k, v
+# and o), its two norms named attention_layernorm / feedforward_layernorm, and a non-gated MLP
+# up_proj -> xIELU -> down_proj.  xIELU (transformers' XIELUActivation, hidden_act "xielu") has
+# learned gains alpha_p / alpha_n per layer and the constants beta / eps, which transformers saves as
+# buffers and Megatron keeps as floats (roles mlp.act.*, ir/roles.py; Megatron-Bridge's Apertus
+# bridge: mlp.activation_func.alpha_p / alpha_n).  The Swiss AI Megatron-LM fork's arg is xielu; the
+# default rope is llama3's scaling (megatron-core's use_rope_scaling)
+def _apertus_args(cfg: dict[str, Any]) -> dict[str, Any]:
+    rope = cfg.get("rope_parameters") or {}
+    llama3 = rope.get("rope_type", rope.get("type")) == "llama3"
+    return {
+        "xielu": cfg.get("hidden_act", "xielu") == "xielu",
+        **({"use_rope_scaling": True, "rope_scaling_factor": rope.get("factor")} if llama3 else {}),
+    }
+
+
+register(
+    Family(
+        name="apertus",
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2 --num-layer-list 1,3",),
+            mcore_missing="no: megatron-core 0.16 has no xIELU activation (the Swiss AI Megatron-LM fork and Megatron-Bridge's Apertus bridge bring their own)",
+        ),
+        model_types=("apertus",),
+        architecture="ApertusForCausalLM",
+        tensors=EMBED_AND_HEAD
+        + tuple((h, c) for h, c in ATTENTION if "input_layernorm" not in h)
+        + O_BIAS
+        + (
+            (L + "attention_layernorm.weight", C + "attn_norm.weight"),
+            (L + "feedforward_layernorm.weight", C + "mlp_norm.weight"),
+            (L + "mlp.up_proj.weight", C + "mlp.fc1.weight"),
+            (L + "mlp.down_proj.weight", C + "mlp.down.weight"),
+            *((L + f"mlp.act_fn.{p}", C + f"mlp.act.{p}") for p in ("alpha_p", "alpha_n", "beta", "eps")),
+        ),
+        config=config_with(
+            ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
+            ConfigKey("activation", "hidden_act", "xielu"),
+            *LLAMA_BIAS_CONFIG[:2],
+        ),
+        constants=(("gated_mlp", False), ("qk_norm", True)),
+        megatron_args=_apertus_args,
+    )
+)
+
+
+# Gemma 4's text model (modeling_gemma4.py, model_type gemma4_text): Gemma 3's sandwich norms and
+# per-head q/k norms (a weightless v norm: no tensor; scores unscaled, softmax_scale 1), and blocks
+# of its own in each layer (ModelSpec.layer_blocks, from the config):
+# * global_attention in its full-attention layers (layer_types): heads of global_head_dim and
+#   num_global_key_value_heads key / value heads (transformers 5 saves them as per_layer_config
+#   overrides of those layers), with attention_k_eq_v no v_proj (the keys are the values);
+# * kv_shared in its last num_kv_shared_layers layers: q_proj, q_norm, o_proj only (the keys and
+#   values are the last earlier layer's of the same type), and with use_double_wide_mlp a dense MLP
+#   twice intermediate_size wide;
+# * ple: with hidden_size_per_layer_input, a per-layer input embedding (the model's
+#   embed_tokens_per_layer, per_layer_model_projection, per_layer_projection_norm) gated into each
+#   layer (per_layer_input_gate, per_layer_projection, post_per_layer_input_norm);
+# * layer_scalar: the layer's output scale (a buffer transformers saves).
+# The MoE block beside the dense MLP (enable_moe_block: router scales, stacked experts, three more
+# norms) is not supported.  Megatron keys: Megatron-Bridge's Gemma 4 dense model (gemma4_bridge.py:
+# post_self_attn_layernorm, the per-layer input modules, layer_scalar, per_layer_embedding ...);
+# its linear_qkv of a layer without k / v of its own pads them (zeros, v = k), ckpt-ir's holds the
+# parts the layer has (docs/families.md).
+def _gemma4_layer_types(cfg: dict[str, Any]) -> list[str]:
+    """transformers' layer_types: every sliding_window_pattern-th layer (6) full, the last full."""
+    n = cfg["num_hidden_layers"]
+    types = list(cfg.get("layer_types") or ())
+    if not types:
+        types = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)]
+    if types:
+        types[-1] = "full_attention"
+    return types
+
+
+def _gemma4_global(cfg: dict[str, Any], key: str, legacy: str, default: Any) -> Any:
+    """A full-attention layer's head_dim / num_key_value_heads: transformers 5's per_layer_config
+    overrides (one value for every full layer, none for the sliding ones), else the released
+    configs' global_head_dim / num_global_key_value_heads (the latter with attention_k_eq_v only)."""
+    from ckpt_ir.errors import FormatError
+
+    types = _gemma4_layer_types(cfg)
+    overrides = cfg.get("per_layer_config")
+    if overrides is None:
+        if legacy == "num_global_key_value_heads" and not cfg.get("attention_k_eq_v"):
+            return default
+        return cfg.get(legacy) or default
+    values = {int(i): o.get(key, default) for i, o in overrides.items()}
+    full = {values.get(i, default) for i, t in enumerate(types) if t == "full_attention"}
+    sliding = [i for i, t in enumerate(types) if t != "full_attention" and i in values]
+    if len(full) > 1 or sliding:
+        raise FormatError(
+            f"config.json: per_layer_config sets {key} other than one value for every full-attention "
+            f"layer ({overrides}); ckpt-ir's global_attention block has one size for them all"
+        )
+    return full.pop() if full else default
+
+
+def _gemma4_blocks(cfg: dict[str, Any]) -> tuple[tuple[str, ...], ...]:
+    from ckpt_ir.errors import FormatError
+
+    if cfg.get("enable_moe_block"):
+        raise FormatError(
+            "config.json: enable_moe_block (Gemma 4's MoE beside the dense MLP, with its router scales "
+            "and extra norms) is not supported by ckpt-ir's gemma4_text family yet; only dense Gemma 4"
+        )
+    n, shared = cfg["num_hidden_layers"], cfg.get("num_kv_shared_layers") or 0
+    ple = cfg.get("hidden_size_per_layer_input", 256)
+    out = []
+    for i, t in enumerate(_gemma4_layer_types(cfg)):
+        mixer = "global_attention" if t == "full_attention" else "attention"
+        parts = ("kv_shared",) if i >= n - shared else ()
+        out.append((mixer, *parts, "mlp", *(("ple",) if ple else ()), "layer_scalar"))
+    return tuple(out)
+
+
+def _gemma4_args(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Megatron-Bridge's Gemma 4 dense provider fields (gemma4_provider.py), which its model reads."""
+    types = _gemma4_layer_types(cfg)
+    full = (cfg.get("rope_parameters") or {}).get("full_attention") or {}
+    return {
+        "window_size": [cfg["sliding_window"] - 1, 0] if cfg.get("sliding_window") else None,
+        "window_attn_skip_freq": [int(t == "sliding_attention") for t in types],
+        "sliding_window_rope_base": _rope(cfg, "sliding_attention"),
+        "full_attention_rope_base": _rope(cfg, "full_attention"),
+        "full_attention_rope_partial_factor": full.get("partial_rotary_factor", 1.0),
+        "global_kv_channels": _gemma4_global(cfg, "head_dim", "global_head_dim", 512),
+        "num_global_query_groups": _gemma4_global(
+            cfg, "num_key_value_heads", "num_global_key_value_heads", cfg["num_key_value_heads"]
+        ),
+        "attention_k_eq_v": bool(cfg.get("attention_k_eq_v")),
+        "num_kv_shared_layers": cfg.get("num_kv_shared_layers") or 0,
+        "use_double_wide_mlp": bool(cfg.get("use_double_wide_mlp")),
+        "per_layer_embed_dim": cfg.get("hidden_size_per_layer_input", 256),
+        "per_layer_embed_vocab_size": cfg.get("vocab_size_per_layer_input", 262144),
+        "final_logit_softcapping": cfg.get("final_logit_softcapping"),
+        "softmax_scale": 1.0,
+        "scale_embeddings_by_hidden_size": True,  # embeddings times sqrt(hidden_size)
+    }
+
+
+register(
+    Family(
+        name="gemma4_text",
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2 --num-layer-list 1,3",),
+            mcore_missing="no: megatron-core 0.16 has no per-layer inputs, shared keys / values, layers of two attention sizes, post norms or logit soft-capping",
+        ),
+        model_types=("gemma4_text",),
+        architecture="Gemma4ForCausalLM",
+        tensors=EMBED_AND_HEAD
+        + ATTENTION
+        + SANDWICH_NORMS
+        + GATED_MLP
+        + O_BIAS
+        + (
+            ("model.embed_tokens_per_layer.weight", "ple_embed.weight"),
+            ("model.per_layer_model_projection.weight", "ple_proj.weight"),
+            ("model.per_layer_projection_norm.weight", "ple_norm.weight"),
+            (L + "per_layer_input_gate.weight", C + "ple.gate.weight"),
+            (L + "per_layer_projection.weight", C + "ple.proj.weight"),
+            (L + "post_per_layer_input_norm.weight", C + "ple.norm.weight"),
+            (L + "layer_scalar", C + "layer_scalar"),
+        ),
+        config=config_with(
+            ConfigKey("head_dim", "head_dim", 256),
+            ConfigKey("tied_embeddings", "tie_word_embeddings", True),
+            ConfigKey("activation", "hidden_activation", "gelu_pytorch_tanh"),
+            *LLAMA_BIAS_CONFIG[:2],
+            ConfigKey(
+                "global_head_dim", None, lambda cfg: _gemma4_global(cfg, "head_dim", "global_head_dim", 512)
+            ),
+            ConfigKey(
+                "global_kv_heads",
+                None,
+                lambda cfg: _gemma4_global(
+                    cfg, "num_key_value_heads", "num_global_key_value_heads", cfg["num_key_value_heads"]
+                ),
+            ),
+            ConfigKey("global_k_eq_v", "attention_k_eq_v", False),
+            ConfigKey("kv_shared_wide_mlp", "use_double_wide_mlp", False),
+            ConfigKey("ple_dim", None, lambda cfg: cfg.get("hidden_size_per_layer_input", 256)),
+            ConfigKey("ple_vocab", None, lambda cfg: cfg.get("vocab_size_per_layer_input", 262144)),
+            ConfigKey("layer_blocks", None, _gemma4_blocks),
+        ),
+        constants=(("qk_norm", True), ("post_norms", True)),
+        megatron_args=_gemma4_args,
+        megatron_keys=(("decoder.layers.{i}.post_self_attn_layernorm.weight", C + "post_attn_norm.weight"),),
+    )
+)

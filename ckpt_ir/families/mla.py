@@ -10,7 +10,7 @@ Megatron names follow MindSpeed-LLM v2's ``configs/checkpoint/model_cfg.json``.
 
 from __future__ import annotations
 
-from ckpt_ir.families import ConfigKey, Family, Tested, register
+from ckpt_ir.families import ConfigKey, ExpertStack, Family, Tested, register
 from ckpt_ir.families.blocks import (
     DEEPSEEK_MOE,
     DEEPSEEK_MOE_CONFIG,
@@ -389,5 +389,110 @@ register(
                 ("longcat-tp2pp2-layers", "identical; both read back to HF"),
             ),
         ),
+    )
+)
+
+
+# HY-V4's text model (transformers models/hy_v4, model_type hy_v4; HY4-VL's language model): MLA
+# with q-LoRA and DeepSeek sparse attention's indexer ("shared" indexer_types layers reuse the
+# previous top-k: no indexer), an output gate (block out_gate: self_attn.linear_gate [heads x
+# v_head_dim, hidden]) and a softmax sink per head (learnable_sink_param); hyper-connections in
+# every layer (block hc, hc_mult streams) in HY-V4's independent form: pre and post mappings, no
+# comb (fn [2 x hc_mult, hc_mult x hidden], base [2 x hc_mult], scale [2]), and the model's head
+# mixer DeepSeek-V4's (hc_head); mlp_layer_types dense MLPs (gate under mlp.linear_gate) or a MoE
+# of stacked experts ([E, 2F, H] gate_up_proj, [E, H, F] down_proj), one shared expert and a
+# sigmoid router in fp32 with a score bias.  Saved as the hub names transformers' conversion
+# mapping renames on load (hc_pre.hc_attn_layer.hc_fn, ...).  Neither MindSpeed-LLM nor
+# Megatron-Bridge has it: Megatron keys are MindSpeed-LLM's MLA and DSA modules, the hc mixers
+# DeepSeek-V4's (attn_mhc / mlp_mhc, hc_head), the sinks and gate as GQA attention's
+# (core_attention.softmax_offset, linear_gate).
+def _hy_v4_dense(cfg: dict) -> list[bool]:
+    n = cfg["num_hidden_layers"]
+    types = cfg.get("mlp_layer_types") or ["dense"] * min(1, n) + ["sparse"] * max(n - 1, 0)
+    return [t == "dense" for t in types]
+
+
+def _hy_v4_shared_index_layers(cfg: dict) -> tuple[int, ...]:
+    """indexer_types' "shared" layers; by default every layer but 0, 1, 5, 9, ... (transformers)."""
+    n = cfg["num_hidden_layers"]
+    types = cfg.get("indexer_types") or ["full" if i == 0 or (i - 1) % 4 == 0 else "shared" for i in range(n)]
+    return tuple(i for i, t in enumerate(types) if t == "shared")
+
+
+def _hy_v4_args(cfg: dict) -> dict:
+    return {
+        **deepseek_router_args(cfg),
+        "hc_mult": cfg.get("hc_mult", 4),
+        "hc_magnitude": cfg.get("hc_magnitude", 2.0),
+        "hc_eps": cfg.get("hc_eps", 1e-6),
+        "hc_no_comb": True,
+        "attention_output_gate": True,
+        "softmax_type": "learnable",
+        "activation_func_clamp_value": cfg.get("swiglu_limit"),
+    }
+
+
+_HY_V4_EXPERT = C + "mlp.experts.{e}."
+register(
+    Family(
+        name="hy_v4",
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --ep 2 --moe-grouped-gemm",
+                "--pp 2 --ep 2 --num-layer-list 1,3",
+            ),
+            mcore_missing="no: megatron-core 0.16 has no hyper-connections, no sinks or output gate in MLA, and its DSAttention needs CUDA",
+        ),
+        model_types=("hy_v4",),
+        architecture="HYV4ForCausalLM",
+        tensors=EMBED_AND_HEAD
+        + MLA_ATTENTION
+        + INDEXER
+        + LLAMA_NORMS
+        + (
+            (L + "self_attn.linear_gate.weight", C + "attn.gate.weight"),
+            (L + "self_attn.learnable_sink_param", C + "attn.sinks"),
+            (L + "mlp.linear_gate.weight", C + "mlp.gate.weight"),
+            (L + "mlp.up_proj.weight", C + "mlp.up.weight"),
+            (L + "mlp.down_proj.weight", C + "mlp.down.weight"),
+            (L + "mlp.gate.weight", C + "mlp.router.weight"),
+            (L + "mlp.gate.e_score_correction_bias", C + "mlp.router.bias"),
+            (L + "mlp.shared_experts.linear_gate.weight", C + "mlp.shared.gate.weight"),
+            (L + "mlp.shared_experts.up_proj.weight", C + "mlp.shared.up.weight"),
+            (L + "mlp.shared_experts.down_proj.weight", C + "mlp.shared.down.weight"),
+            *(
+                (L + f"hc_pre.{m}.hc_{t}", C + f"{c}.{t}")
+                for m, c in (("hc_attn_layer", "hc_attn"), ("hc_mlp_layer", "hc_ffn"))
+                for t in ("fn", "base", "scale")
+            ),
+            *((f"model.hc_pre.hc_head.hc_head_{t}", f"hc_head.{t}") for t in ("fn", "base", "scale")),
+        ),
+        stacked=(
+            ExpertStack(
+                L + "mlp.experts.gate_up_proj", (_HY_V4_EXPERT + "gate.weight", _HY_V4_EXPERT + "up.weight")
+            ),
+            ExpertStack(L + "mlp.experts.down_proj", (_HY_V4_EXPERT + "down.weight",)),
+        ),
+        config=config_with(
+            *DEEPSEEK_MOE_CONFIG,
+            *MLA_CONFIG,
+            ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
+            ConfigKey(
+                "dense_layers", None, lambda cfg: tuple(i for i, d in enumerate(_hy_v4_dense(cfg)) if d)
+            ),
+            ConfigKey("index_heads", "index_n_heads", 16),
+            ConfigKey("index_head_dim", "index_head_dim", 128),
+            ConfigKey("shared_index_layers", None, _hy_v4_shared_index_layers),
+            ConfigKey("hc_mult", "hc_mult", 4),
+            ConfigKey(
+                "layer_blocks",
+                None,
+                lambda cfg: tuple(
+                    ("mla", "out_gate", "hc", "mlp" if d else "moe") for d in _hy_v4_dense(cfg)
+                ),
+            ),
+        ),
+        constants=(("router_bias", True), ("attn_sinks", True), ("hc_no_comb", True)),
+        megatron_args=_hy_v4_args,
     )
 )

@@ -46,8 +46,6 @@ from ckpt_ir.families.blocks import (
     window_skip_freq,
     yarn_args,
 )
-from ckpt_ir.ir.names import COLUMN
-from ckpt_ir.ir.roles import Role, register_role
 
 EXPERT = C + "mlp.experts.{e}."
 MIXTRAL_MOE = (
@@ -504,16 +502,7 @@ register(
         megatron_args=_afmoe_args,
     )
 )
-# AFMoE's output gate, a role of its own (a future gated-attention block's part): present in the
-# attention layers of the afmoe family only
-register_role(
-    Role(
-        "layers.{i}.attn.gate.weight",
-        COLUMN,
-        lambda s, lay: (s.q_size, s.hidden_size),
-        lambda s, lay, i: s.has_attention(i) and s.family == "afmoe",
-    )
-)
+# AFMoE's output gate is the role attn.gate.weight of the out_gate block (ir/roles.py)
 
 # Hunyuan V1 MoE: Hunyuan's q/k norms; the MoE layer has one shared MLP as wide as the experts and
 # a router named gate.wg
@@ -827,5 +816,92 @@ register(
                 "--tp 2 --pp 2 --etp 1",
             ),
         ),
+    )
+)
+
+
+# MiMo-V2-Flash (modeling_mimo_v2_flash.py): layer_types' sliding-window layers have twice the
+# config's key / value heads and a softmax sink per head (the attention block: the checkpoint's
+# attention_sink_bias), its full-attention layers the config's heads and no sinks (block
+# global_attention); queries and keys of head_dim (192), values of v_head_dim (128); attention_bias
+# on q / k / v only; mlp_layer_types dense MLPs or DeepSeek-V3's MoE block without shared experts
+# (sigmoid router in fp32 with a score bias, group-limited top-k).  Megatron keys: Megatron-Bridge's
+# mimo_v2_flash_bridge.py (the sinks as core_attention.softmax_offset), args its provider's fields.
+# The checkpoints' MTP layers (model.mtp.*, which transformers ignores) are not read.
+def _mimo_layer_types(cfg: dict[str, Any]) -> list[str]:
+    """transformers' default: layer 0 and every 6th layer full attention, the others sliding."""
+    n = cfg["num_hidden_layers"]
+    return list(
+        cfg.get("layer_types")
+        or ["full_attention" if i == 0 or not (i + 1) % 6 else "sliding_attention" for i in range(n)]
+    )
+
+
+def _mimo_mlp_types(cfg: dict[str, Any]) -> list[str]:
+    return list(cfg.get("mlp_layer_types") or ["dense"] + ["sparse"] * (cfg["num_hidden_layers"] - 1))
+
+
+def _mimo_blocks(cfg: dict[str, Any]) -> tuple[tuple[str, ...], ...]:
+    return tuple(
+        ("global_attention" if t == "full_attention" else "attention", "moe" if m == "sparse" else "mlp")
+        for t, m in zip(_mimo_layer_types(cfg), _mimo_mlp_types(cfg))
+    )
+
+
+def _mimo_args(cfg: dict[str, Any]) -> dict[str, Any]:
+    types = _mimo_layer_types(cfg)
+    rope = cfg.get("rope_parameters") or {}
+    full, swa = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+    return {
+        **deepseek_router_args(cfg),
+        "moe_router_load_balancing_type": "none",
+        "hybrid_attention_pattern": [int(t == "sliding_attention") for t in types],
+        "window_size": [cfg["sliding_window"] - 1, 0] if cfg.get("sliding_window") else None,
+        "rotary_base": [swa.get("rope_theta"), full.get("rope_theta")],
+        "rotary_percent": full.get("partial_rotary_factor", 1.0),
+        "v_head_dim": cfg.get("v_head_dim"),
+        "num_query_groups": cfg["num_key_value_heads"],
+        "full_attn_num_query_groups": cfg["num_key_value_heads"],
+        "swa_num_query_groups": 2 * cfg["num_key_value_heads"],
+        "attention_value_scale": cfg.get("attention_value_scale"),
+    }
+
+
+register(
+    Family(
+        name="mimo_v2_flash",
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --ep 2 --moe-grouped-gemm",
+                "--pp 2 --ep 2 --num-layer-list 1,3",
+            ),
+            mcore_missing="no: megatron-core 0.16 has no layers of two key / value head counts, values narrower than keys, nor sinks in some layers only",
+        ),
+        model_types=("mimo_v2_flash",),
+        architecture="MiMoV2FlashForCausalLM",
+        tensors=EMBED_AND_HEAD
+        + ATTENTION
+        + ((L + "self_attn.attention_sink_bias", C + "attn.sinks"),)
+        + LLAMA_NORMS
+        + GATED_MLP
+        + DEEPSEEK_MOE,
+        config=config_with(
+            ConfigKey("head_dim", "head_dim", 192),
+            ConfigKey("v_head_dim", "v_head_dim", 128),
+            ConfigKey("norm_eps", "rms_norm_eps", 1e-5, aliases=("layernorm_epsilon",)),
+            ConfigKey("num_kv_heads", None, lambda cfg: 2 * cfg["num_key_value_heads"]),
+            ConfigKey("global_kv_heads", "num_key_value_heads"),
+            ConfigKey("num_experts", "n_routed_experts", aliases=("num_local_experts",)),
+            ConfigKey("moe_topk", "num_experts_per_tok"),
+            ConfigKey("moe_ffn_hidden_size", "moe_intermediate_size"),
+            ConfigKey(
+                "dense_layers",
+                None,
+                lambda cfg: tuple(i for i, m in enumerate(_mimo_mlp_types(cfg)) if m != "sparse"),
+            ),
+            ConfigKey("layer_blocks", None, _mimo_blocks),
+        ),
+        constants=(("attn_sinks", True), ("router_bias", True)),
+        megatron_args=_mimo_args,
     )
 )

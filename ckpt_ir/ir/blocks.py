@@ -45,13 +45,19 @@ class Layers(Protocol):
 # mixers no Megatron implementation has, each fed by the layer's input norm (attn_norm): LFM2's
 # short convolution, Kimi delta attention, Jamba's Mamba-1
 OWN_MIXERS: tuple[str, ...] = ("short_conv", "kda", "mamba1")
-MIXERS: tuple[str, ...] = ("attention", "mla", "gdn", "mamba", "mqa", *OWN_MIXERS)
+# global_attention: softmax attention of other sizes than the model's other attention layers
+# (ModelSpec.global_head_dim / global_kv_heads: Gemma 4's full-attention layers, MiMo-V2-Flash's)
+MIXERS: tuple[str, ...] = ("attention", "global_attention", "mla", "gdn", "mamba", "mqa", *OWN_MIXERS)
 MLPS = ("mlp", "moe")
 # blocks that extend a mixer or an MLP of their layer, or wrap the layer (DeepSeek-V4): the
 # mqa attention's KV compressor and, beside it, its lightning indexer (CSA layers: the indexer
 # has a compressor of its own, and the compressors' windows overlap), the layer's
-# hyper-connection mixers around attention and MLP, and the MoE's token-id routing table
-PARTS = ("compressor", "csa_indexer", "hc", "hash_router")
+# hyper-connection mixers around attention and MLP, and the MoE's token-id routing table; Gemma
+# 4's kv_shared (the attention reuses an earlier layer's keys and values: no k / v projections of
+# its own), ple (the layer's gated projection of its per-layer input embedding) and layer_scalar
+# (a learned scale of the layer's output); out_gate, a sigmoid gate on the attention's output from
+# a projection of its own (HY-V4, AFMoE)
+PARTS = ("compressor", "csa_indexer", "hc", "hash_router", "kv_shared", "ple", "layer_scalar", "out_gate")
 BLOCKS = MIXERS + MLPS + PARTS
 
 # megatron-core's hybrid layer symbols (ssm/mamba_hybrid_layer_allocation.py; Megatron-LM's

@@ -16,6 +16,8 @@ first byte moves.  The algebra is deliberately small:
     RowRescale           each row rescaled to a given norm (DoRA's magnitude), in fp32
     Dequantize           block-quantized weights (FP8 + per-block scales, MXFP4) to fp32
     Quantize             FP8 block quantization of a weight: its fp8 values or its scales
+    Fill                 one value in every element, read from nowhere (a constant of the
+                         architecture that a format does not store: xIELU's beta and eps)
 
 :func:`simplify` rewrites an expression into an equivalent one that reads fewer bytes (slices are
 pushed into loads, adjacent loads merge, no-op casts vanish).  :func:`evaluate` produces a torch
@@ -496,6 +498,34 @@ class Quantize(Expr):
         return (self.x,)
 
 
+@attrs.frozen
+class Fill(Expr):
+    """A tensor of ``fill_shape`` holding ``value`` in every element, in ``fill_dtype`` (the value
+    rounded once, as ``torch.tensor(value, dtype=...)`` rounds it).  It reads nothing: the
+    tensors a format leaves out because the architecture fixes their value (xIELU's ``beta`` and
+    ``eps``, which Megatron keeps as Python floats) come back as one."""
+
+    fill_shape: Shape = attrs.field(converter=_shape)
+    fill_dtype: str
+    value: float
+
+    @property
+    def shape(self) -> Shape:
+        return self.fill_shape
+
+    @property
+    def dtype(self) -> str:
+        return self.fill_dtype
+
+    def torch_tensor(self, device: Any = None):
+        import torch
+
+        from ckpt_ir.ir.dtypes import to_torch
+
+        one = torch.tensor(self.value, dtype=to_torch(self.fill_dtype), device=device)
+        return one.expand(self.fill_shape).contiguous()
+
+
 # ---------------------------------------------------------------------------------------------
 # traversal
 
@@ -639,6 +669,8 @@ def _rewrite_slice(e: Slice) -> Expr:
     x, d, a, b = e.x, e.dim, e.start, e.stop
     if a == 0 and b == x.shape[d]:
         return x
+    if isinstance(x, Fill):
+        return Fill(e.shape, x.fill_dtype, x.value)
     if isinstance(x, Slice) and x.dim == d:
         return Slice(x.x, d, x.start + a, x.start + b)
     if isinstance(x, Slice) and d == 0:  # rows first: a row range of a column slice reads only those rows
@@ -750,6 +782,8 @@ def describe(e: Expr) -> str:
         return f"quantize_fp8_{e.part}({describe(e.x)}, block={list(e.block)}, {e.scale_fmt})"
     if isinstance(e, Dequantize):
         return f"dequantize_{e.scheme}({describe(e.q)}, {describe(e.scale)}, block={list(e.block)})"
+    if isinstance(e, Fill):
+        return f"fill({e.value!r})"
     return type(e).__name__
 
 
@@ -921,6 +955,8 @@ def evaluate_raw(expr: Expr, reader: Reader, *, scratch: str | None = None):
         return np.concatenate([evaluate_raw(x, reader) for x in expr.xs], axis=expr.dim)
     if _zero_padding_only(expr):  # nothing to read
         return np.zeros(expr.shape, dtype=raw_dtype(expr.dtype))
+    if isinstance(expr, Fill):  # nothing to read either
+        return from_torch_tensor(expr.torch_tensor(), expr.dtype)
     if isinstance(expr, Slice):
         x = evaluate_raw(expr.x, reader)
         index = [slice(None)] * x.ndim
@@ -974,7 +1010,7 @@ def needs_torch(expr: Expr) -> bool:
 
     if (merge := numpy_merge(expr)) is not None:
         return any(needs_torch(x) for x in merge[:3])
-    if isinstance(expr, (Add, Matmul, Scale, Offset, RowRescale, Dequantize, Quantize)) or (
+    if isinstance(expr, (Add, Matmul, Scale, Offset, RowRescale, Dequantize, Quantize, Fill)) or (
         isinstance(expr, Cast) and (MATH_DEVICE is not None or not casts.supported(expr.x.dtype, expr.to))
     ):
         return True
@@ -1130,6 +1166,8 @@ def evaluate_tensor(expr: Expr, leaf, overflow: Overflow | None = None):
 
     from ckpt_ir.ir.dtypes import to_torch
 
+    if not any(isinstance(x, Load) for x in walk(expr)):  # a Fill, or data movement of one
+        return evaluate(expr, Reader())
     if isinstance(expr, MATH_NODES):
         first = leaf(next(x for x in walk(expr) if isinstance(x, Load)))
         return _torch_math(

@@ -218,11 +218,13 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
                 f"layout: {spec.num_heads} attention heads are not divisible by tensor parallel "
                 f"size {layout.tp}; choose a TP that divides the head count"
             )
-        if spec.num_kv_heads % layout.tp:
-            raise LayoutError(
-                f"layout: {spec.num_kv_heads} query groups (KV heads) are not divisible by tensor "
-                f"parallel size {layout.tp}; choose a TP that divides the KV head count"
-            )
+        groups = {spec.attn_kv_heads(i) for i in range(spec.total_layers) if spec.has_attention(i)}
+        for g in sorted(groups | {spec.num_kv_heads}):
+            if g % layout.tp:
+                raise LayoutError(
+                    f"layout: {g} query groups (KV heads) are not divisible by tensor "
+                    f"parallel size {layout.tp}; choose a TP that divides the KV head count"
+                )
         if spec.mqa_o_groups % layout.tp:  # DeepSeek-V4's wo_a: each rank holds whole groups of heads
             raise LayoutError(
                 f"layout: {spec.mqa_o_groups} output groups (o_groups) are not divisible by tensor "

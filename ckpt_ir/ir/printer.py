@@ -28,7 +28,7 @@ def expr_json(e: E.Expr) -> dict[str, Any]:
         d.update(dims=[e.dim0, e.dim1])
     elif isinstance(e, E.Scale):
         d.update(factor=e.factor)
-    elif isinstance(e, E.Offset):
+    elif isinstance(e, (E.Offset, E.Fill)):
         d.update(value=e.value)
     if e.children:
         d["inputs"] = [expr_json(c) for c in e.children]

@@ -46,6 +46,17 @@ def _always(s: ModelSpec, lay: Layout, i: int) -> bool:
 
 
 @attrs.frozen
+class Fixed:
+    """The value the architecture fixes for a tensor that one format stores and another does not
+    (transformers saves xIELU's ``beta`` as a buffer, Megatron keeps it as a Python float):
+    ``value`` in every element, in the dtype of the same layer's ``dtype_of`` role (a role below
+    the layer, e.g. ``mlp.act.alpha_p``)."""
+
+    value: float
+    dtype_of: str
+
+
+@attrs.frozen
 class Role:
     """One canonical role.  ``split``: the tensor-parallel rule (None: replicated on every rank).
     ``shape``: the full shape.  ``present``: whether a model with this spec and layout has the
@@ -63,6 +74,8 @@ class Role:
     per_layer: bool = False
     # the sublayer whose copy of a layer role this is (``layers.{i}.sub<k>.``; None: the layer's)
     sub: int | None = None
+    # a tensor whose value the architecture fixes: Megatron stores none (see ckpt_ir.megatron.keys)
+    fixed: Fixed | None = None
 
     @property
     def per_expert(self) -> bool:
@@ -73,14 +86,24 @@ def _vocab(s: ModelSpec, lay: Layout) -> int:
     return lay.padded_vocab or s.vocab_size
 
 
-def _gqa(pred: Callable[[ModelSpec, Layout], bool]) -> Presence:
-    """Present in every attention layer of a grouped-query (non-MLA) model when ``pred`` holds."""
-    return lambda s, lay, i: not s.mla and s.has_attention(i) and pred(s, lay)
+def _every(s: ModelSpec, i: int) -> bool:
+    return True
 
 
-def _attn(pred: Callable[[ModelSpec, Layout], bool]) -> Presence:
-    """Present in every attention layer (not the gated-delta-net ones) when ``pred`` holds."""
-    return lambda s, lay, i: s.has_attention(i) and pred(s, lay)
+def _gqa(
+    pred: Callable[[ModelSpec, Layout], bool], here: Callable[[ModelSpec, int], bool] = _every
+) -> Presence:
+    """Present in every attention layer of a grouped-query (non-MLA) model when ``pred`` holds
+    (and ``here`` for the layer: a kv_shared layer has no keys of its own)."""
+    return lambda s, lay, i: not s.mla and s.has_attention(i) and pred(s, lay) and here(s, i)
+
+
+def _attn(
+    pred: Callable[[ModelSpec, Layout], bool], here: Callable[[ModelSpec, int], bool] = _every
+) -> Presence:
+    """Present in every attention layer (not the gated-delta-net ones) when ``pred`` holds (and
+    ``here`` for the layer)."""
+    return lambda s, lay, i: s.has_attention(i) and pred(s, lay) and here(s, i)
 
 
 def _split_qkv(s: ModelSpec, lay: Layout) -> bool:
@@ -164,12 +187,14 @@ def _mlp_roles(
     width: Callable[[ModelSpec], int],
     present: Callable[[bool], Presence],
     gate_up_bias: bool = False,
+    layer_width: Callable[[ModelSpec, int], int] | None = None,
 ) -> list[Role]:
     """The MLP (the dense one, an expert, the shared one): gated (gate / up, or Megatron's fused
     gate_up) or plain (one fc1, e.g. GELU), then down; with ``mlp_bias`` their biases (a
     row-parallel layer's bias is added once after the reduction: whole on every TP rank), the
     separate gate / up biases where ``gate_up_bias`` says the MLP may have them (Llama's
-    ``mlp_bias``; the experts' come with ``expert_bias``)."""
+    ``mlp_bias``; the experts' come with ``expert_bias``).  ``layer_width``: the width differs
+    from layer to layer (Gemma 4's wide MLPs in kv_shared layers), ``(spec, layer) -> width``."""
 
     def gated(fused: bool) -> Presence:
         return lambda s, lay, i: s.gated_mlp and present(fused)(s, lay, i)
@@ -183,42 +208,63 @@ def _mlp_roles(
     def biased(p: Presence) -> Presence:
         return lambda s, lay, i: s.mlp_bias and p(s, lay, i)
 
+    def role(name: str, split: Split | None, shape: Callable[[ModelSpec, int], tuple[int, ...]], p: Presence):
+        if layer_width is None:
+            return Role(prefix + name, split, lambda s, lay: shape(s, -1), p)
+        return Role(prefix + name, split, lambda s, lay, i: shape(s, i), p, per_layer=True)
+
+    def w(s: ModelSpec, i: int) -> int:
+        return width(s) if layer_width is None else layer_width(s, i)
+
     separate_biases = [
-        Role(prefix + f"{part}.bias", COLUMN, lambda s, lay: (width(s),), biased(gated(False)))
+        role(f"{part}.bias", COLUMN, lambda s, i: (w(s, i),), biased(gated(False)))
         for part in ("gate", "up")
         if gate_up_bias
     ]
     return [
-        Role(prefix + "gate.weight", COLUMN, lambda s, lay: (width(s), s.hidden_size), gated(False)),
-        Role(prefix + "up.weight", COLUMN, lambda s, lay: (width(s), s.hidden_size), gated(False)),
+        role("gate.weight", COLUMN, lambda s, i: (w(s, i), s.hidden_size), gated(False)),
+        role("up.weight", COLUMN, lambda s, i: (w(s, i), s.hidden_size), gated(False)),
         *separate_biases,
-        Role(
-            prefix + "gate_up.weight",
-            COLUMN_BLOCKS2,
-            lambda s, lay: (2 * width(s), s.hidden_size),
-            gated(True),
-        ),
-        Role(prefix + "gate_up.bias", COLUMN_BLOCKS2, lambda s, lay: (2 * width(s),), biased(gated(True))),
-        Role(prefix + "fc1.weight", COLUMN, lambda s, lay: (width(s), s.hidden_size), plain),
-        Role(prefix + "fc1.bias", COLUMN, lambda s, lay: (width(s),), biased(plain)),
-        Role(prefix + "down.weight", ROW, lambda s, lay: (s.hidden_size, width(s)), anywhere),
-        Role(prefix + "down.bias", None, lambda s, lay: (s.hidden_size,), biased(anywhere)),
+        role("gate_up.weight", COLUMN_BLOCKS2, lambda s, i: (2 * w(s, i), s.hidden_size), gated(True)),
+        role("gate_up.bias", COLUMN_BLOCKS2, lambda s, i: (2 * w(s, i),), biased(gated(True))),
+        role("fc1.weight", COLUMN, lambda s, i: (w(s, i), s.hidden_size), plain),
+        role("fc1.bias", COLUMN, lambda s, i: (w(s, i),), biased(plain)),
+        role("down.weight", ROW, lambda s, i: (s.hidden_size, w(s, i)), anywhere),
+        role("down.bias", None, lambda s, i: (s.hidden_size,), biased(anywhere)),
     ]
 
 
 L = "layers.{i}."
 
 
-def _q_rows(s: ModelSpec, lay: Layout) -> int:
-    return s.mla_q_size if s.mla else 2 * s.q_size if s.attn_gate else s.q_size
+def _q_rows(s: ModelSpec, i: int) -> int:
+    if s.mla:
+        return s.mla_q_size
+    return (2 if s.attn_gate else 1) * s.num_heads * s.attn_head_dim(i)
 
 
-def _o_cols(s: ModelSpec, lay: Layout) -> int:
-    return s.num_heads * s.v_head_dim if s.mla else s.q_size
+def _heads_rows(s: ModelSpec, i: int) -> int:
+    return s.num_heads * s.attn_head_dim(i)
 
 
-def _qkv_rows(s: ModelSpec, lay: Layout) -> int:
-    return (2 if s.attn_gate else 1) * s.q_size + 2 * s.kv_size  # gated: q and its gates
+def _k_rows(s: ModelSpec, i: int) -> int:
+    return s.attn_kv_heads(i) * s.attn_head_dim(i)
+
+
+def _v_rows(s: ModelSpec, i: int) -> int:
+    return s.attn_kv_heads(i) * s.attn_v_dim(i)
+
+
+def _o_cols(s: ModelSpec, i: int) -> int:
+    return s.num_heads * (s.v_head_dim if s.mla else s.attn_v_dim(i))
+
+
+def _qkv_rows(s: ModelSpec, i: int) -> int:
+    """Megatron's fused linear_qkv: q (with its gates, Qwen3-Next / Qwen3.5), and the layer's own k
+    and v (ckpt-ir's layout of a layer without them holds only what it has)."""
+    k = _k_rows(s, i) if s.attn_has_k(i) else 0
+    q = (2 if s.attn_gate else 1) * _heads_rows(s, i)
+    return q + k + (_v_rows(s, i) if s.attn_has_v(i) else 0)
 
 
 def _block(name: str, pred: Callable[[ModelSpec], bool] = lambda s: True) -> Presence:
@@ -365,8 +411,14 @@ _OWN_MIXER_ROLES = [
 
 
 def _hc_streams(s: ModelSpec) -> int:
-    """Rows of a layer's hyper-connection mixer: [pre (n) | post (n) | comb (n x n)]."""
-    return (2 + s.hc_mult) * s.hc_mult
+    """Rows of a layer's hyper-connection mixer: [pre (n) | post (n) | comb (n x n)], without
+    comb where the hc block has none (HY-V4's independent hyper-connections, ``hc_no_comb``)."""
+    return (2 if s.hc_no_comb else 2 + s.hc_mult) * s.hc_mult
+
+
+def _hc_gains(s: ModelSpec) -> int:
+    """A layer's hyper-connection gains: one per mapping (pre, post, and comb where it has one)."""
+    return 2 if s.hc_no_comb else 3
 
 
 def _compressor_roles(prefix: str, head_dim: Callable[[ModelSpec], int], present: Presence) -> list[Role]:
@@ -391,13 +443,15 @@ def _compressor_roles(prefix: str, head_dim: Callable[[ModelSpec], int], present
     ]
 
 
-def _hc_roles(prefix: str, rows: Callable[[ModelSpec], int], scales: int, present: Presence) -> list[Role]:
+def _hc_roles(
+    prefix: str, rows: Callable[[ModelSpec], int], scales: Callable[[ModelSpec], int], present: Presence
+) -> list[Role]:
     """Hyper-connection mixing parameters over ``hc_mult`` residual streams: fn [rows, n x H],
     base [rows], scale [scales]; whole on every TP rank."""
     return [
         Role(prefix + "fn", None, lambda s, lay: (rows(s), s.hc_mult * s.hidden_size), present),
         Role(prefix + "base", None, lambda s, lay: (rows(s),), present),
-        Role(prefix + "scale", None, lambda s, lay: (scales,), present),
+        Role(prefix + "scale", None, lambda s, lay: (scales(s),), present),
     ]
 
 
@@ -445,12 +499,52 @@ _DSV4_ROLES = [
     ),
     *_compressor_roles(_MQA + "indexer.compressor.", lambda s: s.index_head_dim, _block("csa_indexer")),
     Role(L + "mlp.router.tid2eid", None, lambda s, lay: (s.vocab_size, s.moe_topk), _block("hash_router")),
-    *_hc_roles(L + "hc_attn.", _hc_streams, 3, _block("hc")),
-    *_hc_roles(L + "hc_ffn.", _hc_streams, 3, _block("hc")),
-    *_hc_roles("hc_head.", lambda s: s.hc_mult, 1, lambda s, lay, i: s.hc_mult > 0),
+    *_hc_roles(L + "hc_attn.", _hc_streams, _hc_gains, _block("hc")),
+    *_hc_roles(L + "hc_ffn.", _hc_streams, _hc_gains, _block("hc")),
+    *_hc_roles("hc_head.", lambda s: s.hc_mult, lambda s: 1, lambda s, lay, i: s.hc_mult > 0),
     *_hc_roles(
-        L + "mtp.hc_head.", lambda s: s.hc_mult, 1, lambda s, lay, i: _mtp(s, lay, i) and s.hc_mult > 0
+        L + "mtp.hc_head.",
+        lambda s: s.hc_mult,
+        lambda s: 1,
+        lambda s, lay, i: _mtp(s, lay, i) and s.hc_mult > 0,
     ),
+]
+
+
+def _xielu(s: ModelSpec, lay: Layout, i: int) -> bool:
+    return s.has_block(i, "mlp") and s.activation == "xielu"
+
+
+# xIELU, a dense MLP's learned activation (Apertus; transformers' XIELUActivation): the gains of
+# its positive and negative branches, alpha_p and alpha_n ([1] each, before their softplus), and
+# two constants of the function that transformers saves as buffers, beta = 0.5 and eps = -1e-6
+# (scalars in the alphas' dtype); whole on every TP rank
+_XIELU_ROLES = [
+    Role(L + "mlp.act.alpha_p", None, lambda s, lay: (1,), _xielu),
+    Role(L + "mlp.act.alpha_n", None, lambda s, lay: (1,), _xielu),
+    Role(L + "mlp.act.beta", None, lambda s, lay: (), _xielu, fixed=Fixed(0.5, "mlp.act.alpha_p")),
+    Role(L + "mlp.act.eps", None, lambda s, lay: (), _xielu, fixed=Fixed(-1e-6, "mlp.act.alpha_p")),
+]
+
+
+def _has_ple(s: ModelSpec, lay: Layout, i: int) -> bool:
+    return any(s.has_block(j, "ple") for j in range(s.num_layers))
+
+
+# Gemma 4's per-layer inputs (block ple): the model's per-layer embedding table [ple_vocab,
+# layers x ple_dim] (split over TP by vocabulary rows, as Megatron-Bridge's VocabParallelEmbedding),
+# the projection of the embedding output to every layer's input [layers x ple_dim, H] (column
+# parallel) and its norm [ple_dim]; in each layer the gate [ple_dim, H] and projection [H, ple_dim]
+# of its input and the norm after them (whole on every TP rank, as the Bridge replicates them).
+# Block layer_scalar: a learned scale [1] of the layer's output.
+_PLE_ROLES = [
+    Role("ple_embed.weight", COLUMN, lambda s, lay: (s.ple_vocab, s.num_layers * s.ple_dim), _has_ple),
+    Role("ple_proj.weight", COLUMN, lambda s, lay: (s.num_layers * s.ple_dim, s.hidden_size), _has_ple),
+    Role("ple_norm.weight", None, lambda s, lay: (s.ple_dim,), _has_ple),
+    Role(L + "ple.gate.weight", None, lambda s, lay: (s.ple_dim, s.hidden_size), _block("ple")),
+    Role(L + "ple.proj.weight", None, lambda s, lay: (s.hidden_size, s.ple_dim), _block("ple")),
+    Role(L + "ple.norm.weight", None, lambda s, lay: (s.hidden_size,), _block("ple")),
+    Role(L + "layer_scalar", None, lambda s, lay: (1,), _block("layer_scalar")),
 ]
 
 
@@ -489,73 +583,100 @@ _BUILTIN: list[Role] = [
     Role("final_norm.bias", None, lambda s, lay: (s.hidden_size,), _norm_bias),
     Role(L + "attn_norm.weight", None, lambda s, lay: (s.hidden_size,), _pre_norm),
     Role(L + "attn_norm.bias", None, lambda s, lay: (s.hidden_size,), _norm_bias),
-    # attention: separate q/k/v (MLA without q-LoRA projects q directly), or Megatron's fused qkv
+    # attention: separate q/k/v (MLA without q-LoRA projects q directly), or Megatron's fused qkv;
+    # sizes per layer (a global_attention layer's heads may differ, a kv_shared layer has no k / v)
     Role(
         L + "attn.q.weight",
         COLUMN,
-        lambda s, lay: (_q_rows(s, lay), s.hidden_size),
+        lambda s, lay, i: (_q_rows(s, i), s.hidden_size),
         lambda s, lay, i: s.has_attention(i) and _split_qkv(s, lay) and not (s.mla and s.q_lora_rank),
+        per_layer=True,
     ),
     Role(
         L + "attn.k.weight",
         COLUMN,
-        lambda s, lay: (s.kv_size, s.hidden_size),
-        _gqa(_split_qkv),
+        lambda s, lay, i: (_k_rows(s, i), s.hidden_size),
+        _gqa(_split_qkv, ModelSpec.attn_has_k),
+        per_layer=True,
     ),
     Role(
         L + "attn.v.weight",
         COLUMN,
-        lambda s, lay: (s.kv_size, s.hidden_size),
-        _gqa(_split_qkv),
+        lambda s, lay, i: (_v_rows(s, i), s.hidden_size),
+        _gqa(_split_qkv, ModelSpec.attn_has_v),
+        per_layer=True,
     ),
     Role(
         L + "attn.q.bias",
         COLUMN,
-        lambda s, lay: (s.q_size,),
+        lambda s, lay, i: (_heads_rows(s, i),),
         _gqa(lambda s, lay: s.qkv_bias and _split_qkv(s, lay)),
+        per_layer=True,
     ),
     Role(
         L + "attn.k.bias",
         COLUMN,
-        lambda s, lay: (s.kv_size,),
-        _gqa(lambda s, lay: s.qkv_bias and _split_qkv(s, lay)),
+        lambda s, lay, i: (_k_rows(s, i),),
+        _gqa(lambda s, lay: s.qkv_bias and _split_qkv(s, lay), ModelSpec.attn_has_k),
+        per_layer=True,
     ),
     Role(
         L + "attn.v.bias",
         COLUMN,
-        lambda s, lay: (s.kv_size,),
-        _gqa(lambda s, lay: s.qkv_bias and _split_qkv(s, lay)),
+        lambda s, lay, i: (_v_rows(s, i),),
+        _gqa(lambda s, lay: s.qkv_bias and _split_qkv(s, lay), ModelSpec.attn_has_v),
+        per_layer=True,
     ),
     Role(
         L + "attn.qkv.weight",
         COLUMN,
-        lambda s, lay: (_qkv_rows(s, lay), s.hidden_size),
+        lambda s, lay, i: (_qkv_rows(s, i), s.hidden_size),
         _gqa(lambda s, lay: not _split_qkv(s, lay)),
+        per_layer=True,
     ),
     Role(
         L + "attn.qkv.bias",
         COLUMN,
-        lambda s, lay: (_qkv_rows(s, lay),),
+        lambda s, lay, i: (_qkv_rows(s, i),),
         _gqa(lambda s, lay: s.qkv_bias and not _split_qkv(s, lay)),
+        per_layer=True,
     ),
     Role(
-        L + "attn.o.weight", ROW, lambda s, lay: (s.hidden_size, _o_cols(s, lay)), _attn(lambda s, lay: True)
+        L + "attn.o.weight",
+        ROW,
+        lambda s, lay, i: (s.hidden_size, _o_cols(s, i)),
+        _attn(lambda s, lay: True),
+        per_layer=True,
     ),
     # a row-parallel layer's bias is added once after the reduction: whole on every TP rank
     Role(L + "attn.o.bias", None, lambda s, lay: (s.hidden_size,), _attn(lambda s, lay: s.o_bias)),
-    Role(L + "attn.q_norm.weight", None, lambda s, lay: (s.head_dim,), _attn(lambda s, lay: s.qk_norm)),
-    Role(L + "attn.k_norm.weight", None, lambda s, lay: (s.head_dim,), _attn(lambda s, lay: s.qk_norm)),
+    Role(
+        L + "attn.q_norm.weight",
+        None,
+        lambda s, lay, i: (s.attn_head_dim(i),),
+        _attn(lambda s, lay: s.qk_norm),
+        per_layer=True,
+    ),
+    Role(
+        L + "attn.k_norm.weight",
+        None,
+        lambda s, lay, i: (s.attn_head_dim(i),),
+        _attn(lambda s, lay: s.qk_norm, ModelSpec.attn_has_k),
+        per_layer=True,
+    ),
     Role(
         L + "attn.q_norm.bias",
         None,
-        lambda s, lay: (s.head_dim,),
+        lambda s, lay, i: (s.attn_head_dim(i),),
         _attn(lambda s, lay: s.qk_norm and s.norm_bias),
+        per_layer=True,
     ),
     Role(
         L + "attn.k_norm.bias",
         None,
-        lambda s, lay: (s.head_dim,),
-        _attn(lambda s, lay: s.qk_norm and s.norm_bias),
+        lambda s, lay, i: (s.attn_head_dim(i),),
+        _attn(lambda s, lay: s.qk_norm and s.norm_bias, ModelSpec.attn_has_k),
+        per_layer=True,
     ),
     # full-width q/k norms (one weight over all heads): whole on every TP rank, as MindSpeed-LLM's
     # minimax_m2 converter writes them (Megatron-Bridge would split them with their heads)
@@ -571,8 +692,14 @@ _BUILTIN: list[Role] = [
         lambda s, lay: (s.kv_size,),
         _attn(lambda s, lay: s.qk_full_norm),
     ),
-    # attention sinks (gpt-oss): one learned softmax offset per head, split over TP with the heads
-    Role(L + "attn.sinks", COLUMN, lambda s, lay: (s.num_heads,), _attn(lambda s, lay: s.attn_sinks)),
+    # attention sinks (gpt-oss): one learned softmax offset per head, split over TP with the heads;
+    # not in a global_attention layer (MiMo-V2-Flash has them in its sliding-window layers only)
+    Role(
+        L + "attn.sinks",
+        COLUMN,
+        lambda s, lay: (s.num_heads,),
+        _attn(lambda s, lay: s.attn_sinks, lambda s, i: not s.has_block(i, "global_attention")),
+    ),
     Role(
         L + "post_attn_norm.weight",
         None,
@@ -588,7 +715,14 @@ _BUILTIN: list[Role] = [
     ),
     # the dense MLP: gated, or plain (BLOOM, a GELU Megatron GPT: Megatron's linear_fc1 is then fc1
     # alone, split over TP as one block), biases as the model has them
-    *_mlp_roles(L + "mlp.", lambda s: s.ffn_hidden_size, _dense_mlp, gate_up_bias=True),
+    *_mlp_roles(
+        L + "mlp.",
+        lambda s: s.ffn_hidden_size,
+        _dense_mlp,
+        gate_up_bias=True,
+        layer_width=ModelSpec.mlp_width,
+    ),
+    *_XIELU_ROLES,
     Role(
         L + "post_mlp_norm.weight",
         None,
@@ -772,6 +906,7 @@ _BUILTIN: list[Role] = [
     Role(L + "mamba.out_proj.weight", ROW, lambda s, lay: (s.hidden_size, s.mamba_inner), _mamba),
     *_OWN_MIXER_ROLES,
     *_DSV4_ROLES,
+    *_PLE_ROLES,
     # DeepSeek sparse attention's lightning indexer (V3.2, GLM-5): small projections beside MLA,
     # duplicated on every TP rank in Megatron (MindSpeed-LLM and megatron-core's DSAIndexer alike)
     Role(
@@ -836,19 +971,29 @@ def _lora_roles(target: Role) -> list[Role]:
     assert rule is not None
     base = target.template[: -len(".weight")]
 
-    def a_shape(s: ModelSpec, lay: Layout) -> tuple[int, ...]:
-        return (s.lora_rank or 0, target.shape(s, lay)[1])
+    def full(s: ModelSpec, lay: Layout, i: int) -> tuple[int, ...]:
+        return target.shape(s, lay, i) if target.per_layer else target.shape(s, lay)
 
-    def b_shape(s: ModelSpec, lay: Layout) -> tuple[int, ...]:
-        return (target.shape(s, lay)[0], s.lora_rank or 0)
+    def a_shape(s: ModelSpec, lay: Layout, i: int = -1) -> tuple[int, ...]:
+        return (s.lora_rank or 0, full(s, lay, i)[1])
 
-    def m_shape(s: ModelSpec, lay: Layout) -> tuple[int, ...]:
-        return target.shape(s, lay)[:1]
+    def b_shape(s: ModelSpec, lay: Layout, i: int = -1) -> tuple[int, ...]:
+        return (full(s, lay, i)[0], s.lora_rank or 0)
 
+    def m_shape(s: ModelSpec, lay: Layout, i: int = -1) -> tuple[int, ...]:
+        return full(s, lay, i)[:1]
+
+    per_layer = target.per_layer
     return [
-        Role(base + ".lora_a.weight", None if rule.dim == 0 else ROW, a_shape, None),
-        Role(base + ".lora_b.weight", rule if rule.dim == 0 else None, b_shape, None),
-        Role(base + ".lora_magnitude.weight", rule if rule.dim == 0 else None, m_shape, None),
+        Role(base + ".lora_a.weight", None if rule.dim == 0 else ROW, a_shape, None, per_layer=per_layer),
+        Role(base + ".lora_b.weight", rule if rule.dim == 0 else None, b_shape, None, per_layer=per_layer),
+        Role(
+            base + ".lora_magnitude.weight",
+            rule if rule.dim == 0 else None,
+            m_shape,
+            None,
+            per_layer=per_layer,
+        ),
     ]
 
 
@@ -882,6 +1027,19 @@ def register_role(*roles: Role, lora: bool = False) -> None:
 register_role(*_BUILTIN)
 register_role(
     *(r for r in _BUILTIN if r.template[len(L) :] in {t + ".weight" for t in LINEAR_TARGETS}), lora=True
+)
+# block out_gate: the attention output times the sigmoid of its own projection of the input,
+# channel by channel, before o_proj (HY-V4's MLA; AFMoE's, whose family predates the block):
+# [heads x value head size, hidden], split over TP with the heads.  Last in a layer's canonical
+# order, where AFMoE's own row was.
+register_role(
+    Role(
+        L + "attn.gate.weight",
+        COLUMN,
+        lambda s, lay, i: (_o_cols(s, i), s.hidden_size),
+        lambda s, lay, i: s.has_attention(i) and (s.has_block(i, "out_gate") or s.family == "afmoe"),
+        per_layer=True,
+    )
 )
 
 
@@ -988,6 +1146,9 @@ def expected_names(spec: ModelSpec, layout: Layout) -> set[str]:
 
 _TOP = {
     "embed.weight": 0,
+    "ple_embed.weight": 0,
+    "ple_proj.weight": 0,
+    "ple_norm.weight": 0,
     "pos_embed.weight": 0,
     "embed_norm.weight": 0,
     "embed_norm.bias": 0,

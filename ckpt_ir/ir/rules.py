@@ -96,26 +96,37 @@ class Stack:
         return out
 
 
-def qkv_rule(spec: ModelSpec, rows: int = 0) -> Stack:
-    """Megatron's per-query-group ``[q heads; k; v]`` interleave.  With an output gate (Qwen3-Next,
-    Qwen3.5) q holds per head ``[q_h; gate_h]`` rows (HF's q_proj) and megatron-core's linear_qkv per
-    group ``[q heads; their gates; k; v]`` (``Attention.get_query_key_value_tensors``)."""
-    d, per = spec.head_dim, spec.heads_per_group
-    if not spec.attn_gate:
-        return Stack.interleaved(spec.num_kv_heads, (("q", per * d), ("k", d), ("v", d)))
-    pieces = []
-    for g in range(spec.num_kv_heads):
-        heads = range(g * per, (g + 1) * per)
-        pieces += [Piece("q", 2 * h * d, d) for h in heads] + [Piece("q", (2 * h + 1) * d, d) for h in heads]
-        pieces += [Piece("k", g * d, d), Piece("v", g * d, d)]
-    return Stack(pieces)
+def qkv_rule(spec: ModelSpec, rows: int = 0, layer: int | None = None) -> Stack:
+    """Megatron's per-query-group ``[q heads; k; v]`` interleave, with ``layer``'s sizes (a
+    global_attention layer's head size and groups, value heads of ``v_head_dim``); a layer without
+    keys or values of its own (kv_shared, Gemma 4's keys-as-values) holds only the parts it has.
+    With an output gate (Qwen3-Next, Qwen3.5) q holds per head ``[q_h; gate_h]`` rows (HF's q_proj)
+    and megatron-core's linear_qkv per group ``[q heads; their gates; k; v]``
+    (``Attention.get_query_key_value_tensors``)."""
+    if spec.attn_gate:
+        d, per = spec.head_dim, spec.heads_per_group
+        pieces = []
+        for g in range(spec.num_kv_heads):
+            heads = range(g * per, (g + 1) * per)
+            pieces += [Piece("q", 2 * h * d, d) for h in heads] + [
+                Piece("q", (2 * h + 1) * d, d) for h in heads
+            ]
+            pieces += [Piece("k", g * d, d), Piece("v", g * d, d)]
+        return Stack(pieces)
+    groups, d = spec.attn_kv_heads(layer), spec.attn_head_dim(layer)
+    parts = [("q", spec.num_heads // groups * d)]
+    if layer is None or spec.attn_has_k(layer):
+        parts.append(("k", d))
+    if layer is None or spec.attn_has_v(layer):
+        parts.append(("v", spec.attn_v_dim(layer)))
+    return Stack.interleaved(groups, parts)
 
 
-def gate_up_rule(spec: ModelSpec, rows: int) -> Stack:
+def gate_up_rule(spec: ModelSpec, rows: int, layer: int | None = None) -> Stack:
     return Stack.of((("gate", rows // 2), ("up", rows // 2)))
 
 
-def mla_rule(spec: ModelSpec, rows: int = 0) -> Stack:
+def mla_rule(spec: ModelSpec, rows: int = 0, layer: int | None = None) -> Stack:
     """MLA: Megatron's linear_qkv is [q_a (or q); kv_a], the two down-projections stacked."""
     q_rows = spec.q_lora_rank or spec.mla_q_size
     return Stack.of((("q", q_rows), ("kv_a", spec.kv_lora_rank + spec.qk_rope_dim)))
@@ -123,20 +134,20 @@ def mla_rule(spec: ModelSpec, rows: int = 0) -> Stack:
 
 # Gated-delta-net input projections (Qwen3-Next, Qwen3.5): q / k (a row block per key head), v / z
 # (per value head; z is the output gate) and b / a (beta, alpha: one row per value head).
-def gdn_in_proj_rule(spec: ModelSpec, rows: int = 0) -> Stack:
+def gdn_in_proj_rule(spec: ModelSpec, rows: int = 0, layer: int | None = None) -> Stack:
     """megatron-core's GatedDeltaNet ``in_proj``: ``[q; k; v; z; b; a]``, each part split over TP
     on its own (rank r: ``[q_r; k_r; v_r; z_r; b_r; a_r]``, the role's ``Split.sizes``)."""
     return Stack.of(zip("qkvzba", spec.gdn_in_proj_parts))
 
 
-def gdn_qkvz_rule(spec: ModelSpec, rows: int = 0) -> Stack:
+def gdn_qkvz_rule(spec: ModelSpec, rows: int = 0, layer: int | None = None) -> Stack:
     """HF Qwen3-Next's ``in_proj_qkvz`` (MindSpeed-LLM keeps it): per key head g
     ``[q_g; k_g; v_g; z_g]``, v and z taking that key head's value heads."""
     g, v = spec.linear_k_heads, spec.linear_v_size // spec.linear_k_heads
     return Stack.interleaved(g, (("q", spec.linear_k_dim), ("k", spec.linear_k_dim), ("v", v), ("z", v)))
 
 
-def gdn_ba_rule(spec: ModelSpec, rows: int = 0) -> Stack:
+def gdn_ba_rule(spec: ModelSpec, rows: int = 0, layer: int | None = None) -> Stack:
     """HF Qwen3-Next's ``in_proj_ba``: per key head ``[b_g; a_g]`` (one row per value head)."""
     n = spec.linear_v_heads // spec.linear_k_heads
     return Stack.interleaved(spec.linear_k_heads, (("b", n), ("a", n)))

@@ -126,7 +126,21 @@ class ModelSpec:
     mqa_o_rank: int = 0
     compressor_ratios: tuple[int, ...] = attrs.field(default=(), converter=_int_tuple)
     hc_mult: int = 0
+    hc_no_comb: bool = False  # the hc block without its comb mapping (HY-V4's independent hyper-connections)
     mtp_blocks: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    # block global_attention (Gemma 4's, MiMo-V2-Flash's full-attention layers): its head size and
+    # key / value heads (0: the attention block's head_dim / num_kv_heads), and keys that are also
+    # its values (Gemma 4's attention_k_eq_v: no v projection).  An attention block's value heads
+    # are v_head_dim wide where that is set (MiMo-V2-Flash: 128 beside 192 for q and k)
+    global_head_dim: int = 0
+    global_kv_heads: int = 0
+    global_k_eq_v: bool = False
+    # block kv_shared: the dense MLP of such a layer is twice as wide (Gemma 4's use_double_wide_mlp)
+    kv_shared_wide_mlp: bool = False
+    # block ple (Gemma 4's per-layer input embeddings): each layer's input width, and the rows of
+    # the model's per-layer embedding table
+    ple_dim: int = 0
+    ple_vocab: int = 0
     attn_gate: bool = False  # q_proj also yields a sigmoid output gate: per head [q; gate] rows
     shared_expert_gate: bool = False  # a sigmoid gate on the shared experts' output (Qwen2-MoE)
     router_bias: bool = False  # a score-correction bias on the router (DeepSeek-V3)
@@ -234,7 +248,39 @@ class ModelSpec:
     def has_attention(self, layer: int) -> bool:
         """Whether ``layer`` has (softmax) attention: multi-head / grouped-query or MLA."""
         blocks = self.blocks(layer)
-        return "attention" in blocks or "mla" in blocks
+        return "attention" in blocks or "global_attention" in blocks or "mla" in blocks
+
+    def attn_kv_heads(self, layer: int | None = None) -> int:
+        """Key / value heads of ``layer``'s attention (None: the attention block's)."""
+        if layer is not None and self.global_kv_heads and self.has_block(layer, "global_attention"):
+            return self.global_kv_heads
+        return self.num_kv_heads
+
+    def attn_head_dim(self, layer: int | None = None) -> int:
+        """Query / key head size of ``layer``'s attention (None: the attention block's)."""
+        if layer is not None and self.global_head_dim and self.has_block(layer, "global_attention"):
+            return self.global_head_dim
+        return self.head_dim
+
+    def attn_v_dim(self, layer: int | None = None) -> int:
+        """Value head size of ``layer``'s (grouped-query) attention."""
+        return self.v_head_dim if self.v_head_dim and not self.mla else self.attn_head_dim(layer)
+
+    def attn_has_k(self, layer: int) -> bool:
+        """Whether ``layer``'s attention projects keys of its own (not in a kv_shared layer)."""
+        return not self.has_block(layer, "kv_shared")
+
+    def attn_has_v(self, layer: int) -> bool:
+        """Whether ``layer``'s attention projects values of its own (not in a kv_shared layer, nor
+        in a global_attention layer whose keys are its values)."""
+        k_eq_v = self.global_k_eq_v and self.has_block(layer, "global_attention")
+        return self.attn_has_k(layer) and not k_eq_v
+
+    def mlp_width(self, layer: int) -> int:
+        """The dense MLP's width in ``layer`` (twice ffn_hidden_size in a kv_shared layer of a
+        model with kv_shared_wide_mlp)."""
+        wide = self.kv_shared_wide_mlp and self.has_block(layer, "kv_shared")
+        return self.ffn_hidden_size * (2 if wide else 1)
 
     def has_mlp(self, layer: int) -> bool:
         """Whether ``layer`` has an MLP block of either kind (dense or experts)."""
@@ -374,6 +420,7 @@ def check_layer_blocks(spec: ModelSpec) -> None:
         "short_conv": ("short_conv_kernel",),
         "kda": ("kda_heads", "kda_head_dim", "kda_conv_kernel"),
         "mamba1": ("mamba1_inner", "mamba1_state", "mamba1_dt_rank", "mamba1_conv_kernel"),
+        "ple": ("ple_dim", "ple_vocab"),
     }
     for block, fields in sizes.items():
         if any(spec.has_block(i, block) for i in layers) and not all(getattr(spec, f) for f in fields):

@@ -596,7 +596,10 @@ MAMBA_FIELDS: tuple[Field, ...] = (
 # what a hybrid model's args say for blocks its pattern may lack (ModelSpec fields, and the blocks
 # that use them): without such a block they describe nothing
 _USED_BY = (
-    (("attention",), ("num_heads", "num_kv_heads", "head_dim", "qkv_bias", "o_bias", "qk_norm")),
+    (
+        ("attention", "global_attention"),
+        ("num_heads", "num_kv_heads", "head_dim", "qkv_bias", "o_bias", "qk_norm"),
+    ),
     (("mlp",), ("ffn_hidden_size",)),
     (("mlp", "moe"), ("gated_mlp", "activation", "mlp_bias")),
 )

@@ -24,7 +24,7 @@ from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.blocks import OWN_MIXERS
 from ckpt_ir.ir.layout import Layout, has_gdn_modules
 from ckpt_ir.ir.names import COLUMN, NameTable, Split, expert_of, layer_name, split_layer
-from ckpt_ir.ir.roles import roles, split_rule
+from ckpt_ir.ir.roles import Fixed, roles, split_rule
 from ckpt_ir.ir.rules import Stack
 from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.megatron.integrity import MANIFEST
@@ -129,6 +129,9 @@ _MLA_ATTENTION_KEYS = (
     (D + "self_attention.dsa_indexer.weights_proj.weight", C + "attn.indexer.weights_proj.weight"),
     (D + "self_attention.dsa_indexer.wk.weight", C + "attn.indexer.wk.weight"),
     (D + "self_attention.dsa_indexer.wq_b.weight", C + "attn.indexer.wq_b.weight"),
+    # HY-V4's MLA: softmax sinks and the output gate, under the names GQA attention has them by
+    (D + "self_attention.core_attention.softmax_offset", C + "attn.sinks"),
+    (D + "self_attention.linear_gate.weight", C + "attn.gate.weight"),
 )
 # Megatron-Core's own MLA modules (MLASelfAttention), as torch_dist stores them and Megatron-LM's
 # torch format too (keys below ``decoder.layers.<i>.``): the two down-projections apart (the torch
@@ -170,6 +173,10 @@ _NORM_KEYS = (
 _MLP_KEYS = (
     (D + "mlp.linear_fc1.weight", C + "mlp.gate_up.weight"),
     (D + "mlp.linear_fc1.bias", C + "mlp.gate_up.bias"),
+    # xIELU's learned gains (Megatron-Bridge's Apertus MLP: activation_func, between fc1 and fc2);
+    # its beta and eps are Python floats there, not stored (Role.fixed, fixed_roles)
+    (D + "mlp.activation_func.alpha_p", C + "mlp.act.alpha_p"),
+    (D + "mlp.activation_func.alpha_n", C + "mlp.act.alpha_n"),
     (D + "mlp.linear_fc2.weight", C + "mlp.down.weight"),
     (D + "mlp.linear_fc2.bias", C + "mlp.down.bias"),
     (D + "mlp.router.weight", C + "mlp.router.weight"),
@@ -213,6 +220,12 @@ OWN_MIXER_KEYS = tuple(
     for r in roles()
     if r.template.startswith(tuple(C + b + "." for b in OWN_MIXERS)) and ".lora_" not in r.template
 )
+# a layer's hyper-connection mixers (block hc), MindSpeed-LLM's deepseek4 modules
+_HC_KEYS = tuple(
+    (D + f"{m}.{k}", C + f"{c}.{t}")
+    for m, c in (("attn_mhc", "hc_attn"), ("mlp_mhc", "hc_ffn"))
+    for k, t in (("hc_base", "base"), ("hc_fn.weight", "fn"), ("hc_scale", "scale"))
+)
 # DeepSeek-V4's layer (blocks mqa, compressor, csa_indexer, hc, moe, hash_router) as
 # MindSpeed-LLM's convert_ckpt_deepseek4.py writes it, in its order: norms, attention (its
 # compressor, then the indexer's), router, shared experts, the two hyper-connection mixers, experts
@@ -242,11 +255,7 @@ _MQA_LAYER_KEYS = (
     (D + "mlp.router.expert_bias", C + "mlp.router.bias"),
     (D + "mlp.router.tid2eid", C + "mlp.router.tid2eid"),
     *(kc for kc in _MLP_KEYS if ".shared_experts.linear_" in kc[0] and kc[0].endswith(".weight")),
-    *(
-        (D + f"{m}.{k}", C + f"{c}.{t}")
-        for m, c in (("attn_mhc", "hc_attn"), ("mlp_mhc", "hc_ffn"))
-        for k, t in (("hc_base", "base"), ("hc_fn.weight", "fn"), ("hc_scale", "scale"))
-    ),
+    *_HC_KEYS,
     *(kc for kc in _MLP_KEYS if ".experts.local_experts." in kc[0] and kc[0].endswith(".weight")),
 )
 # the hyper-connection heads of the model (last stage, after the output layer) and of each MTP layer
@@ -256,13 +265,64 @@ HC_HEAD = tuple(
 )
 MTP_HC_HEAD = tuple(("mtp.layers.{k}." + k, "mtp." + c) for k, c in HC_HEAD)
 
+
+def fixed_roles() -> dict[str, Fixed]:
+    """The layer roles (``layers.{i}.<role>``) whose value the architecture fixes (``Role.fixed``):
+    Megatron stores none of them, its modules hold the value (xIELU's beta and eps).  Writers
+    check that the source holds that value (:func:`fixed_checks`), readers re-create the tensor
+    (:func:`add_fixed`)."""
+    return {r.template: r.fixed for r in roles() if r.fixed is not None and r.template.startswith(C)}
+
+
+def _fixed_expr(template: str, layer: int, fixed: Fixed, spec: ModelSpec, dtype: str) -> E.Expr:
+    from ckpt_ir.ir.roles import role
+
+    r = role(template.format(i=layer))
+    assert r is not None, template
+    return E.Fill(r.shape(spec, Layout(format="mcore")), dtype, fixed.value)
+
+
+def add_fixed(spec: ModelSpec, tensors: dict) -> None:
+    """Re-create in ``tensors`` (canonical name -> TensorNode) the fixed-value tensors of every
+    layer that has the role they take their dtype from (xIELU's alphas)."""
+    from ckpt_ir.ir.checkpoint import TensorNode
+
+    for template, fixed in fixed_roles().items():
+        for i in range(spec.total_layers):
+            name, like = template.format(i=i), layer_name(i, fixed.dtype_of)
+            if name not in tensors and like in tensors:
+                expr = _fixed_expr(template, i, fixed, spec, tensors[like].dtype)
+                tensors[name] = TensorNode.whole(name, expr)
+
+
+def fixed_checks(spec: ModelSpec, tensors: dict):
+    """(name, what, its expression, the fixed value's) of every fixed-value tensor in ``tensors``,
+    which a Megatron output leaves out: the executor checks each holds the value before writing."""
+    for template, fixed in fixed_roles().items():
+        for i in range(spec.total_layers):
+            name = template.format(i=i)
+            if name in tensors:
+                x = tensors[name].shards[0]
+                what = f"{fixed.value!r}, the value Megatron's module fixes"
+                yield name, what, x, _fixed_expr(template, i, fixed, spec, x.dtype)
+
+
+# Gemma 4's per-layer input (block ple) and output scale (block layer_scalar), under
+# Megatron-Bridge's names (gemma4_bridge.py, its dense model's Gemma4DenseTransformerLayer)
+_PLE_KEYS = (
+    (D + "per_layer_input_gate.weight", C + "ple.gate.weight"),
+    (D + "per_layer_projection.weight", C + "ple.proj.weight"),
+    (D + "post_per_layer_input_norm.weight", C + "ple.norm.weight"),
+    (D + "layer_scalar", C + "layer_scalar"),
+)
+
 # Per-layer order follows MindSpeed-LLM's writer (norms, attention, then MLP), so rank files list
 # keys in the same order as that converter's.
-_LAYER_KEYS = _NORM_KEYS + _ATTENTION_KEYS + _MLP_KEYS + _MAMBA_KEYS + OWN_MIXER_KEYS
+_LAYER_KEYS = _NORM_KEYS + _ATTENTION_KEYS + _MLP_KEYS + _MAMBA_KEYS + OWN_MIXER_KEYS + _PLE_KEYS
 # canonical roles megatron-core keeps in fp32 whatever params_dtype: the router's expert_bias, a
 # buffer it returns to fp32 before every save and load (moe/router.py _maintain_float32_expert_bias)
 KEPT_FP32 = (C + "mlp.router.bias",)
-_MLA_LAYER_KEYS = _NORM_KEYS + _MLA_ATTENTION_KEYS + _MLP_KEYS + OWN_MIXER_KEYS
+_MLA_LAYER_KEYS = _NORM_KEYS + _MLA_ATTENTION_KEYS + _MLP_KEYS + OWN_MIXER_KEYS + _HC_KEYS
 _MCORE_MLA_LAYER_KEYS = _NORM_KEYS + _MCORE_MLA_ATTENTION_KEYS + _MLP_KEYS + OWN_MIXER_KEYS
 GROUPED = {"weight1": "gate_up", "weight2": "down"}  # D + "mlp.experts.weight1" holds every local expert
 GROUPED_KEY = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.(weight1|weight2)$")
@@ -312,6 +372,10 @@ PRE_LAYERS = (
     # BLOOM's embedding LayerNorm (MindSpeed-LLM's module path)
     ("embedding.word_embeddings.norm.weight", "embed_norm.weight"),
     ("embedding.word_embeddings.norm.bias", "embed_norm.bias"),
+    # Gemma 4's per-layer input embeddings (Megatron-Bridge's Gemma 4 dense model, on the first stage)
+    ("per_layer_embedding.weight", "ple_embed.weight"),
+    ("per_layer_model_proj.weight", "ple_proj.weight"),
+    ("per_layer_proj_norm.weight", "ple_norm.weight"),
 )
 POST_LAYERS = (
     ("decoder.final_layernorm.weight", "final_norm.weight"),

@@ -20,7 +20,7 @@ from ckpt_ir.ir.roles import canonical_order
 from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.megatron import args as megatron_args
 from ckpt_ir.megatron import infer
-from ckpt_ir.megatron.keys import MCORE_HF_DIR, TOKENIZER_DIR, iteration_of, mla_down_parts
+from ckpt_ir.megatron.keys import MCORE_HF_DIR, TOKENIZER_DIR, add_fixed, iteration_of, mla_down_parts
 
 
 class ArgReader:
@@ -163,9 +163,11 @@ def complete_tensors(
     sets: dict[str, dict[str, TensorNode]],
     dropped: dict[str, str],
 ) -> None:
-    """The weights and each optimizer-state set as the IR has them: MTP layers get their canonical
-    copies of the shared embedding / output layer, and a tied model's output layer (Megatron's copy
-    of the embedding on the last stage) is dropped."""
+    """The weights and each optimizer-state set as the IR has them: the tensors whose value the
+    architecture fixes are re-created, MTP layers get their canonical copies of the shared
+    embedding / output layer, and a tied model's output layer (Megatron's copy of the embedding on
+    the last stage) is dropped."""
+    add_fixed(spec, tensors)  # what Megatron's modules fix and do not store (xIELU's beta, eps)
     for s in (tensors, *sets.values()):
         add_mtp_copies(spec, s)
         if spec.tied_embeddings and s.pop("lm_head.weight", None) is not None and s is tensors:

@@ -100,10 +100,11 @@ def rank_content(
         | {r[: -len(".weight")] + f".lora_{w}.weight" for r in order for w in "ab"}
         | {"layers.{i}.mtp.embed.weight", "layers.{i}.mtp.head.weight"}
     )
+    fixed = M.fixed_roles()
     mtp_entries: list[Entry] = []
     for layer in sorted(by_layer):
         roles = by_layer[layer]
-        unknown = set(roles) - known
+        unknown = set(roles) - known - set(fixed)  # fixed values: not stored (M.fixed_checks)
         if unknown:
             raise VerifyError(f"layer {layer}: no Megatron name for {sorted(unknown)}")
         mtp = layer >= spec.num_layers

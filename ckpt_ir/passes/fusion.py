@@ -63,7 +63,7 @@ class Fusion:
 
     parts: dict[str, Callable[[ModelSpec], str]]
     fused: str
-    rule: Callable[[ModelSpec, int], Stack]
+    rule: Callable[[ModelSpec, int, int], Stack]  # (spec, fused rows, layer) -> the layer's Stack
     prefix: re.Pattern[str] = re.compile("")
     kinds: tuple[str, ...] = (*ROW_STACKED, SHARED)
 
@@ -147,8 +147,10 @@ def fuse(ckpt: Checkpoint, f: Fusion, pass_name: str) -> dict[str, TensorNode]:
         assert layer is not None  # m is only matched for a layer's tensor
         stems = f.stems(spec, m.group(1))
         new: dict[str, E.Expr] = {}
+        # the parts this layer's fused form holds (a kv_shared layer's qkv: q alone)
+        held = f.rule(spec, 0, layer).sizes()
         for kind in f.kinds:
-            names = {p: layer_name(layer, f"{stem}.{kind}") for p, stem in stems.items()}
+            names = {p: layer_name(layer, f"{stem}.{kind}") for p, stem in stems.items() if p in held}
             if not all(n in ckpt.tensors for n in names.values()):
                 continue
             drop |= set(names.values())
@@ -157,7 +159,7 @@ def fuse(ckpt: Checkpoint, f: Fusion, pass_name: str) -> dict[str, TensorNode]:
                 new[target] = _shared(ckpt, list(names.values()), pass_name)
             else:
                 parts = {p: ckpt.tensors[n].expr for p, n in names.items()}
-                new[target] = f.rule(spec, sum(x.shape[0] for x in parts.values())).fuse(parts)
+                new[target] = f.rule(spec, sum(x.shape[0] for x in parts.values()), layer).fuse(parts)
         replace[name] = new
     return _rebuild(ckpt, replace, drop)
 
@@ -175,9 +177,10 @@ def unfuse(ckpt: Checkpoint, f: Fusion) -> dict[str, TensorNode]:
         assert layer is not None  # m is only matched for a layer's tensor
         stems, kind = f.stems(spec, m.group(1)), m.group(2)
         if kind == SHARED:
-            replace[name] = {layer_name(layer, f"{stem}.{kind}"): t.expr for stem in stems.values()}
+            held = f.rule(spec, 0, layer).sizes()
+            replace[name] = {layer_name(layer, f"{stems[p]}.{kind}"): t.expr for p in held}
             continue
-        parts = f.rule(spec, t.shape[0]).split(t.expr)
+        parts = f.rule(spec, t.shape[0], layer).split(t.expr)
         replace[name] = {layer_name(layer, f"{stems[p]}.{kind}"): e for p, e in parts.items()}
     return _rebuild(ckpt, replace, set(replace))
 

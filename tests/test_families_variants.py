@@ -1,0 +1,270 @@
+"""Issue 31's families whose layers need a block variant the others lack (Apertus' xIELU MLP):
+tiny random models built and saved by transformers (``tests/family_models.py``) convert HF ->
+Megatron-Core -> HF bit-exactly with equal transformers logits, and the Megatron rank files they
+go through hold what the format facts say (rows and keys worked out here from the HF tensors)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import ckpt_ir.api as ck
+from ckpt_ir.errors import CkptIrError
+from tests.family_models import DENSE, assert_round_trip, build, rank
+from tests.test_hf_roundtrip import convert, hf_state
+
+CONFIGS = {
+    # attention_bias on q, k, v and o; llama3 rope (Apertus' default) with its factor
+    "apertus": dict(DENSE, attention_bias=True),
+    # Gemma 4: sliding layers 0, 2 (head_dim 16, 2 KV heads) and global layers 1, 3 (head_dim 32,
+    # 2 KV heads, keys as values); layers 2 and 3 share the keys / values of layers 0 and 1, with
+    # MLPs twice as wide; per-layer inputs of 8; a window (4) shorter than the prompt (12)
+    "gemma4_text": dict(
+        DENSE,
+        head_dim=16,
+        global_head_dim=32,
+        num_global_key_value_heads=2,
+        attention_k_eq_v=True,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        sliding_window=4,
+        num_kv_shared_layers=2,
+        use_double_wide_mlp=True,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=128,
+        final_logit_softcapping=30.0,
+    ),
+    # MiMo-V2-Flash: layers 0, 2 sliding (4 key / value heads, sinks), 1, 3 full (2 heads); q / k
+    # heads of 24, v heads of 16; q / k / v biases; layer 0 dense, 1-3 MoE (4 experts, top 2)
+    "mimo_v2_flash": dict(
+        DENSE,
+        head_dim=24,
+        v_head_dim=16,
+        attention_bias=True,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        sliding_window=4,
+        moe_intermediate_size=32,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+    ),
+    # HY-V4: MLA (q-LoRA) with the DSA indexer in layers 0, 1 (2, 3 share their top-k: index_topk 4
+    # below the prompt's 12), output gate, sinks; 2 hyper-connection streams; layer 0 dense, 1-3
+    # MoE (4 stacked experts, top 2, one shared)
+    "hy_v4": dict(
+        DENSE,
+        num_key_value_heads=4,
+        moe_intermediate_size=32,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        index_n_heads=2,
+        index_head_dim=16,
+        index_topk=4,
+        hc_mult=2,
+    ),
+}
+# buffers the checkpoint stores that transformers initialises to constants (given random values,
+# so that carrying them is checked)
+BUFFERS = {"gemma4_text": ("layer_scalar",)}
+# per family: the Megatron layouts to round-trip through
+LAYOUTS = {
+    "apertus": (dict(tp=2, pp=2, num_layer_list=(1, 3)),),
+    "gemma4_text": (dict(tp=2, pp=2, num_layer_list=(1, 3)),),
+    "mimo_v2_flash": (dict(tp=2, ep=2, grouped_gemm=True), dict(pp=2, ep=2, num_layer_list=(1, 3))),
+    "hy_v4": (dict(tp=2, ep=2, grouped_gemm=True), dict(pp=2, ep=2, num_layer_list=(1, 3))),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("variants")
+    cache: dict[str, str] = {}
+
+    def get(model_type: str) -> str:
+        if model_type not in cache:
+            path = build(str(root / model_type), model_type, configs=CONFIGS)
+            _randomize(path, BUFFERS.get(model_type, ()))
+            cache[model_type] = path
+        return cache[model_type]
+
+    return get
+
+
+def _randomize(path: str, buffers: tuple[str, ...]) -> None:
+    if not buffers:
+        return
+    f = f"{path}/model.safetensors"
+    sd = load_file(f)
+    g = torch.Generator().manual_seed(3)
+    for k in sd:
+        if k.endswith(buffers):
+            sd[k] = torch.randn(sd[k].shape, generator=g)
+    save_file(sd, f, metadata={"format": "pt"})
+
+
+CASES = [(f, i) for f in LAYOUTS for i in range(len(LAYOUTS[f]))]
+
+
+@pytest.mark.parametrize("family,layout", CASES, ids=[f"{f}-{i}" for f, i in CASES])
+def test_hf_to_mcore_to_hf_bit_exact_with_same_logits(models, tmp_path, family, layout):
+    src = models(family)
+    assert_round_trip(src, tmp_path, family, LAYOUTS[family][layout])
+    if layout == 0:  # the rank files of the first layout hold what the format facts say
+        RANK_FACTS[family](hf_state(src), json.load(open(f"{src}/config.json")), str(tmp_path / "mid"))
+
+
+def _apertus(hf: dict, cfg: dict, mid: str) -> None:
+    """Megatron-Bridge's Apertus keys: each layer's xIELU gains under mlp.activation_func, whole on
+    every TP rank, and no beta / eps (Megatron's xIELU holds them as floats); linear_fc1 is
+    up_proj alone (no gate), its rows split over TP; the args name the activation (xielu)."""
+    first_stage = 1  # --num-layer-list 1,3: HF layer 1 is stage 1's local layer 0
+    for t in range(2):
+        sd = rank(mid, f"mp_rank_0{t}_001")["model"]
+        d, h = "decoder.layers.0.", f"model.layers.{first_stage}."
+        for p in ("alpha_p", "alpha_n"):
+            assert torch.equal(sd[d + f"mlp.activation_func.{p}"], hf[h + f"mlp.act_fn.{p}"])
+        assert not [k for k in sd if k.endswith((".beta", ".eps"))]
+        up = hf[h + "mlp.up_proj.weight"]
+        assert torch.equal(sd[d + "mlp.linear_fc1.weight"], up.chunk(2)[t])
+    args = vars(rank(mid, "mp_rank_00_000")["args"])
+    assert (args["xielu"], args["swiglu"], args["qk_layernorm"]) == (True, False, True)
+    assert (args["use_rope_scaling"], args["rope_scaling_factor"]) == (
+        True,
+        cfg["rope_parameters"]["factor"],
+    )
+
+
+def _gemma4(hf: dict, cfg: dict, mid: str) -> None:
+    """Megatron-Bridge's Gemma 4 names; linear_qkv per query group [q heads; k; v] of the layer's
+    own sizes and parts: HF layer 1 (global, keys as values: [q heads of 32; k of 32], no v),
+    HF layer 2 (kv-shared: q alone); the per-layer embedding split by vocabulary rows, the
+    per-layer gate / projection / norm and layer_scalar whole on every rank."""
+    # the saved config keeps the global sizes as per_layer_config overrides: the test's own values
+    heads, groups = cfg["num_attention_heads"], CONFIGS["gemma4_text"]["num_global_key_value_heads"]
+    for t in range(2):
+        first = rank(mid, f"mp_rank_0{t}_000")["model"]
+        assert torch.equal(
+            first["per_layer_embedding.weight"], hf["model.embed_tokens_per_layer.weight"].chunk(2)[t]
+        )
+        assert torch.equal(
+            first["per_layer_model_proj.weight"], hf["model.per_layer_model_projection.weight"].chunk(2)[t]
+        )
+        sd = rank(mid, f"mp_rank_0{t}_001")["model"]  # HF layers 1, 2, 3 as local layers 0, 1, 2
+        q, k = hf["model.layers.1.self_attn.q_proj.weight"], hf["model.layers.1.self_attn.k_proj.weight"]
+        d = k.shape[0] // groups  # the global head size
+        per_group = heads // groups * d
+        g = t  # one query group per rank
+        want = torch.cat([q[g * per_group : (g + 1) * per_group], k[g * d : (g + 1) * d]])
+        assert torch.equal(sd["decoder.layers.0.self_attention.linear_qkv.weight"], want)
+        q2 = hf["model.layers.2.self_attn.q_proj.weight"]
+        assert torch.equal(sd["decoder.layers.1.self_attention.linear_qkv.weight"], q2.chunk(2)[t])
+        assert "decoder.layers.1.self_attention.k_layernorm.weight" not in sd
+        for local, layer in ((0, 1), (2, 3)):
+            for m, h in (
+                ("post_self_attn_layernorm.weight", "post_attention_layernorm.weight"),
+                ("per_layer_input_gate.weight", "per_layer_input_gate.weight"),
+                ("per_layer_projection.weight", "per_layer_projection.weight"),
+                ("post_per_layer_input_norm.weight", "post_per_layer_input_norm.weight"),
+                ("layer_scalar", "layer_scalar"),
+            ):
+                assert torch.equal(sd[f"decoder.layers.{local}.{m}"], hf[f"model.layers.{layer}.{h}"]), m
+    args = vars(rank(mid, "mp_rank_00_000")["args"])
+    sliding = [int(t == "sliding_attention") for t in cfg["layer_types"]]
+    assert (args["global_kv_channels"], args["num_global_query_groups"]) == (d, groups)
+    assert (args["attention_k_eq_v"], args["num_kv_shared_layers"]) == (True, cfg["num_kv_shared_layers"])
+    assert (args["window_attn_skip_freq"], args["softmax_scale"]) == (sliding, 1.0)
+
+
+def _qkv_rank(parts: list[tuple[torch.Tensor, int]], groups: int, rank: int, tp: int = 2) -> torch.Tensor:
+    """TP rank ``rank``'s rows of Megatron's linear_qkv: for each of its query groups, each part's
+    rows of that group in turn (``parts``: (HF tensor, rows per group))."""
+    mine = range(rank * groups // tp, (rank + 1) * groups // tp)
+    return torch.cat([t[g * n : (g + 1) * n] for g in mine for t, n in parts])
+
+
+def _mimo(hf: dict, cfg: dict, mid: str) -> None:
+    """Megatron-Bridge's MiMo-V2-Flash layout at TP2 x EP2: a sliding layer's linear_qkv (and bias)
+    per group [q heads of 24; k of 24; v of 16] over twice the config's groups, a full layer's over
+    the config's groups; the sinks (softmax_offset) split with the heads in sliding layers only."""
+    heads, kv, d, vd = (
+        cfg["num_attention_heads"],
+        cfg["num_key_value_heads"],
+        cfg["head_dim"],
+        cfg["v_head_dim"],
+    )
+    for t in range(2):
+        sd = rank(mid, f"mp_rank_0{t}_000")["model"]
+        for layer, groups in ((0, 2 * kv), (1, kv)):
+            h = f"model.layers.{layer}.self_attn."
+            for kind in ("weight", "bias"):
+                q, k, v = (hf[h + f"{x}_proj.{kind}"] for x in "qkv")
+                want = _qkv_rank([(q, heads // groups * d), (k, d), (v, vd)], groups, t)
+                assert torch.equal(sd[f"decoder.layers.{layer}.self_attention.linear_qkv.{kind}"], want)
+        sinks = hf["model.layers.0.self_attn.attention_sink_bias"]
+        assert torch.equal(
+            sd["decoder.layers.0.self_attention.core_attention.softmax_offset"], sinks.chunk(2)[t]
+        )
+        assert "decoder.layers.1.self_attention.core_attention.softmax_offset" not in sd
+        assert torch.equal(
+            sd["decoder.layers.1.mlp.router.expert_bias"],
+            hf["model.layers.1.mlp.gate.e_score_correction_bias"],
+        )
+    args = vars(rank(mid, "mp_rank_00_000")["args"])
+    assert (args["num_query_groups"], args["swa_num_query_groups"], args["v_head_dim"]) == (kv, 2 * kv, vd)
+    assert args["hybrid_attention_pattern"] == [int(t == "sliding_attention") for t in cfg["layer_types"]]
+
+
+def _hy_v4(hf: dict, cfg: dict, mid: str) -> None:
+    """At TP2 x EP2: MindSpeed-LLM's MLA (linear_qkv = [q_a_proj; kv_a_proj_with_mqa] whole on
+    every rank), the sinks and the output gate's rows split with the heads, the hyper-connection
+    mixers (attn_mhc / mlp_mhc: fn [2 x streams, streams x hidden], base, scale [2]) and the head
+    mixer whole, and no indexer in the layers whose top-k is shared (2, 3)."""
+    h = "model.layers.1."
+    for t in range(2):
+        sd = rank(mid, f"mp_rank_0{t}_000")["model"]
+        d = "decoder.layers.1."
+        qkv = torch.cat([hf[h + "self_attn.q_a_proj.weight"], hf[h + "self_attn.kv_a_proj_with_mqa.weight"]])
+        assert torch.equal(sd[d + "self_attention.linear_qkv.weight"], qkv)
+        for m, x in (
+            ("core_attention.softmax_offset", "learnable_sink_param"),
+            ("linear_gate.weight", "linear_gate.weight"),
+        ):
+            assert torch.equal(sd[d + f"self_attention.{m}"], hf[h + f"self_attn.{x}"].chunk(2)[t]), m
+        for m, x in (("attn_mhc", "hc_attn_layer"), ("mlp_mhc", "hc_mlp_layer")):
+            for k, y in (("hc_fn.weight", "hc_fn"), ("hc_base", "hc_base"), ("hc_scale", "hc_scale")):
+                assert torch.equal(sd[d + f"{m}.{k}"], hf[h + f"hc_pre.{x}.{y}"]), k
+        assert torch.equal(sd["hc_head.hc_fn.weight"], hf["model.hc_pre.hc_head.hc_head_fn"])
+        assert not [
+            k for k in sd if k.startswith(("decoder.layers.2.", "decoder.layers.3.")) and ".dsa_indexer." in k
+        ]
+
+
+RANK_FACTS = {"apertus": _apertus, "gemma4_text": _gemma4, "mimo_v2_flash": _mimo, "hy_v4": _hy_v4}
+
+
+def test_gemma4_moe_block_is_refused():
+    from ckpt_ir.errors import FormatError
+    from ckpt_ir.families import by_name
+
+    cfg = dict(CONFIGS["gemma4_text"], num_hidden_layers=4, enable_moe_block=True)
+    with pytest.raises(FormatError, match="enable_moe_block"):
+        by_name("gemma4_text").spec_from_config(cfg)
+
+
+def test_apertus_xielu_constants_other_than_megatrons_are_refused(models, tmp_path):
+    """Megatron stores no beta / eps: a checkpoint whose beta is not the 0.5 Megatron's xIELU
+    computes with cannot go to Megatron without changing the model (one line, before writing)."""
+    src = str(tmp_path / "src")
+    build(src, "apertus", layers=2, configs=CONFIGS)
+    f = f"{src}/model.safetensors"
+    sd = load_file(f)
+    sd["model.layers.1.mlp.act_fn.beta"] = torch.tensor(0.25)
+    save_file(sd, f, metadata={"format": "pt"})
+    with pytest.raises(CkptIrError, match=r"layers\.1\.mlp\.act\.beta differs from 0\.5"):
+        convert(src, str(tmp_path / "mid"), ck.Target(to="mcore", tp=2))
