@@ -115,7 +115,7 @@ def observed_round_trips() -> dict[str, set[str]]:
 
     for family, target in _module("test_hf_roundtrip").MCORE_LAYOUTS.items():
         add(family, target)
-    for name in ("dense", "moe", "mla", "hybrid", "gpt", "mamba", "recurrent", "dsv4", "split_layers"):
+    for name in ("dense", "moe", "mla", "hybrid", "gpt", "mamba", "recurrent", "dsv4", "split_layers", "vlm"):
         for family, targets in _module(f"test_families_{name}").LAYOUTS.items():
             for target in targets:
                 add(family, target)

@@ -244,6 +244,26 @@ def build_parser() -> argparse.ArgumentParser:
         "final_layernorm inside mtp.layers.<k>); distributed-optimizer state of MLA / MTP models "
         "needs mcore; default mindspeed, or the source's (read from its keys)",
     )
+    v = c.add_argument_group("Vision-language models (--to mcore)")
+    v.add_argument(
+        "--mm-keys",
+        choices=("bridge", "mindspeed"),
+        help="whose Megatron names: bridge (Megatron-Bridge's: language_model.*, Qwen2.5-VL's tower as "
+        "transformers' visual.*, whole on every TP rank of stage 0) or mindspeed (MindSpeed-MM's "
+        "text_decoder.* and image_encoder.*, the tower in Megatron's modules split over TP); default "
+        "bridge, or the source's",
+    )
+    v.add_argument(
+        "--vision-tp",
+        type=int,
+        help="the vision tower's tensor parallel size (default: 1 with --mm-keys bridge, --tp with mindspeed)",
+    )
+    v.add_argument(
+        "--vision-layer-list",
+        type=int_list,
+        help="vision layers per pipeline stage (stage after stage, virtual chunk after chunk), e.g. 2,0; "
+        "default: all on stage 0",
+    )
     lo = c.add_argument_group(
         "LoRA (merged into the weights for --to hf/mcore; exported alone for --to peft)"
     )
@@ -443,6 +463,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         vocab_divisible_by=args.make_vocab_size_divisible_by,
         norm_names=args.norm_names,
         mla_keys=args.mla_keys,
+        mm_keys=args.mm_keys,
+        vision_tp=args.vision_tp,
+        vision_layer_list=args.vision_layer_list,
         max_shard_size=args.max_shard_size,
         hf_config_dir=args.hf_config,
         ep=args.ep,

@@ -26,7 +26,7 @@ from ckpt_ir.ir.names import NameTable, Split, is_expert
 from ckpt_ir.ir.roles import split_rule
 from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.megatron import args as megatron_args
-from ckpt_ir.megatron import distopt
+from ckpt_ir.megatron import distopt, multimodal
 from ckpt_ir.megatron import keys as M
 from ckpt_ir.megatron import lift as lift_tail
 from ckpt_ir.megatron.lift import ArgReader, spec_from_args
@@ -185,6 +185,10 @@ def lift(
     te_norms = te_fc1 = te_mla = mcore_mla = False
     mtp_keys: set[str] = set()  # which of the namings of multi-token prediction (keys.MTP_NAMES)
     opt_meta: dict[str, Any] = {}
+    # a vision-language model: the naming its keys show, and its tower's keys (TP rank, stage,
+    # chunk, rank directory, expression), lifted once every rank file is read
+    namings: set[str] = set()
+    tower: dict[str, list[tuple[int, int, int, str, E.Expr]]] = defaultdict(list)
     training: dict[str, Any] = {
         "rng_state": {},
         "source_layout": (tp, pp, ep),
@@ -229,6 +233,12 @@ def lift(
                 if carry and state is not None and master is not None:
                     values.update({which: state[which][(ck, key)] for which in distopt.STATE_KEYS})
                 at_key, at_stage = key, p
+                if spec.vision is not None:
+                    module, at_key, naming = multimodal.module_of(key, None)
+                    namings.add(naming)
+                    if module == "vision":
+                        tower[key].append((t, p, chunk, os.path.dirname(rel), values[""]))
+                        continue
                 if no_args and (m := _NEGATIVE_LAYER.match(key)) is not None:
                     # MindSpeed-LLM's Mamba-2 converter at PP > 1 repeats earlier stages' layers
                     # under negative numbers: each one a copy of that layer, compared as such
@@ -313,6 +323,19 @@ def lift(
         for name, set_pieces in pieces.items()
     }
     tensors = sets.pop("", {})
+    if spec.vision is not None:
+        naming = multimodal.check_naming(namings, it_dir)
+        layout = multimodal.read_layout(layout, naming)
+        tower_tensors, tower_copies, tower_unknown = multimodal.lift_tower(
+            tower, spec, layout, it_dir, dropped
+        )
+        check_replicas(tower_copies, replicas, it_dir)
+        for key in tower_unknown:
+            if any(fnmatch.fnmatch(key, pat) for pat in allow_unused):
+                dropped[key] = f"matched {setting('allow_unused')}"
+            else:
+                unknown.append(key)
+        tensors.update(tower_tensors)
     if mcore_mla:  # the down-projections as the Megatron layout's fused attn.qkv_a
         for s in (tensors, *sets.values()):
             lift_tail.fuse_mla(spec, s)

@@ -17,6 +17,7 @@ from ckpt_ir.ir.layout import expert_owner, layer_slots, num_chunks
 from ckpt_ir.ir.names import Split, expert_of, role_of, split_layer
 from ckpt_ir.ir.rules import Stack, mla_rule
 from ckpt_ir.megatron import keys as M
+from ckpt_ir.megatron import multimodal
 
 
 @attrs.frozen
@@ -39,6 +40,9 @@ class Entry:
     ep: int | None = None
     grouped: str | None = None  # "weight1" / "weight2"
     part: Part | None = None
+    # a key packing several canonical tensors by this rule (keyed by their names): a vision tower
+    # kept in its HF form (Megatron-Bridge's Qwen2.5-VL: attn.qkv = [q; k; v]), whole on every rank
+    pack: Stack | None = None
 
 
 def entry_expr(tensors: dict[str, TensorNode], entry: Entry, rank: int, tp: int) -> E.Expr:
@@ -48,6 +52,8 @@ def entry_expr(tensors: dict[str, TensorNode], entry: Entry, rank: int, tp: int)
         return shard_expr(part, entry.part.split, tp)[rank] if entry.part.split and tp > 1 else part
     nodes = [tensors[c] for c in entry.canon]
     exprs = [t.shards[rank] if t.tp > 1 else t.shards[0] for t in nodes]
+    if entry.pack is not None:
+        return entry.pack.fuse(dict(zip(entry.canon, exprs)))
     return M.group_experts(entry.grouped, exprs) if entry.grouped else exprs[0]
 
 
@@ -171,6 +177,12 @@ def rank_content(
         # Megatron keeps a copy of the tied embedding on the last stage when PP > 1
         content[last].append(Entry("output_layer.weight", ("embed.weight",)))
     content[last].extend(Entry(key, (canon,)) for key, canon in M.HC_HEAD if canon in ckpt.tensors)
+    if spec.vision is not None:  # a vision-language model: its modules' prefixes, the tower's keys
+        prefix = multimodal.TEXT_PREFIX[layout.mm_keys]
+        for entries in list(content.values()):
+            entries[:] = [attrs.evolve(e, key=prefix + e.key) for e in entries]
+        for place, keys in multimodal.tower_keys(ckpt).items():
+            content[place][:0] = [Entry(key, canon, pack=pack) for key, canon, pack in keys]
     return content, where
 
 
