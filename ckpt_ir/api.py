@@ -174,7 +174,8 @@ class Target:
             if value is not None and value < 1:
                 raise UsageError(f"{setting(name)} must be at least 1, got {value}")
         for name, values, least in (
-            ("num_layer_list", self.num_layer_list, 1),
+            ("num_layer_list", self.num_layer_list, 0 if self.mm_keys == "mindspeed" else 1),
+            ("vision_layer_list", self.vision_layer_list or (), 0),
             ("noop_layers", self.noop_layers, 0),
         ):
             if values and min(values) < least:
@@ -384,6 +385,8 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
             steps.append(FuseGateUp())
         if vlm and mm_keys == "mindspeed" and not lay.vision_fused:
             steps.append(FuseVision())
+        if vlm and mm_keys != lay.mm_keys:  # before shard: MindSpeed-MM's layer lists may hold zeros
+            steps.append(RenameMm(keys=mm_keys))
         vision_tp = target.vision_tp or (target.tp if vlm and mm_keys == "mindspeed" else 1)
         rows = padding_rows(src)
         size = (
@@ -425,8 +428,6 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
             norm_names = "te" if mm_keys == "bridge" else "local"
         if norm_names and norm_names != lay.norm_names:
             renames.append(RenameNorms(names=norm_names))
-        if vlm and mm_keys != lay.mm_keys:
-            renames.append(RenameMm(keys=mm_keys))
         if target.mla_keys and target.mla_keys != lay.mla_keys:
             if not src.spec.mla:
                 raise UsageError(

@@ -55,10 +55,20 @@ CONFIGS = {
         text_config=TEXT, vision_config=dict(VISION, embed_dim=32, mlp_ratio=2, hidden_size=64), **TOKENS
     ),
 }
-# the Megatron layouts each family goes through (and back): TP, and PP with the tower on stage 0
+# MindSpeed-MM's layout (text_decoder.*, image_encoder.*, a layer count per module and stage)
+MM = dict(mm_keys="mindspeed")
+# the Megatron layouts each family goes through (and back): Megatron-Bridge's at TP, and PP with
+# the tower on stage 0; MindSpeed-MM's with the tower on stage 0 or split, and a first stage that
+# holds no language-model layer (its converter loses the last layers there)
 LAYOUTS: dict[str, tuple[dict, ...]] = {
-    "qwen2_5_vl": (dict(tp=1), dict(tp=2), dict(tp=2, pp=2)),
-    "qwen2_vl": (dict(tp=2, pp=2),),
+    "qwen2_5_vl": (
+        dict(tp=1),
+        dict(tp=2),
+        dict(tp=2, pp=2),
+        dict(MM, tp=2, pp=2, num_layer_list=(1, 1), vision_layer_list=(2, 0)),
+        dict(MM, pp=3, num_layer_list=(0, 1, 1), vision_layer_list=(2, 0, 0)),
+    ),
+    "qwen2_vl": (dict(tp=2, pp=2), dict(MM, tp=2, pp=2, num_layer_list=(1, 1), vision_layer_list=(1, 1))),
 }
 # side files a released Qwen2-VL directory carries, in both generations of transformers' names;
 # odd spacing and no final newline, so a rewrite would show
@@ -155,6 +165,9 @@ def test_hf_to_mcore_to_hf_bit_exact_with_same_image_logits(models, tmp_path, fa
             json.load(open(f"{back}/config.json"))["vision_config"]
             == json.load(open(f"{src}/config.json"))["vision_config"]
         )
+        if layout.get("mm_keys") == "mindspeed":
+            assert_mindspeed_mm_files(mid, hf, layout, json.load(open(f"{src}/config.json")))
+            continue
         # Megatron-Bridge's layout: the tower whole on every TP rank of stage 0, nowhere else
         for t in range(layout["tp"]):
             for p in range(layout.get("pp", 1)):
@@ -165,6 +178,52 @@ def test_hf_to_mcore_to_hf_bit_exact_with_same_image_logits(models, tmp_path, fa
                     assert torch.equal(sd[k], hf[k]), k
                 qkv_norm = "language_model.decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"
                 assert qkv_norm in sd, (t, p)
+
+
+def assert_mindspeed_mm_files(mid: str, hf: dict, layout: dict, cfg: dict) -> None:
+    """MindSpeed-MM's files (its checkpoint/vlm_model/hf_to_mm.py and converters/qwen2vl.py):
+    release/, no args; each module's layers where its list puts them, numbered from 0 on each
+    stage, its first / last tensors on its first / last stage with layers; the tower's qkv one head
+    after another ([q_h; k_h; v_h], its RelocateOp), split over TP by whole heads."""
+    assert open(f"{mid}/latest_checkpointed_iteration.txt").read() == "release"
+    tp, pp = layout.get("tp", 1), layout["pp"]
+    vision = cfg["vision_config"]
+    heads, width = vision["num_heads"], vision.get("embed_dim") or vision["hidden_size"]
+    modules = (
+        (
+            "text_decoder.decoder.layers.",
+            layout["num_layer_list"],
+            "text_decoder.embedding.",
+            "text_decoder.output_layer.",
+        ),
+        (
+            "image_encoder.encoder.blocks.layers.",
+            layout["vision_layer_list"],
+            "image_encoder.encoder.patch_embed.",
+            "image_encoder.projector.",
+        ),
+    )
+    # vision layer 1: on the stage its list puts it, as the stage's own layer number
+    counts = layout["vision_layer_list"]
+    stage = next(p for p in range(pp) if sum(counts[: p + 1]) > 1)
+    key = f"image_encoder.encoder.blocks.layers.{1 - sum(counts[:stage])}.self_attention.linear_qkv.weight"
+    qkv, d = hf["visual.blocks.1.attn.qkv.weight"], width // heads
+    per_head = torch.cat([qkv[part * width + h * d :][:d] for h in range(heads) for part in range(3)])
+    for t in range(tp):
+        models = {}
+        for p in range(pp):
+            obj = torch.load(f"{mid}/release/mp_rank_{t:02d}_{p:03d}/model_optim_rng.pt", weights_only=False)
+            assert list(obj) == ["model", "checkpoint_version"] and obj["checkpoint_version"] == 3.0
+            models[p] = obj["model"]
+        for prefix, counts, first, last in modules:
+            filled = [p for p, n in enumerate(counts) if n]
+            for p, sd in models.items():
+                assert {int(k[len(prefix) :].split(".")[0]) for k in sd if k.startswith(prefix)} == set(
+                    range(counts[p])
+                ), (prefix, p)
+                assert any(k.startswith(first) for k in sd) == (p == filled[0]), (first, p)
+                assert any(k.startswith(last) for k in sd) == (p == filled[-1]), (last, p)
+        assert torch.equal(models[stage][key], per_head.chunk(tp)[t])
 
 
 def test_the_image_reaches_the_logits(models, tmp_path):
@@ -201,3 +260,70 @@ def test_hf_to_hf_cast_and_reshard_through_megatron(models, tmp_path):
     convert(mid2, back, ck.Target(to="hf"))
     assert_same_tensors(src, back)
     assert_side_files(src, back)
+
+
+def mm_convert(method: str, *cfg: str) -> int:
+    from ckpt_ir.commands.cli import main
+
+    return main(["mm-convert", "Qwen2_5_VLConverter", method, *cfg])
+
+
+def layers(llm, vit, tp: int) -> list[str]:
+    return [
+        "--cfg.parallel_config.llm_pp_layers",
+        json.dumps(llm),
+        "--cfg.parallel_config.vit_pp_layers",
+        json.dumps(vit),
+        "--cfg.parallel_config.tp_size",
+        str(tp),
+    ]
+
+
+def test_mm_convert_is_a_drop_in_for_mindspeed_mm(models, tmp_path, capsys):
+    """``ckpt-ir mm-convert`` with MindSpeed-MM's arguments: nested lists (virtual chunks) one way,
+    flat ones back, the settings checked against the files; the way back bit-exact with the side
+    files of the HF directory."""
+    src = models("qwen2_5_vl")
+    mm, back = str(tmp_path / "mm"), str(tmp_path / "back")
+    assert (
+        mm_convert("hf_to_mm", "--cfg.mm_dir", mm, "--cfg.hf_config.hf_dir", src, *layers([[2]], [2], 1)) == 2
+    )
+    assert "--cfg.parallel_config.vit_pp_layers must be a list of lists" in capsys.readouterr().err
+    vpp = layers([[1, 0], [0, 1]], [[2, 0], [0, 0]], 1)
+    assert mm_convert("hf_to_mm", "--cfg.mm_dir", mm, "--cfg.hf_config.hf_dir", src, *vpp) == 0
+    obj = torch.load(f"{mm}/release/mp_rank_00_000/model_optim_rng.pt", weights_only=False)
+    assert list(obj) == ["model0", "model1", "checkpoint_version"]  # virtual chunk v: model<v>
+    assert (
+        any(k.startswith("image_encoder.") for k in obj["model0"])
+        and "text_decoder.embedding.word_embeddings.weight" in obj["model0"]
+    )
+    assert not any(k.startswith("image_encoder.") for k in obj["model1"])
+    flat = ("--cfg.save_hf_dir", back, "--cfg.mm_dir", mm, "--cfg.hf_config.hf_dir", src)
+    assert mm_convert("mm_to_hf", *flat, *layers([1, 0, 0, 1], [2, 0, 0, 0], 2)) == 2
+    assert "holds tp_size 1, but --cfg.parallel_config.tp_size is 2" in capsys.readouterr().err
+    assert mm_convert("mm_to_hf", *flat, *layers([1, 0, 0, 1], [2, 0, 0, 0], 1)) == 0
+    assert_same_tensors(src, back)
+    assert_side_files(src, back)
+
+
+def test_a_vocabulary_tp_does_not_divide_is_padded_not_cut(tmp_path):
+    """MindSpeed-MM cuts floor(V / TP) rows per rank and loses the rest; ckpt-ir pads to a multiple
+    of TP with copies of the last row (as Megatron-LM's tools pad) and trims them on the way back."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    cfg = dict(CONFIGS["qwen2_5_vl"], text_config=dict(TEXT, vocab_size=161))
+    src = str(tmp_path / "hf")
+    AutoModelForImageTextToText.from_config(AutoConfig.for_model("qwen2_5_vl", **cfg)).save_pretrained(src)
+    mm, back = str(tmp_path / "mm"), str(tmp_path / "back")
+    assert (
+        mm_convert("hf_to_mm", "--cfg.mm_dir", mm, "--cfg.hf_config.hf_dir", src, *layers([[2]], [[2]], 2))
+        == 0
+    )
+    embed = hf_state(src)["model.embed_tokens.weight"]
+    padded = torch.cat([embed, embed[-1:]])
+    for t in range(2):
+        sd = torch.load(f"{mm}/release/mp_rank_{t:02d}/model_optim_rng.pt", weights_only=False)["model"]
+        assert torch.equal(sd["text_decoder.embedding.word_embeddings.weight"], padded.chunk(2)[t])
+    flat = ("--cfg.save_hf_dir", back, "--cfg.mm_dir", mm, "--cfg.hf_config.hf_dir", src)
+    assert mm_convert("mm_to_hf", *flat, *layers([2], [2], 2)) == 0
+    assert_same_tensors(src, back)

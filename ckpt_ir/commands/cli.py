@@ -373,8 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     from ckpt_ir.commands.mindspeed import add_parser as add_mindspeed
+    from ckpt_ir.commands.mm_convert import add_parser as add_mm_convert
 
     add_mindspeed(sub)
+    add_mm_convert(sub)
     for command in sub.choices.values():  # every command imports user passes and families
         add_plugin_flag(command)
     return p
@@ -607,6 +609,12 @@ def cmd_convert_ckpt(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_mm_convert(args: argparse.Namespace) -> int:
+    from ckpt_ir.commands.mm_convert import run
+
+    return run(args)
+
+
 COMMANDS = {
     "convert": cmd_convert,
     "inspect": cmd_inspect,
@@ -617,6 +625,7 @@ COMMANDS = {
     "models": cmd_models,
     "demo": cmd_demo,
     "convert-ckpt": cmd_convert_ckpt,
+    "mm-convert": cmd_mm_convert,
 }
 
 if __name__ == "__main__":  # pragma: no cover

@@ -129,7 +129,31 @@ register(
         constants=(("qkv_bias", True),),
         text_config="text_config",
         towers=(QWEN25_TOWER,),
-        tested=Tested(round_trip=("--tp 1 --pp 1", "--tp 2", "--tp 2 --pp 2"), mcore_missing=NO_MCORE),
+        tested=Tested(
+            round_trip=(
+                "--tp 1 --pp 1",
+                "--tp 2",
+                "--tp 2 --pp 2",
+                "--tp 2 --pp 2 --num-layer-list 1,1 --mm-keys mindspeed --vision-layer-list 2,0",
+                "--pp 3 --num-layer-list 0,1,1 --mm-keys mindspeed --vision-layer-list 2,0,0",
+            ),
+            mcore_missing=NO_MCORE,
+            mindspeed=(
+                *((case, "identical") for case in ("qwen25vl-tp1", "qwen25vl-tp2", "qwen25vl-tp2pp2")),
+                ("qwen25vl-pp2-vit-split", "identical"),
+                ("qwen25vl-vpp2", "identical"),
+                (
+                    "qwen25vl-llm-first-stage-empty",
+                    "identical to MindSpeed-MM's files of llm [[1,1]] one stage later; its own lose the "
+                    "last layer, the final norm and the output layer",
+                ),
+                (
+                    "qwen25vl-vocab-odd-tp2",
+                    "identical but the embedding and output layer, padded to 162 rows where MindSpeed-MM "
+                    "keeps 160 of 161",
+                ),
+            ),
+        ),
     )
 )
 register(
@@ -143,6 +167,13 @@ register(
         constants=(("qkv_bias", True),),
         text_config="text_config",
         towers=(QWEN2_TOWER,),
-        tested=Tested(round_trip=("--tp 2 --pp 2",), mcore_missing=NO_MCORE),
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --pp 2",
+                "--tp 2 --pp 2 --num-layer-list 1,1 --mm-keys mindspeed --vision-layer-list 1,1",
+            ),
+            mcore_missing=NO_MCORE,
+            mindspeed=(("qwen2vl-tp2pp2", "identical"),),
+        ),
     )
 )

@@ -77,13 +77,15 @@ class Layout:
                 f"layout: {setting('noop_layers')} and {setting('num_layer_list')} cannot be combined "
                 f"(Megatron rejects it)"
             )
+        # MindSpeed-MM's per-module lists: a count per stage of each virtual chunk, stages with none
+        mm = self.mm_keys == "mindspeed"
         if self.num_layer_list is not None:
-            if len(self.num_layer_list) != self.pp:
+            if len(self.num_layer_list) != self.pp and not (mm and len(self.num_layer_list) % self.pp == 0):
                 raise LayoutError(
                     f"layout: {setting('num_layer_list')} has {len(self.num_layer_list)} entries but "
                     f"pipeline parallel size is {self.pp}; give one layer count per stage"
                 )
-            if any(n < 1 for n in self.num_layer_list):
+            if any(n < (0 if mm else 1) for n in self.num_layer_list):
                 raise LayoutError(
                     f"layout: {setting('num_layer_list', self.num_layer_list)} has a stage with no layers"
                 )
@@ -182,6 +184,8 @@ def mcore_num_layers(spec: ModelSpec, layout: Layout) -> int:
 
 
 def num_chunks(spec: ModelSpec, layout: Layout) -> int:
+    if layout.num_layer_list is not None and len(layout.num_layer_list) > layout.pp:
+        return len(layout.num_layer_list) // layout.pp  # MindSpeed-MM's lists: one per chunk
     if layout.vpp_layers is None:
         return 1
     return mcore_num_layers(spec, layout) // (layout.pp * layout.vpp_layers)
@@ -310,6 +314,10 @@ def _validate_vision(spec: ModelSpec, layout: Layout) -> None:
             raise LayoutError(f"layout: {spec.family} has no vision tower; its vision settings do not apply")
         return
     t = layout.vision_tp
+    if t not in (1, layout.tp):
+        raise LayoutError(
+            f"layout: the vision tower's tensor parallel size {t} must be 1 or the TP size {layout.tp}"
+        )
     if t > 1:
         sizes = {"heads": vision.num_heads, "MLP width": vision.ffn_hidden_size}
         if vision.merger_size:
@@ -321,11 +329,12 @@ def _validate_vision(spec: ModelSpec, layout: Layout) -> None:
                     f"{t}; choose a TP that divides it"
                 )
     if layout.vision_layer_list is not None:
-        counts = layout.vision_layer_list
-        if len(counts) % layout.pp or sum(counts) != vision.num_layers or any(n < 0 for n in counts):
+        counts, places = layout.vision_layer_list, layout.pp * num_chunks(spec, layout)
+        if len(counts) != places or sum(counts) != vision.num_layers or any(n < 0 for n in counts):
             raise LayoutError(
-                f"layout: vision layer list {','.join(map(str, counts))} must give each of the {layout.pp} "
-                f"pipeline stages (of each virtual chunk) a count, {vision.num_layers} vision layers in all"
+                f"layout: vision layer list {','.join(map(str, counts))} must give each of the {places} "
+                f"pipeline places ({layout.pp} stages x virtual chunks) a count, {vision.num_layers} vision "
+                f"layers in all"
             )
 
 
@@ -383,9 +392,10 @@ def layer_slots(spec: ModelSpec, layout: Layout) -> list[LayerSlot]:
     else:
         counts = layout.num_layer_list or (total // layout.pp,) * layout.pp
         g = 0
-        for stage, n in enumerate(counts):
+        for flat, n in enumerate(counts):  # stage after stage (chunk after chunk: MindSpeed-MM's lists)
+            chunk, stage = divmod(flat, layout.pp)
             for local in range(n):
-                where[g] = (stage, 0, local)
+                where[g] = (stage, chunk, local)
                 g += 1
     slots, real = [], 0
     for g in range(total):
@@ -396,6 +406,20 @@ def layer_slots(spec: ModelSpec, layout: Layout) -> list[LayerSlot]:
             slots.append(LayerSlot(g, real, stage, chunk, local))
             real += 1
     return slots
+
+
+def text_ends(spec: ModelSpec, layout: Layout) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The (stage, chunk) holding the language model's embedding and the one holding its final
+    norm and output layer: the first and last pipeline places (MindSpeed-MM's lists: the first
+    and last with layers, chunk after chunk; its converter misplaces them when the first has
+    none)."""
+    counts = layout.num_layer_list
+    chunks = num_chunks(spec, layout)
+    if counts is None or all(counts):
+        return (0, 0), (layout.pp - 1, chunks - 1)
+    filled = [f for f, n in enumerate(counts) if n]
+    (c0, s0), (c1, s1) = divmod(filled[0], layout.pp), divmod(filled[-1], layout.pp)
+    return (s0, c0), (s1, c1)
 
 
 def padded_size(vocab: int, divisible_by: int, tp: int) -> int:

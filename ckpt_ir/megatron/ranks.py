@@ -13,7 +13,7 @@ from ckpt_ir.errors import LayoutError, VerifyError, setting
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.blocks import is_hybrid
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode, shard_expr
-from ckpt_ir.ir.layout import expert_owner, layer_slots, num_chunks
+from ckpt_ir.ir.layout import expert_owner, layer_slots, text_ends
 from ckpt_ir.ir.names import Split, expert_of, role_of, split_layer
 from ckpt_ir.ir.rules import Stack, mla_rule
 from ckpt_ir.megatron import keys as M
@@ -65,7 +65,6 @@ def rank_content(
     spec, layout = ckpt.spec, ckpt.layout
     slots = layer_slots(spec, layout)
     where = {s.real: s for s in slots if s.real is not None}
-    chunks = num_chunks(spec, layout)
     mcore_mla = spec.mla and layout.mla_keys == "mcore"
     table = M.spec_layer_table(layout.norm_names, spec, layout.mla_keys)
     order = M.role_order(spec, layout.mla_keys)
@@ -96,10 +95,10 @@ def rank_content(
         if layer is not None:
             for role in parts if parts and rest == "attn.qkv_a.weight" else (role_of(name),):
                 by_layer[layer][role].append(name)
-    last = (layout.pp - 1, chunks - 1)
+    first, last = text_ends(spec, layout)
     if "embed.weight" in ckpt.tensors:
-        content[(0, 0)].append(Entry("embedding.word_embeddings.weight", ("embed.weight",)))
-    content[(0, 0)].extend(Entry(key, (canon,)) for key, canon in M.PRE_LAYERS[1:] if canon in ckpt.tensors)
+        content[first].append(Entry("embedding.word_embeddings.weight", ("embed.weight",)))
+    content[first].extend(Entry(key, (canon,)) for key, canon in M.PRE_LAYERS[1:] if canon in ckpt.tensors)
     known = (
         set(order)
         | {f"layers.{{i}}.{c}" for _, c in (*M.MTP_KEYS, *M.MTP_HC_HEAD)}

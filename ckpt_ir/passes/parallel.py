@@ -28,7 +28,9 @@ class Shard(Pass):
     pp: int = option(1, help="pipeline parallel size", allowed=at_least(1))
     vpp_layers: int | None = option(None, help="layers per virtual pipeline stage", allowed=at_least(1))
     num_layer_list: tuple[int, ...] | None = option(
-        None, help="layers per pipeline stage, e.g. 2,6", allowed=at_least(1)
+        None,
+        help="layers per pipeline stage, e.g. 2,6 (MindSpeed-MM's layout: per stage of each virtual chunk, 0 allowed)",
+        allowed=at_least(0),
     )
     ep: int = option(1, help="expert parallel size (MoE)", allowed=at_least(1))
     etp: int | None = option(
