@@ -384,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["mm-convert"]:  # MindSpeed-MM's --cfg.<field> VALUE arguments
+        from ckpt_ir.commands.mm_convert import argv as mm_argv
+
+        argv = mm_argv(argv)
     debug = "--debug" in argv
     try:
         with command_line():  # errors name flags (--overwrite), not Python keywords

@@ -73,26 +73,32 @@ def add_parser(sub) -> None:
         help="replace a non-empty output directory that holds a checkpoint and nothing else",
     )
     p.add_argument(
-        "cfg", nargs=argparse.REMAINDER, help="--cfg.<field>[.<field>] VALUE, as MindSpeed-MM takes them"
+        "--cfg",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("FIELD", "VALUE"),
+        help="given as --cfg.<field>[.<field>] VALUE (or =VALUE), as MindSpeed-MM takes them",
     )
 
 
-def parse_cfg(words: list[str]) -> dict[str, Any]:
-    """``--cfg.a.b VALUE`` (or ``--cfg.a.b=VALUE``) pairs as {``a.b``: value}; a value is JSON
-    (``[[1,9]]``, ``2``), ``true`` / ``false`` in any case, or else the text itself."""
-    out: dict[str, Any] = {}
-    words = list(words)
-    while words:
-        word = words.pop(0)
-        if not word.startswith("--cfg."):
-            raise UsageError(f"mm-convert: expected --cfg.<field> VALUE, got {word!r}")
-        key, eq, value = word[len("--cfg.") :].partition("=")
-        if not eq:
-            if not words:
-                raise UsageError(f"mm-convert: --cfg.{key} needs a value")
-            value = words.pop(0)
-        out[key] = _value(value)
+def argv(words: list[str]) -> list[str]:
+    """The command line with MindSpeed-MM's ``--cfg.a.b VALUE`` / ``--cfg.a.b=VALUE`` spelled as
+    ``--cfg a.b VALUE``, which the parser takes."""
+    out: list[str] = []
+    for word in words:
+        if word.startswith("--cfg."):
+            key, eq, value = word[len("--cfg.") :].partition("=")
+            out += ["--cfg", key, *([value] if eq else [])]
+        else:
+            out.append(word)
     return out
+
+
+def parse_cfg(pairs: list[list[str]]) -> dict[str, Any]:
+    """(field, value) pairs as {field: value}; a value is JSON (``[[1,9]]``, ``2``), ``true`` /
+    ``false`` in any case, or else the text itself."""
+    return {key: _value(value) for key, value in pairs}
 
 
 def _value(text: str) -> Any:

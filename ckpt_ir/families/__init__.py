@@ -392,7 +392,9 @@ class Family:
         by those names; None for a tensor of its own), in the order of ``names``.  A name no table
         row gives an HF name is a FormatError."""
         names = list(names)
-        table, out, done = self.names, [], set()
+        table = self.names
+        out: list[tuple[str, tuple[str, ...], Stack | None]] = []
+        done: set[str] = set()
         packs = [(p, template_pattern(p.parts[0])) for p in self.packed]
         for name in names:
             if name in done:
@@ -529,8 +531,9 @@ class Family:
         cfg["model_type"] = (
             cfg.get("model_type") if cfg.get("model_type") in self.model_types else self.model_types[0]
         )
-        nested = self.text_config and isinstance(cfg.get(self.text_config), dict)
-        text = dict(cfg[self.text_config]) if nested else cfg
+        key_of_text = self.text_config
+        nested = key_of_text is not None and isinstance(cfg.get(key_of_text), dict)
+        text = dict(cfg[key_of_text]) if key_of_text is not None and nested else cfg
         dtype = hf_config_name(spec.dtype)
         for key in self.config:
             name = key.write_key({**cfg, **text})
@@ -546,8 +549,8 @@ class Family:
                     _write_key(sub, name, key, tower_spec)
             cfg[tower.config_key] = sub
             subs.append(sub)
-        if nested:
-            cfg[self.text_config] = text  # type: ignore[index]
+        if key_of_text is not None and nested:
+            cfg[key_of_text] = text
         cfg["dtype" if "torch_dtype" not in cfg else "torch_dtype"] = dtype
         for sub in subs:  # transformers 5 writes the dtype into each sub-config too
             for k in ("dtype", "torch_dtype"):

@@ -344,7 +344,7 @@ def vision_slots(spec: ModelSpec, layout: Layout) -> list[tuple[int, int, int]]:
     vision = spec.vision
     assert vision is not None
     counts = layout.vision_layer_list or (vision.num_layers,)
-    out = []
+    out: list[tuple[int, int, int]] = []
     for flat, n in enumerate(counts):
         chunk, stage = divmod(flat, layout.pp) if layout.vision_layer_list else (0, 0)
         out.extend((stage, chunk, local) for local in range(n))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from ckpt_ir.errors import FormatError, VerifyError
 from ckpt_ir.ir import expr as E
@@ -30,6 +30,7 @@ from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.layout import Layout, vision_slots
 from ckpt_ir.ir.names import NameTable, split_layer
 from ckpt_ir.ir.roles import split_rule
+from ckpt_ir.ir.rules import Stack
 from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.megatron import keys as M
 
@@ -68,7 +69,7 @@ def _ends(counts: Iterable[int], pp: int) -> tuple[tuple[int, int], tuple[int, i
 
 def vision_keys(
     ckpt: Checkpoint, names: list[str]
-) -> dict[tuple[int, int], list[tuple[str, tuple[str, ...], None]]]:
+) -> dict[tuple[int, int], list[tuple[str, tuple[str, ...], Stack | None]]]:
     """(stage, chunk) -> the vision tower's keys there: its layers where the vision layer list puts
     them (numbered from 0 on each), the patch embedding on the first place with vision layers, the
     projector on the last."""
@@ -78,7 +79,7 @@ def vision_keys(
     slots = vision_slots(spec, layout)
     first, last = _ends(layout.vision_layer_list or (vision.num_layers,), layout.pp)
     table = layer_table(vision)
-    out: dict[tuple[int, int], list[tuple[str, tuple[str, ...], None]]] = defaultdict(list)
+    out: dict[tuple[int, int], list[tuple[str, tuple[str, ...], Stack | None]]] = defaultdict(list)
     for name in names:
         layer, rest = split_layer(name[len("vision.") :])
         if layer is not None:
@@ -147,7 +148,7 @@ def lift_vision(
     return tensors, copies, unknown
 
 
-def scan_counts(chunks_keys: dict[tuple[int, int], Iterable[str]], pp: int) -> tuple[list[int], list[int]]:
+def scan_counts(chunks_keys: Mapping[tuple[int, int], Iterable[str]], pp: int) -> tuple[list[int], list[int]]:
     """The language model's and the vision tower's layer counts per place (flattened chunk after
     chunk), read off the keys of TP rank 0's rank files: (stage, chunk) -> keys."""
     chunks = 1 + max(c for _, c in chunks_keys)
