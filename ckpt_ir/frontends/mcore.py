@@ -85,7 +85,7 @@ def lift(
     if not isinstance(first.obj, dict):
         raise FormatError(f"{first.path}: not a Megatron checkpoint dict")
     no_args = first.obj.get("args") is None and bool(distopt.chunk_keys(first.obj))
-    if no_args and hf_config is None:  # rank files ckpt-ir wrote without args keep it in hf/
+    if no_args and hf_config is None and _mindspeed_mm_keys(first):  # ckpt-ir keeps the config in hf/
         own = os.path.join(os.path.dirname(os.path.abspath(it_dir)), M.MCORE_HF_DIR, "config.json")
         if os.path.isfile(own):
             hf_config, config_name = _json_object(own), own
@@ -609,6 +609,13 @@ def _mm_layout(
         "vision_fused": True,
         "padded_vocab": rows if rows > spec.vocab_size else None,  # padded to split over TP
     }
+
+
+def _mindspeed_mm_keys(z: TorchZip) -> bool:
+    """Whether a rank file holds a vision-language model under MindSpeed-MM's names (files without
+    args, whose model ckpt-ir reads from the hf/ folder it writes beside them)."""
+    prefixes = (mindspeed_mm.TEXT, mindspeed_mm.IMAGE)
+    return any(k.startswith(prefixes) for ck in distopt.chunk_keys(z.obj) for k, _ in iter_tensors(z.obj[ck]))
 
 
 def _json_object(path: str) -> dict[str, Any]:
