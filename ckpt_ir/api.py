@@ -26,10 +26,10 @@ from ckpt_ir.backends.plan import Plan
 from ckpt_ir.errors import UsageError, setting
 from ckpt_ir.frontends import load
 from ckpt_ir.ir.checkpoint import Checkpoint
-from ckpt_ir.ir.layout import GDN_KEYS, MLA_KEYS, Layout, has_gdn_modules
-from ckpt_ir.passes.carry import DropOptimizerState, RenameMla, RenameNorms
+from ckpt_ir.ir.layout import GDN_KEYS, MLA_KEYS, MM_KEYS, Layout, has_gdn_modules
+from ckpt_ir.passes.carry import DropOptimizerState, RenameMla, RenameMm, RenameNorms
 from ckpt_ir.passes.cast import CastPass, DequantizePass
-from ckpt_ir.passes.fusion import FuseGateUp, FuseQKV, UnfuseGateUp, UnfuseQKV
+from ckpt_ir.passes.fusion import FuseGateUp, FuseQKV, FuseVision, UnfuseGateUp, UnfuseQKV, UnfuseVision
 from ckpt_ir.passes.layers import DropMtp
 from ckpt_ir.passes.lora import AttachLora, LoraMerge
 from ckpt_ir.passes.manager import (
@@ -105,6 +105,13 @@ class Target:
     MindSpeed-LLM does (``"drop"``); ``mtp_layers``: multi-token-prediction layers to keep (None:
     all).
 
+    A vision-language model to Megatron: ``mm_keys``, whose names (``"bridge"``: Megatron-Bridge's,
+    the language model under ``language_model.`` with Transformer Engine's norm names and the
+    vision tower as its bridge keeps it; ``"mindspeed"``: MindSpeed-MM's ``text_decoder.`` /
+    ``image_encoder.``; None keeps the source's, Megatron-Bridge's for an HF source);
+    ``vision_tp``, the tower's TP size (None: 1 with bridge, ``tp`` with mindspeed);
+    ``vision_layer_list``, its layers per pipeline stage (None: all on stage 0).
+
     HF output: ``max_shard_size`` (bytes per safetensors file, default 5 GB); ``hf_config_dir``
     (config.json, tokenizer and side files from that directory); ``quantize="fp8"`` writes
     block-scaled FP8 weights in tiles of ``quant_block_size`` with ``quant_scale_fmt``
@@ -147,6 +154,12 @@ class Target:
     quantize: str | None = None
     quant_block_size: int = 128
     quant_scale_fmt: str = "float"
+    # a vision-language model's Megatron layout: whose names (None: the source's; an HF source:
+    # Megatron-Bridge's), the tower's TP size (None: 1 with Megatron-Bridge's names, tp with
+    # MindSpeed-MM's) and its layers per pipeline stage (None: all on stage 0)
+    mm_keys: str | None = None
+    vision_tp: int | None = None
+    vision_layer_list: tuple[int, ...] | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.to not in ("hf", "mcore", "peft"):
@@ -165,13 +178,26 @@ class Target:
             if value is not None and value < 1:
                 raise UsageError(f"{setting(name)} must be at least 1, got {value}")
         for name, values, least in (
-            ("num_layer_list", self.num_layer_list, 1),
+            ("num_layer_list", self.num_layer_list, 0 if self.mm_keys == "mindspeed" else 1),
+            ("vision_layer_list", self.vision_layer_list or (), 0),
             ("noop_layers", self.noop_layers, 0),
         ):
             if values and min(values) < least:
                 raise UsageError(
                     f"{setting(name)} entries must be at least {least}, got {','.join(map(str, values))}"
                 )
+        if self.mm_keys not in (None, *MM_KEYS):
+            raise UsageError(f"{setting('mm_keys', self.mm_keys)}: choose {' or '.join(MM_KEYS)}")
+        if (self.mm_keys or self.vision_tp or self.vision_layer_list) and self.to != "mcore":
+            raise UsageError(
+                f"{setting('mm_keys')} / {setting('vision_tp')} / {setting('vision_layer_list')} apply only "
+                f"with {setting('to', 'mcore')}"
+            )
+        if self.mm_keys == "bridge" and (self.vision_tp or 1) > 1:
+            raise UsageError(
+                f"{setting('vision_tp', self.vision_tp)}: Megatron-Bridge's names ({setting('mm_keys', 'bridge')}) "
+                f"keep the vision tower whole on every TP rank; use {setting('mm_keys', 'mindspeed')}"
+            )
         if self.mla_keys not in (None, *MLA_KEYS):
             raise UsageError(f"{setting('mla_keys', self.mla_keys)}: choose {' or '.join(MLA_KEYS)}")
         if self.mla_keys and (self.to != "mcore" or self.ckpt_format != "torch"):
@@ -284,11 +310,22 @@ def attach_lora(base: Checkpoint, path: str) -> Checkpoint:
     return run(base, [*steps, AttachLora(path=path)])
 
 
-def _normalise(lay: Layout, *, unfuse: bool, keep_grouped: bool = False, unpad: bool = True) -> list[Pass]:
+def _normalise(
+    lay: Layout, *, unfuse: bool, keep_grouped: bool = False, unpad: bool = True, unfuse_vision: bool = False
+) -> list[Pass]:
     """Steps from any layout to the whole, canonical one (gathered, no no-op layers; no vocabulary
-    padding when ``unpad``; unfused when ``unfuse``)."""
+    padding when ``unpad``; unfused when ``unfuse``, a vision tower also when ``unfuse_vision``)."""
     steps: list[Pass] = []
-    if lay.tp > 1 or lay.pp > 1 or lay.vpp_layers or lay.num_layer_list or lay.ep > 1 or lay.etp is not None:
+    if (
+        lay.tp > 1
+        or lay.pp > 1
+        or lay.vpp_layers
+        or lay.num_layer_list
+        or lay.ep > 1
+        or lay.etp is not None
+        or lay.vision_tp > 1
+        or lay.vision_layer_list
+    ):
         steps.append(Gather())
     if lay.grouped_gemm and not keep_grouped:
         steps.append(UngroupExperts())
@@ -300,6 +337,8 @@ def _normalise(lay: Layout, *, unfuse: bool, keep_grouped: bool = False, unpad: 
         steps.append(UnfuseGateUp())
     if unfuse and lay.fused_qkv:
         steps.append(UnfuseQKV())
+    if (unfuse or unfuse_vision) and lay.vision_fused:
+        steps.append(UnfuseVision())
     return steps
 
 
@@ -324,7 +363,20 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
     if not peft_adapter:  # a Megatron adapter shares the base's layout
         steps += attach
     unfuse = target.to in ("hf", "peft") or peft_adapter
-    steps += _normalise(lay, unfuse=unfuse, keep_grouped=to_mcore and target.grouped_gemm, unpad=not to_mcore)
+    vlm = src.spec.vision is not None
+    if not vlm and (target.mm_keys or target.vision_tp or target.vision_layer_list):
+        raise UsageError(
+            f"{setting('mm_keys')} / {setting('vision_tp')} / {setting('vision_layer_list')}: {src.spec.family} "
+            f"has no vision tower; leave them out"
+        )
+    mm_keys = target.mm_keys or lay.mm_keys
+    steps += _normalise(
+        lay,
+        unfuse=unfuse,
+        keep_grouped=to_mcore and target.grouped_gemm,
+        unpad=not to_mcore,
+        unfuse_vision=mm_keys == "bridge",  # Megatron-Bridge keeps Qwen2.5-VL's tower in its HF form
+    )
     fused_qkv, fused_gate_up = (False, False) if unfuse else (lay.fused_qkv, lay.fused_gate_up)
     gdn = default_gdn_keys(src, target) if to_mcore and _has_gdn(src) else None
     if target.gdn_keys and not gdn and target.gdn_keys != lay.gdn_keys:
@@ -353,6 +405,11 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
             steps.append(FuseQKV(gdn=gdn))
         if not fused_gate_up:
             steps.append(FuseGateUp())
+        if vlm and mm_keys == "mindspeed" and not lay.vision_fused:
+            steps.append(FuseVision())
+        if vlm and mm_keys != lay.mm_keys:  # before shard: MindSpeed-MM's layer lists may hold zeros
+            steps.append(RenameMm(keys=mm_keys))
+        vision_tp = target.vision_tp or (target.tp if vlm and mm_keys == "mindspeed" else 1)
         rows = padding_rows(src)
         size = (
             padded_size(src.spec.vocab_size, target.vocab_divisible_by, target.tp)
@@ -365,7 +422,15 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
             steps.append(InsertNoopLayers(layers=target.noop_layers))
         if target.grouped_gemm and not lay.grouped_gemm:
             steps.append(GroupExperts())
-        if target.tp > 1 or target.pp > 1 or target.vpp_layers or target.num_layer_list or target.ep > 1:
+        if (
+            target.tp > 1
+            or target.pp > 1
+            or target.vpp_layers
+            or target.num_layer_list
+            or target.ep > 1
+            or vision_tp > 1
+            or target.vision_layer_list
+        ):
             steps.append(
                 Shard(
                     tp=target.tp,
@@ -374,12 +439,17 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
                     num_layer_list=target.num_layer_list,
                     ep=target.ep,
                     etp=None if target.etp == target.tp else target.etp,
+                    vision_tp=vision_tp,
+                    vision_layer_list=target.vision_layer_list,
                 )
             )
         renames: list[Pass] = []
         norm_names = target.norm_names
         if norm_names is None and gdn == "mcore" and lay.gdn_keys != "mcore":
             norm_names = "te"  # megatron-core builds GatedDeltaNet models with Transformer Engine only
+        elif norm_names is None and vlm and (mm_keys == "mindspeed" or lay.kind == "hf"):
+            # Megatron-Bridge's language model has Transformer Engine's names; MindSpeed-MM's local ones
+            norm_names = "te" if mm_keys == "bridge" else "local"
         if norm_names and norm_names != lay.norm_names:
             renames.append(RenameNorms(names=norm_names))
         if target.mla_keys and target.mla_keys != lay.mla_keys:

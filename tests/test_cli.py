@@ -408,6 +408,7 @@ EVERY_COMMAND = [
     ["models"],
     ["demo"],
     ["convert-ckpt", "--load-dir", "a", "--save-dir", "b"],
+    ["mm-convert", "Qwen2_5_VLConverter", "hf_to_mm", "--cfg.mm_dir", "b"],
 ]
 
 

@@ -6,7 +6,8 @@ the test cases that make them, read from the test modules' own case tables:
   parametrized MTP round trips and ``test_moe``'s property test;
 * megatron-core logits: the ``CASES`` of the oracle modules (``test_megatron_*oracle.py``) and the
   remote-code families' ``ORACLE``;
-* MindSpeed: the cases of ``bench/peers/mindspeed_v2.py`` (run by hand; the result is the claim).
+* MindSpeed: the cases of ``bench/peers/mindspeed_v2.py`` (MindSpeed-LLM) and
+  ``bench/peers/mindspeed_mm.py`` (MindSpeed-MM), run by hand; the result is the claim.
 
 A claim with no test case fails, and so does a test case no claim names.  The transformers
 coverage report (docs/coverage.md) and the matrix in docs/families.md must be what
@@ -40,8 +41,19 @@ FLAGS = {
     "ckpt_format": "--ckpt-format",
     "mla_keys": "--mla-keys",
     "gdn_keys": "--gdn-keys",
+    "mm_keys": "--mm-keys",
+    "vision_tp": "--vision-tp",
+    "vision_layer_list": "--vision-layer-list",
 }
-DEFAULTS = {"tp": 1, "pp": 1, "ep": 1, "grouped_gemm": False, "ckpt_format": "torch", "mla_keys": "mindspeed"}
+DEFAULTS = {
+    "tp": 1,
+    "pp": 1,
+    "ep": 1,
+    "grouped_gemm": False,
+    "ckpt_format": "torch",
+    "mla_keys": "mindspeed",
+    "mm_keys": "bridge",
+}
 
 
 def layout(target: Mapping) -> str:
@@ -79,9 +91,9 @@ def from_flags(flags: Iterable[str]) -> str:
         value = words.pop(0)
         target[field] = (
             tuple(int(v) for v in value.split(","))
-            if field in ("num_layer_list", "noop_layers")
+            if field in ("num_layer_list", "noop_layers", "vision_layer_list")
             else value
-            if field in ("norm_names", "ckpt_format", "mla_keys", "gdn_keys")
+            if field in ("norm_names", "ckpt_format", "mla_keys", "gdn_keys", "mm_keys")
             else int(value)
         )
     return layout(target)
@@ -127,6 +139,7 @@ def observed_round_trips() -> dict[str, set[str]]:
         "dsv4",
         "split_layers",
         "variants",
+        "vlm",
     ):
         for family, targets in _module(f"test_families_{name}").LAYOUTS.items():
             for target in targets:
@@ -190,6 +203,13 @@ def observed_mindspeed() -> dict[str, set[str]]:
         out.setdefault(by_name(ms_name).name, set()).add(case)
     for case in bench.MAMBA2_CASES:  # MindSpeed-LLM's dedicated Mamba-2 converter
         out.setdefault("mamba2", set()).add(case)
+    # MindSpeed-MM's converter (vision-language models), bench/peers/mindspeed_mm.py
+    spec = importlib.util.spec_from_file_location("mindspeed_mm_bench", f"{ROOT}/bench/peers/mindspeed_mm.py")
+    assert spec is not None and spec.loader is not None
+    mm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mm)
+    for case, (model_type, *_) in mm.CASES.items():
+        out.setdefault(by_name(model_type).name, set()).add(case)
     return out
 
 

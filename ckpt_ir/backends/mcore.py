@@ -59,6 +59,16 @@ def plan(
         hf_naming=ckpt.meta.get("hf_naming"),
     )
     it = iteration if iteration is not None else ckpt.meta.get("iteration", 1)
+    # MindSpeed-MM's rank files (hf_to_mm.py save_by_vpp): the model and checkpoint_version only,
+    # under release/; its loader reads nothing else
+    mm = spec.vision is not None and layout.mm_keys == "mindspeed"
+    if mm:
+        it = "release"
+        if ckpt.states:
+            raise VerifyError(
+                f"MindSpeed-MM's rank files ({setting('mm_keys', 'mindspeed')}) hold no optimizer state; pass "
+                f"{setting('optimizer', False)} to leave it out"
+            )
     optim = OptimizerOutput(ckpt, dp) if ckpt.states else None
     if optim is not None:
         args = optim.args(args)
@@ -92,7 +102,10 @@ def plan(
                 models[model_key] = sd
             obj = {"args": args, "checkpoint_version": 3.0, "iteration": it, **models}
             rank_dir = f"{M.iter_dir(it)}/{M.rank_dir(rank, stage, layout, ep, layout.ep)}"
-            obj.update(training.entries((rank, stage, ep), tensors))
+            if mm:
+                obj = {**models, "checkpoint_version": 3.0}
+            else:
+                obj.update(training.entries((rank, stage, ep), tensors))
             if optim is not None:
                 obj.update(optim.training_entries(tensors))
                 chunk_entries = [of_ep[(c, ep)] for c in range(chunks)]

@@ -40,7 +40,7 @@ import os
 
 from ckpt_ir.backends.mcore import hf_folder, placeholders
 from ckpt_ir.backends.plan import OutputFile, Plan
-from ckpt_ir.errors import VerifyError, setting
+from ckpt_ir.errors import UsageError, VerifyError, setting
 from ckpt_ir.families import by_name
 from ckpt_ir.io.safe_pickle import TorchDtype
 from ckpt_ir.io.side_files import is_tokenizer_file, side_file_name
@@ -72,6 +72,11 @@ def check_whole(ckpt: Checkpoint, fmt: str) -> None:
     """Output in ``fmt`` (torch_dist, fsdp_dtensor) holds whole tensors, resharded on load: the IR
     must be one whole, fused Megatron layout without unmerged LoRA."""
     spec, layout = ckpt.spec, ckpt.layout
+    if spec.vision is not None:  # its tables hold no vision tower: refused rather than lost
+        raise UsageError(
+            f"{setting('ckpt_format', fmt)}: this version writes a vision-language model ({spec.family}) to "
+            f"Megatron in the torch format only; leave out {setting('ckpt_format', fmt)}"
+        )
     if (
         layout.tp != 1
         or layout.pp != 1

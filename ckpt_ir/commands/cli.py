@@ -254,6 +254,26 @@ def build_parser() -> argparse.ArgumentParser:
         "zero-centred (the HF norm - 1), gated linear_qkv = [q heads; gates; k; v] per group); default "
         "mindspeed for qwen3_next at TP 1 (and a source in that layout), else mcore",
     )
+    v = c.add_argument_group("Vision-language models (--to mcore)")
+    v.add_argument(
+        "--mm-keys",
+        choices=("bridge", "mindspeed"),
+        help="whose Megatron names: bridge (Megatron-Bridge's: language_model.*, Qwen2.5-VL's tower as "
+        "transformers' visual.*, whole on every TP rank of stage 0) or mindspeed (MindSpeed-MM's "
+        "text_decoder.* and image_encoder.*, the tower in Megatron's modules split over TP); default "
+        "bridge, or the source's",
+    )
+    v.add_argument(
+        "--vision-tp",
+        type=int,
+        help="the vision tower's tensor parallel size (default: 1 with --mm-keys bridge, --tp with mindspeed)",
+    )
+    v.add_argument(
+        "--vision-layer-list",
+        type=int_list,
+        help="vision layers per pipeline stage (stage after stage, virtual chunk after chunk), e.g. 2,0; "
+        "default: all on stage 0",
+    )
     lo = c.add_argument_group(
         "LoRA (merged into the weights for --to hf/mcore; exported alone for --to peft)"
     )
@@ -363,8 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     from ckpt_ir.commands.mindspeed import add_parser as add_mindspeed
+    from ckpt_ir.commands.mm_convert import add_parser as add_mm_convert
 
     add_mindspeed(sub)
+    add_mm_convert(sub)
     for command in sub.choices.values():  # every command imports user passes and families
         add_plugin_flag(command)
     return p
@@ -372,6 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["mm-convert"]:  # MindSpeed-MM's --cfg.<field> VALUE arguments
+        from ckpt_ir.commands.mm_convert import argv as mm_argv
+
+        argv = mm_argv(argv)
     debug = "--debug" in argv
     try:
         with command_line():  # errors name flags (--overwrite), not Python keywords
@@ -454,6 +480,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         norm_names=args.norm_names,
         mla_keys=args.mla_keys,
         gdn_keys=args.gdn_keys,
+        mm_keys=args.mm_keys,
+        vision_tp=args.vision_tp,
+        vision_layer_list=args.vision_layer_list,
         max_shard_size=args.max_shard_size,
         hf_config_dir=args.hf_config,
         ep=args.ep,
@@ -595,6 +624,12 @@ def cmd_convert_ckpt(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_mm_convert(args: argparse.Namespace) -> int:
+    from ckpt_ir.commands.mm_convert import run
+
+    return run(args)
+
+
 COMMANDS = {
     "convert": cmd_convert,
     "inspect": cmd_inspect,
@@ -605,6 +640,7 @@ COMMANDS = {
     "models": cmd_models,
     "demo": cmd_demo,
     "convert-ckpt": cmd_convert_ckpt,
+    "mm-convert": cmd_mm_convert,
 }
 
 if __name__ == "__main__":  # pragma: no cover

@@ -383,6 +383,11 @@ def verify(
         raise UsageError(
             f"verify: {a} is {ca.spec.family} but {b} is {cb.spec.family}; they cannot hold one model"
         )
+    if ca.spec.vision is not None:
+        raise UsageError(
+            f"verify: {a} is a vision-language model ({ca.spec.family}), which this version does not run; "
+            f"compare the tensors with `ckpt-ir diff {a} {b}`"
+        )
     sa, sb = ca.spec.summary(), cb.spec.summary()
     differ = [k for k in sa if k not in ("dtype", "lora_rank", "lora_alpha") and sa[k] != sb[k]]
     if differ:

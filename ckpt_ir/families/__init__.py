@@ -34,15 +34,18 @@ class Packed:
     parts: tuple[str, ...]
     sizes: tuple[str, ...]
     groups: str | None = None
+    # the stack whose spec gives the sizes (a vision tower's packed qkv: ModelSpec.vision)
+    stack: str | None = None
 
     def row_counts(self, spec: ModelSpec) -> tuple[int, ...]:
+        spec = spec.stack_spec(self.stack)
         return tuple(getattr(spec, s) for s in self.sizes)
 
     def rule(self, spec: ModelSpec) -> Stack:
         """The packed tensor as a reversible stack of its parts (keyed by canonical template)."""
         if self.groups is None:
             return Stack.of(zip(self.parts, self.row_counts(spec)))
-        g = getattr(spec, self.groups)
+        g = getattr(spec.stack_spec(self.stack), self.groups)
         return Stack.interleaved(g, ((p, n // g) for p, n in zip(self.parts, self.row_counts(spec))))
 
 
@@ -246,6 +249,20 @@ class ConfigKey:
 
 
 @attrs.frozen
+class Tower:
+    """A stack of a multi-module model beside its language model (a vision tower), read from and
+    written to the sub-config ``config_key`` of the HF config (``vision_config``) by ``config``
+    (keys of that sub-config; ``constants``: what the family fixes), as the spec
+    ``ModelSpec.<stack>``.  Its HF tensor names are rows of the family's ``tensors`` and
+    ``packed`` tables (canonical names under ``<stack>.``)."""
+
+    stack: str
+    config_key: str
+    config: tuple[ConfigKey, ...]
+    constants: tuple[tuple[str, Any], ...] = ()
+
+
+@attrs.frozen
 class Tested:
     """What the test suite checks for a family, as ``ckpt-ir models`` reports it.  A layout is
     ``ckpt-ir convert`` flags (``--tp 2 --pp 2 --num-layer-list 1,3``; ``--tp 1`` and ``--pp 1``
@@ -299,6 +316,11 @@ class Family:
     joined: tuple[Joined, ...] = ()
     # other namings of the HF checkpoint than the table's; a checkpoint read in one is written in it
     namings: tuple[HfNaming, ...] = ()
+    # a multi-module model (vision-language): the HF config key that nests the language model's
+    # settings (a legacy config keeping them at its top level is read there too), and the stacks
+    # beside the language model (the vision tower)
+    text_config: str | None = None
+    towers: tuple[Tower, ...] = ()
     # what the tests verify for this family (``ckpt-ir models`` shows it)
     tested: Tested = Tested()
 
@@ -362,6 +384,60 @@ class Family:
         key = self.hf_rename(key, hf_layers, False) if self.hf_rename else key
         return split.to_table(key) if split else key
 
+    def hf_form(
+        self, spec: ModelSpec, names: Iterable[str]
+    ) -> list[tuple[str, tuple[str, ...], Stack | None]]:
+        """The HF tensors holding canonical tensors ``names`` (of the family's ``tensors`` and
+        ``packed`` tables): (HF name, the canonical names it holds, the rule packing them, keyed
+        by those names; None for a tensor of its own), in the order of ``names``.  A name no table
+        row gives an HF name is a FormatError."""
+        names = list(names)
+        table = self.names
+        out: list[tuple[str, tuple[str, ...], Stack | None]] = []
+        done: set[str] = set()
+        packs = [(p, template_pattern(p.parts[0])) for p in self.packed]
+        for name in names:
+            if name in done:
+                continue
+            hit = next(((p, m) for p, pat in packs if (m := pat.match(name))), None)
+            if hit is not None:
+                p, m = hit
+                rule = p.rule(spec)
+                parts = tuple(t.format(**m.groupdict()) for t in p.parts)
+                pieces = tuple(attrs.evolve(pc, part=pc.part.format(**m.groupdict())) for pc in rule.pieces)
+                out.append((p.hf.format(**m.groupdict()), parts, Stack(pieces, rule.dim)))
+                done.update(parts)
+                continue
+            hf = table.from_canonical(name)
+            if hf is None:
+                raise FormatError(f"{name}: the {self.name} family has no HF name for this tensor")
+            out.append((hf, (name,), None))
+            done.add(name)
+        return out
+
+    def from_hf_form(self, spec: ModelSpec, raw: Mapping[str, E.Expr]) -> tuple[dict[str, E.Expr], list[str]]:
+        """The inverse of :meth:`hf_form`: the canonical tensors of HF tensors ``raw`` (rows of the
+        ``tensors`` table, or ``packed`` ones unpacked), and the HF names neither covers."""
+        table, out, unknown = self.names, {}, []
+        packs = [(p, template_pattern(p.hf)) for p in self.packed]
+        for key, x in raw.items():
+            canon = table.to_canonical(key)
+            if canon is not None:
+                out[canon] = x
+                continue
+            hit = next(((p, m) for p, pat in packs if (m := pat.match(key))), None)
+            if hit is None:
+                unknown.append(key)
+                continue
+            p, m = hit
+            if x.shape[0] != sum(p.row_counts(spec)):
+                raise FormatError(
+                    f"{key}: {x.shape[0]} rows, but the config implies {sum(p.row_counts(spec))} "
+                    f"({' + '.join(map(str, p.row_counts(spec)))})"
+                )
+            out.update((t.format(**m.groupdict()), e) for t, e in p.rule(spec).split(x).items())
+        return out, unknown
+
     def renames(self, naming: HfNaming | None = None) -> bool:
         """Whether :meth:`table_key` changes any key."""
         return self.split_layers is not None or self.hf_rename is not None or naming is not None
@@ -379,8 +455,53 @@ class Family:
     ) -> ModelSpec:
         from ckpt_ir.ir.dtypes import from_name
 
-        values: dict[str, Any] = dict(self.constants)
-        for key in self.config:
+        values = self._read_keys(self.config, self.constants, self.text_view(cfg), where)
+        dtype = cfg.get("dtype") or cfg.get("torch_dtype")
+        try:
+            values["dtype"] = from_name(dtype) if isinstance(dtype, str) else (dtype_hint or "F32")
+        except Exception:
+            raise FormatError(f"{where}: unknown dtype {dtype!r}") from None
+        values["extra"] = dict(cfg)
+        for tower in self.towers:
+            sub = cfg.get(tower.config_key)
+            if not isinstance(sub, dict):
+                raise FormatError(
+                    f"{where}: no {tower.config_key!r} object, which the {self.name} family's "
+                    f"{tower.stack} tower is read from"
+                )
+            tower_where = f"{where} ({tower.config_key})"
+            tower_values = self._read_keys(tower.config, tower.constants, sub, tower_where)
+            values[tower.stack] = ModelSpec(
+                family=self.name,
+                stack=tower.stack,
+                vocab_size=0,
+                dtype=values["dtype"],
+                extra=dict(sub),
+                **tower_values,
+            )
+        if (
+            values.get("num_experts")
+            and "moe_ffn_hidden_size" in values
+            and values["moe_ffn_hidden_size"] is None
+        ):
+            values["moe_ffn_hidden_size"] = values["ffn_hidden_size"]
+        return ModelSpec(family=self.name, **values)
+
+    def text_view(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        """The config the language model's keys are read from: the top level, with the nested
+        ``text_config`` (a multi-module model's) over it."""
+        text = cfg.get(self.text_config) if self.text_config else None
+        return {**cfg, **text} if isinstance(text, dict) else cfg
+
+    def _read_keys(
+        self,
+        keys: tuple[ConfigKey, ...],
+        constants: tuple[tuple[str, Any], ...],
+        cfg: dict[str, Any],
+        where: str,
+    ) -> dict[str, Any]:
+        values: dict[str, Any] = dict(constants)
+        for key in keys:
             if key.field in values:
                 continue
             raw = key.read(cfg)
@@ -397,22 +518,12 @@ class Family:
             if raw is None:
                 raise FormatError(f"{where}: missing {key.hf!r}, required for the {self.name} family")
             values[key.field] = _checked(key, raw, where)
-        dtype = cfg.get("dtype") or cfg.get("torch_dtype")
-        try:
-            values["dtype"] = from_name(dtype) if isinstance(dtype, str) else (dtype_hint or "F32")
-        except Exception:
-            raise FormatError(f"{where}: unknown dtype {dtype!r}") from None
-        values["extra"] = dict(cfg)
-        if (
-            values.get("num_experts")
-            and "moe_ffn_hidden_size" in values
-            and values["moe_ffn_hidden_size"] is None
-        ):
-            values["moe_ffn_hidden_size"] = values["ffn_hidden_size"]
-        return ModelSpec(family=self.name, **values)
+        return values
 
     def config_from_spec(self, spec: ModelSpec, base: dict[str, Any] | None) -> dict[str, Any]:
-        """An HF config for ``spec``: ``base`` (the source's own config) updated, or built afresh."""
+        """An HF config for ``spec``: ``base`` (the source's own config) updated, or built afresh.
+        A multi-module model's language-model keys go where the config keeps them (its nested
+        ``text_config``, or the top level), each tower's into its own sub-config."""
         from ckpt_ir.ir.dtypes import hf_config_name
 
         cfg = dict(base if base is not None else spec.extra)
@@ -420,19 +531,43 @@ class Family:
         cfg["model_type"] = (
             cfg.get("model_type") if cfg.get("model_type") in self.model_types else self.model_types[0]
         )
+        key_of_text = self.text_config
+        nested = key_of_text is not None and isinstance(cfg.get(key_of_text), dict)
+        text = dict(cfg[key_of_text]) if key_of_text is not None and nested else cfg
+        dtype = hf_config_name(spec.dtype)
         for key in self.config:
-            name = key.write_key(cfg)
+            name = key.write_key({**cfg, **text})
             if name:
-                value = getattr(spec, key.field)
-                cfg[name] = (
-                    None
-                    if key.null is not None and value == key.null
-                    else list(value)
-                    if isinstance(value, tuple)
-                    else value
-                )
-        cfg["dtype" if "torch_dtype" not in cfg else "torch_dtype"] = hf_config_name(spec.dtype)
+                _write_key(text if name in text or name not in cfg else cfg, name, key, spec)
+        subs = [text] if nested else []
+        for tower in self.towers:
+            sub = dict(cfg.get(tower.config_key) or {})
+            tower_spec = spec.stack_spec(tower.stack)
+            for key in tower.config:
+                name = key.write_key(sub)
+                if name:
+                    _write_key(sub, name, key, tower_spec)
+            cfg[tower.config_key] = sub
+            subs.append(sub)
+        if key_of_text is not None and nested:
+            cfg[key_of_text] = text
+        cfg["dtype" if "torch_dtype" not in cfg else "torch_dtype"] = dtype
+        for sub in subs:  # transformers 5 writes the dtype into each sub-config too
+            for k in ("dtype", "torch_dtype"):
+                if k in sub:
+                    sub[k] = dtype
         return cfg
+
+
+def _write_key(cfg: dict[str, Any], name: str, key: ConfigKey, spec: ModelSpec) -> None:
+    value = getattr(spec, key.field)
+    cfg[name] = (
+        None
+        if key.null is not None and value == key.null
+        else list(value)
+        if isinstance(value, tuple)
+        else value
+    )
 
 
 # ModelSpec fields that must be positive integers / non-negative integers / numbers / booleans
@@ -485,6 +620,11 @@ _COUNTS = {
     "global_kv_heads",
     "ple_dim",
     "ple_vocab",
+    "patch_size",
+    "patch_temporal",
+    "patch_channels",
+    "merger_size",
+    "merger_out",
 }
 
 

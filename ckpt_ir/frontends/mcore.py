@@ -26,7 +26,7 @@ from ckpt_ir.ir.names import NameTable, Split, is_expert
 from ckpt_ir.ir.roles import split_rule
 from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.megatron import args as megatron_args
-from ckpt_ir.megatron import distopt
+from ckpt_ir.megatron import distopt, mindspeed_mm, multimodal
 from ckpt_ir.megatron import keys as M
 from ckpt_ir.megatron import lift as lift_tail
 from ckpt_ir.megatron.lift import ArgReader, spec_from_args
@@ -84,7 +84,11 @@ def lift(
     first = TorchZip(found[min(found, key=lambda k: (k[0], k[1] or 0, k[2] or 0))])
     if not isinstance(first.obj, dict):
         raise FormatError(f"{first.path}: not a Megatron checkpoint dict")
-    no_args = first.obj.get("args") is None and "model" in first.obj
+    no_args = first.obj.get("args") is None and bool(distopt.chunk_keys(first.obj))
+    if no_args and hf_config is None and _mindspeed_mm_keys(first):  # ckpt-ir keeps the config in hf/
+        own = os.path.join(os.path.dirname(os.path.abspath(it_dir)), M.MCORE_HF_DIR, "config.json")
+        if os.path.isfile(own):
+            hf_config, config_name = _json_object(own), own
     if no_args:
         args = _no_args(found, hf_config, first.path)
     else:
@@ -110,13 +114,20 @@ def lift(
     noop = a.layers("noop_layers") or ()
     # the padded rows (the tensors confirm them below): an odd vocabulary splits over TP only padded
     rows = args.get("padded_vocab_size")
+    placement = (
+        _mm_layout(found, spec, tp, pp, first)
+        if no_args and spec.vision is not None
+        else {
+            "num_layer_list": a.layers("num_layer_list") or _hybrid_stages(args, pp, first.path),
+            "padded_vocab": rows if isinstance(rows, int) and rows > spec.vocab_size else None,
+        }
+    )
     layout = Layout(
         format="mcore",
-        padded_vocab=rows if isinstance(rows, int) and rows > spec.vocab_size else None,
         tp=tp,
         pp=pp,
         vpp_layers=a.size("num_layers_per_virtual_pipeline_stage", None),
-        num_layer_list=a.layers("num_layer_list") or _hybrid_stages(args, pp, first.path),
+        **placement,
         noop_layers=noop,
         fused_qkv=True,
         fused_gate_up=True,
@@ -188,6 +199,10 @@ def lift(
     gdn_seen: set[str] = set()  # whose gated-delta-net modules the keys are (keys.gdn_keys_of)
     mtp_keys: set[str] = set()  # which of the namings of multi-token prediction (keys.MTP_NAMES)
     opt_meta: dict[str, Any] = {}
+    # a vision-language model: the naming its keys show, and its tower's keys (TP rank, stage,
+    # chunk, rank directory, expression), lifted once every rank file is read
+    namings: set[str] = set()
+    tower: dict[str, list[tuple[int, int, int, str, E.Expr]]] = defaultdict(list)
     training: dict[str, Any] = {
         "rng_state": {},
         "source_layout": (tp, pp, ep),
@@ -233,6 +248,12 @@ def lift(
                 if carry and state is not None and master is not None:
                     values.update({which: state[which][(ck, key)] for which in distopt.STATE_KEYS})
                 at_key, at_stage = key, p
+                if spec.vision is not None:
+                    module, at_key, naming = multimodal.module_of(key, None)
+                    namings.add(naming)
+                    if module == "vision":
+                        tower[key].append((t, p, chunk, os.path.dirname(rel), values[""]))
+                        continue
                 if no_args and (m := _NEGATIVE_LAYER.match(key)) is not None:
                     # MindSpeed-LLM's Mamba-2 converter at PP > 1 repeats earlier stages' layers
                     # under negative numbers: each one a copy of that layer, compared as such
@@ -317,6 +338,19 @@ def lift(
         for name, set_pieces in pieces.items()
     }
     tensors = sets.pop("", {})
+    if spec.vision is not None:
+        naming = multimodal.check_naming(namings, it_dir)
+        layout = multimodal.read_layout(layout, naming)
+        tower_tensors, tower_copies, tower_unknown = multimodal.lift_tower(
+            tower, spec, layout, it_dir, dropped
+        )
+        check_replicas(tower_copies, replicas, it_dir)
+        for key in tower_unknown:
+            if any(fnmatch.fnmatch(key, pat) for pat in allow_unused):
+                dropped[key] = f"matched {setting('allow_unused')}"
+            else:
+                unknown.append(key)
+        tensors.update(tower_tensors)
     if mcore_mla:  # the down-projections as the Megatron layout's fused attn.qkv_a
         for s in (tensors, *sets.values()):
             lift_tail.fuse_mla(spec, s)
@@ -547,6 +581,70 @@ def _extra_state_place(key: str, stage: int, chunk: int, ep: int, experts_per_ra
 
 
 _NEGATIVE_LAYER = re.compile(r"^decoder\.layers\.(-\d+)\.(.+)$")
+
+
+def _mm_layout(
+    found: dict[tuple[int, int | None, int | None], str], spec: ModelSpec, tp: int, pp: int, first: TorchZip
+) -> dict[str, Any]:
+    """The layout of a vision-language model's rank files without args (MindSpeed-MM's): each
+    module's layer counts per stage and chunk read off TP rank 0's keys, the tower's TP size off
+    the width of its attention output projection, a padded vocabulary off the embedding's rows."""
+    keys: dict[tuple[int, int], list[str]] = {}
+    width, rows = None, spec.vocab_size
+    for (t, p, _), f in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        if t:
+            continue
+        z = first if f == first.path else TorchZip(f)
+        for ck in distopt.chunk_keys(z.obj):
+            names = [k for k, _ in iter_tensors(z.obj[ck])]
+            keys[(p or 0, 0 if ck == "model" else int(ck[5:]))] = names
+            if not any(k.startswith(mindspeed_mm.IMAGE) or k.startswith(mindspeed_mm.TEXT) for k in names):
+                if names:
+                    raise FormatError(
+                        f"{f}: a rank file without args whose keys are not MindSpeed-MM's (text_decoder.*, "
+                        f"image_encoder.*); ckpt-ir reads a vision-language model's files without args in that "
+                        f"layout only"
+                    )
+            for k, ref in iter_tensors(z.obj[ck]):
+                if (
+                    width is None
+                    and k.startswith(mindspeed_mm.VISION_LAYERS)
+                    and k.endswith("linear_proj.weight")
+                ):
+                    width = ref.shape[1]
+                if k == mindspeed_mm.TEXT + M.EMBEDDING:
+                    rows = ref.shape[0] * tp
+    text, vision = mindspeed_mm.scan_counts(keys, pp)
+    vision_spec = spec.vision
+    assert vision_spec is not None
+    return {
+        "mm_keys": "mindspeed",
+        "num_layer_list": tuple(text),
+        "vision_layer_list": tuple(vision),
+        "vision_tp": tp if width is not None and width != vision_spec.q_size else 1,
+        "vision_fused": True,
+        "padded_vocab": rows if rows > spec.vocab_size else None,  # padded to split over TP
+    }
+
+
+def _mindspeed_mm_keys(z: TorchZip) -> bool:
+    """Whether a rank file holds a vision-language model under MindSpeed-MM's names (files without
+    args, whose model ckpt-ir reads from the hf/ folder it writes beside them)."""
+    prefixes = (mindspeed_mm.TEXT, mindspeed_mm.IMAGE)
+    return any(k.startswith(prefixes) for ck in distopt.chunk_keys(z.obj) for k, _ in iter_tensors(z.obj[ck]))
+
+
+def _json_object(path: str) -> dict[str, Any]:
+    import json
+
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise FormatError(f"{path}: not a JSON object")
+    return obj
 
 
 def _no_args(

@@ -190,6 +190,13 @@ def add_mtp_copies(spec, tensors: dict[str, TensorNode]) -> None:
                 tensors[name] = attrs.evolve(tensors[main], name=name)
 
 
+def _shown(value: Any) -> str:
+    """A spec field in a dump: a stack's spec (a dict) as ``(k=v ...)`` of its own sizes."""
+    if not isinstance(value, dict):
+        return str(value)
+    return "(" + " ".join(f"{k}={v}" for k, v in value.items() if k not in ("family", "stack", "dtype")) + ")"
+
+
 def to_text(ckpt: Checkpoint) -> str:
     """The text dump of ``ckpt``: spec and layout lines, then one aligned line per tensor (its
     shape, dtype, placement and shortest source description), then what was dropped."""
@@ -203,7 +210,7 @@ def to_text(ckpt: Checkpoint) -> str:
         shown["layer_blocks"] = layer_blocks_text(ckpt.spec.layer_blocks)
     lines = [
         f"// source: {ckpt.source}",
-        f"// spec: {ckpt.spec.family} " + " ".join(f"{k}={v}" for k, v in shown.items()),
+        f"// spec: {ckpt.spec.family} " + " ".join(f"{k}={_shown(v)}" for k, v in shown.items()),
         f"// layout: {ckpt.layout.describe()}",
         f"// tensors: {len(ckpt.tensors)}  bytes: {ckpt.nbytes}",
     ]

@@ -34,6 +34,11 @@ def has_gdn_modules(spec: ModelSpec) -> bool:
     return any(spec.has_block(i, "gdn") for i in range(spec.num_layers)) or spec.attn_gate
 
 
+# a multi-module model's Megatron names: Megatron-Bridge's (language_model.*, the vision tower as
+# its bridge keeps it) or MindSpeed-MM's (text_decoder.*, image_encoder.*)
+MM_KEYS = ("bridge", "mindspeed")
+
+
 def _layer_counts(counts: Iterable[int] | None) -> tuple[int, ...] | None:
     return None if counts is None else tuple(counts)
 
@@ -58,6 +63,14 @@ class Layout:
     ep: int = 1  # expert parallel size: expert e lives on EP rank e // (E / ep)
     etp: int | None = None  # expert tensor parallel size: None = tp (experts split like dense MLPs), or 1
     grouped_gemm: bool = False  # experts stored as Megatron's grouped-GEMM weight1/weight2
+    # a vision-language model's vision stack (ModelSpec.vision): its TP size (1: whole on every TP
+    # rank, as Megatron-Bridge keeps Qwen2.5-VL's tower), whether its qkv and gate/up are fused
+    # (Megatron's modules: MindSpeed-MM), its layers per pipeline stage (None: all on stage 0);
+    # and whose Megatron names the model's modules take (MM_KEYS)
+    vision_tp: int = 1
+    vision_fused: bool = False
+    vision_layer_list: tuple[int, ...] | None = attrs.field(default=None, converter=_layer_counts)
+    mm_keys: str = attrs.field(default="bridge", validator=attrs.validators.in_(MM_KEYS))
 
     def __attrs_post_init__(self) -> None:
         for name in ("tp", "pp"):
@@ -75,13 +88,15 @@ class Layout:
                 f"layout: {setting('noop_layers')} and {setting('num_layer_list')} cannot be combined "
                 f"(Megatron rejects it)"
             )
+        # MindSpeed-MM's per-module lists: a count per stage of each virtual chunk, stages with none
+        mm = self.mm_keys == "mindspeed"
         if self.num_layer_list is not None:
-            if len(self.num_layer_list) != self.pp:
+            if len(self.num_layer_list) != self.pp and not (mm and len(self.num_layer_list) % self.pp == 0):
                 raise LayoutError(
                     f"layout: {setting('num_layer_list')} has {len(self.num_layer_list)} entries but "
                     f"pipeline parallel size is {self.pp}; give one layer count per stage"
                 )
-            if any(n < 1 for n in self.num_layer_list):
+            if any(n < (0 if mm else 1) for n in self.num_layer_list):
                 raise LayoutError(
                     f"layout: {setting('num_layer_list', self.num_layer_list)} has a stage with no layers"
                 )
@@ -109,6 +124,19 @@ class Layout:
     @property
     def expert_tp(self) -> int:
         return self.tp if self.etp is None else self.etp
+
+    def for_stack(self, stack: str | None) -> Layout:
+        """The layout of one stack's tensors (None: the language model's, this layout): a vision
+        tower is never padded, has no experts, and has its own TP size and fusion."""
+        if stack is None:
+            return self
+        return Layout(
+            format=self.format,
+            tp=self.vision_tp,
+            fused_qkv=self.vision_fused,
+            fused_gate_up=self.vision_fused,
+            norm_names=self.norm_names,
+        )
 
     @property
     def kind(self) -> str:
@@ -142,6 +170,11 @@ class Layout:
             parts.append("grouped_gemm")
         if self.kind == "mcore":
             parts.append(f"norms={self.norm_names}")
+        if self.vision_tp > 1 or self.vision_fused or self.vision_layer_list or self.mm_keys != "bridge":
+            parts.append(f"vision_tp={self.vision_tp}" + (" vision=fused" if self.vision_fused else ""))
+            if self.vision_layer_list:
+                parts.append("vision_layer_list=" + ",".join(map(str, self.vision_layer_list)))
+            parts.append(f"mm_keys={self.mm_keys}")
         if self.mla_keys != "mindspeed":
             parts.append(f"mla_keys={self.mla_keys}")
         if self.gdn_keys != "mindspeed":
@@ -167,6 +200,8 @@ def mcore_num_layers(spec: ModelSpec, layout: Layout) -> int:
 
 
 def num_chunks(spec: ModelSpec, layout: Layout) -> int:
+    if layout.num_layer_list is not None and len(layout.num_layer_list) > layout.pp:
+        return len(layout.num_layer_list) // layout.pp  # MindSpeed-MM's lists: one per chunk
     if layout.vpp_layers is None:
         return 1
     return mcore_num_layers(spec, layout) // (layout.pp * layout.vpp_layers)
@@ -283,6 +318,7 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
                 f"layout: shared expert ffn size {spec.shared_ffn_hidden_size} is not divisible by "
                 f"tensor parallel size {layout.tp}"
             )
+    _validate_vision(spec, layout)
     if layout.padded_vocab is not None and layout.padded_vocab < spec.vocab_size:
         raise LayoutError(
             f"layout: padded vocab {layout.padded_vocab} is smaller than the vocabulary {spec.vocab_size}"
@@ -310,6 +346,52 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
             f"layout: {total} layers do not split evenly over pipeline parallel size {layout.pp}; "
             f"pass {setting('num_layer_list')} to give each stage its count"
         )
+
+
+def _validate_vision(spec: ModelSpec, layout: Layout) -> None:
+    """A vision stack's TP size must divide its heads and widths (whole heads on a rank), and its
+    pipeline layer list must place its layers."""
+    vision = spec.vision
+    if vision is None:
+        if layout.vision_tp > 1 or layout.vision_fused or layout.vision_layer_list:
+            raise LayoutError(f"layout: {spec.family} has no vision tower; its vision settings do not apply")
+        return
+    t = layout.vision_tp
+    if t not in (1, layout.tp):
+        raise LayoutError(
+            f"layout: the vision tower's tensor parallel size {t} must be 1 or the TP size {layout.tp}"
+        )
+    if t > 1:
+        sizes = {"heads": vision.num_heads, "MLP width": vision.ffn_hidden_size}
+        if vision.merger_size:
+            sizes["merger width"] = vision.merger_hidden
+        for what, n in sizes.items():
+            if n % t:
+                raise LayoutError(
+                    f"layout: the vision tower's {what} {n} is not divisible by its tensor parallel size "
+                    f"{t}; choose a TP that divides it"
+                )
+    if layout.vision_layer_list is not None:
+        counts, places = layout.vision_layer_list, layout.pp * num_chunks(spec, layout)
+        if len(counts) != places or sum(counts) != vision.num_layers or any(n < 0 for n in counts):
+            raise LayoutError(
+                f"layout: vision layer list {','.join(map(str, counts))} must give each of the {places} "
+                f"pipeline places ({layout.pp} stages x virtual chunks) a count, {vision.num_layers} vision "
+                f"layers in all"
+            )
+
+
+def vision_slots(spec: ModelSpec, layout: Layout) -> list[tuple[int, int, int]]:
+    """(stage, chunk, local index) of each vision layer: the layer list's stages in order (chunk
+    after chunk for a virtual pipeline), all on stage 0 without one."""
+    vision = spec.vision
+    assert vision is not None
+    counts = layout.vision_layer_list or (vision.num_layers,)
+    out: list[tuple[int, int, int]] = []
+    for flat, n in enumerate(counts):
+        chunk, stage = divmod(flat, layout.pp) if layout.vision_layer_list else (0, 0)
+        out.extend((stage, chunk, local) for local in range(n))
+    return out
 
 
 def expert_rank_files(layout: Layout) -> list[tuple[int, int]]:
@@ -353,9 +435,10 @@ def layer_slots(spec: ModelSpec, layout: Layout) -> list[LayerSlot]:
     else:
         counts = layout.num_layer_list or (total // layout.pp,) * layout.pp
         g = 0
-        for stage, n in enumerate(counts):
+        for flat, n in enumerate(counts):  # stage after stage (chunk after chunk: MindSpeed-MM's lists)
+            chunk, stage = divmod(flat, layout.pp)
             for local in range(n):
-                where[g] = (stage, 0, local)
+                where[g] = (stage, chunk, local)
                 g += 1
     slots, real = [], 0
     for g in range(total):
@@ -366,6 +449,20 @@ def layer_slots(spec: ModelSpec, layout: Layout) -> list[LayerSlot]:
             slots.append(LayerSlot(g, real, stage, chunk, local))
             real += 1
     return slots
+
+
+def text_ends(spec: ModelSpec, layout: Layout) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The (stage, chunk) holding the language model's embedding and the one holding its final
+    norm and output layer: the first and last pipeline places (MindSpeed-MM's lists: the first
+    and last with layers, chunk after chunk; its converter misplaces them when the first has
+    none)."""
+    counts = layout.num_layer_list
+    chunks = num_chunks(spec, layout)
+    if counts is None or all(counts):
+        return (0, 0), (layout.pp - 1, chunks - 1)
+    filled = [f for f, n in enumerate(counts) if n]
+    (c0, s0), (c1, s1) = divmod(filled[0], layout.pp), divmod(filled[-1], layout.pp)
+    return (s0, c0), (s1, c1)
 
 
 def padded_size(vocab: int, divisible_by: int, tp: int) -> int:

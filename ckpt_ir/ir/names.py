@@ -108,7 +108,25 @@ def split_sub(rest: str) -> tuple[int | None, str]:
     return (int(m.group(1)), m.group(2)) if m else (None, rest)
 
 
+# the stacks of a multi-module model besides the language model, each its own canonical
+# namespace: a vision tower's tensors are ``vision.<name>`` with ``<name>`` as a model of its own
+# names it (``vision.layers.N.attn.q.weight``, ``vision.patch_embed.weight``); the language
+# model's are today's names, unprefixed.  split_layer sees a stack's tensors as no layer's.
+STACKS = ("vision",)
+_STACK = re.compile(r"^(" + "|".join(STACKS) + r")\.(.*)$")
+
+
+def split_stack(name: str) -> tuple[str | None, str]:
+    """``vision.layers.3.attn.q.weight`` -> (``vision``, ``layers.3.attn.q.weight``); the language
+    model's names -> (None, name)."""
+    m = _STACK.match(name)
+    return (m.group(1), m.group(2)) if m else (None, name)
+
+
 def role_of(name: str) -> str:
+    stack, inner = split_stack(name)
+    if stack is not None:
+        return f"{stack}.{role_of(inner)}"
     layer, rest = split_layer(name)
     if layer is None:
         return name

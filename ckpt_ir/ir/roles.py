@@ -25,6 +25,7 @@ from ckpt_ir.ir.names import (
     COLUMN,
     COLUMN_BLOCKS2,
     ROW,
+    STACKS,
     SUB,
     Split,
     expert_of,
@@ -32,6 +33,7 @@ from ckpt_ir.ir.names import (
     role_of,
     saved_name,
     split_layer,
+    split_stack,
     split_sub,
 )
 from ckpt_ir.ir.spec import ModelSpec
@@ -76,6 +78,9 @@ class Role:
     sub: int | None = None
     # a tensor whose value the architecture fixes: Megatron stores none (see ckpt_ir.megatron.keys)
     fixed: Fixed | None = None
+    # the stack whose role this is (``vision.``: its shape, split and presence are asked of the
+    # stack's spec and layout, ModelSpec.stack_spec / Layout.for_stack; None: the language model's)
+    stack: str | None = None
 
     @property
     def per_expert(self) -> bool:
@@ -553,6 +558,60 @@ def _choices(s: ModelSpec) -> int:
     return s.num_experts + s.zero_experts
 
 
+def _patch_shape(s: ModelSpec, lay: Layout) -> tuple[int, ...]:
+    frames = (s.patch_temporal,) if s.patch_temporal else ()
+    return (s.hidden_size, s.patch_channels, *frames, s.patch_size, s.patch_size)
+
+
+def _tower(pred: Callable[[ModelSpec], bool]) -> Presence:
+    return lambda s, lay, i: pred(s)
+
+
+def _merger(bias: bool = False) -> Presence:
+    return lambda s, lay, i: s.merger_size > 0 and (not bias or s.mlp_bias)
+
+
+# A vision stack's own blocks (ir/blocks.py STACK_BLOCKS), asked of the stack's spec: the patch
+# embedding (a convolution, whole on every TP rank) and the merger: a norm, then fc1 over
+# merger_size^2 patches (column-parallel) and fc2 to the language model's width (row-parallel, its
+# bias added once); its layers are ordinary layers' roles under vision.layers.{i}. (see role()).
+V = "vision."
+_VISION_ROLES = [
+    Role(V + "patch_embed.weight", None, _patch_shape, _tower(lambda s: s.patch_size > 0), stack="vision"),
+    Role(
+        V + "patch_embed.bias",
+        None,
+        lambda s, lay: (s.hidden_size,),
+        _tower(lambda s: s.patch_size > 0 and s.patch_bias),
+        stack="vision",
+    ),
+    Role(V + "merger.norm.weight", None, lambda s, lay: (s.hidden_size,), _merger(), stack="vision"),
+    Role(
+        V + "merger.norm.bias",
+        None,
+        lambda s, lay: (s.hidden_size,),
+        lambda s, lay, i: s.merger_size > 0 and s.norm_bias,
+        stack="vision",
+    ),
+    Role(
+        V + "merger.fc1.weight",
+        COLUMN,
+        lambda s, lay: (s.merger_hidden, s.merger_hidden),
+        _merger(),
+        stack="vision",
+    ),
+    Role(V + "merger.fc1.bias", COLUMN, lambda s, lay: (s.merger_hidden,), _merger(True), stack="vision"),
+    Role(
+        V + "merger.fc2.weight",
+        ROW,
+        lambda s, lay: (s.merger_out, s.merger_hidden),
+        _merger(),
+        stack="vision",
+    ),
+    Role(V + "merger.fc2.bias", None, lambda s, lay: (s.merger_out,), _merger(True), stack="vision"),
+]
+
+
 _BUILTIN: list[Role] = [
     Role("embed.weight", COLUMN, lambda s, lay: (_vocab(s, lay), s.hidden_size)),
     # learned absolute positions (Megatron's torch.nn.Embedding: not split over TP)
@@ -959,6 +1018,7 @@ LINEAR_TARGETS = (
 
 _TABLE: dict[str, Role] = {}
 _SUB_ROLES: dict[tuple[str, int], Role] = {}  # layer roles copied into sublayers, made when asked
+_STACK_ROLES: dict[tuple[str, str], Role] = {}  # layer roles copied into stacks, made when asked
 
 
 @lru_cache(maxsize=1)
@@ -1007,6 +1067,7 @@ def _saved_role(target: Role) -> Role:
         None,
         parts=target.parts,
         per_layer=target.per_layer,
+        stack=target.stack,
     )
 
 
@@ -1021,10 +1082,12 @@ def register_role(*roles: Role, lora: bool = False) -> None:
             for r in _lora_roles(role):
                 _TABLE[r.template] = r
     _SUB_ROLES.clear()
+    _STACK_ROLES.clear()
     _order.cache_clear()
 
 
 register_role(*_BUILTIN)
+register_role(*_VISION_ROLES)
 register_role(
     *(r for r in _BUILTIN if r.template[len(L) :] in {t + ".weight" for t in LINEAR_TARGETS}), lora=True
 )
@@ -1049,9 +1112,17 @@ def roles() -> Iterable[Role]:
 
 def role(name: str) -> Role | None:
     """The role of canonical tensor ``name`` (None when no table row covers it); a name in a
-    sublayer (``layers.N.sub<k>.<role>``) has the role of ``layers.N.<role>`` copied there."""
+    sublayer (``layers.N.sub<k>.<role>``) has the role of ``layers.N.<role>`` copied there, a
+    layer's name in a stack (``vision.layers.N.<role>``) the role of ``layers.N.<role>`` asked of
+    the stack's spec."""
     template = role_of(name)
     r = _TABLE.get(template)
+    stack, inner = split_stack(template)
+    if r is None and stack is not None and inner.startswith(L) and inner in _TABLE:
+        key = (inner, stack)
+        if key not in _STACK_ROLES:
+            _STACK_ROLES[key] = attrs.evolve(_TABLE[inner], template=template, stack=stack)
+        return _STACK_ROLES[key]
     if r is None and template.startswith(L):
         sub, rest = split_sub(template[len(L) :])
         if sub is not None and L + rest in _TABLE:
@@ -1073,8 +1144,12 @@ def _in_sub(template: str, sub: int) -> str:
 
 def _asks(r: Role, spec: ModelSpec, layout: Layout, layer: int) -> bool:
     """Whether layer role ``r`` is present in ``layer``: asked of the part of the layer its name
-    lies in (a sublayer, or the layer's own blocks; see ModelSpec.scoped)."""
+    lies in (a sublayer, or the layer's own blocks; see ModelSpec.scoped), of the stack's spec and
+    layout for a stack's role (none where the model lacks the stack)."""
     assert r.present is not None
+    if r.stack is not None:
+        sub = getattr(spec, r.stack, None)
+        return sub is not None and r.present(sub, layout.for_stack(r.stack), layer)
     if layer < 0 or not spec.layer_blocks:
         return r.sub is None and r.present(spec, layout, layer)
     if r.sub is not None and r.sub not in spec.sublayers(layer):
@@ -1091,8 +1166,23 @@ def split_rule(name: str, spec: ModelSpec | None = None) -> Split | None:
     if r.parts is not None and r.split is not None:
         if spec is None:
             raise KeyError(f"{name}: its tensor-parallel parts depend on the model; pass its spec")
-        return attrs.evolve(r.split, sizes=r.parts(spec))
+        return attrs.evolve(r.split, sizes=r.parts(spec.stack_spec(r.stack)))
     return r.split
+
+
+def tp_of(name: str, layout: Layout) -> int:
+    """The tensor-parallel size canonical tensor ``name`` is split over in ``layout``: the expert
+    TP size for an expert's, its stack's own for a stack's (a vision tower's), else the TP size."""
+    stack, _ = split_stack(name)
+    if stack is not None:
+        return layout.for_stack(stack).tp
+    return layout.expert_tp if expert_of(name) is not None else layout.tp
+
+
+def _layer_of(name: str) -> int:
+    """The layer number of a layer's canonical name (in its stack), -1 for other names."""
+    layer, _ = split_layer(split_stack(name)[1])
+    return -1 if layer is None else layer
 
 
 def is_present(spec: ModelSpec, layout: Layout, name: str) -> bool:
@@ -1101,8 +1191,7 @@ def is_present(spec: ModelSpec, layout: Layout, name: str) -> bool:
     r = role(name)
     if r is None or r.present is None:
         return True
-    layer, _ = split_layer(name)
-    return _asks(r, spec, layout, -1 if layer is None else layer)
+    return _asks(r, spec, layout, _layer_of(name))
 
 
 def expected_shape(
@@ -1114,11 +1203,12 @@ def expected_shape(
     r = role(name)
     if r is None or (r.present is None and spec.lora_rank is None):
         return None
+    if r.stack is not None:
+        spec, layout = spec.stack_spec(r.stack), layout.for_stack(r.stack)
     if rank is not None and name.endswith((".lora_a.weight", ".lora_b.weight")):
         spec = attrs.evolve(spec, lora_rank=rank)
     if r.per_layer:
-        layer, _ = split_layer(name)
-        return r.shape(spec, layout, -1 if layer is None else layer)
+        return r.shape(spec, layout, _layer_of(name))
     return r.shape(spec, layout)
 
 
@@ -1126,8 +1216,21 @@ def expected_names(spec: ModelSpec, layout: Layout) -> set[str]:
     """Every canonical tensor the spec implies (LoRA aside), for completeness checks."""
     names: set[str] = set()
     experts = range(spec.num_experts)
+    for stack in STACKS:  # a stack's layers hold its spec's layer roles (no experts, no sublayers)
+        sub = getattr(spec, stack)
+        if sub is None:
+            continue
+        for r in _TABLE.values():
+            if r.present is not None and r.template.startswith(L) and not r.per_expert:
+                for i in range(sub.num_layers):
+                    if r.present(sub, layout.for_stack(stack), i):
+                        names.add(f"{stack}.{r.template.format(i=i)}")
     for r in _TABLE.values():
         if r.present is None:
+            continue
+        if r.stack is not None:
+            if _asks(r, spec, layout, -1):
+                names.add(r.template)
             continue
         if not r.template.startswith(L):
             if r.present(spec, layout, -1):
@@ -1160,9 +1263,24 @@ _TOP = {
 
 
 def canonical_order(name: str) -> tuple:
-    """Sort key: embedding, layers in order (experts in order; the layer's own roles, then each
+    """Sort key: a stack's tensors first (a vision tower: its patch embedding, layers, merger),
+    then the embedding, layers in order (experts in order; the layer's own roles, then each
     sublayer's, each in table order), final norm, lm_head."""
     order = _order()
+    stack, inner = split_stack(name)
+    if stack is not None:
+        layer, rest = split_layer(inner)
+        if layer is None:
+            at = 1 << 30 if ".merger." in "." + inner else -1
+            return (-1 - STACKS.index(stack), at, -1, -1, order.get(role_of(name), len(order)), name)
+        return (
+            -1 - STACKS.index(stack),
+            layer,
+            -1,
+            -1,
+            order.get(role_of(layer_name(layer, rest)), len(order)),
+            name,
+        )
     layer, rest = split_layer(name)
     if layer is not None:
         sub, rest = split_sub(rest)

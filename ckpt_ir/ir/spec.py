@@ -11,7 +11,7 @@ import attrs
 
 from ckpt_ir.errors import LayoutError, setting
 from ckpt_ir.ir.blocks import BLOCKS, kinds, parse, sublayers
-from ckpt_ir.ir.names import SUB
+from ckpt_ir.ir.names import STACKS, SUB
 
 
 def _positive(_inst: Any, attribute: attrs.Attribute, value: int) -> None:
@@ -22,6 +22,11 @@ def _positive(_inst: Any, attribute: attrs.Attribute, value: int) -> None:
 def _non_negative(_inst: Any, attribute: attrs.Attribute, value: int) -> None:
     if value is None or value < 0:
         raise LayoutError(f"model spec: {attribute.name} must be a non-negative integer, got {value!r}")
+
+
+def _vocab(inst: Any, attribute: attrs.Attribute, value: int) -> None:
+    """A language model has a vocabulary; a stack beside it (a vision tower) has none (0)."""
+    (_non_negative if inst.stack else _positive)(inst, attribute, value)
 
 
 def _int_tuple(v: Iterable[int]) -> tuple[int, ...]:
@@ -40,7 +45,7 @@ class ModelSpec:
     family: str
     num_layers: int = attrs.field(validator=_positive)
     hidden_size: int = attrs.field(validator=_positive)
-    vocab_size: int = attrs.field(validator=_positive)
+    vocab_size: int = attrs.field(validator=lambda inst, a, v: _vocab(inst, a, v))
     # the attention and MLP sizes: 0 only in a model without such blocks (Mamba-2)
     ffn_hidden_size: int = attrs.field(default=0, validator=_non_negative)
     num_heads: int = attrs.field(default=0, validator=_non_negative)
@@ -110,6 +115,23 @@ class ModelSpec:
     mamba1_conv_kernel: int = 0
     mamba1_conv_bias: bool = False
     mamba1_proj_bias: bool = False
+    # A multi-module model (vision-language): its vision tower, a stack of layers of its own
+    # described by a spec of its own (its layers' blocks, sizes and biases as any model's; no
+    # vocabulary), its tensors named under ``vision.`` (ckpt_ir.ir.names.STACKS).  ``stack``: which
+    # stack a spec describes (None: the language model, this spec itself)
+    vision: ModelSpec | None = None
+    stack: str | None = None
+    # block patch_embed of a vision stack: a convolution over patch_channels x patch_temporal frames
+    # (0: a 2-D convolution) x patch_size^2 pixels to hidden_size, with or without a bias
+    patch_size: int = 0
+    patch_temporal: int = 0
+    patch_channels: int = 0
+    patch_bias: bool = False
+    # block merger of a vision stack: a norm over hidden_size, then an MLP over merger_size^2
+    # neighbouring patches (fc1 hidden x merger_size^2 wide) to merger_out (the language model's
+    # width), with biases as mlp_bias says
+    merger_size: int = 0
+    merger_out: int = 0
     # The blocks of each main layer, in order (names in ``ckpt_ir.ir.blocks.BLOCKS``: a mixer
     # such as "attention" or "mamba", an MLP such as "mlp" or "moe"); empty: every layer is one
     # mixer and one MLP, as the fields above imply (see :meth:`blocks`).  A block of a layer made
@@ -354,9 +376,28 @@ class ModelSpec:
     def heads_per_group(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def merger_hidden(self) -> int:
+        """A vision merger's width: merger_size^2 patches of hidden_size each."""
+        return self.hidden_size * self.merger_size**2
+
+    def stack_spec(self, stack: str | None) -> ModelSpec:
+        """The spec of one stack of the model (None: the language model, this spec)."""
+        if stack is None:
+            return self
+        sub = getattr(self, stack, None) if stack in STACKS else None
+        if sub is None:
+            raise LayoutError(f"model spec: {self.family} has no {stack} stack")
+        return sub
+
     def summary(self) -> dict[str, Any]:
-        """The fields that decide shapes, for dumps (``extra`` left out)."""
-        return {f.name: getattr(self, f.name) for f in attrs.fields(ModelSpec) if f.name != "extra"}
+        """The fields that decide shapes, for dumps (``extra`` left out; a stack's own spec as
+        its summary)."""
+        out = {f.name: getattr(self, f.name) for f in attrs.fields(ModelSpec) if f.name != "extra"}
+        for stack in STACKS:
+            if out.get(stack) is not None:
+                out[stack] = {k: v for k, v in out[stack].summary().items() if v not in (0, None, False, ())}
+        return out
 
 
 def scoped(spec: ModelSpec, sub: int | None) -> ModelSpec:

@@ -7,8 +7,8 @@ import re
 from ckpt_ir.errors import VerifyError
 from ckpt_ir.ir import layout as L
 from ckpt_ir.ir.checkpoint import Checkpoint
-from ckpt_ir.ir.names import is_expert, is_lora, role_of, split_layer, split_sub
-from ckpt_ir.ir.roles import expected_names, expected_shape
+from ckpt_ir.ir.names import is_lora, role_of, split_layer, split_stack, split_sub
+from ckpt_ir.ir.roles import expected_names, expected_shape, tp_of
 from ckpt_ir.ir.roles import role as role_row
 
 SEPARATE_GATE_UP = re.compile(r"^mlp\.(?:experts\.\d+\.|shared\.)?(?:gate|up)\.")
@@ -29,20 +29,22 @@ def verify(ckpt: Checkpoint, after: str = "") -> None:
         row = role_row(name)
         if row is None:
             raise VerifyError(f"{name}: unknown tensor role {role_of(name)!r}{where}")
-        layer, rest = split_layer(name)
-        if layer is not None and not 0 <= layer < spec.total_layers:
-            raise VerifyError(f"{name}: layer {layer} outside the model's {spec.total_layers} layers{where}")
+        stack, inner = split_stack(name)  # a stack's (vision tower's) tensors by its own spec and layout
+        sspec, slay = spec.stack_spec(stack), layout.for_stack(stack)
+        layer, rest = split_layer(inner)
+        if layer is not None and not 0 <= layer < sspec.total_layers:
+            raise VerifyError(f"{name}: layer {layer} outside the model's {sspec.total_layers} layers{where}")
         rest = split_sub(rest)[1]  # a sublayer's tensors are checked as a layer's
         fused_qkv = rest.startswith(("attn.qkv.", "attn.qkv_a.", "attn.gdn.in_"))
         fused_fc1 = ".gate_up." in "." + rest
-        if (fused_qkv and not layout.fused_qkv) or (fused_fc1 and not layout.fused_gate_up):
+        if (fused_qkv and not slay.fused_qkv) or (fused_fc1 and not slay.fused_gate_up):
             raise VerifyError(f"{name}: fused tensor in a layout that says unfused{where}")
         separate = rest.startswith(("attn.q.", "attn.k.", "attn.v.", "attn.q_a.", "attn.kv_a."))
         # MindSpeed-LLM's layout keeps gated attention's q / k / v apart
-        kept = spec.attn_gate and layout.gdn_keys == "mindspeed"
-        if (separate and not kept or SEPARATE_GDN.match(rest)) and layout.fused_qkv:
+        kept = sspec.attn_gate and slay.gdn_keys == "mindspeed"
+        if (separate and not kept or SEPARATE_GDN.match(rest)) and slay.fused_qkv:
             raise VerifyError(f"{name}: separate q/k/v tensor in a layout with fused QKV{where}")
-        if SEPARATE_GATE_UP.match(rest) and layout.fused_gate_up:
+        if SEPARATE_GATE_UP.match(rest) and slay.fused_gate_up:
             raise VerifyError(f"{name}: separate gate/up tensor in a layout with fused gate/up{where}")
         rank = (
             t.shape[0]
@@ -55,7 +57,7 @@ def verify(ckpt: Checkpoint, after: str = "") -> None:
         if want is not None and t.shape != want:
             raise VerifyError(f"{name}: shape {list(t.shape)} but the spec implies {list(want)}{where}")
         split = row.split
-        tp = layout.expert_tp if is_expert(name) else layout.tp
+        tp = tp_of(name, layout)
         if t.tp > 1 and (split is None or t.tp != tp):
             raise VerifyError(f"{name}: {t.tp} shards in a layout with tp={tp}{where}")
         if split is not None and t.tp == 1 and tp > 1:

@@ -13,10 +13,11 @@ from ckpt_ir.errors import LayoutError, VerifyError, setting
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.blocks import is_hybrid
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode, shard_expr
-from ckpt_ir.ir.layout import expert_owner, layer_slots, num_chunks
+from ckpt_ir.ir.layout import expert_owner, layer_slots, text_ends
 from ckpt_ir.ir.names import Split, expert_of, role_of, split_layer
 from ckpt_ir.ir.rules import Stack, mla_rule
 from ckpt_ir.megatron import keys as M
+from ckpt_ir.megatron import multimodal
 
 
 @attrs.frozen
@@ -39,6 +40,9 @@ class Entry:
     ep: int | None = None
     grouped: str | None = None  # "weight1" / "weight2"
     part: Part | None = None
+    # a key packing several canonical tensors by this rule (keyed by their names): a vision tower
+    # kept in its HF form (Megatron-Bridge's Qwen2.5-VL: attn.qkv = [q; k; v]), whole on every rank
+    pack: Stack | None = None
 
 
 def entry_expr(tensors: dict[str, TensorNode], entry: Entry, rank: int, tp: int) -> E.Expr:
@@ -48,6 +52,8 @@ def entry_expr(tensors: dict[str, TensorNode], entry: Entry, rank: int, tp: int)
         return shard_expr(part, entry.part.split, tp)[rank] if entry.part.split and tp > 1 else part
     nodes = [tensors[c] for c in entry.canon]
     exprs = [t.shards[rank] if t.tp > 1 else t.shards[0] for t in nodes]
+    if entry.pack is not None:
+        return entry.pack.fuse(dict(zip(entry.canon, exprs)))
     return M.group_experts(entry.grouped, exprs) if entry.grouped else exprs[0]
 
 
@@ -59,7 +65,6 @@ def rank_content(
     spec, layout = ckpt.spec, ckpt.layout
     slots = layer_slots(spec, layout)
     where = {s.real: s for s in slots if s.real is not None}
-    chunks = num_chunks(spec, layout)
     mcore_mla = spec.mla and layout.mla_keys == "mcore"
     table = M.spec_layer_table(layout.norm_names, spec, layout.mla_keys)
     order = M.role_order(spec, layout.mla_keys)
@@ -90,10 +95,10 @@ def rank_content(
         if layer is not None:
             for role in parts if parts and rest == "attn.qkv_a.weight" else (role_of(name),):
                 by_layer[layer][role].append(name)
-    last = (layout.pp - 1, chunks - 1)
+    first, last = text_ends(spec, layout)
     if "embed.weight" in ckpt.tensors:
-        content[(0, 0)].append(Entry("embedding.word_embeddings.weight", ("embed.weight",)))
-    content[(0, 0)].extend(Entry(key, (canon,)) for key, canon in M.PRE_LAYERS[1:] if canon in ckpt.tensors)
+        content[first].append(Entry("embedding.word_embeddings.weight", ("embed.weight",)))
+    content[first].extend(Entry(key, (canon,)) for key, canon in M.PRE_LAYERS[1:] if canon in ckpt.tensors)
     known = (
         set(order)
         | {f"layers.{{i}}.{c}" for _, c in (*M.MTP_KEYS, *M.MTP_HC_HEAD)}
@@ -172,6 +177,12 @@ def rank_content(
         # Megatron keeps a copy of the tied embedding on the last stage when PP > 1
         content[last].append(Entry("output_layer.weight", ("embed.weight",)))
     content[last].extend(Entry(key, (canon,)) for key, canon in M.HC_HEAD if canon in ckpt.tensors)
+    if spec.vision is not None:  # a vision-language model: its modules' prefixes, the tower's keys
+        prefix = multimodal.TEXT_PREFIX[layout.mm_keys]
+        for entries in list(content.values()):
+            entries[:] = [attrs.evolve(e, key=prefix + e.key) for e in entries]
+        for place, keys in multimodal.tower_keys(ckpt).items():
+            content[place][:0] = [Entry(key, canon, pack=pack) for key, canon, pack in keys]
     return content, where
 
 

@@ -1,12 +1,13 @@
 """Passes that change what the output carries or how it names it, never a tensor's values:
-``drop-optimizer-state``, ``rename-norms`` and ``rename-mla``."""
+``drop-optimizer-state``, ``rename-norms``, ``rename-mla`` and ``rename-mm``."""
 
 from __future__ import annotations
 
 import attrs
 
+from ckpt_ir.errors import UsageError
 from ckpt_ir.ir.checkpoint import Checkpoint
-from ckpt_ir.ir.layout import MLA_KEYS, NORM_NAMES
+from ckpt_ir.ir.layout import MLA_KEYS, MM_KEYS, NORM_NAMES
 from ckpt_ir.passes.manager import Pass, Requirement, one_of, option, register_pass
 
 
@@ -67,3 +68,26 @@ class RenameMla(Pass):
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
         return ckpt.with_tensors(dict(ckpt.tensors), layout=attrs.evolve(ckpt.layout, mla_keys=self.keys))
+
+
+@register_pass
+@attrs.frozen
+class RenameMm(Pass):
+    name = "rename-mm"
+    summary = "Choose a vision-language model's Megatron names: bridge (Megatron-Bridge) or mindspeed (MindSpeed-MM)"
+    description = (
+        "bridge: the language model under language_model.*, the vision tower as its Megatron-Bridge "
+        "bridge keeps it (Qwen2.5-VL: transformers' visual.* whole on every TP rank of stage 0); "
+        "mindspeed: MindSpeed-MM's text_decoder.* and image_encoder.* (the tower in Megatron's "
+        "modules, split over TP, per-stage vision layers).  Tensors are unchanged; the Megatron "
+        "backend names them."
+    )
+    guarantees = "layout.mm_keys set"
+    optimizer_state = "follow"
+
+    keys: str = option(help="whose names", allowed=one_of(*MM_KEYS))
+
+    def run(self, ckpt: Checkpoint) -> Checkpoint:
+        if ckpt.spec.vision is None:
+            raise UsageError(f"rename-mm: {ckpt.spec.family} has no vision tower; leave it out")
+        return ckpt.with_tensors(dict(ckpt.tensors), layout=attrs.evolve(ckpt.layout, mm_keys=self.keys))

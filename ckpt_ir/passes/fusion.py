@@ -29,7 +29,7 @@ from ckpt_ir.errors import VerifyError
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.layout import GDN_KEYS
-from ckpt_ir.ir.names import SUB, layer_name, split_layer
+from ckpt_ir.ir.names import SUB, layer_name, split_layer, split_stack
 from ckpt_ir.ir.rules import (
     Stack,
     gate_up_rule,
@@ -132,15 +132,31 @@ def _shared(ckpt: Checkpoint, names: list[str], pass_name: str) -> E.Expr:
     return exprs[0]
 
 
-def fuse(ckpt: Checkpoint, f: Fusion, pass_name: str) -> dict[str, TensorNode]:
-    """Every occurrence of ``f``'s parts fused; the new tensors take the first part's place."""
-    spec = ckpt.spec
+def _in_stack(stack: str | None) -> Callable[[str], tuple[int | None, str]]:
+    """The layer of a canonical name in ``stack`` (None: the language model), as split_layer."""
+
+    def layer_of(name: str) -> tuple[int | None, str]:
+        s, inner = split_stack(name)
+        return split_layer(inner) if s == stack else (None, name)
+
+    return layer_of
+
+
+def _named(stack: str | None) -> Callable[[int, str], str]:
+    return (lambda i, rest: f"{stack}.{layer_name(i, rest)}") if stack else layer_name
+
+
+def fuse(ckpt: Checkpoint, f: Fusion, pass_name: str, stack: str | None = None) -> dict[str, TensorNode]:
+    """Every occurrence of ``f``'s parts fused (in the layers of ``stack``, a vision tower's by its
+    own spec; None: the language model's); the new tensors take the first part's place."""
+    spec = ckpt.spec.stack_spec(stack)
+    layer_of, named = _in_stack(stack), _named(stack)
     first = next(iter(f.parts))
     anchor = re.compile(rf"^({IN_SUBLAYER}{f.prefix.pattern}){re.escape(f.parts[first](spec))}\.weight$")
     replace: dict[str, dict[str, E.Expr]] = {}
     drop: set[str] = set()
     for name in ckpt.tensors:
-        layer, rest = split_layer(name)
+        layer, rest = layer_of(name)
         m = anchor.match(rest) if layer is not None else None
         if not m:
             continue
@@ -150,11 +166,11 @@ def fuse(ckpt: Checkpoint, f: Fusion, pass_name: str) -> dict[str, TensorNode]:
         # the parts this layer's fused form holds (a kv_shared layer's qkv: q alone)
         held = f.rule(spec, 0, layer).sizes()
         for kind in f.kinds:
-            names = {p: layer_name(layer, f"{stem}.{kind}") for p, stem in stems.items() if p in held}
+            names = {p: named(layer, f"{stem}.{kind}") for p, stem in stems.items() if p in held}
             if not all(n in ckpt.tensors for n in names.values()):
                 continue
             drop |= set(names.values())
-            target = layer_name(layer, f"{m.group(1)}{f.fused}.{kind}")
+            target = named(layer, f"{m.group(1)}{f.fused}.{kind}")
             if kind == SHARED:
                 new[target] = _shared(ckpt, list(names.values()), pass_name)
             else:
@@ -164,13 +180,15 @@ def fuse(ckpt: Checkpoint, f: Fusion, pass_name: str) -> dict[str, TensorNode]:
     return _rebuild(ckpt, replace, drop)
 
 
-def unfuse(ckpt: Checkpoint, f: Fusion) -> dict[str, TensorNode]:
-    """Every fused tensor of ``f`` split back into its parts (LoRA A shared by all of them)."""
-    spec = ckpt.spec
+def unfuse(ckpt: Checkpoint, f: Fusion, stack: str | None = None) -> dict[str, TensorNode]:
+    """Every fused tensor of ``f`` (in the layers of ``stack``) split back into its parts (LoRA A
+    shared by all of them)."""
+    spec = ckpt.spec.stack_spec(stack)
+    layer_of, named = _in_stack(stack), _named(stack)
     fused = re.compile(rf"^({IN_SUBLAYER}{f.prefix.pattern}){re.escape(f.fused)}\.(.+)$")
     replace: dict[str, dict[str, E.Expr]] = {}
     for name, t in ckpt.tensors.items():
-        layer, rest = split_layer(name)
+        layer, rest = layer_of(name)
         m = fused.match(rest) if layer is not None else None
         if not m or m.group(2) not in f.kinds:
             continue
@@ -178,10 +196,10 @@ def unfuse(ckpt: Checkpoint, f: Fusion) -> dict[str, TensorNode]:
         stems, kind = f.stems(spec, m.group(1)), m.group(2)
         if kind == SHARED:
             held = f.rule(spec, 0, layer).sizes()
-            replace[name] = {layer_name(layer, f"{stems[p]}.{kind}"): t.expr for p in held}
+            replace[name] = {named(layer, f"{stems[p]}.{kind}"): t.expr for p in held}
             continue
         parts = f.rule(spec, t.shape[0], layer).split(t.expr)
-        replace[name] = {layer_name(layer, f"{stems[p]}.{kind}"): e for p, e in parts.items()}
+        replace[name] = {named(layer, f"{stems[p]}.{kind}"): e for p, e in parts.items()}
     return _rebuild(ckpt, replace, set(replace))
 
 
@@ -301,3 +319,36 @@ class UnfuseGateUp(Pass):
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
         return ckpt.with_tensors(unfuse(ckpt, GATE_UP), layout=attrs.evolve(ckpt.layout, fused_gate_up=False))
+
+
+@register_pass
+class FuseVision(Pass):
+    name = "fuse-vision"
+    summary = "Fuse a vision tower's q/k/v and gate/up as Megatron's linear_qkv / linear_fc1 (MindSpeed-MM)"
+    description = (
+        "The vision tower's (ModelSpec.vision) attention is multi-head: Megatron's per-group "
+        "interleave with a group per head gives each head's [q_h; k_h; v_h], which MindSpeed-MM's "
+        "converter writes (RelocateOp); its gated MLP becomes [gate; up]."
+    )
+    requires = (WHOLE,)
+    optimizer_state = "follow"
+    guarantees = "vision.layers.N.attn.qkv.* per head [q_h; k_h; v_h], vision.layers.N.mlp.gate_up.*"
+
+    def run(self, ckpt: Checkpoint) -> Checkpoint:
+        ckpt = ckpt.with_tensors(fuse(ckpt, QKV, self.name, "vision"))
+        tensors = fuse(ckpt, GATE_UP, self.name, "vision")
+        return ckpt.with_tensors(tensors, layout=attrs.evolve(ckpt.layout, vision_fused=True))
+
+
+@register_pass
+class UnfuseVision(Pass):
+    name = "unfuse-vision"
+    summary = "Split a vision tower's fused linear_qkv / linear_fc1 back into q/k/v and gate/up"
+    requires = (WHOLE,)
+    optimizer_state = "follow"
+    guarantees = "vision.layers.N.attn.{q,k,v}.*, vision.layers.N.mlp.{gate,up}.*"
+
+    def run(self, ckpt: Checkpoint) -> Checkpoint:
+        ckpt = ckpt.with_tensors(unfuse(ckpt, GATE_UP, "vision"))
+        tensors = unfuse(ckpt, QKV, "vision")
+        return ckpt.with_tensors(tensors, layout=attrs.evolve(ckpt.layout, vision_fused=False))

@@ -6,8 +6,7 @@ import attrs
 
 from ckpt_ir.ir import layout as L
 from ckpt_ir.ir.checkpoint import Checkpoint, gather_exprs, shard_expr
-from ckpt_ir.ir.names import is_expert
-from ckpt_ir.ir.roles import split_rule
+from ckpt_ir.ir.roles import split_rule, tp_of
 from ckpt_ir.passes.manager import GATHERED, MOE, NO_NOOP, SINGLE_STAGE, Pass, at_least, option, register_pass
 
 
@@ -29,11 +28,21 @@ class Shard(Pass):
     pp: int = option(1, help="pipeline parallel size", allowed=at_least(1))
     vpp_layers: int | None = option(None, help="layers per virtual pipeline stage", allowed=at_least(1))
     num_layer_list: tuple[int, ...] | None = option(
-        None, help="layers per pipeline stage, e.g. 2,6", allowed=at_least(1)
+        None,
+        help="layers per pipeline stage, e.g. 2,6 (MindSpeed-MM's layout: per stage of each virtual chunk, 0 allowed)",
+        allowed=at_least(0),
     )
     ep: int = option(1, help="expert parallel size (MoE)", allowed=at_least(1))
     etp: int | None = option(
         None, help="expert tensor parallel size: 1 (whole experts) or tp (default)", allowed=at_least(1)
+    )
+    vision_tp: int = option(
+        1, help="a vision tower's tensor parallel size (1: whole on every rank)", allowed=at_least(1)
+    )
+    vision_layer_list: tuple[int, ...] | None = option(
+        None,
+        help="a vision tower's layers per pipeline stage (and virtual chunk), e.g. 2,0 (default: all on stage 0)",
+        allowed=at_least(0),
     )
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
@@ -46,13 +55,15 @@ class Shard(Pass):
             num_layer_list=self.num_layer_list,
             ep=self.ep,
             etp=None if etp is None or etp == self.tp else etp,
+            vision_tp=self.vision_tp,
+            vision_layer_list=self.vision_layer_list,
         )
         L.validate(ckpt.spec, layout)
         L.expert_rank_files(layout)  # TP/EP compatibility with expert TP = 1
         out = {}
         for name, t in ckpt.tensors.items():
             rule = split_rule(name, ckpt.spec)
-            tp = layout.expert_tp if is_expert(name) else layout.tp
+            tp = tp_of(name, layout)
             if rule is None or tp == 1:
                 out[name] = t
             else:
@@ -75,7 +86,17 @@ class Gather(Pass):
             else:
                 assert t.split is not None  # TensorNode refuses several shards without a split rule
                 out[name] = attrs.evolve(t, shards=(gather_exprs(t.shards, t.split),), split=None)
-        layout = attrs.evolve(ckpt.layout, tp=1, pp=1, vpp_layers=None, num_layer_list=None, ep=1, etp=None)
+        layout = attrs.evolve(
+            ckpt.layout,
+            tp=1,
+            pp=1,
+            vpp_layers=None,
+            num_layer_list=None,
+            ep=1,
+            etp=None,
+            vision_tp=1,
+            vision_layer_list=None,
+        )
         return ckpt.with_tensors(out, layout=layout)
 
 

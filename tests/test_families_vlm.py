@@ -1,0 +1,329 @@
+"""Vision-language families (qwen2_5_vl, qwen2_vl): a language model and a vision tower in one
+checkpoint.  HF -> HF (a dtype cast) and HF -> Megatron-Core -> HF are bit-exact with every side file
+(processor, chat template, tokenizer config) back byte for byte, and transformers' logits on text
+plus a generated image are equal; the Megatron rank files hold Megatron-Bridge's layout
+(``language_model.*`` with Transformer Engine's norm names, the tower as transformers' ``visual.*``
+whole on every TP rank of pipeline stage 0: Megatron-Bridge ``qwen_vl/qwen25_vl_bridge.py``
+mapping_registry and ``modeling_qwen25_vl.py``, which builds ``visual`` where ``pre_process``)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import ckpt_ir.api as ck
+from tests.family_models import rank
+from tests.test_hf_roundtrip import assert_same_tensors, convert, hf_state
+
+TEXT = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=160,
+    num_hidden_layers=2,
+    max_position_embeddings=128,
+    bos_token_id=1,
+    eos_token_id=2,
+    # M-RoPE over (temporal, height, width): sections sum to head_dim / 2
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 4]},
+)
+# patch 4, temporal patch 2, 2x2 merge; the tower narrower than the language model (32 vs 64)
+VISION = dict(depth=2, num_heads=4, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+TOKENS = dict(image_token_id=150, video_token_id=151, vision_start_token_id=152, vision_end_token_id=153)
+CONFIGS = {
+    # window attention in layer 0, full attention in layer 1 (window 8 pixels: 1 merged patch)
+    "qwen2_5_vl": dict(
+        text_config=TEXT,
+        vision_config=dict(
+            VISION,
+            hidden_size=32,
+            intermediate_size=48,
+            out_hidden_size=64,
+            fullatt_block_indexes=[1],
+            window_size=8,
+        ),
+        **TOKENS,
+    ),
+    # Qwen2-VL's tower: embed_dim wide, an MLP mlp_ratio x wider, LayerNorms; hidden_size is the
+    # language model's (the merger's output)
+    "qwen2_vl": dict(
+        text_config=TEXT, vision_config=dict(VISION, embed_dim=32, mlp_ratio=2, hidden_size=64), **TOKENS
+    ),
+}
+# MindSpeed-MM's layout (text_decoder.*, image_encoder.*, a layer count per module and stage)
+MM = dict(mm_keys="mindspeed")
+# the Megatron layouts each family goes through (and back): Megatron-Bridge's at TP, and PP with
+# the tower on stage 0; MindSpeed-MM's with the tower on stage 0 or split, and a first stage that
+# holds no language-model layer (its converter loses the last layers there)
+LAYOUTS: dict[str, tuple[dict, ...]] = {
+    "qwen2_5_vl": (
+        dict(tp=1),
+        dict(tp=2),
+        dict(tp=2, pp=2),
+        dict(MM, tp=2, pp=2, num_layer_list=(1, 1), vision_layer_list=(2, 0)),
+        dict(MM, pp=3, num_layer_list=(0, 1, 1), vision_layer_list=(2, 0, 0)),
+    ),
+    "qwen2_vl": (dict(tp=2, pp=2), dict(MM, tp=2, pp=2, num_layer_list=(1, 1), vision_layer_list=(1, 1))),
+}
+# side files a released Qwen2-VL directory carries, in both generations of transformers' names;
+# odd spacing and no final newline, so a rewrite would show
+SIDE_FILES = {
+    "preprocessor_config.json": '{"image_processor_type": "Qwen2VLImageProcessor",  "patch_size": 4,'
+    ' "merge_size": 2, "temporal_patch_size": 2}',
+    "video_preprocessor_config.json": '{"video_processor_type": "Qwen2VLVideoProcessor", "patch_size": 4}',
+    "processor_config.json": '{"processor_class": "Qwen2_5_VLProcessor"}\n\n',
+    "chat_template.json": '{"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}',
+    "tokenizer_config.json": '{"model_max_length": 128, "padding_side":"left"}',
+}
+# an image of 4 x 6 patches (one frame): 24 patch rows, 6 merged tokens
+GRID = (1, 4, 6)
+
+
+def build(path: str, model_type: str) -> str:
+    """A tiny model of ``model_type`` built and saved by transformers, every parameter random."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    cfg = AutoConfig.for_model(model_type, **CONFIGS[model_type])
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    model.save_pretrained(path)
+    for name, text in SIDE_FILES.items():
+        with open(os.path.join(path, name), "w") as f:
+            f.write(text)
+    return path
+
+
+def vl_inputs(path: str) -> dict[str, torch.Tensor]:
+    """Token ids around one generated image (pixel rows and grid built from the config, as
+    Qwen2VLImageProcessor lays them out: one row of channels x frames x patch^2 per patch)."""
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    v = cfg["vision_config"]
+    t, h, w = GRID
+    width = v["in_channels"] * v["temporal_patch_size"] * v["patch_size"] ** 2
+    pixels = torch.randn(t * h * w, width, generator=torch.Generator().manual_seed(0))
+    image = cfg["image_token_id"]
+    ids = [5, 7, cfg["vision_start_token_id"]] + [image] * (t * h * w // v["spatial_merge_size"] ** 2)
+    ids = torch.tensor([ids + [cfg["vision_end_token_id"], 9, 11, 13]])
+    return dict(
+        input_ids=ids,
+        pixel_values=pixels,
+        image_grid_thw=torch.tensor([GRID]),
+        mm_token_type_ids=(ids == image).long(),
+    )
+
+
+def vl_logits(path: str) -> torch.Tensor:
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        return model(**vl_inputs(path)).logits
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vlm")
+    cache: dict[str, str] = {}
+
+    def get(model_type: str) -> str:
+        if model_type not in cache:
+            cache[model_type] = build(str(root / model_type), model_type)
+        return cache[model_type]
+
+    return get
+
+
+def assert_side_files(src: str, out: str) -> None:
+    for name in SIDE_FILES:
+        assert open(os.path.join(out, name), "rb").read() == open(os.path.join(src, name), "rb").read(), name
+
+
+@pytest.mark.parametrize("family", sorted(LAYOUTS))
+def test_hf_to_mcore_to_hf_bit_exact_with_same_image_logits(models, tmp_path, family):
+    src = models(family)
+    ckpt = ck.load(src)
+    assert ckpt.spec.family == family and ckpt.spec.vision is not None
+    want = vl_logits(src)
+    hf = hf_state(src)
+    visual = {k for k in hf if k.startswith("visual.")}
+    for n, layout in enumerate(LAYOUTS[family]):
+        mid, back = str(tmp_path / f"mid{n}"), str(tmp_path / f"back{n}")
+        convert(src, mid, ck.Target(to="mcore", **layout))
+        convert(mid, back, ck.Target(to="hf"))
+        assert_same_tensors(src, back)
+        assert_side_files(src, back)
+        assert torch.equal(vl_logits(back), want), layout
+        assert (
+            json.load(open(f"{back}/config.json"))["vision_config"]
+            == json.load(open(f"{src}/config.json"))["vision_config"]
+        )
+        if layout.get("mm_keys") == "mindspeed":
+            assert_mindspeed_mm_files(mid, hf, layout, json.load(open(f"{src}/config.json")))
+            continue
+        # Megatron-Bridge's layout: the tower whole on every TP rank of stage 0, nowhere else
+        for t in range(layout["tp"]):
+            for p in range(layout.get("pp", 1)):
+                sd = rank(mid, f"mp_rank_{t:02d}" + (f"_{p:03d}" if layout.get("pp", 1) > 1 else ""))["model"]
+                keys = {k for k in sd if not k.startswith("language_model.")}
+                assert keys == (visual if p == 0 else set()), (t, p)
+                for k in keys:
+                    assert torch.equal(sd[k], hf[k]), k
+                qkv_norm = "language_model.decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"
+                assert qkv_norm in sd, (t, p)
+
+
+def assert_mindspeed_mm_files(mid: str, hf: dict, layout: dict, cfg: dict) -> None:
+    """MindSpeed-MM's files (its checkpoint/vlm_model/hf_to_mm.py and converters/qwen2vl.py):
+    release/, no args; each module's layers where its list puts them, numbered from 0 on each
+    stage, its first / last tensors on its first / last stage with layers; the tower's qkv one head
+    after another ([q_h; k_h; v_h], its RelocateOp), split over TP by whole heads."""
+    assert open(f"{mid}/latest_checkpointed_iteration.txt").read() == "release"
+    tp, pp = layout.get("tp", 1), layout["pp"]
+    vision = cfg["vision_config"]
+    heads, width = vision["num_heads"], vision.get("embed_dim") or vision["hidden_size"]
+    modules = (
+        (
+            "text_decoder.decoder.layers.",
+            layout["num_layer_list"],
+            "text_decoder.embedding.",
+            "text_decoder.output_layer.",
+        ),
+        (
+            "image_encoder.encoder.blocks.layers.",
+            layout["vision_layer_list"],
+            "image_encoder.encoder.patch_embed.",
+            "image_encoder.projector.",
+        ),
+    )
+    # vision layer 1: on the stage its list puts it, as the stage's own layer number
+    counts = layout["vision_layer_list"]
+    stage = next(p for p in range(pp) if sum(counts[: p + 1]) > 1)
+    key = f"image_encoder.encoder.blocks.layers.{1 - sum(counts[:stage])}.self_attention.linear_qkv.weight"
+    qkv, d = hf["visual.blocks.1.attn.qkv.weight"], width // heads
+    per_head = torch.cat([qkv[part * width + h * d :][:d] for h in range(heads) for part in range(3)])
+    for t in range(tp):
+        models = {}
+        for p in range(pp):
+            obj = torch.load(f"{mid}/release/mp_rank_{t:02d}_{p:03d}/model_optim_rng.pt", weights_only=False)
+            assert list(obj) == ["model", "checkpoint_version"] and obj["checkpoint_version"] == 3.0
+            models[p] = obj["model"]
+        for prefix, counts, first, last in modules:
+            filled = [p for p, n in enumerate(counts) if n]
+            for p, sd in models.items():
+                assert {int(k[len(prefix) :].split(".")[0]) for k in sd if k.startswith(prefix)} == set(
+                    range(counts[p])
+                ), (prefix, p)
+                assert any(k.startswith(first) for k in sd) == (p == filled[0]), (first, p)
+                assert any(k.startswith(last) for k in sd) == (p == filled[-1]), (last, p)
+        assert torch.equal(models[stage][key], per_head.chunk(tp)[t])
+
+
+def test_the_image_reaches_the_logits(models, tmp_path):
+    """One changed vision weight changes the logits on text + image (the comparisons above see the tower)."""
+    src = models("qwen2_5_vl")
+    changed = str(tmp_path / "changed")
+    convert(src, changed, ck.Target(to="hf"))
+    f = os.path.join(changed, "model.safetensors")
+    sd = load_file(f)
+    sd["visual.blocks.1.mlp.down_proj.weight"] = sd["visual.blocks.1.mlp.down_proj.weight"] * 1.5
+    save_file(sd, f, metadata={"format": "pt"})
+    assert not torch.equal(vl_logits(changed), vl_logits(src))
+
+
+def test_hf_to_hf_cast_and_reshard_through_megatron(models, tmp_path):
+    """A bf16 cast writes each tensor as torch rounds it and the dtype into every sub-config; a
+    Megatron checkpoint reshards (TP2 PP2 -> TP1) with the tower and the side files along."""
+    src = models("qwen2_5_vl")
+    bf16 = str(tmp_path / "bf16")
+    convert(src, bf16, ck.Target(to="hf", dtype="bf16"))
+    ours, theirs = hf_state(bf16), hf_state(src)
+    assert sorted(ours) == sorted(theirs)
+    for k, x in ours.items():
+        assert x.dtype == torch.bfloat16 and torch.equal(x, theirs[k].to(torch.bfloat16)), k
+    cfg = json.load(open(f"{bf16}/config.json"))
+    assert {cfg["dtype"], cfg["text_config"]["dtype"], cfg["vision_config"]["dtype"]} == {"bfloat16"}
+    assert_side_files(src, bf16)
+    mid, mid2, back = (str(tmp_path / n) for n in ("mid", "mid2", "back"))
+    convert(src, mid, ck.Target(to="mcore", tp=2, pp=2))
+    convert(mid, mid2, ck.Target(to="mcore", tp=1))
+    one, stages = rank(mid2, "mp_rank_00")["model"], [rank(mid, f"mp_rank_00_00{p}")["model"] for p in (0, 1)]
+    assert len(one) == sum(map(len, stages))
+    assert {k for k in one if k.startswith("visual.")} == {k for k in stages[0] if k.startswith("visual.")}
+    convert(mid2, back, ck.Target(to="hf"))
+    assert_same_tensors(src, back)
+    assert_side_files(src, back)
+
+
+def mm_convert(method: str, *cfg: str) -> int:
+    from ckpt_ir.commands.cli import main
+
+    return main(["mm-convert", "Qwen2_5_VLConverter", method, *cfg])
+
+
+def layers(llm, vit, tp: int) -> list[str]:
+    return [
+        "--cfg.parallel_config.llm_pp_layers",
+        json.dumps(llm),
+        "--cfg.parallel_config.vit_pp_layers",
+        json.dumps(vit),
+        "--cfg.parallel_config.tp_size",
+        str(tp),
+    ]
+
+
+def test_mm_convert_is_a_drop_in_for_mindspeed_mm(models, tmp_path, capsys):
+    """``ckpt-ir mm-convert`` with MindSpeed-MM's arguments: nested lists (virtual chunks) one way,
+    flat ones back, the settings checked against the files; the way back bit-exact with the side
+    files of the HF directory."""
+    src = models("qwen2_5_vl")
+    mm, back = str(tmp_path / "mm"), str(tmp_path / "back")
+    assert (
+        mm_convert("hf_to_mm", "--cfg.mm_dir", mm, "--cfg.hf_config.hf_dir", src, *layers([[2]], [2], 1)) == 2
+    )
+    assert "--cfg.parallel_config.vit_pp_layers must be a list of lists" in capsys.readouterr().err
+    vpp = layers([[1, 0], [0, 1]], [[2, 0], [0, 0]], 1)
+    assert mm_convert("hf_to_mm", "--cfg.mm_dir", mm, "--cfg.hf_config.hf_dir", src, *vpp) == 0
+    obj = torch.load(f"{mm}/release/mp_rank_00_000/model_optim_rng.pt", weights_only=False)
+    assert list(obj) == ["model0", "model1", "checkpoint_version"]  # virtual chunk v: model<v>
+    assert (
+        any(k.startswith("image_encoder.") for k in obj["model0"])
+        and "text_decoder.embedding.word_embeddings.weight" in obj["model0"]
+    )
+    assert not any(k.startswith("image_encoder.") for k in obj["model1"])
+    flat = ("--cfg.save_hf_dir", back, "--cfg.mm_dir", mm, "--cfg.hf_config.hf_dir", src)
+    assert mm_convert("mm_to_hf", *flat, *layers([1, 0, 0, 1], [2, 0, 0, 0], 2)) == 2
+    assert "holds tp_size 1, but --cfg.parallel_config.tp_size is 2" in capsys.readouterr().err
+    assert mm_convert("mm_to_hf", *flat, *layers([1, 0, 0, 1], [2, 0, 0, 0], 1)) == 0
+    assert_same_tensors(src, back)
+    assert_side_files(src, back)
+
+
+def test_a_vocabulary_tp_does_not_divide_is_padded_not_cut(tmp_path):
+    """MindSpeed-MM cuts floor(V / TP) rows per rank and loses the rest; ckpt-ir pads to a multiple
+    of TP with copies of the last row (as Megatron-LM's tools pad) and trims them on the way back."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    cfg = dict(CONFIGS["qwen2_5_vl"], text_config=dict(TEXT, vocab_size=161))
+    src = str(tmp_path / "hf")
+    AutoModelForImageTextToText.from_config(AutoConfig.for_model("qwen2_5_vl", **cfg)).save_pretrained(src)
+    mm, back = str(tmp_path / "mm"), str(tmp_path / "back")
+    assert (
+        mm_convert("hf_to_mm", "--cfg.mm_dir", mm, "--cfg.hf_config.hf_dir", src, *layers([[2]], [[2]], 2))
+        == 0
+    )
+    embed = hf_state(src)["model.embed_tokens.weight"]
+    padded = torch.cat([embed, embed[-1:]])
+    for t in range(2):
+        sd = torch.load(f"{mm}/release/mp_rank_{t:02d}/model_optim_rng.pt", weights_only=False)["model"]
+        assert torch.equal(sd["text_decoder.embedding.word_embeddings.weight"], padded.chunk(2)[t])
+    flat = ("--cfg.save_hf_dir", back, "--cfg.mm_dir", mm, "--cfg.hf_config.hf_dir", src)
+    assert mm_convert("mm_to_hf", *flat, *layers([2], [2], 2)) == 0
+    assert_same_tensors(src, back)
