@@ -93,7 +93,9 @@ GDN_CONFIG = (
     ConfigKey("linear_v_dim", "linear_value_head_dim", 128),
     ConfigKey("linear_conv_kernel", "linear_conv_kernel_dim", 4),
 )
-GATED_ATTENTION = (("qk_norm", True), ("attn_gate", True))
+# gated attention, and every norm zero-centred but the gated-delta-net's (megatron-core's
+# apply_layernorm_1p; its out_norm holds the HF norm - 1)
+GATED_ATTENTION = (("qk_norm", True), ("attn_gate", True), ("zero_centred_norms", True))
 MCORE_MISSING = "no: gated-delta-net layers need flash-linear-attention (Triton)"
 # Qwen3-Next's multi-token-prediction layer sits outside model.layers (transformers ignores
 # ^mtp.*; MindSpeed-LLM's qwen3-next entry and its mtp_reorder_flag): its decoder layer is
