@@ -50,8 +50,10 @@ MLPS = ("mlp", "moe")
 # blocks that extend a mixer or an MLP of their layer, or wrap the layer (DeepSeek-V4): the
 # mqa attention's KV compressor and, beside it, its lightning indexer (CSA layers: the indexer
 # has a compressor of its own, and the compressors' windows overlap), the layer's
-# hyper-connection mixers around attention and MLP, and the MoE's token-id routing table
-PARTS = ("compressor", "csa_indexer", "hc", "hash_router")
+# hyper-connection mixers around attention and MLP, and the MoE's token-id routing table; and
+# post_norms, a layer whose norms follow its mixer and its MLP (post_attn_norm, post_mlp_norm)
+# instead of preceding them (OLMo-Hybrid's attention layers, beside pre-norm gated-delta-net ones)
+PARTS = ("compressor", "csa_indexer", "hc", "hash_router", "post_norms")
 BLOCKS = MIXERS + MLPS + PARTS
 
 # megatron-core's hybrid layer symbols (ssm/mamba_hybrid_layer_allocation.py; Megatron-LM's
