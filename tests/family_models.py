@@ -333,6 +333,17 @@ CONFIGS["qwen3_5_moe_text"] = dict(
     num_experts=4,
     num_experts_per_tok=2,
 )
+# OLMo-Hybrid: gated-delta-net layers 0 and 3, OLMo 2 post-norm attention layers 1 and 2 (with
+# every attention bias); q / k convs of 16 channels, v of 48, which transformers saves cut 27 / 27 / 26
+CONFIGS["olmo_hybrid"] = dict(
+    DENSE,
+    attention_bias=True,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=12,
+    layer_types=["linear_attention", "full_attention", "full_attention", "linear_attention"],
+)
 # transformers' num_hidden_layers where a family's default (4) is not the right count: LongCat-Flash
 # derives it as 2 x num_layers (its sublayers), so 6 is 3 layers
 HF_LAYERS = {"longcat_flash": 6}

@@ -8,6 +8,7 @@ docs/reference/composed-blocks.md §1.2, §2.3, §2.5), and the zero-centred out
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -30,6 +31,7 @@ LAYOUTS = {
     ),
     "qwen3_5": (dict(tp=2, pp=2, num_layer_list=(3, 1)), dict(ckpt_format="torch_dist")),
     "qwen3_5_moe": (dict(tp=2, ep=2, grouped_gemm=True),),
+    "olmo_hybrid": (dict(tp=2, pp=2, num_layer_list=(3, 1)), dict(ckpt_format="torch_dist")),
 }
 MODEL_TYPES = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 
@@ -541,3 +543,114 @@ def _memory_load(path: str, key: str, t: torch.Tensor):
     from ckpt_ir.ir.dtypes import from_torch
 
     return E.Load(path, key, tuple(t.shape), from_torch(t.dtype), 0, "memory")
+
+
+def test_olmo_hybrid_convs_read_in_any_cut_and_written_as_transformers_cuts_them(models, tmp_path):
+    """OLMo-Hybrid's q_conv1d / k_conv1d / v_conv1d are one conv [q; k; v] that transformers joins
+    on load and saves cut as torch.chunk cuts it (composed-blocks.md §1.2: K = 16, V = 48 saved
+    27 / 27 / 26): HF -> HF gives a transformers-saved checkpoint back bit for bit, and a file cut
+    K / K / V (which transformers loads to the same conv) is read to the same tensors and written in
+    transformers' cut."""
+    src = models("olmo_hybrid")
+    hf = hf_state(src)
+    p = "model.layers.0.linear_attn."
+    convs = [hf[p + f"{x}_conv1d.weight"] for x in "qkv"]
+    joined = torch.cat(convs)
+    assert [c.shape[0] for c in convs] == [c.shape[0] for c in joined.chunk(3)] != [16, 16, 48]
+    out = str(tmp_path / "out")
+    convert(src, out, ck.Target(to="hf"))
+    assert_same_tensors(src, out)
+    recut = str(tmp_path / "recut")
+    shutil.copytree(src, recut)
+    sd = load_file(os.path.join(recut, "model.safetensors"))
+    for i in (0, 3):
+        q = f"model.layers.{i}.linear_attn."
+        whole = torch.cat([sd[q + f"{x}_conv1d.weight"] for x in "qkv"])
+        for x, part in zip("qkv", whole.split([16, 16, 48])):
+            sd[q + f"{x}_conv1d.weight"] = part.clone()
+    save_file(sd, os.path.join(recut, "model.safetensors"), metadata={"format": "pt"})
+    out2 = str(tmp_path / "out2")
+    convert(recut, out2, ck.Target(to="hf"))
+    assert_same_tensors(src, out2)
+
+
+def test_olmo_hybrid_joined_cut_is_torch_chunk():
+    """The writer's cut of a joined tensor is torch.chunk's (transformers' Chunk); a size torch.chunk
+    cuts into fewer pieces than the HF tensors is refused in one line naming the tensor."""
+    from ckpt_ir.errors import VerifyError
+    from ckpt_ir.families import by_name
+
+    joined = by_name("olmo_hybrid").joined[0]
+    for n in (3, 5, 7, 10, 64, 80, 81, 82):
+        sizes = [b - a for a, b in joined.cut(n, "t")]
+        assert sizes == [c.shape[0] for c in torch.arange(n).chunk(3)], n
+    assert len(torch.arange(4).chunk(3)) == 2
+    with pytest.raises(VerifyError, match="layers.0.attn.gdn.conv1d.weight: 4 rows"):
+        joined.cut(4, "layers.0.attn.gdn.conv1d.weight")
+
+
+def test_olmo_hybrid_megatron_core_layout_per_rank(models, tmp_path):
+    """OLMo-Hybrid at TP 2 in megatron-core's layout, built here from the HF tensors by the format
+    facts (composed-blocks.md §1.2, §2.3, §2.5): a gated-delta-net layer's in_proj on rank r is
+    [q_r; k_r; v_r; g_r; b_r; a_r] of q_proj / k_proj / v_proj / g_proj (the output gate z) /
+    b_proj / a_proj, conv1d [q_r; k_r; v_r] of the joined convs, out_norm the plain o_norm as it is
+    (OLMo's norms are not zero-centred: apply_layernorm_1p false; values where w - 1 + 1 is not w
+    come back exactly), its input and pre-MLP norms attention_layer_norm / feedforward_layer_norm
+    fused into in_proj / linear_fc1 (Transformer Engine); an attention layer has no norm before
+    attention or MLP, feedforward_layer_norm as post_attn_norm after attention and
+    post_feedforward_layernorm as post_mlp_layernorm, full-width q / k norms whole on each rank.
+    A config without rotary (the released NoPE checkpoints) writes position_embedding_type none."""
+    src = str(tmp_path / "hf")
+    shutil.copytree(models("olmo_hybrid"), src)
+    f = os.path.join(src, "model.safetensors")
+    sd = load_file(f)
+    sd["model.layers.0.linear_attn.o_norm.weight"][:4] = torch.tensor([0.3, 0.000999, -0.6992, 2.5])
+    save_file(sd, f, metadata={"format": "pt"})
+    cfg_path = os.path.join(src, "config.json")
+    cfg = json.load(open(cfg_path))
+    json.dump(dict(cfg, rope_parameters=None), open(cfg_path, "w"))
+    mid, back = str(tmp_path / "mid"), str(tmp_path / "back")
+    convert(src, mid, ck.Target(to="mcore", tp=2))
+    ranks = [rank(mid, f"mp_rank_0{r}") for r in (0, 1)]
+    K, V = 16, 48
+    for r, model in enumerate(x["model"] for x in ranks):
+        half = lambda t, dim=0, r=r: t.chunk(2, dim=dim)[r]  # noqa: E731
+        for i in (0, 3):
+            p, m = f"model.layers.{i}.linear_attn.", f"decoder.layers.{i}."
+            conv = torch.cat([sd[p + f"{x}_conv1d.weight"] for x in "qkv"]).split([K, K, V])
+            want = {
+                "self_attention.in_proj.weight": torch.cat(
+                    [half(sd[p + f"{x}_proj.weight"]) for x in "qkvgba"]
+                ),
+                "self_attention.in_proj.layer_norm_weight": sd[
+                    f"model.layers.{i}.attention_layer_norm.weight"
+                ],
+                "self_attention.conv1d.weight": torch.cat([half(c) for c in conv]),
+                "self_attention.A_log": half(sd[p + "A_log"]),
+                "self_attention.dt_bias": half(sd[p + "dt_bias"]),
+                "self_attention.out_norm.weight": sd[p + "o_norm.weight"],
+                "self_attention.out_proj.weight": half(sd[p + "o_proj.weight"], 1),
+                "mlp.linear_fc1.layer_norm_weight": sd[f"model.layers.{i}.feedforward_layer_norm.weight"],
+            }
+            for k, v in want.items():
+                assert torch.equal(model[m + k], v), (r, i, k)
+        for i in (1, 2):
+            a, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+            keys = {k[len(m) :] for k in model if k.startswith(m)}
+            assert not {k for k in keys if "layer_norm" in k or k.startswith(("input_", "pre_mlp"))}
+            want = {
+                "post_attn_norm.weight": sd[a + "feedforward_layer_norm.weight"],
+                "post_mlp_layernorm.weight": sd[a + "post_feedforward_layernorm.weight"],
+                "self_attention.q_layernorm.weight": sd[a + "self_attn.q_norm.weight"],
+                "self_attention.k_layernorm.weight": sd[a + "self_attn.k_norm.weight"],
+                "self_attention.linear_proj.bias": sd[a + "self_attn.o_proj.bias"],
+            }
+            for k, v in want.items():
+                assert torch.equal(model[m + k], v), (r, i, k)
+    args = ranks[0]["args"]
+    assert args.experimental_attention_variant == "gated_delta_net"
+    assert args.linear_attention_freq == [1, 0, 0, 1] and args.apply_layernorm_1p is False
+    assert args.linear_allow_neg_eigval is True  # from the HF config: megatron-core has no such switch
+    assert args.position_embedding_type == "none" and not hasattr(args, "rotary_base")
+    convert(mid, back, ck.Target(to="hf"))
+    assert_same_tensors(src, back)

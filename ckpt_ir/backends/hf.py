@@ -68,13 +68,12 @@ def hf_tensors(ckpt: Checkpoint, family: Family) -> list[tuple[str, E.Expr]]:
             if m := pat.match(name):
                 out.append((name, r.hf.format(**m.groupdict()), E.Reshape(t.expr, r.shape(ckpt.spec))))
                 packed.add(name)
-    for j in family.joined:  # DeepSeek-V4's MTP eh_proj: e_proj and h_proj side by side
+    for j in family.joined:  # DeepSeek-V4's MTP eh_proj, OLMo-Hybrid's q / k / v convs
         pat = template_pattern(j.canonical)
         for name, t in ckpt.tensors.items():
             if m := pat.match(name):
-                width = t.expr.shape[j.dim] // len(j.parts)
-                for n, part in enumerate(j.parts):
-                    piece = E.simplify(E.Slice(t.expr, j.dim, n * width, (n + 1) * width))
+                for part, (a, b) in zip(j.parts, j.cut(t.expr.shape[j.dim], name)):
+                    piece = E.simplify(E.Slice(t.expr, j.dim, a, b))
                     out.append((name, part.format(**m.groupdict()), piece))
                 packed.add(name)
     for name, t in ckpt.tensors.items():

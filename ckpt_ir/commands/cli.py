@@ -247,11 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--gdn-keys",
         choices=("mindspeed", "mcore"),
-        help="gated-delta-net models' (Qwen3-Next, Qwen3.5) modules: mindspeed (MindSpeed-LLM's qwen3-next "
+        help="gated-delta-net models' (Qwen3-Next, Qwen3.5, OLMo-Hybrid) modules: mindspeed (MindSpeed-LLM's qwen3-next "
         "layout: in_proj_qkvz / in_proj_ba as HF packs them, gated attention's q_proj / k_proj / v_proj "
         "apart; whole tensors, so TP 1 only) or mcore (megatron-core's GatedDeltaNet, as Megatron-LM and "
         "Megatron-Bridge write it: in_proj = [q; k; v; z; b; a] split over TP part by part, out_norm "
-        "zero-centred (the HF norm - 1), gated linear_qkv = [q heads; gates; k; v] per group); default "
+        "zero-centred (the HF norm - 1) where the model's norms are (Qwen), gated linear_qkv = [q heads; gates; k; v] per group); default "
         "mindspeed for qwen3_next at TP 1 (and a source in that layout), else mcore",
     )
     v = c.add_argument_group("Vision-language models (--to mcore)")

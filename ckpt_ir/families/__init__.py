@@ -151,11 +151,30 @@ class Reshaped:
 class Joined:
     """One canonical tensor stored as several HF tensors side by side along ``dim`` (DeepSeek-V4's
     MTP ``e_proj`` and ``h_proj``, each [H, H]: the two halves of the columns of ``eh_proj``
-    [H, 2H]).  ``parts``: the HF templates in order along ``dim``, equal in size."""
+    [H, 2H]; OLMo-Hybrid's ``q_conv1d`` / ``k_conv1d`` / ``v_conv1d``, the rows of one conv).
+    ``parts``: the HF templates in order along ``dim``.  Read: the parts joined whatever their
+    sizes (only their sum is checked, against the canonical shape); written: cut as torch.chunk
+    cuts (:meth:`cut`), which is how transformers saves a tensor it joins on load (its
+    ``Concatenate`` op reverses to ``Chunk``), so a checkpoint transformers saved comes back
+    byte-identical."""
 
     canonical: str
     parts: tuple[str, ...]
     dim: int = 1
+
+    def cut(self, size: int, name: str) -> list[tuple[int, int]]:
+        """Each part's [start, end) along ``dim`` of ``size``: torch.chunk's pieces, ceil(size / k)
+        each and the rest last; equal halves of an even size.  A size torch.chunk cuts into fewer
+        pieces than there are parts is a VerifyError naming ``name``."""
+        k = len(self.parts)
+        step = -(-size // k)
+        bounds = [(min(n * step, size), min((n + 1) * step, size)) for n in range(k)]
+        if any(a >= b for a, b in bounds):
+            raise VerifyError(
+                f"{name}: {size} rows do not cut into {k} non-empty chunks as transformers saves "
+                f"{', '.join(self.parts)}; the HF layout cannot hold this size"
+            )
+        return bounds
 
 
 @attrs.frozen

@@ -1,6 +1,7 @@
 """Hybrid-attention families, whose layers mix attention kinds (qwen3_next, qwen3_5, qwen3_5_moe:
-gated-delta-net linear-attention layers between gated full-attention layers).  One table entry
-each, built from the fragments in ``blocks.py``.
+gated-delta-net linear-attention layers between gated full-attention layers; olmo_hybrid:
+gated-delta-net layers between OLMo 2's post-norm attention layers).  One table entry each, built
+from the fragments in ``blocks.py``.
 
 Each entry's HF names and config keys were checked against transformers 5's modeling and
 configuration files; Megatron names follow MindSpeed-LLM v2's ``configs/checkpoint/model_cfg.json``
@@ -13,12 +14,15 @@ from __future__ import annotations
 import re
 
 from ckpt_ir.errors import FormatError, setting
-from ckpt_ir.families import ConfigKey, Family, Packed, Tested, register
+from ckpt_ir.families import ConfigKey, Family, Joined, Packed, Tested, register
 from ckpt_ir.families.blocks import (
     ATTENTION,
     EMBED_AND_HEAD,
+    FULL_QK_NORM,
     GATED_MLP,
     LLAMA_NORMS,
+    O_BIAS,
+    PROJECTIONS,
     QWEN_EXPERTS,
     QWEN_MOE_CONFIG,
     QWEN_SHARED,
@@ -26,6 +30,7 @@ from ckpt_ir.families.blocks import (
     L,
     config_with,
     qwen_router_args,
+    rope_parameters,
 )
 
 
@@ -93,7 +98,9 @@ GDN_CONFIG = (
     ConfigKey("linear_v_dim", "linear_value_head_dim", 128),
     ConfigKey("linear_conv_kernel", "linear_conv_kernel_dim", 4),
 )
-GATED_ATTENTION = (("qk_norm", True), ("attn_gate", True))
+# gated attention, and every norm zero-centred but the gated-delta-net's (megatron-core's
+# apply_layernorm_1p; its out_norm holds the HF norm - 1)
+GATED_ATTENTION = (("qk_norm", True), ("attn_gate", True), ("zero_centred_norms", True))
 MCORE_MISSING = "no: gated-delta-net layers need flash-linear-attention (Triton)"
 # Qwen3-Next's multi-token-prediction layer sits outside model.layers (transformers ignores
 # ^mtp.*; MindSpeed-LLM's qwen3-next entry and its mtp_reorder_flag): its decoder layer is
@@ -222,5 +229,96 @@ register(
         constants=(*GATED_ATTENTION, ("shared_expert_gate", True)),
         megatron_args=lambda cfg: {"moe_router_pre_softmax": False},
         tested=Tested(round_trip=("--tp 2 --ep 2 --moe-grouped-gemm",), mcore_missing=MCORE_MISSING),
+    )
+)
+
+
+# OLMo-Hybrid (transformers' modeling_olmo_hybrid.py): layer_types picks, per layer, a gated-delta-net
+# layer (an input norm, the mixer, a pre-MLP norm, the MLP: blocks gdn, mlp) or OLMo 2's attention
+# layer, whose norms follow attention and the MLP (blocks attention, mlp, post_norms; q / k norms
+# over the whole projection).  The mixer's projections are apart (q, k, v, g = the output gate z,
+# b, a) and its conv is three tensors, q_conv1d / k_conv1d / v_conv1d, which transformers joins
+# into one conv1d [q; k; v] on load and cuts into three torch.chunk pieces on save (not K / K / V:
+# docs/reference/composed-blocks.md §1.2): read whatever the cut, written as transformers cuts it.
+# On disk the norms are attention_layer_norm (the input norm) and feedforward_layer_norm, the
+# pre-MLP norm of a gated-delta-net layer and the post-attention norm of an attention layer; the
+# mixer's o_norm is a plain RMSNorm like every other norm (not zero-centred)
+def _olmo_hybrid_layers(cfg: dict) -> tuple[tuple[str, ...], ...]:
+    """Each layer's blocks from layer_types, else transformers' default (every fourth layer full
+    attention, the last one when that leaves none)."""
+    n = cfg["num_hidden_layers"]
+    types = cfg.get("layer_types")
+    if types is None:
+        types = ["full_attention" if i % 4 == 3 else "linear_attention" for i in range(n)]
+        types[-1] = types[-1] if "full_attention" in types else "full_attention"
+    kinds = {"linear_attention": ("gdn", "mlp"), "full_attention": ("attention", "mlp", "post_norms")}
+    if len(types) != n or any(t not in kinds for t in types):
+        raise FormatError(
+            f"config.json: layer_types must list linear_attention or full_attention for each of the {n} "
+            f"layers, got {types}"
+        )
+    return tuple(kinds[t] for t in types)
+
+
+def _olmo_hybrid_k_dim(cfg: dict) -> int:
+    return int(0.75 * cfg["hidden_size"] / (cfg.get("linear_num_key_heads") or cfg["num_attention_heads"]))
+
+
+OLMO_GDN = "model.layers.{i}.linear_attn."
+register(
+    Family(
+        name="olmo_hybrid",
+        model_types=("olmo_hybrid",),
+        architecture="OlmoHybridForCausalLM",
+        tensors=EMBED_AND_HEAD
+        + PROJECTIONS
+        + O_BIAS
+        + FULL_QK_NORM
+        + GATED_MLP
+        + (
+            (L + "attention_layer_norm.weight", C + "attn_norm.weight"),
+            # the first of the two a layer has: gated-delta-net layers, attention layers
+            (L + "feedforward_layer_norm.weight", C + "mlp_norm.weight"),
+            (L + "feedforward_layer_norm.weight", C + "post_attn_norm.weight"),
+            (L + "post_feedforward_layernorm.weight", C + "post_mlp_norm.weight"),
+            *((OLMO_GDN + f"{p}_proj.weight", _gdn(c)[0]) for p, c in zip("qkvgba", "qkvzba")),
+            (OLMO_GDN + "A_log", C + "attn.gdn.A_log"),
+            (OLMO_GDN + "dt_bias", C + "attn.gdn.dt_bias"),
+            (OLMO_GDN + "o_norm.weight", C + "attn.gdn.norm.weight"),
+            (OLMO_GDN + "o_proj.weight", C + "attn.gdn.out.weight"),
+        ),
+        joined=(
+            Joined(
+                C + "attn.gdn.conv1d.weight", tuple(OLMO_GDN + f"{p}_conv1d.weight" for p in "qkv"), dim=0
+            ),
+        ),
+        config=config_with(
+            ConfigKey("norm_eps", "rms_norm_eps", 1e-6),
+            ConfigKey("o_bias", "attention_bias", False),
+            # no head_dim in OlmoHybridConfig (its attention reads one if the config has it)
+            ConfigKey(
+                "head_dim",
+                None,
+                lambda cfg: cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+            ),
+            ConfigKey("layer_blocks", None, _olmo_hybrid_layers),
+            ConfigKey("linear_k_heads", "linear_num_key_heads", lambda cfg: cfg["num_attention_heads"]),
+            ConfigKey("linear_v_heads", "linear_num_value_heads", lambda cfg: cfg["num_attention_heads"]),
+            ConfigKey("linear_k_dim", "linear_key_head_dim", _olmo_hybrid_k_dim),
+            ConfigKey("linear_v_dim", "linear_value_head_dim", lambda cfg: 2 * _olmo_hybrid_k_dim(cfg)),
+            ConfigKey("linear_conv_kernel", "linear_conv_kernel_dim", 4),
+        ),
+        constants=(("qk_full_norm", True),),
+        # released checkpoints have no rotary embedding (rope_parameters null): NoPE
+        megatron_args=lambda cfg: (
+            {} if rope_parameters(cfg).get("rope_theta") else {"position_embedding_type": "none"}
+        ),
+        tested=Tested(
+            round_trip=("--tp 2 --pp 2 --num-layer-list 3,1", "--ckpt-format torch_dist"),
+            mcore_missing=(
+                "no: post-norm-only attention layers, and megatron-core's GatedDeltaNet has no "
+                "linear_allow_neg_eigval (beta = 2 sigmoid) and needs flash-linear-attention"
+            ),
+        ),
     )
 )

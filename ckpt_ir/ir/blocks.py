@@ -56,8 +56,20 @@ MLPS = ("mlp", "moe")
 # 4's kv_shared (the attention reuses an earlier layer's keys and values: no k / v projections of
 # its own), ple (the layer's gated projection of its per-layer input embedding) and layer_scalar
 # (a learned scale of the layer's output); out_gate, a sigmoid gate on the attention's output from
-# a projection of its own (HY-V4, AFMoE)
-PARTS = ("compressor", "csa_indexer", "hc", "hash_router", "kv_shared", "ple", "layer_scalar", "out_gate")
+# a projection of its own (HY-V4, AFMoE); and post_norms, a layer whose norms follow its mixer and
+# its MLP (post_attn_norm, post_mlp_norm) instead of preceding them (OLMo-Hybrid's attention
+# layers, beside pre-norm gated-delta-net ones)
+PARTS = (
+    "compressor",
+    "csa_indexer",
+    "hc",
+    "hash_router",
+    "kv_shared",
+    "ple",
+    "layer_scalar",
+    "out_gate",
+    "post_norms",
+)
 BLOCKS = MIXERS + MLPS + PARTS
 # blocks of a stack beside its layers (a vision tower, ModelSpec.vision): the patch embedding before
 # them and the merger (norm + MLP over neighbouring patches) after them; a stack has one of each

@@ -28,10 +28,15 @@ MLA_KEYS = ("mindspeed", "mcore")
 GDN_KEYS = ("mindspeed", "mcore")
 
 
+def has_gdn(spec: ModelSpec) -> bool:
+    """Whether any layer holds a gated-delta-net mixer."""
+    return any(spec.has_block(i, "gdn") for i in range(spec.num_layers))
+
+
 def has_gdn_modules(spec: ModelSpec) -> bool:
     """Whether the model has gated-delta-net mixers or gated attention: the modules whose Megatron
     form ``Layout.gdn_keys`` chooses (MindSpeed-LLM's qwen3-next layout or megatron-core's)."""
-    return any(spec.has_block(i, "gdn") for i in range(spec.num_layers)) or spec.attn_gate
+    return has_gdn(spec) or spec.attn_gate
 
 
 # a multi-module model's Megatron names: Megatron-Bridge's (language_model.*, the vision tower as
@@ -242,7 +247,7 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
                 f"{setting('gdn_keys', 'mcore')} (megatron-core's GatedDeltaNet) or {setting('tp', 1)}"
             )
         for heads, what in ((spec.linear_k_heads, "key"), (spec.linear_v_heads, "value")):
-            if spec.linear_layers and heads % layout.tp:
+            if has_gdn(spec) and heads % layout.tp:
                 raise LayoutError(
                     f"layout: {heads} gated-delta-net {what} heads are not divisible by tensor parallel "
                     f"size {layout.tp}; choose a TP that divides linear_num_{what}_heads"

@@ -165,8 +165,19 @@ def _attn_like(s: ModelSpec, i: int) -> bool:
     return s.has_attention(i) or any(b in ("gdn", "mqa", *OWN_MIXERS) for b in s.blocks(i))
 
 
+def _post_normed(s: ModelSpec, i: int) -> bool:
+    """Whether layer ``i`` holds the post_norms block: its norms follow its mixer and its MLP
+    (post_attn_norm, post_mlp_norm) and none precedes them, whatever the model's pre_norms /
+    post_norms say of its other layers (OLMo-Hybrid's attention layers)."""
+    return i >= 0 and s.has_block(i, "post_norms")
+
+
+def _post_norm(s: ModelSpec, i: int) -> bool:
+    return s.post_norms or _post_normed(s, i)
+
+
 def _pre_norm(s: ModelSpec, lay: Layout, i: int) -> bool:
-    return s.pre_norms and (i < 0 or _attn_like(s, i) and s.own_norms(i))
+    return s.pre_norms and not _post_normed(s, i) and (i < 0 or _attn_like(s, i) and s.own_norms(i))
 
 
 def _norm_bias(s: ModelSpec, lay: Layout, i: int) -> bool:
@@ -176,7 +187,9 @@ def _norm_bias(s: ModelSpec, lay: Layout, i: int) -> bool:
 def _mlp_norm(s: ModelSpec, lay: Layout, i: int) -> bool:
     """A norm of the MLP's own (not with parallel attention and MLP, which share the input norm,
     nor for a layer-level MLP beside sublayers, which reads theirs)."""
-    return s.pre_norms and not s.parallel_attn_mlp and s.has_mlp(i) and s.own_norms(i)
+    return (
+        s.pre_norms and not s.parallel_attn_mlp and not _post_normed(s, i) and s.has_mlp(i) and s.own_norms(i)
+    )
 
 
 def _indexer(s: ModelSpec, lay: Layout, i: int) -> bool:
@@ -763,7 +776,7 @@ _BUILTIN: list[Role] = [
         L + "post_attn_norm.weight",
         None,
         lambda s, lay: (s.hidden_size,),
-        lambda s, lay, i: s.post_norms and _attn_like(s, i),
+        lambda s, lay, i: _post_norm(s, i) and _attn_like(s, i),
     ),
     Role(L + "mlp_norm.weight", None, lambda s, lay: (s.hidden_size,), _mlp_norm),
     Role(
@@ -786,7 +799,7 @@ _BUILTIN: list[Role] = [
         L + "post_mlp_norm.weight",
         None,
         lambda s, lay: (s.hidden_size,),
-        lambda s, lay, i: s.post_norms and s.has_mlp(i) and s.own_norms(i),
+        lambda s, lay, i: _post_norm(s, i) and s.has_mlp(i) and s.own_norms(i),
     ),
     # mixture of experts: router (and its score-correction bias), routed experts, shared experts.
     # Expert tensors follow the dense MLP rules; with expert TP = 1 the shard pass leaves them whole.

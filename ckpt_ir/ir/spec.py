@@ -89,6 +89,11 @@ class ModelSpec:
     linear_k_dim: int = 0
     linear_v_dim: int = 0
     linear_conv_kernel: int = 0
+    # the model's RMSNorms compute x * (1 + w) (Qwen3-Next, Qwen3.5): megatron-core's
+    # apply_layernorm_1p then applies to every norm, and a gated-delta-net's output norm, plain in HF,
+    # is stored w - 1; False (OLMo-Hybrid): plain norms, the output norm stored as it is.  (Gemma's
+    # families, without gated-delta-net layers, say so in their own Megatron args.)
+    zero_centred_norms: bool = False
     # Mamba-2 mixers (Mamba / attention hybrids): heads, head size, SSM state size, B/C groups and
     # the causal conv1d's kernel width (the mixer's inner width d = mamba_heads * mamba_head_dim)
     mamba_heads: int = 0

@@ -469,7 +469,7 @@ MLA_FIELDS: tuple[Field, ...] = (
 def _linear_attention_freq(s: ModelSpec, lay: Layout) -> int | list[int]:
     """megatron-core's linear_attention_freq: N when every N-th layer is softmax attention and the
     others gated-delta-net, else the 0/1 list (1 = gated-delta-net)."""
-    pattern = [int(i in s.linear_layers) for i in range(s.num_layers)]
+    pattern = [int(s.has_block(i, "gdn")) for i in range(s.num_layers)]
     for n in range(2, s.num_layers + 1):
         if pattern == [int((i + 1) % n != 0) for i in range(s.num_layers)]:
             return n
@@ -486,7 +486,8 @@ def _linear_layers(a: Args) -> tuple[int, ...]:
 # megatron-core's gated-delta-net models (GPTModel with experimental_attention_variant
 # "gated_delta_net": Megatron-LM's args, Megatron-Bridge's qwen3_next / qwen35 providers); written
 # with its modules (Layout.gdn_keys "mcore"), read when the variant is set.  Every norm is
-# zero-centred (apply_layernorm_1p: 1 + w, as Qwen3-Next's and Qwen3.5's HF norms)
+# zero-centred (apply_layernorm_1p: 1 + w) as Qwen3-Next's and Qwen3.5's HF norms are, or plain
+# (OLMo-Hybrid)
 GDN_FIELDS: tuple[Field, ...] = (
     Field("experimental_attention_variant", lambda s, lay: "gated_delta_net"),
     Field("linear_attention_freq", _linear_attention_freq, lambda a: {"linear_layers": _linear_layers(a)}),
@@ -500,7 +501,11 @@ GDN_FIELDS: tuple[Field, ...] = (
         lambda s, lay: s.attn_gate,
         lambda a: {"attn_gate": bool(a["attention_output_gate"])},
     ),
-    Field("apply_layernorm_1p", lambda s, lay: True),
+    Field(
+        "apply_layernorm_1p",
+        lambda s, lay: s.zero_centred_norms,
+        lambda a: {"zero_centred_norms": bool(a["apply_layernorm_1p"])},
+    ),
 )
 
 

@@ -28,7 +28,7 @@ import attrs
 from ckpt_ir.errors import VerifyError
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
-from ckpt_ir.ir.layout import GDN_KEYS
+from ckpt_ir.ir.layout import GDN_KEYS, has_gdn
 from ckpt_ir.ir.names import SUB, layer_name, split_layer, split_stack
 from ckpt_ir.ir.rules import (
     Stack,
@@ -261,8 +261,10 @@ class FuseQKV(Pass):
         mcore = keys == "mcore"
         attention = () if spec.attn_gate and not mcore else (MLA if spec.mla else QKV,)
         gdn = (GDN_IN_PROJ,) if mcore else (GDN_QKVZ, GDN_BA)
-        tensors = _fused(ckpt, attention + (gdn if spec.linear_layers else ()), self.name)
-        if mcore and spec.linear_layers:
+        linear = has_gdn(spec)
+        tensors = _fused(ckpt, attention + (gdn if linear else ()), self.name)
+        if mcore and linear:  # out_norm: the HF norm - 1 where every norm is zero-centred, else itself
+            shift = shift and spec.zero_centred_norms
             tensors = _renorm(attrs.evolve(ckpt, tensors=tensors), PLAIN_NORM, ZERO_CENTRED_NORM, -1.0, shift)
         return ckpt.with_tensors(tensors, layout=attrs.evolve(ckpt.layout, fused_qkv=True, gdn_keys=keys))
 
@@ -287,8 +289,9 @@ class UnfuseQKV(Pass):
 
     def _run(self, ckpt: Checkpoint, shift: bool) -> Checkpoint:
         fusions: tuple[Fusion, ...] = (MLA if ckpt.spec.mla else QKV,)
-        if ckpt.spec.linear_layers:
+        if has_gdn(ckpt.spec):
             fusions += (GDN_IN_PROJ, GDN_QKVZ, GDN_BA)
+        shift = shift and ckpt.spec.zero_centred_norms
         tensors = _renorm(
             attrs.evolve(ckpt, tensors=_unfused(ckpt, fusions)), ZERO_CENTRED_NORM, PLAIN_NORM, 1.0, shift
         )
