@@ -30,7 +30,7 @@ LAYOUTS = {
         dict(ckpt_format="torch_dist"),
     ),
     "qwen3_5": (dict(tp=2, pp=2, num_layer_list=(3, 1)), dict(ckpt_format="torch_dist")),
-    "qwen3_5_moe": (dict(tp=2, ep=2, grouped_gemm=True),),
+    "qwen3_5_moe": (dict(tp=2, ep=2, grouped_gemm=True), dict(pp=2, num_layer_list=(1, 3), ep=2)),
     "olmo_hybrid": (dict(tp=2, pp=2, num_layer_list=(3, 1)), dict(ckpt_format="torch_dist")),
 }
 MODEL_TYPES = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}

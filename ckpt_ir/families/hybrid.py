@@ -228,7 +228,10 @@ register(
         ),
         constants=(*GATED_ATTENTION, ("shared_expert_gate", True)),
         megatron_args=lambda cfg: {"moe_router_pre_softmax": False},
-        tested=Tested(round_trip=("--tp 2 --ep 2 --moe-grouped-gemm",), mcore_missing=MCORE_MISSING),
+        tested=Tested(
+            round_trip=("--tp 2 --ep 2 --moe-grouped-gemm", "--pp 2 --ep 2 --num-layer-list 1,3"),
+            mcore_missing=MCORE_MISSING,
+        ),
     )
 )
 
