@@ -140,6 +140,7 @@ def observed_round_trips() -> dict[str, set[str]]:
         "split_layers",
         "variants",
         "vlm",
+        "bridge_remote",
     ):
         for family, targets in _module(f"test_families_{name}").LAYOUTS.items():
             for target in targets:

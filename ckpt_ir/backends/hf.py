@@ -68,6 +68,12 @@ def hf_tensors(ckpt: Checkpoint, family: Family) -> list[tuple[str, E.Expr]]:
             if m := pat.match(name):
                 out.append((name, r.hf.format(**m.groupdict()), E.Reshape(t.expr, r.shape(ckpt.spec))))
                 packed.add(name)
+    for w in family.swapped:  # MiMo's MTP input_proj: eh_proj's halves in the other order
+        pat = template_pattern(w.canonical)
+        for name, t in ckpt.tensors.items():
+            if m := pat.match(name):
+                out.append((name, w.hf.format(**m.groupdict()), w.swap(t.expr, name)))
+                packed.add(name)
     for j in family.joined:  # DeepSeek-V4's MTP eh_proj, OLMo-Hybrid's q / k / v convs
         pat = template_pattern(j.canonical)
         for name, t in ckpt.tensors.items():

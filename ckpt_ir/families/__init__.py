@@ -178,6 +178,28 @@ class Joined:
 
 
 @attrs.frozen
+class Swapped:
+    """One HF tensor holding a canonical tensor's two halves along ``dim`` in the other order
+    (MiMo's MTP ``input_proj`` [H, 2H] acts on [hidden; token embedding], Megatron's ``eh_proj``
+    on [embedding; hidden]: Megatron-Bridge's mimo_bridge.py ``_swap_input_proj_halves``).
+    Reading and writing swap the halves (the swap is its own inverse); an odd size is an error."""
+
+    hf: str
+    canonical: str
+    dim: int = 1
+
+    def swap(self, x: E.Expr, name: str) -> E.Expr:
+        n = x.shape[self.dim]
+        if n % 2:
+            raise FormatError(
+                f"{name}: {n} columns along dim {self.dim} do not halve; the tensor is not {self.hf}"
+            )
+        return E.simplify(
+            E.Concat((E.Slice(x, self.dim, n // 2, n), E.Slice(x, self.dim, 0, n // 2)), self.dim)
+        )
+
+
+@attrs.frozen
 class HfNaming:
     """Another naming of a family's HF checkpoints besides its table's (``Family.tensors``), as
     (table's name, this naming's name) template pairs; a name no pair covers is the same in both.
@@ -333,6 +355,8 @@ class Family:
     transposed: tuple[str, ...] = ()
     # HF tensors that together hold one canonical tensor (DeepSeek-V4's MTP e_proj / h_proj)
     joined: tuple[Joined, ...] = ()
+    # HF tensors holding a canonical tensor's halves swapped (MiMo's MTP input_proj)
+    swapped: tuple[Swapped, ...] = ()
     # other namings of the HF checkpoint than the table's; a checkpoint read in one is written in it
     namings: tuple[HfNaming, ...] = ()
     # a multi-module model (vision-language): the HF config key that nests the language model's

@@ -1,7 +1,7 @@
 """Remote-code families: models whose HF modeling code lives in the model repository
 (``auto_map`` in config.json), not in transformers, with their own tensor names and most with
 packed [q; k; v] / [gate; up] tensors (internlm2, baichuan, chatglm, qwen, minicpm,
-bailing_moe_v2).  One table entry each; PLM, a remote-code model with multi-latent attention, is
+bailing_moe_v2; MiMo, from Megatron-Bridge's mapping table).  One table entry each; PLM, a remote-code model with multi-latent attention, is
 in ``mla.py``.
 
 ckpt-ir never runs that code: the family is chosen from config.json's ``model_type`` (then
@@ -21,9 +21,10 @@ written back, so the source's config.json comes back exactly as it was.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from ckpt_ir.families import ConfigKey, Family, Packed, Tested, register
+from ckpt_ir.families import ConfigKey, Family, Packed, Swapped, Tested, register
 from ckpt_ir.families.blocks import (
     DEEPSEEK_MOE,
     EMBED_AND_HEAD,
@@ -319,6 +320,57 @@ register(
                 ("bailing_mini-tp2ep2-grouped", "differs only by linear_qkv.bias, which MindSpeed drops"),
                 ("bailing_mini-tp2pp2", "differs only by linear_qkv.bias, which MindSpeed drops"),
             ),
+        ),
+    )
+)
+
+# MiMo (XiaomiMiMo/MiMo-7B, model_type "mimo", MiMoForCausalLM; Megatron-Bridge
+# models/mimo/mimo_bridge.py): Qwen2's layers and names (the bridge extends Qwen2Bridge; :39-40 qkv
+# bias, no q/k norm) plus num_nextn_predict_layers multi-token-prediction layers (:42-45) stored as
+# model.mtp_layers.{k}.*: a Qwen2 decoder layer under its usual names (:75-111) with
+# token_layernorm / hidden_layernorm / final_layernorm = Megatron's enorm / hnorm / final_layernorm
+# (:52-70) and input_proj = eh_proj with its column halves swapped (:117-126: input_proj acts on
+# [hidden; embedding], eh_proj on [embedding; hidden]); no embedding / head copies.  Read, the MTP
+# layers are model.layers.{num_hidden_layers + k} of the table (hf_rename).
+_MIMO_MTP_HF = re.compile(r"^model\.mtp_layers\.(\d+)\.(.+)$")
+_MIMO_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def _mimo_mtp_keys(key: str, num_layers: int, to_hf: bool) -> str:
+    """model.mtp_layers.{k}.X <-> model.layers.{num_layers + k}.X."""
+    if not to_hf:
+        m = _MIMO_MTP_HF.match(key)
+        return f"model.layers.{num_layers + int(m.group(1))}.{m.group(2)}" if m else key
+    m = _MIMO_LAYER.match(key)
+    if m and int(m.group(1)) >= num_layers:
+        return f"model.mtp_layers.{int(m.group(1)) - num_layers}.{m.group(2)}"
+    return key
+
+
+register(
+    Family(
+        name="mimo",
+        model_types=("mimo",),
+        architecture="MiMoForCausalLM",
+        tensors=LLAMA_TENSORS
+        + (
+            (L + "token_layernorm.weight", C + "mtp.enorm.weight"),
+            (L + "hidden_layernorm.weight", C + "mtp.hnorm.weight"),
+            (L + "final_layernorm.weight", C + "mtp.norm.weight"),
+        ),
+        swapped=(Swapped(L + "input_proj.weight", C + "mtp.eh_proj.weight"),),
+        config=config_with(
+            *NOT_WRITTEN,
+            ConfigKey("mtp_layers", None, lambda cfg: cfg.get("num_nextn_predict_layers") or 0),
+        ),
+        constants=(("qkv_bias", True),),
+        hf_rename=_mimo_mtp_keys,
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --pp 2 --num-layer-list 1,3",
+                "--tp 2",
+            ),
+            mcore_missing="no: remote code only (transformers has no MiMo class, so no logits oracle)",
         ),
     )
 )

@@ -258,6 +258,7 @@ def map_tensors(
     packed = [(p, template_pattern(p.hf)) for p in family.packed]
     stacked = [(s, template_pattern(s.hf)) for s in family.stacked]
     reshaped = [(r, template_pattern(r.hf)) for r in family.reshaped]
+    swapped = [(w, template_pattern(w.hf)) for w in family.swapped]
     hf = Layout(format="hf")
     raw = dict(raw)
     for joined, expr in _join(family, raw):
@@ -275,6 +276,15 @@ def map_tensors(
             hit = _unstack(key, load, spec, stacked)
         if hit is None:
             hit = _reshape(key, load, spec, reshaped)
+        if hit is None:
+            hit = next(
+                (
+                    [(w.canonical.format(**m.groupdict()), w.swap(load, key))]
+                    for w, pat in swapped
+                    if (m := pat.match(key))
+                ),
+                None,
+            )
         if hit is not None:
             for canon, expr in hit:
                 tensors[canon] = TensorNode.whole(canon, expr)
