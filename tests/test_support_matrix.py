@@ -141,6 +141,7 @@ def observed_round_trips() -> dict[str, set[str]]:
         "variants",
         "vlm",
         "bridge_remote",
+        "sarvam",
     ):
         for family, targets in _module(f"test_families_{name}").LAYOUTS.items():
             for target in targets:

@@ -271,28 +271,30 @@ register(
 # before rotary, dense output; DeepSeek-V3's MoE block (first_k_dense_replace dense layers, shared
 # experts num_shared_experts x moe_intermediate_size wide, sigmoid router with its score bias
 # stored as mlp.gate.expert_bias).  The published checkpoints have no MTP layers.
+BAILING_TENSORS = (
+    ("model.word_embeddings.weight", "embed.weight"),
+    ("model.norm.weight", "final_norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+    (L + "input_layernorm.weight", C + "attn_norm.weight"),
+    (L + "attention.query_layernorm.weight", C + "attn.q_norm.weight"),
+    (L + "attention.key_layernorm.weight", C + "attn.k_norm.weight"),
+    (L + "attention.dense.weight", C + "attn.o.weight"),
+    *LLAMA_NORMS,
+    *GATED_MLP,
+    *((h, c) for h, c in DEEPSEEK_MOE if "e_score_correction_bias" not in h),
+    (L + "mlp.gate.expert_bias", C + "mlp.router.bias"),
+)
+BAILING_PACKED = (
+    Packed(L + "attention.query_key_value.weight", QKV_PARTS, QKV_ROWS),
+    Packed(L + "attention.query_key_value.bias", QKV_BIAS_PARTS, QKV_ROWS),
+)
 register(
     Family(
         name="bailing_moe_v2",
         model_types=("bailing_moe_v2", "bailing_moe"),
         architecture="BailingMoeV2ForCausalLM",
-        tensors=(
-            ("model.word_embeddings.weight", "embed.weight"),
-            ("model.norm.weight", "final_norm.weight"),
-            ("lm_head.weight", "lm_head.weight"),
-            (L + "input_layernorm.weight", C + "attn_norm.weight"),
-            (L + "attention.query_layernorm.weight", C + "attn.q_norm.weight"),
-            (L + "attention.key_layernorm.weight", C + "attn.k_norm.weight"),
-            (L + "attention.dense.weight", C + "attn.o.weight"),
-        )
-        + LLAMA_NORMS
-        + GATED_MLP
-        + tuple((h, c) for h, c in DEEPSEEK_MOE if "e_score_correction_bias" not in h)
-        + ((L + "mlp.gate.expert_bias", C + "mlp.router.bias"),),
-        packed=(
-            Packed(L + "attention.query_key_value.weight", QKV_PARTS, QKV_ROWS),
-            Packed(L + "attention.query_key_value.bias", QKV_BIAS_PARTS, QKV_ROWS),
-        ),
+        tensors=BAILING_TENSORS,
+        packed=BAILING_PACKED,
         config=config_with(
             ConfigKey("head_dim", "head_dim", default_head_dim),
             ConfigKey("qkv_bias", "use_qkv_bias", False),
@@ -320,6 +322,59 @@ register(
                 ("bailing_mini-tp2ep2-grouped", "differs only by linear_qkv.bias, which MindSpeed drops"),
                 ("bailing_mini-tp2pp2", "differs only by linear_qkv.bias, which MindSpeed drops"),
             ),
+        ),
+    )
+)
+
+
+# Sarvam-30B (model_type "sarvam_moe"): Ling 2.0's tensor names -- Megatron-Bridge's
+# models/sarvam/sarvam_moe_bridge.py:57-103 maps model.word_embeddings, attention.query_key_value
+# ([q; k; v], ConcatenatedQKVMapping), attention.query_layernorm / key_layernorm, attention.dense,
+# mlp.gate.expert_bias and the DeepSeek-style experts / shared_experts onto GPTModel's own keys.
+# transformers 5 runs it as Glm4MoeForCausalLM (models/sarvam_moe: GLM-4.5's config with full
+# rotary) and renames those tensors at load only (conversion_mapping.py "sarvam_moe"), so
+# save_pretrained writes them back under these names: one naming.  The config is GLM-4.5's
+# (n_routed_experts, n_shared_experts, attention_bias) or the release's spellings (num_experts,
+# num_shared_experts, use_qkv_bias: SarvamMoEConfig.attribute_map); routing is DeepSeek-V3's.
+def _sarvam_shared_ffn(cfg: dict) -> int:
+    shared = cfg.get("n_shared_experts", cfg.get("num_shared_experts")) or 0
+    return shared * cfg["moe_intermediate_size"]
+
+
+def _sarvam_dense_layers(cfg: dict) -> tuple[int, ...]:
+    """first_k_dense_replace dense layers; 1 where the config leaves it out (SarvamMoEConfig's and
+    SarvamMLAConfig's default)."""
+    return first_k_dense_layers({"first_k_dense_replace": 1, **cfg})
+
+
+SARVAM_MOE_CONFIG = (
+    ConfigKey("num_experts", "n_routed_experts", aliases=("num_experts",)),
+    ConfigKey("moe_topk", "num_experts_per_tok"),
+    ConfigKey("moe_ffn_hidden_size", "moe_intermediate_size"),
+    _derived("shared_ffn_hidden_size", _sarvam_shared_ffn),
+    _derived("dense_layers", _sarvam_dense_layers),
+)
+
+register(
+    Family(
+        name="sarvam_moe",
+        model_types=("sarvam_moe",),
+        architecture="SarvamMoEForCausalLM",
+        tensors=BAILING_TENSORS,
+        packed=BAILING_PACKED,
+        config=config_with(
+            *SARVAM_MOE_CONFIG,
+            ConfigKey("qkv_bias", "attention_bias", False, aliases=("use_qkv_bias",)),
+            ConfigKey("qk_norm", "use_qk_norm", True),
+        ),
+        constants=(("router_bias", True),),
+        megatron_args=deepseek_router_args,  # sigmoid scores + expert bias, group-limited top-k, scaled
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --ep 2 --moe-grouped-gemm",
+                "--pp 2 --ep 2 --num-layer-list 1,2",
+            ),
+            mcore_missing="not run: GLM-4.5's GPTModel (glm4_moe), which its cases check",
         ),
     )
 )
