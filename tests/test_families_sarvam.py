@@ -28,10 +28,25 @@ MOE = dict(
 CONFIGS = {
     # GQA with per-head q/k norms; qkv bias on, so the packed bias is exercised too
     "sarvam_moe": dict(MOE, head_dim=16, n_routed_experts=4, use_qk_norm=True, attention_bias=True),
+    # multi-latent attention without q-LoRA (the release's q_lora_rank: null)
+    "sarvam_mla": dict(
+        MOE,
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+    ),
 }
 LAYERS = 3  # one dense layer, two MoE layers
 LAYOUTS = {
     "sarvam_moe": (
+        dict(tp=2, ep=2, grouped_gemm=True),
+        dict(pp=2, ep=2, num_layer_list=(1, 2)),
+    ),
+    "sarvam_mla": (
         dict(tp=2, ep=2, grouped_gemm=True),
         dict(pp=2, ep=2, num_layer_list=(1, 2)),
     ),
@@ -117,3 +132,38 @@ def test_sarvam_moe_rank_files_hold_the_bridge_mappings(models, tmp_path):
                     sd[f"decoder.layers.1.mlp.experts.local_experts.{j}.linear_fc1.weight"],
                     torch.cat([gate[t * f : (t + 1) * f], up[t * f : (t + 1) * f]]),
                 )
+
+
+def test_sarvam_mla_saves_deepseek_v3_names_expert_by_expert(models):
+    """transformers stacks the experts at load (conversion_mapping.py: qwen2_moe's rules) and
+    save_pretrained unstacks them: sarvam_mla_bridge.py's per-expert names, no q-LoRA, no MTP."""
+    sd = hf_state(models["sarvam_mla"])
+    assert "model.layers.1.mlp.experts.3.gate_proj.weight" in sd
+    assert "model.layers.1.mlp.gate.e_score_correction_bias" in sd
+    assert "model.layers.0.self_attn.q_proj.weight" in sd
+    assert not any("gate_up_proj" in k or "q_a_proj" in k for k in sd)
+    assert not any(k.startswith(f"model.layers.{LAYERS}.") for k in sd)
+
+
+def test_sarvam_mla_rank_files_hold_the_bridge_mappings(models, tmp_path):
+    """sarvam_mla_bridge.py:55-103 under TP2 x EP2 (--mla-keys mcore: megatron-core's own MLA keys,
+    local spec): linear_q_proj, linear_kv_down_proj and linear_kv_up_proj are ColumnParallelLinear
+    (rows cut over TP), kv_layernorm and the router's expert_bias whole on every rank."""
+    src = models["sarvam_mla"]
+    hf = hf_state(src)
+    mid = str(tmp_path / "mid")
+    convert(src, mid, ck.Target(to="mcore", tp=2, ep=2, mla_keys="mcore"))
+    p = "model.layers.1."
+    q, kv_b = hf[p + "self_attn.q_proj.weight"], hf[p + "self_attn.kv_b_proj.weight"]
+    for t in range(2):
+        sd = rank(mid, f"mp_rank_0{t}_000")["model"]
+        a = "decoder.layers.1.self_attention."
+        assert torch.equal(sd[a + "linear_q_proj.weight"], q.chunk(2)[t])
+        assert torch.equal(sd[a + "linear_kv_up_proj.weight"], kv_b.chunk(2)[t])
+        assert torch.equal(
+            sd[a + "linear_kv_down_proj.weight"], hf[p + "self_attn.kv_a_proj_with_mqa.weight"].chunk(2)[t]
+        )
+        assert torch.equal(sd[a + "kv_layernorm.weight"], hf[p + "self_attn.kv_a_layernorm.weight"])
+        assert torch.equal(
+            sd["decoder.layers.1.mlp.router.expert_bias"], hf[p + "mlp.gate.e_score_correction_bias"]
+        )

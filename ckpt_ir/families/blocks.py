@@ -243,6 +243,25 @@ DEEPSEEK_MOE_CONFIG = (
     ConfigKey("shared_ffn_hidden_size", None, _shared_ffn),
     ConfigKey("dense_layers", None, first_k_dense_layers),
 )
+
+
+def _sarvam_shared_ffn(cfg: dict) -> int:
+    return (cfg.get("n_shared_experts", cfg.get("num_shared_experts")) or 0) * cfg["moe_intermediate_size"]
+
+
+def _sarvam_dense_layers(cfg: dict) -> tuple[int, ...]:
+    return first_k_dense_layers({"first_k_dense_replace": 1, **cfg})
+
+
+# Sarvam's MoE sizes (sarvam_moe, sarvam_mla): DeepSeek-V3's keys, or the release configs' spellings
+# num_experts / num_shared_experts (SarvamMoEConfig / SarvamMLAConfig.attribute_map); 1 dense
+# layer where first_k_dense_replace is left out (both configs' default)
+SARVAM_MOE_CONFIG = (
+    ConfigKey("num_experts", "n_routed_experts", aliases=("num_experts",)),
+    *DEEPSEEK_MOE_CONFIG[1:3],
+    ConfigKey("shared_ffn_hidden_size", None, _sarvam_shared_ffn),
+    ConfigKey("dense_layers", None, _sarvam_dense_layers),
+)
 # Granite MoE's block (granitemoe, granitemoeshared, granitemoehybrid): each layer's experts
 # stacked in two tensors stored [out, in] (block_sparse_moe.input_linear [E, 2F, H], per expert
 # [gate; up] rows, and output_linear [E, H, F]), the router at block_sparse_moe.router.layer (top-k

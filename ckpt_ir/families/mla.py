@@ -1,4 +1,4 @@
-"""Multi-latent-attention families (deepseek_v3, deepseek_v2, glm4_moe_lite, minicpm3, deepseek_v32,
+"""Multi-latent-attention families (deepseek_v3, sarvam_mla, deepseek_v2, glm4_moe_lite, minicpm3, deepseek_v32,
 glm_moe_dsa, plm): DeepSeek's MLA (q-LoRA or a plain q_proj, a compressed key/value projection), with
 DeepSeek's MoE block or a dense MLP, and DeepSeek sparse attention's lightning indexer.  One table
 entry each, built from the fragments in ``blocks.py``.
@@ -18,6 +18,7 @@ from ckpt_ir.families.blocks import (
     GATED_MLP,
     LLAMA_NORMS,
     MTP,
+    SARVAM_MOE_CONFIG,
     C,
     L,
     config_with,
@@ -98,6 +99,34 @@ register(
                 "--tp 2 --pp 2 --mla-keys mcore",
                 "--pp 2 --ep 2 --mla-keys mcore",
             ),
+        ),
+    )
+)
+
+# Sarvam-105B (model_type "sarvam_mla"): DeepSeek-V3's names without MTP layers -- Megatron-Bridge's
+# models/sarvam/sarvam_mla_bridge.py:55-103 maps model.embed_tokens, self_attn.q_proj (no q-LoRA),
+# kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj, mlp.gate.e_score_correction_bias and
+# the experts / shared_experts onto GPTModel's MLA keys.  transformers 5 runs it as
+# DeepseekV3ForCausalLM (models/sarvam_mla: SarvamMLAConfig(DeepseekV3Config)); its load-time
+# conversion (conversion_mapping.py: qwen2_moe's, experts stacked) is undone by save_pretrained,
+# which writes the experts one by one: one naming.  The release config spells the expert counts
+# num_experts / num_shared_experts (SarvamMLAConfig.attribute_map); the released checkpoints have
+# no MTP weights (its num_mtp_layers docstring).
+register(
+    Family(
+        name="sarvam_mla",
+        model_types=("sarvam_mla",),
+        architecture="SarvamMLAForCausalLM",
+        tensors=DEEPSEEK_TENSORS,
+        config=config_with(*SARVAM_MOE_CONFIG, *MLA_CONFIG),
+        constants=(("router_bias", True),),
+        megatron_args=deepseek_router_args,
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --ep 2 --moe-grouped-gemm",
+                "--pp 2 --ep 2 --num-layer-list 1,2",
+            ),
+            mcore_missing="not run: DeepSeek-V3's GPTModel (deepseek_v3), which its cases check",
         ),
     )
 )

@@ -1,7 +1,7 @@
 """Remote-code families: models whose HF modeling code lives in the model repository
 (``auto_map`` in config.json), not in transformers, with their own tensor names and most with
 packed [q; k; v] / [gate; up] tensors (internlm2, baichuan, chatglm, qwen, minicpm,
-bailing_moe_v2; MiMo, from Megatron-Bridge's mapping table).  One table entry each; PLM, a remote-code model with multi-latent attention, is
+bailing_moe_v2; MiMo, from Megatron-Bridge's mapping table; sarvam_moe, now in transformers, with Ling 2.0's names).  One table entry each; PLM, a remote-code model with multi-latent attention, is
 in ``mla.py``.
 
 ckpt-ir never runs that code: the family is chosen from config.json's ``model_type`` (then
@@ -31,6 +31,7 @@ from ckpt_ir.families.blocks import (
     GATED_MLP,
     LLAMA_NORMS,
     LLAMA_TENSORS,
+    SARVAM_MOE_CONFIG,
     C,
     L,
     config_with,
@@ -336,25 +337,6 @@ register(
 # save_pretrained writes them back under these names: one naming.  The config is GLM-4.5's
 # (n_routed_experts, n_shared_experts, attention_bias) or the release's spellings (num_experts,
 # num_shared_experts, use_qkv_bias: SarvamMoEConfig.attribute_map); routing is DeepSeek-V3's.
-def _sarvam_shared_ffn(cfg: dict) -> int:
-    shared = cfg.get("n_shared_experts", cfg.get("num_shared_experts")) or 0
-    return shared * cfg["moe_intermediate_size"]
-
-
-def _sarvam_dense_layers(cfg: dict) -> tuple[int, ...]:
-    """first_k_dense_replace dense layers; 1 where the config leaves it out (SarvamMoEConfig's and
-    SarvamMLAConfig's default)."""
-    return first_k_dense_layers({"first_k_dense_replace": 1, **cfg})
-
-
-SARVAM_MOE_CONFIG = (
-    ConfigKey("num_experts", "n_routed_experts", aliases=("num_experts",)),
-    ConfigKey("moe_topk", "num_experts_per_tok"),
-    ConfigKey("moe_ffn_hidden_size", "moe_intermediate_size"),
-    _derived("shared_ffn_hidden_size", _sarvam_shared_ffn),
-    _derived("dense_layers", _sarvam_dense_layers),
-)
-
 register(
     Family(
         name="sarvam_moe",
