@@ -62,9 +62,10 @@ def test_options_are_typed():
         ("gather,shard{tp=-2}", 17, "pass shard: option tp=-2: expected int >= 1"),
         ("shard{tp=2 ep=0}", 15, "pass shard: option ep=0: expected int >= 1"),
         (
-            "shard{pp=2 num-layer-list=3,0}",
+            # 0 is a stage without layers (MindSpeed-MM's lists; the layout refuses it elsewhere)
+            "shard{pp=2 num-layer-list=3,-1}",
             27,
-            "option num-layer-list=3,0: expected a comma-separated list of integers >= 1",
+            "option num-layer-list=3,-1: expected a comma-separated list of integers >= 0",
         ),
         (
             "cast{dtype=bogus}",
@@ -104,7 +105,7 @@ def test_option_values_from_python_are_checked_when_the_pass_is_built():
     for build, message in (
         (lambda: Shard(tp=-2), "pass shard: option tp=-2: expected int >= 1"),
         (lambda: Shard(tp=2, etp=0), "pass shard: option etp=0: expected int >= 1"),
-        (lambda: Shard(num_layer_list=[2, 0]), "pass shard: option num-layer-list=2,0: expected"),
+        (lambda: Shard(num_layer_list=[2, -1]), "pass shard: option num-layer-list=2,-1: expected"),
         (lambda: CastPass(dtype="bogus"), "pass cast: option dtype='bogus': expected a floating dtype"),
         (lambda: RenameNorms(names="TE"), "pass rename-norms: option names='TE': expected one of local, te"),
         (lambda: InsertNoopLayers(layers=(-1,)), "pass insert-noop-layers: option layers=-1: expected"),
