@@ -289,6 +289,8 @@ CONFIGS = {
     "gpt_neox": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, vocab_size=128),
     # parallel attention and MLP from one LayerNorm, q/k LayerNorms, lm_head bias, half rotary
     "phi": dict(DENSE, qk_layernorm=True),
+    # LayerNorm1P (1 + w) with biases, relu2 MLP, every bias, rotary on half of each head (default)
+    "nemotron": dict(DENSE, attention_bias=True, mlp_bias=True),
     # hybrid: layers 0-2 gated-delta-net, layer 3 gated full attention; 2 key heads, 4 value heads
     "qwen3_next": dict(
         DENSE,

@@ -409,6 +409,14 @@ MODEL_FIELDS: tuple[Field, ...] = (
         when=lambda s: s.position_embeddings > 0,
     ),
     Field("squared_relu", lambda s, lay: True, when=lambda s: s.activation == "relu2"),
+    # zero-centred norms of a model without gated-delta-net modules (Nemotron's LayerNorm1P:
+    # x_hat * (1 + w) + b, megatron-core's layernorm_zero_centered_gamma); GDN_FIELDS says it for those
+    Field(
+        "apply_layernorm_1p",
+        lambda s, lay: True,
+        lambda a: {"zero_centred_norms": True} if a["apply_layernorm_1p"] else {},
+        when=lambda s: s.zero_centred_norms and not has_gdn_modules(s),
+    ),
 )
 
 # mixture of experts: written for MoE models, read when args.num_experts is set
