@@ -113,6 +113,21 @@ CONFIGS = {
     ),
     "cohere": dict(DENSE, use_qk_norm=True, attention_bias=True, logit_scale=0.5),
     "cohere2": dict(DENSE, head_dim=32, sliding_window=4, layer_types=ALTERNATING, logit_scale=0.5),
+    # layer 0 dense (96 wide, rotary though full attention: force_rope), 1-3 MoE: 4 stacked experts of
+    # 32 (top 2) and one shared expert, averaged with them (the default combination)
+    "cohere2_moe": dict(
+        DENSE,
+        intermediate_size=32,
+        prefix_dense_intermediate_size=96,
+        head_dim=32,
+        sliding_window=4,
+        layer_types=["full_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_shared_experts=1,
+        logit_scale=0.5,
+    ),
     # mixture of experts
     "glm4_moe": dict(
         DENSE,

@@ -26,9 +26,11 @@ from ckpt_ir.families.blocks import (
     LLAMA_TENSORS,
     O_BIAS,
     PROJECTIONS,
+    QWEN_EXPERTS,
     C,
     L,
     config_with,
+    mlp_dense_layers,
     window_skip_freq,
     yarn_args,
 )
@@ -742,6 +744,60 @@ register(
             **_window(cfg),
             **_rotary_on_sliding_layers(cfg, everywhere_without_window=False),
         },
+    )
+)
+
+
+# Cohere 2 MoE (modeling_cohere2_moe.py): Cohere 2's layer (one norm feeding attention and MLP in
+# parallel) with, in mlp_layer_types' sparse layers, a MoE: router mlp.gate (top-k of the logits,
+# then a softmax over them: megatron-core's default), experts as the hub and transformers' save store
+# them, mlp.experts.<e>.gate_proj / up_proj / down_proj (stacked in memory only), shared experts
+# mlp.shared_experts.* num_shared_experts x intermediate_size wide, added to or averaged with the
+# experts' output (shared_expert_combination_strategy, carried in the HF config); its dense layers
+# are prefix_dense_intermediate_size wide and rotate in every layer with
+# prefix_dense_sliding_window_pattern 1 (force_rope).  Megatron keys: megatron-core's MoE layer
+def _cohere2_moe_args(cfg: dict[str, Any]) -> dict[str, Any]:
+    out = {**COHERE_ARGS, **_window(cfg), **_rotary_on_sliding_layers(cfg, everywhere_without_window=False)}
+    dense = mlp_dense_layers(cfg)
+    if "no_rope_freq" in out and cfg.get("prefix_dense_sliding_window_pattern", 1) == 1:
+        out["no_rope_freq"] = [0 if i in dense else f for i, f in enumerate(out["no_rope_freq"])]
+    return out
+
+
+register(
+    Family(
+        name="cohere2_moe",
+        tested=Tested(
+            round_trip=("--tp 2 --ep 2", "--pp 2 --ep 2 --num-layer-list 1,3"),
+            mcore_missing="no: parallel attention and MLP on one norm, bias-free LayerNorm, logit scale",
+        ),
+        model_types=("cohere2_moe",),
+        architecture="Cohere2MoeForCausalLM",
+        tensors=COHERE_TENSORS
+        + QWEN_EXPERTS
+        + tuple(
+            (L + f"mlp.shared_experts.{p}_proj.weight", C + f"mlp.shared.{p}.weight")
+            for p in ("gate", "up", "down")
+        ),
+        config=config_with(
+            *COHERE_CONFIG,
+            ConfigKey(
+                "ffn_hidden_size",
+                None,
+                lambda cfg: cfg.get("prefix_dense_intermediate_size") or cfg["intermediate_size"],
+            ),
+            ConfigKey("num_experts", "num_experts"),
+            ConfigKey("moe_topk", "num_experts_per_tok"),
+            ConfigKey("moe_ffn_hidden_size", "intermediate_size"),
+            ConfigKey(
+                "shared_ffn_hidden_size",
+                None,
+                lambda cfg: cfg["intermediate_size"] * (cfg.get("num_shared_experts") or 0),
+            ),
+            ConfigKey("dense_layers", None, mlp_dense_layers),
+        ),
+        constants=(("parallel_attn_mlp", True),),
+        megatron_args=_cohere2_moe_args,
     )
 )
 
