@@ -113,6 +113,21 @@ CONFIGS = {
     ),
     "cohere": dict(DENSE, use_qk_norm=True, attention_bias=True, logit_scale=0.5),
     "cohere2": dict(DENSE, head_dim=32, sliding_window=4, layer_types=ALTERNATING, logit_scale=0.5),
+    # layer 0 dense (96 wide, rotary though full attention: force_rope), 1-3 MoE: 4 stacked experts of
+    # 32 (top 2) and one shared expert, averaged with them (the default combination)
+    "cohere2_moe": dict(
+        DENSE,
+        intermediate_size=32,
+        prefix_dense_intermediate_size=96,
+        head_dim=32,
+        sliding_window=4,
+        layer_types=["full_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_shared_experts=1,
+        logit_scale=0.5,
+    ),
     # mixture of experts
     "glm4_moe": dict(
         DENSE,
@@ -289,6 +304,8 @@ CONFIGS = {
     "gpt_neox": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, vocab_size=128),
     # parallel attention and MLP from one LayerNorm, q/k LayerNorms, lm_head bias, half rotary
     "phi": dict(DENSE, qk_layernorm=True),
+    # LayerNorm1P (1 + w) with biases, relu2 MLP, every bias, rotary on half of each head (default)
+    "nemotron": dict(DENSE, attention_bias=True, mlp_bias=True),
     # hybrid: layers 0-2 gated-delta-net, layer 3 gated full attention; 2 key heads, 4 value heads
     "qwen3_next": dict(
         DENSE,

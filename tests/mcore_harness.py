@@ -73,6 +73,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import functools
 import json
 import os
 import signal
@@ -413,6 +414,34 @@ def _rank_file(ckpt: str, tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0,
     return os.path.join(ckpt, it_dir, name, "model_optim_rng.pt")
 
 
+@functools.cache
+def _zero_norm_class():
+    import torch
+    import torch.nn.functional as F
+
+    class ZeroCentred(torch.nn.LayerNorm):
+        """megatron-core's LayerNorm with ``layernorm_zero_centered_gamma`` (apply_layernorm_1p) as
+        FusedLayerNorm and TE compute it, ``x_hat * (1 + w) + b`` (fusions/fused_layer_norm.py
+        forward: ``weight = self.weight + 1``); the local spec's WrappedTorchNorm refuses it and
+        FusedLayerNorm needs apex, so the CPU oracle builds this one, under the same parameter names."""
+
+        def __init__(self, config, hidden_size, eps=1e-5):
+            assert config.normalization == "LayerNorm"
+            super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+
+        def forward(self, x):
+            return F.layer_norm(x, self.normalized_shape, self.weight + 1, self.bias, self.eps)
+
+    return ZeroCentred
+
+
+def _zero_centred_layer_norms(spec):
+    """The local layer spec with its two LayerNorms zero-centred (see :func:`_zero_norm_class`)."""
+    spec = copy.deepcopy(spec)
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = _zero_norm_class()
+    return spec
+
+
 def build_models(case: dict, seed: int = 1234) -> list:
     """This rank's ``GPTModel`` chunks for ``case`` (Megatron's model-parallel state initialised
     with the case's layout): configured from the case's HF config, with the local layer spec (a
@@ -448,9 +477,16 @@ def build_models(case: dict, seed: int = 1234) -> list:
             multi_latent_attention=config.multi_latent_attention,
             normalization=config.normalization,
         )
+    if config.layernorm_zero_centered_gamma:
+        spec = _zero_centred_layer_norms(spec)
     mtp = {}
     if config.mtp_num_layers:  # multi-token prediction: the decoder's last layer spec, on the last stage
         mtp["mtp_block_spec"] = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False)
+    from megatron.core.transformer import transformer_block
+
+    final_norm = transformer_block.LayerNormImpl
+    if config.layernorm_zero_centered_gamma:  # the decoder's final norm, built from this module global
+        transformer_block.LayerNormImpl = _zero_norm_class()
     models = []
     for v in range(vpp or 1):
         vp_stage = v if vpp else None
@@ -472,6 +508,7 @@ def build_models(case: dict, seed: int = 1234) -> list:
                 **mtp,
             ).eval()
         )
+    transformer_block.LayerNormImpl = final_norm
     for model in models:
         for module in model.modules():
             if isinstance(module, GroupedMLP):  # see the module docstring: the bf16 assert only

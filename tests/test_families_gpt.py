@@ -26,6 +26,7 @@ LAYOUTS = {
     "stablelm": (dict(tp=2, pp=2),),
     "gpt_neox": (dict(tp=2, pp=2, num_layer_list=(1, 3)),),
     "phi": (dict(tp=2, pp=2, num_layer_list=(3, 1), norm_names="te"),),
+    "nemotron": (dict(tp=2, pp=2, num_layer_list=(1, 3)),),
 }
 
 

@@ -48,6 +48,7 @@ LAYOUTS = {
     "granitemoeshared": (dict(tp=2, pp=2, ep=2, num_layer_list=(1, 3), grouped_gemm=True),),
     "llama4_text": (dict(tp=2, pp=2, ep=2, num_layer_list=(3, 1)),),
     "afmoe": (dict(tp=2, pp=2, ep=2, num_layer_list=(1, 3)),),
+    "cohere2_moe": (dict(tp=2, ep=2), dict(pp=2, ep=2, num_layer_list=(1, 3))),
 }
 
 
@@ -541,3 +542,24 @@ def test_models_lists_the_moe_families_with_their_mindspeed_names(capsys):
 def test_peft_adapter_merge_equals_peft_merge_and_unload(models, tmp_path, family):
     """LoRA on the family's attention merges to exactly what peft's merge_and_unload gives."""
     assert_lora_merge_equals_peft(models(family), tmp_path, family)
+
+
+def test_cohere2_moe_rotary_and_experts_in_rank_files(models, tmp_path):
+    """Cohere 2 MoE rotates in its sliding layers and, with prefix_dense_sliding_window_pattern 1, in
+    its dense layers whatever their attention (modeling_cohere2_moe.py force_rope): no_rope_freq
+    0 for layers 0 (dense, full), 1, 3 (sliding), 1 for layer 2 (MoE, full); the shared expert is
+    mlp.shared_experts.linear_fc1 = [gate; up] rows of the TP rank, and EP rank 1 holds experts 2, 3."""
+    src = models("cohere2_moe")
+    mid = str(tmp_path / "mid")
+    convert(src, mid, ck.Target(to="mcore", tp=2, ep=2))
+    hf = hf_state(src)
+    sd = rank(mid, "mp_rank_01_001")["model"]
+    args = vars(rank(mid, "mp_rank_00_000")["args"])
+    assert args["no_rope_freq"] == [0, 0, 1, 0]
+    h = "model.layers.1.mlp."
+    gate, up = hf[h + "shared_experts.gate_proj.weight"], hf[h + "shared_experts.up_proj.weight"]
+    fc1 = torch.cat([gate.chunk(2)[1], up.chunk(2)[1]])
+    assert torch.equal(sd["decoder.layers.1.mlp.shared_experts.linear_fc1.weight"], fc1)
+    down = hf[h + "experts.3.down_proj.weight"].chunk(2, dim=1)[1]
+    assert torch.equal(sd["decoder.layers.1.mlp.experts.local_experts.1.linear_fc2.weight"], down)
+    assert "decoder.layers.0.mlp.linear_fc1.weight" in sd and "decoder.layers.0.mlp.router.weight" not in sd

@@ -36,6 +36,25 @@ CONFIGS = {
         vocab_size_per_layer_input=128,
         final_logit_softcapping=30.0,
     ),
+    # Gemma 4's MoE model (26B-A4B's shape): every layer a dense MLP and a MoE beside it (4
+    # stacked experts of 32, top 2); sliding layers 0, 2 and global layers 1, 3 (keys as values);
+    # no per-layer inputs, no shared keys / values
+    "gemma4_moe": dict(
+        DENSE,
+        model_type="gemma4_text",
+        head_dim=16,
+        global_head_dim=32,
+        num_global_key_value_heads=2,
+        attention_k_eq_v=True,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        sliding_window=4,
+        hidden_size_per_layer_input=0,
+        final_logit_softcapping=30.0,
+        enable_moe_block=True,
+        num_experts=4,
+        top_k_experts=2,
+        moe_intermediate_size=32,
+    ),
     # MiMo-V2-Flash: layers 0, 2 sliding (4 key / value heads, sinks), 1, 3 full (2 heads); q / k
     # heads of 24, v heads of 16; q / k / v biases; layer 0 dense, 1-3 MoE (4 experts, top 2)
     "mimo_v2_flash": dict(
@@ -69,13 +88,16 @@ CONFIGS = {
         hc_mult=2,
     ),
 }
+# the family of a case named otherwise
+FAMILY = {"gemma4_moe": "gemma4_text"}
 # buffers the checkpoint stores that transformers initialises to constants (given random values,
 # so that carrying them is checked)
-BUFFERS = {"gemma4_text": ("layer_scalar",)}
+BUFFERS = {"gemma4_text": ("layer_scalar",), "gemma4_moe": ("layer_scalar",)}
 # per family: the Megatron layouts to round-trip through
 LAYOUTS = {
     "apertus": (dict(tp=2, pp=2, num_layer_list=(1, 3)),),
     "gemma4_text": (dict(tp=2, pp=2, num_layer_list=(1, 3)),),
+    "gemma4_moe": (dict(tp=2, ep=2), dict(pp=2, ep=2, num_layer_list=(1, 3))),
     "mimo_v2_flash": (dict(tp=2, ep=2, grouped_gemm=True), dict(pp=2, ep=2, num_layer_list=(1, 3))),
     "hy_v4": (dict(tp=2, ep=2, grouped_gemm=True), dict(pp=2, ep=2, num_layer_list=(1, 3))),
 }
@@ -87,8 +109,10 @@ def models(tmp_path_factory):
     cache: dict[str, str] = {}
 
     def get(model_type: str) -> str:
-        if model_type not in cache:
-            path = build(str(root / model_type), model_type, configs=CONFIGS)
+        if model_type not in cache:  # a case of another model_type than its name says so
+            cfg = dict(CONFIGS[model_type])
+            hf_type = cfg.pop("model_type", model_type)
+            path = build(str(root / model_type), hf_type, configs={hf_type: cfg})
             _randomize(path, BUFFERS.get(model_type, ()))
             cache[model_type] = path
         return cache[model_type]
@@ -114,7 +138,7 @@ CASES = [(f, i) for f in LAYOUTS for i in range(len(LAYOUTS[f]))]
 @pytest.mark.parametrize("family,layout", CASES, ids=[f"{f}-{i}" for f, i in CASES])
 def test_hf_to_mcore_to_hf_bit_exact_with_same_logits(models, tmp_path, family, layout):
     src = models(family)
-    assert_round_trip(src, tmp_path, family, LAYOUTS[family][layout])
+    assert_round_trip(src, tmp_path, FAMILY.get(family, family), LAYOUTS[family][layout])
     if layout == 0:  # the rank files of the first layout hold what the format facts say
         RANK_FACTS[family](hf_state(src), json.load(open(f"{src}/config.json")), str(tmp_path / "mid"))
 
@@ -245,16 +269,56 @@ def _hy_v4(hf: dict, cfg: dict, mid: str) -> None:
         ]
 
 
-RANK_FACTS = {"apertus": _apertus, "gemma4_text": _gemma4, "mimo_v2_flash": _mimo, "hy_v4": _hy_v4}
+def _gemma4_moe(hf: dict, cfg: dict, mid: str) -> None:
+    """At TP2 x EP2, Megatron-Bridge's MoE-path names (gemma4_bridge.py _moe_mapping_registry): the
+    dense MLP as mlp.shared_experts (fc1 = [gate; up] rows of the TP rank, fc2 its columns) after
+    pre_shared_expert_layernorm, the experts' pre-norm pre_mlp_layernorm, the post norms and the
+    router's scales whole on every rank; EP rank r holds experts 2r, 2r + 1 ([gate; up] rows and
+    down columns of the TP rank, expert TP = TP)."""
+    f = cfg["moe_intermediate_size"]
+    for t in range(2):
+        for r in range(2):
+            sd = rank(mid, f"mp_rank_0{t}_00{r}")["model"]
+            for i in range(cfg["num_hidden_layers"]):
+                h, d = f"model.layers.{i}.", f"decoder.layers.{i}."
+                for m, n in (
+                    ("pre_shared_expert_layernorm.weight", "pre_feedforward_layernorm.weight"),
+                    ("pre_mlp_layernorm.weight", "pre_feedforward_layernorm_2.weight"),
+                    ("self_attention.linear_proj.post_layernorm.weight", "post_attention_layernorm.weight"),
+                    ("mlp.post_shared_expert_layernorm.weight", "post_feedforward_layernorm_1.weight"),
+                    ("mlp.post_moe_layernorm.weight", "post_feedforward_layernorm_2.weight"),
+                    ("post_ffn_layernorm.weight", "post_feedforward_layernorm.weight"),
+                    ("mlp.router.weight", "router.proj.weight"),
+                    ("mlp.router.scale", "router.scale"),
+                    ("mlp.router.per_expert_scale", "router.per_expert_scale"),
+                    ("layer_scalar", "layer_scalar"),
+                ):
+                    assert torch.equal(sd[d + m], hf[h + n]), m
+                gate, up = hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]
+                fc1 = torch.cat([gate.chunk(2)[t], up.chunk(2)[t]])
+                assert torch.equal(sd[d + "mlp.shared_experts.linear_fc1.weight"], fc1)
+                down = hf[h + "mlp.down_proj.weight"].chunk(2, dim=1)[t]
+                assert torch.equal(sd[d + "mlp.shared_experts.linear_fc2.weight"], down)
+                for j in range(2):
+                    e = 2 * r + j
+                    g, u = hf[h + "experts.gate_up_proj"][e].split(f)
+                    x = d + f"mlp.experts.local_experts.{j}."
+                    assert torch.equal(sd[x + "linear_fc1.weight"], torch.cat([g.chunk(2)[t], u.chunk(2)[t]]))
+                    assert torch.equal(
+                        sd[x + "linear_fc2.weight"], hf[h + "experts.down_proj"][e].chunk(2, dim=1)[t]
+                    )
+                assert not any(k.startswith(d + "mlp.linear_fc") for k in sd)
+    args = vars(rank(mid, "mp_rank_00_000")["args"])
+    assert (args["num_experts"], args["moe_router_topk"], args["moe_ffn_hidden_size"]) == (4, 2, f)
 
 
-def test_gemma4_moe_block_is_refused():
-    from ckpt_ir.errors import FormatError
-    from ckpt_ir.families import by_name
-
-    cfg = dict(CONFIGS["gemma4_text"], num_hidden_layers=4, enable_moe_block=True)
-    with pytest.raises(FormatError, match="enable_moe_block"):
-        by_name("gemma4_text").spec_from_config(cfg)
+RANK_FACTS = {
+    "apertus": _apertus,
+    "gemma4_text": _gemma4,
+    "gemma4_moe": _gemma4_moe,
+    "mimo_v2_flash": _mimo,
+    "hy_v4": _hy_v4,
+}
 
 
 def test_apertus_xielu_constants_other_than_megatrons_are_refused(models, tmp_path):

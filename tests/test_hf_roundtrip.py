@@ -36,6 +36,11 @@ def logits(path: str, ids: torch.Tensor) -> torch.Tensor:
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     with torch.no_grad():
+        # safetensors maps the file: a tensor's data sits at its offset there, and torch's grouped_mm
+        # (transformers' MoE experts) rounds differently at another alignment (6e-7 for equal Gemma 4
+        # experts behind headers of other lengths); fresh allocations make equal tensors give equal logits
+        for t in (*model.parameters(), *model.buffers()):
+            t.data = t.data.clone()
         return model(ids).logits
 
 

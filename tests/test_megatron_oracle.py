@@ -173,6 +173,31 @@ FAMILY_CASES = {
             untie_embeddings_and_output_weights=True,
         ),
     ),
+    # Nemotron: LayerNorm1P (x_hat * (1 + w) + b) = megatron-core's LayerNorm with
+    # layernorm_zero_centered_gamma (apply_layernorm_1p) on the same stored w; squared-ReLU MLP,
+    # every bias, rotary on half of each head, untied
+    "nemotron-tp2pp2": dict(
+        family="nemotron",
+        convert=["--tp", "2", "--pp", "2"],
+        harness={
+            "arch": {"normalization": "LayerNorm", "layernorm_zero_centered_gamma": True},
+            "activation": "squared_relu",
+            "bias_linear": True,
+            "qkv_bias": True,
+            "rotary_percent": 0.5,
+        },
+        sizes=lambda c: dict(c, rms_norm_eps=c["norm_eps"]),
+        args=dict(
+            normalization="LayerNorm",
+            apply_layernorm_1p=True,
+            squared_relu=True,
+            swiglu=False,
+            add_bias_linear=True,
+            add_qkv_bias=True,
+            rotary_percent=0.5,
+            untie_embeddings_and_output_weights=True,
+        ),
+    ),
 }
 # a deliberately broken copy of llama-tp1pp1: linear_qkv rows regrouped as [all q; all k; all v]
 # (the HF/"unfused" order) instead of Megatron's per-query-group [q_g; k_g; v_g]; must NOT match
@@ -426,6 +451,7 @@ EXPECTED_LAYOUT = {
     "gpt2-tp2pp2": (2, 2, None),
     "starcoder2-tp2pp2": (2, 2, None),
     "stablelm-tp2": (2, 1, None),
+    "nemotron-tp2pp2": (2, 2, None),
 }
 
 

@@ -342,6 +342,9 @@ class Family:
     megatron_args: Any = None
     # (Megatron key template, canonical template): the family's own Megatron key for a role
     megatron_keys: tuple[tuple[str, str], ...] = ()
+    # (block, keys): a model with that block in a layer takes ``keys`` instead of megatron_keys
+    # (Megatron-Bridge names Gemma 4's norms otherwise in its MoE model than in its dense one)
+    megatron_variants: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
     # (key, num_layers, to_hf) -> key: HF keys outside the model.layers numbering, renamed to the
     # table's keys on read (to_hf False) and back on write (Qwen3-Next's MTP layer under mtp.*)
     hf_rename: Any = None

@@ -31,7 +31,6 @@ GAPS = {
     "mpt": "needs ALiBi",
     "persimmon": "needs q/k LayerNorms with biases over the fused query_key_value",
     "olmo": "needs LayerNorm without weights (no tensor to carry)",
-    "nemotron": "needs LayerNorm1P (1 + weight) with biases",
     "dbrx": "needs experts fused in one tensor per layer and clipped qkv",
     "jetmoe": "needs mixture-of-attention-heads layers",
     "bitnet": "needs BitNet's sub-norms inside attention and MLP",

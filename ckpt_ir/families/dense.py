@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ckpt_ir.families import ConfigKey, Family, Packed, Tested, register
+from ckpt_ir.families import ConfigKey, ExpertStack, Family, Packed, Tested, register
 from ckpt_ir.families.blocks import (
     ATTENTION,
     EMBED_AND_HEAD,
@@ -26,9 +26,11 @@ from ckpt_ir.families.blocks import (
     LLAMA_TENSORS,
     O_BIAS,
     PROJECTIONS,
+    QWEN_EXPERTS,
     C,
     L,
     config_with,
+    mlp_dense_layers,
     window_skip_freq,
     yarn_args,
 )
@@ -746,6 +748,60 @@ register(
 )
 
 
+# Cohere 2 MoE (modeling_cohere2_moe.py): Cohere 2's layer (one norm feeding attention and MLP in
+# parallel) with, in mlp_layer_types' sparse layers, a MoE: router mlp.gate (top-k of the logits,
+# then a softmax over them: megatron-core's default), experts as the hub and transformers' save store
+# them, mlp.experts.<e>.gate_proj / up_proj / down_proj (stacked in memory only), shared experts
+# mlp.shared_experts.* num_shared_experts x intermediate_size wide, added to or averaged with the
+# experts' output (shared_expert_combination_strategy, carried in the HF config); its dense layers
+# are prefix_dense_intermediate_size wide and rotate in every layer with
+# prefix_dense_sliding_window_pattern 1 (force_rope).  Megatron keys: megatron-core's MoE layer
+def _cohere2_moe_args(cfg: dict[str, Any]) -> dict[str, Any]:
+    out = {**COHERE_ARGS, **_window(cfg), **_rotary_on_sliding_layers(cfg, everywhere_without_window=False)}
+    dense = mlp_dense_layers(cfg)
+    if "no_rope_freq" in out and cfg.get("prefix_dense_sliding_window_pattern", 1) == 1:
+        out["no_rope_freq"] = [0 if i in dense else f for i, f in enumerate(out["no_rope_freq"])]
+    return out
+
+
+register(
+    Family(
+        name="cohere2_moe",
+        tested=Tested(
+            round_trip=("--tp 2 --ep 2", "--pp 2 --ep 2 --num-layer-list 1,3"),
+            mcore_missing="no: parallel attention and MLP on one norm, bias-free LayerNorm, logit scale",
+        ),
+        model_types=("cohere2_moe",),
+        architecture="Cohere2MoeForCausalLM",
+        tensors=COHERE_TENSORS
+        + QWEN_EXPERTS
+        + tuple(
+            (L + f"mlp.shared_experts.{p}_proj.weight", C + f"mlp.shared.{p}.weight")
+            for p in ("gate", "up", "down")
+        ),
+        config=config_with(
+            *COHERE_CONFIG,
+            ConfigKey(
+                "ffn_hidden_size",
+                None,
+                lambda cfg: cfg.get("prefix_dense_intermediate_size") or cfg["intermediate_size"],
+            ),
+            ConfigKey("num_experts", "num_experts"),
+            ConfigKey("moe_topk", "num_experts_per_tok"),
+            ConfigKey("moe_ffn_hidden_size", "intermediate_size"),
+            ConfigKey(
+                "shared_ffn_hidden_size",
+                None,
+                lambda cfg: cfg["intermediate_size"] * (cfg.get("num_shared_experts") or 0),
+            ),
+            ConfigKey("dense_layers", None, mlp_dense_layers),
+        ),
+        constants=(("parallel_attn_mlp", True),),
+        megatron_args=_cohere2_moe_args,
+    )
+)
+
+
 # Apertus (modeling_apertus.py): Llama attention with per-head q/k norms (attention_bias on q, k, v
 # and o), its two norms named attention_layernorm / feedforward_layernorm, and a non-gated MLP
 # up_proj -> xIELU -> down_proj.  xIELU (transformers' XIELUActivation, hidden_act "xielu") has
@@ -804,12 +860,21 @@ register(
 # * ple: with hidden_size_per_layer_input, a per-layer input embedding (the model's
 #   embed_tokens_per_layer, per_layer_model_projection, per_layer_projection_norm) gated into each
 #   layer (per_layer_input_gate, per_layer_projection, post_per_layer_input_norm);
-# * layer_scalar: the layer's output scale (a buffer transformers saves).
-# The MoE block beside the dense MLP (enable_moe_block: router scales, stacked experts, three more
-# norms) is not supported.  Megatron keys: Megatron-Bridge's Gemma 4 dense model (gemma4_bridge.py:
-# post_self_attn_layernorm, the per-layer input modules, layer_scalar, per_layer_embedding ...);
-# its linear_qkv of a layer without k / v of its own pads them (zeros, v = k), ckpt-ir's holds the
-# parts the layer has (docs/families.md).
+# * layer_scalar: the layer's output scale (a buffer transformers saves);
+# * moe (with moe_branch) in every layer with enable_moe_block (Gemma 4 26B-A4B): a MoE beside the
+#   dense MLP, reading the layer's input after attention (router: a weightless RMSNorm, times
+#   router.scale and hidden**-0.5, softmax, top-k renormalised, times per_expert_scale; experts
+#   stacked gate_up_proj [E, 2F, H] / down_proj [E, H, F] after pre_feedforward_layernorm_2), each
+#   branch normed after (post_feedforward_layernorm_1 / _2), their sum by post_feedforward_layernorm.
+# Megatron keys: Megatron-Bridge's Gemma 4 dense model (gemma4_bridge.py: post_self_attn_layernorm,
+# the per-layer input modules, layer_scalar, per_layer_embedding ...); its linear_qkv of a layer
+# without k / v of its own pads them (zeros, v = k), ckpt-ir's holds the parts the layer has
+# (docs/families.md).  The MoE model's keys are Bridge's MoE path's (_moe_mapping_registry,
+# gemma4_bridge.py:507-578 at 067f987): the dense MLP is mlp.shared_experts (its pre-norm
+# pre_shared_expert_layernorm), the experts' pre-norm pre_mlp_layernorm, the post norms
+# self_attention.linear_proj.post_layernorm, mlp.post_shared_expert_layernorm,
+# mlp.post_moe_layernorm and post_ffn_layernorm, the router's scales mlp.router.scale /
+# per_expert_scale.
 def _gemma4_layer_types(cfg: dict[str, Any]) -> list[str]:
     """transformers' layer_types: every sliding_window_pattern-th layer (6) full, the last full."""
     n = cfg["num_hidden_layers"]
@@ -845,21 +910,34 @@ def _gemma4_global(cfg: dict[str, Any], key: str, legacy: str, default: Any) -> 
 
 
 def _gemma4_blocks(cfg: dict[str, Any]) -> tuple[tuple[str, ...], ...]:
-    from ckpt_ir.errors import FormatError
 
-    if cfg.get("enable_moe_block"):
-        raise FormatError(
-            "config.json: enable_moe_block (Gemma 4's MoE beside the dense MLP, with its router scales "
-            "and extra norms) is not supported by ckpt-ir's gemma4_text family yet; only dense Gemma 4"
-        )
     n, shared = cfg["num_hidden_layers"], cfg.get("num_kv_shared_layers") or 0
     ple = cfg.get("hidden_size_per_layer_input", 256)
     out = []
     for i, t in enumerate(_gemma4_layer_types(cfg)):
         mixer = "global_attention" if t == "full_attention" else "attention"
         parts = ("kv_shared",) if i >= n - shared else ()
-        out.append((mixer, *parts, "mlp", *(("ple",) if ple else ()), "layer_scalar"))
+        moe = ("moe", "moe_branch") if cfg.get("enable_moe_block") else ()
+        out.append((mixer, *parts, "mlp", *moe, *(("ple",) if ple else ()), "layer_scalar"))
     return tuple(out)
+
+
+_EXPERT = C + "mlp.experts.{e}."
+_GEMMA4_MOE_KEYS = tuple(
+    ("decoder.layers.{i}." + m, C + c)
+    for m, c in (
+        ("self_attention.linear_proj.post_layernorm.weight", "post_attn_norm.weight"),
+        ("pre_shared_expert_layernorm.weight", "mlp_norm.weight"),
+        ("mlp.shared_experts.linear_fc1.weight", "mlp.gate_up.weight"),
+        ("mlp.shared_experts.linear_fc2.weight", "mlp.down.weight"),
+        ("mlp.post_shared_expert_layernorm.weight", "post_dense_norm.weight"),
+        ("pre_mlp_layernorm.weight", "moe_norm.weight"),
+        ("mlp.router.scale", "mlp.router.scale"),
+        ("mlp.router.per_expert_scale", "mlp.router.expert_scale"),
+        ("mlp.post_moe_layernorm.weight", "post_moe_norm.weight"),
+        ("post_ffn_layernorm.weight", "post_mlp_norm.weight"),
+    )
+)
 
 
 def _gemma4_args(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -891,8 +969,13 @@ register(
     Family(
         name="gemma4_text",
         tested=Tested(
-            round_trip=("--tp 2 --pp 2 --num-layer-list 1,3",),
-            mcore_missing="no: megatron-core 0.16 has no per-layer inputs, shared keys / values, layers of two attention sizes, post norms or logit soft-capping",
+            # the MoE model (enable_moe_block): --tp 2 --ep 2, --pp 2 --ep 2 --num-layer-list 1,3
+            round_trip=(
+                "--tp 2 --pp 2 --num-layer-list 1,3",
+                "--tp 2 --ep 2",
+                "--pp 2 --ep 2 --num-layer-list 1,3",
+            ),
+            mcore_missing="no: megatron-core 0.16 has no per-layer inputs, shared keys / values, layers of two attention sizes, post norms or logit soft-capping (nor a MoE beside a dense MLP)",
         ),
         model_types=("gemma4_text",),
         architecture="Gemma4ForCausalLM",
@@ -909,6 +992,16 @@ register(
             (L + "per_layer_projection.weight", C + "ple.proj.weight"),
             (L + "post_per_layer_input_norm.weight", C + "ple.norm.weight"),
             (L + "layer_scalar", C + "layer_scalar"),
+            (L + "router.proj.weight", C + "mlp.router.weight"),
+            (L + "router.scale", C + "mlp.router.scale"),
+            (L + "router.per_expert_scale", C + "mlp.router.expert_scale"),
+            (L + "pre_feedforward_layernorm_2.weight", C + "moe_norm.weight"),
+            (L + "post_feedforward_layernorm_1.weight", C + "post_dense_norm.weight"),
+            (L + "post_feedforward_layernorm_2.weight", C + "post_moe_norm.weight"),
+        ),
+        stacked=(
+            ExpertStack(L + "experts.gate_up_proj", (_EXPERT + "gate.weight", _EXPERT + "up.weight")),
+            ExpertStack(L + "experts.down_proj", (_EXPERT + "down.weight",)),
         ),
         config=config_with(
             ConfigKey("head_dim", "head_dim", 256),
@@ -930,9 +1023,13 @@ register(
             ConfigKey("ple_dim", None, lambda cfg: cfg.get("hidden_size_per_layer_input", 256)),
             ConfigKey("ple_vocab", None, lambda cfg: cfg.get("vocab_size_per_layer_input", 262144)),
             ConfigKey("layer_blocks", None, _gemma4_blocks),
+            ConfigKey("num_experts", None, lambda cfg: cfg.get("num_experts") or 0),
+            ConfigKey("moe_topk", None, lambda cfg: cfg.get("top_k_experts") or 0),
+            ConfigKey("moe_ffn_hidden_size", None, lambda cfg: cfg.get("moe_intermediate_size") or 0),
         ),
         constants=(("qk_norm", True), ("post_norms", True)),
         megatron_args=_gemma4_args,
         megatron_keys=(("decoder.layers.{i}.post_self_attn_layernorm.weight", C + "post_attn_norm.weight"),),
+        megatron_variants=(("moe_branch", _GEMMA4_MOE_KEYS),),
     )
 )

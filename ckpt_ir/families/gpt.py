@@ -11,7 +11,7 @@ families and Megatron-Bridge no bridge for them, so their Megatron keys are mega
 from __future__ import annotations
 
 from ckpt_ir.families import ConfigKey, Family, Packed, Tested, register
-from ckpt_ir.families.blocks import LLAMA_TENSORS, config_with, default_kv_heads
+from ckpt_ir.families.blocks import LLAMA_BIAS_CONFIG, LLAMA_TENSORS, config_with, default_kv_heads
 
 # GPT-2 (transformers models/gpt2): Conv1D layers store their weight [in, out] (x @ W + b);
 # c_attn is [q; k; v] along its output dim, weight and bias; wpe holds learned absolute positions.
@@ -289,5 +289,43 @@ register(
             mcore_missing="no: attention and MLP in parallel from one norm (TransformerLayer runs them one "
             "after the other, each after its own norm)",
         ),
+    )
+)
+
+# Nemotron-4 / Minitron (models/nemotron): Llama's names with LayerNorm1P (LayerNorm computing
+# x_hat * (1 + w) + b, weights and biases; the final norm too), a plain up_proj -> relu2 ->
+# down_proj MLP, biases on q, k, v, o when attention_bias and on the MLP when mlp_bias, rotary on
+# the first half of each head (partial_rotary_factor 0.5 by default).  megatron-core's LayerNorm
+# with apply_layernorm_1p (layernorm_zero_centered_gamma) computes the same (1 + w), so the stored
+# w is the same on both sides (ModelSpec.zero_centred_norms: no shift, Megatron's arg set):
+# Megatron-Bridge's nemotron_bridge.py maps every norm 1:1 (AutoMapping, lines 80-91) and sets
+# layernorm_zero_centered_gamma (line 69), normalization LayerNorm and squared_relu (lines 61-62).
+register(
+    Family(
+        name="nemotron",
+        model_types=("nemotron",),
+        architecture="NemotronForCausalLM",
+        tensors=(
+            ("model.embed_tokens.weight", "embed.weight"),
+            ("model.norm.weight", "final_norm.weight"),
+            ("model.norm.bias", "final_norm.bias"),
+            ("lm_head.weight", "lm_head.weight"),
+            *((L + f"input_layernorm.{w}", C + f"attn_norm.{w}") for w in ("weight", "bias")),
+            *(
+                (L + f"self_attn.{p}_proj.{w}", C + f"attn.{p}.{w}")
+                for p in "qkvo"
+                for w in ("weight", "bias")
+            ),
+            *((L + f"post_attention_layernorm.{w}", C + f"mlp_norm.{w}") for w in ("weight", "bias")),
+            *((L + f"mlp.up_proj.{w}", C + f"mlp.fc1.{w}") for w in ("weight", "bias")),
+            *((L + f"mlp.down_proj.{w}", C + f"mlp.down.{w}") for w in ("weight", "bias")),
+        ),
+        config=config_with(
+            ConfigKey("norm_eps", "norm_eps", 1e-5),
+            ConfigKey("activation", "hidden_act", "relu2"),
+            *LLAMA_BIAS_CONFIG,
+        ),
+        constants=(("norm_bias", True), ("gated_mlp", False), ("zero_centred_norms", True)),
+        tested=Tested(round_trip=("--tp 2 --pp 2 --num-layer-list 1,3",), mcore_logits=("--tp 2 --pp 2",)),
     )
 )

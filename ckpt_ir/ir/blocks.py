@@ -58,7 +58,9 @@ MLPS = ("mlp", "moe")
 # (a learned scale of the layer's output); out_gate, a sigmoid gate on the attention's output from
 # a projection of its own (HY-V4, AFMoE); and post_norms, a layer whose norms follow its mixer and
 # its MLP (post_attn_norm, post_mlp_norm) instead of preceding them (OLMo-Hybrid's attention
-# layers, beside pre-norm gated-delta-net ones)
+# layers, beside pre-norm gated-delta-net ones); moe_branch, a layer's MoE beside its dense MLP
+# (both blocks in the layer), each branch with norms of its own, their sum normed once more, and a
+# router that scales its input (Gemma 4's enable_moe_block)
 PARTS = (
     "compressor",
     "csa_indexer",
@@ -69,6 +71,7 @@ PARTS = (
     "layer_scalar",
     "out_gate",
     "post_norms",
+    "moe_branch",
 )
 BLOCKS = MIXERS + MLPS + PARTS
 # blocks of a stack beside its layers (a vision tower, ModelSpec.vision): the patch embedding before

@@ -545,6 +545,9 @@ _XIELU_ROLES = [
 ]
 
 
+_MOE_BRANCH_NORMS = ("moe_norm.weight", "post_dense_norm.weight", "post_moe_norm.weight")
+
+
 def _has_ple(s: ModelSpec, lay: Layout, i: int) -> bool:
     return any(s.has_block(j, "ple") for j in range(s.num_layers))
 
@@ -563,6 +566,12 @@ _PLE_ROLES = [
     Role(L + "ple.proj.weight", None, lambda s, lay: (s.hidden_size, s.ple_dim), _block("ple")),
     Role(L + "ple.norm.weight", None, lambda s, lay: (s.hidden_size,), _block("ple")),
     Role(L + "layer_scalar", None, lambda s, lay: (1,), _block("layer_scalar")),
+    # block moe_branch (Gemma 4's MoE beside the dense MLP, whose pre-norm is mlp_norm and whose
+    # sum with the MoE's output post_mlp_norm norms): the MoE's pre-norm, each branch's post-norm,
+    # and the router's input scale [H] and per-expert weight scale [E]; whole on every TP rank
+    *(Role(L + n, None, lambda s, lay: (s.hidden_size,), _block("moe_branch")) for n in _MOE_BRANCH_NORMS),
+    Role(L + "mlp.router.scale", None, lambda s, lay: (s.hidden_size,), _block("moe_branch")),
+    Role(L + "mlp.router.expert_scale", None, lambda s, lay: (s.num_experts,), _block("moe_branch")),
 ]
 
 

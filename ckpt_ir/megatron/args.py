@@ -409,6 +409,15 @@ MODEL_FIELDS: tuple[Field, ...] = (
         when=lambda s: s.position_embeddings > 0,
     ),
     Field("squared_relu", lambda s, lay: True, when=lambda s: s.activation == "relu2"),
+    # zero-centred norms of a model without gated-delta-net modules (Nemotron's LayerNorm1P:
+    # x_hat * (1 + w) + b, megatron-core's layernorm_zero_centered_gamma); GDN_FIELDS says it for
+    # those.  Written only: the stored w is the same either way, and other families' Megatron runs
+    # (Megatron-Bridge's Gemma) set it for norms ckpt-ir describes otherwise
+    Field(
+        "apply_layernorm_1p",
+        lambda s, lay: True,
+        when=lambda s: s.zero_centred_norms and not has_gdn_modules(s),
+    ),
 )
 
 # mixture of experts: written for MoE models, read when args.num_experts is set

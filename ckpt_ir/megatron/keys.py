@@ -527,10 +527,12 @@ def _layer_keys(
     mla_keys: str = "mindspeed",
     mqa: bool = False,
     sublayered: tuple[tuple[str, ...], ...] = (),
+    variant: str | None = None,
 ) -> KeyPairs:
     """The decoder-layer keys; a plain (not gated) MLP's linear_fc1 is the canonical fc1; ``mqa``:
     DeepSeek-V4's layers (MindSpeed-LLM's modules); ``sublayered``: the distinct ``layer_blocks``
-    entries of layers made of sublayers."""
+    entries of layers made of sublayers; ``variant``: the block whose family keys apply
+    (``Family.megatron_variants``)."""
     keys: KeyPairs = (
         _MQA_LAYER_KEYS
         if mqa
@@ -548,17 +550,19 @@ def _layer_keys(
     if full_qk_norm:
         keys = tuple((m, _FULL_QK_NORM.get(c, c)) for m, c in keys)
     if family is not None:
-        keys = _with_family_keys(keys, family)
+        keys = _with_family_keys(keys, family, variant)
     return keys if gated else tuple((m, c.replace(".gate_up.", ".fc1.")) for m, c in keys)
 
 
-def _with_family_keys(keys: KeyPairs, family: str) -> KeyPairs:
+def _with_family_keys(keys: KeyPairs, family: str, variant: str | None = None) -> KeyPairs:
     """``keys`` with a family's own Megatron keys: for a role of the table (Gemma 3's post norms,
     after Megatron-Bridge), or for a role the family registers, in the place of the table's role
     whose key it takes (Cohere's per-head q/k norms under q_layernorm / k_layernorm), else last."""
     from ckpt_ir.families import by_name
 
-    own = {c: m for m, c in by_name(family).megatron_keys}
+    fam = by_name(family)
+    pairs = dict(fam.megatron_variants).get(variant, fam.megatron_keys) if variant else fam.megatron_keys
+    own = {c: m for m, c in pairs}
     claims = {m: c for c, m in own.items()}
     out = [(own[c], c) if c in own else (m, claims[m]) if m in claims else (m, c) for m, c in keys]
     placed = {c for _, c in out}
@@ -639,12 +643,13 @@ def layer_table(
     mla_keys: str = "mindspeed",
     mqa: bool = False,
     sublayered: tuple[tuple[str, ...], ...] = (),
+    variant: str | None = None,
 ) -> NameTable:
     """Decoder-layer key table for a naming (``local``, ``te``, ``te-input``; MindSpeed-LLM v2's
     transformer_engine output fuses only the input norm for dense layers) and, with ``mla``, the
     MLA modules' (``mindspeed``: one fused linear_qkv; ``mcore``: megatron-core's own)."""
     mla_keys = mla_keys if mla else "mindspeed"
-    keys = _layer_keys(mla, full_qk_norm, family, gated, mla_keys, mqa, sublayered)
+    keys = _layer_keys(mla, full_qk_norm, family, gated, mla_keys, mqa, sublayered, variant)
     return _table(keys, norm_names, mla_keys)
 
 
@@ -669,7 +674,20 @@ def spec_layer_table(norm_names: str, spec: ModelSpec, mla_keys: str = "mindspee
         mla_keys,
         has_mqa(spec),
         _sublayered(spec),
+        key_variant(spec),
     )
+
+
+def key_variant(spec: ModelSpec) -> str | None:
+    """The block of ``Family.megatron_variants`` whose keys the model takes (one of its layers
+    holds it), or None."""
+    from ckpt_ir.families import by_name
+
+    variants = by_name(spec.family).megatron_variants if spec.family is not None else ()
+    if not variants:
+        return None
+    blocks = {b for i in range(spec.total_layers) for b in spec.blocks(i)}
+    return next((b for b, _ in variants if b in blocks), None)
 
 
 def read_tables(spec: ModelSpec) -> tuple[NameTable, ...]:
@@ -683,7 +701,14 @@ def role_order(spec: ModelSpec, mla_keys: str = "mindspeed") -> tuple[str, ...]:
     """The decoder-layer roles of the model ``spec`` describes, in the order rank files list them
     (``mla_keys``: MindSpeed-LLM's or megatron-core's MLA modules)."""
     keys = _layer_keys(
-        spec.mla, spec.qk_full_norm, spec.family, spec.gated_mlp, mla_keys, has_mqa(spec), _sublayered(spec)
+        spec.mla,
+        spec.qk_full_norm,
+        spec.family,
+        spec.gated_mlp,
+        mla_keys,
+        has_mqa(spec),
+        _sublayered(spec),
+        key_variant(spec),
     )
     return tuple(c for _, c in keys)
 

@@ -196,9 +196,13 @@ def _entries(
         ep, j = expert_owner(ckpt.spec, ckpt.layout, expert)
         fill["e"] = str(j)
     key = names.from_canonical(role.format(**fill))
-    if ckpt.spec.is_moe_layer(layer) and role in ("layers.{i}.mlp_norm.weight", "layers.{i}.mlp_norm.bias"):
-        key = M.layer_table("local").from_canonical(role.format(**fill))  # MoE: no fused pre-MLP norm
     lay = ckpt.layout
+    if ckpt.spec.is_moe_layer(layer) and role in ("layers.{i}.mlp_norm.weight", "layers.{i}.mlp_norm.bias"):
+        # MoE: no fused pre-MLP norm (the family's key where it has one: Gemma 4's MoE model)
+        local_names = (
+            M.spec_layer_table("local", ckpt.spec, lay.mla_keys) if M.key_variant(ckpt.spec) else None
+        )
+        key = (local_names or M.layer_table("local")).from_canonical(role.format(**fill))
     if role == "layers.{i}.attn_norm.weight" and lay.norm_names != "local" and lay.gdn_keys == "mcore":
         if ckpt.spec.has_block(layer, "gdn"):  # megatron-core's GatedDeltaNet fuses it into in_proj
             key = f"decoder.layers.{local}.{M.GDN_TE_NORM}"
