@@ -339,23 +339,26 @@ def gpt2_tensors(layers: int) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def generate_gpt2(path: str, size: int) -> int:
-    """A GPT-2-large-shaped fp32 HF checkpoint (tied) of about ``size`` bytes in shards of about
-    1.2 GB, written without torch; returns its layer count."""
+def write_random_shards(path: str, tensors: dict[str, tuple[int, ...]], dtype: str) -> None:
+    """``tensors`` (name -> shape) of random values, |x| in [2^-31, 1) (exponent 0x60-0x7e, random
+    mantissa and sign), as ``dtype`` ("F32" or "BF16") safetensors files of about 1.2 GB and their
+    index, written without torch."""
     import numpy as np
 
-    per_layer = 4 * sum(_numel(s) for n, s in gpt2_tensors(1).items() if ".h." in n)
-    fixed = 4 * sum(_numel(s) for n, s in gpt2_tensors(0).items())
-    layers = max(2, round((size - fixed) / per_layer / 2) * 2)  # even: two pipeline stages
-    tensors = gpt2_tensors(layers)
+    size = {"F32": 4, "BF16": 2}[dtype]
+    # the bit patterns of 2^-31 and 1.0, and the sign bit, in the stored width
+    low, high, sign, word = {
+        "F32": (0x30000000, 0x3F800000, 31, np.uint32),
+        "BF16": (0x3000, 0x3F80, 15, np.uint16),
+    }[dtype]
     shards: list[list[str]] = [[]]
     acc = 0
     for name, shape in tensors.items():
-        if shards[-1] and acc + 4 * _numel(shape) > MOE_SHARD:
+        if shards[-1] and acc + size * _numel(shape) > MOE_SHARD:
             shards.append([])
             acc = 0
         shards[-1].append(name)
-        acc += 4 * _numel(shape)
+        acc += size * _numel(shape)
     os.makedirs(path, exist_ok=True)
     rng = np.random.default_rng(0)
     weight_map: dict[str, str] = {}
@@ -364,22 +367,32 @@ def generate_gpt2(path: str, size: int) -> int:
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
         pos = 0
         for n in names:
-            nbytes = 4 * _numel(tensors[n])
-            header[n] = {"dtype": "F32", "shape": list(tensors[n]), "data_offsets": [pos, pos + nbytes]}
+            nbytes = size * _numel(tensors[n])
+            header[n] = {"dtype": dtype, "shape": list(tensors[n]), "data_offsets": [pos, pos + nbytes]}
             pos += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         with open(os.path.join(path, fname), "wb") as out:
             out.write(len(raw).to_bytes(8, "little") + raw)
-            for n in names:  # |x| in [2^-31, 1): exponent 0x60-0x7e, random mantissa and sign
+            for n in names:
                 left = _numel(tensors[n])
                 while left:
-                    bits = rng.integers(0x30000000, 0x3F800000, size=min(left, 1 << 24), dtype=np.uint32)
-                    bits |= rng.integers(0, 2, size=bits.size, dtype=np.uint32) << 31
+                    bits = rng.integers(low, high, size=min(left, 1 << 24), dtype=word)
+                    bits |= rng.integers(0, 2, size=bits.size, dtype=word) << sign
                     out.write(bits.tobytes())
                     left -= bits.size
         weight_map.update({n: fname for n in names})
     write_index(path, weight_map)
+
+
+def generate_gpt2(path: str, size: int) -> int:
+    """A GPT-2-large-shaped fp32 HF checkpoint (tied) of about ``size`` bytes in shards of about
+    1.2 GB, written without torch; returns its layer count."""
+
+    per_layer = 4 * sum(_numel(s) for n, s in gpt2_tensors(1).items() if ".h." in n)
+    fixed = 4 * sum(_numel(s) for n, s in gpt2_tensors(0).items())
+    layers = max(2, round((size - fixed) / per_layer / 2) * 2)  # even: two pipeline stages
+    write_random_shards(path, gpt2_tensors(layers), "F32")
     json.dump(
         {
             "architectures": ["GPT2LMHeadModel"],
@@ -487,44 +500,11 @@ def hybrid_tensors(pattern: str) -> dict[str, tuple[int, ...]]:
 def generate_hybrid(path: str, size: int) -> int:
     """A Nemotron-H-shaped bf16 HF checkpoint (the pattern HYBRID_UNIT repeated) of about ``size``
     bytes in shards of about 1.2 GB, written without torch; returns its layer count."""
-    import numpy as np
 
     unit = 2 * sum(_numel(s) for n, s in hybrid_tensors(HYBRID_UNIT).items() if ".layers." in n)
     fixed = 2 * sum(_numel(s) for s in hybrid_tensors("").values())
     pattern = HYBRID_UNIT * max(2, round((size - fixed) / unit / 2) * 2)  # even: two pipeline stages
-    tensors = hybrid_tensors(pattern)
-    shards: list[list[str]] = [[]]
-    acc = 0
-    for name, shape in tensors.items():
-        if shards[-1] and acc + 2 * _numel(shape) > MOE_SHARD:
-            shards.append([])
-            acc = 0
-        shards[-1].append(name)
-        acc += 2 * _numel(shape)
-    os.makedirs(path, exist_ok=True)
-    rng = np.random.default_rng(0)
-    weight_map: dict[str, str] = {}
-    for k, names in enumerate(shards):
-        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-        pos = 0
-        for n in names:
-            nbytes = 2 * _numel(tensors[n])
-            header[n] = {"dtype": "BF16", "shape": list(tensors[n]), "data_offsets": [pos, pos + nbytes]}
-            pos += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        with open(os.path.join(path, fname), "wb") as out:
-            out.write(len(raw).to_bytes(8, "little") + raw)
-            for n in names:  # bf16 of |x| in [2^-31, 1): exponent 0x60-0x7e, random mantissa and sign
-                left = _numel(tensors[n])
-                while left:
-                    bits = rng.integers(0x3000, 0x3F80, size=min(left, 1 << 24), dtype=np.uint16)
-                    bits |= rng.integers(0, 2, size=bits.size, dtype=np.uint16) << 15
-                    out.write(bits.tobytes())
-                    left -= bits.size
-        weight_map.update({n: fname for n in names})
-    write_index(path, weight_map)
+    write_random_shards(path, hybrid_tensors(pattern), "BF16")
     kinds = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
     json.dump(
         {
