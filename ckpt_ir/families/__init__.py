@@ -301,6 +301,15 @@ class Tower:
     config_key: str
     config: tuple[ConfigKey, ...]
     constants: tuple[tuple[str, Any], ...] = ()
+    # (Megatron-Bridge key, canonical name): tensors Megatron-Bridge keeps in a module of its own
+    # rather than the tower's HF form (Gemma 3's projector), split over the language model's TP
+    # as their role says; a config key derived by a callable sees the language model's settings
+    # under LANGUAGE_MODEL
+    bridge_keys: tuple[tuple[str, str], ...] = ()
+
+
+# where a tower's derived config keys find the language model's settings
+LANGUAGE_MODEL = "(language model)"
 
 
 @attrs.frozen
@@ -516,7 +525,8 @@ class Family:
                     f"{tower.stack} tower is read from"
                 )
             tower_where = f"{where} ({tower.config_key})"
-            tower_values = self._read_keys(tower.config, tower.constants, sub, tower_where)
+            view = {**sub, LANGUAGE_MODEL: self.text_view(cfg)}
+            tower_values = self._read_keys(tower.config, tower.constants, view, tower_where)
             values[tower.stack] = ModelSpec(
                 family=self.name,
                 stack=tower.stack,

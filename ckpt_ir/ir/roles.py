@@ -631,6 +631,43 @@ _VISION_ROLES = [
         stack="vision",
     ),
     Role(V + "merger.fc2.bias", None, lambda s, lay: (s.merger_out,), _merger(True), stack="vision"),
+    # SigLIP's (Gemma 3's tower): learned positions, a norm after the layers, and a projector (a
+    # norm, one weight [projector_out, hidden] column-parallel, no bias)
+    Role(
+        V + "pos_embed.weight",
+        None,
+        lambda s, lay: (s.pos_embed_size, s.hidden_size),
+        _tower(lambda s: s.pos_embed_size > 0),
+        stack="vision",
+    ),
+    Role(
+        V + "final_norm.weight",
+        None,
+        lambda s, lay: (s.hidden_size,),
+        _tower(lambda s: s.post_norm),
+        stack="vision",
+    ),
+    Role(
+        V + "final_norm.bias",
+        None,
+        lambda s, lay: (s.hidden_size,),
+        _tower(lambda s: s.post_norm and s.norm_bias),
+        stack="vision",
+    ),
+    Role(
+        V + "projector.norm.weight",
+        None,
+        lambda s, lay: (s.hidden_size,),
+        _tower(lambda s: s.projector_out > 0),
+        stack="vision",
+    ),
+    Role(
+        V + "projector.weight",
+        COLUMN,
+        lambda s, lay: (s.projector_out, s.hidden_size),
+        _tower(lambda s: s.projector_out > 0),
+        stack="vision",
+    ),
 ]
 
 

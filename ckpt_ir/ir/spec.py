@@ -137,6 +137,12 @@ class ModelSpec:
     # width), with biases as mlp_bias says
     merger_size: int = 0
     merger_out: int = 0
+    # blocks pos_embed / post_norm / projector of a vision stack (SigLIP in Gemma 3): learned
+    # absolute positions (pos_embed_size rows of hidden_size), a norm after the layers, a projector
+    # to projector_out (the language model's width): a norm, then one weight without a bias
+    pos_embed_size: int = 0
+    post_norm: bool = False
+    projector_out: int = 0
     # The blocks of each main layer, in order (names in ``ckpt_ir.ir.blocks.BLOCKS``: a mixer
     # such as "attention" or "mamba", an MLP such as "mlp" or "moe"); empty: every layer is one
     # mixer and one MLP, as the fields above imply (see :meth:`blocks`).  A block of a layer made

@@ -18,9 +18,10 @@ import attrs
 
 from ckpt_ir.errors import FormatError
 from ckpt_ir.ir import expr as E
-from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
+from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode, gather_exprs
 from ckpt_ir.ir.layout import Layout
-from ckpt_ir.ir.names import split_stack
+from ckpt_ir.ir.names import Split, split_stack
+from ckpt_ir.ir.roles import split_rule
 from ckpt_ir.ir.rules import Stack
 from ckpt_ir.ir.spec import ModelSpec
 
@@ -36,10 +37,28 @@ def tower_keys(ckpt: Checkpoint) -> dict[tuple[int, int], list[tuple[str, tuple[
     if ckpt.layout.mm_keys == "bridge":
         from ckpt_ir.families import by_name
 
-        return {(0, 0): by_name(ckpt.spec.family).hf_form(ckpt.spec, names)}
+        family = by_name(ckpt.spec.family)
+        own = {c: k for tower in family.towers for k, c in tower.bridge_keys}
+        keys = family.hf_form(ckpt.spec, [n for n in names if n not in own])
+        return {(0, 0): keys + [(own[n], (n,), None) for n in names if n in own]}
     from ckpt_ir.megatron import mindspeed_mm
 
     return mindspeed_mm.vision_keys(ckpt, names)
+
+
+def bridge_split(ckpt: Checkpoint, key: str, canon: tuple[str, ...]) -> tuple[Stack, Split] | None:
+    """How a tower key of Megatron-Bridge's own modules (``Tower.bridge_keys``) is split over the
+    language model's TP (Gemma 3's projector, a ColumnParallelLinear): (a rule taking the whole
+    tensor as one part, the role's split), None for a key whole on every rank."""
+    from ckpt_ir.families import by_name
+
+    if ckpt.layout.mm_keys != "bridge" or ckpt.layout.tp == 1:
+        return None
+    own = {k for tower in by_name(ckpt.spec.family).towers for k, _ in tower.bridge_keys}
+    split = split_rule(canon[0], ckpt.spec) if key in own else None
+    if split is None:
+        return None
+    return Stack.of([(canon[0], ckpt.tensors[canon[0]].shape[split.dim])], split.dim), split
 
 
 def module_of(key: str, mm_keys: str | None) -> tuple[str, str, str]:
@@ -87,8 +106,11 @@ def lift_tower(
         return mindspeed_mm.lift_vision(found, spec, layout, where, dropped)
     from ckpt_ir.families import by_name
 
+    family = by_name(spec.family)
+    own = {k: c for tower in family.towers for k, c in tower.bridge_keys}
     raw: dict[str, E.Expr] = {}
     copies: dict[str, list[tuple[str, E.Expr]]] = {}
+    ours: dict[str, E.Expr] = {}
     for key, places in found.items():
         places = sorted(places, key=lambda f: f[:3])
         off = next((f for f in places if f[1:3] != (0, 0)), None)
@@ -97,11 +119,27 @@ def lift_tower(
                 f"{where}: {key} is in {off[3]} (pipeline stage {off[1]}, chunk {off[2]}); Megatron-Bridge keeps "
                 f"the vision tower on the first stage only, so the rank files do not belong together"
             )
-        raw[key] = places[0][4]
+        if key in own and split_rule(own[key], spec) is not None and layout.tp > 1:
+            ours[own[key]] = _joined(key, places, split_rule(own[key], spec), layout.tp, where)
+            continue
+        (ours if key in own else raw)[own.get(key, key)] = places[0][4]
         if len(places) > 1:
             copies[key] = [(f[3], f[4]) for f in places]
             dropped[f"{key} (TP ranks {', '.join(str(f[0]) for f in places[1:])})"] = (
                 "replica of TP rank 0 (Megatron-Bridge replicates the vision tower)"
             )
-    exprs, unknown = by_name(spec.family).from_hf_form(spec, raw)
+    exprs, unknown = family.from_hf_form(spec, raw)
+    exprs.update(ours)
     return {n: TensorNode.whole(n, x) for n, x in exprs.items()}, copies, unknown
+
+
+def _joined(key: str, places: list, split: Split, tp: int, where: str) -> E.Expr:
+    """The whole tensor of a key Megatron-Bridge splits over the language model's TP (Gemma 3's
+    projector): one shard per TP rank of stage 0, joined by the split's rule."""
+    ranks = [f[0] for f in places]
+    if ranks != list(range(tp)):
+        raise FormatError(
+            f"{where}: {key} is on TP ranks {ranks} of stage 0, but Megatron-Bridge splits it over all "
+            f"{tp}; the rank files do not belong together"
+        )
+    return gather_exprs(tuple(f[4] for f in places), split)

@@ -182,7 +182,11 @@ def rank_content(
         for entries in list(content.values()):
             entries[:] = [attrs.evolve(e, key=prefix + e.key) for e in entries]
         for place, keys in multimodal.tower_keys(ckpt).items():
-            content[place][:0] = [Entry(key, canon, pack=pack) for key, canon, pack in keys]
+            content[place][:0] = [
+                Entry(key, canon, pack=pack, part=Part(canon[0], *split) if split else None)
+                for key, canon, pack in keys
+                for split in [multimodal.bridge_split(ckpt, key, canon)]
+            ]
     return content, where
 
 
