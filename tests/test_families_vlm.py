@@ -1,10 +1,12 @@
-"""Vision-language families (qwen2_5_vl, qwen2_vl): a language model and a vision tower in one
+"""Vision-language families (qwen2_5_vl, qwen2_vl, gemma3): a language model and a vision tower in one
 checkpoint.  HF -> HF (a dtype cast) and HF -> Megatron-Core -> HF are bit-exact with every side file
 (processor, chat template, tokenizer config) back byte for byte, and transformers' logits on text
 plus a generated image are equal; the Megatron rank files hold Megatron-Bridge's layout
 (``language_model.*`` with Transformer Engine's norm names, the tower as transformers' ``visual.*``
 whole on every TP rank of pipeline stage 0: Megatron-Bridge ``qwen_vl/qwen25_vl_bridge.py``
-mapping_registry and ``modeling_qwen25_vl.py``, which builds ``visual`` where ``pre_process``)."""
+mapping_registry and ``modeling_qwen25_vl.py``, which builds ``visual`` where ``pre_process``; for
+gemma3 the SigLIP tower as transformers' ``vision_tower.*`` and the projector in Bridge's own module,
+its weight transposed and split over TP: ``gemma_vl/gemma3_vl_bridge.py`` 119-127, 137)."""
 
 from __future__ import annotations
 
@@ -54,6 +56,36 @@ CONFIGS = {
     "qwen2_vl": dict(
         text_config=TEXT, vision_config=dict(VISION, embed_dim=32, mlp_ratio=2, hidden_size=64), **TOKENS
     ),
+    # Gemma 3: a gemma3_text language model (sliding window 8 in layer 0, q/k norms, sandwich norms,
+    # tied embeddings); a SigLIP tower of 16 x 16 pixels in 4 x 4 patches (16 positions) without the
+    # pooling head (vision_use_head defaults to True), pooled 2 x 2 to mm_tokens_per_image 4
+    "gemma3": dict(
+        text_config=dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=160,
+            num_hidden_layers=2,
+            max_position_embeddings=128,
+            sliding_window=8,
+            query_pre_attn_scalar=16,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=16,
+            patch_size=4,
+            vision_use_head=False,
+        ),
+        mm_tokens_per_image=4,
+        image_token_id=150,
+        boi_token_index=151,
+        eoi_token_index=152,
+    ),
 }
 # MindSpeed-MM's layout (text_decoder.*, image_encoder.*, a layer count per module and stage)
 MM = dict(mm_keys="mindspeed")
@@ -69,6 +101,18 @@ LAYOUTS: dict[str, tuple[dict, ...]] = {
         dict(MM, pp=3, num_layer_list=(0, 1, 1), vision_layer_list=(2, 0, 0)),
     ),
     "qwen2_vl": (dict(tp=2, pp=2), dict(MM, tp=2, pp=2, num_layer_list=(1, 1), vision_layer_list=(1, 1))),
+    "gemma3": (dict(tp=1), dict(tp=2), dict(tp=2, pp=2)),
+}
+# Megatron-Bridge's keys of Gemma 3's projector (gemma3_vl_bridge.py 137, 152-156): key -> (HF
+# name, transposed); the rest of its tower keeps the HF names
+BRIDGE_OWN = {
+    "gemma3": {
+        "multi_modal_projector.mm_soft_embed_norm.weight": (
+            "multi_modal_projector.mm_soft_emb_norm.weight",
+            False,
+        ),
+        "multi_modal_projector.proj.weight": ("multi_modal_projector.mm_input_projection_weight", True),
+    }
 }
 # side files a released Qwen2-VL directory carries, in both generations of transformers' names;
 # odd spacing and no final newline, so a rewrite would show
@@ -80,6 +124,19 @@ SIDE_FILES = {
     "chat_template.json": '{"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}',
     "tokenizer_config.json": '{"model_max_length": 128, "padding_side":"left"}',
 }
+GEMMA3_SIDE_FILES = {
+    "preprocessor_config.json": '{"image_processor_type": "Gemma3ImageProcessor",  "size": {"height": 16,'
+    ' "width": 16}}',
+    "processor_config.json": '{"processor_class": "Gemma3Processor", "image_seq_length": 4}\n\n',
+    "tokenizer_config.json": '{"model_max_length": 128, "padding_side":"left"}',
+}
+
+
+def side_files(path: str) -> dict[str, str]:
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    return GEMMA3_SIDE_FILES if cfg["model_type"] == "gemma3" else SIDE_FILES
+
+
 # an image of 4 x 6 patches (one frame): 24 patch rows, 6 merged tokens
 GRID = (1, 4, 6)
 
@@ -95,7 +152,7 @@ def build(path: str, model_type: str) -> str:
         for p in model.parameters():
             p.normal_(0, 0.3)
     model.save_pretrained(path)
-    for name, text in SIDE_FILES.items():
+    for name, text in side_files(path).items():
         with open(os.path.join(path, name), "w") as f:
             f.write(text)
     return path
@@ -106,6 +163,13 @@ def vl_inputs(path: str) -> dict[str, torch.Tensor]:
     Qwen2VLImageProcessor lays them out: one row of channels x frames x patch^2 per patch)."""
     cfg = json.load(open(os.path.join(path, "config.json")))
     v = cfg["vision_config"]
+    if cfg["model_type"] == "gemma3":  # one image of image_size^2 pixels, mm_tokens_per_image tokens
+        image = cfg["image_token_index"]
+        ids = [5, 7, cfg["boi_token_index"]] + [image] * cfg["mm_tokens_per_image"]
+        ids = torch.tensor([ids + [cfg["eoi_token_index"], 9, 11, 13]])
+        size = (1, v["num_channels"], v["image_size"], v["image_size"])
+        pixels = torch.randn(size, generator=torch.Generator().manual_seed(0))
+        return dict(input_ids=ids, pixel_values=pixels, token_type_ids=(ids == image).long())
     t, h, w = GRID
     width = v["in_channels"] * v["temporal_patch_size"] * v["patch_size"] ** 2
     pixels = torch.randn(t * h * w, width, generator=torch.Generator().manual_seed(0))
@@ -142,7 +206,7 @@ def models(tmp_path_factory):
 
 
 def assert_side_files(src: str, out: str) -> None:
-    for name in SIDE_FILES:
+    for name in side_files(src):
         assert open(os.path.join(out, name), "rb").read() == open(os.path.join(src, name), "rb").read(), name
 
 
@@ -153,7 +217,10 @@ def test_hf_to_mcore_to_hf_bit_exact_with_same_image_logits(models, tmp_path, fa
     assert ckpt.spec.family == family and ckpt.spec.vision is not None
     want = vl_logits(src)
     hf = hf_state(src)
-    visual = {k for k in hf if k.startswith("visual.")}
+    own = BRIDGE_OWN.get(family, {})
+    mine = {hf_name for hf_name, _ in own.values()}
+    text = ("model.", "lm_head.", "language_model.")
+    visual = {k for k in hf if not k.startswith(text) and k not in mine} | set(own)
     for n, layout in enumerate(LAYOUTS[family]):
         mid, back = str(tmp_path / f"mid{n}"), str(tmp_path / f"back{n}")
         convert(src, mid, ck.Target(to="mcore", **layout))
@@ -175,7 +242,9 @@ def test_hf_to_mcore_to_hf_bit_exact_with_same_image_logits(models, tmp_path, fa
                 keys = {k for k in sd if not k.startswith("language_model.")}
                 assert keys == (visual if p == 0 else set()), (t, p)
                 for k in keys:
-                    assert torch.equal(sd[k], hf[k]), k
+                    hf_name, transposed = own.get(k, (k, False))
+                    want_k = hf[hf_name].T.chunk(layout["tp"])[t] if transposed else hf[hf_name]
+                    assert torch.equal(sd[k], want_k), k
                 qkv_norm = "language_model.decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"
                 assert qkv_norm in sd, (t, p)
 
@@ -226,14 +295,21 @@ def assert_mindspeed_mm_files(mid: str, hf: dict, layout: dict, cfg: dict) -> No
         assert torch.equal(models[stage][key], per_head.chunk(tp)[t])
 
 
-def test_the_image_reaches_the_logits(models, tmp_path):
+@pytest.mark.parametrize(
+    "family,weight",
+    [
+        ("qwen2_5_vl", "visual.blocks.1.mlp.down_proj.weight"),
+        ("gemma3", "vision_tower.encoder.layers.1.mlp.fc2.weight"),
+    ],
+)
+def test_the_image_reaches_the_logits(models, tmp_path, family, weight):
     """One changed vision weight changes the logits on text + image (the comparisons above see the tower)."""
-    src = models("qwen2_5_vl")
+    src = models(family)
     changed = str(tmp_path / "changed")
     convert(src, changed, ck.Target(to="hf"))
     f = os.path.join(changed, "model.safetensors")
     sd = load_file(f)
-    sd["visual.blocks.1.mlp.down_proj.weight"] = sd["visual.blocks.1.mlp.down_proj.weight"] * 1.5
+    sd[weight] = sd[weight] * 1.5
     save_file(sd, f, metadata={"format": "pt"})
     assert not torch.equal(vl_logits(changed), vl_logits(src))
 

@@ -294,7 +294,7 @@ KNOWN = {
     "jamba": ("supported", "family jamba"),
     "qwen3_5_text": ("supported", "family qwen3_5"),
     "qwen3_5": ("multimodal", "its text model qwen3_5_text is supported (family qwen3_5)"),
-    "gemma3": ("multimodal", "its text model gemma3_text is supported (family gemma3_text)"),
+    "gemma3": ("supported", "family gemma3"),
     "rwkv": ("needs a block", None),
     "gptj": ("needs a block", None),
 }
