@@ -119,8 +119,9 @@ def lift_tower(
                 f"{where}: {key} is in {off[3]} (pipeline stage {off[1]}, chunk {off[2]}); Megatron-Bridge keeps "
                 f"the vision tower on the first stage only, so the rank files do not belong together"
             )
-        if key in own and split_rule(own[key], spec) is not None and layout.tp > 1:
-            ours[own[key]] = _joined(key, places, split_rule(own[key], spec), layout.tp, where)
+        rule = split_rule(own[key], spec) if key in own else None
+        if rule is not None and layout.tp > 1:
+            ours[own[key]] = _joined(key, places, rule, layout.tp, where)
             continue
         (ours if key in own else raw)[own.get(key, key)] = places[0][4]
         if len(places) > 1:
