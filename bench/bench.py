@@ -414,41 +414,12 @@ def generate_gpt2(path: str, size: int) -> int:
 
 
 def bench_gpt2(root: str, label: str, size: int, args) -> list[tuple]:
-    """GPT-2 (weights read and written transposed): HF -> mcore TP2 PP2 against `cp -r` + `sync`
-    of the HF checkpoint, mcore -> HF against `cp -r` + `sync` of the TP2 PP2 one."""
-    src = os.path.join(root, "hf")
-    layers = int(subprocess.check_output([sys.executable, __file__, "--generate-gpt2", src, str(size)]))
-    nbytes = du(src)
-    print(f"[{label}] generated {nbytes / 1e9:.2f} GB, {layers} GPT-2 large layers", file=sys.stderr)
-    out = {n: os.path.join(root, n) for n in ("tp2pp2", "back", "cp")}
-    convert = lambda *a: [sys.executable, "-m", "ckpt_ir", "convert", *a, "--quiet", *args.extra.split()]  # noqa: E731
-    tasks: dict[str, tuple[list[str], str, str]] = {
-        "cp -r + sync": (["cp", "-r", src, out["cp"]], out["cp"], ""),
-        "gpt2 hf -> mcore tp2 pp2": (
-            # GPT-2's 50257-row vocabulary padded as Megatron-LM pads it (to a multiple of 128 x TP)
-            convert(
-                src,
-                out["tp2pp2"],
-                "--to",
-                "mcore",
-                "--tp",
-                "2",
-                "--pp",
-                "2",
-                "--make-vocab-size-divisible-by",
-                "128",
-            ),
-            out["tp2pp2"],
-            "cp -r + sync",
-        ),
-        "cp -r tp2pp2 + sync": (["cp", "-r", out["tp2pp2"], out["cp"]], out["cp"], ""),
-        "gpt2 mcore tp2pp2 -> hf": (
-            convert(out["tp2pp2"], out["back"], "--to", "hf"),
-            out["back"],
-            "cp -r tp2pp2 + sync",
-        ),
-    }
-    return time_tasks(tasks, {"cp -r + sync": src}, out["tp2pp2"], label, nbytes, args)
+    """GPT-2 (weights read and written transposed): HF -> mcore TP2 PP2 (the vocabulary padded as
+    Megatron-LM pads it: to a multiple of 128 x TP) and back, each against `cp -r` + `sync` of its
+    source."""
+    return bench_there_and_back(
+        root, label, size, args, "gpt2", "GPT-2 large", ("--make-vocab-size-divisible-by", "128")
+    )
 
 
 # Nemotron-H 8B's widths (the hybrid benchmark): Mamba-2 mixers of 128 heads of 64 (state 128, 8
@@ -533,23 +504,32 @@ def generate_hybrid(path: str, size: int) -> int:
 
 
 def bench_hybrid(root: str, label: str, size: int, args) -> list[tuple]:
-    """The Nemotron-H-shaped hybrid: HF -> mcore TP2 PP2 against `cp -r` + `sync` of the HF
-    checkpoint, mcore -> HF against `cp -r` + `sync` of the TP2 PP2 one."""
+    """The Nemotron-H-shaped hybrid: HF -> mcore TP2 PP2 and back, each against `cp -r` + `sync`
+    of its source."""
+    return bench_there_and_back(root, label, size, args, "hybrid", "Nemotron-H 8B")
+
+
+def bench_there_and_back(
+    root: str, label: str, size: int, args, model: str, what: str, flags: tuple[str, ...] = ()
+) -> list[tuple]:
+    """Generate ``model`` (``--generate-<model>``), time HF -> mcore TP2 PP2 (``flags`` added)
+    against `cp -r` + `sync` of the HF checkpoint and mcore -> HF against `cp -r` + `sync` of the
+    TP2 PP2 one."""
     src = os.path.join(root, "hf")
-    layers = int(subprocess.check_output([sys.executable, __file__, "--generate-hybrid", src, str(size)]))
+    layers = int(subprocess.check_output([sys.executable, __file__, f"--generate-{model}", src, str(size)]))
     nbytes = du(src)
-    print(f"[{label}] generated {nbytes / 1e9:.2f} GB, {layers} Nemotron-H 8B layers", file=sys.stderr)
+    print(f"[{label}] generated {nbytes / 1e9:.2f} GB, {layers} {what} layers", file=sys.stderr)
     out = {n: os.path.join(root, n) for n in ("tp2pp2", "back", "cp")}
     convert = lambda *a: [sys.executable, "-m", "ckpt_ir", "convert", *a, "--quiet", *args.extra.split()]  # noqa: E731
     tasks: dict[str, tuple[list[str], str, str]] = {
         "cp -r + sync": (["cp", "-r", src, out["cp"]], out["cp"], ""),
-        "hybrid hf -> mcore tp2 pp2": (
-            convert(src, out["tp2pp2"], "--to", "mcore", "--tp", "2", "--pp", "2"),
+        f"{model} hf -> mcore tp2 pp2": (
+            convert(src, out["tp2pp2"], "--to", "mcore", "--tp", "2", "--pp", "2", *flags),
             out["tp2pp2"],
             "cp -r + sync",
         ),
         "cp -r tp2pp2 + sync": (["cp", "-r", out["tp2pp2"], out["cp"]], out["cp"], ""),
-        "hybrid mcore tp2pp2 -> hf": (
+        f"{model} mcore tp2pp2 -> hf": (
             convert(out["tp2pp2"], out["back"], "--to", "hf"),
             out["back"],
             "cp -r tp2pp2 + sync",

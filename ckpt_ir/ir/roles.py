@@ -117,8 +117,11 @@ def _split_qkv(s: ModelSpec, lay: Layout) -> bool:
     return not lay.fused_qkv or (s.attn_gate and lay.gdn_keys == "mindspeed")
 
 
-def _linear(s: ModelSpec, lay: Layout, i: int) -> bool:
-    return s.has_block(i, "gdn")
+def _block(name: str, pred: Callable[[ModelSpec], bool] = lambda s: True) -> Presence:
+    return lambda s, lay, i: s.has_block(i, name) and pred(s)
+
+
+_linear = _block("gdn")
 
 
 def _gdn(fused: str | None) -> Presence:
@@ -133,8 +136,7 @@ def _gdn_plain_norm(s: ModelSpec, lay: Layout, i: int) -> bool:
     return s.has_block(i, "gdn") and not (lay.fused_qkv and lay.gdn_keys == "mcore")
 
 
-def _mamba(s: ModelSpec, lay: Layout, i: int) -> bool:
-    return s.has_block(i, "mamba")
+_mamba = _block("mamba")
 
 
 def _mamba_norm(s: ModelSpec, lay: Layout, i: int) -> bool:
@@ -283,10 +285,6 @@ def _qkv_rows(s: ModelSpec, i: int) -> int:
     k = _k_rows(s, i) if s.attn_has_k(i) else 0
     q = (2 if s.attn_gate else 1) * _heads_rows(s, i)
     return q + k + (_v_rows(s, i) if s.attn_has_v(i) else 0)
-
-
-def _block(name: str, pred: Callable[[ModelSpec], bool] = lambda s: True) -> Presence:
-    return lambda s, lay, i: s.has_block(i, name) and pred(s)
 
 
 def _short_conv_parts(s: ModelSpec) -> tuple[int, ...]:
