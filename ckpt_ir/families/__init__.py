@@ -290,6 +290,22 @@ class ConfigKey:
 
 
 @attrs.frozen
+class MegatronTower:
+    """A vision tower's keys in a Megatron-form naming (MindSpeed-MM's ``image_encoder.*``): its
+    layers as a GPTModel layer's keys below ``layers`` (norm names ``norm_names``; ``layer_keys``:
+    (key below the layer, canonical name below the layer) rows that come before the GPT table's,
+    for the tower's own modules or names), its other tensors by ``keys`` (key, canonical name),
+    placed with the first pipeline place holding vision layers where their canonical name starts
+    with one of ``first``, with the last one otherwise."""
+
+    layers: str
+    keys: tuple[tuple[str, str], ...]
+    first: tuple[str, ...] = ("vision.patch_embed.",)
+    layer_keys: tuple[tuple[str, str], ...] = ()
+    norm_names: str = "local"
+
+
+@attrs.frozen
 class Tower:
     """A stack of a multi-module model beside its language model (a vision tower), read from and
     written to the sub-config ``config_key`` of the HF config (``vision_config``) by ``config``
@@ -306,6 +322,8 @@ class Tower:
     # as their role says; a config key derived by a callable sees the language model's settings
     # under LANGUAGE_MODEL
     bridge_keys: tuple[tuple[str, str], ...] = ()
+    # MindSpeed-MM's names of the tower (its converter's), None where it has no layout for it
+    mindspeed: MegatronTower | None = None
 
 
 # where a tower's derived config keys find the language model's settings

@@ -22,6 +22,7 @@ from ckpt_ir.families import (
     LANGUAGE_MODEL,
     ConfigKey,
     Family,
+    MegatronTower,
     Packed,
     Tested,
     Tower,
@@ -94,6 +95,22 @@ VISION_SHAPE = (
 )
 VISION_CONSTANTS = (("qkv_bias", True), ("o_bias", True), ("mlp_bias", True), ("patch_bias", False))
 
+# MindSpeed-MM's names of the Qwen2 / Qwen2.5-VL tower (converters/qwen2vl.py create_qwen2vl_ops:
+# its RenameOp; the layers as GPTModel layers with local norm names)
+QWEN_MINDSPEED = MegatronTower(
+    layers="image_encoder.encoder.blocks.layers.",
+    keys=(
+        ("image_encoder.encoder.patch_embed.proj.weight", "vision.patch_embed.weight"),
+        ("image_encoder.encoder.patch_embed.proj.bias", "vision.patch_embed.bias"),
+        ("image_encoder.projector.layernorm.weight", "vision.merger.norm.weight"),
+        ("image_encoder.projector.layernorm.bias", "vision.merger.norm.bias"),
+        ("image_encoder.projector.encoder.linear_fc1.weight", "vision.merger.fc1.weight"),
+        ("image_encoder.projector.encoder.linear_fc1.bias", "vision.merger.fc1.bias"),
+        ("image_encoder.projector.encoder.linear_fc2.weight", "vision.merger.fc2.weight"),
+        ("image_encoder.projector.encoder.linear_fc2.bias", "vision.merger.fc2.bias"),
+    ),
+)
+
 QWEN25_TOWER = Tower(
     "vision",
     "vision_config",
@@ -106,6 +123,7 @@ QWEN25_TOWER = Tower(
     ),
     # RMSNorm (eps 1e-6, fixed by Qwen2RMSNorm's default), a gated MLP
     constants=(*VISION_CONSTANTS, ("gated_mlp", True), ("norm_eps", 1e-6)),
+    mindspeed=QWEN_MINDSPEED,
 )
 # Qwen2-VL's vision_config: its width is embed_dim (hidden_size is the language model's, the
 # merger's output), the MLP mlp_ratio times it; LayerNorms with biases (eps 1e-6)
@@ -120,6 +138,7 @@ QWEN2_TOWER = Tower(
         ConfigKey("merger_out", "hidden_size"),
     ),
     constants=(*VISION_CONSTANTS, ("gated_mlp", False), ("norm_bias", True), ("norm_eps", 1e-6)),
+    mindspeed=QWEN_MINDSPEED,
 )
 
 # why no megatron-core model checks the rank files

@@ -591,6 +591,9 @@ def _mm_layout(
     the width of its attention output projection, a padded vocabulary off the embedding's rows."""
     keys: dict[tuple[int, int], list[str]] = {}
     width, rows = None, spec.vocab_size
+    vision_spec = spec.vision
+    assert vision_spec is not None
+    layer_table = mindspeed_mm.layer_table(vision_spec, mindspeed_mm.tower_names(spec))
     for (t, p, _), f in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
         if t:
             continue
@@ -606,17 +609,11 @@ def _mm_layout(
                         f"layout only"
                     )
             for k, ref in iter_tensors(z.obj[ck]):
-                if (
-                    width is None
-                    and k.startswith(mindspeed_mm.VISION_LAYERS)
-                    and k.endswith("linear_proj.weight")
-                ):
+                if width is None and (layer_table.to_canonical(k) or "").endswith(".attn.o.weight"):
                     width = ref.shape[1]
                 if k == mindspeed_mm.TEXT + M.EMBEDDING:
                     rows = ref.shape[0] * tp
-    text, vision = mindspeed_mm.scan_counts(keys, pp)
-    vision_spec = spec.vision
-    assert vision_spec is not None
+    text, vision = mindspeed_mm.scan_counts(keys, pp, spec)
     return {
         "mm_keys": "mindspeed",
         "num_layer_list": tuple(text),

@@ -1,6 +1,7 @@
 """MindSpeed-MM's Megatron layout of a vision-language model (its ``checkpoint/`` package's
 ``hf_to_mm``, e.g. ``Qwen2_5_VLConverter``): the language model under ``text_decoder.`` (a GPTModel's
-keys with local norm names), the vision tower under ``image_encoder.``:
+keys with local norm names), the vision tower under ``image_encoder.`` in its family's names
+(``Tower.mindspeed``, a :class:`~ckpt_ir.families.MegatronTower`), e.g. Qwen2.5-VL's:
 
     image_encoder.encoder.patch_embed.proj.weight          first stage holding vision layers
     image_encoder.encoder.blocks.layers.<n>.<layer key>     each stage's vision layers, from 0
@@ -23,8 +24,9 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
-from ckpt_ir.errors import FormatError, VerifyError
+from ckpt_ir.errors import FormatError, UsageError, VerifyError, setting
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.layout import Layout, vision_slots
@@ -34,30 +36,38 @@ from ckpt_ir.ir.rules import Stack
 from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.megatron import keys as M
 
+if TYPE_CHECKING:
+    from ckpt_ir.families import MegatronTower
+
 TEXT = "text_decoder."
 IMAGE = "image_encoder."
-VISION_LAYERS = "image_encoder.encoder.blocks.layers."
-# the tower's own blocks (MindSpeed-MM converters/qwen2vl.py create_qwen2vl_ops: its RenameOp)
-TOWER_KEYS = NameTable(
-    (
-        ("image_encoder.encoder.patch_embed.proj.weight", "vision.patch_embed.weight"),
-        ("image_encoder.encoder.patch_embed.proj.bias", "vision.patch_embed.bias"),
-        ("image_encoder.projector.layernorm.weight", "vision.merger.norm.weight"),
-        ("image_encoder.projector.layernorm.bias", "vision.merger.norm.bias"),
-        ("image_encoder.projector.encoder.linear_fc1.weight", "vision.merger.fc1.weight"),
-        ("image_encoder.projector.encoder.linear_fc1.bias", "vision.merger.fc1.bias"),
-        ("image_encoder.projector.encoder.linear_fc2.weight", "vision.merger.fc2.weight"),
-        ("image_encoder.projector.encoder.linear_fc2.bias", "vision.merger.fc2.bias"),
-    )
-)
-_VISION_LAYER = re.compile(r"^" + re.escape(VISION_LAYERS) + r"(\d+)\.(.+)$")
 _TEXT_LAYER = re.compile(r"^" + re.escape(TEXT + M.LAYERS) + r"(\d+)\.")
 
 
-def layer_table(vision: ModelSpec) -> NameTable:
-    """A vision layer's keys: a GPTModel layer's (local norm names) below ``VISION_LAYERS``."""
-    table = M.layer_table("local", gated=vision.gated_mlp)
-    return NameTable((VISION_LAYERS + m[len(M.LAYERS) :], c) for m, c in table.pairs)
+def tower_names(spec: ModelSpec) -> MegatronTower:
+    """The family's MindSpeed-MM names of its vision tower (``Tower.mindspeed``)."""
+    from ckpt_ir.families import by_name
+
+    names = by_name(spec.family).towers[0].mindspeed
+    if names is None:
+        raise UsageError(
+            f"{setting('mm_keys', 'mindspeed')}: MindSpeed-MM has no Megatron layout of {spec.family}'s vision "
+            f"tower; use {setting('mm_keys', 'bridge')}"
+        )
+    return names
+
+
+def layer_table(vision: ModelSpec, names: MegatronTower) -> NameTable:
+    """A vision layer's keys below ``names.layers``: the tower's own rows, then a GPTModel layer's."""
+    table = M.layer_table(names.norm_names, gated=vision.gated_mlp)
+    own = tuple(("{i}." + k, "layers.{i}." + c) for k, c in names.layer_keys)
+    return NameTable(
+        (names.layers + m, c) for m, c in own + tuple((m[len(M.LAYERS) :], c) for m, c in table.pairs)
+    )
+
+
+def _layer_pattern(names: MegatronTower) -> re.Pattern[str]:
+    return re.compile(r"^" + re.escape(names.layers) + r"(\d+)\.(.+)$")
 
 
 def _ends(counts: Iterable[int], pp: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -78,7 +88,8 @@ def vision_keys(
     assert vision is not None
     slots = vision_slots(spec, layout)
     first, last = _ends(layout.vision_layer_list or (vision.num_layers,), layout.pp)
-    table = layer_table(vision)
+    names_of = tower_names(spec)
+    table, other = layer_table(vision, names_of), NameTable(names_of.keys)
     out: dict[tuple[int, int], list[tuple[str, tuple[str, ...], Stack | None]]] = defaultdict(list)
     for name in names:
         layer, rest = split_layer(name[len("vision.") :])
@@ -86,8 +97,8 @@ def vision_keys(
             stage, chunk, local = slots[layer]
             key, place = table.from_canonical(f"layers.{local}.{rest}"), (stage, chunk)
         else:
-            key = TOWER_KEYS.from_canonical(name)
-            place = first if ".patch_embed." in name else last
+            key = other.from_canonical(name)
+            place = first if name.startswith(names_of.first) else last
         if key is None:
             raise VerifyError(f"{name}: MindSpeed-MM's layout has no key for this vision tensor")
         out[place].append((key, (name,), None))
@@ -107,14 +118,15 @@ def lift_vision(
     vision = spec.vision
     assert vision is not None
     layer_of = {(s, c, local): g for g, (s, c, local) in enumerate(vision_slots(spec, layout))}
-    table = layer_table(vision)
+    names_of = tower_names(spec)
+    table, other, pattern = layer_table(vision, names_of), NameTable(names_of.keys), _layer_pattern(names_of)
     pieces: dict[str, dict[int, tuple[str, E.Expr]]] = defaultdict(dict)
     unknown: list[str] = []
     for key, places in found.items():
         for t, p, chunk, label, x in places:
-            m = _VISION_LAYER.match(key)
+            m = pattern.match(key)
             if m is None:
-                name = TOWER_KEYS.to_canonical(key)
+                name = other.to_canonical(key)
             else:
                 canon = table.to_canonical(key)
                 g = layer_of.get((p, chunk, int(m.group(1))))
@@ -148,9 +160,12 @@ def lift_vision(
     return tensors, copies, unknown
 
 
-def scan_counts(chunks_keys: Mapping[tuple[int, int], Iterable[str]], pp: int) -> tuple[list[int], list[int]]:
+def scan_counts(
+    chunks_keys: Mapping[tuple[int, int], Iterable[str]], pp: int, spec: ModelSpec
+) -> tuple[list[int], list[int]]:
     """The language model's and the vision tower's layer counts per place (flattened chunk after
     chunk), read off the keys of TP rank 0's rank files: (stage, chunk) -> keys."""
+    pattern = _layer_pattern(tower_names(spec))
     chunks = 1 + max(c for _, c in chunks_keys)
     text, vision = [0] * (pp * chunks), [0] * (pp * chunks)
     for (stage, chunk), keys in chunks_keys.items():
@@ -158,7 +173,7 @@ def scan_counts(chunks_keys: Mapping[tuple[int, int], Iterable[str]], pp: int) -
         for key in keys:
             if m := _TEXT_LAYER.match(key):
                 t_layers.add(int(m.group(1)))
-            elif m := _VISION_LAYER.match(key):
+            elif m := pattern.match(key):
                 v_layers.add(int(m.group(1)))
         text[chunk * pp + stage], vision[chunk * pp + stage] = len(t_layers), len(v_layers)
     return text, vision
