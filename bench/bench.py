@@ -26,7 +26,10 @@ the same widths, each layer's experts stacked in two [in, out] tensors) and `gpt
 widths, fp32, its Conv1D weights stored [in, out]: HF -> mcore TP2 PP2 and back, each against
 `cp -r` + `sync` of its source), `hybrid` (Nemotron-H 8B's widths, bf16, the layer pattern
 `M-M-M*-` repeated: Mamba-2 mixers, attention and squared-ReLU MLPs; HF -> mcore TP2 PP2 and back,
-each against `cp -r` + `sync` of its source).  `--torchrun N` also times HF -> mcore
+each against `cp -r` + `sync` of its source), `vlm` (Qwen2.5-VL 7B's widths, bf16: its 32-block
+vision tower and as many language-model layers as the size asks; HF -> mcore TP2 PP2 and back in
+Megatron-Bridge's layout (size label `v`) and in MindSpeed-MM's (`vm`: the tower split over TP, 16
+vision layers per stage), each against `cp -r` + `sync` of its source).  `--torchrun N` also times HF -> mcore
 EP8 under `torchrun --nproc-per-node N` and checks that its output is byte-identical to the
 single-process one.  `fsdp2`: the same MoE model as MindSpeed-LLM's FSDP2 backend saves it (fp32,
 `model.model.<name>` through its engine, transformers 5's fused experts `[E, 2F, H]` / `[E, H, F]`,
@@ -503,6 +506,132 @@ def generate_hybrid(path: str, size: int) -> int:
     return len(pattern)
 
 
+# Qwen2.5-VL 7B's widths (the vision-language benchmark): a 32-block ViT of 1280 (16 heads, gated
+# MLP of 3420, merger to 3584), a Qwen2 language model of 3584 (28 heads, 4 KV heads), MLP 18944,
+# vocabulary 152064, untied; the language model's layer count sets the size
+VLM = dict(
+    hidden=3584, heads=28, kv=4, ffn=18944, vocab=152064, vdepth=32, vhidden=1280, vheads=16, vffn=3420
+)
+
+
+def vlm_tensors(layers: int) -> dict[str, tuple[int, ...]]:
+    h, hd = VLM["hidden"], VLM["hidden"] // VLM["heads"]
+    vh, merged = VLM["vhidden"], VLM["vhidden"] * 4
+    out: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (VLM["vocab"], h),
+        "visual.patch_embed.proj.weight": (vh, 3, 2, 14, 14),
+    }
+    for i in range(VLM["vdepth"]):
+        p = f"visual.blocks.{i}."
+        out.update(
+            {
+                p + "norm1.weight": (vh,),
+                p + "norm2.weight": (vh,),
+                p + "attn.qkv.weight": (3 * vh, vh),
+                p + "attn.qkv.bias": (3 * vh,),
+                p + "attn.proj.weight": (vh, vh),
+                p + "attn.proj.bias": (vh,),
+                **{p + f"mlp.{n}_proj.weight": (VLM["vffn"], vh) for n in ("gate", "up")},
+                **{p + f"mlp.{n}_proj.bias": (VLM["vffn"],) for n in ("gate", "up")},
+                p + "mlp.down_proj.weight": (vh, VLM["vffn"]),
+                p + "mlp.down_proj.bias": (vh,),
+            }
+        )
+    out.update(
+        {
+            "visual.merger.ln_q.weight": (vh,),
+            "visual.merger.mlp.0.weight": (merged, merged),
+            "visual.merger.mlp.0.bias": (merged,),
+            "visual.merger.mlp.2.weight": (h, merged),
+            "visual.merger.mlp.2.bias": (h,),
+        }
+    )
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (h, h),
+                p + "self_attn.q_proj.bias": (h,),
+                **{p + f"self_attn.{n}_proj.weight": (VLM["kv"] * hd, h) for n in "kv"},
+                **{p + f"self_attn.{n}_proj.bias": (VLM["kv"] * hd,) for n in "kv"},
+                p + "self_attn.o_proj.weight": (h, h),
+                **{p + f"mlp.{n}_proj.weight": (VLM["ffn"], h) for n in ("gate", "up")},
+                p + "mlp.down_proj.weight": (h, VLM["ffn"]),
+            }
+        )
+    out.update({"model.norm.weight": (h,), "lm_head.weight": (VLM["vocab"], h)})
+    return out
+
+
+def generate_vlm(path: str, size: int) -> int:
+    """A Qwen2.5-VL-7B-shaped bf16 HF checkpoint of about ``size`` bytes (its language model's
+    layers, an even number of them, make up the size), written without torch; returns that number."""
+    layer = 2 * sum(_numel(s) for n, s in vlm_tensors(1).items() if n.startswith("model.layers."))
+    fixed = 2 * sum(_numel(s) for s in vlm_tensors(0).values())
+    layers = max(2, round((size - fixed) / layer / 2) * 2)
+    write_random_shards(path, vlm_tensors(layers), "BF16")
+    text = {
+        "hidden_size": VLM["hidden"],
+        "intermediate_size": VLM["ffn"],
+        "num_attention_heads": VLM["heads"],
+        "num_key_value_heads": VLM["kv"],
+        "num_hidden_layers": layers,
+        "vocab_size": VLM["vocab"],
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 128000,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        "tie_word_embeddings": False,
+    }
+    vision = {
+        "depth": VLM["vdepth"],
+        "hidden_size": VLM["vhidden"],
+        "intermediate_size": VLM["vffn"],
+        "num_heads": VLM["vheads"],
+        "out_hidden_size": VLM["hidden"],
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+        "hidden_act": "silu",
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "window_size": 112,
+    }
+    json.dump(
+        {
+            "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+            "model_type": "qwen2_5_vl",
+            "text_config": text,
+            "vision_config": vision,
+            "image_token_id": 151655,
+            "video_token_id": 151656,
+            "vision_start_token_id": 151652,
+            "vision_end_token_id": 151653,
+            "tie_word_embeddings": False,
+            "dtype": "bfloat16",
+        },
+        open(os.path.join(path, "config.json"), "w"),
+    )
+    return layers
+
+
+def bench_vlm(root: str, label: str, size: int, args) -> list[tuple]:
+    """The Qwen2.5-VL-shaped model: HF -> mcore TP2 PP2 and back in Megatron-Bridge's layout (the
+    tower whole on stage 0) and in MindSpeed-MM's (the tower split over TP, its layers over both
+    stages), each against `cp -r` + `sync` of its source."""
+    rows = bench_there_and_back(root, label, size, args, "vlm", "Qwen2.5-VL 7B language-model")
+    mindspeed = (
+        "--mm-keys",
+        "mindspeed",
+        "--vision-layer-list",
+        f"{VLM['vdepth'] // 2},{VLM['vdepth'] // 2}",
+    )
+    return rows + bench_there_and_back(
+        root + "-mm", label + "m", size, args, "vlm", "Qwen2.5-VL 7B language-model", mindspeed
+    )
+
+
 def bench_hybrid(root: str, label: str, size: int, args) -> list[tuple]:
     """The Nemotron-H-shaped hybrid: HF -> mcore TP2 PP2 and back, each against `cp -r` + `sync`
     of its source."""
@@ -651,6 +780,9 @@ def main() -> int:
     if len(sys.argv) == 4 and sys.argv[1] == "--generate-hybrid":
         print(generate_hybrid(sys.argv[2], parse_size(sys.argv[3])))
         return 0
+    if len(sys.argv) == 4 and sys.argv[1] == "--generate-vlm":
+        print(generate_vlm(sys.argv[2], parse_size(sys.argv[3])))
+        return 0
     if len(sys.argv) == 4 and sys.argv[1] == "--generate-gpt2":
         print(generate_gpt2(sys.argv[2], parse_size(sys.argv[3])))
         return 0
@@ -673,7 +805,9 @@ def main() -> int:
         "moe (Qwen3-MoE-shaped model: EP8 conversions), "
         "fsdp2 (that model as MindSpeed-LLM's FSDP2 backend saves it: to HF and to mcore EP8), "
         "gpt2 (GPT-2-large-shaped fp32 model: weights stored [in, out], read and written transposed), "
-        "hybrid (Nemotron-H-8B-shaped bf16 Mamba / attention / MLP hybrid: HF -> mcore TP2 PP2 and back)",
+        "hybrid (Nemotron-H-8B-shaped bf16 Mamba / attention / MLP hybrid: HF -> mcore TP2 PP2 and back), "
+        "vlm (Qwen2.5-VL-7B-shaped bf16 vision-language model: HF -> mcore TP2 PP2 and back in "
+        "Megatron-Bridge's and MindSpeed-MM's layouts)",
     )
     ap.add_argument(
         "--moe-tiny",
@@ -711,8 +845,10 @@ def main() -> int:
             rows += bench_gpt2(root + "-gpt2", size_text + "g", parse_size(size_text), args)
         if "hybrid" in groups:
             rows += bench_hybrid(root + "-hybrid", size_text + "h", parse_size(size_text), args)
+        if "vlm" in groups:
+            rows += bench_vlm(root + "-vlm", size_text + "v", parse_size(size_text), args)
         if not args.keep:
-            for suffix in ("", "-wide", "-moe", "-fsdp2", "-gpt2", "-hybrid"):
+            for suffix in ("", "-wide", "-moe", "-fsdp2", "-gpt2", "-hybrid", "-vlm", "-vlm-mm"):
                 shutil.rmtree(root + suffix, ignore_errors=True)
     print(
         f"\n{'size':>5} {'task':34s} {'median s':>9} {'GB/s':>6} {'x cp':>6} {'peak RSS MB':>12} {'RSS/model':>10}"

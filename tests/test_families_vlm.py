@@ -314,6 +314,32 @@ def test_the_image_reaches_the_logits(models, tmp_path, family, weight):
     assert not torch.equal(vl_logits(changed), vl_logits(src))
 
 
+def test_gemma3_in_the_hubs_names(models, tmp_path):
+    """A hub Gemma 3 keeps SigLIP's inner module in its tower names (vision_tower.vision_model.*):
+    transformers loads it to the same model; through Megatron (TP2, the tower in Megatron-Bridge's
+    vision_tower.* names) it comes back in the hub's names, bit for bit."""
+    src, hub = models("gemma3"), str(tmp_path / "hub")
+    convert(src, hub, ck.Target(to="hf"))
+    f = os.path.join(hub, "model.safetensors")
+    prefix = "vision_tower."
+    renamed = {
+        ("vision_tower.vision_model." + k[len(prefix) :] if k.startswith(prefix) else k): x
+        for k, x in load_file(f).items()
+    }
+    save_file(renamed, f, metadata={"format": "pt"})
+    assert torch.equal(vl_logits(hub), vl_logits(src))
+    mid, back = str(tmp_path / "mid"), str(tmp_path / "back")
+    convert(hub, mid, ck.Target(to="mcore", tp=2))
+    sd = rank(mid, "mp_rank_01")["model"]
+    tower = {k for k in sd if k.startswith(prefix)}
+    assert tower == {k for k in hf_state(src) if k.startswith(prefix)}
+    for k in tower:
+        assert torch.equal(sd[k], renamed["vision_tower.vision_model." + k[len(prefix) :]]), k
+    convert(mid, back, ck.Target(to="hf"))
+    assert_same_tensors(hub, back)
+    assert sorted(load_file(os.path.join(back, "model.safetensors"))) == sorted(renamed)
+
+
 def test_hf_to_hf_cast_and_reshard_through_megatron(models, tmp_path):
     """A bf16 cast writes each tensor as torch rounds it and the dtype into every sub-config; a
     Megatron checkpoint reshards (TP2 PP2 -> TP1) with the tower and the side files along."""

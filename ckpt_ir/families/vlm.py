@@ -22,6 +22,7 @@ from ckpt_ir.families import (
     LANGUAGE_MODEL,
     ConfigKey,
     Family,
+    HfNaming,
     MegatronTower,
     Packed,
     Tested,
@@ -210,8 +211,8 @@ register(
 
 # Gemma 3 (model_type gemma3): the gemma3_text family's language model under language_model.*
 # (transformers 5.25 saves language_model.model.*, language_model.lm_head.weight when untied), a
-# SigLIP tower under vision_tower.* (docs/reference/vision-language-models.md section 1.2: a hub
-# checkpoint's vision_tower.vision_model.* is not read yet) and multi_modal_projector.*
+# SigLIP tower under vision_tower.* (the hub's checkpoints: vision_tower.vision_model.*, GEMMA3_HUB)
+# and multi_modal_projector.*
 GEMMA3_TEXT = by_name("gemma3_text")
 S = "vision_tower.encoder.layers.{i}."
 SIGLIP = (
@@ -239,6 +240,18 @@ SIGLIP = (
     # Gemma3MultiModalProjector: a Gemma RMSNorm, then x @ W with W stored [vision, text]
     ("multi_modal_projector.mm_soft_emb_norm.weight", "vision.projector.norm.weight"),
     ("multi_modal_projector.mm_input_projection_weight", "vision.projector.weight"),
+)
+# the hub's Gemma 3 checkpoints (google/gemma-3-*) keep SigLIP's inner module in the tower's names,
+# vision_tower.vision_model.*; transformers strips it on load and a fresh save_pretrained writes
+# vision_tower.* (transformers conversion_mapping.py:90, 1047; docs/reference/vision-language-models.md
+# section 1.2); Megatron-Bridge reads either and keeps vision_tower.* (gemma3_vl_bridge.py:107-117)
+GEMMA3_HUB = HfNaming(
+    "hub",
+    tuple(
+        (hf, "vision_tower.vision_model." + hf[len("vision_tower.") :])
+        for hf, _ in SIGLIP
+        if hf.startswith("vision_tower.")
+    ),
 )
 SIGLIP_TOWER = Tower(
     "vision",
@@ -291,6 +304,7 @@ register(
         transposed=("multi_modal_projector.mm_input_projection_weight",),
         text_config="text_config",
         towers=(SIGLIP_TOWER,),
+        namings=(GEMMA3_HUB,),
         tested=Tested(
             round_trip=("--tp 1 --pp 1", "--tp 2", "--tp 2 --pp 2"),
             mcore_missing=(
