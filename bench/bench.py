@@ -851,10 +851,14 @@ def main() -> int:
             for suffix in ("", "-wide", "-moe", "-fsdp2", "-gpt2", "-hybrid", "-vlm", "-vlm-mm"):
                 shutil.rmtree(root + suffix, ignore_errors=True)
     print(
-        f"\n{'size':>5} {'task':34s} {'median s':>9} {'GB/s':>6} {'x cp':>6} {'peak RSS MB':>12} {'RSS/model':>10}"
+        f"\n{'size':>5} {'task':34s} {'median s':>9} {'GB/s':>6} {'x cp':>6} {'x cp/B':>7} "
+        f"{'peak RSS MB':>12} {'RSS/model':>10}"
     )
-    for size_text, name, t, gbps, ratio, rss_mb, frac in rows:
-        print(f"{size_text:>5} {name:34s} {t:9.2f} {gbps:6.2f} {ratio:6.2f} {rss_mb:12.0f} {frac:10.1%}")
+    for size_text, name, t, gbps, ratio, ratio_written, rss_mb, frac in rows:
+        print(
+            f"{size_text:>5} {name:34s} {t:9.2f} {gbps:6.2f} {ratio:6.2f} {ratio_written:7.2f} "
+            f"{rss_mb:12.0f} {frac:10.1%}"
+        )
     return 0
 
 
@@ -975,6 +979,7 @@ def time_tasks(
     """Run ``tasks`` (name -> command, output, baseline task) in ``args.runs`` interleaved rounds;
     outputs are deleted once timed, except those in ``kept`` (read by later tasks).  Table rows."""
     results: dict[str, list[tuple[float, int]]] = {k: [] for k in tasks}
+    written: dict[str, int] = {}  # bytes each task's output holds
     for run in range(args.runs):
         for name, (cmd, dst, _) in tasks.items():
             shutil.rmtree(dst, ignore_errors=True)
@@ -988,15 +993,20 @@ def time_tasks(
                         read_all(path)
             results[name].append(timed(cmd, args.cold))
             print(f"[{label}] run {run + 1} {name}: {results[name][-1][0]:.2f}s", file=sys.stderr)
+            written[name] = du(dst)
             if dst not in kept:  # later tasks read it
                 shutil.rmtree(dst, ignore_errors=True)
     rows = []
     for name, res in results.items():
         t = statistics.median(x for x, _ in res)
         base = tasks[name][2] or (name if name in refs else "")
-        ratio = t / statistics.median(x for x, _ in results[base]) if base in results else float("nan")
+        ratio = ratio_written = float("nan")
+        if base in results:
+            ratio = t / statistics.median(x for x, _ in results[base])
+            # the yardstick scaled to the bytes this task writes (a replicated tower, padding)
+            ratio_written = ratio * written[base] / written[name] if written[name] else ratio
         rss = max(r for _, r in res)
-        rows.append((label, name, t, nbytes / t / 1e9, ratio, rss / 1e6, rss / nbytes))
+        rows.append((label, name, t, nbytes / t / 1e9, ratio, ratio_written, rss / 1e6, rss / nbytes))
     return rows
 
 
