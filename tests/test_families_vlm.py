@@ -429,3 +429,19 @@ def test_a_vocabulary_tp_does_not_divide_is_padded_not_cut(tmp_path):
     flat = ("--cfg.save_hf_dir", back, "--cfg.mm_dir", mm, "--cfg.hf_config.hf_dir", src)
     assert mm_convert("mm_to_hf", *flat, *layers([2], [2], 2)) == 0
     assert_same_tensors(src, back)
+
+
+def test_an_fp8_release_reads_like_a_text_models(models, tmp_path):
+    """An FP8 block-scaled release (every 2-D linear of the language model and the tower quantized,
+    ``weight_scale_inv`` beside it) reads as transformers dequantizes it, bit for bit, to HF and
+    through Megatron."""
+    from tests.test_quantized import check_against_transformers, make_fp8
+
+    fp8 = make_fp8(models("qwen2_5_vl"), str(tmp_path / "fp8"), block=(16, 16))
+    assert any(k.startswith("visual.") and k.endswith("_scale_inv") for k in hf_state(fp8))
+    out, mid, back = (str(tmp_path / n) for n in ("out", "mid", "back"))
+    convert(fp8, out, ck.Target(to="hf", dtype="bf16"))
+    assert check_against_transformers(fp8, out) > 0
+    convert(fp8, mid, ck.Target(to="mcore", tp=2, pp=2, dtype="bf16"))
+    convert(mid, back, ck.Target(to="hf"))
+    assert_same_tensors(out, back)
