@@ -1,13 +1,15 @@
 """Remote-code families whose Megatron form is Megatron-Bridge's (models/<x>/*_bridge.py in
-NVIDIA-NeMo/Megatron-Bridge): MiMo.  Neither transformers nor this repository has their modeling
-code, so each checkpoint is written here from the format facts alone: the HF tensor names and
+NVIDIA-NeMo/Megatron-Bridge): MiMo, Step-3.5.  Neither transformers nor this repository has their
+modeling code, so each checkpoint is written here from the format facts alone: the HF tensor names and
 shapes the bridge's mapping table and provider give (cited beside each builder), random values,
 config.json with ``auto_map`` and a ``*.py`` file that must travel unchanged.
 
 Checks: HF -> Megatron-Core (TP2, uneven PP) -> HF is bit-exact with config.json and the remote
 code back as they were; the rank files hold, tensor by tensor, what the bridge's mappings put
 under its Megatron names (QKVMapping's per-group [q; k; v], GatedMLPMapping's per-rank
-[gate; up], row / column TP splits, MiMo's eh_proj = input_proj with its column halves swapped).
+[gate; up], row / column TP splits, MiMo's eh_proj = input_proj with its column halves swapped;
+Step-3.5's per-layer attention sizes and its g_proj gate inside linear_qkv, each head's row
+repeated head_dim times, which Megatron -> HF checks).
 No logits oracle: transformers has no implementation of these models.
 """
 

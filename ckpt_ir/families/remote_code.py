@@ -1,7 +1,7 @@
 """Remote-code families: models whose HF modeling code lives in the model repository
 (``auto_map`` in config.json), not in transformers, with their own tensor names and most with
 packed [q; k; v] / [gate; up] tensors (internlm2, baichuan, chatglm, qwen, minicpm,
-bailing_moe_v2; MiMo, from Megatron-Bridge's mapping table; sarvam_moe, now in transformers, with Ling 2.0's names).  One table entry each; PLM, a remote-code model with multi-latent attention, is
+bailing_moe_v2; MiMo and Step-3.5, from Megatron-Bridge's mapping tables; sarvam_moe, now in transformers, with Ling 2.0's names).  One table entry each; PLM, a remote-code model with multi-latent attention, is
 in ``mla.py``.
 
 ckpt-ir never runs that code: the family is chosen from config.json's ``model_type`` (then
