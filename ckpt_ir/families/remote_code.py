@@ -1,7 +1,7 @@
 """Remote-code families: models whose HF modeling code lives in the model repository
 (``auto_map`` in config.json), not in transformers, with their own tensor names and most with
 packed [q; k; v] / [gate; up] tensors (internlm2, baichuan, chatglm, qwen, minicpm,
-bailing_moe_v2; MiMo, from Megatron-Bridge's mapping table; sarvam_moe, now in transformers, with Ling 2.0's names).  One table entry each; PLM, a remote-code model with multi-latent attention, is
+bailing_moe_v2; MiMo and Step-3.5, from Megatron-Bridge's mapping tables; sarvam_moe, now in transformers, with Ling 2.0's names).  One table entry each; PLM, a remote-code model with multi-latent attention, is
 in ``mla.py``.
 
 ckpt-ir never runs that code: the family is chosen from config.json's ``model_type`` (then
@@ -24,7 +24,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ckpt_ir.families import ConfigKey, Family, Packed, Swapped, Tested, register
+from ckpt_ir.errors import FormatError
+from ckpt_ir.families import ConfigKey, ExpertStack, Family, Packed, Swapped, Tested, register
 from ckpt_ir.families.blocks import (
     DEEPSEEK_MOE,
     EMBED_AND_HEAD,
@@ -408,6 +409,175 @@ register(
                 "--tp 2",
             ),
             mcore_missing="no: remote code only (transformers has no MiMo class, so no logits oracle)",
+        ),
+    )
+)
+
+
+# Step-3.5 (stepfun-ai/Step-3.5-Flash, model_type "step3p5", Step3p5ForCausalLM; remote code, no
+# transformers class).  Facts: Megatron-Bridge models/stepfun/step35_bridge.py (+ step35_provider.py,
+# configuration_step35.py):
+# * names (step35_bridge.py:399-466): Llama's embedding, norms, q/k/v/o and dense MLP, per-head
+#   q_norm / k_norm, self_attn.g_proj (one scalar gate per head, [heads, hidden]); MoE layers hold
+#   the router moe.gate.weight and its score bias moe.router_bias, the experts stacked as
+#   moe.gate_proj / moe.up_proj [E, I, H] and moe.down_proj [E, H, I] (:447-464), and one shared
+#   expert share_expert.{gate,up,down}_proj (:419, :456-460);
+# * layer_types: "sliding_attention" layers have attention_other_setting's heads, query groups and
+#   head size (bridge :299-316, provider Step35DecoderLayer :113-124; defaults 96 / 8 / 128), the
+#   full-attention layers the config's (block window_attention); every layer's g_proj is block
+#   head_gate, fused into linear_qkv as megatron-core 0.16's attention_output_gate (no
+#   head_wise_attn_gate field there: bridge :60-61, :284-287), per group [q heads; each head's gate
+#   row repeated head_dim times; k; v] (param_mapping.py merge_qkvg_weights / split_qkvg_weights);
+# * MoE in moe_layers_enum's layers (a "3,4,..." string or a list, :377-392), dense elsewhere;
+# * num_nextn_predict_layers dense MTP layers model.layers.{N + k} (:468-547) with enorm, hnorm,
+#   eh_proj and transformer.shared_head.norm (Megatron's mtp final_layernorm); the checkpoint also
+#   stores transformer.shared_head.output, a copy of lm_head (:223-257);
+# * norms zero-centred as stored (zero_centered, default True: layernorm_zero_centered_gamma, :336),
+#   q/k norms with use_qk_norm (:337), router bias with use_moe_router_bias (:357).
+# Args (the provider's fields): per-layer rotary percents (partial_rotary_factors) and rope bases
+# (a rope_theta list), the sliding-window shape and the router's settings.
+_STEP35_SLIDING = {"num_attention_heads": 96, "num_attention_groups": 8, "head_dim": 128}  # bridge :300-305
+
+
+def _step35_sliding(cfg: dict[str, Any], key: str) -> int:
+    other = cfg.get("attention_other_setting") or {}
+    if other.get("attention_type") == "sliding_attention" and key in other:
+        return int(other[key])
+    return _STEP35_SLIDING[key]
+
+
+def _step35_moe_layers(cfg: dict[str, Any]) -> set[int]:
+    enum = cfg.get("moe_layers_enum")
+    if enum is None:  # configuration_step35.py:123-166: layers 3..44
+        return set(range(3, 45))
+    return {int(x) for x in (enum.split(",") if isinstance(enum, str) else enum) if str(x).strip()}
+
+
+def _step35_types(cfg: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(main layers' types, MTP layers' types): layer_types may list both (configuration_step35.py
+    _split_mtp_layer_types), or mtp_layer_types the latter; full attention where nothing says."""
+    n, k = cfg["num_hidden_layers"], _step35_mtp(cfg)
+    types = list(cfg.get("layer_types") or ["full_attention"] * n)
+    mtp = list(cfg.get("mtp_layer_types") or (types[n:] if len(types) == n + k else []))
+    return types[:n], mtp or ["full_attention"] * k
+
+
+def _step35_mtp(cfg: dict[str, Any]) -> int:
+    return int(cfg.get("num_nextn_predict_layers", 3))  # configuration_step35.py:122
+
+
+def _step35_mixer(cfg: dict[str, Any], kind: str) -> tuple[str, ...]:
+    mixer = "window_attention" if kind == "sliding_attention" else "attention"
+    return (mixer, "head_gate") if cfg.get("use_head_wise_attn_gate", True) else (mixer,)
+
+
+def _step35_blocks(cfg: dict[str, Any]) -> tuple[tuple[str, ...], ...]:
+    moe = _step35_moe_layers(cfg)
+    main, _ = _step35_types(cfg)
+    return tuple((*_step35_mixer(cfg, t), "moe" if i in moe else "mlp") for i, t in enumerate(main))
+
+
+def _step35_mtp_blocks(cfg: dict[str, Any]) -> tuple[str, ...]:
+    _, mtp = _step35_types(cfg)
+    if not mtp:
+        return ()
+    if len(set(mtp)) > 1:
+        raise FormatError(
+            f"config.json: Step-3.5's MTP layers mix attention types {mtp}; ckpt-ir gives all MTP layers "
+            f"one kind of block, so this checkpoint cannot be converted"
+        )
+    return (*_step35_mixer(cfg, mtp[0]), "mlp")  # MTP layers are dense (bridge :116-138)
+
+
+def _step35_args(cfg: dict[str, Any]) -> dict[str, Any]:
+    main, mtp = _step35_types(cfg)
+    rope = cfg.get("rope_theta")
+    out: dict[str, Any] = {
+        "attention_output_gate": bool(cfg.get("use_head_wise_attn_gate", True)),
+        "layer_types": main + mtp,
+        "sliding_attention_setting": {
+            "window_size": [int(cfg["sliding_window"]), 0]
+            if cfg.get("sliding_window") is not None
+            else [512, 0],
+            "num_attention_heads": _step35_sliding(cfg, "num_attention_heads"),
+            "num_query_groups": _step35_sliding(cfg, "num_attention_groups"),
+            "kv_channels": _step35_sliding(cfg, "head_dim"),
+        },
+        "rotary_percents": cfg.get("partial_rotary_factors"),
+        "rotary_base": float(rope[0]) if isinstance(rope, list) else rope,
+        "rotary_base_per_layer": [float(x) for x in rope] if isinstance(rope, list) else None,
+        "moe_layer_freq": [int(i in _step35_moe_layers(cfg)) for i in range(cfg["num_hidden_layers"])],
+        "moe_router_enable_expert_bias": bool(cfg.get("use_moe_router_bias", False)),
+        "moe_router_pre_softmax": False,
+        "swiglu_limits": cfg.get("swiglu_limits"),
+        "swiglu_limits_shared": cfg.get("swiglu_limits_shared"),
+    }
+    if cfg.get("moe_router_activation") is not None:
+        out["moe_router_score_function"] = cfg["moe_router_activation"]
+    if cfg.get("moe_router_scaling_factor") is not None:
+        out["moe_router_topk_scaling_factor"] = float(cfg["moe_router_scaling_factor"])
+    if cfg.get("need_fp32_gate"):
+        out["moe_router_dtype"] = "fp32"
+    return out
+
+
+_STEP35_EXPERT = C + "mlp.experts.{e}."
+register(
+    Family(
+        name="step3p5",
+        model_types=("step3p5",),
+        architecture="Step3p5ForCausalLM",
+        tensors=EMBED_AND_HEAD
+        + tuple((h, c) for h, c in LLAMA_TENSORS if h.startswith(L) and ".bias" not in h)
+        + (
+            (L + "self_attn.g_proj.weight", C + "attn.head_gate.weight"),
+            (L + "moe.gate.weight", C + "mlp.router.weight"),
+            (L + "moe.router_bias", C + "mlp.router.bias"),
+            (L + "share_expert.gate_proj.weight", C + "mlp.shared.gate.weight"),
+            (L + "share_expert.up_proj.weight", C + "mlp.shared.up.weight"),
+            (L + "share_expert.down_proj.weight", C + "mlp.shared.down.weight"),
+            (L + "enorm.weight", C + "mtp.enorm.weight"),
+            (L + "hnorm.weight", C + "mtp.hnorm.weight"),
+            (L + "eh_proj.weight", C + "mtp.eh_proj.weight"),
+            (L + "transformer.shared_head.norm.weight", C + "mtp.norm.weight"),
+            (L + "transformer.shared_head.output.weight", C + "mtp.head.weight"),
+        ),
+        stacked=(
+            ExpertStack(L + "moe.gate_proj.weight", (_STEP35_EXPERT + "gate.weight",)),
+            ExpertStack(L + "moe.up_proj.weight", (_STEP35_EXPERT + "up.weight",)),
+            ExpertStack(L + "moe.down_proj.weight", (_STEP35_EXPERT + "down.weight",)),
+        ),
+        config=config_with(
+            *NOT_WRITTEN,
+            ConfigKey("num_kv_heads", "num_attention_groups"),
+            ConfigKey("head_dim", "head_dim", 128),
+            ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
+            _derived("tied_embeddings", lambda cfg: bool(cfg.get("tie_word_embeddings", False))),
+            _derived("activation", lambda cfg: "silu"),
+            _derived("qk_norm", lambda cfg: bool(cfg.get("use_qk_norm", False))),
+            _derived("zero_centred_norms", lambda cfg: bool(cfg.get("zero_centered", True))),
+            ConfigKey("num_experts", "moe_num_experts"),
+            ConfigKey("moe_topk", "moe_top_k"),
+            ConfigKey("moe_ffn_hidden_size", "moe_intermediate_size"),
+            _derived(
+                "shared_ffn_hidden_size",
+                lambda cfg: cfg.get("share_expert_dim") or cfg.get("share_expert_dims", 1280),
+            ),
+            _derived("router_bias", lambda cfg: bool(cfg.get("use_moe_router_bias", False))),
+            _derived("layer_blocks", _step35_blocks),
+            _derived("mtp_layers", _step35_mtp),
+            _derived("mtp_blocks", _step35_mtp_blocks),
+            _derived("window_heads", lambda cfg: _step35_sliding(cfg, "num_attention_heads")),
+            _derived("window_kv_heads", lambda cfg: _step35_sliding(cfg, "num_attention_groups")),
+            _derived("window_head_dim", lambda cfg: _step35_sliding(cfg, "head_dim")),
+        ),
+        megatron_args=_step35_args,
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --pp 2 --num-layer-list 1,3",
+                "--tp 2 --ep 2",
+            ),
+            mcore_missing="no: remote code only (transformers has no Step-3.5 class, so no logits oracle)",
         ),
     )
 )

@@ -46,8 +46,20 @@ class Layers(Protocol):
 # short convolution, Kimi delta attention, Jamba's Mamba-1
 OWN_MIXERS: tuple[str, ...] = ("short_conv", "kda", "mamba1")
 # global_attention: softmax attention of other sizes than the model's other attention layers
-# (ModelSpec.global_head_dim / global_kv_heads: Gemma 4's full-attention layers, MiMo-V2-Flash's)
-MIXERS: tuple[str, ...] = ("attention", "global_attention", "mla", "gdn", "mamba", "mqa", *OWN_MIXERS)
+# (ModelSpec.global_head_dim / global_kv_heads: Gemma 4's full-attention layers, MiMo-V2-Flash's);
+# window_attention: softmax attention with heads, query groups and head size of its own
+# (ModelSpec.window_heads / window_kv_heads / window_head_dim: Step-3.5's sliding-window layers,
+# while its full-attention layers keep the model's sizes)
+MIXERS: tuple[str, ...] = (
+    "attention",
+    "global_attention",
+    "window_attention",
+    "mla",
+    "gdn",
+    "mamba",
+    "mqa",
+    *OWN_MIXERS,
+)
 MLPS = ("mlp", "moe")
 # blocks that extend a mixer or an MLP of their layer, or wrap the layer (DeepSeek-V4): the
 # mqa attention's KV compressor and, beside it, its lightning indexer (CSA layers: the indexer
@@ -60,7 +72,8 @@ MLPS = ("mlp", "moe")
 # its MLP (post_attn_norm, post_mlp_norm) instead of preceding them (OLMo-Hybrid's attention
 # layers, beside pre-norm gated-delta-net ones); moe_branch, a layer's MoE beside its dense MLP
 # (both blocks in the layer), each branch with norms of its own, their sum normed once more, and a
-# router that scales its input (Gemma 4's enable_moe_block)
+# router that scales its input (Gemma 4's enable_moe_block); head_gate, the attention output of
+# each head times the sigmoid of one scalar projection of the input per head (Step-3.5's g_proj)
 PARTS = (
     "compressor",
     "csa_indexer",
@@ -72,6 +85,7 @@ PARTS = (
     "out_gate",
     "post_norms",
     "moe_branch",
+    "head_gate",
 )
 BLOCKS = MIXERS + MLPS + PARTS
 # blocks of a stack beside its layers (a vision tower, ModelSpec.vision): the patch embedding before

@@ -382,6 +382,70 @@ class Offset(Expr):
 
 
 @attrs.frozen
+class Repeat(Expr):
+    """Each row (dim 0) of ``x`` ``times`` times in a row, ``repeat_interleave``: a per-head
+    scalar gate ``[heads, in]`` as Megatron's output-gate rows ``[heads * head_dim, in]``."""
+
+    x: Expr
+    times: int
+
+    @property
+    def shape(self) -> Shape:
+        return (self.x.shape[0] * self.times, *self.x.shape[1:])
+
+    @property
+    def dtype(self) -> str:
+        return self.x.dtype
+
+    @property
+    def children(self) -> tuple[Expr, ...]:
+        return (self.x,)
+
+
+@attrs.frozen
+class Unrepeat(Expr):
+    """The inverse of :class:`Repeat`: the first row of each run of ``times`` rows of ``x``, which
+    evaluation checks are all equal (rows that differ have no unrepeated form: an error naming the
+    source)."""
+
+    x: Expr
+    times: int
+
+    def __attrs_post_init__(self) -> None:
+        _check(
+            self.times > 0 and self.x.shape[0] % self.times == 0,
+            f"unrepeat: {self.x.shape[0]} rows are not runs of {self.times}",
+        )
+
+    @property
+    def shape(self) -> Shape:
+        return (self.x.shape[0] // self.times, *self.x.shape[1:])
+
+    @property
+    def dtype(self) -> str:
+        return self.x.dtype
+
+    @property
+    def children(self) -> tuple[Expr, ...]:
+        return (self.x,)
+
+    def refuse(self, run: int) -> VerifyError:
+        """The error for run ``run`` of rows that are not copies of one row."""
+        src = loads(self.x)
+        where = (
+            f"{os.path.join(os.path.basename(os.path.dirname(src[0].path)), os.path.basename(src[0].path))}"
+            f":{src[0].key}"
+            if src
+            else "a computed tensor"
+        )
+        return VerifyError(
+            f"{where}: rows {run * self.times}..{(run + 1) * self.times - 1} of {describe(self.x)} should be "
+            f"one row repeated {self.times} times (a per-head gate) but differ, so the gate has no per-head "
+            f"form; keep this checkpoint in Megatron-Core, or train with the gate rows tied per head"
+        )
+
+
+@attrs.frozen
 class RowRescale(Expr):
     """DoRA's merge: each row of the matrix ``x`` [out, in] rescaled to the norm ``magnitude[row]``,
     ``(magnitude / ||x||_row) * x``, in fp32 (the result dtype is F32).  The norm runs over a
@@ -601,6 +665,8 @@ def _rewrite(e: Expr) -> Expr:
         return _rewrite_slice(e)
     if isinstance(e, Transpose):
         return _rewrite_transpose(e)
+    if isinstance(e, Unrepeat) and isinstance(e.x, Repeat) and e.x.times == e.times:
+        return e.x.x
     return e
 
 
@@ -784,6 +850,8 @@ def describe(e: Expr) -> str:
         return f"dequantize_{e.scheme}({describe(e.q)}, {describe(e.scale)}, block={list(e.block)})"
     if isinstance(e, Fill):
         return f"fill({e.value!r})"
+    if isinstance(e, (Repeat, Unrepeat)):
+        return f"{type(e).__name__.lower()}({describe(e.x)}, {e.times})"
     return type(e).__name__
 
 
@@ -966,6 +1034,15 @@ def evaluate_raw(expr: Expr, reader: Reader, *, scratch: str | None = None):
         return evaluate_raw(expr.x, reader).reshape(expr.new_shape)
     if isinstance(expr, Transpose):
         return np.ascontiguousarray(np.swapaxes(evaluate_raw(expr.x, reader), expr.dim0, expr.dim1))
+    if isinstance(expr, Repeat):
+        return np.repeat(evaluate_raw(expr.x, reader), expr.times, axis=0)
+    if isinstance(expr, Unrepeat):
+        x = evaluate_raw(expr.x, reader)
+        runs = x.reshape(expr.shape[0], expr.times, -1)
+        same = (runs == runs[:, :1]).all(axis=(1, 2))
+        if not same.all():
+            raise expr.refuse(int(np.argmin(same)))
+        return np.ascontiguousarray(runs[:, 0].reshape(expr.shape))
     if isinstance(expr, PadRows):
         x = evaluate_raw(expr.x, reader)
         extra = expr.rows - x.shape[0]
@@ -1225,6 +1302,18 @@ def _fill_tensor(expr: Expr, out, leaf, overflow: Overflow | None) -> None:
             out[n:].zero_()
         else:
             out[n:].copy_(out[n - 1 : n].expand(expr.rows - n, *out.shape[1:]))
+    elif isinstance(expr, Repeat):
+        x = evaluate_tensor(expr.x, leaf, overflow)
+        out.copy_(x.repeat_interleave(expr.times, dim=0))
+    elif isinstance(expr, Unrepeat):
+        import torch
+
+        runs = evaluate_tensor(expr.x, leaf, overflow).contiguous().reshape(expr.shape[0], expr.times, -1)
+        bits = runs.view(torch.uint8)  # bit for bit, as the file path compares raw items
+        same = (bits == bits[:, :1]).flatten(1).all(dim=1)
+        if not bool(same.all()):
+            raise expr.refuse(int(same.int().argmin()))
+        out.copy_(runs[:, 0].reshape(expr.shape))
     else:  # arithmetic, or a reshape into strided memory: computed, then copied
         out.copy_(evaluate_tensor(expr, leaf, overflow))
 

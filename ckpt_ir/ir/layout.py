@@ -253,11 +253,13 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
                     f"size {layout.tp}; choose a TP that divides linear_num_{what}_heads"
                 )
     if layout.tp > 1:
-        if spec.num_heads % layout.tp:
-            raise LayoutError(
-                f"layout: {spec.num_heads} attention heads are not divisible by tensor parallel "
-                f"size {layout.tp}; choose a TP that divides the head count"
-            )
+        heads = {spec.attn_heads(i) for i in range(spec.total_layers) if spec.has_attention(i)}
+        for n in sorted(heads | {spec.num_heads}):
+            if n % layout.tp:
+                raise LayoutError(
+                    f"layout: {n} attention heads are not divisible by tensor parallel "
+                    f"size {layout.tp}; choose a TP that divides the head count"
+                )
         groups = {spec.attn_kv_heads(i) for i in range(spec.total_layers) if spec.has_attention(i)}
         for g in sorted(groups | {spec.num_kv_heads}):
             if g % layout.tp:

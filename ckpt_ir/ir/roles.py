@@ -260,11 +260,11 @@ L = "layers.{i}."
 def _q_rows(s: ModelSpec, i: int) -> int:
     if s.mla:
         return s.mla_q_size
-    return (2 if s.attn_gate else 1) * s.num_heads * s.attn_head_dim(i)
+    return (2 if s.attn_gate else 1) * s.attn_heads(i) * s.attn_head_dim(i)
 
 
 def _heads_rows(s: ModelSpec, i: int) -> int:
-    return s.num_heads * s.attn_head_dim(i)
+    return s.attn_heads(i) * s.attn_head_dim(i)
 
 
 def _k_rows(s: ModelSpec, i: int) -> int:
@@ -276,7 +276,7 @@ def _v_rows(s: ModelSpec, i: int) -> int:
 
 
 def _o_cols(s: ModelSpec, i: int) -> int:
-    return s.num_heads * (s.v_head_dim if s.mla else s.attn_v_dim(i))
+    return s.attn_heads(i) * (s.v_head_dim if s.mla else s.attn_v_dim(i))
 
 
 def _qkv_rows(s: ModelSpec, i: int) -> int:
@@ -284,6 +284,8 @@ def _qkv_rows(s: ModelSpec, i: int) -> int:
     and v (ckpt-ir's layout of a layer without them holds only what it has)."""
     k = _k_rows(s, i) if s.attn_has_k(i) else 0
     q = (2 if s.attn_gate else 1) * _heads_rows(s, i)
+    if s.has_block(i, "head_gate"):  # each head's gate row repeated head_dim times (qkv_rule)
+        q += _heads_rows(s, i)
     return q + k + (_v_rows(s, i) if s.attn_has_v(i) else 0)
 
 
@@ -1158,6 +1160,19 @@ register_role(
         COLUMN,
         lambda s, lay, i: (_o_cols(s, i), s.hidden_size),
         lambda s, lay, i: s.has_attention(i) and (s.has_block(i, "out_gate") or s.family == "afmoe"),
+        per_layer=True,
+    )
+)
+
+
+# block head_gate (Step-3.5's g_proj): one sigmoid gate per head, a scalar projection of the layer's
+# input, [heads, hidden], split over TP with the heads; Megatron fuses it into linear_qkv (qkv_rule)
+register_role(
+    Role(
+        L + "attn.head_gate.weight",
+        COLUMN,
+        lambda s, lay, i: (s.attn_heads(i), s.hidden_size),
+        lambda s, lay, i: s.has_attention(i) and s.has_block(i, "head_gate") and _split_qkv(s, lay),
         per_layer=True,
     )
 )

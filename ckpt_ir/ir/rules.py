@@ -29,6 +29,9 @@ class Piece:
     part: str
     start: int  # first index in the part, along the stack's dim
     size: int
+    # each of the piece's rows ``repeat`` times in a row (dim 0 only): Step-3.5's per-head gate,
+    # one row per head, as Megatron's output gate of head_dim rows per head
+    repeat: int = 1
 
 
 def _pieces(v: Iterable[Piece]) -> tuple[Piece, ...]:
@@ -63,7 +66,7 @@ class Stack:
 
     @property
     def size(self) -> int:
-        return sum(pc.size for pc in self.pieces)
+        return sum(pc.size * pc.repeat for pc in self.pieces)
 
     def fuse(self, parts: Mapping[str, E.Expr]) -> E.Expr:
         for name, n in self.sizes().items():
@@ -74,7 +77,9 @@ class Stack:
                     f"fusing {', '.join(self.sizes())}: part {name!r} has {parts[name].shape[self.dim]} "
                     f"rows on dim {self.dim}, the rule expects {n}"
                 )
-        xs = tuple(E.Slice(parts[pc.part], self.dim, pc.start, pc.start + pc.size) for pc in self.pieces)
+        xs = tuple(
+            _repeat(E.Slice(parts[pc.part], self.dim, pc.start, pc.start + pc.size), pc) for pc in self.pieces
+        )
         return E.simplify(xs[0] if len(xs) == 1 else E.Concat(xs, self.dim))
 
     def split(self, fused: E.Expr) -> dict[str, E.Expr]:
@@ -86,14 +91,19 @@ class Stack:
         found: dict[str, list[tuple[int, E.Expr]]] = {p: [] for p in self.sizes()}
         pos = 0
         for pc in self.pieces:
-            found[pc.part].append((pc.start, E.Slice(fused, self.dim, pos, pos + pc.size)))
-            pos += pc.size
+            rows = E.Slice(fused, self.dim, pos, pos + pc.size * pc.repeat)
+            found[pc.part].append((pc.start, E.Unrepeat(rows, pc.repeat) if pc.repeat > 1 else rows))
+            pos += pc.size * pc.repeat
         out = {}
         for part, pieces in found.items():
             pieces.sort(key=lambda sp: sp[0])
             xs = tuple(x for _, x in pieces)
             out[part] = E.simplify(xs[0] if len(xs) == 1 else E.Concat(xs, self.dim))
         return out
+
+
+def _repeat(x: E.Expr, pc: Piece) -> E.Expr:
+    return E.Repeat(x, pc.repeat) if pc.repeat > 1 else x
 
 
 def qkv_rule(spec: ModelSpec, rows: int = 0, layer: int | None = None) -> Stack:
@@ -114,7 +124,22 @@ def qkv_rule(spec: ModelSpec, rows: int = 0, layer: int | None = None) -> Stack:
             pieces += [Piece("k", g * d, d), Piece("v", g * d, d)]
         return Stack(pieces)
     groups, d = spec.attn_kv_heads(layer), spec.attn_head_dim(layer)
-    parts = [("q", spec.num_heads // groups * d)]
+    per = spec.attn_heads(layer) // groups
+    if layer is not None and spec.has_block(layer, "head_gate"):
+        # block head_gate (Step-3.5's g_proj, one row per head): Megatron-Bridge's layout for
+        # megatron-core's attention_output_gate (param_mapping.py merge_qkvg_weights), per group
+        # [q heads; each head's gate row repeated head_dim times; k; v]
+        return Stack(
+            piece
+            for g in range(groups)
+            for piece in (
+                Piece("q", g * per * d, per * d),
+                Piece("g", g * per, per, repeat=d),
+                Piece("k", g * d, d),
+                Piece("v", g * d, d),
+            )
+        )
+    parts = [("q", per * d)]
     if layer is None or spec.attn_has_k(layer):
         parts.append(("k", d))
     if layer is None or spec.attn_has_v(layer):

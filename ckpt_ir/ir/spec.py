@@ -168,6 +168,11 @@ class ModelSpec:
     global_head_dim: int = 0
     global_kv_heads: int = 0
     global_k_eq_v: bool = False
+    # block window_attention (Step-3.5's sliding-window layers): its heads, query groups and head
+    # size (0: the model's)
+    window_heads: int = 0
+    window_kv_heads: int = 0
+    window_head_dim: int = 0
     # block kv_shared: the dense MLP of such a layer is twice as wide (Gemma 4's use_double_wide_mlp)
     kv_shared_wide_mlp: bool = False
     # block ple (Gemma 4's per-layer input embeddings): each layer's input width, and the rows of
@@ -208,6 +213,11 @@ class ModelSpec:
             raise LayoutError(
                 f"model spec: num_heads={self.num_heads} is not a multiple of "
                 f"num_kv_heads={self.num_kv_heads}"
+            )
+        if self.window_kv_heads and self.window_heads % self.window_kv_heads:
+            raise LayoutError(
+                f"model spec: window_heads={self.window_heads} is not a multiple of "
+                f"window_kv_heads={self.window_kv_heads}"
             )
 
     def lora_scale(self, target: str, rank: int) -> float:
@@ -281,19 +291,26 @@ class ModelSpec:
     def has_attention(self, layer: int) -> bool:
         """Whether ``layer`` has (softmax) attention: multi-head / grouped-query or MLA."""
         blocks = self.blocks(layer)
-        return "attention" in blocks or "global_attention" in blocks or "mla" in blocks
+        return bool({"attention", "global_attention", "window_attention", "mla"} & set(blocks))
+
+    def _window(self, layer: int | None, size: int) -> bool:
+        return layer is not None and size > 0 and self.has_block(layer, "window_attention")
+
+    def attn_heads(self, layer: int | None = None) -> int:
+        """Query heads of ``layer``'s attention (None: the attention block's)."""
+        return self.window_heads if self._window(layer, self.window_heads) else self.num_heads
 
     def attn_kv_heads(self, layer: int | None = None) -> int:
         """Key / value heads of ``layer``'s attention (None: the attention block's)."""
         if layer is not None and self.global_kv_heads and self.has_block(layer, "global_attention"):
             return self.global_kv_heads
-        return self.num_kv_heads
+        return self.window_kv_heads if self._window(layer, self.window_kv_heads) else self.num_kv_heads
 
     def attn_head_dim(self, layer: int | None = None) -> int:
         """Query / key head size of ``layer``'s attention (None: the attention block's)."""
         if layer is not None and self.global_head_dim and self.has_block(layer, "global_attention"):
             return self.global_head_dim
-        return self.head_dim
+        return self.window_head_dim if self._window(layer, self.window_head_dim) else self.head_dim
 
     def attn_v_dim(self, layer: int | None = None) -> int:
         """Value head size of ``layer``'s (grouped-query) attention."""

@@ -611,7 +611,7 @@ MAMBA_FIELDS: tuple[Field, ...] = (
 # that use them): without such a block they describe nothing
 _USED_BY = (
     (
-        ("attention", "global_attention"),
+        ("attention", "global_attention", "window_attention"),
         ("num_heads", "num_kv_heads", "head_dim", "qkv_bias", "o_bias", "qk_norm"),
     ),
     (("mlp",), ("ffn_hidden_size",)),

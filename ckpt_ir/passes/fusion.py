@@ -79,7 +79,12 @@ def _const(stem: str) -> Callable[[ModelSpec], str]:
     return lambda spec: stem
 
 
-QKV = Fusion({"q": _const("attn.q"), "k": _const("attn.k"), "v": _const("attn.v")}, "attn.qkv", qkv_rule)
+# g: block head_gate's per-head gate (Step-3.5), in the layers that have it
+QKV = Fusion(
+    {"q": _const("attn.q"), "k": _const("attn.k"), "v": _const("attn.v"), "g": _const("attn.head_gate")},
+    "attn.qkv",
+    qkv_rule,
+)
 MLA = Fusion(
     {"q": lambda s: "attn.q_a" if s.q_lora_rank else "attn.q", "kv_a": _const("attn.kv_a")},
     "attn.qkv_a",
