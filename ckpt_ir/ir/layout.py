@@ -253,8 +253,8 @@ def validate(spec: ModelSpec, layout: Layout) -> None:
                     f"size {layout.tp}; choose a TP that divides linear_num_{what}_heads"
                 )
     if layout.tp > 1:
-        heads = {spec.attn_heads(i) for i in range(spec.total_layers) if spec.has_attention(i)}
-        for n in sorted(heads | {spec.num_heads}):
+        layer_heads = {spec.attn_heads(i) for i in range(spec.total_layers) if spec.has_attention(i)}
+        for n in sorted(layer_heads | {spec.num_heads}):
             if n % layout.tp:
                 raise LayoutError(
                     f"layout: {n} attention heads are not divisible by tensor parallel "
