@@ -220,3 +220,20 @@ def test_hf_to_mcore_to_hf_bit_exact_with_same_image_logits(models, tmp_path, fa
                 for k in keys:
                     assert torch.equal(sd[k], hf[k]), k
                 assert any(k.startswith("language_model.decoder.layers.") for k in sd), (t, p)
+
+
+@pytest.mark.parametrize(
+    "text_type,given,head_dim",
+    [("mistral", {}, 64 // 4), ("ministral3", {}, 128), ("ministral3", {"head_dim": None}, 64 // 4)],
+)
+def test_mistral3_head_dim_when_text_config_lacks_it(text_type, given, head_dim):
+    """A text_config without head_dim takes its own class's default: MistralConfig's hidden /
+    heads, Ministral3Config's 128 when the key is absent and hidden / heads when it is null
+    (configuration_mistral.py 68, 83; configuration_ministral3.py 79, 108)."""
+    from ckpt_ir.families import by_name
+
+    text = {k: v for k, v in CONFIGS["mistral3"]["text_config"].items() if k != "head_dim"}
+    text = dict(text, model_type=text_type, **given)
+    cfg = dict(CONFIGS["mistral3"], model_type="mistral3", text_config=text)
+    cfg["vision_config"] = dict(cfg["vision_config"], hidden_act="gelu", num_channels=3)
+    assert by_name("mistral3").spec_from_config(cfg).head_dim == head_dim

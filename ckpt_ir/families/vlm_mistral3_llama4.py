@@ -135,6 +135,14 @@ MINISTRAL3 = by_name("ministral3")
 MISTRAL = by_name("mistral")
 
 
+def _mistral_head_dim(cfg: dict[str, Any]) -> int:
+    """A text_config without head_dim: Ministral3Config's default (128) where the key is absent,
+    else (null, or MistralConfig) hidden / heads, as their __post_init__ sets it."""
+    if cfg.get("model_type") == "ministral3" and "head_dim" not in cfg:
+        return 128
+    return cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
 def _mistral3_args(cfg: dict[str, Any]) -> dict[str, Any]:
     text = {**cfg, **cfg.get("text_config", {})}
     family = MINISTRAL3 if text.get("model_type") == "ministral3" else MISTRAL
@@ -148,7 +156,8 @@ register(
         architecture="Mistral3ForConditionalGeneration",
         tensors=tuple((LM + h, c) for h, c in MINISTRAL3.tensors) + PIXTRAL,
         config=(
-            *(k for k in MINISTRAL3.config if k.field != "tied_embeddings"),
+            *(k for k in MINISTRAL3.config if k.field not in ("tied_embeddings", "head_dim")),
+            ConfigKey("head_dim", "head_dim", _mistral_head_dim),
             ConfigKey("tied_embeddings", None, _tied(True)),
         ),
         constants=MINISTRAL3.constants,
