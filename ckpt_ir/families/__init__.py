@@ -328,6 +328,10 @@ class Tower:
 
 # where a tower's derived config keys find the language model's settings
 LANGUAGE_MODEL = "(language model)"
+# where a multi-module model's derived config keys find the top level of its config (the
+# language model's keys are read from text_config over it): transformers ties the embeddings as
+# the top level's tie_word_embeddings says (modeling_utils.py, PreTrainedModel's tie_weights)
+TOP_LEVEL = "(top level)"
 
 
 @attrs.frozen
@@ -565,7 +569,7 @@ class Family:
         """The config the language model's keys are read from: the top level, with the nested
         ``text_config`` (a multi-module model's) over it."""
         text = cfg.get(self.text_config) if self.text_config else None
-        return {**cfg, **text} if isinstance(text, dict) else cfg
+        return {**cfg, **text, TOP_LEVEL: cfg} if isinstance(text, dict) else cfg
 
     def _read_keys(
         self,
@@ -702,6 +706,13 @@ _COUNTS = {
     "patch_channels",
     "merger_size",
     "merger_out",
+    "patch_merger_size",
+    "adapter_in",
+    "adapter_hidden",
+    "adapter_out",
+    "projector_mlp_layers",
+    "projector_mlp_in",
+    "projector_mlp_out",
 }
 
 

@@ -581,6 +581,8 @@ def _choices(s: ModelSpec) -> int:
 
 
 def _patch_shape(s: ModelSpec, lay: Layout) -> tuple[int, ...]:
+    if s.patch_unfold:  # a linear layer over each unfolded patch (channels, then rows, columns)
+        return (s.hidden_size, s.patch_channels * s.patch_size**2)
     frames = (s.patch_temporal,) if s.patch_temporal else ()
     return (s.hidden_size, s.patch_channels, *frames, s.patch_size, s.patch_size)
 
@@ -669,6 +671,99 @@ _VISION_ROLES = [
         stack="vision",
     ),
 ]
+
+
+# Pixtral's (Mistral 3's) and Llama 4's tower blocks (ModelSpec.pre_norm ... projector_mlp_*): a
+# norm before the layers, a class embedding, Mistral 3's patch merger (a norm, then one weight
+# from merger^2 patches back to the tower's width), Llama 4's pixel-shuffle adapter MLP and the
+# projector MLP to the language model's width.  Megatron-Bridge keeps these towers in their HF
+# form, whole on every rank; the splits are Megatron's usual ones for a norm, a column- and a
+# row-parallel linear layer.
+def _projector_mlp(n: int, bias: bool = False) -> Presence:
+    return _tower(lambda s: s.projector_mlp_layers >= n and (not bias or s.projector_mlp_bias))
+
+
+_PIXTRAL_LLAMA4_ROLES = [
+    Role(
+        V + "pre_norm.weight",
+        None,
+        lambda s, lay: (s.hidden_size,),
+        _tower(lambda s: s.pre_norm),
+        stack="vision",
+    ),
+    Role(
+        V + "pre_norm.bias",
+        None,
+        lambda s, lay: (s.hidden_size,),
+        _tower(lambda s: s.pre_norm and s.norm_bias),
+        stack="vision",
+    ),
+    Role(
+        V + "class_embed.weight",
+        None,
+        lambda s, lay: (s.hidden_size,),
+        _tower(lambda s: s.class_embed),
+        stack="vision",
+    ),
+    Role(
+        V + "patch_merger.norm.weight",
+        None,
+        lambda s, lay: (s.hidden_size,),
+        _tower(lambda s: s.patch_merger_size > 0),
+        stack="vision",
+    ),
+    Role(
+        V + "patch_merger.weight",
+        None,
+        lambda s, lay: (s.hidden_size, s.hidden_size * s.patch_merger_size**2),
+        _tower(lambda s: s.patch_merger_size > 0),
+        stack="vision",
+    ),
+    Role(
+        V + "adapter.fc1.weight",
+        COLUMN,
+        lambda s, lay: (s.adapter_hidden, s.adapter_in),
+        _tower(lambda s: s.adapter_in > 0),
+        stack="vision",
+    ),
+    Role(
+        V + "adapter.fc2.weight",
+        ROW,
+        lambda s, lay: (s.adapter_out, s.adapter_out),
+        _tower(lambda s: s.adapter_in > 0),
+        stack="vision",
+    ),
+    Role(
+        V + "projector.fc1.weight",
+        COLUMN,
+        lambda s, lay: (s.projector_mlp_out, s.projector_mlp_in),
+        _projector_mlp(1),
+        stack="vision",
+    ),
+    Role(
+        V + "projector.fc1.bias",
+        COLUMN,
+        lambda s, lay: (s.projector_mlp_out,),
+        _projector_mlp(1, bias=True),
+        stack="vision",
+    ),
+    Role(
+        V + "projector.fc2.weight",
+        ROW,
+        lambda s, lay: (s.projector_mlp_out, s.projector_mlp_out),
+        _projector_mlp(2),
+        stack="vision",
+    ),
+    Role(
+        V + "projector.fc2.bias",
+        None,
+        lambda s, lay: (s.projector_mlp_out,),
+        _projector_mlp(2, bias=True),
+        stack="vision",
+    ),
+]
+# of those, the ones after the tower's layers in canonical order
+_AFTER_TOWER_LAYERS = ("patch_merger.", "adapter.", "projector.fc")
 
 
 _BUILTIN: list[Role] = [
@@ -1147,6 +1242,7 @@ def register_role(*roles: Role, lora: bool = False) -> None:
 
 register_role(*_BUILTIN)
 register_role(*_VISION_ROLES)
+register_role(*_PIXTRAL_LLAMA4_ROLES)
 register_role(
     *(r for r in _BUILTIN if r.template[len(L) :] in {t + ".weight" for t in LINEAR_TARGETS}), lora=True
 )
@@ -1343,7 +1439,8 @@ def canonical_order(name: str) -> tuple:
     if stack is not None:
         layer, rest = split_layer(inner)
         if layer is None:
-            at = 1 << 30 if ".merger." in "." + inner else -1
+            after = ".merger." in "." + inner or inner.startswith(_AFTER_TOWER_LAYERS)
+            at = 1 << 30 if after else -1
             return (-1 - STACKS.index(stack), at, -1, -1, order.get(role_of(name), len(order)), name)
         return (
             -1 - STACKS.index(stack),

@@ -143,6 +143,26 @@ class ModelSpec:
     pos_embed_size: int = 0
     post_norm: bool = False
     projector_out: int = 0
+    # blocks of the Pixtral (Mistral 3) and Llama 4 towers: a norm before the layers (pre_norm);
+    # the patch embedding as a linear layer over unfolded patches, [hidden, channels x patch^2]
+    # (patch_unfold, Llama 4's; the same numbers as a 2-D convolution's weight); a learned class
+    # embedding of hidden_size (class_embed); a patch merger: a norm, then one weight from
+    # patch_merger_size^2 neighbouring patches back to hidden_size (Mistral 3's); a pixel-shuffle
+    # adapter MLP fc1 [adapter_hidden, adapter_in], fc2 [adapter_out, adapter_out] without biases
+    # (Llama 4's vision_adapter); a projector MLP of projector_mlp_layers linear layers (1 or 2)
+    # from projector_mlp_in to projector_mlp_out (the language model's width), biases as
+    # projector_mlp_bias says
+    pre_norm: bool = False
+    patch_unfold: bool = False
+    class_embed: bool = False
+    patch_merger_size: int = 0
+    adapter_in: int = 0
+    adapter_hidden: int = 0
+    adapter_out: int = 0
+    projector_mlp_layers: int = 0
+    projector_mlp_in: int = 0
+    projector_mlp_out: int = 0
+    projector_mlp_bias: bool = False
     # The blocks of each main layer, in order (names in ``ckpt_ir.ir.blocks.BLOCKS``: a mixer
     # such as "attention" or "mamba", an MLP such as "mlp" or "moe"); empty: every layer is one
     # mixer and one MLP, as the fields above imply (see :meth:`blocks`).  A block of a layer made
