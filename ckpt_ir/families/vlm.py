@@ -122,6 +122,11 @@ QWEN2_TOWER = Tower(
     constants=(*VISION_CONSTANTS, ("gated_mlp", False), ("norm_bias", True), ("norm_eps", 1e-6)),
 )
 
+# transformers 5.25 builds Qwen2-VL and Qwen2.5-VL as model.language_model.* and model.visual.*
+# from the stored model.* and visual.* (conversion_mapping.py:145, 1153-1157); peft's adapters
+# name the modules so
+QWEN_VL_MEMORY = (("visual.", "model.visual."), ("model.", "model.language_model."))
+
 # why no megatron-core model checks the rank files
 NO_MCORE = (
     "no: megatron-core 0.16's multimodal LLaVAModel has no Qwen2-VL tower (3-D patches, window "
@@ -139,6 +144,7 @@ register(
         constants=(("qkv_bias", True),),
         text_config="text_config",
         towers=(QWEN25_TOWER,),
+        memory=QWEN_VL_MEMORY,
         tested=Tested(
             round_trip=(
                 "--tp 1 --pp 1",
@@ -177,6 +183,7 @@ register(
         constants=(("qkv_bias", True),),
         text_config="text_config",
         towers=(QWEN2_TOWER,),
+        memory=QWEN_VL_MEMORY,
         tested=Tested(
             round_trip=(
                 "--tp 2 --pp 2",
@@ -272,6 +279,13 @@ register(
         transposed=("multi_modal_projector.mm_input_projection_weight",),
         text_config="text_config",
         towers=(SIGLIP_TOWER,),
+        # transformers' "llava" renames (conversion_mapping.py:102, 885-893)
+        memory=(
+            ("language_model.model.", "model.language_model."),
+            ("language_model.lm_head.", "lm_head."),
+            ("vision_tower.", "model.vision_tower."),
+            ("multi_modal_projector.", "model.multi_modal_projector."),
+        ),
         tested=Tested(
             round_trip=("--tp 1 --pp 1", "--tp 2", "--tp 2 --pp 2"),
             mcore_missing=(
