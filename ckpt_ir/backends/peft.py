@@ -58,6 +58,7 @@ def plan(ckpt: Checkpoint) -> Plan:
     modules: set[str] = set()
     saved: set[str] = set()
     params: set[str] = set()
+    stacked: set[str] = set()  # a multi-stack model's modules carrying LoRA, full names
     factors: dict[str, tuple[int, float]] = {}  # HF module (or fused parameter) -> (rank, alpha)
     dora: dict[str, bool] = {}
     for name in sorted(lora, key=canonical_order):
@@ -92,11 +93,17 @@ def plan(ckpt: Checkpoint) -> Plan:
             module, expr = _packed(family, ckpt, target, suffix, done)
         if family.renames():  # the table's name as the HF checkpoint's (Family.table_key)
             module = family.table_key(module + ".weight", spec, True)[: -len(".weight")]
+        module = family.memory_name(module)  # as peft names it: the model transformers builds
         if suffix == ".lora_a.weight":
             factors[module] = (lora[name].shape[0], _alpha(spec, target))
             dora[module] = target[: -len(".weight")] + ".lora_magnitude.weight" in ckpt.tensors
-        modules.add(module.rsplit(".", 1)[-1])
+        if spec.vision is None:
+            modules.add(module.rsplit(".", 1)[-1])
+        else:
+            stacked.add(module)
         entries.append((canonical_order(name), f"{PREFIX}{module}.{PEFT_KEY[suffix]}", expr))
+    if stacked:
+        modules |= _stack_targets(ckpt, stacked)
     if len(set(dora.values())) > 1:
         raise VerifyError(
             "DoRA magnitudes on some LoRA targets but not on others: one adapter_config.json cannot "
@@ -144,6 +151,31 @@ def plan(ckpt: Checkpoint) -> Plan:
         ),
         dropped,
     )
+
+
+def _stack_targets(ckpt: Checkpoint, stacked: set[str]) -> set[str]:
+    """target_modules entries for the LoRA modules of a model with a stack (a vision tower), full
+    names as peft's model names them: each module's shortest dotted tail that matches (peft's
+    rule: the name, or its end after a dot) no module of the model without LoRA.  A tower reuses
+    its language model's leaf names (``proj`` is Qwen2.5-VL's patch convolution too, ``q_proj``
+    Gemma 3's language model's and SigLIP's), and peft wraps every module a name matches."""
+    family, spec = by_name(ckpt.spec.family), ckpt.spec
+    base = [n for n in ckpt.tensors if not is_lora(n) and n.endswith(".weight")]
+    every = set()
+    for hf, _, _ in family.hf_form(spec, base):
+        if family.renames():
+            hf = family.table_key(hf, spec, True)
+        every.add(family.memory_name(hf).rsplit(".", 1)[0])
+    plain = every - stacked
+    out = set()
+    for module in stacked:
+        parts = module.split(".")
+        for n in range(1, len(parts) + 1):
+            tail = ".".join(parts[-n:])
+            if not any(m == tail or m.endswith("." + tail) for m in plain):
+                break
+        out.add(tail)
+    return out
 
 
 def _alpha(spec, target: str) -> float:

@@ -398,6 +398,11 @@ class Family:
     # beside the language model (the vision tower)
     text_config: str | None = None
     towers: tuple[Tower, ...] = ()
+    # (on-disk prefix, in-memory prefix): the renames transformers applies on load (its
+    # conversion_mapping.py), so a module's name in the model transformers builds, which peft's
+    # adapters use (``model.language_model.layers.0.self_attn.q_proj``), differs from the name
+    # the checkpoint stores (``model.layers.0.self_attn.q_proj``); see memory_name / disk_name
+    memory: tuple[tuple[str, str], ...] = ()
     # what the tests verify for this family (``ckpt-ir models`` shows it)
     tested: Tested = Tested()
 
@@ -514,6 +519,18 @@ class Family:
                 )
             out.update((t.format(**m.groupdict()), e) for t, e in p.rule(spec).split(x).items())
         return out, unknown
+
+    def memory_name(self, hf: str) -> str:
+        """An HF name as the checkpoint stores it -> its name in the model transformers builds
+        (``memory``; the longest matching prefix wins); names no rename covers stay."""
+        hit = max((p for p in self.memory if hf.startswith(p[0])), key=lambda p: len(p[0]), default=None)
+        return hf if hit is None else hit[1] + hf[len(hit[0]) :]
+
+    def disk_name(self, name: str) -> str:
+        """The inverse of :meth:`memory_name`: a module or tensor name of the model transformers
+        builds (a peft adapter's) -> the checkpoint's; a name already in the stored form stays."""
+        hit = max((p for p in self.memory if name.startswith(p[1])), key=lambda p: len(p[1]), default=None)
+        return name if hit is None else hit[0] + name[len(hit[1]) :]
 
     def renames(self, naming: HfNaming | None = None) -> bool:
         """Whether :meth:`table_key` changes any key."""

@@ -142,6 +142,20 @@ QWEN2_TOWER = Tower(
     mindspeed=QWEN_MINDSPEED,
 )
 
+# transformers 5.25 builds Qwen2-VL and Qwen2.5-VL as model.language_model.* and model.visual.*
+# from the stored model.* and visual.* (conversion_mapping.py:145, 1153-1157); peft's adapters
+# name the modules so
+QWEN_VL_MEMORY = (("visual.", "model.visual."), ("model.", "model.language_model."))
+
+# transformers' "llava" renames (conversion_mapping.py:102, 885-893): Gemma 3, Mistral 3, InternVL
+# store language_model.model.*, vision_tower.*, multi_modal_projector.* and build model.*
+LLAVA_MEMORY = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vision_tower.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+)
+
 # why no megatron-core model checks the rank files
 NO_MCORE = (
     "no: megatron-core 0.16's multimodal LLaVAModel has no Qwen2-VL tower (3-D patches, window "
@@ -159,6 +173,7 @@ register(
         constants=(("qkv_bias", True),),
         text_config="text_config",
         towers=(QWEN25_TOWER,),
+        memory=QWEN_VL_MEMORY,
         tested=Tested(
             round_trip=(
                 "--tp 1 --pp 1",
@@ -197,6 +212,7 @@ register(
         constants=(("qkv_bias", True),),
         text_config="text_config",
         towers=(QWEN2_TOWER,),
+        memory=QWEN_VL_MEMORY,
         tested=Tested(
             round_trip=(
                 "--tp 2 --pp 2",
@@ -305,6 +321,7 @@ register(
         text_config="text_config",
         towers=(SIGLIP_TOWER,),
         namings=(GEMMA3_HUB,),
+        memory=LLAVA_MEMORY,
         tested=Tested(
             round_trip=("--tp 1 --pp 1", "--tp 2", "--tp 2 --pp 2"),
             mcore_missing=(

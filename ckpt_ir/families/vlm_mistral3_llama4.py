@@ -39,6 +39,7 @@ from ckpt_ir.families import (
     moe,  # noqa: F401  (llama4_text, llama4's language model)
     register,
 )
+from ckpt_ir.families.vlm import LLAVA_MEMORY
 
 V = "vision.layers.{i}."
 LM = "language_model."
@@ -164,6 +165,7 @@ register(
         megatron_args=_mistral3_args,
         text_config="text_config",
         towers=(PIXTRAL_TOWER,),
+        memory=LLAVA_MEMORY,  # transformers' "llava" renames (conversion_mapping.py:105)
         tested=Tested(
             round_trip=("--tp 1 --pp 1", "--tp 2", "--tp 2 --pp 2"),
             mcore_missing=(

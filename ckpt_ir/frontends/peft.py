@@ -187,6 +187,7 @@ def lift_adapter(path: str, family: Family, spec: ModelSpec) -> tuple[dict[str, 
             alphas.update((t, float(alpha)) for t in targets)
 
     def table(hf: str) -> str:  # an HF name as the family's table names it (Family.table_key)
+        hf = family.disk_name(hf)  # peft names the modules transformers builds (Family.memory)
         return family.table_key(hf, spec, False) if family.renames() else hf
 
     for key, load in raw.items():

@@ -30,7 +30,7 @@ from ckpt_ir.errors import FormatError, UsageError, VerifyError, setting
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.layout import Layout, vision_slots
-from ckpt_ir.ir.names import NameTable, split_layer
+from ckpt_ir.ir.names import NameTable, is_lora_factor, lora_target, split_layer
 from ckpt_ir.ir.roles import split_rule
 from ckpt_ir.ir.rules import Stack
 from ckpt_ir.ir.spec import ModelSpec
@@ -93,7 +93,14 @@ def vision_keys(
     out: dict[tuple[int, int], list[tuple[str, tuple[str, ...], Stack | None]]] = defaultdict(list)
     for name in names:
         layer, rest = split_layer(name[len("vision.") :])
-        if layer is not None:
+        if layer is not None and is_lora_factor(name):  # LoRA beside its module's weight key
+            stage, chunk, local = slots[layer]
+            target = table.from_canonical(
+                f"layers.{local}.{split_layer(lora_target(name)[len('vision.') :])[1]}"
+            )
+            which = "a" if name.endswith(".lora_a.weight") else "b"
+            key, place = None if target is None else M.lora_key(target, which), (stage, chunk)
+        elif layer is not None:
             stage, chunk, local = slots[layer]
             key, place = table.from_canonical(f"layers.{local}.{rest}"), (stage, chunk)
         else:
@@ -128,7 +135,7 @@ def lift_vision(
             if m is None:
                 name = other.to_canonical(key)
             else:
-                canon = table.to_canonical(key)
+                canon = _vision_canonical(table, key)
                 g = layer_of.get((p, chunk, int(m.group(1))))
                 if canon is not None and g is None:
                     raise FormatError(
@@ -158,6 +165,19 @@ def lift_vision(
             )
         tensors[name] = TensorNode(name, tuple(shards[r][1] for r in range(n)), rule)
     return tensors, copies, unknown
+
+
+def _vision_canonical(table: NameTable, key: str) -> str | None:
+    """The canonical name (``layers.N.*``) of a vision layer's key; LoRA factors
+    (``X.lora_A.default.weight``, as MindSpeed's LoRA names them) and a LoRA-wrapped base weight
+    (``X.base_layer.weight``) beside the module ``X``'s weight."""
+    if key.endswith(".base_layer.weight"):
+        return table.to_canonical(key[: -len(".base_layer.weight")] + ".weight")
+    m = M.LORA_KEY.match(key)
+    if m is None:
+        return table.to_canonical(key)
+    canon = table.to_canonical(m.group(1) + ".weight")
+    return None if canon is None else canon[: -len(".weight")] + M.CANONICAL_LORA[m.group(2)]
 
 
 def scan_counts(

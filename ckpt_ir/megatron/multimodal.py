@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import attrs
 
-from ckpt_ir.errors import FormatError
+from ckpt_ir.errors import FormatError, VerifyError
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode, gather_exprs
 from ckpt_ir.ir.layout import Layout
-from ckpt_ir.ir.names import Split, split_stack
+from ckpt_ir.ir.names import Split, is_lora, is_lora_factor, lora_target, split_stack, template_pattern
 from ckpt_ir.ir.roles import split_rule
 from ckpt_ir.ir.rules import Stack
 from ckpt_ir.ir.spec import ModelSpec
+from ckpt_ir.megatron import keys as M
 
 # each naming's prefix of the language model's keys
 TEXT_PREFIX = {"bridge": "language_model.", "mindspeed": "text_decoder."}
@@ -39,11 +40,55 @@ def tower_keys(ckpt: Checkpoint) -> dict[tuple[int, int], list[tuple[str, tuple[
 
         family = by_name(ckpt.spec.family)
         own = {c: k for tower in family.towers for k, c in tower.bridge_keys}
-        keys = family.hf_form(ckpt.spec, [n for n in names if n not in own])
+        base = [n for n in names if n not in own and not is_lora(n)]
+        keys = []
+        for key, canon, pack in family.hf_form(ckpt.spec, base):
+            keys.append((key, canon, pack))
+            keys += _bridge_lora(ckpt, key, canon, pack)
+        held = {c for _, canon, _ in keys for c in canon}
+        left = [n for n in names if is_lora(n) and (not is_lora_factor(n) or lora_target(n) not in held)]
+        if left:
+            raise VerifyError(
+                f"{left[0]}: Megatron-Bridge's layout keeps this tower module in transformers' form, "
+                f"with LoRA on its linear weights only; merge the adapter first (--to hf or lora-merge)"
+            )
         return {(0, 0): keys + [(own[n], (n,), None) for n in names if n in own]}
     from ckpt_ir.megatron import mindspeed_mm
 
     return mindspeed_mm.vision_keys(ckpt, names)
+
+
+def _bridge_lora(
+    ckpt: Checkpoint, key: str, canon: tuple[str, ...], pack: Stack | None
+) -> list[tuple[str, tuple[str, ...], Stack | None]]:
+    """The LoRA keys of tower weight ``key`` in Megatron-Bridge's layout (the HF module, whole on
+    every TP rank): ``X.lora_A.default.weight`` / ``X.lora_B.default.weight`` beside ``X.weight``, as
+    Megatron LoRA checkpoints name them (ckpt_ir.megatron.keys.LORA_KEY).  A packed module (the
+    tower's ``qkv``) has one A, which its parts must share, and B packed like its weight."""
+    if not key.endswith(".weight"):
+        return []
+    stems = [c[: -len(".weight")] for c in canon]
+    a = [s + ".lora_a.weight" for s in stems]
+    if not all(n in ckpt.tensors for n in a):
+        if any(n in ckpt.tensors for n in a):
+            raise VerifyError(
+                f"{key}: LoRA on some of {', '.join(canon)} only; one module has one LoRA: merge the "
+                f"adapter first (--to hf or lora-merge)"
+            )
+        return []
+    if any(ckpt.tensors[n].expr != ckpt.tensors[a[0]].expr for n in a[1:]):
+        raise VerifyError(
+            f"{key}: {', '.join(a)} differ, but one module has one LoRA A; merge the adapter first "
+            f"(--to hf or lora-merge)"
+        )
+    b = tuple(s + ".lora_b.weight" for s in stems)
+    b_pack = None
+    if pack is not None:
+        b_pack = Stack(
+            tuple(attrs.evolve(pc, part=pc.part[: -len(".weight")] + ".lora_b.weight") for pc in pack.pieces),
+            pack.dim,
+        )
+    return [(M.lora_key(key, "a"), (a[0],), None), (M.lora_key(key, "b"), b, b_pack)]
 
 
 def bridge_split(ckpt: Checkpoint, key: str, canon: tuple[str, ...]) -> tuple[Stack, Split] | None:
@@ -129,9 +174,42 @@ def lift_tower(
             dropped[f"{key} (TP ranks {', '.join(str(f[0]) for f in places[1:])})"] = (
                 "replica of TP rank 0 (Megatron-Bridge replicates the vision tower)"
             )
+    lora = {k: raw.pop(k) for k in [k for k in raw if M.LORA_KEY.match(k)]}
+    for k in [k for k in raw if k.endswith(".base_layer.weight")]:  # a LoRA-wrapped module's weight
+        raw[k[: -len(".base_layer.weight")] + ".weight"] = raw.pop(k)
     exprs, unknown = family.from_hf_form(spec, raw)
+    exprs.update(_lift_bridge_lora(family, spec, lora, unknown))
     exprs.update(ours)
     return {n: TensorNode.whole(n, x) for n, x in exprs.items()}, copies, unknown
+
+
+def _lift_bridge_lora(
+    family, spec: ModelSpec, lora: dict[str, E.Expr], unknown: list[str]
+) -> dict[str, E.Expr]:
+    """The canonical LoRA factors of tower keys ``X.lora_A.default.weight`` / ``lora_B`` (the
+    inverse of :func:`_bridge_lora`): a packed module's A shared by its parts, its B unpacked like
+    its weight; keys of no module the family knows go to ``unknown``."""
+    out: dict[str, E.Expr] = {}
+    for key, x in lora.items():
+        m = M.LORA_KEY.match(key)
+        assert m is not None
+        which = M.CANONICAL_LORA[m.group(2)]
+        weight = m.group(1) + ".weight"
+        canon = family.names.to_canonical(weight)
+        if canon is not None:
+            out[canon[: -len(".weight")] + which] = x
+            continue
+        hit = next(((p, g) for p in family.packed if (g := template_pattern(p.hf).match(weight))), None)
+        if hit is None:
+            unknown.append(key)
+            continue
+        p, g = hit
+        parts = {t: t.format(**g.groupdict())[: -len(".weight")] + which for t in p.parts}
+        if which == ".lora_a.weight":
+            out.update((n, x) for n in parts.values())
+        else:
+            out.update((parts[t], e) for t, e in p.rule(spec).split(x).items())
+    return out
 
 
 def _joined(key: str, places: list, split: Split, tp: int, where: str) -> E.Expr:

@@ -13,10 +13,19 @@ from __future__ import annotations
 
 import attrs
 
-from ckpt_ir.errors import UsageError, VerifyError, setting
+from ckpt_ir.errors import FormatError, UsageError, VerifyError, setting
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
-from ckpt_ir.ir.names import is_lora, is_lora_factor, lora_target, role_of, saved_name
+from ckpt_ir.ir.names import (
+    is_lora,
+    is_lora_factor,
+    lora_target,
+    role_of,
+    saved_name,
+    split_layer,
+    split_stack,
+    template_pattern,
+)
 from ckpt_ir.passes.manager import (
     HAS_LORA,
     UNFUSED,
@@ -79,28 +88,76 @@ HF_TARGETS = {
 
 
 def lora_modules(ckpt: Checkpoint) -> set[str]:
-    """Canonical target roles (``attn.qkv``, ``mlp.experts.{e}.down``...) that carry LoRA tensors."""
+    """Canonical target roles (``attn.qkv``, ``mlp.experts.{e}.down``...) that carry LoRA tensors;
+    a stack's (a vision tower's) with its prefix (``vision.attn.qkv``)."""
     out = set()
     for name in ckpt.tensors:
         if is_lora_factor(name):
-            out.add(role_of(lora_target(name))[len("layers.{i}.") : -len(".weight")])
+            stack, inner = split_stack(lora_target(name))
+            role = role_of(inner)[len("layers.{i}.") : -len(".weight")]
+            out.add(role if stack is None else f"{stack}.{role}")
     return out
+
+
+def _stack_modules(ckpt: Checkpoint) -> dict[str, set[str]]:
+    """A stack's LoRA roles (``vision.attn.qkv``) -> the HF modules holding them, as the checkpoint
+    stores them and as transformers' model names them (``visual.blocks.0.attn.qkv``,
+    ``model.visual.blocks.0.attn.qkv``); a fused role's by its parts (q, k, v; gate, up)."""
+    from ckpt_ir.families import by_name
+
+    family, spec = by_name(ckpt.spec.family), ckpt.spec
+    parts = {"attn.qkv": ("attn.q", "attn.k", "attn.v"), "mlp.gate_up": ("mlp.gate", "mlp.up")}
+    out: dict[str, set[str]] = {}
+    for name in ckpt.tensors:
+        if not name.endswith(".lora_a.weight") or split_stack(name)[0] is None:
+            continue
+        target = lora_target(name)
+        stack, inner = split_stack(target)
+        layer, rest = split_layer(inner)
+        role = rest[: -len(".weight")]
+        hf = []
+        for held in (f"{stack}.layers.{layer}.{p}.weight" for p in parts.get(role, (role,))):
+            hits = [m for p in family.packed for q in p.parts if (m := template_pattern(q).match(held))]
+            packs = [p for p in family.packed for q in p.parts if template_pattern(q).match(held)]
+            if packs:  # a part of a packed HF tensor (the tower's qkv): that tensor's module
+                hf.append(packs[0].hf.format(**hits[0].groupdict()))
+                continue
+            try:
+                hf.extend(h for h, _, _ in family.hf_form(spec, [held]))
+            except FormatError:  # no HF name: only Megatron's names can list it
+                continue
+        for h in hf:
+            module = h.rsplit(".", 1)[0]
+            out.setdefault(f"{stack}.{role}", set()).update({module, family.memory_name(module)})
+    return out
+
+
+def _peft_match(t: str, module: str) -> bool:
+    """peft's rule for a target_modules entry: the module's name, or its end after a dot."""
+    return module == t or module.endswith("." + t)
 
 
 def check_targets(ckpt: Checkpoint, targets: tuple[str, ...]) -> None:
     """Every listed module (Megatron or HF name) must carry LoRA, and every module carrying LoRA
-    must be listed."""
+    must be listed.  The Megatron names cover a vision tower's modules too (MindSpeed-MM names
+    them so); an HF name covers a tower's module where it matches its HF name as peft matches
+    ``target_modules`` (``qkv``, ``attn.proj``, ``fc1``, ``self_attn.out_proj``)."""
     present = lora_modules(ckpt)
+    tower = _stack_modules(ckpt) if any(split_stack(r)[0] for r in present) else {}
     covered: set[str] = set()
     absent = []
     for t in targets:
-        roles = MCORE_TARGETS.get(t) or HF_TARGETS.get(t)
-        if roles is None:
+        roles = MCORE_TARGETS.get(t) or HF_TARGETS.get(t) or ()
+        stacked = {r for r in present if split_stack(r)[0] is not None}
+        hit = present.intersection(roles)
+        hit |= {r for r in stacked if split_stack(r)[1] in MCORE_TARGETS.get(t, ())}
+        hit |= {r for r in stacked if any(_peft_match(t, m) for m in tower.get(r, ()))}
+        if not roles and not hit and not tower:
             raise UsageError(
                 f"{setting('lora_targets')}: unknown module {t!r}; use Megatron names "
-                f"({', '.join(MCORE_TARGETS)}) or HF names ({', '.join(HF_TARGETS)})"
+                f"({', '.join(MCORE_TARGETS)}), HF names ({', '.join(HF_TARGETS)}) or a vision "
+                f"tower's HF module names (e.g. qkv, attn.proj, fc1)"
             )
-        hit = present.intersection(roles)
         if not hit:
             absent.append(t)
         covered |= hit
