@@ -143,9 +143,10 @@ def lift(
         else:
             target, set_name = model, ""
         if spec.vision is not None:
-            key = _language_model_key(key, t, tower.setdefault(set_name, {}), md.path)
-            if key is None:  # a tower key
+            below = _language_model_key(key, t, tower.setdefault(set_name, {}), md.path)
+            if below is None:  # a tower key
                 continue
+            key = below
         part = global_keys.MAMBA_PART_KEY.match(key)
         if part is not None:  # one part of a Mamba mixer's fused tensor: joined below
             parts.setdefault(set_name, {}).setdefault(part.group(1), {})[part.group(2)] = t
