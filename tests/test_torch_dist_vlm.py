@@ -189,3 +189,24 @@ def test_mindspeed_mm_layout_and_fsdp_dtensor_are_refused_in_one_line(written, t
     with pytest.raises(UsageError, match="as torch or torch_dist .* only") as e:
         convert(src, str(tmp_path / "fsdp"), ck.Target(to="mcore", ckpt_format="fsdp_dtensor"))
     assert "\n" not in str(e.value)
+
+
+def test_a_save_without_args_reads_with_the_hf_config(written, tmp_path, capsys):
+    """megatron-core's dist_checkpointing.save keeps no args (Megatron-Bridge's model alone): the
+    model comes from --hf-config, else one line asks for it."""
+    import shutil
+
+    from ckpt_ir.commands.cli import main
+
+    src, _, direct = written["gemma3"]
+    bare = str(tmp_path / "bare")
+    shutil.copytree(direct, bare, ignore=shutil.ignore_patterns("hf"))
+    common = os.path.join(bare, "iter_0000001", "common.pt")
+    state = torch.load(common, weights_only=False)
+    del state["args"]
+    torch.save(state, common)
+    back = str(tmp_path / "back")
+    assert main(["convert", bare, back, "--to", "hf", "--quiet"]) == 1
+    assert "has no 'args'" in capsys.readouterr().err
+    assert main(["convert", bare, back, "--to", "hf", "--quiet", "--hf-config", src]) == 0
+    assert_same_tensors(src, back)
