@@ -152,6 +152,11 @@ def observed_round_trips() -> dict[str, set[str]]:
     for case, targets in remote.LAYOUTS.items():
         for target in targets:
             add(remote.FAMILY.get(case, case), target)
+    for family, targets in _module(
+        "test_torch_dist_vlm"
+    ).LAYOUTS.items():  # vision-language models in torch_dist
+        for target in targets:
+            add(family, target)
     # round trips of models with multi-token-prediction layers
     for target in _parametrized(_module("test_deepseek").test_round_trip_is_bit_exact_with_mtp, "layout"):
         add("deepseek_v3", target)

@@ -50,10 +50,10 @@ from ckpt_ir.ir.blocks import is_hybrid
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.dtypes import torch_name
 from ckpt_ir.ir.layout import has_gdn_modules
-from ckpt_ir.ir.names import NameTable, role_of
+from ckpt_ir.ir.names import NameTable, role_of, split_stack
 from ckpt_ir.ir.rules import mla_rule
 from ckpt_ir.megatron import args as megatron_args
-from ckpt_ir.megatron import global_keys
+from ckpt_ir.megatron import global_keys, multimodal
 from ckpt_ir.megatron import keys as M
 from ckpt_ir.megatron.integrity import MANIFEST
 
@@ -72,10 +72,16 @@ def check_whole(ckpt: Checkpoint, fmt: str) -> None:
     """Output in ``fmt`` (torch_dist, fsdp_dtensor) holds whole tensors, resharded on load: the IR
     must be one whole, fused Megatron layout without unmerged LoRA."""
     spec, layout = ckpt.spec, ckpt.layout
-    if spec.vision is not None:  # its tables hold no vision tower: refused rather than lost
+    if spec.vision is not None and layout.mm_keys != "bridge":
+        raise UsageError(
+            f"{setting('ckpt_format', fmt)}: MindSpeed-MM's layout ({setting('mm_keys', 'mindspeed')}) exists "
+            f"only as torch-format release/ rank files, which its trainer loads; leave out "
+            f"{setting('ckpt_format', fmt)} or use {setting('mm_keys', 'bridge')} (Megatron-Bridge's)"
+        )
+    if spec.vision is not None and fmt != "torch_dist":
         raise UsageError(
             f"{setting('ckpt_format', fmt)}: this version writes a vision-language model ({spec.family}) to "
-            f"Megatron in the torch format only; leave out {setting('ckpt_format', fmt)}"
+            f"Megatron as torch or torch_dist (Megatron-Bridge's) only; use {setting('ckpt_format', 'torch_dist')}"
         )
     if (
         layout.tp != 1
@@ -84,6 +90,9 @@ def check_whole(ckpt: Checkpoint, fmt: str) -> None:
         or layout.num_layer_list
         or layout.noop_layers
         or not (layout.fused_qkv and layout.fused_gate_up)
+        or layout.vision_tp != 1
+        or layout.vision_layer_list
+        or layout.vision_fused
     ):
         raise VerifyError(
             f"{fmt} output needs one whole, fused Megatron layout (it is resharded on load), got "
@@ -129,11 +138,10 @@ def plan(
     # [L, E, ...] shapes; only the args (moe_grouped_gemm) say which module the run builds
     experts = spec.num_experts
     te = layout.norm_names != "local"  # the layer spec the written args name (transformer_impl)
-    stored, objects = _stored(ckpt.tensors, spec, spec.num_layers, experts, te)
+    stored, objects = _model(ckpt, ckpt.tensors, experts, te)
     for which, nodes in ckpt.states.items():  # fully reshardable: the same keys and shapes as the weights
         stored += [
-            (f"{STATE_PREFIX}{which}.{key}", expr)
-            for key, expr in _stored(nodes, spec, spec.num_layers, experts, te)[0]
+            (f"{STATE_PREFIX}{which}.{key}", expr) for key, expr in _model(ckpt, nodes, experts, te)[0]
         ]
     it = iteration if iteration is not None else ckpt.meta.get("iteration", 1)
     d = M.iter_dir(it)
@@ -193,6 +201,26 @@ def plan(
     fixed = tuple(M.fixed_checks(spec, ckpt.tensors))
     dropped.update({name: f"not stored in Megatron: {what} (checked)" for name, what, _, _ in fixed})
     return Plan(tuple(files), dropped, checks=fixed)
+
+
+def _model(
+    ckpt: Checkpoint, nodes: dict, experts: int, te: bool
+) -> tuple[list[tuple[str, E.Expr]], list[str]]:
+    """(torch_dist key, expression) of one tensor set (the weights, or an optimizer state in their
+    shapes) and the ``_extra_state`` objects beside them.  A vision-language model is saved as
+    Megatron-Bridge's model saves it (:func:`~ckpt_ir.megatron.multimodal.tower_global`): its
+    GPTModel's keys under ``language_model.``, the tower's first."""
+    spec = ckpt.spec
+    if spec.vision is None:
+        return _stored(nodes, spec, spec.num_layers, experts, te)
+    text = {n: t for n, t in nodes.items() if split_stack(n)[0] != "vision"}
+    stored, objects = _stored(text, spec, spec.num_layers, experts, te)
+    tower, tower_objects = multimodal.tower_global(ckpt, nodes)
+    prefix = multimodal.TEXT_PREFIX["bridge"]
+    return (
+        tower + [(prefix + key, x) for key, x in stored],
+        tower_objects + [prefix + key for key in objects],
+    )
 
 
 def _training_state(ckpt: Checkpoint, args, dropped: dict[str, str]) -> dict:

@@ -179,6 +179,7 @@ register(
                 "--tp 1 --pp 1",
                 "--tp 2",
                 "--tp 2 --pp 2",
+                "--ckpt-format torch_dist",
                 "--tp 2 --pp 2 --num-layer-list 1,1 --mm-keys mindspeed --vision-layer-list 2,0",
                 "--pp 3 --num-layer-list 0,1,1 --mm-keys mindspeed --vision-layer-list 2,0,0",
             ),
@@ -216,6 +217,7 @@ register(
         tested=Tested(
             round_trip=(
                 "--tp 2 --pp 2",
+                "--ckpt-format torch_dist",
                 "--tp 2 --pp 2 --num-layer-list 1,1 --mm-keys mindspeed --vision-layer-list 1,1",
             ),
             mcore_missing=NO_MCORE,
@@ -323,7 +325,7 @@ register(
         namings=(GEMMA3_HUB,),
         memory=LLAVA_MEMORY,
         tested=Tested(
-            round_trip=("--tp 1 --pp 1", "--tp 2", "--tp 2 --pp 2"),
+            round_trip=("--tp 1 --pp 1", "--tp 2", "--tp 2 --pp 2", "--ckpt-format torch_dist"),
             mcore_missing=(
                 "no: Megatron-Bridge's Gemma3VLModel wraps transformers' SiglipVisionModel for the tower "
                 "(gemma_vl/modeling_gemma3_vl.py:93-100), not a megatron-core module"

@@ -43,7 +43,7 @@ from ckpt_ir.ir.layout import Layout, has_gdn_modules
 from ckpt_ir.ir.names import Split, layer_name, split_layer
 from ckpt_ir.ir.roles import canonical_order
 from ckpt_ir.megatron import args as megatron_args
-from ckpt_ir.megatron import distopt, global_keys, integrity
+from ckpt_ir.megatron import distopt, global_keys, integrity, multimodal
 from ckpt_ir.megatron import keys as M
 from ckpt_ir.megatron import lift as lift_tail
 from ckpt_ir.megatron.lift import spec_from_args
@@ -127,6 +127,8 @@ def lift(
     # set ("" = weights, else an optimizer state) -> Mamba mixer key -> part name -> its tensor
     parts: dict[str, dict[str, dict[str, DcpTensor]]] = {}
     te_norms = te_fc1 = False
+    # a vision-language model (Megatron-Bridge's): set -> the tower's keys (HF names, whole)
+    tower: dict[str, dict[str, DcpTensor]] = {}
     for key, t in md.tensors.items():
         plain = _CHAINED.sub("", key)  # without a chained optimizer's prefix (MoE: dense, expert)
         if plain.startswith("optimizer."):
@@ -140,6 +142,11 @@ def lift(
                 continue
         else:
             target, set_name = model, ""
+        if spec.vision is not None:
+            below = _language_model_key(key, t, tower.setdefault(set_name, {}), md.path)
+            if below is None:  # a tower key
+                continue
+            key = below
         part = global_keys.MAMBA_PART_KEY.match(key)
         if part is not None:  # one part of a Mamba mixer's fused tensor: joined below
             parts.setdefault(set_name, {}).setdefault(part.group(1), {})[part.group(2)] = t
@@ -165,6 +172,7 @@ def lift(
                 )
             target[canon] = (t, index)
     joined = _join_mamba_parts(parts, spec, tables, md.path, unknown)
+    towers = _lift_towers(tower, spec, it_dir, md.path, dropped, allow_unused, unknown)
     if unknown and hf_config is None:  # with a config: said by check_config_fits, below
         raise lift_tail.unknown_tensors(unknown, it_dir)
     for key in md.objects:
@@ -221,6 +229,8 @@ def lift(
             which: {name: TensorNode.whole(name, build(t, index)) for name, (t, index) in entries.items()}
             for which, entries in states.items()
         }
+        for set_name, nodes in towers.items():
+            (tensors if not set_name else sets.setdefault(set_name, {})).update(nodes)
         for set_name, entries in joined.items():
             into = tensors if not set_name else sets.setdefault(set_name, {})
             for name, pieces in entries.items():
@@ -262,7 +272,7 @@ def lift(
         for name in set(s) - set(tensors):
             dropped[f"optimizer state {which} of {name}"] = "no matching model weight"
             del s[name]
-    layout = Layout(
+    layout = Layout(  # a vision-language model: Megatron-Bridge's layout, the tower in its HF form
         format="mcore",
         fused_qkv=True,
         fused_gate_up=True,
@@ -315,6 +325,52 @@ def lift(
         meta=meta,
         iteration_dir=it_dir,
     )
+
+
+def _language_model_key(key: str, t: DcpTensor, tower: dict[str, DcpTensor], where: str) -> str | None:
+    """A vision-language model's key below Megatron-Bridge's ``language_model.`` (its GPTModel's
+    own key), or None for a key of the tower, kept in ``tower``."""
+    module, rest, naming = multimodal.module_of(key, None)
+    if naming != "bridge":
+        raise FormatError(
+            f"{where}: {key} is MindSpeed-MM's name; MindSpeed-MM saves torch-format release/ rank "
+            f"files, and ckpt-ir reads a vision-language model's torch_dist checkpoint in "
+            f"Megatron-Bridge's layout (language_model.*) only"
+        )
+    if module == "text":
+        return rest
+    tower[key] = t
+    return None
+
+
+def _lift_towers(
+    tower: dict[str, dict[str, DcpTensor]],
+    spec,
+    it_dir: str,
+    where: str,
+    dropped: dict[str, str],
+    allow_unused: tuple[str, ...],
+    unknown: list[str],
+) -> dict[str, dict[str, TensorNode]]:
+    """The vision tower's canonical tensors of each set ("" the weights, else an optimizer state)
+    from Megatron-Bridge's keys (HF names, each one whole tensor: :func:`ckpt_ir.megatron.
+    multimodal.tower_global`); keys no table knows go to ``unknown`` (or, matching
+    ``allow_unused``, to ``dropped``)."""
+    out: dict[str, dict[str, TensorNode]] = {}
+    with ChunkResolver(it_dir) as resolver:
+        build = _Builder(where, resolver)
+        for set_name, keys in tower.items():
+            found = {key: [(0, 0, 0, where, build(t, ()))] for key, t in keys.items()}
+            nodes, _, left = multimodal.lift_tower(found, spec, Layout(format="mcore"), where, dropped)
+            for key in left:
+                if any(fnmatch.fnmatch(key, pat) for pat in allow_unused):
+                    dropped[key if not set_name else f"optimizer state of {key}"] = (
+                        f"matched {setting('allow_unused')}"
+                    )
+                elif not set_name:
+                    unknown.append(key)
+            out[set_name] = nodes
+    return out
 
 
 def _join_mamba_parts(

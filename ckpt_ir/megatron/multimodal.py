@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import attrs
 
-from ckpt_ir.errors import FormatError, VerifyError
+from ckpt_ir.errors import FormatError, UsageError, VerifyError, setting
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode, gather_exprs
 from ckpt_ir.ir.layout import Layout
@@ -89,6 +89,49 @@ def _bridge_lora(
             pack.dim,
         )
     return [(M.lora_key(key, "a"), (a[0],), None), (M.lora_key(key, "b"), b, b_pack)]
+
+
+def tower_global(
+    ckpt: Checkpoint, nodes: dict[str, TensorNode]
+) -> tuple[list[tuple[str, E.Expr]], list[str]]:
+    """The vision tower of a whole (TP 1, PP 1) model as Megatron-Bridge's ``torch_dist`` save holds
+    it: (global key, whole tensor) from ``nodes`` (the weights, or an optimizer state in their
+    names), and the keys of the ``_extra_state`` objects beside them.
+
+    Megatron-Bridge's VLM (``Qwen25VLModel``, ``Gemma3VLModel``) is a MegatronModule without a
+    ``sharded_state_dict`` of its own, so megatron-core's default (``transformer/module.py:58-103``)
+    recurses into its children: the language model (a GPTModel: its own keys under
+    ``language_model.``) and transformers' tower module, which has no ``sharded_state_dict`` and so
+    gets ``sharded_state_dict_default`` (``transformer/utils.py:209-252``): its plain ``state_dict``
+    (persistent tensors only, under their HF names) made into replicated ShardedTensors by
+    ``make_sharded_tensors_for_checkpoint`` (``transformer/utils.py:75-148``) with no TP axis and no
+    PP offset (the tower lives on stage 0 alone), i.e. each key is ``<module>.<HF name>`` with the
+    tensor's own shape as its global shape, and no ``_extra_state`` (torch modules save none).
+    Megatron-Bridge's own modules in the tower (``Tower.bridge_keys``: Gemma 3's projector, a
+    ColumnParallelLinear whose ``sharded_state_dict`` splits weight and bias on axis 0 with the
+    whole ``[T, E]`` as global shape, ``tensor_parallel/layers.py:1060-1070``, and a Transformer
+    Engine norm) each save an ``_extra_state`` object too (``ColumnParallelLinear.get_extra_state``,
+    ``tensor_parallel/layers.py:1075-1077``; Transformer Engine's ``BasicOperation.get_extra_state``),
+    one shard of shape (1,) at offset (0,) (``transformer/utils.py:178-193``): ``<key>/shard_0_1``."""
+    if ckpt.layout.mm_keys != "bridge":
+        raise UsageError(
+            f"{setting('ckpt_format', 'torch_dist')}: MindSpeed-MM's layout ({setting('mm_keys', 'mindspeed')}) has "
+            f"no torch_dist form; use {setting('mm_keys', 'bridge')}"
+        )
+    from ckpt_ir.families import by_name
+
+    own = {k for tower in by_name(ckpt.spec.family).towers for k, _ in tower.bridge_keys}
+    stored: list[tuple[str, E.Expr]] = []
+    objects: list[str] = []
+    for key, canon, pack in tower_keys(ckpt)[(0, 0)]:
+        missing = [c for c in canon if c not in nodes]
+        if missing:
+            raise VerifyError(f"{key}: no tensor {missing[0]} in this tensor set; the set is incomplete")
+        exprs = {c: nodes[c].expr for c in canon}
+        stored.append((key, E.simplify(pack.fuse(exprs) if pack is not None else exprs[canon[0]])))
+        if key in own and key.endswith(".weight"):
+            objects.append(f"{key[: -len('weight')]}_extra_state/shard_0_1")
+    return stored, objects
 
 
 def bridge_split(ckpt: Checkpoint, key: str, canon: tuple[str, ...]) -> tuple[Stack, Split] | None:
