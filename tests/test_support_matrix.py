@@ -140,6 +140,7 @@ def observed_round_trips() -> dict[str, set[str]]:
         "split_layers",
         "variants",
         "vlm",
+        "qwen3vl",
         "bridge_remote",
         "sarvam",
     ):
