@@ -240,3 +240,30 @@ def test_bridge_refuses_a_first_stage_without_every_deepstack_layer(models, tmp_
     (modelling_qwen3_vl/model.py:403-409): two mergers need two layers there."""
     with pytest.raises(LayoutError, match="DeepStack"):
         convert(models("qwen3_vl"), str(tmp_path / "mid"), ck.Target(to="mcore", pp=2, num_layer_list=(1, 2)))
+
+
+def test_mm_convert_qwen3vl_megatron_converter_with_experts(models, tmp_path):
+    """``ckpt-ir mm-convert Qwen3VLMegatronConverter`` with ep_size: MindSpeed-MM's directories
+    mp_rank_TT_EEE (no _PPP at PP 1), read back with the flat lists and bit-exact."""
+    from ckpt_ir.commands.cli import main
+
+    src = models("qwen3_vl_moe")
+    mm, back = str(tmp_path / "mm"), str(tmp_path / "back")
+
+    def par(llm, vit) -> list[str]:
+        return [
+            *("--cfg.parallel_config.llm_pp_layers", json.dumps(llm)),
+            *("--cfg.parallel_config.vit_pp_layers", json.dumps(vit)),
+            *("--cfg.parallel_config.tp_size", "1", "--cfg.parallel_config.ep_size", "2"),
+        ]
+
+    run = ["mm-convert", "Qwen3VLMegatronConverter"]
+    assert (
+        main([*run, "hf_to_mm", "--cfg.mm_dir", mm, "--cfg.hf_config.hf_dir", src, *par([[2]], [[2]])]) == 0
+    )
+    assert sorted(os.listdir(f"{mm}/release")) == ["mp_rank_00_000", "mp_rank_00_001"]
+    check_mindspeed(mm, hf_state(src), dict(MM, ep=2), json.load(open(f"{src}/config.json")))
+    flat = ("--cfg.save_hf_dir", back, "--cfg.mm_dir", mm, "--cfg.hf_config.hf_dir", src)
+    assert main([*run, "mm_to_hf", *flat, *par([2], [2])]) == 0
+    assert_same_tensors(src, back)
+    assert_side_files(src, back)
