@@ -193,11 +193,6 @@ class Target:
                 f"{setting('mm_keys')} / {setting('vision_tp')} / {setting('vision_layer_list')} apply only "
                 f"with {setting('to', 'mcore')}"
             )
-        if self.mm_keys == "bridge" and (self.vision_tp or 1) > 1:
-            raise UsageError(
-                f"{setting('vision_tp', self.vision_tp)}: Megatron-Bridge's names ({setting('mm_keys', 'bridge')}) "
-                f"keep the vision tower whole on every TP rank; use {setting('mm_keys', 'mindspeed')}"
-            )
         if self.mla_keys not in (None, *MLA_KEYS):
             raise UsageError(f"{setting('mla_keys', self.mla_keys)}: choose {' or '.join(MLA_KEYS)}")
         if self.mla_keys and (self.to != "mcore" or self.ckpt_format != "torch"):
@@ -352,6 +347,7 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
     ``vocab_divisible_by`` gives another size.  ``convert --print-pipeline`` prints it."""
     from ckpt_ir import quant
     from ckpt_ir.frontends import peft
+    from ckpt_ir.megatron import mindspeed_mm
 
     lay = src.layout
     to_mcore = target.to == "mcore"
@@ -370,12 +366,25 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
             f"has no vision tower; leave them out"
         )
     mm_keys = target.mm_keys or lay.mm_keys
+    # the tower in Megatron's modules (MindSpeed-MM's; Megatron-Bridge's Qwen3-VL), split over TP;
+    # else Megatron-Bridge keeps it in its HF form (Qwen2.5-VL), whole on every TP rank
+    megatron_form = vlm and mindspeed_mm.megatron_tower(src.spec, mm_keys) is not None
+    if vlm and mm_keys == "bridge" and (target.vision_tp or 1) > 1 and not megatron_form:
+        raise UsageError(
+            f"{setting('vision_tp', target.vision_tp)}: Megatron-Bridge's names ({setting('mm_keys', 'bridge')}) "
+            f"keep {src.spec.family}'s vision tower whole on every TP rank; use {setting('mm_keys', 'mindspeed')}"
+        )
+    if megatron_form and mm_keys == "bridge" and target.vision_tp not in (None, target.tp):
+        raise UsageError(
+            f"{setting('vision_tp', target.vision_tp)}: Megatron-Bridge splits {src.spec.family}'s vision tower "
+            f"over the language model's TP ({target.tp}); leave it out"
+        )
     steps += _normalise(
         lay,
         unfuse=unfuse,
         keep_grouped=to_mcore and target.grouped_gemm,
         unpad=not to_mcore,
-        unfuse_vision=mm_keys == "bridge",  # Megatron-Bridge keeps Qwen2.5-VL's tower in its HF form
+        unfuse_vision=not megatron_form,
     )
     fused_qkv, fused_gate_up = (False, False) if unfuse else (lay.fused_qkv, lay.fused_gate_up)
     gdn = default_gdn_keys(src, target) if to_mcore and _has_gdn(src) else None
@@ -405,11 +414,11 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
             steps.append(FuseQKV(gdn=gdn))
         if not fused_gate_up:
             steps.append(FuseGateUp())
-        if vlm and mm_keys == "mindspeed" and not lay.vision_fused:
+        if megatron_form and not lay.vision_fused:
             steps.append(FuseVision())
         if vlm and mm_keys != lay.mm_keys:  # before shard: MindSpeed-MM's layer lists may hold zeros
             steps.append(RenameMm(keys=mm_keys))
-        vision_tp = target.vision_tp or (target.tp if vlm and mm_keys == "mindspeed" else 1)
+        vision_tp = target.vision_tp or (target.tp if megatron_form else 1)
         rows = padding_rows(src)
         size = (
             padded_size(src.spec.vocab_size, target.vocab_divisible_by, target.tp)

@@ -141,6 +141,7 @@ def observed_round_trips() -> dict[str, set[str]]:
         "variants",
         "vlm",
         "vlm_more",
+        "qwen3vl",
         "bridge_remote",
         "sarvam",
     ):

@@ -28,7 +28,13 @@ from typing import Any
 from ckpt_ir.errors import UsageError
 
 # MindSpeed-MM's converter classes ckpt-ir implements -> the ckpt-ir family
-CONVERTERS = {"Qwen2_5_VLConverter": "qwen2_5_vl", "Qwen2VLConverter": "qwen2_vl"}
+# (the families a converter class reads: Qwen3VLMegatronConverter takes Qwen3-VL and Qwen3-VL-MoE,
+# MindSpeed-MM converters/qwen3vl_megatron.py)
+CONVERTERS = {
+    "Qwen2_5_VLConverter": ("qwen2_5_vl",),
+    "Qwen2VLConverter": ("qwen2_vl",),
+    "Qwen3VLMegatronConverter": ("qwen3_vl", "qwen3_vl_moe"),
+}
 METHODS = ("hf_to_mm", "mm_to_hf")
 # --cfg fields: where each method reads them; a field not listed here is refused, not ignored
 _FIELDS = {
@@ -148,8 +154,8 @@ def run(args: argparse.Namespace) -> int:
     import ckpt_ir.api as ck
     from ckpt_ir.commands.common import RunOptions, resolve_sources, run_conversion
 
-    family = CONVERTERS.get(args.converter)
-    if family is None:
+    families = CONVERTERS.get(args.converter)
+    if families is None:
         raise UsageError(
             f"mm-convert {args.converter}: not supported by this version of ckpt-ir; supported: "
             f"{', '.join(CONVERTERS)}"
@@ -172,9 +178,11 @@ def run(args: argparse.Namespace) -> int:
     nested = method == "hf_to_mm"
     llm, vit = _layers(cfg, "llm_pp_layers", nested, method), _layers(cfg, "vit_pp_layers", nested, method)
     tp, vit_tp, ep = _size(cfg, "tp_size", 1), _size(cfg, "vit_tp_size", 0), _size(cfg, "ep_size", 1)
-    if tp < 1 or ep != 1:
+    moe = any(f.endswith("_moe") for f in families)  # a converter for a mixture-of-experts family
+    if tp < 1 or ep < 1 or (ep != 1 and not moe):
         raise UsageError(
-            f"mm-convert: --cfg.parallel_config.tp_size must be at least 1 and ep_size 1 ({family} has no experts)"
+            f"mm-convert: --cfg.parallel_config.tp_size must be at least 1 and ep_size "
+            f"{'at least 1' if moe else '1'} ({args.converter}'s models{'' if moe else ' have no experts'})"
         )
     flat_llm = [n for chunk in llm for n in chunk] if nested else llm
     flat_vit = [n for chunk in vit for n in chunk] if nested else vit
@@ -194,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
             mm_keys="mindspeed",
             vision_tp=vit_tp or tp,
             vision_layer_list=tuple(flat_vit),
+            ep=ep,
             # a vocabulary TP does not divide: padded to a multiple of TP (MindSpeed-MM drops rows)
             vocab_divisible_by=1,
             optimizer=False,
@@ -211,9 +220,14 @@ def run(args: argparse.Namespace) -> int:
     src = found["SRC"] or src
 
     def check_source(ckpt: ck.Checkpoint) -> None:
-        if ckpt.spec.family != family:
+        if ckpt.spec.family not in families:
             raise UsageError(
-                f"mm-convert {args.converter}: {src} holds a {ckpt.spec.family} model, not {family}"
+                f"mm-convert {args.converter}: {src} holds a {ckpt.spec.family} model, not "
+                f"{' or '.join(families)}"
+            )
+        if method == "hf_to_mm" and ep > 1 and not ckpt.spec.num_experts:
+            raise UsageError(
+                f"mm-convert: --cfg.parallel_config.ep_size {ep}: {src} holds {ckpt.spec.family}, which has no experts"
             )
         if method == "mm_to_hf":
             lay = ckpt.layout
@@ -221,8 +235,9 @@ def run(args: argparse.Namespace) -> int:
                 "llm_pp_layers": list(lay.num_layer_list or (ckpt.spec.num_layers,) * lay.pp),
                 "vit_pp_layers": list(lay.vision_layer_list or [ckpt.spec.stack_spec("vision").num_layers]),
                 "tp_size": lay.tp,
+                "ep_size": lay.ep,
             }
-            given = {"llm_pp_layers": flat_llm, "vit_pp_layers": flat_vit, "tp_size": tp}
+            given = {"llm_pp_layers": flat_llm, "vit_pp_layers": flat_vit, "tp_size": tp, "ep_size": ep}
             for key, value in given.items():
                 if held[key] != value:
                     raise UsageError(

@@ -259,6 +259,48 @@ class SplitLayers:
         return f"{self.prefix}{layer // k}.{rest}"
 
 
+@attrs.frozen
+class Renumbered:
+    """HF tensors numbered by their place ``j`` in a list of a stack's layers rather than by layer
+    (Qwen3-VL's DeepStack mergers: ``model.visual.deepstack_merger_list.{j}.*`` reads the output of
+    vision layer ``deepstack_visual_indexes[j]``).  The family's table names them ``table`` (with
+    ``{i}`` the layer) followed by the rest of the HF name; ``field`` is the ModelSpec field of
+    ``stack`` (None: the language model) listing the layers in the HF order, so
+    :meth:`Family.table_key` renumbers both ways given the spec."""
+
+    hf: str
+    table: str
+    field: str
+    stack: str | None = None
+
+    def _layers(self, spec: ModelSpec) -> tuple[int, ...]:
+        return tuple(getattr(spec.stack_spec(self.stack), self.field))
+
+    def to_table(self, key: str, spec: ModelSpec) -> str:
+        j, rest = _layer_of(self.hf, key)
+        if j is None:
+            return key
+        layers = self._layers(spec)
+        if j >= len(layers):
+            raise FormatError(
+                f"{key}: index {j} is past the {len(layers)} layer(s) the config lists for it "
+                f"({self.field}); the checkpoint does not match its config.json"
+            )
+        return self.table.format(i=layers[j]) + rest
+
+    def to_hf(self, key: str, spec: ModelSpec) -> str:
+        head, _, tail = self.table.partition("{i}")
+        m = re.match(re.escape(head) + r"(?P<i>\d+)" + re.escape(tail) + r"(?P<rest>.+)$", key)
+        if m is None:
+            return key
+        layer, layers = int(m.group("i")), self._layers(spec)
+        if layer not in layers:
+            raise VerifyError(
+                f"{key}: layer {layer} is not one of the layers {list(layers)} ({self.field}) that have it"
+            )
+        return f"{self.hf}{layers.index(layer)}.{m.group('rest')}"
+
+
 def _layer_of(prefix: str, key: str) -> tuple[int | None, str]:
     if not key.startswith(prefix):
         return None, key
@@ -291,18 +333,23 @@ class ConfigKey:
 
 @attrs.frozen
 class MegatronTower:
-    """A vision tower's keys in a Megatron-form naming (MindSpeed-MM's ``image_encoder.*``): its
-    layers as a GPTModel layer's keys below ``layers`` (norm names ``norm_names``; ``layer_keys``:
-    (key below the layer, canonical name below the layer) rows that come before the GPT table's,
-    for the tower's own modules or names), its other tensors by ``keys`` (key, canonical name),
-    placed with the first pipeline place holding vision layers where their canonical name starts
-    with one of ``first``, with the last one otherwise."""
+    """A vision tower's keys in a Megatron-form naming (MindSpeed-MM's ``image_encoder.*``,
+    Megatron-Bridge's ``vision_model.*``): its layers as a GPTModel layer's keys below ``layers``
+    (norm names ``norm_names``; ``layer_keys``: (key below the layer, canonical name below the
+    layer) rows that come before the GPT table's, for the tower's own modules or names), its other
+    tensors by ``keys`` (key, canonical name), placed with the first pipeline place holding vision
+    layers where their canonical name starts with one of ``first``, with the last one otherwise.
+    ``listed``: (key with ``{j}``, canonical name below the layer) rows of tensors of the layers
+    that the tower spec's field ``listed_by`` lists, ``j`` the layer's place in that list
+    (Megatron-Bridge's ``deepstack_merger_list.{j}``), placed with their layer."""
 
     layers: str
     keys: tuple[tuple[str, str], ...]
     first: tuple[str, ...] = ("vision.patch_embed.",)
     layer_keys: tuple[tuple[str, str], ...] = ()
     norm_names: str = "local"
+    listed: tuple[tuple[str, str], ...] = ()
+    listed_by: str = ""
 
 
 @attrs.frozen
@@ -324,7 +371,16 @@ class Tower:
     bridge_keys: tuple[tuple[str, str], ...] = ()
     # MindSpeed-MM's names of the tower (its converter's), None where it has no layout for it
     mindspeed: MegatronTower | None = None
+    # Megatron-Bridge's names where it keeps the tower in Megatron's modules (Qwen3-VL's
+    # vision_model.*: fused, split over the language model's TP, whole on pipeline stage 0); None:
+    # it keeps transformers' module, the tower's HF names whole on every rank of stage 0
+    bridge: MegatronTower | None = None
 
+
+# keys transformers reads from a multi-module model's top-level config, not its text_config:
+# PreTrainedModel ties the output layer to the embedding by self.config.tie_word_embeddings
+# (modeling_utils.py:2494); Qwen3-VL-MoE's text_config says true by default, its top level false
+TOP_LEVEL_KEYS = ("tie_word_embeddings",)
 
 # where a tower's derived config keys find the language model's settings
 LANGUAGE_MODEL = "(language model)"
@@ -403,6 +459,8 @@ class Family:
     # adapters use (``model.language_model.layers.0.self_attn.q_proj``), differs from the name
     # the checkpoint stores (``model.layers.0.self_attn.q_proj``); see memory_name / disk_name
     memory: tuple[tuple[str, str], ...] = ()
+    # HF tensors numbered by their place in a list of layers (Qwen3-VL's DeepStack mergers)
+    renumbered: tuple[Renumbered, ...] = ()
     # what the tests verify for this family (``ckpt-ir models`` shows it)
     tested: Tested = Tested()
 
@@ -460,10 +518,14 @@ class Family:
         hf_layers = spec.num_layers // len(split.parts) if split else spec.num_layers
         if to_hf:
             key = split.to_hf(key) if split else key
+            for r in self.renumbered:
+                key = r.to_hf(key, spec)
             key = self.hf_rename(key, hf_layers, True) if self.hf_rename else key
             return naming.from_table(key) if naming else key
         key = naming.to_table(key) if naming else key
         key = self.hf_rename(key, hf_layers, False) if self.hf_rename else key
+        for r in self.renumbered:
+            key = r.to_table(key, spec)
         return split.to_table(key) if split else key
 
     def hf_form(
@@ -534,7 +596,12 @@ class Family:
 
     def renames(self, naming: HfNaming | None = None) -> bool:
         """Whether :meth:`table_key` changes any key."""
-        return self.split_layers is not None or self.hf_rename is not None or naming is not None
+        return (
+            self.split_layers is not None
+            or self.hf_rename is not None
+            or naming is not None
+            or bool(self.renumbered)
+        )
 
     def as_stored(self, hf_name: str, x: E.Expr) -> E.Expr:
         """``x`` with its two axes swapped when the family stores HF tensor ``hf_name`` [in, out]
@@ -586,7 +653,9 @@ class Family:
         """The config the language model's keys are read from: the top level, with the nested
         ``text_config`` (a multi-module model's) over it."""
         text = cfg.get(self.text_config) if self.text_config else None
-        return {**cfg, **text, TOP_LEVEL: cfg} if isinstance(text, dict) else cfg
+        if not isinstance(text, dict):
+            return cfg
+        return {**cfg, **text, **{k: cfg[k] for k in TOP_LEVEL_KEYS if k in cfg}, TOP_LEVEL: cfg}
 
     def _read_keys(
         self,
@@ -633,7 +702,8 @@ class Family:
         for key in self.config:
             name = key.write_key({**cfg, **text})
             if name:
-                _write_key(text if name in text or name not in cfg else cfg, name, key, spec)
+                top = name in cfg and (name not in text or name in TOP_LEVEL_KEYS)
+                _write_key(cfg if top else text, name, key, spec)
         subs = [text] if nested else []
         for tower in self.towers:
             sub = dict(cfg.get(tower.config_key) or {})
@@ -749,9 +819,12 @@ def _checked(key: ConfigKey, raw: Any, where: str) -> Any:
             raise FormatError(f"{where}: {name!r} must be a positive number, got {raw!r}")
     elif key.field in ("tied_embeddings", "qkv_bias") and not isinstance(raw, bool):
         raise FormatError(f"{where}: {name!r} must be true or false, got {raw!r}")
-    elif key.field in ("dense_layers", "shared_index_layers", "linear_layers") and not all(
-        isinstance(i, int) for i in raw
-    ):
+    elif key.field in (
+        "dense_layers",
+        "shared_index_layers",
+        "linear_layers",
+        "deepstack_layers",
+    ) and not all(isinstance(i, int) for i in raw):
         raise FormatError(f"{where}: layer lists must hold integers, got {raw!r}")
     return raw
 

@@ -21,17 +21,28 @@ from typing import Any
 from ckpt_ir.families import (
     LANGUAGE_MODEL,
     ConfigKey,
+    ExpertStack,
     Family,
     HfNaming,
     MegatronTower,
     Packed,
+    Renumbered,
     Tested,
     Tower,
     by_name,
     dense,  # noqa: F401  (gemma3_text, the language model of gemma3)
     register,
 )
-from ckpt_ir.families.blocks import LLAMA_TENSORS, config_with
+from ckpt_ir.families.blocks import (
+    ATTENTION,
+    EMBED_AND_HEAD,
+    GATED_MLP,
+    LLAMA_NORMS,
+    LLAMA_TENSORS,
+    QWEN_MOE_CONFIG,
+    config_with,
+    qwen_router_args,
+)
 
 P = "visual.blocks.{i}."
 V = "vision.layers.{i}."
@@ -330,6 +341,213 @@ register(
                 "no: Megatron-Bridge's Gemma3VLModel wraps transformers' SiglipVisionModel for the tower "
                 "(gemma_vl/modeling_gemma3_vl.py:93-100), not a megatron-core module"
             ),
+        ),
+    )
+)
+
+
+# Qwen3-VL (model_type qwen3_vl) and Qwen3-VL-MoE: a qwen3 / qwen3_moe language model under
+# model.language_model.* (transformers 5.25 saves the names it holds in memory: no legacy names,
+# docs/reference/vision-language-models.md section 1.1); the tower under model.visual.* with a
+# patch convolution with a bias, learned positions (pos_embed, bilinearly interpolated to the
+# grid), LayerNorm blocks with a plain GELU MLP (linear_fc1 / linear_fc2), the merger (its
+# LayerNorm over the tower's width) and the DeepStack mergers: deepstack_merger_list.J reads the
+# output of vision layer deepstack_visual_indexes[J] (TF modeling_qwen3_vl.py:652-659, 701-714);
+# the IR keeps it as that layer's block deepstack
+Q3 = "model.visual."
+Q3B = Q3 + "blocks.{i}."
+Q3_DEEPSTACK = Q3B + "deepstack_merger."  # the table's name; HF: deepstack_merger_list.J.
+
+
+def _q3_qkv(kind: str) -> Packed:
+    return Packed(
+        Q3B + f"attn.qkv.{kind}",
+        tuple(V + f"attn.{p}.{kind}" for p in "qkv"),
+        ("q_size", "kv_size", "kv_size"),
+        stack="vision",
+    )
+
+
+def _lm(tensors: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """A text family's table under model.language_model. (lm_head stays at the top level)."""
+    return tuple(
+        ("model.language_model." + h[len("model.") :] if h.startswith("model.") else h, c) for h, c in tensors
+    )
+
+
+BW = ("weight", "bias")
+QWEN3_VISION = (
+    *((Q3 + f"patch_embed.proj.{k}", f"vision.patch_embed.{k}") for k in BW),
+    (Q3 + "pos_embed.weight", "vision.pos_embed.weight"),
+    *(
+        (Q3B + f"{hf}.{k}", V + f"{c}.{k}")
+        for hf, c in (
+            ("norm1", "attn_norm"),
+            ("attn.proj", "attn.o"),
+            ("norm2", "mlp_norm"),
+            ("mlp.linear_fc1", "mlp.fc1"),
+            ("mlp.linear_fc2", "mlp.down"),
+        )
+        for k in BW
+    ),
+    *(
+        (Q3 + f"merger.{hf}.{k}", f"vision.merger.{c}.{k}")
+        for hf, c in (("norm", "norm"), ("linear_fc1", "fc1"), ("linear_fc2", "fc2"))
+        for k in BW
+    ),
+    *(
+        (Q3_DEEPSTACK + f"{hf}.{k}", V + f"deepstack.{c}.{k}")
+        for hf, c in (("norm", "norm"), ("linear_fc1", "fc1"), ("linear_fc2", "fc2"))
+        for k in BW
+    ),
+)
+QWEN3_DEEPSTACK = Renumbered(Q3 + "deepstack_merger_list.", Q3_DEEPSTACK, "deepstack_layers", "vision")
+
+# MindSpeed-MM's names (converters/qwen3vl_megatron.py:11-15 the placement, 18-44 and 86-94 the
+# renames: DeepStack merger J under the blocks of vision layer deepstack_visual_indexes[J])
+QWEN3_MINDSPEED = MegatronTower(
+    layers="image_encoder.encoder.blocks.layers.",
+    keys=(
+        *((f"image_encoder.encoder.patch_embed.proj.{k}", f"vision.patch_embed.{k}") for k in BW),
+        ("image_encoder.encoder.pos_embed.weight", "vision.pos_embed.weight"),
+        *((f"image_encoder.projector.layernorm.{k}", f"vision.merger.norm.{k}") for k in BW),
+        *(
+            (f"image_encoder.projector.encoder.linear_{c}.{k}", f"vision.merger.{c}.{k}")
+            for c in ("fc1", "fc2")
+            for k in BW
+        ),
+    ),
+    first=("vision.patch_embed.", "vision.pos_embed."),
+    layer_keys=(
+        *((f"deepstack_layer.layernorm.{k}", f"deepstack.norm.{k}") for k in BW),
+        *(
+            (f"deepstack_layer.encoder.linear_{c}.{k}", f"deepstack.{c}.{k}")
+            for c in ("fc1", "fc2")
+            for k in BW
+        ),
+    ),
+)
+
+# Megatron-Bridge's names (qwen_vl/qwen3_vl_bridge.py:122-194; modules and their TP split:
+# modelling_qwen3_vl/model.py:346-372): the tower in Megatron's modules under vision_model., a
+# Transformer Engine layer spec (each norm fused into the linear after it), split over the
+# language model's TP, whole on pipeline stage 0; the DeepStack mergers as a list of their own
+QWEN3_BRIDGE = MegatronTower(
+    layers="vision_model.decoder.layers.",
+    keys=(
+        *((f"vision_model.patch_embed.proj.{k}", f"vision.patch_embed.{k}") for k in BW),
+        ("vision_model.pos_embed.weight", "vision.pos_embed.weight"),
+        *((f"vision_model.merger.patch_norm.{k}", f"vision.merger.norm.{k}") for k in BW),
+        *(
+            (f"vision_model.merger.linear_{c}.{k}", f"vision.merger.{c}.{k}")
+            for c in ("fc1", "fc2")
+            for k in BW
+        ),
+    ),
+    first=("vision.",),
+    norm_names="te",
+    listed=(
+        *(
+            (f"vision_model.decoder.deepstack_merger_list.{{j}}.patch_norm.{k}", f"deepstack.norm.{k}")
+            for k in BW
+        ),
+        *(
+            (f"vision_model.decoder.deepstack_merger_list.{{j}}.linear_{c}.{k}", f"deepstack.{c}.{k}")
+            for c in ("fc1", "fc2")
+            for k in BW
+        ),
+    ),
+    listed_by="deepstack_layers",
+)
+
+# why no megatron-core model checks the rank files
+NO_MCORE_QWEN3 = (
+    "no: megatron-core 0.16 has no Qwen3-VL model (3-D patches, interpolated learned positions, "
+    "DeepStack); Megatron-Bridge's Qwen3VLModel is its own (modelling_qwen3_vl/model.py)"
+)
+
+QWEN3_TOWER = Tower(
+    "vision",
+    "vision_config",
+    (
+        *VISION_SHAPE,
+        ConfigKey("hidden_size", "hidden_size"),
+        ConfigKey("head_dim", None, _head_dim),
+        ConfigKey("ffn_hidden_size", "intermediate_size"),
+        ConfigKey("merger_out", "out_hidden_size"),
+        ConfigKey("pos_embed_size", "num_position_embeddings"),
+        ConfigKey("deepstack_layers", "deepstack_visual_indexes", ()),
+    ),
+    # LayerNorms with biases (eps 1e-6, fixed: modeling_qwen3_vl.py:175, 330-331), biases on the
+    # patch convolution and every linear, a plain MLP
+    constants=(
+        *VISION_CONSTANTS[:3],
+        ("patch_bias", True),
+        ("gated_mlp", False),
+        ("norm_bias", True),
+        ("norm_eps", 1e-6),
+    ),
+    mindspeed=QWEN3_MINDSPEED,
+    bridge=QWEN3_BRIDGE,
+)
+
+register(
+    Family(
+        name="qwen3_vl",
+        model_types=("qwen3_vl",),
+        architecture="Qwen3VLForConditionalGeneration",
+        tensors=_lm(LLAMA_TENSORS) + QWEN3_VISION,
+        packed=(_q3_qkv("weight"), _q3_qkv("bias")),
+        config=config_with(),
+        constants=(("qk_norm", True),),
+        text_config="text_config",
+        towers=(QWEN3_TOWER,),
+        renumbered=(QWEN3_DEEPSTACK,),
+        tested=Tested(
+            round_trip=(
+                "--tp 1 --pp 1",
+                "--tp 2",
+                "--tp 2 --pp 2 --num-layer-list 2,1",
+                "--tp 2 --pp 2 --num-layer-list 2,1 --mm-keys mindspeed --vision-layer-list 1,1",
+            ),
+            mcore_missing=NO_MCORE_QWEN3,
+        ),
+    )
+)
+
+# Qwen3-VL-MoE: the language model a qwen3_moe whose experts are stacked per layer; transformers
+# 5.25 holds and saves them [experts, 2 x moe width, hidden] (each expert's [gate; up] rows) and
+# [experts, hidden, moe width] (modeling_qwen3_vl_moe.py:122-123); the hub's releases store them
+# transposed ([experts, hidden, 2 x moe width], conversion_mapping.py:1527-1538), which this
+# table does not read (a shape error names the tensor)
+LM = "model.language_model.layers.{i}."
+EXPERT = "layers.{i}.mlp.experts.{e}."
+register(
+    Family(
+        name="qwen3_vl_moe",
+        model_types=("qwen3_vl_moe",),
+        architecture="Qwen3VLMoeForConditionalGeneration",
+        tensors=_lm(EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP)
+        + ((LM + "mlp.gate.weight", "layers.{i}.mlp.router.weight"),)
+        + QWEN3_VISION,
+        packed=(_q3_qkv("weight"), _q3_qkv("bias")),
+        stacked=(
+            ExpertStack(LM + "mlp.experts.gate_up_proj", (EXPERT + "gate.weight", EXPERT + "up.weight")),
+            ExpertStack(LM + "mlp.experts.down_proj", (EXPERT + "down.weight",)),
+        ),
+        config=config_with(*QWEN_MOE_CONFIG),
+        constants=(("qk_norm", True),),
+        megatron_args=qwen_router_args,
+        text_config="text_config",
+        towers=(QWEN3_TOWER,),
+        renumbered=(QWEN3_DEEPSTACK,),
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --ep 2",
+                "--tp 2 --ep 2 --mm-keys mindspeed",
+                "--pp 2 --ep 2 --num-layer-list 1,1 --mm-keys mindspeed --vision-layer-list 2,0",
+            ),
+            mcore_missing=NO_MCORE_QWEN3,
         ),
     )
 )

@@ -89,8 +89,10 @@ def lift(
         own = os.path.join(os.path.dirname(os.path.abspath(it_dir)), M.MCORE_HF_DIR, "config.json")
         if os.path.isfile(own):
             hf_config, config_name = _json_object(own), own
+    if no_args and _mindspeed_mm_keys(first):
+        found = _mm_expert_ranks(found)
     if no_args:
-        args = _no_args(found, hf_config, first.path)
+        args = _no_args(found, hf_config, first.path, mm=_mindspeed_mm_keys(first))
     else:
         args = megatron_args.args_dict(first.obj.get("args"), first.path)
     a = ArgReader(args, first.path)
@@ -340,7 +342,7 @@ def lift(
     tensors = sets.pop("", {})
     if spec.vision is not None:
         naming = multimodal.check_naming(namings, it_dir)
-        layout = multimodal.read_layout(layout, naming)
+        layout = multimodal.read_layout(layout, naming, spec)
         tower_tensors, tower_copies, tower_unknown = multimodal.lift_tower(
             tower, spec, layout, it_dir, dropped
         )
@@ -644,20 +646,45 @@ def _json_object(path: str) -> dict[str, Any]:
     return obj
 
 
+def _mm_expert_ranks(
+    found: dict[tuple[int, int | None, int | None], str],
+) -> dict[tuple[int, int | None, int | None], str]:
+    """MindSpeed-MM's rank directories with (TP, PP, EP) read right: it names them
+    ``mp_rank_TT[_PPP][_EEE]`` (``_PPP`` only with PP > 1, ``_EEE`` only with EP > 1: its
+    hf_to_mm.py:168-195), so ``mp_rank_TT_XXX`` is a pipeline stage or an expert-parallel rank.
+    Every EP rank holds the language model's embedding, one pipeline stage only: XXX is an EP rank
+    where every such file holds it."""
+    if len(found) < 2 or any(e is not None for _, _, e in found) or all(p is None for _, p, _ in found):
+        return found
+    key = mindspeed_mm.TEXT + M.EMBEDDING
+
+    def holds(f: str) -> bool:
+        obj = TorchZip(f).obj
+        return any(k == key for ck in distopt.chunk_keys(obj) for k, _ in iter_tensors(obj[ck]))
+
+    if not all(holds(f) for f in found.values()):
+        return found
+    return {(t, None, p): f for (t, p, _), f in found.items()}
+
+
 def _no_args(
-    found: dict[tuple[int, int | None, int | None], str], hf_config: dict[str, Any] | None, where: str
+    found: dict[tuple[int, int | None, int | None], str],
+    hf_config: dict[str, Any] | None,
+    where: str,
+    mm: bool = False,
 ) -> dict[str, Any]:
     """The layout args of rank files that carry none (MindSpeed-LLM's Mamba-2 converter writes only
     ``model``, ``checkpoint_version`` and ``iteration``): TP and PP from the directory names
-    (``mp_rank_TT`` or ``mp_rank_TT_PPP``; such files have no expert parallelism), layers split
-    evenly; the model from ``hf_config``."""
+    (``mp_rank_TT`` or ``mp_rank_TT_PPP``; such files have no expert parallelism, but
+    MindSpeed-MM's, ``mm``, may: ``mp_rank_TT[_PPP]_EEE``), layers split evenly; the model from
+    ``hf_config``."""
     if hf_config is None:
         raise FormatError(
             f"{where}: the rank file has no 'args' (MindSpeed-LLM's Mamba-2 converter and megatron-core's "
             "own saves write none); "
             f"pass {setting('hf_config', metavar='DIR')} (the model's HF config.json) to say what model it holds"
         )
-    if any(e is not None for _, _, e in found):
+    if any(e is not None for _, _, e in found) and not mm:
         raise FormatError(
             f"{where}: the rank file has no 'args', and directories named mp_rank_TT_PPP_EEE need them "
             "to tell the expert-parallel layout"
@@ -665,6 +692,7 @@ def _no_args(
     return {
         "tensor_model_parallel_size": 1 + max(t for t, _, _ in found),
         "pipeline_model_parallel_size": 1 + max(p or 0 for _, p, _ in found),
+        "expert_model_parallel_size": 1 + max(e or 0 for _, _, e in found),
     }
 
 

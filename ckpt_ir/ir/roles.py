@@ -766,6 +766,28 @@ _PIXTRAL_LLAMA4_ROLES = [
 _AFTER_TOWER_LAYERS = ("patch_merger.", "adapter.", "projector.fc")
 
 
+def _deepstack(bias: bool = False) -> Presence:
+    return lambda s, lay, i: i in s.deepstack_layers and (not bias or s.mlp_bias)
+
+
+# block deepstack of a vision stack's layer (Qwen3-VL): a merger of the layer's output beside the
+# tower's own (Qwen3VLVisionPatchMerger with use_postshuffle_norm: its LayerNorm over the merged
+# merger_hidden features), in the layers ModelSpec.deepstack_layers lists
+_DEEPSTACK_ROLES = [
+    Role(L + "deepstack.norm.weight", None, lambda s, lay: (s.merger_hidden,), _deepstack()),
+    Role(
+        L + "deepstack.norm.bias",
+        None,
+        lambda s, lay: (s.merger_hidden,),
+        lambda s, lay, i: i in s.deepstack_layers and s.norm_bias,
+    ),
+    Role(L + "deepstack.fc1.weight", COLUMN, lambda s, lay: (s.merger_hidden, s.merger_hidden), _deepstack()),
+    Role(L + "deepstack.fc1.bias", COLUMN, lambda s, lay: (s.merger_hidden,), _deepstack(True)),
+    Role(L + "deepstack.fc2.weight", ROW, lambda s, lay: (s.merger_out, s.merger_hidden), _deepstack()),
+    Role(L + "deepstack.fc2.bias", None, lambda s, lay: (s.merger_out,), _deepstack(True)),
+]
+
+
 _BUILTIN: list[Role] = [
     Role("embed.weight", COLUMN, lambda s, lay: (_vocab(s, lay), s.hidden_size)),
     # learned absolute positions (Megatron's torch.nn.Embedding: not split over TP)
@@ -1243,6 +1265,7 @@ def register_role(*roles: Role, lora: bool = False) -> None:
 register_role(*_BUILTIN)
 register_role(*_VISION_ROLES)
 register_role(*_PIXTRAL_LLAMA4_ROLES)
+register_role(*_DEEPSTACK_ROLES)
 register_role(
     *(r for r in _BUILTIN if r.template[len(L) :] in {t + ".weight" for t in LINEAR_TARGETS}), lora=True
 )

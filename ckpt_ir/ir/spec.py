@@ -163,6 +163,10 @@ class ModelSpec:
     projector_mlp_in: int = 0
     projector_mlp_out: int = 0
     projector_mlp_bias: bool = False
+    # block deepstack of a vision stack's layers (Qwen3-VL's DeepStack mergers): the layers whose
+    # output a merger of their own (a norm over merger_hidden, then fc1 and fc2 as the merger's)
+    # feeds to the language model, in the order of the HF list of mergers
+    deepstack_layers: tuple[int, ...] = attrs.field(default=(), converter=_int_tuple)
     # The blocks of each main layer, in order (names in ``ckpt_ir.ir.blocks.BLOCKS``: a mixer
     # such as "attention" or "mamba", an MLP such as "mlp" or "moe"); empty: every layer is one
     # mixer and one MLP, as the fields above imply (see :meth:`blocks`).  A block of a layer made

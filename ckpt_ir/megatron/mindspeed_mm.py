@@ -26,7 +26,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from ckpt_ir.errors import FormatError, UsageError, VerifyError, setting
+from ckpt_ir.errors import FormatError, LayoutError, UsageError, VerifyError, setting
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.layout import Layout, vision_slots
@@ -55,6 +55,51 @@ def tower_names(spec: ModelSpec) -> MegatronTower:
             f"tower; use {setting('mm_keys', 'bridge')}"
         )
     return names
+
+
+def megatron_tower(spec: ModelSpec, mm_keys: str) -> MegatronTower | None:
+    """The family's Megatron-form names of its vision tower in naming ``mm_keys``: MindSpeed-MM's
+    (``Tower.mindspeed``; a family without them is a UsageError), Megatron-Bridge's where it keeps
+    the tower in Megatron's modules (``Tower.bridge``), else None (Bridge's HF-form tower)."""
+    if mm_keys == "mindspeed":
+        return tower_names(spec)
+    from ckpt_ir.families import by_name
+
+    return by_name(spec.family).towers[0].bridge
+
+
+def _names(spec: ModelSpec, layout: Layout) -> MegatronTower:
+    names = megatron_tower(spec, layout.mm_keys)
+    assert names is not None, "a tower in its HF form has no Megatron-form names"
+    return names
+
+
+def _listed(vision: ModelSpec, names: MegatronTower) -> tuple[tuple[int, ...], NameTable]:
+    """The layers ``names.listed`` keys belong to, in list order, and those keys as a table of
+    (key with the place {i} in the list, canonical name below ``layers.{i}.``)."""
+    if not names.listed:
+        return (), NameTable(())
+    layers = tuple(getattr(vision, names.listed_by))
+    return layers, NameTable((k.replace("{j}", "{i}"), "layers.{i}." + c) for k, c in names.listed)
+
+
+def check_bridge_stages(spec: ModelSpec, layout: Layout) -> None:
+    """Megatron-Bridge adds DeepStack merger J's output after language-model layer J of the first
+    stage and asserts that stage has them all (modelling_qwen3_vl/model.py:403-409): refuse a
+    layout whose first stage holds fewer language-model layers than there are such mergers."""
+    from ckpt_ir.ir.layout import layer_slots
+
+    names = megatron_tower(spec, layout.mm_keys) if spec.vision is not None else None
+    if names is None or not names.listed or layout.mm_keys != "bridge":
+        return
+    need = len(getattr(spec.vision, names.listed_by))
+    first = sum(1 for s in layer_slots(spec, layout) if s.real is not None and (s.stage, s.chunk) == (0, 0))
+    if first < need:
+        raise LayoutError(
+            f"layout: Megatron-Bridge adds the {need} DeepStack merger outputs after the first {need} "
+            f"language-model layers, all on pipeline stage 0, which holds {first}; give the first stage at "
+            f"least {need} layers ({setting('num_layer_list')})"
+        )
 
 
 def layer_table(vision: ModelSpec, names: MegatronTower) -> NameTable:
@@ -88,8 +133,9 @@ def vision_keys(
     assert vision is not None
     slots = vision_slots(spec, layout)
     first, last = _ends(layout.vision_layer_list or (vision.num_layers,), layout.pp)
-    names_of = tower_names(spec)
+    names_of = _names(spec, layout)
     table, other = layer_table(vision, names_of), NameTable(names_of.keys)
+    listed_layers, listed = _listed(vision, names_of)
     out: dict[tuple[int, int], list[tuple[str, tuple[str, ...], Stack | None]]] = defaultdict(list)
     for name in names:
         layer, rest = split_layer(name[len("vision.") :])
@@ -103,11 +149,13 @@ def vision_keys(
         elif layer is not None:
             stage, chunk, local = slots[layer]
             key, place = table.from_canonical(f"layers.{local}.{rest}"), (stage, chunk)
+            if key is None and layer in listed_layers:
+                key = listed.from_canonical(f"layers.{listed_layers.index(layer)}.{rest}")
         else:
             key = other.from_canonical(name)
             place = first if name.startswith(names_of.first) else last
         if key is None:
-            raise VerifyError(f"{name}: MindSpeed-MM's layout has no key for this vision tensor")
+            raise VerifyError(f"{name}: the {layout.mm_keys} layout has no key for this vision tensor")
         out[place].append((key, (name,), None))
     return out
 
@@ -125,8 +173,9 @@ def lift_vision(
     vision = spec.vision
     assert vision is not None
     layer_of = {(s, c, local): g for g, (s, c, local) in enumerate(vision_slots(spec, layout))}
-    names_of = tower_names(spec)
+    names_of = _names(spec, layout)
     table, other, pattern = layer_table(vision, names_of), NameTable(names_of.keys), _layer_pattern(names_of)
+    listed_layers, listed = _listed(vision, names_of)
     pieces: dict[str, dict[int, tuple[str, E.Expr]]] = defaultdict(dict)
     unknown: list[str] = []
     for key, places in found.items():
@@ -134,6 +183,15 @@ def lift_vision(
             m = pattern.match(key)
             if m is None:
                 name = other.to_canonical(key)
+                canon = listed.to_canonical(key) if name is None else None
+                if canon is not None:
+                    j, rest = split_layer(canon)
+                    if j is None or j >= len(listed_layers):
+                        raise FormatError(
+                            f"{where}: {label} holds {key}, past the {len(listed_layers)} layer(s) the config "
+                            f"lists ({names_of.listed_by}); the rank files do not match the HF config"
+                        )
+                    name = f"vision.layers.{listed_layers[j]}.{rest}"
             else:
                 canon = _vision_canonical(table, key)
                 g = layer_of.get((p, chunk, int(m.group(1))))

@@ -34,8 +34,10 @@ VISION_PREFIX = {"mindspeed": "image_encoder."}  # bridge: the family's HF names
 def tower_keys(ckpt: Checkpoint) -> dict[tuple[int, int], list[tuple[str, tuple[str, ...], Stack | None]]]:
     """Where the vision tower's keys go: (stage, chunk) -> [(key, the canonical tensors it holds,
     the rule packing several, else None)], each list to go before the language model's keys."""
+    from ckpt_ir.megatron import mindspeed_mm
+
     names = [n for n in ckpt.tensors if split_stack(n)[0] == "vision"]
-    if ckpt.layout.mm_keys == "bridge":
+    if mindspeed_mm.megatron_tower(ckpt.spec, ckpt.layout.mm_keys) is None:
         from ckpt_ir.families import by_name
 
         family = by_name(ckpt.spec.family)
@@ -53,8 +55,7 @@ def tower_keys(ckpt: Checkpoint) -> dict[tuple[int, int], list[tuple[str, tuple[
                 f"with LoRA on its linear weights only; merge the adapter first (--to hf or lora-merge)"
             )
         return {(0, 0): keys + [(own[n], (n,), None) for n in names if n in own]}
-    from ckpt_ir.megatron import mindspeed_mm
-
+    mindspeed_mm.check_bridge_stages(ckpt.spec, ckpt.layout)
     return mindspeed_mm.vision_keys(ckpt, names)
 
 
@@ -171,9 +172,14 @@ def check_naming(seen: set[str], where: str) -> str:
     return next(iter(seen), "bridge")
 
 
-def read_layout(layout: Layout, naming: str) -> Layout:
-    """The layout of a vision-language model read in ``naming`` (Megatron-Bridge's: the tower whole
-    and unfused on stage 0)."""
+def read_layout(layout: Layout, naming: str, spec: ModelSpec) -> Layout:
+    """The layout of a vision-language model read in ``naming`` (Megatron-Bridge's: the tower on
+    stage 0, whole and unfused in its HF form, or in Megatron's modules split over the language
+    model's TP where the family's ``Tower.bridge`` names them)."""
+    from ckpt_ir.megatron import mindspeed_mm
+
+    if naming == "bridge" and mindspeed_mm.megatron_tower(spec, naming) is not None:
+        return attrs.evolve(layout, mm_keys=naming, vision_tp=layout.tp, vision_fused=True)
     return attrs.evolve(layout, mm_keys=naming)
 
 
@@ -188,9 +194,9 @@ def lift_tower(
     directory, expression)]), the copies of replicated ones to compare (key -> [(rank directory,
     expression)], the kept one first) and the keys no table knows.  In Megatron-Bridge's naming
     the tower is its family's HF form, on stage 0, whole on every TP rank."""
-    if layout.mm_keys == "mindspeed":
-        from ckpt_ir.megatron import mindspeed_mm
+    from ckpt_ir.megatron import mindspeed_mm
 
+    if mindspeed_mm.megatron_tower(spec, layout.mm_keys) is not None:
         return mindspeed_mm.lift_vision(found, spec, layout, where, dropped)
     from ckpt_ir.families import by_name
 
