@@ -140,6 +140,7 @@ def observed_round_trips() -> dict[str, set[str]]:
         "split_layers",
         "variants",
         "vlm",
+        "glm4v",
         "bridge_remote",
         "sarvam",
     ):

@@ -303,6 +303,12 @@ class MegatronTower:
     first: tuple[str, ...] = ("vision.patch_embed.",)
     layer_keys: tuple[tuple[str, str], ...] = ()
     norm_names: str = "local"
+    # (key below the layer, canonical names below the layer): one key holding several canonical
+    # tensors concatenated along dim 0 (GLM-4.1V's self_attention.qkv = [q; k; v])
+    packed: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # keys below the layer held whole on every TP rank though their canonical tensors are split
+    # over the tower's TP (GLM-4.1V's attention: plain nn.Linear beside a TP-split Megatron MLP)
+    whole: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -324,6 +330,9 @@ class Tower:
     bridge_keys: tuple[tuple[str, str], ...] = ()
     # MindSpeed-MM's names of the tower (its converter's), None where it has no layout for it
     mindspeed: MegatronTower | None = None
+    # (HF prefix, Megatron-Bridge prefix): the tower's HF-form keys in Megatron-Bridge's files with
+    # the one prefix replaced by the other (GLM-4.5V's model.visual.* is visual.* there); None: as in HF
+    bridge_prefix: tuple[str, str] | None = None
 
 
 # where a tower's derived config keys find the language model's settings
@@ -699,6 +708,8 @@ _COUNTS = {
     "patch_channels",
     "merger_size",
     "merger_out",
+    "downsample_size",
+    "merger_ffn",
 }
 
 

@@ -77,7 +77,16 @@ BLOCKS = MIXERS + MLPS + PARTS
 # blocks of a stack beside its layers (a vision tower, ModelSpec.vision): the patch embedding before
 # them and the merger (norm + MLP over neighbouring patches) after them; a stack has one of each
 # where its spec gives the block's sizes (patch_size, merger_size)
-STACK_BLOCKS = ("patch_embed", "merger", "pos_embed", "post_norm", "projector")
+STACK_BLOCKS = (
+    "patch_embed",
+    "merger",
+    "pos_embed",
+    "post_norm",
+    "projector",
+    "patch_norm",
+    "downsample",
+    "gated_merger",
+)
 
 # megatron-core's hybrid layer symbols (ssm/mamba_hybrid_layer_allocation.py; Megatron-LM's
 # HybridModel adds G for a gated-delta-net layer)

@@ -143,6 +143,14 @@ class ModelSpec:
     pos_embed_size: int = 0
     post_norm: bool = False
     projector_out: int = 0
+    # blocks patch_norm / downsample / gated_merger of a vision stack (GLM-4.1V's tower): a norm
+    # after the patch embedding (as the layers' norms, bias as norm_bias says), a convolution of
+    # downsample_size^2 neighbouring patches from hidden_size to merger_out (with a bias), and a
+    # merger on merger_out: a projection, a LayerNorm (with a bias), then a gated MLP merger_ffn wide
+    # (no biases)
+    patch_norm: bool = False
+    downsample_size: int = 0
+    merger_ffn: int = 0
     # The blocks of each main layer, in order (names in ``ckpt_ir.ir.blocks.BLOCKS``: a mixer
     # such as "attention" or "mamba", an MLP such as "mlp" or "moe"); empty: every layer is one
     # mixer and one MLP, as the fields above imply (see :meth:`blocks`).  A block of a layer made
