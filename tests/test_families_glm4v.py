@@ -86,7 +86,7 @@ LAYOUTS: dict[str, tuple[dict, ...]] = {
         dict(MM, pp=2, num_layer_list=(1, 1), vision_layer_list=(2, 0)),
         dict(MM, tp=2, pp=2, num_layer_list=(1, 1), vision_layer_list=(1, 1)),
     ),
-    "glm4v_moe": (dict(tp=2, ep=2), dict(pp=2, ep=2)),
+    "glm4v_moe": (dict(tp=1), dict(tp=2, ep=2), dict(pp=2, ep=2)),
 }
 
 

@@ -493,6 +493,8 @@ register(
         config=by_name("glm4_moe").config,
         # MindSpeed-MM's GlmConverter reads Glm4vConfig (a dense language model) only
         **{**_glm_text("glm4_moe"), "towers": (attrs.evolve(GLM_TOWER, mindspeed=None),)},
-        tested=Tested(round_trip=("--tp 2 --ep 2", "--pp 2 --ep 2"), mcore_missing=GLM_NO_MCORE),
+        tested=Tested(
+            round_trip=("--tp 1 --pp 1", "--tp 2 --ep 2", "--pp 2 --ep 2"), mcore_missing=GLM_NO_MCORE
+        ),
     )
 )
