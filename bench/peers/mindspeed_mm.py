@@ -27,7 +27,10 @@ same model where it is right (``REFERENCE``): a first pipeline stage without lan
 (``qwen25vl-llm-first-stage-empty``: MindSpeed-MM's files of the same lists without that stage,
 one stage later), and a vocabulary TP does not divide (``qwen25vl-vocab-odd-tp2``: the embedding
 and output layer padded to a multiple of TP with copies of the last row, as Megatron-LM's tools
-pad, split in equal parts; MindSpeed-MM drops the last rows).
+pad, split in equal parts; MindSpeed-MM drops the last rows), and GLM-4.1V at TP 2
+(``glm4v-tp2pp2``: MindSpeed-MM's ``GlmConverter`` has no TP rules and copies every tensor whole to
+every rank; ckpt-ir's files are compared with MindSpeed-MM's files at TP 1 split as its GLM model
+builds the modules, ``split_glm``).  ``GlmConverter.mm_to_hf`` is ``pass``: it writes nothing.
 
 Usage::
 
@@ -63,10 +66,17 @@ CASES: dict[str, tuple[str, dict, list, list, int]] = {
     "qwen2vl-tp2pp2": ("qwen2_vl", {}, [[1, 1]], [[2, 0]], 2),
     "qwen25vl-llm-first-stage-empty": ("qwen2_5_vl", {}, [[0, 1, 1]], [[2, 0, 0]], 1),
     "qwen25vl-vocab-odd-tp2": ("qwen2_5_vl", {"vocab_size": 161}, [[2]], [[2]], 2),
+    "glm4v-tp1": ("glm4v", {}, [[2]], [[2]], 1),
+    "glm4v-pp2": ("glm4v", {}, [[1, 1]], [[2, 0]], 1),
+    "glm4v-pp2-vit-split": ("glm4v", {}, [[1, 1]], [[1, 1]], 1),
+    "glm4v-tp2pp2": ("glm4v", {}, [[1, 1]], [[2, 0]], 2),
 }
-CONVERTER = {"qwen2_5_vl": "Qwen2_5_VLConverter", "qwen2_vl": "Qwen2VLConverter"}
+CONVERTER = {"qwen2_5_vl": "Qwen2_5_VLConverter", "qwen2_vl": "Qwen2VLConverter", "glm4v": "GlmConverter"}
 # where MindSpeed-MM is wrong: what its own files of another case show the right content to be
-REFERENCE = {"qwen25vl-llm-first-stage-empty": "qwen25vl-tp2pp2-as-tp1"}
+REFERENCE = {
+    "qwen25vl-llm-first-stage-empty": "qwen25vl-tp2pp2-as-tp1",
+    "glm4v-tp2pp2": "its files at TP 1, split as its GLM model splits (split_glm)",
+}
 # what the script printed with MindSpeed-MM 57069cd (stand-ins as above), 2026-08
 RESULTS = """
 qwen25vl-tp1: rank files identical (1 files); ckpt-ir mm_to_hf of MindSpeed-MM's: 57/57 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: 57/57 equal
@@ -77,6 +87,10 @@ qwen25vl-vpp2: rank files identical (2 files); ckpt-ir mm_to_hf of MindSpeed-MM'
 qwen2vl-tp2pp2: rank files identical (4 files); ckpt-ir mm_to_hf of MindSpeed-MM's: 58/58 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: 58/58 equal
 qwen25vl-llm-first-stage-empty: rank files identical to MindSpeed-MM's files of llm [[1,1]] one stage later (3 files); ckpt-ir mm_to_hf of its own: 57/57 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: 57/57 equal; MindSpeed-MM's own files: mp_rank_00_000 0 language-model tensors, mp_rank_00_001 0 language-model tensors, mp_rank_00_002 8 language-model tensors (embedding) of 17
 qwen25vl-vocab-odd-tp2: rank files identical to MindSpeed-MM's, the embedding and output layer to the padded rows (2 files); ckpt-ir mm_to_hf of its own: 57/57 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: 55/57 equal; MindSpeed-MM's text_decoder.embedding.word_embeddings.weight holds 160 of 161 rows; MindSpeed-MM's text_decoder.output_layer.weight holds 160 of 161 rows
+glm4v-tp1: rank files identical (1 files); ckpt-ir mm_to_hf of MindSpeed-MM's: 58/58 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: writes nothing
+glm4v-pp2: rank files identical (2 files); ckpt-ir mm_to_hf of MindSpeed-MM's: 58/58 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: writes nothing
+glm4v-pp2-vit-split: rank files identical (2 files); ckpt-ir mm_to_hf of MindSpeed-MM's: 58/58 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: writes nothing
+glm4v-tp2pp2: rank files identical to MindSpeed-MM's files at TP 1 split as its GLM model splits (4 files); ckpt-ir mm_to_hf of its own: 58/58 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: writes nothing; MindSpeed-MM's own TP 2 files hold 48 of 48 tensors whole on rank 1
 """
 
 
@@ -105,6 +119,8 @@ def build(path: str, model_type: str, overrides: dict) -> str:
     sys.path.insert(0, ROOT)
     from tests.test_families_vlm import CONFIGS, SIDE_FILES
 
+    if model_type.startswith("glm4v"):
+        from tests.test_families_glm4v import CONFIGS
     config = dict(CONFIGS[model_type])
     config["text_config"] = {**config["text_config"], **overrides}
     cfg = AutoConfig.for_model(model_type, **config)
@@ -121,9 +137,11 @@ def build(path: str, model_type: str, overrides: dict) -> str:
 
 
 def mindspeed_hf_to_mm(model_type: str, hf: str, out: str, llm: list, vit: list, tp: int) -> None:
-    from checkpoint.vlm_model.converters import qwen2_5vl, qwen2vl
+    from checkpoint.vlm_model.converters import glm, qwen2_5vl, qwen2vl
 
-    if model_type == "qwen2_5_vl":
+    if model_type == "glm4v":
+        config_class, converter = glm.ConvertVppMMConfigGlm, glm.GlmConverter
+    elif model_type == "qwen2_5_vl":
         config_class, converter = qwen2_5vl.ConvertVppMMConfigQwen2_5, qwen2_5vl.Qwen2_5_VLConverter
     else:
         config_class, converter = qwen2vl.ConvertVppMMConfigQwen2, qwen2vl.Qwen2VLConverter
@@ -136,9 +154,12 @@ def mindspeed_hf_to_mm(model_type: str, hf: str, out: str, llm: list, vit: list,
 
 
 def mindspeed_mm_to_hf(model_type: str, hf: str, mm: str, out: str, llm: list, vit: list, tp: int) -> None:
-    from checkpoint.vlm_model.converters import qwen2_5vl, qwen2vl
+    from checkpoint.vlm_model.config import ConvertHFConfig
+    from checkpoint.vlm_model.converters import glm, qwen2_5vl, qwen2vl
 
-    if model_type == "qwen2_5_vl":
+    if model_type == "glm4v":
+        config_class, converter = ConvertHFConfig, glm.GlmConverter
+    elif model_type == "qwen2_5_vl":
         config_class, converter = qwen2_5vl.ConvertHFConfigQwen2_5, qwen2_5vl.Qwen2_5_VLConverter
     else:
         config_class, converter = qwen2vl.ConvertHFConfigQwen2, qwen2vl.Qwen2VLConverter
@@ -243,6 +264,36 @@ def shifted(files: dict[str, dict], by: int, stages: int) -> dict[str, dict]:
     return out
 
 
+def split_glm(files: dict[str, dict], tp: int) -> dict[str, dict]:
+    """MindSpeed-MM's GLM-4.1V rank files at TP 1 split over ``tp`` as its GLM model builds the
+    modules (its converter copies every tensor whole instead, glm.py:88): the language model's
+    Megatron GPTModel layers (mm_gpt_model.py:94, 169; glm4v_layer_spec.py:173-201: linear_qkv
+    (weight, bias) and the embedding / output layer by rows, linear_proj and linear_fc2 by columns,
+    linear_fc1 [gate_r; up_r]) and the tower's Megatron MLP (glm4v_layer_spec.py:204-222); the
+    tower's attention, convolutions, norms, positions and projector whole (plain modules)."""
+    import torch
+
+    def parts(key: str, x):
+        if key.endswith(
+            ("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight", "linear_qkv.bias")
+        ):
+            return x.chunk(tp)
+        if key.endswith(("linear_proj.weight", "mlp.linear_fc2.weight")):
+            return x.chunk(tp, dim=1)
+        if key.endswith("mlp.linear_fc1.weight"):
+            gate, up = x.chunk(2)
+            return [torch.cat([g, u]) for g, u in zip(gate.chunk(tp), up.chunk(tp))]
+        return [x] * tp
+
+    out: dict[str, dict] = {}
+    for name, obj in files.items():
+        stage = name.split("_")[3:]  # mp_rank_00[_PPP]
+        for t in range(tp):
+            model = {k: parts(k, v)[t].clone() for k, v in obj["model"].items()}
+            out["_".join(["mp", "rank", f"{t:02d}", *stage])] = {"model": model, "checkpoint_version": 3.0}
+    return out
+
+
 def run_case(name: str, work: str) -> tuple[bool, str]:
     model_type, overrides, llm, vit, tp = CASES[name]
     root = os.path.join(work, name)
@@ -298,17 +349,30 @@ def run_case(name: str, work: str) -> tuple[bool, str]:
                     problems.append(f"{key} rank {t} is not the padded embedding's part")
             held = sum(theirs[f"mp_rank_{t:02d}"]["model"][key].shape[0] for t in range(tp))
             notes.append(f"MindSpeed-MM's {key} holds {held} of {full.shape[0]} rows")
+    elif name == "glm4v-tp2pp2":
+        ref_dir = os.path.join(root, "mindspeed-reference")
+        mindspeed_hf_to_mm(model_type, hf, ref_dir, llm, vit, 1)
+        problems = compare_rank_files(ours_dir, split_glm(rank_files(ref_dir), tp))
+        whole = [
+            k
+            for p in range(len(llm[0]))
+            for k, v in theirs[f"mp_rank_01_{p:03d}"]["model"].items()
+            if same_tensor(v, rank_files(ref_dir)[f"mp_rank_00_{p:03d}"]["model"][k])
+        ]
+        total = sum(len(o["model"]) for o in theirs.values()) // tp
+        notes.append(f"MindSpeed-MM's own TP 2 files hold {len(whole)} of {total} tensors whole on rank 1")
     else:
         problems = compare_rank_files(ours_dir, theirs)
     ok &= not problems
     against = {
         "qwen25vl-llm-first-stage-empty": " to MindSpeed-MM's files of llm [[1,1]] one stage later",
         "qwen25vl-vocab-odd-tp2": " to MindSpeed-MM's, the embedding and output layer to the padded rows",
+        "glm4v-tp2pp2": " to MindSpeed-MM's files at TP 1 split as its GLM model splits",
     }.get(name, "")
     verdict = "identical" + against if not problems else "differ: " + "; ".join(problems[:4])
     result = [f"rank files {verdict} ({len(theirs)} files)"]
     # back: ckpt-ir reads MindSpeed-MM's files (where they are right, else its own), MindSpeed-MM ckpt-ir's
-    wrong = name in ("qwen25vl-llm-first-stage-empty", "qwen25vl-vocab-odd-tp2")
+    wrong = name in ("qwen25vl-llm-first-stage-empty", "qwen25vl-vocab-odd-tp2", "glm4v-tp2pp2")
     back = os.path.join(root, "ckpt-ir-back")
     ckpt_ir(
         "mm-convert",
@@ -331,6 +395,10 @@ def run_case(name: str, work: str) -> tuple[bool, str]:
         back = os.path.join(root, "mindspeed-back")
         try:
             mindspeed_mm_to_hf(model_type, hf, ours_dir, back, flat_llm, flat_vit, tp)
+            if model_type == "glm4v":  # GlmConverter.mm_to_hf is `pass` (glm.py:131-133)
+                wrote = os.path.isdir(back) and any(n.endswith(".safetensors") for n in os.listdir(back))
+                result.append(f"MindSpeed-MM mm_to_hf of ckpt-ir's: {'wrote' if wrote else 'writes'} nothing")
+                return ok, "; ".join(result + notes)
             equal, total = hf_equal(hf, back)
             result.append(f"MindSpeed-MM mm_to_hf of ckpt-ir's: {equal}/{total} equal")
             ok &= equal == total or name == "qwen25vl-vocab-odd-tp2"

@@ -14,8 +14,12 @@ and side files) and checks the parallel settings against what the files hold.  W
 is wrong ckpt-ir is right, and says so in docs/cli.md: a first stage with no layers (MindSpeed-MM
 shifts every stage's content and loses the last layers, the final norm and the output layer), a
 vocabulary the TP size does not divide (MindSpeed-MM drops the last rows; ckpt-ir pads to a
-multiple of TP with copies of the last row, as Megatron-LM's tools pad, trimmed on the way back).  ``--cfg.trust_remote_code`` is accepted and never runs
-anything (ckpt-ir reads config.json as JSON).
+multiple of TP with copies of the last row, as Megatron-LM's tools pad, trimmed on the way back),
+GLM-4.1V at TP > 1 (``GlmConverter``: MindSpeed-MM copies every tensor whole to every rank; ckpt-ir
+splits what MindSpeed-MM's GLM model splits: the language model's layers, embedding and output
+layer, and the tower's MLP, keeping the tower's attention, convolutions and projector whole) and
+GLM-4.1V's way back (MindSpeed-MM's ``GlmConverter.mm_to_hf`` writes nothing).
+``--cfg.trust_remote_code`` is accepted and never runs anything (ckpt-ir reads config.json as JSON).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ CONVERTERS = {
     "Qwen2_5_VLConverter": ("qwen2_5_vl",),
     "Qwen2VLConverter": ("qwen2_vl",),
     "Qwen3VLMegatronConverter": ("qwen3_vl", "qwen3_vl_moe"),
+    "GlmConverter": ("glm4v",),
 }
 METHODS = ("hf_to_mm", "mm_to_hf")
 # --cfg fields: where each method reads them; a field not listed here is refused, not ignored

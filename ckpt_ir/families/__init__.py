@@ -350,6 +350,12 @@ class MegatronTower:
     norm_names: str = "local"
     listed: tuple[tuple[str, str], ...] = ()
     listed_by: str = ""
+    # (key below the layer, canonical names below the layer): one key holding several canonical
+    # tensors concatenated along dim 0 (GLM-4.1V's self_attention.qkv = [q; k; v])
+    packed: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # keys below the layer held whole on every TP rank though their canonical tensors are split
+    # over the tower's TP (GLM-4.1V's attention: plain nn.Linear beside a TP-split Megatron MLP)
+    whole: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -375,6 +381,9 @@ class Tower:
     # vision_model.*: fused, split over the language model's TP, whole on pipeline stage 0); None:
     # it keeps transformers' module, the tower's HF names whole on every rank of stage 0
     bridge: MegatronTower | None = None
+    # (HF prefix, Megatron-Bridge prefix): the tower's HF-form keys in Megatron-Bridge's files with
+    # the one prefix replaced by the other (GLM-4.5V's model.visual.* is visual.* there); None: as in HF
+    bridge_prefix: tuple[str, str] | None = None
 
 
 # keys transformers reads from a multi-module model's top-level config, not its text_config:
@@ -800,6 +809,8 @@ _COUNTS = {
     "projector_mlp_layers",
     "projector_mlp_in",
     "projector_mlp_out",
+    "downsample_size",
+    "merger_ffn",
 }
 
 

@@ -104,6 +104,9 @@ STACK_BLOCKS = (
     "patch_merger",
     "adapter",
     "projector_mlp",
+    "patch_norm",
+    "downsample",
+    "gated_merger",
 )
 
 # megatron-core's hybrid layer symbols (ssm/mamba_hybrid_layer_allocation.py; Megatron-LM's

@@ -670,6 +670,42 @@ _VISION_ROLES = [
         _tower(lambda s: s.projector_out > 0),
         stack="vision",
     ),
+    # GLM-4.1V's tower (transformers Glm4vVisionModel): a norm after the patch embedding, a 2-D
+    # convolution of downsample_size^2 patches to merger_out after the final norm, and a merger on
+    # merger_out (proj, a LayerNorm with a bias, a gated MLP merger_ffn wide); whole on every TP
+    # rank (plain modules in MindSpeed-MM's GlmViT / GlmMLP; Megatron-Bridge keeps the HF form)
+    *(
+        Role(V + f"patch_norm.{kind}", None, lambda s, lay: (s.hidden_size,), _tower(pred), stack="vision")
+        for kind, pred in (
+            ("weight", lambda s: s.patch_norm),
+            ("bias", lambda s: s.patch_norm and s.norm_bias),
+        )
+    ),
+    Role(
+        V + "downsample.weight",
+        None,
+        lambda s, lay: (s.merger_out, s.hidden_size, s.downsample_size, s.downsample_size),
+        _tower(lambda s: s.downsample_size > 0),
+        stack="vision",
+    ),
+    Role(
+        V + "downsample.bias",
+        None,
+        lambda s, lay: (s.merger_out,),
+        _tower(lambda s: s.downsample_size > 0),
+        stack="vision",
+    ),
+    *(
+        Role(V + f"merger.{name}", None, shape, _tower(lambda s: s.merger_ffn > 0), stack="vision")
+        for name, shape in (
+            ("proj.weight", lambda s, lay: (s.merger_out, s.merger_out)),
+            ("proj_norm.weight", lambda s, lay: (s.merger_out,)),
+            ("proj_norm.bias", lambda s, lay: (s.merger_out,)),
+            ("gate.weight", lambda s, lay: (s.merger_ffn, s.merger_out)),
+            ("up.weight", lambda s, lay: (s.merger_ffn, s.merger_out)),
+            ("down.weight", lambda s, lay: (s.merger_out, s.merger_ffn)),
+        )
+    ),
 ]
 
 

@@ -167,6 +167,14 @@ class ModelSpec:
     # output a merger of their own (a norm over merger_hidden, then fc1 and fc2 as the merger's)
     # feeds to the language model, in the order of the HF list of mergers
     deepstack_layers: tuple[int, ...] = attrs.field(default=(), converter=_int_tuple)
+    # blocks patch_norm / downsample / gated_merger of a vision stack (GLM-4.1V's tower): a norm
+    # after the patch embedding (as the layers' norms, bias as norm_bias says), a convolution of
+    # downsample_size^2 neighbouring patches from hidden_size to merger_out (with a bias), and a
+    # merger on merger_out: a projection, a LayerNorm (with a bias), then a gated MLP merger_ffn wide
+    # (no biases)
+    patch_norm: bool = False
+    downsample_size: int = 0
+    merger_ffn: int = 0
     # The blocks of each main layer, in order (names in ``ckpt_ir.ir.blocks.BLOCKS``: a mixer
     # such as "attention" or "mamba", an MLP such as "mlp" or "moe"); empty: every layer is one
     # mixer and one MLP, as the fields above imply (see :meth:`blocks`).  A block of a layer made

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING
 
 from ckpt_ir.errors import FormatError, LayoutError, UsageError, VerifyError, setting
 from ckpt_ir.ir import expr as E
-from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
+from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode, shard_expr
 from ckpt_ir.ir.layout import Layout, vision_slots
 from ckpt_ir.ir.names import NameTable, is_lora_factor, lora_target, split_layer
-from ckpt_ir.ir.roles import split_rule
+from ckpt_ir.ir.roles import expected_shape, split_rule
 from ckpt_ir.ir.rules import Stack
 from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.megatron import keys as M
@@ -136,9 +136,20 @@ def vision_keys(
     names_of = _names(spec, layout)
     table, other = layer_table(vision, names_of), NameTable(names_of.keys)
     listed_layers, listed = _listed(vision, names_of)
+    pack_of = {p: (key, parts) for key, parts in names_of.packed for p in parts}
     out: dict[tuple[int, int], list[tuple[str, tuple[str, ...], Stack | None]]] = defaultdict(list)
     for name in names:
         layer, rest = split_layer(name[len("vision.") :])
+        if layer is not None and rest in pack_of:  # one key holding several tensors, [a; b; ...]
+            below, parts = pack_of[rest]
+            if rest == parts[0]:
+                stage, chunk, local = slots[layer]
+                canon = tuple(f"vision.layers.{layer}.{p}" for p in parts)
+                # whole on every TP rank, or rank r holding its part of each: [a_r; b_r; ...]
+                n = 1 if below in names_of.whole else layout.vision_tp
+                rule = Stack.of((c, ckpt.tensors[c].shape[0] // n) for c in canon)
+                out[(stage, chunk)].append((f"{names_of.layers}{local}.{below}", canon, rule))
+            continue
         if layer is not None and is_lora_factor(name):  # LoRA beside its module's weight key
             stage, chunk, local = slots[layer]
             target = table.from_canonical(
@@ -176,7 +187,9 @@ def lift_vision(
     names_of = _names(spec, layout)
     table, other, pattern = layer_table(vision, names_of), NameTable(names_of.keys), _layer_pattern(names_of)
     listed_layers, listed = _listed(vision, names_of)
+    packed = dict(names_of.packed)
     pieces: dict[str, dict[int, tuple[str, E.Expr]]] = defaultdict(dict)
+    packs: dict[str, tuple[tuple[str, ...], bool]] = {}  # key -> (its canonical tensors, held whole)
     unknown: list[str] = []
     for key, places in found.items():
         for t, p, chunk, label, x in places:
@@ -193,7 +206,8 @@ def lift_vision(
                         )
                     name = f"vision.layers.{listed_layers[j]}.{rest}"
             else:
-                canon = _vision_canonical(table, key)
+                below = m.group(2)
+                canon = "layers.{i}." + packed[below][0] if below in packed else _vision_canonical(table, key)
                 g = layer_of.get((p, chunk, int(m.group(1))))
                 if canon is not None and g is None:
                     raise FormatError(
@@ -201,6 +215,14 @@ def lift_vision(
                         f"on stage {p} chunk {chunk}; the rank files do not belong together"
                     )
                 name = None if canon is None else f"vision.layers.{g}.{split_layer(canon)[1]}"
+                if name is not None and below in packed:
+                    name = f"{key}@{g}"  # unpacked below, once its TP ranks are all read
+                    packs[name] = (
+                        tuple(f"vision.layers.{g}.{c}" for c in packed[below]),
+                        below in names_of.whole,
+                    )
+                elif name is not None and below in names_of.whole:
+                    packs[name] = ((name,), True)
             if name is None:
                 unknown.append(key)
                 break
@@ -208,6 +230,9 @@ def lift_vision(
     tensors: dict[str, TensorNode] = {}
     copies: dict[str, list[tuple[str, E.Expr]]] = {}
     for name, shards in pieces.items():
+        if name in packs:
+            tensors.update(_unpacked(name, shards, *packs[name], spec, layout, where, copies, dropped))
+            continue
         rule, n = split_rule(name, spec), layout.vision_tp
         if rule is None or n == 1:
             tensors[name] = TensorNode.whole(name, shards[min(shards)][1])
@@ -236,6 +261,56 @@ def _vision_canonical(table: NameTable, key: str) -> str | None:
         return table.to_canonical(key)
     canon = table.to_canonical(m.group(1) + ".weight")
     return None if canon is None else canon[: -len(".weight")] + M.CANONICAL_LORA[m.group(2)]
+
+
+def _unpacked(
+    name: str,
+    shards: dict[int, tuple[str, E.Expr]],
+    canon: tuple[str, ...],
+    whole: bool,
+    spec: ModelSpec,
+    layout: Layout,
+    where: str,
+    copies: dict[str, list[tuple[str, E.Expr]]],
+    dropped: dict[str, str],
+) -> dict[str, TensorNode]:
+    """The canonical tensors of a key packing ``canon`` along dim 0 (``MegatronTower.packed``), or
+    of a key held ``whole`` on every TP rank though its tensor is split over the tower's TP
+    (``MegatronTower.whole``), from its TP ranks' tensors: a whole key's copies kept for comparison,
+    its tensors cut over TP as their roles say; a split pack's ranks each hold their part of every
+    tensor."""
+    n = layout.vision_tp
+    rows = [expected_shape(spec, layout, c) for c in canon]
+    if whole or n == 1:
+        kept = shards[min(shards)][1]
+        if len(shards) > 1:
+            copies[name] = [shards[t] for t in sorted(shards)]
+            dropped[f"{name}@tp{','.join(str(t) for t in sorted(shards)[1:])}"] = (
+                "replica of TP rank 0 (held whole on every rank)"
+            )
+        parts = Stack.of((c, r[0]) for c, r in zip(canon, rows) if r is not None).split(kept)
+        out = {}
+        for c in canon:
+            rule = split_rule(c, spec)
+            out[c] = (
+                TensorNode(c, tuple(shard_expr(parts[c], rule, n)), rule)
+                if rule is not None and n > 1
+                else TensorNode.whole(c, parts[c])
+            )
+        return out
+    if sorted(shards) != list(range(n)):
+        raise FormatError(f"{where}: {name} is missing on TP rank(s) {sorted(set(range(n)) - set(shards))}")
+    local = Stack.of((c, r[0] // n) for c, r in zip(canon, rows) if r is not None)
+    by_rank = [local.split(shards[t][1]) for t in range(n)]
+    return {c: TensorNode(c, tuple(p[c] for p in by_rank), split_rule(c, spec)) for c in canon}
+
+
+def is_whole(spec: ModelSpec, key: str) -> bool:
+    """Whether the family's MindSpeed-MM layout holds tower key ``key`` whole on every TP rank
+    though its canonical tensors are split over the tower's TP (``MegatronTower.whole``)."""
+    names_of = tower_names(spec)
+    m = _layer_pattern(names_of).match(key)
+    return m is not None and m.group(2) in names_of.whole
 
 
 def scan_counts(

@@ -336,16 +336,30 @@ class FuseVision(Pass):
     description = (
         "The vision tower's (ModelSpec.vision) attention is multi-head: Megatron's per-group "
         "interleave with a group per head gives each head's [q_h; k_h; v_h], which MindSpeed-MM's "
-        "converter writes (RelocateOp); its gated MLP becomes [gate; up]."
+        "converter writes (RelocateOp); its gated MLP becomes [gate; up].  A tower whose "
+        "MindSpeed-MM names pack its tensors in keys of their own (GLM-4.1V's [q; k; v]) is left as it is."
     )
     requires = (WHOLE,)
     optimizer_state = "follow"
     guarantees = "vision.layers.N.attn.qkv.* per head [q_h; k_h; v_h], vision.layers.N.mlp.gate_up.*"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
+        if _own_packs(ckpt):
+            return ckpt
         ckpt = ckpt.with_tensors(fuse(ckpt, QKV, self.name, "vision"))
         tensors = fuse(ckpt, GATE_UP, self.name, "vision")
         return ckpt.with_tensors(tensors, layout=attrs.evolve(ckpt.layout, vision_fused=True))
+
+
+def _own_packs(ckpt: Checkpoint) -> bool:
+    """Whether the family's MindSpeed-MM tower packs its layers' tensors in keys of its own
+    (``MegatronTower.packed``: GLM-4.1V's ``self_attention.qkv`` = [q; k; v], ``linear_fc1`` =
+    [gate; up]) rather than in Megatron's fused ones: then they stay apart in the IR."""
+    from ckpt_ir.families import by_name
+
+    towers = by_name(ckpt.spec.family).towers if ckpt.spec.family else ()
+    names = towers[0].mindspeed if towers else None
+    return names is not None and bool(names.packed)
 
 
 @register_pass
