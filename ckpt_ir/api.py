@@ -27,6 +27,7 @@ from ckpt_ir.errors import UsageError, setting
 from ckpt_ir.frontends import load
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.layout import GDN_KEYS, MLA_KEYS, MM_KEYS, Layout, has_gdn_modules
+from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.passes.carry import DropOptimizerState, RenameMla, RenameMm, RenameNorms
 from ckpt_ir.passes.cast import CastPass, DequantizePass
 from ckpt_ir.passes.fusion import FuseGateUp, FuseQKV, FuseVision, UnfuseGateUp, UnfuseQKV, UnfuseVision
@@ -342,6 +343,22 @@ def _normalise(
     return steps
 
 
+def default_mm_keys(src: Checkpoint) -> str:
+    """The Megatron naming of a vision-language model converted from HF when none is asked: its
+    tower's (``Tower.mm_keys``: MindSpeed-MM's where Megatron-Bridge has no bridge)."""
+    from ckpt_ir.families import by_name
+
+    return by_name(src.spec.family).towers[0].mm_keys
+
+
+def mindspeed_fuses(spec: ModelSpec) -> bool:
+    """Whether MindSpeed-MM's layout of the tower fuses its q / k / v per head (fuse-vision); a
+    tower whose names pack them (``MegatronTower.packed``) keeps them apart in the IR."""
+    from ckpt_ir.megatron import mindspeed_mm
+
+    return not mindspeed_mm.tower_names(spec).packed
+
+
 def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
     """The standard pipeline from the source to the target, every IR change a pass: dequantize a
     quantized source (unless the target quantizes), normalise (gather, drop no-op layers, unfuse;
@@ -369,7 +386,7 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
             f"{setting('mm_keys')} / {setting('vision_tp')} / {setting('vision_layer_list')}: {src.spec.family} "
             f"has no vision tower; leave them out"
         )
-    mm_keys = target.mm_keys or lay.mm_keys
+    mm_keys = target.mm_keys or (default_mm_keys(src) if vlm and lay.kind == "hf" else lay.mm_keys)
     steps += _normalise(
         lay,
         unfuse=unfuse,
@@ -405,7 +422,7 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
             steps.append(FuseQKV(gdn=gdn))
         if not fused_gate_up:
             steps.append(FuseGateUp())
-        if vlm and mm_keys == "mindspeed" and not lay.vision_fused:
+        if vlm and mm_keys == "mindspeed" and not lay.vision_fused and mindspeed_fuses(src.spec):
             steps.append(FuseVision())
         if vlm and mm_keys != lay.mm_keys:  # before shard: MindSpeed-MM's layer lists may hold zeros
             steps.append(RenameMm(keys=mm_keys))

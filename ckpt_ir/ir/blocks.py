@@ -60,7 +60,8 @@ MLPS = ("mlp", "moe")
 # its MLP (post_attn_norm, post_mlp_norm) instead of preceding them (OLMo-Hybrid's attention
 # layers, beside pre-norm gated-delta-net ones); moe_branch, a layer's MoE beside its dense MLP
 # (both blocks in the layer), each branch with norms of its own, their sum normed once more, and a
-# router that scales its input (Gemma 4's enable_moe_block)
+# router that scales its input (Gemma 4's enable_moe_block); layer_scale, a learned per-channel
+# scale of the attention's and of the MLP's output before each residual add (InternViT's ls1, ls2)
 PARTS = (
     "compressor",
     "csa_indexer",
@@ -72,12 +73,21 @@ PARTS = (
     "out_gate",
     "post_norms",
     "moe_branch",
+    "layer_scale",
 )
 BLOCKS = MIXERS + MLPS + PARTS
 # blocks of a stack beside its layers (a vision tower, ModelSpec.vision): the patch embedding before
 # them and the merger (norm + MLP over neighbouring patches) after them; a stack has one of each
 # where its spec gives the block's sizes (patch_size, merger_size)
-STACK_BLOCKS = ("patch_embed", "merger", "pos_embed", "post_norm", "projector")
+STACK_BLOCKS = (
+    "patch_embed",
+    "merger",
+    "pos_embed",
+    "post_norm",
+    "projector",
+    "cls_embed",
+    "shuffle_projector",
+)
 
 # megatron-core's hybrid layer symbols (ssm/mamba_hybrid_layer_allocation.py; Megatron-LM's
 # HybridModel adds G for a gated-delta-net layer)

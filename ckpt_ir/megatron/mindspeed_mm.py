@@ -31,7 +31,7 @@ from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
 from ckpt_ir.ir.layout import Layout, vision_slots
 from ckpt_ir.ir.names import NameTable, split_layer
-from ckpt_ir.ir.roles import split_rule
+from ckpt_ir.ir.roles import expected_shape, split_rule
 from ckpt_ir.ir.rules import Stack
 from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.megatron import keys as M
@@ -90,9 +90,18 @@ def vision_keys(
     first, last = _ends(layout.vision_layer_list or (vision.num_layers,), layout.pp)
     names_of = tower_names(spec)
     table, other = layer_table(vision, names_of), NameTable(names_of.keys)
+    packs = {c: (k, parts) for k, parts in names_of.packed for c in parts}
     out: dict[tuple[int, int], list[tuple[str, tuple[str, ...], Stack | None]]] = defaultdict(list)
     for name in names:
         layer, rest = split_layer(name[len("vision.") :])
+        if layer is not None and rest in packs:  # [a; b; c], each part split over TP by its role
+            below, parts = packs[rest]
+            if rest == parts[0]:
+                stage, chunk, local = slots[layer]
+                canon = tuple(f"vision.layers.{layer}.{p}" for p in parts)
+                rows = [(c, ckpt.tensors[c].shards[0].shape[0]) for c in canon]
+                out[(stage, chunk)].append((f"{names_of.layers}{local}.{below}", canon, Stack.of(rows)))
+            continue
         if layer is not None:
             stage, chunk, local = slots[layer]
             key, place = table.from_canonical(f"layers.{local}.{rest}"), (stage, chunk)
@@ -120,11 +129,22 @@ def lift_vision(
     layer_of = {(s, c, local): g for g, (s, c, local) in enumerate(vision_slots(spec, layout))}
     names_of = tower_names(spec)
     table, other, pattern = layer_table(vision, names_of), NameTable(names_of.keys), _layer_pattern(names_of)
+    packs = dict(names_of.packed)
     pieces: dict[str, dict[int, tuple[str, E.Expr]]] = defaultdict(dict)
     unknown: list[str] = []
     for key, places in found.items():
         for t, p, chunk, label, x in places:
             m = pattern.match(key)
+            if m is not None and m.group(2) in packs:  # [a_r; b_r; c_r] on TP rank r
+                g = layer_of.get((p, chunk, int(m.group(1))))
+                if g is None:
+                    raise FormatError(
+                        f"{where}: {label} holds {key}, but the layer counts put no vision layer {m.group(1)} "
+                        f"on stage {p} chunk {chunk}; the rank files do not belong together"
+                    )
+                for part_name, part in _unpack(key, x, packs[m.group(2)], g, spec, layout, label).items():
+                    pieces[part_name][t] = (label, part)
+                continue
             if m is None:
                 name = other.to_canonical(key)
             else:
@@ -158,6 +178,29 @@ def lift_vision(
             )
         tensors[name] = TensorNode(name, tuple(shards[r][1] for r in range(n)), rule)
     return tensors, copies, unknown
+
+
+def _unpack(
+    key: str, x: E.Expr, parts: tuple[str, ...], layer: int, spec: ModelSpec, layout: Layout, label: str
+) -> dict[str, E.Expr]:
+    """A packed key's parts on one TP rank: each part's rows there (its role's shape, divided by the
+    tower's TP size where the role is split)."""
+    names = [f"vision.layers.{layer}.{p}" for p in parts]
+    rows = []
+    for name in names:
+        shape = expected_shape(spec, layout, name)
+        if shape is None:
+            raise FormatError(
+                f"{label}: {key} packs {name}, which this model does not have; check the HF config"
+            )
+        rows.append((name, shape[0] // (layout.vision_tp if split_rule(name, spec) else 1)))
+    rule = Stack.of(rows)
+    if x.shape[0] != rule.size:
+        raise FormatError(
+            f"{label}: {key} has {x.shape[0]} rows, but its parts take {rule.size} on a TP rank "
+            f"({' + '.join(str(n) for _, n in rows)}); the rank files do not match the HF config"
+        )
+    return rule.split(x)
 
 
 def scan_counts(
