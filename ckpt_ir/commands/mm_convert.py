@@ -28,7 +28,11 @@ from typing import Any
 from ckpt_ir.errors import UsageError
 
 # MindSpeed-MM's converter classes ckpt-ir implements -> the ckpt-ir family
-CONVERTERS = {"Qwen2_5_VLConverter": "qwen2_5_vl", "Qwen2VLConverter": "qwen2_vl"}
+CONVERTERS = {
+    "Qwen2_5_VLConverter": "qwen2_5_vl",
+    "Qwen2VLConverter": "qwen2_vl",
+    "InternVLConverter": "internvl",
+}
 METHODS = ("hf_to_mm", "mm_to_hf")
 # --cfg fields: where each method reads them; a field not listed here is refused, not ignored
 _FIELDS = {
