@@ -343,7 +343,7 @@ def _normalise(
     return steps
 
 
-def default_mm_keys(src: Checkpoint) -> str:
+def _default_mm_keys(src: Checkpoint) -> str:
     """The Megatron naming of a vision-language model converted from HF when none is asked: its
     tower's (``Tower.mm_keys``: MindSpeed-MM's where Megatron-Bridge has no bridge)."""
     from ckpt_ir.families import by_name
@@ -351,7 +351,7 @@ def default_mm_keys(src: Checkpoint) -> str:
     return by_name(src.spec.family).towers[0].mm_keys
 
 
-def mindspeed_fuses(spec: ModelSpec) -> bool:
+def _mindspeed_fuses(spec: ModelSpec) -> bool:
     """Whether MindSpeed-MM's layout of the tower fuses its q / k / v per head (fuse-vision); a
     tower whose names pack them (``MegatronTower.packed``) keeps them apart in the IR."""
     from ckpt_ir.megatron import mindspeed_mm
@@ -386,7 +386,7 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
             f"{setting('mm_keys')} / {setting('vision_tp')} / {setting('vision_layer_list')}: {src.spec.family} "
             f"has no vision tower; leave them out"
         )
-    mm_keys = target.mm_keys or (default_mm_keys(src) if vlm and lay.kind == "hf" else lay.mm_keys)
+    mm_keys = target.mm_keys or (_default_mm_keys(src) if vlm and lay.kind == "hf" else lay.mm_keys)
     steps += _normalise(
         lay,
         unfuse=unfuse,
@@ -422,7 +422,7 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
             steps.append(FuseQKV(gdn=gdn))
         if not fused_gate_up:
             steps.append(FuseGateUp())
-        if vlm and mm_keys == "mindspeed" and not lay.vision_fused and mindspeed_fuses(src.spec):
+        if vlm and mm_keys == "mindspeed" and not lay.vision_fused and _mindspeed_fuses(src.spec):
             steps.append(FuseVision())
         if vlm and mm_keys != lay.mm_keys:  # before shard: MindSpeed-MM's layer lists may hold zeros
             steps.append(RenameMm(keys=mm_keys))

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ckpt_ir.api as ck
+from ckpt_ir.errors import VerifyError
 from tests.test_families_vlm import layers
 from tests.test_hf_roundtrip import assert_same_tensors, convert, hf_state
 
@@ -56,6 +57,17 @@ CONFIG = dict(
     downsample_ratio=0.5,
     tie_word_embeddings=False,
 )
+# the other variants, batched in one model: a Llama language model with tied embeddings, a tower of
+# RMSNorms without q/k/v biases or q/k norms, and a LayerNorm after its layers (use_mean_pooling
+# false), which MindSpeed-MM's layout has no key for: Megatron-Bridge-style only
+LLAMA = dict(
+    CONFIG,
+    text_config=dict(TEXT, model_type="llama", tie_word_embeddings=True),
+    vision_config=dict(
+        VISION, attention_bias=False, use_qk_norm=False, norm_type="rms_norm", use_mean_pooling=False
+    ),
+    tie_word_embeddings=True,
+)
 SIDE_FILES = {
     "preprocessor_config.json": '{"image_processor_type": "GotOcr2ImageProcessor",  "size": {"height": 16,'
     ' "width": 16}}',
@@ -86,13 +98,13 @@ REMOTE_LAYER = (
 )
 
 
-def build(path: str, shard: str | None = None) -> str:
+def build(path: str, shard: str | None = None, config: dict = CONFIG) -> str:
     """A tiny InternVL built and saved by transformers, every parameter random."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(
-        AutoConfig.for_model("internvl", **CONFIG), dtype=torch.float32
+        AutoConfig.for_model("internvl", **config), dtype=torch.float32
     )
     with torch.no_grad():
         for p in model.parameters():
@@ -208,7 +220,11 @@ def vl_logits(path: str) -> torch.Tensor:
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("internvl")
     hf = build(str(root / "hf"))
-    return {"internvl": hf, "internvl_chat": write_remote(hf, str(root / "remote"))}
+    return {
+        "internvl": hf,
+        "internvl_chat": write_remote(hf, str(root / "remote")),
+        "internvl_llama": build(str(root / "llama"), config=LLAMA),
+    }
 
 
 MM = dict(mm_keys="mindspeed")
@@ -228,8 +244,10 @@ LAYOUTS = {
         dict(MM, tp=2),
         dict(MM, tp=2, pp=2, num_layer_list=(1, 1), vision_layer_list=(1, 1)),
     ),
+    "internvl_llama": (dict(mm_keys="bridge", tp=2, pp=2),),
 }
-FAMILY = {"internvl_chat": "internvl"}  # the LAYOUTS case of the remote naming: the family it is
+# the LAYOUTS cases of the remote naming and the variants: the family they are
+FAMILY = {"internvl_chat": "internvl", "internvl_llama": "internvl"}
 
 
 def mm_files(mid: str) -> dict[str, dict]:
@@ -247,11 +265,11 @@ def test_hf_to_mcore_to_hf_bit_exact_in_the_source_naming(sources, tmp_path, nam
     src = sources[naming]
     ckpt = ck.load(src)
     assert ckpt.spec.family == "internvl" and ckpt.spec.vision is not None
-    want = vl_logits(src) if naming == "internvl" else None
+    want = vl_logits(src) if naming != "internvl_chat" else None
     for n, layout in enumerate(LAYOUTS[naming]):
         mid, back = str(tmp_path / f"mid{n}"), str(tmp_path / f"back{n}")
         # the first layout with no mm_keys asked: MindSpeed-MM's (Megatron-Bridge has no InternVL bridge)
-        asked = {k: v for k, v in layout.items() if n or k != "mm_keys"}
+        asked = {k: v for k, v in layout.items() if n or (k, v) != ("mm_keys", "mindspeed")}
         convert(src, mid, ck.Target(to="mcore", **asked))
         assert os.path.isdir(f"{mid}/release") == (layout["mm_keys"] == "mindspeed")
         convert(mid, back, ck.Target(to="hf"))
@@ -260,7 +278,7 @@ def test_hf_to_mcore_to_hf_bit_exact_in_the_source_naming(sources, tmp_path, nam
         ours, theirs = json.load(open(f"{back}/config.json")), json.load(open(f"{src}/config.json"))
         # the source's config in its own shape (llm_config stays llm_config); the language model's
         # gains its head_dim, as every family's written config does
-        text = "text_config" if naming == "internvl" else "llm_config"
+        text = "llm_config" if naming == "internvl_chat" else "text_config"
         assert sorted(ours) == sorted(theirs) and ours["vision_config"] == theirs["vision_config"]
         assert ours[text] == {**theirs[text], "head_dim": 16}
         assert {k: ours[k] for k in ours if k != text} == {k: theirs[k] for k in theirs if k != text}
@@ -318,6 +336,15 @@ def assert_mindspeed_mm_files(mid: str, remote: dict, layout: dict) -> None:
                     sd["image_encoder.encoder.embeddings.position_embedding"],
                     remote["vision_model.embeddings.position_embedding"],
                 )
+
+
+def test_a_tower_mindspeed_mm_has_no_key_for_is_refused(sources, tmp_path):
+    """The LayerNorm after the tower (use_mean_pooling false) has no key in MindSpeed-MM's layout: a
+    one-line error naming it and the layout that holds it, nothing written."""
+    out = str(tmp_path / "mm")
+    with pytest.raises(VerifyError, match=r"^vision\.final_norm\.weight: MindSpeed-MM's .* use .*bridge"):
+        convert(sources["internvl_llama"], out, ck.Target(to="mcore"))
+    assert not os.path.exists(f"{out}/release")
 
 
 def test_the_layer_scale_reaches_the_logits(sources, tmp_path):

@@ -533,6 +533,7 @@ register(
                 "--pp 2 --num-layer-list 1,1 --vision-layer-list 2,0",
                 "--tp 2 --pp 2 --num-layer-list 1,1 --vision-layer-list 1,1",
                 "--tp 2 --mm-keys bridge",
+                "--tp 2 --pp 2 --mm-keys bridge",
             ),
             mcore_missing=(
                 "no: megatron-core 0.16's LLaVAModel hosts an InternViT tower's layer scales only through "

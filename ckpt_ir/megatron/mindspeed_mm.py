@@ -109,7 +109,10 @@ def vision_keys(
             key = other.from_canonical(name)
             place = first if name.startswith(names_of.first) else last
         if key is None:
-            raise VerifyError(f"{name}: MindSpeed-MM's layout has no key for this vision tensor")
+            raise VerifyError(
+                f"{name}: MindSpeed-MM's layout has no key for this vision tensor; use "
+                f"{setting('mm_keys', 'bridge')} (the tower in its HF form)"
+            )
         out[place].append((key, (name,), None))
     return out
 
