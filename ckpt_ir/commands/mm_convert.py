@@ -14,8 +14,10 @@ and side files) and checks the parallel settings against what the files hold.  W
 is wrong ckpt-ir is right, and says so in docs/cli.md: a first stage with no layers (MindSpeed-MM
 shifts every stage's content and loses the last layers, the final norm and the output layer), a
 vocabulary the TP size does not divide (MindSpeed-MM drops the last rows; ckpt-ir pads to a
-multiple of TP with copies of the last row, as Megatron-LM's tools pad, trimmed on the way back).  ``--cfg.trust_remote_code`` is accepted and never runs
-anything (ckpt-ir reads config.json as JSON).
+multiple of TP with copies of the last row, as Megatron-LM's tools pad, trimmed on the way back),
+InternVL's vision qkv at TP > 1 on the way back (MindSpeed-MM joins the ranks' [q_r; k_r; v_r]
+with a plain concatenation; ckpt-ir unpacks each rank's parts).  ``--cfg.trust_remote_code`` is
+accepted and never runs anything (ckpt-ir reads config.json as JSON).
 """
 
 from __future__ import annotations

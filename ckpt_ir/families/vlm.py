@@ -1,5 +1,6 @@
 """Vision-language families: a language model and a vision tower (patch embedding, a stack of ViT
-layers, a merger to the language model's width) in one checkpoint (qwen2_vl, qwen2_5_vl).
+layers, a merger to the language model's width) in one checkpoint (qwen2_vl, qwen2_5_vl, gemma3,
+internvl).
 
 The language model is an ordinary family's table (Qwen2: q/k/v biases, M-RoPE, which has no
 weights) whose config keys live in the HF config's ``text_config`` (or, in a legacy config, at its
@@ -315,6 +316,10 @@ register(
 # remote attn.qkv = [q; k; v] rows, ls1 / ls2 = lambda_1 / lambda_2, mlp1.0 / 1 / 3 = the projector's
 # layer_norm / linear_1 / linear_2.  The remote code is never run: its config is read as JSON.
 IV = "vision_tower.encoder.layer.{i}."
+# transformers models/internvl/modeling_internvl.py: the class token and positions [1, 1 + patches,
+# E] (235, 249), q / k RMSNorms over the whole width (129), layer scales lambda_1 / lambda_2 (352-353,
+# applied 364, 376), the post-norm unless use_mean_pooling (444), the projector's layer_norm over
+# E / downsample_ratio^2, linear_1, linear_2 (492-500)
 INTERNVL_VISION = (
     ("vision_tower.embeddings.cls_token", "vision.cls_token"),
     ("vision_tower.embeddings.patch_embeddings.projection.weight", "vision.patch_embed.weight"),
