@@ -20,7 +20,16 @@ stand-ins cover what its environment would provide:
   transformers 5 keeps only in ``text_config``): a class-level ``__getattr__`` on
   ``PreTrainedConfig`` that looks a missing attribute up in ``text_config``;
 * its command line (``jsonargparse``, not installed): the converter's static method is called with
-  the pydantic config its command line would build from the same ``--cfg`` values.
+  the pydantic config its command line would build from the same ``--cfg`` values;
+* InternVL's remote ``InternVLChatConfig`` (MindSpeed-MM reads OpenGVLab's remote-code layout): a
+  local config class registered for ``internvl_chat`` (``internvl_chat_config``); the model is the
+  tiny one of tests/test_families_internvl.py written in that layout, its config.json without
+  ``auto_map``, so no repository code runs.
+
+MindSpeed-MM's own ``InternVLConverter.mm_to_hf`` joins the vision ``linear_qkv`` TP parts with a
+plain ``cat`` (rank r holds ``[q_r; k_r; v_r]``), so at TP > 1 it gives back every ViT layer's
+``attn.qkv`` scrambled (``[q_0; k_0; v_0; q_1; ...]``); ckpt-ir's ``mm_to_hf`` of the same files is
+bit-exact (the internvl-tp2 lines of RESULTS).
 
 Where MindSpeed-MM is wrong, ckpt-ir's files are compared with what MindSpeed-MM writes for the
 same model where it is right (``REFERENCE``): a first pipeline stage without language-model layers
@@ -70,8 +79,18 @@ CASES: dict[str, tuple[str, dict, list, list, int]] = {
     "glm4v-pp2": ("glm4v", {}, [[1, 1]], [[2, 0]], 1),
     "glm4v-pp2-vit-split": ("glm4v", {}, [[1, 1]], [[1, 1]], 1),
     "glm4v-tp2pp2": ("glm4v", {}, [[1, 1]], [[2, 0]], 2),
+    # InternVL in the remote code's layout (tests/test_families_internvl.py), what InternVLConverter reads
+    "internvl-tp1": ("internvl_chat", {}, [[2]], [[2]], 1),
+    "internvl-tp2": ("internvl_chat", {}, [[2]], [[2]], 2),
+    "internvl-tp2pp2": ("internvl_chat", {}, [[1, 1]], [[2, 0]], 2),
+    "internvl-pp2-vit-split": ("internvl_chat", {}, [[1, 1]], [[1, 1]], 1),
 }
-CONVERTER = {"qwen2_5_vl": "Qwen2_5_VLConverter", "qwen2_vl": "Qwen2VLConverter", "glm4v": "GlmConverter"}
+CONVERTER = {
+    "qwen2_5_vl": "Qwen2_5_VLConverter",
+    "qwen2_vl": "Qwen2VLConverter",
+    "glm4v": "GlmConverter",
+    "internvl_chat": "InternVLConverter",
+}
 # where MindSpeed-MM is wrong: what its own files of another case show the right content to be
 REFERENCE = {
     "qwen25vl-llm-first-stage-empty": "qwen25vl-tp2pp2-as-tp1",
@@ -91,6 +110,10 @@ glm4v-tp1: rank files identical (1 files); ckpt-ir mm_to_hf of MindSpeed-MM's: 5
 glm4v-pp2: rank files identical (2 files); ckpt-ir mm_to_hf of MindSpeed-MM's: 58/58 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: writes nothing
 glm4v-pp2-vit-split: rank files identical (2 files); ckpt-ir mm_to_hf of MindSpeed-MM's: 58/58 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: writes nothing
 glm4v-tp2pp2: rank files identical to MindSpeed-MM's files at TP 1 split as its GLM model splits (4 files); ckpt-ir mm_to_hf of its own: 58/58 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: writes nothing; MindSpeed-MM's own TP 2 files hold 48 of 48 tensors whole on rank 1
+internvl-tp1: rank files identical (1 files); ckpt-ir mm_to_hf of MindSpeed-MM's: 69/69 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: 69/69 equal
+internvl-tp2: rank files identical (2 files); ckpt-ir mm_to_hf of MindSpeed-MM's: 69/69 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: 65/69 equal (the rest: attn.qkv.bias, attn.qkv.weight)
+internvl-tp2pp2: rank files identical (4 files); ckpt-ir mm_to_hf of MindSpeed-MM's: 69/69 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: 65/69 equal (the rest: attn.qkv.bias, attn.qkv.weight)
+internvl-pp2-vit-split: rank files identical (2 files); ckpt-ir mm_to_hf of MindSpeed-MM's: 69/69 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: 69/69 equal
 """
 
 
@@ -109,6 +132,49 @@ def stand_ins() -> None:
         raise AttributeError(name)
 
     PreTrainedConfig.__getattr__ = flat  # type: ignore[attr-defined]
+    internvl_chat_config()
+
+
+def internvl_chat_config() -> None:
+    """Stand-in 3 (docs/reference/vision-language-models.md section 3.9): the remote code's
+    InternVLChatConfig, as a local config class for model_type internvl_chat exposing llm_config (a
+    transformers config of its model type) and vision_config (its keys as attributes); the
+    model's config.json has no auto_map, so no repository code is involved."""
+    from transformers import AutoConfig, PreTrainedConfig
+
+    class InternVLChatStandIn(PreTrainedConfig):
+        model_type = "internvl_chat"
+
+        def __init__(self, llm_config=None, vision_config=None, **kwargs):
+            llm = dict(llm_config or {})
+            self.llm_config = AutoConfig.for_model(llm.pop("model_type", "qwen2"), **llm)
+            self.vision_config = PreTrainedConfig(**(vision_config or {}))
+            super().__init__(**kwargs)
+
+    AutoConfig.register("internvl_chat", InternVLChatStandIn, exist_ok=True)
+
+
+def build_internvl_chat(path: str) -> str:
+    """The tiny InternVL of tests/test_families_internvl.py in the remote code's layout, in two
+    shards with an index (MindSpeed-MM's mm_to_hf follows the index)."""
+    from safetensors.torch import load_file, save_file
+
+    sys.path.insert(0, ROOT)
+    from tests.test_families_internvl import build as build_hf
+    from tests.test_families_internvl import write_remote
+
+    write_remote(build_hf(path + "-transformers"), path)
+    sd = load_file(os.path.join(path, "model.safetensors"))
+    os.remove(os.path.join(path, "model.safetensors"))
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2]}
+    shards["model-00002-of-00002.safetensors"] = keys[len(keys) // 2 :]
+    for name, names in shards.items():
+        save_file({k: sd[k] for k in names}, os.path.join(path, name), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: name for name, names in shards.items() for k in names}}
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    return path
 
 
 def build(path: str, model_type: str, overrides: dict) -> str:
@@ -116,6 +182,8 @@ def build(path: str, model_type: str, overrides: dict) -> str:
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    if model_type == "internvl_chat":
+        return build_internvl_chat(path)
     sys.path.insert(0, ROOT)
     from tests.test_families_vlm import CONFIGS, SIDE_FILES
 
@@ -137,10 +205,12 @@ def build(path: str, model_type: str, overrides: dict) -> str:
 
 
 def mindspeed_hf_to_mm(model_type: str, hf: str, out: str, llm: list, vit: list, tp: int) -> None:
-    from checkpoint.vlm_model.converters import glm, qwen2_5vl, qwen2vl
+    from checkpoint.vlm_model.converters import glm, internvl, qwen2_5vl, qwen2vl
 
     if model_type == "glm4v":
         config_class, converter = glm.ConvertVppMMConfigGlm, glm.GlmConverter
+    elif model_type == "internvl_chat":
+        config_class, converter = internvl.ConvertVppMMConfigInternVL, internvl.InternVLConverter
     elif model_type == "qwen2_5_vl":
         config_class, converter = qwen2_5vl.ConvertVppMMConfigQwen2_5, qwen2_5vl.Qwen2_5_VLConverter
     else:
@@ -155,10 +225,12 @@ def mindspeed_hf_to_mm(model_type: str, hf: str, out: str, llm: list, vit: list,
 
 def mindspeed_mm_to_hf(model_type: str, hf: str, mm: str, out: str, llm: list, vit: list, tp: int) -> None:
     from checkpoint.vlm_model.config import ConvertHFConfig
-    from checkpoint.vlm_model.converters import glm, qwen2_5vl, qwen2vl
+    from checkpoint.vlm_model.converters import glm, internvl, qwen2_5vl, qwen2vl
 
     if model_type == "glm4v":
         config_class, converter = ConvertHFConfig, glm.GlmConverter
+    elif model_type == "internvl_chat":
+        config_class, converter = ConvertHFConfig, internvl.InternVLConverter
     elif model_type == "qwen2_5_vl":
         config_class, converter = qwen2_5vl.ConvertHFConfigQwen2_5, qwen2_5vl.Qwen2_5_VLConverter
     else:
@@ -232,6 +304,21 @@ def compare_rank_files(ours: str, theirs: dict[str, dict], skip=()) -> list[str]
                 f"{name}: checkpoint_version {a.get('checkpoint_version')} vs {b.get('checkpoint_version')}"
             )
     return problems
+
+
+def hf_differ(src: str, out: str) -> list[str]:
+    """The HF tensors of ``src`` that ``out`` lacks or holds otherwise."""
+    from safetensors.torch import load_file
+
+    def tensors(d: str) -> dict:
+        sd = {}
+        for n in os.listdir(d):
+            if n.endswith(".safetensors"):
+                sd.update(load_file(os.path.join(d, n)))
+        return sd
+
+    a, b = tensors(src), tensors(out)
+    return sorted(k for k in a if k not in b or not same_tensor(a[k], b[k]))
 
 
 def hf_equal(src: str, out: str) -> tuple[int, int]:
@@ -401,7 +488,14 @@ def run_case(name: str, work: str) -> tuple[bool, str]:
                 return ok, "; ".join(result + notes)
             equal, total = hf_equal(hf, back)
             result.append(f"MindSpeed-MM mm_to_hf of ckpt-ir's: {equal}/{total} equal")
-            ok &= equal == total or name == "qwen25vl-vocab-odd-tp2"
+            differ = hf_differ(hf, back)
+            # MindSpeed-MM's InternVL reverse joins the vision qkv's TP parts with a plain cat
+            # (operator.py:514-530): [q_0; k_0; v_0; q_1; ...] instead of [q; k; v]
+            scrambled = model_type == "internvl_chat" and tp > 1
+            if scrambled and differ:
+                result[-1] += " (the rest: " + ", ".join(sorted({k.split(".", 4)[-1] for k in differ})) + ")"
+            qkv = all(k.endswith(("attn.qkv.weight", "attn.qkv.bias")) for k in differ)
+            ok &= equal == total or name == "qwen25vl-vocab-odd-tp2" or (scrambled and qkv)
         except Exception as e:  # noqa: BLE001 - reported, not raised
             result.append(
                 f"MindSpeed-MM mm_to_hf of ckpt-ir's: {type(e).__name__}: {str(e).splitlines()[0][:120]}"

@@ -32,9 +32,11 @@ def hf_tensors(ckpt: Checkpoint, family: Family) -> list[tuple[str, E.Expr]]:
             f"the pipeline must end with gather, unfuse-qkv, unfuse-gate-up"
         )
     names = family.names
+    # the naming the source was read in (else the one its config's model type implies)
+    naming = family.naming(ckpt.meta.get("hf_naming")) or family.naming_of_config(ckpt.hf_config)
     packed: set[str] = set()
     out: list[tuple[str, str, E.Expr]] = []
-    for p in family.packed:
+    for p in family.packs(naming):
         pat = template_pattern(p.parts[0])
         rule = p.rule(ckpt.spec)
         for name in list(ckpt.tensors):
@@ -93,7 +95,6 @@ def hf_tensors(ckpt: Checkpoint, family: Family) -> list[tuple[str, E.Expr]]:
         out.append((name, hf_name, t.expr))
     out.sort(key=lambda item: canonical_order(item[0]))
     out = [(name, hf, family.as_stored(hf, e)) for name, hf, e in out]
-    naming = family.naming(ckpt.meta.get("hf_naming"))  # the naming the source was read in
     if family.renames(naming):
         return [(family.table_key(hf, ckpt.spec, True, naming), e) for _, hf, e in out]
     return [(hf, e) for _, hf, e in out]

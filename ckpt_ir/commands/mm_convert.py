@@ -18,8 +18,10 @@ multiple of TP with copies of the last row, as Megatron-LM's tools pad, trimmed 
 GLM-4.1V at TP > 1 (``GlmConverter``: MindSpeed-MM copies every tensor whole to every rank; ckpt-ir
 splits what MindSpeed-MM's GLM model splits: the language model's layers, embedding and output
 layer, and the tower's MLP, keeping the tower's attention, convolutions and projector whole) and
-GLM-4.1V's way back (MindSpeed-MM's ``GlmConverter.mm_to_hf`` writes nothing).
-``--cfg.trust_remote_code`` is accepted and never runs anything (ckpt-ir reads config.json as JSON).
+GLM-4.1V's way back (MindSpeed-MM's ``GlmConverter.mm_to_hf`` writes nothing), and
+InternVL's vision qkv at TP > 1 on the way back (MindSpeed-MM joins the ranks' [q_r; k_r; v_r]
+with a plain concatenation; ckpt-ir unpacks each rank's parts).  ``--cfg.trust_remote_code`` is
+accepted and never runs anything (ckpt-ir reads config.json as JSON).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ CONVERTERS = {
     "Qwen2VLConverter": ("qwen2_vl",),
     "Qwen3VLMegatronConverter": ("qwen3_vl", "qwen3_vl_moe"),
     "GlmConverter": ("glm4v",),
+    "InternVLConverter": ("internvl",),
 }
 METHODS = ("hf_to_mm", "mm_to_hf")
 # --cfg fields: where each method reads them; a field not listed here is refused, not ignored

@@ -628,7 +628,7 @@ def _mm_layout(
         "num_layer_list": tuple(text),
         "vision_layer_list": tuple(vision),
         "vision_tp": tp if width is not None and width[0] != width[1] else 1,
-        "vision_fused": not mindspeed_mm.tower_names(spec).packed,  # else packed keys, unfused in the IR
+        "vision_fused": not mindspeed_mm.tower_names(spec).packed,  # packed keys: unpacked on lift
         "padded_vocab": rows if rows > spec.vocab_size else None,  # padded to split over TP
     }
 

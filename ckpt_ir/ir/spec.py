@@ -175,6 +175,16 @@ class ModelSpec:
     patch_norm: bool = False
     downsample_size: int = 0
     merger_ffn: int = 0
+    # block cls_embed of a vision stack (InternViT): a learned class token [1, 1, hidden] before the
+    # patches, and learned positions for it and each patch stored [1, cls_positions, hidden]
+    # (cls_positions 0: none)
+    cls_token: bool = False
+    cls_positions: int = 0
+    # block shuffle_projector of a vision stack (InternVL): pixel shuffle of shuffle_size^2
+    # neighbouring patches, then a LayerNorm over hidden x shuffle_size^2, fc1 to shuffle_out (the
+    # language model's width), GELU, fc2, all with biases
+    shuffle_size: int = 0
+    shuffle_out: int = 0
     # The blocks of each main layer, in order (names in ``ckpt_ir.ir.blocks.BLOCKS``: a mixer
     # such as "attention" or "mamba", an MLP such as "mlp" or "moe"); empty: every layer is one
     # mixer and one MLP, as the fields above imply (see :meth:`blocks`).  A block of a layer made

@@ -68,6 +68,15 @@ def megatron_tower(spec: ModelSpec, mm_keys: str) -> MegatronTower | None:
     return by_name(spec.family).towers[0].bridge
 
 
+def fuses_tower(spec: ModelSpec, mm_keys: str) -> bool:
+    """Whether the tower's Megatron-form names in naming ``mm_keys`` hold its q / k / v and gate /
+    up in Megatron's fused modules (fuse-vision: per head, [gate; up]); a tower whose names pack
+    them in keys of their own (``MegatronTower.packed``: GLM-4.1V's ``self_attention.qkv``,
+    InternVL's ``linear_qkv`` = [q; k; v]) keeps them apart in the IR."""
+    names = megatron_tower(spec, mm_keys)
+    return names is not None and not names.packed
+
+
 def _names(spec: ModelSpec, layout: Layout) -> MegatronTower:
     names = megatron_tower(spec, layout.mm_keys)
     assert names is not None, "a tower in its HF form has no Megatron-form names"
@@ -145,10 +154,14 @@ def vision_keys(
             if rest == parts[0]:
                 stage, chunk, local = slots[layer]
                 canon = tuple(f"vision.layers.{layer}.{p}" for p in parts)
-                # whole on every TP rank, or rank r holding its part of each: [a_r; b_r; ...]
-                n = 1 if below in names_of.whole else layout.vision_tp
-                rule = Stack.of((c, ckpt.tensors[c].shape[0] // n) for c in canon)
-                out[(stage, chunk)].append((f"{names_of.layers}{local}.{below}", canon, rule))
+                # whole on every TP rank, or rank r holding its part of each, [a_r; b_r; ...] (a part
+                # whose role is not split over TP whole in each)
+                whole = below in names_of.whole
+                rows = [
+                    (c, ckpt.tensors[c].shape[0] if whole else ckpt.tensors[c].shards[0].shape[0])
+                    for c in canon
+                ]
+                out[(stage, chunk)].append((f"{names_of.layers}{local}.{below}", canon, Stack.of(rows)))
             continue
         if layer is not None and is_lora_factor(name):  # LoRA beside its module's weight key
             stage, chunk, local = slots[layer]
@@ -166,7 +179,12 @@ def vision_keys(
             key = other.from_canonical(name)
             place = first if name.startswith(names_of.first) else last
         if key is None:
-            raise VerifyError(f"{name}: the {layout.mm_keys} layout has no key for this vision tensor")
+            hint = (
+                f"; use {setting('mm_keys', 'bridge')} (the tower in its HF form)"
+                if layout.mm_keys == "mindspeed"
+                else ""
+            )
+            raise VerifyError(f"{name}: the {layout.mm_keys} layout has no key for this vision tensor{hint}")
         out[place].append((key, (name,), None))
     return out
 
@@ -300,9 +318,25 @@ def _unpacked(
         return out
     if sorted(shards) != list(range(n)):
         raise FormatError(f"{where}: {name} is missing on TP rank(s) {sorted(set(range(n)) - set(shards))}")
-    local = Stack.of((c, r[0] // n) for c, r in zip(canon, rows) if r is not None)
+    local = Stack.of(
+        (c, r[0] // (n if split_rule(c, spec) else 1)) for c, r in zip(canon, rows) if r is not None
+    )
+    for t in range(n):
+        label, x = shards[t]
+        if x.shape[0] != local.size:
+            raise FormatError(
+                f"{label}: {name.partition('@')[0]} has {x.shape[0]} rows, but its parts take {local.size} on "
+                f"a TP rank ({' + '.join(str(pc.size) for pc in local.pieces)}); the rank files do not match "
+                f"the HF config"
+            )
     by_rank = [local.split(shards[t][1]) for t in range(n)]
-    return {c: TensorNode(c, tuple(p[c] for p in by_rank), split_rule(c, spec)) for c in canon}
+    out = {}
+    for c in canon:
+        rule = split_rule(c, spec)
+        out[c] = (
+            TensorNode(c, tuple(p[c] for p in by_rank), rule) if rule else TensorNode.whole(c, by_rank[0][c])
+        )
+    return out
 
 
 def is_whole(spec: ModelSpec, key: str) -> bool:

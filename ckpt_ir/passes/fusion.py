@@ -344,22 +344,13 @@ class FuseVision(Pass):
     guarantees = "vision.layers.N.attn.qkv.* per head [q_h; k_h; v_h], vision.layers.N.mlp.gate_up.*"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        if _own_packs(ckpt):
-            return ckpt
+        from ckpt_ir.megatron import mindspeed_mm
+
+        if ckpt.spec.vision is not None and not mindspeed_mm.fuses_tower(ckpt.spec, ckpt.layout.mm_keys):
+            return ckpt  # the tower's names pack its tensors in keys of their own
         ckpt = ckpt.with_tensors(fuse(ckpt, QKV, self.name, "vision"))
         tensors = fuse(ckpt, GATE_UP, self.name, "vision")
         return ckpt.with_tensors(tensors, layout=attrs.evolve(ckpt.layout, vision_fused=True))
-
-
-def _own_packs(ckpt: Checkpoint) -> bool:
-    """Whether the family's MindSpeed-MM tower packs its layers' tensors in keys of its own
-    (``MegatronTower.packed``: GLM-4.1V's ``self_attention.qkv`` = [q; k; v], ``linear_fc1`` =
-    [gate; up]) rather than in Megatron's fused ones: then they stay apart in the IR."""
-    from ckpt_ir.families import by_name
-
-    towers = by_name(ckpt.spec.family).towers if ckpt.spec.family else ()
-    names = towers[0].mindspeed if towers else None
-    return names is not None and bool(names.packed)
 
 
 @register_pass
