@@ -344,10 +344,6 @@ class FuseVision(Pass):
     guarantees = "vision.layers.N.attn.qkv.* per head [q_h; k_h; v_h], vision.layers.N.mlp.gate_up.*"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        from ckpt_ir.megatron import mindspeed_mm
-
-        if ckpt.spec.vision is not None and not mindspeed_mm.fuses_tower(ckpt.spec, ckpt.layout.mm_keys):
-            return ckpt  # the tower's names pack its tensors in keys of their own
         ckpt = ckpt.with_tensors(fuse(ckpt, QKV, self.name, "vision"))
         tensors = fuse(ckpt, GATE_UP, self.name, "vision")
         return ckpt.with_tensors(tensors, layout=attrs.evolve(ckpt.layout, vision_fused=True))
