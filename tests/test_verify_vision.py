@@ -1,0 +1,149 @@
+"""``ckpt-ir verify`` on vision-language models (qwen2_5_vl, qwen2_vl, gemma3): both sides run
+token ids around one generated image, laid out as the family's processor lays out a real one
+(``Tower.image``), the tower compared unit by unit (patch embedding, each block, merger or
+projector) like the language model's layers.
+
+The oracle for the forward is transformers' own ``from_pretrained`` + forward on the same inputs;
+the Megatron sides are ``ckpt-ir convert``'s Megatron-Bridge and MindSpeed-MM layouts."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import attrs
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import ckpt_ir.api as ck
+from ckpt_ir.commands.verify import hf_side, image_inputs, run_side, text_ids, transformers_config, verify
+from ckpt_ir.errors import UsageError
+from tests.cli_contract import cli
+from tests.test_families_vlm import MM, models  # noqa: F401  (the tiny VLMs, built once per module)
+from tests.test_hf_roundtrip import convert
+
+# the tower's units of each family, in the order they run (Qwen: patch embedding, blocks, merger;
+# SigLIP: embeddings with positions, layers, post-layernorm, then Gemma 3's projector)
+TOWER_UNITS = {
+    "qwen2_5_vl": ["vision.patch_embed", "vision.layers.0", "vision.layers.1", "vision.merger"],
+    "qwen2_vl": ["vision.patch_embed", "vision.layers.0", "vision.layers.1", "vision.merger"],
+    "gemma3": [
+        "vision.patch_embed+pos_embed",
+        "vision.layers.0",
+        "vision.layers.1",
+        "vision.final_norm",
+        "vision.projector",
+    ],
+}
+# the Megatron layouts verified against the HF source: Megatron-Bridge's at TP2 PP2 (every family)
+# and MindSpeed-MM's at TP2 PP2 with the tower split over both stages (the Qwen families)
+LAYOUTS = {
+    "qwen2_5_vl": (dict(tp=2, pp=2), dict(MM, tp=2, pp=2, num_layer_list=(1, 1), vision_layer_list=(1, 1))),
+    "qwen2_vl": (dict(tp=2, pp=2), dict(MM, tp=2, pp=2, num_layer_list=(1, 1), vision_layer_list=(1, 1))),
+    "gemma3": (dict(tp=2, pp=2),),
+}
+# a weight of vision layer 1 of each family's HF checkpoint
+LAYER1_WEIGHT = {
+    "qwen2_5_vl": "visual.blocks.1.mlp.down_proj.weight",
+    "qwen2_vl": "visual.blocks.1.mlp.fc2.weight",
+    "gemma3": "vision_tower.encoder.layers.1.mlp.fc2.weight",
+}
+
+
+def report(*args: object) -> tuple[int, dict]:
+    r = cli("verify", *args, "--json")
+    assert r.returncode in (0, 1), r.stderr
+    return r.returncode, json.loads(r.stdout)
+
+
+@pytest.mark.parametrize("family", sorted(TOWER_UNITS))
+def test_unit_by_unit_forward_with_an_image_equals_transformers_forward(models, family):
+    """Materialising one unit at a time (the tower's included) computes transformers' logits on the
+    same token ids and image, and the image's placeholders are what the processor would write."""
+    from transformers import AutoModelForImageTextToText
+
+    path = models(family)
+    side = hf_side(path)
+    config = transformers_config(side[0])
+    ids, image, _ = image_inputs(side[0], config, text_ids(160, 8, set()), None)
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    v = cfg["vision_config"]
+    if family == "gemma3":  # mm_tokens_per_image between <start_of_image> and <end_of_image>
+        placeholders = [cfg["boi_token_index"]] + [cfg["image_token_index"]] * cfg["mm_tokens_per_image"]
+        placeholders.append(cfg["eoi_token_index"])
+        assert image["pixel_values"].shape == (1, 3, v["image_size"], v["image_size"])
+        assert torch.equal(image["token_type_ids"], (ids == cfg["image_token_index"]).long())
+    else:  # a 2 x 3 grid of merged patches: 4 x 6 patches of channels x frames x patch^2 values
+        merge, patch = v["spatial_merge_size"], v["patch_size"]
+        placeholders = (
+            [cfg["vision_start_token_id"]] + [cfg["image_token_id"]] * 6 + [cfg["vision_end_token_id"]]
+        )
+        assert image["image_grid_thw"].tolist() == [[1, 2 * merge, 3 * merge]]
+        assert image["pixel_values"].shape == (24, 3 * v["temporal_patch_size"] * patch**2)
+        assert torch.equal(image["mm_token_type_ids"], (ids == cfg["image_token_id"]).long())
+    assert ids[0, 4 : 4 + len(placeholders)].tolist() == placeholders and ids.shape[1] == 8 + len(
+        placeholders
+    )
+    out, order = run_side(side, ids, torch.float32, torch.device("cpu"), image=image)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False, **image).logits
+    assert torch.equal(out["logits"], want)
+    assert [n for n in order if n.startswith("vision.")] == TOWER_UNITS[family]
+    assert order[-4:] == ["layer 0", "layer 1", "final norm", "logits"]
+
+
+@pytest.mark.parametrize("family", sorted(LAYOUTS))
+def test_hf_vs_megatron_passes_and_a_changed_vision_weight_names_its_layer(models, tmp_path, family):
+    """HF vs each Megatron layout agrees exactly on every unit; an HF copy with one vision layer-1
+    weight changed diverges first at vision.layers.1 (exit 1), the tower's earlier units equal."""
+    src = models(family)
+    for n, layout in enumerate(LAYOUTS[family]):
+        mid = str(tmp_path / f"mid{n}")
+        convert(src, mid, ck.Target(to="mcore", **layout))
+        r = verify(src, mid)
+        assert r["ok"] and r["tolerance"] == "exact", layout
+        names = [row["name"] for row in r["rows"]]
+        assert set(TOWER_UNITS[family]) <= set(names) and all(row["max_abs_diff"] == 0 for row in r["rows"])
+    changed = str(tmp_path / "changed")
+    convert(src, changed, ck.Target(to="hf"))
+    f = os.path.join(changed, "model.safetensors")
+    sd = load_file(f)
+    sd[LAYER1_WEIGHT[family]] = sd[LAYER1_WEIGHT[family]] * 1.5
+    save_file(sd, f, metadata={"format": "pt"})
+    code, r = report(mid, changed)
+    assert code == 1 and r["first_divergent"] == "vision.layers.1", r["first_divergent"]
+    rows = {row["name"]: row for row in r["rows"]}
+    assert rows["vision.layers.0"]["max_abs_diff"] == 0 and not rows["logits"]["ok"]
+
+
+def test_image_requests_are_one_line_errors(models, monkeypatch):
+    """A size the tower cannot take, an image token in the prompt, and a family whose image inputs
+    verify cannot build are refused, each naming what to do."""
+    qwen, gemma = models("qwen2_5_vl"), models("gemma3")
+    cases = (
+        ((qwen, "--image-size", "16,20"), "16x20 is not a whole number of 8x8-pixel merged patches"),
+        ((gemma, "--image-size", "32,32"), "takes 16x16 images only"),
+        ((qwen, "--prompt-ids", "5,150,7"), "holds an image token id"),
+        ((qwen, "--image-size", "16"), "takes the height and width, H,W"),
+    )
+    for (path, *flags), message in cases:
+        r = cli("verify", path, path, *flags)
+        assert r.returncode == 2 and message in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    # a tower without an image description (a family being added): refused, naming it
+    from ckpt_ir.families import _REGISTRY
+
+    fam = _REGISTRY["qwen2_5_vl"]
+    bare = attrs.evolve(fam, towers=tuple(attrs.evolve(t, image=None) for t in fam.towers))
+    monkeypatch.setitem(_REGISTRY, "qwen2_5_vl", bare)
+    with pytest.raises(UsageError, match="qwen2_5_vl is a vision-language model whose image inputs verify"):
+        verify(qwen, qwen)
+
+
+def test_a_larger_image_runs_more_patches(models):
+    """--image-size sets the grid: 24 x 16 pixels in 4-pixel patches are 6 x 4 patches, 6 tokens."""
+    qwen = models("qwen2_vl")
+    code, r = report(qwen, qwen, "--image-size", "24,16", "--tokens", "4")
+    assert code == 0 and r["tokens"] == 4 + 6 + 2
+    assert "image_grid_thw [1, 6, 4]" in r["image"] and "pixel_values [24, 96]" in r["image"]
