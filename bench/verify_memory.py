@@ -39,7 +39,7 @@ VLM = """
 import sys, math, torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 size, path = int(sys.argv[1]), sys.argv[2]
-hidden = 64 * round((-128000 + math.sqrt(128000**2 + 4 * 552 * size)) / (2 * 552) / 64)
+hidden = 128 * round((-128000 + math.sqrt(128000**2 + 4 * 552 * size)) / (2 * 552) / 128)  # even heads: TP 2
 text = dict(hidden_size=hidden, intermediate_size=4 * hidden, num_attention_heads=hidden // 64,
             num_key_value_heads=hidden // 64, num_hidden_layers=8, vocab_size=32000, tie_word_embeddings=False,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]})

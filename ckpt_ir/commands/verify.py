@@ -9,6 +9,11 @@ activations.  The model's own forward (rotary embeddings, masks, family quirks) 
 checkpoint names become module parameters through transformers' own weight-conversion rules (fused
 MoE experts), so the oracle shares no layout code with the converter.  The hidden state after
 every unit is recorded for both sides and compared.
+
+A vision-language model runs the prompt with one generated image (:func:`image_inputs`, laid out
+as the family's ``Tower.image`` says its processor lays one out); any module holding a stack of
+layers is split the same way, so the tower's patch embedding, each of its blocks and its merger or
+projector are units too, reported by their canonical names (``vision.layers.1``).
 """
 
 from __future__ import annotations
@@ -473,6 +478,7 @@ def image_inputs(ckpt, config, text, size: tuple[int, int] | None) -> tuple[Any,
                 f"--image-size: {ckpt.spec.family}'s tower takes {side}x{side} images only (its position "
                 f"table), got {size[0]}x{size[1]}"
             )
+        assert how.tokens is not None  # ImageInput: an "image" layout names its token count
         count = getattr(config, how.tokens)
         image = {"pixel_values": torch.randn((1, channels, side, side), generator=gen)}
         what = f"{side}x{side} image, pixel_values [1, {channels}, {side}, {side}], {count} image tokens"
