@@ -132,6 +132,17 @@ def test_hf_vs_megatron_passes_and_a_changed_vision_weight_names_its_layer(model
     assert rows["vision.layers.0"]["max_abs_diff"] == 0 and not rows["logits"]["ok"]
 
 
+def test_a_bf16_cast_passes_within_the_dtype_tolerance(models, tmp_path):
+    """The tower's dtype is no model difference: an fp32 source and its bf16 cast are one model,
+    every unit within 16 bf16 epsilons of its largest value."""
+    qwen = models("qwen2_vl")
+    cast = str(tmp_path / "bf16")
+    convert(qwen, cast, ck.Target(to="hf", dtype="bf16"))
+    r = verify(qwen, cast)
+    assert r["ok"] and r["dtypes"] == ["F32", "BF16"] and r["tolerance"].startswith("0.125 x max|h|")
+    assert 0 < max(row["max_abs_diff"] for row in r["rows"] if row["name"].startswith("vision."))
+
+
 def test_image_requests_are_one_line_errors(models, monkeypatch):
     """A size the tower cannot take, an image token in the prompt, and a family whose image inputs
     verify cannot build are refused, each naming what to do; a size it can take sets the grid."""

@@ -587,8 +587,8 @@ def verify(
         raise UsageError(
             f"verify: {a} is {ca.spec.family} but {b} is {cb.spec.family}; they cannot hold one model"
         )
-    sa, sb = ca.spec.summary(), cb.spec.summary()
-    differ = [k for k in sa if k not in ("dtype", "lora_rank", "lora_alpha") and sa[k] != sb[k]]
+    sa, sb = model_shape(ca.spec.summary()), model_shape(cb.spec.summary())
+    differ = [k for k in sa if sa[k] != sb.get(k)]
     if differ:
         k = differ[0]
         raise UsageError(
@@ -657,6 +657,16 @@ def verify(
         "first_divergent": first_bad,
         "ok": first_bad is None,
         "not_compared": not_compared(ca),
+    }
+
+
+def model_shape(summary: dict[str, Any]) -> dict[str, Any]:
+    """A spec's summary without what two checkpoints of one model may differ in (the dtype, a
+    merged adapter's rank and alpha), in its vision tower's summary too."""
+    return {
+        k: model_shape(v) if isinstance(v, dict) else v
+        for k, v in summary.items()
+        if k not in ("dtype", "lora_rank", "lora_alpha")
     }
 
 
