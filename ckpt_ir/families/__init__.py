@@ -395,6 +395,31 @@ class Tower:
     # the Megatron naming (Layout.mm_keys) a conversion from HF picks when none is asked:
     # "mindspeed" for a family Megatron-Bridge has no bridge for (InternVL)
     mm_keys: str = "bridge"
+    # how ``ckpt-ir verify`` feeds the tower an image (None: it cannot yet, and says so)
+    image: ImageInput | None = None
+
+
+@attrs.frozen
+class ImageInput:
+    """How ``ckpt-ir verify`` gives a tower one generated image, laid out as the family's processor
+    lays out a real one.  ``pixels`` "patches": ``pixel_values`` [patches, channels x frames x
+    patch^2], one row per patch, and ``image_grid_thw`` [[frames, rows, columns]] of patches
+    (Qwen2-VL's image processor), one placeholder per merger_size^2 patches; "image":
+    ``pixel_values`` [1, channels, H, W] at the tower's one size (sqrt(pos_embed_size) patches a
+    side), ``tokens`` (a config attribute) placeholders per image.  ``image_token``: the config
+    attribute holding the placeholder's id; ``around``: the attributes of the ids just before and
+    just after the placeholders; ``type_ids``: the keyword of the mask that marks the image's
+    positions with 1, which the model reads for its positions or its attention mask."""
+
+    pixels: str
+    image_token: str
+    around: tuple[str, str] | None = None
+    tokens: str | None = None
+    type_ids: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.pixels not in ("patches", "image") or (self.pixels == "image") != (self.tokens is not None):
+            raise ValueError(f"ImageInput: pixels {self.pixels!r} with tokens {self.tokens!r}")
 
 
 # keys transformers reads from a multi-module model's top-level config, not its text_config:

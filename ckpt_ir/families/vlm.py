@@ -27,6 +27,7 @@ from ckpt_ir.families import (
     ExpertStack,
     Family,
     HfNaming,
+    ImageInput,
     MegatronTower,
     Packed,
     Renumbered,
@@ -110,6 +111,15 @@ VISION_SHAPE = (
     ConfigKey("activation", "hidden_act"),
 )
 VISION_CONSTANTS = (("qkv_bias", True), ("o_bias", True), ("mlp_bias", True), ("patch_bias", False))
+# a Qwen2-VL image: patch rows and their grid (transformers 5.25 image_processing_qwen2_vl.py:201-210),
+# the placeholders between <|vision_start|> and <|vision_end|>, mm_token_type_ids 1 on them for
+# M-RoPE's positions (modeling_qwen2_5_vl.py:934 get_rope_index, 1124 compute_3d_position_ids)
+QWEN_IMAGE = ImageInput(
+    "patches",
+    "image_token_id",
+    around=("vision_start_token_id", "vision_end_token_id"),
+    type_ids="mm_token_type_ids",
+)
 
 # MindSpeed-MM's names of the Qwen2 / Qwen2.5-VL tower (converters/qwen2vl.py create_qwen2vl_ops:
 # its RenameOp; the layers as GPTModel layers with local norm names)
@@ -140,6 +150,7 @@ QWEN25_TOWER = Tower(
     # RMSNorm (eps 1e-6, fixed by Qwen2RMSNorm's default), a gated MLP
     constants=(*VISION_CONSTANTS, ("gated_mlp", True), ("norm_eps", 1e-6)),
     mindspeed=QWEN_MINDSPEED,
+    image=QWEN_IMAGE,
 )
 # Qwen2-VL's vision_config: its width is embed_dim (hidden_size is the language model's, the
 # merger's output), the MLP mlp_ratio times it; LayerNorms with biases (eps 1e-6)
@@ -155,6 +166,7 @@ QWEN2_TOWER = Tower(
     ),
     constants=(*VISION_CONSTANTS, ("gated_mlp", False), ("norm_bias", True), ("norm_eps", 1e-6)),
     mindspeed=QWEN_MINDSPEED,
+    image=QWEN_IMAGE,
 )
 
 # transformers 5.25 builds Qwen2-VL and Qwen2.5-VL as model.language_model.* and model.visual.*
@@ -316,6 +328,16 @@ SIGLIP_TOWER = Tower(
     bridge_keys=(
         ("multi_modal_projector.mm_soft_embed_norm.weight", "vision.projector.norm.weight"),
         ("multi_modal_projector.proj.weight", "vision.projector.weight"),
+    ),
+    # an image at SigLIP's one size, mm_tokens_per_image placeholders between <start_of_image> and
+    # <end_of_image> (transformers 5.25 processing_gemma3.py:48-49), token_type_ids 1 on them: the
+    # image attends to itself both ways (modeling_gemma3.py:671 get_block_sequence_ids_for_mask)
+    image=ImageInput(
+        "image",
+        "image_token_id",
+        around=("boi_token_id", "eoi_token_id"),
+        tokens="mm_tokens_per_image",
+        type_ids="token_type_ids",
     ),
 )
 
