@@ -16,8 +16,9 @@ Megatron: Megatron-Bridge's layout (``qwen_vl/qwen35_vl_bridge.py``): the langua
 ``language_model.mtp.*`` (the same lines, ``_get_*_mtp_mappings``), and the tower in Megatron's
 modules under ``vision_model.`` (``_get_vision_mappings``, 71-142: Qwen3-VL's names and splits
 without the DeepStack list).  MindSpeed-MM has no Megatron converter for Qwen3.5 (its qwen3_5
-recipe trains with FSDP2 and converts to DCP: ``checkpoint/vlm_model/converters/qwen3_5.py``), so
-``--mm-keys mindspeed`` is refused (``Tower.mindspeed`` is None).
+recipe trains with FSDP2 from DCP checkpoints; ``hf_to_mm`` / ``mm_to_hf`` of its Qwen35Converter
+are ``pass``: ``checkpoint/vlm_model/converters/qwen3_5.py:303-308``), so ``--mm-keys mindspeed``
+is refused (``Tower.mindspeed`` is None).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import re
 
 import attrs
 
-from ckpt_ir.families import Family, Tested, by_name, hybrid, register, vlm
+from ckpt_ir.families import Family, Tested, by_name, hybrid, register
 from ckpt_ir.families.vlm import QWEN3_BRIDGE, QWEN3_TOWER, QWEN3_VISION, V, _lm, _q3_qkv
 
 LM = "model.language_model."
@@ -68,10 +69,6 @@ NO_MCORE = (
     "no: megatron-core 0.16 has no Qwen3-VL-style model (Megatron-Bridge's Qwen3VLModel is its own), "
     "and its gated-delta-net layers need flash-linear-attention (Triton)"
 )
-NO_MINDSPEED = (
-    "no Megatron converter in MindSpeed-MM (its qwen3_5 recipe is FSDP2 with DCP checkpoints, "
-    "checkpoint/vlm_model/converters/qwen3_5.py); --mm-keys mindspeed is refused"
-)
 
 
 def _vl(text_name: str, name: str, model_type: str, architecture: str, tested: Tested) -> Family:
@@ -92,7 +89,6 @@ def _vl(text_name: str, name: str, model_type: str, architecture: str, tested: T
     )
 
 
-assert vlm  # the Qwen3-VL tables above come from it
 register(
     _vl(
         "qwen3_5",
