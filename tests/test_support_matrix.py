@@ -149,6 +149,7 @@ def observed_round_trips() -> dict[str, set[str]]:
         "qwen3vl",
         "glm4v",
         "internvl",
+        "qwen35vl",
         "bridge_remote",
         "sarvam",
     ):
@@ -307,7 +308,8 @@ KNOWN = {
     "mamba": ("state-space", None),
     "jamba": ("supported", "family jamba"),
     "qwen3_5_text": ("supported", "family qwen3_5"),
-    "qwen3_5": ("multimodal", "its text model qwen3_5_text is supported (family qwen3_5)"),
+    # the vision-language model (Qwen3_5ForConditionalGeneration) whose text model is qwen3_5_text
+    "qwen3_5": ("supported", "family qwen3_5_vl"),
     "gemma3": ("supported", "family gemma3"),
     "rwkv": ("needs a block", None),
     "gptj": ("needs a block", None),

@@ -43,6 +43,16 @@ CONVERTERS = {
     "GlmConverter": ("glm4v",),
     "InternVLConverter": ("internvl",),
 }
+# MindSpeed-MM's converter classes with no Megatron conversion of their own -> why, and what to use
+NO_MEGATRON = {
+    # converters/qwen3_5.py:303-308: hf_to_mm / mm_to_hf are `pass` (its qwen3_5 recipes train
+    # with FSDP2 from DCP checkpoints: hf_to_dcp / dcp_to_hf)
+    "Qwen35Converter": (
+        "MindSpeed-MM has no Megatron layout of Qwen3.5 (its Qwen35Converter.hf_to_mm and mm_to_hf do "
+        "nothing; its qwen3_5 recipes use DCP checkpoints); convert to Megatron-Bridge's layout with "
+        "ckpt-ir convert --to mcore"
+    ),
+}
 METHODS = ("hf_to_mm", "mm_to_hf")
 # --cfg fields: where each method reads them; a field not listed here is refused, not ignored
 _FIELDS = {
@@ -163,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
     from ckpt_ir.commands.common import RunOptions, resolve_sources, run_conversion
 
     families = CONVERTERS.get(args.converter)
+    if args.converter in NO_MEGATRON:
+        raise UsageError(f"mm-convert {args.converter}: {NO_MEGATRON[args.converter]}")
     if families is None:
         raise UsageError(
             f"mm-convert {args.converter}: not supported by this version of ckpt-ir; supported: "

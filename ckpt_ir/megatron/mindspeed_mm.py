@@ -184,7 +184,8 @@ def vision_keys(
                 if layout.mm_keys == "mindspeed"
                 else ""
             )
-            raise VerifyError(f"{name}: the {layout.mm_keys} layout has no key for this vision tensor{hint}")
+            naming = "MindSpeed-MM's" if layout.mm_keys == "mindspeed" else "Megatron-Bridge's"
+            raise VerifyError(f"{name}: {naming} layout has no key for this vision tensor{hint}")
         out[place].append((key, (name,), None))
     return out
 
