@@ -142,6 +142,7 @@ def observed_round_trips() -> dict[str, set[str]]:
         "vlm",
         "vlm_more",
         "qwen3vl",
+        "kimi_k25",
         "bridge_remote",
         "sarvam",
     ):
