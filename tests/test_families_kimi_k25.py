@@ -394,3 +394,45 @@ def test_release_vision_config_spellings():
     theirs = fam.spec_from_config(dict(top, model_type="kimi_k25", vision_config=release))
     assert theirs.vision == ours.vision
     assert ours.vision.pos_embed_size == 24 and ours.vision.merger_size == 2
+
+
+INT4_CONFIG = {
+    "quantization_config": {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "config_groups": {
+            "group_0": {"weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 8}}
+        },
+    }
+}
+
+
+@pytest.mark.parametrize(
+    "drop,cfg_change,message",
+    [
+        ("x.weight_scale", None, "int4 tensor x.weight_packed has no x.weight_scale"),
+        ("x.weight_shape", None, "int4 tensor x.weight_packed has no x.weight_shape"),
+        (None, {"group_size": 16}, "scale tensor x.weight_scale does not fit x.weight_packed"),
+        (None, {"num_bits": 8}, "is not int4 pack-quantized"),
+    ],
+)
+def test_int4_bad_inputs_are_one_line_errors(tmp_path, drop, cfg_change, message):
+    """A packed weight without its scale or shape, scales of another group size than the config's,
+    a compressed-tensors config of another scheme: one-line errors naming the tensor or setting."""
+    from ckpt_ir.errors import CkptIrError
+    from ckpt_ir.io.safetensors import read_header
+    from ckpt_ir.quant import dequantize_tensors
+
+    tensors = {
+        "x.weight_packed": torch.zeros((4, 2), dtype=torch.int32),
+        "x.weight_scale": torch.ones((4, 2), dtype=torch.bfloat16),
+        "x.weight_shape": torch.tensor([4, 16], dtype=torch.int32),
+    }
+    tensors.pop(drop, None)
+    f = str(tmp_path / "m.safetensors")
+    save_file(tensors, f)
+    cfg = json.loads(json.dumps(INT4_CONFIG))
+    cfg["quantization_config"]["config_groups"]["group_0"]["weights"].update(cfg_change or {})
+    with pytest.raises(CkptIrError) as err:
+        dequantize_tensors(read_header(f)[0], cfg, "cfg")
+    assert message in str(err.value) and "\n" not in str(err.value)
