@@ -150,6 +150,7 @@ def observed_round_trips() -> dict[str, set[str]]:
         "glm4v",
         "internvl",
         "qwen35vl",
+        "kimi_k25",
         "bridge_remote",
         "sarvam",
     ):

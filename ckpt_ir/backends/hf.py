@@ -14,7 +14,7 @@ from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.names import split_layer, template_pattern
 from ckpt_ir.ir.roles import canonical_order
-from ckpt_ir.quant import Fp8Output
+from ckpt_ir.quant import Fp8Output, without_quant_config
 
 # an MTP layer's embedding and output head: Megatron shares (and keeps in sync) the main ones, and
 # families like Hunyuan V3 store no HF copy of them, so a family without HF names drops them
@@ -153,7 +153,8 @@ def plan(
             )
         aux = given
     cfg = family.config_from_spec(ckpt.spec, base_cfg)
-    cfg.pop("quantization_config", None)  # describes the written tensors only when they are quantized
+    # describes the written tensors only when they are quantized (a VLM's may be its text_config's)
+    cfg = without_quant_config(cfg)
     if quant_cfg is not None:
         cfg["quantization_config"] = quant_cfg
     files.append(OutputFile("config.json", "text", text=json.dumps(cfg, indent=2, sort_keys=True) + "\n"))

@@ -594,6 +594,12 @@ def _tower(pred: Callable[[ModelSpec], bool]) -> Presence:
     return lambda s, lay, i: pred(s)
 
 
+def _pos_embed_shape(s: ModelSpec, lay: Layout) -> tuple[int, ...]:
+    if s.pos_embed_width:  # a grid of rows x pos_embed_width positions (Kimi-K2.5's)
+        return (s.pos_embed_size // s.pos_embed_width, s.pos_embed_width, s.hidden_size)
+    return (s.pos_embed_size, s.hidden_size)
+
+
 def _merger(bias: bool = False) -> Presence:
     return lambda s, lay, i: s.merger_size > 0 and (not bias or s.mlp_bias)
 
@@ -646,7 +652,7 @@ _VISION_ROLES = [
     Role(
         V + "pos_embed.weight",
         None,
-        lambda s, lay: (s.pos_embed_size, s.hidden_size),
+        _pos_embed_shape,
         _tower(lambda s: s.pos_embed_size > 0),
         stack="vision",
     ),

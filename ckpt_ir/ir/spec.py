@@ -141,6 +141,9 @@ class ModelSpec:
     # absolute positions (pos_embed_size rows of hidden_size), a norm after the layers, a projector
     # to projector_out (the language model's width): a norm, then one weight without a bias
     pos_embed_size: int = 0
+    # learned positions stored as a grid [pos_embed_size / pos_embed_width, pos_embed_width,
+    # hidden_size] (Kimi-K2.5's MoonViT, bicubically resampled to each image); 0: [rows, hidden]
+    pos_embed_width: int = 0
     post_norm: bool = False
     projector_out: int = 0
     # blocks of the Pixtral (Mistral 3) and Llama 4 towers: a norm before the layers (pre_norm);
