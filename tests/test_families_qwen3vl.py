@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -267,3 +268,80 @@ def test_mm_convert_qwen3vl_megatron_converter_with_experts(models, tmp_path):
     assert main([*run, "mm_to_hf", *flat, *par([2], [2])]) == 0
     assert_same_tensors(src, back)
     assert_side_files(src, back)
+
+
+def hub_copy(src: str, dst: str) -> str:
+    """``src`` with Qwen3-VL-MoE's stacked experts as the hub stores them: each expert's matrix
+    transposed, gate_up_proj [Ex, T, 2Im] and down_proj [Ex, Im, T]
+    (docs/reference/vision-language-models.md section 1.2)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    for name in os.listdir(dst):
+        if name.endswith(".safetensors"):
+            sd = load_file(f"{dst}/{name}")
+            sd = {k: v.transpose(1, 2).contiguous() if ".mlp.experts." in k else v for k, v in sd.items()}
+            save_file(sd, f"{dst}/{name}", metadata={"format": "pt"})
+    return dst
+
+
+def test_hub_expert_orientation_read_and_written_back(models, tmp_path):
+    """The hub's orientation of the experts reads as the same model as transformers' (identical
+    Megatron-Bridge rank files) and is written back as read: through Megatron-Bridge's layout (the
+    naming recorded in the args) and through MindSpeed-MM's, whose rank files record nothing, so
+    ``mm-convert mm_to_hf`` takes it from the HF directory's weights."""
+    from ckpt_ir.commands.cli import main
+
+    src = models("qwen3_vl_moe")
+    hub = hub_copy(src, str(tmp_path / "hub"))
+    assert ck.load(hub).meta.get("hf_naming") == "hub" and "hf_naming" not in ck.load(src).meta
+    layout = dict(tp=2, ep=2)
+    mids = {}
+    for name, path in (("transformers", src), ("hub", hub)):
+        mids[name] = str(tmp_path / f"mid-{name}")
+        convert(path, mids[name], ck.Target(to="mcore", **layout))
+    for key, sd in rank_models(mids["hub"], layout).items():
+        theirs = rank_models(mids["transformers"], layout)[key]
+        assert sorted(sd) == sorted(theirs) and all(torch.equal(sd[k], theirs[k]) for k in sd), key
+    convert(mids["hub"], str(tmp_path / "back"), ck.Target(to="hf"))
+    assert_same_tensors(hub, str(tmp_path / "back"))
+    mm, back = str(tmp_path / "mm"), str(tmp_path / "mm-back")
+    par = ("--cfg.parallel_config.tp_size", "1", "--cfg.parallel_config.ep_size", "2")
+    run = ["mm-convert", "Qwen3VLMegatronConverter"]
+    layers = ("--cfg.parallel_config.llm_pp_layers", "[[2]]", "--cfg.parallel_config.vit_pp_layers", "[[2]]")
+    assert main([*run, "hf_to_mm", "--cfg.mm_dir", mm, "--cfg.hf_config.hf_dir", hub, *layers, *par]) == 0
+    check_mindspeed(mm, hf_state(src), dict(MM, ep=2), json.load(open(f"{src}/config.json")))
+    flat = ("--cfg.parallel_config.llm_pp_layers", "[2]", "--cfg.parallel_config.vit_pp_layers", "[2]")
+    args = ("--cfg.save_hf_dir", back, "--cfg.mm_dir", mm, "--cfg.hf_config.hf_dir", hub)
+    assert main([*run, "mm_to_hf", *args, *flat, *par]) == 0
+    assert_same_tensors(hub, back)
+
+
+def test_expert_orientation_told_from_shapes_or_refused(models):
+    """Every expert stack votes by its shape unless square in its last two dims: with hidden = 2 x
+    expert width gate_up_proj is square either way and down_proj decides; a checkpoint whose only
+    stacks are square, or whose stacks disagree, is refused in one line."""
+    from types import SimpleNamespace
+
+    import attrs
+
+    from ckpt_ir.errors import FormatError
+    from ckpt_ir.families import by_name
+
+    family, spec = by_name("qwen3_vl_moe"), ck.load(models("qwen3_vl_moe")).spec
+    lm = "model.language_model.layers.0.mlp.experts."
+
+    def naming(shapes: dict[str, tuple[int, ...]], width: int) -> str | None:
+        tensors = {lm + k: SimpleNamespace(shape=s) for k, s in shapes.items()}
+        return family.naming_of(tensors, "ckpt", attrs.evolve(spec, moe_ffn_hidden_size=width))
+
+    hidden, ex = spec.hidden_size, spec.num_experts
+    half = hidden // 2  # gate_up_proj [Ex, 2 x half, hidden] is square
+    assert naming({"gate_up_proj": (ex, hidden, hidden), "down_proj": (ex, half, hidden)}, half) == "hub"
+    assert naming({"gate_up_proj": (ex, hidden, hidden), "down_proj": (ex, hidden, half)}, half) is None
+    assert naming({"gate_up_proj": (ex, hidden, 96), "down_proj": (ex, 48, hidden)}, 48) == "hub"
+    assert naming({"gate_up_proj": (ex, 96, hidden), "down_proj": (ex, hidden, 48)}, 48) is None
+    with pytest.raises(FormatError, match="is square in its last two dims"):
+        naming({"gate_up_proj": (ex, hidden, hidden)}, half)
+    with pytest.raises(FormatError, match="mix the hub orientation"):
+        naming({"gate_up_proj": (ex, hidden, 96), "down_proj": (ex, hidden, 48)}, 48)
