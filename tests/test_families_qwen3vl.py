@@ -345,3 +345,62 @@ def test_expert_orientation_told_from_shapes_or_refused(models):
         naming({"gate_up_proj": (ex, hidden, hidden)}, half)
     with pytest.raises(FormatError, match="mix the hub orientation"):
         naming({"gate_up_proj": (ex, hidden, 96), "down_proj": (ex, hidden, 48)}, 48)
+
+
+def test_bridge_tower_layers_load_strictly_into_megatron_core(models, tmp_path):
+    """Megatron-Bridge's tower layers (megatron-core's ViT layer spec, TE names) in each TP rank file
+    load with strict=True into megatron-core's own TransformerBlock of ViT layers
+    (tests/mcore_vision.py: one subprocess, two gloo ranks, both families), and its output equals
+    transformers' vision blocks on the same input (no rotary embedding on either side: identity
+    cos / sin for transformers)."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(1)
+    cases, inputs = [], {}
+    for family, layout in (("qwen3_vl", dict(tp=2)), ("qwen3_vl_moe", dict(tp=2, ep=2))):
+        src, mid = models(family), str(tmp_path / family)
+        convert(src, mid, ck.Target(to="mcore", **layout))
+        vision = json.load(open(f"{src}/config.json"))["vision_config"]
+        inputs[family] = x = torch.randn(12, vision["hidden_size"])
+        torch.save(x, tmp_path / f"{family}.x.pt")
+        cases.append(
+            {
+                "ckpt": f"{mid}/release" if os.path.isdir(f"{mid}/release") else f"{mid}/iter_0000001",
+                "tp": layout["tp"],
+                "ep": layout.get("ep", 1),
+                "out": str(tmp_path / f"{family}.out.pt"),
+                "input": str(tmp_path / f"{family}.x.pt"),
+                "layers": vision["depth"],
+                "hidden": vision["hidden_size"],
+                "heads": vision["num_heads"],
+                "ffn": vision["intermediate_size"],
+                "eps": 1e-6,
+            }
+        )
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"store": str(tmp_path / "store"), "cases": cases}))
+    proc = subprocess.run(
+        [sys.executable, "tests/mcore_vision.py", str(job), "2"],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for family, x in inputs.items():
+        got = torch.load(tmp_path / f"{family}.out.pt")
+        vision = json.load(open(f"{models(family)}/config.json"))["vision_config"]
+        # per layer: 2 LayerNorms (weight, bias), linear_qkv, linear_proj, fc1, fc2 (weight, bias)
+        assert len(got["loaded"]) == vision["depth"] * 12, family
+        model = AutoModelForImageTextToText.from_pretrained(models(family), dtype=torch.float32)
+        head_dim = vision["hidden_size"] // vision["num_heads"]
+        identity = (torch.ones(len(x), head_dim), torch.zeros(len(x), head_dim))
+        h = x
+        with torch.no_grad():
+            for blk in model.model.visual.blocks:
+                h = blk(
+                    h, cu_seqlens=torch.tensor([0, len(x)], dtype=torch.int32), position_embeddings=identity
+                )
+        torch.testing.assert_close(got["out"], h, rtol=1e-5, atol=1e-5, msg=family)

@@ -462,8 +462,16 @@ QWEN3_BRIDGE = MegatronTower(
 
 # why no megatron-core model checks the rank files
 NO_MCORE_QWEN3 = (
-    "no: megatron-core 0.16 has no Qwen3-VL model (3-D patches, interpolated learned positions, "
-    "DeepStack); Megatron-Bridge's Qwen3VLModel is its own (modelling_qwen3_vl/model.py)"
+    "no whole-model logits: megatron-core 0.16 has no Qwen3-VL model (3-D patches, interpolated learned "
+    "positions, DeepStack); Megatron-Bridge's Qwen3VLModel is its own (modelling_qwen3_vl/model.py). "
+    "Its tower's layers are megatron-core's ViT layers (model.py:349-356: "
+    "get_vit_layer_with_transformer_engine_spec, with Qwen3VLSelfAttention, attention.py:59, adding no "
+    "parameters): at TP 2 each rank file's vision_model.decoder.layers.* load with strict=True into "
+    "megatron-core's TransformerBlock of get_vit_layer_with_local_spec() layers (Transformer Engine "
+    "not installed: its fused norm names mapped to input_layernorm / pre_mlp_layernorm) and give "
+    "transformers' vision blocks' output (tests/mcore_vision.py); the patch embedding, positions, "
+    "merger and DeepStack mergers are Megatron-Bridge's own modules (utils.py:32, 112; "
+    "transformer_block.py:56, 90), which megatron-core lacks"
 )
 
 QWEN3_TOWER = Tower(
