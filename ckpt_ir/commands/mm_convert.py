@@ -14,7 +14,10 @@ and side files) and checks the parallel settings against what the files hold.  W
 is wrong ckpt-ir is right, and says so in docs/cli.md: a first stage with no layers (MindSpeed-MM
 shifts every stage's content and loses the last layers, the final norm and the output layer), a
 vocabulary the TP size does not divide (MindSpeed-MM drops the last rows; ckpt-ir pads to a
-multiple of TP with copies of the last row, as Megatron-LM's tools pad, trimmed on the way back).  ``--cfg.trust_remote_code`` is accepted and never runs
+multiple of TP with copies of the last row, as Megatron-LM's tools pad, trimmed on the way back),
+Qwen3-VL-MoE's experts as transformers saves them (MindSpeed-MM transposes them the wrong way;
+ckpt-ir reads the hub's orientation and transformers', and ``mm_to_hf`` writes the one of the
+weights in ``--cfg.hf_config.hf_dir``).  ``--cfg.trust_remote_code`` is accepted and never runs
 anything (ckpt-ir reads config.json as JSON).
 """
 
