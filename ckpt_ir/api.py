@@ -337,6 +337,14 @@ def _normalise(
     return steps
 
 
+def _default_mm_keys(src: Checkpoint) -> str:
+    """The Megatron naming of a vision-language model converted from HF when none is asked: its
+    tower's (``Tower.mm_keys``: MindSpeed-MM's where Megatron-Bridge has no bridge)."""
+    from ckpt_ir.families import by_name
+
+    return by_name(src.spec.family).towers[0].mm_keys
+
+
 def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
     """The standard pipeline from the source to the target, every IR change a pass: dequantize a
     quantized source (unless the target quantizes), normalise (gather, drop no-op layers, unfuse;
@@ -365,7 +373,7 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
             f"{setting('mm_keys')} / {setting('vision_tp')} / {setting('vision_layer_list')}: {src.spec.family} "
             f"has no vision tower; leave them out"
         )
-    mm_keys = target.mm_keys or lay.mm_keys
+    mm_keys = target.mm_keys or (_default_mm_keys(src) if vlm and lay.kind == "hf" else lay.mm_keys)
     # the tower in Megatron's modules (MindSpeed-MM's; Megatron-Bridge's Qwen3-VL), split over TP;
     # else Megatron-Bridge keeps it in its HF form (Qwen2.5-VL), whole on every TP rank
     megatron_form = vlm and mindspeed_mm.megatron_tower(src.spec, mm_keys) is not None
@@ -414,7 +422,7 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
             steps.append(FuseQKV(gdn=gdn))
         if not fused_gate_up:
             steps.append(FuseGateUp())
-        if megatron_form and not lay.vision_fused:
+        if megatron_form and not lay.vision_fused and mindspeed_mm.fuses_tower(src.spec, mm_keys):
             steps.append(FuseVision())
         if vlm and mm_keys != lay.mm_keys:  # before shard: MindSpeed-MM's layer lists may hold zeros
             steps.append(RenameMm(keys=mm_keys))

@@ -1,9 +1,11 @@
 """Block-quantized HF checkpoints (``quantization_config`` in config.json).
 
 Reading: FP8 block-scaled (``quant_method: fp8``: ``X.weight`` float8_e4m3fn with one inverse scale
-per ``weight_block_size`` tile in ``X.weight_scale_inv``, fp32 or ue8m0) and MXFP4 (``quant_method:
-mxfp4``: ``X_blocks`` packed e2m1 pairs with one e8m0 exponent per 32 values in ``X_scales``) become
-one lazy :class:`~ckpt_ir.ir.expr.Dequantize` expression per weight, under the weight's plain name,
+per ``weight_block_size`` tile in ``X.weight_scale_inv``, fp32 or ue8m0), MXFP4 (``quant_method:
+mxfp4``: ``X_blocks`` packed e2m1 pairs with one e8m0 exponent per 32 values in ``X_scales``) and
+INT4 pack-quantized (``quant_method: compressed-tensors``, ``format: pack-quantized``: ``X.weight_packed``
+int32 words of eight offset-binary nibbles, ``X.weight_scale`` one scale per ``group_size`` values of a
+row, ``X.weight_shape``; Kimi-K2.5's routed experts) become one lazy :class:`~ckpt_ir.ir.expr.Dequantize` expression per weight, under the weight's plain name,
 so the families see an ordinary checkpoint.  The ``dequantize`` pass casts them to the compute dtype.
 """
 
@@ -19,12 +21,33 @@ from ckpt_ir.ir import expr as E
 
 FP8_SCALE = "_scale_inv"  # X.weight -> X.weight_scale_inv
 MX_BLOCKS, MX_SCALES = "_blocks", "_scales"
+INT4_PACKED, INT4_SCALE, INT4_SHAPE = "_packed", "_scale", "_shape"  # X.weight -> X.weight_packed, ...
+
+
+def quant_config(cfg: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The config's ``quantization_config``: at its top level, or in a multi-module model's
+    ``text_config`` (the language model alone quantized), or None."""
+    cfg = cfg or {}
+    for where in (cfg, cfg.get("text_config")):
+        q = where.get("quantization_config") if isinstance(where, dict) else None
+        if isinstance(q, dict):
+            return q
+    return None
+
+
+def without_quant_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` without its quantization_config (top level and ``text_config``'s)."""
+    out = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    if isinstance(out.get("text_config"), dict) and "quantization_config" in out["text_config"]:
+        out["text_config"] = {k: v for k, v in out["text_config"].items() if k != "quantization_config"}
+    return out
 
 
 def quant_method(cfg: dict[str, Any] | None) -> str | None:
-    """The config's ``quantization_config.quant_method`` (``fp8``, ``mxfp4``), or None."""
-    q = (cfg or {}).get("quantization_config")
-    return q.get("quant_method") if isinstance(q, dict) else None
+    """The config's ``quantization_config.quant_method`` (``fp8``, ``mxfp4``,
+    ``compressed-tensors``), or None."""
+    q = quant_config(cfg)
+    return q.get("quant_method") if q is not None else None
 
 
 def dequantize_tensors(raw: dict[str, E.Load], cfg: dict[str, Any], where: str) -> dict[str, E.Expr]:
@@ -37,10 +60,67 @@ def dequantize_tensors(raw: dict[str, E.Load], cfg: dict[str, Any], where: str) 
         return _fp8(raw, cfg["quantization_config"], where)
     if method == "mxfp4":
         return _mxfp4(raw)
+    if method == "compressed-tensors":
+        return _int4(raw, _int4_group(quant_config(cfg) or {}, where))
     raise FormatError(
-        f"{where}: quantization_config.quant_method {method!r} is not supported (fp8 block-scaled and "
-        f"mxfp4 are); dequantize the checkpoint with its own tools first"
+        f"{where}: quantization_config.quant_method {method!r} is not supported (fp8 block-scaled, "
+        f"mxfp4 and compressed-tensors int4 pack-quantized are); dequantize the checkpoint with its own tools first"
     )
+
+
+def _int4_group(qcfg: dict[str, Any], where: str) -> int:
+    """The group size of a compressed-tensors config that ckpt-ir reads: pack-quantized, every
+    config group's weights 4-bit symmetric ints in groups of one size."""
+    groups = qcfg.get("config_groups")
+    weights = [g.get("weights") for g in groups.values()] if isinstance(groups, dict) else []
+    ok = (
+        qcfg.get("format") == "pack-quantized"
+        and weights
+        and all(
+            isinstance(w, dict)
+            and w.get("num_bits") == 4
+            and w.get("type") == "int"
+            and w.get("symmetric", True)
+            and w.get("strategy") == "group"
+            for w in weights
+        )
+    )
+    sizes = {w.get("group_size") for w in weights} if ok else set()
+    if len(sizes) != 1 or not isinstance(next(iter(sizes)), int) or next(iter(sizes)) <= 0:
+        raise FormatError(
+            f"{where}: quantization_config (compressed-tensors) is not int4 pack-quantized with one "
+            f"group size (format pack-quantized, weights num_bits 4, type int, symmetric, strategy group); "
+            f"dequantize the checkpoint with its own tools first"
+        )
+    return next(iter(sizes))
+
+
+def _int4(raw: dict[str, E.Load], group: int) -> dict[str, E.Expr]:
+    """``X.weight_packed`` + ``X.weight_scale`` (+ ``X.weight_shape``) -> ``X.weight``, dequantized
+    as Megatron-Bridge's ``dequantize_int4`` computes it (``models/conversion/quantization_utils.py``
+    493-544: the weight is [rows, 8 x packed columns], ``weight_shape`` unused)."""
+    out: dict[str, E.Expr] = {}
+    for key, load in raw.items():
+        for suffix in (INT4_SCALE, INT4_SHAPE):
+            if key.endswith(suffix) and key[: -len(suffix)] + INT4_PACKED in raw:
+                break
+        else:
+            if not key.endswith(INT4_PACKED):
+                out[key] = load
+                continue
+            base = key[: -len(INT4_PACKED)]
+            scale = raw.get(base + INT4_SCALE)
+            if scale is None or base + INT4_SHAPE not in raw:
+                missing = base + (INT4_SCALE if scale is None else INT4_SHAPE)
+                raise FormatError(
+                    f"{load.path}: int4 tensor {key} has no {missing}; the checkpoint is incomplete "
+                    f"(re-download the missing shard)"
+                )
+            try:
+                out[base] = E.Dequantize(load, scale, (1, group), "int4")
+            except VerifyError as e:
+                raise FormatError(f"{scale.path}: scale tensor {scale.key} does not fit {key}: {e}") from None
+    return out
 
 
 def _block(qcfg: dict[str, Any], where: str) -> tuple[int, int]:

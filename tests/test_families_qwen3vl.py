@@ -69,10 +69,12 @@ LAYOUTS = {
 }
 
 
-def build(path: str, model_type: str) -> str:
+def build(path: str, model_type: str, configs: dict | None = None) -> str:
+    """A tiny model of ``model_type`` (its config from ``configs``, default this module's CONFIGS)
+    built and saved by transformers, every parameter random, with the side files."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    cfg = AutoConfig.for_model(model_type, **CONFIGS[model_type])
+    cfg = AutoConfig.for_model(model_type, **(configs or CONFIGS)[model_type])
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():

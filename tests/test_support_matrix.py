@@ -56,15 +56,20 @@ DEFAULTS = {
 }
 
 
-def layout(target: Mapping) -> str:
-    """A Target's layout settings as the convert flags a claim spells (defaults left out; one rank
-    is ``--tp 1 --pp 1``)."""
+def layout(target: Mapping, family: str | None = None) -> str:
+    """A Target's layout settings as the convert flags a claim spells (defaults left out, the
+    Megatron naming of a vision-language model by its family's default; one rank is ``--tp 1
+    --pp 1``)."""
     unknown = set(target) - set(FLAGS)
     assert not unknown, f"no flag known for {unknown}"
+    defaults = dict(DEFAULTS)
+    towers = by_name(family).towers if family else ()
+    if towers:
+        defaults["mm_keys"] = towers[0].mm_keys
     words = []
     for field, flag in FLAGS.items():
         value = target.get(field)
-        if value is None or value == DEFAULTS.get(field) or value == ():
+        if value is None or value == defaults.get(field) or value == ():
             continue
         if value is True:
             words.append(flag)
@@ -74,7 +79,7 @@ def layout(target: Mapping) -> str:
     return " ".join(words) or "--tp 1 --pp 1"
 
 
-def from_flags(flags: Iterable[str]) -> str:
+def from_flags(flags: Iterable[str], family: str | None = None) -> str:
     """``ckpt-ir convert`` flags (a test's argument list or a claim) in the order ``layout`` writes."""
     by_flag = {flag: field for field, flag in FLAGS.items()}
     words, target = list(flags), {}
@@ -96,7 +101,7 @@ def from_flags(flags: Iterable[str]) -> str:
             if field in ("norm_names", "ckpt_format", "mla_keys", "gdn_keys", "mm_keys")
             else int(value)
         )
-    return layout(target)
+    return layout(target, family)
 
 
 def _module(name: str):
@@ -124,7 +129,7 @@ def observed_round_trips() -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
 
     def add(family: str, target: Mapping | str) -> None:
-        out.setdefault(family, set()).add(target if isinstance(target, str) else layout(target))
+        out.setdefault(family, set()).add(target if isinstance(target, str) else layout(target, family))
 
     for family, target in _module("test_hf_roundtrip").MCORE_LAYOUTS.items():
         add(family, target)
@@ -142,6 +147,10 @@ def observed_round_trips() -> dict[str, set[str]]:
         "vlm",
         "vlm_more",
         "qwen3vl",
+        "glm4v",
+        "internvl",
+        "qwen35vl",
+        "kimi_k25",
         "bridge_remote",
         "sarvam",
     ):
@@ -230,9 +239,9 @@ def claimed(kind: str) -> dict[str, set[str]]:
         if kind == "mindspeed":
             values = [case for case, _ in values]
         elif kind == "round_trip":
-            values = [v if v.startswith("random") else from_flags(v.split()) for v in values]
+            values = [v if v.startswith("random") else from_flags(v.split(), f.name) for v in values]
         else:
-            values = [from_flags(v.split()) for v in values]
+            values = [from_flags(v.split(), f.name) for v in values]
         if values:
             out[f.name] = set(values)
     return out
@@ -300,7 +309,8 @@ KNOWN = {
     "mamba": ("state-space", None),
     "jamba": ("supported", "family jamba"),
     "qwen3_5_text": ("supported", "family qwen3_5"),
-    "qwen3_5": ("multimodal", "its text model qwen3_5_text is supported (family qwen3_5)"),
+    # the vision-language model (Qwen3_5ForConditionalGeneration) whose text model is qwen3_5_text
+    "qwen3_5": ("supported", "family qwen3_5_vl"),
     "gemma3": ("supported", "family gemma3"),
     "rwkv": ("needs a block", None),
     "gptj": ("needs a block", None),

@@ -20,14 +20,30 @@ stand-ins cover what its environment would provide:
   transformers 5 keeps only in ``text_config``): a class-level ``__getattr__`` on
   ``PreTrainedConfig`` that looks a missing attribute up in ``text_config``;
 * its command line (``jsonargparse``, not installed): the converter's static method is called with
-  the pydantic config its command line would build from the same ``--cfg`` values.
+  the pydantic config its command line would build from the same ``--cfg`` values;
+* InternVL's remote ``InternVLChatConfig`` (MindSpeed-MM reads OpenGVLab's remote-code layout): a
+  local config class registered for ``internvl_chat`` (``internvl_chat_config``); the model is the
+  tiny one of tests/test_families_internvl.py written in that layout, its config.json without
+  ``auto_map``, so no repository code runs.
+
+MindSpeed-MM's own ``InternVLConverter.mm_to_hf`` joins the vision ``linear_qkv`` TP parts with a
+plain ``cat`` (rank r holds ``[q_r; k_r; v_r]``), so at TP > 1 it gives back every ViT layer's
+``attn.qkv`` scrambled (``[q_0; k_0; v_0; q_1; ...]``); ckpt-ir's ``mm_to_hf`` of the same files is
+bit-exact (the internvl-tp2 lines of RESULTS).
 
 Where MindSpeed-MM is wrong, ckpt-ir's files are compared with what MindSpeed-MM writes for the
 same model where it is right (``REFERENCE``): a first pipeline stage without language-model layers
 (``qwen25vl-llm-first-stage-empty``: MindSpeed-MM's files of the same lists without that stage,
 one stage later), and a vocabulary TP does not divide (``qwen25vl-vocab-odd-tp2``: the embedding
 and output layer padded to a multiple of TP with copies of the last row, as Megatron-LM's tools
-pad, split in equal parts; MindSpeed-MM drops the last rows).
+pad, split in equal parts; MindSpeed-MM drops the last rows), and GLM-4.1V at TP 2
+(``glm4v-tp2pp2``: MindSpeed-MM's ``GlmConverter`` has no TP rules and copies every tensor whole to
+every rank; ckpt-ir's files are compared with MindSpeed-MM's files at TP 1 split as its GLM model
+builds the modules, ``split_glm``).  ``GlmConverter.mm_to_hf`` is ``pass``: it writes nothing.
+Qwen3-VL-MoE's inputs store the experts in the hub's orientation (``hub_orientation``), the only
+one MindSpeed-MM reads; given them in transformers' (``qwen3vlmoe-transformers-orientation-tp2ep2``)
+it writes every expert tensor transposed the wrong way, and ckpt-ir's files are compared with
+MindSpeed-MM's files of the hub-orientation copy.
 
 Usage::
 
@@ -63,6 +79,15 @@ CASES: dict[str, tuple[str, dict, list, list, int]] = {
     "qwen2vl-tp2pp2": ("qwen2_vl", {}, [[1, 1]], [[2, 0]], 2),
     "qwen25vl-llm-first-stage-empty": ("qwen2_5_vl", {}, [[0, 1, 1]], [[2, 0, 0]], 1),
     "qwen25vl-vocab-odd-tp2": ("qwen2_5_vl", {"vocab_size": 161}, [[2]], [[2]], 2),
+    "glm4v-tp1": ("glm4v", {}, [[2]], [[2]], 1),
+    "glm4v-pp2": ("glm4v", {}, [[1, 1]], [[2, 0]], 1),
+    "glm4v-pp2-vit-split": ("glm4v", {}, [[1, 1]], [[1, 1]], 1),
+    "glm4v-tp2pp2": ("glm4v", {}, [[1, 1]], [[2, 0]], 2),
+    # InternVL in the remote code's layout (tests/test_families_internvl.py), what InternVLConverter reads
+    "internvl-tp1": ("internvl_chat", {}, [[2]], [[2]], 1),
+    "internvl-tp2": ("internvl_chat", {}, [[2]], [[2]], 2),
+    "internvl-tp2pp2": ("internvl_chat", {}, [[1, 1]], [[2, 0]], 2),
+    "internvl-pp2-vit-split": ("internvl_chat", {}, [[1, 1]], [[1, 1]], 1),
     # Qwen3-VL (tests/test_families_qwen3vl.py's configs: 3 text layers, DeepStack mergers on vision
     # layers 1 and 0) and Qwen3-VL-MoE (2 text layers, 4 experts 48 wide, hidden 64), the experts
     # written in the hub's orientation, the one MindSpeed-MM reads (vlm_model/operator.py:582-611)
@@ -81,12 +106,15 @@ EP = {"qwen3vlmoe-tp2ep2": 2, "qwen3vlmoe-pp2ep2": 2, "qwen3vlmoe-transformers-o
 CONVERTER = {
     "qwen2_5_vl": "Qwen2_5_VLConverter",
     "qwen2_vl": "Qwen2VLConverter",
+    "glm4v": "GlmConverter",
+    "internvl_chat": "InternVLConverter",
     "qwen3_vl": "Qwen3VLMegatronConverter",
     "qwen3_vl_moe": "Qwen3VLMegatronConverter",
 }
 # where MindSpeed-MM is wrong: what its own files of another case show the right content to be
 REFERENCE = {
     "qwen25vl-llm-first-stage-empty": "qwen25vl-tp2pp2-as-tp1",
+    "glm4v-tp2pp2": "its files at TP 1, split as its GLM model splits (split_glm)",
     "qwen3vlmoe-transformers-orientation-tp2ep2": "the same model with its experts in the hub's orientation",
 }
 # what the script printed with MindSpeed-MM 57069cd (stand-ins as above), 2026-08
@@ -99,6 +127,14 @@ qwen25vl-vpp2: rank files identical (2 files); ckpt-ir mm_to_hf of MindSpeed-MM'
 qwen2vl-tp2pp2: rank files identical (4 files); ckpt-ir mm_to_hf of MindSpeed-MM's: 58/58 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: 58/58 equal
 qwen25vl-llm-first-stage-empty: rank files identical to MindSpeed-MM's files of llm [[1,1]] one stage later (3 files); ckpt-ir mm_to_hf of its own: 57/57 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: 57/57 equal; MindSpeed-MM's own files: mp_rank_00_000 0 language-model tensors, mp_rank_00_001 0 language-model tensors, mp_rank_00_002 8 language-model tensors (embedding) of 17
 qwen25vl-vocab-odd-tp2: rank files identical to MindSpeed-MM's, the embedding and output layer to the padded rows (2 files); ckpt-ir mm_to_hf of its own: 57/57 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: 55/57 equal; MindSpeed-MM's text_decoder.embedding.word_embeddings.weight holds 160 of 161 rows; MindSpeed-MM's text_decoder.output_layer.weight holds 160 of 161 rows
+glm4v-tp1: rank files identical (1 files); ckpt-ir mm_to_hf of MindSpeed-MM's: 58/58 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: writes nothing
+glm4v-pp2: rank files identical (2 files); ckpt-ir mm_to_hf of MindSpeed-MM's: 58/58 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: writes nothing
+glm4v-pp2-vit-split: rank files identical (2 files); ckpt-ir mm_to_hf of MindSpeed-MM's: 58/58 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: writes nothing
+glm4v-tp2pp2: rank files identical to MindSpeed-MM's files at TP 1 split as its GLM model splits (4 files); ckpt-ir mm_to_hf of its own: 58/58 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: writes nothing; MindSpeed-MM's own TP 2 files hold 48 of 48 tensors whole on rank 1
+internvl-tp1: rank files identical (1 files); ckpt-ir mm_to_hf of MindSpeed-MM's: 69/69 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: 69/69 equal
+internvl-tp2: rank files identical (2 files); ckpt-ir mm_to_hf of MindSpeed-MM's: 69/69 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: 65/69 equal (the rest: attn.qkv.bias, attn.qkv.weight)
+internvl-tp2pp2: rank files identical (4 files); ckpt-ir mm_to_hf of MindSpeed-MM's: 69/69 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: 65/69 equal (the rest: attn.qkv.bias, attn.qkv.weight)
+internvl-pp2-vit-split: rank files identical (2 files); ckpt-ir mm_to_hf of MindSpeed-MM's: 69/69 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: 69/69 equal
 qwen3vl-tp1: rank files identical (1 files); ckpt-ir mm_to_hf of MindSpeed-MM's: 81/81 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: 81/81 equal
 qwen3vl-tp2: rank files identical (2 files); ckpt-ir mm_to_hf of MindSpeed-MM's: 81/81 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: 81/81 equal
 qwen3vl-tp2pp2-vit-split: rank files identical (4 files); ckpt-ir mm_to_hf of MindSpeed-MM's: 81/81 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: 81/81 equal
@@ -123,19 +159,79 @@ def stand_ins() -> None:
         raise AttributeError(name)
 
     PreTrainedConfig.__getattr__ = flat  # type: ignore[attr-defined]
+    internvl_chat_config()
+
+
+def internvl_chat_config() -> None:
+    """Stand-in 3 (docs/reference/vision-language-models.md section 3.9): the remote code's
+    InternVLChatConfig, as a local config class for model_type internvl_chat exposing llm_config (a
+    transformers config of its model type) and vision_config (its keys as attributes); the
+    model's config.json has no auto_map, so no repository code is involved."""
+    from transformers import AutoConfig, PreTrainedConfig
+
+    class InternVLChatStandIn(PreTrainedConfig):
+        model_type = "internvl_chat"
+
+        def __init__(self, llm_config=None, vision_config=None, **kwargs):
+            llm = dict(llm_config or {})
+            self.llm_config = AutoConfig.for_model(llm.pop("model_type", "qwen2"), **llm)
+            self.vision_config = PreTrainedConfig(**(vision_config or {}))
+            super().__init__(**kwargs)
+
+    AutoConfig.register("internvl_chat", InternVLChatStandIn, exist_ok=True)
+
+
+def build_internvl_chat(path: str) -> str:
+    """The tiny InternVL of tests/test_families_internvl.py in the remote code's layout, in two
+    shards with an index (MindSpeed-MM's mm_to_hf follows the index)."""
+    from safetensors.torch import load_file, save_file
+
+    sys.path.insert(0, ROOT)
+    from tests.test_families_internvl import build as build_hf
+    from tests.test_families_internvl import write_remote
+
+    write_remote(build_hf(path + "-transformers"), path)
+    sd = load_file(os.path.join(path, "model.safetensors"))
+    os.remove(os.path.join(path, "model.safetensors"))
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2]}
+    shards["model-00002-of-00002.safetensors"] = keys[len(keys) // 2 :]
+    for name, names in shards.items():
+        save_file({k: sd[k] for k in names}, os.path.join(path, name), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: name for name, names in shards.items() for k in names}}
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    return path
+
+
+def hub_orientation(path: str) -> None:
+    """Rewrite the stacked experts of a transformers-saved Qwen3-VL-MoE ([Ex, 2Im, T], [Ex, T, Im])
+    as the hub stores them ([Ex, T, 2Im], [Ex, Im, T]); docs/reference/vision-language-models.md 1.2."""
+    from safetensors.torch import load_file, save_file
+
+    for name in os.listdir(path):
+        if name.endswith(".safetensors"):
+            sd = load_file(os.path.join(path, name))
+            sd = {k: v.transpose(1, 2).contiguous() if ".mlp.experts." in k else v for k, v in sd.items()}
+            save_file(sd, os.path.join(path, name), metadata={"format": "pt"})
 
 
 def build(path: str, model_type: str, overrides: dict, hub: bool = True) -> str:
     """A tiny model saved in shards with an index (MindSpeed-MM's mm_to_hf follows the index);
-    Qwen3-VL-MoE's experts rewritten in the hub's orientation (transposed)."""
+    Qwen3-VL-MoE's experts rewritten in the hub's orientation (transposed) unless ``hub`` is
+    False."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    if model_type == "internvl_chat":
+        return build_internvl_chat(path)
     sys.path.insert(0, ROOT)
-    from tests import test_families_qwen3vl, test_families_vlm
-    from tests.test_families_vlm import SIDE_FILES
+    from tests.test_families_vlm import CONFIGS, SIDE_FILES
 
-    CONFIGS = {**test_families_vlm.CONFIGS, **test_families_qwen3vl.CONFIGS}
+    if model_type.startswith("glm4v"):
+        from tests.test_families_glm4v import CONFIGS
+    if model_type.startswith("qwen3_vl"):
+        from tests.test_families_qwen3vl import CONFIGS
     config = dict(CONFIGS[model_type])
     config["text_config"] = {**config["text_config"], **overrides}
     cfg = AutoConfig.for_model(model_type, **config)
@@ -153,35 +249,6 @@ def build(path: str, model_type: str, overrides: dict, hub: bool = True) -> str:
     return path
 
 
-def hub_orientation(path: str) -> None:
-    """Rewrite the stacked experts of a transformers-saved Qwen3-VL-MoE ([Ex, 2Im, T], [Ex, T, Im])
-    as the hub stores them ([Ex, T, 2Im], [Ex, Im, T]); docs/reference/vision-language-models.md 1.2."""
-    from safetensors.torch import load_file, save_file
-
-    for name in os.listdir(path):
-        if name.endswith(".safetensors"):
-            sd = load_file(os.path.join(path, name))
-            sd = {k: v.transpose(1, 2).contiguous() if ".mlp.experts." in k else v for k, v in sd.items()}
-            save_file(sd, os.path.join(path, name), metadata={"format": "pt"})
-
-
-def _converter(model_type: str, back: bool):
-    """MindSpeed-MM's config class (hf_to_mm's, or mm_to_hf's with ``back``) and converter class."""
-    from checkpoint.vlm_model.config import ConvertHFConfig
-    from checkpoint.vlm_model.converters import qwen2_5vl, qwen2vl, qwen3vl_megatron
-
-    if model_type == "qwen2_5_vl":
-        config = qwen2_5vl.ConvertHFConfigQwen2_5 if back else qwen2_5vl.ConvertVppMMConfigQwen2_5
-        return config, qwen2_5vl.Qwen2_5_VLConverter
-    if model_type == "qwen2_vl":
-        return (
-            qwen2vl.ConvertHFConfigQwen2 if back else qwen2vl.ConvertVppMMConfigQwen2
-        ), qwen2vl.Qwen2VLConverter
-    # Qwen3-VL(-MoE): mm_to_hf takes the plain ConvertHFConfig (its converter's type hint)
-    config_class = ConvertHFConfig if back else qwen3vl_megatron.ConvertVppMMConfigQwen3
-    return config_class, qwen3vl_megatron.Qwen3VLMegatronConverter
-
-
 def parallel(llm: list, vit: list, tp: int, ep: int) -> dict:
     return {"llm_pp_layers": llm, "vit_pp_layers": vit, "tp_size": tp, **({"ep_size": ep} if ep > 1 else {})}
 
@@ -189,7 +256,21 @@ def parallel(llm: list, vit: list, tp: int, ep: int) -> dict:
 def mindspeed_hf_to_mm(
     model_type: str, hf: str, out: str, llm: list, vit: list, tp: int, ep: int = 1
 ) -> None:
-    config_class, converter = _converter(model_type, back=False)
+    from checkpoint.vlm_model.converters import glm, internvl, qwen2_5vl, qwen2vl, qwen3vl_megatron
+
+    if model_type.startswith("qwen3_vl"):
+        config_class, converter = (
+            qwen3vl_megatron.ConvertVppMMConfigQwen3,
+            qwen3vl_megatron.Qwen3VLMegatronConverter,
+        )
+    elif model_type == "glm4v":
+        config_class, converter = glm.ConvertVppMMConfigGlm, glm.GlmConverter
+    elif model_type == "internvl_chat":
+        config_class, converter = internvl.ConvertVppMMConfigInternVL, internvl.InternVLConverter
+    elif model_type == "qwen2_5_vl":
+        config_class, converter = qwen2_5vl.ConvertVppMMConfigQwen2_5, qwen2_5vl.Qwen2_5_VLConverter
+    else:
+        config_class, converter = qwen2vl.ConvertVppMMConfigQwen2, qwen2vl.Qwen2VLConverter
     cfg = config_class(mm_dir=out, hf_config={"hf_dir": hf}, parallel_config=parallel(llm, vit, tp, ep))
     converter.hf_to_mm(cfg)
 
@@ -197,7 +278,19 @@ def mindspeed_hf_to_mm(
 def mindspeed_mm_to_hf(
     model_type: str, hf: str, mm: str, out: str, llm: list, vit: list, tp: int, ep: int = 1
 ) -> None:
-    config_class, converter = _converter(model_type, back=True)
+    from checkpoint.vlm_model.config import ConvertHFConfig
+    from checkpoint.vlm_model.converters import glm, internvl, qwen2_5vl, qwen2vl, qwen3vl_megatron
+
+    if model_type.startswith("qwen3_vl"):  # its mm_to_hf takes the plain ConvertHFConfig
+        config_class, converter = ConvertHFConfig, qwen3vl_megatron.Qwen3VLMegatronConverter
+    elif model_type == "glm4v":
+        config_class, converter = ConvertHFConfig, glm.GlmConverter
+    elif model_type == "internvl_chat":
+        config_class, converter = ConvertHFConfig, internvl.InternVLConverter
+    elif model_type == "qwen2_5_vl":
+        config_class, converter = qwen2_5vl.ConvertHFConfigQwen2_5, qwen2_5vl.Qwen2_5_VLConverter
+    else:
+        config_class, converter = qwen2vl.ConvertHFConfigQwen2, qwen2vl.Qwen2VLConverter
     cfg = config_class(
         save_hf_dir=out, mm_dir=mm, hf_config={"hf_dir": hf}, parallel_config=parallel(llm, vit, tp, ep)
     )
@@ -269,6 +362,21 @@ def compare_rank_files(ours: str, theirs: dict[str, dict], skip=()) -> list[str]
     return problems
 
 
+def hf_differ(src: str, out: str) -> list[str]:
+    """The HF tensors of ``src`` that ``out`` lacks or holds otherwise."""
+    from safetensors.torch import load_file
+
+    def tensors(d: str) -> dict:
+        sd = {}
+        for n in os.listdir(d):
+            if n.endswith(".safetensors"):
+                sd.update(load_file(os.path.join(d, n)))
+        return sd
+
+    a, b = tensors(src), tensors(out)
+    return sorted(k for k in a if k not in b or not same_tensor(a[k], b[k]))
+
+
 def hf_equal(src: str, out: str) -> tuple[int, int]:
     from safetensors.torch import load_file
 
@@ -296,6 +404,36 @@ def shifted(files: dict[str, dict], by: int, stages: int) -> dict[str, dict]:
         for k, v in obj["model"].items():
             where = p + by if k.startswith("text_decoder.") else p
             out[f"mp_rank_{t}_{where:03d}"]["model"][k] = v
+    return out
+
+
+def split_glm(files: dict[str, dict], tp: int) -> dict[str, dict]:
+    """MindSpeed-MM's GLM-4.1V rank files at TP 1 split over ``tp`` as its GLM model builds the
+    modules (its converter copies every tensor whole instead, glm.py:88): the language model's
+    Megatron GPTModel layers (mm_gpt_model.py:94, 169; glm4v_layer_spec.py:173-201: linear_qkv
+    (weight, bias) and the embedding / output layer by rows, linear_proj and linear_fc2 by columns,
+    linear_fc1 [gate_r; up_r]) and the tower's Megatron MLP (glm4v_layer_spec.py:204-222); the
+    tower's attention, convolutions, norms, positions and projector whole (plain modules)."""
+    import torch
+
+    def parts(key: str, x):
+        if key.endswith(
+            ("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight", "linear_qkv.bias")
+        ):
+            return x.chunk(tp)
+        if key.endswith(("linear_proj.weight", "mlp.linear_fc2.weight")):
+            return x.chunk(tp, dim=1)
+        if key.endswith("mlp.linear_fc1.weight"):
+            gate, up = x.chunk(2)
+            return [torch.cat([g, u]) for g, u in zip(gate.chunk(tp), up.chunk(tp))]
+        return [x] * tp
+
+    out: dict[str, dict] = {}
+    for name, obj in files.items():
+        stage = name.split("_")[3:]  # mp_rank_00[_PPP]
+        for t in range(tp):
+            model = {k: parts(k, v)[t].clone() for k, v in obj["model"].items()}
+            out["_".join(["mp", "rank", f"{t:02d}", *stage])] = {"model": model, "checkpoint_version": 3.0}
     return out
 
 
@@ -355,6 +493,18 @@ def run_case(name: str, work: str) -> tuple[bool, str]:
                     problems.append(f"{key} rank {t} is not the padded embedding's part")
             held = sum(theirs[f"mp_rank_{t:02d}"]["model"][key].shape[0] for t in range(tp))
             notes.append(f"MindSpeed-MM's {key} holds {held} of {full.shape[0]} rows")
+    elif name == "glm4v-tp2pp2":
+        ref_dir = os.path.join(root, "mindspeed-reference")
+        mindspeed_hf_to_mm(model_type, hf, ref_dir, llm, vit, 1)
+        problems = compare_rank_files(ours_dir, split_glm(rank_files(ref_dir), tp))
+        whole = [
+            k
+            for p in range(len(llm[0]))
+            for k, v in theirs[f"mp_rank_01_{p:03d}"]["model"].items()
+            if same_tensor(v, rank_files(ref_dir)[f"mp_rank_00_{p:03d}"]["model"][k])
+        ]
+        total = sum(len(o["model"]) for o in theirs.values()) // tp
+        notes.append(f"MindSpeed-MM's own TP 2 files hold {len(whole)} of {total} tensors whole on rank 1")
     elif name in TRANSFORMERS_ORIENTATION:
         hub = os.path.join(root, "hf-hub")
         shutil.copytree(hf, hub)
@@ -379,12 +529,18 @@ def run_case(name: str, work: str) -> tuple[bool, str]:
     against = {
         "qwen25vl-llm-first-stage-empty": " to MindSpeed-MM's files of llm [[1,1]] one stage later",
         "qwen25vl-vocab-odd-tp2": " to MindSpeed-MM's, the embedding and output layer to the padded rows",
+        "glm4v-tp2pp2": " to MindSpeed-MM's files at TP 1 split as its GLM model splits",
         "qwen3vlmoe-transformers-orientation-tp2ep2": " to MindSpeed-MM's files of the hub-orientation copy",
     }.get(name, "")
     verdict = "identical" + against if not problems else "differ: " + "; ".join(problems[:4])
     result = [f"rank files {verdict} ({len(theirs)} files)"]
     # back: ckpt-ir reads MindSpeed-MM's files (where they are right, else its own), MindSpeed-MM ckpt-ir's
-    wrong = name in ("qwen25vl-llm-first-stage-empty", "qwen25vl-vocab-odd-tp2", *TRANSFORMERS_ORIENTATION)
+    wrong = name in (
+        "qwen25vl-llm-first-stage-empty",
+        "qwen25vl-vocab-odd-tp2",
+        "glm4v-tp2pp2",
+        *TRANSFORMERS_ORIENTATION,
+    )
     back = os.path.join(root, "ckpt-ir-back")
     ckpt_ir(
         "mm-convert",
@@ -407,14 +563,27 @@ def run_case(name: str, work: str) -> tuple[bool, str]:
         back = os.path.join(root, "mindspeed-back")
         try:
             mindspeed_mm_to_hf(model_type, hf, ours_dir, back, flat_llm, flat_vit, tp, ep)
+            if model_type == "glm4v":  # GlmConverter.mm_to_hf is `pass` (glm.py:131-133)
+                wrote = os.path.isdir(back) and any(n.endswith(".safetensors") for n in os.listdir(back))
+                result.append(f"MindSpeed-MM mm_to_hf of ckpt-ir's: {'wrote' if wrote else 'writes'} nothing")
+                return ok, "; ".join(result + notes)
             equal, total = hf_equal(hf, back)
             result.append(f"MindSpeed-MM mm_to_hf of ckpt-ir's: {equal}/{total} equal")
-            ok &= equal == total or name in ("qwen25vl-vocab-odd-tp2", *TRANSFORMERS_ORIENTATION)
+            differ = hf_differ(hf, back)
+            # MindSpeed-MM's InternVL reverse joins the vision qkv's TP parts with a plain cat
+            # (operator.py:514-530): [q_0; k_0; v_0; q_1; ...] instead of [q; k; v]
+            scrambled = model_type == "internvl_chat" and tp > 1
+            if scrambled and differ:
+                result[-1] += " (the rest: " + ", ".join(sorted({k.split(".", 4)[-1] for k in differ})) + ")"
+            qkv = all(k.endswith(("attn.qkv.weight", "attn.qkv.bias")) for k in differ)
+            # its Qwen3-VL-MoE mm_to_hf always writes the hub's orientation
+            hub_only = name in TRANSFORMERS_ORIENTATION and all(".mlp.experts." in k for k in differ)
+            ok &= equal == total or name == "qwen25vl-vocab-odd-tp2" or (scrambled and qkv) or hub_only
         except Exception as e:  # noqa: BLE001 - reported, not raised
             result.append(
                 f"MindSpeed-MM mm_to_hf of ckpt-ir's: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
             )
-            ok = ok and name in ("qwen25vl-vocab-odd-tp2", *TRANSFORMERS_ORIENTATION)
+            ok = ok and name == "qwen25vl-vocab-odd-tp2"
     return ok, "; ".join(result + notes)
 
 

@@ -14,7 +14,7 @@ from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.names import split_layer, template_pattern
 from ckpt_ir.ir.roles import canonical_order
-from ckpt_ir.quant import Fp8Output
+from ckpt_ir.quant import Fp8Output, without_quant_config
 
 # an MTP layer's embedding and output head: Megatron shares (and keeps in sync) the main ones, and
 # families like Hunyuan V3 store no HF copy of them, so a family without HF names drops them
@@ -32,9 +32,11 @@ def hf_tensors(ckpt: Checkpoint, family: Family) -> list[tuple[str, E.Expr]]:
             f"the pipeline must end with gather, unfuse-qkv, unfuse-gate-up"
         )
     names = family.names
+    # the naming the source was read in (else the one its config's model type implies)
+    naming = family.naming(ckpt.meta.get("hf_naming")) or family.naming_of_config(ckpt.hf_config)
     packed: set[str] = set()
     out: list[tuple[str, str, E.Expr]] = []
-    for p in family.packed:
+    for p in family.packs(naming):
         pat = template_pattern(p.parts[0])
         rule = p.rule(ckpt.spec)
         for name in list(ckpt.tensors):
@@ -93,7 +95,6 @@ def hf_tensors(ckpt: Checkpoint, family: Family) -> list[tuple[str, E.Expr]]:
         out.append((name, hf_name, t.expr))
     out.sort(key=lambda item: canonical_order(item[0]))
     out = [(name, hf, family.as_stored(hf, e)) for name, hf, e in out]
-    naming = family.naming(ckpt.meta.get("hf_naming"))  # the naming the source was read in
     if naming is not None and naming.transposed:  # expert stacks in the naming's orientation
         out = [(name, hf, naming.as_stored(hf, e)) for name, hf, e in out]
     if family.renames(naming):
@@ -154,7 +155,8 @@ def plan(
             )
         aux = given
     cfg = family.config_from_spec(ckpt.spec, base_cfg)
-    cfg.pop("quantization_config", None)  # describes the written tensors only when they are quantized
+    # describes the written tensors only when they are quantized (a VLM's may be its text_config's)
+    cfg = without_quant_config(cfg)
     if quant_cfg is not None:
         cfg["quantization_config"] = quant_cfg
     files.append(OutputFile("config.json", "text", text=json.dumps(cfg, indent=2, sort_keys=True) + "\n"))

@@ -15,10 +15,16 @@ is wrong ckpt-ir is right, and says so in docs/cli.md: a first stage with no lay
 shifts every stage's content and loses the last layers, the final norm and the output layer), a
 vocabulary the TP size does not divide (MindSpeed-MM drops the last rows; ckpt-ir pads to a
 multiple of TP with copies of the last row, as Megatron-LM's tools pad, trimmed on the way back),
-Qwen3-VL-MoE's experts as transformers saves them (MindSpeed-MM transposes them the wrong way;
-ckpt-ir reads the hub's orientation and transformers', and ``mm_to_hf`` writes the one of the
-weights in ``--cfg.hf_config.hf_dir``).  ``--cfg.trust_remote_code`` is accepted and never runs
-anything (ckpt-ir reads config.json as JSON).
+GLM-4.1V at TP > 1 (``GlmConverter``: MindSpeed-MM copies every tensor whole to every rank; ckpt-ir
+splits what MindSpeed-MM's GLM model splits: the language model's layers, embedding and output
+layer, and the tower's MLP, keeping the tower's attention, convolutions and projector whole) and
+GLM-4.1V's way back (MindSpeed-MM's ``GlmConverter.mm_to_hf`` writes nothing),
+InternVL's vision qkv at TP > 1 on the way back (MindSpeed-MM joins the ranks' [q_r; k_r; v_r]
+with a plain concatenation; ckpt-ir unpacks each rank's parts), and Qwen3-VL-MoE's experts as
+transformers saves them (MindSpeed-MM transposes them the wrong way; ckpt-ir reads the hub's
+orientation and transformers', and ``mm_to_hf`` writes the one of the weights in
+``--cfg.hf_config.hf_dir``).  ``--cfg.trust_remote_code`` is
+accepted and never runs anything (ckpt-ir reads config.json as JSON).
 """
 
 from __future__ import annotations
@@ -37,6 +43,18 @@ CONVERTERS = {
     "Qwen2_5_VLConverter": ("qwen2_5_vl",),
     "Qwen2VLConverter": ("qwen2_vl",),
     "Qwen3VLMegatronConverter": ("qwen3_vl", "qwen3_vl_moe"),
+    "GlmConverter": ("glm4v",),
+    "InternVLConverter": ("internvl",),
+}
+# MindSpeed-MM's converter classes with no Megatron conversion of their own -> why, and what to use
+NO_MEGATRON = {
+    # converters/qwen3_5.py:303-308: hf_to_mm / mm_to_hf are `pass` (its qwen3_5 recipes train
+    # with FSDP2 from DCP checkpoints: hf_to_dcp / dcp_to_hf)
+    "Qwen35Converter": (
+        "MindSpeed-MM has no Megatron layout of Qwen3.5 (its Qwen35Converter.hf_to_mm and mm_to_hf do "
+        "nothing; its qwen3_5 recipes use DCP checkpoints); convert to Megatron-Bridge's layout with "
+        "ckpt-ir convert --to mcore"
+    ),
 }
 METHODS = ("hf_to_mm", "mm_to_hf")
 # --cfg fields: where each method reads them; a field not listed here is refused, not ignored
@@ -158,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
     from ckpt_ir.commands.common import RunOptions, resolve_sources, run_conversion
 
     families = CONVERTERS.get(args.converter)
+    if args.converter in NO_MEGATRON:
+        raise UsageError(f"mm-convert {args.converter}: {NO_MEGATRON[args.converter]}")
     if families is None:
         raise UsageError(
             f"mm-convert {args.converter}: not supported by this version of ckpt-ir; supported: "

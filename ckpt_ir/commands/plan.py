@@ -56,7 +56,7 @@ def checkpoint_from_config(config_dir: str):
     from ckpt_ir.ir.layout import Layout
     from ckpt_ir.ir.names import role_of
     from ckpt_ir.ir.roles import canonical_order, expected_names, expected_shape
-    from ckpt_ir.quant import fp8_by_default, fp8_placeholder, quant_method
+    from ckpt_ir.quant import fp8_by_default, fp8_placeholder, quant_config, quant_method
 
     cfg = read_config(config_dir)
     where = os.path.join(config_dir, "config.json")
@@ -71,7 +71,7 @@ def checkpoint_from_config(config_dir: str):
         dtype = "F32" if role_of(name) in FP32_ROLES else spec.dtype
         expr: E.Expr = E.Load(PLACEHOLDER, name, shape, dtype, offset, "placeholder")
         if quant_method(cfg) == "fp8" and fp8_by_default(name, shape, canonical=True):
-            expr = fp8_placeholder(expr, cfg["quantization_config"], where)  # fp8 values + scales
+            expr = fp8_placeholder(expr, quant_config(cfg) or {}, where)  # fp8 values + scales
         tensors[name] = TensorNode.whole(name, expr)
         offset += E.bytes_read(expr)
     return Checkpoint(

@@ -9,12 +9,18 @@ activations.  The model's own forward (rotary embeddings, masks, family quirks) 
 checkpoint names become module parameters through transformers' own weight-conversion rules (fused
 MoE experts), so the oracle shares no layout code with the converter.  The hidden state after
 every unit is recorded for both sides and compared.
+
+A vision-language model runs the prompt with one generated image (:func:`image_inputs`, laid out
+as the family's ``Tower.image`` says its processor lays one out); any module holding a stack of
+layers is split the same way, so the tower's patch embedding, each of its blocks and its merger or
+projector are units too, reported by their canonical names (``vision.layers.1``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import re
 import warnings
 from collections.abc import Iterator
@@ -114,13 +120,15 @@ def parameters_on_meta() -> Iterator[None]:
         torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
-def build_model(config, dtype, device, adapter: str | None):
-    """The causal-LM model with meta parameters; with ``adapter`` wrapped by PEFT (its LoRA weights
-    loaded, they are small) so the adapter is applied at run time as peft does."""
+def build_model(config, dtype, device, adapter: str | None, *, image: bool = False):
+    """The causal-LM model (``image``: the image-text-to-text model) with meta parameters; with
+    ``adapter`` wrapped by PEFT (its LoRA weights loaded, they are small) so the adapter is applied
+    at run time as peft does."""
     import transformers
 
+    auto = transformers.AutoModelForImageTextToText if image else transformers.AutoModelForCausalLM
     with parameters_on_meta():
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = auto.from_config(config, dtype=dtype)
     model.eval()
     for name, buf in model.named_buffers():
         if not buf.is_meta and buf.device != device:
@@ -156,22 +164,52 @@ def build_model(config, dtype, device, adapter: str | None):
     return peft_model.base_model.model
 
 
-def units(model) -> list[tuple[str, Any]]:
-    """(checkpoint-name prefix, module) for every unit materialised at once: the direct children
-    of the decoder stack that hold weights (decoder layers one by one), then the LM head."""
+@attrs.frozen(eq=False)
+class Unit:
+    """Weights materialised at once: a module's whole state (``own`` False), or only its own
+    parameters (``own`` True) while its forward runs (a module split into units, such as a vision
+    tower keeping a class embedding beside its layers)."""
+
+    prefix: str  # the module's name and a dot ("" for the model itself)
+    module: Any
+    own: bool = False
+
+    def wanted(self) -> dict[str, Any]:
+        """The unit's parameters and buffers still on the meta device, by name within the module."""
+        if self.own:
+            return {k: v for k, v in self.module._parameters.items() if v is not None and v.is_meta}
+        return {k: v for k, v in self.module.state_dict().items() if v.is_meta}
+
+
+def units(model) -> list[Unit]:
+    """The units materialised one at a time, in module order: a module that holds a stack of
+    layers (a ModuleList: decoder layers, vision blocks) is split, each layer one unit, every other
+    child holding weights one unit (embedding, final norm, LM head, patch embedding, merger), its
+    own parameters one more; modules without such a stack are units whole."""
     import torch
 
-    base_prefix = model.base_model_prefix
-    base = getattr(model, base_prefix)
-    out = []
-    for name, child in base.named_children():
-        if isinstance(child, torch.nn.ModuleList):
-            out += [(f"{base_prefix}.{name}.{i}.", layer) for i, layer in enumerate(child)]
-        elif any(t.is_meta for t in child.state_dict().values()):
-            out.append((f"{base_prefix}.{name}.", child))
-    for name, child in model.named_children():
-        if child is not base and any(t.is_meta for t in child.state_dict().values()):
-            out.append((f"{name}.", child))
+    def has_meta(m) -> bool:
+        return any(p.is_meta for p in m.parameters())
+
+    def stacked(m) -> bool:
+        return any(isinstance(c, torch.nn.ModuleList) and has_meta(c) for c in m.modules())
+
+    out: list[Unit] = []
+
+    def split(prefix: str, module) -> None:
+        if any(p is not None and p.is_meta for p in module._parameters.values()):
+            out.append(Unit(prefix, module, own=True))
+        for name, child in module.named_children():
+            if not has_meta(child):
+                continue
+            if isinstance(child, torch.nn.ModuleList):
+                out.extend(Unit(f"{prefix}{name}.{i}.", layer) for i, layer in enumerate(child))
+            elif stacked(child):
+                split(f"{prefix}{name}.", child)
+            else:
+                out.append(Unit(f"{prefix}{name}.", child))
+
+    split("", model)
     return out
 
 
@@ -212,46 +250,64 @@ def convert_names(model, rules, tensors: dict[str, Any]) -> dict[str, Any]:
 class Materialiser:
     """Hooks that give a unit its weights from the IR just before it runs and take them back after."""
 
-    def __init__(self, model, exprs: list[tuple[str, Any]], reader, dtype, device, tied: bool) -> None:
-        self.model, self.reader, self.dtype, self.device = model, reader, dtype, device
-        self.exprs = dict(exprs)
-        if tied and "lm_head.weight" not in self.exprs:
-            # the input embedding's own name (embed_tokens for most families, BLOOM's word_embeddings)
-            embed = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
-            self.exprs["lm_head.weight"] = self.exprs[f"{embed}.weight"]
-        self.rules = conversion(model)
+    def __init__(
+        self, model, exprs: list[tuple[str, Any]], reader, dtype, device, tied: bool, parts: list[Unit]
+    ) -> None:
         from transformers.core_model_loading import rename_source_key
 
-        # each checkpoint tensor's module name (GPT-NeoX's embed_out is the module lm_head)
+        self.model, self.reader, self.dtype, self.device = model, reader, dtype, device
+        self.exprs = dict(exprs)
+        self.rules = conversion(model)
+        # each checkpoint tensor's module name (GPT-NeoX's embed_out is the module lm_head, a
+        # vision-language checkpoint's visual.* model.visual.*)
         self.module_of = {n: rename_source_key(n, *self.rules)[0] for n in self.exprs}
+        if tied and "lm_head.weight" not in self.module_of.values():
+            # the input embedding's own name (embed_tokens for most families, BLOOM's word_embeddings)
+            embed = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+            source = next((n for n, m in self.module_of.items() if m == f"{embed}.weight"), None)
+            if source is None:
+                raise FormatError(f"verify: the checkpoint has no {embed}.weight for the tied LM head")
+            self.exprs["lm_head.weight"] = self.exprs[source]
+            self.module_of["lm_head.weight"] = "lm_head.weight"
+        # each checkpoint tensor's unit: the one holding its parameter directly, else the one with
+        # the longest prefix of its module name
+        own = {u.prefix + leaf: u for u in parts if u.own for leaf in u.module._parameters}
+        by_prefix = sorted((u for u in parts if not u.own), key=lambda u: -len(u.prefix))
+        self.names: dict[Unit, list[str]] = {u: [] for u in parts}
+        for n, m in self.module_of.items():
+            unit = own.get(m) or next((u for u in by_prefix if m.startswith(u.prefix)), None)
+            if unit is not None:
+                self.names[unit].append(n)
         self.used: set[str] = set()
 
-    def load(self, prefix: str, module) -> None:
+    def load(self, unit: Unit) -> None:
         from ckpt_ir.ir import expr as E
 
-        names = [n for n in self.exprs if self.module_of[n].startswith(prefix)]
+        names, prefix, module = self.names[unit], unit.prefix, unit.module
         self.used.update(names)
         tensors = {
             n: E.evaluate(self.exprs[n], self.reader).to(device=self.device, dtype=self.dtype) for n in names
         }
         state = {k[len(prefix) :]: v for k, v in convert_names(self.model, self.rules, tensors).items()}
         del tensors
-        want = {k for k, v in module.state_dict().items() if v.is_meta}
+        want = set(unit.wanted())
         wrapped = {PEFT_BASE.sub("", k): k for k in want}  # a PEFT wrapper holds the base one level down
         state = {wrapped.get(k, k): v for k, v in state.items()}
-        missing, unexpected = sorted(want - set(state)), sorted(set(state) - set(module.state_dict()))
+        have = set(module._parameters) if unit.own else set(module.state_dict())
+        missing, unexpected = sorted(want - set(state)), sorted(set(state) - have)
         if missing or unexpected:
             raise FormatError(
-                f"verify: {prefix.rstrip('.')}: the checkpoint does not fill the transformers module "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+                f"verify: {prefix.rstrip('.') or 'the model'}: the checkpoint does not fill the transformers "
+                f"module (missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
         module.load_state_dict(state, strict=False, assign=True)
 
     @staticmethod
-    def unload(module) -> None:
+    def unload(module, own: bool = False) -> None:
+        """Every parameter of ``module`` back to the meta device (``own``: only its own)."""
         import torch
 
-        for path, sub in module.named_modules():
+        for path, sub in [("", module)] if own else module.named_modules():
             if is_adapter(path):  # PEFT adapter weights stay loaded (they are small)
                 continue
             for leaf, p in list(sub._parameters.items()):
@@ -279,38 +335,46 @@ def _malloc_trim():
         return None
 
 
-def run_side(side, prompt, dtype, device, *, adapter: str | None = None) -> tuple[dict[str, Any], list[str]]:
-    """Forward ``prompt`` unit by unit through the model of ``side`` (from :func:`hf_side`);
-    returns ({unit: output}, unit names in order)."""
+def run_side(
+    side, prompt, dtype, device, *, adapter: str | None = None, image: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """Forward ``prompt`` (with ``image``: the model's image inputs, from :func:`image_inputs`)
+    unit by unit through the model of ``side`` (from :func:`hf_side`); returns ({unit: output},
+    unit names in order)."""
     import torch
 
+    from ckpt_ir.families import by_name
     from ckpt_ir.ir import expr as E
 
     ckpt, exprs = side
     config = transformers_config(ckpt)
-    model = build_model(config, dtype, device, adapter)
+    model = build_model(config, dtype, device, adapter, image=image is not None)
     outputs: dict[str, Any] = {}
     order: list[str] = []
     handles = []
+    parts = units(model)
     with E.Reader() as reader:
-        mat = Materialiser(model, exprs, reader, dtype, device, ckpt.spec.tied_embeddings)
-        for prefix, module in units(model):
-            label = unit_label(prefix, model.base_model_prefix)
+        mat = Materialiser(model, exprs, reader, dtype, device, ckpt.spec.tied_embeddings, parts)
+        labels = unit_labels(model, mat, by_name(ckpt.spec.family), ckpt.spec)
+        for unit in parts:
+            label = labels[unit]
 
-            def pre(mod, _args, prefix=prefix):
-                mat.load(prefix, mod)
+            def pre(mod, _args, unit=unit):
+                mat.load(unit)
 
-            def post(mod, _args, out, label=label):
-                if label != "lm_head":  # its output is the logits (before any soft-capping)
-                    h = out[0] if isinstance(out, tuple) else out
-                    outputs[label] = h.detach().to("cpu", torch.float32)
-                    order.append(label)
-                mat.unload(mod)
+            def post(mod, _args, out, unit=unit, label=label):
+                if label != "lm_head" and not unit.own:  # its output is the logits (before any soft-capping)
+                    h = out.to_tuple() if hasattr(out, "to_tuple") else out  # a ModelOutput
+                    h = h[0] if isinstance(h, tuple) else h
+                    name = label if label not in outputs else f"{label} (call {order.count(label) + 1})"
+                    outputs[name] = h.detach().to("cpu", torch.float32)
+                    order.append(name)
+                mat.unload(mod, unit.own)
 
-            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+            handles += [unit.module.register_forward_pre_hook(pre), unit.module.register_forward_hook(post)]
         try:
             with torch.no_grad():
-                logits = model(input_ids=prompt.to(device), use_cache=False).logits
+                logits = model(input_ids=prompt.to(device), use_cache=False, **to(image or {}, device)).logits
         finally:
             for h in handles:
                 h.remove()
@@ -329,10 +393,148 @@ def run_side(side, prompt, dtype, device, *, adapter: str | None = None) -> tupl
     return outputs, order
 
 
+def to(tensors: dict[str, Any], device) -> dict[str, Any]:
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
 def _layer_at_least(name: str, base: str, first: int) -> bool:
     """Whether ``name`` belongs to a decoder layer numbered ``first`` or later (MTP layers)."""
     prefix = f"{base}.layers."
     return name.startswith(prefix) and int(name[len(prefix) :].split(".", 1)[0]) >= first
+
+
+def unit_labels(model, mat: Materialiser, family, spec) -> dict[Unit, str]:
+    """Each unit's name in the report: a tower's units by their tensors' canonical names
+    (``vision.layers.1``, ``vision.merger``), the language model's as before (``layer 3``)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    base = next((n for n, m in model.named_modules() if m is decoder and n), model.base_model_prefix)
+    stacks = {t.stack for t in family.towers}
+    out = {}
+    for unit, names in mat.names.items():
+        canon = [c for n in names if (c := canonical_name(family, spec, n)) is not None]
+        if canon and len(canon) == len(names) and all(c.split(".", 1)[0] in stacks for c in canon):
+            out[unit] = common_prefix(canon)
+        else:
+            out[unit] = unit_label(unit.prefix, base)
+    return out
+
+
+def canonical_name(family, spec, hf_name: str) -> str | None:
+    """The canonical name of an HF tensor of ``family`` (a packed one's: its first part's)."""
+    from ckpt_ir.ir.names import template_pattern
+
+    key = family.table_key(hf_name, spec, False)
+    canon = family.names.to_canonical(key)
+    if canon is not None:
+        return canon
+    for p in family.packed:
+        m = template_pattern(p.hf).match(key)
+        if m:
+            return p.parts[0].format(**m.groupdict())
+    return None
+
+
+def common_prefix(names: list[str]) -> str:
+    """``vision.layers.1`` for the tensors of one vision layer; ``vision.patch_embed+pos_embed``
+    for names that share only the stack."""
+    parents = [n.rsplit(".", 1)[0].split(".") for n in names]
+    common: list[str] = []
+    for parts in zip(*parents):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    if len(common) > 1:
+        return ".".join(common)
+    rest = sorted({p[len(common)] for p in parents if len(p) > len(common)})
+    return ".".join(common) + "." + "+".join(rest)
+
+
+def image_inputs(ckpt, config, text, size: tuple[int, int] | None) -> tuple[Any, dict[str, Any], str]:
+    """The prompt ``text`` ([1, n] token ids) with one generated image in its middle, laid out as the
+    family's :class:`~ckpt_ir.families.ImageInput` says its processor lays one out: (token ids, the
+    model's image keywords, a description).  ``size``: the image's (height, width) in pixels
+    (default: 2 x 3 merged patches, the smallest with rows and columns of different lengths; a tower
+    of one size: that size)."""
+    import torch
+
+    from ckpt_ir.families import by_name
+
+    family = by_name(ckpt.spec.family)
+    tower = next((t for t in family.towers if t.stack == "vision"), None)
+    how = tower.image if tower is not None else None
+    if how is None:
+        raise UsageError(
+            f"verify: {ckpt.spec.family} is a vision-language model whose image inputs verify cannot build "
+            f"yet (its Tower has no image); compare the tensors with `ckpt-ir diff`"
+        )
+    v = ckpt.spec.vision
+    patch, channels = v.patch_size, v.patch_channels
+    special = [getattr(config, how.image_token), *(getattr(config, k) for k in how.around or ())]
+    gen = torch.Generator().manual_seed(0)
+    if how.pixels == "image":
+        side = math.isqrt(v.pos_embed_size) * patch
+        if size is not None and size != (side, side):
+            raise UsageError(
+                f"--image-size: {ckpt.spec.family}'s tower takes {side}x{side} images only (its position "
+                f"table), got {size[0]}x{size[1]}"
+            )
+        assert how.tokens is not None  # ImageInput: an "image" layout names its token count
+        count = getattr(config, how.tokens)
+        image = {"pixel_values": torch.randn((1, channels, side, side), generator=gen)}
+        what = f"{side}x{side} image, pixel_values [1, {channels}, {side}, {side}], {count} image tokens"
+    else:
+        unit = patch * v.merger_size
+        h, w = size or (2 * unit, 3 * unit)
+        if h % unit or w % unit or h <= 0 or w <= 0:
+            raise UsageError(
+                f"--image-size: {h}x{w} is not a whole number of {unit}x{unit}-pixel merged patches "
+                f"({ckpt.spec.family}: patch {patch}, merge {v.merger_size})"
+            )
+        frames = max(v.patch_temporal, 1)
+        grid = (1, h // patch, w // patch)  # one frame, repeated over the temporal patch
+        rows, width = grid[1] * grid[2], channels * frames * patch * patch
+        count = rows // v.merger_size**2
+        image = {
+            "pixel_values": torch.randn((rows, width), generator=gen),
+            "image_grid_thw": torch.tensor([grid]),
+        }
+        what = f"{h}x{w} image, pixel_values [{rows}, {width}], image_grid_thw {list(grid)}, {count} image tokens"
+    if any(int(i) in special for i in text[0]):
+        raise UsageError(
+            f"--prompt-ids: the prompt holds an image token id ({', '.join(map(str, special))}); verify "
+            f"places the image itself"
+        )
+    mid = text.shape[1] // 2
+    start, end = ([special[1]], [special[2]]) if how.around else ([], [])
+    ids = torch.tensor(
+        [[*text[0, :mid].tolist(), *start, *[special[0]] * count, *end, *text[0, mid:].tolist()]]
+    )
+    if how.type_ids:
+        image[how.type_ids] = (ids == special[0]).long()
+    return ids, image, what
+
+
+def image_token_ids(ckpt, config) -> set[int]:
+    """The ids the family's image input places (none where it has no tower or no image input)."""
+    from ckpt_ir.families import by_name
+
+    tower = next((t for t in by_name(ckpt.spec.family).towers if t.stack == "vision"), None)
+    if tower is None or tower.image is None:
+        return set()
+    return {getattr(config, k) for k in (tower.image.image_token, *(tower.image.around or ()))}
+
+
+def text_ids(vocab: int, tokens: int, avoid: set[int]) -> Any:
+    """``tokens`` random ids (fixed seed) below ``vocab``; one in ``avoid`` (an image's ids) is
+    replaced by the next id that is not."""
+    import torch
+
+    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(1234))
+    for n, i in enumerate(ids[0].tolist()):
+        while i in avoid:
+            i = (i + 1) % vocab
+        ids[0, n] = i
+    return ids
 
 
 def unit_label(prefix: str, base: str) -> str:
@@ -356,10 +558,12 @@ def verify(
     adapter: str | None = None,
     hf_config: dict | str | None = None,
     iteration: int | str | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Run both checkpoints on the same prompt; the report says where they first diverge.
     ``iteration``: the one read from each Megatron side that is a save directory (default its
-    latest)."""
+    latest).  A vision-language model also sees one generated image in the prompt's middle
+    (``image_size``: its height and width in pixels), its tower compared unit by unit as well."""
     import torch
 
     from ckpt_ir.device import resolve_device
@@ -383,13 +587,8 @@ def verify(
         raise UsageError(
             f"verify: {a} is {ca.spec.family} but {b} is {cb.spec.family}; they cannot hold one model"
         )
-    if ca.spec.vision is not None:
-        raise UsageError(
-            f"verify: {a} is a vision-language model ({ca.spec.family}), which this version does not run; "
-            f"compare the tensors with `ckpt-ir diff {a} {b}`"
-        )
-    sa, sb = ca.spec.summary(), cb.spec.summary()
-    differ = [k for k in sa if k not in ("dtype", "lora_rank", "lora_alpha") and sa[k] != sb[k]]
+    sa, sb = model_shape(ca.spec.summary()), model_shape(cb.spec.summary())
+    differ = [k for k in sa if sa[k] != sb.get(k)]
     if differ:
         k = differ[0]
         raise UsageError(
@@ -397,6 +596,13 @@ def verify(
             f"`ckpt-ir diff`"
         )
     vocab = ca.spec.vocab_size
+    if image_size is not None and len(image_size) != 2:
+        raise UsageError(
+            f"--image-size takes the height and width, H,W; got {','.join(map(str, image_size))}"
+        )
+    if image_size is not None and ca.spec.vision is None:
+        raise UsageError(f"--image-size: {a} is {ca.spec.family}, which has no vision tower")
+    config = transformers_config(ca) if ca.spec.vision is not None else None
     if prompt_ids:
         bad = [i for i in prompt_ids if not 0 <= i < vocab]
         if bad:
@@ -405,15 +611,19 @@ def verify(
     else:
         if tokens < 1:
             raise UsageError(f"--tokens must be at least 1, got {tokens}")
-        prompt = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(1234))
+        avoid = image_token_ids(ca, config) if config is not None else set()
+        prompt = text_ids(vocab, tokens, avoid)
+    image, seen = None, None
+    if config is not None:  # a vision-language model: the image goes in the prompt's middle
+        prompt, image, seen = image_inputs(ca, config, prompt, image_size)
     compute = from_name(dtype) if dtype else (ca.spec.dtype if ca.spec.dtype == cb.spec.dtype else "F32")
     torch_dtype = to_torch(compute)
     same_math = ca.spec.dtype == cb.spec.dtype and adapter is None
     coarsest = max((ca.spec.dtype, cb.spec.dtype, compute), key=lambda d: EPS.get(d, 0.0))
     rtol = 0.0 if same_math else max(RTOL_EPS * EPS.get(coarsest, 2.0**-7), RTOL_FLOOR)
-    out_a, order = run_side(side_a, prompt, torch_dtype, dev)
+    out_a, order = run_side(side_a, prompt, torch_dtype, dev, image=image)
     del side_a
-    out_b, _ = run_side(side_b, prompt, torch_dtype, dev, adapter=adapter)
+    out_b, _ = run_side(side_b, prompt, torch_dtype, dev, adapter=adapter, image=image)
     rows = []
     for label in order:
         x, y = out_a[label], out_b[label]
@@ -431,6 +641,7 @@ def verify(
         "b": b,
         "family": ca.spec.family,
         "tokens": int(prompt.shape[1]),
+        "image": seen,
         "compute_dtype": compute,
         "dtypes": [ca.spec.dtype, cb.spec.dtype],
         "tolerance": "atol"
@@ -449,6 +660,16 @@ def verify(
     }
 
 
+def model_shape(summary: dict[str, Any]) -> dict[str, Any]:
+    """A spec's summary without what two checkpoints of one model may differ in (the dtype, a
+    merged adapter's rank and alpha), in its vision tower's summary too."""
+    return {
+        k: model_shape(v) if isinstance(v, dict) else v
+        for k, v in summary.items()
+        if k not in ("dtype", "lora_rank", "lora_alpha")
+    }
+
+
 def not_compared(ckpt) -> list[str]:
     """Weights the transformers model has no module for (DeepSeek's MTP layers)."""
     if ckpt.spec.mtp_layers:
@@ -464,6 +685,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"verify {r['a']} vs {r['b']}: {r['family']}, {r['tokens']} tokens, compute {r['compute_dtype']}, "
         f"tolerance {r['tolerance']}"
     ]
+    if r.get("image"):
+        lines.append(f"  with a generated {r['image']}")
     width = max(len(x["name"]) for x in r["rows"])
     for x in r["rows"]:
         mark = "ok" if x["ok"] else "DIVERGES"
@@ -531,6 +754,14 @@ def add_parser(sub) -> None:
     v.add_argument(
         "--hf-config", metavar="DIR", help="HF config.json for Megatron sides whose args carry none"
     )
+    v.add_argument(
+        "--image-size",
+        type=int_list,
+        default=None,
+        metavar="H,W",
+        help="a vision-language model's generated image, in pixels (default: 2 x 3 merged patches; a "
+        "tower of one size, e.g. SigLIP's, takes only that size)",
+    )
     v.add_argument("--json", action="store_true", help="machine-readable report")
     add_iteration_flag(v, "A or B")
 
@@ -554,6 +785,7 @@ def run(args) -> int:
         adapter=args.lora_load,
         hf_config=hf_cfg,
         iteration=args.iteration,
+        image_size=args.image_size,
     )
     if args.json:
         print(json.dumps(report, indent=1))

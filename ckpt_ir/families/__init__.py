@@ -205,10 +205,16 @@ class HfNaming:
     (table's name, this naming's name) template pairs; a name no pair covers is the same in both.
     DeepSeek-V4: the release's names and the ones transformers saves (``model.`` prefixes, the
     attention's ``kv_norm`` as ``norm``).  Applied after ``Family.hf_rename`` on write, before it
-    on read."""
+    on read.  ``packed``: HF tensors of this naming only that pack canonical tensors (their
+    ``hf`` in this naming's names; InternVL's remote code keeps the tower's ``attn.qkv`` =
+    ``[q; k; v]`` where transformers' naming has q / k / v apart).  ``model_types``: configs of
+    these types are in this naming (a source read without tensor names to tell, a MindSpeed-MM
+    checkpoint, is written back in it)."""
 
     name: str
     renames: tuple[tuple[str, str], ...]
+    packed: tuple[Packed, ...] = ()
+    model_types: tuple[str, ...] = ()
     # the table's templates of expert stacks (:class:`ExpertStack` ``hf``) this naming stores with
     # each expert's two matrix dims swapped (Qwen3-VL-MoE's hub releases: ``gate_up_proj``
     # [Ex, T, 2Im] and ``down_proj`` [Ex, Im, T] where transformers 5.25 saves [Ex, 2Im, T] and
@@ -363,6 +369,14 @@ class MegatronTower:
     norm_names: str = "local"
     listed: tuple[tuple[str, str], ...] = ()
     listed_by: str = ""
+    # (key below the layer, canonical names below the layer): a key holding those tensors one
+    # after the other along dim 0 ([a; b; c]: GLM-4.1V's self_attention.qkv, InternVL's
+    # linear_qkv); over TP, rank r holds [a_r; b_r; c_r] (each part split by its role).  A tower
+    # with packed keys is not fused (fuse-vision) for this layout
+    packed: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # keys below the layer held whole on every TP rank though their canonical tensors are split
+    # over the tower's TP (GLM-4.1V's attention: plain nn.Linear beside a TP-split Megatron MLP)
+    whole: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -388,6 +402,37 @@ class Tower:
     # vision_model.*: fused, split over the language model's TP, whole on pipeline stage 0); None:
     # it keeps transformers' module, the tower's HF names whole on every rank of stage 0
     bridge: MegatronTower | None = None
+    # (HF prefix, Megatron-Bridge prefix): the tower's HF-form keys in Megatron-Bridge's files with
+    # the one prefix replaced by the other (GLM-4.5V's model.visual.* is visual.* there); None: as in HF
+    bridge_prefix: tuple[str, str] | None = None
+    # the Megatron naming (Layout.mm_keys) a conversion from HF picks when none is asked:
+    # "mindspeed" for a family Megatron-Bridge has no bridge for (InternVL)
+    mm_keys: str = "bridge"
+    # how ``ckpt-ir verify`` feeds the tower an image (None: it cannot yet, and says so)
+    image: ImageInput | None = None
+
+
+@attrs.frozen
+class ImageInput:
+    """How ``ckpt-ir verify`` gives a tower one generated image, laid out as the family's processor
+    lays out a real one.  ``pixels`` "patches": ``pixel_values`` [patches, channels x frames x
+    patch^2], one row per patch, and ``image_grid_thw`` [[frames, rows, columns]] of patches
+    (Qwen2-VL's image processor), one placeholder per merger_size^2 patches; "image":
+    ``pixel_values`` [1, channels, H, W] at the tower's one size (sqrt(pos_embed_size) patches a
+    side), ``tokens`` (a config attribute) placeholders per image.  ``image_token``: the config
+    attribute holding the placeholder's id; ``around``: the attributes of the ids just before and
+    just after the placeholders; ``type_ids``: the keyword of the mask that marks the image's
+    positions with 1, which the model reads for its positions or its attention mask."""
+
+    pixels: str
+    image_token: str
+    around: tuple[str, str] | None = None
+    tokens: str | None = None
+    type_ids: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.pixels not in ("patches", "image") or (self.pixels == "image") != (self.tokens is not None):
+            raise ValueError(f"ImageInput: pixels {self.pixels!r} with tokens {self.tokens!r}")
 
 
 # keys transformers reads from a multi-module model's top-level config, not its text_config:
@@ -466,6 +511,8 @@ class Family:
     # settings (a legacy config keeping them at its top level is read there too), and the stacks
     # beside the language model (the vision tower)
     text_config: str | None = None
+    # other keys of that sub-config (InternVL's remote code: llm_config), read where present
+    text_config_aliases: tuple[str, ...] = ()
     towers: tuple[Tower, ...] = ()
     # (on-disk prefix, in-memory prefix): the renames transformers applies on load (its
     # conversion_mapping.py), so a module's name in the model transformers builds, which peft's
@@ -556,6 +603,15 @@ class Family:
                 f"show, and no other expert stack tells it; include the layer's other expert tensors"
             )
         return votes.get(True) is not None
+
+    def naming_of_config(self, cfg: dict[str, Any] | None) -> HfNaming | None:
+        """The naming a config's ``model_type`` implies (``HfNaming.model_types``), else None."""
+        mt = (cfg or {}).get("model_type")
+        return next((n for n in self.namings if mt in n.model_types), None)
+
+    def packs(self, naming: HfNaming | None) -> tuple[Packed, ...]:
+        """The packed HF tensors of the table and of ``naming``."""
+        return self.packed + (naming.packed if naming else ())
 
     def naming(self, name: str | None) -> HfNaming | None:
         """The naming called ``name`` (None: the table's own)."""
@@ -711,10 +767,19 @@ class Family:
     def text_view(self, cfg: dict[str, Any]) -> dict[str, Any]:
         """The config the language model's keys are read from: the top level, with the nested
         ``text_config`` (a multi-module model's) over it."""
-        text = cfg.get(self.text_config) if self.text_config else None
+        key = self.text_key(cfg)
+        text = cfg.get(key) if key else None
         if not isinstance(text, dict):
             return cfg
         return {**cfg, **text, **{k: cfg[k] for k in TOP_LEVEL_KEYS if k in cfg}, TOP_LEVEL: cfg}
+
+    def text_key(self, cfg: dict[str, Any]) -> str | None:
+        """The key of ``cfg`` nesting the language model's settings: ``text_config``, or the
+        first of its aliases ``cfg`` holds as an object."""
+        for key in (self.text_config, *self.text_config_aliases):
+            if key and isinstance(cfg.get(key), dict):
+                return key
+        return self.text_config
 
     def _read_keys(
         self,
@@ -754,7 +819,7 @@ class Family:
         cfg["model_type"] = (
             cfg.get("model_type") if cfg.get("model_type") in self.model_types else self.model_types[0]
         )
-        key_of_text = self.text_config
+        key_of_text = self.text_key(cfg)
         nested = key_of_text is not None and isinstance(cfg.get(key_of_text), dict)
         text = dict(cfg[key_of_text]) if key_of_text is not None and nested else cfg
         dtype = hf_config_name(spec.dtype)
@@ -859,6 +924,11 @@ _COUNTS = {
     "projector_mlp_layers",
     "projector_mlp_in",
     "projector_mlp_out",
+    "downsample_size",
+    "merger_ffn",
+    "cls_positions",
+    "shuffle_size",
+    "shuffle_out",
 }
 
 

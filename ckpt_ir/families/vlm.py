@@ -1,5 +1,6 @@
 """Vision-language families: a language model and a vision tower (patch embedding, a stack of ViT
-layers, a merger to the language model's width) in one checkpoint (qwen2_vl, qwen2_5_vl).
+layers, a merger to the language model's width) in one checkpoint (qwen2_vl, qwen2_5_vl, gemma3,
+qwen3_vl, qwen3_vl_moe, glm4v, glm4v_moe, internvl).
 
 The language model is an ordinary family's table (Qwen2: q/k/v biases, M-RoPE, which has no
 weights) whose config keys live in the HF config's ``text_config`` (or, in a legacy config, at its
@@ -18,12 +19,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
+
 from ckpt_ir.families import (
     LANGUAGE_MODEL,
     ConfigKey,
     ExpertStack,
     Family,
     HfNaming,
+    ImageInput,
     MegatronTower,
     Packed,
     Renumbered,
@@ -31,6 +35,7 @@ from ckpt_ir.families import (
     Tower,
     by_name,
     dense,  # noqa: F401  (gemma3_text, the language model of gemma3)
+    moe,  # noqa: F401  (glm4_moe, the language model of glm4v_moe)
     register,
 )
 from ckpt_ir.families.blocks import (
@@ -106,6 +111,15 @@ VISION_SHAPE = (
     ConfigKey("activation", "hidden_act"),
 )
 VISION_CONSTANTS = (("qkv_bias", True), ("o_bias", True), ("mlp_bias", True), ("patch_bias", False))
+# a Qwen2-VL image: patch rows and their grid (transformers 5.25 image_processing_qwen2_vl.py:201-210),
+# the placeholders between <|vision_start|> and <|vision_end|>, mm_token_type_ids 1 on them for
+# M-RoPE's positions (modeling_qwen2_5_vl.py:934 get_rope_index, 1124 compute_3d_position_ids)
+QWEN_IMAGE = ImageInput(
+    "patches",
+    "image_token_id",
+    around=("vision_start_token_id", "vision_end_token_id"),
+    type_ids="mm_token_type_ids",
+)
 
 # MindSpeed-MM's names of the Qwen2 / Qwen2.5-VL tower (converters/qwen2vl.py create_qwen2vl_ops:
 # its RenameOp; the layers as GPTModel layers with local norm names)
@@ -136,6 +150,7 @@ QWEN25_TOWER = Tower(
     # RMSNorm (eps 1e-6, fixed by Qwen2RMSNorm's default), a gated MLP
     constants=(*VISION_CONSTANTS, ("gated_mlp", True), ("norm_eps", 1e-6)),
     mindspeed=QWEN_MINDSPEED,
+    image=QWEN_IMAGE,
 )
 # Qwen2-VL's vision_config: its width is embed_dim (hidden_size is the language model's, the
 # merger's output), the MLP mlp_ratio times it; LayerNorms with biases (eps 1e-6)
@@ -151,6 +166,7 @@ QWEN2_TOWER = Tower(
     ),
     constants=(*VISION_CONSTANTS, ("gated_mlp", False), ("norm_bias", True), ("norm_eps", 1e-6)),
     mindspeed=QWEN_MINDSPEED,
+    image=QWEN_IMAGE,
 )
 
 # transformers 5.25 builds Qwen2-VL and Qwen2.5-VL as model.language_model.* and model.visual.*
@@ -312,6 +328,16 @@ SIGLIP_TOWER = Tower(
     bridge_keys=(
         ("multi_modal_projector.mm_soft_embed_norm.weight", "vision.projector.norm.weight"),
         ("multi_modal_projector.proj.weight", "vision.projector.weight"),
+    ),
+    # an image at SigLIP's one size, mm_tokens_per_image placeholders between <start_of_image> and
+    # <end_of_image> (transformers 5.25 processing_gemma3.py:48-49), token_type_ids 1 on them: the
+    # image attends to itself both ways (modeling_gemma3.py:671 get_block_sequence_ids_for_mask)
+    image=ImageInput(
+        "image",
+        "image_token_id",
+        around=("boi_token_id", "eoi_token_id"),
+        tokens="mm_tokens_per_image",
+        type_ids="token_type_ids",
     ),
 )
 
@@ -579,6 +605,461 @@ register(
                     "files of this input hold every expert tensor transposed the wrong way (ExpertSplitOp "
                     "takes .T of the hub's [Ex, T, 2Im]), and its mm_to_hf writes the hub's orientation",
                 ),
+            ),
+        ),
+    )
+)
+
+
+# GLM-4.1V (glm4v) and GLM-4.5V (glm4v_moe), transformers models/glm4v/modeling_glm4v.py and
+# models/glm4v_moe/modeling_glm4v_moe.py: the glm4 / glm4_moe families' language model under
+# model.language_model.* (lm_head.weight at the top), saved so by transformers 5.25 and on the hub
+# (same names in memory), and a tower under model.visual.* (docs/reference/vision-language-models.md
+# sections 1.1, 1.3, 1.4): a 3-D patch convolution with a bias, an RMSNorm after it
+# (post_conv_layernorm), learned positions ((image_size / patch_size)^2 rows, interpolated to the
+# grid), pre-norm layers (RMSNorm, qkv = [q; k; v] with a bias only with attention_bias, proj
+# without one, a gated MLP out_hidden_size wide without biases: Glm4VisionMlp), a final RMSNorm
+# (post_layernorm), a 2-D convolution merging spatial_merge_size^2 patches to out_hidden_size
+# (downsample) and a merger (proj, a LayerNorm, a gated MLP intermediate_size wide)
+G = "model.visual.blocks.{i}."
+
+
+def _glm_qkv(kind: str) -> Packed:
+    return Packed(
+        G + f"attn.qkv.{kind}",
+        tuple(V + f"attn.{p}.{kind}" for p in "qkv"),
+        ("q_size", "kv_size", "kv_size"),
+        stack="vision",
+    )
+
+
+GLM_VISION = (
+    ("model.visual.patch_embed.proj.weight", "vision.patch_embed.weight"),
+    ("model.visual.patch_embed.proj.bias", "vision.patch_embed.bias"),
+    ("model.visual.post_conv_layernorm.weight", "vision.patch_norm.weight"),
+    ("model.visual.embeddings.position_embedding.weight", "vision.pos_embed.weight"),
+    (G + "norm1.weight", V + "attn_norm.weight"),
+    (G + "attn.proj.weight", V + "attn.o.weight"),
+    (G + "norm2.weight", V + "mlp_norm.weight"),
+    *((G + f"mlp.{p}_proj.weight", V + f"mlp.{p}.weight") for p in ("gate", "up", "down")),
+    ("model.visual.post_layernorm.weight", "vision.final_norm.weight"),
+    ("model.visual.downsample.weight", "vision.downsample.weight"),
+    ("model.visual.downsample.bias", "vision.downsample.bias"),
+    ("model.visual.merger.proj.weight", "vision.merger.proj.weight"),
+    ("model.visual.merger.post_projection_norm.weight", "vision.merger.proj_norm.weight"),
+    ("model.visual.merger.post_projection_norm.bias", "vision.merger.proj_norm.bias"),
+    *((f"model.visual.merger.{p}_proj.weight", f"vision.merger.{p}.weight") for p in ("gate", "up", "down")),
+)
+
+# MindSpeed-MM's names of the tower (checkpoint/vlm_model/converters/glm.py:31-85: its RenameOp and
+# UpGateMergeOp; placement glm.py:24-28): GlmViT's own attention module keeps qkv = [q; k; v] and
+# proj, plain nn.Linear whole on every TP rank (mindspeed_mm/models/vision/vision_encoders/
+# glm4v_vl_vit_model.py:235-236), its MLP a Megatron MLP (ColumnParallelLinear linear_fc1 =
+# [gate; up], RowParallelLinear linear_fc2: models/common/module_spec/glm4v_layer_spec.py:204-222,
+# llava_layer_spec.py:52-59), the projector GlmMLP plain nn.Linear (projectors/glm_mlp.py:25-29)
+E_ = "image_encoder.encoder."
+GLM_MINDSPEED = MegatronTower(
+    layers=E_ + "blocks.layers.",
+    keys=(
+        (E_ + "patch_embed.proj.weight", "vision.patch_embed.weight"),
+        (E_ + "patch_embed.proj.bias", "vision.patch_embed.bias"),
+        (E_ + "post_conv_layernorm.weight", "vision.patch_norm.weight"),
+        (E_ + "embeddings.position_embedding.weight", "vision.pos_embed.weight"),
+        (E_ + "blocks.final_layernorm.weight", "vision.final_norm.weight"),
+        (E_ + "downsample.weight", "vision.downsample.weight"),
+        (E_ + "downsample.bias", "vision.downsample.bias"),
+        ("image_encoder.projector.proj.weight", "vision.merger.proj.weight"),
+        ("image_encoder.projector.post_projection_norm.weight", "vision.merger.proj_norm.weight"),
+        ("image_encoder.projector.post_projection_norm.bias", "vision.merger.proj_norm.bias"),
+        *(
+            (f"image_encoder.projector.{p}_proj.weight", f"vision.merger.{p}.weight")
+            for p in ("gate", "up", "down")
+        ),
+    ),
+    first=("vision.patch_embed.", "vision.patch_norm.", "vision.pos_embed."),
+    layer_keys=(("self_attention.proj.weight", "attn.o.weight"),),
+    packed=(
+        *(
+            (f"self_attention.qkv.{kind}", tuple(f"attn.{p}.{kind}" for p in "qkv"))
+            for kind in ("weight", "bias")
+        ),
+        ("mlp.linear_fc1.weight", ("mlp.gate.weight", "mlp.up.weight")),
+    ),
+    whole=("self_attention.qkv.weight", "self_attention.qkv.bias", "self_attention.proj.weight"),
+)
+
+GLM_TOWER = Tower(
+    "vision",
+    "vision_config",
+    (
+        ConfigKey("num_layers", "depth"),
+        ConfigKey("num_heads", "num_heads"),
+        ConfigKey("num_kv_heads", "num_heads"),
+        ConfigKey("hidden_size", "hidden_size"),
+        ConfigKey("head_dim", None, _head_dim),
+        # the layers' MLP is out_hidden_size wide (Glm4VisionMlp), the merger's intermediate_size
+        ConfigKey("ffn_hidden_size", "out_hidden_size"),
+        ConfigKey("merger_out", "out_hidden_size"),
+        ConfigKey("merger_ffn", "intermediate_size"),
+        ConfigKey("patch_size", "patch_size"),
+        ConfigKey("patch_temporal", "temporal_patch_size"),
+        ConfigKey("patch_channels", "in_channels", 3),
+        ConfigKey("downsample_size", "spatial_merge_size"),
+        ConfigKey("pos_embed_size", None, lambda cfg: (cfg["image_size"] // cfg["patch_size"]) ** 2),
+        ConfigKey("qkv_bias", "attention_bias", False),
+        ConfigKey("activation", "hidden_act"),
+        ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
+    ),
+    constants=(
+        ("o_bias", False),
+        ("mlp_bias", False),
+        ("gated_mlp", True),
+        ("patch_bias", True),
+        ("patch_norm", True),
+        ("post_norm", True),
+    ),
+    mindspeed=GLM_MINDSPEED,
+    # Megatron-Bridge's GLM45VBridge: ReplicatedMapping("visual.**", "model.visual.**")
+    # (glm_vl/glm_45v_bridge.py:146-149), the module built on the first stage
+    # (modeling_glm_45v.py:127-130)
+    bridge_prefix=("model.visual.", "visual."),
+)
+
+
+def _in_language_model(hf: str) -> str:
+    """A text family's HF name as GLM-4.xV's language model holds it (model.language_model.*)."""
+    return "model.language_model." + hf[len("model.") :] if hf.startswith("model.") else hf
+
+
+def _glm_text(name: str) -> dict[str, Any]:
+    text = by_name(name)
+    return dict(
+        tensors=tuple((_in_language_model(h), c) for h, c in text.tensors) + GLM_VISION,
+        packed=(
+            *(attrs.evolve(p, hf=_in_language_model(p.hf)) for p in text.packed),
+            _glm_qkv("weight"),
+            _glm_qkv("bias"),
+        ),
+        constants=text.constants,
+        megatron_args=(
+            (lambda cfg: text.megatron_args({**cfg, **cfg.get("text_config", {})}))
+            if text.megatron_args
+            else None
+        ),
+        text_config="text_config",
+        towers=(GLM_TOWER,),
+    )
+
+
+GLM_NO_MCORE = (
+    "no: megatron-core 0.16's LLaVAModel has no GLM-4.1V tower (3-D patches, a downsampling "
+    "convolution, the gated merger); Megatron-Bridge's GLM45VModel wraps transformers' own"
+)
+
+register(
+    Family(
+        name="glm4v",
+        model_types=("glm4v",),
+        architecture="Glm4vForConditionalGeneration",
+        # transformers' Glm4vTextAttention: head_dim = hidden / heads whatever the config says, a
+        # bias on q, k and v always (modeling_glm4v.py:549-559)
+        config=config_with(
+            ConfigKey("head_dim", None, lambda cfg: cfg["hidden_size"] // cfg["num_attention_heads"]),
+            ConfigKey("norm_eps", "rms_norm_eps", 1e-5),
+        ),
+        # MindSpeed-MM's Glm4vTransformerLayer (glm4v_layer_spec.py:41, 73; converters/glm.py:80)
+        megatron_keys=(
+            ("decoder.layers.{i}.post_self_attn_layernorm.weight", "layers.{i}.post_attn_norm.weight"),
+        ),
+        **{**_glm_text("glm4"), "constants": (("post_norms", True), ("qkv_bias", True))},
+        tested=Tested(
+            round_trip=(
+                "--tp 2 --pp 2",
+                "--pp 2 --num-layer-list 1,1 --mm-keys mindspeed --vision-layer-list 2,0",
+                "--tp 2 --pp 2 --num-layer-list 1,1 --mm-keys mindspeed --vision-layer-list 1,1",
+            ),
+            mcore_missing=GLM_NO_MCORE,
+            mindspeed=(
+                *((case, "identical") for case in ("glm4v-tp1", "glm4v-pp2", "glm4v-pp2-vit-split")),
+                (
+                    "glm4v-tp2pp2",
+                    "identical to MindSpeed-MM's files at TP 1 split as its GLM model builds the modules (the "
+                    "language model and the tower's MLP split, the tower's attention and projector whole); its "
+                    "own copy every tensor whole to every rank (no TP rules), and its mm_to_hf writes nothing",
+                ),
+            ),
+        ),
+    )
+)
+register(
+    Family(
+        name="glm4v_moe",
+        model_types=("glm4v_moe",),
+        architecture="Glm4vMoeForConditionalGeneration",
+        config=by_name("glm4_moe").config,
+        # MindSpeed-MM's GlmConverter reads Glm4vConfig (a dense language model) only
+        **{**_glm_text("glm4_moe"), "towers": (attrs.evolve(GLM_TOWER, mindspeed=None),)},
+        tested=Tested(
+            round_trip=("--tp 1 --pp 1", "--tp 2 --ep 2", "--pp 2 --ep 2"), mcore_missing=GLM_NO_MCORE
+        ),
+    )
+)
+
+
+# InternVL (docs/reference/vision-language-models.md sections 1.3, 1.4): a Qwen2 (or Llama) language
+# model under language_model.*, an InternViT tower (a class token and positions for it and each
+# patch, pre-norm layers with q / k / v apart, optional q / k norms over the whole width, per-channel
+# layer scales) and a projector after a pixel shuffle.  Two HF namings: transformers 5.25's
+# InternVLForConditionalGeneration (model_type internvl, the table below: save_pretrained's names,
+# its llava rule keeping language_model.model.* on disk, conversion_mapping.py:103) and OpenGVLab's
+# remote code (model_type internvl_chat, InternVLChatModel, config llm_config / vision_config: the
+# INTERNVL_CHAT naming), related as transformers' own conversion script relates them
+# (convert_internvl_weights_to_hf.py's ORIGINAL_TO_CONVERTED_KEY_MAPPING_VISION / _MULTI): the
+# remote attn.qkv = [q; k; v] rows, ls1 / ls2 = lambda_1 / lambda_2, mlp1.0 / 1 / 3 = the projector's
+# layer_norm / linear_1 / linear_2.  The remote code is never run: its config is read as JSON.
+IV = "vision_tower.encoder.layer.{i}."
+# transformers models/internvl/modeling_internvl.py: the class token and positions [1, 1 + patches,
+# E] (235, 249), q / k RMSNorms over the whole width (129), layer scales lambda_1 / lambda_2 (352-353,
+# applied 364, 376), the post-norm unless use_mean_pooling (444), the projector's layer_norm over
+# E / downsample_ratio^2, linear_1, linear_2 (492-500)
+INTERNVL_VISION = (
+    ("vision_tower.embeddings.cls_token", "vision.cls_token"),
+    ("vision_tower.embeddings.patch_embeddings.projection.weight", "vision.patch_embed.weight"),
+    ("vision_tower.embeddings.patch_embeddings.projection.bias", "vision.patch_embed.bias"),
+    ("vision_tower.embeddings.position_embeddings", "vision.cls_pos_embed"),
+    *(
+        (IV + f"layernorm_{hf}.{kind}", V + f"{c}.{kind}")
+        for hf, c in (("before", "attn_norm"), ("after", "mlp_norm"))
+        for kind in ("weight", "bias")
+    ),
+    *(
+        (IV + f"attention.{p}_proj.{kind}", V + f"attn.{p}.{kind}")
+        for p in "qkv"
+        for kind in ("weight", "bias")
+    ),
+    (IV + "attention.q_norm.weight", V + "attn.q_full_norm.weight"),
+    (IV + "attention.k_norm.weight", V + "attn.k_full_norm.weight"),
+    *((IV + f"attention.projection_layer.{kind}", V + f"attn.o.{kind}") for kind in ("weight", "bias")),
+    *(
+        (IV + f"mlp.{hf}.{kind}", V + f"mlp.{c}.{kind}")
+        for hf, c in (("fc1", "fc1"), ("fc2", "down"))
+        for kind in ("weight", "bias")
+    ),
+    (IV + "lambda_1", V + "attn_scale"),
+    (IV + "lambda_2", V + "mlp_scale"),
+    # use_mean_pooling false: a LayerNorm after the layers (InternVLVisionModel.layernorm)
+    ("vision_tower.layernorm.weight", "vision.final_norm.weight"),
+    ("vision_tower.layernorm.bias", "vision.final_norm.bias"),
+    *(
+        (f"multi_modal_projector.{hf}.{kind}", f"vision.shuffle_proj.{c}.{kind}")
+        for hf, c in (("layer_norm", "norm"), ("linear_1", "fc1"), ("linear_2", "fc2"))
+        for kind in ("weight", "bias")
+    ),
+)
+# the remote code's names of the same tensors (InternVisionModel, InternVLChatModel.mlp1)
+RV = "vision_model.encoder.layers.{i}."
+INTERNVL_CHAT = HfNaming(
+    "internvl_chat",
+    (
+        ("vision_tower.embeddings.cls_token", "vision_model.embeddings.class_embedding"),
+        *(
+            (
+                f"vision_tower.embeddings.patch_embeddings.projection.{kind}",
+                f"vision_model.embeddings.patch_embedding.{kind}",
+            )
+            for kind in ("weight", "bias")
+        ),
+        ("vision_tower.embeddings.position_embeddings", "vision_model.embeddings.position_embedding"),
+        *(
+            (IV + f"{hf}.{kind}", RV + f"{remote}.{kind}")
+            for hf, remote in (
+                ("layernorm_before", "norm1"),
+                ("layernorm_after", "norm2"),
+                ("attention.projection_layer", "attn.proj"),
+                ("mlp.fc1", "mlp.fc1"),
+                ("mlp.fc2", "mlp.fc2"),
+            )
+            for kind in ("weight", "bias")
+        ),
+        (IV + "attention.q_norm.weight", RV + "attn.q_norm.weight"),
+        (IV + "attention.k_norm.weight", RV + "attn.k_norm.weight"),
+        (IV + "lambda_1", RV + "ls1"),
+        (IV + "lambda_2", RV + "ls2"),
+        *(
+            (f"multi_modal_projector.{hf}.{kind}", f"mlp1.{n}.{kind}")
+            for hf, n in (("layer_norm", 0), ("linear_1", 1), ("linear_2", 3))
+            for kind in ("weight", "bias")
+        ),
+    ),
+    packed=tuple(
+        Packed(
+            RV + f"attn.qkv.{kind}",
+            tuple(V + f"attn.{p}.{kind}" for p in "qkv"),
+            ("q_size",) * 3,
+            stack="vision",
+        )
+        for kind in ("weight", "bias")
+    ),
+    model_types=("internvl_chat",),
+)
+
+
+def _remote(cfg: dict[str, Any]) -> bool:
+    """Whether a tower's config view is the remote code's (its top level nests llm_config)."""
+    return "llm_config" in cfg[LANGUAGE_MODEL]
+
+
+def _side(value: Any) -> int:
+    """An image or patch size: transformers' InternVLVisionConfig keeps [height, width], the
+    remote code one int; a non-square one is refused."""
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ValueError(f"non-square size {value} is not supported")
+        value = value[0]
+    if not isinstance(value, int):
+        raise ValueError(f"size {value!r} is not an integer")
+    return value
+
+
+def _positions(cfg: dict[str, Any]) -> int:
+    if not _remote(cfg) and not cfg.get("use_absolute_position_embeddings", True):
+        return 0
+    return (_side(cfg["image_size"]) // _side(cfg["patch_size"])) ** 2 + 1
+
+
+def _shuffle(cfg: dict[str, Any]) -> int:
+    ratio = cfg[LANGUAGE_MODEL].get("downsample_ratio", 0.5)
+    factor = round(1 / ratio)
+    if factor * ratio != 1:
+        raise ValueError(f"downsample_ratio {ratio} is not 1 / an integer")
+    return factor
+
+
+INTERNVL_TOWER = Tower(
+    "vision",
+    "vision_config",
+    (
+        ConfigKey("num_layers", "num_hidden_layers"),
+        ConfigKey("num_heads", "num_attention_heads"),
+        ConfigKey("num_kv_heads", "num_attention_heads"),
+        ConfigKey("hidden_size", "hidden_size"),
+        ConfigKey("head_dim", None, lambda cfg: cfg["hidden_size"] // cfg["num_attention_heads"]),
+        ConfigKey("ffn_hidden_size", "intermediate_size"),
+        ConfigKey("patch_size", None, lambda cfg: _side(cfg["patch_size"])),
+        ConfigKey("patch_channels", "num_channels", 3),
+        ConfigKey("activation", "hidden_act", "gelu"),
+        ConfigKey("norm_eps", "layer_norm_eps", 1e-6),
+        # transformers' attention_bias / use_qk_norm, the remote code's qkv_bias / qk_normalization
+        ConfigKey("qkv_bias", "attention_bias", False, aliases=("qkv_bias",)),
+        ConfigKey("qk_full_norm", "use_qk_norm", False, aliases=("qk_normalization",)),
+        # LayerNorms (with biases) or RMSNorms: norm_type, whose default is layer_norm in
+        # transformers' config class and rms_norm in the remote one
+        ConfigKey(
+            "norm_bias",
+            None,
+            lambda cfg: cfg.get("norm_type", "rms_norm" if _remote(cfg) else "layer_norm") == "layer_norm",
+        ),
+        ConfigKey("cls_positions", None, _positions),
+        ConfigKey("post_norm", None, lambda cfg: not _remote(cfg) and not cfg.get("use_mean_pooling", True)),
+        ConfigKey("shuffle_size", None, _shuffle),
+        ConfigKey("shuffle_out", None, lambda cfg: cfg[LANGUAGE_MODEL]["hidden_size"]),
+        ConfigKey(
+            "layer_blocks",
+            None,
+            lambda cfg: (("attention", "mlp", "layer_scale"),) * cfg["num_hidden_layers"],
+        ),
+    ),
+    # a 2-D patch convolution with a bias, biases on the attention output and the MLP, a plain MLP
+    constants=(
+        ("o_bias", True),
+        ("mlp_bias", True),
+        ("patch_bias", True),
+        ("gated_mlp", False),
+        ("cls_token", True),
+    ),
+    # MindSpeed-MM's InternVLConverter (checkpoint/vlm_model/converters/internvl.py:15-30, its
+    # RenameOp; PPStageSchema 154-158: the embeddings with the first vision layers, the projector
+    # with the last); Megatron-Bridge has no InternVL bridge, so its layout is the default
+    mindspeed=MegatronTower(
+        layers="image_encoder.encoder.encoder.layers.",
+        keys=(
+            ("image_encoder.encoder.embeddings.class_embedding", "vision.cls_token"),
+            ("image_encoder.encoder.embeddings.patch_embedding.weight", "vision.patch_embed.weight"),
+            ("image_encoder.encoder.embeddings.patch_embedding.bias", "vision.patch_embed.bias"),
+            ("image_encoder.encoder.embeddings.position_embedding", "vision.cls_pos_embed"),
+            *(
+                (f"image_encoder.projector.{mm}.{kind}", f"vision.shuffle_proj.{c}.{kind}")
+                for mm, c in (("norm", "norm"), ("linear_fc1", "fc1"), ("linear_fc2", "fc2"))
+                for kind in ("weight", "bias")
+            ),
+        ),
+        first=("vision.patch_embed.", "vision.cls_"),
+        layer_keys=(
+            ("ls1", "attn_scale"),
+            ("ls2", "mlp_scale"),
+            ("self_attention.q_layernorm.weight", "attn.q_full_norm.weight"),
+            ("self_attention.k_layernorm.weight", "attn.k_full_norm.weight"),
+        ),
+        # attn.qkv renamed as it is, rows [q; k; v] (RenameOp 16), split over TP part by part by
+        # whole heads (UnalignedRowSplit, create_internvl_tp_patterns 143-146; operator.py:508-530)
+        packed=tuple(
+            (f"self_attention.linear_qkv.{kind}", tuple(f"attn.{p}.{kind}" for p in "qkv"))
+            for kind in ("weight", "bias")
+        ),
+    ),
+    mm_keys="mindspeed",
+)
+
+
+def _llm_qkv_bias(cfg: dict[str, Any]) -> bool:
+    """The language model's q / k / v biases: Qwen2's always, Llama's by attention_bias."""
+    kind = cfg.get("model_type") or ""
+    archs = cfg.get("architectures") or []
+    if kind == "qwen2" or "Qwen2ForCausalLM" in archs:
+        return True
+    if kind == "llama" or "LlamaForCausalLM" in archs:
+        return bool(cfg.get("attention_bias", False))
+    raise ValueError(f"language model {kind or archs} is not supported (Qwen2 and Llama are)")
+
+
+register(
+    Family(
+        name="internvl",
+        model_types=("internvl", "internvl_chat"),
+        architecture="InternVLForConditionalGeneration",
+        tensors=tuple((_language_model(h), c) for h, c in LLAMA_TENSORS) + INTERNVL_VISION,
+        config=config_with(ConfigKey("qkv_bias", None, _llm_qkv_bias)),
+        namings=(INTERNVL_CHAT,),
+        text_config="text_config",
+        text_config_aliases=("llm_config",),
+        towers=(INTERNVL_TOWER,),
+        tested=Tested(
+            round_trip=(
+                "--tp 1 --pp 1",
+                "--tp 2",
+                "--pp 2 --num-layer-list 1,1 --vision-layer-list 2,0",
+                "--tp 2 --pp 2 --num-layer-list 1,1 --vision-layer-list 1,1",
+                "--tp 2 --mm-keys bridge",
+                "--tp 2 --pp 2 --mm-keys bridge",
+            ),
+            mcore_missing=(
+                "no: megatron-core 0.16's LLaVAModel hosts an InternViT tower's layer scales only through "
+                "Megatron-LM's own layer spec (examples/multimodal/layer_specs.py), and does not build on CPU "
+                "without Transformer Engine (docs/reference/vision-language-models.md section 4)"
+            ),
+            mindspeed=(
+                ("internvl-tp1", "identical"),
+                (
+                    "internvl-tp2",
+                    "identical; ckpt-ir's mm_to_hf of MindSpeed-MM's files is bit-exact, MindSpeed-MM's own "
+                    "reverse gives back every ViT attn.qkv scrambled ([q_0; k_0; v_0; q_1; ...])",
+                ),
+                (
+                    "internvl-tp2pp2",
+                    "identical; MindSpeed-MM's own reverse scrambles the ViT attn.qkv as at TP 2, ckpt-ir's "
+                    "is bit-exact",
+                ),
+                ("internvl-pp2-vit-split", "identical"),
             ),
         ),
     )

@@ -15,7 +15,7 @@ from typing import Any, cast
 import attrs
 
 from ckpt_ir.errors import CoverageError, FormatError, setting
-from ckpt_ir.families import Family, for_hf_config
+from ckpt_ir.families import Family, HfNaming, for_hf_config
 from ckpt_ir.families.runtime import to_hf_names
 from ckpt_ir.io.side_files import left_behind, side_files
 from ckpt_ir.io.weight_files import file_tensors
@@ -159,7 +159,11 @@ def lift(
     # another naming than the family table's (DeepSeek-V4 as transformers saves it): read as the
     # table's names, and recorded so that an HF output is written in it again
     # (Qwen3-VL-MoE's hub releases: expert stacks transposed, told by their shapes)
-    naming = None if runtime is not None else family_obj.naming(family_obj.naming_of(loads, path, spec))
+    naming = (
+        None
+        if runtime is not None
+        else family_obj.naming(family_obj.naming_of(loads, path, spec)) or family_obj.naming_of_config(cfg)
+    )
     rename = family_obj.renames(naming)
     if runtime is not None:
         if len(dtypes) == 1:  # the dtype the job saved, not the one of the model it started from
@@ -175,7 +179,7 @@ def lift(
     weights = {k: family_obj.as_stored(k, x) for k, x in raw.items()}  # stored [in, out]: canonical
     if naming is not None and naming.transposed:  # expert stacks as the table stores them
         weights = {k: naming.as_stored(k, x) for k, x in weights.items()}
-    tensors, unused = map_tensors(family_obj, spec, weights, allow_unused, hf_names)
+    tensors, unused = map_tensors(family_obj, spec, weights, allow_unused, hf_names, naming)
     dropped = {**(dropped or {}), **unused}
     from ckpt_ir.ir.names import split_layer
 
@@ -249,6 +253,7 @@ def map_tensors(
     raw: dict[str, E.Expr],
     allow_unused: tuple[str, ...],
     hf_names: dict[str, str] | None = None,
+    naming: HfNaming | None = None,
 ) -> tuple[dict[str, TensorNode], dict[str, str]]:
     """The canonical tensors of ``raw`` (keyed as the family's table names them, see
     :meth:`Family.table_key`), and the tensors dropped on purpose; ``hf_names`` gives a renamed
@@ -258,7 +263,7 @@ def map_tensors(
     tensors: dict[str, TensorNode] = {}
     dropped: dict[str, str] = {}
     unknown: list[str] = []
-    packed = [(p, template_pattern(p.hf)) for p in family.packed]
+    packed = [(p, template_pattern(p.hf)) for p in family.packs(naming)]
     stacked = [(s, template_pattern(s.hf)) for s in family.stacked]
     reshaped = [(r, template_pattern(r.hf)) for r in family.reshaped]
     swapped = [(w, template_pattern(w.hf)) for w in family.swapped]

@@ -592,7 +592,8 @@ def _mm_layout(
     module's layer counts per stage and chunk read off TP rank 0's keys, the tower's TP size off
     the width of its attention output projection, a padded vocabulary off the embedding's rows."""
     keys: dict[tuple[int, int], list[str]] = {}
-    width, rows = None, spec.vocab_size
+    width: tuple[int, int] | None = None
+    rows = spec.vocab_size
     vision_spec = spec.vision
     assert vision_spec is not None
     layer_table = mindspeed_mm.layer_table(vision_spec, mindspeed_mm.tower_names(spec))
@@ -611,8 +612,14 @@ def _mm_layout(
                         f"layout only"
                     )
             for k, ref in iter_tensors(z.obj[ck]):
-                if width is None and (layer_table.to_canonical(k) or "").endswith(".attn.o.weight"):
-                    width = ref.shape[1]
+                canon = layer_table.to_canonical(k) or ""
+                if width is None and not mindspeed_mm.is_whole(spec, k):
+                    # a TP-split tensor's columns: the attention's output, or the MLP's (GLM-4.1V
+                    # keeps its attention whole)
+                    if canon.endswith(".attn.o.weight"):
+                        width = (ref.shape[1], vision_spec.q_size)
+                    elif canon.endswith(".mlp.down.weight"):
+                        width = (ref.shape[1], vision_spec.ffn_hidden_size)
                 if k == mindspeed_mm.TEXT + M.EMBEDDING:
                     rows = ref.shape[0] * tp
     text, vision = mindspeed_mm.scan_counts(keys, pp, spec)
@@ -620,8 +627,8 @@ def _mm_layout(
         "mm_keys": "mindspeed",
         "num_layer_list": tuple(text),
         "vision_layer_list": tuple(vision),
-        "vision_tp": tp if width is not None and width != vision_spec.q_size else 1,
-        "vision_fused": True,
+        "vision_tp": tp if width is not None and width[0] != width[1] else 1,
+        "vision_fused": not mindspeed_mm.tower_names(spec).packed,  # packed keys: unpacked on lift
         "padded_vocab": rows if rows > spec.vocab_size else None,  # padded to split over TP
     }
 

@@ -73,7 +73,9 @@ MLPS = ("mlp", "moe")
 # layers, beside pre-norm gated-delta-net ones); moe_branch, a layer's MoE beside its dense MLP
 # (both blocks in the layer), each branch with norms of its own, their sum normed once more, and a
 # router that scales its input (Gemma 4's enable_moe_block); head_gate, the attention output of
-# each head times the sigmoid of one scalar projection of the input per head (Step-3.5's g_proj)
+# each head times the sigmoid of one scalar projection of the input per head (Step-3.5's g_proj);
+# layer_scale, a learned per-channel scale of the attention's and of the MLP's output before each
+# residual add (InternViT's ls1, ls2)
 PARTS = (
     "compressor",
     "csa_indexer",
@@ -86,6 +88,7 @@ PARTS = (
     "post_norms",
     "moe_branch",
     "head_gate",
+    "layer_scale",
 )
 BLOCKS = MIXERS + MLPS + PARTS
 # blocks of a stack beside its layers (a vision tower, ModelSpec.vision): the patch embedding before
@@ -104,6 +107,11 @@ STACK_BLOCKS = (
     "patch_merger",
     "adapter",
     "projector_mlp",
+    "patch_norm",
+    "downsample",
+    "gated_merger",
+    "cls_embed",
+    "shuffle_projector",
 )
 
 # megatron-core's hybrid layer symbols (ssm/mamba_hybrid_layer_allocation.py; Megatron-LM's

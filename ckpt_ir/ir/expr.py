@@ -482,7 +482,10 @@ class Dequantize(Expr):
     per ``block`` = (b0, b1) tile [..., ceil(rows/b0), ceil(cols/b1)] (fp32, ue8m0 ``F8_E8M0`` or
     raw e8m0 bytes ``U8``); edge tiles may be partial.  ``mxfp4``: ``q`` holds two e2m1 values per
     byte [..., groups, 16] and ``scale`` one e8m0 exponent byte per group of 32 [..., groups]; the
-    result is [..., groups * 32]."""
+    result is [..., groups * 32].  ``int4`` (compressed-tensors' pack-quantized, Kimi-K2.5's
+    experts): ``q`` is int32 [rows, cols / 8], eight offset-binary nibbles each (element ``8j + k``
+    in bits ``4k .. 4k+3`` of word ``j``, value ``nibble - 8``), and ``scale`` one scale per
+    ``block`` = (1, group) of a row [rows, cols / group]; the result is [rows, cols]."""
 
     q: Expr
     scale: Expr
@@ -496,6 +499,14 @@ class Dequantize(Expr):
                 len(qs) >= 2 and qs[-1] == 16 and ss == qs[:-1],
                 f"mxfp4 blocks of shape {qs} need scales of shape {qs[:-1]}, got {ss}",
             )
+        elif self.scheme == "int4":
+            g = self.block[1]
+            grid = (qs[0], qs[1] * 8 // g) if len(qs) == 2 and qs[1] * 8 % g == 0 else None
+            _check(
+                self.block[0] == 1 and self.q.dtype == "I32" and grid == ss,
+                f"int4 weight packed as {self.q.dtype} {qs} in groups of {g} needs int32 words and scales "
+                f"{grid}, got {ss}",
+            )
         else:
             _check(self.scheme == "fp8", f"unknown quantization scheme {self.scheme!r}")
             want = qs[:-2] + tuple(-(-n // b) for n, b in zip(qs[-2:], self.block)) if len(qs) >= 2 else None
@@ -507,6 +518,8 @@ class Dequantize(Expr):
     @property
     def shape(self) -> Shape:
         qs = self.q.shape
+        if self.scheme == "int4":
+            return (qs[0], qs[1] * 8)
         return qs[:-2] + (qs[-2] * 32,) if self.scheme == "mxfp4" else qs
 
     @property
@@ -1368,6 +1381,14 @@ def _dequantize(expr: Dequantize, q, scale, out) -> None:
     import torch
 
     s = _scales_fp32(scale)
+    if expr.scheme == "int4":  # Megatron-Bridge's dequantize_int4: (nibble - 8) * scale in fp32
+        rows, cols = expr.shape
+        shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=q.device)
+        words = out.view(rows, cols // 8, 8)
+        words.copy_((q.view(torch.int32).unsqueeze(-1) >> shifts) & 0xF)
+        words.sub_(8.0)
+        out.view(rows, s.shape[1], -1).mul_(s.unsqueeze(-1))
+        return
     if expr.scheme == "mxfp4":
         lut = torch.tensor(FP4_E2M1, dtype=torch.float32, device=q.device)
         u8 = q.view(torch.uint8)

@@ -566,6 +566,9 @@ _PLE_ROLES = [
     Role(L + "ple.proj.weight", None, lambda s, lay: (s.hidden_size, s.ple_dim), _block("ple")),
     Role(L + "ple.norm.weight", None, lambda s, lay: (s.hidden_size,), _block("ple")),
     Role(L + "layer_scalar", None, lambda s, lay: (1,), _block("layer_scalar")),
+    # Block layer_scale: per-channel scales [H] of the attention's and the MLP's outputs (InternViT)
+    Role(L + "attn_scale", None, lambda s, lay: (s.hidden_size,), _block("layer_scale")),
+    Role(L + "mlp_scale", None, lambda s, lay: (s.hidden_size,), _block("layer_scale")),
     # block moe_branch (Gemma 4's MoE beside the dense MLP, whose pre-norm is mlp_norm and whose
     # sum with the MoE's output post_mlp_norm norms): the MoE's pre-norm, each branch's post-norm,
     # and the router's input scale [H] and per-expert weight scale [E]; whole on every TP rank
@@ -591,8 +594,19 @@ def _tower(pred: Callable[[ModelSpec], bool]) -> Presence:
     return lambda s, lay, i: pred(s)
 
 
+def _pos_embed_shape(s: ModelSpec, lay: Layout) -> tuple[int, ...]:
+    if s.pos_embed_width:  # a grid of rows x pos_embed_width positions (Kimi-K2.5's)
+        return (s.pos_embed_size // s.pos_embed_width, s.pos_embed_width, s.hidden_size)
+    return (s.pos_embed_size, s.hidden_size)
+
+
 def _merger(bias: bool = False) -> Presence:
     return lambda s, lay, i: s.merger_size > 0 and (not bias or s.mlp_bias)
+
+
+def _shuffled(s: ModelSpec, lay: Layout) -> tuple[int]:
+    """The width after InternVL's pixel shuffle: shuffle_size^2 patches of hidden_size each."""
+    return (s.hidden_size * s.shuffle_size**2,)
 
 
 # A vision stack's own blocks (ir/blocks.py STACK_BLOCKS), asked of the stack's spec: the patch
@@ -638,7 +652,7 @@ _VISION_ROLES = [
     Role(
         V + "pos_embed.weight",
         None,
-        lambda s, lay: (s.pos_embed_size, s.hidden_size),
+        _pos_embed_shape,
         _tower(lambda s: s.pos_embed_size > 0),
         stack="vision",
     ),
@@ -669,6 +683,42 @@ _VISION_ROLES = [
         lambda s, lay: (s.projector_out, s.hidden_size),
         _tower(lambda s: s.projector_out > 0),
         stack="vision",
+    ),
+    # GLM-4.1V's tower (transformers Glm4vVisionModel): a norm after the patch embedding, a 2-D
+    # convolution of downsample_size^2 patches to merger_out after the final norm, and a merger on
+    # merger_out (proj, a LayerNorm with a bias, a gated MLP merger_ffn wide); whole on every TP
+    # rank (plain modules in MindSpeed-MM's GlmViT / GlmMLP; Megatron-Bridge keeps the HF form)
+    *(
+        Role(V + f"patch_norm.{kind}", None, lambda s, lay: (s.hidden_size,), _tower(pred), stack="vision")
+        for kind, pred in (
+            ("weight", lambda s: s.patch_norm),
+            ("bias", lambda s: s.patch_norm and s.norm_bias),
+        )
+    ),
+    Role(
+        V + "downsample.weight",
+        None,
+        lambda s, lay: (s.merger_out, s.hidden_size, s.downsample_size, s.downsample_size),
+        _tower(lambda s: s.downsample_size > 0),
+        stack="vision",
+    ),
+    Role(
+        V + "downsample.bias",
+        None,
+        lambda s, lay: (s.merger_out,),
+        _tower(lambda s: s.downsample_size > 0),
+        stack="vision",
+    ),
+    *(
+        Role(V + f"merger.{name}", None, shape, _tower(lambda s: s.merger_ffn > 0), stack="vision")
+        for name, shape in (
+            ("proj.weight", lambda s, lay: (s.merger_out, s.merger_out)),
+            ("proj_norm.weight", lambda s, lay: (s.merger_out,)),
+            ("proj_norm.bias", lambda s, lay: (s.merger_out,)),
+            ("gate.weight", lambda s, lay: (s.merger_ffn, s.merger_out)),
+            ("up.weight", lambda s, lay: (s.merger_ffn, s.merger_out)),
+            ("down.weight", lambda s, lay: (s.merger_out, s.merger_ffn)),
+        )
     ),
 ]
 
@@ -785,6 +835,58 @@ _DEEPSTACK_ROLES = [
     Role(L + "deepstack.fc1.bias", COLUMN, lambda s, lay: (s.merger_hidden,), _deepstack(True)),
     Role(L + "deepstack.fc2.weight", ROW, lambda s, lay: (s.merger_out, s.merger_hidden), _deepstack()),
     Role(L + "deepstack.fc2.bias", None, lambda s, lay: (s.merger_out,), _deepstack(True)),
+    # InternViT's (InternVL's tower): a class token and positions for it and each patch, stored
+    # [1, tokens, hidden] (block cls_embed)
+    Role(
+        V + "cls_token",
+        None,
+        lambda s, lay: (1, 1, s.hidden_size),
+        _tower(lambda s: s.cls_token),
+        stack="vision",
+    ),
+    Role(
+        V + "cls_pos_embed",
+        None,
+        lambda s, lay: (1, s.cls_positions, s.hidden_size),
+        _tower(lambda s: s.cls_positions > 0),
+        stack="vision",
+    ),
+    # InternVL's projector after the pixel shuffle (block shuffle_projector): LayerNorm, fc1, fc2,
+    # with biases; whole on every TP rank (MindSpeed-MM's converters/internvl.py splits none of it)
+    *(
+        Role(
+            V + f"shuffle_proj.norm.{kind}",
+            None,
+            _shuffled,
+            _tower(lambda s: s.shuffle_size > 0),
+            stack="vision",
+        )
+        for kind in ("weight", "bias")
+    ),
+    Role(
+        V + "shuffle_proj.fc1.weight",
+        None,
+        lambda s, lay: (s.shuffle_out, _shuffled(s, lay)[0]),
+        _tower(lambda s: s.shuffle_size > 0),
+        stack="vision",
+    ),
+    Role(
+        V + "shuffle_proj.fc2.weight",
+        None,
+        lambda s, lay: (s.shuffle_out, s.shuffle_out),
+        _tower(lambda s: s.shuffle_size > 0),
+        stack="vision",
+    ),
+    *(
+        Role(
+            V + f"shuffle_proj.{fc}.bias",
+            None,
+            lambda s, lay: (s.shuffle_out,),
+            _tower(lambda s: s.shuffle_size > 0),
+            stack="vision",
+        )
+        for fc in ("fc1", "fc2")
+    ),
 ]
 
 
@@ -1462,7 +1564,7 @@ def canonical_order(name: str) -> tuple:
     if stack is not None:
         layer, rest = split_layer(inner)
         if layer is None:
-            after = ".merger." in "." + inner or inner.startswith(_AFTER_TOWER_LAYERS)
+            after = ".merger." in "." + inner or inner.startswith(_AFTER_TOWER_LAYERS + ("shuffle_proj.",))
             at = 1 << 30 if after else -1
             return (-1 - STACKS.index(stack), at, -1, -1, order.get(role_of(name), len(order)), name)
         return (

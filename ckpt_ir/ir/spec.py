@@ -141,6 +141,9 @@ class ModelSpec:
     # absolute positions (pos_embed_size rows of hidden_size), a norm after the layers, a projector
     # to projector_out (the language model's width): a norm, then one weight without a bias
     pos_embed_size: int = 0
+    # learned positions stored as a grid [pos_embed_size / pos_embed_width, pos_embed_width,
+    # hidden_size] (Kimi-K2.5's MoonViT, bicubically resampled to each image); 0: [rows, hidden]
+    pos_embed_width: int = 0
     post_norm: bool = False
     projector_out: int = 0
     # blocks of the Pixtral (Mistral 3) and Llama 4 towers: a norm before the layers (pre_norm);
@@ -167,6 +170,24 @@ class ModelSpec:
     # output a merger of their own (a norm over merger_hidden, then fc1 and fc2 as the merger's)
     # feeds to the language model, in the order of the HF list of mergers
     deepstack_layers: tuple[int, ...] = attrs.field(default=(), converter=_int_tuple)
+    # blocks patch_norm / downsample / gated_merger of a vision stack (GLM-4.1V's tower): a norm
+    # after the patch embedding (as the layers' norms, bias as norm_bias says), a convolution of
+    # downsample_size^2 neighbouring patches from hidden_size to merger_out (with a bias), and a
+    # merger on merger_out: a projection, a LayerNorm (with a bias), then a gated MLP merger_ffn wide
+    # (no biases)
+    patch_norm: bool = False
+    downsample_size: int = 0
+    merger_ffn: int = 0
+    # block cls_embed of a vision stack (InternViT): a learned class token [1, 1, hidden] before the
+    # patches, and learned positions for it and each patch stored [1, cls_positions, hidden]
+    # (cls_positions 0: none)
+    cls_token: bool = False
+    cls_positions: int = 0
+    # block shuffle_projector of a vision stack (InternVL): pixel shuffle of shuffle_size^2
+    # neighbouring patches, then a LayerNorm over hidden x shuffle_size^2, fc1 to shuffle_out (the
+    # language model's width), GELU, fc2, all with biases
+    shuffle_size: int = 0
+    shuffle_out: int = 0
     # The blocks of each main layer, in order (names in ``ckpt_ir.ir.blocks.BLOCKS``: a mixer
     # such as "attention" or "mamba", an MLP such as "mlp" or "moe"); empty: every layer is one
     # mixer and one MLP, as the fields above imply (see :meth:`blocks`).  A block of a layer made

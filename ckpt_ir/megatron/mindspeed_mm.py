@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING
 
 from ckpt_ir.errors import FormatError, LayoutError, UsageError, VerifyError, setting
 from ckpt_ir.ir import expr as E
-from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
+from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode, shard_expr
 from ckpt_ir.ir.layout import Layout, vision_slots
 from ckpt_ir.ir.names import NameTable, is_lora_factor, lora_target, split_layer
-from ckpt_ir.ir.roles import split_rule
+from ckpt_ir.ir.roles import expected_shape, split_rule
 from ckpt_ir.ir.rules import Stack
 from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.megatron import keys as M
@@ -66,6 +66,15 @@ def megatron_tower(spec: ModelSpec, mm_keys: str) -> MegatronTower | None:
     from ckpt_ir.families import by_name
 
     return by_name(spec.family).towers[0].bridge
+
+
+def fuses_tower(spec: ModelSpec, mm_keys: str) -> bool:
+    """Whether the tower's Megatron-form names in naming ``mm_keys`` hold its q / k / v and gate /
+    up in Megatron's fused modules (fuse-vision: per head, [gate; up]); a tower whose names pack
+    them in keys of their own (``MegatronTower.packed``: GLM-4.1V's ``self_attention.qkv``,
+    InternVL's ``linear_qkv`` = [q; k; v]) keeps them apart in the IR."""
+    names = megatron_tower(spec, mm_keys)
+    return names is not None and not names.packed
 
 
 def _names(spec: ModelSpec, layout: Layout) -> MegatronTower:
@@ -136,9 +145,24 @@ def vision_keys(
     names_of = _names(spec, layout)
     table, other = layer_table(vision, names_of), NameTable(names_of.keys)
     listed_layers, listed = _listed(vision, names_of)
+    pack_of = {p: (key, parts) for key, parts in names_of.packed for p in parts}
     out: dict[tuple[int, int], list[tuple[str, tuple[str, ...], Stack | None]]] = defaultdict(list)
     for name in names:
         layer, rest = split_layer(name[len("vision.") :])
+        if layer is not None and rest in pack_of:  # one key holding several tensors, [a; b; ...]
+            below, parts = pack_of[rest]
+            if rest == parts[0]:
+                stage, chunk, local = slots[layer]
+                canon = tuple(f"vision.layers.{layer}.{p}" for p in parts)
+                # whole on every TP rank, or rank r holding its part of each, [a_r; b_r; ...] (a part
+                # whose role is not split over TP whole in each)
+                whole = below in names_of.whole
+                rows = [
+                    (c, ckpt.tensors[c].shape[0] if whole else ckpt.tensors[c].shards[0].shape[0])
+                    for c in canon
+                ]
+                out[(stage, chunk)].append((f"{names_of.layers}{local}.{below}", canon, Stack.of(rows)))
+            continue
         if layer is not None and is_lora_factor(name):  # LoRA beside its module's weight key
             stage, chunk, local = slots[layer]
             target = table.from_canonical(
@@ -155,7 +179,13 @@ def vision_keys(
             key = other.from_canonical(name)
             place = first if name.startswith(names_of.first) else last
         if key is None:
-            raise VerifyError(f"{name}: the {layout.mm_keys} layout has no key for this vision tensor")
+            hint = (
+                f"; use {setting('mm_keys', 'bridge')} (the tower in its HF form)"
+                if layout.mm_keys == "mindspeed"
+                else ""
+            )
+            naming = "MindSpeed-MM's" if layout.mm_keys == "mindspeed" else "Megatron-Bridge's"
+            raise VerifyError(f"{name}: {naming} layout has no key for this vision tensor{hint}")
         out[place].append((key, (name,), None))
     return out
 
@@ -176,7 +206,9 @@ def lift_vision(
     names_of = _names(spec, layout)
     table, other, pattern = layer_table(vision, names_of), NameTable(names_of.keys), _layer_pattern(names_of)
     listed_layers, listed = _listed(vision, names_of)
+    packed = dict(names_of.packed)
     pieces: dict[str, dict[int, tuple[str, E.Expr]]] = defaultdict(dict)
+    packs: dict[str, tuple[tuple[str, ...], bool]] = {}  # key -> (its canonical tensors, held whole)
     unknown: list[str] = []
     for key, places in found.items():
         for t, p, chunk, label, x in places:
@@ -193,7 +225,8 @@ def lift_vision(
                         )
                     name = f"vision.layers.{listed_layers[j]}.{rest}"
             else:
-                canon = _vision_canonical(table, key)
+                below = m.group(2)
+                canon = "layers.{i}." + packed[below][0] if below in packed else _vision_canonical(table, key)
                 g = layer_of.get((p, chunk, int(m.group(1))))
                 if canon is not None and g is None:
                     raise FormatError(
@@ -201,6 +234,14 @@ def lift_vision(
                         f"on stage {p} chunk {chunk}; the rank files do not belong together"
                     )
                 name = None if canon is None else f"vision.layers.{g}.{split_layer(canon)[1]}"
+                if name is not None and below in packed:
+                    name = f"{key}@{g}"  # unpacked below, once its TP ranks are all read
+                    packs[name] = (
+                        tuple(f"vision.layers.{g}.{c}" for c in packed[below]),
+                        below in names_of.whole,
+                    )
+                elif name is not None and below in names_of.whole:
+                    packs[name] = ((name,), True)
             if name is None:
                 unknown.append(key)
                 break
@@ -208,6 +249,9 @@ def lift_vision(
     tensors: dict[str, TensorNode] = {}
     copies: dict[str, list[tuple[str, E.Expr]]] = {}
     for name, shards in pieces.items():
+        if name in packs:
+            tensors.update(_unpacked(name, shards, *packs[name], spec, layout, where, copies, dropped))
+            continue
         rule, n = split_rule(name, spec), layout.vision_tp
         if rule is None or n == 1:
             tensors[name] = TensorNode.whole(name, shards[min(shards)][1])
@@ -236,6 +280,72 @@ def _vision_canonical(table: NameTable, key: str) -> str | None:
         return table.to_canonical(key)
     canon = table.to_canonical(m.group(1) + ".weight")
     return None if canon is None else canon[: -len(".weight")] + M.CANONICAL_LORA[m.group(2)]
+
+
+def _unpacked(
+    name: str,
+    shards: dict[int, tuple[str, E.Expr]],
+    canon: tuple[str, ...],
+    whole: bool,
+    spec: ModelSpec,
+    layout: Layout,
+    where: str,
+    copies: dict[str, list[tuple[str, E.Expr]]],
+    dropped: dict[str, str],
+) -> dict[str, TensorNode]:
+    """The canonical tensors of a key packing ``canon`` along dim 0 (``MegatronTower.packed``), or
+    of a key held ``whole`` on every TP rank though its tensor is split over the tower's TP
+    (``MegatronTower.whole``), from its TP ranks' tensors: a whole key's copies kept for comparison,
+    its tensors cut over TP as their roles say; a split pack's ranks each hold their part of every
+    tensor."""
+    n = layout.vision_tp
+    rows = [expected_shape(spec, layout, c) for c in canon]
+    if whole or n == 1:
+        kept = shards[min(shards)][1]
+        if len(shards) > 1:
+            copies[name] = [shards[t] for t in sorted(shards)]
+            dropped[f"{name}@tp{','.join(str(t) for t in sorted(shards)[1:])}"] = (
+                "replica of TP rank 0 (held whole on every rank)"
+            )
+        parts = Stack.of((c, r[0]) for c, r in zip(canon, rows) if r is not None).split(kept)
+        out = {}
+        for c in canon:
+            rule = split_rule(c, spec)
+            out[c] = (
+                TensorNode(c, tuple(shard_expr(parts[c], rule, n)), rule)
+                if rule is not None and n > 1
+                else TensorNode.whole(c, parts[c])
+            )
+        return out
+    if sorted(shards) != list(range(n)):
+        raise FormatError(f"{where}: {name} is missing on TP rank(s) {sorted(set(range(n)) - set(shards))}")
+    local = Stack.of(
+        (c, r[0] // (n if split_rule(c, spec) else 1)) for c, r in zip(canon, rows) if r is not None
+    )
+    for t in range(n):
+        label, x = shards[t]
+        if x.shape[0] != local.size:
+            raise FormatError(
+                f"{label}: {name.partition('@')[0]} has {x.shape[0]} rows, but its parts take {local.size} on "
+                f"a TP rank ({' + '.join(str(pc.size) for pc in local.pieces)}); the rank files do not match "
+                f"the HF config"
+            )
+    by_rank = [local.split(shards[t][1]) for t in range(n)]
+    out = {}
+    for c in canon:
+        rule = split_rule(c, spec)
+        out[c] = (
+            TensorNode(c, tuple(p[c] for p in by_rank), rule) if rule else TensorNode.whole(c, by_rank[0][c])
+        )
+    return out
+
+
+def is_whole(spec: ModelSpec, key: str) -> bool:
+    """Whether the family's MindSpeed-MM layout holds tower key ``key`` whole on every TP rank
+    though its canonical tensors are split over the tower's TP (``MegatronTower.whole``)."""
+    names_of = tower_names(spec)
+    m = _layer_pattern(names_of).match(key)
+    return m is not None and m.group(2) in names_of.whole
 
 
 def scan_counts(

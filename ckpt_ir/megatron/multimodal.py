@@ -14,6 +14,8 @@ The tower sits on pipeline stage 0 (Megatron-Bridge builds it where ``pre_proces
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import attrs
 
 from ckpt_ir.errors import FormatError, UsageError, VerifyError, setting
@@ -25,6 +27,9 @@ from ckpt_ir.ir.roles import split_rule
 from ckpt_ir.ir.rules import Stack
 from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.megatron import keys as M
+
+if TYPE_CHECKING:
+    from ckpt_ir.families import Family
 
 # each naming's prefix of the language model's keys
 TEXT_PREFIX = {"bridge": "language_model.", "mindspeed": "text_decoder."}
@@ -44,7 +49,8 @@ def tower_keys(ckpt: Checkpoint) -> dict[tuple[int, int], list[tuple[str, tuple[
         own = {c: k for tower in family.towers for k, c in tower.bridge_keys}
         base = [n for n in names if n not in own and not is_lora(n)]
         keys = []
-        for key, canon, pack in family.hf_form(ckpt.spec, base):
+        for hf, canon, pack in family.hf_form(ckpt.spec, base):
+            key = bridge_key(family, hf, to_bridge=True)
             keys.append((key, canon, pack))
             keys += _bridge_lora(ckpt, key, canon, pack)
         held = {c for _, canon, _ in keys for c in canon}
@@ -135,6 +141,18 @@ def tower_global(
     return stored, objects
 
 
+def bridge_key(family: Family, key: str, to_bridge: bool) -> str:
+    """A tower's HF name as Megatron-Bridge's files key it (``to_bridge``), or back: its prefix
+    replaced where the tower says (``Tower.bridge_prefix``: GLM-4.5V's ``model.visual.*`` is
+    ``visual.*``), else the same."""
+    for tower in family.towers:
+        if tower.bridge_prefix is not None:
+            old, new = tower.bridge_prefix if to_bridge else tower.bridge_prefix[::-1]
+            if key.startswith(old):
+                return new + key[len(old) :]
+    return key
+
+
 def bridge_split(ckpt: Checkpoint, key: str, canon: tuple[str, ...]) -> tuple[Stack, Split] | None:
     """How a tower key of Megatron-Bridge's own modules (``Tower.bridge_keys``) is split over the
     language model's TP (Gemma 3's projector, a ColumnParallelLinear): (a rule taking the whole
@@ -148,6 +166,16 @@ def bridge_split(ckpt: Checkpoint, key: str, canon: tuple[str, ...]) -> tuple[St
     if split is None:
         return None
     return Stack.of([(canon[0], ckpt.tensors[canon[0]].shape[split.dim])], split.dim), split
+
+
+def written_whole(ckpt: Checkpoint, key: str) -> bool:
+    """Whether tower key ``key`` is written whole on every TP rank though the IR splits its tensors
+    (MindSpeed-MM's GLM-4.1V attention, ``MegatronTower.whole``)."""
+    if ckpt.layout.mm_keys != "mindspeed" or ckpt.layout.vision_tp == 1:
+        return False
+    from ckpt_ir.megatron import mindspeed_mm
+
+    return mindspeed_mm.is_whole(ckpt.spec, key)
 
 
 def module_of(key: str, mm_keys: str | None) -> tuple[str, str, str]:
@@ -217,7 +245,7 @@ def lift_tower(
         if rule is not None and layout.tp > 1:
             ours[own[key]] = _joined(key, places, rule, layout.tp, where)
             continue
-        (ours if key in own else raw)[own.get(key, key)] = places[0][4]
+        (ours if key in own else raw)[own.get(key) or bridge_key(family, key, to_bridge=False)] = places[0][4]
         if len(places) > 1:
             copies[key] = [(f[3], f[4]) for f in places]
             dropped[f"{key} (TP ranks {', '.join(str(f[0]) for f in places[1:])})"] = (
@@ -228,6 +256,7 @@ def lift_tower(
         raw[k[: -len(".base_layer.weight")] + ".weight"] = raw.pop(k)
     exprs, unknown = family.from_hf_form(spec, raw)
     exprs.update(_lift_bridge_lora(family, spec, lora, unknown))
+    unknown = [bridge_key(family, k, to_bridge=True) for k in unknown]
     exprs.update(ours)
     return {n: TensorNode.whole(n, x) for n, x in exprs.items()}, copies, unknown
 

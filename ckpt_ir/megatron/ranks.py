@@ -12,7 +12,7 @@ import attrs
 from ckpt_ir.errors import LayoutError, VerifyError, setting
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.blocks import is_hybrid
-from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode, shard_expr
+from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode, gather_exprs, shard_expr
 from ckpt_ir.ir.layout import expert_owner, layer_slots, text_ends
 from ckpt_ir.ir.names import Split, expert_of, role_of, split_layer
 from ckpt_ir.ir.rules import Stack, mla_rule
@@ -43,6 +43,9 @@ class Entry:
     # a key packing several canonical tensors by this rule (keyed by their names): a vision tower
     # kept in its HF form (Megatron-Bridge's Qwen2.5-VL: attn.qkv = [q; k; v]), whole on every rank
     pack: Stack | None = None
+    # a tensor (or pack) split over TP in the IR written whole on every rank (MindSpeed-MM's
+    # GLM-4.1V tower attention: plain nn.Linear; MegatronTower.whole)
+    whole: bool = False
 
 
 def entry_expr(tensors: dict[str, TensorNode], entry: Entry, rank: int, tp: int) -> E.Expr:
@@ -51,7 +54,10 @@ def entry_expr(tensors: dict[str, TensorNode], entry: Entry, rank: int, tp: int)
         part = entry.part.rule.split(tensors[entry.canon[0]].shards[0])[entry.part.name]
         return shard_expr(part, entry.part.split, tp)[rank] if entry.part.split and tp > 1 else part
     nodes = [tensors[c] for c in entry.canon]
-    exprs = [t.shards[rank] if t.tp > 1 else t.shards[0] for t in nodes]
+    if entry.whole:
+        exprs = [gather_exprs(t.shards, t.split) if t.split is not None else t.shards[0] for t in nodes]
+    else:
+        exprs = [t.shards[rank] if t.tp > 1 else t.shards[0] for t in nodes]
     if entry.pack is not None:
         return entry.pack.fuse(dict(zip(entry.canon, exprs)))
     return M.group_experts(entry.grouped, exprs) if entry.grouped else exprs[0]
@@ -183,7 +189,13 @@ def rank_content(
             entries[:] = [attrs.evolve(e, key=prefix + e.key) for e in entries]
         for place, keys in multimodal.tower_keys(ckpt).items():
             content[place][:0] = [
-                Entry(key, canon, pack=pack, part=Part(canon[0], *split) if split else None)
+                Entry(
+                    key,
+                    canon,
+                    pack=pack,
+                    part=Part(canon[0], *split) if split else None,
+                    whole=multimodal.written_whole(ckpt, key),
+                )
                 for key, canon, pack in keys
                 for split in [multimodal.bridge_split(ckpt, key, canon)]
             ]

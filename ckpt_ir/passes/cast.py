@@ -115,5 +115,7 @@ class DequantizePass(Pass):
             else t
             for name, t in ckpt.tensors.items()
         }
-        cfg = ckpt.hf_config and {k: v for k, v in ckpt.hf_config.items() if k != "quantization_config"}
+        from ckpt_ir.quant import without_quant_config
+
+        cfg = ckpt.hf_config and without_quant_config(ckpt.hf_config)
         return ckpt.with_tensors(out, spec=attrs.evolve(ckpt.spec, dtype=to), hf_config=cfg)

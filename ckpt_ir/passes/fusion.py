@@ -336,7 +336,8 @@ class FuseVision(Pass):
     description = (
         "The vision tower's (ModelSpec.vision) attention is multi-head: Megatron's per-group "
         "interleave with a group per head gives each head's [q_h; k_h; v_h], which MindSpeed-MM's "
-        "converter writes (RelocateOp); its gated MLP becomes [gate; up]."
+        "converter writes (RelocateOp); its gated MLP becomes [gate; up].  A tower whose "
+        "MindSpeed-MM names pack its tensors in keys of their own (GLM-4.1V's [q; k; v]) is left as it is."
     )
     requires = (WHOLE,)
     optimizer_state = "follow"
