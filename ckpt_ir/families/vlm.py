@@ -484,6 +484,10 @@ QWEN3_BRIDGE = MegatronTower(
         ),
     ),
     listed_by="deepstack_layers",
+    # Transformer Engine's modules (Qwen3VLModel builds the tower with the TE layer spec and a TENorm
+    # / TEColumnParallelLinear / TERowParallelLinear patch merger, modelling_qwen3_vl/model.py:348-353):
+    # each saves an _extra_state object (megatron-core transformer/utils.py:75-148, 151-191)
+    extra_state=("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "patch_norm"),
 )
 
 # why no megatron-core model checks the rank files
