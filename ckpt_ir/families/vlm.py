@@ -538,6 +538,7 @@ register(
                 "--tp 1 --pp 1",
                 "--tp 2",
                 "--tp 2 --pp 2 --num-layer-list 2,1",
+                "--ckpt-format torch_dist",
                 "--tp 2 --pp 2 --num-layer-list 2,1 --mm-keys mindspeed --vision-layer-list 1,1",
             ),
             mcore_missing=NO_MCORE_QWEN3,
@@ -574,6 +575,7 @@ register(
         tested=Tested(
             round_trip=(
                 "--tp 2 --ep 2",
+                "--ckpt-format torch_dist",
                 "--tp 2 --ep 2 --mm-keys mindspeed",
                 "--pp 2 --ep 2 --num-layer-list 1,1 --mm-keys mindspeed --vision-layer-list 2,0",
             ),
@@ -772,7 +774,8 @@ register(
         # MindSpeed-MM's GlmConverter reads Glm4vConfig (a dense language model) only
         **{**_glm_text("glm4_moe"), "towers": (attrs.evolve(GLM_TOWER, mindspeed=None),)},
         tested=Tested(
-            round_trip=("--tp 1 --pp 1", "--tp 2 --ep 2", "--pp 2 --ep 2"), mcore_missing=GLM_NO_MCORE
+            round_trip=("--tp 1 --pp 1", "--tp 2 --ep 2", "--pp 2 --ep 2", "--ckpt-format torch_dist"),
+            mcore_missing=GLM_NO_MCORE,
         ),
     )
 )
@@ -1013,6 +1016,7 @@ register(
                 "--tp 2 --pp 2 --num-layer-list 1,1 --vision-layer-list 1,1",
                 "--tp 2 --mm-keys bridge",
                 "--tp 2 --pp 2 --mm-keys bridge",
+                "--ckpt-format torch_dist --mm-keys bridge",
             ),
             mcore_missing=(
                 "no: megatron-core 0.16's LLaVAModel hosts an InternViT tower's layer scales only through "

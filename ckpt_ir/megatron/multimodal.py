@@ -34,6 +34,12 @@ if TYPE_CHECKING:
 # each naming's prefix of the language model's keys
 TEXT_PREFIX = {"bridge": "language_model.", "mindspeed": "text_decoder."}
 VISION_PREFIX = {"mindspeed": "image_encoder."}  # bridge: the family's HF names (visual.*)
+# each naming's modules of a multi-latent-attention language model (Layout.mla_keys), where the
+# naming fixes them: Megatron-Bridge's language model is a megatron-core GPTModel
+# (kimi_vl/modeling_kimi_k25_vl.py:230, provide_language_model) with megatron-core's MLA modules,
+# its keys those of Bridge's DeepSeek mappings re-prefixed (kimi_k25_vl_bridge.py:242-254;
+# deepseek/common.py:38, 55: linear_kv_down_proj, linear_q_down_proj)
+TEXT_MLA_KEYS = {"bridge": "mcore"}
 
 
 def tower_keys(ckpt: Checkpoint) -> dict[tuple[int, int], list[tuple[str, tuple[str, ...], Stack | None]]]:
