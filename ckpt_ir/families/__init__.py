@@ -377,6 +377,11 @@ class MegatronTower:
     # keys below the layer held whole on every TP rank though their canonical tensors are split
     # over the tower's TP (GLM-4.1V's attention: plain nn.Linear beside a TP-split Megatron MLP)
     whole: tuple[str, ...] = ()
+    # the modules (last part of a key's module path) that save an ``_extra_state`` object beside
+    # their tensors in torch_dist (Transformer Engine's linears and norms in Megatron-Bridge's
+    # tower); torch_dist stacks the keys below ``layers`` and below each ``listed`` list on a
+    # leading axis, as a homogeneous TransformerBlock saves them
+    extra_state: tuple[str, ...] = ()
 
 
 @attrs.frozen

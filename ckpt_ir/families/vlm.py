@@ -484,6 +484,10 @@ QWEN3_BRIDGE = MegatronTower(
         ),
     ),
     listed_by="deepstack_layers",
+    # Transformer Engine's modules (Qwen3VLModel builds the tower with the TE layer spec and a TENorm
+    # / TEColumnParallelLinear / TERowParallelLinear patch merger, modelling_qwen3_vl/model.py:348-353):
+    # each saves an _extra_state object (megatron-core transformer/utils.py:75-148, 151-191)
+    extra_state=("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "patch_norm"),
 )
 
 # why no megatron-core model checks the rank files
@@ -542,6 +546,7 @@ register(
                 "--tp 1 --pp 1",
                 "--tp 2",
                 "--tp 2 --pp 2 --num-layer-list 2,1",
+                "--ckpt-format torch_dist",
                 "--tp 2 --pp 2 --num-layer-list 2,1 --mm-keys mindspeed --vision-layer-list 1,1",
             ),
             mcore_missing=NO_MCORE_QWEN3,
@@ -590,6 +595,7 @@ register(
         tested=Tested(
             round_trip=(
                 "--tp 2 --ep 2",
+                "--ckpt-format torch_dist",
                 "--tp 2 --ep 2 --mm-keys mindspeed",
                 "--pp 2 --ep 2 --num-layer-list 1,1 --mm-keys mindspeed --vision-layer-list 2,0",
             ),
@@ -800,7 +806,8 @@ register(
         # MindSpeed-MM's GlmConverter reads Glm4vConfig (a dense language model) only
         **{**_glm_text("glm4_moe"), "towers": (attrs.evolve(GLM_TOWER, mindspeed=None),)},
         tested=Tested(
-            round_trip=("--tp 1 --pp 1", "--tp 2 --ep 2", "--pp 2 --ep 2"), mcore_missing=GLM_NO_MCORE
+            round_trip=("--tp 1 --pp 1", "--tp 2 --ep 2", "--pp 2 --ep 2", "--ckpt-format torch_dist"),
+            mcore_missing=GLM_NO_MCORE,
         ),
     )
 )
@@ -1041,6 +1048,7 @@ register(
                 "--tp 2 --pp 2 --num-layer-list 1,1 --vision-layer-list 1,1",
                 "--tp 2 --mm-keys bridge",
                 "--tp 2 --pp 2 --mm-keys bridge",
+                "--ckpt-format torch_dist --mm-keys bridge",
             ),
             mcore_missing=(
                 "no: megatron-core 0.16's LLaVAModel hosts an InternViT tower's layer scales only through "
