@@ -61,6 +61,8 @@ def megatron_tower(spec: ModelSpec, mm_keys: str) -> MegatronTower | None:
     """The family's Megatron-form names of its vision tower in naming ``mm_keys``: MindSpeed-MM's
     (``Tower.mindspeed``; a family without them is a UsageError), Megatron-Bridge's where it keeps
     the tower in Megatron's modules (``Tower.bridge``), else None (Bridge's HF-form tower)."""
+    if spec.vision is None:
+        return None
     if mm_keys == "mindspeed":
         return tower_names(spec)
     from ckpt_ir.families import by_name
