@@ -171,8 +171,26 @@ def test_llama4_text_model_reading_its_embedding_device_verifies(tmp_path):
     assert r["ok"] and all(row["max_abs_diff"] == 0 for row in r["rows"])
 
 
-def test_internvl_remote_naming_is_a_one_line_refusal(sources):  # noqa: F811
-    """The remote code's naming (model_type internvl_chat) has no transformers config: refused,
-    naming the naming and what to verify instead."""
+def test_configs_transformers_reads_otherwise_are_one_line_errors(sources, model, tmp_path):  # noqa: F811
+    """InternVL's remote naming (model_type internvl_chat) has no transformers config: refused,
+    naming it.  Kimi-K2.5's release config (auto_map to its remote code, the tower's vt_* /
+    init_pos_emb_* keys) is transformers' kimi_k25 model, built without remote code, but
+    transformers reads none of those keys: the first tensor whose shape differs is named."""
+    from ckpt_ir.errors import FormatError
+
     with pytest.raises(UsageError, match="internvl in the internvl_chat naming, which transformers"):
         verify(sources["internvl_chat"], sources["internvl"])
+    release = str(tmp_path / "release")
+    shutil.copytree(model, release)
+    cfg = json.load(open(os.path.join(release, "config.json")))
+    v = cfg["vision_config"]
+    cfg["auto_map"] = {"AutoModel": "modeling_kimi_k25.KimiK25ForConditionalGeneration"}
+    json.dump(cfg, open(os.path.join(release, "config.json"), "w"))
+    assert transformers_config(hf_side(release)[0]).vision_config.hidden_size == v["hidden_size"]
+    spelled = {"hidden_size": "vt_hidden_size", "pos_emb_height": "init_pos_emb_height"}
+    spelled |= {"pos_emb_width": "init_pos_emb_width"}
+    cfg["vision_config"] = {spelled.get(k, k): x for k, x in v.items()}
+    json.dump(cfg, open(os.path.join(release, "config.json"), "w"))
+    grid = ", ".join(str(v[k]) for k in ("pos_emb_height", "pos_emb_width", "hidden_size"))
+    with pytest.raises(FormatError, match=rf"position_embeddings: the checkpoint's is \[{grid}\] but"):
+        verify(release, release)

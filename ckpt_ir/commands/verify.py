@@ -318,7 +318,8 @@ class Materialiser:
         }
         state = {k[len(prefix) :]: v for k, v in convert_names(self.model, self.rules, tensors).items()}
         del tensors
-        want = set(unit.wanted())
+        wanted = unit.wanted()
+        want = set(wanted)
         wrapped = {PEFT_BASE.sub("", k): k for k in want}  # a PEFT wrapper holds the base one level down
         state = {wrapped.get(k, k): v for k, v in state.items()}
         have = set(module._parameters) if unit.own else set(module.state_dict())
@@ -327,6 +328,13 @@ class Materialiser:
             raise FormatError(
                 f"verify: {prefix.rstrip('.') or 'the model'}: the checkpoint does not fill the transformers "
                 f"module (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        bad = next((k for k, v in state.items() if k in wanted and v.shape != wanted[k].shape), None)
+        if bad is not None:
+            raise FormatError(
+                f"verify: {prefix}{bad}: the checkpoint's is {list(state[bad].shape)} but transformers builds "
+                f"{list(wanted[bad].shape)} from the config; write the config in transformers' keys for "
+                f"{type(self.model).__name__}"
             )
         module.load_state_dict(state, strict=False, assign=True)
 
