@@ -44,14 +44,13 @@ def transformers_dtypes(src: str, dtype: torch.dtype, names) -> dict[str, str]:
     """The dtype transformers' model, loaded from ``src`` in ``dtype``, holds for each checkpoint
     name (through its own renaming rules: per-expert tensors become fused expert parameters)."""
     from transformers import AutoModelForCausalLM
-    from transformers.core_model_loading import rename_source_key
 
-    from ckpt_ir.commands.verify import conversion
+    from ckpt_ir.commands.verify import conversion, module_key
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
     state = model.state_dict()
-    renamings, converters = conversion(model)
-    return {n: IR[state[rename_source_key(n, renamings, converters)[0]].dtype] for n in names}
+    rules = conversion(model)
+    return {n: IR[state[module_key(rules, n)[0]].dtype] for n in names}
 
 
 DEEPSEEK_ROUTER = {"mlp.gate.weight", "mlp.gate.e_score_correction_bias"}

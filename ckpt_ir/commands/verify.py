@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import re
 import warnings
 from collections.abc import Iterator
@@ -88,16 +87,32 @@ def transformers_config(ckpt) -> Any:
 
     family = by_name(ckpt.spec.family)
     cfg = family.config_from_spec(ckpt.spec, ckpt.hf_config)
-    if cfg.get("auto_map") or not hasattr(transformers, family.architecture):
+    # a vision-language model_type transformers ports to a class of its own (Kimi-K2.5's
+    # Kimi_K25ForConditionalGeneration for the release's remote KimiK25ForConditionalGeneration)
+    # is what from_pretrained builds without remote code
+    ported = ckpt.spec.vision is not None and cfg.get("model_type") in image_text_models()
+    if not ported and (cfg.get("auto_map") or not hasattr(transformers, family.architecture)):
         raise UsageError(
             f"verify: {family.architecture} ({ckpt.spec.family}) is not implemented by transformers "
             f"{transformers.__version__} (remote code is never run); verify needs a built-in class"
+        )
+    if cfg.get("model_type") not in transformers.CONFIG_MAPPING:
+        raise UsageError(
+            f"verify: {ckpt.source} is {ckpt.spec.family} in the {cfg.get('model_type')} naming, which transformers "
+            f"{transformers.__version__} has no config for; verify a checkpoint in transformers' naming"
         )
     cfg = {k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version", "auto_map")}
     # config.json spells an infinite float {"__float__": "Infinity"} (Mamba's time_step_limit):
     # decoded as transformers' from_pretrained decodes it
     cfg = transformers.PretrainedConfig._decode_special_floats(cfg)
     return transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
+def image_text_models() -> Any:
+    """transformers' model_type -> class name of its image-text-to-text models."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 
 @contextlib.contextmanager
@@ -214,27 +229,42 @@ def units(model) -> list[Unit]:
 
 
 def conversion(model):
-    """transformers' checkpoint -> module rules for this model (renamings, fused-expert converters)."""
+    """transformers' checkpoint -> module rules for this model (renamings, fused-expert converters,
+    and what from_pretrained adds or strips: the base model's prefix, by the model's own names)."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming
 
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    return renamings, converters
+    known = dict.fromkeys(model.state_dict(), True)
+    return renamings, converters, model.base_model_prefix, known
+
+
+def module_key(rules, key: str) -> tuple[str, str | None]:
+    """A checkpoint tensor's module name and the converter pattern it matched, as from_pretrained
+    renames it (core_model_loading.py convert_and_load_state_dict_in_model: a key the renamings
+    take out of the model but that is already a module name stays one)."""
+    from transformers.core_model_loading import rename_source_key
+
+    renamings, converters, base, known = rules
+    new, pattern = rename_source_key(key, renamings, converters, base, known)
+    if new not in known and key in known:
+        new, pattern = rename_source_key(key, [], [], base, known)
+    return new, pattern
 
 
 def convert_names(model, rules, tensors: dict[str, Any]) -> dict[str, Any]:
     """Checkpoint tensors (full HF names) -> module state (full module names), as from_pretrained does."""
     import copy
 
-    from transformers.core_model_loading import WeightRenaming, rename_source_key
+    from transformers.core_model_loading import WeightRenaming
 
-    renamings, converters = rules
+    renamings, converters = rules[:2]
     by_pattern = {p: c for c in converters for p in c.source_patterns}
     pending: dict[str, Any] = {}
     for key in sorted(tensors):
-        new, pattern = rename_source_key(key, renamings, converters)
+        new, pattern = module_key(rules, key)
         if pattern is None:
             op, pattern = pending.setdefault(new, WeightRenaming(key, new)), key
         else:
@@ -253,14 +283,12 @@ class Materialiser:
     def __init__(
         self, model, exprs: list[tuple[str, Any]], reader, dtype, device, tied: bool, parts: list[Unit]
     ) -> None:
-        from transformers.core_model_loading import rename_source_key
-
         self.model, self.reader, self.dtype, self.device = model, reader, dtype, device
         self.exprs = dict(exprs)
         self.rules = conversion(model)
         # each checkpoint tensor's module name (GPT-NeoX's embed_out is the module lm_head, a
         # vision-language checkpoint's visual.* model.visual.*)
-        self.module_of = {n: rename_source_key(n, *self.rules)[0] for n in self.exprs}
+        self.module_of = {n: module_key(self.rules, n)[0] for n in self.exprs}
         if tied and "lm_head.weight" not in self.module_of.values():
             # the input embedding's own name (embed_tokens for most families, BLOOM's word_embeddings)
             embed = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
@@ -290,7 +318,8 @@ class Materialiser:
         }
         state = {k[len(prefix) :]: v for k, v in convert_names(self.model, self.rules, tensors).items()}
         del tensors
-        want = set(unit.wanted())
+        wanted = unit.wanted()
+        want = set(wanted)
         wrapped = {PEFT_BASE.sub("", k): k for k in want}  # a PEFT wrapper holds the base one level down
         state = {wrapped.get(k, k): v for k, v in state.items()}
         have = set(module._parameters) if unit.own else set(module.state_dict())
@@ -299,6 +328,13 @@ class Materialiser:
             raise FormatError(
                 f"verify: {prefix.rstrip('.') or 'the model'}: the checkpoint does not fill the transformers "
                 f"module (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        bad = next((k for k, v in state.items() if k in wanted and v.shape != wanted[k].shape), None)
+        if bad is not None:
+            raise FormatError(
+                f"verify: {prefix}{bad}: the checkpoint's is {list(state[bad].shape)} but transformers builds "
+                f"{list(wanted[bad].shape)} from the config; write the config in transformers' keys for "
+                f"{type(self.model).__name__}"
             )
         module.load_state_dict(state, strict=False, assign=True)
 
@@ -356,10 +392,15 @@ def run_side(
     with E.Reader() as reader:
         mat = Materialiser(model, exprs, reader, dtype, device, ckpt.spec.tied_embeddings, parts)
         labels = unit_labels(model, mat, by_name(ckpt.spec.family), ckpt.spec)
+        early = early_embedding(model, parts, mat)
+        if early is not None:
+            handles.append(early)
         for unit in parts:
             label = labels[unit]
 
             def pre(mod, _args, unit=unit):
+                if not unit.own and not unit.wanted():  # loaded early (early_embedding)
+                    return
                 mat.load(unit)
 
             def post(mod, _args, out, unit=unit, label=label):
@@ -393,6 +434,24 @@ def run_side(
     return outputs, order
 
 
+def early_embedding(model, parts: list[Unit], mat: Materialiser) -> Any:
+    """A hook on the module holding the input embedding that materialises the embedding when that
+    module is given token ids, before its forward runs: a module that reads the embedding's device
+    for its ids (Llama 4's text model: ``input_ids.to(self.embed_tokens.weight.device)``) would
+    otherwise move them to the meta device.  Returns the hook's handle (None: no such unit)."""
+    embed = model.get_input_embeddings()
+    unit = next((u for u in parts if u.module is embed and not u.own), None)
+    if unit is None or "." not in unit.prefix.rstrip("."):
+        return None
+    owner = model.get_submodule(unit.prefix.rstrip(".").rpartition(".")[0])
+
+    def load(mod, args, kwargs):
+        if kwargs.get("input_ids", args[0] if args else None) is not None and unit.wanted():
+            mat.load(unit)
+
+    return owner.register_forward_pre_hook(load, with_kwargs=True)
+
+
 def to(tensors: dict[str, Any], device) -> dict[str, Any]:
     return {k: v.to(device) for k, v in tensors.items()}
 
@@ -408,6 +467,11 @@ def unit_labels(model, mat: Materialiser, family, spec) -> dict[Unit, str]:
     (``vision.layers.1``, ``vision.merger``), the language model's as before (``layer 3``)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     base = next((n for n, m in model.named_modules() if m is decoder and n), model.base_model_prefix)
+    if not any(u.prefix.startswith(f"{base}.layers.") for u in mat.names):
+        # a decoder that get_decoder does not name (Llama 4's is its causal LM itself): the module
+        # holding the input embedding
+        embed = model.get_input_embeddings()
+        base = next((n for n, m in model.named_modules() if m is embed), base).rpartition(".")[0] or base
     stacks = {t.stack for t in family.towers}
     out = {}
     for unit, names in mat.names.items():
@@ -472,33 +536,47 @@ def image_inputs(ckpt, config, text, size: tuple[int, int] | None) -> tuple[Any,
     special = [getattr(config, how.image_token), *(getattr(config, k) for k in how.around or ())]
     gen = torch.Generator().manual_seed(0)
     if how.pixels == "image":
-        side = math.isqrt(v.pos_embed_size) * patch
+        side = _one_size(config.vision_config.image_size)
         if size is not None and size != (side, side):
             raise UsageError(
                 f"--image-size: {ckpt.spec.family}'s tower takes {side}x{side} images only (its position "
                 f"table), got {size[0]}x{size[1]}"
             )
         assert how.tokens is not None  # ImageInput: an "image" layout names its token count
-        count = getattr(config, how.tokens)
+        count = int(how.tokens(config) if callable(how.tokens) else getattr(config, how.tokens))
         image = {"pixel_values": torch.randn((1, channels, side, side), generator=gen)}
         what = f"{side}x{side} image, pixel_values [1, {channels}, {side}, {side}], {count} image tokens"
     else:
-        unit = patch * v.merger_size
+        merge = getattr(v, how.merge)
+        unit = patch * merge
         h, w = size or (2 * unit, 3 * unit)
         if h % unit or w % unit or h <= 0 or w <= 0:
             raise UsageError(
                 f"--image-size: {h}x{w} is not a whole number of {unit}x{unit}-pixel merged patches "
-                f"({ckpt.spec.family}: patch {patch}, merge {v.merger_size})"
+                f"({ckpt.spec.family}: patch {patch}, merge {merge})"
             )
-        frames = max(v.patch_temporal, 1)
-        grid = (1, h // patch, w // patch)  # one frame, repeated over the temporal patch
-        rows, width = grid[1] * grid[2], channels * frames * patch * patch
-        count = rows // v.merger_size**2
-        image = {
-            "pixel_values": torch.randn((rows, width), generator=gen),
-            "image_grid_thw": torch.tensor([grid]),
-        }
-        what = f"{h}x{w} image, pixel_values [{rows}, {width}], image_grid_thw {list(grid)}, {count} image tokens"
+        count = (h // unit) * (w // unit)
+        if how.pixels == "sized":
+            image = {
+                "pixel_values": torch.randn((1, channels, h, w), generator=gen),
+                "image_sizes": torch.tensor([[h, w]]),
+            }
+            what = f"{h}x{w} image, pixel_values [1, {channels}, {h}, {w}], {count} image tokens"
+        else:
+            frames = max(v.patch_temporal, 1)
+            grid = (1, h // patch, w // patch)  # one frame, repeated over the temporal patch
+            rows = grid[1] * grid[2]
+            shape: tuple[int, ...] = (rows, channels * frames * patch * patch)
+            if how.patch_rows == "chw":  # each patch as an image (Kimi's processor)
+                shape = (rows, channels, patch, patch)
+            image = {
+                "pixel_values": torch.randn(shape, generator=gen),
+                "image_grid_thw": torch.tensor([grid]),
+            }
+            what = (
+                f"{h}x{w} image, pixel_values {list(shape)}, image_grid_thw {list(grid)}, "
+                f"{count} image tokens"
+            )
     if any(int(i) in special for i in text[0]):
         raise UsageError(
             f"--prompt-ids: the prompt holds an image token id ({', '.join(map(str, special))}); verify "
@@ -512,6 +590,17 @@ def image_inputs(ckpt, config, text, size: tuple[int, int] | None) -> tuple[Any,
     if how.type_ids:
         image[how.type_ids] = (ids == special[0]).long()
     return ids, image, what
+
+
+def _one_size(value: Any) -> int:
+    """A vision config's image_size (an int, or [height, width] of a square) as one side."""
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise UsageError(
+                f"verify: the tower's image_size {list(value)} is not square; verify cannot build it"
+            )
+        value = value[0]
+    return int(value)
 
 
 def image_token_ids(ckpt, config) -> set[int]:
@@ -541,6 +630,8 @@ def unit_label(prefix: str, base: str) -> str:
     p = prefix.rstrip(".")
     if p.startswith(f"{base}.layers."):
         return "layer " + p.rsplit(".", 1)[1]
+    if p.endswith(".lm_head"):  # a language model's head inside a multi-module model (Llama 4's)
+        return "lm_head"
     return {f"{base}.embed_tokens": "embeddings", f"{base}.norm": "final norm", "lm_head": "lm_head"}.get(
         p, p
     )

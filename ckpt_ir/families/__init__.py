@@ -421,23 +421,34 @@ class Tower:
 class ImageInput:
     """How ``ckpt-ir verify`` gives a tower one generated image, laid out as the family's processor
     lays out a real one.  ``pixels`` "patches": ``pixel_values`` [patches, channels x frames x
-    patch^2], one row per patch, and ``image_grid_thw`` [[frames, rows, columns]] of patches
-    (Qwen2-VL's image processor), one placeholder per merger_size^2 patches; "image":
-    ``pixel_values`` [1, channels, H, W] at the tower's one size (sqrt(pos_embed_size) patches a
-    side), ``tokens`` (a config attribute) placeholders per image.  ``image_token``: the config
-    attribute holding the placeholder's id; ``around``: the attributes of the ids just before and
-    just after the placeholders; ``type_ids``: the keyword of the mask that marks the image's
-    positions with 1, which the model reads for its positions or its attention mask."""
+    patch^2], one row per patch (``patch_rows`` "chw": [patches, channels, patch, patch], Kimi's),
+    and ``image_grid_thw`` [[frames, rows, columns]] of patches (Qwen2-VL's image processor), one
+    placeholder per ``merge``^2 patches; "image": ``pixel_values`` [1, channels, H, W] at the
+    tower's one size (its vision_config's image_size), ``tokens`` placeholders per image; "sized":
+    ``pixel_values`` [1, channels, H, W] of any whole number of ``merge`` x ``merge`` patches and
+    ``image_sizes`` [[H, W]] (Pixtral's processor), one placeholder per merged patch.
+    ``image_token``: the config attribute holding the placeholder's id; ``around``: the attributes
+    of the ids just before and just after the placeholders; ``tokens``: a config attribute, or a
+    callable of the transformers config, giving an "image" layout's placeholder count;
+    ``type_ids``: the keyword of the mask that marks the image's positions with 1, which the model
+    reads for its positions or its attention mask; ``merge``: the tower spec's field holding the
+    side of the square of patches one placeholder stands for."""
 
     pixels: str
     image_token: str
     around: tuple[str, str] | None = None
-    tokens: str | None = None
+    tokens: str | Callable[[Any], int] | None = None
     type_ids: str | None = None
+    merge: str = "merger_size"
+    patch_rows: str = "flat"
 
     def __attrs_post_init__(self) -> None:
-        if self.pixels not in ("patches", "image") or (self.pixels == "image") != (self.tokens is not None):
+        if self.pixels not in ("patches", "image", "sized") or (self.pixels == "image") != (
+            self.tokens is not None
+        ):
             raise ValueError(f"ImageInput: pixels {self.pixels!r} with tokens {self.tokens!r}")
+        if self.patch_rows not in ("flat", "chw"):
+            raise ValueError(f"ImageInput: patch_rows {self.patch_rows!r}")
 
 
 # keys transformers reads from a multi-module model's top-level config, not its text_config:

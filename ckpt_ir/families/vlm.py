@@ -1015,6 +1015,10 @@ INTERNVL_TOWER = Tower(
         ),
     ),
     mm_keys="mindspeed",
+    # one tile at the tower's image_size, image_seq_length placeholders (transformers 5.25
+    # processing_internvl.py:52, 143: (image_size / patch)^2 x downsample_ratio^2 of them; the
+    # <img> / </img> around them are the tokenizer's, not the config's, and plain text to the model)
+    image=ImageInput("image", "image_token_id", tokens="image_seq_length"),
 )
 
 

@@ -37,6 +37,7 @@ from ckpt_ir.families import (
     TOP_LEVEL,
     ConfigKey,
     Family,
+    ImageInput,
     Packed,
     Tested,
     Tower,
@@ -148,6 +149,10 @@ KIMI_TOWER = Tower(
         ("norm_eps", 1e-5),
         ("post_norm", True),
     ),
+    # pixel_values [patches, channels, patch, patch] with image_grid_thw [[1, rows, columns]]
+    # (transformers 5.25 image_processing_kimi_k25.py:131-149, 211-215), one image token per
+    # merge_kernel_size patches (processing_kimi_k25.py:61-64)
+    image=ImageInput("patches", "image_token_id", patch_rows="chw"),
 )
 
 register(

@@ -32,6 +32,7 @@ from ckpt_ir.families import (
     TOP_LEVEL,
     ConfigKey,
     Family,
+    ImageInput,
     Tested,
     Tower,
     by_name,
@@ -128,6 +129,11 @@ PIXTRAL_TOWER = Tower(
         ("norm_eps", 1e-5),
         ("projector_mlp_layers", 2),
     ),
+    # an image of any whole number of merged patches, its size in image_sizes (transformers 5.25
+    # image_processing_pixtral / processing_pixtral.py:93-98), one [IMG] per merged patch
+    # (modeling_mistral3.py:84-95); the processor's [IMG_BREAK] after each row and [IMG_END] are
+    # the tokenizer's ids, not the config's, and plain text to the model: verify leaves them out
+    image=ImageInput("sized", "image_token_index", merge="patch_merger_size"),
 )
 
 # the language model: Ministral 3's table (mistral's tensors, head_dim, YaRN and Llama 4's query
@@ -236,6 +242,18 @@ LLAMA4_TOWER = Tower(
         ("post_norm", True),
         ("projector_mlp_layers", 1),
         ("projector_mlp_bias", False),
+    ),
+    # one tile at the tower's image_size between <|image_start|> and <|image_end|>, each patch
+    # token standing for 1 / pixel_shuffle_ratio^2 patches (transformers 5.25 processing_llama4.py:
+    # 77, 99-112, 129-131; the <|image|> before the patches is the tokenizer's, plain text)
+    image=ImageInput(
+        "image",
+        "image_token_index",
+        around=("boi_token_index", "eoi_token_index"),
+        tokens=lambda c: (
+            (c.vision_config.image_size // c.vision_config.patch_size) ** 2
+            // round(1 / c.vision_config.pixel_shuffle_ratio**2)
+        ),
     ),
 )
 
