@@ -380,10 +380,13 @@ def run_side(
                 h.remove()
     outputs["logits"] = logits.detach().to("cpu", torch.float32)
     order.append("logits")
+    family = by_name(ckpt.spec.family)
     unused = [
         n
         for n, _ in exprs
-        if n not in mat.used and not _layer_at_least(n, model.base_model_prefix, ckpt.spec.num_layers)
+        if n not in mat.used
+        and not _layer_at_least(n, model.base_model_prefix, ckpt.spec.num_layers)
+        and not _canonical_layer_at_least(family, ckpt.spec, n)
     ]
     if unused:
         raise FormatError(
@@ -401,6 +404,13 @@ def _layer_at_least(name: str, base: str, first: int) -> bool:
     """Whether ``name`` belongs to a decoder layer numbered ``first`` or later (MTP layers)."""
     prefix = f"{base}.layers."
     return name.startswith(prefix) and int(name[len(prefix) :].split(".", 1)[0]) >= first
+
+
+def _canonical_layer_at_least(family, spec, name: str) -> bool:
+    """Whether HF tensor ``name`` is canonically a language-model layer numbered ``num_layers`` or
+    later (MTP layers the family keeps under names of their own: Qwen3.5's top-level ``mtp.*``)."""
+    m = re.match(r"layers\.(\d+)\.", canonical_name(family, spec, name) or "")
+    return m is not None and int(m[1]) >= spec.num_layers
 
 
 def unit_labels(model, mat: Materialiser, family, spec) -> dict[Unit, str]:
@@ -483,17 +493,18 @@ def image_inputs(ckpt, config, text, size: tuple[int, int] | None) -> tuple[Any,
         image = {"pixel_values": torch.randn((1, channels, side, side), generator=gen)}
         what = f"{side}x{side} image, pixel_values [1, {channels}, {side}, {side}], {count} image tokens"
     else:
-        unit = patch * v.merger_size
+        merge = getattr(v, how.merge)
+        unit = patch * merge
         h, w = size or (2 * unit, 3 * unit)
         if h % unit or w % unit or h <= 0 or w <= 0:
             raise UsageError(
                 f"--image-size: {h}x{w} is not a whole number of {unit}x{unit}-pixel merged patches "
-                f"({ckpt.spec.family}: patch {patch}, merge {v.merger_size})"
+                f"({ckpt.spec.family}: patch {patch}, merge {merge})"
             )
         frames = max(v.patch_temporal, 1)
         grid = (1, h // patch, w // patch)  # one frame, repeated over the temporal patch
         rows, width = grid[1] * grid[2], channels * frames * patch * patch
-        count = rows // v.merger_size**2
+        count = rows // merge**2
         image = {
             "pixel_values": torch.randn((rows, width), generator=gen),
             "image_grid_thw": torch.tensor([grid]),

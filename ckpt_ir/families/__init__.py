@@ -409,13 +409,17 @@ class ImageInput:
     side), ``tokens`` (a config attribute) placeholders per image.  ``image_token``: the config
     attribute holding the placeholder's id; ``around``: the attributes of the ids just before and
     just after the placeholders; ``type_ids``: the keyword of the mask that marks the image's
-    positions with 1, which the model reads for its positions or its attention mask."""
+    positions with 1, which the model reads for its positions or its attention mask.  ``merge``:
+    the vision spec's field holding the side, in patches, of the square one placeholder covers
+    ("patches" only: ``merger_size`` for Qwen's block merger, ``downsample_size`` for GLM-4.1V's
+    downsampling convolution)."""
 
     pixels: str
     image_token: str
     around: tuple[str, str] | None = None
     tokens: str | None = None
     type_ids: str | None = None
+    merge: str = "merger_size"
 
     def __attrs_post_init__(self) -> None:
         if self.pixels not in ("patches", "image") or (self.pixels == "image") != (self.tokens is not None):
