@@ -247,6 +247,11 @@ def test_image_requests_are_one_line_errors(models, monkeypatch):
         ((gemma, dict(image_size=(32, 32))), "takes 16x16 images only"),
         ((qwen, dict(prompt_ids=(5, 150, 7))), "holds an image token id"),
         ((qwen, dict(image_size=(16,))), "takes the height and width, H,W"),
+        # GLM-4.1V: one placeholder per spatial_merge_size^2 patches (its downsample_size)
+        (
+            (models("glm4v"), dict(image_size=(8, 12))),
+            r"8x12 is not .* 8x8-pixel .* \(glm4v: patch 4, merge 2\)",
+        ),
     )
     for (path, kwargs), message in cases:
         with pytest.raises(UsageError, match=message):
