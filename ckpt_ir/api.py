@@ -87,7 +87,9 @@ class Target:
     to a multiple of it times ``tp``); ``norm_names`` (``"local"``, ``"te"`` or ``"te-input"``;
     None keeps the source's); ``mla_keys``: whose modules multi-latent attention is written with,
     ``"mindspeed"`` (MindSpeed-LLM's fused ``linear_qkv``) or ``"mcore"`` (megatron-core's own, as
-    Megatron-LM writes them; None keeps the source's); ``gdn_keys``: whose modules gated-delta-net
+    Megatron-LM writes them; None keeps the source's, or, for a vision-language model written in a
+    Megatron naming anew, that naming's: ``multimodal.TEXT_MLA_KEYS``, Megatron-Bridge's ``"mcore"``);
+    ``gdn_keys``: whose modules gated-delta-net
     models (Qwen3-Next, Qwen3.5) are written with, ``"mindspeed"`` (MindSpeed-LLM's qwen3-next
     layout: HF's packed projections, TP 1 only) or ``"mcore"`` (megatron-core's GatedDeltaNet and
     gated linear_qkv, any TP); None: :func:`default_gdn_keys`; ``ep`` (expert parallel), ``etp`` (expert tensor parallel: 1 or
@@ -355,7 +357,7 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
     ``vocab_divisible_by`` gives another size.  ``convert --print-pipeline`` prints it."""
     from ckpt_ir import quant
     from ckpt_ir.frontends import peft
-    from ckpt_ir.megatron import mindspeed_mm
+    from ckpt_ir.megatron import mindspeed_mm, multimodal
 
     lay = src.layout
     to_mcore = target.to == "mcore"
@@ -469,14 +471,19 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
             norm_names = "te" if mm_keys == "bridge" else "local"
         if norm_names and norm_names != lay.norm_names:
             renames.append(RenameNorms(names=norm_names))
-        if target.mla_keys and target.mla_keys != lay.mla_keys:
+        mla_keys = target.mla_keys
+        if mla_keys is None and vlm and src.spec.mla and (lay.kind == "hf" or mm_keys != lay.mm_keys):
+            # a vision-language model's Megatron layout fixes its language model's MLA modules
+            # (Megatron-Bridge's: megatron-core's); a Megatron source in its layout keeps its own
+            mla_keys = multimodal.TEXT_MLA_KEYS.get(mm_keys)
+        if mla_keys and mla_keys != lay.mla_keys:
             if not src.spec.mla:
                 raise UsageError(
-                    f"{setting('mla_keys', target.mla_keys)}: {src.spec.family} has no multi-latent attention; "
+                    f"{setting('mla_keys', mla_keys)}: {src.spec.family} has no multi-latent attention; "
                     f"leave it out"
                 )
             # in the order that keeps the layout valid between the two (te-input has no mcore form)
-            renames.insert(len(renames) if target.mla_keys == "mcore" else 0, RenameMla(keys=target.mla_keys))
+            renames.insert(len(renames) if mla_keys == "mcore" else 0, RenameMla(keys=mla_keys))
         steps += renames
     return Pipeline(steps)
 

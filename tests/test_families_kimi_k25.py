@@ -62,14 +62,15 @@ CONFIG = dict(
     image_token_id=150,
     tie_word_embeddings=False,
 )
-# Megatron-Bridge's layouts (megatron-core's MLA modules): TP alone, TP with PP (the tower on
-# stage 0, the MoE layer on stage 1), the experts over EP 2; and the default MLA naming at TP 1
+# Megatron-Bridge's layouts (megatron-core's MLA modules, the default in its layout): TP alone,
+# TP with PP (the tower on stage 0, the MoE layer on stage 1), the experts over EP 2; and
+# MindSpeed-LLM's MLA modules asked for at TP 2
 LAYOUTS = {
     "kimi_k25": (
         dict(tp=1),
-        dict(tp=2, mla_keys="mcore"),
-        dict(tp=2, pp=2, mla_keys="mcore"),
-        dict(tp=1, ep=2, mla_keys="mcore"),
+        dict(tp=2, mla_keys="mindspeed"),
+        dict(tp=2, pp=2),
+        dict(tp=1, ep=2),
     )
 }
 SIDE_FILES = {
@@ -268,8 +269,12 @@ def test_hf_to_mcore_to_hf_bit_exact_with_same_image_logits(model, tmp_path):
                     assert torch.equal(sd[k], hf[k]), k
                 lm = [k for k in sd if k.startswith("language_model.") and not k.endswith("_extra_state")]
                 assert lm, (t, p)
-                if layout.get("mla_keys") == "mcore":
-                    assert all(BRIDGE_KEY.match(k) for k in lm), [k for k in lm if not BRIDGE_KEY.match(k)]
+                bridge = [k for k in lm if BRIDGE_KEY.match(k)]
+                if layout.get("mla_keys", "mcore") == "mcore":
+                    assert bridge == lm, [k for k in lm if not BRIDGE_KEY.match(k)]
+                else:  # MindSpeed-LLM's fused q / kv down-projection, not megatron-core's
+                    fused = [k for k in lm if k.endswith(".self_attention.linear_qkv.weight")]
+                    assert fused and not any("_down_proj" in k for k in lm), (t, p)
 
 
 def int4_pack(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -358,7 +363,7 @@ def test_int4_pack_quantized_experts_read_as_megatron_bridge_dequantizes(model, 
                 mb = dequantize_int4(stored[base + ".weight_packed"], stored[base + ".weight_scale"], None)
                 assert torch.equal(mb.view(torch.int16), w.view(torch.int16)), k
     mid, back = str(tmp_path / "mid"), str(tmp_path / "back")
-    convert(src, mid, ck.Target(to="mcore", ep=2, mla_keys="mcore"))
+    convert(src, mid, ck.Target(to="mcore", ep=2))
     convert(mid, back, ck.Target(to="hf"))
     out = (
         load_file(os.path.join(back, "model.safetensors"))

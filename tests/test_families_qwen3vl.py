@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -269,3 +270,139 @@ def test_mm_convert_qwen3vl_megatron_converter_with_experts(models, tmp_path):
     assert main([*run, "mm_to_hf", *flat, *par([2], [2])]) == 0
     assert_same_tensors(src, back)
     assert_side_files(src, back)
+
+
+def hub_copy(src: str, dst: str) -> str:
+    """``src`` with Qwen3-VL-MoE's stacked experts as the hub stores them: each expert's matrix
+    transposed, gate_up_proj [Ex, T, 2Im] and down_proj [Ex, Im, T]
+    (docs/reference/vision-language-models.md section 1.2)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    for name in os.listdir(dst):
+        if name.endswith(".safetensors"):
+            sd = load_file(f"{dst}/{name}")
+            sd = {k: v.transpose(1, 2).contiguous() if ".mlp.experts." in k else v for k, v in sd.items()}
+            save_file(sd, f"{dst}/{name}", metadata={"format": "pt"})
+    return dst
+
+
+def test_hub_expert_orientation_read_and_written_back(models, tmp_path):
+    """The hub's orientation of the experts reads as the same model as transformers' (identical
+    Megatron-Bridge rank files) and is written back as read: through Megatron-Bridge's layout (the
+    naming recorded in the args) and through MindSpeed-MM's, whose rank files record nothing, so
+    ``mm-convert mm_to_hf`` takes it from the HF directory's weights."""
+    from ckpt_ir.commands.cli import main
+
+    src = models("qwen3_vl_moe")
+    hub = hub_copy(src, str(tmp_path / "hub"))
+    assert ck.load(hub).meta.get("hf_naming") == "hub" and "hf_naming" not in ck.load(src).meta
+    layout = dict(tp=2, ep=2)
+    mids = {}
+    for name, path in (("transformers", src), ("hub", hub)):
+        mids[name] = str(tmp_path / f"mid-{name}")
+        convert(path, mids[name], ck.Target(to="mcore", **layout))
+    for key, sd in rank_models(mids["hub"], layout).items():
+        theirs = rank_models(mids["transformers"], layout)[key]
+        assert sorted(sd) == sorted(theirs) and all(torch.equal(sd[k], theirs[k]) for k in sd), key
+    convert(mids["hub"], str(tmp_path / "back"), ck.Target(to="hf"))
+    assert_same_tensors(hub, str(tmp_path / "back"))
+    mm, back = str(tmp_path / "mm"), str(tmp_path / "mm-back")
+    par = ("--cfg.parallel_config.tp_size", "1", "--cfg.parallel_config.ep_size", "2")
+    run = ["mm-convert", "Qwen3VLMegatronConverter"]
+    layers = ("--cfg.parallel_config.llm_pp_layers", "[[2]]", "--cfg.parallel_config.vit_pp_layers", "[[2]]")
+    assert main([*run, "hf_to_mm", "--cfg.mm_dir", mm, "--cfg.hf_config.hf_dir", hub, *layers, *par]) == 0
+    check_mindspeed(mm, hf_state(src), dict(MM, ep=2), json.load(open(f"{src}/config.json")))
+    flat = ("--cfg.parallel_config.llm_pp_layers", "[2]", "--cfg.parallel_config.vit_pp_layers", "[2]")
+    args = ("--cfg.save_hf_dir", back, "--cfg.mm_dir", mm, "--cfg.hf_config.hf_dir", hub)
+    assert main([*run, "mm_to_hf", *args, *flat, *par]) == 0
+    assert_same_tensors(hub, back)
+
+
+def test_expert_orientation_told_from_shapes_or_refused(models):
+    """Every expert stack votes by its shape unless square in its last two dims: with hidden = 2 x
+    expert width gate_up_proj is square either way and down_proj decides; a checkpoint whose only
+    stacks are square, or whose stacks disagree, is refused in one line."""
+    from types import SimpleNamespace
+
+    import attrs
+
+    from ckpt_ir.errors import FormatError
+    from ckpt_ir.families import by_name
+
+    family, spec = by_name("qwen3_vl_moe"), ck.load(models("qwen3_vl_moe")).spec
+    lm = "model.language_model.layers.0.mlp.experts."
+
+    def naming(shapes: dict[str, tuple[int, ...]], width: int) -> str | None:
+        tensors = {lm + k: SimpleNamespace(shape=s) for k, s in shapes.items()}
+        return family.naming_of(tensors, "ckpt", attrs.evolve(spec, moe_ffn_hidden_size=width))
+
+    hidden, ex = spec.hidden_size, spec.num_experts
+    half = hidden // 2  # gate_up_proj [Ex, 2 x half, hidden] is square
+    assert naming({"gate_up_proj": (ex, hidden, hidden), "down_proj": (ex, half, hidden)}, half) == "hub"
+    assert naming({"gate_up_proj": (ex, hidden, hidden), "down_proj": (ex, hidden, half)}, half) is None
+    assert naming({"gate_up_proj": (ex, hidden, 96), "down_proj": (ex, 48, hidden)}, 48) == "hub"
+    assert naming({"gate_up_proj": (ex, 96, hidden), "down_proj": (ex, hidden, 48)}, 48) is None
+    with pytest.raises(FormatError, match="is square in its last two dims"):
+        naming({"gate_up_proj": (ex, hidden, hidden)}, half)
+    with pytest.raises(FormatError, match="mix the hub orientation"):
+        naming({"gate_up_proj": (ex, hidden, 96), "down_proj": (ex, hidden, 48)}, 48)
+
+
+def test_bridge_tower_layers_load_strictly_into_megatron_core(models, tmp_path):
+    """Megatron-Bridge's tower layers (megatron-core's ViT layer spec, TE names) in each TP rank file
+    load with strict=True into megatron-core's own TransformerBlock of ViT layers
+    (tests/mcore_vision.py: one subprocess, two gloo ranks, both families), and its output equals
+    transformers' vision blocks on the same input (no rotary embedding on either side: identity
+    cos / sin for transformers)."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(1)
+    cases, inputs = [], {}
+    for family, layout in (("qwen3_vl", dict(tp=2)), ("qwen3_vl_moe", dict(tp=2, ep=2))):
+        src, mid = models(family), str(tmp_path / family)
+        convert(src, mid, ck.Target(to="mcore", **layout))
+        vision = json.load(open(f"{src}/config.json"))["vision_config"]
+        inputs[family] = x = torch.randn(12, vision["hidden_size"])
+        torch.save(x, tmp_path / f"{family}.x.pt")
+        cases.append(
+            {
+                "ckpt": f"{mid}/release" if os.path.isdir(f"{mid}/release") else f"{mid}/iter_0000001",
+                "tp": layout["tp"],
+                "ep": layout.get("ep", 1),
+                "out": str(tmp_path / f"{family}.out.pt"),
+                "input": str(tmp_path / f"{family}.x.pt"),
+                "layers": vision["depth"],
+                "hidden": vision["hidden_size"],
+                "heads": vision["num_heads"],
+                "ffn": vision["intermediate_size"],
+                "eps": 1e-6,
+            }
+        )
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"store": str(tmp_path / "store"), "cases": cases}))
+    proc = subprocess.run(
+        [sys.executable, "tests/mcore_vision.py", str(job), "2"],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for family, x in inputs.items():
+        got = torch.load(tmp_path / f"{family}.out.pt")
+        vision = json.load(open(f"{models(family)}/config.json"))["vision_config"]
+        # per layer: 2 LayerNorms (weight, bias), linear_qkv, linear_proj, fc1, fc2 (weight, bias)
+        assert len(got["loaded"]) == vision["depth"] * 12, family
+        model = AutoModelForImageTextToText.from_pretrained(models(family), dtype=torch.float32)
+        head_dim = vision["hidden_size"] // vision["num_heads"]
+        identity = (torch.ones(len(x), head_dim), torch.zeros(len(x), head_dim))
+        h = x
+        with torch.no_grad():
+            for blk in model.model.visual.blocks:
+                h = blk(
+                    h, cu_seqlens=torch.tensor([0, len(x)], dtype=torch.int32), position_embeddings=identity
+                )
+        torch.testing.assert_close(got["out"], h, rtol=1e-5, atol=1e-5, msg=family)

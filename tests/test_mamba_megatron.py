@@ -651,8 +651,9 @@ def test_megatron_core_written_checkpoints_convert_with_hf_config(models, oracle
 
 def test_strided_views_read_as_blocks_of_their_storage(tmp_path):
     """torch.save keeps a view's whole storage with its strides (MindSpeed-LLM's torch.chunk over
-    dim 1): every view that is a block of a row-major tensor reads as that block; others (a
-    transpose) are refused in one line."""
+    dim 1): every view that is a block of a row-major tensor reads as that block, also with its
+    dims in another order (a transpose; MindSpeed-MM's Qwen3-VL-MoE experts, one expert's ``.T``
+    cut in columns); others (overlapping elements) are refused in one line."""
     from ckpt_ir.io.torchzip import TorchZip, iter_tensors
     from ckpt_ir.ir import expr as E
 
@@ -663,13 +664,16 @@ def test_strided_views_read_as_blocks_of_their_storage(tmp_path):
         "column": w[3:9, 7:8],
         "box": g[:, 2:5, 3:7],
         "every_other_row": g[:, ::2, :],
+        "transposed": g.transpose(0, 1),
+        "expert_t_columns": g[1].T.chunk(2, dim=1)[1],
+        "permuted_box": g.permute(2, 0, 1)[1:4],
     }
     f = str(tmp_path / "views.pt")
-    torch.save({**views, "transposed": g.transpose(0, 1)}, f)
+    torch.save({**views, "overlapping": torch.as_strided(w, (4, 4), (1, 1))}, f)
     z = TorchZip(f)
     with E.Reader() as reader:
         for key, ref in iter_tensors(z.obj):
-            if key == "transposed":
+            if key == "overlapping":
                 with pytest.raises(FormatError, match="not a block of a row-major tensor"):
                     z.load_expr(ref, key)
                 continue

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 import pytest
 
 from ckpt_ir.families import all_families, by_name
+from ckpt_ir.megatron import multimodal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,8 +65,10 @@ def layout(target: Mapping, family: str | None = None) -> str:
     assert not unknown, f"no flag known for {unknown}"
     defaults = dict(DEFAULTS)
     towers = by_name(family).towers if family else ()
-    if towers:
+    if towers:  # a vision-language model: its naming's MLA modules too (Megatron-Bridge's: mcore)
         defaults["mm_keys"] = towers[0].mm_keys
+        naming = target.get("mm_keys") or defaults["mm_keys"]
+        defaults["mla_keys"] = multimodal.TEXT_MLA_KEYS.get(naming, defaults["mla_keys"])
     words = []
     for field, flag in FLAGS.items():
         value = target.get(field)

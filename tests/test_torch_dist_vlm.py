@@ -42,6 +42,25 @@ FAMILIES = ("qwen2_5_vl", "qwen2_vl", "gemma3")
 # the round trips each family's Family.tested claims (tests/test_support_matrix.py): HF ->
 # torch_dist -> HF, written from HF and from a TP2 PP2 torch-format checkpoint
 LAYOUTS = {family: (dict(ckpt_format="torch_dist"),) for family in FAMILIES}
+# the other families, built by their own test modules: (builder, the torch-format layout a second
+# torch_dist is written from, or None).  Megatron-Bridge keeps the tower of Qwen3-VL, Qwen3-VL-MoE
+# and Qwen3.5-VL in Megatron's modules (vision_model.*), the others' in transformers' form;
+# InternVL, whose default is MindSpeed-MM's naming, asks for Bridge's
+MORE = {
+    "qwen3_vl": ("qwen3vl", dict(tp=2, pp=2, num_layer_list=(2, 1))),
+    "qwen3_vl_moe": ("qwen3vl", dict(tp=2, ep=2)),
+    "qwen3_5_vl": ("qwen35vl", dict(tp=2)),
+    "glm4v_moe": ("glm4v", dict(tp=2, ep=2)),
+    "mistral3": ("vlm_more", None),
+    "llama4": ("vlm_more", None),
+    "kimi_k25": ("kimi_k25", None),
+    "internvl": ("internvl", None),
+}
+MEGATRON_FORM = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5_vl")
+LAYOUTS.update({family: (dict(ckpt_format="torch_dist"),) for family in MORE})
+LAYOUTS["internvl"] = (dict(ckpt_format="torch_dist", mm_keys="bridge"),)
+# the HF tensors of the language model (every other one is the tower's or the projector's)
+LM_PREFIXES = ("model.language_model.", "language_model.", "lm_head.", "mtp.")
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +229,173 @@ def test_a_save_without_args_reads_with_the_hf_config(written, tmp_path, capsys)
     assert "has no 'args'" in capsys.readouterr().err
     assert main(["convert", bare, back, "--to", "hf", "--quiet", "--hf-config", src]) == 0
     assert_same_tensors(src, back)
+
+
+def _build_more(path: str, family: str) -> str:
+    """A tiny model of ``family`` as its family test module builds it."""
+    module, _ = MORE[family]
+    if module == "qwen3vl":
+        from tests.test_families_qwen3vl import build as build_qwen3
+
+        return build_qwen3(path, family)
+    if module == "qwen35vl":
+        from tests.test_families_qwen3vl import build as build_qwen3
+        from tests.test_families_qwen35vl import CONFIGS as Q35
+        from tests.test_families_qwen35vl import add_mtp_layer
+
+        build_qwen3(path, "qwen3_5", Q35)
+        add_mtp_layer(path)
+        return path
+    if module == "glm4v":
+        from tests.test_families_glm4v import build as build_glm
+
+        return build_glm(path, family)
+    if module == "vlm_more":
+        from tests.test_families_vlm_more import build as build_more
+
+        return build_more(path, family)
+    if module == "kimi_k25":
+        from tests.test_families_kimi_k25 import build as build_kimi
+
+        return build_kimi(path)
+    from tests.test_families_internvl import build as build_internvl
+
+    return build_internvl(path)
+
+
+@pytest.fixture(scope="module")
+def written_more(tmp_path_factory):
+    """family -> (HF source, its torch_dist written directly, from a torch-format layout or None)."""
+    root = tmp_path_factory.mktemp("td-vlm-more")
+    out = {}
+    for family, (_, via_layout) in MORE.items():
+        src = _build_more(str(root / family), family)
+        (target,) = LAYOUTS[family]
+        direct = str(root / f"{family}-td")
+        convert(src, direct, ck.Target(to="mcore", **target))
+        via = None
+        if via_layout is not None:
+            mid, via = str(root / f"{family}-mid"), str(root / f"{family}-td-via")
+            convert(src, mid, ck.Target(to="mcore", **via_layout))
+            convert(mid, via, ck.Target(to="mcore", **target))
+        out[family] = (src, direct, via)
+    return out
+
+
+def _per_head(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """HF's [q; k; v] as Megatron's linear_qkv with one group per head, [q_h; k_h; v_h]
+    (docs/reference/vision-language-models.md section 2.3)."""
+    q, k, v = (x.reshape(heads, -1, *qkv.shape[1:]) for x in qkv.chunk(3))
+    return torch.cat([q, k, v], dim=1).reshape(qkv.shape)
+
+
+def megatron_form_tower(
+    hf: dict[str, torch.Tensor], vision: dict
+) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The torch_dist tensors and ``_extra_state`` objects of Megatron-Bridge's Qwen3-VL tower, from
+    the HF tensors by the format facts: names and the per-head qkv of qwen3_vl_bridge.py:122-194
+    (docs/reference/vision-language-models.md 2.3); Qwen3VLVisionTransformerBlock.sharded_state_dict
+    (modelling_qwen3_vl/transformer_block.py:393-465) stacks the layers on a leading axis (offset
+    ``(0, i, L)``) and the DeepStack mergers likewise (``(0, j, J)``), the patch embedding,
+    positions and patch merger are whole; each TE linear and TENorm (model.py:348-353) saves an
+    ``_extra_state`` object of shape (L,) at (i,) (megatron-core transformer/utils.py:178-191),
+    (1,) at (0,) outside the stacks."""
+    v, vm, heads = "model.visual.", "vision_model.", vision["num_heads"]
+    depth, deepstack = vision["depth"], len(vision.get("deepstack_visual_indexes", ()))
+
+    def stack(fmt: str, n: int, f=lambda x: x) -> torch.Tensor:
+        return torch.stack([f(hf[v + fmt.format(i)]) for i in range(n)])
+
+    layer = vm + "decoder.layers."
+    want = {
+        vm + "patch_embed.proj.weight": hf[v + "patch_embed.proj.weight"],
+        vm + "patch_embed.proj.bias": hf[v + "patch_embed.proj.bias"],
+        vm + "pos_embed.weight": hf[v + "pos_embed.weight"],
+    }
+    for w in ("weight", "bias"):
+        want |= {
+            layer + f"self_attention.linear_qkv.layer_norm_{w}": stack("blocks.{}.norm1." + w, depth),
+            layer + f"self_attention.linear_qkv.{w}": stack(
+                "blocks.{}.attn.qkv." + w, depth, lambda x: _per_head(x, heads)
+            ),
+            layer + f"self_attention.linear_proj.{w}": stack("blocks.{}.attn.proj." + w, depth),
+            layer + f"mlp.linear_fc1.layer_norm_{w}": stack("blocks.{}.norm2." + w, depth),
+            layer + f"mlp.linear_fc1.{w}": stack("blocks.{}.mlp.linear_fc1." + w, depth),
+            layer + f"mlp.linear_fc2.{w}": stack("blocks.{}.mlp.linear_fc2." + w, depth),
+            vm + f"merger.patch_norm.{w}": hf[v + "merger.norm." + w],
+            vm + f"merger.linear_fc1.{w}": hf[v + "merger.linear_fc1." + w],
+            vm + f"merger.linear_fc2.{w}": hf[v + "merger.linear_fc2." + w],
+        }
+        if deepstack:
+            want |= {
+                vm + f"decoder.deepstack_merger_list.{m}.{w}": stack(
+                    "deepstack_merger_list.{}." + hf_m + "." + w, deepstack
+                )
+                for m, hf_m in (
+                    ("patch_norm", "norm"),
+                    ("linear_fc1", "linear_fc1"),
+                    ("linear_fc2", "linear_fc2"),
+                )
+            }
+    objects = {
+        f"{layer}{m}._extra_state/shard_{i}_{depth}"
+        for m in (
+            "self_attention.linear_qkv",
+            "self_attention.linear_proj",
+            "mlp.linear_fc1",
+            "mlp.linear_fc2",
+        )
+        for i in range(depth)
+    }
+    objects |= {
+        f"{vm}decoder.deepstack_merger_list.{m}._extra_state/shard_{j}_{deepstack}"
+        for m in ("patch_norm", "linear_fc1", "linear_fc2")
+        for j in range(deepstack)
+    }
+    objects |= {f"{vm}merger.{m}._extra_state/shard_0_1" for m in ("patch_norm", "linear_fc1", "linear_fc2")}
+    return want, objects
+
+
+@pytest.mark.parametrize("family", sorted(MORE))
+def test_torch_dist_of_every_bridge_layout_holds_its_keys_and_converts_back(written_more, tmp_path, family):
+    """HF -> torch_dist (and HF -> torch-format layout -> torch_dist) -> HF bit for bit, side files
+    byte for byte; the tower's .metadata keys, global shapes (whole tensors, one chunk at offset 0)
+    and objects as Megatron-Bridge's model saves them, its tensors as torch's own DCP reader reads
+    them.  Megatron-form towers by :func:`megatron_form_tower`; HF-form towers under their HF names
+    (GLM-4.5V's model.visual.* as visual.*: glm_45v_bridge.py:146-149) with no objects; Kimi K2.5's
+    language model in megatron-core's MLA modules (Bridge's DeepSeek mappings)."""
+    src, direct, via = written_more[family]
+    hf = hf_state(src)
+    side = sorted(
+        f
+        for f in os.listdir(src)
+        if not f.endswith(".safetensors") and f not in ("config.json", "model.safetensors.index.json")
+    )
+    assert side
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    if family in MEGATRON_FORM:
+        tower, objects = megatron_form_tower(hf, cfg["vision_config"])
+    else:
+        prefix = ("model.visual.", "visual.") if family == "glm4v_moe" else ("", "")
+        tower = {prefix[1] + k[len(prefix[0]) :]: x for k, x in hf.items() if not k.startswith(LM_PREFIXES)}
+        assert all(k.startswith(prefix[0]) for k in hf if not k.startswith(LM_PREFIXES))
+        objects = set()
+    for n, ckpt in enumerate(c for c in (direct, via) if c is not None):
+        back = str(tmp_path / f"back{n}")
+        convert(ckpt, back, ck.Target(to="hf"))
+        assert_same_tensors(src, back)
+        for f in side:
+            assert open(os.path.join(back, f), "rb").read() == open(os.path.join(src, f), "rb").read(), f
+        it_dir = os.path.join(ckpt, "iter_0000001")
+        md = read_metadata(it_dir)
+        shapes = {k: tuple(t.shape) for k, t in md.tensors.items() if not k.startswith("language_model.")}
+        assert shapes == {k: tuple(x.shape) for k, x in tower.items()}
+        for k in shapes:
+            assert [tuple(c.offsets) for c in md.tensors[k].chunks] == [(0,) * len(shapes[k])], k
+        assert {k for k in md.objects if not k.startswith("language_model.")} == objects
+        got = _dcp_tensors(it_dir, shapes)
+        for k, x in tower.items():
+            assert torch.equal(got[k], x), k
+        if family == "kimi_k25":
+            attn = {k.rsplit(".", 2)[1] for k in md.tensors if ".self_attention." in k}
+            assert {"linear_q_down_proj", "linear_kv_down_proj"} <= attn and "linear_qkv" not in attn

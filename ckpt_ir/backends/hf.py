@@ -95,6 +95,8 @@ def hf_tensors(ckpt: Checkpoint, family: Family) -> list[tuple[str, E.Expr]]:
         out.append((name, hf_name, t.expr))
     out.sort(key=lambda item: canonical_order(item[0]))
     out = [(name, hf, family.as_stored(hf, e)) for name, hf, e in out]
+    if naming is not None and naming.transposed:  # expert stacks in the naming's orientation
+        out = [(name, hf, naming.as_stored(hf, e)) for name, hf, e in out]
     if family.renames(naming):
         return [(family.table_key(hf, ckpt.spec, True, naming), e) for _, hf, e in out]
     return [(hf, e) for _, hf, e in out]

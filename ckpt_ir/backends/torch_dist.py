@@ -53,7 +53,7 @@ from ckpt_ir.ir.layout import has_gdn_modules
 from ckpt_ir.ir.names import NameTable, role_of, split_stack
 from ckpt_ir.ir.rules import mla_rule
 from ckpt_ir.megatron import args as megatron_args
-from ckpt_ir.megatron import global_keys, multimodal
+from ckpt_ir.megatron import global_keys, mindspeed_mm, multimodal
 from ckpt_ir.megatron import keys as M
 from ckpt_ir.megatron.integrity import MANIFEST
 
@@ -92,7 +92,8 @@ def check_whole(ckpt: Checkpoint, fmt: str) -> None:
         or not (layout.fused_qkv and layout.fused_gate_up)
         or layout.vision_tp != 1
         or layout.vision_layer_list
-        or layout.vision_fused
+        # the tower fused where its Megatron form fuses it (Megatron-Bridge's Qwen3-VL tower)
+        or layout.vision_fused != (spec.vision is not None and mindspeed_mm.fuses_tower(spec, layout.mm_keys))
     ):
         raise VerifyError(
             f"{fmt} output needs one whole, fused Megatron layout (it is resharded on load), got "

@@ -242,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
         "writes them and its GPTModel loads: linear_q_down_proj / linear_q_proj and "
         "linear_kv_down_proj, split over TP with --norm-names local, whole with te; MTP layers' "
         "final_layernorm inside mtp.layers.<k>); distributed-optimizer state of MLA / MTP models "
-        "needs mcore; default mindspeed, or the source's (read from its keys)",
+        "needs mcore; default mindspeed, or the source's (read from its keys); a vision-language "
+        "model written in Megatron-Bridge's layout from HF (or from MindSpeed-MM's): mcore, its "
+        "language model's modules",
     )
     m.add_argument(
         "--gdn-keys",

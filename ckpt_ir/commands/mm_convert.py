@@ -18,9 +18,12 @@ multiple of TP with copies of the last row, as Megatron-LM's tools pad, trimmed 
 GLM-4.1V at TP > 1 (``GlmConverter``: MindSpeed-MM copies every tensor whole to every rank; ckpt-ir
 splits what MindSpeed-MM's GLM model splits: the language model's layers, embedding and output
 layer, and the tower's MLP, keeping the tower's attention, convolutions and projector whole) and
-GLM-4.1V's way back (MindSpeed-MM's ``GlmConverter.mm_to_hf`` writes nothing), and
+GLM-4.1V's way back (MindSpeed-MM's ``GlmConverter.mm_to_hf`` writes nothing),
 InternVL's vision qkv at TP > 1 on the way back (MindSpeed-MM joins the ranks' [q_r; k_r; v_r]
-with a plain concatenation; ckpt-ir unpacks each rank's parts).  ``--cfg.trust_remote_code`` is
+with a plain concatenation; ckpt-ir unpacks each rank's parts), and Qwen3-VL-MoE's experts as
+transformers saves them (MindSpeed-MM transposes them the wrong way; ckpt-ir reads the hub's
+orientation and transformers', and ``mm_to_hf`` writes the one of the weights in
+``--cfg.hf_config.hf_dir``).  ``--cfg.trust_remote_code`` is
 accepted and never runs anything (ckpt-ir reads config.json as JSON).
 """
 
@@ -31,7 +34,7 @@ import json
 import os
 from typing import Any
 
-from ckpt_ir.errors import UsageError
+from ckpt_ir.errors import FormatError, UsageError
 
 # MindSpeed-MM's converter classes ckpt-ir implements -> the ckpt-ir family
 # (the families a converter class reads: Qwen3VLMegatronConverter takes Qwen3-VL and Qwen3-VL-MoE,
@@ -250,6 +253,11 @@ def run(args: argparse.Namespace) -> int:
                 f"mm-convert: --cfg.parallel_config.ep_size {ep}: {src} holds {ckpt.spec.family}, which has no experts"
             )
         if method == "mm_to_hf":
+            # the rank files record no HF naming: write the one of the HF directory's own weights
+            # (Qwen3-VL-MoE's experts in the hub's orientation or transformers'), when it has any
+            naming = hf_naming(hf_dir, ckpt.spec)
+            if naming is not None and "hf_naming" not in ckpt.meta:
+                ckpt.meta["hf_naming"] = naming
             lay = ckpt.layout
             held = {
                 "llm_pp_layers": list(lay.num_layer_list or (ckpt.spec.num_layers,) * lay.pp),
@@ -266,3 +274,21 @@ def run(args: argparse.Namespace) -> int:
                     )
 
     return run_conversion(src, target, opts, load_options, check_source)
+
+
+def hf_naming(hf_dir: str, spec: Any) -> str | None:
+    """The HF naming (``Family.namings``) of the weights in ``hf_dir`` (headers only), or None:
+    the family table's own, or a directory holding a config and no weights."""
+    from ckpt_ir.families import by_name
+    from ckpt_ir.frontends.hf import weight_files
+    from ckpt_ir.io.weight_files import file_tensors
+
+    family = by_name(spec.family)
+    if not family.namings:
+        return None
+    try:
+        files = weight_files(hf_dir)
+    except FormatError:
+        return None
+    loads = {k: v for f in files for k, v in file_tensors(f).items()}
+    return family.naming_of(loads, hf_dir, spec) if loads else None

@@ -215,10 +215,23 @@ class HfNaming:
     renames: tuple[tuple[str, str], ...]
     packed: tuple[Packed, ...] = ()
     model_types: tuple[str, ...] = ()
+    # the table's templates of expert stacks (:class:`ExpertStack` ``hf``) this naming stores with
+    # each expert's two matrix dims swapped (Qwen3-VL-MoE's hub releases: ``gate_up_proj``
+    # [Ex, T, 2Im] and ``down_proj`` [Ex, Im, T] where transformers 5.25 saves [Ex, 2Im, T] and
+    # [Ex, T, Im]); a naming with such stacks is told from the table's by the shapes
+    # (:meth:`Family.naming_of`), and read and written swapped back (:meth:`as_stored`)
+    transposed: tuple[str, ...] = ()
 
     @property
     def table(self) -> NameTable:
         return NameTable(self.renames)  # "canonical" side: this naming's names
+
+    def as_stored(self, table_key: str, x: E.Expr) -> E.Expr:
+        """``x`` with dims 1 and 2 swapped when ``table_key`` is one of the ``transposed`` stacks
+        (the swap is its own inverse: the table's form of a stored tensor and back)."""
+        if any(p.match(table_key) for p in _patterns(self.transposed)):
+            return E.simplify(E.Transpose(x, 1, 2))
+        return x
 
     def to_table(self, key: str) -> str:
         return self.table.from_canonical(key) or key
@@ -364,6 +377,11 @@ class MegatronTower:
     # keys below the layer held whole on every TP rank though their canonical tensors are split
     # over the tower's TP (GLM-4.1V's attention: plain nn.Linear beside a TP-split Megatron MLP)
     whole: tuple[str, ...] = ()
+    # the modules (last part of a key's module path) that save an ``_extra_state`` object beside
+    # their tensors in torch_dist (Transformer Engine's linears and norms in Megatron-Bridge's
+    # tower); torch_dist stacks the keys below ``layers`` and below each ``listed`` list on a
+    # leading axis, as a homogeneous TransformerBlock saves them
+    extra_state: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -531,9 +549,15 @@ class Family:
     def names(self) -> NameTable:
         return NameTable(self.tensors)
 
-    def naming_of(self, keys: Iterable[str], where: str) -> str | None:
+    def naming_of(self, keys: Iterable[str], where: str, spec: ModelSpec | None = None) -> str | None:
         """Which of ``namings`` the HF tensor names ``keys`` are in (None: the table's own); a
-        checkpoint mixing two is a FormatError naming one key of each."""
+        checkpoint mixing two is a FormatError naming one key of each.  A naming of expert stacks
+        stored transposed (``HfNaming.transposed``) is told by the shapes: ``keys`` a mapping of
+        names to tensors and ``spec`` given (:meth:`_orientation`)."""
+        if spec is not None and isinstance(keys, Mapping):
+            for naming in self.namings:
+                if naming.transposed and self._orientation(naming, keys, spec, where):
+                    return naming.name
         keys = list(keys)
         for naming in self.namings:
             table = naming.table
@@ -548,6 +572,46 @@ class Family:
                 )
             return naming.name
         return None
+
+    def _orientation(self, naming: HfNaming, tensors: Mapping[str, Any], spec: ModelSpec, where: str) -> bool:
+        """Whether the expert stacks in ``tensors`` are stored as ``naming`` stores them (each
+        expert's matrix [in, out]) rather than as the table does ([out, in]), from their shapes.
+        Every stack votes unless its expert matrix is square in its stored dims (a ``gate_up_proj``
+        with hidden = 2 x expert width, a ``down_proj`` with hidden = expert width: each decides
+        the other's case); stacks voting both ways, or none voting, are a FormatError."""
+        from ckpt_ir.ir.layout import Layout
+        from ckpt_ir.ir.roles import expected_shape
+
+        votes: dict[bool, str] = {}
+        square = None
+        for st in self.stacked:
+            if st.hf not in naming.transposed:
+                continue
+            pat = template_pattern(st.hf)
+            for key, x in tensors.items():
+                m = pat.match(key)
+                if m is None or len(x.shape) != 3:
+                    continue
+                part = expected_shape(spec, Layout(format="hf"), st.parts[0].format(e=0, **m.groupdict()))
+                if part is None or len(part) != 2:
+                    continue
+                own = (len(st.parts) * part[0], part[1])
+                if own == own[::-1]:
+                    square = square or key
+                elif tuple(x.shape[1:]) in (own, own[::-1]):
+                    votes.setdefault(tuple(x.shape[1:]) != own, key)
+        if len(votes) == 2:
+            raise FormatError(
+                f"{where}: expert tensors mix the {naming.name} orientation ({votes[True]}) with the "
+                f"{self.name} table's ({votes[False]}); store every expert stack one way"
+            )
+        if not votes and square is not None:
+            raise FormatError(
+                f"{where}: expert tensor {square} is square in its last two dims, so its orientation "
+                f"(transformers' [experts, out, in] or the {naming.name} one [experts, in, out]) does not "
+                f"show, and no other expert stack tells it; include the layer's other expert tensors"
+            )
+        return votes.get(True) is not None
 
     def naming_of_config(self, cfg: dict[str, Any] | None) -> HfNaming | None:
         """The naming a config's ``model_type`` implies (``HfNaming.model_types``), else None."""

@@ -484,12 +484,24 @@ QWEN3_BRIDGE = MegatronTower(
         ),
     ),
     listed_by="deepstack_layers",
+    # Transformer Engine's modules (Qwen3VLModel builds the tower with the TE layer spec and a TENorm
+    # / TEColumnParallelLinear / TERowParallelLinear patch merger, modelling_qwen3_vl/model.py:348-353):
+    # each saves an _extra_state object (megatron-core transformer/utils.py:75-148, 151-191)
+    extra_state=("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "patch_norm"),
 )
 
 # why no megatron-core model checks the rank files
 NO_MCORE_QWEN3 = (
-    "no: megatron-core 0.16 has no Qwen3-VL model (3-D patches, interpolated learned positions, "
-    "DeepStack); Megatron-Bridge's Qwen3VLModel is its own (modelling_qwen3_vl/model.py)"
+    "no whole-model logits: megatron-core 0.16 has no Qwen3-VL model (3-D patches, interpolated learned "
+    "positions, DeepStack); Megatron-Bridge's Qwen3VLModel is its own (modelling_qwen3_vl/model.py). "
+    "Its tower's layers are megatron-core's ViT layers (model.py:349-356: "
+    "get_vit_layer_with_transformer_engine_spec, with Qwen3VLSelfAttention, attention.py:59, adding no "
+    "parameters): at TP 2 each rank file's vision_model.decoder.layers.* load with strict=True into "
+    "megatron-core's TransformerBlock of get_vit_layer_with_local_spec() layers (Transformer Engine "
+    "not installed: its fused norm names mapped to input_layernorm / pre_mlp_layernorm) and give "
+    "transformers' vision blocks' output (tests/mcore_vision.py); the patch embedding, positions, "
+    "merger and DeepStack mergers are Megatron-Bridge's own modules (utils.py:32, 112; "
+    "transformer_block.py:56, 90), which megatron-core lacks"
 )
 
 QWEN3_TOWER = Tower(
@@ -540,20 +552,32 @@ register(
                 "--tp 1 --pp 1",
                 "--tp 2",
                 "--tp 2 --pp 2 --num-layer-list 2,1",
+                "--ckpt-format torch_dist",
                 "--tp 2 --pp 2 --num-layer-list 2,1 --mm-keys mindspeed --vision-layer-list 1,1",
             ),
             mcore_missing=NO_MCORE_QWEN3,
+            # bench/peers/mindspeed_mm.py: Qwen3VLMegatronConverter's rank files and ckpt-ir's
+            # identical, and each side's mm_to_hf of the other's files back bit for bit
+            mindspeed=tuple(
+                (case, "identical") for case in ("qwen3vl-tp1", "qwen3vl-tp2", "qwen3vl-tp2pp2-vit-split")
+            ),
         ),
     )
 )
 
 # Qwen3-VL-MoE: the language model a qwen3_moe whose experts are stacked per layer; transformers
 # 5.25 holds and saves them [experts, 2 x moe width, hidden] (each expert's [gate; up] rows) and
-# [experts, hidden, moe width] (modeling_qwen3_vl_moe.py:122-123); the hub's releases store them
-# transposed ([experts, hidden, 2 x moe width], conversion_mapping.py:1527-1538), which this
-# table does not read (a shape error names the tensor)
+# [experts, hidden, moe width] (modeling_qwen3_vl_moe.py:122-123), the table's orientation; the
+# hub's releases store them transposed, [experts, hidden, 2 x moe width] and [experts, moe width,
+# hidden] (transformers' load rule Transpose(1, 2): conversion_mapping.py:1527-1538; Megatron-Bridge
+# exports that orientation, qwen_vl/qwen3_vl_bridge.py:373-378; MindSpeed-MM reads only it,
+# vlm_model/operator.py:582-611): the naming "hub", told from the shapes (a gate_up_proj with
+# hidden = 2 x moe width is square, its down_proj then is not), and written back as read
 LM = "model.language_model.layers.{i}."
 EXPERT = "layers.{i}.mlp.experts.{e}."
+QWEN3_MOE_HUB = HfNaming(
+    "hub", (), transposed=(LM + "mlp.experts.gate_up_proj", LM + "mlp.experts.down_proj")
+)
 register(
     Family(
         name="qwen3_vl_moe",
@@ -570,16 +594,30 @@ register(
         config=config_with(*QWEN_MOE_CONFIG),
         constants=(("qk_norm", True),),
         megatron_args=qwen_router_args,
+        namings=(QWEN3_MOE_HUB,),
         text_config="text_config",
         towers=(QWEN3_TOWER,),
         renumbered=(QWEN3_DEEPSTACK,),
         tested=Tested(
             round_trip=(
                 "--tp 2 --ep 2",
+                "--ckpt-format torch_dist",
                 "--tp 2 --ep 2 --mm-keys mindspeed",
                 "--pp 2 --ep 2 --num-layer-list 1,1 --mm-keys mindspeed --vision-layer-list 2,0",
             ),
             mcore_missing=NO_MCORE_QWEN3,
+            # bench/peers/mindspeed_mm.py, the experts in the hub's orientation (the one MindSpeed-MM
+            # reads), and in transformers' (which it transposes the wrong way)
+            mindspeed=(
+                ("qwen3vlmoe-tp2ep2", "identical"),
+                ("qwen3vlmoe-pp2ep2", "identical"),
+                (
+                    "qwen3vlmoe-transformers-orientation-tp2ep2",
+                    "identical to MindSpeed-MM's files of the same model in the hub's orientation; its own "
+                    "files of this input hold every expert tensor transposed the wrong way (ExpertSplitOp "
+                    "takes .T of the hub's [Ex, T, 2Im]), and its mm_to_hf writes the hub's orientation",
+                ),
+            ),
         ),
     )
 )
@@ -789,7 +827,8 @@ register(
         # MindSpeed-MM's GlmConverter reads Glm4vConfig (a dense language model) only
         **{**_glm_text("glm4_moe"), "towers": (attrs.evolve(GLM_TOWER, mindspeed=None),)},
         tested=Tested(
-            round_trip=("--tp 1 --pp 1", "--tp 2 --ep 2", "--pp 2 --ep 2"), mcore_missing=GLM_NO_MCORE
+            round_trip=("--tp 1 --pp 1", "--tp 2 --ep 2", "--pp 2 --ep 2", "--ckpt-format torch_dist"),
+            mcore_missing=GLM_NO_MCORE,
         ),
     )
 )
@@ -1030,6 +1069,7 @@ register(
                 "--tp 2 --pp 2 --num-layer-list 1,1 --vision-layer-list 1,1",
                 "--tp 2 --mm-keys bridge",
                 "--tp 2 --pp 2 --mm-keys bridge",
+                "--ckpt-format torch_dist --mm-keys bridge",
             ),
             mcore_missing=(
                 "no: megatron-core 0.16's LLaVAModel hosts an InternViT tower's layer scales only through "

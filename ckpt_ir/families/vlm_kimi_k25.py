@@ -168,9 +168,10 @@ register(
         tested=Tested(
             round_trip=(
                 "--tp 1 --pp 1",
-                "--tp 2 --mla-keys mcore",
-                "--tp 2 --pp 2 --mla-keys mcore",
-                "--ep 2 --mla-keys mcore",
+                "--tp 2 --mla-keys mindspeed",
+                "--tp 2 --pp 2",
+                "--ep 2",
+                "--ckpt-format torch_dist",
             ),
             mcore_missing=(
                 "no: Megatron-Bridge's KimiK25VLModel wraps the release's remote-code MoonViT tower and "

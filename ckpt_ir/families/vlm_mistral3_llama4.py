@@ -167,7 +167,7 @@ register(
         towers=(PIXTRAL_TOWER,),
         memory=LLAVA_MEMORY,  # transformers' "llava" renames (conversion_mapping.py:105)
         tested=Tested(
-            round_trip=("--tp 1 --pp 1", "--tp 2", "--tp 2 --pp 2"),
+            round_trip=("--tp 1 --pp 1", "--tp 2", "--tp 2 --pp 2", "--ckpt-format torch_dist"),
             mcore_missing=(
                 "no: Megatron-Bridge's Ministral3Model wraps transformers' PixtralVisionModel and "
                 "projector (ministral3/modeling_ministral3.py:117-157), not megatron-core modules"
@@ -256,7 +256,7 @@ register(
         text_config="text_config",
         towers=(LLAMA4_TOWER,),
         tested=Tested(
-            round_trip=("--tp 1 --pp 1", "--tp 2 --pp 2 --ep 2"),
+            round_trip=("--tp 1 --pp 1", "--tp 2 --pp 2 --ep 2", "--ckpt-format torch_dist"),
             mcore_missing=(
                 "no: Megatron-Bridge has no Llama 4 model with a vision tower, and megatron-core 0.16's "
                 "LLaVAModel no Llama 4 vision model (unfold patch embedding, 2-D RoPE, pixel-shuffle adapter)"

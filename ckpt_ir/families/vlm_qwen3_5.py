@@ -96,7 +96,12 @@ register(
         "qwen3_5",
         "Qwen3_5ForConditionalGeneration",
         Tested(
-            round_trip=("--tp 1 --pp 1", "--tp 2", "--tp 2 --pp 2 --num-layer-list 1,1"),
+            round_trip=(
+                "--tp 1 --pp 1",
+                "--tp 2",
+                "--tp 2 --pp 2 --num-layer-list 1,1",
+                "--ckpt-format torch_dist",
+            ),
             mcore_missing=NO_MCORE,
         ),
     )

@@ -158,10 +158,11 @@ def lift(
     )
     # another naming than the family table's (DeepSeek-V4 as transformers saves it): read as the
     # table's names, and recorded so that an HF output is written in it again
+    # (Qwen3-VL-MoE's hub releases: expert stacks transposed, told by their shapes)
     naming = (
         None
         if runtime is not None
-        else family_obj.naming(family_obj.naming_of(loads, path)) or family_obj.naming_of_config(cfg)
+        else family_obj.naming(family_obj.naming_of(loads, path, spec)) or family_obj.naming_of_config(cfg)
     )
     rename = family_obj.renames(naming)
     if runtime is not None:
@@ -176,6 +177,8 @@ def lift(
         # quantized weights and their scales become one dequantize expression under the weight's name
         raw = dequantize_tensors(loads, cfg, where)
     weights = {k: family_obj.as_stored(k, x) for k, x in raw.items()}  # stored [in, out]: canonical
+    if naming is not None and naming.transposed:  # expert stacks as the table stores them
+        weights = {k: naming.as_stored(k, x) for k, x in weights.items()}
     tensors, unused = map_tensors(family_obj, spec, weights, allow_unused, hf_names, naming)
     dropped = {**(dropped or {}), **unused}
     from ckpt_ir.ir.names import split_layer

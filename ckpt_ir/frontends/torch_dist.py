@@ -43,7 +43,7 @@ from ckpt_ir.ir.layout import Layout, has_gdn_modules
 from ckpt_ir.ir.names import Split, layer_name, split_layer
 from ckpt_ir.ir.roles import canonical_order
 from ckpt_ir.megatron import args as megatron_args
-from ckpt_ir.megatron import distopt, global_keys, integrity, multimodal
+from ckpt_ir.megatron import distopt, global_keys, integrity, mindspeed_mm, multimodal
 from ckpt_ir.megatron import keys as M
 from ckpt_ir.megatron import lift as lift_tail
 from ckpt_ir.megatron.lift import spec_from_args
@@ -272,13 +272,15 @@ def lift(
         for name in set(s) - set(tensors):
             dropped[f"optimizer state {which} of {name}"] = "no matching model weight"
             del s[name]
-    layout = Layout(  # a vision-language model: Megatron-Bridge's layout, the tower in its HF form
+    layout = Layout(
         format="mcore",
         fused_qkv=True,
         fused_gate_up=True,
         norm_names=norm_names,
         gdn_keys="mcore" if has_gdn_modules(spec) else "mindspeed",  # megatron-core's modules only
     )
+    if spec.vision is not None:  # Megatron-Bridge's layout: the tower in its HF form or Megatron's
+        layout = multimodal.read_layout(layout, "bridge", spec)
     if hf_config is not None:
         lift_tail.check_config_fits(config_name, path, spec, layout, tensors, unknown)
     meta: dict[str, Any] = {
@@ -357,11 +359,19 @@ def _lift_towers(
     multimodal.tower_global`); keys no table knows go to ``unknown`` (or, matching
     ``allow_unused``, to ``dropped``)."""
     out: dict[str, dict[str, TensorNode]] = {}
+    # a tower in Megatron's modules (Megatron-Bridge's Qwen3-VL): its stacked keys per layer, read
+    # as the torch format's keys of a whole model
+    names = mindspeed_mm.megatron_tower(spec, "bridge")
+    layout = multimodal.read_layout(Layout(format="mcore"), "bridge", spec)
     with ChunkResolver(it_dir) as resolver:
         build = _Builder(where, resolver)
         for set_name, keys in tower.items():
-            found = {key: [(0, 0, 0, where, build(t, ()))] for key, t in keys.items()}
-            nodes, _, left = multimodal.lift_tower(found, spec, Layout(format="mcore"), where, dropped)
+            found = {
+                local: [(0, 0, 0, where, build(t, index))]
+                for key, t in keys.items()
+                for local, index in multimodal.unstacked(names, key, tuple(t.shape))
+            }
+            nodes, _, left = multimodal.lift_tower(found, spec, layout, where, dropped)
             for key in left:
                 if any(fnmatch.fnmatch(key, pat) for pat in allow_unused):
                     dropped[key if not set_name else f"optimizer state of {key}"] = (

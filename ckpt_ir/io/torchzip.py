@@ -22,6 +22,8 @@ import zipfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from ckpt_ir.errors import FormatError
 from ckpt_ir.io.safe_pickle import StorageRef, Stub, TensorRef, TorchDevice, TorchDtype, loads
 from ckpt_ir.ir.dtypes import ITEMSIZE
@@ -113,10 +115,35 @@ class TorchZip:
         numel = math.prod(ref.shape)
         expected = _contiguous(ref.shape)
         if numel and any(st != ex for st, ex, n in zip(ref.stride, expected, ref.shape) if n > 1):
-            return self._box_expr(ref, key, start)
+            return self._permuted_expr(ref, key, start)
         if ref.offset + numel > ref.storage.numel:
             raise FormatError(f"{self.path}: tensor {key} reaches past its storage; the file is corrupt")
         return Load(self.path, key, ref.shape, ref.dtype, start + ref.offset * item, "torch")
+
+    def _permuted_expr(self, ref: TensorRef, key: str, start: int):
+        """A view whose dims are in another order than its storage's (``w.T`` saved as it is, as
+        MindSpeed-MM's converter saves Qwen3-VL-MoE's experts, vlm_model/operator.py:582-611): the
+        view with its dims sorted by stride (a row-major box, :meth:`_box_expr`) swapped back."""
+        from ckpt_ir.ir.expr import Transpose
+
+        strides = [st for st, n in zip(ref.stride, ref.shape) if n > 1]
+        if strides == sorted(strides, reverse=True):
+            return self._box_expr(ref, key, start)  # the dims in storage order: a box or an error
+        # dims by stride, largest first (a dim of one element last: it has no place in storage)
+        order = sorted(
+            range(len(ref.shape)), key=lambda d: ref.stride[d] if ref.shape[d] > 1 else -1, reverse=True
+        )
+        stored = attrs.evolve(
+            ref, shape=tuple(ref.shape[d] for d in order), stride=tuple(ref.stride[d] for d in order)
+        )
+        expr = self._box_expr(stored, key, start)
+        where = list(order)  # where[k]: the view's dim held at stored position k
+        for k in range(len(where)):  # swap the view's dims back into place, one at a time
+            j = where.index(k)
+            if j != k:
+                expr = Transpose(expr, k, j)
+                where[k], where[j] = where[j], where[k]
+        return expr
 
     def _box_expr(self, ref: TensorRef, key: str, start: int):
         """A view that is a box of a larger row-major tensor in its storage (``torch.chunk`` over a

@@ -96,6 +96,21 @@ class Expr:
 
 
 @attrs.frozen
+class Unary(Expr):
+    """An expression of one tensor ``x``, of its dtype unless it says otherwise."""
+
+    x: Expr
+
+    @property
+    def dtype(self) -> str:
+        return self.x.dtype
+
+    @property
+    def children(self) -> tuple[Expr, ...]:
+        return (self.x,)
+
+
+@attrs.frozen
 class Load(Expr):
     """A contiguous row-major tensor stored at ``offset`` bytes into ``path``.
 
@@ -142,8 +157,7 @@ class Load(Expr):
 
 
 @attrs.frozen
-class Slice(Expr):
-    x: Expr
+class Slice(Unary):
     dim: int
     start: int
     stop: int
@@ -160,14 +174,6 @@ class Slice(Expr):
         s = list(self.x.shape)
         s[self.dim] = self.stop - self.start
         return tuple(s)
-
-    @property
-    def dtype(self) -> str:
-        return self.x.dtype
-
-    @property
-    def children(self) -> tuple[Expr, ...]:
-        return (self.x,)
 
 
 @attrs.frozen
@@ -202,8 +208,7 @@ class Concat(Expr):
 
 
 @attrs.frozen
-class Reshape(Expr):
-    x: Expr
+class Reshape(Unary):
     new_shape: Shape = attrs.field(converter=_shape)
 
     def __attrs_post_init__(self) -> None:
@@ -216,18 +221,9 @@ class Reshape(Expr):
     def shape(self) -> Shape:
         return self.new_shape
 
-    @property
-    def dtype(self) -> str:
-        return self.x.dtype
-
-    @property
-    def children(self) -> tuple[Expr, ...]:
-        return (self.x,)
-
 
 @attrs.frozen
-class Transpose(Expr):
-    x: Expr
+class Transpose(Unary):
     dim0: int
     dim1: int
 
@@ -237,18 +233,9 @@ class Transpose(Expr):
         s[self.dim0], s[self.dim1] = s[self.dim1], s[self.dim0]
         return tuple(s)
 
-    @property
-    def dtype(self) -> str:
-        return self.x.dtype
-
-    @property
-    def children(self) -> tuple[Expr, ...]:
-        return (self.x,)
-
 
 @attrs.frozen
-class Cast(Expr):
-    x: Expr
+class Cast(Unary):
     to: str
 
     @property
@@ -258,10 +245,6 @@ class Cast(Expr):
     @property
     def dtype(self) -> str:
         return self.to
-
-    @property
-    def children(self) -> tuple[Expr, ...]:
-        return (self.x,)
 
 
 @attrs.frozen
@@ -339,10 +322,9 @@ class Matmul(Expr):
 
 
 @attrs.frozen
-class Scale(Expr):
+class Scale(Unary):
     """``x * factor`` in fp32 (the result dtype is F32)."""
 
-    x: Expr
     factor: float
 
     @property
@@ -353,62 +335,39 @@ class Scale(Expr):
     def dtype(self) -> str:
         return "F32"
 
-    @property
-    def children(self) -> tuple[Expr, ...]:
-        return (self.x,)
-
 
 @attrs.frozen
-class Offset(Expr):
+class Offset(Unary):
     """``x + value`` computed in fp32 and rounded once to ``x``'s dtype: a norm weight stored
     zero-centred (megatron-core's ``layernorm_zero_centered_gamma`` computes ``1 + w``) is the
     plain weight offset by -1, and back by +1.  Never folded away: ``(w - 1) + 1`` is ``w`` only
     where ``w - 1`` was exact (every ``w`` in [0.5, 2], Sterbenz)."""
 
-    x: Expr
     value: float
 
     @property
     def shape(self) -> Shape:
         return self.x.shape
 
-    @property
-    def dtype(self) -> str:
-        return self.x.dtype
-
-    @property
-    def children(self) -> tuple[Expr, ...]:
-        return (self.x,)
-
 
 @attrs.frozen
-class Repeat(Expr):
+class Repeat(Unary):
     """Each row (dim 0) of ``x`` ``times`` times in a row, ``repeat_interleave``: a per-head
     scalar gate ``[heads, in]`` as Megatron's output-gate rows ``[heads * head_dim, in]``."""
 
-    x: Expr
     times: int
 
     @property
     def shape(self) -> Shape:
         return (self.x.shape[0] * self.times, *self.x.shape[1:])
 
-    @property
-    def dtype(self) -> str:
-        return self.x.dtype
-
-    @property
-    def children(self) -> tuple[Expr, ...]:
-        return (self.x,)
-
 
 @attrs.frozen
-class Unrepeat(Expr):
+class Unrepeat(Unary):
     """The inverse of :class:`Repeat`: the first row of each run of ``times`` rows of ``x``, which
     evaluation checks are all equal (rows that differ have no unrepeated form: an error naming the
     source)."""
 
-    x: Expr
     times: int
 
     def __attrs_post_init__(self) -> None:
@@ -420,14 +379,6 @@ class Unrepeat(Expr):
     @property
     def shape(self) -> Shape:
         return (self.x.shape[0] // self.times, *self.x.shape[1:])
-
-    @property
-    def dtype(self) -> str:
-        return self.x.dtype
-
-    @property
-    def children(self) -> tuple[Expr, ...]:
-        return (self.x,)
 
     def refuse(self, run: int) -> VerifyError:
         """The error for run ``run`` of rows that are not copies of one row."""

@@ -29,11 +29,17 @@ from ckpt_ir.ir.spec import ModelSpec
 from ckpt_ir.megatron import keys as M
 
 if TYPE_CHECKING:
-    from ckpt_ir.families import Family
+    from ckpt_ir.families import Family, MegatronTower
 
 # each naming's prefix of the language model's keys
 TEXT_PREFIX = {"bridge": "language_model.", "mindspeed": "text_decoder."}
 VISION_PREFIX = {"mindspeed": "image_encoder."}  # bridge: the family's HF names (visual.*)
+# each naming's modules of a multi-latent-attention language model (Layout.mla_keys), where the
+# naming fixes them: Megatron-Bridge's language model is a megatron-core GPTModel
+# (kimi_vl/modeling_kimi_k25_vl.py:230, provide_language_model) with megatron-core's MLA modules,
+# its keys those of Bridge's DeepSeek mappings re-prefixed (kimi_k25_vl_bridge.py:242-254;
+# deepseek/common.py:38, 55: linear_kv_down_proj, linear_q_down_proj)
+TEXT_MLA_KEYS = {"bridge": "mcore"}
 
 
 def tower_keys(ckpt: Checkpoint) -> dict[tuple[int, int], list[tuple[str, tuple[str, ...], Stack | None]]]:
@@ -126,6 +132,7 @@ def tower_global(
             f"no torch_dist form; use {setting('mm_keys', 'bridge')}"
         )
     from ckpt_ir.families import by_name
+    from ckpt_ir.megatron import mindspeed_mm
 
     own = {k for tower in by_name(ckpt.spec.family).towers for k, _ in tower.bridge_keys}
     stored: list[tuple[str, E.Expr]] = []
@@ -138,7 +145,110 @@ def tower_global(
         stored.append((key, E.simplify(pack.fuse(exprs) if pack is not None else exprs[canon[0]])))
         if key in own and key.endswith(".weight"):
             objects.append(f"{key[: -len('weight')]}_extra_state/shard_0_1")
+    names = mindspeed_mm.megatron_tower(ckpt.spec, "bridge")
+    if names is not None:  # Megatron-Bridge's tower in Megatron's modules (Qwen3-VL's vision_model.*)
+        return megatron_form_global(names, stored)
     return stored, objects
+
+
+def tower_stacks(names: MegatronTower) -> tuple[str, ...]:
+    """The key prefixes below which a Megatron-form tower's torch_dist keys are stacked on a leading
+    axis: its layers (``vision_model.decoder.layers.``) and each list of ``listed`` modules
+    (``vision_model.decoder.deepstack_merger_list.``)."""
+    return (names.layers, *dict.fromkeys(k.split("{j}", 1)[0] for k, _ in names.listed))
+
+
+def megatron_form_global(
+    names: MegatronTower, keys: list[tuple[str, E.Expr]]
+) -> tuple[list[tuple[str, E.Expr]], list[str]]:
+    """A Megatron-form tower (``Tower.bridge``) of a whole model as Megatron-Bridge's torch_dist
+    save holds it, from its torch-format keys at TP 1 (``keys``): (global key, tensor) and the
+    ``_extra_state`` objects' keys.
+
+    Megatron-Bridge's ``Qwen3VLVisionTransformerBlock.sharded_state_dict``
+    (``qwen_vl/modelling_qwen3_vl/transformer_block.py:393-465``) saves a homogeneous block's layers
+    under ``<prefix>layers.`` with the sharded offset ``(0, layer, L)`` (431-441) and the DeepStack
+    mergers under ``<prefix>deepstack_merger_list.`` with ``(0, j, J)`` (443-456): each tensor is
+    one global tensor with a leading axis of all layers (mergers), i.e. ``[L, ...]``; its
+    ``_extra_state`` objects ``<module>._extra_state/shard_<i>_<L>`` (megatron-core
+    ``transformer/utils.py:151-191``, shape ``(L,)`` at ``(i,)``).  The modules beside the block
+    (patch embedding, positions: torch modules; the patch merger: a MegatronModule of TE modules)
+    go through megatron-core's ``sharded_state_dict_default`` (``transformer/utils.py:209-252``)
+    with no offset: their own shapes, objects ``/shard_0_1``.  A block whose layers differ in keys
+    or shapes keeps each layer under its number, objects ``/shard_0_1`` (transformer_block.py:
+    433-435).  The TP axes (``TELayerNormColumnParallelLinear`` / ``TEColumnParallelLinear`` dim 0
+    with bias, ``TERowParallelLinear`` dim 1, norms and a row-parallel bias replicated: megatron-core
+    ``extensions/transformer_engine.py:909-920, 1016-1027, 1116-1127``) decide how ranks cut a
+    tensor on save, not the global tensor, which is written whole."""
+    stacks = tower_stacks(names)
+    groups: dict[str, dict[int, list[tuple[str, E.Expr]]]] = {p: {} for p in stacks}
+    order: list[tuple[str, str]] = []  # (stack prefix, key) or ("", key): first appearances
+    for key, x in keys:
+        prefix = next((p for p in stacks if key.startswith(p)), None)
+        head, _, rest = key[len(prefix) :].partition(".") if prefix is not None else ("", "", "")
+        if prefix is None or not head.isdigit():
+            order.append(("", key))
+            continue
+        group = groups[prefix]
+        if not group:
+            order.append((prefix, ""))
+        group.setdefault(int(head), []).append((rest, x))
+
+    def objects_of(key: str, shards: str) -> list[str]:
+        module = key.rsplit(".", 1)[0]
+        return (
+            [f"{module}._extra_state/{shards}"]
+            if module.rsplit(".", 1)[-1] in names.extra_state and key.endswith(".weight")
+            else []
+        )
+
+    stored: list[tuple[str, E.Expr]] = []
+    objects: list[str] = []
+    plain = dict(keys)
+    for prefix, key in order:
+        if not prefix:
+            stored.append((key, plain[key]))
+            objects += objects_of(key, "shard_0_1")
+            continue
+        group = groups[prefix]
+        n = len(group)
+        layers = [group[i] for i in range(n)] if sorted(group) == list(range(n)) else None
+        alike = layers is not None and all(
+            [(k, x.shape) for k, x in entries] == [(k, x.shape) for k, x in layers[0]] for entries in layers
+        )
+        if layers is None or not alike:  # each under its number
+            for i in sorted(group):
+                for rest, x in group[i]:
+                    stored.append((f"{prefix}{i}.{rest}", x))
+                    objects += objects_of(f"{prefix}{i}.{rest}", "shard_0_1")
+            continue
+        for k, (rest, _) in enumerate(layers[0]):
+            parts = [entries[k][1] for entries in layers]
+            stored.append(
+                (prefix + rest, E.simplify(E.Concat(tuple(E.Reshape(p, (1, *p.shape)) for p in parts), 0)))
+            )
+            for i in range(n):
+                objects += objects_of(prefix + rest, f"shard_{i}_{n}")
+    return stored, objects
+
+
+def unstacked(
+    names: MegatronTower | None, key: str, shape: tuple[int, ...]
+) -> list[tuple[str, tuple[int, ...]]]:
+    """The torch-format keys (numbered per layer) that torch_dist key ``key`` of shape ``shape``
+    holds, each with its index on the leading axis: a key stacked below one of
+    :func:`tower_stacks` (:func:`megatron_form_global`) holds one per entry of that axis; any other
+    key itself (``()``)."""
+    if names is not None:
+        for prefix in tower_stacks(names):
+            if key.startswith(prefix) and not key[len(prefix) :].split(".", 1)[0].isdigit():
+                rest = key[len(prefix) :]
+                if not shape:
+                    raise FormatError(
+                        f"{key}: a stacked tower tensor with no leading layer axis; the metadata is corrupt"
+                    )
+                return [(f"{prefix}{i}.{rest}", (i,)) for i in range(shape[0])]
+    return [(key, ())]
 
 
 def bridge_key(family: Family, key: str, to_bridge: bool) -> str:
