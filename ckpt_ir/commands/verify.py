@@ -421,10 +421,13 @@ def run_side(
                 h.remove()
     outputs["logits"] = logits.detach().to("cpu", torch.float32)
     order.append("logits")
+    family = by_name(ckpt.spec.family)
     unused = [
         n
         for n, _ in exprs
-        if n not in mat.used and not _layer_at_least(n, model.base_model_prefix, ckpt.spec.num_layers)
+        if n not in mat.used
+        and not _layer_at_least(n, model.base_model_prefix, ckpt.spec.num_layers)
+        and not _canonical_layer_at_least(family, ckpt.spec, n)
     ]
     if unused:
         raise FormatError(
@@ -460,6 +463,13 @@ def _layer_at_least(name: str, base: str, first: int) -> bool:
     """Whether ``name`` belongs to a decoder layer numbered ``first`` or later (MTP layers)."""
     prefix = f"{base}.layers."
     return name.startswith(prefix) and int(name[len(prefix) :].split(".", 1)[0]) >= first
+
+
+def _canonical_layer_at_least(family, spec, name: str) -> bool:
+    """Whether HF tensor ``name`` is canonically a language-model layer numbered ``num_layers`` or
+    later (MTP layers the family keeps under names of their own: Qwen3.5's top-level ``mtp.*``)."""
+    m = re.match(r"layers\.(\d+)\.", canonical_name(family, spec, name) or "")
+    return m is not None and int(m[1]) >= spec.num_layers
 
 
 def unit_labels(model, mat: Materialiser, family, spec) -> dict[Unit, str]:

@@ -527,6 +527,12 @@ QWEN3_TOWER = Tower(
     ),
     mindspeed=QWEN3_MINDSPEED,
     bridge=QWEN3_BRIDGE,
+    # Qwen2-VL's image rows and grid (Qwen2VLImageProcessor for qwen3_vl and qwen3_5:
+    # image_processing_auto.py:149-152; Qwen3VLProcessor, processing_auto.py:83-85: 73-76 the
+    # placeholders per image, 178 mm_token_type_ids; the ids configuration_qwen3_vl.py:136-139);
+    # the DeepStack mergers' outputs are added to the first decoder layers' outputs at the
+    # placeholders inside transformers' forward, so verify needs nothing more for them
+    image=QWEN_IMAGE,
 )
 
 register(
@@ -694,6 +700,20 @@ GLM_MINDSPEED = MegatronTower(
     whole=("self_attention.qkv.weight", "self_attention.qkv.bias", "self_attention.proj.weight"),
 )
 
+# a GLM-4.1V image: Qwen2-VL's patch rows and grid (transformers 5.25 image_processing_glm4v.py:
+# 143-170), one placeholder per downsample_size^2 patches (processing_glm4v.py:56-59; the
+# downsampling convolution is what merges them, modeling_glm4v.py:715-719, 772) between
+# <|begin_of_image|> and <|end_of_image|> (MindSpeed-MM's mm_plugin.py:778; the ids are
+# configuration_glm4v.py:135-138, 165-168), mm_token_type_ids 1 on them for M-RoPE
+# (processing_glm4v.py:164-182; modeling_glm4v.py:955-1009 get_rope_index)
+GLM_IMAGE = ImageInput(
+    "patches",
+    "image_token_id",
+    around=("image_start_token_id", "image_end_token_id"),
+    type_ids="mm_token_type_ids",
+    merge="downsample_size",
+)
+
 GLM_TOWER = Tower(
     "vision",
     "vision_config",
@@ -729,6 +749,7 @@ GLM_TOWER = Tower(
     # (glm_vl/glm_45v_bridge.py:146-149), the module built on the first stage
     # (modeling_glm_45v.py:127-130)
     bridge_prefix=("model.visual.", "visual."),
+    image=GLM_IMAGE,
 )
 
 
