@@ -100,7 +100,12 @@ LAYOUTS: dict[str, tuple[dict, ...]] = {
         dict(MM, tp=2, pp=2, num_layer_list=(1, 1), vision_layer_list=(2, 0)),
         dict(MM, pp=3, num_layer_list=(0, 1, 1), vision_layer_list=(2, 0, 0)),
     ),
-    "qwen2_vl": (dict(tp=2, pp=2), dict(MM, tp=2, pp=2, num_layer_list=(1, 1), vision_layer_list=(1, 1))),
+    "qwen2_vl": (
+        dict(tp=1),
+        dict(tp=2),
+        dict(tp=2, pp=2),
+        dict(MM, tp=2, pp=2, num_layer_list=(1, 1), vision_layer_list=(1, 1)),
+    ),
     "gemma3": (dict(tp=1), dict(tp=2), dict(tp=2, pp=2)),
 }
 # Megatron-Bridge's keys of Gemma 3's projector (gemma3_vl_bridge.py 137, 152-156): key -> (HF
@@ -299,6 +304,7 @@ def assert_mindspeed_mm_files(mid: str, hf: dict, layout: dict, cfg: dict) -> No
     "family,weight",
     [
         ("qwen2_5_vl", "visual.blocks.1.mlp.down_proj.weight"),
+        ("qwen2_vl", "visual.blocks.1.mlp.fc2.weight"),
         ("gemma3", "vision_tower.encoder.layers.1.mlp.fc2.weight"),
     ],
 )

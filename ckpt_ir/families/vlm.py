@@ -243,6 +243,8 @@ register(
         memory=QWEN_VL_MEMORY,
         tested=Tested(
             round_trip=(
+                "--tp 1 --pp 1",
+                "--tp 2",
                 "--tp 2 --pp 2",
                 "--ckpt-format torch_dist",
                 "--tp 2 --pp 2 --num-layer-list 1,1 --mm-keys mindspeed --vision-layer-list 1,1",
@@ -569,7 +571,9 @@ register(
         renumbered=(QWEN3_DEEPSTACK,),
         tested=Tested(
             round_trip=(
+                "--tp 1 --pp 1",
                 "--tp 2 --ep 2",
+                "--pp 2 --ep 2",
                 "--tp 2 --ep 2 --mm-keys mindspeed",
                 "--pp 2 --ep 2 --num-layer-list 1,1 --mm-keys mindspeed --vision-layer-list 2,0",
             ),
@@ -742,6 +746,8 @@ register(
         **{**_glm_text("glm4"), "constants": (("post_norms", True), ("qkv_bias", True))},
         tested=Tested(
             round_trip=(
+                "--tp 1 --pp 1",
+                "--tp 2",
                 "--tp 2 --pp 2",
                 "--pp 2 --num-layer-list 1,1 --mm-keys mindspeed --vision-layer-list 2,0",
                 "--tp 2 --pp 2 --num-layer-list 1,1 --mm-keys mindspeed --vision-layer-list 1,1",
