@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 import ckpt_ir.api as ck
 from ckpt_ir.errors import UsageError
+from tests import test_families_internvl, test_families_qwen3vl
 from tests.family_models import rank
 from tests.test_families_vlm import build, vl_inputs, vl_logits
 from tests.test_hf_roundtrip import assert_same_tensors, convert
@@ -31,6 +32,23 @@ R, ALPHA = 4, 8.0
 TARGETS = {
     "qwen2_5_vl": ["q_proj", "v_proj", "qkv", "attn.proj", "gate_proj"],
     "gemma3": ["q_proj", "v_proj", "out_proj", "fc1"],
+    # transformers' llava renames (language_model.model.* stored, model.language_model.* built);
+    # q_proj / v_proj in the language model and the tower, the projector's linear_1
+    "internvl": ["q_proj", "v_proj", "projection_layer", "linear_1"],
+    # stored as built; linear_fc1 in the tower's MLPs, its merger and the DeepStack mergers
+    "qwen3_vl": ["q_proj", "v_proj", "qkv", "attn.proj", "linear_fc1"],
+}
+# the base models (test modules' builders) and the in-memory prefix of each tower
+BUILD = {
+    "internvl": lambda path, family: test_families_internvl.build(path),
+    "qwen3_vl": test_families_qwen3vl.build,
+}
+TOWER = {"gemma3": "model.vision_tower.", "internvl": "model.vision_tower."}
+# a merged tower weight kept whole on every TP rank of Megatron-Bridge's layout (a tower in
+# transformers' form); InternVL goes to MindSpeed-MM's layout, Qwen3-VL's tower to Megatron's
+WHOLE = {
+    "qwen2_5_vl": "visual.blocks.1.attn.qkv.weight",
+    "gemma3": "vision_tower.encoder.layers.1.self_attn.q_proj.weight",
 }
 
 
@@ -65,11 +83,11 @@ def peft_vl_logits(base: str, adapter: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", sorted(TARGETS))
 def test_peft_adapter_on_language_model_and_tower_merges_as_peft(tmp_path, family):
-    base = build(str(tmp_path / "base"), family)
+    base = BUILD.get(family, build)(str(tmp_path / "base"), family)
     adapter, oracle = str(tmp_path / "adapter"), str(tmp_path / "oracle")
     make_adapter(base, adapter, TARGETS[family], seed=1).save_pretrained(oracle)
     keys = load_file(os.path.join(adapter, "adapter_model.safetensors"))
-    tower = "model.visual." if family != "gemma3" else "model.vision_tower."
+    tower = TOWER.get(family, "model.visual.")
     assert any(k.startswith("base_model.model." + tower) for k in keys)
     assert any(k.startswith("base_model.model.model.language_model.") for k in keys)
 
@@ -81,16 +99,10 @@ def test_peft_adapter_on_language_model_and_tower_merges_as_peft(tmp_path, famil
     convert(mid, back, ck.Target(to="hf"))
     assert_same_tensors(oracle, back)
     # the tower whole on both TP ranks of Megatron-Bridge's layout, merged
-    want = load_file(os.path.join(oracle, "model.safetensors"))
-    key = next(
-        k
-        for k in want
-        if k.startswith(
-            ("visual.blocks.1.attn.qkv.weight", "vision_tower.encoder.layers.1.self_attn.q_proj.weight")
-        )
-    )
-    for t in range(2):
-        assert torch.equal(rank(mid, f"mp_rank_{t:02d}")["model"][key], want[key])
+    if family in WHOLE:
+        key, want = WHOLE[family], load_file(os.path.join(oracle, "model.safetensors"))
+        for t in range(2):
+            assert torch.equal(rank(mid, f"mp_rank_{t:02d}")["model"][key], want[key])
     with pytest.raises(UsageError, match="no LoRA tensors for fc2"):
         convert(
             base,

@@ -1007,6 +1007,9 @@ register(
         text_config="text_config",
         text_config_aliases=("llm_config",),
         towers=(INTERNVL_TOWER,),
+        # transformers' "llava" renames (conversion_mapping.py:103, 888-893); the remote code keeps
+        # the stored names in memory, its language model's the table's (language_model.model.*)
+        memory=LLAVA_MEMORY,
         tested=Tested(
             round_trip=(
                 "--tp 1 --pp 1",

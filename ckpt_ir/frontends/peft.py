@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 
-from ckpt_ir.errors import CoverageError, FormatError
+from ckpt_ir.errors import CoverageError, FormatError, UsageError
 from ckpt_ir.families import Family
 from ckpt_ir.io.side_files import TOKENIZER_FILES, side_files
 from ckpt_ir.io.weight_files import file_tensors
@@ -155,6 +155,11 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 def lift_adapter(path: str, family: Family, spec: ModelSpec) -> tuple[dict[str, TensorNode], ModelSpec]:
     """Canonical adapter tensors of a PEFT adapter, and ``spec`` with its LoRA settings."""
+    if family.peft_refused:
+        raise UsageError(
+            f"{path}: a PEFT adapter of {family.name} cannot be read ({family.peft_refused}); merge it "
+            f"with peft's merge_and_unload, save the merged model and convert that"
+        )
     cfg = read_config(path)
     files = [
         os.path.join(path, n)

@@ -1305,8 +1305,7 @@ def _order() -> dict[str, int]:
 
 
 def _lora_roles(target: Role) -> list[Role]:
-    rule = target.split
-    assert rule is not None
+    rule = target.split  # None: a linear layer whole on every rank, its A and B too
     base = target.template[: -len(".weight")]
 
     def full(s: ModelSpec, lay: Layout, i: int) -> tuple[int, ...]:
@@ -1322,15 +1321,31 @@ def _lora_roles(target: Role) -> list[Role]:
         return full(s, lay, i)[:1]
 
     per_layer = target.per_layer
+    column = rule is not None and rule.dim == 0
     return [
-        Role(base + ".lora_a.weight", None if rule.dim == 0 else ROW, a_shape, None, per_layer=per_layer),
-        Role(base + ".lora_b.weight", rule if rule.dim == 0 else None, b_shape, None, per_layer=per_layer),
+        Role(
+            base + ".lora_a.weight",
+            None if rule is None or column else ROW,
+            a_shape,
+            None,
+            per_layer=per_layer,
+            stack=target.stack,
+        ),
+        Role(
+            base + ".lora_b.weight",
+            rule if column else None,
+            b_shape,
+            None,
+            per_layer=per_layer,
+            stack=target.stack,
+        ),
         Role(
             base + ".lora_magnitude.weight",
-            rule if rule.dim == 0 else None,
+            rule if column else None,
             m_shape,
             None,
             per_layer=per_layer,
+            stack=target.stack,
         ),
     ]
 
@@ -1370,6 +1385,23 @@ register_role(*_PIXTRAL_LLAMA4_ROLES)
 register_role(*_DEEPSTACK_ROLES)
 register_role(
     *(r for r in _BUILTIN if r.template[len(L) :] in {t + ".weight" for t in LINEAR_TARGETS}), lora=True
+)
+# the linear layers of a vision tower's own blocks (its layers' are LINEAR_TARGETS above): the
+# mergers, adapters and projectors peft's target_modules can name
+VISION_LINEAR_TARGETS = (
+    *(V + t for t in ("merger.fc1", "merger.fc2", "merger.proj", "merger.gate", "merger.up", "merger.down")),
+    *(V + t for t in ("patch_merger", "adapter.fc1", "adapter.fc2", "projector.fc1", "projector.fc2")),
+    *(V + t for t in ("shuffle_proj.fc1", "shuffle_proj.fc2")),
+    "layers.{i}.deepstack.fc1",
+    "layers.{i}.deepstack.fc2",
+)
+register_role(
+    *(
+        r
+        for r in (*_VISION_ROLES, *_PIXTRAL_LLAMA4_ROLES, *_DEEPSTACK_ROLES)
+        if r.template in {t + ".weight" for t in VISION_LINEAR_TARGETS}
+    ),
+    lora=True,
 )
 # block out_gate: the attention output times the sigmoid of its own projection of the input,
 # channel by channel, before o_proj (HY-V4's MLA; AFMoE's, whose family predates the block):
