@@ -812,8 +812,26 @@ _PIXTRAL_LLAMA4_ROLES = [
         stack="vision",
     ),
 ]
+# SigLIP's attention-pooling head (block pool_head; transformers modeling_siglip.py:567-569,
+# 621-630): whole on every rank, as Megatron-Bridge keeps the tower whole
+_POOL_HEAD_ROLES = [
+    Role(V + "pool_head." + name, None, shape, _tower(lambda s: s.pool_head), stack="vision")
+    for name, shape in (
+        ("probe", lambda s, lay: (1, 1, s.hidden_size)),
+        ("attn.in_proj.weight", lambda s, lay: (3 * s.hidden_size, s.hidden_size)),
+        ("attn.in_proj.bias", lambda s, lay: (3 * s.hidden_size,)),
+        ("attn.o.weight", lambda s, lay: (s.hidden_size, s.hidden_size)),
+        ("attn.o.bias", lambda s, lay: (s.hidden_size,)),
+        ("norm.weight", lambda s, lay: (s.hidden_size,)),
+        ("norm.bias", lambda s, lay: (s.hidden_size,)),
+        ("fc1.weight", lambda s, lay: (s.ffn_hidden_size, s.hidden_size)),
+        ("fc1.bias", lambda s, lay: (s.ffn_hidden_size,)),
+        ("fc2.weight", lambda s, lay: (s.hidden_size, s.ffn_hidden_size)),
+        ("fc2.bias", lambda s, lay: (s.hidden_size,)),
+    )
+]
 # of those, the ones after the tower's layers in canonical order
-_AFTER_TOWER_LAYERS = ("patch_merger.", "adapter.", "projector.fc")
+_AFTER_TOWER_LAYERS = ("patch_merger.", "adapter.", "projector.fc", "pool_head.")
 
 
 def _deepstack(bias: bool = False) -> Presence:
@@ -1383,6 +1401,7 @@ register_role(*_BUILTIN)
 register_role(*_VISION_ROLES)
 register_role(*_PIXTRAL_LLAMA4_ROLES)
 register_role(*_DEEPSTACK_ROLES)
+register_role(*_POOL_HEAD_ROLES)
 register_role(
     *(r for r in _BUILTIN if r.template[len(L) :] in {t + ".weight" for t in LINEAR_TARGETS}), lora=True
 )
@@ -1391,14 +1410,23 @@ register_role(
 VISION_LINEAR_TARGETS = (
     *(V + t for t in ("merger.fc1", "merger.fc2", "merger.proj", "merger.gate", "merger.up", "merger.down")),
     *(V + t for t in ("patch_merger", "adapter.fc1", "adapter.fc2", "projector.fc1", "projector.fc2")),
-    *(V + t for t in ("shuffle_proj.fc1", "shuffle_proj.fc2")),
+    *(
+        V + t
+        for t in (
+            "shuffle_proj.fc1",
+            "shuffle_proj.fc2",
+            "pool_head.attn.o",
+            "pool_head.fc1",
+            "pool_head.fc2",
+        )
+    ),
     "layers.{i}.deepstack.fc1",
     "layers.{i}.deepstack.fc2",
 )
 register_role(
     *(
         r
-        for r in (*_VISION_ROLES, *_PIXTRAL_LLAMA4_ROLES, *_DEEPSTACK_ROLES)
+        for r in (*_VISION_ROLES, *_PIXTRAL_LLAMA4_ROLES, *_DEEPSTACK_ROLES, *_POOL_HEAD_ROLES)
         if r.template in {t + ".weight" for t in VISION_LINEAR_TARGETS}
     ),
     lora=True,
