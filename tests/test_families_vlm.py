@@ -103,7 +103,6 @@ LAYOUTS: dict[str, tuple[dict, ...]] = {
     ),
     "qwen2_vl": (
         dict(tp=1),
-        dict(tp=2),
         dict(tp=2, pp=2),
         dict(MM, tp=2, pp=2, num_layer_list=(1, 1), vision_layer_list=(1, 1)),
     ),

@@ -244,7 +244,6 @@ register(
         tested=Tested(
             round_trip=(
                 "--tp 1 --pp 1",
-                "--tp 2",
                 "--tp 2 --pp 2",
                 "--ckpt-format torch_dist",
                 "--tp 2 --pp 2 --num-layer-list 1,1 --mm-keys mindspeed --vision-layer-list 1,1",
@@ -767,7 +766,6 @@ register(
         tested=Tested(
             round_trip=(
                 "--tp 1 --pp 1",
-                "--tp 2",
                 "--tp 2 --pp 2",
                 "--pp 2 --num-layer-list 1,1 --mm-keys mindspeed --vision-layer-list 2,0",
                 "--tp 2 --pp 2 --num-layer-list 1,1 --mm-keys mindspeed --vision-layer-list 1,1",
