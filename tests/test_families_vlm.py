@@ -349,7 +349,7 @@ def test_gemma3_in_the_hubs_names(models, tmp_path):
 
 def test_gemma3_pooling_head_is_carried(tmp_path):
     """SigLIP's attention-pooling head (vision_use_head left at its default, True) is the user's
-    data though Gemma 3 never runs it: through Megatron (TP2 PP2, Megatron-Bridge's layout: in the
+    data though Gemma 3 never uses its output: through Megatron (TP2 PP2, Megatron-Bridge's layout: in the
     tower's HF form, whole on every TP rank of stage 0) it comes back bit for bit, the config with
     it, and the logits on text + image are equal."""
     vision = {k: v for k, v in CONFIGS["gemma3"]["vision_config"].items() if k != "vision_use_head"}

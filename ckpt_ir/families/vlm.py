@@ -285,7 +285,7 @@ SIGLIP = (
     ("vision_tower.post_layernorm.bias", "vision.final_norm.bias"),
     # the attention-pooling head, where vision_use_head leaves it (SigLIP's default, True:
     # configuration_siglip.py:103); Gemma 3 feeds the projector the last hidden state
-    # (modeling_gemma3.py:765-767), so the head is carried, never run
+    # (modeling_gemma3.py:765-767), so the head's output is never used: carried as data
     ("vision_tower.head.probe", "vision.pool_head.probe"),
     *(
         (f"vision_tower.head.attention.{hf}", f"vision.pool_head.attn.{c}")
