@@ -82,6 +82,7 @@ CONFIGS = {
 MM = dict(mm_keys="mindspeed")
 LAYOUTS: dict[str, tuple[dict, ...]] = {
     "glm4v": (
+        dict(tp=1),
         dict(tp=2, pp=2),
         dict(MM, pp=2, num_layer_list=(1, 1), vision_layer_list=(2, 0)),
         dict(MM, tp=2, pp=2, num_layer_list=(1, 1), vision_layer_list=(1, 1)),

@@ -441,3 +441,28 @@ def test_int4_bad_inputs_are_one_line_errors(tmp_path, drop, cfg_change, message
     with pytest.raises(CkptIrError) as err:
         dequantize_tensors(read_header(f)[0], cfg, "cfg")
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_peft_adapter_is_refused_in_one_line(model, tmp_path):
+    """transformers shifts the tower's names on load (the stored mlp.fc0 is mlp.fc1 in memory), so
+    a PEFT adapter's module names are not the checkpoint's: reading one (to merge it) and writing
+    one are refused, saying what to do."""
+    from ckpt_ir.backends import peft as peft_out
+    from ckpt_ir.errors import UsageError
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    module = "base_model.model.model.vision_tower.encoder.blocks.0.mlp.fc1"
+    save_file(
+        {f"{module}.lora_A.weight": torch.zeros(2, 32), f"{module}.lora_B.weight": torch.zeros(48, 2)},
+        str(adapter / "adapter_model.safetensors"),
+    )
+    with pytest.raises(UsageError, match="PEFT adapter of kimi_k25 cannot be read .*merge_and_unload") as e:
+        convert(model, str(tmp_path / "out"), ck.Target(to="hf", lora_load=str(adapter)))
+    assert "\n" not in str(e.value)
+    c = ck.load(model)
+    name = "layers.0.attn.o.lora_a.weight"
+    c = c.with_tensors({**c.tensors, name: c.tensors["layers.0.attn.o.weight"]})
+    with pytest.raises(UsageError, match="PEFT adapter of kimi_k25 cannot be written .*merged model"):
+        peft_out.plan(c)

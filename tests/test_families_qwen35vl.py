@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import ckpt_ir.api as ck
 from ckpt_ir.errors import UsageError
-from tests.test_families_qwen3vl import build, check_bridge, logits, per_head, rank_models
+from tests.test_families_qwen3vl import TOWER_WEIGHT, build, check_bridge, logits, per_head, rank_models
 from tests.test_families_vlm import TEXT, TOKENS, assert_side_files
 from tests.test_hf_roundtrip import assert_same_tensors, convert, hf_state
 
@@ -73,7 +73,7 @@ CONFIGS = {
 FAMILY = {"qwen3_5": "qwen3_5_vl", "qwen3_5_moe": "qwen3_5_vl_moe"}
 LAYOUTS = {
     "qwen3_5": (dict(tp=1), dict(tp=2), dict(tp=2, pp=2, num_layer_list=(1, 1))),
-    "qwen3_5_moe": (dict(tp=2, ep=2), dict(pp=2, ep=2, num_layer_list=(1, 1))),
+    "qwen3_5_moe": (dict(tp=1), dict(tp=2, ep=2), dict(pp=2, ep=2, num_layer_list=(1, 1))),
 }
 H = Q35_TEXT["hidden_size"]
 
@@ -179,8 +179,10 @@ def test_hf_to_mcore_to_hf_bit_exact_with_same_image_logits(models, tmp_path, mo
         assert_same_tensors(src, back)
         assert_side_files(src, back)
         assert json.load(open(f"{back}/config.json")) == cfg
-    # equal tensors and config give equal logits; checked once, on the last layout's output
+    # equal tensors and config give equal logits; checked once, on the last layout's output, and
+    # the image reaches them: one changed tower weight changes them
     assert torch.equal(logits(back), want)
+    assert not torch.equal(logits(back, scale=TOWER_WEIGHT), want)
 
 
 def test_mtp_layer_in_bridges_megatron_core_0_17_names(models, tmp_path):

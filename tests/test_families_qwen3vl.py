@@ -62,7 +62,9 @@ LAYOUTS = {
         dict(MM, tp=2, pp=2, num_layer_list=(2, 1), vision_layer_list=(1, 1)),
     ),
     "qwen3_vl_moe": (
+        dict(tp=1),
         dict(tp=2, ep=2),
+        dict(pp=2, ep=2),
         dict(MM, tp=2, ep=2),
         dict(MM, pp=2, ep=2, num_layer_list=(1, 1), vision_layer_list=(2, 0)),
     ),
@@ -87,11 +89,18 @@ def build(path: str, model_type: str, configs: dict | None = None) -> str:
     return path
 
 
-def logits(path: str) -> torch.Tensor:
+# a weight of the tower, scaled to show that the image reaches the logits
+TOWER_WEIGHT = "model.visual.blocks.1.mlp.linear_fc2.weight"
+
+
+def logits(path: str, scale: str | None = None) -> torch.Tensor:
+    """transformers' logits on text + image (``scale``: a weight multiplied by 1.5 first)."""
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
     with torch.no_grad():
+        if scale is not None:
+            model.get_parameter(scale).mul_(1.5)
         return model(**vl_inputs(path)).logits
 
 
@@ -234,8 +243,10 @@ def test_hf_to_mcore_to_hf_bit_exact_with_same_image_logits(models, tmp_path, fa
         assert_same_tensors(src, back)
         assert_side_files(src, back)
         assert json.load(open(f"{back}/config.json")) == cfg
-    # equal tensors and config give equal logits; checked once, on the last layout's output
+    # equal tensors and config give equal logits; checked once, on the last layout's output, and
+    # the image reaches them: one changed tower weight changes them
     assert torch.equal(logits(back), want)
+    assert not torch.equal(logits(back, scale=TOWER_WEIGHT), want)
 
 
 def test_bridge_refuses_a_first_stage_without_every_deepstack_layer(models, tmp_path):

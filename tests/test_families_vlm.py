@@ -58,7 +58,8 @@ CONFIGS = {
     ),
     # Gemma 3: a gemma3_text language model (sliding window 8 in layer 0, q/k norms, sandwich norms,
     # tied embeddings); a SigLIP tower of 16 x 16 pixels in 4 x 4 patches (16 positions) without the
-    # pooling head (vision_use_head defaults to True), pooled 2 x 2 to mm_tokens_per_image 4
+    # pooling head, as the hub's (vision_use_head defaults to True: test_gemma3_pooling_head_is_carried),
+    # pooled 2 x 2 to mm_tokens_per_image 4
     "gemma3": dict(
         text_config=dict(
             hidden_size=64,
@@ -100,7 +101,11 @@ LAYOUTS: dict[str, tuple[dict, ...]] = {
         dict(MM, tp=2, pp=2, num_layer_list=(1, 1), vision_layer_list=(2, 0)),
         dict(MM, pp=3, num_layer_list=(0, 1, 1), vision_layer_list=(2, 0, 0)),
     ),
-    "qwen2_vl": (dict(tp=2, pp=2), dict(MM, tp=2, pp=2, num_layer_list=(1, 1), vision_layer_list=(1, 1))),
+    "qwen2_vl": (
+        dict(tp=1),
+        dict(tp=2, pp=2),
+        dict(MM, tp=2, pp=2, num_layer_list=(1, 1), vision_layer_list=(1, 1)),
+    ),
     "gemma3": (dict(tp=1), dict(tp=2), dict(tp=2, pp=2)),
 }
 # Megatron-Bridge's keys of Gemma 3's projector (gemma3_vl_bridge.py 137, 152-156): key -> (HF
@@ -141,11 +146,12 @@ def side_files(path: str) -> dict[str, str]:
 GRID = (1, 4, 6)
 
 
-def build(path: str, model_type: str) -> str:
-    """A tiny model of ``model_type`` built and saved by transformers, every parameter random."""
+def build(path: str, model_type: str, config: dict | None = None) -> str:
+    """A tiny model of ``model_type`` (``config``, default CONFIGS') built and saved by transformers,
+    every parameter random."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    cfg = AutoConfig.for_model(model_type, **CONFIGS[model_type])
+    cfg = AutoConfig.for_model(model_type, **(config or CONFIGS[model_type]))
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
@@ -299,6 +305,7 @@ def assert_mindspeed_mm_files(mid: str, hf: dict, layout: dict, cfg: dict) -> No
     "family,weight",
     [
         ("qwen2_5_vl", "visual.blocks.1.mlp.down_proj.weight"),
+        ("qwen2_vl", "visual.blocks.1.mlp.fc2.weight"),
         ("gemma3", "vision_tower.encoder.layers.1.mlp.fc2.weight"),
     ],
 )
@@ -338,6 +345,33 @@ def test_gemma3_in_the_hubs_names(models, tmp_path):
     convert(mid, back, ck.Target(to="hf"))
     assert_same_tensors(hub, back)
     assert sorted(load_file(os.path.join(back, "model.safetensors"))) == sorted(renamed)
+
+
+def test_gemma3_pooling_head_is_carried(tmp_path):
+    """SigLIP's attention-pooling head (vision_use_head left at its default, True) is the user's
+    data though Gemma 3 never uses its output: through Megatron (TP2 PP2, Megatron-Bridge's layout: in the
+    tower's HF form, whole on every TP rank of stage 0) it comes back bit for bit, the config with
+    it, and the logits on text + image are equal."""
+    vision = {k: v for k, v in CONFIGS["gemma3"]["vision_config"].items() if k != "vision_use_head"}
+    src = build(str(tmp_path / "hf"), "gemma3", dict(CONFIGS["gemma3"], vision_config=vision))
+    hf = hf_state(src)
+    head = {k for k in hf if k.startswith("vision_tower.head.")}
+    assert len(head) == 11 and json.load(open(f"{src}/config.json"))["vision_config"]["vision_use_head"]
+    mid, back = str(tmp_path / "mid"), str(tmp_path / "back")
+    convert(src, mid, ck.Target(to="mcore", tp=2, pp=2))
+    for t in range(2):
+        for p in range(2):
+            sd = rank(mid, f"mp_rank_{t:02d}_{p:03d}")["model"]
+            assert {k for k in sd if k.startswith("vision_tower.head.")} == (head if p == 0 else set()), (
+                t,
+                p,
+            )
+            assert all(torch.equal(sd[k], hf[k]) for k in head if p == 0)
+    convert(mid, back, ck.Target(to="hf"))
+    assert_same_tensors(src, back)
+    assert_side_files(src, back)
+    assert json.load(open(f"{back}/config.json")) == json.load(open(f"{src}/config.json"))
+    assert torch.equal(vl_logits(back), vl_logits(src))
 
 
 def test_hf_to_hf_cast_and_reshard_through_megatron(models, tmp_path):

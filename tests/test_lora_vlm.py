@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 import ckpt_ir.api as ck
 from ckpt_ir.errors import UsageError
+from tests import test_families_internvl, test_families_qwen3vl
 from tests.family_models import rank
 from tests.test_families_vlm import build, vl_inputs, vl_logits
 from tests.test_hf_roundtrip import assert_same_tensors, convert
@@ -31,6 +32,23 @@ R, ALPHA = 4, 8.0
 TARGETS = {
     "qwen2_5_vl": ["q_proj", "v_proj", "qkv", "attn.proj", "gate_proj"],
     "gemma3": ["q_proj", "v_proj", "out_proj", "fc1"],
+    # transformers' llava renames (language_model.model.* stored, model.language_model.* built);
+    # q_proj / v_proj in the language model and the tower, the projector's linear_1
+    "internvl": ["q_proj", "v_proj", "projection_layer", "linear_1"],
+    # stored as built; linear_fc1 in the tower's MLPs, its merger and the DeepStack mergers
+    "qwen3_vl": ["q_proj", "v_proj", "qkv", "attn.proj", "linear_fc1"],
+}
+# the base models (test modules' builders) and the in-memory prefix of each tower
+BUILD = {
+    "internvl": lambda path, family: test_families_internvl.build(path),
+    "qwen3_vl": test_families_qwen3vl.build,
+}
+TOWER = {"gemma3": "model.vision_tower.", "internvl": "model.vision_tower."}
+# a merged tower weight kept whole on every TP rank of Megatron-Bridge's layout (a tower in
+# transformers' form); InternVL goes to MindSpeed-MM's layout, Qwen3-VL's tower to Megatron's
+WHOLE = {
+    "qwen2_5_vl": "visual.blocks.1.attn.qkv.weight",
+    "gemma3": "vision_tower.encoder.layers.1.self_attn.q_proj.weight",
 }
 
 
@@ -65,11 +83,11 @@ def peft_vl_logits(base: str, adapter: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", sorted(TARGETS))
 def test_peft_adapter_on_language_model_and_tower_merges_as_peft(tmp_path, family):
-    base = build(str(tmp_path / "base"), family)
+    base = BUILD.get(family, build)(str(tmp_path / "base"), family)
     adapter, oracle = str(tmp_path / "adapter"), str(tmp_path / "oracle")
     make_adapter(base, adapter, TARGETS[family], seed=1).save_pretrained(oracle)
     keys = load_file(os.path.join(adapter, "adapter_model.safetensors"))
-    tower = "model.visual." if family != "gemma3" else "model.vision_tower."
+    tower = TOWER.get(family, "model.visual.")
     assert any(k.startswith("base_model.model." + tower) for k in keys)
     assert any(k.startswith("base_model.model.model.language_model.") for k in keys)
 
@@ -81,16 +99,10 @@ def test_peft_adapter_on_language_model_and_tower_merges_as_peft(tmp_path, famil
     convert(mid, back, ck.Target(to="hf"))
     assert_same_tensors(oracle, back)
     # the tower whole on both TP ranks of Megatron-Bridge's layout, merged
-    want = load_file(os.path.join(oracle, "model.safetensors"))
-    key = next(
-        k
-        for k in want
-        if k.startswith(
-            ("visual.blocks.1.attn.qkv.weight", "vision_tower.encoder.layers.1.self_attn.q_proj.weight")
-        )
-    )
-    for t in range(2):
-        assert torch.equal(rank(mid, f"mp_rank_{t:02d}")["model"][key], want[key])
+    if family in WHOLE:
+        key, want = WHOLE[family], load_file(os.path.join(oracle, "model.safetensors"))
+        for t in range(2):
+            assert torch.equal(rank(mid, f"mp_rank_{t:02d}")["model"][key], want[key])
     with pytest.raises(UsageError, match="no LoRA tensors for fc2"):
         convert(
             base,
@@ -150,3 +162,55 @@ def test_megatron_lora_on_language_model_and_tower_exports_to_peft(tmp_path):
         got = peft_vl_logits(base, exported)
         assert torch.allclose(got, vl_logits(merged), atol=1e-4, rtol=1e-5)
         assert not torch.allclose(got, vl_logits(base), atol=1e-2)
+
+
+def test_peft_adapter_in_internvls_remote_names_merges(tmp_path):
+    """An adapter made on InternVL's remote-code model names its modules as that model stores
+    them (``vision_model.encoder.layers.N.attn.proj``, ``mlp1.1``; one LoRA on the packed
+    ``attn.qkv`` = [q; k; v]): merged into the remote checkpoint it gives peft's merge of the same
+    factors on the transformers model, in the remote names, bit for bit."""
+    from safetensors.torch import save_file
+
+    from tests.test_families_internvl import remote_name, write_remote
+    from tests.test_hf_roundtrip import hf_state
+
+    base = test_families_internvl.build(str(tmp_path / "base"))
+    remote = write_remote(base, str(tmp_path / "remote"))
+    adapter, oracle = str(tmp_path / "adapter"), str(tmp_path / "oracle")
+    targets = ["self_attn.q_proj", "self_attn.v_proj", "projection_layer", "fc1", "linear_1"]
+    make_adapter(base, adapter, targets, seed=3).save_pretrained(oracle)
+    # the adapter in the remote names: transformers' llava prefixes back to the stored names
+    # (conversion_mapping.py:888-893), then the remote code's
+    stored = (
+        ("model.language_model.", "language_model.model."),
+        ("model.vision_tower.", "vision_tower."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+    )
+    theirs = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    ours = {}
+    for key, x in theirs.items():
+        module, factor = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
+        for memory, disk in stored:
+            module = disk + module[len(memory) :] if module.startswith(memory) else module
+        ours[f"base_model.model.{remote_name(module + '.weight')[: -len('.weight')]}.lora_{factor}"] = x
+    g = torch.Generator().manual_seed(4)
+    qkv = "vision_model.encoder.layers.1.attn.qkv"
+    a, b = torch.randn(R, 32, generator=g), torch.randn(96, R, generator=g)
+    ours.update({f"base_model.model.{qkv}.lora_A.weight": a, f"base_model.model.{qkv}.lora_B.weight": b})
+    os.makedirs(tmp_path / "remote-adapter")
+    save_file(ours, str(tmp_path / "remote-adapter" / "adapter_model.safetensors"))
+    cfg = json.load(open(os.path.join(adapter, "adapter_config.json")))
+    (tmp_path / "remote-adapter" / "adapter_config.json").write_text(json.dumps(cfg))
+
+    merged = str(tmp_path / "merged")
+    convert(remote, merged, ck.Target(to="hf", lora_load=str(tmp_path / "remote-adapter")))
+    want = hf_state(write_remote(oracle, str(tmp_path / "want")))
+    w = want[qkv + ".weight"]
+    want[qkv + ".weight"] = torch.cat(
+        [w[32 * p :][:32] + (ALPHA / R) * (b[32 * p :][:32] @ a) for p in range(3)]
+    )
+    got = hf_state(merged)
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], want[k]) for k in want), [
+        k for k in want if not torch.equal(got[k], want[k])
+    ]

@@ -47,11 +47,17 @@ def plan(ckpt: Checkpoint) -> Plan:
             f"{setting('to', 'peft')} writes a LoRA adapter, but the checkpoint has no LoRA tensors; pass "
             f"{setting('lora_load', metavar='DIR')}"
         )
+    family = by_name(spec.family)
+    if family.peft_refused:
+        raise UsageError(
+            f"{setting('to', 'peft')}: a PEFT adapter of {family.name} cannot be written "
+            f"({family.peft_refused}); write the merged model ({setting('to', 'hf')}) or keep the "
+            f"Megatron LoRA checkpoint"
+        )
     if spec.lora_alpha is None:
         raise UsageError(
             f"the checkpoint does not record lora_alpha; pass {setting('lora_alpha', metavar='ALPHA')}"
         )
-    family = by_name(spec.family)
     names = family.names
     entries: list[tuple[tuple, str, E.Expr]] = []
     done: set[str] = set()

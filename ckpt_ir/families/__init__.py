@@ -535,6 +535,10 @@ class Family:
     # adapters use (``model.language_model.layers.0.self_attn.q_proj``), differs from the name
     # the checkpoint stores (``model.layers.0.self_attn.q_proj``); see memory_name / disk_name
     memory: tuple[tuple[str, str], ...] = ()
+    # why a PEFT adapter (named as the modules transformers builds) cannot be read or written for
+    # this family: transformers renames on load what no prefix rename says (Kimi K2.5's tower,
+    # norm0 -> norm1, fc0 -> fc1: conversion_mapping.py:734-760); None: ``memory`` says it all
+    peft_refused: str | None = None
     # HF tensors numbered by their place in a list of layers (Qwen3-VL's DeepStack mergers)
     renumbered: tuple[Renumbered, ...] = ()
     # what the tests verify for this family (``ckpt-ir models`` shows it)

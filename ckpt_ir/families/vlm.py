@@ -243,6 +243,7 @@ register(
         memory=QWEN_VL_MEMORY,
         tested=Tested(
             round_trip=(
+                "--tp 1 --pp 1",
                 "--tp 2 --pp 2",
                 "--ckpt-format torch_dist",
                 "--tp 2 --pp 2 --num-layer-list 1,1 --mm-keys mindspeed --vision-layer-list 1,1",
@@ -282,6 +283,24 @@ SIGLIP = (
     ),
     ("vision_tower.post_layernorm.weight", "vision.final_norm.weight"),
     ("vision_tower.post_layernorm.bias", "vision.final_norm.bias"),
+    # the attention-pooling head, where vision_use_head leaves it (SigLIP's default, True:
+    # configuration_siglip.py:103); Gemma 3 feeds the projector the last hidden state
+    # (modeling_gemma3.py:765-767), so the head's output is never used: carried as data
+    ("vision_tower.head.probe", "vision.pool_head.probe"),
+    *(
+        (f"vision_tower.head.attention.{hf}", f"vision.pool_head.attn.{c}")
+        for hf, c in (
+            ("in_proj_weight", "in_proj.weight"),
+            ("in_proj_bias", "in_proj.bias"),
+            ("out_proj.weight", "o.weight"),
+            ("out_proj.bias", "o.bias"),
+        )
+    ),
+    *(
+        (f"vision_tower.head.{hf}.{kind}", f"vision.pool_head.{c}.{kind}")
+        for hf, c in (("layernorm", "norm"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2"))
+        for kind in ("weight", "bias")
+    ),
     # Gemma3MultiModalProjector: a Gemma RMSNorm, then x @ W with W stored [vision, text]
     ("multi_modal_projector.mm_soft_emb_norm.weight", "vision.projector.norm.weight"),
     ("multi_modal_projector.mm_input_projection_weight", "vision.projector.weight"),
@@ -314,6 +333,8 @@ SIGLIP_TOWER = Tower(
         ConfigKey("projector_out", None, lambda cfg: cfg[LANGUAGE_MODEL]["hidden_size"]),
         ConfigKey("activation", "hidden_act"),
         ConfigKey("norm_eps", "layer_norm_eps", 1e-6),
+        # derived, not written back: the config keeps its own key (or its absence)
+        ConfigKey("pool_head", None, lambda cfg: bool(cfg.get("vision_use_head", True))),
     ),
     # LayerNorms with biases, biases on every linear and the patch convolution, a plain MLP
     constants=(
@@ -600,8 +621,10 @@ register(
         renumbered=(QWEN3_DEEPSTACK,),
         tested=Tested(
             round_trip=(
+                "--tp 1 --pp 1",
                 "--tp 2 --ep 2",
                 "--ckpt-format torch_dist",
+                "--pp 2 --ep 2",
                 "--tp 2 --ep 2 --mm-keys mindspeed",
                 "--pp 2 --ep 2 --num-layer-list 1,1 --mm-keys mindspeed --vision-layer-list 2,0",
             ),
@@ -801,6 +824,7 @@ register(
         **{**_glm_text("glm4"), "constants": (("post_norms", True), ("qkv_bias", True))},
         tested=Tested(
             round_trip=(
+                "--tp 1 --pp 1",
                 "--tp 2 --pp 2",
                 "--pp 2 --num-layer-list 1,1 --mm-keys mindspeed --vision-layer-list 2,0",
                 "--tp 2 --pp 2 --num-layer-list 1,1 --mm-keys mindspeed --vision-layer-list 1,1",
@@ -1065,6 +1089,9 @@ register(
         text_config="text_config",
         text_config_aliases=("llm_config",),
         towers=(INTERNVL_TOWER,),
+        # transformers' "llava" renames (conversion_mapping.py:103, 888-893); the remote code keeps
+        # the stored names in memory, its language model's the table's (language_model.model.*)
+        memory=LLAVA_MEMORY,
         tested=Tested(
             round_trip=(
                 "--tp 1 --pp 1",

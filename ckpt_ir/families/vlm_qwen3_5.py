@@ -112,6 +112,9 @@ register(
         "qwen3_5_vl_moe",
         "qwen3_5_moe",
         "Qwen3_5MoeForConditionalGeneration",
-        Tested(round_trip=("--tp 2 --ep 2", "--pp 2 --ep 2 --num-layer-list 1,1"), mcore_missing=NO_MCORE),
+        Tested(
+            round_trip=("--tp 1 --pp 1", "--tp 2 --ep 2", "--pp 2 --ep 2 --num-layer-list 1,1"),
+            mcore_missing=NO_MCORE,
+        ),
     )
 )

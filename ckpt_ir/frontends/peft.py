@@ -18,8 +18,8 @@ from typing import Any
 
 import attrs
 
-from ckpt_ir.errors import CoverageError, FormatError
-from ckpt_ir.families import Family
+from ckpt_ir.errors import CoverageError, FormatError, UsageError
+from ckpt_ir.families import Family, Packed
 from ckpt_ir.io.side_files import TOKENIZER_FILES, side_files
 from ckpt_ir.io.weight_files import file_tensors
 from ckpt_ir.ir import expr as E
@@ -155,6 +155,11 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 def lift_adapter(path: str, family: Family, spec: ModelSpec) -> tuple[dict[str, TensorNode], ModelSpec]:
     """Canonical adapter tensors of a PEFT adapter, and ``spec`` with its LoRA settings."""
+    if family.peft_refused:
+        raise UsageError(
+            f"{path}: a PEFT adapter of {family.name} cannot be read ({family.peft_refused}); merge it "
+            f"with peft's merge_and_unload, save the merged model and convert that"
+        )
     cfg = read_config(path)
     files = [
         os.path.join(path, n)
@@ -188,7 +193,19 @@ def lift_adapter(path: str, family: Family, spec: ModelSpec) -> tuple[dict[str, 
 
     def table(hf: str) -> str:  # an HF name as the family's table names it (Family.table_key)
         hf = family.disk_name(hf)  # peft names the modules transformers builds (Family.memory)
-        return family.table_key(hf, spec, False) if family.renames() else hf
+        key = family.table_key(hf, spec, False) if family.renames() else hf
+        if names.to_canonical(key) is None:  # a module of another naming (InternVL's remote code)
+            for naming in family.namings:
+                if names.to_canonical(other := family.table_key(hf, spec, False, naming)) is not None:
+                    return other
+        return key
+
+    def packs(module: str) -> list[tuple[Packed, str]]:
+        """The packed tensors a module may hold a part of: (pack, the module's weight named as the
+        pack's ``hf`` names it), the table's and other namings' (InternVL's remote attn.qkv)."""
+        own = [(p, table(module + ".weight")) for p in family.packed]
+        weight = family.disk_name(module + ".weight")
+        return own + [(p, weight) for naming in family.namings for p in naming.packed]
 
     for key, load in raw.items():
         k = key[len(PREFIX) :] if key.startswith(PREFIX) else key
@@ -214,10 +231,9 @@ def lift_adapter(path: str, family: Family, spec: ModelSpec) -> tuple[dict[str, 
             if which == "lora_A":
                 check(module, load.shape[0], [canon])
             continue
-        for (
-            p
-        ) in family.packed:  # e.g. Phi-3 qkv_proj: A shared by the parts, B (and m) stacked like the weight
-            mm = template_pattern(p.hf).match(table(module + ".weight"))
+        # e.g. Phi-3 qkv_proj: A shared by the parts, B (and m) stacked like the weight
+        for p, weight in packs(module):
+            mm = template_pattern(p.hf).match(weight)
             if not mm:
                 continue
             # B and m rows follow the weight's packing (interleaved per head for BLOOM)

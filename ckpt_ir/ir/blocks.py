@@ -112,6 +112,7 @@ STACK_BLOCKS = (
     "gated_merger",
     "cls_embed",
     "shuffle_projector",
+    "pool_head",
 )
 
 # megatron-core's hybrid layer symbols (ssm/mamba_hybrid_layer_allocation.py; Megatron-LM's

@@ -812,8 +812,26 @@ _PIXTRAL_LLAMA4_ROLES = [
         stack="vision",
     ),
 ]
+# SigLIP's attention-pooling head (block pool_head; transformers modeling_siglip.py:567-569,
+# 621-630): whole on every rank, as Megatron-Bridge keeps the tower whole
+_POOL_HEAD_ROLES = [
+    Role(V + "pool_head." + name, None, shape, _tower(lambda s: s.pool_head), stack="vision")
+    for name, shape in (
+        ("probe", lambda s, lay: (1, 1, s.hidden_size)),
+        ("attn.in_proj.weight", lambda s, lay: (3 * s.hidden_size, s.hidden_size)),
+        ("attn.in_proj.bias", lambda s, lay: (3 * s.hidden_size,)),
+        ("attn.o.weight", lambda s, lay: (s.hidden_size, s.hidden_size)),
+        ("attn.o.bias", lambda s, lay: (s.hidden_size,)),
+        ("norm.weight", lambda s, lay: (s.hidden_size,)),
+        ("norm.bias", lambda s, lay: (s.hidden_size,)),
+        ("fc1.weight", lambda s, lay: (s.ffn_hidden_size, s.hidden_size)),
+        ("fc1.bias", lambda s, lay: (s.ffn_hidden_size,)),
+        ("fc2.weight", lambda s, lay: (s.hidden_size, s.ffn_hidden_size)),
+        ("fc2.bias", lambda s, lay: (s.hidden_size,)),
+    )
+]
 # of those, the ones after the tower's layers in canonical order
-_AFTER_TOWER_LAYERS = ("patch_merger.", "adapter.", "projector.fc")
+_AFTER_TOWER_LAYERS = ("patch_merger.", "adapter.", "projector.fc", "pool_head.")
 
 
 def _deepstack(bias: bool = False) -> Presence:
@@ -1305,8 +1323,7 @@ def _order() -> dict[str, int]:
 
 
 def _lora_roles(target: Role) -> list[Role]:
-    rule = target.split
-    assert rule is not None
+    rule = target.split  # None: a linear layer whole on every rank, its A and B too
     base = target.template[: -len(".weight")]
 
     def full(s: ModelSpec, lay: Layout, i: int) -> tuple[int, ...]:
@@ -1322,15 +1339,31 @@ def _lora_roles(target: Role) -> list[Role]:
         return full(s, lay, i)[:1]
 
     per_layer = target.per_layer
+    column = rule is not None and rule.dim == 0
     return [
-        Role(base + ".lora_a.weight", None if rule.dim == 0 else ROW, a_shape, None, per_layer=per_layer),
-        Role(base + ".lora_b.weight", rule if rule.dim == 0 else None, b_shape, None, per_layer=per_layer),
+        Role(
+            base + ".lora_a.weight",
+            None if rule is None or column else ROW,
+            a_shape,
+            None,
+            per_layer=per_layer,
+            stack=target.stack,
+        ),
+        Role(
+            base + ".lora_b.weight",
+            rule if column else None,
+            b_shape,
+            None,
+            per_layer=per_layer,
+            stack=target.stack,
+        ),
         Role(
             base + ".lora_magnitude.weight",
-            rule if rule.dim == 0 else None,
+            rule if column else None,
             m_shape,
             None,
             per_layer=per_layer,
+            stack=target.stack,
         ),
     ]
 
@@ -1368,8 +1401,35 @@ register_role(*_BUILTIN)
 register_role(*_VISION_ROLES)
 register_role(*_PIXTRAL_LLAMA4_ROLES)
 register_role(*_DEEPSTACK_ROLES)
+register_role(*_POOL_HEAD_ROLES)
 register_role(
     *(r for r in _BUILTIN if r.template[len(L) :] in {t + ".weight" for t in LINEAR_TARGETS}), lora=True
+)
+# the linear layers of a vision tower's own blocks (its layers' are LINEAR_TARGETS above): the
+# mergers, adapters and projectors peft's target_modules can name
+VISION_LINEAR_TARGETS = (
+    *(V + t for t in ("merger.fc1", "merger.fc2", "merger.proj", "merger.gate", "merger.up", "merger.down")),
+    *(V + t for t in ("patch_merger", "adapter.fc1", "adapter.fc2", "projector.fc1", "projector.fc2")),
+    *(
+        V + t
+        for t in (
+            "shuffle_proj.fc1",
+            "shuffle_proj.fc2",
+            "pool_head.attn.o",
+            "pool_head.fc1",
+            "pool_head.fc2",
+        )
+    ),
+    "layers.{i}.deepstack.fc1",
+    "layers.{i}.deepstack.fc2",
+)
+register_role(
+    *(
+        r
+        for r in (*_VISION_ROLES, *_PIXTRAL_LLAMA4_ROLES, *_DEEPSTACK_ROLES, *_POOL_HEAD_ROLES)
+        if r.template in {t + ".weight" for t in VISION_LINEAR_TARGETS}
+    ),
+    lora=True,
 )
 # block out_gate: the attention output times the sigmoid of its own projection of the input,
 # channel by channel, before o_proj (HY-V4's MLA; AFMoE's, whose family predates the block):

@@ -146,6 +146,10 @@ class ModelSpec:
     pos_embed_width: int = 0
     post_norm: bool = False
     projector_out: int = 0
+    # block pool_head of a vision stack (SigLIP's attention-pooling head, vision_use_head): a probe
+    # [1, 1, hidden_size], torch's MultiheadAttention (in_proj [3 hidden, hidden] with a bias, out_proj),
+    # a LayerNorm and an MLP as the layers' (fc1, fc2 with biases); Gemma 3 never uses its output
+    pool_head: bool = False
     # blocks of the Pixtral (Mistral 3) and Llama 4 towers: a norm before the layers (pre_norm);
     # the patch embedding as a linear layer over unfolded patches, [hidden, channels x patch^2]
     # (patch_unfold, Llama 4's; the same numbers as a 2-D convolution's weight); a learned class

@@ -94,7 +94,7 @@ def lora_modules(ckpt: Checkpoint) -> set[str]:
     for name in ckpt.tensors:
         if is_lora_factor(name):
             stack, inner = split_stack(lora_target(name))
-            role = role_of(inner)[len("layers.{i}.") : -len(".weight")]
+            role = role_of(inner).removeprefix("layers.{i}.")[: -len(".weight")]  # a tower's merger: no layer
             out.add(role if stack is None else f"{stack}.{role}")
     return out
 
@@ -116,7 +116,10 @@ def _stack_modules(ckpt: Checkpoint) -> dict[str, set[str]]:
         layer, rest = split_layer(inner)
         role = rest[: -len(".weight")]
         hf = []
-        for held in (f"{stack}.layers.{layer}.{p}.weight" for p in parts.get(role, (role,))):
+        where = (
+            f"{stack}." if layer is None else f"{stack}.layers.{layer}."
+        )  # the tower's own blocks: no layer
+        for held in (f"{where}{p}.weight" for p in parts.get(role, (role,))):
             hits = [m for p in family.packed for q in p.parts if (m := template_pattern(q).match(held))]
             packs = [p for p in family.packed for q in p.parts if template_pattern(q).match(held)]
             if packs:  # a part of a packed HF tensor (the tower's qkv): that tensor's module
@@ -127,6 +130,8 @@ def _stack_modules(ckpt: Checkpoint) -> dict[str, set[str]]:
             except FormatError:  # no HF name: only Megatron's names can list it
                 continue
         for h in hf:
+            if family.renames():  # the table's name as the HF checkpoint's (Qwen3-VL's DeepStack list)
+                h = family.table_key(h, spec, True)
             module = h.rsplit(".", 1)[0]
             out.setdefault(f"{stack}.{role}", set()).update({module, family.memory_name(module)})
     return out
