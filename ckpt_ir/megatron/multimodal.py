@@ -21,7 +21,7 @@ import attrs
 from ckpt_ir.errors import FormatError, UsageError, VerifyError, setting
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode, gather_exprs
-from ckpt_ir.ir.layout import Layout
+from ckpt_ir.ir.layout import MINDSPEED_MM_KEYS, Layout
 from ckpt_ir.ir.names import Split, is_lora, is_lora_factor, lora_target, split_stack, template_pattern
 from ckpt_ir.ir.roles import split_rule
 from ckpt_ir.ir.rules import Stack
@@ -32,8 +32,13 @@ if TYPE_CHECKING:
     from ckpt_ir.families import Family
 
 # each naming's prefix of the language model's keys
-TEXT_PREFIX = {"bridge": "language_model.", "mindspeed": "text_decoder."}
-VISION_PREFIX = {"mindspeed": "image_encoder."}  # bridge: the family's HF names (visual.*)
+TEXT_PREFIX = {
+    "bridge": "language_model.",
+    "mindspeed": "text_decoder.",
+    "mindspeed-canonical": "text_decoder.",
+}
+# bridge: the family's HF names (visual.*)
+VISION_PREFIX = {"mindspeed": "image_encoder.", "mindspeed-canonical": "image_encoder."}
 
 
 def tower_keys(ckpt: Checkpoint) -> dict[tuple[int, int], list[tuple[str, tuple[str, ...], Stack | None]]]:
@@ -171,11 +176,11 @@ def bridge_split(ckpt: Checkpoint, key: str, canon: tuple[str, ...]) -> tuple[St
 def written_whole(ckpt: Checkpoint, key: str) -> bool:
     """Whether tower key ``key`` is written whole on every TP rank though the IR splits its tensors
     (MindSpeed-MM's GLM-4.1V attention, ``MegatronTower.whole``)."""
-    if ckpt.layout.mm_keys != "mindspeed" or ckpt.layout.vision_tp == 1:
+    if ckpt.layout.mm_keys not in MINDSPEED_MM_KEYS or ckpt.layout.vision_tp == 1:
         return False
     from ckpt_ir.megatron import mindspeed_mm
 
-    return mindspeed_mm.is_whole(ckpt.spec, key)
+    return mindspeed_mm.is_whole(ckpt.spec, key, ckpt.layout.mm_keys)
 
 
 def module_of(key: str, mm_keys: str | None) -> tuple[str, str, str]:
@@ -208,6 +213,8 @@ def read_layout(layout: Layout, naming: str, spec: ModelSpec) -> Layout:
 
     if naming == "bridge" and mindspeed_mm.megatron_tower(spec, naming) is not None:
         return attrs.evolve(layout, mm_keys=naming, vision_tp=layout.tp, vision_fused=True)
+    if naming == "mindspeed" and layout.mm_keys in MINDSPEED_MM_KEYS:
+        return layout  # which of MindSpeed-MM's namings, its keys said (mindspeed_mm.naming_of)
     return attrs.evolve(layout, mm_keys=naming)
 
 
