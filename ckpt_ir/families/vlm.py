@@ -246,6 +246,15 @@ register(
                     "identical but the embedding and output layer, padded to 162 rows where MindSpeed-MM "
                     "keeps 160 of 161",
                 ),
+                ("qwen25vl-canonical-tp1", "identical"),
+                *(
+                    (
+                        case,
+                        "identical but the tower's linear_qkv: rank r holds [q_r; k_r; v_r] of HF's qkv, as "
+                        "MindSpeed-MM's canonical attention reads it; its converter cuts [q; k; v] as plain rows",
+                    )
+                    for case in ("qwen25vl-canonical-tp2", "qwen25vl-canonical-tp2pp2")
+                ),
             ),
         ),
     )
@@ -269,7 +278,14 @@ register(
                 "--tp 2 --pp 2 --num-layer-list 1,1 --mm-keys mindspeed --vision-layer-list 1,1",
             ),
             mcore_missing=NO_MCORE,
-            mindspeed=(("qwen2vl-tp2pp2", "identical"),),
+            mindspeed=(
+                ("qwen2vl-tp2pp2", "identical"),
+                (
+                    "qwen2vl-canonical-tp2",
+                    "identical but the tower's linear_qkv: rank r holds [q_r; k_r; v_r] of HF's qkv, as "
+                    "MindSpeed-MM's canonical attention reads it; its converter cuts [q; k; v] as plain rows",
+                ),
+            ),
         ),
     )
 )
