@@ -276,6 +276,7 @@ register(
                 "--tp 2 --pp 2",
                 "--ckpt-format torch_dist",
                 "--tp 2 --pp 2 --num-layer-list 1,1 --mm-keys mindspeed --vision-layer-list 1,1",
+                "--tp 2 --pp 2 --num-layer-list 1,1 --mm-keys mindspeed-canonical --vision-layer-list 1,1",
             ),
             mcore_missing=NO_MCORE,
             mindspeed=(
