@@ -20,7 +20,10 @@ splits what MindSpeed-MM's GLM model splits: the language model's layers, embedd
 layer, and the tower's MLP, keeping the tower's attention, convolutions and projector whole) and
 GLM-4.1V's way back (MindSpeed-MM's ``GlmConverter.mm_to_hf`` writes nothing),
 InternVL's vision qkv at TP > 1 on the way back (MindSpeed-MM joins the ranks' [q_r; k_r; v_r]
-with a plain concatenation; ckpt-ir unpacks each rank's parts), and Qwen3-VL-MoE's experts as
+with a plain concatenation; ckpt-ir unpacks each rank's parts), the canonical layout's
+(``--cfg.common_model_config.enable_canonical_hf_struct true``) vision qkv at TP > 1 (MindSpeed-MM
+cuts the tower's [q; k; v] as plain rows, but its canonical attention reads rank r's as
+[q_r; k_r; v_r], which ckpt-ir writes), and Qwen3-VL-MoE's experts as
 transformers saves them (MindSpeed-MM transposes them the wrong way; ckpt-ir reads the hub's
 orientation and transformers', and ``mm_to_hf`` writes the one of the weights in
 ``--cfg.hf_config.hf_dir``).  ``--cfg.trust_remote_code`` is
