@@ -108,7 +108,8 @@ class Target:
     A vision-language model to Megatron: ``mm_keys``, whose names (``"bridge"``: Megatron-Bridge's,
     the language model under ``language_model.`` with Transformer Engine's norm names and the
     vision tower as its bridge keeps it; ``"mindspeed"``: MindSpeed-MM's ``text_decoder.`` /
-    ``image_encoder.``; None keeps the source's, Megatron-Bridge's for an HF source);
+    ``image_encoder.``; ``"mindspeed-canonical"``: MindSpeed-MM's canonical layout, q / k / v and
+    gate / up kept apart; None keeps the source's, Megatron-Bridge's for an HF source);
     ``vision_tp``, the tower's TP size (None: 1 with bridge, ``tp`` with mindspeed);
     ``vision_layer_list``, its layers per pipeline stage (None: all on stage 0).
 
