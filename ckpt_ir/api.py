@@ -26,7 +26,7 @@ from ckpt_ir.backends.plan import Plan
 from ckpt_ir.errors import UsageError, setting
 from ckpt_ir.frontends import load
 from ckpt_ir.ir.checkpoint import Checkpoint
-from ckpt_ir.ir.layout import GDN_KEYS, MLA_KEYS, MM_KEYS, Layout, has_gdn_modules
+from ckpt_ir.ir.layout import GDN_KEYS, MINDSPEED_MM_KEYS, MLA_KEYS, MM_KEYS, Layout, has_gdn_modules
 from ckpt_ir.passes.carry import DropOptimizerState, RenameMla, RenameMm, RenameNorms
 from ckpt_ir.passes.cast import CastPass, DequantizePass
 from ckpt_ir.passes.fusion import FuseGateUp, FuseQKV, FuseVision, UnfuseGateUp, UnfuseQKV, UnfuseVision
@@ -110,7 +110,8 @@ class Target:
     A vision-language model to Megatron: ``mm_keys``, whose names (``"bridge"``: Megatron-Bridge's,
     the language model under ``language_model.`` with Transformer Engine's norm names and the
     vision tower as its bridge keeps it; ``"mindspeed"``: MindSpeed-MM's ``text_decoder.`` /
-    ``image_encoder.``; None keeps the source's, Megatron-Bridge's for an HF source);
+    ``image_encoder.``; ``"mindspeed-canonical"``: MindSpeed-MM's canonical layout, q / k / v and
+    gate / up kept apart; None keeps the source's, Megatron-Bridge's for an HF source);
     ``vision_tp``, the tower's TP size (None: 1 with bridge, ``tp`` with mindspeed);
     ``vision_layer_list``, its layers per pipeline stage (None: all on stage 0).
 
@@ -180,7 +181,7 @@ class Target:
             if value is not None and value < 1:
                 raise UsageError(f"{setting(name)} must be at least 1, got {value}")
         for name, values, least in (
-            ("num_layer_list", self.num_layer_list, 0 if self.mm_keys == "mindspeed" else 1),
+            ("num_layer_list", self.num_layer_list, 0 if self.mm_keys in MINDSPEED_MM_KEYS else 1),
             ("vision_layer_list", self.vision_layer_list or (), 0),
             ("noop_layers", self.noop_layers, 0),
         ):
@@ -389,12 +390,14 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
             f"{setting('vision_tp', target.vision_tp)}: Megatron-Bridge splits {src.spec.family}'s vision tower "
             f"over the language model's TP ({target.tp}); leave it out"
         )
+    # MindSpeed-MM's canonical layout keeps the language model's q / k / v and gate / up apart
+    keep_apart = to_mcore and mm_keys == mindspeed_mm.CANONICAL
     steps += _normalise(
         lay,
-        unfuse=unfuse,
+        unfuse=unfuse or keep_apart,
         keep_grouped=to_mcore and target.grouped_gemm,
         unpad=not to_mcore,
-        unfuse_vision=not megatron_form,
+        unfuse_vision=not megatron_form or (keep_apart and not mindspeed_mm.fuses_tower(src.spec, mm_keys)),
     )
     fused_qkv, fused_gate_up = (False, False) if unfuse else (lay.fused_qkv, lay.fused_gate_up)
     gdn = default_gdn_keys(src, target) if to_mcore and _has_gdn(src) else None
@@ -420,9 +423,9 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
         # tensors the target's loader keeps in fp32 stay fp32 (DeepSeek's router, gpt-oss' norms in fp16)
         steps.append(CastPass(dtype=target.dtype, keep_fp32="megatron" if to_mcore else "transformers"))
     if to_mcore:
-        if not fused_qkv:
+        if not fused_qkv and not keep_apart:
             steps.append(FuseQKV(gdn=gdn))
-        if not fused_gate_up:
+        if not fused_gate_up and not keep_apart:
             steps.append(FuseGateUp())
         if megatron_form and not lay.vision_fused and mindspeed_mm.fuses_tower(src.spec, mm_keys):
             steps.append(FuseVision())
@@ -466,7 +469,7 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
         norm_names = target.norm_names
         if norm_names is None and gdn == "mcore" and lay.gdn_keys != "mcore":
             norm_names = "te"  # megatron-core builds GatedDeltaNet models with Transformer Engine only
-        elif norm_names is None and vlm and (mm_keys == "mindspeed" or lay.kind == "hf"):
+        elif norm_names is None and vlm and (mm_keys in MINDSPEED_MM_KEYS or lay.kind == "hf"):
             # Megatron-Bridge's language model has Transformer Engine's names; MindSpeed-MM's local ones
             norm_names = "te" if mm_keys == "bridge" else "local"
         if norm_names and norm_names != lay.norm_names:

@@ -105,6 +105,7 @@ LAYOUTS: dict[str, tuple[dict, ...]] = {
         dict(tp=1),
         dict(tp=2, pp=2),
         dict(MM, tp=2, pp=2, num_layer_list=(1, 1), vision_layer_list=(1, 1)),
+        dict(mm_keys="mindspeed-canonical", tp=2, pp=2, num_layer_list=(1, 1), vision_layer_list=(1, 1)),
     ),
     "gemma3": (dict(tp=1), dict(tp=2), dict(tp=2, pp=2)),
 }
@@ -241,6 +242,11 @@ def test_hf_to_mcore_to_hf_bit_exact_with_same_image_logits(models, tmp_path, fa
         if layout.get("mm_keys") == "mindspeed":
             assert_mindspeed_mm_files(mid, hf, layout, json.load(open(f"{src}/config.json")))
             continue
+        if layout.get("mm_keys") == "mindspeed-canonical":
+            assert_canonical_files(
+                mid, hf, layout["tp"], layout["num_layer_list"], layout["vision_layer_list"]
+            )
+            continue
         # Megatron-Bridge's layout: the tower whole on every TP rank of stage 0, nowhere else
         for t in range(layout["tp"]):
             for p in range(layout.get("pp", 1)):
@@ -299,6 +305,99 @@ def assert_mindspeed_mm_files(mid: str, hf: dict, layout: dict, cfg: dict) -> No
                 assert any(k.startswith(first) for k in sd) == (p == filled[0]), (first, p)
                 assert any(k.startswith(last) for k in sd) == (p == filled[-1]), (last, p)
         assert torch.equal(models[stage][key], per_head.chunk(tp)[t])
+
+
+# MindSpeed-MM's canonical layout (enable_canonical_hf_struct; checkpoint/vlm_model/converters/
+# qwen2vl.py:16-149, qwen2_5vl.py:36-47, 103-111): HF name below the layer -> (its key below the
+# layer, how TP rank r's tensor is cut from the HF one): "rows" / "cols" in TP equal blocks,
+# "qkv" [q_r; k_r; v_r] of HF's [q; k; v] (what MindSpeed-MM's canonical attention reads,
+# mindspeed_mm/patchs/canonical_layer_patch.py:344-353; its converter cuts plain rows), else whole
+CANONICAL_TEXT = {
+    "input_layernorm.weight": ("input_layernorm.weight", None),
+    "post_attention_layernorm.weight": ("pre_mlp_layernorm.weight", None),
+    **{
+        f"self_attn.{p}_proj.{k}": (f"self_attention.{p}_proj.{k}", "rows")
+        for p in "qkv"
+        for k in ("weight", "bias")
+    },
+    "self_attn.o_proj.weight": ("self_attention.linear_proj.weight", "cols"),
+    "mlp.gate_proj.weight": ("mlp.gate_proj.weight", "rows"),
+    "mlp.up_proj.weight": ("mlp.up_proj.weight", "rows"),
+    "mlp.down_proj.weight": ("mlp.linear_fc2.weight", "cols"),
+}
+CANONICAL_VISION = {
+    **{
+        f"norm{n}.{k}": (f"{m}.{k}", None)
+        for n, m in ((1, "input_layernorm"), (2, "pre_mlp_layernorm"))
+        for k in ("weight", "bias")
+    },
+    "attn.qkv.weight": ("self_attention.linear_qkv.weight", "qkv"),
+    "attn.qkv.bias": ("self_attention.linear_qkv.bias", "qkv"),
+    "attn.proj.weight": ("self_attention.linear_proj.weight", "cols"),
+    "attn.proj.bias": ("self_attention.linear_proj.bias", None),
+    **{
+        f"mlp.{p}_proj.{k}": (f"mlp.{p}_proj.{k}", "rows") for p in ("gate", "up") for k in ("weight", "bias")
+    },
+    "mlp.down_proj.weight": ("mlp.linear_fc2.weight", "cols"),
+    "mlp.down_proj.bias": ("mlp.linear_fc2.bias", None),
+    "mlp.fc1.weight": ("mlp.linear_fc1.weight", "rows"),
+    "mlp.fc1.bias": ("mlp.linear_fc1.bias", "rows"),
+    "mlp.fc2.weight": ("mlp.linear_fc2.weight", "cols"),
+    "mlp.fc2.bias": ("mlp.linear_fc2.bias", None),
+}
+# the rest: HF name -> (key, cut, first or last stage holding the module's layers)
+CANONICAL_OTHER = {
+    "model.embed_tokens.weight": ("text_decoder.embedding.word_embeddings.weight", "rows", "first"),
+    "model.norm.weight": ("text_decoder.decoder.final_layernorm.weight", None, "last"),
+    "lm_head.weight": ("text_decoder.output_layer.weight", "rows", "last"),
+    "visual.patch_embed.proj.weight": ("image_encoder.encoder.patch_embed.proj.weight", None, "first"),
+    "visual.merger.ln_q.weight": ("image_encoder.projector.layernorm.weight", None, "last"),
+    "visual.merger.ln_q.bias": ("image_encoder.projector.layernorm.bias", None, "last"),
+    "visual.merger.mlp.0.weight": ("image_encoder.projector.encoder.linear_fc1.weight", "rows", "last"),
+    "visual.merger.mlp.0.bias": ("image_encoder.projector.encoder.linear_fc1.bias", "rows", "last"),
+    "visual.merger.mlp.2.weight": ("image_encoder.projector.encoder.linear_fc2.weight", "cols", "last"),
+    "visual.merger.mlp.2.bias": ("image_encoder.projector.encoder.linear_fc2.bias", None, "last"),
+}
+
+
+def cut(x: torch.Tensor, how: str | None, tp: int, t: int) -> torch.Tensor:
+    if how == "qkv":
+        return torch.cat([part.chunk(tp)[t] for part in x.chunk(3)])
+    return x.chunk(tp, dim=1)[t] if how == "cols" else x.chunk(tp)[t] if how == "rows" else x
+
+
+def assert_canonical_files(mid: str, hf: dict, tp: int, text: tuple, vision: tuple) -> None:
+    """Every rank file of MindSpeed-MM's canonical layout (no VPP) holds exactly the tensors the
+    tables above derive from the HF tensors: each layer on the stage its module's list puts it,
+    numbered from 0 there; the first / last tensors on the first / last stage with layers."""
+    assert open(f"{mid}/latest_checkpointed_iteration.txt").read() == "release"
+    pp = len(text)
+    want: dict[tuple[int, int], dict[str, torch.Tensor]] = {(t, p): {} for t in range(tp) for p in range(pp)}
+
+    def place(counts: tuple, layer: int) -> tuple[int, int]:
+        stage = next(p for p in range(pp) if sum(counts[: p + 1]) > layer)
+        return stage, layer - sum(counts[:stage])
+
+    for name, x in hf.items():
+        parts = name.split(".")
+        if name.startswith("model.layers."):
+            (stage, local), (key, how) = place(text, int(parts[2])), CANONICAL_TEXT[".".join(parts[3:])]
+            key = f"text_decoder.decoder.layers.{local}.{key}"
+        elif name.startswith("visual.blocks."):
+            (stage, local), (key, how) = place(vision, int(parts[2])), CANONICAL_VISION[".".join(parts[3:])]
+            key = f"image_encoder.encoder.blocks.layers.{local}.{key}"
+        else:
+            key, how, end = CANONICAL_OTHER[name]
+            filled = [p for p, n in enumerate(text if key.startswith("text_") else vision) if n]
+            stage = filled[0] if end == "first" else filled[-1]
+        for t in range(tp):
+            want[(t, stage)][key] = cut(x, how, tp, t)
+    for (t, p), tensors in want.items():
+        obj = torch.load(f"{mid}/release/mp_rank_{t:02d}_{p:03d}/model_optim_rng.pt", weights_only=False)
+        assert list(obj) == ["model", "checkpoint_version"] and obj["checkpoint_version"] == 3.0
+        assert set(obj["model"]) == set(tensors), (t, p, set(obj["model"]) ^ set(tensors))
+        for key, x in tensors.items():
+            assert obj["model"][key].dtype == x.dtype and torch.equal(obj["model"][key], x), (t, p, key)
 
 
 @pytest.mark.parametrize(
@@ -440,6 +539,19 @@ def test_mm_convert_is_a_drop_in_for_mindspeed_mm(models, tmp_path, capsys):
     assert mm_convert("mm_to_hf", *flat, *layers([1, 0, 0, 1], [2, 0, 0, 0], 1)) == 0
     assert_same_tensors(src, back)
     assert_side_files(src, back)
+    # MindSpeed-MM's canonical layout, TP 2 / PP 2 (the tower on stage 0): there and back bit-exact;
+    # the way back reads the layout off the keys and checks the flag against it
+    canon, back2 = str(tmp_path / "canon"), str(tmp_path / "back2")
+    flag = ("--cfg.common_model_config.enable_canonical_hf_struct", "true")
+    argv = ("--cfg.mm_dir", canon, "--cfg.hf_config.hf_dir", src, *layers([[1, 1]], [[2, 0]], 2), *flag)
+    assert mm_convert("hf_to_mm", *argv) == 0
+    assert_canonical_files(canon, hf_state(src), 2, (1, 1), (2, 0))
+    flat = ("--cfg.save_hf_dir", back2, "--cfg.mm_dir", canon, "--cfg.hf_config.hf_dir", src)
+    assert mm_convert("mm_to_hf", *flat, *layers([1, 1], [2, 0], 2)) == 2
+    assert "holds enable_canonical_hf_struct true, but --cfg.common_model_config" in capsys.readouterr().err
+    assert mm_convert("mm_to_hf", *flat, *layers([1, 1], [2, 0], 2), *flag) == 0
+    assert_same_tensors(src, back2)
+    assert_side_files(src, back2)
 
 
 def test_a_vocabulary_tp_does_not_divide_is_padded_not_cut(tmp_path):

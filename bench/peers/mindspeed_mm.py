@@ -40,6 +40,14 @@ pad, split in equal parts; MindSpeed-MM drops the last rows), and GLM-4.1V at TP
 (``glm4v-tp2pp2``: MindSpeed-MM's ``GlmConverter`` has no TP rules and copies every tensor whole to
 every rank; ckpt-ir's files are compared with MindSpeed-MM's files at TP 1 split as its GLM model
 builds the modules, ``split_glm``).  ``GlmConverter.mm_to_hf`` is ``pass``: it writes nothing.
+MindSpeed-MM's canonical layout (``--cfg.common_model_config.enable_canonical_hf_struct true``,
+the ``*-canonical-*`` cases): at TP > 1 its converter cuts the tower's ``linear_qkv`` (kept HF's
+``[q; k; v]``) as plain row blocks, so rank 1 holds the second half of k and all of v, while its
+canonical attention reshapes each rank's output as ``[3, heads per rank, head dim]``
+(``mindspeed_mm/patchs/canonical_layer_patch.py:344-353``) and so needs ``[q_r; k_r; v_r]``: ckpt-ir
+writes that, compared with the split of the HF tensors (``canonical_qkv``); every other tensor is
+compared with MindSpeed-MM's, and its ``mm_to_hf`` (a plain concatenation) gives ckpt-ir's files'
+tower qkv back scrambled.
 Qwen3-VL-MoE's inputs store the experts in the hub's orientation (``hub_orientation``), the only
 one MindSpeed-MM reads; given them in transformers' (``qwen3vlmoe-transformers-orientation-tp2ep2``)
 it writes every expert tensor transposed the wrong way, and ckpt-ir's files are compared with
@@ -98,6 +106,21 @@ CASES: dict[str, tuple[str, dict, list, list, int]] = {
     "qwen3vlmoe-pp2ep2": ("qwen3_vl_moe", {}, [[1, 1]], [[2, 0]], 1),
     # the experts as transformers 5.25 saves them: MindSpeed-MM transposes them the wrong way
     "qwen3vlmoe-transformers-orientation-tp2ep2": ("qwen3_vl_moe", {}, [[2]], [[2]], 2),
+    # MindSpeed-MM's canonical layout (--cfg.common_model_config.enable_canonical_hf_struct true)
+    "qwen25vl-canonical-tp1": ("qwen2_5_vl", {}, [[2]], [[2]], 1),
+    "qwen25vl-canonical-tp2": ("qwen2_5_vl", {}, [[2]], [[2]], 2),
+    "qwen25vl-canonical-tp2pp2": ("qwen2_5_vl", {}, [[1, 1]], [[2, 0]], 2),
+    "qwen2vl-canonical-tp2": ("qwen2_vl", {}, [[2]], [[2]], 2),
+}
+# cases in MindSpeed-MM's canonical layout; at TP > 1 its converter cuts the tower's [q; k; v] as
+# plain rows (RowSplit, converters/qwen2vl.py:119) where its canonical attention reads rank r's as
+# [q_r; k_r; v_r] (mindspeed_mm/patchs/canonical_layer_patch.py:344-353): ckpt-ir's tower qkv is
+# compared with that split of the HF tensors instead (canonical_qkv), the rest with MindSpeed-MM's
+CANONICAL = {
+    "qwen25vl-canonical-tp1",
+    "qwen25vl-canonical-tp2",
+    "qwen25vl-canonical-tp2pp2",
+    "qwen2vl-canonical-tp2",
 }
 # cases whose Qwen3-VL-MoE input keeps transformers' orientation (the others: the hub's)
 TRANSFORMERS_ORIENTATION = {"qwen3vlmoe-transformers-orientation-tp2ep2"}
@@ -141,6 +164,10 @@ qwen3vl-tp2pp2-vit-split: rank files identical (4 files); ckpt-ir mm_to_hf of Mi
 qwen3vlmoe-tp2ep2: rank files identical (4 files); ckpt-ir mm_to_hf of MindSpeed-MM's: 64/64 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: 64/64 equal
 qwen3vlmoe-pp2ep2: rank files identical (4 files); ckpt-ir mm_to_hf of MindSpeed-MM's: 64/64 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: 64/64 equal
 qwen3vlmoe-transformers-orientation-tp2ep2: rank files identical to MindSpeed-MM's files of the hub-orientation copy (4 files); ckpt-ir mm_to_hf of its own: 64/64 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: 60/64 equal; MindSpeed-MM's own files of this input: 32 of 32 expert tensors wrong
+qwen25vl-canonical-tp1: rank files identical (1 files); ckpt-ir mm_to_hf of MindSpeed-MM's: 57/57 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: 57/57 equal
+qwen25vl-canonical-tp2: rank files identical but the tower qkv, which is [q_r; k_r; v_r] of the HF tensors (2 files); ckpt-ir mm_to_hf of its own: 57/57 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: 53/57 equal (the rest: qkv.bias, qkv.weight); MindSpeed-MM's own tower qkv: 8 of 8 tensors plain row blocks of [q; k; v]
+qwen25vl-canonical-tp2pp2: rank files identical but the tower qkv, which is [q_r; k_r; v_r] of the HF tensors (4 files); ckpt-ir mm_to_hf of its own: 57/57 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: 53/57 equal (the rest: qkv.bias, qkv.weight); MindSpeed-MM's own tower qkv: 8 of 8 tensors plain row blocks of [q; k; v]
+qwen2vl-canonical-tp2: rank files identical but the tower qkv, which is [q_r; k_r; v_r] of the HF tensors (2 files); ckpt-ir mm_to_hf of its own: 58/58 equal; MindSpeed-MM mm_to_hf of ckpt-ir's: 54/58 equal (the rest: qkv.bias, qkv.weight); MindSpeed-MM's own tower qkv: 8 of 8 tensors plain row blocks of [q; k; v]
 """
 
 
@@ -254,7 +281,7 @@ def parallel(llm: list, vit: list, tp: int, ep: int) -> dict:
 
 
 def mindspeed_hf_to_mm(
-    model_type: str, hf: str, out: str, llm: list, vit: list, tp: int, ep: int = 1
+    model_type: str, hf: str, out: str, llm: list, vit: list, tp: int, ep: int = 1, canonical: bool = False
 ) -> None:
     from checkpoint.vlm_model.converters import glm, internvl, qwen2_5vl, qwen2vl, qwen3vl_megatron
 
@@ -271,12 +298,23 @@ def mindspeed_hf_to_mm(
         config_class, converter = qwen2_5vl.ConvertVppMMConfigQwen2_5, qwen2_5vl.Qwen2_5_VLConverter
     else:
         config_class, converter = qwen2vl.ConvertVppMMConfigQwen2, qwen2vl.Qwen2VLConverter
-    cfg = config_class(mm_dir=out, hf_config={"hf_dir": hf}, parallel_config=parallel(llm, vit, tp, ep))
+    common = {"common_model_config": {"enable_canonical_hf_struct": True}} if canonical else {}
+    cfg = config_class(
+        mm_dir=out, hf_config={"hf_dir": hf}, parallel_config=parallel(llm, vit, tp, ep), **common
+    )
     converter.hf_to_mm(cfg)
 
 
 def mindspeed_mm_to_hf(
-    model_type: str, hf: str, mm: str, out: str, llm: list, vit: list, tp: int, ep: int = 1
+    model_type: str,
+    hf: str,
+    mm: str,
+    out: str,
+    llm: list,
+    vit: list,
+    tp: int,
+    ep: int = 1,
+    canonical: bool = False,
 ) -> None:
     from checkpoint.vlm_model.config import ConvertHFConfig
     from checkpoint.vlm_model.converters import glm, internvl, qwen2_5vl, qwen2vl, qwen3vl_megatron
@@ -291,8 +329,13 @@ def mindspeed_mm_to_hf(
         config_class, converter = qwen2_5vl.ConvertHFConfigQwen2_5, qwen2_5vl.Qwen2_5_VLConverter
     else:
         config_class, converter = qwen2vl.ConvertHFConfigQwen2, qwen2vl.Qwen2VLConverter
+    common = {"common_model_config": {"enable_canonical_hf_struct": True}} if canonical else {}
     cfg = config_class(
-        save_hf_dir=out, mm_dir=mm, hf_config={"hf_dir": hf}, parallel_config=parallel(llm, vit, tp, ep)
+        save_hf_dir=out,
+        mm_dir=mm,
+        hf_config={"hf_dir": hf},
+        parallel_config=parallel(llm, vit, tp, ep),
+        **common,
     )
     converter.mm_to_hf(cfg)
 
@@ -304,8 +347,9 @@ def ckpt_ir(*words: str) -> None:
         raise RuntimeError(f"ckpt-ir {' '.join(words)}: {proc.stderr.strip().splitlines()[-1]}")
 
 
-def cfg_args(llm: list, vit: list, tp: int, ep: int = 1) -> list[str]:
+def cfg_args(llm: list, vit: list, tp: int, ep: int = 1, canonical: bool = False) -> list[str]:
     return [
+        *(("--cfg.common_model_config.enable_canonical_hf_struct", "true") if canonical else ()),
         "--cfg.parallel_config.llm_pp_layers",
         json.dumps(llm),
         "--cfg.parallel_config.vit_pp_layers",
@@ -437,6 +481,46 @@ def split_glm(files: dict[str, dict], tp: int) -> dict[str, dict]:
     return out
 
 
+_TOWER_QKV = "image_encoder.encoder.blocks.layers."
+
+
+def tower_qkv_keys(files: dict[str, dict]) -> set[str]:
+    return {
+        k
+        for o in files.values()
+        for k in o.get("model", {})
+        if k.startswith(_TOWER_QKV)
+        and k.endswith(("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"))
+    }
+
+
+def canonical_qkv(ours: str, theirs: dict[str, dict], hf: str, tp: int, vit: list) -> tuple[list[str], int]:
+    """MindSpeed-MM's canonical tower qkv at TP > 1: ckpt-ir's rank r must hold [q_r; k_r; v_r] of
+    the HF [q; k; v] (each part cut in tp equal row blocks); returns what differs, and how many of
+    MindSpeed-MM's own tensors are the plain row blocks of [q; k; v] instead."""
+    import torch
+    from safetensors.torch import load_file
+
+    hf_sd: dict = {}
+    for n in os.listdir(hf):
+        if n.endswith(".safetensors"):
+            hf_sd.update(load_file(os.path.join(hf, n)))
+    mine = rank_files(ours)
+    flat_vit = [n for c in vit for n in c]
+    problems, plain = [], 0
+    for name, obj in mine.items():
+        parts = name.split("_")
+        t, p = int(parts[2]), int(parts[3]) if len(parts) > 3 else 0
+        for k in sorted(tower_qkv_keys({name: obj})):
+            local, kind = int(k[len(_TOWER_QKV) :].split(".")[0]), k.rsplit(".", 1)[1]
+            full = hf_sd[f"visual.blocks.{sum(flat_vit[:p]) + local}.attn.qkv.{kind}"]
+            want = torch.cat([x.chunk(tp)[t] for x in full.chunk(3)])
+            if not same_tensor(obj["model"][k], want):
+                problems.append(f"{name}.{k} is not [q_r; k_r; v_r]")
+            plain += same_tensor(theirs[name]["model"][k], full.chunk(tp)[t])
+    return problems, plain
+
+
 def run_case(name: str, work: str) -> tuple[bool, str]:
     model_type, overrides, llm, vit, tp = CASES[name]
     ep = EP.get(name, 1)
@@ -445,7 +529,8 @@ def run_case(name: str, work: str) -> tuple[bool, str]:
     os.makedirs(root)
     hf = build(os.path.join(root, "hf"), model_type, overrides, hub=name not in TRANSFORMERS_ORIENTATION)
     theirs_dir, ours_dir = os.path.join(root, "mindspeed"), os.path.join(root, "ckpt-ir")
-    mindspeed_hf_to_mm(model_type, hf, theirs_dir, llm, vit, tp, ep)
+    canonical = name in CANONICAL
+    mindspeed_hf_to_mm(model_type, hf, theirs_dir, llm, vit, tp, ep, canonical)
     converter = CONVERTER[model_type]
     ckpt_ir(
         "mm-convert",
@@ -455,7 +540,7 @@ def run_case(name: str, work: str) -> tuple[bool, str]:
         ours_dir,
         "--cfg.hf_config.hf_dir",
         hf,
-        *cfg_args(llm, vit, tp, ep),
+        *cfg_args(llm, vit, tp, ep, canonical),
     )
     theirs = rank_files(theirs_dir)
     notes, ok = [], True
@@ -523,6 +608,15 @@ def run_case(name: str, work: str) -> tuple[bool, str]:
         notes.append(
             f"MindSpeed-MM's own files of this input: {wrong_experts} of {experts} expert tensors wrong"
         )
+    elif canonical and tp > 1:
+        problems = compare_rank_files(ours_dir, theirs, skip=tower_qkv_keys(theirs))
+        wrong_qkv, plain = canonical_qkv(ours_dir, theirs, hf, tp, vit)
+        problems += wrong_qkv
+        notes.append(
+            f"MindSpeed-MM's own tower qkv: {plain} of {sum(len(tower_qkv_keys({n: o})) for n, o in theirs.items())} "
+            f"tensors plain row "
+            f"blocks of [q; k; v]"
+        )
     else:
         problems = compare_rank_files(ours_dir, theirs)
     ok &= not problems
@@ -531,7 +625,9 @@ def run_case(name: str, work: str) -> tuple[bool, str]:
         "qwen25vl-vocab-odd-tp2": " to MindSpeed-MM's, the embedding and output layer to the padded rows",
         "glm4v-tp2pp2": " to MindSpeed-MM's files at TP 1 split as its GLM model splits",
         "qwen3vlmoe-transformers-orientation-tp2ep2": " to MindSpeed-MM's files of the hub-orientation copy",
-    }.get(name, "")
+    }.get(
+        name, " but the tower qkv, which is [q_r; k_r; v_r] of the HF tensors" if canonical and tp > 1 else ""
+    )
     verdict = "identical" + against if not problems else "differ: " + "; ".join(problems[:4])
     result = [f"rank files {verdict} ({len(theirs)} files)"]
     # back: ckpt-ir reads MindSpeed-MM's files (where they are right, else its own), MindSpeed-MM ckpt-ir's
@@ -540,7 +636,7 @@ def run_case(name: str, work: str) -> tuple[bool, str]:
         "qwen25vl-vocab-odd-tp2",
         "glm4v-tp2pp2",
         *TRANSFORMERS_ORIENTATION,
-    )
+    ) or (canonical and tp > 1)
     back = os.path.join(root, "ckpt-ir-back")
     ckpt_ir(
         "mm-convert",
@@ -552,7 +648,7 @@ def run_case(name: str, work: str) -> tuple[bool, str]:
         ours_dir if wrong else theirs_dir,
         "--cfg.hf_config.hf_dir",
         hf,
-        *cfg_args(flat_llm, flat_vit, tp, ep),
+        *cfg_args(flat_llm, flat_vit, tp, ep, canonical),
     )
     equal, total = hf_equal(hf, back)
     ok &= equal == total
@@ -562,7 +658,7 @@ def run_case(name: str, work: str) -> tuple[bool, str]:
     if len(llm) == 1:  # MindSpeed-MM's mm_to_hf reads one model chunk ("model") only
         back = os.path.join(root, "mindspeed-back")
         try:
-            mindspeed_mm_to_hf(model_type, hf, ours_dir, back, flat_llm, flat_vit, tp, ep)
+            mindspeed_mm_to_hf(model_type, hf, ours_dir, back, flat_llm, flat_vit, tp, ep, canonical)
             if model_type == "glm4v":  # GlmConverter.mm_to_hf is `pass` (glm.py:131-133)
                 wrote = os.path.isdir(back) and any(n.endswith(".safetensors") for n in os.listdir(back))
                 result.append(f"MindSpeed-MM mm_to_hf of ckpt-ir's: {'wrote' if wrote else 'writes'} nothing")
@@ -572,7 +668,8 @@ def run_case(name: str, work: str) -> tuple[bool, str]:
             differ = hf_differ(hf, back)
             # MindSpeed-MM's InternVL reverse joins the vision qkv's TP parts with a plain cat
             # (operator.py:514-530): [q_0; k_0; v_0; q_1; ...] instead of [q; k; v]
-            scrambled = model_type == "internvl_chat" and tp > 1
+            # and so does its canonical Qwen2/2.5-VL reverse (RowSplit.merge, operator.py:467-480)
+            scrambled = (model_type == "internvl_chat" or canonical) and tp > 1
             if scrambled and differ:
                 result[-1] += " (the rest: " + ", ".join(sorted({k.split(".", 4)[-1] for k in differ})) + ")"
             qkv = all(k.endswith(("attn.qkv.weight", "attn.qkv.bias")) for k in differ)

@@ -22,7 +22,7 @@ from ckpt_ir.io.torchzip import Tensor
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint
 from ckpt_ir.ir.dtypes import torch_name
-from ckpt_ir.ir.layout import expert_owner, expert_rank_files, has_gdn_modules, num_chunks
+from ckpt_ir.ir.layout import MINDSPEED_MM_KEYS, expert_owner, expert_rank_files, has_gdn_modules, num_chunks
 from ckpt_ir.megatron import args as megatron_args
 from ckpt_ir.megatron import distopt
 from ckpt_ir.megatron import keys as M
@@ -42,7 +42,14 @@ def plan(
     ``megatron_version``: the Megatron-Core release whose own multi-token-prediction names the rank
     files get (default: the source's naming, MindSpeed-LLM's for a source without one)."""
     spec, layout = ckpt.spec, ckpt.layout
-    if not (layout.fused_qkv and layout.fused_gate_up):
+    # MindSpeed-MM's canonical layout keeps the language model's q / k / v and gate / up apart
+    apart = spec.vision is not None and layout.mm_keys == "mindspeed-canonical"
+    if apart and (layout.fused_qkv or layout.fused_gate_up):
+        raise VerifyError(
+            f"MindSpeed-MM's canonical layout ({setting('mm_keys', 'mindspeed-canonical')}) keeps q/k/v and "
+            f"gate/up apart; the pipeline must run unfuse-qkv and unfuse-gate-up"
+        )
+    if not apart and not (layout.fused_qkv and layout.fused_gate_up):
         raise VerifyError(
             "Megatron output needs fused QKV and gate/up; the pipeline must run fuse-qkv and fuse-gate-up"
         )
@@ -61,7 +68,7 @@ def plan(
     it = iteration if iteration is not None else ckpt.meta.get("iteration", 1)
     # MindSpeed-MM's rank files (hf_to_mm.py save_by_vpp): the model and checkpoint_version only,
     # under release/; its loader reads nothing else
-    mm = spec.vision is not None and layout.mm_keys == "mindspeed"
+    mm = spec.vision is not None and layout.mm_keys in MINDSPEED_MM_KEYS
     if mm:
         it = "release"
         if ckpt.states:

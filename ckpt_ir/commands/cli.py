@@ -259,11 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     v = c.add_argument_group("Vision-language models (--to mcore)")
     v.add_argument(
         "--mm-keys",
-        choices=("bridge", "mindspeed"),
+        choices=("bridge", "mindspeed", "mindspeed-canonical"),
         help="whose Megatron names: bridge (Megatron-Bridge's: language_model.*, Qwen2.5-VL's tower as "
-        "transformers' visual.*, whole on every TP rank of stage 0) or mindspeed (MindSpeed-MM's "
-        "text_decoder.* and image_encoder.*, the tower in Megatron's modules split over TP); default "
-        "bridge, or the source's",
+        "transformers' visual.*, whole on every TP rank of stage 0), mindspeed (MindSpeed-MM's "
+        "text_decoder.* and image_encoder.*, the tower in Megatron's modules split over TP) or "
+        "mindspeed-canonical (MindSpeed-MM's enable_canonical_hf_struct: q/k/v and gate/up kept apart, "
+        "the tower's qkv [q; k; v]); default bridge, or the source's",
     )
     v.add_argument(
         "--vision-tp",

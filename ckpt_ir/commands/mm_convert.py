@@ -20,7 +20,10 @@ splits what MindSpeed-MM's GLM model splits: the language model's layers, embedd
 layer, and the tower's MLP, keeping the tower's attention, convolutions and projector whole) and
 GLM-4.1V's way back (MindSpeed-MM's ``GlmConverter.mm_to_hf`` writes nothing),
 InternVL's vision qkv at TP > 1 on the way back (MindSpeed-MM joins the ranks' [q_r; k_r; v_r]
-with a plain concatenation; ckpt-ir unpacks each rank's parts), and Qwen3-VL-MoE's experts as
+with a plain concatenation; ckpt-ir unpacks each rank's parts), the canonical layout's
+(``--cfg.common_model_config.enable_canonical_hf_struct true``) vision qkv at TP > 1 (MindSpeed-MM
+cuts the tower's [q; k; v] as plain rows, but its canonical attention reads rank r's as
+[q_r; k_r; v_r], which ckpt-ir writes), and Qwen3-VL-MoE's experts as
 transformers saves them (MindSpeed-MM transposes them the wrong way; ckpt-ir reads the hub's
 orientation and transformers', and ``mm_to_hf`` writes the one of the weights in
 ``--cfg.hf_config.hf_dir``).  ``--cfg.trust_remote_code`` is
@@ -56,7 +59,12 @@ NO_MEGATRON = {
         "ckpt-ir convert --to mcore"
     ),
 }
+# the converters with MindSpeed-MM's canonical layout (--cfg.common_model_config.enable_canonical_hf_struct:
+# converters/qwen2vl.py:152-160, 205-221; qwen2_5vl.py:194-213)
+CANONICAL = ("Qwen2_5_VLConverter", "Qwen2VLConverter")
 METHODS = ("hf_to_mm", "mm_to_hf")
+# a setting the rank files hold -> its --cfg field, where not parallel_config's
+_FIELD_OF = {"enable_canonical_hf_struct": "common_model_config.enable_canonical_hf_struct"}
 # --cfg fields: where each method reads them; a field not listed here is refused, not ignored
 _FIELDS = {
     "hf_to_mm": {
@@ -190,10 +198,15 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             f"mm-convert {method}: --cfg.{unknown[0]} is not supported by this version of ckpt-ir"
         )
-    if cfg.get("common_model_config.enable_canonical_hf_struct"):
+    canonical = cfg.get("common_model_config.enable_canonical_hf_struct", False)
+    if not isinstance(canonical, bool):
         raise UsageError(
-            "mm-convert: --cfg.common_model_config.enable_canonical_hf_struct true (MindSpeed-MM's canonical "
-            "layout) is not supported by this version of ckpt-ir"
+            f"mm-convert: --cfg.common_model_config.enable_canonical_hf_struct must be true or false, got {canonical!r}"
+        )
+    if canonical and args.converter not in CANONICAL:
+        raise UsageError(
+            f"mm-convert {args.converter}: --cfg.common_model_config.enable_canonical_hf_struct is not a setting "
+            f"of this converter (MindSpeed-MM's canonical layout exists for {', '.join(CANONICAL)})"
         )
     hf_dir = _path(cfg, "hf_config.hf_dir", method)
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
@@ -222,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
             tp=tp,
             pp=pp,
             num_layer_list=tuple(flat_llm),
-            mm_keys="mindspeed",
+            mm_keys="mindspeed-canonical" if canonical else "mindspeed",
             vision_tp=vit_tp or tp,
             vision_layer_list=tuple(flat_vit),
             ep=ep,
@@ -266,11 +279,16 @@ def run(args: argparse.Namespace) -> int:
                 "ep_size": lay.ep,
             }
             given = {"llm_pp_layers": flat_llm, "vit_pp_layers": flat_vit, "tp_size": tp, "ep_size": ep}
+            # the rank files say which layout they hold: the flag must say the same (MindSpeed-MM
+            # reads canonical files only with it, and default ones only without)
+            held["enable_canonical_hf_struct"] = lay.mm_keys == "mindspeed-canonical"
+            given["enable_canonical_hf_struct"] = canonical
             for key, value in given.items():
                 if held[key] != value:
                     raise UsageError(
                         f"mm-convert mm_to_hf: {src} holds {key} {json.dumps(held[key])}, but "
-                        f"--cfg.parallel_config.{key} is {json.dumps(value)}; give the settings it was written with"
+                        f"--cfg.{_FIELD_OF.get(key, 'parallel_config.' + key)} is {json.dumps(value)}; give the "
+                        f"settings it was written with"
                     )
 
     return run_conversion(src, target, opts, load_options, check_source)

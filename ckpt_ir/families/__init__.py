@@ -403,6 +403,9 @@ class Tower:
     bridge_keys: tuple[tuple[str, str], ...] = ()
     # MindSpeed-MM's names of the tower (its converter's), None where it has no layout for it
     mindspeed: MegatronTower | None = None
+    # MindSpeed-MM's names of the tower in its "canonical" layout (--mm-keys mindspeed-canonical,
+    # its converter's enable_canonical_hf_struct), None where it has none
+    mindspeed_canonical: MegatronTower | None = None
     # Megatron-Bridge's names where it keeps the tower in Megatron's modules (Qwen3-VL's
     # vision_model.*: fused, split over the language model's TP, whole on pipeline stage 0); None:
     # it keeps transformers' module, the tower's HF names whole on every rank of stage 0

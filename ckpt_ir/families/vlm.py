@@ -137,6 +137,25 @@ QWEN_MINDSPEED = MegatronTower(
     ),
 )
 
+# MindSpeed-MM's names of the Qwen2 / Qwen2.5-VL tower in its canonical layout
+# (enable_canonical_hf_struct: converters/qwen2vl.py:94-108, qwen2_5vl.py:36-47): the same keys, but
+# attn.qkv renamed as it is, rows [q; k; v] (no per-head interleave), and Qwen2.5-VL's gate_proj /
+# up_proj kept apart under their HF leaf names (Qwen2-VL's fc1 / fc2 are linear_fc1 / linear_fc2
+# as in the default layout).  Over TP: gate / up each by rows (canonical_qwen2_5_vl_tp_patterns,
+# qwen2_5vl.py:103-111); the qkv, which MindSpeed-MM's converter cuts as plain rows (RowSplit,
+# qwen2vl.py:119), rank r holding [q_r; k_r; v_r] as MindSpeed-MM's canonical attention reads its
+# output ([3, heads per rank, head dim]: mindspeed_mm/patchs/canonical_layer_patch.py:344-353)
+QWEN_MINDSPEED_CANONICAL = attrs.evolve(
+    QWEN_MINDSPEED,
+    layer_keys=tuple(
+        (f"mlp.{p}_proj.{kind}", f"mlp.{p}.{kind}") for p in ("gate", "up") for kind in ("weight", "bias")
+    ),
+    packed=tuple(
+        (f"self_attention.linear_qkv.{kind}", tuple(f"attn.{p}.{kind}" for p in "qkv"))
+        for kind in ("weight", "bias")
+    ),
+)
+
 QWEN25_TOWER = Tower(
     "vision",
     "vision_config",
@@ -150,6 +169,7 @@ QWEN25_TOWER = Tower(
     # RMSNorm (eps 1e-6, fixed by Qwen2RMSNorm's default), a gated MLP
     constants=(*VISION_CONSTANTS, ("gated_mlp", True), ("norm_eps", 1e-6)),
     mindspeed=QWEN_MINDSPEED,
+    mindspeed_canonical=QWEN_MINDSPEED_CANONICAL,
     image=QWEN_IMAGE,
 )
 # Qwen2-VL's vision_config: its width is embed_dim (hidden_size is the language model's, the
@@ -166,6 +186,7 @@ QWEN2_TOWER = Tower(
     ),
     constants=(*VISION_CONSTANTS, ("gated_mlp", False), ("norm_bias", True), ("norm_eps", 1e-6)),
     mindspeed=QWEN_MINDSPEED,
+    mindspeed_canonical=QWEN_MINDSPEED_CANONICAL,
     image=QWEN_IMAGE,
 )
 
@@ -225,6 +246,15 @@ register(
                     "identical but the embedding and output layer, padded to 162 rows where MindSpeed-MM "
                     "keeps 160 of 161",
                 ),
+                ("qwen25vl-canonical-tp1", "identical"),
+                *(
+                    (
+                        case,
+                        "identical but the tower's linear_qkv: rank r holds [q_r; k_r; v_r] of HF's qkv, as "
+                        "MindSpeed-MM's canonical attention reads it; its converter cuts [q; k; v] as plain rows",
+                    )
+                    for case in ("qwen25vl-canonical-tp2", "qwen25vl-canonical-tp2pp2")
+                ),
             ),
         ),
     )
@@ -247,9 +277,17 @@ register(
                 "--tp 2 --pp 2",
                 "--ckpt-format torch_dist",
                 "--tp 2 --pp 2 --num-layer-list 1,1 --mm-keys mindspeed --vision-layer-list 1,1",
+                "--tp 2 --pp 2 --num-layer-list 1,1 --mm-keys mindspeed-canonical --vision-layer-list 1,1",
             ),
             mcore_missing=NO_MCORE,
-            mindspeed=(("qwen2vl-tp2pp2", "identical"),),
+            mindspeed=(
+                ("qwen2vl-tp2pp2", "identical"),
+                (
+                    "qwen2vl-canonical-tp2",
+                    "identical but the tower's linear_qkv: rank r holds [q_r; k_r; v_r] of HF's qkv, as "
+                    "MindSpeed-MM's canonical attention reads it; its converter cuts [q; k; v] as plain rows",
+                ),
+            ),
         ),
     )
 )

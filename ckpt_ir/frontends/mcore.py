@@ -129,10 +129,8 @@ def lift(
         tp=tp,
         pp=pp,
         vpp_layers=a.size("num_layers_per_virtual_pipeline_stage", None),
-        **placement,
         noop_layers=noop,
-        fused_qkv=True,
-        fused_gate_up=True,
+        **{"fused_qkv": True, "fused_gate_up": True, **placement},
         ep=ep,
         etp=etp,
         grouped_gemm=bool(args.get("moe_grouped_gemm")) and spec.num_experts > 0,
@@ -596,39 +594,48 @@ def _mm_layout(
     rows = spec.vocab_size
     vision_spec = spec.vision
     assert vision_spec is not None
-    layer_table = mindspeed_mm.layer_table(vision_spec, mindspeed_mm.tower_names(spec))
+    held: list[list] = []  # [(key, tensor reference)] of each chunk
     for (t, p, _), f in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
         if t:
             continue
         z = first if f == first.path else TorchZip(f)
         for ck in distopt.chunk_keys(z.obj):
-            names = [k for k, _ in iter_tensors(z.obj[ck])]
-            keys[(p or 0, 0 if ck == "model" else int(ck[5:]))] = names
-            if not any(k.startswith(mindspeed_mm.IMAGE) or k.startswith(mindspeed_mm.TEXT) for k in names):
-                if names:
-                    raise FormatError(
-                        f"{f}: a rank file without args whose keys are not MindSpeed-MM's (text_decoder.*, "
-                        f"image_encoder.*); ckpt-ir reads a vision-language model's files without args in that "
-                        f"layout only"
-                    )
-            for k, ref in iter_tensors(z.obj[ck]):
-                canon = layer_table.to_canonical(k) or ""
-                if width is None and not mindspeed_mm.is_whole(spec, k):
-                    # a TP-split tensor's columns: the attention's output, or the MLP's (GLM-4.1V
-                    # keeps its attention whole)
-                    if canon.endswith(".attn.o.weight"):
-                        width = (ref.shape[1], vision_spec.q_size)
-                    elif canon.endswith(".mlp.down.weight"):
-                        width = (ref.shape[1], vision_spec.ffn_hidden_size)
-                if k == mindspeed_mm.TEXT + M.EMBEDDING:
-                    rows = ref.shape[0] * tp
+            refs = list(iter_tensors(z.obj[ck]))
+            keys[(p or 0, 0 if ck == "model" else int(ck[5:]))] = [k for k, _ in refs]
+            held.append(refs)
+            if refs and not any(k.startswith((mindspeed_mm.IMAGE, mindspeed_mm.TEXT)) for k, _ in refs):
+                raise FormatError(
+                    f"{f}: a rank file without args whose keys are not MindSpeed-MM's (text_decoder.*, "
+                    f"image_encoder.*); ckpt-ir reads a vision-language model's files without args in that "
+                    f"layout only"
+                )
+    # MindSpeed-MM's default or canonical layout, as the keys say
+    naming = mindspeed_mm.naming_of(k for names in keys.values() for k in names)
+    canonical = naming == mindspeed_mm.CANONICAL
+    tower = mindspeed_mm.tower_names(spec, naming)
+    layer_table = mindspeed_mm.layer_table(vision_spec, tower)
+    for refs in held:
+        for k, ref in refs:
+            canon = layer_table.to_canonical(k) or ""
+            if width is None and not mindspeed_mm.is_whole(spec, k, naming):
+                # a TP-split tensor's columns: the attention's output, or the MLP's (GLM-4.1V
+                # keeps its attention whole)
+                if canon.endswith(".attn.o.weight"):
+                    width = (ref.shape[1], vision_spec.q_size)
+                elif canon.endswith(".mlp.down.weight"):
+                    width = (ref.shape[1], vision_spec.ffn_hidden_size)
+            if k == mindspeed_mm.TEXT + M.EMBEDDING:
+                rows = ref.shape[0] * tp
     text, vision = mindspeed_mm.scan_counts(keys, pp, spec)
     return {
-        "mm_keys": "mindspeed",
+        "mm_keys": naming,
+        # the canonical layout keeps the language model's q / k / v and gate / up apart
+        "fused_qkv": not canonical,
+        "fused_gate_up": not canonical,
         "num_layer_list": tuple(text),
         "vision_layer_list": tuple(vision),
         "vision_tp": tp if width is not None and width[0] != width[1] else 1,
-        "vision_fused": not mindspeed_mm.tower_names(spec).packed,  # packed keys: unpacked on lift
+        "vision_fused": not tower.packed,  # packed keys: unpacked on lift
         "padded_vocab": rows if rows > spec.vocab_size else None,  # padded to split over TP
     }
 

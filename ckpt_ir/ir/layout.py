@@ -40,8 +40,12 @@ def has_gdn_modules(spec: ModelSpec) -> bool:
 
 
 # a multi-module model's Megatron names: Megatron-Bridge's (language_model.*, the vision tower as
-# its bridge keeps it) or MindSpeed-MM's (text_decoder.*, image_encoder.*)
-MM_KEYS = ("bridge", "mindspeed")
+# its bridge keeps it) or MindSpeed-MM's (text_decoder.*, image_encoder.*), in its default modules
+# or its "canonical" ones (enable_canonical_hf_struct: the language model's q / k / v and gate / up
+# apart, the tower's qkv kept [q; k; v] and its gate / up apart; Layout.fused_qkv / fused_gate_up
+# False, the tower's names Tower.mindspeed_canonical)
+MM_KEYS = ("bridge", "mindspeed", "mindspeed-canonical")
+MINDSPEED_MM_KEYS = ("mindspeed", "mindspeed-canonical")  # MindSpeed-MM's two namings
 
 
 def _layer_counts(counts: Iterable[int] | None) -> tuple[int, ...] | None:
@@ -94,7 +98,7 @@ class Layout:
                 f"(Megatron rejects it)"
             )
         # MindSpeed-MM's per-module lists: a count per stage of each virtual chunk, stages with none
-        mm = self.mm_keys == "mindspeed"
+        mm = self.mm_keys in MINDSPEED_MM_KEYS
         if self.num_layer_list is not None:
             if len(self.num_layer_list) != self.pp and not (mm and len(self.num_layer_list) % self.pp == 0):
                 raise LayoutError(

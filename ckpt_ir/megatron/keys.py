@@ -89,6 +89,9 @@ _ATTENTION_KEYS = (
     (D + "self_attention.q_proj.weight", C + "attn.q.weight"),
     (D + "self_attention.k_proj.weight", C + "attn.k.weight"),
     (D + "self_attention.v_proj.weight", C + "attn.v.weight"),
+    # their biases: MindSpeed-MM's canonical layout (--mm-keys mindspeed-canonical) keeps the
+    # language model's q / k / v apart with HF's leaf names (converters/qwen2vl.py:101-103)
+    *((D + f"self_attention.{p}_proj.bias", C + f"attn.{p}.bias") for p in "qkv"),
     (D + "self_attention.linear_qkv.weight", C + "attn.qkv.weight"),
     (D + "self_attention.linear_proj.weight", C + "attn.o.weight"),
     (D + "self_attention.linear_proj.bias", C + "attn.o.bias"),
@@ -173,6 +176,9 @@ _NORM_KEYS = (
 _MLP_KEYS = (
     (D + "mlp.linear_fc1.weight", C + "mlp.gate_up.weight"),
     (D + "mlp.linear_fc1.bias", C + "mlp.gate_up.bias"),
+    # MindSpeed-MM's canonical layout: gate and up apart, HF's leaf names (converters/qwen2vl.py:104-105)
+    (D + "mlp.gate_proj.weight", C + "mlp.gate.weight"),
+    (D + "mlp.up_proj.weight", C + "mlp.up.weight"),
     # xIELU's learned gains (Megatron-Bridge's Apertus MLP: activation_func, between fc1 and fc2);
     # its beta and eps are Python floats there, not stored (Role.fixed, fixed_roles)
     (D + "mlp.activation_func.alpha_p", C + "mlp.act.alpha_p"),

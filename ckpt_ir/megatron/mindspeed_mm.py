@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from ckpt_ir.errors import FormatError, LayoutError, UsageError, VerifyError, setting
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode, shard_expr
-from ckpt_ir.ir.layout import Layout, vision_slots
+from ckpt_ir.ir.layout import MINDSPEED_MM_KEYS, Layout, vision_slots
 from ckpt_ir.ir.names import NameTable, is_lora_factor, lora_target, split_layer
 from ckpt_ir.ir.roles import expected_shape, split_rule
 from ckpt_ir.ir.rules import Stack
@@ -41,30 +41,41 @@ if TYPE_CHECKING:
 
 TEXT = "text_decoder."
 IMAGE = "image_encoder."
+# MindSpeed-MM's canonical layout (its converters' enable_canonical_hf_struct): the language model's
+# q / k / v and gate / up apart (Layout.fused_qkv / fused_gate_up False), the tower's names
+# Tower.mindspeed_canonical
+CANONICAL = "mindspeed-canonical"
+# a language-model key only the canonical layout has (converters/qwen2vl.py:101): the rank files
+# say which layout they hold
+_CANONICAL_TEXT = re.compile(r"^" + re.escape(TEXT + M.LAYERS) + r"\d+\.self_attention\.q_proj\.weight$")
 _TEXT_LAYER = re.compile(r"^" + re.escape(TEXT + M.LAYERS) + r"(\d+)\.")
 
 
-def tower_names(spec: ModelSpec) -> MegatronTower:
-    """The family's MindSpeed-MM names of its vision tower (``Tower.mindspeed``)."""
+def tower_names(spec: ModelSpec, mm_keys: str = "mindspeed") -> MegatronTower:
+    """The family's MindSpeed-MM names of its vision tower in naming ``mm_keys``
+    (``Tower.mindspeed``; ``Tower.mindspeed_canonical`` for MindSpeed-MM's canonical layout)."""
     from ckpt_ir.families import by_name
 
-    names = by_name(spec.family).towers[0].mindspeed
+    tower = by_name(spec.family).towers[0]
+    names = tower.mindspeed_canonical if mm_keys == CANONICAL else tower.mindspeed
     if names is None:
+        other = "mindspeed" if mm_keys == CANONICAL and tower.mindspeed is not None else "bridge"
         raise UsageError(
-            f"{setting('mm_keys', 'mindspeed')}: MindSpeed-MM has no Megatron layout of {spec.family}'s vision "
-            f"tower; use {setting('mm_keys', 'bridge')}"
+            f"{setting('mm_keys', mm_keys)}: MindSpeed-MM has no such Megatron layout of {spec.family}'s vision "
+            f"tower; use {setting('mm_keys', other)}"
         )
     return names
 
 
 def megatron_tower(spec: ModelSpec, mm_keys: str) -> MegatronTower | None:
     """The family's Megatron-form names of its vision tower in naming ``mm_keys``: MindSpeed-MM's
-    (``Tower.mindspeed``; a family without them is a UsageError), Megatron-Bridge's where it keeps
-    the tower in Megatron's modules (``Tower.bridge``), else None (Bridge's HF-form tower)."""
+    (``Tower.mindspeed`` / ``Tower.mindspeed_canonical``; a family without them is a UsageError),
+    Megatron-Bridge's where it keeps the tower in Megatron's modules (``Tower.bridge``), else None
+    (Bridge's HF-form tower)."""
     if spec.vision is None:
         return None
-    if mm_keys == "mindspeed":
-        return tower_names(spec)
+    if mm_keys in MINDSPEED_MM_KEYS:
+        return tower_names(spec, mm_keys)
     from ckpt_ir.families import by_name
 
     return by_name(spec.family).towers[0].bridge
@@ -183,10 +194,10 @@ def vision_keys(
         if key is None:
             hint = (
                 f"; use {setting('mm_keys', 'bridge')} (the tower in its HF form)"
-                if layout.mm_keys == "mindspeed"
+                if layout.mm_keys in MINDSPEED_MM_KEYS
                 else ""
             )
-            naming = "MindSpeed-MM's" if layout.mm_keys == "mindspeed" else "Megatron-Bridge's"
+            naming = "MindSpeed-MM's" if layout.mm_keys in MINDSPEED_MM_KEYS else "Megatron-Bridge's"
             raise VerifyError(f"{name}: {naming} layout has no key for this vision tensor{hint}")
         out[place].append((key, (name,), None))
     return out
@@ -342,10 +353,16 @@ def _unpacked(
     return out
 
 
-def is_whole(spec: ModelSpec, key: str) -> bool:
-    """Whether the family's MindSpeed-MM layout holds tower key ``key`` whole on every TP rank
-    though its canonical tensors are split over the tower's TP (``MegatronTower.whole``)."""
-    names_of = tower_names(spec)
+def naming_of(keys: Iterable[str]) -> str:
+    """MindSpeed-MM's naming of rank files holding ``keys``: its canonical layout where the language
+    model's q / k / v are keys of their own, else its default one."""
+    return CANONICAL if any(_CANONICAL_TEXT.match(k) for k in keys) else "mindspeed"
+
+
+def is_whole(spec: ModelSpec, key: str, mm_keys: str = "mindspeed") -> bool:
+    """Whether the family's MindSpeed-MM layout ``mm_keys`` holds tower key ``key`` whole on every
+    TP rank though its canonical tensors are split over the tower's TP (``MegatronTower.whole``)."""
+    names_of = tower_names(spec, mm_keys)
     m = _layer_pattern(names_of).match(key)
     return m is not None and m.group(2) in names_of.whole
 

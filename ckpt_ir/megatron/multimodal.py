@@ -21,7 +21,7 @@ import attrs
 from ckpt_ir.errors import FormatError, UsageError, VerifyError, setting
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode, gather_exprs
-from ckpt_ir.ir.layout import Layout
+from ckpt_ir.ir.layout import MINDSPEED_MM_KEYS, Layout
 from ckpt_ir.ir.names import Split, is_lora, is_lora_factor, lora_target, split_stack, template_pattern
 from ckpt_ir.ir.roles import split_rule
 from ckpt_ir.ir.rules import Stack
@@ -32,8 +32,13 @@ if TYPE_CHECKING:
     from ckpt_ir.families import Family, MegatronTower
 
 # each naming's prefix of the language model's keys
-TEXT_PREFIX = {"bridge": "language_model.", "mindspeed": "text_decoder."}
-VISION_PREFIX = {"mindspeed": "image_encoder."}  # bridge: the family's HF names (visual.*)
+TEXT_PREFIX = {
+    "bridge": "language_model.",
+    "mindspeed": "text_decoder.",
+    "mindspeed-canonical": "text_decoder.",
+}
+# bridge: the family's HF names (visual.*)
+VISION_PREFIX = {"mindspeed": "image_encoder.", "mindspeed-canonical": "image_encoder."}
 # each naming's modules of a multi-latent-attention language model (Layout.mla_keys), where the
 # naming fixes them: Megatron-Bridge's language model is a megatron-core GPTModel
 # (kimi_vl/modeling_kimi_k25_vl.py:230, provide_language_model) with megatron-core's MLA modules,
@@ -281,11 +286,11 @@ def bridge_split(ckpt: Checkpoint, key: str, canon: tuple[str, ...]) -> tuple[St
 def written_whole(ckpt: Checkpoint, key: str) -> bool:
     """Whether tower key ``key`` is written whole on every TP rank though the IR splits its tensors
     (MindSpeed-MM's GLM-4.1V attention, ``MegatronTower.whole``)."""
-    if ckpt.layout.mm_keys != "mindspeed" or ckpt.layout.vision_tp == 1:
+    if ckpt.layout.mm_keys not in MINDSPEED_MM_KEYS or ckpt.layout.vision_tp == 1:
         return False
     from ckpt_ir.megatron import mindspeed_mm
 
-    return mindspeed_mm.is_whole(ckpt.spec, key)
+    return mindspeed_mm.is_whole(ckpt.spec, key, ckpt.layout.mm_keys)
 
 
 def module_of(key: str, mm_keys: str | None) -> tuple[str, str, str]:
@@ -318,6 +323,8 @@ def read_layout(layout: Layout, naming: str, spec: ModelSpec) -> Layout:
 
     if naming == "bridge" and mindspeed_mm.megatron_tower(spec, naming) is not None:
         return attrs.evolve(layout, mm_keys=naming, vision_tp=layout.tp, vision_fused=True)
+    if naming == "mindspeed" and layout.mm_keys in MINDSPEED_MM_KEYS:
+        return layout  # which of MindSpeed-MM's namings, its keys said (mindspeed_mm.naming_of)
     return attrs.evolve(layout, mm_keys=naming)
 
 
