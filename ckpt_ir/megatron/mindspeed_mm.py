@@ -61,8 +61,8 @@ def tower_names(spec: ModelSpec, mm_keys: str = "mindspeed") -> MegatronTower:
     if names is None:
         other = "mindspeed" if mm_keys == CANONICAL and tower.mindspeed is not None else "bridge"
         raise UsageError(
-            f"{setting('mm_keys', mm_keys)}: MindSpeed-MM has no such Megatron layout of {spec.family}'s vision "
-            f"tower; use {setting('mm_keys', other)}"
+            f"{setting('mm_keys', mm_keys)}: MindSpeed-MM has no {'canonical ' if mm_keys == CANONICAL else ''}"
+            f"Megatron layout of {spec.family}'s vision tower; use {setting('mm_keys', other)}"
         )
     return names
 
