@@ -254,6 +254,11 @@ class _Job:
         from ckpt_ir.frontends.mcore import lift_state_dicts
 
         spec, cfg, args, why = self.spec(hf_config, lora_alpha)
+        if spec.vision is not None:
+            raise UsageError(
+                f"{setting('hf_config')}: {spec.family} is a vision-language model, whose live weights this "
+                f"version does not map (its files do: ckpt-ir convert); give a text model's config"
+            )
         ranks: dict[tuple[int, int, int], list[dict[str, E.Expr]]] = {
             at: [
                 {

@@ -224,6 +224,16 @@ def _errors(case: dict, models: list, hf: dict) -> dict:
             del models[0].extra_scale
 
     tries["unknown_module"] = unknown_module
+
+    def vision_model():  # a vision-language model's config: refused, its files convert
+        from transformers import AutoConfig
+
+        text = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
+        vision = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=64)
+        cfg = AutoConfig.for_model("qwen2_5_vl", text_config=text, vision_config=vision)
+        export_hf(models, cfg.to_dict())
+
+    tries["vision_model"] = vision_model
     for name, call in tries.items():
         try:
             call()

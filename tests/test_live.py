@@ -204,6 +204,8 @@ def test_what_does_not_fit_is_named(live):
             "(TP 0, stage 0, EP 0, chunk 0), extra_scale (TP 1, stage 0, EP 0, chunk 0); ckpt-ir has no table "
             "for these modules (docs/live.md lists the megatron-core modules it reads)",
         ]
+        kind, msg = errors.pop("vision_model")
+        assert kind == "UsageError" and "qwen2_5_vl is a vision-language model" in msg, msg
         assert all(e[0] == "FormatError" for e in errors.values()), errors
         assert "output_layer.weight has no tensor in the HF checkpoint" in errors["other_model"][1]
         assert "(qwen2)" in errors["other_model"][1]
