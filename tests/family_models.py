@@ -393,8 +393,9 @@ def build(
     return path
 
 
-def model_cache(tmp_path_factory, name: str):
-    """A module fixture's getter: each family's tiny model (see :func:`build`) built once."""
+def model_cache(tmp_path_factory, name: str, build=build):
+    """A module fixture's getter: each family's tiny model (``build(path, model_type)``, this
+    module's :func:`build` by default) built once."""
     root = tmp_path_factory.mktemp(name)
     cache: dict[str, str] = {}
 
@@ -404,6 +405,41 @@ def model_cache(tmp_path_factory, name: str):
         return cache[model_type]
 
     return get
+
+
+def build_vlm(path: str, model_type: str, config: dict, side_files: dict[str, str]) -> str:
+    """A tiny vision-language model built from ``config`` and saved by transformers, every
+    parameter and router score bias random, with the side files ``side_files`` (name -> text)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    cfg = AutoConfig.for_model(model_type, **config)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.3)
+    model.save_pretrained(path)
+    for name, text in side_files.items():
+        with open(os.path.join(path, name), "w") as f:
+            f.write(text)
+    return path
+
+
+def image_logits(path: str, inputs, scale: str | None = None) -> torch.Tensor:
+    """transformers' logits of the model at ``path`` on ``inputs(config)`` (text + an image; the
+    config as a dict); ``scale``: a parameter (its in-memory name, or its stored name under the
+    model's ``model.``) multiplied by 1.5 first."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        if scale is not None:
+            names = dict(model.named_parameters())
+            model.get_parameter(scale if scale in names else "model." + scale).mul_(1.5)
+        return model(**inputs(json.load(open(os.path.join(path, "config.json"))))).logits
 
 
 def append_mtp_layer(path: str, hidden: int, hunyuan: bool = False) -> tuple[dict, dict]:

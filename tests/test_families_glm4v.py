@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ckpt_ir.api as ck
-from tests.family_models import rank
-from tests.test_families_vlm import GRID, SIDE_FILES, assert_side_files
+from tests.family_models import build_vlm, image_logits, model_cache, rank
+from tests.test_families_vlm import SIDE_FILES, assert_side_files, patch_inputs
 from tests.test_hf_roundtrip import assert_same_tensors, convert, hf_state
 
 # partial rotary (half of head_dim 16), M-RoPE sections summing to 16 * 0.5 / 2
@@ -93,62 +93,22 @@ LAYOUTS: dict[str, tuple[dict, ...]] = {
 
 def build(path: str, model_type: str) -> str:
     """A tiny model built and saved by transformers, every parameter and the router's score bias random."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    cfg = AutoConfig.for_model(model_type, **CONFIGS[model_type])
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0, 0.3)
-    model.save_pretrained(path)
-    for name, text in SIDE_FILES.items():
-        with open(os.path.join(path, name), "w") as f:
-            f.write(text)
-    return path
+    return build_vlm(path, model_type, CONFIGS[model_type], SIDE_FILES)
 
 
-def inputs(path: str) -> dict[str, torch.Tensor]:
-    """Token ids around one generated image of GRID patches (one row of channels x frames x
-    patch^2 per patch, as Glm4vImageProcessor lays them out)."""
-    cfg = json.load(open(os.path.join(path, "config.json")))
-    v = cfg["vision_config"]
-    t, h, w = GRID
-    width = v["in_channels"] * v["temporal_patch_size"] * v["patch_size"] ** 2
-    pixels = torch.randn(t * h * w, width, generator=torch.Generator().manual_seed(0))
-    image = cfg["image_token_id"]
-    tokens = [5, 7, cfg["image_start_token_id"]] + [image] * (t * h * w // v["spatial_merge_size"] ** 2)
-    ids = torch.tensor([tokens + [cfg["image_end_token_id"], 9, 11, 13]])
-    return dict(
-        input_ids=ids,
-        pixel_values=pixels,
-        image_grid_thw=torch.tensor([GRID]),
-        mm_token_type_ids=(ids == image).long(),
-    )
+def inputs(cfg: dict) -> dict[str, torch.Tensor]:
+    """Token ids around one generated image of GRID patches between GLM's begin / end of image
+    (as Glm4vImageProcessor lays out the patches: Qwen2-VL's rows)."""
+    return patch_inputs(cfg, "image_start_token_id", "image_end_token_id")
 
 
 def logits(path: str) -> torch.Tensor:
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    with torch.no_grad():
-        return model(**inputs(path)).logits
+    return image_logits(path, inputs)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("glm4v")
-    cache: dict[str, str] = {}
-
-    def get(model_type: str) -> str:
-        if model_type not in cache:
-            cache[model_type] = build(str(root / model_type), model_type)
-        return cache[model_type]
-
-    return get
+    return model_cache(tmp_path_factory, "glm4v", build)
 
 
 def _files(mid: str, layout: dict) -> dict[tuple[int, int, int], dict]:

@@ -18,8 +18,8 @@ import torch
 
 import ckpt_ir.api as ck
 from ckpt_ir.errors import LayoutError
-from tests.family_models import rank
-from tests.test_families_vlm import SIDE_FILES, TEXT, TOKENS, VISION, assert_side_files, vl_inputs
+from tests.family_models import build_vlm, image_logits, model_cache, rank
+from tests.test_families_vlm import SIDE_FILES, TEXT, TOKENS, VISION, assert_side_files, patch_inputs
 from tests.test_hf_roundtrip import assert_same_tensors, convert, hf_state
 
 # patch 4, temporal patch 2, 2x2 merge, 16 learned positions (a 4 x 4 grid, interpolated to the
@@ -74,19 +74,7 @@ LAYOUTS = {
 def build(path: str, model_type: str, configs: dict | None = None) -> str:
     """A tiny model of ``model_type`` (its config from ``configs``, default this module's CONFIGS)
     built and saved by transformers, every parameter random, with the side files."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    cfg = AutoConfig.for_model(model_type, **(configs or CONFIGS)[model_type])
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    model.save_pretrained(path)
-    for name, text in SIDE_FILES.items():
-        with open(os.path.join(path, name), "w") as f:
-            f.write(text)
-    return path
+    return build_vlm(path, model_type, (configs or CONFIGS)[model_type], SIDE_FILES)
 
 
 # a weight of the tower, scaled to show that the image reaches the logits
@@ -95,26 +83,12 @@ TOWER_WEIGHT = "model.visual.blocks.1.mlp.linear_fc2.weight"
 
 def logits(path: str, scale: str | None = None) -> torch.Tensor:
     """transformers' logits on text + image (``scale``: a weight multiplied by 1.5 first)."""
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    with torch.no_grad():
-        if scale is not None:
-            model.get_parameter(scale).mul_(1.5)
-        return model(**vl_inputs(path)).logits
+    return image_logits(path, patch_inputs, scale)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qwen3vl")
-    cache: dict[str, str] = {}
-
-    def get(model_type: str) -> str:
-        if model_type not in cache:
-            cache[model_type] = build(str(root / model_type), model_type)
-        return cache[model_type]
-
-    return get
+    return model_cache(tmp_path_factory, "qwen3vl", build)
 
 
 def per_head(qkv: torch.Tensor, heads: int) -> torch.Tensor:

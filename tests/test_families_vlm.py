@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ckpt_ir.api as ck
-from tests.family_models import rank
+from tests.family_models import build_vlm, image_logits, model_cache, rank
 from tests.test_hf_roundtrip import assert_same_tensors, convert, hf_state
 
 TEXT = dict(
@@ -149,40 +149,24 @@ GRID = (1, 4, 6)
 
 def build(path: str, model_type: str, config: dict | None = None) -> str:
     """A tiny model of ``model_type`` (``config``, default CONFIGS') built and saved by transformers,
-    every parameter random."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    cfg = AutoConfig.for_model(model_type, **(config or CONFIGS[model_type]))
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    model.save_pretrained(path)
-    for name, text in side_files(path).items():
-        with open(os.path.join(path, name), "w") as f:
-            f.write(text)
-    return path
+    every parameter random, with its side files."""
+    files = GEMMA3_SIDE_FILES if model_type == "gemma3" else SIDE_FILES
+    return build_vlm(path, model_type, config or CONFIGS[model_type], files)
 
 
-def vl_inputs(path: str) -> dict[str, torch.Tensor]:
-    """Token ids around one generated image (pixel rows and grid built from the config, as
-    Qwen2VLImageProcessor lays them out: one row of channels x frames x patch^2 per patch)."""
-    cfg = json.load(open(os.path.join(path, "config.json")))
+def patch_inputs(
+    cfg: dict, start: str = "vision_start_token_id", end: str = "vision_end_token_id"
+) -> dict[str, torch.Tensor]:
+    """Token ids around one generated image of GRID patches between the ids of config keys
+    ``start`` and ``end`` (pixel rows and grid as Qwen2VLImageProcessor lays them out: one row of
+    channels x frames x patch^2 per patch, one placeholder per spatial_merge_size^2 patches)."""
     v = cfg["vision_config"]
-    if cfg["model_type"] == "gemma3":  # one image of image_size^2 pixels, mm_tokens_per_image tokens
-        image = cfg["image_token_index"]
-        ids = [5, 7, cfg["boi_token_index"]] + [image] * cfg["mm_tokens_per_image"]
-        ids = torch.tensor([ids + [cfg["eoi_token_index"], 9, 11, 13]])
-        size = (1, v["num_channels"], v["image_size"], v["image_size"])
-        pixels = torch.randn(size, generator=torch.Generator().manual_seed(0))
-        return dict(input_ids=ids, pixel_values=pixels, token_type_ids=(ids == image).long())
     t, h, w = GRID
     width = v["in_channels"] * v["temporal_patch_size"] * v["patch_size"] ** 2
     pixels = torch.randn(t * h * w, width, generator=torch.Generator().manual_seed(0))
     image = cfg["image_token_id"]
-    ids = [5, 7, cfg["vision_start_token_id"]] + [image] * (t * h * w // v["spatial_merge_size"] ** 2)
-    ids = torch.tensor([ids + [cfg["vision_end_token_id"], 9, 11, 13]])
+    ids = [5, 7, cfg[start]] + [image] * (t * h * w // v["spatial_merge_size"] ** 2)
+    ids = torch.tensor([ids + [cfg[end], 9, 11, 13]])
     return dict(
         input_ids=ids,
         pixel_values=pixels,
@@ -191,25 +175,30 @@ def vl_inputs(path: str) -> dict[str, torch.Tensor]:
     )
 
 
-def vl_logits(path: str) -> torch.Tensor:
-    from transformers import AutoModelForImageTextToText
+def config_inputs(cfg: dict) -> dict[str, torch.Tensor]:
+    """Token ids around one generated image for the model of config ``cfg``: Gemma 3's one image of
+    image_size^2 pixels (mm_tokens_per_image placeholders), else Qwen's patches."""
+    if cfg["model_type"] != "gemma3":
+        return patch_inputs(cfg)
+    v, image = cfg["vision_config"], cfg["image_token_index"]
+    ids = [5, 7, cfg["boi_token_index"]] + [image] * cfg["mm_tokens_per_image"]
+    ids = torch.tensor([ids + [cfg["eoi_token_index"], 9, 11, 13]])
+    size = (1, v["num_channels"], v["image_size"], v["image_size"])
+    pixels = torch.randn(size, generator=torch.Generator().manual_seed(0))
+    return dict(input_ids=ids, pixel_values=pixels, token_type_ids=(ids == image).long())
 
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    with torch.no_grad():
-        return model(**vl_inputs(path)).logits
+
+def vl_inputs(path: str) -> dict[str, torch.Tensor]:
+    return config_inputs(json.load(open(os.path.join(path, "config.json"))))
+
+
+def vl_logits(path: str, scale: str | None = None) -> torch.Tensor:
+    return image_logits(path, config_inputs, scale)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vlm")
-    cache: dict[str, str] = {}
-
-    def get(model_type: str) -> str:
-        if model_type not in cache:
-            cache[model_type] = build(str(root / model_type), model_type)
-        return cache[model_type]
-
-    return get
+    return model_cache(tmp_path_factory, "vlm", build)
 
 
 def assert_side_files(src: str, out: str) -> None:

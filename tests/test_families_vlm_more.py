@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import ckpt_ir.api as ck
+from tests.family_models import build_vlm, image_logits, model_cache
 from tests.test_hf_roundtrip import assert_same_tensors, convert, hf_state
 
 TEXT = dict(
@@ -112,19 +113,7 @@ TOWER_WEIGHT = {
 
 def build(path: str, model_type: str) -> str:
     """A tiny model built and saved by transformers, every parameter random, with side files."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    cfg = AutoConfig.for_model(model_type, **CONFIGS[model_type])
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    model.save_pretrained(path)
-    for name, text in SIDE_FILES[model_type].items():
-        with open(os.path.join(path, name), "w") as f:
-            f.write(text)
-    return path
+    return build_vlm(path, model_type, CONFIGS[model_type], SIDE_FILES[model_type])
 
 
 def vl_inputs(cfg: dict) -> dict[str, torch.Tensor]:
@@ -146,32 +135,12 @@ def vl_inputs(cfg: dict) -> dict[str, torch.Tensor]:
 
 def vl_logits(path: str, scale: str | None = None) -> torch.Tensor:
     """transformers' logits on text + image (``scale``: an HF weight multiplied by 1.5 first)."""
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    with torch.no_grad():
-        if scale is not None:
-            model.get_parameter(_in_memory(model, scale)).mul_(1.5)
-        return model(**vl_inputs(json.load(open(os.path.join(path, "config.json"))))).logits
-
-
-def _in_memory(model, name: str) -> str:
-    """The in-memory parameter name of on-disk ``name`` (mistral3 keeps its modules under model.)."""
-    names = dict(model.named_parameters())
-    return name if name in names else "model." + name
+    return image_logits(path, vl_inputs, scale)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vlm_more")
-    cache: dict[str, str] = {}
-
-    def get(model_type: str) -> str:
-        if model_type not in cache:
-            cache[model_type] = build(str(root / model_type), model_type)
-        return cache[model_type]
-
-    return get
+    return model_cache(tmp_path_factory, "vlm_more", build)
 
 
 def rank_files(mid: str) -> dict[tuple[int, int], list[dict]]:

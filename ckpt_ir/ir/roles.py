@@ -594,6 +594,17 @@ def _tower(pred: Callable[[ModelSpec], bool]) -> Presence:
     return lambda s, lay, i: pred(s)
 
 
+def _tower_role(
+    name: str,
+    split: Split | None,
+    shape: Callable[[ModelSpec], tuple[int, ...]],
+    pred: Callable[[ModelSpec], bool],
+) -> Role:
+    """A role of a vision stack outside its layers: ``vision.<name>``, split over TP as ``split``
+    says, of the shape ``shape`` gives the stack's spec, present where ``pred`` holds of it."""
+    return Role(V + name, split, lambda s, lay: shape(s), _tower(pred), stack="vision")
+
+
 def _pos_embed_shape(s: ModelSpec, lay: Layout) -> tuple[int, ...]:
     if s.pos_embed_width:  # a grid of rows x pos_embed_width positions (Kimi-K2.5's)
         return (s.pos_embed_size // s.pos_embed_width, s.pos_embed_width, s.hidden_size)
@@ -616,12 +627,8 @@ def _shuffled(s: ModelSpec, lay: Layout) -> tuple[int]:
 V = "vision."
 _VISION_ROLES = [
     Role(V + "patch_embed.weight", None, _patch_shape, _tower(lambda s: s.patch_size > 0), stack="vision"),
-    Role(
-        V + "patch_embed.bias",
-        None,
-        lambda s, lay: (s.hidden_size,),
-        _tower(lambda s: s.patch_size > 0 and s.patch_bias),
-        stack="vision",
+    _tower_role(
+        "patch_embed.bias", None, lambda s: (s.hidden_size,), lambda s: s.patch_size > 0 and s.patch_bias
     ),
     Role(V + "merger.norm.weight", None, lambda s, lay: (s.hidden_size,), _merger(), stack="vision"),
     Role(
@@ -656,33 +663,11 @@ _VISION_ROLES = [
         _tower(lambda s: s.pos_embed_size > 0),
         stack="vision",
     ),
-    Role(
-        V + "final_norm.weight",
-        None,
-        lambda s, lay: (s.hidden_size,),
-        _tower(lambda s: s.post_norm),
-        stack="vision",
-    ),
-    Role(
-        V + "final_norm.bias",
-        None,
-        lambda s, lay: (s.hidden_size,),
-        _tower(lambda s: s.post_norm and s.norm_bias),
-        stack="vision",
-    ),
-    Role(
-        V + "projector.norm.weight",
-        None,
-        lambda s, lay: (s.hidden_size,),
-        _tower(lambda s: s.projector_out > 0),
-        stack="vision",
-    ),
-    Role(
-        V + "projector.weight",
-        COLUMN,
-        lambda s, lay: (s.projector_out, s.hidden_size),
-        _tower(lambda s: s.projector_out > 0),
-        stack="vision",
+    _tower_role("final_norm.weight", None, lambda s: (s.hidden_size,), lambda s: s.post_norm),
+    _tower_role("final_norm.bias", None, lambda s: (s.hidden_size,), lambda s: s.post_norm and s.norm_bias),
+    _tower_role("projector.norm.weight", None, lambda s: (s.hidden_size,), lambda s: s.projector_out > 0),
+    _tower_role(
+        "projector.weight", COLUMN, lambda s: (s.projector_out, s.hidden_size), lambda s: s.projector_out > 0
     ),
     # GLM-4.1V's tower (transformers Glm4vVisionModel): a norm after the patch embedding, a 2-D
     # convolution of downsample_size^2 patches to merger_out after the final norm, and a merger on
@@ -695,20 +680,13 @@ _VISION_ROLES = [
             ("bias", lambda s: s.patch_norm and s.norm_bias),
         )
     ),
-    Role(
-        V + "downsample.weight",
+    _tower_role(
+        "downsample.weight",
         None,
-        lambda s, lay: (s.merger_out, s.hidden_size, s.downsample_size, s.downsample_size),
-        _tower(lambda s: s.downsample_size > 0),
-        stack="vision",
+        lambda s: (s.merger_out, s.hidden_size, s.downsample_size, s.downsample_size),
+        lambda s: s.downsample_size > 0,
     ),
-    Role(
-        V + "downsample.bias",
-        None,
-        lambda s, lay: (s.merger_out,),
-        _tower(lambda s: s.downsample_size > 0),
-        stack="vision",
-    ),
+    _tower_role("downsample.bias", None, lambda s: (s.merger_out,), lambda s: s.downsample_size > 0),
     *(
         Role(V + f"merger.{name}", None, shape, _tower(lambda s: s.merger_ffn > 0), stack="vision")
         for name, shape in (
@@ -734,54 +712,23 @@ def _projector_mlp(n: int, bias: bool = False) -> Presence:
 
 
 _PIXTRAL_LLAMA4_ROLES = [
-    Role(
-        V + "pre_norm.weight",
+    _tower_role("pre_norm.weight", None, lambda s: (s.hidden_size,), lambda s: s.pre_norm),
+    _tower_role("pre_norm.bias", None, lambda s: (s.hidden_size,), lambda s: s.pre_norm and s.norm_bias),
+    _tower_role("class_embed.weight", None, lambda s: (s.hidden_size,), lambda s: s.class_embed),
+    _tower_role(
+        "patch_merger.norm.weight", None, lambda s: (s.hidden_size,), lambda s: s.patch_merger_size > 0
+    ),
+    _tower_role(
+        "patch_merger.weight",
         None,
-        lambda s, lay: (s.hidden_size,),
-        _tower(lambda s: s.pre_norm),
-        stack="vision",
+        lambda s: (s.hidden_size, s.hidden_size * s.patch_merger_size**2),
+        lambda s: s.patch_merger_size > 0,
     ),
-    Role(
-        V + "pre_norm.bias",
-        None,
-        lambda s, lay: (s.hidden_size,),
-        _tower(lambda s: s.pre_norm and s.norm_bias),
-        stack="vision",
+    _tower_role(
+        "adapter.fc1.weight", COLUMN, lambda s: (s.adapter_hidden, s.adapter_in), lambda s: s.adapter_in > 0
     ),
-    Role(
-        V + "class_embed.weight",
-        None,
-        lambda s, lay: (s.hidden_size,),
-        _tower(lambda s: s.class_embed),
-        stack="vision",
-    ),
-    Role(
-        V + "patch_merger.norm.weight",
-        None,
-        lambda s, lay: (s.hidden_size,),
-        _tower(lambda s: s.patch_merger_size > 0),
-        stack="vision",
-    ),
-    Role(
-        V + "patch_merger.weight",
-        None,
-        lambda s, lay: (s.hidden_size, s.hidden_size * s.patch_merger_size**2),
-        _tower(lambda s: s.patch_merger_size > 0),
-        stack="vision",
-    ),
-    Role(
-        V + "adapter.fc1.weight",
-        COLUMN,
-        lambda s, lay: (s.adapter_hidden, s.adapter_in),
-        _tower(lambda s: s.adapter_in > 0),
-        stack="vision",
-    ),
-    Role(
-        V + "adapter.fc2.weight",
-        ROW,
-        lambda s, lay: (s.adapter_out, s.adapter_out),
-        _tower(lambda s: s.adapter_in > 0),
-        stack="vision",
+    _tower_role(
+        "adapter.fc2.weight", ROW, lambda s: (s.adapter_out, s.adapter_out), lambda s: s.adapter_in > 0
     ),
     Role(
         V + "projector.fc1.weight",
@@ -855,19 +802,9 @@ _DEEPSTACK_ROLES = [
     Role(L + "deepstack.fc2.bias", None, lambda s, lay: (s.merger_out,), _deepstack(True)),
     # InternViT's (InternVL's tower): a class token and positions for it and each patch, stored
     # [1, tokens, hidden] (block cls_embed)
-    Role(
-        V + "cls_token",
-        None,
-        lambda s, lay: (1, 1, s.hidden_size),
-        _tower(lambda s: s.cls_token),
-        stack="vision",
-    ),
-    Role(
-        V + "cls_pos_embed",
-        None,
-        lambda s, lay: (1, s.cls_positions, s.hidden_size),
-        _tower(lambda s: s.cls_positions > 0),
-        stack="vision",
+    _tower_role("cls_token", None, lambda s: (1, 1, s.hidden_size), lambda s: s.cls_token),
+    _tower_role(
+        "cls_pos_embed", None, lambda s: (1, s.cls_positions, s.hidden_size), lambda s: s.cls_positions > 0
     ),
     # InternVL's projector after the pixel shuffle (block shuffle_projector): LayerNorm, fc1, fc2,
     # with biases; whole on every TP rank (MindSpeed-MM's converters/internvl.py splits none of it)
@@ -888,21 +825,14 @@ _DEEPSTACK_ROLES = [
         _tower(lambda s: s.shuffle_size > 0),
         stack="vision",
     ),
-    Role(
-        V + "shuffle_proj.fc2.weight",
+    _tower_role(
+        "shuffle_proj.fc2.weight",
         None,
-        lambda s, lay: (s.shuffle_out, s.shuffle_out),
-        _tower(lambda s: s.shuffle_size > 0),
-        stack="vision",
+        lambda s: (s.shuffle_out, s.shuffle_out),
+        lambda s: s.shuffle_size > 0,
     ),
     *(
-        Role(
-            V + f"shuffle_proj.{fc}.bias",
-            None,
-            lambda s, lay: (s.shuffle_out,),
-            _tower(lambda s: s.shuffle_size > 0),
-            stack="vision",
-        )
+        _tower_role(f"shuffle_proj.{fc}.bias", None, lambda s: (s.shuffle_out,), lambda s: s.shuffle_size > 0)
         for fc in ("fc1", "fc2")
     ),
 ]
