@@ -145,3 +145,30 @@ def test_frontends_do_not_import_each_other():
 def test_the_checker_sees_function_local_imports(tmp_path):
     """The graph is read from every import statement, not only the module-level ones."""
     assert "ckpt_ir.megatron.ranks" in _imports()["ckpt_ir.frontends.torch_dist"]
+
+
+def test_any_family_module_imported_first_registers_every_family():
+    """A family table module imported on its own (``from ckpt_ir.families.vlm import ...`` before
+    anything else) registers its families and the rest load on the first lookup, with no import
+    cycle between the table modules."""
+    import pkgutil
+    import subprocess
+    import sys
+
+    import ckpt_ir.families as families
+
+    names = sorted(m.name for m in pkgutil.iter_modules(families.__path__))
+    code = (
+        "import importlib, sys\n"
+        f"for name in {names!r}:\n"
+        "    for m in [m for m in sys.modules if m.startswith('ckpt_ir.families')]:\n"
+        "        del sys.modules[m]\n"
+        "    importlib.import_module('ckpt_ir.families.' + name)\n"
+        "    import ckpt_ir.families as f\n"
+        "    print(name, len(f.all_families()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert out.returncode == 0, out.stderr.strip().splitlines()[-1:]
+    counts = dict(line.split() for line in out.stdout.split("\n") if line)
+    assert sorted(counts) == names
+    assert set(counts.values()) == {str(len(families.all_families()))}, counts

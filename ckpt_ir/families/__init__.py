@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -992,8 +993,10 @@ _REGISTRY: dict[str, Family] = {}
 def register(family: Family) -> Family:
     """Make ``family`` known to every frontend and backend (call it from the family's table
     module; a plugin package's module is imported by ``--plugin`` or its entry point).  The
-    built-in families are registered first, so a plugin's come after them whatever it imports."""
-    _load_builtin()
+    built-in families are registered first, so a plugin's come after them whatever it imports
+    (a built-in table module registers its own alone: importing one directly loads no other)."""
+    if not sys._getframe(1).f_globals.get("__name__", "").startswith(__name__ + "."):
+        _load_builtin()
     _REGISTRY[family.name] = family
     return family
 
@@ -1005,6 +1008,10 @@ def all_families() -> list[Family]:
 
 
 def by_name(name: str) -> Family:
+    if (
+        name in _REGISTRY
+    ):  # a table module asking for one it imported (loading the rest mid-import would cycle)
+        return _REGISTRY[name]
     _load_builtin()
     if name in _REGISTRY:
         return _REGISTRY[name]
