@@ -1,7 +1,9 @@
 """Block-quantized HF checkpoints (``quantization_config`` in config.json).
 
 Reading: FP8 block-scaled (``quant_method: fp8``: ``X.weight`` float8_e4m3fn with one inverse scale
-per ``weight_block_size`` tile in ``X.weight_scale_inv``, fp32 or ue8m0), MXFP4 (``quant_method:
+per ``weight_block_size`` tile in ``X.weight_scale_inv``, fp32 or ue8m0; without a
+``weight_block_size`` one scale per weight, and the static activation scales ``X.activation_scale``
+of W8A8 inference, which hold no part of the weights, left out: Ministral 3's releases), MXFP4 (``quant_method:
 mxfp4``: ``X_blocks`` packed e2m1 pairs with one e8m0 exponent per 32 values in ``X_scales``) and
 INT4 pack-quantized (``quant_method: compressed-tensors``, ``format: pack-quantized``: ``X.weight_packed``
 int32 words of eight offset-binary nibbles, ``X.weight_scale`` one scale per ``group_size`` values of a
@@ -11,6 +13,7 @@ so the families see an ordinary checkpoint.  The ``dequantize`` pass casts them 
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -20,6 +23,7 @@ from ckpt_ir.errors import FormatError, VerifyError
 from ckpt_ir.ir import expr as E
 
 FP8_SCALE = "_scale_inv"  # X.weight -> X.weight_scale_inv
+ACTIVATION_SCALE = ".activation_scale"  # X.activation_scale: W8A8's static input scale (Ministral 3)
 MX_BLOCKS, MX_SCALES = "_blocks", "_scales"
 INT4_PACKED, INT4_SCALE, INT4_SHAPE = "_packed", "_scale", "_shape"  # X.weight -> X.weight_packed, ...
 
@@ -123,12 +127,16 @@ def _int4(raw: dict[str, E.Load], group: int) -> dict[str, E.Expr]:
     return out
 
 
-def _block(qcfg: dict[str, Any], where: str) -> tuple[int, int]:
+def _block(qcfg: dict[str, Any], where: str) -> tuple[int, int] | None:
+    """The config's ``weight_block_size`` (rows, cols); None where it has none: one scale per
+    tensor (Ministral 3's releases; transformers' FP8Linear with ``block_size`` None)."""
     block = qcfg.get("weight_block_size")
+    if block is None:
+        return None
     if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
         raise FormatError(
-            f"{where}: quantization_config.weight_block_size is {block!r}; only block-scaled fp8 "
-            f"([rows, cols] of positive integers) is supported"
+            f"{where}: quantization_config.weight_block_size is {block!r}; fp8 is read block-scaled "
+            f"([rows, cols] of positive integers) or with one scale per tensor (no weight_block_size)"
         )
     return (block[0], block[1])
 
@@ -144,6 +152,8 @@ def _fp8(raw: dict[str, E.Load], qcfg: dict[str, Any], where: str) -> dict[str, 
                     f"{load.path}: scale tensor {key} has no weight {wkey}; the checkpoint is incomplete"
                 )
             continue
+        if key.endswith(ACTIVATION_SCALE) and key[: -len(ACTIVATION_SCALE)] + ".weight" + FP8_SCALE in raw:
+            continue  # a static activation scale of W8A8 inference: no part of the weights
         scale = raw.get(key + FP8_SCALE)
         if scale is None:
             if load.dtype.startswith("F8_"):
@@ -155,8 +165,17 @@ def _fp8(raw: dict[str, E.Load], qcfg: dict[str, Any], where: str) -> dict[str, 
             continue
         if load.dtype != "F8_E4M3":
             raise FormatError(f"{load.path}: tensor {key} is {load.dtype} but has a scale; expected F8_E4M3")
+        tile: tuple[int, int] | None = block
+        if tile is None:  # one scale for the whole weight: a single tile
+            if len(load.shape) != 2 or math.prod(scale.shape) != 1:
+                raise FormatError(
+                    f"{scale.path}: scale tensor {scale.key} has shape {list(scale.shape)}, but the config has no "
+                    f"weight_block_size (one scale per 2-D weight); give the release's weight_block_size"
+                )
+            tile = (load.shape[0], load.shape[1])
+        grid: E.Expr = scale if block is not None else E.Reshape(scale, (1, 1))
         try:
-            out[key] = E.Dequantize(load, scale, block, "fp8")
+            out[key] = E.Dequantize(load, grid, tile, "fp8")
         except VerifyError as e:
             raise FormatError(f"{scale.path}: scale tensor {scale.key} does not fit {key}: {e}") from None
     return out
@@ -207,7 +226,7 @@ def fp8_placeholder(load: E.Expr, qcfg: dict[str, Any], where: str) -> E.Expr:
     """``plan`` from an FP8 release's config: the placeholder ``load`` stored as fp8 values, its
     scales right after them."""
     assert isinstance(load, E.Load)
-    block = _block(qcfg, where)
+    block = _block(qcfg, where) or (load.shape[0], load.shape[1])  # no weight_block_size: one tile
     grid = tuple(-(-n // b) for n, b in zip(load.shape, block))
     scale_dtype = "F8_E8M0" if qcfg.get("scale_fmt") == "ue8m0" else "F32"
     q = attrs.evolve(load, load_dtype="F8_E4M3")

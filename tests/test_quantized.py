@@ -462,3 +462,54 @@ def test_megatron_core_computes_the_dequantized_models_logits(tmp_path):
             assert [k for k in chunk["missing"] if not k.endswith("._extra_state")] == [], chunk
             assert chunk["unexpected"] == [], chunk
     torch.testing.assert_close(got[..., :128], want, atol=1e-4, rtol=1e-5)
+
+
+def test_fp8_one_scale_per_weight_equals_transformers(tmp_path):
+    """Ministral 3's releases: each language-model linear float8_e4m3fn with one fp32 inverse scale
+    (no weight_block_size) and a static activation scale for W8A8 inference.  Read as transformers'
+    Fp8Dequantize computes it (fp32, one rounding), bit for bit, the activation scales left out, to
+    HF and through Megatron TP2; a scale of another shape is a one-line error."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    from tests.test_families_vlm_more import build
+
+    src = build(str(tmp_path / "bf16"), "mistral3")
+    fp8 = str(tmp_path / "fp8")
+    shutil.copytree(src, fp8)
+    f = os.path.join(fp8, "model.safetensors")
+    stored = {}
+    for k, t in load_file(f).items():
+        if not k.startswith("language_model.") or _skip_fp8(k, t):
+            stored[k] = t
+            continue
+        s = (t.float().abs().amax() / FP8_MAX).clamp(min=1e-12)
+        stored[k] = (t.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        stored[k + "_scale_inv"] = s
+        stored[k[: -len("weight")] + "activation_scale"] = torch.tensor(0.5)
+    save_file(stored, f, metadata={"format": "pt"})
+    cfg = json.load(open(os.path.join(fp8, "config.json")))
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static"}
+    json.dump(cfg, open(os.path.join(fp8, "config.json"), "w"))
+
+    out, mid, back = (str(tmp_path / n) for n in ("out", "mid", "back"))
+    convert(fp8, out, ck.Target(to="hf", dtype="bf16"))
+    got = read_all(out)
+    assert set(got) == {k for k in stored if not k.endswith(("_scale_inv", "activation_scale"))}
+    n = 0
+    for k, t in got.items():
+        if k + "_scale_inv" in stored:
+            want = Fp8Dequantize(None)._dequantize_one(stored[k], stored[k + "_scale_inv"], torch.bfloat16)
+            n += 1
+        else:
+            want = stored[k].to(torch.bfloat16)
+        assert torch.equal(bits(t), bits(want)), k
+    assert n > 0 and "quantization_config" not in json.load(open(os.path.join(out, "config.json")))
+    convert(fp8, mid, ck.Target(to="mcore", tp=2, dtype="bf16"))
+    convert(mid, back, ck.Target(to="hf"))
+    assert all(torch.equal(bits(t), bits(got[k])) for k, t in read_all(back).items())
+
+    key = next(k for k in stored if k.endswith("_scale_inv"))
+    stored[key] = torch.ones(2)
+    save_file(stored, f, metadata={"format": "pt"})
+    with pytest.raises(CkptIrError, match=r"has shape \[2\], but the config has no weight_block_size"):
+        convert(fp8, str(tmp_path / "bad"), ck.Target(to="hf"))
