@@ -52,47 +52,64 @@ def local_state(model: dict) -> dict:
     return out
 
 
-def run_case(case: dict, rank: int) -> None:
+def vit_block(case: dict, tp: int, te_names: bool = False):
+    """Megatron-core's ``TransformerBlock`` of ViT layers (local spec, no attention mask, no final
+    norm) for the case's sizes at TP ``tp``, inside an initialised model-parallel state.
+    ``te_names``: the layer spec's ``sharded_state_dict_keys_map`` saves the local norms under TE's
+    fused names (``input_layernorm.`` -> ``self_attention.linear_qkv.layer_norm_``,
+    ``pre_mlp_layernorm.`` -> ``mlp.linear_fc1.layer_norm_``), megatron-core's own mechanism for
+    this (its GPT local spec, ``models/gpt/gpt_layer_specs.py:417-420``)."""
     import torch
     import torch.nn.functional as F
-    from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_block import TransformerBlock
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    config = TransformerConfig(
+        num_layers=case["layers"],
+        hidden_size=case["hidden"],
+        num_attention_heads=case["heads"],
+        ffn_hidden_size=case["ffn"],
+        kv_channels=case["hidden"] // case["heads"],
+        normalization="LayerNorm",
+        layernorm_epsilon=case["eps"],
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        gated_linear_unit=False,
+        activation_func=lambda x: F.gelu(x, approximate="tanh"),  # gelu_pytorch_tanh
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        tensor_model_parallel_size=tp,
+        sequence_parallel=False,
+    )
+    tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    spec = get_vit_layer_with_local_spec()
+    spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.no_mask}
+    if te_names:
+        spec.submodules.sharded_state_dict_keys_map = {
+            "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+            "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+        }
+    return TransformerBlock(config, spec, post_layer_norm=False)
+
+
+def run_case(case: dict, rank: int) -> None:
+    import torch
+    from megatron.core import parallel_state as ps
+
     tp = case["tp"]
     with mcore_harness.model_parallel({"tp": tp, "pp": 1}):  # EP ranks hold the same tower
-        config = TransformerConfig(
-            num_layers=case["layers"],
-            hidden_size=case["hidden"],
-            num_attention_heads=case["heads"],
-            ffn_hidden_size=case["ffn"],
-            kv_channels=case["hidden"] // case["heads"],
-            normalization="LayerNorm",
-            layernorm_epsilon=case["eps"],
-            add_bias_linear=True,
-            add_qkv_bias=True,
-            gated_linear_unit=False,
-            activation_func=lambda x: F.gelu(x, approximate="tanh"),  # gelu_pytorch_tanh
-            bias_activation_fusion=False,
-            bias_dropout_fusion=False,
-            apply_rope_fusion=False,
-            masked_softmax_fusion=False,
-            persist_layer_norm=False,
-            gradient_accumulation_fusion=False,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-            use_cpu_initialization=True,
-            params_dtype=torch.float32,
-            tensor_model_parallel_size=tp,
-            sequence_parallel=False,
-        )
-        tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
-        spec = get_vit_layer_with_local_spec()
-        spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.no_mask}
-        block = TransformerBlock(config, spec, post_layer_norm=False)
+        block = vit_block(case, tp)
         t = ps.get_tensor_model_parallel_rank()
         name = f"mp_rank_{t:02d}" + ("_000" if case.get("ep", 1) > 1 else "")
         obj = torch.load(f"{case['ckpt']}/{name}/model_optim_rng.pt", map_location="cpu", weights_only=False)

@@ -399,3 +399,68 @@ def test_torch_dist_of_every_bridge_layout_holds_its_keys_and_converts_back(writ
         if family == "kimi_k25":
             attn = {k.rsplit(".", 2)[1] for k in md.tensors if ".self_attention." in k}
             assert {"linear_q_down_proj", "linear_kv_down_proj"} <= attn and "linear_qkv" not in attn
+
+
+def test_megatron_core_loads_the_megatron_form_towers(written_more, tmp_path):
+    """megatron-core's dist_checkpointing.load at TP 2 (two gloo ranks, one subprocess for all) of
+    what Megatron-Bridge's Megatron-form tower asks for, built from megatron-core's modules
+    (tests/vlm_dist_harness.py _vision_model: its ViT TransformerBlock under vision_model.decoder.,
+    the layers stacked on a leading axis; the DeepStack mergers stacked likewise; the merger, patch
+    embedding and positions), for each torch_dist of qwen3_vl, qwen3_vl_moe and qwen3_5_vl (written
+    from HF and from a torch-format layout).  Nothing it asks for is absent (strict); what it does
+    not ask for is the language model and the _extra_state of TE's norms (torch's LayerNorm has
+    none); every tensor it loads on each TP rank is the HF tensor's piece at megatron-core's own
+    offset (per-head qkv: megatron_form_tower), on megatron-core's TP axes."""
+    vm = "vision_model."
+    layer, ds = "decoder.layers.", "decoder.deepstack_merger_list."
+    cases, wants = [], []
+    for family in MEGATRON_FORM:
+        src, direct, via = written_more[family]
+        cfg = json.load(open(os.path.join(src, "config.json")))
+        want, objects = megatron_form_tower(hf_state(src), cfg["vision_config"])
+        base = dict(tp=2, pp=1, vpp=None, load_only=True, vision_model=True, config=cfg)
+        for n, ckpt in (("direct", direct), ("via", via)):
+            cases.append(dict(base, name=f"{family}-{n}", ckpt=ckpt, out=str(tmp_path / f"{family}-{n}")))
+            wants.append((want, objects, bool(cfg["vision_config"].get("deepstack_visual_indexes"))))
+
+    def module_key(obj: str) -> str:  # "<stack>.<m>._extra_state/shard_<i>_<n>" -> "<stack>.<i>.<m>..."
+        key, shard = obj.split("/shard_")
+        for stack in (vm + layer, vm + ds):
+            if key.startswith(stack):
+                return f"{stack}{shard.split('_')[0]}.{key[len(stack) :]}"
+        return key
+
+    for case, (want, objects, deepstack), (_, reports) in zip(
+        cases, wants, run_job(tmp_path, cases, 2, script=HARNESS)
+    ):
+        te_norms = {k.split("/shard_")[0] for k in objects if ".patch_norm._extra_state" in k}
+        # the local linears' _extra_state objects, one per stacked module, as TE's linears save them
+        linears = sorted(module_key(k) for k in objects if ".patch_norm._extra_state" not in k)
+        md = read_metadata(os.path.join(case["ckpt"], "iter_0000001"))
+        lm = {k for k in md.tensors if k.startswith("language_model.")}
+        lm |= {k.split("/shard_")[0] for k in md.objects if k.startswith("language_model.")}
+        assert te_norms and lm
+        split = set()
+        for r, report in enumerate(reports):
+            assert report["unexpected"] == [], (case["name"], report["unexpected"])
+            assert set(report["missing"]) == lm | te_norms, case["name"]
+            assert report["objects"] == linears, case["name"]
+            got = torch.load(f"{case['out']}.rank{r}.pt")
+            assert {key for key, _, _ in report["where"].values()} == set(want), case["name"]
+            for name, (key, offset, prepended) in report["where"].items():
+                piece = want[key][tuple(offset[:prepended])]
+                for axis, (start, size) in enumerate(zip(offset[prepended:], got[name].shape)):
+                    piece = piece.narrow(axis, start, size)
+                    if size != want[key].shape[prepended + axis]:
+                        split.add((key.removeprefix(vm), axis))
+                assert torch.equal(got[name], piece), (case["name"], r, name)
+        # megatron-core's TP axes: ColumnParallelLinear 0, RowParallelLinear's weight 1
+        mergers = (ds, "merger.") if deepstack else ("merger.",)
+        assert split == {
+            *((layer + f"self_attention.linear_qkv.{w}", 0) for w in ("weight", "bias")),
+            *((layer + f"mlp.linear_fc1.{w}", 0) for w in ("weight", "bias")),
+            (layer + "self_attention.linear_proj.weight", 1),
+            (layer + "mlp.linear_fc2.weight", 1),
+            *((m + f"linear_fc1.{w}", 0) for m in mergers for w in ("weight", "bias")),
+            *((m + "linear_fc2.weight", 1) for m in mergers),
+        }, case["name"]

@@ -21,6 +21,9 @@ and asks megatron-core for its sharded state dict, so the keys, global shapes, T
   ``make_sharded_tensors_for_checkpoint``, as the default path does; Transformer Engine is not
   installed here).
 
+* ``"vision_model"``: Megatron-Bridge's Megatron-form Qwen3-VL tower (``Qwen3VLVisionModel``, MB
+  ``models/qwen_vl/modelling_qwen3_vl/model.py:346-372``), see :func:`_vision_model`.
+
 The load is strict as Megatron-LM's default (``assume_ok_unexpected``: a key the model asks for and
 the checkpoint lacks fails it).  Each rank saves what it loaded to ``OUT.rank<R>.pt`` and writes
 ``OUT.rank<R>.json``.
@@ -89,6 +92,102 @@ def _projector(case: dict, tp: int):
     return out
 
 
+def _vision_model(case: dict, tp: int) -> tuple[dict, dict]:
+    """What Megatron-Bridge's ``Qwen3VLVisionModel`` asks ``dist_checkpointing`` for, built from
+    megatron-core's modules without Transformer Engine: (sharded state dict, for each of its keys
+    the ShardedTensor's checkpoint key, global offset and prepended-axis count).
+
+    * ``vision_model.decoder.``: megatron-core's ``TransformerBlock`` of ViT layers
+      (``tests/mcore_vision.py`` ``vit_block``: local spec, no final norm, Bridge's
+      ``post_layer_norm=False``, ``vision_model.py:156-162``), its own ``sharded_state_dict`` (layers
+      stacked on a leading axis: ``transformer_block.py:855-880``; Bridge's
+      ``Qwen3VLVisionTransformerBlock.sharded_state_dict`` does the same, ``transformer_block.py:
+      393-437``).  The one name TE changes: ``TELayerNormColumnParallelLinear`` holds the layer norms
+      as ``linear_qkv.layer_norm_*`` / ``linear_fc1.layer_norm_*``; the local spec's separate
+      ``input_layernorm`` / ``pre_mlp_layernorm`` are saved under those names by the spec's
+      ``sharded_state_dict_keys_map`` (as megatron-core's GPT local spec does), not by renaming here;
+    * ``vision_model.decoder.deepstack_merger_list.``: one patch merger per DeepStack index
+      (``Qwen3VLVisionPatchMerger``, ``utils.py:112-170``: a norm over the merged width, a
+      ``ColumnParallelLinear`` [W -> W], a ``RowParallelLinear`` [W -> out]; W = hidden *
+      merge**2), stacked on a leading axis (offset ``(0, j, J)``, ``transformer_block.py:439-452``);
+    * ``vision_model.merger.``: the patch merger (norm over the hidden width), unstacked;
+    * ``vision_model.patch_embed.proj`` (a ``Conv3d``) and ``vision_model.pos_embed`` (an
+      ``Embedding``): plain torch modules, megatron-core's ``sharded_state_dict_default``
+      (replicated).
+
+    TE's norms (``TENorm``) save an ``_extra_state`` that torch's ``LayerNorm`` has not: those
+    objects are in the checkpoint and not asked for (the test checks they are the only ones)."""
+    import mcore_vision
+    import torch
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.module import MegatronModule
+    from megatron.core.transformer.utils import sharded_state_dict_default
+
+    v = case["vision_config"]
+    width = v["hidden_size"] * v["spatial_merge_size"] ** 2
+    sizes = {
+        "layers": v["depth"],
+        "hidden": v["hidden_size"],
+        "heads": v["num_heads"],
+        "ffn": v["intermediate_size"],
+        "eps": 1e-6,
+    }
+    block = mcore_vision.vit_block(sizes, tp, te_names=True)
+    config = block.config
+
+    class Merger(MegatronModule):
+        def __init__(self, norm_width: int):
+            super().__init__(config=config)
+            self.patch_norm = torch.nn.LayerNorm(norm_width, eps=config.layernorm_epsilon)
+            self.linear_fc1 = ColumnParallelLinear(
+                width,
+                width,
+                config=config,
+                init_method=config.init_method,
+                gather_output=False,
+                bias=True,
+                skip_bias_add=False,
+            )
+            self.linear_fc2 = RowParallelLinear(
+                width,
+                v["out_hidden_size"],
+                config=config,
+                init_method=config.output_layer_init_method,
+                bias=True,
+                input_is_parallel=True,
+                skip_bias_add=False,
+            )
+
+    metadata = {"singleton_local_shards": False}
+    sharded = block.sharded_state_dict(prefix="vision_model.decoder.", metadata=dict(metadata))
+    stack = "vision_model.decoder.deepstack_merger_list."
+    count = len(v.get("deepstack_visual_indexes", ()))
+    for j in range(count):
+        part = Merger(width).sharded_state_dict(f"{stack}{j}.", [(0, j, count)], dict(metadata))
+        replace_prefix_for_sharding(part, f"{stack}{j}.", stack)
+        sharded.update(part)
+    sharded.update(Merger(v["hidden_size"]).sharded_state_dict("vision_model.merger.", (), dict(metadata)))
+    patch = torch.nn.Module()
+    kernel = (v["temporal_patch_size"], v["patch_size"], v["patch_size"])
+    patch.proj = torch.nn.Conv3d(v["in_channels"], v["hidden_size"], kernel, stride=kernel, bias=True)
+    pos = torch.nn.Embedding(v["num_position_embeddings"], v["hidden_size"])
+    tp_group = ps.get_tensor_model_parallel_group()
+    for name, module in (("patch_embed", patch), ("pos_embed", pos)):
+        sharded.update(
+            sharded_state_dict_default(module, f"vision_model.{name}.", (), dict(metadata), tp_group=tp_group)
+        )
+    where = {}
+    for k, sh in sharded.items():
+        if isinstance(sh, ShardedTensor):
+            with torch.no_grad():
+                sh.data.fill_(float("nan"))  # every value compared must come from the checkpoint
+            where[k] = (sh.key, list(sh.global_offset), sh.prepend_axis_num)
+    return sharded, where
+
+
 def _run_case(case: dict, rank: int) -> None:
     import torch
     from megatron.core import dist_checkpointing
@@ -98,10 +197,13 @@ def _run_case(case: dict, rank: int) -> None:
     with H.model_parallel(case):
         metadata = {"singleton_local_shards": False}
         sharded: dict = {}
+        where: dict = {}
+        if case.get("vision_model"):
+            sharded, where = _vision_model(case["config"], case["tp"])
         if case.get("lm"):
             models = H.build_models(case)
             sharded.update(models[0].sharded_state_dict(prefix="language_model.", metadata=dict(metadata)))
-        if ps.is_pipeline_first_stage():  # Megatron-Bridge builds the tower where pre_process
+        if case.get("tower") and ps.is_pipeline_first_stage():  # Bridge builds it where pre_process
             # the TP group the wrapping MegatronModule passes (transformer/module.py:82-101): each TP
             # rank's copy of a replicated tensor its own replica
             tp_group = ps.get_tensor_model_parallel_group()
@@ -113,13 +215,20 @@ def _run_case(case: dict, rank: int) -> None:
                 sharded.update(_projector(case, case["tp"]))
         with open(os.path.join(case["ckpt"], "latest_checkpointed_iteration.txt")) as fh:
             it_dir = os.path.join(case["ckpt"], f"iter_{int(fh.read().strip()):07d}")
-        loaded = dist_checkpointing.load(sharded, it_dir)
+        if case.get("vision_model"):  # both mismatches returned, for the test to assert on
+            loaded, missing, unexpected = dist_checkpointing.load(sharded, it_dir, strict="return_all")
+        else:
+            loaded, missing, unexpected = dist_checkpointing.load(sharded, it_dir), set(), set()
         got = {k: v.detach().clone() for k, v in loaded.items() if isinstance(v, torch.Tensor)}
         torch.save(got, f"{case['out']}.rank{rank}.pt")
         report = {
             "tp_rank": ps.get_tensor_model_parallel_rank(),
             "pp_rank": ps.get_pipeline_model_parallel_rank(),
             "objects": sorted(k for k, v in loaded.items() if k.endswith("_extra_state")),
+            # in the checkpoint, not asked for / asked for, not in the checkpoint
+            "missing": sorted(missing),
+            "unexpected": sorted(unexpected),
+            "where": where,
         }
         with open(f"{case['out']}.rank{rank}.json", "w") as fh:
             json.dump(report, fh)
