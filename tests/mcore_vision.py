@@ -17,6 +17,9 @@ rotary embedding) and rank 0 saves the output; the patch embedding, learned posi
 DeepStack mergers are Megatron-Bridge's own modules (``utils.py``), which megatron-core does not
 have, so they are not loaded here.
 
+:func:`vit_block` is also the block ``tests/vlm_dist_harness.py`` loads the ``torch_dist`` tower
+into.
+
 Job: ``{"store": PATH, "cases": [{"ckpt": DIR, "tp": T, "out": FILE, "input": FILE, "layers": N,
 "hidden": E, "heads": H, "ffn": I, "eps": EPS}]}``; each rank reads ``mp_rank_TT`` (PP 1,
 EP 1) or ``mp_rank_TT_000`` with ``"ep"`` > 1 (the tower is replicated over EP).

@@ -560,7 +560,12 @@ NO_MCORE_QWEN3 = (
     "not installed: its fused norm names mapped to input_layernorm / pre_mlp_layernorm) and give "
     "transformers' vision blocks' output (tests/mcore_vision.py); the patch embedding, positions, "
     "merger and DeepStack mergers are Megatron-Bridge's own modules (utils.py:32, 112; "
-    "transformer_block.py:56, 90), which megatron-core lacks"
+    "transformer_block.py:56, 90), which megatron-core lacks. The torch_dist (layers stacked "
+    "[L, ...]) loads with megatron-core's dist_checkpointing.load at TP 2, nothing asked for absent, "
+    "into that block's own sharded_state_dict under vision_model.decoder. (TE's norm names from the "
+    "layer spec's sharded_state_dict_keys_map) plus the mergers, patch embedding and positions "
+    "rebuilt from megatron-core's ColumnParallelLinear / RowParallelLinear and torch modules; every "
+    "rank's pieces equal the HF tensors (tests/vlm_dist_harness.py)"
 )
 
 QWEN3_TOWER = Tower(

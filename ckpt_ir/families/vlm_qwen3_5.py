@@ -67,7 +67,9 @@ QWEN35_VISION = tuple((h, c) for h, c in QWEN3_VISION if not c.startswith(V + "d
 
 NO_MCORE = (
     "no: megatron-core 0.16 has no Qwen3-VL-style model (Megatron-Bridge's Qwen3VLModel is its own), "
-    "and its gated-delta-net layers need flash-linear-attention (Triton)"
+    "and its gated-delta-net layers need flash-linear-attention (Triton). Its tower's torch_dist loads "
+    "with megatron-core's dist_checkpointing.load at TP 2 into megatron-core's ViT TransformerBlock "
+    "and merger (as qwen3_vl's; tests/vlm_dist_harness.py)"
 )
 
 
