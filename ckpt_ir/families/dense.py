@@ -1027,7 +1027,7 @@ register(
             ConfigKey("moe_topk", None, lambda cfg: cfg.get("top_k_experts") or 0),
             ConfigKey("moe_ffn_hidden_size", None, lambda cfg: cfg.get("moe_intermediate_size") or 0),
         ),
-        constants=(("qk_norm", True), ("post_norms", True)),
+        constants=(("qk_norm", True), ("post_norms", True), ("qkv_pads_kv", True)),
         megatron_args=_gemma4_args,
         megatron_keys=(("decoder.layers.{i}.post_self_attn_layernorm.weight", C + "post_attn_norm.weight"),),
         megatron_variants=(("moe_branch", _GEMMA4_MOE_KEYS),),
