@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import ckpt_ir.api as ck
 from ckpt_ir.errors import CkptIrError
 from tests.family_models import DENSE, assert_round_trip, build, rank
-from tests.test_hf_roundtrip import convert, hf_state
+from tests.test_hf_roundtrip import assert_same_tensors, convert, hf_state
 
 CONFIGS = {
     # attention_bias on q, k, v and o; llama3 rope (Apertus' default) with its factor
@@ -351,3 +351,31 @@ def test_apertus_xielu_constants_other_than_megatrons_are_refused(models, tmp_pa
     save_file(sd, f, metadata={"format": "pt"})
     with pytest.raises(CkptIrError, match=r"layers\.1\.mlp\.act\.beta differs from 0\.5"):
         convert(src, str(tmp_path / "mid"), ck.Target(to="mcore", tp=2))
+
+
+def test_gemma4_bridge_padding_back_to_hf(models, tmp_path):
+    """The way back from the Bridge's padded linear_qkv: the v rows of a keys-as-values layer are
+    left out whatever they hold (the Bridge's model never reads them: modeling_gemma4.py:430, 1643,
+    so training moves them off k) and HF comes back bit-exact; a kv-shared layer's k / v rows must
+    be the zeros the Bridge writes, else the conversion is refused (one line, before writing)."""
+    src = models("gemma4_text")
+    cfg, hf = json.load(open(f"{src}/config.json")), hf_state(src)
+    mid = str(tmp_path / "mid")
+    convert(src, mid, ck.Target(to="mcore"))
+    path = f"{mid}/iter_0000001/mp_rank_00/model_optim_rng.pt"
+    sd = torch.load(path, weights_only=False)
+    for layer, part in ((1, 2), (2, 1)):  # layer 1's first v rows, then layer 2's first k rows
+        parts, _ = _bridge_qkv(hf, cfg, layer, "gemma4_text")
+        start = sum(n for _, n in parts[:part])
+        key = f"decoder.layers.{layer}.self_attention.linear_qkv.weight"
+        sd["model"][key][start : start + parts[part][1]] += 1.0
+        torch.save(sd, path)
+        back = str(tmp_path / f"back{layer}")
+        if layer == 1:
+            convert(mid, back, ck.Target(to="hf"))
+            assert_same_tensors(src, back)
+        else:
+            with pytest.raises(
+                CkptIrError, match=r"layers\.2\.attn\.qkv\.weight rows of k differs from zeros"
+            ):
+                convert(mid, back, ck.Target(to="hf"))
