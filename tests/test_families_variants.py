@@ -202,7 +202,14 @@ def _gemma4(hf: dict, cfg: dict, mid: str) -> None:
             parts, groups = _bridge_qkv(hf, cfg, layer, "gemma4_text")
             want = _qkv_rank(parts, groups, t)
             assert torch.equal(sd[f"decoder.layers.{local}.self_attention.linear_qkv.weight"], want), layer
-        assert "decoder.layers.1.self_attention.k_layernorm.weight" not in sd
+        # the kv-shared layers' k_layernorm: the Bridge's model builds one of the layer's head size
+        # and never loads it (no HF k_norm there), so it holds the ones it starts with
+        # (modeling_gemma4.py:125)
+        for local, layer in ((1, 2), (2, 3)):
+            d = _bridge_qkv(hf, cfg, layer, "gemma4_text")[0][1][1]
+            like = hf[f"model.layers.{layer}.self_attn.q_norm.weight"]
+            k_norm = sd[f"decoder.layers.{local}.self_attention.k_layernorm.weight"]
+            assert torch.equal(k_norm, torch.ones(d, dtype=like.dtype)), layer
         for local, layer in ((0, 1), (2, 3)):
             for m, h in (
                 ("post_self_attn_layernorm.weight", "post_attention_layernorm.weight"),
@@ -357,7 +364,8 @@ def test_gemma4_bridge_padding_back_to_hf(models, tmp_path):
     """The way back from the Bridge's padded linear_qkv: the v rows of a keys-as-values layer are
     left out whatever they hold (the Bridge's model never reads them: modeling_gemma4.py:430, 1643,
     so training moves them off k) and HF comes back bit-exact; a kv-shared layer's k / v rows must
-    be the zeros the Bridge writes, else the conversion is refused (one line, before writing)."""
+    be the zeros the Bridge writes and its k_layernorm the ones, else the conversion is refused
+    (one line, before writing)."""
     src = models("gemma4_text")
     cfg, hf = json.load(open(f"{src}/config.json")), hf_state(src)
     mid = str(tmp_path / "mid")
@@ -379,3 +387,8 @@ def test_gemma4_bridge_padding_back_to_hf(models, tmp_path):
                 CkptIrError, match=r"layers\.2\.attn\.qkv\.weight rows of k differs from zeros"
             ):
                 convert(mid, back, ck.Target(to="hf"))
+            sd["model"][key][start : start + parts[part][1]] -= 1.0
+    sd["model"]["decoder.layers.3.self_attention.k_layernorm.weight"][0] = 2.0
+    torch.save(sd, path)
+    with pytest.raises(CkptIrError, match=r"layers\.3\.attn\.k_norm\.weight differs from ones"):
+        convert(mid, str(tmp_path / "back3"), ck.Target(to="hf"))

@@ -947,7 +947,10 @@ _BUILTIN: list[Role] = [
         L + "attn.k_norm.weight",
         None,
         lambda s, lay, i: (s.attn_head_dim(i),),
-        _attn(lambda s, lay: s.qk_norm, ModelSpec.attn_has_k),
+        # in a layer without keys too where Megatron's fused qkv is padded (qkv_pads_kv)
+        lambda s, lay, i: (
+            s.has_attention(i) and s.qk_norm and (s.attn_has_k(i) or (s.qkv_pads_kv and lay.fused_qkv))
+        ),
         per_layer=True,
     ),
     Role(

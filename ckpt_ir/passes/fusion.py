@@ -274,6 +274,47 @@ def _unfused(
     return ckpt.tensors
 
 
+def _padded_k_norms(spec: ModelSpec) -> list[int]:
+    """The layers whose Megatron attention keeps a k norm the HF layer lacks (qkv_pads_kv: the
+    kv_shared layers of Megatron-Bridge's Gemma 4, whose SelfAttention builds a k_layernorm it
+    never loads, gemma4_bridge.py:457 with no HF k_norm there, model_bridge.py:1940-1944, nor
+    reads, modeling_gemma4.py:462-474; it keeps the initial ones, modeling_gemma4.py:125)."""
+    if not (spec.qkv_pads_kv and spec.qk_norm):
+        return []
+    return [i for i in range(spec.total_layers) if spec.has_attention(i) and not spec.attn_has_k(i)]
+
+
+def _add_k_norms(ckpt: Checkpoint, tensors: dict[str, TensorNode]) -> dict[str, TensorNode]:
+    """``tensors`` with the padded layers' k norms (ones, after their q norms)."""
+    add = {}
+    for i in _padded_k_norms(ckpt.spec):
+        q = tensors.get(layer_name(i, "attn.q_norm.weight"))
+        if q is not None:
+            name = layer_name(i, "attn.k_norm.weight")
+            add[q.name] = TensorNode.whole(name, E.Fill((ckpt.spec.attn_head_dim(i),), q.dtype, 1.0))
+    out: dict[str, TensorNode] = {}
+    for name, t in tensors.items():
+        out[name] = t
+        if name in add:
+            out[add[name].name] = add[name]
+    return out
+
+
+def _drop_k_norms(
+    ckpt: Checkpoint, tensors: dict[str, TensorNode], padding: list[Padding] | None
+) -> dict[str, TensorNode]:
+    """``tensors`` without the padded layers' k norms, ones collected into ``padding``."""
+    out = dict(tensors)
+    for i in _padded_k_norms(ckpt.spec):
+        t = out.pop(layer_name(i, "attn.k_norm.weight"), None)
+        if t is not None and padding is not None:
+            what = (
+                f"ones (layer {i} has no keys of its own; Megatron-Bridge's model keeps its initial k norm)"
+            )
+            padding.append((t.name, what, t.expr, E.Fill(t.expr.shape, t.expr.dtype, 1.0)))
+    return out
+
+
 # Checkpoint.meta's list of the padded rows an unfuse dropped that must be zero (Padding tuples):
 # the backends check them before writing (backends.plan.padding_checks)
 PADDING_CHECKS = "padding_checks"
@@ -301,18 +342,20 @@ class FuseQKV(Pass):
     )
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        return self._run(ckpt, shift=True)
+        return self._run(ckpt, shift=True, weights=True)
 
     def run_state(self, ckpt: Checkpoint, state: str) -> Checkpoint:
         return self._run(ckpt, shift=state == "param")
 
-    def _run(self, ckpt: Checkpoint, shift: bool) -> Checkpoint:
+    def _run(self, ckpt: Checkpoint, shift: bool, weights: bool = False) -> Checkpoint:
         spec, keys = ckpt.spec, self.gdn or ckpt.layout.gdn_keys
         mcore = keys == "mcore"
         attention = () if spec.attn_gate and not mcore else (MLA if spec.mla else QKV,)
         gdn = (GDN_IN_PROJ,) if mcore else (GDN_QKVZ, GDN_BA)
         linear = has_gdn(spec)
         tensors = _fused(ckpt, attention + (gdn if linear else ()), self.name)
+        if weights:  # not in the optimizer's state
+            tensors = _add_k_norms(ckpt, tensors)
         if mcore and linear:  # out_norm: the HF norm - 1 where every norm is zero-centred, else itself
             shift = shift and spec.zero_centred_norms
             tensors = _renorm(attrs.evolve(ckpt, tensors=tensors), PLAIN_NORM, ZERO_CENTRED_NORM, -1.0, shift)
@@ -348,7 +391,7 @@ class UnfuseQKV(Pass):
             fusions += (GDN_IN_PROJ, GDN_QKVZ, GDN_BA)
         shift = shift and ckpt.spec.zero_centred_norms
         tensors = _renorm(
-            attrs.evolve(ckpt, tensors=_unfused(ckpt, fusions, padding)),
+            attrs.evolve(ckpt, tensors=_drop_k_norms(ckpt, _unfused(ckpt, fusions, padding), padding)),
             ZERO_CENTRED_NORM,
             PLAIN_NORM,
             1.0,
