@@ -277,7 +277,7 @@ def _unfused(
 def _padded_k_norms(spec: ModelSpec) -> list[int]:
     """The layers whose Megatron attention keeps a k norm the HF layer lacks (qkv_pads_kv: the
     kv_shared layers of Megatron-Bridge's Gemma 4, whose SelfAttention builds a k_layernorm it
-    never loads, gemma4_bridge.py:457 with no HF k_norm there, model_bridge.py:1940-1944, nor
+    never loads, gemma4_bridge.py:458, 518 with no HF k_norm there, model_bridge.py:1940-1944, nor
     reads, modeling_gemma4.py:462-474; it keeps the initial ones, modeling_gemma4.py:125)."""
     if not (spec.qkv_pads_kv and spec.qk_norm):
         return []
