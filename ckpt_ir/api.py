@@ -618,6 +618,9 @@ def plan(ckpt: Checkpoint, target: Target) -> Plan:
             "add drop-optimizer-state to the pipeline"
         )
     out = _plan(ckpt, target)
+    padding = ckpt.meta.get("padding_checks")  # zero rows a split dropped (passes/fusion.py unfuse)
+    if padding:
+        out = attrs.evolve(out, checks=(*out.checks, *padding))
     notes = ckpt.meta.get("notes")
     if notes:  # what the user chose on purpose, kept with the output (e.g. --replicas take-rank0)
         from ckpt_ir.backends.plan import OutputFile

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import ckpt_ir.api as ck
 from ckpt_ir.errors import CkptIrError
 from tests.family_models import DENSE, assert_round_trip, build, rank
-from tests.test_hf_roundtrip import convert, hf_state
+from tests.test_hf_roundtrip import assert_same_tensors, convert, hf_state
 
 CONFIGS = {
     # attention_bias on q, k, v and o; llama3 rope (Apertus' default) with its factor
@@ -164,13 +164,31 @@ def _apertus(hf: dict, cfg: dict, mid: str) -> None:
     )
 
 
+def _bridge_qkv(hf: dict, cfg: dict, layer: int, case: str) -> tuple[list[tuple[torch.Tensor, int]], int]:
+    """Megatron-Bridge's linear_qkv parts of HF ``layer`` (gemma4_bridge.py
+    maybe_modify_loaded_hf_weight, 393-437 at 067f987), as (tensor, rows per query group), and its
+    query groups: zero k and v where the layer has neither (402-426; head size q rows / heads, the
+    global layers' num_global_key_value_heads), v a copy of k where it has no v_proj (428-435); a
+    full-attention layer's groups are num_global_query_groups (modeling_gemma4.py:307-311)."""
+    h = f"model.layers.{layer}.self_attn."
+    q, k, v = (hf.get(h + f"{p}_proj.weight") for p in "qkv")
+    heads = cfg["num_attention_heads"]
+    full = cfg["layer_types"][layer] == "full_attention"
+    # the saved config keeps the global sizes as per_layer_config overrides: the test's own value
+    groups = CONFIGS[case]["num_global_key_value_heads"] if full else cfg["num_key_value_heads"]
+    d = q.shape[0] // heads
+    if k is None and v is None:
+        k = v = torch.zeros(groups * d, q.shape[1], dtype=q.dtype)
+    elif v is None:
+        v = k
+    return [(q, heads // groups * d), (k, d), (v, d)], groups
+
+
 def _gemma4(hf: dict, cfg: dict, mid: str) -> None:
     """Megatron-Bridge's Gemma 4 names; linear_qkv per query group [q heads; k; v] of the layer's
-    own sizes and parts: HF layer 1 (global, keys as values: [q heads of 32; k of 32], no v),
-    HF layer 2 (kv-shared: q alone); the per-layer embedding split by vocabulary rows, the
-    per-layer gate / projection / norm and layer_scalar whole on every rank."""
-    # the saved config keeps the global sizes as per_layer_config overrides: the test's own values
-    heads, groups = cfg["num_attention_heads"], CONFIGS["gemma4_text"]["num_global_key_value_heads"]
+    own sizes, padded as the Bridge pads it: HF layer 1 (global, keys as values: v = k), HF layers
+    2, 3 (kv-shared, sliding and global: zero k and v); the per-layer embedding split by
+    vocabulary rows, the per-layer gate / projection / norm and layer_scalar whole on every rank."""
     for t in range(2):
         first = rank(mid, f"mp_rank_0{t}_000")["model"]
         assert torch.equal(
@@ -180,15 +198,18 @@ def _gemma4(hf: dict, cfg: dict, mid: str) -> None:
             first["per_layer_model_proj.weight"], hf["model.per_layer_model_projection.weight"].chunk(2)[t]
         )
         sd = rank(mid, f"mp_rank_0{t}_001")["model"]  # HF layers 1, 2, 3 as local layers 0, 1, 2
-        q, k = hf["model.layers.1.self_attn.q_proj.weight"], hf["model.layers.1.self_attn.k_proj.weight"]
-        d = k.shape[0] // groups  # the global head size
-        per_group = heads // groups * d
-        g = t  # one query group per rank
-        want = torch.cat([q[g * per_group : (g + 1) * per_group], k[g * d : (g + 1) * d]])
-        assert torch.equal(sd["decoder.layers.0.self_attention.linear_qkv.weight"], want)
-        q2 = hf["model.layers.2.self_attn.q_proj.weight"]
-        assert torch.equal(sd["decoder.layers.1.self_attention.linear_qkv.weight"], q2.chunk(2)[t])
-        assert "decoder.layers.1.self_attention.k_layernorm.weight" not in sd
+        for local, layer in enumerate((1, 2, 3)):
+            parts, groups = _bridge_qkv(hf, cfg, layer, "gemma4_text")
+            want = _qkv_rank(parts, groups, t)
+            assert torch.equal(sd[f"decoder.layers.{local}.self_attention.linear_qkv.weight"], want), layer
+        # the kv-shared layers' k_layernorm: the Bridge's model builds one of the layer's head size
+        # and never loads it (no HF k_norm there), so it holds the ones it starts with
+        # (modeling_gemma4.py:125)
+        for local, layer in ((1, 2), (2, 3)):
+            d = _bridge_qkv(hf, cfg, layer, "gemma4_text")[0][1][1]
+            like = hf[f"model.layers.{layer}.self_attn.q_norm.weight"]
+            k_norm = sd[f"decoder.layers.{local}.self_attention.k_layernorm.weight"]
+            assert torch.equal(k_norm, torch.ones(d, dtype=like.dtype)), layer
         for local, layer in ((0, 1), (2, 3)):
             for m, h in (
                 ("post_self_attn_layernorm.weight", "post_attention_layernorm.weight"),
@@ -198,6 +219,8 @@ def _gemma4(hf: dict, cfg: dict, mid: str) -> None:
                 ("layer_scalar", "layer_scalar"),
             ):
                 assert torch.equal(sd[f"decoder.layers.{local}.{m}"], hf[f"model.layers.{layer}.{h}"]), m
+    _, groups = _bridge_qkv(hf, cfg, 1, "gemma4_text")
+    d = hf["model.layers.1.self_attn.k_proj.weight"].shape[0] // groups
     args = vars(rank(mid, "mp_rank_00_000")["args"])
     sliding = [int(t == "sliding_attention") for t in cfg["layer_types"]]
     assert (args["global_kv_channels"], args["num_global_query_groups"]) == (d, groups)
@@ -274,7 +297,8 @@ def _gemma4_moe(hf: dict, cfg: dict, mid: str) -> None:
     dense MLP as mlp.shared_experts (fc1 = [gate; up] rows of the TP rank, fc2 its columns) after
     pre_shared_expert_layernorm, the experts' pre-norm pre_mlp_layernorm, the post norms and the
     router's scales whole on every rank; EP rank r holds experts 2r, 2r + 1 ([gate; up] rows and
-    down columns of the TP rank, expert TP = TP)."""
+    down columns of the TP rank, expert TP = TP); the global layers' linear_qkv with v = k, as the
+    Bridge pads it (_bridge_qkv)."""
     f = cfg["moe_intermediate_size"]
     for t in range(2):
         for r in range(2):
@@ -308,6 +332,8 @@ def _gemma4_moe(hf: dict, cfg: dict, mid: str) -> None:
                         sd[x + "linear_fc2.weight"], hf[h + "experts.down_proj"][e].chunk(2, dim=1)[t]
                     )
                 assert not any(k.startswith(d + "mlp.linear_fc") for k in sd)
+                parts, groups = _bridge_qkv(hf, cfg, i, "gemma4_moe")
+                assert torch.equal(sd[d + "self_attention.linear_qkv.weight"], _qkv_rank(parts, groups, t)), i
     args = vars(rank(mid, "mp_rank_00_000")["args"])
     assert (args["num_experts"], args["moe_router_topk"], args["moe_ffn_hidden_size"]) == (4, 2, f)
 
@@ -332,3 +358,37 @@ def test_apertus_xielu_constants_other_than_megatrons_are_refused(models, tmp_pa
     save_file(sd, f, metadata={"format": "pt"})
     with pytest.raises(CkptIrError, match=r"layers\.1\.mlp\.act\.beta differs from 0\.5"):
         convert(src, str(tmp_path / "mid"), ck.Target(to="mcore", tp=2))
+
+
+def test_gemma4_bridge_padding_back_to_hf(models, tmp_path):
+    """The way back from the Bridge's padded linear_qkv: the v rows of a keys-as-values layer are
+    left out whatever they hold (the Bridge's model never reads them: modeling_gemma4.py:430, 1643,
+    so training moves them off k) and HF comes back bit-exact; a kv-shared layer's k / v rows must
+    be the zeros the Bridge writes and its k_layernorm the ones, else the conversion is refused
+    (one line, before writing)."""
+    src = models("gemma4_text")
+    cfg, hf = json.load(open(f"{src}/config.json")), hf_state(src)
+    mid = str(tmp_path / "mid")
+    convert(src, mid, ck.Target(to="mcore"))
+    path = f"{mid}/iter_0000001/mp_rank_00/model_optim_rng.pt"
+    sd = torch.load(path, weights_only=False)
+    for layer, part in ((1, 2), (2, 1)):  # layer 1's first v rows, then layer 2's first k rows
+        parts, _ = _bridge_qkv(hf, cfg, layer, "gemma4_text")
+        start = sum(n for _, n in parts[:part])
+        key = f"decoder.layers.{layer}.self_attention.linear_qkv.weight"
+        sd["model"][key][start : start + parts[part][1]] += 1.0
+        torch.save(sd, path)
+        back = str(tmp_path / f"back{layer}")
+        if layer == 1:
+            convert(mid, back, ck.Target(to="hf"))
+            assert_same_tensors(src, back)
+        else:
+            with pytest.raises(
+                CkptIrError, match=r"layers\.2\.attn\.qkv\.weight rows of k differs from zeros"
+            ):
+                convert(mid, back, ck.Target(to="hf"))
+            sd["model"][key][start : start + parts[part][1]] -= 1.0
+    sd["model"]["decoder.layers.3.self_attention.k_layernorm.weight"][0] = 2.0
+    torch.save(sd, path)
+    with pytest.raises(CkptIrError, match=r"layers\.3\.attn\.k_norm\.weight differs from ones"):
+        convert(mid, str(tmp_path / "back3"), ck.Target(to="hf"))

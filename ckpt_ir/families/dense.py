@@ -868,8 +868,8 @@ register(
 #   branch normed after (post_feedforward_layernorm_1 / _2), their sum by post_feedforward_layernorm.
 # Megatron keys: Megatron-Bridge's Gemma 4 dense model (gemma4_bridge.py: post_self_attn_layernorm,
 # the per-layer input modules, layer_scalar, per_layer_embedding ...); its linear_qkv of a layer
-# without k / v of its own pads them (zeros, v = k), ckpt-ir's holds the parts the layer has
-# (docs/families.md).  The MoE model's keys are Bridge's MoE path's (_moe_mapping_registry,
+# without k / v of its own pads them (zeros, v = k), and so does ckpt-ir's (qkv_pads_kv, with the
+# kv-shared layers' k_layernorm of ones: docs/families.md).  The MoE model's keys are Bridge's MoE path's (_moe_mapping_registry,
 # gemma4_bridge.py:507-578 at 067f987): the dense MLP is mlp.shared_experts (its pre-norm
 # pre_shared_expert_layernorm), the experts' pre-norm pre_mlp_layernorm, the post norms
 # self_attention.linear_proj.post_layernorm, mlp.post_shared_expert_layernorm,
@@ -1027,7 +1027,7 @@ register(
             ConfigKey("moe_topk", None, lambda cfg: cfg.get("top_k_experts") or 0),
             ConfigKey("moe_ffn_hidden_size", None, lambda cfg: cfg.get("moe_intermediate_size") or 0),
         ),
-        constants=(("qk_norm", True), ("post_norms", True)),
+        constants=(("qk_norm", True), ("post_norms", True), ("qkv_pads_kv", True)),
         megatron_args=_gemma4_args,
         megatron_keys=(("decoder.layers.{i}.post_self_attn_layernorm.weight", C + "post_attn_norm.weight"),),
         megatron_variants=(("moe_branch", _GEMMA4_MOE_KEYS),),

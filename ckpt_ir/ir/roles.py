@@ -281,12 +281,13 @@ def _o_cols(s: ModelSpec, i: int) -> int:
 
 def _qkv_rows(s: ModelSpec, i: int) -> int:
     """Megatron's fused linear_qkv: q (with its gates, Qwen3-Next / Qwen3.5), and the layer's own k
-    and v (ckpt-ir's layout of a layer without them holds only what it has)."""
-    k = _k_rows(s, i) if s.attn_has_k(i) else 0
+    and v (ckpt-ir's layout of a layer without them holds only what it has, or all with
+    qkv_pads_kv: Megatron-Bridge's Gemma 4)."""
+    k = _k_rows(s, i) if s.qkv_pads_kv or s.attn_has_k(i) else 0
     q = (2 if s.attn_gate else 1) * _heads_rows(s, i)
     if s.has_block(i, "head_gate"):  # each head's gate row repeated head_dim times (qkv_rule)
         q += _heads_rows(s, i)
-    return q + k + (_v_rows(s, i) if s.attn_has_v(i) else 0)
+    return q + k + (_v_rows(s, i) if s.qkv_pads_kv or s.attn_has_v(i) else 0)
 
 
 def _short_conv_parts(s: ModelSpec) -> tuple[int, ...]:
@@ -946,7 +947,10 @@ _BUILTIN: list[Role] = [
         L + "attn.k_norm.weight",
         None,
         lambda s, lay, i: (s.attn_head_dim(i),),
-        _attn(lambda s, lay: s.qk_norm, ModelSpec.attn_has_k),
+        # in a layer without keys too where Megatron's fused qkv is padded (qkv_pads_kv)
+        lambda s, lay, i: (
+            s.has_attention(i) and s.qk_norm and (s.attn_has_k(i) or (s.qkv_pads_kv and lay.fused_qkv))
+        ),
         per_layer=True,
     ),
     Role(

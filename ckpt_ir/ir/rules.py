@@ -109,7 +109,8 @@ def _repeat(x: E.Expr, pc: Piece) -> E.Expr:
 def qkv_rule(spec: ModelSpec, rows: int = 0, layer: int | None = None) -> Stack:
     """Megatron's per-query-group ``[q heads; k; v]`` interleave, with ``layer``'s sizes (a
     global_attention layer's head size and groups, value heads of ``v_head_dim``); a layer without
-    keys or values of its own (kv_shared, Gemma 4's keys-as-values) holds only the parts it has.
+    keys or values of its own (kv_shared, Gemma 4's keys-as-values) holds only the parts it has,
+    or every part with ``qkv_pads_kv`` (:func:`qkv_padding`).
     With an output gate (Qwen3-Next, Qwen3.5) q holds per head ``[q_h; gate_h]`` rows (HF's q_proj)
     and megatron-core's linear_qkv per group ``[q heads; their gates; k; v]``
     (``Attention.get_query_key_value_tensors``)."""
@@ -140,11 +141,26 @@ def qkv_rule(spec: ModelSpec, rows: int = 0, layer: int | None = None) -> Stack:
             )
         )
     parts = [("q", per * d)]
-    if layer is None or spec.attn_has_k(layer):
+    if layer is None or spec.qkv_pads_kv or spec.attn_has_k(layer):
         parts.append(("k", d))
-    if layer is None or spec.attn_has_v(layer):
+    if layer is None or spec.qkv_pads_kv or spec.attn_has_v(layer):
         parts.append(("v", spec.attn_v_dim(layer)))
     return Stack.interleaved(groups, parts)
+
+
+def qkv_padding(spec: ModelSpec, layer: int) -> dict[str, str | None]:
+    """The parts of ``layer``'s fused qkv that it has no tensor of its own for (``qkv_pads_kv``):
+    part -> the part it copies, None for zeros.  Megatron-Bridge's Gemma 4 (gemma4_bridge.py
+    maybe_modify_loaded_hf_weight, 393-437 at 067f987): zero k and v where the HF layer has neither
+    (402-426), v = k where it has no v_proj (428-435)."""
+    if not spec.qkv_pads_kv:
+        return {}
+    pads: dict[str, str | None] = {}
+    if not spec.attn_has_k(layer):
+        pads["k"] = None
+    if not spec.attn_has_v(layer):
+        pads["v"] = "k" if spec.attn_has_k(layer) else None
+    return pads
 
 
 def gate_up_rule(spec: ModelSpec, rows: int, layer: int | None = None) -> Stack:

@@ -224,6 +224,10 @@ class ModelSpec:
     window_head_dim: int = 0
     # block kv_shared: the dense MLP of such a layer is twice as wide (Gemma 4's use_double_wide_mlp)
     kv_shared_wide_mlp: bool = False
+    # Megatron's fused linear_qkv of a layer without keys / values of its own (kv_shared, keys as
+    # values) holds them anyway, as Megatron-Bridge's Gemma 4 model does: zero k and v in a
+    # kv_shared layer, v a copy of k in a keys-as-values one (qkv_rule, passes/fusion.py)
+    qkv_pads_kv: bool = False
     # block ple (Gemma 4's per-layer input embeddings): each layer's input width, and the rows of
     # the model's per-layer embedding table
     ple_dim: int = 0

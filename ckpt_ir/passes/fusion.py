@@ -37,6 +37,7 @@ from ckpt_ir.ir.rules import (
     gdn_in_proj_rule,
     gdn_qkvz_rule,
     mla_rule,
+    qkv_padding,
     qkv_rule,
 )
 from ckpt_ir.ir.spec import ModelSpec
@@ -66,6 +67,9 @@ class Fusion:
     rule: Callable[[ModelSpec, int, int], Stack]  # (spec, fused rows, layer) -> the layer's Stack
     prefix: re.Pattern[str] = re.compile("")
     kinds: tuple[str, ...] = (*ROW_STACKED, SHARED)
+    # (spec, layer) -> the parts the fused form holds that the layer has no tensor of: part -> the
+    # part it copies, or None for zeros (Megatron-Bridge's Gemma 4 linear_qkv, qkv_padding)
+    padding: Callable[[ModelSpec, int], dict[str, str | None]] | None = None
 
     def stems(self, spec: ModelSpec, prefix: str) -> dict[str, str]:
         return {p: prefix + stem(spec) for p, stem in self.parts.items()}
@@ -84,6 +88,7 @@ QKV = Fusion(
     {"q": _const("attn.q"), "k": _const("attn.k"), "v": _const("attn.v"), "g": _const("attn.head_gate")},
     "attn.qkv",
     qkv_rule,
+    padding=qkv_padding,
 )
 MLA = Fusion(
     {"q": lambda s: "attn.q_a" if s.q_lora_rank else "attn.q", "kv_a": _const("attn.kv_a")},
@@ -168,10 +173,13 @@ def fuse(ckpt: Checkpoint, f: Fusion, pass_name: str, stack: str | None = None) 
         assert layer is not None  # m is only matched for a layer's tensor
         stems = f.stems(spec, m.group(1))
         new: dict[str, E.Expr] = {}
-        # the parts this layer's fused form holds (a kv_shared layer's qkv: q alone)
+        # the parts this layer's fused form holds (a kv_shared layer's qkv: q alone, or padded)
         held = f.rule(spec, 0, layer).sizes()
+        pads = f.padding(spec, layer) if f.padding else {}
         for kind in f.kinds:
-            names = {p: named(layer, f"{stem}.{kind}") for p, stem in stems.items() if p in held}
+            names = {
+                p: named(layer, f"{stem}.{kind}") for p, stem in stems.items() if p in held and p not in pads
+            }
             if not all(n in ckpt.tensors for n in names.values()):
                 continue
             drop |= set(names.values())
@@ -180,14 +188,35 @@ def fuse(ckpt: Checkpoint, f: Fusion, pass_name: str, stack: str | None = None) 
                 new[target] = _shared(ckpt, list(names.values()), pass_name)
             else:
                 parts = {p: ckpt.tensors[n].expr for p, n in names.items()}
+                parts.update(_padded(parts, pads, held, first))
                 new[target] = f.rule(spec, sum(x.shape[0] for x in parts.values()), layer).fuse(parts)
         replace[name] = new
     return _rebuild(ckpt, replace, drop)
 
 
-def unfuse(ckpt: Checkpoint, f: Fusion, stack: str | None = None) -> dict[str, TensorNode]:
+def _padded(
+    parts: dict[str, E.Expr], pads: dict[str, str | None], sizes: dict[str, int], like: str
+) -> dict[str, E.Expr]:
+    """The padded parts of a fused tensor: copies of the parts they copy, or zeros of their rows
+    (the other dims and dtype those of part ``like``)."""
+    x = parts[like]
+    return {
+        p: parts[src] if src is not None else E.Fill((sizes[p], *x.shape[1:]), x.dtype, 0.0)
+        for p, src in pads.items()
+    }
+
+
+# (name, what it must equal, its expression, that value's): padded rows a fused tensor's split drops
+Padding = tuple[str, str, E.Expr, E.Expr]
+
+
+def unfuse(
+    ckpt: Checkpoint, f: Fusion, stack: str | None = None, padding: list[Padding] | None = None
+) -> dict[str, TensorNode]:
     """Every fused tensor of ``f`` (in the layers of ``stack``) split back into its parts (LoRA A
-    shared by all of them)."""
+    shared by all of them).  The padded parts (``Fusion.padding``) are left out, zeros collected
+    into ``padding`` for the backend to check (copies are left out unchecked: Megatron-Bridge's
+    Gemma 4 never reads its v = k rows, so training moves them apart from k)."""
     spec = ckpt.spec.stack_spec(stack)
     layer_of, named = _in_stack(stack), _named(stack)
     fused = re.compile(rf"^({IN_SUBLAYER}{f.prefix.pattern}){re.escape(f.fused)}\.(.+)$")
@@ -201,11 +230,20 @@ def unfuse(ckpt: Checkpoint, f: Fusion, stack: str | None = None) -> dict[str, T
         stems, kind = f.stems(spec, m.group(1)), m.group(2)
         if kind == SHARED:
             held = f.rule(spec, 0, layer).sizes()
-            replace[name] = {named(layer, f"{stems[p]}.{kind}"): t.expr for p in held}
+            pads = f.padding(spec, layer) if f.padding else {}
+            replace[name] = {named(layer, f"{stems[p]}.{kind}"): t.expr for p in held if p not in pads}
             continue
         parts = f.rule(spec, t.shape[0], layer).split(t.expr)
+        for p, src in (f.padding(spec, layer) if f.padding else {}).items():
+            e = parts.pop(p)
+            if src is None and padding is not None:
+                what = f"zeros (layer {layer} has no {_PART_NAMES.get(p, p)} of its own; the fused form pads them)"
+                padding.append((f"{name} rows of {p}", what, e, E.Fill(e.shape, e.dtype, 0.0)))
         replace[name] = {named(layer, f"{stems[p]}.{kind}"): e for p, e in parts.items()}
     return _rebuild(ckpt, replace, set(replace))
+
+
+_PART_NAMES = {"k": "keys", "v": "values"}
 
 
 def _renorm(ckpt: Checkpoint, source: str, target: str, value: float, shift: bool) -> dict[str, TensorNode]:
@@ -228,10 +266,58 @@ def _fused(ckpt: Checkpoint, fusions: tuple[Fusion, ...], pass_name: str) -> dic
     return ckpt.tensors
 
 
-def _unfused(ckpt: Checkpoint, fusions: tuple[Fusion, ...]) -> dict[str, TensorNode]:
+def _unfused(
+    ckpt: Checkpoint, fusions: tuple[Fusion, ...], padding: list[Padding] | None = None
+) -> dict[str, TensorNode]:
     for f in fusions:
-        ckpt = attrs.evolve(ckpt, tensors=unfuse(ckpt, f))
+        ckpt = attrs.evolve(ckpt, tensors=unfuse(ckpt, f, padding=padding))
     return ckpt.tensors
+
+
+def _padded_k_norms(spec: ModelSpec) -> list[int]:
+    """The layers whose Megatron attention keeps a k norm the HF layer lacks (qkv_pads_kv: the
+    kv_shared layers of Megatron-Bridge's Gemma 4, whose SelfAttention builds a k_layernorm it
+    never loads, gemma4_bridge.py:458, 518 with no HF k_norm there, model_bridge.py:1940-1944, nor
+    reads, modeling_gemma4.py:462-474; it keeps the initial ones, modeling_gemma4.py:125)."""
+    if not (spec.qkv_pads_kv and spec.qk_norm):
+        return []
+    return [i for i in range(spec.total_layers) if spec.has_attention(i) and not spec.attn_has_k(i)]
+
+
+def _add_k_norms(ckpt: Checkpoint, tensors: dict[str, TensorNode]) -> dict[str, TensorNode]:
+    """``tensors`` with the padded layers' k norms (ones, after their q norms)."""
+    add = {}
+    for i in _padded_k_norms(ckpt.spec):
+        q = tensors.get(layer_name(i, "attn.q_norm.weight"))
+        if q is not None:
+            name = layer_name(i, "attn.k_norm.weight")
+            add[q.name] = TensorNode.whole(name, E.Fill((ckpt.spec.attn_head_dim(i),), q.dtype, 1.0))
+    out: dict[str, TensorNode] = {}
+    for name, t in tensors.items():
+        out[name] = t
+        if name in add:
+            out[add[name].name] = add[name]
+    return out
+
+
+def _drop_k_norms(
+    ckpt: Checkpoint, tensors: dict[str, TensorNode], padding: list[Padding] | None
+) -> dict[str, TensorNode]:
+    """``tensors`` without the padded layers' k norms, ones collected into ``padding``."""
+    out = dict(tensors)
+    for i in _padded_k_norms(ckpt.spec):
+        t = out.pop(layer_name(i, "attn.k_norm.weight"), None)
+        if t is not None and padding is not None:
+            what = (
+                f"ones (layer {i} has no keys of its own; Megatron-Bridge's model keeps its initial k norm)"
+            )
+            padding.append((t.name, what, t.expr, E.Fill(t.expr.shape, t.expr.dtype, 1.0)))
+    return out
+
+
+# Checkpoint.meta's list of the padded rows an unfuse dropped that must be zero (Padding tuples):
+# the backends check them before writing (backends.plan.padding_checks)
+PADDING_CHECKS = "padding_checks"
 
 
 @register_pass
@@ -256,18 +342,20 @@ class FuseQKV(Pass):
     )
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        return self._run(ckpt, shift=True)
+        return self._run(ckpt, shift=True, weights=True)
 
     def run_state(self, ckpt: Checkpoint, state: str) -> Checkpoint:
         return self._run(ckpt, shift=state == "param")
 
-    def _run(self, ckpt: Checkpoint, shift: bool) -> Checkpoint:
+    def _run(self, ckpt: Checkpoint, shift: bool, weights: bool = False) -> Checkpoint:
         spec, keys = ckpt.spec, self.gdn or ckpt.layout.gdn_keys
         mcore = keys == "mcore"
         attention = () if spec.attn_gate and not mcore else (MLA if spec.mla else QKV,)
         gdn = (GDN_IN_PROJ,) if mcore else (GDN_QKVZ, GDN_BA)
         linear = has_gdn(spec)
         tensors = _fused(ckpt, attention + (gdn if linear else ()), self.name)
+        if weights:  # not in the optimizer's state
+            tensors = _add_k_norms(ckpt, tensors)
         if mcore and linear:  # out_norm: the HF norm - 1 where every norm is zero-centred, else itself
             shift = shift and spec.zero_centred_norms
             tensors = _renorm(attrs.evolve(ckpt, tensors=tensors), PLAIN_NORM, ZERO_CENTRED_NORM, -1.0, shift)
@@ -287,18 +375,27 @@ class UnfuseQKV(Pass):
     guarantees = "layers.N.attn.{q,k,v}.{weight,bias,lora_*}; LoRA A shared by q, k and v"
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
-        return self._run(ckpt, shift=True)
+        padding: list[Padding] = []
+        out = self._run(ckpt, shift=True, padding=padding)
+        if not padding:
+            return out
+        meta = {**out.meta, PADDING_CHECKS: (*out.meta.get(PADDING_CHECKS, ()), *padding)}
+        return attrs.evolve(out, meta=meta)
 
     def run_state(self, ckpt: Checkpoint, state: str) -> Checkpoint:
         return self._run(ckpt, shift=state == "param")
 
-    def _run(self, ckpt: Checkpoint, shift: bool) -> Checkpoint:
+    def _run(self, ckpt: Checkpoint, shift: bool, padding: list[Padding] | None = None) -> Checkpoint:
         fusions: tuple[Fusion, ...] = (MLA if ckpt.spec.mla else QKV,)
         if has_gdn(ckpt.spec):
             fusions += (GDN_IN_PROJ, GDN_QKVZ, GDN_BA)
         shift = shift and ckpt.spec.zero_centred_norms
         tensors = _renorm(
-            attrs.evolve(ckpt, tensors=_unfused(ckpt, fusions)), ZERO_CENTRED_NORM, PLAIN_NORM, 1.0, shift
+            attrs.evolve(ckpt, tensors=_drop_k_norms(ckpt, _unfused(ckpt, fusions, padding), padding)),
+            ZERO_CENTRED_NORM,
+            PLAIN_NORM,
+            1.0,
+            shift,
         )
         return ckpt.with_tensors(tensors, layout=attrs.evolve(ckpt.layout, fused_qkv=False))
 
