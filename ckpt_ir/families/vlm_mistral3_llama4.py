@@ -56,7 +56,7 @@ def _text_hidden(cfg: dict[str, Any]) -> int:
     return cfg[LANGUAGE_MODEL]["hidden_size"]
 
 
-def _head_dim(cfg: dict[str, Any]) -> int:
+def vision_head_dim(cfg: dict[str, Any]) -> int:
     return cfg["hidden_size"] // cfg["num_attention_heads"]
 
 
@@ -70,7 +70,7 @@ TOWER_SHAPE = (
     ConfigKey("num_heads", "num_attention_heads"),
     ConfigKey("num_kv_heads", "num_attention_heads"),
     ConfigKey("hidden_size", "hidden_size"),
-    ConfigKey("head_dim", None, _head_dim),
+    ConfigKey("head_dim", None, vision_head_dim),
     ConfigKey("ffn_hidden_size", "intermediate_size"),
     ConfigKey("patch_size", "patch_size"),
     ConfigKey("patch_channels", "num_channels", 3),

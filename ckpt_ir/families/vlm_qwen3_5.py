@@ -28,7 +28,14 @@ import re
 import attrs
 
 from ckpt_ir.families import Family, Tested, by_name, hybrid, register
-from ckpt_ir.families.vlm import QWEN3_BRIDGE, QWEN3_TOWER, QWEN3_VISION, V, _lm, _q3_qkv
+from ckpt_ir.families.vlm import V
+from ckpt_ir.families.vlm_qwen3 import (
+    QWEN3_BRIDGE,
+    QWEN3_TOWER,
+    QWEN3_VISION,
+    language_model_table,
+    qwen3_qkv,
+)
 
 LM = "model.language_model."
 
@@ -79,8 +86,8 @@ def _vl(text_name: str, name: str, model_type: str, architecture: str, tested: T
         name=name,
         model_types=(model_type,),
         architecture=architecture,
-        tensors=_lm(text.tensors) + QWEN35_VISION,
-        packed=_vl_packed(text) + (_q3_qkv("weight"), _q3_qkv("bias")),
+        tensors=language_model_table(text.tensors) + QWEN35_VISION,
+        packed=_vl_packed(text) + (qwen3_qkv("weight"), qwen3_qkv("bias")),
         config=text.config,
         constants=text.constants,
         megatron_args=text.megatron_args,
