@@ -26,8 +26,16 @@ from ckpt_ir.backends.plan import Plan
 from ckpt_ir.errors import UsageError, setting
 from ckpt_ir.frontends import load
 from ckpt_ir.ir.checkpoint import Checkpoint
-from ckpt_ir.ir.layout import GDN_KEYS, MINDSPEED_MM_KEYS, MLA_KEYS, MM_KEYS, Layout, has_gdn_modules
-from ckpt_ir.passes.carry import DropOptimizerState, RenameMla, RenameMm, RenameNorms
+from ckpt_ir.ir.layout import (
+    GDN_KEYS,
+    LORA_KEYS,
+    MINDSPEED_MM_KEYS,
+    MLA_KEYS,
+    MM_KEYS,
+    Layout,
+    has_gdn_modules,
+)
+from ckpt_ir.passes.carry import DropOptimizerState, RenameLora, RenameMla, RenameMm, RenameNorms
 from ckpt_ir.passes.cast import CastPass, DequantizePass
 from ckpt_ir.passes.fusion import FuseGateUp, FuseQKV, FuseVision, UnfuseGateUp, UnfuseQKV, UnfuseVision
 from ckpt_ir.passes.layers import DropMtp
@@ -92,7 +100,10 @@ class Target:
     ``gdn_keys``: whose modules gated-delta-net
     models (Qwen3-Next, Qwen3.5) are written with, ``"mindspeed"`` (MindSpeed-LLM's qwen3-next
     layout: HF's packed projections, TP 1 only) or ``"mcore"`` (megatron-core's GatedDeltaNet and
-    gated linear_qkv, any TP); None: :func:`default_gdn_keys`; ``ep`` (expert parallel), ``etp`` (expert tensor parallel: 1 or
+    gated linear_qkv, any TP); None: :func:`default_gdn_keys`; ``lora_keys``: keep the source's LoRA
+    unmerged and name its factors ``"mindspeed"`` (``X.lora_A.default.weight``) or ``"bridge"``
+    (Megatron-Bridge's ``X.adapter.linear_in.weight``, split over TP as Bridge holds them;
+    ``ckpt_ir.megatron.keys.LORA_NAMINGS``; None: merge it, as without); ``ep`` (expert parallel), ``etp`` (expert tensor parallel: 1 or
     ``tp``), ``grouped_gemm`` (grouped-GEMM experts); ``ckpt_format`` (``"torch"`` rank
     directories, ``"torch_dist"``: whole tensors Megatron reshards on load, written for
     Megatron-Core ``torch_dist_version`` ``"0.15"`` (0.15-0.18) or ``"0.19"``, or
@@ -137,6 +148,7 @@ class Target:
     norm_names: str | None = None
     mla_keys: str | None = None
     gdn_keys: str | None = None
+    lora_keys: str | None = None
     max_shard_size: int | None = None
     hf_config_dir: str | None = None
     ep: int = 1
@@ -202,6 +214,13 @@ class Target:
             raise UsageError(
                 f"{setting('mla_keys', self.mla_keys)} applies only with {setting('to', 'mcore')} in the "
                 f"torch format (torch_dist always holds megatron-core's own MLA modules)"
+            )
+        if self.lora_keys not in (None, *LORA_KEYS):
+            raise UsageError(f"{setting('lora_keys', self.lora_keys)}: choose {' or '.join(LORA_KEYS)}")
+        if self.lora_keys and (self.to != "mcore" or self.ckpt_format != "torch"):
+            raise UsageError(
+                f"{setting('lora_keys', self.lora_keys)} applies only with {setting('to', 'mcore')} in the "
+                f"torch format"
             )
         if self.gdn_keys not in (None, *GDN_KEYS):
             raise UsageError(f"{setting('gdn_keys', self.gdn_keys)}: choose {' or '.join(GDN_KEYS)}")
@@ -412,7 +431,8 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
     if peft_adapter:
         steps += attach
     has_lora = src.spec.lora_rank is not None or bool(target.lora_load)
-    if has_lora and target.to != "peft":
+    # --lora-keys names the LoRA factors a Megatron target keeps unmerged
+    if has_lora and target.to != "peft" and not (to_mcore and target.lora_keys):
         targets = ",".join(target.lora_targets) or None
         steps.append(LoraMerge(alpha=target.lora_alpha, rank=target.lora_rank, targets=targets))
     if target.mtp_layers is not None and src.spec.mtp_layers > target.mtp_layers:
@@ -487,6 +507,8 @@ def derive_pipeline(src: Checkpoint, target: Target) -> Pipeline:
                 )
             # in the order that keeps the layout valid between the two (te-input has no mcore form)
             renames.insert(len(renames) if mla_keys == "mcore" else 0, RenameMla(keys=mla_keys))
+        if target.lora_keys and target.lora_keys != lay.lora_keys:
+            renames.append(RenameLora(keys=target.lora_keys))
         steps += renames
     return Pipeline(steps)
 
@@ -572,6 +594,7 @@ def check_target(ckpt: Checkpoint, target: Target) -> None:
             "norm_names": (target.norm_names, lay.norm_names if target.norm_names else None, None),
             "mla_keys": (target.mla_keys, lay.mla_keys if target.mla_keys else None, None),
             "gdn_keys": (target.gdn_keys, lay.gdn_keys if target.gdn_keys else None, None),
+            "lora_keys": (target.lora_keys, lay.lora_keys if target.lora_keys else None, None),
         }
         if target.vocab_divisible_by:
             size = padded_size(ckpt.spec.vocab_size, target.vocab_divisible_by, target.tp)

@@ -247,6 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
         "language model's modules",
     )
     m.add_argument(
+        "--lora-keys",
+        choices=("mindspeed", "bridge"),
+        help="unmerged LoRA factors in torch-format rank files: mindspeed (X.lora_A.default.weight / "
+        "X.lora_B.default.weight, as MindSpeed-LLM saves them) or bridge (Megatron-Bridge's "
+        "X.adapter.linear_in.weight / X.adapter.linear_out.weight, split over TP as its "
+        "ParallelLinearAdapter holds them); default mindspeed, or the source's (read from its keys)",
+    )
+    m.add_argument(
         "--gdn-keys",
         choices=("mindspeed", "mcore"),
         help="gated-delta-net models' (Qwen3-Next, Qwen3.5, OLMo-Hybrid) modules: mindspeed (MindSpeed-LLM's qwen3-next "
@@ -483,6 +491,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         norm_names=args.norm_names,
         mla_keys=args.mla_keys,
         gdn_keys=args.gdn_keys,
+        lora_keys=args.lora_keys,
         mm_keys=args.mm_keys,
         vision_tp=args.vision_tp,
         vision_layer_list=args.vision_layer_list,

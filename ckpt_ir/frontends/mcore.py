@@ -12,7 +12,7 @@ import fnmatch
 import os
 import re
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import attrs
@@ -20,7 +20,7 @@ import attrs
 from ckpt_ir.errors import CoverageError, FormatError, setting
 from ckpt_ir.io.torchzip import TorchZip, iter_tensors, with_exprs
 from ckpt_ir.ir import expr as E
-from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode
+from ckpt_ir.ir.checkpoint import Checkpoint, TensorNode, gather_exprs
 from ckpt_ir.ir.layout import Layout, expert_rank_files, layer_slots
 from ckpt_ir.ir.names import NameTable, Split, is_expert
 from ckpt_ir.ir.roles import split_rule
@@ -177,7 +177,7 @@ def lift(
     has_state = {f: os.path.isfile(os.path.join(os.path.dirname(f), M.DISTOPT_FILE)) for f in ranks.values()}
     carry = optimizer and any(has_state.values())
     lora_run = any(
-        M.LORA_KEY.match(k) for ck in distopt.chunk_keys(first.obj) for k, _ in iter_tensors(first.obj[ck])
+        M.lora_parts(k) for ck in distopt.chunk_keys(first.obj) for k, _ in iter_tensors(first.obj[ck])
     )
     if carry and lora_run and weights_from != "master":
         # LoRA training keeps optimizer state for the adapters only (frozen base weights have none)
@@ -198,6 +198,8 @@ def lift(
     te_norms = te_fc1 = te_mla = mcore_mla = False
     gdn_seen: set[str] = set()  # whose gated-delta-net modules the keys are (keys.gdn_keys_of)
     mtp_keys: set[str] = set()  # which of the namings of multi-token prediction (keys.MTP_NAMES)
+    # LoRA factor -> the naming of its keys (keys.LORA_NAMINGS)
+    lora_namings: dict[str | M.LocalName, str] = {}
     opt_meta: dict[str, Any] = {}
     # a vision-language model: the naming its keys show, and its tower's keys (TP rank, stage,
     # chunk, rank directory, expression), lifted once every rank file is read
@@ -271,7 +273,10 @@ def lift(
                         elif not set_name:
                             unknown.append(f"{ck}.{key} in {rel}")
                         continue
+                    lora = M.lora_parts(at_key)
                     for canon, expr, slot in lifted:
+                        if lora is not None:
+                            lora_namings[canon] = lora[2]
                         if slot in pieces[set_name][canon]:
                             dropped[f"{rel}:{ck}.{key}"] = (
                                 "replica of the same tensor in another EP rank's file"
@@ -317,8 +322,12 @@ def lift(
     def rule_of(name: str) -> Split | None:  # megatron-core's local MLA spec splits more over TP
         return M.mcore_split(name, norm_names, spec) if mcore_mla else split_rule(name, spec)
 
+    lora_keys = _lora_keys(lora_namings, it_dir)
+    joined = {c for c in lora_namings if M.LORA_NAMINGS[lora_keys].whole_dim is not None}
     for canon, shards in pieces[""].items():  # TP replicas of tensors no rule splits
         name = _resolve_layer(canon, slot_of, path, spec.num_layers)
+        if canon in joined:
+            continue
         if rule_of(name) is None or (layout.expert_tp if is_expert(name) else layout.tp) == 1:
             copies[(canon, 0)][:0] = [(labels[(canon, r)], x) for r, x in sorted(shards.items()) if r > 0]
     notes = check_replicas(
@@ -334,7 +343,9 @@ def lift(
         it_dir,
     )
     sets = {
-        name: _assemble(set_pieces, slot_of, spec, layout, path, rule_of, dropped if not name else {})
+        name: _assemble(
+            set_pieces, slot_of, spec, layout, path, rule_of, dropped if not name else {}, joined, lora_keys
+        )
         for name, set_pieces in pieces.items()
     }
     tensors = sets.pop("", {})
@@ -360,7 +371,12 @@ def lift(
         norm_names=norm_names,
         mla_keys="mcore" if mcore_mla else "mindspeed",
         gdn_keys=M.gdn_keys_seen(spec, gdn_seen, layout.gdn_keys, it_dir),
+        lora_keys=lora_keys,
     )
+    if lora_keys == "bridge" and args.get("lora_alpha") is None:
+        alpha = lift_tail.bridge_lora_alpha(it_dir)
+        if alpha is not None:
+            args = {**args, "lora_alpha": alpha}
     if hf_config is not None:
         lift_tail.check_config_fits(config_name, path, spec, layout, tensors, unknown)
     if unknown:
@@ -532,9 +548,12 @@ def _assemble(
     path: str,
     rule_of: Callable[[str], Split | None],
     dropped: dict[str, str],
+    joined: Collection[str | M.LocalName] = (),
+    lora_keys: str = "mindspeed",
 ) -> dict[str, TensorNode]:
     """Tensor nodes from the per-TP-rank pieces of one tensor set (model layers resolved), each
-    split over TP by ``rule_of`` its name."""
+    split over TP by ``rule_of`` its name; LoRA factors in ``joined`` that the IR keeps whole are
+    joined from the TP shards naming ``lora_keys`` splits them into (``LoraNaming.whole_dim``)."""
     tensors: dict[str, TensorNode] = {}
     for canon_local, shards in pieces.items():
         name = _resolve_layer(canon_local, slot_of, path, spec.num_layers)
@@ -544,6 +563,17 @@ def _assemble(
             )
         rule = rule_of(name)
         n = layout.expert_tp if is_expert(name) else layout.tp
+        dim = M.LORA_NAMINGS[lora_keys].whole_dim
+        if canon_local in joined and rule is None and n > 1 and dim is not None:
+            if sorted(shards) != list(range(n)):
+                raise FormatError(
+                    f"{path}: LoRA factor {name} is missing on TP rank(s) {sorted(set(range(n)) - set(shards))}; "
+                    f"{lora_keys} LoRA splits it over TP"
+                )
+            tensors[name] = TensorNode.whole(
+                name, gather_exprs(tuple(shards[r] for r in range(n)), Split(dim))
+            )
+            continue
         if rule is None or n == 1:
             tensors[name] = TensorNode.whole(name, shards[0])
             for r in range(1, layout.tp):
@@ -581,6 +611,17 @@ def _extra_state_place(key: str, stage: int, chunk: int, ep: int, experts_per_ra
 
 
 _NEGATIVE_LAYER = re.compile(r"^decoder\.layers\.(-\d+)\.(.+)$")
+
+
+def _lora_keys(namings: dict[str | M.LocalName, str], where: str) -> str:
+    """The one naming of a checkpoint's LoRA factor keys (keys.LORA_NAMINGS; mindspeed where none)."""
+    seen = sorted(set(namings.values()))
+    if len(seen) > 1:
+        raise FormatError(
+            f"{where}: LoRA factors named both ways ({' and '.join(seen)}: keys.LORA_NAMINGS); "
+            f"the rank files do not belong together"
+        )
+    return seen[0] if seen else "mindspeed"
 
 
 def _mm_layout(

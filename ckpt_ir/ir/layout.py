@@ -26,6 +26,10 @@ MLA_KEYS = ("mindspeed", "mcore")
 # qwen3-next "mix" (HF's packed in_proj_qkvz / in_proj_ba, unfused gated q_proj / k_proj / v_proj,
 # whole tensors: TP 1 only) or megatron-core's own (GatedDeltaNet in_proj, gated linear_qkv, any TP)
 GDN_KEYS = ("mindspeed", "mcore")
+# whose names (and TP splits) unmerged Megatron LoRA factors take: MindSpeed-LLM's
+# (X.lora_A.default.weight) or Megatron-Bridge's (X.adapter.linear_in.weight);
+# ckpt_ir.megatron.keys.LORA_NAMINGS
+LORA_KEYS = ("mindspeed", "bridge")
 
 
 def has_gdn(spec: ModelSpec) -> bool:
@@ -69,6 +73,7 @@ class Layout:
     norm_names: str = attrs.field(default="local", validator=attrs.validators.in_(NORM_NAMES))
     mla_keys: str = attrs.field(default="mindspeed", validator=attrs.validators.in_(MLA_KEYS))
     gdn_keys: str = attrs.field(default="mindspeed", validator=attrs.validators.in_(GDN_KEYS))
+    lora_keys: str = attrs.field(default="mindspeed", validator=attrs.validators.in_(LORA_KEYS))
     ep: int = 1  # expert parallel size: expert e lives on EP rank e // (E / ep)
     etp: int | None = None  # expert tensor parallel size: None = tp (experts split like dense MLPs), or 1
     grouped_gemm: bool = False  # experts stored as Megatron's grouped-GEMM weight1/weight2
@@ -154,7 +159,9 @@ class Layout:
         were lifted from, so an HF model resharded in memory is of kind ``mcore``."""
         return (
             "hf"
-            if attrs.evolve(self, format="hf", mla_keys="mindspeed", gdn_keys="mindspeed")
+            if attrs.evolve(
+                self, format="hf", mla_keys="mindspeed", gdn_keys="mindspeed", lora_keys="mindspeed"
+            )
             == Layout(format="hf")
             else "mcore"
         )
@@ -188,6 +195,8 @@ class Layout:
             parts.append(f"mla_keys={self.mla_keys}")
         if self.gdn_keys != "mindspeed":
             parts.append(f"gdn_keys={self.gdn_keys}")
+        if self.lora_keys != "mindspeed":
+            parts.append(f"lora_keys={self.lora_keys}")
         if self.kind != self.format:
             parts.append(f"(from {self.format})")
         return " ".join(parts)

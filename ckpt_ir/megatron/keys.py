@@ -22,7 +22,7 @@ from ckpt_ir.errors import FormatError, LayoutError, UsageError, setting
 from ckpt_ir.io.side_files import AUX_PATTERNS, CHAT_TEMPLATES_ENTRY
 from ckpt_ir.ir import expr as E
 from ckpt_ir.ir.blocks import OWN_MIXERS
-from ckpt_ir.ir.layout import Layout, has_gdn_modules
+from ckpt_ir.ir.layout import LORA_KEYS, Layout, has_gdn_modules
 from ckpt_ir.ir.names import COLUMN, NameTable, Split, expert_of, layer_name, split_layer
 from ckpt_ir.ir.roles import Fixed, roles, split_rule
 from ckpt_ir.ir.rules import Stack
@@ -629,15 +629,58 @@ def extra_state_layout(spec: ModelSpec, layout: Layout) -> tuple:
     )
 
 
-# Megatron / MindSpeed LoRA: X.lora_A.default.weight [r, in] and X.lora_B.default.weight [out, r]
-# beside the base X.weight, which LoRA training stores as X.base_layer.weight.
-LORA_KEY = re.compile(r"^(.*)\.lora_([AB])(?:\.default)?\.weight$")
-CANONICAL_LORA = {"A": ".lora_a.weight", "B": ".lora_b.weight"}
+@attrs.frozen
+class LoraNaming:
+    """How a trainer names the LoRA factors of a Megatron module beside its weight ``X.weight``
+    (``a`` / ``b``: the suffixes replacing ``.weight``; ``read``: further spellings it may have
+    saved) and how it splits them over TP: ``whole_dim`` is the dim on which it splits the factors
+    that ckpt-ir's own LoRA keeps whole on every TP rank (A of a column-parallel target, B of a
+    row-parallel one; ckpt_ir.ir.roles._lora_roles), None where it keeps them whole too."""
+
+    a: str
+    b: str
+    read: tuple[str, ...] = ()
+    whole_dim: int | None = None
 
 
-def lora_key(target_key: str, which: str) -> str:
-    """``...linear_qkv.weight`` -> ``...linear_qkv.lora_A.default.weight``."""
-    return target_key[: -len(".weight")] + (".lora_A" if which == "a" else ".lora_B") + ".default.weight"
+# Megatron / MindSpeed LoRA (Layout.lora_keys): X.lora_A.default.weight [r, in] and
+# X.lora_B.default.weight [out, r] beside the base X.weight, which LoRA training stores as
+# X.base_layer.weight (peft's LoraLayer on megatron-core modules, MindSpeed-LLM).
+# Megatron-Bridge: LoRALinear(to_wrap, adapter) saves the wrapped module's tensors under X. and
+# the adapter's under X.adapter. (peft/adapter_wrapper.py:226, 229; sharded: 260, 268-270);
+# ParallelLinearAdapter's A is linear_in, its B linear_out (peft/utils.py:1033-1081, forward
+# 1237-1273: x -> linear_in -> linear_out -> * alpha / dim).  Over TP: a column-parallel base's
+# linear_in is a ColumnParallelLinear(in, dim) (utils.py:1046-1056; A split on dim 0), its
+# linear_out a ColumnParallelLinear(dim, out, gather_output=False) (1074-1081; B split like the
+# weight, fc1's [gate_r; up_r] as its own, swiglu factory 1564-1568); a row-parallel base's
+# linear_in a RowParallelLinear(in, dim, input_is_parallel=True) (1034-1044; A split on dim 1 like
+# the weight), its linear_out a ColumnParallelLinear(dim, out, gather_output=True) (B split on
+# dim 0).  So it splits on dim 0 exactly the factors ckpt-ir's LoRA keeps whole.
+LORA_NAMINGS = {
+    "mindspeed": LoraNaming(
+        ".lora_A.default.weight", ".lora_B.default.weight", (".lora_A.weight", ".lora_B.weight")
+    ),
+    "bridge": LoraNaming(".adapter.linear_in.weight", ".adapter.linear_out.weight", whole_dim=0),
+}
+assert tuple(LORA_NAMINGS) == LORA_KEYS
+CANONICAL_LORA = {"a": ".lora_a.weight", "b": ".lora_b.weight"}
+
+
+def lora_parts(key: str) -> tuple[str, str, str] | None:
+    """(module stem ``X``, ``a`` or ``b``, naming in LORA_NAMINGS) of a Megatron LoRA factor key,
+    else None."""
+    for naming, n in LORA_NAMINGS.items():
+        for which, suffix in (("a", n.a), ("b", n.b), *zip("ab", n.read)):
+            if key.endswith(suffix):
+                return key[: -len(suffix)], which, naming
+    return None
+
+
+def lora_key(target_key: str, which: str, naming: str = "mindspeed") -> str:
+    """``...linear_qkv.weight`` -> ``...linear_qkv.lora_A.default.weight`` (naming ``bridge``:
+    ``...linear_qkv.adapter.linear_in.weight``)."""
+    n = LORA_NAMINGS[naming]
+    return target_key[: -len(".weight")] + (n.a if which == "a" else n.b)
 
 
 def layer_table(
@@ -840,12 +883,12 @@ def canonical_key(key: str, stage: int = 0, chunk: int = 0, tables=READ_TABLES) 
     """The canonical name of Megatron key ``key`` in a rank file of ``stage`` / ``chunk`` (layer
     keys as :class:`LocalName`), or None if the key means nothing to ckpt-ir."""
     key = key.replace(".base_layer.", ".")
-    m = LORA_KEY.match(key)
-    if m:
-        target = canonical_key(m.group(1) + ".weight", stage, chunk, tables)
+    lora = lora_parts(key)
+    if lora:
+        target = canonical_key(lora[0] + ".weight", stage, chunk, tables)
         if target is None:
             return None
-        suffix = CANONICAL_LORA[m.group(2)]
+        suffix = CANONICAL_LORA[lora[1]]
         if isinstance(target, LocalName):
             return attrs.evolve(target, rest=target.rest[: -len(".weight")] + suffix)
         return target[: -len(".weight")] + suffix

@@ -215,6 +215,31 @@ def checkpoint(
     )
 
 
+def bridge_lora_alpha(iteration_dir: str) -> float | None:
+    """The LoRA alpha Megatron-Bridge recorded for a checkpoint: ``peft.alpha`` of the
+    ``run_config.yaml`` in its iteration directory or the directory above, where Bridge's own
+    export looks (models/conversion/auto_bridge.py:1640-1646; LoRA.alpha, peft/lora.py:147); None
+    where there is none."""
+    for d in (iteration_dir, os.path.dirname(iteration_dir.rstrip(os.sep))):
+        f = os.path.join(d, "run_config.yaml")
+        if not os.path.isfile(f):
+            continue
+        import yaml  # type: ignore[import-untyped]
+
+        class _Loader(yaml.SafeLoader):  # Bridge's config may tag values (dtypes, callables): read as None
+            pass
+
+        _Loader.add_multi_constructor("", lambda loader, suffix, node: None)
+        with open(f, encoding="utf-8") as fh:
+            cfg = yaml.load(fh, Loader=_Loader)  # noqa: S506 -- a SafeLoader
+        peft = cfg.get("peft") if isinstance(cfg, dict) else None
+        alpha = peft.get("alpha") if isinstance(peft, dict) else None
+        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+            return float(alpha)
+        return None
+    return None
+
+
 def _side_files(path: str, iteration_dir: str) -> tuple[str, ...]:
     """The side files of ``hf/`` at the checkpoint's root (``path``, or the save directory of an
     ``iter_N`` / ``release`` directory given itself), and every file of the iteration's

@@ -288,11 +288,11 @@ def _vision_canonical(table: NameTable, key: str) -> str | None:
     (``X.base_layer.weight``) beside the module ``X``'s weight."""
     if key.endswith(".base_layer.weight"):
         return table.to_canonical(key[: -len(".base_layer.weight")] + ".weight")
-    m = M.LORA_KEY.match(key)
-    if m is None:
+    lora = M.lora_parts(key)
+    if lora is None or lora[2] != "mindspeed":
         return table.to_canonical(key)
-    canon = table.to_canonical(m.group(1) + ".weight")
-    return None if canon is None else canon[: -len(".weight")] + M.CANONICAL_LORA[m.group(2)]
+    canon = table.to_canonical(lora[0] + ".weight")
+    return None if canon is None else canon[: -len(".weight")] + M.CANONICAL_LORA[lora[1]]
 
 
 def _unpacked(

@@ -81,7 +81,8 @@ def _bridge_lora(
 ) -> list[tuple[str, tuple[str, ...], Stack | None]]:
     """The LoRA keys of tower weight ``key`` in Megatron-Bridge's layout (the HF module, whole on
     every TP rank): ``X.lora_A.default.weight`` / ``X.lora_B.default.weight`` beside ``X.weight``, as
-    Megatron LoRA checkpoints name them (ckpt_ir.megatron.keys.LORA_KEY).  A packed module (the
+    Megatron LoRA checkpoints name them, or in the naming ``Layout.lora_keys`` picks
+    (ckpt_ir.megatron.keys.LORA_NAMINGS; whole either way).  A packed module (the
     tower's ``qkv``) has one A, which its parts must share, and B packed like its weight."""
     if not key.endswith(".weight"):
         return []
@@ -106,7 +107,8 @@ def _bridge_lora(
             tuple(attrs.evolve(pc, part=pc.part[: -len(".weight")] + ".lora_b.weight") for pc in pack.pieces),
             pack.dim,
         )
-    return [(M.lora_key(key, "a"), (a[0],), None), (M.lora_key(key, "b"), b, b_pack)]
+    naming = ckpt.layout.lora_keys
+    return [(M.lora_key(key, "a", naming), (a[0],), None), (M.lora_key(key, "b", naming), b, b_pack)]
 
 
 def tower_global(
@@ -368,7 +370,7 @@ def lift_tower(
             dropped[f"{key} (TP ranks {', '.join(str(f[0]) for f in places[1:])})"] = (
                 "replica of TP rank 0 (Megatron-Bridge replicates the vision tower)"
             )
-    lora = {k: raw.pop(k) for k in [k for k in raw if M.LORA_KEY.match(k)]}
+    lora = {k: raw.pop(k) for k in [k for k in raw if M.lora_parts(k)]}
     for k in [k for k in raw if k.endswith(".base_layer.weight")]:  # a LoRA-wrapped module's weight
         raw[k[: -len(".base_layer.weight")] + ".weight"] = raw.pop(k)
     exprs, unknown = family.from_hf_form(spec, raw)
@@ -382,14 +384,16 @@ def _lift_bridge_lora(
     family, spec: ModelSpec, lora: dict[str, E.Expr], unknown: list[str]
 ) -> dict[str, E.Expr]:
     """The canonical LoRA factors of tower keys ``X.lora_A.default.weight`` / ``lora_B`` (the
-    inverse of :func:`_bridge_lora`): a packed module's A shared by its parts, its B unpacked like
+    inverse of :func:`_bridge_lora`), or as Megatron-Bridge's own LoRA names them,
+    ``X.adapter.linear_in.weight`` / ``linear_out`` (an nn.Linear wrapped by LinearAdapter, whole
+    on every rank: peft/lora.py:178-187, lora_layers.py:437-438): a packed module's A shared by its parts, its B unpacked like
     its weight; keys of no module the family knows go to ``unknown``."""
     out: dict[str, E.Expr] = {}
     for key, x in lora.items():
-        m = M.LORA_KEY.match(key)
-        assert m is not None
-        which = M.CANONICAL_LORA[m.group(2)]
-        weight = m.group(1) + ".weight"
+        factor = M.lora_parts(key)
+        assert factor is not None
+        which = M.CANONICAL_LORA[factor[1]]
+        weight = factor[0] + ".weight"
         canon = family.names.to_canonical(weight)
         if canon is not None:
             out[canon[: -len(".weight")] + which] = x

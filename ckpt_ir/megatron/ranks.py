@@ -223,11 +223,29 @@ def _entries(
         if ckpt.spec.has_block(layer, "gdn"):  # megatron-core's GatedDeltaNet fuses it into in_proj
             key = f"decoder.layers.{local}.{M.GDN_TE_NORM}"
     out = [Entry(key, (canon,), ep, part=part)]
+    naming = M.LORA_NAMINGS[lay.lora_keys]
     for which in ("a", "b"):  # LoRA adapters right after their base weight
         lora = canon[: -len(".weight")] + f".lora_{which}.weight"
         if lora in ckpt.tensors:
-            out.append(Entry(M.lora_key(key, which), (lora,), ep))
+            out.append(
+                Entry(
+                    M.lora_key(key, which, lay.lora_keys),
+                    (lora,),
+                    ep,
+                    part=_lora_part(ckpt, lora, ep, naming),
+                )
+            )
     return out
+
+
+def _lora_part(ckpt: Checkpoint, lora: str, ep: int | None, naming: M.LoraNaming) -> Part | None:
+    """How a naming that splits over TP a LoRA factor the IR keeps whole (Megatron-Bridge's,
+    ``LoraNaming.whole_dim``) writes it: the whole factor as one part, split on that dim."""
+    dim = naming.whole_dim
+    n = ckpt.layout.tp if ep is None else ckpt.layout.expert_tp
+    if dim is None or n == 1 or ckpt.tensors[lora].split is not None:
+        return None
+    return Part(lora, Stack.of([(lora, ckpt.tensors[lora].shape[dim])], dim), Split(dim))
 
 
 def _group_experts(ckpt: Checkpoint, entries: list[Entry], local: int) -> None:

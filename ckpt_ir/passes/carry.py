@@ -7,7 +7,7 @@ import attrs
 
 from ckpt_ir.errors import UsageError
 from ckpt_ir.ir.checkpoint import Checkpoint
-from ckpt_ir.ir.layout import MLA_KEYS, MM_KEYS, NORM_NAMES
+from ckpt_ir.ir.layout import LORA_KEYS, MLA_KEYS, MM_KEYS, NORM_NAMES
 from ckpt_ir.passes.manager import Pass, Requirement, one_of, option, register_pass
 
 
@@ -68,6 +68,27 @@ class RenameMla(Pass):
 
     def run(self, ckpt: Checkpoint) -> Checkpoint:
         return ckpt.with_tensors(dict(ckpt.tensors), layout=attrs.evolve(ckpt.layout, mla_keys=self.keys))
+
+
+@register_pass
+@attrs.frozen
+class RenameLora(Pass):
+    name = "rename-lora"
+    summary = "Choose whose names unmerged Megatron LoRA factors take: mindspeed or bridge"
+    description = (
+        "mindspeed: X.lora_A.default.weight / X.lora_B.default.weight beside X.weight (A of a "
+        "column-parallel module and B of a row-parallel one whole on every TP rank); bridge: "
+        "Megatron-Bridge's X.adapter.linear_in.weight / X.adapter.linear_out.weight, those two split "
+        "on dim 0 over TP (ckpt_ir.megatron.keys.LORA_NAMINGS).  Tensors are unchanged; the Megatron "
+        "backend names and cuts them."
+    )
+    guarantees = "layout.lora_keys set"
+    optimizer_state = "follow"
+
+    keys: str = option(help="whose LoRA names", allowed=one_of(*LORA_KEYS))
+
+    def run(self, ckpt: Checkpoint) -> Checkpoint:
+        return ckpt.with_tensors(dict(ckpt.tensors), layout=attrs.evolve(ckpt.layout, lora_keys=self.keys))
 
 
 @register_pass
