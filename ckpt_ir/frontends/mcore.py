@@ -461,6 +461,7 @@ def lift_state_dicts(
     unknown: list[str] = []
     te_norms = te_fc1 = False
     gdn_seen: set[str] = set()
+    lora_namings: dict[str | M.LocalName, str] = {}  # as in lift
     for (t, p, e), chunks in sorted(ranks.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
         for chunk, sd in enumerate(chunks):
             for key, value in sd.items():
@@ -470,8 +471,11 @@ def lift_state_dicts(
                 lifted = lift_rank_key(key, value, spec, layout, tables, stage=p, chunk=chunk, tp=t, ep=e)
                 if lifted is None:
                     unknown.append(f"{key} (TP {t}, stage {p}, EP {e}, chunk {chunk})")
+                lora = M.lora_parts(key)
                 for canon, expr, slot in lifted or ():
                     pieces[canon].setdefault(slot, expr)
+                    if lora is not None:
+                        lora_namings[canon] = lora[2]
     if unknown:
         shown = ", ".join(unknown[:3]) + (f" (+{len(unknown) - 3} more)" if len(unknown) > 3 else "")
         raise CoverageError(
@@ -479,12 +483,24 @@ def lift_state_dicts(
             f"ckpt-ir has no table for these modules (docs/live.md lists the megatron-core modules it reads)"
         )
     dropped: dict[str, str] = {}
-    tensors = _assemble(pieces, slot_of, spec, layout, where, lambda n: split_rule(n, spec), dropped)
+    lora_keys = _lora_keys(lora_namings, where)
+    tensors = _assemble(
+        pieces,
+        slot_of,
+        spec,
+        layout,
+        where,
+        lambda n: split_rule(n, spec),
+        dropped,
+        set(lora_namings),
+        lora_keys,
+    )
     lift_tail.complete_tensors(spec, tensors, {}, dropped)
     layout = attrs.evolve(
         layout,
         norm_names=lift_tail.norm_names(te_norms, te_fc1),
         gdn_keys=M.gdn_keys_seen(spec, gdn_seen, layout.gdn_keys, where),
+        lora_keys=lora_keys,
     )
     return lift_tail.checkpoint(
         where,
