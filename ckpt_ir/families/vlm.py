@@ -42,14 +42,16 @@ P = "visual.blocks.{i}."
 V = "vision.layers.{i}."
 
 
-def _qkv(kind: str) -> Packed:
-    """The tower's attention ``qkv`` (``[q; k; v]`` rows) as the canonical q, k and v."""
-    return Packed(
-        P + f"attn.qkv.{kind}",
-        tuple(V + f"attn.{p}.{kind}" for p in "qkv"),
-        ("q_size", "kv_size", "kv_size"),
-        stack="vision",
-    )
+def tower_qkv(hf: str) -> tuple[Packed, Packed]:
+    """A tower's fused attention projection ``hf`` (an HF name below the layer's ``{i}``, without
+    ``.weight`` / ``.bias``: rows ``[q; k; v]``) as the canonical q, k and v of its layer, weight
+    and bias."""
+
+    def packed(kind: str) -> Packed:
+        parts = tuple(V + f"attn.{p}.{kind}" for p in "qkv")
+        return Packed(f"{hf}.{kind}", parts, ("q_size", "kv_size", "kv_size"), stack="vision")
+
+    return packed("weight"), packed("bias")
 
 
 # the patch embedding, each block's norms and attention output, the merger (transformers'
@@ -205,7 +207,7 @@ register(
         model_types=("qwen2_5_vl",),
         architecture="Qwen2_5_VLForConditionalGeneration",
         tensors=LLAMA_TENSORS + VISION_COMMON + QWEN25_VISION_MLP,
-        packed=(_qkv("weight"), _qkv("bias")),
+        packed=tower_qkv(P + "attn.qkv"),
         config=config_with(),
         constants=(("qkv_bias", True),),
         text_config="text_config",
@@ -254,7 +256,7 @@ register(
         model_types=("qwen2_vl",),
         architecture="Qwen2VLForConditionalGeneration",
         tensors=LLAMA_TENSORS + VISION_COMMON + QWEN2_VISION_MLP,
-        packed=(_qkv("weight"), _qkv("bias")),
+        packed=tower_qkv(P + "attn.qkv"),
         config=config_with(),
         constants=(("qkv_bias", True),),
         text_config="text_config",

@@ -12,7 +12,6 @@ from ckpt_ir.families import (
     Family,
     ImageInput,
     MegatronTower,
-    Packed,
     Tested,
     Tower,
     by_name,
@@ -23,7 +22,7 @@ from ckpt_ir.families import (
 from ckpt_ir.families.blocks import (
     config_with,
 )
-from ckpt_ir.families.vlm import V, vision_head_dim
+from ckpt_ir.families.vlm import V, tower_qkv, vision_head_dim
 
 # GLM-4.1V (glm4v) and GLM-4.5V (glm4v_moe), transformers models/glm4v/modeling_glm4v.py and
 # models/glm4v_moe/modeling_glm4v_moe.py: the glm4 / glm4_moe families' language model under
@@ -36,15 +35,6 @@ from ckpt_ir.families.vlm import V, vision_head_dim
 # (post_layernorm), a 2-D convolution merging spatial_merge_size^2 patches to out_hidden_size
 # (downsample) and a merger (proj, a LayerNorm, a gated MLP intermediate_size wide)
 G = "model.visual.blocks.{i}."
-
-
-def _glm_qkv(kind: str) -> Packed:
-    return Packed(
-        G + f"attn.qkv.{kind}",
-        tuple(V + f"attn.{p}.{kind}" for p in "qkv"),
-        ("q_size", "kv_size", "kv_size"),
-        stack="vision",
-    )
 
 
 GLM_VISION = (
@@ -166,8 +156,7 @@ def _glm_text(name: str) -> dict[str, Any]:
         tensors=tuple((_in_language_model(h), c) for h, c in text.tensors) + GLM_VISION,
         packed=(
             *(attrs.evolve(p, hf=_in_language_model(p.hf)) for p in text.packed),
-            _glm_qkv("weight"),
-            _glm_qkv("bias"),
+            *tower_qkv(G + "attn.qkv"),
         ),
         constants=text.constants,
         megatron_args=(

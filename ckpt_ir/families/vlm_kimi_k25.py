@@ -38,29 +38,18 @@ from ckpt_ir.families import (
     ConfigKey,
     Family,
     ImageInput,
-    Packed,
     Tested,
     Tower,
     by_name,
     mla,  # noqa: F401  (deepseek_v3, the language model)
     register,
 )
+from ckpt_ir.families.vlm import tower_qkv
 
 V = "vision.layers.{i}."
 B = "vision_tower.encoder.blocks.{i}."
 LM = "language_model."
 DEEPSEEK_V3 = by_name("deepseek_v3")
-
-
-def _qkv(kind: str) -> Packed:
-    """MoonViT's ``wqkv`` (``[q; k; v]`` rows, as stored: the RoPE pairs of the release's own
-    layout, which transformers permutes on load only) as the canonical q, k and v."""
-    return Packed(
-        B + f"wqkv.{kind}",
-        tuple(V + f"attn.{p}.{kind}" for p in "qkv"),
-        ("q_size", "kv_size", "kv_size"),
-        stack="vision",
-    )
 
 
 def _pairs(hf: str, canonical: str) -> tuple[tuple[str, str], ...]:
@@ -161,7 +150,9 @@ register(
         model_types=("kimi_k25",),
         architecture="KimiK25ForConditionalGeneration",
         tensors=tuple((LM + h, c) for h, c in DEEPSEEK_V3.tensors) + KIMI_VISION,
-        packed=(_qkv("weight"), _qkv("bias")),
+        # MoonViT's wqkv: [q; k; v] rows as stored (the RoPE pairs of the release's own layout, which
+        # transformers permutes on load only)
+        packed=tower_qkv(B + "wqkv"),
         config=(
             *(k for k in DEEPSEEK_V3.config if k.field != "tied_embeddings"),
             ConfigKey("tied_embeddings", None, lambda cfg: bool(_top(cfg).get("tie_word_embeddings", True))),

@@ -10,7 +10,6 @@ from ckpt_ir.families import (
     Family,
     HfNaming,
     MegatronTower,
-    Packed,
     Renumbered,
     Tested,
     Tower,
@@ -26,7 +25,7 @@ from ckpt_ir.families.blocks import (
     config_with,
     qwen_router_args,
 )
-from ckpt_ir.families.vlm import QWEN_IMAGE, VISION_CONSTANTS, VISION_SHAPE, V, vision_head_dim
+from ckpt_ir.families.vlm import QWEN_IMAGE, VISION_CONSTANTS, VISION_SHAPE, V, tower_qkv, vision_head_dim
 
 # Qwen3-VL (model_type qwen3_vl) and Qwen3-VL-MoE: a qwen3 / qwen3_moe language model under
 # model.language_model.* (transformers 5.25 saves the names it holds in memory: no legacy names,
@@ -39,15 +38,6 @@ from ckpt_ir.families.vlm import QWEN_IMAGE, VISION_CONSTANTS, VISION_SHAPE, V, 
 Q3 = "model.visual."
 Q3B = Q3 + "blocks.{i}."
 Q3_DEEPSTACK = Q3B + "deepstack_merger."  # the table's name; HF: deepstack_merger_list.J.
-
-
-def qwen3_qkv(kind: str) -> Packed:
-    return Packed(
-        Q3B + f"attn.qkv.{kind}",
-        tuple(V + f"attn.{p}.{kind}" for p in "qkv"),
-        ("q_size", "kv_size", "kv_size"),
-        stack="vision",
-    )
 
 
 def language_model_table(tensors: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
@@ -202,7 +192,7 @@ register(
         model_types=("qwen3_vl",),
         architecture="Qwen3VLForConditionalGeneration",
         tensors=language_model_table(LLAMA_TENSORS) + QWEN3_VISION,
-        packed=(qwen3_qkv("weight"), qwen3_qkv("bias")),
+        packed=tower_qkv(Q3B + "attn.qkv"),
         config=config_with(),
         constants=(("qk_norm", True),),
         text_config="text_config",
@@ -247,7 +237,7 @@ register(
         tensors=language_model_table(EMBED_AND_HEAD + ATTENTION + LLAMA_NORMS + GATED_MLP)
         + ((LM + "mlp.gate.weight", "layers.{i}.mlp.router.weight"),)
         + QWEN3_VISION,
-        packed=(qwen3_qkv("weight"), qwen3_qkv("bias")),
+        packed=tower_qkv(Q3B + "attn.qkv"),
         stacked=(
             ExpertStack(LM + "mlp.experts.gate_up_proj", (EXPERT + "gate.weight", EXPERT + "up.weight")),
             ExpertStack(LM + "mlp.experts.down_proj", (EXPERT + "down.weight",)),

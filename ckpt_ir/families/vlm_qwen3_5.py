@@ -28,13 +28,13 @@ import re
 import attrs
 
 from ckpt_ir.families import Family, Tested, by_name, hybrid, register
-from ckpt_ir.families.vlm import V
+from ckpt_ir.families.vlm import V, tower_qkv
 from ckpt_ir.families.vlm_qwen3 import (
+    Q3B,
     QWEN3_BRIDGE,
     QWEN3_TOWER,
     QWEN3_VISION,
     language_model_table,
-    qwen3_qkv,
 )
 
 LM = "model.language_model."
@@ -87,7 +87,7 @@ def _vl(text_name: str, name: str, model_type: str, architecture: str, tested: T
         model_types=(model_type,),
         architecture=architecture,
         tensors=language_model_table(text.tensors) + QWEN35_VISION,
-        packed=_vl_packed(text) + (qwen3_qkv("weight"), qwen3_qkv("bias")),
+        packed=_vl_packed(text) + tower_qkv(Q3B + "attn.qkv"),
         config=text.config,
         constants=text.constants,
         megatron_args=text.megatron_args,
