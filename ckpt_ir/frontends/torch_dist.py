@@ -392,8 +392,7 @@ def _join_mamba_parts(
     out: dict[str, dict[str, list[DcpTensor]]] = {}
     for set_name, by_key in parts.items():
         for key, have in by_key.items():
-            layer_key = key.split(".", 3)[3]  # below decoder.layers.<i>.
-            names = global_keys.mamba_parts(layer_key)
+            names = global_keys.layer_mamba_parts(key)
             assert names is not None  # MAMBA_PART_KEY matched only such keys
             if set(have) != set(names):
                 raise FormatError(

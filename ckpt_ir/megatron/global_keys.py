@@ -73,6 +73,13 @@ def mamba_parts(key: str) -> tuple[str, ...] | None:
     return MAMBA_PARTS.get(rest) if module in MAMBA_MODULES else GDN_PARTS.get(key)
 
 
+def layer_mamba_parts(key: str) -> tuple[str, ...] | None:
+    """:func:`mamba_parts` of a whole model's key ``decoder.layers.<i>.<tensor>``."""
+    if not key.startswith(M.LAYERS):
+        return None
+    return mamba_parts(key[len(M.LAYERS) :].partition(".")[2])
+
+
 def mamba_part_sizes(spec, key: str) -> tuple[int, ...]:
     """Rows of each part of the Mamba (or gated-delta-net) mixer tensor ``key`` (below the layer,
     see :func:`mamba_parts`)."""
